@@ -1,0 +1,274 @@
+// CUDA Adam/AdamW: one multi-tensor launch per few hundred tensors of a group.
+//
+// The launch's tensor table (pointers, sizes, where each tensor's chunks start) travels as a __grid_constant__
+// kernel parameter (up to 32 KB since CUDA 12.1 on Volta and newer): no host-to-device copy, nothing to keep alive,
+// and a CUDA graph captures it by value. Each block owns one chunk of one tensor, found by binary search over the
+// chunk prefix sums. Thread 0 derives the tensor's scalars (bias corrections from the step count on the device,
+// lr, 1/grad_scale) once per block; every thread then moves 8 elements per iteration with 16-byte loads when
+// all of the tensor's arrays are 16-byte aligned. The element math is fused_optim/adam.h, shared with the CPU.
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "fused_optim/adam_launch.h"
+#include "fused_optim/rounding.h"
+
+namespace fused_optim {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kVec = 8;                 // elements per thread per iteration: one 16 B load of bf16, two of fp32
+constexpr int64_t kChunk = 32 * 1024;   // elements per block: 16 iterations of 256 threads x 8
+constexpr int kMaxTensors = 320;        // 320 x 68 B of table: well inside the 32 KB parameter limit
+
+struct TensorArgs {
+  void* param;
+  const void* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* max_exp_avg_sq;
+  float* master;
+  float* step;
+  int64_t numel;
+};
+
+struct LaunchTable {
+  TensorArgs tensors[kMaxTensors];
+  int32_t first_chunk[kMaxTensors + 1];  // prefix sums of chunk counts; first_chunk[num_tensors] = grid size
+  int32_t num_tensors;
+  int32_t first_tensor_index;  // index in the group of tensors[0]: keys the stochastic-rounding stream
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[kVec]) {
+  constexpr int kLoads = kVec * sizeof(T) / 16;
+  static_assert(kLoads >= 1, "kVec elements must fill a 16-byte load");
+  uint4 raw[kLoads];
+#pragma unroll
+  for (int k = 0; k < kLoads; ++k) raw[k] = reinterpret_cast<const uint4*>(ptr)[k];
+  const T* elems = reinterpret_cast<const T*>(raw);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) out[k] = static_cast<float>(elems[k]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* ptr, const T (&elems)[kVec]) {
+  constexpr int kStores = kVec * sizeof(T) / 16;
+#pragma unroll
+  for (int k = 0; k < kStores; ++k) reinterpret_cast<uint4*>(ptr)[k] = reinterpret_cast<const uint4*>(elems)[k];
+}
+
+__device__ __forceinline__ bool aligned16(const void* ptr) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
+}
+
+template <typename param_t, bool kStochastic>
+__device__ __forceinline__ param_t to_param(float value, uint32_t stream, int64_t index) {
+  if constexpr (kStochastic) {
+    return bf16_stochastic(value, random_bits(stream, index));
+  } else {
+    return round_to<param_t>(value);
+  }
+}
+
+template <typename param_t, typename grad_t, bool kAmsgrad, bool kMaster, bool kStochastic>
+__global__ void __launch_bounds__(kThreads)
+    adam_kernel(const __grid_constant__ LaunchTable table, const AdamHyper hyper, const float lr,
+                const float* __restrict__ lr_tensor, const float* __restrict__ grad_scale,
+                const float* __restrict__ found_inf, const uint32_t seed) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip, touch nothing
+
+  // The block's tensor: the last one whose first chunk is at or before this block.
+  int lo = 0, hi = table.num_tensors;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (table.first_chunk[mid] <= static_cast<int32_t>(blockIdx.x)) lo = mid; else hi = mid;
+  }
+  const TensorArgs& t = table.tensors[lo];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x - table.first_chunk[lo]) * kChunk;  // int64: numel > 2^31
+  const int64_t end = min(begin + kChunk, t.numel);
+
+  __shared__ AdamScalars shared_scalars;
+  __shared__ uint32_t shared_stream;
+  if (threadIdx.x == 0) {
+    const float step = *t.step + 1.0f;
+    shared_scalars = adam_scalars(hyper, lr_tensor != nullptr ? *lr_tensor : lr, step,
+                                  grad_scale != nullptr ? *grad_scale : 1.0f);
+    shared_stream = stream_key(seed, static_cast<uint32_t>(table.first_tensor_index + lo), static_cast<uint32_t>(step));
+  }
+  __syncthreads();
+  const AdamScalars s = shared_scalars;
+  const uint32_t stream = shared_stream;
+
+  auto* param = static_cast<param_t*>(t.param);
+  const auto* grad = static_cast<const grad_t*>(t.grad);
+  float unused_max = 0.0f;
+
+  auto scalar_update = [&](int64_t i) {
+    const float p = kMaster ? t.master[i] : static_cast<float>(param[i]);
+    float& max_sq = kAmsgrad ? t.max_exp_avg_sq[i] : unused_max;
+    const float updated =
+        adam_update<kAmsgrad>(p, static_cast<float>(grad[i]), t.exp_avg[i], t.exp_avg_sq[i], max_sq, s);
+    if (kMaster) t.master[i] = updated;
+    param[i] = to_param<param_t, kStochastic>(updated, stream, i);
+  };
+
+  const bool vectorizable = aligned16(param) && aligned16(grad) && aligned16(t.exp_avg) && aligned16(t.exp_avg_sq) &&
+                            (!kAmsgrad || aligned16(t.max_exp_avg_sq)) && (!kMaster || aligned16(t.master));
+  int64_t scalar_begin = begin;
+  if (vectorizable) {
+    const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+    for (int64_t i = begin + threadIdx.x * kVec; i < vec_end; i += kThreads * kVec) {
+      float p[kVec], g[kVec], m[kVec], v[kVec], vmax[kVec];
+      // Issue every load before the first use: five independent 16-byte streams in flight per thread.
+      if (kMaster) load_vec(t.master + i, p); else load_vec(param + i, p);
+      load_vec(grad + i, g);
+      load_vec(t.exp_avg + i, m);
+      load_vec(t.exp_avg_sq + i, v);
+      if (kAmsgrad) load_vec(t.max_exp_avg_sq + i, vmax);
+      param_t out[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        p[k] = adam_update<kAmsgrad>(p[k], g[k], m[k], v[k], vmax[k], s);
+        out[k] = to_param<param_t, kStochastic>(p[k], stream, i + k);
+      }
+      store_vec(t.exp_avg + i, m);
+      store_vec(t.exp_avg_sq + i, v);
+      if (kAmsgrad) store_vec(t.max_exp_avg_sq + i, vmax);
+      if (kMaster) store_vec(t.master + i, p);
+      store_vec(param + i, out);
+    }
+    scalar_begin = vec_end;
+  }
+  for (int64_t i = scalar_begin + threadIdx.x; i < end; i += kThreads) scalar_update(i);
+}
+
+// Runs after the update kernel on the same stream, so every block of it read the old count.
+__global__ void increment_steps(const __grid_constant__ LaunchTable table, const float* __restrict__ found_inf) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= table.num_tensors || (found_inf != nullptr && *found_inf != 0.0f)) return;
+  *table.tensors[t].step += 1.0f;
+}
+
+// Everything a launch needs besides the table and the template arguments.
+struct LaunchArgs {
+  AdamHyper hyper;
+  float lr;
+  const float* lr_tensor;
+  const float* grad_scale;
+  const float* found_inf;
+  uint32_t seed;
+  cudaStream_t stream;
+};
+
+template <typename param_t, typename grad_t, bool kAmsgrad, bool kMaster, bool kStochastic>
+void launch_kernel(const LaunchTable& table, const LaunchArgs& a) {
+  const int blocks = table.first_chunk[table.num_tensors];
+  if (blocks == 0) return;
+  adam_kernel<param_t, grad_t, kAmsgrad, kMaster, kStochastic>
+      <<<blocks, kThreads, 0, a.stream>>>(table, a.hyper, a.lr, a.lr_tensor, a.grad_scale, a.found_inf, a.seed);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename param_t, typename grad_t>
+void launch_variant(bool amsgrad, bool master, bool stochastic, const LaunchTable& table, const LaunchArgs& a) {
+  if (stochastic) {
+    if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
+      amsgrad ? launch_kernel<param_t, grad_t, true, false, true>(table, a)
+              : launch_kernel<param_t, grad_t, false, false, true>(table, a);
+      return;
+    }
+    TORCH_CHECK(false, "adam_step_: stochastic rounding is for bfloat16 params");
+  }
+  if (master) {
+    amsgrad ? launch_kernel<param_t, grad_t, true, true, false>(table, a)
+            : launch_kernel<param_t, grad_t, false, true, false>(table, a);
+  } else {
+    amsgrad ? launch_kernel<param_t, grad_t, true, false, false>(table, a)
+            : launch_kernel<param_t, grad_t, false, false, false>(table, a);
+  }
+}
+
+void launch_dtypes(at::ScalarType param_dtype, at::ScalarType grad_dtype, bool amsgrad, bool master, bool stochastic,
+                   const LaunchTable& table, const LaunchArgs& a) {
+  // A grad has its param's dtype, or float32 (fp32 main grads of low-precision params).
+  const bool fp32_grad = grad_dtype == at::kFloat;
+  switch (param_dtype) {
+    case at::kFloat:
+      return launch_variant<float, float>(amsgrad, master, stochastic, table, a);
+    case at::kBFloat16:
+      return fp32_grad ? launch_variant<c10::BFloat16, float>(amsgrad, master, stochastic, table, a)
+                       : launch_variant<c10::BFloat16, c10::BFloat16>(amsgrad, master, stochastic, table, a);
+    case at::kHalf:
+      return fp32_grad ? launch_variant<c10::Half, float>(amsgrad, master, stochastic, table, a)
+                       : launch_variant<c10::Half, c10::Half>(amsgrad, master, stochastic, table, a);
+    default:
+      TORCH_CHECK(false, "adam_step_: params must be float32, bfloat16 or float16, got ", param_dtype);
+  }
+}
+
+const float* optional_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+}  // namespace
+
+void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
+  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1,
+                  beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed,
+                  grad_scale, found_inf);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const bool master = !master_params.empty();
+  const LaunchArgs args{adam_hyper(beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize),
+                        static_cast<float>(lr),
+                        optional_ptr(lr_tensor),
+                        optional_ptr(grad_scale),
+                        optional_ptr(found_inf),
+                        static_cast<uint32_t>(seed),
+                        c10::cuda::getCurrentCUDAStream()};
+
+  // One launch covers consecutive tensors of one (param dtype, grad dtype) pair, up to kMaxTensors of them.
+  LaunchTable table;
+  auto flush = [&](at::ScalarType param_dtype, at::ScalarType grad_dtype) {
+    if (table.num_tensors == 0) return;
+    launch_dtypes(param_dtype, grad_dtype, amsgrad, master, stochastic_rounding, table, args);
+    increment_steps<<<(table.num_tensors + kThreads - 1) / kThreads, kThreads, 0, args.stream>>>(table, args.found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    table.first_tensor_index += table.num_tensors;
+    table.num_tensors = 0;
+  };
+  table.num_tensors = 0;
+  table.first_tensor_index = 0;
+  table.first_chunk[0] = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::ScalarType param_dtype = params[i].scalar_type(), grad_dtype = grads[i].scalar_type();
+    if (i > 0 && (param_dtype != params[i - 1].scalar_type() || grad_dtype != grads[i - 1].scalar_type())) {
+      flush(params[i - 1].scalar_type(), grads[i - 1].scalar_type());
+    }
+    const int n = table.num_tensors;
+    const int64_t numel = params[i].numel();
+    table.tensors[n] = TensorArgs{params[i].data_ptr(),
+                                  grads[i].data_ptr(),
+                                  exp_avgs[i].data_ptr<float>(),
+                                  exp_avg_sqs[i].data_ptr<float>(),
+                                  amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr,
+                                  master ? master_params[i].data_ptr<float>() : nullptr,
+                                  steps[i].data_ptr<float>(),
+                                  numel};
+    const int64_t chunks = (numel + kChunk - 1) / kChunk;
+    TORCH_CHECK(table.first_chunk[n] + chunks < INT32_MAX, "adam_step_: a tensor of ", numel, " elements is too large");
+    table.first_chunk[n + 1] = table.first_chunk[n] + static_cast<int32_t>(chunks);
+    table.num_tensors = n + 1;
+    if (table.num_tensors == kMaxTensors || table.first_chunk[n + 1] > INT32_MAX / 2) {
+      flush(param_dtype, grad_dtype);
+    }
+  }
+  flush(params.back().scalar_type(), grads.back().scalar_type());
+}
+
+}  // namespace fused_optim

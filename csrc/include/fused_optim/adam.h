@@ -1,0 +1,90 @@
+// The math of one Adam/AdamW element, shared by the CUDA kernel (csrc/cuda/adam.cu) and the CPU kernel
+// (csrc/cpu/adam.cpp), so the CPU tests exercise the exact arithmetic the GPU runs.
+//
+// Everything is fp32 whatever the parameter dtype (DESIGN.md, numerics contract). The order of operations follows
+// torch.optim.Adam's single-tensor path (foreach=False), the reference torch's own tests use:
+//   g  = grad / grad_scale, negated when maximizing; plus weight_decay * param for Adam's coupled (L2) decay
+//   p  = p * (1 - lr * weight_decay)                     AdamW's decoupled decay (Loshchilov & Hutter, 2019)
+//   m  = lerp(m, g, 1 - beta1)                           first moment
+//   v  = beta2 * v + (1 - beta2) * g * g                  second moment
+//   v̂  = max(v̂, v) when amsgrad                          (Reddi et al., 2018)
+//   p  = p - lr / (1 - beta1^t) * m / (sqrt(v̂) / sqrt(1 - beta2^t) + eps)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fused_optim/macros.h"
+
+namespace fused_optim {
+
+// Hyper-parameters of one step, the same for every tensor of a group.
+// Kept in double: 1 - beta and 1 - beta^t are rounded to fp32 only after the subtraction, as torch does with
+// its Python-float hyper-parameters (fp32 0.999 is off by 1.3e-8, which is 1.3e-5 of 1 - 0.999).
+struct AdamHyper {
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  bool decoupled_weight_decay;  // AdamW
+  bool maximize;
+};
+
+// What one tensor's update needs, derived once per tensor (not per element) from the step count, the
+// learning rate and the grad scale, all of which may live on the device.
+struct AdamScalars {
+  float grad_multiplier;        // 1 / grad_scale, negated when maximizing
+  float l2_weight_decay;        // Adam's coupled decay; 0 for AdamW
+  float param_decay;            // AdamW's 1 - lr * weight_decay; 1 for Adam
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  float step_size;              // lr / (1 - beta1^t)
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  float eps;
+};
+
+// `step` is the count after this update (1 on the first). Bias corrections in double, as torch computes them
+// from a Python float: fp32 powf loses ~1e-6 relative in 1 - beta2^t, enough to show after 100 steps.
+FO_HOST_DEVICE AdamScalars adam_scalars(const AdamHyper& h, float lr, float step, float grad_scale) {
+  AdamScalars s;
+  const float inverse_scale = 1.0f / grad_scale;
+  s.grad_multiplier = h.maximize ? -inverse_scale : inverse_scale;
+  s.l2_weight_decay = h.decoupled_weight_decay ? 0.0f : static_cast<float>(h.weight_decay);
+  s.param_decay = h.decoupled_weight_decay ? static_cast<float>(1.0 - static_cast<double>(lr) * h.weight_decay) : 1.0f;
+  s.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  s.beta2 = static_cast<float>(h.beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  const double bias_correction1 = 1.0 - pow(h.beta1, static_cast<double>(step));
+  const double bias_correction2 = 1.0 - pow(h.beta2, static_cast<double>(step));
+  s.step_size = static_cast<float>(lr / bias_correction1);
+  s.bias_correction2_sqrt = static_cast<float>(sqrt(bias_correction2));
+  s.eps = static_cast<float>(h.eps);
+  return s;
+}
+
+// torch's lerp: the two forms keep the result exact at either end of the weight range.
+FO_HOST_DEVICE float lerp(float start, float end, float weight) {
+  return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+}
+
+// One element. Returns the new parameter value (fp32, before any rounding to the parameter dtype) and updates
+// the moments in place. Branches test per-group constants, so they are uniform across a warp or a vector loop.
+template <bool kAmsgrad>
+FO_HOST_DEVICE float adam_update(float param, float grad, float& exp_avg, float& exp_avg_sq, float& max_exp_avg_sq,
+                                 const AdamScalars& s) {
+  grad *= s.grad_multiplier;
+  if (s.l2_weight_decay != 0.0f) grad += s.l2_weight_decay * param;
+  param *= s.param_decay;
+  exp_avg = lerp(exp_avg, grad, s.one_minus_beta1);
+  exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * grad * grad;
+  float second_moment = exp_avg_sq;
+  if (kAmsgrad) {
+    max_exp_avg_sq = fmaxf(max_exp_avg_sq, exp_avg_sq);
+    second_moment = max_exp_avg_sq;
+  }
+  const float denom = sqrtf(second_moment) / s.bias_correction2_sqrt + s.eps;
+  return param - s.step_size * (exp_avg / denom);
+}
+
+}  // namespace fused_optim

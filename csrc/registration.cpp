@@ -1,0 +1,15 @@
+// CPU implementations of the fused_optim ops, for the dispatcher. The schemas are defined in Python
+// (fused_optim/ops/), so every op exists on every install; each C++ extension only adds the kernels it built.
+// The CUDA extension registers its kernels in csrc/cuda/registration.cpp.
+#include <torch/library.h>
+
+#include "fused_optim/adam_launch.h"
+
+namespace fused_optim {
+void triad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double scalar);
+}
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("adam_step_", &fused_optim::adam_step_cpu);
+  m.impl("triad_", &fused_optim::triad_cpu);
+}

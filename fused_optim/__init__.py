@@ -1,0 +1,17 @@
+"""fused_optim: fused training-step kernels for PyTorch (CUDA C++, Triton and CPU), as drop-ins.
+
+    >>> import torch, fused_optim
+    >>> model = torch.nn.Linear(16, 4)
+    >>> opt = fused_optim.AdamW(model.parameters(), lr=1e-3)  # was: torch.optim.AdamW(...)
+    >>> model(torch.randn(8, 16)).square().mean().backward()
+    >>> opt.step(); opt.zero_grad()
+    >>> sorted(fused_optim.backends()["backends"])
+    ['cpu', 'cuda', 'torch', 'triton']
+"""
+
+from fused_optim import ops  # noqa: F401  (defines the ops and loads the C++ extensions)
+from fused_optim.info import backends
+from fused_optim.optim import Adam, AdamW
+
+__version__ = "0.1.0"
+__all__ = ["Adam", "AdamW", "backends", "__version__"]

@@ -1,0 +1,7 @@
+"""torch.library ops: schemas, fake impls and backend choice (DESIGN.md, layer 5). Importing this defines every op,
+then loads the C++ extensions that add their CPU and CUDA kernels."""
+
+from fused_optim import _backend
+from fused_optim.ops import adam, triad  # noqa: F401  (defines the schemas)
+
+_backend.load_extensions()

@@ -1,0 +1,99 @@
+"""The Adam/AdamW step as torch.library ops: one op per backend, one schema, and the one place that picks a backend.
+
+- `fused_optim::adam_step_`         the C++ kernels: csrc/cpu/adam.cpp (CPU), csrc/cuda/adam.cu (CUDA)
+- `fused_optim::adam_step_triton_`  fused_optim/triton/adam.py
+- `fused_optim::adam_step_torch_`   torch's own fused Adam (`torch._fused_adam_`), the fallback and the peer
+
+Each op updates every tensor of its lists in place (params, moments, master params, step counts), reads the lr
+and the GradScaler's grad_scale/found_inf from the device when given as tensors, and launches once per group
+(a few times for very large groups on CUDA): no host sync, so a step can be captured in a CUDA graph. The ops are
+opaque to torch.compile (a pointer table cannot be traced), which sees their mutations through the schema.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _backend
+
+_lib = torch.library.Library("fused_optim", "DEF")
+
+ADAM_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, "
+    "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
+    "bool maximize, bool stochastic_rounding, int seed, Tensor? grad_scale, Tensor? found_inf) -> ()"
+)
+OP_NAMES = {"cpu": "adam_step_", "cuda": "adam_step_", "triton": "adam_step_triton_", "torch": "adam_step_torch_"}
+for _name in sorted(set(OP_NAMES.values())):
+    _lib.define(_name + ADAM_SCHEMA)
+    # Mutates its inputs and returns nothing: the fake impl has no output to describe.
+    torch.library.register_fake(f"fused_optim::{_name}", lambda *args, **kwargs: None, lib=_lib)
+
+
+def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
+                     beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
+                     seed, grad_scale, found_inf):
+    """torch's fused kernel on fp32 copies where our state is fp32 but the params are not."""
+    if not params:
+        return
+    low_precision = params[0].dtype != torch.float32
+    if master_params:
+        fp32_params = master_params
+    elif low_precision:
+        fp32_params = [p.float() for p in params]
+    else:
+        fp32_params = params
+    fp32_grads = [g.float() for g in grads] if grads[0].dtype != torch.float32 else list(grads)
+    fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+    torch._foreach_add_(steps, 1)  # torch's kernel reads the count after this step
+    fused(fp32_params, fp32_grads, list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [],
+          list(steps), lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2,
+          weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
+          found_inf=found_inf)
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+    if low_precision:
+        if stochastic_rounding:
+            from fused_optim.reference import bf16_stochastic_round
+
+            rounded = [bf16_stochastic_round(p32, seed, i, step) for i, (p32, step) in enumerate(zip(fp32_params, steps))]
+        else:
+            rounded = [p32.to(p.dtype) for p32, p in zip(fp32_params, params)]
+        if found_inf is not None:  # a skipped step leaves the params exactly as they were
+            rounded = [torch.where(found_inf != 0, p, r) for p, r in zip(params, rounded)]
+        torch._foreach_copy_(list(params), rounded)
+
+
+_lib.impl("adam_step_torch_", _adam_step_torch, "CompositeExplicitAutograd")
+
+
+def _register_triton() -> None:
+    from fused_optim.triton.adam import adam_step_triton
+
+    for dispatch_key in ("CUDA", "CPU"):  # CPU tensors run only under TRITON_INTERPRET=1 (checked in _backend)
+        _lib.impl("adam_step_triton_", adam_step_triton, dispatch_key)
+
+
+if _backend.triton_error() != "triton is not installed":
+    _register_triton()
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1, beta2,
+              eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding=False, seed=0,
+              grad_scale=None, found_inf=None, backend="auto") -> None:
+    """One fused Adam/AdamW step over lists of tensors on one device (see the schema above).
+
+    `lr` is a float or a one-element tensor (read on the device). The state tensors are fp32; params are fp32,
+    bf16 or fp16, with grads of the param's dtype or fp32. `backend` is resolved by fused_optim._backend.
+    """
+    if not params:
+        return
+    name = _backend.resolve(backend, params[0].device.type)
+    op = getattr(torch.ops.fused_optim, OP_NAMES[name]).default
+    lr_tensor = None
+    if isinstance(lr, torch.Tensor):
+        lr_tensor = lr.to(device=params[0].device, dtype=torch.float32, non_blocking=True)
+        lr = 0.0
+    op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps,
+       weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed, grad_scale, found_inf)

@@ -1,0 +1,3 @@
+from fused_optim.optim.adam import Adam, AdamW
+
+__all__ = ["Adam", "AdamW"]

@@ -1,0 +1,293 @@
+"""fused_optim.Adam and fused_optim.AdamW: drop-ins for torch.optim.Adam/AdamW whose step is one fused kernel
+launch per parameter group (fused_optim/ops/adam.py picks the kernel).
+
+Differences from torch, all additive:
+- State (`exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`) is fp32 whatever the param dtype, and `step` is a float32
+  tensor on the param's device, as in torch's fused implementation. A torch state_dict loads into ours (moments
+  up-cast to fp32) and ours into torch's.
+- `master_weights=True` keeps an fp32 copy of each bf16/fp16 param in `state["master_param"]`; the update runs
+  on it and the param receives its rounding. `stochastic_rounding=True` instead rounds the fp32 result of each
+  bf16 param to bf16 stochastically (unbiased), keeping no copy. fp32 params are unaffected by either.
+- `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
+- Every step is capturable: the step count, a tensor lr and GradScaler's grad_scale/found_inf are read on the
+  device, never on the host, so `capturable` is accepted and changes nothing. `foreach` and `fused` are accepted
+  and ignored. `differentiable=True` is not supported.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from fused_optim import _backend
+from fused_optim.ops.adam import adam_step
+
+_FP32_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _scalar(value: float | Tensor) -> float:
+    """A beta given as a one-element tensor, read once at construction (torch keeps it as a float too)."""
+    return float(value.item()) if isinstance(value, Tensor) else value
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015) with torch.optim.Adam's signature, state layout and results, fused.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fused_optim.Adam(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        # torch's checks, in torch's order and words
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if master_weights and stochastic_rounding:
+            raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
+        self.backend = backend if backend is not None else _backend.default_backend()
+        _backend.check_backend_name(self.backend)
+        defaults = {
+            "lr": lr,
+            "betas": (_scalar(betas[0]), _scalar(betas[1])),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "master_weights": master_weights,
+            "stochastic_rounding": stochastic_rounding,
+        }
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale and found_inf instead of unscaling and checking the grads itself.
+        self._step_supports_amp_scaling = True
+        self.register_load_state_dict_post_hook(_restore_state_precision)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            self.param_groups.pop()
+            names = ", ".join(sorted(str(d) for d in devices))
+            raise ValueError(f"{type(self).__name__}: all params of a group must be on one device, got {names}.")
+        # Each group's own seed for stochastic rounding, saved with the state_dict so a resumed run draws the same.
+        if group["stochastic_rounding"]:
+            group.setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != "params":
+                    group.setdefault(key, value)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step (one fused launch per group).
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            for kind, lists in self._gather(group).items():
+                beta1, beta2 = group["betas"]
+                adam_step(
+                    *lists,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    amsgrad=group["amsgrad"],
+                    maximize=group["maximize"],
+                    stochastic_rounding=kind == "stochastic",
+                    seed=group.get("seed", 0),
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                    backend=self.backend,
+                )
+        return loss
+
+    def _gather(self, group: dict[str, Any]) -> dict[str, tuple[list[Tensor], ...]]:
+        """The group's params with grads, their grads and state, split by how the result is written back:
+        "plain" (round to nearest), "master" (fp32 copy), "stochastic" (bf16 stochastic rounding)."""
+        lists: dict[str, tuple[list[Tensor], ...]] = {}
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+            if torch.is_complex(p):
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+            if grad.stride() != p.stride():  # the kernels walk param, grad and state in one memory order
+                grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, state, group)
+            if "master_param" in state:
+                kind = "master"
+            elif group["stochastic_rounding"] and p.dtype == torch.bfloat16:
+                kind = "stochastic"
+            else:
+                kind = "plain"
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps = lists.setdefault(
+                kind, ([], [], [], [], [], [], [])
+            )
+            params.append(p)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            if kind == "master":
+                masters.append(state["master_param"])
+            steps.append(state["step"])
+        return lists
+
+    @staticmethod
+    def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        # step on the param's device, as torch's fused and capturable Adam keep it: the kernels read it there
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        def zeros() -> Tensor:  # fp32 whatever the param dtype, in the param's memory layout
+            return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+
+        state["exp_avg"] = zeros()
+        state["exp_avg_sq"] = zeros()
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = zeros()
+        if group["master_weights"] and p.dtype in _LOW_PRECISION:
+            state["master_param"] = p.detach().float()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, after checking that every saved tensor fits its param (else ValueError and
+        nothing changes); state comes back in fp32 on the param's device whatever dtype it was saved in."""
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) == len(saved_groups) and all(
+            len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)
+        ):
+            params = chain.from_iterable(g["params"] for g in groups)
+            ids = chain.from_iterable(s["params"] for s in saved_groups)
+            for param_id, p in zip(ids, params):
+                for key, value in state_dict["state"].get(param_id, {}).items():
+                    if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                        raise ValueError(
+                            f"loaded state dict's {key!r} of param {param_id} has shape {tuple(value.shape)}, "
+                            f"but the param has shape {tuple(p.shape)}"
+                        )
+        self._loading = state_dict  # read by _restore_state_precision, which runs after torch's load
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            del self._loading
+
+
+def _restore_state_precision(optimizer: Adam) -> None:
+    """torch's loader casts every floating state tensor to its param's dtype and leaves `step` on the CPU; ours
+    is fp32 on the param's device. Re-take the saved values so a bf16 param's fp32 moments survive a round trip."""
+    saved = optimizer._loading
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        for p, param_id in zip(group["params"], saved_group["params"]):
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            saved_state = saved["state"].get(param_id, {})
+            for key in _FP32_STATE:
+                if key in saved_state:
+                    state[key] = saved_state[key].to(device=p.device, dtype=torch.float32, copy=True)
+            state["step"] = torch.as_tensor(saved_state.get("step", state["step"])).to(
+                device=p.device, dtype=torch.float32, copy=True
+            )
+            # A state saved without master weights (torch's, say): start the fp32 copy from the param itself.
+            if group["master_weights"] and p.dtype in _LOW_PRECISION and "master_param" not in state:
+                state["master_param"] = p.detach().float()
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov & Hutter, 2019) with torch.optim.AdamW's signature, state layout and results, fused.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fused_optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, backend=backend,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

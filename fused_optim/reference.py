@@ -1,0 +1,92 @@
+"""Plain-torch references in float64: the oracle every test compares the kernels with.
+
+Written for clarity, not speed: one tensor at a time, the textbook formulas, no fusion.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+class ReferenceAdam:
+    """Adam/AdamW (Kingma & Ba, 2015; Loshchilov & Hutter, 2019) in float64, with AMSGrad and maximize.
+
+    >>> p = torch.randn(3); ref = ReferenceAdam([p], lr=0.1, weight_decay=0.01, decoupled_weight_decay=True)
+    >>> ref.step([torch.randn(3)]); ref.params[0].dtype
+    torch.float64
+    """
+
+    def __init__(self, params, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, amsgrad=False, maximize=False):
+        self.params = [p.detach().double().clone() for p in params]
+        self.exp_avgs = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
+        self.max_exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.weight_decay, self.decoupled_weight_decay = weight_decay, decoupled_weight_decay
+        self.amsgrad, self.maximize = amsgrad, maximize
+        self.steps = 0
+
+    def step(self, grads, grad_scale: float = 1.0) -> None:
+        self.steps += 1
+        t = self.steps
+        for i, grad in enumerate(grads):
+            g = grad.detach().double() / grad_scale
+            if self.maximize:
+                g = -g
+            p = self.params[i]
+            if self.weight_decay != 0:
+                if self.decoupled_weight_decay:
+                    p.mul_(1 - self.lr * self.weight_decay)
+                else:
+                    g = g + self.weight_decay * p
+            m = self.exp_avgs[i].mul_(self.beta1).add_((1 - self.beta1) * g)
+            v = self.exp_avg_sqs[i].mul_(self.beta2).add_((1 - self.beta2) * g * g)
+            if self.amsgrad:
+                v = torch.maximum(self.max_exp_avg_sqs[i], v, out=self.max_exp_avg_sqs[i])
+            m_hat = m / (1 - self.beta1**t)
+            v_hat = v / (1 - self.beta2**t)
+            p.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
+
+
+# Stochastic rounding: the same counter-based hash as csrc/include/fused_optim/rounding.h, in int64 tensor ops
+# (every value kept in [0, 2^32) so nothing overflows), so every backend can be checked bit for bit.
+
+
+def _mul32(a: torch.Tensor, b: int) -> torch.Tensor:
+    """(a * b) mod 2^32 without int64 overflow: multiply by b's two 16-bit halves."""
+    low = a * (b & 0xFFFF)
+    high = ((a * (b >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def stream_key(seed: int, tensor_index: int, step: torch.Tensor) -> torch.Tensor:
+    """The random stream of one tensor at one step (step: the count after the step, as a tensor)."""
+    start = torch.full_like(step, (seed + 0x9E3779B9 * tensor_index) & _MASK32, dtype=torch.int64)
+    return _mix32(_mix32(start) ^ (step.to(torch.int64) & _MASK32))
+
+
+def random_bits(stream: torch.Tensor, numel: int) -> torch.Tensor:
+    index = torch.arange(numel, dtype=torch.int64, device=stream.device)
+    return _mix32((_mix32(stream ^ (index & _MASK32)) + (index >> 32)) & _MASK32)
+
+
+def bf16_stochastic_round(x: torch.Tensor, seed: int, tensor_index: int, step: torch.Tensor) -> torch.Tensor:
+    """Round fp32 `x` to bf16, up with probability equal to the discarded fraction (inf/NaN unchanged)."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    noise = random_bits(stream_key(seed, tensor_index, step), x.numel()).view(x.shape) & 0xFFFF
+    finite = (bits & 0x7F800000) != 0x7F800000
+    bits = torch.where(finite, (bits + noise) & _MASK32, bits)
+    upper = bits >> 16
+    upper = torch.where(upper >= 0x8000, upper - 0x10000, upper)  # as a signed 16-bit value
+    return upper.to(torch.int16).view(torch.bfloat16)

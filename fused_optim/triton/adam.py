@@ -1,0 +1,276 @@
+"""Triton Adam/AdamW over a packed pointer table: one launch per group (per param/grad dtype pair).
+
+The table holds, for each tensor, the addresses of its param, grad, moments, master copy and step count, its size,
+and where its blocks start in the grid. Each program finds its tensor by binary search over those starts, derives
+the tensor's scalars from the step count on the device, and updates BLOCK elements: unmasked (and, when the host
+saw every address 16-byte aligned, with 16-byte loads) for whole blocks, masked for the last one. The element math
+mirrors csrc/include/fused_optim/adam.h line for line; the stochastic-rounding hash mirrors rounding.h.
+
+Tables are cached by their contents: the addresses of a model's tensors rarely change, so a step copies nothing to
+the device, and a step captured in a CUDA graph after one warm-up step finds its table already there.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
+COLUMNS = 8  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, numel
+
+_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _mix32(h):
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _bf16_stochastic(x, stream, index):
+    """x (fp32) to bf16, rounding up with probability equal to the discarded fraction (rounding.h)."""
+    index = index.to(tl.uint64)
+    noise = _mix32(_mix32(stream ^ index.to(tl.uint32)) + (index >> 32).to(tl.uint32)) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = tl.where((bits & 0x7F800000) != 0x7F800000, bits + noise, bits)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _load_pointer(row, column, dtype, ALIGNED: tl.constexpr):
+    pointer = tl.load(row + column).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, mask,
+                  grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                  bias_correction2_sqrt, eps, stream, PARAM_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
+                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+    if MASTER:
+        p = tl.load(master_ptr + offsets, mask=mask)
+    else:
+        p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
+
+    g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
+    if DECOUPLED:  # AdamW's decoupled decay
+        p = p * param_decay
+    elif weight_decay != 0.0:  # Adam's coupled (L2) decay
+        g = g + weight_decay * p
+    # torch's lerp(m, g, w): exact at either end of the weight range
+    if one_minus_beta1 < 0.5:
+        m = m + one_minus_beta1 * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - one_minus_beta1)
+    v = v * beta2 + one_minus_beta2 * g * g
+    second_moment = v
+    if AMSGRAD:
+        second_moment = tl.maximum(tl.load(max_sq_ptr + offsets, mask=mask), v)
+        tl.store(max_sq_ptr + offsets, second_moment, mask=mask)
+    # IEEE division and square root (Triton's defaults are approximate), as the CUDA and CPU kernels use
+    denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+
+    tl.store(exp_avg_ptr + offsets, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+    if MASTER:
+        tl.store(master_ptr + offsets, p, mask=mask)
+    if STOCHASTIC:
+        tl.store(param_ptr + offsets, _bf16_stochastic(p, stream, offsets), mask=mask)
+    else:
+        tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
+def _adam_kernel(
+    table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
+    lr, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
+    log_beta1_bits, log_beta2_bits,  # log(beta) as the bits of an fp64: Triton passes Python floats as fp32
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0  # GradScaler found inf/NaN: touch nothing
+    if not skip:
+        pid = tl.program_id(0)
+        block_starts = table_ptr + num_tensors * COLUMNS
+        # The program's tensor: the last one whose first block is at or before pid.
+        lo = 0
+        hi = num_tensors
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            right = tl.load(block_starts + mid) <= pid
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        row = table_ptr + lo * COLUMNS
+        param_ptr = _load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
+        grad_ptr = _load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
+        exp_avg_ptr = _load_pointer(row, 2, tl.float32, ALIGNED)
+        exp_avg_sq_ptr = _load_pointer(row, 3, tl.float32, ALIGNED)
+        max_sq_ptr = _load_pointer(row, 4, tl.float32, ALIGNED)
+        master_ptr = _load_pointer(row, 5, tl.float32, ALIGNED)
+        step_ptr = _load_pointer(row, 6, tl.float32, False)
+        numel = tl.load(row + 7)
+        start = (pid - tl.load(block_starts + lo)) * BLOCK  # int64: the table is int64
+
+        # The tensor's scalars (adam.h, adam_scalars): bias corrections in fp64 from the step count on the device.
+        step = tl.load(step_ptr) + 1.0
+        if HAS_LR_TENSOR:
+            lr = tl.load(lr_ptr)
+        lr64 = tl.cast(lr, tl.float64)
+        grad_multiplier = 1.0
+        if HAS_GRAD_SCALE:
+            grad_multiplier = 1.0 / tl.load(grad_scale_ptr)
+        if MAXIMIZE:
+            grad_multiplier = -grad_multiplier
+        param_decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
+        log_beta1 = tl.full([], log_beta1_bits, tl.int64).to(tl.float64, bitcast=True)
+        log_beta2 = tl.full([], log_beta2_bits, tl.int64).to(tl.float64, bitcast=True)
+        bias_correction1 = 1.0 - tl.exp(step.to(tl.float64) * log_beta1)
+        bias_correction2 = 1.0 - tl.exp(step.to(tl.float64) * log_beta2)
+        step_size = (lr64 / bias_correction1).to(tl.float32)
+        bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
+        stream = 0
+        if STOCHASTIC:
+            stream = _mix32(_mix32(tl.cast(seed, tl.uint32) + 0x9E3779B9 * (first_tensor_index + lo).to(tl.uint32))
+                            ^ step.to(tl.uint32))
+
+        offsets = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+            _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, None,
+                          grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2,
+                          step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED, AMSGRAD, MASTER,
+                          STOCHASTIC)
+        else:
+            _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets,
+                          offsets < numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
+                          one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED,
+                          AMSGRAD, MASTER, STOCHASTIC)
+
+
+@triton.jit
+def _increment_steps_kernel(table_ptr, found_inf_ptr, num_tensors, HAS_FOUND_INF: tl.constexpr,
+                            COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
+    """Runs after the update kernel on the same stream, so every program of it read the old count."""
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0
+    if not skip:
+        t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = t < num_tensors
+        steps = tl.load(table_ptr + t * COLUMNS + 6, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+        tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
+
+
+_table_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+
+
+def _device_table(entries: list[int], device: torch.device) -> torch.Tensor:
+    key = (device, *entries)
+    table = _table_cache.get(key)
+    if table is None:
+        table = torch.tensor(entries, dtype=torch.int64).to(device, non_blocking=True)
+        _table_cache[key] = table
+        if len(_table_cache) > _TABLE_CACHE_SIZE:
+            _table_cache.popitem(last=False)
+    else:
+        _table_cache.move_to_end(key)
+    return table
+
+
+def _fp64_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
+           stochastic_rounding) -> None:
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
+        raise RuntimeError("adam_step_triton_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
+    if amsgrad and len(max_exp_avg_sqs) != n:
+        raise RuntimeError("adam_step_triton_: amsgrad needs one max_exp_avg_sq per param")
+    if master_params and len(master_params) != n:
+        raise RuntimeError("adam_step_triton_: one master param per param, or none")
+    for i, p in enumerate(params):
+        if p.dtype not in _DTYPES:
+            raise RuntimeError(f"adam_step_triton_: params must be float32, bfloat16 or float16, got {p.dtype}")
+        if stochastic_rounding and p.dtype != torch.bfloat16:
+            raise RuntimeError("adam_step_triton_: stochastic rounding is for bfloat16 params")
+        if grads[i].dtype not in (p.dtype, torch.float32):
+            raise RuntimeError("adam_step_triton_: a grad must have its param's dtype or float32")
+        state = [grads[i], exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
+        state += [master_params[i]] if master_params else []
+        for t in state:
+            if t.shape != p.shape or t.stride() != p.stride() or t.device != p.device:
+                raise RuntimeError("adam_step_triton_: every tensor must have its param's shape, strides and device")
+
+
+def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
+                     beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
+                     seed, grad_scale, found_inf) -> None:
+    """The fused_optim::adam_step_triton_ op (schema in fused_optim/ops/adam.py)."""
+    _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad, stochastic_rounding)
+    # Consecutive tensors of one (param dtype, grad dtype) pair share a launch.
+    start = 0
+    for end in range(1, len(params) + 1):
+        if end == len(params) or (params[end].dtype, grads[end].dtype) != (params[start].dtype, grads[start].dtype):
+            _launch(params[start:end], grads[start:end], exp_avgs[start:end], exp_avg_sqs[start:end],
+                    max_exp_avg_sqs[start:end] if amsgrad else [], master_params[start:end], steps[start:end],
+                    start, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                    stochastic_rounding, seed, grad_scale, found_inf)
+            start = end
+
+
+def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, first_tensor_index, lr,
+            lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+            stochastic_rounding, seed, grad_scale, found_inf) -> None:
+    rows: list[int] = []
+    block_starts = [0]
+    for i, p in enumerate(params):
+        rows += [p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+                 max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, master_params[i].data_ptr() if master_params else 0,
+                 steps[i].data_ptr(), p.numel()]
+        block_starts.append(block_starts[-1] + triton.cdiv(p.numel(), BLOCK))
+    aligned = all(rows[c] % 16 == 0 for r in range(len(params)) for c in range(r * COLUMNS, r * COLUMNS + 6))
+    table = _device_table(rows + block_starts, params[0].device)
+    num_tensors = len(params)
+    unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off
+    flags = dict(HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+                 HAS_FOUND_INF=found_inf is not None)
+    if block_starts[-1] > 0:
+        _adam_kernel[(block_starts[-1],)](
+            table, lr, unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
+            unused if found_inf is None else found_inf,
+            _fp64_bits(math.log(beta1) if beta1 > 0 else -math.inf),
+            _fp64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
+            1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
+            PARAM_DTYPE=_DTYPES[params[0].dtype], GRAD_DTYPE=_DTYPES[grads[0].dtype],
+            DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize, MASTER=bool(master_params),
+            STOCHASTIC=stochastic_rounding, ALIGNED=aligned,
+            SEARCH_STEPS=max(1, math.ceil(math.log2(num_tensors + 1))), COLUMNS=COLUMNS, BLOCK=BLOCK,
+            num_warps=4, **flags,
+        )
+    steps_block = 128
+    _increment_steps_kernel[(triton.cdiv(num_tensors, steps_block),)](
+        table, unused if found_inf is None else found_inf, num_tensors, HAS_FOUND_INF=found_inf is not None,
+        COLUMNS=COLUMNS, BLOCK=steps_block,
+    )
