@@ -87,7 +87,7 @@ ChunkFn pick_chunk_fn(at::ScalarType param_dtype, at::ScalarType grad_dtype, boo
 }  // namespace
 
 void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
-  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1,
+  const std::vector<at::Tensor> matched_grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1,
                   beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed,
                   grad_scale, found_inf);
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // GradScaler: skip, touch nothing
@@ -106,7 +106,7 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
   for (size_t i = 0; i < params.size(); ++i) {
     const float step = steps[i].item<float>() + 1.0f;
     tensors[i] = TensorPointers{params[i].data_ptr(),
-                                grads[i].data_ptr(),
+                                matched_grads[i].data_ptr(),
                                 exp_avgs[i].data_ptr<float>(),
                                 exp_avg_sqs[i].data_ptr<float>(),
                                 amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr,
@@ -114,7 +114,7 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
                                 stream_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(i),
                                            static_cast<uint32_t>(step)),
                                 adam_scalars(hyper, lr_value, step, scale)};
-    chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), grads[i].scalar_type(), amsgrad, master, stochastic_rounding);
+    chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), amsgrad, master, stochastic_rounding);
     const int64_t numel = params[i].numel();
     for (int64_t begin = 0; begin < numel; begin += kChunk) {
       chunks.push_back({static_cast<int32_t>(i), begin, std::min(begin + kChunk, numel)});

@@ -43,23 +43,45 @@ struct LaunchTable {
   int32_t first_tensor_index;  // index in the group of tensors[0]: keys the stochastic-rounding stream
 };
 
+// 16-byte loads and stores of kVec elements. The fp32 stores are written in PTX: in the bf16/fp16 kernels nvcc
+// sank the float4 stores below a branch join and split them into 4-byte ones (seen in the PTX, CUDA 13.0).
+__device__ __forceinline__ void load_vec(const float* ptr, float (&out)[kVec]) {
+#pragma unroll
+  for (int k = 0; k < kVec / 4; ++k) {
+    const float4 v = reinterpret_cast<const float4*>(ptr)[k];
+    out[4 * k] = v.x, out[4 * k + 1] = v.y, out[4 * k + 2] = v.z, out[4 * k + 3] = v.w;
+  }
+}
+
+__device__ __forceinline__ void store_vec(float* ptr, const float (&in)[kVec]) {
+#pragma unroll
+  for (int k = 0; k < kVec / 4; ++k) {
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(ptr + 4 * k), "f"(in[4 * k]), "f"(in[4 * k + 1]),
+                 "f"(in[4 * k + 2]), "f"(in[4 * k + 3])
+                 : "memory");
+  }
+}
+
+// bf16 and fp16: the 8 elements are the 16-bit halves of one uint4.
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[kVec]) {
-  constexpr int kLoads = kVec * sizeof(T) / 16;
-  static_assert(kLoads >= 1, "kVec elements must fill a 16-byte load");
-  uint4 raw[kLoads];
+  static_assert(sizeof(T) == 2 && kVec == 8, "one 16-byte load of eight 16-bit elements");
+  const uint4 v = *reinterpret_cast<const uint4*>(ptr);
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-  for (int k = 0; k < kLoads; ++k) raw[k] = reinterpret_cast<const uint4*>(ptr)[k];
-  const T* elems = reinterpret_cast<const T*>(raw);
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) out[k] = static_cast<float>(elems[k]);
+  for (int k = 0; k < 4; ++k) {
+    out[2 * k] = static_cast<float>(T(static_cast<uint16_t>(words[k] & 0xFFFFu), T::from_bits()));
+    out[2 * k + 1] = static_cast<float>(T(static_cast<uint16_t>(words[k] >> 16), T::from_bits()));
+  }
 }
 
 template <typename T>
-__device__ __forceinline__ void store_vec(T* ptr, const T (&elems)[kVec]) {
-  constexpr int kStores = kVec * sizeof(T) / 16;
+__device__ __forceinline__ void store_vec(T* ptr, const T (&in)[kVec]) {
+  static_assert(sizeof(T) == 2 && kVec == 8, "one 16-byte store of eight 16-bit elements");
+  uint32_t words[4];
 #pragma unroll
-  for (int k = 0; k < kStores; ++k) reinterpret_cast<uint4*>(ptr)[k] = reinterpret_cast<const uint4*>(elems)[k];
+  for (int k = 0; k < 4; ++k) words[k] = static_cast<uint32_t>(in[2 * k].x) | (static_cast<uint32_t>(in[2 * k + 1].x) << 16);
+  *reinterpret_cast<uint4*>(ptr) = make_uint4(words[0], words[1], words[2], words[3]);
 }
 
 __device__ __forceinline__ bool aligned16(const void* ptr) {
@@ -218,7 +240,7 @@ const float* optional_ptr(const std::optional<at::Tensor>& t) {
 }  // namespace
 
 void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
-  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1,
+  const std::vector<at::Tensor> matched_grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1,
                   beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed,
                   grad_scale, found_inf);
   if (params.empty()) return;
@@ -246,14 +268,14 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
   table.first_tensor_index = 0;
   table.first_chunk[0] = 0;
   for (size_t i = 0; i < params.size(); ++i) {
-    const at::ScalarType param_dtype = params[i].scalar_type(), grad_dtype = grads[i].scalar_type();
-    if (i > 0 && (param_dtype != params[i - 1].scalar_type() || grad_dtype != grads[i - 1].scalar_type())) {
-      flush(params[i - 1].scalar_type(), grads[i - 1].scalar_type());
+    const at::ScalarType param_dtype = params[i].scalar_type(), grad_dtype = matched_grads[i].scalar_type();
+    if (i > 0 && (param_dtype != params[i - 1].scalar_type() || grad_dtype != matched_grads[i - 1].scalar_type())) {
+      flush(params[i - 1].scalar_type(), matched_grads[i - 1].scalar_type());
     }
     const int n = table.num_tensors;
     const int64_t numel = params[i].numel();
     table.tensors[n] = TensorArgs{params[i].data_ptr(),
-                                  grads[i].data_ptr(),
+                                  matched_grads[i].data_ptr(),
                                   exp_avgs[i].data_ptr<float>(),
                                   exp_avg_sqs[i].data_ptr<float>(),
                                   amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr,
@@ -268,7 +290,7 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
       flush(param_dtype, grad_dtype);
     }
   }
-  flush(params.back().scalar_type(), grads.back().scalar_type());
+  flush(params.back().scalar_type(), matched_grads.back().scalar_type());
 }
 
 }  // namespace fused_optim

@@ -31,10 +31,64 @@ for _name in sorted(set(OP_NAMES.values())):
     torch.library.register_fake(f"fused_optim::{_name}", lambda *args, **kwargs: None, lib=_lib)
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
+                    stochastic_rounding) -> list[torch.Tensor]:
+    """The Python twin of csrc/include/fused_optim/adam_launch.h's check_adam_args, for the Triton and torch ops:
+    every argument checked before anything is written, and the grads returned in their params' memory layout."""
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
+        raise RuntimeError("adam_step: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
+    if amsgrad and len(max_exp_avg_sqs) != n:
+        raise RuntimeError("adam_step: amsgrad needs one max_exp_avg_sq per param")
+    if master_params and len(master_params) != n:
+        raise RuntimeError("adam_step: one master param per param, or none")
+    matched_grads = list(grads)
+    for i, p in enumerate(params):
+        grad = grads[i]
+        if grad.is_sparse:
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        if p.dtype not in _DTYPES:
+            raise RuntimeError(f"adam_step: params must be float32, bfloat16 or float16, got {p.dtype}")
+        if p.device != params[0].device:
+            raise RuntimeError(f"adam_step: all params must be on one device, got {params[0].device} and {p.device}")
+        if stochastic_rounding and p.dtype != torch.bfloat16:
+            raise RuntimeError("adam_step: stochastic rounding is for bfloat16 params")
+        if grad.dtype not in (p.dtype, torch.float32):
+            raise RuntimeError("adam_step: a grad must have its param's dtype or float32")
+        if grad.shape != p.shape or grad.device != p.device:
+            raise RuntimeError("adam_step: a grad must have its param's shape and device")
+        state = [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
+        state += [master_params[i]] if master_params else []
+        for t in state:
+            if t.shape != p.shape or t.stride() != p.stride() or t.device != p.device or t.dtype != torch.float32:
+                raise RuntimeError("adam_step: state tensors must be float32 with their param's shape and strides")
+        if grad.stride() != p.stride():
+            matched_grads[i] = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
+    return matched_grads
+
+
+def _adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
+                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
+                      seed, grad_scale, found_inf):
+    from fused_optim.triton.adam import adam_step_triton
+
+    grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
+                            stochastic_rounding)
+    if params:
+        adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
+                         beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                         stochastic_rounding, seed, grad_scale, found_inf)
+
+
 def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
                      seed, grad_scale, found_inf):
     """torch's fused kernel on fp32 copies where our state is fp32 but the params are not."""
+    grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
+                            stochastic_rounding)
     if not params:
         return
     low_precision = params[0].dtype != torch.float32
@@ -68,15 +122,10 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
 _lib.impl("adam_step_torch_", _adam_step_torch, "CompositeExplicitAutograd")
 
 
-def _register_triton() -> None:
-    from fused_optim.triton.adam import adam_step_triton
-
-    for dispatch_key in ("CUDA", "CPU"):  # CPU tensors run only under TRITON_INTERPRET=1 (checked in _backend)
-        _lib.impl("adam_step_triton_", adam_step_triton, dispatch_key)
-
-
-if _backend.triton_error() != "triton is not installed":
-    _register_triton()
+# CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (checked in _backend); triton is imported on
+# the first call, so the package imports without it.
+for _dispatch_key in ("CUDA", "CPU"):
+    _lib.impl("adam_step_triton_", _adam_step_triton, _dispatch_key)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1, beta2,

@@ -106,6 +106,7 @@ class Adam(Optimizer):
         self.register_load_state_dict_post_hook(_restore_state_precision)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.__dict__.pop("_plans", None)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         devices = {p.device for p in group["params"]}
@@ -119,6 +120,7 @@ class Adam(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.pop("_plans", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 if key != "params":
@@ -158,20 +160,24 @@ class Adam(Optimizer):
                 )
         return loss
 
-    def _gather(self, group: dict[str, Any]) -> dict[str, tuple[list[Tensor], ...]]:
+    def _gather(self, group: dict[str, Any]) -> dict[str, list[list[Tensor]]]:
         """The group's params with grads, their grads and state, split by how the result is written back:
-        "plain" (round to nearest), "master" (fp32 copy), "stochastic" (bf16 stochastic rounding)."""
-        lists: dict[str, tuple[list[Tensor], ...]] = {}
-        for p in group["params"]:
-            grad = p.grad
+        "plain" (round to nearest), "master" (fp32 copy), "stochastic" (bf16 stochastic rounding).
+
+        Host time matters at a thousand tensors a step, so the lists are kept between steps and only the grads are
+        read again; they are rebuilt when a grad is missing or the params, the state or the options changed.
+        The op checks the grads themselves (sparse, shape, layout) before writing anything."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        plans = self.__dict__.setdefault("_plans", {})
+        plan = plans.get(id(group))
+        if plan is not None and plan.fits(group, self.state, grads):
+            return plan.with_grads(grads)
+        plan = _Plan(group, self.state)
+        for index, (p, grad) in enumerate(zip(params, grads)):
             if grad is None:
+                plan.complete = False
                 continue
-            if grad.is_sparse:
-                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-            if torch.is_complex(p):
-                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
-            if grad.stride() != p.stride():  # the kernels walk param, grad and state in one memory order
-                grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(p, state, group)
@@ -181,22 +187,15 @@ class Adam(Optimizer):
                 kind = "stochastic"
             else:
                 kind = "plain"
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps = lists.setdefault(
-                kind, ([], [], [], [], [], [], [])
-            )
-            params.append(p)
-            grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            if kind == "master":
-                masters.append(state["master_param"])
-            steps.append(state["step"])
-        return lists
+            plan.add(kind, index, p, state, group["amsgrad"])
+        plan.state_size = len(self.state)
+        if plan.complete:
+            plans[id(group)] = plan
+        return plan.with_grads(grads)
 
-    @staticmethod
-    def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+    def _init_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        if torch.is_complex(p):
+            raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
         # step on the param's device, as torch's fused and capturable Adam keep it: the kernels read it there
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         def zeros() -> Tensor:  # fp32 whatever the param dtype, in the param's memory layout
@@ -225,6 +224,7 @@ class Adam(Optimizer):
                             f"loaded state dict's {key!r} of param {param_id} has shape {tuple(value.shape)}, "
                             f"but the param has shape {tuple(p.shape)}"
                         )
+        self.__dict__.pop("_plans", None)
         self._loading = state_dict  # read by _restore_state_precision, which runs after torch's load
         try:
             super().load_state_dict(state_dict)
@@ -251,6 +251,50 @@ def _restore_state_precision(optimizer: Adam) -> None:
             # A state saved without master weights (torch's, say): start the fp32 copy from the param itself.
             if group["master_weights"] and p.dtype in _LOW_PRECISION and "master_param" not in state:
                 state["master_param"] = p.detach().float()
+
+
+class _Plan:
+    """One group's op arguments between steps, less the grads (see Adam._gather)."""
+
+    def __init__(self, group: dict[str, Any], state: dict) -> None:
+        self.params = group["params"]
+        self.size = len(self.params)
+        self.options = (group["amsgrad"], group["master_weights"], group["stochastic_rounding"])
+        self.state = state
+        self.state_size = len(state)
+        self.complete = True  # every param had a grad
+        self.kinds: dict[str, tuple[list[int], list[list[Tensor]]]] = {}
+
+    def add(self, kind: str, index: int, p: Tensor, state: dict[str, Tensor], amsgrad: bool) -> None:
+        indices, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps) = self.kinds.setdefault(
+            kind, ([], [[], [], [], [], [], []])
+        )
+        indices.append(index)
+        params.append(p)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        if amsgrad:
+            max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+        if kind == "master":
+            masters.append(state["master_param"])
+        steps.append(state["step"])
+
+    def fits(self, group: dict[str, Any], state: dict, grads: list[Tensor | None]) -> bool:
+        return (
+            group["params"] is self.params
+            and len(self.params) == self.size
+            and state is self.state
+            and len(state) == self.state_size
+            and (group["amsgrad"], group["master_weights"], group["stochastic_rounding"]) == self.options
+            and not any(grad is None for grad in grads)
+        )
+
+    def with_grads(self, grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
+        lists = {}
+        for kind, (indices, (params, *state_lists)) in self.kinds.items():
+            kind_grads = grads if len(indices) == len(grads) else [grads[i] for i in indices]
+            lists[kind] = [params, kind_grads, *state_lists]
+        return lists
 
 
 class AdamW(Adam):

@@ -201,34 +201,10 @@ def _fp64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
-def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-           stochastic_rounding) -> None:
-    n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
-        raise RuntimeError("adam_step_triton_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
-    if amsgrad and len(max_exp_avg_sqs) != n:
-        raise RuntimeError("adam_step_triton_: amsgrad needs one max_exp_avg_sq per param")
-    if master_params and len(master_params) != n:
-        raise RuntimeError("adam_step_triton_: one master param per param, or none")
-    for i, p in enumerate(params):
-        if p.dtype not in _DTYPES:
-            raise RuntimeError(f"adam_step_triton_: params must be float32, bfloat16 or float16, got {p.dtype}")
-        if stochastic_rounding and p.dtype != torch.bfloat16:
-            raise RuntimeError("adam_step_triton_: stochastic rounding is for bfloat16 params")
-        if grads[i].dtype not in (p.dtype, torch.float32):
-            raise RuntimeError("adam_step_triton_: a grad must have its param's dtype or float32")
-        state = [grads[i], exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
-        state += [master_params[i]] if master_params else []
-        for t in state:
-            if t.shape != p.shape or t.stride() != p.stride() or t.device != p.device:
-                raise RuntimeError("adam_step_triton_: every tensor must have its param's shape, strides and device")
-
-
 def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
                      seed, grad_scale, found_inf) -> None:
-    """The fused_optim::adam_step_triton_ op (schema in fused_optim/ops/adam.py)."""
-    _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad, stochastic_rounding)
+    """The fused_optim::adam_step_triton_ op (schema and argument checks in fused_optim/ops/adam.py)."""
     # Consecutive tensors of one (param dtype, grad dtype) pair share a launch.
     start = 0
     for end in range(1, len(params) + 1):

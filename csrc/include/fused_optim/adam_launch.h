@@ -3,8 +3,10 @@
 #pragma once
 
 #include <optional>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include "fused_optim/adam.h"
@@ -26,8 +28,10 @@ inline AdamHyper adam_hyper(double beta1, double beta2, double eps, double weigh
   return AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
 }
 
-// The Python layer guarantees these; a direct caller of the op gets a clear error instead of a wild write.
-inline void check_adam_args(FUSED_OPTIM_ADAM_ARGS) {
+// Checks every argument before any memory is touched (a bad call changes nothing), and returns the grads in their
+// params' memory layout: the kernels walk param, grad and state as one flat array each, and autograd already
+// hands out grads in the param's layout, so only a grad a user assigned with other strides is copied.
+inline std::vector<at::Tensor> check_adam_args(FUSED_OPTIM_ADAM_ARGS) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
               "adam_step_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
@@ -49,7 +53,10 @@ inline void check_adam_args(FUSED_OPTIM_ADAM_ARGS) {
       same_layout(t, what);
       TORCH_CHECK(t.scalar_type() == at::kFloat, "adam_step_: ", what, " must be float32");
     };
-    same_layout(grads[i], "grad");
+    TORCH_CHECK(grads[i].layout() == at::kStrided,
+                "Adam does not support sparse gradients, please consider SparseAdam instead");
+    TORCH_CHECK(grads[i].device() == p.device() && grads[i].sizes() == p.sizes(),
+                "adam_step_: a grad must have its param's shape and device");
     TORCH_CHECK(grads[i].scalar_type() == p.scalar_type() || grads[i].scalar_type() == at::kFloat,
                 "adam_step_: a grad must have its param's dtype or float32");
     fp32_state(exp_avgs[i], "exp_avg");
@@ -59,6 +66,12 @@ inline void check_adam_args(FUSED_OPTIM_ADAM_ARGS) {
     TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat && steps[i].device() == p.device(),
                 "adam_step_: each step must be a one-element float32 tensor on the param's device");
   }
+  std::vector<at::Tensor> matched_grads(grads.begin(), grads.end());
+  for (size_t i = 0; i < n; ++i) {
+    if (grads[i].strides() != params[i].strides()) {
+      matched_grads[i] = at::empty_like(params[i], grads[i].options()).copy_(grads[i]);
+    }
+  }
   for (const auto* scalar : {&lr_tensor, &grad_scale, &found_inf}) {
     if (scalar->has_value() && n > 0) {
       TORCH_CHECK((*scalar)->numel() == 1 && (*scalar)->scalar_type() == at::kFloat &&
@@ -67,6 +80,7 @@ inline void check_adam_args(FUSED_OPTIM_ADAM_ARGS) {
                   "params' device");
     }
   }
+  return matched_grads;
 }
 
 }  // namespace fused_optim

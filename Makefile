@@ -1,0 +1,30 @@
+# fused_optim developer entry points. Each target finds (or makes) a Python with torch and the dev dependencies
+# through scripts/env.sh: the active virtual environment if there is one, else a cached venv under
+# $HOME/.cache/fused_optim/ keyed by requirements-dev.txt.
+SHELL := /bin/bash
+PYTHON = $(shell scripts/env.sh)
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= $(shell nproc)
+
+.PHONY: install build test bench info clean
+
+# The package, editable, with both C++ extensions (the CUDA one when nvcc and a CUDA build of torch are present).
+install:
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+# In-place build only (ninja rebuilds what changed); what `make test` needs.
+build:
+	$(PYTHON) setup.py -q build_ext --inplace
+
+test: build
+	$(PYTHON) -m pytest tests -q
+
+bench: install
+	$(PYTHON) -m fused_optim bench
+
+info: install
+	$(PYTHON) -m fused_optim info
+
+clean:
+	rm -rf build fused_optim/*.so *.egg-info
