@@ -45,10 +45,29 @@ FO_HOST_DEVICE uint32_t float_bits(float x) {
 
 // Adding 16 random bits below the bf16 mantissa, then truncating, rounds up with probability equal to the
 // discarded fraction. Inf and NaN pass through unchanged.
+FO_HOST_DEVICE uint16_t bf16_stochastic_bits(float x, uint32_t bits) {
+  const uint32_t u = float_bits(x);
+  const bool finite = (u & 0x7F800000u) != 0x7F800000u;
+  return static_cast<uint16_t>((finite ? u + (bits & 0xFFFFu) : u) >> 16);
+}
+
 FO_HOST_DEVICE c10::BFloat16 bf16_stochastic(float x, uint32_t bits) {
-  uint32_t u = float_bits(x);
-  if ((u & 0x7F800000u) != 0x7F800000u) u += bits & 0xFFFFu;
-  return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+  return c10::BFloat16(bf16_stochastic_bits(x, bits), c10::BFloat16::from_bits());
+}
+
+// bf16 as raw bits: the same rounding as c10::BFloat16(float), written with integer ops and a select so that a
+// CPU loop over it vectorises (the c10 class type keeps gcc from vectorising its loads and stores).
+FO_HOST_DEVICE float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+FO_HOST_DEVICE uint16_t float_to_bf16_bits(float x) {
+  const uint32_t u = float_bits(x);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // nearest, ties to even
+  return x != x ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays a (quiet) NaN
 }
 
 template <typename T>
