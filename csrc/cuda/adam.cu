@@ -256,6 +256,9 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
 
   // One launch covers consecutive tensors of one (param dtype, grad dtype) pair, up to kMaxTensors of them.
   LaunchTable table;
+  table.num_tensors = 0;
+  table.first_tensor_index = 0;
+  table.first_chunk[0] = 0;
   auto flush = [&](at::ScalarType param_dtype, at::ScalarType grad_dtype) {
     if (table.num_tensors == 0) return;
     launch_dtypes(param_dtype, grad_dtype, amsgrad, master, stochastic_rounding, table, args);
@@ -264,9 +267,6 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
     table.first_tensor_index += table.num_tensors;
     table.num_tensors = 0;
   };
-  table.num_tensors = 0;
-  table.first_tensor_index = 0;
-  table.first_chunk[0] = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::ScalarType param_dtype = params[i].scalar_type(), grad_dtype = matched_grads[i].scalar_type();
     if (i > 0 && (param_dtype != params[i - 1].scalar_type() || grad_dtype != matched_grads[i - 1].scalar_type())) {
