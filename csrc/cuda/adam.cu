@@ -20,9 +20,11 @@
 namespace fused_optim {
 namespace {
 
-constexpr int kThreads = 256;
+// Measured on an H100 (337 M params, % of copy bandwidth, fp32 / bf16+master / bf16): 256 threads x 32 K elements
+// 94/93/95, 256 x 8 K 96/95/97, 128 x 4 K 96/93/96, 512 x 64 K 94/93/95, 512 x 16 K 97/96/97 (chosen).
+constexpr int kThreads = 512;
 constexpr int kVec = 8;                 // elements per thread per iteration: one 16 B load of bf16, two of fp32
-constexpr int64_t kChunk = 32 * 1024;   // elements per block: 16 iterations of 256 threads x 8
+constexpr int64_t kChunk = 16 * 1024;   // elements per block: 4 iterations of 512 threads x 8
 constexpr int kMaxTensors = 320;        // 320 x 68 B of table: well inside the 32 KB parameter limit
 
 struct TensorArgs {
