@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _backend
+from fused_optim.reference import bf16_stochastic_round
 
 _lib = torch.library.Library("fused_optim", "DEF")
 
@@ -86,37 +87,51 @@ def _adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mas
 def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
                      seed, grad_scale, found_inf):
-    """torch's fused kernel on fp32 copies where our state is fp32 but the params are not."""
+    """torch's fused kernel, on fp32 copies where our state is fp32 but the params are not."""
     grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
                             stochastic_rounding)
     if not params:
         return
-    low_precision = params[0].dtype != torch.float32
-    if master_params:
-        fp32_params = master_params
-    elif low_precision:
-        fp32_params = [p.float() for p in params]
-    else:
-        fp32_params = params
-    fp32_grads = [g.float() for g in grads] if grads[0].dtype != torch.float32 else list(grads)
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     torch._foreach_add_(steps, 1)  # torch's kernel reads the count after this step
-    fused(fp32_params, fp32_grads, list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [],
-          list(steps), lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2,
-          weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
-          found_inf=found_inf)
+    for indices in _same_dtypes(params):
+        def pick(tensors, indices=indices):
+            return [tensors[i] for i in indices]
+
+        group_params, group_steps = pick(params), pick(steps)
+        low_precision = group_params[0].dtype != torch.float32
+        if master_params:
+            fp32_params = pick(master_params)
+        elif low_precision:
+            fp32_params = [p.float() for p in group_params]
+        else:
+            fp32_params = group_params
+        fp32_grads = pick(grads)
+        if low_precision or grad_scale is not None:
+            # fp32 copies: torch's kernel unscales its grads in place, and our schema says grads are read-only
+            fp32_grads = [g.to(torch.float32, copy=True) for g in fp32_grads]
+        fused(fp32_params, fp32_grads, pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
+              group_steps, lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2,
+              weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
+              found_inf=found_inf)
+        if low_precision:
+            if stochastic_rounding:
+                rounded = [bf16_stochastic_round(p32, seed, i, steps[i]) for i, p32 in zip(indices, fp32_params)]
+            else:
+                rounded = [p32.to(p.dtype) for p32, p in zip(fp32_params, group_params)]
+            if found_inf is not None:  # a skipped step leaves the params exactly as they were
+                rounded = [torch.where(found_inf != 0, p, r) for p, r in zip(group_params, rounded)]
+            torch._foreach_copy_(group_params, rounded)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
-    if low_precision:
-        if stochastic_rounding:
-            from fused_optim.reference import bf16_stochastic_round
 
-            rounded = [bf16_stochastic_round(p32, seed, i, step) for i, (p32, step) in enumerate(zip(fp32_params, steps))]
-        else:
-            rounded = [p32.to(p.dtype) for p32, p in zip(fp32_params, params)]
-        if found_inf is not None:  # a skipped step leaves the params exactly as they were
-            rounded = [torch.where(found_inf != 0, p, r) for p, r in zip(params, rounded)]
-        torch._foreach_copy_(list(params), rounded)
+
+def _same_dtypes(params) -> list[list[int]]:
+    """Indices of the params, grouped by dtype: torch's fused kernel takes one dtype per call."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.dtype, []).append(i)
+    return list(groups.values())
 
 
 _lib.impl("adam_step_torch_", _adam_step_torch, "CompositeExplicitAutograd")
@@ -126,6 +141,16 @@ _lib.impl("adam_step_torch_", _adam_step_torch, "CompositeExplicitAutograd")
 # the first call, so the package imports without it.
 for _dispatch_key in ("CUDA", "CPU"):
     _lib.impl("adam_step_triton_", _adam_step_triton, _dispatch_key)
+
+
+def _sparse_grads(*args, **kwargs):
+    raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+
+
+# A sparse grad sends the call to the sparse dispatch keys: torch's error there, not the dispatcher's.
+for _name in ("adam_step_", "adam_step_triton_"):
+    for _dispatch_key in ("SparseCPU", "SparseCUDA"):
+        _lib.impl(_name, _sparse_grads, _dispatch_key)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1, beta2,

@@ -85,6 +85,7 @@ class Adam(Optimizer):
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
+        self._plans: dict[int, _Plan] = {}  # per group, see _gather
         defaults = {
             "lr": lr,
             "betas": (_scalar(betas[0]), _scalar(betas[1])),
@@ -106,7 +107,8 @@ class Adam(Optimizer):
         self.register_load_state_dict_post_hook(_restore_state_precision)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.__dict__.pop("_plans", None)
+        if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
+            self._plans.clear()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         devices = {p.device for p in group["params"]}
@@ -120,7 +122,7 @@ class Adam(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.pop("_plans", None)
+        self._plans = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 if key != "params":
@@ -169,15 +171,20 @@ class Adam(Optimizer):
         The op checks the grads themselves (sparse, shape, layout) before writing anything."""
         params = group["params"]
         grads = [p.grad for p in params]
-        plans = self.__dict__.setdefault("_plans", {})
-        plan = plans.get(id(group))
+        plan = self._plans.get(id(group))
         if plan is not None and plan.fits(group, self.state, grads):
             return plan.with_grads(grads)
+        # Everything that can be wrong with a first step is checked before any state is created, as torch does.
+        with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(params, grads)) if grad is not None]
+        for _, p, grad in with_grads:
+            if grad.is_sparse:
+                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+            if torch.is_complex(p):
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+            _backend.resolve(self.backend, p.device.type)
         plan = _Plan(group, self.state)
-        for index, (p, grad) in enumerate(zip(params, grads)):
-            if grad is None:
-                plan.complete = False
-                continue
+        plan.complete = len(with_grads) == len(params)
+        for index, p, grad in with_grads:
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(p, state, group)
@@ -190,12 +197,11 @@ class Adam(Optimizer):
             plan.add(kind, index, p, state, group["amsgrad"])
         plan.state_size = len(self.state)
         if plan.complete:
-            plans[id(group)] = plan
+            self._plans[id(group)] = plan
         return plan.with_grads(grads)
 
-    def _init_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
-        if torch.is_complex(p):
-            raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+    @staticmethod
+    def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
         # step on the param's device, as torch's fused and capturable Adam keep it: the kernels read it there
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         def zeros() -> Tensor:  # fp32 whatever the param dtype, in the param's memory layout
@@ -224,7 +230,7 @@ class Adam(Optimizer):
                             f"loaded state dict's {key!r} of param {param_id} has shape {tuple(value.shape)}, "
                             f"but the param has shape {tuple(p.shape)}"
                         )
-        self.__dict__.pop("_plans", None)
+        self._plans.clear()
         self._loading = state_dict  # read by _restore_state_precision, which runs after torch's load
         try:
             super().load_state_dict(state_dict)
@@ -243,8 +249,8 @@ def _restore_state_precision(optimizer: Adam) -> None:
                 continue
             saved_state = saved["state"].get(param_id, {})
             for key in _FP32_STATE:
-                if key in saved_state:
-                    state[key] = saved_state[key].to(device=p.device, dtype=torch.float32, copy=True)
+                if key in saved_state:  # in the param's memory layout, which the kernels walk state in
+                    state[key] = torch.empty_like(p, dtype=torch.float32).copy_(saved_state[key])
             state["step"] = torch.as_tensor(saved_state.get("step", state["step"])).to(
                 device=p.device, dtype=torch.float32, copy=True
             )

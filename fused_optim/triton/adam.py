@@ -46,6 +46,16 @@ def _bf16_stochastic(x, stream, index):
 
 
 @triton.jit
+def _bf16_nearest(x):
+    """x (fp32) to bf16, to nearest with ties to even, in integer ops (rounding.h's float_to_bf16_bits): Triton's
+    interpreter truncates in its own fp32-to-bf16 cast, and the tests run the kernel there."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a quiet NaN
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _load_pointer(row, column, dtype, ALIGNED: tl.constexpr):
     pointer = tl.load(row + column).to(tl.pointer_type(dtype))
     if ALIGNED:
@@ -91,6 +101,8 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, 
         tl.store(master_ptr + offsets, p, mask=mask)
     if STOCHASTIC:
         tl.store(param_ptr + offsets, _bf16_stochastic(p, stream, offsets), mask=mask)
+    elif PARAM_DTYPE == tl.bfloat16:
+        tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
     else:
         tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
 

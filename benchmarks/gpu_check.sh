@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no network; Python 3.12 with torch 2.11 cu130 and Triton 3.6 installed):
+#   1. builds the package with its CUDA extension (pip install --no-build-isolation --no-deps -e .; sm_90),
+#   2. prints `fused-optim info` (and saves it as JSON),
+#   3. runs the CUDA tests (`pytest tests -m cuda`) and tests/test_backend.py,
+#   4. runs the AdamW benchmark (`python -m fused_optim bench --json`) and prints its table,
+# in under 10 minutes. The benchmark runs even when the tests fail; the exit status is non-zero if any step did.
+#
+#   benchmarks/gpu_check.sh [OUT_DIR]
+#
+# OUT_DIR: the first argument, else $OUT (the device runner's output folder), else benchmarks/results/<device>,
+# <device> being torch.cuda.get_device_name() lowercased, non-alphanumerics → '-' (nvidia-h100-80gb-hbm3).
+# Writes OUT_DIR/gpu_check.log (everything printed), info.json, adamw.json; commit them under
+# benchmarks/results/<device>/. Environment: PYTHON (default python), BENCH_ARGS (extra `bench` arguments, e.g.
+# "--quick"), and the phase limits BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT (seconds; 240, 120, 200).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+BUILD_TIMEOUT="${BUILD_TIMEOUT:-240}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-200}"
+
+slug="$("$PYTHON" - <<'PY'
+import re, torch
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
+print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
+PY
+)"
+OUT_DIR="${1:-${OUT:-benchmarks/results/$slug}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+log="$OUT_DIR/gpu_check.log"
+: > "$log"
+exec > >(tee -a "$log") 2>&1
+
+status=0
+phase() { echo; echo "=== $* ($(date -u +%H:%M:%S)) ==="; }
+elapsed() { echo "--- $1: exit $2, $(( $(date +%s) - $3 )) s"; }
+
+phase "machine"
+echo "device: $slug; out: $OUT_DIR; python: $PYTHON ($("$PYTHON" --version 2>&1))"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null || true
+if [[ "$slug" == no-gpu ]]; then
+    echo "gpu_check: no CUDA GPU is visible to torch; nothing to check." >&2
+    exit 1
+fi
+
+phase "build: pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)"
+t0=$(date +%s)
+rc=0
+# PIP_BREAK_SYSTEM_PACKAGES: a system Python (PEP 668) would otherwise refuse; older pips ignore it.
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FUSED_OPTIM_BUILD_CUDA=1 PIP_BREAK_SYSTEM_PACKAGES=1 \
+    timeout "$BUILD_TIMEOUT" "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || rc=$?
+elapsed build $rc $t0
+if (( rc != 0 )); then
+    echo "gpu_check: the build failed; nothing else can run." >&2
+    exit 1
+fi
+
+phase "fused-optim info"
+if command -v fused-optim > /dev/null; then
+    fused-optim info || status=1
+else
+    "$PYTHON" -m fused_optim info || status=1
+fi
+"$PYTHON" -m fused_optim info --json > "$OUT_DIR/info.json" || status=1
+# The CUDA extension must have been built and loaded (not a stale one from another torch).
+"$PYTHON" -c 'import fused_optim, sys
+error = fused_optim.backends()["extensions"]["cuda"]
+sys.exit(error and f"gpu_check: the CUDA extension is {error}")' || status=1
+
+phase "tests: pytest tests -m cuda; pytest tests/test_backend.py"
+t0=$(date +%s)
+test_rc=0
+timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider || test_rc=$?
+if (( test_rc == 5 )); then
+    echo "gpu_check: warning: no test is marked cuda"
+    test_rc=0
+fi
+if [[ -f tests/test_backend.py ]]; then
+    timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest tests/test_backend.py -q -p no:cacheprovider || test_rc=$?
+fi
+elapsed tests $test_rc $t0
+(( test_rc == 0 )) || status=1
+
+phase "benchmark: python -m fused_optim bench --json $OUT_DIR/adamw.json ${BENCH_ARGS:-}"
+t0=$(date +%s)
+bench_rc=0
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+timeout "$BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --json "$OUT_DIR/adamw.json" ${BENCH_ARGS:-} || bench_rc=$?
+elapsed bench $bench_rc $t0
+(( bench_rc == 0 )) || status=1
+
+phase "done: tests exit $test_rc, bench exit $bench_rc, status $status"
+ls -l "$OUT_DIR"
+exit $status

@@ -1,0 +1,5 @@
+"""`python -m fused_optim info | bench` (the `fused-optim` console script)."""
+
+from fused_optim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""fused_optim.bench: the measurement core behind `fused-optim bench` (DESIGN.md, Benchmarks).
+
+Each op reports its time beside its peers (torch fused / foreach / for-loop, DeepSpeed CPUAdam on the CPU), its
+bandwidth by a bytes model (the fewest bytes the op must move) and that bandwidth as % of the memory roof measured
+at the start of the same run: a large device-to-device `copy_` on a GPU, the CPU extension's STREAM triad on the
+CPU. Every implementation is checked against torch's for-loop before it is timed; a wrong one is not timed.
+
+    >>> import tempfile, fused_optim.bench
+    >>> report = fused_optim.bench.run_benchmarks(device="cpu", sizes=[1_000_000], cases=("fp32",), quick=True)
+    >>> fused_optim.bench.print_table(report)  # doctest: +SKIP
+    >>> fused_optim.bench.write_json(report, tempfile.mktemp(suffix=".json"))
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from typing import Any, Callable
+
+import torch
+
+from fused_optim.bench import adamw
+from fused_optim.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
+
+__all__ = [
+    "OPS", "Timing", "default_sizes", "host_time", "memory_roof", "parse_size", "print_table", "run_benchmarks",
+    "time_cpu", "time_cuda", "time_fn", "write_json",
+]
+
+OPS = ("adamw",)  # the ops `fused-optim bench --ops` knows (later: more)
+
+# Total params of the main cases. CPU: 84M fp32 params move 2.35 GB a step, far past the last-level cache
+# (DESIGN: >= 50M). GPU: 256M (7.2 GB a step), far past an H100's 50 MB L2, and a step takes milliseconds.
+DEFAULT_SIZES = {"cpu": [84_000_000], "cuda": [256_000_000]}
+QUICK_SIZES = {"cpu": [4_000_000], "cuda": [16_000_000]}
+
+
+def parse_size(text: str) -> int:
+    """'84M' → 84_000_000; also K, G (or B) and plain integers; '1.5G' → 1_500_000_000."""
+    text = text.strip().upper().replace("_", "")
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    value = float(number) * scale
+    if value < 1 or value != int(value):
+        raise ValueError(f"not a size in params: {text!r}")
+    return int(value)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_sizes(device: torch.device, quick: bool = False) -> list[int]:
+    return list((QUICK_SIZES if quick else DEFAULT_SIZES)[device.type])
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None = None,
+                   sizes: list[int] | None = None, cases: tuple[str, ...] | None = None, quick: bool = False,
+                   on_task: Callable[[str], None] | None = None,
+                   on_plan: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Measures the roof, then each op's cases on `device` (default: the GPU when there is one). Returns the
+    report that `print_table` and `write_json` take. `on_plan(total_tasks)` is called once before the first task,
+    `on_task(description)` after each (a progress bar's hooks)."""
+    import fused_optim
+
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+    sizes = sizes or default_sizes(device, quick)
+    config = adamw.AdamWConfig(
+        device=device,
+        sizes=sizes,
+        cases=cases or adamw.CASES,
+        budget_s=0.25 if quick else 1.5,
+        host_steps=50 if quick else 200,
+    )
+    if on_plan is not None:
+        on_plan(1 + adamw.count_tasks(config))
+    report_task = on_task or (lambda description: None)
+    try:
+        roof = memory_roof(device, budget_s=0.5 if quick else 2.0)
+        report_task(f"roof ({roof['kind']}): {roof['gbps']:.1f} GB/s")
+    except RuntimeError as error:  # no CPU extension: no triad; the rest still runs, without % of roof
+        roof = {"kind": "none", "gbps": None, "note": str(error)}
+        report_task("roof: not measured")
+    rows = adamw.run(config, roof_gbps=roof["gbps"], on_task=on_task) if "adamw" in ops else []
+    info = fused_optim.backends()
+    return {
+        "schema": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "versions": {**info["versions"], "fused_optim": fused_optim.__version__},
+        "backends": info,
+        "cpu_threads": torch.get_num_threads(),
+        # Other processes on the machine slow the CPU benchmarks (torch's per-tensor OpenMP regions most of all):
+        # the 1-minute load average before and after the run says whether the machine was quiet.
+        "load_avg": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "config": {
+            "ops": list(ops),
+            "quick": quick,
+            "sizes": sizes,
+            "cases": list(config.cases),
+            "hparams": adamw.HPARAMS,
+            "budget_s": config.budget_s,
+            "check_steps": config.check_steps,
+            "tolerances": adamw.TOLERANCES,
+        },
+        "roof": roof,
+        "rows": rows,
+    }
+
+
+def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+        f.write("\n")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def print_table(report: dict[str, Any], console=None) -> None:
+    """The report as a rich table, one section per case and size (columns with nothing to show are left out).
+    Printed 160 columns wide when stdout is not a terminal (logs), else at the terminal's width."""
+    import sys
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    if console is None:
+        console = Console() if sys.stdout.isatty() else Console(width=160)
+    roof = report["roof"]
+    roof_text = f"{roof['kind']} {roof['gbps']:.1f} GB/s" if roof["gbps"] else f"not measured ({roof.get('note')})"
+    if roof.get("copy_gbps"):
+        roof_text += f" (torch copy_: {roof['copy_gbps']:.1f} GB/s, not the roof)"
+    columns = [  # header, justify, cell
+        ("case", "left", lambda r: r["case"]),
+        ("impl", "left", lambda r: escape(r["impl"]) + (" (auto)" if r.get("auto") else "")),
+        ("params", "right", lambda r: adamw._human(r["n_params"])),
+        ("tensors", "right", lambda r: str(r["n_tensors"])),
+        ("ms", "right", lambda r: _fmt(r["time_ms_median"], ".3f")),
+        ("IQR", "right", lambda r: _fmt(r["time_ms_iqr"], ".3f")),
+        ("host ms", "right", lambda r: _fmt(r["host_ms_median"], ".3f")),
+        ("GB/s", "right", lambda r: _fmt(r["gbps"], ".1f")),
+        ("% roof", "right", lambda r: _fmt(r["pct_of_roof"], ".0f")),
+        ("×", "right", lambda r: _fmt(r["speedup_vs_torch_fused"], ".2f")),
+        ("peak mem", "right", lambda r: _bytes(r["peak_mem"])),
+        ("ok", "center", lambda r: {True: "[green]✓[/]", False: "[red]✗ wrong[/]", None: ""}[r["correct"]]),
+        ("note", "left", lambda r: escape(r["note"])),
+    ]
+    rows = report["rows"]
+    cells = [[cell(r) for _, _, cell in columns] for r in rows]
+    keep = [i for i, (header, _, _) in enumerate(columns)
+            if header in ("case", "impl", "ms") or any(row[i] for row in cells)]
+    table = Table(
+        title=f"{report['device']} — memory roof: {roof_text}",
+        caption="ms: median step time; GB/s by the bytes model (fp32: 28 B/param); % of the roof; × = torch "
+        "fused's time / this one's (bf16+master: the torch way with _foreach_copy_); host ms: host time per step "
+        "(no sync); peak mem: memory a step allocates beyond its state.",
+    )
+    if any((r["pct_of_roof"] or 0) > 100 for r in rows):
+        table.caption += (
+            " Over 100% of the roof: with --quick the tensors may stay in cache; else the roof kernel is no roof here"
+            " (with few cores, bandwidth is bound by each core's outstanding misses, and more streams get more)."
+        )
+    for i in keep:
+        header, justify, _ = columns[i]
+        table.add_column(header, justify=justify, no_wrap=header not in ("impl", "note"), overflow="fold")
+    previous = None
+    for r, row in zip(rows, cells):
+        key = (r["op"], r["case"], r["n_params"])
+        if previous is not None and key != previous:
+            table.add_section()
+        previous = key
+        table.add_row(*(row[i] for i in keep), style="bold" if r["impl"].startswith("fused_optim") else None)
+    console.print(table)
+    load = report.get("load_avg", {})
+    busy = max(load.get("before") or 0, load.get("after") or 0)
+    if report["device_type"] == "cpu" and busy > 0.5 * (os.cpu_count() or 1) + 1:
+        console.print(f"[yellow]warning: the machine was busy (1-minute load average up to {busy:.1f} on "
+                      f"{os.cpu_count()} CPUs): other processes distort CPU timings; run it again on a quiet machine.")

@@ -1,0 +1,457 @@
+"""AdamW step benchmark: ours against torch's fused, foreach and for-loop AdamW (and DeepSpeed's CPUAdam on the CPU
+when installed), on the CPU or a CUDA GPU, reported as time, GB/s and % of the device's measured memory roof.
+
+Cases (each on a GPT-like list of tensors, `model_shapes`):
+  fp32          fp32 params, grads and state.
+  bf16          bf16 params and grads. Our state is fp32; torch keeps its state in the param dtype (bf16), so it
+                moves fewer bytes and does its arithmetic on bf16 moments: the bytes model follows each one's state.
+  bf16+master   bf16 params and grads with fp32 master weights. Ours: `AdamW(..., master_weights=True)`, one pass.
+                Peer, "the torch way": fp32 masters stepped by torch's fused AdamW, grads up-cast before
+                (`torch._foreach_copy_` into persistent fp32 grads, or `.float()` each step) and the params copied
+                back after (`torch._foreach_copy_(bf16_params, fp32_masters)`).
+  host          1000 fp32 tensors of 4096 elements: what matters when a model has many small params. On a GPU
+                the host time per step (Python, dispatch, launches; no sync) beside the device time; on the
+                CPU the step time is all there is.
+
+Before it is timed, every implementation is stepped `check_steps` times (the grads scaled by -1/2 between steps)
+and compared with torch's for-loop AdamW (`foreach=False`) stepped on the same input (for bf16+master: on fp32
+copies of the params with up-cast grads, compared on the fp32 masters). A wrong result is reported as wrong and
+not timed. The masters and fp32 params are held to a few ulps; bf16 params only to an ulp or two (`TOLERANCES`).
+
+Bytes model (`adam_step_bytes`), the fewest bytes one step must move, per element:
+    read   grad + exp_avg + exp_avg_sq [+ max_exp_avg_sq] + (master if master weights else param)
+    write  param + exp_avg + exp_avg_sq [+ max_exp_avg_sq] [+ master]
+each at its own dtype: fp32 = 16 read + 12 written = 28 B/param; bf16 params with fp32 state = 12 + 10 = 22;
+bf16 with fp32 state and master = 14 + 14 = 28; torch's bf16 (bf16 state) = 8 + 6 = 14. GB/s is this model over
+the median time: an implementation that moves more (temporaries, several passes) shows as fewer GB/s.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fused_optim import _backend
+from fused_optim.bench.timing import Timing, host_time, synchronize, time_fn
+
+CASES = ("fp32", "bf16", "bf16+master", "host")
+HOST_SHAPES = [(4096,)] * 1000
+# lr, betas, eps, weight decay of the benchmark. weight_decay=0.1 (an LLM's) also makes a missing or wrong decay
+# visible to the check: lr·wd = 1e-4 relative per step, far above its 1e-5 tolerance.
+HPARAMS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
+# Tolerances (rtol, atol) of the check against torch's for-loop; params ~ 0.02 (GPT init), updates ~ lr.
+# fp32: a few ulps apart (order of operations). bf16: torch rounds its bf16 moments and intermediates, ours keeps
+# them fp32, so the params may be an ulp or two apart (bf16 ulp = 2^-8 relative) — a coarse check; the fp32 case
+# and the masters of bf16+master check the math. A bf16 param rounded from a master: one ulp of the reference.
+TOLERANCES = {"fp32": (1e-5, 1e-7), "bf16": (1.6e-2, 1e-4), "bf16_rounded": (8e-3, 1e-8)}
+
+
+def adam_step_bytes(numel: int, param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None,
+                    state_dtype: torch.dtype = torch.float32, master: bool = False, amsgrad: bool = False) -> int:
+    """The fewest bytes one Adam/AdamW step moves over `numel` elements (module docstring).
+
+    >>> adam_step_bytes(1, torch.float32)
+    28
+    >>> adam_step_bytes(1, torch.bfloat16, master=True)
+    28
+    """
+    param = torch.empty((), dtype=param_dtype).element_size()
+    grad = torch.empty((), dtype=grad_dtype or param_dtype).element_size()
+    state = torch.empty((), dtype=state_dtype).element_size() * (3 if amsgrad else 2)
+    master_bytes = 4 if master else 0
+    read = grad + state + (master_bytes if master else param)
+    write = param + state + master_bytes
+    return numel * (read + write)
+
+
+def model_shapes(n_params: int) -> list[tuple[int, ...]]:
+    """A GPT-2-like list of param shapes totalling exactly `n_params`: a few large tensors (the token embedding,
+    the MLP weights) and many small ones (biases, LayerNorms).
+
+    Width d: 768 up to ~250M params, 1024 up to ~800M, else 2048, never more than sqrt(n/48) (so small totals
+    still get several layers). Per layer: qkv (3d, d) + (3d,), out (d, d) + (d,), fc (4d, d) + (4d,),
+    proj (d, 4d) + (d,), two LayerNorms 2 × ((d,), (d,)) = 12d² + 13d. Layers take ~55% of the total, the
+    embedding (rows, d) the rest, then a final LayerNorm and one vector for the remainder.
+
+    >>> sum(math.prod(s) for s in model_shapes(84_000_000))
+    84000000
+    """
+    if n_params < 64:
+        return [(n_params,)]
+    d = 768 if n_params < 250e6 else 1024 if n_params < 800e6 else 2048
+    d = max(8, min(d, int(math.sqrt(n_params / 48))))
+    per_layer = 12 * d * d + 13 * d
+    layers = max(1, int(0.55 * n_params / per_layer))
+    while layers > 0 and layers * per_layer + 2 * d + d > n_params:
+        layers -= 1
+    rest = n_params - layers * per_layer - 2 * d
+    shapes: list[tuple[int, ...]] = [(rest // d, d)] if rest >= d else []
+    for _ in range(layers):
+        shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
+    shapes += [(d,), (d,)]
+    if rest % d:
+        shapes.append((rest % d,))
+    assert sum(math.prod(s) for s in shapes) == n_params
+    return shapes
+
+
+@dataclass
+class Workload:
+    """One case's inputs: initial params and grads (read-only; every implementation steps clones of the params)."""
+
+    case: str
+    device: torch.device
+    dtype: torch.dtype
+    master: bool
+    p0: list[Tensor]
+    grads: list[Tensor]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.p0)
+
+
+def make_workload(case: str, n_params: int, device: torch.device, seed: int = 0) -> Workload:
+    shapes = HOST_SHAPES if case == "host" else model_shapes(n_params)
+    dtype = torch.float32 if case in ("fp32", "host") else torch.bfloat16
+    generator = torch.Generator(device=device).manual_seed(seed)
+    def randn(shape, scale):
+        return (torch.randn(shape, generator=generator, device=device) * scale).to(dtype)
+    p0 = [randn(s, 0.02) for s in shapes]  # GPT-2's init scale
+    grads = [randn(s, 1e-3) for s in shapes]
+    return Workload(case, device, dtype, case == "bf16+master", p0, grads)
+
+
+class Runner:
+    """One implementation set up on a workload: `step()` runs one optimizer step; `result()` the tensors compared
+    with the reference (the fp32 masters with master weights, else the params)."""
+
+    def __init__(self, step: Callable[[], Any], result: Callable[[], list[Tensor]],
+                 state_dtype: Callable[[], torch.dtype], params: list[Tensor]) -> None:
+        self.step, self.result, self.state_dtype, self.params = step, result, state_dtype, params
+        self.grads = [p.grad for p in params]  # what its step reads (the check varies them between steps)
+
+
+def _clone_params(w: Workload, dtype: torch.dtype | None = None) -> list[Tensor]:
+    params = [p.to(dtype or p.dtype, copy=True) for p in w.p0]
+    for p, g in zip(params, w.grads):
+        p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+    return params
+
+
+def _ours(backend: str) -> Callable[[Workload], Runner]:
+    def build(w: Workload) -> Runner:
+        import fused_optim
+
+        params = _clone_params(w)
+        opt = fused_optim.AdamW(params, **HPARAMS, master_weights=w.master, backend=backend)
+        if w.master:
+            def result():
+                return [opt.state[p]["master_param"] for p in params]
+        else:
+            def result():
+                return params
+        return Runner(opt.step, result, lambda: torch.float32, params)
+    return build
+
+
+def _torch(**options) -> Callable[[Workload], Runner]:
+    """torch.optim.AdamW with `options` (fused=True, foreach=True or foreach=False); state in the param dtype."""
+    def build(w: Workload) -> Runner:
+        # The for-loop reference of bf16+master steps fp32 copies with up-cast grads (what the masters must become).
+        params = _clone_params(w, torch.float32 if w.master else None)
+        opt = torch.optim.AdamW(params, **HPARAMS, **options)
+        return Runner(opt.step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
+    return build
+
+
+def _torch_way(upcast: str) -> Callable[[Workload], Runner]:
+    """bf16 params with fp32 masters, the torch way: up-cast the grads, torch's fused AdamW on the masters, copy
+    the masters back into the params. `upcast`: "foreach_copy" into persistent fp32 grads, or ".float()"."""
+    def build(w: Workload) -> Runner:
+        params = _clone_params(w)
+        masters = [p.detach().float() for p in params]
+        opt = torch.optim.AdamW(masters, **HPARAMS, fused=True)
+        if upcast == "foreach_copy":
+            for m in masters:
+                m.grad = torch.empty_like(m)
+            master_grads = [m.grad for m in masters]
+
+            def step():
+                torch._foreach_copy_(master_grads, [p.grad for p in params])
+                opt.step()
+                torch._foreach_copy_(params, masters)
+        else:
+            def step():
+                for m, p in zip(masters, params):
+                    m.grad = p.grad.float()
+                opt.step()
+                torch._foreach_copy_(params, masters)
+                for m in masters:
+                    m.grad = None
+        return Runner(step, lambda: masters, lambda: torch.float32, params)
+    return build
+
+
+def _deepspeed(w: Workload) -> Runner:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    params = _clone_params(w)
+    opt = DeepSpeedCPUAdam(params, **HPARAMS, adamw_mode=True)
+    return Runner(opt.step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
+
+
+@dataclass
+class Impl:
+    name: str
+    build: Callable[[Workload], Runner] | None
+    unavailable: str | None = None  # why it cannot run here (then build is None)
+    auto: bool = False  # what fused_optim's backend="auto" picks here
+    baseline: bool = False  # the peer `speedup_vs_torch_fused` is relative to
+    reference: bool = False  # torch's for-loop: the check's reference itself
+
+
+def implementations(case: str, device: torch.device) -> list[Impl]:
+    """The implementations compared in `case` on `device`, usable or not (with the reason)."""
+    impls = []
+    auto = None
+    try:
+        auto = _backend.resolve("auto", device.type)
+    except RuntimeError:
+        pass
+    for backend in ("cuda", "triton") if device.type == "cuda" else ("cpu",):
+        name = f"fused_optim[{backend}]"
+        try:
+            _backend.resolve(backend, device.type)
+        except RuntimeError as error:
+            impls.append(Impl(name, None, unavailable=str(error)))
+            continue
+        impls.append(Impl(name, _ours(backend), auto=backend == auto))
+    if case == "bf16+master":
+        impls.append(Impl("torch way: fused + _foreach_copy_", _torch_way("foreach_copy"), baseline=True))
+        impls.append(Impl("torch way: fused + .float()", _torch_way(".float()")))
+        return impls
+    impls.append(Impl("torch fused", _torch(fused=True), baseline=True))
+    impls.append(Impl("torch foreach", _torch(foreach=True)))
+    impls.append(Impl("torch for-loop", _torch(foreach=False), reference=True))
+    if device.type == "cpu" and case != "host":
+        if importlib.util.find_spec("deepspeed") is None:
+            impls.append(Impl("DeepSpeed CPUAdam", None, unavailable="absent (deepspeed is not installed)"))
+        else:
+            impls.append(Impl("DeepSpeed CPUAdam", _deepspeed))
+    return impls
+
+
+def compare(result: list[Tensor], reference: list[Tensor], rtol: float, atol: float) -> tuple[bool, float]:
+    """(|result - reference| <= atol + rtol·|reference| everywhere, the largest |result - reference|)."""
+    ok, worst = True, 0.0
+    for a, b in zip(result, reference):
+        diff = (a.float() - b.float()).abs()
+        worst = max(worst, float(diff.max()))
+        ok = ok and bool((diff <= atol + rtol * b.float().abs()).all())
+    return ok, worst
+
+
+@dataclass
+class AdamWConfig:
+    """What `run` measures. `budget_s`: seconds spent timing each implementation; `max_time_s`: an implementation
+    whose timing would take longer (from its check steps) is skipped, not timed (the for-loop at large sizes)."""
+
+    device: torch.device
+    sizes: list[int]
+    cases: tuple[str, ...] = CASES
+    budget_s: float = 1.5
+    max_time_s: float = 30.0
+    check_steps: int = 2
+    host_steps: int = 200
+    seed: int = 0
+
+
+def plan(config: AdamWConfig) -> list[tuple[str, int]]:
+    """The (case, total params) pairs `run` measures, in order."""
+    pairs = []
+    for case in config.cases:
+        if case == "host":
+            pairs.append((case, sum(math.prod(s) for s in HOST_SHAPES)))
+        else:
+            pairs += [(case, n) for n in config.sizes]
+    return pairs
+
+
+def count_tasks(config: AdamWConfig) -> int:
+    return sum(1 + len(implementations(case, config.device)) for case, _ in plan(config))
+
+
+def run(config: AdamWConfig, roof_gbps: float | None = None,
+        on_task: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Measures every case × implementation of `config`; one row (a dict) per pair. `on_task(description)` is called
+    as each task (a reference run or an implementation) ends, for a progress bar."""
+    rows = []
+    for case, n_params in plan(config):
+        rows += _run_case(config, case, n_params, roof_gbps, on_task or (lambda description: None))
+    return rows
+
+
+def _check_steps(runner: Runner, steps: int, device: torch.device) -> float:
+    """Runs `steps` steps, the grads multiplied by -1/2 before each after the first (exact in every dtype, and
+    undone after), so that the moments depend on the betas (with one grad repeated, the bias-corrected moments
+    would not). Returns the seconds of the last step (the first one also allocates the state)."""
+    grads = list({id(g): g for g in runner.grads}.values())
+    last = 0.0
+    for i in range(steps):
+        if i:
+            torch._foreach_mul_(grads, -0.5)
+        synchronize(device)
+        t0 = time.perf_counter()
+        runner.step()
+        synchronize(device)
+        last = time.perf_counter() - t0
+    if steps > 1:
+        torch._foreach_mul_(grads, (-2.0) ** (steps - 1))
+    return last
+
+
+def _run_case(config: AdamWConfig, case: str, n_params: int, roof_gbps: float | None,
+              on_task: Callable[[str], None]) -> list[dict[str, Any]]:
+    device = config.device
+    w = make_workload(case, n_params, device, config.seed)
+    impls = implementations(case, device)
+    label = f"adamw {case} {_human(n_params)}"
+
+    # The reference: torch's for-loop on the same input (fp32 copies for bf16+master), stepped check_steps times.
+    reference_runner = _torch(foreach=False)(w)
+    reference_step_s = _check_steps(reference_runner, config.check_steps, device)
+    reference = [t.detach().clone() for t in reference_runner.result()]
+    if case == "bf16+master":  # not one of the compared implementations: free it now
+        reference_runner = None
+    on_task(f"{label}: reference")
+
+    rows: dict[str, dict[str, Any]] = {}
+    # The reference implementation first, so that its memory is freed before the others run.
+    ordered = sorted(impls, key=lambda impl: not impl.reference)
+    for impl in ordered:
+        row = _row(case, impl, w)
+        rows[impl.name] = row
+        try:
+            if impl.unavailable is not None:
+                row["note"] = impl.unavailable
+                continue
+            if impl.reference:
+                runner, step_s = reference_runner, reference_step_s
+                reference_runner = None
+                row.update(correct=True, max_abs_err=0.0, note="reference")
+            else:
+                runner = impl.build(w)
+                step_s = _check_steps(runner, config.check_steps, device)
+                _check(case, runner, reference, row)
+                if not row["correct"]:
+                    continue
+            _measure(config, case, runner, step_s, row)
+        except Exception as error:  # noqa: BLE001  (one failing peer must not end the benchmark)
+            row["note"] = f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        finally:
+            runner = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            on_task(f"{label}: {impl.name}")
+
+    ordered_rows = [rows[impl.name] for impl in impls]
+    _derive(ordered_rows, roof_gbps)
+    return ordered_rows
+
+
+def _row(case: str, impl: Impl, w: Workload) -> dict[str, Any]:
+    return {
+        "op": "adamw",
+        "case": case,
+        "impl": impl.name,
+        "auto": impl.auto,
+        "baseline": impl.baseline,
+        "dtype": str(w.dtype).replace("torch.", ""),
+        "master_weights": w.master,
+        "n_params": w.numel,
+        "n_tensors": len(w.p0),
+        "device": str(w.device),
+        "time_ms_median": None,
+        "time_ms_iqr": None,
+        "n_timed": None,
+        "time_ms_estimate": None,
+        "host_ms_median": None,
+        "host_ms_iqr": None,
+        "bytes": None,
+        "gbps": None,
+        "pct_of_roof": None,
+        "speedup_vs_torch_fused": None,
+        "peak_mem": None,
+        "correct": None,
+        "max_abs_err": None,
+        "note": "",
+    }
+
+
+def _check(case: str, runner: Runner, reference: list[Tensor], row: dict[str, Any]) -> None:
+    if case == "bf16+master":
+        ok, err = compare(runner.result(), reference, *TOLERANCES["fp32"])
+        rounded_ok, _ = compare(runner.params, [r.to(torch.bfloat16) for r in reference], *TOLERANCES["bf16_rounded"])
+        ok = ok and rounded_ok
+    else:
+        ok, err = compare(runner.result(), reference, *TOLERANCES["fp32" if case in ("fp32", "host") else "bf16"])
+    row.update(correct=ok, max_abs_err=err)
+    if not ok:
+        row["note"] = f"wrong result (max |error| {err:.3g} vs torch for-loop): not timed"
+
+
+def _measure(config: AdamWConfig, case: str, runner: Runner, step_s: float, row: dict[str, Any]) -> None:
+    device = config.device
+    w_numel = row["n_params"]
+    row["bytes"] = adam_step_bytes(
+        w_numel, getattr(torch, row["dtype"]), state_dtype=runner.state_dtype(), master=row["master_weights"]
+    )
+    # The check's last step estimates a step: skip what would take too long to time (at least ~7 steps).
+    if step_s * 7 > config.max_time_s:
+        row["note"] = (row["note"] + "; " if row["note"] else "") + (
+            f"not timed: {step_s:.1f} s/step (> {config.max_time_s:.0f} s for 7 steps)")
+        row["time_ms_estimate"] = step_s * 1e3
+        return
+    timing: Timing = time_fn(runner.step, device, config.budget_s)
+    row.update(time_ms_median=timing.median_ms, time_ms_iqr=timing.iqr_ms, n_timed=timing.n)
+    if case == "host" and device.type == "cuda":  # on the CPU the host time is the step time
+        steps = max(20, min(config.host_steps, int(config.budget_s / max(step_s, 1e-6))))
+        host = host_time(runner.step, device, steps=steps)
+        row.update(host_ms_median=host.median_ms, host_ms_iqr=host.iqr_ms)
+    if device.type == "cuda":
+        # Transient memory of one step beyond the params, grads and state it keeps (temporaries, up-cast grads).
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        runner.step()
+        synchronize(device)
+        row["peak_mem"] = torch.cuda.max_memory_allocated(device) - base
+
+
+def _derive(rows: list[dict[str, Any]], roof_gbps: float | None) -> None:
+    baseline = next((r for r in rows if r["baseline"] and r["time_ms_median"]), None)
+    for r in rows:
+        if not r["time_ms_median"]:
+            continue
+        r["gbps"] = r["bytes"] / (r["time_ms_median"] * 1e6)
+        if roof_gbps:
+            r["pct_of_roof"] = 100.0 * r["gbps"] / roof_gbps
+        if baseline is not None:
+            r["speedup_vs_torch_fused"] = baseline["time_ms_median"] / r["time_ms_median"]
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
+    return str(n)

@@ -1,0 +1,73 @@
+"""Shared test set-up: which backends run here, per-test seeds, the `cuda` marker.
+
+Without a CUDA GPU the Triton kernels run on CPU tensors through Triton's interpreter. Triton reads
+TRITON_INTERPRET when a kernel is decorated, i.e. when fused_optim.triton is imported, so it is set here, before
+anything imports fused_optim or triton.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fused_optim  # noqa: E402  (after TRITON_INTERPRET is set)
+
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Backends that can run here: the three that run CPU tensors, plus the CUDA C++ one when a GPU is visible.
+BACKENDS = ["cpu", "triton", "torch"] + (["cuda"] if HAS_CUDA else [])
+
+
+def device_of(backend: str) -> str:
+    """The device whose tensors `backend` runs in these tests."""
+    if backend == "cuda" or (backend == "triton" and not TRITON_INTERPRETED):
+        return "cuda"
+    return "cpu"
+
+
+# (backend, device) pairs for tests that check the same thing on every kernel. The CUDA ones carry the `cuda`
+# marker, so on a machine without a GPU they show up as skipped rather than vanish.
+BACKEND_DEVICES = [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("triton", "cpu", id="triton-interpreted",
+                 marks=pytest.mark.skipif(not TRITON_INTERPRETED, reason="TRITON_INTERPRET is not 1 here")),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
+]
+# The backends for CPU tensors only (tests that need no GPU variant, or that are too slow to repeat).
+CPU_BACKENDS = [p for p in BACKEND_DEVICES if p.values[1] == "cpu"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Each backend that runs here, by name (on the device `device_of(backend)`)."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """A fixed seed per test (from its id), so every test draws the same numbers however it is run."""
+    value = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(value)
+    return value
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -1,0 +1,211 @@
+"""fused_optim.backends(), backend choice (fused_optim/_backend.py) and the C++ extensions' registration.
+
+The CUDA extension loads on a machine without a GPU, so CI checks here that it built and registered its kernels.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import re
+
+import pytest
+import torch
+from conftest import HAS_CUDA, TRITON_INTERPRETED
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_optim
+from fused_optim import _backend
+
+PACKAGE_DIR = os.path.dirname(fused_optim.__file__)
+CPU_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cpu*.so")))
+CUDA_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cuda*.so")))
+ADAM_OPS = ["adam_step_", "adam_step_triton_", "adam_step_torch_"]
+
+
+@pytest.fixture
+def fresh_caches(monkeypatch):
+    """resolve() and triton_error() cache their answers: clear them around a test that changes what they read."""
+    _backend.resolve.cache_clear()
+    _backend.triton_error.cache_clear()
+    yield monkeypatch
+    _backend.resolve.cache_clear()
+    _backend.triton_error.cache_clear()
+
+
+class _RecordOps(TorchDispatchMode):
+    """The names of the ops a block of code dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of_one_step(**kwargs) -> list[str]:
+    param = torch.nn.Parameter(torch.randn(5))
+    opt = fused_optim.AdamW([param], **kwargs)
+    param.grad = torch.randn(5)
+    with _RecordOps() as recorder:
+        opt.step()
+    return [name for name in recorder.names if name.startswith("fused_optim.")]
+
+
+def test_backends_report():
+    info = fused_optim.backends()
+    assert set(info) == {"versions", "device", "extensions", "backends", "default_backend", "auto", "cpu_threads"}
+    assert info["versions"]["torch"] == torch.__version__
+    assert set(info["versions"]) == {"python", "torch", "torch_cuda", "triton"}
+    assert set(info["backends"]) == {"cuda", "triton", "cpu", "torch"}
+    # each backend: None when usable, else the reason as a sentence
+    for name, reason in info["backends"].items():
+        assert reason is None or (isinstance(reason, str) and reason), name
+    assert info["backends"]["torch"] is None
+    assert set(info["extensions"]) == {"cpu", "cuda"}
+    assert info["default_backend"] in _backend.BACKENDS
+    assert set(info["auto"]) == {"cpu", "cuda"}
+    assert isinstance(info["cpu_threads"], int) and info["cpu_threads"] >= 1
+    if CPU_EXTENSION_BUILT:
+        assert info["extensions"]["cpu"] is None and info["backends"]["cpu"] is None
+        assert info["auto"]["cpu"] == "cpu"
+    if TRITON_INTERPRETED or HAS_CUDA:
+        assert info["backends"]["triton"] is None
+    if not HAS_CUDA:
+        assert "GPU" in info["backends"]["cuda"] or "not" in info["backends"]["cuda"]
+        assert info["auto"]["cuda"].startswith("none")
+
+
+def test_auto_runs_the_cpu_kernel_on_cpu_tensors():
+    if not CPU_EXTENSION_BUILT:
+        pytest.skip("the CPU extension is not built")
+    assert _ops_of_one_step(backend="auto") == ["fused_optim.adam_step_.default"]
+
+
+@pytest.mark.parametrize("name, op", [("torch", "adam_step_torch_"), ("cpu", "adam_step_"),
+                                      ("triton", "adam_step_triton_")])
+def test_environment_variable_sets_the_default(fresh_caches, name, op):
+    if name == "triton" and not TRITON_INTERPRETED:
+        pytest.skip("Triton runs CPU tensors only interpreted")
+    fresh_caches.setenv("FUSED_OPTIM_BACKEND", name)
+    assert fused_optim.AdamW([torch.nn.Parameter(torch.randn(2))]).backend == name
+    assert fused_optim.backends()["default_backend"] == name
+    assert _ops_of_one_step() == [f"fused_optim.{op}.default"]
+    # an explicit backend= wins over the environment
+    assert _ops_of_one_step(backend="torch") == ["fused_optim.adam_step_torch_.default"]
+
+
+def test_environment_variable_with_an_unknown_name(fresh_caches):
+    fresh_caches.setenv("FUSED_OPTIM_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="FUSED_OPTIM_BACKEND|backend must be one of"):
+        fused_optim.AdamW([torch.nn.Parameter(torch.randn(2))])
+
+
+RESOLVED = [
+    ("torch", "cpu", "torch"),
+    ("torch", "meta", "torch"),
+    ("torch", "cuda", "torch"),
+    ("auto", "meta", "torch"),  # no kernel of ours for this device: torch's own
+    pytest.param("auto", "cpu", "cpu", marks=pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="no CPU build")),
+    pytest.param("cpu", "cpu", "cpu", marks=pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="no CPU build")),
+    # CUDA tensors go to the CUDA extension when it is loaded, GPU or not (resolve() never asks the driver)
+    pytest.param("auto", "cuda", "cuda", marks=pytest.mark.skipif(not CUDA_EXTENSION_BUILT, reason="no CUDA build")),
+    pytest.param("cuda", "cuda", "cuda", marks=pytest.mark.skipif(not CUDA_EXTENSION_BUILT, reason="no CUDA build")),
+    pytest.param("triton", "cpu", "triton", marks=pytest.mark.skipif(not TRITON_INTERPRETED, reason="not interpreted")),
+]
+
+
+@pytest.mark.parametrize("backend, device_type, expected", RESOLVED)
+def test_resolve(backend, device_type, expected):
+    assert _backend.resolve(backend, device_type) == expected
+
+
+def _one_sentence(message: str) -> bool:
+    return bool(re.fullmatch(r"[^\n]+[.!]", message)) and not re.search(r"[.!?]\s+[A-Z]", message)
+
+
+@pytest.mark.parametrize("backend, device_type, words", [
+    ("cuda", "cpu", "CUDA tensors"),
+    ("cpu", "cuda", "CPU tensors"),
+    ("cpu", "meta", "CPU tensors"),
+    ("triton", "meta", "meta"),
+])
+def test_resolve_says_why_not_in_one_sentence(backend, device_type, words):
+    with pytest.raises(RuntimeError) as error:
+        _backend.resolve(backend, device_type)
+    assert words in str(error.value)
+    assert _one_sentence(str(error.value)), str(error.value)
+
+
+def test_resolve_rejects_unknown_names():
+    with pytest.raises(ValueError, match="backend must be one of auto, cuda, triton, cpu, torch; got 'gpu'"):
+        _backend.resolve("gpu", "cpu")
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(fresh_caches):
+    fresh_caches.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError) as error:
+        _backend.resolve("triton", "cpu")
+    assert "TRITON_INTERPRET" in str(error.value) and _one_sentence(str(error.value))
+    if not HAS_CUDA:
+        assert "TRITON_INTERPRET=1" in _backend.triton_error()
+        # and auto does not pick Triton for CUDA tensors it could not run
+        assert _backend.resolve("auto", "cuda") in ("cuda", "torch")
+
+
+def test_a_missing_extension_is_a_reason_and_auto_falls_back(fresh_caches):
+    reason = "not built (install with `pip install --no-build-isolation -e .`)"
+    fresh_caches.setitem(_backend._extension_errors, "cpu", reason)
+    with pytest.raises(RuntimeError, match=re.escape(reason)):
+        _backend.resolve("cpu", "cpu")
+    assert _backend.resolve("auto", "cpu") == "torch"
+    assert fused_optim.backends()["backends"]["cpu"] == reason
+
+
+def test_an_unloadable_extension_is_a_reason(fresh_caches, tmp_path):
+    broken = tmp_path / "_C_broken.abi3.so"
+    broken.write_bytes(b"not a shared library")
+    spec = importlib.util.spec_from_file_location("fused_optim._C_broken", broken)
+    fresh_caches.setattr(importlib.util, "find_spec", lambda name, *args: spec if name == "fused_optim._C_broken" else None)
+    reason = _backend._load_extension("_C_broken")
+    assert reason.startswith("not loadable (_C_broken.abi3.so: ")
+    assert _backend._load_extension("_C_absent").startswith("not built")
+
+
+@pytest.mark.parametrize("op", ADAM_OPS)
+def test_every_op_is_defined_with_one_schema(op):
+    schema = getattr(torch.ops.fused_optim, op).default._schema
+    reference = torch.ops.fused_optim.adam_step_.default._schema
+    assert [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments] == \
+        [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in reference.arguments]
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "steps"}
+    assert len(schema.returns) == 0
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{op}", key)
+
+
+@pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
+def test_cpu_extension_is_loaded_and_registered():
+    assert _backend.extension_error("cpu") is None
+    assert _has_kernel("adam_step_", "CPU")
+    assert _has_kernel("triad_", "CPU")
+
+
+@pytest.mark.skipif(not CUDA_EXTENSION_BUILT, reason="fused_optim/_C_cuda*.so is not built")
+def test_cuda_extension_is_loaded_and_registered_without_a_gpu():
+    """The CI check that the CUDA build works: it loads here, GPU or not, and registers its kernel."""
+    assert _backend.extension_error("cuda") is None
+    assert _has_kernel("adam_step_", "CUDA")
+
+
+def test_python_ops_are_registered():
+    assert _has_kernel("adam_step_triton_", "CPU") and _has_kernel("adam_step_triton_", "CUDA")
+    assert _has_kernel("adam_step_torch_", "CompositeExplicitAutograd")
+    for op in ADAM_OPS:  # fake impls, for torch.compile and meta tensors
+        assert _has_kernel(op, "Meta"), op

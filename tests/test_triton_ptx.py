@@ -1,0 +1,79 @@
+"""The Triton AdamW kernel compiled ahead of time for the H100 (sm_90), with no GPU, and its PTX read.
+
+When the host saw every address 16-byte aligned it passes ALIGNED=True, and the kernel's whole blocks must then
+move 16 bytes per load and store (`ld.global.v4.b32`: 4 fp32 or 8 bf16); with ALIGNED=False the compiler cannot
+assume that and must fall back to narrower accesses (for bf16, 2-byte `ld.global.b16`).
+
+The compile runs in a subprocess without TRITON_INTERPRET: under the interpreter (set by conftest.py on machines
+without a GPU) `@triton.jit` yields an InterpretedFunction, which `triton.compile` cannot take (it has no
+`cache_key`), so the kernel must be imported afresh with the variable unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_COMPILE = r"""
+import json, re, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fused_optim.triton.adam import _adam_kernel
+
+SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
+    "table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+    "log_beta1_bits": "i64", "log_beta2_bits": "i64", "one_minus_beta1": "fp32", "beta2": "fp32",
+    "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32", "first_tensor_index": "i32",
+    "num_tensors": "i32",
+}
+results = {}
+for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+    for aligned in (True, False):
+        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False,
+                          MASTER=False, STOCHASTIC=False, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False,
+                          HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=8, BLOCK=1024)
+        source = ASTSource(fn=_adam_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in constexprs}},
+                           constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        results[f"{name}-{'aligned' if aligned else 'unaligned'}"] = {
+            "target": re.search(r"\.target\s+(\w+)", ptx).group(1),
+            "loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
+            "stores": sorted(set(re.findall(r"st\.global(?:\.\w+)*", ptx))),
+        }
+json.dump(results, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def ptx_accesses() -> dict:
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", _COMPILE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_aligned_kernel_moves_16_bytes_per_access(ptx_accesses, dtype):
+    accesses = ptx_accesses[f"{dtype}-aligned"]
+    assert accesses["target"] in ("sm_90", "sm_90a")  # Triton targets the arch-specific sm_90a
+    assert "ld.global.v4.b32" in accesses["loads"], accesses
+    assert "st.global.v4.b32" in accesses["stores"], accesses
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype):
+    accesses = ptx_accesses[f"{dtype}-unaligned"]
+    assert not [a for a in accesses["loads"] + accesses["stores"] if ".v2" in a or ".v4" in a], accesses
+    narrow = "ld.global.b16" if dtype == "bf16" else "ld.global.b32"
+    assert narrow in accesses["loads"], accesses
