@@ -46,28 +46,34 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
         raise RuntimeError("adam_step: amsgrad needs one max_exp_avg_sq per param")
     if master_params and len(master_params) != n:
         raise RuntimeError("adam_step: one master param per param, or none")
+    if n == 0:
+        return []
+    # Whole-list comparisons rather than a loop over tensors: a step of a thousand tensors pays this every time.
+    shapes, strides = [p.shape for p in params], [p.stride() for p in params]
+    if any(grad.is_sparse for grad in grads):
+        raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+    param_dtypes = [p.dtype for p in params]
+    if not set(param_dtypes) <= set(_DTYPES):
+        raise RuntimeError(f"adam_step: params must be float32, bfloat16 or float16, got {set(param_dtypes)}")
+    if stochastic_rounding and set(param_dtypes) != {torch.bfloat16}:
+        raise RuntimeError("adam_step: stochastic rounding is for bfloat16 params")
+    if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
+        raise RuntimeError("adam_step: a grad must have its param's dtype or float32")
+    state_lists = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + ([master_params] if master_params else [])
+    devices = {t.device for tensors in [params, grads, steps, *state_lists] for t in tensors}
+    if len(devices) != 1:
+        raise RuntimeError(f"adam_step: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if [g.shape for g in grads] != shapes:
+        raise RuntimeError("adam_step: a grad must have its param's shape")
+    for tensors in state_lists:
+        if [t.shape for t in tensors] != shapes or [t.stride() for t in tensors] != strides or any(
+            t.dtype != torch.float32 for t in tensors
+        ):
+            raise RuntimeError("adam_step: state tensors must be float32 with their param's shape and strides")
     matched_grads = list(grads)
-    for i, p in enumerate(params):
-        grad = grads[i]
-        if grad.is_sparse:
-            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-        if p.dtype not in _DTYPES:
-            raise RuntimeError(f"adam_step: params must be float32, bfloat16 or float16, got {p.dtype}")
-        if p.device != params[0].device:
-            raise RuntimeError(f"adam_step: all params must be on one device, got {params[0].device} and {p.device}")
-        if stochastic_rounding and p.dtype != torch.bfloat16:
-            raise RuntimeError("adam_step: stochastic rounding is for bfloat16 params")
-        if grad.dtype not in (p.dtype, torch.float32):
-            raise RuntimeError("adam_step: a grad must have its param's dtype or float32")
-        if grad.shape != p.shape or grad.device != p.device:
-            raise RuntimeError("adam_step: a grad must have its param's shape and device")
-        state = [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
-        state += [master_params[i]] if master_params else []
-        for t in state:
-            if t.shape != p.shape or t.stride() != p.stride() or t.device != p.device or t.dtype != torch.float32:
-                raise RuntimeError("adam_step: state tensors must be float32 with their param's shape and strides")
-        if grad.stride() != p.stride():
-            matched_grads[i] = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
+    for i, grad in enumerate(grads):
+        if grad.stride() != strides[i]:
+            matched_grads[i] = torch.empty_like(params[i], dtype=grad.dtype).copy_(grad)
     return matched_grads
 
 

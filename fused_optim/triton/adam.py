@@ -12,7 +12,9 @@ the device, and a step captured in a CUDA graph after one warm-up step finds its
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import struct
 from collections import OrderedDict
 
@@ -238,7 +240,9 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
                  max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, master_params[i].data_ptr() if master_params else 0,
                  steps[i].data_ptr(), p.numel()]
         block_starts.append(block_starts[-1] + triton.cdiv(p.numel(), BLOCK))
-    aligned = all(rows[c] % 16 == 0 for r in range(len(params)) for c in range(r * COLUMNS, r * COLUMNS + 6))
+    # 16-byte loads need every array address (the first six columns; steps are read alone) 16-byte aligned.
+    array_addresses = [rows[r * COLUMNS + c] for r in range(len(params)) for c in range(6)]
+    aligned = functools.reduce(operator.or_, array_addresses, 0) % 16 == 0
     table = _device_table(rows + block_starts, params[0].device)
     num_tensors = len(params)
     unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off
