@@ -35,8 +35,20 @@ for _name in sorted(set(OP_NAMES.values())):
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one block of memory without gaps or overlaps, in any dimension order
+    (the kernels walk it as a flat array)."""
+    expected_stride = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda dim: dim[1]):
+        if size != 1:
+            if stride != expected_stride:
+                return False
+            expected_stride *= size
+    return True
+
+
 def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                    stochastic_rounding) -> list[torch.Tensor]:
+                    stochastic_rounding, scalars=()) -> list[torch.Tensor]:
     """The Python twin of csrc/include/fused_optim/adam_launch.h's check_adam_args, for the Triton and torch ops:
     every argument checked before anything is written, and the grads returned in their params' memory layout."""
     n = len(params)
@@ -65,6 +77,14 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
         raise RuntimeError(f"adam_step: all tensors must be on one device, got {sorted(map(str, devices))}")
     if [g.shape for g in grads] != shapes:
         raise RuntimeError("adam_step: a grad must have its param's shape")
+    if not all(p.is_contiguous() or _dense(p) for p in params):
+        raise RuntimeError("adam_step: params must be dense")
+    # The kernels read these through raw pointers as one fp32 value each.
+    if any(step.numel() != 1 or step.dtype != torch.float32 for step in steps):
+        raise RuntimeError("adam_step: each step must be a one-element float32 tensor on the param's device")
+    if any(t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device not in devices) for t in scalars):
+        raise RuntimeError("adam_step: lr_tensor, grad_scale and found_inf must be one-element float32 tensors on "
+                           "the params' device")
     for tensors in state_lists:
         if [t.shape for t in tensors] != shapes or [t.stride() for t in tensors] != strides or any(
             t.dtype != torch.float32 for t in tensors
@@ -83,7 +103,7 @@ def _adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mas
     from fused_optim.triton.adam import adam_step_triton
 
     grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                            stochastic_rounding)
+                            stochastic_rounding, (lr_tensor, grad_scale, found_inf))
     if params:
         adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
                          beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
@@ -95,7 +115,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
                      seed, grad_scale, found_inf):
     """torch's fused kernel, on fp32 copies where our state is fp32 but the params are not."""
     grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                            stochastic_rounding)
+                            stochastic_rounding, (lr_tensor, grad_scale, found_inf))
     if not params:
         return
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
@@ -171,9 +191,15 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
         return
     name = _backend.resolve(backend, params[0].device.type)
     op = getattr(torch.ops.fused_optim, OP_NAMES[name]).default
+    device = params[0].device
     lr_tensor = None
     if isinstance(lr, torch.Tensor):
-        lr_tensor = lr.to(device=params[0].device, dtype=torch.float32, non_blocking=True)
+        lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)
         lr = 0.0
+    # GradScaler keeps these on its own device; a group on another one reads them from a device-side copy.
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device, non_blocking=True)
+    if found_inf is not None and found_inf.device != device:
+        found_inf = found_inf.to(device, non_blocking=True)
     op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps,
        weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed, grad_scale, found_inf)

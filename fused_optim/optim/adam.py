@@ -28,11 +28,16 @@ from fused_optim.ops.adam import adam_step
 
 _FP32_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_PARAM_DTYPES = (torch.float32, *_LOW_PRECISION)
 
 
-def _scalar(value: float | Tensor) -> float:
-    """A beta given as a one-element tensor, read once at construction (torch keeps it as a float too)."""
-    return float(value.item()) if isinstance(value, Tensor) else value
+def _beta(value: float | Tensor, index: int) -> float:
+    """A beta given as a tensor, read once at construction (a host read, never again in a step)."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.numel() != 1:
+        raise ValueError(f"Tensor betas[{index}] must be 1-element")
+    return float(value.item())
 
 
 class Adam(Optimizer):
@@ -80,7 +85,7 @@ class Adam(Optimizer):
         if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
             raise ValueError("betas must be either both floats or both Tensors")
         if differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
+            raise RuntimeError(f"fused_optim.{type(self).__name__} does not support differentiable=True")
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         self.backend = backend if backend is not None else _backend.default_backend()
@@ -88,7 +93,7 @@ class Adam(Optimizer):
         self._plans: dict[int, _Plan] = {}  # per group, see _gather
         defaults = {
             "lr": lr,
-            "betas": (_scalar(betas[0]), _scalar(betas[1])),
+            "betas": (_beta(betas[0], 0), _beta(betas[1], 1)),
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
@@ -104,7 +109,6 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale and found_inf instead of unscaling and checking the grads itself.
         self._step_supports_amp_scaling = True
-        self.register_load_state_dict_post_hook(_restore_state_precision)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
@@ -120,7 +124,14 @@ class Adam(Optimizer):
         if group["stochastic_rounding"]:
             group.setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "backend": self.backend}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch pickles only defaults, state and param_groups; the rest is ours to restore (deepcopy, pickle).
+        # torch's load_state_dict calls this too, with neither: the backend chosen at construction stays.
+        self.backend = state.pop("backend", None) or getattr(self, "backend", None) or _backend.default_backend()
+        self._step_supports_amp_scaling = True
         super().__setstate__(state)
         self._plans = {}
         for group in self.param_groups:
@@ -167,12 +178,13 @@ class Adam(Optimizer):
         "plain" (round to nearest), "master" (fp32 copy), "stochastic" (bf16 stochastic rounding).
 
         Host time matters at a thousand tensors a step, so the lists are kept between steps and only the grads are
-        read again; they are rebuilt when a grad is missing or the params, the state or the options changed.
-        The op checks the grads themselves (sparse, shape, layout) before writing anything."""
+        read again; they are rebuilt when which params have grads, the params, the state or the options changed.
+        The op checks the grads themselves (shape, dtype, layout) before writing anything."""
         params = group["params"]
         grads = [p.grad for p in params]
+        has_grad = [grad is not None for grad in grads]
         plan = self._plans.get(id(group))
-        if plan is not None and plan.fits(group, self.state, grads):
+        if plan is not None and plan.fits(group, self.state, has_grad):
             return plan.with_grads(grads)
         # Everything that can be wrong with a first step is checked before any state is created, as torch does.
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(params, grads)) if grad is not None]
@@ -181,9 +193,11 @@ class Adam(Optimizer):
                 raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
             if torch.is_complex(p):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+            if p.dtype not in _PARAM_DTYPES:
+                raise TypeError(f"fused_optim.{type(self).__name__} steps float32, bfloat16 and float16 params, "
+                                f"not {p.dtype}; use torch.optim.{type(self).__name__} for those")
             _backend.resolve(self.backend, p.device.type)
-        plan = _Plan(group, self.state)
-        plan.complete = len(with_grads) == len(params)
+        plan = _Plan(group, self.state, has_grad)
         for index, p, grad in with_grads:
             state = self.state[p]
             if len(state) == 0:
@@ -196,8 +210,7 @@ class Adam(Optimizer):
                 kind = "plain"
             plan.add(kind, index, p, state, group["amsgrad"])
         plan.state_size = len(self.state)
-        if plan.complete:
-            self._plans[id(group)] = plan
+        self._plans[id(group)] = plan
         return plan.with_grads(grads)
 
     @staticmethod
@@ -231,17 +244,13 @@ class Adam(Optimizer):
                             f"but the param has shape {tuple(p.shape)}"
                         )
         self._plans.clear()
-        self._loading = state_dict  # read by _restore_state_precision, which runs after torch's load
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            del self._loading
+        super().load_state_dict(state_dict)
+        _restore_state_precision(self, state_dict)
 
 
-def _restore_state_precision(optimizer: Adam) -> None:
+def _restore_state_precision(optimizer: Adam, saved: dict[str, Any]) -> None:
     """torch's loader casts every floating state tensor to its param's dtype and leaves `step` on the CPU; ours
     is fp32 on the param's device. Re-take the saved values so a bf16 param's fp32 moments survive a round trip."""
-    saved = optimizer._loading
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         for p, param_id in zip(group["params"], saved_group["params"]):
             state = optimizer.state.get(p)
@@ -262,13 +271,13 @@ def _restore_state_precision(optimizer: Adam) -> None:
 class _Plan:
     """One group's op arguments between steps, less the grads (see Adam._gather)."""
 
-    def __init__(self, group: dict[str, Any], state: dict) -> None:
+    def __init__(self, group: dict[str, Any], state: dict, has_grad: list[bool]) -> None:
         self.params = group["params"]
         self.size = len(self.params)
         self.options = (group["amsgrad"], group["master_weights"], group["stochastic_rounding"])
         self.state = state
         self.state_size = len(state)
-        self.complete = True  # every param had a grad
+        self.has_grad = has_grad  # which params the lists hold: frozen ones have no grad
         self.kinds: dict[str, tuple[list[int], list[list[Tensor]]]] = {}
 
     def add(self, kind: str, index: int, p: Tensor, state: dict[str, Tensor], amsgrad: bool) -> None:
@@ -285,14 +294,14 @@ class _Plan:
             masters.append(state["master_param"])
         steps.append(state["step"])
 
-    def fits(self, group: dict[str, Any], state: dict, grads: list[Tensor | None]) -> bool:
+    def fits(self, group: dict[str, Any], state: dict, has_grad: list[bool]) -> bool:
         return (
             group["params"] is self.params
             and len(self.params) == self.size
             and state is self.state
             and len(state) == self.state_size
             and (group["amsgrad"], group["master_weights"], group["stochastic_rounding"]) == self.options
-            and not any(grad is None for grad in grads)
+            and has_grad == self.has_grad
         )
 
     def with_grads(self, grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:

@@ -196,18 +196,24 @@ def _increment_steps_kernel(table_ptr, found_inf_ptr, num_tensors, HAS_FOUND_INF
 
 _table_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _TABLE_CACHE_SIZE = 64
+# Tables a CUDA graph captured: the graph holds their addresses, not the tensors, so they must never be freed.
+_captured_tables: dict[tuple, torch.Tensor] = {}
 
 
 def _device_table(entries: list[int], device: torch.device) -> torch.Tensor:
     key = (device, *entries)
-    table = _table_cache.get(key)
-    if table is None:
+    if key in _captured_tables:
+        table = _captured_tables[key]
+    elif key in _table_cache:
+        table = _table_cache[key]
+        _table_cache.move_to_end(key)
+    else:  # a copy to the device: not allowed while capturing, so a captured step needs one warm-up step first
         table = torch.tensor(entries, dtype=torch.int64).to(device, non_blocking=True)
         _table_cache[key] = table
         if len(_table_cache) > _TABLE_CACHE_SIZE:
             _table_cache.popitem(last=False)
-    else:
-        _table_cache.move_to_end(key)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _captured_tables[key] = table
     return table
 
 

@@ -44,6 +44,11 @@ inline std::vector<at::Tensor> check_adam_args(FUSED_OPTIM_ADAM_ARGS) {
     TORCH_CHECK(p.device() == params[0].device(), "adam_step_: all params must be on one device, got ",
                 params[0].device(), " and ", p.device());
     TORCH_CHECK(p.is_non_overlapping_and_dense(), "adam_step_: params must be dense");
+    // Checked here, before any launch: a CUDA call of several launches must not apply part of a step and then fail.
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf,
+                "adam_step_: params must be float32, bfloat16 or float16, got ", p.scalar_type());
+    TORCH_CHECK(!stochastic_rounding || p.scalar_type() == at::kBFloat16,
+                "adam_step_: stochastic rounding is for bfloat16 params");
     auto same_layout = [&](const at::Tensor& t, const char* what) {
       TORCH_CHECK(t.device() == p.device(), "adam_step_: ", what, " must be on the param's device");
       TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "adam_step_: ", what,
