@@ -2,9 +2,9 @@
 # through scripts/env.sh: the active virtual environment if there is one, else a cached venv under
 # $HOME/.cache/fused_optim/ keyed by requirements-dev.txt.
 SHELL := /bin/bash
-PYTHON = $(shell scripts/env.sh)
+# Evaluated once, on first use (not for `make clean`).
+PYTHON ?= $(eval PYTHON := $(shell scripts/env.sh))$(PYTHON)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
-export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= $(shell nproc)
 
 .PHONY: install build test bench info clean
