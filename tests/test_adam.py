@@ -1319,11 +1319,12 @@ def test_many_tensors_of_mixed_dtypes_in_one_group_match_the_cpu_kernel(backend)
             opt.step()
         results[which] = [p.detach().float().cpu() for p in params]
         assert all(opt.state[p]["step"].item() == 3 for p in params)
-    # nvcc contracts multiply-adds into FMAs and the CPU build does not, so an fp32 result may differ by an ulp and,
-    # rarely, land on the other side of a bf16 rounding boundary: one bf16 ulp apart, in under 1% of elements.
+    # The GPU compilers contract multiply-adds into FMAs and the CPU build does not, so fp32 results differ in the
+    # last bits and some bf16 results land on the other side of a rounding boundary, one bf16 ulp apart: 1.3% of
+    # the elements on an H100 (98.7% bit-identical); a wrong table entry or tensor index would differ in ~all.
     same = total = 0
     for ours, cpu, dtype in zip(results[backend], results["cpu"], dtypes):
         tolerance = 1e-5 if dtype == torch.float32 else 2**-7
         torch.testing.assert_close(ours, cpu, rtol=tolerance, atol=tolerance)
         same, total = same + int((ours == cpu).sum()), total + ours.numel()
-    assert same >= 0.99 * total
+    assert same >= 0.95 * total
