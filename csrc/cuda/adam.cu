@@ -242,13 +242,11 @@ const float* optional_ptr(const std::optional<at::Tensor>& t) {
 }  // namespace
 
 void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
-  const std::vector<at::Tensor> matched_grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1,
-                  beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed,
-                  grad_scale, found_inf);
+  const std::vector<at::Tensor> matched_grads = check_adam_args(FUSED_OPTIM_ADAM_ARG_NAMES);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const bool master = !master_params.empty();
-  const LaunchArgs args{adam_hyper(beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize),
+  const LaunchArgs args{AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
                         static_cast<float>(lr),
                         optional_ptr(lr_tensor),
                         optional_ptr(grad_scale),

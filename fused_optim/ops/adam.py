@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _backend
+from fused_optim.ops._library import lib as _lib
 from fused_optim.reference import bf16_stochastic_round
-
-_lib = torch.library.Library("fused_optim", "DEF")
 
 ADAM_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

@@ -3,7 +3,7 @@ their bandwidth against. torch's copy_ is no roof there (DESIGN.md, Benchmarks).
 
 import torch
 
-from fused_optim.ops.adam import _lib
+from fused_optim.ops._library import lib as _lib
 
 _lib.define("triad_(Tensor(a!) a, Tensor b, Tensor c, float scalar) -> ()")
 torch.library.register_fake("fused_optim::triad_", lambda *args: None, lib=_lib)

@@ -20,13 +20,13 @@ namespace fused_optim {
       bool decoupled_weight_decay, bool amsgrad, bool maximize, bool stochastic_rounding, int64_t seed,      \
       const std::optional<at::Tensor>&grad_scale, const std::optional<at::Tensor>&found_inf
 
+// The same arguments, forwarded (to check_adam_args).
+#define FUSED_OPTIM_ADAM_ARG_NAMES                                                                              \
+  params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps, \
+      weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed, grad_scale, found_inf
+
 void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS);
 void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS);
-
-inline AdamHyper adam_hyper(double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                            bool maximize) {
-  return AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
-}
 
 // Checks every argument before any memory is touched (a bad call changes nothing), and returns the grads in their
 // params' memory layout: the kernels walk param, grad and state as one flat array each, and autograd already
