@@ -188,9 +188,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     """
     if not params:
         return
-    name = _backend.resolve(backend, params[0].device.type)
-    op = getattr(torch.ops.fused_optim, OP_NAMES[name]).default
     device = params[0].device
+    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, device.type)]).default
     lr_tensor = None
     if isinstance(lr, torch.Tensor):
         lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)
