@@ -9,9 +9,10 @@
     ['cpu', 'cuda', 'torch', 'triton']
 """
 
-from fused_optim import ops  # noqa: F401  (defines the ops and loads the C++ extensions)
+from fused_optim import functional, ops  # noqa: F401  (ops: defines the ops and loads the C++ extensions)
 from fused_optim.info import backends
+from fused_optim.nn import CrossEntropyLoss, LinearCrossEntropyLoss
 from fused_optim.optim import Adam, AdamW
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "backends", "__version__"]
+__all__ = ["Adam", "AdamW", "CrossEntropyLoss", "LinearCrossEntropyLoss", "backends", "functional", "__version__"]

@@ -90,3 +90,37 @@ def bf16_stochastic_round(x: torch.Tensor, seed: int, tensor_index: int, step: t
     upper = bits >> 16
     upper = torch.where(upper >= 0x8000, upper - 0x10000, upper)  # as a signed 16-bit value
     return upper.to(torch.int16).view(torch.bfloat16)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                  z_loss: float = 0.0, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of (N, C) logits and (N,) class indices in float64, differentiable: (loss, z-loss), the
+    loss including the z-loss.
+
+    Per kept row i (target != ignore_index), with z = softcap * tanh(logits / softcap) when soft-capped,
+    log p = log_softmax(z), w the class weights (ones without), eps the label smoothing, C the classes:
+        ce_i = -(1 - eps) * w[t_i] * log p[i, t_i] - eps / C * sum_j w_j * log p[i, j]        (torch's formula)
+        z_i  = z_loss * logsumexp(z[i])^2                                                       (PaLM)
+    "mean" divides the sum of ce by the sum of w[t_i] over kept rows and the sum of z by their count; ignored rows
+    add nothing; "none" returns per-row values (0 for ignored rows).
+    """
+    z = logits.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    num_classes = z.shape[1]
+    w = weight.double() if weight is not None else torch.ones(num_classes, dtype=torch.float64, device=z.device)
+    kept = target != ignore_index
+    safe_target = torch.where(kept, target, 0)
+    log_p = torch.log_softmax(z, dim=1)
+    nll = -w[safe_target] * log_p.gather(1, safe_target[:, None])[:, 0]
+    smooth = -(log_p * w).sum(1)
+    ce = torch.where(kept, (1 - label_smoothing) * nll + label_smoothing / num_classes * smooth, 0.0)
+    z_rows = torch.where(kept, z_loss * torch.logsumexp(z, dim=1) ** 2, 0.0)
+    if reduction == "none":
+        return ce + z_rows, z_rows
+    if reduction == "sum":
+        return ce.sum() + z_rows.sum(), z_rows.sum()
+    ce_mean = ce.sum() / torch.where(kept, w[safe_target], 0.0).sum()
+    z_mean = z_rows.sum() / kept.sum()
+    return ce_mean + z_mean, z_mean

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "fused_optim/adam_launch.h"
+#include "float_io.h"
 #include "fused_optim/rounding.h"
 
 namespace fused_optim {
@@ -27,25 +28,6 @@ struct TensorPointers {
   uint32_t random_stream;
   AdamScalars scalars;
 };
-
-// bf16 goes through its raw bits (rounding.h) so the loop vectorises; fp16 and fp32 through c10's conversions.
-template <typename T>
-inline float load_float(const T* __restrict__ data, int64_t i) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(data)[i]);
-  } else {
-    return static_cast<float>(data[i]);
-  }
-}
-
-template <typename T>
-inline void store_float(T* __restrict__ data, int64_t i, float value) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    reinterpret_cast<uint16_t*>(data)[i] = float_to_bf16_bits(value);
-  } else {
-    data[i] = round_to<T>(value);
-  }
-}
 
 template <typename param_t, typename grad_t, bool kAmsgrad, bool kMaster, bool kStochastic>
 void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {

@@ -1,0 +1,212 @@
+// CUDA cross-entropy forward (+ the gradient in the same launch): one block per row. Pass 1 streams the row once
+// with 16-byte loads, each thread keeping an online (max, sum of exp) and the weighted logit sum, merged across
+// the block by warp shuffles; pass 2 streams the row again (from L2: at most a few hundred rows are in flight)
+// and writes the gradient, possibly over the logits themselves. The row math is fused_optim/cross_entropy.h,
+// which the CPU kernel and tests share.
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+
+#include "fused_optim/cross_entropy_launch.h"
+
+namespace fused_optim {
+namespace {
+
+constexpr int kVecBytes = 16;
+
+template <typename T>
+struct alignas(kVecBytes) Vec {
+  static constexpr int kSize = kVecBytes / sizeof(T);
+  T values[kSize];
+};
+
+__device__ __forceinline__ float class_weight_at(const float* class_weight, int64_t j) {
+  return class_weight != nullptr ? class_weight[j] : 1.0f;
+}
+
+// Merges every thread's running values; returns them to every thread of the block.
+__device__ void block_reduce(OnlineLogSumExp& acc, float& weighted_sum) {
+  __shared__ float shared_max[32], shared_sum[32], shared_weighted[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    OnlineLogSumExp other;
+    other.max = __shfl_xor_sync(0xffffffffu, acc.max, offset);
+    other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
+    acc.merge(other);
+    weighted_sum += __shfl_xor_sync(0xffffffffu, weighted_sum, offset);
+  }
+  if (lane == 0) {
+    shared_max[warp] = acc.max, shared_sum[warp] = acc.sum, shared_weighted[warp] = weighted_sum;
+  }
+  __syncthreads();
+  acc = OnlineLogSumExp{};
+  weighted_sum = 0.0f;
+  for (int w = 0; w < num_warps; ++w) {  // every thread merges the few warp results itself: no second broadcast
+    OnlineLogSumExp other;
+    other.max = shared_max[w], other.sum = shared_sum[w];
+    acc.merge(other);
+    weighted_sum += shared_weighted[w];
+  }
+}
+
+template <typename T>
+__global__ void cross_entropy_forward_kernel(const T* __restrict__ logits,        // (N, V), rows row_stride apart
+                                             const int64_t* __restrict__ target,  // (N,)
+                                             const float* __restrict__ class_weight,  // (V,) or null
+                                             const float* __restrict__ scales,    // (ce_scale, z_scale, weight_sum)
+                                             T* grad,                             // (N, V) or null; may be logits
+                                             float* __restrict__ loss,            // (N,)
+                                             float* __restrict__ lse_out,         // (N,)
+                                             int64_t num_classes, int64_t row_stride, int64_t ignore_index,
+                                             float label_smoothing, float z_loss, float softcap, bool vectorized) {
+  using V = Vec<T>;
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * row_stride;
+  T* g = grad == nullptr ? nullptr : grad + row * row_stride;
+  const int64_t t = target[row];
+  // Whole vectors first (when the row is 16-byte aligned), then the scalar tail.
+  const int64_t vector_end = vectorized ? num_classes / V::kSize * V::kSize : 0;
+
+  if (t == ignore_index) {  // no loss, no gradient, never a NaN
+    if (threadIdx.x == 0) loss[row] = 0.0f, lse_out[row] = 0.0f;
+    if (g == nullptr) return;
+    for (int64_t j = threadIdx.x * V::kSize; j < vector_end; j += blockDim.x * V::kSize) {
+      *reinterpret_cast<V*>(g + j) = V{};
+    }
+    for (int64_t j = vector_end + threadIdx.x; j < num_classes; j += blockDim.x) g[j] = T(0.0f);
+    return;
+  }
+  CUDA_KERNEL_ASSERT(t >= 0 && t < num_classes && "Target is out of bounds");
+
+  OnlineLogSumExp acc;
+  float weighted_sum = 0.0f;
+  for (int64_t j = threadIdx.x * V::kSize; j < vector_end; j += blockDim.x * V::kSize) {
+    const V v = *reinterpret_cast<const V*>(x + j);
+    float z[V::kSize];
+    float chunk_max = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < V::kSize; ++k) {
+      z[k] = capped_logit(static_cast<float>(v.values[k]), softcap);
+      chunk_max = fmaxf(chunk_max, z[k]);
+      weighted_sum += class_weight_at(class_weight, j + k) * z[k];
+    }
+    OnlineLogSumExp chunk{chunk_max, 0.0f};  // one rescale per vector, not per element
+#pragma unroll
+    for (int k = 0; k < V::kSize; ++k) chunk.sum += expf(z[k] - chunk_max);
+    acc.merge(chunk);
+  }
+  for (int64_t j = vector_end + threadIdx.x; j < num_classes; j += blockDim.x) {
+    const float z = capped_logit(static_cast<float>(x[j]), softcap);
+    acc.add(z);
+    weighted_sum += class_weight_at(class_weight, j) * z;
+  }
+  block_reduce(acc, weighted_sum);
+
+  const float lse = acc.value();
+  const float target_weight = class_weight_at(class_weight, t);
+  const CrossEntropyOptions options{label_smoothing, z_loss, softcap, scales[0], scales[1], scales[2], num_classes};
+  if (threadIdx.x == 0) {
+    lse_out[row] = lse;
+    loss[row] = cross_entropy_row_loss(lse, capped_logit(static_cast<float>(x[t]), softcap), target_weight,
+                                       weighted_sum, options);
+  }
+  if (g == nullptr) return;
+  // Every thread has read x[t] (thread 0) and its own elements before writing over them: the only element read
+  // by another thread is x[t], and thread 0 has read it above, before this barrier.
+  __syncthreads();
+  const CrossEntropyRowGrad row_grad = cross_entropy_row_grad(lse, target_weight, options);
+  for (int64_t j = threadIdx.x * V::kSize; j < vector_end; j += blockDim.x * V::kSize) {
+    const V v = *reinterpret_cast<const V*>(x + j);
+    V out;
+#pragma unroll
+    for (int k = 0; k < V::kSize; ++k) {
+      const float z = capped_logit(static_cast<float>(v.values[k]), softcap);
+      out.values[k] = T(row_grad.grad(expf(z - lse), z, class_weight_at(class_weight, j + k), j + k == t));
+    }
+    *reinterpret_cast<V*>(g + j) = out;
+  }
+  for (int64_t j = vector_end + threadIdx.x; j < num_classes; j += blockDim.x) {
+    const float z = capped_logit(static_cast<float>(x[j]), softcap);
+    g[j] = T(row_grad.grad(expf(z - lse), z, class_weight_at(class_weight, j), j == t));
+  }
+}
+
+// grad (N, V) *= row_scale: blocks of rows x column chunks, each block reading its row's scale and leaving the
+// row unread when it is exactly 1 (the gradient of a plain loss.backward()).
+template <typename T>
+__global__ void scale_grad_kernel(T* grad, const float* __restrict__ row_scale, bool per_row, int64_t num_classes,
+                                  int64_t row_stride) {
+  const int64_t row = blockIdx.x;
+  const float s = row_scale[per_row ? row : 0];
+  if (s == 1.0f) return;
+  T* g = grad + row * row_stride;
+  for (int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; j < num_classes;
+       j += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    g[j] = T(static_cast<float>(g[j]) * s);
+  }
+}
+
+// Threads per row: enough for a 128K vocabulary to take a few dozen vectors per thread, fewer for short rows.
+int threads_for(int64_t num_classes, int vec_size) {
+  const int64_t wanted = (num_classes + vec_size - 1) / vec_size;
+  int threads = 64;
+  while (threads < 1024 && threads < wanted) threads *= 2;
+  return threads;
+}
+
+bool aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(FUSED_OPTIM_CROSS_ENTROPY_ARGS) {
+  check_cross_entropy_args(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const int64_t num_rows = logits.size(0), num_classes = logits.size(1);
+  at::Tensor loss = at::empty({num_rows}, logits.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({num_rows}, logits.options().dtype(at::kFloat));
+  if (num_rows == 0) return {loss, lse};
+  TORCH_CHECK(num_rows <= 0x7fffffff, "cross_entropy_forward: at most 2^31 - 1 rows");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_forward_cuda", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr;
+    const bool vectorized = aligned(x) && (g == nullptr || aligned(g)) &&
+                            logits.stride(0) * static_cast<int64_t>(sizeof(scalar_t)) % kVecBytes == 0;
+    cross_entropy_forward_kernel<scalar_t><<<static_cast<unsigned>(num_rows), threads_for(num_classes, V::kSize), 0,
+                                             stream>>>(
+        x, target.const_data_ptr<int64_t>(), weight.has_value() ? weight->const_data_ptr<float>() : nullptr,
+        scales.const_data_ptr<float>(), g, loss.data_ptr<float>(), lse.data_ptr<float>(), num_classes,
+        logits.stride(0), ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
+        static_cast<float>(softcap), vectorized);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse};
+}
+
+void cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& row_scale) {
+  check_scale_grad_args(grad, row_scale);
+  const int64_t num_rows = grad.size(0), num_classes = grad.size(1);
+  if (num_rows == 0 || num_classes == 0) return;
+  TORCH_CHECK(num_rows <= 0x7fffffff, "cross_entropy_scale_grad_: at most 2^31 - 1 rows");
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  constexpr int kThreads = 256;
+  const dim3 blocks(static_cast<unsigned>(num_rows),
+                    static_cast<unsigned>(std::min<int64_t>((num_classes + kThreads - 1) / kThreads, 64)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "cross_entropy_scale_grad_cuda", [&] {
+    scale_grad_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), row_scale.const_data_ptr<float>(), row_scale.numel() != 1, num_classes,
+        grad.stride(0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace fused_optim

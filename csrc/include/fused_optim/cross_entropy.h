@@ -1,0 +1,102 @@
+// Cross-entropy over one row of logits: the loss and the gradient of every logit, shared by the CUDA kernel
+// (csrc/cuda/cross_entropy.cu) and the CPU one (csrc/cpu/cross_entropy.cpp). fused_optim/triton/cross_entropy.py
+// mirrors it line for line. All math in fp32.
+//
+// For a row x (V logits) with target t, class weights w (all 1 without a weight), label smoothing eps, optional
+// soft-capping z = softcap * tanh(x / softcap) (Gemma 2), and p = softmax(z), lse = log(sum(exp(z))):
+//
+//   loss = (1 - eps) * w_t * (lse - z_t)  +  (eps / V) * sum_j w_j * (lse - z_j)          (torch's formula)
+//   z_loss = z_loss_coef * lse^2                                                           (PaLM's z-loss)
+//
+// and, with the reduction's scales ce_scale (1 / sum of w_t over kept rows for "mean", else 1) and z_scale
+// (1 / number of kept rows for "mean", else 1), the gradient of ce_scale * loss + z_scale * z_loss:
+//
+//   dz_j = p_j * (C + B * W + 2 * z_loss_coef * z_scale * lse) - B * w_j - C * [j == t]
+//        where C = ce_scale * (1 - eps) * w_t,  B = ce_scale * eps / V,  W = sum_j w_j
+//   dx_j = dz_j * (1 - (z_j / softcap)^2)    when soft-capped (d tanh = 1 - tanh^2)
+//
+// so one row costs one exp and one multiply-add per logit once lse is known.
+#pragma once
+
+#include <cmath>
+
+#include "fused_optim/macros.h"
+
+namespace fused_optim {
+
+// The logit the softmax sees: x itself, or x soft-capped into (-softcap, softcap).
+FO_HOST_DEVICE float capped_logit(float x, float softcap) { return softcap > 0.0f ? softcap * tanhf(x / softcap) : x; }
+
+// Running (max, sum of exp(z - max)) of a stream of logits: one pass, no overflow (Milakov & Gimelshein 2018).
+struct OnlineLogSumExp {
+  float max = -INFINITY;
+  float sum = 0.0f;
+
+  FO_HOST_DEVICE void add(float z) {
+    if (z > max) {
+      sum = sum * expf(max - z) + 1.0f;
+      max = z;
+    } else {
+      sum += expf(z - max);
+    }
+  }
+  FO_HOST_DEVICE void merge(const OnlineLogSumExp& other) {
+    if (other.max > max) {
+      sum = sum * expf(max - other.max) + other.sum;
+      max = other.max;
+    } else if (other.max > -INFINITY) {
+      sum += other.sum * expf(other.max - max);
+    }
+  }
+  FO_HOST_DEVICE float value() const { return max + logf(sum); }
+};
+
+// What the gradient of one row needs once its log-sum-exp is known (see the formula above).
+struct CrossEntropyRowGrad {
+  float lse;
+  float p_coef;       // C + B * W + 2 * z_loss_coef * z_scale * lse
+  float weight_coef;  // B
+  float target_coef;  // C
+  float softcap;
+
+  // dL/dx_j from p_j = exp(z_j - lse) (each platform brings its own exp), the capped logit z_j, its class
+  // weight w_j and whether j is the target.
+  FO_HOST_DEVICE float grad(float p, float z, float class_weight, bool is_target) const {
+    float g = p * p_coef - weight_coef * class_weight - (is_target ? target_coef : 0.0f);
+    if (softcap > 0.0f) {
+      const float t = z / softcap;
+      g *= 1.0f - t * t;
+    }
+    return g;
+  }
+};
+
+struct CrossEntropyOptions {
+  float label_smoothing;
+  float z_loss_coef;
+  float softcap;
+  float ce_scale;    // see above; read from the device before the row starts
+  float z_scale;
+  float weight_sum;  // W: sum of the class weights (V without a weight)
+  int64_t num_classes;
+};
+
+// The loss of one kept row (without the z-loss, which the caller adds from lse) from its log-sum-exp, its
+// target's capped logit and weight, and the weighted sum of its capped logits (sum_j w_j z_j).
+FO_HOST_DEVICE float cross_entropy_row_loss(float lse, float target_logit, float target_weight,
+                                            float weighted_logit_sum, const CrossEntropyOptions& o) {
+  const float eps = o.label_smoothing;
+  float loss = (1.0f - eps) * target_weight * (lse - target_logit);
+  if (eps > 0.0f) loss += eps / static_cast<float>(o.num_classes) * (o.weight_sum * lse - weighted_logit_sum);
+  return loss;
+}
+
+FO_HOST_DEVICE CrossEntropyRowGrad cross_entropy_row_grad(float lse, float target_weight,
+                                                          const CrossEntropyOptions& o) {
+  const float target_coef = o.ce_scale * (1.0f - o.label_smoothing) * target_weight;
+  const float weight_coef = o.ce_scale * o.label_smoothing / static_cast<float>(o.num_classes);
+  const float p_coef = target_coef + weight_coef * o.weight_sum + 2.0f * o.z_loss_coef * o.z_scale * lse;
+  return CrossEntropyRowGrad{lse, p_coef, weight_coef, target_coef, o.softcap};
+}
+
+}  // namespace fused_optim

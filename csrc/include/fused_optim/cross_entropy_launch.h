@@ -1,0 +1,61 @@
+// The C++ signatures of fused_optim::cross_entropy_forward and cross_entropy_scale_grad_ (schemas in
+// fused_optim/ops/cross_entropy.py), shared by the CPU and CUDA implementations and by the registrations, plus the
+// argument checks both run before touching memory.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "fused_optim/cross_entropy.h"
+
+namespace fused_optim {
+
+#define FUSED_OPTIM_CROSS_ENTROPY_ARGS                                                                       \
+  const at::Tensor &logits, const at::Tensor &target, const std::optional<at::Tensor> &weight,              \
+      const at::Tensor &scales, const std::optional<at::Tensor> &grad, int64_t ignore_index,                 \
+      double label_smoothing, double z_loss, double softcap
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_ENTROPY_ARGS);
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(FUSED_OPTIM_CROSS_ENTROPY_ARGS);
+void cross_entropy_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& row_scale);
+void cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& row_scale);
+
+inline void check_cross_entropy_args(FUSED_OPTIM_CROSS_ENTROPY_ARGS) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,
+              "cross_entropy_forward: logits must be (N, V) with unit column stride");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
+                  logits.scalar_type() == at::kHalf,
+              "cross_entropy_forward: logits must be float32, bfloat16 or float16");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0) && target.scalar_type() == at::kLong &&
+                  target.is_contiguous() && target.device() == logits.device(),
+              "cross_entropy_forward: target must be a contiguous int64 (N,) tensor on the logits' device");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == 3 && scales.is_contiguous() &&
+                  scales.device() == logits.device(),
+              "cross_entropy_forward: scales must be three float32 values on the logits' device");
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() &&
+                    weight->numel() == logits.size(1) && weight->device() == logits.device(),
+                "cross_entropy_forward: weight must be a contiguous float32 tensor of V values on the logits' device");
+  }
+  if (grad.has_value()) {
+    TORCH_CHECK(grad->sizes() == logits.sizes() && grad->strides() == logits.strides() &&
+                    grad->scalar_type() == logits.scalar_type() && grad->device() == logits.device(),
+                "cross_entropy_forward: grad must have the logits' shape, strides, dtype and device");
+  }
+}
+
+inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& row_scale) {
+  TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1,
+              "cross_entropy_scale_grad_: grad must be (N, V) with unit column stride");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16 ||
+                  grad.scalar_type() == at::kHalf,
+              "cross_entropy_scale_grad_: grad must be float32, bfloat16 or float16");
+  TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.is_contiguous() &&
+                  (row_scale.numel() == 1 || row_scale.numel() == grad.size(0)) && row_scale.device() == grad.device(),
+              "cross_entropy_scale_grad_: row_scale must be float32 on grad's device, one value or one per row");
+}
+
+}  // namespace fused_optim

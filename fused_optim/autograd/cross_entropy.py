@@ -1,0 +1,81 @@
+"""Cross-entropy of (N, V) logits and (N,) class indices as one autograd.Function.
+
+The forward computes the loss and, when the logits need a gradient, the gradient of the reduced loss in the same
+pass over the logits (fused_optim::cross_entropy_forward), scaled by the reduction's normaliser read on the device.
+The backward then only multiplies it by the incoming gradient, a no-op that reads nothing when that is exactly 1
+(fused_optim::cross_entropy_scale_grad_): fwd + bwd move the logits once and the gradient once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim.ops import cross_entropy as ops
+
+
+def reduction_scales(target: torch.Tensor, weight: torch.Tensor | None, num_classes: int, reduction: str,
+                     ignore_index: int) -> torch.Tensor:
+    """(ce_scale, z_scale, sum of the class weights) as one fp32 device tensor, without a host sync.
+
+    "mean" divides the cross-entropy by the summed weights of the kept targets (torch's rule: a plain count without
+    weights) and the z-loss by the number of kept targets; "sum" and "none" leave both unscaled. Every target
+    ignored gives 1/0 = inf: the loss comes out NaN, as torch's does, and the gradient stays zero (ignored rows
+    never use the scale).
+    """
+    kept = target != ignore_index
+    kept_count = kept.sum(dtype=torch.float32)
+    if weight is None:
+        kept_weight, weight_sum = kept_count, torch.full_like(kept_count, num_classes)
+    else:
+        # clamped: an out-of-range target must reach the kernel's own check, not fail in this gather
+        kept_weight = (weight[target.clamp(0, num_classes - 1)] * kept).sum(dtype=torch.float32)
+        weight_sum = weight.sum(dtype=torch.float32)
+    if reduction == "mean":
+        return torch.stack([1 / kept_weight, 1 / kept_count, weight_sum])
+    one = torch.ones_like(kept_count)
+    return torch.stack([one, one, weight_sum])
+
+
+def reduce_rows(loss_rows: torch.Tensor, lse: torch.Tensor, scales: torch.Tensor, z_loss: float, reduction: str,
+                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-row cross-entropy and log-sum-exp (fp32) reduced to (loss including the z-loss, z-loss), rounded
+    once to out_dtype."""
+    z_rows = z_loss * lse * lse  # lse is 0 on ignored rows
+    if reduction == "none":
+        return (loss_rows + z_rows).to(out_dtype), z_rows.to(out_dtype)
+    ce, z = loss_rows.sum(), z_rows.sum()
+    if reduction == "mean":
+        ce, z = ce * scales[0], z * scales[1]
+    return (ce + z).to(out_dtype), z.to(out_dtype)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, inplace,
+                backend):
+        # logits (N, V) with unit column stride; target (N,) int64; weight (V,) fp32 or None
+        scales = reduction_scales(target, weight, logits.shape[1], reduction, ignore_index)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = logits if inplace else torch.empty_like(logits)
+        loss_rows, lse = ops.forward_op(backend, logits.device)(
+            logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap)
+        if grad is logits:
+            # Autograd must know the logits now hold the gradient: a graph that saved them for another
+            # backward raises "modified by an inplace operation" instead of using the gradient as logits.
+            torch.autograd.graph.increment_version(logits)
+        ctx.grad, ctx.backend = grad, backend
+        loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, logits.dtype)
+        ctx.mark_non_differentiable(z)
+        return loss, z
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("Trying to backward through the fused cross-entropy a second time; its gradient "
+                               "buffer is used in place (backward once per forward).")
+        ctx.grad = None
+        row_scale = grad_loss.to(torch.float32).contiguous()
+        ops.scale_grad_op(ctx.backend, grad.device)(grad, row_scale.view(-1))
+        return grad, None, None, None, None, None, None, None, None, None

@@ -1,0 +1,121 @@
+"""Linear + cross-entropy over row chunks, never holding the (N, V) logits: one autograd.Function.
+
+For each chunk of rows the logits are one matmul (torch's GEMM), the fused cross-entropy kernel turns them into
+their gradient in place, and two more matmuls fold that into the input and weight gradients, so the extra memory is
+one chunk of logits plus the gradients themselves. With reduction "mean" or "sum" this all happens in the forward
+(the backward only scales three small gradients by the incoming scalar); with "none" the incoming gradient differs
+per row, so the forward keeps only the inputs and the backward recomputes each chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim.autograd.cross_entropy import reduce_rows, reduction_scales
+from fused_optim.ops import cross_entropy as ops
+
+# Logits bytes per chunk: a constant, so the loss's memory does not grow with the vocabulary. On a GPU larger
+# chunks keep the GEMMs efficient; on a CPU a smaller chunk keeps the peak near the gradients' own size.
+CHUNK_BYTES = {"cuda": 256 << 20}
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torch.device,
+               batch_chunk_size: int | None = None) -> int:
+    if batch_chunk_size is not None:
+        return batch_chunk_size
+    budget = CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
+    return max(1, min(num_rows, budget // max(1, num_classes * dtype.itemsize)))
+
+
+class _Chunks:
+    """The per-chunk work shared by the forward ("mean"/"sum") and the recomputing backward ("none")."""
+
+    def __init__(self, input, linear_weight, linear_bias, target, weight, scales, options, rows, backend):
+        self.input, self.linear_weight, self.linear_bias, self.target = input, linear_weight, linear_bias, target
+        self.weight, self.scales, self.options, self.rows, self.backend = weight, scales, options, rows, backend
+        self.forward_op = ops.forward_op(backend, input.device)
+
+    def logits(self, start, end):
+        x = self.input[start:end]
+        if self.linear_bias is None:
+            return x @ self.linear_weight.t()
+        return torch.addmm(self.linear_bias, x, self.linear_weight.t())
+
+    def run(self, needs, row_scale=None):
+        """Loss and lse per row (fp32), and the gradients `needs` = (input, weight, bias) asks for."""
+        num_rows, num_classes = self.input.shape[0], self.linear_weight.shape[0]
+        device = self.input.device
+        loss_rows = torch.empty(num_rows, dtype=torch.float32, device=device)
+        lse = torch.empty_like(loss_rows)
+        grad_input = torch.empty_like(self.input) if needs[0] else None
+        # Low-precision weights accumulate their gradient in fp32 on the CPU (its bf16 GEMM is emulated and slow
+        # anyway); on a GPU in the weight's dtype, each chunk's GEMM accumulating in fp32 (torch's "compact").
+        low_precision_on_cpu = self.linear_weight.dtype != torch.float32 and device.type == "cpu"
+        acc_dtype = torch.float32 if low_precision_on_cpu else self.linear_weight.dtype
+        grad_weight = torch.zeros(self.linear_weight.shape, dtype=acc_dtype, device=device) if needs[1] else None
+        grad_bias = torch.zeros(num_classes, dtype=torch.float32, device=device) if needs[2] else None
+        any_grad = any(needs)
+        for start in range(0, num_rows, self.rows):
+            end = min(start + self.rows, num_rows)
+            logits = self.logits(start, end)
+            loss_rows[start:end], lse[start:end] = self.forward_op(
+                logits, self.target[start:end], self.weight, self.scales, logits if any_grad else None,
+                *self.options)
+            if not any_grad:
+                continue
+            grad_logits = logits  # now holds d loss / d logits
+            if row_scale is not None:
+                ops.scale_grad_op(self.backend, device)(grad_logits, row_scale[start:end])
+            if grad_input is not None:
+                torch.mm(grad_logits, self.linear_weight, out=grad_input[start:end])
+            if grad_weight is not None:
+                x = self.input[start:end]
+                if low_precision_on_cpu:
+                    grad_weight.addmm_(grad_logits.t().float(), x.float())
+                else:
+                    grad_weight.addmm_(grad_logits.t(), x)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(self.linear_weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(self.linear_bias.dtype)
+        return loss_rows, lse, (grad_input, grad_weight, grad_bias)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
+                z_loss, softcap, rows, backend):
+        # input (N, H); linear_weight (V, H); linear_bias (V,) or None; target (N,) int64; weight (V,) fp32 or None
+        scales = reduction_scales(target, weight, linear_weight.shape[0], reduction, ignore_index)
+        chunks = _Chunks(input, linear_weight, linear_bias, target, weight, scales,
+                         (ignore_index, label_smoothing, z_loss, softcap), rows, backend)
+        needs = tuple(ctx.needs_input_grad[:3])
+        in_forward = reduction != "none"  # the per-row incoming gradient of "none" is known only in the backward
+        loss_rows, lse, grads = chunks.run(needs if in_forward else (False, False, False))
+        ctx.reduction, ctx.grads = reduction, (grads if in_forward else None)
+        if not in_forward:  # what the backward recomputes from; nothing else is kept
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, scales)
+            ctx.settings = ((ignore_index, label_smoothing, z_loss, softcap), rows, backend)
+        loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, input.dtype)
+        ctx.mark_non_differentiable(z)
+        return loss, z
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z):
+        needs = tuple(ctx.needs_input_grad[:3])
+        if ctx.reduction == "none":
+            options, rows, backend = ctx.settings
+            chunks = _Chunks(*ctx.saved_tensors, options, rows, backend)
+            _, _, grads = chunks.run(needs, row_scale=grad_loss.to(torch.float32).contiguous())
+        else:
+            if ctx.grads is None:
+                raise RuntimeError("Trying to backward through the fused linear cross-entropy a second time; its "
+                                   "gradients are computed in the forward and scaled in place (backward once per "
+                                   "forward).")
+            grads, ctx.grads = ctx.grads, None
+            scale = grad_loss.to(torch.float32)
+            grads = tuple(g.mul_(scale) if g is not None else None for g in grads)
+        return (*grads, None, None, None, None, None, None, None, None, None)

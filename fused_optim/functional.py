@@ -1,0 +1,157 @@
+"""Fused losses with torch's signatures: `cross_entropy` (torch.nn.functional.cross_entropy) and
+`linear_cross_entropy` (torch.nn.functional.linear_cross_entropy, torch 2.14), plus keyword options torch lacks:
+
+- `z_loss`: coefficient of PaLM's auxiliary `log(sum(exp(logits)))**2` term (Chowdhery et al. 2022), added to the
+  loss and reduced like it ("mean" averages it over the kept targets); `return_z_loss=True` also returns it
+  (detached, for logging).
+- `softcap`: logits soft-capped as `softcap * tanh(logits / softcap)` before the softmax (Gemma 2).
+- `backend`: "auto" | "cuda" | "triton" | "cpu" | "torch" (default: $FUSED_OPTIM_BACKEND or "auto").
+
+Class-index targets of fp32/bf16/fp16 logits run the fused kernels. Probability (float) targets and float64
+logits run the same math in plain torch ops (torch's own cross-entropy plus the extras), with torch's autograd.
+Bad input raises what torch raises for it: the shapes are checked by torch's own cross-entropy on meta tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fused_optim import _backend
+from fused_optim.autograd.cross_entropy import CrossEntropyFunction
+from fused_optim.autograd.linear_cross_entropy import LinearCrossEntropyFunction, chunk_rows
+
+__all__ = ["cross_entropy", "linear_cross_entropy"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, return_z_loss=False, inplace_backward=False,
+                  backend=None):
+    """torch.nn.functional.cross_entropy, fused: one pass over the logits computes the loss and, when they need
+    one, their gradient, which the backward only scales.
+
+    `inplace_backward=True` writes that gradient over the logits (no second (N, V) buffer); the logits' version
+    counter is bumped, so a graph that saved them elsewhere raises instead of computing a wrong gradient, but
+    reading the logits yourself after the loss gives the gradient. It applies only to non-leaf logits.
+
+    Example:
+        >>> import torch, fused_optim.functional as FF
+        >>> logits = torch.randn(8, 1000, requires_grad=True)
+        >>> target = torch.randint(0, 1000, (8,))
+        >>> loss = FF.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4)
+        >>> loss.backward()
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    softcap = _check_extras(z_loss, softcap)
+    backend = backend if backend is not None else _backend.default_backend()
+    _check_like_torch(lambda i, t, w: F.cross_entropy(i, t, w, ignore_index=ignore_index, reduction=reduction,
+                                                      label_smoothing=label_smoothing), input, target, weight)
+    if target.is_floating_point() or input.dtype not in _KERNEL_DTYPES:
+        loss, z = _cross_entropy_composite(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                           softcap)
+        return (loss, z.detach()) if return_z_loss else loss
+
+    num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    if input.dim() == 1:  # (C,) with a () target
+        logits, rows_shape = input.unsqueeze(0), ()
+    elif input.dim() == 2:
+        logits, rows_shape = input, target.shape
+    else:  # (N, C, d1, ...): classes last, one row per position (a copy, which the gradient may then reuse)
+        logits, rows_shape = input.movedim(1, -1).reshape(-1, num_classes), target.shape
+    if logits.stride(-1) != 1 or logits.stride(0) < num_classes:
+        logits = logits.contiguous()
+    inplace = inplace_backward and logits.requires_grad and not logits.is_leaf
+    loss, z = CrossEntropyFunction.apply(logits, _index_target(target).reshape(-1), _class_weight(weight),
+                                         reduction, ignore_index, float(label_smoothing), float(z_loss), softcap,
+                                         inplace, backend)
+    if reduction == "none":
+        loss, z = loss.view(rows_shape), z.view(rows_shape)
+    return (loss, z) if return_z_loss else loss
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+                         ignore_index=None, label_smoothing=0.0, options=None, z_loss=0.0, softcap=None,
+                         return_z_loss=False, backend=None):
+    """torch.nn.functional.linear_cross_entropy (torch 2.14), fused and chunked: the (N, C) logits are never
+    held in full, only one chunk of rows at a time (fused_optim/autograd/linear_cross_entropy.py).
+
+    `options` (a torch.nn.LinearCrossEntropyOptions) is honoured for its `batch_chunk_size`; the chunked path
+    is always taken. A (C, d1, ..., in_features) `linear_weight` runs torch's reference path.
+
+    Example:
+        >>> import torch, fused_optim.functional as FF
+        >>> hidden = torch.randn(64, 32, requires_grad=True)
+        >>> lm_head = torch.randn(1000, 32, requires_grad=True)
+        >>> loss = FF.linear_cross_entropy(hidden, lm_head, torch.randint(0, 1000, (64,)))
+        >>> loss.backward()
+    """
+    ignore_index = -100 if ignore_index is None else ignore_index
+    softcap = _check_extras(z_loss, softcap)
+    backend = backend if backend is not None else _backend.default_backend()
+    _check_like_torch(lambda i, w, t, b, cw: F.cross_entropy(F.linear(i, w, b), t, cw, ignore_index=ignore_index,
+                                                             reduction=reduction, label_smoothing=label_smoothing),
+                      input, linear_weight, target, linear_bias, weight)
+    if target.is_floating_point() or input.dtype not in _KERNEL_DTYPES or linear_weight.dim() != 2:
+        loss, z = _cross_entropy_composite(F.linear(input, linear_weight, linear_bias), target, weight, ignore_index,
+                                           reduction, label_smoothing, z_loss, softcap)
+        return (loss, z.detach()) if return_z_loss else loss
+    rows_shape = target.shape
+    x = input.unsqueeze(0) if input.dim() == 1 else input
+    num_classes = linear_weight.shape[0]
+    batch_chunk_size = getattr(options, "batch_chunk_size", None)
+    rows = chunk_rows(x.shape[0], num_classes, x.dtype, x.device, batch_chunk_size)
+    loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), linear_weight.contiguous(), linear_bias,
+                                               _index_target(target).reshape(-1), _class_weight(weight), reduction,
+                                               ignore_index, float(label_smoothing), float(z_loss), softcap, rows,
+                                               backend)
+    if reduction == "none":
+        loss, z = loss.view(rows_shape), z.view(rows_shape)
+    return (loss, z) if return_z_loss else loss
+
+
+def _check_extras(z_loss, softcap) -> float:
+    if not z_loss >= 0:
+        raise ValueError(f"z_loss must be a non-negative float, got {z_loss}.")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or a positive float, got {softcap}.")
+    return float(softcap) if softcap is not None else 0.0
+
+
+def _check_like_torch(torch_loss, *tensors) -> None:
+    """Runs torch's own loss on meta copies of the arguments: torch's shape, dtype and option checks, with its
+    messages and exception types, and no data touched. Skipped while torch.compile traces (it checks shapes
+    itself)."""
+    if torch.compiler.is_compiling():
+        return
+    torch_loss(*(t.to("meta") if isinstance(t, torch.Tensor) else t for t in tensors))
+
+
+def _index_target(target: torch.Tensor) -> torch.Tensor:
+    return target if target.dtype == torch.int64 else target.long()  # torch also takes uint8 class indices
+
+
+def _class_weight(weight: torch.Tensor | None) -> torch.Tensor | None:
+    return None if weight is None else weight.detach().to(torch.float32).contiguous()
+
+
+def _cross_entropy_composite(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """The same loss from torch's own ops (probability targets, float64 logits): returns (loss, z-loss)."""
+    logits = softcap * torch.tanh(input / softcap) if softcap else input
+    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    class_dim = 1 if logits.dim() > 1 else 0
+    z_rows = z_loss * torch.logsumexp(logits, dim=class_dim) ** 2
+    if not target.is_floating_point():
+        kept = target != ignore_index
+        z_rows = torch.where(kept, z_rows, 0.0)
+        count = kept.sum()
+    else:
+        count = z_rows.numel()
+    if reduction == "none":
+        z = z_rows
+    else:
+        z = z_rows.sum() / count if reduction == "mean" else z_rows.sum()
+    return loss + z, z

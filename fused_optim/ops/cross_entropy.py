@@ -1,0 +1,143 @@
+"""Cross-entropy as torch.library ops: one op per backend, one schema, and the one place that picks a backend.
+
+- `fused_optim::cross_entropy_forward(logits, target, weight, scales, grad, ...) -> (loss, lse)`: per row, the
+  cross-entropy (with label smoothing, class weights, soft-capping) and its log-sum-exp, both fp32, 0 for ignored
+  rows; when `grad` is given, also the gradient of `ce_scale * loss + z_scale * z_loss_coef * lse^2` written into it
+  (`grad` may be the logits themselves). `scales` = (ce_scale, z_scale, sum of the class weights), fp32 on the
+  device: the reduction's normalisers, computed from the targets without a host sync.
+- `fused_optim::cross_entropy_scale_grad_(grad, row_scale)`: grad *= row_scale (one value or one per row); rows
+  whose scale is exactly 1 are neither read nor written, so the backward of a plain `loss.backward()` moves nothing.
+
+Kernels: csrc/cpu/cross_entropy.cpp and csrc/cuda/cross_entropy.cu (`cross_entropy_forward`), Triton
+(`..._triton`), and plain torch ops in fp32 (`..._torch`, the fallback).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _backend
+from fused_optim.ops._library import lib as _lib
+
+FORWARD_SCHEMA = (
+    "(Tensor logits, Tensor target, Tensor? weight, Tensor scales, Tensor(a!)? grad, int ignore_index, "
+    "float label_smoothing, float z_loss, float softcap) -> (Tensor loss, Tensor lse)"
+)
+SCALE_GRAD_SCHEMA = "(Tensor(a!) grad, Tensor row_scale) -> ()"
+SUFFIXES = {"cpu": "", "cuda": "", "triton": "_triton", "torch": "_torch"}
+
+for _suffix in sorted(set(SUFFIXES.values())):
+    _lib.define(f"cross_entropy_forward{_suffix}{FORWARD_SCHEMA}")
+    _lib.define(f"cross_entropy_scale_grad{_suffix}_{SCALE_GRAD_SCHEMA}")
+
+    @torch.library.register_fake(f"fused_optim::cross_entropy_forward{_suffix}", lib=_lib)
+    def _forward_fake(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap):
+        rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+        return rows, torch.empty_like(rows)
+
+    torch.library.register_fake(f"fused_optim::cross_entropy_scale_grad{_suffix}_", lambda grad, row_scale: None,
+                                lib=_lib)
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_forward_args(logits, target, weight, scales, grad) -> None:
+    """The Python twin of csrc/include/fused_optim/cross_entropy_launch.h's checks, for the Triton and torch ops."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise RuntimeError("cross_entropy_forward: logits must be (N, V) with unit column stride")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise RuntimeError("cross_entropy_forward: logits must be float32, bfloat16 or float16")
+    if target.shape != logits.shape[:1] or target.dtype != torch.int64 or not target.is_contiguous() \
+            or target.device != logits.device:
+        raise RuntimeError("cross_entropy_forward: target must be a contiguous int64 (N,) tensor on the logits' device")
+    if scales.dtype != torch.float32 or scales.numel() != 3 or scales.device != logits.device:
+        raise RuntimeError("cross_entropy_forward: scales must be three float32 values on the logits' device")
+    if weight is not None and (weight.dtype != torch.float32 or weight.shape != logits.shape[1:]
+                               or not weight.is_contiguous() or weight.device != logits.device):
+        raise RuntimeError("cross_entropy_forward: weight must be a contiguous float32 tensor of V values on the "
+                           "logits' device")
+    if grad is not None and (grad.shape != logits.shape or grad.stride() != logits.stride()
+                             or grad.dtype != logits.dtype or grad.device != logits.device):
+        raise RuntimeError("cross_entropy_forward: grad must have the logits' shape, strides, dtype and device")
+
+
+def check_scale_grad_args(grad, row_scale) -> None:
+    if grad.dim() != 2 or grad.stride(1) != 1 or grad.dtype not in _FLOAT_DTYPES:
+        raise RuntimeError("cross_entropy_scale_grad_: grad must be a float32, bfloat16 or float16 (N, V) tensor "
+                           "with unit column stride")
+    if row_scale.dtype != torch.float32 or row_scale.numel() not in (1, grad.shape[0]) \
+            or not row_scale.is_contiguous() or row_scale.device != grad.device:
+        raise RuntimeError("cross_entropy_scale_grad_: row_scale must be float32 on grad's device, one value or one "
+                           "per row")
+
+
+def _forward_triton(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap):
+    from fused_optim.triton.cross_entropy import cross_entropy_forward_triton
+
+    check_forward_args(logits, target, weight, scales, grad)
+    return cross_entropy_forward_triton(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss,
+                                        softcap)
+
+
+def _scale_grad_triton(grad, row_scale):
+    from fused_optim.triton.cross_entropy import cross_entropy_scale_grad_triton
+
+    check_scale_grad_args(grad, row_scale)
+    cross_entropy_scale_grad_triton(grad, row_scale)
+
+
+def _forward_torch(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap):
+    """The same contract in plain torch ops, fp32 (it materialises a few (N, V) fp32 temporaries)."""
+    check_forward_args(logits, target, weight, scales, grad)
+    num_classes = logits.shape[1]
+    kept = target != ignore_index
+    if logits.device.type == "cpu" and bool(((target < 0) | (target >= num_classes))[kept].any()):
+        # a CPU tensor: reading it is no device sync
+        bad = target[kept & ((target < 0) | (target >= num_classes))][0]
+        raise IndexError(f"Target {int(bad)} is out of bounds.")
+    safe_target = torch.where(kept, target, 0)
+    z = logits.float()
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=1)
+    target_logit = z.gather(1, safe_target[:, None])[:, 0]
+    target_weight = weight[safe_target] if weight is not None else torch.ones_like(lse)
+    ce_scale, z_scale, weight_sum = scales.unbind()
+    loss = (1 - label_smoothing) * target_weight * (lse - target_logit)
+    if label_smoothing > 0:
+        weighted_sum = (z * weight).sum(1) if weight is not None else z.sum(1)
+        loss = loss + label_smoothing / num_classes * (weight_sum * lse - weighted_sum)
+    if grad is not None:
+        target_coef = ce_scale * (1 - label_smoothing) * target_weight
+        weight_coef = ce_scale * label_smoothing / num_classes
+        p_coef = target_coef + weight_coef * weight_sum + 2 * z_loss * z_scale * lse
+        g = torch.exp(z - lse[:, None]) * p_coef[:, None]
+        g -= weight_coef * (weight if weight is not None else 1.0)
+        g.scatter_add_(1, safe_target[:, None], -target_coef[:, None])
+        if softcap > 0:
+            g *= 1 - (z / softcap) ** 2
+        grad.copy_(torch.where(kept[:, None], g, 0.0))
+    zero = torch.zeros_like(lse)
+    return torch.where(kept, loss, zero), torch.where(kept, lse, zero)
+
+
+def _scale_grad_torch(grad, row_scale):
+    check_scale_grad_args(grad, row_scale)
+    grad.mul_(row_scale.view(-1, 1) if row_scale.numel() != 1 else row_scale.view(()))
+
+
+_lib.impl("cross_entropy_forward_torch", _forward_torch, "CompositeExplicitAutograd")
+_lib.impl("cross_entropy_scale_grad_torch_", _scale_grad_torch, "CompositeExplicitAutograd")
+for _dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
+    _lib.impl("cross_entropy_forward_triton", _forward_triton, _dispatch_key)
+    _lib.impl("cross_entropy_scale_grad_triton_", _scale_grad_triton, _dispatch_key)
+
+
+def forward_op(backend: str, device: torch.device):
+    """The cross_entropy_forward op of `backend` ("auto", "cuda", ...) for tensors on `device`."""
+    return getattr(torch.ops.fused_optim, "cross_entropy_forward" + SUFFIXES[_backend.resolve(backend, device.type)])
+
+
+def scale_grad_op(backend: str, device: torch.device):
+    suffix = SUFFIXES[_backend.resolve(backend, device.type)]
+    return getattr(torch.ops.fused_optim, f"cross_entropy_scale_grad{suffix}_")

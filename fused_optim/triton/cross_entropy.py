@@ -1,0 +1,184 @@
+"""Triton cross-entropy forward (+ the gradient in the same launch): one program per row.
+
+Pass 1 streams the row in BLOCK-wide pieces keeping a running max and sum of exp (rescaled once per piece) and the
+weighted sum of the logits; pass 2 streams it again and writes the gradient, possibly over the logits themselves
+(each element is read before the same program writes it). Ignored rows read nothing (their loops run zero
+iterations) and write zeros. The row math mirrors csrc/include/fused_optim/cross_entropy.h.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_optim.triton.adam import _bf16_nearest
+
+_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _tanh(y):
+    """tanh from exp, as the CPU kernel computes it: (1 - e) / (1 + e) with e = exp(-2|y|), and near 0, where
+    1 - e cancels, its odd Taylor series."""
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    far = (1.0 - e) / (1.0 + e)
+    far = tl.where(y < 0, -far, far)
+    y2 = y * y
+    near = y * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0)))))
+    return tl.where(a < 0.25, near, far)
+
+
+@triton.jit
+def _capped(x, softcap, SOFTCAP: tl.constexpr):
+    if SOFTCAP:
+        return softcap * _tanh(x / softcap)
+    return x
+
+
+@triton.jit
+def _cross_entropy_forward_kernel(
+    logits_ptr,  # (N, V), rows row_stride elements apart
+    target_ptr,  # (N,) int64
+    weight_ptr,  # (V,) fp32 class weights (unused without HAS_WEIGHT)
+    scales_ptr,  # (3,) fp32: ce_scale, z_scale, weight_sum
+    grad_ptr,  # (N, V) like the logits, possibly the logits themselves (unused without HAS_GRAD)
+    loss_ptr,  # (N,) fp32
+    lse_ptr,  # (N,) fp32
+    num_classes,
+    row_stride,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    GRAD_IS_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * row_stride
+    cols = tl.arange(0, BLOCK)
+    label_smoothing = tl.cast(label_smoothing, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    target = tl.load(target_ptr + row)
+    kept = target != ignore_index
+    in_range = (target >= 0) & (target < num_classes)
+    row_length = tl.where(kept, num_classes, 0)  # an ignored row reads nothing
+
+    running_max = -float("inf")
+    running_sum = 0.0
+    weighted_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, row_length, BLOCK):
+        offsets = start + cols
+        mask = offsets < num_classes
+        z = _capped(tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+        piece_max = tl.max(tl.where(mask, z, -float("inf")), axis=0)
+        new_max = tl.maximum(running_max, piece_max)
+        # one rescale per piece; exp(-inf - finite) = 0 covers the first piece
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.where(mask, tl.exp(z - new_max), 0.0), axis=0)
+        running_max = new_max
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
+        else:
+            w = tl.where(mask, 1.0, 0.0)
+        weighted_sum += w * tl.where(mask, z, 0.0)
+    lse = running_max + tl.log(running_sum)
+
+    safe_target = tl.where(kept & in_range, target, 0)
+    target_logit = _capped(tl.load(x_row + safe_target).to(tl.float32), softcap, SOFTCAP)
+    if HAS_WEIGHT:
+        target_weight = tl.load(weight_ptr + safe_target)
+    else:
+        target_weight = 1.0
+    ce_scale = tl.load(scales_ptr)
+    z_scale = tl.load(scales_ptr + 1)
+    weight_sum = tl.load(scales_ptr + 2)
+    loss = (1.0 - label_smoothing) * target_weight * (lse - target_logit)
+    loss += label_smoothing / num_classes * (weight_sum * lse - tl.sum(weighted_sum, axis=0))
+    loss = tl.where(in_range, loss, float("nan"))  # an out-of-range target shows as a NaN loss
+    tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
+    tl.store(lse_ptr + row, tl.where(kept, lse, 0.0))
+
+    if HAS_GRAD:
+        target_coef = ce_scale * (1.0 - label_smoothing) * target_weight
+        weight_coef = ce_scale * label_smoothing / num_classes
+        p_coef = target_coef + weight_coef * weight_sum + 2.0 * tl.cast(z_loss, tl.float32) * z_scale * lse
+        g_row = grad_ptr + row * row_stride
+        for start in range(0, num_classes, BLOCK):
+            offsets = start + cols
+            mask = offsets < num_classes
+            z = _capped(tl.load(x_row + offsets, mask=mask & kept, other=0.0).to(tl.float32), softcap, SOFTCAP)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
+            else:
+                w = 1.0
+            g = tl.exp(z - lse) * p_coef - weight_coef * w - tl.where(offsets == target, target_coef, 0.0)
+            if SOFTCAP:
+                t = z / softcap
+                g *= 1.0 - t * t
+            g = tl.where(kept, g, 0.0)
+            if GRAD_IS_BF16:
+                tl.store(g_row + offsets, _bf16_nearest(g), mask=mask)
+            else:
+                tl.store(g_row + offsets, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    grad_ptr,  # (N, V)
+    scale_ptr,  # (N,) or (1,) fp32
+    num_classes,
+    row_stride,
+    PER_ROW: tl.constexpr,
+    GRAD_IS_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr + row) if PER_ROW else tl.load(scale_ptr)
+    # A scale of exactly 1 (a plain loss.backward()) masks every access: the row is neither read nor written.
+    mask = (offsets < num_classes) & (tl.full([BLOCK], 1.0, tl.float32) != scale)
+    pointers = grad_ptr + row * row_stride + offsets
+    g = tl.load(pointers, mask=mask, other=0.0).to(tl.float32) * scale
+    if GRAD_IS_BF16:
+        tl.store(pointers, _bf16_nearest(g), mask=mask)
+    else:
+        tl.store(pointers, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(num_classes: int) -> int:
+    # 16 KB of bf16 or 32 KB of fp32 per piece: long pieces amortise the per-piece rescale and reductions.
+    return min(triton.next_power_of_2(max(num_classes, 16)), 8192)
+
+
+def cross_entropy_forward_triton(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss,
+                                 softcap):
+    """The launcher of fused_optim::cross_entropy_forward_triton (arguments checked by the op)."""
+    num_rows, num_classes = logits.shape
+    loss = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    if num_rows == 0:
+        return loss, lse
+    block = _block(num_classes)
+    _cross_entropy_forward_kernel[(num_rows,)](
+        logits, target, weight if weight is not None else scales, scales, grad if grad is not None else logits,
+        loss, lse, num_classes, logits.stride(0), ignore_index, label_smoothing, z_loss, softcap,
+        HAS_WEIGHT=weight is not None, HAS_GRAD=grad is not None, SOFTCAP=softcap > 0,
+        GRAD_IS_BF16=logits.dtype == torch.bfloat16, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+    )
+    return loss, lse
+
+
+def cross_entropy_scale_grad_triton(grad, row_scale):
+    """The launcher of fused_optim::cross_entropy_scale_grad_triton_ (arguments checked by the op)."""
+    num_rows, num_classes = grad.shape
+    if num_rows == 0 or num_classes == 0:
+        return
+    block = min(triton.next_power_of_2(num_classes), 4096)
+    _scale_grad_kernel[(num_rows, triton.cdiv(num_classes, block))](
+        grad, row_scale, num_classes, grad.stride(0), PER_ROW=row_scale.numel() != 1,
+        GRAD_IS_BF16=grad.dtype == torch.bfloat16, BLOCK=block,
+    )
