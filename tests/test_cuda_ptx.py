@@ -18,20 +18,32 @@ ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or (os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None)
 
 
-@pytest.fixture(scope="module")
-def adam_kernels_ptx(tmp_path_factory) -> dict[str, str]:
+def kernels_ptx(source: str, out_dir: Path) -> dict[str, str]:
+    """The PTX body of every kernel in csrc/cuda/<source>, by mangled name (the flags torch's build uses)."""
     if NVCC is None or not os.path.exists(NVCC):
         pytest.skip("nvcc not found")
-    out = tmp_path_factory.mktemp("ptx") / "adam.ptx"
+    out = out_dir / (Path(source).stem + ".ptx")
     includes = [f"-I{p}" for p in cpp_extension.include_paths("cuda")] + [f"-I{ROOT / 'csrc' / 'include'}"]
-    subprocess.run([NVCC, "-O3", "-arch=sm_90", "-std=c++20", "-ptx", *includes, str(ROOT / "csrc/cuda/adam.cu"),
-                    "-o", str(out)], check=True, capture_output=True)
+    subprocess.run([NVCC, "-O3", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-ptx", *includes,
+                    str(ROOT / "csrc/cuda" / source), "-o", str(out)], check=True, capture_output=True)
     ptx = out.read_text()
     kernels = {}
-    for match in re.finditer(r"\.entry (\S*adam_kernel\S*)\(", ptx):
+    for match in re.finditer(r"\.entry (\S+)\(", ptx):
         end = ptx.find(".entry", match.end())
         kernels[match.group(1)] = ptx[match.end(): end if end > 0 else None]
     return kernels
+
+
+@pytest.fixture(scope="module")
+def adam_kernels_ptx(tmp_path_factory) -> dict[str, str]:
+    kernels = kernels_ptx("adam.cu", tmp_path_factory.mktemp("ptx"))
+    return {name: body for name, body in kernels.items() if "adam_kernel" in name}
+
+
+@pytest.fixture(scope="module")
+def cross_entropy_kernels_ptx(tmp_path_factory) -> dict[str, str]:
+    kernels = kernels_ptx("cross_entropy.cu", tmp_path_factory.mktemp("ptx"))
+    return {name: body for name, body in kernels.items() if "cross_entropy_forward_kernel" in name}
 
 
 def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
@@ -42,4 +54,14 @@ def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
         # each fp32 array: two 16-byte loads and two 16-byte stores per 8 elements
         assert body.count("ld.global.v4.f32") >= 2 * fp32_arrays, name
         assert body.count("st.global.v4.f32") >= 2 * fp32_arrays, name
+        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+
+
+def test_cross_entropy_kernels_stream_rows_with_16_byte_accesses(cross_entropy_kernels_ptx):
+    # fp32, bf16, fp16 logits: the row is read (twice) and its gradient written in 16-byte vectors
+    assert len(cross_entropy_kernels_ptx) == 3
+    for name, body in cross_entropy_kernels_ptx.items():
+        loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
+        stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
+        assert len(loads) >= 2 and len(stores) >= 2, (name, loads, stores)  # pass 1, pass 2 / gradient, zeros
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"

@@ -1,4 +1,4 @@
-"""The Triton AdamW kernel compiled ahead of time for the H100 (sm_90), with no GPU, and its PTX read.
+"""The Triton AdamW and cross-entropy kernels compiled ahead of time for the H100 (sm_90), with no GPU, and its PTX read.
 
 When the host saw every address 16-byte aligned it passes ALIGNED=True, and the kernel's whole blocks must then
 move 16 bytes per load and store (`ld.global.v4.b32`: 4 fp32 or 8 bf16); with ALIGNED=False the compiler cannot
@@ -27,6 +27,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fused_optim.triton.adam import _adam_kernel
+from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel
 
 SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
     "table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
@@ -48,6 +49,24 @@ for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
             "loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
             "stores": sorted(set(re.findall(r"st\.global(?:\.\w+)*", ptx))),
         }
+
+def accesses(ptx):
+    return {"target": re.search(r"\.target\s+(\w+)", ptx).group(1),
+            "loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
+            "stores": sorted(set(re.findall(r"st\.global(?:\.\w+)*", ptx)))}
+
+# The cross-entropy kernel as Triton's launcher specialises it for a vocabulary and row stride that are multiples
+# of 16 and 16-byte aligned tensors (what the divisibility attributes say).
+CE_SIGNATURE = {"logits_ptr": None, "target_ptr": "*i64", "weight_ptr": "*fp32", "scales_ptr": "*fp32",
+                "grad_ptr": None, "loss_ptr": "*fp32", "lse_ptr": "*fp32", "num_classes": "i32", "row_stride": "i32",
+                "ignore_index": "i64", "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
+for name, pointer in (("fp32", "*fp32"), ("bf16", "*bf16")):
+    constexprs = dict(HAS_WEIGHT=False, HAS_GRAD=True, SOFTCAP=False, GRAD_IS_BF16=name == "bf16", BLOCK=8192)
+    signature = {**CE_SIGNATURE, "logits_ptr": pointer, "grad_ptr": pointer, **{k: "constexpr" for k in constexprs}}
+    source = ASTSource(fn=_cross_entropy_forward_kernel, signature=signature, constexprs=constexprs,
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(9)})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    results[f"cross_entropy-{name}"] = accesses(ptx)
 json.dump(results, sys.stdout)
 """
 
@@ -77,3 +96,10 @@ def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype):
     assert not [a for a in accesses["loads"] + accesses["stores"] if ".v2" in a or ".v4" in a], accesses
     narrow = "ld.global.b16" if dtype == "bf16" else "ld.global.b32"
     assert narrow in accesses["loads"], accesses
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cross_entropy_kernel_streams_rows_with_16_byte_accesses(ptx_accesses, dtype):
+    accesses = ptx_accesses[f"cross_entropy-{dtype}"]
+    assert "ld.global.v4.b32" in accesses["loads"], accesses
+    assert "st.global.v4.b32" in accesses["stores"], accesses

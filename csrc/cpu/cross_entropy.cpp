@@ -10,7 +10,6 @@
 #include <tuple>
 #include <vector>
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -66,8 +65,8 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const f
     std::vector<float> row_buffer(num_classes);
     float* __restrict__ z = row_buffer.data();
     for (int64_t row = begin; row < end; ++row) {
-      const T* __restrict__ x = x_base + row * row_stride;
-      T* __restrict__ g = grad == nullptr ? nullptr : grad + row * row_stride;
+      const T* x = x_base + row * row_stride;  // not restrict: g may be the same memory (in-place)
+      T* g = grad == nullptr ? nullptr : grad + row * row_stride;
       const int64_t t = target[row];
       if (t == ignore_index) {  // no loss, no gradient, never a NaN
         loss[row] = 0.0f;
@@ -138,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_E
                                     static_cast<float>(softcap), s[0], s[1], s[2], num_classes};
   at::Tensor loss = at::empty({num_rows}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({num_rows}, logits.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_forward_cpu", [&] {
+  dispatch_float_types(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     cross_entropy_rows<scalar_t>(logits, targets, class_weight, grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr,
                                  loss.data_ptr<float>(), lse.data_ptr<float>(), ignore_index, options);
   });
@@ -148,7 +148,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_E
 // grad (N, V) *= row_scale (N values, or one for every row); a row whose scale is exactly 1 is left unread.
 void cross_entropy_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& row_scale) {
   check_scale_grad_args(grad, row_scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "cross_entropy_scale_grad_cpu", [&] {
+  dispatch_float_types(grad.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     scale_rows<scalar_t>(grad, row_scale);
   });
 }

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstdint>
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -58,7 +57,7 @@ __device__ void block_reduce(OnlineLogSumExp& acc, float& weighted_sum) {
 }
 
 template <typename T>
-__global__ void cross_entropy_forward_kernel(const T* __restrict__ logits,        // (N, V), rows row_stride apart
+__global__ void cross_entropy_forward_kernel(const T* logits,  // (N, V), rows row_stride apart; not restrict: grad may be the same memory
                                              const int64_t* __restrict__ target,  // (N,)
                                              const float* __restrict__ class_weight,  // (V,) or null
                                              const float* __restrict__ scales,    // (ce_scale, z_scale, weight_sum)
@@ -175,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(FUSED_OPTIM_CROSS_
   if (num_rows == 0) return {loss, lse};
   TORCH_CHECK(num_rows <= 0x7fffffff, "cross_entropy_forward: at most 2^31 - 1 rows");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_forward_cuda", [&] {
+  dispatch_float_types(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     using V = Vec<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* g = grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr;
@@ -201,7 +201,8 @@ void cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& row
   constexpr int kThreads = 256;
   const dim3 blocks(static_cast<unsigned>(num_rows),
                     static_cast<unsigned>(std::min<int64_t>((num_classes + kThreads - 1) / kThreads, 64)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "cross_entropy_scale_grad_cuda", [&] {
+  dispatch_float_types(grad.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     scale_grad_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad.data_ptr<scalar_t>(), row_scale.const_data_ptr<float>(), row_scale.numel() != 1, num_classes,
         grad.stride(0));

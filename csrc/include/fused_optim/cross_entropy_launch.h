@@ -7,7 +7,9 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include "fused_optim/cross_entropy.h"
 
@@ -22,6 +24,17 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_E
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(FUSED_OPTIM_CROSS_ENTROPY_ARGS);
 void cross_entropy_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& row_scale);
 void cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& row_scale);
+
+// Calls fn(T{}) with T the C++ type of a float32/bfloat16/float16 tensor (no float64 instantiations to compile).
+template <typename Fn>
+void dispatch_float_types(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "fused_optim: expected float32, bfloat16 or float16, got ", dtype);
+  }
+}
 
 inline void check_cross_entropy_args(FUSED_OPTIM_CROSS_ENTROPY_ARGS) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,
