@@ -97,6 +97,7 @@ __global__ void cross_entropy_forward_kernel(const T* logits,  // (N, V), rows r
       chunk_max = fmaxf(chunk_max, z[k]);
       weighted_sum += class_weight_at(class_weight, j + k) * z[k];
     }
+    if (chunk_max == -INFINITY) continue;  // all masked: nothing to add (and -inf - -inf would be NaN)
     OnlineLogSumExp chunk{chunk_max, 0.0f};  // one rescale per vector, not per element
 #pragma unroll
     for (int k = 0; k < V::kSize; ++k) chunk.sum += expf(z[k] - chunk_max);

@@ -133,11 +133,15 @@ for _dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET
     _lib.impl("cross_entropy_scale_grad_triton_", _scale_grad_triton, _dispatch_key)
 
 
+@torch.compiler.assume_constant_result  # torch.compile: run once while tracing, not traced through its cache
+def _suffix(backend: str, device_type: str) -> str:
+    return SUFFIXES[_backend.resolve(backend, device_type)]
+
+
 def forward_op(backend: str, device: torch.device):
     """The cross_entropy_forward op of `backend` ("auto", "cuda", ...) for tensors on `device`."""
-    return getattr(torch.ops.fused_optim, "cross_entropy_forward" + SUFFIXES[_backend.resolve(backend, device.type)])
+    return getattr(torch.ops.fused_optim, "cross_entropy_forward" + _suffix(backend, device.type))
 
 
 def scale_grad_op(backend: str, device: torch.device):
-    suffix = SUFFIXES[_backend.resolve(backend, device.type)]
-    return getattr(torch.ops.fused_optim, f"cross_entropy_scale_grad{suffix}_")
+    return getattr(torch.ops.fused_optim, f"cross_entropy_scale_grad{_suffix(backend, device.type)}_")

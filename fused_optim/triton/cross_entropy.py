@@ -77,8 +77,10 @@ def _cross_entropy_forward_kernel(
         z = _capped(tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
         piece_max = tl.max(tl.where(mask, z, -float("inf")), axis=0)
         new_max = tl.maximum(running_max, piece_max)
-        # one rescale per piece; exp(-inf - finite) = 0 covers the first piece
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.where(mask, tl.exp(z - new_max), 0.0), axis=0)
+        # One rescale per piece. While every logit so far is masked (-inf), exponentiate against 0 instead:
+        # -inf - -inf would be NaN, exp(-inf - 0) is the 0 they add.
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.where(mask, tl.exp(z - shift), 0.0), axis=0)
         running_max = new_max
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
@@ -97,7 +99,8 @@ def _cross_entropy_forward_kernel(
     z_scale = tl.load(scales_ptr + 1)
     weight_sum = tl.load(scales_ptr + 2)
     loss = (1.0 - label_smoothing) * target_weight * (lse - target_logit)
-    loss += label_smoothing / num_classes * (weight_sum * lse - tl.sum(weighted_sum, axis=0))
+    smoothing = label_smoothing / num_classes * (weight_sum * lse - tl.sum(weighted_sum, axis=0))
+    loss += tl.where(label_smoothing > 0, smoothing, 0.0)  # masked (-inf) logits make the unused term NaN
     loss = tl.where(in_range, loss, float("nan"))  # an out-of-range target shows as a NaN loss
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
     tl.store(lse_ptr + row, tl.where(kept, lse, 0.0))

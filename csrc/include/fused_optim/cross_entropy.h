@@ -36,7 +36,7 @@ struct OnlineLogSumExp {
     if (z > max) {
       sum = sum * expf(max - z) + 1.0f;
       max = z;
-    } else {
+    } else if (z > -INFINITY) {  // a masked (-inf) logit adds nothing, even while max is still -inf
       sum += expf(z - max);
     }
   }
