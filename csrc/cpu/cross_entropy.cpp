@@ -52,52 +52,63 @@ inline float vector_tanh(float y) {
   return a < 0.25f ? near : far;
 }
 
-template <typename T>
+// One kept row: capped logits into z (and their max), exp(z - max) into e (and their sums), then the gradient.
+// Soft-capping and class weights are template flags: a runtime select would compute tanh and load weights in every
+// vector lane of every row.
+template <typename T, bool kSoftcap, bool kWeighted>
+void cross_entropy_row(const T* x, T* g, int64_t t, const float* class_weight, float* __restrict__ z,
+                       float* __restrict__ e, float& loss, float& lse_out, const CrossEntropyOptions& options) {
+  const int64_t num_classes = options.num_classes;
+  const float softcap = options.softcap;
+  float max = -INFINITY;
+#pragma omp simd reduction(max : max)
+  for (int64_t j = 0; j < num_classes; ++j) {
+    const float xj = load_float(x, j);
+    z[j] = kSoftcap ? softcap * vector_tanh(xj / softcap) : xj;
+    max = std::max(max, z[j]);
+  }
+  float sum = 0.0f, weighted_sum = 0.0f;
+#pragma omp simd reduction(+ : sum, weighted_sum)
+  for (int64_t j = 0; j < num_classes; ++j) {
+    e[j] = vector_exp(z[j] - max);
+    sum += e[j];
+    weighted_sum += (kWeighted ? class_weight[j] : 1.0f) * z[j];
+  }
+  const float lse = max + std::log(sum);
+  const float target_weight = kWeighted ? class_weight[t] : 1.0f;
+  lse_out = lse;
+  loss = cross_entropy_row_loss(lse, z[t], target_weight, weighted_sum, options);
+  if (g == nullptr) return;
+  const CrossEntropyRowGrad row_grad = cross_entropy_row_grad(lse, target_weight, options);
+  const float inv_sum = 1.0f / sum;  // p_j = exp(z_j - max) / sum = exp(z_j - lse)
+#pragma omp simd
+  for (int64_t j = 0; j < num_classes; ++j) {
+    store_float(g, j, row_grad.grad(e[j] * inv_sum, z[j], kWeighted ? class_weight[j] : 1.0f, j == t));
+  }
+}
+
+template <typename T, bool kSoftcap, bool kWeighted>
 void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const float* class_weight, T* grad,
-                        float* loss, float* lse_out, int64_t ignore_index, const CrossEntropyOptions& options) {
+                        float* loss, float* lse, int64_t ignore_index, const CrossEntropyOptions& options) {
   const int64_t num_rows = logits.size(0), num_classes = logits.size(1);
   const int64_t row_stride = logits.stride(0);
   const T* x_base = logits.const_data_ptr<T>();
-  const float softcap = options.softcap;
   // A few rows a task: enough to balance two or sixty-four threads, rows long enough that the split is noise.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(num_classes, 1));
   at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> row_buffer(num_classes);
-    float* __restrict__ z = row_buffer.data();
+    std::vector<float> scratch(2 * num_classes);  // z and e of one row: they stay in this core's cache
     for (int64_t row = begin; row < end; ++row) {
       const T* x = x_base + row * row_stride;  // not restrict: g may be the same memory (in-place)
       T* g = grad == nullptr ? nullptr : grad + row * row_stride;
       const int64_t t = target[row];
       if (t == ignore_index) {  // no loss, no gradient, never a NaN
         loss[row] = 0.0f;
-        lse_out[row] = 0.0f;
+        lse[row] = 0.0f;
         if (g != nullptr) std::fill(g, g + num_classes, T(0.0f));
         continue;
       }
-      float max = -INFINITY;
-#pragma omp simd reduction(max : max)
-      for (int64_t j = 0; j < num_classes; ++j) {
-        const float xj = load_float(x, j);
-        z[j] = softcap > 0.0f ? softcap * vector_tanh(xj / softcap) : xj;
-        max = std::max(max, z[j]);
-      }
-      float sum = 0.0f, weighted_sum = 0.0f;
-#pragma omp simd reduction(+ : sum, weighted_sum)
-      for (int64_t j = 0; j < num_classes; ++j) {
-        sum += vector_exp(z[j] - max);
-        weighted_sum += (class_weight != nullptr ? class_weight[j] : 1.0f) * z[j];
-      }
-      const float lse = max + std::log(sum);
-      const float target_weight = class_weight != nullptr ? class_weight[t] : 1.0f;
-      lse_out[row] = lse;
-      loss[row] = cross_entropy_row_loss(lse, z[t], target_weight, weighted_sum, options);
-      if (g == nullptr) continue;
-      const CrossEntropyRowGrad row_grad = cross_entropy_row_grad(lse, target_weight, options);
-#pragma omp simd
-      for (int64_t j = 0; j < num_classes; ++j) {
-        const float w = class_weight != nullptr ? class_weight[j] : 1.0f;
-        store_float(g, j, row_grad.grad(vector_exp(z[j] - lse), z[j], w, j == t));
-      }
+      cross_entropy_row<T, kSoftcap, kWeighted>(x, g, t, class_weight, scratch.data(), scratch.data() + num_classes,
+                                                loss[row], lse[row], options);
     }
   });
 }
@@ -139,8 +150,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_E
   at::Tensor lse = at::empty({num_rows}, logits.options().dtype(at::kFloat));
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    cross_entropy_rows<scalar_t>(logits, targets, class_weight, grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr,
-                                 loss.data_ptr<float>(), lse.data_ptr<float>(), ignore_index, options);
+    scalar_t* g = grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr;
+    const auto rows = options.softcap > 0.0f
+                          ? (class_weight != nullptr ? cross_entropy_rows<scalar_t, true, true>
+                                                     : cross_entropy_rows<scalar_t, true, false>)
+                          : (class_weight != nullptr ? cross_entropy_rows<scalar_t, false, true>
+                                                     : cross_entropy_rows<scalar_t, false, false>);
+    rows(logits, targets, class_weight, g, loss.data_ptr<float>(), lse.data_ptr<float>(), ignore_index, options);
   });
   return {loss, lse};
 }
