@@ -36,11 +36,12 @@ class _Chunks:
         self.weight, self.scales, self.options, self.rows, self.backend = weight, scales, options, rows, backend
         self.forward_op = ops.forward_op(backend, input.device)
 
-    def logits(self, start, end):
-        x = self.input[start:end]
+    def logits(self, start, end, buffer):
+        """The chunk's logits, written into `buffer` (one allocation for every chunk: two chunks are never alive)."""
+        x, out = self.input[start:end], buffer[: end - start]
         if self.linear_bias is None:
-            return x @ self.linear_weight.t()
-        return torch.addmm(self.linear_bias, x, self.linear_weight.t())
+            return torch.mm(x, self.linear_weight.t(), out=out)
+        return torch.addmm(self.linear_bias, x, self.linear_weight.t(), out=out)
 
     def run(self, needs, row_scale=None):
         """Loss and lse per row (fp32), and the gradients `needs` = (input, weight, bias) asks for."""
@@ -56,9 +57,10 @@ class _Chunks:
         grad_weight = torch.zeros(self.linear_weight.shape, dtype=acc_dtype, device=device) if needs[1] else None
         grad_bias = torch.zeros(num_classes, dtype=torch.float32, device=device) if needs[2] else None
         any_grad = any(needs)
+        buffer = torch.empty(min(self.rows, num_rows), num_classes, dtype=self.input.dtype, device=device)
         for start in range(0, num_rows, self.rows):
             end = min(start + self.rows, num_rows)
-            logits = self.logits(start, end)
+            logits = self.logits(start, end, buffer)
             loss_rows[start:end], lse[start:end] = self.forward_op(
                 logits, self.target[start:end], self.weight, self.scales, logits if any_grad else None,
                 *self.options)
