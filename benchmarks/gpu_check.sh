@@ -4,15 +4,18 @@
 #   2. prints `fused-optim info` (and saves it as JSON),
 #   3. runs the CUDA tests (`pytest tests -m cuda`) and tests/test_backend.py,
 #   4. runs the AdamW benchmark (`python -m fused_optim bench --json`) and prints its table,
-# in under 10 minutes. The benchmark runs even when the tests fail; the exit status is non-zero if any step did.
+#   5. runs the cross-entropy benchmarks (`python -m fused_optim bench --ops ce,linear_ce --json`): bf16 and fp32,
+#      ce at 8192x128256, linear_ce at 8192x4096x128256, torch.compile peers included,
+# in under 10 minutes. The benchmarks run even when the tests fail; the exit status is non-zero if any step did.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]
 #
 # OUT_DIR: the first argument, else $OUT (the device runner's output folder), else benchmarks/results/<device>,
 # <device> being torch.cuda.get_device_name() lowercased, non-alphanumerics → '-' (nvidia-h100-80gb-hbm3).
-# Writes OUT_DIR/gpu_check.log (everything printed), info.json, adamw.json; commit them under
-# benchmarks/results/<device>/. Environment: PYTHON (default python), BENCH_ARGS (extra `bench` arguments, e.g.
-# "--quick"), and the phase limits BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT (seconds; 240, 120, 200).
+# Writes OUT_DIR/gpu_check.log (everything printed), info.json, adamw.json, cross_entropy.json; commit them under
+# benchmarks/results/<device>/. Environment: PYTHON (default python), BENCH_ARGS (extra arguments of both `bench`
+# runs, e.g. "--quick"), and the phase limits BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT, CE_BENCH_TIMEOUT
+# (seconds; 240, 120, 200, 300; the first three phases took 55, 61 and 57 s on an H100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +23,7 @@ PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-240}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-200}"
+CE_BENCH_TIMEOUT="${CE_BENCH_TIMEOUT:-300}"
 
 slug="$("$PYTHON" - <<'PY'
 import re, torch
@@ -92,6 +96,15 @@ timeout "$BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --json "$OUT_DIR/adamw.j
 elapsed bench $bench_rc $t0
 (( bench_rc == 0 )) || status=1
 
-phase "done: tests exit $test_rc, bench exit $bench_rc, status $status"
+phase "benchmark: python -m fused_optim bench --ops ce,linear_ce --json $OUT_DIR/cross_entropy.json ${BENCH_ARGS:-}"
+t0=$(date +%s)
+ce_bench_rc=0
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+timeout "$CE_BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --ops ce,linear_ce --json "$OUT_DIR/cross_entropy.json" \
+    ${BENCH_ARGS:-} || ce_bench_rc=$?
+elapsed ce-bench $ce_bench_rc $t0
+(( ce_bench_rc == 0 )) || status=1
+
+phase "done: tests exit $test_rc, bench exit $bench_rc, ce bench exit $ce_bench_rc, status $status"
 ls -l "$OUT_DIR"
 exit $status

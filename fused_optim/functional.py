@@ -9,7 +9,7 @@
 
 Class-index targets of fp32/bf16/fp16 logits run the fused kernels. Probability (float) targets and float64
 logits run the same math in plain torch ops (torch's own cross-entropy plus the extras), with torch's autograd.
-Bad input raises what torch raises for it: the shapes are checked by torch's own cross-entropy on meta tensors.
+Bad input raises what torch raises for it (fused_optim/_loss_checks.py), before anything is computed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fused_optim import _backend
+from fused_optim import _backend, _loss_checks
 from fused_optim.autograd.cross_entropy import CrossEntropyFunction
 from fused_optim.autograd.linear_cross_entropy import LinearCrossEntropyFunction, chunk_rows
 
@@ -47,8 +47,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     softcap = _check_extras(z_loss, softcap)
     backend = backend if backend is not None else _backend.default_backend()
-    _check_like_torch(lambda i, t, w: F.cross_entropy(i, t, w, ignore_index=ignore_index, reduction=reduction,
-                                                      label_smoothing=label_smoothing), input, target, weight)
+    _loss_checks.check_cross_entropy(input, target, weight, reduction, label_smoothing)
+    label_smoothing = max(float(label_smoothing), 0.0)  # torch treats a negative smoothing as none
     if target.is_floating_point() or input.dtype not in _KERNEL_DTYPES:
         loss, z = _cross_entropy_composite(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                            softcap)
@@ -63,10 +63,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         logits, rows_shape = input.movedim(1, -1).reshape(-1, num_classes), target.shape
     if logits.stride(-1) != 1 or logits.stride(0) < num_classes:
         logits = logits.contiguous()
-    inplace = inplace_backward and logits.requires_grad and not logits.is_leaf
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    inplace = inplace_backward and needs_grad and not logits.is_leaf
     loss, z = CrossEntropyFunction.apply(logits, _index_target(target).reshape(-1), _class_weight(weight),
-                                         reduction, ignore_index, float(label_smoothing), float(z_loss), softcap,
-                                         inplace, backend)
+                                         reduction, ignore_index, label_smoothing, float(z_loss), softcap,
+                                         needs_grad, inplace, backend)
     if reduction == "none":
         loss, z = loss.view(rows_shape), z.view(rows_shape)
     return (loss, z) if return_z_loss else loss
@@ -91,12 +92,17 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     ignore_index = -100 if ignore_index is None else ignore_index
     softcap = _check_extras(z_loss, softcap)
     backend = backend if backend is not None else _backend.default_backend()
-    _check_like_torch(lambda i, w, t, b, cw: F.cross_entropy(F.linear(i, w, b), t, cw, ignore_index=ignore_index,
-                                                             reduction=reduction, label_smoothing=label_smoothing),
-                      input, linear_weight, target, linear_bias, weight)
+    _loss_checks.check_linear_cross_entropy(input, linear_weight, linear_bias)
+    logits_shape = (*input.shape[:-1], *linear_weight.shape[:-1])
+    _loss_checks.check_cross_entropy(torch.empty(logits_shape, dtype=input.dtype, device="meta"), target, weight,
+                                     reduction, label_smoothing)
+    label_smoothing = max(float(label_smoothing), 0.0)
     if target.is_floating_point() or input.dtype not in _KERNEL_DTYPES or linear_weight.dim() != 2:
-        loss, z = _cross_entropy_composite(F.linear(input, linear_weight, linear_bias), target, weight, ignore_index,
-                                           reduction, label_smoothing, z_loss, softcap)
+        # (C, d1, ..., in_features) weights give (N, C, d1, ...) logits: torch's reference path
+        flat_bias = linear_bias.reshape(-1) if linear_bias is not None else None
+        logits = F.linear(input, linear_weight.reshape(-1, linear_weight.shape[-1]), flat_bias).view(logits_shape)
+        loss, z = _cross_entropy_composite(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                           softcap)
         return (loss, z.detach()) if return_z_loss else loss
     rows_shape = target.shape
     x = input.unsqueeze(0) if input.dim() == 1 else input
@@ -105,8 +111,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     rows = chunk_rows(x.shape[0], num_classes, x.dtype, x.device, batch_chunk_size)
     loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), linear_weight.contiguous(), linear_bias,
                                                _index_target(target).reshape(-1), _class_weight(weight), reduction,
-                                               ignore_index, float(label_smoothing), float(z_loss), softcap, rows,
-                                               backend)
+                                               ignore_index, label_smoothing, float(z_loss), softcap, rows,
+                                               torch.is_grad_enabled(), backend)
     if reduction == "none":
         loss, z = loss.view(rows_shape), z.view(rows_shape)
     return (loss, z) if return_z_loss else loss
@@ -118,15 +124,6 @@ def _check_extras(z_loss, softcap) -> float:
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or a positive float, got {softcap}.")
     return float(softcap) if softcap is not None else 0.0
-
-
-def _check_like_torch(torch_loss, *tensors) -> None:
-    """Runs torch's own loss on meta copies of the arguments: torch's shape, dtype and option checks, with its
-    messages and exception types, and no data touched. Skipped while torch.compile traces (it checks shapes
-    itself)."""
-    if torch.compiler.is_compiling():
-        return
-    torch_loss(*(t.to("meta") if isinstance(t, torch.Tensor) else t for t in tensors))
 
 
 def _index_target(target: torch.Tensor) -> torch.Tensor:

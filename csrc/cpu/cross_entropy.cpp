@@ -94,13 +94,13 @@ void cross_entropy_row(const T* x, T* g, int64_t t, const float* class_weight, f
     sum += e[j];
     weighted_sum += (kWeighted ? class_weight[j] : 1.0f) * z[j];
   }
-  const float lse = max + std::log(sum);
+  const float log_sum = std::log(sum), lse = max + log_sum;
   const float target_weight = kWeighted ? class_weight[t] : 1.0f;
   lse_out = lse;
-  loss = cross_entropy_row_loss(lse, z[t], target_weight, weighted_sum, options);
+  loss = cross_entropy_row_loss(max, log_sum, z[t], target_weight, weighted_sum, options);
   if (g == nullptr) return;
   const CrossEntropyRowGrad row_grad = cross_entropy_row_grad(lse, target_weight, options);
-  const float inv_sum = 1.0f / sum;  // p_j = exp(z_j - max) / sum = exp(z_j - lse)
+  const float inv_sum = 1.0f / sum;  // p_j = exp(z_j - max) / sum
 #pragma omp simd
   for (int64_t j = 0; j < num_classes; ++j) {
     store_float(g, j, row_grad.grad(e[j] * inv_sum, z[j], kWeighted ? class_weight[j] : 1.0f, j == t));

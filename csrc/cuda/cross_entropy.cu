@@ -110,13 +110,13 @@ __global__ void cross_entropy_forward_kernel(const T* logits,  // (N, V), rows r
   }
   block_reduce(acc, weighted_sum);
 
-  const float lse = acc.value();
+  const float log_sum = logf(acc.sum), lse = acc.max + log_sum, inv_sum = 1.0f / acc.sum;
   const float target_weight = class_weight_at(class_weight, t);
   const CrossEntropyOptions options{label_smoothing, z_loss, softcap, scales[0], scales[1], scales[2], num_classes};
   if (threadIdx.x == 0) {
     lse_out[row] = lse;
-    loss[row] = cross_entropy_row_loss(lse, capped_logit(static_cast<float>(x[t]), softcap), target_weight,
-                                       weighted_sum, options);
+    loss[row] = cross_entropy_row_loss(acc.max, log_sum, capped_logit(static_cast<float>(x[t]), softcap),
+                                       target_weight, weighted_sum, options);
   }
   if (g == nullptr) return;
   // Every thread has read x[t] (thread 0) and its own elements before writing over them: the only element read
@@ -129,13 +129,14 @@ __global__ void cross_entropy_forward_kernel(const T* logits,  // (N, V), rows r
 #pragma unroll
     for (int k = 0; k < V::kSize; ++k) {
       const float z = capped_logit(static_cast<float>(v.values[k]), softcap);
-      out.values[k] = T(row_grad.grad(expf(z - lse), z, class_weight_at(class_weight, j + k), j + k == t));
+      const float p = expf(z - acc.max) * inv_sum;
+      out.values[k] = T(row_grad.grad(p, z, class_weight_at(class_weight, j + k), j + k == t));
     }
     *reinterpret_cast<V*>(g + j) = out;
   }
   for (int64_t j = vector_end + threadIdx.x; j < num_classes; j += blockDim.x) {
     const float z = capped_logit(static_cast<float>(x[j]), softcap);
-    g[j] = T(row_grad.grad(expf(z - lse), z, class_weight_at(class_weight, j), j == t));
+    g[j] = T(row_grad.grad(expf(z - acc.max) * inv_sum, z, class_weight_at(class_weight, j), j == t));
   }
 }
 

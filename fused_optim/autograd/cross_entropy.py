@@ -51,13 +51,15 @@ def reduce_rows(loss_rows: torch.Tensor, lse: torch.Tensor, scales: torch.Tensor
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, inplace,
-                backend):
-        # logits (N, V) with unit column stride; target (N,) int64; weight (V,) fp32 or None
+    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, needs_grad,
+                inplace, backend):
+        # logits (N, V) with unit column stride; target (N,) int64; weight (V,) fp32 or None; needs_grad: grad mode
+        # was on and the logits require a gradient (under no_grad, ctx.needs_input_grad still says they do)
         scales = reduction_scales(target, weight, logits.shape[1], reduction, ignore_index)
         grad = None
-        if ctx.needs_input_grad[0]:
-            grad = logits if inplace else torch.empty_like(logits)
+        if needs_grad:  # the kernels take one row stride for both: a row-strided view gets a gradient like it
+            grad = logits if inplace else torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype,
+                                                              device=logits.device)
         loss_rows, lse = ops.forward_op(backend, logits.device)(
             logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap)
         if grad is logits:
@@ -78,4 +80,4 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.grad = None
         row_scale = grad_loss.to(torch.float32).contiguous()
         ops.scale_grad_op(ctx.backend, grad.device)(grad, row_scale.view(-1))
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None

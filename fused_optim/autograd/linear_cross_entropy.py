@@ -89,12 +89,13 @@ class _Chunks:
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                z_loss, softcap, rows, backend):
-        # input (N, H); linear_weight (V, H); linear_bias (V,) or None; target (N,) int64; weight (V,) fp32 or None
+                z_loss, softcap, rows, grad_enabled, backend):
+        # input (N, H); linear_weight (V, H); linear_bias (V,) or None; target (N,) int64; weight (V,) fp32 or None;
+        # grad_enabled: grad mode outside (under no_grad, ctx.needs_input_grad still reports requires_grad)
         scales = reduction_scales(target, weight, linear_weight.shape[0], reduction, ignore_index)
         chunks = _Chunks(input, linear_weight, linear_bias, target, weight, scales,
                          (ignore_index, label_smoothing, z_loss, softcap), rows, backend)
-        needs = tuple(ctx.needs_input_grad[:3])
+        needs = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         in_forward = reduction != "none"  # the per-row incoming gradient of "none" is known only in the backward
         loss_rows, lse, grads = chunks.run(needs if in_forward else (False, False, False))
         ctx.reduction, ctx.grads = reduction, (grads if in_forward else None)
@@ -120,4 +121,4 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             scale = grad_loss.to(torch.float32)
             grads = tuple(g.mul_(scale) if g is not None else None for g in grads)
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)

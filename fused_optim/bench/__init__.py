@@ -1,9 +1,15 @@
 """fused_optim.bench: the measurement core behind `fused-optim bench` (DESIGN.md, Benchmarks).
 
-Each op reports its time beside its peers (torch fused / foreach / for-loop, DeepSpeed CPUAdam on the CPU), its
-bandwidth by a bytes model (the fewest bytes the op must move) and that bandwidth as % of the memory roof measured
-at the start of the same run: a large device-to-device `copy_` on a GPU, the CPU extension's STREAM triad on the
-CPU. Every implementation is checked against torch's for-loop before it is timed; a wrong one is not timed.
+Each op reports its time beside its peers, its bandwidth by a bytes model (the fewest bytes the op must move) and
+that bandwidth as % of the memory roof measured at the start of the same run: a large device-to-device `copy_` on a
+GPU, the CPU extension's STREAM triad on the CPU. Every implementation is checked against a reference before it is
+timed; a wrong one is not timed. The ops:
+
+    adamw       one AdamW step (fused_optim/bench/adamw.py): torch fused / foreach / for-loop, DeepSpeed CPUAdam
+    ce          cross-entropy forward + backward (fused_optim/bench/cross_entropy.py): torch eager, torch.compile,
+                Liger-Kernel
+    linear_ce   linear + cross-entropy forward + backward (same file): torch's chunked F.linear_cross_entropy, the
+                naive F.cross_entropy(x @ w.T, y) (compiled too on a GPU), Liger-Kernel; time and peak memory
 
     >>> import tempfile, fused_optim.bench
     >>> report = fused_optim.bench.run_benchmarks(device="cpu", sizes=[1_000_000], cases=("fp32",), quick=True)
@@ -21,15 +27,15 @@ from typing import Any, Callable
 
 import torch
 
-from fused_optim.bench import adamw
+from fused_optim.bench import adamw, cross_entropy
 from fused_optim.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
 
 __all__ = [
-    "OPS", "Timing", "default_sizes", "host_time", "memory_roof", "parse_size", "print_table", "run_benchmarks",
-    "time_cpu", "time_cuda", "time_fn", "write_json",
+    "OPS", "Timing", "default_sizes", "host_time", "memory_roof", "parse_shape", "parse_size", "print_table",
+    "run_benchmarks", "time_cpu", "time_cuda", "time_fn", "write_json",
 ]
 
-OPS = ("adamw",)  # the ops `fused-optim bench --ops` knows (later: more)
+OPS = ("adamw",) + cross_entropy.OPS  # the ops `fused-optim bench --ops` knows
 
 # Total params of the main cases. CPU: 84M fp32 params move 2.35 GB a step, far past the last-level cache
 # (DESIGN: >= 50M). GPU: 256M (7.2 GB a step), far past an H100's 50 MB L2, and a step takes milliseconds.
@@ -46,6 +52,13 @@ def parse_size(text: str) -> int:
     if value < 1 or value != int(value):
         raise ValueError(f"not a size in params: {text!r}")
     return int(value)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'4096x32000' → (4096, 32000) (also '×' or '*' between the sizes, each as `parse_size` reads it); '84M' →
+    (84_000_000,)."""
+    parts = text.strip().lower().replace("×", "x").replace("*", "x").split("x")
+    return tuple(parse_size(part) for part in parts)
 
 
 def default_device() -> torch.device:
@@ -76,10 +89,14 @@ def device_name(device: torch.device) -> str:
 def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None = None,
                    sizes: list[int] | None = None, cases: tuple[str, ...] | None = None, quick: bool = False,
                    on_task: Callable[[str], None] | None = None,
-                   on_plan: Callable[[int], None] | None = None) -> dict[str, Any]:
+                   on_plan: Callable[[int], None] | None = None, dtypes: tuple[str, ...] | None = None,
+                   shapes: dict[str, list[tuple[int, ...]]] | None = None) -> dict[str, Any]:
     """Measures the roof, then each op's cases on `device` (default: the GPU when there is one). Returns the
     report that `print_table` and `write_json` take. `on_plan(total_tasks)` is called once before the first task,
-    `on_task(description)` after each (a progress bar's hooks)."""
+    `on_task(description)` after each (a progress bar's hooks).
+
+    adamw: `sizes` (total params) and `cases`. ce, linear_ce: `dtypes` ("fp32", "bf16"; default fp32 on the CPU,
+    both on a GPU) and `shapes` ({"ce": [(N, V)], "linear_ce": [(N, H, V)]}; default: the op's sizes)."""
     import fused_optim
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -97,8 +114,16 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         budget_s=0.25 if quick else 1.5,
         host_steps=50 if quick else 200,
     )
+    loss_config = cross_entropy.LossConfig(
+        device=device,
+        ops=tuple(op for op in ops if op in cross_entropy.OPS),
+        dtypes=dtypes,
+        shapes=shapes or {},
+        quick=quick,
+        budget_s=0.25 if quick else 1.5,
+    )
     if on_plan is not None:
-        on_plan(1 + adamw.count_tasks(config))
+        on_plan(1 + (adamw.count_tasks(config) if "adamw" in ops else 0) + cross_entropy.count_tasks(loss_config))
     report_task = on_task or (lambda description: None)
     try:
         roof = memory_roof(device, budget_s=0.5 if quick else 2.0)
@@ -107,6 +132,18 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         roof = {"kind": "none", "gbps": None, "note": str(error)}
         report_task("roof: not measured")
     rows = adamw.run(config, roof_gbps=roof["gbps"], on_task=on_task) if "adamw" in ops else []
+    rows += cross_entropy.run(loss_config, roof_gbps=roof["gbps"], on_task=on_task)
+    run_config: dict[str, Any] = {"ops": list(ops), "quick": quick}
+    if "adamw" in ops:
+        run_config.update(
+            sizes=sizes,
+            cases=list(config.cases),
+            hparams=adamw.HPARAMS,
+            budget_s=config.budget_s,
+            check_steps=config.check_steps,
+            tolerances=adamw.TOLERANCES,
+        )
+    run_config.update(loss_config.describe())
     info = fused_optim.backends()
     return {
         "schema": 1,
@@ -119,16 +156,7 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         # Other processes on the machine slow the CPU benchmarks (torch's per-tensor OpenMP regions most of all):
         # the 1-minute load average before and after the run says whether the machine was quiet.
         "load_avg": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        "config": {
-            "ops": list(ops),
-            "quick": quick,
-            "sizes": sizes,
-            "cases": list(config.cases),
-            "hparams": adamw.HPARAMS,
-            "budget_s": config.budget_s,
-            "check_steps": config.check_steps,
-            "tolerances": adamw.TOLERANCES,
-        },
+        "config": run_config,
         "roof": roof,
         "rows": rows,
     }
@@ -156,9 +184,22 @@ def _bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+# The caption under each op's table.
+CAPTIONS = {
+    "adamw": "ms: median step time; GB/s by the bytes model (fp32: 28 B/param); % of the roof; × = torch fused's "
+             "time / this one's (bf16+master: the torch way with _foreach_copy_); host ms: host time per step (no "
+             "sync); peak mem: memory a step allocates beyond its state.",
+    **cross_entropy.CAPTIONS,
+}
+
+
+def _speedups(r: dict[str, Any]) -> str:
+    return ", ".join(f"{peer} {x:.2f}×" for peer, x in (r.get("speedup_vs") or {}).items())
+
+
 def print_table(report: dict[str, Any], console=None) -> None:
-    """The report as a rich table, one section per case and size (columns with nothing to show are left out).
-    Printed 160 columns wide when stdout is not a terminal (logs), else at the terminal's width."""
+    """The report as rich tables, one per op, one section per case and size (columns with nothing to show are left
+    out). Printed 160 columns wide when stdout is not a terminal (logs), else at the terminal's width."""
     import sys
 
     from rich.console import Console
@@ -174,44 +215,46 @@ def print_table(report: dict[str, Any], console=None) -> None:
     columns = [  # header, justify, cell
         ("case", "left", lambda r: r["case"]),
         ("impl", "left", lambda r: escape(r["impl"]) + (" (auto)" if r.get("auto") else "")),
-        ("params", "right", lambda r: adamw._human(r["n_params"])),
-        ("tensors", "right", lambda r: str(r["n_tensors"])),
+        ("params", "right", lambda r: adamw._human(r["n_params"]) if r.get("n_params") else ""),
+        ("tensors", "right", lambda r: str(r.get("n_tensors") or "")),
+        ("shape", "right", lambda r: r.get("shape") or ""),
         ("ms", "right", lambda r: _fmt(r["time_ms_median"], ".3f")),
         ("IQR", "right", lambda r: _fmt(r["time_ms_iqr"], ".3f")),
-        ("host ms", "right", lambda r: _fmt(r["host_ms_median"], ".3f")),
-        ("GB/s", "right", lambda r: _fmt(r["gbps"], ".1f")),
-        ("% roof", "right", lambda r: _fmt(r["pct_of_roof"], ".0f")),
-        ("×", "right", lambda r: _fmt(r["speedup_vs_torch_fused"], ".2f")),
-        ("peak mem", "right", lambda r: _bytes(r["peak_mem"])),
+        ("host ms", "right", lambda r: _fmt(r.get("host_ms_median"), ".3f")),
+        ("GB/s", "right", lambda r: _fmt(r.get("gbps"), ".1f")),
+        ("% roof", "right", lambda r: _fmt(r.get("pct_of_roof"), ".0f")),
+        ("TFLOP/s", "right", lambda r: _fmt(r.get("tflops"), ".2f")),
+        ("×", "right", lambda r: _fmt(r.get("speedup_vs_baseline", r.get("speedup_vs_torch_fused")), ".2f")),
+        ("vs peers", "left", lambda r: escape(_speedups(r))),
+        ("peak mem", "right", lambda r: _bytes(r.get("peak_mem"))),
         ("ok", "center", lambda r: {True: "[green]✓[/]", False: "[red]✗ wrong[/]", None: ""}[r["correct"]]),
         ("note", "left", lambda r: escape(r["note"])),
     ]
-    rows = report["rows"]
-    cells = [[cell(r) for _, _, cell in columns] for r in rows]
-    keep = [i for i, (header, _, _) in enumerate(columns)
-            if header in ("case", "impl", "ms") or any(row[i] for row in cells)]
-    table = Table(
-        title=f"{report['device']} — memory roof: {roof_text}",
-        caption="ms: median step time; GB/s by the bytes model (fp32: 28 B/param); % of the roof; × = torch "
-        "fused's time / this one's (bf16+master: the torch way with _foreach_copy_); host ms: host time per step "
-        "(no sync); peak mem: memory a step allocates beyond its state.",
-    )
-    if any((r["pct_of_roof"] or 0) > 100 for r in rows):
-        table.caption += (
-            " Over 100% of the roof: with --quick the tensors may stay in cache; else the roof kernel is no roof here"
-            " (with few cores, bandwidth is bound by each core's outstanding misses, and more streams get more)."
-        )
-    for i in keep:
-        header, justify, _ = columns[i]
-        table.add_column(header, justify=justify, no_wrap=header not in ("impl", "note"), overflow="fold")
-    previous = None
-    for r, row in zip(rows, cells):
-        key = (r["op"], r["case"], r["n_params"])
-        if previous is not None and key != previous:
-            table.add_section()
-        previous = key
-        table.add_row(*(row[i] for i in keep), style="bold" if r["impl"].startswith("fused_optim") else None)
-    console.print(table)
+    ops = list(dict.fromkeys(r.get("op", "adamw") for r in report["rows"]))
+    for op in ops:
+        rows = [r for r in report["rows"] if r.get("op", "adamw") == op]
+        cells = [[cell(r) for _, _, cell in columns] for r in rows]
+        keep = [i for i, (header, _, _) in enumerate(columns)
+                if header in ("case", "impl", "ms") or any(row[i] for row in cells)]
+        table = Table(title=f"{op} — {report['device']} — memory roof: {roof_text}", caption=CAPTIONS.get(op))
+        if any((r.get("pct_of_roof") or 0) > 100 for r in rows):
+            table.caption += (
+                " Over 100% of the roof: with --quick the tensors may stay in cache; else the roof kernel is no roof"
+                " here (with few cores, bandwidth is bound by each core's outstanding misses, and more streams get"
+                " more)."
+            )
+        for i in keep:
+            header, justify, _ = columns[i]
+            table.add_column(header, justify=justify, no_wrap=header not in ("impl", "note", "vs peers"),
+                             overflow="fold")
+        previous = None
+        for r, row in zip(rows, cells):
+            key = (r["case"], r.get("n_params"), r.get("shape"))
+            if previous is not None and key != previous:
+                table.add_section()
+            previous = key
+            table.add_row(*(row[i] for i in keep), style="bold" if r["impl"].startswith("fused_optim") else None)
+        console.print(table)
     load = report.get("load_avg", {})
     busy = max(load.get("before") or 0, load.get("after") or 0)
     if report["device_type"] == "cpu" and busy > 0.5 * (os.cpu_count() or 1) + 1:

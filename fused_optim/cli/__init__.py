@@ -1,7 +1,8 @@
 """The `fused-optim` console script (also `python -m fused_optim`).
 
     fused-optim info [--json]       what is built and usable here, and why not (fused_optim.backends())
-    fused-optim bench [options]     AdamW against torch's implementations: time, GB/s, % of the memory roof
+    fused-optim bench [options]     our ops against their peers (AdamW, cross-entropy, linear + cross-entropy):
+                                    time, GB/s, % of the memory roof
 
 Example:
     >>> from fused_optim.cli import main
@@ -16,12 +17,13 @@ import json
 import sys
 from typing import Any
 
-# `--dtype` → the AdamW cases it runs (fused_optim/bench/adamw.py).
+# `--dtype` → the AdamW cases it runs (fused_optim/bench/adamw.py) and the dtypes of the cross-entropy ops.
 DTYPE_CASES = {
     "fp32": ("fp32", "host"),
     "bf16": ("bf16", "bf16+master"),
     "all": ("fp32", "bf16", "bf16+master", "host"),
 }
+DTYPE_LOSSES = {"fp32": ("fp32",), "bf16": ("bf16",), "all": ("fp32", "bf16")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,19 +36,27 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="benchmark our ops against torch's on this device",
-        description="Times each op beside its peers (torch fused / foreach / for-loop; DeepSpeed CPUAdam on the "
-        "CPU when installed) after checking each against torch's for-loop, and reports GB/s by the op's bytes "
-        "model and % of the memory roof measured in the same run (GPU: copy_; CPU: STREAM triad).",
+        description="Times each op beside its peers after checking each against a reference, and reports GB/s "
+        "by the op's bytes model and % of the memory roof measured in the same run (GPU: copy_; CPU: STREAM triad). "
+        "adamw: one AdamW step vs torch fused / foreach / for-loop (DeepSpeed CPUAdam on the CPU when installed). "
+        "ce: cross-entropy forward + backward vs torch eager, torch.compile, Liger-Kernel. linear_ce: linear + "
+        "cross-entropy forward + backward vs torch's chunked F.linear_cross_entropy and the naive logits path, "
+        "with the peak memory of a call.",
     )
     bench.add_argument("--json", metavar="PATH", help="also write the results (device, versions, roof, rows) here")
     bench.add_argument("--quick", action="store_true", help="small sizes and short timings: seconds, not minutes "
                        "(the tensors may fit in cache, so GB/s can pass the roof)")
-    bench.add_argument("--dtype", choices=sorted(DTYPE_CASES), default="all",
-                       help="fp32: fp32 and the 1000-tensor host-overhead case; bf16: bf16 and bf16 with fp32 "
-                       "master weights; all (default): both")
-    bench.add_argument("--sizes", metavar="N[,N...]", help="total params of the model-like cases, e.g. 8M,84M "
-                       "(default: 84M on the CPU, 256M on a GPU; --quick: 4M, 16M)")
-    bench.add_argument("--ops", default="adamw", metavar="OP[,OP...]", help="ops to benchmark (default: adamw)")
+    bench.add_argument("--dtype", choices=sorted(DTYPE_CASES),
+                       help="adamw: fp32 and the 1000-tensor host-overhead case (fp32), bf16 and bf16 with fp32 "
+                       "master weights (bf16), or all four (all, the default). ce, linear_ce: the logits' dtype "
+                       "(default: fp32 on the CPU, bf16 and fp32 on a GPU)")
+    bench.add_argument("--sizes", metavar="SIZE[,SIZE...]",
+                       help="adamw: total params of the model-like cases, e.g. 8M,84M (default: 84M on the CPU, 256M "
+                       "on a GPU; --quick: 4M, 16M). ce: NxV, e.g. 4096x32000 (default: 4096x32000 on the CPU, "
+                       "8192x128256 on a GPU). linear_ce: NxHxV, e.g. 8192x512x32000 (default: that on the CPU, "
+                       "8192x4096x128256 on a GPU). Each op takes the sizes of its form, else its defaults")
+    bench.add_argument("--ops", default="adamw", metavar="OP[,OP...]",
+                       help="ops to benchmark: adamw, ce, linear_ce, or all (default: adamw)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto (default): the GPU when there is one, else the CPU")
     return parser
@@ -96,15 +106,25 @@ def _bench(args: argparse.Namespace) -> int:
     from fused_optim import bench
 
     ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
+    if "all" in ops:
+        ops = bench.OPS
     unknown = [op for op in ops if op not in bench.OPS]
     if unknown:
         print(f"fused-optim bench: unknown op(s) {', '.join(unknown)}; known: {', '.join(bench.OPS)}", file=sys.stderr)
         return 2
     try:
-        sizes = [bench.parse_size(s) for s in args.sizes.split(",")] if args.sizes else None
+        # one number: adamw's params; NxV: ce's logits; NxHxV: linear_ce's input, hidden size and classes
+        by_rank: dict[int, list[tuple[int, ...]]] = {1: [], 2: [], 3: []}
+        for text in args.sizes.split(",") if args.sizes else []:
+            shape = bench.parse_shape(text)
+            if len(shape) not in by_rank:
+                raise ValueError(f"not a size (N params), NxV or NxHxV: {text!r}")
+            by_rank[len(shape)].append(shape)
     except ValueError as error:
         print(f"fused-optim bench: --sizes: {error}", file=sys.stderr)
         return 2
+    sizes = [shape[0] for shape in by_rank[1]] or None
+    shapes = {"ce": by_rank[2], "linear_ce": by_rank[3]}
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fused-optim bench: --device cuda, but no CUDA GPU is visible.", file=sys.stderr)
         return 2
@@ -121,13 +141,14 @@ def _bench(args: argparse.Namespace) -> int:
         progress.update(state["task"], advance=1, description=f"done: {description}")
 
     with progress:
-        report = bench.run_benchmarks(ops, device=device, sizes=sizes, cases=DTYPE_CASES[args.dtype],
-                                      quick=args.quick, on_task=on_task, on_plan=on_plan)
+        report = bench.run_benchmarks(ops, device=device, sizes=sizes, cases=DTYPE_CASES[args.dtype or "all"],
+                                      quick=args.quick, on_task=on_task, on_plan=on_plan,
+                                      dtypes=DTYPE_LOSSES[args.dtype] if args.dtype else None, shapes=shapes)
     bench.print_table(report)
     if args.json:
         bench.write_json(report, args.json)
         print(f"wrote {args.json}")
-    wrong = [f"{r['case']} {r['impl']}" for r in report["rows"] if r["correct"] is False]
+    wrong = [f"{r.get('op', 'adamw')} {r['case']} {r['impl']}" for r in report["rows"] if r["correct"] is False]
     if wrong:
         print(f"wrong results: {', '.join(wrong)}", file=sys.stderr)
     return 1 if any(r["impl"].startswith("fused_optim") for r in report["rows"] if r["correct"] is False) else 0

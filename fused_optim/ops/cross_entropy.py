@@ -99,11 +99,15 @@ def _forward_torch(logits, target, weight, scales, grad, ignore_index, label_smo
     z = logits.float()
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
-    lse = torch.logsumexp(z, dim=1)
+    row_max = z.amax(dim=1)
+    exp_shifted = torch.exp(z - row_max[:, None])
+    sum_exp = exp_shifted.sum(1)
+    log_sum = torch.log(sum_exp)
+    lse = row_max + log_sum
     target_logit = z.gather(1, safe_target[:, None])[:, 0]
     target_weight = weight[safe_target] if weight is not None else torch.ones_like(lse)
     ce_scale, z_scale, weight_sum = scales.unbind()
-    loss = (1 - label_smoothing) * target_weight * (lse - target_logit)
+    loss = (1 - label_smoothing) * target_weight * ((row_max - target_logit) + log_sum)  # see cross_entropy.h
     if label_smoothing > 0:
         weighted_sum = (z * weight).sum(1) if weight is not None else z.sum(1)
         loss = loss + label_smoothing / num_classes * (weight_sum * lse - weighted_sum)
@@ -111,7 +115,7 @@ def _forward_torch(logits, target, weight, scales, grad, ignore_index, label_smo
         target_coef = ce_scale * (1 - label_smoothing) * target_weight
         weight_coef = ce_scale * label_smoothing / num_classes
         p_coef = target_coef + weight_coef * weight_sum + 2 * z_loss * z_scale * lse
-        g = torch.exp(z - lse[:, None]) * p_coef[:, None]
+        g = exp_shifted / sum_exp[:, None] * p_coef[:, None]
         g -= weight_coef * (weight if weight is not None else 1.0)
         g.scatter_add_(1, safe_target[:, None], -target_coef[:, None])
         if softcap > 0:

@@ -87,7 +87,9 @@ def _cross_entropy_forward_kernel(
         else:
             w = tl.where(mask, 1.0, 0.0)
         weighted_sum += w * tl.where(mask, z, 0.0)
-    lse = running_max + tl.log(running_sum)
+    log_sum = tl.log(running_sum)
+    lse = running_max + log_sum
+    inv_sum = 1.0 / running_sum
 
     safe_target = tl.where(kept & in_range, target, 0)
     target_logit = _capped(tl.load(x_row + safe_target).to(tl.float32), softcap, SOFTCAP)
@@ -98,7 +100,8 @@ def _cross_entropy_forward_kernel(
     ce_scale = tl.load(scales_ptr)
     z_scale = tl.load(scales_ptr + 1)
     weight_sum = tl.load(scales_ptr + 2)
-    loss = (1.0 - label_smoothing) * target_weight * (lse - target_logit)
+    # (max - z_t) + log(sum), not lse - z_t: a confident row keeps its loss's precision (cross_entropy.h)
+    loss = (1.0 - label_smoothing) * target_weight * ((running_max - target_logit) + log_sum)
     smoothing = label_smoothing / num_classes * (weight_sum * lse - tl.sum(weighted_sum, axis=0))
     loss += tl.where(label_smoothing > 0, smoothing, 0.0)  # masked (-inf) logits make the unused term NaN
     loss = tl.where(in_range, loss, float("nan"))  # an out-of-range target shows as a NaN loss
@@ -118,7 +121,7 @@ def _cross_entropy_forward_kernel(
                 w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
             else:
                 w = 1.0
-            g = tl.exp(z - lse) * p_coef - weight_coef * w - tl.where(offsets == target, target_coef, 0.0)
+            g = tl.exp(z - running_max) * inv_sum * p_coef - weight_coef * w - tl.where(offsets == target, target_coef, 0.0)
             if SOFTCAP:
                 t = z / softcap
                 g *= 1.0 - t * t

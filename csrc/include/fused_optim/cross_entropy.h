@@ -15,7 +15,9 @@
 //        where C = ce_scale * (1 - eps) * w_t,  B = ce_scale * eps / V,  W = sum_j w_j
 //   dx_j = dz_j * (1 - (z_j / softcap)^2)    when soft-capped (d tanh = 1 - tanh^2)
 //
-// so one row costs one exp and one multiply-add per logit once lse is known.
+// so one row costs one exp and one multiply-add per logit once lse is known. The loss is summed as
+// (max - z_t) + log(sum of exp(z - max)), not lse - z_t: for a confident row (z_t the max) that keeps the loss's
+// own relative precision instead of an ulp of lse, as torch's log_softmax does. Likewise p_j = exp(z_j - max) / sum.
 #pragma once
 
 #include <cmath>
@@ -48,7 +50,6 @@ struct OnlineLogSumExp {
       sum += other.sum * expf(other.max - max);
     }
   }
-  FO_HOST_DEVICE float value() const { return max + logf(sum); }
 };
 
 // What the gradient of one row needs once its log-sum-exp is known (see the formula above).
@@ -59,7 +60,7 @@ struct CrossEntropyRowGrad {
   float target_coef;  // C
   float softcap;
 
-  // dL/dx_j from p_j = exp(z_j - lse) (each platform brings its own exp), the capped logit z_j, its class
+  // dL/dx_j from p_j = exp(z_j - max) / sum (each platform brings its own exp), the capped logit z_j, its class
   // weight w_j and whether j is the target.
   FO_HOST_DEVICE float grad(float p, float z, float class_weight, bool is_target) const {
     float g = p * p_coef - weight_coef * class_weight - (is_target ? target_coef : 0.0f);
@@ -81,13 +82,16 @@ struct CrossEntropyOptions {
   int64_t num_classes;
 };
 
-// The loss of one kept row (without the z-loss, which the caller adds from lse) from its log-sum-exp, its
-// target's capped logit and weight, and the weighted sum of its capped logits (sum_j w_j z_j).
-FO_HOST_DEVICE float cross_entropy_row_loss(float lse, float target_logit, float target_weight,
+// The loss of one kept row (without the z-loss, which the caller adds from lse) from its max capped logit, the
+// log of its sum of exp(z - max), its target's capped logit and weight, and the weighted sum of its capped logits
+// (sum_j w_j z_j).
+FO_HOST_DEVICE float cross_entropy_row_loss(float max, float log_sum, float target_logit, float target_weight,
                                             float weighted_logit_sum, const CrossEntropyOptions& o) {
   const float eps = o.label_smoothing;
-  float loss = (1.0f - eps) * target_weight * (lse - target_logit);
-  if (eps > 0.0f) loss += eps / static_cast<float>(o.num_classes) * (o.weight_sum * lse - weighted_logit_sum);
+  float loss = (1.0f - eps) * target_weight * ((max - target_logit) + log_sum);
+  if (eps > 0.0f) {
+    loss += eps / static_cast<float>(o.num_classes) * (o.weight_sum * (max + log_sum) - weighted_logit_sum);
+  }
   return loss;
 }
 

@@ -1,0 +1,499 @@
+"""fused_optim.functional.linear_cross_entropy / fused_optim.LinearCrossEntropyLoss against the float64 reference
+(reference.cross_entropy of x @ W.T + b) and against torch.nn.functional.linear_cross_entropy (torch 2.14) at the
+same dtype: the loss and the gradients of the input, the projection and its bias, on every backend that runs here.
+
+Sizes, and why: N = 13 rows, odd and prime, so chunks of 7 split them 7 + 6, chunks of 1 make 13 one-row chunks, and
+chunks of 50 (more than N) one chunk; the default chunking (a byte budget) is forced to split them by a test of its
+own. H = 16 in features, V = 37 classes (a partial Triton block, and not a multiple of any vector width); a second
+shape (37, 32, 1000) for the CPU kernels gives the GEMMs and the fp32 accumulation of the weight gradient some
+length. The projection is scaled so that the logits are ~4 * N(0, 1) as in test_cross_entropy.py; class weights
+U(0.5, 1.5).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKEND_DEVICES, TRITON_INTERPRETED
+from torch.nn import LinearCrossEntropyOptions
+
+import fused_optim
+import fused_optim.autograd.linear_cross_entropy as lce_autograd
+import fused_optim.functional as FF
+from fused_optim import reference
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+REDUCTIONS = ["none", "sum", "mean"]
+FP32_EPS = torch.finfo(torch.float32).eps
+CHUNKINGS = [None, 1, 7, 50]  # None: the default byte budget (one chunk at these sizes)
+SHAPES = {"triton": [(13, 16, 37)], "cpu": [(13, 16, 37), (37, 32, 1000)], "torch": [(13, 16, 37), (37, 32, 1000)],
+          "cuda": [(13, 16, 37), (37, 32, 1000)]}
+
+# `ignored`: rows 2, 6, 10, ... target ignore_index. z_loss / softcap are ours only: their torch peer at the same
+# dtype is torch's ops spelling the same formula (torch_peer below).
+OPTIONS = {
+    "plain": dict(),
+    "bias": dict(bias=True),
+    "weight+bias": dict(weight=True, bias=True),
+    "label_smoothing": dict(label_smoothing=0.1),
+    "ignored_rows": dict(ignored=True),
+    "ignore_index=3": dict(ignored=True, ignore_index=3),  # a real class, ignored where it is the target
+    "z_loss": dict(z_loss=1e-2),
+    "softcap": dict(softcap=5.0, bias=True),
+    "everything": dict(weight=True, bias=True, label_smoothing=0.1, ignored=True, z_loss=1e-3, softcap=30.0),
+}
+TORCH_OPTIONS = ("weight", "ignore_index", "label_smoothing")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_case(num_rows, in_features, num_classes, dtype, device="cpu", *, bias=False, weight=False, ignored=False,
+              ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """(input, linear_weight, linear_bias or None, target, keyword arguments)."""
+    x = torch.randn(num_rows, in_features).to(device=device, dtype=dtype)
+    linear_weight = (4 / math.sqrt(in_features) * torch.randn(num_classes, in_features)).to(device=device,
+                                                                                             dtype=dtype)
+    linear_bias = torch.randn(num_classes).to(device=device, dtype=dtype) if bias else None
+    target = torch.randint(0, num_classes, (num_rows,), device=device)
+    if ignored:
+        target[2::4] = -100 if ignore_index is None else ignore_index
+    kwargs = dict(weight=(torch.rand(num_classes) + 0.5).to(device=device, dtype=dtype) if weight else None,
+                  ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if z_loss:
+        kwargs["z_loss"] = z_loss
+    if softcap:
+        kwargs["softcap"] = softcap
+    return x, linear_weight, linear_bias, target, kwargs
+
+
+def reference_loss(x, linear_weight, linear_bias, target, reduction, weight=None, ignore_index=None, **kwargs):
+    """float64 reference on float64 leaves: (loss, z-loss)."""
+    logits = x @ linear_weight.t() + (linear_bias if linear_bias is not None else 0)
+    return reference.cross_entropy(logits, target, None if weight is None else weight.double(),
+                                   ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction,
+                                   **kwargs)
+
+
+def torch_peer(x, linear_weight, linear_bias, target, reduction, weight=None, ignore_index=None,
+               label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """torch at the input's dtype: F.linear_cross_entropy itself when the options are torch's; with a soft-cap or a
+    z-loss, torch's ops spelling the reference's formula, every op at that dtype."""
+    if not z_loss and softcap is None:
+        return F.linear_cross_entropy(x, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                      reduction=reduction, ignore_index=ignore_index,
+                                      label_smoothing=label_smoothing)
+    ignore_index = -100 if ignore_index is None else ignore_index
+    logits = F.linear(x, linear_weight, linear_bias)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    kept = target != ignore_index
+    z_rows = torch.where(kept, z_loss * torch.logsumexp(logits, dim=1) ** 2, 0)
+    z = {"none": z_rows, "sum": z_rows.sum(), "mean": z_rows.sum() / kept.sum()}[reduction]
+    return loss + z
+
+
+def options_for(chunk):
+    return None if chunk is None else LinearCrossEntropyOptions(batch_chunk_size=chunk)
+
+
+def max_error(ours, ref) -> float:
+    if ref.numel() == 0:
+        return 0.0
+    return (ours.detach().double().cpu() - ref.detach().double().cpu()).abs().nan_to_num(nan=math.inf).max().item()
+
+
+def magnitude(ref) -> float:
+    return ref.detach().abs().max().item() if ref.numel() else 0.0
+
+
+def random_grad_output(loss, dtype):
+    """Per-row random for "none" (the recomputing backward), else a random scalar (the backward's scale)."""
+    return torch.randn(loss.shape).to(device=loss.device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# correctness
+
+
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, reduction, options):
+    for shape in SHAPES[backend]:
+        x, linear_weight, linear_bias, target, kwargs = make_case(*shape, dtype, device, **options)
+        inputs = [t for t in (x, linear_weight, linear_bias) if t is not None]
+        torch_inputs = [t.clone().requires_grad_() for t in inputs]
+        ref_inputs = [t.double().requires_grad_() for t in inputs]
+        theirs = torch_peer(*torch_inputs[:2], torch_inputs[2] if linear_bias is not None else None, target,
+                            reduction, **kwargs)
+        ref, ref_z = reference_loss(*ref_inputs[:2], ref_inputs[2] if linear_bias is not None else None, target,
+                                    reduction, **kwargs)
+        grad_output = random_grad_output(theirs, dtype)
+        torch_grads = torch.autograd.grad(theirs, torch_inputs, grad_output)
+        ref_grads = torch.autograd.grad(ref, ref_inputs, grad_output.double())
+        logits = x.double() @ linear_weight.double().t() + (linear_bias.double() if linear_bias is not None else 0)
+        if "softcap" in kwargs:
+            logits = kwargs["softcap"] * torch.tanh(logits / kwargs["softcap"])
+        lse = torch.logsumexp(logits, dim=1).abs().max().item()
+        eps = torch.finfo(dtype).eps
+        for chunk in CHUNKINGS:
+            ours_inputs = [t.clone().requires_grad_() for t in inputs]
+            ours, z = FF.linear_cross_entropy(
+                ours_inputs[0], ours_inputs[1], target, linear_bias=ours_inputs[2] if linear_bias is not None else None,
+                reduction=reduction, options=options_for(chunk), backend=backend, return_z_loss=True, **kwargs)
+            ours_grads = torch.autograd.grad(ours, ours_inputs, grad_output)
+            what = f"{shape} chunk={chunk}"
+            assert (ours.dtype, ours.shape) == (theirs.dtype, theirs.shape), what
+            assert (z.dtype, z.shape) == (ours.dtype, ours.shape) and not z.requires_grad, what
+            # The loss: as in test_cross_entropy.py, plus the logits' own rounding to bf16 (the same GEMM for both).
+            loss_err, torch_loss_err = max_error(ours, ref), max_error(theirs, ref)
+            rows = shape[0] if reduction == "sum" else 1
+            slack = 2 * eps * magnitude(ref) + 2 * FP32_EPS * lse * rows
+            assert loss_err <= 2 * torch_loss_err + slack, (what, loss_err, torch_loss_err)
+            if dtype == torch.float32:
+                assert loss_err <= 8 * FP32_EPS * max(magnitude(ref), lse) * rows, (what, loss_err)
+                assert max_error(z, ref_z) <= 8 * FP32_EPS * max(magnitude(ref_z), 1e-30) * rows, what
+            # The gradients: sums over rows (grad_W, grad_b) or classes (grad_x) of terms of the size of the
+            # gradient of the logits; an fp32 rounding of lse relative in each (test_cross_entropy.py), and in
+            # bf16 the rounding of the gradient of the logits to bf16 before both GEMMs, as torch's autograd does.
+            for name, ours_g, torch_g, ref_g in zip(("input", "linear_weight", "linear_bias"), ours_grads,
+                                                    torch_grads, ref_grads):
+                assert (ours_g.dtype, ours_g.shape) == (torch_g.dtype, torch_g.shape), (what, name)
+                err, torch_err, mag = max_error(ours_g, ref_g), max_error(torch_g, ref_g), magnitude(ref_g)
+                slack = 2 * eps * (1 + lse) * mag if dtype == torch.float32 else 2 * eps * mag
+                assert err <= 2 * torch_err + slack, (what, name, err, torch_err)
+                if dtype == torch.float32:
+                    assert err <= 16 * FP32_EPS * (1 + lse) * mag, (what, name, err)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_default_chunking_splits_rows_unevenly(backend, device, monkeypatch):
+    """The default chunk is a byte budget of logits: shrunk to 5 rows of V = 37 fp32 logits, 13 rows run as
+    5 + 5 + 3, and give what one chunk gives."""
+    monkeypatch.setattr(lce_autograd, "DEFAULT_CHUNK_BYTES", 5 * 37 * 4)
+    monkeypatch.setitem(lce_autograd.CHUNK_BYTES, "cuda", 5 * 37 * 4)
+    assert lce_autograd.chunk_rows(13, 37, torch.float32, torch.device(device)) == 5
+    x, linear_weight, linear_bias, target, kwargs = make_case(13, 16, 37, torch.float32, device, bias=True,
+                                                              weight=True, ignored=True, label_smoothing=0.1)
+    for reduction in REDUCTIONS:
+        results = []
+        for options in (None, options_for(13)):
+            inputs = [t.clone().requires_grad_() for t in (x, linear_weight, linear_bias)]
+            loss = FF.linear_cross_entropy(inputs[0], inputs[1], target, linear_bias=inputs[2], reduction=reduction,
+                                           options=options, backend=backend, **kwargs)
+            grad_output = torch.linspace(0.5, 1.5, loss.numel(), device=device).reshape(loss.shape)
+            results.append((loss, torch.autograd.grad(loss, inputs, grad_output)))
+        (chunked, chunked_grads), (whole, whole_grads) = results
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+        for a, b in zip(chunked_grads, whole_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes, partial gradients, autograd contract
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_unbatched_input_matches_torch(backend, device):
+    """(H,) input with a () target: a () loss whatever the reduction, as torch's."""
+    x, linear_weight, linear_bias, _, kwargs = make_case(1, 16, 37, torch.float32, device, bias=True,
+                                                         label_smoothing=0.1)
+    x, target = x[0], torch.tensor(5, device=device)
+    for reduction in REDUCTIONS:
+        for chunk in (None, 1):
+            ours_inputs = [t.clone().requires_grad_() for t in (x, linear_weight, linear_bias)]
+            torch_inputs = [t.clone().requires_grad_() for t in (x, linear_weight, linear_bias)]
+            ours = FF.linear_cross_entropy(ours_inputs[0], ours_inputs[1], target, linear_bias=ours_inputs[2],
+                                           reduction=reduction, options=options_for(chunk), backend=backend,
+                                           **kwargs)
+            theirs = F.linear_cross_entropy(torch_inputs[0], torch_inputs[1], target, linear_bias=torch_inputs[2],
+                                            reduction=reduction, **kwargs)
+            assert (ours.dtype, ours.shape) == (theirs.dtype, theirs.shape) == (torch.float32, ())
+            torch.testing.assert_close(ours, theirs)
+            for a, b in zip(torch.autograd.grad(ours * 0.7, ours_inputs), torch.autograd.grad(theirs * 0.7,
+                                                                                             torch_inputs)):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+REQUIRES_GRAD = {  # which of (input, linear_weight, linear_bias) require grad
+    "frozen-weight": (True, False, True),
+    "weight-only": (False, True, False),
+    "bias-only": (False, False, True),
+    "nothing": (False, False, False),
+}
+
+
+@pytest.mark.parametrize("which", list(REQUIRES_GRAD))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_only_some_inputs_require_grad(backend, device, reduction, which):
+    x, linear_weight, linear_bias, target, kwargs = make_case(13, 16, 37, torch.float32, device, bias=True,
+                                                              ignored=True)
+    flags = REQUIRES_GRAD[which]
+    ours_inputs = [t.clone().requires_grad_(f) for t, f in zip((x, linear_weight, linear_bias), flags)]
+    torch_inputs = [t.clone().requires_grad_(f) for t, f in zip((x, linear_weight, linear_bias), flags)]
+    ours = FF.linear_cross_entropy(ours_inputs[0], ours_inputs[1], target, linear_bias=ours_inputs[2],
+                                   reduction=reduction, options=options_for(7), backend=backend, **kwargs)
+    theirs = F.linear_cross_entropy(torch_inputs[0], torch_inputs[1], target, linear_bias=torch_inputs[2],
+                                    reduction=reduction, **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert ours.requires_grad == any(flags)
+    if not any(flags):
+        return
+    grad_output = torch.randn(ours.shape, device=device)
+    ours.backward(grad_output)
+    theirs.backward(grad_output)
+    for a, b, flag in zip(ours_inputs, torch_inputs, flags):
+        assert (a.grad is None) == (not flag)
+        if flag:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_second_backward_raises_for_scalar_reductions(backend, device, reduction):
+    """"mean"/"sum" compute the gradients in the forward and scale them in place in the backward: a second
+    backward (retain_graph=True) must raise rather than hand out gradients scaled twice."""
+    x, linear_weight, _, target, _ = make_case(13, 16, 37, torch.float32, device)
+    x.requires_grad_()
+    loss = FF.linear_cross_entropy(x, linear_weight, target, reduction=reduction, backend=backend)
+    (loss * 3.0).backward(retain_graph=True)
+    first = x.grad.clone()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    assert torch.equal(x.grad, first)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_none_reduction_recomputes_so_a_second_backward_works(backend, device):
+    """"none" keeps only the inputs and recomputes in the backward: twice through it gives the same gradient
+    twice (as torch's chunked op documents)."""
+    x, linear_weight, _, target, _ = make_case(13, 16, 37, torch.float32, device)
+    x.requires_grad_()
+    loss = FF.linear_cross_entropy(x, linear_weight, target, reduction="none", options=options_for(7),
+                                   backend=backend)
+    grad_output = torch.randn(13, device=device)
+    loss.backward(grad_output, retain_graph=True)
+    once = x.grad.clone()
+    loss.backward(grad_output)
+    torch.testing.assert_close(x.grad, 2 * once)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_empty_batch(backend, device, reduction):
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    linear_weight = torch.randn(37, 16, device=device, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=device)
+    ours = FF.linear_cross_entropy(x, linear_weight, target, reduction=reduction, backend=backend)
+    theirs = F.linear_cross_entropy(x, linear_weight, target, reduction=reduction)
+    assert (ours.dtype, ours.shape) == (theirs.dtype, theirs.shape)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    grads = torch.autograd.grad(ours.sum(), (x, linear_weight))
+    assert grads[0].shape == (0, 16) and torch.equal(grads[1], torch.zeros(37, 16, device=device))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_every_target_ignored(backend, device):
+    x, linear_weight, linear_bias, _, _ = make_case(5, 16, 37, torch.float32, device, bias=True)
+    target = torch.full((5,), -100, device=device)
+    for reduction in REDUCTIONS:
+        inputs = [t.clone().requires_grad_() for t in (x, linear_weight, linear_bias)]
+        ours = FF.linear_cross_entropy(inputs[0], inputs[1], target, linear_bias=inputs[2], reduction=reduction,
+                                       label_smoothing=0.1, z_loss=1e-3, backend=backend)
+        theirs = F.linear_cross_entropy(x, linear_weight, target, linear_bias=linear_bias, reduction=reduction,
+                                        label_smoothing=0.1)
+        torch.testing.assert_close(ours, theirs, equal_nan=True, rtol=0, atol=0)
+        for grad in torch.autograd.grad(ours.sum(), inputs):
+            assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_non_contiguous_input_and_weight(backend, device):
+    """A transposed projection (an lm_head stored (H, V), used as .t()) and a row-strided input."""
+    base_weight = torch.randn(16, 37, device=device, requires_grad=True)
+    torch_base_weight = base_weight.detach().clone().requires_grad_()
+    base_x = torch.randn(26, 16, device=device, requires_grad=True)
+    torch_base_x = base_x.detach().clone().requires_grad_()
+    target = torch.randint(0, 37, (13,), device=device)
+    for reduction in REDUCTIONS:
+        ours = FF.linear_cross_entropy(base_x[::2], base_weight.t(), target, reduction=reduction, backend=backend,
+                                       options=options_for(7))
+        theirs = F.linear_cross_entropy(torch_base_x[::2], torch_base_weight.t(), target, reduction=reduction)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+        grad_output = torch.randn(ours.shape, device=device)
+        ours.backward(grad_output)
+        theirs.backward(grad_output)
+    torch.testing.assert_close(base_weight.grad, torch_base_weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base_x.grad, torch_base_x.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_targets_and_float64_match_torch(reduction):
+    """Probability targets and float64 inputs run F.linear + torch's cross-entropy: torch's numbers."""
+    x = torch.randn(5, 16, requires_grad=True)
+    linear_weight = torch.randn(7, 16, requires_grad=True)
+    target = torch.softmax(torch.randn(5, 7), dim=1)
+    ours = FF.linear_cross_entropy(x, linear_weight, target, reduction=reduction, label_smoothing=0.1)
+    theirs = F.linear_cross_entropy(x, linear_weight, target, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(ours, theirs)
+    grad_output = torch.randn(ours.shape)
+    for a, b in zip(torch.autograd.grad(ours, (x, linear_weight), grad_output),
+                    torch.autograd.grad(theirs, (x, linear_weight), grad_output)):
+        torch.testing.assert_close(a, b)
+    x64, w64 = x.detach().double().requires_grad_(), linear_weight.detach().double().requires_grad_()
+    class_target = torch.tensor([0, 6, -100, 2, 2])
+    ours = FF.linear_cross_entropy(x64, w64, class_target, reduction=reduction)
+    theirs = F.linear_cross_entropy(x64, w64, class_target, reduction=reduction)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("extras", [dict(), dict(z_loss=0.1, softcap=2.0, label_smoothing=0.2)],
+                         ids=["plain", "everything"])
+def test_gradcheck_float64(extras):
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    linear_weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    linear_bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 4, -100])
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradcheck(
+            lambda a, w, b: FF.linear_cross_entropy(a, w, target, linear_bias=b, reduction=reduction, **extras),
+            (x, linear_weight, linear_bias))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _bad_inputs(device):
+    x, w, t = torch.randn(5, 16, device=device), torch.randn(37, 16, device=device), \
+        torch.randint(0, 37, (5,), device=device)
+    return {  # name: (input, linear_weight, target, kwargs for both, compare the messages)
+        "in-features-mismatch": (x, torch.randn(37, 17, device=device), t, {}, False),
+        "batch-size-mismatch": (x, w, t[:4], {}, True),
+        "bias-wrong-length": (x, w, t, dict(linear_bias=torch.randn(38, device=device)), False),
+        "class-weight-wrong-length": (x, w, t, dict(weight=torch.rand(36, device=device)), False),
+        "class-weight-float64": (x, w, t, dict(weight=torch.rand(37, dtype=torch.float64, device=device)), True),
+        "int32-target": (x, w, t.int(), {}, True),
+        "3d-input": (torch.randn(2, 5, 16, device=device), w, t, {}, False),
+        "reduction-avg": (x, w, t, dict(reduction="avg"), True),
+        "label_smoothing-2": (x, w, t, dict(label_smoothing=2.0), True),
+        "target-out-of-range": (x, w, torch.tensor([1, 2, 37, 0, -100], device=device), {}, True),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs("cpu")))
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_bad_input_raises_torchs_error(backend, device, case):
+    x, linear_weight, target, kwargs, same_message = _bad_inputs(device)[case]
+    if backend == "triton" and case == "target-out-of-range":
+        pytest.skip("the Triton kernel cannot raise: it gives the row a NaN loss (tested below)")
+    with pytest.raises(Exception) as torch_error:
+        F.linear_cross_entropy(x, linear_weight, target, **kwargs)
+    before = [x.clone(), linear_weight.clone()]
+    with pytest.raises(Exception) as our_error:
+        FF.linear_cross_entropy(x, linear_weight, target, backend=backend, **kwargs)
+    assert type(our_error.value) is type(torch_error.value), (our_error.value, torch_error.value)
+    if same_message:
+        assert str(our_error.value) == str(torch_error.value)
+    assert torch.equal(x, before[0]) and torch.equal(linear_weight, before[1])
+
+
+def test_triton_out_of_range_target_gives_a_nan_loss():
+    if not TRITON_INTERPRETED:
+        pytest.skip("Triton runs CPU tensors only interpreted")
+    x, linear_weight, _, _, _ = make_case(5, 16, 37, torch.float32)
+    target = torch.tensor([1, 2, 37, 0, -100])
+    loss = FF.linear_cross_entropy(x, linear_weight, target, reduction="none", backend="triton")
+    assert loss[2].isnan() and torch.isfinite(loss[[0, 1, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(z_loss=-1.0), dict(softcap=0.0)], ids=["z_loss<0", "softcap=0"])
+def test_bad_extras_raise_value_error(kwargs):
+    x, linear_weight, _, target, _ = make_case(5, 16, 37, torch.float32)
+    with pytest.raises(ValueError, match="z_loss must be a non-negative|softcap must be None or a positive"):
+        FF.linear_cross_entropy(x, linear_weight, target, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the module
+
+
+def test_module_signature_extends_torchs():
+    ours = inspect.signature(fused_optim.LinearCrossEntropyLoss).parameters
+    theirs = inspect.signature(torch.nn.LinearCrossEntropyLoss).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)
+    for name, param in theirs.items():
+        assert ours[name].default == param.default and ours[name].kind == param.kind, name
+
+
+@pytest.mark.parametrize("bias, class_weight", [(False, False), (True, False), (True, True)],
+                         ids=["no-bias", "bias", "bias+class-weight"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_module_loads_torchs_state_and_matches_its_forward(backend, device, bias, class_weight):
+    weight = torch.rand(37, device=device) + 0.5 if class_weight else None
+    kwargs = dict(bias=bias, weight=weight, label_smoothing=0.1, reduction="sum", device=device)
+    theirs = torch.nn.LinearCrossEntropyLoss(16, 37, **kwargs)
+    ours = fused_optim.LinearCrossEntropyLoss(16, 37, **kwargs, backend=backend)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ("linear.bias" in ours.state_dict()) == bias
+    ours.load_state_dict(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    x = torch.randn(13, 16, device=device)
+    target = torch.randint(0, 37, (13,), device=device)
+    target[4] = -100
+    ours_loss, torch_loss = ours(x, target), theirs(x, target)
+    torch.testing.assert_close(ours_loss, torch_loss, rtol=1e-6, atol=1e-5)
+    ours_loss.backward()
+    torch_loss.backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # and the other way: torch's module loads ours
+    fresh = torch.nn.LinearCrossEntropyLoss(16, 37, **kwargs)
+    fresh.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_module_k_dimensional_out_features_like_torch(backend, device):
+    """out_features=(3,): a (C, 3, H) projection and (N, 3) targets, which torch's module takes."""
+    theirs = torch.nn.LinearCrossEntropyLoss(16, 37, out_features=(3,), bias=True, device=device)
+    ours = fused_optim.LinearCrossEntropyLoss(16, 37, out_features=(3,), bias=True, device=device, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 16, device=device)
+    target = torch.randint(0, 37, (5, 3), device=device)
+    torch.testing.assert_close(ours(x, target), theirs(x, target))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(weight=torch.rand(36)), "expected weight shape to be (37,), got (36,)"),
+    (dict(label_smoothing=1.5), "expected label_smoothing to be in range [0, 1], got 1.5"),
+], ids=["weight-wrong-length", "label_smoothing-1.5"])
+def test_module_constructor_errors_like_torch(kwargs, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        torch.nn.LinearCrossEntropyLoss(16, 37, **kwargs)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        fused_optim.LinearCrossEntropyLoss(16, 37, **kwargs)
+
+
+def test_module_extras_pass_through():
+    module = fused_optim.LinearCrossEntropyLoss(16, 37, bias=True, z_loss=1e-2, softcap=5.0, return_z_loss=True,
+                                                reduction="none", backend="cpu")
+    x = torch.randn(13, 16)
+    target = torch.randint(0, 37, (13,))
+    loss, z = module(x, target)
+    expected = FF.linear_cross_entropy(x, module.linear.weight, target, linear_bias=module.linear.bias,
+                                       reduction="none", z_loss=1e-2, softcap=5.0, return_z_loss=True,
+                                       backend="cpu")
+    assert torch.equal(loss, expected[0]) and torch.equal(z, expected[1])
