@@ -34,7 +34,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
     `inplace_backward=True` writes that gradient over the logits (no second (N, V) buffer); the logits' version
     counter is bumped, so a graph that saved them elsewhere raises instead of computing a wrong gradient, but
-    reading the logits yourself after the loss gives the gradient. It applies only to non-leaf logits.
+    reading the logits yourself after the loss gives the gradient. It applies only to logits that are neither a
+    leaf nor a view of one.
 
     Example:
         >>> import torch, fused_optim.functional as FF
@@ -64,7 +65,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if logits.stride(-1) != 1 or logits.stride(0) < num_classes:
         logits = logits.contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    inplace = inplace_backward and needs_grad and not logits.is_leaf
+    # never over a leaf's memory: neither a leaf nor a view of one (a view of a parameter is not itself a leaf)
+    inplace = inplace_backward and needs_grad and not logits.is_leaf and not (
+        logits._base is not None and logits._base.is_leaf)
     loss, z = CrossEntropyFunction.apply(logits, _index_target(target).reshape(-1), _class_weight(weight),
                                          reduction, ignore_index, label_smoothing, float(z_loss), softcap,
                                          needs_grad, inplace, backend)

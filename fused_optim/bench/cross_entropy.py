@@ -14,7 +14,10 @@
 What is timed: one call of `step()`: the grads of the leaf inputs are set to None, then `loss = f(...)` and
 `loss.backward()` (reduction "mean"). Each call therefore computes a fresh gradient and allocates its buffer, as a
 training step does; nothing is reused from the previous call. CPU: median and IQR of separately timed calls; GPU:
-CUDA events via `triton.testing.do_bench` (fused_optim/bench/timing.py).
+CUDA events via `triton.testing.do_bench` (fused_optim/bench/timing.py). On the CPU a fresh (N, V) buffer is fresh
+pages from the kernel (glibc maps and unmaps allocations this large): faulting in 524 MB took ~75 ms here, about
+half of our ce call, and torch eager pays it twice (log-softmax output and gradient). It is part of every row's
+time, as it is of a training step; `THP_MEM_ALLOC_ENABLE=1` (huge pages for torch's CPU allocations) makes it smaller.
 
 Correctness, before timing: every implementation's loss and gradients are compared with
 `fused_optim.reference.cross_entropy` in float64 on the same input, gradients by their largest error relative to
