@@ -26,7 +26,7 @@ test: build
 	$(PYTHON) -m pytest tests -q
 
 bench: install
-	$(PYTHON) -m fused_optim bench
+	$(PYTHON) -m fused_optim bench --ops all
 
 info: install
 	$(PYTHON) -m fused_optim info
