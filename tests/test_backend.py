@@ -22,6 +22,8 @@ PACKAGE_DIR = os.path.dirname(fused_optim.__file__)
 CPU_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cpu*.so")))
 CUDA_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cuda*.so")))
 ADAM_OPS = ["adam_step_", "adam_step_triton_", "adam_step_torch_"]
+CROSS_ENTROPY_OPS = ["cross_entropy_forward", "cross_entropy_forward_triton", "cross_entropy_forward_torch",
+                     "cross_entropy_scale_grad_", "cross_entropy_scale_grad_triton_", "cross_entropy_scale_grad_torch_"]
 
 
 @pytest.fixture
@@ -193,19 +195,24 @@ def _has_kernel(op: str, key: str) -> bool:
 @pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
 def test_cpu_extension_is_loaded_and_registered():
     assert _backend.extension_error("cpu") is None
-    assert _has_kernel("adam_step_", "CPU")
-    assert _has_kernel("triad_", "CPU")
+    for op in ("adam_step_", "triad_", "cross_entropy_forward", "cross_entropy_scale_grad_"):
+        assert _has_kernel(op, "CPU"), op
 
 
 @pytest.mark.skipif(not CUDA_EXTENSION_BUILT, reason="fused_optim/_C_cuda*.so is not built")
 def test_cuda_extension_is_loaded_and_registered_without_a_gpu():
     """The CI check that the CUDA build works: it loads here, GPU or not, and registers its kernel."""
     assert _backend.extension_error("cuda") is None
-    assert _has_kernel("adam_step_", "CUDA")
+    for op in ("adam_step_", "cross_entropy_forward", "cross_entropy_scale_grad_"):
+        assert _has_kernel(op, "CUDA"), op
 
 
 def test_python_ops_are_registered():
     assert _has_kernel("adam_step_triton_", "CPU") and _has_kernel("adam_step_triton_", "CUDA")
     assert _has_kernel("adam_step_torch_", "CompositeExplicitAutograd")
-    for op in ADAM_OPS:  # fake impls, for torch.compile and meta tensors
+    for op in ("cross_entropy_forward_triton", "cross_entropy_scale_grad_triton_"):
+        assert _has_kernel(op, "CPU") and _has_kernel(op, "CUDA"), op
+    for op in ("cross_entropy_forward_torch", "cross_entropy_scale_grad_torch_"):
+        assert _has_kernel(op, "CompositeExplicitAutograd"), op
+    for op in ADAM_OPS + CROSS_ENTROPY_OPS:  # fake impls, for torch.compile and meta tensors
         assert _has_kernel(op, "Meta"), op
