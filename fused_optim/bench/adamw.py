@@ -28,7 +28,6 @@ the median time: an implementation that moves more (temporaries, several passes)
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import math
 import time
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor
 
 from fused_optim import _backend
-from fused_optim.bench.timing import Timing, host_time, synchronize, time_fn
+from fused_optim.bench.timing import error_note, release_memory, Timing, host_time, synchronize, time_fn
 
 CASES = ("fp32", "bf16", "bf16+master", "host")
 HOST_SHAPES = [(4096,)] * 1000
@@ -355,12 +354,10 @@ def _run_case(config: AdamWConfig, case: str, n_params: int, roof_gbps: float | 
                     continue
             _measure(config, case, runner, step_s, row)
         except Exception as error:  # noqa: BLE001  (one failing peer must not end the benchmark)
-            row["note"] = f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            row["note"] = error_note(error)
         finally:
             runner = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory(device)
             on_task(f"{label}: {impl.name}")
 
     ordered_rows = [rows[impl.name] for impl in impls]

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from fused_optim import _backend, reference
 from fused_optim.bench.adamw import Impl
-from fused_optim.bench.timing import synchronize, time_fn
+from fused_optim.bench.timing import error_note, release_memory, synchronize, time_fn
 
 OPS = ("ce", "linear_ce")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -348,12 +348,10 @@ def _run_case(config: LossConfig, op: str, case: str, shape: tuple[int, ...], ro
         except Unavailable as error:
             row["note"] = str(error)
         except Exception as error:  # noqa: BLE001  (one failing peer must not end the benchmark)
-            row["note"] = f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            row["note"] = error_note(error)
         finally:
             runner = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory(device)
             on_task(f"{label}: {impl.name}")
     _derive(rows, roof_gbps)
     return rows

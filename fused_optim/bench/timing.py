@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -170,3 +172,16 @@ def memory_roof(device: torch.device | str, n_elements: int | None = None, budge
         gbps=bytes_moved / (timing.median_ms * 1e6),
     )
     return roof
+
+
+def error_note(error: BaseException) -> str:
+    """The note of a peer that failed: its exception type and the first line of its message."""
+    message = str(error).strip()
+    return f"error: {type(error).__name__}: {message.splitlines()[0] if message else ''}"
+
+
+def release_memory(device: torch.device) -> None:
+    """Frees what the previous implementation left, so the next one's time and peak memory are its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
