@@ -7,6 +7,7 @@ anything imports fused_optim or triton.
 
 from __future__ import annotations
 
+import inspect
 import os
 import zlib
 
@@ -58,6 +59,14 @@ def seed(request) -> int:
     value = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(value)
     return value
+
+
+def assert_signature_extends(ours, torchs) -> None:
+    """`ours` takes every argument of `torchs`, in the same order, kind and default, then its own extras."""
+    ours_params, torch_params = inspect.signature(ours).parameters, inspect.signature(torchs).parameters
+    assert list(ours_params)[:len(torch_params)] == list(torch_params)
+    for name, param in torch_params.items():
+        assert ours_params[name].default == param.default and ours_params[name].kind == param.kind, name
 
 
 def pytest_configure(config) -> None:

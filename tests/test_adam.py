@@ -233,12 +233,7 @@ def test_cpu_chunk_boundaries(backend, device):
     ours, theirs = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
     opt = fused_optim.AdamW(ours, lr=1e-2, amsgrad=True, backend=backend)
     torch_opt = torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, foreach=False)
-    for _ in range(3):
-        set_grads(random_grads(shapes), ours, theirs)
-        opt.step()
-        torch_opt.step()
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
@@ -332,8 +327,9 @@ def test_state_layout(backend, device, dtype, master):
         assert set(torch_group) <= set(ours_group)
 
 
-def continue_both_and_compare(opt, torch_opt, ours, theirs, shapes, device, steps=3) -> None:
-    """After a state_dict crossed between the two: step both on the same grads; the params must stay together."""
+def step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device, steps=3) -> None:
+    """Steps ours and torch's on the same grads (after a state_dict crossed between them, say): the params must
+    stay together."""
     for _ in range(steps):
         set_grads(random_grads(shapes, device=device), ours, theirs)
         opt.step()
@@ -356,7 +352,7 @@ def test_torch_state_dict_loads_into_ours(backend, device):
     opt.load_state_dict(torch_opt.state_dict())
     assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["amsgrad"]
     assert opt.state[ours[0]]["step"].device == ours[0].device and opt.state[ours[0]]["step"].item() == 3.0
-    continue_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
+    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
     for p in ours:
         assert opt.state[p]["step"].item() == 6.0
 
@@ -376,7 +372,7 @@ def test_our_state_dict_loads_into_torch(backend, device):
     # dict would share our step counters with torch's (and each would count the other's steps).
     torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert torch_opt.param_groups[0]["amsgrad"]
-    continue_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
+    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
 
 
 RESUME_KINDS = {

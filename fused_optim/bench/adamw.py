@@ -217,14 +217,13 @@ class Impl:
     reference: bool = False  # torch's for-loop: the check's reference itself
 
 
-def implementations(case: str, device: torch.device) -> list[Impl]:
-    """The implementations compared in `case` on `device`, usable or not (with the reason)."""
+def our_implementations(device: torch.device, build: Callable[[str], Callable]) -> list[Impl]:
+    """Ours on each backend that runs `device`'s tensors (`build(backend)` makes its runner), or why one cannot."""
     impls = []
-    auto = None
     try:
         auto = _backend.resolve("auto", device.type)
     except RuntimeError:
-        pass
+        auto = None
     for backend in ("cuda", "triton") if device.type == "cuda" else ("cpu",):
         name = f"fused_optim[{backend}]"
         try:
@@ -232,7 +231,13 @@ def implementations(case: str, device: torch.device) -> list[Impl]:
         except RuntimeError as error:
             impls.append(Impl(name, None, unavailable=str(error)))
             continue
-        impls.append(Impl(name, _ours(backend), auto=backend == auto))
+        impls.append(Impl(name, build(backend), auto=backend == auto))
+    return impls
+
+
+def implementations(case: str, device: torch.device) -> list[Impl]:
+    """The implementations compared in `case` on `device`, usable or not (with the reason)."""
+    impls = our_implementations(device, _ours)
     if case == "bf16+master":
         impls.append(Impl("torch way: fused + _foreach_copy_", _torch_way("foreach_copy"), baseline=True))
         impls.append(Impl("torch way: fused + .float()", _torch_way(".float()")))

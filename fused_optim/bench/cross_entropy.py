@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_optim import _backend, reference
-from fused_optim.bench.adamw import Impl
+from fused_optim import reference
+from fused_optim.bench.adamw import Impl, our_implementations
 from fused_optim.bench.timing import error_note, release_memory, synchronize, time_fn
 
 OPS = ("ce", "linear_ce")
@@ -235,19 +235,7 @@ def _liger(op: str, device: torch.device) -> Impl:
 
 def implementations(op: str, device: torch.device) -> list[Impl]:
     """The implementations compared in `op` on `device`, usable or not (with the reason)."""
-    impls = []
-    try:
-        auto = _backend.resolve("auto", device.type)
-    except RuntimeError:
-        auto = None
-    for backend in ("cuda", "triton") if device.type == "cuda" else ("cpu",):
-        name = f"fused_optim[{backend}]"
-        try:
-            _backend.resolve(backend, device.type)
-        except RuntimeError as error:
-            impls.append(Impl(name, None, unavailable=str(error)))
-            continue
-        impls.append(Impl(name, _ours(op, backend), auto=backend == auto))
+    impls = our_implementations(device, lambda backend: _ours(op, backend))
     if op == "ce":
         impls.append(Impl("torch eager", _runner(F.cross_entropy), baseline=True))
         impls.append(Impl("torch.compile", _compiled(F.cross_entropy)))
