@@ -34,7 +34,7 @@ for _name in sorted(set(OP_NAMES.values())):
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _dense(t: torch.Tensor) -> bool:
+def dense(t: torch.Tensor) -> bool:
     """Whether t's elements fill one block of memory without gaps or overlaps, in any dimension order
     (the kernels walk it as a flat array)."""
     expected_stride = 1
@@ -76,7 +76,7 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
         raise RuntimeError(f"adam_step: all tensors must be on one device, got {sorted(map(str, devices))}")
     if [g.shape for g in grads] != shapes:
         raise RuntimeError("adam_step: a grad must have its param's shape")
-    if not all(p.is_contiguous() or _dense(p) for p in params):
+    if not all(p.is_contiguous() or dense(p) for p in params):
         raise RuntimeError("adam_step: params must be dense")
     # The kernels read these through raw pointers as one fp32 value each.
     if any(step.numel() != 1 or step.dtype != torch.float32 for step in steps):

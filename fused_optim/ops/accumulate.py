@@ -1,0 +1,78 @@
+"""Gradient accumulation as torch.library ops: `main_grads[i] += grads[i]` over whole lists, one op per backend.
+
+- `fused_optim::accumulate_grads_`         the C++ kernels: csrc/cpu/accumulate.cpp, csrc/cuda/accumulate.cu
+- `fused_optim::accumulate_grads_triton_`  fused_optim/triton/accumulate.py
+- `fused_optim::accumulate_grads_torch_`   torch's `_foreach_add_` (the fallback and the peer)
+
+The main grads are fp32; a grad is fp32, bf16 or fp16 and is widened on the fly, so a bf16 micro-batch gradient
+costs 2 bytes read + 4 read + 4 written per element (the 10 B/element of the bytes model) and nothing else.
+A grad whose strides differ from its main grad's is first copied into the main grad's layout (the kernels walk
+both as flat arrays); autograd hands out grads in their param's layout, and the main grads take it too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _backend
+from fused_optim.ops._library import lib as _lib
+from fused_optim.ops.adam import dense
+
+SCHEMA = "(Tensor(a!)[] main_grads, Tensor[] grads) -> ()"
+OP_NAMES = {"cpu": "accumulate_grads_", "cuda": "accumulate_grads_", "triton": "accumulate_grads_triton_",
+            "torch": "accumulate_grads_torch_"}
+for _name in sorted(set(OP_NAMES.values())):
+    _lib.define(_name + SCHEMA)
+    torch.library.register_fake(f"fused_optim::{_name}", lambda main_grads, grads: None, lib=_lib)
+
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_accumulate_args(main_grads, grads) -> list[torch.Tensor]:
+    """The Python twin of csrc/include/fused_optim/accumulate_launch.h's checks, for the Triton and torch ops:
+    everything is checked before anything is written; returns the grads in their main grads' memory layout."""
+    if len(main_grads) != len(grads):
+        raise RuntimeError("accumulate_grads_: main_grads and grads must have the same length")
+    if any(m.dtype != torch.float32 for m in main_grads):
+        raise RuntimeError("accumulate_grads_: main grads must be float32")
+    if any(g.dtype not in GRAD_DTYPES for g in grads):
+        raise RuntimeError("accumulate_grads_: grads must be float32, bfloat16 or float16")
+    if [m.shape for m in main_grads] != [g.shape for g in grads]:
+        raise RuntimeError("accumulate_grads_: a grad must have its main grad's shape")
+    devices = {t.device for tensors in (main_grads, grads) for t in tensors}
+    if len(devices) > 1:
+        raise RuntimeError(f"accumulate_grads_: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if not all(m.is_contiguous() or dense(m) for m in main_grads):
+        raise RuntimeError("accumulate_grads_: main grads must be dense")
+    return [g if g.stride() == m.stride() else torch.empty_like(m, dtype=g.dtype).copy_(g)
+            for m, g in zip(main_grads, grads)]
+
+
+def _accumulate_triton(main_grads, grads):
+    from fused_optim.triton.accumulate import accumulate_grads_triton
+
+    grads = check_accumulate_args(main_grads, grads)
+    if main_grads:
+        accumulate_grads_triton(main_grads, grads)
+
+
+def _accumulate_torch(main_grads, grads):
+    grads = check_accumulate_args(main_grads, grads)
+    if main_grads:
+        torch._foreach_add_(main_grads, grads)  # widens bf16/fp16 grads to the fp32 main grads
+
+
+_lib.impl("accumulate_grads_torch_", _accumulate_torch, "CompositeExplicitAutograd")
+for _dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
+    _lib.impl("accumulate_grads_triton_", _accumulate_triton, _dispatch_key)
+
+
+def accumulate_grads(main_grads: list[torch.Tensor], grads: list[torch.Tensor], *, backend: str = "auto") -> None:
+    """`main_grads[i] += grads[i]` for every i, in one launch (a few for very long lists on CUDA).
+
+    `main_grads`: fp32 tensors, dense; `grads`: fp32/bf16/fp16 tensors of the same shapes, on the same device.
+    """
+    if not main_grads:
+        return
+    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, main_grads[0].device.type)]).default
+    op(main_grads, grads)

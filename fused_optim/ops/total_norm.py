@@ -1,0 +1,78 @@
+"""The norm of a list of tensors taken as one vector, as torch.library ops: one op per backend, one schema.
+
+- `fused_optim::total_norm`         the C++ kernels: csrc/cpu/total_norm.cpp, csrc/cuda/total_norm.cu
+- `fused_optim::total_norm_triton`  fused_optim/triton/total_norm.py
+- `fused_optim::total_norm_torch`   torch's `_foreach_norm` in fp32, then the norm of those norms
+
+`total_norm(tensors, norm_type)` returns a 0-dim fp32 tensor on the tensors' device: (Σ|x|^p)^(1/p) over every
+element of every tensor, max|x| for p = inf. Sums are taken in fp32 per block of elements and the block partial
+sums added in a fixed order (fp64 on the CPU), so the result does not depend on the thread count. Any NaN gives
+NaN and any inf gives inf, which is what the callers' inf/NaN check reads. It reads each element once and writes
+one number: no host sync, so clipping and the optimizer step that uses it stay capturable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fused_optim import _backend
+from fused_optim.ops._library import lib as _lib
+from fused_optim.ops.accumulate import GRAD_DTYPES
+from fused_optim.ops.adam import dense
+
+SCHEMA = "(Tensor[] tensors, float norm_type) -> Tensor"
+OP_NAMES = {"cpu": "total_norm", "cuda": "total_norm", "triton": "total_norm_triton", "torch": "total_norm_torch"}
+for _name in sorted(set(OP_NAMES.values())):
+    _lib.define(_name + SCHEMA)
+
+    @torch.library.register_fake(f"fused_optim::{_name}", lib=_lib)
+    def _fake(tensors, norm_type):
+        return tensors[0].new_empty((), dtype=torch.float32)
+
+
+def check_total_norm_args(tensors, norm_type) -> None:
+    """The Python twin of csrc/include/fused_optim/total_norm.h's checks, for the Triton and torch ops."""
+    if not tensors:
+        raise RuntimeError("total_norm: needs at least one tensor")
+    if not (norm_type > 0):  # also refuses NaN
+        raise RuntimeError(f"total_norm: norm_type must be positive or inf, got {norm_type}")
+    if any(t.dtype not in GRAD_DTYPES for t in tensors):
+        raise RuntimeError("total_norm: tensors must be float32, bfloat16 or float16")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise RuntimeError(f"total_norm: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if not all(t.is_contiguous() or dense(t) for t in tensors):
+        raise RuntimeError("total_norm: tensors must be dense")
+
+
+def _total_norm_triton(tensors, norm_type):
+    from fused_optim.triton.total_norm import total_norm_triton
+
+    check_total_norm_args(tensors, norm_type)
+    return total_norm_triton(tensors, norm_type)
+
+
+def _total_norm_torch(tensors, norm_type):
+    check_total_norm_args(tensors, norm_type)
+    norms = torch._foreach_norm(tensors, norm_type, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+_lib.impl("total_norm_torch", _total_norm_torch, "CompositeExplicitAutograd")
+for _dispatch_key in ("CUDA", "CPU"):
+    _lib.impl("total_norm_triton", _total_norm_triton, _dispatch_key)
+
+
+def kernel_supports(norm_type: float) -> bool:
+    """Whether our kernels compute this norm: p > 0 or inf (torch's 0-"norm" and -inf fall back to torch)."""
+    return norm_type > 0 and not math.isnan(norm_type)
+
+
+def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: str = "auto") -> torch.Tensor:
+    """The `norm_type`-norm of all elements of `tensors` (fp32/bf16/fp16, dense, one device) as one vector:
+    a 0-dim fp32 tensor on their device. Non-dense tensors are copied first."""
+    tensors = [t if t.is_contiguous() or dense(t) else t.contiguous() for t in tensors]
+    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, tensors[0].device.type)]).default
+    return op(tensors, float(norm_type))
