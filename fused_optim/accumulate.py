@@ -31,6 +31,7 @@ from torch import Tensor
 from fused_optim import _backend
 from fused_optim.clip_grad import global_norm
 from fused_optim.ops.accumulate import accumulate_grads
+from fused_optim.ops.adam import dense
 
 _ALIGN = 16  # elements of fp32: every main grad starts on a 64-byte boundary
 
@@ -120,7 +121,7 @@ class GradAccumulator:
             for i, offset in zip(indices, offsets):
                 p = self.params[i]
                 # the param's own strides: autograd's grads come in the param's layout, so the kernels walk both flat
-                self.main_grads[i] = flat.as_strided(p.shape, p.stride(), offset) if p.is_non_overlapping_and_dense() \
+                self.main_grads[i] = flat.as_strided(p.shape, p.stride(), offset) if dense(p) \
                     else flat[offset:offset + p.numel()].view(p.shape)
         self._received = [False] * len(self.params)  # which params got a gradient since zero_()
         self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._accumulate_one, i))
