@@ -9,10 +9,11 @@
     ['cpu', 'cuda', 'torch', 'triton']
 """
 
-from fused_optim import functional, ops  # noqa: F401  (ops: defines the ops and loads the C++ extensions)
+from fused_optim import functional, lr_scheduler, ops  # noqa: F401  (ops: defines the ops and loads the C++ extensions)
 from fused_optim.info import backends
 from fused_optim.nn import CrossEntropyLoss, LinearCrossEntropyLoss
 from fused_optim.optim import Adam, AdamW
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "CrossEntropyLoss", "LinearCrossEntropyLoss", "backends", "functional", "__version__"]
+__all__ = ["Adam", "AdamW", "CrossEntropyLoss", "LinearCrossEntropyLoss", "backends", "functional", "lr_scheduler",
+           "__version__"]
