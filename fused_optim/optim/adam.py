@@ -12,6 +12,14 @@ Differences from torch, all additive:
 - Every step is capturable: the step count, a tensor lr and GradScaler's grad_scale/found_inf are read on the
   device, never on the host, so `capturable` is accepted and changes nothing. `foreach` and `fused` are accepted
   and ignored. `differentiable=True` is not supported.
+- `max_grad_norm=` clips the global grad norm (over every group, as `clip_grad_norm_` over all params) inside the
+  step: one pass reads the grads for the norm and the update pass applies unscale and clip as one factor, so the
+  grads are read twice and never written. A non-finite norm skips the step on the device (params, state and step
+  counts untouched). `last_grad_norm` holds the norm of the unscaled grads before clipping.
+- `skipped_steps` counts, on the device, the steps skipped for inf/NaN grads; fused_optim.lr_scheduler reads it so
+  a skipped step does not advance the schedule.
+- A param's `main_grad` (fp32, set by fused_optim.GradAccumulator), when present, is used instead of its `.grad`:
+  bf16/fp16 params get their accumulated gradient without rounding it to their dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from fused_optim import _backend
 from fused_optim.ops.adam import adam_step
+from fused_optim.optim._guard import StepGuard, grad_of
 
 _FP32_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -50,6 +59,9 @@ class Adam(Optimizer):
         >>> opt.step(); opt.zero_grad()
     """
 
+    # fused_optim.GradScaler leaves the inf/NaN check of the grads to our step (optim/_guard.py).
+    _checks_grads_in_step = True
+
     def __init__(
         self,
         params: ParamsT,
@@ -67,6 +79,7 @@ class Adam(Optimizer):
         decoupled_weight_decay: bool = False,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
         backend: str | None = None,
     ) -> None:
         # torch's checks, in torch's order and words
@@ -88,6 +101,9 @@ class Adam(Optimizer):
             raise RuntimeError(f"fused_optim.{type(self).__name__} does not support differentiable=True")
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
         self._plans: dict[int, _Plan] = {}  # per group, see _gather
@@ -109,6 +125,7 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale and found_inf instead of unscaling and checking the grads itself.
         self._step_supports_amp_scaling = True
+        self._guard = StepGuard(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
@@ -124,15 +141,30 @@ class Adam(Optimizer):
         if group["stochastic_rounding"]:
             group.setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
 
+    @property
+    def skipped_steps(self) -> Tensor:
+        """How many steps were skipped for inf/NaN grads: a 0-dim float32 tensor on the params' device."""
+        return self._guard.skipped_steps
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """With max_grad_norm (or fused_optim.GradScaler), the global norm of the unscaled grads of the last step,
+        before clipping: a 0-dim float32 tensor on the device. None before the first such step."""
+        return self._guard.last_grad_norm
+
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "backend": self.backend}
+        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch pickles only defaults, state and param_groups; the rest is ours to restore (deepcopy, pickle).
         # torch's load_state_dict calls this too, with neither: the backend chosen at construction stays.
         self.backend = state.pop("backend", None) or getattr(self, "backend", None) or _backend.default_backend()
+        if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
+            self.max_grad_norm = state.pop("max_grad_norm", None)
         self._step_supports_amp_scaling = True
         super().__setstate__(state)
+        if not hasattr(self, "_guard"):
+            self._guard = StepGuard(self)
         self._plans = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -150,10 +182,11 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            for kind, lists in self._gather(group).items():
+        gathered = [(group, self._gather(group)) for group in self.param_groups]
+        grads = [grad for _, kinds in gathered for lists in kinds.values() for grad in lists[1]]
+        grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
+        for group, kinds in gathered:
+            for kind, lists in kinds.items():
                 beta1, beta2 = group["betas"]
                 adam_step(
                     *lists,
@@ -181,7 +214,7 @@ class Adam(Optimizer):
         read again; they are rebuilt when which params have grads, the params, the state or the options changed.
         The op checks the grads themselves (shape, dtype, layout) before writing anything."""
         params = group["params"]
-        grads = [p.grad for p in params]
+        grads = [grad_of(p) for p in params]
         has_grad = [grad is not None for grad in grads]
         plan = self._plans.get(id(group))
         if plan is not None and plan.fits(group, self.state, has_grad):
@@ -338,12 +371,14 @@ class AdamW(Adam):
         fused: bool | None = None,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            master_weights=master_weights, stochastic_rounding=stochastic_rounding, backend=backend,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm,
+            backend=backend,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

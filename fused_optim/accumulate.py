@@ -1,0 +1,225 @@
+"""`fused_optim.GradAccumulator`: fp32 main grads for a model's params, filled micro-batch by micro-batch, and
+normalised by the number of tokens that made them.
+
+Why a token count. With micro-batches of different numbers of (non-ignored) target tokens, the mean of the
+per-micro-batch mean losses gives a token of a short micro-batch more weight than a token of a long one: it is not
+the full batch's mean loss, and its gradient is not the full-batch gradient (docs/accumulation-notes.md has the
+numbers). Summing each micro-batch's loss (`reduction="sum"`) and dividing the accumulated gradient once by the
+total count of target tokens is exact however uneven the micro-batches are. Under torch.distributed the count is
+summed over the ranks together with the gradients, so every rank divides by the global count.
+
+Why fp32 main grads. Adding k bf16 micro-batch gradients in bf16 rounds k times to 8 bits of mantissa; adding
+them into fp32 (the grad widened on the fly, one multi-tensor launch: fused_optim/ops/accumulate.py) does not.
+fused_optim's optimizers read the fp32 main grad of a bf16/fp16 param directly (`p.main_grad`), so it is never
+rounded to bf16 at all.
+
+Layout: one flat buffer per device holds every main grad, each a view in its param's memory layout starting on a
+64-byte boundary (the kernels' 16-byte loads apply). `finalize()` is then a norm pass and one multiply over that
+buffer, plus, when distributed, one all-reduce of it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fused_optim import _backend
+from fused_optim.clip_grad import global_norm
+from fused_optim.ops.accumulate import accumulate_grads
+from fused_optim.ops.adam import dense
+
+_ALIGN = 16  # elements of fp32: every main grad starts on a 64-byte boundary
+
+
+def count_tokens(target: Tensor, ignore_index: int = -100) -> Tensor:
+    """The number of targets a loss counts (those != ignore_index): an int64 0-dim tensor, computed on the target's
+    device (no host sync). Sum it over micro-batches and pass it to `GradAccumulator.finalize(num_tokens=...)`.
+
+    Example:
+        >>> fused_optim.count_tokens(torch.tensor([3, -100, 7]))
+        tensor(2)
+    """
+    return (target != ignore_index).sum()
+
+
+def _flatten_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[Tensor]:
+    """The params that take grads, in order, once each (tied weights appear once); param groups are flattened."""
+    seen, result = set(), []
+    for item in params:
+        for p in item["params"] if isinstance(item, dict) else [item]:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                result.append(p)
+    return result
+
+
+class GradAccumulator:
+    """fp32 main grads for `params`: `accumulate()` after each micro-batch's backward, `finalize()` once before the
+    optimizer step, `zero_()` after it.
+
+    Args:
+        params: the params (or param groups) whose grads to accumulate; those without requires_grad are left out.
+        dtype: the main grads' dtype; float32 (the kernels' and the optimizers' main-grad dtype) is the one taken.
+        backend: which kernels add the grads ("auto", "cuda", "triton", "cpu", "torch"; fused_optim._backend).
+        use_hooks: accumulate each grad as soon as autograd has it (`register_post_accumulate_grad_hook`) and free
+            it at once, so at most one param's micro-batch grad is alive; `accumulate()` then has nothing to do.
+        process_group: the group whose ranks' gradients and token counts `finalize()` sums (default: the whole
+            world when torch.distributed is initialised with more than one rank).
+
+    After `finalize()`, fp32 params have `p.grad` (the main grad itself, no copy) and every param that received a
+    gradient has `p.main_grad`, which fused_optim's optimizers read in preference to `p.grad`: bf16/fp16 params are
+    stepped from their fp32 gradient. (torch's optimizers read only `p.grad`, which bf16/fp16 params lack here.)
+
+    With DDP, run the micro-batches under `model.no_sync()` (the last one may be synced too; the result is the
+    same): `finalize()` all-reduces the fp32 sum once, instead of DDP reducing each micro-batch in bf16.
+
+    Example:
+        >>> acc = fused_optim.GradAccumulator(model.parameters())
+        >>> tokens = 0
+        >>> for x, y in micro_batches:
+        ...     fused_optim.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        ...     acc.accumulate()
+        ...     tokens = tokens + fused_optim.count_tokens(y)
+        >>> norm = acc.finalize(num_tokens=tokens, max_norm=1.0)
+        >>> opt.step(); opt.zero_grad(); acc.zero_()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+        use_hooks: bool = False,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if dtype != torch.float32:
+            raise TypeError(f"GradAccumulator keeps float32 main grads (dtype=torch.float32), not {dtype}")
+        self.backend = backend if backend is not None else _backend.default_backend()
+        _backend.check_backend_name(self.backend)
+        self.params = _flatten_params(params)
+        self.process_group = process_group
+        self.main_grads: list[Tensor] = [None] * len(self.params)  # type: ignore[list-item]
+        self._indices_by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(self.params):
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"GradAccumulator takes float32, bfloat16 and float16 params, not {p.dtype}")
+            self._indices_by_device.setdefault(p.device, []).append(i)
+        self.flat_grads: dict[torch.device, Tensor] = {}
+        for device, indices in self._indices_by_device.items():
+            offsets, total = [], 0
+            for i in indices:
+                offsets.append(total)
+                total += -(-self.params[i].numel() // _ALIGN) * _ALIGN
+            flat = torch.zeros(total, dtype=dtype, device=device)
+            self.flat_grads[device] = flat
+            for i, offset in zip(indices, offsets):
+                p = self.params[i]
+                # the param's own strides: autograd's grads come in the param's layout, so the kernels walk both flat
+                self.main_grads[i] = flat.as_strided(p.shape, p.stride(), offset) if dense(p) \
+                    else flat[offset:offset + p.numel()].view(p.shape)
+        self._received = [False] * len(self.params)  # which params got a gradient since zero_()
+        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._accumulate_one, i))
+                       for i, p in enumerate(self.params)] if use_hooks else []
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Adds every param's `.grad` into its main grad (one launch per device) and frees the `.grad`."""
+        for indices in self._indices_by_device.values():
+            picked = [i for i in indices if self._pending(i)]
+            if not picked:
+                continue
+            accumulate_grads([self.main_grads[i] for i in picked], [self.params[i].grad for i in picked],
+                             backend=self.backend)
+            for i in picked:
+                self.params[i].grad = None
+                self._received[i] = True
+
+    def _pending(self, i: int) -> bool:
+        """Whether param i holds a grad not yet in its main grad (after finalize, an fp32 param's grad *is* its main
+        grad, which autograd may have added to directly)."""
+        grad = self.params[i].grad
+        return grad is not None and grad is not self.main_grads[i]
+
+    @torch.no_grad()
+    def _accumulate_one(self, i: int, p: Tensor) -> None:
+        if self._pending(i):
+            accumulate_grads([self.main_grads[i]], [p.grad], backend=self.backend)
+            p.grad = None
+            self._received[i] = True
+
+    def _group(self) -> dist.ProcessGroup | None:
+        """The process group to sum over, or None when not distributed (or alone)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    @torch.no_grad()
+    def finalize(self, num_tokens: int | Tensor | None = None, max_norm: float | None = None,
+                 norm_type: float = 2.0) -> Tensor | None:
+        """Sums over ranks (when distributed), divides by the token count, clips, and hands the grads to the
+        optimizer. No host sync: `num_tokens` may be a device tensor (`count_tokens`).
+
+        Args:
+            num_tokens: this rank's count of the tokens the summed losses were over; summed over the ranks when
+                distributed. None: the grads stay sums.
+            max_norm: clip the normalised grads to this global `norm_type`-norm (as `clip_grad_norm_`).
+
+        Returns the global norm of the normalised grads before clipping (0-dim fp32 tensor on the first device),
+        or None without `max_norm`.
+        """
+        flats = list(self.flat_grads.values())
+        if not flats:
+            return None if max_norm is None else torch.tensor(0.0)
+        group = self._group()
+        if group is not None:
+            for flat in flats:
+                dist.all_reduce(flat, group=group)
+            self._received = [True] * len(self.params)  # another rank's gradient may be here now
+        scale = None
+        if num_tokens is not None:
+            count = torch.as_tensor(num_tokens, device=flats[0].device).to(torch.float64).reshape(())
+            if group is not None:
+                dist.all_reduce(count, group=group)
+            scale = (1.0 / count).to(torch.float32)
+        norm = None
+        factor = scale
+        if max_norm is not None:
+            norm = global_norm(flats, norm_type, self.backend)
+            if scale is not None:
+                norm = norm * scale
+            clip_coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            factor = clip_coef if scale is None else clip_coef * scale
+        if factor is not None:
+            for flat in flats:
+                flat.mul_(factor.to(flat.device))
+        for i, p in enumerate(self.params):
+            if self._received[i]:
+                p.main_grad = self.main_grads[i]
+                if p.dtype == torch.float32:
+                    p.grad = self.main_grads[i]
+        return norm
+
+    @torch.no_grad()
+    def zero_(self) -> None:
+        """Zeroes the main grads (one fill per device) and takes back the grads handed out by `finalize()`."""
+        for flat in self.flat_grads.values():
+            flat.zero_()
+        for i, p in enumerate(self.params):
+            if getattr(p, "main_grad", None) is self.main_grads[i]:
+                p.main_grad = None
+            if p.grad is self.main_grads[i]:
+                p.grad = None
+        self._received = [False] * len(self.params)
+
+    def remove_hooks(self) -> None:
+        """Stops accumulating from autograd hooks (`use_hooks=True`)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []

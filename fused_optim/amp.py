@@ -1,0 +1,50 @@
+"""`fused_optim.GradScaler`: torch.amp.GradScaler, except that a fused_optim optimizer checks the grads for inf/NaN
+inside its own step.
+
+torch's GradScaler, before it calls an optimizer's step, reads (and rewrites) every grad once to look for inf/NaN
+(`_check_inf_per_device`). A fused_optim optimizer can do that check itself, in the pass that already reads the
+grads for the clipping norm (AdamW(max_grad_norm=...)) or in a norm pass of its own: one read of the grads instead
+of a read and a write, and no pass at all beyond the norm when clipping. The step writes what it found into the
+`found_inf` tensor this scaler gives it, so `update()` backs the scale off exactly as torch's does.
+
+Everything else is torch's: other optimizers, `unscale_` called by the user (then torch's path runs), `update`,
+`state_dict`. With torch's own GradScaler our optimizers work too (they read `grad_scale`/`found_inf` on the
+device), with torch's extra pass.
+
+Example:
+    >>> scaler = fused_optim.GradScaler("cpu")
+    >>> opt = fused_optim.AdamW(model.parameters(), max_grad_norm=1.0)
+    >>> scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+
+class GradScaler(torch.amp.GradScaler):
+    __doc__ = __doc__
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        """torch's `GradScaler.step`; for a fused_optim optimizer whose grads were not unscaled by the user, the
+        inf/NaN check runs inside the optimizer's step (see the module docstring)."""
+        state = self._per_optimizer_states[id(optimizer)]
+        if (not self._enabled or not getattr(optimizer, "_checks_grads_in_step", False)
+                or state["stage"] is not OptState.READY or "closure" in kwargs):
+            return super().step(optimizer, *args, **kwargs)
+        self._check_scale_growth_tracker("step")
+        scale = self._get_scale_async()
+        found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+        state["found_inf_per_device"] = {scale.device: found_inf}
+        optimizer.grad_scale = scale
+        optimizer.found_inf = found_inf
+        optimizer._grads_unchecked = True
+        try:
+            result = optimizer.step(*args, **kwargs)
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf, optimizer._grads_unchecked
+        state["stage"] = OptState.STEPPED
+        return result

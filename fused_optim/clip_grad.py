@@ -1,0 +1,87 @@
+"""`fused_optim.clip_grad_norm_`: torch.nn.utils.clip_grad_norm_'s signature and result, in two multi-tensor passes.
+
+The first pass reads every grad once for the global norm (fused_optim/ops/total_norm.py: one launch per device,
+a 0-dim fp32 result on the device); the second multiplies the grads by min(1, max_norm / (norm + 1e-6)), a factor
+that never leaves the device. Nothing reads a value on the host unless `error_if_nonfinite=True` asks for it, as
+in torch (that check needs the norm's value). Norms our kernels don't take (norm_type <= 0, -inf) run torch's.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from fused_optim import _backend
+from fused_optim.ops.total_norm import kernel_supports, total_norm
+
+
+def global_norm(tensors: list[Tensor], norm_type: float = 2.0, backend: str = "auto") -> Tensor:
+    """The norm of all `tensors` as one vector: a 0-dim fp32 tensor on the first tensor's device.
+    One launch per device; the per-device norms are combined on the first device."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    norms = [total_norm(device_tensors, norm_type, backend=backend) for device_tensors in by_device.values()]
+    if len(norms) == 1:
+        return norms[0]
+    first_device = tensors[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Clips the gradient norm of `parameters`, as `torch.nn.utils.clip_grad_norm_` (same arguments, same result):
+    the grads are scaled in place by min(1, max_norm / (total_norm + 1e-6)) and the total norm is returned.
+
+    The norm is summed in fp32 over every element and rounded once to the grads' dtype (torch rounds each
+    per-tensor norm first). `foreach` is accepted and ignored; `backend` picks the kernels (fused_optim._backend).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> model(torch.randn(8, 4)).square().sum().backward()
+        >>> norm = fused_optim.clip_grad_norm_(model.parameters(), max_norm=1.0)
+    """
+    backend = backend if backend is not None else _backend.default_backend()
+    _backend.check_backend_name(backend)
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    norm_type = float(norm_type)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    if not kernel_supports(norm_type) or any(g.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                                             or g.is_sparse for g in grads):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+    norm = global_norm(grads, norm_type, backend)
+    if error_if_nonfinite and torch.logical_or(norm.isnan(), norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`"
+        )
+    clip_coef = torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for device, device_grads in by_device.items():
+        torch._foreach_mul_(device_grads, clip_coef.to(device))
+    # torch returns the norm in the grads' (promoted) dtype
+    return norm.to(functools.reduce(torch.promote_types, {g.dtype for g in grads}))

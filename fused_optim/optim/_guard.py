@@ -1,0 +1,66 @@
+"""What a fused_optim optimizer does around its update kernels, shared by Adam/AdamW and SGD: find each param's
+gradient, fold GradScaler's unscale, the global-norm clip and the inf/NaN check into one factor and one flag that
+stay on the device, and count the skipped steps.
+
+The update kernels already multiply every grad by 1/grad_scale and skip everything when found_inf != 0, so
+clipping costs them nothing: the clip coefficient c is folded into the scale they divide by (grad_scale / c), and
+a non-finite norm is folded into found_inf. The norm pass is the only extra read of the grads.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from fused_optim.clip_grad import global_norm
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+
+def grad_of(p: Tensor) -> Tensor | None:
+    """The gradient an optimizer steps `p` with: its fp32 `main_grad` (fused_optim.GradAccumulator) when set,
+    else `p.grad`."""
+    main_grad = getattr(p, "main_grad", None)
+    return main_grad if main_grad is not None else p.grad
+
+
+class StepGuard:
+    """One optimizer's skip count, last grad norm, and the fold of clipping into its kernels' scale and flag."""
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+        first_param = optimizer.param_groups[0]["params"][0] if optimizer.param_groups else None
+        device = first_param.device if first_param is not None else torch.device("cpu")
+        # A tensor made once and updated in place: a CUDA graph or a scheduler can hold on to it.
+        self.skipped_steps = torch.zeros((), dtype=torch.float32, device=device)
+        self.last_grad_norm: Tensor | None = None
+
+    def prepare(self, grads: list[Tensor], max_grad_norm: float | None, backend: str) -> tuple[Tensor | None,
+                                                                                               Tensor | None]:
+        """The (grad_scale, found_inf) to hand the update kernels for a step over `grads`.
+
+        GradScaler sets `grad_scale`/`found_inf` on the optimizer; fused_optim.GradScaler also sets
+        `_grads_unchecked`, leaving the inf/NaN check to this step. found_inf is updated in place, so the
+        scaler's `update()` sees what the step found."""
+        optimizer = self.optimizer
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        found_inf = getattr(optimizer, "found_inf", None)
+        if grads and (max_grad_norm is not None or getattr(optimizer, "_grads_unchecked", False)):
+            norm = global_norm(grads, 2.0, backend)
+            if grad_scale is not None:
+                norm = norm / grad_scale.to(norm.device)  # the norm of the unscaled grads
+            self.last_grad_norm = norm
+            non_finite = (~torch.isfinite(norm)).to(torch.float32)
+            if found_inf is None:
+                found_inf = non_finite
+            else:
+                found_inf.add_(non_finite.to(found_inf.device))
+            if max_grad_norm is not None:
+                clip_coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+                grad_scale = (grad_scale.to(norm.device) if grad_scale is not None else 1.0) / clip_coef
+        if found_inf is not None:
+            self.skipped_steps.add_((found_inf != 0).to(device=self.skipped_steps.device, dtype=torch.float32))
+        return grad_scale, found_inf
