@@ -14,8 +14,9 @@ rises to base_lr on the last step (t = T - 1) and is m * base_lr on any step pas
 Skipped steps. fused_optim optimizers count the steps they skipped on the device (GradScaler found an inf/NaN, or the
 grad norm was not finite) in `optimizer.skipped_steps`, a 0-dim float32 tensor; the schedule's position is
 t = (scheduler steps taken) - (steps skipped since the scheduler started), so a skipped step does not use up the
-warmup. Optimizers without the attribute (torch's) count as never skipping. To resume a run identically, restore the
-optimizer's skipped_steps along with the scheduler's state_dict.
+warmup. Optimizers without the attribute (torch's) count as never skipping. The state_dict holds the position
+itself: after load_state_dict, skips are counted from the optimizer's skipped_steps as it is then (a resumed
+fused_optim optimizer starts it again from 0), so a resumed run continues identically.
 
 Two modes, chosen per param group:
 - float lr (the usual case): torch's chainable form, lr_t = lr_{t-1} * f(t) / f(t-1) (the closed form where
@@ -117,15 +118,16 @@ class WarmupCosine(LRScheduler):
                 device = group["params"][0].device if group["params"] else torch.device("cpu")
                 group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
-        # Float mode: the skip count when the schedule (re)started, and the factor last applied (the chainable
+        # The schedule's position t and the optimizer's skip count as of the last step: a step moves t by 1 less
+        # the skips since then. Float mode keeps them on the host, with the factor last applied (the chainable
         # form divides by it; 1 before the first step, which multiplies the initial lr by f(0)).
-        self._skip_base = self._read_skipped(optimizer) if self._has_float_group(optimizer) else 0
         self._position = last_epoch
+        self._skipped_seen = self._read_skipped(optimizer) if self._has_float_group(optimizer) else 0
         self._last_factor = 1.0
-        # Tensor mode: the scheduler steps taken and the skip count at the start, as float64 tensors on the device
-        # of the first tensor lr; step() only ever adds 1 to the first, so it can be captured in a CUDA graph.
-        self._device_steps: Tensor | None = None
-        self._device_skip_base: Tensor | None = None
+        # Tensor mode keeps them as float64 tensors on the device of the first tensor lr, changed only by device
+        # ops whose arguments are the same every step, so scheduler.step() can be captured in a CUDA graph.
+        self._device_position: Tensor | None = None
+        self._device_skipped_seen: Tensor | None = None
         self._make_device_counters(optimizer, last_epoch)
         super().__init__(optimizer, last_epoch)
 
@@ -141,11 +143,9 @@ class WarmupCosine(LRScheduler):
         return floor
 
     def _device_factor(self) -> Tensor:
-        """f(t) as a 0-dim float64 tensor computed on the device from the device counters: only constants fixed at
+        """f(t) as a 0-dim float64 tensor computed on the device from the device position: only constants fixed at
         construction enter, so the same ops run every step."""
-        steps = self._device_steps
-        skipped = _skipped_on(self.optimizer, steps.device)
-        t = steps + self._device_skip_base if skipped is None else steps - (skipped - self._device_skip_base)
+        t = self._device_position
         warmup, total, floor = self.warmup_steps, self.total_steps, self.min_lr_ratio
         # max(., 1) keeps the divisions finite where their branch is not taken (warmup 0, an empty cosine phase)
         ramp = (t + 1) / max(warmup, 1)
@@ -192,8 +192,7 @@ class WarmupCosine(LRScheduler):
         # A scheduler built with last_epoch >= 0 (torch's old way to resume) starts from the closed form instead,
         # which a last factor of 0 selects.
         self._last_factor = 1.0 if self.last_epoch == -1 else 0.0
-        if self._device_steps is not None:
-            self._device_steps.fill_(self.last_epoch)
+        self._restart_at(self.last_epoch)
         self._step_count = 0
         self.step()
 
@@ -219,24 +218,25 @@ class WarmupCosine(LRScheduler):
     def _update_lr(self, epoch: int | None = None) -> None:
         # torch's SequentialLR calls this with epoch=0 at a milestone (older torch calls step(0)).
         optimizer = self.optimizer
-        self._make_device_counters(optimizer, self.last_epoch)  # for a tensor lr set after construction
+        self._make_device_counters(optimizer, self._position)  # for a tensor lr set after construction
+        has_float = self._has_float_group()
         if epoch is None:
             self.last_epoch += 1
-            if self._device_steps is not None:
-                self._device_steps.add_(1)
+            if self._device_position is not None:
+                skipped = _skipped_on(optimizer, self._device_position.device)
+                if skipped is None:
+                    self._device_position.add_(1)
+                else:  # t += 1 - (skips since the last step)
+                    self._device_position.add_(self._device_skipped_seen - skipped + 1)
+                    self._device_skipped_seen.copy_(skipped)
+            if has_float:
+                skipped = self._read_skipped(optimizer)
+                self._position += 1 - (skipped - self._skipped_seen)
+                self._skipped_seen = skipped
         else:
-            # a jump restarts the skip count: the position is `epoch`, whatever was skipped before
+            # a jump: the position is `epoch`, whatever was skipped before
             self.last_epoch = epoch
-            if self._device_steps is not None:
-                self._device_steps.fill_(epoch)
-                skipped = _skipped_on(optimizer, self._device_steps.device)
-                self._device_skip_base.copy_(0.0 if skipped is None else skipped)
-        has_float = self._has_float_group()
-        if has_float:
-            skipped = self._read_skipped(optimizer)
-            if epoch is not None:
-                self._skip_base = skipped
-            self._position = self.last_epoch - (skipped - self._skip_base)
+            self._restart_at(epoch)
 
         self._get_lr_called_within_step = True
         try:
@@ -257,19 +257,21 @@ class WarmupCosine(LRScheduler):
     # ---- state ------------------------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict, but the device counters are copied into the existing tensors, so a CUDA graph
-        that captured scheduler.step() keeps working after a resume."""
-        state = dict(state_dict)
-        saved_steps, saved_skip_base = state.pop("_device_steps", None), state.pop("_device_skip_base", None)
+        """torch's load_state_dict, except that skips are counted from the optimizer's skipped_steps as it is now
+        (a resumed optimizer starts it again from 0), and the device position is copied into the existing tensor,
+        so a CUDA graph that captured scheduler.step() keeps working after a resume."""
+        state = {key: value for key, value in state_dict.items() if key not in ("_device_position",
+                                                                                 "_device_skipped_seen")}
+        saved_position = state_dict.get("_device_position")
         self.__dict__.update(state)
-        if self._device_steps is None:
-            self._device_steps, self._device_skip_base = saved_steps, saved_skip_base
-        elif saved_steps is not None:
-            self._device_steps.copy_(saved_steps)
-            self._device_skip_base.copy_(saved_skip_base)
-        else:  # saved by a scheduler whose lrs were all floats: its counters are on the host
-            self._device_steps.fill_(self.last_epoch)
-            self._device_skip_base.fill_(self._skip_base)
+        if self._has_float_group():
+            self._skipped_seen = self._read_skipped(self.optimizer)
+        if self._device_position is not None:
+            if saved_position is not None:
+                self._device_position.copy_(saved_position)
+            else:  # saved by a scheduler whose lrs were all floats: its position is on the host
+                self._device_position.fill_(self._position)
+            self._see_skips_now()
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 
@@ -283,16 +285,32 @@ class WarmupCosine(LRScheduler):
         skipped = getattr(optimizer, "skipped_steps", None)
         return 0 if skipped is None else int(skipped.item() if isinstance(skipped, Tensor) else skipped)
 
-    def _make_device_counters(self, optimizer: Optimizer, last_epoch: int) -> None:
-        if self._device_steps is not None:
+    def _restart_at(self, position: int) -> None:
+        """Put the schedule at `position`, counting skips from the optimizer's skipped_steps as it is now."""
+        self._position = position
+        if self._has_float_group():
+            self._skipped_seen = self._read_skipped(self.optimizer)
+        if self._device_position is not None:
+            self._device_position.fill_(position)
+            self._see_skips_now()
+
+    def _see_skips_now(self) -> None:
+        skipped = _skipped_on(self.optimizer, self._device_skipped_seen.device)
+        if skipped is None:
+            self._device_skipped_seen.zero_()
+        else:
+            self._device_skipped_seen.copy_(skipped)
+
+    def _make_device_counters(self, optimizer: Optimizer, position: int) -> None:
+        if self._device_position is not None:
             return
         lrs = [group["lr"] for group in optimizer.param_groups if isinstance(group["lr"], Tensor)]
         if not lrs:
             return
         device = lrs[0].device
-        self._device_steps = torch.full((), float(last_epoch), dtype=torch.float64, device=device)
+        self._device_position = torch.full((), float(position), dtype=torch.float64, device=device)
         skipped = _skipped_on(optimizer, device)
-        self._device_skip_base = torch.zeros_like(self._device_steps) if skipped is None else skipped.clone()
+        self._device_skipped_seen = torch.zeros_like(self._device_position) if skipped is None else skipped.clone()
 
 
 def _skipped_on(optimizer: Optimizer, device: torch.device) -> Tensor | None:

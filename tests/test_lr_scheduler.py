@@ -4,11 +4,17 @@ schedulers, in both of its modes (float lr: chainable, host; tensor lr: closed f
 Schedules, and why: warmup 0 (the cosine starts at once), warmup == total (no cosine at all), a 1-step schedule,
 odd lengths, min_lr_ratio 0 (the chainable form must fall back to the closed form once the factor is 0) and 1
 (a constant after warmup). Every schedule runs past total_steps, where the lr must stay at the floor.
+
+Skipped steps: most tests move an optimizer's skip counter themselves, to put skips exactly where they test them;
+one runs fused_optim.AdamW under torch's GradScaler with an inf in a grad, the real path. The tensor-lr mode is
+checked on the CPU for what a CUDA graph needs (no host read, the same device ops every step); the CUDA test
+captures scheduler.step() in a graph.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import doctest
 import io
 import math
@@ -43,8 +49,9 @@ def factor(t: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def make_optimizer(lrs=BASE_LRS, *, tensor_lr=False, capturable=False, skipped_steps=False) -> torch.optim.Optimizer:
-    """One group per lr, each with its own small param. SGD steps with no grads change nothing, which is all these
-    tests need of an optimizer; `skipped_steps` gives it fused_optim's skip counter, set by the test itself."""
+    """One group per lr, each with its own small param. Steps with no grads change nothing, which is all these tests
+    need of an optimizer. `skipped_steps` gives torch's SGD fused_optim's skip counter, which the tests move
+    themselves (fused_optim.AdamW, used for capturable=True, has its own)."""
     groups = [
         {"params": [torch.zeros(2, requires_grad=True)], "lr": torch.tensor(lr) if tensor_lr else lr}
         for lr in lrs
@@ -53,7 +60,7 @@ def make_optimizer(lrs=BASE_LRS, *, tensor_lr=False, capturable=False, skipped_s
         opt = fused_optim.AdamW(groups, capturable=True)
     else:
         opt = torch.optim.SGD(groups)
-    if skipped_steps:
+    if skipped_steps and not capturable:
         opt.skipped_steps = torch.zeros((), dtype=torch.float32)
     return opt
 
@@ -69,7 +76,7 @@ def run(opt, scheduler, steps: int, skip_at=()) -> list[list[float]]:
         seen.append(lrs_of(opt))
         opt.step()
         if i in skip_at:
-            opt.skipped_steps += 1
+            opt.skipped_steps.add_(1)
         scheduler.step()
     return seen
 
@@ -109,6 +116,8 @@ def test_end_points():
 
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
 def test_state_dict_resume_continues_identically(tensor_lr):
+    # skips before and after the checkpoint; the resumed optimizer counts its skips from 0 again, as a resumed
+    # fused_optim optimizer does (skipped_steps is not part of its state_dict)
     warmup, total, min_ratio, split = 5, 20, 0.1, 8
     opt = make_optimizer(tensor_lr=tensor_lr, skipped_steps=True)
     scheduler = WarmupCosine(opt, warmup, total, min_ratio)
@@ -118,18 +127,17 @@ def test_state_dict_resume_continues_identically(tensor_lr):
     scheduler = WarmupCosine(opt, warmup, total, min_ratio)
     first = run(opt, scheduler, split, skip_at={2})
     buffer = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "sched": scheduler.state_dict(), "skipped": opt.skipped_steps}, buffer)
+    torch.save({"opt": opt.state_dict(), "sched": scheduler.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
 
     resumed_opt = make_optimizer(tensor_lr=tensor_lr, skipped_steps=True)
     resumed = WarmupCosine(resumed_opt, warmup, total, min_ratio)
     resumed_opt.load_state_dict(saved["opt"])
-    resumed_opt.skipped_steps.copy_(saved["skipped"])
-    counter = resumed._device_steps
+    position = resumed._device_position
     resumed.load_state_dict(saved["sched"])
     if tensor_lr:  # copied into, not replaced: a captured scheduler.step() keeps its tensors
-        assert resumed._device_steps is counter
+        assert resumed._device_position is position
     rest = run(resumed_opt, resumed, 25 - split, skip_at={11 - split})
     assert first + rest == straight
 
@@ -254,7 +262,7 @@ def test_tensor_lr_never_reads_the_host(monkeypatch):
         for i in range(12):
             opt.step()
             if i == 4:
-                opt.skipped_steps += 1
+                opt.skipped_steps.add_(1)
             scheduler.step()
         scheduler.load_state_dict(scheduler.state_dict())
         scheduler.step()
@@ -288,7 +296,7 @@ def test_tensor_lr_step_runs_the_same_device_ops_every_step(mode):
     for i in range(14):  # through warmup, cosine and floor, with a skip
         opt.step()
         if i == 5:
-            opt.skipped_steps += 1
+            opt.skipped_steps.add_(1)
         with OpRecorder() as recorder:
             scheduler.step()
         records.append(recorder.ops)
@@ -328,7 +336,7 @@ def test_scheduler_step_captured_in_a_cuda_graph(mode):
     t = 1  # the capture recorded the kernels without running them
     for replay in range(total + 2):
         if replay == 4:  # the optimizer skipped this step
-            opt.skipped_steps += 1
+            opt.skipped_steps.add_(1)
         else:
             t += 1
         graph.replay()
@@ -356,9 +364,72 @@ def test_skipped_steps_do_not_advance_the_schedule(tensor_lr):
     assert_lrs(seen, expected, rel=2**-23 if tensor_lr else 1e-12)
 
 
+def make_scaler() -> torch.amp.GradScaler:
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    except (RuntimeError, TypeError) as error:  # older torch: no CPU GradScaler
+        pytest.skip(f"GradScaler('cpu') is not supported by this torch: {error}")
+    if not scaler.is_enabled():
+        pytest.skip("GradScaler('cpu') is disabled in this torch")
+    return scaler
+
+
+def train(model, opt, scaler, scheduler, steps: int, skip_at=()) -> tuple[list[float], list[bool]]:
+    """A few real steps of fused_optim.AdamW under a GradScaler; an inf in a grad at the steps in `skip_at`. Returns
+    the lr each step ran with and whether it changed the weights."""
+    lrs, moved = [], []
+    for i in range(steps):
+        before = model.weight.detach().clone()
+        lrs.append(float(opt.param_groups[0]["lr"]))
+        loss = model(torch.randn(8, 4)).square().mean()
+        scaler.scale(loss).backward()
+        if i in skip_at:
+            model.weight.grad[0, 1] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        scheduler.step()
+        moved.append(not torch.equal(before, model.weight))
+    return lrs, moved
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_gradscaler_skip_does_not_advance_the_schedule(tensor_lr):
+    # The real thing: fused_optim.AdamW counts the steps GradScaler skips, the schedule waits for them; then the
+    # same run resumed from a checkpoint in the middle (the resumed optimizer's skip count starts from 0).
+    warmup, total, min_ratio, steps, split = 3, 10, 0.1, 14, 6
+    skip_at = {0, 4, 9}
+    base = 0.01
+
+    def fresh(model):
+        opt = fused_optim.AdamW(model.parameters(), lr=torch.tensor(base) if tensor_lr else base)
+        return opt, make_scaler(), WarmupCosine(opt, warmup, total, min_ratio)
+
+    opt, scaler, scheduler = fresh(model := torch.nn.Linear(4, 3))
+    lrs, moved = train(model, opt, scaler, scheduler, steps, skip_at)
+    assert moved == [i not in skip_at for i in range(steps)]
+    assert float(opt.skipped_steps) == len(skip_at)
+    positions = [i - sum(j < i for j in skip_at) for i in range(steps)]
+    assert positions[:6] == [0, 0, 1, 2, 3, 3]
+    expected = [[base * factor(t, warmup, total, min_ratio)] for t in positions]
+    assert_lrs([[lr] for lr in lrs], expected, rel=2**-23 if tensor_lr else 1e-12)
+
+    opt, scaler, scheduler = fresh(model := torch.nn.Linear(4, 3))
+    first, _ = train(model, opt, scaler, scheduler, split, skip_at)
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                                "scaler": scaler.state_dict(), "sched": scheduler.state_dict()})
+    model.load_state_dict(checkpoint["model"])
+    opt, scaler, scheduler = fresh(model)
+    opt.load_state_dict(checkpoint["opt"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    scheduler.load_state_dict(checkpoint["sched"])
+    rest, _ = train(model, opt, scaler, scheduler, steps - split, {i - split for i in skip_at if i >= split})
+    assert first + rest == lrs
+
+
 def test_skips_before_the_scheduler_do_not_count():
     opt = make_optimizer(skipped_steps=True)
-    opt.skipped_steps += 5
+    opt.skipped_steps.add_(5)
     seen = run(opt, WarmupCosine(opt, 2, 6), 3)
     assert_lrs(seen, [[base * factor(t, 2, 6, 0.0) for base in BASE_LRS] for t in range(3)])
 
