@@ -24,10 +24,12 @@ Two modes, chosen per param group:
   a host read: on a GPU it costs one host sync per scheduler step (only when the optimizer has the attribute).
 - tensor lr (group["lr"] is a Tensor, or the group has capturable=True: its float lr becomes a 0-dim float32 tensor
   on the group's params' device when the scheduler is built): the lr is computed on the device, in the closed form,
-  from a step counter kept on the device and from skipped_steps, and written into the same lr tensor in place.
-  Nothing is read on the host and no per-step Python value enters the device computation, so an optimizer step
-  captured in a CUDA graph sees the new lr, and scheduler.step() can be captured itself. Chaining (a product with
-  other schedulers' factors) applies to float lrs only: the closed form overwrites a tensor lr.
+  from the position kept as a device tensor (each step adds 1 less the skips since the last one, read from
+  skipped_steps on the device), and written into the same lr tensor in place. Nothing is read on the host and no
+  per-step Python value enters the device computation, so an optimizer step captured in a CUDA graph sees the new
+  lr, and scheduler.step() can be captured itself (it then reads the skipped_steps tensor it was captured with;
+  fused_optim's is updated in place). Chaining (a product with other schedulers' factors) applies to float lrs only:
+  the closed form overwrites a tensor lr.
 
 Example:
     >>> import torch, fused_optim
