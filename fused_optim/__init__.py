@@ -9,7 +9,7 @@
     ['cpu', 'cuda', 'torch', 'triton']
 """
 
-from fused_optim import functional, ops  # noqa: F401  (ops: defines the ops and loads the C++ extensions)
+from fused_optim import functional, lr_scheduler, ops  # noqa: F401  (ops: defines the ops and loads the C++ extensions)
 from fused_optim.accumulate import GradAccumulator, count_tokens
 from fused_optim.amp import GradScaler
 from fused_optim.clip_grad import clip_grad_norm_
@@ -19,4 +19,4 @@ from fused_optim.optim import Adam, AdamW
 
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "CrossEntropyLoss", "GradAccumulator", "GradScaler", "LinearCrossEntropyLoss",
-           "backends", "clip_grad_norm_", "count_tokens", "functional", "__version__"]
+           "backends", "clip_grad_norm_", "count_tokens", "functional", "lr_scheduler", "__version__"]

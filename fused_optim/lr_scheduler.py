@@ -1,0 +1,322 @@
+"""fused_optim.lr_scheduler.WarmupCosine: linear warmup, then cosine decay, as a torch LRScheduler that also runs
+on a tensor lr without a host sync and does not advance over skipped optimizer steps.
+
+The schedule. Each group's lr is `base_lr * f(t)`, where t counts the optimizer steps that were taken (0 for the
+first) and, with w = warmup_steps, T = total_steps, m = min_lr_ratio:
+
+    t < w:        f(t) = (t + 1) / w                                      never 0, so the first step moves the weights
+    w <= t < T:   f(t) = m + (1 - m) * (1 + cos(pi * (t - w) / (T - w))) / 2      1 at t = w, approaching m at T
+    t >= T:       f(t) = m
+
+warmup_steps=0 starts the cosine at 1. total_steps == warmup_steps is allowed: the cosine phase is empty, the lr
+rises to base_lr on the last step (t = T - 1) and is m * base_lr on any step past the schedule.
+
+Skipped steps. fused_optim optimizers count the steps they skipped on the device (GradScaler found an inf/NaN, or the
+grad norm was not finite) in `optimizer.skipped_steps`, a 0-dim float32 tensor; the schedule's position is
+t = (scheduler steps taken) - (steps skipped since the scheduler started), so a skipped step does not use up the
+warmup. Optimizers without the attribute (torch's) count as never skipping. The state_dict holds the position
+itself: after load_state_dict, skips are counted from the optimizer's skipped_steps as it is then (a resumed
+fused_optim optimizer starts it again from 0), so a resumed run continues identically.
+
+Two modes, chosen per param group:
+- float lr (the usual case): torch's chainable form, lr_t = lr_{t-1} * f(t) / f(t-1) (the closed form where
+  f(t-1) == 0), so it composes with other schedulers in ChainedScheduler and SequentialLR. Reading skipped_steps is
+  a host read: on a GPU it costs one host sync per scheduler step (only when the optimizer has the attribute).
+- tensor lr (group["lr"] is a Tensor, or the group has capturable=True: its float lr becomes a 0-dim float32 tensor
+  on the group's params' device when the scheduler is built): the lr is computed on the device, in the closed form,
+  from the position kept as a device tensor (each step adds 1 less the skips since the last one, read from
+  skipped_steps on the device), and written into the same lr tensor in place. Nothing is read on the host and no
+  per-step Python value enters the device computation, so an optimizer step captured in a CUDA graph sees the new
+  lr, and scheduler.step() can be captured itself (it then reads the skipped_steps tensor it was captured with;
+  fused_optim's is updated in place). Chaining (a product with other schedulers' factors) applies to float lrs only:
+  the closed form overwrites a tensor lr.
+
+Example:
+    >>> import torch, fused_optim
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = fused_optim.AdamW(model.parameters(), lr=1.0)
+    >>> sched = fused_optim.lr_scheduler.WarmupCosine(opt, warmup_steps=2, total_steps=6, min_lr_ratio=0.1)
+    >>> lrs = []
+    >>> for _ in range(7):
+    ...     lrs.append(round(opt.param_groups[0]["lr"], 4))
+    ...     model(torch.randn(8, 4)).square().mean().backward()
+    ...     opt.step(); opt.zero_grad(); sched.step()
+    >>> lrs
+    [0.5, 1.0, 1.0, 0.8682, 0.55, 0.2318, 0.1]
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+__all__ = ["WarmupCosine"]
+
+
+def _int_arg(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"WarmupCosine: {name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"WarmupCosine: {name} must be an int, got {value!r}") from None
+
+
+class WarmupCosine(LRScheduler):
+    """Linear warmup over `warmup_steps` optimizer steps, then cosine decay to `min_lr_ratio * base_lr` at
+    `total_steps`; skipped optimizer steps (fused_optim's `optimizer.skipped_steps`) do not advance it, and a tensor
+    lr is updated on the device (see the module docstring for the formula and the two modes).
+
+    Args:
+        optimizer: the optimizer whose param groups' lr it sets; each group's initial lr is its base_lr.
+        warmup_steps: int >= 0; the lr of the t-th step (t = 0 first) is base_lr * (t + 1) / warmup_steps.
+        total_steps: int >= max(1, warmup_steps); the cosine reaches min_lr_ratio * base_lr here, and stays.
+        min_lr_ratio: the floor as a fraction of each group's base_lr, in [0, 1].
+        last_epoch: as in torch's schedulers (-1 to start; resume with load_state_dict instead).
+
+    Example:
+        >>> import torch, fused_optim
+        >>> opt = torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.1)
+        >>> sched = fused_optim.lr_scheduler.WarmupCosine(opt, warmup_steps=4, total_steps=100)
+        >>> sched.get_last_lr()
+        [0.025]
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int,
+        total_steps: int,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        warmup_steps = _int_arg("warmup_steps", warmup_steps)
+        total_steps = _int_arg("total_steps", total_steps)
+        if warmup_steps < 0:
+            raise ValueError(f"WarmupCosine: warmup_steps must be >= 0, got {warmup_steps}")
+        if total_steps < 1 or total_steps < warmup_steps:
+            raise ValueError(
+                f"WarmupCosine: total_steps must be >= 1 and >= warmup_steps ({warmup_steps}), got {total_steps}"
+            )
+        if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)):
+            raise ValueError(f"WarmupCosine: min_lr_ratio must be a float, got {min_lr_ratio!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:  # also rejects NaN
+            raise ValueError(f"WarmupCosine: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = float(min_lr_ratio)
+
+        for group in optimizer.param_groups:
+            if group.get("capturable", False) and not isinstance(group["lr"], Tensor):
+                device = group["params"][0].device if group["params"] else torch.device("cpu")
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+        # The schedule's position t and the optimizer's skip count as of the last step: a step moves t by 1 less
+        # the skips since then. Float mode keeps them on the host, with the factor last applied (the chainable
+        # form divides by it; 1 before the first step, which multiplies the initial lr by f(0)).
+        self._position = last_epoch
+        self._skipped_seen = self._read_skipped(optimizer) if self._has_float_group(optimizer) else 0
+        self._last_factor = 1.0
+        # Tensor mode keeps them as float64 tensors on the device of the first tensor lr, changed only by device
+        # ops whose arguments are the same every step, so scheduler.step() can be captured in a CUDA graph.
+        self._device_position: Tensor | None = None
+        self._device_skipped_seen: Tensor | None = None
+        self._make_device_counters(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch)
+
+    # ---- the schedule -----------------------------------------------------------------------------------------
+
+    def _factor(self, t: int) -> float:
+        """f(t) in float64 on the host."""
+        warmup, total, floor = self.warmup_steps, self.total_steps, self.min_lr_ratio
+        if t < warmup:
+            return (t + 1) / warmup
+        if t < total:
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+        return floor
+
+    def _device_factor(self) -> Tensor:
+        """f(t) as a 0-dim float64 tensor computed on the device from the device position: only constants fixed at
+        construction enter, so the same ops run every step."""
+        t = self._device_position
+        warmup, total, floor = self.warmup_steps, self.total_steps, self.min_lr_ratio
+        # max(., 1) keeps the divisions finite where their branch is not taken (warmup 0, an empty cosine phase)
+        ramp = (t + 1) / max(warmup, 1)
+        progress = (t - warmup) / max(total - warmup, 1)
+        cosine = floor + (1.0 - floor) * 0.5 * (1.0 + torch.cos(progress * math.pi))
+        return torch.where(t < warmup, ramp, torch.where(t < total, cosine, torch.full_like(t, floor)))
+
+    def get_lr(self) -> list[float | Tensor]:
+        """The lr of each group for the current position: chainable for float lrs (the current lr times
+        f(t) / f(t_prev), the closed form where f(t_prev) == 0); the closed form, on the device, for tensor lrs."""
+        if not self._get_lr_called_within_step:
+            warnings.warn(
+                "To get the last learning rate computed by the scheduler, please use `get_last_lr()`.",
+                UserWarning,
+                stacklevel=2,
+            )
+        closed = self._get_closed_form_lr()
+        if self._last_factor == 0.0 or not self._has_float_group():
+            return closed
+        ratio = self._factor(self._position) / self._last_factor
+        return [
+            value if isinstance(group["lr"], Tensor) else group["lr"] * ratio
+            for group, value in zip(self.optimizer.param_groups, closed)
+        ]
+
+    def _get_closed_form_lr(self) -> list[float | Tensor]:
+        """base_lr * f(t) for each group: a float for a float lr, a device tensor for a tensor lr."""
+        tensor_groups = [isinstance(group["lr"], Tensor) for group in self.optimizer.param_groups]
+        device_factor = self._device_factor() if any(tensor_groups) else None
+        host_factor = self._factor(self._position) if not all(tensor_groups) else None
+        values: list[float | Tensor] = []
+        for group, base_lr, is_tensor in zip(self.optimizer.param_groups, self.base_lrs, tensor_groups):
+            if is_tensor:
+                values.append(base_lr * device_factor.to(group["lr"].device))
+            else:
+                values.append(float(base_lr) * host_factor)
+        return values
+
+    # ---- stepping ---------------------------------------------------------------------------------------------
+
+    def _initial_step(self) -> None:
+        # Also what SequentialLR calls after it reset the lrs to their initial values and took last_epoch back by
+        # one: start the chain again from the initial lr and put the device counter back in step with last_epoch.
+        # A scheduler built with last_epoch >= 0 (torch's old way to resume) starts from the closed form instead,
+        # which a last factor of 0 selects.
+        self._last_factor = 1.0 if self.last_epoch == -1 else 0.0
+        self._restart_at(self.last_epoch)
+        self._step_count = 0
+        self.step()
+
+    def step(self, epoch: int | None = None) -> None:
+        """Advance the schedule by one optimizer step (not at all if that step was skipped); call it after
+        optimizer.step(). `epoch` (deprecated in torch) jumps to that position, in the closed form."""
+        if self._step_count == 1 and not getattr(self.optimizer, "_opt_called", False):
+            warnings.warn(
+                "Detected call of `lr_scheduler.step()` before `optimizer.step()`: the first value of the "
+                "schedule is skipped. Call `optimizer.step()` before `lr_scheduler.step()`.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._step_count += 1
+        if epoch is not None:
+            warnings.warn(
+                "The epoch argument of `scheduler.step()` is deprecated in torch: call `scheduler.step()`.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._update_lr(epoch)
+
+    def _update_lr(self, epoch: int | None = None) -> None:
+        # torch's SequentialLR calls this with epoch=0 at a milestone (older torch calls step(0)).
+        optimizer = self.optimizer
+        self._make_device_counters(optimizer, self._position)  # for a tensor lr set after construction
+        has_float = self._has_float_group()
+        if epoch is None:
+            self.last_epoch += 1
+            if self._device_position is not None:
+                skipped = _skipped_on(optimizer, self._device_position.device)
+                if skipped is None:
+                    self._device_position.add_(1)
+                else:  # t += 1 - (skips since the last step)
+                    self._device_position.add_(self._device_skipped_seen - skipped + 1)
+                    self._device_skipped_seen.copy_(skipped)
+            if has_float:
+                skipped = self._read_skipped(optimizer)
+                self._position += 1 - (skipped - self._skipped_seen)
+                self._skipped_seen = skipped
+        else:
+            # a jump: the position is `epoch`, whatever was skipped before
+            self.last_epoch = epoch
+            self._restart_at(epoch)
+
+        self._get_lr_called_within_step = True
+        try:
+            values = self.get_lr() if epoch is None else self._get_closed_form_lr()
+        finally:
+            self._get_lr_called_within_step = False
+        for group, value in zip(optimizer.param_groups, values):
+            if isinstance(group["lr"], Tensor):
+                group["lr"].copy_(value)  # in place: a captured optimizer step reads this very tensor
+            else:
+                group["lr"] = value
+        if has_float:
+            self._last_factor = self._factor(self._position)
+        self._last_lr = [
+            group["lr"].clone() if isinstance(group["lr"], Tensor) else group["lr"] for group in optimizer.param_groups
+        ]
+
+    # ---- state ------------------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, except that skips are counted from the optimizer's skipped_steps as it is now
+        (a resumed optimizer starts it again from 0), and the device position is copied into the existing tensor,
+        so a CUDA graph that captured scheduler.step() keeps working after a resume."""
+        state = {key: value for key, value in state_dict.items() if key not in ("_device_position",
+                                                                                 "_device_skipped_seen")}
+        saved_position = state_dict.get("_device_position")
+        self.__dict__.update(state)
+        if self._has_float_group():
+            self._skipped_seen = self._read_skipped(self.optimizer)
+        if self._device_position is not None:
+            if saved_position is not None:
+                self._device_position.copy_(saved_position)
+            else:  # saved by a scheduler whose lrs were all floats: its position is on the host
+                self._device_position.fill_(self._position)
+            self._see_skips_now()
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+
+    def _has_float_group(self, optimizer: Optimizer | None = None) -> bool:
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        return any(not isinstance(group["lr"], Tensor) for group in optimizer.param_groups)
+
+    @staticmethod
+    def _read_skipped(optimizer: Optimizer) -> int:
+        """The optimizer's skipped-step count on the host (a sync on a GPU); 0 for an optimizer that never skips."""
+        skipped = getattr(optimizer, "skipped_steps", None)
+        return 0 if skipped is None else int(skipped.item() if isinstance(skipped, Tensor) else skipped)
+
+    def _restart_at(self, position: int) -> None:
+        """Put the schedule at `position`, counting skips from the optimizer's skipped_steps as it is now."""
+        self._position = position
+        if self._has_float_group():
+            self._skipped_seen = self._read_skipped(self.optimizer)
+        if self._device_position is not None:
+            self._device_position.fill_(position)
+            self._see_skips_now()
+
+    def _see_skips_now(self) -> None:
+        skipped = _skipped_on(self.optimizer, self._device_skipped_seen.device)
+        if skipped is None:
+            self._device_skipped_seen.zero_()
+        else:
+            self._device_skipped_seen.copy_(skipped)
+
+    def _make_device_counters(self, optimizer: Optimizer, position: int) -> None:
+        if self._device_position is not None:
+            return
+        lrs = [group["lr"] for group in optimizer.param_groups if isinstance(group["lr"], Tensor)]
+        if not lrs:
+            return
+        device = lrs[0].device
+        self._device_position = torch.full((), float(position), dtype=torch.float64, device=device)
+        skipped = _skipped_on(optimizer, device)
+        self._device_skipped_seen = torch.zeros_like(self._device_position) if skipped is None else skipped.clone()
+
+
+def _skipped_on(optimizer: Optimizer, device: torch.device) -> Tensor | None:
+    """The optimizer's skipped-step count as a float64 tensor on `device`, never read on the host; None for an
+    optimizer that never skips."""
+    skipped = getattr(optimizer, "skipped_steps", None)
+    return None if skipped is None else torch.as_tensor(skipped).to(device=device, dtype=torch.float64)
