@@ -13,8 +13,10 @@ What is timed: one `scaler.step(opt); scaler.update()` (ours) or the four calls 
 in `p.grad` (fp32 params, grads and state; GPT-like tensor list, `adamw.model_shapes`). The timed calls must not
 change the grads (torch's sequence writes them in place), so they run with scale 1 and grads whose global norm
 (0.5) is under max_norm: every pass still runs — torch multiplies by 1/scale and by the clip coefficient 1.0 —
-and each call reads the same grads. The clipping and the unscaling are checked before, on one step with scale
-2^10 and grads of norm ~4 (clip coefficient ~1/4).
+and each call reads the same grads. The clipping and the unscaling are checked before, with scale 2^10, on two
+steps: grads of norm ~4 (clipped by ~1/4), then those grads × -1/8 (norm ~0.5: not clipped). Two, because Adam's
+first update barely depends on a uniform factor on the grads (m̂/√v̂), so one step would not show a missing clip
+or unscale; across two steps with different clip coefficients it does (and a missing unscale clips the second).
 
 Bytes model (`clip_adamw_bytes`), the fewest bytes such a step moves: the grads read twice (the norm, the update)
 + param, exp_avg and exp_avg_sq each read and written: fp32 32 B/param. Every row's GB/s uses it; torch's sequence
@@ -41,8 +43,11 @@ from fused_optim.reference import ReferenceAdam
 OPS = ("clip_adamw",)
 MAX_GRAD_NORM = 1.0
 CHECK_SCALE = 2.0**10  # the loss scale of the checked step (a power of two: the scaled grads are exact)
-CHECK_NORM = 4.0  # about the unscaled global grad norm of the checked step: clipped by ~1/4
-TIMED_GRAD_FACTOR = 2.0**-3  # the timed grads: the checked ones × 1/8, norm ~0.5 (under max_norm), scale 1
+CHECK_NORM = 4.0  # about the unscaled global grad norm of the first checked step: clipped by ~1/4
+# The factors on the unscaled grads of the two checked steps: the second's norm is ~0.5 (under max_norm). Powers of
+# two: the scaled grads are exact. The timed steps run with scale 1 and grads × 1/8 (norm ~0.5).
+CHECK_FACTORS = (1.0, -(2.0**-3))
+TIMED_GRAD_FACTOR = 2.0**-3
 NEVER = 2**62  # GradScaler growth_interval: the scale stays where it starts
 KERNELS = (Kernel("adam_step_", "adam"), Kernel("total_norm", "total_norm"))
 
@@ -60,7 +65,7 @@ def clip_adamw_bytes(n_params: int) -> int:
 
 @dataclass
 class Workload:
-    """The initial params and the unscaled grads of the checked step (read-only: every implementation steps
+    """The initial params and the unscaled grads of the first checked step (read-only: every implementation steps
     copies)."""
 
     device: torch.device
@@ -148,15 +153,16 @@ def implementations(device: torch.device) -> list[Impl]:
 
 
 def reference_params(w: Workload) -> list[Tensor]:
-    """The params after the checked step, by ReferenceAdam in float64 (rounded to fp32): grads unscaled and clipped
-    by min(1, max_norm / (norm + 1e-6)) as torch's clip_grad_norm_. One tensor at a time, to keep float64 copies
-    small."""
+    """The params after the two checked steps, by ReferenceAdam in float64 (rounded to fp32): each step's grads
+    unscaled and clipped by min(1, max_norm / (norm + 1e-6)) as torch's clip_grad_norm_. One tensor at a time, to
+    keep the float64 copies small."""
     norm = math.sqrt(sum(float(g.double().square().sum()) for g in w.grads))
-    clip_coef = min(1.0, MAX_GRAD_NORM / (norm + 1e-6))
+    grad_scales = [CHECK_SCALE / min(1.0, MAX_GRAD_NORM / (norm * abs(factor) + 1e-6)) for factor in CHECK_FACTORS]
     result = []
     for p, g in zip(w.p0, w.grads):
         ref = ReferenceAdam([p], **HPARAMS, decoupled_weight_decay=True)
-        ref.step([g * CHECK_SCALE], grad_scale=CHECK_SCALE / clip_coef)
+        for factor, grad_scale in zip(CHECK_FACTORS, grad_scales):
+            ref.step([g * (factor * CHECK_SCALE)], grad_scale=grad_scale)
         result.append(ref.params[0].float())
     return result
 
@@ -174,7 +180,8 @@ class ClipAdamWConfig:
     def describe(self) -> dict[str, Any]:
         """The configuration as the JSON report records it."""
         return {"clip_adamw": {"sizes": self.sizes, "hparams": HPARAMS, "max_grad_norm": MAX_GRAD_NORM,
-                               "check_scale": CHECK_SCALE, "check_grad_norm": CHECK_NORM,
+                               "check_scale": CHECK_SCALE,
+                               "check_grad_norms": [CHECK_NORM * abs(f) for f in CHECK_FACTORS],
                                "timed_grad_norm": CHECK_NORM * TIMED_GRAD_FACTOR, "timed_scale": 1.0,
                                "tolerances": TOLERANCES["fp32"], "bytes_per_param": clip_adamw_bytes(1),
                                "budget_s": self.budget_s}}
@@ -201,7 +208,11 @@ def _run_case(config: ClipAdamWConfig, n_params: int, roof_gbps: float | None,
     on_task(f"{label}: float64 reference")
 
     def checked_step(impl: Impl, row: dict[str, Any]) -> Callable[[], None] | None:
-        step, params = impl.build(w, CHECK_SCALE, CHECK_SCALE)
+        first, second = CHECK_FACTORS
+        step, params = impl.build(w, CHECK_SCALE, first * CHECK_SCALE)
+        step()
+        for p, g in zip(params, w.grads):  # torch's sequence unscaled and clipped its grads in place
+            torch.mul(g, second * CHECK_SCALE, out=p.grad)
         step()
         ok, err = compare(params, expected, *TOLERANCES["fp32"])
         row.update(correct=ok, max_abs_err=err)
