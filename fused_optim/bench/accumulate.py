@@ -132,6 +132,19 @@ def check(mains: list[Tensor], w: Workload, chunk: int = 1 << 24) -> tuple[bool,
     return ok, worst
 
 
+def checked_step(impl: Impl, w: Workload, row: dict[str, Any]) -> Callable[[], None] | None:
+    """Builds `impl` on `w`, runs one call and checks it (correct, max_abs_err and, when wrong, a note in `row`);
+    returns the step to time, or None when wrong."""
+    step, mains = impl.build(w)
+    step()
+    ok, err = check(mains, w)
+    row.update(correct=ok, max_abs_err=err)
+    if not ok:
+        row["note"] = f"wrong result (max |error| {err:.3g} vs float64): not timed"
+        return None
+    return step
+
+
 @dataclass
 class AccumulateConfig:
     """What `run` measures: the one-tensor case at each of `sizes` and the 2000×4096 case, for each grad dtype."""
@@ -173,19 +186,9 @@ def run(config: AccumulateConfig, roof_gbps: float | None = None,
 def _run_case(config: AccumulateConfig, case: str, shapes: list[tuple[int, ...]], roof_gbps: float | None,
               on_task: Callable[[str], None]) -> list[dict[str, Any]]:
     w = make_workload(case, shapes, config.device, config.seed)
-
-    def checked_step(impl: Impl, row: dict[str, Any]) -> Callable[[], None] | None:
-        step, mains = impl.build(w)
-        step()
-        ok, err = check(mains, w)
-        row.update(correct=ok, max_abs_err=err)
-        if not ok:
-            row["note"] = f"wrong result (max |error| {err:.3g} vs float64): not timed"
-            return None
-        return step
-
     rows = check_then_time(implementations(config.device), config.device, f"accumulate {case} {w.shape_text}",
-                           lambda impl: _row(impl, w), checked_step, config.budget_s, config.max_time_s, on_task)
+                           lambda impl: _row(impl, w), lambda impl, row: checked_step(impl, w, row), config.budget_s,
+                           config.max_time_s, on_task)
     derive(rows, roof_gbps)
     return rows
 

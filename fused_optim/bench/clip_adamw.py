@@ -167,6 +167,26 @@ def reference_params(w: Workload) -> list[Tensor]:
     return result
 
 
+def checked_step(impl: Impl, w: Workload, expected: list[Tensor], row: dict[str, Any]) -> Callable[[], None] | None:
+    """Builds `impl` on `w`, runs the two checked steps and compares the params with `expected`
+    (`reference_params(w)`), writing correct, max_abs_err and, when wrong, a note into `row`. Returns a fresh
+    build's step to time (scale 1, grads of norm ~0.5), or None when wrong."""
+    first, second = CHECK_FACTORS
+    step, params = impl.build(w, CHECK_SCALE, first * CHECK_SCALE)
+    step()
+    for p, g in zip(params, w.grads):  # torch's sequence unscaled and clipped its grads in place
+        torch.mul(g, second * CHECK_SCALE, out=p.grad)
+    step()
+    ok, err = compare(params, expected, *TOLERANCES["fp32"])
+    row.update(correct=ok, max_abs_err=err)
+    if not ok:
+        row["note"] = f"wrong result (max |error| {err:.3g} vs float64): not timed"
+        return None
+    del step, params
+    step, _ = impl.build(w, 1.0, TIMED_GRAD_FACTOR)
+    return step
+
+
 @dataclass
 class ClipAdamWConfig:
     """What `run` measures: one step at each total of `sizes` (params)."""
@@ -206,25 +226,9 @@ def _run_case(config: ClipAdamWConfig, n_params: int, roof_gbps: float | None,
     label = f"clip_adamw fp32 {_human(n_params)}"
     expected = reference_params(w)
     on_task(f"{label}: float64 reference")
-
-    def checked_step(impl: Impl, row: dict[str, Any]) -> Callable[[], None] | None:
-        first, second = CHECK_FACTORS
-        step, params = impl.build(w, CHECK_SCALE, first * CHECK_SCALE)
-        step()
-        for p, g in zip(params, w.grads):  # torch's sequence unscaled and clipped its grads in place
-            torch.mul(g, second * CHECK_SCALE, out=p.grad)
-        step()
-        ok, err = compare(params, expected, *TOLERANCES["fp32"])
-        row.update(correct=ok, max_abs_err=err)
-        if not ok:
-            row["note"] = f"wrong result (max |error| {err:.3g} vs float64): not timed"
-            return None
-        del step, params
-        step, _ = impl.build(w, 1.0, TIMED_GRAD_FACTOR)
-        return step
-
     rows = check_then_time(implementations(config.device), config.device, label, lambda impl: _row(impl, w),
-                           checked_step, config.budget_s, config.max_time_s, on_task)
+                           lambda impl, row: checked_step(impl, w, expected, row), config.budget_s,
+                           config.max_time_s, on_task)
     derive(rows, roof_gbps)
     return rows
 
