@@ -52,7 +52,8 @@ def test_report_schema(report):
 def test_accumulate_rows(report):
     rows = _rows(report, "accumulate")
     cases = {(r["case"], r["shape"], r["n_tensors"]) for r in rows}
-    assert cases == {(dtype, shape, n) for dtype in ("bf16", "fp32") for shape, n in (("4.1K", 1), ("2000×4096", 2000))}
+    layouts = (("4.1K", 1), ("2000×4096", 2000))  # --sizes 4099, then 2,000 tensors of 4,096
+    assert cases == {(dtype, shape, n) for dtype in ("bf16", "fp32") for shape, n in layouts}
     for r in rows:
         assert r["bytes"] == r["n_params"] * {"bf16": 10, "fp32": 12}[r["case"]]
         if r["note"].startswith("absent"):  # a backend whose kernel is not registered here: shown, not run
