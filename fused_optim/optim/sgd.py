@@ -170,7 +170,8 @@ class SGD(Optimizer):
         """[params, grads, momentum buffers, steps] of the group's params that have a grad (the last two empty
         without momentum). Everything that can be wrong is checked before any state is created, as torch does;
         the op checks the grads themselves (shape, dtype, layout) before writing anything."""
-        with_grads = [(p, grad) for p in group["params"] if (grad := grad_of(p)) is not None]
+        with_grads = [(p, grad_of(p)) for p in group["params"]]
+        with_grads = [(p, grad) for p, grad in with_grads if grad is not None]
         for p, grad in with_grads:
             if grad.is_sparse:
                 raise RuntimeError("fused_optim.SGD does not support sparse gradients; use torch.optim.SGD for those.")
