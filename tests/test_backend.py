@@ -22,6 +22,7 @@ PACKAGE_DIR = os.path.dirname(fused_optim.__file__)
 CPU_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cpu*.so")))
 CUDA_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cuda*.so")))
 ADAM_OPS = ["adam_step_", "adam_step_triton_", "adam_step_torch_"]
+SGD_OPS = ["sgd_step_", "sgd_step_triton_", "sgd_step_torch_"]
 CROSS_ENTROPY_OPS = ["cross_entropy_forward", "cross_entropy_forward_triton", "cross_entropy_forward_torch",
                      "cross_entropy_scale_grad_", "cross_entropy_scale_grad_triton_", "cross_entropy_scale_grad_torch_"]
 
@@ -188,6 +189,17 @@ def test_every_op_is_defined_with_one_schema(op):
     assert len(schema.returns) == 0
 
 
+@pytest.mark.parametrize("op", SGD_OPS)
+def test_every_sgd_op_is_defined_with_one_schema(op):
+    schema = getattr(torch.ops.fused_optim, op).default._schema
+    reference = torch.ops.fused_optim.sgd_step_.default._schema
+    assert [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments] == \
+        [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in reference.arguments]
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"params", "momentum_buffers", "steps"}
+    assert len(schema.returns) == 0
+
+
 def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{op}", key)
 
@@ -195,7 +207,7 @@ def _has_kernel(op: str, key: str) -> bool:
 @pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
 def test_cpu_extension_is_loaded_and_registered():
     assert _backend.extension_error("cpu") is None
-    for op in ("adam_step_", "triad_", "cross_entropy_forward", "cross_entropy_scale_grad_"):
+    for op in ("adam_step_", "sgd_step_", "triad_", "cross_entropy_forward", "cross_entropy_scale_grad_"):
         assert _has_kernel(op, "CPU"), op
 
 
@@ -203,16 +215,18 @@ def test_cpu_extension_is_loaded_and_registered():
 def test_cuda_extension_is_loaded_and_registered_without_a_gpu():
     """The CI check that the CUDA build works: it loads here, GPU or not, and registers its kernel."""
     assert _backend.extension_error("cuda") is None
-    for op in ("adam_step_", "cross_entropy_forward", "cross_entropy_scale_grad_"):
+    for op in ("adam_step_", "sgd_step_", "cross_entropy_forward", "cross_entropy_scale_grad_"):
         assert _has_kernel(op, "CUDA"), op
 
 
 def test_python_ops_are_registered():
     assert _has_kernel("adam_step_triton_", "CPU") and _has_kernel("adam_step_triton_", "CUDA")
     assert _has_kernel("adam_step_torch_", "CompositeExplicitAutograd")
+    assert _has_kernel("sgd_step_triton_", "CPU") and _has_kernel("sgd_step_triton_", "CUDA")
+    assert _has_kernel("sgd_step_torch_", "CompositeExplicitAutograd")
     for op in ("cross_entropy_forward_triton", "cross_entropy_scale_grad_triton_"):
         assert _has_kernel(op, "CPU") and _has_kernel(op, "CUDA"), op
     for op in ("cross_entropy_forward_torch", "cross_entropy_scale_grad_torch_"):
         assert _has_kernel(op, "CompositeExplicitAutograd"), op
-    for op in ADAM_OPS + CROSS_ENTROPY_OPS:  # fake impls, for torch.compile and meta tensors
+    for op in ADAM_OPS + SGD_OPS + CROSS_ENTROPY_OPS:  # fake impls, for torch.compile and meta tensors
         assert _has_kernel(op, "Meta"), op
