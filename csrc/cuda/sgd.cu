@@ -68,7 +68,9 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
         if (kMomentum) multi_tensor::load_vec(buffer + i, b);
         param_t out[kVec];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) out[k] = round_to<param_t>(sgd_update<kMomentum, kNesterov>(p[k], g[k], b[k], s));
+        for (int k = 0; k < kVec; ++k) {
+          out[k] = round_to<param_t>(sgd_update<kMomentum, kNesterov>(p[k], g[k], b[k], s));
+        }
         if (kMomentum) multi_tensor::store_vec(buffer + i, b);
         multi_tensor::store_vec(param + i, out);
       },
