@@ -75,7 +75,8 @@ void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS) {
   std::vector<ChunkFn> chunk_fns(params.size());
   std::vector<Chunk> chunks;
   for (size_t i = 0; i < params.size(); ++i) {
-    const float step = has_momentum ? steps[i].item<float>() : 1.0f;
+    // read in place: item() costs a dispatch per tensor, which dominates a step over many small tensors
+    const float step = has_momentum ? *steps[i].data_ptr<float>() : 1.0f;
     tensors[i] = TensorPointers{params[i].data_ptr(), matched_grads[i].data_ptr(),
                                 has_momentum ? momentum_buffers[i].data_ptr<float>() : nullptr,
                                 sgd_scalars(momentum, dampening, weight_decay, maximize, lr_value, scale, step)};
