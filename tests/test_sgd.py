@@ -19,6 +19,8 @@ import re
 import pytest
 import torch
 from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, assert_signature_extends
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
                        snapshot, ulp, within_two_ulps)
 
@@ -557,6 +559,41 @@ def test_signature_extends_torchs():
     assert list(__import__("inspect").signature(fused_optim.SGD).parameters)[-2:] == ["max_grad_norm", "backend"]
 
 
+def test_state_dict_has_torchs_keys():
+    init = [torch.randn(4), torch.randn(6)]
+    ours, theirs = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+    opt = fused_optim.SGD(ours, lr=1e-2, momentum=0.9)
+    torch_opt = torch.optim.SGD(theirs, lr=1e-2, momentum=0.9)
+    set_grads(random_grads([(4,), (6,)]), ours, theirs)
+    opt.step()
+    torch_opt.step()
+    ours_sd, torch_sd = opt.state_dict(), torch_opt.state_dict()
+    assert ours_sd["param_groups"] == torch_sd["param_groups"]
+    for i in range(2):
+        assert set(ours_sd["state"][i]) == set(torch_sd["state"][i]) | {"step"}
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_tensor_weight_decay_and_lr_scheduler_match_torch(backend, device):
+    """torch takes weight_decay as a tensor too, and schedulers change the lr (a float, or a tensor in place)."""
+    shapes = [(3,), (100,)]
+    init = [torch.randn(s) for s in shapes]
+    ours, theirs = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
+    opt = fused_optim.SGD(ours, lr=torch.tensor(1e-2), momentum=0.9, weight_decay=torch.tensor(0.1), backend=backend)
+    torch_opt = torch.optim.SGD(theirs, lr=torch.tensor(1e-2), momentum=0.9, weight_decay=torch.tensor(0.1),
+                                foreach=False)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, torch_opt)]
+    for _ in range(5):
+        set_grads(random_grads(shapes, device=device), ours, theirs)
+        opt.step()
+        torch_opt.step()
+        for schedule in schedules:
+            schedule.step()
+    assert float(opt.param_groups[0]["lr"]) == float(torch_opt.param_groups[0]["lr"]) == float(torch.tensor(1e-2 / 4))
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS)
 def test_param_groups_frozen_params_and_momentum_switched_on(backend, device):
     """Groups with their own options, a param without a grad for two steps, and momentum switched on mid-run:
@@ -681,8 +718,121 @@ def test_torch_compile_fullgraph_step_matches_eager():
         assert_identical(compiled_opt.state[p], eager_opt.state[q])
 
 
+def test_torch_compile_fullgraph_functional_step_matches_eager():
+    """The functional entry point alone compiles into one graph, with the op's in-place writes to params, buffers
+    and step counts (a first step, then a later one) visible after the compiled call."""
+    torch._dynamo.reset()
+    shapes = [(3,), (100,)]
+    init = [torch.randn(s) for s in shapes]
+
+    def fresh():
+        return [x.clone() for x in init], [torch.zeros(s) for s in shapes], [torch.zeros(()) for _ in shapes]
+
+    def step(params, grads, buffers, steps, lr):
+        sgd_step(params, grads, buffers, steps, lr=lr, momentum=0.9, dampening=0.1, weight_decay=0.01,
+                 nesterov=False, maximize=False, backend="cpu")
+
+    compiled_step = torch.compile(step, fullgraph=True)
+    compiled, eager = fresh(), fresh()
+    lr = torch.tensor(1e-2)
+    for _ in range(2):
+        grads = random_grads(shapes)
+        compiled_step(compiled[0], grads, *compiled[1:], lr)
+        step(eager[0], grads, *eager[1:], lr)
+    for a, b in zip(compiled, eager):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert compiled[2][0].item() == 2.0
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    dampening=st.sampled_from([0.0, 0.5]),
+    nesterov=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.01, 0.3]),
+    maximize=st.booleans(),
+    lr=st.floats(1e-4, 1e-1),
+    lr_tensor=st.booleans(),
+    steps=st.integers(1, 4),
+    backend=st.sampled_from(["cpu", "torch"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_configs_match_reference(sizes, dtype, momentum, dampening, nesterov, weight_decay, maximize, lr,
+                                        lr_tensor, steps, backend, seed):
+    nesterov = nesterov and momentum > 0 and dampening == 0  # the only valid Nesterov settings
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, generator=generator).to(dtype)) for n in sizes]
+    options = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                   maximize=maximize)
+    opt = fused_optim.SGD(params, lr=torch.tensor(lr) if lr_tensor else lr, backend=backend, **options)
+    ref_lr = float(torch.tensor(lr)) if lr_tensor else lr
+    reference = ReferenceSGD(params, lr=ref_lr, **options)
+    rounded = ReferenceSGD(params, lr=ref_lr, **options)
+    for _ in range(steps):
+        grads = [torch.randn(n, generator=generator).to(dtype) for n in sizes]
+        set_grads(grads, params)
+        opt.step()
+        reference.step(grads)
+        rounded.step(grads)
+        for r in rounded.params:
+            r.copy_(r.to(dtype).double())
+    if not any(sizes):
+        return
+    ours = flat(params)
+    if dtype == torch.float32:
+        magnitude = flat(reference.params).abs().max().item() + 1.0
+        assert (ours - flat(reference.params)).abs().max() <= steps * 4 * ulp(dtype, magnitude)
+    else:
+        assert within_two_ulps(ours, flat(rounded.params), dtype).all()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_replays_like_eager_steps(backend):
+    """A step with a tensor lr, captured after warm-up steps on a side stream, replayed with new grads and lrs,
+    equals eager steps; the first step's rule is read from the step count on the device each replay."""
+    shapes = [(3,), (1023,), (4097,)]
+    init = [torch.randn(s) for s in shapes]
+    graphed, eager = make_params(init, torch.float32, "cuda"), make_params(init, torch.float32, "cuda")
+    graphed_lr, eager_lr = torch.tensor(1e-2, device="cuda"), torch.tensor(1e-2, device="cuda")
+    graphed_opt = fused_optim.SGD(graphed, lr=graphed_lr, momentum=0.9, nesterov=True, backend=backend)
+    eager_opt = fused_optim.SGD(eager, lr=eager_lr, momentum=0.9, nesterov=True, backend=backend)
+    for p in graphed:
+        p.grad = torch.zeros_like(p)  # static grads: the graph reads these addresses
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            grads = random_grads(shapes, device="cuda")
+            for p, g in zip(graphed, grads):
+                p.grad.copy_(g)
+            set_grads(grads, eager)
+            graphed_opt.step()
+            eager_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+    for i in range(4):
+        grads = random_grads(shapes, device="cuda")
+        for p, g in zip(graphed, grads):
+            p.grad.copy_(g)
+        set_grads(grads, eager)
+        graphed_lr.fill_(1e-2 / (i + 2))
+        eager_lr.fill_(1e-2 / (i + 2))
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(graphed, eager):
+        assert torch.equal(p, q)
+        assert_identical(graphed_opt.state[p], eager_opt.state[q])
 
 
 @pytest.mark.cuda
