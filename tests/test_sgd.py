@@ -559,6 +559,19 @@ def test_signature_extends_torchs():
     assert list(__import__("inspect").signature(fused_optim.SGD).parameters)[-2:] == ["max_grad_norm", "backend"]
 
 
+def test_foreach_and_fused_are_accepted_and_change_nothing():
+    init = [torch.randn(50)]
+    plain, flagged = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+    plain_opt = fused_optim.SGD(plain, lr=1e-2, momentum=0.9)
+    flagged_opt = fused_optim.SGD(flagged, lr=1e-2, momentum=0.9, foreach=True, fused=True)
+    assert flagged_opt.param_groups[0]["fused"] is True
+    for _ in range(2):
+        set_grads(random_grads([(50,)]), plain, flagged)
+        plain_opt.step()
+        flagged_opt.step()
+    assert torch.equal(plain[0], flagged[0])
+
+
 def test_state_dict_has_torchs_keys():
     init = [torch.randn(4), torch.randn(6)]
     ours, theirs = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
