@@ -203,7 +203,14 @@ def test_torch_state_dict_loads_into_ours(backend, device):
         set_grads(random_grads(shapes, device=device), theirs)
         torch_opt.step()
     ours = make_params([p.detach() for p in theirs], torch.float32, device)
-    opt = fused_optim.SGD(ours, lr=1.0, backend=backend)  # lr, momentum etc. come from the state dict
+    opt = fused_optim.SGD(ours, lr=1.0, momentum=0.5, backend=backend)  # lr, momentum etc. come from the state dict
+    # A step first, then the params put back: the loaded buffers must replace the ones this step made (and the
+    # lists kept between steps)
+    set_grads(random_grads(shapes, device=device), ours)
+    opt.step()
+    with torch.no_grad():
+        for p, q in zip(ours, theirs):
+            p.copy_(q)
     opt.load_state_dict(torch_opt.state_dict())
     assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["nesterov"]
     for p, q in zip(ours, theirs):

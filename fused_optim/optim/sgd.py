@@ -82,6 +82,7 @@ class SGD(Optimizer):
         self.max_grad_norm = max_grad_norm
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
+        self._plans: dict[int, tuple] = {}  # per group, see _gather
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -99,6 +100,8 @@ class SGD(Optimizer):
         self._guard = StepGuard(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
+            self._plans.clear()
         super().add_param_group(param_group)
         devices = {p.device for p in self.param_groups[-1]["params"]}
         if len(devices) > 1:
@@ -130,6 +133,7 @@ class SGD(Optimizer):
         super().__setstate__(state)
         if not hasattr(self, "_guard"):
             self._guard = StepGuard(self)
+        self._plans = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 if key != "params":
@@ -169,10 +173,22 @@ class SGD(Optimizer):
     def _gather(self, group: dict[str, Any]) -> list[list[Tensor]]:
         """[params, grads, momentum buffers, steps] of the group's params that have a grad (the last two empty
         without momentum). Everything that can be wrong is checked before any state is created, as torch does;
-        the op checks the grads themselves (shape, dtype, layout) before writing anything."""
-        with_grads = [(p, grad_of(p)) for p in group["params"]]
-        with_grads = [(p, grad) for p, grad in with_grads if grad is not None]
-        for p, grad in with_grads:
+        the op checks the grads themselves (shape, dtype, layout) before writing anything.
+
+        Host time matters at a thousand tensors a step, so the lists are kept between steps and only the grads are
+        read again; they are rebuilt when which params have grads, the params, the state or momentum changed."""
+        params = group["params"]
+        all_grads = [grad_of(p) for p in params]
+        has_grad = [grad is not None for grad in all_grads]
+        grads = all_grads if all(has_grad) else [grad for grad in all_grads if grad is not None]
+        plan = self._plans.get(id(group))
+        if plan is not None and plan[0] is params and plan[1] is self.state and plan[2] == (
+            len(params), len(self.state), group["momentum"] != 0, has_grad
+        ):
+            with_grad, buffers, steps = plan[3]
+            return [with_grad, grads, buffers, steps]
+        with_grad = [p for p, present in zip(params, has_grad) if present]
+        for p, grad in zip(with_grad, grads):
             if grad.is_sparse:
                 raise RuntimeError("fused_optim.SGD does not support sparse gradients; use torch.optim.SGD for those.")
             if torch.is_complex(p):
@@ -181,10 +197,9 @@ class SGD(Optimizer):
                 raise TypeError(f"fused_optim.SGD steps float32, bfloat16 and float16 params, not {p.dtype}; use "
                                 "torch.optim.SGD for those")
             _backend.resolve(self.backend, p.device.type)
-        params, grads = [p for p, _ in with_grads], [grad for _, grad in with_grads]
         buffers, steps = [], []
         if group["momentum"] != 0:
-            for p in params:
+            for p in with_grad:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     # unset until the first step writes the gradient into it (count 0); fp32, the param's layout
@@ -193,7 +208,9 @@ class SGD(Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 buffers.append(state["momentum_buffer"])
                 steps.append(state["step"])
-        return [params, grads, buffers, steps]
+        key = (len(params), len(self.state), group["momentum"] != 0, has_grad)
+        self._plans[id(group)] = (params, self.state, key, (with_grad, buffers, steps))
+        return [with_grad, grads, buffers, steps]
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict, less the buffers no step has set yet (count 0: every step so far was skipped), so
@@ -222,6 +239,7 @@ class SGD(Optimizer):
                         f"loaded state dict's 'momentum_buffer' of param {param_id} has shape {tuple(buffer.shape)}, "
                         f"but the param has shape {tuple(p.shape)}"
                     )
+        self._plans.clear()
         super().load_state_dict(state_dict)
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for p, param_id in zip(group["params"], saved_group["params"]):
