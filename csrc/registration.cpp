@@ -6,6 +6,7 @@
 #include "fused_optim/accumulate_launch.h"
 #include "fused_optim/adam_launch.h"
 #include "fused_optim/cross_entropy_launch.h"
+#include "fused_optim/sgd_launch.h"
 #include "fused_optim/total_norm_launch.h"
 
 namespace fused_optim {
@@ -14,6 +15,7 @@ void triad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, do
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
   m.impl("adam_step_", &fused_optim::adam_step_cpu);
+  m.impl("sgd_step_", &fused_optim::sgd_step_cpu);
   m.impl("triad_", &fused_optim::triad_cpu);
   m.impl("cross_entropy_forward", &fused_optim::cross_entropy_forward_cpu);
   m.impl("cross_entropy_scale_grad_", &fused_optim::cross_entropy_scale_grad_cpu);

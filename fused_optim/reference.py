@@ -51,6 +51,40 @@ class ReferenceAdam:
             p.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
 
 
+class ReferenceSGD:
+    """SGD with momentum, dampening, Nesterov momentum, L2 weight decay and maximize, in float64; the first step
+    with momentum sets the buffer to the gradient (torch.optim.SGD's rule).
+
+    >>> p = torch.randn(3); ref = ReferenceSGD([p], lr=0.1, momentum=0.9, nesterov=True)
+    >>> ref.step([torch.randn(3)]); ref.momentum_buffers[0].dtype
+    torch.float64
+    """
+
+    def __init__(self, params, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 maximize=False):
+        self.params = [p.detach().double().clone() for p in params]
+        self.momentum_buffers: list[torch.Tensor | None] = [None for _ in self.params]
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.weight_decay, self.nesterov, self.maximize = weight_decay, nesterov, maximize
+
+    def step(self, grads, grad_scale: float = 1.0) -> None:
+        for i, grad in enumerate(grads):
+            g = grad.detach().double() / grad_scale
+            if self.maximize:
+                g = -g
+            p = self.params[i]
+            if self.weight_decay != 0:
+                g = g + self.weight_decay * p
+            if self.momentum != 0:
+                buf = self.momentum_buffers[i]
+                if buf is None:
+                    buf = self.momentum_buffers[i] = g.clone()
+                else:
+                    buf.mul_(self.momentum).add_((1 - self.dampening) * g)
+                g = g + self.momentum * buf if self.nesterov else buf
+            p.sub_(self.lr * g)
+
+
 # Stochastic rounding: the same counter-based hash as csrc/include/fused_optim/rounding.h, in int64 tensor ops
 # (every value kept in [0, 2^32) so nothing overflows), so every backend can be checked bit for bit.
 

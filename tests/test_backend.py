@@ -22,12 +22,13 @@ PACKAGE_DIR = os.path.dirname(fused_optim.__file__)
 CPU_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cpu*.so")))
 CUDA_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cuda*.so")))
 ADAM_OPS = ["adam_step_", "adam_step_triton_", "adam_step_torch_"]
+SGD_OPS = ["sgd_step_", "sgd_step_triton_", "sgd_step_torch_"]
 CROSS_ENTROPY_OPS = ["cross_entropy_forward", "cross_entropy_forward_triton", "cross_entropy_forward_torch",
                      "cross_entropy_scale_grad_", "cross_entropy_scale_grad_triton_", "cross_entropy_scale_grad_torch_"]
 GRAD_OPS = ["accumulate_grads_", "accumulate_grads_triton_", "accumulate_grads_torch_",
             "total_norm", "total_norm_triton", "total_norm_torch"]
 # The ops with C++ kernels: the one name each extension registers (the Python ops add _triton and _torch twins).
-CUDA_KERNEL_OPS = ["adam_step_", "cross_entropy_forward", "cross_entropy_scale_grad_", "accumulate_grads_", "total_norm"]
+CUDA_KERNEL_OPS = ["adam_step_", "sgd_step_", "cross_entropy_forward", "cross_entropy_scale_grad_", "accumulate_grads_", "total_norm"]
 CPU_KERNEL_OPS = CUDA_KERNEL_OPS + ["triad_"]
 
 
@@ -193,6 +194,17 @@ def test_every_op_is_defined_with_one_schema(op):
     assert len(schema.returns) == 0
 
 
+@pytest.mark.parametrize("op", SGD_OPS)
+def test_every_sgd_op_is_defined_with_one_schema(op):
+    schema = getattr(torch.ops.fused_optim, op).default._schema
+    reference = torch.ops.fused_optim.sgd_step_.default._schema
+    assert [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments] == \
+        [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in reference.arguments]
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"params", "momentum_buffers", "steps"}
+    assert len(schema.returns) == 0
+
+
 def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{op}", key)
 
@@ -213,7 +225,7 @@ def test_cuda_extension_is_loaded_and_registered_without_a_gpu():
 
 
 def test_python_ops_are_registered():
-    all_ops = ADAM_OPS + CROSS_ENTROPY_OPS + GRAD_OPS
+    all_ops = ADAM_OPS + SGD_OPS + CROSS_ENTROPY_OPS + GRAD_OPS
     for op in (op for op in all_ops if op.rstrip("_").endswith("_triton")):
         assert _has_kernel(op, "CPU") and _has_kernel(op, "CUDA"), op
     for op in (op for op in all_ops if op.rstrip("_").endswith("_torch")):

@@ -41,6 +41,12 @@ def adam_kernels_ptx(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
+def sgd_kernels_ptx(tmp_path_factory) -> dict[str, str]:
+    kernels = kernels_ptx("sgd.cu", tmp_path_factory.mktemp("ptx"))
+    return {name: body for name, body in kernels.items() if "sgd_kernel" in name}
+
+
+@pytest.fixture(scope="module")
 def cross_entropy_kernels_ptx(tmp_path_factory) -> dict[str, str]:
     kernels = kernels_ptx("cross_entropy.cu", tmp_path_factory.mktemp("ptx"))
     return {name: body for name, body in kernels.items() if "cross_entropy_forward_kernel" in name}
@@ -64,6 +70,23 @@ def test_cross_entropy_kernels_stream_rows_with_16_byte_accesses(cross_entropy_k
         loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
         stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
         assert len(loads) >= 2 and len(stores) >= 2, (name, loads, stores)  # pass 1, pass 2 / gradient, zeros
+        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+
+
+def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses(sgd_kernels_ptx):
+    assert len(sgd_kernels_ptx) == 15  # (param, grad) dtype pairs x (no momentum, momentum, nesterov)
+    for name, body in sgd_kernels_ptx.items():
+        # the mangled template arguments: param type, grad type ("f", or S<n>_: the param's again), momentum
+        param_t, grad_t, momentum = re.search(r"sgd_kernelI(f|N3c108BFloat16E|N3c104HalfE)(f|S\d*_)Lb([01])E",
+                                              name).groups()
+        grad_t = param_t if grad_t.startswith("S") else grad_t
+        loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
+        stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
+        # per 8 elements: an fp32 array takes two 16-byte accesses, a 16-bit one a single one
+        width = {"f": 2}
+        expected_loads = width.get(param_t, 1) + width.get(grad_t, 1) + 2 * int(momentum)
+        expected_stores = width.get(param_t, 1) + 2 * int(momentum)
+        assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 

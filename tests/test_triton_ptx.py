@@ -1,4 +1,4 @@
-"""The Triton AdamW and cross-entropy kernels compiled ahead of time for the H100 (sm_90), with no GPU, and its PTX read.
+"""The Triton AdamW, SGD and cross-entropy kernels compiled ahead of time for the H100 (sm_90), with no GPU, and its PTX read.
 
 When the host saw every address 16-byte aligned it passes ALIGNED=True, and the kernel's whole blocks must then
 move 16 bytes per load and store (`ld.global.v4.b32`: 4 fp32 or 8 bf16); with ALIGNED=False the compiler cannot
@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fused_optim.triton.adam import _adam_kernel
 from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel
+from fused_optim.triton.sgd import _sgd_kernel
 
 SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
     "table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
@@ -54,6 +55,20 @@ def accesses(ptx):
     return {"target": re.search(r"\.target\s+(\w+)", ptx).group(1),
             "loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
             "stores": sorted(set(re.findall(r"st\.global(?:\.\w+)*", ptx)))}
+
+# The SGD kernel with momentum (param, grad and buffer streams), aligned and not.
+SGD_SIGNATURE = {"table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+                 "found_inf_ptr": "*fp32", "momentum": "fp32", "one_minus_dampening": "fp32", "weight_decay": "fp32",
+                 "num_tensors": "i32"}
+for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+    for aligned in (True, False):
+        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
+                          HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
+                          SEARCH_STEPS=1, COLUMNS=5, BLOCK=1024)
+        source = ASTSource(fn=_sgd_kernel, signature={**SGD_SIGNATURE, **{k: "constexpr" for k in constexprs}},
+                           constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        results[f"sgd-{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
 
 # The cross-entropy kernel as Triton's launcher specialises it for a vocabulary and row stride that are multiples
 # of 16 and 16-byte aligned tensors (what the divisibility attributes say).
@@ -82,17 +97,19 @@ def ptx_accesses() -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.parametrize("kernel", ["", "sgd-"], ids=["adam", "sgd"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_aligned_kernel_moves_16_bytes_per_access(ptx_accesses, dtype):
-    accesses = ptx_accesses[f"{dtype}-aligned"]
+def test_aligned_kernel_moves_16_bytes_per_access(ptx_accesses, dtype, kernel):
+    accesses = ptx_accesses[f"{kernel}{dtype}-aligned"]
     assert accesses["target"] in ("sm_90", "sm_90a")  # Triton targets the arch-specific sm_90a
     assert "ld.global.v4.b32" in accesses["loads"], accesses
     assert "st.global.v4.b32" in accesses["stores"], accesses
 
 
+@pytest.mark.parametrize("kernel", ["", "sgd-"], ids=["adam", "sgd"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype):
-    accesses = ptx_accesses[f"{dtype}-unaligned"]
+def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype, kernel):
+    accesses = ptx_accesses[f"{kernel}{dtype}-unaligned"]
     assert not [a for a in accesses["loads"] + accesses["stores"] if ".v2" in a or ".v4" in a], accesses
     narrow = "ld.global.b16" if dtype == "bf16" else "ld.global.b32"
     assert narrow in accesses["loads"], accesses

@@ -1,3 +1,4 @@
 from fused_optim.optim.adam import Adam, AdamW
+from fused_optim.optim.sgd import SGD
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "SGD"]

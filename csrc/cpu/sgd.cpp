@@ -1,0 +1,100 @@
+// CPU SGD: every tensor of a group cut into fixed-size chunks, OpenMP over the chunks (as csrc/cpu/adam.cpp), and
+// a branch-free inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/sgd.h,
+// the same header the CUDA kernel includes.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include "float_io.h"
+#include "fused_optim/sgd_launch.h"
+
+namespace fused_optim {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // as adam.cpp: balances 2..64 threads, per-chunk setup is noise
+
+struct TensorPointers {
+  void* param;
+  const void* grad;
+  float* momentum_buffer;
+  SgdScalars scalars;
+};
+
+template <typename param_t, typename grad_t, bool kMomentum, bool kNesterov>
+void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
+  auto* __restrict__ param = static_cast<param_t*>(t.param);
+  const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
+  float* __restrict__ momentum_buffer = t.momentum_buffer;
+  const SgdScalars s = t.scalars;
+  float unused_buffer = 0.0f;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float& buffer = kMomentum ? momentum_buffer[i] : unused_buffer;
+    store_float(param, i, sgd_update<kMomentum, kNesterov>(load_float(param, i), load_float(grad, i), buffer, s));
+  }
+}
+
+using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
+
+template <typename param_t, typename grad_t>
+ChunkFn pick_chunk_fn(bool momentum, bool nesterov) {
+  if (!momentum) return sgd_chunk<param_t, grad_t, false, false>;
+  return nesterov ? sgd_chunk<param_t, grad_t, true, true> : sgd_chunk<param_t, grad_t, true, false>;
+}
+
+ChunkFn pick_chunk_fn(at::ScalarType param_dtype, at::ScalarType grad_dtype, bool momentum, bool nesterov) {
+  const bool fp32_grad = grad_dtype == at::kFloat;
+  switch (param_dtype) {
+    case at::kFloat: return pick_chunk_fn<float, float>(momentum, nesterov);
+    case at::kBFloat16:
+      return fp32_grad ? pick_chunk_fn<c10::BFloat16, float>(momentum, nesterov)
+                       : pick_chunk_fn<c10::BFloat16, c10::BFloat16>(momentum, nesterov);
+    case at::kHalf:
+      return fp32_grad ? pick_chunk_fn<c10::Half, float>(momentum, nesterov)
+                       : pick_chunk_fn<c10::Half, c10::Half>(momentum, nesterov);
+    default: TORCH_CHECK(false, "sgd_step_: params must be float32, bfloat16 or float16, got ", param_dtype);
+  }
+}
+
+}  // namespace
+
+void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS) {
+  const std::vector<at::Tensor> matched_grads = check_sgd_args(FUSED_OPTIM_SGD_ARG_NAMES);
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // a skipped step: touch nothing
+  const bool has_momentum = momentum != 0.0;
+  const float lr_value = lr_tensor.has_value() ? lr_tensor->item<float>() : static_cast<float>(lr);
+  const float scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+
+  struct Chunk {
+    int32_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<TensorPointers> tensors(params.size());
+  std::vector<ChunkFn> chunk_fns(params.size());
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < params.size(); ++i) {
+    // read in place: item() costs a dispatch per tensor, which dominates a step over many small tensors
+    const float step = has_momentum ? *steps[i].data_ptr<float>() : 1.0f;
+    tensors[i] = TensorPointers{params[i].data_ptr(), matched_grads[i].data_ptr(),
+                                has_momentum ? momentum_buffers[i].data_ptr<float>() : nullptr,
+                                sgd_scalars(momentum, dampening, weight_decay, maximize, lr_value, scale, step)};
+    chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), has_momentum, nesterov);
+    const int64_t numel = params[i].numel();
+    for (int64_t begin = 0; begin < numel; begin += kChunk) {
+      chunks.push_back({static_cast<int32_t>(i), begin, std::min(begin + kChunk, numel)});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& chunk = chunks[c];
+      chunk_fns[chunk.tensor](tensors[chunk.tensor], chunk.begin, chunk.end);
+    }
+  });
+  for (const at::Tensor& step : steps) {
+    *step.data_ptr<float>() += 1.0f;
+  }
+}
+
+}  // namespace fused_optim

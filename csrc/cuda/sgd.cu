@@ -1,0 +1,171 @@
+// CUDA SGD: one multi-tensor launch (csrc/cuda/multi_tensor.cuh) per few hundred tensors of a group and dtype pair.
+//
+// Each block owns one chunk of one tensor; it derives the tensor's scalars (lr, 1/grad_scale, whether this is the
+// first step, from the step count on the device) and every thread then moves 8 elements per iteration with 16-byte
+// loads and stores when all of the tensor's arrays are 16-byte aligned. The element math is fused_optim/sgd.h,
+// shared with the CPU. A second, tiny launch increments the step counts after every update launch of the call
+// has read them.
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "fused_optim/rounding.h"
+#include "fused_optim/sgd_launch.h"
+#include "multi_tensor.cuh"
+
+namespace fused_optim {
+namespace {
+
+using multi_tensor::kVec;
+
+constexpr int kThreads = 512;          // as adam.cu, measured there on an H100
+constexpr int64_t kChunk = 16 * 1024;  // elements per block: 4 iterations of 512 threads x 8
+
+struct TensorArgs {
+  void* param;
+  const void* grad;
+  float* momentum_buffer;  // null without momentum
+  const float* step;       // null without momentum
+  int64_t numel;
+};
+using Table = multi_tensor::LaunchTable<TensorArgs>;
+
+// Everything a launch needs besides the table and the template arguments.
+struct LaunchArgs {
+  double momentum, dampening, weight_decay;
+  bool maximize;
+  float lr;
+  const float* lr_tensor;
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+template <typename param_t, typename grad_t, bool kMomentum, bool kNesterov>
+__global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ Table table, const LaunchArgs a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // a skipped step: touch nothing
+  const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
+  const TensorArgs& t = table.tensors[work.tensor];
+  // Every thread reads the same few scalars: one broadcast load each, cheaper than a trip through shared memory.
+  const SgdScalars s = sgd_scalars(a.momentum, a.dampening, a.weight_decay, a.maximize,
+                                   a.lr_tensor != nullptr ? *a.lr_tensor : a.lr,
+                                   a.grad_scale != nullptr ? *a.grad_scale : 1.0f, kMomentum ? *t.step : 1.0f);
+  auto* param = static_cast<param_t*>(t.param);
+  const auto* grad = static_cast<const grad_t*>(t.grad);
+  float* buffer = t.momentum_buffer;
+  float unused_buffer = 0.0f;
+  const bool vectorizable = multi_tensor::aligned16(param) && multi_tensor::aligned16(grad) &&
+                            (!kMomentum || multi_tensor::aligned16(buffer));
+  multi_tensor::for_each_element<kThreads>(
+      work, vectorizable,
+      [&](int64_t i) {
+        float p[kVec], g[kVec], b[kVec];
+        // Every load issued before the first use: three independent 16-byte streams in flight per thread.
+        multi_tensor::load_vec(param + i, p);
+        multi_tensor::load_vec(grad + i, g);
+        if (kMomentum) multi_tensor::load_vec(buffer + i, b);
+        param_t out[kVec];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          out[k] = round_to<param_t>(sgd_update<kMomentum, kNesterov>(p[k], g[k], b[k], s));
+        }
+        if (kMomentum) multi_tensor::store_vec(buffer + i, b);
+        multi_tensor::store_vec(param + i, out);
+      },
+      [&](int64_t i) {
+        float& b = kMomentum ? buffer[i] : unused_buffer;
+        param[i] = round_to<param_t>(
+            sgd_update<kMomentum, kNesterov>(static_cast<float>(param[i]), static_cast<float>(grad[i]), b, s));
+      });
+}
+
+// The step counts of one call, incremented after every update launch of it (same stream) read them.
+constexpr int kMaxSteps = 1024;
+struct StepTable {
+  float* steps[kMaxSteps];
+  int32_t count;
+};
+
+__global__ void increment_steps(const __grid_constant__ StepTable table, const float* __restrict__ found_inf) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= table.count || (found_inf != nullptr && *found_inf != 0.0f)) return;
+  *table.steps[i] += 1.0f;
+}
+
+template <typename param_t, typename grad_t>
+void launch_variant(const Table& table, const LaunchArgs& a, bool momentum, bool nesterov, cudaStream_t stream) {
+  const int blocks = table.num_blocks();
+  if (!momentum) {
+    sgd_kernel<param_t, grad_t, false, false><<<blocks, kThreads, 0, stream>>>(table, a);
+  } else if (nesterov) {
+    sgd_kernel<param_t, grad_t, true, true><<<blocks, kThreads, 0, stream>>>(table, a);
+  } else {
+    sgd_kernel<param_t, grad_t, true, false><<<blocks, kThreads, 0, stream>>>(table, a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The launch key: the (param dtype, grad dtype) pair, one kernel instantiation each.
+enum DtypePair : int { kFp32, kBf16, kBf16Fp32, kFp16, kFp16Fp32 };
+
+DtypePair dtype_pair(at::ScalarType param_dtype, at::ScalarType grad_dtype) {
+  const bool fp32_grad = grad_dtype == at::kFloat;
+  switch (param_dtype) {
+    case at::kFloat: return kFp32;
+    case at::kBFloat16: return fp32_grad ? kBf16Fp32 : kBf16;
+    case at::kHalf: return fp32_grad ? kFp16Fp32 : kFp16;
+    default: TORCH_CHECK(false, "sgd_step_: params must be float32, bfloat16 or float16, got ", param_dtype);
+  }
+}
+
+}  // namespace
+
+void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS) {
+  const std::vector<at::Tensor> matched_grads = check_sgd_args(FUSED_OPTIM_SGD_ARG_NAMES);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool has_momentum = momentum != 0.0;
+  auto optional_ptr = [](const std::optional<at::Tensor>& t) -> const float* {
+    return t.has_value() ? t->data_ptr<float>() : nullptr;
+  };
+  const LaunchArgs args{momentum, dampening, weight_decay, maximize, static_cast<float>(lr),
+                        optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf)};
+
+  auto launch = [&](const Table& table, int key) {
+    switch (static_cast<DtypePair>(key)) {
+      case kFp32: return launch_variant<float, float>(table, args, has_momentum, nesterov, stream);
+      case kBf16: return launch_variant<c10::BFloat16, c10::BFloat16>(table, args, has_momentum, nesterov, stream);
+      case kBf16Fp32: return launch_variant<c10::BFloat16, float>(table, args, has_momentum, nesterov, stream);
+      case kFp16: return launch_variant<c10::Half, c10::Half>(table, args, has_momentum, nesterov, stream);
+      case kFp16Fp32: return launch_variant<c10::Half, float>(table, args, has_momentum, nesterov, stream);
+    }
+  };
+  multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
+  for (size_t i = 0; i < params.size(); ++i) {
+    filler.add(TensorArgs{params[i].data_ptr(), matched_grads[i].data_ptr(),
+                          has_momentum ? momentum_buffers[i].data_ptr<float>() : nullptr,
+                          has_momentum ? steps[i].data_ptr<float>() : nullptr, 0},
+               params[i].numel(), dtype_pair(params[i].scalar_type(), matched_grads[i].scalar_type()));
+  }
+  filler.flush();
+
+  // Every step count, empty tensors' too (they took no row in the update tables).
+  StepTable step_table;
+  step_table.count = 0;
+  auto flush_steps = [&] {
+    if (step_table.count == 0) return;
+    increment_steps<<<(step_table.count + kThreads - 1) / kThreads, kThreads, 0, stream>>>(step_table, args.found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    step_table.count = 0;
+  };
+  for (const at::Tensor& step : steps) {
+    step_table.steps[step_table.count++] = step.data_ptr<float>();
+    if (step_table.count == kMaxSteps) flush_steps();
+  }
+  flush_steps();
+}
+
+}  // namespace fused_optim

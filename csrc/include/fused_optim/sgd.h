@@ -1,0 +1,56 @@
+// The math of one SGD element, shared by the CUDA kernel (csrc/cuda/sgd.cu) and the CPU kernel (csrc/cpu/sgd.cpp),
+// so the CPU tests exercise the exact arithmetic the GPU runs.
+//
+// Everything is fp32 whatever the parameter dtype, the momentum buffer included (DESIGN.md, numerics contract).
+// The order of operations follows torch.optim.SGD's single-tensor path (foreach=False):
+//   g   = grad / grad_scale, negated when maximizing
+//   g   = g + weight_decay * p                       L2 decay, coupled into the gradient
+//   buf = g on the first step, else momentum * buf + (1 - dampening) * g      heavy-ball momentum (Polyak, 1964)
+//   g   = g + momentum * buf when nesterov, else buf                          (Sutskever et al., 2013)
+//   p   = p - lr * g
+// "First step" is per tensor and read on the device (the step count is 0), so no host sync decides it.
+#pragma once
+
+#include "fused_optim/macros.h"
+
+namespace fused_optim {
+
+// What one tensor's update needs, derived once per tensor (not per element) from the lr, the grad scale and the
+// step count, any of which may live on the device.
+struct SgdScalars {
+  float grad_multiplier;      // 1 / grad_scale, negated when maximizing
+  float weight_decay;
+  float momentum;
+  float one_minus_dampening;  // rounded to fp32 after the subtraction, as torch's `alpha=1 - dampening`
+  float lr;
+  bool first_step;            // the momentum buffer is unset: it becomes the gradient itself
+};
+
+FO_HOST_DEVICE SgdScalars sgd_scalars(double momentum, double dampening, double weight_decay, bool maximize, float lr,
+                                      float grad_scale, float step) {
+  SgdScalars s;
+  const float inverse_scale = 1.0f / grad_scale;
+  s.grad_multiplier = maximize ? -inverse_scale : inverse_scale;
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.momentum = static_cast<float>(momentum);
+  s.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  s.lr = lr;
+  s.first_step = step == 0.0f;
+  return s;
+}
+
+// One element. Returns the new parameter value (fp32, before any rounding to the parameter dtype) and updates the
+// momentum buffer in place (read only after the first step: it may hold anything before). The branches test
+// per-tensor constants, so they are uniform across a warp or a vector loop.
+template <bool kMomentum, bool kNesterov>
+FO_HOST_DEVICE float sgd_update(float param, float grad, float& momentum_buffer, const SgdScalars& s) {
+  grad *= s.grad_multiplier;
+  if (s.weight_decay != 0.0f) grad += s.weight_decay * param;
+  if (kMomentum) {
+    momentum_buffer = s.first_step ? grad : momentum_buffer * s.momentum + s.one_minus_dampening * grad;
+    grad = kNesterov ? grad + s.momentum * momentum_buffer : momentum_buffer;
+  }
+  return param - s.lr * grad;
+}
+
+}  // namespace fused_optim

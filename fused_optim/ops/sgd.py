@@ -1,0 +1,161 @@
+"""The SGD step as torch.library ops: one op per backend, one schema, and the one place that picks a backend.
+
+- `fused_optim::sgd_step_`         the C++ kernels: csrc/cpu/sgd.cpp (CPU), csrc/cuda/sgd.cu (CUDA)
+- `fused_optim::sgd_step_triton_`  fused_optim/triton/sgd.py
+- `fused_optim::sgd_step_torch_`   plain torch ops, one tensor at a time in fp32: the fallback
+
+Each op updates every tensor of its lists in place (params, momentum buffers, step counts). With momentum 0 the
+buffer and step lists are empty (torch keeps no state then); otherwise a tensor whose step count is 0 takes its
+gradient as its first buffer, decided on the device. The lr, the GradScaler's grad_scale and found_inf are read on
+the device when given as tensors, and a found_inf != 0 leaves everything untouched, step counts included: no host
+sync, so a step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _backend
+from fused_optim.ops._library import lib as _lib
+from fused_optim.ops.adam import dense
+
+SGD_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, float lr, "
+    "Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+    "Tensor? grad_scale, Tensor? found_inf) -> ()"
+)
+OP_NAMES = {"cpu": "sgd_step_", "cuda": "sgd_step_", "triton": "sgd_step_triton_", "torch": "sgd_step_torch_"}
+for _name in sorted(set(OP_NAMES.values())):
+    _lib.define(_name + SGD_SCHEMA)
+    # Mutates its inputs and returns nothing: the fake impl has no output to describe.
+    torch.library.register_fake(f"fused_optim::{_name}", lambda *args, **kwargs: None, lib=_lib)
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, nesterov,
+                   scalars=()) -> list[torch.Tensor]:
+    """The Python twin of csrc/include/fused_optim/sgd_launch.h's check_sgd_args, for the Triton and torch ops:
+    every argument checked before anything is written, and the grads returned in their params' memory layout."""
+    n = len(params)
+    if len(grads) != n:
+        raise RuntimeError("sgd_step: params and grads must have the same length")
+    if (len(momentum_buffers), len(steps)) != ((n, n) if momentum != 0 else (0, 0)):
+        raise RuntimeError("sgd_step: with momentum, one momentum buffer and one step per param; without, none")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise RuntimeError("sgd_step: Nesterov momentum requires a momentum and zero dampening")
+    if n == 0:
+        return []
+    if any(grad.is_sparse for grad in grads):
+        raise RuntimeError("sgd_step: sparse gradients are not supported")
+    param_dtypes = [p.dtype for p in params]
+    if not set(param_dtypes) <= set(_DTYPES):
+        raise RuntimeError(f"sgd_step: params must be float32, bfloat16 or float16, got {set(param_dtypes)}")
+    if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
+        raise RuntimeError("sgd_step: a grad must have its param's dtype or float32")
+    devices = {t.device for tensors in (params, grads, momentum_buffers, steps) for t in tensors}
+    if len(devices) != 1:
+        raise RuntimeError(f"sgd_step: all tensors must be on one device, got {sorted(map(str, devices))}")
+    shapes, strides = [p.shape for p in params], [p.stride() for p in params]
+    if [g.shape for g in grads] != shapes:
+        raise RuntimeError("sgd_step: a grad must have its param's shape")
+    if not all(p.is_contiguous() or dense(p) for p in params):
+        raise RuntimeError("sgd_step: params must be dense")
+    if momentum_buffers and ([b.shape for b in momentum_buffers] != shapes
+                             or [b.stride() for b in momentum_buffers] != strides
+                             or any(b.dtype != torch.float32 for b in momentum_buffers)):
+        raise RuntimeError("sgd_step: a momentum buffer must be float32 with its param's shape, strides and device")
+    # The kernels read these through raw pointers as one fp32 value each.
+    if any(step.numel() != 1 or step.dtype != torch.float32 for step in steps):
+        raise RuntimeError("sgd_step: each step must be a one-element float32 tensor on the param's device")
+    if any(t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device not in devices) for t in scalars):
+        raise RuntimeError("sgd_step: lr_tensor, grad_scale and found_inf must be one-element float32 tensors on "
+                           "the params' device")
+    matched_grads = list(grads)
+    for i, grad in enumerate(grads):
+        if grad.stride() != strides[i]:
+            matched_grads[i] = torch.empty_like(params[i], dtype=grad.dtype).copy_(grad)
+    return matched_grads
+
+
+def _sgd_step_triton(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay,
+                     nesterov, maximize, grad_scale, found_inf):
+    from fused_optim.triton.sgd import sgd_step_triton
+
+    grads = check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, nesterov,
+                           (lr_tensor, grad_scale, found_inf))
+    if params:
+        sgd_step_triton(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay,
+                        nesterov, maximize, grad_scale, found_inf)
+
+
+def _sgd_step_torch(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay,
+                    nesterov, maximize, grad_scale, found_inf):
+    """sgd.h's formulas in plain torch ops, one tensor at a time in fp32; the first step and a skipped step are
+    selected with torch.where, so nothing is read on the host."""
+    grads = check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, nesterov,
+                           (lr_tensor, grad_scale, found_inf))
+    if not params:
+        return
+    grad_multiplier = -1.0 if maximize else 1.0
+    if grad_scale is not None:
+        grad_multiplier = grad_multiplier * grad_scale.reciprocal()  # fp32 1/scale, as the kernels form it
+    skip = found_inf != 0 if found_inf is not None else None
+    # Python floats meet fp32 tensors as fp32 values, as the kernels' fp32 scalars (1 - dampening in double first)
+    lr_value = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        p = param.float()
+        g = grads[i].float() * grad_multiplier
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if momentum != 0:
+            buffer = momentum_buffers[i]
+            updated_buffer = torch.where(steps[i] == 0, g, buffer * momentum + (1.0 - dampening) * g)
+            g = g + momentum * updated_buffer if nesterov else updated_buffer
+            buffer.copy_(updated_buffer if skip is None else torch.where(skip, buffer, updated_buffer))
+        updated = (p - lr_value * g).to(param.dtype)
+        param.copy_(updated if skip is None else torch.where(skip, param, updated))
+    if steps:
+        torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
+
+
+_lib.impl("sgd_step_torch_", _sgd_step_torch, "CompositeExplicitAutograd")
+
+# CPU tensors run the Triton kernel only under TRITON_INTERPRET=1 (checked in _backend); triton is imported on the
+# first call, so the package imports without it.
+for _dispatch_key in ("CUDA", "CPU"):
+    _lib.impl("sgd_step_triton_", _sgd_step_triton, _dispatch_key)
+
+
+def _sparse_grads(*args, **kwargs):
+    raise RuntimeError("sgd_step: sparse gradients are not supported")
+
+
+# A sparse grad sends the call to the sparse dispatch keys: a clear error there, not the dispatcher's.
+for _name in ("sgd_step_", "sgd_step_triton_"):
+    for _dispatch_key in ("SparseCPU", "SparseCUDA"):
+        _lib.impl(_name, _sparse_grads, _dispatch_key)
+
+
+def sgd_step(params, grads, momentum_buffers, steps, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+             grad_scale=None, found_inf=None, backend="auto") -> None:
+    """One fused SGD step over lists of tensors on one device (see the schema above).
+
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16, with grads of the
+    param's dtype or fp32; momentum buffers are fp32. `backend` is resolved by fused_optim._backend.
+    """
+    if not params:
+        return
+    device = params[0].device
+    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, device.type)]).default
+    lr_tensor = None
+    if isinstance(lr, torch.Tensor):
+        lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)
+        lr = 0.0
+    # GradScaler keeps these on its own device; a group on another one reads them from a device-side copy.
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device, non_blocking=True)
+    if found_inf is not None and found_inf.device != device:
+        found_inf = found_inf.to(device, non_blocking=True)
+    op(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
+       grad_scale, found_inf)

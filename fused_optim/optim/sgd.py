@@ -1,0 +1,258 @@
+"""fused_optim.SGD: a drop-in for torch.optim.SGD whose step is one fused kernel launch per parameter group
+(fused_optim/ops/sgd.py picks the kernel).
+
+Differences from torch, all additive:
+- With momentum, `momentum_buffer` is fp32 whatever the param dtype, in the param's memory layout, and a `step`
+  count (a float32 tensor on the param's device) says on the device whether the buffer is set yet: the first step
+  (count 0) takes the gradient as the buffer, as torch does when it finds no buffer, without a host sync. Without
+  momentum there is no state, as in torch.
+- state_dict interchange with torch.optim.SGD both ways: torch's loader hands us its buffers (in the param dtype,
+  no `step`): they come back as fp32 with a count of 1 (set); ours load into torch as they are (torch casts the
+  buffer to the param dtype and carries `step` along unread). A buffer whose count is still 0 (every step so far
+  was skipped) is left out of state_dict, so the state reads as torch's would: no buffer yet.
+- A skipped step (GradScaler's found_inf, or a non-finite grad norm with max_grad_norm) leaves params, buffers and
+  counts untouched on the device; a skipped first step therefore leaves the buffer unset, as if it never happened.
+  `skipped_steps` counts them; `max_grad_norm=` clips the global grad norm inside the step, and
+  `last_grad_norm` holds that norm (fused_optim/optim/_guard.py, as fused_optim.AdamW).
+- `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
+  `foreach` and `fused` are accepted and ignored; `differentiable=True` and sparse grads are not supported.
+- A param's fp32 `main_grad` (fused_optim.GradAccumulator), when set, is used instead of its `.grad`.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from fused_optim import _backend
+from fused_optim.ops.sgd import sgd_step
+from fused_optim.optim._guard import StepGuard, grad_of
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with torch.optim.SGD's signature, state layout and results, fused.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fused_optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    # fused_optim.GradScaler leaves the inf/NaN check of the grads to our step (optim/_guard.py).
+    _checks_grads_in_step = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        backend: str | None = None,
+    ) -> None:
+        # torch's checks, in torch's order and words
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if differentiable:
+            raise RuntimeError("fused_optim.SGD does not support differentiable=True")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
+        self.backend = backend if backend is not None else _backend.default_backend()
+        _backend.check_backend_name(self.backend)
+        self._plans: dict[int, tuple] = {}  # per group, see _gather
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale and found_inf instead of unscaling and checking the grads itself.
+        self._step_supports_amp_scaling = True
+        self._guard = StepGuard(self)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
+            self._plans.clear()
+        super().add_param_group(param_group)
+        devices = {p.device for p in self.param_groups[-1]["params"]}
+        if len(devices) > 1:
+            self.param_groups.pop()
+            names = ", ".join(sorted(str(d) for d in devices))
+            raise ValueError(f"SGD: all params of a group must be on one device, got {names}.")
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """How many steps were skipped for inf/NaN grads: a 0-dim float32 tensor on the params' device."""
+        return self._guard.skipped_steps
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """With max_grad_norm (or fused_optim.GradScaler), the global norm of the unscaled grads of the last step,
+        before clipping: a 0-dim float32 tensor on the device. None before the first such step."""
+        return self._guard.last_grad_norm
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch pickles only defaults, state and param_groups; the rest is ours to restore (deepcopy, pickle).
+        # torch's load_state_dict calls this too, with neither: the backend chosen at construction stays.
+        self.backend = state.pop("backend", None) or getattr(self, "backend", None) or _backend.default_backend()
+        if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
+            self.max_grad_norm = state.pop("max_grad_norm", None)
+        self._step_supports_amp_scaling = True
+        super().__setstate__(state)
+        if not hasattr(self, "_guard"):
+            self._guard = StepGuard(self)
+        self._plans = {}
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != "params":
+                    group.setdefault(key, value)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step (one fused launch per group).
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gathered = [(group, self._gather(group)) for group in self.param_groups]
+        grads = [grad for _, lists in gathered for grad in lists[1]]
+        grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
+        for group, lists in gathered:
+            weight_decay = group["weight_decay"]
+            sgd_step(
+                *lists,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                # torch allows a tensor weight decay; our kernels take it as a number (a host read, only then)
+                weight_decay=float(weight_decay) if isinstance(weight_decay, Tensor) else weight_decay,
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                backend=self.backend,
+            )
+        return loss
+
+    def _gather(self, group: dict[str, Any]) -> list[list[Tensor]]:
+        """[params, grads, momentum buffers, steps] of the group's params that have a grad (the last two empty
+        without momentum). Everything that can be wrong is checked before any state is created, as torch does;
+        the op checks the grads themselves (shape, dtype, layout) before writing anything.
+
+        Host time matters at a thousand tensors a step, so the lists are kept between steps and only the grads are
+        read again; they are rebuilt when which params have grads, the params, the state or momentum changed."""
+        params = group["params"]
+        all_grads = [grad_of(p) for p in params]
+        has_grad = [grad is not None for grad in all_grads]
+        grads = all_grads if all(has_grad) else [grad for grad in all_grads if grad is not None]
+        plan = self._plans.get(id(group))
+        if plan is not None and plan[0] is params and plan[1] is self.state and plan[2] == (
+            len(params), len(self.state), group["momentum"] != 0, has_grad
+        ):
+            with_grad, buffers, steps = plan[3]
+            return [with_grad, grads, buffers, steps]
+        with_grad = [p for p, present in zip(params, has_grad) if present]
+        for p, grad in zip(with_grad, grads):
+            if grad.is_sparse:
+                raise RuntimeError("fused_optim.SGD does not support sparse gradients; use torch.optim.SGD for those.")
+            if torch.is_complex(p):
+                raise RuntimeError("SGD does not support complex parameters")
+            if p.dtype not in _PARAM_DTYPES:
+                raise TypeError(f"fused_optim.SGD steps float32, bfloat16 and float16 params, not {p.dtype}; use "
+                                "torch.optim.SGD for those")
+            _backend.resolve(self.backend, p.device.type)
+        buffers, steps = [], []
+        if group["momentum"] != 0:
+            for p in with_grad:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    # unset until the first step writes the gradient into it (count 0); fp32, the param's layout
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                                                                memory_format=torch.preserve_format)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                buffers.append(state["momentum_buffer"])
+                steps.append(state["step"])
+        key = (len(params), len(self.state), group["momentum"] != 0, has_grad)
+        self._plans[id(group)] = (params, self.state, key, (with_grad, buffers, steps))
+        return [with_grad, grads, buffers, steps]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, less the buffers no step has set yet (count 0: every step so far was skipped), so
+        that it reads as torch.optim.SGD's would. Reads the counts on the host, once per call."""
+        state_dict = super().state_dict()
+        unset = [index for index, state in state_dict["state"].items()
+                 if "step" in state and "momentum_buffer" in state and not bool(state["step"] != 0)]
+        for index in unset:
+            del state_dict["state"][index]
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, after checking that every saved buffer fits its param (else ValueError and
+        nothing changes); buffers come back in fp32 on the param's device, in its layout, whatever dtype they were
+        saved in, and a buffer saved without a count (torch's) counts as set."""
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) == len(saved_groups) and all(
+            len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)
+        ):
+            params = chain.from_iterable(g["params"] for g in groups)
+            ids = chain.from_iterable(s["params"] for s in saved_groups)
+            for param_id, p in zip(ids, params):
+                buffer = state_dict["state"].get(param_id, {}).get("momentum_buffer")
+                if isinstance(buffer, Tensor) and buffer.shape != p.shape:
+                    raise ValueError(
+                        f"loaded state dict's 'momentum_buffer' of param {param_id} has shape {tuple(buffer.shape)}, "
+                        f"but the param has shape {tuple(p.shape)}"
+                    )
+        self._plans.clear()
+        super().load_state_dict(state_dict)
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, param_id in zip(group["params"], saved_group["params"]):
+                state = self.state.get(p)
+                if not state:
+                    continue
+                saved_state = state_dict["state"].get(param_id, {})
+                buffer, step = saved_state.get("momentum_buffer"), saved_state.get("step")
+                if buffer is None:  # nothing set yet: the next step with momentum creates both
+                    state.pop("momentum_buffer", None)
+                    state.pop("step", None)
+                    continue
+                # re-taken from the saved value: torch's loader has cast it to the param dtype
+                state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(buffer)
+                count = torch.ones(()) if step is None else torch.as_tensor(step).clamp_min(1)
+                state["step"] = count.to(device=p.device, dtype=torch.float32, copy=True)

@@ -1,0 +1,159 @@
+"""Triton SGD over a packed pointer table: one launch per group (per param/grad dtype pair), as triton/adam.py.
+
+The table holds, for each tensor, the addresses of its param, grad, momentum buffer and step count, and its size,
+then where each tensor's blocks start in the grid. Each program finds its tensor by binary search over those
+starts, reads whether this is the tensor's first step from its step count on the device, and updates BLOCK
+elements: unmasked (and, when the host saw every address 16-byte aligned, with 16-byte loads) for whole blocks,
+masked for the last one. The element math mirrors csrc/include/fused_optim/sgd.h line for line. Tables are cached
+by their contents (triton/adam.py's _device_table), so a step usually copies nothing to the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_optim.triton.adam import _DTYPES, _bf16_nearest, _device_table, _load_pointer
+
+BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
+COLUMNS = 5  # param, grad, momentum_buffer, step, numel
+
+
+@triton.jit
+def _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, mask, grad_multiplier, weight_decay, momentum,
+                  one_minus_dampening, lr, first_step, PARAM_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr,
+                  NESTEROV: tl.constexpr):
+    p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    if MOMENTUM:
+        if first_step:  # the buffer is unset: it becomes the gradient itself
+            buffer = g
+        else:
+            buffer = tl.load(buffer_ptr + offsets, mask=mask) * momentum + one_minus_dampening * g
+        tl.store(buffer_ptr + offsets, buffer, mask=mask)
+        if NESTEROV:
+            g = g + momentum * buffer
+        else:
+            g = buffer
+    p = p - lr * g
+    if PARAM_DTYPE == tl.bfloat16:
+        tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
+    else:
+        tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
+def _sgd_kernel(
+    table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
+    lr, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
+    momentum, one_minus_dampening, weight_decay, num_tensors,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0  # a skipped step: touch nothing
+    if not skip:
+        pid = tl.program_id(0)
+        block_starts = table_ptr + num_tensors * COLUMNS
+        # The program's tensor: the last one whose first block is at or before pid.
+        lo = 0
+        hi = num_tensors
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            right = tl.load(block_starts + mid) <= pid
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        row = table_ptr + lo * COLUMNS
+        param_ptr = _load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
+        grad_ptr = _load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
+        buffer_ptr = _load_pointer(row, 2, tl.float32, ALIGNED)
+        numel = tl.load(row + 4)
+        start = (pid - tl.load(block_starts + lo)) * BLOCK  # int64: the table is int64
+
+        # The tensor's scalars (sgd.h, sgd_scalars)
+        first_step = False
+        if MOMENTUM:
+            first_step = tl.load(_load_pointer(row, 3, tl.float32, False)) == 0.0
+        if HAS_LR_TENSOR:
+            lr = tl.load(lr_ptr)
+        grad_multiplier = 1.0
+        if HAS_GRAD_SCALE:
+            grad_multiplier = 1.0 / tl.load(grad_scale_ptr)
+        if MAXIMIZE:
+            grad_multiplier = -grad_multiplier
+
+        offsets = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+            _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, None, grad_multiplier, weight_decay, momentum,
+                          one_minus_dampening, lr, first_step, PARAM_DTYPE, MOMENTUM, NESTEROV)
+        else:
+            _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < numel, grad_multiplier, weight_decay,
+                          momentum, one_minus_dampening, lr, first_step, PARAM_DTYPE, MOMENTUM, NESTEROV)
+
+
+@triton.jit
+def _increment_steps_kernel(table_ptr, found_inf_ptr, num_tensors, HAS_FOUND_INF: tl.constexpr,
+                            COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
+    """Runs after the update kernel on the same stream, so every program of it read the old count."""
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0
+    if not skip:
+        t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = t < num_tensors
+        steps = tl.load(table_ptr + t * COLUMNS + 3, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+        tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
+
+
+def sgd_step_triton(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay,
+                    nesterov, maximize, grad_scale, found_inf) -> None:
+    """The fused_optim::sgd_step_triton_ op (schema and argument checks in fused_optim/ops/sgd.py)."""
+    # Consecutive tensors of one (param dtype, grad dtype) pair share a launch.
+    start = 0
+    for end in range(1, len(params) + 1):
+        if end == len(params) or (params[end].dtype, grads[end].dtype) != (params[start].dtype, grads[start].dtype):
+            _launch(params[start:end], grads[start:end], momentum_buffers[start:end], steps[start:end], lr,
+                    lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf)
+            start = end
+
+
+def _launch(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
+            maximize, grad_scale, found_inf) -> None:
+    has_momentum = momentum != 0
+    rows: list[int] = []
+    block_starts = [0]
+    for i, p in enumerate(params):
+        rows += [p.data_ptr(), grads[i].data_ptr(), momentum_buffers[i].data_ptr() if has_momentum else 0,
+                 steps[i].data_ptr() if has_momentum else 0, p.numel()]
+        block_starts.append(block_starts[-1] + triton.cdiv(p.numel(), BLOCK))
+    # 16-byte loads need every array address (the first three columns; steps are read alone) 16-byte aligned.
+    array_addresses = [rows[r * COLUMNS + c] for r in range(len(params)) for c in range(3)]
+    aligned = functools.reduce(operator.or_, array_addresses, 0) % 16 == 0
+    table = _device_table(rows + block_starts, params[0].device)
+    num_tensors = len(params)
+    unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off
+    if block_starts[-1] > 0:
+        _sgd_kernel[(block_starts[-1],)](
+            table, lr, unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
+            unused if found_inf is None else found_inf, momentum, 1.0 - dampening, weight_decay, num_tensors,
+            PARAM_DTYPE=_DTYPES[params[0].dtype], GRAD_DTYPE=_DTYPES[grads[0].dtype], MOMENTUM=has_momentum,
+            NESTEROV=nesterov, MAXIMIZE=maximize, HAS_LR_TENSOR=lr_tensor is not None,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
+            SEARCH_STEPS=max(1, math.ceil(math.log2(num_tensors + 1))), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
+        )
+    if has_momentum:
+        steps_block = 128
+        _increment_steps_kernel[(triton.cdiv(num_tensors, steps_block),)](
+            table, unused if found_inf is None else found_inf, num_tensors, HAS_FOUND_INF=found_inf is not None,
+            COLUMNS=COLUMNS, BLOCK=steps_block,
+        )

@@ -1,0 +1,880 @@
+"""fused_optim.SGD against the float64 reference (fused_optim/reference.py) and against torch.optim.SGD
+(foreach=False), on every backend that runs here.
+
+Sizes, as in test_adam.py: 1 and 3 are all tail; 0 is an empty param (skipped without touching memory, but its
+step count still advances); 1023 is one short of a Triton block; 4097 spans five blocks, the last holding one
+element; (7, 13) is 2-D. They share one group, so the multi-tensor bookkeeping is exercised too.
+
+The first step with momentum takes the gradient as the buffer, decided on the device from the step count; a
+skipped step (found_inf) must leave everything bit-identical, and a skipped first step must leave the buffer unset.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import re
+
+import pytest
+import torch
+from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, assert_signature_extends
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
+                       snapshot, ulp, within_two_ulps)
+
+import fused_optim
+from fused_optim.ops.sgd import sgd_step
+from fused_optim.reference import ReferenceSGD
+
+# Each option on and off at least once, and all together; `lr_tensor` passes the lr as a one-element tensor.
+OPTIONS = {
+    "plain": dict(),
+    "weight_decay": dict(weight_decay=0.1),
+    "momentum": dict(momentum=0.9),
+    "dampening": dict(momentum=0.9, dampening=0.3),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "maximize-lr_tensor": dict(maximize=True, lr_tensor=True),
+    "everything": dict(momentum=0.8, nesterov=True, weight_decay=0.05, maximize=True, lr_tensor=True),
+    "everything-dampened": dict(momentum=0.8, dampening=0.5, weight_decay=0.05, maximize=True, lr_tensor=True),
+}
+REFERENCE_KEYS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+def split_options(options: dict, lr: float):
+    """(kwargs for both optimizers, a maker of the lr each optimizer gets, the lr the reference uses)."""
+    kwargs = dict(options)
+    lr_tensor = kwargs.pop("lr_tensor", False)
+    make_lr = (lambda: torch.tensor(lr)) if lr_tensor else (lambda: lr)
+    return kwargs, make_lr, float(torch.tensor(lr)) if lr_tensor else lr  # a tensor lr is read in fp32
+
+
+def errors(params, reference: ReferenceSGD) -> tuple[float, float]:
+    """(max, mean) of |param - reference| over all elements; NaN counts as infinitely wrong."""
+    diff = (flat(params) - flat(reference.params)).abs().nan_to_num(nan=math.inf)
+    return diff.max().item(), diff.mean().item()
+
+
+def has_total_norm_kernel(backend: str, device: str) -> bool:
+    """The fused clip and the in-step inf check need the total_norm op of the same backend, whose C++ and Triton
+    kernels are written apart from this one: tests that need it are skipped until it runs here."""
+    from fused_optim.ops.total_norm import total_norm
+
+    try:
+        total_norm([torch.ones(3, device=device)], backend=backend)
+    except (RuntimeError, NotImplementedError, ImportError):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# correctness: the float64 reference and torch at the same dtype
+
+
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, options):
+    steps, lr = 6, 1e-2
+    kwargs, make_lr, ref_lr = split_options(options, lr)
+    init = [torch.randn(s) for s in SHAPES]
+    ours, theirs = make_params(init, dtype, device), make_params(init, dtype, device)
+    opt = fused_optim.SGD(ours, lr=make_lr(), backend=backend, **kwargs)
+    torch_opt = torch.optim.SGD(theirs, lr=make_lr(), foreach=False, **kwargs)
+    reference = ReferenceSGD(ours, lr=ref_lr, **kwargs)
+    # The reference with its params rounded to the param dtype after every step: an optimizer whose only error is
+    # storing the param in a low-precision dtype.
+    rounded = ReferenceSGD(ours, lr=ref_lr, **kwargs)
+    for _ in range(steps):
+        grads = random_grads(SHAPES, dtype, device)
+        for p in ours:
+            p.grad = torch.full_like(p, math.nan)  # poison: replaced below, so a kernel reading stale grads shows
+        set_grads(grads, ours, theirs)
+        opt.step()
+        torch_opt.step()
+        reference.step(grads)
+        rounded.step(grads)
+        for r in rounded.params:
+            r.copy_(r.to(dtype).double())
+
+    assert all(p.dtype == dtype and p.device.type == device for p in ours)
+    assert torch.isfinite(flat(ours)).all()
+    our_max, our_mean = errors(ours, reference)
+    torch_max, torch_mean = errors(theirs, reference)
+    magnitude = flat(reference.params).abs().max().item()
+    # Never worse than torch at the same dtype: in fp32 the same operations in the same order (half an ulp of
+    # slack for an FMA either side may contract); in bf16/fp16 torch keeps its buffer in the param dtype, we in fp32.
+    assert our_max <= torch_max + 0.5 * ulp(dtype, magnitude), (our_max, torch_max)
+    assert our_mean <= 1.05 * torch_mean + 1e-12, (our_mean, torch_mean)
+    if dtype in LOW_PRECISION:
+        ours_flat, rounded_flat = flat(ours), flat(rounded.params)
+        assert (ours_flat == rounded_flat).double().mean() >= 0.99
+        assert within_two_ulps(ours_flat, rounded_flat, dtype).all()
+    else:
+        assert our_max <= steps * 4 * ulp(dtype, magnitude)
+    if "momentum" in kwargs:
+        for p in ours:
+            state = opt.state[p]
+            assert state["momentum_buffer"].dtype == torch.float32 and state["step"].item() == steps
+    else:
+        assert len(opt.state) == 0  # torch keeps no state without momentum, nor do we
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_fp32_matches_torch_sgd_after_50_steps(backend, device):
+    shapes = [(3,), (1023,), (1500,)]
+    init = [torch.randn(s) for s in shapes]
+    ours, theirs = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
+    opt = fused_optim.SGD(ours, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3, backend=backend)
+    torch_opt = torch.optim.SGD(theirs, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3, foreach=False)
+    for _ in range(50):
+        set_grads(random_grads(shapes, device=device), ours, theirs)
+        opt.step()
+        torch_opt.step()
+    diff = (flat(ours) - flat(theirs)).abs().max().item()
+    assert diff <= 1e-6 * flat(theirs).abs().max().item(), diff
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch_opt.state[q]["momentum_buffer"],
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES[:2], ids=["cpu", "torch"])
+def test_cpu_chunk_boundaries(backend, device):
+    """The CPU kernel cuts tensors into 16384-element chunks spread over threads: sizes around that."""
+    shapes = [(16383,), (16385,), (40000,)]
+    init = [torch.randn(s) for s in shapes]
+    ours, theirs = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
+    opt = fused_optim.SGD(ours, lr=1e-2, momentum=0.9, backend=backend)
+    torch_opt = torch.optim.SGD(theirs, lr=1e-2, momentum=0.9, foreach=False)
+    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_non_contiguous_param_and_grad_and_mixed_dtypes(backend, device):
+    """A transposed (dense, non-contiguous) param with a grad of other strides, and fp32/bf16/fp16 params in one
+    group (with an fp32 grad for the bf16 one), each as an optimizer of its own would step it."""
+    base = torch.randn(33, 17)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
+    together = [torch.nn.Parameter(base.to(device).t())] + make_params([torch.randn(n) for n in (300, 7, 20)],
+                                                                          torch.float32, device)
+    for i, d in enumerate(dtypes[1:], 1):
+        together[i] = torch.nn.Parameter(together[i].detach().to(d))
+    apart = [torch.nn.Parameter(p.detach().clone()) for p in together]
+    assert not together[0].is_contiguous() and not apart[0].is_contiguous()
+    opt = fused_optim.SGD(together, lr=1e-2, momentum=0.9, backend=backend)
+    opts = [fused_optim.SGD([p], lr=1e-2, momentum=0.9, backend=backend) for p in apart]
+    for _ in range(3):
+        grads = [torch.randn(p.shape[::-1]).t() if i == 0 else torch.randn(p.shape) for i, p in enumerate(together)]
+        for i, (p, q, g) in enumerate(zip(together, apart, grads)):
+            if i == 1:  # an fp32 main grad of a bf16 param
+                p.main_grad, q.main_grad = g.to(device), g.to(device)
+            else:
+                p.grad, q.grad = g.to(device=device, dtype=p.dtype).contiguous(), g.to(device, p.dtype).contiguous()
+        opt.step()
+        for o in opts:
+            o.step()
+    assert opt.state[together[0]]["momentum_buffer"].stride() == together[0].stride()
+    for p, q in zip(together, apart):
+        assert p.dtype == q.dtype and torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state_dict interchange with torch.optim.SGD, both ways, mid-run
+
+
+def step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device, steps=3, dtype=torch.float32) -> None:
+    """Steps ours and torch's on the same grads: the params must stay together."""
+    for _ in range(steps):
+        set_grads(random_grads(shapes, dtype, device), ours, theirs)
+        opt.step()
+        torch_opt.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_torch_state_dict_loads_into_ours(backend, device):
+    shapes = [(3,), (1023,)]
+    init = [torch.randn(s) for s in shapes]
+    theirs = make_params(init, torch.float32, device)
+    torch_opt = torch.optim.SGD(theirs, lr=1e-2, momentum=0.9, weight_decay=0.1, nesterov=True, foreach=False)
+    for _ in range(3):
+        set_grads(random_grads(shapes, device=device), theirs)
+        torch_opt.step()
+    ours = make_params([p.detach() for p in theirs], torch.float32, device)
+    opt = fused_optim.SGD(ours, lr=1.0, momentum=0.5, backend=backend)  # lr, momentum etc. come from the state dict
+    # A step first, then the params put back: the loaded buffers must replace the ones this step made (and the
+    # lists kept between steps)
+    set_grads(random_grads(shapes, device=device), ours)
+    opt.step()
+    with torch.no_grad():
+        for p, q in zip(ours, theirs):
+            p.copy_(q)
+    opt.load_state_dict(torch_opt.state_dict())
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["nesterov"]
+    for p, q in zip(ours, theirs):
+        state = opt.state[p]
+        assert state["step"].device == p.device and state["step"].item() >= 1  # set: no first step again
+        assert torch.equal(state["momentum_buffer"], torch_opt.state[q]["momentum_buffer"])
+        assert state["momentum_buffer"] is not torch_opt.state[q]["momentum_buffer"]
+    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_our_state_dict_loads_into_torch(backend, device):
+    shapes = [(3,), (1023,)]
+    init = [torch.randn(s) for s in shapes]
+    ours = make_params(init, torch.float32, device)
+    opt = fused_optim.SGD(ours, lr=1e-2, momentum=0.9, dampening=0.2, backend=backend)
+    for _ in range(3):
+        set_grads(random_grads(shapes, device=device), ours)
+        opt.step()
+    theirs = make_params([p.detach() for p in ours], torch.float32, device)
+    torch_opt = torch.optim.SGD(theirs, lr=1.0, foreach=False)
+    torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert torch_opt.param_groups[0]["momentum"] == 0.9 and torch_opt.param_groups[0]["dampening"] == 0.2
+    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
+    # and back: torch's state (with our stale `step` carried along unread) continues in ours
+    again = make_params([q.detach() for q in theirs], torch.float32, device)
+    again_opt = fused_optim.SGD(again, backend=backend)
+    again_opt.load_state_dict(torch_opt.state_dict())
+    step_both_and_compare(again_opt, torch_opt, again, theirs, shapes, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_low_precision_state_dict_interchange(backend, device, dtype):
+    """torch keeps a bf16 param's buffer in bf16: loaded into ours it becomes fp32 (the same values); ours loads
+    into torch as torch's loader casts it."""
+    shapes = [(5,), (300,)]
+    theirs = make_params([torch.randn(s) for s in shapes], dtype, device)
+    torch_opt = torch.optim.SGD(theirs, lr=1e-2, momentum=0.9, foreach=False)
+    set_grads(random_grads(shapes, dtype, device), theirs)
+    torch_opt.step()
+    ours = make_params([q.detach() for q in theirs], dtype, device)
+    opt = fused_optim.SGD(ours, backend=backend)
+    opt.load_state_dict(torch_opt.state_dict())
+    for p, q in zip(ours, theirs):
+        assert opt.state[p]["momentum_buffer"].dtype == torch.float32
+        assert torch.equal(opt.state[p]["momentum_buffer"], torch_opt.state[q]["momentum_buffer"].float())
+    set_grads(random_grads(shapes, dtype, device), ours)
+    opt.step()
+    back = torch.optim.SGD(make_params([p.detach() for p in ours], dtype, device), foreach=False)
+    back.load_state_dict(opt.state_dict())
+    for p, q in zip(ours, back.param_groups[0]["params"]):
+        buffer = back.state[q]["momentum_buffer"]
+        assert buffer.dtype == dtype and torch.equal(buffer, opt.state[p]["momentum_buffer"].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_save_and_load_mid_run_continues_bit_exactly(backend, device, dtype):
+    """torch.save of our state_dict mid-run, read back with map_location="cpu", loaded into a fresh optimizer over
+    fresh params, continues exactly as the uninterrupted run (a bf16 param's buffer stays fp32)."""
+    shapes = [(3,), (1500,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [random_grads(shapes, dtype, device) for _ in range(6)]
+    straight = make_params(init, dtype, device)
+    straight_opt = fused_optim.SGD(straight, lr=1e-2, momentum=0.9, nesterov=True, backend=backend)
+    for g in grads:
+        set_grads(g, straight)
+        straight_opt.step()
+    first = make_params(init, dtype, device)
+    first_opt = fused_optim.SGD(first, lr=1e-2, momentum=0.9, nesterov=True, backend=backend)
+    for g in grads[:3]:
+        set_grads(g, first)
+        first_opt.step()
+    buffer = io.BytesIO()
+    torch.save(first_opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, map_location="cpu")
+    resumed = make_params([p.detach() for p in first], dtype, device)
+    resumed_opt = fused_optim.SGD(resumed, lr=1.0, backend=backend)
+    resumed_opt.load_state_dict(saved)
+    for g in grads[3:]:
+        set_grads(g, resumed)
+        resumed_opt.step()
+    for p, q in zip(resumed, straight):
+        assert torch.equal(p, q)
+        assert_identical(resumed_opt.state[p], straight_opt.state[q])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# skipped steps: found_inf (GradScaler) and non-finite grads with max_grad_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_skipped_first_step_leaves_no_buffer(backend, device, dtype):
+    """A first step skipped for found_inf changes nothing, bit for bit; the state_dict reads as torch's after no
+    step (no buffer), and the next step is the first: it equals a fresh optimizer's first step."""
+    shapes = [(3,), (0,), (1500,)]
+    init = [torch.randn(s) for s in shapes]
+    skipped, fresh = make_params(init, dtype, device), make_params(init, dtype, device)
+    opt = fused_optim.SGD(skipped, lr=1e-2, momentum=0.9, backend=backend)
+    fresh_opt = fused_optim.SGD(fresh, lr=1e-2, momentum=0.9, backend=backend)
+    set_grads(random_grads(shapes, dtype, device), skipped)
+    grads = [p.grad.clone() for p in skipped]
+    before = [p.detach().clone() for p in skipped]
+    opt.grad_scale = torch.tensor(1024.0, device=device)
+    opt.found_inf = torch.tensor(1.0, device=device)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    for p, b, g in zip(skipped, before, grads):
+        assert torch.equal(p, b) and torch.equal(p.grad, g)
+        assert opt.state[p]["step"].item() == 0
+    assert opt.state_dict()["state"] == {}  # as torch.optim.SGD's after no step
+    assert opt.skipped_steps.item() == 1
+    for _ in range(3):
+        set_grads(random_grads(shapes, dtype, device), skipped, fresh)
+        opt.step()
+        fresh_opt.step()
+    for p, q in zip(skipped, fresh):
+        assert torch.equal(p, q)
+        assert_identical(opt.state[p], fresh_opt.state[q])
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_found_inf_mid_run_changes_nothing(backend, device):
+    shapes = [(3,), (1500,)]
+    params = make_params([torch.randn(s) for s in shapes], torch.float32, device)
+    opt = fused_optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.1, backend=backend)
+    set_grads(random_grads(shapes, device=device), params)
+    opt.step()
+    set_grads(random_grads(shapes, device=device), params)
+    grads = [p.grad.clone() for p in params]
+    before = snapshot(opt)
+    opt.grad_scale = torch.tensor(1024.0, device=device)
+    opt.found_inf = torch.tensor(2.0, device=device)  # any non-zero value skips (StepGuard may add to it)
+    opt.step()
+    assert_identical(snapshot(opt), before)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_grad_scale_equals_unscaled_step(backend, device):
+    shapes = [(3,), (1500,)]
+    init = [torch.randn(s) for s in shapes]
+    scaled, plain = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
+    scaled_opt = fused_optim.SGD(scaled, lr=1e-2, momentum=0.9, backend=backend)
+    plain_opt = fused_optim.SGD(plain, lr=1e-2, momentum=0.9, backend=backend)
+    for _ in range(3):
+        grads = random_grads(shapes, device=device)
+        set_grads(grads, plain)
+        set_grads([g * 1024 for g in grads], scaled)
+        scaled_opt.grad_scale = torch.tensor(1024.0, device=device)
+        scaled_opt.found_inf = torch.tensor(0.0, device=device)
+        scaled_opt.step()
+        plain_opt.step()
+    for p, q in zip(scaled, plain):
+        assert torch.equal(p, q)  # a power of two: g * S / S is g exactly
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_non_finite_grad_with_max_grad_norm_skips_the_first_step(backend, device):
+    if not has_total_norm_kernel(backend, device):
+        pytest.skip(f"the {backend} total_norm kernel is not available yet")
+    shapes = [(5,), (300,)]
+    init = [torch.randn(s) for s in shapes]
+    params, fresh = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
+    opt = fused_optim.SGD(params, lr=1e-2, momentum=0.9, max_grad_norm=1.0, backend=backend)
+    fresh_opt = fused_optim.SGD(fresh, lr=1e-2, momentum=0.9, max_grad_norm=1.0, backend=backend)
+    set_grads(random_grads(shapes, device=device), params)
+    params[1].grad[7] = math.nan
+    opt.step()
+    assert all(torch.equal(p, x) for p, x in zip(params, init))
+    assert opt.skipped_steps.item() == 1 and not torch.isfinite(opt.last_grad_norm)
+    assert opt.state_dict()["state"] == {}
+    grads = random_grads(shapes, device=device)
+    set_grads(grads, params, fresh)
+    opt.step()
+    fresh_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, fresh))
+    # and the clip itself: the step used grads scaled to norm 1
+    reference = ReferenceSGD(init, lr=1e-2, momentum=0.9)
+    norm = flat(grads).norm().item()
+    reference.step(grads, grad_scale=max(1.0, (norm + 1e-6) / 1.0))
+    assert opt.last_grad_norm.item() == pytest.approx(norm, rel=1e-6)
+    torch.testing.assert_close(flat(params), flat(reference.params), rtol=1e-6, atol=1e-7)
+
+
+def make_scaler(cls, **kwargs):
+    try:
+        scaler = cls("cpu", **kwargs)
+    except (RuntimeError, ValueError, TypeError) as error:
+        pytest.skip(f"GradScaler('cpu') is not supported by this torch: {error}")
+    if not scaler.is_enabled():
+        pytest.skip("GradScaler('cpu') is disabled in this torch")
+    return scaler
+
+
+@pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, fused_optim.GradScaler], ids=["torch", "ours"])
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_grad_scaler_end_to_end(backend, device, scaler_cls):
+    """Both GradScalers against torch.optim.SGD under torch's: the first step overflows (a skipped first step: no
+    buffer), a later one too; params, buffers and scales must agree throughout."""
+    if scaler_cls is fused_optim.GradScaler and not has_total_norm_kernel(backend, device):
+        pytest.skip(f"the {backend} total_norm kernel is not available yet")
+    scaler = make_scaler(scaler_cls, init_scale=2.0**12, growth_interval=2)
+    torch_scaler = make_scaler(torch.amp.GradScaler, init_scale=2.0**12, growth_interval=2)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    torch_model = copy.deepcopy(model)
+    opt = fused_optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, backend=backend)
+    torch_opt = torch.optim.SGD(torch_model.parameters(), lr=1e-2, momentum=0.9, foreach=False)
+    for step in range(6):
+        x = torch.randn(8, 16)
+        if step in (0, 3):
+            x[0, 0] = math.inf  # this step's grads overflow: both must skip it and back off the scale
+        before = [p.detach().clone() for p in model.parameters()]
+        for m, o, s in ((model, opt, scaler), (torch_model, torch_opt, torch_scaler)):
+            o.zero_grad()
+            s.scale(m(x).square().mean()).backward()
+            s.step(o)
+            s.update()
+        if step in (0, 3):
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        if step == 0:
+            assert opt.state_dict()["state"] == torch_opt.state_dict()["state"] == {}
+        assert scaler.get_scale() == torch_scaler.get_scale()
+    assert opt.skipped_steps.item() == 2
+    for p, q in zip(model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch_opt.state[q]["momentum_buffer"],
+                                   rtol=1e-5, atol=1e-6)
+        assert opt.state[p]["step"].item() == 4.0
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_main_grad_is_preferred_to_grad(backend, device):
+    """A bf16 param's fp32 main_grad (GradAccumulator) is what the step uses; its .grad is ignored."""
+    param = make_params([torch.randn(100)], torch.bfloat16, device)[0]
+    start = param.detach().float()
+    main_grad = torch.randn(100, device=device)
+    param.main_grad, param.grad = main_grad, torch.full((100,), math.nan, dtype=torch.bfloat16, device=device)
+    fused_optim.SGD([param], lr=1e-2, momentum=0.9, backend=backend).step()
+    # the first step with momentum: p - lr * g in fp32, rounded once to bf16
+    assert torch.equal(param, (start - 1e-2 * main_grad).bfloat16())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input: torch's error type and words where torch has them, and nothing changed
+
+
+BAD_HYPERPARAMETERS = {
+    "lr<0": dict(lr=-1e-3),
+    "momentum<0": dict(momentum=-0.1),
+    "weight_decay<0": dict(weight_decay=-0.1),
+    "nesterov-without-momentum": dict(nesterov=True),
+    "nesterov-with-dampening": dict(nesterov=True, momentum=0.9, dampening=0.1),
+    "lr-tensor-2-elements": dict(lr=torch.tensor([1e-3, 1e-3])),
+}
+
+
+@pytest.mark.parametrize("kwargs", list(BAD_HYPERPARAMETERS.values()), ids=list(BAD_HYPERPARAMETERS))
+def test_bad_hyperparameters_raise_torchs_error(kwargs):
+    param = torch.nn.Parameter(torch.randn(3))
+    before = param.detach().clone()
+    with pytest.raises(ValueError) as torch_error:
+        torch.optim.SGD([param], **kwargs)
+    with pytest.raises(ValueError) as our_error:
+        fused_optim.SGD([param], **kwargs)
+    assert str(our_error.value) == str(torch_error.value)
+    assert torch.equal(param, before)
+
+
+def test_differentiable_and_bad_max_grad_norm_are_rejected():
+    with pytest.raises(RuntimeError, match="differentiable"):
+        fused_optim.SGD([torch.nn.Parameter(torch.randn(3))], differentiable=True)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        fused_optim.SGD([torch.nn.Parameter(torch.randn(3))], max_grad_norm=0.0)
+
+
+FIRST_STEP_FAILURES = {  # backend, param dtype, grad maker
+    "sparse-grad": ("auto", torch.float32, lambda: torch.randn(3).to_sparse()),
+    "complex-param": ("auto", torch.complex64, lambda: torch.randn(3, dtype=torch.complex64)),
+    "float64-param": ("auto", torch.float64, lambda: torch.randn(3, dtype=torch.float64)),
+    "cuda-backend-on-cpu": ("cuda", torch.float32, lambda: torch.randn(3)),
+    "grad-of-wrong-shape": ("auto", torch.float32, lambda: torch.randn(4)),
+}
+
+
+@pytest.mark.parametrize("failure", list(FIRST_STEP_FAILURES))
+def test_failed_first_step_raises_one_sentence_and_leaves_no_state(failure):
+    backend, dtype, make_grad = FIRST_STEP_FAILURES[failure]
+    param = torch.nn.Parameter(torch.randn(3, dtype=dtype))
+    before = param.detach().clone()
+    opt = fused_optim.SGD([param], lr=0.1, momentum=0.9, backend=backend)
+    if failure == "grad-of-wrong-shape":
+        param.grad = None
+        param.main_grad = make_grad()  # autograd would refuse a .grad of the wrong shape
+    else:
+        param.grad = make_grad()
+    with pytest.raises((RuntimeError, TypeError, ValueError)) as error:
+        opt.step()
+    assert "\n" not in str(error.value).strip()
+    assert torch.equal(param, before)
+    assert opt.state_dict()["state"] == {}  # a buffer the failed step created is unset and left out
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_op_refuses_bad_state_and_changes_nothing(backend, device):
+    """The kernels read the step count through a raw pointer as fp32 and the buffer as fp32 in the param's layout:
+    anything else is refused, not misread."""
+    p, g = torch.randn(8, device=device), torch.randn(8, device=device)
+    good_buffer, good_step = torch.randn(8, device=device), torch.ones((), device=device)
+    cases = {
+        "step-float64": ([good_buffer], [torch.ones((), dtype=torch.float64, device=device)], 0.9),
+        "buffer-bf16": ([good_buffer.bfloat16()], [good_step], 0.9),
+        "buffer-shape": ([torch.randn(9, device=device)], [good_step], 0.9),
+        "missing-state": ([], [], 0.9),
+        "state-without-momentum": ([good_buffer], [good_step], 0.0),
+    }
+    for name, (buffers, steps, momentum) in cases.items():
+        before = [t.clone() for t in [p, *buffers, *steps]]
+        with pytest.raises(RuntimeError, match="step|buffer"):
+            sgd_step([p], [g], buffers, steps, lr=1e-3, momentum=momentum, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=False, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip([p, *buffers, *steps], before)), name
+
+
+def test_bad_state_dict_raises_and_changes_nothing():
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))]
+    opt = fused_optim.SGD(params, lr=1e-2, momentum=0.9)
+    set_grads(random_grads([(3,), (4,)]), params)
+    opt.step()
+    wrong = copy.deepcopy(opt.state_dict())
+    wrong["state"][1]["momentum_buffer"] = torch.zeros(5)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="momentum_buffer.*shape"):
+        opt.load_state_dict(wrong)
+    assert_identical(snapshot(opt), before)
+
+
+def test_params_on_two_devices_in_one_group_raise():
+    on_cpu, on_meta = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, device="meta"))
+    with pytest.raises(ValueError, match="one device.*cpu, meta"):
+        fused_optim.SGD([on_cpu, on_meta])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the torch.optim API: signature, groups, frozen params, copies
+
+
+def test_signature_extends_torchs():
+    assert_signature_extends(fused_optim.SGD, torch.optim.SGD)
+    assert list(__import__("inspect").signature(fused_optim.SGD).parameters)[-2:] == ["max_grad_norm", "backend"]
+
+
+def test_foreach_and_fused_are_accepted_and_change_nothing():
+    init = [torch.randn(50)]
+    plain, flagged = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+    plain_opt = fused_optim.SGD(plain, lr=1e-2, momentum=0.9)
+    flagged_opt = fused_optim.SGD(flagged, lr=1e-2, momentum=0.9, foreach=True, fused=True)
+    assert flagged_opt.param_groups[0]["fused"] is True
+    for _ in range(2):
+        set_grads(random_grads([(50,)]), plain, flagged)
+        plain_opt.step()
+        flagged_opt.step()
+    assert torch.equal(plain[0], flagged[0])
+
+
+def test_state_dict_has_torchs_keys():
+    init = [torch.randn(4), torch.randn(6)]
+    ours, theirs = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+    opt = fused_optim.SGD(ours, lr=1e-2, momentum=0.9)
+    torch_opt = torch.optim.SGD(theirs, lr=1e-2, momentum=0.9)
+    set_grads(random_grads([(4,), (6,)]), ours, theirs)
+    opt.step()
+    torch_opt.step()
+    ours_sd, torch_sd = opt.state_dict(), torch_opt.state_dict()
+    assert ours_sd["param_groups"] == torch_sd["param_groups"]
+    for i in range(2):
+        assert set(ours_sd["state"][i]) == set(torch_sd["state"][i]) | {"step"}
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_tensor_weight_decay_and_lr_scheduler_match_torch(backend, device):
+    """torch takes weight_decay as a tensor too, and schedulers change the lr (a float, or a tensor in place)."""
+    shapes = [(3,), (100,)]
+    init = [torch.randn(s) for s in shapes]
+    ours, theirs = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
+    opt = fused_optim.SGD(ours, lr=torch.tensor(1e-2), momentum=0.9, weight_decay=torch.tensor(0.1), backend=backend)
+    torch_opt = torch.optim.SGD(theirs, lr=torch.tensor(1e-2), momentum=0.9, weight_decay=torch.tensor(0.1),
+                                foreach=False)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, torch_opt)]
+    for _ in range(5):
+        set_grads(random_grads(shapes, device=device), ours, theirs)
+        opt.step()
+        torch_opt.step()
+        for schedule in schedules:
+            schedule.step()
+    assert float(opt.param_groups[0]["lr"]) == float(torch_opt.param_groups[0]["lr"]) == float(torch.tensor(1e-2 / 4))
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_param_groups_frozen_params_and_momentum_switched_on(backend, device):
+    """Groups with their own options, a param without a grad for two steps, and momentum switched on mid-run:
+    torch starts the buffer at that step, as we must."""
+    shapes = [(3,), (1023,), (5,)]
+    init = [torch.randn(s) for s in shapes]
+
+    def groups(params):
+        return [{"params": params[:2], "lr": 1e-2},
+                {"params": params[2:], "lr": 3e-2, "momentum": 0.5, "nesterov": True, "maximize": True}]
+
+    ours, theirs = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
+    opt = fused_optim.SGD(groups(ours), backend=backend)
+    torch_opt = torch.optim.SGD(groups(theirs), foreach=False)
+    for step in range(5):
+        if step == 2:
+            opt.param_groups[0]["momentum"] = torch_opt.param_groups[0]["momentum"] = 0.9
+        set_grads(random_grads(shapes, device=device), ours, theirs)
+        if step < 2:
+            ours[2].grad = theirs[2].grad = None
+        opt.step()
+        torch_opt.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert opt.state[ours[0]]["step"].item() == 3 and opt.state[ours[2]]["step"].item() == 3
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_deepcopy_and_pickle_keep_a_working_optimizer(backend, device):
+    params = make_params([torch.randn(33)], torch.bfloat16, device)
+    opt = fused_optim.SGD(params, lr=1e-2, momentum=0.9, max_grad_norm=5.0, backend=backend)
+    opt.max_grad_norm = None  # (the clip needs total_norm; what matters here is that the setting survives)
+    set_grads(random_grads([(33,)], device=device), params)
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(opt), torch.load(buffer, weights_only=False)):
+        assert clone.backend == backend and clone._step_supports_amp_scaling and clone.max_grad_norm is None
+        clone_params = clone.param_groups[0]["params"]
+        set_grads(random_grads([(33,)], device=device), clone_params)
+        clone.step()
+        assert clone.state[clone_params[0]]["momentum_buffer"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the ops: opcheck, torch.compile
+
+
+def _op_sample(kind: str):
+    """Arguments of one op call over two small tensors, in the schema's order."""
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    shapes = [(3,), (2, 17)]
+    params = [torch.randn(s).to(dtype) for s in shapes]
+    grads = [torch.randn(s).to(dtype) for s in shapes]
+    momentum = 0.0 if kind == "no-momentum" else 0.9
+    buffers = [torch.randn(s) for s in shapes] if momentum else []
+    steps = [torch.tensor(0.0), torch.tensor(3.0)] if momentum else []  # a first step and a later one
+    lr_tensor = torch.tensor(1e-2) if kind == "lr-tensor" else None
+    grad_scale = torch.tensor(4.0) if kind in ("grad-scale", "found-inf") else None
+    found_inf = torch.tensor(1.0 if kind == "found-inf" else 0.0) if grad_scale is not None else None
+    return (params, grads, buffers, steps, 1e-2, lr_tensor, momentum, 0.0, 0.01, kind == "lr-tensor",
+            kind == "grad-scale", grad_scale, found_inf)
+
+
+OPS = [
+    pytest.param("sgd_step_", id="cpu"),
+    pytest.param("sgd_step_torch_", id="torch"),
+    pytest.param("sgd_step_triton_", id="triton-interpreted",
+                 marks=pytest.mark.skipif(not TRITON_INTERPRETED, reason="Triton runs CPU tensors only interpreted")),
+]
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "no-momentum", "lr-tensor", "grad-scale", "found-inf"])
+@pytest.mark.parametrize("op_name", OPS)
+def test_opcheck(op_name, kind):
+    torch.library.opcheck(getattr(torch.ops.fused_optim, op_name).default, _op_sample(kind))
+
+
+@pytest.mark.parametrize("op_name", [p.values[0] for p in OPS[:2]])
+def test_ops_agree_on_one_call(op_name):
+    """The first-step rule and the skip, op by op: the same call on the same inputs gives the reference's result."""
+    args = _op_sample("fp32")
+    params, grads, buffers, steps = [[t.clone() for t in a] for a in args[:4]]
+    getattr(torch.ops.fused_optim, op_name).default(params, grads, buffers, steps, *args[4:])
+    for i, (p, g, b) in enumerate(zip(args[0], args[1], args[2])):
+        d = g.double() + 0.01 * p.double()
+        buffer = d if i == 0 else 0.9 * b.double() + d  # tensor 0 is at its first step: the buffer is the grad
+        torch.testing.assert_close(buffers[i].double(), buffer, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(params[i].double(), p.double() - 1e-2 * buffer, rtol=1e-6, atol=1e-7)
+    assert [s.item() for s in steps] == [1.0, 4.0]
+
+
+def test_op_is_fake_tensor_traceable_on_meta():
+    args = [[t.to("meta") for t in a] if isinstance(a, list) else a for a in _op_sample("fp32")]
+    torch.ops.fused_optim.sgd_step_.default(*args)  # the fake impl: no error, no output
+
+
+def test_torch_compile_fullgraph_step_matches_eager():
+    """Dynamo traces SGD.step into one graph: the op is opaque, its mutations come from the schema, and nothing
+    in step() syncs with the host or branches on data (the first step is decided on the device)."""
+    torch._dynamo.reset()
+    shapes = [(3,), (100,)]
+    init = [torch.randn(s) for s in shapes]
+    compiled, eager = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+    compiled_opt = fused_optim.SGD(compiled, lr=torch.tensor(1e-2), momentum=0.9, nesterov=True, backend="cpu")
+    eager_opt = fused_optim.SGD(eager, lr=torch.tensor(1e-2), momentum=0.9, nesterov=True, backend="cpu")
+
+    @torch.compile(fullgraph=True)
+    def step():
+        compiled_opt.step()
+
+    for i in range(4):
+        set_grads(random_grads(shapes), compiled, eager)
+        # The first step creates the state, so the second compiles again; from then on one graph serves every step.
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            step()
+        eager_opt.step()
+    for p, q in zip(compiled, eager):
+        assert torch.equal(p, q)
+        assert compiled_opt.state[p]["step"].item() == 4.0
+        assert_identical(compiled_opt.state[p], eager_opt.state[q])
+
+
+def test_torch_compile_fullgraph_functional_step_matches_eager():
+    """The functional entry point alone compiles into one graph, with the op's in-place writes to params, buffers
+    and step counts (a first step, then a later one) visible after the compiled call."""
+    torch._dynamo.reset()
+    shapes = [(3,), (100,)]
+    init = [torch.randn(s) for s in shapes]
+
+    def fresh():
+        return [x.clone() for x in init], [torch.zeros(s) for s in shapes], [torch.zeros(()) for _ in shapes]
+
+    def step(params, grads, buffers, steps, lr):
+        sgd_step(params, grads, buffers, steps, lr=lr, momentum=0.9, dampening=0.1, weight_decay=0.01,
+                 nesterov=False, maximize=False, backend="cpu")
+
+    compiled_step = torch.compile(step, fullgraph=True)
+    compiled, eager = fresh(), fresh()
+    lr = torch.tensor(1e-2)
+    for _ in range(2):
+        grads = random_grads(shapes)
+        compiled_step(compiled[0], grads, *compiled[1:], lr)
+        step(eager[0], grads, *eager[1:], lr)
+    for a, b in zip(compiled, eager):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert compiled[2][0].item() == 2.0
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    dampening=st.sampled_from([0.0, 0.5]),
+    nesterov=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.01, 0.3]),
+    maximize=st.booleans(),
+    lr=st.floats(1e-4, 1e-1),
+    lr_tensor=st.booleans(),
+    steps=st.integers(1, 4),
+    backend=st.sampled_from(["cpu", "torch"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_configs_match_reference(sizes, dtype, momentum, dampening, nesterov, weight_decay, maximize, lr,
+                                        lr_tensor, steps, backend, seed):
+    nesterov = nesterov and momentum > 0 and dampening == 0  # the only valid Nesterov settings
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, generator=generator).to(dtype)) for n in sizes]
+    options = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                   maximize=maximize)
+    opt = fused_optim.SGD(params, lr=torch.tensor(lr) if lr_tensor else lr, backend=backend, **options)
+    ref_lr = float(torch.tensor(lr)) if lr_tensor else lr
+    reference = ReferenceSGD(params, lr=ref_lr, **options)
+    rounded = ReferenceSGD(params, lr=ref_lr, **options)
+    for _ in range(steps):
+        grads = [torch.randn(n, generator=generator).to(dtype) for n in sizes]
+        set_grads(grads, params)
+        opt.step()
+        reference.step(grads)
+        rounded.step(grads)
+        for r in rounded.params:
+            r.copy_(r.to(dtype).double())
+    if not any(sizes):
+        return
+    ours = flat(params)
+    if dtype == torch.float32:
+        magnitude = flat(reference.params).abs().max().item() + 1.0
+        assert (ours - flat(reference.params)).abs().max() <= steps * 4 * ulp(dtype, magnitude)
+    else:
+        assert within_two_ulps(ours, flat(rounded.params), dtype).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_replays_like_eager_steps(backend):
+    """A step with a tensor lr, captured after warm-up steps on a side stream, replayed with new grads and lrs,
+    equals eager steps; the first step's rule is read from the step count on the device each replay."""
+    shapes = [(3,), (1023,), (4097,)]
+    init = [torch.randn(s) for s in shapes]
+    graphed, eager = make_params(init, torch.float32, "cuda"), make_params(init, torch.float32, "cuda")
+    graphed_lr, eager_lr = torch.tensor(1e-2, device="cuda"), torch.tensor(1e-2, device="cuda")
+    graphed_opt = fused_optim.SGD(graphed, lr=graphed_lr, momentum=0.9, nesterov=True, backend=backend)
+    eager_opt = fused_optim.SGD(eager, lr=eager_lr, momentum=0.9, nesterov=True, backend=backend)
+    for p in graphed:
+        p.grad = torch.zeros_like(p)  # static grads: the graph reads these addresses
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            grads = random_grads(shapes, device="cuda")
+            for p, g in zip(graphed, grads):
+                p.grad.copy_(g)
+            set_grads(grads, eager)
+            graphed_opt.step()
+            eager_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+    for i in range(4):
+        grads = random_grads(shapes, device="cuda")
+        for p, g in zip(graphed, grads):
+            p.grad.copy_(g)
+        set_grads(grads, eager)
+        graphed_lr.fill_(1e-2 / (i + 2))
+        eager_lr.fill_(1e-2 / (i + 2))
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(graphed, eager):
+        assert torch.equal(p, q)
+        assert_identical(graphed_opt.state[p], eager_opt.state[q])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_many_tensors_of_mixed_dtypes_in_one_group_match_the_cpu_kernel(backend):
+    """700 tensors, bf16 then fp32 then bf16, with momentum: several launches (table capacity, a new launch at each
+    dtype change, step counts of empty tensors too); every tensor must come out as the CPU kernel computes it."""
+    torch.manual_seed(0)
+    sizes = [int(n) for n in torch.randint(0, 3000, (700,))]
+    dtypes = [torch.bfloat16] * 200 + [torch.float32] * 300 + [torch.bfloat16] * 200
+    init = [torch.randn(n) for n in sizes]
+    grads = [torch.randn(n) for n in sizes]
+    results = {}
+    for which, device in ((backend, "cuda"), ("cpu", "cpu")):
+        params = [torch.nn.Parameter(x.to(device=device, dtype=d)) for x, d in zip(init, dtypes)]
+        opt = fused_optim.SGD(params, lr=1e-2, momentum=0.9, nesterov=True, backend=which)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.to(device=device, dtype=p.dtype)
+            opt.step()
+        results[which] = [p.detach().float().cpu() for p in params]
+        assert all(opt.state[p]["step"].item() == 3 for p in params)
+    for ours, cpu, dtype in zip(results[backend], results["cpu"], dtypes):
+        tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(ours, cpu, rtol=tolerance, atol=tolerance)
