@@ -100,7 +100,7 @@ def test_mean_of_micro_batch_means_is_not_the_full_batch_mean(grad_backend):
     for x, y in batches:
         (F.cross_entropy(model(x), y, ignore_index=IGNORE) / len(batches)).backward()
     mean_of_means = [p.grad.clone() for p in model.parameters()]
-    assert relative_error(mean_of_means[0], expected[0]) > 0.3
+    assert relative_error(mean_of_means[0], expected[0]) > 0.5  # 1.2 to 2.9 on five seeds
     # and the token-count loop on the very same model and data is right
     model.zero_grad()
     acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
