@@ -19,7 +19,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import DispatchedOps
+from conftest import CPU_BACKENDS, DispatchedOps
 
 import fused_optim
 from fused_optim.lr_scheduler import WarmupCosine
@@ -162,6 +162,22 @@ def test_a_non_finite_grad_skips_the_step(grad_backend, name, bad):
             optimizer.step()
     assert_bit_identical(snapshot(untouched, twin_opt), snapshot(ours, opt))
     assert float(opt.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_a_found_inf_of_two_skips_too(backend, device):
+    # torch's GradScaler found an inf and the step's own norm check found it too: found_inf is 2, not 1, and every
+    # backend must still skip (torch's fused kernel alone skips on exactly 1.0)
+    params = make_params()
+    opt = fused_optim.AdamW(params, lr=0.01, backend=backend)
+    set_grads(params, random_grads(0))
+    opt.step()
+    before = snapshot(params, opt)
+    set_grads(params, random_grads(1))
+    opt.grad_scale = torch.tensor(2.0)
+    opt.found_inf = torch.tensor(2.0)
+    opt.step()
+    assert_bit_identical(before, snapshot(params, opt))
 
 
 # ------------------------------------------------------------------------------------------------------------------
