@@ -6,17 +6,19 @@
 #   4. runs the AdamW benchmark (`python -m fused_optim bench --json`) and prints its table,
 #   5. runs the cross-entropy benchmarks (`python -m fused_optim bench --ops ce,linear_ce --json`): bf16 and fp32,
 #      ce at 8192x128256, linear_ce at 8192x4096x128256, torch.compile peers included,
+#   6. runs the gradient-accumulation and clip + unscale + AdamW benchmarks
+#      (`python -m fused_optim bench --ops accumulate,clip_adamw --json`): 256M elements / params,
 # in under 10 minutes. The benchmarks run even when the tests fail; the exit status is non-zero if any step did.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]
 #
 # OUT_DIR: the first argument, else $OUT (the device runner's output folder), else benchmarks/results/<device>,
 # <device> being torch.cuda.get_device_name() lowercased, non-alphanumerics → '-' (nvidia-h100-80gb-hbm3).
-# Writes OUT_DIR/gpu_check.log (everything printed), info.json, adamw.json, cross_entropy.json; commit them under
-# benchmarks/results/<device>/. Environment: PYTHON (default python), BENCH_ARGS (extra arguments of both `bench`
-# runs, e.g. "--quick"), and the phase limits BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT, CE_BENCH_TIMEOUT
-# (seconds; 240, 180, 200, 240: within the 10 minutes of one device call; before the losses existed the
-# first three phases took 55, 61 and 57 s on an H100).
+# Writes OUT_DIR/gpu_check.log (everything printed), info.json, adamw.json, cross_entropy.json,
+# accumulate_clip_adamw.json; commit them under benchmarks/results/<device>/. Environment: PYTHON (default python),
+# BENCH_ARGS (extra arguments of every `bench` run, e.g. "--quick"), and the phase limits BUILD_TIMEOUT,
+# TEST_TIMEOUT, BENCH_TIMEOUT, CE_BENCH_TIMEOUT, STEP_BENCH_TIMEOUT (seconds; 240, 180, 200, 240, 150: each an
+# upper bound; before the losses existed the first three phases took 55, 61 and 57 s on an H100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,7 @@ BUILD_TIMEOUT="${BUILD_TIMEOUT:-240}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-180}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-200}"
 CE_BENCH_TIMEOUT="${CE_BENCH_TIMEOUT:-240}"
+STEP_BENCH_TIMEOUT="${STEP_BENCH_TIMEOUT:-150}"
 
 slug="$("$PYTHON" - <<'PY'
 import re, torch
@@ -106,6 +109,15 @@ timeout "$CE_BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --ops ce,linear_ce --
 elapsed ce-bench $ce_bench_rc $t0
 (( ce_bench_rc == 0 )) || status=1
 
-phase "done: tests exit $test_rc, bench exit $bench_rc, ce bench exit $ce_bench_rc, status $status"
+phase "benchmark: python -m fused_optim bench --ops accumulate,clip_adamw --json $OUT_DIR/accumulate_clip_adamw.json ${BENCH_ARGS:-}"
+t0=$(date +%s)
+step_bench_rc=0
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+timeout "$STEP_BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --ops accumulate,clip_adamw \
+    --json "$OUT_DIR/accumulate_clip_adamw.json" ${BENCH_ARGS:-} || step_bench_rc=$?
+elapsed step-bench $step_bench_rc $t0
+(( step_bench_rc == 0 )) || status=1
+
+phase "done: tests exit $test_rc, bench exit $bench_rc, ce bench exit $ce_bench_rc, step bench exit $step_bench_rc, status $status"
 ls -l "$OUT_DIR"
 exit $status

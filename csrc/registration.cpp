@@ -3,8 +3,10 @@
 // The CUDA extension registers its kernels in csrc/cuda/registration.cpp.
 #include <torch/library.h>
 
+#include "fused_optim/accumulate_launch.h"
 #include "fused_optim/adam_launch.h"
 #include "fused_optim/cross_entropy_launch.h"
+#include "fused_optim/total_norm_launch.h"
 
 namespace fused_optim {
 void triad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double scalar);
@@ -15,4 +17,6 @@ TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
   m.impl("triad_", &fused_optim::triad_cpu);
   m.impl("cross_entropy_forward", &fused_optim::cross_entropy_forward_cpu);
   m.impl("cross_entropy_scale_grad_", &fused_optim::cross_entropy_scale_grad_cpu);
+  m.impl("accumulate_grads_", &fused_optim::accumulate_grads_cpu);
+  m.impl("total_norm", &fused_optim::total_norm_cpu);
 }

@@ -24,6 +24,11 @@ CUDA_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cuda*.so")))
 ADAM_OPS = ["adam_step_", "adam_step_triton_", "adam_step_torch_"]
 CROSS_ENTROPY_OPS = ["cross_entropy_forward", "cross_entropy_forward_triton", "cross_entropy_forward_torch",
                      "cross_entropy_scale_grad_", "cross_entropy_scale_grad_triton_", "cross_entropy_scale_grad_torch_"]
+GRAD_OPS = ["accumulate_grads_", "accumulate_grads_triton_", "accumulate_grads_torch_",
+            "total_norm", "total_norm_triton", "total_norm_torch"]
+# The ops with C++ kernels: the one name each extension registers (the Python ops add _triton and _torch twins).
+CUDA_KERNEL_OPS = ["adam_step_", "cross_entropy_forward", "cross_entropy_scale_grad_", "accumulate_grads_", "total_norm"]
+CPU_KERNEL_OPS = CUDA_KERNEL_OPS + ["triad_"]
 
 
 @pytest.fixture
@@ -195,7 +200,7 @@ def _has_kernel(op: str, key: str) -> bool:
 @pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
 def test_cpu_extension_is_loaded_and_registered():
     assert _backend.extension_error("cpu") is None
-    for op in ("adam_step_", "triad_", "cross_entropy_forward", "cross_entropy_scale_grad_"):
+    for op in CPU_KERNEL_OPS:
         assert _has_kernel(op, "CPU"), op
 
 
@@ -203,16 +208,15 @@ def test_cpu_extension_is_loaded_and_registered():
 def test_cuda_extension_is_loaded_and_registered_without_a_gpu():
     """The CI check that the CUDA build works: it loads here, GPU or not, and registers its kernel."""
     assert _backend.extension_error("cuda") is None
-    for op in ("adam_step_", "cross_entropy_forward", "cross_entropy_scale_grad_"):
+    for op in CUDA_KERNEL_OPS:
         assert _has_kernel(op, "CUDA"), op
 
 
 def test_python_ops_are_registered():
-    assert _has_kernel("adam_step_triton_", "CPU") and _has_kernel("adam_step_triton_", "CUDA")
-    assert _has_kernel("adam_step_torch_", "CompositeExplicitAutograd")
-    for op in ("cross_entropy_forward_triton", "cross_entropy_scale_grad_triton_"):
+    all_ops = ADAM_OPS + CROSS_ENTROPY_OPS + GRAD_OPS
+    for op in (op for op in all_ops if op.rstrip("_").endswith("_triton")):
         assert _has_kernel(op, "CPU") and _has_kernel(op, "CUDA"), op
-    for op in ("cross_entropy_forward_torch", "cross_entropy_scale_grad_torch_"):
+    for op in (op for op in all_ops if op.rstrip("_").endswith("_torch")):
         assert _has_kernel(op, "CompositeExplicitAutograd"), op
-    for op in ADAM_OPS + CROSS_ENTROPY_OPS:  # fake impls, for torch.compile and meta tensors
+    for op in all_ops:  # fake impls, for torch.compile and meta tensors
         assert _has_kernel(op, "Meta"), op

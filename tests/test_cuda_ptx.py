@@ -65,3 +65,23 @@ def test_cross_entropy_kernels_stream_rows_with_16_byte_accesses(cross_entropy_k
         stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
         assert len(loads) >= 2 and len(stores) >= 2, (name, loads, stores)  # pass 1, pass 2 / gradient, zeros
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+
+
+def test_accumulate_kernels_move_grads_with_16_byte_accesses(tmp_path):
+    kernels = {name: body for name, body in kernels_ptx("accumulate.cu", tmp_path).items()
+               if "accumulate_kernel" in name}
+    assert len(kernels) == 3  # fp32, bf16, fp16 grads
+    for name, body in kernels.items():
+        # the fp32 main grad: two 16-byte loads and stores per 8 elements; the grad: one (16-bit) or two (fp32)
+        assert body.count("ld.global.v4.f32") >= 2 and body.count("st.global.v4.f32") >= 2, name
+        assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)) >= 3, name
+        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+
+
+def test_total_norm_kernels_read_with_16_byte_loads(tmp_path):
+    kernels = {name: body for name, body in kernels_ptx("total_norm.cu", tmp_path).items()
+               if "block_partials_kernel" in name}
+    assert len(kernels) == 12  # 4 norm kinds x 3 dtypes
+    for name, body in kernels.items():
+        assert re.search(r"ld\.global(?:\.\w+)*\.v4\.\w+", body), name
+        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"

@@ -1,5 +1,5 @@
-// CPU Adam/AdamW: every tensor of a group cut into fixed-size chunks, OpenMP over the chunks, and a branch-free
-// inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/adam.h, the same
+// CPU Adam/AdamW: every tensor of a group cut into fixed-size chunks (chunks.h), OpenMP over the chunks, and a
+// branch-free inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/adam.h, the same
 // header the CUDA kernel includes.
 #include <algorithm>
 #include <vector>
@@ -7,16 +7,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
-#include "fused_optim/adam_launch.h"
+#include "chunks.h"
 #include "float_io.h"
+#include "fused_optim/adam_launch.h"
 #include "fused_optim/rounding.h"
 
 namespace fused_optim {
 namespace {
-
-// 16K elements: small enough to balance 2..64 threads over a few large tensors, large enough that the
-// per-chunk setup is noise.
-constexpr int64_t kChunk = 16384;
 
 struct TensorPointers {
   void* param;
@@ -95,13 +92,9 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
   const float scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
   const bool master = !master_params.empty();
 
-  struct Chunk {
-    int32_t tensor;
-    int64_t begin, end;
-  };
   std::vector<TensorPointers> tensors(params.size());
   std::vector<ChunkFn> chunk_fns(params.size());
-  std::vector<Chunk> chunks;
+  std::vector<int64_t> numels;
   for (size_t i = 0; i < params.size(); ++i) {
     const float step = steps[i].item<float>() + 1.0f;
     tensors[i] = TensorPointers{params[i].data_ptr(),
@@ -114,16 +107,10 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
                                            static_cast<uint32_t>(step)),
                                 adam_scalars(hyper, lr_value, step, scale)};
     chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), amsgrad, master, stochastic_rounding);
-    const int64_t numel = params[i].numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({static_cast<int32_t>(i), begin, std::min(begin + kChunk, numel)});
-    }
+    numels.push_back(params[i].numel());
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const Chunk& chunk = chunks[c];
-      chunk_fns[chunk.tensor](tensors[chunk.tensor], chunk.begin, chunk.end);
-    }
+  parallel_for_chunks(split_into_chunks(numels), [&](const Chunk& chunk, int64_t) {
+    chunk_fns[chunk.tensor](tensors[chunk.tensor], chunk.begin, chunk.end);
   });
   for (const at::Tensor& step : steps) {
     *step.data_ptr<float>() += 1.0f;

@@ -10,6 +10,12 @@ timed; a wrong one is not timed. The ops:
                 Liger-Kernel
     linear_ce   linear + cross-entropy forward + backward (same file): torch's chunked F.linear_cross_entropy, the
                 naive F.cross_entropy(x @ w.T, y) (compiled too on a GPU), Liger-Kernel; time and peak memory
+    accumulate  fp32 main grads += bf16/fp32 grads (fused_optim/bench/accumulate.py): torch's add_ loop and
+                _foreach_add_, one large tensor and 2,000 small ones
+    clip_adamw  unscale + clip + AdamW (fused_optim/bench/clip_adamw.py): AdamW(max_grad_norm) with our GradScaler
+                vs torch's GradScaler.unscale_ + clip_grad_norm_ + fused AdamW
+
+The shared parts (implementations, check-then-time loop, derived columns) are in fused_optim/bench/peers.py.
 
     >>> import tempfile, fused_optim.bench
     >>> report = fused_optim.bench.run_benchmarks(device="cpu", sizes=[1_000_000], cases=("fp32",), quick=True)
@@ -27,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from fused_optim.bench import adamw, cross_entropy
+from fused_optim.bench import accumulate, adamw, clip_adamw, cross_entropy
 from fused_optim.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
 
 __all__ = [
@@ -35,7 +41,7 @@ __all__ = [
     "run_benchmarks", "time_cpu", "time_cuda", "time_fn", "write_json",
 ]
 
-OPS = ("adamw",) + cross_entropy.OPS  # the ops `fused-optim bench --ops` knows
+OPS = ("adamw",) + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS  # the ops `fused-optim bench --ops` knows
 
 # Total params of the main cases. CPU: 84M fp32 params move 2.35 GB a step, far past the last-level cache
 # (DESIGN: >= 50M). GPU: 256M (7.2 GB a step), far past an H100's 50 MB L2, and a step takes milliseconds.
@@ -96,7 +102,9 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     `on_task(description)` after each (a progress bar's hooks).
 
     adamw: `sizes` (total params) and `cases`. ce, linear_ce: `dtypes` ("fp32", "bf16"; default fp32 on the CPU,
-    both on a GPU) and `shapes` ({"ce": [(N, V)], "linear_ce": [(N, H, V)]}; default: the op's sizes)."""
+    both on a GPU) and `shapes` ({"ce": [(N, V)], "linear_ce": [(N, H, V)]}; default: the op's sizes).
+    accumulate: `sizes` (elements of the one-tensor case; the 2000×4096 case always runs) and `dtypes` (the grads';
+    default both). clip_adamw: `sizes` (total fp32 params)."""
     import fused_optim
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -107,11 +115,12 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
     sizes = sizes or default_sizes(device, quick)
+    budget_s = 0.25 if quick else 1.5  # seconds timing each implementation
     config = adamw.AdamWConfig(
         device=device,
         sizes=sizes,
         cases=cases or adamw.CASES,
-        budget_s=0.25 if quick else 1.5,
+        budget_s=budget_s,
         host_steps=50 if quick else 200,
     )
     loss_config = cross_entropy.LossConfig(
@@ -120,10 +129,15 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         dtypes=dtypes,
         shapes=shapes or {},
         quick=quick,
-        budget_s=0.25 if quick else 1.5,
+        budget_s=budget_s,
     )
+    accumulate_config = accumulate.AccumulateConfig(device=device, sizes=sizes,
+                                                    dtypes=dtypes or accumulate.DEFAULT_DTYPES, budget_s=budget_s)
+    clip_config = clip_adamw.ClipAdamWConfig(device=device, sizes=sizes, budget_s=budget_s)
     if on_plan is not None:
-        on_plan(1 + (adamw.count_tasks(config) if "adamw" in ops else 0) + cross_entropy.count_tasks(loss_config))
+        on_plan(1 + (adamw.count_tasks(config) if "adamw" in ops else 0) + cross_entropy.count_tasks(loss_config)
+                + (accumulate.count_tasks(accumulate_config) if "accumulate" in ops else 0)
+                + (clip_adamw.count_tasks(clip_config) if "clip_adamw" in ops else 0))
     report_task = on_task or (lambda description: None)
     try:
         roof = memory_roof(device, budget_s=0.5 if quick else 2.0)
@@ -133,6 +147,10 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         report_task("roof: not measured")
     rows = adamw.run(config, roof_gbps=roof["gbps"], on_task=on_task) if "adamw" in ops else []
     rows += cross_entropy.run(loss_config, roof_gbps=roof["gbps"], on_task=on_task)
+    if "accumulate" in ops:
+        rows += accumulate.run(accumulate_config, roof_gbps=roof["gbps"], on_task=on_task)
+    if "clip_adamw" in ops:
+        rows += clip_adamw.run(clip_config, roof_gbps=roof["gbps"], on_task=on_task)
     run_config: dict[str, Any] = {"ops": list(ops), "quick": quick}
     if "adamw" in ops:
         run_config.update(
@@ -144,6 +162,9 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
             tolerances=adamw.TOLERANCES,
         )
     run_config.update(loss_config.describe())
+    for op, op_config in (("accumulate", accumulate_config), ("clip_adamw", clip_config)):
+        if op in ops:
+            run_config.update(op_config.describe())
     info = fused_optim.backends()
     return {
         "schema": 1,
@@ -190,6 +211,8 @@ CAPTIONS = {
              "time / this one's (bf16+master: the torch way with _foreach_copy_); host ms: host time per step (no "
              "sync); peak mem: memory a step allocates beyond its state.",
     **cross_entropy.CAPTIONS,
+    **accumulate.CAPTIONS,
+    **clip_adamw.CAPTIONS,
 }
 
 

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fused_optim import _backend
+from fused_optim.bench.peers import Impl, our_implementations
 from fused_optim.bench.timing import error_note, release_memory, Timing, host_time, synchronize, time_fn
 
 CASES = ("fp32", "bf16", "bf16+master", "host")
@@ -205,34 +205,6 @@ def _deepspeed(w: Workload) -> Runner:
     params = _clone_params(w)
     opt = DeepSpeedCPUAdam(params, **HPARAMS, adamw_mode=True)
     return Runner(opt.step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
-
-
-@dataclass
-class Impl:
-    name: str
-    build: Callable[[Workload], Runner] | None
-    unavailable: str | None = None  # why it cannot run here (then build is None)
-    auto: bool = False  # what fused_optim's backend="auto" picks here
-    baseline: bool = False  # the peer `speedup_vs_torch_fused` is relative to
-    reference: bool = False  # torch's for-loop: the check's reference itself
-
-
-def our_implementations(device: torch.device, build: Callable[[str], Callable]) -> list[Impl]:
-    """Ours on each backend that runs `device`'s tensors (`build(backend)` makes its runner), or why one cannot."""
-    impls = []
-    try:
-        auto = _backend.resolve("auto", device.type)
-    except RuntimeError:
-        auto = None
-    for backend in ("cuda", "triton") if device.type == "cuda" else ("cpu",):
-        name = f"fused_optim[{backend}]"
-        try:
-            _backend.resolve(backend, device.type)
-        except RuntimeError as error:
-            impls.append(Impl(name, None, unavailable=str(error)))
-            continue
-        impls.append(Impl(name, build(backend), auto=backend == auto))
-    return impls
 
 
 def implementations(case: str, device: torch.device) -> list[Impl]:

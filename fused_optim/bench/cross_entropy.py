@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_optim import reference
-from fused_optim.bench.adamw import Impl, our_implementations
+from fused_optim.bench.peers import Impl, derive, our_implementations
 from fused_optim.bench.timing import error_note, release_memory, synchronize, time_fn
 
 OPS = ("ce", "linear_ce")
@@ -341,7 +341,7 @@ def _run_case(config: LossConfig, op: str, case: str, shape: tuple[int, ...], ro
             runner = None
             release_memory(device)
             on_task(f"{label}: {impl.name}")
-    _derive(rows, roof_gbps)
+    derive(rows, roof_gbps)
     return rows
 
 
@@ -534,23 +534,6 @@ def peak_memory_in_subprocess(impl_name: str, op: str, case: str, shape: tuple[i
         raise RuntimeError(f"the measuring process failed: {tail[0]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return int(result["peak_extra"]), result["method"]
-
-
-def _derive(rows: list[dict[str, Any]], roof_gbps: float | None) -> None:
-    timed = [r for r in rows if r["time_ms_median"]]
-    baseline = next((r for r in timed if r["baseline"]), None)
-    for r in timed:
-        if r["bytes"]:
-            r["gbps"] = r["bytes"] / (r["time_ms_median"] * 1e6)
-            if roof_gbps:
-                r["pct_of_roof"] = 100.0 * r["gbps"] / roof_gbps
-        if r["flops"]:
-            r["tflops"] = r["flops"] / (r["time_ms_median"] * 1e9)
-        if baseline is not None:
-            r["speedup_vs_baseline"] = baseline["time_ms_median"] / r["time_ms_median"]
-        if r["impl"].startswith("fused_optim"):
-            r["speedup_vs"] = {p["impl"]: p["time_ms_median"] / r["time_ms_median"]
-                               for p in timed if not p["impl"].startswith("fused_optim")}
 
 
 CAPTIONS = {

@@ -1,8 +1,8 @@
 """The `fused-optim` console script (also `python -m fused_optim`).
 
     fused-optim info [--json]       what is built and usable here, and why not (fused_optim.backends())
-    fused-optim bench [options]     our ops against their peers (AdamW, cross-entropy, linear + cross-entropy):
-                                    time, GB/s, % of the memory roof
+    fused-optim bench [options]     our ops against their peers (AdamW, cross-entropy, linear + cross-entropy,
+                                    grad accumulation, clip + unscale + AdamW): time, GB/s, % of the memory roof
 
 Example:
     >>> from fused_optim.cli import main
@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         "adamw: one AdamW step vs torch fused / foreach / for-loop (DeepSpeed CPUAdam on the CPU when installed). "
         "ce: cross-entropy forward + backward vs torch eager, torch.compile, Liger-Kernel. linear_ce: linear + "
         "cross-entropy forward + backward vs torch's chunked F.linear_cross_entropy and the naive logits path, "
-        "with the peak memory of a call.",
+        "with the peak memory of a call. accumulate: fp32 main grads += bf16/fp32 grads vs torch's add_ loop and "
+        "_foreach_add_. clip_adamw: AdamW(max_grad_norm=1) stepped by our GradScaler vs torch's "
+        "GradScaler.unscale_ + clip_grad_norm_ + fused AdamW.",
     )
     bench.add_argument("--json", metavar="PATH", help="also write the results (device, versions, roof, rows) here")
     bench.add_argument("--quick", action="store_true", help="small sizes and short timings: seconds, not minutes "
@@ -49,14 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=sorted(DTYPE_CASES),
                        help="adamw: fp32 and the 1000-tensor host-overhead case (fp32), bf16 and bf16 with fp32 "
                        "master weights (bf16), or all four (all, the default). ce, linear_ce: the logits' dtype "
-                       "(default: fp32 on the CPU, bf16 and fp32 on a GPU)")
+                       "(default: fp32 on the CPU, bf16 and fp32 on a GPU). accumulate: the grads' dtype (default: "
+                       "both). clip_adamw: always fp32")
     bench.add_argument("--sizes", metavar="SIZE[,SIZE...]",
-                       help="adamw: total params of the model-like cases, e.g. 8M,84M (default: 84M on the CPU, 256M "
-                       "on a GPU; --quick: 4M, 16M). ce: NxV, e.g. 4096x32000 (default: 4096x32000 on the CPU, "
+                       help="adamw, clip_adamw: total params of the model-like cases, e.g. 8M,84M (default: 84M on "
+                       "the CPU, 256M on a GPU; --quick: 4M, 16M); accumulate: the elements of its one-tensor case "
+                       "(same defaults). ce: NxV, e.g. 4096x32000 (default: 4096x32000 on the CPU, "
                        "8192x128256 on a GPU). linear_ce: NxHxV, e.g. 8192x512x32000 (default: that on the CPU, "
                        "8192x4096x128256 on a GPU). Each op takes the sizes of its form, else its defaults")
     bench.add_argument("--ops", default="adamw", metavar="OP[,OP...]",
-                       help="ops to benchmark: adamw, ce, linear_ce, or all (default: adamw)")
+                       help="ops to benchmark: adamw, ce, linear_ce, accumulate, clip_adamw, or all (default: "
+                       "adamw)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto (default): the GPU when there is one, else the CPU")
     return parser
@@ -113,7 +118,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"fused-optim bench: unknown op(s) {', '.join(unknown)}; known: {', '.join(bench.OPS)}", file=sys.stderr)
         return 2
     try:
-        # one number: adamw's params; NxV: ce's logits; NxHxV: linear_ce's input, hidden size and classes
+        # one number: adamw's, accumulate's and clip_adamw's sizes; NxV: ce's logits; NxHxV: linear_ce's input,
+        # hidden size and classes
         by_rank: dict[int, list[tuple[int, ...]]] = {1: [], 2: [], 3: []}
         for text in args.sizes.split(",") if args.sizes else []:
             shape = bench.parse_shape(text)

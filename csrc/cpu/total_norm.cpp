@@ -1,0 +1,79 @@
+// CPU total norm: one partial per chunk (chunks.h; the compiler vectorises the chunk's reduction), the partials
+// then combined in chunk order, so the result is the same for any thread count.
+#include <type_traits>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include "chunks.h"
+#include "float_io.h"
+#include "fused_optim/total_norm_launch.h"
+
+namespace fused_optim {
+namespace {
+
+// Sums run in fp64 (x² of an fp32 x is exact there; two cores' worth of fp64 adds still outrun memory), so the
+// result is the fp32 rounding of a nearly exact norm; the max of |x| is exact in fp32.
+template <NormKind kKind>
+using Partial = std::conditional_t<kKind == NormKind::kInf, float, double>;
+
+// A chunk's partial.
+template <NormKind kKind, typename T>
+double chunk_partial(const void* data_ptr, int64_t begin, int64_t end, float p) {
+  const auto* __restrict__ data = static_cast<const T*>(data_ptr);
+  Partial<kKind> partial = 0;
+  if constexpr (kKind == NormKind::kInf) {
+    for (int64_t i = begin; i < end; ++i) partial = norm_combine<kKind>(partial, norm_term<kKind, Partial<kKind>>(load_float(data, i), p));
+  } else {
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = begin; i < end; ++i) partial += norm_term<kKind, Partial<kKind>>(load_float(data, i), p);
+  }
+  return partial;
+}
+
+using PartialFn = double (*)(const void*, int64_t, int64_t, float);
+
+template <NormKind kKind>
+PartialFn pick_partial_fn(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16: return chunk_partial<kKind, c10::BFloat16>;
+    case at::kHalf: return chunk_partial<kKind, c10::Half>;
+    default: return chunk_partial<kKind, float>;
+  }
+}
+
+template <NormKind kKind>
+double total_norm_of(at::TensorList tensors, double norm_type) {
+  std::vector<int64_t> numels;
+  for (const at::Tensor& t : tensors) numels.push_back(t.numel());
+  const std::vector<Chunk> chunks = split_into_chunks(numels);
+  std::vector<double> partials(chunks.size());
+  parallel_for_chunks(chunks, [&](const Chunk& chunk, int64_t index) {
+    const at::Tensor& t = tensors[chunk.tensor];
+    const PartialFn partial_fn = pick_partial_fn<kKind>(t.scalar_type());
+    partials[index] =
+        partial_fn(t.const_data_ptr(), chunk.begin, chunk.end, static_cast<float>(norm_type));
+  });
+  double total = 0.0;
+  for (const double partial : partials) total = norm_combine<kKind>(total, partial);
+  return norm_finish<kKind>(total, norm_type);
+}
+
+}  // namespace
+
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
+  check_total_norm_args(tensors, norm_type);
+  double norm = 0.0;
+  switch (norm_kind(norm_type)) {
+    case NormKind::kTwo: norm = total_norm_of<NormKind::kTwo>(tensors, norm_type); break;
+    case NormKind::kOne: norm = total_norm_of<NormKind::kOne>(tensors, norm_type); break;
+    case NormKind::kInf: norm = total_norm_of<NormKind::kInf>(tensors, norm_type); break;
+    case NormKind::kGeneral: norm = total_norm_of<NormKind::kGeneral>(tensors, norm_type); break;
+  }
+  at::Tensor result = at::empty({}, tensors[0].options().dtype(at::kFloat));
+  *result.data_ptr<float>() = static_cast<float>(norm);
+  return result;
+}
+
+}  // namespace fused_optim

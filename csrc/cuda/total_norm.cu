@@ -1,0 +1,121 @@
+// CUDA total norm in two launches' worth of passes, deterministic and with no host sync:
+//   1. multi-tensor blocks (multi_tensor.cuh), one per chunk of one tensor: each thread folds its elements into an
+//      fp32 partial (16-byte loads when aligned), the block combines its threads' partials in fp64 in a fixed tree
+//      and writes one fp64 partial per block into a workspace;
+//   2. one block combines the workspace in a fixed order and writes the norm (0-dim fp32) on the device.
+// No atomics: the same inputs give the same bits on every run. The element math is fused_optim/total_norm.h,
+// shared with the CPU kernel.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "fused_optim/total_norm_launch.h"
+#include "multi_tensor.cuh"
+
+namespace fused_optim {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int64_t kChunk = 16 * 1024;  // 32 elements per thread: its fp32 partial stays accurate
+constexpr int kFinishThreads = 1024;
+
+struct NormArgs {
+  const void* data;
+  int64_t numel;
+};
+using Table = multi_tensor::LaunchTable<NormArgs>;
+
+// The combination of every thread's `value` in a fixed tree, valid in thread 0. kBlock is a power of two.
+template <NormKind kKind, int kBlock>
+__device__ __forceinline__ double block_combine(double value) {
+  __shared__ double shared[kBlock];
+  shared[threadIdx.x] = value;
+  __syncthreads();
+#pragma unroll
+  for (int width = kBlock / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) shared[threadIdx.x] = norm_combine<kKind>(shared[threadIdx.x], shared[threadIdx.x + width]);
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+template <NormKind kKind, typename T>
+__global__ void __launch_bounds__(kThreads)
+    block_partials_kernel(const __grid_constant__ Table table, double* partials, int64_t first_partial, float p) {
+  const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
+  const T* data = static_cast<const T*>(table.tensors[work.tensor].data);
+  float partial = 0.0f;
+  multi_tensor::for_each_element<kThreads>(
+      work, multi_tensor::aligned16(data),
+      [&](int64_t i) {
+        float x[multi_tensor::kVec];
+        multi_tensor::load_vec(data + i, x);
+#pragma unroll
+        for (int k = 0; k < multi_tensor::kVec; ++k) partial = norm_combine<kKind>(partial, norm_term<kKind, float>(x[k], p));
+      },
+      [&](int64_t i) { partial = norm_combine<kKind>(partial, norm_term<kKind, float>(static_cast<float>(data[i]), p)); });
+  const double block_partial = block_combine<kKind, kThreads>(static_cast<double>(partial));
+  if (threadIdx.x == 0) partials[first_partial + blockIdx.x] = block_partial;
+}
+
+template <NormKind kKind>
+__global__ void __launch_bounds__(kFinishThreads)
+    finish_kernel(const double* partials, int64_t num_partials, double p, float* norm) {
+  double partial = 0.0;
+  for (int64_t i = threadIdx.x; i < num_partials; i += kFinishThreads) partial = norm_combine<kKind>(partial, partials[i]);
+  const double total = block_combine<kKind, kFinishThreads>(partial);
+  if (threadIdx.x == 0) *norm = static_cast<float>(norm_finish<kKind>(total, p));
+}
+
+template <NormKind kKind>
+void launch_total_norm(at::TensorList tensors, double norm_type, const at::Tensor& norm) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int64_t num_partials = 0;
+  for (const at::Tensor& t : tensors) num_partials += multi_tensor::num_chunks(t.numel(), kChunk);
+  const at::Tensor partials = at::empty({num_partials}, norm.options().dtype(at::kDouble));
+  double* partials_data = partials.data_ptr<double>();
+  int64_t first_partial = 0;  // where the next launch's blocks write
+  auto launch = [&](const Table& table, int dtype) {
+    const float p = static_cast<float>(norm_type);
+    switch (static_cast<at::ScalarType>(dtype)) {
+      case at::kBFloat16:
+        block_partials_kernel<kKind, c10::BFloat16>
+            <<<table.num_blocks(), kThreads, 0, stream>>>(table, partials_data, first_partial, p);
+        break;
+      case at::kHalf:
+        block_partials_kernel<kKind, c10::Half>
+            <<<table.num_blocks(), kThreads, 0, stream>>>(table, partials_data, first_partial, p);
+        break;
+      default:
+        block_partials_kernel<kKind, float>
+            <<<table.num_blocks(), kThreads, 0, stream>>>(table, partials_data, first_partial, p);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    first_partial += table.num_blocks();
+  };
+  multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
+  for (const at::Tensor& t : tensors) filler.add(NormArgs{t.const_data_ptr(), 0}, t.numel(), static_cast<int>(t.scalar_type()));
+  filler.flush();
+  finish_kernel<kKind><<<1, kFinishThreads, 0, stream>>>(partials_data, num_partials, norm_type, norm.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
+  check_total_norm_args(tensors, norm_type);
+  const c10::cuda::CUDAGuard device_guard(tensors[0].device());
+  at::Tensor norm = at::empty({}, tensors[0].options().dtype(at::kFloat));
+  switch (norm_kind(norm_type)) {
+    case NormKind::kTwo: launch_total_norm<NormKind::kTwo>(tensors, norm_type, norm); break;
+    case NormKind::kOne: launch_total_norm<NormKind::kOne>(tensors, norm_type, norm); break;
+    case NormKind::kInf: launch_total_norm<NormKind::kInf>(tensors, norm_type, norm); break;
+    case NormKind::kGeneral: launch_total_norm<NormKind::kGeneral>(tensors, norm_type, norm); break;
+  }
+  return norm;
+}
+
+}  // namespace fused_optim

@@ -1,0 +1,151 @@
+"""What every op's benchmark shares: the implementations compared (ours per backend, the peers), the loop that
+checks each before timing it, the timing of one checked step, and the derived columns (GB/s, % of the roof,
+speed-ups).
+
+An op module (adamw.py, cross_entropy.py, accumulate.py, clip_adamw.py) supplies its workload, its implementations
+(`Impl`), its reference check and its bytes model; the rows it returns are what `fused_optim.bench.print_table` and
+`write_json` take.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from fused_optim import _backend
+from fused_optim.bench.timing import error_note, release_memory, synchronize, time_fn
+
+
+@dataclass
+class Impl:
+    name: str
+    build: Callable | None
+    unavailable: str | None = None  # why it cannot run here (then build is None)
+    auto: bool = False  # what fused_optim's backend="auto" picks here
+    baseline: bool = False  # the peer the × column is relative to
+    reference: bool = False  # the check's reference itself (adamw: torch's for-loop)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """An op our implementation needs: its C++ op name (CPU/CUDA backends) and its Triton module."""
+
+    op: str  # "accumulate_grads_": the C++ kernels register fused_optim::accumulate_grads_
+    triton_module: str  # "accumulate": fused_optim/triton/accumulate.py
+
+
+def missing_kernel(backend: str, kernels: tuple[Kernel, ...]) -> str | None:
+    """Why `backend` has no kernel for one of `kernels` (an op whose kernels are not written or built yet), or None.
+    The schemas are always defined (fused_optim/ops); the C++ extensions register the CPU and CUDA kernels."""
+    for kernel in kernels:
+        if backend in ("cpu", "cuda"):
+            key = backend.upper()
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{kernel.op}", key):
+                return f"absent (the {key} extension registers no kernel for fused_optim::{kernel.op})"
+        elif backend == "triton" and importlib.util.find_spec(f"fused_optim.triton.{kernel.triton_module}") is None:
+            return f"absent (no Triton kernel fused_optim/triton/{kernel.triton_module}.py)"
+    return None
+
+
+def our_implementations(device: torch.device, build: Callable[[str], Callable], kernels: tuple[Kernel, ...] = (),
+                        torch_fallback: bool = False) -> list[Impl]:
+    """Ours on each backend that runs `device`'s tensors (`build(backend)` makes its runner), or why one cannot.
+    A backend runs only if it has every one of `kernels`. With `torch_fallback`, ours on the torch backend is added
+    when no other backend of ours runs here (so that our path is still measured while kernels are missing)."""
+    impls = []
+    try:
+        auto = _backend.resolve("auto", device.type)
+    except RuntimeError:
+        auto = None
+    for backend in ("cuda", "triton") if device.type == "cuda" else ("cpu",):
+        name = f"fused_optim[{backend}]"
+        try:
+            _backend.resolve(backend, device.type)
+        except RuntimeError as error:
+            impls.append(Impl(name, None, unavailable=str(error)))
+            continue
+        missing = missing_kernel(backend, kernels)
+        if missing is not None:
+            impls.append(Impl(name, None, unavailable=missing))
+            continue
+        impls.append(Impl(name, build(backend), auto=backend == auto))
+    if torch_fallback and all(impl.unavailable is not None for impl in impls):
+        impls.append(Impl("fused_optim[torch]", build("torch")))
+    return impls
+
+
+def time_step(step: Callable[[], Any], device: torch.device, row: dict[str, Any], budget_s: float,
+              max_time_s: float) -> None:
+    """Times `step` into `row` (time_ms_median, time_ms_iqr, n_timed; on a GPU also peak_mem: what one call
+    allocates beyond what it keeps). One untimed call first; if it shows that ~7 calls would take longer than
+    `max_time_s`, the step is not timed (time_ms_estimate and a note instead)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    step_s = time.perf_counter() - t0
+    if step_s * 7 > max_time_s:
+        row["time_ms_estimate"] = step_s * 1e3
+        row["note"] = (row["note"] + "; " if row["note"] else "") + (
+            f"not timed: {step_s:.1f} s/call (> {max_time_s:.0f} s for 7 calls)")
+        return
+    timing = time_fn(step, device, budget_s)
+    row.update(time_ms_median=timing.median_ms, time_ms_iqr=timing.iqr_ms, n_timed=timing.n)
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        row["peak_mem"] = torch.cuda.max_memory_allocated(device) - base
+
+
+def check_then_time(impls: list[Impl], device: torch.device, label: str, new_row: Callable[[Impl], dict[str, Any]],
+                    checked_step: Callable[[Impl, dict[str, Any]], Callable[[], Any] | None], budget_s: float,
+                    max_time_s: float, on_task: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One row per implementation: `checked_step(impl, row)` builds it, checks it (writing correct, the error and,
+    when wrong, a note into the row) and returns the step to time, or None when it is wrong (then not timed).
+    An implementation that fails is reported with its error; the next one still runs."""
+    rows = []
+    for impl in impls:
+        row = new_row(impl)
+        rows.append(row)
+        step = None
+        try:
+            if impl.unavailable is not None:
+                row["note"] = impl.unavailable
+                continue
+            step = checked_step(impl, row)
+            if step is not None:
+                time_step(step, device, row, budget_s, max_time_s)
+        except Exception as error:  # noqa: BLE001  (one failing peer must not end the benchmark)
+            row["note"] = error_note(error)
+        finally:
+            step = None
+            release_memory(device)
+            on_task(f"{label}: {impl.name}")
+    return rows
+
+
+def derive(rows: list[dict[str, Any]], roof_gbps: float | None) -> None:
+    """GB/s (rows with a bytes model), % of the roof, TFLOP/s (rows with flops), the speed-up over the baseline
+    (speedup_vs_baseline) and, on our rows, over each peer (speedup_vs)."""
+    timed = [r for r in rows if r["time_ms_median"]]
+    baseline = next((r for r in timed if r["baseline"]), None)
+    for r in timed:
+        if r.get("bytes"):
+            r["gbps"] = r["bytes"] / (r["time_ms_median"] * 1e6)
+            if roof_gbps:
+                r["pct_of_roof"] = 100.0 * r["gbps"] / roof_gbps
+        if r.get("flops"):
+            r["tflops"] = r["flops"] / (r["time_ms_median"] * 1e9)
+        if baseline is not None:
+            r["speedup_vs_baseline"] = baseline["time_ms_median"] / r["time_ms_median"]
+        if r["impl"].startswith("fused_optim"):
+            r["speedup_vs"] = {p["impl"]: p["time_ms_median"] / r["time_ms_median"]
+                               for p in timed if not p["impl"].startswith("fused_optim")}
+

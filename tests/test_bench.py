@@ -1,0 +1,135 @@
+"""`fused-optim bench` for the accumulate and clip_adamw ops: the command runs end to end at tiny sizes and writes
+the JSON report its rows promise, and a wrong implementation is reported as wrong and not timed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fused_optim.bench import accumulate, clip_adamw
+from fused_optim.bench.peers import Impl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("bench") / "report.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        [sys.executable, "-m", "fused_optim", "bench", "--ops", "accumulate,clip_adamw", "--quick", "--device", "cpu",
+         "--sizes", "4099", "--json", str(path)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(path.read_text())
+
+
+def _rows(report: dict, op: str) -> list[dict]:
+    return [r for r in report["rows"] if r["op"] == op]
+
+
+def _check_timed_row(row: dict) -> None:
+    """A row that ran: checked correct, timed, and its derived columns follow from its time and bytes model."""
+    assert row["correct"] is True, row
+    assert row["time_ms_median"] > 0 and row["time_ms_iqr"] >= 0 and row["n_timed"] >= 5, row
+    assert row["gbps"] == pytest.approx(row["bytes"] / (row["time_ms_median"] * 1e6))
+
+
+def test_report_schema(report):
+    assert report["schema"] == 1 and report["device_type"] == "cpu"
+    assert report["config"]["ops"] == ["accumulate", "clip_adamw"]
+    assert report["config"]["accumulate"]["bytes_per_element"] == {"bf16": 10, "fp32": 12}
+    assert report["config"]["clip_adamw"]["bytes_per_param"] == 32
+    assert {r["op"] for r in report["rows"]} == {"accumulate", "clip_adamw"}
+
+
+def test_accumulate_rows(report):
+    rows = _rows(report, "accumulate")
+    cases = {(r["case"], r["shape"], r["n_tensors"]) for r in rows}
+    layouts = (("4.1K", 1), ("2000×4096", 2000))  # --sizes 4099, then 2,000 tensors of 4,096
+    assert cases == {(dtype, shape, n) for dtype in ("bf16", "fp32") for shape, n in layouts}
+    for r in rows:
+        assert r["bytes"] == r["n_params"] * {"bf16": 10, "fp32": 12}[r["case"]]
+        if r["note"].startswith("absent"):  # a backend whose kernel is not registered here: shown, not run
+            assert r["impl"].startswith("fused_optim[") and r["time_ms_median"] is None
+            continue
+        _check_timed_row(r)
+    for case in {(r["case"], r["shape"]) for r in rows}:
+        group = [r for r in rows if (r["case"], r["shape"]) == case]
+        impls = {r["impl"] for r in group if r["time_ms_median"]}
+        assert {"torch add_ loop", "torch _foreach_add_"} <= impls
+        assert any(name.startswith("fused_optim") for name in impls)  # ours ran, on some backend
+        baseline = next(r for r in group if r["baseline"])
+        assert baseline["impl"] == "torch add_ loop" and baseline["speedup_vs_baseline"] == pytest.approx(1.0)
+        ours = next(r for r in group if r["impl"].startswith("fused_optim") and r["time_ms_median"])
+        assert set(ours["speedup_vs"]) == {"torch add_ loop", "torch _foreach_add_"}
+
+
+def test_clip_adamw_rows(report):
+    rows = _rows(report, "clip_adamw")
+    assert {r["n_params"] for r in rows} == {4099}
+    timed = [r for r in rows if r["time_ms_median"]]
+    for r in rows:
+        assert r["bytes"] == 32 * 4099
+        if r["note"].startswith("absent"):
+            assert r["impl"].startswith("fused_optim[") and r["time_ms_median"] is None
+    for r in timed:
+        _check_timed_row(r)
+        assert r["max_abs_err"] < 1e-6
+    assert any(r["impl"].startswith("fused_optim") for r in timed)
+    assert [r["impl"] for r in timed if r["baseline"]] == [r["impl"] for r in rows if r["impl"].startswith("torch")]
+
+
+def test_accumulate_wrong_implementation_is_not_timed(monkeypatch):
+    def adds_twice(w):
+        mains = [m.clone() for m in w.mains0]
+        return (lambda: (torch._foreach_add_(mains, w.grads), torch._foreach_add_(mains, w.grads))), mains
+
+    def three_ulps_off(w):  # at least 2.5 ulps from the exact sum: past the one-ulp tolerance whatever the value
+        mains = [m.clone() for m in w.mains0]
+
+        def step():
+            torch._foreach_add_(mains, w.grads)
+            for m in mains:
+                for _ in range(3):
+                    m.copy_(torch.nextafter(m, m * 2))
+        return step, mains
+
+    monkeypatch.setattr(accumulate, "MANY_SHAPES", [(5,)] * 3)
+    monkeypatch.setattr(accumulate, "implementations", lambda device: [
+        Impl("adds twice", adds_twice), Impl("three ulps off", three_ulps_off),
+        Impl("torch add_ loop", accumulate._add_loop, baseline=True)])
+    config = accumulate.AccumulateConfig(device=CPU, sizes=[1000], dtypes=("bf16",), budget_s=0.01)
+    rows = accumulate.run(config)
+    assert len(rows) == 6
+    for r in rows:
+        if r["impl"] == "torch add_ loop":
+            _check_timed_row(r)
+        else:
+            assert r["correct"] is False and r["time_ms_median"] is None and "wrong result" in r["note"], r
+
+
+def test_clip_adamw_without_clipping_is_wrong(monkeypatch):
+    def no_clip(w, scale, grad_factor):
+        params = clip_adamw._params(w, grad_factor)
+        scaler = clip_adamw._scaler(torch.amp.GradScaler, w.device, scale)
+        opt = torch.optim.AdamW(params, **clip_adamw.HPARAMS, foreach=True)
+
+        def step():
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        return step, params
+
+    monkeypatch.setattr(clip_adamw, "implementations", lambda device: [
+        Impl("no clip", no_clip), Impl("torch", clip_adamw._torch_sequence(foreach=True), baseline=True)])
+    rows = clip_adamw.run(clip_adamw.ClipAdamWConfig(device=CPU, sizes=[3000], budget_s=0.01))
+    wrong, right = rows
+    assert wrong["correct"] is False and wrong["time_ms_median"] is None and "wrong result" in wrong["note"]
+    _check_timed_row(right)
