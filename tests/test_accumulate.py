@@ -14,6 +14,7 @@ bad arguments. Every test runs on each backend of the gradient ops (conftest.gra
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -375,6 +376,29 @@ def test_non_contiguous_params(grad_backend):
     for e, p in zip(expected, params):
         assert p.grad.shape == p.shape
         torch.testing.assert_close(p.grad.double(), e / 3, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_odd_sizes(grad_backend, dtype):
+    shapes = [(0,), (1,), (3,), (1023,), (4097,), (0, 3), (5, 7)]
+    params = [torch.nn.Parameter(torch.randn(shape, dtype=dtype)) for shape in shapes]
+    acc = fused_optim.GradAccumulator(params, backend=grad_backend)
+    expected = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
+    for _ in range(3):
+        weights = [torch.randn(shape, dtype=dtype) for shape in shapes]
+        sum((p * w).sum() for p, w in zip(params, weights)).backward()
+        for e, w in zip(expected, weights):
+            e += w.double()
+        acc.accumulate()
+    norm = acc.finalize(num_tokens=3, max_norm=1e9)
+    true_norm = float(torch.linalg.vector_norm(torch.cat([e.flatten() for e in expected]))) / 3
+    assert math.isclose(float(norm), true_norm, rel_tol=1e-6)
+    for e, p in zip(expected, params):
+        assert p.main_grad.shape == p.shape
+        torch.testing.assert_close(p.main_grad.double(), e / 3, rtol=1e-6, atol=1e-7)
+    # the alignment padding between main grads stays zero (else it would count in the next norm)
+    (flat,) = acc.flat_grads.values()
+    assert float(flat.abs().sum()) == pytest.approx(sum(float(e.abs().sum()) / 3 for e in expected), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------------
