@@ -366,6 +366,42 @@ def test_fused_scaler_state_dict_is_torchs():
     assert torch_scaler.get_scale() == scaler.get_scale()
 
 
+def accumulated_fp16_step(model, opt, scaler, *, inf: bool) -> None:
+    """One scaled step of an fp16 model through GradAccumulator: the grads are main grads only (p.grad is None)."""
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=opt.backend)
+    scaler.scale(model(torch.randn(5, 4).half()).float().square().sum()).backward()
+    acc.accumulate()
+    if inf:
+        acc.main_grads[0][0, 0] = float("inf")
+    acc.finalize(num_tokens=5)
+    scaler.step(opt)
+    scaler.update()
+
+
+def test_fused_scaler_checks_main_grads(grad_backend):
+    model = torch.nn.Linear(4, 3).half()
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01, backend=grad_backend)
+    scaler = make_scaler(fused_optim.amp.GradScaler)
+    accumulated_fp16_step(model, opt, scaler, inf=False)
+    before = snapshot(list(model.parameters()), opt)
+    accumulated_fp16_step(model, opt, scaler, inf=True)
+    assert_bit_identical(before, snapshot(list(model.parameters()), opt))
+    assert float(opt.skipped_steps) == 1 and scaler.get_scale() == 2.0**11
+
+
+def test_torch_scaler_with_only_main_grads_says_so(grad_backend):
+    # torch's scaler checks .grad only: with none, it has nothing to check and nothing to back off from
+    model = torch.nn.Linear(4, 3).half()
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01, backend=grad_backend)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="use fused_optim.GradScaler"):
+        accumulated_fp16_step(model, opt, make_scaler(), inf=False)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    for state in opt.state.values():  # at most created, as a first step creates it: nothing taken
+        assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    assert float(opt.skipped_steps) == 0
+
+
 def test_warmup_cosine_waits_for_the_skipped_steps(grad_backend):
     model = torch.nn.Linear(5, 3)
     opt = fused_optim.AdamW(model.parameters(), lr=0.1, max_grad_norm=1.0, backend=grad_backend)
