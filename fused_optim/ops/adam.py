@@ -117,6 +117,10 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
                             stochastic_rounding, (lr_tensor, grad_scale, found_inf))
     if not params:
         return
+    if found_inf is not None:
+        # our kernels skip on any non-zero found_inf (a StepGuard adds its own inf check to GradScaler's, giving 2);
+        # torch's skips only on exactly 1.0, and the step count below is taken back by found_inf itself
+        found_inf = (found_inf != 0).to(torch.float32)
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     torch._foreach_add_(steps, 1)  # torch's kernel reads the count after this step
     for indices in _same_dtypes(params):

@@ -48,6 +48,13 @@ class StepGuard:
         optimizer = self.optimizer
         grad_scale = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            # torch's GradScaler sums its checks of the params' .grad; with none to check (every grad a main_grad of
+            # GradAccumulator's, which it does not know) the sum is the int 0, and its update() would fail next
+            raise RuntimeError(
+                f"torch.amp.GradScaler found no .grad to check on {type(optimizer).__name__}'s params (their "
+                "gradients are GradAccumulator main grads); use fused_optim.GradScaler, which checks main grads"
+            )
         if grads and (max_grad_norm is not None or getattr(optimizer, "_grads_unchecked", False)):
             norm = global_norm(grads, 2.0, backend)
             if grad_scale is not None:

@@ -1,0 +1,171 @@
+"""GradAccumulator under torch.distributed: two gloo processes on the CPU, a DDP model, and ranks whose micro-batches
+hold different numbers of tokens (rank 0: three micro-batches of 1, 9 and 30 counted tokens; rank 1: two of 4 and
+17), with ignore_index targets among them.
+
+Two loops, as docs/accumulation-notes.md describes them:
+- A: DDP's usual pattern, `no_sync()` on all micro-batches but the last, `accumulate()` after each backward. DDP
+  replaces the last micro-batch's grads by their mean over the ranks; `finalize()` sums over the ranks again.
+- B: hook mode (`use_hooks=True`), every micro-batch under `no_sync()`: `finalize()` does the only all-reduce.
+  And hook mode with the last micro-batch synced (the docs allow a synced last one): the accumulator's hook frees
+  each grad as autograd makes it, before DDP's reducer reads it; the result must still be B's.
+Both must leave on every rank the gradient of the global batch's mean loss (one float64 backward over all ranks'
+data, here), identical on the two ranks, with the token count all-reduced to the global count; and clipping in
+`finalize()` must use the global norm.
+
+The workers run once per module (spawned, ~10 s) for every backend that runs here; the tests read their results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from conftest import grad_ops_missing
+
+import fused_optim
+
+WORLD = 2
+IGNORE = -100
+CLASSES, FEATURES = 7, 6
+# (counted, ignored) tokens of each micro-batch, per rank: different counts and different numbers of micro-batches
+RANK_BATCHES = [[(1, 2), (9, 0), (30, 5)], [(4, 1), (17, 3)]]
+GLOBAL_TOKENS = sum(counted for batches in RANK_BATCHES for counted, _ in batches)
+MAX_NORM = 0.05  # below the gradient's norm: finalize clips
+PATTERNS = ("no-sync-then-sync", "hooks", "hooks-then-sync")
+BACKENDS = ("cpu", "triton", "torch")
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(FEATURES, 10), torch.nn.Tanh(), torch.nn.Linear(10, CLASSES))
+
+
+def make_data() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every rank's micro-batches, the same in every process."""
+    generator = torch.Generator().manual_seed(1234)
+    data = []
+    for batches in RANK_BATCHES:
+        rank_data = []
+        for counted, ignored in batches:
+            x = torch.randn(counted + ignored, FEATURES, generator=generator)
+            y = torch.randint(0, CLASSES, (counted + ignored,), generator=generator)
+            y[torch.randperm(counted + ignored, generator=generator)[:ignored]] = IGNORE
+            rank_data.append((x, y))
+        data.append(rank_data)
+    return data
+
+
+def run_pattern(rank: int, pattern: str, backend: str) -> dict:
+    """One accumulation step on this rank; returns its finalized grads, norm and the counts all-reduced."""
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=backend, use_hooks=pattern.startswith("hooks"))
+    mine = make_data()[rank]
+    tokens = torch.zeros((), dtype=torch.int64)
+    for i, (x, y) in enumerate(mine):
+        synced = pattern.endswith("then-sync") and i == len(mine) - 1
+        with contextlib.nullcontext() if synced else model.no_sync():
+            F.cross_entropy(model(x), y, ignore_index=IGNORE, reduction="sum").backward()
+        acc.accumulate()
+        tokens += fused_optim.count_tokens(y, IGNORE)
+
+    reduced_counts = []  # what finalize all-reduces besides the grads: the token count
+    all_reduce = dist.all_reduce
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        result = all_reduce(tensor, *args, **kwargs)
+        if tensor.dim() == 0:
+            reduced_counts.append(float(tensor))
+        return result
+
+    dist.all_reduce = recording_all_reduce
+    try:
+        norm = acc.finalize(num_tokens=tokens, max_norm=MAX_NORM)
+    finally:
+        dist.all_reduce = all_reduce
+    return {"grads": [p.grad.clone() for p in model.module.parameters()], "norm": norm.clone(),
+            "local_tokens": int(tokens), "reduced_counts": reduced_counts}
+
+
+def worker(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {(backend, pattern): run_pattern(rank, pattern, backend)
+                   for backend in backends for pattern in PATTERNS}
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    """Each rank's results, from one spawn of the two workers for every backend that runs here."""
+    backends = [backend for backend in BACKENDS if grad_ops_missing(backend) is None]
+    out_dir = str(tmp_path_factory.mktemp("distributed"))
+    # spawned interpreters import this module by name: give them this directory
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, old_path]))
+    try:
+        torch.multiprocessing.spawn(worker, args=(free_port(), out_dir, backends), nprocs=WORLD, join=True)
+    finally:
+        if old_path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old_path
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(WORLD)]
+
+
+def global_mean_grads_clipped() -> tuple[list[torch.Tensor], float]:
+    """The global batch's mean-loss gradient in float64 from one backward over every rank's data, its norm, and
+    that gradient clipped to MAX_NORM."""
+    model = make_model().double()
+    data = [batch for rank_data in make_data() for batch in rank_data]
+    x = torch.cat([x for x, _ in data]).double()
+    y = torch.cat([y for _, y in data])
+    F.cross_entropy(model(x), y, ignore_index=IGNORE).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+    return [p.grad for p in model.parameters()], norm
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_every_rank_gets_the_global_mean_gradient(results, grad_backend, pattern):
+    expected, expected_norm = global_mean_grads_clipped()
+    assert expected_norm > MAX_NORM  # clipping happened
+    rank_results = [results[rank][(grad_backend, pattern)] for rank in range(WORLD)]
+    for result in rank_results:
+        assert abs(float(result["norm"]) - expected_norm) <= 1e-6 * expected_norm
+        for got, want in zip(result["grads"], expected):
+            assert got.dtype == torch.float32
+            assert float((got.double() - want).norm() / want.norm()) < 1e-6
+    for got0, got1 in zip(rank_results[0]["grads"], rank_results[1]["grads"]):
+        assert torch.equal(got0, got1)  # an all-reduce gives every rank the same bits
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_the_token_count_is_all_reduced(results, grad_backend, pattern):
+    for rank in range(WORLD):
+        result = results[rank][(grad_backend, pattern)]
+        assert result["local_tokens"] == sum(counted for counted, _ in RANK_BATCHES[rank])
+        assert result["reduced_counts"] == [GLOBAL_TOKENS]
+
+
+def test_the_ranks_token_counts_do_differ():
+    # what makes a per-rank mean (DDP's ÷ world size) wrong here
+    local = [sum(counted for counted, _ in batches) for batches in RANK_BATCHES]
+    assert local[0] != local[1]
