@@ -402,6 +402,25 @@ def test_torch_scaler_with_only_main_grads_says_so(grad_backend):
     assert float(opt.skipped_steps) == 0
 
 
+def test_torch_scaler_with_mixed_grads_still_skips_an_inf_main_grad(grad_backend):
+    # torch's scaler checks the fp32 param's .grad (finite) but not the bf16 param's main grad (inf): the step
+    # checks that one itself and skips, rather than writing inf into the bf16 param
+    fp32_param = torch.nn.Parameter(torch.randn(10))
+    bf16_param = torch.nn.Parameter(torch.randn(10).bfloat16())
+    accumulator = fused_optim.GradAccumulator([fp32_param, bf16_param], backend=grad_backend)
+    opt = fused_optim.AdamW([fp32_param, bf16_param], lr=0.1, backend=grad_backend)
+    scaler = make_scaler()
+    scaler.scale(fp32_param.sum() + bf16_param.float().sum()).backward()
+    accumulator.accumulate()
+    accumulator.finalize()
+    bf16_param.main_grad[3] = float("inf")
+    before = [fp32_param.detach().clone(), bf16_param.detach().clone()]
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(fp32_param, before[0]) and torch.equal(bf16_param, before[1])
+    assert float(opt.skipped_steps) == 1
+
+
 def test_warmup_cosine_waits_for_the_skipped_steps(grad_backend):
     model = torch.nn.Linear(5, 3)
     opt = fused_optim.AdamW(model.parameters(), lr=0.1, max_grad_norm=1.0, backend=grad_backend)

@@ -55,7 +55,8 @@ class StepGuard:
                 f"torch.amp.GradScaler found no .grad to check on {type(optimizer).__name__}'s params (their "
                 "gradients are GradAccumulator main grads); use fused_optim.GradScaler, which checks main grads"
             )
-        if grads and (max_grad_norm is not None or getattr(optimizer, "_grads_unchecked", False)):
+        if grads and (max_grad_norm is not None or getattr(optimizer, "_grads_unchecked", False)
+                      or (found_inf is not None and self._reads_main_grads())):
             norm = global_norm(grads, 2.0, backend)
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device)  # the norm of the unscaled grads
@@ -71,3 +72,10 @@ class StepGuard:
         if found_inf is not None:
             self.skipped_steps.add_((found_inf != 0).to(device=self.skipped_steps.device, dtype=torch.float32))
         return grad_scale, found_inf
+
+    def _reads_main_grads(self) -> bool:
+        """Whether some param is stepped from a GradAccumulator main grad. torch's GradScaler checks only `.grad`
+        for inf/NaN, so then the step checks the grads itself: it is skipped on an inf/NaN main grad (though torch's
+        `update()` does not see it and keeps the scale; fused_optim.GradScaler does back off)."""
+        return any(getattr(p, "main_grad", None) is not None
+                   for group in self.optimizer.param_groups for p in group["params"])
