@@ -56,7 +56,11 @@ def _total_norm_triton(tensors, norm_type):
 
 def _total_norm_torch(tensors, norm_type):
     check_total_norm_args(tensors, norm_type)
-    norms = torch._foreach_norm(tensors, norm_type, dtype=torch.float32)
+    # Empty tensors add nothing to any norm, and _foreach_norm refuses them for p = inf (max has no identity).
+    nonempty = [t for t in tensors if t.numel() > 0]
+    if not nonempty:
+        return tensors[0].new_zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(nonempty, norm_type, dtype=torch.float32)
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
