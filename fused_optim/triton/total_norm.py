@@ -29,8 +29,8 @@ BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two
 COLUMNS = 2  # tensor, numel
 COMBINE_BLOCK = 1024  # partials the combining program reads at a time
 
-# What a block computes (a constexpr of both kernels)
-NORM_INF, NORM_1, NORM_2, NORM_P = 0, 1, 2, 3
+# What a block computes: the kernels' NORM (globals a kernel reads must be constexprs)
+NORM_INF, NORM_1, NORM_2, NORM_P = (tl.constexpr(kind) for kind in range(4))
 
 
 @triton.jit
@@ -102,10 +102,10 @@ def _combine_partials_kernel(
 
 
 def norm_kind(norm_type: float) -> int:
-    """The kernels' NORM constexpr for a p > 0 or inf."""
+    """The kernels' NORM for a p > 0 or inf."""
     if math.isinf(norm_type):
-        return NORM_INF
-    return {1.0: NORM_1, 2.0: NORM_2}.get(norm_type, NORM_P)
+        return NORM_INF.value
+    return {1.0: NORM_1, 2.0: NORM_2}.get(norm_type, NORM_P).value
 
 
 def total_norm_triton(tensors, norm_type: float) -> torch.Tensor:
