@@ -63,6 +63,12 @@ def backend_devices_of(op_name: str) -> list:
     return [with_kernel_check(p) for p in BACKEND_DEVICES]
 
 
+def one_element_past_an_allocation(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose address is not 16-byte aligned (unless 1-byte elements): the Triton kernels' narrow path."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return storage[1:].view(t.shape).copy_(t)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
     """Each backend that runs here, by name (on the device `device_of(backend)`)."""

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import backend_devices_of
+from conftest import backend_devices_of, one_element_past_an_allocation
 
 from fused_optim.ops.total_norm import total_norm
 from fused_optim.reference import reference_total_norm
@@ -152,10 +152,7 @@ def test_same_bits_every_time_and_at_any_alignment(backend, device):
     """No atomics, a fixed combining order: the same values give the same bits, on a second call and when they
     sit at addresses that are not 16-byte aligned (the Triton kernels then take narrower loads)."""
     tensors = random_tensors(SHAPES, [torch.bfloat16, torch.float32] * 3, device)
-    shifted = []
-    for t in tensors:  # the same values, one element past a fresh allocation
-        storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
-        shifted.append(storage[1:].view(t.shape).copy_(t))
+    shifted = [one_element_past_an_allocation(t) for t in tensors]
     for norm_type in NORM_TYPES:
         first = total_norm(tensors, norm_type, backend=backend)
         assert torch.equal(total_norm(tensors, norm_type, backend=backend), first), norm_type

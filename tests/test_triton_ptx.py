@@ -77,8 +77,9 @@ for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
     for aligned in (True, False):
         suffix = f"{name}-{'aligned' if aligned else 'unaligned'}"
         constexprs = dict(GRAD_DTYPE=dtype, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=3, BLOCK=1024)
-        source = ASTSource(fn=_accumulate_kernel, constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]},
-                           signature={"table_ptr": "*i64", "num_tensors": "i32", **{k: "constexpr" for k in constexprs}})
+        signature = {"table_ptr": "*i64", "num_tensors": "i32", **{k: "constexpr" for k in constexprs}}
+        source = ASTSource(fn=_accumulate_kernel, signature=signature, constexprs=constexprs,
+                           attrs={(0,): [["tt.divisibility", 16]]})
         results[f"accumulate-{suffix}"] = accesses(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
         constexprs = dict(DTYPE=dtype, NORM=NORM_2.value, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=2, BLOCK=1024)
         signature = {"table_ptr": "*i64", "partials_ptr": "*fp64", "num_tensors": "i32", "p_bits": "i64",
