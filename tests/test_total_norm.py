@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import backend_devices_of, one_element_past_an_allocation
 
-from fused_optim.ops.total_norm import total_norm
+from fused_optim import _backend
+from fused_optim.ops.total_norm import OP_NAMES, total_norm
 from fused_optim.reference import reference_total_norm
 
 SHAPES = [(1,), (3,), (0,), (1023,), (4097,), (7, 13)]
@@ -195,3 +196,12 @@ def test_torch_compile_fullgraph_matches_eager(backend, device):
     compiled = torch.compile(clip_coefficient, fullgraph=True)
     for ours, eager in zip(compiled(tensors, 1.0), clip_coefficient(tensors, 1.0)):
         assert torch.equal(ours, eager)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_opcheck(backend, device, norm_type):
+    """The op mutates nothing, its fake impl gives the 0-dim fp32 result, and AOT dispatch traces it."""
+    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, device)]).default
+    tensors = random_tensors([(3,), (0,), (1030,), (2, 5)], [torch.bfloat16, torch.float32] * 2, device)
+    torch.library.opcheck(op, (tensors, norm_type))
