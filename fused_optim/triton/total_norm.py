@@ -2,8 +2,8 @@
 
 Pass 1 (one launch per tensor dtype): each program reads BLOCK elements of one tensor (fused_optim/triton/_table.py
 finds which), widened to fp32, and writes one partial: max|x| for p = inf, else the block's Σ|x|^p. Pass 2 (one
-program) combines the partials in index order in fp64 and takes the 1/p-th power. Nothing depends on the order in
-which programs run (no atomics), so the same inputs give the same bits every time.
+program) combines the partials in fp64 in a fixed order and takes the 1/p-th power. Nothing depends on the order in
+which programs run (no atomics), so the same inputs give the same bits every time, whatever their addresses.
 
 Precision: |x| and x² are summed in fp32 within a block (Triton's tree reduction, so the error grows with log2 of
 BLOCK, not BLOCK) and the blocks in fp64: never worse than torch's own norm at the same dtype in the tests. A general
