@@ -158,3 +158,27 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     ce_mean = ce.sum() / torch.where(kept, w[safe_target], 0.0).sum()
     z_mean = z_rows.sum() / kept.sum()
     return ce_mean + z_mean, z_mean
+
+
+def reference_accumulate(main_grads: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`main_grads[i] + grads[i]` in float64 (the sums fused_optim::accumulate_grads_ rounds to fp32 in place).
+
+    >>> reference_accumulate([torch.ones(2)], [torch.full((2,), 0.5, dtype=torch.bfloat16)])[0]
+    tensor([1.5000, 1.5000], dtype=torch.float64)
+    """
+    return [m.detach().double() + g.detach().double() for m, g in zip(main_grads, grads)]
+
+
+def reference_total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The `norm_type`-norm of all elements of `tensors` as one vector, in float64: (sum |x|^p)^(1/p), max |x| for
+    p = inf, 0 for no elements; NaN anywhere gives NaN.
+
+    >>> reference_total_norm([torch.tensor([3.0]), torch.tensor([[4.0]])]).item()
+    5.0
+    """
+    flat = torch.cat([t.detach().double().flatten().cpu() for t in tensors])
+    if flat.numel() == 0:
+        return torch.zeros((), dtype=torch.float64)
+    if norm_type == float("inf"):
+        return flat.abs().max()  # torch's max propagates NaN
+    return flat.abs().pow(norm_type).sum().pow(1.0 / norm_type)

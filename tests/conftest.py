@@ -49,6 +49,28 @@ BACKEND_DEVICES = [
 CPU_BACKENDS = [p for p in BACKEND_DEVICES if p.values[1] == "cpu"]
 
 
+def backend_devices_of(op_name: str) -> list:
+    """BACKEND_DEVICES, the C++ ones ("cpu", "cuda") skipped while their kernel of `fused_optim::op_name` is not
+    registered (an op whose kernels are still being written runs on the other backends, and on these once they land)."""
+    fused_optim._backend.load_extensions()
+
+    def with_kernel_check(param):
+        backend = param.values[0]
+        if backend not in ("cpu", "cuda"):
+            return param
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{op_name}", backend.upper())
+        skip = pytest.mark.skipif(not registered, reason=f"no {backend} kernel of fused_optim::{op_name} registered")
+        return pytest.param(*param.values, id=param.id, marks=[*param.marks, skip])
+
+    return [with_kernel_check(p) for p in BACKEND_DEVICES]
+
+
+def one_element_past_an_allocation(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose address is not 16-byte aligned (unless 1-byte elements): the Triton kernels' narrow path."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return storage[1:].view(t.shape).copy_(t)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
     """Each backend that runs here, by name (on the device `device_of(backend)`)."""

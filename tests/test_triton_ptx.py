@@ -1,4 +1,5 @@
-"""The Triton AdamW, SGD and cross-entropy kernels compiled ahead of time for the H100 (sm_90), with no GPU, and its PTX read.
+"""The Triton AdamW, SGD, cross-entropy, gradient-accumulation and total-norm kernels compiled ahead of time for
+the H100 (sm_90), with no GPU, and their PTX read.
 
 When the host saw every address 16-byte aligned it passes ALIGNED=True, and the kernel's whole blocks must then
 move 16 bytes per load and store (`ld.global.v4.b32`: 4 fp32 or 8 bf16); with ALIGNED=False the compiler cannot
@@ -27,8 +28,10 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fused_optim.triton.adam import _adam_kernel
+from fused_optim.triton.accumulate import _accumulate_kernel
 from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel
 from fused_optim.triton.sgd import _sgd_kernel
+from fused_optim.triton.total_norm import NORM_2, _norm_partials_kernel
 
 SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
     "table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
@@ -82,6 +85,23 @@ for name, pointer in (("fp32", "*fp32"), ("bf16", "*bf16")):
                        attrs={(i,): [["tt.divisibility", 16]] for i in range(9)})
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
     results[f"cross_entropy-{name}"] = accesses(ptx)
+
+# The multi-tensor kernels of gradient accumulation (fp32 main grads += grads) and of the total norm's partials,
+# for fp32 and bf16 grads, with and without the host's alignment promise.
+for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+    for aligned in (True, False):
+        suffix = f"{name}-{'aligned' if aligned else 'unaligned'}"
+        constexprs = dict(GRAD_DTYPE=dtype, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=3, BLOCK=1024)
+        signature = {"table_ptr": "*i64", "num_tensors": "i32", **{k: "constexpr" for k in constexprs}}
+        source = ASTSource(fn=_accumulate_kernel, signature=signature, constexprs=constexprs,
+                           attrs={(0,): [["tt.divisibility", 16]]})
+        results[f"accumulate-{suffix}"] = accesses(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
+        constexprs = dict(DTYPE=dtype, NORM=NORM_2.value, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=2, BLOCK=1024)
+        signature = {"table_ptr": "*i64", "partials_ptr": "*fp64", "num_tensors": "i32", "p_bits": "i64",
+                     **{k: "constexpr" for k in constexprs}}
+        source = ASTSource(fn=_norm_partials_kernel, signature=signature, constexprs=constexprs,
+                           attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
+        results[f"total_norm-{suffix}"] = accesses(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
 json.dump(results, sys.stdout)
 """
 
@@ -120,3 +140,22 @@ def test_cross_entropy_kernel_streams_rows_with_16_byte_accesses(ptx_accesses, d
     accesses = ptx_accesses[f"cross_entropy-{dtype}"]
     assert "ld.global.v4.b32" in accesses["loads"], accesses
     assert "st.global.v4.b32" in accesses["stores"], accesses
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_accumulate_kernel_moves_16_bytes_per_access_when_aligned(ptx_accesses, dtype):
+    aligned, unaligned = ptx_accesses[f"accumulate-{dtype}-aligned"], ptx_accesses[f"accumulate-{dtype}-unaligned"]
+    assert "ld.global.v4.b32" in aligned["loads"], aligned
+    assert "st.global.v4.b32" in aligned["stores"], aligned
+    assert not [a for a in unaligned["loads"] + unaligned["stores"] if ".v2" in a or ".v4" in a], unaligned
+    narrow = "ld.global.b16" if dtype == "bf16" else "ld.global.b32"
+    assert narrow in unaligned["loads"], unaligned
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_total_norm_kernel_reads_16_bytes_per_load_when_aligned(ptx_accesses, dtype):
+    aligned, unaligned = ptx_accesses[f"total_norm-{dtype}-aligned"], ptx_accesses[f"total_norm-{dtype}-unaligned"]
+    assert "ld.global.v4.b32" in aligned["loads"], aligned
+    assert not [a for a in unaligned["loads"] if ".v2" in a or ".v4" in a], unaligned
+    # one fp64 partial per program, nothing else written
+    assert aligned["stores"] == ["st.global.b64"], aligned

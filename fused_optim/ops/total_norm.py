@@ -56,7 +56,8 @@ def _total_norm_triton(tensors, norm_type):
 
 def _total_norm_torch(tensors, norm_type):
     check_total_norm_args(tensors, norm_type)
-    nonempty = [t for t in tensors if t.numel()]  # the inf-norm of an empty tensor is an error in torch
+    # Empty tensors add nothing to any norm, and _foreach_norm refuses them for p = inf (max has no identity).
+    nonempty = [t for t in tensors if t.numel() > 0]
     if not nonempty:
         return tensors[0].new_zeros((), dtype=torch.float32)
     norms = torch._foreach_norm(nonempty, norm_type, dtype=torch.float32)
@@ -76,6 +77,8 @@ def kernel_supports(norm_type: float) -> bool:
 def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: str = "auto") -> torch.Tensor:
     """The `norm_type`-norm of all elements of `tensors` (fp32/bf16/fp16, dense, one device) as one vector:
     a 0-dim fp32 tensor on their device. Non-dense tensors are copied first."""
+    if not tensors:  # no device to pick a backend for: the ops' own check says what is wrong
+        check_total_norm_args(tensors, norm_type)
     tensors = [t if t.is_contiguous() or dense(t) else t.contiguous() for t in tensors]
     op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, tensors[0].device.type)]).default
     return op(tensors, float(norm_type))

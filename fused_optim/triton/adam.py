@@ -6,26 +6,21 @@ the tensor's scalars from the step count on the device, and updates BLOCK elemen
 saw every address 16-byte aligned, with 16-byte loads) for whole blocks, masked for the last one. The element math
 mirrors csrc/include/fused_optim/adam.h line for line; the stochastic-rounding hash mirrors rounding.h.
 
-Tables are cached by their contents: the addresses of a model's tensors rarely change, so a step copies nothing to
-the device, and a step captured in a CUDA graph after one warm-up step finds its table already there.
+The table and its search are fused_optim/triton/_table.py's, shared with the other multi-tensor kernels.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import operator
 import struct
-from collections import OrderedDict
 
-import torch
 import triton
 import triton.language as tl
 
+from fused_optim.triton._table import DTYPES, all_aligned, device_table, load_pointer, locate_block, pack, search_steps
+
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 COLUMNS = 8  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, numel
-
-_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -55,14 +50,6 @@ def _bf16_nearest(x):
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a quiet NaN
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _load_pointer(row, column, dtype, ALIGNED: tl.constexpr):
-    pointer = tl.load(row + column).to(tl.pointer_type(dtype))
-    if ALIGNED:
-        pointer = tl.multiple_of(pointer, 16)
-    return pointer
 
 
 @triton.jit
@@ -124,26 +111,16 @@ def _adam_kernel(
     if HAS_FOUND_INF:
         skip = tl.load(found_inf_ptr) != 0.0  # GradScaler found inf/NaN: touch nothing
     if not skip:
-        pid = tl.program_id(0)
-        block_starts = table_ptr + num_tensors * COLUMNS
-        # The program's tensor: the last one whose first block is at or before pid.
-        lo = 0
-        hi = num_tensors
-        for _ in tl.static_range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            right = tl.load(block_starts + mid) <= pid
-            lo = tl.where(right, mid, lo)
-            hi = tl.where(right, hi, mid)
+        lo, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCK)
         row = table_ptr + lo * COLUMNS
-        param_ptr = _load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
-        grad_ptr = _load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
-        exp_avg_ptr = _load_pointer(row, 2, tl.float32, ALIGNED)
-        exp_avg_sq_ptr = _load_pointer(row, 3, tl.float32, ALIGNED)
-        max_sq_ptr = _load_pointer(row, 4, tl.float32, ALIGNED)
-        master_ptr = _load_pointer(row, 5, tl.float32, ALIGNED)
-        step_ptr = _load_pointer(row, 6, tl.float32, False)
+        param_ptr = load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
+        grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
+        exp_avg_ptr = load_pointer(row, 2, tl.float32, ALIGNED)
+        exp_avg_sq_ptr = load_pointer(row, 3, tl.float32, ALIGNED)
+        max_sq_ptr = load_pointer(row, 4, tl.float32, ALIGNED)
+        master_ptr = load_pointer(row, 5, tl.float32, ALIGNED)
+        step_ptr = load_pointer(row, 6, tl.float32, False)
         numel = tl.load(row + 7)
-        start = (pid - tl.load(block_starts + lo)) * BLOCK  # int64: the table is int64
 
         # The tensor's scalars (adam.h, adam_scalars): bias corrections in fp64 from the step count on the device.
         step = tl.load(step_ptr) + 1.0
@@ -194,29 +171,6 @@ def _increment_steps_kernel(table_ptr, found_inf_ptr, num_tensors, HAS_FOUND_INF
         tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
 
 
-_table_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_TABLE_CACHE_SIZE = 64
-# Tables a CUDA graph captured: the graph holds their addresses, not the tensors, so they must never be freed.
-_captured_tables: dict[tuple, torch.Tensor] = {}
-
-
-def _device_table(entries: list[int], device: torch.device) -> torch.Tensor:
-    key = (device, *entries)
-    if key in _captured_tables:
-        table = _captured_tables[key]
-    elif key in _table_cache:
-        table = _table_cache[key]
-        _table_cache.move_to_end(key)
-    else:  # a copy to the device: not allowed while capturing, so a captured step needs one warm-up step first
-        table = torch.tensor(entries, dtype=torch.int64).to(device, non_blocking=True)
-        _table_cache[key] = table
-        if len(_table_cache) > _TABLE_CACHE_SIZE:
-            _table_cache.popitem(last=False)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        _captured_tables[key] = table
-    return table
-
-
 def _fp64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
@@ -239,32 +193,28 @@ def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
 def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, first_tensor_index, lr,
             lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
             stochastic_rounding, seed, grad_scale, found_inf) -> None:
-    rows: list[int] = []
-    block_starts = [0]
-    for i, p in enumerate(params):
-        rows += [p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-                 max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, master_params[i].data_ptr() if master_params else 0,
-                 steps[i].data_ptr(), p.numel()]
-        block_starts.append(block_starts[-1] + triton.cdiv(p.numel(), BLOCK))
+    rows = [[p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+             max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, master_params[i].data_ptr() if master_params else 0,
+             steps[i].data_ptr(), p.numel()] for i, p in enumerate(params)]
     # 16-byte loads need every array address (the first six columns; steps are read alone) 16-byte aligned.
-    array_addresses = [rows[r * COLUMNS + c] for r in range(len(params)) for c in range(6)]
-    aligned = functools.reduce(operator.or_, array_addresses, 0) % 16 == 0
-    table = _device_table(rows + block_starts, params[0].device)
+    aligned = all_aligned(row[c] for row in rows for c in range(6))
+    entries, num_blocks = pack(rows, BLOCK)
+    table = device_table(entries, params[0].device)
     num_tensors = len(params)
     unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off
     flags = dict(HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
                  HAS_FOUND_INF=found_inf is not None)
-    if block_starts[-1] > 0:
-        _adam_kernel[(block_starts[-1],)](
+    if num_blocks > 0:
+        _adam_kernel[(num_blocks,)](
             table, lr, unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
             unused if found_inf is None else found_inf,
             _fp64_bits(math.log(beta1) if beta1 > 0 else -math.inf),
             _fp64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
             1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
-            PARAM_DTYPE=_DTYPES[params[0].dtype], GRAD_DTYPE=_DTYPES[grads[0].dtype],
+            PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
             DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize, MASTER=bool(master_params),
             STOCHASTIC=stochastic_rounding, ALIGNED=aligned,
-            SEARCH_STEPS=max(1, math.ceil(math.log2(num_tensors + 1))), COLUMNS=COLUMNS, BLOCK=BLOCK,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK,
             num_warps=4, **flags,
         )
     steps_block = 128

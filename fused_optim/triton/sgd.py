@@ -5,20 +5,16 @@ then where each tensor's blocks start in the grid. Each program finds its tensor
 starts, reads whether this is the tensor's first step from its step count on the device, and updates BLOCK
 elements: unmasked (and, when the host saw every address 16-byte aligned, with 16-byte loads) for whole blocks,
 masked for the last one. The element math mirrors csrc/include/fused_optim/sgd.h line for line. Tables are cached
-by their contents (triton/adam.py's _device_table), so a step usually copies nothing to the device.
+by their contents (triton/_table.py), so a step usually copies nothing to the device.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import operator
-
-import torch
 import triton
 import triton.language as tl
 
-from fused_optim.triton.adam import _DTYPES, _bf16_nearest, _device_table, _load_pointer
+from fused_optim.triton._table import DTYPES, all_aligned, device_table, load_pointer, locate_block, pack, search_steps
+from fused_optim.triton.adam import _bf16_nearest
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 COLUMNS = 5  # param, grad, momentum_buffer, step, numel
@@ -63,27 +59,17 @@ def _sgd_kernel(
     if HAS_FOUND_INF:
         skip = tl.load(found_inf_ptr) != 0.0  # a skipped step: touch nothing
     if not skip:
-        pid = tl.program_id(0)
-        block_starts = table_ptr + num_tensors * COLUMNS
-        # The program's tensor: the last one whose first block is at or before pid.
-        lo = 0
-        hi = num_tensors
-        for _ in tl.static_range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            right = tl.load(block_starts + mid) <= pid
-            lo = tl.where(right, mid, lo)
-            hi = tl.where(right, hi, mid)
-        row = table_ptr + lo * COLUMNS
-        param_ptr = _load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
-        grad_ptr = _load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
-        buffer_ptr = _load_pointer(row, 2, tl.float32, ALIGNED)
+        tensor, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCK)
+        row = table_ptr + tensor * COLUMNS
+        param_ptr = load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
+        grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
+        buffer_ptr = load_pointer(row, 2, tl.float32, ALIGNED)
         numel = tl.load(row + 4)
-        start = (pid - tl.load(block_starts + lo)) * BLOCK  # int64: the table is int64
 
         # The tensor's scalars (sgd.h, sgd_scalars)
         first_step = False
         if MOMENTUM:
-            first_step = tl.load(_load_pointer(row, 3, tl.float32, False)) == 0.0
+            first_step = tl.load(load_pointer(row, 3, tl.float32, False)) == 0.0
         if HAS_LR_TENSOR:
             lr = tl.load(lr_ptr)
         grad_multiplier = 1.0
@@ -130,26 +116,22 @@ def sgd_step_triton(params, grads, momentum_buffers, steps, lr, lr_tensor, momen
 def _launch(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
             maximize, grad_scale, found_inf) -> None:
     has_momentum = momentum != 0
-    rows: list[int] = []
-    block_starts = [0]
-    for i, p in enumerate(params):
-        rows += [p.data_ptr(), grads[i].data_ptr(), momentum_buffers[i].data_ptr() if has_momentum else 0,
-                 steps[i].data_ptr() if has_momentum else 0, p.numel()]
-        block_starts.append(block_starts[-1] + triton.cdiv(p.numel(), BLOCK))
+    rows = [[p.data_ptr(), grads[i].data_ptr(), momentum_buffers[i].data_ptr() if has_momentum else 0,
+             steps[i].data_ptr() if has_momentum else 0, p.numel()] for i, p in enumerate(params)]
+    entries, num_blocks = pack(rows, BLOCK)
     # 16-byte loads need every array address (the first three columns; steps are read alone) 16-byte aligned.
-    array_addresses = [rows[r * COLUMNS + c] for r in range(len(params)) for c in range(3)]
-    aligned = functools.reduce(operator.or_, array_addresses, 0) % 16 == 0
-    table = _device_table(rows + block_starts, params[0].device)
+    aligned = all_aligned(address for row in rows for address in row[:3])
+    table = device_table(entries, params[0].device)
     num_tensors = len(params)
     unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off
-    if block_starts[-1] > 0:
-        _sgd_kernel[(block_starts[-1],)](
+    if num_blocks > 0:
+        _sgd_kernel[(num_blocks,)](
             table, lr, unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
             unused if found_inf is None else found_inf, momentum, 1.0 - dampening, weight_decay, num_tensors,
-            PARAM_DTYPE=_DTYPES[params[0].dtype], GRAD_DTYPE=_DTYPES[grads[0].dtype], MOMENTUM=has_momentum,
+            PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype], MOMENTUM=has_momentum,
             NESTEROV=nesterov, MAXIMIZE=maximize, HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
-            SEARCH_STEPS=max(1, math.ceil(math.log2(num_tensors + 1))), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
         )
     if has_momentum:
         steps_block = 128

@@ -1,0 +1,92 @@
+"""The packed pointer table the multi-tensor Triton kernels share (Adam, gradient accumulation, total norm).
+
+One launch covers a whole list of tensors: the host writes, per tensor, a row of int64s (the addresses of its
+arrays, its numel last), then where each tensor's blocks start in the grid. A program finds its tensor by binary
+search over those starts (`locate_block`) and reads its addresses from the row (`load_pointer`).
+
+Tables are cached by their contents: the addresses of a model's tensors rarely change, so a step copies nothing to
+the device, and a step captured in a CUDA graph after one warm-up step finds its table already there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def locate_block(table_ptr, num_tensors, COLUMNS: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """(the index of this program's tensor, the offset of this program's block in it, int64)."""
+    pid = tl.program_id(0)
+    block_starts = table_ptr + num_tensors * COLUMNS
+    # The program's tensor: the last one whose first block is at or before pid.
+    lo = 0
+    hi = num_tensors
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(block_starts + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    start = (pid - tl.load(block_starts + lo)) * BLOCK  # int64: the table is int64
+    return lo, start
+
+
+@triton.jit
+def load_pointer(row, column, dtype, ALIGNED: tl.constexpr):
+    """The address in `row[column]` as a pointer to `dtype`; ALIGNED: the host saw it 16-byte aligned, which lets
+    the compiler emit 16-byte loads and stores."""
+    pointer = tl.load(row + column).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+def search_steps(num_tensors: int) -> int:
+    """Binary-search steps that narrow `num_tensors` candidates to one (a constexpr of the kernels)."""
+    return max(1, math.ceil(math.log2(num_tensors + 1)))
+
+
+def all_aligned(addresses) -> bool:
+    """Whether every address is a multiple of 16 bytes."""
+    return functools.reduce(operator.or_, addresses, 0) % 16 == 0
+
+
+def pack(rows: list[list[int]], block: int) -> tuple[list[int], int]:
+    """(the table's entries: the rows, each ending in its tensor's numel, then the block starts; the number of
+    blocks, i.e. the grid size)."""
+    block_starts = [0]
+    for row in rows:
+        block_starts.append(block_starts[-1] + triton.cdiv(row[-1], block))
+    return [entry for row in rows for entry in row] + block_starts, block_starts[-1]
+
+
+_table_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+# Tables a CUDA graph captured: the graph holds their addresses, not the tensors, so they must never be freed.
+_captured_tables: dict[tuple, torch.Tensor] = {}
+
+
+def device_table(entries: list[int], device: torch.device) -> torch.Tensor:
+    """`entries` as an int64 tensor on `device`, from the cache when the same entries were sent before."""
+    key = (device, *entries)
+    if key in _captured_tables:
+        table = _captured_tables[key]
+    elif key in _table_cache:
+        table = _table_cache[key]
+        _table_cache.move_to_end(key)
+    else:  # a copy to the device: not allowed while capturing, so a captured step needs one warm-up step first
+        table = torch.tensor(entries, dtype=torch.int64).to(device, non_blocking=True)
+        _table_cache[key] = table
+        if len(_table_cache) > _TABLE_CACHE_SIZE:
+            _table_cache.popitem(last=False)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _captured_tables[key] = table
+    return table
