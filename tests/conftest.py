@@ -7,7 +7,6 @@ anything imports fused_optim or triton.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import zlib
@@ -47,22 +46,6 @@ BACKEND_DEVICES = [
 ]
 # The backends for CPU tensors only (tests that need no GPU variant, or that are too slow to repeat).
 CPU_BACKENDS = [p for p in BACKEND_DEVICES if p.values[1] == "cpu"]
-
-
-def backend_devices_of(op_name: str) -> list:
-    """BACKEND_DEVICES, the C++ ones ("cpu", "cuda") skipped while their kernel of `fused_optim::op_name` is not
-    registered (an op whose kernels are still being written runs on the other backends, and on these once they land)."""
-    fused_optim._backend.load_extensions()
-
-    def with_kernel_check(param):
-        backend = param.values[0]
-        if backend not in ("cpu", "cuda"):
-            return param
-        registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{op_name}", backend.upper())
-        skip = pytest.mark.skipif(not registered, reason=f"no {backend} kernel of fused_optim::{op_name} registered")
-        return pytest.param(*param.values, id=param.id, marks=[*param.marks, skip])
-
-    return [with_kernel_check(p) for p in BACKEND_DEVICES]
 
 
 def one_element_past_an_allocation(t: torch.Tensor) -> torch.Tensor:
@@ -106,34 +89,9 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# The gradient ops (accumulate_grads_, total_norm) under GradAccumulator, clip_grad_norm_ and max_grad_norm: their
-# C++ and Triton kernels may not be there yet; a backend without them is skipped, saying which, never failed.
-
-GRAD_OPS = ("accumulate_grads_", "total_norm")
-GRAD_OPS_TRITON_MODULES = ("fused_optim.triton.accumulate", "fused_optim.triton.total_norm")
-
-
-def grad_ops_missing(backend: str) -> str | None:
-    """Why `backend` cannot run the gradient ops on CPU tensors here, or None when it can."""
-    if backend == "cpu":
-        missing = [op for op in GRAD_OPS
-                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{op}", "CPU")]
-        return f"no C++ CPU kernel for {', '.join(missing)} (not built or not written yet)" if missing else None
-    if backend == "triton":
-        if not TRITON_INTERPRETED:
-            return "TRITON_INTERPRET is not 1 here"
-        missing = [name for name in GRAD_OPS_TRITON_MODULES if importlib.util.find_spec(name) is None]
-        return f"no Triton kernels yet ({', '.join(missing)})" if missing else None
-    return None
-
-
-@pytest.fixture(params=["cpu", "triton", "torch"])
-def grad_backend(request) -> str:
-    """Each backend that runs the gradient ops on CPU tensors here (the others are skipped with the reason)."""
-    reason = grad_ops_missing(request.param)
-    if reason is not None:
-        pytest.skip(reason)
+@pytest.fixture(params=[pytest.param(p.values[0], id=p.id, marks=p.marks) for p in CPU_BACKENDS])
+def cpu_backend(request) -> str:
+    """Each backend that runs CPU tensors here, by name: for tests that build their own CPU tensors."""
     return request.param
 
 

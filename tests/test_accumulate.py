@@ -8,7 +8,7 @@ float64 on micro-batches of 1, 9 and 30 counted tokens with ignore_index targets
 Then the mechanics: fp32 main grads for bf16/fp16 params (`p.main_grad`; `p.grad` only for fp32 params), hook
 mode (each grad freed as soon as autograd made it), `accumulate()` freeing `.grad`, `zero_()`, clipping in
 `finalize()` against torch's clip_grad_norm_, params that get no grad in some micro-batches, non-contiguous params,
-bad arguments. Every test runs on each backend of the gradient ops (conftest.grad_backend).
+bad arguments. Every test runs on each backend of the gradient ops (conftest.cpu_backend).
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ def assert_fp32_close(ours: list[torch.Tensor], reference: list[torch.Tensor]) -
 
 
 @pytest.mark.parametrize("tokens_as", ["tensor", "int"])
-def test_token_count_gives_the_full_batch_mean_gradient(grad_backend, tokens_as):
+def test_token_count_gives_the_full_batch_mean_gradient(cpu_backend, tokens_as):
     model, batches = make_model(), make_micro_batches()
     expected = full_batch_mean_grads(model, batches)
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
     tokens = accumulate_sums(model, acc, batches)
     assert tokens.dtype == torch.int64 and int(tokens) == 40
     assert acc.finalize(num_tokens=tokens if tokens_as == "tensor" else int(tokens)) is None  # no max_norm
@@ -94,7 +94,7 @@ def test_token_count_gives_the_full_batch_mean_gradient(grad_backend, tokens_as)
         assert p.grad is p.main_grad
 
 
-def test_mean_of_micro_batch_means_is_not_the_full_batch_mean(grad_backend):
+def test_mean_of_micro_batch_means_is_not_the_full_batch_mean(cpu_backend):
     # the usual loop, on the same data: loss.mean() / k per micro-batch; it is far from the full-batch gradient
     model, batches = make_model(), make_micro_batches()
     expected = full_batch_mean_grads(model, batches)
@@ -104,7 +104,7 @@ def test_mean_of_micro_batch_means_is_not_the_full_batch_mean(grad_backend):
     assert relative_error(mean_of_means[0], expected[0]) > 0.5  # 1.2 to 2.9 on five seeds
     # and the token-count loop on the very same model and data is right
     model.zero_grad()
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
     acc.finalize(num_tokens=accumulate_sums(model, acc, batches))
     assert_fp32_close([p.grad for p in model.parameters()], expected)
 
@@ -116,19 +116,19 @@ def test_count_tokens():
     assert int(fused_optim.count_tokens(target, ignore_index=0)) == 5
 
 
-def test_finalize_with_a_device_count_reads_nothing_on_the_host(grad_backend):
+def test_finalize_with_a_device_count_reads_nothing_on_the_host(cpu_backend):
     model, batches = make_model(), make_micro_batches()
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
     tokens = accumulate_sums(model, acc, batches)
     with DispatchedOps() as ops:
         acc.finalize(num_tokens=tokens, max_norm=0.5)
     assert "aten::_local_scalar_dense" not in ops.names
 
 
-def test_without_a_count_the_grads_stay_sums(grad_backend):
+def test_without_a_count_the_grads_stay_sums(cpu_backend):
     model, batches = make_model(), make_micro_batches()
     expected = [g * 40 for g in full_batch_mean_grads(model, batches)]
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
     accumulate_sums(model, acc, batches)
     acc.finalize()
     assert_fp32_close([p.grad for p in model.parameters()], expected)
@@ -140,7 +140,7 @@ def test_without_a_count_the_grads_stay_sums(grad_backend):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("use_hooks", [False, True], ids=["accumulate", "hooks"])
-def test_low_precision_params_get_fp32_main_grads(grad_backend, dtype, use_hooks):
+def test_low_precision_params_get_fp32_main_grads(cpu_backend, dtype, use_hooks):
     model = make_model(dtype)
     temperature = torch.nn.Parameter(torch.tensor([1.3]))  # one fp32 param among the low-precision ones
     params = [*model.parameters(), temperature]
@@ -149,7 +149,7 @@ def test_low_precision_params_get_fp32_main_grads(grad_backend, dtype, use_hooks
     # registered before the accumulator's hooks, so they run first and still see the grad
     hooks = [p.register_post_accumulate_grad_hook(lambda p: seen[-1].__setitem__(id(p), p.grad.clone()))
              for p in params] if use_hooks else []
-    acc = fused_optim.GradAccumulator(params, backend=grad_backend, use_hooks=use_hooks)
+    acc = fused_optim.GradAccumulator(params, backend=cpu_backend, use_hooks=use_hooks)
     tokens = 0
     for x, y in batches:
         seen.append({})
@@ -180,11 +180,11 @@ def test_low_precision_params_get_fp32_main_grads(grad_backend, dtype, use_hooks
             assert relative_error(in_param_dtype / int(tokens), expected) > relative_error(p.main_grad, expected)
 
 
-def test_fused_optimizer_steps_bf16_params_from_the_main_grads(grad_backend):
+def test_fused_optimizer_steps_bf16_params_from_the_main_grads(cpu_backend):
     # fused_optim.AdamW reads p.main_grad: the same step as an fp32 AdamW given those grads, rounded once to bf16
     model = make_model(torch.bfloat16)
     master = copy.deepcopy(model).float()
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
     acc.finalize(num_tokens=accumulate_sums(model, acc, make_micro_batches(dtype=torch.bfloat16)))
     for p, q in zip(model.parameters(), master.parameters()):
         q.grad = p.main_grad.clone()
@@ -198,11 +198,11 @@ def test_fused_optimizer_steps_bf16_params_from_the_main_grads(grad_backend):
 # hooks, freeing, zeroing
 
 
-def test_hook_mode_frees_each_grad_and_matches_accumulate(grad_backend):
+def test_hook_mode_frees_each_grad_and_matches_accumulate(cpu_backend):
     batches = make_micro_batches()
     model = make_model()
     twin = copy.deepcopy(model)
-    hooked = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend, use_hooks=True)
+    hooked = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend, use_hooks=True)
     alive: list[int] = []  # how many .grad exist when each hook has run
     params = list(model.parameters())
     watchers = [p.register_post_accumulate_grad_hook(lambda p: alive.append(sum(q.grad is not None for q in params)))
@@ -219,15 +219,15 @@ def test_hook_mode_frees_each_grad_and_matches_accumulate(grad_backend):
         watcher.remove()
     hooked.finalize(num_tokens=tokens)
 
-    plain = fused_optim.GradAccumulator(twin.parameters(), backend=grad_backend)
+    plain = fused_optim.GradAccumulator(twin.parameters(), backend=cpu_backend)
     plain.finalize(num_tokens=accumulate_sums(twin, plain, batches))
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
 
 
-def test_accumulate_frees_the_grads(grad_backend):
+def test_accumulate_frees_the_grads(cpu_backend):
     model, (batch, *_) = make_model(), make_micro_batches()
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
     F.cross_entropy(model(batch[0]), batch[1], ignore_index=IGNORE, reduction="sum").backward()
     grads = [p.grad.clone() for p in model.parameters()]
     acc.accumulate()
@@ -240,9 +240,9 @@ def test_accumulate_frees_the_grads(grad_backend):
         assert torch.equal(main_grad, grad)
 
 
-def test_zero_starts_the_next_step_afresh(grad_backend):
+def test_zero_starts_the_next_step_afresh(cpu_backend):
     model, batches = make_model(), make_micro_batches()
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
     acc.finalize(num_tokens=accumulate_sums(model, acc, batches))
     first = [p.grad.clone() for p in model.parameters()]
     acc.zero_()
@@ -254,9 +254,9 @@ def test_zero_starts_the_next_step_afresh(grad_backend):
         assert torch.equal(p.grad, expected)
 
 
-def test_zero_after_the_optimizer_zeroed_its_grads(grad_backend):
+def test_zero_after_the_optimizer_zeroed_its_grads(cpu_backend):
     model, batches = make_model(), make_micro_batches()
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     acc.finalize(num_tokens=accumulate_sums(model, acc, batches))
     opt.step()
@@ -265,9 +265,9 @@ def test_zero_after_the_optimizer_zeroed_its_grads(grad_backend):
     assert all(p.grad is None and p.main_grad is None for p in model.parameters())
 
 
-def test_remove_hooks(grad_backend):
+def test_remove_hooks(cpu_backend):
     model, (batch, *_) = make_model(), make_micro_batches()
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend, use_hooks=True)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend, use_hooks=True)
     acc.remove_hooks()
     F.cross_entropy(model(batch[0]), batch[1], ignore_index=IGNORE, reduction="sum").backward()
     assert all(p.grad is not None for p in model.parameters())  # autograd's grads stay
@@ -284,14 +284,14 @@ def test_remove_hooks(grad_backend):
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")], ids=["l2", "l1", "inf"])
 @pytest.mark.parametrize("max_norm", [0.05, 1e4], ids=["clips", "no-clip"])
-def test_finalize_clips_as_torch_on_the_full_batch(grad_backend, norm_type, max_norm):
+def test_finalize_clips_as_torch_on_the_full_batch(cpu_backend, norm_type, max_norm):
     model, batches = make_model(), make_micro_batches()
     full = copy.deepcopy(model)
     x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
     F.cross_entropy(full(x), y, ignore_index=IGNORE).backward()
     torch_norm = torch.nn.utils.clip_grad_norm_(full.parameters(), max_norm, norm_type)
 
-    acc = fused_optim.GradAccumulator(model.parameters(), backend=grad_backend)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
     norm = acc.finalize(num_tokens=accumulate_sums(model, acc, batches), max_norm=max_norm, norm_type=norm_type)
     assert norm.dtype == torch.float32 and norm.shape == ()
     torch.testing.assert_close(norm, torch_norm, rtol=1e-5, atol=0)
@@ -316,13 +316,13 @@ def test_finalize_of_no_params():
 # which params, which layouts
 
 
-def test_params_without_a_grad_in_some_micro_batches(grad_backend):
+def test_params_without_a_grad_in_some_micro_batches(cpu_backend):
     head_a, head_b, frozen = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     unused = torch.nn.Parameter(torch.randn(5))
     frozen.requires_grad_(False)
     ref_a, ref_b = copy.deepcopy(head_a), copy.deepcopy(head_b)
     params = [*head_a.parameters(), *head_b.parameters(), *frozen.parameters(), unused]
-    acc = fused_optim.GradAccumulator(params, backend=grad_backend)
+    acc = fused_optim.GradAccumulator(params, backend=cpu_backend)
     assert len(acc.params) == 4 + 1  # frozen params are left out
     xs = [torch.randn(6, 4) for _ in range(3)]
     (head_a(xs[0]) + frozen(xs[0])).square().sum().backward()  # head_b gets nothing
@@ -343,9 +343,9 @@ def test_params_without_a_grad_in_some_micro_batches(grad_backend):
     assert all(p.grad is None for p in frozen.parameters())
 
 
-def test_tied_params_are_accumulated_once(grad_backend):
+def test_tied_params_are_accumulated_once(cpu_backend):
     weight = torch.nn.Parameter(torch.randn(3, 4))
-    acc = fused_optim.GradAccumulator([{"params": [weight]}, {"params": [weight]}], backend=grad_backend)
+    acc = fused_optim.GradAccumulator([{"params": [weight]}, {"params": [weight]}], backend=cpu_backend)
     assert acc.params == [weight]
     x = torch.randn(5, 4)
     (x @ weight.t()).square().sum().backward()
@@ -355,12 +355,12 @@ def test_tied_params_are_accumulated_once(grad_backend):
     assert torch.equal(weight.grad, expected)
 
 
-def test_non_contiguous_params(grad_backend):
+def test_non_contiguous_params(cpu_backend):
     transposed = torch.nn.Parameter(torch.randn(7, 5).t())  # dense, not contiguous
     channels_last = torch.nn.Parameter(torch.randn(3, 4, 2, 3).to(memory_format=torch.channels_last))
     strided = torch.randn(6, 10)[:, ::2].detach().requires_grad_()  # not dense: a gappy view as a leaf
     params = [transposed, channels_last, strided]
-    acc = fused_optim.GradAccumulator(params, backend=grad_backend)
+    acc = fused_optim.GradAccumulator(params, backend=cpu_backend)
     for p, main_grad in zip(params[:2], acc.main_grads[:2]):
         assert main_grad.stride() == p.stride()  # the param's layout, so the grads walk flat with it
     for main_grad in acc.main_grads:
@@ -379,10 +379,10 @@ def test_non_contiguous_params(grad_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_odd_sizes(grad_backend, dtype):
+def test_odd_sizes(cpu_backend, dtype):
     shapes = [(0,), (1,), (3,), (1023,), (4097,), (0, 3), (5, 7)]
     params = [torch.nn.Parameter(torch.randn(shape, dtype=dtype)) for shape in shapes]
-    acc = fused_optim.GradAccumulator(params, backend=grad_backend)
+    acc = fused_optim.GradAccumulator(params, backend=cpu_backend)
     expected = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
     for _ in range(3):
         weights = [torch.randn(shape, dtype=dtype) for shape in shapes]

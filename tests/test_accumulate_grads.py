@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from conftest import backend_devices_of, one_element_past_an_allocation
+from conftest import BACKEND_DEVICES, one_element_past_an_allocation
 
 from fused_optim import _backend
 from fused_optim.ops.accumulate import OP_NAMES, accumulate_grads
@@ -29,7 +29,6 @@ DTYPES = [
     pytest.param(torch.bfloat16, id="bf16"),
     pytest.param(torch.float16, id="fp16"),
 ]
-BACKEND_DEVICES = backend_devices_of("accumulate_grads_")
 
 
 def random_main_grads(shapes, device) -> list[torch.Tensor]:

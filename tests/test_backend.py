@@ -12,8 +12,7 @@ import re
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TRITON_INTERPRETED
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import HAS_CUDA, TRITON_INTERPRETED, DispatchedOps
 
 import fused_optim
 from fused_optim import _backend
@@ -42,25 +41,13 @@ def fresh_caches(monkeypatch):
     _backend.triton_error.cache_clear()
 
 
-class _RecordOps(TorchDispatchMode):
-    """The names of the ops a block of code dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _ops_of_one_step(**kwargs) -> list[str]:
     param = torch.nn.Parameter(torch.randn(5))
     opt = fused_optim.AdamW([param], **kwargs)
     param.grad = torch.randn(5)
-    with _RecordOps() as recorder:
+    with DispatchedOps() as recorder:
         opt.step()
-    return [name for name in recorder.names if name.startswith("fused_optim.")]
+    return [name for name in recorder.names if name.startswith("fused_optim::")]
 
 
 def test_backends_report():
@@ -90,7 +77,7 @@ def test_backends_report():
 def test_auto_runs_the_cpu_kernel_on_cpu_tensors():
     if not CPU_EXTENSION_BUILT:
         pytest.skip("the CPU extension is not built")
-    assert _ops_of_one_step(backend="auto") == ["fused_optim.adam_step_.default"]
+    assert _ops_of_one_step(backend="auto") == ["fused_optim::adam_step_"]
 
 
 @pytest.mark.parametrize("name, op", [("torch", "adam_step_torch_"), ("cpu", "adam_step_"),
@@ -101,9 +88,9 @@ def test_environment_variable_sets_the_default(fresh_caches, name, op):
     fresh_caches.setenv("FUSED_OPTIM_BACKEND", name)
     assert fused_optim.AdamW([torch.nn.Parameter(torch.randn(2))]).backend == name
     assert fused_optim.backends()["default_backend"] == name
-    assert _ops_of_one_step() == [f"fused_optim.{op}.default"]
+    assert _ops_of_one_step() == [f"fused_optim::{op}"]
     # an explicit backend= wins over the environment
-    assert _ops_of_one_step(backend="torch") == ["fused_optim.adam_step_torch_.default"]
+    assert _ops_of_one_step(backend="torch") == ["fused_optim::adam_step_torch_"]
 
 
 def test_environment_variable_with_an_unknown_name(fresh_caches):

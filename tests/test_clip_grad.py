@@ -65,13 +65,13 @@ def test_signature_extends_torchs():
 @pytest.mark.parametrize("norm_type", KERNEL_NORMS + TORCH_NORMS, ids=lambda n: f"norm{n}")
 @pytest.mark.parametrize("dtypes", list(DTYPE_SETS), ids=list(DTYPE_SETS))
 @pytest.mark.parametrize("clips", [True, False], ids=["clips", "no-clip"])
-def test_matches_torch(grad_backend, norm_type, dtypes, clips):
+def test_matches_torch(cpu_backend, norm_type, dtypes, clips):
     ours = make_params(DTYPE_SETS[dtypes])
     theirs, original = twin(ours), twin(ours)
     true_norm = float64_norm(ours, norm_type)
     max_norm = true_norm / 3 if clips else true_norm * 10 + 1
     expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
-    norm = fused_optim.clip_grad_norm_(ours, max_norm, norm_type, backend=grad_backend)
+    norm = fused_optim.clip_grad_norm_(ours, max_norm, norm_type, backend=cpu_backend)
 
     assert norm.dtype == expected.dtype and norm.shape == expected.shape == () and norm.device == expected.device
     if norm_type in TORCH_NORMS:  # torch's own code ran: bit-identical
@@ -99,37 +99,37 @@ def test_matches_torch(grad_backend, norm_type, dtypes, clips):
         assert math.isclose(float64_norm(ours, norm_type), clipped_norm, rel_tol=4 * coarsest_ulp)
 
 
-def test_zero_size_grads_count_for_nothing(grad_backend):
+def test_zero_size_grads_count_for_nothing(cpu_backend):
     ours = make_params([torch.float32] * 3, [(0,), (5, 3), (0, 4)])
     theirs = twin(ours)
     expected = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
-    norm = fused_optim.clip_grad_norm_(ours, 0.5, backend=grad_backend)
+    norm = fused_optim.clip_grad_norm_(ours, 0.5, backend=cpu_backend)
     torch.testing.assert_close(norm, expected, rtol=4 * ULP[torch.float32], atol=0)
     torch.testing.assert_close(ours[1].grad, theirs[1].grad, rtol=4 * ULP[torch.float32], atol=0)
 
 
-def test_a_single_tensor(grad_backend):
+def test_a_single_tensor(cpu_backend):
     (ours,) = make_params([torch.float32], [(40, 3)])
     (theirs,) = twin([ours])
     expected = torch.nn.utils.clip_grad_norm_(theirs, 0.1)
-    norm = fused_optim.clip_grad_norm_(ours, 0.1, backend=grad_backend)
+    norm = fused_optim.clip_grad_norm_(ours, 0.1, backend=cpu_backend)
     torch.testing.assert_close(norm, expected, rtol=4 * ULP[torch.float32], atol=0)
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=4 * ULP[torch.float32], atol=0)
 
 
-def test_a_generator(grad_backend):
+def test_a_generator(cpu_backend):
     ours = make_params(DTYPE_SETS["fp32"])
     theirs = twin(ours)
     expected = torch.nn.utils.clip_grad_norm_((p for p in theirs), 0.1)
-    norm = fused_optim.clip_grad_norm_((p for p in ours), 0.1, backend=grad_backend)
+    norm = fused_optim.clip_grad_norm_((p for p in ours), 0.1, backend=cpu_backend)
     torch.testing.assert_close(norm, expected, rtol=4 * ULP[torch.float32], atol=0)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.grad, q.grad, rtol=4 * ULP[torch.float32], atol=0)
 
 
-def test_an_empty_generator_warns_as_torch(grad_backend):
+def test_an_empty_generator_warns_as_torch(cpu_backend):
     with pytest.warns(UserWarning, match="empty generator") as ours:
-        norm = fused_optim.clip_grad_norm_((p for p in []), 1.0, backend=grad_backend)
+        norm = fused_optim.clip_grad_norm_((p for p in []), 1.0, backend=cpu_backend)
     with pytest.warns(UserWarning, match="empty generator") as theirs:
         torch.nn.utils.clip_grad_norm_((p for p in []), 1.0)
     assert torch.equal(norm, torch.tensor(0.0))
@@ -137,13 +137,13 @@ def test_an_empty_generator_warns_as_torch(grad_backend):
     assert ours[0].filename == __file__  # stacklevel: the warning points at the caller, as torch's does
 
 
-def test_params_without_grads_are_left_alone(grad_backend):
+def test_params_without_grads_are_left_alone(cpu_backend):
     ours = make_params(DTYPE_SETS["fp32"])
     ours[1].grad = None
     ours[3].grad = None
     theirs = twin(ours)
     expected = torch.nn.utils.clip_grad_norm_(theirs, 0.2)
-    norm = fused_optim.clip_grad_norm_(ours, 0.2, backend=grad_backend)
+    norm = fused_optim.clip_grad_norm_(ours, 0.2, backend=cpu_backend)
     torch.testing.assert_close(norm, expected, rtol=4 * ULP[torch.float32], atol=0)
     assert ours[1].grad is None and ours[3].grad is None
     for p, q in zip(ours, theirs):
@@ -152,31 +152,31 @@ def test_params_without_grads_are_left_alone(grad_backend):
 
 
 @pytest.mark.parametrize("params", ["empty-list", "no-grads"])
-def test_nothing_to_clip_returns_zero(grad_backend, params):
+def test_nothing_to_clip_returns_zero(cpu_backend, params):
     ours = [] if params == "empty-list" else [torch.nn.Parameter(torch.randn(3))]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a list is not a generator: no warning
-        norm = fused_optim.clip_grad_norm_(ours, 1.0, backend=grad_backend)
+        norm = fused_optim.clip_grad_norm_(ours, 1.0, backend=cpu_backend)
     expected = torch.nn.utils.clip_grad_norm_(twin(ours), 1.0)
     assert torch.equal(norm, expected) and torch.equal(norm, torch.tensor(0.0))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")], ids=lambda n: f"norm{n}")
-def test_non_finite_grads(grad_backend, bad, norm_type):
+def test_non_finite_grads(cpu_backend, bad, norm_type):
     ours = make_params(DTYPE_SETS["fp32"])
     ours[2].grad[4, 1] = bad
     theirs, original = twin(ours), twin(ours)
     with pytest.raises(RuntimeError) as their_error:
         torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type, error_if_nonfinite=True)
     with pytest.raises(RuntimeError) as our_error:
-        fused_optim.clip_grad_norm_(ours, 1.0, norm_type, error_if_nonfinite=True, backend=grad_backend)
+        fused_optim.clip_grad_norm_(ours, 1.0, norm_type, error_if_nonfinite=True, backend=cpu_backend)
     assert str(our_error.value) == str(their_error.value)
     for p, before in zip(ours, original):  # nothing clipped before the error
         torch.testing.assert_close(p.grad, before.grad, rtol=0, atol=0, equal_nan=True)
 
     expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
-    norm = fused_optim.clip_grad_norm_(ours, 1.0, norm_type, backend=grad_backend)
+    norm = fused_optim.clip_grad_norm_(ours, 1.0, norm_type, backend=cpu_backend)
     assert math.isnan(float(norm)) if math.isnan(bad) else float(norm) == math.inf
     torch.testing.assert_close(norm, expected, rtol=0, atol=0, equal_nan=True)
     for p, q in zip(ours, theirs):  # scaled by the non-finite norm, as torch: zeros, and NaN where it was
@@ -196,11 +196,11 @@ def test_error_message_names_the_norm_type_as_torch():
 
 
 @pytest.mark.parametrize("foreach", [None, False])
-def test_foreach_is_accepted(grad_backend, foreach):
+def test_foreach_is_accepted(cpu_backend, foreach):
     ours = make_params(DTYPE_SETS["mixed"])
     theirs = twin(ours)
     expected = torch.nn.utils.clip_grad_norm_(theirs, 0.3, foreach=foreach)
-    norm = fused_optim.clip_grad_norm_(ours, 0.3, foreach=foreach, backend=grad_backend)
+    norm = fused_optim.clip_grad_norm_(ours, 0.3, foreach=foreach, backend=cpu_backend)
     assert math.isclose(float(norm), float(expected), rel_tol=4 * ULP[torch.bfloat16])  # torch's bf16 norms
 
 
@@ -214,13 +214,13 @@ def test_unknown_backend_is_refused():
 
 
 @pytest.mark.parametrize("norm_type", KERNEL_NORMS, ids=lambda n: f"norm{n}")
-def test_no_host_read(grad_backend, norm_type):
+def test_no_host_read(cpu_backend, norm_type):
     params = make_params(DTYPE_SETS["mixed"])
     with DispatchedOps() as ops:
-        fused_optim.clip_grad_norm_(params, 0.1, norm_type, backend=grad_backend)
+        fused_optim.clip_grad_norm_(params, 0.1, norm_type, backend=cpu_backend)
     assert ops.names, "the recorder saw nothing"
     assert "aten::_local_scalar_dense" not in ops.names
     # error_if_nonfinite=True needs the norm's value, as in torch: the recorder does see that read
     with DispatchedOps() as ops:
-        fused_optim.clip_grad_norm_(params, 0.1, norm_type, error_if_nonfinite=True, backend=grad_backend)
+        fused_optim.clip_grad_norm_(params, 0.1, norm_type, error_if_nonfinite=True, backend=cpu_backend)
     assert "aten::_local_scalar_dense" in ops.names

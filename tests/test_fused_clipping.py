@@ -79,12 +79,12 @@ def assert_bit_identical(before: list[torch.Tensor], after: list[torch.Tensor]) 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("max_grad_norm", [4.0, 1e-3, 1e6], ids=["sometimes", "always", "never"])
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
-def test_max_grad_norm_is_clip_then_step(grad_backend, name, max_grad_norm, amsgrad):
+def test_max_grad_norm_is_clip_then_step(cpu_backend, name, max_grad_norm, amsgrad):
     ours_cls, torch_cls = OPTIMIZERS[name]
     ours = make_params()
     theirs = clone_params(ours)
     opt = ours_cls(param_groups(ours), lr=0.01, weight_decay=0.1, amsgrad=amsgrad, max_grad_norm=max_grad_norm,
-                   backend=grad_backend)
+                   backend=cpu_backend)
     torch_opt = torch_cls(param_groups(theirs), lr=0.01, weight_decay=0.1, amsgrad=amsgrad)
     clipped_steps = 0
     for step in range(6):
@@ -119,9 +119,9 @@ def test_without_max_grad_norm_no_norm_is_taken():
     assert opt.last_grad_norm is None
 
 
-def test_clipping_step_reads_nothing_on_the_host(grad_backend):
+def test_clipping_step_reads_nothing_on_the_host(cpu_backend):
     params = make_params()
-    opt = fused_optim.AdamW(params, max_grad_norm=1.0, backend=grad_backend)
+    opt = fused_optim.AdamW(params, max_grad_norm=1.0, backend=cpu_backend)
     for step in range(2):  # the first step creates the state; the second is the steady one
         set_grads(params, random_grads(step))
         with DispatchedOps() as ops:
@@ -135,12 +135,12 @@ def test_clipping_step_reads_nothing_on_the_host(grad_backend):
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
-def test_a_non_finite_grad_skips_the_step(grad_backend, name, bad):
+def test_a_non_finite_grad_skips_the_step(cpu_backend, name, bad):
     ours_cls = OPTIMIZERS[name][0]
     ours = make_params()
     untouched = clone_params(ours)  # the same run without the bad step
-    opt = ours_cls(param_groups(ours), lr=0.01, max_grad_norm=2.0, backend=grad_backend)
-    twin_opt = ours_cls(param_groups(untouched), lr=0.01, max_grad_norm=2.0, backend=grad_backend)
+    opt = ours_cls(param_groups(ours), lr=0.01, max_grad_norm=2.0, backend=cpu_backend)
+    twin_opt = ours_cls(param_groups(untouched), lr=0.01, max_grad_norm=2.0, backend=cpu_backend)
     for step in range(2):
         grads = random_grads(step)
         for params, optimizer in ((ours, opt), (untouched, twin_opt)):
@@ -294,9 +294,9 @@ def twin_models() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["no-clip", "clip"])
-def test_fused_scaler_matches_torch_scaler(grad_backend, clip):
+def test_fused_scaler_matches_torch_scaler(cpu_backend, clip):
     ours, theirs = twin_models()
-    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=clip, backend=grad_backend)
+    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=clip, backend=cpu_backend)
     torch_opt = torch.optim.AdamW(theirs.parameters(), lr=0.01)
     torch.manual_seed(1)
     our_scales, _, our_ops = scaled_run(ours, opt, make_scaler(fused_optim.amp.GradScaler))
@@ -312,9 +312,9 @@ def test_fused_scaler_matches_torch_scaler(grad_backend, clip):
     assert UNSCALE_OP in their_ops  # the recorder does see it when it runs
 
 
-def test_fused_scaler_with_user_unscale_runs_torchs_path(grad_backend):
+def test_fused_scaler_with_user_unscale_runs_torchs_path(cpu_backend):
     ours, theirs = twin_models()
-    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, backend=grad_backend)
+    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, backend=cpu_backend)
     torch_opt = torch.optim.AdamW(theirs.parameters(), lr=0.01)
     torch.manual_seed(2)
     our_scales, _, our_ops = scaled_run(ours, opt, make_scaler(fused_optim.amp.GradScaler), torch_clip=0.5)
@@ -340,9 +340,9 @@ def test_fused_scaler_with_a_torch_optimizer_is_torchs_scaler():
 
 
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["no-clip", "clip"])
-def test_torch_scaler_drives_fused_adamw(grad_backend, clip):
+def test_torch_scaler_drives_fused_adamw(cpu_backend, clip):
     ours, theirs = twin_models()
-    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=clip, backend=grad_backend)
+    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=clip, backend=cpu_backend)
     torch_opt = torch.optim.AdamW(theirs.parameters(), lr=0.01)
     torch.manual_seed(4)
     our_scales, _, _ = scaled_run(ours, opt, make_scaler())
@@ -378,9 +378,9 @@ def accumulated_fp16_step(model, opt, scaler, *, inf: bool) -> None:
     scaler.update()
 
 
-def test_fused_scaler_checks_main_grads(grad_backend):
+def test_fused_scaler_checks_main_grads(cpu_backend):
     model = torch.nn.Linear(4, 3).half()
-    opt = fused_optim.AdamW(model.parameters(), lr=0.01, backend=grad_backend)
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01, backend=cpu_backend)
     scaler = make_scaler(fused_optim.amp.GradScaler)
     accumulated_fp16_step(model, opt, scaler, inf=False)
     before = snapshot(list(model.parameters()), opt)
@@ -389,10 +389,10 @@ def test_fused_scaler_checks_main_grads(grad_backend):
     assert float(opt.skipped_steps) == 1 and scaler.get_scale() == 2.0**11
 
 
-def test_torch_scaler_with_only_main_grads_says_so(grad_backend):
+def test_torch_scaler_with_only_main_grads_says_so(cpu_backend):
     # torch's scaler checks .grad only: with none, it has nothing to check and nothing to back off from
     model = torch.nn.Linear(4, 3).half()
-    opt = fused_optim.AdamW(model.parameters(), lr=0.01, backend=grad_backend)
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01, backend=cpu_backend)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="use fused_optim.GradScaler"):
         accumulated_fp16_step(model, opt, make_scaler(), inf=False)
@@ -402,13 +402,13 @@ def test_torch_scaler_with_only_main_grads_says_so(grad_backend):
     assert float(opt.skipped_steps) == 0
 
 
-def test_torch_scaler_with_mixed_grads_still_skips_an_inf_main_grad(grad_backend):
+def test_torch_scaler_with_mixed_grads_still_skips_an_inf_main_grad(cpu_backend):
     # torch's scaler checks the fp32 param's .grad (finite) but not the bf16 param's main grad (inf): the step
     # checks that one itself and skips, rather than writing inf into the bf16 param
     fp32_param = torch.nn.Parameter(torch.randn(10))
     bf16_param = torch.nn.Parameter(torch.randn(10).bfloat16())
-    accumulator = fused_optim.GradAccumulator([fp32_param, bf16_param], backend=grad_backend)
-    opt = fused_optim.AdamW([fp32_param, bf16_param], lr=0.1, backend=grad_backend)
+    accumulator = fused_optim.GradAccumulator([fp32_param, bf16_param], backend=cpu_backend)
+    opt = fused_optim.AdamW([fp32_param, bf16_param], lr=0.1, backend=cpu_backend)
     scaler = make_scaler()
     scaler.scale(fp32_param.sum() + bf16_param.float().sum()).backward()
     accumulator.accumulate()
@@ -421,9 +421,9 @@ def test_torch_scaler_with_mixed_grads_still_skips_an_inf_main_grad(grad_backend
     assert float(opt.skipped_steps) == 1
 
 
-def test_warmup_cosine_waits_for_the_skipped_steps(grad_backend):
+def test_warmup_cosine_waits_for_the_skipped_steps(cpu_backend):
     model = torch.nn.Linear(5, 3)
-    opt = fused_optim.AdamW(model.parameters(), lr=0.1, max_grad_norm=1.0, backend=grad_backend)
+    opt = fused_optim.AdamW(model.parameters(), lr=0.1, max_grad_norm=1.0, backend=cpu_backend)
     scheduler = WarmupCosine(opt, warmup_steps=2, total_steps=6, min_lr_ratio=0.1)
     _, lrs, _ = scaled_run(model, opt, make_scaler(fused_optim.amp.GradScaler), scheduler=scheduler)
     # the same schedule advanced only by the steps that were taken

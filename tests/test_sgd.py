@@ -56,18 +56,6 @@ def errors(params, reference: ReferenceSGD) -> tuple[float, float]:
     return diff.max().item(), diff.mean().item()
 
 
-def has_total_norm_kernel(backend: str, device: str) -> bool:
-    """The fused clip and the in-step inf check need the total_norm op of the same backend, whose C++ and Triton
-    kernels are written apart from this one: tests that need it are skipped until it runs here."""
-    from fused_optim.ops.total_norm import total_norm
-
-    try:
-        total_norm([torch.ones(3, device=device)], backend=backend)
-    except (RuntimeError, NotImplementedError, ImportError):
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # correctness: the float64 reference and torch at the same dtype
 
@@ -373,8 +361,6 @@ def test_grad_scale_equals_unscaled_step(backend, device):
 
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS)
 def test_non_finite_grad_with_max_grad_norm_skips_the_first_step(backend, device):
-    if not has_total_norm_kernel(backend, device):
-        pytest.skip(f"the {backend} total_norm kernel is not available yet")
     shapes = [(5,), (300,)]
     init = [torch.randn(s) for s in shapes]
     params, fresh = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
@@ -414,8 +400,6 @@ def make_scaler(cls, **kwargs):
 def test_grad_scaler_end_to_end(backend, device, scaler_cls):
     """Both GradScalers against torch.optim.SGD under torch's: the first step overflows (a skipped first step: no
     buffer), a later one too; params, buffers and scales must agree throughout."""
-    if scaler_cls is fused_optim.GradScaler and not has_total_norm_kernel(backend, device):
-        pytest.skip(f"the {backend} total_norm kernel is not available yet")
     scaler = make_scaler(scaler_cls, init_scale=2.0**12, growth_interval=2)
     torch_scaler = make_scaler(torch.amp.GradScaler, init_scale=2.0**12, growth_interval=2)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))

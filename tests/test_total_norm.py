@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import backend_devices_of, one_element_past_an_allocation
+from conftest import BACKEND_DEVICES, one_element_past_an_allocation
 
 from fused_optim import _backend
 from fused_optim.ops.total_norm import OP_NAMES, total_norm
@@ -26,7 +26,6 @@ DTYPES = [
     pytest.param(torch.float16, id="fp16"),
 ]
 NORM_TYPES = [1.0, 2.0, 3.5, math.inf, 0.5]
-BACKEND_DEVICES = backend_devices_of("total_norm")
 
 
 def random_tensors(shapes, dtypes, device) -> list[torch.Tensor]:
