@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 
 from fused_optim import _backend
 from fused_optim.ops.adam import adam_step
-from fused_optim.optim._guard import StepGuard, grad_of
+from fused_optim.optim._base import FusedOptimizer
+from fused_optim.optim._guard import grad_of
 
 _FP32_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -49,7 +50,7 @@ def _beta(value: float | Tensor, index: int) -> float:
     return float(value.item())
 
 
-class Adam(Optimizer):
+class Adam(FusedOptimizer):
     """Adam (Kingma & Ba, 2015) with torch.optim.Adam's signature, state layout and results, fused.
 
     Example:
@@ -58,9 +59,6 @@ class Adam(Optimizer):
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> opt.step(); opt.zero_grad()
     """
-
-    # fused_optim.GradScaler leaves the inf/NaN check of the grads to our step (optim/_guard.py).
-    _checks_grads_in_step = True
 
     def __init__(
         self,
@@ -101,12 +99,6 @@ class Adam(Optimizer):
             raise RuntimeError(f"fused_optim.{type(self).__name__} does not support differentiable=True")
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
-        self.max_grad_norm = max_grad_norm
-        self.backend = backend if backend is not None else _backend.default_backend()
-        _backend.check_backend_name(self.backend)
-        self._plans: dict[int, _Plan] = {}  # per group, see _gather
         defaults = {
             "lr": lr,
             "betas": (_beta(betas[0], 0), _beta(betas[1], 1)),
@@ -122,54 +114,14 @@ class Adam(Optimizer):
             "master_weights": master_weights,
             "stochastic_rounding": stochastic_rounding,
         }
-        super().__init__(params, defaults)
-        # GradScaler hands us grad_scale and found_inf instead of unscaling and checking the grads itself.
-        self._step_supports_amp_scaling = True
-        self._guard = StepGuard(self)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
-            self._plans.clear()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        devices = {p.device for p in group["params"]}
-        if len(devices) > 1:
-            self.param_groups.pop()
-            names = ", ".join(sorted(str(d) for d in devices))
-            raise ValueError(f"{type(self).__name__}: all params of a group must be on one device, got {names}.")
         # Each group's own seed for stochastic rounding, saved with the state_dict so a resumed run draws the same.
         if group["stochastic_rounding"]:
             group.setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
-
-    @property
-    def skipped_steps(self) -> Tensor:
-        """How many steps were skipped for inf/NaN grads: a 0-dim float32 tensor on the params' device."""
-        return self._guard.skipped_steps
-
-    @property
-    def last_grad_norm(self) -> Tensor | None:
-        """With max_grad_norm (or fused_optim.GradScaler), the global norm of the unscaled grads of the last step,
-        before clipping: a 0-dim float32 tensor on the device. None before the first such step."""
-        return self._guard.last_grad_norm
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # torch pickles only defaults, state and param_groups; the rest is ours to restore (deepcopy, pickle).
-        # torch's load_state_dict calls this too, with neither: the backend chosen at construction stays.
-        self.backend = state.pop("backend", None) or getattr(self, "backend", None) or _backend.default_backend()
-        if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
-            self.max_grad_norm = state.pop("max_grad_norm", None)
-        self._step_supports_amp_scaling = True
-        super().__setstate__(state)
-        if not hasattr(self, "_guard"):
-            self._guard = StepGuard(self)
-        self._plans = {}
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                if key != "params":
-                    group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -26,16 +26,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 
 from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
-from fused_optim.optim._guard import StepGuard, grad_of
+from fused_optim.optim._base import FusedOptimizer
+from fused_optim.optim._guard import grad_of
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class SGD(Optimizer):
+class SGD(FusedOptimizer):
     """Stochastic gradient descent with torch.optim.SGD's signature, state layout and results, fused.
 
     Example:
@@ -44,9 +45,6 @@ class SGD(Optimizer):
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> opt.step(); opt.zero_grad()
     """
-
-    # fused_optim.GradScaler leaves the inf/NaN check of the grads to our step (optim/_guard.py).
-    _checks_grads_in_step = True
 
     def __init__(
         self,
@@ -77,12 +75,6 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if differentiable:
             raise RuntimeError("fused_optim.SGD does not support differentiable=True")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
-        self.max_grad_norm = max_grad_norm
-        self.backend = backend if backend is not None else _backend.default_backend()
-        _backend.check_backend_name(self.backend)
-        self._plans: dict[int, tuple] = {}  # per group, see _gather
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -94,50 +86,7 @@ class SGD(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        super().__init__(params, defaults)
-        # GradScaler hands us grad_scale and found_inf instead of unscaling and checking the grads itself.
-        self._step_supports_amp_scaling = True
-        self._guard = StepGuard(self)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
-            self._plans.clear()
-        super().add_param_group(param_group)
-        devices = {p.device for p in self.param_groups[-1]["params"]}
-        if len(devices) > 1:
-            self.param_groups.pop()
-            names = ", ".join(sorted(str(d) for d in devices))
-            raise ValueError(f"SGD: all params of a group must be on one device, got {names}.")
-
-    @property
-    def skipped_steps(self) -> Tensor:
-        """How many steps were skipped for inf/NaN grads: a 0-dim float32 tensor on the params' device."""
-        return self._guard.skipped_steps
-
-    @property
-    def last_grad_norm(self) -> Tensor | None:
-        """With max_grad_norm (or fused_optim.GradScaler), the global norm of the unscaled grads of the last step,
-        before clipping: a 0-dim float32 tensor on the device. None before the first such step."""
-        return self._guard.last_grad_norm
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # torch pickles only defaults, state and param_groups; the rest is ours to restore (deepcopy, pickle).
-        # torch's load_state_dict calls this too, with neither: the backend chosen at construction stays.
-        self.backend = state.pop("backend", None) or getattr(self, "backend", None) or _backend.default_backend()
-        if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
-            self.max_grad_norm = state.pop("max_grad_norm", None)
-        self._step_supports_amp_scaling = True
-        super().__setstate__(state)
-        if not hasattr(self, "_guard"):
-            self._guard = StepGuard(self)
-        self._plans = {}
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                if key != "params":
-                    group.setdefault(key, value)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -1,0 +1,73 @@
+"""What every fused_optim optimizer shares around its own update: the backend, the step guard (max_grad_norm,
+GradScaler's inf/NaN check, skipped_steps, last_grad_norm: optim/_guard.py), one device per param group, the cached
+per-group plans, and pickling of our extra settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from fused_optim import _backend
+from fused_optim.optim._guard import StepGuard
+
+
+class FusedOptimizer(Optimizer):
+    """A torch Optimizer stepped by fused_optim kernels; subclasses run torch's own argument checks first."""
+
+    # fused_optim.GradScaler leaves the inf/NaN check of the grads to our step (optim/_guard.py).
+    _checks_grads_in_step = True
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, max_grad_norm: float | None,
+                 backend: str | None) -> None:
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
+        self.backend = backend if backend is not None else _backend.default_backend()
+        _backend.check_backend_name(self.backend)
+        self._plans: dict[int, Any] = {}  # per group: the lists a step hands the kernels, kept between steps
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale and found_inf instead of unscaling and checking the grads itself.
+        self._step_supports_amp_scaling = True
+        self._guard = StepGuard(self)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
+            self._plans.clear()
+        super().add_param_group(param_group)
+        devices = {p.device for p in self.param_groups[-1]["params"]}
+        if len(devices) > 1:
+            self.param_groups.pop()
+            names = ", ".join(sorted(str(d) for d in devices))
+            raise ValueError(f"{type(self).__name__}: all params of a group must be on one device, got {names}.")
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """How many steps were skipped for inf/NaN grads: a 0-dim float32 tensor on the params' device."""
+        return self._guard.skipped_steps
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """With max_grad_norm (or fused_optim.GradScaler), the global norm of the unscaled grads of the last step,
+        before clipping: a 0-dim float32 tensor on the device. None before the first such step."""
+        return self._guard.last_grad_norm
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch pickles only defaults, state and param_groups; the rest is ours to restore (deepcopy, pickle).
+        # torch's load_state_dict calls this too, with neither: the backend chosen at construction stays.
+        self.backend = state.pop("backend", None) or getattr(self, "backend", None) or _backend.default_backend()
+        if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
+            self.max_grad_norm = state.pop("max_grad_norm", None)
+        self._step_supports_amp_scaling = True
+        super().__setstate__(state)
+        if not hasattr(self, "_guard"):
+            self._guard = StepGuard(self)
+        self._plans = {}
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != "params":
+                    group.setdefault(key, value)
