@@ -49,6 +49,30 @@ def load_pointer(row, column, dtype, ALIGNED: tl.constexpr):
     return pointer
 
 
+@triton.jit
+def _increment_steps_kernel(table_ptr, found_inf_ptr, num_tensors, HAS_FOUND_INF: tl.constexpr,
+                            COLUMNS: tl.constexpr, STEP_COLUMN: tl.constexpr, BLOCK: tl.constexpr):
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0
+    if not skip:
+        t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = t < num_tensors
+        steps = tl.load(table_ptr + t * COLUMNS + STEP_COLUMN, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+        tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
+
+
+def increment_steps(table: torch.Tensor, num_tensors: int, columns: int, step_column: int,
+                    found_inf: torch.Tensor | None) -> None:
+    """Adds 1 to each tensor's fp32 step count (its address in column `step_column` of the table), unless found_inf
+    is non-zero. Launched after the update kernel on the same stream, so every program of that read the old count."""
+    block = 128
+    _increment_steps_kernel[(triton.cdiv(num_tensors, block),)](
+        table, table if found_inf is None else found_inf, num_tensors, HAS_FOUND_INF=found_inf is not None,
+        COLUMNS=columns, STEP_COLUMN=step_column, BLOCK=block,
+    )
+
+
 def search_steps(num_tensors: int) -> int:
     """Binary-search steps that narrow `num_tensors` candidates to one (a constexpr of the kernels)."""
     return max(1, math.ceil(math.log2(num_tensors + 1)))

@@ -17,10 +17,12 @@ import struct
 import triton
 import triton.language as tl
 
-from fused_optim.triton._table import DTYPES, all_aligned, device_table, load_pointer, locate_block, pack, search_steps
+from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
+                                      pack, search_steps)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 COLUMNS = 8  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, numel
+STEP_COLUMN = 6
 
 
 @triton.jit
@@ -157,20 +159,6 @@ def _adam_kernel(
                           AMSGRAD, MASTER, STOCHASTIC)
 
 
-@triton.jit
-def _increment_steps_kernel(table_ptr, found_inf_ptr, num_tensors, HAS_FOUND_INF: tl.constexpr,
-                            COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
-    """Runs after the update kernel on the same stream, so every program of it read the old count."""
-    skip = False
-    if HAS_FOUND_INF:
-        skip = tl.load(found_inf_ptr) != 0.0
-    if not skip:
-        t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = t < num_tensors
-        steps = tl.load(table_ptr + t * COLUMNS + 6, mask=mask, other=0).to(tl.pointer_type(tl.float32))
-        tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
-
-
 def _fp64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
@@ -217,8 +205,4 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK,
             num_warps=4, **flags,
         )
-    steps_block = 128
-    _increment_steps_kernel[(triton.cdiv(num_tensors, steps_block),)](
-        table, unused if found_inf is None else found_inf, num_tensors, HAS_FOUND_INF=found_inf is not None,
-        COLUMNS=COLUMNS, BLOCK=steps_block,
-    )
+    increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)
