@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fused_optim.bench.adamw import _human
-from fused_optim.bench.peers import Impl, Kernel, check_then_time, derive, our_implementations
+from fused_optim.bench.peers import Impl, Kernel, check_then_time, derive, new_row, our_implementations
 
 OPS = ("accumulate",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -194,32 +194,9 @@ def _run_case(config: AccumulateConfig, case: str, shapes: list[tuple[int, ...]]
 
 
 def _row(impl: Impl, w: Workload) -> dict[str, Any]:
-    return {
-        "op": "accumulate",
-        "case": w.case,
-        "impl": impl.name,
-        "auto": impl.auto,
-        "baseline": impl.baseline,
-        "dtype": str(w.grads[0].dtype).replace("torch.", ""),
-        "main_dtype": "float32",
-        "shape": w.shape_text,
-        "n_params": w.numel,
-        "n_tensors": len(w.mains0),
-        "device": str(w.device),
-        "time_ms_median": None,
-        "time_ms_iqr": None,
-        "n_timed": None,
-        "time_ms_estimate": None,
-        "bytes": accumulate_bytes(w.numel, w.grads[0].dtype),
-        "gbps": None,
-        "pct_of_roof": None,
-        "speedup_vs_baseline": None,
-        "speedup_vs": None,
-        "peak_mem": None,
-        "correct": None,
-        "max_abs_err": None,
-        "note": "",
-    }
+    return new_row("accumulate", w.case, impl, w.device, dtype=str(w.grads[0].dtype).replace("torch.", ""),
+                   main_dtype="float32", shape=w.shape_text, n_params=w.numel, n_tensors=len(w.mains0),
+                   bytes=accumulate_bytes(w.numel, w.grads[0].dtype))
 
 
 CAPTIONS = {

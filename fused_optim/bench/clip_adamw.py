@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fused_optim.bench.adamw import HPARAMS, TOLERANCES, _human, compare, model_shapes
-from fused_optim.bench.peers import Impl, Kernel, check_then_time, derive, our_implementations
+from fused_optim.bench.peers import Impl, Kernel, check_then_time, derive, new_row, our_implementations
 from fused_optim.reference import ReferenceAdam
 
 OPS = ("clip_adamw",)
@@ -234,30 +234,8 @@ def _run_case(config: ClipAdamWConfig, n_params: int, roof_gbps: float | None,
 
 
 def _row(impl: Impl, w: Workload) -> dict[str, Any]:
-    return {
-        "op": "clip_adamw",
-        "case": "fp32",
-        "impl": impl.name,
-        "auto": impl.auto,
-        "baseline": impl.baseline,
-        "dtype": "float32",
-        "n_params": w.numel,
-        "n_tensors": len(w.p0),
-        "device": str(w.device),
-        "time_ms_median": None,
-        "time_ms_iqr": None,
-        "n_timed": None,
-        "time_ms_estimate": None,
-        "bytes": clip_adamw_bytes(w.numel),
-        "gbps": None,
-        "pct_of_roof": None,
-        "speedup_vs_baseline": None,
-        "speedup_vs": None,
-        "peak_mem": None,
-        "correct": None,
-        "max_abs_err": None,
-        "note": "",
-    }
+    return new_row("clip_adamw", "fp32", impl, w.device, dtype="float32", n_params=w.numel, n_tensors=len(w.p0),
+                   bytes=clip_adamw_bytes(w.numel))
 
 
 CAPTIONS = {

@@ -104,6 +104,17 @@ def time_step(step: Callable[[], Any], device: torch.device, row: dict[str, Any]
         row["peak_mem"] = torch.cuda.max_memory_allocated(device) - base
 
 
+# The columns a run fills in (time_step, derive): None until measured.
+MEASURED = ("time_ms_median", "time_ms_iqr", "n_timed", "time_ms_estimate", "gbps", "pct_of_roof",
+            "speedup_vs_baseline", "speedup_vs", "peak_mem", "correct", "max_abs_err")
+
+
+def new_row(op: str, case: str, impl: Impl, device: torch.device, **workload: Any) -> dict[str, Any]:
+    """A result row before anything is measured: what ran (op, case, impl, the workload's own fields, device)."""
+    return {"op": op, "case": case, "impl": impl.name, "auto": impl.auto, "baseline": impl.baseline, **workload,
+            "device": str(device), **dict.fromkeys(MEASURED), "note": ""}
+
+
 def check_then_time(impls: list[Impl], device: torch.device, label: str, new_row: Callable[[Impl], dict[str, Any]],
                     checked_step: Callable[[Impl, dict[str, Any]], Callable[[], Any] | None], budget_s: float,
                     max_time_s: float, on_task: Callable[[str], None]) -> list[dict[str, Any]]:
