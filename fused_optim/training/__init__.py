@@ -14,6 +14,14 @@ Example:
 """
 
 from fused_optim.training.config import TrainConfig
-from fused_optim.training.loop import train
 
 __all__ = ["TrainConfig", "train"]
+
+
+def __getattr__(name: str):
+    # the loop imports torch and fused_optim: only when used, so `fused-optim --help` stays fast
+    if name == "train":
+        from fused_optim.training.loop import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ QUICK = {"steps": 30, "batch_size": 8, "micro_batches": 2, "seq_len": 64, "n_lay
 @dataclass
 class TrainConfig:
     steps: int = 200  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch
     micro_batches: int = 2  # micro-batches accumulated per optimizer step
     seq_len: int = 128
     lr: float = 1e-3  # peak lr, reached after the warmup
