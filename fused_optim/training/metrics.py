@@ -30,10 +30,12 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak in FLOP/s, or None when not in the table (every CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
+    """PEAK_BF16_FLOPS of a GPU by its name (torch.cuda.get_device_name), or None when not in the table."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in gpu_name), None)
 
 
 def training_flops(num_params: int, num_tokens: int) -> float:

@@ -29,7 +29,8 @@ def plot_losses(summary: dict, path: str) -> None:
         history = run["history"]
         steps = range(1, len(history["train_loss"]) + 1)
         colour = COLOURS[side]
-        axes.plot(steps, history["train_loss"], color=colour, linewidth=1, alpha=0.8,
+        # the fused line drawn wider: with --compare the two curves coincide, and the torch one lies on top
+        axes.plot(steps, history["train_loss"], color=colour, linewidth=2.5 if side == "fused" else 1,
                   linestyle="-" if side == "fused" else "--", label=f"{LABELS[side]} train")
         if history["val"]:
             val_steps, val_losses = zip(*history["val"])

@@ -54,7 +54,12 @@ def summarise(run: dict) -> dict:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
+    except OSError:
+        model = None
+    return f"{model or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def _side_summary(result: SideResult, tokens_per_step: int, peak: float | None) -> dict:
