@@ -76,7 +76,14 @@ class Recipe:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        # torch's loader puts the saved group values in place as they are: a tensor lr would come back on the
+        # checkpoint's map_location (the CPU). Keep each group's own lr tensor (on the params' device; the
+        # scheduler writes into it) and copy the saved value in.
+        lr_tensors = [group["lr"] if isinstance(group["lr"], Tensor) else None for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, lr_tensors):
+            if lr is not None:
+                group["lr"] = lr.copy_(torch.as_tensor(group["lr"]))
         self.scheduler.load_state_dict(state["scheduler"])
 
 
@@ -90,10 +97,10 @@ class FusedRecipe(Recipe):
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         config = self.config
         # capturable: the lr becomes a device tensor that WarmupCosine updates on the device, so reading the
-        # optimizer's skipped-step count never syncs the host (a float lr would read it every step)
+        # optimizer's skipped-step count never syncs the host (a float lr would read it every step). The same on
+        # the CPU, so that the CPU tests run the GPU's path (its only cost: the lr is rounded to fp32).
         return fused_optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
-                                 max_grad_norm=config.max_grad_norm, capturable=self.device.type == "cuda",
-                                 backend=config.backend)
+                                 max_grad_norm=config.max_grad_norm, capturable=True, backend=config.backend)
 
     def loss_sum(self, x: Tensor, y: Tensor) -> Tensor:
         with self.autocast():

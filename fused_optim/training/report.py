@@ -131,8 +131,8 @@ def table(summary: dict):
     labels = {"fused": "fused_optim", "torch": "torch (baseline)"}
     model = summary["model"]
     title = (f"fused-optim train · GPT {model['n_layer']}L {model['n_head']}H {model['d_model']}d · "
-             f"{summary['device']['name']} · {summary['corpus']['name']}")
-    grid = Table(title=title, title_justify="left")
+             f"{summary['device']['name']}")
+    grid = Table(title=title, title_justify="left", caption_justify="left")
     grid.add_column("metric")
     for side in sides:
         grid.add_column(labels[side], justify="right")
@@ -158,8 +158,12 @@ def table(summary: dict):
     row("MFU" + (f" (of {_si(peak, 'FLOP/s')} bf16)" if peak else ""),
         lambda r: "unknown" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %")
     row("warnings", lambda r: "diverged" if r["diverged"] else str(len(r["warnings"])))
-    if summary["compare"] is not None:
-        grid.caption = (f"fused vs torch, per-step train loss: max |Δ| {summary['compare']['max_abs_loss_diff']:.2e} "
-                        f"over {summary['compare']['steps_compared']} steps "
-                        f"({summary['compare']['max_abs_loss_diff_first_10']:.2e} over the first 10)")
+    caption = [f"data: {summary['corpus']['name']}, {_si(summary['corpus']['train_tokens'])} train / "
+               f"{_si(summary['corpus']['val_tokens'])} val tokens"]
+    agreement = summary["compare"]
+    if agreement is not None and agreement["max_abs_loss_diff"] is not None:
+        caption.append(f"fused vs torch, per-step train loss: max |Δ| {agreement['max_abs_loss_diff']:.2e} over "
+                       f"{agreement['steps_compared']} steps ({agreement['max_abs_loss_diff_first_10']:.2e} over "
+                       "the first 10)")
+    grid.caption = "\n".join(caption)
     return grid
