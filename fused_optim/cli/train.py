@@ -155,18 +155,24 @@ class RichReporter:
                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                      console=console)
         self.tasks: dict[str, int] = {}
-        self.val: dict[str, str] = {}
+        self.train: dict[str, str] = {}  # the last loss and lr read, per side
+        self.val: dict[str, str] = {}  # the last validation loss, per side
 
     def start(self, side: str, first_step: int, steps: int, num_params: int) -> None:
         self.tasks[side] = self.progress_bar.add_task(f"{side} ({num_params / 1e6:.2f} M params)", total=steps,
                                                       completed=first_step, status="")
 
     def progress(self, side: str, step: int, loss: float, lr: float) -> None:
-        status = f"loss {loss:.3f}  lr {lr:.2e}" + self.val.get(side, "")
-        self.progress_bar.update(self.tasks[side], completed=step, status=status)
+        self.train[side] = f"loss {loss:.3f}  lr {lr:.2e}"
+        self._show(side, completed=step)
 
     def evaluated(self, side: str, step: int, val_loss: float) -> None:
         self.val[side] = f"  val {val_loss:.3f}"
+        self._show(side)
+
+    def _show(self, side: str, **update) -> None:
+        status = self.train.get(side, "") + self.val.get(side, "")
+        self.progress_bar.update(self.tasks[side], status=status, **update)
 
     def warn(self, side: str, message: str) -> None:
         self.progress_bar.console.print(f"[yellow]warning ({side}):[/] {message}")

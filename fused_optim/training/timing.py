@@ -6,6 +6,8 @@ only in `flush()`, which the loop calls at its report points (the one sync there
 are called, so a host clock (perf_counter) is exact.
 
 Example:
+    >>> import torch
+    >>> from fused_optim.training.timing import PhaseTimer
     >>> timer = PhaseTimer(torch.device("cpu"))
     >>> start = timer.mark()
     >>> _ = torch.randn(256, 256) @ torch.randn(256, 256)
