@@ -7,8 +7,12 @@ the run stops there, since every later step would be wasted.
 Example:
     >>> from fused_optim.training.monitor import LossMonitor
     >>> monitor = LossMonitor(spike_factor=1.5)
-    >>> [monitor.check(step, loss) for step, loss in enumerate([5.0, 3.0, 4.9, float("nan")])]
-    [None, None, 'step 2: loss 4.900 is 1.63x the lowest so far (3.000): a loss spike', 'step 3: loss is nan: the run diverged']
+    >>> for step, loss in enumerate([5.0, 3.0, 4.9, float("nan")], start=1):
+    ...     print(monitor.check(step, loss))
+    None
+    None
+    step 3: loss 4.900 is 1.63x the lowest so far (3.000): a loss spike
+    step 4: loss is nan: the run diverged
 """
 
 from __future__ import annotations
