@@ -124,7 +124,7 @@ class BatchSampler:
     def next(self) -> tuple[Tensor, Tensor]:
         """(input, target): two (batch_size, seq_len) int64 CPU tensors."""
         starts = torch.randint(self.tokens.numel() - self.seq_len, (self.batch_size,), generator=self.generator)
-        windows = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts.tolist()]).long()
+        windows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].long()  # (B, T + 1), one gather
         return windows[:, :-1], windows[:, 1:]
 
     def state_dict(self) -> dict:
