@@ -279,3 +279,9 @@ def test_checkpoint_rejects_other_files(tmp_path):
 def test_summary_of_a_run_without_compare_has_no_agreement(text_file):
     run = train(TrainConfig(**(TINY_CONFIG | {"steps": 2, "eval_interval": 2}), data=str(text_file)))
     assert summarise(run)["compare"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
+def test_device_cuda_without_a_gpu_says_so(text_file, capsys):
+    assert run_cli(*TINY, "--data", str(text_file), "--device", "cuda") == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
