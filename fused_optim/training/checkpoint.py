@@ -1,8 +1,8 @@
 """Checkpoints of `fused-optim train`: everything a run needs to continue bit-exactly.
 
 Per side ("fused", and "torch" with --compare): the step, the model, the optimizer and the schedule, the data
-sampler's generator, torch's global RNG states (CPU, and CUDA where present: nothing here draws from them after
-initialisation, but a model with dropout would), the loss monitor and the history so far. The gradient accumulator
+sampler's generator, the loss monitor and the history so far; and once, torch's global RNG states (CPU, and CUDA
+where present: nothing here draws from them after initialisation, but a model with dropout would). The gradient accumulator
 holds nothing between steps (its main grads are zeroed after each), so it has no state to keep.
 
 The file is written to a temporary name and renamed over PATH, so an interruption mid-write leaves the previous
@@ -35,17 +35,18 @@ def set_rng_states(states: dict) -> None:
 
 
 def save(path: str | os.PathLike, config: TrainConfig, sides: dict[str, dict]) -> None:
-    """Writes the run's config and each side's state (`sides`: side name -> state) to `path`, atomically."""
+    """Writes the run's config, torch's RNG states and each side's state (`sides`: side name -> state) to `path`,
+    atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "config": config.as_dict(), "sides": sides}, partial)
+    torch.save({"format": FORMAT, "config": config.as_dict(), "rng": rng_states(), "sides": sides}, partial)
     os.replace(partial, path)
 
 
-def load(path: str | os.PathLike, config: TrainConfig) -> dict[str, dict]:
-    """Each side's state from the checkpoint at `path`, after checking that `config` defines the same run; a side
-    the checkpoint lacks (it had not started, or the run had no --compare) starts from step 0."""
+def load(path: str | os.PathLike, config: TrainConfig) -> dict:
+    """The checkpoint at `path` ({"config", "rng", "sides": {side: state}}), after checking that `config` defines
+    the same run. A side the checkpoint lacks (the run had no --compare) starts from step 0."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -57,7 +58,7 @@ def load(path: str | os.PathLike, config: TrainConfig) -> dict[str, dict]:
                  if _normalised(saved[name]) != _normalised(getattr(config, name))]
     if differing:
         raise ValueError(f"--resume {path}: the checkpoint is of a different run: {'; '.join(differing)}")
-    return checkpoint["sides"]
+    return checkpoint
 
 
 def _normalised(value):

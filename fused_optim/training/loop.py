@@ -4,13 +4,14 @@ Host reads happen only at report points (every `log_interval` steps, at evaluati
 loop reads the steps' losses and grad norms and the phase timers, checks the losses for spikes and divergence and
 tells the reporter. Between them, a step on a GPU queues work without waiting for it.
 
-Throughput counts only training: the clock stops for evaluations and checkpoints.
+With --compare the two sides take turns step by step, so a busy machine slows both alike. Each side's time is
+the sum of its own steps' times (timer marks around each step: CUDA events on a GPU, where a step's events bracket
+only its own work in the stream), so evaluations, checkpoints and the other side's steps are not counted.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -70,56 +71,62 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(config: TrainConfig, reporter: Reporter | None = None, corpus: Corpus | None = None) -> dict:
-    """Runs the fused side (and the torch side with `config.compare`) and returns the results by side, with what
-    they share: {"config", "device", "corpus", "results": {side: SideResult}}."""
+    """Runs the fused side (and the torch side with `config.compare`, step by step in turn with it, so that both
+    meet the same machine load) and returns the results by side with what they share:
+    {"config", "device", "corpus", "results": {side: SideResult}}."""
     reporter = reporter if reporter is not None else Reporter()
     device = resolve_device(config.device)
     corpus = corpus if corpus is not None else load_corpus(config.data, config.max_data_bytes)
-    saved = checkpoint.load(config.resume, config) if config.resume else {}
+    saved = checkpoint.load(config.resume, config) if config.resume else {"sides": {}}
     sides = SIDES if config.compare else SIDES[:1]
-    states: dict[str, dict] = dict(saved)  # what the checkpoint file holds, updated side by side
-    results = {side: _run_side(side, config, device, corpus, saved.get(side), states, reporter) for side in sides}
-    return {"config": config, "device": device, "corpus": corpus, "results": results}
-
-
-def _run_side(side: str, config: TrainConfig, device: torch.device, corpus: Corpus, state: dict | None,
-              states: dict[str, dict], reporter: Reporter) -> SideResult:
-    torch.manual_seed(config.seed)  # the same initial weights on both sides
-    model = GPT(GPTConfig(vocab_size=VOCAB_SIZE, seq_len=config.seq_len, n_layer=config.n_layer,
-                          n_head=config.n_head, d_model=config.d_model)).to(device)
-    recipe = make_recipe(side, model, config, device)
-    sampler = BatchSampler(corpus.train, config.batch_size, config.seq_len, seed=config.seed)
-    monitor = LossMonitor(config.spike_factor)
-    result = SideResult(side=side, num_params=model.num_params(), first_step=0)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        recipe.load_state_dict(state["recipe"])
-        sampler.load_state_dict(state["sampler"])
-        monitor.load_state_dict(state["monitor"])
-        checkpoint.set_rng_states(state["rng"])
-        result.first_step = state["step"]
-        result.train_loss, result.grad_norm = list(state["history"]["train_loss"]), list(state["history"]["grad_norm"])
-        result.val = [tuple(point) for point in state["history"]["val"]]
+    runs = [SideRun(side, config, device, corpus, saved["sides"].get(side), reporter) for side in sides]
+    if "rng" in saved:
+        checkpoint.set_rng_states(saved["rng"])  # after the models' initialisation drew from them
     last_step = config.stop_after if config.stop_after is not None else config.steps
-    reporter.start(side, result.first_step, config.steps, result.num_params)
+    for step in range(min(run.steps_taken for run in runs) + 1, last_step + 1):
+        save_now = False
+        for run in runs:
+            if not run.stopped and run.steps_taken == step - 1:  # a side resumed further on waits for the other
+                save_now |= run.step(step, last_step)
+        if save_now and config.save:
+            checkpoint.save(config.save, config, {run.side: run.state_dict() for run in runs})
+        if all(run.stopped for run in runs):
+            break
+    return {"config": config, "device": device, "corpus": corpus,
+            "results": {run.side: run.finish() for run in runs}}
 
-    def save() -> None:
-        if config.save:
-            states[side] = {"step": result.steps, "model": model.state_dict(), "recipe": recipe.state_dict(),
-                            "sampler": sampler.state_dict(), "monitor": monitor.state_dict(),
-                            "rng": checkpoint.rng_states(), "history": result.history()}
-            checkpoint.save(config.save, config, states)
 
-    timer = PhaseTimer(device)
-    pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # per step not yet read: (loss, grad norm)
-    wall = 0.0
-    clock = time.perf_counter()
-    model.train()
-    for step in range(result.first_step + 1, last_step + 1):
+class SideRun:
+    """One side's model, recipe, data sampler, loss monitor and timers, stepped by `train`."""
+
+    def __init__(self, side: str, config: TrainConfig, device: torch.device, corpus: Corpus, state: dict | None,
+                 reporter: Reporter) -> None:
+        self.side, self.config, self.device, self.corpus, self.reporter = side, config, device, corpus, reporter
+        torch.manual_seed(config.seed)  # the same initial weights on both sides
+        self.model = GPT(GPTConfig(vocab_size=VOCAB_SIZE, seq_len=config.seq_len, n_layer=config.n_layer,
+                                   n_head=config.n_head, d_model=config.d_model)).to(device)
+        self.recipe = make_recipe(side, self.model, config, device)
+        self.sampler = BatchSampler(corpus.train, config.batch_size, config.seq_len, seed=config.seed)
+        self.monitor = LossMonitor(config.spike_factor)
+        self.result = SideResult(side=side, num_params=self.model.num_params(), first_step=0)
+        if state is not None:
+            self.load_state_dict(state)
+        self.timer = PhaseTimer(device)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # steps not yet read: (loss, grad norm)
+        self.steps_taken = self.result.first_step  # ahead of result.steps, which grows at report points
+        self.stopped = False  # diverged
+        self.model.train()
+        reporter.start(side, self.result.first_step, config.steps, self.result.num_params)
+
+    def step(self, step: int, last_step: int) -> bool:
+        """Runs optimizer step `step` (1 = the first); at a report point reads its results, and at an evaluation
+        evaluates. Returns whether a checkpoint is due (an evaluation, or the last step of this session)."""
+        config, device, timer, recipe = self.config, self.device, self.timer, self.recipe
+        step_start = timer.mark()
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         num_tokens = torch.zeros((), dtype=torch.int64, device=device)
         for _ in range(config.micro_batches):
-            x, y = (t.to(device, non_blocking=True) for t in sampler.next())
+            x, y = (t.to(device, non_blocking=True) for t in self.sampler.next())
             start = timer.mark()
             loss = recipe.loss_sum(x, y)
             forward_end = timer.mark()
@@ -131,29 +138,49 @@ def _run_side(side: str, config: TrainConfig, device: torch.device, corpus: Corp
             num_tokens += fused_optim.count_tokens(y)
         start = timer.mark()
         grad_norm = recipe.optimizer_step(num_tokens)
-        timer.record("optimizer", start, timer.mark())
-        pending.append((loss_sum / num_tokens, None if grad_norm is None else grad_norm.detach().clone()))
+        end = timer.mark()
+        timer.record("optimizer", start, end)
+        timer.record("step", step_start, end)  # the phases plus drawing the batches
+        self.pending.append((loss_sum / num_tokens, None if grad_norm is None else grad_norm.detach().clone()))
+        self.steps_taken = step
 
         evaluate_now = step % config.eval_interval == 0 or step == config.steps
-        if step % config.log_interval == 0 or evaluate_now or step == last_step:
-            timer.flush()  # the report point's one sync (GPU)
-            wall += time.perf_counter() - clock
-            result.steps_timed += len(pending)
-            _read(pending, result, monitor, reporter, side)
-            reporter.progress(side, step, result.train_loss[-1], recipe.lr())
-            if monitor.diverged:
-                break
-            if evaluate_now:
-                val_loss = evaluate(recipe, corpus, config, device)
-                result.val.append((step, val_loss))
-                reporter.evaluated(side, step, val_loss)
-                save()
-            elif step == last_step:
-                save()
-            clock = time.perf_counter()
-    result.seconds = {phase: timer.totals.get(phase, 0.0) for phase in PHASES} | {"wall": wall}
-    result.diverged, result.warnings = monitor.diverged, list(monitor.warnings)
-    return result
+        if not (step % config.log_interval == 0 or evaluate_now or step == last_step):
+            return False
+        timer.flush()  # the report point's one sync (GPU)
+        self.result.steps_timed += len(self.pending)
+        _read(self.pending, self.result, self.monitor, self.reporter, self.side)
+        self.reporter.progress(self.side, step, self.result.train_loss[-1], recipe.lr())
+        if self.monitor.diverged:
+            self.stopped = True
+            return False
+        if evaluate_now:
+            val_loss = evaluate(recipe, self.corpus, config, device)
+            self.result.val.append((step, val_loss))
+            self.reporter.evaluated(self.side, step, val_loss)
+        return evaluate_now or step == last_step
+
+    def finish(self) -> SideResult:
+        result = self.result
+        totals = self.timer.flush()
+        result.seconds = {phase: totals.get(phase, 0.0) for phase in PHASES} | {"wall": totals.get("step", 0.0)}
+        result.diverged, result.warnings = self.monitor.diverged, list(self.monitor.warnings)
+        return result
+
+    def state_dict(self) -> dict:
+        return {"step": self.result.steps, "model": self.model.state_dict(), "recipe": self.recipe.state_dict(),
+                "sampler": self.sampler.state_dict(), "monitor": self.monitor.state_dict(),
+                "history": self.result.history()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.recipe.load_state_dict(state["recipe"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.monitor.load_state_dict(state["monitor"])
+        history = state["history"]
+        self.result.first_step = state["step"]
+        self.result.train_loss, self.result.grad_norm = list(history["train_loss"]), list(history["grad_norm"])
+        self.result.val = [tuple(point) for point in history["val"]]
 
 
 def _read(pending: list, result: SideResult, monitor: LossMonitor, reporter: Reporter, side: str) -> None:
