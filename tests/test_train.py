@@ -129,6 +129,7 @@ def test_json_schema_and_history(text_file, tmp_path):
     assert all(run["step_ms"][phase] > 0 for phase in ("forward", "backward", "optimizer", "total"))
     assert run["step_ms"]["total"] >= 0.99 * sum(run["step_ms"][p] for p in ("forward", "backward", "optimizer"))
     assert summary["device"]["peak_bf16_flops"] is None and summary["corpus"]["files"] == 1
+    assert summary["precision"] == "fp32"  # autocast only on a GPU by default
 
 
 def test_compare_agrees_with_torch_over_the_first_steps(text_file, tmp_path):
@@ -144,6 +145,21 @@ def test_compare_agrees_with_torch_over_the_first_steps(text_file, tmp_path):
     assert summary["compare"]["max_abs_loss_diff"] < 1e-4
     torch.testing.assert_close(torch.tensor(summary["runs"]["fused"]["history"]["grad_norm"]),
                                torch.tensor(summary["runs"]["torch"]["history"]["grad_norm"]), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_path_agrees_with_torch(text_file):
+    # The GPU's precision path (the body under bf16 autocast, head and loss in fp32) run on the CPU: both sides
+    # round the same matmuls to bf16, so they agree to bf16's resolution (2^-8 relative), not fp32's, and differ
+    # from the fp32 run by about as much.
+    config = TrainConfig(**(TINY_CONFIG | {"steps": 6}), data=str(text_file), compare=True, bf16=True)
+    run = train(config)
+    fused, reference = (run["results"][side].train_loss for side in ("fused", "torch"))
+    fp32 = train(config.replace(bf16=False, compare=False))["results"]["fused"].train_loss
+    assert summarise(run)["precision"] == "bf16 autocast"
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(reference), rtol=1e-2, atol=1e-2)
+    assert fused != fp32  # the autocast really ran
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(fp32), rtol=2e-2, atol=2e-2)
+    assert fused[-1] < fused[0] - 0.05  # it learns
 
 
 @pytest.mark.parametrize("compare", [False, True], ids=["fused", "fused+torch"])

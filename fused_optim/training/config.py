@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 # What defines the trained weights: a resumed run must have the checkpoint's values (checkpoint.py checks).
 RUN_DEFINING = ("steps", "batch_size", "micro_batches", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay",
-                "max_grad_norm", "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes")
+                "max_grad_norm", "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16")
 
 # --quick: a model and run small enough for seconds on a laptop CPU
 QUICK = {"steps": 30, "batch_size": 8, "micro_batches": 2, "seq_len": 64, "n_layer": 2, "n_head": 2, "d_model": 64,
@@ -30,6 +30,7 @@ class TrainConfig:
     n_head: int = 4
     d_model: int = 256
     device: str = "auto"  # auto: the GPU when there is one
+    bf16: bool | None = None  # bf16 autocast of the model; None: on a GPU only (True on the CPU: tests of that path)
     seed: int = 0
     compare: bool = False  # also train the torch.optim.AdamW + F.cross_entropy baseline, same seed
     data: str | None = None  # a text file or directory; None: the Python stdlib's source
@@ -64,6 +65,12 @@ class TrainConfig:
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             raise ValueError(f"stop_after must be in [1, steps={self.steps}], got {self.stop_after}")
         self.betas = tuple(self.betas)
+
+    def autocast_dtype(self, device_type: str):
+        """torch.bfloat16 when the model runs under bf16 autocast on `device_type`, else None."""
+        import torch
+
+        return torch.bfloat16 if (self.bf16 if self.bf16 is not None else device_type == "cuda") else None
 
     @property
     def tokens_per_step(self) -> int:
