@@ -26,9 +26,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
         description="Trains a small GPT (fused_optim/examples/gpt.py) on byte-level text with the whole package: "
         "fused AdamW with decoupled weight decay and in-step grad-norm clipping, warmup + cosine lr, gradient "
         "accumulation over micro-batches normalised by the token count, fused linear cross-entropy over the LM "
-        "head, bf16 autocast on a GPU. Reports train/val loss and perplexity, tokens/s, the step time split into "
-        "forward/backward/optimizer, params N, tokens D, compute ~6*N*D, MFU on a GPU, and the Chinchilla-optimal "
-        "token budget (~20*N) beside D; warns on loss spikes and stops on divergence.",
+        "head, bf16 autocast of the transformer body on a GPU (head and loss in fp32). Reports train/val loss and "
+        "perplexity, tokens/s, the step time split into forward/backward/optimizer, params N, tokens D, compute "
+        "~6*N*D, MFU on a GPU, and the Chinchilla-optimal token budget (~20*N) beside D; warns on loss spikes and "
+        "stops on divergence.",
         argument_default=argparse.SUPPRESS,  # only the flags given appear in args: --quick fills in the rest
         epilog="Default data: the running Python's standard-library source (*.py, sorted, first 8 MiB), one token "
         "per byte; the last 10% is the validation set. Timings on a GPU come from CUDA events read every "

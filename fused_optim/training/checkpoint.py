@@ -2,8 +2,8 @@
 
 Per side ("fused", and "torch" with --compare): the step, the model, the optimizer and the schedule, the data
 sampler's generator, the loss monitor and the history so far; and once, torch's global RNG states (CPU, and CUDA
-where present: nothing here draws from them after initialisation, but a model with dropout would). The gradient accumulator
-holds nothing between steps (its main grads are zeroed after each), so it has no state to keep.
+where present: nothing here draws from them after initialisation, but a model with dropout would). The gradient
+accumulator holds nothing between steps (its main grads are zeroed after each), so it has no state to keep.
 
 The file is written to a temporary name and renamed over PATH, so an interruption mid-write leaves the previous
 checkpoint whole. It holds only tensors and plain Python values: `torch.load(weights_only=True)` reads it.
