@@ -1,4 +1,5 @@
-"""The training loop of `fused-optim train`: one side (fused or torch) at a time, the same seed, data and model.
+"""The training loop of `fused-optim train`: the fused side, and with --compare the torch side, from the same
+seed, data and initial weights.
 
 Host reads happen only at report points (every `log_interval` steps, at evaluations and at the end): there the
 loop reads the steps' losses and grad norms and the phase timers, checks the losses for spikes and divergence and
@@ -48,7 +49,8 @@ class SideResult:
     train_loss: list[float] = field(default_factory=list)  # per step, mean over the step's tokens
     grad_norm: list[float | None] = field(default_factory=list)  # per step, before clipping
     val: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
-    seconds: dict[str, float] = field(default_factory=dict)  # forward, backward, optimizer, wall (this session)
+    # this session's seconds: forward, backward, optimizer, and wall (whole steps, batch drawing included)
+    seconds: dict[str, float] = field(default_factory=dict)
     steps_timed: int = 0  # steps run in this session
     warnings: list[str] = field(default_factory=list)
     diverged: bool = False
