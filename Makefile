@@ -7,7 +7,7 @@ PYTHON ?= $(eval PYTHON := $(shell scripts/env.sh))$(PYTHON)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: install build test bench info clean
+.PHONY: install build test bench train info clean
 
 # The package, editable, with both C++ extensions (the CUDA one when nvcc and a CUDA build of torch are present).
 install:
@@ -27,6 +27,10 @@ test: build
 
 bench: install
 	$(PYTHON) -m fused_optim bench --ops all
+
+# A small GPT trained with the package beside torch's AdamW and cross-entropy (seconds; drop --quick for minutes).
+train: install
+	$(PYTHON) -m fused_optim train --quick --compare
 
 info: install
 	$(PYTHON) -m fused_optim info

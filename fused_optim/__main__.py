@@ -1,4 +1,4 @@
-"""`python -m fused_optim info | bench` (the `fused-optim` console script)."""
+"""`python -m fused_optim info | bench | train` (the `fused-optim` console script)."""
 
 from fused_optim.cli import main
 

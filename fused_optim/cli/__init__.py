@@ -3,6 +3,7 @@
     fused-optim info [--json]       what is built and usable here, and why not (fused_optim.backends())
     fused-optim bench [options]     our ops against their peers (AdamW, cross-entropy, linear + cross-entropy,
                                     grad accumulation, clip + unscale + AdamW): time, GB/s, % of the memory roof
+    fused-optim train [options]     train a small GPT with the package (fused_optim/cli/train.py)
 
 Example:
     >>> from fused_optim.cli import main
@@ -17,6 +18,8 @@ import json
 import sys
 from typing import Any
 
+from fused_optim.cli import train as train_cli
+
 # `--dtype` → the AdamW cases it runs (fused_optim/bench/adamw.py) and the dtypes of the cross-entropy ops.
 DTYPE_CASES = {
     "fp32": ("fp32", "host"),
@@ -28,7 +31,7 @@ DTYPE_LOSSES = {"fp32": ("fp32",), "bf16": ("bf16",), "all": ("fp32", "bf16")}
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fused-optim", description="Fused training-step kernels for PyTorch.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{info,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,train}")
 
     info = commands.add_parser("info", help="what is built and usable here, and why not")
     info.add_argument("--json", action="store_true", help="print fused_optim.backends() as JSON")
@@ -64,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                        "adamw)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto (default): the GPU when there is one, else the CPU")
+    train_cli.add_parser(commands)
     return parser
 
 
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "info":
         return _info(args)
+    if args.command == "train":
+        return train_cli.run(args)
     return _bench(args)
 
 

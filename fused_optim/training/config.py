@@ -1,0 +1,83 @@
+"""The settings of one `fused-optim train` run (the CLI's flags, fused_optim/cli/train.py, map onto these)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# What defines the trained weights: a resumed run must have the checkpoint's values (checkpoint.py checks).
+RUN_DEFINING = ("steps", "batch_size", "micro_batches", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay",
+                "max_grad_norm", "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16")
+
+# --quick: a model and run small enough for seconds on a laptop CPU
+QUICK = {"steps": 30, "batch_size": 8, "micro_batches": 2, "seq_len": 64, "n_layer": 2, "n_head": 2, "d_model": 64,
+         "warmup": 5, "eval_interval": 10, "eval_batches": 4}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch
+    micro_batches: int = 2  # micro-batches accumulated per optimizer step
+    seq_len: int = 128
+    lr: float = 1e-3  # peak lr, reached after the warmup
+    warmup: int = 20  # linear-warmup steps; cosine decay to min_lr_ratio·lr at `steps` after it
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # decoupled (AdamW), on the matrices and embeddings only
+    max_grad_norm: float | None = 1.0  # clip the global grad norm (None: no clipping)
+    betas: tuple[float, float] = (0.9, 0.95)
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    device: str = "auto"  # auto: the GPU when there is one
+    bf16: bool | None = None  # bf16 autocast of the model; None: on a GPU only (True on the CPU: tests of that path)
+    seed: int = 0
+    compare: bool = False  # also train the torch.optim.AdamW + F.cross_entropy baseline, same seed
+    data: str | None = None  # a text file or directory; None: the Python stdlib's source
+    max_data_bytes: int = 8 << 20
+    eval_interval: int = 50  # validation loss every this many steps (and at the end)
+    eval_batches: int = 8  # micro-batches of validation data per evaluation (the same ones every time)
+    log_interval: int = 10  # host reads of the loss and timers (the only syncs on a GPU) every this many steps
+    spike_factor: float = 1.5  # warn when a step's loss exceeds this times the lowest loss so far
+    save: str | None = None  # checkpoint path, written at every evaluation and at the end
+    resume: str | None = None
+    stop_after: int | None = None  # stop (and save) after this step, as if interrupted; resume it later
+    backend: str | None = None  # fused_optim kernels (None: $FUSED_OPTIM_BACKEND or auto)
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "micro_batches", "seq_len", "n_layer", "n_head", "d_model",
+                    "eval_interval", "eval_batches", "log_interval", "max_data_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {self.max_grad_norm}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        if not self.spike_factor > 1:
+            raise ValueError(f"spike_factor must be > 1, got {self.spike_factor}")
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
+            raise ValueError(f"stop_after must be in [1, steps={self.steps}], got {self.stop_after}")
+        self.betas = tuple(self.betas)
+
+    def autocast_dtype(self, device_type: str):
+        """torch.bfloat16 when the model runs under bf16 autocast on `device_type`, else None."""
+        import torch
+
+        return torch.bfloat16 if (self.bf16 if self.bf16 is not None else device_type == "cuda") else None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.micro_batches * self.seq_len
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

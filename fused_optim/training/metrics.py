@@ -1,0 +1,55 @@
+"""The figures the field judges a language-model run by, from the counts the loop keeps.
+
+- Compute ≈ 6·N·D FLOPs (Kaplan et al. 2020): 2·N per token forward, 4·N backward, for N params and D tokens;
+  the attention scores' 12·L·T·d per token are left out (small at these sequence lengths, and left out by
+  convention). N here counts every param once, the tied LM head included (it is a real matmul per token).
+- Model-FLOPs utilisation: achieved 6·N·D per second over the device's dense bf16 peak, on a GPU whose peak is in
+  PEAK_BF16_FLOPS; "unknown" on any other device.
+- Chinchilla-optimal tokens ≈ 20·N (Hoffmann et al. 2022), beside the tokens actually used.
+- Perplexity = exp(mean loss per token, in nats).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets. Matched against the device
+# name in order: the first entry whose key is in the name wins, so the PCIe H100 comes before the SXM one.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None when not in the table (every CPU)."""
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
+    """PEAK_BF16_FLOPS of a GPU by its name (torch.cuda.get_device_name), or None when not in the table."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in gpu_name), None)
+
+
+def training_flops(num_params: int, num_tokens: int) -> float:
+    return 6.0 * num_params * num_tokens
+
+
+def mfu(num_params: int, tokens_per_second: float, peak: float | None) -> float | None:
+    """Model-FLOPs utilisation as a fraction, or None when the peak is unknown."""
+    return None if peak is None else training_flops(num_params, 1) * tokens_per_second / peak
+
+
+def chinchilla_tokens(num_params: int) -> int:
+    return CHINCHILLA_TOKENS_PER_PARAM * num_params
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709

@@ -1,0 +1,48 @@
+"""`--plot PATH`: the loss curves of a `fused-optim train` run as a PNG: train loss per step and validation loss
+at each evaluation, per side (fused vs torch with --compare). matplotlib is imported only here, only when asked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLOURS = {"fused": "tab:blue", "torch": "tab:orange"}
+LABELS = {"fused": "fused_optim", "torch": "torch"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(summary: dict, path: str) -> None:
+    """Writes the loss curves of `summary` (report.summarise) to the PNG `path`."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for side, run in summary["runs"].items():
+        history = run["history"]
+        steps = range(1, len(history["train_loss"]) + 1)
+        colour = COLOURS[side]
+        # the fused line drawn wider: with --compare the two curves coincide, and the torch one lies on top
+        axes.plot(steps, history["train_loss"], color=colour, linewidth=2.5 if side == "fused" else 1,
+                  linestyle="-" if side == "fused" else "--", label=f"{LABELS[side]} train")
+        if history["val"]:
+            val_steps, val_losses = zip(*history["val"])
+            axes.plot(val_steps, val_losses, color=colour, marker="o", linestyle=":", label=f"{LABELS[side]} val")
+    model = summary["model"]
+    axes.set_title(f"GPT {model['n_layer']}L {model['d_model']}d ({model['params'] / 1e6:.2f} M params), "
+                   f"{summary['device']['name']}", fontsize=10)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (nats per byte)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)

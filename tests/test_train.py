@@ -1,0 +1,303 @@
+"""`fused-optim train` (fused_optim/training, fused_optim/cli/train.py) and its example model and data.
+
+Sizes: a 1-layer, 32-wide GPT on 16-token windows of a small text file trains a step in milliseconds, so every
+test runs the real loop (both sides, checkpoints, reports) end to end; one test reads the default stdlib corpus.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_optim.cli import main
+from fused_optim.cli.train import config_from_args
+from fused_optim.examples.data import BatchSampler, Corpus, load_corpus, stdlib_corpus, text_files
+from fused_optim.examples.gpt import GPT, GPTConfig
+from fused_optim.training import TrainConfig, checkpoint, metrics, train
+from fused_optim.training.monitor import LossMonitor
+from fused_optim.training.report import SCHEMA, summarise
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--seq-len", "16", "--batch-size", "4",
+        "--micro-batches", "2", "--steps", "6", "--warmup", "2", "--eval-interval", "3", "--eval-batches", "2",
+        "--log-interval", "2", "--device", "cpu"]
+TINY_CONFIG = dict(n_layer=1, n_head=2, d_model=32, seq_len=16, batch_size=4, micro_batches=2, steps=6, warmup=2,
+                   eval_interval=3, eval_batches=2, log_interval=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """About 40 kB of varied text (the source of this package's GPT module, repeated): enough windows for training
+    and validation, read in no time."""
+    source = Path(__file__).parents[1].joinpath("fused_optim", "examples", "gpt.py").read_bytes()
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(source * 8)
+    return path
+
+
+def run_cli(*args: str) -> int:
+    return main(["train", *args])
+
+
+# ---- model and data ----------------------------------------------------------------------------------------------
+
+def test_gpt_is_causal_and_ties_its_head():
+    model = GPT(GPTConfig(seq_len=12, n_layer=2, n_head=2, d_model=32))
+    idx = torch.randint(0, 256, (2, 12))
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 256  # tokens from position 7 on differ
+    hidden, hidden_changed = model(idx), model(changed)
+    torch.testing.assert_close(hidden[:, :7], hidden_changed[:, :7])  # earlier positions cannot see them
+    assert not torch.allclose(hidden[:, 7:], hidden_changed[:, 7:])
+    assert model.lm_head_weight is model.token_embedding.weight
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="longer than seq_len"):
+        model(torch.zeros(1, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of n_head"):
+        GPTConfig(n_head=3, d_model=32)
+
+
+def test_stdlib_corpus_is_deterministic_and_capped():
+    first, second = stdlib_corpus(max_bytes=200_000), stdlib_corpus(max_bytes=200_000)
+    assert first.num_bytes == 200_000 and first.num_files > 1
+    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
+    assert first.val.numel() == 20_000  # the last 10%
+    assert b"def " in first.train.numpy().tobytes()
+    assert "stdlib" in first.name
+
+
+def test_data_from_a_file_and_a_directory(tmp_path):
+    (tmp_path / "b.txt").write_bytes(b"second file " * 20)
+    (tmp_path / "a.txt").write_bytes(b"first file " * 20)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "x.pyc").write_bytes(b"\x00" * 50)
+    assert [p.name for p in text_files(tmp_path)] == ["a.txt", "b.txt"]  # sorted, caches skipped
+    directory = load_corpus(tmp_path)
+    tokens = torch.cat([directory.train, directory.val]).numpy().tobytes()
+    assert tokens == b"first file " * 20 + b"second file " * 20 and directory.num_files == 2
+    single = load_corpus(tmp_path / "b.txt", max_bytes=100)
+    assert single.num_bytes == 100 and single.num_files == 1
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_corpus(tmp_path / "missing.txt")
+
+
+def test_batch_sampler_windows_and_state():
+    corpus = Corpus.from_bytes(bytes(range(256)) * 4, name="ramp")
+    sampler = BatchSampler(corpus.train, batch_size=3, seq_len=10, seed=5)
+    x, y = sampler.next()
+    assert x.shape == y.shape == (3, 10) and x.dtype == torch.int64
+    assert torch.equal((x + 1) % 256, y)  # the target is the next byte of the ramp
+    state = sampler.state_dict()
+    expected = [sampler.next() for _ in range(3)]
+    sampler.load_state_dict(state)
+    for (xa, ya), (xb, yb) in zip(expected, [sampler.next() for _ in range(3)]):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    with pytest.raises(ValueError, match="too few"):
+        BatchSampler(corpus.train[:5], batch_size=1, seq_len=10, seed=0)
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+def test_json_schema_and_history(text_file, tmp_path):
+    out = tmp_path / "run.json"
+    assert run_cli(*TINY, "--data", str(text_file), "--json", str(out)) == 0
+    summary = json.loads(out.read_text())
+    assert summary["schema"] == SCHEMA
+    assert set(summary) >= {"config", "versions", "device", "corpus", "model", "tokens_per_step",
+                            "chinchilla_tokens", "runs", "compare"}
+    assert summary["compare"] is None and list(summary["runs"]) == ["fused"]
+    run = summary["runs"]["fused"]
+    params = summary["model"]["params"]
+    assert params == GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32)).num_params()
+    assert run["steps"] == 6 and run["tokens"] == 6 * 4 * 2 * 16 == 6 * summary["tokens_per_step"]
+    assert run["flops"] == 6 * params * run["tokens"]
+    assert summary["chinchilla_tokens"] == 20 * params
+    assert len(run["history"]["train_loss"]) == len(run["history"]["grad_norm"]) == 6
+    assert [step for step, _ in run["history"]["val"]] == [3, 6]
+    assert math.isclose(run["val_perplexity"], math.exp(run["val_loss"]))
+    assert math.isclose(run["train_loss"], sum(run["history"]["train_loss"]) / 6)  # the last 10 steps: all 6
+    # a byte-level model starts near uniform (ln 256 = 5.55 nats) and learns within 6 steps
+    assert abs(run["history"]["train_loss"][0] - math.log(256)) < 0.3
+    assert run["history"]["train_loss"][-1] < run["history"]["train_loss"][0]
+    assert run["tokens_per_second"] > 0 and run["mfu"] is None  # no peak is known for a CPU
+    assert all(run["step_ms"][phase] > 0 for phase in ("forward", "backward", "optimizer", "total"))
+    assert run["step_ms"]["total"] >= 0.99 * sum(run["step_ms"][p] for p in ("forward", "backward", "optimizer"))
+    assert summary["device"]["peak_bf16_flops"] is None and summary["corpus"]["files"] == 1
+    assert summary["precision"] == "fp32"  # autocast only on a GPU by default
+
+
+def test_compare_agrees_with_torch_over_the_first_steps(text_file, tmp_path):
+    out = tmp_path / "compare.json"
+    assert run_cli(*TINY, "--steps", "8", "--data", str(text_file), "--compare", "--json", str(out)) == 0
+    summary = json.loads(out.read_text())
+    fused, reference = (summary["runs"][side]["history"]["train_loss"] for side in ("fused", "torch"))
+    assert len(fused) == len(reference) == 8
+    # fp32 on the CPU: the same objective, optimizer and clip, so only rounding differs (measured ~1e-6)
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(reference), rtol=1e-4, atol=1e-4)
+    assert fused != reference or summary["compare"]["max_abs_loss_diff"] == 0.0
+    assert summary["compare"]["steps_compared"] == 8
+    assert summary["compare"]["max_abs_loss_diff"] < 1e-4
+    torch.testing.assert_close(torch.tensor(summary["runs"]["fused"]["history"]["grad_norm"]),
+                               torch.tensor(summary["runs"]["torch"]["history"]["grad_norm"]), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_path_agrees_with_torch(text_file):
+    # The GPU's precision path (the body under bf16 autocast, head and loss in fp32) run on the CPU: both sides
+    # round the same matmuls to bf16, so they agree to bf16's resolution (2^-8 relative), not fp32's, and differ
+    # from the fp32 run by about as much.
+    config = TrainConfig(**(TINY_CONFIG | {"steps": 6}), data=str(text_file), compare=True, bf16=True)
+    run = train(config)
+    fused, reference = (run["results"][side].train_loss for side in ("fused", "torch"))
+    fp32 = train(config.replace(bf16=False, compare=False))["results"]["fused"].train_loss
+    assert summarise(run)["precision"] == "bf16 autocast"
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(reference), rtol=1e-2, atol=1e-2)
+    assert fused != fp32  # the autocast really ran
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(fp32), rtol=2e-2, atol=2e-2)
+    assert fused[-1] < fused[0] - 0.05  # it learns
+
+
+@pytest.mark.parametrize("compare", [False, True], ids=["fused", "fused+torch"])
+def test_resume_continues_bit_exactly(text_file, tmp_path, compare):
+    config = TrainConfig(**(TINY_CONFIG | {"steps": 7}), data=str(text_file), compare=compare)
+    whole = train(config)
+    path = tmp_path / "ckpt.pt"
+    first = train(config.replace(save=str(path), stop_after=4))
+    assert all(result.steps == 4 for result in first["results"].values())
+    resumed = train(config.replace(resume=str(path)))
+    for side, result in whole["results"].items():
+        again = resumed["results"][side]
+        assert again.first_step == 4 and again.steps == 7
+        assert again.train_loss == result.train_loss  # bit-exact, every step
+        assert again.grad_norm == result.grad_norm
+        assert again.val == result.val
+    saved = torch.load(path, weights_only=True)
+    assert set(saved["sides"]) == ({"fused", "torch"} if compare else {"fused"})
+
+
+def test_resume_refuses_a_different_run(text_file, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    config = TrainConfig(**TINY_CONFIG, data=str(text_file), save=str(path), stop_after=2)
+    train(config)
+    with pytest.raises(ValueError, match=r"different run: lr \(checkpoint 0.001, now 0.002\)"):
+        train(config.replace(save=None, stop_after=None, resume=str(path), lr=2e-3))
+    assert run_cli(*TINY, "--data", str(text_file), "--resume", str(tmp_path / "none.pt")) == 2
+
+
+def test_cli_resume_after_stop(text_file, tmp_path, capsys):
+    path, out = tmp_path / "ckpt.pt", tmp_path / "run.json"
+    assert run_cli(*TINY, "--data", str(text_file), "--save", str(path), "--stop-after", "3") == 0
+    assert run_cli(*TINY, "--data", str(text_file), "--resume", str(path), "--json", str(out)) == 0
+    run = json.loads(out.read_text())["runs"]["fused"]
+    assert run["resumed_from"] == 3 and run["steps"] == 6
+    assert "resumed at 3" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_plot_file(text_file, tmp_path):
+    out = tmp_path / "plots" / "loss.png"
+    assert run_cli(*TINY, "--steps", "3", "--eval-interval", "3", "--data", str(text_file), "--compare",
+                   "--plot", str(out)) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_says_so_before_training(text_file, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert run_cli(*TINY, "--data", str(text_file), "--plot", "x.png") == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_quick_on_the_default_corpus(capsys):
+    assert run_cli("--quick", "--steps", "4", "--warmup", "1", "--eval-interval", "4", "--device", "cpu") == 0
+    table = capsys.readouterr().out
+    for label in ("train loss", "val perplexity", "tokens/s", "forward", "backward", "optimizer", "params N",
+                  "tokens D", "Chinchilla", "6·N·D", "MFU", "stdlib"):
+        assert label in table, label
+
+
+def test_divergence_stops_the_run(text_file, tmp_path):
+    # lr 1e4 without clipping: the first update throws the weights to ~1e4 and the logits overflow
+    config = TrainConfig(**(TINY_CONFIG | {"steps": 10, "warmup": 0, "log_interval": 1}), data=str(text_file),
+                         lr=1e4, max_grad_norm=None)
+    result = train(config)["results"]["fused"]
+    assert result.diverged and result.steps < 10
+    assert "diverged" in result.warnings[-1]
+    assert run_cli(*TINY, "--data", str(text_file), "--lr", "1e4", "--max-grad-norm", "0", "--warmup", "0",
+                   "--log-interval", "1") == 1
+
+
+# ---- pieces ------------------------------------------------------------------------------------------------------
+
+def test_loss_monitor():
+    monitor = LossMonitor(spike_factor=1.5)
+    assert monitor.check(1, 5.0) is None and monitor.check(2, 2.0) is None
+    assert monitor.check(3, 2.9) is None  # below 1.5x the lowest
+    assert "spike" in monitor.check(4, 3.1)
+    assert not monitor.diverged
+    assert "diverged" in monitor.check(5, math.inf) and monitor.diverged
+    assert monitor.lowest == 2.0
+
+
+def test_metrics():
+    assert metrics.peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert metrics.peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert metrics.peak_flops_of("NVIDIA H200") == 989e12
+    assert metrics.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert metrics.peak_flops_of("Tesla T4") is None
+    assert metrics.peak_flops(torch.device("cpu")) is None
+    assert metrics.mfu(1_000_000, 1e6, 1e13) == pytest.approx(0.6)  # 6·1e6·1e6 FLOP/s of 1e13
+    assert metrics.mfu(1_000_000, 1e6, None) is None
+    assert metrics.perplexity(0.0) == 1.0 and metrics.perplexity(1e4) == math.inf
+
+
+def test_quick_defaults_yield_to_explicit_flags():
+    from fused_optim.cli import _parser
+
+    config = config_from_args(_parser().parse_args(["train", "--quick", "--steps", "12", "--max-grad-norm", "0"]))
+    assert (config.steps, config.d_model, config.n_layer, config.max_grad_norm) == (12, 64, 2, None)
+    assert config_from_args(_parser().parse_args(["train"])) == TrainConfig()
+    assert run_cli("--steps", "0") == 2
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        run_cli("--help")
+    text = capsys.readouterr().out
+    for flag in ("--steps", "--batch-size", "--micro-batches", "--seq-len", "--lr", "--warmup", "--weight-decay",
+                 "--max-grad-norm", "--n-layer", "--n-head", "--d-model", "--device", "--seed", "--compare",
+                 "--save", "--resume", "--plot", "--json", "--data", "--eval-interval", "--quick"):
+        assert flag in text, flag
+
+
+def test_python_dash_m_runs_train(text_file, tmp_path):
+    out = tmp_path / "run.json"
+    done = subprocess.run([sys.executable, "-m", "fused_optim", "train", *TINY, "--steps", "2", "--eval-interval",
+                           "2", "--data", str(text_file), "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["runs"]["fused"]["steps"] == 2
+
+
+def test_checkpoint_rejects_other_files(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(2)}, path)
+    with pytest.raises(ValueError, match="not a fused-optim train checkpoint"):
+        checkpoint.load(path, TrainConfig())
+
+
+def test_summary_of_a_run_without_compare_has_no_agreement(text_file):
+    run = train(TrainConfig(**(TINY_CONFIG | {"steps": 2, "eval_interval": 2}), data=str(text_file)))
+    assert summarise(run)["compare"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
+def test_device_cuda_without_a_gpu_says_so(text_file, capsys):
+    assert run_cli(*TINY, "--data", str(text_file), "--device", "cuda") == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
