@@ -1,10 +1,12 @@
 // CUDA total norm in two launches' worth of passes, deterministic and with no host sync:
 //   1. multi-tensor blocks (multi_tensor.cuh), one per chunk of one tensor: each thread folds its elements into an
-//      fp32 partial (16-byte loads when aligned), the block combines its threads' partials in fp64 in a fixed tree
-//      and writes one fp64 partial per block into a workspace;
+//      fp64 partial (16-byte loads when aligned), the block combines its threads' partials in a fixed tree and
+//      writes one fp64 partial per block into a workspace;
 //   2. one block combines the workspace in a fixed order and writes the norm (0-dim fp32) on the device.
 // No atomics: the same inputs give the same bits on every run. The element math is fused_optim/total_norm.h,
 // shared with the CPU kernel.
+#include <type_traits>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,7 +20,7 @@ namespace fused_optim {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int64_t kChunk = 16 * 1024;  // 32 elements per thread: its fp32 partial stays accurate
+constexpr int64_t kChunk = 16 * 1024;  // 32 elements per thread
 constexpr int kFinishThreads = 1024;
 
 struct NormArgs {
@@ -41,21 +43,32 @@ __device__ __forceinline__ double block_combine(double value) {
   return shared[0];
 }
 
+// Each thread folds the runs of kVec elements [i, i + kVec) at i = begin + kVec * thread, + kVec * kThreads, ...
+// in element order: one 16-byte load per run when the tensor is aligned, kVec loads (and the tail) otherwise, the
+// same sums in the same order either way, so the bits do not depend on the address. Sums are fp64 per thread (x²
+// of any finite fp32 x fits, as on the CPU); the max of |x| is exact in fp32.
 template <NormKind kKind, typename T>
 __global__ void __launch_bounds__(kThreads)
     block_partials_kernel(const __grid_constant__ Table table, double* partials, int64_t first_partial, float p) {
+  using Partial = std::conditional_t<kKind == NormKind::kInf, float, double>;
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
   const T* data = static_cast<const T*>(table.tensors[work.tensor].data);
-  float partial = 0.0f;
-  multi_tensor::for_each_element<kThreads>(
-      work, multi_tensor::aligned16(data),
-      [&](int64_t i) {
-        float x[multi_tensor::kVec];
-        multi_tensor::load_vec(data + i, x);
+  const bool aligned = multi_tensor::aligned16(data);
+  Partial partial = 0;
+  for (int64_t i = work.begin + threadIdx.x * multi_tensor::kVec; i < work.end;
+       i += kThreads * multi_tensor::kVec) {
+    if (aligned && i + multi_tensor::kVec <= work.end) {
+      float x[multi_tensor::kVec];
+      multi_tensor::load_vec(data + i, x);
 #pragma unroll
-        for (int k = 0; k < multi_tensor::kVec; ++k) partial = norm_combine<kKind>(partial, norm_term<kKind, float>(x[k], p));
-      },
-      [&](int64_t i) { partial = norm_combine<kKind>(partial, norm_term<kKind, float>(static_cast<float>(data[i]), p)); });
+      for (int k = 0; k < multi_tensor::kVec; ++k) partial = norm_combine<kKind>(partial, norm_term<kKind, Partial>(x[k], p));
+    } else {
+      const int64_t end = i + multi_tensor::kVec < work.end ? i + multi_tensor::kVec : work.end;
+      for (int64_t j = i; j < end; ++j) {
+        partial = norm_combine<kKind>(partial, norm_term<kKind, Partial>(static_cast<float>(data[j]), p));
+      }
+    }
+  }
   const double block_partial = block_combine<kKind, kThreads>(static_cast<double>(partial));
   if (threadIdx.x == 0) partials[first_partial + blockIdx.x] = block_partial;
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
@@ -41,6 +42,17 @@ class FusedOptimizer(Optimizer):
             self.param_groups.pop()
             names = ", ".join(sorted(str(d) for d in devices))
             raise ValueError(f"{type(self).__name__}: all params of a group must be on one device, got {names}.")
+
+    def _check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """The kernels' own check of each grad against its param, run over every group before any group is stepped
+        (and before the guard counts anything), so that a bad grad in a later group changes nothing."""
+        for p, grad in zip(params, grads):
+            if grad.shape != p.shape or grad.device != p.device or grad.dtype not in (p.dtype, torch.float32):
+                raise RuntimeError(
+                    f"{type(self).__name__}: a grad must have its param's shape and device, and its param's dtype or "
+                    f"float32; got {tuple(grad.shape)} {grad.dtype} on {grad.device} for a param of "
+                    f"{tuple(p.shape)} {p.dtype} on {p.device}"
+                )
 
     @property
     def skipped_steps(self) -> Tensor:

@@ -32,7 +32,8 @@ class StepGuard:
 
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
-        first_param = optimizer.param_groups[0]["params"][0] if optimizer.param_groups else None
+        # (a group may be empty: torch allows that, e.g. a "no weight decay" group with nothing in it)
+        first_param = next((p for group in optimizer.param_groups for p in group["params"]), None)
         device = first_param.device if first_param is not None else torch.device("cpu")
         # A tensor made once and updated in place: a CUDA graph or a scheduler can hold on to it.
         self.skipped_steps = torch.zeros((), dtype=torch.float32, device=device)

@@ -135,7 +135,9 @@ class Adam(FusedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         gathered = [(group, self._gather(group)) for group in self.param_groups]
+        params = [p for _, kinds in gathered for lists in kinds.values() for p in lists[0]]
         grads = [grad for _, kinds in gathered for lists in kinds.values() for grad in lists[1]]
+        self._check_grads(params, grads)
         grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
         for group, kinds in gathered:
             for kind, lists in kinds.items():

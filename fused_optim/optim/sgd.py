@@ -100,7 +100,9 @@ class SGD(FusedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         gathered = [(group, self._gather(group)) for group in self.param_groups]
+        params = [p for _, lists in gathered for p in lists[0]]
         grads = [grad for _, lists in gathered for grad in lists[1]]
+        self._check_grads(params, grads)
         grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
         for group, lists in gathered:
             weight_decay = group["weight_decay"]
