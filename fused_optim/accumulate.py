@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fused_optim import _backend
-from fused_optim.clip_grad import global_norm
+from fused_optim.clip_grad import clip_coefficient, global_norm
 from fused_optim.ops.accumulate import accumulate_grads
 from fused_optim.ops.adam import dense
 
@@ -169,7 +169,9 @@ class GradAccumulator:
         Args:
             num_tokens: this rank's count of the tokens the summed losses were over; summed over the ranks when
                 distributed. None: the grads stay sums.
-            max_norm: clip the normalised grads to this global `norm_type`-norm (as `clip_grad_norm_`).
+            max_norm: clip the normalised grads to this global `norm_type`-norm (as `clip_grad_norm_`; norm_type
+                > 0 or inf). With a GradScaler the grads are still scaled here: clip in the optimizer instead
+                (`AdamW(max_grad_norm=...)`), which clips the unscaled grads.
 
         Returns the global norm of the normalised grads before clipping (0-dim fp32 tensor on the first device),
         or None without `max_norm`.
@@ -194,7 +196,7 @@ class GradAccumulator:
             norm = global_norm(flats, norm_type, self.backend)
             if scale is not None:
                 norm = norm * scale
-            clip_coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            clip_coef = clip_coefficient(max_norm, norm)
             factor = clip_coef if scale is None else clip_coef * scale
         if factor is not None:
             for flat in flats:

@@ -20,13 +20,23 @@ from fused_optim import _backend
 from fused_optim.ops.total_norm import kernel_supports, total_norm
 
 
+def by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    """The tensors grouped by device, in order: one launch per device."""
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
+
+
+def clip_coefficient(max_norm: float, norm: Tensor) -> Tensor:
+    """torch's clip factor min(1, max_norm / (norm + 1e-6)), on the norm's device (no host read)."""
+    return torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0)
+
+
 def global_norm(tensors: list[Tensor], norm_type: float = 2.0, backend: str = "auto") -> Tensor:
     """The norm of all `tensors` as one vector: a 0-dim fp32 tensor on the first tensor's device.
     One launch per device; the per-device norms are combined on the first device."""
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    norms = [total_norm(device_tensors, norm_type, backend=backend) for device_tensors in by_device.values()]
+    norms = [total_norm(device_tensors, norm_type, backend=backend) for device_tensors in by_device(tensors).values()]
     if len(norms) == 1:
         return norms[0]
     first_device = tensors[0].device
@@ -77,11 +87,8 @@ def clip_grad_norm_(
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`"
         )
-    clip_coef = torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0)
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    for device, device_grads in by_device.items():
-        torch._foreach_mul_(device_grads, clip_coef.to(device))
+    coef = clip_coefficient(max_norm, norm)
+    for device, device_grads in by_device(grads).items():
+        torch._foreach_mul_(device_grads, coef.to(device))
     # torch returns the norm in the grads' (promoted) dtype
     return norm.to(functools.reduce(torch.promote_types, {g.dtype for g in grads}))

@@ -313,6 +313,7 @@ def test_skipped_first_step_leaves_no_buffer(backend, device, dtype):
         assert torch.equal(p, b) and torch.equal(p.grad, g)
         assert opt.state[p]["step"].item() == 0
     assert opt.state_dict()["state"] == {}  # as torch.optim.SGD's after no step
+    assert all(float(state["step"]) == 0 for state in opt.state.values())  # buffers made, none set
     assert opt.skipped_steps.item() == 1
     for _ in range(3):
         set_grads(random_grads(shapes, dtype, device), skipped, fresh)
@@ -372,6 +373,7 @@ def test_non_finite_grad_with_max_grad_norm_skips_the_first_step(backend, device
     assert all(torch.equal(p, x) for p, x in zip(params, init))
     assert opt.skipped_steps.item() == 1 and not torch.isfinite(opt.last_grad_norm)
     assert opt.state_dict()["state"] == {}
+    assert all(float(state["step"]) == 0 for state in opt.state.values())  # buffers made, none set
     grads = random_grads(shapes, device=device)
     set_grads(grads, params, fresh)
     opt.step()
@@ -499,6 +501,7 @@ def test_failed_first_step_raises_one_sentence_and_leaves_no_state(failure):
     assert "\n" not in str(error.value).strip()
     assert torch.equal(param, before)
     assert opt.state_dict()["state"] == {}  # a buffer the failed step created is unset and left out
+    assert all(float(state["step"]) == 0 for state in opt.state.values())  # buffers made, none set
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)

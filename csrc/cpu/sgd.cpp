@@ -1,19 +1,16 @@
-// CPU SGD: every tensor of a group cut into fixed-size chunks, OpenMP over the chunks (as csrc/cpu/adam.cpp), and
+// CPU SGD: every tensor of a group cut into fixed-size chunks (chunks.h), OpenMP over the chunks, and
 // a branch-free inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/sgd.h,
 // the same header the CUDA kernel includes.
-#include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include "chunks.h"
 #include "float_io.h"
 #include "fused_optim/sgd_launch.h"
 
 namespace fused_optim {
 namespace {
-
-constexpr int64_t kChunk = 16384;  // as adam.cpp: balances 2..64 threads, per-chunk setup is noise
 
 struct TensorPointers {
   void* param;
@@ -67,13 +64,9 @@ void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS) {
   const float lr_value = lr_tensor.has_value() ? lr_tensor->item<float>() : static_cast<float>(lr);
   const float scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
 
-  struct Chunk {
-    int32_t tensor;
-    int64_t begin, end;
-  };
   std::vector<TensorPointers> tensors(params.size());
   std::vector<ChunkFn> chunk_fns(params.size());
-  std::vector<Chunk> chunks;
+  std::vector<int64_t> numels;
   for (size_t i = 0; i < params.size(); ++i) {
     // read in place: item() costs a dispatch per tensor, which dominates a step over many small tensors
     const float step = has_momentum ? *steps[i].data_ptr<float>() : 1.0f;
@@ -81,16 +74,10 @@ void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS) {
                                 has_momentum ? momentum_buffers[i].data_ptr<float>() : nullptr,
                                 sgd_scalars(momentum, dampening, weight_decay, maximize, lr_value, scale, step)};
     chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), has_momentum, nesterov);
-    const int64_t numel = params[i].numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({static_cast<int32_t>(i), begin, std::min(begin + kChunk, numel)});
-    }
+    numels.push_back(params[i].numel());
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const Chunk& chunk = chunks[c];
-      chunk_fns[chunk.tensor](tensors[chunk.tensor], chunk.begin, chunk.end);
-    }
+  parallel_for_chunks(split_into_chunks(numels), [&](const Chunk& chunk, int64_t) {
+    chunk_fns[chunk.tensor](tensors[chunk.tensor], chunk.begin, chunk.end);
   });
   for (const at::Tensor& step : steps) {
     *step.data_ptr<float>() += 1.0f;

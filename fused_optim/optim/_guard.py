@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fused_optim.clip_grad import global_norm
+from fused_optim.clip_grad import clip_coefficient, global_norm
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
@@ -68,7 +68,7 @@ class StepGuard:
             else:
                 found_inf.add_(non_finite.to(found_inf.device))
             if max_grad_norm is not None:
-                clip_coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+                clip_coef = clip_coefficient(max_grad_norm, norm)
                 grad_scale = (grad_scale.to(norm.device) if grad_scale is not None else 1.0) / clip_coef
         if found_inf is not None:
             self.skipped_steps.add_((found_inf != 0).to(device=self.skipped_steps.device, dtype=torch.float32))

@@ -1,7 +1,7 @@
 """fused_optim.SGD: a drop-in for torch.optim.SGD whose step is one fused kernel launch per parameter group
 (fused_optim/ops/sgd.py picks the kernel).
 
-Differences from torch, all additive:
+Differences from torch:
 - With momentum, `momentum_buffer` is fp32 whatever the param dtype, in the param's memory layout, and a `step`
   count (a float32 tensor on the param's device) says on the device whether the buffer is set yet: the first step
   (count 0) takes the gradient as the buffer, as torch does when it finds no buffer, without a host sync. Without

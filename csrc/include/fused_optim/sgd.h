@@ -1,5 +1,6 @@
 // The math of one SGD element, shared by the CUDA kernel (csrc/cuda/sgd.cu) and the CPU kernel (csrc/cpu/sgd.cpp),
-// so the CPU tests exercise the exact arithmetic the GPU runs.
+// so the CPU tests exercise the same formulas in the same order as the GPU (nvcc may still fuse a multiply and an
+// add into one FMA where the CPU build rounds twice: the results may differ in the last bit).
 //
 // Everything is fp32 whatever the parameter dtype, the momentum buffer included (DESIGN.md, numerics contract).
 // The order of operations follows torch.optim.SGD's single-tensor path (foreach=False):
