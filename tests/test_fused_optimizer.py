@@ -35,3 +35,13 @@ def test_a_bad_grad_in_a_later_group_changes_nothing(cls, cpu_backend):
         opt.step()
     assert torch.equal(good, before[0]) and torch.equal(bad, before[1])
     assert float(opt.skipped_steps) == 0 and opt.last_grad_norm is None
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda cls: cls.__name__)
+def test_fused_and_foreach_together_is_torchs_error(cls):
+    param = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(RuntimeError) as torchs:
+        getattr(torch.optim, cls.__name__)([param], lr=0.1, foreach=True, fused=True)
+    with pytest.raises(RuntimeError) as ours:
+        cls([param], lr=0.1, foreach=True, fused=True)
+    assert str(ours.value) == str(torchs.value)

@@ -22,6 +22,8 @@ class FusedOptimizer(Optimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, max_grad_norm: float | None,
                  backend: str | None) -> None:
+        if defaults.get("fused") and defaults.get("foreach"):  # torch's check (we ignore both otherwise)
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         self.max_grad_norm = max_grad_norm
