@@ -1001,9 +1001,9 @@ def test_foreach_fused_capturable_are_accepted_and_change_nothing():
     plain = make_params(init, torch.float32, "cpu")
     plain_opt = fused_optim.AdamW(plain, lr=1e-2)
     flagged = make_params(init, torch.float32, "cpu")
-    flagged_opt = fused_optim.AdamW(flagged, lr=1e-2, foreach=True, fused=True, capturable=True)
-    adam = fused_optim.Adam(make_params(init, torch.float32, "cpu"), foreach=True, fused=True, capturable=True)
-    assert adam.param_groups[0]["fused"] is True
+    flagged_opt = fused_optim.AdamW(flagged, lr=1e-2, fused=True, capturable=True)
+    adam = fused_optim.Adam(make_params(init, torch.float32, "cpu"), foreach=True, capturable=True)
+    assert flagged_opt.param_groups[0]["fused"] is True and adam.param_groups[0]["foreach"] is True
     for _ in range(2):
         set_grads(random_grads([(50,)]), plain, flagged)
         plain_opt.step()

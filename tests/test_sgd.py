@@ -553,12 +553,13 @@ def test_signature_extends_torchs():
     assert list(__import__("inspect").signature(fused_optim.SGD).parameters)[-2:] == ["max_grad_norm", "backend"]
 
 
-def test_foreach_and_fused_are_accepted_and_change_nothing():
+@pytest.mark.parametrize("flag", ["foreach", "fused"])
+def test_foreach_and_fused_are_accepted_and_change_nothing(flag):
     init = [torch.randn(50)]
     plain, flagged = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
     plain_opt = fused_optim.SGD(plain, lr=1e-2, momentum=0.9)
-    flagged_opt = fused_optim.SGD(flagged, lr=1e-2, momentum=0.9, foreach=True, fused=True)
-    assert flagged_opt.param_groups[0]["fused"] is True
+    flagged_opt = fused_optim.SGD(flagged, lr=1e-2, momentum=0.9, **{flag: True})
+    assert flagged_opt.param_groups[0][flag] is True
     for _ in range(2):
         set_grads(random_grads([(50,)]), plain, flagged)
         plain_opt.step()
