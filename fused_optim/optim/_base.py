@@ -45,6 +45,37 @@ class FusedOptimizer(Optimizer):
             names = ", ".join(sorted(str(d) for d in devices))
             raise ValueError(f"{type(self).__name__}: all params of a group must be on one device, got {names}.")
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step (one fused launch per group, or per kind of write-back in a group).
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gathered = [(group, self._gather(group)) for group in self.param_groups]
+        all_lists = [lists for _, kinds in gathered for lists in kinds.values()]
+        grads = [grad for lists in all_lists for grad in lists[1]]
+        self._check_grads([p for lists in all_lists for p in lists[0]], grads)
+        grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
+        for group, kinds in gathered:
+            for kind, lists in kinds.items():
+                self._update(group, kind, lists, grad_scale, found_inf)
+        return loss
+
+    def _gather(self, group: dict[str, Any]) -> dict[str, list[list[Tensor]]]:
+        """The group's params that have a grad, their grads and state, as the lists the update op takes
+        ([params, grads, ...]), by kind of update (one op call each)."""
+        raise NotImplementedError
+
+    def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
+                found_inf: Tensor | None) -> None:
+        """One fused update of `lists` (from `_gather`) with the group's hyper-parameters."""
+        raise NotImplementedError
+
     def _check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """The kernels' own check of each grad against its param, run over every group before any group is stepped
         (and before the guard counts anything), so that a bad grad in a later group changes nothing."""

@@ -123,42 +123,25 @@ class Adam(FusedOptimizer):
         if group["stochastic_rounding"]:
             group.setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Performs one optimization step (one fused launch per group).
-
-        Args:
-            closure (Callable, optional): re-evaluates the model and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        gathered = [(group, self._gather(group)) for group in self.param_groups]
-        params = [p for _, kinds in gathered for lists in kinds.values() for p in lists[0]]
-        grads = [grad for _, kinds in gathered for lists in kinds.values() for grad in lists[1]]
-        self._check_grads(params, grads)
-        grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
-        for group, kinds in gathered:
-            for kind, lists in kinds.items():
-                beta1, beta2 = group["betas"]
-                adam_step(
-                    *lists,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                    amsgrad=group["amsgrad"],
-                    maximize=group["maximize"],
-                    stochastic_rounding=kind == "stochastic",
-                    seed=group.get("seed", 0),
-                    grad_scale=grad_scale,
-                    found_inf=found_inf,
-                    backend=self.backend,
-                )
-        return loss
+    def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
+                found_inf: Tensor | None) -> None:
+        beta1, beta2 = group["betas"]
+        adam_step(
+            *lists,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            stochastic_rounding=kind == "stochastic",
+            seed=group.get("seed", 0),
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            backend=self.backend,
+        )
 
     def _gather(self, group: dict[str, Any]) -> dict[str, list[list[Tensor]]]:
         """The group's params with grads, their grads and state, split by how the result is written back:

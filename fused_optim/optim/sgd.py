@@ -88,42 +88,26 @@ class SGD(FusedOptimizer):
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Performs one optimization step (one fused launch per group).
+    def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
+                found_inf: Tensor | None) -> None:
+        weight_decay = group["weight_decay"]
+        sgd_step(
+            *lists,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            # torch allows a tensor weight decay; our kernels take it as a number (a host read, only then)
+            weight_decay=float(weight_decay) if isinstance(weight_decay, Tensor) else weight_decay,
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            backend=self.backend,
+        )
 
-        Args:
-            closure (Callable, optional): re-evaluates the model and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        gathered = [(group, self._gather(group)) for group in self.param_groups]
-        params = [p for _, lists in gathered for p in lists[0]]
-        grads = [grad for _, lists in gathered for grad in lists[1]]
-        self._check_grads(params, grads)
-        grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
-        for group, lists in gathered:
-            weight_decay = group["weight_decay"]
-            sgd_step(
-                *lists,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                # torch allows a tensor weight decay; our kernels take it as a number (a host read, only then)
-                weight_decay=float(weight_decay) if isinstance(weight_decay, Tensor) else weight_decay,
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                backend=self.backend,
-            )
-        return loss
-
-    def _gather(self, group: dict[str, Any]) -> list[list[Tensor]]:
-        """[params, grads, momentum buffers, steps] of the group's params that have a grad (the last two empty
-        without momentum). Everything that can be wrong is checked before any state is created, as torch does;
+    def _gather(self, group: dict[str, Any]) -> dict[str, list[list[Tensor]]]:
+        """{"plain": [params, grads, momentum buffers, steps]} of the group's params that have a grad (the last two
+        empty without momentum). Everything that can be wrong is checked before any state is created, as torch does;
         the op checks the grads themselves (shape, dtype, layout) before writing anything.
 
         Host time matters at a thousand tensors a step, so the lists are kept between steps and only the grads are
@@ -137,7 +121,7 @@ class SGD(FusedOptimizer):
             len(params), len(self.state), group["momentum"] != 0, has_grad
         ):
             with_grad, buffers, steps = plan[3]
-            return [with_grad, grads, buffers, steps]
+            return {"plain": [with_grad, grads, buffers, steps]}
         with_grad = [p for p, present in zip(params, has_grad) if present]
         for p, grad in zip(with_grad, grads):
             if grad.is_sparse:
@@ -161,7 +145,7 @@ class SGD(FusedOptimizer):
                 steps.append(state["step"])
         key = (len(params), len(self.state), group["momentum"] != 0, has_grad)
         self._plans[id(group)] = (params, self.state, key, (with_grad, buffers, steps))
-        return [with_grad, grads, buffers, steps]
+        return {"plain": [with_grad, grads, buffers, steps]}
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict, less the buffers no step has set yet (count 0: every step so far was skipped), so
