@@ -14,6 +14,10 @@ timed; a wrong one is not timed. The ops:
                 _foreach_add_, one large tensor and 2,000 small ones
     clip_adamw  unscale + clip + AdamW (fused_optim/bench/clip_adamw.py): AdamW(max_grad_norm) with our GradScaler
                 vs torch's GradScaler.unscale_ + clip_grad_norm_ + fused AdamW
+    sgd         one SGD step with momentum (fused_optim/bench/sgd.py): torch fused / foreach / for-loop, apex FusedSGD
+
+Optional peers (DeepSpeed CPUAdam, Liger-Kernel, apex) that are not installed have a row saying "absent"; the report
+lists them under "absent_peers". `fused_optim.bench.plot.write_plot` draws a report's GB/s as a PNG.
 
 The shared parts (implementations, check-then-time loop, derived columns) are in fused_optim/bench/peers.py.
 
@@ -33,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from fused_optim.bench import accumulate, adamw, clip_adamw, cross_entropy
+from fused_optim.bench import accumulate, adamw, clip_adamw, cross_entropy, sgd
 from fused_optim.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
 
 __all__ = [
@@ -41,7 +45,7 @@ __all__ = [
     "run_benchmarks", "time_cpu", "time_cuda", "time_fn", "write_json",
 ]
 
-OPS = ("adamw",) + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS  # the ops `fused-optim bench --ops` knows
+OPS = ("adamw",) + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS + sgd.OPS  # the ops `fused-optim bench --ops` knows
 
 # Total params of the main cases. CPU: 84M fp32 params move 2.35 GB a step, far past the last-level cache
 # (DESIGN: >= 50M). GPU: 256M (7.2 GB a step), far past an H100's 50 MB L2, and a step takes milliseconds.
@@ -104,7 +108,7 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     adamw: `sizes` (total params) and `cases`. ce, linear_ce: `dtypes` ("fp32", "bf16"; default fp32 on the CPU,
     both on a GPU) and `shapes` ({"ce": [(N, V)], "linear_ce": [(N, H, V)]}; default: the op's sizes).
     accumulate: `sizes` (elements of the one-tensor case; the 2000×4096 case always runs) and `dtypes` (the grads';
-    default both). clip_adamw: `sizes` (total fp32 params)."""
+    default both). clip_adamw, sgd: `sizes` (total fp32 params)."""
     import fused_optim
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -134,10 +138,12 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     accumulate_config = accumulate.AccumulateConfig(device=device, sizes=sizes,
                                                     dtypes=dtypes or accumulate.DEFAULT_DTYPES, budget_s=budget_s)
     clip_config = clip_adamw.ClipAdamWConfig(device=device, sizes=sizes, budget_s=budget_s)
+    sgd_config = sgd.SGDConfig(device=device, sizes=sizes, budget_s=budget_s)
     if on_plan is not None:
         on_plan(1 + (adamw.count_tasks(config) if "adamw" in ops else 0) + cross_entropy.count_tasks(loss_config)
                 + (accumulate.count_tasks(accumulate_config) if "accumulate" in ops else 0)
-                + (clip_adamw.count_tasks(clip_config) if "clip_adamw" in ops else 0))
+                + (clip_adamw.count_tasks(clip_config) if "clip_adamw" in ops else 0)
+                + (sgd.count_tasks(sgd_config) if "sgd" in ops else 0))
     report_task = on_task or (lambda description: None)
     try:
         roof = memory_roof(device, budget_s=0.5 if quick else 2.0)
@@ -151,6 +157,8 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         rows += accumulate.run(accumulate_config, roof_gbps=roof["gbps"], on_task=on_task)
     if "clip_adamw" in ops:
         rows += clip_adamw.run(clip_config, roof_gbps=roof["gbps"], on_task=on_task)
+    if "sgd" in ops:
+        rows += sgd.run(sgd_config, roof_gbps=roof["gbps"], on_task=on_task)
     run_config: dict[str, Any] = {"ops": list(ops), "quick": quick}
     if "adamw" in ops:
         run_config.update(
@@ -162,7 +170,7 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
             tolerances=adamw.TOLERANCES,
         )
     run_config.update(loss_config.describe())
-    for op, op_config in (("accumulate", accumulate_config), ("clip_adamw", clip_config)):
+    for op, op_config in (("accumulate", accumulate_config), ("clip_adamw", clip_config), ("sgd", sgd_config)):
         if op in ops:
             run_config.update(op_config.describe())
     info = fused_optim.backends()
@@ -179,8 +187,20 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         "load_avg": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "config": run_config,
         "roof": roof,
+        "absent_peers": absent_peers(rows),
         "rows": rows,
     }
+
+
+def absent_peers(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The peers that could not run here (optional ones not installed, torch features this torch or device lacks),
+    once per op and peer: {"op", "impl", "why"} (their rows' note, "absent (...)"). Our own backends that are absent
+    are not peers: their rows say so."""
+    absent: dict[tuple[str, str], str] = {}
+    for r in rows:
+        if not r["impl"].startswith("fused_optim") and r["note"].startswith("absent"):
+            absent.setdefault((r["op"], r["impl"]), r["note"])
+    return [{"op": op, "impl": impl, "why": why} for (op, impl), why in absent.items()]
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
@@ -213,6 +233,7 @@ CAPTIONS = {
     **cross_entropy.CAPTIONS,
     **accumulate.CAPTIONS,
     **clip_adamw.CAPTIONS,
+    **sgd.CAPTIONS,
 }
 
 
@@ -278,6 +299,13 @@ def print_table(report: dict[str, Any], console=None) -> None:
             previous = key
             table.add_row(*(row[i] for i in keep), style="bold" if r["impl"].startswith("fused_optim") else None)
         console.print(table)
+    by_peer: dict[tuple[str, str], list[str]] = {}
+    for peer in report.get("absent_peers", []):
+        by_peer.setdefault((peer["impl"], peer["why"]), []).append(peer["op"])
+    if by_peer:
+        console.print("absent peers: " + "; ".join(
+            f"{escape(impl)} ({', '.join(ops)}): {escape(why.removeprefix('absent (').removesuffix(')'))}"
+            for (impl, why), ops in by_peer.items()))
     load = report.get("load_avg", {})
     busy = max(load.get("before") or 0, load.get("after") or 0)
     if report["device_type"] == "cpu" and busy > 0.5 * (os.cpu_count() or 1) + 1:

@@ -1,5 +1,6 @@
-"""AdamW step benchmark: ours against torch's fused, foreach and for-loop AdamW (and DeepSpeed's CPUAdam on the CPU
-when installed), on the CPU or a CUDA GPU, reported as time, GB/s and % of the device's measured memory roof.
+"""AdamW step benchmark: ours against torch's fused, foreach and for-loop AdamW (and DeepSpeed's CPUAdam on the CPU,
+apex's FusedAdam on a GPU; a row says "absent" when one is not installed), on the CPU or a CUDA GPU, reported as
+time, GB/s and % of the device's measured memory roof.
 
 Cases (each on a GPT-like list of tensors, `model_shapes`):
   fp32          fp32 params, grads and state.
@@ -28,7 +29,6 @@ the median time: an implementation that moves more (temporaries, several passes)
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fused_optim.bench.peers import Impl, our_implementations
+from fused_optim.bench.peers import Impl, apex_peer, not_installed, our_implementations
 from fused_optim.bench.timing import error_note, release_memory, Timing, host_time, synchronize, time_fn
 
 CASES = ("fp32", "bf16", "bf16+master", "host")
@@ -207,6 +207,15 @@ def _deepspeed(w: Workload) -> Runner:
     return Runner(opt.step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
 
 
+def _apex(fused_adam: type) -> Callable[[Workload], Runner]:
+    """apex.optimizers.FusedAdam in AdamW mode (its state in the param dtype, as torch's)."""
+    def build(w: Workload) -> Runner:
+        params = _clone_params(w)
+        opt = fused_adam(params, **HPARAMS, adam_w_mode=True)
+        return Runner(opt.step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
+    return build
+
+
 def implementations(case: str, device: torch.device) -> list[Impl]:
     """The implementations compared in `case` on `device`, usable or not (with the reason)."""
     impls = our_implementations(device, _ours)
@@ -218,10 +227,11 @@ def implementations(case: str, device: torch.device) -> list[Impl]:
     impls.append(Impl("torch foreach", _torch(foreach=True)))
     impls.append(Impl("torch for-loop", _torch(foreach=False), reference=True))
     if device.type == "cpu" and case != "host":
-        if importlib.util.find_spec("deepspeed") is None:
-            impls.append(Impl("DeepSpeed CPUAdam", None, unavailable="absent (deepspeed is not installed)"))
-        else:
-            impls.append(Impl("DeepSpeed CPUAdam", _deepspeed))
+        missing = not_installed("deepspeed", "deepspeed")
+        impls.append(Impl("DeepSpeed CPUAdam", None if missing else _deepspeed, unavailable=missing))
+    apex = apex_peer("apex FusedAdam", "FusedAdam", device, _apex)
+    if apex is not None:
+        impls.append(apex)
     return impls
 
 

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from fused_optim.bench.adamw import HPARAMS, _human, compare, model_shapes
-from fused_optim.bench.peers import Impl, Kernel, check_then_time, derive, new_row, our_implementations
+from fused_optim.bench.peers import (Impl, Kernel, check_then_time, derive, new_row, our_implementations,
+                                    torch_fused_supported)
 from fused_optim.reference import ReferenceAdam
 
 OPS = ("clip_adamw",)
@@ -135,19 +136,10 @@ def _torch_sequence(**options) -> Callable:
     return build
 
 
-def torch_fused_supported(device: torch.device) -> bool:
-    """Whether torch's AdamW takes fused=True for fp32 params on `device` (CUDA; the CPU since torch 2.4)."""
-    try:
-        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
 def implementations(device: torch.device) -> list[Impl]:
     """The implementations compared on `device`, usable or not (with the reason)."""
     impls = our_implementations(device, _ours, KERNELS, torch_fallback=True)
-    if torch_fused_supported(device):
+    if torch_fused_supported(torch.optim.AdamW, device):
         impls.append(Impl("torch unscale_ + clip_grad_norm_ + fused AdamW", _torch_sequence(fused=True),
                           baseline=True))
     else:

@@ -45,7 +45,6 @@ Peak extra memory (`peak_mem`, bytes): what one call allocates beyond its inputs
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import os
 import resource
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_optim import reference
-from fused_optim.bench.peers import Impl, derive, our_implementations
+from fused_optim.bench.peers import Impl, derive, not_installed, our_implementations
 from fused_optim.bench.timing import error_note, release_memory, synchronize, time_fn
 
 OPS = ("ce", "linear_ce")
@@ -221,8 +220,9 @@ def _torch_chunked_linear_ce(x: Tensor, weight: Tensor, target: Tensor) -> Tenso
 
 def _liger(op: str, device: torch.device) -> Impl:
     name = "Liger-Kernel"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return Impl(name, None, unavailable="absent (liger-kernel is not installed)")
+    missing = not_installed("liger_kernel", "liger-kernel")
+    if missing is not None:
+        return Impl(name, None, unavailable=missing)
     if device.type != "cuda":
         return Impl(name, None, unavailable="absent (Liger-Kernel's Triton kernels need a CUDA GPU)")
     from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss

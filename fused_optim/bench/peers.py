@@ -9,6 +9,7 @@ An op module (adamw.py, cross_entropy.py, accumulate.py, clip_adamw.py) supplies
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import time
 from dataclasses import dataclass
@@ -49,6 +50,39 @@ def missing_kernel(backend: str, kernels: tuple[Kernel, ...]) -> str | None:
         elif backend == "triton" and importlib.util.find_spec(f"fused_optim.triton.{kernel.triton_module}") is None:
             return f"absent (no Triton kernel fused_optim/triton/{kernel.triton_module}.py)"
     return None
+
+
+def not_installed(module: str, package: str) -> str | None:
+    """"absent (`package` is not installed)" when `module` cannot be imported, else None: an optional peer's
+    row says so instead of running."""
+    return None if importlib.util.find_spec(module) is not None else f"absent ({package} is not installed)"
+
+
+def apex_peer(name: str, optimizer: str, device: torch.device, build: Callable[[type], Callable]) -> Impl | None:
+    """apex's `apex.optimizers.<optimizer>` (FusedAdam, FusedSGD) as a peer on a GPU, `build(optimizer_class)`
+    making its runner; its row says why when apex is absent. None on the CPU: apex's optimizers run on CUDA only
+    (so no row there, as DeepSpeed's CPUAdam has none on a GPU)."""
+    if device.type != "cuda":
+        return None
+    missing = not_installed("apex", "apex")
+    if missing is not None:
+        return Impl(name, None, unavailable=missing)
+    try:
+        optimizer_class = getattr(importlib.import_module("apex.optimizers"), optimizer)
+    except (ImportError, AttributeError) as error:
+        message = str(error).strip().splitlines()
+        return Impl(name, None, unavailable=f"absent (apex.optimizers.{optimizer}: {message[0] if message else ''})")
+    return Impl(name, build(optimizer_class))
+
+
+def torch_fused_supported(optimizer_class: type, device: torch.device) -> bool:
+    """Whether torch's `optimizer_class` (AdamW, SGD) takes fused=True for fp32 params on `device` (CUDA; the CPU
+    since torch 2.4)."""
+    try:
+        optimizer_class([torch.zeros(1, device=device, requires_grad=True)], lr=1e-3, fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def our_implementations(device: torch.device, build: Callable[[str], Callable], kernels: tuple[Kernel, ...] = (),
