@@ -45,7 +45,8 @@ __all__ = [
     "run_benchmarks", "time_cpu", "time_cuda", "time_fn", "write_json",
 ]
 
-OPS = ("adamw",) + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS + sgd.OPS  # the ops `fused-optim bench --ops` knows
+# the ops `fused-optim bench --ops` knows
+OPS = ("adamw",) + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS + sgd.OPS
 
 # Total params of the main cases. CPU: 84M fp32 params move 2.35 GB a step, far past the last-level cache
 # (DESIGN: >= 50M). GPU: 256M (7.2 GB a step), far past an H100's 50 MB L2, and a step takes milliseconds.

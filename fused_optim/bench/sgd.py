@@ -179,7 +179,7 @@ def _row(impl: Impl, w: Workload) -> dict[str, Any]:
 
 CAPTIONS = {
     "sgd": "ms: median time of one SGD step (momentum 0.9, fp32); GB/s by the bytes model (read grad, param, "
-           "momentum buffer; write param, momentum buffer: 20 B/param); % of the roof; × = torch fused's time (foreach "
-           "where torch has no fused SGD here) / this one's; vs peers: ours' speed-up over each; peak mem (GPU): what "
-           "a step allocates beyond its state.",
+           "momentum buffer; write param, momentum buffer: 20 B/param); % of the roof; × = torch fused's time "
+           "(foreach where torch has no fused SGD here) / this one's; vs peers: ours' speed-up over each; peak mem "
+           "(GPU): what a step allocates beyond its state.",
 }

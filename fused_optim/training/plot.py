@@ -6,24 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fused_optim._pyplot import pyplot
+
 COLOURS = {"fused": "tab:blue", "torch": "tab:orange"}
 LABELS = {"fused": "fused_optim", "torch": "torch"}
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_losses(summary: dict, path: str) -> None:
     """Writes the loss curves of `summary` (report.summarise) to the PNG `path`."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
     for side, run in summary["runs"].items():
         history = run["history"]
