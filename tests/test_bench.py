@@ -1,8 +1,10 @@
-"""`fused-optim bench` for the accumulate and clip_adamw ops: the command runs end to end at tiny sizes and writes
-the JSON report its rows promise, and a wrong implementation is reported as wrong and not timed."""
+"""`fused-optim bench` for the accumulate, clip_adamw and sgd ops: the command runs end to end at tiny sizes and
+writes the JSON report its rows promise (and the --plot PNG), absent peers are listed, and a wrong implementation is
+reported as wrong and not timed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,23 +13,33 @@ import sys
 import pytest
 import torch
 
-from fused_optim.bench import accumulate, clip_adamw
-from fused_optim.bench.peers import Impl
+from fused_optim.bench import absent_peers, accumulate, clip_adamw, sgd
+from fused_optim.bench.adamw import Runner
+from fused_optim.bench.peers import Impl, apex_peer
+from fused_optim.bench.plot import bars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
-    path = tmp_path_factory.mktemp("bench") / "report.json"
+def run_dir(tmp_path_factory):
+    """The directory of one tiny `fused-optim bench` run: report.json and, with matplotlib, plot.png."""
+    directory = tmp_path_factory.mktemp("bench")
+    plot = ["--plot", str(directory / "plot.png")] if HAS_MATPLOTLIB else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
-        [sys.executable, "-m", "fused_optim", "bench", "--ops", "accumulate,clip_adamw", "--quick", "--device", "cpu",
-         "--sizes", "4099", "--json", str(path)],
+        [sys.executable, "-m", "fused_optim", "bench", "--ops", "accumulate,clip_adamw,sgd", "--quick", "--device",
+         "cpu", "--sizes", "4099", "--json", str(directory / "report.json"), *plot],
         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(path.read_text())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def report(run_dir) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
 
 
 def _rows(report: dict, op: str) -> list[dict]:
@@ -43,10 +55,72 @@ def _check_timed_row(row: dict) -> None:
 
 def test_report_schema(report):
     assert report["schema"] == 1 and report["device_type"] == "cpu"
-    assert report["config"]["ops"] == ["accumulate", "clip_adamw"]
+    assert report["config"]["ops"] == ["accumulate", "clip_adamw", "sgd"]
     assert report["config"]["accumulate"]["bytes_per_element"] == {"bf16": 10, "fp32": 12}
     assert report["config"]["clip_adamw"]["bytes_per_param"] == 32
-    assert {r["op"] for r in report["rows"]} == {"accumulate", "clip_adamw"}
+    assert report["config"]["sgd"]["bytes_per_param"] == 20
+    assert report["config"]["sgd"]["hparams"]["momentum"] == 0.9
+    assert {r["op"] for r in report["rows"]} == {"accumulate", "clip_adamw", "sgd"}
+    absent = {(r["op"], r["impl"]) for r in report["rows"]
+              if r["note"].startswith("absent") and not r["impl"].startswith("fused_optim")}
+    assert {(peer["op"], peer["impl"]) for peer in report["absent_peers"]} == absent
+
+
+def test_sgd_rows(report):
+    rows = _rows(report, "sgd")
+    assert {r["n_params"] for r in rows} == {4099} and all(r["bytes"] == 20 * 4099 for r in rows)
+    timed = [r for r in rows if r["time_ms_median"]]
+    for r in timed:
+        _check_timed_row(r)
+        assert r["max_abs_err"] < 1e-7
+    assert {"torch foreach", "torch for-loop"} <= {r["impl"] for r in timed}
+    assert any(r["impl"].startswith("fused_optim") for r in timed)
+    fused = next(r for r in rows if r["impl"] == "torch fused")
+    baseline = "torch fused" if fused["time_ms_median"] else "torch foreach"
+    assert [r["impl"] for r in rows if r["baseline"]] == [baseline]
+    for r in rows:  # untimed: absent (with the reason), never silently
+        assert r["time_ms_median"] or r["note"].startswith("absent"), r
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
+def test_plot_file(run_dir):
+    png = (run_dir / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_plot_without_matplotlib_says_so_before_measuring(monkeypatch, capsys):
+    from fused_optim.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert main(["bench", "--ops", "sgd", "--device", "cpu", "--plot", "x.png"]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_plot_draws_only_rows_with_bandwidth():
+    def row(op, impl, gbps, correct=True, **fields):
+        return {"op": op, "case": "fp32", "impl": impl, "gbps": gbps, "correct": correct, **fields}
+    report = {"rows": [row("sgd", "ours", 10.0, n_params=4099), row("sgd", "wrong", 99.0, correct=False),
+                       row("sgd", "absent", None, correct=None), row("ce", "ours", 5.0, shape="8×16")]}
+    assert bars(report) == {"sgd fp32 4.1K": {"ours": 10.0}, "ce fp32 8×16": {"ours": 5.0}}
+
+
+def test_absent_peers():
+    rows = [{"op": "ce", "impl": "Liger-Kernel", "note": "absent (liger-kernel is not installed)"},
+            {"op": "ce", "impl": "Liger-Kernel", "note": "absent (liger-kernel is not installed)"},
+            {"op": "sgd", "impl": "fused_optim[cpu]", "note": "absent (no kernel)"},
+            {"op": "sgd", "impl": "torch foreach", "note": ""}]
+    assert absent_peers(rows) == [{"op": "ce", "impl": "Liger-Kernel", "why": "absent (liger-kernel is not installed)"}]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("apex") is not None, reason="apex is installed")
+def test_apex_is_a_gpu_peer_said_absent():
+    assert apex_peer("apex FusedSGD", "FusedSGD", CPU, lambda optimizer_class: None) is None  # CUDA only: no row
+    impl = apex_peer("apex FusedSGD", "FusedSGD", torch.device("cuda"), lambda optimizer_class: None)
+    assert impl.build is None and impl.unavailable == "absent (apex is not installed)"
+    names = [impl.name for impl in sgd.implementations(CPU)]
+    assert "apex FusedSGD" not in names and {"torch foreach", "torch for-loop"} <= set(names)
 
 
 def test_accumulate_rows(report):
@@ -132,4 +206,18 @@ def test_clip_adamw_without_clipping_is_wrong(monkeypatch):
     rows = clip_adamw.run(clip_adamw.ClipAdamWConfig(device=CPU, sizes=[3000], budget_s=0.01))
     wrong, right = rows
     assert wrong["correct"] is False and wrong["time_ms_median"] is None and "wrong result" in wrong["note"]
+    _check_timed_row(right)
+
+
+def test_sgd_without_momentum_is_wrong(monkeypatch):
+    def no_momentum(w):  # plain SGD: its "buffer" is the grad (the first step is right, the second not)
+        params = sgd._clone_params(w)
+        opt = torch.optim.SGD(params, lr=sgd.HPARAMS["lr"])
+        return Runner(opt.step, lambda: params + [p.grad for p in params], lambda: torch.float32, params)
+
+    monkeypatch.setattr(sgd, "implementations", lambda device: [
+        Impl("no momentum", no_momentum), Impl("torch foreach", sgd._torch(foreach=True), baseline=True)])
+    rows = sgd.run(sgd.SGDConfig(device=CPU, sizes=[3000], budget_s=0.01))
+    wrong, right = rows
+    assert wrong["correct"] is False and wrong["time_ms_median"] is None and "wrong result" in wrong["note"], wrong
     _check_timed_row(right)
