@@ -8,17 +8,20 @@
 #      ce at 8192x128256, linear_ce at 8192x4096x128256, torch.compile peers included,
 #   6. runs the gradient-accumulation and clip + unscale + AdamW benchmarks
 #      (`python -m fused_optim bench --ops accumulate,clip_adamw --json`): 256M elements / params,
-# in under 10 minutes. The benchmarks run even when the tests fail; the exit status is non-zero if any step did.
+#   7. runs the SGD benchmark (`python -m fused_optim bench --ops sgd --json`): 256M params,
+# in under 10 minutes. Each benchmark also draws its GB/s as a PNG (--plot) when matplotlib is installed. The
+# benchmarks run even when the tests fail; the exit status is non-zero if any step did.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]
 #
 # OUT_DIR: the first argument, else $OUT (the device runner's output folder), else benchmarks/results/<device>,
 # <device> being torch.cuda.get_device_name() lowercased, non-alphanumerics → '-' (nvidia-h100-80gb-hbm3).
 # Writes OUT_DIR/gpu_check.log (everything printed), info.json, adamw.json, cross_entropy.json,
-# accumulate_clip_adamw.json; commit them under benchmarks/results/<device>/. Environment: PYTHON (default python),
+# accumulate_clip_adamw.json, sgd.json (and adamw.png, cross_entropy.png, accumulate_clip_adamw.png, sgd.png);
+# commit them under benchmarks/results/<device>/. Environment: PYTHON (default python),
 # BENCH_ARGS (extra arguments of every `bench` run, e.g. "--quick"), and the phase limits BUILD_TIMEOUT,
-# TEST_TIMEOUT, BENCH_TIMEOUT, CE_BENCH_TIMEOUT, STEP_BENCH_TIMEOUT (seconds; 240, 180, 200, 240, 150: each an
-# upper bound; before the losses existed the first three phases took 55, 61 and 57 s on an H100).
+# TEST_TIMEOUT, BENCH_TIMEOUT, CE_BENCH_TIMEOUT, STEP_BENCH_TIMEOUT, SGD_BENCH_TIMEOUT (seconds; 240, 180, 200,
+# 240, 150, 90: each an upper bound; before the losses existed the first three phases took 55, 61 and 57 s on an H100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +31,7 @@ TEST_TIMEOUT="${TEST_TIMEOUT:-180}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-200}"
 CE_BENCH_TIMEOUT="${CE_BENCH_TIMEOUT:-240}"
 STEP_BENCH_TIMEOUT="${STEP_BENCH_TIMEOUT:-150}"
+SGD_BENCH_TIMEOUT="${SGD_BENCH_TIMEOUT:-90}"
 
 slug="$("$PYTHON" - <<'PY'
 import re, torch
@@ -92,32 +96,53 @@ fi
 elapsed tests $test_rc $t0
 (( test_rc == 0 )) || status=1
 
+# plot NAME: PLOT=(--plot OUT_DIR/NAME.png) when matplotlib is there, else none (without matplotlib, --plot would
+# stop the run before it measures)
+plot() {
+    PLOT=()
+    if "$PYTHON" -c 'import matplotlib' 2> /dev/null; then PLOT=(--plot "$OUT_DIR/$1.png"); fi
+}
+
 phase "benchmark: python -m fused_optim bench --json $OUT_DIR/adamw.json ${BENCH_ARGS:-}"
 t0=$(date +%s)
 bench_rc=0
+plot adamw
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-timeout "$BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --json "$OUT_DIR/adamw.json" ${BENCH_ARGS:-} || bench_rc=$?
+timeout "$BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --json "$OUT_DIR/adamw.json" "${PLOT[@]}" \
+    ${BENCH_ARGS:-} || bench_rc=$?
 elapsed bench $bench_rc $t0
 (( bench_rc == 0 )) || status=1
 
 phase "benchmark: python -m fused_optim bench --ops ce,linear_ce --json $OUT_DIR/cross_entropy.json ${BENCH_ARGS:-}"
 t0=$(date +%s)
 ce_bench_rc=0
+plot cross_entropy
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 timeout "$CE_BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --ops ce,linear_ce --json "$OUT_DIR/cross_entropy.json" \
-    ${BENCH_ARGS:-} || ce_bench_rc=$?
+    "${PLOT[@]}" ${BENCH_ARGS:-} || ce_bench_rc=$?
 elapsed ce-bench $ce_bench_rc $t0
 (( ce_bench_rc == 0 )) || status=1
 
 phase "benchmark: python -m fused_optim bench --ops accumulate,clip_adamw --json $OUT_DIR/accumulate_clip_adamw.json ${BENCH_ARGS:-}"
 t0=$(date +%s)
 step_bench_rc=0
+plot accumulate_clip_adamw
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 timeout "$STEP_BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --ops accumulate,clip_adamw \
-    --json "$OUT_DIR/accumulate_clip_adamw.json" ${BENCH_ARGS:-} || step_bench_rc=$?
+    --json "$OUT_DIR/accumulate_clip_adamw.json" "${PLOT[@]}" ${BENCH_ARGS:-} || step_bench_rc=$?
 elapsed step-bench $step_bench_rc $t0
 (( step_bench_rc == 0 )) || status=1
 
-phase "done: tests exit $test_rc, bench exit $bench_rc, ce bench exit $ce_bench_rc, step bench exit $step_bench_rc, status $status"
+phase "benchmark: python -m fused_optim bench --ops sgd --json $OUT_DIR/sgd.json ${BENCH_ARGS:-}"
+t0=$(date +%s)
+sgd_bench_rc=0
+plot sgd
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+timeout "$SGD_BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --ops sgd --json "$OUT_DIR/sgd.json" "${PLOT[@]}" \
+    ${BENCH_ARGS:-} || sgd_bench_rc=$?
+elapsed sgd-bench $sgd_bench_rc $t0
+(( sgd_bench_rc == 0 )) || status=1
+
+phase "done: tests exit $test_rc, bench exit $bench_rc, ce bench exit $ce_bench_rc, step bench exit $step_bench_rc, sgd bench exit $sgd_bench_rc, status $status"
 ls -l "$OUT_DIR"
 exit $status
