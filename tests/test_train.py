@@ -180,6 +180,17 @@ def test_resume_continues_bit_exactly(text_file, tmp_path, compare):
     assert set(saved["sides"]) == ({"fused", "torch"} if compare else {"fused"})
 
 
+def test_too_short_splits_fail_before_the_first_step(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"0123456789" * 15)  # 150 bytes: 135 to train on, 15 to validate: too few for seq_len 16
+    with pytest.raises(ValueError, match=r"validation split .* 15 tokens.*--data.*10 %"):
+        train(TrainConfig(**TINY_CONFIG, data=str(short)))
+    with pytest.raises(ValueError, match=r"training split .* 9 tokens"):
+        train(TrainConfig(**TINY_CONFIG, data=str(short), max_data_bytes=10))
+    assert run_cli(*TINY, "--data", str(short)) == 2
+    assert "validation split" in capsys.readouterr().err
+
+
 def test_resume_refuses_a_different_run(text_file, tmp_path):
     path = tmp_path / "ckpt.pt"
     config = TrainConfig(**TINY_CONFIG, data=str(text_file), save=str(path), stop_after=2)

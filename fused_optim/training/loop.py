@@ -72,6 +72,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_corpus_fits(corpus: Corpus, seq_len: int) -> None:
+    """Both splits must hold a window of seq_len + 1 tokens; checked before the first step, since the validation
+    split is otherwise first read at the first evaluation."""
+    for split, tokens in (("training", corpus.train), ("validation", corpus.val)):
+        if tokens.numel() <= seq_len:
+            raise ValueError(f"the {split} split of {corpus.name} has {tokens.numel()} tokens, too few for windows "
+                             f"of --seq-len {seq_len} + 1: pass more text with --data (the last 10 % of it is the "
+                             "validation split) or a smaller --seq-len")
+
+
 def train(config: TrainConfig, reporter: Reporter | None = None, corpus: Corpus | None = None) -> dict:
     """Runs the fused side (and the torch side with `config.compare`, step by step in turn with it, so that both
     meet the same machine load) and returns the results by side with what they share:
@@ -79,6 +89,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None, corpus: Corpus 
     reporter = reporter if reporter is not None else Reporter()
     device = resolve_device(config.device)
     corpus = corpus if corpus is not None else load_corpus(config.data, config.max_data_bytes)
+    check_corpus_fits(corpus, config.seq_len)
     saved = checkpoint.load(config.resume, config) if config.resume else {"sides": {}}
     sides = SIDES if config.compare else SIDES[:1]
     runs = [SideRun(side, config, device, corpus, saved["sides"].get(side), reporter) for side in sides]
