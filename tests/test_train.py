@@ -240,8 +240,15 @@ def test_divergence_stops_the_run(text_file, tmp_path):
     result = train(config)["results"]["fused"]
     assert result.diverged and result.steps < 10
     assert "diverged" in result.warnings[-1]
+    out = tmp_path / "diverged.json"
     assert run_cli(*TINY, "--data", str(text_file), "--lr", "1e4", "--max-grad-norm", "0", "--warmup", "0",
-                   "--log-interval", "1") == 1
+                   "--log-interval", "1", "--json", str(out)) == 1
+
+    def reject(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    run = json.loads(out.read_text(), parse_constant=reject)["runs"]["fused"]  # strict JSON: no NaN or Infinity
+    assert run["diverged"] and run["history"]["train_loss"][-1] is None  # the non-finite loss, as null
 
 
 # ---- pieces ------------------------------------------------------------------------------------------------------

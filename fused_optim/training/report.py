@@ -9,11 +9,13 @@ tokens_per_step, chinchilla_tokens, runs: {side: {steps, resumed_from, tokens, f
 val_perplexity, train_perplexity, tokens_per_second, step_ms: {forward, backward, optimizer, total}, mfu,
 diverged, warnings, history: {train_loss: [...], grad_norm: [...], val: [[step, loss], ...]}}},
 compare: null | {steps_compared, max_abs_loss_diff_first_10, max_abs_loss_diff, max_rel_loss_diff}}.
+A non-finite number (NaN, inf: a diverged run) is written as null.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -105,8 +107,20 @@ def _agreement(fused: SideResult, reference: SideResult) -> dict:
 
 
 def write_json(summary: dict, path: str) -> None:
+    """Writes `summary` as strict JSON: a non-finite number (a diverged run's loss, an overflowed perplexity) is
+    written as null, which every JSON reader accepts (NaN and Infinity are not JSON); `diverged` says why."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    Path(path).write_text(json.dumps(_finite_or_null(summary), indent=2, allow_nan=False) + "\n")
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 # ---- the table ----------------------------------------------------------------------------------------------------
