@@ -102,6 +102,18 @@ def test_batch_sampler_windows_and_state():
         BatchSampler(corpus.train[:5], batch_size=1, seq_len=10, seed=0)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_batches_reach_the_device_unchanged(device):
+    # on a GPU through pinned memory, asynchronously; the same tokens as the sampler's CPU batch
+    from fused_optim.training.loop import batch_on
+
+    corpus = Corpus.from_bytes(bytes(range(256)) * 4, name="ramp")
+    first, second = (BatchSampler(corpus.train, batch_size=3, seq_len=10, seed=5) for _ in range(2))
+    x, y = batch_on(torch.device(device), first.next_windows())
+    expected_x, expected_y = second.next()
+    assert x.device.type == device and torch.equal(x.cpu(), expected_x) and torch.equal(y.cpu(), expected_y)
+
+
 # ---- the run -----------------------------------------------------------------------------------------------------
 
 def test_json_schema_and_history(text_file, tmp_path):

@@ -111,6 +111,11 @@ def load_corpus(path: str | os.PathLike | None, max_bytes: int | None = DEFAULT_
     return corpus
 
 
+def split_windows(windows: Tensor) -> tuple[Tensor, Tensor]:
+    """(input, target) views of (B, T + 1) windows: the target is the input shifted by one token."""
+    return windows[:, :-1], windows[:, 1:]
+
+
 class BatchSampler:
     """Random (input, target) windows of `seq_len` tokens from `tokens`, the target shifted by one, drawn with its
     own seeded generator (`state_dict()` / `load_state_dict()` to resume the same sequence)."""
@@ -123,9 +128,13 @@ class BatchSampler:
 
     def next(self) -> tuple[Tensor, Tensor]:
         """(input, target): two (batch_size, seq_len) int64 CPU tensors."""
+        return split_windows(self.next_windows())
+
+    def next_windows(self) -> Tensor:
+        """The next batch as one (batch_size, seq_len + 1) int64 CPU tensor: input and target overlap in it, so a
+        copy to a device moves it once (`split_windows` there)."""
         starts = torch.randint(self.tokens.numel() - self.seq_len, (self.batch_size,), generator=self.generator)
-        windows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].long()  # (B, T + 1), one gather
-        return windows[:, :-1], windows[:, 1:]
+        return self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].long()  # one gather
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

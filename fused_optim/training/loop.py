@@ -12,13 +12,15 @@ only its own work in the stream), so evaluations, checkpoints and the other side
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 import fused_optim
-from fused_optim.examples.data import VOCAB_SIZE, BatchSampler, Corpus, load_corpus
+from fused_optim.examples.data import VOCAB_SIZE, BatchSampler, Corpus, load_corpus, split_windows
 from fused_optim.examples.gpt import GPT, GPTConfig
 from fused_optim.training import checkpoint
 from fused_optim.training.config import TrainConfig
@@ -82,12 +84,26 @@ def check_corpus_fits(corpus: Corpus, seq_len: int) -> None:
                              "validation split) or a smaller --seq-len")
 
 
+def batch_on(device: torch.device, windows: Tensor) -> tuple[Tensor, Tensor]:
+    """(input, target) on `device` from the sampler's CPU windows. To a GPU: one copy from pinned memory, which
+    is asynchronous (a non_blocking copy from pageable memory is staged by the host and may wait)."""
+    if device.type == "cuda":
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    return split_windows(windows)
+
+
 def train(config: TrainConfig, reporter: Reporter | None = None, corpus: Corpus | None = None) -> dict:
     """Runs the fused side (and the torch side with `config.compare`, step by step in turn with it, so that both
     meet the same machine load) and returns the results by side with what they share:
     {"config", "device", "corpus", "results": {side: SideResult}}."""
     reporter = reporter if reporter is not None else Reporter()
     device = resolve_device(config.device)
+    # --device cuda:N: make N the current device, on which the timer's CUDA events and the loop's streams live
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _train(config, reporter, corpus, device)
+
+
+def _train(config: TrainConfig, reporter: Reporter, corpus: Corpus | None, device: torch.device) -> dict:
     corpus = corpus if corpus is not None else load_corpus(config.data, config.max_data_bytes)
     check_corpus_fits(corpus, config.seq_len)
     saved = checkpoint.load(config.resume, config) if config.resume else {"sides": {}}
@@ -139,7 +155,7 @@ class SideRun:
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         num_tokens = torch.zeros((), dtype=torch.int64, device=device)
         for _ in range(config.micro_batches):
-            x, y = (t.to(device, non_blocking=True) for t in self.sampler.next())
+            x, y = batch_on(device, self.sampler.next_windows())
             start = timer.mark()
             loss = recipe.loss_sum(x, y)
             forward_end = timer.mark()
@@ -219,7 +235,7 @@ def evaluate(recipe: Recipe, corpus: Corpus, config: TrainConfig, device: torch.
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     for _ in range(config.eval_batches):
-        x, y = (t.to(device) for t in sampler.next())
+        x, y = batch_on(device, sampler.next_windows())
         total += recipe.loss_sum(x, y).double()
         tokens += y.numel()
     recipe.model.train()
