@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fused_optim
 from fused_optim.cli import main
 from fused_optim.cli.train import config_from_args
 from fused_optim.examples.data import BatchSampler, Corpus, load_corpus, stdlib_corpus, text_files
@@ -142,6 +143,7 @@ def test_json_schema_and_history(text_file, tmp_path):
     assert run["step_ms"]["total"] >= 0.99 * sum(run["step_ms"][p] for p in ("forward", "backward", "optimizer"))
     assert summary["device"]["peak_bf16_flops"] is None and summary["corpus"]["files"] == 1
     assert summary["precision"] == "fp32"  # autocast only on a GPU by default
+    assert summary["backend"] == summary["config"]["backend"] == fused_optim._backend.resolve("auto", "cpu")
 
 
 def test_compare_agrees_with_torch_over_the_first_steps(text_file, tmp_path):
@@ -210,6 +212,23 @@ def test_resume_refuses_a_different_run(text_file, tmp_path):
     with pytest.raises(ValueError, match=r"different run: lr \(checkpoint 0.001, now 0.002\)"):
         train(config.replace(save=None, stop_after=None, resume=str(path), lr=2e-3))
     assert run_cli(*TINY, "--data", str(text_file), "--resume", str(tmp_path / "none.pt")) == 2
+    with pytest.raises(ValueError, match=r"different run: betas"):
+        train(config.replace(save=None, stop_after=None, resume=str(path), betas=(0.9, 0.999)))
+
+
+def test_resume_refuses_other_kernels(text_file, tmp_path, monkeypatch):
+    # another FUSED_OPTIM_BACKEND rounds differently: the resume would not be bit-exact, so it is refused
+    path = tmp_path / "ckpt.pt"
+    config = TrainConfig(**TINY_CONFIG, data=str(text_file))
+    monkeypatch.setenv("FUSED_OPTIM_BACKEND", "torch")
+    train(config.replace(save=str(path), stop_after=2))
+    assert torch.load(path, weights_only=True)["config"]["backend"] == "torch"  # resolved, not None
+    monkeypatch.delenv("FUSED_OPTIM_BACKEND")
+    resolved = fused_optim._backend.resolve("auto", "cpu")
+    if resolved != "torch":
+        with pytest.raises(ValueError, match=rf"different run: backend \(checkpoint 'torch', now '{resolved}'\)"):
+            train(config.replace(resume=str(path)))
+    assert train(config.replace(resume=str(path), backend="torch"))["results"]["fused"].first_step == 2
 
 
 def test_cli_resume_after_stop(text_file, tmp_path, capsys):
@@ -273,6 +292,9 @@ def test_loss_monitor():
     assert not monitor.diverged
     assert "diverged" in monitor.check(5, math.inf) and monitor.diverged
     assert monitor.lowest == 2.0
+    restored = LossMonitor(spike_factor=1.5)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.diverged and restored.lowest == 2.0 and restored.warnings == monitor.warnings
 
 
 def test_metrics():

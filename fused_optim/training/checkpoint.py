@@ -54,8 +54,8 @@ def load(path: str | os.PathLike, config: TrainConfig) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"--resume {path}: not a fused-optim train checkpoint")
     saved = checkpoint["config"]
-    differing = [f"{name} (checkpoint {saved[name]!r}, now {getattr(config, name)!r})" for name in RUN_DEFINING
-                 if _normalised(saved[name]) != _normalised(getattr(config, name))]
+    differing = [f"{name} (checkpoint {saved.get(name)!r}, now {getattr(config, name)!r})" for name in RUN_DEFINING
+                 if _normalised(saved.get(name)) != _normalised(getattr(config, name))]
     if differing:
         raise ValueError(f"--resume {path}: the checkpoint is of a different run: {'; '.join(differing)}")
     return checkpoint

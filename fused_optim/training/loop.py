@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import fused_optim
+from fused_optim import _backend
 from fused_optim.examples.data import VOCAB_SIZE, BatchSampler, Corpus, load_corpus, split_windows
 from fused_optim.examples.gpt import GPT, GPTConfig
 from fused_optim.training import checkpoint
@@ -74,6 +75,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The kernels the fused side runs on `device` ("cuda", "triton", "cpu" or "torch"): `backend`, or when None
+    $FUSED_OPTIM_BACKEND or auto, resolved. A resume must run the same ones to be bit-exact."""
+    try:
+        return _backend.resolve(backend if backend is not None else _backend.default_backend(), device.type)
+    except RuntimeError as error:  # this machine cannot run the backend asked for: a bad setting, not a failure
+        raise ValueError(str(error)) from None
+
+
 def check_corpus_fits(corpus: Corpus, seq_len: int) -> None:
     """Both splits must hold a window of seq_len + 1 tokens; checked before the first step, since the validation
     split is otherwise first read at the first evaluation."""
@@ -104,6 +114,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None, corpus: Corpus 
 
 
 def _train(config: TrainConfig, reporter: Reporter, corpus: Corpus | None, device: torch.device) -> dict:
+    config = config.replace(backend=resolve_backend(config.backend, device))  # checkpoints and reports name it
     corpus = corpus if corpus is not None else load_corpus(config.data, config.max_data_bytes)
     check_corpus_fits(corpus, config.seq_len)
     saved = checkpoint.load(config.resume, config) if config.resume else {"sides": {}}
@@ -143,7 +154,7 @@ class SideRun:
         self.timer = PhaseTimer(device)
         self.pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # steps not yet read: (loss, grad norm)
         self.steps_taken = self.result.first_step  # ahead of result.steps, which grows at report points
-        self.stopped = False  # diverged
+        self.stopped = self.monitor.diverged  # a side that diverged before the checkpoint stays stopped
         self.model.train()
         reporter.start(side, self.result.first_step, config.steps, self.result.num_params)
 

@@ -43,7 +43,7 @@ class LossMonitor:
         return message
 
     def state_dict(self) -> dict:
-        return {"lowest": self.lowest, "warnings": list(self.warnings)}
+        return {"lowest": self.lowest, "diverged": self.diverged, "warnings": list(self.warnings)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lowest, self.warnings = state["lowest"], list(state["warnings"])
+        self.lowest, self.diverged, self.warnings = state["lowest"], state["diverged"], list(state["warnings"])

@@ -3,7 +3,7 @@ N, D, 6·N·D, MFU, Chinchilla's 20·N), the fused-vs-torch loss agreement with 
 and as a rich table.
 
 JSON schema ("schema": "fused_optim.train/1"): {schema, config, versions, device: {type, name, peak_bf16_flops},
-precision ("bf16 autocast" or "fp32"),
+backend (the fused side's kernels: cuda, triton, cpu or torch), precision ("bf16 autocast" or "fp32"),
 corpus: {name, files, train_tokens, val_tokens}, model: {params, n_layer, n_head, d_model, seq_len, vocab_size},
 tokens_per_step, chinchilla_tokens, runs: {side: {steps, resumed_from, tokens, flops, train_loss, val_loss,
 val_perplexity, train_perplexity, tokens_per_second, step_ms: {forward, backward, optimizer, total}, mfu,
@@ -43,6 +43,7 @@ def summarise(run: dict) -> dict:
         "versions": {"fused_optim": fused_optim.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "device": {"type": device.type, "name": _device_name(device), "peak_bf16_flops": peak},
+        "backend": config.backend,  # the fused side's kernels, as resolved by loop.train
         "precision": "bf16 autocast" if config.autocast_dtype(device.type) is not None else "fp32",
         "corpus": {"name": corpus.name, "files": corpus.num_files, "train_tokens": corpus.train.numel(),
                    "val_tokens": corpus.val.numel()},
@@ -147,7 +148,7 @@ def table(summary: dict):
     labels = {"fused": "fused_optim", "torch": "torch (baseline)"}
     model = summary["model"]
     title = (f"fused-optim train · GPT {model['n_layer']}L {model['n_head']}H {model['d_model']}d · "
-             f"{summary['device']['name']} · {summary['precision']}")
+             f"{summary['device']['name']} · {summary['precision']} · {summary['backend']} kernels")
     grid = Table(title=title, title_justify="left", caption_justify="left")
     grid.add_column("metric")
     for side in sides:
