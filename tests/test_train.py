@@ -6,6 +6,7 @@ test runs the real loop (both sides, checkpoints, reports) end to end; one test 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -146,15 +147,34 @@ def test_json_schema_and_history(text_file, tmp_path):
     assert summary["backend"] == summary["config"]["backend"] == fused_optim._backend.resolve("auto", "cpu")
 
 
-def test_compare_agrees_with_torch_over_the_first_steps(text_file, tmp_path):
+def _count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Wraps owner.name (a function or method) to count its calls; returns the one-element counter."""
+    calls, original = [0], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_compare_agrees_with_torch_over_the_first_steps(text_file, tmp_path, monkeypatch):
+    # each side runs its own loss and optimizer: the fused side fused_optim's, the torch side torch's, never the other
+    fused_loss = _count_calls(monkeypatch, fused_optim.functional, "linear_cross_entropy")
+    torch_loss = _count_calls(monkeypatch, torch.nn.functional, "cross_entropy")
+    fused_steps = _count_calls(monkeypatch, fused_optim.AdamW, "step")
+    torch_steps = _count_calls(monkeypatch, torch.optim.AdamW, "step")
     out = tmp_path / "compare.json"
     assert run_cli(*TINY, "--steps", "8", "--data", str(text_file), "--compare", "--json", str(out)) == 0
+    losses_per_side = 8 * 2 + 3 * 2  # 8 steps of 2 micro-batches, evaluations at steps 3, 6 and 8 of 2 batches
+    assert fused_loss[0] == torch_loss[0] == losses_per_side
+    assert fused_steps[0] == torch_steps[0] == 8
     summary = json.loads(out.read_text())
     fused, reference = (summary["runs"][side]["history"]["train_loss"] for side in ("fused", "torch"))
     assert len(fused) == len(reference) == 8
     # fp32 on the CPU: the same objective, optimizer and clip, so only rounding differs (measured ~1e-6)
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(reference), rtol=1e-4, atol=1e-4)
-    assert fused != reference or summary["compare"]["max_abs_loss_diff"] == 0.0
     assert summary["compare"]["steps_compared"] == 8
     assert summary["compare"]["max_abs_loss_diff"] < 1e-4
     torch.testing.assert_close(torch.tensor(summary["runs"]["fused"]["history"]["grad_norm"]),
@@ -326,6 +346,37 @@ def test_help_explains_every_flag(capsys):
                  "--max-grad-norm", "--n-layer", "--n-head", "--d-model", "--device", "--seed", "--compare",
                  "--save", "--resume", "--plot", "--json", "--data", "--eval-interval", "--quick"):
         assert flag in text, flag
+
+
+def test_every_train_flag_has_a_help_text():
+    from fused_optim.cli import _parser
+
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in subparsers.choices["train"]._actions if a.option_strings != ["-h", "--help"]]
+    assert len(actions) >= 20
+    for action in actions:
+        assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, action.option_strings
+
+
+@pytest.mark.parametrize("side", ["fused", "torch"])
+def test_token_count_normalisation_ignores_the_micro_batch_split(text_file, side):
+    # 8 sequences as 8 x 1, 4 x 2 or 2 x 4 micro-batches: the same windows (the sampler's generator draws the
+    # same starts in one draw of 8 as in several smaller ones), so the same mean loss and gradient
+    corpus = load_corpus(text_file)
+    whole = BatchSampler(corpus.train, batch_size=8, seq_len=16, seed=0).next_windows()
+    quarters = BatchSampler(corpus.train, batch_size=2, seq_len=16, seed=0)
+    assert torch.equal(whole, torch.cat([quarters.next_windows() for _ in range(4)]))
+    firsts = []
+    for batch_size, micro_batches in ((8, 1), (4, 2), (2, 4)):
+        config = TrainConfig(**(TINY_CONFIG | {"steps": 1, "warmup": 0, "eval_interval": 1, "log_interval": 1,
+                                               "batch_size": batch_size, "micro_batches": micro_batches}),
+                             data=str(text_file), compare=side == "torch")
+        result = train(config, corpus=corpus)["results"][side]
+        firsts.append((result.train_loss[0], result.grad_norm[0]))
+    for loss, norm in firsts[1:]:
+        assert loss == pytest.approx(firsts[0][0], rel=1e-6, abs=1e-6)
+        assert norm == pytest.approx(firsts[0][1], rel=1e-6, abs=1e-6)
+    assert firsts[0][1] > 0
 
 
 def test_python_dash_m_runs_train(text_file, tmp_path):
