@@ -284,7 +284,7 @@ def test_quick_on_the_default_corpus(capsys):
         assert label in table, label
 
 
-def test_divergence_stops_the_run(text_file, tmp_path):
+def test_divergence_stops_the_run(text_file, tmp_path, capsys):
     # lr 1e4 without clipping: the first update throws the weights to ~1e4 and the logits overflow
     config = TrainConfig(**(TINY_CONFIG | {"steps": 10, "warmup": 0, "log_interval": 1}), data=str(text_file),
                          lr=1e4, max_grad_norm=None)
@@ -292,8 +292,11 @@ def test_divergence_stops_the_run(text_file, tmp_path):
     assert result.diverged and result.steps < 10
     assert "diverged" in result.warnings[-1]
     out = tmp_path / "diverged.json"
+    capsys.readouterr()
     assert run_cli(*TINY, "--data", str(text_file), "--lr", "1e4", "--max-grad-norm", "0", "--warmup", "0",
                    "--log-interval", "1", "--json", str(out)) == 1
+    printed = capsys.readouterr()
+    assert (printed.out + printed.err).count("the run diverged") == 1  # each warning printed once
 
     def reject(constant):
         raise AssertionError(f"{constant} is not JSON")
@@ -398,6 +401,18 @@ def test_checkpoint_rejects_other_files(tmp_path):
 def test_summary_of_a_run_without_compare_has_no_agreement(text_file):
     run = train(TrainConfig(**(TINY_CONFIG | {"steps": 2, "eval_interval": 2}), data=str(text_file)))
     assert summarise(run)["compare"] is None
+
+
+def test_cli_lets_unexpected_errors_raise(text_file, monkeypatch):
+    # a bug is not a bad flag: it keeps its traceback instead of becoming one line and exit status 2
+    import fused_optim.training
+
+    def broken(config, reporter=None):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fused_optim.training, "train", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(*TINY, "--data", str(text_file))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")

@@ -87,7 +87,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "written at every evaluation and at the end")
     report.add_argument("--resume", metavar="PATH",
                         help="continue from a --save checkpoint, bit-exactly; the run-defining flags (sizes, "
-                        "optimizer, --steps, --seed, --data) must be the checkpoint's")
+                        "optimizer, --steps, --seed, --data) and the kernels ($FUSED_OPTIM_BACKEND) must be the "
+                        "checkpoint's")
     report.add_argument("--stop-after", type=int, metavar="STEP",
                         help="stop after this step (saving with --save), to --resume later")
     report.add_argument("--plot", metavar="PATH", help="write the loss curves as a PNG (needs matplotlib)")
@@ -125,14 +126,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         with reporter.progress_bar:
             result = train(config, reporter)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError) as error:  # bad flags or data, a checkpoint of another run; not bugs
         print(f"fused-optim train: {error}", file=sys.stderr)
         return 2
     summary = report.summarise(result)
-    console.print(report.table(summary))
-    for side, run_summary in summary["runs"].items():
-        for message in run_summary["warnings"]:
-            console.print(f"[yellow]warning ({side}):[/] {message}")
+    console.print(report.table(summary))  # the warnings were printed as they came (RichReporter.warn)
     if json_path:
         report.write_json(summary, json_path)
         console.print(f"wrote {json_path}")
