@@ -130,7 +130,8 @@ def test_json_schema_and_history(text_file, tmp_path):
     params = summary["model"]["params"]
     assert params == GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32)).num_params()
     assert run["steps"] == 6 and run["tokens"] == 6 * 4 * 2 * 16 == 6 * summary["tokens_per_step"]
-    assert run["flops"] == 6 * params * run["tokens"]
+    assert summary["model"]["flop_params"] == params - 16 * 32  # less the (seq_len, d_model) position embedding
+    assert run["flops"] == 6 * summary["model"]["flop_params"] * run["tokens"]
     assert summary["chinchilla_tokens"] == 20 * params
     assert len(run["history"]["train_loss"]) == len(run["history"]["grad_norm"]) == 6
     assert [step for step, _ in run["history"]["val"]] == [3, 6]
@@ -280,7 +281,7 @@ def test_quick_on_the_default_corpus(capsys):
     assert run_cli("--quick", "--steps", "4", "--warmup", "1", "--eval-interval", "4", "--device", "cpu") == 0
     table = capsys.readouterr().out
     for label in ("train loss", "val perplexity", "tokens/s", "forward", "backward", "optimizer", "params N",
-                  "tokens D", "Chinchilla", "6·N·D", "MFU", "stdlib"):
+                  "tokens D", "Chinchilla", "6·N·D", "MFU (6·N·D)", "position embedding", "stdlib"):
         assert label in table, label
 
 
@@ -323,6 +324,8 @@ def test_loss_monitor():
 def test_metrics():
     assert metrics.peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
     assert metrics.peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert metrics.peak_flops_of("NVIDIA H100 NVL") == 835e12  # not the SXM's 989
+    assert metrics.peak_flops_of("NVIDIA H200 NVL") == 835e12
     assert metrics.peak_flops_of("NVIDIA H200") == 989e12
     assert metrics.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
     assert metrics.peak_flops_of("Tesla T4") is None

@@ -123,3 +123,8 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         """Parameters, the tied LM head counted once."""
         return sum(p.numel() for p in self.parameters())
+
+    def num_flop_params(self) -> int:
+        """The N of compute ≈ 6·N·D: the parameters, less the position embedding, a lookup added once per position
+        rather than a matmul (the token embedding stays: as the tied LM head it is a (C, V) matmul per token)."""
+        return self.num_params() - self.position_embedding.weight.numel()

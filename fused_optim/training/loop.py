@@ -48,6 +48,7 @@ class SideResult:
 
     side: str
     num_params: int
+    flop_params: int  # the N of 6·N·D (GPT.num_flop_params)
     first_step: int  # 0, or the step it resumed from
     train_loss: list[float] = field(default_factory=list)  # per step, mean over the step's tokens
     grad_norm: list[float | None] = field(default_factory=list)  # per step, before clipping
@@ -148,7 +149,8 @@ class SideRun:
         self.recipe = make_recipe(side, self.model, config, device)
         self.sampler = BatchSampler(corpus.train, config.batch_size, config.seq_len, seed=config.seed)
         self.monitor = LossMonitor(config.spike_factor)
-        self.result = SideResult(side=side, num_params=self.model.num_params(), first_step=0)
+        self.result = SideResult(side=side, num_params=self.model.num_params(),
+                                 flop_params=self.model.num_flop_params(), first_step=0)
         if state is not None:
             self.load_state_dict(state)
         self.timer = PhaseTimer(device)

@@ -2,8 +2,9 @@
 
 - Compute ≈ 6·N·D FLOPs (Kaplan et al. 2020): 2·N per token forward, 4·N backward, for N params and D tokens;
   the attention scores' 12·L·T·d per token are left out (small at these sequence lengths, and left out by
-  convention). N here counts every param once, the tied LM head included (it is a real matmul per token).
-- Model-FLOPs utilisation: achieved 6·N·D per second over the device's dense bf16 peak, on a GPU whose peak is in
+  convention). N counts every param once, the tied LM head included (it is a real matmul per token), the
+  position embedding not (a lookup: GPT.num_flop_params).
+- Model-FLOPs utilisation (6·N·D-based): achieved 6·N·D per second over the device's dense bf16 peak, on a GPU whose peak is in
   PEAK_BF16_FLOPS; "unknown" on any other device.
 - Chinchilla-optimal tokens ≈ 20·N (Hoffmann et al. 2022), beside the tokens actually used.
 - Perplexity = exp(mean loss per token, in nats).
@@ -16,9 +17,11 @@ import math
 import torch
 
 # Dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets. Matched against the device
-# name in order: the first entry whose key is in the name wins, so the PCIe H100 comes before the SXM one.
+# name: the longest key in the name wins, so "H100 NVL" and "H100 PCIe" are not taken for the SXM "H100".
 PEAK_BF16_FLOPS = (
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
+    ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
     ("A100", 312e12),
@@ -35,7 +38,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 def peak_flops_of(gpu_name: str) -> float | None:
     """PEAK_BF16_FLOPS of a GPU by its name (torch.cuda.get_device_name), or None when not in the table."""
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in gpu_name), None)
+    matches = [(len(key), peak) for key, peak in PEAK_BF16_FLOPS if key in gpu_name]
+    return max(matches)[1] if matches else None
 
 
 def training_flops(num_params: int, num_tokens: int) -> float:

@@ -4,7 +4,7 @@ and as a rich table.
 
 JSON schema ("schema": "fused_optim.train/1"): {schema, config, versions, device: {type, name, peak_bf16_flops},
 backend (the fused side's kernels: cuda, triton, cpu or torch), precision ("bf16 autocast" or "fp32"),
-corpus: {name, files, train_tokens, val_tokens}, model: {params, n_layer, n_head, d_model, seq_len, vocab_size},
+corpus: {name, files, train_tokens, val_tokens}, model: {params, flop_params (the N of 6·N·D: params less the position embedding), n_layer, n_head, d_model, seq_len, vocab_size},
 tokens_per_step, chinchilla_tokens, runs: {side: {steps, resumed_from, tokens, flops, train_loss, val_loss,
 val_perplexity, train_perplexity, tokens_per_second, step_ms: {forward, backward, optimizer, total}, mfu,
 diverged, warnings, history: {train_loss: [...], grad_norm: [...], val: [[step, loss], ...]}}},
@@ -35,7 +35,7 @@ def summarise(run: dict) -> dict:
     """The JSON-ready summary of `loop.train`'s result."""
     config, device, corpus = run["config"], run["device"], run["corpus"]
     results: dict[str, SideResult] = run["results"]
-    num_params = next(iter(results.values())).num_params
+    num_params, flop_params = next(iter(results.values())).num_params, next(iter(results.values())).flop_params
     peak = metrics.peak_flops(device)
     return {
         "schema": SCHEMA,
@@ -47,7 +47,7 @@ def summarise(run: dict) -> dict:
         "precision": "bf16 autocast" if config.autocast_dtype(device.type) is not None else "fp32",
         "corpus": {"name": corpus.name, "files": corpus.num_files, "train_tokens": corpus.train.numel(),
                    "val_tokens": corpus.val.numel()},
-        "model": {"params": num_params, "n_layer": config.n_layer, "n_head": config.n_head,
+        "model": {"params": num_params, "flop_params": flop_params, "n_layer": config.n_layer, "n_head": config.n_head,
                   "d_model": config.d_model, "seq_len": config.seq_len, "vocab_size": VOCAB_SIZE},
         "tokens_per_step": config.tokens_per_step,
         "chinchilla_tokens": metrics.chinchilla_tokens(num_params),
@@ -79,7 +79,7 @@ def _side_summary(result: SideResult, tokens_per_step: int, peak: float | None) 
         "steps": result.steps,
         "resumed_from": result.first_step,
         "tokens": tokens,
-        "flops": metrics.training_flops(result.num_params, tokens),
+        "flops": metrics.training_flops(result.flop_params, tokens),
         "train_loss": train_loss,
         "train_perplexity": None if train_loss is None else metrics.perplexity(train_loss),
         "val_loss": val_loss,
@@ -87,7 +87,7 @@ def _side_summary(result: SideResult, tokens_per_step: int, peak: float | None) 
         "tokens_per_second": tokens_per_second,
         "step_ms": {phase: 1e3 * result.seconds.get(phase, 0.0) / timed for phase in PHASES}
         | {"total": 1e3 * wall / timed},
-        "mfu": None if tokens_per_second is None else metrics.mfu(result.num_params, tokens_per_second, peak),
+        "mfu": None if tokens_per_second is None else metrics.mfu(result.flop_params, tokens_per_second, peak),
         "diverged": result.diverged,
         "warnings": list(result.warnings),
         "history": {"train_loss": list(result.train_loss), "grad_norm": list(result.grad_norm),
@@ -172,11 +172,13 @@ def table(summary: dict):
     row("Chinchilla-optimal D ≈ 20·N", lambda r: _si(summary["chinchilla_tokens"]))
     row("compute ≈ 6·N·D", lambda r: _si(r["flops"], "FLOP"))
     peak = summary["device"]["peak_bf16_flops"]
-    row("MFU" + (f" (of {_si(peak, 'FLOP/s')} bf16)" if peak else ""),
+    row("MFU (6·N·D)" + (f" of {_si(peak, 'FLOP/s')} bf16" if peak else ""),
         lambda r: "unknown" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %")
     row("warnings", lambda r: "diverged" if r["diverged"] else str(len(r["warnings"])))
     caption = [f"data: {summary['corpus']['name']}, {_si(summary['corpus']['train_tokens'])} train / "
-               f"{_si(summary['corpus']['val_tokens'])} val tokens"]
+               f"{_si(summary['corpus']['val_tokens'])} val tokens",
+               f"6·N·D and MFU: N = {_si(model['flop_params'])}, the params less the position embedding (a lookup); "
+               "attention's own FLOPs left out"]
     agreement = summary["compare"]
     if agreement is not None and agreement["max_abs_loss_diff"] is not None:
         caption.append(f"fused vs torch, per-step train loss: max |Δ| {agreement['max_abs_loss_diff']:.2e} over "
