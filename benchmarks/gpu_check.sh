@@ -9,30 +9,35 @@
 #   6. runs the gradient-accumulation and clip + unscale + AdamW benchmarks
 #      (`python -m fused_optim bench --ops accumulate,clip_adamw --json`): 256M elements / params,
 #   7. runs the SGD benchmark (`python -m fused_optim bench --ops sgd --json`): 256M params,
-# in under 10 minutes. Each benchmark also draws its GB/s as a PNG (--plot) when matplotlib is installed. The
-# benchmarks run even when the tests fail; the exit status is non-zero if any step did.
+#   8. trains the example GPT (`python -m fused_optim train --quick --compare --json`): 30 steps, fused_optim
+#      beside torch, bf16 autocast,
+# in under 10 minutes. Each benchmark also draws its GB/s as a PNG (--plot), and the training run its loss curves,
+# when matplotlib is installed. The benchmarks run even when the tests fail; the exit status is non-zero if any
+# step did.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]
 #
 # OUT_DIR: the first argument, else $OUT (the device runner's output folder), else benchmarks/results/<device>,
 # <device> being torch.cuda.get_device_name() lowercased, non-alphanumerics → '-' (nvidia-h100-80gb-hbm3).
 # Writes OUT_DIR/gpu_check.log (everything printed), info.json, adamw.json, cross_entropy.json,
-# accumulate_clip_adamw.json, sgd.json (and adamw.png, cross_entropy.png, accumulate_clip_adamw.png, sgd.png);
-# commit them under benchmarks/results/<device>/. Environment: PYTHON (default python),
+# accumulate_clip_adamw.json, sgd.json, train.json (and adamw.png, cross_entropy.png, accumulate_clip_adamw.png,
+# sgd.png, train.png); commit them under benchmarks/results/<device>/. Environment: PYTHON (default python),
 # BENCH_ARGS (extra arguments of every `bench` run, e.g. "--quick"), and the phase limits BUILD_TIMEOUT,
-# TEST_TIMEOUT (each of its two runs), BENCH_TIMEOUT, CE_BENCH_TIMEOUT, STEP_BENCH_TIMEOUT, SGD_BENCH_TIMEOUT
-# (seconds; 140, 90, 80, 90, 60, 40: at most 590 s in all, so the script fits one 10-minute device call; before the losses existed the first
-# three phases took 55, 61 and 57 s on an H100). A phase that runs out is reported and the next one still runs.
+# TEST_TIMEOUT (each of its two runs), BENCH_TIMEOUT, CE_BENCH_TIMEOUT, STEP_BENCH_TIMEOUT, SGD_BENCH_TIMEOUT,
+# TRAIN_TIMEOUT (seconds; 110, 90, 80, 90, 60, 40, 30: at most 590 s in all, so the script fits one 10-minute
+# device call; before the losses existed the first three phases took 55, 61 and 57 s on an H100). A phase that
+# runs out is reported and the next one still runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
-BUILD_TIMEOUT="${BUILD_TIMEOUT:-140}"
+BUILD_TIMEOUT="${BUILD_TIMEOUT:-110}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-90}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-80}"
 CE_BENCH_TIMEOUT="${CE_BENCH_TIMEOUT:-90}"
 STEP_BENCH_TIMEOUT="${STEP_BENCH_TIMEOUT:-60}"
 SGD_BENCH_TIMEOUT="${SGD_BENCH_TIMEOUT:-40}"
+TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-30}"
 
 slug="$("$PYTHON" - <<'PY'
 import re, torch
@@ -144,6 +149,15 @@ timeout "$SGD_BENCH_TIMEOUT" "$PYTHON" -m fused_optim bench --ops sgd --json "$O
 elapsed sgd-bench $sgd_bench_rc $t0
 (( sgd_bench_rc == 0 )) || status=1
 
-phase "done: tests exit $test_rc, bench exit $bench_rc, ce bench exit $ce_bench_rc, step bench exit $step_bench_rc, sgd bench exit $sgd_bench_rc, status $status"
+phase "train: python -m fused_optim train --quick --compare --json $OUT_DIR/train.json"
+t0=$(date +%s)
+train_rc=0
+plot train
+timeout "$TRAIN_TIMEOUT" "$PYTHON" -m fused_optim train --quick --compare --json "$OUT_DIR/train.json" \
+    "${PLOT[@]}" || train_rc=$?
+elapsed train $train_rc $t0
+(( train_rc == 0 )) || status=1
+
+phase "done: tests exit $test_rc, bench exit $bench_rc, ce bench exit $ce_bench_rc, step bench exit $step_bench_rc, sgd bench exit $sgd_bench_rc, train exit $train_rc, status $status"
 ls -l "$OUT_DIR"
 exit $status
