@@ -4,8 +4,8 @@
   the attention scores' 12·L·T·d per token are left out (small at these sequence lengths, and left out by
   convention). N counts every param once, the tied LM head included (it is a real matmul per token), the
   position embedding not (a lookup: GPT.num_flop_params).
-- Model-FLOPs utilisation (6·N·D-based): achieved 6·N·D per second over the device's dense bf16 peak, on a GPU whose peak is in
-  PEAK_BF16_FLOPS; "unknown" on any other device.
+- Model-FLOPs utilisation (6·N·D-based): achieved 6·N·D per second over the device's dense bf16 peak, on a GPU
+  whose peak is in PEAK_BF16_FLOPS; "unknown" on any other device.
 - Chinchilla-optimal tokens ≈ 20·N (Hoffmann et al. 2022), beside the tokens actually used.
 - Perplexity = exp(mean loss per token, in nats).
 """

@@ -4,7 +4,9 @@ and as a rich table.
 
 JSON schema ("schema": "fused_optim.train/1"): {schema, config, versions, device: {type, name, peak_bf16_flops},
 backend (the fused side's kernels: cuda, triton, cpu or torch), precision ("bf16 autocast" or "fp32"),
-corpus: {name, files, train_tokens, val_tokens}, model: {params, flop_params (the N of 6·N·D: params less the position embedding), n_layer, n_head, d_model, seq_len, vocab_size},
+corpus: {name, files, train_tokens, val_tokens},
+model: {params, flop_params (the N of 6·N·D: the params less the position embedding), n_layer, n_head, d_model,
+seq_len, vocab_size},
 tokens_per_step, chinchilla_tokens, runs: {side: {steps, resumed_from, tokens, flops, train_loss, val_loss,
 val_perplexity, train_perplexity, tokens_per_second, step_ms: {forward, backward, optimizer, total}, mfu,
 diverged, warnings, history: {train_loss: [...], grad_norm: [...], val: [[step, loss], ...]}}},
