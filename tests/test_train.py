@@ -104,7 +104,8 @@ def test_batch_sampler_windows_and_state():
         BatchSampler(corpus.train[:5], batch_size=1, seq_len=10, seed=0)
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU")])])
 def test_batches_reach_the_device_unchanged(device):
     # on a GPU through pinned memory, asynchronously; the same tokens as the sampler's CPU batch
     from fused_optim.training.loop import batch_on
