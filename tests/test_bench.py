@@ -221,3 +221,39 @@ def test_sgd_without_momentum_is_wrong(monkeypatch):
     wrong, right = rows
     assert wrong["correct"] is False and wrong["time_ms_median"] is None and "wrong result" in wrong["note"], wrong
     _check_timed_row(right)
+
+
+def _fake_report(rows: list[dict]) -> dict:
+    """A report as run_benchmarks returns it, with `rows` (no measuring)."""
+    return {"schema": 1, "device": "test CPU", "device_type": "cpu", "roof": {"kind": "triad", "gbps": 10.0},
+            "load_avg": {}, "absent_peers": [], "config": {}, "rows": rows}
+
+
+def _linear_ce_row(**fields) -> dict:
+    return {"op": "linear_ce", "case": "fp32", "impl": "fused_optim[cpu]", "shape": "64×32×512", "bytes": None,
+            "gbps": None, "time_ms_median": 1.0, "time_ms_iqr": 0.1, "correct": True, "note": "", **fields}
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
+def test_plot_of_linear_ce_alone_says_so_and_keeps_the_json(monkeypatch, tmp_path, capsys):
+    from fused_optim import bench
+    from fused_optim.cli import main
+
+    monkeypatch.setattr(bench, "run_benchmarks", lambda *a, **k: _fake_report([_linear_ce_row()]))
+    json_path, png_path = tmp_path / "r.json", tmp_path / "r.png"
+    assert main(["bench", "--ops", "linear_ce", "--device", "cpu", "--json", str(json_path),
+                 "--plot", str(png_path)]) == 0
+    err = capsys.readouterr().err
+    assert "no row has a GB/s" in err and "linear_ce (no bytes model)" in err and "no plot written" in err
+    assert json.loads(json_path.read_text())["rows"][0]["op"] == "linear_ce"
+    assert not png_path.exists()
+
+
+def test_plot_names_the_ops_it_leaves_out():
+    from fused_optim.bench.plot import undrawn_ops
+
+    sgd_row = {"op": "sgd", "case": "fp32", "impl": "ours", "gbps": 10.0, "bytes": 100, "correct": True}
+    wrong = {"op": "ce", "case": "fp32", "impl": "ours", "gbps": None, "bytes": 100, "correct": False}
+    assert undrawn_ops({"rows": [sgd_row, _linear_ce_row(), wrong]}) == [
+        "linear_ce (no bytes model)", "ce (no correct timed row)"]
+
