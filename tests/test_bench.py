@@ -257,3 +257,18 @@ def test_plot_names_the_ops_it_leaves_out():
     assert undrawn_ops({"rows": [sgd_row, _linear_ce_row(), wrong]}) == [
         "linear_ce (no bytes model)", "ce (no correct timed row)"]
 
+
+def test_json_is_strict_with_nonfinite_floats_as_null(tmp_path):
+    from fused_optim import bench
+
+    row = _linear_ce_row(max_abs_err=float("nan"), correct=False, speedup_vs={"torch": float("inf")},
+                         tolerance=(1e-5, float("-inf")))
+    path = tmp_path / "r.json"
+    bench.write_json(_fake_report([row]), path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    written = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert written["rows"][0]["max_abs_err"] is None
+    assert written["rows"][0]["speedup_vs"] == {"torch": None}
+    assert written["rows"][0]["tolerance"] == [1e-5, None]
+    assert written["rows"][0]["time_ms_median"] == 1.0

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 from typing import Any, Callable
@@ -204,12 +205,26 @@ def absent_peers(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"op": op, "impl": impl, "why": why} for (op, impl), why in absent.items()]
 
 
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or ±inf float (a wrong implementation's max_abs_err, say) replaced by None, so that
+    it is strict JSON (null), which every JSON reader takes; tuples become lists, as json writes them anyway."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes `report` as strict JSON: non-finite floats as null (`finite_json`), anything else json cannot write
+    as its str()."""
     directory = os.path.dirname(os.fspath(path))
     if directory:
         os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=str)
+        json.dump(finite_json(report), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
 
 
