@@ -272,3 +272,32 @@ def test_json_is_strict_with_nonfinite_floats_as_null(tmp_path):
     assert written["rows"][0]["speedup_vs"] == {"torch": None}
     assert written["rows"][0]["tolerance"] == [1e-5, None]
     assert written["rows"][0]["time_ms_median"] == 1.0
+
+
+def _adam_config(**fields):
+    from fused_optim.bench import adamw
+
+    return adamw.AdamWConfig(device=CPU, sizes=[4099], cases=("fp32",), budget_s=0.02, variant=adamw.ADAM, **fields)
+
+
+def test_adam_rows_are_torch_adam_checked():
+    from fused_optim.bench import adamw
+
+    rows = adamw.run(_adam_config())
+    assert {r["op"] for r in rows} == {"adam"} and all(r["n_params"] == 4099 for r in rows)
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["torch for-loop"]["note"] == "reference"
+    for impl in ("fused_optim[cpu]", "torch foreach", "torch for-loop"):
+        _check_timed_row(by_impl[impl])
+        assert by_impl[impl]["bytes"] == 28 * 4099
+    assert adamw.implementations("fp32", CPU, adamw.ADAM)[0].name == "fused_optim[cpu]"
+
+
+def test_adam_with_decoupled_decay_is_wrong(monkeypatch):
+    """AdamW's step posing as Adam's (decay decoupled, not folded into the grad) fails the check and is not timed."""
+    from fused_optim.bench import adamw
+
+    monkeypatch.setattr(adamw, "_ours", lambda backend, variant=adamw.ADAMW: adamw._torch(adamw.ADAMW, foreach=True))
+    ours = next(r for r in adamw.run(_adam_config()) if r["impl"] == "fused_optim[cpu]")
+    assert ours["correct"] is False and ours["time_ms_median"] is None
+    assert ours["max_abs_err"] > 10 * adamw.COUPLED_DECAY_ATOL and ours["note"].startswith("wrong result")
