@@ -301,3 +301,37 @@ def test_adam_with_decoupled_decay_is_wrong(monkeypatch):
     ours = next(r for r in adamw.run(_adam_config()) if r["impl"] == "fused_optim[cpu]")
     assert ours["correct"] is False and ours["time_ms_median"] is None
     assert ours["max_abs_err"] > 10 * adamw.COUPLED_DECAY_ATOL and ours["note"].startswith("wrong result")
+
+
+@pytest.mark.parametrize("op", ["adamw", "adam", "sgd"])
+def test_torch_compile_of_the_step_is_a_peer_on_gpus_only(op):
+    from fused_optim.bench import adamw
+
+    def names(device):
+        if op == "sgd":
+            return [impl.name for impl in sgd.implementations(device)]
+        impls = adamw.implementations("fp32", device, adamw.VARIANTS[op])
+        return [impl.name for impl in impls]
+    assert "torch.compile foreach" not in names(CPU)  # no GPU needed: the list is only built, nothing runs on it
+    assert "torch.compile foreach" in names(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("op", ["adamw", "sgd"])
+def test_compiled_step_starts_from_the_workload(monkeypatch, op):
+    """The compiled peer's warm-up steps (the compiles) are undone before the check: with torch.compile as the
+    identity (compiling an optimizer step on the CPU takes long), it passes the same check as torch's foreach."""
+    from fused_optim.bench import adamw
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    w = adamw.make_workload("fp32", 4099, CPU)
+    if op == "sgd":
+        row = {"note": ""}
+        assert sgd.checked_step(Impl("compiled", sgd._compiled), w, sgd.reference(w), row) is not None, row
+        return
+    reference = adamw._torch(foreach=False)(w)
+    adamw._check_steps(reference, 2, CPU)
+    runner = adamw._compiled()(w)
+    adamw._check_steps(runner, 2, CPU)
+    row = {"note": ""}
+    adamw._check("fp32", runner, reference.result(), row)
+    assert row["correct"] is True, row

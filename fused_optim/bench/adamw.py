@@ -1,6 +1,7 @@
 """AdamW and Adam step benchmarks: ours against torch's fused, foreach and for-loop AdamW (op "adamw") or Adam (op
 "adam": the same step with coupled L2 weight decay, `ADAM`) (and DeepSpeed's CPUAdam on the CPU, apex's FusedAdam on
-a GPU, each in the matching mode; a row says "absent" when one is not installed), on the CPU or a CUDA GPU, reported
+a GPU, each in the matching mode; a row says "absent" when one is not installed; on a GPU also `torch.compile` of
+torch's foreach step), on the CPU or a CUDA GPU, reported
 as time, GB/s and % of the device's measured memory roof. The two ops share everything here but the `Variant`.
 
 Cases (each on a GPT-like list of tensors, `model_shapes`):
@@ -38,7 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fused_optim.bench.peers import Impl, apex_peer, not_installed, our_implementations
+from fused_optim.bench.peers import Impl, apex_peer, compile_step, not_installed, our_implementations
 from fused_optim.bench.timing import error_note, release_memory, Timing, host_time, synchronize, time_fn
 
 CASES = ("fp32", "bf16", "bf16+master", "host")
@@ -206,6 +207,16 @@ def _torch(variant: Variant = ADAMW, **options) -> Callable[[Workload], Runner]:
     return build
 
 
+def _compiled(variant: Variant = ADAMW) -> Callable[[Workload], Runner]:
+    """torch.compile(opt.step) of torch's foreach AdamW (or Adam), compiled before the check (peers.compile_step)."""
+    def build(w: Workload) -> Runner:
+        params = _clone_params(w)
+        opt = variant.torch_class()(params, **HPARAMS, foreach=True)
+        step = compile_step(opt.step, params, w.p0, opt.state)
+        return Runner(step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
+    return build
+
+
 def _torch_way(upcast: str, variant: Variant = ADAMW) -> Callable[[Workload], Runner]:
     """bf16 params with fp32 masters, the torch way: up-cast the grads, torch's fused AdamW on the masters, copy
     the masters back into the params. `upcast`: "foreach_copy" into persistent fp32 grads, or ".float()"."""
@@ -262,6 +273,8 @@ def implementations(case: str, device: torch.device, variant: Variant = ADAMW) -
         return impls
     impls.append(Impl("torch fused", _torch(variant, fused=True), baseline=True))
     impls.append(Impl("torch foreach", _torch(variant, foreach=True)))
+    if device.type == "cuda":  # on the CPU the compile takes long (and the CPU's inductor code is no GPU's)
+        impls.append(Impl("torch.compile foreach", _compiled(variant)))
     impls.append(Impl("torch for-loop", _torch(variant, foreach=False), reference=True))
     if device.type == "cpu" and case != "host":
         missing = not_installed("deepspeed", "deepspeed")
@@ -426,7 +439,8 @@ def _check(case: str, runner: Runner, reference: list[Tensor], row: dict[str, An
                                 *tolerance("bf16_rounded", variant))
         ok = ok and rounded_ok
     else:
-        ok, err = compare(runner.result(), reference, *tolerance("fp32" if case in ("fp32", "host") else "bf16", variant))
+        kind = "fp32" if case in ("fp32", "host") else "bf16"
+        ok, err = compare(runner.result(), reference, *tolerance(kind, variant))
     row.update(correct=ok, max_abs_err=err)
     if not ok:
         row["note"] = f"wrong result (max |error| {err:.3g} vs torch for-loop): not timed"

@@ -85,6 +85,21 @@ def torch_fused_supported(optimizer_class: type, device: torch.device) -> bool:
     return True
 
 
+def compile_step(step: Callable[[], Any], params: list[torch.Tensor], initial: list[torch.Tensor],
+                 state: dict) -> Callable[[], Any]:
+    """`torch.compile(step)` (an optimizer's `opt.step`, fullgraph=False), compiled here on two warm-up steps (one
+    for the empty state, one for the state the first step creates), after which `params` are copied back from
+    `initial` and the optimizer's `state` is emptied: the check steps and the timing start from the workload, and
+    do not time the compiles. A GPU peer only: on the CPU, compiling an optimizer step takes long."""
+    compiled = torch.compile(step, fullgraph=False)
+    for _ in range(2):
+        compiled()
+    with torch.no_grad():
+        torch._foreach_copy_(params, initial)
+    state.clear()  # the same dict (the compiled step's guards look at it), empty as before the first step
+    return compiled
+
+
 def our_implementations(device: torch.device, build: Callable[[str], Callable], kernels: tuple[Kernel, ...] = (),
                         torch_fallback: bool = False) -> list[Impl]:
     """Ours on each backend that runs `device`'s tensors (`build(backend)` makes its runner), or why one cannot.

@@ -2,7 +2,8 @@
 one bar per implementation (the same colour for an implementation in every group), the memory roof measured in the
 same run as a horizontal line. Only rows with a GB/s are drawn: wrong, untimed and absent ones are left out (the
 table and the JSON say why), and so are ops without a bytes model (linear_ce: GEMM-bound, it reports time, TFLOP/s
-and peak memory); the x-axis label names the ops left out. matplotlib is imported only here, only when asked (fused_optim/_pyplot.py).
+and peak memory); the x-axis label names the ops left out. matplotlib is imported only here, only when asked
+(fused_optim/_pyplot.py).
 """
 
 from __future__ import annotations

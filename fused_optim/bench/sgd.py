@@ -1,6 +1,7 @@
 """SGD step benchmark: one SGD step with momentum 0.9 (no Nesterov, no weight decay), ours against torch's fused,
-foreach and for-loop SGD (apex's FusedSGD on a GPU; its row says "absent" when apex is not installed), on the CPU
-or a CUDA GPU, reported as time, GB/s and % of the device's measured memory roof.
+foreach and for-loop SGD (on a GPU also `torch.compile` of torch's foreach SGD step, and apex's FusedSGD; its row
+says "absent" when apex is not installed), on the CPU or a CUDA GPU, reported as time, GB/s and % of the device's
+measured memory roof.
 
 Workload: fp32 params and grads on the GPT-like list of tensors of the AdamW benchmark (`adamw.model_shapes`,
 `adamw.make_workload`). Ours: `fused_optim.SGD(..., backend=...)` on each backend that runs here (one whose
@@ -24,8 +25,8 @@ import torch
 from torch import Tensor
 
 from fused_optim.bench.adamw import Runner, Workload, _check_steps, _clone_params, _human, compare, make_workload
-from fused_optim.bench.peers import (Impl, Kernel, apex_peer, check_then_time, derive, new_row, our_implementations,
-                                     torch_fused_supported)
+from fused_optim.bench.peers import (Impl, Kernel, apex_peer, check_then_time, compile_step, derive, new_row,
+                                     our_implementations, torch_fused_supported)
 from fused_optim.reference import ReferenceSGD
 
 OPS = ("sgd",)
@@ -75,6 +76,15 @@ def _torch(**options) -> Callable[[Workload], Runner]:
     return build
 
 
+def _compiled(w: Workload) -> Runner:
+    """torch.compile(opt.step) of torch's foreach SGD, compiled before the check (peers.compile_step)."""
+    params = _clone_params(w)
+    opt = torch.optim.SGD(params, **HPARAMS, foreach=True)
+    runner = _runner(params, opt)
+    runner.step = compile_step(opt.step, params, w.p0, opt.state)
+    return runner
+
+
 def _apex(fused_sgd: type) -> Callable[[Workload], Runner]:
     def build(w: Workload) -> Runner:
         params = _clone_params(w)
@@ -92,6 +102,8 @@ def implementations(device: torch.device) -> list[Impl]:
         impls.append(Impl("torch fused", None,
                           unavailable=f"absent (torch {torch.__version__} has no fused SGD on {device.type})"))
     impls.append(Impl("torch foreach", _torch(foreach=True), baseline=not fused))
+    if device.type == "cuda":  # on the CPU the compile takes long
+        impls.append(Impl("torch.compile foreach", _compiled))
     impls.append(Impl("torch for-loop", _torch(foreach=False)))
     apex = apex_peer("apex FusedSGD", "FusedSGD", device, _apex)
     if apex is not None:

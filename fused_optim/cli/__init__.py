@@ -43,15 +43,16 @@ def _parser() -> argparse.ArgumentParser:
         help="benchmark our ops against torch's on this device",
         description="Times each op beside its peers after checking each against a reference, and reports GB/s "
         "by the op's bytes model and % of the memory roof measured in the same run (GPU: copy_; CPU: STREAM triad). "
-        "adamw: one AdamW step vs torch fused / foreach / for-loop (DeepSpeed CPUAdam on the CPU when installed). "
+        "adamw: one AdamW step vs torch fused / foreach / for-loop (DeepSpeed CPUAdam on the CPU when installed; "
+        "torch.compile of the foreach step on a GPU). "
         "adam: one Adam step (L2 weight decay coupled into the grad) vs torch's Adam likewise. "
         "ce: cross-entropy forward + backward vs torch eager, torch.compile, Liger-Kernel. linear_ce: linear + "
         "cross-entropy forward + backward vs torch's chunked F.linear_cross_entropy and the naive logits path, "
         "with the peak memory of a call. accumulate: fp32 main grads += bf16/fp32 grads vs torch's add_ loop and "
         "_foreach_add_. clip_adamw: AdamW(max_grad_norm=1) stepped by our GradScaler vs torch's "
         "GradScaler.unscale_ + clip_grad_norm_ + fused AdamW. sgd: one SGD step with momentum 0.9 vs torch fused / "
-        "foreach / for-loop (apex FusedSGD and FusedAdam on a GPU when installed). Peers that are not installed are "
-        "listed as absent.",
+        "foreach / for-loop (on a GPU: torch.compile of the foreach step; apex FusedSGD and FusedAdam when "
+        "installed). Peers that are not installed are listed as absent.",
     )
     bench.add_argument("--json", metavar="PATH", help="also write the results (device, versions, roof, rows) here")
     bench.add_argument("--plot", metavar="PATH", help="also draw GB/s by op and case (groups) and implementation "
@@ -71,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                        "8192x128256 on a GPU). linear_ce: NxHxV, e.g. 8192x512x32000 (default: that on the CPU, "
                        "8192x4096x128256 on a GPU). Each op takes the sizes of its form, else its defaults")
     bench.add_argument("--ops", default="adamw", metavar="OP[,OP...]",
-                       help="ops to benchmark: adamw, adam, ce, linear_ce, accumulate, clip_adamw, sgd, or all (default: "
-                       "adamw)")
+                       help="ops to benchmark: adamw, adam, ce, linear_ce, accumulate, clip_adamw, sgd, or all "
+                       "(default: adamw)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto (default): the GPU when there is one, else the CPU")
     train_cli.add_parser(commands)
@@ -132,8 +133,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"fused-optim bench: unknown op(s) {', '.join(unknown)}; known: {', '.join(bench.OPS)}", file=sys.stderr)
         return 2
     try:
-        # one number: adamw's, adam's, accumulate's, clip_adamw's and sgd's sizes; NxV: ce's logits; NxHxV: linear_ce's input,
-        # hidden size and classes
+        # one number: adamw's, adam's, accumulate's, clip_adamw's and sgd's sizes; NxV: ce's logits; NxHxV:
+        # linear_ce's input, hidden size and classes
         by_rank: dict[int, list[tuple[int, ...]]] = {1: [], 2: [], 3: []}
         for text in args.sizes.split(",") if args.sizes else []:
             shape = bench.parse_shape(text)
