@@ -6,7 +6,7 @@ GPU, the CPU extension's STREAM triad on the CPU. Every implementation is checke
 timed; a wrong one is not timed. The ops:
 
     adamw       one AdamW step (fused_optim/bench/adamw.py): torch fused / foreach / for-loop, DeepSpeed CPUAdam
-    adam        one Adam step, L2 weight decay coupled into the grad (same file, same cases): torch's Adam likewise
+    adam        one Adam step, L2 weight decay coupled into the grad (same file, adamw's cases but bf16): torch's Adam
     ce          cross-entropy forward + backward (fused_optim/bench/cross_entropy.py): torch eager, torch.compile,
                 Liger-Kernel
     linear_ce   linear + cross-entropy forward + backward (same file): torch's chunked F.linear_cross_entropy, the
@@ -131,7 +131,8 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         budget_s=budget_s,
         host_steps=50 if quick else 200,
     )
-    adam_config = dataclasses.replace(config, variant=adamw.ADAM)
+    adam_config = dataclasses.replace(config, variant=adamw.ADAM,
+                                      cases=tuple(case for case in config.cases if case in adamw.ADAM.cases))
     loss_config = cross_entropy.LossConfig(
         device=device,
         ops=tuple(op for op in ops if op in cross_entropy.OPS),

@@ -1,8 +1,8 @@
 """AdamW and Adam step benchmarks: ours against torch's fused, foreach and for-loop AdamW (op "adamw") or Adam (op
-"adam": the same step with coupled L2 weight decay, `ADAM`) (and DeepSpeed's CPUAdam on the CPU, apex's FusedAdam on
-a GPU, each in the matching mode; a row says "absent" when one is not installed; on a GPU also `torch.compile` of
-torch's foreach step), on the CPU or a CUDA GPU, reported
-as time, GB/s and % of the device's measured memory roof. The two ops share everything here but the `Variant`.
+"adam": the same step with coupled L2 weight decay, `ADAM`; no bf16 case), and DeepSpeed's CPUAdam on the CPU,
+apex's FusedAdam on a GPU, each in the matching mode (a row says "absent" when one is not installed), and on a GPU
+`torch.compile` of torch's foreach step; on the CPU or a CUDA GPU, reported as time, GB/s and % of the device's
+measured memory roof. The two ops share everything here but the `Variant`.
 
 Cases (each on a GPT-like list of tensors, `model_shapes`):
   fp32          fp32 params, grads and state.
@@ -68,12 +68,13 @@ def tolerance(kind: str, variant: Variant) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Variant:
-    """Which Adam the benchmark steps: the op's name, the class's name in fused_optim and torch.optim, and whether
-    the weight decay is decoupled (AdamW: p -= lr·wd·p) or coupled L2 (Adam: grad += wd·p)."""
+    """Which Adam the benchmark steps: the op's name, the class's name in fused_optim and torch.optim, whether the
+    weight decay is decoupled (AdamW: p -= lr·wd·p) or coupled L2 (Adam: grad += wd·p), and the cases it runs."""
 
     op: str
     class_name: str
     decoupled_weight_decay: bool
+    cases: tuple[str, ...] = CASES
 
     def ours(self) -> type:
         import fused_optim
@@ -85,7 +86,10 @@ class Variant:
 
 
 ADAMW = Variant("adamw", "AdamW", decoupled_weight_decay=True)
-ADAM = Variant("adam", "Adam", decoupled_weight_decay=False)
+# Adam has no bf16 case: torch's bf16 reference folds wd·p into the grad in bf16, where g + wd·p cancels to ~eps on
+# some elements after a bf16 rounding (~4e-6 here) that moves the update by up to lr, an ulp of the bf16 param: the
+# check cannot tell right from wrong there (torch's own fused Adam fails it). bf16+master does its math in fp32.
+ADAM = Variant("adam", "Adam", decoupled_weight_decay=False, cases=("fp32", "bf16+master", "host"))
 VARIANTS = {v.op: v for v in (ADAMW, ADAM)}
 
 

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         "by the op's bytes model and % of the memory roof measured in the same run (GPU: copy_; CPU: STREAM triad). "
         "adamw: one AdamW step vs torch fused / foreach / for-loop (DeepSpeed CPUAdam on the CPU when installed; "
         "torch.compile of the foreach step on a GPU). "
-        "adam: one Adam step (L2 weight decay coupled into the grad) vs torch's Adam likewise. "
+        "adam: one Adam step (L2 weight decay coupled into the grad; adamw's cases but bf16) vs torch's Adam likewise. "
         "ce: cross-entropy forward + backward vs torch eager, torch.compile, Liger-Kernel. linear_ce: linear + "
         "cross-entropy forward + backward vs torch's chunked F.linear_cross_entropy and the naive logits path, "
         "with the peak memory of a call. accumulate: fp32 main grads += bf16/fp32 grads vs torch's add_ loop and "
