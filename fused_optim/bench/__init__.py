@@ -6,7 +6,8 @@ GPU, the CPU extension's STREAM triad on the CPU. Every implementation is checke
 timed; a wrong one is not timed. The ops:
 
     adamw       one AdamW step (fused_optim/bench/adamw.py): torch fused / foreach / for-loop, DeepSpeed CPUAdam
-    adam        one Adam step, L2 weight decay coupled into the grad (same file, adamw's cases but bf16): torch's Adam
+    adam        one Adam step, L2 weight decay coupled into the grad (same file; adamw's cases except bf16): torch's
+                Adam
     ce          cross-entropy forward + backward (fused_optim/bench/cross_entropy.py): torch eager, torch.compile,
                 Liger-Kernel
     linear_ce   linear + cross-entropy forward + backward (same file): torch's chunked F.linear_cross_entropy, the

@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         "by the op's bytes model and % of the memory roof measured in the same run (GPU: copy_; CPU: STREAM triad). "
         "adamw: one AdamW step vs torch fused / foreach / for-loop (DeepSpeed CPUAdam on the CPU when installed; "
         "torch.compile of the foreach step on a GPU). "
-        "adam: one Adam step (L2 weight decay coupled into the grad; adamw's cases but bf16) vs torch's Adam likewise. "
+        "adam: one Adam step (L2 weight decay coupled into the grad; the adamw cases except bf16) vs torch's Adam "
+        "likewise. "
         "ce: cross-entropy forward + backward vs torch eager, torch.compile, Liger-Kernel. linear_ce: linear + "
         "cross-entropy forward + backward vs torch's chunked F.linear_cross_entropy and the naive logits path, "
         "with the peak memory of a call. accumulate: fp32 main grads += bf16/fp32 grads vs torch's add_ loop and "
@@ -62,9 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                        "(the tensors may fit in cache, so GB/s can pass the roof)")
     bench.add_argument("--dtype", choices=sorted(DTYPE_CASES),
                        help="adamw, adam: fp32 and the 1000-tensor host-overhead case (fp32), bf16 and bf16 with fp32 "
-                       "master weights (bf16), or all four (all, the default). ce, linear_ce: the logits' dtype "
-                       "(default: fp32 on the CPU, bf16 and fp32 on a GPU). accumulate: the grads' dtype (default: "
-                       "both). clip_adamw, sgd: always fp32")
+                       "master weights (bf16; adam: only the latter), or all four (all, the default). ce, "
+                       "linear_ce: the logits' dtype (default: fp32 on the CPU, bf16 and fp32 on a GPU). "
+                       "accumulate: the grads' dtype (default: both). clip_adamw, sgd: always fp32")
     bench.add_argument("--sizes", metavar="SIZE[,SIZE...]",
                        help="adamw, adam, clip_adamw, sgd: total params of the model-like cases, e.g. 8M,84M (default: "
                        "84M on the CPU, 256M on a GPU; --quick: 4M, 16M); accumulate: the elements of its one-tensor "
