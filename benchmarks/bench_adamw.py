@@ -1,5 +1,6 @@
-"""pytest-benchmark: one AdamW step on the CPU, ours beside torch's fused / foreach / for-loop (and DeepSpeed's
-CPUAdam when installed), for fp32, bf16 and bf16 with fp32 master weights (ours vs the torch way).
+"""pytest-benchmark: one AdamW step, and one Adam step (weight decay coupled into the grad), on the CPU, ours beside
+torch's fused / foreach / for-loop (and DeepSpeed's CPUAdam when installed), for fp32, bf16 and bf16 with fp32 master
+weights (ours vs the torch way).
 
     pytest benchmarks/bench_adamw.py                                       # 2M params: under a minute
     FUSED_OPTIM_BENCH_PARAMS=84000000 pytest benchmarks/bench_adamw.py     # the real size (past the cache)
@@ -34,42 +35,43 @@ def roof_gbps() -> float:
 
 @pytest.fixture(scope="module")
 def workload_of():
-    """Each case's workload and the reference (torch's for-loop after the check steps), made once."""
-    cache: dict[str, tuple[adamw.Workload, list[torch.Tensor]]] = {}
+    """Each (variant, case)'s workload and the reference (torch's for-loop after the check steps), made once."""
+    cache: dict[tuple[str, str], tuple[adamw.Workload, list[torch.Tensor]]] = {}
 
-    def get(case: str):
-        if case not in cache:
+    def get(variant: adamw.Variant, case: str):
+        if (variant.op, case) not in cache:
             cache.clear()  # one case's tensors at a time (GBs at the real size)
             w = adamw.make_workload(case, N_PARAMS, CPU)
-            reference = adamw._torch(foreach=False)(w)
+            reference = adamw._torch(variant, foreach=False)(w)
             adamw._check_steps(reference, 2, CPU)
-            cache[case] = (w, [t.detach().clone() for t in reference.result()])
-        return cache[case]
+            cache[variant.op, case] = (w, [t.detach().clone() for t in reference.result()])
+        return cache[variant.op, case]
 
     return get
 
 
 def _cases():
-    for case in CASES:
-        for impl in adamw.implementations(case, CPU):
-            yield pytest.param(case, impl, id=f"{case}-{impl.name.replace(' ', '_')}")
+    for variant in adamw.VARIANTS.values():
+        for case in (case for case in CASES if case in variant.cases):
+            for impl in adamw.implementations(case, CPU, variant):
+                yield pytest.param(variant, case, impl, id=f"{variant.op}-{case}-{impl.name.replace(' ', '_')}")
 
 
-@pytest.mark.parametrize("case,impl", list(_cases()))
-def test_adamw_step(benchmark, case, impl, workload_of, roof_gbps):
+@pytest.mark.parametrize("variant,case,impl", list(_cases()))
+def test_adam_step(benchmark, variant, case, impl, workload_of, roof_gbps):
     if impl.unavailable is not None:
         pytest.skip(impl.unavailable)
     if impl.reference and N_PARAMS > FORLOOP_MAX_PARAMS:
         pytest.skip(f"for-loop skipped above {FORLOOP_MAX_PARAMS} params (FUSED_OPTIM_BENCH_FORLOOP_MAX)")
-    w, reference = workload_of(case)
+    w, reference = workload_of(variant, case)
     runner = impl.build(w)
     adamw._check_steps(runner, 2, CPU)  # also allocates the state: not in the timed rounds
-    row = adamw._row(case, impl, w)
-    adamw._check(case, runner, reference, row)
+    row = adamw._row(variant.op, case, impl, w)
+    adamw._check(case, runner, reference, row, variant)
     assert row["correct"], row["note"]
 
     n_bytes = adamw.adam_step_bytes(w.numel, w.dtype, state_dtype=runner.state_dtype(), master=w.master)
-    benchmark.group = f"adamw {case} {w.numel / 1e6:g}M params"
+    benchmark.group = f"{variant.op} {case} {w.numel / 1e6:g}M params"
     benchmark.extra_info.update(n_params=w.numel, n_tensors=len(w.p0), dtype=row["dtype"], bytes=n_bytes,
                                 bytes_per_param=n_bytes / w.numel, roof="triad", roof_gbps=roof_gbps)
     benchmark(runner.step)

@@ -221,3 +221,117 @@ def test_sgd_without_momentum_is_wrong(monkeypatch):
     wrong, right = rows
     assert wrong["correct"] is False and wrong["time_ms_median"] is None and "wrong result" in wrong["note"], wrong
     _check_timed_row(right)
+
+
+def _fake_report(rows: list[dict]) -> dict:
+    """A report as run_benchmarks returns it, with `rows` (no measuring)."""
+    return {"schema": 1, "device": "test CPU", "device_type": "cpu", "roof": {"kind": "triad", "gbps": 10.0},
+            "load_avg": {}, "absent_peers": [], "config": {}, "rows": rows}
+
+
+def _linear_ce_row(**fields) -> dict:
+    return {"op": "linear_ce", "case": "fp32", "impl": "fused_optim[cpu]", "shape": "64×32×512", "bytes": None,
+            "gbps": None, "time_ms_median": 1.0, "time_ms_iqr": 0.1, "correct": True, "note": "", **fields}
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
+def test_plot_of_linear_ce_alone_says_so_and_keeps_the_json(monkeypatch, tmp_path, capsys):
+    from fused_optim import bench
+    from fused_optim.cli import main
+
+    monkeypatch.setattr(bench, "run_benchmarks", lambda *a, **k: _fake_report([_linear_ce_row()]))
+    json_path, png_path = tmp_path / "r.json", tmp_path / "r.png"
+    assert main(["bench", "--ops", "linear_ce", "--device", "cpu", "--json", str(json_path),
+                 "--plot", str(png_path)]) == 0
+    err = capsys.readouterr().err
+    assert "no row has a GB/s" in err and "linear_ce (no bytes model)" in err and "no plot written" in err
+    assert json.loads(json_path.read_text())["rows"][0]["op"] == "linear_ce"
+    assert not png_path.exists()
+
+
+def test_plot_names_the_ops_it_leaves_out():
+    from fused_optim.bench.plot import undrawn_ops
+
+    sgd_row = {"op": "sgd", "case": "fp32", "impl": "ours", "gbps": 10.0, "bytes": 100, "correct": True}
+    wrong = {"op": "ce", "case": "fp32", "impl": "ours", "gbps": None, "bytes": 100, "correct": False}
+    assert undrawn_ops({"rows": [sgd_row, _linear_ce_row(), wrong]}) == [
+        "linear_ce (no bytes model)", "ce (no correct timed row)"]
+
+
+def test_json_is_strict_with_nonfinite_floats_as_null(tmp_path):
+    from fused_optim import bench
+
+    row = _linear_ce_row(max_abs_err=float("nan"), correct=False, speedup_vs={"torch": float("inf")},
+                         tolerance=(1e-5, float("-inf")))
+    path = tmp_path / "r.json"
+    bench.write_json(_fake_report([row]), path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    written = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert written["rows"][0]["max_abs_err"] is None
+    assert written["rows"][0]["speedup_vs"] == {"torch": None}
+    assert written["rows"][0]["tolerance"] == [1e-5, None]
+    assert written["rows"][0]["time_ms_median"] == 1.0
+
+
+def _adam_config(**fields):
+    from fused_optim.bench import adamw
+
+    return adamw.AdamWConfig(device=CPU, sizes=[4099], cases=("fp32",), budget_s=0.02, variant=adamw.ADAM, **fields)
+
+
+def test_adam_rows_are_torch_adam_checked():
+    from fused_optim.bench import adamw
+
+    rows = adamw.run(_adam_config())
+    assert {r["op"] for r in rows} == {"adam"} and all(r["n_params"] == 4099 for r in rows)
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["torch for-loop"]["note"] == "reference"
+    for impl in ("fused_optim[cpu]", "torch foreach", "torch for-loop"):
+        _check_timed_row(by_impl[impl])
+        assert by_impl[impl]["bytes"] == 28 * 4099
+    assert adamw.implementations("fp32", CPU, adamw.ADAM)[0].name == "fused_optim[cpu]"
+
+
+def test_adam_with_decoupled_decay_is_wrong(monkeypatch):
+    """AdamW's step posing as Adam's (decay decoupled, not folded into the grad) fails the check and is not timed."""
+    from fused_optim.bench import adamw
+
+    monkeypatch.setattr(adamw, "_ours", lambda backend, variant=adamw.ADAMW: adamw._torch(adamw.ADAMW, foreach=True))
+    ours = next(r for r in adamw.run(_adam_config()) if r["impl"] == "fused_optim[cpu]")
+    assert ours["correct"] is False and ours["time_ms_median"] is None
+    assert ours["max_abs_err"] > 10 * adamw.COUPLED_DECAY_ATOL and ours["note"].startswith("wrong result")
+
+
+@pytest.mark.parametrize("op", ["adamw", "adam", "sgd"])
+def test_torch_compile_of_the_step_is_a_peer_on_gpus_only(op):
+    from fused_optim.bench import adamw
+
+    def names(device):
+        if op == "sgd":
+            return [impl.name for impl in sgd.implementations(device)]
+        impls = adamw.implementations("fp32", device, adamw.VARIANTS[op])
+        return [impl.name for impl in impls]
+    assert "torch.compile foreach" not in names(CPU)  # no GPU needed: the list is only built, nothing runs on it
+    assert "torch.compile foreach" in names(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("op", ["adamw", "sgd"])
+def test_compiled_step_starts_from_the_workload(monkeypatch, op):
+    """The compiled peer's warm-up steps (the compiles) are undone before the check: with torch.compile as the
+    identity (compiling an optimizer step on the CPU takes long), it passes the same check as torch's foreach."""
+    from fused_optim.bench import adamw
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    w = adamw.make_workload("fp32", 4099, CPU)
+    if op == "sgd":
+        row = {"note": ""}
+        assert sgd.checked_step(Impl("compiled", sgd._compiled), w, sgd.reference(w), row) is not None, row
+        return
+    reference = adamw._torch(foreach=False)(w)
+    adamw._check_steps(reference, 2, CPU)
+    runner = adamw._compiled()(w)
+    adamw._check_steps(runner, 2, CPU)
+    row = {"note": ""}
+    adamw._check("fp32", runner, reference.result(), row)
+    assert row["correct"] is True, row

@@ -6,6 +6,8 @@ GPU, the CPU extension's STREAM triad on the CPU. Every implementation is checke
 timed; a wrong one is not timed. The ops:
 
     adamw       one AdamW step (fused_optim/bench/adamw.py): torch fused / foreach / for-loop, DeepSpeed CPUAdam
+    adam        one Adam step, L2 weight decay coupled into the grad (same file; adamw's cases except bf16): torch's
+                Adam
     ce          cross-entropy forward + backward (fused_optim/bench/cross_entropy.py): torch eager, torch.compile,
                 Liger-Kernel
     linear_ce   linear + cross-entropy forward + backward (same file): torch's chunked F.linear_cross_entropy, the
@@ -29,8 +31,10 @@ The shared parts (implementations, check-then-time loop, derived columns) are in
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 from typing import Any, Callable
@@ -46,7 +50,7 @@ __all__ = [
 ]
 
 # the ops `fused-optim bench --ops` knows
-OPS = ("adamw",) + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS + sgd.OPS
+OPS = ("adamw", "adam") + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS + sgd.OPS
 
 # Total params of the main cases. CPU: 84M fp32 params move 2.35 GB a step, far past the last-level cache
 # (DESIGN: >= 50M). GPU: 256M (7.2 GB a step), far past an H100's 50 MB L2, and a step takes milliseconds.
@@ -106,7 +110,7 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     report that `print_table` and `write_json` take. `on_plan(total_tasks)` is called once before the first task,
     `on_task(description)` after each (a progress bar's hooks).
 
-    adamw: `sizes` (total params) and `cases`. ce, linear_ce: `dtypes` ("fp32", "bf16"; default fp32 on the CPU,
+    adamw, adam: `sizes` (total params) and `cases`. ce, linear_ce: `dtypes` ("fp32", "bf16"; default fp32 on the CPU,
     both on a GPU) and `shapes` ({"ce": [(N, V)], "linear_ce": [(N, H, V)]}; default: the op's sizes).
     accumulate: `sizes` (elements of the one-tensor case; the 2000×4096 case always runs) and `dtypes` (the grads';
     default both). clip_adamw, sgd: `sizes` (total fp32 params)."""
@@ -128,6 +132,8 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         budget_s=budget_s,
         host_steps=50 if quick else 200,
     )
+    adam_config = dataclasses.replace(config, variant=adamw.ADAM,
+                                      cases=tuple(case for case in config.cases if case in adamw.ADAM.cases))
     loss_config = cross_entropy.LossConfig(
         device=device,
         ops=tuple(op for op in ops if op in cross_entropy.OPS),
@@ -141,7 +147,8 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     clip_config = clip_adamw.ClipAdamWConfig(device=device, sizes=sizes, budget_s=budget_s)
     sgd_config = sgd.SGDConfig(device=device, sizes=sizes, budget_s=budget_s)
     if on_plan is not None:
-        on_plan(1 + (adamw.count_tasks(config) if "adamw" in ops else 0) + cross_entropy.count_tasks(loss_config)
+        on_plan(1 + (adamw.count_tasks(config) if "adamw" in ops else 0)
+                + (adamw.count_tasks(adam_config) if "adam" in ops else 0) + cross_entropy.count_tasks(loss_config)
                 + (accumulate.count_tasks(accumulate_config) if "accumulate" in ops else 0)
                 + (clip_adamw.count_tasks(clip_config) if "clip_adamw" in ops else 0)
                 + (sgd.count_tasks(sgd_config) if "sgd" in ops else 0))
@@ -153,6 +160,8 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         roof = {"kind": "none", "gbps": None, "note": str(error)}
         report_task("roof: not measured")
     rows = adamw.run(config, roof_gbps=roof["gbps"], on_task=on_task) if "adamw" in ops else []
+    if "adam" in ops:
+        rows += adamw.run(adam_config, roof_gbps=roof["gbps"], on_task=on_task)
     rows += cross_entropy.run(loss_config, roof_gbps=roof["gbps"], on_task=on_task)
     if "accumulate" in ops:
         rows += accumulate.run(accumulate_config, roof_gbps=roof["gbps"], on_task=on_task)
@@ -170,6 +179,14 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
             check_steps=config.check_steps,
             tolerances=adamw.TOLERANCES,
         )
+    if "adam" in ops:
+        run_config["adam"] = {
+            "sizes": sizes, "cases": list(adam_config.cases),
+            "hparams": {**adamw.HPARAMS, "decoupled_weight_decay": adamw.ADAM.decoupled_weight_decay},
+            "reference": "torch.optim.Adam(foreach=False)", "check_steps": adam_config.check_steps,
+            "tolerances": {kind: adamw.tolerance(kind, adamw.ADAM) for kind in adamw.TOLERANCES},
+            "budget_s": adam_config.budget_s,
+        }
     run_config.update(loss_config.describe())
     for op, op_config in (("accumulate", accumulate_config), ("clip_adamw", clip_config), ("sgd", sgd_config)):
         if op in ops:
@@ -204,12 +221,26 @@ def absent_peers(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"op": op, "impl": impl, "why": why} for (op, impl), why in absent.items()]
 
 
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or ±inf float (a wrong implementation's max_abs_err, say) replaced by None, so that
+    it is strict JSON (null), which every JSON reader takes; tuples become lists, as json writes them anyway."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes `report` as strict JSON: non-finite floats as null (`finite_json`), anything else json cannot write
+    as its str()."""
     directory = os.path.dirname(os.fspath(path))
     if directory:
         os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=str)
+        json.dump(finite_json(report), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
 
 
@@ -231,6 +262,10 @@ CAPTIONS = {
     "adamw": "ms: median step time; GB/s by the bytes model (fp32: 28 B/param); % of the roof; × = torch fused's "
              "time / this one's (bf16+master: the torch way with _foreach_copy_); host ms: host time per step (no "
              "sync); peak mem: memory a step allocates beyond its state.",
+    "adam": "One Adam step, weight decay 0.1 coupled into the grad (L2, torch.optim.Adam's), else as adamw: ms: "
+            "median step time; GB/s by the bytes model (fp32: 28 B/param); % of the roof; × = torch fused Adam's "
+            "time / this one's; host ms: host time per step (no sync); peak mem: what a step allocates beyond its "
+            "state.",
     **cross_entropy.CAPTIONS,
     **accumulate.CAPTIONS,
     **clip_adamw.CAPTIONS,

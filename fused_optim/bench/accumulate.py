@@ -23,6 +23,7 @@ grads to the main grads (which grow by a grad each call: finite, normal values t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from fused_optim.bench.adamw import _human
-from fused_optim.bench.peers import Impl, Kernel, check_then_time, derive, new_row, our_implementations
+from fused_optim.bench.peers import Case, Impl, Kernel, new_row, our_implementations, run_cases
 
 OPS = ("accumulate",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -177,20 +178,14 @@ def count_tasks(config: AccumulateConfig) -> int:
 def run(config: AccumulateConfig, roof_gbps: float | None = None,
         on_task: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Measures every case × implementation of `config`; one row (a dict) per pair."""
-    rows = []
-    for case, shapes in plan(config):
-        rows += _run_case(config, case, shapes, roof_gbps, on_task or (lambda description: None))
-    return rows
+    cases = [functools.partial(_case, config, case, shapes) for case, shapes in plan(config)]
+    return run_cases(cases, implementations(config.device), config, roof_gbps, on_task)
 
 
-def _run_case(config: AccumulateConfig, case: str, shapes: list[tuple[int, ...]], roof_gbps: float | None,
-              on_task: Callable[[str], None]) -> list[dict[str, Any]]:
+def _case(config: AccumulateConfig, case: str, shapes: list[tuple[int, ...]]) -> Case:
     w = make_workload(case, shapes, config.device, config.seed)
-    rows = check_then_time(implementations(config.device), config.device, f"accumulate {case} {w.shape_text}",
-                           lambda impl: _row(impl, w), lambda impl, row: checked_step(impl, w, row), config.budget_s,
-                           config.max_time_s, on_task)
-    derive(rows, roof_gbps)
-    return rows
+    return Case(f"accumulate {case} {w.shape_text}", lambda impl: _row(impl, w),
+                lambda impl, row: checked_step(impl, w, row))
 
 
 def _row(impl: Impl, w: Workload) -> dict[str, Any]:

@@ -1,6 +1,8 @@
-"""AdamW step benchmark: ours against torch's fused, foreach and for-loop AdamW (and DeepSpeed's CPUAdam on the CPU,
-apex's FusedAdam on a GPU; a row says "absent" when one is not installed), on the CPU or a CUDA GPU, reported as
-time, GB/s and % of the device's measured memory roof.
+"""AdamW and Adam step benchmarks: ours against torch's fused, foreach and for-loop AdamW (op "adamw") or Adam (op
+"adam": the same step with coupled L2 weight decay, `ADAM`; no bf16 case), and DeepSpeed's CPUAdam on the CPU,
+apex's FusedAdam on a GPU, each in the matching mode (a row says "absent" when one is not installed), and on a GPU
+`torch.compile` of torch's foreach step; on the CPU or a CUDA GPU, reported as time, GB/s and % of the device's
+measured memory roof. The two ops share everything here but the `Variant`.
 
 Cases (each on a GPT-like list of tensors, `model_shapes`):
   fp32          fp32 params, grads and state.
@@ -15,7 +17,7 @@ Cases (each on a GPT-like list of tensors, `model_shapes`):
                 CPU the step time is all there is.
 
 Before it is timed, every implementation is stepped `check_steps` times (the grads scaled by -1/2 between steps)
-and compared with torch's for-loop AdamW (`foreach=False`) stepped on the same input (for bf16+master: on fp32
+and compared with torch's for-loop AdamW or Adam (`foreach=False`) stepped on the same input (for bf16+master: on fp32
 copies of the params with up-cast grads, compared on the fp32 masters). A wrong result is reported as wrong and
 not timed. The masters and fp32 params are held to a few ulps; bf16 params only to an ulp or two (`TOLERANCES`).
 
@@ -37,7 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fused_optim.bench.peers import Impl, apex_peer, not_installed, our_implementations
+from fused_optim.bench.peers import Impl, apex_peer, compile_step, not_installed, our_implementations
 from fused_optim.bench.timing import error_note, release_memory, Timing, host_time, synchronize, time_fn
 
 CASES = ("fp32", "bf16", "bf16+master", "host")
@@ -50,6 +52,45 @@ HPARAMS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
 # them fp32, so the params may be an ulp or two apart (bf16 ulp = 2^-8 relative) — a coarse check; the fp32 case
 # and the masters of bf16+master check the math. A bf16 param rounded from a master: one ulp of the reference.
 TOLERANCES = {"fp32": (1e-5, 1e-7), "bf16": (1.6e-2, 1e-4), "bf16_rounded": (8e-3, 1e-8)}
+# Adam (coupled decay) folds wd·p into the grad before the moments: on some elements g + wd·p cancels to ~eps, where
+# one rounding of that sum (up to ~1e-9 for |wd·p| ~ 1e-2) moves the update g/(|g| + eps) by up to lr·1e-9/eps =
+# lr/10; two correct fp32 implementations differ there by that much (seen: 5e-6 in the 1000-tensor case). The
+# check's atol for "adam" is that bound: still far under what a missing or decoupled decay or a wrong bias
+# correction moves (~lr on most elements).
+COUPLED_DECAY_ATOL = 0.1 * HPARAMS["lr"]
+
+
+def tolerance(kind: str, variant: Variant) -> tuple[float, float]:
+    """(rtol, atol) of `TOLERANCES[kind]` for `variant` (atol at least COUPLED_DECAY_ATOL for Adam)."""
+    rtol, atol = TOLERANCES[kind]
+    return rtol, atol if variant.decoupled_weight_decay else max(atol, COUPLED_DECAY_ATOL)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which Adam the benchmark steps: the op's name, the class's name in fused_optim and torch.optim, whether the
+    weight decay is decoupled (AdamW: p -= lr·wd·p) or coupled L2 (Adam: grad += wd·p), and the cases it runs."""
+
+    op: str
+    class_name: str
+    decoupled_weight_decay: bool
+    cases: tuple[str, ...] = CASES
+
+    def ours(self) -> type:
+        import fused_optim
+
+        return getattr(fused_optim, self.class_name)
+
+    def torch_class(self) -> type:
+        return getattr(torch.optim, self.class_name)
+
+
+ADAMW = Variant("adamw", "AdamW", decoupled_weight_decay=True)
+# Adam has no bf16 case: torch's bf16 reference folds wd·p into the grad in bf16, where g + wd·p cancels to ~eps on
+# some elements after a bf16 rounding (~4e-6 here) that moves the update by up to lr, an ulp of the bf16 param: the
+# check cannot tell right from wrong there (torch's own fused Adam fails it). bf16+master does its math in fp32.
+ADAM = Variant("adam", "Adam", decoupled_weight_decay=False, cases=("fp32", "bf16+master", "host"))
+VARIANTS = {v.op: v for v in (ADAMW, ADAM)}
 
 
 def adam_step_bytes(numel: int, param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None,
@@ -145,12 +186,10 @@ def _clone_params(w: Workload, dtype: torch.dtype | None = None) -> list[Tensor]
     return params
 
 
-def _ours(backend: str) -> Callable[[Workload], Runner]:
+def _ours(backend: str, variant: Variant = ADAMW) -> Callable[[Workload], Runner]:
     def build(w: Workload) -> Runner:
-        import fused_optim
-
         params = _clone_params(w)
-        opt = fused_optim.AdamW(params, **HPARAMS, master_weights=w.master, backend=backend)
+        opt = variant.ours()(params, **HPARAMS, master_weights=w.master, backend=backend)
         if w.master:
             def result():
                 return [opt.state[p]["master_param"] for p in params]
@@ -161,23 +200,34 @@ def _ours(backend: str) -> Callable[[Workload], Runner]:
     return build
 
 
-def _torch(**options) -> Callable[[Workload], Runner]:
-    """torch.optim.AdamW with `options` (fused=True, foreach=True or foreach=False); state in the param dtype."""
+def _torch(variant: Variant = ADAMW, **options) -> Callable[[Workload], Runner]:
+    """torch.optim.AdamW (or Adam) with `options` (fused=True, foreach=True or foreach=False); state in the param
+    dtype."""
     def build(w: Workload) -> Runner:
         # The for-loop reference of bf16+master steps fp32 copies with up-cast grads (what the masters must become).
         params = _clone_params(w, torch.float32 if w.master else None)
-        opt = torch.optim.AdamW(params, **HPARAMS, **options)
+        opt = variant.torch_class()(params, **HPARAMS, **options)
         return Runner(opt.step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
     return build
 
 
-def _torch_way(upcast: str) -> Callable[[Workload], Runner]:
+def _compiled(variant: Variant = ADAMW) -> Callable[[Workload], Runner]:
+    """torch.compile(opt.step) of torch's foreach AdamW (or Adam), compiled before the check (peers.compile_step)."""
+    def build(w: Workload) -> Runner:
+        params = _clone_params(w)
+        opt = variant.torch_class()(params, **HPARAMS, foreach=True)
+        step = compile_step(opt.step, params, w.p0, opt.state)
+        return Runner(step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
+    return build
+
+
+def _torch_way(upcast: str, variant: Variant = ADAMW) -> Callable[[Workload], Runner]:
     """bf16 params with fp32 masters, the torch way: up-cast the grads, torch's fused AdamW on the masters, copy
     the masters back into the params. `upcast`: "foreach_copy" into persistent fp32 grads, or ".float()"."""
     def build(w: Workload) -> Runner:
         params = _clone_params(w)
         masters = [p.detach().float() for p in params]
-        opt = torch.optim.AdamW(masters, **HPARAMS, fused=True)
+        opt = variant.torch_class()(masters, **HPARAMS, fused=True)
         if upcast == "foreach_copy":
             for m in masters:
                 m.grad = torch.empty_like(m)
@@ -199,37 +249,41 @@ def _torch_way(upcast: str) -> Callable[[Workload], Runner]:
     return build
 
 
-def _deepspeed(w: Workload) -> Runner:
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    params = _clone_params(w)
-    opt = DeepSpeedCPUAdam(params, **HPARAMS, adamw_mode=True)
-    return Runner(opt.step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
-
-
-def _apex(fused_adam: type) -> Callable[[Workload], Runner]:
-    """apex.optimizers.FusedAdam in AdamW mode (its state in the param dtype, as torch's)."""
+def _deepspeed(variant: Variant) -> Callable[[Workload], Runner]:
     def build(w: Workload) -> Runner:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
         params = _clone_params(w)
-        opt = fused_adam(params, **HPARAMS, adam_w_mode=True)
+        opt = DeepSpeedCPUAdam(params, **HPARAMS, adamw_mode=variant.decoupled_weight_decay)
         return Runner(opt.step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
     return build
 
 
-def implementations(case: str, device: torch.device) -> list[Impl]:
+def _apex(fused_adam: type, variant: Variant) -> Callable[[Workload], Runner]:
+    """apex.optimizers.FusedAdam in AdamW or Adam mode (its state in the param dtype, as torch's)."""
+    def build(w: Workload) -> Runner:
+        params = _clone_params(w)
+        opt = fused_adam(params, **HPARAMS, adam_w_mode=variant.decoupled_weight_decay)
+        return Runner(opt.step, lambda: params, lambda: opt.state[params[0]]["exp_avg"].dtype, params)
+    return build
+
+
+def implementations(case: str, device: torch.device, variant: Variant = ADAMW) -> list[Impl]:
     """The implementations compared in `case` on `device`, usable or not (with the reason)."""
-    impls = our_implementations(device, _ours)
+    impls = our_implementations(device, lambda backend: _ours(backend, variant))
     if case == "bf16+master":
-        impls.append(Impl("torch way: fused + _foreach_copy_", _torch_way("foreach_copy"), baseline=True))
-        impls.append(Impl("torch way: fused + .float()", _torch_way(".float()")))
+        impls.append(Impl("torch way: fused + _foreach_copy_", _torch_way("foreach_copy", variant), baseline=True))
+        impls.append(Impl("torch way: fused + .float()", _torch_way(".float()", variant)))
         return impls
-    impls.append(Impl("torch fused", _torch(fused=True), baseline=True))
-    impls.append(Impl("torch foreach", _torch(foreach=True)))
-    impls.append(Impl("torch for-loop", _torch(foreach=False), reference=True))
+    impls.append(Impl("torch fused", _torch(variant, fused=True), baseline=True))
+    impls.append(Impl("torch foreach", _torch(variant, foreach=True)))
+    if device.type == "cuda":  # on the CPU the compile takes long (and the CPU's inductor code is no GPU's)
+        impls.append(Impl("torch.compile foreach", _compiled(variant)))
+    impls.append(Impl("torch for-loop", _torch(variant, foreach=False), reference=True))
     if device.type == "cpu" and case != "host":
         missing = not_installed("deepspeed", "deepspeed")
-        impls.append(Impl("DeepSpeed CPUAdam", None if missing else _deepspeed, unavailable=missing))
-    apex = apex_peer("apex FusedAdam", "FusedAdam", device, _apex)
+        impls.append(Impl("DeepSpeed CPUAdam", None if missing else _deepspeed(variant), unavailable=missing))
+    apex = apex_peer("apex FusedAdam", "FusedAdam", device, lambda fused_adam: _apex(fused_adam, variant))
     if apex is not None:
         impls.append(apex)
     return impls
@@ -258,6 +312,7 @@ class AdamWConfig:
     check_steps: int = 2
     host_steps: int = 200
     seed: int = 0
+    variant: Variant = ADAMW  # ADAM: the "adam" op
 
 
 def plan(config: AdamWConfig) -> list[tuple[str, int]]:
@@ -272,7 +327,7 @@ def plan(config: AdamWConfig) -> list[tuple[str, int]]:
 
 
 def count_tasks(config: AdamWConfig) -> int:
-    return sum(1 + len(implementations(case, config.device)) for case, _ in plan(config))
+    return sum(1 + len(implementations(case, config.device, config.variant)) for case, _ in plan(config))
 
 
 def run(config: AdamWConfig, roof_gbps: float | None = None,
@@ -308,11 +363,11 @@ def _run_case(config: AdamWConfig, case: str, n_params: int, roof_gbps: float | 
               on_task: Callable[[str], None]) -> list[dict[str, Any]]:
     device = config.device
     w = make_workload(case, n_params, device, config.seed)
-    impls = implementations(case, device)
-    label = f"adamw {case} {_human(n_params)}"
+    impls = implementations(case, device, config.variant)
+    label = f"{config.variant.op} {case} {_human(n_params)}"
 
     # The reference: torch's for-loop on the same input (fp32 copies for bf16+master), stepped check_steps times.
-    reference_runner = _torch(foreach=False)(w)
+    reference_runner = _torch(config.variant, foreach=False)(w)
     reference_step_s = _check_steps(reference_runner, config.check_steps, device)
     reference = [t.detach().clone() for t in reference_runner.result()]
     if case == "bf16+master":  # not one of the compared implementations: free it now
@@ -323,7 +378,7 @@ def _run_case(config: AdamWConfig, case: str, n_params: int, roof_gbps: float | 
     # The reference implementation first, so that its memory is freed before the others run.
     ordered = sorted(impls, key=lambda impl: not impl.reference)
     for impl in ordered:
-        row = _row(case, impl, w)
+        row = _row(config.variant.op, case, impl, w)
         rows[impl.name] = row
         try:
             if impl.unavailable is not None:
@@ -336,7 +391,7 @@ def _run_case(config: AdamWConfig, case: str, n_params: int, roof_gbps: float | 
             else:
                 runner = impl.build(w)
                 step_s = _check_steps(runner, config.check_steps, device)
-                _check(case, runner, reference, row)
+                _check(case, runner, reference, row, config.variant)
                 if not row["correct"]:
                     continue
             _measure(config, case, runner, step_s, row)
@@ -352,9 +407,9 @@ def _run_case(config: AdamWConfig, case: str, n_params: int, roof_gbps: float | 
     return ordered_rows
 
 
-def _row(case: str, impl: Impl, w: Workload) -> dict[str, Any]:
+def _row(op: str, case: str, impl: Impl, w: Workload) -> dict[str, Any]:
     return {
-        "op": "adamw",
+        "op": op,
         "case": case,
         "impl": impl.name,
         "auto": impl.auto,
@@ -381,13 +436,15 @@ def _row(case: str, impl: Impl, w: Workload) -> dict[str, Any]:
     }
 
 
-def _check(case: str, runner: Runner, reference: list[Tensor], row: dict[str, Any]) -> None:
+def _check(case: str, runner: Runner, reference: list[Tensor], row: dict[str, Any], variant: Variant = ADAMW) -> None:
     if case == "bf16+master":
-        ok, err = compare(runner.result(), reference, *TOLERANCES["fp32"])
-        rounded_ok, _ = compare(runner.params, [r.to(torch.bfloat16) for r in reference], *TOLERANCES["bf16_rounded"])
+        ok, err = compare(runner.result(), reference, *tolerance("fp32", variant))
+        rounded_ok, _ = compare(runner.params, [r.to(torch.bfloat16) for r in reference],
+                                *tolerance("bf16_rounded", variant))
         ok = ok and rounded_ok
     else:
-        ok, err = compare(runner.result(), reference, *TOLERANCES["fp32" if case in ("fp32", "host") else "bf16"])
+        kind = "fp32" if case in ("fp32", "host") else "bf16"
+        ok, err = compare(runner.result(), reference, *tolerance(kind, variant))
     row.update(correct=ok, max_abs_err=err)
     if not ok:
         row["note"] = f"wrong result (max |error| {err:.3g} vs torch for-loop): not timed"

@@ -29,6 +29,7 @@ Correctness, before timing: each implementation's params after the checked step 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from fused_optim.bench.adamw import HPARAMS, _human, compare, model_shapes
-from fused_optim.bench.peers import (Impl, Kernel, check_then_time, derive, new_row, our_implementations,
+from fused_optim.bench.peers import (Case, Impl, Kernel, SizesConfig, new_row, our_implementations, run_cases,
                                     torch_fused_supported)
 from fused_optim.reference import ReferenceAdam
 
@@ -184,14 +185,8 @@ def checked_step(impl: Impl, w: Workload, expected: list[Tensor], row: dict[str,
 
 
 @dataclass
-class ClipAdamWConfig:
+class ClipAdamWConfig(SizesConfig):
     """What `run` measures: one step at each total of `sizes` (params)."""
-
-    device: torch.device
-    sizes: list[int]
-    budget_s: float = 1.5
-    max_time_s: float = 30.0
-    seed: int = 0
 
     def describe(self) -> dict[str, Any]:
         """The configuration as the JSON report records it."""
@@ -210,23 +205,15 @@ def count_tasks(config: ClipAdamWConfig) -> int:
 def run(config: ClipAdamWConfig, roof_gbps: float | None = None,
         on_task: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Measures every size × implementation of `config`; one row (a dict) per pair."""
-    rows = []
-    for n_params in config.sizes:
-        rows += _run_case(config, n_params, roof_gbps, on_task or (lambda description: None))
-    return rows
+    cases = [functools.partial(_case, config, n_params) for n_params in config.sizes]
+    return run_cases(cases, implementations(config.device), config, roof_gbps, on_task)
 
 
-def _run_case(config: ClipAdamWConfig, n_params: int, roof_gbps: float | None,
-              on_task: Callable[[str], None]) -> list[dict[str, Any]]:
+def _case(config: ClipAdamWConfig, n_params: int) -> Case:
     w = make_workload(n_params, config.device, config.seed)
-    label = f"clip_adamw fp32 {_human(n_params)}"
     expected = reference_params(w)
-    on_task(f"{label}: float64 reference")
-    rows = check_then_time(implementations(config.device), config.device, label, lambda impl: _row(impl, w),
-                           lambda impl, row: checked_step(impl, w, expected, row), config.budget_s,
-                           config.max_time_s, on_task)
-    derive(rows, roof_gbps)
-    return rows
+    return Case(f"clip_adamw fp32 {_human(n_params)}", lambda impl: _row(impl, w),
+                lambda impl, row: checked_step(impl, w, expected, row), reference="float64 reference")
 
 
 def _row(impl: Impl, w: Workload) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 checks each before timing it, the timing of one checked step, and the derived columns (GB/s, % of the roof,
 speed-ups).
 
-An op module (adamw.py, cross_entropy.py, accumulate.py, clip_adamw.py) supplies its workload, its implementations
-(`Impl`), its reference check and its bytes model; the rows it returns are what `fused_optim.bench.print_table` and
+An op module (adamw.py, cross_entropy.py, accumulate.py, clip_adamw.py, sgd.py) supplies its workload, its
+implementations (`Impl`), its reference check and its bytes model (accumulate, clip_adamw and sgd run their cases
+through `run_cases`); the rows it returns are what `fused_optim.bench.print_table` and
 `write_json` take.
 """
 
@@ -13,7 +14,7 @@ import importlib
 import importlib.util
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -83,6 +84,21 @@ def torch_fused_supported(optimizer_class: type, device: torch.device) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+def compile_step(step: Callable[[], Any], params: list[torch.Tensor], initial: list[torch.Tensor],
+                 state: dict) -> Callable[[], Any]:
+    """`torch.compile(step)` (an optimizer's `opt.step`, fullgraph=False), compiled here on two warm-up steps (one
+    for the empty state, one for the state the first step creates), after which `params` are copied back from
+    `initial` and the optimizer's `state` is emptied: the check steps and the timing start from the workload, and
+    do not time the compiles. A GPU peer only: on the CPU, compiling an optimizer step takes long."""
+    compiled = torch.compile(step, fullgraph=False)
+    for _ in range(2):
+        compiled()
+    with torch.no_grad():
+        torch._foreach_copy_(params, initial)
+    state.clear()  # the same dict (the compiled step's guards look at it), empty as before the first step
+    return compiled
 
 
 def our_implementations(device: torch.device, build: Callable[[str], Callable], kernels: tuple[Kernel, ...] = (),
@@ -194,3 +210,45 @@ def derive(rows: list[dict[str, Any]], roof_gbps: float | None) -> None:
             r["speedup_vs"] = {p["impl"]: p["time_ms_median"] / r["time_ms_median"]
                                for p in timed if not p["impl"].startswith("fused_optim")}
 
+
+@dataclass
+class SizesConfig:
+    """What an op measured at total sizes runs (clip_adamw, sgd): one case at each of `sizes`. `budget_s`: seconds
+    spent timing each implementation; one whose timing would take longer than `max_time_s` is not timed."""
+
+    device: torch.device
+    sizes: list[int]
+    budget_s: float = 1.5
+    max_time_s: float = 30.0
+    seed: int = 0
+
+
+@dataclass
+class Case:
+    """One case of an op, its workload (and reference) made: the `label` of its progress tasks, a row per
+    implementation (`new_row(impl)`) and the check that returns the step to time (`check_then_time`'s
+    `checked_step`). `reference`: what making it computed, reported as a task of its own (None: nothing)."""
+
+    label: str
+    new_row: Callable[[Impl], dict[str, Any]]
+    checked_step: Callable[[Impl, dict[str, Any]], Callable[[], Any] | None]
+    reference: str | None = None
+
+
+def run_cases(cases: Iterable[Callable[[], Case]], impls: list[Impl], config: Any, roof_gbps: float | None,
+              on_task: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    """Makes each case in turn (`make_case()`: its workload, one case's tensors at a time), checks then times every
+    implementation on it and derives its columns; `config` gives device, budget_s and max_time_s. One row per case
+    and implementation."""
+    on_task = on_task or (lambda description: None)
+    rows: list[dict[str, Any]] = []
+    for make_case in cases:
+        case = make_case()
+        if case.reference is not None:
+            on_task(f"{case.label}: {case.reference}")
+        case_rows = check_then_time(impls, config.device, case.label, case.new_row, case.checked_step,
+                                    config.budget_s, config.max_time_s, on_task)
+        derive(case_rows, roof_gbps)
+        rows += case_rows
+        del case  # its workload, before the next one is made
+    return rows

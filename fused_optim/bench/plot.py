@@ -1,7 +1,9 @@
 """`fused-optim bench --plot PATH`: a report's bandwidth as a PNG bar chart. One group of bars per op, case and size,
 one bar per implementation (the same colour for an implementation in every group), the memory roof measured in the
 same run as a horizontal line. Only rows with a GB/s are drawn: wrong, untimed and absent ones are left out (the
-table and the JSON say why). matplotlib is imported only here, only when asked (fused_optim/_pyplot.py).
+table and the JSON say why), and so are ops without a bytes model (linear_ce: GEMM-bound, it reports time, TFLOP/s
+and peak memory); the x-axis label names the ops left out. matplotlib is imported only here, only when asked
+(fused_optim/_pyplot.py).
 """
 
 from __future__ import annotations
@@ -28,12 +30,23 @@ def bars(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     return groups
 
 
+def undrawn_ops(report: dict[str, Any]) -> list[str]:
+    """The ops of the report with no bar, each with why: 'linear_ce (no bytes model)', 'sgd (no correct timed
+    row)'."""
+    drawn = {r["op"] for r in report["rows"] if r.get("gbps") and r.get("correct") is not False}
+    left_out: dict[str, str] = {}
+    for r in report["rows"]:
+        if r["op"] not in drawn:
+            left_out.setdefault(r["op"], "no correct timed row" if r.get("bytes") else "no bytes model")
+    return [f"{op} ({why})" for op, why in left_out.items()]
+
+
 def write_plot(report: dict[str, Any], path: str) -> None:
     """Draws `report` (fused_optim.bench.run_benchmarks) as a PNG at `path`. RuntimeError when matplotlib is missing
     or no row has a GB/s."""
     groups = bars(report)
     if not groups:
-        raise RuntimeError("--plot: no row has a GB/s to draw (every implementation was wrong, untimed or absent)")
+        raise RuntimeError("--plot: no row has a GB/s to draw (not drawn: " + ", ".join(undrawn_ops(report)) + ")")
     plt = pyplot()
     impls = list(dict.fromkeys(impl for group in groups.values() for impl in group))
     colours = {impl: plt.get_cmap("tab10" if len(impls) <= 10 else "tab20")(i) for i, impl in enumerate(impls)}
@@ -57,6 +70,9 @@ def write_plot(report: dict[str, Any], path: str) -> None:
     axes.set_title(f"fused-optim bench: {report['device']}", fontsize=10)
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    left_out = undrawn_ops(report)
+    if left_out:
+        axes.set_xlabel("not drawn: " + ", ".join(left_out), fontsize=7)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

@@ -1,6 +1,7 @@
 """SGD step benchmark: one SGD step with momentum 0.9 (no Nesterov, no weight decay), ours against torch's fused,
-foreach and for-loop SGD (apex's FusedSGD on a GPU; its row says "absent" when apex is not installed), on the CPU
-or a CUDA GPU, reported as time, GB/s and % of the device's measured memory roof.
+foreach and for-loop SGD (on a GPU also `torch.compile` of torch's foreach SGD step, and apex's FusedSGD; its row
+says "absent" when apex is not installed), on the CPU or a CUDA GPU, reported as time, GB/s and % of the device's
+measured memory roof.
 
 Workload: fp32 params and grads on the GPT-like list of tensors of the AdamW benchmark (`adamw.model_shapes`,
 `adamw.make_workload`). Ours: `fused_optim.SGD(..., backend=...)` on each backend that runs here (one whose
@@ -17,6 +18,7 @@ write param + momentum buffer: fp32 20 B/param.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,8 +26,8 @@ import torch
 from torch import Tensor
 
 from fused_optim.bench.adamw import Runner, Workload, _check_steps, _clone_params, _human, compare, make_workload
-from fused_optim.bench.peers import (Impl, Kernel, apex_peer, check_then_time, derive, new_row, our_implementations,
-                                     torch_fused_supported)
+from fused_optim.bench.peers import (Case, Impl, Kernel, SizesConfig, apex_peer, compile_step, new_row,
+                                     our_implementations, run_cases, torch_fused_supported)
 from fused_optim.reference import ReferenceSGD
 
 OPS = ("sgd",)
@@ -75,6 +77,15 @@ def _torch(**options) -> Callable[[Workload], Runner]:
     return build
 
 
+def _compiled(w: Workload) -> Runner:
+    """torch.compile(opt.step) of torch's foreach SGD, compiled before the check (peers.compile_step)."""
+    params = _clone_params(w)
+    opt = torch.optim.SGD(params, **HPARAMS, foreach=True)
+    runner = _runner(params, opt)
+    runner.step = compile_step(opt.step, params, w.p0, opt.state)
+    return runner
+
+
 def _apex(fused_sgd: type) -> Callable[[Workload], Runner]:
     def build(w: Workload) -> Runner:
         params = _clone_params(w)
@@ -92,6 +103,8 @@ def implementations(device: torch.device) -> list[Impl]:
         impls.append(Impl("torch fused", None,
                           unavailable=f"absent (torch {torch.__version__} has no fused SGD on {device.type})"))
     impls.append(Impl("torch foreach", _torch(foreach=True), baseline=not fused))
+    if device.type == "cuda":  # on the CPU the compile takes long
+        impls.append(Impl("torch.compile foreach", _compiled))
     impls.append(Impl("torch for-loop", _torch(foreach=False)))
     apex = apex_peer("apex FusedSGD", "FusedSGD", device, _apex)
     if apex is not None:
@@ -130,14 +143,8 @@ def checked_step(impl: Impl, w: Workload, expected: list[Tensor], row: dict[str,
 
 
 @dataclass
-class SGDConfig:
+class SGDConfig(SizesConfig):
     """What `run` measures: one step at each total of `sizes` (fp32 params)."""
-
-    device: torch.device
-    sizes: list[int]
-    budget_s: float = 1.5
-    max_time_s: float = 30.0
-    seed: int = 0
 
     def describe(self) -> dict[str, Any]:
         """The configuration as the JSON report records it."""
@@ -153,23 +160,15 @@ def count_tasks(config: SGDConfig) -> int:
 def run(config: SGDConfig, roof_gbps: float | None = None,
         on_task: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Measures every size × implementation of `config`; one row (a dict) per pair."""
-    rows = []
-    for n_params in config.sizes:
-        rows += _run_case(config, n_params, roof_gbps, on_task or (lambda description: None))
-    return rows
+    cases = [functools.partial(_case, config, n_params) for n_params in config.sizes]
+    return run_cases(cases, implementations(config.device), config, roof_gbps, on_task)
 
 
-def _run_case(config: SGDConfig, n_params: int, roof_gbps: float | None,
-              on_task: Callable[[str], None]) -> list[dict[str, Any]]:
+def _case(config: SGDConfig, n_params: int) -> Case:
     w = make_workload("fp32", n_params, config.device, config.seed)
-    label = f"sgd fp32 {_human(n_params)}"
     expected = reference(w)
-    on_task(f"{label}: float64 reference")
-    rows = check_then_time(implementations(config.device), config.device, label, lambda impl: _row(impl, w),
-                           lambda impl, row: checked_step(impl, w, expected, row), config.budget_s,
-                           config.max_time_s, on_task)
-    derive(rows, roof_gbps)
-    return rows
+    return Case(f"sgd fp32 {_human(n_params)}", lambda impl: _row(impl, w),
+                lambda impl, row: checked_step(impl, w, expected, row), reference="float64 reference")
 
 
 def _row(impl: Impl, w: Workload) -> dict[str, Any]:

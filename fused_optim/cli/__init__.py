@@ -1,7 +1,7 @@
 """The `fused-optim` console script (also `python -m fused_optim`).
 
     fused-optim info [--json]       what is built and usable here, and why not (fused_optim.backends())
-    fused-optim bench [options]     our ops against their peers (AdamW, cross-entropy, linear + cross-entropy,
+    fused-optim bench [options]     our ops against their peers (AdamW, Adam, cross-entropy, linear + cross-entropy,
                                     grad accumulation, clip + unscale + AdamW, SGD): time, GB/s, % of the memory
                                     roof
     fused-optim train [options]     train a small GPT with the package (fused_optim/cli/train.py)
@@ -43,35 +43,38 @@ def _parser() -> argparse.ArgumentParser:
         help="benchmark our ops against torch's on this device",
         description="Times each op beside its peers after checking each against a reference, and reports GB/s "
         "by the op's bytes model and % of the memory roof measured in the same run (GPU: copy_; CPU: STREAM triad). "
-        "adamw: one AdamW step vs torch fused / foreach / for-loop (DeepSpeed CPUAdam on the CPU when installed). "
+        "adamw: one AdamW step vs torch fused / foreach / for-loop (DeepSpeed CPUAdam on the CPU when installed; "
+        "torch.compile of the foreach step on a GPU). "
+        "adam: one Adam step (L2 weight decay coupled into the grad; the adamw cases except bf16) vs torch's Adam "
+        "likewise. "
         "ce: cross-entropy forward + backward vs torch eager, torch.compile, Liger-Kernel. linear_ce: linear + "
         "cross-entropy forward + backward vs torch's chunked F.linear_cross_entropy and the naive logits path, "
         "with the peak memory of a call. accumulate: fp32 main grads += bf16/fp32 grads vs torch's add_ loop and "
         "_foreach_add_. clip_adamw: AdamW(max_grad_norm=1) stepped by our GradScaler vs torch's "
         "GradScaler.unscale_ + clip_grad_norm_ + fused AdamW. sgd: one SGD step with momentum 0.9 vs torch fused / "
-        "foreach / for-loop (apex FusedSGD and FusedAdam on a GPU when installed). Peers that are not installed are "
-        "listed as absent.",
+        "foreach / for-loop (on a GPU: torch.compile of the foreach step; apex FusedSGD and FusedAdam when "
+        "installed). Peers that are not installed are listed as absent.",
     )
     bench.add_argument("--json", metavar="PATH", help="also write the results (device, versions, roof, rows) here")
     bench.add_argument("--plot", metavar="PATH", help="also draw GB/s by op and case (groups) and implementation "
                        "(bars), with the measured memory roof as a line, as a PNG here (needs matplotlib; wrong and "
-                       "untimed rows are left out)")
+                       "untimed rows are left out, and linear_ce, which has no bytes model)")
     bench.add_argument("--quick", action="store_true", help="small sizes and short timings: seconds, not minutes "
                        "(the tensors may fit in cache, so GB/s can pass the roof)")
     bench.add_argument("--dtype", choices=sorted(DTYPE_CASES),
-                       help="adamw: fp32 and the 1000-tensor host-overhead case (fp32), bf16 and bf16 with fp32 "
-                       "master weights (bf16), or all four (all, the default). ce, linear_ce: the logits' dtype "
-                       "(default: fp32 on the CPU, bf16 and fp32 on a GPU). accumulate: the grads' dtype (default: "
-                       "both). clip_adamw, sgd: always fp32")
+                       help="adamw, adam: fp32 and the 1000-tensor host-overhead case (fp32), bf16 and bf16 with fp32 "
+                       "master weights (bf16; adam: only the latter), or all four (all, the default). ce, "
+                       "linear_ce: the logits' dtype (default: fp32 on the CPU, bf16 and fp32 on a GPU). "
+                       "accumulate: the grads' dtype (default: both). clip_adamw, sgd: always fp32")
     bench.add_argument("--sizes", metavar="SIZE[,SIZE...]",
-                       help="adamw, clip_adamw, sgd: total params of the model-like cases, e.g. 8M,84M (default: "
+                       help="adamw, adam, clip_adamw, sgd: total params of the model-like cases, e.g. 8M,84M (default: "
                        "84M on the CPU, 256M on a GPU; --quick: 4M, 16M); accumulate: the elements of its one-tensor "
                        "case (same defaults). ce: NxV, e.g. 4096x32000 (default: 4096x32000 on the CPU, "
                        "8192x128256 on a GPU). linear_ce: NxHxV, e.g. 8192x512x32000 (default: that on the CPU, "
                        "8192x4096x128256 on a GPU). Each op takes the sizes of its form, else its defaults")
     bench.add_argument("--ops", default="adamw", metavar="OP[,OP...]",
-                       help="ops to benchmark: adamw, ce, linear_ce, accumulate, clip_adamw, sgd, or all (default: "
-                       "adamw)")
+                       help="ops to benchmark: adamw, adam, ce, linear_ce, accumulate, clip_adamw, sgd, or all "
+                       "(default: adamw)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto (default): the GPU when there is one, else the CPU")
     train_cli.add_parser(commands)
@@ -131,8 +134,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"fused-optim bench: unknown op(s) {', '.join(unknown)}; known: {', '.join(bench.OPS)}", file=sys.stderr)
         return 2
     try:
-        # one number: adamw's, accumulate's, clip_adamw's and sgd's sizes; NxV: ce's logits; NxHxV: linear_ce's input,
-        # hidden size and classes
+        # one number: adamw's, adam's, accumulate's, clip_adamw's and sgd's sizes; NxV: ce's logits; NxHxV:
+        # linear_ce's input, hidden size and classes
         by_rank: dict[int, list[tuple[int, ...]]] = {1: [], 2: [], 3: []}
         for text in args.sizes.split(",") if args.sizes else []:
             shape = bench.parse_shape(text)
@@ -173,8 +176,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         from fused_optim.bench.plot import write_plot
 
-        write_plot(report, args.plot)
-        print(f"wrote {args.plot}")
+        try:
+            write_plot(report, args.plot)
+            print(f"wrote {args.plot}")
+        except RuntimeError as error:  # nothing to draw (e.g. linear_ce alone): the table and the JSON still stand
+            print(f"fused-optim bench: {error}; no plot written.", file=sys.stderr)
     wrong = [f"{r.get('op', 'adamw')} {r['case']} {r['impl']}" for r in report["rows"] if r["correct"] is False]
     if wrong:
         print(f"wrong results: {', '.join(wrong)}", file=sys.stderr)
