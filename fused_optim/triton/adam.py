@@ -71,7 +71,7 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, 
     if DECOUPLED:  # AdamW's decoupled decay
         p = p * param_decay
     elif weight_decay != 0.0:  # Adam's coupled (L2) decay
-        g = g + weight_decay * p
+        g = tl.fma(weight_decay, p, g)  # one rounding, as torch's grad.add(param, alpha=weight_decay)
     # torch's lerp(m, g, w): exact at either end of the weight range
     if one_minus_beta1 < 0.5:
         m = m + one_minus_beta1 * (g - m)

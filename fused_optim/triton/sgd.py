@@ -30,7 +30,7 @@ def _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, mask, grad_multiplie
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
     if weight_decay != 0.0:
-        g = g + weight_decay * p
+        g = tl.fma(weight_decay, p, g)  # one rounding, as torch's grad.add(param, alpha=weight_decay)
     if MOMENTUM:
         if first_step:  # the buffer is unset: it becomes the gradient itself
             buffer = g

@@ -74,7 +74,9 @@ template <bool kAmsgrad>
 FO_HOST_DEVICE float adam_update(float param, float grad, float& exp_avg, float& exp_avg_sq, float& max_exp_avg_sq,
                                  const AdamScalars& s) {
   grad *= s.grad_multiplier;
-  if (s.l2_weight_decay != 0.0f) grad += s.l2_weight_decay * param;
+  // one rounding, as torch's grad.add(param, alpha=weight_decay) (an FMA on CPU and GPU): where grad and the decay
+  // nearly cancel, a second rounding would be most of the result's error
+  if (s.l2_weight_decay != 0.0f) grad = fmaf(s.l2_weight_decay, param, grad);
   param *= s.param_decay;
   exp_avg = lerp(exp_avg, grad, s.one_minus_beta1);
   exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * grad * grad;

@@ -12,6 +12,8 @@
 // "First step" is per tensor and read on the device (the step count is 0), so no host sync decides it.
 #pragma once
 
+#include <cmath>
+
 #include "fused_optim/macros.h"
 
 namespace fused_optim {
@@ -46,7 +48,8 @@ FO_HOST_DEVICE SgdScalars sgd_scalars(double momentum, double dampening, double 
 template <bool kMomentum, bool kNesterov>
 FO_HOST_DEVICE float sgd_update(float param, float grad, float& momentum_buffer, const SgdScalars& s) {
   grad *= s.grad_multiplier;
-  if (s.weight_decay != 0.0f) grad += s.weight_decay * param;
+  // one rounding, as torch's grad.add(param, alpha=weight_decay) (an FMA): see adam.h
+  if (s.weight_decay != 0.0f) grad = fmaf(s.weight_decay, param, grad);
   if (kMomentum) {
     momentum_buffer = s.first_step ? grad : momentum_buffer * s.momentum + s.one_minus_dampening * grad;
     grad = kNesterov ? grad + s.momentum * momentum_buffer : momentum_buffer;
