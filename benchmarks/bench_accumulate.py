@@ -18,16 +18,11 @@ import os
 import pytest
 import torch
 
-from fused_optim.bench import accumulate, memory_roof
+from fused_optim.bench import accumulate
 
 N_ELEMENTS = int(os.environ.get("FUSED_OPTIM_BENCH_ELEMENTS", 4_000_000))
 CPU = torch.device("cpu")
 LAYOUTS = {"one": [(N_ELEMENTS,)], "many": accumulate.MANY_SHAPES}
-
-
-@pytest.fixture(scope="session")
-def roof_gbps() -> float:
-    return memory_roof(CPU, budget_s=0.5)["gbps"]
 
 
 @pytest.fixture(scope="module")

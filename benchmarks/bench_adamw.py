@@ -19,18 +19,13 @@ import os
 import pytest
 import torch
 
-from fused_optim.bench import adamw, memory_roof
+from fused_optim.bench import adamw
 
 N_PARAMS = int(os.environ.get("FUSED_OPTIM_BENCH_PARAMS", 2_000_000))
 CPU = torch.device("cpu")
 CASES = ("fp32", "bf16", "bf16+master")
 # The for-loop moves ~10 passes over memory a step: at the real size a few rounds take tens of seconds.
 FORLOOP_MAX_PARAMS = int(os.environ.get("FUSED_OPTIM_BENCH_FORLOOP_MAX", 100_000_000))
-
-
-@pytest.fixture(scope="session")
-def roof_gbps() -> float:
-    return memory_roof(CPU, budget_s=0.5)["gbps"]
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,10 @@ import os
 import pytest
 import torch
 
-from fused_optim.bench import clip_adamw, memory_roof
+from fused_optim.bench import clip_adamw
 
 N_PARAMS = int(os.environ.get("FUSED_OPTIM_BENCH_PARAMS", 2_000_000))
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="session")
-def roof_gbps() -> float:
-    return memory_roof(CPU, budget_s=0.5)["gbps"]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fused_optim.bench import cross_entropy as ce
-from fused_optim.bench import memory_roof, parse_shape
+from fused_optim.bench import parse_shape
 
 CPU = torch.device("cpu")
 SHAPES = {
@@ -30,11 +30,6 @@ SHAPES = {
     "linear_ce": parse_shape(os.environ.get("FUSED_OPTIM_BENCH_LINEAR_CE", "1024x256x8000")),
 }
 CASES = ("fp32", "bf16")
-
-
-@pytest.fixture(scope="session")
-def roof_gbps() -> float:
-    return memory_roof(CPU, budget_s=0.5)["gbps"]
 
 
 @pytest.fixture(scope="module")

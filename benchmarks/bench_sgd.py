@@ -17,15 +17,10 @@ import os
 import pytest
 import torch
 
-from fused_optim.bench import memory_roof, sgd
+from fused_optim.bench import sgd
 
 N_PARAMS = int(os.environ.get("FUSED_OPTIM_BENCH_PARAMS", 2_000_000))
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="session")
-def roof_gbps() -> float:
-    return memory_roof(CPU, budget_s=0.5)["gbps"]
 
 
 @pytest.fixture(scope="module")
