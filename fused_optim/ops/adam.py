@@ -16,6 +16,7 @@ import torch
 
 from fused_optim import _backend
 from fused_optim.ops._library import lib as _lib
+from fused_optim.ops._library import refuse_sparse_grads
 from fused_optim.reference import bf16_stochastic_round
 
 ADAM_SCHEMA = (
@@ -172,14 +173,8 @@ for _dispatch_key in ("CUDA", "CPU"):
     _lib.impl("adam_step_triton_", _adam_step_triton, _dispatch_key)
 
 
-def _sparse_grads(*args, **kwargs):
-    raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-
-
-# A sparse grad sends the call to the sparse dispatch keys: torch's error there, not the dispatcher's.
-for _name in ("adam_step_", "adam_step_triton_"):
-    for _dispatch_key in ("SparseCPU", "SparseCUDA"):
-        _lib.impl(_name, _sparse_grads, _dispatch_key)
+refuse_sparse_grads(("adam_step_", "adam_step_triton_"),
+                    "Adam does not support sparse gradients, please consider SparseAdam instead")
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1, beta2,

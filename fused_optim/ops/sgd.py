@@ -17,6 +17,7 @@ import torch
 
 from fused_optim import _backend
 from fused_optim.ops._library import lib as _lib
+from fused_optim.ops._library import refuse_sparse_grads
 from fused_optim.ops.adam import dense
 
 SGD_SCHEMA = (
@@ -127,14 +128,7 @@ for _dispatch_key in ("CUDA", "CPU"):
     _lib.impl("sgd_step_triton_", _sgd_step_triton, _dispatch_key)
 
 
-def _sparse_grads(*args, **kwargs):
-    raise RuntimeError("sgd_step: sparse gradients are not supported")
-
-
-# A sparse grad sends the call to the sparse dispatch keys: a clear error there, not the dispatcher's.
-for _name in ("sgd_step_", "sgd_step_triton_"):
-    for _dispatch_key in ("SparseCPU", "SparseCUDA"):
-        _lib.impl(_name, _sparse_grads, _dispatch_key)
+refuse_sparse_grads(("sgd_step_", "sgd_step_triton_"), "sgd_step: sparse gradients are not supported")
 
 
 def sgd_step(params, grads, momentum_buffers, steps, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
