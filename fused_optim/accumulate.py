@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fused_optim import _backend
 from fused_optim.clip_grad import clip_coefficient, global_norm
+from fused_optim.ops._dtensor import DTensor, is_dtensor
 from fused_optim.ops.accumulate import accumulate_grads
 from fused_optim.ops.adam import dense
 
@@ -45,6 +46,10 @@ def count_tokens(target: Tensor, ignore_index: int = -100) -> Tensor:
         tensor(2)
     """
     return (target != ignore_index).sum()
+
+
+def _local(p: Tensor) -> Tensor:
+    return p._local_tensor if is_dtensor(p) else p
 
 
 def _flatten_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[Tensor]:
@@ -78,6 +83,14 @@ class GradAccumulator:
     With DDP, run the micro-batches under `model.no_sync()` (the last one may be synced too; the result is the
     same): `finalize()` all-reduces the fp32 sum once, instead of DDP reducing each micro-batch in bf16.
 
+    With FSDP2 (`fully_shard`) the params are DTensors and so are the main grads: each rank keeps fp32 main grads
+    of its own shards only. Run the micro-batches but the last with `model.set_requires_gradient_sync(False)`
+    (FSDP2 sums them unsharded), the last with sync (one reduce-scatter), then `accumulate()`: the sharded grads
+    are already reduced, so `finalize()` all-reduces only the token count, and clipping takes the norm over the
+    whole mesh. FSDP2 averages the ranks' gradients (its default divide factor, which `finalize()` assumes and
+    undoes in the same multiply): the global token count is what divides. With a 2-D (FSDP x TP) mesh, pass the
+    data-parallel group as `process_group`: tensor-parallel ranks share their tokens.
+
     Example:
         >>> acc = fused_optim.GradAccumulator(model.parameters())
         >>> tokens = 0
@@ -105,24 +118,30 @@ class GradAccumulator:
         self.params = _flatten_params(params)
         self.process_group = process_group
         self.main_grads: list[Tensor] = [None] * len(self.params)  # type: ignore[list-item]
-        self._indices_by_device: dict[torch.device, list[int]] = {}
+        # one flat buffer per device for plain params, and one per device mesh for DTensor params (their shards)
+        self._indices_by_buffer: dict[tuple[torch.device, object], list[int]] = {}
         for i, p in enumerate(self.params):
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise TypeError(f"GradAccumulator takes float32, bfloat16 and float16 params, not {p.dtype}")
-            self._indices_by_device.setdefault(p.device, []).append(i)
-        self.flat_grads: dict[torch.device, Tensor] = {}
-        for device, indices in self._indices_by_device.items():
+            self._indices_by_buffer.setdefault((p.device, p.device_mesh if is_dtensor(p) else None), []).append(i)
+        self.flat_grads: dict[tuple[torch.device, object], Tensor] = {}
+        for key, indices in self._indices_by_buffer.items():
+            local_params = [_local(self.params[i]) for i in indices]
             offsets, total = [], 0
-            for i in indices:
+            for p in local_params:
                 offsets.append(total)
-                total += -(-self.params[i].numel() // _ALIGN) * _ALIGN
-            flat = torch.zeros(total, dtype=dtype, device=device)
-            self.flat_grads[device] = flat
-            for i, offset in zip(indices, offsets):
-                p = self.params[i]
+                total += -(-p.numel() // _ALIGN) * _ALIGN
+            flat = torch.zeros(total, dtype=dtype, device=key[0])
+            self.flat_grads[key] = flat
+            for i, p, offset in zip(indices, local_params, offsets):
                 # the param's own strides: autograd's grads come in the param's layout, so the kernels walk both flat
-                self.main_grads[i] = flat.as_strided(p.shape, p.stride(), offset) if dense(p) \
+                main_grad = flat.as_strided(p.shape, p.stride(), offset) if dense(p) \
                     else flat[offset:offset + p.numel()].view(p.shape)
+                param = self.params[i]
+                if is_dtensor(param):  # this rank's shard of the main grad, laid out like the param's
+                    main_grad = DTensor.from_local(main_grad, param.device_mesh, param.placements, run_check=False,
+                                                   shape=param.shape, stride=param.stride())
+                self.main_grads[i] = main_grad
         self._received = [False] * len(self.params)  # which params got a gradient since zero_()
         self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._accumulate_one, i))
                        for i, p in enumerate(self.params)] if use_hooks else []
@@ -130,7 +149,7 @@ class GradAccumulator:
     @torch.no_grad()
     def accumulate(self) -> None:
         """Adds every param's `.grad` into its main grad (one launch per device) and frees the `.grad`."""
-        for indices in self._indices_by_device.values():
+        for indices in self._indices_by_buffer.values():
             picked = [i for i in indices if self._pending(i)]
             if not picked:
                 continue
@@ -181,19 +200,37 @@ class GradAccumulator:
             return None if max_norm is None else torch.tensor(0.0)
         group = self._group()
         if group is not None:
-            for flat in flats:
-                dist.all_reduce(flat, group=group)
+            # DTensor grads are reduced already (FSDP2's reduce-scatter): only plain ones are summed here
+            for (_, mesh), flat in self.flat_grads.items():
+                if mesh is None:
+                    dist.all_reduce(flat, group=group)
             self._received = [True] * len(self.params)  # another rank's gradient may be here now
+        # FSDP2 hands out DTensor grads averaged over the data-parallel ranks (its default divide factor): times
+        # the group's size they are sums, as the plain grads all-reduced above are. Folded into the one scale below,
+        # unless plain grads share the step (rare: then the sharded ones are brought to sums first).
+        sums_factor = 1.0
+        if group is not None and any(mesh is not None for _, mesh in self.flat_grads):
+            sums_factor = float(dist.get_world_size(group))
+            if any(mesh is None for _, mesh in self.flat_grads):
+                for (_, mesh), flat in self.flat_grads.items():
+                    if mesh is not None:
+                        flat.mul_(sums_factor)
+                sums_factor = 1.0
         scale = None
         if num_tokens is not None:
             count = torch.as_tensor(num_tokens, device=flats[0].device).to(torch.float64).reshape(())
             if group is not None:
                 dist.all_reduce(count, group=group)
-            scale = (1.0 / count).to(torch.float32)
+            scale = (sums_factor / count).to(torch.float32)
+        elif sums_factor != 1.0:
+            scale = torch.tensor(sums_factor, device=flats[0].device)
         norm = None
         factor = scale
         if max_norm is not None:
-            norm = global_norm(flats, norm_type, self.backend)
+            # plain main grads as their flat buffers (padding adds nothing), DTensor ones as themselves: a global norm
+            plain_flats = [flat for (_, mesh), flat in self.flat_grads.items() if mesh is None]
+            sharded = [g for p, g in zip(self.params, self.main_grads) if is_dtensor(p)]
+            norm = global_norm(plain_flats + sharded, norm_type, self.backend)
             if scale is not None:
                 norm = norm * scale
             clip_coef = clip_coefficient(max_norm, norm)

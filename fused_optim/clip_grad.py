@@ -4,6 +4,10 @@ The first pass reads every grad once for the global norm (fused_optim/ops/total_
 a 0-dim fp32 result on the device); the second multiplies the grads by min(1, max_norm / (norm + 1e-6)), a factor
 that never leaves the device. Nothing reads a value on the host unless `error_if_nonfinite=True` asks for it, as
 in torch (that check needs the norm's value). Norms our kernels don't take (norm_type <= 0, -inf) run torch's.
+
+DTensor grads (FSDP2, tensor parallel) are clipped by the norm over their global elements, reduced over the mesh
+with one collective (fused_optim/ops/_dtensor.py), and the norm is returned as torch returns it there: a DTensor
+replicated on the mesh.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fused_optim import _backend
+from fused_optim.ops._dtensor import DTensor, Replicate, is_dtensor
 from fused_optim.ops.total_norm import kernel_supports, total_norm
 
 
@@ -33,13 +38,25 @@ def clip_coefficient(max_norm: float, norm: Tensor) -> Tensor:
     return torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0)
 
 
+def by_device_or_mesh(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """The tensors grouped by device (plain tensors) or by device mesh (DTensors), in order: one norm each."""
+    groups: dict[object, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device_mesh if is_dtensor(t) else t.device, []).append(t)
+    return list(groups.values())
+
+
 def global_norm(tensors: list[Tensor], norm_type: float = 2.0, backend: str = "auto") -> Tensor:
-    """The norm of all `tensors` as one vector: a 0-dim fp32 tensor on the first tensor's device.
-    One launch per device; the per-device norms are combined on the first device."""
-    norms = [total_norm(device_tensors, norm_type, backend=backend) for device_tensors in by_device(tensors).values()]
+    """The norm of all `tensors` as one vector: a 0-dim fp32 tensor (plain) on the first tensor's (local) device.
+
+    One launch per device; DTensors count with their global elements, with one collective per device mesh
+    (fused_optim/ops/_dtensor.py), so every rank of a mesh gets the same norm. Plain tensors beside DTensors
+    count as this rank's own (replicated, as DDP keeps them). The partial norms are combined on the first device."""
+    norms = [total_norm(group, norm_type, backend=backend) for group in by_device_or_mesh(tensors)]
+    norms = [norm._local_tensor if is_dtensor(norm) else norm for norm in norms]
     if len(norms) == 1:
         return norms[0]
-    first_device = tensors[0].device
+    first_device = norms[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
 
 
@@ -88,7 +105,13 @@ def clip_grad_norm_(
             "`error_if_nonfinite=False`"
         )
     coef = clip_coefficient(max_norm, norm)
-    for device, device_grads in by_device(grads).items():
+    local_grads = [g._local_tensor if is_dtensor(g) else g for g in grads]  # each shard scaled by the global factor
+    for device, device_grads in by_device(local_grads).items():
         torch._foreach_mul_(device_grads, coef.to(device))
-    # torch returns the norm in the grads' (promoted) dtype
-    return norm.to(functools.reduce(torch.promote_types, {g.dtype for g in grads}))
+    # torch returns the norm in the grads' (promoted) dtype, a DTensor replicated on their mesh for DTensor grads
+    norm = norm.to(functools.reduce(torch.promote_types, {g.dtype for g in grads}))
+    meshes = {g.device_mesh if is_dtensor(g) else None for g in grads}
+    if len(meshes) == 1 and None not in meshes:
+        mesh = meshes.pop()
+        return DTensor.from_local(norm, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return norm

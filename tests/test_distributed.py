@@ -18,15 +18,14 @@ The workers run once per module (spawned, ~10 s) for every backend that runs her
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
-import socket
+import functools
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import TRITON_INTERPRETED
+from spawn import GLOO_AVAILABLE, run_workers
 
 import fused_optim
 
@@ -40,8 +39,7 @@ MAX_NORM = 0.05  # below the gradient's norm: finalize clips
 PATTERNS = ("no-sync-then-sync", "hooks", "hooks-then-sync")
 BACKENDS = ("cpu", "torch") + (("triton",) if TRITON_INTERPRETED else ())
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(not GLOO_AVAILABLE, reason="torch.distributed with gloo is not available")
 
 
 def make_model() -> torch.nn.Module:
@@ -95,40 +93,14 @@ def run_pattern(rank: int, pattern: str, backend: str) -> dict:
             "local_tokens": int(tokens), "reduced_counts": reduced_counts}
 
 
-def worker(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        results = {(backend, pattern): run_pattern(rank, pattern, backend)
-                   for backend in backends for pattern in PATTERNS}
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def work(rank: int, world: int, backends: tuple[str, ...]) -> dict:
+    return {(backend, pattern): run_pattern(rank, pattern, backend) for backend in backends for pattern in PATTERNS}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     """Each rank's results, from one spawn of the two workers for every backend that runs here."""
-    backends = list(BACKENDS)
-    out_dir = str(tmp_path_factory.mktemp("distributed"))
-    # spawned interpreters import this module by name: give them this directory
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    old_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, old_path]))
-    try:
-        torch.multiprocessing.spawn(worker, args=(free_port(), out_dir, backends), nprocs=WORLD, join=True)
-    finally:
-        if old_path is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old_path
-    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(WORLD)]
+    return run_workers(functools.partial(work, backends=BACKENDS), WORLD, str(tmp_path_factory.mktemp("distributed")))
 
 
 def global_mean_grads_clipped() -> tuple[list[torch.Tensor], float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _backend
+from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
 from fused_optim.ops.adam import dense
 
@@ -71,8 +72,10 @@ def accumulate_grads(main_grads: list[torch.Tensor], grads: list[torch.Tensor], 
     """`main_grads[i] += grads[i]` for every i, in one launch (a few for very long lists on CUDA).
 
     `main_grads`: fp32 tensors, dense; `grads`: fp32/bf16/fp16 tensors of the same shapes, on the same device.
+    DTensors (main grads and grads alike) are added through their local shards (ops/_dtensor.py).
     """
     if not main_grads:
         return
+    main_grads, grads = _dtensor.to_local("accumulate_grads_", main_grads, grads)
     op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, main_grads[0].device.type)]).default
     op(main_grads, grads)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _backend
+from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
 from fused_optim.ops._library import refuse_sparse_grads
 from fused_optim.reference import bf16_stochastic_round
@@ -184,9 +185,13 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
 
     `lr` is a float or a one-element tensor (read on the device). The state tensors are fp32; params are fp32,
     bf16 or fp16, with grads of the param's dtype or fp32. `backend` is resolved by fused_optim._backend.
+    DTensors (params, grads and state alike) are stepped through their local shards (ops/_dtensor.py).
     """
     if not params:
         return
+    seed = _dtensor.rank_seed(seed, params)
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params = _dtensor.to_local(
+        "adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
     device = params[0].device
     op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, device.type)]).default
     lr_tensor = None

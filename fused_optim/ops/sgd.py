@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _backend
+from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
 from fused_optim.ops._library import refuse_sparse_grads
 from fused_optim.ops.adam import dense
@@ -137,9 +138,11 @@ def sgd_step(params, grads, momentum_buffers, steps, *, lr, momentum, dampening,
 
     `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16, with grads of the
     param's dtype or fp32; momentum buffers are fp32. `backend` is resolved by fused_optim._backend.
+    DTensors (params, grads and buffers alike) are stepped through their local shards (ops/_dtensor.py).
     """
     if not params:
         return
+    params, grads, momentum_buffers = _dtensor.to_local("sgd_step", params, grads, momentum_buffers)
     device = params[0].device
     op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, device.type)]).default
     lr_tensor = None

@@ -18,6 +18,7 @@ import math
 import torch
 
 from fused_optim import _backend
+from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
 from fused_optim.ops.accumulate import GRAD_DTYPES
 from fused_optim.ops.adam import dense
@@ -76,9 +77,15 @@ def kernel_supports(norm_type: float) -> bool:
 
 def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: str = "auto") -> torch.Tensor:
     """The `norm_type`-norm of all elements of `tensors` (fp32/bf16/fp16, dense, one device) as one vector:
-    a 0-dim fp32 tensor on their device. Non-dense tensors are copied first."""
+    a 0-dim fp32 tensor on their device. Non-dense tensors are copied first.
+
+    DTensors on one mesh give the norm of their global elements, a 0-dim DTensor replicated on the mesh, with one
+    collective over the mesh (ops/_dtensor.py: shards summed, replicas counted once)."""
     if not tensors:  # no device to pick a backend for: the ops' own check says what is wrong
         check_total_norm_args(tensors, norm_type)
+    if _dtensor.is_dtensor(tensors[0]):
+        _dtensor.to_local("total_norm", tensors)  # all DTensors, or one sentence saying otherwise
+        return _dtensor.mesh_norm(tensors, norm_type, lambda local: total_norm(local, norm_type, backend=backend))
     tensors = [t if t.is_contiguous() or dense(t) else t.contiguous() for t in tensors]
     op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, tensors[0].device.type)]).default
     return op(tensors, float(norm_type))

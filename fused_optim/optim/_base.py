@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from fused_optim import _backend
+from fused_optim.ops._dtensor import is_dtensor, layout
 from fused_optim.optim._guard import StepGuard
 
 
@@ -39,11 +40,18 @@ class FusedOptimizer(Optimizer):
         if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
             self._plans.clear()
         super().add_param_group(param_group)
-        devices = {p.device for p in self.param_groups[-1]["params"]}
+        params = self.param_groups[-1]["params"]
+        problem = None
+        devices = {p.device for p in params}
         if len(devices) > 1:
+            problem = f"all params of a group must be on one device, got {', '.join(sorted(map(str, devices)))}"
+        elif len({is_dtensor(p) for p in params}) > 1:
+            problem = "a group's params must be all DTensors or all plain tensors, not a mix"
+        elif len({p.device_mesh for p in params if is_dtensor(p)}) > 1:
+            problem = "all DTensor params of a group must be on one device mesh (put each mesh in its own group)"
+        if problem is not None:
             self.param_groups.pop()
-            names = ", ".join(sorted(str(d) for d in devices))
-            raise ValueError(f"{type(self).__name__}: all params of a group must be on one device, got {names}.")
+            raise ValueError(f"{type(self).__name__}: {problem}.")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -86,6 +94,12 @@ class FusedOptimizer(Optimizer):
                     f"float32; got {tuple(grad.shape)} {grad.dtype} on {grad.device} for a param of "
                     f"{tuple(p.shape)} {p.dtype} on {p.device}"
                 )
+            if layout(grad) != layout(p):
+                raise RuntimeError(
+                    f"{type(self).__name__}: a DTensor param's grad must be a DTensor with its mesh and placements "
+                    f"(and a plain param's grad a plain tensor); got {_describe_layout(grad)} for a param with "
+                    f"{_describe_layout(p)}"
+                )
 
     @property
     def skipped_steps(self) -> Tensor:
@@ -116,3 +130,7 @@ class FusedOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 if key != "params":
                     group.setdefault(key, value)
+
+
+def _describe_layout(t: Tensor) -> str:
+    return f"placements {tuple(t.placements)} on {t.device_mesh}" if is_dtensor(t) else "a plain tensor"

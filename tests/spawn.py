@@ -1,0 +1,48 @@
+"""Multi-process tests on the CPU: `run_workers` spawns gloo ranks once per test module and hands back what each
+rank saved, so the tests themselves only read results (a spawn costs seconds: one per module, not one per test)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+GLOO_AVAILABLE = dist.is_available() and dist.is_gloo_available()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str, work: Callable[[int, int], dict]) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        results = work(rank, world_size)
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_workers(work: Callable[[int, int], dict], world_size: int, out_dir: str) -> list[dict]:
+    """Runs `work(rank, world_size)` in `world_size` gloo processes (a fresh port each time) and returns each
+    rank's dict. `work` must be a module-level function of a test module: the spawned interpreters import it by
+    name, from this directory."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, old_path]))
+    try:
+        torch.multiprocessing.spawn(_rank_main, args=(world_size, free_port(), out_dir, work), nprocs=world_size,
+                                    join=True)
+    finally:
+        if old_path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old_path
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)]

@@ -1,0 +1,605 @@
+"""The optimizers, clipping, norms and GradAccumulator on DTensors (fused_optim/ops/_dtensor.py): FSDP2, a 2-D
+FSDP x tensor-parallel mesh, torch.distributed.checkpoint with resharding, ZeroRedundancyOptimizer, and the bad
+inputs, in gloo processes on the CPU.
+
+Every run is compared with torch's own optimizer on the same mesh and with the single-process run of the same model
+on the same data (computed here, in the test process): params equal to 1e-6 after several steps. The model is
+Linear(5, 7) -> tanh -> Linear(7, 3): 7 and 3 rows do not divide by 2 or 4, so the shards are uneven, and on 4
+ranks the last shard of the 3-element bias is empty. Each rank takes its slice of the same 8-row batches and FSDP2
+averages the gradients, which gives the full batch's mean-loss gradient of the single process.
+
+Two spawns per module (4 ranks, then 2: the 2-rank run loads the checkpoint the 4-rank run saved); the tests read
+their results.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from spawn import GLOO_AVAILABLE, run_workers
+
+import fused_optim
+from fused_optim.ops.adam import adam_step
+from fused_optim.ops.total_norm import total_norm
+
+pytestmark = pytest.mark.skipif(not GLOO_AVAILABLE, reason="torch.distributed with gloo is not available")
+
+if GLOO_AVAILABLE:
+    import torch.distributed._functional_collectives as funcol
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+FEATURES, HIDDEN, OUT, ROWS = 5, 7, 3, 8
+TP_HIDDEN = 8  # tensor parallelism shards the hidden features evenly (DTensor's row-parallel input must)
+STEPS = 3
+MAX_NORM = 0.05  # below the gradients' norm: every clipped step clips
+NORM_TYPES = (1.0, 2.0, 3.5, math.inf)
+
+# name -> (our class, kwargs for both, kwargs only ours takes, clip before torch's step)
+OPTIMIZERS = {
+    "adamw": ("AdamW", dict(lr=1e-2, weight_decay=0.1), {}, None),
+    "adam-amsgrad-maximize": ("Adam", dict(lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True),
+                              dict(capturable=True), None),
+    "adamw-clip": ("AdamW", dict(lr=1e-2, weight_decay=0.1), dict(max_grad_norm=MAX_NORM), MAX_NORM),
+    "sgd": ("SGD", dict(lr=0.1), {}, None),
+    "sgd-nesterov-clip": ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+                          dict(max_grad_norm=MAX_NORM), MAX_NORM),
+}
+ON_FOUR_RANKS = ("adamw", "sgd-nesterov-clip")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model, the data and the loop, the same in every process
+
+
+def make_model(dtype: torch.dtype = torch.float32, hidden: int = HIDDEN) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, OUT))
+    return model.to(dtype)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randn(ROWS, FEATURES, generator=generator), torch.randn(ROWS, OUT, generator=generator)
+
+
+def fsdp(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def make_optimizer(name: str, params, ours: bool):
+    cls, kwargs, our_kwargs, _ = OPTIMIZERS[name]
+    if ours:
+        return getattr(fused_optim, cls)(params, **kwargs, **our_kwargs)
+    return getattr(torch.optim, cls)(params, **kwargs)
+
+
+def backward(model, step: int, dp_rank: int = 0, dp_size: int = 1, scaler=None) -> None:
+    x, y = batch(step)
+    dtype = next(model.parameters()).dtype
+    x, y = x.chunk(dp_size)[dp_rank].to(dtype), y.chunk(dp_size)[dp_rank].to(dtype)
+    loss = F.mse_loss(model(x), y)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def train(model, opt, steps=STEPS, dp_rank=0, dp_size=1, clip=None, first_step=0) -> None:
+    for step in range(first_step, first_step + steps):
+        backward(model, step, dp_rank, dp_size)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().full_tensor() if isinstance(tensor, DTensor) else tensor.detach().clone()
+
+
+def full_params(model) -> list[torch.Tensor]:
+    return [full(p) for p in model.parameters()]
+
+
+def state_like_params(opt) -> bool:
+    """Whether every state tensor but the step count is a DTensor with its param's mesh and placements."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state[p].items():
+                if key != "step" and not (isinstance(value, DTensor) and value.device_mesh == p.device_mesh
+                                          and value.placements == p.placements):
+                    return False
+    return True
+
+
+class CountCollectives:
+    """Counts the collectives issued while active (functional and c10d all-reduce / all-gather / reduce-scatter)."""
+
+    NAMES = {funcol: ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor"),
+             dist: ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather")} \
+        if GLOO_AVAILABLE else {}
+
+    def __enter__(self):
+        self.count, self.saved = 0, []
+        for module, names in self.NAMES.items():
+            for name in names:
+                original = getattr(module, name)
+                self.saved.append((module, name, original))
+                setattr(module, name, self._counting(original))
+        return self
+
+    def _counting(self, original):
+        @functools.wraps(original)
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+        return counted
+
+    def __exit__(self, *exc):
+        for module, name, original in self.saved:
+            setattr(module, name, original)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scenarios: each returns what the tests compare (on every rank)
+
+
+def fsdp_optimizers(rank: int, world: int, names) -> dict:
+    results = {}
+    for name in names:
+        clip = OPTIMIZERS[name][3]
+        ours_model, torch_model = fsdp(make_model()), fsdp(make_model())
+        ours, theirs = make_optimizer(name, ours_model.parameters(), True), make_optimizer(name, torch_model.parameters(), False)
+        train(ours_model, ours, dp_rank=rank, dp_size=world)
+        train(torch_model, theirs, dp_rank=rank, dp_size=world, clip=clip)
+        results[name] = {"ours": full_params(ours_model), "torch": full_params(torch_model),
+                         "state_like_params": state_like_params(ours), "state_keys": sorted(ours.state[
+                             next(ours_model.parameters())]), "torch_state_keys": sorted(theirs.state[
+                                 next(torch_model.parameters())])}
+    return results
+
+
+def fsdp_low_precision(rank: int, world: int) -> dict:
+    """bf16 params under FSDP2: fp32 master weights (a DTensor state) and stochastic rounding."""
+    results = {}
+    for mode in ("master_weights", "stochastic_rounding"):
+        model = fsdp(make_model(torch.bfloat16))
+        opt = fused_optim.AdamW(model.parameters(), lr=1e-2, **{mode: True})
+        train(model, opt, dp_rank=rank, dp_size=world)
+        results[mode] = {"params": full_params(model), "state_like_params": state_like_params(opt)}
+        if mode == "master_weights":
+            results[mode]["masters"] = [full(opt.state[p]["master_param"]) for p in model.parameters()]
+    return results
+
+
+def fsdp_grad_scaler(rank: int, world: int) -> dict:
+    """fused_optim.GradScaler: the step's inf check is global, so an inf on one rank backs off every rank."""
+    model = fsdp(make_model())
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=MAX_NORM)
+    scaler = fused_optim.GradScaler("cpu", init_scale=2.0**10)
+    scales = []
+    for step in range(STEPS + 1):
+        backward(model, step, rank, world, scaler)
+        if step == 1 and rank == world - 1:  # an inf in one rank's shard of one grad
+            next(p for p in model.parameters() if p.grad.to_local().numel()).grad.to_local().view(-1)[0] = math.inf
+        before = full_params(model)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        scales.append(scaler.get_scale())
+        if step == 1:
+            skipped_unchanged = all(torch.equal(a, b) for a, b in zip(before, full_params(model)))
+    return {"params": full_params(model), "scales": scales, "skipped_unchanged": skipped_unchanged,
+            "skipped_steps": float(opt.skipped_steps)}
+
+
+def fsdp_skip_on_inf(rank: int, world: int) -> dict:
+    """max_grad_norm: a NaN in one rank's grad skips the step on every rank, state and step counts included."""
+    model = fsdp(make_model())
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+    train(model, opt, steps=1, dp_rank=rank, dp_size=world)
+    backward(model, 1, rank, world)
+    if rank == 0:
+        next(iter(model.parameters())).grad.to_local().view(-1)[-1] = math.nan
+    before = full_params(model)
+    moments = [full(opt.state[p]["exp_avg"]) for p in model.parameters()]
+    opt.step()
+    return {"params_unchanged": all(torch.equal(a, b) for a, b in zip(before, full_params(model))),
+            "moments_unchanged": all(torch.equal(a, full(opt.state[p]["exp_avg"]))
+                                     for a, p in zip(moments, model.parameters())),
+            "steps": [float(opt.state[p]["step"]) for p in model.parameters()],
+            "skipped_steps": float(opt.skipped_steps), "norm_is_nan": bool(opt.last_grad_norm.isnan())}
+
+
+def fsdp_norms(rank: int, world: int) -> dict:
+    """total_norm and clip_grad_norm_ on FSDP2's sharded grads, beside torch's clip_grad_norm_."""
+    ours_model, torch_model = fsdp(make_model()), fsdp(make_model())
+    backward(ours_model, 0, rank, world)
+    backward(torch_model, 0, rank, world)
+    grads = [p.grad for p in ours_model.parameters()]
+    norms = {}
+    for p in NORM_TYPES:
+        result = total_norm(grads, p)
+        norms[p] = (float(result.full_tensor()), isinstance(result, DTensor) and result.placements == (Replicate(),))
+    with CountCollectives() as collectives:
+        ours = fused_optim.clip_grad_norm_(ours_model.parameters(), MAX_NORM)
+    theirs = torch.nn.utils.clip_grad_norm_(torch_model.parameters(), MAX_NORM)
+    return {"norms": norms, "clip_ours": (type(ours).__name__, ours.placements, float(ours.full_tensor())),
+            "clip_torch": (type(theirs).__name__, theirs.placements, float(theirs.full_tensor())),
+            "clip_collectives": collectives.count,
+            "clipped_ours": [full(p.grad) for p in ours_model.parameters()],
+            "clipped_torch": [full(p.grad) for p in torch_model.parameters()]}
+
+
+def two_d_mesh(rank: int, world: int) -> dict:
+    """FSDP x TP on a 2 x 2 mesh: column- then row-parallel Linears (the second's bias replicated over tp), each
+    sharded over dp by FSDP2. Every param is a DTensor on the 2-D mesh; the norm counts the replicated bias once."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh.get_local_rank("dp")
+
+    def parallel_model():
+        model = make_model(hidden=TP_HIDDEN)
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        return fsdp(model, mesh["dp"])
+
+    results = {}
+    for name in ("adamw-clip", "sgd-nesterov-clip"):
+        ours_model, torch_model = parallel_model(), parallel_model()
+        ours = make_optimizer(name, ours_model.parameters(), True)
+        theirs = make_optimizer(name, torch_model.parameters(), False)
+        step_collectives = []
+        for step in range(STEPS):
+            backward(ours_model, step, dp_rank, 2)
+            with CountCollectives() as collectives:
+                ours.step()
+            ours.zero_grad()
+            step_collectives.append(collectives.count)
+        train(torch_model, theirs, dp_rank=dp_rank, dp_size=2, clip=MAX_NORM)
+        results[name] = {"ours": full_params(ours_model), "torch": full_params(torch_model),
+                         "state_like_params": state_like_params(ours), "step_collectives": step_collectives,
+                         "placements": [tuple(map(str, p.placements)) for p in ours_model.parameters()]}
+    model = parallel_model()
+    backward(model, 0, dp_rank, 2)
+    results["norms"] = {p: float(total_norm([q.grad for q in model.parameters()], p).full_tensor())
+                        for p in NORM_TYPES}
+    return results
+
+
+def checkpoint_save(rank: int, world: int, path: str) -> dict:
+    """Two steps, a DCP checkpoint of model and optimizer, then two more steps: the uninterrupted run."""
+    model = fsdp(make_model())
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
+    train(model, opt, steps=2, dp_rank=rank, dp_size=world)
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    train(model, opt, steps=2, dp_rank=rank, dp_size=world, first_step=2)
+    return {"uninterrupted": full_params(model)}
+
+
+def resume(model, opt, path: str, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
+    """Loads the checkpoint into model and optimizer (whatever their sharding) and runs the last two steps."""
+    model_state, optim_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, steps=2, dp_rank=dp_rank, dp_size=dp_size, first_step=2)
+    return full_params(model)
+
+
+def checkpoint_load(rank: int, world: int, path: str) -> dict:
+    model = fsdp(make_model())
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
+    return {"resumed": resume(model, opt, path, rank, world), "state_like_params": state_like_params(opt)}
+
+
+def zero_redundancy(rank: int, world: int) -> dict:
+    """ZeroRedundancyOptimizer over fused_optim.AdamW on a DDP model; its consolidated state_dict on rank 0."""
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fused_optim.AdamW, lr=1e-2, weight_decay=0.1)
+    train(model, opt, dp_rank=rank, dp_size=world)
+    opt.consolidate_state_dict(to=0)
+    return {"params": full_params(model.module), "state_dict": opt.state_dict() if rank == 0 else None}
+
+
+# GradAccumulator: (counted, ignored) target tokens of each micro-batch, per rank; the same number of micro-batches
+# on each rank (FSDP2 all-gathers in every forward), different token counts.
+CLASSES, INPUTS, IGNORE = 7, 6, -100
+RANK_MICRO_BATCHES = [[(1, 2), (9, 0), (30, 5)], [(4, 1), (17, 3), (6, 6)]]
+
+
+def classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(INPUTS, 10), torch.nn.Tanh(), torch.nn.Linear(10, CLASSES))
+
+
+def micro_batches() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    generator = torch.Generator().manual_seed(1234)
+    data = []
+    for batches in RANK_MICRO_BATCHES:
+        rank_data = []
+        for counted, ignored in batches:
+            x = torch.randn(counted + ignored, INPUTS, generator=generator)
+            y = torch.randint(0, CLASSES, (counted + ignored,), generator=generator)
+            y[torch.randperm(counted + ignored, generator=generator)[:ignored]] = IGNORE
+            rank_data.append((x, y))
+        data.append(rank_data)
+    return data
+
+
+def accumulator(rank: int, world: int) -> dict:
+    """FSDP2 with sync off for all micro-batches but the last, fp32 sharded main grads, the token count
+    all-reduced, clipping in finalize; then one AdamW step from the main grads."""
+    model = fsdp(classifier())  # FSDP2's default: gradients averaged over the ranks, which finalize() undoes
+    acc = fused_optim.GradAccumulator(model.parameters())
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2)
+    mine = micro_batches()[rank]
+    tokens = torch.zeros((), dtype=torch.int64)
+    for i, (x, y) in enumerate(mine):
+        model.set_requires_gradient_sync(i == len(mine) - 1)
+        F.cross_entropy(model(x), y, ignore_index=IGNORE, reduction="sum").backward()
+        acc.accumulate()
+        tokens += fused_optim.count_tokens(y, IGNORE)
+    norm = acc.finalize(num_tokens=tokens, max_norm=MAX_NORM)
+    main_grads = [p.main_grad for p in model.parameters()]
+    result = {"grads": [full(g) for g in main_grads], "norm": float(norm),
+              "main_grads_sharded": all(isinstance(g, DTensor) and g.placements == p.placements
+                                        for g, p in zip(main_grads, model.parameters()))}
+    opt.step()
+    result["params"] = full_params(model)
+    return result
+
+
+def bad_inputs(rank: int, world: int) -> dict:
+    """Each bad input's exception type and message; and that a refused step changed nothing."""
+    mesh = init_device_mesh("cpu", (world,))
+    other_mesh = DeviceMesh("cpu", [list(range(world))])  # a 2-D (1 x world) mesh: another mesh
+    sharded = torch.nn.Parameter(distribute_tensor(torch.randn(6, 3), mesh, [Shard(0)]))
+    errors = {}
+
+    def record(name, fn):
+        try:
+            fn()
+        except (ValueError, TypeError, RuntimeError) as error:
+            errors[name] = (type(error).__name__, str(error))
+
+    record("mixed group", lambda: fused_optim.AdamW([sharded, torch.nn.Parameter(torch.randn(3))]))
+    record("two meshes", lambda: fused_optim.SGD(
+        [sharded, torch.nn.Parameter(distribute_tensor(torch.randn(4), other_mesh, [Replicate(), Shard(0)]))]))
+    opt = fused_optim.AdamW([sharded], lr=0.1)
+    sharded.grad = distribute_tensor(torch.ones(6, 3), mesh, [Shard(0)])
+    opt.step()
+    before, step_before = full(sharded), float(opt.state[sharded]["step"])
+    sharded.grad = distribute_tensor(torch.ones(6, 3), mesh, [Replicate()])
+    record("grad placements", opt.step)
+    unchanged = torch.equal(before, full(sharded)) and float(opt.state[sharded]["step"]) == step_before
+    plain = torch.zeros(6, 3)
+    record("op with a mixed list", lambda: adam_step(
+        [sharded], [plain], [plain], [plain], [], [], [torch.zeros(())], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+        weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False, maximize=False))
+    return {"errors": errors, "unchanged": unchanged}
+
+
+def on_four_ranks(rank: int, world: int, path: str) -> dict:
+    return {"fsdp": fsdp_optimizers(rank, world, ON_FOUR_RANKS), "two_d": two_d_mesh(rank, world),
+            "checkpoint": checkpoint_save(rank, world, path)}
+
+
+def on_two_ranks(rank: int, world: int, path: str) -> dict:
+    return {"fsdp": fsdp_optimizers(rank, world, OPTIMIZERS), "low_precision": fsdp_low_precision(rank, world),
+            "scaler": fsdp_grad_scaler(rank, world), "skip": fsdp_skip_on_inf(rank, world),
+            "norms": fsdp_norms(rank, world), "checkpoint": checkpoint_load(rank, world, path),
+            "zero": zero_redundancy(rank, world), "accumulator": accumulator(rank, world),
+            "bad": bad_inputs(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("dcp"))
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory, checkpoint_dir) -> list[dict]:
+    return run_workers(functools.partial(on_four_ranks, path=checkpoint_dir), 4, str(tmp_path_factory.mktemp("w4")))
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, checkpoint_dir, four) -> list[dict]:  # after `four`: it loads that run's checkpoint
+    return run_workers(functools.partial(on_two_ranks, path=checkpoint_dir), 2, str(tmp_path_factory.mktemp("w2")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the single-process runs the distributed ones must equal
+
+
+@functools.cache
+def single_process(name: str, hidden: int = HIDDEN) -> list[torch.Tensor]:
+    model = make_model(hidden=hidden)
+    train(model, make_optimizer(name, model.parameters(), True))
+    return full_params(model)
+
+
+def assert_close(got: list[torch.Tensor], want: list[torch.Tensor], atol: float = 1e-6) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert float((a.double() - b.double()).abs().max()) <= atol, float((a - b).abs().max())
+
+
+def assert_same_on_every_rank(results: list, pick) -> None:
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(pick(results[0]), pick(result)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tests
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fsdp2_two_ranks_equals_torch_on_the_mesh_and_the_single_process(two, name):
+    for result in two:
+        run = result["fsdp"][name]
+        assert_close(run["ours"], run["torch"])
+        assert_close(run["ours"], single_process(name))
+        assert run["state_like_params"]
+        # torch's state keys (SGD adds its documented step count): DCP and resharding see what they see with torch's
+        assert set(run["torch_state_keys"]) <= set(run["state_keys"])
+    assert_same_on_every_rank(two, lambda r: r["fsdp"][name]["ours"])
+
+
+@pytest.mark.parametrize("name", ON_FOUR_RANKS)
+def test_fsdp2_four_ranks_with_an_empty_shard(four, name):
+    for result in four:
+        run = result["fsdp"][name]
+        assert_close(run["ours"], run["torch"])
+        assert_close(run["ours"], single_process(name))
+        assert run["state_like_params"]
+
+
+@pytest.mark.parametrize("name", ("adamw-clip", "sgd-nesterov-clip"))
+def test_two_d_fsdp_by_tensor_parallel_mesh(four, name):
+    for result in four:
+        run = result["two_d"][name]
+        assert ("S(0)", "R") in run["placements"]  # the row-parallel bias: replicated over tp
+        assert_close(run["ours"], run["torch"])
+        assert_close(run["ours"], single_process(name, TP_HIDDEN))
+        assert run["state_like_params"]
+        assert run["step_collectives"] == [1] * STEPS  # the global norm: one all-reduce over the 2-D mesh
+
+
+def reference_norms(model_fn, backward_fn) -> dict[float, float]:
+    model = model_fn()
+    backward_fn(model)
+    grads = torch.cat([p.grad.double().reshape(-1) for p in model.parameters()])
+    return {p: float(torch.linalg.vector_norm(grads, p)) for p in NORM_TYPES}
+
+
+def test_two_d_norms_count_replicas_once(four):
+    want = reference_norms(functools.partial(make_model, hidden=TP_HIDDEN), lambda m: backward(m, 0))
+    for result in four:
+        for p, value in result["two_d"]["norms"].items():
+            assert value == pytest.approx(want[p], rel=1e-6)
+
+
+def test_total_norm_and_clip_grad_norm_on_fsdp2_grads(two):
+    want = reference_norms(make_model, lambda m: backward(m, 0))
+    for result in two:
+        run = result["norms"]
+        for p, (value, replicated) in run["norms"].items():
+            assert value == pytest.approx(want[p], rel=1e-6)
+            assert replicated  # a DTensor replicated on the mesh, as torch's
+        kind, placements, value = run["clip_ours"]
+        assert (kind, placements) == run["clip_torch"][:2]
+        assert value == pytest.approx(run["clip_torch"][2], rel=1e-6)
+        assert value == pytest.approx(want[2.0], rel=1e-6)
+        assert_close(run["clipped_ours"], run["clipped_torch"], atol=1e-8)
+        assert run["clip_collectives"] == 1
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(two):
+    for result in two:
+        run = result["skip"]
+        assert run["params_unchanged"] and run["moments_unchanged"] and run["norm_is_nan"]
+        assert run["steps"] == [1.0] * 4 and run["skipped_steps"] == 1.0
+
+
+def test_grad_scaler_backs_off_on_every_rank(two):
+    model = make_model()
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=MAX_NORM)
+    for step in (0, 2, 3):  # the single process takes the steps the ranks did not skip
+        backward(model, step)
+        opt.step()
+        opt.zero_grad()
+    for result in two:
+        run = result["scaler"]
+        assert run["skipped_unchanged"] and run["skipped_steps"] == 1.0
+        assert run["scales"][1] == 2.0**9  # backed off after the inf step, on every rank
+        assert_close(run["params"], full_params(model))
+
+
+def test_master_weights_and_stochastic_rounding_on_bf16_shards(two):
+    model = make_model(torch.bfloat16)
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, master_weights=True)
+    train(model, opt)
+    masters = [opt.state[p]["master_param"] for p in model.parameters()]
+    for result in two:
+        run = result["low_precision"]
+        assert run["master_weights"]["state_like_params"] and run["stochastic_rounding"]["state_like_params"]
+        # the ranks' bf16 gradients are averaged in another order than the single process sums them: a few ulps
+        assert_close(run["master_weights"]["masters"], masters, atol=2e-3)
+        for got, want in zip(run["stochastic_rounding"]["params"], masters):
+            assert float((got.float() - want).abs().max()) <= 2e-2  # within a few bf16 ulps of the fp32 path
+
+
+def test_distributed_checkpoint_resharded_from_four_ranks_to_two_and_to_one(four, two, checkpoint_dir):
+    uninterrupted = four[0]["checkpoint"]["uninterrupted"]
+    for result in two:
+        assert result["checkpoint"]["state_like_params"]
+        assert_close(result["checkpoint"]["resumed"], uninterrupted)
+    model = make_model()
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
+    assert_close(resume(model, opt, checkpoint_dir, 0, 1), uninterrupted)  # into one process, no process group
+
+
+def test_zero_redundancy_optimizer(two):
+    name = "adamw"
+    for result in two:
+        assert_close(result["zero"]["params"], single_process(name))
+    state_dict = two[0]["zero"]["state_dict"]
+    model = make_model()
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(model, opt)
+    opt.load_state_dict(state_dict)  # the consolidated state loads into a single-process optimizer
+    reference = make_model()
+    reference_opt = fused_optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    train(reference, reference_opt)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert float((opt.state[p][key] - reference_opt.state[q][key]).abs().max()) <= 1e-6
+
+
+def test_grad_accumulator_under_fsdp2_equals_the_full_batch(two):
+    model = classifier().double()
+    data = [batch for rank_data in micro_batches() for batch in rank_data]
+    x, y = torch.cat([x for x, _ in data]).double(), torch.cat([y for _, y in data])
+    F.cross_entropy(model(x), y, ignore_index=IGNORE).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+    assert norm > MAX_NORM
+    for result in two:
+        run = result["accumulator"]
+        assert run["main_grads_sharded"]
+        assert run["norm"] == pytest.approx(norm, rel=1e-6)
+        for got, p in zip(run["grads"], model.parameters()):
+            assert float((got.double() - p.grad).norm() / p.grad.norm()) < 1e-6
+    assert_same_on_every_rank(two, lambda r: r["accumulator"]["params"])
+
+
+def test_bad_inputs_get_one_sentence_and_change_nothing(two):
+    for result in two:
+        errors = result["bad"]["errors"]
+        assert errors["mixed group"] == ("ValueError", "AdamW: a group's params must be all DTensors or all plain "
+                                                       "tensors, not a mix.")
+        assert errors["two meshes"][0] == "ValueError" and "one device mesh" in errors["two meshes"][1]
+        assert errors["grad placements"][0] == "RuntimeError" and "mesh and placements" in errors["grad placements"][1]
+        assert errors["op with a mixed list"] == ("RuntimeError", "adam_step: the tensors must be all DTensors or "
+                                                                  "all plain tensors, not a mix.")
+        assert result["bad"]["unchanged"]
+
+
+def test_plain_tensors_take_the_plain_path():
+    # no DTensor anywhere: the lists reach the kernels as they are
+    from fused_optim.ops import _dtensor
+
+    tensors = [torch.randn(3), torch.randn(2)]
+    (local,) = _dtensor.to_local("op", tensors)
+    assert all(a is b for a, b in zip(local, tensors))
