@@ -19,6 +19,8 @@ TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
   m.impl("triad_", &fused_optim::triad_cpu);
   m.impl("cross_entropy_forward", &fused_optim::cross_entropy_forward_cpu);
   m.impl("cross_entropy_scale_grad_", &fused_optim::cross_entropy_scale_grad_cpu);
+  m.impl("cross_entropy_shard_stats", &fused_optim::cross_entropy_shard_stats_cpu);
+  m.impl("cross_entropy_shard_grad_", &fused_optim::cross_entropy_shard_grad_cpu);
   m.impl("accumulate_grads_", &fused_optim::accumulate_grads_cpu);
   m.impl("total_norm", &fused_optim::total_norm_cpu);
 }

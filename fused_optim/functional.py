@@ -10,6 +10,12 @@
 Class-index targets of fp32/bf16/fp16 logits run the fused kernels. Probability (float) targets and float64
 logits run the same math in plain torch ops (torch's own cross-entropy plus the extras), with torch's autograd.
 Bad input raises what torch raises for it (fused_optim/_loss_checks.py), before anything is computed.
+
+Vocabulary-parallel (tensor-parallel) losses: logits that are a DTensor sharded on the class dim (`Shard(1)`, as
+under torch's `loss_parallel()`), or a `linear_weight` sharded on its rows (`Shard(0)` of (V, H)), are taken shard by
+shard: each rank reads only its shard and one small all-gather per call (per chunk of rows for the linear loss)
+combines the rows' statistics (fused_optim/autograd/vocab_parallel.py). The loss is a DTensor replicated on the
+mesh, as torch's; the gradient stays sharded.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from fused_optim import _backend, _loss_checks
+from fused_optim.autograd import vocab_parallel
 from fused_optim.autograd.cross_entropy import CrossEntropyFunction
 from fused_optim.autograd.linear_cross_entropy import LinearCrossEntropyFunction, chunk_rows
+from fused_optim.autograd.vocab_parallel import VocabShard
+from fused_optim.ops._dtensor import is_dtensor
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 
@@ -50,6 +59,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     backend = backend if backend is not None else _backend.default_backend()
     _loss_checks.check_cross_entropy(input, target, weight, reduction, label_smoothing)
     label_smoothing = max(float(label_smoothing), 0.0)  # torch treats a negative smoothing as none
+    if is_dtensor(input):
+        return _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                             softcap, return_z_loss, inplace_backward, backend)
     if target.is_floating_point() or input.dtype not in _KERNEL_DTYPES:
         loss, z = _cross_entropy_composite(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                            softcap)
@@ -100,6 +112,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     _loss_checks.check_cross_entropy(torch.empty(logits_shape, dtype=input.dtype, device="meta"), target, weight,
                                      reduction, label_smoothing)
     label_smoothing = max(float(label_smoothing), 0.0)
+    if is_dtensor(linear_weight):
+        return _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                                    ignore_index, label_smoothing, z_loss, softcap, return_z_loss,
+                                                    batch_chunk_size=getattr(options, "batch_chunk_size", None),
+                                                    backend=backend)
     if target.is_floating_point() or input.dtype not in _KERNEL_DTYPES or linear_weight.dim() != 2:
         # (C, d1, ..., in_features) weights give (N, C, d1, ...) logits: torch's reference path
         flat_bias = linear_bias.reshape(-1) if linear_bias is not None else None
@@ -118,6 +135,52 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                                torch.is_grad_enabled(), backend)
     if reduction == "none":
         loss, z = loss.view(rows_shape), z.view(rows_shape)
+    return (loss, z) if return_z_loss else loss
+
+
+def _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                  return_z_loss, inplace_backward, backend):
+    """Logits sharded on the class dim (autograd/vocab_parallel.py): each rank reads its shard; the loss is a DTensor
+    replicated on the mesh, the logits' gradient a DTensor sharded like them."""
+    if input.dim() != 2 or target.is_floating_point() or input.dtype not in _KERNEL_DTYPES:
+        raise ValueError("a vocabulary-parallel cross_entropy takes (N, V) float32/bfloat16/float16 logits and class "
+                         "index targets; flatten the batch dims first.")
+    shard = VocabShard.of(input, 1, "cross_entropy's input")
+    target = _index_target(vocab_parallel.replicated_local(target, "target"))
+    weight = vocab_parallel.replicated_local(weight, "weight")
+    logits = input.to_local()  # differentiable: its gradient becomes a DTensor with the input's placements
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, z = CrossEntropyFunction.apply(logits, target.reshape(-1).contiguous(), _class_weight(weight), reduction,
+                                         ignore_index, label_smoothing, float(z_loss), softcap, needs_grad,
+                                         inplace_backward and needs_grad and not input.is_leaf, backend, shard)
+    loss, z = shard.replicated(loss), shard.replicated(z)
+    return (loss, z) if return_z_loss else loss
+
+
+def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                         label_smoothing, z_loss, softcap, return_z_loss, batch_chunk_size, backend):
+    """An lm-head weight sharded on its rows (Shard(0) of (V, H)): each rank multiplies by its rows only; the
+    input's gradient is summed over the ranks (one all-reduce in the backward)."""
+    if input.dim() != 2 or linear_weight.dim() != 2 or target.is_floating_point() \
+            or input.dtype not in _KERNEL_DTYPES:
+        raise ValueError("a vocabulary-parallel linear_cross_entropy takes (N, H) float32/bfloat16/float16 inputs, a "
+                         "(V, H) weight and class index targets.")
+    shard = VocabShard.of(linear_weight, 0, "linear_cross_entropy's linear_weight")
+    if linear_bias is not None and not (is_dtensor(linear_bias) and linear_bias.placements == linear_weight.placements):
+        raise ValueError("linear_bias of a vocabulary-parallel linear_cross_entropy must be a DTensor sharded as "
+                         "linear_weight is.")
+    x = vocab_parallel.input_for_sharded_weight(input, shard)
+    target = _index_target(vocab_parallel.replicated_local(target, "target")).reshape(-1).contiguous()
+    weight = vocab_parallel.replicated_local(weight, "weight")
+    local_weight = linear_weight.to_local()
+    local_bias = linear_bias.to_local() if linear_bias is not None else None
+    rows = chunk_rows(x.shape[0], local_weight.shape[0], x.dtype, x.device, batch_chunk_size)
+    loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), local_weight.contiguous(), local_bias, target,
+                                               _class_weight(weight), reduction, ignore_index, label_smoothing,
+                                               float(z_loss), softcap, rows, torch.is_grad_enabled(), backend, shard)
+    loss, z = shard.replicated(loss), shard.replicated(z)
     return (loss, z) if return_z_loss else loss
 
 

@@ -48,8 +48,7 @@ def sgd_kernels_ptx(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cross_entropy_kernels_ptx(tmp_path_factory) -> dict[str, str]:
-    kernels = kernels_ptx("cross_entropy.cu", tmp_path_factory.mktemp("ptx"))
-    return {name: body for name, body in kernels.items() if "cross_entropy_forward_kernel" in name}
+    return kernels_ptx("cross_entropy.cu", tmp_path_factory.mktemp("ptx"))
 
 
 def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
@@ -65,11 +64,23 @@ def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
 
 def test_cross_entropy_kernels_stream_rows_with_16_byte_accesses(cross_entropy_kernels_ptx):
     # fp32, bf16, fp16 logits: the row is read (twice) and its gradient written in 16-byte vectors
-    assert len(cross_entropy_kernels_ptx) == 3
-    for name, body in cross_entropy_kernels_ptx.items():
+    forward = {name: body for name, body in cross_entropy_kernels_ptx.items() if "cross_entropy_forward_kernel" in name}
+    assert len(forward) == 3
+    for name, body in forward.items():
         loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
         stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
         assert len(loads) >= 2 and len(stores) >= 2, (name, loads, stores)  # pass 1, pass 2 / gradient, zeros
+        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+
+
+@pytest.mark.parametrize("kernel, stores", [("shard_stats_kernel", 0), ("shard_grad_kernel", 1)])
+def test_vocab_parallel_kernels_stream_their_shard_with_16_byte_accesses(cross_entropy_kernels_ptx, kernel, stores):
+    # pass 1 reads the shard (its stats are one 16-byte store a row); pass 2 reads it and writes the gradient
+    bodies = {name: body for name, body in cross_entropy_kernels_ptx.items() if kernel in name}
+    assert len(bodies) == 3  # fp32, bf16, fp16
+    for name, body in bodies.items():
+        assert re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body), name
+        assert len(re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)) >= stores, name
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 

@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fused_optim.triton.adam import _adam_kernel
 from fused_optim.triton.accumulate import _accumulate_kernel
-from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel
+from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel, _shard_grad_kernel, _shard_stats_kernel
 from fused_optim.triton.sgd import _sgd_kernel
 from fused_optim.triton.total_norm import NORM_2, _norm_partials_kernel
 
@@ -85,6 +85,22 @@ for name, pointer in (("fp32", "*fp32"), ("bf16", "*bf16")):
                        attrs={(i,): [["tt.divisibility", 16]] for i in range(9)})
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
     results[f"cross_entropy-{name}"] = accesses(ptx)
+    # the two passes of a vocabulary-parallel row, over a shard of the same kind
+    constexprs = dict(HAS_WEIGHT=False, SOFTCAP=False, BLOCK=8192)
+    signature = {"logits_ptr": pointer, "target_ptr": "*i64", "weight_ptr": "*fp32", "stats_ptr": "*fp32",
+                 "shard_classes": "i32", "row_stride": "i32", "class_start": "i64", "num_classes": "i64",
+                 "ignore_index": "i64", "softcap": "fp32", **{k: "constexpr" for k in constexprs}}
+    source = ASTSource(fn=_shard_stats_kernel, signature=signature, constexprs=constexprs,
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(6)})
+    results[f"shard_stats-{name}"] = accesses(
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"])
+    constexprs = dict(HAS_WEIGHT=False, SOFTCAP=False, GRAD_IS_BF16=name == "bf16", BLOCK=4096)
+    signature = {"grad_ptr": pointer, "logits_ptr": pointer, "target_ptr": "*i64", "weight_ptr": "*fp32",
+                 "coefs_ptr": "*fp32", "shard_classes": "i32", "row_stride": "i32", "class_start": "i64",
+                 "ignore_index": "i64", "softcap": "fp32", **{k: "constexpr" for k in constexprs}}
+    source = ASTSource(fn=_shard_grad_kernel, signature=signature, constexprs=constexprs,
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})
+    results[f"shard_grad-{name}"] = accesses(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
 
 # The multi-tensor kernels of gradient accumulation (fp32 main grads += grads) and of the total norm's partials,
 # for fp32 and bf16 grads, with and without the host's alignment promise.
@@ -140,6 +156,13 @@ def test_cross_entropy_kernel_streams_rows_with_16_byte_accesses(ptx_accesses, d
     accesses = ptx_accesses[f"cross_entropy-{dtype}"]
     assert "ld.global.v4.b32" in accesses["loads"], accesses
     assert "st.global.v4.b32" in accesses["stores"], accesses
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_vocab_parallel_kernels_stream_their_shard_with_16_byte_accesses(ptx_accesses, dtype):
+    assert "ld.global.v4.b32" in ptx_accesses[f"shard_stats-{dtype}"]["loads"], ptx_accesses[f"shard_stats-{dtype}"]
+    grad = ptx_accesses[f"shard_grad-{dtype}"]
+    assert "ld.global.v4.b32" in grad["loads"] and "st.global.v4.b32" in grad["stores"], grad
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

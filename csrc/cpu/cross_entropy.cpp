@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -23,6 +24,17 @@
 
 namespace fused_optim {
 namespace {
+
+// Calls fn(kSoftcap, kWeighted) with both flags as compile-time constants (std::bool_constant): soft-capping and class
+// weights are template flags of the row kernels, so a row computes no tanh and loads no weight it does not need.
+template <typename Fn>
+void dispatch_row_flags(bool softcap, bool weighted, Fn&& fn) {
+  if (softcap) {
+    weighted ? fn(std::true_type{}, std::true_type{}) : fn(std::true_type{}, std::false_type{});
+  } else {
+    weighted ? fn(std::false_type{}, std::true_type{}) : fn(std::false_type{}, std::false_type{});
+  }
+}
 
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^7 (relative
 // error < 1e-8 on that interval). Below -87.3 the result would be subnormal: return 0, as a softmax wants.
@@ -108,6 +120,20 @@ void exp_and_sums(const float* __restrict__ z, float* __restrict__ e, const floa
   weighted_sum_out = static_cast<float>(weighted_sum);
 }
 
+// Pass 1 over a row (or a rank's shard of one): its capped logits into z and their max, exp(z - max) into e, and
+// the sums of e and of w_j z_j.
+template <typename T, bool kSoftcap, bool kWeighted>
+void reduce_row(const T* x, const float* class_weight, int64_t num_classes, float softcap, float* __restrict__ z,
+                float* __restrict__ e, float& max, float& sum, float& weighted_sum) {
+#pragma omp simd
+  for (int64_t j = 0; j < num_classes; ++j) {
+    const float xj = load_float(x, j);
+    z[j] = kSoftcap ? softcap * vector_tanh(xj / softcap) : xj;
+  }
+  max = row_max(z, num_classes);
+  exp_and_sums<kWeighted>(z, e, class_weight, num_classes, max, sum, weighted_sum);
+}
+
 // One kept row: capped logits into z (and their max), exp(z - max) into e (and their sums), then the gradient.
 // Soft-capping and class weights are template flags: a runtime select would compute tanh and load weights in every
 // vector lane of every row.
@@ -115,15 +141,8 @@ template <typename T, bool kSoftcap, bool kWeighted>
 void cross_entropy_row(const T* x, T* g, int64_t t, const float* class_weight, float* __restrict__ z,
                        float* __restrict__ e, float& loss, float& lse_out, const CrossEntropyOptions& options) {
   const int64_t num_classes = options.num_classes;
-  const float softcap = options.softcap;
-#pragma omp simd
-  for (int64_t j = 0; j < num_classes; ++j) {
-    const float xj = load_float(x, j);
-    z[j] = kSoftcap ? softcap * vector_tanh(xj / softcap) : xj;
-  }
-  const float max = row_max(z, num_classes);
-  float sum, weighted_sum;
-  exp_and_sums<kWeighted>(z, e, class_weight, num_classes, max, sum, weighted_sum);
+  float max, sum, weighted_sum;
+  reduce_row<T, kSoftcap, kWeighted>(x, class_weight, num_classes, options.softcap, z, e, max, sum, weighted_sum);
   const float log_sum = std::log(sum), lse = max + log_sum;
   const float target_weight = kWeighted ? class_weight[t] : 1.0f;
   lse_out = lse;
@@ -159,6 +178,62 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const f
       }
       cross_entropy_row<T, kSoftcap, kWeighted>(x, g, t, class_weight, scratch.data(), scratch.data() + num_classes,
                                                 loss[row], lse[row], options);
+    }
+  });
+}
+
+// Pass 1 of a vocabulary-parallel row (cross_entropy.h, ShardRowStats): capped logits and their max, then the sums.
+template <typename T, bool kSoftcap, bool kWeighted>
+void shard_stats_rows(const at::Tensor& logits, const int64_t* target, const float* class_weight,
+                      ShardRowStats* stats, int64_t class_start, int64_t ignore_index, float softcap) {
+  const int64_t num_rows = logits.size(0), shard_classes = logits.size(1), row_stride = logits.stride(0);
+  const T* x_base = logits.const_data_ptr<T>();
+  at::parallel_for(0, num_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(shard_classes, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * shard_classes);
+    float* z = scratch.data();
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = target[row];
+      if (t == ignore_index) {  // combined into nothing: the row's loss and gradient are 0
+        stats[row] = ShardRowStats{0.0f, 0.0f, 0.0f, 0.0f};
+        continue;
+      }
+      float max, sum, weighted_sum;
+      reduce_row<T, kSoftcap, kWeighted>(x_base + row * row_stride, class_weight, shard_classes, softcap, z,
+                                         z + shard_classes, max, sum, weighted_sum);
+      const int64_t local_t = t - class_start;
+      const float target_logit = local_t >= 0 && local_t < shard_classes ? z[local_t] : 0.0f;
+      stats[row] = ShardRowStats{max, sum, target_logit, weighted_sum};
+    }
+  });
+}
+
+// Pass 2: the shard's gradient from the row's combined coefficients (ShardRowCoefs), written in one sweep.
+template <typename T, bool kSoftcap, bool kWeighted>
+void shard_grad_rows(T* grad, const at::Tensor& logits, const int64_t* target, const float* class_weight,
+                     const ShardRowCoefs* coefs, int64_t class_start, int64_t ignore_index, float softcap) {
+  const int64_t num_rows = logits.size(0), shard_classes = logits.size(1), row_stride = logits.stride(0);
+  const T* x_base = logits.const_data_ptr<T>();
+  at::parallel_for(0, num_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(shard_classes, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* x = x_base + row * row_stride;  // not restrict: the gradient may go over the logits
+      T* g = grad + row * row_stride;
+      const int64_t t = target[row];
+      if (t == ignore_index) {
+        std::fill(g, g + shard_classes, T(0.0f));
+        continue;
+      }
+      const ShardRowCoefs c = coefs[row];
+      const CrossEntropyRowGrad row_grad = c.row_grad(softcap);
+      const int64_t local_t = t - class_start;
+#pragma omp simd
+      for (int64_t j = 0; j < shard_classes; ++j) {
+        const float xj = load_float(x, j);
+        const float zj = kSoftcap ? softcap * vector_tanh(xj / softcap) : xj;
+        store_float(g, j, row_grad.grad(vector_exp(zj - c.max) * c.inv_sum, zj,
+                                        kWeighted ? class_weight[j] : 1.0f, j == local_t));
+      }
     }
   });
 }
@@ -201,14 +276,47 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_E
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* g = grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr;
-    const auto rows = options.softcap > 0.0f
-                          ? (class_weight != nullptr ? cross_entropy_rows<scalar_t, true, true>
-                                                     : cross_entropy_rows<scalar_t, true, false>)
-                          : (class_weight != nullptr ? cross_entropy_rows<scalar_t, false, true>
-                                                     : cross_entropy_rows<scalar_t, false, false>);
-    rows(logits, targets, class_weight, g, loss.data_ptr<float>(), lse.data_ptr<float>(), ignore_index, options);
+    dispatch_row_flags(options.softcap > 0.0f, class_weight != nullptr, [&](auto kSoftcap, auto kWeighted) {
+      cross_entropy_rows<scalar_t, kSoftcap, kWeighted>(logits, targets, class_weight, g, loss.data_ptr<float>(),
+                                                        lse.data_ptr<float>(), ignore_index, options);
+    });
   });
   return {loss, lse};
+}
+
+at::Tensor cross_entropy_shard_stats_cpu(FUSED_OPTIM_SHARD_STATS_ARGS) {
+  check_shard_args("cross_entropy_shard_stats", logits, target, weight, class_start);
+  const int64_t num_rows = logits.size(0);
+  const int64_t* targets = target.const_data_ptr<int64_t>();
+  for (int64_t row = 0; row < num_rows; ++row) {  // against the whole vocabulary: no shard may drop a bad target
+    const int64_t t = targets[row];
+    TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < num_classes), "Target ", t, " is out of bounds.");
+  }
+  at::Tensor stats = at::empty({num_rows, 4}, logits.options().dtype(at::kFloat));
+  const float* class_weight = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
+  dispatch_float_types(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dispatch_row_flags(softcap > 0.0, class_weight != nullptr, [&](auto kSoftcap, auto kWeighted) {
+      shard_stats_rows<scalar_t, kSoftcap, kWeighted>(logits, targets, class_weight,
+                                                      reinterpret_cast<ShardRowStats*>(stats.data_ptr<float>()),
+                                                      class_start, ignore_index, static_cast<float>(softcap));
+    });
+  });
+  return stats;
+}
+
+void cross_entropy_shard_grad_cpu(FUSED_OPTIM_SHARD_GRAD_ARGS) {
+  check_shard_grad_args(grad, logits, target, weight, row_coefs, class_start, ignore_index, softcap);
+  const float* class_weight = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
+  dispatch_float_types(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dispatch_row_flags(softcap > 0.0, class_weight != nullptr, [&](auto kSoftcap, auto kWeighted) {
+      shard_grad_rows<scalar_t, kSoftcap, kWeighted>(
+          grad.data_ptr<scalar_t>(), logits, target.const_data_ptr<int64_t>(), class_weight,
+          reinterpret_cast<const ShardRowCoefs*>(row_coefs.const_data_ptr<float>()), class_start, ignore_index,
+          static_cast<float>(softcap));
+    });
+  });
 }
 
 // grad (N, V) *= row_scale (N values, or one for every row); a row whose scale is exactly 1 is left unread.

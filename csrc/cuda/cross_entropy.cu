@@ -56,6 +56,36 @@ __device__ void block_reduce(OnlineLogSumExp& acc, float& weighted_sum) {
   }
 }
 
+// Pass 1 over a row (or a rank's shard of one): the capped logits' (max, sum of exp(z - max)) and weighted sum,
+// each thread's merged across the block and returned to every thread. Whole vectors up to vector_end, then the tail.
+template <typename T>
+__device__ void reduce_row(const T* x, const float* class_weight, int64_t num_classes, int64_t vector_end,
+                           float softcap, OnlineLogSumExp& acc, float& weighted_sum) {
+  using V = Vec<T>;
+  for (int64_t j = threadIdx.x * V::kSize; j < vector_end; j += blockDim.x * V::kSize) {
+    const V v = *reinterpret_cast<const V*>(x + j);
+    float z[V::kSize];
+    float chunk_max = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < V::kSize; ++k) {
+      z[k] = capped_logit(static_cast<float>(v.values[k]), softcap);
+      chunk_max = fmaxf(chunk_max, z[k]);
+      weighted_sum += class_weight_at(class_weight, j + k) * z[k];
+    }
+    if (chunk_max == -INFINITY) continue;  // all masked: nothing to add (and -inf - -inf would be NaN)
+    OnlineLogSumExp chunk{chunk_max, 0.0f};  // one rescale per vector, not per element
+#pragma unroll
+    for (int k = 0; k < V::kSize; ++k) chunk.sum += expf(z[k] - chunk_max);
+    acc.merge(chunk);
+  }
+  for (int64_t j = vector_end + threadIdx.x; j < num_classes; j += blockDim.x) {
+    const float z = capped_logit(static_cast<float>(x[j]), softcap);
+    acc.add(z);
+    weighted_sum += class_weight_at(class_weight, j) * z;
+  }
+  block_reduce(acc, weighted_sum);
+}
+
 template <typename T>
 __global__ void cross_entropy_forward_kernel(const T* logits,  // (N, V), rows row_stride apart; not restrict: grad may be the same memory
                                              const int64_t* __restrict__ target,  // (N,)
@@ -87,28 +117,7 @@ __global__ void cross_entropy_forward_kernel(const T* logits,  // (N, V), rows r
 
   OnlineLogSumExp acc;
   float weighted_sum = 0.0f;
-  for (int64_t j = threadIdx.x * V::kSize; j < vector_end; j += blockDim.x * V::kSize) {
-    const V v = *reinterpret_cast<const V*>(x + j);
-    float z[V::kSize];
-    float chunk_max = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < V::kSize; ++k) {
-      z[k] = capped_logit(static_cast<float>(v.values[k]), softcap);
-      chunk_max = fmaxf(chunk_max, z[k]);
-      weighted_sum += class_weight_at(class_weight, j + k) * z[k];
-    }
-    if (chunk_max == -INFINITY) continue;  // all masked: nothing to add (and -inf - -inf would be NaN)
-    OnlineLogSumExp chunk{chunk_max, 0.0f};  // one rescale per vector, not per element
-#pragma unroll
-    for (int k = 0; k < V::kSize; ++k) chunk.sum += expf(z[k] - chunk_max);
-    acc.merge(chunk);
-  }
-  for (int64_t j = vector_end + threadIdx.x; j < num_classes; j += blockDim.x) {
-    const float z = capped_logit(static_cast<float>(x[j]), softcap);
-    acc.add(z);
-    weighted_sum += class_weight_at(class_weight, j) * z;
-  }
-  block_reduce(acc, weighted_sum);
+  reduce_row(x, class_weight, num_classes, vector_end, softcap, acc, weighted_sum);
 
   const float log_sum = logf(acc.sum), lse = acc.max + log_sum, inv_sum = 1.0f / acc.sum;
   const float target_weight = class_weight_at(class_weight, t);
@@ -137,6 +146,73 @@ __global__ void cross_entropy_forward_kernel(const T* logits,  // (N, V), rows r
   for (int64_t j = vector_end + threadIdx.x; j < num_classes; j += blockDim.x) {
     const float z = capped_logit(static_cast<float>(x[j]), softcap);
     g[j] = T(row_grad.grad(expf(z - acc.max) * inv_sum, z, class_weight_at(class_weight, j), j == t));
+  }
+}
+
+// Pass 1 of a vocabulary-parallel row (cross_entropy.h, ShardRowStats): the first pass of the forward kernel over
+// this rank's shard of the row, plus the target's capped logit when the target is in the shard.
+template <typename T>
+__global__ void shard_stats_kernel(const T* __restrict__ logits,  // (N, V_shard), rows row_stride apart
+                                   const int64_t* __restrict__ target,  // (N,) indices into the whole vocabulary
+                                   const float* __restrict__ class_weight,  // (V_shard,) or null
+                                   ShardRowStats* __restrict__ stats,       // (N,)
+                                   int64_t shard_classes, int64_t row_stride, int64_t class_start,
+                                   int64_t num_classes, int64_t ignore_index, float softcap, bool vectorized) {
+  using V = Vec<T>;
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * row_stride;
+  const int64_t t = target[row];
+  if (t == ignore_index) {
+    if (threadIdx.x == 0) stats[row] = ShardRowStats{0.0f, 0.0f, 0.0f, 0.0f};
+    return;
+  }
+  CUDA_KERNEL_ASSERT(t >= 0 && t < num_classes && "Target is out of bounds");
+  const int64_t vector_end = vectorized ? shard_classes / V::kSize * V::kSize : 0;
+  OnlineLogSumExp acc;
+  float weighted_sum = 0.0f;
+  reduce_row(x, class_weight, shard_classes, vector_end, softcap, acc, weighted_sum);
+  if (threadIdx.x == 0) {
+    const int64_t local_t = t - class_start;
+    const bool here = local_t >= 0 && local_t < shard_classes;
+    stats[row] = ShardRowStats{acc.max, acc.sum,
+                               here ? capped_logit(static_cast<float>(x[local_t]), softcap) : 0.0f, weighted_sum};
+  }
+}
+
+// Pass 2: the shard's gradient from the row's combined coefficients (ShardRowCoefs); grad may be the logits.
+template <typename T>
+__global__ void shard_grad_kernel(T* grad,          // (N, V_shard) like the logits; not restrict: may be logits
+                                  const T* logits,  // (N, V_shard)
+                                  const int64_t* __restrict__ target,      // (N,)
+                                  const float* __restrict__ class_weight,  // (V_shard,) or null
+                                  const ShardRowCoefs* __restrict__ coefs,  // (N,)
+                                  int64_t shard_classes, int64_t row_stride, int64_t class_start,
+                                  int64_t ignore_index, float softcap, bool vectorized) {
+  using V = Vec<T>;
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * row_stride;
+  T* g = grad + row * row_stride;
+  const int64_t t = target[row];
+  const bool kept = t != ignore_index;
+  const ShardRowCoefs c = kept ? coefs[row] : ShardRowCoefs{};
+  const CrossEntropyRowGrad row_grad = c.row_grad(softcap);
+  const int64_t local_t = t - class_start;
+  // each element is read and then written by the same thread: in place is safe
+  const auto grad_at = [&](float xj, int64_t j) {
+    if (!kept) return 0.0f;
+    const float z = capped_logit(xj, softcap);
+    return row_grad.grad(expf(z - c.max) * c.inv_sum, z, class_weight_at(class_weight, j), j == local_t);
+  };
+  const int64_t vector_end = vectorized ? shard_classes / V::kSize * V::kSize : 0;
+  for (int64_t j = threadIdx.x * V::kSize; j < vector_end; j += blockDim.x * V::kSize) {
+    const V v = *reinterpret_cast<const V*>(x + j);
+    V out;
+#pragma unroll
+    for (int k = 0; k < V::kSize; ++k) out.values[k] = T(grad_at(static_cast<float>(v.values[k]), j + k));
+    *reinterpret_cast<V*>(g + j) = out;
+  }
+  for (int64_t j = vector_end + threadIdx.x; j < shard_classes; j += blockDim.x) {
+    g[j] = T(grad_at(static_cast<float>(x[j]), j));
   }
 }
 
@@ -208,6 +284,48 @@ void cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& row
     scale_grad_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad.data_ptr<scalar_t>(), row_scale.const_data_ptr<float>(), row_scale.numel() != 1, num_classes,
         grad.stride(0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor cross_entropy_shard_stats_cuda(FUSED_OPTIM_SHARD_STATS_ARGS) {
+  check_shard_args("cross_entropy_shard_stats", logits, target, weight, class_start);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const int64_t num_rows = logits.size(0), shard_classes = logits.size(1);
+  at::Tensor stats = at::empty({num_rows, 4}, logits.options().dtype(at::kFloat));
+  if (num_rows == 0) return stats;
+  TORCH_CHECK(num_rows <= 0x7fffffff, "cross_entropy_shard_stats: at most 2^31 - 1 rows");
+  dispatch_float_types(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const bool vectorized = aligned(x) && logits.stride(0) * static_cast<int64_t>(sizeof(scalar_t)) % kVecBytes == 0;
+    shard_stats_kernel<scalar_t><<<static_cast<unsigned>(num_rows), threads_for(shard_classes, Vec<scalar_t>::kSize), 0,
+                                   c10::cuda::getCurrentCUDAStream()>>>(
+        x, target.const_data_ptr<int64_t>(), weight.has_value() ? weight->const_data_ptr<float>() : nullptr,
+        reinterpret_cast<ShardRowStats*>(stats.data_ptr<float>()), shard_classes, logits.stride(0), class_start,
+        num_classes, ignore_index, static_cast<float>(softcap), vectorized);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return stats;
+}
+
+void cross_entropy_shard_grad_cuda(FUSED_OPTIM_SHARD_GRAD_ARGS) {
+  check_shard_grad_args(grad, logits, target, weight, row_coefs, class_start, ignore_index, softcap);
+  const int64_t num_rows = logits.size(0), shard_classes = logits.size(1);
+  if (num_rows == 0 || shard_classes == 0) return;
+  TORCH_CHECK(num_rows <= 0x7fffffff, "cross_entropy_shard_grad_: at most 2^31 - 1 rows");
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  dispatch_float_types(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const bool vectorized = aligned(x) && aligned(g) &&
+                            logits.stride(0) * static_cast<int64_t>(sizeof(scalar_t)) % kVecBytes == 0;
+    shard_grad_kernel<scalar_t><<<static_cast<unsigned>(num_rows), threads_for(shard_classes, Vec<scalar_t>::kSize), 0,
+                                  c10::cuda::getCurrentCUDAStream()>>>(
+        g, x, target.const_data_ptr<int64_t>(), weight.has_value() ? weight->const_data_ptr<float>() : nullptr,
+        reinterpret_cast<const ShardRowCoefs*>(row_coefs.const_data_ptr<float>()), shard_classes, logits.stride(0),
+        class_start, ignore_index, static_cast<float>(softcap), vectorized);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

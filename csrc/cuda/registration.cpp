@@ -12,6 +12,8 @@ TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
   m.impl("sgd_step_", &fused_optim::sgd_step_cuda);
   m.impl("cross_entropy_forward", &fused_optim::cross_entropy_forward_cuda);
   m.impl("cross_entropy_scale_grad_", &fused_optim::cross_entropy_scale_grad_cuda);
+  m.impl("cross_entropy_shard_stats", &fused_optim::cross_entropy_shard_stats_cuda);
+  m.impl("cross_entropy_shard_grad_", &fused_optim::cross_entropy_shard_grad_cuda);
   m.impl("accumulate_grads_", &fused_optim::accumulate_grads_cuda);
   m.impl("total_norm", &fused_optim::total_norm_cuda);
 }

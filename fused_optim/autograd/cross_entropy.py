@@ -49,19 +49,29 @@ def reduce_rows(loss_rows: torch.Tensor, lse: torch.Tensor, scales: torch.Tensor
     return (ce + z).to(out_dtype), z.to(out_dtype)
 
 
+def rows_op(backend: str, device: torch.device, weight: torch.Tensor | None, vocab):
+    """(the per-row forward: fused_optim::cross_entropy_forward or, for a vocabulary shard, the same contract in two
+    passes and an all-gather (autograd/vocab_parallel.py), the class weights it takes, the number of classes)."""
+    if vocab is None:
+        return ops.forward_op(backend, device), weight, None
+    return vocab.rows(backend, weight), vocab.local_weight(weight), vocab.num_classes
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, needs_grad,
-                inplace, backend):
+                inplace, backend, vocab=None):
         # logits (N, V) with unit column stride; target (N,) int64; weight (V,) fp32 or None; needs_grad: grad mode
-        # was on and the logits require a gradient (under no_grad, ctx.needs_input_grad still says they do)
-        scales = reduction_scales(target, weight, logits.shape[1], reduction, ignore_index)
+        # was on and the logits require a gradient (under no_grad, ctx.needs_input_grad still says they do);
+        # vocab: the VocabShard these logits are, or None for whole rows
+        rows, kernel_weight, num_classes = rows_op(backend, logits.device, weight, vocab)
+        scales = reduction_scales(target, weight, num_classes or logits.shape[1], reduction, ignore_index)
         grad = None
         if needs_grad:  # the kernels take one row stride for both: a row-strided view gets a gradient like it
             grad = logits if inplace else torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype,
                                                               device=logits.device)
-        loss_rows, lse = ops.forward_op(backend, logits.device)(
-            logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap)
+        loss_rows, lse = rows(logits, target, kernel_weight, scales, grad, ignore_index, label_smoothing, z_loss,
+                              softcap)
         if grad is logits:
             # Autograd must know the logits now hold the gradient: a graph that saved them for another
             # backward raises "modified by an inplace operation" instead of using the gradient as logits.
@@ -80,4 +90,4 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.grad = None
         row_scale = grad_loss.to(torch.float32).contiguous()
         ops.scale_grad_op(ctx.backend, grad.device)(grad, row_scale.view(-1))
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None

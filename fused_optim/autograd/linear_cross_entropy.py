@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim.autograd.cross_entropy import reduce_rows, reduction_scales
+from fused_optim.autograd.cross_entropy import reduce_rows, reduction_scales, rows_op
 from fused_optim.ops import cross_entropy as ops
 
 # Logits bytes per chunk: a constant, so the loss's memory does not grow with the vocabulary. On a GPU larger
@@ -31,10 +31,10 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torc
 class _Chunks:
     """The per-chunk work shared by the forward ("mean"/"sum") and the recomputing backward ("none")."""
 
-    def __init__(self, input, linear_weight, linear_bias, target, weight, scales, options, rows, backend):
+    def __init__(self, input, linear_weight, linear_bias, target, weight, scales, options, rows, backend, vocab):
         self.input, self.linear_weight, self.linear_bias, self.target = input, linear_weight, linear_bias, target
-        self.weight, self.scales, self.options, self.rows, self.backend = weight, scales, options, rows, backend
-        self.forward_op = ops.forward_op(backend, input.device)
+        self.scales, self.options, self.rows, self.backend = scales, options, rows, backend
+        self.forward_op, self.weight, _ = rows_op(backend, input.device, weight, vocab)
 
     def logits(self, start, end, buffer):
         """The chunk's logits, written into `buffer` (one allocation for every chunk: two chunks are never alive)."""
@@ -89,19 +89,21 @@ class _Chunks:
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                z_loss, softcap, rows, grad_enabled, backend):
+                z_loss, softcap, rows, grad_enabled, backend, vocab=None):
         # input (N, H); linear_weight (V, H); linear_bias (V,) or None; target (N,) int64; weight (V,) fp32 or None;
-        # grad_enabled: grad mode outside (under no_grad, ctx.needs_input_grad still reports requires_grad)
-        scales = reduction_scales(target, weight, linear_weight.shape[0], reduction, ignore_index)
+        # grad_enabled: grad mode outside (under no_grad, ctx.needs_input_grad still reports requires_grad);
+        # vocab: the VocabShard that linear_weight's rows are (weight then covers the whole vocabulary), or None
+        num_classes = vocab.num_classes if vocab is not None else linear_weight.shape[0]
+        scales = reduction_scales(target, weight, num_classes, reduction, ignore_index)
         chunks = _Chunks(input, linear_weight, linear_bias, target, weight, scales,
-                         (ignore_index, label_smoothing, z_loss, softcap), rows, backend)
+                         (ignore_index, label_smoothing, z_loss, softcap), rows, backend, vocab)
         needs = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         in_forward = reduction != "none"  # the per-row incoming gradient of "none" is known only in the backward
         loss_rows, lse, grads = chunks.run(needs if in_forward else (False, False, False))
         ctx.reduction, ctx.grads = reduction, (grads if in_forward else None)
         if not in_forward:  # what the backward recomputes from; nothing else is kept
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, scales)
-            ctx.settings = ((ignore_index, label_smoothing, z_loss, softcap), rows, backend)
+            ctx.settings = ((ignore_index, label_smoothing, z_loss, softcap), rows, backend, vocab)
         loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, input.dtype)
         ctx.mark_non_differentiable(z)
         return loss, z
@@ -110,8 +112,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_z):
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
-            options, rows, backend = ctx.settings
-            chunks = _Chunks(*ctx.saved_tensors, options, rows, backend)
+            options, rows, backend, vocab = ctx.settings
+            chunks = _Chunks(*ctx.saved_tensors, options, rows, backend, vocab)
             _, _, grads = chunks.run(needs, row_scale=grad_loss.to(torch.float32).contiguous())
         else:
             if ctx.grads is None:
@@ -121,4 +123,4 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             scale = grad_loss.to(torch.float32)
             grads = tuple(g.mul_(scale) if g is not None else None for g in grads)
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None)

@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 if dist.is_available():
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 else:  # a torch built without distributed support has no DTensors to unwrap
-    DTensor = Replicate = None
+    DTensor = Replicate = Shard = None
 
 
 def is_dtensor(t: object) -> bool:

@@ -8,8 +8,15 @@
 - `fused_optim::cross_entropy_scale_grad_(grad, row_scale)`: grad *= row_scale (one value or one per row); rows
   whose scale is exactly 1 are neither read nor written, so the backward of a plain `loss.backward()` moves nothing.
 
-Kernels: csrc/cpu/cross_entropy.cpp and csrc/cuda/cross_entropy.cu (`cross_entropy_forward`), Triton
-(`..._triton`), and plain torch ops in fp32 (`..._torch`, the fallback).
+- `fused_optim::cross_entropy_shard_stats(logits, target, weight, class_start, num_classes, ...) -> stats` and
+  `fused_optim::cross_entropy_shard_grad_(grad, logits, target, weight, row_coefs, class_start, ...)`: the two passes
+  of a vocabulary-parallel row, whose logits hold the classes [class_start, class_start + V_shard) of a vocabulary
+  of num_classes (csrc/include/fused_optim/cross_entropy.h, ShardRowStats): per row (max, sum of exp(z - max), the
+  target's logit when it is in the shard else 0, sum of w_j z_j) as an (N, 4) fp32 tensor; then, from the row's
+  combined (max, 1 / sum, p_coef, weight_coef, target_coef), the shard's gradient (`grad` may be the logits).
+
+Kernels: csrc/cpu/cross_entropy.cpp and csrc/cuda/cross_entropy.cu (no suffix), Triton (`..._triton`), and plain
+torch ops in fp32 (`..._torch`, the fallback).
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ FORWARD_SCHEMA = (
     "float label_smoothing, float z_loss, float softcap) -> (Tensor loss, Tensor lse)"
 )
 SCALE_GRAD_SCHEMA = "(Tensor(a!) grad, Tensor row_scale) -> ()"
+SHARD_STATS_SCHEMA = ("(Tensor logits, Tensor target, Tensor? weight, int class_start, int num_classes, "
+                      "int ignore_index, float softcap) -> Tensor")
+SHARD_GRAD_SCHEMA = ("(Tensor(a!) grad, Tensor logits, Tensor target, Tensor? weight, Tensor row_coefs, "
+                     "int class_start, int ignore_index, float softcap) -> ()")
 SUFFIXES = {"cpu": "", "cuda": "", "triton": "_triton", "torch": "_torch"}
 
 for _suffix in sorted(set(SUFFIXES.values())):
@@ -37,6 +48,14 @@ for _suffix in sorted(set(SUFFIXES.values())):
 
     torch.library.register_fake(f"fused_optim::cross_entropy_scale_grad{_suffix}_", lambda grad, row_scale: None,
                                 lib=_lib)
+    _lib.define(f"cross_entropy_shard_stats{_suffix}{SHARD_STATS_SCHEMA}")
+    _lib.define(f"cross_entropy_shard_grad{_suffix}_{SHARD_GRAD_SCHEMA}")
+
+    @torch.library.register_fake(f"fused_optim::cross_entropy_shard_stats{_suffix}", lib=_lib)
+    def _shard_stats_fake(logits, target, weight, class_start, num_classes, ignore_index, softcap):
+        return logits.new_empty(logits.shape[0], 4, dtype=torch.float32)
+
+    torch.library.register_fake(f"fused_optim::cross_entropy_shard_grad{_suffix}_", lambda *args: None, lib=_lib)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,6 +90,93 @@ def check_scale_grad_args(grad, row_scale) -> None:
                            "per row")
 
 
+def check_shard_args(op, logits, target, weight, class_start) -> None:
+    """The Python twin of cross_entropy_launch.h's check_shard_args."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise RuntimeError(f"{op}: logits must be (N, V) with unit column stride")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise RuntimeError(f"{op}: logits must be float32, bfloat16 or float16")
+    if target.shape != logits.shape[:1] or target.dtype != torch.int64 or not target.is_contiguous() \
+            or target.device != logits.device:
+        raise RuntimeError(f"{op}: target must be a contiguous int64 (N,) tensor on the logits' device")
+    if class_start < 0:
+        raise RuntimeError(f"{op}: class_start must be >= 0")
+    if weight is not None and (weight.dtype != torch.float32 or weight.shape != logits.shape[1:]
+                               or not weight.is_contiguous() or weight.device != logits.device):
+        raise RuntimeError(f"{op}: weight must be a contiguous float32 tensor of the shard's V values on the logits' "
+                           "device")
+
+
+def check_shard_grad_args(grad, logits, target, weight, row_coefs, class_start) -> None:
+    check_shard_args("cross_entropy_shard_grad_", logits, target, weight, class_start)
+    if row_coefs.dtype != torch.float32 or row_coefs.shape != (logits.shape[0], 5) or not row_coefs.is_contiguous() \
+            or row_coefs.device != logits.device:
+        raise RuntimeError("cross_entropy_shard_grad_: row_coefs must be a contiguous float32 (N, 5) tensor on the "
+                           "logits' device")
+    if grad.shape != logits.shape or grad.stride() != logits.stride() or grad.dtype != logits.dtype \
+            or grad.device != logits.device:
+        raise RuntimeError("cross_entropy_shard_grad_: grad must have the logits' shape, strides, dtype and device")
+
+
+def _check_targets_on_cpu(target, kept, num_classes) -> None:
+    """torch's IndexError for a class index out of range: on a CPU tensor, reading it is no device sync."""
+    if target.device.type == "cpu":
+        bad = kept & ((target < 0) | (target >= num_classes))
+        if bool(bad.any()):
+            raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
+def _capped_fp32(logits, softcap) -> torch.Tensor:
+    z = logits.float()
+    return softcap * torch.tanh(z / softcap) if softcap > 0 else z
+
+
+def _shard_stats_torch(logits, target, weight, class_start, num_classes, ignore_index, softcap):
+    check_shard_args("cross_entropy_shard_stats", logits, target, weight, class_start)
+    kept = target != ignore_index
+    _check_targets_on_cpu(target, kept, num_classes)
+    z = _capped_fp32(logits, softcap)
+    shard_classes = z.shape[1]
+    row_max = z.amax(dim=1) if shard_classes else z.new_full(z.shape[:1], -torch.inf)
+    sums = torch.exp(z - row_max[:, None]).sum(1)
+    local_target = target - class_start
+    here = kept & (local_target >= 0) & (local_target < shard_classes)
+    target_logit = z.gather(1, torch.where(here, local_target, 0)[:, None])[:, 0] if shard_classes \
+        else torch.zeros_like(row_max)
+    weighted_sum = (z * weight).sum(1) if weight is not None else z.sum(1)
+    stats = torch.stack([row_max, sums, torch.where(here, target_logit, 0.0), weighted_sum], dim=1)
+    return torch.where(kept[:, None], stats, 0.0)
+
+
+def _shard_grad_torch(grad, logits, target, weight, row_coefs, class_start, ignore_index, softcap):
+    check_shard_grad_args(grad, logits, target, weight, row_coefs, class_start)
+    kept = target != ignore_index
+    z = _capped_fp32(logits, softcap)
+    row_max, inv_sum, p_coef, weight_coef, target_coef = (c[:, None] for c in row_coefs.unbind(1))
+    g = torch.exp(z - row_max) * inv_sum * p_coef - weight_coef * (weight if weight is not None else 1.0)
+    local_target = target - class_start
+    here = kept & (local_target >= 0) & (local_target < z.shape[1])
+    if z.shape[1]:
+        g.scatter_add_(1, torch.where(here, local_target, 0)[:, None], torch.where(here[:, None], -target_coef, 0.0))
+    if softcap > 0:
+        g *= 1 - (z / softcap) ** 2
+    grad.copy_(torch.where(kept[:, None], g, 0.0))
+
+
+def _shard_stats_triton(logits, target, weight, class_start, num_classes, ignore_index, softcap):
+    from fused_optim.triton.cross_entropy import cross_entropy_shard_stats_triton
+
+    check_shard_args("cross_entropy_shard_stats", logits, target, weight, class_start)
+    return cross_entropy_shard_stats_triton(logits, target, weight, class_start, num_classes, ignore_index, softcap)
+
+
+def _shard_grad_triton(grad, logits, target, weight, row_coefs, class_start, ignore_index, softcap):
+    from fused_optim.triton.cross_entropy import cross_entropy_shard_grad_triton
+
+    check_shard_grad_args(grad, logits, target, weight, row_coefs, class_start)
+    cross_entropy_shard_grad_triton(grad, logits, target, weight, row_coefs, class_start, ignore_index, softcap)
+
+
 def _forward_triton(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap):
     from fused_optim.triton.cross_entropy import cross_entropy_forward_triton
 
@@ -91,14 +197,9 @@ def _forward_torch(logits, target, weight, scales, grad, ignore_index, label_smo
     check_forward_args(logits, target, weight, scales, grad)
     num_classes = logits.shape[1]
     kept = target != ignore_index
-    if logits.device.type == "cpu" and bool(((target < 0) | (target >= num_classes))[kept].any()):
-        # a CPU tensor: reading it is no device sync
-        bad = target[kept & ((target < 0) | (target >= num_classes))][0]
-        raise IndexError(f"Target {int(bad)} is out of bounds.")
+    _check_targets_on_cpu(target, kept, num_classes)
     safe_target = torch.where(kept, target, 0)
-    z = logits.float()
-    if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
+    z = _capped_fp32(logits, softcap)
     row_max = z.amax(dim=1)
     exp_shifted = torch.exp(z - row_max[:, None])
     sum_exp = exp_shifted.sum(1)
@@ -132,9 +233,13 @@ def _scale_grad_torch(grad, row_scale):
 
 _lib.impl("cross_entropy_forward_torch", _forward_torch, "CompositeExplicitAutograd")
 _lib.impl("cross_entropy_scale_grad_torch_", _scale_grad_torch, "CompositeExplicitAutograd")
+_lib.impl("cross_entropy_shard_stats_torch", _shard_stats_torch, "CompositeExplicitAutograd")
+_lib.impl("cross_entropy_shard_grad_torch_", _shard_grad_torch, "CompositeExplicitAutograd")
 for _dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
     _lib.impl("cross_entropy_forward_triton", _forward_triton, _dispatch_key)
     _lib.impl("cross_entropy_scale_grad_triton_", _scale_grad_triton, _dispatch_key)
+    _lib.impl("cross_entropy_shard_stats_triton", _shard_stats_triton, _dispatch_key)
+    _lib.impl("cross_entropy_shard_grad_triton_", _shard_grad_triton, _dispatch_key)
 
 
 @torch.compiler.assume_constant_result  # torch.compile: run once while tracing, not traced through its cache
@@ -149,3 +254,11 @@ def forward_op(backend: str, device: torch.device):
 
 def scale_grad_op(backend: str, device: torch.device):
     return getattr(torch.ops.fused_optim, f"cross_entropy_scale_grad{_suffix(backend, device.type)}_")
+
+
+def shard_stats_op(backend: str, device: torch.device):
+    return getattr(torch.ops.fused_optim, "cross_entropy_shard_stats" + _suffix(backend, device.type))
+
+
+def shard_grad_op(backend: str, device: torch.device):
+    return getattr(torch.ops.fused_optim, f"cross_entropy_shard_grad{_suffix(backend, device.type)}_")

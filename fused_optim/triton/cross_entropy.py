@@ -1,4 +1,5 @@
-"""Triton cross-entropy forward (+ the gradient in the same launch): one program per row.
+"""Triton cross-entropy forward (+ the gradient in the same launch): one program per row; and the two passes of a
+vocabulary-parallel row (csrc/include/fused_optim/cross_entropy.h, ShardRowStats).
 
 Pass 1 streams the row in BLOCK-wide pieces keeping a running max and sum of exp (rescaled once per piece) and the
 weighted sum of the logits; pass 2 streams it again and writes the gradient, possibly over the logits themselves
@@ -133,6 +134,109 @@ def _cross_entropy_forward_kernel(
 
 
 @triton.jit
+def _shard_stats_kernel(
+    logits_ptr,  # (N, V_shard), rows row_stride elements apart
+    target_ptr,  # (N,) int64, indices into the whole vocabulary
+    weight_ptr,  # (V_shard,) fp32 class weights of the shard (unused without HAS_WEIGHT)
+    stats_ptr,  # (N, 4) fp32: max, sum of exp(z - max), target logit or 0, weighted logit sum (ShardRowStats)
+    shard_classes,
+    row_stride,
+    class_start,
+    num_classes,  # of the whole vocabulary
+    ignore_index,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Pass 1 of a vocabulary-parallel row: pass 1 of the forward kernel over this rank's shard of it. A target
+    outside the whole vocabulary gives a NaN target logit, hence a NaN loss, as the forward kernel does."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * row_stride
+    cols = tl.arange(0, BLOCK)
+    softcap = tl.cast(softcap, tl.float32)
+    target = tl.load(target_ptr + row)
+    kept = target != ignore_index
+    row_length = tl.where(kept, shard_classes, 0)  # an ignored row reads nothing and combines into nothing
+    running_max = -float("inf")
+    running_sum = 0.0
+    weighted_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, row_length, BLOCK):
+        offsets = start + cols
+        mask = offsets < shard_classes
+        z = _capped(tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+        new_max = tl.maximum(running_max, tl.max(tl.where(mask, z, -float("inf")), axis=0))
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.where(mask, tl.exp(z - shift), 0.0), axis=0)
+        running_max = new_max
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
+        else:
+            w = tl.where(mask, 1.0, 0.0)
+        weighted_sum += w * tl.where(mask, z, 0.0)
+    local_target = target - class_start
+    here = kept & (local_target >= 0) & (local_target < shard_classes)
+    target_logit = _capped(tl.load(x_row + tl.where(here, local_target, 0), mask=here, other=0.0).to(tl.float32),
+                           softcap, SOFTCAP)
+    in_range = (target >= 0) & (target < num_classes)
+    out = stats_ptr + row * 4
+    tl.store(out, tl.where(kept, running_max, 0.0))
+    tl.store(out + 1, running_sum)
+    tl.store(out + 2, tl.where(here, target_logit, tl.where(in_range | ~kept, 0.0, float("nan"))))
+    tl.store(out + 3, tl.sum(weighted_sum, axis=0))
+
+
+@triton.jit
+def _shard_grad_kernel(
+    grad_ptr,  # (N, V_shard) like the logits, possibly the logits themselves
+    logits_ptr,  # (N, V_shard)
+    target_ptr,  # (N,) int64
+    weight_ptr,  # (V_shard,) fp32 (unused without HAS_WEIGHT)
+    coefs_ptr,  # (N, 5) fp32: max, 1 / sum, p_coef, weight_coef, target_coef (ShardRowCoefs)
+    shard_classes,
+    row_stride,
+    class_start,
+    ignore_index,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    GRAD_IS_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Pass 2: the shard's gradient from the row's combined coefficients; each element is read by the program
+    that then writes it, so the gradient may go over the logits."""
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < shard_classes
+    softcap = tl.cast(softcap, tl.float32)
+    target = tl.load(target_ptr + row)
+    kept = target != ignore_index
+    coefs = coefs_ptr + row * 5
+    row_max = tl.load(coefs)
+    inv_sum = tl.load(coefs + 1)
+    p_coef = tl.load(coefs + 2)
+    weight_coef = tl.load(coefs + 3)
+    target_coef = tl.load(coefs + 4)
+    z = _capped(tl.load(logits_ptr + row * row_stride + offsets, mask=mask & kept, other=0.0).to(tl.float32), softcap,
+                SOFTCAP)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
+    else:
+        w = 1.0
+    g = tl.exp(z - row_max) * inv_sum * p_coef - weight_coef * w - tl.where(offsets == target - class_start,
+                                                                             target_coef, 0.0)
+    if SOFTCAP:
+        t = z / softcap
+        g *= 1.0 - t * t
+    g = tl.where(kept, g, 0.0)
+    pointers = grad_ptr + row * row_stride + offsets
+    if GRAD_IS_BF16:
+        tl.store(pointers, _bf16_nearest(g), mask=mask)
+    else:
+        tl.store(pointers, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _scale_grad_kernel(
     grad_ptr,  # (N, V)
     scale_ptr,  # (N,) or (1,) fp32
@@ -186,5 +290,33 @@ def cross_entropy_scale_grad_triton(grad, row_scale):
     block = min(triton.next_power_of_2(num_classes), 4096)
     _scale_grad_kernel[(num_rows, triton.cdiv(num_classes, block))](
         grad, row_scale, num_classes, grad.stride(0), PER_ROW=row_scale.numel() != 1,
+        GRAD_IS_BF16=grad.dtype == torch.bfloat16, BLOCK=block,
+    )
+
+
+def cross_entropy_shard_stats_triton(logits, target, weight, class_start, num_classes, ignore_index, softcap):
+    """The launcher of fused_optim::cross_entropy_shard_stats_triton (arguments checked by the op)."""
+    num_rows, shard_classes = logits.shape
+    stats = torch.empty(num_rows, 4, dtype=torch.float32, device=logits.device)
+    if num_rows == 0:
+        return stats
+    block = _block(shard_classes)
+    _shard_stats_kernel[(num_rows,)](
+        logits, target, weight if weight is not None else stats, stats, shard_classes, logits.stride(0), class_start,
+        num_classes, ignore_index, softcap, HAS_WEIGHT=weight is not None, SOFTCAP=softcap > 0, BLOCK=block,
+        num_warps=8 if block >= 4096 else 4,
+    )
+    return stats
+
+
+def cross_entropy_shard_grad_triton(grad, logits, target, weight, row_coefs, class_start, ignore_index, softcap):
+    """The launcher of fused_optim::cross_entropy_shard_grad_triton_ (arguments checked by the op)."""
+    num_rows, shard_classes = logits.shape
+    if num_rows == 0 or shard_classes == 0:
+        return
+    block = min(triton.next_power_of_2(shard_classes), 4096)
+    _shard_grad_kernel[(num_rows, triton.cdiv(shard_classes, block))](
+        grad, logits, target, weight if weight is not None else row_coefs, row_coefs, shard_classes, logits.stride(0),
+        class_start, ignore_index, softcap, HAS_WEIGHT=weight is not None, SOFTCAP=softcap > 0,
         GRAD_IS_BF16=grad.dtype == torch.bfloat16, BLOCK=block,
     )

@@ -103,4 +103,29 @@ FO_HOST_DEVICE CrossEntropyRowGrad cross_entropy_row_grad(float lse, float targe
   return CrossEntropyRowGrad{lse, p_coef, weight_coef, target_coef, o.softcap};
 }
 
+// Vocabulary-parallel rows: the V logits of a row are split over ranks, each holding the classes
+// [class_start, class_start + V_shard). Pass 1 reduces each rank's shard to ShardRowStats; the ranks exchange them
+// (fused_optim/autograd/vocab_parallel.py: one all-gather of N x 4 floats) and combine them into the row's max M and
+// sum S = sum_r sum_r' exp(max_r - M), its loss (from the formula above) and the coefficients below; pass 2 writes
+// each shard's gradient from p_j = exp(z_j - M) / S, as cross_entropy_row_grad would with the whole row.
+struct ShardRowStats {
+  float max;           // of the shard's capped logits (-inf for an empty shard)
+  float sum;           // of exp(z_j - max) over the shard
+  float target_logit;  // z_t when the target is in this shard, else 0 (the ranks' values add up to z_t)
+  float weighted_sum;  // sum_j w_j z_j over the shard
+};
+
+// What pass 2 needs of a row (combined on every rank from all ranks' ShardRowStats), in the order kept on the device.
+struct ShardRowCoefs {
+  float max;      // M
+  float inv_sum;  // 1 / S
+  float p_coef;   // as CrossEntropyRowGrad
+  float weight_coef;
+  float target_coef;
+
+  FO_HOST_DEVICE CrossEntropyRowGrad row_grad(float softcap) const {
+    return CrossEntropyRowGrad{0.0f, p_coef, weight_coef, target_coef, softcap};
+  }
+};
+
 }  // namespace fused_optim

@@ -20,10 +20,24 @@ namespace fused_optim {
       const at::Tensor &scales, const std::optional<at::Tensor> &grad, int64_t ignore_index,                 \
       double label_smoothing, double z_loss, double softcap
 
+// fused_optim::cross_entropy_shard_stats / cross_entropy_shard_grad_: the two passes of a vocabulary-parallel row
+// (cross_entropy.h, ShardRowStats).
+#define FUSED_OPTIM_SHARD_STATS_ARGS                                                                         \
+  const at::Tensor &logits, const at::Tensor &target, const std::optional<at::Tensor> &weight,              \
+      int64_t class_start, int64_t num_classes, int64_t ignore_index, double softcap
+#define FUSED_OPTIM_SHARD_GRAD_ARGS                                                                          \
+  const at::Tensor &grad, const at::Tensor &logits, const at::Tensor &target,                                \
+      const std::optional<at::Tensor> &weight, const at::Tensor &row_coefs, int64_t class_start,             \
+      int64_t ignore_index, double softcap
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_ENTROPY_ARGS);
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(FUSED_OPTIM_CROSS_ENTROPY_ARGS);
 void cross_entropy_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& row_scale);
 void cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& row_scale);
+at::Tensor cross_entropy_shard_stats_cpu(FUSED_OPTIM_SHARD_STATS_ARGS);
+at::Tensor cross_entropy_shard_stats_cuda(FUSED_OPTIM_SHARD_STATS_ARGS);
+void cross_entropy_shard_grad_cpu(FUSED_OPTIM_SHARD_GRAD_ARGS);
+void cross_entropy_shard_grad_cuda(FUSED_OPTIM_SHARD_GRAD_ARGS);
 
 // Calls fn(T{}) with T the C++ type of a float32/bfloat16/float16 tensor (no float64 instantiations to compile).
 template <typename Fn>
@@ -69,6 +83,34 @@ inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& row_
   TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.is_contiguous() &&
                   (row_scale.numel() == 1 || row_scale.numel() == grad.size(0)) && row_scale.device() == grad.device(),
               "cross_entropy_scale_grad_: row_scale must be float32 on grad's device, one value or one per row");
+}
+
+// The checks of both passes: logits (N, V_shard) as the forward's, target (N,), weight (V_shard,) of this shard.
+inline void check_shard_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, int64_t class_start) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, op, ": logits must be (N, V) with unit column stride");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
+                  logits.scalar_type() == at::kHalf,
+              op, ": logits must be float32, bfloat16 or float16");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0) && target.scalar_type() == at::kLong &&
+                  target.is_contiguous() && target.device() == logits.device(),
+              op, ": target must be a contiguous int64 (N,) tensor on the logits' device");
+  TORCH_CHECK(class_start >= 0, op, ": class_start must be >= 0");
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() &&
+                    weight->numel() == logits.size(1) && weight->device() == logits.device(),
+                op, ": weight must be a contiguous float32 tensor of the shard's V values on the logits' device");
+  }
+}
+
+inline void check_shard_grad_args(FUSED_OPTIM_SHARD_GRAD_ARGS) {
+  check_shard_args("cross_entropy_shard_grad_", logits, target, weight, class_start);
+  TORCH_CHECK(row_coefs.scalar_type() == at::kFloat && row_coefs.dim() == 2 && row_coefs.size(0) == logits.size(0) &&
+                  row_coefs.size(1) == 5 && row_coefs.is_contiguous() && row_coefs.device() == logits.device(),
+              "cross_entropy_shard_grad_: row_coefs must be a contiguous float32 (N, 5) tensor on the logits' device");
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.strides() == logits.strides() &&
+                  grad.scalar_type() == logits.scalar_type() && grad.device() == logits.device(),
+              "cross_entropy_shard_grad_: grad must have the logits' shape, strides, dtype and device");
 }
 
 }  // namespace fused_optim
