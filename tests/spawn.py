@@ -20,8 +20,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str, work: Callable[[int, int], dict]) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str, work: Callable[[int, int], dict],
+               backend: str) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
     try:
         results = work(rank, world_size)
@@ -30,16 +33,17 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, work: Callab
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_workers(work: Callable[[int, int], dict], world_size: int, out_dir: str) -> list[dict]:
-    """Runs `work(rank, world_size)` in `world_size` gloo processes (a fresh port each time) and returns each
-    rank's dict. `work` must be a module-level function of a test module: the spawned interpreters import it by
-    name, from this directory."""
+def run_workers(work: Callable[[int, int], dict], world_size: int, out_dir: str, backend: str = "gloo") -> list[dict]:
+    """Runs `work(rank, world_size)` in `world_size` processes of the `backend` process group (gloo; nccl: one GPU
+    a rank, cuda:rank its current device), on a fresh port each time, and returns each rank's dict (tensors in it
+    saved from wherever they are: move GPU ones to the CPU). `work` must be a module-level function of a test module:
+    the spawned interpreters import it by name, from this directory."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, old_path]))
     try:
-        torch.multiprocessing.spawn(_rank_main, args=(world_size, free_port(), out_dir, work), nprocs=world_size,
-                                    join=True)
+        torch.multiprocessing.spawn(_rank_main, args=(world_size, free_port(), out_dir, work, backend),
+                                    nprocs=world_size, join=True)
     finally:
         if old_path is None:
             del os.environ["PYTHONPATH"]

@@ -89,8 +89,8 @@ def make_optimizer(name: str, params, ours: bool):
 
 def backward(model, step: int, dp_rank: int = 0, dp_size: int = 1, scaler=None) -> None:
     x, y = batch(step)
-    dtype = next(model.parameters()).dtype
-    x, y = x.chunk(dp_size)[dp_rank].to(dtype), y.chunk(dp_size)[dp_rank].to(dtype)
+    p = next(model.parameters())
+    x, y = (t.chunk(dp_size)[dp_rank].to(device=p.device, dtype=p.dtype) for t in (x, y))
     loss = F.mse_loss(model(x), y)
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
@@ -603,3 +603,52 @@ def test_plain_tensors_take_the_plain_path():
     tensors = [torch.randn(3), torch.randn(2)]
     (local,) = _dtensor.to_local("op", tensors)
     assert all(a is b for a, b in zip(local, tensors))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# on one GPU (NCCL, a mesh of one rank): the CUDA and Triton kernels through the same DTensor code
+
+
+def on_one_gpu(rank: int, world: int) -> dict:
+    results = {}
+    for backend in ("cuda", "triton"):
+        model = fsdp(make_model().cuda())
+        opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=MAX_NORM,
+                                backend=backend)
+        train(model, opt)
+        backward(model, STEPS)
+        norm = fused_optim.clip_grad_norm_(model.parameters(), MAX_NORM, backend=backend)
+        results[backend] = {"params": [p.cpu() for p in full_params(model)], "norm": float(norm.full_tensor()),
+                            "norm_is_dtensor": isinstance(norm, DTensor),
+                            "state_like_params": state_like_params(opt)}
+        mesh = init_device_mesh("cuda", (1,))
+        logits = torch.randn(5, 11, device="cuda", generator=torch.Generator("cuda").manual_seed(3)) * 4
+        target = torch.tensor([0, 10, 3, -100, 7], device="cuda")
+        sharded = distribute_tensor(logits, mesh, [Shard(1)]).requires_grad_()
+        loss = fused_optim.functional.cross_entropy(sharded, target, label_smoothing=0.1, backend=backend)
+        loss.backward()
+        results[backend]["loss"] = (float(loss.full_tensor()), sharded.grad.full_tensor().cpu(), logits.cpu())
+    return results
+
+
+@pytest.mark.cuda
+def test_dtensor_paths_on_one_gpu(tmp_path):
+    (result,) = run_workers(on_one_gpu, 1, str(tmp_path), backend="nccl")
+    for backend in ("cuda", "triton"):
+        model = make_model().cuda()
+        opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=MAX_NORM,
+                                backend=backend)
+        train(model, opt)
+        backward(model, STEPS)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        run = result[backend]
+        assert_close(run["params"], [p.cpu() for p in full_params(model)])
+        assert run["norm"] == pytest.approx(float(norm), rel=1e-6) and run["norm_is_dtensor"]
+        assert run["state_like_params"]
+        loss, grad, logits = run["loss"]
+        logits = logits.cuda().requires_grad_()
+        want = fused_optim.functional.cross_entropy(logits, torch.tensor([0, 10, 3, -100, 7], device="cuda"),
+                                                    label_smoothing=0.1, backend=backend)
+        want.backward()
+        assert loss == pytest.approx(float(want), rel=2e-6)
+        torch.testing.assert_close(grad, logits.grad.cpu(), rtol=1e-6, atol=2e-7)

@@ -17,6 +17,10 @@ timed; a wrong one is not timed. The ops:
     clip_adamw  unscale + clip + AdamW (fused_optim/bench/clip_adamw.py): AdamW(max_grad_norm) with our GradScaler
                 vs torch's GradScaler.unscale_ + clip_grad_norm_ + fused AdamW
     sgd         one SGD step with momentum (fused_optim/bench/sgd.py): torch fused / foreach / for-loop, apex FusedSGD
+    fsdp_adamw, fsdp_clip_adamw
+                one AdamW step (with clipping) of an FSDP2-sharded model in spawned ranks (fused_optim/bench/fsdp.py:
+                2 gloo ranks on the CPU, one NCCL rank per GPU): torch fused AdamW (+ clip_grad_norm_) on the same
+                mesh, with the collectives each step issues
 
 Optional peers (DeepSpeed CPUAdam, Liger-Kernel, apex) that are not installed have a row saying "absent"; the report
 lists them under "absent_peers". `fused_optim.bench.plot.write_plot` draws a report's GB/s as a PNG.
@@ -41,7 +45,7 @@ from typing import Any, Callable
 
 import torch
 
-from fused_optim.bench import accumulate, adamw, clip_adamw, cross_entropy, sgd
+from fused_optim.bench import accumulate, adamw, clip_adamw, cross_entropy, fsdp, sgd
 from fused_optim.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
 
 __all__ = [
@@ -50,12 +54,14 @@ __all__ = [
 ]
 
 # the ops `fused-optim bench --ops` knows
-OPS = ("adamw", "adam") + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS + sgd.OPS
+OPS = ("adamw", "adam") + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS + sgd.OPS + fsdp.OPS
 
 # Total params of the main cases. CPU: 84M fp32 params move 2.35 GB a step, far past the last-level cache
 # (DESIGN: >= 50M). GPU: 256M (7.2 GB a step), far past an H100's 50 MB L2, and a step takes milliseconds.
 DEFAULT_SIZES = {"cpu": [84_000_000], "cuda": [256_000_000]}
 QUICK_SIZES = {"cpu": [4_000_000], "cuda": [16_000_000]}
+# The FSDP2 step: ~50 M params on the CPU (two ranks' shards of 25 M, past the cache)
+FSDP_SIZES = {"cpu": [50_000_000], "cuda": [256_000_000]}
 
 
 def parse_size(text: str) -> int:
@@ -123,6 +129,7 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     for op in ops:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+    fsdp_sizes = sizes or (QUICK_SIZES if quick else FSDP_SIZES)[device.type]
     sizes = sizes or default_sizes(device, quick)
     budget_s = 0.25 if quick else 1.5  # seconds timing each implementation
     config = adamw.AdamWConfig(
@@ -146,12 +153,14 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
                                                     dtypes=dtypes or accumulate.DEFAULT_DTYPES, budget_s=budget_s)
     clip_config = clip_adamw.ClipAdamWConfig(device=device, sizes=sizes, budget_s=budget_s)
     sgd_config = sgd.SGDConfig(device=device, sizes=sizes, budget_s=budget_s)
+    fsdp_config = fsdp.FSDPConfig(device=device, sizes=fsdp_sizes, ops=tuple(op for op in ops if op in fsdp.OPS),
+                                  world_size=fsdp.default_world_size(device), budget_s=budget_s)
     if on_plan is not None:
         on_plan(1 + (adamw.count_tasks(config) if "adamw" in ops else 0)
                 + (adamw.count_tasks(adam_config) if "adam" in ops else 0) + cross_entropy.count_tasks(loss_config)
                 + (accumulate.count_tasks(accumulate_config) if "accumulate" in ops else 0)
                 + (clip_adamw.count_tasks(clip_config) if "clip_adamw" in ops else 0)
-                + (sgd.count_tasks(sgd_config) if "sgd" in ops else 0))
+                + (sgd.count_tasks(sgd_config) if "sgd" in ops else 0) + fsdp.count_tasks(fsdp_config))
     report_task = on_task or (lambda description: None)
     try:
         roof = memory_roof(device, budget_s=0.5 if quick else 2.0)
@@ -169,6 +178,8 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         rows += clip_adamw.run(clip_config, roof_gbps=roof["gbps"], on_task=on_task)
     if "sgd" in ops:
         rows += sgd.run(sgd_config, roof_gbps=roof["gbps"], on_task=on_task)
+    if fsdp_config.ops:
+        rows += fsdp.run(fsdp_config, roof_gbps=roof["gbps"], on_task=on_task)
     run_config: dict[str, Any] = {"ops": list(ops), "quick": quick}
     if "adamw" in ops:
         run_config.update(
@@ -191,6 +202,8 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     for op, op_config in (("accumulate", accumulate_config), ("clip_adamw", clip_config), ("sgd", sgd_config)):
         if op in ops:
             run_config.update(op_config.describe())
+    if fsdp_config.ops:
+        run_config.update(fsdp_config.describe())
     info = fused_optim.backends()
     return {
         "schema": 1,
@@ -270,6 +283,7 @@ CAPTIONS = {
     **accumulate.CAPTIONS,
     **clip_adamw.CAPTIONS,
     **sgd.CAPTIONS,
+    **fsdp.CAPTIONS,
 }
 
 
@@ -307,6 +321,8 @@ def print_table(report: dict[str, Any], console=None) -> None:
         ("×", "right", lambda r: _fmt(r.get("speedup_vs_baseline", r.get("speedup_vs_torch_fused")), ".2f")),
         ("vs peers", "left", lambda r: escape(_speedups(r))),
         ("peak mem", "right", lambda r: _bytes(r.get("peak_mem"))),
+        ("coll.", "right", lambda r: str(r["collectives_per_step"]) if r.get("collectives_per_step") is not None
+         else ""),
         ("ok", "center", lambda r: {True: "[green]✓[/]", False: "[red]✗ wrong[/]", None: ""}[r["correct"]]),
         ("note", "left", lambda r: escape(r["note"])),
     ]

@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         "_foreach_add_. clip_adamw: AdamW(max_grad_norm=1) stepped by our GradScaler vs torch's "
         "GradScaler.unscale_ + clip_grad_norm_ + fused AdamW. sgd: one SGD step with momentum 0.9 vs torch fused / "
         "foreach / for-loop (on a GPU: torch.compile of the foreach step; apex FusedSGD and FusedAdam when "
-        "installed). Peers that are not installed are listed as absent.",
+        "installed). fsdp_adamw, fsdp_clip_adamw: one AdamW step (with clip_grad_norm_ to 1.0) of an FSDP2-sharded "
+        "model in spawned ranks (2 gloo ranks on the CPU, one NCCL rank per GPU) vs torch's fused AdamW on the same "
+        "mesh, with the collectives per step. Peers that are not installed are listed as absent.",
     )
     bench.add_argument("--json", metavar="PATH", help="also write the results (device, versions, roof, rows) here")
     bench.add_argument("--plot", metavar="PATH", help="also draw GB/s by op and case (groups) and implementation "
@@ -71,10 +73,11 @@ def _parser() -> argparse.ArgumentParser:
                        "84M on the CPU, 256M on a GPU; --quick: 4M, 16M); accumulate: the elements of its one-tensor "
                        "case (same defaults). ce: NxV, e.g. 4096x32000 (default: 4096x32000 on the CPU, "
                        "8192x128256 on a GPU). linear_ce: NxHxV, e.g. 8192x512x32000 (default: that on the CPU, "
-                       "8192x4096x128256 on a GPU). Each op takes the sizes of its form, else its defaults")
+                       "8192x4096x128256 on a GPU). fsdp_adamw, fsdp_clip_adamw: total params (default 50M on the "
+                       "CPU, 256M on a GPU). Each op takes the sizes of its form, else its defaults")
     bench.add_argument("--ops", default="adamw", metavar="OP[,OP...]",
-                       help="ops to benchmark: adamw, adam, ce, linear_ce, accumulate, clip_adamw, sgd, or all "
-                       "(default: adamw)")
+                       help="ops to benchmark: adamw, adam, ce, linear_ce, accumulate, clip_adamw, sgd, fsdp_adamw, "
+                       "fsdp_clip_adamw, or all (default: adamw)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto (default): the GPU when there is one, else the CPU")
     train_cli.add_parser(commands)
