@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fused_optim import _backend
-from fused_optim.ops._dtensor import DTensor, Replicate, is_dtensor
+from fused_optim.ops._dtensor import DTensor, Replicate, is_dtensor, reduction_mesh
 from fused_optim.ops.total_norm import kernel_supports, total_norm
 
 
@@ -38,21 +38,22 @@ def clip_coefficient(max_norm: float, norm: Tensor) -> Tensor:
     return torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0)
 
 
-def by_device_or_mesh(tensors: list[Tensor]) -> list[list[Tensor]]:
-    """The tensors grouped by device (plain tensors) or by device mesh (DTensors), in order: one norm each."""
+def by_device_or_dtensor(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """The plain tensors grouped by device, and the DTensors together (their norm takes one collective per root
+    mesh), in order: one norm each."""
     groups: dict[object, list[Tensor]] = {}
     for t in tensors:
-        groups.setdefault(t.device_mesh if is_dtensor(t) else t.device, []).append(t)
+        groups.setdefault("dtensor" if is_dtensor(t) else t.device, []).append(t)
     return list(groups.values())
 
 
 def global_norm(tensors: list[Tensor], norm_type: float = 2.0, backend: str = "auto") -> Tensor:
     """The norm of all `tensors` as one vector: a 0-dim fp32 tensor (plain) on the first tensor's (local) device.
 
-    One launch per device; DTensors count with their global elements, with one collective per device mesh
+    One launch per device; DTensors count with their global elements, with one collective per (root) device mesh
     (fused_optim/ops/_dtensor.py), so every rank of a mesh gets the same norm. Plain tensors beside DTensors
     count as this rank's own (replicated, as DDP keeps them). The partial norms are combined on the first device."""
-    norms = [total_norm(group, norm_type, backend=backend) for group in by_device_or_mesh(tensors)]
+    norms = [total_norm(group, norm_type, backend=backend) for group in by_device_or_dtensor(tensors)]
     norms = [norm._local_tensor if is_dtensor(norm) else norm for norm in norms]
     if len(norms) == 1:
         return norms[0]
@@ -110,8 +111,7 @@ def clip_grad_norm_(
         torch._foreach_mul_(device_grads, coef.to(device))
     # torch returns the norm in the grads' (promoted) dtype, a DTensor replicated on their mesh for DTensor grads
     norm = norm.to(functools.reduce(torch.promote_types, {g.dtype for g in grads}))
-    meshes = {g.device_mesh if is_dtensor(g) else None for g in grads}
-    if len(meshes) == 1 and None not in meshes:
-        mesh = meshes.pop()
+    if all(is_dtensor(g) for g in grads):
+        mesh = reduction_mesh(grads[0].device_mesh)[0]
         return DTensor.from_local(norm, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return norm

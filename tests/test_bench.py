@@ -1,6 +1,6 @@
 """`fused-optim bench` for the accumulate, clip_adamw and sgd ops: the command runs end to end at tiny sizes and
 writes the JSON report its rows promise (and the --plot PNG), absent peers are listed, and a wrong implementation is
-reported as wrong and not timed."""
+reported as wrong and not timed. The FSDP2 ops run in 2 spawned gloo ranks, at a tiny size too."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from fused_optim.bench import absent_peers, accumulate, clip_adamw, sgd
+from fused_optim.bench import absent_peers, accumulate, clip_adamw, fsdp, sgd
 from fused_optim.bench.adamw import Runner
 from fused_optim.bench.peers import Impl, apex_peer
 from fused_optim.bench.plot import bars
@@ -335,3 +335,17 @@ def test_compiled_step_starts_from_the_workload(monkeypatch, op):
     row = {"note": ""}
     adamw._check("fp32", runner, reference.result(), row)
     assert row["correct"] is True, row
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_fsdp_rows_are_checked_timed_and_count_collectives():
+    rows = fsdp.run(fsdp.FSDPConfig(device=CPU, sizes=[4099], budget_s=0.05), roof_gbps=40.0)
+    assert {r["op"] for r in rows} == {"fsdp_adamw", "fsdp_clip_adamw"}
+    for r in rows:
+        _check_timed_row(r)
+        assert r["max_abs_err"] <= fsdp.TOLERANCES[r["op"]]
+        assert r["bytes"] == r["n_params"] * (32 if r["op"] == "fsdp_clip_adamw" else 28)
+    ours = {r["op"]: r for r in rows if r["impl"].startswith("fused_optim")}
+    assert ours["fsdp_adamw"]["collectives_per_step"] == 0  # the update needs nothing from the other rank
+    assert ours["fsdp_clip_adamw"]["collectives_per_step"] == 1  # the global norm: one all-reduce
+    assert all(r["speedup_vs"] for r in ours.values())

@@ -33,7 +33,7 @@ if GLOO_AVAILABLE:
     import torch.distributed._functional_collectives as funcol
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -269,6 +269,21 @@ def two_d_mesh(rank: int, world: int) -> dict:
         results[name] = {"ours": full_params(ours_model), "torch": full_params(torch_model),
                          "state_like_params": state_like_params(ours), "step_collectives": step_collectives,
                          "placements": [tuple(map(str, p.placements)) for p in ours_model.parameters()]}
+    # Layer 0 tensor-parallel (its output gathered), layer 2 left to FSDP2 alone: its params are on the dp submesh,
+    # in one group with the 2-D ones, as torch's optimizers take them. The norm still takes one collective.
+    model = make_model(hidden=TP_HIDDEN)
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(output_layouts=Replicate())})
+    model = fsdp(model, mesh["dp"])
+    opt = make_optimizer("adamw-clip", model.parameters(), True)
+    step_collectives = []
+    for step in range(STEPS):
+        backward(model, step, dp_rank, 2)
+        with CountCollectives() as collectives:
+            opt.step()
+        opt.zero_grad()
+        step_collectives.append(collectives.count)
+    results["two meshes"] = {"ours": full_params(model), "step_collectives": step_collectives,
+                             "meshes": [p.device_mesh.ndim for p in model.parameters()]}
     model = parallel_model()
     backward(model, 0, dp_rank, 2)
     results["norms"] = {p: float(total_norm([q.grad for q in model.parameters()], p).full_tensor())
@@ -363,7 +378,6 @@ def accumulator(rank: int, world: int) -> dict:
 def bad_inputs(rank: int, world: int) -> dict:
     """Each bad input's exception type and message; and that a refused step changed nothing."""
     mesh = init_device_mesh("cpu", (world,))
-    other_mesh = DeviceMesh("cpu", [list(range(world))])  # a 2-D (1 x world) mesh: another mesh
     sharded = torch.nn.Parameter(distribute_tensor(torch.randn(6, 3), mesh, [Shard(0)]))
     errors = {}
 
@@ -374,8 +388,6 @@ def bad_inputs(rank: int, world: int) -> dict:
             errors[name] = (type(error).__name__, str(error))
 
     record("mixed group", lambda: fused_optim.AdamW([sharded, torch.nn.Parameter(torch.randn(3))]))
-    record("two meshes", lambda: fused_optim.SGD(
-        [sharded, torch.nn.Parameter(distribute_tensor(torch.randn(4), other_mesh, [Replicate(), Shard(0)]))]))
     opt = fused_optim.AdamW([sharded], lr=0.1)
     sharded.grad = distribute_tensor(torch.ones(6, 3), mesh, [Shard(0)])
     opt.step()
@@ -475,6 +487,14 @@ def test_two_d_fsdp_by_tensor_parallel_mesh(four, name):
         assert_close(run["ours"], single_process(name, TP_HIDDEN))
         assert run["state_like_params"]
         assert run["step_collectives"] == [1] * STEPS  # the global norm: one all-reduce over the 2-D mesh
+
+
+def test_a_group_on_a_2d_mesh_and_its_submesh(four):
+    for result in four:
+        run = result["two_d"]["two meshes"]
+        assert run["meshes"] == [2, 2, 1, 1]  # layer 0 on the 2-D mesh, layer 2 on the dp submesh
+        assert_close(run["ours"], single_process("adamw-clip", TP_HIDDEN))
+        assert run["step_collectives"] == [1] * STEPS  # one all-reduce over the root mesh
 
 
 def reference_norms(model_fn, backward_fn) -> dict[float, float]:
@@ -589,7 +609,6 @@ def test_bad_inputs_get_one_sentence_and_change_nothing(two):
         errors = result["bad"]["errors"]
         assert errors["mixed group"] == ("ValueError", "AdamW: a group's params must be all DTensors or all plain "
                                                        "tensors, not a mix.")
-        assert errors["two meshes"][0] == "ValueError" and "one device mesh" in errors["two meshes"][1]
         assert errors["grad placements"][0] == "RuntimeError" and "mesh and placements" in errors["grad placements"][1]
         assert errors["op with a mixed list"] == ("RuntimeError", "adam_step: the tensors must be all DTensors or "
                                                                   "all plain tensors, not a mix.")

@@ -101,10 +101,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The widest vector ISA this CPU has of those the CPU kernels are built for: a CPU figure holds for its ISA
+    only (an AVX2 EPYC and an AVX-512 one share a name)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith(("flags", "Features"))),
+                         set())
+    except OSError:
+        flags = set()
+    for isa, needs in (("avx512_bf16", {"avx512f", "avx512_bf16"}), ("avx512", {"avx512f"}), ("avx2", {"avx2"}),
+                       ("neon", {"asimd"})):
+        if needs <= flags:
+            return isa
+    return platform.machine() or "unknown"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    return f"{_cpu_model()} ({cpu_isa()}, {torch.get_num_threads()} threads)"
 
 
 def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None = None,
@@ -213,6 +229,7 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
         "versions": {**info["versions"], "fused_optim": fused_optim.__version__},
         "backends": info,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_isa": cpu_isa(),
         # Other processes on the machine slow the CPU benchmarks (torch's per-tensor OpenMP regions most of all):
         # the 1-minute load average before and after the run says whether the machine was quiet.
         "load_avg": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},

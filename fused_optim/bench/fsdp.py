@@ -26,6 +26,7 @@ is not timed.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
 import tempfile
@@ -153,9 +154,10 @@ def _sharded_model(n_params: int, device: torch.device, seed: int, rank: int):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    layers = max(1, round(n_params / (WIDTH * WIDTH + WIDTH)))
+    width = min(WIDTH, max(16, math.isqrt(n_params)))  # narrower layers for sizes under one layer of WIDTH
+    layers = max(1, round(n_params / (width * width + width)))
     with torch.device("meta"):
-        model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+        model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
     for layer in model:
         fully_shard(layer)
     fully_shard(model)

@@ -7,14 +7,17 @@ Why unwrap here rather than register a sharding strategy for each op (`register_
   each op call and each of our 12 op names (one per backend) would need its own strategy.
 - The norms need a cross-rank combine that DTensor placements cannot express in one step: the p-th powers of the
   shards are summed, a replicated tensor must be counted once (not once per replica), and a 2-D FSDP x TP mesh
-  holds tensors sharded over both dims beside tensors replicated over one. `mesh_norm` does that with one
-  collective per mesh, whatever the number of tensors.
+  holds tensors sharded over both dims beside tensors replicated over one (and FSDP2 puts the modules left out of
+  tensor parallelism on the data-parallel submesh). `mesh_norm` does that with one collective per root mesh,
+  whatever the number of tensors.
 - The optimizer state is made from the params with torch's own factory ops (`torch.zeros_like(p)`), which DTensor
   runs: it is a DTensor with the param's mesh and placements, as torch's optimizers keep it, so `state_dict()`,
   torch.distributed.checkpoint and resharding see what they see with torch's.
 
-A list handed to an op is all DTensors (one mesh, and each with the placements of the first list's tensor at the
-same index: a grad like its param) or all plain tensors; anything else is refused with one sentence.
+A list handed to an op is all DTensors (each with the mesh and placements of the first list's tensor at the same
+index: a grad like its param) or all plain tensors; anything else is refused with one sentence. The DTensors of one
+list may be on different meshes (a 2-D mesh and its submeshes, as torch's optimizers take them): their local
+tensors are on this rank's device all the same, and the op runs once over all of them.
 """
 
 from __future__ import annotations
@@ -75,43 +78,63 @@ def mesh_group(mesh) -> dist.ProcessGroup:
     return mesh._flatten().get_group()
 
 
-def mesh_norm(tensors: Sequence[Tensor], norm_type: float, local_norm: Callable[[list[Tensor]], Tensor]) -> Tensor:
-    """The `norm_type`-norm of DTensors on one mesh, taken over their global elements: a 0-dim fp32 DTensor,
-    replicated on the mesh. `local_norm` is the norm kernel over a list of local tensors.
+def reduction_mesh(mesh) -> tuple[object, tuple[int, ...]]:
+    """(the mesh whose ranks a norm over `mesh`'s DTensors is reduced over, the dims of it that `mesh`'s dims are).
 
-    Shards are summed over the mesh and a replica is counted once: each tensor's local norm is taken, in one kernel
-    call per kind of placement, and kept only by the ranks at coordinate 0 of every mesh dim the tensor is
-    replicated over. The p-th powers are added in fp64 and summed across the mesh with one all-reduce (inf: one
-    max of the largest value and a NaN flag, since a max may drop a NaN). Any NaN or inf on any rank gives a
-    NaN or inf norm on every rank: the inf check of a step is global too. Nothing is read on the host."""
+    A submesh (`mesh_2d["dp"]`, where FSDP2 puts the modules a 2-D FSDP x TP model leaves out of tensor
+    parallelism) is reduced over its root mesh, its shards being replicated over the root's other dims: then the
+    params of the whole model, on the root and its submeshes, take one collective. A mesh whose place in its root
+    is not known by dim name is reduced over itself."""
+    get_root = getattr(mesh, "_get_root_mesh", None)
+    root = get_root() if get_root is not None else mesh
+    names, root_names = mesh.mesh_dim_names, getattr(root, "mesh_dim_names", None)
+    if root is not mesh and names and root_names and all(name in root_names for name in names):
+        return root, tuple(root_names.index(name) for name in names)
+    return mesh, tuple(range(mesh.ndim))
+
+
+def mesh_norm(tensors: Sequence[Tensor], norm_type: float, local_norm: Callable[[list[Tensor]], Tensor]) -> Tensor:
+    """The `norm_type`-norm of DTensors, taken over their global elements: a 0-dim fp32 DTensor, replicated on the
+    (root) mesh. `local_norm` is the norm kernel over a list of local tensors.
+
+    Shards are summed and a replica is counted once: each tensor's local norm is taken, in one kernel call per kind
+    of placement, and kept only by the ranks at coordinate 0 of every mesh dim the tensor is replicated over (a
+    submesh's tensor: also of the root's dims outside the submesh). The p-th powers are added in fp64 and summed
+    across the mesh with one all-reduce per root mesh (inf: one max of the largest value and a NaN flag, since a max
+    may drop a NaN). Any NaN or inf on any rank gives a NaN or inf norm on every rank: the inf check of a step is
+    global too. Nothing is read on the host."""
     import torch.distributed._functional_collectives as funcol
 
-    mesh = tensors[0].device_mesh
-    if any(t.device_mesh != mesh for t in tensors):
-        raise RuntimeError("total_norm: DTensors on different device meshes; take each mesh's norm on its own.")
-    by_replicated_dims: dict[tuple[int, ...], list[Tensor]] = {}
+    # root mesh -> the root dims a tensor is replicated over -> local tensors
+    by_root: dict[object, dict[tuple[int, ...], list[Tensor]]] = {}
     for t in tensors:
         if any(placement.is_partial() for placement in t.placements):
             raise RuntimeError("total_norm: a DTensor with a Partial placement has no norm yet; redistribute it to "
                                "Shard or Replicate first.")
-        replicated = tuple(dim for dim, placement in enumerate(t.placements) if placement.is_replicate())
-        by_replicated_dims.setdefault(replicated, []).append(t._local_tensor)
-    coordinate = mesh.get_coordinate()
-    local_norms = []
-    for replicated, local_tensors in by_replicated_dims.items():
-        norm = local_norm(local_tensors)
-        counted_here = all(coordinate[dim] == 0 for dim in replicated)
-        local_norms.append(norm if counted_here else torch.zeros_like(norm))
-    local = torch.stack(local_norms)
-    group = mesh_group(mesh)
+        root, dims = reduction_mesh(t.device_mesh)
+        replicated = {dims[d] for d, placement in enumerate(t.placements) if placement.is_replicate()}
+        replicated |= set(range(root.ndim)) - set(dims)
+        by_root.setdefault(root, {}).setdefault(tuple(sorted(replicated)), []).append(t._local_tensor)
+    totals = []
+    for root, by_replicated_dims in by_root.items():
+        coordinate = root.get_coordinate()
+        local_norms = []
+        for replicated, local_tensors in by_replicated_dims.items():
+            norm = local_norm(local_tensors)
+            counted_here = all(coordinate[dim] == 0 for dim in replicated)
+            local_norms.append(norm if counted_here else torch.zeros_like(norm))
+        local = torch.stack(local_norms)
+        if math.isinf(norm_type):
+            largest = local.amax()  # keeps NaN
+            is_nan = torch.isnan(largest)
+            message = torch.stack([torch.where(is_nan, math.inf, largest), is_nan.to(largest.dtype)])
+            reduced = funcol.all_reduce(message, "max", mesh_group(root))
+            totals.append(torch.where(reduced[1] > 0, math.nan, reduced[0]).double())
+        else:
+            totals.append(funcol.all_reduce((local.double() ** norm_type).sum(), "sum", mesh_group(root)))
     if math.isinf(norm_type):
-        largest = local.amax()  # keeps NaN
-        is_nan = torch.isnan(largest)
-        message = torch.stack([torch.where(is_nan, math.inf, largest), is_nan.to(largest.dtype)])
-        reduced = funcol.all_reduce(message, "max", group)
-        total = torch.where(reduced[1] > 0, math.nan, reduced[0])
+        total = torch.stack(totals).amax()
     else:
-        powers = funcol.all_reduce((local.double() ** norm_type).sum(), "sum", group)
-        total = powers ** (1.0 / norm_type)
-    total = total.to(torch.float32)
-    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        total = torch.stack(totals).sum() ** (1.0 / norm_type)
+    mesh = next(iter(by_root))
+    return DTensor.from_local(total.to(torch.float32), mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -47,8 +47,6 @@ class FusedOptimizer(Optimizer):
             problem = f"all params of a group must be on one device, got {', '.join(sorted(map(str, devices)))}"
         elif len({is_dtensor(p) for p in params}) > 1:
             problem = "a group's params must be all DTensors or all plain tensors, not a mix"
-        elif len({p.device_mesh for p in params if is_dtensor(p)}) > 1:
-            problem = "all DTensor params of a group must be on one device mesh (put each mesh in its own group)"
         if problem is not None:
             self.param_groups.pop()
             raise ValueError(f"{type(self).__name__}: {problem}.")
