@@ -1,6 +1,8 @@
 """Builds fused_optim's C++ extensions (DESIGN.md, Build).
 
-- `fused_optim._C_cpu`: the CPU kernels, always.
+- `fused_optim._C_cpu_<isa>`: the CPU kernels, always, once per instruction-set level of the machine's architecture
+  (x86-64: baseline, avx2, avx512; aarch64: neon; others: baseline). fused_optim/_backend.py loads the widest one
+  the running CPU has, so one build (a wheel too) runs at full speed on any CPU of the architecture.
 - `fused_optim._C_cuda`: the CUDA kernels, when torch is a CUDA build and CUDA_HOME (nvcc) is found. A machine
   with no GPU builds it too: `torch.cuda.is_available()` plays no part.
 
@@ -8,12 +10,13 @@ Environment:
   FUSED_OPTIM_BUILD_CUDA=auto|0|1   auto (default) builds CUDA when it can; 1 fails loudly when it cannot.
   TORCH_CUDA_ARCH_LIST              GPU architectures (default: the visible GPU's, else 9.0).
   MAX_JOBS                          parallel compile jobs (ninja).
-  FUSED_OPTIM_CPU_ARCH              -march for the CPU kernels (default: native; this is a from-source build).
+  FUSED_OPTIM_CPU_ISAS              the CPU levels to build, comma-separated (default: all of the architecture's).
   FUSED_OPTIM_PTXAS_VERBOSE=1       print registers and spills of every CUDA kernel.
 """
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -56,21 +59,48 @@ def cuda_build_wanted():
     return False, reason
 
 
+# The instruction-set levels the CPU kernels are built for, per architecture: name -> compiler flags. Never
+# -march=native: a build must run on every CPU of its architecture (_backend.py picks the level at load time).
+# x86-64-v3 is AVX2 + FMA + F16C (Haswell, Zen 1 on), x86-64-v4 AVX-512 F/BW/CD/DQ/VL (Skylake-X, Zen 4 on). No
+# separate AVX512-BF16 level: the kernels round to bf16 in integer ops (exact round-to-nearest-even, NaN kept),
+# where vcvtneps2bf16 would flush subnormals, so that level's code would be the avx512 code.
+CPU_ISAS = {
+    "x86_64": {"baseline": ["-march=x86-64"], "avx2": ["-march=x86-64-v3"], "avx512": ["-march=x86-64-v4"]},
+    "aarch64": {"neon": ["-march=armv8-a"]},
+}
+
+
+def cpu_isas() -> dict[str, list[str]]:
+    levels = CPU_ISAS.get(platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64"),
+                          {"baseline": []})
+    wanted = os.environ.get("FUSED_OPTIM_CPU_ISAS", "all")
+    if wanted == "all":
+        return levels
+    names = [name.strip() for name in wanted.split(",") if name.strip()]
+    unknown = [name for name in names if name not in levels]
+    if unknown or not names:
+        sys.exit(f"FUSED_OPTIM_CPU_ISAS: {', '.join(unknown) or 'nothing'} is not a level of this architecture "
+                 f"(levels: {', '.join(levels)}).")
+    return {name: levels[name] for name in names}
+
+
 def extensions():
-    cpu_arch = os.environ.get("FUSED_OPTIM_CPU_ARCH", "native")
-    # -fno-math-errno lets sqrt vectorise. No -ffast-math, and no contraction into FMAs: the update rounds
-    # each operation as torch's CPU kernels do, so fp32 steps match torch.optim.AdamW(foreach=False) closely.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", f"-march={cpu_arch}"]
+    # -fno-math-errno lets sqrt vectorise; -fno-trapping-math lets gcc compute both sides of a select of a group
+    # constant (the update's branches), without which it left the bf16 and fp16 loops scalar. Neither changes a
+    # result. No -ffast-math, and no contraction into FMAs: the update rounds each operation as torch's CPU kernels
+    # do, so fp32 steps match torch.optim.AdamW(foreach=False) closely.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     exts = [
         cpp_extension.CppExtension(
-            "fused_optim._C_cpu",
+            f"fused_optim._C_cpu_{isa}",
             sources("csrc/registration.cpp") + sources("csrc/cpu/*.cpp"),
             include_dirs=INCLUDE,
             depends=HEADERS,
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags + isa_flags},
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )
+        for isa, isa_flags in cpu_isas().items()
     ]
     build_cuda, reason = cuda_build_wanted()
     if build_cuda:

@@ -4,6 +4,10 @@
 torch; for CPU tensors, the C++ CPU kernels when built, else torch. "triton" runs CPU tensors only under
 `TRITON_INTERPRET=1` (the tests' way to check Triton kernels without a GPU). The environment variable
 `FUSED_OPTIM_BACKEND` sets the default. Asking for a backend that cannot run raises `RuntimeError` saying why.
+
+The CPU kernels are built once per instruction-set level (setup.py); the widest level the running CPU has is
+loaded, so one build runs at full speed on any CPU of its architecture. `FUSED_OPTIM_CPU_ISA` forces a narrower one
+(tests run the same contract on every level the machine runs).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import platform
 
 import torch
 
@@ -18,6 +23,17 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 # Why each C++ extension is unusable (None: loaded). Filled by load_extensions().
 _extension_errors: dict[str, str | None] = {}
+# The instruction-set level of the CPU extension loaded (see cpu_isa()).
+_loaded_cpu_isa: list[str] = []
+
+# The CPU kernels' levels (setup.py builds one extension `_C_cpu_<level>` per level of the architecture), widest
+# first, with the /proc/cpuinfo flags each needs: x86-64-v4 (AVX-512) and x86-64-v3 (AVX2, FMA, F16C, BMI, ...).
+CPU_ISA_FLAGS = {
+    "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+    "avx2": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},
+    "neon": set(),
+    "baseline": set(),
+}
 
 
 def _load_extension(module: str) -> str | None:
@@ -31,10 +47,54 @@ def _load_extension(module: str) -> str | None:
     return None
 
 
+@functools.cache
+def cpu_isas_supported() -> tuple[str, ...]:
+    """The levels of CPU_ISA_FLAGS this CPU (and its OS) runs, widest first: from /proc/cpuinfo's flags on Linux,
+    else from torch's own CPU capability."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return ("neon",)
+    flags: set[str] | None = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        pass
+    if flags is None:  # not Linux: torch's dispatch level ("AVX512", "AVX2", "DEFAULT", ...)
+        capability = torch.backends.cpu.get_cpu_capability()
+        return {"AVX512": ("avx512", "avx2", "baseline"), "AVX2": ("avx2", "baseline")}.get(capability, ("baseline",))
+    return tuple(isa for isa in ("avx512", "avx2", "baseline") if CPU_ISA_FLAGS[isa] <= flags)
+
+
+def cpu_isas_built() -> tuple[str, ...]:
+    return tuple(isa for isa in CPU_ISA_FLAGS if importlib.util.find_spec(f"fused_optim._C_cpu_{isa}") is not None)
+
+
+def _load_cpu_extension() -> str | None:
+    """Loads the widest CPU extension this CPU runs (or the level FUSED_OPTIM_CPU_ISA names); None, or why not."""
+    built, supported = cpu_isas_built(), cpu_isas_supported()
+    forced = os.environ.get("FUSED_OPTIM_CPU_ISA")
+    if forced:
+        if forced not in CPU_ISA_FLAGS:
+            return f"not loaded: FUSED_OPTIM_CPU_ISA={forced} is not one of {', '.join(CPU_ISA_FLAGS)}"
+        if forced not in supported:
+            return f"not loaded: FUSED_OPTIM_CPU_ISA={forced}, which this CPU does not run ({', '.join(supported)})"
+        candidates = [forced]
+    else:
+        candidates = [isa for isa in supported if isa in built]
+    if not candidates or candidates[0] not in built:
+        return "not built (install with `pip install --no-build-isolation -e .`)" if not built else (
+            f"not built for this CPU (built: {', '.join(built)}; this CPU runs: {', '.join(supported)})")
+    error = _load_extension(f"_C_cpu_{candidates[0]}")
+    if error is None:
+        _loaded_cpu_isa.append(candidates[0])
+    return error
+
+
 def load_extensions() -> None:
     """Loads the C++ extensions once. Called after the op schemas are defined (fused_optim/ops)."""
     if not _extension_errors:
-        _extension_errors["cpu"] = _load_extension("_C_cpu")
+        _extension_errors["cpu"] = _load_cpu_extension()
         _extension_errors["cuda"] = _load_extension("_C_cuda")
 
 
@@ -42,6 +102,13 @@ def extension_error(name: str) -> str | None:
     """None when the C++ extension `name` ("cpu" or "cuda") is loaded, else the reason it is not."""
     load_extensions()
     return _extension_errors[name]
+
+
+def cpu_isa() -> str | None:
+    """The instruction-set level of the CPU kernels that run here ("avx512", "avx2", "neon", "baseline"), or None
+    when the CPU extension is not loaded. FUSED_OPTIM_CPU_ISA (set before import) picks a narrower one."""
+    load_extensions()
+    return _loaded_cpu_isa[0] if _loaded_cpu_isa else None
 
 
 def triton_interpreted() -> bool:

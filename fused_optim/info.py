@@ -55,4 +55,6 @@ def backends() -> dict[str, Any]:
         "default_backend": _backend.default_backend(),
         "auto": {"cpu": _choice("cpu"), "cuda": _choice("cuda") if cuda_available else "none (no CUDA GPU)"},
         "cpu_threads": torch.get_num_threads(),
+        "cpu_isa": {"loaded": _backend.cpu_isa(), "built": list(_backend.cpu_isas_built()),
+                    "supported": list(_backend.cpu_isas_supported())},
     }

@@ -52,7 +52,8 @@ def _ops_of_one_step(**kwargs) -> list[str]:
 
 def test_backends_report():
     info = fused_optim.backends()
-    assert set(info) == {"versions", "device", "extensions", "backends", "default_backend", "auto", "cpu_threads"}
+    assert set(info) == {"versions", "device", "extensions", "backends", "default_backend", "auto", "cpu_threads",
+                         "cpu_isa"}
     assert info["versions"]["torch"] == torch.__version__
     assert set(info["versions"]) == {"python", "torch", "torch_cuda", "triton"}
     assert set(info["backends"]) == {"cuda", "triton", "cpu", "torch"}

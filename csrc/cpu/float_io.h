@@ -1,7 +1,13 @@
 // Loading and storing fp32/bf16/fp16 elements as fp32 in CPU loops that the compiler vectorises.
+//
+// bf16 and fp16 go through their raw bits, with integer ops and selects only: c10's class types, and c10::Half's
+// branchy conversions, keep gcc from vectorising a loop that touches them (fp16 Adam ran scalar on every ISA).
+// The results are c10's bit for bit: round-to-nearest-even, subnormals kept, NaN quiet (tests compare every
+// backend with torch's own conversions).
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
@@ -11,11 +17,45 @@
 
 namespace fused_optim {
 
-// bf16 goes through its raw bits (rounding.h) so the loop vectorises; fp16 and fp32 through c10's conversions.
+inline float bits_to_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+// fp16 -> fp32, exact: normals by moving the exponent (15 -> 127 bias), inf/NaN by also filling the exponent, and
+// subnormals (exponent 0) by letting the FPU normalise 2^-14 * (1 + m) - 2^-14 = m * 2^-24 (F. Giesen's method).
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t shifted = static_cast<uint32_t>(h & 0x7FFFu) << 13;  // exponent and mantissa, in fp32 places
+  const uint32_t exponent = shifted & 0x0F800000u;
+  const uint32_t normal = shifted + 0x38000000u;                      // + (127 - 15) << 23
+  const uint32_t inf_nan = normal + 0x38000000u;                       // + (128 - 16) << 23: exponent all ones
+  const float subnormal = bits_to_float(normal + 0x00800000u) - bits_to_float(0x38800000u);
+  const uint32_t magnitude = exponent == 0x0F800000u ? inf_nan : exponent == 0 ? float_bits(subnormal) : normal;
+  return bits_to_float(magnitude | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+
+// fp32 -> fp16, round-to-nearest-even: values that round to an fp16 subnormal are added to a magic number whose
+// ulp is fp16's smallest subnormal (the FPU rounds), normals round their mantissa in integer ops; too large gives
+// inf, NaN gives a quiet NaN, as c10::Half(float) does.
+inline uint16_t float_to_half_bits(float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t sign = (u & 0x80000000u) >> 16;
+  const uint32_t magnitude = u & 0x7FFFFFFFu;
+  const uint32_t normal = (magnitude + 0xC8000FFFu + ((magnitude >> 13) & 1u)) >> 13;  // (15 - 127) << 23 + 0xFFF
+  const float denorm_magic = bits_to_float(0x3F000000u);  // ((127 - 15) + (23 - 10) + 1) << 23: 0.5
+  const uint32_t subnormal = float_bits(bits_to_float(magnitude) + denorm_magic) - 0x3F000000u;
+  const uint32_t finite = magnitude < 0x38800000u ? subnormal : normal;  // below 2^-14: an fp16 subnormal
+  const uint32_t result = magnitude >= 0x47800000u ? (magnitude > 0x7F800000u ? 0x7E00u : 0x7C00u) : finite;
+  return static_cast<uint16_t>(result | sign);
+}
+
 template <typename T>
 inline float load_float(const T* __restrict__ data, int64_t i) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(data)[i]);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return half_bits_to_float(reinterpret_cast<const uint16_t*>(data)[i]);
   } else {
     return static_cast<float>(data[i]);
   }
@@ -25,6 +65,8 @@ template <typename T>
 inline void store_float(T* __restrict__ data, int64_t i, float value) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     reinterpret_cast<uint16_t*>(data)[i] = float_to_bf16_bits(value);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    reinterpret_cast<uint16_t*>(data)[i] = float_to_half_bits(value);
   } else {
     data[i] = round_to<T>(value);
   }

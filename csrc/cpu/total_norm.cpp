@@ -24,7 +24,18 @@ double chunk_partial(const void* data_ptr, int64_t begin, int64_t end, float p) 
   const auto* __restrict__ data = static_cast<const T*>(data_ptr);
   Partial<kKind> partial = 0;
   if constexpr (kKind == NormKind::kInf) {
-    for (int64_t i = begin; i < end; ++i) partial = norm_combine<kKind>(partial, norm_term<kKind, Partial<kKind>>(load_float(data, i), p));
+    // 16 explicit lanes: gcc does not vectorise a max reduction that keeps NaN, but it does this elementwise select
+    constexpr int64_t kLanes = 16;
+    float lanes[kLanes] = {};
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes) {
+#pragma omp simd
+      for (int64_t k = 0; k < kLanes; ++k) {
+        lanes[k] = norm_combine<kKind>(lanes[k], norm_term<kKind, float>(load_float(data, i + k), p));
+      }
+    }
+    for (; i < end; ++i) partial = norm_combine<kKind>(partial, norm_term<kKind, float>(load_float(data, i), p));
+    for (int64_t k = 0; k < kLanes; ++k) partial = norm_combine<kKind>(partial, lanes[k]);
   } else {
 #pragma omp simd reduction(+ : partial)
     for (int64_t i = begin; i < end; ++i) partial += norm_term<kKind, Partial<kKind>>(load_float(data, i), p);

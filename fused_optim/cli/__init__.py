@@ -110,8 +110,11 @@ def _info(args: argparse.Namespace) -> int:
     tree.add(f"python {v['python']} · torch {v['torch']}{cuda} · triton {v['triton'] or 'not installed'}")
     tree.add(f"device: {info['device']} · {info['cpu_threads']} CPU threads")
     extensions = tree.add("C++ extensions")
+    isa = info["cpu_isa"]
     for name, error in info["extensions"].items():
-        extensions.add(f"{name}: " + ("[green]loaded[/]" if error is None else f"[red]{error}[/]"))
+        loaded = "[green]loaded[/]" + (f" ({isa['loaded']} kernels; built: {', '.join(isa['built'])}; this CPU runs: "
+                                       f"{', '.join(isa['supported'])})" if name == "cpu" else "")
+        extensions.add(f"{name}: " + (loaded if error is None else f"[red]{error}[/]"))
     backends = tree.add("backends")
     for name, error in info["backends"].items():
         backends.add(f"[green]✓[/] {name}" if error is None else f"[red]✗[/] {name}: {error}")

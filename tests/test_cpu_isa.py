@@ -1,0 +1,75 @@
+"""The CPU kernels are built once per instruction-set level and the widest level this CPU runs is loaded
+(fused_optim/_backend.py); FUSED_OPTIM_CPU_ISA forces a narrower one. The numerics contract holds on every level:
+the same tests (every CPU kernel against the float64 reference and torch, cross-entropy's confident rows and long
+sums included) run again, in a subprocess, on each other level this machine runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fused_optim import _backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The contract subset: each CPU kernel against the float64 reference and torch at the same dtype.
+CONTRACT_TESTS = [
+    "tests/test_cross_entropy.py::test_matches_reference_at_least_as_well_as_torch",
+    "tests/test_cross_entropy.py::test_z_loss_and_softcap_match_reference",
+    "tests/test_cross_entropy.py::test_fp32_loss_of_confident_rows_is_not_worse_than_torch",
+    "tests/test_cross_entropy.py::test_fp32_gradient_at_a_real_vocabulary_is_not_worse_than_torch",
+    "tests/test_adam.py::test_matches_reference_at_least_as_well_as_torch",
+    "tests/test_adam.py::test_fp32_matches_torch_adamw_after_100_steps",
+    "tests/test_sgd.py", "tests/test_total_norm.py", "tests/test_accumulate_grads.py",
+    "tests/test_loss_parallel.py::test_shards_combine_into_the_whole_rows",
+]
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": ROOT, **env}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_widest_level_this_cpu_runs_is_loaded():
+    built, supported = _backend.cpu_isas_built(), _backend.cpu_isas_supported()
+    assert _backend.cpu_isa() == next(isa for isa in supported if isa in built)
+    info = __import__("fused_optim").backends()["cpu_isa"]
+    assert info == {"loaded": _backend.cpu_isa(), "built": list(built), "supported": list(supported)}
+
+
+@pytest.mark.parametrize("isa, reason", [("sse9", "is not one of"), ("neon_or_avx512", "is not one of")])
+def test_an_unknown_level_is_refused_with_the_reason(isa, reason):
+    done = run_python("import fused_optim, json; print(json.dumps(fused_optim.backends()['extensions']['cpu']))",
+                      FUSED_OPTIM_CPU_ISA=isa)
+    assert done.returncode == 0, done.stderr
+    assert reason in json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_level_this_cpu_does_not_run_is_refused_and_torch_runs_instead():
+    missing = next((isa for isa in _backend.CPU_ISA_FLAGS if isa not in _backend.cpu_isas_supported()), None)
+    if missing is None:
+        pytest.skip("this CPU runs every level")
+    done = run_python("import fused_optim, json; info = fused_optim.backends(); "
+                      "print(json.dumps([info['extensions']['cpu'], info['auto']['cpu']]))", FUSED_OPTIM_CPU_ISA=missing)
+    error, auto = json.loads(done.stdout.splitlines()[-1])
+    assert "which this CPU does not run" in error and auto == "torch"
+
+
+OTHER_LEVELS = [isa for isa in _backend.cpu_isas_supported() if isa in _backend.cpu_isas_built()][1:]
+
+
+@pytest.mark.parametrize("isa", OTHER_LEVELS or [pytest.param(None, marks=pytest.mark.skip(
+    reason="one level built for this CPU"))])
+def test_the_numerics_contract_holds_on_every_level(isa):
+    environment = {**os.environ, "PYTHONPATH": ROOT, "FUSED_OPTIM_CPU_ISA": isa}
+    check = subprocess.run([sys.executable, "-c", "from fused_optim import _backend; print(_backend.cpu_isa())"],
+                           cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+    assert check.stdout.split()[-1] == isa, check.stderr
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                           "cpu and not triton", *CONTRACT_TESTS], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:]
