@@ -730,9 +730,10 @@ def test_bad_hyperparameters_raise_torchs_error(name, kwargs):
     assert torch.equal(param, before)
 
 
-def test_differentiable_is_rejected():
-    with pytest.raises(RuntimeError, match="differentiable"):
-        fused_optim.AdamW([torch.nn.Parameter(torch.randn(3))], differentiable=True)
+def test_differentiable_with_max_grad_norm_is_rejected():
+    """A differentiable step is torch's own update (tests/test_optim_db.py), which has no clipping."""
+    with pytest.raises(ValueError, match="differentiable"):
+        fused_optim.AdamW([torch.nn.Parameter(torch.randn(3))], differentiable=True, max_grad_norm=1.0)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
@@ -749,20 +750,26 @@ def test_sparse_grad_raises_torchs_error_and_changes_nothing(backend, device):
     assert_identical(snapshot(opt), before)
 
 
-def test_complex_param_raises():
-    """torch's Adam handles complex params as pairs of reals; ours does not, and says so."""
-    param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
-    opt = fused_optim.AdamW([param])
-    param.grad = torch.randn(3, dtype=torch.complex64)
-    before = param.detach().clone()
-    with pytest.raises(RuntimeError, match="does not support complex parameters"):
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float64], ids=["complex64", "float64"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_complex_and_float64_params_step_as_torchs(backend, device, dtype):
+    """Complex params run the kernels on their real views (torch's Adam does the same arithmetic), float64 ones
+    torch's own fused Adam whatever the backend; both keep state of their own dtype, as torch does."""
+    init = [torch.randn(7, 3, dtype=dtype), torch.randn(5, dtype=dtype)]
+    ours, theirs = make_params(init, dtype, device), make_params(init, dtype, device)
+    opt = fused_optim.AdamW(ours, lr=0.01, weight_decay=0.1, amsgrad=True, backend=backend)
+    torch_opt = torch.optim.AdamW(theirs, lr=0.01, weight_decay=0.1, amsgrad=True, foreach=False)
+    for _ in range(3):
+        set_grads(random_grads([p.shape for p in ours], dtype, device), ours, theirs)
         opt.step()
-    assert torch.equal(param, before)
+        torch_opt.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q)
+        assert opt.state[p]["exp_avg"].dtype == dtype
 
 
 FIRST_STEP_FAILURES = {  # backend, param dtype, grad maker
     "sparse-grad": ("auto", torch.float32, lambda: torch.randn(3).to_sparse()),
-    "complex-param": ("auto", torch.complex64, lambda: torch.randn(3, dtype=torch.complex64)),
     "cuda-backend-on-cpu": ("cuda", torch.float32, lambda: torch.randn(3)),
 }
 
@@ -1242,7 +1249,7 @@ def test_deepcopy_and_pickle_keep_a_working_optimizer(backend, device):
     torch.save(opt, buffer)
     buffer.seek(0)
     for clone in (copy.deepcopy(opt), torch.load(buffer, weights_only=False)):
-        assert clone.backend == backend and clone._step_supports_amp_scaling
+        assert clone.backend == backend and clone._step_supports_amp_scaling == opt._step_supports_amp_scaling
         clone_params = clone.param_groups[0]["params"]
         set_grads(random_grads([(33,)], device=device), clone_params)
         clone.step()
@@ -1270,16 +1277,6 @@ def test_frozen_params_are_skipped_step_after_step(backend, device):
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     assert opt.state[ours[1]]["step"].item() == 2 and opt.state[ours[0]]["step"].item() == 4
-
-
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_float64_params_are_refused_before_any_state_exists(backend, device):
-    param = torch.nn.Parameter(torch.randn(4, dtype=torch.float64, device=device))
-    param.grad = torch.randn(4, dtype=torch.float64, device=device)
-    opt = fused_optim.AdamW([param], backend=backend)
-    with pytest.raises(TypeError, match="float64"):
-        opt.step()
-    assert len(opt.state) == 0
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
@@ -1325,3 +1322,13 @@ def test_many_tensors_of_mixed_dtypes_in_one_group_match_the_cpu_kernel(backend)
         torch.testing.assert_close(ours, cpu, rtol=tolerance, atol=tolerance)
         same, total = same + int((ours == cpu).sum()), total + ours.numel()
     assert same >= 0.95 * total
+
+
+@pytest.mark.parametrize("fused", [None, False, True])
+def test_amp_scaling_flag_is_torchs(fused):
+    """torch's GradScaler hands grad_scale/found_inf to an optimizer whose `_step_supports_amp_scaling` is set, and
+    frameworks read the flag as "it unscales itself, so nothing may clip before it" (Lightning refuses
+    gradient_clip_val then, even under bf16 with no scaler). As torch's AdamW: set with fused=True only."""
+    ours = fused_optim.AdamW([torch.nn.Parameter(torch.randn(3))], fused=fused)
+    theirs = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))], fused=fused)
+    assert ours._step_supports_amp_scaling == getattr(theirs, "_step_supports_amp_scaling", False) == bool(fused)

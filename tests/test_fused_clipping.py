@@ -314,7 +314,7 @@ def test_fused_scaler_matches_torch_scaler(cpu_backend, clip):
 
 def test_fused_scaler_with_user_unscale_runs_torchs_path(cpu_backend):
     ours, theirs = twin_models()
-    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, backend=cpu_backend)
+    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, fused=True, backend=cpu_backend)
     torch_opt = torch.optim.AdamW(theirs.parameters(), lr=0.01)
     torch.manual_seed(2)
     our_scales, _, our_ops = scaled_run(ours, opt, make_scaler(fused_optim.amp.GradScaler), torch_clip=0.5)
@@ -342,7 +342,8 @@ def test_fused_scaler_with_a_torch_optimizer_is_torchs_scaler():
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["no-clip", "clip"])
 def test_torch_scaler_drives_fused_adamw(cpu_backend, clip):
     ours, theirs = twin_models()
-    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=clip, backend=cpu_backend)
+    # fused=True: torch's GradScaler hands the step its scale and inf flag, as it does torch's fused optimizers
+    opt = fused_optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=clip, fused=True, backend=cpu_backend)
     torch_opt = torch.optim.AdamW(theirs.parameters(), lr=0.01)
     torch.manual_seed(4)
     our_scales, _, _ = scaled_run(ours, opt, make_scaler())
@@ -390,9 +391,10 @@ def test_fused_scaler_checks_main_grads(cpu_backend):
 
 
 def test_torch_scaler_with_only_main_grads_says_so(cpu_backend):
-    # torch's scaler checks .grad only: with none, it has nothing to check and nothing to back off from
+    # torch's scaler checks .grad only: with none, it has nothing to check and nothing to back off from (without
+    # fused=True its own unscale_ finds nothing either, and says "No inf checks were recorded")
     model = torch.nn.Linear(4, 3).half()
-    opt = fused_optim.AdamW(model.parameters(), lr=0.01, backend=cpu_backend)
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01, fused=True, backend=cpu_backend)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="use fused_optim.GradScaler"):
         accumulated_fp16_step(model, opt, make_scaler(), inf=False)
@@ -408,7 +410,7 @@ def test_torch_scaler_with_mixed_grads_still_skips_an_inf_main_grad(cpu_backend)
     fp32_param = torch.nn.Parameter(torch.randn(10))
     bf16_param = torch.nn.Parameter(torch.randn(10).bfloat16())
     accumulator = fused_optim.GradAccumulator([fp32_param, bf16_param], backend=cpu_backend)
-    opt = fused_optim.AdamW([fp32_param, bf16_param], lr=0.1, backend=cpu_backend)
+    opt = fused_optim.AdamW([fp32_param, bf16_param], lr=0.1, fused=True, backend=cpu_backend)
     scaler = make_scaler()
     scaler.scale(fp32_param.sum() + bf16_param.float().sum()).backward()
     accumulator.accumulate()

@@ -402,7 +402,7 @@ def test_gradscaler_skip_does_not_advance_the_schedule(tensor_lr):
     base = 0.01
 
     def fresh(model):
-        opt = fused_optim.AdamW(model.parameters(), lr=torch.tensor(base) if tensor_lr else base)
+        opt = fused_optim.AdamW(model.parameters(), lr=torch.tensor(base) if tensor_lr else base, fused=True)
         return opt, make_scaler(), WarmupCosine(opt, warmup, total, min_ratio)
 
     opt, scaler, scheduler = fresh(model := torch.nn.Linear(4, 3))

@@ -21,6 +21,7 @@
 #endif
 #include "float_io.h"
 #include "fused_optim/cross_entropy_launch.h"
+#include "huge_pages.h"
 
 namespace fused_optim {
 namespace {
@@ -273,6 +274,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_E
                                     static_cast<float>(softcap), s[0], s[1], s[2], num_classes};
   at::Tensor loss = at::empty({num_rows}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({num_rows}, logits.options().dtype(at::kFloat));
+  if (grad.has_value()) advise_huge_pages(grad->data_ptr(), grad->nbytes());
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* g = grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr;
@@ -308,6 +310,7 @@ at::Tensor cross_entropy_shard_stats_cpu(FUSED_OPTIM_SHARD_STATS_ARGS) {
 void cross_entropy_shard_grad_cpu(FUSED_OPTIM_SHARD_GRAD_ARGS) {
   check_shard_grad_args(grad, logits, target, weight, row_coefs, class_start, ignore_index, softcap);
   const float* class_weight = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     dispatch_row_flags(softcap > 0.0, class_weight != nullptr, [&](auto kSoftcap, auto kWeighted) {

@@ -17,7 +17,7 @@ import torch
 from fused_optim import _backend
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
-from fused_optim.ops._library import refuse_sparse_grads
+from fused_optim.ops._library import real_views, refuse_sparse_grads, split_wide
 from fused_optim.reference import bf16_stochastic_round
 
 ADAM_SCHEMA = (
@@ -49,9 +49,10 @@ def dense(t: torch.Tensor) -> bool:
 
 
 def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                    stochastic_rounding, scalars=()) -> list[torch.Tensor]:
-    """The Python twin of csrc/include/fused_optim/adam_launch.h's check_adam_args, for the Triton and torch ops:
-    every argument checked before anything is written, and the grads returned in their params' memory layout."""
+                    stochastic_rounding, scalars=(), dtypes=_DTYPES) -> list[torch.Tensor]:
+    """The Python twin of csrc/include/fused_optim/adam_launch.h's check_adam_args, for the Triton and torch ops
+    (`dtypes`: the param dtypes the op takes): every argument checked before anything is written, and the grads
+    returned in their params' memory layout."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
         raise RuntimeError("adam_step: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
@@ -66,8 +67,8 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
     if any(grad.is_sparse for grad in grads):
         raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
     param_dtypes = [p.dtype for p in params]
-    if not set(param_dtypes) <= set(_DTYPES):
-        raise RuntimeError(f"adam_step: params must be float32, bfloat16 or float16, got {set(param_dtypes)}")
+    if not set(param_dtypes) <= set(dtypes):
+        raise RuntimeError(f"adam_step: params must be {', '.join(map(str, dtypes))}, got {set(param_dtypes)}")
     if stochastic_rounding and set(param_dtypes) != {torch.bfloat16}:
         raise RuntimeError("adam_step: stochastic rounding is for bfloat16 params")
     if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
@@ -86,11 +87,13 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
     if any(t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device not in devices) for t in scalars):
         raise RuntimeError("adam_step: lr_tensor, grad_scale and found_inf must be one-element float32 tensors on "
                            "the params' device")
+    state_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
     for tensors in state_lists:
-        if [t.shape for t in tensors] != shapes or [t.stride() for t in tensors] != strides or any(
-            t.dtype != torch.float32 for t in tensors
-        ):
-            raise RuntimeError("adam_step: state tensors must be float32 with their param's shape and strides")
+        if [t.shape for t in tensors] != shapes or [t.stride() for t in tensors] != strides or [
+            t.dtype for t in tensors
+        ] != state_dtypes:
+            raise RuntimeError("adam_step: state tensors must have their param's shape and strides, float32 (float64 "
+                               "for float64 params)")
     matched_grads = list(grads)
     for i, grad in enumerate(grads):
         if grad.stride() != strides[i]:
@@ -114,9 +117,10 @@ def _adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mas
 def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
                      seed, grad_scale, found_inf):
-    """torch's fused kernel, on fp32 copies where our state is fp32 but the params are not."""
+    """torch's fused kernel, on fp32 copies where our state is fp32 but the params are not (fp64 params run on
+    themselves, with their fp64 state)."""
     grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                            stochastic_rounding, (lr_tensor, grad_scale, found_inf))
+                            stochastic_rounding, (lr_tensor, grad_scale, found_inf), (*_DTYPES, torch.float64))
     if not params:
         return
     if found_inf is not None:
@@ -130,7 +134,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
             return [tensors[i] for i in indices]
 
         group_params, group_steps = pick(params), pick(steps)
-        low_precision = group_params[0].dtype != torch.float32
+        low_precision = group_params[0].dtype in (torch.bfloat16, torch.float16)
         if master_params:
             fp32_params = pick(master_params)
         elif low_precision:
@@ -183,17 +187,29 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
               grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused Adam/AdamW step over lists of tensors on one device (see the schema above).
 
-    `lr` is a float or a one-element tensor (read on the device). The state tensors are fp32; params are fp32,
-    bf16 or fp16, with grads of the param's dtype or fp32. `backend` is resolved by fused_optim._backend.
-    DTensors (params, grads and state alike) are stepped through their local shards (ops/_dtensor.py).
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 state,
+    or fp64 with fp64 state (stepped by torch's own fused Adam whatever the backend: the kernels are fp32), and
+    complex ones are stepped as their real views; grads have the param's dtype or fp32. `backend` is resolved by
+    fused_optim._backend. DTensors (params, grads and state alike) are stepped through their local shards
+    (ops/_dtensor.py).
     """
     if not params:
         return
     seed = _dtensor.rank_seed(seed, params)
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params = _dtensor.to_local(
-        "adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
+    lists = _dtensor.to_local("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
+    wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps])
     device = params[0].device
-    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, device.type)]).default
+    for op_name, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps) in (
+            (OP_NAMES["torch"], wide), (OP_NAMES[_backend.resolve(backend, device.type)], narrow)):
+        if params:
+            _run_op(getattr(torch.ops.fused_optim, op_name).default, params, grads, exp_avgs, exp_avg_sqs,
+                  max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                  amsgrad, maximize, stochastic_rounding, seed, grad_scale, found_inf)
+
+
+def _run_op(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps,
+          weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed, grad_scale, found_inf):
+    device = params[0].device
     lr_tensor = None
     if isinstance(lr, torch.Tensor):
         lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)

@@ -18,7 +18,7 @@ import torch
 from fused_optim import _backend
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
-from fused_optim.ops._library import refuse_sparse_grads
+from fused_optim.ops._library import real_views, refuse_sparse_grads, split_wide
 from fused_optim.ops.adam import dense
 
 SGD_SCHEMA = (
@@ -35,10 +35,11 @@ for _name in sorted(set(OP_NAMES.values())):
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, nesterov,
-                   scalars=()) -> list[torch.Tensor]:
-    """The Python twin of csrc/include/fused_optim/sgd_launch.h's check_sgd_args, for the Triton and torch ops:
-    every argument checked before anything is written, and the grads returned in their params' memory layout."""
+def check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, nesterov, scalars=(),
+                   dtypes=_DTYPES) -> list[torch.Tensor]:
+    """The Python twin of csrc/include/fused_optim/sgd_launch.h's check_sgd_args, for the Triton and torch ops
+    (`dtypes`: the param dtypes the op takes): every argument checked before anything is written, and the grads
+    returned in their params' memory layout."""
     n = len(params)
     if len(grads) != n:
         raise RuntimeError("sgd_step: params and grads must have the same length")
@@ -51,8 +52,8 @@ def check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, 
     if any(grad.is_sparse for grad in grads):
         raise RuntimeError("sgd_step: sparse gradients are not supported")
     param_dtypes = [p.dtype for p in params]
-    if not set(param_dtypes) <= set(_DTYPES):
-        raise RuntimeError(f"sgd_step: params must be float32, bfloat16 or float16, got {set(param_dtypes)}")
+    if not set(param_dtypes) <= set(dtypes):
+        raise RuntimeError(f"sgd_step: params must be {', '.join(map(str, dtypes))}, got {set(param_dtypes)}")
     if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
         raise RuntimeError("sgd_step: a grad must have its param's dtype or float32")
     devices = {t.device for tensors in (params, grads, momentum_buffers, steps) for t in tensors}
@@ -63,10 +64,12 @@ def check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, 
         raise RuntimeError("sgd_step: a grad must have its param's shape")
     if not all(p.is_contiguous() or dense(p) for p in params):
         raise RuntimeError("sgd_step: params must be dense")
+    buffer_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
     if momentum_buffers and ([b.shape for b in momentum_buffers] != shapes
                              or [b.stride() for b in momentum_buffers] != strides
-                             or any(b.dtype != torch.float32 for b in momentum_buffers)):
-        raise RuntimeError("sgd_step: a momentum buffer must be float32 with its param's shape, strides and device")
+                             or [b.dtype for b in momentum_buffers] != buffer_dtypes):
+        raise RuntimeError("sgd_step: a momentum buffer must have its param's shape, strides and device, float32 "
+                           "(float64 for float64 params)")
     # The kernels read these through raw pointers as one fp32 value each.
     if any(step.numel() != 1 or step.dtype != torch.float32 for step in steps):
         raise RuntimeError("sgd_step: each step must be a one-element float32 tensor on the param's device")
@@ -93,10 +96,10 @@ def _sgd_step_triton(params, grads, momentum_buffers, steps, lr, lr_tensor, mome
 
 def _sgd_step_torch(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay,
                     nesterov, maximize, grad_scale, found_inf):
-    """sgd.h's formulas in plain torch ops, one tensor at a time in fp32; the first step and a skipped step are
-    selected with torch.where, so nothing is read on the host."""
+    """sgd.h's formulas in plain torch ops, one tensor at a time in fp32 (fp64 for fp64 params); the first step and
+    a skipped step are selected with torch.where, so nothing is read on the host."""
     grads = check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, nesterov,
-                           (lr_tensor, grad_scale, found_inf))
+                           (lr_tensor, grad_scale, found_inf), (*_DTYPES, torch.float64))
     if not params:
         return
     grad_multiplier = -1.0 if maximize else 1.0
@@ -106,8 +109,9 @@ def _sgd_step_torch(params, grads, momentum_buffers, steps, lr, lr_tensor, momen
     # Python floats meet fp32 tensors as fp32 values, as the kernels' fp32 scalars (1 - dampening in double first)
     lr_value = lr_tensor if lr_tensor is not None else lr
     for i, param in enumerate(params):
-        p = param.float()
-        g = grads[i].float() * grad_multiplier
+        compute_dtype = torch.promote_types(param.dtype, torch.float32)
+        p = param.to(compute_dtype)
+        g = grads[i].to(compute_dtype) * grad_multiplier
         if weight_decay != 0:
             g = g + weight_decay * p
         if momentum != 0:
@@ -136,15 +140,27 @@ def sgd_step(params, grads, momentum_buffers, steps, *, lr, momentum, dampening,
              grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused SGD step over lists of tensors on one device (see the schema above).
 
-    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16, with grads of the
-    param's dtype or fp32; momentum buffers are fp32. `backend` is resolved by fused_optim._backend.
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 momentum
+    buffers, or fp64 with fp64 buffers (stepped in plain torch ops whatever the backend: the kernels are fp32), and
+    complex ones are stepped as their real views; grads have the param's dtype or fp32. `backend` is resolved by
+    fused_optim._backend.
     DTensors (params, grads and buffers alike) are stepped through their local shards (ops/_dtensor.py).
     """
     if not params:
         return
-    params, grads, momentum_buffers = _dtensor.to_local("sgd_step", params, grads, momentum_buffers)
+    lists = _dtensor.to_local("sgd_step", params, grads, momentum_buffers)
+    wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps])
     device = params[0].device
-    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, device.type)]).default
+    for op_name, (params, grads, momentum_buffers, steps) in (
+            (OP_NAMES["torch"], wide), (OP_NAMES[_backend.resolve(backend, device.type)], narrow)):
+        if params:
+            _run_op(getattr(torch.ops.fused_optim, op_name).default, params, grads, momentum_buffers, steps, lr,
+                    momentum, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf)
+
+
+def _run_op(op, params, grads, momentum_buffers, steps, lr, momentum, dampening, weight_decay, nesterov, maximize,
+            grad_scale, found_inf):
+    device = params[0].device
     lr_tensor = None
     if isinstance(lr, torch.Tensor):
         lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)

@@ -8,32 +8,61 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import Optimizer, ParamsT, _device_dtype_check_for_fused
 
 from fused_optim import _backend
 from fused_optim.ops._dtensor import is_dtensor, layout
 from fused_optim.optim._guard import StepGuard
 
 
+# Params the kernels step in fp32 with fp32 state; others keep state of their own dtype, as torch's optimizers do
+# (float64 runs torch's own update; complex params run the kernels on their real views).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+PARAM_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64, torch.complex64, torch.complex128)
+
+
+def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype of a param's optimizer state: fp32 for fp32, bf16 and fp16 params (ours), the param's own for
+    float64 and complex params and for every param of a differentiable group (torch's)."""
+    return torch.float32 if p.dtype in (torch.float32, *LOW_PRECISION) and not group["differentiable"] else p.dtype
+
+
+def check_torch_flags(params: list[Tensor], group: dict[str, Any]) -> None:
+    """torch's first-step check of `fused=True` (floating-point params on a device with fused kernels), in torch's
+    words: we accept the flag, and refuse what torch's fused optimizers refuse."""
+    if group["fused"]:
+        for p in params:
+            _device_dtype_check_for_fused(p)
+
+
 class FusedOptimizer(Optimizer):
-    """A torch Optimizer stepped by fused_optim kernels; subclasses run torch's own argument checks first."""
+    """A torch Optimizer stepped by fused_optim kernels; subclasses run torch's own argument checks first.
+
+    Groups with `differentiable=True` (and, for SGD, params with sparse grads) are stepped by torch's own
+    single-tensor implementation (`torch.optim.adam.adam`, `torch.optim.sgd.sgd`) on the same state: what they ask
+    for is autograd through the update, which our in-place kernels do not record."""
 
     # fused_optim.GradScaler leaves the inf/NaN check of the grads to our step (optim/_guard.py).
     _checks_grads_in_step = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, max_grad_norm: float | None,
                  backend: str | None) -> None:
-        if defaults.get("fused") and defaults.get("foreach"):  # torch's check (we ignore both otherwise)
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if defaults.get("fused"):  # torch's checks (we take both flags, and run our kernels either way)
+            if defaults.get("differentiable"):
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if defaults.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        if max_grad_norm is not None and defaults.get("differentiable"):
+            raise ValueError("max_grad_norm does not take differentiable=True: a differentiable step runs torch's own "
+                             "update, which has no clipping")
         self.max_grad_norm = max_grad_norm
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
         self._plans: dict[int, Any] = {}  # per group: the lists a step hands the kernels, kept between steps
         super().__init__(params, defaults)
-        # GradScaler hands us grad_scale and found_inf instead of unscaling and checking the grads itself.
-        self._step_supports_amp_scaling = True
+        self._step_supports_amp_scaling = _supports_amp_scaling(defaults)
         self._guard = StepGuard(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -69,7 +98,14 @@ class FusedOptimizer(Optimizer):
         grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
         for group, kinds in gathered:
             for kind, lists in kinds.items():
-                self._update(group, kind, lists, grad_scale, found_inf)
+                if kind != "torch":
+                    self._update(group, kind, lists, grad_scale, found_inf)
+                    continue
+                if grad_scale is not None or found_inf is not None:
+                    raise RuntimeError(f"{type(self).__name__}: a GradScaler does not step differentiable groups (or "
+                                       "SGD's sparse grads): torch's own update, which runs them, takes none")
+                with torch.set_grad_enabled(group["differentiable"]):  # as torch's _use_grad_for_differentiable
+                    self._update_with_torch(group, lists)
         return loss
 
     def _gather(self, group: dict[str, Any]) -> dict[str, list[list[Tensor]]]:
@@ -80,6 +116,10 @@ class FusedOptimizer(Optimizer):
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:
         """One fused update of `lists` (from `_gather`) with the group's hyper-parameters."""
+        raise NotImplementedError
+
+    def _update_with_torch(self, group: dict[str, Any], lists: list[list[Tensor]]) -> None:
+        """torch's own single-tensor update of `lists` (`_gather`'s "torch" kind) with the group's hyper-parameters."""
         raise NotImplementedError
 
     def _check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -119,7 +159,7 @@ class FusedOptimizer(Optimizer):
         self.backend = state.pop("backend", None) or getattr(self, "backend", None) or _backend.default_backend()
         if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
             self.max_grad_norm = state.pop("max_grad_norm", None)
-        self._step_supports_amp_scaling = True
+        self._step_supports_amp_scaling = _supports_amp_scaling(state.get("defaults", getattr(self, "defaults", {})))
         super().__setstate__(state)
         if not hasattr(self, "_guard"):
             self._guard = StepGuard(self)
@@ -132,3 +172,12 @@ class FusedOptimizer(Optimizer):
 
 def _describe_layout(t: Tensor) -> str:
     return f"placements {tuple(t.placements)} on {t.device_mesh}" if is_dtensor(t) else "a plain tensor"
+
+
+def _supports_amp_scaling(defaults: dict[str, Any]) -> bool:
+    """Whether torch's GradScaler hands our step grad_scale and found_inf rather than unscaling and checking the
+    grads itself: with `fused=True`, as torch's fused optimizers (the step takes both on the device, no extra pass).
+    Not by default: frameworks read the flag as "the optimizer unscales, so nothing may clip before it" (Lightning
+    refuses `gradient_clip_val` then, even under bf16 with no scaler at all). fused_optim.GradScaler folds the
+    unscale and the inf check into the step either way (it asks for `_checks_grads_in_step`)."""
+    return bool(defaults.get("fused"))

@@ -2,16 +2,19 @@
 launch per parameter group (fused_optim/ops/adam.py picks the kernel).
 
 Differences from torch, all additive:
-- State (`exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`) is fp32 whatever the param dtype, and `step` is a float32
-  tensor on the param's device, as in torch's fused implementation. A torch state_dict loads into ours (moments
-  up-cast to fp32) and ours into torch's.
+- State (`exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`) is fp32 for fp32, bf16 and fp16 params, and `step` is a
+  float32 tensor on the param's device, as in torch's fused implementation. A torch state_dict loads into ours
+  (moments up-cast to fp32) and ours into torch's. float64 and complex params keep state of their own dtype, as in
+  torch: complex ones run the kernels on their real views (torch's Adam does the same arithmetic), float64 ones
+  torch's own fused Adam (the kernels are fp32).
 - `master_weights=True` keeps an fp32 copy of each bf16/fp16 param in `state["master_param"]`; the update runs
   on it and the param receives its rounding. `stochastic_rounding=True` instead rounds the fp32 result of each
   bf16 param to bf16 stochastically (unbiased), keeping no copy. fp32 params are unaffected by either.
 - `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
 - Every step is capturable: the step count, a tensor lr and GradScaler's grad_scale/found_inf are read on the
   device, never on the host, so `capturable` is accepted and changes nothing. `foreach` and `fused` are accepted
-  and ignored. `differentiable=True` is not supported.
+  and ignored (torch's errors for them kept). `differentiable=True` groups are stepped by torch's own
+  single-tensor Adam, with torch's state dtypes: what they ask for is autograd through the update.
 - `max_grad_norm=` clips the global grad norm (over every group, as `clip_grad_norm_` over all params) inside the
   step: one pass reads the grads for the norm and the update pass applies unscale and clip as one factor, so the
   grads are read twice and never written. A non-finite norm skips the step on the device (params, state and step
@@ -29,16 +32,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
 from fused_optim import _backend
 from fused_optim.ops.adam import adam_step
-from fused_optim.optim._base import FusedOptimizer
+from fused_optim.optim._base import LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_torch_flags, state_dtype
 from fused_optim.optim._guard import grad_of
 
-_FP32_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-_PARAM_DTYPES = (torch.float32, *_LOW_PRECISION)
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def _beta(value: float | Tensor, index: int) -> float:
@@ -48,6 +50,21 @@ def _beta(value: float | Tensor, index: int) -> float:
     if value.numel() != 1:
         raise ValueError(f"Tensor betas[{index}] must be 1-element")
     return float(value.item())
+
+
+def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+    # step on the param's device, as torch's fused and capturable Adam keep it: the kernels read it there
+    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+
+    def zeros() -> Tensor:  # in the param's memory layout; fp32 whatever a low-precision param's dtype
+        return torch.zeros_like(p, dtype=state_dtype(p, group), memory_format=torch.preserve_format)
+
+    state["exp_avg"] = zeros()
+    state["exp_avg_sq"] = zeros()
+    if group["amsgrad"]:
+        state["max_exp_avg_sq"] = zeros()
+    if group["master_weights"] and p.dtype in LOW_PRECISION:
+        state["master_param"] = p.detach().float()
 
 
 class Adam(FusedOptimizer):
@@ -81,8 +98,11 @@ class Adam(FusedOptimizer):
         backend: str | None = None,
     ) -> None:
         # torch's checks, in torch's order and words
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        if isinstance(lr, Tensor):
+            if foreach and not capturable:
+                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
@@ -95,8 +115,9 @@ class Adam(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
             raise ValueError("betas must be either both floats or both Tensors")
-        if differentiable:
-            raise RuntimeError(f"fused_optim.{type(self).__name__} does not support differentiable=True")
+        for index, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and foreach and not capturable:
+                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {
@@ -158,21 +179,22 @@ class Adam(FusedOptimizer):
             return plan.with_grads(grads)
         # Everything that can be wrong with a first step is checked before any state is created, as torch does.
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(params, grads)) if grad is not None]
+        check_torch_flags([p for _, p, _ in with_grads], group)
         for _, p, grad in with_grads:
             if grad.is_sparse:
                 raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-            if torch.is_complex(p):
-                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
-            if p.dtype not in _PARAM_DTYPES:
-                raise TypeError(f"fused_optim.{type(self).__name__} steps float32, bfloat16 and float16 params, "
-                                f"not {p.dtype}; use torch.optim.{type(self).__name__} for those")
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(f"fused_optim.{type(self).__name__} steps floating-point and complex params, not "
+                                f"{p.dtype}")
             _backend.resolve(self.backend, p.device.type)
         plan = _Plan(group, self.state, has_grad)
         for index, p, grad in with_grads:
             state = self.state[p]
             if len(state) == 0:
-                self._init_state(p, state, group)
-            if "master_param" in state:
+                _init_state(p, state, group)
+            if group["differentiable"]:
+                kind = "torch"
+            elif "master_param" in state:
                 kind = "master"
             elif group["stochastic_rounding"] and p.dtype == torch.bfloat16:
                 kind = "stochastic"
@@ -183,19 +205,16 @@ class Adam(FusedOptimizer):
         self._plans[id(group)] = plan
         return plan.with_grads(grads)
 
-    @staticmethod
-    def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
-        # step on the param's device, as torch's fused and capturable Adam keep it: the kernels read it there
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        def zeros() -> Tensor:  # fp32 whatever the param dtype, in the param's memory layout
-            return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-
-        state["exp_avg"] = zeros()
-        state["exp_avg_sq"] = zeros()
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = zeros()
-        if group["master_weights"] and p.dtype in _LOW_PRECISION:
-            state["master_param"] = p.detach().float()
+    def _update_with_torch(self, group: dict[str, Any], lists: list[list[Tensor]]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _, steps = lists
+        beta1, beta2 = group["betas"]
+        torch_adam(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, foreach=False, capturable=False,
+            differentiable=group["differentiable"], fused=False, has_complex=any(p.is_complex() for p in params),
+            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"], beta1=beta1,
+            beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+            maximize=group["maximize"],
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking that every saved tensor fits its param (else ValueError and
@@ -220,22 +239,30 @@ class Adam(FusedOptimizer):
 
 def _restore_state_precision(optimizer: Adam, saved: dict[str, Any]) -> None:
     """torch's loader casts every floating state tensor to its param's dtype and leaves `step` on the CPU; ours
-    is fp32 on the param's device. Re-take the saved values so a bf16 param's fp32 moments survive a round trip."""
+    is fp32 (state_dtype) on the param's device. Re-take the saved values so a bf16 param's fp32 moments survive a
+    round trip."""
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         for p, param_id in zip(group["params"], saved_group["params"]):
             state = optimizer.state.get(p)
             if not state:
                 continue
             saved_state = saved["state"].get(param_id, {})
-            for key in _FP32_STATE:
+            for key in _MOMENTS:
                 if key in saved_state:  # in the param's memory layout, which the kernels walk state in
-                    state[key] = torch.empty_like(p, dtype=torch.float32).copy_(saved_state[key])
+                    state[key] = torch.empty_like(p, dtype=state_dtype(p, group)).copy_(saved_state[key])
+            if "master_param" in saved_state:
+                state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(saved_state["master_param"])
             state["step"] = torch.as_tensor(saved_state.get("step", state["step"])).to(
                 device=p.device, dtype=torch.float32, copy=True
             )
             # A state saved without master weights (torch's, say): start the fp32 copy from the param itself.
-            if group["master_weights"] and p.dtype in _LOW_PRECISION and "master_param" not in state:
+            if group["master_weights"] and p.dtype in LOW_PRECISION and "master_param" not in state:
                 state["master_param"] = p.detach().float()
+
+
+def _options(group: dict[str, Any]) -> tuple:
+    """The options that decide a group's op calls: a plan made under others is made again."""
+    return group["amsgrad"], group["master_weights"], group["stochastic_rounding"], group["differentiable"]
 
 
 class _Plan:
@@ -244,7 +271,7 @@ class _Plan:
     def __init__(self, group: dict[str, Any], state: dict, has_grad: list[bool]) -> None:
         self.params = group["params"]
         self.size = len(self.params)
-        self.options = (group["amsgrad"], group["master_weights"], group["stochastic_rounding"])
+        self.options = _options(group)
         self.state = state
         self.state_size = len(state)
         self.has_grad = has_grad  # which params the lists hold: frozen ones have no grad
@@ -270,7 +297,7 @@ class _Plan:
             and len(self.params) == self.size
             and state is self.state
             and len(state) == self.state_size
-            and (group["amsgrad"], group["master_weights"], group["stochastic_rounding"]) == self.options
+            and _options(group) == self.options
             and has_grad == self.has_grad
         )
 

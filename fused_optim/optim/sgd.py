@@ -15,7 +15,10 @@ Differences from torch:
   `skipped_steps` counts them; `max_grad_norm=` clips the global grad norm inside the step, and
   `last_grad_norm` holds that norm (fused_optim/optim/_guard.py, as fused_optim.AdamW).
 - `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
-  `foreach` and `fused` are accepted and ignored; `differentiable=True` and sparse grads are not supported.
+  `foreach` and `fused` are accepted and ignored (torch's errors for them kept).
+- float64 and complex params keep buffers of their own dtype, as in torch (complex ones run the kernels on their
+  real views, float64 ones plain torch ops: the kernels are fp32). Params with sparse grads, and every param of a
+  `differentiable=True` group, are stepped by torch's own single-tensor SGD.
 - A param's fp32 `main_grad` (fused_optim.GradAccumulator), when set, is used instead of its `.grad`.
 """
 
@@ -27,13 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
+from torch.optim.sgd import sgd as torch_sgd
 
 from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
-from fused_optim.optim._base import FusedOptimizer
+from fused_optim.optim._base import PARAM_DTYPES, FusedOptimizer, check_torch_flags, state_dtype
 from fused_optim.optim._guard import grad_of
-
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SGD(FusedOptimizer):
@@ -73,8 +75,6 @@ class SGD(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if differentiable:
-            raise RuntimeError("fused_optim.SGD does not support differentiable=True")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -107,8 +107,10 @@ class SGD(FusedOptimizer):
 
     def _gather(self, group: dict[str, Any]) -> dict[str, list[list[Tensor]]]:
         """{"plain": [params, grads, momentum buffers, steps]} of the group's params that have a grad (the last two
-        empty without momentum). Everything that can be wrong is checked before any state is created, as torch does;
-        the op checks the grads themselves (shape, dtype, layout) before writing anything.
+        empty without momentum), and {"torch": [params, grads, momentum buffers or None]} of those torch's own update
+        steps (sparse grads, and every param of a differentiable group). Everything that can be wrong is checked
+        before any state is created, as torch does; the op checks the grads themselves (shape, dtype, layout) before
+        writing anything.
 
         Host time matters at a thousand tensors a step, so the lists are kept between steps and only the grads are
         read again; they are rebuilt when which params have grads, the params, the state or momentum changed."""
@@ -116,36 +118,69 @@ class SGD(FusedOptimizer):
         all_grads = [grad_of(p) for p in params]
         has_grad = [grad is not None for grad in all_grads]
         grads = all_grads if all(has_grad) else [grad for grad in all_grads if grad is not None]
+        by_torch = [group["differentiable"] or grad.is_sparse for grad in grads]
         plan = self._plans.get(id(group))
         if plan is not None and plan[0] is params and plan[1] is self.state and plan[2] == (
             len(params), len(self.state), group["momentum"] != 0, has_grad
-        ):
+        ) and not any(by_torch):
             with_grad, buffers, steps = plan[3]
             return {"plain": [with_grad, grads, buffers, steps]}
         with_grad = [p for p, present in zip(params, has_grad) if present]
-        for p, grad in zip(with_grad, grads):
-            if grad.is_sparse:
-                raise RuntimeError("fused_optim.SGD does not support sparse gradients; use torch.optim.SGD for those.")
-            if torch.is_complex(p):
-                raise RuntimeError("SGD does not support complex parameters")
-            if p.dtype not in _PARAM_DTYPES:
-                raise TypeError(f"fused_optim.SGD steps float32, bfloat16 and float16 params, not {p.dtype}; use "
-                                "torch.optim.SGD for those")
+        check_torch_flags(with_grad, group)
+        for p in with_grad:
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(f"fused_optim.SGD steps floating-point and complex params, not {p.dtype}")
             _backend.resolve(self.backend, p.device.type)
+        if any(by_torch):
+            ours = [i for i, torch_steps in enumerate(by_torch) if not torch_steps]
+            theirs = [i for i, torch_steps in enumerate(by_torch) if torch_steps]
+            kinds = self._plain_lists([with_grad[i] for i in ours], [grads[i] for i in ours], group)
+            kinds["torch"] = [[with_grad[i] for i in theirs], [grads[i] for i in theirs],
+                              [self._buffer_if_set(with_grad[i]) for i in theirs]]
+            return kinds
+        kinds = self._plain_lists(with_grad, grads, group)
+        key = (len(params), len(self.state), group["momentum"] != 0, has_grad)
+        self._plans[id(group)] = (params, self.state, key, (with_grad, *kinds["plain"][2:]))
+        return kinds
+
+    def _plain_lists(self, with_grad: list[Tensor], grads: list[Tensor], group: dict[str, Any]):
+        """{"plain": [params, grads, momentum buffers, steps]}, creating the buffers the kernels need."""
         buffers, steps = [], []
         if group["momentum"] != 0:
             for p in with_grad:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    # unset until the first step writes the gradient into it (count 0); fp32, the param's layout
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                    # unset until the first step writes the gradient into it (count 0); fp32 for fp32/bf16/fp16
+                    # params, in the param's layout
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p, group),
                                                                 memory_format=torch.preserve_format)
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                elif "step" not in state:  # a buffer torch's update made (a sparse grad earlier): set
+                    state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
                 buffers.append(state["momentum_buffer"])
                 steps.append(state["step"])
-        key = (len(params), len(self.state), group["momentum"] != 0, has_grad)
-        self._plans[id(group)] = (params, self.state, key, (with_grad, buffers, steps))
         return {"plain": [with_grad, grads, buffers, steps]}
+
+    def _buffer_if_set(self, p: Tensor) -> Tensor | None:
+        """The param's momentum buffer for torch's update, None while unset (its count 0: a host read, on this rare
+        path only)."""
+        state = self.state.get(p, {})
+        if "momentum_buffer" not in state or ("step" in state and not bool(state["step"] != 0)):
+            return None
+        return state["momentum_buffer"]
+
+    def _update_with_torch(self, group: dict[str, Any], lists: list[list[Tensor]]) -> None:
+        params, grads, buffers = lists
+        torch_sgd(params, grads, buffers, has_sparse_grad=any(g.is_sparse for g in grads), foreach=False,
+                            fused=False, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                            lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                            maximize=group["maximize"])
+        if group["momentum"] != 0:  # torch's update makes the buffers it finds missing
+            for p, buffer in zip(params, buffers):
+                state = self.state[p]
+                state["momentum_buffer"] = buffer
+                if "step" in state:
+                    state["step"].fill_(1.0)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict, less the buffers no step has set yet (count 0: every step so far was skipped), so
@@ -188,6 +223,6 @@ class SGD(FusedOptimizer):
                     state.pop("step", None)
                     continue
                 # re-taken from the saved value: torch's loader has cast it to the param dtype
-                state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(buffer)
+                state["momentum_buffer"] = torch.empty_like(p, dtype=state_dtype(p, group)).copy_(buffer)
                 count = torch.ones(()) if step is None else torch.as_tensor(step).clamp_min(1)
                 state["step"] = count.to(device=p.device, dtype=torch.float32, copy=True)
