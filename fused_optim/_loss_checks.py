@@ -18,6 +18,14 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
                         label_smoothing: float) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
+    if input.dim() == 0:
+        raise ValueError("Expected input to have at least one dimension, got a 0-dimensional tensor.")
+    if target.device != input.device:
+        raise RuntimeError(f"Expected the target on the input's device ({input.device}), got it on {target.device}.")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        # torch's own words: its NLL loss has no derivative for the class weights either
+        raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
+                           "This input cannot have requires_grad True.")
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")  # as C++ prints
     if target.is_floating_point():
@@ -40,8 +48,6 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
         if target.shape[0] != input.shape[0]:
             raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
                              f"({target.shape[0]}).")
-    elif input.dim() == 0:
-        raise ValueError("Expected input to have at least one dimension, got a 0-dimensional tensor.")
     else:
         expected = [input.shape[0], *input.shape[2:]]
         if list(target.shape) != expected:

@@ -21,6 +21,7 @@ buffer, plus, when distributed, one all-reduce of it.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -187,7 +188,9 @@ class GradAccumulator:
 
         Args:
             num_tokens: this rank's count of the tokens the summed losses were over; summed over the ranks when
-                distributed. None: the grads stay sums.
+                distributed. None: the grads stay sums. A Python number must be positive (ValueError otherwise);
+                a device count of 0 makes the grads NaN, so that a step that checks for non-finite grads
+                (`max_grad_norm=`, fused_optim.GradScaler) skips.
             max_norm: clip the normalised grads to this global `norm_type`-norm (as `clip_grad_norm_`; norm_type
                 > 0 or inf). With a GradScaler the grads are still scaled here: clip in the optimizer instead
                 (`AdamW(max_grad_norm=...)`), which clips the unscaled grads.
@@ -195,6 +198,8 @@ class GradAccumulator:
         Returns the global norm of the normalised grads before clipping (0-dim fp32 tensor on the first device),
         or None without `max_norm`.
         """
+        if isinstance(num_tokens, (int, float)) and not (math.isfinite(num_tokens) and num_tokens > 0):
+            raise ValueError(f"num_tokens must be a positive number of tokens, got {num_tokens}")
         flats = list(self.flat_grads.values())
         if not flats:
             return None if max_norm is None else torch.tensor(0.0)
@@ -221,7 +226,9 @@ class GradAccumulator:
             count = torch.as_tensor(num_tokens, device=flats[0].device).to(torch.float64).reshape(())
             if group is not None:
                 dist.all_reduce(count, group=group)
-            scale = (sums_factor / count).to(torch.float32)
+            # a count of 0 (on the device, where it cannot be refused without a sync) makes every grad NaN: the
+            # step then skips as for any non-finite grad (max_grad_norm=, fused_optim.GradScaler)
+            scale = torch.where(count > 0, sums_factor / count, math.nan).to(torch.float32)
         elif sums_factor != 1.0:
             scale = torch.tensor(sums_factor, device=flats[0].device)
         norm = None

@@ -9,7 +9,9 @@
 
 Class-index targets of fp32/bf16/fp16 logits run the fused kernels. Probability (float) targets and float64
 logits run the same math in plain torch ops (torch's own cross-entropy plus the extras), with torch's autograd.
-Bad input raises what torch raises for it (fused_optim/_loss_checks.py), before anything is computed.
+Bad input raises what torch raises for it (fused_optim/_loss_checks.py), before anything is computed. A class index
+out of range raises IndexError on the CPU and a device-side assert on CUDA, as torch's; the Triton kernels, which
+cannot raise, give that row a NaN loss.
 
 Vocabulary-parallel (tensor-parallel) losses: logits that are a DTensor sharded on the class dim (`Shard(1)`, as
 under torch's `loss_parallel()`), or a `linear_weight` sharded on its rows (`Shard(0)` of (V, H)), are taken shard by
@@ -58,7 +60,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     softcap = _check_extras(z_loss, softcap)
     backend = backend if backend is not None else _backend.default_backend()
     _loss_checks.check_cross_entropy(input, target, weight, reduction, label_smoothing)
-    label_smoothing = max(float(label_smoothing), 0.0)  # torch treats a negative smoothing as none
+    label_smoothing = _smoothing(label_smoothing)
     if is_dtensor(input):
         return _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                              softcap, return_z_loss, inplace_backward, backend)
@@ -74,7 +76,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         logits, rows_shape = input, target.shape
     else:  # (N, C, d1, ...): classes last, one row per position (a copy, which the gradient may then reuse)
         logits, rows_shape = input.movedim(1, -1).reshape(-1, num_classes), target.shape
-    if logits.stride(-1) != 1 or logits.stride(0) < num_classes:
+    if num_classes == 1 and logits.stride(-1) != 1:  # one class: any column stride is unit stride
+        logits = logits.as_strided(logits.shape, (logits.stride(0), 1))
+    elif logits.stride(-1) != 1 or logits.stride(0) < num_classes:
         logits = logits.contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     # never over a leaf's memory: neither a leaf nor a view of one (a view of a parameter is not itself a leaf)
@@ -111,7 +115,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     logits_shape = (*input.shape[:-1], *linear_weight.shape[:-1])
     _loss_checks.check_cross_entropy(torch.empty(logits_shape, dtype=input.dtype, device="meta"), target, weight,
                                      reduction, label_smoothing)
-    label_smoothing = max(float(label_smoothing), 0.0)
+    label_smoothing = _smoothing(label_smoothing)
     if is_dtensor(linear_weight):
         return _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                                     ignore_index, label_smoothing, z_loss, softcap, return_z_loss,
@@ -184,6 +188,12 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
     return (loss, z) if return_z_loss else loss
 
 
+def _smoothing(label_smoothing) -> float:
+    """torch applies label smoothing only when it is > 0: a negative or NaN one is none."""
+    label_smoothing = float(label_smoothing)
+    return label_smoothing if label_smoothing > 0 else 0.0
+
+
 def _check_extras(z_loss, softcap) -> float:
     if not z_loss >= 0:
         raise ValueError(f"z_loss must be a non-negative float, got {z_loss}.")
@@ -206,7 +216,9 @@ def _cross_entropy_composite(input, target, weight, ignore_index, reduction, lab
     loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
     class_dim = 1 if logits.dim() > 1 else 0
-    z_rows = z_loss * torch.logsumexp(logits, dim=class_dim) ** 2
+    # no z-loss: zeros, not 0 * lse^2 (a row whose lse is infinite would give 0 * inf = NaN)
+    z_rows = z_loss * torch.logsumexp(logits, dim=class_dim) ** 2 if z_loss else torch.zeros_like(
+        logits.select(class_dim, 0), dtype=loss.dtype)
     if not target.is_floating_point():
         kept = target != ignore_index
         z_rows = torch.where(kept, z_rows, 0.0)

@@ -34,7 +34,7 @@ from fused_optim.triton.sgd import _sgd_kernel
 from fused_optim.triton.total_norm import NORM_2, _norm_partials_kernel
 
 SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
-    "table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+    "table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
     "log_beta1_bits": "i64", "log_beta2_bits": "i64", "one_minus_beta1": "fp32", "beta2": "fp32",
     "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32", "first_tensor_index": "i32",
     "num_tensors": "i32",

@@ -88,7 +88,7 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
   const std::vector<at::Tensor> matched_grads = check_adam_args(FUSED_OPTIM_ADAM_ARG_NAMES);
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // GradScaler: skip, touch nothing
   const AdamHyper hyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
-  const float lr_value = lr_tensor.has_value() ? lr_tensor->item<float>() : static_cast<float>(lr);
+  const double lr_value = lr_tensor.has_value() ? lr_tensor->item<float>() : lr;
   const float scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
   const bool master = !master_params.empty();
 

@@ -101,7 +101,7 @@ __device__ __forceinline__ param_t to_param(float value, uint32_t stream, int64_
 
 template <typename param_t, typename grad_t, bool kAmsgrad, bool kMaster, bool kStochastic>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(const __grid_constant__ LaunchTable table, const AdamHyper hyper, const float lr,
+    adam_kernel(const __grid_constant__ LaunchTable table, const AdamHyper hyper, const double lr,
                 const float* __restrict__ lr_tensor, const float* __restrict__ grad_scale,
                 const float* __restrict__ found_inf, const uint32_t seed) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip, touch nothing
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t shared_stream;
   if (threadIdx.x == 0) {
     const float step = *t.step + 1.0f;
-    shared_scalars = adam_scalars(hyper, lr_tensor != nullptr ? *lr_tensor : lr, step,
+    shared_scalars = adam_scalars(hyper, lr_tensor != nullptr ? static_cast<double>(*lr_tensor) : lr, step,
                                   grad_scale != nullptr ? *grad_scale : 1.0f);
     shared_stream = stream_key(seed, static_cast<uint32_t>(table.first_tensor_index + lo), static_cast<uint32_t>(step));
   }
@@ -181,7 +181,7 @@ __global__ void increment_steps(const __grid_constant__ LaunchTable table, const
 // Everything a launch needs besides the table and the template arguments.
 struct LaunchArgs {
   AdamHyper hyper;
-  float lr;
+  double lr;
   const float* lr_tensor;
   const float* grad_scale;
   const float* found_inf;
@@ -247,7 +247,7 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const bool master = !master_params.empty();
   const LaunchArgs args{AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
-                        static_cast<float>(lr),
+                        lr,
                         optional_ptr(lr_tensor),
                         optional_ptr(grad_scale),
                         optional_ptr(found_inf),

@@ -12,7 +12,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _device_dtype_check_for_fu
 
 from fused_optim import _backend
 from fused_optim.ops._dtensor import is_dtensor, layout
-from fused_optim.optim._guard import StepGuard
+from fused_optim.optim._guard import StepGuard, grad_of
 
 
 # Params the kernels step in fp32 with fp32 state; others keep state of their own dtype, as torch's optimizers do
@@ -91,10 +91,12 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        gathered = [(group, self._gather(group)) for group in self.param_groups]
-        all_lists = [lists for _, kinds in gathered for lists in kinds.values()]
-        grads = [grad for lists in all_lists for grad in lists[1]]
-        self._check_grads([p for lists in all_lists for p in lists[0]], grads)
+        # every grad checked before any group gathers (and creates state): a bad grad anywhere changes nothing
+        group_grads = [[grad_of(p) for p in group["params"]] for group in self.param_groups]
+        self._check_grads([(p, grad) for group, grads in zip(self.param_groups, group_grads)
+                           for p, grad in zip(group["params"], grads) if grad is not None])
+        gathered = [(group, self._gather(group, grads)) for group, grads in zip(self.param_groups, group_grads)]
+        grads = [grad for _, kinds in gathered for lists in kinds.values() for grad in lists[1]]
         grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
         for group, kinds in gathered:
             for kind, lists in kinds.items():
@@ -108,9 +110,9 @@ class FusedOptimizer(Optimizer):
                     self._update_with_torch(group, lists)
         return loss
 
-    def _gather(self, group: dict[str, Any]) -> dict[str, list[list[Tensor]]]:
-        """The group's params that have a grad, their grads and state, as the lists the update op takes
-        ([params, grads, ...]), by kind of update (one op call each)."""
+    def _gather(self, group: dict[str, Any], grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
+        """The group's params that have a grad (`grads`: each param's, or None), their grads and state, as the lists
+        the update op takes ([params, grads, ...]), by kind of update (one op call each)."""
         raise NotImplementedError
 
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
@@ -122,10 +124,11 @@ class FusedOptimizer(Optimizer):
         """torch's own single-tensor update of `lists` (`_gather`'s "torch" kind) with the group's hyper-parameters."""
         raise NotImplementedError
 
-    def _check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        """The kernels' own check of each grad against its param, run over every group before any group is stepped
-        (and before the guard counts anything), so that a bad grad in a later group changes nothing."""
-        for p, grad in zip(params, grads):
+    def _check_grads(self, params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
+        """The kernels' own check of each grad against its param, run over every group before any group gathers
+        its state or is stepped (and before the guard counts anything), so that a bad grad anywhere changes
+        nothing."""
+        for p, grad in params_and_grads:
             if grad.shape != p.shape or grad.device != p.device or grad.dtype not in (p.dtype, torch.float32):
                 raise RuntimeError(
                     f"{type(self).__name__}: a grad must have its param's shape and device, and its param's dtype or "
@@ -181,3 +184,36 @@ def _supports_amp_scaling(defaults: dict[str, Any]) -> bool:
     refuses `gradient_clip_val` then, even under bf16 with no scaler at all). fused_optim.GradScaler folds the
     unscale and the inf check into the step either way (it asks for `_checks_grads_in_step`)."""
     return bool(defaults.get("fused"))
+
+
+def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_keys: tuple[str, ...]) -> None:
+    """Everything load_state_dict will use from `state_dict`, checked before anything is loaded (ValueError or
+    TypeError, and nothing changes): torch's own group checks, in its words, then each param's saved state: a dict
+    whose `tensor_keys` entries are tensors of the param's shape and whose `step` is a number or a 1-element tensor."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError("loaded state dict must be a dict with 'state' and 'param_groups'")
+    groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+    for saved_group, group in zip(saved_groups, groups):
+        for param_id, p in zip(saved_group["params"], group["params"]):
+            saved = state_dict["state"].get(param_id, {})
+            if not isinstance(saved, dict):
+                raise TypeError(f"loaded state dict's state of param {param_id} is a {type(saved).__name__}, not a dict")
+            for key in tensor_keys:
+                value = saved.get(key)
+                if value is None:
+                    continue
+                if not isinstance(value, Tensor):
+                    raise TypeError(f"loaded state dict's {key!r} of param {param_id} is a {type(value).__name__}, "
+                                    "not a tensor")
+                if value.shape != p.shape:
+                    raise ValueError(f"loaded state dict's {key!r} of param {param_id} has shape "
+                                     f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
+            step = saved.get("step")
+            if step is not None and not (isinstance(step, (int, float)) or (isinstance(step, Tensor)
+                                                                           and step.numel() == 1)):
+                raise TypeError(f"loaded state dict's 'step' of param {param_id} must be a number or a one-element "
+                                f"tensor, not {step!r}")

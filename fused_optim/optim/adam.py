@@ -27,7 +27,6 @@ Differences from torch, all additive:
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Any
 
 import torch
@@ -37,8 +36,8 @@ from torch.optim.optimizer import ParamsT
 
 from fused_optim import _backend
 from fused_optim.ops.adam import adam_step
-from fused_optim.optim._base import LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_torch_flags, state_dtype
-from fused_optim.optim._guard import grad_of
+from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_saved_state, check_torch_flags,
+                                     state_dtype)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -164,7 +163,7 @@ class Adam(FusedOptimizer):
             backend=self.backend,
         )
 
-    def _gather(self, group: dict[str, Any]) -> dict[str, list[list[Tensor]]]:
+    def _gather(self, group: dict[str, Any], grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
         """The group's params with grads, their grads and state, split by how the result is written back:
         "plain" (round to nearest), "master" (fp32 copy), "stochastic" (bf16 stochastic rounding).
 
@@ -172,7 +171,6 @@ class Adam(FusedOptimizer):
         read again; they are rebuilt when which params have grads, the params, the state or the options changed.
         The op checks the grads themselves (shape, dtype, layout) before writing anything."""
         params = group["params"]
-        grads = [grad_of(p) for p in params]
         has_grad = [grad is not None for grad in grads]
         plan = self._plans.get(id(group))
         if plan is not None and plan.fits(group, self.state, has_grad):
@@ -217,21 +215,10 @@ class Adam(FusedOptimizer):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict, after checking that every saved tensor fits its param (else ValueError and
-        nothing changes); state comes back in fp32 on the param's device whatever dtype it was saved in."""
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
-        if len(groups) == len(saved_groups) and all(
-            len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)
-        ):
-            params = chain.from_iterable(g["params"] for g in groups)
-            ids = chain.from_iterable(s["params"] for s in saved_groups)
-            for param_id, p in zip(ids, params):
-                for key, value in state_dict["state"].get(param_id, {}).items():
-                    if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
-                        raise ValueError(
-                            f"loaded state dict's {key!r} of param {param_id} has shape {tuple(value.shape)}, "
-                            f"but the param has shape {tuple(p.shape)}"
-                        )
+        """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
+        TypeError, and nothing changes); state comes back in fp32 (state_dtype) on the param's device whatever
+        dtype it was saved in."""
+        check_saved_state(self, state_dict, (*_MOMENTS, "master_param"))
         self._plans.clear()
         super().load_state_dict(state_dict)
         _restore_state_precision(self, state_dict)

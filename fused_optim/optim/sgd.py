@@ -24,7 +24,6 @@ Differences from torch:
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Any
 
 import torch
@@ -34,8 +33,7 @@ from torch.optim.sgd import sgd as torch_sgd
 
 from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
-from fused_optim.optim._base import PARAM_DTYPES, FusedOptimizer, check_torch_flags, state_dtype
-from fused_optim.optim._guard import grad_of
+from fused_optim.optim._base import PARAM_DTYPES, FusedOptimizer, check_saved_state, check_torch_flags, state_dtype
 
 
 class SGD(FusedOptimizer):
@@ -105,7 +103,7 @@ class SGD(FusedOptimizer):
             backend=self.backend,
         )
 
-    def _gather(self, group: dict[str, Any]) -> dict[str, list[list[Tensor]]]:
+    def _gather(self, group: dict[str, Any], all_grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
         """{"plain": [params, grads, momentum buffers, steps]} of the group's params that have a grad (the last two
         empty without momentum), and {"torch": [params, grads, momentum buffers or None]} of those torch's own update
         steps (sparse grads, and every param of a differentiable group). Everything that can be wrong is checked
@@ -115,7 +113,6 @@ class SGD(FusedOptimizer):
         Host time matters at a thousand tensors a step, so the lists are kept between steps and only the grads are
         read again; they are rebuilt when which params have grads, the params, the state or momentum changed."""
         params = group["params"]
-        all_grads = [grad_of(p) for p in params]
         has_grad = [grad is not None for grad in all_grads]
         grads = all_grads if all(has_grad) else [grad for grad in all_grads if grad is not None]
         by_torch = [group["differentiable"] or grad.is_sparse for grad in grads]
@@ -186,8 +183,8 @@ class SGD(FusedOptimizer):
         """torch's state_dict, less the buffers no step has set yet (count 0: every step so far was skipped), so
         that it reads as torch.optim.SGD's would. Reads the counts on the host, once per call."""
         state_dict = super().state_dict()
-        unset = [index for index, state in state_dict["state"].items()
-                 if "step" in state and "momentum_buffer" in state and not bool(state["step"] != 0)]
+        unset = [index for index, state in state_dict["state"].items() if isinstance(state, dict)
+                 and "step" in state and "momentum_buffer" in state and not bool(state["step"] != 0)]
         for index in unset:
             del state_dict["state"][index]
         return state_dict
@@ -195,20 +192,9 @@ class SGD(FusedOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking that every saved buffer fits its param (else ValueError and
         nothing changes); buffers come back in fp32 on the param's device, in its layout, whatever dtype they were
-        saved in, and a buffer saved without a count (torch's) counts as set."""
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
-        if len(groups) == len(saved_groups) and all(
-            len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)
-        ):
-            params = chain.from_iterable(g["params"] for g in groups)
-            ids = chain.from_iterable(s["params"] for s in saved_groups)
-            for param_id, p in zip(ids, params):
-                buffer = state_dict["state"].get(param_id, {}).get("momentum_buffer")
-                if isinstance(buffer, Tensor) and buffer.shape != p.shape:
-                    raise ValueError(
-                        f"loaded state dict's 'momentum_buffer' of param {param_id} has shape {tuple(buffer.shape)}, "
-                        f"but the param has shape {tuple(p.shape)}"
-                    )
+        saved in, and a buffer saved without a count (torch's) counts as set. Everything it will use is checked
+        first (check_saved_state: else ValueError or TypeError, and nothing changes)."""
+        check_saved_state(self, state_dict, ("momentum_buffer",))
         self._plans.clear()
         super().load_state_dict(state_dict)
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):

@@ -84,7 +84,7 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, 
         tl.store(max_sq_ptr + offsets, second_moment, mask=mask)
     # IEEE division and square root (Triton's defaults are approximate), as the CUDA and CPU kernels use
     denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
-    p = p - step_size * tl.div_rn(m, denom)
+    p = p - tl.div_rn(step_size * m, denom)  # (step_size * m) / denom, in torch's order (adam.h)
 
     tl.store(exp_avg_ptr + offsets, m, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
@@ -101,8 +101,8 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, 
 @triton.jit
 def _adam_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
-    lr, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
-    log_beta1_bits, log_beta2_bits,  # log(beta) as the bits of an fp64: Triton passes Python floats as fp32
+    lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
+    log_beta1_bits, log_beta2_bits,  # lr and log(beta) as the bits of fp64s: Triton passes Python floats as fp32
     one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
@@ -127,8 +127,9 @@ def _adam_kernel(
         # The tensor's scalars (adam.h, adam_scalars): bias corrections in fp64 from the step count on the device.
         step = tl.load(step_ptr) + 1.0
         if HAS_LR_TENSOR:
-            lr = tl.load(lr_ptr)
-        lr64 = tl.cast(lr, tl.float64)
+            lr64 = tl.cast(tl.load(lr_ptr), tl.float64)
+        else:
+            lr64 = tl.full([], lr_bits, tl.int64).to(tl.float64, bitcast=True)
         grad_multiplier = 1.0
         if HAS_GRAD_SCALE:
             grad_multiplier = 1.0 / tl.load(grad_scale_ptr)
@@ -194,7 +195,7 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
                  HAS_FOUND_INF=found_inf is not None)
     if num_blocks > 0:
         _adam_kernel[(num_blocks,)](
-            table, lr, unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
+            table, _fp64_bits(lr), unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
             unused if found_inf is None else found_inf,
             _fp64_bits(math.log(beta1) if beta1 > 0 else -math.inf),
             _fp64_bits(math.log(beta2) if beta2 > 0 else -math.inf),

@@ -8,7 +8,9 @@
 //   m  = lerp(m, g, 1 - beta1)                           first moment
 //   v  = beta2 * v + (1 - beta2) * g * g                  second moment
 //   v̂  = max(v̂, v) when amsgrad                          (Reddi et al., 2018)
-//   p  = p - lr / (1 - beta1^t) * m / (sqrt(v̂) / sqrt(1 - beta2^t) + eps)
+//   p  = p - (lr / (1 - beta1^t) * m) / (sqrt(v̂) / sqrt(1 - beta2^t) + eps)
+// and the lr is a double until lr / (1 - beta1^t) and 1 - lr * weight_decay are rounded, as torch's Python float
+// is: fp32 steps then equal torch.optim.AdamW(foreach=False)'s bit for bit (tests/test_adam.py).
 #pragma once
 
 #include <cmath>
@@ -45,13 +47,14 @@ struct AdamScalars {
 };
 
 // `step` is the count after this update (1 on the first). Bias corrections in double, as torch computes them
-// from a Python float: fp32 powf loses ~1e-6 relative in 1 - beta2^t, enough to show after 100 steps.
-FO_HOST_DEVICE AdamScalars adam_scalars(const AdamHyper& h, float lr, float step, float grad_scale) {
+// from a Python float: fp32 powf loses ~1e-6 relative in 1 - beta2^t, enough to show after 100 steps. `lr` is the
+// Python float's double, or a tensor lr's fp32 value.
+FO_HOST_DEVICE AdamScalars adam_scalars(const AdamHyper& h, double lr, float step, float grad_scale) {
   AdamScalars s;
   const float inverse_scale = 1.0f / grad_scale;
   s.grad_multiplier = h.maximize ? -inverse_scale : inverse_scale;
   s.l2_weight_decay = h.decoupled_weight_decay ? 0.0f : static_cast<float>(h.weight_decay);
-  s.param_decay = h.decoupled_weight_decay ? static_cast<float>(1.0 - static_cast<double>(lr) * h.weight_decay) : 1.0f;
+  s.param_decay = h.decoupled_weight_decay ? static_cast<float>(1.0 - lr * h.weight_decay) : 1.0f;
   s.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
   s.beta2 = static_cast<float>(h.beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
@@ -87,7 +90,8 @@ FO_HOST_DEVICE float adam_update(float param, float grad, float& exp_avg, float&
     second_moment = max_exp_avg_sq;
   }
   const float denom = sqrtf(second_moment) / s.bias_correction2_sqrt + s.eps;
-  return param - s.step_size * (exp_avg / denom);
+  // (step_size * m) / denom, in torch's order (its addcdiv and its fused kernels alike)
+  return param - s.step_size * exp_avg / denom;
 }
 
 }  // namespace fused_optim
