@@ -7,7 +7,7 @@ PYTHON ?= $(eval PYTHON := $(shell scripts/env.sh))$(PYTHON)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: install build test bench train info clean
+.PHONY: install build test fuzz bench train info clean
 
 # The package, editable, with both C++ extensions (the CUDA one when nvcc and a CUDA build of torch are present).
 install:
@@ -24,6 +24,10 @@ $(BUILD_STAMP): setup.py $(shell find csrc -type f)
 
 test: build
 	$(PYTHON) -m pytest tests -q
+
+# The long differential fuzz run (tests/test_fuzz.py draws 40 configurations per op in `make test`).
+fuzz: build
+	FUSED_OPTIM_FUZZ_EXAMPLES=5000 $(PYTHON) -m pytest tests/test_fuzz.py -q
 
 bench: install
 	$(PYTHON) -m fused_optim bench --ops all

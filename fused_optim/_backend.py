@@ -21,6 +21,21 @@ import torch
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
+def memoized(fn):
+    """functools.cache for the backend lookups, with a plain dict: torch.compile traces a dict lookup silently, where
+    it warns about every lru_cache-wrapped call in a compiled step."""
+    results: dict = {}
+
+    @functools.wraps(fn)
+    def lookup(*args):
+        if args not in results:
+            results[args] = fn(*args)
+        return results[args]
+
+    lookup.cache_clear = results.clear
+    return lookup
+
+
 # Why each C++ extension is unusable (None: loaded). Filled by load_extensions().
 _extension_errors: dict[str, str | None] = {}
 # The instruction-set level of the CPU extension loaded (see cpu_isa()).
@@ -47,7 +62,7 @@ def _load_extension(module: str) -> str | None:
     return None
 
 
-@functools.cache
+@memoized
 def cpu_isas_supported() -> tuple[str, ...]:
     """The levels of CPU_ISA_FLAGS this CPU (and its OS) runs, widest first: from /proc/cpuinfo's flags on Linux,
     else from torch's own CPU capability."""
@@ -115,7 +130,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
+@memoized
 def triton_error() -> str | None:
     """None when Triton kernels can run here, else why not."""
     try:
@@ -138,7 +153,7 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
 
 
-@functools.cache
+@memoized
 def resolve(backend: str, device_type: str) -> str:
     """The concrete backend ("cuda", "triton", "cpu" or "torch") that runs tensors of `device_type`."""
     check_backend_name(backend)

@@ -106,13 +106,19 @@ def ulp(dtype: torch.dtype, magnitude: float) -> float:
     return torch.finfo(dtype).eps * magnitude
 
 
-def within_two_ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Elementwise |a - b| <= two ulps of `dtype` at the larger of the two (subnormals: the smallest step).
+def within_two_ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Elementwise |a - b| <= two ulps of `dtype` at the larger of the two, or of `scale` (subnormals: the smallest
+    step).
 
     Two, not one: trajectories that part by one ulp above a power of two (say at 0.26, ulp 2^-9 in bf16) are
-    two ulps apart once both have moved below it (ulp 2^-10)."""
+    two ulps apart once both have moved below it (ulp 2^-10). `scale`: the elements' magnitudes before the steps,
+    for a param that an update brought from ~1e-2 to ~1e-4, where one ulp at the start is many at the end."""
     info = torch.finfo(dtype)
-    return (a - b).abs() <= 2 * info.eps * (torch.maximum(a.abs(), b.abs()) + info.smallest_normal)
+    magnitude = torch.maximum(a.abs(), b.abs())
+    if scale is not None:
+        magnitude = torch.maximum(magnitude, scale.abs())
+    return (a - b).abs() <= 2 * info.eps * (magnitude + info.smallest_normal)
 
 
 def snapshot(opt: torch.optim.Optimizer):
@@ -154,9 +160,14 @@ def assert_identical(a, b, path="") -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, options):
-    steps, lr = 10, 1e-2
+    check_against_reference_and_torch(backend, device, dtype, options, SHAPES)
+
+
+def check_against_reference_and_torch(backend, device, dtype, options, shapes, steps=10, lr=1e-2) -> None:
+    """`steps` steps of ours and torch's at `dtype` on params of `shapes`, each compared with the float64 reference:
+    ours never worse than torch (shared with tests/test_fuzz.py)."""
     ours_cls, torch_cls, kwargs, make_lr, ref_lr, decoupled = split_options(options, lr)
-    init = [torch.randn(s) for s in SHAPES]
+    init = [torch.randn(s) for s in shapes]
     ours, theirs = make_params(init, dtype, device), make_params(init, dtype, device)
     opt = ours_cls(ours, lr=make_lr(), backend=backend, **kwargs)
     torch_opt = torch_cls(theirs, lr=make_lr(), foreach=False, **kwargs)
@@ -165,7 +176,7 @@ def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, opt
     # and math are exact, and whose only error is storing the param in a low-precision dtype, would produce.
     rounded = reference_for(ours, kwargs, ref_lr, decoupled)
     for _ in range(steps):
-        grads = random_grads(SHAPES, dtype, device)
+        grads = random_grads(shapes, dtype, device)
         set_grads(grads, ours, theirs)
         opt.step()
         torch_opt.step()
@@ -176,6 +187,8 @@ def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, opt
 
     assert all(p.dtype == dtype and p.device.type == device for p in ours)
     assert torch.isfinite(flat(ours)).all()
+    if flat(ours).numel() == 0:  # only empty params: nothing to compare, and nothing may have gone wrong
+        return
     our_max, our_mean = errors(ours, reference)
     torch_max, torch_mean = errors(theirs, reference)
     magnitude = flat(reference.params).abs().max().item()
@@ -187,14 +200,17 @@ def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, opt
     # errors in bf16, so they come out about equal, and fp16 torch usually overflows (eps = 1e-8 is 0 in fp16,
     # and a small second moment underflows to 0 too). The check against the rounded reference below is sharper.
     assert our_max <= torch_max + 0.5 * ulp(dtype, magnitude), (our_max, torch_max)
-    assert our_mean <= 1.05 * torch_mean, (our_mean, torch_mean)
+    if dtype == torch.float32 and flat(ours).numel() >= 1000:
+        # over a few elements a mean is noise (the fuzz test's small draws); in bf16/fp16 so is it where storing the
+        # param dominates both errors: the rounded-reference check below is the sharp one there
+        assert our_mean <= 1.05 * torch_mean, (our_mean, torch_mean)
     if dtype in LOW_PRECISION:
         # fp32 state and math: the only error left is storing the param, so we match the per-step-rounded
         # reference almost everywhere, and elsewhere by an ulp or two (where fp32 math and float64 math fell on
         # either side of a rounding boundary at some step).
         ours_flat, rounded_flat = flat(ours), flat(rounded.params)
         assert (ours_flat == rounded_flat).double().mean() >= 0.99
-        assert within_two_ulps(ours_flat, rounded_flat, dtype).all()
+        assert within_two_ulps(ours_flat, rounded_flat, dtype, flat(init)).all()
     else:
         # fp32: a few roundings per step, accumulated over the steps
         assert our_max <= steps * 4 * ulp(dtype, magnitude)

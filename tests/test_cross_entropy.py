@@ -157,48 +157,58 @@ def assert_within_ulps(ours, ref, dtype, ulps, slack, what):
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, reduction, options):
     for shape in SHAPES:
-        logits, target, weight, kwargs = make_case(*shape, dtype, device, **options)
-        ours_x, torch_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-        ref_x = logits.double().requires_grad_()
-        ours = FF.cross_entropy(ours_x, target, weight, reduction=reduction, backend=backend, **kwargs)
-        theirs = F.cross_entropy(torch_x, target, weight, reduction=reduction, **kwargs)
-        ref, _ = reference_loss(ref_x, target, weight, reduction, **kwargs)
-        grad_output = random_grad_output(ours)
-        (ours_grad,), (torch_grad,) = grad_of(ours, ours_x, grad_output), grad_of(theirs, torch_x, grad_output)
-        (ref_grad,) = grad_of(ref, ref_x, None if grad_output is None else grad_output.double())
+        check_against_reference_and_torch(backend, device, dtype, reduction, options, shape)
 
-        assert (ours.dtype, ours.shape, ours.device) == (theirs.dtype, theirs.shape, theirs.device), shape
-        assert (ours_grad.dtype, ours_grad.shape) == (torch_grad.dtype, torch_grad.shape), shape
-        eps, lse = torch.finfo(dtype).eps, max_lse(logits)
 
-        # The loss. Both are a handful of fp32 roundings of values of the loss's size, and in bf16/fp16 one final
-        # rounding (ours exactly one); either may land a rounding step the other side of the reference, so two
-        # ulps of slack. The kernels also form each row's loss as lse - z_t from an lse rounded to fp32, so a
-        # confident row (loss << lse) carries an ulp of lse: tolerated here (once per row summed), and pinned by
-        # test_fp32_loss_of_confident_rows_is_not_worse_than_torch. Against the reference alone too, as torch's
-        # fp16 loss sometimes overflows to inf.
-        loss_err, torch_loss_err, loss_mag = max_error(ours, ref), max_error(theirs, ref), magnitude(ref)
-        rows = int((target != kwargs["ignore_index"]).sum()) if reduction == "sum" else 1
-        slack = 2 * eps * loss_mag + 2 * FP32_EPS * lse * rows
-        assert loss_err <= 2 * torch_loss_err + slack, (shape, loss_err, torch_loss_err)
-        if dtype in LOW_PRECISION:  # computed in fp32, rounded once to the dtype: within one ulp of the value
-            assert_within_ulps(ours, ref, dtype, 1, 8 * FP32_EPS * (loss_mag + lse), f"loss {shape}")
-        else:
-            assert loss_err <= 8 * eps * max(loss_mag, lse), (shape, loss_err)
+def check_against_reference_and_torch(backend, device, dtype, reduction, options, shape) -> None:
+    """Loss and gradient of ours and torch's at `dtype` on a (N, V) case, each compared with the float64 reference:
+    ours never worse than torch (shared with tests/test_fuzz.py)."""
+    logits, target, weight, kwargs = make_case(*shape, dtype, device, **options)
+    ours_x, torch_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ref_x = logits.double().requires_grad_()
+    ours = FF.cross_entropy(ours_x, target, weight, reduction=reduction, backend=backend, **kwargs)
+    theirs = F.cross_entropy(torch_x, target, weight, reduction=reduction, **kwargs)
+    ref, _ = reference_loss(ref_x, target, weight, reduction, **kwargs)
+    grad_output = random_grad_output(ours)
+    (ours_grad,), (torch_grad,) = grad_of(ours, ours_x, grad_output), grad_of(theirs, torch_x, grad_output)
+    (ref_grad,) = grad_of(ref, ref_x, None if grad_output is None else grad_output.double())
 
-        # The gradient. In fp32 the Triton and torch kernels form p = exp(z - lse) from an lse rounded to fp32 (half
-        # an ulp of lse, 1e-6 relative at lse ~ 16), where torch divides exp(z - max) by the sum, and the CPU
-        # kernel's row sums lose as much at V = 32000: that relative error of p is the fp32 slack. In bf16/fp16,
-        # ours is rounded once ("sum"/"mean") or twice (per-row scale of "none") from fp32, torch's in its own
-        # low-precision ops: one ulp of the largest gradient of slack.
-        grad_err, torch_grad_err = max_error(ours_grad, ref_grad), max_error(torch_grad, ref_grad)
-        unit = gradient_unit(target, weight, reduction, grad_output, **kwargs)
-        slack = eps * (1 + lse) * unit if dtype == torch.float32 else eps * magnitude(ref_grad)
-        assert grad_err <= 2 * torch_grad_err + slack, (shape, grad_err, torch_grad_err)
-        if dtype in LOW_PRECISION:
-            assert_within_ulps(ours_grad, ref_grad, dtype, 2, 4 * FP32_EPS * (1 + lse) * unit, f"grad {shape}")
-        else:
-            assert grad_err <= 4 * eps * (1 + lse) * unit, (shape, grad_err)
+    assert (ours.dtype, ours.shape, ours.device) == (theirs.dtype, theirs.shape, theirs.device), shape
+    assert (ours_grad.dtype, ours_grad.shape) == (torch_grad.dtype, torch_grad.shape), shape
+    if not torch.isfinite(ref).all():  # "mean" over rows all ignored: NaN, as torch's; the gradient stays zero
+        assert torch.equal(ours.isnan(), ref.isnan()) and not ours_grad.any(), shape
+        return
+    eps, lse = torch.finfo(dtype).eps, max_lse(logits)
+
+    # The loss. Both are a handful of fp32 roundings of values of the loss's size, and in bf16/fp16 one final
+    # rounding (ours exactly one); either may land a rounding step the other side of the reference, so two
+    # ulps of slack. The kernels also form each row's loss as lse - z_t from an lse rounded to fp32, so a
+    # confident row (loss << lse) carries an ulp of lse: tolerated here (once per row summed), and pinned by
+    # test_fp32_loss_of_confident_rows_is_not_worse_than_torch. Against the reference alone too, as torch's
+    # fp16 loss sometimes overflows to inf.
+    loss_err, torch_loss_err, loss_mag = max_error(ours, ref), max_error(theirs, ref), magnitude(ref)
+    rows = int((target != kwargs["ignore_index"]).sum()) if reduction == "sum" else 1
+    slack = 2 * eps * loss_mag + 2 * FP32_EPS * lse * rows
+    assert loss_err <= 2 * torch_loss_err + slack, (shape, loss_err, torch_loss_err)
+    if dtype in LOW_PRECISION:  # computed in fp32, rounded once to the dtype: within one ulp of the value
+        assert_within_ulps(ours, ref, dtype, 1, 8 * FP32_EPS * (loss_mag + lse), f"loss {shape}")
+    else:
+        assert loss_err <= 8 * eps * max(loss_mag, lse), (shape, loss_err)
+
+    # The gradient. In fp32 the Triton and torch kernels form p = exp(z - lse) from an lse rounded to fp32 (half
+    # an ulp of lse, 1e-6 relative at lse ~ 16), where torch divides exp(z - max) by the sum, and the CPU
+    # kernel's row sums lose as much at V = 32000: that relative error of p is the fp32 slack. In bf16/fp16,
+    # ours is rounded once ("sum"/"mean") or twice (per-row scale of "none") from fp32, torch's in its own
+    # low-precision ops: one ulp of the largest gradient of slack.
+    grad_err, torch_grad_err = max_error(ours_grad, ref_grad), max_error(torch_grad, ref_grad)
+    unit = gradient_unit(target, weight, reduction, grad_output, **kwargs)
+    # (+ the fp32 math's own slack: V = 1 gives an exact 0 from C + B·W - B·w - C only up to its roundings)
+    slack = eps * (1 + lse) * unit if dtype == torch.float32 else eps * magnitude(ref_grad) + FP32_EPS * unit
+    assert grad_err <= 2 * torch_grad_err + slack, (shape, grad_err, torch_grad_err)
+    if dtype in LOW_PRECISION:
+        assert_within_ulps(ours_grad, ref_grad, dtype, 2, 4 * FP32_EPS * (1 + lse) * unit, f"grad {shape}")
+    else:
+        assert grad_err <= 4 * eps * (1 + lse) * unit, (shape, grad_err)
 
 
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS)

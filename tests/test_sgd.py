@@ -64,9 +64,14 @@ def errors(params, reference: ReferenceSGD) -> tuple[float, float]:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, options):
-    steps, lr = 6, 1e-2
+    check_against_reference_and_torch(backend, device, dtype, options, SHAPES)
+
+
+def check_against_reference_and_torch(backend, device, dtype, options, shapes, steps=6, lr=1e-2) -> None:
+    """`steps` steps of ours and torch's at `dtype` on params of `shapes`, each compared with the float64 reference:
+    ours never worse than torch (shared with tests/test_fuzz.py)."""
     kwargs, make_lr, ref_lr = split_options(options, lr)
-    init = [torch.randn(s) for s in SHAPES]
+    init = [torch.randn(s) for s in shapes]
     ours, theirs = make_params(init, dtype, device), make_params(init, dtype, device)
     opt = fused_optim.SGD(ours, lr=make_lr(), backend=backend, **kwargs)
     torch_opt = torch.optim.SGD(theirs, lr=make_lr(), foreach=False, **kwargs)
@@ -75,7 +80,7 @@ def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, opt
     # storing the param in a low-precision dtype.
     rounded = ReferenceSGD(ours, lr=ref_lr, **kwargs)
     for _ in range(steps):
-        grads = random_grads(SHAPES, dtype, device)
+        grads = random_grads(shapes, dtype, device)
         for p in ours:
             p.grad = torch.full_like(p, math.nan)  # poison: replaced below, so a kernel reading stale grads shows
         set_grads(grads, ours, theirs)
@@ -88,17 +93,22 @@ def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, opt
 
     assert all(p.dtype == dtype and p.device.type == device for p in ours)
     assert torch.isfinite(flat(ours)).all()
+    if flat(ours).numel() == 0:  # only empty params: nothing to compare, and nothing may have gone wrong
+        return
     our_max, our_mean = errors(ours, reference)
     torch_max, torch_mean = errors(theirs, reference)
     magnitude = flat(reference.params).abs().max().item()
     # Never worse than torch at the same dtype: in fp32 the same operations in the same order (half an ulp of
     # slack for an FMA either side may contract); in bf16/fp16 torch keeps its buffer in the param dtype, we in fp32.
     assert our_max <= torch_max + 0.5 * ulp(dtype, magnitude), (our_max, torch_max)
-    assert our_mean <= 1.05 * torch_mean + 1e-12, (our_mean, torch_mean)
+    if dtype == torch.float32 and flat(ours).numel() >= 1000:
+        # over a few elements a mean is noise (the fuzz test's small draws); in bf16/fp16 so is it where storing the
+        # param dominates both errors: the rounded-reference check below is the sharp one there
+        assert our_mean <= 1.05 * torch_mean + 1e-12, (our_mean, torch_mean)
     if dtype in LOW_PRECISION:
         ours_flat, rounded_flat = flat(ours), flat(rounded.params)
         assert (ours_flat == rounded_flat).double().mean() >= 0.99
-        assert within_two_ulps(ours_flat, rounded_flat, dtype).all()
+        assert within_two_ulps(ours_flat, rounded_flat, dtype, flat(init)).all()
     else:
         assert our_max <= steps * 4 * ulp(dtype, magnitude)
     if "momentum" in kwargs:

@@ -20,7 +20,7 @@ using Partial = std::conditional_t<kKind == NormKind::kInf, float, double>;
 
 // A chunk's partial.
 template <NormKind kKind, typename T>
-double chunk_partial(const void* data_ptr, int64_t begin, int64_t end, float p) {
+double chunk_partial(const void* data_ptr, int64_t begin, int64_t end, double p) {
   const auto* __restrict__ data = static_cast<const T*>(data_ptr);
   Partial<kKind> partial = 0;
   if constexpr (kKind == NormKind::kInf) {
@@ -43,7 +43,7 @@ double chunk_partial(const void* data_ptr, int64_t begin, int64_t end, float p) 
   return partial;
 }
 
-using PartialFn = double (*)(const void*, int64_t, int64_t, float);
+using PartialFn = double (*)(const void*, int64_t, int64_t, double);
 
 template <NormKind kKind>
 PartialFn pick_partial_fn(at::ScalarType dtype) {
@@ -64,7 +64,7 @@ double total_norm_of(at::TensorList tensors, double norm_type) {
     const at::Tensor& t = tensors[chunk.tensor];
     const PartialFn partial_fn = pick_partial_fn<kKind>(t.scalar_type());
     partials[index] =
-        partial_fn(t.const_data_ptr(), chunk.begin, chunk.end, static_cast<float>(norm_type));
+        partial_fn(t.const_data_ptr(), chunk.begin, chunk.end, norm_type);
   });
   double total = 0.0;
   for (const double partial : partials) total = norm_combine<kKind>(total, partial);

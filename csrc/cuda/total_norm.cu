@@ -49,7 +49,7 @@ __device__ __forceinline__ double block_combine(double value) {
 // of any finite fp32 x fits, as on the CPU); the max of |x| is exact in fp32.
 template <NormKind kKind, typename T>
 __global__ void __launch_bounds__(kThreads)
-    block_partials_kernel(const __grid_constant__ Table table, double* partials, int64_t first_partial, float p) {
+    block_partials_kernel(const __grid_constant__ Table table, double* partials, int64_t first_partial, double p) {
   using Partial = std::conditional_t<kKind == NormKind::kInf, float, double>;
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
   const T* data = static_cast<const T*>(table.tensors[work.tensor].data);
@@ -91,7 +91,7 @@ void launch_total_norm(at::TensorList tensors, double norm_type, const at::Tenso
   double* partials_data = partials.data_ptr<double>();
   int64_t first_partial = 0;  // where the next launch's blocks write
   auto launch = [&](const Table& table, int dtype) {
-    const float p = static_cast<float>(norm_type);
+    const double p = norm_type;
     switch (static_cast<at::ScalarType>(dtype)) {
       case at::kBFloat16:
         block_partials_kernel<kKind, c10::BFloat16>
