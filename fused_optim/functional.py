@@ -113,8 +113,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     backend = backend if backend is not None else _backend.default_backend()
     _loss_checks.check_linear_cross_entropy(input, linear_weight, linear_bias)
     logits_shape = (*input.shape[:-1], *linear_weight.shape[:-1])
-    _loss_checks.check_cross_entropy(torch.empty(logits_shape, dtype=input.dtype, device="meta"), target, weight,
-                                     reduction, label_smoothing)
+    # the checks of the logits this would give, on an expanded scalar: their shape, dtype and device, no memory
+    _loss_checks.check_cross_entropy(input.new_empty(()).expand(logits_shape), target, weight, reduction,
+                                     label_smoothing)
     label_smoothing = _smoothing(label_smoothing)
     if is_dtensor(linear_weight):
         return _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
