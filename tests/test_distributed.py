@@ -26,12 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import TRITON_INTERPRETED
 from spawn import GLOO_AVAILABLE, run_workers
+from token_batches import IGNORE, classifier, rank_micro_batches
 
 import fused_optim
 
 WORLD = 2
-IGNORE = -100
-CLASSES, FEATURES = 7, 6
 # (counted, ignored) tokens of each micro-batch, per rank: different counts and different numbers of micro-batches
 RANK_BATCHES = [[(1, 2), (9, 0), (30, 5)], [(4, 1), (17, 3)]]
 GLOBAL_TOKENS = sum(counted for batches in RANK_BATCHES for counted, _ in batches)
@@ -42,31 +41,11 @@ BACKENDS = ("cpu", "torch") + (("triton",) if TRITON_INTERPRETED else ())
 pytestmark = pytest.mark.skipif(not GLOO_AVAILABLE, reason="torch.distributed with gloo is not available")
 
 
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(FEATURES, 10), torch.nn.Tanh(), torch.nn.Linear(10, CLASSES))
-
-
-def make_data() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Every rank's micro-batches, the same in every process."""
-    generator = torch.Generator().manual_seed(1234)
-    data = []
-    for batches in RANK_BATCHES:
-        rank_data = []
-        for counted, ignored in batches:
-            x = torch.randn(counted + ignored, FEATURES, generator=generator)
-            y = torch.randint(0, CLASSES, (counted + ignored,), generator=generator)
-            y[torch.randperm(counted + ignored, generator=generator)[:ignored]] = IGNORE
-            rank_data.append((x, y))
-        data.append(rank_data)
-    return data
-
-
 def run_pattern(rank: int, pattern: str, backend: str) -> dict:
     """One accumulation step on this rank; returns its finalized grads, norm and the counts all-reduced."""
-    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    model = torch.nn.parallel.DistributedDataParallel(classifier())
     acc = fused_optim.GradAccumulator(model.parameters(), backend=backend, use_hooks=pattern.startswith("hooks"))
-    mine = make_data()[rank]
+    mine = rank_micro_batches(RANK_BATCHES)[rank]
     tokens = torch.zeros((), dtype=torch.int64)
     for i, (x, y) in enumerate(mine):
         synced = pattern.endswith("then-sync") and i == len(mine) - 1
@@ -106,8 +85,8 @@ def results(tmp_path_factory) -> list[dict]:
 def global_mean_grads_clipped() -> tuple[list[torch.Tensor], float]:
     """The global batch's mean-loss gradient in float64 from one backward over every rank's data, its norm, and
     that gradient clipped to MAX_NORM."""
-    model = make_model().double()
-    data = [batch for rank_data in make_data() for batch in rank_data]
+    model = classifier().double()
+    data = [batch for rank_data in rank_micro_batches(RANK_BATCHES) for batch in rank_data]
     x = torch.cat([x for x, _ in data]).double()
     y = torch.cat([y for _, y in data])
     F.cross_entropy(model(x), y, ignore_index=IGNORE).backward()

@@ -22,15 +22,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from spawn import GLOO_AVAILABLE, run_workers
+from token_batches import IGNORE, classifier, rank_micro_batches
 
 import fused_optim
+from fused_optim.bench.fsdp import CountCollectives
 from fused_optim.ops.adam import adam_step
 from fused_optim.ops.total_norm import total_norm
 
 pytestmark = pytest.mark.skipif(not GLOO_AVAILABLE, reason="torch.distributed with gloo is not available")
 
 if GLOO_AVAILABLE:
-    import torch.distributed._functional_collectives as funcol
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -121,34 +122,6 @@ def state_like_params(opt) -> bool:
                                           and value.placements == p.placements):
                     return False
     return True
-
-
-class CountCollectives:
-    """Counts the collectives issued while active (functional and c10d all-reduce / all-gather / reduce-scatter)."""
-
-    NAMES = {funcol: ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor"),
-             dist: ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather")} \
-        if GLOO_AVAILABLE else {}
-
-    def __enter__(self):
-        self.count, self.saved = 0, []
-        for module, names in self.NAMES.items():
-            for name in names:
-                original = getattr(module, name)
-                self.saved.append((module, name, original))
-                setattr(module, name, self._counting(original))
-        return self
-
-    def _counting(self, original):
-        @functools.wraps(original)
-        def counted(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-        return counted
-
-    def __exit__(self, *exc):
-        for module, name, original in self.saved:
-            setattr(module, name, original)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,6 +215,18 @@ def fsdp_norms(rank: int, world: int) -> dict:
             "clipped_torch": [full(p.grad) for p in torch_model.parameters()]}
 
 
+def steps_counting_collectives(model, opt, dp_rank: int) -> list[int]:
+    """Runs STEPS steps on the 2 x 2 mesh's data and returns how many collectives each `opt.step()` issued."""
+    counts = []
+    for step in range(STEPS):
+        backward(model, step, dp_rank, 2)
+        with CountCollectives() as collectives:
+            opt.step()
+        opt.zero_grad()
+        counts.append(collectives.count)
+    return counts
+
+
 def two_d_mesh(rank: int, world: int) -> dict:
     """FSDP x TP on a 2 x 2 mesh: column- then row-parallel Linears (the second's bias replicated over tp), each
     sharded over dp by FSDP2. Every param is a DTensor on the 2-D mesh; the norm counts the replicated bias once."""
@@ -258,13 +243,7 @@ def two_d_mesh(rank: int, world: int) -> dict:
         ours_model, torch_model = parallel_model(), parallel_model()
         ours = make_optimizer(name, ours_model.parameters(), True)
         theirs = make_optimizer(name, torch_model.parameters(), False)
-        step_collectives = []
-        for step in range(STEPS):
-            backward(ours_model, step, dp_rank, 2)
-            with CountCollectives() as collectives:
-                ours.step()
-            ours.zero_grad()
-            step_collectives.append(collectives.count)
+        step_collectives = steps_counting_collectives(ours_model, ours, dp_rank)
         train(torch_model, theirs, dp_rank=dp_rank, dp_size=2, clip=MAX_NORM)
         results[name] = {"ours": full_params(ours_model), "torch": full_params(torch_model),
                          "state_like_params": state_like_params(ours), "step_collectives": step_collectives,
@@ -275,13 +254,7 @@ def two_d_mesh(rank: int, world: int) -> dict:
     parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(output_layouts=Replicate())})
     model = fsdp(model, mesh["dp"])
     opt = make_optimizer("adamw-clip", model.parameters(), True)
-    step_collectives = []
-    for step in range(STEPS):
-        backward(model, step, dp_rank, 2)
-        with CountCollectives() as collectives:
-            opt.step()
-        opt.zero_grad()
-        step_collectives.append(collectives.count)
+    step_collectives = steps_counting_collectives(model, opt, dp_rank)
     results["two meshes"] = {"ours": full_params(model), "step_collectives": step_collectives,
                              "meshes": [p.device_mesh.ndim for p in model.parameters()]}
     model = parallel_model()
@@ -329,27 +302,7 @@ def zero_redundancy(rank: int, world: int) -> dict:
 
 # GradAccumulator: (counted, ignored) target tokens of each micro-batch, per rank; the same number of micro-batches
 # on each rank (FSDP2 all-gathers in every forward), different token counts.
-CLASSES, INPUTS, IGNORE = 7, 6, -100
 RANK_MICRO_BATCHES = [[(1, 2), (9, 0), (30, 5)], [(4, 1), (17, 3), (6, 6)]]
-
-
-def classifier() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(INPUTS, 10), torch.nn.Tanh(), torch.nn.Linear(10, CLASSES))
-
-
-def micro_batches() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    generator = torch.Generator().manual_seed(1234)
-    data = []
-    for batches in RANK_MICRO_BATCHES:
-        rank_data = []
-        for counted, ignored in batches:
-            x = torch.randn(counted + ignored, INPUTS, generator=generator)
-            y = torch.randint(0, CLASSES, (counted + ignored,), generator=generator)
-            y[torch.randperm(counted + ignored, generator=generator)[:ignored]] = IGNORE
-            rank_data.append((x, y))
-        data.append(rank_data)
-    return data
 
 
 def accumulator(rank: int, world: int) -> dict:
@@ -358,7 +311,7 @@ def accumulator(rank: int, world: int) -> dict:
     model = fsdp(classifier())  # FSDP2's default: gradients averaged over the ranks, which finalize() undoes
     acc = fused_optim.GradAccumulator(model.parameters())
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2)
-    mine = micro_batches()[rank]
+    mine = rank_micro_batches(RANK_MICRO_BATCHES)[rank]
     tokens = torch.zeros((), dtype=torch.int64)
     for i, (x, y) in enumerate(mine):
         model.set_requires_gradient_sync(i == len(mine) - 1)
@@ -590,7 +543,7 @@ def test_zero_redundancy_optimizer(two):
 
 def test_grad_accumulator_under_fsdp2_equals_the_full_batch(two):
     model = classifier().double()
-    data = [batch for rank_data in micro_batches() for batch in rank_data]
+    data = [batch for rank_data in rank_micro_batches(RANK_MICRO_BATCHES) for batch in rank_data]
     x, y = torch.cat([x for x, _ in data]).double(), torch.cat([y for _, y in data])
     F.cross_entropy(model(x), y, ignore_index=IGNORE).backward()
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))

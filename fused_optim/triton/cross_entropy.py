@@ -39,6 +39,33 @@ def _capped(x, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _online_row_stats(x_row, weight_ptr, row_length, num_classes, softcap, HAS_WEIGHT: tl.constexpr,
+                      SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1 over one row's first row_length of num_classes logits: the max, the sum of exp(z - max) (rescaled
+    online) and the lanes of the class-weighted logit sum."""
+    cols = tl.arange(0, BLOCK)
+    running_max = -float("inf")
+    running_sum = 0.0
+    weighted_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, row_length, BLOCK):
+        offsets = start + cols
+        mask = offsets < num_classes
+        z = _capped(tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+        new_max = tl.maximum(running_max, tl.max(tl.where(mask, z, -float("inf")), axis=0))
+        # One rescale per piece. While every logit so far is masked (-inf), exponentiate against 0 instead:
+        # -inf - -inf would be NaN, exp(-inf - 0) is the 0 they add.
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.where(mask, tl.exp(z - shift), 0.0), axis=0)
+        running_max = new_max
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
+        else:
+            w = tl.where(mask, 1.0, 0.0)
+        weighted_sum += w * tl.where(mask, z, 0.0)
+    return running_max, running_sum, weighted_sum
+
+
+@triton.jit
 def _cross_entropy_forward_kernel(
     logits_ptr,  # (N, V), rows row_stride elements apart
     target_ptr,  # (N,) int64
@@ -69,25 +96,8 @@ def _cross_entropy_forward_kernel(
     in_range = (target >= 0) & (target < num_classes)
     row_length = tl.where(kept, num_classes, 0)  # an ignored row reads nothing
 
-    running_max = -float("inf")
-    running_sum = 0.0
-    weighted_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, row_length, BLOCK):
-        offsets = start + cols
-        mask = offsets < num_classes
-        z = _capped(tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
-        piece_max = tl.max(tl.where(mask, z, -float("inf")), axis=0)
-        new_max = tl.maximum(running_max, piece_max)
-        # One rescale per piece. While every logit so far is masked (-inf), exponentiate against 0 instead:
-        # -inf - -inf would be NaN, exp(-inf - 0) is the 0 they add.
-        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.where(mask, tl.exp(z - shift), 0.0), axis=0)
-        running_max = new_max
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
-        else:
-            w = tl.where(mask, 1.0, 0.0)
-        weighted_sum += w * tl.where(mask, z, 0.0)
+    running_max, running_sum, weighted_sum = _online_row_stats(x_row, weight_ptr, row_length, num_classes, softcap,
+                                                                HAS_WEIGHT, SOFTCAP, BLOCK)
     log_sum = tl.log(running_sum)
     lse = running_max + log_sum
     inv_sum = 1.0 / running_sum
@@ -153,27 +163,12 @@ def _shard_stats_kernel(
     outside the whole vocabulary gives a NaN target logit, hence a NaN loss, as the forward kernel does."""
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * row_stride
-    cols = tl.arange(0, BLOCK)
     softcap = tl.cast(softcap, tl.float32)
     target = tl.load(target_ptr + row)
     kept = target != ignore_index
     row_length = tl.where(kept, shard_classes, 0)  # an ignored row reads nothing and combines into nothing
-    running_max = -float("inf")
-    running_sum = 0.0
-    weighted_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, row_length, BLOCK):
-        offsets = start + cols
-        mask = offsets < shard_classes
-        z = _capped(tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
-        new_max = tl.maximum(running_max, tl.max(tl.where(mask, z, -float("inf")), axis=0))
-        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.where(mask, tl.exp(z - shift), 0.0), axis=0)
-        running_max = new_max
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
-        else:
-            w = tl.where(mask, 1.0, 0.0)
-        weighted_sum += w * tl.where(mask, z, 0.0)
+    running_max, running_sum, weighted_sum = _online_row_stats(x_row, weight_ptr, row_length, shard_classes, softcap,
+                                                                HAS_WEIGHT, SOFTCAP, BLOCK)
     local_target = target - class_start
     here = kept & (local_target >= 0) & (local_target < shard_classes)
     target_logit = _capped(tl.load(x_row + tl.where(here, local_target, 0), mask=here, other=0.0).to(tl.float32),
