@@ -1,36 +1,47 @@
 # fused_optim developer entry points. Each target finds (or makes) a Python with torch and the dev dependencies
 # through scripts/env.sh: the active virtual environment if there is one, else a cached venv under
-# $HOME/.cache/fused_optim/ keyed by requirements-dev.txt.
+# $HOME/.cache/fused_optim/ keyed by requirements-dev.txt (torch) and pyproject.toml's dev extra.
 SHELL := /bin/bash
 # Evaluated once, on first use (not for `make clean`).
 PYTHON ?= $(eval PYTHON := $(shell scripts/env.sh))$(PYTHON)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: install build test fuzz bench train info clean
+.PHONY: install build test check-wheel fuzz bench bench-full train info clean
 
-# The package, editable, with both C++ extensions (the CUDA one when nvcc and a CUDA build of torch are present).
-install:
-	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
-
-# In-place build only, what `make test` needs; skipped while the stamp is newer than every build input (CI restores
-# its cached extensions with a fresh stamp). After changing torch or the compilers: make clean.
+# One build for every command: setup.py compiles each extension in build/temp/<extension>/ with ninja, so
+# `make build`, `make install` and a hand-run `pip install --no-build-isolation -e .` share their objects and a
+# changed .cu file recompiles alone; an in-place build writes the stamp, and `make build` is skipped while the stamp
+# is newer than every build input (CI restores its cached extensions with a fresh stamp).
 BUILD_STAMP := fused_optim/.extensions-built
 build: $(BUILD_STAMP)
 
 $(BUILD_STAMP): setup.py $(shell find csrc -type f)
-	$(PYTHON) setup.py -q build_ext --inplace
-	touch $@
+	$(PYTHON) setup.py build_ext --inplace
+
+# The package, editable, with both C++ extensions (the CUDA one when nvcc and a CUDA build of torch are present):
+# after `make build` only the link steps run again.
+install: build
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
 	$(PYTHON) -m pytest tests -q
+
+# A wheel (every CPU level; CUDA too when it builds), installed into a fresh venv and tested there.
+check-wheel:
+	scripts/check_wheel.sh $(PYTHON)
 
 # The long differential fuzz run (tests/test_fuzz.py draws 40 configurations per op in `make test`).
 fuzz: build
 	FUSED_OPTIM_FUZZ_EXAMPLES=5000 $(PYTHON) -m pytest tests/test_fuzz.py -q
 
+# A first result in a couple of minutes: three ops at small sizes, a table and out/bench-quick.json.
 bench: install
-	$(PYTHON) -m fused_optim bench --ops all
+	$(PYTHON) -m fused_optim bench --quick --ops adamw,ce,accumulate --json out/bench-quick.json
+
+# Every op at its full sizes (tens of minutes on a 2-core CPU): out/bench-full.json.
+bench-full: install
+	$(PYTHON) -m fused_optim bench --ops all --json out/bench-full.json
 
 # A small GPT trained with the package beside torch's AdamW and cross-entropy (seconds; drop --quick for minutes).
 train: install

@@ -1,4 +1,4 @@
-"""Builds fused_optim's C++ extensions (DESIGN.md, Build).
+"""Builds fused_optim's C++ extensions (docs/design.md, Build).
 
 - `fused_optim._C_cpu_<isa>`: the CPU kernels, always, once per instruction-set level of the machine's architecture
   (x86-64: baseline, avx2, avx512; aarch64: neon; others: baseline). fused_optim/_backend.py loads the widest one
@@ -8,7 +8,8 @@
 
 Environment:
   FUSED_OPTIM_BUILD_CUDA=auto|0|1   auto (default) builds CUDA when it can; 1 fails loudly when it cannot.
-  TORCH_CUDA_ARCH_LIST              GPU architectures (default: the visible GPU's, else 9.0).
+  TORCH_CUDA_ARCH_LIST              GPU architectures (default: the visible GPU's, else 9.0; a wheel: 8.0, 9.0,
+                                    10.0 and PTX for newer GPUs).
   MAX_JOBS                          parallel compile jobs (ninja).
   FUSED_OPTIM_CPU_ISAS              the CPU levels to build, comma-separated (default: all of the architecture's).
   FUSED_OPTIM_PTXAS_VERBOSE=1       print registers and spills of every CUDA kernel.
@@ -17,6 +18,7 @@ Environment:
 import glob
 import os
 import platform
+import shutil
 import sys
 
 from setuptools import setup
@@ -39,6 +41,7 @@ def sources(pattern):
 
 
 HEADERS = sources("csrc/include/fused_optim/*.h")
+WHEEL_CUDA_ARCHS = "8.0;9.0;10.0+PTX"
 
 
 def cuda_build_wanted():
@@ -104,8 +107,11 @@ def extensions():
     ]
     build_cuda, reason = cuda_build_wanted()
     if build_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: build for Hopper
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            if "bdist_wheel" in sys.argv:  # a wheel is for every GPU: Ampere, Hopper, Blackwell, PTX for newer ones
+                os.environ["TORCH_CUDA_ARCH_LIST"] = WHEEL_CUDA_ARCHS
+            elif not torch.cuda.is_available():
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: build for Hopper
         nvcc_flags = ["-O3", "-lineinfo"]
         if os.environ.get("FUSED_OPTIM_PTXAS_VERBOSE") == "1":
             nvcc_flags.append("-Xptxas=-v")
@@ -124,7 +130,44 @@ def extensions():
     return exts
 
 
-setup(
-    ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+# Written beside the extensions: the torch they were built against (_backend.py refuses to load them under another
+# torch, whose C++ ABI may differ, and runs the torch backend instead), and, for an in-place build, the stamp that
+# tells `make build` the extensions are newer than their sources.
+TORCH_RECORD = "_extensions_torch_version.txt"
+BUILD_STAMP = os.path.join(ROOT, "fused_optim", ".extensions-built")
+
+
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja build, with each extension's objects in a folder of its own under build/temp.
+
+    pip's editable install compiles in a throw-away folder, so `pip install -e .` and `setup.py build_ext --inplace`
+    never shared an object; and the CPU levels compile the same sources with other flags, so in one folder each
+    level overwrote the previous level's objects and ninja compiled everything again every time. With a fixed folder
+    per extension, a change to one .cu file recompiles that file only, whichever command builds.
+    """
+
+    def build_extension(self, ext):
+        shared_temp = self.build_temp
+        self.build_temp = os.path.join(ROOT, "build", "temp", ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared_temp
+
+    def run(self):
+        super().run()
+        package_dir = os.path.dirname(self.get_ext_fullpath(self.extensions[0].name))
+        with open(os.path.join(package_dir, TORCH_RECORD), "w") as record:
+            record.write(torch.__version__ + "\n")
+        if self.inplace:
+            with open(BUILD_STAMP, "w"):
+                pass
+
+
+if "bdist_wheel" in sys.argv:
+    # A wheel packs whatever build/lib* holds: start it empty, so that no extension of an earlier build (another
+    # FUSED_OPTIM_BUILD_CUDA or FUSED_OPTIM_CPU_ISAS) rides along. The objects in build/temp stay.
+    for stale in glob.glob(os.path.join(ROOT, "build", "lib*")):
+        shutil.rmtree(stale)
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension})

@@ -51,10 +51,35 @@ CPU_ISA_FLAGS = {
 }
 
 
+# Written by setup.py beside the extensions: the version of the torch they were built against.
+TORCH_RECORD = os.path.join(os.path.dirname(__file__), "_extensions_torch_version.txt")
+
+
+def _release(version: str) -> tuple[str, ...]:
+    """A torch version's major.minor: its C++ ABI may change from one minor release to the next."""
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def torch_mismatch() -> str | None:
+    """Why the C++ extensions must not be loaded under this torch (built against another release), or None."""
+    try:
+        with open(TORCH_RECORD) as record:
+            built_for = record.read().strip()
+    except OSError:
+        return None  # no record: an older build; loading it is the only test
+    if _release(built_for) != _release(torch.__version__):
+        return (f"built for torch {built_for}, not this torch {torch.__version__} (rebuild it: "
+                f"pip install --no-build-isolation -e .); the torch backend runs instead")
+    return None
+
+
 def _load_extension(module: str) -> str | None:
     spec = importlib.util.find_spec(f"fused_optim.{module}")
     if spec is None or spec.origin is None:
         return "not built (install with `pip install --no-build-isolation -e .`)"
+    mismatch = torch_mismatch()
+    if mismatch is not None:
+        return f"not loaded: {mismatch}"
     try:
         torch.ops.load_library(spec.origin)
     except (OSError, RuntimeError) as error:

@@ -7,19 +7,20 @@
 # (CI included) reuse the 5.5 GB torch install and a changed requirement makes a new one.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-requirements="$root/requirements-dev.txt"
-# import names of the dev dependencies, checked before anything is installed
-imports="torch numpy ninja pytest pytest_timeout pytest_benchmark hypothesis expecttest rich"
+requirements="$root/requirements-dev.txt"  # torch
 
 if [[ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]]; then
     python="$(command -v python)"
     "$python" -c "import torch" 2>/dev/null || { echo "env.sh: install torch in the active environment first" >&2; exit 1; }
-    if ! "$python" -c "import ${imports// /, }" 2>/dev/null; then
-        grep -v '^torch' "$requirements" | "$python" -m pip install -q -r /dev/stdin >&2
+    dev="$("$python" "$root/scripts/dev_requirements.py")"
+    imports="$(echo $dev | tr ' -' ',_')"  # the import names: pytest-timeout -> pytest_timeout
+    if ! "$python" -c "import $imports" 2>/dev/null; then
+        echo "$dev" | "$python" -m pip install -q -r /dev/stdin >&2
     fi
 else
     base_python="${PYTHON:-python3}"
-    key="$( (cat "$requirements"; "$base_python" --version) | sha256sum | cut -c1-16)"
+    dev="$("$base_python" "$root/scripts/dev_requirements.py")"
+    key="$( (cat "$requirements"; echo "$dev"; "$base_python" --version) | sha256sum | cut -c1-16)"
     venv="${FUSED_OPTIM_VENV:-$HOME/.cache/fused_optim/venv-$key}"
     # The marker is written last: a venv without it is an interrupted install, and is made again from nothing.
     if [[ ! -f "$venv/.complete" ]]; then
@@ -28,6 +29,7 @@ else
         "$base_python" -m venv "$venv"
         "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel >&2
         "$venv/bin/python" -m pip install -q -r "$requirements" >&2
+        echo "$dev" | "$venv/bin/python" -m pip install -q -r /dev/stdin >&2
         touch "$venv/.complete"
     fi
     python="$venv/bin/python"

@@ -230,7 +230,7 @@ def test_fp32_matches_torch_adamw_after_100_steps(backend, device):
         opt.step()
         torch_opt.step()
         reference.step(grads)
-    # ~1e-6 relative to the params' scale (DESIGN.md's numerics contract): the kernels round each operation as
+    # ~1e-6 relative to the params' scale (docs/design.md's numerics contract): the kernels round each operation as
     # torch does (no FMA contraction in the CPU build), so only one-ulp differences (the fp64 bias corrections,
     # the fp32 lr) random-walk apart, about sqrt(100) ulps after 100 steps. A wrong formula is off by ~lr = 1e-3.
     diff = (flat(ours) - flat(theirs)).abs().max().item()

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ import fused_optim
 from fused_optim import _backend
 
 PACKAGE_DIR = os.path.dirname(fused_optim.__file__)
+ROOT = os.path.dirname(PACKAGE_DIR)
 CPU_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cpu*.so")))
 CUDA_EXTENSION_BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C_cuda*.so")))
 ADAM_OPS = ["adam_step_", "adam_step_triton_", "adam_step_torch_"]
@@ -169,6 +173,38 @@ def test_an_unloadable_extension_is_a_reason(fresh_caches, tmp_path):
     reason = _backend._load_extension("_C_broken")
     assert reason.startswith("not loadable (_C_broken.abi3.so: ")
     assert _backend._load_extension("_C_absent").startswith("not built")
+
+
+@pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
+def test_the_build_records_the_torch_it_was_built_against():
+    with open(_backend.TORCH_RECORD) as record:
+        assert record.read().strip() == torch.__version__
+    assert _backend.torch_mismatch() is None
+
+
+@pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
+def test_under_another_torch_release_the_extensions_are_refused_and_torch_runs():
+    # A process whose torch says it is another release: the extensions, built against this one, must not be loaded
+    # (another release's C++ ABI may crash them); the reason is one sentence, and a step runs on the torch backend.
+    code = """
+import json, torch
+torch.__version__ = "2.3.1"
+import fused_optim
+p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
+fused_optim.AdamW([p], lr=0.1).step()
+info = fused_optim.backends()
+print(json.dumps([info["extensions"]["cpu"], info["extensions"]["cuda"], info["auto"]["cpu"], p.tolist()]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr
+    cpu_error, cuda_error, auto, param = json.loads(done.stdout.splitlines()[-1])
+    assert cpu_error.startswith(f"not loaded: built for torch {torch.__version__}, not this torch 2.3.1")
+    assert _one_sentence(cpu_error + ".")
+    if CUDA_EXTENSION_BUILT:
+        assert cuda_error == cpu_error
+    assert auto == "torch"
+    assert param == pytest.approx([1 - 0.1 - 0.1 * 0.01] * 3, abs=1e-6)  # lr * (m_hat / sqrt(v_hat)) = lr; decay
 
 
 @pytest.mark.parametrize("op", ADAM_OPS)

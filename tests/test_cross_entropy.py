@@ -213,7 +213,7 @@ def check_against_reference_and_torch(backend, device, dtype, reduction, options
 
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS)
 def test_fp32_gradient_at_a_real_vocabulary_is_not_worse_than_torch(backend, device):
-    """DESIGN.md: "our error is never worse than torch's own implementation at the same dtype". Over a 32000-wide
+    """docs/design.md: "our error is never worse than torch's own implementation at the same dtype". Over a 32000-wide
     vocabulary both the mean and the max error of the fp32 gradient must be within 25% of torch's (+ half an ulp of
     the largest gradient on the max). Each p_j = exp(z_j - max) / sum carries the relative error of its row's sum,
     which grows with the terms each fp32 accumulator adds up: 8 lanes of 4000 terms gave ~5e-6 here, twice torch's

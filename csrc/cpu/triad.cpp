@@ -1,5 +1,5 @@
 // STREAM's triad, a = b + scalar * c, over OpenMP threads: the streaming roof this machine's memory reaches,
-// measured by the benchmarks beside each op. torch's copy_ is no roof on the CPU (DESIGN.md, Benchmarks).
+// measured by the benchmarks beside each op. torch's copy_ is no roof on the CPU (docs/design.md, Benchmarks).
 //
 // The stores bypass the cache (non-temporal): a plain store first reads the line it writes (write-allocate), so
 // a triad counted as 12 bytes an element would move 16 and report a quarter less than the memory delivers

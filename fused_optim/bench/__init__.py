@@ -1,4 +1,4 @@
-"""fused_optim.bench: the measurement core behind `fused-optim bench` (DESIGN.md, Benchmarks).
+"""fused_optim.bench: the measurement core behind `fused-optim bench` (docs/design.md, Benchmarks).
 
 Each op reports its time beside its peers, its bandwidth by a bytes model (the fewest bytes the op must move) and
 that bandwidth as % of the memory roof measured at the start of the same run: a large device-to-device `copy_` on a

@@ -1,4 +1,4 @@
-"""Timing and the memory roof, on the CPU and on a CUDA GPU (DESIGN.md, Benchmarks).
+"""Timing and the memory roof, on the CPU and on a CUDA GPU (docs/design.md, Benchmarks).
 
 - GPU: `triton.testing.do_bench` (CUDA events around each call, L2 flushed before each) → the 25th, 50th and 75th
   percentiles; without Triton, the same with a plain CUDA-event loop.
@@ -134,7 +134,7 @@ def memory_roof(device: torch.device | str, n_elements: int | None = None, budge
     CUDA: `dst.copy_(src)` over 2**28 fp32 elements (1 GiB each way), counting read + write (8 bytes/element).
     CPU: `fused_optim.ops.triad.triad_` (a = b + s·c, OpenMP) over 2**26 fp32 elements (768 MiB in all, far past
     any cache), counting 3 arrays (12 bytes/element, STREAM's convention: no write-allocate traffic). Also
-    reported on the CPU, not used as the roof: torch's `copy_` bandwidth (DESIGN.md: it is no roof there).
+    reported on the CPU, not used as the roof: torch's `copy_` bandwidth (docs/design.md: it is no roof there).
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -1,4 +1,4 @@
-"""torch.library ops: schemas, fake impls and backend choice (DESIGN.md, layer 5). Importing this defines every op,
+"""torch.library ops: schemas, fake impls and backend choice (docs/design.md, the ops layer). Importing this defines every op,
 then loads the C++ extensions that add their CPU and CUDA kernels."""
 
 from fused_optim import _backend

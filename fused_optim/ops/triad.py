@@ -1,5 +1,5 @@
 """STREAM triad on the CPU, a = b + scalar * c (csrc/cpu/triad.cpp): the memory roof the CPU benchmarks report
-their bandwidth against. torch's copy_ is no roof there (DESIGN.md, Benchmarks)."""
+their bandwidth against. torch's copy_ is no roof there (docs/design.md, Benchmarks)."""
 
 import torch
 

@@ -1,7 +1,7 @@
 // The math of one Adam/AdamW element, shared by the CUDA kernel (csrc/cuda/adam.cu) and the CPU kernel
 // (csrc/cpu/adam.cpp), so the CPU tests exercise the exact arithmetic the GPU runs.
 //
-// Everything is fp32 whatever the parameter dtype (DESIGN.md, numerics contract). The order of operations follows
+// Everything is fp32 whatever the parameter dtype (docs/design.md, the numerics contract). The order of operations follows
 // torch.optim.Adam's single-tensor path (foreach=False), the reference torch's own tests use:
 //   g  = grad / grad_scale, negated when maximizing; plus weight_decay * param for Adam's coupled (L2) decay
 //   p  = p * (1 - lr * weight_decay)                     AdamW's decoupled decay (Loshchilov & Hutter, 2019)

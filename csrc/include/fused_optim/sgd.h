@@ -2,7 +2,7 @@
 // so the CPU tests exercise the same formulas in the same order as the GPU (nvcc may still fuse a multiply and an
 // add into one FMA where the CPU build rounds twice: the results may differ in the last bit).
 //
-// Everything is fp32 whatever the parameter dtype, the momentum buffer included (DESIGN.md, numerics contract).
+// Everything is fp32 whatever the parameter dtype, the momentum buffer included (docs/design.md, the numerics contract).
 // The order of operations follows torch.optim.SGD's single-tensor path (foreach=False):
 //   g   = grad / grad_scale, negated when maximizing
 //   g   = g + weight_decay * p                       L2 decay, coupled into the gradient
