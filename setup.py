@@ -33,14 +33,15 @@ except ImportError:
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-INCLUDE = [os.path.join(ROOT, "csrc", "include")]
+# csrc/include/fused_optim/: the math shared by CPU and CUDA; csrc/ops/: each op's C++ signature and checks
+INCLUDE = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
 
 
 def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-HEADERS = sources("csrc/include/fused_optim/*.h")
+HEADERS = sources("csrc/include/fused_optim/*.h") + sources("csrc/ops/*.h")
 WHEEL_CUDA_ARCHS = "8.0;9.0;10.0+PTX"
 
 

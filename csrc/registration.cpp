@@ -3,11 +3,11 @@
 // The CUDA extension registers its kernels in csrc/cuda/registration.cpp.
 #include <torch/library.h>
 
-#include "fused_optim/accumulate_launch.h"
-#include "fused_optim/adam_launch.h"
-#include "fused_optim/cross_entropy_launch.h"
-#include "fused_optim/sgd_launch.h"
-#include "fused_optim/total_norm_launch.h"
+#include "ops/accumulate.h"
+#include "ops/adam.h"
+#include "ops/cross_entropy.h"
+#include "ops/sgd.h"
+#include "ops/total_norm.h"
 
 namespace fused_optim {
 void triad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double scalar);

@@ -32,8 +32,8 @@ from torch import Tensor
 from fused_optim import _backend
 from fused_optim.clip_grad import clip_coefficient, global_norm
 from fused_optim.ops._dtensor import DTensor, is_dtensor
+from fused_optim.ops._library import FLOAT_DTYPES, dense
 from fused_optim.ops.accumulate import accumulate_grads
-from fused_optim.ops.adam import dense
 
 _ALIGN = 16  # elements of fp32: every main grad starts on a 64-byte boundary
 
@@ -122,7 +122,7 @@ class GradAccumulator:
         # one flat buffer per device for plain params, and one per device mesh for DTensor params (their shards)
         self._indices_by_buffer: dict[tuple[torch.device, object], list[int]] = {}
         for i, p in enumerate(self.params):
-            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            if p.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"GradAccumulator takes float32, bfloat16 and float16 params, not {p.dtype}")
             self._indices_by_buffer.setdefault((p.device, p.device_mesh if is_dtensor(p) else None), []).append(i)
         self.flat_grads: dict[tuple[torch.device, object], Tensor] = {}

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fused_optim import _backend
 from fused_optim.ops._dtensor import DTensor, Replicate, is_dtensor, reduction_mesh
+from fused_optim.ops._library import FLOAT_DTYPES
 from fused_optim.ops.total_norm import kernel_supports, total_norm
 
 
@@ -95,7 +96,7 @@ def clip_grad_norm_(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    if not kernel_supports(norm_type) or any(g.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+    if not kernel_supports(norm_type) or any(g.dtype not in FLOAT_DTYPES
                                              or g.is_sparse for g in grads):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     norm = global_norm(grads, norm_type, backend)

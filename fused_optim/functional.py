@@ -31,10 +31,10 @@ from fused_optim.autograd.cross_entropy import CrossEntropyFunction
 from fused_optim.autograd.linear_cross_entropy import LinearCrossEntropyFunction, chunk_rows
 from fused_optim.autograd.vocab_parallel import VocabShard
 from fused_optim.ops._dtensor import is_dtensor
+from fused_optim.ops._library import FLOAT_DTYPES
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
@@ -64,7 +64,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if is_dtensor(input):
         return _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                              softcap, return_z_loss, inplace_backward, backend)
-    if target.is_floating_point() or input.dtype not in _KERNEL_DTYPES:
+    if target.is_floating_point() or input.dtype not in FLOAT_DTYPES:
         loss, z = _cross_entropy_composite(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                            softcap)
         return (loss, z.detach()) if return_z_loss else loss
@@ -122,7 +122,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                                     ignore_index, label_smoothing, z_loss, softcap, return_z_loss,
                                                     batch_chunk_size=getattr(options, "batch_chunk_size", None),
                                                     backend=backend)
-    if target.is_floating_point() or input.dtype not in _KERNEL_DTYPES or linear_weight.dim() != 2:
+    if target.is_floating_point() or input.dtype not in FLOAT_DTYPES or linear_weight.dim() != 2:
         # (C, d1, ..., in_features) weights give (N, C, d1, ...) logits: torch's reference path
         flat_bias = linear_bias.reshape(-1) if linear_bias is not None else None
         logits = F.linear(input, linear_weight.reshape(-1, linear_weight.shape[-1]), flat_bias).view(logits_shape)
@@ -147,7 +147,7 @@ def _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction
                                   return_z_loss, inplace_backward, backend):
     """Logits sharded on the class dim (autograd/vocab_parallel.py): each rank reads its shard; the loss is a DTensor
     replicated on the mesh, the logits' gradient a DTensor sharded like them."""
-    if input.dim() != 2 or target.is_floating_point() or input.dtype not in _KERNEL_DTYPES:
+    if input.dim() != 2 or target.is_floating_point() or input.dtype not in FLOAT_DTYPES:
         raise ValueError("a vocabulary-parallel cross_entropy takes (N, V) float32/bfloat16/float16 logits and class "
                          "index targets; flatten the batch dims first.")
     shard = VocabShard.of(input, 1, "cross_entropy's input")
@@ -169,7 +169,7 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
     """An lm-head weight sharded on its rows (Shard(0) of (V, H)): each rank multiplies by its rows only; the
     input's gradient is summed over the ranks (one all-reduce in the backward)."""
     if input.dim() != 2 or linear_weight.dim() != 2 or target.is_floating_point() \
-            or input.dtype not in _KERNEL_DTYPES:
+            or input.dtype not in FLOAT_DTYPES:
         raise ValueError("a vocabulary-parallel linear_cross_entropy takes (N, H) float32/bfloat16/float16 inputs, a "
                          "(V, H) weight and class index targets.")
     shard = VocabShard.of(linear_weight, 0, "linear_cross_entropy's linear_weight")

@@ -23,7 +23,8 @@ def kernels_ptx(source: str, out_dir: Path) -> dict[str, str]:
     if NVCC is None or not os.path.exists(NVCC):
         pytest.skip("nvcc not found")
     out = out_dir / (Path(source).stem + ".ptx")
-    includes = [f"-I{p}" for p in cpp_extension.include_paths("cuda")] + [f"-I{ROOT / 'csrc' / 'include'}"]
+    includes = [f"-I{p}" for p in cpp_extension.include_paths("cuda")]
+    includes += [f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}"]
     subprocess.run([NVCC, "-O3", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-ptx", *includes,
                     str(ROOT / "csrc/cuda" / source), "-o", str(out)], check=True, capture_output=True)
     ptx = out.read_text()

@@ -6,7 +6,8 @@
 
 #include "chunks.h"
 #include "float_io.h"
-#include "fused_optim/accumulate_launch.h"
+#include "ops/accumulate.h"
+#include "ops/dispatch.h"
 
 namespace fused_optim {
 namespace {
@@ -21,11 +22,7 @@ void accumulate_chunk(float* __restrict__ main_grad, const void* grad_data, int6
 using ChunkFn = void (*)(float*, const void*, int64_t, int64_t);
 
 ChunkFn pick_chunk_fn(at::ScalarType grad_dtype) {
-  switch (grad_dtype) {
-    case at::kBFloat16: return accumulate_chunk<c10::BFloat16>;
-    case at::kHalf: return accumulate_chunk<c10::Half>;
-    default: return accumulate_chunk<float>;
-  }
+  return dispatch_float_types(grad_dtype, [](auto grad) -> ChunkFn { return accumulate_chunk<decltype(grad)>; });
 }
 
 }  // namespace

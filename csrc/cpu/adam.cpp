@@ -9,7 +9,8 @@
 
 #include "chunks.h"
 #include "float_io.h"
-#include "fused_optim/adam_launch.h"
+#include "ops/adam.h"
+#include "ops/dispatch.h"
 #include "fused_optim/rounding.h"
 
 namespace fused_optim {
@@ -66,20 +67,11 @@ ChunkFn pick_chunk_fn(bool amsgrad, bool master, bool stochastic) {
   return amsgrad ? adam_chunk<param_t, grad_t, true, false, false> : adam_chunk<param_t, grad_t, false, false, false>;
 }
 
-template <typename param_t>
-ChunkFn pick_chunk_fn(at::ScalarType grad_dtype, bool amsgrad, bool master, bool stochastic) {
-  if (grad_dtype == at::kFloat) return pick_chunk_fn<param_t, float>(amsgrad, master, stochastic);
-  return pick_chunk_fn<param_t, param_t>(amsgrad, master, stochastic);
-}
-
 ChunkFn pick_chunk_fn(at::ScalarType param_dtype, at::ScalarType grad_dtype, bool amsgrad, bool master,
                       bool stochastic) {
-  switch (param_dtype) {
-    case at::kFloat: return pick_chunk_fn<float, float>(amsgrad, master, stochastic);
-    case at::kBFloat16: return pick_chunk_fn<c10::BFloat16>(grad_dtype, amsgrad, master, stochastic);
-    case at::kHalf: return pick_chunk_fn<c10::Half>(grad_dtype, amsgrad, master, stochastic);
-    default: TORCH_CHECK(false, "adam_step_: params must be float32, bfloat16 or float16, got ", param_dtype);
-  }
+  return dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
+    return pick_chunk_fn<decltype(param), decltype(grad)>(amsgrad, master, stochastic);
+  });
 }
 
 }  // namespace

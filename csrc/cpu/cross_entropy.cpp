@@ -20,7 +20,7 @@
 #pragma GCC target("prefer-vector-width=512")
 #endif
 #include "float_io.h"
-#include "fused_optim/cross_entropy_launch.h"
+#include "ops/cross_entropy.h"
 #include "huge_pages.h"
 
 namespace fused_optim {

@@ -7,7 +7,8 @@
 
 #include "chunks.h"
 #include "float_io.h"
-#include "fused_optim/sgd_launch.h"
+#include "ops/dispatch.h"
+#include "ops/sgd.h"
 
 namespace fused_optim {
 namespace {
@@ -42,17 +43,9 @@ ChunkFn pick_chunk_fn(bool momentum, bool nesterov) {
 }
 
 ChunkFn pick_chunk_fn(at::ScalarType param_dtype, at::ScalarType grad_dtype, bool momentum, bool nesterov) {
-  const bool fp32_grad = grad_dtype == at::kFloat;
-  switch (param_dtype) {
-    case at::kFloat: return pick_chunk_fn<float, float>(momentum, nesterov);
-    case at::kBFloat16:
-      return fp32_grad ? pick_chunk_fn<c10::BFloat16, float>(momentum, nesterov)
-                       : pick_chunk_fn<c10::BFloat16, c10::BFloat16>(momentum, nesterov);
-    case at::kHalf:
-      return fp32_grad ? pick_chunk_fn<c10::Half, float>(momentum, nesterov)
-                       : pick_chunk_fn<c10::Half, c10::Half>(momentum, nesterov);
-    default: TORCH_CHECK(false, "sgd_step_: params must be float32, bfloat16 or float16, got ", param_dtype);
-  }
+  return dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
+    return pick_chunk_fn<decltype(param), decltype(grad)>(momentum, nesterov);
+  });
 }
 
 }  // namespace

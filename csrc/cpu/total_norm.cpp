@@ -8,7 +8,8 @@
 
 #include "chunks.h"
 #include "float_io.h"
-#include "fused_optim/total_norm_launch.h"
+#include "ops/dispatch.h"
+#include "ops/total_norm.h"
 
 namespace fused_optim {
 namespace {
@@ -47,11 +48,7 @@ using PartialFn = double (*)(const void*, int64_t, int64_t, double);
 
 template <NormKind kKind>
 PartialFn pick_partial_fn(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kBFloat16: return chunk_partial<kKind, c10::BFloat16>;
-    case at::kHalf: return chunk_partial<kKind, c10::Half>;
-    default: return chunk_partial<kKind, float>;
-  }
+  return dispatch_float_types(dtype, [](auto element) -> PartialFn { return chunk_partial<kKind, decltype(element)>; });
 }
 
 template <NormKind kKind>

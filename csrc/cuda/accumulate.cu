@@ -8,7 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "fused_optim/accumulate_launch.h"
+#include "ops/accumulate.h"
+#include "ops/dispatch.h"
 #include "multi_tensor.cuh"
 
 namespace fused_optim {
@@ -51,11 +52,9 @@ void accumulate_grads_cuda(at::TensorList main_grads, at::TensorList grads) {
   const c10::cuda::CUDAGuard device_guard(main_grads[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](const Table& table, int grad_dtype) {
-    switch (static_cast<at::ScalarType>(grad_dtype)) {
-      case at::kBFloat16: accumulate_kernel<c10::BFloat16><<<table.num_blocks(), kThreads, 0, stream>>>(table); break;
-      case at::kHalf: accumulate_kernel<c10::Half><<<table.num_blocks(), kThreads, 0, stream>>>(table); break;
-      default: accumulate_kernel<float><<<table.num_blocks(), kThreads, 0, stream>>>(table); break;
-    }
+    dispatch_float_types(static_cast<at::ScalarType>(grad_dtype), [&](auto grad) {
+      accumulate_kernel<decltype(grad)><<<table.num_blocks(), kThreads, 0, stream>>>(table);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);

@@ -14,7 +14,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "fused_optim/adam_launch.h"
+#include "ops/adam.h"
+#include "ops/dispatch.h"
 #include "fused_optim/rounding.h"
 
 namespace fused_optim {
@@ -219,20 +220,9 @@ void launch_variant(bool amsgrad, bool master, bool stochastic, const LaunchTabl
 
 void launch_dtypes(at::ScalarType param_dtype, at::ScalarType grad_dtype, bool amsgrad, bool master, bool stochastic,
                    const LaunchTable& table, const LaunchArgs& a) {
-  // A grad has its param's dtype, or float32 (fp32 main grads of low-precision params).
-  const bool fp32_grad = grad_dtype == at::kFloat;
-  switch (param_dtype) {
-    case at::kFloat:
-      return launch_variant<float, float>(amsgrad, master, stochastic, table, a);
-    case at::kBFloat16:
-      return fp32_grad ? launch_variant<c10::BFloat16, float>(amsgrad, master, stochastic, table, a)
-                       : launch_variant<c10::BFloat16, c10::BFloat16>(amsgrad, master, stochastic, table, a);
-    case at::kHalf:
-      return fp32_grad ? launch_variant<c10::Half, float>(amsgrad, master, stochastic, table, a)
-                       : launch_variant<c10::Half, c10::Half>(amsgrad, master, stochastic, table, a);
-    default:
-      TORCH_CHECK(false, "adam_step_: params must be float32, bfloat16 or float16, got ", param_dtype);
-  }
+  dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
+    launch_variant<decltype(param), decltype(grad)>(amsgrad, master, stochastic, table, a);
+  });
 }
 
 const float* optional_ptr(const std::optional<at::Tensor>& t) {

@@ -13,7 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 
-#include "fused_optim/cross_entropy_launch.h"
+#include "ops/cross_entropy.h"
 
 namespace fused_optim {
 namespace {

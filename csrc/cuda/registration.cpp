@@ -1,11 +1,11 @@
 // CUDA implementations of the fused_optim ops, for the dispatcher (the CPU ones: csrc/registration.cpp).
 #include <torch/library.h>
 
-#include "fused_optim/accumulate_launch.h"
-#include "fused_optim/adam_launch.h"
-#include "fused_optim/cross_entropy_launch.h"
-#include "fused_optim/sgd_launch.h"
-#include "fused_optim/total_norm_launch.h"
+#include "ops/accumulate.h"
+#include "ops/adam.h"
+#include "ops/cross_entropy.h"
+#include "ops/sgd.h"
+#include "ops/total_norm.h"
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
   m.impl("adam_step_", &fused_optim::adam_step_cuda);

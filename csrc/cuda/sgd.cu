@@ -13,7 +13,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "fused_optim/rounding.h"
-#include "fused_optim/sgd_launch.h"
+#include "ops/dispatch.h"
+#include "ops/sgd.h"
 #include "multi_tensor.cuh"
 
 namespace fused_optim {
@@ -108,16 +109,8 @@ void launch_variant(const Table& table, const LaunchArgs& a, bool momentum, bool
 }
 
 // The launch key: the (param dtype, grad dtype) pair, one kernel instantiation each.
-enum DtypePair : int { kFp32, kBf16, kBf16Fp32, kFp16, kFp16Fp32 };
-
-DtypePair dtype_pair(at::ScalarType param_dtype, at::ScalarType grad_dtype) {
-  const bool fp32_grad = grad_dtype == at::kFloat;
-  switch (param_dtype) {
-    case at::kFloat: return kFp32;
-    case at::kBFloat16: return fp32_grad ? kBf16Fp32 : kBf16;
-    case at::kHalf: return fp32_grad ? kFp16Fp32 : kFp16;
-    default: TORCH_CHECK(false, "sgd_step_: params must be float32, bfloat16 or float16, got ", param_dtype);
-  }
+int dtype_pair(at::ScalarType param_dtype, at::ScalarType grad_dtype) {
+  return static_cast<int>(param_dtype) * 256 + static_cast<int>(grad_dtype);
 }
 
 }  // namespace
@@ -135,13 +128,10 @@ void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS) {
                         optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf)};
 
   auto launch = [&](const Table& table, int key) {
-    switch (static_cast<DtypePair>(key)) {
-      case kFp32: return launch_variant<float, float>(table, args, has_momentum, nesterov, stream);
-      case kBf16: return launch_variant<c10::BFloat16, c10::BFloat16>(table, args, has_momentum, nesterov, stream);
-      case kBf16Fp32: return launch_variant<c10::BFloat16, float>(table, args, has_momentum, nesterov, stream);
-      case kFp16: return launch_variant<c10::Half, c10::Half>(table, args, has_momentum, nesterov, stream);
-      case kFp16Fp32: return launch_variant<c10::Half, float>(table, args, has_momentum, nesterov, stream);
-    }
+    const auto param_dtype = static_cast<at::ScalarType>(key / 256), grad_dtype = static_cast<at::ScalarType>(key % 256);
+    dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
+      launch_variant<decltype(param), decltype(grad)>(table, args, has_momentum, nesterov, stream);
+    });
   };
   multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
   for (size_t i = 0; i < params.size(); ++i) {

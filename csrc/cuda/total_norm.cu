@@ -13,7 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "fused_optim/total_norm_launch.h"
+#include "ops/total_norm.h"
+#include "ops/dispatch.h"
 #include "multi_tensor.cuh"
 
 namespace fused_optim {
@@ -92,20 +93,10 @@ void launch_total_norm(at::TensorList tensors, double norm_type, const at::Tenso
   int64_t first_partial = 0;  // where the next launch's blocks write
   auto launch = [&](const Table& table, int dtype) {
     const double p = norm_type;
-    switch (static_cast<at::ScalarType>(dtype)) {
-      case at::kBFloat16:
-        block_partials_kernel<kKind, c10::BFloat16>
-            <<<table.num_blocks(), kThreads, 0, stream>>>(table, partials_data, first_partial, p);
-        break;
-      case at::kHalf:
-        block_partials_kernel<kKind, c10::Half>
-            <<<table.num_blocks(), kThreads, 0, stream>>>(table, partials_data, first_partial, p);
-        break;
-      default:
-        block_partials_kernel<kKind, float>
-            <<<table.num_blocks(), kThreads, 0, stream>>>(table, partials_data, first_partial, p);
-        break;
-    }
+    dispatch_float_types(static_cast<at::ScalarType>(dtype), [&](auto element) {
+      block_partials_kernel<kKind, decltype(element)>
+          <<<table.num_blocks(), kThreads, 0, stream>>>(table, partials_data, first_partial, p);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     first_partial += table.num_blocks();
   };

@@ -1,8 +1,24 @@
-"""The `fused_optim` torch.library namespace: every op schema of the package is defined in it."""
+"""The `fused_optim` torch.library namespace (every op schema of the package is defined in it) and the helpers the
+ops share."""
 
 import torch
 
 lib = torch.library.Library("fused_optim", "DEF")
+
+# The dtypes the kernels read and write (params, grads, logits); their math is fp32.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one block of memory without gaps or overlaps, in any dimension order
+    (the kernels walk it as a flat array)."""
+    expected_stride = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda dim: dim[1]):
+        if size != 1:
+            if stride != expected_stride:
+                return False
+            expected_stride *= size
+    return True
 
 
 def refuse_sparse_grads(op_names: tuple[str, ...], message: str) -> None:

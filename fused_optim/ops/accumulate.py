@@ -17,7 +17,7 @@ import torch
 from fused_optim import _backend
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
-from fused_optim.ops.adam import dense
+from fused_optim.ops._library import FLOAT_DTYPES, dense
 
 SCHEMA = "(Tensor(a!)[] main_grads, Tensor[] grads) -> ()"
 OP_NAMES = {"cpu": "accumulate_grads_", "cuda": "accumulate_grads_", "triton": "accumulate_grads_triton_",
@@ -26,11 +26,11 @@ for _name in sorted(set(OP_NAMES.values())):
     _lib.define(_name + SCHEMA)
     torch.library.register_fake(f"fused_optim::{_name}", lambda main_grads, grads: None, lib=_lib)
 
-GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GRAD_DTYPES = FLOAT_DTYPES
 
 
 def check_accumulate_args(main_grads, grads) -> list[torch.Tensor]:
-    """The Python twin of csrc/include/fused_optim/accumulate_launch.h's checks, for the Triton and torch ops:
+    """The Python twin of csrc/ops/accumulate.h's checks, for the Triton and torch ops:
     everything is checked before anything is written; returns the grads in their main grads' memory layout."""
     if len(main_grads) != len(grads):
         raise RuntimeError("accumulate_grads_: main_grads and grads must have the same length")

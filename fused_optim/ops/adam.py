@@ -17,7 +17,7 @@ import torch
 from fused_optim import _backend
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
-from fused_optim.ops._library import real_views, refuse_sparse_grads, split_wide
+from fused_optim.ops._library import FLOAT_DTYPES, dense, real_views, refuse_sparse_grads, split_wide
 from fused_optim.reference import bf16_stochastic_round
 
 ADAM_SCHEMA = (
@@ -33,24 +33,11 @@ for _name in sorted(set(OP_NAMES.values())):
     torch.library.register_fake(f"fused_optim::{_name}", lambda *args, **kwargs: None, lib=_lib)
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def dense(t: torch.Tensor) -> bool:
-    """Whether t's elements fill one block of memory without gaps or overlaps, in any dimension order
-    (the kernels walk it as a flat array)."""
-    expected_stride = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda dim: dim[1]):
-        if size != 1:
-            if stride != expected_stride:
-                return False
-            expected_stride *= size
-    return True
 
 
 def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                    stochastic_rounding, scalars=(), dtypes=_DTYPES) -> list[torch.Tensor]:
-    """The Python twin of csrc/include/fused_optim/adam_launch.h's check_adam_args, for the Triton and torch ops
+                    stochastic_rounding, scalars=(), dtypes=FLOAT_DTYPES) -> list[torch.Tensor]:
+    """The Python twin of csrc/ops/adam.h's check_adam_args, for the Triton and torch ops
     (`dtypes`: the param dtypes the op takes): every argument checked before anything is written, and the grads
     returned in their params' memory layout."""
     n = len(params)
@@ -120,7 +107,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
     """torch's fused kernel, on fp32 copies where our state is fp32 but the params are not (fp64 params run on
     themselves, with their fp64 state)."""
     grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                            stochastic_rounding, (lr_tensor, grad_scale, found_inf), (*_DTYPES, torch.float64))
+                            stochastic_rounding, (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
     if not params:
         return
     if found_inf is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _backend
+from fused_optim.ops._library import FLOAT_DTYPES
 from fused_optim.ops._library import lib as _lib
 
 FORWARD_SCHEMA = (
@@ -57,14 +58,13 @@ for _suffix in sorted(set(SUFFIXES.values())):
 
     torch.library.register_fake(f"fused_optim::cross_entropy_shard_grad{_suffix}_", lambda *args: None, lib=_lib)
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_forward_args(logits, target, weight, scales, grad) -> None:
-    """The Python twin of csrc/include/fused_optim/cross_entropy_launch.h's checks, for the Triton and torch ops."""
+    """The Python twin of csrc/ops/cross_entropy.h's checks, for the Triton and torch ops."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise RuntimeError("cross_entropy_forward: logits must be (N, V) with unit column stride")
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise RuntimeError("cross_entropy_forward: logits must be float32, bfloat16 or float16")
     if target.shape != logits.shape[:1] or target.dtype != torch.int64 or not target.is_contiguous() \
             or target.device != logits.device:
@@ -81,7 +81,7 @@ def check_forward_args(logits, target, weight, scales, grad) -> None:
 
 
 def check_scale_grad_args(grad, row_scale) -> None:
-    if grad.dim() != 2 or grad.stride(1) != 1 or grad.dtype not in _FLOAT_DTYPES:
+    if grad.dim() != 2 or grad.stride(1) != 1 or grad.dtype not in FLOAT_DTYPES:
         raise RuntimeError("cross_entropy_scale_grad_: grad must be a float32, bfloat16 or float16 (N, V) tensor "
                            "with unit column stride")
     if row_scale.dtype != torch.float32 or row_scale.numel() not in (1, grad.shape[0]) \
@@ -91,10 +91,10 @@ def check_scale_grad_args(grad, row_scale) -> None:
 
 
 def check_shard_args(op, logits, target, weight, class_start) -> None:
-    """The Python twin of cross_entropy_launch.h's check_shard_args."""
+    """The Python twin of csrc/ops/cross_entropy.h's check_shard_args."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise RuntimeError(f"{op}: logits must be (N, V) with unit column stride")
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"{op}: logits must be float32, bfloat16 or float16")
     if target.shape != logits.shape[:1] or target.dtype != torch.int64 or not target.is_contiguous() \
             or target.device != logits.device:

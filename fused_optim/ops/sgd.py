@@ -18,8 +18,7 @@ import torch
 from fused_optim import _backend
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
-from fused_optim.ops._library import real_views, refuse_sparse_grads, split_wide
-from fused_optim.ops.adam import dense
+from fused_optim.ops._library import FLOAT_DTYPES, dense, real_views, refuse_sparse_grads, split_wide
 
 SGD_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, float lr, "
@@ -32,12 +31,11 @@ for _name in sorted(set(OP_NAMES.values())):
     # Mutates its inputs and returns nothing: the fake impl has no output to describe.
     torch.library.register_fake(f"fused_optim::{_name}", lambda *args, **kwargs: None, lib=_lib)
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, nesterov, scalars=(),
-                   dtypes=_DTYPES) -> list[torch.Tensor]:
-    """The Python twin of csrc/include/fused_optim/sgd_launch.h's check_sgd_args, for the Triton and torch ops
+                   dtypes=FLOAT_DTYPES) -> list[torch.Tensor]:
+    """The Python twin of csrc/ops/sgd.h's check_sgd_args, for the Triton and torch ops
     (`dtypes`: the param dtypes the op takes): every argument checked before anything is written, and the grads
     returned in their params' memory layout."""
     n = len(params)
@@ -99,7 +97,7 @@ def _sgd_step_torch(params, grads, momentum_buffers, steps, lr, lr_tensor, momen
     """sgd.h's formulas in plain torch ops, one tensor at a time in fp32 (fp64 for fp64 params); the first step and
     a skipped step are selected with torch.where, so nothing is read on the host."""
     grads = check_sgd_args(params, grads, momentum_buffers, steps, momentum, dampening, nesterov,
-                           (lr_tensor, grad_scale, found_inf), (*_DTYPES, torch.float64))
+                           (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
     if not params:
         return
     grad_multiplier = -1.0 if maximize else 1.0

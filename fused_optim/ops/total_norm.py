@@ -21,7 +21,7 @@ from fused_optim import _backend
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import lib as _lib
 from fused_optim.ops.accumulate import GRAD_DTYPES
-from fused_optim.ops.adam import dense
+from fused_optim.ops._library import dense
 
 SCHEMA = "(Tensor[] tensors, float norm_type) -> Tensor"
 OP_NAMES = {"cpu": "total_norm", "cuda": "total_norm", "triton": "total_norm_triton", "torch": "total_norm_torch"}
@@ -34,7 +34,7 @@ for _name in sorted(set(OP_NAMES.values())):
 
 
 def check_total_norm_args(tensors, norm_type) -> None:
-    """The Python twin of csrc/include/fused_optim/total_norm.h's checks, for the Triton and torch ops."""
+    """The Python twin of csrc/ops/total_norm.h's checks, for the Triton and torch ops."""
     if not tensors:
         raise RuntimeError("total_norm: needs at least one tensor")
     if not (norm_type > 0):  # also refuses NaN

@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include "fused_optim/cross_entropy.h"
+#include "ops/dispatch.h"
 
 namespace fused_optim {
 
@@ -38,17 +39,6 @@ at::Tensor cross_entropy_shard_stats_cpu(FUSED_OPTIM_SHARD_STATS_ARGS);
 at::Tensor cross_entropy_shard_stats_cuda(FUSED_OPTIM_SHARD_STATS_ARGS);
 void cross_entropy_shard_grad_cpu(FUSED_OPTIM_SHARD_GRAD_ARGS);
 void cross_entropy_shard_grad_cuda(FUSED_OPTIM_SHARD_GRAD_ARGS);
-
-// Calls fn(T{}) with T the C++ type of a float32/bfloat16/float16 tensor (no float64 instantiations to compile).
-template <typename Fn>
-void dispatch_float_types(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    case at::kHalf: return fn(c10::Half{});
-    default: TORCH_CHECK(false, "fused_optim: expected float32, bfloat16 or float16, got ", dtype);
-  }
-}
 
 inline void check_cross_entropy_args(FUSED_OPTIM_CROSS_ENTROPY_ARGS) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,

@@ -5,7 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "fused_optim/accumulate_launch.h"
+#include "ops/accumulate.h"
 #include "fused_optim/total_norm.h"
 
 namespace fused_optim {
