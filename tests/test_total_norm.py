@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import BACKEND_DEVICES, one_element_past_an_allocation
 
-from fused_optim import _backend
-from fused_optim.ops.total_norm import OP_NAMES, total_norm
+from fused_optim.ops._library import resolve_op
+from fused_optim.ops.total_norm import total_norm
 from fused_optim.reference import reference_total_norm
 
 SHAPES = [(1,), (3,), (0,), (1023,), (4097,), (7, 13)]
@@ -201,6 +201,6 @@ def test_torch_compile_fullgraph_matches_eager(backend, device):
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_opcheck(backend, device, norm_type):
     """The op mutates nothing, its fake impl gives the 0-dim fp32 result, and AOT dispatch traces it."""
-    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, device)]).default
+    op = resolve_op("total_norm", backend, device)
     tensors = random_tensors([(3,), (0,), (1030,), (2, 5)], [torch.bfloat16, torch.float32] * 2, device)
     torch.library.opcheck(op, (tensors, norm_type))

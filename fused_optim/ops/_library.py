@@ -1,7 +1,11 @@
 """The `fused_optim` torch.library namespace (every op schema of the package is defined in it) and the helpers the
 ops share."""
 
+from typing import Callable
+
 import torch
+
+from fused_optim import _backend
 
 lib = torch.library.Library("fused_optim", "DEF")
 
@@ -19,6 +23,40 @@ def dense(t: torch.Tensor) -> bool:
                 return False
             expected_stride *= size
     return True
+
+
+# Each op's name per concrete backend, by the name of its C++ op (define_op).
+_OP_NAMES: dict[str, dict[str, str]] = {}
+
+
+def define_op(name: str, schema: str, *, fake: Callable, torch_impl: Callable, triton_impl: Callable,
+              sparse_message: str | None = None) -> None:
+    """Defines op `name` (the C++ extensions register its CPU and CUDA kernels) and its two twins with the same
+    schema: `<name>_triton` (the Triton kernels, on CUDA tensors, and CPU ones under TRITON_INTERPRET=1) and
+    `<name>_torch` (torch's own ops); an in-place op's trailing underscore stays last (`adam_step_triton_`). Every
+    one gets the fake impl; with `sparse_message`, a sparse grad reaching the kernels raises it."""
+    stem, inplace = (name[:-1], "_") if name.endswith("_") else (name, "")
+    names = {"cpu": name, "cuda": name, "triton": f"{stem}_triton{inplace}", "torch": f"{stem}_torch{inplace}"}
+    for op_name in (name, names["triton"], names["torch"]):
+        lib.define(op_name + schema)
+        torch.library.register_fake(f"fused_optim::{op_name}", fake, lib=lib)
+    lib.impl(names["torch"], torch_impl, "CompositeExplicitAutograd")
+    for dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
+        lib.impl(names["triton"], triton_impl, dispatch_key)
+    if sparse_message is not None:
+        refuse_sparse_grads((name, names["triton"]), sparse_message)
+    _OP_NAMES[name] = names
+
+
+@torch.compiler.assume_constant_result  # torch.compile: run while tracing, not traced through the backend lookup
+def op_name(name: str, backend: str, device_type: str) -> str:
+    """The name of op `name`'s twin that `backend` ("auto", "cuda", ...) runs on tensors of `device_type`."""
+    return _OP_NAMES[name][_backend.resolve(backend, device_type)]
+
+
+def resolve_op(name: str, backend: str, device_type: str) -> torch._ops.OpOverload:
+    """Op `name`'s twin that `backend` runs on tensors of `device_type` (see op_name)."""
+    return getattr(torch.ops.fused_optim, op_name(name, backend, device_type)).default
 
 
 def refuse_sparse_grads(op_names: tuple[str, ...], message: str) -> None:

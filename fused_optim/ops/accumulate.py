@@ -14,18 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _backend
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import lib as _lib
-from fused_optim.ops._library import FLOAT_DTYPES, dense
+from fused_optim.ops._library import FLOAT_DTYPES, define_op, dense, resolve_op
 
 SCHEMA = "(Tensor(a!)[] main_grads, Tensor[] grads) -> ()"
-OP_NAMES = {"cpu": "accumulate_grads_", "cuda": "accumulate_grads_", "triton": "accumulate_grads_triton_",
-            "torch": "accumulate_grads_torch_"}
-for _name in sorted(set(OP_NAMES.values())):
-    _lib.define(_name + SCHEMA)
-    torch.library.register_fake(f"fused_optim::{_name}", lambda main_grads, grads: None, lib=_lib)
-
 GRAD_DTYPES = FLOAT_DTYPES
 
 
@@ -63,9 +55,8 @@ def _accumulate_torch(main_grads, grads):
         torch._foreach_add_(main_grads, grads)  # widens bf16/fp16 grads to the fp32 main grads
 
 
-_lib.impl("accumulate_grads_torch_", _accumulate_torch, "CompositeExplicitAutograd")
-for _dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
-    _lib.impl("accumulate_grads_triton_", _accumulate_triton, _dispatch_key)
+define_op("accumulate_grads_", SCHEMA, fake=lambda main_grads, grads: None, torch_impl=_accumulate_torch,
+          triton_impl=_accumulate_triton)
 
 
 def accumulate_grads(main_grads: list[torch.Tensor], grads: list[torch.Tensor], *, backend: str = "auto") -> None:
@@ -77,5 +68,4 @@ def accumulate_grads(main_grads: list[torch.Tensor], grads: list[torch.Tensor], 
     if not main_grads:
         return
     main_grads, grads = _dtensor.to_local("accumulate_grads_", main_grads, grads)
-    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, main_grads[0].device.type)]).default
-    op(main_grads, grads)
+    resolve_op("accumulate_grads_", backend, main_grads[0].device.type)(main_grads, grads)

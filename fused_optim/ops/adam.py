@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _backend
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import lib as _lib
-from fused_optim.ops._library import FLOAT_DTYPES, dense, real_views, refuse_sparse_grads, split_wide
+from fused_optim.ops._library import FLOAT_DTYPES, define_op, dense, real_views, resolve_op, split_wide
 from fused_optim.reference import bf16_stochastic_round
 
 ADAM_SCHEMA = (
@@ -26,11 +24,6 @@ ADAM_SCHEMA = (
     "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
     "bool maximize, bool stochastic_rounding, int seed, Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
-OP_NAMES = {"cpu": "adam_step_", "cuda": "adam_step_", "triton": "adam_step_triton_", "torch": "adam_step_torch_"}
-for _name in sorted(set(OP_NAMES.values())):
-    _lib.define(_name + ADAM_SCHEMA)
-    # Mutates its inputs and returns nothing: the fake impl has no output to describe.
-    torch.library.register_fake(f"fused_optim::{_name}", lambda *args, **kwargs: None, lib=_lib)
 
 
 
@@ -156,17 +149,11 @@ def _same_dtypes(params) -> list[list[int]]:
     return list(groups.values())
 
 
-_lib.impl("adam_step_torch_", _adam_step_torch, "CompositeExplicitAutograd")
-
-
 # CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (checked in _backend); triton is imported on
 # the first call, so the package imports without it.
-for _dispatch_key in ("CUDA", "CPU"):
-    _lib.impl("adam_step_triton_", _adam_step_triton, _dispatch_key)
-
-
-refuse_sparse_grads(("adam_step_", "adam_step_triton_"),
-                    "Adam does not support sparse gradients, please consider SparseAdam instead")
+define_op("adam_step_", ADAM_SCHEMA, fake=lambda *args, **kwargs: None, torch_impl=_adam_step_torch,
+          triton_impl=_adam_step_triton,
+          sparse_message="Adam does not support sparse gradients, please consider SparseAdam instead")
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1, beta2,
@@ -186,10 +173,11 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     lists = _dtensor.to_local("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
     wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps])
     device = params[0].device
-    for op_name, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps) in (
-            (OP_NAMES["torch"], wide), (OP_NAMES[_backend.resolve(backend, device.type)], narrow)):
+    for op, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps) in (
+            (resolve_op("adam_step_", "torch", device.type), wide),
+            (resolve_op("adam_step_", backend, device.type), narrow)):
         if params:
-            _run_op(getattr(torch.ops.fused_optim, op_name).default, params, grads, exp_avgs, exp_avg_sqs,
+            _run_op(op, params, grads, exp_avgs, exp_avg_sqs,
                   max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                   amsgrad, maximize, stochastic_rounding, seed, grad_scale, found_inf)
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _backend
-from fused_optim.ops._library import FLOAT_DTYPES
-from fused_optim.ops._library import lib as _lib
+from fused_optim.ops._library import FLOAT_DTYPES, define_op, resolve_op
 
 FORWARD_SCHEMA = (
     "(Tensor logits, Tensor target, Tensor? weight, Tensor scales, Tensor(a!)? grad, int ignore_index, "
@@ -36,28 +34,15 @@ SHARD_STATS_SCHEMA = ("(Tensor logits, Tensor target, Tensor? weight, int class_
                       "int ignore_index, float softcap) -> Tensor")
 SHARD_GRAD_SCHEMA = ("(Tensor(a!) grad, Tensor logits, Tensor target, Tensor? weight, Tensor row_coefs, "
                      "int class_start, int ignore_index, float softcap) -> ()")
-SUFFIXES = {"cpu": "", "cuda": "", "triton": "_triton", "torch": "_torch"}
 
-for _suffix in sorted(set(SUFFIXES.values())):
-    _lib.define(f"cross_entropy_forward{_suffix}{FORWARD_SCHEMA}")
-    _lib.define(f"cross_entropy_scale_grad{_suffix}_{SCALE_GRAD_SCHEMA}")
 
-    @torch.library.register_fake(f"fused_optim::cross_entropy_forward{_suffix}", lib=_lib)
-    def _forward_fake(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap):
-        rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
-        return rows, torch.empty_like(rows)
+def _forward_fake(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap):
+    rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return rows, torch.empty_like(rows)
 
-    torch.library.register_fake(f"fused_optim::cross_entropy_scale_grad{_suffix}_", lambda grad, row_scale: None,
-                                lib=_lib)
-    _lib.define(f"cross_entropy_shard_stats{_suffix}{SHARD_STATS_SCHEMA}")
-    _lib.define(f"cross_entropy_shard_grad{_suffix}_{SHARD_GRAD_SCHEMA}")
 
-    @torch.library.register_fake(f"fused_optim::cross_entropy_shard_stats{_suffix}", lib=_lib)
-    def _shard_stats_fake(logits, target, weight, class_start, num_classes, ignore_index, softcap):
-        return logits.new_empty(logits.shape[0], 4, dtype=torch.float32)
-
-    torch.library.register_fake(f"fused_optim::cross_entropy_shard_grad{_suffix}_", lambda *args: None, lib=_lib)
-
+def _shard_stats_fake(logits, target, weight, class_start, num_classes, ignore_index, softcap):
+    return logits.new_empty(logits.shape[0], 4, dtype=torch.float32)
 
 
 def check_forward_args(logits, target, weight, scales, grad) -> None:
@@ -231,34 +216,28 @@ def _scale_grad_torch(grad, row_scale):
     grad.mul_(row_scale.view(-1, 1) if row_scale.numel() != 1 else row_scale.view(()))
 
 
-_lib.impl("cross_entropy_forward_torch", _forward_torch, "CompositeExplicitAutograd")
-_lib.impl("cross_entropy_scale_grad_torch_", _scale_grad_torch, "CompositeExplicitAutograd")
-_lib.impl("cross_entropy_shard_stats_torch", _shard_stats_torch, "CompositeExplicitAutograd")
-_lib.impl("cross_entropy_shard_grad_torch_", _shard_grad_torch, "CompositeExplicitAutograd")
-for _dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
-    _lib.impl("cross_entropy_forward_triton", _forward_triton, _dispatch_key)
-    _lib.impl("cross_entropy_scale_grad_triton_", _scale_grad_triton, _dispatch_key)
-    _lib.impl("cross_entropy_shard_stats_triton", _shard_stats_triton, _dispatch_key)
-    _lib.impl("cross_entropy_shard_grad_triton_", _shard_grad_triton, _dispatch_key)
-
-
-@torch.compiler.assume_constant_result  # torch.compile: run once while tracing, not traced through its cache
-def _suffix(backend: str, device_type: str) -> str:
-    return SUFFIXES[_backend.resolve(backend, device_type)]
+define_op("cross_entropy_forward", FORWARD_SCHEMA, fake=_forward_fake, torch_impl=_forward_torch,
+          triton_impl=_forward_triton)
+define_op("cross_entropy_scale_grad_", SCALE_GRAD_SCHEMA, fake=lambda grad, row_scale: None,
+          torch_impl=_scale_grad_torch, triton_impl=_scale_grad_triton)
+define_op("cross_entropy_shard_stats", SHARD_STATS_SCHEMA, fake=_shard_stats_fake, torch_impl=_shard_stats_torch,
+          triton_impl=_shard_stats_triton)
+define_op("cross_entropy_shard_grad_", SHARD_GRAD_SCHEMA, fake=lambda *args: None, torch_impl=_shard_grad_torch,
+          triton_impl=_shard_grad_triton)
 
 
 def forward_op(backend: str, device: torch.device):
     """The cross_entropy_forward op of `backend` ("auto", "cuda", ...) for tensors on `device`."""
-    return getattr(torch.ops.fused_optim, "cross_entropy_forward" + _suffix(backend, device.type))
+    return resolve_op("cross_entropy_forward", backend, device.type)
 
 
 def scale_grad_op(backend: str, device: torch.device):
-    return getattr(torch.ops.fused_optim, f"cross_entropy_scale_grad{_suffix(backend, device.type)}_")
+    return resolve_op("cross_entropy_scale_grad_", backend, device.type)
 
 
 def shard_stats_op(backend: str, device: torch.device):
-    return getattr(torch.ops.fused_optim, "cross_entropy_shard_stats" + _suffix(backend, device.type))
+    return resolve_op("cross_entropy_shard_stats", backend, device.type)
 
 
 def shard_grad_op(backend: str, device: torch.device):
-    return getattr(torch.ops.fused_optim, f"cross_entropy_shard_grad{_suffix(backend, device.type)}_")
+    return resolve_op("cross_entropy_shard_grad_", backend, device.type)

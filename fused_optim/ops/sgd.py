@@ -15,21 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _backend
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import lib as _lib
-from fused_optim.ops._library import FLOAT_DTYPES, dense, real_views, refuse_sparse_grads, split_wide
+from fused_optim.ops._library import FLOAT_DTYPES, define_op, dense, real_views, resolve_op, split_wide
 
 SGD_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, float lr, "
     "Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
     "Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
-OP_NAMES = {"cpu": "sgd_step_", "cuda": "sgd_step_", "triton": "sgd_step_triton_", "torch": "sgd_step_torch_"}
-for _name in sorted(set(OP_NAMES.values())):
-    _lib.define(_name + SGD_SCHEMA)
-    # Mutates its inputs and returns nothing: the fake impl has no output to describe.
-    torch.library.register_fake(f"fused_optim::{_name}", lambda *args, **kwargs: None, lib=_lib)
 
 
 
@@ -123,15 +116,10 @@ def _sgd_step_torch(params, grads, momentum_buffers, steps, lr, lr_tensor, momen
         torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
 
 
-_lib.impl("sgd_step_torch_", _sgd_step_torch, "CompositeExplicitAutograd")
-
-# CPU tensors run the Triton kernel only under TRITON_INTERPRET=1 (checked in _backend); triton is imported on the
-# first call, so the package imports without it.
-for _dispatch_key in ("CUDA", "CPU"):
-    _lib.impl("sgd_step_triton_", _sgd_step_triton, _dispatch_key)
-
-
-refuse_sparse_grads(("sgd_step_", "sgd_step_triton_"), "sgd_step: sparse gradients are not supported")
+# CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (checked in _backend); triton is imported on
+# the first call, so the package imports without it.
+define_op("sgd_step_", SGD_SCHEMA, fake=lambda *args, **kwargs: None, torch_impl=_sgd_step_torch,
+          triton_impl=_sgd_step_triton, sparse_message="sgd_step: sparse gradients are not supported")
 
 
 def sgd_step(params, grads, momentum_buffers, steps, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
@@ -149,10 +137,11 @@ def sgd_step(params, grads, momentum_buffers, steps, *, lr, momentum, dampening,
     lists = _dtensor.to_local("sgd_step", params, grads, momentum_buffers)
     wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps])
     device = params[0].device
-    for op_name, (params, grads, momentum_buffers, steps) in (
-            (OP_NAMES["torch"], wide), (OP_NAMES[_backend.resolve(backend, device.type)], narrow)):
+    for op, (params, grads, momentum_buffers, steps) in (
+            (resolve_op("sgd_step_", "torch", device.type), wide),
+            (resolve_op("sgd_step_", backend, device.type), narrow)):
         if params:
-            _run_op(getattr(torch.ops.fused_optim, op_name).default, params, grads, momentum_buffers, steps, lr,
+            _run_op(op, params, grads, momentum_buffers, steps, lr,
                     momentum, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf)
 
 

@@ -17,20 +17,11 @@ import math
 
 import torch
 
-from fused_optim import _backend
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import lib as _lib
+from fused_optim.ops._library import define_op, dense, resolve_op
 from fused_optim.ops.accumulate import GRAD_DTYPES
-from fused_optim.ops._library import dense
 
 SCHEMA = "(Tensor[] tensors, float norm_type) -> Tensor"
-OP_NAMES = {"cpu": "total_norm", "cuda": "total_norm", "triton": "total_norm_triton", "torch": "total_norm_torch"}
-for _name in sorted(set(OP_NAMES.values())):
-    _lib.define(_name + SCHEMA)
-
-    @torch.library.register_fake(f"fused_optim::{_name}", lib=_lib)
-    def _fake(tensors, norm_type):
-        return tensors[0].new_empty((), dtype=torch.float32)
 
 
 def check_total_norm_args(tensors, norm_type) -> None:
@@ -65,9 +56,8 @@ def _total_norm_torch(tensors, norm_type):
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
-_lib.impl("total_norm_torch", _total_norm_torch, "CompositeExplicitAutograd")
-for _dispatch_key in ("CUDA", "CPU"):
-    _lib.impl("total_norm_triton", _total_norm_triton, _dispatch_key)
+define_op("total_norm", SCHEMA, fake=lambda tensors, norm_type: tensors[0].new_empty((), dtype=torch.float32),
+          torch_impl=_total_norm_torch, triton_impl=_total_norm_triton)
 
 
 def kernel_supports(norm_type: float) -> bool:
@@ -87,5 +77,4 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: 
         _dtensor.to_local("total_norm", tensors)  # all DTensors, or one sentence saying otherwise
         return _dtensor.mesh_norm(tensors, norm_type, lambda local: total_norm(local, norm_type, backend=backend))
     tensors = [t if t.is_contiguous() or dense(t) else t.contiguous() for t in tensors]
-    op = getattr(torch.ops.fused_optim, OP_NAMES[_backend.resolve(backend, tensors[0].device.type)]).default
-    return op(tensors, float(norm_type))
+    return resolve_op("total_norm", backend, tensors[0].device.type)(tensors, float(norm_type))
