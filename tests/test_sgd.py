@@ -7,6 +7,9 @@ element; (7, 13) is 2-D. They share one group, so the multi-tensor bookkeeping i
 
 The first step with momentum takes the gradient as the buffer, decided on the device from the step count; a
 skipped step (found_inf) must leave everything bit-identical, and a skipped first step must leave the buffer unset.
+
+The drop-in contract every optimizer shares (torch's errors, state dicts both ways, copies, torch.compile, CUDA
+graphs) is tests/test_optimizer_contract.py.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import re
 
 import pytest
 import torch
@@ -189,55 +191,6 @@ def step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device, steps=3,
         torch_opt.step()
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_torch_state_dict_loads_into_ours(backend, device):
-    shapes = [(3,), (1023,)]
-    init = [torch.randn(s) for s in shapes]
-    theirs = make_params(init, torch.float32, device)
-    torch_opt = torch.optim.SGD(theirs, lr=1e-2, momentum=0.9, weight_decay=0.1, nesterov=True, foreach=False)
-    for _ in range(3):
-        set_grads(random_grads(shapes, device=device), theirs)
-        torch_opt.step()
-    ours = make_params([p.detach() for p in theirs], torch.float32, device)
-    opt = fused_optim.SGD(ours, lr=1.0, momentum=0.5, backend=backend)  # lr, momentum etc. come from the state dict
-    # A step first, then the params put back: the loaded buffers must replace the ones this step made (and the
-    # lists kept between steps)
-    set_grads(random_grads(shapes, device=device), ours)
-    opt.step()
-    with torch.no_grad():
-        for p, q in zip(ours, theirs):
-            p.copy_(q)
-    opt.load_state_dict(torch_opt.state_dict())
-    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["nesterov"]
-    for p, q in zip(ours, theirs):
-        state = opt.state[p]
-        assert state["step"].device == p.device and state["step"].item() >= 1  # set: no first step again
-        assert torch.equal(state["momentum_buffer"], torch_opt.state[q]["momentum_buffer"])
-        assert state["momentum_buffer"] is not torch_opt.state[q]["momentum_buffer"]
-    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
-
-
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_our_state_dict_loads_into_torch(backend, device):
-    shapes = [(3,), (1023,)]
-    init = [torch.randn(s) for s in shapes]
-    ours = make_params(init, torch.float32, device)
-    opt = fused_optim.SGD(ours, lr=1e-2, momentum=0.9, dampening=0.2, backend=backend)
-    for _ in range(3):
-        set_grads(random_grads(shapes, device=device), ours)
-        opt.step()
-    theirs = make_params([p.detach() for p in ours], torch.float32, device)
-    torch_opt = torch.optim.SGD(theirs, lr=1.0, foreach=False)
-    torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
-    assert torch_opt.param_groups[0]["momentum"] == 0.9 and torch_opt.param_groups[0]["dampening"] == 0.2
-    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
-    # and back: torch's state (with our stale `step` carried along unread) continues in ours
-    again = make_params([q.detach() for q in theirs], torch.float32, device)
-    again_opt = fused_optim.SGD(again, backend=backend)
-    again_opt.load_state_dict(torch_opt.state_dict())
-    step_both_and_compare(again_opt, torch_opt, again, theirs, shapes, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -457,28 +410,6 @@ def test_main_grad_is_preferred_to_grad(backend, device):
 # bad input: torch's error type and words where torch has them, and nothing changed
 
 
-BAD_HYPERPARAMETERS = {
-    "lr<0": dict(lr=-1e-3),
-    "momentum<0": dict(momentum=-0.1),
-    "weight_decay<0": dict(weight_decay=-0.1),
-    "nesterov-without-momentum": dict(nesterov=True),
-    "nesterov-with-dampening": dict(nesterov=True, momentum=0.9, dampening=0.1),
-    "lr-tensor-2-elements": dict(lr=torch.tensor([1e-3, 1e-3])),
-}
-
-
-@pytest.mark.parametrize("kwargs", list(BAD_HYPERPARAMETERS.values()), ids=list(BAD_HYPERPARAMETERS))
-def test_bad_hyperparameters_raise_torchs_error(kwargs):
-    param = torch.nn.Parameter(torch.randn(3))
-    before = param.detach().clone()
-    with pytest.raises(ValueError) as torch_error:
-        torch.optim.SGD([param], **kwargs)
-    with pytest.raises(ValueError) as our_error:
-        fused_optim.SGD([param], **kwargs)
-    assert str(our_error.value) == str(torch_error.value)
-    assert torch.equal(param, before)
-
-
 def test_differentiable_with_clipping_and_bad_max_grad_norm_are_rejected():
     with pytest.raises(ValueError, match="differentiable"):
         fused_optim.SGD([torch.nn.Parameter(torch.randn(3))], differentiable=True, max_grad_norm=1.0)
@@ -543,12 +474,6 @@ def test_bad_state_dict_raises_and_changes_nothing():
     with pytest.raises(ValueError, match="momentum_buffer.*shape"):
         opt.load_state_dict(wrong)
     assert_identical(snapshot(opt), before)
-
-
-def test_params_on_two_devices_in_one_group_raise():
-    on_cpu, on_meta = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, device="meta"))
-    with pytest.raises(ValueError, match="one device.*cpu, meta"):
-        fused_optim.SGD([on_cpu, on_meta])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,25 +561,6 @@ def test_param_groups_frozen_params_and_momentum_switched_on(backend, device):
     assert opt.state[ours[0]]["step"].item() == 3 and opt.state[ours[2]]["step"].item() == 3
 
 
-@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
-def test_deepcopy_and_pickle_keep_a_working_optimizer(backend, device):
-    params = make_params([torch.randn(33)], torch.bfloat16, device)
-    opt = fused_optim.SGD(params, lr=1e-2, momentum=0.9, max_grad_norm=5.0, backend=backend)
-    opt.max_grad_norm = None  # (the clip needs total_norm; what matters here is that the setting survives)
-    set_grads(random_grads([(33,)], device=device), params)
-    opt.step()
-    buffer = io.BytesIO()
-    torch.save(opt, buffer)
-    buffer.seek(0)
-    for clone in (copy.deepcopy(opt), torch.load(buffer, weights_only=False)):
-        assert clone.backend == backend and clone.max_grad_norm is None
-        assert clone._step_supports_amp_scaling == opt._step_supports_amp_scaling
-        clone_params = clone.param_groups[0]["params"]
-        set_grads(random_grads([(33,)], device=device), clone_params)
-        clone.step()
-        assert clone.state[clone_params[0]]["momentum_buffer"].dtype == torch.float32
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the ops: opcheck, torch.compile
 
@@ -706,32 +612,6 @@ def test_ops_agree_on_one_call(op_name):
 def test_op_is_fake_tensor_traceable_on_meta():
     args = [[t.to("meta") for t in a] if isinstance(a, list) else a for a in _op_sample("fp32")]
     torch.ops.fused_optim.sgd_step_.default(*args)  # the fake impl: no error, no output
-
-
-def test_torch_compile_fullgraph_step_matches_eager():
-    """Dynamo traces SGD.step into one graph: the op is opaque, its mutations come from the schema, and nothing
-    in step() syncs with the host or branches on data (the first step is decided on the device)."""
-    torch._dynamo.reset()
-    shapes = [(3,), (100,)]
-    init = [torch.randn(s) for s in shapes]
-    compiled, eager = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
-    compiled_opt = fused_optim.SGD(compiled, lr=torch.tensor(1e-2), momentum=0.9, nesterov=True, backend="cpu")
-    eager_opt = fused_optim.SGD(eager, lr=torch.tensor(1e-2), momentum=0.9, nesterov=True, backend="cpu")
-
-    @torch.compile(fullgraph=True)
-    def step():
-        compiled_opt.step()
-
-    for i in range(4):
-        set_grads(random_grads(shapes), compiled, eager)
-        # The first step creates the state, so the second compiles again; from then on one graph serves every step.
-        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
-            step()
-        eager_opt.step()
-    for p, q in zip(compiled, eager):
-        assert torch.equal(p, q)
-        assert compiled_opt.state[p]["step"].item() == 4.0
-        assert_identical(compiled_opt.state[p], eager_opt.state[q])
 
 
 def test_torch_compile_fullgraph_functional_step_matches_eager():
@@ -807,48 +687,6 @@ def test_random_configs_match_reference(sizes, dtype, momentum, dampening, neste
 
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA only
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_cuda_graph_capture_replays_like_eager_steps(backend):
-    """A step with a tensor lr, captured after warm-up steps on a side stream, replayed with new grads and lrs,
-    equals eager steps; the first step's rule is read from the step count on the device each replay."""
-    shapes = [(3,), (1023,), (4097,)]
-    init = [torch.randn(s) for s in shapes]
-    graphed, eager = make_params(init, torch.float32, "cuda"), make_params(init, torch.float32, "cuda")
-    graphed_lr, eager_lr = torch.tensor(1e-2, device="cuda"), torch.tensor(1e-2, device="cuda")
-    graphed_opt = fused_optim.SGD(graphed, lr=graphed_lr, momentum=0.9, nesterov=True, backend=backend)
-    eager_opt = fused_optim.SGD(eager, lr=eager_lr, momentum=0.9, nesterov=True, backend=backend)
-    for p in graphed:
-        p.grad = torch.zeros_like(p)  # static grads: the graph reads these addresses
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            grads = random_grads(shapes, device="cuda")
-            for p, g in zip(graphed, grads):
-                p.grad.copy_(g)
-            set_grads(grads, eager)
-            graphed_opt.step()
-            eager_opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed_opt.step()
-    for i in range(4):
-        grads = random_grads(shapes, device="cuda")
-        for p, g in zip(graphed, grads):
-            p.grad.copy_(g)
-        set_grads(grads, eager)
-        graphed_lr.fill_(1e-2 / (i + 2))
-        eager_lr.fill_(1e-2 / (i + 2))
-        graph.replay()
-        eager_opt.step()
-    torch.cuda.synchronize()
-    for p, q in zip(graphed, eager):
-        assert torch.equal(p, q)
-        assert_identical(graphed_opt.state[p], eager_opt.state[q])
 
 
 @pytest.mark.cuda

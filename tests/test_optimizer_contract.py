@@ -1,0 +1,265 @@
+"""The drop-in contract every fused_optim optimizer keeps with its torch twin, one test each, run for every spec in
+SPECS (as torch's OptimizerInfo does for its optimizers): torch's errors for bad hyperparameters, state dicts that
+cross both ways, copies and pickles that keep working, one device per group, a step that torch.compile traces into
+one graph, and a step that a CUDA graph captures. A new optimizer gets the whole contract by adding its spec.
+
+The numerics of each update (against the float64 reference and torch) stay in the optimizer's own test file.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+from inspect import signature
+from typing import Any
+
+import pytest
+import torch
+from conftest import BACKEND_DEVICES
+from test_adam import assert_identical, make_params, random_grads, set_grads, snapshot, step_both_and_compare
+
+import fused_optim
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    ours: type[torch.optim.Optimizer]
+    theirs: type[torch.optim.Optimizer]
+    # The hyperparameters of the contract runs: every kind of state the optimizer keeps is made.
+    options: dict[str, Any]
+    # The state it keeps in fp32 whatever the param's dtype.
+    fp32_state: tuple[str, ...]
+    # Constructor arguments torch refuses, each with torch's ValueError.
+    bad_hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Options for bf16 params (more state to carry through copies).
+    bf16_options: dict[str, Any] = field(default_factory=dict)
+
+
+ADAM_BAD_HYPERPARAMETERS = {
+    "lr<0": dict(lr=-1e-3),
+    "eps<0": dict(eps=-1e-8),
+    "weight_decay<0": dict(weight_decay=-0.1),
+    "beta1=1": dict(betas=(1.0, 0.999)),
+    "beta1<0": dict(betas=(-0.1, 0.999)),
+    "beta2=1": dict(betas=(0.9, 1.0)),
+    "beta2<0": dict(betas=(0.9, -0.5)),
+    "betas-float-and-tensor": dict(betas=(0.9, torch.tensor(0.999))),
+    "lr-tensor-2-elements": dict(lr=torch.tensor([1e-3, 1e-3])),
+}
+SGD_BAD_HYPERPARAMETERS = {
+    "lr<0": dict(lr=-1e-3),
+    "momentum<0": dict(momentum=-0.1),
+    "weight_decay<0": dict(weight_decay=-0.1),
+    "nesterov-without-momentum": dict(nesterov=True),
+    "nesterov-with-dampening": dict(nesterov=True, momentum=0.9, dampening=0.1),
+    "lr-tensor-2-elements": dict(lr=torch.tensor([1e-3, 1e-3])),
+}
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+SPECS = {
+    "Adam": OptimizerSpec(fused_optim.Adam, torch.optim.Adam, dict(weight_decay=0.1, amsgrad=True), ADAM_STATE,
+                          ADAM_BAD_HYPERPARAMETERS, dict(master_weights=True)),
+    "AdamW": OptimizerSpec(fused_optim.AdamW, torch.optim.AdamW, dict(weight_decay=0.1, amsgrad=True), ADAM_STATE,
+                           ADAM_BAD_HYPERPARAMETERS, dict(master_weights=True)),
+    "SGD-nesterov": OptimizerSpec(fused_optim.SGD, torch.optim.SGD, dict(momentum=0.9, nesterov=True,
+                                                                         weight_decay=0.1), ("momentum_buffer",),
+                                  SGD_BAD_HYPERPARAMETERS),
+    "SGD-dampening": OptimizerSpec(fused_optim.SGD, torch.optim.SGD, dict(momentum=0.9, dampening=0.2),
+                                   ("momentum_buffer",)),
+}
+SHAPES = [(3,), (1023,)]
+
+
+def trained(spec: OptimizerSpec, backend: str, device: str, dtype=torch.float32, steps=3, **extra):
+    """Params and our optimizer after `steps` steps with the spec's options."""
+    params = make_params([torch.randn(s) for s in SHAPES], dtype, device)
+    opt = spec.ours(params, lr=1e-2, backend=backend, **spec.options, **extra)
+    for _ in range(steps):
+        set_grads(random_grads(SHAPES, dtype, device), params)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("spec", [name for name, spec in SPECS.items() if spec.bad_hyperparameters])
+def test_bad_hyperparameters_raise_torchs_error(spec):
+    spec = SPECS[spec]
+    for kwargs in spec.bad_hyperparameters.values():
+        param = torch.nn.Parameter(torch.randn(3))
+        before = param.detach().clone()
+        with pytest.raises(ValueError) as torch_error:
+            spec.theirs([param], **kwargs)
+        with pytest.raises(ValueError) as our_error:
+            spec.ours([param], **kwargs)
+        assert str(our_error.value) == str(torch_error.value), kwargs
+        assert torch.equal(param, before)
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_torch_state_dict_loads_into_ours(spec, backend, device):
+    """torch's state after three steps, loaded into ours (the hyperparameters come with it, and a step of ours
+    taken before the load is replaced), continues as torch does."""
+    spec = SPECS[spec]
+    theirs = make_params([torch.randn(s) for s in SHAPES], torch.float32, device)
+    torch_opt = spec.theirs(theirs, lr=1e-2, foreach=False, **spec.options)
+    for _ in range(3):
+        set_grads(random_grads(SHAPES, device=device), theirs)
+        torch_opt.step()
+    ours = make_params([p.detach() for p in theirs], torch.float32, device)
+    opt = spec.ours(ours, lr=1.0, backend=backend)
+    set_grads(random_grads(SHAPES, device=device), ours)
+    opt.step()
+    with torch.no_grad():
+        for p, q in zip(ours, theirs):
+            p.copy_(q)
+    opt.load_state_dict(torch_opt.state_dict())
+    assert opt.param_groups[0]["lr"] == 1e-2
+    assert all(opt.param_groups[0][key] == value for key, value in spec.options.items())
+    for p, q in zip(ours, theirs):
+        state, torch_state = opt.state[p], torch_opt.state[q]
+        assert state["step"].device == p.device
+        if "step" in torch_state:  # torch's Adam counts steps; its SGD does not, ours does (no first step again)
+            assert state["step"].item() == torch_state["step"].item() == 3.0
+        else:
+            assert state["step"].item() >= 1
+        for key in spec.fp32_state:
+            if key in torch_state:
+                assert torch.equal(state[key], torch_state[key]) and state[key] is not torch_state[key]
+    step_both_and_compare(opt, torch_opt, ours, theirs, SHAPES, device)
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_our_state_dict_loads_into_torch_and_back(spec, backend, device):
+    spec = SPECS[spec]
+    ours, opt = trained(spec, backend, device)
+    theirs = make_params([p.detach() for p in ours], torch.float32, device)
+    torch_opt = spec.theirs(theirs, lr=1.0, foreach=False)
+    # A copy: torch's loader keeps a non-fused optimizer's `step` tensors as given, so loading the live state
+    # dict would share our step counters with torch's (and each would count the other's steps).
+    torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(torch_opt.param_groups[0][key] == value for key, value in spec.options.items())
+    step_both_and_compare(opt, torch_opt, ours, theirs, SHAPES, device)
+    # and back: torch's state continues in a fresh optimizer of ours
+    again = make_params([q.detach() for q in theirs], torch.float32, device)
+    again_opt = spec.ours(again, backend=backend)
+    again_opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    step_both_and_compare(again_opt, torch_opt, again, theirs, SHAPES, device)
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_deepcopy_and_pickle_keep_a_working_optimizer(spec, backend, device):
+    """torch pickles only defaults, state and param_groups: the backend, the clipping setting, the GradScaler
+    flag and the fp32 state of a bf16 param must survive copy.deepcopy and torch.save/torch.load of the optimizer
+    object itself."""
+    spec = SPECS[spec]
+    params, opt = trained(spec, backend, device, dtype=torch.bfloat16, steps=1, max_grad_norm=5.0,
+                          **spec.bf16_options)
+    opt.max_grad_norm = None  # a setting changed after construction travels too
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(opt), torch.load(buffer, weights_only=False)):
+        assert clone.backend == backend and clone.max_grad_norm is None
+        assert clone._step_supports_amp_scaling == opt._step_supports_amp_scaling
+        clone_params = clone.param_groups[0]["params"]
+        set_grads(random_grads(SHAPES, torch.bfloat16, device), clone_params)
+        clone.step()
+        clone.load_state_dict(opt.state_dict())
+        state = clone.state[clone_params[0]]
+        assert set(spec.fp32_state) <= set(state) and all(v.dtype == torch.float32 for v in state.values())
+        assert ("master_param" in state) == bool(spec.bf16_options.get("master_weights"))
+        assert state["step"].device == clone_params[0].device and state["step"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_params_on_two_devices_in_one_group_raise(spec):
+    spec = SPECS[spec]
+    on_cpu, on_meta = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, device="meta"))
+    with pytest.raises(ValueError, match="one device.*cpu, meta"):
+        spec.ours([on_cpu, on_meta])
+    opt = spec.ours([torch.nn.Parameter(torch.randn(2))], **spec.options)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="one device"):
+        opt.add_param_group({"params": [on_cpu, on_meta], "lr": 0.1})
+    assert_identical(snapshot(opt), before)
+    # and one group per device is fine
+    opt.add_param_group({"params": [on_meta]})
+    assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_torch_compile_fullgraph_step_matches_eager(spec):
+    """Dynamo traces the optimizer's step into one graph: the op is opaque, its mutations come from the schema,
+    and nothing in step() syncs with the host or branches on data."""
+    spec = SPECS[spec]
+    torch._dynamo.reset()
+    shapes = [(3,), (100,)]
+    init = [torch.randn(s) for s in shapes]
+    compiled, eager = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+    compiled_opt = spec.ours(compiled, lr=torch.tensor(1e-2), backend="cpu", **spec.options)
+    eager_opt = spec.ours(eager, lr=torch.tensor(1e-2), backend="cpu", **spec.options)
+
+    @torch.compile(fullgraph=True)
+    def step():
+        compiled_opt.step()
+
+    for i in range(4):
+        set_grads(random_grads(shapes), compiled, eager)
+        # The first step creates the state, so the second compiles again (as torch's own optimizers do); from
+        # then on one graph serves every step.
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            step()
+        eager_opt.step()
+    for p, q in zip(compiled, eager):
+        assert torch.equal(p, q)
+        assert compiled_opt.state[p]["step"].item() == 4.0
+        assert_identical(compiled_opt.state[p], eager_opt.state[q])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_replays_like_eager_steps(spec, backend):
+    """A capturable step with a tensor lr, captured after warm-up steps on a side stream, replayed with new grads
+    and a new lr each time, equals eager steps (the first step's rule read from the step count on the device)."""
+    spec = SPECS[spec]
+    shapes = [(3,), (1023,), (4097,)]
+    init = [torch.randn(s) for s in shapes]
+    graphed, eager = make_params(init, torch.float32, "cuda"), make_params(init, torch.float32, "cuda")
+    graphed_lr, eager_lr = torch.tensor(1e-2, device="cuda"), torch.tensor(1e-2, device="cuda")
+    options = dict(spec.options, **({"capturable": True} if "capturable" in signature(spec.ours).parameters else {}))
+    graphed_opt = spec.ours(graphed, lr=graphed_lr, backend=backend, **options)
+    eager_opt = spec.ours(eager, lr=eager_lr, backend=backend, **options)
+    for p in graphed:
+        p.grad = torch.zeros_like(p)  # static grads: the graph reads these addresses
+    warmup, replays = 3, 5
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            grads = random_grads(shapes, device="cuda")
+            for p, g in zip(graphed, grads):
+                p.grad.copy_(g)
+            set_grads(grads, eager)
+            graphed_opt.step()
+            eager_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+    for i in range(replays):
+        grads = random_grads(shapes, device="cuda")
+        for p, g in zip(graphed, grads):
+            p.grad.copy_(g)
+        set_grads(grads, eager)
+        graphed_lr.fill_(1e-2 / (i + 2))
+        eager_lr.fill_(1e-2 / (i + 2))
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(graphed, eager):
+        assert torch.equal(p, q)
+        assert graphed_opt.state[p]["step"].item() == warmup + replays
+        assert_identical(graphed_opt.state[p], eager_opt.state[q])
