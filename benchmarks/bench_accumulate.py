@@ -4,8 +4,8 @@
     pytest benchmarks/bench_accumulate.py                                        # 4M elements: seconds
     FUSED_OPTIM_BENCH_ELEMENTS=84000000 pytest benchmarks/bench_accumulate.py    # the size (past the cache)
 
-Each benchmark records the bytes model (10 B/element for bf16 grads, 12 for fp32; fused_optim/bench/accumulate.py),
-the GB/s reached (by the median) and its % of the triad roof measured in the same session, in `extra_info` (shown
+Each benchmark records the bytes model (10 B/element for bf16 grads, 12 for fp32;
+fused_optim/tools/bench/accumulate.py), the GB/s reached (by the median) and its % of the triad roof measured in the same session, in `extra_info` (shown
 with `--benchmark-json`). Every implementation is checked against float64 first. Ours runs on each backend whose
 kernel is registered (else on the torch backend). Not part of the test suite (`testpaths = ["tests"]`); GPU
 numbers come from `fused-optim bench --ops accumulate`.
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from fused_optim.bench import accumulate
+from fused_optim.tools.bench import accumulate
 
 N_ELEMENTS = int(os.environ.get("FUSED_OPTIM_BENCH_ELEMENTS", 4_000_000))
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ weights (ours vs the torch way).
     FUSED_OPTIM_BENCH_PARAMS=84000000 pytest benchmarks/bench_adamw.py     # the real size (past the cache)
 
 The default 2M params mostly fit in the last-level cache, so its GB/s can pass the roof; the README's CPU numbers
-are at 84M. Each benchmark records the bytes model of its step (fused_optim/bench/adamw.py), the GB/s it
+are at 84M. Each benchmark records the bytes model of its step (fused_optim/tools/bench/adamw.py), the GB/s it
 reached (by the median) and its % of the triad roof measured in the same session, in `extra_info` (shown with
 `--benchmark-json`). Every implementation is checked against torch's for-loop first. These are not part of the
 test suite (`testpaths = ["tests"]`); GPU numbers come from `fused-optim bench` (CUDA events, do_bench).
@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from fused_optim.bench import adamw
+from fused_optim.tools.bench import adamw
 
 N_PARAMS = int(os.environ.get("FUSED_OPTIM_BENCH_PARAMS", 2_000_000))
 CPU = torch.device("cpu")

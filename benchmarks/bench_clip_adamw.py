@@ -5,7 +5,7 @@
     pytest benchmarks/bench_clip_adamw.py                                        # 2M params: seconds
     FUSED_OPTIM_BENCH_PARAMS=84000000 pytest benchmarks/bench_clip_adamw.py      # the real size (past the cache)
 
-Each benchmark records the bytes model (32 B/param; fused_optim/bench/clip_adamw.py), the GB/s reached (by the
+Each benchmark records the bytes model (32 B/param; fused_optim/tools/bench/clip_adamw.py), the GB/s reached (by the
 median) and its % of the triad roof measured in the same session, in `extra_info`. Every implementation is checked
 against float64 over two steps first (clipped, then not). Not part of the test suite (`testpaths = ["tests"]`);
 GPU numbers come from `fused-optim bench --ops clip_adamw`.
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from fused_optim.bench import clip_adamw
+from fused_optim.tools.bench import clip_adamw
 
 N_PARAMS = int(os.environ.get("FUSED_OPTIM_BENCH_PARAMS", 2_000_000))
 CPU = torch.device("cpu")

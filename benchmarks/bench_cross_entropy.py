@@ -6,7 +6,7 @@ F.cross_entropy(x @ w.T, y) (linear_ce), in fp32 and bf16.
     FUSED_OPTIM_BENCH_CE=4096x32000 FUSED_OPTIM_BENCH_LINEAR_CE=8192x512x32000 \\
         pytest benchmarks/bench_cross_entropy.py                  # the real sizes (minutes)
 
-Each call is one `loss.backward()` on fresh gradients (fused_optim/bench/cross_entropy.py). The default ce logits
+Each call is one `loss.backward()` on fresh gradients (fused_optim/tools/bench/cross_entropy.py). The default ce logits
 (131 MB fp32) are past the cache, so GB/s is meaningful; `extra_info` (shown with `--benchmark-json`) records the
 bytes model, GB/s and % of the triad roof (ce), TFLOP/s and the peak extra memory of one call measured in a fresh
 process (linear_ce). Every implementation is checked against the float64 reference first: ours must pass; a peer
@@ -21,8 +21,8 @@ import os
 import pytest
 import torch
 
-from fused_optim.bench import cross_entropy as ce
-from fused_optim.bench import parse_shape
+from fused_optim.tools.bench import cross_entropy as ce
+from fused_optim.tools.bench import parse_shape
 
 CPU = torch.device("cpu")
 SHAPES = {

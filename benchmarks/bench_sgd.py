@@ -4,8 +4,8 @@ here) beside torch's fused (where torch has it on the CPU), foreach and for-loop
     pytest benchmarks/bench_sgd.py                                        # 2M params: seconds
     FUSED_OPTIM_BENCH_PARAMS=84000000 pytest benchmarks/bench_sgd.py      # the real size (past the cache)
 
-Each benchmark records the bytes model (20 B/param; fused_optim/bench/sgd.py), the GB/s reached (by the median) and
-its % of the triad roof measured in the same session, in `extra_info`. Every implementation is checked against
+Each benchmark records the bytes model (20 B/param; fused_optim/tools/bench/sgd.py), the GB/s reached (by the
+median) and its % of the triad roof measured in the same session, in `extra_info`. Every implementation is checked against
 float64 (ReferenceSGD) over two steps first. Not part of the test suite (`testpaths = ["tests"]`); GPU numbers come
 from `fused-optim bench --ops sgd`.
 """
@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from fused_optim.bench import sgd
+from fused_optim.tools.bench import sgd
 
 N_PARAMS = int(os.environ.get("FUSED_OPTIM_BENCH_PARAMS", 2_000_000))
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_optim.bench import memory_roof
+from fused_optim.tools.bench import memory_roof
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ import time
 import torch
 
 import fused_optim
-from fused_optim.examples.data import BatchSampler, stdlib_corpus
-from fused_optim.examples.gpt import GPT, GPTConfig
+from fused_optim.tools.examples.data import BatchSampler, stdlib_corpus
+from fused_optim.tools.examples.gpt import GPT, GPTConfig
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from fused_optim.bench import absent_peers, accumulate, clip_adamw, fsdp, sgd
-from fused_optim.bench.adamw import Runner
-from fused_optim.bench.peers import Impl, apex_peer
-from fused_optim.bench.plot import bars
+from fused_optim.tools.bench import absent_peers, accumulate, clip_adamw, fsdp, sgd
+from fused_optim.tools.bench.adamw import Runner
+from fused_optim.tools.bench.peers import Impl, apex_peer
+from fused_optim.tools.bench.plot import bars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -89,7 +89,7 @@ def test_plot_file(run_dir):
 
 
 def test_plot_without_matplotlib_says_so_before_measuring(monkeypatch, capsys):
-    from fused_optim.cli import main
+    from fused_optim.tools.cli import main
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -236,8 +236,8 @@ def _linear_ce_row(**fields) -> dict:
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
 def test_plot_of_linear_ce_alone_says_so_and_keeps_the_json(monkeypatch, tmp_path, capsys):
-    from fused_optim import bench
-    from fused_optim.cli import main
+    from fused_optim.tools import bench
+    from fused_optim.tools.cli import main
 
     monkeypatch.setattr(bench, "run_benchmarks", lambda *a, **k: _fake_report([_linear_ce_row()]))
     json_path, png_path = tmp_path / "r.json", tmp_path / "r.png"
@@ -250,7 +250,7 @@ def test_plot_of_linear_ce_alone_says_so_and_keeps_the_json(monkeypatch, tmp_pat
 
 
 def test_plot_names_the_ops_it_leaves_out():
-    from fused_optim.bench.plot import undrawn_ops
+    from fused_optim.tools.bench.plot import undrawn_ops
 
     sgd_row = {"op": "sgd", "case": "fp32", "impl": "ours", "gbps": 10.0, "bytes": 100, "correct": True}
     wrong = {"op": "ce", "case": "fp32", "impl": "ours", "gbps": None, "bytes": 100, "correct": False}
@@ -259,7 +259,7 @@ def test_plot_names_the_ops_it_leaves_out():
 
 
 def test_json_is_strict_with_nonfinite_floats_as_null(tmp_path):
-    from fused_optim import bench
+    from fused_optim.tools import bench
 
     row = _linear_ce_row(max_abs_err=float("nan"), correct=False, speedup_vs={"torch": float("inf")},
                          tolerance=(1e-5, float("-inf")))
@@ -275,13 +275,13 @@ def test_json_is_strict_with_nonfinite_floats_as_null(tmp_path):
 
 
 def _adam_config(**fields):
-    from fused_optim.bench import adamw
+    from fused_optim.tools.bench import adamw
 
     return adamw.AdamWConfig(device=CPU, sizes=[4099], cases=("fp32",), budget_s=0.02, variant=adamw.ADAM, **fields)
 
 
 def test_adam_rows_are_torch_adam_checked():
-    from fused_optim.bench import adamw
+    from fused_optim.tools.bench import adamw
 
     rows = adamw.run(_adam_config())
     assert {r["op"] for r in rows} == {"adam"} and all(r["n_params"] == 4099 for r in rows)
@@ -295,7 +295,7 @@ def test_adam_rows_are_torch_adam_checked():
 
 def test_adam_with_decoupled_decay_is_wrong(monkeypatch):
     """AdamW's step posing as Adam's (decay decoupled, not folded into the grad) fails the check and is not timed."""
-    from fused_optim.bench import adamw
+    from fused_optim.tools.bench import adamw
 
     monkeypatch.setattr(adamw, "_ours", lambda backend, variant=adamw.ADAMW: adamw._torch(adamw.ADAMW, foreach=True))
     ours = next(r for r in adamw.run(_adam_config()) if r["impl"] == "fused_optim[cpu]")
@@ -305,7 +305,7 @@ def test_adam_with_decoupled_decay_is_wrong(monkeypatch):
 
 @pytest.mark.parametrize("op", ["adamw", "adam", "sgd"])
 def test_torch_compile_of_the_step_is_a_peer_on_gpus_only(op):
-    from fused_optim.bench import adamw
+    from fused_optim.tools.bench import adamw
 
     def names(device):
         if op == "sgd":
@@ -320,7 +320,7 @@ def test_torch_compile_of_the_step_is_a_peer_on_gpus_only(op):
 def test_compiled_step_starts_from_the_workload(monkeypatch, op):
     """The compiled peer's warm-up steps (the compiles) are undone before the check: with torch.compile as the
     identity (compiling an optimizer step on the CPU takes long), it passes the same check as torch's foreach."""
-    from fused_optim.bench import adamw
+    from fused_optim.tools.bench import adamw
 
     monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
     w = adamw.make_workload("fp32", 4099, CPU)

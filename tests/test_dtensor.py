@@ -25,7 +25,7 @@ from spawn import GLOO_AVAILABLE, run_workers
 from token_batches import IGNORE, classifier, rank_micro_batches
 
 import fused_optim
-from fused_optim.bench.fsdp import CountCollectives
+from fused_optim.tools.bench.fsdp import CountCollectives
 from fused_optim.ops.adam import adam_step
 from fused_optim.ops.total_norm import total_norm
 
@@ -133,7 +133,8 @@ def fsdp_optimizers(rank: int, world: int, names) -> dict:
     for name in names:
         clip = OPTIMIZERS[name][3]
         ours_model, torch_model = fsdp(make_model()), fsdp(make_model())
-        ours, theirs = make_optimizer(name, ours_model.parameters(), True), make_optimizer(name, torch_model.parameters(), False)
+        ours = make_optimizer(name, ours_model.parameters(), True)
+        theirs = make_optimizer(name, torch_model.parameters(), False)
         train(ours_model, ours, dp_rank=rank, dp_size=world)
         train(torch_model, theirs, dp_rank=rank, dp_size=world, clip=clip)
         results[name] = {"ours": full_params(ours_model), "torch": full_params(torch_model),

@@ -1,4 +1,4 @@
-"""`fused-optim train` (fused_optim/training, fused_optim/cli/train.py) and its example model and data.
+"""`fused-optim train` (fused_optim/tools/training, fused_optim/tools/cli/train.py) and its example model and data.
 
 Sizes: a 1-layer, 32-wide GPT on 16-token windows of a small text file trains a step in milliseconds, so every
 test runs the real loop (both sides, checkpoints, reports) end to end; one test reads the default stdlib corpus.
@@ -18,13 +18,13 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim.cli import main
-from fused_optim.cli.train import config_from_args
-from fused_optim.examples.data import BatchSampler, Corpus, load_corpus, stdlib_corpus, text_files
-from fused_optim.examples.gpt import GPT, GPTConfig
-from fused_optim.training import TrainConfig, checkpoint, metrics, train
-from fused_optim.training.monitor import LossMonitor
-from fused_optim.training.report import SCHEMA, summarise
+from fused_optim.tools.cli import main
+from fused_optim.tools.cli.train import config_from_args
+from fused_optim.tools.examples.data import BatchSampler, Corpus, load_corpus, stdlib_corpus, text_files
+from fused_optim.tools.examples.gpt import GPT, GPTConfig
+from fused_optim.tools.training import TrainConfig, checkpoint, metrics, train
+from fused_optim.tools.training.monitor import LossMonitor
+from fused_optim.tools.training.report import SCHEMA, summarise
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--seq-len", "16", "--batch-size", "4",
         "--micro-batches", "2", "--steps", "6", "--warmup", "2", "--eval-interval", "3", "--eval-batches", "2",
@@ -37,7 +37,7 @@ TINY_CONFIG = dict(n_layer=1, n_head=2, d_model=32, seq_len=16, batch_size=4, mi
 def text_file(tmp_path_factory) -> Path:
     """About 40 kB of varied text (the source of this package's GPT module, repeated): enough windows for training
     and validation, read in no time."""
-    source = Path(__file__).parents[1].joinpath("fused_optim", "examples", "gpt.py").read_bytes()
+    source = Path(__file__).parents[1].joinpath("fused_optim", "tools", "examples", "gpt.py").read_bytes()
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_bytes(source * 8)
     return path
@@ -108,7 +108,7 @@ def test_batch_sampler_windows_and_state():
     not torch.cuda.is_available(), reason="no CUDA GPU")])])
 def test_batches_reach_the_device_unchanged(device):
     # on a GPU through pinned memory, asynchronously; the same tokens as the sampler's CPU batch
-    from fused_optim.training.loop import batch_on
+    from fused_optim.tools.training.loop import batch_on
 
     corpus = Corpus.from_bytes(bytes(range(256)) * 4, name="ramp")
     first, second = (BatchSampler(corpus.train, batch_size=3, seq_len=10, seed=5) for _ in range(2))
@@ -337,7 +337,7 @@ def test_metrics():
 
 
 def test_quick_defaults_yield_to_explicit_flags():
-    from fused_optim.cli import _parser
+    from fused_optim.tools.cli import _parser
 
     config = config_from_args(_parser().parse_args(["train", "--quick", "--steps", "12", "--max-grad-norm", "0"]))
     assert (config.steps, config.d_model, config.n_layer, config.max_grad_norm) == (12, 64, 2, None)
@@ -356,7 +356,7 @@ def test_help_explains_every_flag(capsys):
 
 
 def test_every_train_flag_has_a_help_text():
-    from fused_optim.cli import _parser
+    from fused_optim.tools.cli import _parser
 
     subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     actions = [a for a in subparsers.choices["train"]._actions if a.option_strings != ["-h", "--help"]]
@@ -409,12 +409,12 @@ def test_summary_of_a_run_without_compare_has_no_agreement(text_file):
 
 def test_cli_lets_unexpected_errors_raise(text_file, monkeypatch):
     # a bug is not a bad flag: it keeps its traceback instead of becoming one line and exit status 2
-    import fused_optim.training
+    import fused_optim.tools.training
 
     def broken(config, reporter=None):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(fused_optim.training, "train", broken)
+    monkeypatch.setattr(fused_optim.tools.training, "train", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         run_cli(*TINY, "--data", str(text_file))
 

@@ -7,7 +7,7 @@ are called, so a host clock (perf_counter) is exact.
 
 Example:
     >>> import torch
-    >>> from fused_optim.training.timing import PhaseTimer
+    >>> from fused_optim.tools.training.timing import PhaseTimer
     >>> timer = PhaseTimer(torch.device("cpu"))
     >>> start = timer.mark()
     >>> _ = torch.randn(256, 256) @ torch.randn(256, 256)

@@ -37,8 +37,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fused_optim.bench.adamw import HPARAMS, _human, compare, model_shapes
-from fused_optim.bench.peers import (Case, Impl, Kernel, SizesConfig, new_row, our_implementations, run_cases,
+from fused_optim.tools.bench.adamw import HPARAMS, _human, compare, model_shapes
+from fused_optim.tools.bench.peers import (Case, Impl, Kernel, SizesConfig, new_row, our_implementations, run_cases,
                                     torch_fused_supported)
 from fused_optim.reference import ReferenceAdam
 

@@ -5,7 +5,7 @@ running minimum is a stricter baseline than a moving mean). Divergence: a loss t
 the run stops there, since every later step would be wasted.
 
 Example:
-    >>> from fused_optim.training.monitor import LossMonitor
+    >>> from fused_optim.tools.training.monitor import LossMonitor
     >>> monitor = LossMonitor(spike_factor=1.5)
     >>> for step, loss in enumerate([5.0, 3.0, 4.9, float("nan")], start=1):
     ...     print(monitor.check(step, loss))

@@ -1,4 +1,4 @@
-"""The settings of one `fused-optim train` run (the CLI's flags, fused_optim/cli/train.py, map onto these)."""
+"""The settings of one `fused-optim train` run (the CLI's flags, fused_optim/tools/cli/train.py, map onto these)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fused_optim._pyplot import pyplot
+from fused_optim.tools._pyplot import pyplot
 
 COLOURS = {"fused": "tab:blue", "torch": "tab:orange"}
 LABELS = {"fused": "fused_optim", "torch": "torch"}

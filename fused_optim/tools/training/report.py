@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 import fused_optim
-from fused_optim.examples.data import VOCAB_SIZE
-from fused_optim.training import metrics
-from fused_optim.training.loop import SideResult
-from fused_optim.training.timing import PHASES
+from fused_optim.tools.examples.data import VOCAB_SIZE
+from fused_optim.tools.training import metrics
+from fused_optim.tools.training.loop import SideResult
+from fused_optim.tools.training.timing import PHASES
 
 SCHEMA = "fused_optim.train/1"
 SMOOTHING_STEPS = 10  # the reported train loss is the mean of the last this many steps (one step is noisy)

@@ -3,7 +3,7 @@ one bar per implementation (the same colour for an implementation in every group
 same run as a horizontal line. Only rows with a GB/s are drawn: wrong, untimed and absent ones are left out (the
 table and the JSON say why), and so are ops without a bytes model (linear_ce: GEMM-bound, it reports time, TFLOP/s
 and peak memory); the x-axis label names the ops left out. matplotlib is imported only here, only when asked
-(fused_optim/_pyplot.py).
+(fused_optim/tools/_pyplot.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fused_optim._pyplot import pyplot
-from fused_optim.bench.adamw import _human
+from fused_optim.tools._pyplot import pyplot
+from fused_optim.tools.bench.adamw import _human
 
 
 def group_label(row: dict[str, Any]) -> str:
@@ -42,8 +42,8 @@ def undrawn_ops(report: dict[str, Any]) -> list[str]:
 
 
 def write_plot(report: dict[str, Any], path: str) -> None:
-    """Draws `report` (fused_optim.bench.run_benchmarks) as a PNG at `path`. RuntimeError when matplotlib is missing
-    or no row has a GB/s."""
+    """Draws `report` (fused_optim.tools.bench.run_benchmarks) as a PNG at `path`. RuntimeError when matplotlib is
+    missing or no row has a GB/s."""
     groups = bars(report)
     if not groups:
         raise RuntimeError("--plot: no row has a GB/s to draw (not drawn: " + ", ".join(undrawn_ops(report)) + ")")

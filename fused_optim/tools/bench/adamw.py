@@ -39,8 +39,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fused_optim.bench.peers import Impl, apex_peer, compile_step, not_installed, our_implementations
-from fused_optim.bench.timing import error_note, release_memory, Timing, host_time, synchronize, time_fn
+from fused_optim.tools.bench.peers import Impl, apex_peer, compile_step, not_installed, our_implementations
+from fused_optim.tools.bench.timing import error_note, release_memory, Timing, host_time, synchronize, time_fn
 
 CASES = ("fp32", "bf16", "bf16+master", "host")
 HOST_SHAPES = [(4096,)] * 1000

@@ -4,7 +4,7 @@ speed-ups).
 
 An op module (adamw.py, cross_entropy.py, accumulate.py, clip_adamw.py, sgd.py) supplies its workload, its
 implementations (`Impl`), its reference check and its bytes model (accumulate, clip_adamw and sgd run their cases
-through `run_cases`); the rows it returns are what `fused_optim.bench.print_table` and
+through `run_cases`); the rows it returns are what `fused_optim.tools.bench.print_table` and
 `write_json` take.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from fused_optim import _backend
-from fused_optim.bench.timing import error_note, release_memory, synchronize, time_fn
+from fused_optim.tools.bench.timing import error_note, release_memory, synchronize, time_fn
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fused_optim.training.config import RUN_DEFINING, TrainConfig
+from fused_optim.tools.training.config import RUN_DEFINING, TrainConfig
 
 FORMAT = "fused_optim.train.checkpoint/1"
 

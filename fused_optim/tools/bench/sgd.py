@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fused_optim.bench.adamw import Runner, Workload, _check_steps, _clone_params, _human, compare, make_workload
-from fused_optim.bench.peers import (Case, Impl, Kernel, SizesConfig, apex_peer, compile_step, new_row,
+from fused_optim.tools.bench.adamw import Runner, Workload, _check_steps, _clone_params, _human, compare, make_workload
+from fused_optim.tools.bench.peers import (Case, Impl, Kernel, SizesConfig, apex_peer, compile_step, new_row,
                                      our_implementations, run_cases, torch_fused_supported)
 from fused_optim.reference import ReferenceSGD
 

@@ -14,7 +14,7 @@
 What is timed: one call of `step()`: the grads of the leaf inputs are set to None, then `loss = f(...)` and
 `loss.backward()` (reduction "mean"). Each call therefore computes a fresh gradient and allocates its buffer, as a
 training step does; nothing is reused from the previous call. CPU: median and IQR of separately timed calls; GPU:
-CUDA events via `triton.testing.do_bench` (fused_optim/bench/timing.py). On the CPU a fresh (N, V) buffer is fresh
+CUDA events via `triton.testing.do_bench` (fused_optim/tools/bench/timing.py). On the CPU a fresh (N, V) buffer is fresh
 pages from the kernel (glibc maps and unmaps allocations this large): faulting in 524 MB took ~75 ms here, about
 half of our ce call, and torch eager pays it twice (log-softmax output and gradient). It is part of every row's
 time, as it is of a training step; `THP_MEM_ALLOC_ENABLE=1` (huge pages for torch's CPU allocations) makes it smaller.
@@ -36,7 +36,7 @@ Peak extra memory (`peak_mem`, bytes): what one call allocates beyond its inputs
   cannot be written, `ru_maxrss` is used instead (an upper bound if anything before the call peaked higher);
   `peak_mem_method` says which.
 
-    >>> from fused_optim.bench import cross_entropy as ce
+    >>> from fused_optim.tools.bench import cross_entropy as ce
     >>> config = ce.LossConfig(device=torch.device("cpu"), ops=("ce",), dtypes=("fp32",),
     ...                        shapes={"ce": [(64, 1000)]}, budget_s=0.05)
     >>> rows = ce.run(config)  # doctest: +SKIP
@@ -59,8 +59,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_optim import reference
-from fused_optim.bench.peers import Impl, derive, not_installed, our_implementations
-from fused_optim.bench.timing import error_note, release_memory, synchronize, time_fn
+from fused_optim.tools.bench.peers import Impl, derive, not_installed, our_implementations
+from fused_optim.tools.bench.timing import error_note, release_memory, synchronize, time_fn
 
 OPS = ("ce", "linear_ce")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -523,7 +523,7 @@ def peak_memory_in_subprocess(impl_name: str, op: str, case: str, shape: tuple[i
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     spec = {"impl": impl_name, "op": op, "case": case, "shape": list(shape), "seed": seed,
             "threads": torch.get_num_threads()}
-    code = "from fused_optim.bench.cross_entropy import _peak_memory_child; _peak_memory_child()"
+    code = "from fused_optim.tools.bench.cross_entropy import _peak_memory_child; _peak_memory_child()"
     try:
         done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                               env=env, timeout=timeout_s)
@@ -541,7 +541,7 @@ CAPTIONS = {
           "logits once + write their gradient once = 2·N·V·itemsize); % of the roof; × = torch eager's time / this "
           "one's; vs peers: ours' speed-up over each; peak mem (GPU): what a call allocates beyond its inputs.",
     "linear_ce": "ms: median time of forward + backward (gradients of input and weight); GEMM-bound, so no bytes "
-                 "model: TFLOP/s counts the three GEMMs (6·N·H·V); × = torch chunked's time / this one's; vs peers: "
-                 "ours' speed-up over each; peak mem: what one call allocates beyond its inputs, gradients "
+                 "model: TFLOP/s counts the three GEMMs (6·N·H·V); × = torch chunked's time / this one's; vs "
+                 "peers: ours' speed-up over each; peak mem: what one call allocates beyond its inputs, gradients "
                  "included (GPU: max_memory_allocated; CPU: peak RSS in a fresh process).",
 }

@@ -1,36 +1,36 @@
-"""fused_optim.bench: the measurement core behind `fused-optim bench` (docs/design.md, Benchmarks).
+"""fused_optim.tools.bench: the measurement core behind `fused-optim bench` (docs/design.md, Benchmarks).
 
 Each op reports its time beside its peers, its bandwidth by a bytes model (the fewest bytes the op must move) and
 that bandwidth as % of the memory roof measured at the start of the same run: a large device-to-device `copy_` on a
 GPU, the CPU extension's STREAM triad on the CPU. Every implementation is checked against a reference before it is
 timed; a wrong one is not timed. The ops:
 
-    adamw       one AdamW step (fused_optim/bench/adamw.py): torch fused / foreach / for-loop, DeepSpeed CPUAdam
+    adamw       one AdamW step (fused_optim/tools/bench/adamw.py): torch fused / foreach / for-loop, DeepSpeed CPUAdam
     adam        one Adam step, L2 weight decay coupled into the grad (same file; adamw's cases except bf16): torch's
                 Adam
-    ce          cross-entropy forward + backward (fused_optim/bench/cross_entropy.py): torch eager, torch.compile,
+    ce          cross-entropy forward + backward (fused_optim/tools/bench/cross_entropy.py): torch eager, torch.compile,
                 Liger-Kernel
     linear_ce   linear + cross-entropy forward + backward (same file): torch's chunked F.linear_cross_entropy, the
                 naive F.cross_entropy(x @ w.T, y) (compiled too on a GPU), Liger-Kernel; time and peak memory
-    accumulate  fp32 main grads += bf16/fp32 grads (fused_optim/bench/accumulate.py): torch's add_ loop and
+    accumulate  fp32 main grads += bf16/fp32 grads (fused_optim/tools/bench/accumulate.py): torch's add_ loop and
                 _foreach_add_, one large tensor and 2,000 small ones
-    clip_adamw  unscale + clip + AdamW (fused_optim/bench/clip_adamw.py): AdamW(max_grad_norm) with our GradScaler
+    clip_adamw  unscale + clip + AdamW (fused_optim/tools/bench/clip_adamw.py): AdamW(max_grad_norm) with our GradScaler
                 vs torch's GradScaler.unscale_ + clip_grad_norm_ + fused AdamW
-    sgd         one SGD step with momentum (fused_optim/bench/sgd.py): torch fused / foreach / for-loop, apex FusedSGD
+    sgd         one SGD step with momentum (tools/bench/sgd.py): torch fused / foreach / for-loop, apex FusedSGD
     fsdp_adamw, fsdp_clip_adamw
-                one AdamW step (with clipping) of an FSDP2-sharded model in spawned ranks (fused_optim/bench/fsdp.py:
+                one AdamW step (with clipping) of an FSDP2-sharded model in spawned ranks (tools/bench/fsdp.py:
                 2 gloo ranks on the CPU, one NCCL rank per GPU): torch fused AdamW (+ clip_grad_norm_) on the same
                 mesh, with the collectives each step issues
 
 Optional peers (DeepSpeed CPUAdam, Liger-Kernel, apex) that are not installed have a row saying "absent"; the report
-lists them under "absent_peers". `fused_optim.bench.plot.write_plot` draws a report's GB/s as a PNG.
+lists them under "absent_peers". `fused_optim.tools.bench.plot.write_plot` draws a report's GB/s as a PNG.
 
-The shared parts (implementations, check-then-time loop, derived columns) are in fused_optim/bench/peers.py.
+The shared parts (implementations, check-then-time loop, derived columns) are in fused_optim/tools/bench/peers.py.
 
-    >>> import tempfile, fused_optim.bench
-    >>> report = fused_optim.bench.run_benchmarks(device="cpu", sizes=[1_000_000], cases=("fp32",), quick=True)
-    >>> fused_optim.bench.print_table(report)  # doctest: +SKIP
-    >>> fused_optim.bench.write_json(report, tempfile.mktemp(suffix=".json"))
+    >>> import tempfile, fused_optim.tools.bench
+    >>> report = fused_optim.tools.bench.run_benchmarks(device="cpu", sizes=[1_000_000], cases=("fp32",), quick=True)
+    >>> fused_optim.tools.bench.print_table(report)  # doctest: +SKIP
+    >>> fused_optim.tools.bench.write_json(report, tempfile.mktemp(suffix=".json"))
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from typing import Any, Callable
 
 import torch
 
-from fused_optim.bench import accumulate, adamw, clip_adamw, cross_entropy, fsdp, sgd
-from fused_optim.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
+from fused_optim.tools.bench import accumulate, adamw, clip_adamw, cross_entropy, fsdp, sgd
+from fused_optim.tools.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
 
 __all__ = [
     "OPS", "Timing", "default_sizes", "host_time", "memory_roof", "parse_shape", "parse_size", "print_table",

@@ -7,7 +7,7 @@ logits; `logits(hidden)` gives the logits for a loss that needs them.
 
 Example:
     >>> import torch
-    >>> from fused_optim.examples.gpt import GPT, GPTConfig
+    >>> from fused_optim.tools.examples.gpt import GPT, GPTConfig
     >>> model = GPT(GPTConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=32))
     >>> hidden = model(torch.randint(0, 256, (4, 16)))
     >>> hidden.shape, model.logits(hidden).shape

@@ -9,7 +9,7 @@ The split is deterministic: the last `val_fraction` of the bytes is the validati
 drawn with the sampler's own torch.Generator, so its state (saved in checkpoints) fixes every later batch.
 
 Example:
-    >>> from fused_optim.examples.data import Corpus, BatchSampler
+    >>> from fused_optim.tools.examples.data import Corpus, BatchSampler
     >>> corpus = Corpus.from_bytes(b"hello world, " * 100, name="demo")
     >>> sampler = BatchSampler(corpus.train, batch_size=4, seq_len=8, seed=0)
     >>> x, y = sampler.next()

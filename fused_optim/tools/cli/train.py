@@ -1,4 +1,4 @@
-"""`fused-optim train`: trains the example GPT with the whole package and reports the run (fused_optim/training).
+"""`fused-optim train`: trains the example GPT with the whole package and reports the run (fused_optim/tools/training).
 
     fused-optim train --quick                 seconds on a CPU: a tiny model, 30 steps
     fused-optim train --compare --plot loss.png --json run.json
@@ -11,7 +11,7 @@ import argparse
 import importlib.util
 import sys
 
-from fused_optim.training.config import QUICK, TrainConfig
+from fused_optim.tools.training.config import QUICK, TrainConfig
 
 DEFAULTS = TrainConfig()
 CONFIG_FIELDS = set(DEFAULTS.as_dict())
@@ -23,7 +23,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a small GPT with fused_optim (optionally beside torch's optimizer and loss)",
-        description="Trains a small GPT (fused_optim/examples/gpt.py) on byte-level text with the whole package: "
+        description="Trains a small GPT (fused_optim/tools/examples/gpt.py) on byte-level text with the whole package: "
         "fused AdamW with decoupled weight decay and in-step grad-norm clipping, warmup + cosine lr, gradient "
         "accumulation over micro-batches normalised by the token count, fused linear cross-entropy over the LM "
         "head, bf16 autocast of the transformer body on a GPU (head and loss in fp32). Reports train/val loss and "
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from fused_optim.training import report, train
-    from fused_optim.training.plot import plot_losses
+    from fused_optim.tools.training import report, train
+    from fused_optim.tools.training.plot import plot_losses
 
     console = Console()
     reporter = RichReporter(Console(stderr=True))

@@ -31,8 +31,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fused_optim.bench.adamw import _human
-from fused_optim.bench.peers import Case, Impl, Kernel, new_row, our_implementations, run_cases
+from fused_optim.tools.bench.adamw import _human
+from fused_optim.tools.bench.peers import Case, Impl, Kernel, new_row, our_implementations, run_cases
 
 OPS = ("accumulate",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -8,12 +8,12 @@ divergence), checkpoint.py (save / resume), loop.py (the training loop), report.
 plot.py (the loss curve).
 
 Example:
-    >>> from fused_optim.training import TrainConfig, train
+    >>> from fused_optim.tools.training import TrainConfig, train
     >>> result = train(TrainConfig(steps=2, batch_size=2, seq_len=16, n_layer=1, n_head=2, d_model=32,
     ...                            data="README.md", eval_interval=2, eval_batches=1))  # doctest: +SKIP
 """
 
-from fused_optim.training.config import TrainConfig
+from fused_optim.tools.training.config import TrainConfig
 
 __all__ = ["TrainConfig", "train"]
 
@@ -21,7 +21,7 @@ __all__ = ["TrainConfig", "train"]
 def __getattr__(name: str):
     # the loop imports torch and fused_optim: only when used, so `fused-optim --help` stays fast
     if name == "train":
-        from fused_optim.training.loop import train
+        from fused_optim.tools.training.loop import train
 
         return train
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

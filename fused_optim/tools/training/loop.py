@@ -21,13 +21,13 @@ from torch import Tensor
 
 import fused_optim
 from fused_optim import _backend
-from fused_optim.examples.data import VOCAB_SIZE, BatchSampler, Corpus, load_corpus, split_windows
-from fused_optim.examples.gpt import GPT, GPTConfig
-from fused_optim.training import checkpoint
-from fused_optim.training.config import TrainConfig
-from fused_optim.training.monitor import LossMonitor
-from fused_optim.training.recipes import SIDES, Recipe, make_recipe
-from fused_optim.training.timing import PHASES, PhaseTimer
+from fused_optim.tools.examples.data import VOCAB_SIZE, BatchSampler, Corpus, load_corpus, split_windows
+from fused_optim.tools.examples.gpt import GPT, GPTConfig
+from fused_optim.tools.training import checkpoint
+from fused_optim.tools.training.config import TrainConfig
+from fused_optim.tools.training.monitor import LossMonitor
+from fused_optim.tools.training.recipes import SIDES, Recipe, make_recipe
+from fused_optim.tools.training.timing import PHASES, PhaseTimer
 
 
 class Reporter:

@@ -4,10 +4,10 @@
     fused-optim bench [options]     our ops against their peers (AdamW, Adam, cross-entropy, linear + cross-entropy,
                                     grad accumulation, clip + unscale + AdamW, SGD): time, GB/s, % of the memory
                                     roof
-    fused-optim train [options]     train a small GPT with the package (fused_optim/cli/train.py)
+    fused-optim train [options]     train a small GPT with the package (fused_optim/tools/cli/train.py)
 
 Example:
-    >>> from fused_optim.cli import main
+    >>> from fused_optim.tools.cli import main
     >>> main(["info", "--json"])  # doctest: +SKIP
     0
 """
@@ -20,9 +20,9 @@ import json
 import sys
 from typing import Any
 
-from fused_optim.cli import train as train_cli
+from fused_optim.tools.cli import train as train_cli
 
-# `--dtype` → the AdamW cases it runs (fused_optim/bench/adamw.py) and the dtypes of the cross-entropy ops.
+# `--dtype` → the AdamW cases it runs (fused_optim/tools/bench/adamw.py) and the dtypes of the cross-entropy ops.
 DTYPE_CASES = {
     "fp32": ("fp32", "host"),
     "bf16": ("bf16", "bf16+master"),
@@ -130,7 +130,7 @@ def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from fused_optim import bench
+    from fused_optim.tools import bench
 
     ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
     if "all" in ops:
@@ -180,7 +180,7 @@ def _bench(args: argparse.Namespace) -> int:
         bench.write_json(report, args.json)
         print(f"wrote {args.json}")
     if args.plot:
-        from fused_optim.bench.plot import write_plot
+        from fused_optim.tools.bench.plot import write_plot
 
         try:
             write_plot(report, args.plot)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fused_optim
-from fused_optim.examples.gpt import GPT
-from fused_optim.training.config import TrainConfig
+from fused_optim.tools.examples.gpt import GPT
+from fused_optim.tools.training.config import TrainConfig
 
 SIDES = ("fused", "torch")
 

@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 
 from fused_optim import _backend
-from fused_optim.bench.adamw import HPARAMS, _human
-from fused_optim.bench.clip_adamw import clip_adamw_bytes
-from fused_optim.bench.peers import Impl, derive, new_row
-from fused_optim.bench.timing import error_note
+from fused_optim.tools.bench.adamw import HPARAMS, _human
+from fused_optim.tools.bench.clip_adamw import clip_adamw_bytes
+from fused_optim.tools.bench.peers import Impl, derive, new_row
+from fused_optim.tools.bench.timing import error_note
 
 OPS = ("fsdp_adamw", "fsdp_clip_adamw")
 WIDTH = 2048  # Linear(WIDTH, WIDTH) layers
