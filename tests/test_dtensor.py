@@ -19,7 +19,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from spawn import GLOO_AVAILABLE, run_workers
 from token_batches import IGNORE, classifier, rank_micro_batches
