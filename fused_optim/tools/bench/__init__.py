@@ -25,7 +25,8 @@ timed; a wrong one is not timed. The ops:
 Optional peers (DeepSpeed CPUAdam, Liger-Kernel, apex) that are not installed have a row saying "absent"; the report
 lists them under "absent_peers". `fused_optim.tools.bench.plot.write_plot` draws a report's GB/s as a PNG.
 
-The shared parts (implementations, check-then-time loop, derived columns) are in fused_optim/tools/bench/peers.py.
+The shared parts (implementations, check-then-time loop, derived columns) are in fused_optim/tools/bench/peers.py;
+registry.py says what a benchmark module declares (BENCHMARKS below lists them), so `run_benchmarks` is one loop.
 
     >>> import tempfile, fused_optim.tools.bench
     >>> report = fused_optim.tools.bench.run_benchmarks(device="cpu", sizes=[1_000_000], cases=("fp32",), quick=True)
@@ -35,7 +36,6 @@ The shared parts (implementations, check-then-time loop, derived columns) are in
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import math
@@ -46,6 +46,7 @@ from typing import Any, Callable
 import torch
 
 from fused_optim.tools.bench import accumulate, adamw, clip_adamw, cross_entropy, fsdp, sgd
+from fused_optim.tools.bench.registry import Request
 from fused_optim.tools.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
 
 __all__ = [
@@ -53,15 +54,10 @@ __all__ = [
     "run_benchmarks", "time_cpu", "time_cuda", "time_fn", "write_json",
 ]
 
-# the ops `fused-optim bench --ops` knows
-OPS = ("adamw", "adam") + cross_entropy.OPS + accumulate.OPS + clip_adamw.OPS + sgd.OPS + fsdp.OPS
-
-# Total params of the main cases. CPU: 84M fp32 params move 2.35 GB a step, far past the last-level cache
-# (DESIGN: >= 50M). GPU: 256M (7.2 GB a step), far past an H100's 50 MB L2, and a step takes milliseconds.
-DEFAULT_SIZES = {"cpu": [84_000_000], "cuda": [256_000_000]}
-QUICK_SIZES = {"cpu": [4_000_000], "cuda": [16_000_000]}
-# The FSDP2 step: ~50 M params on the CPU (two ranks' shards of 25 M, past the cache)
-FSDP_SIZES = {"cpu": [50_000_000], "cuda": [256_000_000]}
+# Every benchmark, in the order a run takes them (registry.py), and the ops `fused-optim bench --ops` knows.
+BENCHMARKS = (*adamw.BENCHMARKS, cross_entropy.BENCHMARK, accumulate.BENCHMARK, clip_adamw.BENCHMARK, sgd.BENCHMARK,
+              fsdp.BENCHMARK)
+OPS = tuple(op for benchmark in BENCHMARKS for op in benchmark.ops)
 
 
 def parse_size(text: str) -> int:
@@ -87,7 +83,7 @@ def default_device() -> torch.device:
 
 
 def default_sizes(device: torch.device, quick: bool = False) -> list[int]:
-    return list((QUICK_SIZES if quick else DEFAULT_SIZES)[device.type])
+    return Request(ops=(), device=device, quick=quick).default_sizes()
 
 
 def _cpu_model() -> str:
@@ -145,38 +141,12 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     for op in ops:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
-    fsdp_sizes = sizes or (QUICK_SIZES if quick else FSDP_SIZES)[device.type]
-    sizes = sizes or default_sizes(device, quick)
-    budget_s = 0.25 if quick else 1.5  # seconds timing each implementation
-    config = adamw.AdamWConfig(
-        device=device,
-        sizes=sizes,
-        cases=cases or adamw.CASES,
-        budget_s=budget_s,
-        host_steps=50 if quick else 200,
-    )
-    adam_config = dataclasses.replace(config, variant=adamw.ADAM,
-                                      cases=tuple(case for case in config.cases if case in adamw.ADAM.cases))
-    loss_config = cross_entropy.LossConfig(
-        device=device,
-        ops=tuple(op for op in ops if op in cross_entropy.OPS),
-        dtypes=dtypes,
-        shapes=shapes or {},
-        quick=quick,
-        budget_s=budget_s,
-    )
-    accumulate_config = accumulate.AccumulateConfig(device=device, sizes=sizes,
-                                                    dtypes=dtypes or accumulate.DEFAULT_DTYPES, budget_s=budget_s)
-    clip_config = clip_adamw.ClipAdamWConfig(device=device, sizes=sizes, budget_s=budget_s)
-    sgd_config = sgd.SGDConfig(device=device, sizes=sizes, budget_s=budget_s)
-    fsdp_config = fsdp.FSDPConfig(device=device, sizes=fsdp_sizes, ops=tuple(op for op in ops if op in fsdp.OPS),
-                                  world_size=fsdp.default_world_size(device), budget_s=budget_s)
+    request = Request(ops=tuple(ops), device=device, sizes=sizes, cases=cases, quick=quick, dtypes=dtypes,
+                      shapes=shapes, budget_s=0.25 if quick else 1.5)
+    selected = [(benchmark, benchmark.configure(request)) for benchmark in BENCHMARKS
+                if request.selected(benchmark.ops)]
     if on_plan is not None:
-        on_plan(1 + (adamw.count_tasks(config) if "adamw" in ops else 0)
-                + (adamw.count_tasks(adam_config) if "adam" in ops else 0) + cross_entropy.count_tasks(loss_config)
-                + (accumulate.count_tasks(accumulate_config) if "accumulate" in ops else 0)
-                + (clip_adamw.count_tasks(clip_config) if "clip_adamw" in ops else 0)
-                + (sgd.count_tasks(sgd_config) if "sgd" in ops else 0) + fsdp.count_tasks(fsdp_config))
+        on_plan(1 + sum(benchmark.count_tasks(config) for benchmark, config in selected))
     report_task = on_task or (lambda description: None)
     try:
         roof = memory_roof(device, budget_s=0.5 if quick else 2.0)
@@ -184,42 +154,11 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     except RuntimeError as error:  # no CPU extension: no triad; the rest still runs, without % of roof
         roof = {"kind": "none", "gbps": None, "note": str(error)}
         report_task("roof: not measured")
-    rows = adamw.run(config, roof_gbps=roof["gbps"], on_task=on_task) if "adamw" in ops else []
-    if "adam" in ops:
-        rows += adamw.run(adam_config, roof_gbps=roof["gbps"], on_task=on_task)
-    rows += cross_entropy.run(loss_config, roof_gbps=roof["gbps"], on_task=on_task)
-    if "accumulate" in ops:
-        rows += accumulate.run(accumulate_config, roof_gbps=roof["gbps"], on_task=on_task)
-    if "clip_adamw" in ops:
-        rows += clip_adamw.run(clip_config, roof_gbps=roof["gbps"], on_task=on_task)
-    if "sgd" in ops:
-        rows += sgd.run(sgd_config, roof_gbps=roof["gbps"], on_task=on_task)
-    if fsdp_config.ops:
-        rows += fsdp.run(fsdp_config, roof_gbps=roof["gbps"], on_task=on_task)
+    rows: list[dict[str, Any]] = []
     run_config: dict[str, Any] = {"ops": list(ops), "quick": quick}
-    if "adamw" in ops:
-        run_config.update(
-            sizes=sizes,
-            cases=list(config.cases),
-            hparams=adamw.HPARAMS,
-            budget_s=config.budget_s,
-            check_steps=config.check_steps,
-            tolerances=adamw.TOLERANCES,
-        )
-    if "adam" in ops:
-        run_config["adam"] = {
-            "sizes": sizes, "cases": list(adam_config.cases),
-            "hparams": {**adamw.HPARAMS, "decoupled_weight_decay": adamw.ADAM.decoupled_weight_decay},
-            "reference": "torch.optim.Adam(foreach=False)", "check_steps": adam_config.check_steps,
-            "tolerances": {kind: adamw.tolerance(kind, adamw.ADAM) for kind in adamw.TOLERANCES},
-            "budget_s": adam_config.budget_s,
-        }
-    run_config.update(loss_config.describe())
-    for op, op_config in (("accumulate", accumulate_config), ("clip_adamw", clip_config), ("sgd", sgd_config)):
-        if op in ops:
-            run_config.update(op_config.describe())
-    if fsdp_config.ops:
-        run_config.update(fsdp_config.describe())
+    for benchmark, config in selected:
+        rows += benchmark.run(config, roof_gbps=roof["gbps"], on_task=on_task)
+        run_config.update(benchmark.describe(config))
     info = fused_optim.backends()
     return {
         "schema": 1,

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from fused_optim.tools.bench.adamw import _human
 from fused_optim.tools.bench.peers import Case, Impl, Kernel, new_row, our_implementations, run_cases
+from fused_optim.tools.bench.registry import Benchmark
 
 OPS = ("accumulate",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -200,3 +201,10 @@ CAPTIONS = {
                   "fp32 12); % of the roof; × = torch's add_ loop's time / this one's; vs peers: ours' speed-up "
                   "over each; peak mem (GPU): what a call allocates beyond its inputs.",
 }
+
+
+BENCHMARK = Benchmark(
+    ops=OPS, count_tasks=count_tasks, run=run,
+    configure=lambda request: AccumulateConfig(device=request.device, sizes=request.default_sizes(),
+                                               dtypes=request.dtypes or DEFAULT_DTYPES, budget_s=request.budget_s),
+)

@@ -31,6 +31,7 @@ the median time: an implementation that moves more (temporaries, several passes)
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 
 from fused_optim.tools.bench.peers import Impl, apex_peer, compile_step, not_installed, our_implementations
+from fused_optim.tools.bench.registry import Benchmark, Request
 from fused_optim.tools.bench.timing import error_note, release_memory, Timing, host_time, synchronize, time_fn
 
 CASES = ("fp32", "bf16", "bf16+master", "host")
@@ -496,3 +498,30 @@ def _human(n: int) -> str:
             value = n / scale
             return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
     return str(n)
+
+
+def configure(request: Request, variant: Variant = ADAMW) -> AdamWConfig:
+    return AdamWConfig(device=request.device, sizes=request.default_sizes(),
+                       cases=tuple(case for case in request.cases or CASES if case in variant.cases),
+                       budget_s=request.budget_s, host_steps=50 if request.quick else 200, variant=variant)
+
+
+def describe(config: AdamWConfig) -> dict[str, Any]:
+    """The configuration as the JSON report records it: adamw's at the top level, adam's under "adam"."""
+    variant = config.variant
+    described = {"sizes": config.sizes, "cases": list(config.cases),
+                 "hparams": HPARAMS if variant is ADAMW else
+                 {**HPARAMS, "decoupled_weight_decay": variant.decoupled_weight_decay},
+                 "budget_s": config.budget_s, "check_steps": config.check_steps,
+                 "tolerances": TOLERANCES if variant is ADAMW else
+                 {kind: tolerance(kind, variant) for kind in TOLERANCES}}
+    if variant is ADAMW:
+        return described
+    return {variant.op: {**described, "reference": f"torch.optim.{variant.class_name}(foreach=False)"}}
+
+
+BENCHMARKS = tuple(
+    Benchmark(ops=(variant.op,), configure=functools.partial(configure, variant=variant), count_tasks=count_tasks,
+              run=run, describe=describe)
+    for variant in (ADAMW, ADAM)
+)

@@ -41,6 +41,7 @@ from fused_optim.tools.bench.adamw import HPARAMS, _human, compare, model_shapes
 from fused_optim.tools.bench.peers import (Case, Impl, Kernel, SizesConfig, new_row, our_implementations, run_cases,
                                     torch_fused_supported)
 from fused_optim.reference import ReferenceAdam
+from fused_optim.tools.bench.registry import Benchmark
 
 OPS = ("clip_adamw",)
 MAX_GRAD_NORM = 1.0
@@ -228,3 +229,10 @@ CAPTIONS = {
                   "and written: 32 B/param); % of the roof; × = torch's sequence's time / this one's; peak mem "
                   "(GPU): what a step allocates beyond its state.",
 }
+
+
+BENCHMARK = Benchmark(
+    ops=OPS, count_tasks=count_tasks, run=run,
+    configure=lambda request: ClipAdamWConfig(device=request.device, sizes=request.default_sizes(),
+                                              budget_s=request.budget_s),
+)

@@ -60,6 +60,7 @@ from torch import Tensor
 
 from fused_optim import reference
 from fused_optim.tools.bench.peers import Impl, derive, not_installed, our_implementations
+from fused_optim.tools.bench.registry import Benchmark
 from fused_optim.tools.bench.timing import error_note, release_memory, synchronize, time_fn
 
 OPS = ("ce", "linear_ce")
@@ -545,3 +546,10 @@ CAPTIONS = {
                  "peers: ours' speed-up over each; peak mem: what one call allocates beyond its inputs, gradients "
                  "included (GPU: max_memory_allocated; CPU: peak RSS in a fresh process).",
 }
+
+
+BENCHMARK = Benchmark(
+    ops=OPS, count_tasks=count_tasks, run=run,
+    configure=lambda request: LossConfig(device=request.device, ops=request.selected(OPS), dtypes=request.dtypes,
+                                         shapes=request.shapes or {}, quick=request.quick, budget_s=request.budget_s),
+)

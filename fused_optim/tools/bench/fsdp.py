@@ -41,6 +41,7 @@ from fused_optim import _backend
 from fused_optim.tools.bench.adamw import HPARAMS, _human
 from fused_optim.tools.bench.clip_adamw import clip_adamw_bytes
 from fused_optim.tools.bench.peers import Impl, derive, new_row
+from fused_optim.tools.bench.registry import QUICK_SIZES, Benchmark
 from fused_optim.tools.bench.timing import error_note
 
 OPS = ("fsdp_adamw", "fsdp_clip_adamw")
@@ -297,3 +298,15 @@ CAPTIONS = {
                        "clip_grad_norm_ + fused step; 32 B/param (the grads read twice); coll.: collectives one step "
                        "issues (ours: one all-reduce over the mesh).",
 }
+
+
+# The FSDP2 step: ~50 M params on the CPU (two ranks' shards of 25 M, past the cache)
+SIZES = {"cpu": [50_000_000], "cuda": [256_000_000]}
+
+BENCHMARK = Benchmark(
+    ops=OPS, count_tasks=count_tasks, run=run,
+    configure=lambda request: FSDPConfig(device=request.device,
+                                         sizes=request.sizes_or(QUICK_SIZES if request.quick else SIZES),
+                                         ops=request.selected(OPS), world_size=default_world_size(request.device),
+                                         budget_s=request.budget_s),
+)

@@ -29,6 +29,7 @@ from fused_optim.tools.bench.adamw import Runner, Workload, _check_steps, _clone
 from fused_optim.tools.bench.peers import (Case, Impl, Kernel, SizesConfig, apex_peer, compile_step, new_row,
                                      our_implementations, run_cases, torch_fused_supported)
 from fused_optim.reference import ReferenceSGD
+from fused_optim.tools.bench.registry import Benchmark
 
 OPS = ("sgd",)
 # lr 0.01: a missing momentum moves the params by 0.9·lr·|g| ~ 1e-5 on the second step, a thousand times the
@@ -182,3 +183,10 @@ CAPTIONS = {
            "(foreach where torch has no fused SGD here) / this one's; vs peers: ours' speed-up over each; peak mem "
            "(GPU): what a step allocates beyond its state.",
 }
+
+
+BENCHMARK = Benchmark(
+    ops=OPS, count_tasks=count_tasks, run=run,
+    configure=lambda request: SGDConfig(device=request.device, sizes=request.default_sizes(),
+                                        budget_s=request.budget_s),
+)
