@@ -21,7 +21,9 @@ fused_optim optimizer starts it again from 0), so a resumed run continues identi
 Two modes, chosen per param group:
 - float lr (the usual case): torch's chainable form, lr_t = lr_{t-1} * f(t) / f(t-1) (the closed form where
   f(t-1) == 0), so it composes with other schedulers in ChainedScheduler and SequentialLR. Reading skipped_steps is
-  a host read: on a GPU it costs one host sync per scheduler step (only when the optimizer has the attribute).
+  a host read: on a GPU it costs one host sync per scheduler step, once the optimizer can skip (fused_optim's
+  optimizers: from the first step that checked its grads for inf/NaN, i.e. with max_grad_norm or a GradScaler;
+  without either, nothing is read).
 - tensor lr (group["lr"] is a Tensor, or the group has capturable=True: its float lr becomes a 0-dim float32 tensor
   on the group's params' device when the scheduler is built): the lr is computed on the device, in the closed form,
   from the position kept as a device tensor (each step adds 1 less the skips since the last one, read from
@@ -283,9 +285,12 @@ class WarmupCosine(LRScheduler):
 
     @staticmethod
     def _read_skipped(optimizer: Optimizer) -> int:
-        """The optimizer's skipped-step count on the host (a sync on a GPU); 0 for an optimizer that never skips."""
+        """The optimizer's skipped-step count on the host (a sync on a GPU, unless the optimizer says no step can
+        have been skipped yet); 0 for an optimizer that never skips."""
         skipped = getattr(optimizer, "skipped_steps", None)
-        return 0 if skipped is None else int(skipped.item() if isinstance(skipped, Tensor) else skipped)
+        if skipped is None or not getattr(optimizer, "may_have_skipped", True):
+            return 0
+        return int(skipped.item() if isinstance(skipped, Tensor) else skipped)
 
     def _restart_at(self, position: int) -> None:
         """Put the schedule at `position`, counting skips from the optimizer's skipped_steps as it is now."""

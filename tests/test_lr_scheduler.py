@@ -272,6 +272,26 @@ def test_tensor_lr_never_reads_the_host(monkeypatch):
         WarmupCosine(float_opt, 3, 10, 0.1)
 
 
+def test_float_lr_reads_nothing_until_the_optimizer_can_skip(monkeypatch):
+    """fused_optim's optimizers say when a step could have been skipped (a step with max_grad_norm or a GradScaler
+    checked its grads): until then the float mode reads nothing from the device; from then on it reads the count."""
+    model = torch.nn.Linear(4, 3)
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01)
+    with no_host_reads(monkeypatch):
+        scheduler = WarmupCosine(opt, 3, 10, 0.1)
+        for _ in range(5):
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            scheduler.step()
+    assert not opt.may_have_skipped and scheduler.last_epoch == 5
+    opt.max_grad_norm = 1.0
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert opt.may_have_skipped
+    with no_host_reads(monkeypatch), pytest.raises(AssertionError, match="read on the host"):
+        scheduler.step()
+
+
 class OpRecorder(TorchDispatchMode):
     """Each aten op with its non-tensor arguments, in order."""
 

@@ -148,6 +148,12 @@ class FusedOptimizer(Optimizer):
         return self._guard.skipped_steps
 
     @property
+    def may_have_skipped(self) -> bool:
+        """False until a step has checked its grads for inf/NaN (max_grad_norm, a GradScaler): until then no step
+        can have been skipped, and `skipped_steps` is 0 without reading it."""
+        return self._guard.may_have_skipped
+
+    @property
     def last_grad_norm(self) -> Tensor | None:
         """With max_grad_norm (or fused_optim.GradScaler), the global norm of the unscaled grads of the last step,
         before clipping: a 0-dim float32 tensor on the device. None before the first such step."""

@@ -38,6 +38,9 @@ class StepGuard:
         # A tensor made once and updated in place: a CUDA graph or a scheduler can hold on to it.
         self.skipped_steps = torch.zeros((), dtype=torch.float32, device=device)
         self.last_grad_norm: Tensor | None = None
+        # Whether a step has had an inf/NaN check (max_grad_norm or a GradScaler): until one has, skipped_steps is
+        # 0 and a reader (WarmupCosine's float mode) need not read it from the device.
+        self.may_have_skipped = False
 
     def prepare(self, grads: list[Tensor], max_grad_norm: float | None, backend: str) -> tuple[Tensor | None,
                                                                                                Tensor | None]:
@@ -71,6 +74,7 @@ class StepGuard:
                 clip_coef = clip_coefficient(max_grad_norm, norm)
                 grad_scale = (grad_scale.to(norm.device) if grad_scale is not None else 1.0) / clip_coef
         if found_inf is not None:
+            self.may_have_skipped = True
             self.skipped_steps.add_((found_inf != 0).to(device=self.skipped_steps.device, dtype=torch.float32))
         return grad_scale, found_inf
 
