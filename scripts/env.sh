@@ -28,8 +28,10 @@ else
         rm -rf "$venv"
         "$base_python" -m venv "$venv"
         "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel >&2
-        "$venv/bin/python" -m pip install -q -r "$requirements" >&2
-        echo "$dev" | "$venv/bin/python" -m pip install -q -r /dev/stdin >&2
+        # --no-compile: no byte-compiling of every module of torch and its dependencies at install time (thousands
+        # of files); Python compiles the modules it imports, on first use.
+        "$venv/bin/python" -m pip install -q --no-compile -r "$requirements" >&2
+        echo "$dev" | "$venv/bin/python" -m pip install -q --no-compile -r /dev/stdin >&2
         touch "$venv/.complete"
     fi
     python="$venv/bin/python"
