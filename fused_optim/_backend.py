@@ -21,6 +21,7 @@ import torch
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
+
 def memoized(fn):
     """functools.cache for the backend lookups, with a plain dict: torch.compile traces a dict lookup silently, where
     it warns about every lru_cache-wrapped call in a compiled step."""
@@ -88,18 +89,32 @@ def _load_extension(module: str) -> str | None:
 
 
 @memoized
+def cpu_info() -> tuple[str | None, frozenset[str] | None]:
+    """The CPU's model name and feature flags ("flags" on x86, "Features" on aarch64) from /proc/cpuinfo; None for
+    either where it is not there (not Linux)."""
+    model, flags = None, None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and flags is None:
+                    flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+@memoized
 def cpu_isas_supported() -> tuple[str, ...]:
     """The levels of CPU_ISA_FLAGS this CPU (and its OS) runs, widest first: from /proc/cpuinfo's flags on Linux,
     else from torch's own CPU capability."""
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return ("neon",)
-    flags: set[str] | None = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
-    except OSError:
-        pass
+    flags = cpu_info()[1]
     if flags is None:  # not Linux: torch's dispatch level ("AVX512", "AVX2", "DEFAULT", ...)
         capability = torch.backends.cpu.get_cpu_capability()
         return {"AVX512": ("avx512", "avx2", "baseline"), "AVX2": ("avx2", "baseline")}.get(capability, ("baseline",))

@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import torch
 
+from fused_optim import _backend
 from fused_optim.tools.bench import accumulate, adamw, clip_adamw, cross_entropy, fsdp, sgd
 from fused_optim.tools.bench.registry import Request
 from fused_optim.tools.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
@@ -86,26 +87,10 @@ def default_sizes(device: torch.device, quick: bool = False) -> list[int]:
     return Request(ops=(), device=device, quick=quick).default_sizes()
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_isa() -> str:
     """The widest vector ISA this CPU has of those the CPU kernels are built for: a CPU figure holds for its ISA
     only (an AVX2 EPYC and an AVX-512 one share a name)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith(("flags", "Features"))),
-                         set())
-    except OSError:
-        flags = set()
+    flags = _backend.cpu_info()[1] or frozenset()
     for isa, needs in (("avx512_bf16", {"avx512f", "avx512_bf16"}), ("avx512", {"avx512f"}), ("avx2", {"avx2"}),
                        ("neon", {"asimd"})):
         if needs <= flags:
@@ -116,7 +101,8 @@ def cpu_isa() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()} ({cpu_isa()}, {torch.get_num_threads()} threads)"
+    model = _backend.cpu_info()[0] or platform.processor() or platform.machine()
+    return f"{model} ({cpu_isa()}, {torch.get_num_threads()} threads)"
 
 
 def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None = None,

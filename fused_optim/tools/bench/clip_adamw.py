@@ -231,8 +231,4 @@ CAPTIONS = {
 }
 
 
-BENCHMARK = Benchmark(
-    ops=OPS, count_tasks=count_tasks, run=run,
-    configure=lambda request: ClipAdamWConfig(device=request.device, sizes=request.default_sizes(),
-                                              budget_s=request.budget_s),
-)
+BENCHMARK = Benchmark(ops=OPS, configure=ClipAdamWConfig.from_request, count_tasks=count_tasks, run=run)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from fused_optim import _backend
+from fused_optim.tools.bench.registry import Request
 from fused_optim.tools.bench.timing import error_note, release_memory, synchronize, time_fn
 
 
@@ -221,6 +222,11 @@ class SizesConfig:
     budget_s: float = 1.5
     max_time_s: float = 30.0
     seed: int = 0
+
+    @classmethod
+    def from_request(cls, request: Request) -> SizesConfig:
+        """The config `fused-optim bench` asked for (registry.py): its sizes, else the defaults, and its budget."""
+        return cls(device=request.device, sizes=request.default_sizes(), budget_s=request.budget_s)
 
 
 @dataclass

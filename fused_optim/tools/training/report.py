@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import fused_optim
+from fused_optim import _backend
 from fused_optim.tools.examples.data import VOCAB_SIZE
 from fused_optim.tools.training import metrics
 from fused_optim.tools.training.loop import SideResult
@@ -61,11 +62,7 @@ def summarise(run: dict) -> dict:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:  # Linux names the CPU model here; platform.processor() is often empty
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
-    except OSError:
-        model = None
+    model = _backend.cpu_info()[0]  # Linux names the CPU model; platform.processor() is often empty
     return f"{model or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
