@@ -18,6 +18,7 @@ Environment:
 import glob
 import os
 import platform
+import runpy
 import shutil
 import sys
 
@@ -88,6 +89,12 @@ def cpu_isas() -> dict[str, list[str]]:
     return {name: levels[name] for name in names}
 
 
+# The kernels use LibTorch's stable ABI only (csrc/ops/torch_api.h), so the extensions load under every torch from
+# STABLE_ABI_TARGET on; and they need no Python API of the build's Python either (py_limited_api: plain libraries
+# loaded by torch.ops.load_library).
+STABLE_ABI_FLAGS = runpy.run_path(os.path.join(ROOT, "fused_optim", "_stable_abi.py"))["STABLE_ABI_FLAGS"]
+
+
 def extensions():
     # -fno-math-errno lets sqrt vectorise; -fno-trapping-math lets gcc compute both sides of a select of a group
     # constant (the update's branches), without which it left the bf16 and fp16 loops scalar. Neither changes a
@@ -100,7 +107,7 @@ def extensions():
             sources("csrc/registration.cpp") + sources("csrc/cpu/*.cpp"),
             include_dirs=INCLUDE,
             depends=HEADERS,
-            extra_compile_args={"cxx": cxx_flags + isa_flags},
+            extra_compile_args={"cxx": cxx_flags + isa_flags + STABLE_ABI_FLAGS},
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )
@@ -122,7 +129,7 @@ def extensions():
                 sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp"),
                 include_dirs=INCLUDE,
                 depends=HEADERS,
-                extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+                extra_compile_args={"cxx": ["-O3"] + STABLE_ABI_FLAGS, "nvcc": nvcc_flags + STABLE_ABI_FLAGS},
                 py_limited_api=True,
             )
         )
@@ -131,9 +138,9 @@ def extensions():
     return exts
 
 
-# Written beside the extensions: the torch they were built against (_backend.py refuses to load them under another
-# torch, whose C++ ABI may differ, and runs the torch backend instead), and, for an in-place build, the stamp that
-# tells `make build` the extensions are newer than their sources.
+# Written beside the extensions: the torch they were built under and its CUDA version (_backend.py refuses the CUDA
+# kernels under a torch of another CUDA major version), and, for an in-place build, the stamp that tells
+# `make build` the extensions are newer than their sources.
 TORCH_RECORD = "_extensions_torch_version.txt"
 BUILD_STAMP = os.path.join(ROOT, "fused_optim", ".extensions-built")
 
@@ -159,7 +166,7 @@ class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
         super().run()
         package_dir = os.path.dirname(self.get_ext_fullpath(self.extensions[0].name))
         with open(os.path.join(package_dir, TORCH_RECORD), "w") as record:
-            record.write(torch.__version__ + "\n")
+            record.write(f"{torch.__version__}\n{torch.version.cuda or 'none'}\n")
         if self.inplace:
             with open(BUILD_STAMP, "w"):
                 pass

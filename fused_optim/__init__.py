@@ -15,8 +15,8 @@ from fused_optim.amp import GradScaler
 from fused_optim.clip_grad import clip_grad_norm_
 from fused_optim.info import backends
 from fused_optim.nn import CrossEntropyLoss, LinearCrossEntropyLoss
-from fused_optim.optim import SGD, Adam, AdamW
+from fused_optim.optim import SGD, Adam, AdamW, Lion
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "CrossEntropyLoss", "GradAccumulator", "GradScaler", "LinearCrossEntropyLoss", "SGD",
+__all__ = ["Adam", "AdamW", "CrossEntropyLoss", "GradAccumulator", "GradScaler", "LinearCrossEntropyLoss", "Lion", "SGD",
            "backends", "clip_grad_norm_", "count_tokens", "functional", "lr_scheduler", "__version__"]

@@ -19,6 +19,8 @@ import platform
 
 import torch
 
+from fused_optim._stable_abi import STABLE_ABI_TARGET
+
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 
@@ -52,25 +54,41 @@ CPU_ISA_FLAGS = {
 }
 
 
-# Written by setup.py beside the extensions: the version of the torch they were built against.
+# Written by setup.py beside the extensions: the torch they were built under, and its CUDA version ("none" for a CPU
+# build of torch).
 TORCH_RECORD = os.path.join(os.path.dirname(__file__), "_extensions_torch_version.txt")
 
 
-def _release(version: str) -> tuple[str, ...]:
-    """A torch version's major.minor: its C++ ABI may change from one minor release to the next."""
-    return tuple(version.split("+")[0].split(".")[:2])
+def _release(version: str) -> tuple[int, ...]:
+    """A version's (major, minor): "2.14.1+cu130" -> (2, 14)."""
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
 
 
-def torch_mismatch() -> str | None:
-    """Why the C++ extensions must not be loaded under this torch (built against another release), or None."""
+def built_for() -> tuple[str, str] | None:
+    """(torch version, CUDA version or "none") of the build, or None when the build wrote no record."""
     try:
         with open(TORCH_RECORD) as record:
-            built_for = record.read().strip()
+            lines = record.read().split()
     except OSError:
-        return None  # no record: an older build; loading it is the only test
-    if _release(built_for) != _release(torch.__version__):
-        return (f"built for torch {built_for}, not this torch {torch.__version__} (rebuild it: "
-                f"pip install --no-build-isolation -e .); the torch backend runs instead")
+        return None
+    return (lines[0], lines[1] if len(lines) > 1 else "none") if lines else None
+
+
+def torch_mismatch(extension: str = "cpu") -> str | None:
+    """Why a C++ extension ("cpu" or "cuda") must not be loaded under this torch, or None.
+
+    The kernels use the stable ABI only, so any torch from STABLE_ABI_TARGET on loads them, whichever torch built
+    them; the CUDA kernels also need the CUDA major version they were compiled with (their CUDA runtime library).
+    """
+    if _release(torch.__version__) < STABLE_ABI_TARGET:
+        return (f"this torch {torch.__version__} is older than {'.'.join(map(str, STABLE_ABI_TARGET))}, the oldest "
+                f"whose stable ABI the kernels are built for; the torch backend runs instead")
+    record = built_for()
+    if extension == "cuda" and record is not None and torch.version.cuda is not None and record[1] != "none":
+        built_major, running_major = record[1].split(".")[0], torch.version.cuda.split(".")[0]
+        if built_major != running_major:
+            return (f"built with CUDA {record[1]}, not this torch's CUDA {torch.version.cuda} (rebuild it: "
+                    f"pip install --no-build-isolation -e .); the torch backend runs instead")
     return None
 
 
@@ -78,7 +96,7 @@ def _load_extension(module: str) -> str | None:
     spec = importlib.util.find_spec(f"fused_optim.{module}")
     if spec is None or spec.origin is None:
         return "not built (install with `pip install --no-build-isolation -e .`)"
-    mismatch = torch_mismatch()
+    mismatch = torch_mismatch("cuda" if module == "_C_cuda" else "cpu")
     if mismatch is not None:
         return f"not loaded: {mismatch}"
     try:

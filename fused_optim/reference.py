@@ -85,6 +85,31 @@ class ReferenceSGD:
             p.sub_(self.lr * g)
 
 
+class ReferenceLion:
+    """Lion (Chen et al., 2023) with decoupled weight decay and maximize, in float64: the update is the sign of an
+    interpolation of the moment and the gradient (torch.sign: 0 for 0), and the moment has its own beta.
+
+    >>> p = torch.randn(3); ref = ReferenceLion([p], lr=1e-4, weight_decay=0.1)
+    >>> ref.step([torch.randn(3)]); ref.exp_avgs[0].dtype
+    torch.float64
+    """
+
+    def __init__(self, params, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+        self.params = [p.detach().double().clone() for p in params]
+        self.exp_avgs = [torch.zeros_like(p) for p in self.params]
+        self.lr, (self.beta1, self.beta2), self.weight_decay, self.maximize = lr, betas, weight_decay, maximize
+
+    def step(self, grads, grad_scale: float = 1.0) -> None:
+        for i, grad in enumerate(grads):
+            g = grad.detach().double() / grad_scale
+            if self.maximize:
+                g = -g
+            p, m = self.params[i], self.exp_avgs[i]
+            p.mul_(1 - self.lr * self.weight_decay)
+            p.sub_(self.lr * torch.sign(self.beta1 * m + (1 - self.beta1) * g))
+            m.mul_(self.beta2).add_((1 - self.beta2) * g)
+
+
 # Stochastic rounding: the same counter-based hash as csrc/include/fused_optim/rounding.h, in int64 tensor ops
 # (every value kept in [0, 2^32) so nothing overflows), so every backend can be checked bit for bit.
 

@@ -2,13 +2,17 @@
 # Builds a wheel and checks it as a user gets it: installed into a fresh venv that has torch (this environment's,
 # through a path entry) but no source tree on its path and no build of its own, it must report its kernels in
 # `fused-optim info`, load the widest CPU level this machine runs, run every op once on the CPU, and pass the CPU
-# contract tests against the installed package.
+# contract tests against the installed package. Then the same wheel, unchanged, in a second venv with another torch
+# release (OTHER_TORCH, default 2.13.0: the kernels use the LibTorch stable ABI, so a wheel built under one torch
+# runs under every torch from 2.10 on): it must load its CPU kernels there too and pass the CPU op tests.
 #
 # Usage: scripts/check_wheel.sh [PYTHON]   (default: scripts/env.sh's). FUSED_OPTIM_BUILD_CUDA is honoured; CI
 # builds the CPU kernels only (every x86-64 level), the CUDA wheel build is the same code with WHEEL_CUDA_ARCHS.
+# OTHER_TORCH=none skips the second torch.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${1:-$("$root/scripts/env.sh")}"
+other_torch="${OTHER_TORCH:-2.13.0}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -27,15 +31,11 @@ if [[ "${FUSED_OPTIM_BUILD_CUDA:-auto}" == 0 && "$extensions" == *_C_cuda* ]]; t
     exit 1
 fi
 
-# A fresh venv that sees this environment's torch and test tools but not its site .pth files (so no editable
-# install of this checkout leaks in).
-"$python" -m venv "$work/venv"
-site="$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-"$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/outer-environment.pth"
-"$work/venv/bin/python" -m pip install -q --no-deps --no-index "$wheel"
-
-cd "$work"  # not the checkout: `import fused_optim` must find the installed package
-"$work/venv/bin/python" - "$site" <<'EOF'
+# Runs every op once from the wheel installed in venv $1, and checks the widest CPU level this machine runs loaded.
+smoke_test() {
+    local venv="$1" site
+    site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    "$venv/bin/python" - "$site" <<'EOF'
 import os, sys
 import torch
 import fused_optim
@@ -60,6 +60,17 @@ acc.finalize(num_tokens=8, max_norm=1.0)
 fused_optim.clip_grad_norm_(params, 1.0)
 print(f"check_wheel: every op ran from {os.path.dirname(fused_optim.__file__)} on the {_backend.cpu_isa()} CPU kernels")
 EOF
+}
+
+# A fresh venv that sees this environment's torch and test tools but not its site .pth files (so no editable
+# install of this checkout leaks in).
+"$python" -m venv "$work/venv"
+site="$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+"$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/outer-environment.pth"
+"$work/venv/bin/python" -m pip install -q --no-deps --no-index "$wheel"
+
+cd "$work"  # not the checkout: `import fused_optim` must find the installed package
+smoke_test "$work/venv"
 "$work/venv/bin/fused-optim" info
 
 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$root" \
@@ -67,4 +78,21 @@ EOF
     "$root/tests/test_cross_entropy.py::test_matches_reference_at_least_as_well_as_torch" \
     "$root/tests/test_sgd.py" "$root/tests/test_total_norm.py" "$root/tests/test_accumulate_grads.py" \
     "$root/tests/test_backend.py" "$root/tests/test_cpu_isa.py::test_the_widest_level_this_cpu_runs_is_loaded"
+
+if [[ "$other_torch" != none ]]; then
+    # Its own torch first on the path, the outer environment after it for the test tools only.
+    echo "check_wheel: the same wheel under torch $other_torch"
+    "$python" -m venv "$work/other"
+    other_site="$("$work/other/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    "$work/other/bin/python" -m pip install -q --no-compile "torch==$other_torch"
+    "$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$other_site/zz-outer-environment.pth"
+    "$work/other/bin/python" -m pip install -q --no-deps --no-index "$wheel"
+    running="$("$work/other/bin/python" -c 'import torch; print(torch.__version__)')"
+    [[ "$running" == "$other_torch"* ]] || { echo "check_wheel: the second venv runs torch $running" >&2; exit 1; }
+    smoke_test "$work/other"
+    "$work/other/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$root" \
+        "$root/tests/test_adam.py::test_matches_reference_at_least_as_well_as_torch" \
+        "$root/tests/test_cross_entropy.py::test_matches_reference_at_least_as_well_as_torch" \
+        "$root/tests/test_sgd.py" "$root/tests/test_total_norm.py" "$root/tests/test_accumulate_grads.py"
+fi
 echo "check_wheel: passed"

@@ -176,19 +176,17 @@ def test_an_unloadable_extension_is_a_reason(fresh_caches, tmp_path):
 
 
 @pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
-def test_the_build_records_the_torch_it_was_built_against():
-    with open(_backend.TORCH_RECORD) as record:
-        assert record.read().strip() == torch.__version__
-    assert _backend.torch_mismatch() is None
+def test_the_build_records_the_torch_and_cuda_it_was_built_under():
+    assert _backend.built_for() == (torch.__version__, torch.version.cuda or "none")
+    assert _backend.torch_mismatch("cpu") is None and _backend.torch_mismatch("cuda") is None
 
 
-@pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
-def test_under_another_torch_release_the_extensions_are_refused_and_torch_runs():
-    # A process whose torch says it is another release: the extensions, built against this one, must not be loaded
-    # (another release's C++ ABI may crash them); the reason is one sentence, and a step runs on the torch backend.
-    code = """
+def _run_under_faked_torch(fake: str) -> list:
+    """Runs one AdamW step in a process whose torch reports other versions (`fake`: statements run after import
+    torch); returns [cpu extension error, cuda extension error, auto backend on the CPU, the param after the step]."""
+    code = f"""
 import json, torch
-torch.__version__ = "2.3.1"
+{fake}
 import fused_optim
 p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
 fused_optim.AdamW([p], lr=0.1).step()
@@ -198,13 +196,34 @@ print(json.dumps([info["extensions"]["cpu"], info["extensions"]["cuda"], info["a
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert done.returncode == 0, done.stderr
-    cpu_error, cuda_error, auto, param = json.loads(done.stdout.splitlines()[-1])
-    assert cpu_error.startswith(f"not loaded: built for torch {torch.__version__}, not this torch 2.3.1")
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result[3] == pytest.approx([1 - 0.1 - 0.1 * 0.01] * 3, abs=1e-6)  # lr * (m_hat / sqrt(v_hat)) = lr; decay
+    return result
+
+
+@pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
+def test_a_torch_older_than_the_stable_abi_target_refuses_the_extensions_and_torch_runs():
+    cpu_error, cuda_error, auto, _ = _run_under_faked_torch('torch.__version__ = "2.9.1"')
+    assert cpu_error.startswith("not loaded: this torch 2.9.1 is older than 2.10, the oldest whose stable ABI")
     assert _one_sentence(cpu_error + ".")
     if CUDA_EXTENSION_BUILT:
         assert cuda_error == cpu_error
     assert auto == "torch"
-    assert param == pytest.approx([1 - 0.1 - 0.1 * 0.01] * 3, abs=1e-6)  # lr * (m_hat / sqrt(v_hat)) = lr; decay
+
+
+@pytest.mark.skipif(not CPU_EXTENSION_BUILT, reason="fused_optim/_C_cpu*.so is not built")
+def test_another_torch_release_from_the_target_on_loads_the_extensions():
+    # The kernels use the stable ABI only, so the version alone refuses nothing from 2.10 on (scripts/check_wheel.sh
+    # runs a build under a really different torch).
+    cpu_error, _, auto, _ = _run_under_faked_torch('torch.__version__ = "2.99.0"')
+    assert cpu_error is None and auto == "cpu"
+
+
+@pytest.mark.skipif(not CUDA_EXTENSION_BUILT or torch.version.cuda is None, reason="needs the CUDA extension built")
+def test_a_torch_of_another_cuda_major_version_refuses_the_cuda_kernels_only():
+    cpu_error, cuda_error, _, _ = _run_under_faked_torch('torch.version.cuda = "11.8"')
+    assert cpu_error is None
+    assert cuda_error.startswith(f"not loaded: built with CUDA {torch.version.cuda}, not this torch's CUDA 11.8")
 
 
 @pytest.mark.parametrize("op", ADAM_OPS)

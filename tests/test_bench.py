@@ -1,4 +1,4 @@
-"""`fused-optim bench` for the accumulate, clip_adamw and sgd ops: the command runs end to end at tiny sizes and
+"""`fused-optim bench` for the accumulate, clip_adamw, sgd and lion ops: the command runs end to end at tiny sizes and
 writes the JSON report its rows promise (and the --plot PNG), absent peers are listed, and a wrong implementation is
 reported as wrong and not timed. The FSDP2 ops run in 2 spawned gloo ranks, at a tiny size too."""
 
@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
     plot = ["--plot", str(directory / "plot.png")] if HAS_MATPLOTLIB else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
-        [sys.executable, "-m", "fused_optim", "bench", "--ops", "accumulate,clip_adamw,sgd", "--quick", "--device",
+        [sys.executable, "-m", "fused_optim", "bench", "--ops", "accumulate,clip_adamw,sgd,lion", "--quick", "--device",
          "cpu", "--sizes", "4099", "--json", str(directory / "report.json"), *plot],
         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -55,12 +55,13 @@ def _check_timed_row(row: dict) -> None:
 
 def test_report_schema(report):
     assert report["schema"] == 1 and report["device_type"] == "cpu"
-    assert report["config"]["ops"] == ["accumulate", "clip_adamw", "sgd"]
+    assert report["config"]["ops"] == ["accumulate", "clip_adamw", "sgd", "lion"]
     assert report["config"]["accumulate"]["bytes_per_element"] == {"bf16": 10, "fp32": 12}
     assert report["config"]["clip_adamw"]["bytes_per_param"] == 32
     assert report["config"]["sgd"]["bytes_per_param"] == 20
     assert report["config"]["sgd"]["hparams"]["momentum"] == 0.9
-    assert {r["op"] for r in report["rows"]} == {"accumulate", "clip_adamw", "sgd"}
+    assert report["config"]["lion"]["bytes_per_param"] == 20
+    assert {r["op"] for r in report["rows"]} == {"accumulate", "clip_adamw", "sgd", "lion"}
     absent = {(r["op"], r["impl"]) for r in report["rows"]
               if r["note"].startswith("absent") and not r["impl"].startswith("fused_optim")}
     assert {(peer["op"], peer["impl"]) for peer in report["absent_peers"]} == absent
@@ -80,6 +81,18 @@ def test_sgd_rows(report):
     assert [r["impl"] for r in rows if r["baseline"]] == [baseline]
     for r in rows:  # untimed: absent (with the reason), never silently
         assert r["time_ms_median"] or r["note"].startswith("absent"), r
+
+
+def test_lion_rows(report):
+    rows = _rows(report, "lion")
+    assert {r["n_params"] for r in rows} == {4099} and all(r["bytes"] == 20 * 4099 for r in rows)
+    timed = [r for r in rows if r["time_ms_median"]]
+    for r in timed:
+        _check_timed_row(r)
+        assert r["max_abs_err"] < 1e-7
+    assert {"torch foreach Lion", "lion-pytorch"} <= {r["impl"] for r in timed}
+    assert "fused_optim[cpu]" in {r["impl"] for r in timed}
+    assert [r["impl"] for r in rows if r["baseline"]] == ["torch foreach Lion"]
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")

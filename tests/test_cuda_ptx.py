@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
+from fused_optim._stable_abi import STABLE_ABI_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or (os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None)
 
@@ -25,7 +27,7 @@ def kernels_ptx(source: str, out_dir: Path) -> dict[str, str]:
     out = out_dir / (Path(source).stem + ".ptx")
     includes = [f"-I{p}" for p in cpp_extension.include_paths("cuda")]
     includes += [f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}"]
-    subprocess.run([NVCC, "-O3", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-ptx", *includes,
+    subprocess.run([NVCC, "-O3", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-ptx", *STABLE_ABI_FLAGS, *includes,
                     str(ROOT / "csrc/cuda" / source), "-o", str(out)], check=True, capture_output=True)
     ptx = out.read_text()
     kernels = {}
@@ -98,6 +100,25 @@ def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses(sgd_kernels_ptx
         width = {"f": 2}
         expected_loads = width.get(param_t, 1) + width.get(grad_t, 1) + 2 * int(momentum)
         expected_stores = width.get(param_t, 1) + 2 * int(momentum)
+        assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
+        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+
+
+def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses(tmp_path):
+    kernels = {name: body for name, body in kernels_ptx("lion.cu", tmp_path).items() if "lion_kernel" in name}
+    assert len(kernels) == 12  # 5 (param, grad) dtype pairs x (plain, master), and stochastic for the 2 bf16 pairs
+    for name, body in kernels.items():
+        # the mangled template arguments: param type, grad type ("f", or S<n>_: the param's again), master
+        param_t, grad_t, master = re.search(r"lion_kernelI(f|N3c108BFloat16E|N3c104HalfE)(f|S\d*_)Lb([01])E",
+                                            name).groups()
+        grad_t = param_t if grad_t.startswith("S") else grad_t
+        loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
+        stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
+        # per 8 elements: an fp32 array (the moment, the master copy) takes two 16-byte accesses, a 16-bit one one
+        width = {"f": 2}
+        param_loads = 2 if master == "1" else width.get(param_t, 1)  # the master copy is read instead of the param
+        expected_loads = param_loads + width.get(grad_t, 1) + 2
+        expected_stores = width.get(param_t, 1) + 2 + 2 * int(master)
         assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 

@@ -54,6 +54,8 @@ OPTIMIZERS = {
     "sgd": ("SGD", dict(lr=0.1), {}, None),
     "sgd-nesterov-clip": ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
                           dict(max_grad_norm=MAX_NORM), MAX_NORM),
+    # torch has no Lion: lion-pytorch's, on the same mesh, is the peer
+    "lion-clip": ("Lion", dict(lr=1e-3, weight_decay=0.1), dict(max_grad_norm=MAX_NORM), MAX_NORM),
 }
 ON_FOUR_RANKS = ("adamw", "sgd-nesterov-clip")
 
@@ -84,6 +86,10 @@ def make_optimizer(name: str, params, ours: bool):
     cls, kwargs, our_kwargs, _ = OPTIMIZERS[name]
     if ours:
         return getattr(fused_optim, cls)(params, **kwargs, **our_kwargs)
+    if cls == "Lion":
+        import lion_pytorch
+
+        return lion_pytorch.Lion(params, **kwargs)
     return getattr(torch.optim, cls)(params, **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""The Triton AdamW, SGD, cross-entropy, gradient-accumulation and total-norm kernels compiled ahead of time for
+"""The Triton AdamW, SGD, Lion, cross-entropy, gradient-accumulation and total-norm kernels compiled ahead of time for
 the H100 (sm_90), with no GPU, and their PTX read.
 
 When the host saw every address 16-byte aligned it passes ALIGNED=True, and the kernel's whole blocks must then
@@ -30,6 +30,7 @@ from triton.compiler import ASTSource
 from fused_optim.triton.adam import _adam_kernel
 from fused_optim.triton.accumulate import _accumulate_kernel
 from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel, _shard_grad_kernel, _shard_stats_kernel
+from fused_optim.triton.lion import _lion_kernel
 from fused_optim.triton.sgd import _sgd_kernel
 from fused_optim.triton.total_norm import NORM_2, _norm_partials_kernel
 
@@ -72,6 +73,21 @@ for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
         results[f"sgd-{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
+
+# The Lion kernel (param, grad and moment streams), aligned and not.
+LION_SIGNATURE = {"table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+                  "found_inf_ptr": "*fp32", "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
+                  "one_minus_beta2": "fp32", "weight_decay": "fp32", "seed": "i32", "first_tensor_index": "i32",
+                  "num_tensors": "i32"}
+for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+    for aligned in (True, False):
+        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MAXIMIZE=False, MASTER=False, STOCHASTIC=False,
+                          HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
+                          SEARCH_STEPS=1, COLUMNS=6, BLOCK=1024)
+        source = ASTSource(fn=_lion_kernel, signature={**LION_SIGNATURE, **{k: "constexpr" for k in constexprs}},
+                           constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        results[f"lion-{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
 
 # The cross-entropy kernel as Triton's launcher specialises it for a vocabulary and row stride that are multiples
 # of 16 and 16-byte aligned tensors (what the divisibility attributes say).
@@ -133,7 +149,7 @@ def ptx_accesses() -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("kernel", ["", "sgd-"], ids=["adam", "sgd"])
+@pytest.mark.parametrize("kernel", ["", "sgd-", "lion-"], ids=["adam", "sgd", "lion"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_aligned_kernel_moves_16_bytes_per_access(ptx_accesses, dtype, kernel):
     accesses = ptx_accesses[f"{kernel}{dtype}-aligned"]
@@ -142,7 +158,7 @@ def test_aligned_kernel_moves_16_bytes_per_access(ptx_accesses, dtype, kernel):
     assert "st.global.v4.b32" in accesses["stores"], accesses
 
 
-@pytest.mark.parametrize("kernel", ["", "sgd-"], ids=["adam", "sgd"])
+@pytest.mark.parametrize("kernel", ["", "sgd-", "lion-"], ids=["adam", "sgd", "lion"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype, kernel):
     accesses = ptx_accesses[f"{kernel}{dtype}-unaligned"]

@@ -2,7 +2,7 @@
 // threads (chunks.h); the inner loop widens and adds in place, and the compiler vectorises it.
 #include <vector>
 
-#include <ATen/core/Tensor.h>
+#include "ops/torch_api.h"
 
 #include "chunks.h"
 #include "float_io.h"
@@ -21,19 +21,19 @@ void accumulate_chunk(float* __restrict__ main_grad, const void* grad_data, int6
 
 using ChunkFn = void (*)(float*, const void*, int64_t, int64_t);
 
-ChunkFn pick_chunk_fn(at::ScalarType grad_dtype) {
+ChunkFn pick_chunk_fn(ScalarType grad_dtype) {
   return dispatch_float_types(grad_dtype, [](auto grad) -> ChunkFn { return accumulate_chunk<decltype(grad)>; });
 }
 
 }  // namespace
 
-void accumulate_grads_cpu(at::TensorList main_grads, at::TensorList grads) {
-  const std::vector<at::Tensor> matched = check_accumulate_args(main_grads, grads);
+void accumulate_grads_cpu(TensorList main_grads, TensorList grads) {
+  const std::vector<Tensor> matched = check_accumulate_args(main_grads, grads);
   std::vector<int64_t> numels;
-  for (const at::Tensor& m : main_grads) numels.push_back(m.numel());
+  for (const Tensor& m : main_grads) numels.push_back(m.numel());
   parallel_for_chunks(split_into_chunks(numels), [&](const Chunk& chunk, int64_t) {
-    const at::Tensor& grad = matched[chunk.tensor];
-    pick_chunk_fn(grad.scalar_type())(main_grads[chunk.tensor].data_ptr<float>(), grad.const_data_ptr(), chunk.begin,
+    const Tensor& grad = matched[chunk.tensor];
+    pick_chunk_fn(grad.scalar_type())(data_as<float>(main_grads[chunk.tensor]), grad.const_data_ptr(), chunk.begin,
                                       chunk.end);
   });
 }

@@ -4,8 +4,7 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
+#include "ops/torch_api.h"
 
 #include "chunks.h"
 #include "float_io.h"
@@ -42,12 +41,7 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
     const float p = kMaster ? master[i] : load_float(param, i);
     float& max_sq = kAmsgrad ? max_exp_avg_sq[i] : unused_max;
     const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), exp_avg[i], exp_avg_sq[i], max_sq, s);
-    if constexpr (kMaster) master[i] = updated;
-    if constexpr (kStochastic) {
-      reinterpret_cast<uint16_t*>(param)[i] = bf16_stochastic_bits(updated, random_bits(t.random_stream, i));
-    } else {
-      store_float(param, i, updated);
-    }
+    write_param<param_t, kMaster, kStochastic>(param, master, i, updated, t.random_stream);
   }
 }
 
@@ -58,8 +52,10 @@ ChunkFn pick_chunk_fn(bool amsgrad, bool master, bool stochastic) {
   if (stochastic) {
     if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
       return amsgrad ? adam_chunk<param_t, grad_t, true, false, true> : adam_chunk<param_t, grad_t, false, false, true>;
+    } else {
+      // check_adam_args refused this call already
+      throw std::runtime_error("adam_step_: stochastic rounding is for bfloat16 params");
     }
-    TORCH_CHECK(false, "adam_step_: stochastic rounding is for bfloat16 params");
   }
   if (master) {
     return amsgrad ? adam_chunk<param_t, grad_t, true, true, false> : adam_chunk<param_t, grad_t, false, true, false>;
@@ -67,7 +63,7 @@ ChunkFn pick_chunk_fn(bool amsgrad, bool master, bool stochastic) {
   return amsgrad ? adam_chunk<param_t, grad_t, true, false, false> : adam_chunk<param_t, grad_t, false, false, false>;
 }
 
-ChunkFn pick_chunk_fn(at::ScalarType param_dtype, at::ScalarType grad_dtype, bool amsgrad, bool master,
+ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, bool amsgrad, bool master,
                       bool stochastic) {
   return dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
     return pick_chunk_fn<decltype(param), decltype(grad)>(amsgrad, master, stochastic);
@@ -77,24 +73,24 @@ ChunkFn pick_chunk_fn(at::ScalarType param_dtype, at::ScalarType grad_dtype, boo
 }  // namespace
 
 void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
-  const std::vector<at::Tensor> matched_grads = check_adam_args(FUSED_OPTIM_ADAM_ARG_NAMES);
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // GradScaler: skip, touch nothing
+  const std::vector<Tensor> matched_grads = check_adam_args(FUSED_OPTIM_ADAM_ARG_NAMES);
+  if (found_inf.has_value() && cpu_scalar(*found_inf) != 0.0f) return;  // GradScaler: skip, touch nothing
   const AdamHyper hyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
-  const double lr_value = lr_tensor.has_value() ? lr_tensor->item<float>() : lr;
-  const float scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+  const double lr_value = lr_tensor.has_value() ? cpu_scalar(*lr_tensor) : lr;
+  const float scale = grad_scale.has_value() ? cpu_scalar(*grad_scale) : 1.0f;
   const bool master = !master_params.empty();
 
   std::vector<TensorPointers> tensors(params.size());
   std::vector<ChunkFn> chunk_fns(params.size());
   std::vector<int64_t> numels;
   for (size_t i = 0; i < params.size(); ++i) {
-    const float step = steps[i].item<float>() + 1.0f;
-    tensors[i] = TensorPointers{params[i].data_ptr(),
-                                matched_grads[i].data_ptr(),
-                                exp_avgs[i].data_ptr<float>(),
-                                exp_avg_sqs[i].data_ptr<float>(),
-                                amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr,
-                                master ? master_params[i].data_ptr<float>() : nullptr,
+    const float step = cpu_scalar(steps[i]) + 1.0f;
+    tensors[i] = TensorPointers{params[i].mutable_data_ptr(),
+                                matched_grads[i].const_data_ptr(),
+                                data_as<float>(exp_avgs[i]),
+                                data_as<float>(exp_avg_sqs[i]),
+                                amsgrad ? data_as<float>(max_exp_avg_sqs[i]) : nullptr,
+                                master ? data_as<float>(master_params[i]) : nullptr,
                                 stream_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(i),
                                            static_cast<uint32_t>(step)),
                                 adam_scalars(hyper, lr_value, step, scale)};
@@ -104,8 +100,8 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
   parallel_for_chunks(split_into_chunks(numels), [&](const Chunk& chunk, int64_t) {
     chunk_fns[chunk.tensor](tensors[chunk.tensor], chunk.begin, chunk.end);
   });
-  for (const at::Tensor& step : steps) {
-    *step.data_ptr<float>() += 1.0f;
+  for (const Tensor& step : steps) {
+    *data_as<float>(step) += 1.0f;
   }
 }
 

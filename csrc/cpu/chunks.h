@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#include <ATen/Parallel.h>
+#include "ops/torch_api.h"
 
 namespace fused_optim {
 
@@ -48,7 +48,7 @@ void parallel_for_chunks(const std::vector<Chunk>& chunks, const Fn& fn) {
   if (total <= kSerialElements) {
     run(0, static_cast<int64_t>(chunks.size()));
   } else {
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, run);
+    torch::stable::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, run);
   }
 }
 

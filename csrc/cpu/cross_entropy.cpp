@@ -11,10 +11,7 @@
 #include <type_traits>
 #include <vector>
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/Exception.h>
+#include "ops/torch_api.h"
 
 #if defined(__AVX512F__)
 #pragma GCC target("prefer-vector-width=512")
@@ -158,14 +155,14 @@ void cross_entropy_row(const T* x, T* g, int64_t t, const float* class_weight, f
 }
 
 template <typename T, bool kSoftcap, bool kWeighted>
-void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const float* class_weight, T* grad,
+void cross_entropy_rows(const Tensor& logits, const int64_t* target, const float* class_weight, T* grad,
                         float* loss, float* lse, int64_t ignore_index, const CrossEntropyOptions& options) {
   const int64_t num_rows = logits.size(0), num_classes = logits.size(1);
   const int64_t row_stride = logits.stride(0);
   const T* x_base = logits.const_data_ptr<T>();
   // A few rows a task: enough to balance two or sixty-four threads, rows long enough that the split is noise.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(num_classes, 1));
-  at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(2 * num_classes);  // z and e of one row: they stay in this core's cache
     for (int64_t row = begin; row < end; ++row) {
       const T* x = x_base + row * row_stride;  // not restrict: g may be the same memory (in-place)
@@ -185,11 +182,11 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const f
 
 // Pass 1 of a vocabulary-parallel row (cross_entropy.h, ShardRowStats): capped logits and their max, then the sums.
 template <typename T, bool kSoftcap, bool kWeighted>
-void shard_stats_rows(const at::Tensor& logits, const int64_t* target, const float* class_weight,
+void shard_stats_rows(const Tensor& logits, const int64_t* target, const float* class_weight,
                       ShardRowStats* stats, int64_t class_start, int64_t ignore_index, float softcap) {
   const int64_t num_rows = logits.size(0), shard_classes = logits.size(1), row_stride = logits.stride(0);
   const T* x_base = logits.const_data_ptr<T>();
-  at::parallel_for(0, num_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(shard_classes, 1)),
+  torch::stable::parallel_for(0, num_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(shard_classes, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(2 * shard_classes);
     float* z = scratch.data();
@@ -211,11 +208,11 @@ void shard_stats_rows(const at::Tensor& logits, const int64_t* target, const flo
 
 // Pass 2: the shard's gradient from the row's combined coefficients (ShardRowCoefs), written in one sweep.
 template <typename T, bool kSoftcap, bool kWeighted>
-void shard_grad_rows(T* grad, const at::Tensor& logits, const int64_t* target, const float* class_weight,
+void shard_grad_rows(T* grad, const Tensor& logits, const int64_t* target, const float* class_weight,
                      const ShardRowCoefs* coefs, int64_t class_start, int64_t ignore_index, float softcap) {
   const int64_t num_rows = logits.size(0), shard_classes = logits.size(1), row_stride = logits.stride(0);
   const T* x_base = logits.const_data_ptr<T>();
-  at::parallel_for(0, num_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(shard_classes, 1)),
+  torch::stable::parallel_for(0, num_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(shard_classes, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* x = x_base + row * row_stride;  // not restrict: the gradient may go over the logits
@@ -240,12 +237,12 @@ void shard_grad_rows(T* grad, const at::Tensor& logits, const int64_t* target, c
 }
 
 template <typename T>
-void scale_rows(const at::Tensor& grad, const at::Tensor& row_scale) {
+void scale_rows(const Tensor& grad, const Tensor& row_scale) {
   const int64_t num_classes = grad.size(1), row_stride = grad.stride(0);
   const float* scale = row_scale.const_data_ptr<float>();
   const bool per_row = row_scale.numel() != 1;
-  T* base = grad.data_ptr<T>();
-  at::parallel_for(0, grad.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(num_classes, 1)),
+  T* base = grad.mutable_data_ptr<T>();
+  torch::stable::parallel_for(0, grad.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(num_classes, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const float s = scale[per_row ? row : 0];
@@ -259,7 +256,7 @@ void scale_rows(const at::Tensor& grad, const at::Tensor& row_scale) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_ENTROPY_ARGS) {
+std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_ENTROPY_ARGS) {
   check_cross_entropy_args(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap);
   const int64_t num_rows = logits.size(0), num_classes = logits.size(1);
   const float* class_weight = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
@@ -267,40 +264,40 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(FUSED_OPTIM_CROSS_E
   const int64_t* targets = target.const_data_ptr<int64_t>();
   for (int64_t row = 0; row < num_rows; ++row) {
     const int64_t t = targets[row];
-    TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < num_classes), "Target ", t, " is out of bounds.");
+    FO_CHECK_INDEX(t == ignore_index || (t >= 0 && t < num_classes), "Target ", t, " is out of bounds.");
   }
   const float* s = scales.const_data_ptr<float>();
   const CrossEntropyOptions options{static_cast<float>(label_smoothing), static_cast<float>(z_loss),
                                     static_cast<float>(softcap), s[0], s[1], s[2], num_classes};
-  at::Tensor loss = at::empty({num_rows}, logits.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({num_rows}, logits.options().dtype(at::kFloat));
-  if (grad.has_value()) advise_huge_pages(grad->data_ptr(), grad->nbytes());
+  Tensor loss = empty_float({num_rows}, logits);
+  Tensor lse = empty_float({num_rows}, logits);
+  if (grad.has_value()) advise_huge_pages(grad->mutable_data_ptr(), grad->numel() * grad->element_size());
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    scalar_t* g = grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr;
+    scalar_t* g = grad.has_value() ? grad->mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_row_flags(options.softcap > 0.0f, class_weight != nullptr, [&](auto kSoftcap, auto kWeighted) {
-      cross_entropy_rows<scalar_t, kSoftcap, kWeighted>(logits, targets, class_weight, g, loss.data_ptr<float>(),
-                                                        lse.data_ptr<float>(), ignore_index, options);
+      cross_entropy_rows<scalar_t, kSoftcap, kWeighted>(logits, targets, class_weight, g, data_as<float>(loss),
+                                                        data_as<float>(lse), ignore_index, options);
     });
   });
   return {loss, lse};
 }
 
-at::Tensor cross_entropy_shard_stats_cpu(FUSED_OPTIM_SHARD_STATS_ARGS) {
+Tensor cross_entropy_shard_stats_cpu(FUSED_OPTIM_SHARD_STATS_ARGS) {
   check_shard_args("cross_entropy_shard_stats", logits, target, weight, class_start);
   const int64_t num_rows = logits.size(0);
   const int64_t* targets = target.const_data_ptr<int64_t>();
   for (int64_t row = 0; row < num_rows; ++row) {  // against the whole vocabulary: no shard may drop a bad target
     const int64_t t = targets[row];
-    TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < num_classes), "Target ", t, " is out of bounds.");
+    FO_CHECK_INDEX(t == ignore_index || (t >= 0 && t < num_classes), "Target ", t, " is out of bounds.");
   }
-  at::Tensor stats = at::empty({num_rows, 4}, logits.options().dtype(at::kFloat));
+  Tensor stats = empty_float({num_rows, 4}, logits);
   const float* class_weight = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     dispatch_row_flags(softcap > 0.0, class_weight != nullptr, [&](auto kSoftcap, auto kWeighted) {
       shard_stats_rows<scalar_t, kSoftcap, kWeighted>(logits, targets, class_weight,
-                                                      reinterpret_cast<ShardRowStats*>(stats.data_ptr<float>()),
+                                                      reinterpret_cast<ShardRowStats*>(stats.mutable_data_ptr<float>()),
                                                       class_start, ignore_index, static_cast<float>(softcap));
     });
   });
@@ -310,12 +307,12 @@ at::Tensor cross_entropy_shard_stats_cpu(FUSED_OPTIM_SHARD_STATS_ARGS) {
 void cross_entropy_shard_grad_cpu(FUSED_OPTIM_SHARD_GRAD_ARGS) {
   check_shard_grad_args(grad, logits, target, weight, row_coefs, class_start, ignore_index, softcap);
   const float* class_weight = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  advise_huge_pages(grad.mutable_data_ptr(), grad.numel() * grad.element_size());
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     dispatch_row_flags(softcap > 0.0, class_weight != nullptr, [&](auto kSoftcap, auto kWeighted) {
       shard_grad_rows<scalar_t, kSoftcap, kWeighted>(
-          grad.data_ptr<scalar_t>(), logits, target.const_data_ptr<int64_t>(), class_weight,
+          grad.mutable_data_ptr<scalar_t>(), logits, target.const_data_ptr<int64_t>(), class_weight,
           reinterpret_cast<const ShardRowCoefs*>(row_coefs.const_data_ptr<float>()), class_start, ignore_index,
           static_cast<float>(softcap));
     });
@@ -323,7 +320,7 @@ void cross_entropy_shard_grad_cpu(FUSED_OPTIM_SHARD_GRAD_ARGS) {
 }
 
 // grad (N, V) *= row_scale (N values, or one for every row); a row whose scale is exactly 1 is left unread.
-void cross_entropy_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& row_scale) {
+void cross_entropy_scale_grad_cpu(const Tensor& grad, const Tensor& row_scale) {
   check_scale_grad_args(grad, row_scale);
   dispatch_float_types(grad.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);

@@ -10,8 +10,6 @@
 #include <cstring>
 #include <type_traits>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "fused_optim/rounding.h"
 
@@ -69,6 +67,19 @@ inline void store_float(T* __restrict__ data, int64_t i, float value) {
     reinterpret_cast<uint16_t*>(data)[i] = float_to_half_bits(value);
   } else {
     data[i] = round_to<T>(value);
+  }
+}
+
+// An optimizer's new value of param element i: into the fp32 master copy as well when one is kept (kMaster), and
+// into the param rounded to nearest, or stochastically for bf16 (kStochastic, with the tensor's random stream).
+template <typename param_t, bool kMaster, bool kStochastic>
+inline void write_param(param_t* __restrict__ param, float* __restrict__ master, int64_t i, float value,
+                        uint32_t random_stream) {
+  if constexpr (kMaster) master[i] = value;
+  if constexpr (kStochastic) {
+    reinterpret_cast<uint16_t*>(param)[i] = bf16_stochastic_bits(value, random_bits(random_stream, i));
+  } else {
+    store_float(param, i, value);
   }
 }
 

@@ -3,7 +3,7 @@
 // the same header the CUDA kernel includes.
 #include <vector>
 
-#include <ATen/core/Tensor.h>
+#include "ops/torch_api.h"
 
 #include "chunks.h"
 #include "float_io.h"
@@ -42,7 +42,7 @@ ChunkFn pick_chunk_fn(bool momentum, bool nesterov) {
   return nesterov ? sgd_chunk<param_t, grad_t, true, true> : sgd_chunk<param_t, grad_t, true, false>;
 }
 
-ChunkFn pick_chunk_fn(at::ScalarType param_dtype, at::ScalarType grad_dtype, bool momentum, bool nesterov) {
+ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, bool momentum, bool nesterov) {
   return dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
     return pick_chunk_fn<decltype(param), decltype(grad)>(momentum, nesterov);
   });
@@ -51,20 +51,20 @@ ChunkFn pick_chunk_fn(at::ScalarType param_dtype, at::ScalarType grad_dtype, boo
 }  // namespace
 
 void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS) {
-  const std::vector<at::Tensor> matched_grads = check_sgd_args(FUSED_OPTIM_SGD_ARG_NAMES);
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // a skipped step: touch nothing
+  const std::vector<Tensor> matched_grads = check_sgd_args(FUSED_OPTIM_SGD_ARG_NAMES);
+  if (found_inf.has_value() && cpu_scalar(*found_inf) != 0.0f) return;  // a skipped step: touch nothing
   const bool has_momentum = momentum != 0.0;
-  const float lr_value = lr_tensor.has_value() ? lr_tensor->item<float>() : static_cast<float>(lr);
-  const float scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+  const float lr_value = lr_tensor.has_value() ? cpu_scalar(*lr_tensor) : static_cast<float>(lr);
+  const float scale = grad_scale.has_value() ? cpu_scalar(*grad_scale) : 1.0f;
 
   std::vector<TensorPointers> tensors(params.size());
   std::vector<ChunkFn> chunk_fns(params.size());
   std::vector<int64_t> numels;
   for (size_t i = 0; i < params.size(); ++i) {
     // read in place: item() costs a dispatch per tensor, which dominates a step over many small tensors
-    const float step = has_momentum ? *steps[i].data_ptr<float>() : 1.0f;
-    tensors[i] = TensorPointers{params[i].data_ptr(), matched_grads[i].data_ptr(),
-                                has_momentum ? momentum_buffers[i].data_ptr<float>() : nullptr,
+    const float step = has_momentum ? *data_as<float>(steps[i]) : 1.0f;
+    tensors[i] = TensorPointers{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
+                                has_momentum ? data_as<float>(momentum_buffers[i]) : nullptr,
                                 sgd_scalars(momentum, dampening, weight_decay, maximize, lr_value, scale, step)};
     chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), has_momentum, nesterov);
     numels.push_back(params[i].numel());
@@ -72,8 +72,8 @@ void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS) {
   parallel_for_chunks(split_into_chunks(numels), [&](const Chunk& chunk, int64_t) {
     chunk_fns[chunk.tensor](tensors[chunk.tensor], chunk.begin, chunk.end);
   });
-  for (const at::Tensor& step : steps) {
-    *step.data_ptr<float>() += 1.0f;
+  for (const Tensor& step : steps) {
+    *data_as<float>(step) += 1.0f;
   }
 }
 

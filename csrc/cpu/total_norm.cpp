@@ -3,8 +3,7 @@
 #include <type_traits>
 #include <vector>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include "ops/torch_api.h"
 
 #include "chunks.h"
 #include "float_io.h"
@@ -47,18 +46,18 @@ double chunk_partial(const void* data_ptr, int64_t begin, int64_t end, double p)
 using PartialFn = double (*)(const void*, int64_t, int64_t, double);
 
 template <NormKind kKind>
-PartialFn pick_partial_fn(at::ScalarType dtype) {
+PartialFn pick_partial_fn(ScalarType dtype) {
   return dispatch_float_types(dtype, [](auto element) -> PartialFn { return chunk_partial<kKind, decltype(element)>; });
 }
 
 template <NormKind kKind>
-double total_norm_of(at::TensorList tensors, double norm_type) {
+double total_norm_of(TensorList tensors, double norm_type) {
   std::vector<int64_t> numels;
-  for (const at::Tensor& t : tensors) numels.push_back(t.numel());
+  for (const Tensor& t : tensors) numels.push_back(t.numel());
   const std::vector<Chunk> chunks = split_into_chunks(numels);
   std::vector<double> partials(chunks.size());
   parallel_for_chunks(chunks, [&](const Chunk& chunk, int64_t index) {
-    const at::Tensor& t = tensors[chunk.tensor];
+    const Tensor& t = tensors[chunk.tensor];
     const PartialFn partial_fn = pick_partial_fn<kKind>(t.scalar_type());
     partials[index] =
         partial_fn(t.const_data_ptr(), chunk.begin, chunk.end, norm_type);
@@ -70,7 +69,7 @@ double total_norm_of(at::TensorList tensors, double norm_type) {
 
 }  // namespace
 
-at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
+Tensor total_norm_cpu(TensorList tensors, double norm_type) {
   check_total_norm_args(tensors, norm_type);
   double norm = 0.0;
   switch (norm_kind(norm_type)) {
@@ -79,8 +78,8 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
     case NormKind::kInf: norm = total_norm_of<NormKind::kInf>(tensors, norm_type); break;
     case NormKind::kGeneral: norm = total_norm_of<NormKind::kGeneral>(tensors, norm_type); break;
   }
-  at::Tensor result = at::empty({}, tensors[0].options().dtype(at::kFloat));
-  *result.data_ptr<float>() = static_cast<float>(norm);
+  Tensor result = empty_float({}, tensors[0]);
+  *result.mutable_data_ptr<float>() = static_cast<float>(norm);
   return result;
 }
 

@@ -8,9 +8,7 @@
 #include <immintrin.h>
 #endif
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include "ops/torch_api.h"
 
 namespace fused_optim {
 namespace {
@@ -43,16 +41,17 @@ void triad_range(float* __restrict__ out, const float* __restrict__ x, const flo
 
 }  // namespace
 
-void triad_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double scalar) {
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
-              "triad_: float32 tensors only");
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous(), "triad_: contiguous tensors only");
-  TORCH_CHECK(a.numel() == b.numel() && a.numel() == c.numel(), "triad_: tensors must have the same numel");
-  float* out = a.data_ptr<float>();
-  const float* x = b.data_ptr<float>();
-  const float* y = c.data_ptr<float>();
+void triad_cpu(const Tensor& a, const Tensor& b, const Tensor& c, double scalar) {
+  FO_CHECK(a.scalar_type() == kFloat && b.scalar_type() == kFloat && c.scalar_type() == kFloat,
+           "triad_: float32 tensors only");
+  FO_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous(), "triad_: contiguous tensors only");
+  FO_CHECK(a.numel() == b.numel() && a.numel() == c.numel(), "triad_: tensors must have the same numel");
+  float* out = a.mutable_data_ptr<float>();
+  const float* x = b.const_data_ptr<float>();
+  const float* y = c.const_data_ptr<float>();
   const float s = static_cast<float>(scalar);
-  at::parallel_for(0, a.numel(), 1 << 16, [&](int64_t begin, int64_t end) { triad_range(out, x, y, s, begin, end); });
+  torch::stable::parallel_for(0, a.numel(), 1 << 16,
+                              [&](int64_t begin, int64_t end) { triad_range(out, x, y, s, begin, end); });
 }
 
 }  // namespace fused_optim

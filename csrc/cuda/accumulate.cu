@@ -3,10 +3,8 @@
 // moves 8 elements per iteration with 16-byte accesses when both arrays are 16-byte aligned.
 #include <vector>
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "ops/torch_api.h"
+#include "launch.cuh"
 
 #include "ops/accumulate.h"
 #include "ops/dispatch.h"
@@ -46,20 +44,20 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(const __grid_const
 
 }  // namespace
 
-void accumulate_grads_cuda(at::TensorList main_grads, at::TensorList grads) {
-  const std::vector<at::Tensor> matched = check_accumulate_args(main_grads, grads);
+void accumulate_grads_cuda(TensorList main_grads, TensorList grads) {
+  const std::vector<Tensor> matched = check_accumulate_args(main_grads, grads);
   if (main_grads.empty()) return;
-  const c10::cuda::CUDAGuard device_guard(main_grads[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const torch::stable::accelerator::DeviceGuard device_guard(main_grads[0].get_device_index());
+  const cudaStream_t stream = current_stream();
   auto launch = [&](const Table& table, int grad_dtype) {
-    dispatch_float_types(static_cast<at::ScalarType>(grad_dtype), [&](auto grad) {
+    dispatch_float_types(static_cast<ScalarType>(grad_dtype), [&](auto grad) {
       accumulate_kernel<decltype(grad)><<<table.num_blocks(), kThreads, 0, stream>>>(table);
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
   };
   multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
   for (size_t i = 0; i < main_grads.size(); ++i) {
-    filler.add(AccumulateArgs{main_grads[i].data_ptr<float>(), matched[i].const_data_ptr(), 0}, main_grads[i].numel(),
+    filler.add(AccumulateArgs{data_as<float>(main_grads[i]), matched[i].const_data_ptr(), 0}, main_grads[i].numel(),
                static_cast<int>(matched[i].scalar_type()));
   }
   filler.flush();

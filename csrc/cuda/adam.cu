@@ -9,10 +9,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "ops/torch_api.h"
+#include "launch.cuh"
 
 #include "ops/adam.h"
 #include "ops/dispatch.h"
@@ -89,15 +87,6 @@ __device__ __forceinline__ void store_vec(T* ptr, const T (&in)[kVec]) {
 
 __device__ __forceinline__ bool aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
-}
-
-template <typename param_t, bool kStochastic>
-__device__ __forceinline__ param_t to_param(float value, uint32_t stream, int64_t index) {
-  if constexpr (kStochastic) {
-    return bf16_stochastic(value, random_bits(stream, index));
-  } else {
-    return round_to<param_t>(value);
-  }
 }
 
 template <typename param_t, typename grad_t, bool kAmsgrad, bool kMaster, bool kStochastic>
@@ -196,7 +185,7 @@ void launch_kernel(const LaunchTable& table, const LaunchArgs& a) {
   if (blocks == 0) return;
   adam_kernel<param_t, grad_t, kAmsgrad, kMaster, kStochastic>
       <<<blocks, kThreads, 0, a.stream>>>(table, a.hyper, a.lr, a.lr_tensor, a.grad_scale, a.found_inf, a.seed);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
 }
 
 template <typename param_t, typename grad_t>
@@ -206,8 +195,10 @@ void launch_variant(bool amsgrad, bool master, bool stochastic, const LaunchTabl
       amsgrad ? launch_kernel<param_t, grad_t, true, false, true>(table, a)
               : launch_kernel<param_t, grad_t, false, false, true>(table, a);
       return;
+    } else {
+      // check_adam_args refused this call already
+      throw std::runtime_error("adam_step_: stochastic rounding is for bfloat16 params");
     }
-    TORCH_CHECK(false, "adam_step_: stochastic rounding is for bfloat16 params");
   }
   if (master) {
     amsgrad ? launch_kernel<param_t, grad_t, true, true, false>(table, a)
@@ -218,23 +209,19 @@ void launch_variant(bool amsgrad, bool master, bool stochastic, const LaunchTabl
   }
 }
 
-void launch_dtypes(at::ScalarType param_dtype, at::ScalarType grad_dtype, bool amsgrad, bool master, bool stochastic,
+void launch_dtypes(ScalarType param_dtype, ScalarType grad_dtype, bool amsgrad, bool master, bool stochastic,
                    const LaunchTable& table, const LaunchArgs& a) {
   dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
     launch_variant<decltype(param), decltype(grad)>(amsgrad, master, stochastic, table, a);
   });
 }
 
-const float* optional_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
-}
-
 }  // namespace
 
 void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
-  const std::vector<at::Tensor> matched_grads = check_adam_args(FUSED_OPTIM_ADAM_ARG_NAMES);
+  const std::vector<Tensor> matched_grads = check_adam_args(FUSED_OPTIM_ADAM_ARG_NAMES);
   if (params.empty()) return;
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const torch::stable::accelerator::DeviceGuard device_guard(params[0].get_device_index());
   const bool master = !master_params.empty();
   const LaunchArgs args{AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
                         lr,
@@ -242,38 +229,38 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
                         optional_ptr(grad_scale),
                         optional_ptr(found_inf),
                         static_cast<uint32_t>(seed),
-                        c10::cuda::getCurrentCUDAStream()};
+                        current_stream()};
 
   // One launch covers consecutive tensors of one (param dtype, grad dtype) pair, up to kMaxTensors of them.
   LaunchTable table;
   table.num_tensors = 0;
   table.first_tensor_index = 0;
   table.first_chunk[0] = 0;
-  auto flush = [&](at::ScalarType param_dtype, at::ScalarType grad_dtype) {
+  auto flush = [&](ScalarType param_dtype, ScalarType grad_dtype) {
     if (table.num_tensors == 0) return;
     launch_dtypes(param_dtype, grad_dtype, amsgrad, master, stochastic_rounding, table, args);
     increment_steps<<<(table.num_tensors + kThreads - 1) / kThreads, kThreads, 0, args.stream>>>(table, args.found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
     table.first_tensor_index += table.num_tensors;
     table.num_tensors = 0;
   };
   for (size_t i = 0; i < params.size(); ++i) {
-    const at::ScalarType param_dtype = params[i].scalar_type(), grad_dtype = matched_grads[i].scalar_type();
+    const ScalarType param_dtype = params[i].scalar_type(), grad_dtype = matched_grads[i].scalar_type();
     if (i > 0 && (param_dtype != params[i - 1].scalar_type() || grad_dtype != matched_grads[i - 1].scalar_type())) {
       flush(params[i - 1].scalar_type(), matched_grads[i - 1].scalar_type());
     }
     const int n = table.num_tensors;
     const int64_t numel = params[i].numel();
-    table.tensors[n] = TensorArgs{params[i].data_ptr(),
-                                  matched_grads[i].data_ptr(),
-                                  exp_avgs[i].data_ptr<float>(),
-                                  exp_avg_sqs[i].data_ptr<float>(),
-                                  amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr,
-                                  master ? master_params[i].data_ptr<float>() : nullptr,
-                                  steps[i].data_ptr<float>(),
+    table.tensors[n] = TensorArgs{params[i].mutable_data_ptr(),
+                                  matched_grads[i].const_data_ptr(),
+                                  data_as<float>(exp_avgs[i]),
+                                  data_as<float>(exp_avg_sqs[i]),
+                                  amsgrad ? data_as<float>(max_exp_avg_sqs[i]) : nullptr,
+                                  master ? data_as<float>(master_params[i]) : nullptr,
+                                  data_as<float>(steps[i]),
                                   numel};
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    TORCH_CHECK(table.first_chunk[n] + chunks < INT32_MAX, "adam_step_: a tensor of ", numel, " elements is too large");
+    FO_CHECK(table.first_chunk[n] + chunks < INT32_MAX, "adam_step_: a tensor of ", numel, " elements is too large");
     table.first_chunk[n + 1] = table.first_chunk[n] + static_cast<int32_t>(chunks);
     table.num_tensors = n + 1;
     if (table.num_tensors == kMaxTensors || table.first_chunk[n + 1] > INT32_MAX / 2) {

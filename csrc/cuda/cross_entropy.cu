@@ -6,12 +6,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/macros/Macros.h>
+#include "ops/torch_api.h"
+#include "launch.cuh"
 
 #include "ops/cross_entropy.h"
 
@@ -243,68 +239,68 @@ bool aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBy
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(FUSED_OPTIM_CROSS_ENTROPY_ARGS) {
+std::tuple<Tensor, Tensor> cross_entropy_forward_cuda(FUSED_OPTIM_CROSS_ENTROPY_ARGS) {
   check_cross_entropy_args(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap);
-  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const torch::stable::accelerator::DeviceGuard device_guard(logits.get_device_index());
   const int64_t num_rows = logits.size(0), num_classes = logits.size(1);
-  at::Tensor loss = at::empty({num_rows}, logits.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({num_rows}, logits.options().dtype(at::kFloat));
+  Tensor loss = empty_float({num_rows}, logits);
+  Tensor lse = empty_float({num_rows}, logits);
   if (num_rows == 0) return {loss, lse};
-  TORCH_CHECK(num_rows <= 0x7fffffff, "cross_entropy_forward: at most 2^31 - 1 rows");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FO_CHECK(num_rows <= 0x7fffffff, "cross_entropy_forward: at most 2^31 - 1 rows");
+  const cudaStream_t stream = current_stream();
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using V = Vec<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    scalar_t* g = grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr;
+    scalar_t* g = grad.has_value() ? grad->mutable_data_ptr<scalar_t>() : nullptr;
     const bool vectorized = aligned(x) && (g == nullptr || aligned(g)) &&
                             logits.stride(0) * static_cast<int64_t>(sizeof(scalar_t)) % kVecBytes == 0;
     cross_entropy_forward_kernel<scalar_t><<<static_cast<unsigned>(num_rows), threads_for(num_classes, V::kSize), 0,
                                              stream>>>(
         x, target.const_data_ptr<int64_t>(), weight.has_value() ? weight->const_data_ptr<float>() : nullptr,
-        scales.const_data_ptr<float>(), g, loss.data_ptr<float>(), lse.data_ptr<float>(), num_classes,
+        scales.const_data_ptr<float>(), g, loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), num_classes,
         logits.stride(0), ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
         static_cast<float>(softcap), vectorized);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
   });
   return {loss, lse};
 }
 
-void cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& row_scale) {
+void cross_entropy_scale_grad_cuda(const Tensor& grad, const Tensor& row_scale) {
   check_scale_grad_args(grad, row_scale);
   const int64_t num_rows = grad.size(0), num_classes = grad.size(1);
   if (num_rows == 0 || num_classes == 0) return;
-  TORCH_CHECK(num_rows <= 0x7fffffff, "cross_entropy_scale_grad_: at most 2^31 - 1 rows");
-  const c10::cuda::CUDAGuard device_guard(grad.device());
+  FO_CHECK(num_rows <= 0x7fffffff, "cross_entropy_scale_grad_: at most 2^31 - 1 rows");
+  const torch::stable::accelerator::DeviceGuard device_guard(grad.get_device_index());
   constexpr int kThreads = 256;
   const dim3 blocks(static_cast<unsigned>(num_rows),
                     static_cast<unsigned>(std::min<int64_t>((num_classes + kThreads - 1) / kThreads, 64)));
   dispatch_float_types(grad.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    scale_grad_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), row_scale.const_data_ptr<float>(), row_scale.numel() != 1, num_classes,
+    scale_grad_kernel<scalar_t><<<blocks, kThreads, 0, current_stream()>>>(
+        grad.mutable_data_ptr<scalar_t>(), row_scale.const_data_ptr<float>(), row_scale.numel() != 1, num_classes,
         grad.stride(0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
   });
 }
 
-at::Tensor cross_entropy_shard_stats_cuda(FUSED_OPTIM_SHARD_STATS_ARGS) {
+Tensor cross_entropy_shard_stats_cuda(FUSED_OPTIM_SHARD_STATS_ARGS) {
   check_shard_args("cross_entropy_shard_stats", logits, target, weight, class_start);
-  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const torch::stable::accelerator::DeviceGuard device_guard(logits.get_device_index());
   const int64_t num_rows = logits.size(0), shard_classes = logits.size(1);
-  at::Tensor stats = at::empty({num_rows, 4}, logits.options().dtype(at::kFloat));
+  Tensor stats = empty_float({num_rows, 4}, logits);
   if (num_rows == 0) return stats;
-  TORCH_CHECK(num_rows <= 0x7fffffff, "cross_entropy_shard_stats: at most 2^31 - 1 rows");
+  FO_CHECK(num_rows <= 0x7fffffff, "cross_entropy_shard_stats: at most 2^31 - 1 rows");
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const bool vectorized = aligned(x) && logits.stride(0) * static_cast<int64_t>(sizeof(scalar_t)) % kVecBytes == 0;
     shard_stats_kernel<scalar_t><<<static_cast<unsigned>(num_rows), threads_for(shard_classes, Vec<scalar_t>::kSize), 0,
-                                   c10::cuda::getCurrentCUDAStream()>>>(
+                                   current_stream()>>>(
         x, target.const_data_ptr<int64_t>(), weight.has_value() ? weight->const_data_ptr<float>() : nullptr,
-        reinterpret_cast<ShardRowStats*>(stats.data_ptr<float>()), shard_classes, logits.stride(0), class_start,
+        reinterpret_cast<ShardRowStats*>(stats.mutable_data_ptr<float>()), shard_classes, logits.stride(0), class_start,
         num_classes, ignore_index, static_cast<float>(softcap), vectorized);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
   });
   return stats;
 }
@@ -313,20 +309,20 @@ void cross_entropy_shard_grad_cuda(FUSED_OPTIM_SHARD_GRAD_ARGS) {
   check_shard_grad_args(grad, logits, target, weight, row_coefs, class_start, ignore_index, softcap);
   const int64_t num_rows = logits.size(0), shard_classes = logits.size(1);
   if (num_rows == 0 || shard_classes == 0) return;
-  TORCH_CHECK(num_rows <= 0x7fffffff, "cross_entropy_shard_grad_: at most 2^31 - 1 rows");
-  const c10::cuda::CUDAGuard device_guard(logits.device());
+  FO_CHECK(num_rows <= 0x7fffffff, "cross_entropy_shard_grad_: at most 2^31 - 1 rows");
+  const torch::stable::accelerator::DeviceGuard device_guard(logits.get_device_index());
   dispatch_float_types(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const bool vectorized = aligned(x) && aligned(g) &&
                             logits.stride(0) * static_cast<int64_t>(sizeof(scalar_t)) % kVecBytes == 0;
     shard_grad_kernel<scalar_t><<<static_cast<unsigned>(num_rows), threads_for(shard_classes, Vec<scalar_t>::kSize), 0,
-                                  c10::cuda::getCurrentCUDAStream()>>>(
+                                  current_stream()>>>(
         g, x, target.const_data_ptr<int64_t>(), weight.has_value() ? weight->const_data_ptr<float>() : nullptr,
         reinterpret_cast<const ShardRowCoefs*>(row_coefs.const_data_ptr<float>()), shard_classes, logits.stride(0),
         class_start, ignore_index, static_cast<float>(softcap), vectorized);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
   });
 }
 

@@ -20,7 +20,7 @@
 //
 //   multi_tensor::TableFiller<Table> filler(kChunk, [&](const Table& table, int key) {
 //     my_kernel<...by key...><<<table.num_blocks(), kThreads, 0, stream>>>(table);
-//     C10_CUDA_KERNEL_LAUNCH_CHECK();
+//     check_launch();
 //   });
 //   for (each tensor i) filler.add(MyArgs{...}, numel_i, /*key=*/dtype_i);   // launches as tables fill up
 //   filler.flush();                                                        // the last table
@@ -42,9 +42,10 @@
 #include <utility>
 
 #include <cuda_runtime.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
+
+#include "launch.cuh"
+#include "ops/dispatch.h"
+#include "ops/torch_api.h"
 
 namespace fused_optim {
 namespace multi_tensor {
@@ -183,7 +184,7 @@ class TableFiller {
     const int n = table_.num_tensors;
     const int64_t chunks = (numel + chunk_size_ - 1) / chunk_size_;
     // Blocks of one launch must fit in a grid's 2^31 - 1: a table past half of that is launched at once.
-    TORCH_CHECK(chunks < INT32_MAX / 2, "fused_optim: a tensor of ", numel, " elements is too large");
+    FO_CHECK(chunks < INT32_MAX / 2, "fused_optim: a tensor of ", numel, " elements is too large");
     table_.tensors[n] = args;
     table_.tensors[n].numel = numel;
     table_.first_chunk[n + 1] = table_.first_chunk[n] + static_cast<int32_t>(chunks);
@@ -204,8 +205,57 @@ class TableFiller {
   int key_ = 0;
 };
 
+// The launch key of a (param dtype, grad dtype) pair, for optimizers whose kernels are instantiated per pair, and
+// the dispatch back to the pair's C++ types: fn(param_t{}, grad_t{}).
+inline int dtype_pair(ScalarType param_dtype, ScalarType grad_dtype) {
+  return static_cast<int>(param_dtype) * 256 + static_cast<int>(grad_dtype);
+}
+
+template <typename Fn>
+void dispatch_dtype_pair(int key, Fn&& fn) {
+  dispatch_param_grad_types(static_cast<ScalarType>(key / 256), static_cast<ScalarType>(key % 256), fn);
+}
+
 // The number of blocks (chunks) that `numel` elements take: for callers that size a per-block workspace up front.
 inline int64_t num_chunks(int64_t numel, int64_t chunk_size) { return (numel + chunk_size - 1) / chunk_size; }
+
+#if defined(__CUDACC__)
+// The step counts of an optimizer call, each incremented once after every update launch of the call (same stream)
+// read them, unless found_inf says the step was skipped: one tiny launch per kMaxSteps counts. In an unnamed
+// namespace, so each .cu file has its own kernel (no cross-file device linking).
+namespace {
+constexpr int kMaxSteps = 1024;
+constexpr int kStepThreads = 256;
+struct StepTable {
+  float* steps[kMaxSteps];
+  int32_t count;
+};
+
+__global__ void increment_steps_kernel(const __grid_constant__ StepTable table, const float* __restrict__ found_inf) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= table.count || (found_inf != nullptr && *found_inf != 0.0f)) return;
+  *table.steps[i] += 1.0f;
+}
+
+// Every count of `steps` (one-element float32 tensors), empty tensors' too (they took no row in an update table).
+void increment_steps(TensorList steps, const float* found_inf, cudaStream_t stream) {
+  StepTable table;
+  table.count = 0;
+  auto flush = [&] {
+    if (table.count == 0) return;
+    increment_steps_kernel<<<(table.count + kStepThreads - 1) / kStepThreads, kStepThreads, 0, stream>>>(table,
+                                                                                                         found_inf);
+    check_launch();
+    table.count = 0;
+  };
+  for (const Tensor& step : steps) {
+    table.steps[table.count++] = data_as<float>(step);
+    if (table.count == kMaxSteps) flush();
+  }
+  flush();
+}
+}  // namespace
+#endif  // __CUDACC__
 
 }  // namespace multi_tensor
 }  // namespace fused_optim

@@ -7,10 +7,8 @@
 // has read them.
 #include <cstdint>
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "ops/torch_api.h"
+#include "launch.cuh"
 
 #include "fused_optim/rounding.h"
 #include "ops/dispatch.h"
@@ -82,19 +80,6 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
       });
 }
 
-// The step counts of one call, incremented after every update launch of it (same stream) read them.
-constexpr int kMaxSteps = 1024;
-struct StepTable {
-  float* steps[kMaxSteps];
-  int32_t count;
-};
-
-__global__ void increment_steps(const __grid_constant__ StepTable table, const float* __restrict__ found_inf) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= table.count || (found_inf != nullptr && *found_inf != 0.0f)) return;
-  *table.steps[i] += 1.0f;
-}
-
 template <typename param_t, typename grad_t>
 void launch_variant(const Table& table, const LaunchArgs& a, bool momentum, bool nesterov, cudaStream_t stream) {
   const int blocks = table.num_blocks();
@@ -105,57 +90,35 @@ void launch_variant(const Table& table, const LaunchArgs& a, bool momentum, bool
   } else {
     sgd_kernel<param_t, grad_t, true, false><<<blocks, kThreads, 0, stream>>>(table, a);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The launch key: the (param dtype, grad dtype) pair, one kernel instantiation each.
-int dtype_pair(at::ScalarType param_dtype, at::ScalarType grad_dtype) {
-  return static_cast<int>(param_dtype) * 256 + static_cast<int>(grad_dtype);
+  check_launch();
 }
 
 }  // namespace
 
 void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS) {
-  const std::vector<at::Tensor> matched_grads = check_sgd_args(FUSED_OPTIM_SGD_ARG_NAMES);
+  const std::vector<Tensor> matched_grads = check_sgd_args(FUSED_OPTIM_SGD_ARG_NAMES);
   if (params.empty()) return;
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const torch::stable::accelerator::DeviceGuard device_guard(params[0].get_device_index());
+  const cudaStream_t stream = current_stream();
   const bool has_momentum = momentum != 0.0;
-  auto optional_ptr = [](const std::optional<at::Tensor>& t) -> const float* {
-    return t.has_value() ? t->data_ptr<float>() : nullptr;
-  };
   const LaunchArgs args{momentum, dampening, weight_decay, maximize, static_cast<float>(lr),
                         optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf)};
 
   auto launch = [&](const Table& table, int key) {
-    const auto param_dtype = static_cast<at::ScalarType>(key / 256), grad_dtype = static_cast<at::ScalarType>(key % 256);
-    dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
+    multi_tensor::dispatch_dtype_pair(key, [&](auto param, auto grad) {
       launch_variant<decltype(param), decltype(grad)>(table, args, has_momentum, nesterov, stream);
     });
   };
   multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
   for (size_t i = 0; i < params.size(); ++i) {
-    filler.add(TensorArgs{params[i].data_ptr(), matched_grads[i].data_ptr(),
-                          has_momentum ? momentum_buffers[i].data_ptr<float>() : nullptr,
-                          has_momentum ? steps[i].data_ptr<float>() : nullptr, 0},
-               params[i].numel(), dtype_pair(params[i].scalar_type(), matched_grads[i].scalar_type()));
+    filler.add(TensorArgs{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
+                          has_momentum ? data_as<float>(momentum_buffers[i]) : nullptr,
+                          has_momentum ? data_as<float>(steps[i]) : nullptr, 0},
+               params[i].numel(), multi_tensor::dtype_pair(params[i].scalar_type(), matched_grads[i].scalar_type()));
   }
   filler.flush();
 
-  // Every step count, empty tensors' too (they took no row in the update tables).
-  StepTable step_table;
-  step_table.count = 0;
-  auto flush_steps = [&] {
-    if (step_table.count == 0) return;
-    increment_steps<<<(step_table.count + kThreads - 1) / kThreads, kThreads, 0, stream>>>(step_table, args.found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    step_table.count = 0;
-  };
-  for (const at::Tensor& step : steps) {
-    step_table.steps[step_table.count++] = step.data_ptr<float>();
-    if (step_table.count == kMaxSteps) flush_steps();
-  }
-  flush_steps();
+  multi_tensor::increment_steps(steps, args.found_inf, stream);
 }
 
 }  // namespace fused_optim

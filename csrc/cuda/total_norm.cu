@@ -7,11 +7,8 @@
 // shared with the CPU kernel.
 #include <type_traits>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "ops/torch_api.h"
+#include "launch.cuh"
 
 #include "ops/total_norm.h"
 #include "ops/dispatch.h"
@@ -84,35 +81,35 @@ __global__ void __launch_bounds__(kFinishThreads)
 }
 
 template <NormKind kKind>
-void launch_total_norm(at::TensorList tensors, double norm_type, const at::Tensor& norm) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+void launch_total_norm(TensorList tensors, double norm_type, const Tensor& norm) {
+  const cudaStream_t stream = current_stream();
   int64_t num_partials = 0;
-  for (const at::Tensor& t : tensors) num_partials += multi_tensor::num_chunks(t.numel(), kChunk);
-  const at::Tensor partials = at::empty({num_partials}, norm.options().dtype(at::kDouble));
-  double* partials_data = partials.data_ptr<double>();
+  for (const Tensor& t : tensors) num_partials += multi_tensor::num_chunks(t.numel(), kChunk);
+  const Tensor partials = torch::stable::empty({num_partials}, kDouble, std::nullopt, norm.device());
+  double* partials_data = partials.mutable_data_ptr<double>();
   int64_t first_partial = 0;  // where the next launch's blocks write
   auto launch = [&](const Table& table, int dtype) {
     const double p = norm_type;
-    dispatch_float_types(static_cast<at::ScalarType>(dtype), [&](auto element) {
+    dispatch_float_types(static_cast<ScalarType>(dtype), [&](auto element) {
       block_partials_kernel<kKind, decltype(element)>
           <<<table.num_blocks(), kThreads, 0, stream>>>(table, partials_data, first_partial, p);
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
     first_partial += table.num_blocks();
   };
   multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
-  for (const at::Tensor& t : tensors) filler.add(NormArgs{t.const_data_ptr(), 0}, t.numel(), static_cast<int>(t.scalar_type()));
+  for (const Tensor& t : tensors) filler.add(NormArgs{t.const_data_ptr(), 0}, t.numel(), static_cast<int>(t.scalar_type()));
   filler.flush();
-  finish_kernel<kKind><<<1, kFinishThreads, 0, stream>>>(partials_data, num_partials, norm_type, norm.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finish_kernel<kKind><<<1, kFinishThreads, 0, stream>>>(partials_data, num_partials, norm_type, norm.mutable_data_ptr<float>());
+  check_launch();
 }
 
 }  // namespace
 
-at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
+Tensor total_norm_cuda(TensorList tensors, double norm_type) {
   check_total_norm_args(tensors, norm_type);
-  const c10::cuda::CUDAGuard device_guard(tensors[0].device());
-  at::Tensor norm = at::empty({}, tensors[0].options().dtype(at::kFloat));
+  const torch::stable::accelerator::DeviceGuard device_guard(tensors[0].get_device_index());
+  Tensor norm = empty_float({}, tensors[0]);
   switch (norm_kind(norm_type)) {
     case NormKind::kTwo: launch_total_norm<NormKind::kTwo>(tensors, norm_type, norm); break;
     case NormKind::kOne: launch_total_norm<NormKind::kOne>(tensors, norm_type, norm); break;

@@ -91,3 +91,73 @@ def split_wide(lists: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tensor]
         return [[tensors[i] for i in indices] if tensors else [] for tensors in lists]
 
     return pick(wide), pick(narrow)
+
+
+def grad_multiplier_and_skip(maximize: bool, grad_scale, found_inf):
+    """For the torch twins of the optimizer ops: what each grad is multiplied by (1 / grad_scale in fp32, as the
+    kernels form it, negated when maximizing) and the device-side "skip this step" flag (None without found_inf)."""
+    grad_multiplier = -1.0 if maximize else 1.0
+    if grad_scale is not None:
+        grad_multiplier = grad_multiplier * grad_scale.reciprocal()
+    return grad_multiplier, (found_inf != 0 if found_inf is not None else None)
+
+
+def step_scalars(device: torch.device, lr, grad_scale, found_inf):
+    """An optimizer op's (lr, lr_tensor, grad_scale, found_inf) for a group on `device`: a tensor lr becomes
+    lr_tensor (read on the device; lr is then 0.0), and GradScaler's tensors, kept on its own device, are copied to
+    this one where they differ. No host sync either way."""
+    lr_tensor = None
+    if isinstance(lr, torch.Tensor):
+        lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)
+        lr = 0.0
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device, non_blocking=True)
+    if found_inf is not None and found_inf.device != device:
+        found_inf = found_inf.to(device, non_blocking=True)
+    return lr, lr_tensor, grad_scale, found_inf
+
+
+def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_rounding: bool, scalars, dtypes,
+                     sparse_message: str) -> list[torch.Tensor]:
+    """What the Python twins of the optimizer ops check alike (csrc/ops/optimizer_checks.h), for non-empty lists of
+    equal length: params of `dtypes`, dense, on one device; grads of their param's shape, dense (else
+    `sparse_message`), of its dtype or fp32; each of `state_lists` in its param's shape and strides, fp32 (fp64 for
+    fp64 params); one-element fp32 step counts and `scalars`. Returns the grads in their params' memory layout.
+    Whole-list comparisons rather than a loop over tensors: a step of a thousand tensors pays this every time."""
+    if not params:
+        return []
+    shapes, strides = [p.shape for p in params], [p.stride() for p in params]
+    if any(grad.is_sparse for grad in grads):
+        raise RuntimeError(sparse_message)
+    param_dtypes = [p.dtype for p in params]
+    if not set(param_dtypes) <= set(dtypes):
+        raise RuntimeError(f"{op}: params must be {', '.join(map(str, dtypes))}, got {set(param_dtypes)}")
+    if stochastic_rounding and set(param_dtypes) != {torch.bfloat16}:
+        raise RuntimeError(f"{op}: stochastic rounding is for bfloat16 params")
+    if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
+        raise RuntimeError(f"{op}: a grad must have its param's dtype or float32")
+    devices = {t.device for tensors in [params, grads, steps, *state_lists] for t in tensors}
+    if len(devices) != 1:
+        raise RuntimeError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if [g.shape for g in grads] != shapes:
+        raise RuntimeError(f"{op}: a grad must have its param's shape")
+    if not all(p.is_contiguous() or dense(p) for p in params):
+        raise RuntimeError(f"{op}: params must be dense")
+    # The kernels read these through raw pointers as one fp32 value each.
+    if any(step.numel() != 1 or step.dtype != torch.float32 for step in steps):
+        raise RuntimeError(f"{op}: each step must be a one-element float32 tensor on the param's device")
+    if any(t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device not in devices) for t in scalars):
+        raise RuntimeError(f"{op}: lr_tensor, grad_scale and found_inf must be one-element float32 tensors on the "
+                           "params' device")
+    state_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
+    for tensors in state_lists:
+        if [t.shape for t in tensors] != shapes or [t.stride() for t in tensors] != strides or [
+            t.dtype for t in tensors
+        ] != state_dtypes:
+            raise RuntimeError(f"{op}: state tensors must have their param's shape and strides, float32 (float64 "
+                               "for float64 params)")
+    matched_grads = list(grads)
+    for i, grad in enumerate(grads):
+        if grad.stride() != strides[i]:
+            matched_grads[i] = torch.empty_like(params[i], dtype=grad.dtype).copy_(grad)
+    return matched_grads

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import FLOAT_DTYPES, define_op, dense, real_views, resolve_op, split_wide
+from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, real_views, resolve_op, split_wide,
+                                      step_scalars)
 from fused_optim.reference import bf16_stochastic_round
 
 ADAM_SCHEMA = (
@@ -40,45 +41,9 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
         raise RuntimeError("adam_step: amsgrad needs one max_exp_avg_sq per param")
     if master_params and len(master_params) != n:
         raise RuntimeError("adam_step: one master param per param, or none")
-    if n == 0:
-        return []
-    # Whole-list comparisons rather than a loop over tensors: a step of a thousand tensors pays this every time.
-    shapes, strides = [p.shape for p in params], [p.stride() for p in params]
-    if any(grad.is_sparse for grad in grads):
-        raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-    param_dtypes = [p.dtype for p in params]
-    if not set(param_dtypes) <= set(dtypes):
-        raise RuntimeError(f"adam_step: params must be {', '.join(map(str, dtypes))}, got {set(param_dtypes)}")
-    if stochastic_rounding and set(param_dtypes) != {torch.bfloat16}:
-        raise RuntimeError("adam_step: stochastic rounding is for bfloat16 params")
-    if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
-        raise RuntimeError("adam_step: a grad must have its param's dtype or float32")
     state_lists = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + ([master_params] if master_params else [])
-    devices = {t.device for tensors in [params, grads, steps, *state_lists] for t in tensors}
-    if len(devices) != 1:
-        raise RuntimeError(f"adam_step: all tensors must be on one device, got {sorted(map(str, devices))}")
-    if [g.shape for g in grads] != shapes:
-        raise RuntimeError("adam_step: a grad must have its param's shape")
-    if not all(p.is_contiguous() or dense(p) for p in params):
-        raise RuntimeError("adam_step: params must be dense")
-    # The kernels read these through raw pointers as one fp32 value each.
-    if any(step.numel() != 1 or step.dtype != torch.float32 for step in steps):
-        raise RuntimeError("adam_step: each step must be a one-element float32 tensor on the param's device")
-    if any(t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device not in devices) for t in scalars):
-        raise RuntimeError("adam_step: lr_tensor, grad_scale and found_inf must be one-element float32 tensors on "
-                           "the params' device")
-    state_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
-    for tensors in state_lists:
-        if [t.shape for t in tensors] != shapes or [t.stride() for t in tensors] != strides or [
-            t.dtype for t in tensors
-        ] != state_dtypes:
-            raise RuntimeError("adam_step: state tensors must have their param's shape and strides, float32 (float64 "
-                               "for float64 params)")
-    matched_grads = list(grads)
-    for i, grad in enumerate(grads):
-        if grad.stride() != strides[i]:
-            matched_grads[i] = torch.empty_like(params[i], dtype=grad.dtype).copy_(grad)
-    return matched_grads
+    return check_step_lists("adam_step", params, grads, steps, state_lists, stochastic_rounding, scalars, dtypes,
+                            "Adam does not support sparse gradients, please consider SparseAdam instead")
 
 
 def _adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
@@ -177,22 +142,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
             (resolve_op("adam_step_", "torch", device.type), wide),
             (resolve_op("adam_step_", backend, device.type), narrow)):
         if params:
-            _run_op(op, params, grads, exp_avgs, exp_avg_sqs,
-                  max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-                  amsgrad, maximize, stochastic_rounding, seed, grad_scale, found_inf)
-
-
-def _run_op(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps,
-          weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed, grad_scale, found_inf):
-    device = params[0].device
-    lr_tensor = None
-    if isinstance(lr, torch.Tensor):
-        lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)
-        lr = 0.0
-    # GradScaler keeps these on its own device; a group on another one reads them from a device-side copy.
-    if grad_scale is not None and grad_scale.device != device:
-        grad_scale = grad_scale.to(device, non_blocking=True)
-    if found_inf is not None and found_inf.device != device:
-        found_inf = found_inf.to(device, non_blocking=True)
-    op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor, beta1, beta2, eps,
-       weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed, grad_scale, found_inf)
+            lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
+            op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr_value, lr_tensor, beta1,
+               beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed, scale,
+               inf)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import FLOAT_DTYPES, define_op, dense, real_views, resolve_op, split_wide
+from fused_optim.ops._library import (FLOAT_DTYPES, define_op, dense, grad_multiplier_and_skip, real_views,
+                                      resolve_op, split_wide, step_scalars)
 
 SGD_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, float lr, "
@@ -93,10 +94,7 @@ def _sgd_step_torch(params, grads, momentum_buffers, steps, lr, lr_tensor, momen
                            (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
     if not params:
         return
-    grad_multiplier = -1.0 if maximize else 1.0
-    if grad_scale is not None:
-        grad_multiplier = grad_multiplier * grad_scale.reciprocal()  # fp32 1/scale, as the kernels form it
-    skip = found_inf != 0 if found_inf is not None else None
+    grad_multiplier, skip = grad_multiplier_and_skip(maximize, grad_scale, found_inf)
     # Python floats meet fp32 tensors as fp32 values, as the kernels' fp32 scalars (1 - dampening in double first)
     lr_value = lr_tensor if lr_tensor is not None else lr
     for i, param in enumerate(params):
@@ -141,21 +139,6 @@ def sgd_step(params, grads, momentum_buffers, steps, *, lr, momentum, dampening,
             (resolve_op("sgd_step_", "torch", device.type), wide),
             (resolve_op("sgd_step_", backend, device.type), narrow)):
         if params:
-            _run_op(op, params, grads, momentum_buffers, steps, lr,
-                    momentum, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf)
-
-
-def _run_op(op, params, grads, momentum_buffers, steps, lr, momentum, dampening, weight_decay, nesterov, maximize,
-            grad_scale, found_inf):
-    device = params[0].device
-    lr_tensor = None
-    if isinstance(lr, torch.Tensor):
-        lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)
-        lr = 0.0
-    # GradScaler keeps these on its own device; a group on another one reads them from a device-side copy.
-    if grad_scale is not None and grad_scale.device != device:
-        grad_scale = grad_scale.to(device, non_blocking=True)
-    if found_inf is not None and found_inf.device != device:
-        found_inf = found_inf.to(device, non_blocking=True)
-    op(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
-       grad_scale, found_inf)
+            lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
+            op(params, grads, momentum_buffers, steps, lr_value, lr_tensor, momentum, dampening, weight_decay, nesterov,
+               maximize, scale, inf)

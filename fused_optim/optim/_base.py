@@ -24,7 +24,7 @@ PARAM_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64, torch.complex64, t
 def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     """The dtype of a param's optimizer state: fp32 for fp32, bf16 and fp16 params (ours), the param's own for
     float64 and complex params and for every param of a differentiable group (torch's)."""
-    return torch.float32 if p.dtype in (torch.float32, *LOW_PRECISION) and not group["differentiable"] else p.dtype
+    return torch.float32 if p.dtype in (torch.float32, *LOW_PRECISION) and not group.get("differentiable") else p.dtype
 
 
 def check_torch_flags(params: list[Tensor], group: dict[str, Any]) -> None:
@@ -79,6 +79,9 @@ class FusedOptimizer(Optimizer):
         if problem is not None:
             self.param_groups.pop()
             raise ValueError(f"{type(self).__name__}: {problem}.")
+        # Each group's own seed for stochastic rounding, saved with the state_dict so a resumed run draws the same.
+        if self.param_groups[-1].get("stochastic_rounding"):
+            self.param_groups[-1].setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -223,3 +226,27 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
                                                                            and step.numel() == 1)):
                 raise TypeError(f"loaded state dict's 'step' of param {param_id} must be a number or a one-element "
                                 f"tensor, not {step!r}")
+
+
+def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: tuple[str, ...]) -> None:
+    """After torch's load_state_dict: torch's loader casts every floating state tensor to its param's dtype and
+    leaves `step` on the CPU; ours is fp32 (state_dtype) on the param's device. Re-take the saved values of
+    `moment_keys` and `master_param` so a bf16 param's fp32 state survives a round trip, and give every param a
+    float32 `step` on its device (0 where the saved state has none)."""
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        for p, param_id in zip(group["params"], saved_group["params"]):
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            saved_state = saved["state"].get(param_id, {})
+            for key in moment_keys:
+                if key in saved_state:  # in the param's memory layout, which the kernels walk state in
+                    state[key] = torch.empty_like(p, dtype=state_dtype(p, group)).copy_(saved_state[key])
+            if "master_param" in saved_state:
+                state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(saved_state["master_param"])
+            state["step"] = torch.as_tensor(saved_state.get("step", state.get("step", 0.0))).to(
+                device=p.device, dtype=torch.float32, copy=True
+            )
+            # A state saved without master weights (torch's, say): start the fp32 copy from the param itself.
+            if group["master_weights"] and p.dtype in LOW_PRECISION and "master_param" not in state:
+                state["master_param"] = p.detach().float()

@@ -37,7 +37,8 @@ from torch.optim.optimizer import ParamsT
 from fused_optim import _backend
 from fused_optim.ops.adam import adam_step
 from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_saved_state, check_torch_flags,
-                                     state_dtype)
+                                     restore_saved_state, state_dtype)
+from fused_optim.optim._plan import Plan
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -136,13 +137,6 @@ class Adam(FusedOptimizer):
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        # Each group's own seed for stochastic rounding, saved with the state_dict so a resumed run draws the same.
-        if group["stochastic_rounding"]:
-            group.setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
-
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:
         beta1, beta2 = group["betas"]
@@ -173,7 +167,7 @@ class Adam(FusedOptimizer):
         params = group["params"]
         has_grad = [grad is not None for grad in grads]
         plan = self._plans.get(id(group))
-        if plan is not None and plan.fits(group, self.state, has_grad):
+        if plan is not None and plan.fits(group, self.state, has_grad, _options(group)):
             return plan.with_grads(grads)
         # Everything that can be wrong with a first step is checked before any state is created, as torch does.
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(params, grads)) if grad is not None]
@@ -185,7 +179,7 @@ class Adam(FusedOptimizer):
                 raise TypeError(f"fused_optim.{type(self).__name__} steps floating-point and complex params, not "
                                 f"{p.dtype}")
             _backend.resolve(self.backend, p.device.type)
-        plan = _Plan(group, self.state, has_grad)
+        plan = Plan(group, self.state, has_grad, _options(group))
         for index, p, grad in with_grads:
             state = self.state[p]
             if len(state) == 0:
@@ -198,7 +192,9 @@ class Adam(FusedOptimizer):
                 kind = "stochastic"
             else:
                 kind = "plain"
-            plan.add(kind, index, p, state, group["amsgrad"])
+            plan.add(kind, index, p, [state["exp_avg"], state["exp_avg_sq"],
+                                      state["max_exp_avg_sq"] if group["amsgrad"] else None,
+                                      state["master_param"] if kind == "master" else None, state["step"]])
         plan.state_size = len(self.state)
         self._plans[id(group)] = plan
         return plan.with_grads(grads)
@@ -221,79 +217,12 @@ class Adam(FusedOptimizer):
         check_saved_state(self, state_dict, (*_MOMENTS, "master_param"))
         self._plans.clear()
         super().load_state_dict(state_dict)
-        _restore_state_precision(self, state_dict)
-
-
-def _restore_state_precision(optimizer: Adam, saved: dict[str, Any]) -> None:
-    """torch's loader casts every floating state tensor to its param's dtype and leaves `step` on the CPU; ours
-    is fp32 (state_dtype) on the param's device. Re-take the saved values so a bf16 param's fp32 moments survive a
-    round trip."""
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        for p, param_id in zip(group["params"], saved_group["params"]):
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            saved_state = saved["state"].get(param_id, {})
-            for key in _MOMENTS:
-                if key in saved_state:  # in the param's memory layout, which the kernels walk state in
-                    state[key] = torch.empty_like(p, dtype=state_dtype(p, group)).copy_(saved_state[key])
-            if "master_param" in saved_state:
-                state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(saved_state["master_param"])
-            state["step"] = torch.as_tensor(saved_state.get("step", state["step"])).to(
-                device=p.device, dtype=torch.float32, copy=True
-            )
-            # A state saved without master weights (torch's, say): start the fp32 copy from the param itself.
-            if group["master_weights"] and p.dtype in LOW_PRECISION and "master_param" not in state:
-                state["master_param"] = p.detach().float()
+        restore_saved_state(self, state_dict, _MOMENTS)
 
 
 def _options(group: dict[str, Any]) -> tuple:
     """The options that decide a group's op calls: a plan made under others is made again."""
     return group["amsgrad"], group["master_weights"], group["stochastic_rounding"], group["differentiable"]
-
-
-class _Plan:
-    """One group's op arguments between steps, less the grads (see Adam._gather)."""
-
-    def __init__(self, group: dict[str, Any], state: dict, has_grad: list[bool]) -> None:
-        self.params = group["params"]
-        self.size = len(self.params)
-        self.options = _options(group)
-        self.state = state
-        self.state_size = len(state)
-        self.has_grad = has_grad  # which params the lists hold: frozen ones have no grad
-        self.kinds: dict[str, tuple[list[int], list[list[Tensor]]]] = {}
-
-    def add(self, kind: str, index: int, p: Tensor, state: dict[str, Tensor], amsgrad: bool) -> None:
-        indices, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps) = self.kinds.setdefault(
-            kind, ([], [[], [], [], [], [], []])
-        )
-        indices.append(index)
-        params.append(p)
-        exp_avgs.append(state["exp_avg"])
-        exp_avg_sqs.append(state["exp_avg_sq"])
-        if amsgrad:
-            max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-        if kind == "master":
-            masters.append(state["master_param"])
-        steps.append(state["step"])
-
-    def fits(self, group: dict[str, Any], state: dict, has_grad: list[bool]) -> bool:
-        return (
-            group["params"] is self.params
-            and len(self.params) == self.size
-            and state is self.state
-            and len(state) == self.state_size
-            and _options(group) == self.options
-            and has_grad == self.has_grad
-        )
-
-    def with_grads(self, grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
-        lists = {}
-        for kind, (indices, (params, *state_lists)) in self.kinds.items():
-            kind_grads = grads if len(indices) == len(grads) else [grads[i] for i in indices]
-            lists[kind] = [params, kind_grads, *state_lists]
-        return lists
 
 
 class AdamW(Adam):

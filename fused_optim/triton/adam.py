@@ -55,6 +55,21 @@ def _bf16_nearest(x):
 
 
 @triton.jit
+def store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE: tl.constexpr, MASTER: tl.constexpr,
+                STOCHASTIC: tl.constexpr):
+    """An optimizer's new param values `p` (fp32): into the master copy too (MASTER), and into the param rounded
+    to nearest, or stochastically for bf16 (STOCHASTIC, with the tensor's random stream)."""
+    if MASTER:
+        tl.store(master_ptr + offsets, p, mask=mask)
+    if STOCHASTIC:
+        tl.store(param_ptr + offsets, _bf16_stochastic(p, stream, offsets), mask=mask)
+    elif PARAM_DTYPE == tl.bfloat16:
+        tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
+    else:
+        tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
 def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, mask,
                   grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
                   bias_correction2_sqrt, eps, stream, PARAM_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
@@ -88,14 +103,7 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, 
 
     tl.store(exp_avg_ptr + offsets, m, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
-    if MASTER:
-        tl.store(master_ptr + offsets, p, mask=mask)
-    if STOCHASTIC:
-        tl.store(param_ptr + offsets, _bf16_stochastic(p, stream, offsets), mask=mask)
-    elif PARAM_DTYPE == tl.bfloat16:
-        tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
-    else:
-        tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
+    store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, MASTER, STOCHASTIC)
 
 
 @triton.jit

@@ -10,8 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include "fused_optim/macros.h"
 
@@ -73,6 +73,17 @@ FO_HOST_DEVICE uint16_t float_to_bf16_bits(float x) {
 template <typename T>
 FO_HOST_DEVICE T round_to(float x) {
   return static_cast<T>(x);  // round to nearest even (c10's conversions)
+}
+
+// An optimizer's new param value in the param's dtype: to nearest, or stochastically (kStochastic: bf16 params,
+// element `index` of the tensor's random stream).
+template <typename param_t, bool kStochastic>
+FO_HOST_DEVICE param_t to_param(float value, uint32_t stream, int64_t index) {
+  if constexpr (kStochastic) {
+    return bf16_stochastic(value, random_bits(stream, index));
+  } else {
+    return round_to<param_t>(value);
+  }
 }
 
 }  // namespace fused_optim

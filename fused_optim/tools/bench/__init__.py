@@ -17,6 +17,7 @@ timed; a wrong one is not timed. The ops:
     clip_adamw  unscale + clip + AdamW (fused_optim/tools/bench/clip_adamw.py): AdamW(max_grad_norm) with our GradScaler
                 vs torch's GradScaler.unscale_ + clip_grad_norm_ + fused AdamW
     sgd         one SGD step with momentum (tools/bench/sgd.py): torch fused / foreach / for-loop, apex FusedSGD
+    lion        one Lion step (tools/bench/lion.py): a torch foreach Lion, lion-pytorch
     fsdp_adamw, fsdp_clip_adamw
                 one AdamW step (with clipping) of an FSDP2-sharded model in spawned ranks (tools/bench/fsdp.py:
                 2 gloo ranks on the CPU, one NCCL rank per GPU): torch fused AdamW (+ clip_grad_norm_) on the same
@@ -46,7 +47,7 @@ from typing import Any, Callable
 import torch
 
 from fused_optim import _backend
-from fused_optim.tools.bench import accumulate, adamw, clip_adamw, cross_entropy, fsdp, sgd
+from fused_optim.tools.bench import accumulate, adamw, clip_adamw, cross_entropy, fsdp, lion, sgd
 from fused_optim.tools.bench.registry import Request
 from fused_optim.tools.bench.timing import Timing, host_time, memory_roof, time_cpu, time_cuda, time_fn
 
@@ -57,6 +58,7 @@ __all__ = [
 
 # Every benchmark, in the order a run takes them (registry.py), and the ops `fused-optim bench --ops` knows.
 BENCHMARKS = (*adamw.BENCHMARKS, cross_entropy.BENCHMARK, accumulate.BENCHMARK, clip_adamw.BENCHMARK, sgd.BENCHMARK,
+              lion.BENCHMARK,
               fsdp.BENCHMARK)
 OPS = tuple(op for benchmark in BENCHMARKS for op in benchmark.ops)
 
@@ -117,7 +119,7 @@ def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None
     adamw, adam: `sizes` (total params) and `cases`. ce, linear_ce: `dtypes` ("fp32", "bf16"; default fp32 on the CPU,
     both on a GPU) and `shapes` ({"ce": [(N, V)], "linear_ce": [(N, H, V)]}; default: the op's sizes).
     accumulate: `sizes` (elements of the one-tensor case; the 2000×4096 case always runs) and `dtypes` (the grads';
-    default both). clip_adamw, sgd: `sizes` (total fp32 params)."""
+    default both). clip_adamw, sgd, lion: `sizes` (total fp32 params)."""
     import fused_optim
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -225,6 +227,7 @@ CAPTIONS = {
     **accumulate.CAPTIONS,
     **clip_adamw.CAPTIONS,
     **sgd.CAPTIONS,
+    **lion.CAPTIONS,
     **fsdp.CAPTIONS,
 }
 

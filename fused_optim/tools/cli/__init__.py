@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "_foreach_add_. clip_adamw: AdamW(max_grad_norm=1) stepped by our GradScaler vs torch's "
         "GradScaler.unscale_ + clip_grad_norm_ + fused AdamW. sgd: one SGD step with momentum 0.9 vs torch fused / "
         "foreach / for-loop (on a GPU: torch.compile of the foreach step; apex FusedSGD and FusedAdam when "
-        "installed). fsdp_adamw, fsdp_clip_adamw: one AdamW step (with clip_grad_norm_ to 1.0) of an FSDP2-sharded "
+        "installed). lion: one Lion step vs a torch foreach Lion and lion-pytorch. fsdp_adamw, fsdp_clip_adamw: one AdamW step (with clip_grad_norm_ to 1.0) of an FSDP2-sharded "
         "model in spawned ranks (2 gloo ranks on the CPU, one NCCL rank per GPU) vs torch's fused AdamW on the same "
         "mesh, with the collectives per step. Peers that are not installed are listed as absent.",
     )
@@ -67,16 +67,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="adamw, adam: fp32 and the 1000-tensor host-overhead case (fp32), bf16 and bf16 with fp32 "
                        "master weights (bf16; adam: only the latter), or all four (all, the default). ce, "
                        "linear_ce: the logits' dtype (default: fp32 on the CPU, bf16 and fp32 on a GPU). "
-                       "accumulate: the grads' dtype (default: both). clip_adamw, sgd: always fp32")
+                       "accumulate: the grads' dtype (default: both). clip_adamw, sgd, lion: always fp32")
     bench.add_argument("--sizes", metavar="SIZE[,SIZE...]",
-                       help="adamw, adam, clip_adamw, sgd: total params of the model-like cases, e.g. 8M,84M (default: "
+                       help="adamw, adam, clip_adamw, sgd, lion: total params of the model-like cases, e.g. 8M,84M (default: "
                        "84M on the CPU, 256M on a GPU; --quick: 4M, 16M); accumulate: the elements of its one-tensor "
                        "case (same defaults). ce: NxV, e.g. 4096x32000 (default: 4096x32000 on the CPU, "
                        "8192x128256 on a GPU). linear_ce: NxHxV, e.g. 8192x512x32000 (default: that on the CPU, "
                        "8192x4096x128256 on a GPU). fsdp_adamw, fsdp_clip_adamw: total params (default 50M on the "
                        "CPU, 256M on a GPU). Each op takes the sizes of its form, else its defaults")
     bench.add_argument("--ops", default="adamw", metavar="OP[,OP...]",
-                       help="ops to benchmark: adamw, adam, ce, linear_ce, accumulate, clip_adamw, sgd, fsdp_adamw, "
+                       help="ops to benchmark: adamw, adam, ce, linear_ce, accumulate, clip_adamw, sgd, lion, fsdp_adamw, "
                        "fsdp_clip_adamw, or all (default: adamw)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto (default): the GPU when there is one, else the CPU")
@@ -140,7 +140,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"fused-optim bench: unknown op(s) {', '.join(unknown)}; known: {', '.join(bench.OPS)}", file=sys.stderr)
         return 2
     try:
-        # one number: adamw's, adam's, accumulate's, clip_adamw's and sgd's sizes; NxV: ce's logits; NxHxV:
+        # one number: adamw's, adam's, accumulate's, clip_adamw's, sgd's and lion's sizes; NxV: ce's logits; NxHxV:
         # linear_ce's input, hidden size and classes
         by_rank: dict[int, list[tuple[int, ...]]] = {1: [], 2: [], 3: []}
         for text in args.sizes.split(",") if args.sizes else []:

@@ -1,0 +1,55 @@
+// The argument checks every optimizer op shares (adam_step_, sgd_step_, lion_step_), run before any memory is
+// touched so that a bad call changes nothing. Each op keeps its own list-length checks and state list.
+#pragma once
+
+#include <optional>
+
+#include "ops/torch_api.h"
+
+namespace fused_optim {
+
+// A param: on the group's device, dense, of a kernel dtype (checked before any launch: a CUDA call of several
+// launches must not apply part of a step and then fail).
+inline void check_param(const char* op, const TensorInfo& p, const torch::stable::Device& device) {
+  FO_CHECK(p.device == device, op, ": all params must be on one device, got ", device_name(device), " and ",
+           device_name(p.device));
+  FO_CHECK(is_non_overlapping_and_dense(p), op, ": params must be dense");
+  FO_CHECK(p.dtype == kFloat || p.dtype == kBFloat16 || p.dtype == kHalf, op,
+           ": params must be float32, bfloat16 or float16, got ", p.dtype);
+}
+
+// A grad: dense (else `sparse_message`), its param's shape and device, its param's dtype or float32.
+inline TensorInfo check_grad(const char* op, const Tensor& grad, const TensorInfo& p, const char* sparse_message) {
+  FO_CHECK(grad.layout() == torch::headeronly::kStrided, sparse_message);
+  const TensorInfo g(grad);
+  FO_CHECK(g.device == p.device && g.sizes == p.sizes, op, ": a grad must have its param's shape and device");
+  FO_CHECK(g.dtype == p.dtype || g.dtype == kFloat, op, ": a grad must have its param's dtype or float32");
+  return g;
+}
+
+// A state tensor the kernels walk beside the param: float32, the param's shape, strides and device.
+inline void check_fp32_state(const char* op, const Tensor& t, const TensorInfo& p, const char* what) {
+  const TensorInfo state(t);
+  FO_CHECK(state.device == p.device, op, ": ", what, " must be on the param's device");
+  FO_CHECK(state.same_layout(p), op, ": ", what, " must have the param's shape and strides");
+  FO_CHECK(state.dtype == kFloat, op, ": ", what, " must be float32");
+}
+
+// A step count: one float32 value on the param's device (the kernels read it through a raw pointer).
+inline void check_step(const char* op, const Tensor& step, const TensorInfo& p) {
+  FO_CHECK(step.numel() == 1 && step.scalar_type() == kFloat && step.device() == p.device, op,
+           ": each step must be a one-element float32 tensor on the param's device");
+}
+
+// lr_tensor, grad_scale and found_inf, where given: one float32 value each on the params' device.
+inline void check_step_scalars(const char* op, const torch::stable::Device& device,
+                               std::initializer_list<const std::optional<Tensor>*> scalars) {
+  for (const auto* scalar : scalars) {
+    if (scalar->has_value()) {
+      FO_CHECK((*scalar)->numel() == 1 && (*scalar)->scalar_type() == kFloat && (*scalar)->device() == device, op,
+               ": lr_tensor, grad_scale and found_inf must be one-element float32 tensors on the params' device");
+    }
+  }
+}
+
+}  // namespace fused_optim

@@ -1,0 +1,50 @@
+"""A param group's op arguments kept between steps, less the grads: host time matters at a thousand tensors a step,
+so an optimizer builds its lists once and, on later steps, only puts the new grads in; it builds them again when
+which params have grads, the params, the state or the options that decide the op calls changed."""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+from torch import Tensor
+
+
+class Plan:
+    """For each kind of write-back ("plain", "master", ...: one op call each), the indices of the params it steps
+    and its lists [params, *state lists]; `with_grads` gives the op's [params, grads, *state lists]."""
+
+    def __init__(self, group: dict[str, Any], state: dict, has_grad: list[bool], options: Hashable) -> None:
+        self.params = group["params"]
+        self.size = len(self.params)
+        self.options = options
+        self.state = state
+        self.state_size = len(state)
+        self.has_grad = has_grad  # which params the lists hold: frozen ones have no grad
+        self.kinds: dict[str, tuple[list[int], list[list[Tensor]]]] = {}
+
+    def add(self, kind: str, index: int, p: Tensor, state_tensors: list[Tensor | None]) -> None:
+        """Param `index` of the group, stepped by op call `kind` with `state_tensors` (one per state list; None
+        where the list stays empty, e.g. no master copy)."""
+        indices, lists = self.kinds.setdefault(kind, ([], [[] for _ in range(1 + len(state_tensors))]))
+        indices.append(index)
+        lists[0].append(p)
+        for tensors, tensor in zip(lists[1:], state_tensors):
+            if tensor is not None:
+                tensors.append(tensor)
+
+    def fits(self, group: dict[str, Any], state: dict, has_grad: list[bool], options: Hashable) -> bool:
+        return (
+            group["params"] is self.params
+            and len(self.params) == self.size
+            and state is self.state
+            and len(state) == self.state_size
+            and options == self.options
+            and has_grad == self.has_grad
+        )
+
+    def with_grads(self, grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
+        lists = {}
+        for kind, (indices, (params, *state_lists)) in self.kinds.items():
+            kind_grads = grads if len(indices) == len(grads) else [grads[i] for i in indices]
+            lists[kind] = [params, kind_grads, *state_lists]
+        return lists

@@ -1,0 +1,129 @@
+"""Triton Lion over a packed pointer table: one launch per group (per param/grad dtype pair), as triton/adam.py.
+
+The table holds, for each tensor, the addresses of its param, grad, moment, master copy and step count, its size,
+and where its blocks start in the grid. Each program finds its tensor by binary search over those starts and
+updates BLOCK elements: unmasked (and, when the host saw every address 16-byte aligned, with 16-byte loads) for
+whole blocks, masked for the last one. The element math mirrors csrc/include/fused_optim/lion.h line for line; the
+step count keys the stochastic rounding's random stream, as in triton/adam.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
+                                      pack, search_steps)
+from fused_optim.triton.adam import _fp64_bits, _mix32, store_param
+
+BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
+COLUMNS = 6  # param, grad, exp_avg, master, step, numel
+STEP_COLUMN = 4
+
+
+@triton.jit
+def _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, mask, grad_multiplier, param_decay, lr,
+                  beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE: tl.constexpr,
+                  MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+    if MASTER:
+        p = tl.load(master_ptr + offsets, mask=mask)
+    else:
+        p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask)
+
+    g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
+    p = p * param_decay  # decoupled weight decay
+    direction = beta1 * m + one_minus_beta1 * g
+    sign = (direction > 0.0).to(tl.float32) - (direction < 0.0).to(tl.float32)  # torch.sign: 0 for 0 and NaN
+    m = beta2 * m + one_minus_beta2 * g
+    p = p - lr * sign
+
+    tl.store(exp_avg_ptr + offsets, m, mask=mask)
+    store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, MASTER, STOCHASTIC)
+
+
+@triton.jit
+def _lion_kernel(
+    table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
+    lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
+    beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, seed, first_tensor_index, num_tensors,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0  # GradScaler found inf/NaN: touch nothing
+    if not skip:
+        lo, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCK)
+        row = table_ptr + lo * COLUMNS
+        param_ptr = load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
+        grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
+        exp_avg_ptr = load_pointer(row, 2, tl.float32, ALIGNED)
+        master_ptr = load_pointer(row, 3, tl.float32, ALIGNED)
+        numel = tl.load(row + 5)
+
+        # The tensor's scalars (lion.h, lion_scalars): the lr in fp64 until 1 - lr * weight_decay is rounded.
+        if HAS_LR_TENSOR:
+            lr64 = tl.cast(tl.load(lr_ptr), tl.float64)
+        else:
+            lr64 = tl.full([], lr_bits, tl.int64).to(tl.float64, bitcast=True)
+        grad_multiplier = 1.0
+        if HAS_GRAD_SCALE:
+            grad_multiplier = 1.0 / tl.load(grad_scale_ptr)
+        if MAXIMIZE:
+            grad_multiplier = -grad_multiplier
+        param_decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
+        stream = 0
+        if STOCHASTIC:
+            step = tl.load(load_pointer(row, 4, tl.float32, False)) + 1.0
+            stream = _mix32(_mix32(tl.cast(seed, tl.uint32) + 0x9E3779B9 * (first_tensor_index + lo).to(tl.uint32))
+                            ^ step.to(tl.uint32))
+
+        offsets = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+            _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, None, grad_multiplier, param_decay,
+                          lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE,
+                          MASTER, STOCHASTIC)
+        else:
+            _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, offsets < numel, grad_multiplier,
+                          param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream,
+                          PARAM_DTYPE, MASTER, STOCHASTIC)
+
+
+def lion_step_triton(params, grads, exp_avgs, master_params, steps, lr, lr_tensor, beta1, beta2, weight_decay,
+                     maximize, stochastic_rounding, seed, grad_scale, found_inf) -> None:
+    """The fused_optim::lion_step_triton_ op (schema and argument checks in fused_optim/ops/lion.py)."""
+    # Consecutive tensors of one (param dtype, grad dtype) pair share a launch.
+    start = 0
+    for end in range(1, len(params) + 1):
+        if end == len(params) or (params[end].dtype, grads[end].dtype) != (params[start].dtype, grads[start].dtype):
+            _launch(params[start:end], grads[start:end], exp_avgs[start:end], master_params[start:end],
+                    steps[start:end], start, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+                    stochastic_rounding, seed, grad_scale, found_inf)
+            start = end
+
+
+def _launch(params, grads, exp_avgs, master_params, steps, first_tensor_index, lr, lr_tensor, beta1, beta2,
+            weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf) -> None:
+    rows = [[p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+             master_params[i].data_ptr() if master_params else 0, steps[i].data_ptr(), p.numel()]
+            for i, p in enumerate(params)]
+    # 16-byte loads need every array address (the first four columns; steps are read alone) 16-byte aligned.
+    aligned = all_aligned(row[c] for row in rows for c in range(4))
+    entries, num_blocks = pack(rows, BLOCK)
+    table = device_table(entries, params[0].device)
+    num_tensors = len(params)
+    unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off
+    if num_blocks > 0:
+        _lion_kernel[(num_blocks,)](
+            table, _fp64_bits(lr), unused if lr_tensor is None else lr_tensor,
+            unused if grad_scale is None else grad_scale, unused if found_inf is None else found_inf,
+            beta1, 1.0 - beta1, beta2, 1.0 - beta2, weight_decay, seed, first_tensor_index, num_tensors,
+            PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype], MAXIMIZE=maximize,
+            MASTER=bool(master_params), STOCHASTIC=stochastic_rounding, HAS_LR_TENSOR=lr_tensor is not None,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
+        )
+    increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)

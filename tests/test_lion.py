@@ -1,0 +1,324 @@
+"""fused_optim.Lion against the float64 reference (fused_optim/reference.py) and against lion-pytorch's Lion at the
+param's dtype (torch has no Lion; lion-pytorch is the reference implementation users swap out), on every backend
+that runs here.
+
+Sizes as in test_adam.py (SHAPES: all-tail, empty, one short of a Triton block, five blocks, 2-D) in one group. The
+backends run the same fp32 operations in the same order (lion.h), so on the CPU they agree bit for bit, stochastic
+rounding included (one hash of seed, tensor index and step count).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from conftest import BACKEND_DEVICES, CPU_BACKENDS
+from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
+                       snapshot, ulp, within_two_ulps)
+from test_sgd import split_options
+
+import lion_pytorch
+
+import fused_optim
+from fused_optim.ops.lion import lion_step
+from fused_optim.reference import ReferenceLion
+
+# Each option on and off at least once, and all together; `lr_tensor` passes the lr as a one-element tensor.
+OPTIONS = {
+    "plain": dict(),
+    "weight_decay": dict(weight_decay=0.5),
+    "betas": dict(betas=(0.95, 0.98)),
+    "maximize-lr_tensor": dict(maximize=True, lr_tensor=True),
+    "everything": dict(betas=(0.8, 0.995), weight_decay=0.3, maximize=True, lr_tensor=True),
+}
+
+
+def errors(params, reference: ReferenceLion) -> tuple[float, float]:
+    """(max, mean) of |param - reference| over all elements; NaN counts as infinitely wrong."""
+    diff = (flat(params) - flat(reference.params)).abs().nan_to_num(nan=math.inf)
+    return diff.max().item(), diff.mean().item()
+
+
+def run(backend, device, dtype, init, grads, steps=None, **kwargs) -> tuple[list[torch.Tensor], fused_optim.Lion]:
+    """Our Lion over `grads` (one list per step) from params `init`; (params, optimizer)."""
+    params = make_params(init, dtype, device)
+    opt = fused_optim.Lion(params, backend=backend, **{"lr": 1e-2, **kwargs})
+    for step_grads in grads[:steps]:
+        set_grads(step_grads, params)
+        opt.step()
+    return params, opt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# correctness: the float64 reference and lion-pytorch at the same dtype
+
+
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_matches_reference_at_least_as_well_as_lion_pytorch(backend, device, dtype, options, steps=8, lr=1e-2):
+    kwargs, make_lr, ref_lr = split_options(options, lr)
+    init = [torch.randn(s) for s in SHAPES]
+    ours, theirs = make_params(init, dtype, device), make_params(init, dtype, device)
+    opt = fused_optim.Lion(ours, lr=make_lr(), backend=backend, **kwargs)
+    peer = lion_pytorch.Lion(theirs, lr=ref_lr, **{k: v for k, v in kwargs.items() if k != "maximize"})
+    reference = ReferenceLion(ours, lr=ref_lr, **kwargs)
+    # The reference with its params rounded to the param dtype after every step: an optimizer whose only error is
+    # storing the param in a low-precision dtype.
+    rounded = ReferenceLion(ours, lr=ref_lr, **kwargs)
+    for _ in range(steps):
+        grads = random_grads(SHAPES, dtype, device)
+        for p in ours:
+            p.grad = torch.full_like(p, math.nan)  # poison: replaced below, so a kernel reading stale grads shows
+        set_grads(grads, ours)
+        set_grads([-g for g in grads] if kwargs.get("maximize") else grads, theirs)  # lion-pytorch has no maximize
+        opt.step()
+        peer.step()
+        reference.step(grads)
+        rounded.step(grads)
+        for r in rounded.params:
+            r.copy_(r.to(dtype).double())
+
+    assert all(p.dtype == dtype and p.device.type == device for p in ours)
+    assert torch.isfinite(flat(ours)).all()
+    our_max, our_mean = errors(ours, reference)
+    peer_max, peer_mean = errors(theirs, reference)
+    magnitude = flat(reference.params).abs().max().item()
+    assert our_max <= peer_max + 0.5 * ulp(dtype, magnitude), (our_max, peer_max)
+    assert our_mean <= 1.05 * peer_mean + 1e-12, (our_mean, peer_mean)
+    if dtype in LOW_PRECISION:  # the moment in fp32: ours is the rounded reference, where the peer's drifts
+        ours_flat, rounded_flat = flat(ours), flat(rounded.params)
+        assert (ours_flat == rounded_flat).double().mean() >= 0.99
+        # where the direction is within rounding of 0 the fp32 and fp64 signs may differ: a step of 2 lr, rarely
+        assert within_two_ulps(ours_flat, rounded_flat, dtype, flat(init)).double().mean() >= 0.995
+        assert (ours_flat - rounded_flat).abs().max() <= 2 * lr * steps + 2 * ulp(dtype, magnitude)
+    else:
+        assert our_max <= steps * 4 * ulp(dtype, magnitude)
+    for p in ours:
+        state = opt.state[p]
+        assert state["exp_avg"].dtype == torch.float32 and state["step"].item() == steps
+        assert state["step"].device == p.device
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_backends_agree_bit_for_bit(dtype):
+    """The C++ CPU kernel, the Triton kernel (interpreted) and the torch ops run lion.h's operations in one order."""
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [random_grads(SHAPES, dtype) for _ in range(5)]
+    results = {backend: run(backend, device, dtype, init, grads, weight_decay=0.2, maximize=True)
+               for backend, device in (p.values for p in CPU_BACKENDS)}
+    (first_backend, (first_params, first_opt)), *others = results.items()
+    for backend, (params, opt) in others:
+        assert_identical([p.detach() for p in params], [p.detach() for p in first_params], f"{backend} params")
+        assert_identical([opt.state[p]["exp_avg"] for p in params],
+                         [first_opt.state[p]["exp_avg"] for p in first_params], f"{backend} vs {first_backend}")
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_master_weights_step_the_fp32_trajectory(backend, device):
+    """bf16 params with master weights: the master copies follow an fp32 Lion's params bit for bit (same grads),
+    and each param is its master rounded to nearest."""
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [random_grads(SHAPES, torch.bfloat16, device) for _ in range(5)]
+    fp32_params, _ = run(backend, device, torch.float32, [x.bfloat16().float() for x in init],
+                         [[g.float() for g in step] for step in grads], weight_decay=0.1)
+    params, opt = run(backend, device, torch.bfloat16, init, grads, weight_decay=0.1, master_weights=True)
+    for p, expected in zip(params, fp32_params):
+        master = opt.state[p]["master_param"]
+        assert_identical(master, expected.detach())
+        assert_identical(p.detach(), master.bfloat16())
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_stochastic_rounding_is_unbiased_and_reproducible(backend, device):
+    """bf16 params rounded stochastically: the same seed gives the same bits, and the rounded params average to
+    the fp32 result within sampling error; to nearest, a step under half a bf16 ulp would mostly vanish."""
+    lr, shapes = 1e-3, [(65536,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [random_grads(shapes, torch.bfloat16, device)]
+    fp32_params, _ = run(backend, device, torch.float32, [x.bfloat16().float() for x in init],
+                         [[g.float() for g in grads[0]]], lr=lr)
+    first, opt = run(backend, device, torch.bfloat16, init, grads, lr=lr, stochastic_rounding=True)
+    params = make_params(init, torch.bfloat16, device)
+    again = fused_optim.Lion(params, lr=lr, backend=backend, stochastic_rounding=True)
+    again.param_groups[0]["seed"] = opt.param_groups[0]["seed"]
+    set_grads(grads[0], params)
+    again.step()
+    assert_identical(params[0].detach(), first[0].detach())
+    # the error along each element's update: stochastic rounding's averages to 0; nearest's is most of the step
+    target = fp32_params[0].detach().double()
+    direction = torch.sign(target - init[0].bfloat16().double())
+    error = (first[0].detach().double() - target) * direction
+    standard_error = error.std().item() / math.sqrt(error.numel())
+    assert abs(error.mean().item()) < 5 * standard_error
+    assert abs(error.mean().item()) < 0.05 * lr
+    nearest = (target.bfloat16().double() - target) * direction
+    assert nearest.mean().item() < -0.25 * lr
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_a_skipped_step_changes_nothing_and_grad_scale_unscales(backend, device):
+    init = [torch.randn(s) for s in SHAPES]
+    grads = random_grads(SHAPES, torch.float32, device)
+    params = [x.to(device) for x in init]
+    exp_avgs = [torch.randn_like(p) for p in params]
+    steps = [torch.zeros((), device=device) for _ in params]
+    before = [t.detach().clone() for t in (*params, *exp_avgs, *steps)]
+    lion_step(params, grads, exp_avgs, [], steps, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False,
+              found_inf=torch.ones((), device=device), backend=backend)
+    assert_identical([t.detach() for t in (*params, *exp_avgs, *steps)], before)
+    # a grad scale of 4 on grads 4x larger: the unscaled step, bit for bit
+    expected = [x.to(device) for x in init]
+    expected_avgs = [m.clone() for m in exp_avgs]
+    lion_step(expected, grads, expected_avgs, [], [s.clone() for s in steps], lr=0.1, beta1=0.9, beta2=0.99,
+              weight_decay=0.1, maximize=False, backend=backend)
+    lion_step(params, [4 * g for g in grads], exp_avgs, [], steps, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1,
+              maximize=False, grad_scale=torch.full((), 4.0, device=device), found_inf=torch.zeros((), device=device),
+              backend=backend)
+    assert_identical([p.detach() for p in params], [p.detach() for p in expected])
+    assert_identical(exp_avgs, expected_avgs)
+    assert all(s.item() == 1 for s in steps)
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_max_grad_norm_clips_as_clip_grad_norm_then_step(backend, device):
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [[10 * g for g in random_grads(SHAPES)] for _ in range(3)]
+    ours, opt = run(backend, device, torch.float32, init, grads, max_grad_norm=1.0)
+    theirs = make_params(init, torch.float32, device)
+    plain = fused_optim.Lion(theirs, lr=1e-2, backend=backend)
+    for step_grads in grads:
+        set_grads(step_grads, theirs)
+        norm = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        plain.step()
+    torch.testing.assert_close(flat(ours), flat(theirs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(opt.last_grad_norm.double(), norm.double(), rtol=1e-6, atol=0)
+
+
+def test_float64_params_step_in_float64():
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [random_grads(SHAPES, torch.float64) for _ in range(3)]
+    params, opt = run("auto", "cpu", torch.float64, init, grads, weight_decay=0.1)
+    reference = ReferenceLion(init, lr=1e-2, weight_decay=0.1)
+    for step_grads in grads:
+        reference.step(step_grads)
+    torch.testing.assert_close(flat(params), flat(reference.params), rtol=0, atol=1e-12)
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float64 for p in params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state: state_dict round trips, resuming, copies
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_resuming_from_a_state_dict_is_bit_identical(backend, device):
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [random_grads(SHAPES, torch.bfloat16) for _ in range(6)]
+    options = dict(weight_decay=0.1, master_weights=True)
+    straight, straight_opt = run(backend, device, torch.bfloat16, init, grads, **options)
+    halfway, halfway_opt = run(backend, device, torch.bfloat16, init, grads, steps=3, **options)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in halfway], "opt": halfway_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
+    resumed_opt = fused_optim.Lion(resumed, lr=1e-2, backend=backend, **options)
+    resumed_opt.load_state_dict(saved["opt"])
+    for step_grads in grads[3:]:
+        set_grads(step_grads, resumed)
+        resumed_opt.step()
+    assert_identical([p.detach() for p in resumed], [p.detach() for p in straight])
+    assert_identical(resumed_opt.state_dict(), straight_opt.state_dict())
+    copied = copy.deepcopy(resumed_opt)
+    assert copied.backend == backend and copied.state_dict()["param_groups"] == resumed_opt.state_dict()["param_groups"]
+
+
+def test_a_lion_pytorch_state_loads_with_its_moment_in_fp32():
+    """lion-pytorch keeps `exp_avg` in the param's dtype and no `step`: its state loads into ours in fp32 with a
+    count of 0, and ours loads back into it."""
+    shapes = [(5,), (2, 3)]
+    theirs = make_params([torch.randn(s) for s in shapes], torch.bfloat16, "cpu")
+    peer = lion_pytorch.Lion(theirs, lr=1e-3, weight_decay=0.1)
+    set_grads(random_grads(shapes, torch.bfloat16), theirs)
+    peer.step()
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    opt = fused_optim.Lion(ours, lr=1e-3, weight_decay=0.1)
+    opt.load_state_dict(peer.state_dict())
+    for p, q in zip(ours, theirs):
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+        assert torch.equal(opt.state[p]["exp_avg"], peer.state[q]["exp_avg"].float())
+        assert opt.state[p]["step"].item() == 0
+    set_grads(random_grads(shapes, torch.bfloat16), ours)
+    opt.step()
+    assert all(opt.state[p]["step"].item() == 1 for p in ours)
+    peer.load_state_dict(opt.state_dict())
+    assert all(peer.state[q]["exp_avg"].dtype == torch.bfloat16 for q in theirs)  # torch's loader casts to the param
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input: one sentence, nothing changed
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1e-3), "Invalid learning rate: -0.001"),
+    (dict(betas=(1.5, 0.99)), "Invalid beta parameter at index 0: 1.5"),
+    (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+    (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
+    (dict(master_weights=True, stochastic_rounding=True), "master_weights and stochastic_rounding are alternatives"),
+    (dict(max_grad_norm=0.0), "Invalid max_grad_norm value: 0.0"),
+])
+def test_bad_hyperparameters_raise_value_error(kwargs, message):
+    param = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        fused_optim.Lion([param], **kwargs)
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_params_and_grads_lion_cannot_step_change_nothing(backend, device):
+    params = make_params([torch.randn(3), torch.randn(4)], torch.float32, device)
+    opt = fused_optim.Lion(params, lr=1e-2, backend=backend)
+    set_grads(random_grads([(3,), (4,)]), params)
+    opt.step()
+    before = snapshot(opt)
+    params[1].grad = torch.randn(4).to_sparse()
+    with pytest.raises(RuntimeError, match="Lion does not support sparse gradients"):
+        opt.step()
+    params[1].grad_dtype = None  # autograd would refuse the float64 grad below
+    params[1].grad = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="a grad must have its param's shape and device, and its param's dtype"):
+        opt.step()
+    assert_identical(snapshot(opt), before)
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    complex_param.grad = torch.randn(3, dtype=torch.complex64)
+    complex_opt = fused_optim.Lion([complex_param], backend=backend)
+    with pytest.raises(TypeError, match="fused_optim.Lion steps float32, bfloat16, float16 and float64 params"):
+        complex_opt.step()
+    assert len(complex_opt.state) == 0
+
+
+def test_torch_compile_fullgraph_step_matches_eager():
+    """Dynamo traces the step into one graph (the op is opaque, its mutations come from the schema, nothing syncs
+    with the host), and from the third step on one graph serves every step."""
+    torch._dynamo.reset()
+    shapes = [(3,), (100,)]
+    init = [torch.randn(s) for s in shapes]
+    compiled, eager = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+    compiled_opt = fused_optim.Lion(compiled, lr=torch.tensor(1e-2), weight_decay=0.1, backend="cpu")
+    eager_opt = fused_optim.Lion(eager, lr=torch.tensor(1e-2), weight_decay=0.1, backend="cpu")
+
+    @torch.compile(fullgraph=True)
+    def step():
+        compiled_opt.step()
+
+    for i in range(4):
+        set_grads(random_grads(shapes), compiled, eager)
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            step()
+        eager_opt.step()
+    for p, q in zip(compiled, eager):
+        assert torch.equal(p, q)
+        assert_identical(compiled_opt.state[p], eager_opt.state[q])
