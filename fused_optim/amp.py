@@ -31,6 +31,10 @@ class GradScaler(torch.amp.GradScaler):
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """torch's `GradScaler.step`; for a fused_optim optimizer whose grads were not unscaled by the user, the
         inf/NaN check runs inside the optimizer's step (see the module docstring)."""
+        if self._enabled and getattr(optimizer, "gradient_release", False):
+            raise RuntimeError(f"GradScaler cannot step a {type(optimizer).__name__} with gradient_release=True: each "
+                               "param was already updated inside backward with its scaled grad, before any inf/NaN "
+                               "check; use bf16 (no scaler) or drop gradient_release")
         state = self._per_optimizer_states[id(optimizer)]
         if (not self._enabled or not getattr(optimizer, "_checks_grads_in_step", False)
                 or state["stage"] is not OptState.READY or "closure" in kwargs):

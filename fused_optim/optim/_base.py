@@ -1,9 +1,11 @@
 """What every fused_optim optimizer shares around its own update: the backend, the step guard (max_grad_norm,
 GradScaler's inf/NaN check, skipped_steps, last_grad_norm: optim/_guard.py), one device per param group, the cached
-per-group plans, and pickling of our extra settings."""
+per-group plans, gradient release (each param stepped by an autograd hook inside backward), the stochastic-rounding
+seed of each group, and pickling of our extra settings."""
 
 from __future__ import annotations
 
+from collections import ChainMap
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ class FusedOptimizer(Optimizer):
     _checks_grads_in_step = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, max_grad_norm: float | None,
-                 backend: str | None) -> None:
+                 backend: str | None, gradient_release: bool = False) -> None:
         if defaults.get("fused"):  # torch's checks (we take both flags, and run our kernels either way)
             if defaults.get("differentiable"):
                 raise RuntimeError("`fused` does not support `differentiable`")
@@ -57,10 +59,17 @@ class FusedOptimizer(Optimizer):
         if max_grad_norm is not None and defaults.get("differentiable"):
             raise ValueError("max_grad_norm does not take differentiable=True: a differentiable step runs torch's own "
                              "update, which has no clipping")
+        if gradient_release and max_grad_norm is not None:
+            raise ValueError("gradient_release=True updates each param inside backward, before the other grads exist, "
+                             "so it cannot clip by their global norm: pass max_grad_norm or gradient_release, not both")
         self.max_grad_norm = max_grad_norm
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
         self._plans: dict[int, Any] = {}  # per group: the lists a step hands the kernels, kept between steps
+        # gradient release: each param's own one-param view of its group, and its hook's handle (add_param_group)
+        self.gradient_release = gradient_release
+        self._release_views: dict[Tensor, ChainMap] = {}
+        self._release_hooks: dict[Tensor, Any] = {}
         super().__init__(params, defaults)
         self._step_supports_amp_scaling = _supports_amp_scaling(defaults)
         self._guard = StepGuard(self)
@@ -76,12 +85,47 @@ class FusedOptimizer(Optimizer):
             problem = f"all params of a group must be on one device, got {', '.join(sorted(map(str, devices)))}"
         elif len({is_dtensor(p) for p in params}) > 1:
             problem = "a group's params must be all DTensors or all plain tensors, not a mix"
+        elif self.gradient_release and any(is_dtensor(p) for p in params):
+            problem = ("gradient_release=True does not take DTensor params: FSDP2 hands out their grads after its own "
+                       "reduce-scatter, past autograd's hook")
         if problem is not None:
             self.param_groups.pop()
             raise ValueError(f"{type(self).__name__}: {problem}.")
         # Each group's own seed for stochastic rounding, saved with the state_dict so a resumed run draws the same.
         if self.param_groups[-1].get("stochastic_rounding"):
             self.param_groups[-1].setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
+        if self.gradient_release:
+            self._hook_group(self.param_groups[-1])
+
+    def _hook_group(self, group: dict[str, Any]) -> None:
+        """Gradient release: every param of `group` that takes grads is stepped by `_release` as soon as autograd
+        has accumulated its grad. Its view is a one-param group that reads every other setting from `group` live
+        (an lr scheduler's changes included), so `_gather` and `_update` serve it as they serve whole groups."""
+        for index, p in enumerate(group["params"]):
+            if not p.requires_grad:
+                continue
+            own: dict[str, Any] = {"params": [p]}
+            if "seed" in group:  # each param its own stochastic-rounding stream (each is tensor 0 of its view)
+                own["seed"] = (group["seed"] + 0x9E3779B9 * index) % 2**31
+            self._release_views[p] = ChainMap(own, group)  # (re)pointed at the live group
+            if p not in self._release_hooks:
+                self._release_hooks[p] = p.register_post_accumulate_grad_hook(self._release)
+
+    @torch.no_grad()
+    def _release(self, p: Tensor) -> None:
+        """Steps `p` alone with the grad autograd has just accumulated, then frees that grad: the full set of grads
+        is never alive at once (gradient release). No global norm, no GradScaler: both need every grad first."""
+        if getattr(p, "main_grad", None) is not None:
+            raise RuntimeError(f"{type(self).__name__}: gradient_release=True does not take a GradAccumulator's main "
+                               "grads yet: step after finalize() without gradient_release")
+        view = self._release_views[p]
+        for kind, lists in self._gather(view, [p.grad]).items():
+            if kind == "torch":
+                with torch.set_grad_enabled(view["differentiable"]):
+                    self._update_with_torch(view, lists)
+            else:
+                self._update(view, kind, lists, None, None)
+        p.grad = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -90,6 +134,11 @@ class FusedOptimizer(Optimizer):
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss.
         """
+        if self.gradient_release:
+            if closure is not None:
+                raise ValueError(f"{type(self).__name__}: gradient_release=True updates each param inside backward, "
+                                 "so a closure, which runs backward again for the same step, is not supported")
+            return None  # every param with a grad was stepped in backward, and its grad is gone
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -163,7 +212,9 @@ class FusedOptimizer(Optimizer):
         return self._guard.last_grad_norm
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm}
+        # the release hooks are the live params' own: a copy or an unpickled optimizer registers its own
+        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm,
+                "gradient_release": self.gradient_release}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch pickles only defaults, state and param_groups; the rest is ours to restore (deepcopy, pickle).
@@ -180,6 +231,12 @@ class FusedOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 if key != "params":
                     group.setdefault(key, value)
+        if "gradient_release" in state or not hasattr(self, "gradient_release"):  # a copy or an unpickling
+            self.gradient_release = state.get("gradient_release", False)
+            self._release_views, self._release_hooks = {}, {}
+        if self.gradient_release:  # load_state_dict made new group dicts: the views follow them
+            for group in self.param_groups:
+                self._hook_group(group)
 
 
 def _describe_layout(t: Tensor) -> str:

@@ -21,6 +21,8 @@ Differences from torch, all additive:
   counts untouched). `last_grad_norm` holds the norm of the unscaled grads before clipping.
 - `skipped_steps` counts, on the device, the steps skipped for inf/NaN grads; fused_optim.lr_scheduler reads it so
   a skipped step does not advance the schedule.
+- `gradient_release=True` steps each param inside backward as soon as its grad is accumulated and frees the grad
+  (optim/_base.py, FusedOptimizer._release): the same result, without ever holding every grad.
 - A param's `main_grad` (fp32, set by fused_optim.GradAccumulator), when present, is used instead of its `.grad`:
   bf16/fp16 params get their accumulated gradient without rounding it to their dtype.
 """
@@ -95,6 +97,7 @@ class Adam(FusedOptimizer):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
+        gradient_release: bool = False,
         backend: str | None = None,
     ) -> None:
         # torch's checks, in torch's order and words
@@ -135,7 +138,8 @@ class Adam(FusedOptimizer):
             "master_weights": master_weights,
             "stochastic_rounding": stochastic_rounding,
         }
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
+                         gradient_release=gradient_release)
 
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:
@@ -252,13 +256,14 @@ class AdamW(Adam):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
+        gradient_release: bool = False,
         backend: str | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm,
-            backend=backend,
+            gradient_release=gradient_release, backend=backend,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

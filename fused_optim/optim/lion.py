@@ -9,8 +9,9 @@ fused_optim.AdamW:
 - `exp_avg` is fp32 for fp32, bf16 and fp16 params (fp64 for fp64 params, stepped in plain torch ops), and a
   `step` count (a float32 tensor on the param's device) keys the stochastic rounding's random stream on the device.
 - `master_weights=True` keeps an fp32 copy of each bf16/fp16 param (`master_param`); `stochastic_rounding=True`
-  rounds bf16 params stochastically instead. `maximize`, `max_grad_norm=`, GradScaler (grad_scale and found_inf
-  read on the device), a tensor lr, `backend=`, DTensor params, `main_grad` (GradAccumulator): as AdamW.
+  rounds bf16 params stochastically instead. `maximize`, `max_grad_norm=`, `gradient_release=`, GradScaler
+  (grad_scale and found_inf read on the device), a tensor lr, `backend=`, DTensor params, `main_grad`
+  (GradAccumulator): as AdamW.
 - Complex params, sparse grads and differentiable groups are refused (RuntimeError/TypeError at the step, nothing
   changed): torch has no Lion to hand them to.
 """
@@ -52,6 +53,7 @@ class Lion(FusedOptimizer):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
+        gradient_release: bool = False,
         backend: str | None = None,
     ) -> None:
         # torch's optimizers' checks and words, for the arguments Lion shares with them
@@ -77,7 +79,8 @@ class Lion(FusedOptimizer):
             # step is never differentiable, and a group asking for one is refused at the step
             "differentiable": False,
         }
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
+                         gradient_release=gradient_release)
 
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:

@@ -12,7 +12,8 @@ Differences from torch:
   was skipped) is left out of state_dict, so the state reads as torch's would: no buffer yet.
 - A skipped step (GradScaler's found_inf, or a non-finite grad norm with max_grad_norm) leaves params, buffers and
   counts untouched on the device; a skipped first step therefore leaves the buffer unset, as if it never happened.
-  `skipped_steps` counts them; `max_grad_norm=` clips the global grad norm inside the step, and
+  `skipped_steps` counts them; `gradient_release=True` steps each param inside backward (as AdamW);
+  `max_grad_norm=` clips the global grad norm inside the step, and
   `last_grad_norm` holds that norm (fused_optim/optim/_guard.py, as fused_optim.AdamW).
 - `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
   `foreach` and `fused` are accepted and ignored (torch's errors for them kept).
@@ -60,6 +61,7 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        gradient_release: bool = False,
         backend: str | None = None,
     ) -> None:
         # torch's checks, in torch's order and words
@@ -84,7 +86,8 @@ class SGD(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
+                         gradient_release=gradient_release)
 
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:

@@ -1,0 +1,130 @@
+"""`gradient_release=True`: each param is stepped inside backward as soon as autograd has accumulated its grad, and
+the grad is freed at once. The result must be the ordinary step's, bit for bit, for every optimizer and backend
+that runs here; step() and zero_grad() stay callable and change nothing; what needs every grad first (a global
+norm, a GradScaler, a closure, a GradAccumulator's main grads) is refused in one sentence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+from test_adam import assert_identical
+
+import fused_optim
+
+OPTIMIZERS = {
+    "AdamW": (fused_optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "Adam-amsgrad": (fused_optim.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=0.01)),
+    "SGD-nesterov": (fused_optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    "Lion": (fused_optim.Lion, dict(lr=1e-3, weight_decay=0.1)),
+}
+
+
+def make_model(dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 3, bias=False))
+    return model.to(dtype)
+
+
+def backward(model: torch.nn.Module, step: int) -> None:
+    generator = torch.Generator().manual_seed(step)
+    p = next(model.parameters())
+    x = torch.randn(6, 8, generator=generator).to(p.dtype)
+    model(x).float().square().mean().backward()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_released_steps_equal_ordinary_steps(name, backend, device):
+    cls, kwargs = OPTIMIZERS[name]
+    released, ordinary = make_model(), make_model()
+    released_opt = cls(released.parameters(), backend=backend, gradient_release=True, **kwargs)
+    ordinary_opt = cls(ordinary.parameters(), backend=backend, **kwargs)
+    for step in range(4):
+        backward(released, step)
+        assert all(p.grad is None for p in released.parameters())  # every grad was freed in backward
+        released_opt.step()  # harmless: nothing left to step
+        released_opt.zero_grad()
+        backward(ordinary, step)
+        ordinary_opt.step()
+        ordinary_opt.zero_grad()
+    assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_bf16_params_with_master_weights(backend, device):
+    released, ordinary = make_model(torch.bfloat16), make_model(torch.bfloat16)
+    released_opt = fused_optim.AdamW(released.parameters(), lr=1e-2, master_weights=True, backend=backend,
+                                     gradient_release=True)
+    ordinary_opt = fused_optim.AdamW(ordinary.parameters(), lr=1e-2, master_weights=True, backend=backend)
+    for step in range(3):
+        backward(released, step)
+        backward(ordinary, step)
+        ordinary_opt.step()
+        ordinary_opt.zero_grad()
+    assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
+
+
+def test_no_two_grads_are_alive_at_once():
+    model = make_model()
+    fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    alive = []
+
+    def spy(p):  # runs after the optimizer's hook, registered before it
+        alive.append(sum(q.grad is not None for q in model.parameters()))
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(spy)
+    backward(model, 0)
+    assert alive == [0] * len(list(model.parameters()))
+
+
+def test_the_group_settings_are_read_live_and_survive_load_state_dict():
+    model = make_model()
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    backward(model, 0)
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)  # new group dicts: the hooks must follow them
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+        group["weight_decay"] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model, 1)
+    assert_identical([p.detach() for p in model.parameters()], before)  # lr 0: nothing moves
+    assert all(s["step"].item() == 2 for s in opt.state.values())
+
+
+def test_a_copy_releases_its_own_params():
+    model = make_model()
+    opt = fused_optim.Lion(model.parameters(), lr=1e-3, gradient_release=True)
+    copied = copy.deepcopy(opt)
+    copied_params = [p for group in copied.param_groups for p in group["params"]]
+    assert copied.gradient_release and len(copied._release_hooks) == len(copied_params)
+    assert not any(p is q for p, q in zip(copied_params, model.parameters()))
+
+
+def test_what_needs_every_grad_first_is_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match="cannot clip by their global norm"):
+        fused_optim.AdamW(model.parameters(), max_grad_norm=1.0, gradient_release=True)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # nothing registered
+
+    opt = fused_optim.SGD(model.parameters(), lr=0.1, momentum=0.9, gradient_release=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="a closure, which runs backward again"):
+        opt.step(lambda: 0.0)
+    assert_identical([p.detach() for p in model.parameters()], before)
+    assert len(opt.state) == 0
+
+    with pytest.raises(RuntimeError, match="GradScaler cannot step a SGD with gradient_release=True"):
+        fused_optim.GradScaler("cpu").step(opt)
+
+    for p in model.parameters():  # what a GradAccumulator leaves on its params
+        p.main_grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="does not take a GradAccumulator's main grads yet"):
+        backward(model, 0)
