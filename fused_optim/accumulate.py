@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fused_optim import _backend
 from fused_optim.clip_grad import clip_coefficient, global_norm
@@ -36,6 +38,17 @@ from fused_optim.ops._library import FLOAT_DTYPES, dense
 from fused_optim.ops.accumulate import accumulate_grads
 
 _ALIGN = 16  # elements of fp32: every main grad starts on a 64-byte boundary
+
+# Each param's GradAccumulator (while it lives) and the param's index in it, for gradient release's hook
+# (optim/_base.py): weak both ways, so neither the param nor the accumulator is kept alive, nor pickled, by it.
+_accumulators: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def accumulator_of(p: Tensor) -> tuple[GradAccumulator, int] | None:
+    """The live GradAccumulator that holds a main grad for `p`, and `p`'s index in it; None if there is none."""
+    entry = _accumulators.get(p)
+    accumulator = entry[0]() if entry is not None else None
+    return None if accumulator is None else (accumulator, entry[1])
 
 
 def count_tokens(target: Tensor, ignore_index: int = -100) -> Tensor:
@@ -92,6 +105,9 @@ class GradAccumulator:
     undoes in the same multiply): the global token count is what divides. With a 2-D (FSDP x TP) mesh, pass the
     data-parallel group as `process_group`: tensor-parallel ranks share their tokens.
 
+    With an optimizer built with `gradient_release=True`, call `release(num_tokens=...)` before the last
+    micro-batch's backward instead of `finalize()` and `step()`: each param is stepped inside that backward.
+
     Example:
         >>> acc = fused_optim.GradAccumulator(model.parameters())
         >>> tokens = 0
@@ -146,6 +162,11 @@ class GradAccumulator:
         self._received = [False] * len(self.params)  # which params got a gradient since zero_()
         self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._accumulate_one, i))
                        for i, p in enumerate(self.params)] if use_hooks else []
+        # Gradient release (`release()`): the scale of the armed step, and the params it has yet to step.
+        self._release_scale: Tensor | None = None
+        self._armed: set[int] = set()
+        for i, p in enumerate(self.params):
+            _accumulators[p] = (weakref.ref(self), i)  # a gradient_release optimizer's hook accumulates through us
 
     @torch.no_grad()
     def accumulate(self) -> None:
@@ -172,6 +193,44 @@ class GradAccumulator:
             accumulate_grads([self.main_grads[i]], [p.grad], backend=self.backend)
             p.grad = None
             self._received[i] = True
+
+    def release(self, num_tokens: int | Tensor | None = None) -> None:
+        """Arms gradient release for the step's last micro-batch: call it before that micro-batch's backward, with
+        the step's total token count (the sum of `count_tokens` over all its micro-batches, known before the last
+        backward). During that backward, as each param's gradient arrives, its gradient_release optimizer's hook
+        adds it into the main grad, divides by `num_tokens`, steps the param from it and zeroes it: no `finalize()`,
+        no `optimizer.step()`. In the earlier micro-batches' backwards the hook only accumulates. Single process
+        only (the main grads would have to be all-reduced one param at a time); no clipping (a global norm needs
+        every grad first)."""
+        if isinstance(num_tokens, (int, float)) and not (math.isfinite(num_tokens) and num_tokens > 0):
+            raise ValueError(f"num_tokens must be a positive number of tokens, got {num_tokens}")
+        if self._group() is not None:
+            raise RuntimeError("GradAccumulator.release() is single-process only: distributed main grads are summed "
+                               "over the ranks in finalize(), after every gradient is in")
+        scale = None
+        if num_tokens is not None and self.params:
+            count = torch.as_tensor(num_tokens, device=self.params[0].device).to(torch.float64).reshape(())
+            scale = torch.where(count > 0, 1.0 / count, math.nan).to(torch.float32)
+        self._release_scale = scale
+        self._armed = set(range(len(self.params)))
+
+    @torch.no_grad()
+    def released_grad(self, i: int, p: Tensor) -> Tensor | None:
+        """For a gradient_release optimizer's hook on param i: accumulates its new grad, and returns the main grad
+        to step it with when `release()` armed this backward (divided by the token count), else None."""
+        self._accumulate_one(i, p)
+        if i not in self._armed:
+            return None
+        self._armed.discard(i)
+        main_grad = self.main_grads[i]
+        if self._release_scale is not None:
+            main_grad.mul_(self._release_scale.to(main_grad.device))
+        return main_grad
+
+    def released(self, i: int) -> None:
+        """After the optimizer stepped param i from its main grad: zero it for the next step."""
+        self.main_grads[i].zero_()
+        self._received[i] = False
 
     def _group(self) -> dist.ProcessGroup | None:
         """The process group to sum over, or None when not distributed (or alone)."""
@@ -263,6 +322,7 @@ class GradAccumulator:
             if p.grad is self.main_grads[i]:
                 p.grad = None
         self._received = [False] * len(self.params)
+        self._armed = set()
 
     def remove_hooks(self) -> None:
         """Stops accumulating from autograd hooks (`use_hooks=True`)."""

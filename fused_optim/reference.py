@@ -94,9 +94,15 @@ class ReferenceLion:
     torch.float64
     """
 
+    # A direction within this fraction of its terms' size of 0 has no sign an fp32 implementation can be held to:
+    # rounding its two products may give either sign, or 0 (a cancellation exact in float64).
+    AMBIGUOUS = 1e-6
+
     def __init__(self, params, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
         self.params = [p.detach().double().clone() for p in params]
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
+        # per element: whether any step's direction was within rounding of 0 (see AMBIGUOUS)
+        self.ambiguous = [torch.zeros_like(p, dtype=torch.bool) for p in self.params]
         self.lr, (self.beta1, self.beta2), self.weight_decay, self.maximize = lr, betas, weight_decay, maximize
 
     def step(self, grads, grad_scale: float = 1.0) -> None:
@@ -106,7 +112,10 @@ class ReferenceLion:
                 g = -g
             p, m = self.params[i], self.exp_avgs[i]
             p.mul_(1 - self.lr * self.weight_decay)
-            p.sub_(self.lr * torch.sign(self.beta1 * m + (1 - self.beta1) * g))
+            direction = self.beta1 * m + (1 - self.beta1) * g
+            size = self.beta1 * m.abs() + (1 - self.beta1) * g.abs()
+            self.ambiguous[i] |= direction.abs() <= self.AMBIGUOUS * size
+            p.sub_(self.lr * torch.sign(direction))
             m.mul_(self.beta2).add_((1 - self.beta2) * g)
 
 

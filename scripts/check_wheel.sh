@@ -10,6 +10,8 @@
 # builds the CPU kernels only (every x86-64 level), the CUDA wheel build is the same code with WHEEL_CUDA_ARCHS.
 # OTHER_TORCH=none skips the second torch.
 set -euo pipefail
+# the venvs' torch is installed without .pyc files: let the first import write them (see the Makefile)
+unset PYTHONDONTWRITEBYTECODE
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${1:-$("$root/scripts/env.sh")}"
 other_torch="${OTHER_TORCH:-2.13.0}"

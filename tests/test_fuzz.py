@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import test_adam as adam_tests
 import test_cross_entropy as cross_entropy_tests
+import test_lion as lion_tests
 import test_sgd as sgd_tests
 from fused_optim.ops.accumulate import accumulate_grads
 from fused_optim.ops.total_norm import total_norm
@@ -60,6 +61,16 @@ def test_sgd(backend, dtype, shapes, momentum, dampening, nesterov, weight_decay
                    maximize=maximize, lr_tensor=lr_tensor)
     options = {k: v for k, v in options.items() if v or k == "lr_tensor"}
     sgd_tests.check_against_reference_and_torch(backend, "cpu", dtype, options, shapes, steps=3)
+
+
+@FUZZ
+@given(backend=BACKENDS, dtype=DTYPES, shapes=SHAPES, weight_decay=st.sampled_from([0.0, 0.1, 1.0]),
+       betas=st.sampled_from([(0.9, 0.99), (0.95, 0.98), (0.0, 0.5)]), maximize=st.booleans(),
+       lr=st.sampled_from([1e-4, 1e-2]), lr_tensor=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_lion(backend, dtype, shapes, weight_decay, betas, maximize, lr, lr_tensor, seed):
+    torch.manual_seed(seed)
+    options = dict(weight_decay=weight_decay, betas=betas, maximize=maximize, lr_tensor=lr_tensor)
+    lion_tests.check_against_reference_and_lion_pytorch(backend, "cpu", dtype, options, shapes, steps=3, lr=lr)
 
 
 @FUZZ

@@ -1,7 +1,8 @@
 """`gradient_release=True`: each param is stepped inside backward as soon as autograd has accumulated its grad, and
 the grad is freed at once. The result must be the ordinary step's, bit for bit, for every optimizer and backend
 that runs here; step() and zero_grad() stay callable and change nothing; what needs every grad first (a global
-norm, a GradScaler, a closure, a GradAccumulator's main grads) is refused in one sentence."""
+norm, a GradScaler, a closure) is refused in one sentence; with a GradAccumulator the step waits for the backward
+its `release()` arms."""
 
 from __future__ import annotations
 
@@ -124,7 +125,36 @@ def test_what_needs_every_grad_first_is_refused():
     with pytest.raises(RuntimeError, match="GradScaler cannot step a SGD with gradient_release=True"):
         fused_optim.GradScaler("cpu").step(opt)
 
-    for p in model.parameters():  # what a GradAccumulator leaves on its params
-        p.main_grad = torch.zeros_like(p)
-    with pytest.raises(RuntimeError, match="does not take a GradAccumulator's main grads yet"):
-        backward(model, 0)
+    accumulator = fused_optim.GradAccumulator(model.parameters())
+    with pytest.raises(ValueError, match="num_tokens must be a positive number of tokens"):
+        accumulator.release(num_tokens=0)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Lion"])
+def test_with_a_grad_accumulator_the_last_micro_batch_steps(name):
+    """Micro-batches accumulate into the fp32 main grads; `release(num_tokens)` before the last one's backward makes
+    its hooks add, normalise and step each param as its grad arrives: the result of finalize() + step(), bit for
+    bit, and the main grads are zero again for the next step."""
+    cls, kwargs = OPTIMIZERS[name]
+    released, ordinary = make_model(torch.bfloat16), make_model(torch.bfloat16)
+    released_opt = cls(released.parameters(), gradient_release=True, **kwargs)
+    ordinary_opt = cls(ordinary.parameters(), **kwargs)
+    released_acc = fused_optim.GradAccumulator(released.parameters(), use_hooks=True)
+    ordinary_acc = fused_optim.GradAccumulator(ordinary.parameters())
+    micro_batches, tokens = 3, torch.tensor(17)
+    for step in range(2):
+        for micro in range(micro_batches):
+            if micro == micro_batches - 1:
+                released_acc.release(num_tokens=tokens)
+            before = [p.detach().clone() for p in released.parameters()]
+            backward(released, 10 * step + micro)
+            moved = any(not torch.equal(p, q) for p, q in zip(released.parameters(), before))
+            assert moved == (micro == micro_batches - 1)  # only the armed backward steps
+            backward(ordinary, 10 * step + micro)
+            ordinary_acc.accumulate()
+        ordinary_acc.finalize(num_tokens=tokens)
+        ordinary_opt.step()
+        ordinary_acc.zero_()
+        assert all(float(g.abs().max()) == 0 for g in released_acc.main_grads)
+    assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])

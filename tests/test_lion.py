@@ -37,9 +37,12 @@ OPTIONS = {
 
 
 def errors(params, reference: ReferenceLion) -> tuple[float, float]:
-    """(max, mean) of |param - reference| over all elements; NaN counts as infinitely wrong."""
+    """(max, mean) of |param - reference| over the elements whose every step had a definite sign (the reference's
+    `ambiguous`: there fp32 and float64 may take different signs, a 2·lr step apart); NaN counts as infinitely
+    wrong."""
     diff = (flat(params) - flat(reference.params)).abs().nan_to_num(nan=math.inf)
-    return diff.max().item(), diff.mean().item()
+    diff = diff[~flat(reference.ambiguous).bool()]
+    return (diff.max().item(), diff.mean().item()) if diff.numel() else (0.0, 0.0)
 
 
 def run(backend, device, dtype, init, grads, steps=None, **kwargs) -> tuple[list[torch.Tensor], fused_optim.Lion]:
@@ -59,9 +62,15 @@ def run(backend, device, dtype, init, grads, steps=None, **kwargs) -> tuple[list
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_matches_reference_at_least_as_well_as_lion_pytorch(backend, device, dtype, options, steps=8, lr=1e-2):
+def test_matches_reference_at_least_as_well_as_lion_pytorch(backend, device, dtype, options):
+    check_against_reference_and_lion_pytorch(backend, device, dtype, options, SHAPES)
+
+
+def check_against_reference_and_lion_pytorch(backend, device, dtype, options, shapes, steps=8, lr=1e-2) -> None:
+    """`steps` steps of ours and lion-pytorch's at `dtype` on params of `shapes`, each compared with the float64
+    reference: ours never worse (shared with tests/test_fuzz.py)."""
     kwargs, make_lr, ref_lr = split_options(options, lr)
-    init = [torch.randn(s) for s in SHAPES]
+    init = [torch.randn(s) for s in shapes]
     ours, theirs = make_params(init, dtype, device), make_params(init, dtype, device)
     opt = fused_optim.Lion(ours, lr=make_lr(), backend=backend, **kwargs)
     peer = lion_pytorch.Lion(theirs, lr=ref_lr, **{k: v for k, v in kwargs.items() if k != "maximize"})
@@ -70,7 +79,7 @@ def test_matches_reference_at_least_as_well_as_lion_pytorch(backend, device, dty
     # storing the param in a low-precision dtype.
     rounded = ReferenceLion(ours, lr=ref_lr, **kwargs)
     for _ in range(steps):
-        grads = random_grads(SHAPES, dtype, device)
+        grads = random_grads(shapes, dtype, device)
         for p in ours:
             p.grad = torch.full_like(p, math.nan)  # poison: replaced below, so a kernel reading stale grads shows
         set_grads(grads, ours)
@@ -84,23 +93,29 @@ def test_matches_reference_at_least_as_well_as_lion_pytorch(backend, device, dty
 
     assert all(p.dtype == dtype and p.device.type == device for p in ours)
     assert torch.isfinite(flat(ours)).all()
-    our_max, our_mean = errors(ours, reference)
-    peer_max, peer_mean = errors(theirs, reference)
-    magnitude = flat(reference.params).abs().max().item()
-    assert our_max <= peer_max + 0.5 * ulp(dtype, magnitude), (our_max, peer_max)
-    assert our_mean <= 1.05 * peer_mean + 1e-12, (our_mean, peer_mean)
-    if dtype in LOW_PRECISION:  # the moment in fp32: ours is the rounded reference, where the peer's drifts
-        ours_flat, rounded_flat = flat(ours), flat(rounded.params)
-        assert (ours_flat == rounded_flat).double().mean() >= 0.99
-        # where the direction is within rounding of 0 the fp32 and fp64 signs may differ: a step of 2 lr, rarely
-        assert within_two_ulps(ours_flat, rounded_flat, dtype, flat(init)).double().mean() >= 0.995
-        assert (ours_flat - rounded_flat).abs().max() <= 2 * lr * steps + 2 * ulp(dtype, magnitude)
-    else:
-        assert our_max <= steps * 4 * ulp(dtype, magnitude)
     for p in ours:
         state = opt.state[p]
         assert state["exp_avg"].dtype == torch.float32 and state["step"].item() == steps
         assert state["step"].device == p.device
+    if flat(ours).numel() == 0:  # only empty params: nothing to compare, and nothing may have gone wrong
+        return
+    our_max, our_mean = errors(ours, reference)
+    peer_max, peer_mean = errors(theirs, reference)
+    magnitude = flat(reference.params).abs().max().item()
+    assert our_max <= peer_max + 0.5 * ulp(dtype, magnitude), (our_max, peer_max)
+    if dtype == torch.float32 and flat(ours).numel() >= 1000:
+        # over a few elements a mean is noise (the fuzz test's small draws); in bf16/fp16 so is it where storing the
+        # param dominates both errors: the rounded-reference check below is the sharp one there
+        assert our_mean <= 1.05 * peer_mean + 1e-12, (our_mean, peer_mean)
+    if dtype in LOW_PRECISION:  # the moment in fp32: ours is the rounded reference, where the peer's drifts
+        definite = ~flat(rounded.ambiguous).bool()
+        ours_flat, rounded_flat = flat(ours)[definite], flat(rounded.params)[definite]
+        assert (ours_flat == rounded_flat).double().mean() >= 0.99
+        assert within_two_ulps(ours_flat, rounded_flat, dtype, flat(init)[definite]).all()
+    else:
+        assert our_max <= steps * 4 * ulp(dtype, magnitude)
+    # where a direction was within rounding of 0 a sign may differ, 2·lr a step; storing the param rounds each step
+    assert (flat(ours) - flat(reference.params)).abs().max() <= 2 * lr * steps + steps * ulp(dtype, magnitude)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

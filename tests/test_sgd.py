@@ -482,7 +482,8 @@ def test_bad_state_dict_raises_and_changes_nothing():
 
 def test_signature_extends_torchs():
     assert_signature_extends(fused_optim.SGD, torch.optim.SGD)
-    assert list(__import__("inspect").signature(fused_optim.SGD).parameters)[-2:] == ["max_grad_norm", "backend"]
+    extras = list(__import__("inspect").signature(fused_optim.SGD).parameters)[-3:]
+    assert extras == ["max_grad_norm", "gradient_release", "backend"]
 
 
 @pytest.mark.parametrize("flag", ["foreach", "fused"])

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _device_dtype_check_for_fused
 
 from fused_optim import _backend
+from fused_optim.accumulate import accumulator_of
 from fused_optim.ops._dtensor import is_dtensor, layout
 from fused_optim.optim._guard import StepGuard, grad_of
 
@@ -115,17 +116,23 @@ class FusedOptimizer(Optimizer):
     def _release(self, p: Tensor) -> None:
         """Steps `p` alone with the grad autograd has just accumulated, then frees that grad: the full set of grads
         is never alive at once (gradient release). No global norm, no GradScaler: both need every grad first."""
-        if getattr(p, "main_grad", None) is not None:
-            raise RuntimeError(f"{type(self).__name__}: gradient_release=True does not take a GradAccumulator's main "
-                               "grads yet: step after finalize() without gradient_release")
+        entry = accumulator_of(p)
+        grad = p.grad
+        if entry is not None:  # a GradAccumulator's param: step only in the backward its release() armed
+            accumulator, index = entry
+            grad = accumulator.released_grad(index, p)
+            if grad is None:
+                return
         view = self._release_views[p]
-        for kind, lists in self._gather(view, [p.grad]).items():
+        for kind, lists in self._gather(view, [grad]).items():
             if kind == "torch":
                 with torch.set_grad_enabled(view["differentiable"]):
                     self._update_with_torch(view, lists)
             else:
                 self._update(view, kind, lists, None, None)
         p.grad = None
+        if entry is not None:
+            accumulator.released(index)
 
     @torch.no_grad()
     def step(self, closure=None):
