@@ -66,7 +66,7 @@ def test_matches_reference_at_least_as_well_as_lion_pytorch(backend, device, dty
     check_against_reference_and_lion_pytorch(backend, device, dtype, options, SHAPES)
 
 
-def check_against_reference_and_lion_pytorch(backend, device, dtype, options, shapes, steps=8, lr=1e-2) -> None:
+def check_against_reference_and_lion_pytorch(backend, device, dtype, options, shapes, steps=5, lr=1e-2) -> None:
     """`steps` steps of ours and lion-pytorch's at `dtype` on params of `shapes`, each compared with the float64
     reference: ours never worse (shared with tests/test_fuzz.py)."""
     kwargs, make_lr, ref_lr = split_options(options, lr)
