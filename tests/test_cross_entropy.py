@@ -41,6 +41,15 @@ DTYPES = [
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 REDUCTIONS = ["none", "sum", "mean"]
 SHAPES = [(1, 2), (37, 3), (37, 1000), (5, 4099), (3, 32000)]
+# Triton's interpreter runs each row's program in Python (~15 ms a row, whatever the vocabulary): 13 rows still
+# hold ignored rows among kept ones, an odd count and every block-boundary case the vocabularies above give.
+INTERPRETED_ROWS = 13
+
+
+def shapes_for(backend: str, device: str, shapes=SHAPES) -> list[tuple[int, int]]:
+    if backend == "triton" and device == "cpu":
+        return [(min(rows, INTERPRETED_ROWS), vocab) for rows, vocab in shapes]
+    return shapes
 FP32_EPS = torch.finfo(torch.float32).eps
 
 # Options torch has too. `ignored`: every third row (1, 4, 7, ...) targets ignore_index, so N = 1 keeps its row
@@ -156,7 +165,7 @@ def assert_within_ulps(ours, ref, dtype, ulps, slack, what):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_matches_reference_at_least_as_well_as_torch(backend, device, dtype, reduction, options):
-    for shape in SHAPES:
+    for shape in shapes_for(backend, device):
         check_against_reference_and_torch(backend, device, dtype, reduction, options, shape)
 
 
@@ -289,7 +298,7 @@ def test_scalar_grad_output_scales_the_gradient(backend, device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_z_loss_and_softcap_match_reference(backend, device, dtype, reduction, options):
-    for shape in [(1, 2), (37, 1000), (3, 32000)]:
+    for shape in shapes_for(backend, device, [(1, 2), (37, 1000), (3, 32000)]):
         logits, target, weight, kwargs = make_case(*shape, dtype, device, **options)
         x, ref_x = logits.clone().requires_grad_(), logits.double().requires_grad_()
         loss, z = FF.cross_entropy(x, target, weight, reduction=reduction, backend=backend, return_z_loss=True,
