@@ -105,3 +105,14 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func._schema.name)
         return func(*args, **(kwargs or {}))
+
+
+def master_weight(optimizer, p: torch.Tensor) -> torch.Tensor | None:
+    """A param's fp32 master weight, whichever form the optimizer keeps it in: the fp32 copy (fp16 params), or the
+    bf16 param joined with its int16 remainder; None without one."""
+    from fused_optim.master_remainder import join_master
+
+    state = optimizer.state[p]
+    if "master_remainder" in state:
+        return join_master(p.detach(), state["master_remainder"])
+    return state.get("master_param")

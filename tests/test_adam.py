@@ -26,11 +26,12 @@ import re
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED
+from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, master_weight
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_optim
+from fused_optim.master_remainder import join_master, round_like_master, split_master
 from fused_optim.ops.adam import adam_step
 from fused_optim.reference import ReferenceAdam, bf16_stochastic_round
 
@@ -334,13 +335,19 @@ def test_state_layout(backend, device, dtype, master):
         state = opt.state[p]
         assert state["step"].dtype == torch.float32 and state["step"].device == p.device
         assert state["step"].shape == () and state["step"].item() == 3.0
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") + (("master_param",) if master else ()):
-            assert state[key].dtype == torch.float32, key
+        # a bf16 param's master weight: its fp32 value's low half, an int16 remainder (fused_optim/master_remainder.py)
+        for key, key_dtype in [("exp_avg", torch.float32), ("exp_avg_sq", torch.float32),
+                               ("max_exp_avg_sq", torch.float32)] + ([("master_remainder", torch.int16)] if master else []):
+            assert state[key].dtype == key_dtype, key
             assert state[key].shape == p.shape and state[key].stride() == p.stride() and state[key].device == p.device
     ours_sd, torch_sd = opt.state_dict(), torch_opt.state_dict()
-    extra = {"master_param"} if master else set()
     for i in range(len(shapes)):
-        assert set(ours_sd["state"][i]) == set(torch_sd["state"][i]) | extra
+        assert set(ours_sd["state"][i]) == set(torch_sd["state"][i]) | ({"master_remainder"} if master else set())
+    # torch_state_dict(): the fp32 master as master_param, the rest as state_dict() has it
+    for i, (p, state) in enumerate(opt.torch_state_dict()["state"].items()):
+        assert set(state) == set(torch_sd["state"][i]) | ({"master_param"} if master else set())
+        if master:
+            assert torch.equal(state["master_param"], master_weight(opt, ours[i]))
     for ours_group, torch_group in zip(ours_sd["param_groups"], torch_sd["param_groups"]):
         assert set(ours_group) - set(torch_group) == {"master_weights", "stochastic_rounding"}
         assert set(torch_group) <= set(ours_group)
@@ -401,15 +408,69 @@ def test_save_and_load_mid_run_continues_bit_exactly(backend, device, kind):
         state = resumed_opt.state[p]
         assert state["step"].device == p.device and state["step"].dtype == torch.float32
         for key, value in saved["state"][i].items():
-            assert state[key].dtype == torch.float32, key  # bf16 params keep fp32 moments and master copy
-            assert torch.equal(state[key].cpu(), value.float()), key
-        assert ("master_param" in state) == ("master_weights" in extra and dtype != torch.float32)
+            # bf16 params keep fp32 moments, and their master as an int16 remainder; fp16 ones an fp32 copy
+            assert state[key].dtype == (torch.int16 if key == "master_remainder" else torch.float32), key
+            assert torch.equal(state[key].cpu(), value.to(state[key].dtype)), key
+        assert (master_weight(resumed_opt, p) is not None) == ("master_weights" in extra and dtype != torch.float32)
     for g in grads[3:]:
         set_grads(g, resumed)
         resumed_opt.step()
     for p, q in zip(resumed, straight):
         assert torch.equal(p, q)
         assert_identical(resumed_opt.state[p], straight_opt.state[q])
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_torch_state_dict_gives_fp32_masters_and_either_form_resumes_exactly(backend, device):
+    """torch_state_dict() joins each bf16 param's remainder into its fp32 master (`master_param`, as an fp32-master
+    trainer keeps it); loaded back, it is split again and the run continues as from state_dict(), bit for bit.
+    torch's AdamW loads it too. The compact state_dict() is 10 bytes a param (two fp32 moments, an int16
+    remainder) against 12 with an fp32 copy."""
+    shapes = [(3,), (1500,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [random_grads(shapes, torch.bfloat16, device) for _ in range(6)]
+    params = make_params(init, torch.bfloat16, device)
+    opt = fused_optim.AdamW(params, lr=1e-2, master_weights=True, backend=backend)
+    for g in grads[:3]:
+        set_grads(g, params)
+        opt.step()
+    compact, full = opt.state_dict(), opt.torch_state_dict()
+    for i, p in enumerate(params):
+        assert compact["state"][i]["master_remainder"].dtype == torch.int16 and "master_param" not in compact["state"][i]
+        assert "master_remainder" not in full["state"][i]
+        assert_identical(full["state"][i]["master_param"], master_weight(opt, p))
+    assert "master_remainder" in opt.state[params[0]]  # the optimizer's own state is untouched
+    torch.optim.AdamW(make_params(init, torch.float32, device)).load_state_dict(full)
+    runs = []
+    for saved in (compact, full):
+        resumed = make_params([p.detach() for p in params], torch.bfloat16, device)
+        if saved is full:  # a loaded fp32 master gives the param its rounding, whatever the param held
+            with torch.no_grad():
+                for p in resumed:
+                    p.add_(1.0)
+        resumed_opt = fused_optim.AdamW(resumed, lr=1e-2, master_weights=True, backend=backend)
+        resumed_opt.load_state_dict(copy.deepcopy(saved))
+        if saved is full:
+            for p, q in zip(resumed, params):
+                assert_identical(p.detach(), q.detach())
+        for g in grads[3:]:
+            set_grads(g, resumed)
+            resumed_opt.step()
+        runs.append([(p.detach(), master_weight(resumed_opt, p)) for p in resumed])
+    assert_identical(runs[0], runs[1])
+
+
+def test_a_master_remainder_of_the_wrong_kind_is_refused_unloaded():
+    params = make_params([torch.randn(4)], torch.bfloat16, "cpu")
+    opt = fused_optim.AdamW(params, master_weights=True)
+    params[0].grad = torch.randn(4).bfloat16()
+    opt.step()
+    before = snapshot(opt)
+    saved = copy.deepcopy(opt.state_dict())  # state_dict() shares the state's dicts
+    saved["state"][0]["master_remainder"] = saved["state"][0]["master_remainder"].float()
+    with pytest.raises(TypeError, match="a master remainder is int16, beside a bfloat16 param"):
+        opt.load_state_dict(saved)
+    assert_identical(snapshot(opt), before)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -538,7 +599,7 @@ def tiny_update_run(backend: str, device: str, mode: str):
         param.grad = grad.to(device=device, dtype=torch.bfloat16)
         opt.step()
         reference.step([param.grad])
-    master = opt.state[param].get("master_param")
+    master = master_weight(opt, param)
     return start.double(), param.detach().double().cpu(), None if master is None else master.double().cpu(), \
         reference.params[0].cpu()
 
@@ -550,13 +611,47 @@ def test_plain_bf16_params_lose_tiny_updates(backend, device):
     assert torch.equal(final, start)  # ...round-to-nearest lost every update
 
 
+@pytest.mark.parametrize("options", [dict(cls="AdamW", weight_decay=0.1), dict(cls="Adam", weight_decay=0.1,
+                                                                                  amsgrad=True, maximize=True)],
+                         ids=["adamw", "adam-l2-amsgrad-maximize"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_master_remainders_step_the_fp32_trajectory_bit_for_bit(backend, device, options):
+    """bf16 params with master_weights=True keep a 2-byte remainder, not a 4-byte fp32 copy, and lose nothing: over
+    the same grads their masters are an fp32 run's params bit for bit (the trajectory an fp32 master copy follows);
+    each param is its master rounded to nearest, ties away from zero: it differs from an fp32 copy's
+    round-to-nearest-even param only on exact ties, by one ulp."""
+    options = dict(options)
+    cls = getattr(fused_optim, options.pop("cls"))
+    init = [torch.randn(s).bfloat16() for s in SHAPES]
+    grads = [random_grads(SHAPES, torch.bfloat16, device) for _ in range(8)]
+    fp32_params = make_params([x.float() for x in init], torch.float32, device)
+    fp32_opt = cls(fp32_params, lr=1e-2, backend=backend, **options)
+    params = make_params(init, torch.bfloat16, device)
+    opt = cls(params, lr=1e-2, master_weights=True, backend=backend, **options)
+    for step_grads in grads:
+        set_grads([g.float() for g in step_grads], fp32_params)
+        set_grads(step_grads, params)
+        fp32_opt.step()
+        opt.step()
+    for p, expected in zip(params, fp32_params):
+        assert set(opt.state[p]) == set(fp32_opt.state[expected]) | {"master_remainder"}
+        assert opt.state[p]["master_remainder"].dtype == torch.int16
+        assert_identical(master_weight(opt, p), expected.detach())
+        assert_identical(p.detach(), round_like_master(expected.detach()))
+        nearest_even = expected.detach().bfloat16()
+        ties = p.detach() != nearest_even
+        one_ulp = torch.finfo(torch.bfloat16).eps * expected.detach()[ties].abs()
+        assert (p.detach()[ties].float() - nearest_even[ties].float()).abs().le(one_ulp).all()
+
+
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_master_weights_track_fp32(backend, device):
     start, final, master, reference = tiny_update_run(backend, device, "master")
     # the fp32 copy follows the exact result (200 fp32 roundings of values ~1.5 at most: 200 * 6e-8)
     assert (master - reference).abs().max() <= 1.2e-5
-    # and the bf16 param is that copy rounded to nearest: within half an ulp (2^-8) of the exact result
-    assert torch.equal(final, master.float().bfloat16().double())
+    # and the bf16 param is that master rounded to nearest (ties away from zero: its remainder's rounding), within
+    # half an ulp (2^-8) of the exact result
+    assert torch.equal(final, round_like_master(master.float()).double())
     assert (final - reference).abs().max() <= 2.0**-8 + 1.2e-5
 
 
@@ -649,24 +744,49 @@ ROUNDING_CASES = [  # fp32 values whose rounding to bf16 / fp16 is easy to get w
 ]
 
 
+def step_with_lr_0(backend, device, param, master) -> None:
+    """One adam_step_ of lr 0 over `param` with `master` as its master weight: the update writes the master's own
+    value back, so the param's rounding of chosen fp32 values can be read."""
+    zeros = torch.zeros(param.shape, device=device)
+    adam_step([param], [torch.randn(param.shape).to(device=device, dtype=param.dtype)], [zeros.clone()],
+              [zeros.clone()], [], [master], [torch.zeros((), device=device)], lr=0.0, beta1=0.9, beta2=0.999,
+              eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False, backend=backend)
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_low_precision_params_are_rounded_to_nearest_even(backend, device, dtype):
-    """The param receives its fp32 result rounded to nearest even, as torch's `.to(dtype)` rounds it. With lr = 0
-    and master weights, the result is the master copy itself, so its values can be chosen."""
+    """The param receives its fp32 result rounded to nearest even, as torch's `.to(dtype)` rounds it (an fp32
+    master copy holds the chosen values)."""
     values = torch.tensor(ROUNDING_CASES, dtype=torch.float32, device=device)
-    param = torch.nn.Parameter(torch.zeros(len(ROUNDING_CASES), dtype=dtype, device=device))
-    opt = fused_optim.Adam([param], lr=0.0, master_weights=True, backend=backend)
-    param.grad = torch.randn(param.shape).to(device=device, dtype=dtype)
-    opt.step()
-    opt.state[param]["master_param"].copy_(values)
-    opt.step()
+    param = torch.zeros(len(ROUNDING_CASES), dtype=dtype, device=device)
+    step_with_lr_0(backend, device, param, values.clone())
     expected = values.to(dtype)
     assert torch.equal(param.isnan(), expected.isnan())
-    bits, expected_bits = param.detach().view(torch.int16), expected.view(torch.int16)  # bit for bit
+    bits, expected_bits = param.view(torch.int16), expected.view(torch.int16)  # bit for bit
     mismatch = ~param.isnan() & (bits != expected_bits)
     assert not mismatch.any(), [(ROUNDING_CASES[i], param[i].item(), expected[i].item())
                                 for i in mismatch.nonzero().flatten().tolist()]
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_a_master_remainder_holds_its_fp32_value_exactly(backend, device):
+    """A bf16 param with an int16 master remainder: the kernel joins them into the fp32 master, and splits the
+    result into the master rounded to nearest with ties away from zero (one ulp up from ties to even on the ties
+    of ROUNDING_CASES) and the exact rest, bit for bit as fused_optim.master_remainder does."""
+    values = torch.tensor(ROUNDING_CASES, dtype=torch.float32, device=device)
+    param, remainder = split_master(torch.zeros_like(values))
+    param, remainder = param.clone(), remainder.clone()
+    start_param, start_remainder = split_master(values)
+    param.copy_(start_param)
+    remainder.copy_(start_remainder)
+    step_with_lr_0(backend, device, param, remainder)
+    joined = join_master(param, remainder)
+    finite = ~values.isnan()
+    assert torch.equal(joined[finite].view(torch.int32), values[finite].view(torch.int32))
+    assert joined[~finite].isnan().all() and param[~finite].isnan().all()
+    assert torch.equal(param[finite].view(torch.int16), round_like_master(values)[finite].view(torch.int16))
+    assert (param != values.bfloat16())[finite].sum() == 2  # the two bf16 ties, 1 + 2^-8 and its negative
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)

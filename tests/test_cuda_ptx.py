@@ -54,14 +54,23 @@ def cross_entropy_kernels_ptx(tmp_path_factory) -> dict[str, str]:
     return kernels_ptx("cross_entropy.cu", tmp_path_factory.mktemp("ptx"))
 
 
+# rounding.h's WriteBack, as nvcc mangles it (the template argument's value)
+NEAREST, MASTER, REMAINDER, STOCHASTIC = "0", "1", "2", "3"
+
+
 def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
-    assert len(adam_kernels_ptx) == 24  # param dtype x grad dtype x amsgrad x (plain, master, stochastic)
+    # param dtype x grad dtype x amsgrad x (nearest, master), and (stochastic, remainder) for the 2 bf16 pairs
+    assert len(adam_kernels_ptx) == 28
     for name, body in adam_kernels_ptx.items():
-        amsgrad, master = re.search(r"adam_kernelI.*?Lb([01])ELb([01])ELb[01]E", name).groups()
-        fp32_arrays = 2 + int(amsgrad) + int(master)  # exp_avg, exp_avg_sq, [max_exp_avg_sq], [master]
+        param_t, amsgrad, write = re.search(r"adam_kernelI(f|N3c108BFloat16E|N3c104HalfE).*?Lb([01])ELNS_9WriteBackE(\d)E",
+                                            name).groups()
+        fp32_arrays = 2 + int(amsgrad) + int(write == MASTER)  # exp_avg, exp_avg_sq, [max_exp_avg_sq], [master]
         # each fp32 array: two 16-byte loads and two 16-byte stores per 8 elements
         assert body.count("ld.global.v4.f32") >= 2 * fp32_arrays, name
         assert body.count("st.global.v4.f32") >= 2 * fp32_arrays, name
+        if write == REMAINDER:  # the bf16 param and its int16 remainder: one 16-byte load and store each
+            assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.[bu]32", body)) >= 2, name
+            assert len(re.findall(r"st\.global(?:\.\w+)*\.v4\.[bu]32", body)) >= 2, name
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
@@ -106,19 +115,22 @@ def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses(sgd_kernels_ptx
 
 def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses(tmp_path):
     kernels = {name: body for name, body in kernels_ptx("lion.cu", tmp_path).items() if "lion_kernel" in name}
-    assert len(kernels) == 12  # 5 (param, grad) dtype pairs x (plain, master), and stochastic for the 2 bf16 pairs
+    # 5 (param, grad) dtype pairs x (nearest, master), and (stochastic, remainder) for the 2 bf16 pairs
+    assert len(kernels) == 14
     for name, body in kernels.items():
-        # the mangled template arguments: param type, grad type ("f", or S<n>_: the param's again), master
-        param_t, grad_t, master = re.search(r"lion_kernelI(f|N3c108BFloat16E|N3c104HalfE)(f|S\d*_)Lb([01])E",
-                                            name).groups()
+        # the mangled template arguments: param type, grad type ("f", or S<n>_: the param's again), write-back
+        param_t, grad_t, write = re.search(
+            r"lion_kernelI(f|N3c108BFloat16E|N3c104HalfE)(f|S\d*_)LNS_9WriteBackE(\d)E", name).groups()
         grad_t = param_t if grad_t.startswith("S") else grad_t
         loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
         stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
-        # per 8 elements: an fp32 array (the moment, the master copy) takes two 16-byte accesses, a 16-bit one one
+        # per 8 elements: an fp32 array (the moment, the master copy) takes two 16-byte accesses, a 16-bit one (a
+        # bf16 param, its remainder) one
         width = {"f": 2}
-        param_loads = 2 if master == "1" else width.get(param_t, 1)  # the master copy is read instead of the param
-        expected_loads = param_loads + width.get(grad_t, 1) + 2
-        expected_stores = width.get(param_t, 1) + 2 + 2 * int(master)
+        master = {MASTER: 2, REMAINDER: 1}.get(write, 0)
+        param_loads = 2 if write == MASTER else width.get(param_t, 1)  # the master copy is read instead of the param
+        expected_loads = param_loads + width.get(grad_t, 1) + 2 + int(write == REMAINDER)
+        expected_stores = width.get(param_t, 1) + 2 + master
         assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 

@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import master_weight
 from spawn import GLOO_AVAILABLE, run_workers
 from token_batches import IGNORE, classifier, rank_micro_batches
 
@@ -150,7 +151,7 @@ def fsdp_optimizers(rank: int, world: int, names) -> dict:
 
 
 def fsdp_low_precision(rank: int, world: int) -> dict:
-    """bf16 params under FSDP2: fp32 master weights (a DTensor state) and stochastic rounding."""
+    """bf16 params under FSDP2: master weights (int16 remainders, a DTensor state) and stochastic rounding."""
     results = {}
     for mode in ("master_weights", "stochastic_rounding"):
         model = fsdp(make_model(torch.bfloat16))
@@ -158,7 +159,10 @@ def fsdp_low_precision(rank: int, world: int) -> dict:
         train(model, opt, dp_rank=rank, dp_size=world)
         results[mode] = {"params": full_params(model), "state_like_params": state_like_params(opt)}
         if mode == "master_weights":
-            results[mode]["masters"] = [full(opt.state[p]["master_param"]) for p in model.parameters()]
+            # each bf16 param's master: torch_state_dict() joins each shard with its int16 remainder shard (gloo
+            # and NCCL gather no int16)
+            masters = opt.torch_state_dict()["state"]
+            results[mode]["masters"] = [full(masters[i]["master_param"]) for i in range(len(masters))]
     return results
 
 
@@ -510,7 +514,7 @@ def test_master_weights_and_stochastic_rounding_on_bf16_shards(two):
     model = make_model(torch.bfloat16)
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, master_weights=True)
     train(model, opt)
-    masters = [opt.state[p]["master_param"] for p in model.parameters()]
+    masters = [master_weight(opt, p) for p in model.parameters()]
     for result in two:
         run = result["low_precision"]
         assert run["master_weights"]["state_like_params"] and run["stochastic_rounding"]["state_like_params"]

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICES, CPU_BACKENDS
+from conftest import BACKEND_DEVICES, CPU_BACKENDS, master_weight
 from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
                        snapshot, ulp, within_two_ulps)
 from test_sgd import split_options
@@ -23,6 +23,7 @@ from test_sgd import split_options
 import lion_pytorch
 
 import fused_optim
+from fused_optim.master_remainder import round_like_master
 from fused_optim.ops.lion import lion_step
 from fused_optim.reference import ReferenceLion
 
@@ -134,17 +135,17 @@ def test_the_backends_agree_bit_for_bit(dtype):
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_master_weights_step_the_fp32_trajectory(backend, device):
-    """bf16 params with master weights: the master copies follow an fp32 Lion's params bit for bit (same grads),
-    and each param is its master rounded to nearest."""
+    """bf16 params with master weights (an int16 remainder beside each): the masters follow an fp32 Lion's params
+    bit for bit (same grads), and each param is its master rounded to nearest, ties away from zero."""
     init = [torch.randn(s) for s in SHAPES]
     grads = [random_grads(SHAPES, torch.bfloat16, device) for _ in range(5)]
     fp32_params, _ = run(backend, device, torch.float32, [x.bfloat16().float() for x in init],
                          [[g.float() for g in step] for step in grads], weight_decay=0.1)
     params, opt = run(backend, device, torch.bfloat16, init, grads, weight_decay=0.1, master_weights=True)
     for p, expected in zip(params, fp32_params):
-        master = opt.state[p]["master_param"]
+        master = master_weight(opt, p)
         assert_identical(master, expected.detach())
-        assert_identical(p.detach(), master.bfloat16())
+        assert_identical(p.detach(), round_like_master(master))
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)

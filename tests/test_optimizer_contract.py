@@ -168,8 +168,9 @@ def test_deepcopy_and_pickle_keep_a_working_optimizer(spec, backend, device):
         clone.step()
         clone.load_state_dict(opt.state_dict())
         state = clone.state[clone_params[0]]
-        assert set(spec.fp32_state) <= set(state) and all(v.dtype == torch.float32 for v in state.values())
-        assert ("master_param" in state) == bool(spec.bf16_options.get("master_weights"))
+        assert set(spec.fp32_state) <= set(state)
+        assert all(v.dtype == (torch.int16 if key == "master_remainder" else torch.float32) for key, v in state.items())
+        assert ("master_remainder" in state) == bool(spec.bf16_options.get("master_weights"))  # a bf16 param's master
         assert state["step"].device == clone_params[0].device and state["step"].dtype == torch.float32
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fused_optim.triton.adam import _adam_kernel
+from fused_optim.triton.adam import NEAREST, REMAINDER, _adam_kernel
 from fused_optim.triton.accumulate import _accumulate_kernel
 from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel, _shard_grad_kernel, _shard_stats_kernel
 from fused_optim.triton.lion import _lion_kernel
@@ -41,10 +41,13 @@ SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
     "num_tensors": "i32",
 }
 results = {}
-for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+# rounded to nearest, and (bf16) through a master remainder: its int16 stream beside the param's
+WRITES = (("fp32", tl.float32, NEAREST.value), ("bf16", tl.bfloat16, NEAREST.value),
+          ("bf16-remainder", tl.bfloat16, REMAINDER.value))
+for name, dtype, write in WRITES:
     for aligned in (True, False):
         constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False,
-                          MASTER=False, STOCHASTIC=False, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False,
+                          WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False,
                           HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=8, BLOCK=1024)
         source = ASTSource(fn=_adam_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
@@ -79,10 +82,9 @@ LION_SIGNATURE = {"table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "gra
                   "found_inf_ptr": "*fp32", "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
                   "one_minus_beta2": "fp32", "weight_decay": "fp32", "seed": "i32", "first_tensor_index": "i32",
                   "num_tensors": "i32"}
-for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+for name, dtype, write in WRITES:
     for aligned in (True, False):
-        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MAXIMIZE=False, MASTER=False, STOCHASTIC=False,
-                          HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
+        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
                           SEARCH_STEPS=1, COLUMNS=6, BLOCK=1024)
         source = ASTSource(fn=_lion_kernel, signature={**LION_SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
@@ -149,8 +151,12 @@ def ptx_accesses() -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("kernel", ["", "sgd-", "lion-"], ids=["adam", "sgd", "lion"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+OPTIMIZER_KERNELS = [(kernel, dtype) for kernel in ("", "sgd-", "lion-") for dtype in ("fp32", "bf16", "bf16-remainder")
+                     if kernel != "sgd-" or dtype != "bf16-remainder"]  # SGD keeps no master weights
+OPTIMIZER_KERNEL_IDS = [f"{dtype}-{kernel.rstrip('-') or 'adam'}" for kernel, dtype in OPTIMIZER_KERNELS]
+
+
+@pytest.mark.parametrize("kernel, dtype", OPTIMIZER_KERNELS, ids=OPTIMIZER_KERNEL_IDS)
 def test_aligned_kernel_moves_16_bytes_per_access(ptx_accesses, dtype, kernel):
     accesses = ptx_accesses[f"{kernel}{dtype}-aligned"]
     assert accesses["target"] in ("sm_90", "sm_90a")  # Triton targets the arch-specific sm_90a
@@ -158,12 +164,11 @@ def test_aligned_kernel_moves_16_bytes_per_access(ptx_accesses, dtype, kernel):
     assert "st.global.v4.b32" in accesses["stores"], accesses
 
 
-@pytest.mark.parametrize("kernel", ["", "sgd-", "lion-"], ids=["adam", "sgd", "lion"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kernel, dtype", OPTIMIZER_KERNELS, ids=OPTIMIZER_KERNEL_IDS)
 def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype, kernel):
     accesses = ptx_accesses[f"{kernel}{dtype}-unaligned"]
     assert not [a for a in accesses["loads"] + accesses["stores"] if ".v2" in a or ".v4" in a], accesses
-    narrow = "ld.global.b16" if dtype == "bf16" else "ld.global.b32"
+    narrow = "ld.global.b16" if dtype.startswith("bf16") else "ld.global.b32"
     assert narrow in accesses["loads"], accesses
 
 

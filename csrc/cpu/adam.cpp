@@ -21,52 +21,40 @@ struct TensorPointers {
   float* exp_avg;
   float* exp_avg_sq;
   float* max_exp_avg_sq;
-  float* master;
+  void* master;  // float (a copy) or int16_t (a remainder): WriteBack
   uint32_t random_stream;
   AdamScalars scalars;
 };
 
-template <typename param_t, typename grad_t, bool kAmsgrad, bool kMaster, bool kStochastic>
+template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite>
 void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
   float* __restrict__ exp_avg = t.exp_avg;
   float* __restrict__ exp_avg_sq = t.exp_avg_sq;
   float* __restrict__ max_exp_avg_sq = t.max_exp_avg_sq;
-  float* __restrict__ master = t.master;
+  auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
   const AdamScalars s = t.scalars;
   float unused_max = 0.0f;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const float p = kMaster ? master[i] : load_float(param, i);
+    const float p = load_param<kWrite>(param, master, i);
     float& max_sq = kAmsgrad ? max_exp_avg_sq[i] : unused_max;
     const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), exp_avg[i], exp_avg_sq[i], max_sq, s);
-    write_param<param_t, kMaster, kStochastic>(param, master, i, updated, t.random_stream);
+    write_param<kWrite>(param, master, i, updated, t.random_stream);
   }
 }
 
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
 
-template <typename param_t, typename grad_t>
-ChunkFn pick_chunk_fn(bool amsgrad, bool master, bool stochastic) {
-  if (stochastic) {
-    if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
-      return amsgrad ? adam_chunk<param_t, grad_t, true, false, true> : adam_chunk<param_t, grad_t, false, false, true>;
-    } else {
-      // check_adam_args refused this call already
-      throw std::runtime_error("adam_step_: stochastic rounding is for bfloat16 params");
-    }
-  }
-  if (master) {
-    return amsgrad ? adam_chunk<param_t, grad_t, true, true, false> : adam_chunk<param_t, grad_t, false, true, false>;
-  }
-  return amsgrad ? adam_chunk<param_t, grad_t, true, false, false> : adam_chunk<param_t, grad_t, false, false, false>;
-}
-
-ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, bool amsgrad, bool master,
-                      bool stochastic) {
+ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, bool amsgrad, WriteBack write) {
   return dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
-    return pick_chunk_fn<decltype(param), decltype(grad)>(amsgrad, master, stochastic);
+    using param_t = decltype(param);
+    using grad_t = decltype(grad);
+    return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
+      constexpr WriteBack kWrite = decltype(kind)::value;
+      return amsgrad ? adam_chunk<param_t, grad_t, true, kWrite> : adam_chunk<param_t, grad_t, false, kWrite>;
+    });
   });
 }
 
@@ -79,6 +67,7 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
   const double lr_value = lr_tensor.has_value() ? cpu_scalar(*lr_tensor) : lr;
   const float scale = grad_scale.has_value() ? cpu_scalar(*grad_scale) : 1.0f;
   const bool master = !master_params.empty();
+  const WriteBack write = write_back_of(stochastic_rounding, master_params);
 
   std::vector<TensorPointers> tensors(params.size());
   std::vector<ChunkFn> chunk_fns(params.size());
@@ -90,11 +79,11 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
                                 data_as<float>(exp_avgs[i]),
                                 data_as<float>(exp_avg_sqs[i]),
                                 amsgrad ? data_as<float>(max_exp_avg_sqs[i]) : nullptr,
-                                master ? data_as<float>(master_params[i]) : nullptr,
+                                master ? master_params[i].mutable_data_ptr() : nullptr,
                                 stream_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(i),
                                            static_cast<uint32_t>(step)),
                                 adam_scalars(hyper, lr_value, step, scale)};
-    chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), amsgrad, master, stochastic_rounding);
+    chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), amsgrad, write);
     numels.push_back(params[i].numel());
   }
   parallel_for_chunks(split_into_chunks(numels), [&](const Chunk& chunk, int64_t) {

@@ -70,15 +70,31 @@ inline void store_float(T* __restrict__ data, int64_t i, float value) {
   }
 }
 
-// An optimizer's new value of param element i: into the fp32 master copy as well when one is kept (kMaster), and
-// into the param rounded to nearest, or stochastically for bf16 (kStochastic, with the tensor's random stream).
-template <typename param_t, bool kMaster, bool kStochastic>
-inline void write_param(param_t* __restrict__ param, float* __restrict__ master, int64_t i, float value,
-                        uint32_t random_stream) {
-  if constexpr (kMaster) master[i] = value;
-  if constexpr (kStochastic) {
-    reinterpret_cast<uint16_t*>(param)[i] = bf16_stochastic_bits(value, random_bits(random_stream, i));
+// The fp32 value the update starts from: the param's, or its master's.
+template <WriteBack kWrite, typename param_t>
+inline float load_param(const param_t* __restrict__ param, const master_t<kWrite>* __restrict__ master, int64_t i) {
+  if constexpr (kWrite == WriteBack::kMaster) {
+    return master[i];
+  } else if constexpr (kWrite == WriteBack::kRemainder) {
+    return join_bf16_master(reinterpret_cast<const uint16_t*>(param)[i], master[i]);
   } else {
+    return load_float(param, i);
+  }
+}
+
+// The update's result into param element i (and its master), by `kWrite` (stochastic rounding: element i of the
+// tensor's random stream).
+template <WriteBack kWrite, typename param_t>
+inline void write_param(param_t* __restrict__ param, master_t<kWrite>* __restrict__ master, int64_t i, float value,
+                        uint32_t random_stream) {
+  if constexpr (kWrite == WriteBack::kStochastic) {
+    reinterpret_cast<uint16_t*>(param)[i] = bf16_stochastic_bits(value, random_bits(random_stream, i));
+  } else if constexpr (kWrite == WriteBack::kRemainder) {
+    const uint16_t bits = bf16_master_bits(value);
+    reinterpret_cast<uint16_t*>(param)[i] = bits;
+    master[i] = bf16_master_remainder(value, bits);
+  } else {
+    if constexpr (kWrite == WriteBack::kMaster) master[i] = value;
     store_float(param, i, value);
   }
 }

@@ -1,6 +1,6 @@
 // CPU Lion: every tensor of a group cut into fixed-size chunks (chunks.h), OpenMP over the chunks, and a branch-free
 // inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/lion.h, the same
-// header the CUDA kernel includes; the param write-back (master copy, stochastic rounding) is adam.cpp's.
+// header the CUDA kernel includes; the param write-back (master copy or remainder, stochastic rounding) is float_io.h's.
 #include <vector>
 
 #include "ops/torch_api.h"
@@ -18,40 +18,27 @@ struct TensorPointers {
   void* param;
   const void* grad;
   float* exp_avg;
-  float* master;
+  void* master;  // float (a copy) or int16_t (a remainder): WriteBack
   uint32_t random_stream;
   LionScalars scalars;
 };
 
-template <typename param_t, typename grad_t, bool kMaster, bool kStochastic>
+template <typename param_t, typename grad_t, WriteBack kWrite>
 void lion_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
   float* __restrict__ exp_avg = t.exp_avg;
-  float* __restrict__ master = t.master;
+  auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
   const LionScalars s = t.scalars;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const float p = kMaster ? master[i] : load_float(param, i);
+    const float p = load_param<kWrite>(param, master, i);
     const float updated = lion_update(p, load_float(grad, i), exp_avg[i], s);
-    write_param<param_t, kMaster, kStochastic>(param, master, i, updated, t.random_stream);
+    write_param<kWrite>(param, master, i, updated, t.random_stream);
   }
 }
 
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
-
-template <typename param_t, typename grad_t>
-ChunkFn pick_chunk_fn(bool master, bool stochastic) {
-  if (stochastic) {
-    if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
-      return lion_chunk<param_t, grad_t, false, true>;
-    } else {
-      // check_lion_args refused this call already
-      throw std::runtime_error("lion_step_: stochastic rounding is for bfloat16 params");
-    }
-  }
-  return master ? lion_chunk<param_t, grad_t, true, false> : lion_chunk<param_t, grad_t, false, false>;
-}
 
 }  // namespace
 
@@ -62,6 +49,7 @@ void lion_step_cpu(FUSED_OPTIM_LION_ARGS) {
   const float scale = grad_scale.has_value() ? cpu_scalar(*grad_scale) : 1.0f;
   const LionScalars scalars = lion_scalars(beta1, beta2, weight_decay, maximize, lr_value, scale);
   const bool master = !master_params.empty();
+  const WriteBack write = write_back_of(stochastic_rounding, master_params);
 
   std::vector<TensorPointers> tensors(params.size());
   std::vector<ChunkFn> chunk_fns(params.size());
@@ -69,14 +57,16 @@ void lion_step_cpu(FUSED_OPTIM_LION_ARGS) {
   for (size_t i = 0; i < params.size(); ++i) {
     const float step = cpu_scalar(steps[i]) + 1.0f;
     tensors[i] = TensorPointers{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
-                                data_as<float>(exp_avgs[i]), master ? data_as<float>(master_params[i]) : nullptr,
+                                data_as<float>(exp_avgs[i]), master ? master_params[i].mutable_data_ptr() : nullptr,
                                 stream_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(i),
                                            static_cast<uint32_t>(step)),
                                 scalars};
     chunk_fns[i] = dispatch_param_grad_types(params[i].scalar_type(), matched_grads[i].scalar_type(),
                                              [&](auto param, auto grad) {
-                                               return pick_chunk_fn<decltype(param), decltype(grad)>(
-                                                   master, stochastic_rounding);
+                                               using param_t = decltype(param);
+                                               return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
+                                                 return lion_chunk<param_t, decltype(grad), decltype(kind)::value>;
+                                               });
                                              });
     numels.push_back(params[i].numel());
   }

@@ -15,6 +15,7 @@
 #include "ops/adam.h"
 #include "ops/dispatch.h"
 #include "fused_optim/rounding.h"
+#include "multi_tensor.cuh"
 
 namespace fused_optim {
 namespace {
@@ -22,7 +23,7 @@ namespace {
 // Measured on an H100 (337 M params, % of copy bandwidth, fp32 / bf16+master / bf16): 256 threads x 32 K elements
 // 94/93/95, 256 x 8 K 96/95/97, 128 x 4 K 96/93/96, 512 x 64 K 94/93/95, 512 x 16 K 97/96/97 (chosen).
 constexpr int kThreads = 512;
-constexpr int kVec = 8;                 // elements per thread per iteration: one 16 B load of bf16, two of fp32
+using multi_tensor::kVec;  // elements per thread per iteration: one 16 B load of bf16, two of fp32
 constexpr int64_t kChunk = 16 * 1024;   // elements per block: 4 iterations of 512 threads x 8
 constexpr int kMaxTensors = 320;        // 320 x 68 B of table: well inside the 32 KB parameter limit
 
@@ -32,7 +33,7 @@ struct TensorArgs {
   float* exp_avg;
   float* exp_avg_sq;
   float* max_exp_avg_sq;
-  float* master;
+  void* master;  // float (a copy) or int16_t (a remainder): WriteBack
   float* step;
   int64_t numel;
 };
@@ -44,52 +45,11 @@ struct LaunchTable {
   int32_t first_tensor_index;  // index in the group of tensors[0]: keys the stochastic-rounding stream
 };
 
-// 16-byte loads and stores of kVec elements. The fp32 stores are written in PTX: in the bf16/fp16 kernels nvcc
-// sank the float4 stores below a branch join and split them into 4-byte ones (seen in the PTX, CUDA 13.0).
-__device__ __forceinline__ void load_vec(const float* ptr, float (&out)[kVec]) {
-#pragma unroll
-  for (int k = 0; k < kVec / 4; ++k) {
-    const float4 v = reinterpret_cast<const float4*>(ptr)[k];
-    out[4 * k] = v.x, out[4 * k + 1] = v.y, out[4 * k + 2] = v.z, out[4 * k + 3] = v.w;
-  }
-}
+using multi_tensor::aligned16;
+using multi_tensor::load_vec;
+using multi_tensor::store_vec;
 
-__device__ __forceinline__ void store_vec(float* ptr, const float (&in)[kVec]) {
-#pragma unroll
-  for (int k = 0; k < kVec / 4; ++k) {
-    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(ptr + 4 * k), "f"(in[4 * k]), "f"(in[4 * k + 1]),
-                 "f"(in[4 * k + 2]), "f"(in[4 * k + 3])
-                 : "memory");
-  }
-}
-
-// bf16 and fp16: the 8 elements are the 16-bit halves of one uint4.
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[kVec]) {
-  static_assert(sizeof(T) == 2 && kVec == 8, "one 16-byte load of eight 16-bit elements");
-  const uint4 v = *reinterpret_cast<const uint4*>(ptr);
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    out[2 * k] = static_cast<float>(T(static_cast<uint16_t>(words[k] & 0xFFFFu), T::from_bits()));
-    out[2 * k + 1] = static_cast<float>(T(static_cast<uint16_t>(words[k] >> 16), T::from_bits()));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_vec(T* ptr, const T (&in)[kVec]) {
-  static_assert(sizeof(T) == 2 && kVec == 8, "one 16-byte store of eight 16-bit elements");
-  uint32_t words[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) words[k] = static_cast<uint32_t>(in[2 * k].x) | (static_cast<uint32_t>(in[2 * k + 1].x) << 16);
-  *reinterpret_cast<uint4*>(ptr) = make_uint4(words[0], words[1], words[2], words[3]);
-}
-
-__device__ __forceinline__ bool aligned16(const void* ptr) {
-  return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
-}
-
-template <typename param_t, typename grad_t, bool kAmsgrad, bool kMaster, bool kStochastic>
+template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(const __grid_constant__ LaunchTable table, const AdamHyper hyper, const double lr,
                 const float* __restrict__ lr_tensor, const float* __restrict__ grad_scale,
@@ -120,41 +80,36 @@ __global__ void __launch_bounds__(kThreads)
 
   auto* param = static_cast<param_t*>(t.param);
   const auto* grad = static_cast<const grad_t*>(t.grad);
+  auto* master = static_cast<master_t<kWrite>*>(t.master);
   float unused_max = 0.0f;
 
   auto scalar_update = [&](int64_t i) {
-    const float p = kMaster ? t.master[i] : static_cast<float>(param[i]);
+    const float p = multi_tensor::load_param_at<kWrite>(param, master, i);
     float& max_sq = kAmsgrad ? t.max_exp_avg_sq[i] : unused_max;
     const float updated =
         adam_update<kAmsgrad>(p, static_cast<float>(grad[i]), t.exp_avg[i], t.exp_avg_sq[i], max_sq, s);
-    if (kMaster) t.master[i] = updated;
-    param[i] = to_param<param_t, kStochastic>(updated, stream, i);
+    multi_tensor::store_param_at<kWrite>(param, master, i, updated, stream);
   };
 
   const bool vectorizable = aligned16(param) && aligned16(grad) && aligned16(t.exp_avg) && aligned16(t.exp_avg_sq) &&
-                            (!kAmsgrad || aligned16(t.max_exp_avg_sq)) && (!kMaster || aligned16(t.master));
+                            (!kAmsgrad || aligned16(t.max_exp_avg_sq)) && (master == nullptr || aligned16(master));
   int64_t scalar_begin = begin;
   if (vectorizable) {
     const int64_t vec_end = begin + (end - begin) / kVec * kVec;
     for (int64_t i = begin + threadIdx.x * kVec; i < vec_end; i += kThreads * kVec) {
       float p[kVec], g[kVec], m[kVec], v[kVec], vmax[kVec];
       // Issue every load before the first use: five independent 16-byte streams in flight per thread.
-      if (kMaster) load_vec(t.master + i, p); else load_vec(param + i, p);
+      multi_tensor::load_param_vec<kWrite>(param, master, i, p);
       load_vec(grad + i, g);
       load_vec(t.exp_avg + i, m);
       load_vec(t.exp_avg_sq + i, v);
       if (kAmsgrad) load_vec(t.max_exp_avg_sq + i, vmax);
-      param_t out[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        p[k] = adam_update<kAmsgrad>(p[k], g[k], m[k], v[k], vmax[k], s);
-        out[k] = to_param<param_t, kStochastic>(p[k], stream, i + k);
-      }
+      for (int k = 0; k < kVec; ++k) p[k] = adam_update<kAmsgrad>(p[k], g[k], m[k], v[k], vmax[k], s);
       store_vec(t.exp_avg + i, m);
       store_vec(t.exp_avg_sq + i, v);
       if (kAmsgrad) store_vec(t.max_exp_avg_sq + i, vmax);
-      if (kMaster) store_vec(t.master + i, p);
-      store_vec(param + i, out);
+      multi_tensor::store_param_vec<kWrite>(param, master, i, p, stream);
     }
     scalar_begin = vec_end;
   }
@@ -179,40 +134,25 @@ struct LaunchArgs {
   cudaStream_t stream;
 };
 
-template <typename param_t, typename grad_t, bool kAmsgrad, bool kMaster, bool kStochastic>
+template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite>
 void launch_kernel(const LaunchTable& table, const LaunchArgs& a) {
   const int blocks = table.first_chunk[table.num_tensors];
   if (blocks == 0) return;
-  adam_kernel<param_t, grad_t, kAmsgrad, kMaster, kStochastic>
+  adam_kernel<param_t, grad_t, kAmsgrad, kWrite>
       <<<blocks, kThreads, 0, a.stream>>>(table, a.hyper, a.lr, a.lr_tensor, a.grad_scale, a.found_inf, a.seed);
   check_launch();
 }
 
-template <typename param_t, typename grad_t>
-void launch_variant(bool amsgrad, bool master, bool stochastic, const LaunchTable& table, const LaunchArgs& a) {
-  if (stochastic) {
-    if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
-      amsgrad ? launch_kernel<param_t, grad_t, true, false, true>(table, a)
-              : launch_kernel<param_t, grad_t, false, false, true>(table, a);
-      return;
-    } else {
-      // check_adam_args refused this call already
-      throw std::runtime_error("adam_step_: stochastic rounding is for bfloat16 params");
-    }
-  }
-  if (master) {
-    amsgrad ? launch_kernel<param_t, grad_t, true, true, false>(table, a)
-            : launch_kernel<param_t, grad_t, false, true, false>(table, a);
-  } else {
-    amsgrad ? launch_kernel<param_t, grad_t, true, false, false>(table, a)
-            : launch_kernel<param_t, grad_t, false, false, false>(table, a);
-  }
-}
-
-void launch_dtypes(ScalarType param_dtype, ScalarType grad_dtype, bool amsgrad, bool master, bool stochastic,
+void launch_dtypes(ScalarType param_dtype, ScalarType grad_dtype, bool amsgrad, WriteBack write,
                    const LaunchTable& table, const LaunchArgs& a) {
   dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
-    launch_variant<decltype(param), decltype(grad)>(amsgrad, master, stochastic, table, a);
+    using param_t = decltype(param);
+    using grad_t = decltype(grad);
+    dispatch_write_back<param_t>(write, [&](auto kind) {
+      constexpr WriteBack kWrite = decltype(kind)::value;
+      amsgrad ? launch_kernel<param_t, grad_t, true, kWrite>(table, a)
+              : launch_kernel<param_t, grad_t, false, kWrite>(table, a);
+    });
   });
 }
 
@@ -223,6 +163,7 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
   if (params.empty()) return;
   const torch::stable::accelerator::DeviceGuard device_guard(params[0].get_device_index());
   const bool master = !master_params.empty();
+  const WriteBack write = write_back_of(stochastic_rounding, master_params);
   const LaunchArgs args{AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
                         lr,
                         optional_ptr(lr_tensor),
@@ -238,7 +179,7 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
   table.first_chunk[0] = 0;
   auto flush = [&](ScalarType param_dtype, ScalarType grad_dtype) {
     if (table.num_tensors == 0) return;
-    launch_dtypes(param_dtype, grad_dtype, amsgrad, master, stochastic_rounding, table, args);
+    launch_dtypes(param_dtype, grad_dtype, amsgrad, write, table, args);
     increment_steps<<<(table.num_tensors + kThreads - 1) / kThreads, kThreads, 0, args.stream>>>(table, args.found_inf);
     check_launch();
     table.first_tensor_index += table.num_tensors;
@@ -256,7 +197,7 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
                                   data_as<float>(exp_avgs[i]),
                                   data_as<float>(exp_avg_sqs[i]),
                                   amsgrad ? data_as<float>(max_exp_avg_sqs[i]) : nullptr,
-                                  master ? data_as<float>(master_params[i]) : nullptr,
+                                  master ? master_params[i].mutable_data_ptr() : nullptr,
                                   data_as<float>(steps[i]),
                                   numel};
     const int64_t chunks = (numel + kChunk - 1) / kChunk;

@@ -34,7 +34,8 @@
 // sums; every thread then moves kVec = 8 elements per iteration: one 16-byte access of bf16/fp16, two of fp32.
 // Offsets are int64 (a tensor may hold more than 2^31 elements); the grid holds fewer than 2^31 blocks.
 //
-// csrc/cuda/adam.cu predates this header and keeps its own copy of the same scheme (validated on an H100).
+// csrc/cuda/adam.cu predates the table and block search here and keeps its own (validated on an H100); it shares
+// the vector loads and stores and the param write-back.
 #pragma once
 
 #include <cstdint>
@@ -160,6 +161,73 @@ __device__ __forceinline__ void store_vec(T* ptr, const T (&in)[kVec]) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) words[k] = static_cast<uint32_t>(in[2 * k].x) | (static_cast<uint32_t>(in[2 * k + 1].x) << 16);
   *reinterpret_cast<uint4*>(ptr) = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// An optimizer's param values as fp32, by write-back (rounding.h): the param's, its fp32 master copy's, or the bf16
+// param joined with its int16 remainder (two 16-byte loads of eight 16-bit halves). Vectors of kVec at i, and one
+// element at i.
+template <WriteBack kWrite, typename param_t>
+__device__ __forceinline__ void load_param_vec(const param_t* param, const master_t<kWrite>* master, int64_t i,
+                                               float (&out)[kVec]) {
+  if constexpr (kWrite == WriteBack::kMaster) {
+    load_vec(master + i, out);
+  } else if constexpr (kWrite == WriteBack::kRemainder) {
+    const uint4 bits = *reinterpret_cast<const uint4*>(param + i);
+    const uint4 rest = *reinterpret_cast<const uint4*>(master + i);
+    const uint32_t b[4] = {bits.x, bits.y, bits.z, bits.w}, r[4] = {rest.x, rest.y, rest.z, rest.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      out[2 * k] = join_bf16_master(static_cast<uint16_t>(b[k]), static_cast<int16_t>(r[k] & 0xFFFFu));
+      out[2 * k + 1] = join_bf16_master(static_cast<uint16_t>(b[k] >> 16), static_cast<int16_t>(r[k] >> 16));
+    }
+  } else {
+    load_vec(param + i, out);
+  }
+}
+
+template <WriteBack kWrite, typename param_t>
+__device__ __forceinline__ float load_param_at(const param_t* param, const master_t<kWrite>* master, int64_t i) {
+  if constexpr (kWrite == WriteBack::kMaster) return master[i];
+  if constexpr (kWrite == WriteBack::kRemainder) return join_bf16_master(param[i].x, master[i]);
+  return static_cast<float>(param[i]);
+}
+
+// The update's fp32 results into the param (and its master) by write-back; stochastic rounding draws element
+// i + k of the tensor's random stream.
+template <WriteBack kWrite, typename param_t>
+__device__ __forceinline__ void store_param_vec(param_t* param, master_t<kWrite>* master, int64_t i,
+                                                const float (&value)[kVec], uint32_t stream) {
+  if constexpr (kWrite == WriteBack::kRemainder) {
+    uint32_t b[4], r[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint16_t low = bf16_master_bits(value[2 * k]), high = bf16_master_bits(value[2 * k + 1]);
+      b[k] = low | (static_cast<uint32_t>(high) << 16);
+      r[k] = static_cast<uint16_t>(bf16_master_remainder(value[2 * k], low)) |
+             (static_cast<uint32_t>(static_cast<uint16_t>(bf16_master_remainder(value[2 * k + 1], high))) << 16);
+    }
+    *reinterpret_cast<uint4*>(param + i) = make_uint4(b[0], b[1], b[2], b[3]);
+    *reinterpret_cast<uint4*>(master + i) = make_uint4(r[0], r[1], r[2], r[3]);
+  } else {
+    if constexpr (kWrite == WriteBack::kMaster) store_vec(master + i, value);
+    param_t out[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = to_param<param_t, kWrite == WriteBack::kStochastic>(value[k], stream, i + k);
+    store_vec(param + i, out);
+  }
+}
+
+template <WriteBack kWrite, typename param_t>
+__device__ __forceinline__ void store_param_at(param_t* param, master_t<kWrite>* master, int64_t i, float value,
+                                               uint32_t stream) {
+  if constexpr (kWrite == WriteBack::kRemainder) {
+    const uint16_t bits = bf16_master_bits(value);
+    param[i] = param_t(bits, param_t::from_bits());
+    master[i] = bf16_master_remainder(value, bits);
+  } else {
+    if constexpr (kWrite == WriteBack::kMaster) master[i] = value;
+    param[i] = to_param<param_t, kWrite == WriteBack::kStochastic>(value, stream, i);
+  }
 }
 
 #endif  // __CUDACC__

@@ -61,6 +61,16 @@ def to_local(op: str, *lists: Sequence[Tensor]) -> list[list[Tensor]]:
     return [[t._local_tensor for t in tensors] for tensors in lists]
 
 
+def on_local_shards(fn: Callable[..., Tensor], like: Tensor, *others: Tensor) -> Tensor:
+    """fn(like, *others) elementwise over plain tensors; over DTensors of one layout, fn of their local shards,
+    returned as a DTensor laid out as `like` (no communication)."""
+    if not is_dtensor(like):
+        return fn(like, *others)
+    local = fn(like.to_local(), *(t.to_local() for t in others))
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
 def rank_seed(seed: int, tensors: Sequence[Tensor]) -> int:
     """A stochastic-rounding seed of this rank's own for DTensor shards: the kernels draw by position in the local
     tensor, so without it every rank would round its shard with the same random numbers."""

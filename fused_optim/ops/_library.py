@@ -118,11 +118,12 @@ def step_scalars(device: torch.device, lr, grad_scale, found_inf):
 
 
 def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_rounding: bool, scalars, dtypes,
-                     sparse_message: str) -> list[torch.Tensor]:
+                     sparse_message: str, master_params=()) -> list[torch.Tensor]:
     """What the Python twins of the optimizer ops check alike (csrc/ops/optimizer_checks.h), for non-empty lists of
     equal length: params of `dtypes`, dense, on one device; grads of their param's shape, dense (else
     `sparse_message`), of its dtype or fp32; each of `state_lists` in its param's shape and strides, fp32 (fp64 for
-    fp64 params); one-element fp32 step counts and `scalars`. Returns the grads in their params' memory layout.
+    fp64 params); `master_params` (if any) the same, or all int16 remainders of bf16 params (rounding.h);
+    one-element fp32 step counts and `scalars`. Returns the grads in their params' memory layout.
     Whole-list comparisons rather than a loop over tensors: a step of a thousand tensors pays this every time."""
     if not params:
         return []
@@ -136,6 +137,13 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
         raise RuntimeError(f"{op}: stochastic rounding is for bfloat16 params")
     if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
         raise RuntimeError(f"{op}: a grad must have its param's dtype or float32")
+    remainders = bool(master_params) and master_params[0].dtype == torch.int16
+    if remainders:
+        if any(m.dtype != torch.int16 for m in master_params):
+            raise RuntimeError(f"{op}: master params must be all float32 copies or all int16 remainders, not a mix")
+        if set(param_dtypes) != {torch.bfloat16}:
+            raise RuntimeError(f"{op}: an int16 master remainder is for a bfloat16 param")
+    state_lists = [*state_lists, master_params] if master_params else state_lists
     devices = {t.device for tensors in [params, grads, steps, *state_lists] for t in tensors}
     if len(devices) != 1:
         raise RuntimeError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -151,9 +159,10 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
                            "params' device")
     state_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
     for tensors in state_lists:
+        expected_dtypes = [torch.int16] * len(params) if remainders and tensors is master_params else state_dtypes
         if [t.shape for t in tensors] != shapes or [t.stride() for t in tensors] != strides or [
             t.dtype for t in tensors
-        ] != state_dtypes:
+        ] != expected_dtypes:
             raise RuntimeError(f"{op}: state tensors must have their param's shape and strides, float32 (float64 "
                                "for float64 params)")
     matched_grads = list(grads)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from fused_optim.master_remainder import join_master, store_split
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, real_views, resolve_op, split_wide,
                                       step_scalars)
@@ -41,9 +42,10 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
         raise RuntimeError("adam_step: amsgrad needs one max_exp_avg_sq per param")
     if master_params and len(master_params) != n:
         raise RuntimeError("adam_step: one master param per param, or none")
-    state_lists = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + ([master_params] if master_params else [])
+    state_lists = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     return check_step_lists("adam_step", params, grads, steps, state_lists, stochastic_rounding, scalars, dtypes,
-                            "Adam does not support sparse gradients, please consider SparseAdam instead")
+                            "Adam does not support sparse gradients, please consider SparseAdam instead",
+                            master_params)
 
 
 def _adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
@@ -80,7 +82,10 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
 
         group_params, group_steps = pick(params), pick(steps)
         low_precision = group_params[0].dtype in (torch.bfloat16, torch.float16)
-        if master_params:
+        remainders = pick(master_params) if master_params and master_params[0].dtype == torch.int16 else []
+        if remainders:  # bf16 params with their masters' remainders: the fp32 masters, joined
+            fp32_params = [join_master(p, r) for p, r in zip(group_params, remainders)]
+        elif master_params:
             fp32_params = pick(master_params)
         elif low_precision:
             fp32_params = [p.float() for p in group_params]
@@ -94,7 +99,9 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
               group_steps, lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2,
               weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
               found_inf=found_inf)
-        if low_precision:
+        if remainders:
+            store_split(group_params, remainders, fp32_params, None if found_inf is None else found_inf != 0)
+        elif low_precision:
             if stochastic_rounding:
                 rounded = [bf16_stochastic_round(p32, seed, i, steps[i]) for i, p32 in zip(indices, fp32_params)]
             else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fused_optim.master_remainder import join_master, store_split
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip, real_views,
                                       resolve_op, split_wide, step_scalars)
@@ -40,9 +41,8 @@ def check_lion_args(params, grads, exp_avgs, master_params, steps, stochastic_ro
         raise RuntimeError("lion_step: one master param per param, or none")
     if stochastic_rounding and master_params:
         raise RuntimeError("lion_step: stochastic_rounding and master params are alternatives; pass one")
-    state_lists = [exp_avgs] + ([master_params] if master_params else [])
-    return check_step_lists("lion_step", params, grads, steps, state_lists, stochastic_rounding, scalars, dtypes,
-                            SPARSE_MESSAGE)
+    return check_step_lists("lion_step", params, grads, steps, [exp_avgs], stochastic_rounding, scalars, dtypes,
+                            SPARSE_MESSAGE, master_params)
 
 
 def _lion_step_triton(params, grads, exp_avgs, master_params, steps, lr, lr_tensor, beta1, beta2, weight_decay,
@@ -70,13 +70,22 @@ def _lion_step_torch(params, grads, exp_avgs, master_params, steps, lr, lr_tenso
     lr_value = lr_tensor.double() if lr_tensor is not None else lr
     param_decay = 1 - lr_value * weight_decay
     torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
+    remainders = master_params if master_params and master_params[0].dtype == torch.int16 else []
     for i, param in enumerate(params):
-        p = master_params[i] if master_params else param.to(torch.promote_types(param.dtype, torch.float32))
+        if remainders:  # a bf16 param with its master's remainder: the fp32 master, joined
+            p = join_master(param, remainders[i])
+        elif master_params:
+            p = master_params[i]
+        else:
+            p = param.to(torch.promote_types(param.dtype, torch.float32))
         g = grads[i].to(p.dtype) * grad_multiplier
         m = exp_avgs[i]
         updated = p * param_decay - lr_value * torch.sign(beta1 * m + (1 - beta1) * g)
         updated_m = beta2 * m + (1 - beta2) * g
         m.copy_(updated_m if skip is None else torch.where(skip, m, updated_m))
+        if remainders:
+            store_split([param], [remainders[i]], [updated], skip)
+            continue
         if master_params:
             p.copy_(updated if skip is None else torch.where(skip, p, updated))
         if stochastic_rounding:

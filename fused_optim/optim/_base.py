@@ -14,8 +14,10 @@ from torch.optim.optimizer import Optimizer, ParamsT, _device_dtype_check_for_fu
 
 from fused_optim import _backend
 from fused_optim.accumulate import accumulator_of
-from fused_optim.ops._dtensor import is_dtensor, layout
+from fused_optim.master_remainder import join_master, split_master
+from fused_optim.ops._dtensor import is_dtensor, layout, on_local_shards
 from fused_optim.optim._guard import StepGuard, grad_of
+from fused_optim.optim._plan import Plan
 
 
 # Params the kernels step in fp32 with fp32 state; others keep state of their own dtype, as torch's optimizers do
@@ -28,6 +30,21 @@ def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     """The dtype of a param's optimizer state: fp32 for fp32, bf16 and fp16 params (ours), the param's own for
     float64 and complex params and for every param of a differentiable group (torch's)."""
     return torch.float32 if p.dtype in (torch.float32, *LOW_PRECISION) and not group.get("differentiable") else p.dtype
+
+
+def init_master(p: Tensor, state: dict[str, Tensor]) -> None:
+    """A low-precision param's master weight (master_weights=True), equal to the param at first: a bf16 param's as
+    an int16 remainder beside it (`master_remainder`, 2 bytes: fused_optim/master_remainder.py), an fp16 param's as
+    an fp32 copy (`master_param`: an fp16 param and 16 more bits cannot hold every fp32 value)."""
+    if p.dtype == torch.bfloat16:
+        state["master_remainder"] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
+    else:
+        state["master_param"] = p.detach().float()
+
+
+def master_of(state: dict[str, Tensor], kind: str) -> Tensor | None:
+    """A param's entry in its op call's master list: its remainder, its fp32 copy, or None (no master)."""
+    return {"remainder": state.get("master_remainder"), "master": state.get("master_param")}.get(kind)
 
 
 def check_torch_flags(params: list[Tensor], group: dict[str, Any]) -> None:
@@ -171,7 +188,60 @@ class FusedOptimizer(Optimizer):
 
     def _gather(self, group: dict[str, Any], grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
         """The group's params that have a grad (`grads`: each param's, or None), their grads and state, as the lists
-        the update op takes ([params, grads, ...]), by kind of update (one op call each)."""
+        the update op takes ([params, grads, *state lists]), by kind of update (one op call each): "torch" (a
+        differentiable group), "remainder" (a bf16 param's master remainder), "master" (an fp32 master copy),
+        "stochastic" (bf16 stochastic rounding) or "plain".
+
+        Host time matters at a thousand tensors a step, so the lists are kept between steps (optim/_plan.py) and
+        only the grads are read again. Everything that can be wrong with a first step is checked before any state
+        is created, as torch does; the op checks the grads themselves (shape, dtype, layout) before writing."""
+        has_grad = [grad is not None for grad in grads]
+        options = self._plan_options(group)
+        plan = self._plans.get(id(group))
+        if plan is not None and plan.fits(group, self.state, has_grad, options):
+            return plan.with_grads(grads)
+        with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
+                      if grad is not None]
+        self._check_first_step(group, [(p, grad) for _, p, grad in with_grads])
+        for _, p, _ in with_grads:
+            _backend.resolve(self.backend, p.device.type)
+        plan = Plan(group, self.state, has_grad, options)
+        for index, p, _ in with_grads:
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, state, group)
+            if group["differentiable"]:
+                kind = "torch"
+            elif "master_remainder" in state:
+                kind = "remainder"
+            elif "master_param" in state:
+                kind = "master"
+            elif group["stochastic_rounding"] and p.dtype == torch.bfloat16:
+                kind = "stochastic"
+            else:
+                kind = "plain"
+            plan.add(kind, index, p, self._state_tensors(group, state, kind))
+        self._keep_plan(plan)
+        return plan.with_grads(grads)
+
+    def _keep_plan(self, plan: Plan) -> None:
+        plan.state_size = len(self.state)  # the state the plan created counts as known
+        self._plans[id(plan.group)] = plan
+
+    def _plan_options(self, group: dict[str, Any]) -> tuple:
+        """The group's options that decide its op calls: a plan made under others is made again."""
+        return group["master_weights"], group["stochastic_rounding"], group["differentiable"]
+
+    def _check_first_step(self, group: dict[str, Any], params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
+        """What `_gather` refuses before creating any state (sparse grads, param dtypes), in the optimizer's words."""
+        raise NotImplementedError
+
+    def _init_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        """A param's state before its first step."""
+        raise NotImplementedError
+
+    def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
+        """A param's entry in each state list of its op call (None where that list stays empty)."""
         raise NotImplementedError
 
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
@@ -200,6 +270,21 @@ class FusedOptimizer(Optimizer):
                     f"(and a plain param's grad a plain tensor); got {_describe_layout(grad)} for a param with "
                     f"{_describe_layout(p)}"
                 )
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """The state_dict in the form torch's own optimizer (and an fp32-master trainer) reads: each bf16 param's
+        master remainder joined with the param into its fp32 master, `master_param`; the rest as `state_dict()`
+        gives it (fp32 moments, step counts). `state_dict()` itself saves the remainders as they are (2 bytes a
+        param); `load_state_dict` takes either form back exactly."""
+        state_dict = self.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]  # torch numbers them in this order
+        for index, state in state_dict["state"].items():
+            if "master_remainder" in state:
+                state = dict(state)  # the state_dict's entries are the optimizer's own dicts' tensors: copy the dict
+                state["master_param"] = on_local_shards(join_master, params[index].detach(),
+                                                        state.pop("master_remainder"))
+                state_dict["state"][index] = state
+        return state_dict
 
     @property
     def skipped_steps(self) -> Tensor:
@@ -262,7 +347,8 @@ def _supports_amp_scaling(defaults: dict[str, Any]) -> bool:
 def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_keys: tuple[str, ...]) -> None:
     """Everything load_state_dict will use from `state_dict`, checked before anything is loaded (ValueError or
     TypeError, and nothing changes): torch's own group checks, in its words, then each param's saved state: a dict
-    whose `tensor_keys` entries are tensors of the param's shape and whose `step` is a number or a 1-element tensor."""
+    whose `tensor_keys` entries (and master weights) are tensors of the param's shape, whose master remainder is
+    int16 beside a bf16 param, and whose `step` is a number or a 1-element tensor."""
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("loaded state dict must be a dict with 'state' and 'param_groups'")
     groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
@@ -275,7 +361,7 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
             saved = state_dict["state"].get(param_id, {})
             if not isinstance(saved, dict):
                 raise TypeError(f"loaded state dict's state of param {param_id} is a {type(saved).__name__}, not a dict")
-            for key in tensor_keys:
+            for key in (*tensor_keys, "master_param", "master_remainder"):
                 value = saved.get(key)
                 if value is None:
                     continue
@@ -285,6 +371,10 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
                 if value.shape != p.shape:
                     raise ValueError(f"loaded state dict's {key!r} of param {param_id} has shape "
                                      f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
+            remainder = saved.get("master_remainder")
+            if remainder is not None and (remainder.dtype != torch.int16 or p.dtype != torch.bfloat16):
+                raise TypeError(f"loaded state dict's 'master_remainder' of param {param_id} is {remainder.dtype} for "
+                                f"a {p.dtype} param; a master remainder is int16, beside a bfloat16 param")
             step = saved.get("step")
             if step is not None and not (isinstance(step, (int, float)) or (isinstance(step, Tensor)
                                                                            and step.numel() == 1)):
@@ -295,8 +385,8 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
 def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: tuple[str, ...]) -> None:
     """After torch's load_state_dict: torch's loader casts every floating state tensor to its param's dtype and
     leaves `step` on the CPU; ours is fp32 (state_dtype) on the param's device. Re-take the saved values of
-    `moment_keys` and `master_param` so a bf16 param's fp32 state survives a round trip, and give every param a
-    float32 `step` on its device (0 where the saved state has none)."""
+    `moment_keys` so a bf16 param's fp32 state survives a round trip, restore each master weight
+    (_restore_master), and give every param a float32 `step` on its device (0 where the saved state has none)."""
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         for p, param_id in zip(group["params"], saved_group["params"]):
             state = optimizer.state.get(p)
@@ -306,11 +396,29 @@ def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys
             for key in moment_keys:
                 if key in saved_state:  # in the param's memory layout, which the kernels walk state in
                     state[key] = torch.empty_like(p, dtype=state_dtype(p, group)).copy_(saved_state[key])
-            if "master_param" in saved_state:
-                state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(saved_state["master_param"])
+            _restore_master(p, state, saved_state, group)
             state["step"] = torch.as_tensor(saved_state.get("step", state.get("step", 0.0))).to(
                 device=p.device, dtype=torch.float32, copy=True
             )
-            # A state saved without master weights (torch's, say): start the fp32 copy from the param itself.
-            if group["master_weights"] and p.dtype in LOW_PRECISION and "master_param" not in state:
-                state["master_param"] = p.detach().float()
+
+
+@torch.no_grad()
+def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, Any], group: dict[str, Any]) -> None:
+    """A param's master weight after a load, in its own form (init_master): an fp32 copy for an fp16 param, a
+    remainder for a bf16 one. A saved fp32 master of a bf16 param (torch_state_dict's, or an fp32 copy) is split:
+    the param takes its rounding and the remainder the rest, so the master comes back exactly. A state saved without
+    a master (torch's, say) starts it from the param where the group keeps master weights."""
+    state.pop("master_param", None)  # torch's loader cast a saved one to the param's dtype: re-taken below
+    state.pop("master_remainder", None)
+    if "master_remainder" in saved_state:
+        state["master_remainder"] = torch.empty_like(p, dtype=torch.int16).copy_(saved_state["master_remainder"])
+    elif "master_param" in saved_state and p.dtype == torch.bfloat16:
+        master = saved_state["master_param"].to(device=p.device, dtype=torch.float32)
+        param = on_local_shards(lambda shard: split_master(shard)[0], master)
+        remainder = on_local_shards(lambda shard: split_master(shard)[1], master)
+        p.copy_(param)
+        state["master_remainder"] = torch.empty_like(p, dtype=torch.int16).copy_(remainder)
+    elif "master_param" in saved_state:
+        state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(saved_state["master_param"])
+    elif group["master_weights"] and p.dtype in LOW_PRECISION:
+        init_master(p, state)

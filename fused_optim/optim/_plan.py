@@ -14,6 +14,7 @@ class Plan:
     and its lists [params, *state lists]; `with_grads` gives the op's [params, grads, *state lists]."""
 
     def __init__(self, group: dict[str, Any], state: dict, has_grad: list[bool], options: Hashable) -> None:
+        self.group = group
         self.params = group["params"]
         self.size = len(self.params)
         self.options = options

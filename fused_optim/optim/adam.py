@@ -7,8 +7,11 @@ Differences from torch, all additive:
   (moments up-cast to fp32) and ours into torch's. float64 and complex params keep state of their own dtype, as in
   torch: complex ones run the kernels on their real views (torch's Adam does the same arithmetic), float64 ones
   torch's own fused Adam (the kernels are fp32).
-- `master_weights=True` keeps an fp32 copy of each bf16/fp16 param in `state["master_param"]`; the update runs
-  on it and the param receives its rounding. `stochastic_rounding=True` instead rounds the fp32 result of each
+- `master_weights=True` keeps each bf16/fp16 param's exact fp32 master weight: for a bf16 param as a 2-byte int16
+  remainder beside it (`state["master_remainder"]`: param and remainder together are the fp32 value, the param its
+  rounding to nearest with ties away from zero; fused_optim/master_remainder.py), for an fp16 param as an fp32 copy
+  (`state["master_param"]`). The update runs on the fp32 value. `state_dict()` saves the remainders as they are;
+  `torch_state_dict()` gives fp32 masters (`master_param`), and `load_state_dict` takes either. `stochastic_rounding=True` instead rounds the fp32 result of each
   bf16 param to bf16 stochastically (unbiased), keeping no copy. fp32 params are unaffected by either.
 - `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
 - Every step is capturable: the step count, a tensor lr and GradScaler's grad_scale/found_inf are read on the
@@ -36,11 +39,9 @@ from torch import Tensor
 from torch.optim.adam import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
-from fused_optim import _backend
 from fused_optim.ops.adam import adam_step
 from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_saved_state, check_torch_flags,
-                                     restore_saved_state, state_dtype)
-from fused_optim.optim._plan import Plan
+                                     init_master, master_of, restore_saved_state, state_dtype)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -52,21 +53,6 @@ def _beta(value: float | Tensor, index: int) -> float:
     if value.numel() != 1:
         raise ValueError(f"Tensor betas[{index}] must be 1-element")
     return float(value.item())
-
-
-def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
-    # step on the param's device, as torch's fused and capturable Adam keep it: the kernels read it there
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-
-    def zeros() -> Tensor:  # in the param's memory layout; fp32 whatever a low-precision param's dtype
-        return torch.zeros_like(p, dtype=state_dtype(p, group), memory_format=torch.preserve_format)
-
-    state["exp_avg"] = zeros()
-    state["exp_avg_sq"] = zeros()
-    if group["amsgrad"]:
-        state["max_exp_avg_sq"] = zeros()
-    if group["master_weights"] and p.dtype in LOW_PRECISION:
-        state["master_param"] = p.detach().float()
 
 
 class Adam(FusedOptimizer):
@@ -161,47 +147,35 @@ class Adam(FusedOptimizer):
             backend=self.backend,
         )
 
-    def _gather(self, group: dict[str, Any], grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
-        """The group's params with grads, their grads and state, split by how the result is written back:
-        "plain" (round to nearest), "master" (fp32 copy), "stochastic" (bf16 stochastic rounding).
+    def _plan_options(self, group: dict[str, Any]) -> tuple:
+        return group["amsgrad"], *super()._plan_options(group)
 
-        Host time matters at a thousand tensors a step, so the lists are kept between steps and only the grads are
-        read again; they are rebuilt when which params have grads, the params, the state or the options changed.
-        The op checks the grads themselves (shape, dtype, layout) before writing anything."""
-        params = group["params"]
-        has_grad = [grad is not None for grad in grads]
-        plan = self._plans.get(id(group))
-        if plan is not None and plan.fits(group, self.state, has_grad, _options(group)):
-            return plan.with_grads(grads)
-        # Everything that can be wrong with a first step is checked before any state is created, as torch does.
-        with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(params, grads)) if grad is not None]
-        check_torch_flags([p for _, p, _ in with_grads], group)
-        for _, p, grad in with_grads:
+    def _check_first_step(self, group: dict[str, Any], params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
+        check_torch_flags([p for p, _ in params_and_grads], group)
+        for p, grad in params_and_grads:
             if grad.is_sparse:
                 raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"fused_optim.{type(self).__name__} steps floating-point and complex params, not "
                                 f"{p.dtype}")
-            _backend.resolve(self.backend, p.device.type)
-        plan = Plan(group, self.state, has_grad, _options(group))
-        for index, p, grad in with_grads:
-            state = self.state[p]
-            if len(state) == 0:
-                _init_state(p, state, group)
-            if group["differentiable"]:
-                kind = "torch"
-            elif "master_param" in state:
-                kind = "master"
-            elif group["stochastic_rounding"] and p.dtype == torch.bfloat16:
-                kind = "stochastic"
-            else:
-                kind = "plain"
-            plan.add(kind, index, p, [state["exp_avg"], state["exp_avg_sq"],
-                                      state["max_exp_avg_sq"] if group["amsgrad"] else None,
-                                      state["master_param"] if kind == "master" else None, state["step"]])
-        plan.state_size = len(self.state)
-        self._plans[id(group)] = plan
-        return plan.with_grads(grads)
+
+    def _init_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        # step on the param's device, as torch's fused and capturable Adam keep it: the kernels read it there
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+
+        def zeros() -> Tensor:  # in the param's memory layout; fp32 whatever a low-precision param's dtype
+            return torch.zeros_like(p, dtype=state_dtype(p, group), memory_format=torch.preserve_format)
+
+        state["exp_avg"] = zeros()
+        state["exp_avg_sq"] = zeros()
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = zeros()
+        if group["master_weights"] and p.dtype in LOW_PRECISION:
+            init_master(p, state)
+
+    def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
+        return [state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if group["amsgrad"] else None,
+                master_of(state, kind), state["step"]]
 
     def _update_with_torch(self, group: dict[str, Any], lists: list[list[Tensor]]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _, steps = lists
@@ -218,15 +192,10 @@ class Adam(FusedOptimizer):
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
         TypeError, and nothing changes); state comes back in fp32 (state_dtype) on the param's device whatever
         dtype it was saved in."""
-        check_saved_state(self, state_dict, (*_MOMENTS, "master_param"))
+        check_saved_state(self, state_dict, _MOMENTS)
         self._plans.clear()
         super().load_state_dict(state_dict)
         restore_saved_state(self, state_dict, _MOMENTS)
-
-
-def _options(group: dict[str, Any]) -> tuple:
-    """The options that decide a group's op calls: a plan made under others is made again."""
-    return group["amsgrad"], group["master_weights"], group["stochastic_rounding"], group["differentiable"]
 
 
 class AdamW(Adam):

@@ -8,7 +8,8 @@ Lion lr is typically 3-10x smaller than an AdamW lr and its weight decay 3-10x l
 fused_optim.AdamW:
 - `exp_avg` is fp32 for fp32, bf16 and fp16 params (fp64 for fp64 params, stepped in plain torch ops), and a
   `step` count (a float32 tensor on the param's device) keys the stochastic rounding's random stream on the device.
-- `master_weights=True` keeps an fp32 copy of each bf16/fp16 param (`master_param`); `stochastic_rounding=True`
+- `master_weights=True` keeps each bf16/fp16 param's fp32 master (a bf16 param's as an int16 remainder,
+  `master_remainder`; an fp16 param's as an fp32 copy, `master_param`: as fused_optim.AdamW); `stochastic_rounding=True`
   rounds bf16 params stochastically instead. `maximize`, `max_grad_norm=`, `gradient_release=`, GradScaler
   (grad_scale and found_inf read on the device), a tensor lr, `backend=`, DTensor params, `main_grad`
   (GradAccumulator): as AdamW.
@@ -24,10 +25,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fused_optim import _backend
 from fused_optim.ops.lion import SPARSE_MESSAGE, lion_step
-from fused_optim.optim._base import LOW_PRECISION, FusedOptimizer, check_saved_state, restore_saved_state, state_dtype
-from fused_optim.optim._plan import Plan
+from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, check_saved_state, init_master, master_of,
+                                     restore_saved_state, state_dtype)
 
 LION_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64)
 
@@ -89,50 +89,29 @@ class Lion(FusedOptimizer):
                   maximize=group["maximize"], stochastic_rounding=kind == "stochastic", seed=group.get("seed", 0),
                   grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
 
-    def _gather(self, group: dict[str, Any], grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
-        """The group's params with grads, their grads and state ([params, grads, exp_avgs, master params, steps]),
-        split by how the result is written back: "plain", "master" (fp32 copy), "stochastic" (bf16). Everything
-        that can be wrong with a first step is checked before any state is created."""
-        params = group["params"]
-        has_grad = [grad is not None for grad in grads]
-        options = (group["master_weights"], group["stochastic_rounding"])
-        plan = self._plans.get(id(group))
-        if plan is not None and plan.fits(group, self.state, has_grad, options):
-            return plan.with_grads(grads)
+    def _check_first_step(self, group: dict[str, Any], params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
         if group["differentiable"]:
             raise RuntimeError("fused_optim.Lion: differentiable=True is not supported (the step is in place)")
-        with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(params, grads)) if grad is not None]
-        for _, p, grad in with_grads:
+        for p, grad in params_and_grads:
             if grad.is_sparse:
                 raise RuntimeError(SPARSE_MESSAGE)
             if p.dtype not in LION_DTYPES:
                 raise TypeError(f"fused_optim.Lion steps float32, bfloat16, float16 and float64 params, not {p.dtype}")
-            _backend.resolve(self.backend, p.device.type)
-        plan = Plan(group, self.state, has_grad, options)
-        for index, p, _ in with_grads:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p, group), memory_format=torch.preserve_format)
-                if group["master_weights"] and p.dtype in LOW_PRECISION:
-                    state["master_param"] = p.detach().float()
-            if "master_param" in state:
-                kind = "master"
-            elif group["stochastic_rounding"] and p.dtype == torch.bfloat16:
-                kind = "stochastic"
-            else:
-                kind = "plain"
-            plan.add(kind, index, p, [state["exp_avg"], state["master_param"] if kind == "master" else None,
-                                      state["step"]])
-        plan.state_size = len(self.state)
-        self._plans[id(group)] = plan
-        return plan.with_grads(grads)
+
+    def _init_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p, group), memory_format=torch.preserve_format)
+        if group["master_weights"] and p.dtype in LOW_PRECISION:
+            init_master(p, state)
+
+    def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
+        return [state["exp_avg"], master_of(state, kind), state["step"]]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
         TypeError, and nothing changes); state comes back in fp32 on the param's device whatever dtype it was
         saved in. A state saved without `step` (lion-pytorch's) starts the count at 0."""
-        check_saved_state(self, state_dict, ("exp_avg", "master_param"))
+        check_saved_state(self, state_dict, ("exp_avg",))
         self._plans.clear()
         super().load_state_dict(state_dict)
         restore_saved_state(self, state_dict, ("exp_avg",))

@@ -35,6 +35,7 @@ from torch.optim.sgd import sgd as torch_sgd
 from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
 from fused_optim.optim._base import PARAM_DTYPES, FusedOptimizer, check_saved_state, check_torch_flags, state_dtype
+from fused_optim.optim._plan import Plan
 
 
 class SGD(FusedOptimizer):
@@ -106,60 +107,52 @@ class SGD(FusedOptimizer):
             backend=self.backend,
         )
 
-    def _gather(self, group: dict[str, Any], all_grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
+    def _gather(self, group: dict[str, Any], grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
         """{"plain": [params, grads, momentum buffers, steps]} of the group's params that have a grad (the last two
         empty without momentum), and {"torch": [params, grads, momentum buffers or None]} of those torch's own update
         steps (sparse grads, and every param of a differentiable group). Everything that can be wrong is checked
         before any state is created, as torch does; the op checks the grads themselves (shape, dtype, layout) before
-        writing anything.
-
-        Host time matters at a thousand tensors a step, so the lists are kept between steps and only the grads are
-        read again; they are rebuilt when which params have grads, the params, the state or momentum changed."""
-        params = group["params"]
-        has_grad = [grad is not None for grad in all_grads]
-        grads = all_grads if all(has_grad) else [grad for grad in all_grads if grad is not None]
-        by_torch = [group["differentiable"] or grad.is_sparse for grad in grads]
+        writing anything. The lists are kept between steps (optim/_plan.py) unless torch's update steps some."""
+        has_grad = [grad is not None for grad in grads]
+        by_torch = group["differentiable"] or any(grad is not None and grad.is_sparse for grad in grads)
+        options = (group["momentum"] != 0,)
         plan = self._plans.get(id(group))
-        if plan is not None and plan[0] is params and plan[1] is self.state and plan[2] == (
-            len(params), len(self.state), group["momentum"] != 0, has_grad
-        ) and not any(by_torch):
-            with_grad, buffers, steps = plan[3]
-            return {"plain": [with_grad, grads, buffers, steps]}
-        with_grad = [p for p, present in zip(params, has_grad) if present]
-        check_torch_flags(with_grad, group)
-        for p in with_grad:
+        if plan is not None and not by_torch and plan.fits(group, self.state, has_grad, options):
+            return plan.with_grads(grads)
+        with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
+                      if grad is not None]
+        check_torch_flags([p for _, p, _ in with_grads], group)
+        for _, p, _ in with_grads:
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"fused_optim.SGD steps floating-point and complex params, not {p.dtype}")
             _backend.resolve(self.backend, p.device.type)
-        if any(by_torch):
-            ours = [i for i, torch_steps in enumerate(by_torch) if not torch_steps]
-            theirs = [i for i, torch_steps in enumerate(by_torch) if torch_steps]
-            kinds = self._plain_lists([with_grad[i] for i in ours], [grads[i] for i in ours], group)
-            kinds["torch"] = [[with_grad[i] for i in theirs], [grads[i] for i in theirs],
-                              [self._buffer_if_set(with_grad[i]) for i in theirs]]
-            return kinds
-        kinds = self._plain_lists(with_grad, grads, group)
-        key = (len(params), len(self.state), group["momentum"] != 0, has_grad)
-        self._plans[id(group)] = (params, self.state, key, (with_grad, *kinds["plain"][2:]))
+        plan = Plan(group, self.state, has_grad, options)
+        for index, p, grad in with_grads:
+            if group["differentiable"] or grad.is_sparse:
+                plan.add("torch", index, p, [])
+            else:
+                plan.add("plain", index, p, self._momentum_state(p, group))
+        kinds = plan.with_grads(grads)
+        if by_torch:  # torch's update takes None for a buffer not set yet, and sets it: nothing kept
+            kinds["torch"].append([self._buffer_if_set(p) for p in kinds["torch"][0]])
+        else:
+            self._keep_plan(plan)
         return kinds
 
-    def _plain_lists(self, with_grad: list[Tensor], grads: list[Tensor], group: dict[str, Any]):
-        """{"plain": [params, grads, momentum buffers, steps]}, creating the buffers the kernels need."""
-        buffers, steps = [], []
-        if group["momentum"] != 0:
-            for p in with_grad:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    # unset until the first step writes the gradient into it (count 0); fp32 for fp32/bf16/fp16
-                    # params, in the param's layout
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p, group),
-                                                                memory_format=torch.preserve_format)
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                elif "step" not in state:  # a buffer torch's update made (a sparse grad earlier): set
-                    state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
-                buffers.append(state["momentum_buffer"])
-                steps.append(state["step"])
-        return {"plain": [with_grad, grads, buffers, steps]}
+    def _momentum_state(self, p: Tensor, group: dict[str, Any]) -> list[Tensor | None]:
+        """[momentum buffer, step count] of a param the kernels step, creating them ([None, None] without momentum)."""
+        if group["momentum"] == 0:
+            return [None, None]
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            # unset until the first step writes the gradient into it (count 0); fp32 for fp32/bf16/fp16 params, in
+            # the param's layout
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p, group),
+                                                        memory_format=torch.preserve_format)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif "step" not in state:  # a buffer torch's update made (a sparse grad earlier): set
+            state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
+        return [state["momentum_buffer"], state["step"]]
 
     def _buffer_if_set(self, p: Tensor) -> Tensor | None:
         """The param's momentum buffer for torch's update, None while unset (its count 0: a host read, on this rare

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import struct
 
+import torch
 import triton
 import triton.language as tl
 
@@ -54,30 +55,78 @@ def _bf16_nearest(x):
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+# How an update's result reaches a param (rounding.h's WriteBack): rounded to nearest, through an fp32 master copy,
+# through a bf16 param's int16 master remainder (the two together are the fp32 master), or stochastically rounded.
+NEAREST: tl.constexpr = tl.constexpr(0)
+MASTER: tl.constexpr = tl.constexpr(1)
+REMAINDER: tl.constexpr = tl.constexpr(2)
+STOCHASTIC: tl.constexpr = tl.constexpr(3)
+
+
+def write_back(stochastic_rounding: bool, master_params) -> int:
+    """The write-back of a call: stochastic rounding, or its master list's kind."""
+    if stochastic_rounding:
+        return STOCHASTIC.value
+    if not master_params:
+        return NEAREST.value
+    return REMAINDER.value if master_params[0].dtype == torch.int16 else MASTER.value
+
+
 @triton.jit
-def store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE: tl.constexpr, MASTER: tl.constexpr,
-                STOCHASTIC: tl.constexpr):
-    """An optimizer's new param values `p` (fp32): into the master copy too (MASTER), and into the param rounded
-    to nearest, or stochastically for bf16 (STOCHASTIC, with the tensor's random stream)."""
-    if MASTER:
-        tl.store(master_ptr + offsets, p, mask=mask)
-    if STOCHASTIC:
-        tl.store(param_ptr + offsets, _bf16_stochastic(p, stream, offsets), mask=mask)
-    elif PARAM_DTYPE == tl.bfloat16:
-        tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
+def param_pointers(row, param_column, master_column, PARAM_DTYPE: tl.constexpr, WRITE: tl.constexpr,
+                   ALIGNED: tl.constexpr):
+    """A row's param and master addresses as pointers: a remainder's param is read and written as its raw bits."""
+    if WRITE == REMAINDER:
+        param_ptr = load_pointer(row, param_column, tl.uint16, ALIGNED)
+        master_ptr = load_pointer(row, master_column, tl.int16, ALIGNED)
     else:
-        tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
+        param_ptr = load_pointer(row, param_column, PARAM_DTYPE, ALIGNED)
+        master_ptr = load_pointer(row, master_column, tl.float32, ALIGNED)
+    return param_ptr, master_ptr
+
+
+@triton.jit
+def load_param(param_ptr, master_ptr, offsets, mask, WRITE: tl.constexpr):
+    """The fp32 values an update starts from: the param's, its master copy's, or the bf16 param's bits joined with
+    its sign-extended remainder (rounding.h's join_bf16_master)."""
+    if WRITE == REMAINDER:
+        bits = tl.load(param_ptr + offsets, mask=mask).to(tl.uint32)
+        rest = tl.load(master_ptr + offsets, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
+        p = ((bits << 16) + rest).to(tl.float32, bitcast=True)
+    elif WRITE == MASTER:
+        p = tl.load(master_ptr + offsets, mask=mask)
+    else:
+        p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    return p
+
+
+@triton.jit
+def store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE: tl.constexpr, WRITE: tl.constexpr):
+    """An optimizer's new param values `p` (fp32) into the param, by WRITE: with the master copy, split into a bf16
+    param rounded to nearest with ties away from zero and the int16 remainder below it (rounding.h's
+    bf16_master_bits), stochastically rounded to bf16 (with the tensor's random stream), or rounded to nearest."""
+    if WRITE == REMAINDER:
+        u = p.to(tl.uint32, bitcast=True)
+        bits = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x0040, (u + 0x8000) >> 16)
+        tl.store(param_ptr + offsets, bits.to(tl.uint16), mask=mask)
+        tl.store(master_ptr + offsets, (u - (bits << 16)).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        if WRITE == MASTER:
+            tl.store(master_ptr + offsets, p, mask=mask)
+        if WRITE == STOCHASTIC:
+            tl.store(param_ptr + offsets, _bf16_stochastic(p, stream, offsets), mask=mask)
+        elif PARAM_DTYPE == tl.bfloat16:
+            tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
+        else:
+            tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, mask,
                   grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
                   bias_correction2_sqrt, eps, stream, PARAM_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
-                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
-    if MASTER:
-        p = tl.load(master_ptr + offsets, mask=mask)
-    else:
-        p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+                  AMSGRAD: tl.constexpr, WRITE: tl.constexpr):
+    p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     m = tl.load(exp_avg_ptr + offsets, mask=mask)
     v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
@@ -103,7 +152,7 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, 
 
     tl.store(exp_avg_ptr + offsets, m, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
-    store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, MASTER, STOCHASTIC)
+    store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, WRITE)
 
 
 @triton.jit
@@ -113,7 +162,7 @@ def _adam_kernel(
     log_beta1_bits, log_beta2_bits,  # lr and log(beta) as the bits of fp64s: Triton passes Python floats as fp32
     one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
+    MAXIMIZE: tl.constexpr, WRITE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -123,12 +172,11 @@ def _adam_kernel(
     if not skip:
         lo, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCK)
         row = table_ptr + lo * COLUMNS
-        param_ptr = load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
+        param_ptr, master_ptr = param_pointers(row, 0, 5, PARAM_DTYPE, WRITE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
         exp_avg_ptr = load_pointer(row, 2, tl.float32, ALIGNED)
         exp_avg_sq_ptr = load_pointer(row, 3, tl.float32, ALIGNED)
         max_sq_ptr = load_pointer(row, 4, tl.float32, ALIGNED)
-        master_ptr = load_pointer(row, 5, tl.float32, ALIGNED)
         step_ptr = load_pointer(row, 6, tl.float32, False)
         numel = tl.load(row + 7)
 
@@ -151,7 +199,7 @@ def _adam_kernel(
         step_size = (lr64 / bias_correction1).to(tl.float32)
         bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
         stream = 0
-        if STOCHASTIC:
+        if WRITE == STOCHASTIC:
             stream = _mix32(_mix32(tl.cast(seed, tl.uint32) + 0x9E3779B9 * (first_tensor_index + lo).to(tl.uint32))
                             ^ step.to(tl.uint32))
 
@@ -159,13 +207,12 @@ def _adam_kernel(
         if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, None,
                           grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2,
-                          step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED, AMSGRAD, MASTER,
-                          STOCHASTIC)
+                          step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED, AMSGRAD, WRITE)
         else:
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets,
                           offsets < numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
                           one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED,
-                          AMSGRAD, MASTER, STOCHASTIC)
+                          AMSGRAD, WRITE)
 
 
 def _fp64_bits(value: float) -> int:
@@ -209,8 +256,8 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
             _fp64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
             1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
             PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
-            DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize, MASTER=bool(master_params),
-            STOCHASTIC=stochastic_rounding, ALIGNED=aligned,
+            DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+            WRITE=write_back(stochastic_rounding, master_params), ALIGNED=aligned,
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK,
             num_warps=4, **flags,
         )

@@ -14,7 +14,8 @@ import triton.language as tl
 
 from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
                                       pack, search_steps)
-from fused_optim.triton.adam import _fp64_bits, _mix32, store_param
+from fused_optim.triton.adam import (STOCHASTIC, _fp64_bits, _mix32, load_param, param_pointers, store_param,
+                                     write_back)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 COLUMNS = 6  # param, grad, exp_avg, master, step, numel
@@ -24,11 +25,8 @@ STEP_COLUMN = 4
 @triton.jit
 def _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, mask, grad_multiplier, param_decay, lr,
                   beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE: tl.constexpr,
-                  MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
-    if MASTER:
-        p = tl.load(master_ptr + offsets, mask=mask)
-    else:
-        p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+                  WRITE: tl.constexpr):
+    p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     m = tl.load(exp_avg_ptr + offsets, mask=mask)
 
@@ -40,7 +38,7 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, mask, g
     p = p - lr * sign
 
     tl.store(exp_avg_ptr + offsets, m, mask=mask)
-    store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, MASTER, STOCHASTIC)
+    store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, WRITE)
 
 
 @triton.jit
@@ -48,8 +46,8 @@ def _lion_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
     beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, seed, first_tensor_index, num_tensors,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
-    STOCHASTIC: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, WRITE: tl.constexpr,
+    HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     skip = False
@@ -58,10 +56,9 @@ def _lion_kernel(
     if not skip:
         lo, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCK)
         row = table_ptr + lo * COLUMNS
-        param_ptr = load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
+        param_ptr, master_ptr = param_pointers(row, 0, 3, PARAM_DTYPE, WRITE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
         exp_avg_ptr = load_pointer(row, 2, tl.float32, ALIGNED)
-        master_ptr = load_pointer(row, 3, tl.float32, ALIGNED)
         numel = tl.load(row + 5)
 
         # The tensor's scalars (lion.h, lion_scalars): the lr in fp64 until 1 - lr * weight_decay is rounded.
@@ -76,7 +73,7 @@ def _lion_kernel(
             grad_multiplier = -grad_multiplier
         param_decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
         stream = 0
-        if STOCHASTIC:
+        if WRITE == STOCHASTIC:
             step = tl.load(load_pointer(row, 4, tl.float32, False)) + 1.0
             stream = _mix32(_mix32(tl.cast(seed, tl.uint32) + 0x9E3779B9 * (first_tensor_index + lo).to(tl.uint32))
                             ^ step.to(tl.uint32))
@@ -85,11 +82,11 @@ def _lion_kernel(
         if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, None, grad_multiplier, param_decay,
                           lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE,
-                          MASTER, STOCHASTIC)
+                          WRITE)
         else:
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, offsets < numel, grad_multiplier,
                           param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream,
-                          PARAM_DTYPE, MASTER, STOCHASTIC)
+                          PARAM_DTYPE, WRITE)
 
 
 def lion_step_triton(params, grads, exp_avgs, master_params, steps, lr, lr_tensor, beta1, beta2, weight_decay,
@@ -122,7 +119,7 @@ def _launch(params, grads, exp_avgs, master_params, steps, first_tensor_index, l
             unused if grad_scale is None else grad_scale, unused if found_inf is None else found_inf,
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, weight_decay, seed, first_tensor_index, num_tensors,
             PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype], MAXIMIZE=maximize,
-            MASTER=bool(master_params), STOCHASTIC=stochastic_rounding, HAS_LR_TENSOR=lr_tensor is not None,
+            WRITE=write_back(stochastic_rounding, master_params), HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
         )

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
@@ -69,6 +70,37 @@ FO_HOST_DEVICE uint16_t float_to_bf16_bits(float x) {
   const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // nearest, ties to even
   return x != x ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays a (quiet) NaN
 }
+
+// A bf16 param with its fp32 master kept as a 16-bit remainder (master_weights=True): the master is exactly
+// (param bits << 16) + remainder, the remainder a signed 16-bit integer. That holds for every master when the param
+// is the master rounded to nearest with ties away from zero: the discarded low half then lies in [-0x8000, 0x7FFF]
+// (with ties to even a tie rounding down would leave +0x8000, one value too many). It differs from round-to-nearest-
+// even only on exact ties, by one ulp. A NaN master gives a quiet NaN param whose join is again a NaN.
+FO_HOST_DEVICE uint16_t bf16_master_bits(float master) {
+  const uint32_t u = float_bits(master);
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(nan ? (u >> 16) | 0x0040u : (u + 0x8000u) >> 16);
+}
+
+FO_HOST_DEVICE int16_t bf16_master_remainder(float master, uint16_t param_bits) {
+  return static_cast<int16_t>(static_cast<uint16_t>(float_bits(master) - (static_cast<uint32_t>(param_bits) << 16)));
+}
+
+FO_HOST_DEVICE float join_bf16_master(uint16_t param_bits, int16_t remainder) {
+  const uint32_t u = (static_cast<uint32_t>(param_bits) << 16) + static_cast<uint32_t>(static_cast<int32_t>(remainder));
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+// How an optimizer's fp32 result reaches a param: rounded to nearest; through an fp32 master copy (the update reads
+// the copy, writes it, and the param gets its rounding); through a 16-bit master remainder beside a bf16 param (the
+// two together are the fp32 master, exactly: above); or stochastically rounded to bf16.
+enum class WriteBack { kNearest, kMaster, kRemainder, kStochastic };
+
+// The element type of a call's master list (unused without a master).
+template <WriteBack kWrite>
+using master_t = std::conditional_t<kWrite == WriteBack::kRemainder, int16_t, float>;
 
 template <typename T>
 FO_HOST_DEVICE T round_to(float x) {
