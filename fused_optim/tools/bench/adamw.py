@@ -22,10 +22,11 @@ copies of the params with up-cast grads, compared on the fp32 masters). A wrong 
 not timed. The masters and fp32 params are held to a few ulps; bf16 params only to an ulp or two (`TOLERANCES`).
 
 Bytes model (`adam_step_bytes`), the fewest bytes one step must move, per element:
-    read   grad + exp_avg + exp_avg_sq [+ max_exp_avg_sq] + (master if master weights else param)
-    write  param + exp_avg + exp_avg_sq [+ max_exp_avg_sq] [+ master]
+    read   grad + exp_avg + exp_avg_sq [+ max_exp_avg_sq] + (an fp32 master copy, or the param [+ its remainder])
+    write  param + exp_avg + exp_avg_sq [+ max_exp_avg_sq] [+ master copy or remainder]
 each at its own dtype: fp32 = 16 read + 12 written = 28 B/param; bf16 params with fp32 state = 12 + 10 = 22;
-bf16 with fp32 state and master = 14 + 14 = 28; torch's bf16 (bf16 state) = 8 + 6 = 14. GB/s is this model over
+bf16 with fp32 state and an fp32 master copy (the torch way) = 14 + 14 = 28, with our 2-byte master remainder
+14 + 12 = 26; torch's bf16 (bf16 state) = 8 + 6 = 14. GB/s is this model over
 the median time: an implementation that moves more (temporaries, several passes) shows as fewer GB/s.
 """
 
@@ -40,6 +41,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from fused_optim.master_remainder import join_master
 from fused_optim.tools.bench.peers import Impl, apex_peer, compile_step, not_installed, our_implementations
 from fused_optim.tools.bench.registry import Benchmark, Request
 from fused_optim.tools.bench.timing import error_note, release_memory, Timing, host_time, synchronize, time_fn
@@ -96,19 +98,19 @@ VARIANTS = {v.op: v for v in (ADAMW, ADAM)}
 
 
 def adam_step_bytes(numel: int, param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None,
-                    state_dtype: torch.dtype = torch.float32, master: bool = False, amsgrad: bool = False) -> int:
-    """The fewest bytes one Adam/AdamW step moves over `numel` elements (module docstring).
+                    state_dtype: torch.dtype = torch.float32, master_bytes: int = 0, amsgrad: bool = False) -> int:
+    """The fewest bytes one Adam/AdamW step moves over `numel` elements (module docstring); `master_bytes`: 4 for an
+    fp32 master copy (read instead of the param), 2 for a master remainder (read beside the param), 0 for none.
 
     >>> adam_step_bytes(1, torch.float32)
     28
-    >>> adam_step_bytes(1, torch.bfloat16, master=True)
-    28
+    >>> adam_step_bytes(1, torch.bfloat16, master_bytes=4), adam_step_bytes(1, torch.bfloat16, master_bytes=2)
+    (28, 26)
     """
     param = torch.empty((), dtype=param_dtype).element_size()
     grad = torch.empty((), dtype=grad_dtype or param_dtype).element_size()
     state = torch.empty((), dtype=state_dtype).element_size() * (3 if amsgrad else 2)
-    master_bytes = 4 if master else 0
-    read = grad + state + (master_bytes if master else param)
+    read = grad + state + (master_bytes if master_bytes == 4 else param + master_bytes)
     write = param + state + master_bytes
     return numel * (read + write)
 
@@ -176,8 +178,9 @@ class Runner:
     with the reference (the fp32 masters with master weights, else the params)."""
 
     def __init__(self, step: Callable[[], Any], result: Callable[[], list[Tensor]],
-                 state_dtype: Callable[[], torch.dtype], params: list[Tensor]) -> None:
+                 state_dtype: Callable[[], torch.dtype], params: list[Tensor], master_bytes: int = 4) -> None:
         self.step, self.result, self.state_dtype, self.params = step, result, state_dtype, params
+        self.master_bytes = master_bytes  # per param, with master weights: an fp32 copy's 4, a remainder's 2
         self.grads = [p.grad for p in params]  # what its step reads (the check varies them between steps)
 
 
@@ -192,13 +195,13 @@ def _ours(backend: str, variant: Variant = ADAMW) -> Callable[[Workload], Runner
     def build(w: Workload) -> Runner:
         params = _clone_params(w)
         opt = variant.ours()(params, **HPARAMS, master_weights=w.master, backend=backend)
-        if w.master:
+        if w.master:  # bf16 params: each master is the param and its int16 remainder
             def result():
-                return [opt.state[p]["master_param"] for p in params]
+                return [join_master(p.detach(), opt.state[p]["master_remainder"]) for p in params]
         else:
             def result():
                 return params
-        return Runner(opt.step, result, lambda: torch.float32, params)
+        return Runner(opt.step, result, lambda: torch.float32, params, master_bytes=2)
     return build
 
 
@@ -456,7 +459,8 @@ def _measure(config: AdamWConfig, case: str, runner: Runner, step_s: float, row:
     device = config.device
     w_numel = row["n_params"]
     row["bytes"] = adam_step_bytes(
-        w_numel, getattr(torch, row["dtype"]), state_dtype=runner.state_dtype(), master=row["master_weights"]
+        w_numel, getattr(torch, row["dtype"]), state_dtype=runner.state_dtype(),
+        master_bytes=runner.master_bytes if row["master_weights"] else 0,
     )
     # The check's last step estimates a step: skip what would take too long to time (at least ~7 steps).
     if step_s * 7 > config.max_time_s:
