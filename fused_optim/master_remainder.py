@@ -1,5 +1,6 @@
 """A bf16 param's fp32 master weight kept as a 16-bit remainder beside it (`master_weights=True`): 2 bytes a param
-instead of an fp32 copy's 4, and exactly the same fp32 value.
+instead of an fp32 copy's 4, and exactly the same fp32 value; or as an 8-bit one (`master_weights=24`, FlashOptim's
+"24-bit" masters): 1 byte, the master rounded to 24 bits each step.
 
 The master is (param bits << 16) + remainder, the remainder a signed 16-bit integer. Any fp32 value splits so when
 the param is the master rounded to nearest with ties away from zero: the low half left over then lies in
@@ -16,6 +17,8 @@ from torch import Tensor
 
 _LOW16 = 0xFFFF
 _LOW32 = 0xFFFFFFFF
+# A master remainder's dtype: int16 (the exact fp32 master), int8 (a 24-bit master).
+REMAINDER_DTYPES = (torch.int16, torch.int8)
 
 
 def _signed(bits: Tensor, width: int) -> Tensor:
@@ -23,33 +26,44 @@ def _signed(bits: Tensor, width: int) -> Tensor:
     return bits - (bits >= 1 << (width - 1)).to(torch.int64) * (1 << width)
 
 
-def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
-    """(bf16 param, int16 remainder) holding the fp32 `master` exactly; a NaN gives a quiet NaN param."""
+def split_master(master: Tensor, bits: int = 32) -> tuple[Tensor, Tensor]:
+    """(bf16 param, remainder) of the fp32 `master`: an int16 remainder holding it exactly (bits=32), or an int8 one
+    holding it rounded to 24 bits (bits=24: to nearest, ties away from zero); a NaN gives a quiet NaN param."""
     u = master.contiguous().view(torch.int32).to(torch.int64) & _LOW32
     nan = (u & 0x7FFFFFFF) > 0x7F800000
-    bits = torch.where(nan, (u >> 16) | 0x0040, ((u + 0x8000) >> 16) & _LOW16)
-    remainder = (u - (bits << 16)) & _LOW16
-    param = _signed(bits, 16).to(torch.int16).view(torch.bfloat16)
-    return param.reshape(master.shape), _signed(remainder, 16).to(torch.int16).reshape(master.shape)
+    rest_bits = bits - 16
+    top = u if bits == 32 else (u + 0x80) >> 8  # the master's top `bits` bits
+    param_bits = torch.where(nan, (u >> 16) | 0x0040, ((top + (1 << (rest_bits - 1))) >> rest_bits) & _LOW16)
+    rest = (top - (param_bits << rest_bits)) & ((1 << rest_bits) - 1)
+    if bits == 24:
+        rest = torch.where(nan, 0, rest)
+    param = _signed(param_bits, 16).to(torch.int16).view(torch.bfloat16).reshape(master.shape)
+    return param, _signed(rest, rest_bits).to(torch.int16 if bits == 32 else torch.int8).reshape(master.shape)
 
 
 def join_master(param: Tensor, remainder: Tensor) -> Tensor:
-    """The fp32 master that a bf16 `param` and its int16 `remainder` hold (in `param`'s shape, contiguous)."""
-    bits = param.contiguous().view(torch.int16).to(torch.int64) & _LOW16
-    u = ((bits << 16) + remainder.contiguous().to(torch.int64)) & _LOW32
+    """The fp32 master that a bf16 `param` and its remainder (int16: exact; int8: a 24-bit master) hold, in
+    `param`'s shape, contiguous."""
+    param_bits = param.contiguous().view(torch.int16).to(torch.int64) & _LOW16
+    rest = remainder.contiguous().to(torch.int64)
+    if remainder.dtype == torch.int8:
+        u = (((param_bits << 8) + rest) << 8) & _LOW32
+    else:
+        u = ((param_bits << 16) + rest) & _LOW32
     return _signed(u, 32).to(torch.int32).view(torch.float32).reshape(param.shape)
 
 
-def round_like_master(x: Tensor) -> Tensor:
-    """x (fp32) rounded to the bf16 param a master remainder leaves: to nearest, ties away from zero."""
-    return split_master(x.float())[0]
+def round_like_master(x: Tensor, bits: int = 32) -> Tensor:
+    """x (fp32) rounded to the bf16 param a master remainder leaves: to nearest, ties away from zero (of the 24-bit
+    master, with bits=24)."""
+    return split_master(x.float(), bits)[0]
 
 
 def store_split(params: list[Tensor], remainders: list[Tensor], masters: list[Tensor], skip: Tensor | None = None):
-    """Each fp32 master split into its bf16 param and int16 remainder, written into them in place; where `skip`
-    (a device bool, a skipped step) is true, both keep their values."""
+    """Each fp32 master split into its bf16 param and remainder (int16, or int8: rounded to 24 bits), written into
+    them in place; where `skip` (a device bool, a skipped step) is true, both keep their values."""
     for param, remainder, master in zip(params, remainders, masters):
-        new_param, new_remainder = split_master(master)
+        new_param, new_remainder = split_master(master, 24 if remainder.dtype == torch.int8 else 32)
         if skip is not None:
             new_param, new_remainder = torch.where(skip, param, new_param), torch.where(skip, remainder, new_remainder)
         param.copy_(new_param)

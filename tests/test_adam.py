@@ -468,7 +468,7 @@ def test_a_master_remainder_of_the_wrong_kind_is_refused_unloaded():
     before = snapshot(opt)
     saved = copy.deepcopy(opt.state_dict())  # state_dict() shares the state's dicts
     saved["state"][0]["master_remainder"] = saved["state"][0]["master_remainder"].float()
-    with pytest.raises(TypeError, match="a master remainder is int16, beside a bfloat16 param"):
+    with pytest.raises(TypeError, match="a master remainder is int16 or int8, beside a bfloat16 param"):
         opt.load_state_dict(saved)
     assert_identical(snapshot(opt), before)
 
@@ -642,6 +642,70 @@ def test_master_remainders_step_the_fp32_trajectory_bit_for_bit(backend, device,
         ties = p.detach() != nearest_even
         one_ulp = torch.finfo(torch.bfloat16).eps * expected.detach()[ties].abs()
         assert (p.detach()[ties].float() - nearest_even[ties].float()).abs().le(one_ulp).all()
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "Lion"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_24_bit_masters_are_the_fp32_step_rounded_to_24_bits(backend, device, cls):
+    """master_weights=24: each bf16 param keeps an int8 remainder (1 byte), and after every step its master is the
+    fp32 update of the previous master rounded to 24 bits (to nearest, ties away from zero), bit for bit: an fp32
+    run whose params are so rounded after each step gives the same masters, on every backend."""
+    optimizer = getattr(fused_optim, cls)
+    init = [torch.randn(s).bfloat16() for s in SHAPES]
+    grads = [random_grads(SHAPES, torch.bfloat16, device) for _ in range(6)]
+    emulated = make_params([x.float() for x in init], torch.float32, device)
+    emulated_opt = optimizer(emulated, lr=1e-2, weight_decay=0.1, backend=backend)
+    params = make_params(init, torch.bfloat16, device)
+    opt = optimizer(params, lr=1e-2, weight_decay=0.1, master_weights=24, backend=backend)
+    for step_grads in grads:
+        set_grads([g.float() for g in step_grads], emulated)
+        set_grads(step_grads, params)
+        emulated_opt.step()
+        opt.step()
+        with torch.no_grad():
+            for p in emulated:
+                p.copy_(join_master(*split_master(p, 24)))
+    for p, expected in zip(params, emulated):
+        assert opt.state[p]["master_remainder"].dtype == torch.int8
+        assert_identical(master_weight(opt, p), expected.detach())
+        assert_identical(p.detach(), round_like_master(expected.detach(), 24))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(master_weights=24, dtype=torch.float32), "master_weights=24 keeps a bfloat16 param's master"),
+    (dict(master_weights=24, dtype=torch.float16), "every param of its group must be bfloat16"),
+    (dict(master_weights=16, dtype=torch.bfloat16), "master_weights must be True .* or False, not 16"),
+    (dict(master_weights=24, stochastic_rounding=True, dtype=torch.bfloat16), "alternatives"),
+])
+def test_bad_master_weights_are_refused_with_nothing_allocated(options, match):
+    options = dict(options)
+    dtype = options.pop("dtype")
+    params = [torch.nn.Parameter(torch.randn(3).to(dtype))]
+    with pytest.raises(ValueError, match=match):
+        fused_optim.AdamW(params, **options)
+    opt = fused_optim.AdamW([torch.nn.Parameter(torch.randn(3).bfloat16())], master_weights=24)
+    if dtype != torch.bfloat16:  # a group added later is checked too, and nothing of it stays
+        with pytest.raises(ValueError, match=match):
+            opt.add_param_group({"params": params})
+        assert len(opt.param_groups) == 1 and not opt.state
+
+
+def test_24_bit_masters_save_compact_and_load_from_fp32_masters():
+    params = make_params([torch.randn(1500)], torch.bfloat16, "cpu")
+    opt = fused_optim.AdamW(params, lr=1e-2, master_weights=24)
+    for _ in range(3):
+        set_grads(random_grads([(1500,)], torch.bfloat16, "cpu"), params)
+        opt.step()
+    compact, full = opt.state_dict(), opt.torch_state_dict()
+    assert compact["state"][0]["master_remainder"].dtype == torch.int8
+    master = full["state"][0]["master_param"]
+    assert_identical(master, master_weight(opt, params[0]))
+    resumed = make_params([torch.zeros(1500)], torch.bfloat16, "cpu")
+    resumed_opt = fused_optim.AdamW(resumed, lr=1e-2, master_weights=24)
+    resumed_opt.load_state_dict(copy.deepcopy(full))  # an fp32 master: split into the param and an int8 remainder
+    assert resumed_opt.state[resumed[0]]["master_remainder"].dtype == torch.int8
+    assert_identical(master_weight(resumed_opt, resumed[0]), master)
+    assert_identical(resumed[0].detach(), params[0].detach())
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)

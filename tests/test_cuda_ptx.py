@@ -55,12 +55,13 @@ def cross_entropy_kernels_ptx(tmp_path_factory) -> dict[str, str]:
 
 
 # rounding.h's WriteBack, as nvcc mangles it (the template argument's value)
-NEAREST, MASTER, REMAINDER, STOCHASTIC = "0", "1", "2", "3"
+NEAREST, MASTER, REMAINDER, STOCHASTIC, REMAINDER8 = "0", "1", "2", "3", "4"
 
 
 def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
-    # param dtype x grad dtype x amsgrad x (nearest, master), and (stochastic, remainder) for the 2 bf16 pairs
-    assert len(adam_kernels_ptx) == 28
+    # param dtype x grad dtype x amsgrad x (nearest, master), and (stochastic, remainders of 16 and 8 bits) for the 2
+    # bf16 pairs
+    assert len(adam_kernels_ptx) == 32
     for name, body in adam_kernels_ptx.items():
         param_t, amsgrad, write = re.search(r"adam_kernelI(f|N3c108BFloat16E|N3c104HalfE).*?Lb([01])ELNS_9WriteBackE(\d)E",
                                             name).groups()
@@ -71,6 +72,9 @@ def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
         if write == REMAINDER:  # the bf16 param and its int16 remainder: one 16-byte load and store each
             assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.[bu]32", body)) >= 2, name
             assert len(re.findall(r"st\.global(?:\.\w+)*\.v4\.[bu]32", body)) >= 2, name
+        if write == REMAINDER8:  # the bf16 param in 16 bytes, its 8 int8 remainders in 8
+            assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
+            assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
@@ -115,8 +119,9 @@ def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses(sgd_kernels_ptx
 
 def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses(tmp_path):
     kernels = {name: body for name, body in kernels_ptx("lion.cu", tmp_path).items() if "lion_kernel" in name}
-    # 5 (param, grad) dtype pairs x (nearest, master), and (stochastic, remainder) for the 2 bf16 pairs
-    assert len(kernels) == 14
+    # 5 (param, grad) dtype pairs x (nearest, master), and (stochastic, remainders of 16 and 8 bits) for the 2 bf16
+    # pairs
+    assert len(kernels) == 16
     for name, body in kernels.items():
         # the mangled template arguments: param type, grad type ("f", or S<n>_: the param's again), write-back
         param_t, grad_t, write = re.search(
@@ -130,6 +135,9 @@ def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses(tmp_path):
         master = {MASTER: 2, REMAINDER: 1}.get(write, 0)
         param_loads = 2 if write == MASTER else width.get(param_t, 1)  # the master copy is read instead of the param
         expected_loads = param_loads + width.get(grad_t, 1) + 2 + int(write == REMAINDER)
+        if write == REMAINDER8:  # eight int8 remainders: one 8-byte load and store
+            assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
+            assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name
         expected_stores = width.get(param_t, 1) + 2 + master
         assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fused_optim.triton.adam import NEAREST, REMAINDER, _adam_kernel
+from fused_optim.triton.adam import NEAREST, REMAINDER, REMAINDER8, _adam_kernel
 from fused_optim.triton.accumulate import _accumulate_kernel
 from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel, _shard_grad_kernel, _shard_stats_kernel
 from fused_optim.triton.lion import _lion_kernel
@@ -43,7 +43,7 @@ SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
 results = {}
 # rounded to nearest, and (bf16) through a master remainder: its int16 stream beside the param's
 WRITES = (("fp32", tl.float32, NEAREST.value), ("bf16", tl.bfloat16, NEAREST.value),
-          ("bf16-remainder", tl.bfloat16, REMAINDER.value))
+          ("bf16-remainder", tl.bfloat16, REMAINDER.value), ("bf16-remainder24", tl.bfloat16, REMAINDER8.value))
 for name, dtype, write in WRITES:
     for aligned in (True, False):
         constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False,
@@ -151,8 +151,9 @@ def ptx_accesses() -> dict:
     return json.loads(done.stdout)
 
 
-OPTIMIZER_KERNELS = [(kernel, dtype) for kernel in ("", "sgd-", "lion-") for dtype in ("fp32", "bf16", "bf16-remainder")
-                     if kernel != "sgd-" or dtype != "bf16-remainder"]  # SGD keeps no master weights
+OPTIMIZER_KERNELS = [(kernel, dtype) for kernel in ("", "sgd-", "lion-")
+                     for dtype in ("fp32", "bf16", "bf16-remainder", "bf16-remainder24")
+                     if kernel != "sgd-" or not dtype.startswith("bf16-remainder")]  # SGD keeps no master weights
 OPTIMIZER_KERNEL_IDS = [f"{dtype}-{kernel.rstrip('-') or 'adam'}" for kernel, dtype in OPTIMIZER_KERNELS]
 
 

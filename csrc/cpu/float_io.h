@@ -77,6 +77,8 @@ inline float load_param(const param_t* __restrict__ param, const master_t<kWrite
     return master[i];
   } else if constexpr (kWrite == WriteBack::kRemainder) {
     return join_bf16_master(reinterpret_cast<const uint16_t*>(param)[i], master[i]);
+  } else if constexpr (kWrite == WriteBack::kRemainder8) {
+    return join_bf16_master24(reinterpret_cast<const uint16_t*>(param)[i], master[i]);
   } else {
     return load_float(param, i);
   }
@@ -93,6 +95,10 @@ inline void write_param(param_t* __restrict__ param, master_t<kWrite>* __restric
     const uint16_t bits = bf16_master_bits(value);
     reinterpret_cast<uint16_t*>(param)[i] = bits;
     master[i] = bf16_master_remainder(value, bits);
+  } else if constexpr (kWrite == WriteBack::kRemainder8) {
+    const uint16_t bits = bf16_master24_bits(value);
+    reinterpret_cast<uint16_t*>(param)[i] = bits;
+    master[i] = bf16_master24_remainder(value, bits);
   } else {
     if constexpr (kWrite == WriteBack::kMaster) master[i] = value;
     store_float(param, i, value);

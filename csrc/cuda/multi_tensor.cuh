@@ -164,8 +164,8 @@ __device__ __forceinline__ void store_vec(T* ptr, const T (&in)[kVec]) {
 }
 
 // An optimizer's param values as fp32, by write-back (rounding.h): the param's, its fp32 master copy's, or the bf16
-// param joined with its int16 remainder (two 16-byte loads of eight 16-bit halves). Vectors of kVec at i, and one
-// element at i.
+// param joined with its int16 (int8) remainder (a 16-byte load of eight bf16 halves, and one of 16 or 8 bytes).
+// Vectors of kVec at i, and one element at i.
 template <WriteBack kWrite, typename param_t>
 __device__ __forceinline__ void load_param_vec(const param_t* param, const master_t<kWrite>* master, int64_t i,
                                                float (&out)[kVec]) {
@@ -180,6 +180,16 @@ __device__ __forceinline__ void load_param_vec(const param_t* param, const maste
       out[2 * k] = join_bf16_master(static_cast<uint16_t>(b[k]), static_cast<int16_t>(r[k] & 0xFFFFu));
       out[2 * k + 1] = join_bf16_master(static_cast<uint16_t>(b[k] >> 16), static_cast<int16_t>(r[k] >> 16));
     }
+  } else if constexpr (kWrite == WriteBack::kRemainder8) {  // eight int8 remainders: one 8-byte load
+    const uint4 bits = *reinterpret_cast<const uint4*>(param + i);
+    const uint2 rest = *reinterpret_cast<const uint2*>(master + i);
+    const uint32_t b[4] = {bits.x, bits.y, bits.z, bits.w};
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const uint32_t word = k < 4 ? rest.x : rest.y;
+      const uint16_t param_bits = static_cast<uint16_t>(k % 2 == 0 ? b[k / 2] : b[k / 2] >> 16);
+      out[k] = join_bf16_master24(param_bits, static_cast<int8_t>((word >> (8 * (k % 4))) & 0xFFu));
+    }
   } else {
     load_vec(param + i, out);
   }
@@ -189,6 +199,7 @@ template <WriteBack kWrite, typename param_t>
 __device__ __forceinline__ float load_param_at(const param_t* param, const master_t<kWrite>* master, int64_t i) {
   if constexpr (kWrite == WriteBack::kMaster) return master[i];
   if constexpr (kWrite == WriteBack::kRemainder) return join_bf16_master(param[i].x, master[i]);
+  if constexpr (kWrite == WriteBack::kRemainder8) return join_bf16_master24(param[i].x, master[i]);
   return static_cast<float>(param[i]);
 }
 
@@ -208,6 +219,16 @@ __device__ __forceinline__ void store_param_vec(param_t* param, master_t<kWrite>
     }
     *reinterpret_cast<uint4*>(param + i) = make_uint4(b[0], b[1], b[2], b[3]);
     *reinterpret_cast<uint4*>(master + i) = make_uint4(r[0], r[1], r[2], r[3]);
+  } else if constexpr (kWrite == WriteBack::kRemainder8) {
+    uint32_t b[4] = {0, 0, 0, 0}, r[2] = {0, 0};
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const uint16_t bits = bf16_master24_bits(value[k]);
+      b[k / 2] |= static_cast<uint32_t>(bits) << (16 * (k % 2));
+      r[k / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(bf16_master24_remainder(value[k], bits))) << (8 * (k % 4));
+    }
+    *reinterpret_cast<uint4*>(param + i) = make_uint4(b[0], b[1], b[2], b[3]);
+    *reinterpret_cast<uint2*>(master + i) = make_uint2(r[0], r[1]);
   } else {
     if constexpr (kWrite == WriteBack::kMaster) store_vec(master + i, value);
     param_t out[kVec];
@@ -224,6 +245,10 @@ __device__ __forceinline__ void store_param_at(param_t* param, master_t<kWrite>*
     const uint16_t bits = bf16_master_bits(value);
     param[i] = param_t(bits, param_t::from_bits());
     master[i] = bf16_master_remainder(value, bits);
+  } else if constexpr (kWrite == WriteBack::kRemainder8) {
+    const uint16_t bits = bf16_master24_bits(value);
+    param[i] = param_t(bits, param_t::from_bits());
+    master[i] = bf16_master24_remainder(value, bits);
   } else {
     if constexpr (kWrite == WriteBack::kMaster) master[i] = value;
     param[i] = to_param<param_t, kWrite == WriteBack::kStochastic>(value, stream, i);

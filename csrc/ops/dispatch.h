@@ -35,19 +35,22 @@ decltype(auto) dispatch_param_grad_types(ScalarType param_dtype, ScalarType grad
 inline WriteBack write_back_of(bool stochastic, TensorList master_params) {
   if (stochastic) return WriteBack::kStochastic;
   if (master_params.empty()) return WriteBack::kNearest;
-  return master_params[0].scalar_type() == ScalarType::Short ? WriteBack::kRemainder : WriteBack::kMaster;
+  const ScalarType dtype = master_params[0].scalar_type();
+  if (dtype == ScalarType::Short) return WriteBack::kRemainder;
+  return dtype == ScalarType::Char ? WriteBack::kRemainder8 : WriteBack::kMaster;
 }
 
 // Calls fn(std::integral_constant<WriteBack, W>{}) for the runtime `write`; the bf16-only write-backs (stochastic,
-// remainder) are instantiated for bf16 params only (the op's checks refused any other call before this).
+// remainders) are instantiated for bf16 params only (the op's checks refused any other call before this).
 template <typename param_t, typename Fn>
 decltype(auto) dispatch_write_back(WriteBack write, Fn&& fn) {
   using W = WriteBack;
   if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
     if (write == W::kStochastic) return fn(std::integral_constant<W, W::kStochastic>{});
     if (write == W::kRemainder) return fn(std::integral_constant<W, W::kRemainder>{});
+    if (write == W::kRemainder8) return fn(std::integral_constant<W, W::kRemainder8>{});
   } else {
-    FO_CHECK(write != W::kStochastic && write != W::kRemainder,
+    FO_CHECK(write != W::kStochastic && write != W::kRemainder && write != W::kRemainder8,
              "fused_optim: stochastic rounding and master remainders are for bfloat16 params");
   }
   if (write == W::kMaster) return fn(std::integral_constant<W, W::kMaster>{});

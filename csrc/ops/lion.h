@@ -38,14 +38,13 @@ inline std::vector<Tensor> check_lion_args(FUSED_OPTIM_LION_ARGS) {
   if (n == 0) return {};
   const torch::stable::Device device = params[0].device();
   std::vector<Tensor> matched_grads(grads.begin(), grads.end());
-  const bool remainders = masters_are_remainders(master_params);
   for (size_t i = 0; i < n; ++i) {
     const TensorInfo p(params[i]);
     check_param("lion_step_", p, device);
     FO_CHECK(!stochastic_rounding || p.dtype == kBFloat16, "lion_step_: stochastic rounding is for bfloat16 params");
     const TensorInfo grad = check_grad("lion_step_", grads[i], p, "Lion does not support sparse gradients");
     check_fp32_state("lion_step_", exp_avgs[i], p, "exp_avg");
-    if (!master_params.empty()) check_master("lion_step_", master_params[i], p, remainders);
+    if (!master_params.empty()) check_master("lion_step_", master_params[i], p, master_params[0].scalar_type());
     check_step("lion_step_", steps[i], p);
     if (grad.strides != p.strides) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);
   }

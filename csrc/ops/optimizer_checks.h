@@ -35,26 +35,17 @@ inline void check_fp32_state(const char* op, const Tensor& t, const TensorInfo& 
   FO_CHECK(state.dtype == kFloat, op, ": ", what, " must be float32");
 }
 
-// Whether a call's master params are 16-bit remainders (int16, beside bf16 params: rounding.h) rather than fp32
-// copies; every master of one call is the one kind or the other (check_master).
-inline bool masters_are_remainders(TensorList master_params) {
-  return !master_params.empty() && master_params[0].scalar_type() == ScalarType::Short;
-}
-
-// A master param: an fp32 copy (check_fp32_state), or, in a call of remainders, the int16 low half of a bfloat16
-// param's fp32 master in the param's shape and strides.
-inline void check_master(const char* op, const Tensor& t, const TensorInfo& p, bool remainders) {
-  if (!remainders) {
-    FO_CHECK(t.scalar_type() != ScalarType::Short, op,
-             ": master params must be all float32 copies or all int16 remainders, not a mix");
+// A master param: an fp32 copy (check_fp32_state), or the int16 (int8) low bits of a bfloat16 param's fp32 (24-bit)
+// master (rounding.h) in the param's shape and strides. Every master of one call has the first one's dtype.
+inline void check_master(const char* op, const Tensor& t, const TensorInfo& p, ScalarType first_dtype) {
+  FO_CHECK(t.scalar_type() == first_dtype, op,
+           ": master params must be all float32 copies, all int16 remainders or all int8 remainders, not a mix");
+  if (first_dtype != ScalarType::Short && first_dtype != ScalarType::Char) {
     check_fp32_state(op, t, p, "master param");
     return;
   }
-  const TensorInfo state(t);
-  FO_CHECK(state.dtype == ScalarType::Short, op,
-           ": master params must be all float32 copies or all int16 remainders, not a mix");
-  FO_CHECK(p.dtype == kBFloat16, op, ": an int16 master remainder is for a bfloat16 param, got ", p.dtype);
-  FO_CHECK(state.same_layout(p), op, ": a master remainder must have the param's shape, strides and device");
+  FO_CHECK(p.dtype == kBFloat16, op, ": a master remainder is for a bfloat16 param, got ", p.dtype);
+  FO_CHECK(TensorInfo(t).same_layout(p), op, ": a master remainder must have the param's shape, strides and device");
 }
 
 // A step count: one float32 value on the param's device (the kernels read it through a raw pointer).

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from fused_optim import _backend
+from fused_optim.master_remainder import REMAINDER_DTYPES
 
 lib = torch.library.Library("fused_optim", "DEF")
 
@@ -122,7 +123,7 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
     """What the Python twins of the optimizer ops check alike (csrc/ops/optimizer_checks.h), for non-empty lists of
     equal length: params of `dtypes`, dense, on one device; grads of their param's shape, dense (else
     `sparse_message`), of its dtype or fp32; each of `state_lists` in its param's shape and strides, fp32 (fp64 for
-    fp64 params); `master_params` (if any) the same, or all int16 remainders of bf16 params (rounding.h);
+    fp64 params); `master_params` (if any) the same, or all int16 (int8) remainders of bf16 params (rounding.h);
     one-element fp32 step counts and `scalars`. Returns the grads in their params' memory layout.
     Whole-list comparisons rather than a loop over tensors: a step of a thousand tensors pays this every time."""
     if not params:
@@ -137,12 +138,12 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
         raise RuntimeError(f"{op}: stochastic rounding is for bfloat16 params")
     if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
         raise RuntimeError(f"{op}: a grad must have its param's dtype or float32")
-    remainders = bool(master_params) and master_params[0].dtype == torch.int16
-    if remainders:
-        if any(m.dtype != torch.int16 for m in master_params):
-            raise RuntimeError(f"{op}: master params must be all float32 copies or all int16 remainders, not a mix")
-        if set(param_dtypes) != {torch.bfloat16}:
-            raise RuntimeError(f"{op}: an int16 master remainder is for a bfloat16 param")
+    remainders = bool(master_params) and master_params[0].dtype in REMAINDER_DTYPES
+    if any(m.dtype != master_params[0].dtype for m in master_params):
+        raise RuntimeError(f"{op}: master params must be all float32 copies, all int16 remainders or all int8 "
+                           "remainders, not a mix")
+    if remainders and set(param_dtypes) != {torch.bfloat16}:
+        raise RuntimeError(f"{op}: a master remainder is for a bfloat16 param")
     state_lists = [*state_lists, master_params] if master_params else state_lists
     devices = {t.device for tensors in [params, grads, steps, *state_lists] for t in tensors}
     if len(devices) != 1:
@@ -159,7 +160,8 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
                            "params' device")
     state_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
     for tensors in state_lists:
-        expected_dtypes = [torch.int16] * len(params) if remainders and tensors is master_params else state_dtypes
+        is_remainders = remainders and tensors is master_params
+        expected_dtypes = [master_params[0].dtype] * len(params) if is_remainders else state_dtypes
         if [t.shape for t in tensors] != shapes or [t.stride() for t in tensors] != strides or [
             t.dtype for t in tensors
         ] != expected_dtypes:

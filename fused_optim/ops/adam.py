@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim.master_remainder import join_master, store_split
+from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, store_split
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, real_views, resolve_op, split_wide,
                                       step_scalars)
@@ -82,7 +82,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
 
         group_params, group_steps = pick(params), pick(steps)
         low_precision = group_params[0].dtype in (torch.bfloat16, torch.float16)
-        remainders = pick(master_params) if master_params and master_params[0].dtype == torch.int16 else []
+        remainders = pick(master_params) if master_params and master_params[0].dtype in REMAINDER_DTYPES else []
         if remainders:  # bf16 params with their masters' remainders: the fp32 masters, joined
             fp32_params = [join_master(p, r) for p, r in zip(group_params, remainders)]
         elif master_params:

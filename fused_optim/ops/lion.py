@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim.master_remainder import join_master, store_split
+from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, store_split
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip, real_views,
                                       resolve_op, split_wide, step_scalars)
@@ -70,7 +70,7 @@ def _lion_step_torch(params, grads, exp_avgs, master_params, steps, lr, lr_tenso
     lr_value = lr_tensor.double() if lr_tensor is not None else lr
     param_decay = 1 - lr_value * weight_decay
     torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
-    remainders = master_params if master_params and master_params[0].dtype == torch.int16 else []
+    remainders = master_params if master_params and master_params[0].dtype in REMAINDER_DTYPES else []
     for i, param in enumerate(params):
         if remainders:  # a bf16 param with its master's remainder: the fp32 master, joined
             p = join_master(param, remainders[i])

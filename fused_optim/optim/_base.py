@@ -14,7 +14,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _device_dtype_check_for_fu
 
 from fused_optim import _backend
 from fused_optim.accumulate import accumulator_of
-from fused_optim.master_remainder import join_master, split_master
+from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, split_master
 from fused_optim.ops._dtensor import is_dtensor, layout, on_local_shards
 from fused_optim.optim._guard import StepGuard, grad_of
 from fused_optim.optim._plan import Plan
@@ -32,19 +32,30 @@ def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float32, *LOW_PRECISION) and not group.get("differentiable") else p.dtype
 
 
-def init_master(p: Tensor, state: dict[str, Tensor]) -> None:
-    """A low-precision param's master weight (master_weights=True), equal to the param at first: a bf16 param's as
-    an int16 remainder beside it (`master_remainder`, 2 bytes: fused_optim/master_remainder.py), an fp16 param's as
-    an fp32 copy (`master_param`: an fp16 param and 16 more bits cannot hold every fp32 value)."""
+def check_master_weights(master_weights: bool | int) -> None:
+    """The constructors' check of `master_weights`: False, True (exact fp32 masters) or 24 (24-bit masters)."""
+    if master_weights not in (False, True, 24):
+        raise ValueError(f"master_weights must be True (exact fp32 masters), 24 (24-bit masters: a bfloat16 param and "
+                         f"an 8-bit remainder) or False, not {master_weights!r}")
+
+
+def init_master(p: Tensor, state: dict[str, Tensor], master_weights: bool | int) -> None:
+    """A low-precision param's master weight, equal to the param at first: a bf16 param's as a remainder beside it
+    (`master_remainder`: int16, 2 bytes, the exact fp32 master; int8, 1 byte, with master_weights=24 a 24-bit one:
+    fused_optim/master_remainder.py), an fp16 param's as an fp32 copy (`master_param`: an fp16 param and 16 more
+    bits cannot hold every fp32 value)."""
     if p.dtype == torch.bfloat16:
-        state["master_remainder"] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
+        dtype = torch.int8 if master_weights == 24 else torch.int16
+        state["master_remainder"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     else:
         state["master_param"] = p.detach().float()
 
 
 def master_of(state: dict[str, Tensor], kind: str) -> Tensor | None:
     """A param's entry in its op call's master list: its remainder, its fp32 copy, or None (no master)."""
-    return {"remainder": state.get("master_remainder"), "master": state.get("master_param")}.get(kind)
+    if kind.startswith("remainder"):
+        return state["master_remainder"]
+    return state["master_param"] if kind == "master" else None
 
 
 def check_torch_flags(params: list[Tensor], group: dict[str, Any]) -> None:
@@ -103,6 +114,9 @@ class FusedOptimizer(Optimizer):
             problem = f"all params of a group must be on one device, got {', '.join(sorted(map(str, devices)))}"
         elif len({is_dtensor(p) for p in params}) > 1:
             problem = "a group's params must be all DTensors or all plain tensors, not a mix"
+        elif self.param_groups[-1].get("master_weights") == 24 and any(p.dtype != torch.bfloat16 for p in params):
+            problem = ("master_weights=24 keeps a bfloat16 param's master as an 8-bit remainder beside it: every param "
+                       "of its group must be bfloat16 (master_weights=True keeps an exact fp32 master for any dtype)")
         elif self.gradient_release and any(is_dtensor(p) for p in params):
             problem = ("gradient_release=True does not take DTensor params: FSDP2 hands out their grads after its own "
                        "reduce-scatter, past autograd's hook")
@@ -189,8 +203,8 @@ class FusedOptimizer(Optimizer):
     def _gather(self, group: dict[str, Any], grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
         """The group's params that have a grad (`grads`: each param's, or None), their grads and state, as the lists
         the update op takes ([params, grads, *state lists]), by kind of update (one op call each): "torch" (a
-        differentiable group), "remainder" (a bf16 param's master remainder), "master" (an fp32 master copy),
-        "stochastic" (bf16 stochastic rounding) or "plain".
+        differentiable group), "remainder" / "remainder24" (a bf16 param's int16 / int8 master remainder), "master"
+        (an fp32 master copy), "stochastic" (bf16 stochastic rounding) or "plain".
 
         Host time matters at a thousand tensors a step, so the lists are kept between steps (optim/_plan.py) and
         only the grads are read again. Everything that can be wrong with a first step is checked before any state
@@ -212,8 +226,8 @@ class FusedOptimizer(Optimizer):
                 self._init_state(p, state, group)
             if group["differentiable"]:
                 kind = "torch"
-            elif "master_remainder" in state:
-                kind = "remainder"
+            elif "master_remainder" in state:  # int16 and int8 remainders: one op call each
+                kind = "remainder" if state["master_remainder"].dtype == torch.int16 else "remainder24"
             elif "master_param" in state:
                 kind = "master"
             elif group["stochastic_rounding"] and p.dtype == torch.bfloat16:
@@ -348,7 +362,7 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
     """Everything load_state_dict will use from `state_dict`, checked before anything is loaded (ValueError or
     TypeError, and nothing changes): torch's own group checks, in its words, then each param's saved state: a dict
     whose `tensor_keys` entries (and master weights) are tensors of the param's shape, whose master remainder is
-    int16 beside a bf16 param, and whose `step` is a number or a 1-element tensor."""
+    int16 or int8 beside a bf16 param, and whose `step` is a number or a 1-element tensor."""
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("loaded state dict must be a dict with 'state' and 'param_groups'")
     groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
@@ -372,9 +386,9 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
                     raise ValueError(f"loaded state dict's {key!r} of param {param_id} has shape "
                                      f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
             remainder = saved.get("master_remainder")
-            if remainder is not None and (remainder.dtype != torch.int16 or p.dtype != torch.bfloat16):
+            if remainder is not None and (remainder.dtype not in REMAINDER_DTYPES or p.dtype != torch.bfloat16):
                 raise TypeError(f"loaded state dict's 'master_remainder' of param {param_id} is {remainder.dtype} for "
-                                f"a {p.dtype} param; a master remainder is int16, beside a bfloat16 param")
+                                f"a {p.dtype} param; a master remainder is int16 or int8, beside a bfloat16 param")
             step = saved.get("step")
             if step is not None and not (isinstance(step, (int, float)) or (isinstance(step, Tensor)
                                                                            and step.numel() == 1)):
@@ -411,14 +425,16 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     state.pop("master_param", None)  # torch's loader cast a saved one to the param's dtype: re-taken below
     state.pop("master_remainder", None)
     if "master_remainder" in saved_state:
-        state["master_remainder"] = torch.empty_like(p, dtype=torch.int16).copy_(saved_state["master_remainder"])
+        saved_remainder = saved_state["master_remainder"]
+        state["master_remainder"] = torch.empty_like(p, dtype=saved_remainder.dtype).copy_(saved_remainder)
     elif "master_param" in saved_state and p.dtype == torch.bfloat16:
+        bits = 24 if group["master_weights"] == 24 else 32
         master = saved_state["master_param"].to(device=p.device, dtype=torch.float32)
-        param = on_local_shards(lambda shard: split_master(shard)[0], master)
-        remainder = on_local_shards(lambda shard: split_master(shard)[1], master)
+        param = on_local_shards(lambda shard: split_master(shard, bits)[0], master)
+        remainder = on_local_shards(lambda shard: split_master(shard, bits)[1], master)
         p.copy_(param)
-        state["master_remainder"] = torch.empty_like(p, dtype=torch.int16).copy_(remainder)
+        state["master_remainder"] = torch.empty_like(p, dtype=remainder.dtype).copy_(remainder)
     elif "master_param" in saved_state:
         state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(saved_state["master_param"])
     elif group["master_weights"] and p.dtype in LOW_PRECISION:
-        init_master(p, state)
+        init_master(p, state, group["master_weights"])

@@ -11,8 +11,11 @@ Differences from torch, all additive:
   remainder beside it (`state["master_remainder"]`: param and remainder together are the fp32 value, the param its
   rounding to nearest with ties away from zero; fused_optim/master_remainder.py), for an fp16 param as an fp32 copy
   (`state["master_param"]`). The update runs on the fp32 value. `state_dict()` saves the remainders as they are;
-  `torch_state_dict()` gives fp32 masters (`master_param`), and `load_state_dict` takes either. `stochastic_rounding=True` instead rounds the fp32 result of each
-  bf16 param to bf16 stochastically (unbiased), keeping no copy. fp32 params are unaffected by either.
+  `torch_state_dict()` gives fp32 masters (`master_param`), and `load_state_dict` takes either.
+  `master_weights=24` (bf16 params only): FlashOptim's 24-bit masters, an int8 remainder (1 byte) holding the
+  master rounded to 24 bits (to nearest, ties away from zero) after each step. `stochastic_rounding=True` instead
+  rounds the fp32 result of each bf16 param to bf16 stochastically (unbiased), keeping no copy. fp32 params are
+  unaffected by any of these.
 - `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
 - Every step is capturable: the step count, a tensor lr and GradScaler's grad_scale/found_inf are read on the
   device, never on the host, so `capturable` is accepted and changes nothing. `foreach` and `fused` are accepted
@@ -40,8 +43,9 @@ from torch.optim.adam import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.adam import adam_step
-from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_saved_state, check_torch_flags,
-                                     init_master, master_of, restore_saved_state, state_dtype)
+from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_master_weights,
+                                     check_saved_state, check_torch_flags, init_master, master_of, restore_saved_state,
+                                     state_dtype)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -80,7 +84,7 @@ class Adam(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
-        master_weights: bool = False,
+        master_weights: bool | int = False,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         gradient_release: bool = False,
@@ -107,6 +111,7 @@ class Adam(FusedOptimizer):
         for index, beta in enumerate(betas):
             if isinstance(beta, Tensor) and foreach and not capturable:
                 raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
+        check_master_weights(master_weights)
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {
@@ -171,7 +176,7 @@ class Adam(FusedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = zeros()
         if group["master_weights"] and p.dtype in LOW_PRECISION:
-            init_master(p, state)
+            init_master(p, state, group["master_weights"])
 
     def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
         return [state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if group["amsgrad"] else None,
@@ -222,7 +227,7 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        master_weights: bool = False,
+        master_weights: bool | int = False,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         gradient_release: bool = False,

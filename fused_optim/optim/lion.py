@@ -9,8 +9,9 @@ fused_optim.AdamW:
 - `exp_avg` is fp32 for fp32, bf16 and fp16 params (fp64 for fp64 params, stepped in plain torch ops), and a
   `step` count (a float32 tensor on the param's device) keys the stochastic rounding's random stream on the device.
 - `master_weights=True` keeps each bf16/fp16 param's fp32 master (a bf16 param's as an int16 remainder,
-  `master_remainder`; an fp16 param's as an fp32 copy, `master_param`: as fused_optim.AdamW); `stochastic_rounding=True`
-  rounds bf16 params stochastically instead. `maximize`, `max_grad_norm=`, `gradient_release=`, GradScaler
+  `master_remainder`; an fp16 param's as an fp32 copy, `master_param`: as fused_optim.AdamW), `master_weights=24` a
+  bf16 param's 24-bit master (an int8 remainder); `stochastic_rounding=True` rounds bf16 params stochastically
+  instead. `maximize`, `max_grad_norm=`, `gradient_release=`, GradScaler
   (grad_scale and found_inf read on the device), a tensor lr, `backend=`, DTensor params, `main_grad`
   (GradAccumulator): as AdamW.
 - Complex params, sparse grads and differentiable groups are refused (RuntimeError/TypeError at the step, nothing
@@ -26,8 +27,8 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.lion import SPARSE_MESSAGE, lion_step
-from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, check_saved_state, init_master, master_of,
-                                     restore_saved_state, state_dtype)
+from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, check_master_weights, check_saved_state,
+                                     init_master, master_of, restore_saved_state, state_dtype)
 
 LION_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64)
 
@@ -50,7 +51,7 @@ class Lion(FusedOptimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
-        master_weights: bool = False,
+        master_weights: bool | int = False,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         gradient_release: bool = False,
@@ -66,6 +67,7 @@ class Lion(FusedOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_master_weights(master_weights)
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {
@@ -102,7 +104,7 @@ class Lion(FusedOptimizer):
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p, group), memory_format=torch.preserve_format)
         if group["master_weights"] and p.dtype in LOW_PRECISION:
-            init_master(p, state)
+            init_master(p, state, group["master_weights"])
 
     def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
         return [state["exp_avg"], master_of(state, kind), state["step"]]

@@ -56,11 +56,13 @@ def _bf16_nearest(x):
 
 
 # How an update's result reaches a param (rounding.h's WriteBack): rounded to nearest, through an fp32 master copy,
-# through a bf16 param's int16 master remainder (the two together are the fp32 master), or stochastically rounded.
+# through a bf16 param's int16 master remainder (the two together are the fp32 master), stochastically rounded, or
+# through an int8 remainder (a 24-bit master).
 NEAREST: tl.constexpr = tl.constexpr(0)
 MASTER: tl.constexpr = tl.constexpr(1)
 REMAINDER: tl.constexpr = tl.constexpr(2)
 STOCHASTIC: tl.constexpr = tl.constexpr(3)
+REMAINDER8: tl.constexpr = tl.constexpr(4)
 
 
 def write_back(stochastic_rounding: bool, master_params) -> int:
@@ -69,7 +71,7 @@ def write_back(stochastic_rounding: bool, master_params) -> int:
         return STOCHASTIC.value
     if not master_params:
         return NEAREST.value
-    return REMAINDER.value if master_params[0].dtype == torch.int16 else MASTER.value
+    return {torch.int16: REMAINDER.value, torch.int8: REMAINDER8.value}.get(master_params[0].dtype, MASTER.value)
 
 
 @triton.jit
@@ -79,6 +81,9 @@ def param_pointers(row, param_column, master_column, PARAM_DTYPE: tl.constexpr, 
     if WRITE == REMAINDER:
         param_ptr = load_pointer(row, param_column, tl.uint16, ALIGNED)
         master_ptr = load_pointer(row, master_column, tl.int16, ALIGNED)
+    elif WRITE == REMAINDER8:
+        param_ptr = load_pointer(row, param_column, tl.uint16, ALIGNED)
+        master_ptr = load_pointer(row, master_column, tl.int8, ALIGNED)
     else:
         param_ptr = load_pointer(row, param_column, PARAM_DTYPE, ALIGNED)
         master_ptr = load_pointer(row, master_column, tl.float32, ALIGNED)
@@ -93,6 +98,10 @@ def load_param(param_ptr, master_ptr, offsets, mask, WRITE: tl.constexpr):
         bits = tl.load(param_ptr + offsets, mask=mask).to(tl.uint32)
         rest = tl.load(master_ptr + offsets, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
         p = ((bits << 16) + rest).to(tl.float32, bitcast=True)
+    elif WRITE == REMAINDER8:  # rounding.h's join_bf16_master24
+        bits = tl.load(param_ptr + offsets, mask=mask).to(tl.uint32)
+        rest = tl.load(master_ptr + offsets, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
+        p = (((bits << 8) + rest) << 8).to(tl.float32, bitcast=True)
     elif WRITE == MASTER:
         p = tl.load(master_ptr + offsets, mask=mask)
     else:
@@ -104,12 +113,21 @@ def load_param(param_ptr, master_ptr, offsets, mask, WRITE: tl.constexpr):
 def store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE: tl.constexpr, WRITE: tl.constexpr):
     """An optimizer's new param values `p` (fp32) into the param, by WRITE: with the master copy, split into a bf16
     param rounded to nearest with ties away from zero and the int16 remainder below it (rounding.h's
-    bf16_master_bits), stochastically rounded to bf16 (with the tensor's random stream), or rounded to nearest."""
+    bf16_master_bits), the same one byte lower for a 24-bit master (REMAINDER8), stochastically rounded to bf16
+    (with the tensor's random stream), or rounded to nearest."""
     if WRITE == REMAINDER:
         u = p.to(tl.uint32, bitcast=True)
         bits = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x0040, (u + 0x8000) >> 16)
         tl.store(param_ptr + offsets, bits.to(tl.uint16), mask=mask)
         tl.store(master_ptr + offsets, (u - (bits << 16)).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    elif WRITE == REMAINDER8:  # rounding.h's bf16_master24_bits and bf16_master24_remainder
+        u = p.to(tl.uint32, bitcast=True)
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        top24 = (u + 0x80) >> 8
+        bits = tl.where(nan, (u >> 16) | 0x0040, (top24 + 0x80) >> 8)
+        rest = tl.where(nan, 0, top24 - (bits << 8)) & 0xFF
+        tl.store(param_ptr + offsets, bits.to(tl.uint16), mask=mask)
+        tl.store(master_ptr + offsets, rest.to(tl.uint8).to(tl.int8, bitcast=True), mask=mask)
     else:
         if WRITE == MASTER:
             tl.store(master_ptr + offsets, p, mask=mask)

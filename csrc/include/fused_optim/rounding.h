@@ -93,14 +93,44 @@ FO_HOST_DEVICE float join_bf16_master(uint16_t param_bits, int16_t remainder) {
   return x;
 }
 
+// master_weights=24 (FlashOptim's "24-bit" masters): the master rounded to 24 bits (to nearest, ties away from
+// zero) and kept as the bf16 param plus an 8-bit remainder: (param bits << 16) + (remainder << 8). The same split as
+// above, one byte lower: the param is the 24-bit master rounded to nearest with ties away from zero, the remainder
+// the rest in [-0x80, 0x7F]. A NaN gives a quiet NaN param and a remainder of 0.
+FO_HOST_DEVICE uint32_t master24(float master) {
+  return (float_bits(master) + 0x80u) >> 8;  // the top 24 bits, rounded (a NaN's are never used)
+}
+
+FO_HOST_DEVICE uint16_t bf16_master24_bits(float master) {
+  const uint32_t u = float_bits(master);
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(nan ? (u >> 16) | 0x0040u : (master24(master) + 0x80u) >> 8);
+}
+
+FO_HOST_DEVICE int8_t bf16_master24_remainder(float master, uint16_t param_bits) {
+  const uint32_t u = float_bits(master);
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<int8_t>(nan ? 0u : (master24(master) - (static_cast<uint32_t>(param_bits) << 8)) & 0xFFu);
+}
+
+FO_HOST_DEVICE float join_bf16_master24(uint16_t param_bits, int8_t remainder) {
+  const uint32_t u = ((static_cast<uint32_t>(param_bits) << 8) + static_cast<uint32_t>(static_cast<int32_t>(remainder)))
+                     << 8;
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
 // How an optimizer's fp32 result reaches a param: rounded to nearest; through an fp32 master copy (the update reads
 // the copy, writes it, and the param gets its rounding); through a 16-bit master remainder beside a bf16 param (the
-// two together are the fp32 master, exactly: above); or stochastically rounded to bf16.
-enum class WriteBack { kNearest, kMaster, kRemainder, kStochastic };
+// two together are the fp32 master, exactly: above), or an 8-bit one (a 24-bit master); or stochastically rounded
+// to bf16.
+enum class WriteBack { kNearest, kMaster, kRemainder, kStochastic, kRemainder8 };
 
 // The element type of a call's master list (unused without a master).
 template <WriteBack kWrite>
-using master_t = std::conditional_t<kWrite == WriteBack::kRemainder, int16_t, float>;
+using master_t = std::conditional_t<kWrite == WriteBack::kRemainder, int16_t,
+                                    std::conditional_t<kWrite == WriteBack::kRemainder8, int8_t, float>>;
 
 template <typename T>
 FO_HOST_DEVICE T round_to(float x) {
