@@ -149,10 +149,29 @@ def random_bits(stream: torch.Tensor, numel: int) -> torch.Tensor:
     return _mix32((_mix32(stream ^ (index & _MASK32)) + (index >> 32)) & _MASK32)
 
 
-def bf16_stochastic_round(x: torch.Tensor, seed: int, tensor_index: int, step: torch.Tensor) -> torch.Tensor:
-    """Round fp32 `x` to bf16, up with probability equal to the discarded fraction (inf/NaN unchanged)."""
+def moment_stream(stream: torch.Tensor, draw: int) -> torch.Tensor:
+    """The stream of bf16 moments' draw 0 (exp_avg: low 16 bits, exp_avg_sq: high 16) or 1 (max_exp_avg_sq)."""
+    return _mix32((stream + 0x9E3779B9 * (draw + 1)) & _MASK32)
+
+
+def moment_bits(stream: torch.Tensor, numel: int) -> torch.Tensor:
+    """rounding.h's moment_bits: one mix32 of stream and index."""
+    index = torch.arange(numel, dtype=torch.int64, device=stream.device)
+    return _mix32(((stream ^ (index & _MASK32)) + _mul32(index >> 32, 0x9E3779B9)) & _MASK32)
+
+
+def bf16_stochastic_round(x: torch.Tensor, seed: int, tensor_index: int, step: torch.Tensor,
+                          moment: int | None = None) -> torch.Tensor:
+    """Round fp32 `x` to bf16, up with probability equal to the discarded fraction (inf/NaN unchanged), with the
+    random bits of a param (moment=None) or of its Adam moment 0 (exp_avg), 1 (exp_avg_sq) or 2 (max_exp_avg_sq):
+    moment_stream."""
     bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    noise = random_bits(stream_key(seed, tensor_index, step), x.numel()).view(x.shape) & 0xFFFF
+    stream = stream_key(seed, tensor_index, step)
+    if moment is None:
+        noise = random_bits(stream, x.numel()) & 0xFFFF
+    else:
+        noise = (moment_bits(moment_stream(stream, moment // 2), x.numel()) >> (16 * (moment % 2))) & 0xFFFF
+    noise = noise.view(x.shape)
     finite = (bits & 0x7F800000) != 0x7F800000
     bits = torch.where(finite, (bits + noise) & _MASK32, bits)
     upper = bits >> 16

@@ -310,7 +310,8 @@ def test_adam_with_decoupled_decay_is_wrong(monkeypatch):
     """AdamW's step posing as Adam's (decay decoupled, not folded into the grad) fails the check and is not timed."""
     from fused_optim.tools.bench import adamw
 
-    monkeypatch.setattr(adamw, "_ours", lambda backend, variant=adamw.ADAMW: adamw._torch(adamw.ADAMW, foreach=True))
+    monkeypatch.setattr(adamw, "_ours", lambda backend, variant=adamw.ADAMW, moments="fp32":
+                        adamw._torch(adamw.ADAMW, foreach=True))
     ours = next(r for r in adamw.run(_adam_config()) if r["impl"] == "fused_optim[cpu]")
     assert ours["correct"] is False and ours["time_ms_median"] is None
     assert ours["max_abs_err"] > 10 * adamw.COUPLED_DECAY_ATOL and ours["note"].startswith("wrong result")

@@ -58,20 +58,30 @@ def cross_entropy_kernels_ptx(tmp_path_factory) -> dict[str, str]:
 NEAREST, MASTER, REMAINDER, STOCHASTIC, REMAINDER8 = "0", "1", "2", "3", "4"
 
 
+def template_arguments(names) -> dict[str, list[str]]:
+    """Each mangled kernel name's template arguments, as c++filt spells them ("float", "c10::BFloat16", "false")."""
+    if shutil.which("c++filt") is None:
+        pytest.skip("c++filt not found")
+    demangled = subprocess.run(["c++filt", *names], check=True, capture_output=True, text=True).stdout.splitlines()
+    return {name: re.search(r"<(.*?)>\(", line).group(1).split(", ") for name, line in zip(names, demangled)}
+
+
 def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
-    # param dtype x grad dtype x amsgrad x (nearest, master), and (stochastic, remainders of 16 and 8 bits) for the 2
-    # bf16 pairs
-    assert len(adam_kernels_ptx) == 32
-    for name, body in adam_kernels_ptx.items():
-        param_t, amsgrad, write = re.search(r"adam_kernelI(f|N3c108BFloat16E|N3c104HalfE).*?Lb([01])ELNS_9WriteBackE(\d)E",
-                                            name).groups()
-        fp32_arrays = 2 + int(amsgrad) + int(write == MASTER)  # exp_avg, exp_avg_sq, [max_exp_avg_sq], [master]
+    # param dtype x grad dtype x moment dtype x amsgrad x (nearest, master), and (stochastic, remainders of 16 and 8
+    # bits) for the 2 bf16 pairs
+    assert len(adam_kernels_ptx) == 64
+    for name, (param_t, grad_t, moment_t, amsgrad, write) in template_arguments(list(adam_kernels_ptx)).items():
+        body, write = adam_kernels_ptx[name], write[-1]  # "(fused_optim::WriteBack)2"
+        moments = 2 + (amsgrad == "true")  # exp_avg, exp_avg_sq, [max_exp_avg_sq]
+        fp32_arrays = (moments if moment_t == "float" else 0) + int(write == MASTER)
         # each fp32 array: two 16-byte loads and two 16-byte stores per 8 elements
         assert body.count("ld.global.v4.f32") >= 2 * fp32_arrays, name
         assert body.count("st.global.v4.f32") >= 2 * fp32_arrays, name
-        if write == REMAINDER:  # the bf16 param and its int16 remainder: one 16-byte load and store each
-            assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.[bu]32", body)) >= 2, name
-            assert len(re.findall(r"st\.global(?:\.\w+)*\.v4\.[bu]32", body)) >= 2, name
+        # 16-bit arrays, 8 elements in one 16-byte access: bf16 moments, a 16-bit param, grad and int16 remainder
+        stored = (moments if moment_t == "c10::BFloat16" else 0) + (param_t != "float") + (write == REMAINDER)
+        loaded = stored + (grad_t != "float") - (param_t != "float" and write == MASTER)  # read from its master
+        assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.[bu]32", body)) >= loaded, name
+        assert len(re.findall(r"st\.global(?:\.\w+)*\.v4\.[bu]32", body)) >= stored, name
         if write == REMAINDER8:  # the bf16 param in 16 bytes, its 8 int8 remainders in 8
             assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
             assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name

@@ -151,11 +151,14 @@ def fsdp_optimizers(rank: int, world: int, names) -> dict:
 
 
 def fsdp_low_precision(rank: int, world: int) -> dict:
-    """bf16 params under FSDP2: master weights (int16 remainders, a DTensor state) and stochastic rounding."""
+    """bf16 params under FSDP2: master weights (int16 remainders, a DTensor state), stochastic rounding, and bf16
+    moments (each rank rounds its shards with its own random streams)."""
     results = {}
-    for mode in ("master_weights", "stochastic_rounding"):
+    modes = {"master_weights": dict(master_weights=True), "stochastic_rounding": dict(stochastic_rounding=True),
+             "bf16_moments": dict(master_weights=True, moments="bf16")}
+    for mode, options in modes.items():
         model = fsdp(make_model(torch.bfloat16))
-        opt = fused_optim.AdamW(model.parameters(), lr=1e-2, **{mode: True})
+        opt = fused_optim.AdamW(model.parameters(), lr=1e-2, **options)
         train(model, opt, dp_rank=rank, dp_size=world)
         results[mode] = {"params": full_params(model), "state_like_params": state_like_params(opt)}
         if mode == "master_weights":
@@ -517,11 +520,12 @@ def test_master_weights_and_stochastic_rounding_on_bf16_shards(two):
     masters = [master_weight(opt, p) for p in model.parameters()]
     for result in two:
         run = result["low_precision"]
-        assert run["master_weights"]["state_like_params"] and run["stochastic_rounding"]["state_like_params"]
+        assert all(run[mode]["state_like_params"] for mode in ("master_weights", "stochastic_rounding", "bf16_moments"))
         # the ranks' bf16 gradients are averaged in another order than the single process sums them: a few ulps
         assert_close(run["master_weights"]["masters"], masters, atol=2e-3)
-        for got, want in zip(run["stochastic_rounding"]["params"], masters):
-            assert float((got.float() - want).abs().max()) <= 2e-2  # within a few bf16 ulps of the fp32 path
+        for mode in ("stochastic_rounding", "bf16_moments"):
+            for got, want in zip(run[mode]["params"], masters):
+                assert float((got.float() - want).abs().max()) <= 2e-2, mode  # a few bf16 ulps of the fp32 path
 
 
 def test_distributed_checkpoint_resharded_from_four_ranks_to_two_and_to_one(four, two, checkpoint_dir):

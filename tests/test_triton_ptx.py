@@ -42,11 +42,15 @@ SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
 }
 results = {}
 # rounded to nearest, and (bf16) through a master remainder: its int16 stream beside the param's
-WRITES = (("fp32", tl.float32, NEAREST.value), ("bf16", tl.bfloat16, NEAREST.value),
-          ("bf16-remainder", tl.bfloat16, REMAINDER.value), ("bf16-remainder24", tl.bfloat16, REMAINDER8.value))
-for name, dtype, write in WRITES:
+# and (fp32 and bf16 params) with bf16 moments
+WRITES = (("fp32", tl.float32, NEAREST.value, tl.float32), ("bf16", tl.bfloat16, NEAREST.value, tl.float32),
+          ("bf16-remainder", tl.bfloat16, REMAINDER.value, tl.float32),
+          ("bf16-remainder24", tl.bfloat16, REMAINDER8.value, tl.float32),
+          ("fp32-bf16-moments", tl.float32, NEAREST.value, tl.bfloat16),
+          ("bf16-bf16-moments", tl.bfloat16, NEAREST.value, tl.bfloat16))
+for name, dtype, write, moment_dtype in WRITES:
     for aligned in (True, False):
-        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False,
+        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False,
                           WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False,
                           HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=8, BLOCK=1024)
         source = ASTSource(fn=_adam_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in constexprs}},
@@ -82,10 +86,13 @@ LION_SIGNATURE = {"table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "gra
                   "found_inf_ptr": "*fp32", "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
                   "one_minus_beta2": "fp32", "weight_decay": "fp32", "seed": "i32", "first_tensor_index": "i32",
                   "num_tensors": "i32"}
-for name, dtype, write in WRITES:
+for name, dtype, write, moment_dtype in WRITES:
+    if moment_dtype != tl.float32:  # Lion's one moment is fp32
+        continue
     for aligned in (True, False):
-        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
-                          SEARCH_STEPS=1, COLUMNS=6, BLOCK=1024)
+        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False,
+                          HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=6,
+                          BLOCK=1024)
         source = ASTSource(fn=_lion_kernel, signature={**LION_SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
@@ -152,8 +159,9 @@ def ptx_accesses() -> dict:
 
 
 OPTIMIZER_KERNELS = [(kernel, dtype) for kernel in ("", "sgd-", "lion-")
-                     for dtype in ("fp32", "bf16", "bf16-remainder", "bf16-remainder24")
-                     if kernel != "sgd-" or not dtype.startswith("bf16-remainder")]  # SGD keeps no master weights
+                     for dtype in ("fp32", "bf16", "bf16-remainder", "bf16-remainder24", "fp32-bf16-moments",
+                                   "bf16-bf16-moments")
+                     if kernel == "" or dtype in ("fp32", "bf16") or (kernel == "lion-" and "remainder" in dtype)]
 OPTIMIZER_KERNEL_IDS = [f"{dtype}-{kernel.rstrip('-') or 'adam'}" for kernel, dtype in OPTIMIZER_KERNELS]
 
 

@@ -2,6 +2,7 @@
 // branch-free inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/adam.h, the same
 // header the CUDA kernel includes.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "ops/torch_api.h"
@@ -18,42 +19,62 @@ namespace {
 struct TensorPointers {
   void* param;
   const void* grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* max_exp_avg_sq;
-  void* master;  // float (a copy) or int16_t (a remainder): WriteBack
+  void* exp_avg;  // moment_t: float, or bf16 (moments="bf16")
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  void* master;  // master_t: a float copy or an int16/int8 remainder (WriteBack)
   uint32_t random_stream;
   AdamScalars scalars;
 };
 
-template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite>
+template <typename param_t, typename grad_t, typename moment_t, bool kAmsgrad, WriteBack kWrite>
 void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
-  float* __restrict__ exp_avg = t.exp_avg;
-  float* __restrict__ exp_avg_sq = t.exp_avg_sq;
-  float* __restrict__ max_exp_avg_sq = t.max_exp_avg_sq;
+  auto* __restrict__ exp_avg = static_cast<moment_t*>(t.exp_avg);
+  auto* __restrict__ exp_avg_sq = static_cast<moment_t*>(t.exp_avg_sq);
+  auto* __restrict__ max_exp_avg_sq = static_cast<moment_t*>(t.max_exp_avg_sq);
   auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
   const AdamScalars s = t.scalars;
-  float unused_max = 0.0f;
+  // bf16 moments' random bits (rounding.h): a chunk never crosses 2^32 elements, so the index's high half is fixed
+  // and its low half a 32-bit count from the chunk's start (a 64-bit one would take 64-bit vector lanes)
+  constexpr bool kBf16Moments = std::is_same_v<moment_t, c10::BFloat16>;
+  const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
+  const uint32_t index_high = static_cast<uint32_t>(begin >> 32), index_low_begin = static_cast<uint32_t>(begin);
+  const int32_t length = static_cast<int32_t>(end - begin);  // at most kCpuChunk
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
+  for (int32_t j = 0; j < length; ++j) {
+    const int64_t i = begin + j;
+    const uint32_t index_low = index_low_begin + static_cast<uint32_t>(j);
     const float p = load_param<kWrite>(param, master, i);
-    float& max_sq = kAmsgrad ? max_exp_avg_sq[i] : unused_max;
-    const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), exp_avg[i], exp_avg_sq[i], max_sq, s);
+    float m = load_float(exp_avg, i), v = load_float(exp_avg_sq, i);
+    float max_v = kAmsgrad ? load_float(max_exp_avg_sq, i) : 0.0f;
+    const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s);
+    const uint32_t bits = kBf16Moments ? moment_bits(stream0, index_low, index_high) : 0u;
+    store_moment(exp_avg, i, m, bits);
+    store_moment(exp_avg_sq, i, v, bits >> 16);
+    if (kAmsgrad) {
+      store_moment(max_exp_avg_sq, i, max_v,
+                   kBf16Moments ? moment_bits(stream1, index_low, index_high) : 0u);
+    }
     write_param<kWrite>(param, master, i, updated, t.random_stream);
   }
 }
 
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
 
-ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, bool amsgrad, WriteBack write) {
+ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, ScalarType moment_dtype, bool amsgrad,
+                      WriteBack write) {
   return dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
     using param_t = decltype(param);
     using grad_t = decltype(grad);
-    return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
-      constexpr WriteBack kWrite = decltype(kind)::value;
-      return amsgrad ? adam_chunk<param_t, grad_t, true, kWrite> : adam_chunk<param_t, grad_t, false, kWrite>;
+    return dispatch_moment_type(moment_dtype, [&](auto moment) {
+      using moment_t = decltype(moment);
+      return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
+        constexpr WriteBack kWrite = decltype(kind)::value;
+        return amsgrad ? adam_chunk<param_t, grad_t, moment_t, true, kWrite>
+                       : adam_chunk<param_t, grad_t, moment_t, false, kWrite>;
+      });
     });
   });
 }
@@ -76,14 +97,15 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
     const float step = cpu_scalar(steps[i]) + 1.0f;
     tensors[i] = TensorPointers{params[i].mutable_data_ptr(),
                                 matched_grads[i].const_data_ptr(),
-                                data_as<float>(exp_avgs[i]),
-                                data_as<float>(exp_avg_sqs[i]),
-                                amsgrad ? data_as<float>(max_exp_avg_sqs[i]) : nullptr,
+                                exp_avgs[i].mutable_data_ptr(),
+                                exp_avg_sqs[i].mutable_data_ptr(),
+                                amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr() : nullptr,
                                 master ? master_params[i].mutable_data_ptr() : nullptr,
                                 stream_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(i),
                                            static_cast<uint32_t>(step)),
                                 adam_scalars(hyper, lr_value, step, scale)};
-    chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), amsgrad, write);
+    chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), exp_avgs[i].scalar_type(),
+                                 amsgrad, write);
     numels.push_back(params[i].numel());
   }
   parallel_for_chunks(split_into_chunks(numels), [&](const Chunk& chunk, int64_t) {

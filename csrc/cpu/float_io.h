@@ -70,6 +70,17 @@ inline void store_float(T* __restrict__ data, int64_t i, float value) {
   }
 }
 
+// A moment's new value in its storage type (rounding.h's to_moment: `bits` in the low 16), bf16 through its raw
+// bits so the loop vectorises.
+template <typename moment_t>
+inline void store_moment(moment_t* __restrict__ data, int64_t i, float value, uint32_t bits) {
+  if constexpr (std::is_same_v<moment_t, c10::BFloat16>) {
+    reinterpret_cast<uint16_t*>(data)[i] = bf16_stochastic_bits(value, bits);
+  } else {
+    data[i] = value;
+  }
+}
+
 // The fp32 value the update starts from: the param's, or its master's.
 template <WriteBack kWrite, typename param_t>
 inline float load_param(const param_t* __restrict__ param, const master_t<kWrite>* __restrict__ master, int64_t i) {

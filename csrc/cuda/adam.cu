@@ -30,10 +30,10 @@ constexpr int kMaxTensors = 320;        // 320 x 68 B of table: well inside the 
 struct TensorArgs {
   void* param;
   const void* grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* max_exp_avg_sq;
-  void* master;  // float (a copy) or int16_t (a remainder): WriteBack
+  void* exp_avg;  // moment_t: float, or bf16 (moments="bf16")
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  void* master;  // master_t: a float copy or an int16/int8 remainder (WriteBack)
   float* step;
   int64_t numel;
 };
@@ -49,7 +49,22 @@ using multi_tensor::aligned16;
 using multi_tensor::load_vec;
 using multi_tensor::store_vec;
 
-template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite>
+// kVec moments at i into their storage type (rounding.h's to_moment): fp32 as they are, bf16 stochastically with
+// the low 16 of bits[k] >> shift.
+template <typename moment_t>
+__device__ __forceinline__ void store_moment_vec(moment_t* ptr, int64_t i, const float (&value)[kVec],
+                                                 const uint32_t (&bits)[kVec], int shift) {
+  if constexpr (std::is_same_v<moment_t, float>) {
+    store_vec(ptr + i, value);
+  } else {
+    moment_t out[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = to_moment<moment_t>(value[k], bits[k] >> shift);
+    store_vec(ptr + i, out);
+  }
+}
+
+template <typename param_t, typename grad_t, typename moment_t, bool kAmsgrad, WriteBack kWrite>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(const __grid_constant__ LaunchTable table, const AdamHyper hyper, const double lr,
                 const float* __restrict__ lr_tensor, const float* __restrict__ grad_scale,
@@ -81,18 +96,27 @@ __global__ void __launch_bounds__(kThreads)
   auto* param = static_cast<param_t*>(t.param);
   const auto* grad = static_cast<const grad_t*>(t.grad);
   auto* master = static_cast<master_t<kWrite>*>(t.master);
-  float unused_max = 0.0f;
+  auto* exp_avg = static_cast<moment_t*>(t.exp_avg);
+  auto* exp_avg_sq = static_cast<moment_t*>(t.exp_avg_sq);
+  auto* max_exp_avg_sq = static_cast<moment_t*>(t.max_exp_avg_sq);
+  // bf16 moments' random bits (rounding.h): one draw for exp_avg and exp_avg_sq, one for max_exp_avg_sq
+  constexpr bool kBf16Moments = std::is_same_v<moment_t, c10::BFloat16>;
+  const uint32_t stream0 = moment_stream(stream, 0), stream1 = moment_stream(stream, 1);
 
   auto scalar_update = [&](int64_t i) {
     const float p = multi_tensor::load_param_at<kWrite>(param, master, i);
-    float& max_sq = kAmsgrad ? t.max_exp_avg_sq[i] : unused_max;
-    const float updated =
-        adam_update<kAmsgrad>(p, static_cast<float>(grad[i]), t.exp_avg[i], t.exp_avg_sq[i], max_sq, s);
+    float m = static_cast<float>(exp_avg[i]), v = static_cast<float>(exp_avg_sq[i]);
+    float max_v = kAmsgrad ? static_cast<float>(max_exp_avg_sq[i]) : 0.0f;
+    const float updated = adam_update<kAmsgrad>(p, static_cast<float>(grad[i]), m, v, max_v, s);
+    const uint32_t bits = kBf16Moments ? moment_bits(stream0, i) : 0u;
+    exp_avg[i] = to_moment<moment_t>(m, bits);
+    exp_avg_sq[i] = to_moment<moment_t>(v, bits >> 16);
+    if (kAmsgrad) max_exp_avg_sq[i] = to_moment<moment_t>(max_v, kBf16Moments ? moment_bits(stream1, i) : 0u);
     multi_tensor::store_param_at<kWrite>(param, master, i, updated, stream);
   };
 
-  const bool vectorizable = aligned16(param) && aligned16(grad) && aligned16(t.exp_avg) && aligned16(t.exp_avg_sq) &&
-                            (!kAmsgrad || aligned16(t.max_exp_avg_sq)) && (master == nullptr || aligned16(master));
+  const bool vectorizable = aligned16(param) && aligned16(grad) && aligned16(exp_avg) && aligned16(exp_avg_sq) &&
+                            (!kAmsgrad || aligned16(max_exp_avg_sq)) && (master == nullptr || aligned16(master));
   int64_t scalar_begin = begin;
   if (vectorizable) {
     const int64_t vec_end = begin + (end - begin) / kVec * kVec;
@@ -101,14 +125,20 @@ __global__ void __launch_bounds__(kThreads)
       // Issue every load before the first use: five independent 16-byte streams in flight per thread.
       multi_tensor::load_param_vec<kWrite>(param, master, i, p);
       load_vec(grad + i, g);
-      load_vec(t.exp_avg + i, m);
-      load_vec(t.exp_avg_sq + i, v);
-      if (kAmsgrad) load_vec(t.max_exp_avg_sq + i, vmax);
+      load_vec(exp_avg + i, m);
+      load_vec(exp_avg_sq + i, v);
+      if (kAmsgrad) load_vec(max_exp_avg_sq + i, vmax);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) p[k] = adam_update<kAmsgrad>(p[k], g[k], m[k], v[k], vmax[k], s);
-      store_vec(t.exp_avg + i, m);
-      store_vec(t.exp_avg_sq + i, v);
-      if (kAmsgrad) store_vec(t.max_exp_avg_sq + i, vmax);
+      uint32_t bits[kVec], max_bits[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        bits[k] = kBf16Moments ? moment_bits(stream0, i + k) : 0u;
+        max_bits[k] = kBf16Moments && kAmsgrad ? moment_bits(stream1, i + k) : 0u;
+      }
+      store_moment_vec(exp_avg, i, m, bits, 0);
+      store_moment_vec(exp_avg_sq, i, v, bits, 16);
+      if (kAmsgrad) store_moment_vec(max_exp_avg_sq, i, vmax, max_bits, 0);
       multi_tensor::store_param_vec<kWrite>(param, master, i, p, stream);
     }
     scalar_begin = vec_end;
@@ -134,24 +164,27 @@ struct LaunchArgs {
   cudaStream_t stream;
 };
 
-template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite>
+template <typename param_t, typename grad_t, typename moment_t, bool kAmsgrad, WriteBack kWrite>
 void launch_kernel(const LaunchTable& table, const LaunchArgs& a) {
   const int blocks = table.first_chunk[table.num_tensors];
   if (blocks == 0) return;
-  adam_kernel<param_t, grad_t, kAmsgrad, kWrite>
+  adam_kernel<param_t, grad_t, moment_t, kAmsgrad, kWrite>
       <<<blocks, kThreads, 0, a.stream>>>(table, a.hyper, a.lr, a.lr_tensor, a.grad_scale, a.found_inf, a.seed);
   check_launch();
 }
 
-void launch_dtypes(ScalarType param_dtype, ScalarType grad_dtype, bool amsgrad, WriteBack write,
-                   const LaunchTable& table, const LaunchArgs& a) {
+void launch_dtypes(ScalarType param_dtype, ScalarType grad_dtype, ScalarType moment_dtype, bool amsgrad,
+                   WriteBack write, const LaunchTable& table, const LaunchArgs& a) {
   dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
     using param_t = decltype(param);
     using grad_t = decltype(grad);
-    dispatch_write_back<param_t>(write, [&](auto kind) {
-      constexpr WriteBack kWrite = decltype(kind)::value;
-      amsgrad ? launch_kernel<param_t, grad_t, true, kWrite>(table, a)
-              : launch_kernel<param_t, grad_t, false, kWrite>(table, a);
+    dispatch_moment_type(moment_dtype, [&](auto moment) {
+      using moment_t = decltype(moment);
+      dispatch_write_back<param_t>(write, [&](auto kind) {
+        constexpr WriteBack kWrite = decltype(kind)::value;
+        amsgrad ? launch_kernel<param_t, grad_t, moment_t, true, kWrite>(table, a)
+                : launch_kernel<param_t, grad_t, moment_t, false, kWrite>(table, a);
+      });
     });
   });
 }
@@ -179,7 +212,7 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
   table.first_chunk[0] = 0;
   auto flush = [&](ScalarType param_dtype, ScalarType grad_dtype) {
     if (table.num_tensors == 0) return;
-    launch_dtypes(param_dtype, grad_dtype, amsgrad, write, table, args);
+    launch_dtypes(param_dtype, grad_dtype, exp_avgs[0].scalar_type(), amsgrad, write, table, args);
     increment_steps<<<(table.num_tensors + kThreads - 1) / kThreads, kThreads, 0, args.stream>>>(table, args.found_inf);
     check_launch();
     table.first_tensor_index += table.num_tensors;
@@ -194,9 +227,9 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
     const int64_t numel = params[i].numel();
     table.tensors[n] = TensorArgs{params[i].mutable_data_ptr(),
                                   matched_grads[i].const_data_ptr(),
-                                  data_as<float>(exp_avgs[i]),
-                                  data_as<float>(exp_avg_sqs[i]),
-                                  amsgrad ? data_as<float>(max_exp_avg_sqs[i]) : nullptr,
+                                  exp_avgs[i].mutable_data_ptr(),
+                                  exp_avg_sqs[i].mutable_data_ptr(),
+                                  amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr() : nullptr,
                                   master ? master_params[i].mutable_data_ptr() : nullptr,
                                   data_as<float>(steps[i]),
                                   numel};

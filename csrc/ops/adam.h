@@ -41,15 +41,16 @@ inline std::vector<Tensor> check_adam_args(FUSED_OPTIM_ADAM_ARGS) {
   if (n == 0) return {};
   const torch::stable::Device device = params[0].device();
   std::vector<Tensor> matched_grads(grads.begin(), grads.end());
+  const ScalarType moment_dtype = exp_avgs[0].scalar_type();
   for (size_t i = 0; i < n; ++i) {
     const TensorInfo p(params[i]);
     check_param("adam_step_", p, device);
     FO_CHECK(!stochastic_rounding || p.dtype == kBFloat16, "adam_step_: stochastic rounding is for bfloat16 params");
     const TensorInfo grad = check_grad("adam_step_", grads[i], p,
                                        "Adam does not support sparse gradients, please consider SparseAdam instead");
-    check_fp32_state("adam_step_", exp_avgs[i], p, "exp_avg");
-    check_fp32_state("adam_step_", exp_avg_sqs[i], p, "exp_avg_sq");
-    if (amsgrad) check_fp32_state("adam_step_", max_exp_avg_sqs[i], p, "max_exp_avg_sq");
+    check_moment("adam_step_", exp_avgs[i], p, "exp_avg", moment_dtype);
+    check_moment("adam_step_", exp_avg_sqs[i], p, "exp_avg_sq", moment_dtype);
+    if (amsgrad) check_moment("adam_step_", max_exp_avg_sqs[i], p, "max_exp_avg_sq", moment_dtype);
     if (!master_params.empty()) check_master("adam_step_", master_params[i], p, master_params[0].scalar_type());
     check_step("adam_step_", steps[i], p);
     if (grad.strides != p.strides) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);

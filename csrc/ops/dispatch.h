@@ -31,6 +31,13 @@ decltype(auto) dispatch_param_grad_types(ScalarType param_dtype, ScalarType grad
   });
 }
 
+// Calls fn(moment_t{}) with moment_t the C++ type of Adam's moments: float32, or bfloat16 (moments="bf16").
+template <typename Fn>
+decltype(auto) dispatch_moment_type(ScalarType dtype, Fn&& fn) {
+  if (dtype == kBFloat16) return fn(c10::BFloat16{});
+  return fn(float{});
+}
+
 // The write-back of a call (rounding.h): stochastic rounding, or its master list's kind.
 inline WriteBack write_back_of(bool stochastic, TensorList master_params) {
   if (stochastic) return WriteBack::kStochastic;

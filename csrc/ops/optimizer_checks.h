@@ -35,6 +35,17 @@ inline void check_fp32_state(const char* op, const Tensor& t, const TensorInfo& 
   FO_CHECK(state.dtype == kFloat, op, ": ", what, " must be float32");
 }
 
+// Adam's moments: as check_fp32_state, but float32 or bfloat16 (moments="bf16"), every moment of a call the first
+// one's dtype (the kernels take one moment type per launch).
+inline void check_moment(const char* op, const Tensor& t, const TensorInfo& p, const char* what,
+                         ScalarType first_dtype) {
+  const TensorInfo state(t);
+  FO_CHECK(state.device == p.device, op, ": ", what, " must be on the param's device");
+  FO_CHECK(state.same_layout(p), op, ": ", what, " must have the param's shape and strides");
+  FO_CHECK(state.dtype == first_dtype && (state.dtype == kFloat || state.dtype == kBFloat16), op,
+           ": moments must be all float32 or all bfloat16");
+}
+
 // A master param: an fp32 copy (check_fp32_state), or the int16 (int8) low bits of a bfloat16 param's fp32 (24-bit)
 // master (rounding.h) in the param's shape and strides. Every master of one call has the first one's dtype.
 inline void check_master(const char* op, const Tensor& t, const TensorInfo& p, ScalarType first_dtype) {

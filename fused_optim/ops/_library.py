@@ -119,12 +119,12 @@ def step_scalars(device: torch.device, lr, grad_scale, found_inf):
 
 
 def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_rounding: bool, scalars, dtypes,
-                     sparse_message: str, master_params=()) -> list[torch.Tensor]:
+                     sparse_message: str, master_params=(), bf16_moment_lists: int = 0) -> list[torch.Tensor]:
     """What the Python twins of the optimizer ops check alike (csrc/ops/optimizer_checks.h), for non-empty lists of
     equal length: params of `dtypes`, dense, on one device; grads of their param's shape, dense (else
     `sparse_message`), of its dtype or fp32; each of `state_lists` in its param's shape and strides, fp32 (fp64 for
-    fp64 params); `master_params` (if any) the same, or all int16 (int8) remainders of bf16 params (rounding.h);
-    one-element fp32 step counts and `scalars`. Returns the grads in their params' memory layout.
+    fp64 params) or, for the first `bf16_moment_lists` of them, all bf16 (Adam's moments="bf16"); `master_params`
+    (if any) the same, or all int16 (int8) remainders of bf16 params (rounding.h); one-element fp32 step counts and `scalars`. Returns the grads in their params' memory layout.
     Whole-list comparisons rather than a loop over tensors: a step of a thousand tensors pays this every time."""
     if not params:
         return []
@@ -159,14 +159,21 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
         raise RuntimeError(f"{op}: lr_tensor, grad_scale and found_inf must be one-element float32 tensors on the "
                            "params' device")
     state_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
-    for tensors in state_lists:
-        is_remainders = remainders and tensors is master_params
-        expected_dtypes = [master_params[0].dtype] * len(params) if is_remainders else state_dtypes
+    bf16_moments = bf16_moment_lists > 0 and state_lists[0][0].dtype == torch.bfloat16
+    if bf16_moments and torch.float64 in param_dtypes:
+        raise RuntimeError(f"{op}: bfloat16 moments are for float32, bfloat16 and float16 params")
+    for index, tensors in enumerate(state_lists):
+        if remainders and tensors is master_params:
+            expected_dtypes = [master_params[0].dtype] * len(params)
+        elif bf16_moments and index < bf16_moment_lists:
+            expected_dtypes = [torch.bfloat16] * len(params)
+        else:
+            expected_dtypes = state_dtypes
         if [t.shape for t in tensors] != shapes or [t.stride() for t in tensors] != strides or [
             t.dtype for t in tensors
         ] != expected_dtypes:
             raise RuntimeError(f"{op}: state tensors must have their param's shape and strides, float32 (float64 "
-                               "for float64 params)")
+                               "for float64 params; moments all float32 or all bfloat16)")
     matched_grads = list(grads)
     for i, grad in enumerate(grads):
         if grad.stride() != strides[i]:

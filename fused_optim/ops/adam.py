@@ -45,7 +45,7 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
     state_lists = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     return check_step_lists("adam_step", params, grads, steps, state_lists, stochastic_rounding, scalars, dtypes,
                             "Adam does not support sparse gradients, please consider SparseAdam instead",
-                            master_params)
+                            master_params, bf16_moment_lists=len(state_lists))
 
 
 def _adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
@@ -65,7 +65,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
                      seed, grad_scale, found_inf):
     """torch's fused kernel, on fp32 copies where our state is fp32 but the params are not (fp64 params run on
-    themselves, with their fp64 state)."""
+    themselves, with their fp64 state), and on fp32 copies of bf16 moments, rounded back stochastically."""
     grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
                             stochastic_rounding, (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
     if not params:
@@ -95,10 +95,17 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         if low_precision or grad_scale is not None:
             # fp32 copies: torch's kernel unscales its grads in place, and our schema says grads are read-only
             fp32_grads = [g.to(torch.float32, copy=True) for g in fp32_grads]
-        fused(fp32_params, fp32_grads, pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
-              group_steps, lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2,
+        moments = [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]
+        bf16_moments = moments[0][0].dtype == torch.bfloat16
+        fp32_moments = [[m.float() for m in tensors] for tensors in moments] if bf16_moments else moments
+        fused(fp32_params, fp32_grads, *fp32_moments, group_steps, lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2,
               weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
               found_inf=found_inf)
+        if bf16_moments:  # rounding.h's to_moment, each moment its own random stream (a skipped step's untouched
+            # copies round back to themselves: they are bf16 values)
+            for moment, (tensors, fp32_tensors) in enumerate(zip(moments, fp32_moments)):
+                for i, m, m32 in zip(indices, tensors, fp32_tensors):
+                    m.copy_(bf16_stochastic_round(m32, seed, i, steps[i], moment))
         if remainders:
             store_split(group_params, remainders, fp32_params, None if found_inf is None else found_inf != 0)
         elif low_precision:

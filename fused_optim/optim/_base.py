@@ -6,7 +6,7 @@ seed of each group, and pickling of our extra settings."""
 from __future__ import annotations
 
 from collections import ChainMap
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -123,8 +123,8 @@ class FusedOptimizer(Optimizer):
         if problem is not None:
             self.param_groups.pop()
             raise ValueError(f"{type(self).__name__}: {problem}.")
-        # Each group's own seed for stochastic rounding, saved with the state_dict so a resumed run draws the same.
-        if self.param_groups[-1].get("stochastic_rounding"):
+        # Each group's own seed for stochastic rounding (of bf16 params or moments), saved with the state_dict so a resumed run draws the same.
+        if self.param_groups[-1].get("stochastic_rounding") or self.param_groups[-1].get("moments") == "bf16":
             self.param_groups[-1].setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
         if self.gradient_release:
             self._hook_group(self.param_groups[-1])
@@ -287,17 +287,21 @@ class FusedOptimizer(Optimizer):
 
     def torch_state_dict(self) -> dict[str, Any]:
         """The state_dict in the form torch's own optimizer (and an fp32-master trainer) reads: each bf16 param's
-        master remainder joined with the param into its fp32 master, `master_param`; the rest as `state_dict()`
-        gives it (fp32 moments, step counts). `state_dict()` itself saves the remainders as they are (2 bytes a
-        param); `load_state_dict` takes either form back exactly."""
+        master remainder joined with the param into its fp32 master, `master_param`; bf16 moments (moments="bf16")
+        as fp32; the rest as `state_dict()` gives it (step counts). `state_dict()` itself saves remainders and
+        moments as they are; `load_state_dict` takes either form back."""
         state_dict = self.state_dict()
-        params = [p for group in self.param_groups for p in group["params"]]  # torch numbers them in this order
+        # torch numbers the params in this order
+        params_and_groups = [(p, group) for group in self.param_groups for p in group["params"]]
         for index, state in state_dict["state"].items():
+            param, group = params_and_groups[index]
+            state = dict(state)  # the state_dict's entries are the optimizer's own dicts' tensors: copy the dict
             if "master_remainder" in state:
-                state = dict(state)  # the state_dict's entries are the optimizer's own dicts' tensors: copy the dict
-                state["master_param"] = on_local_shards(join_master, params[index].detach(),
-                                                        state.pop("master_remainder"))
-                state_dict["state"][index] = state
+                state["master_param"] = on_local_shards(join_master, param.detach(), state.pop("master_remainder"))
+            if group.get("moments", "fp32") != "fp32":
+                state.update({key: value.float() for key, value in state.items()
+                              if key != "step" and isinstance(value, Tensor) and value.dtype == torch.bfloat16})
+            state_dict["state"][index] = state
         return state_dict
 
     @property
@@ -396,10 +400,12 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
                                 f"tensor, not {step!r}")
 
 
-def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: tuple[str, ...]) -> None:
+def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: tuple[str, ...],
+                        moment_dtype: Callable[[Tensor, dict[str, Any]], torch.dtype] = state_dtype) -> None:
     """After torch's load_state_dict: torch's loader casts every floating state tensor to its param's dtype and
-    leaves `step` on the CPU; ours is fp32 (state_dtype) on the param's device. Re-take the saved values of
-    `moment_keys` so a bf16 param's fp32 state survives a round trip, restore each master weight
+    leaves `step` on the CPU; ours is fp32 (state_dtype; `moment_dtype` for the moments) on the param's device.
+    Re-take the saved values of `moment_keys` so a bf16 param's fp32 state survives a round trip (and a saved
+    moment of another dtype is converted to ours, rounded to nearest), restore each master weight
     (_restore_master), and give every param a float32 `step` on its device (0 where the saved state has none)."""
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         for p, param_id in zip(group["params"], saved_group["params"]):
@@ -409,7 +415,7 @@ def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys
             saved_state = saved["state"].get(param_id, {})
             for key in moment_keys:
                 if key in saved_state:  # in the param's memory layout, which the kernels walk state in
-                    state[key] = torch.empty_like(p, dtype=state_dtype(p, group)).copy_(saved_state[key])
+                    state[key] = torch.empty_like(p, dtype=moment_dtype(p, group)).copy_(saved_state[key])
             _restore_master(p, state, saved_state, group)
             state["step"] = torch.as_tensor(saved_state.get("step", state.get("step", 0.0))).to(
                 device=p.device, dtype=torch.float32, copy=True

@@ -7,6 +7,10 @@ Differences from torch, all additive:
   (moments up-cast to fp32) and ours into torch's. float64 and complex params keep state of their own dtype, as in
   torch: complex ones run the kernels on their real views (torch's Adam does the same arithmetic), float64 ones
   torch's own fused Adam (the kernels are fp32).
+- `moments="bf16"` stores the moments as bf16 (4 bytes of state a param instead of 8), updated in fp32 in the same
+  pass and rounded back stochastically, each element from a counter-based hash (rounding.h): rounding to nearest
+  would stall exp_avg_sq, whose 0.1 % steps are under half a bf16 ulp. `state_dict()` saves them as bf16,
+  `torch_state_dict()` as fp32; a saved fp32 state loads rounded to nearest. ("int8" moments are not built yet.)
 - `master_weights=True` keeps each bf16/fp16 param's exact fp32 master weight: for a bf16 param as a 2-byte int16
   remainder beside it (`state["master_remainder"]`: param and remainder together are the fp32 value, the param its
   rounding to nearest with ties away from zero; fused_optim/master_remainder.py), for an fp16 param as an fp32 copy
@@ -48,6 +52,13 @@ from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer
                                      state_dtype)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+MOMENTS = ("fp32", "bf16")  # the storage of the moments: `moments=`
+
+
+def moment_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype of a param's moments: bf16 with moments="bf16" where our state would be fp32, else state_dtype."""
+    dtype = state_dtype(p, group)
+    return torch.bfloat16 if dtype == torch.float32 and group.get("moments", "fp32") == "bf16" else dtype
 
 
 def _beta(value: float | Tensor, index: int) -> float:
@@ -85,6 +96,7 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         master_weights: bool | int = False,
+        moments: str = "fp32",
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         gradient_release: bool = False,
@@ -112,6 +124,9 @@ class Adam(FusedOptimizer):
             if isinstance(beta, Tensor) and foreach and not capturable:
                 raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
         check_master_weights(master_weights)
+        if moments not in MOMENTS:
+            raise ValueError(f"moments must be {' or '.join(map(repr, MOMENTS))}, not {moments!r} (8-bit moments are "
+                             "not built yet)")
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {
@@ -127,6 +142,7 @@ class Adam(FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
             "master_weights": master_weights,
+            "moments": moments,
             "stochastic_rounding": stochastic_rounding,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
@@ -168,8 +184,8 @@ class Adam(FusedOptimizer):
         # step on the param's device, as torch's fused and capturable Adam keep it: the kernels read it there
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
-        def zeros() -> Tensor:  # in the param's memory layout; fp32 whatever a low-precision param's dtype
-            return torch.zeros_like(p, dtype=state_dtype(p, group), memory_format=torch.preserve_format)
+        def zeros() -> Tensor:  # in the param's memory layout; fp32 (or bf16) whatever a low-precision param's dtype
+            return torch.zeros_like(p, dtype=moment_dtype(p, group), memory_format=torch.preserve_format)
 
         state["exp_avg"] = zeros()
         state["exp_avg_sq"] = zeros()
@@ -195,12 +211,12 @@ class Adam(FusedOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
-        TypeError, and nothing changes); state comes back in fp32 (state_dtype) on the param's device whatever
+        TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device whatever
         dtype it was saved in."""
         check_saved_state(self, state_dict, _MOMENTS)
         self._plans.clear()
         super().load_state_dict(state_dict)
-        restore_saved_state(self, state_dict, _MOMENTS)
+        restore_saved_state(self, state_dict, _MOMENTS, moment_dtype)
 
 
 class AdamW(Adam):
@@ -228,6 +244,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         master_weights: bool | int = False,
+        moments: str = "fp32",
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         gradient_release: bool = False,
@@ -236,7 +253,8 @@ class AdamW(Adam):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            master_weights=master_weights, stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm,
+            master_weights=master_weights, moments=moments, stochastic_rounding=stochastic_rounding,
+            max_grad_norm=max_grad_norm,
             gradient_release=gradient_release, backend=backend,
         )
 

@@ -36,13 +36,38 @@ def _mix32(h):
 
 
 @triton.jit
-def _bf16_stochastic(x, stream, index):
-    """x (fp32) to bf16, rounding up with probability equal to the discarded fraction (rounding.h)."""
+def _random_bits(stream, index):
+    """32 random bits for element `index` of `stream` (rounding.h's random_bits)."""
     index = index.to(tl.uint64)
-    noise = _mix32(_mix32(stream ^ index.to(tl.uint32)) + (index >> 32).to(tl.uint32)) & 0xFFFF
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = tl.where((bits & 0x7F800000) != 0x7F800000, bits + noise, bits)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return _mix32(_mix32(stream ^ index.to(tl.uint32)) + (index >> 32).to(tl.uint32))
+
+
+@triton.jit
+def _bf16_stochastic(x, bits):
+    """x (fp32) to bf16, rounding up with probability equal to the discarded fraction: the low 16 of `bits` added
+    below the bf16 mantissa, then truncated (rounding.h); inf and NaN unchanged."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = tl.where((u & 0x7F800000) != 0x7F800000, u + (bits & 0xFFFF), u)
+    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _moment_bits(stream, offsets, draw: tl.constexpr):
+    """Random bits of bf16 moments (rounding.h's moment_stream and moment_bits): draw 0 rounds exp_avg (low 16) and
+    exp_avg_sq (high 16), draw 1 max_exp_avg_sq."""
+    moment_stream = _mix32(stream + ((0x9E3779B9 * (draw + 1)) & 0xFFFFFFFF))
+    index = offsets.to(tl.uint64)
+    return _mix32((moment_stream ^ index.to(tl.uint32)) + 0x9E3779B9 * (index >> 32).to(tl.uint32))
+
+
+@triton.jit
+def _store_moment(ptr, offsets, mask, value, bits, MOMENT_DTYPE: tl.constexpr):
+    """A moment's new value: fp32 as it is, bf16 (moments="bf16") stochastically rounded with the low 16 of `bits`
+    (rounding.h's to_moment)."""
+    if MOMENT_DTYPE == tl.bfloat16:
+        tl.store(ptr + offsets, _bf16_stochastic(value, bits), mask=mask)
+    else:
+        tl.store(ptr + offsets, value, mask=mask)
 
 
 @triton.jit
@@ -132,7 +157,7 @@ def store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE: tl
         if WRITE == MASTER:
             tl.store(master_ptr + offsets, p, mask=mask)
         if WRITE == STOCHASTIC:
-            tl.store(param_ptr + offsets, _bf16_stochastic(p, stream, offsets), mask=mask)
+            tl.store(param_ptr + offsets, _bf16_stochastic(p, _random_bits(stream, offsets)), mask=mask)
         elif PARAM_DTYPE == tl.bfloat16:
             tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
         else:
@@ -142,12 +167,12 @@ def store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE: tl
 @triton.jit
 def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, mask,
                   grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                  bias_correction2_sqrt, eps, stream, PARAM_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
-                  AMSGRAD: tl.constexpr, WRITE: tl.constexpr):
+                  bias_correction2_sqrt, eps, stream, PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
+                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, WRITE: tl.constexpr):
     p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    m = tl.load(exp_avg_ptr + offsets, mask=mask)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
     g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
     if DECOUPLED:  # AdamW's decoupled decay
@@ -162,14 +187,20 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, 
     v = v * beta2 + one_minus_beta2 * g * g
     second_moment = v
     if AMSGRAD:
-        second_moment = tl.maximum(tl.load(max_sq_ptr + offsets, mask=mask), v)
-        tl.store(max_sq_ptr + offsets, second_moment, mask=mask)
+        second_moment = tl.maximum(tl.load(max_sq_ptr + offsets, mask=mask).to(tl.float32), v)
+        max_bits = 0
+        if MOMENT_DTYPE == tl.bfloat16:
+            max_bits = _moment_bits(stream, offsets, 1)
+        _store_moment(max_sq_ptr, offsets, mask, second_moment, max_bits, MOMENT_DTYPE)
     # IEEE division and square root (Triton's defaults are approximate), as the CUDA and CPU kernels use
     denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)  # (step_size * m) / denom, in torch's order (adam.h)
 
-    tl.store(exp_avg_ptr + offsets, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+    bits = 0
+    if MOMENT_DTYPE == tl.bfloat16:
+        bits = _moment_bits(stream, offsets, 0)
+    _store_moment(exp_avg_ptr, offsets, mask, m, bits, MOMENT_DTYPE)
+    _store_moment(exp_avg_sq_ptr, offsets, mask, v, bits >> 16, MOMENT_DTYPE)
     store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, WRITE)
 
 
@@ -179,7 +210,7 @@ def _adam_kernel(
     lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
     log_beta1_bits, log_beta2_bits,  # lr and log(beta) as the bits of fp64s: Triton passes Python floats as fp32
     one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, WRITE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
@@ -192,9 +223,9 @@ def _adam_kernel(
         row = table_ptr + lo * COLUMNS
         param_ptr, master_ptr = param_pointers(row, 0, 5, PARAM_DTYPE, WRITE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
-        exp_avg_ptr = load_pointer(row, 2, tl.float32, ALIGNED)
-        exp_avg_sq_ptr = load_pointer(row, 3, tl.float32, ALIGNED)
-        max_sq_ptr = load_pointer(row, 4, tl.float32, ALIGNED)
+        exp_avg_ptr = load_pointer(row, 2, MOMENT_DTYPE, ALIGNED)
+        exp_avg_sq_ptr = load_pointer(row, 3, MOMENT_DTYPE, ALIGNED)
+        max_sq_ptr = load_pointer(row, 4, MOMENT_DTYPE, ALIGNED)
         step_ptr = load_pointer(row, 6, tl.float32, False)
         numel = tl.load(row + 7)
 
@@ -217,7 +248,7 @@ def _adam_kernel(
         step_size = (lr64 / bias_correction1).to(tl.float32)
         bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
         stream = 0
-        if WRITE == STOCHASTIC:
+        if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16:
             stream = _mix32(_mix32(tl.cast(seed, tl.uint32) + 0x9E3779B9 * (first_tensor_index + lo).to(tl.uint32))
                             ^ step.to(tl.uint32))
 
@@ -225,12 +256,13 @@ def _adam_kernel(
         if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, None,
                           grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2,
-                          step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED, AMSGRAD, WRITE)
+                          step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, MOMENT_DTYPE, DECOUPLED,
+                          AMSGRAD, WRITE)
         else:
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets,
                           offsets < numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
-                          one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED,
-                          AMSGRAD, WRITE)
+                          one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE,
+                          MOMENT_DTYPE, DECOUPLED, AMSGRAD, WRITE)
 
 
 def _fp64_bits(value: float) -> int:
@@ -274,6 +306,7 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
             _fp64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
             1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
             PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
+            MOMENT_DTYPE=DTYPES[exp_avgs[0].dtype],
             DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), ALIGNED=aligned,
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK,

@@ -148,4 +148,33 @@ FO_HOST_DEVICE param_t to_param(float value, uint32_t stream, int64_t index) {
   }
 }
 
+// moments="bf16": Adam's moments stored as bf16 and rounded stochastically after each update. Rounding to nearest
+// would stall them: beta2 = 0.999 moves exp_avg_sq by 0.1 % a step, under half a bf16 ulp (0.2 %), so it would never
+// decay; unbiased rounding keeps every small step in expectation. One 32-bit draw per element rounds two moments
+// (exp_avg with its low 16 bits, exp_avg_sq with its high 16); a second draw, max_exp_avg_sq. Draw k's stream is
+// derived from the tensor's, and its bits are one mix32 of stream and index, not random_bits' two: dithering a
+// rounding needs no more, and at two draws of 8 multiplies an element the CPU loop was bound by the hash.
+FO_HOST_DEVICE uint32_t moment_stream(uint32_t stream, uint32_t draw) {
+  return mix32(stream + 0x9E3779B9u * (draw + 1u));
+}
+
+FO_HOST_DEVICE uint32_t moment_bits(uint32_t moment_stream, uint32_t index_low, uint32_t index_high) {
+  return mix32((moment_stream ^ index_low) + 0x9E3779B9u * index_high);
+}
+
+FO_HOST_DEVICE uint32_t moment_bits(uint32_t moment_stream, int64_t index) {
+  const uint64_t u = static_cast<uint64_t>(index);
+  return moment_bits(moment_stream, static_cast<uint32_t>(u), static_cast<uint32_t>(u >> 32));
+}
+
+// A moment's new value in its storage type: fp32 as it is, bf16 stochastically with the low 16 of `bits`.
+template <typename moment_t>
+FO_HOST_DEVICE moment_t to_moment(float value, uint32_t bits) {
+  if constexpr (std::is_same_v<moment_t, float>) {
+    return value;
+  } else {
+    return bf16_stochastic(value, bits);
+  }
+}
+
 }  // namespace fused_optim

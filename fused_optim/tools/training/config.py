@@ -8,7 +8,7 @@ from dataclasses import dataclass
 # What defines the trained weights: a resumed run must have the checkpoint's values (checkpoint.py checks).
 # The backend is the resolved one (loop.train records it): other kernels round differently.
 RUN_DEFINING = ("steps", "batch_size", "micro_batches", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay",
-                "max_grad_norm", "betas", "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16",
+                "max_grad_norm", "betas", "moments", "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16",
                 "backend")
 
 # --quick: a model and run small enough for seconds on a laptop CPU
@@ -28,6 +28,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # decoupled (AdamW), on the matrices and embeddings only
     max_grad_norm: float | None = 1.0  # clip the global grad norm (None: no clipping)
     betas: tuple[float, float] = (0.9, 0.95)
+    moments: str = "fp32"  # the fused AdamW's moment storage (fused_optim.AdamW's `moments`)
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 256

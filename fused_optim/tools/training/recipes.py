@@ -102,7 +102,8 @@ class FusedRecipe(Recipe):
         # optimizer's skipped-step count never syncs the host (a float lr would read it every step). The same on
         # the CPU, so that the CPU tests run the GPU's path (its only cost: the lr is rounded to fp32).
         return fused_optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
-                                 max_grad_norm=config.max_grad_norm, capturable=True, backend=config.backend)
+                                 max_grad_norm=config.max_grad_norm, moments=config.moments, capturable=True,
+                                 backend=config.backend)
 
     def loss_sum(self, x: Tensor, y: Tensor) -> Tensor:
         with self.autocast():
