@@ -27,7 +27,8 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def run(backend, options, dtype, steps=3, master_weights=False):
-    """(params, bf16 moments per key) of a moments="bf16" run, and (params, moments) of its emulation."""
+    """(params, bf16 moments per key) of a moments="bf16" run, and (params, moments) of its emulation. `options`
+    names the class ("AdamW", "Adam" or "Lion": one moment) and its arguments."""
     init = [torch.randn(s) for s in SHAPES]
     kwargs = dict(options)
     cls = getattr(fused_optim, kwargs.pop("cls"))
@@ -35,7 +36,7 @@ def run(backend, options, dtype, steps=3, master_weights=False):
     opt = cls(params, lr=1e-2, moments="bf16", master_weights=master_weights, backend=backend, **kwargs)
     fp32_opt = cls(emulated_params, lr=1e-2, master_weights=master_weights, backend=backend, **kwargs)
     seed = opt.param_groups[0]["seed"]
-    keys = MOMENT_KEYS if kwargs.get("amsgrad") else MOMENT_KEYS[:2]
+    keys = MOMENT_KEYS[:1] if cls is fused_optim.Lion else MOMENT_KEYS if kwargs.get("amsgrad") else MOMENT_KEYS[:2]
     emulated = {key: [torch.zeros_like(p, dtype=torch.bfloat16) for p in params] for key in keys}
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -145,10 +146,10 @@ def state_bytes_per_param(opt) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / numel
 
 
-def test_bf16_moments_halve_the_moments_bytes():
-    def state_of(dtype, **options):
+def test_bf16_moments_halve_the_moments_bytes():  # README's table of state per param
+    def state_of(dtype, cls=fused_optim.AdamW, **options):
         p = torch.nn.Parameter(torch.randn(1 << 16).to(dtype))
-        opt = fused_optim.AdamW([p], **options)
+        opt = cls([p], **options)
         p.grad = torch.randn_like(p)
         opt.step()
         return state_bytes_per_param(opt)
@@ -158,10 +159,12 @@ def test_bf16_moments_halve_the_moments_bytes():
     assert state_of(torch.float32, moments="bf16") == 4 + step_bytes
     assert state_of(torch.bfloat16, moments="bf16", master_weights=True) == 6 + step_bytes
     assert state_of(torch.bfloat16, moments="bf16", master_weights=24) == 5 + step_bytes
+    assert state_of(torch.bfloat16, fused_optim.Lion, moments="bf16", master_weights=24) == 3 + step_bytes
 
 
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.Adam, fused_optim.Lion], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("moments", ["int8", "fp16", "BF16", None, 16])
-def test_an_unknown_moments_storage_is_refused_in_one_sentence(moments):
+def test_an_unknown_moments_storage_is_refused_in_one_sentence(moments, cls):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match=r"^moments must be 'fp32' or 'bf16', not .* \(8-bit moments are not built"):
-        fused_optim.AdamW([p], moments=moments)
+        cls([p], moments=moments)

@@ -129,26 +129,24 @@ def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses(sgd_kernels_ptx
 
 def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses(tmp_path):
     kernels = {name: body for name, body in kernels_ptx("lion.cu", tmp_path).items() if "lion_kernel" in name}
-    # 5 (param, grad) dtype pairs x (nearest, master), and (stochastic, remainders of 16 and 8 bits) for the 2 bf16
-    # pairs
-    assert len(kernels) == 16
-    for name, body in kernels.items():
-        # the mangled template arguments: param type, grad type ("f", or S<n>_: the param's again), write-back
-        param_t, grad_t, write = re.search(
-            r"lion_kernelI(f|N3c108BFloat16E|N3c104HalfE)(f|S\d*_)LNS_9WriteBackE(\d)E", name).groups()
-        grad_t = param_t if grad_t.startswith("S") else grad_t
+    # 5 (param, grad) dtype pairs x 2 moment dtypes x (nearest, master), and (stochastic, remainders of 16 and 8 bits)
+    # for the 2 bf16 pairs
+    assert len(kernels) == 32
+    for name, (param_t, grad_t, moment_t, write) in template_arguments(list(kernels)).items():
+        body, write = kernels[name], write[-1]  # "(fused_optim::WriteBack)2"
         loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
         stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
         # per 8 elements: an fp32 array (the moment, the master copy) takes two 16-byte accesses, a 16-bit one (a
-        # bf16 param, its remainder) one
-        width = {"f": 2}
+        # bf16 param or moment, a remainder) one
+        width = {"float": 2}
         master = {MASTER: 2, REMAINDER: 1}.get(write, 0)
         param_loads = 2 if write == MASTER else width.get(param_t, 1)  # the master copy is read instead of the param
-        expected_loads = param_loads + width.get(grad_t, 1) + 2 + int(write == REMAINDER)
+        moment = width.get(moment_t, 1)
+        expected_loads = param_loads + width.get(grad_t, 1) + moment + int(write == REMAINDER)
         if write == REMAINDER8:  # eight int8 remainders: one 8-byte load and store
             assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
             assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name
-        expected_stores = width.get(param_t, 1) + 2 + master
+        expected_stores = width.get(param_t, 1) + moment + master
         assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 

@@ -18,6 +18,7 @@ import torch
 from conftest import BACKEND_DEVICES, CPU_BACKENDS, master_weight
 from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
                        snapshot, ulp, within_two_ulps)
+from test_adam_moments import run as run_with_bf16_moments
 from test_sgd import split_options
 
 import lion_pytorch
@@ -338,3 +339,34 @@ def test_torch_compile_fullgraph_step_matches_eager():
     for p, q in zip(compiled, eager):
         assert torch.equal(p, q)
         assert_identical(compiled_opt.state[p], eager_opt.state[q])
+
+
+@pytest.mark.parametrize("master_weights", [False, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_a_bf16_moment_follows_its_emulation(backend, device, dtype, master_weights):
+    """moments="bf16": the fp32 step on the dequantized moment, rounded back stochastically (test_adam_moments.py)."""
+    if master_weights and dtype != torch.bfloat16:
+        pytest.skip("24-bit masters are for bf16 params")
+    options = dict(cls="Lion", weight_decay=0.1, maximize=True)
+    params, moments, emulated_params, emulated = run_with_bf16_moments(backend, options, dtype,
+                                                                       master_weights=master_weights)
+    assert moments["exp_avg"][0].dtype == torch.bfloat16
+    assert_identical(moments, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
+
+def test_a_bf16_moment_takes_two_bytes_and_round_trips():
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = fused_optim.Lion([p], lr=1e-3, moments="bf16")
+    p.grad = torch.randn(1000)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16 and opt.state[p]["exp_avg"].element_size() == 2
+    # a lion-pytorch (fp32) state loads rounded to nearest; ours goes out as fp32 and comes back the same
+    theirs = lion_pytorch.Lion([p], lr=1e-3)
+    theirs.load_state_dict(opt.torch_state_dict())
+    assert torch.equal(theirs.state[p]["exp_avg"], opt.state[p]["exp_avg"].float())
+    theirs.state[p]["exp_avg"].mul_(1.001)
+    opt.load_state_dict(theirs.state_dict())
+    assert torch.equal(opt.state[p]["exp_avg"], theirs.state[p]["exp_avg"].bfloat16())
+

@@ -87,10 +87,8 @@ LION_SIGNATURE = {"table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "gra
                   "one_minus_beta2": "fp32", "weight_decay": "fp32", "seed": "i32", "first_tensor_index": "i32",
                   "num_tensors": "i32"}
 for name, dtype, write, moment_dtype in WRITES:
-    if moment_dtype != tl.float32:  # Lion's one moment is fp32
-        continue
     for aligned in (True, False):
-        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False,
+        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False,
                           HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=6,
                           BLOCK=1024)
         source = ASTSource(fn=_lion_kernel, signature={**LION_SIGNATURE, **{k: "constexpr" for k in constexprs}},
@@ -161,7 +159,7 @@ def ptx_accesses() -> dict:
 OPTIMIZER_KERNELS = [(kernel, dtype) for kernel in ("", "sgd-", "lion-")
                      for dtype in ("fp32", "bf16", "bf16-remainder", "bf16-remainder24", "fp32-bf16-moments",
                                    "bf16-bf16-moments")
-                     if kernel == "" or dtype in ("fp32", "bf16") or (kernel == "lion-" and "remainder" in dtype)]
+                     if kernel != "sgd-" or dtype in ("fp32", "bf16")]  # SGD: no master weights, fp32 momentum
 OPTIMIZER_KERNEL_IDS = [f"{dtype}-{kernel.rstrip('-') or 'adam'}" for kernel, dtype in OPTIMIZER_KERNELS]
 
 

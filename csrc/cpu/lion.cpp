@@ -1,6 +1,7 @@
 // CPU Lion: every tensor of a group cut into fixed-size chunks (chunks.h), OpenMP over the chunks, and a branch-free
 // inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/lion.h, the same
 // header the CUDA kernel includes; the param write-back (master copy or remainder, stochastic rounding) is float_io.h's.
+#include <type_traits>
 #include <vector>
 
 #include "ops/torch_api.h"
@@ -17,23 +18,32 @@ namespace {
 struct TensorPointers {
   void* param;
   const void* grad;
-  float* exp_avg;
-  void* master;  // float (a copy) or int16_t (a remainder): WriteBack
+  void* exp_avg;  // moment_t: float, or bf16 (moments="bf16")
+  void* master;   // master_t: a float copy or an int16/int8 remainder (WriteBack)
   uint32_t random_stream;
   LionScalars scalars;
 };
 
-template <typename param_t, typename grad_t, WriteBack kWrite>
+template <typename param_t, typename grad_t, typename moment_t, WriteBack kWrite>
 void lion_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
-  float* __restrict__ exp_avg = t.exp_avg;
+  auto* __restrict__ exp_avg = static_cast<moment_t*>(t.exp_avg);
   auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
   const LionScalars s = t.scalars;
+  // a bf16 moment's rounding bits (rounding.h), hashed in 32-bit lanes as in adam.cpp
+  constexpr bool kBf16Moment = std::is_same_v<moment_t, c10::BFloat16>;
+  const uint32_t moment_draw = moment_stream(t.random_stream, 0);
+  const uint32_t index_high = static_cast<uint32_t>(begin >> 32), index_low_begin = static_cast<uint32_t>(begin);
+  const int32_t length = static_cast<int32_t>(end - begin);  // at most kCpuChunk
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
+  for (int32_t j = 0; j < length; ++j) {
+    const int64_t i = begin + j;
     const float p = load_param<kWrite>(param, master, i);
-    const float updated = lion_update(p, load_float(grad, i), exp_avg[i], s);
+    float m = load_float(exp_avg, i);
+    const float updated = lion_update(p, load_float(grad, i), m, s);
+    store_moment(exp_avg, i, m,
+                 kBf16Moment ? moment_bits(moment_draw, index_low_begin + static_cast<uint32_t>(j), index_high) : 0u);
     write_param<kWrite>(param, master, i, updated, t.random_stream);
   }
 }
@@ -57,17 +67,19 @@ void lion_step_cpu(FUSED_OPTIM_LION_ARGS) {
   for (size_t i = 0; i < params.size(); ++i) {
     const float step = cpu_scalar(steps[i]) + 1.0f;
     tensors[i] = TensorPointers{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
-                                data_as<float>(exp_avgs[i]), master ? master_params[i].mutable_data_ptr() : nullptr,
+                                exp_avgs[i].mutable_data_ptr(), master ? master_params[i].mutable_data_ptr() : nullptr,
                                 stream_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(i),
                                            static_cast<uint32_t>(step)),
                                 scalars};
-    chunk_fns[i] = dispatch_param_grad_types(params[i].scalar_type(), matched_grads[i].scalar_type(),
-                                             [&](auto param, auto grad) {
-                                               using param_t = decltype(param);
-                                               return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
-                                                 return lion_chunk<param_t, decltype(grad), decltype(kind)::value>;
-                                               });
-                                             });
+    chunk_fns[i] = dispatch_param_grad_types(params[i].scalar_type(), matched_grads[i].scalar_type(), [&](auto param,
+                                                                                                         auto grad) {
+      using param_t = decltype(param);
+      return dispatch_moment_type(exp_avgs[i].scalar_type(), [&](auto moment) {
+        return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
+          return lion_chunk<param_t, decltype(grad), decltype(moment), decltype(kind)::value>;
+        });
+      });
+    });
     numels.push_back(params[i].numel());
   }
   parallel_for_chunks(split_into_chunks(numels), [&](const Chunk& chunk, int64_t) {

@@ -49,21 +49,6 @@ using multi_tensor::aligned16;
 using multi_tensor::load_vec;
 using multi_tensor::store_vec;
 
-// kVec moments at i into their storage type (rounding.h's to_moment): fp32 as they are, bf16 stochastically with
-// the low 16 of bits[k] >> shift.
-template <typename moment_t>
-__device__ __forceinline__ void store_moment_vec(moment_t* ptr, int64_t i, const float (&value)[kVec],
-                                                 const uint32_t (&bits)[kVec], int shift) {
-  if constexpr (std::is_same_v<moment_t, float>) {
-    store_vec(ptr + i, value);
-  } else {
-    moment_t out[kVec];
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) out[k] = to_moment<moment_t>(value[k], bits[k] >> shift);
-    store_vec(ptr + i, out);
-  }
-}
-
 template <typename param_t, typename grad_t, typename moment_t, bool kAmsgrad, WriteBack kWrite>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(const __grid_constant__ LaunchTable table, const AdamHyper hyper, const double lr,
@@ -136,9 +121,9 @@ __global__ void __launch_bounds__(kThreads)
         bits[k] = kBf16Moments ? moment_bits(stream0, i + k) : 0u;
         max_bits[k] = kBf16Moments && kAmsgrad ? moment_bits(stream1, i + k) : 0u;
       }
-      store_moment_vec(exp_avg, i, m, bits, 0);
-      store_moment_vec(exp_avg_sq, i, v, bits, 16);
-      if (kAmsgrad) store_moment_vec(max_exp_avg_sq, i, vmax, max_bits, 0);
+      multi_tensor::store_moment_vec(exp_avg, i, m, bits, 0);
+      multi_tensor::store_moment_vec(exp_avg_sq, i, v, bits, 16);
+      if (kAmsgrad) multi_tensor::store_moment_vec(max_exp_avg_sq, i, vmax, max_bits, 0);
       multi_tensor::store_param_vec<kWrite>(param, master, i, p, stream);
     }
     scalar_begin = vec_end;

@@ -25,8 +25,8 @@ constexpr int64_t kChunk = 16 * 1024;  // elements per block: 4 iterations of 51
 struct TensorArgs {
   void* param;
   const void* grad;
-  float* exp_avg;
-  void* master;  // null without master weights; float (a copy) or int16_t (a remainder): WriteBack
+  void* exp_avg;  // moment_t: float, or bf16 (moments="bf16")
+  void* master;   // null without master weights; master_t: a float copy or an int16/int8 remainder (WriteBack)
   const float* step;
   int32_t index;  // in the caller's list: keys the stochastic-rounding stream, as on the CPU
   int64_t numel;
@@ -43,7 +43,7 @@ struct LaunchArgs {
   const float* found_inf;
 };
 
-template <typename param_t, typename grad_t, WriteBack kWrite>
+template <typename param_t, typename grad_t, typename moment_t, WriteBack kWrite>
 __global__ void __launch_bounds__(kThreads) lion_kernel(const __grid_constant__ Table table, const LaunchArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/NaN: touch nothing
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
@@ -52,12 +52,14 @@ __global__ void __launch_bounds__(kThreads) lion_kernel(const __grid_constant__ 
   const LionScalars s = lion_scalars(a.beta1, a.beta2, a.weight_decay, a.maximize,
                                      a.lr_tensor != nullptr ? static_cast<double>(*a.lr_tensor) : a.lr,
                                      a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
-  const uint32_t stream = kWrite == WriteBack::kStochastic
+  constexpr bool kBf16Moment = std::is_same_v<moment_t, c10::BFloat16>;
+  const uint32_t stream = kWrite == WriteBack::kStochastic || kBf16Moment
                               ? stream_key(a.seed, static_cast<uint32_t>(t.index), static_cast<uint32_t>(*t.step + 1.0f))
                               : 0;
+  const uint32_t moment_draw = moment_stream(stream, 0);  // a bf16 moment's rounding bits (rounding.h)
   auto* param = static_cast<param_t*>(t.param);
   const auto* grad = static_cast<const grad_t*>(t.grad);
-  float* exp_avg = t.exp_avg;
+  auto* exp_avg = static_cast<moment_t*>(t.exp_avg);
   auto* master = static_cast<master_t<kWrite>*>(t.master);
   const bool vectorizable = multi_tensor::aligned16(param) && multi_tensor::aligned16(grad) &&
                             multi_tensor::aligned16(exp_avg) && (master == nullptr || multi_tensor::aligned16(master));
@@ -69,14 +71,20 @@ __global__ void __launch_bounds__(kThreads) lion_kernel(const __grid_constant__ 
         multi_tensor::load_param_vec<kWrite>(param, master, i, p);
         multi_tensor::load_vec(grad + i, g);
         multi_tensor::load_vec(exp_avg + i, m);
+        uint32_t bits[kVec];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) p[k] = lion_update(p[k], g[k], m[k], s);
-        multi_tensor::store_vec(exp_avg + i, m);
+        for (int k = 0; k < kVec; ++k) {
+          p[k] = lion_update(p[k], g[k], m[k], s);
+          bits[k] = kBf16Moment ? moment_bits(moment_draw, i + k) : 0u;
+        }
+        multi_tensor::store_moment_vec(exp_avg, i, m, bits, 0);
         multi_tensor::store_param_vec<kWrite>(param, master, i, p, stream);
       },
       [&](int64_t i) {
         const float p = multi_tensor::load_param_at<kWrite>(param, master, i);
-        const float updated = lion_update(p, static_cast<float>(grad[i]), exp_avg[i], s);
+        float m = static_cast<float>(exp_avg[i]);
+        const float updated = lion_update(p, static_cast<float>(grad[i]), m, s);
+        exp_avg[i] = to_moment<moment_t>(m, kBf16Moment ? moment_bits(moment_draw, i) : 0u);
         multi_tensor::store_param_at<kWrite>(param, master, i, updated, stream);
       });
 }
@@ -96,16 +104,18 @@ void lion_step_cuda(FUSED_OPTIM_LION_ARGS) {
   auto launch = [&](const Table& table, int key) {
     multi_tensor::dispatch_dtype_pair(key, [&](auto param, auto grad) {
       using param_t = decltype(param);
-      dispatch_write_back<param_t>(write, [&](auto kind) {
-        lion_kernel<param_t, decltype(grad), decltype(kind)::value><<<table.num_blocks(), kThreads, 0, stream>>>(table,
-                                                                                                            args);
-        check_launch();
+      dispatch_moment_type(exp_avgs[0].scalar_type(), [&](auto moment) {
+        dispatch_write_back<param_t>(write, [&](auto kind) {
+          lion_kernel<param_t, decltype(grad), decltype(moment), decltype(kind)::value>
+              <<<table.num_blocks(), kThreads, 0, stream>>>(table, args);
+          check_launch();
+        });
       });
     });
   };
   multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
   for (size_t i = 0; i < params.size(); ++i) {
-    filler.add(TensorArgs{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(), data_as<float>(exp_avgs[i]),
+    filler.add(TensorArgs{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(), exp_avgs[i].mutable_data_ptr(),
                           master ? master_params[i].mutable_data_ptr() : nullptr, data_as<float>(steps[i]),
                           static_cast<int32_t>(i), 0},
                params[i].numel(), multi_tensor::dtype_pair(params[i].scalar_type(), matched_grads[i].scalar_type()));

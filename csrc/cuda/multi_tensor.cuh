@@ -163,6 +163,21 @@ __device__ __forceinline__ void store_vec(T* ptr, const T (&in)[kVec]) {
   *reinterpret_cast<uint4*>(ptr) = make_uint4(words[0], words[1], words[2], words[3]);
 }
 
+// kVec optimizer moments at i into their storage type (rounding.h's to_moment): fp32 as they are, bf16 stochastically
+// with the low 16 of bits[k] >> shift.
+template <typename moment_t>
+__device__ __forceinline__ void store_moment_vec(moment_t* ptr, int64_t i, const float (&value)[kVec],
+                                                 const uint32_t (&bits)[kVec], int shift) {
+  if constexpr (std::is_same_v<moment_t, float>) {
+    store_vec(ptr + i, value);
+  } else {
+    moment_t out[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = to_moment<moment_t>(value[k], bits[k] >> shift);
+    store_vec(ptr + i, out);
+  }
+}
+
 // An optimizer's param values as fp32, by write-back (rounding.h): the param's, its fp32 master copy's, or the bf16
 // param joined with its int16 (int8) remainder (a 16-byte load of eight bf16 halves, and one of 16 or 8 bytes).
 // Vectors of kVec at i, and one element at i.

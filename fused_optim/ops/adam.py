@@ -140,7 +140,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
               grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused Adam/AdamW step over lists of tensors on one device (see the schema above).
 
-    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 state,
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 (or bf16) state,
     or fp64 with fp64 state (stepped by torch's own fused Adam whatever the backend: the kernels are fp32), and
     complex ones are stepped as their real views; grads have the param's dtype or fp32. `backend` is resolved by
     fused_optim._backend. DTensors (params, grads and state alike) are stepped through their local shards

@@ -42,7 +42,7 @@ def check_lion_args(params, grads, exp_avgs, master_params, steps, stochastic_ro
     if stochastic_rounding and master_params:
         raise RuntimeError("lion_step: stochastic_rounding and master params are alternatives; pass one")
     return check_step_lists("lion_step", params, grads, steps, [exp_avgs], stochastic_rounding, scalars, dtypes,
-                            SPARSE_MESSAGE, master_params)
+                            SPARSE_MESSAGE, master_params, bf16_moment_lists=1)
 
 
 def _lion_step_triton(params, grads, exp_avgs, master_params, steps, lr, lr_tensor, beta1, beta2, weight_decay,
@@ -79,10 +79,12 @@ def _lion_step_torch(params, grads, exp_avgs, master_params, steps, lr, lr_tenso
         else:
             p = param.to(torch.promote_types(param.dtype, torch.float32))
         g = grads[i].to(p.dtype) * grad_multiplier
-        m = exp_avgs[i]
+        m = exp_avgs[i].to(p.dtype)  # a bf16 moment (moments="bf16"), dequantized
         updated = p * param_decay - lr_value * torch.sign(beta1 * m + (1 - beta1) * g)
         updated_m = beta2 * m + (1 - beta2) * g
-        m.copy_(updated_m if skip is None else torch.where(skip, m, updated_m))
+        if exp_avgs[i].dtype == torch.bfloat16:  # rounding.h's to_moment
+            updated_m = bf16_stochastic_round(updated_m, seed, i, steps[i], 0)
+        exp_avgs[i].copy_(updated_m if skip is None else torch.where(skip, exp_avgs[i], updated_m))
         if remainders:
             store_split([param], [remainders[i]], [updated], skip)
             continue
@@ -105,7 +107,7 @@ def lion_step(params, grads, exp_avgs, master_params, steps, *, lr, beta1, beta2
               stochastic_rounding=False, seed=0, grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused Lion step over lists of tensors on one device (see the schema above).
 
-    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 state,
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 (or bf16) state,
     or fp64 with fp64 state (stepped in plain torch ops whatever the backend: the kernels are fp32); grads have the
     param's dtype or fp32. `backend` is resolved by fused_optim._backend. DTensors (params, grads and state alike)
     are stepped through their local shards (ops/_dtensor.py).

@@ -32,6 +32,22 @@ def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float32, *LOW_PRECISION) and not group.get("differentiable") else p.dtype
 
 
+MOMENTS = ("fp32", "bf16")  # the storage of an optimizer's moments: `moments=`
+
+
+def check_moments(moments: str) -> None:
+    """The constructors' check of `moments`."""
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be {' or '.join(map(repr, MOMENTS))}, not {moments!r} (8-bit moments are not "
+                         "built yet)")
+
+
+def moment_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype of a param's moments: bf16 with moments="bf16" where our state would be fp32, else state_dtype."""
+    dtype = state_dtype(p, group)
+    return torch.bfloat16 if dtype == torch.float32 and group.get("moments", "fp32") == "bf16" else dtype
+
+
 def check_master_weights(master_weights: bool | int) -> None:
     """The constructors' check of `master_weights`: False, True (exact fp32 masters) or 24 (24-bit masters)."""
     if master_weights not in (False, True, 24):
@@ -123,7 +139,8 @@ class FusedOptimizer(Optimizer):
         if problem is not None:
             self.param_groups.pop()
             raise ValueError(f"{type(self).__name__}: {problem}.")
-        # Each group's own seed for stochastic rounding (of bf16 params or moments), saved with the state_dict so a resumed run draws the same.
+        # Each group's own seed for stochastic rounding (of bf16 params or moments), saved with the state_dict so a
+        # resumed run draws the same.
         if self.param_groups[-1].get("stochastic_rounding") or self.param_groups[-1].get("moments") == "bf16":
             self.param_groups[-1].setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
         if self.gradient_release:

@@ -48,17 +48,10 @@ from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.adam import adam_step
 from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_master_weights,
-                                     check_saved_state, check_torch_flags, init_master, master_of, restore_saved_state,
-                                     state_dtype)
+                                     check_moments, check_saved_state, check_torch_flags, init_master, master_of,
+                                     moment_dtype, restore_saved_state)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-MOMENTS = ("fp32", "bf16")  # the storage of the moments: `moments=`
-
-
-def moment_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
-    """The dtype of a param's moments: bf16 with moments="bf16" where our state would be fp32, else state_dtype."""
-    dtype = state_dtype(p, group)
-    return torch.bfloat16 if dtype == torch.float32 and group.get("moments", "fp32") == "bf16" else dtype
 
 
 def _beta(value: float | Tensor, index: int) -> float:
@@ -124,9 +117,7 @@ class Adam(FusedOptimizer):
             if isinstance(beta, Tensor) and foreach and not capturable:
                 raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
         check_master_weights(master_weights)
-        if moments not in MOMENTS:
-            raise ValueError(f"moments must be {' or '.join(map(repr, MOMENTS))}, not {moments!r} (8-bit moments are "
-                             "not built yet)")
+        check_moments(moments)
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {

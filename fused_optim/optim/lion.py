@@ -6,7 +6,8 @@ optax): `Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)`, one state 
 decoupled weight decay (p *= 1 - lr * weight_decay). The update is lr * sign(beta1 * m + (1 - beta1) * g), so a
 Lion lr is typically 3-10x smaller than an AdamW lr and its weight decay 3-10x larger. The rest is as
 fused_optim.AdamW:
-- `exp_avg` is fp32 for fp32, bf16 and fp16 params (fp64 for fp64 params, stepped in plain torch ops), and a
+- `exp_avg` is fp32 for fp32, bf16 and fp16 params (fp64 for fp64 params, stepped in plain torch ops), or bf16
+  with `moments="bf16"` (2 bytes a param, rounded stochastically after each update: as AdamW's), and a
   `step` count (a float32 tensor on the param's device) keys the stochastic rounding's random stream on the device.
 - `master_weights=True` keeps each bf16/fp16 param's fp32 master (a bf16 param's as an int16 remainder,
   `master_remainder`; an fp16 param's as an fp32 copy, `master_param`: as fused_optim.AdamW), `master_weights=24` a
@@ -27,8 +28,8 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.lion import SPARSE_MESSAGE, lion_step
-from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, check_master_weights, check_saved_state,
-                                     init_master, master_of, restore_saved_state, state_dtype)
+from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, check_master_weights, check_moments,
+                                     check_saved_state, init_master, master_of, moment_dtype, restore_saved_state)
 
 LION_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64)
 
@@ -52,6 +53,7 @@ class Lion(FusedOptimizer):
         *,
         maximize: bool = False,
         master_weights: bool | int = False,
+        moments: str = "fp32",
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         gradient_release: bool = False,
@@ -68,6 +70,7 @@ class Lion(FusedOptimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         check_master_weights(master_weights)
+        check_moments(moments)
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {
@@ -76,6 +79,7 @@ class Lion(FusedOptimizer):
             "weight_decay": weight_decay,
             "maximize": maximize,
             "master_weights": master_weights,
+            "moments": moments,
             "stochastic_rounding": stochastic_rounding,
             # torch's Optimizer gives every group this key when it loads a state (as its optimizers have); Lion's
             # step is never differentiable, and a group asking for one is refused at the step
@@ -102,7 +106,7 @@ class Lion(FusedOptimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p, group), memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype(p, group), memory_format=torch.preserve_format)
         if group["master_weights"] and p.dtype in LOW_PRECISION:
             init_master(p, state, group["master_weights"])
 
@@ -111,9 +115,9 @@ class Lion(FusedOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
-        TypeError, and nothing changes); state comes back in fp32 on the param's device whatever dtype it was
-        saved in. A state saved without `step` (lion-pytorch's) starts the count at 0."""
+        TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device
+        whatever dtype it was saved in. A state saved without `step` (lion-pytorch's) starts the count at 0."""
         check_saved_state(self, state_dict, ("exp_avg",))
         self._plans.clear()
         super().load_state_dict(state_dict)
-        restore_saved_state(self, state_dict, ("exp_avg",))
+        restore_saved_state(self, state_dict, ("exp_avg",), moment_dtype)

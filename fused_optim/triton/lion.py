@@ -14,8 +14,8 @@ import triton.language as tl
 
 from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
                                       pack, search_steps)
-from fused_optim.triton.adam import (STOCHASTIC, _fp64_bits, _mix32, load_param, param_pointers, store_param,
-                                     write_back)
+from fused_optim.triton.adam import (STOCHASTIC, _fp64_bits, _mix32, _moment_bits, _store_moment, load_param,
+                                     param_pointers, store_param, write_back)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 COLUMNS = 6  # param, grad, exp_avg, master, step, numel
@@ -25,10 +25,10 @@ STEP_COLUMN = 4
 @triton.jit
 def _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, mask, grad_multiplier, param_decay, lr,
                   beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE: tl.constexpr,
-                  WRITE: tl.constexpr):
+                  MOMENT_DTYPE: tl.constexpr, WRITE: tl.constexpr):
     p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    m = tl.load(exp_avg_ptr + offsets, mask=mask)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
 
     g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
     p = p * param_decay  # decoupled weight decay
@@ -37,7 +37,10 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, mask, g
     m = beta2 * m + one_minus_beta2 * g
     p = p - lr * sign
 
-    tl.store(exp_avg_ptr + offsets, m, mask=mask)
+    bits = 0
+    if MOMENT_DTYPE == tl.bfloat16:  # moments="bf16": rounded stochastically (rounding.h's to_moment)
+        bits = _moment_bits(stream, offsets, 0)
+    _store_moment(exp_avg_ptr, offsets, mask, m, bits, MOMENT_DTYPE)
     store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, WRITE)
 
 
@@ -46,7 +49,8 @@ def _lion_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
     beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, seed, first_tensor_index, num_tensors,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, WRITE: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    WRITE: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -58,7 +62,7 @@ def _lion_kernel(
         row = table_ptr + lo * COLUMNS
         param_ptr, master_ptr = param_pointers(row, 0, 3, PARAM_DTYPE, WRITE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
-        exp_avg_ptr = load_pointer(row, 2, tl.float32, ALIGNED)
+        exp_avg_ptr = load_pointer(row, 2, MOMENT_DTYPE, ALIGNED)
         numel = tl.load(row + 5)
 
         # The tensor's scalars (lion.h, lion_scalars): the lr in fp64 until 1 - lr * weight_decay is rounded.
@@ -73,7 +77,7 @@ def _lion_kernel(
             grad_multiplier = -grad_multiplier
         param_decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
         stream = 0
-        if WRITE == STOCHASTIC:
+        if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16:
             step = tl.load(load_pointer(row, 4, tl.float32, False)) + 1.0
             stream = _mix32(_mix32(tl.cast(seed, tl.uint32) + 0x9E3779B9 * (first_tensor_index + lo).to(tl.uint32))
                             ^ step.to(tl.uint32))
@@ -82,11 +86,11 @@ def _lion_kernel(
         if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, None, grad_multiplier, param_decay,
                           lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE,
-                          WRITE)
+                          MOMENT_DTYPE, WRITE)
         else:
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, offsets < numel, grad_multiplier,
                           param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream,
-                          PARAM_DTYPE, WRITE)
+                          PARAM_DTYPE, MOMENT_DTYPE, WRITE)
 
 
 def lion_step_triton(params, grads, exp_avgs, master_params, steps, lr, lr_tensor, beta1, beta2, weight_decay,
@@ -118,7 +122,8 @@ def _launch(params, grads, exp_avgs, master_params, steps, first_tensor_index, l
             table, _fp64_bits(lr), unused if lr_tensor is None else lr_tensor,
             unused if grad_scale is None else grad_scale, unused if found_inf is None else found_inf,
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, weight_decay, seed, first_tensor_index, num_tensors,
-            PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype], MAXIMIZE=maximize,
+            PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
+            MOMENT_DTYPE=DTYPES[exp_avgs[0].dtype], MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
