@@ -28,15 +28,19 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 def run(backend, options, dtype, steps=3, master_weights=False):
     """(params, bf16 moments per key) of a moments="bf16" run, and (params, moments) of its emulation. `options`
-    names the class ("AdamW", "Adam" or "Lion": one moment) and its arguments."""
+    names the class ("AdamW", "Adam", "Lion": one moment, or "SGD": its momentum buffer) and its arguments."""
     init = [torch.randn(s) for s in SHAPES]
     kwargs = dict(options)
-    cls = getattr(fused_optim, kwargs.pop("cls"))
+    name = kwargs.pop("cls")
+    cls = getattr(fused_optim, name)
+    if master_weights:
+        kwargs["master_weights"] = master_weights
     params, emulated_params = make_params(init, dtype, "cpu"), make_params(init, dtype, "cpu")
-    opt = cls(params, lr=1e-2, moments="bf16", master_weights=master_weights, backend=backend, **kwargs)
-    fp32_opt = cls(emulated_params, lr=1e-2, master_weights=master_weights, backend=backend, **kwargs)
+    opt = cls(params, lr=1e-2, moments="bf16", backend=backend, **kwargs)
+    fp32_opt = cls(emulated_params, lr=1e-2, backend=backend, **kwargs)
     seed = opt.param_groups[0]["seed"]
-    keys = MOMENT_KEYS[:1] if cls is fused_optim.Lion else MOMENT_KEYS if kwargs.get("amsgrad") else MOMENT_KEYS[:2]
+    keys = {"Lion": ("exp_avg",), "SGD": ("momentum_buffer",)}.get(
+        name, MOMENT_KEYS if kwargs.get("amsgrad") else MOMENT_KEYS[:2])
     emulated = {key: [torch.zeros_like(p, dtype=torch.bfloat16) for p in params] for key in keys}
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -162,7 +166,8 @@ def test_bf16_moments_halve_the_moments_bytes():  # README's table of state per 
     assert state_of(torch.bfloat16, fused_optim.Lion, moments="bf16", master_weights=24) == 3 + step_bytes
 
 
-@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.Adam, fused_optim.Lion], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.Adam, fused_optim.Lion, fused_optim.SGD],
+                         ids=lambda c: c.__name__)
 @pytest.mark.parametrize("moments", ["int8", "fp16", "BF16", None, 16])
 def test_an_unknown_moments_storage_is_refused_in_one_sentence(moments, cls):
     p = torch.nn.Parameter(torch.randn(3))

@@ -111,18 +111,17 @@ def test_vocab_parallel_kernels_stream_their_shard_with_16_byte_accesses(cross_e
 
 
 def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses(sgd_kernels_ptx):
-    assert len(sgd_kernels_ptx) == 15  # (param, grad) dtype pairs x (no momentum, momentum, nesterov)
-    for name, body in sgd_kernels_ptx.items():
-        # the mangled template arguments: param type, grad type ("f", or S<n>_: the param's again), momentum
-        param_t, grad_t, momentum = re.search(r"sgd_kernelI(f|N3c108BFloat16E|N3c104HalfE)(f|S\d*_)Lb([01])E",
-                                              name).groups()
-        grad_t = param_t if grad_t.startswith("S") else grad_t
+    # (param, grad) dtype pairs x (no momentum, and momentum and nesterov with an fp32 or a bf16 buffer)
+    assert len(sgd_kernels_ptx) == 25
+    for name, (param_t, grad_t, buffer_t, momentum, _) in template_arguments(list(sgd_kernels_ptx)).items():
+        body = sgd_kernels_ptx[name]
         loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
         stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
         # per 8 elements: an fp32 array takes two 16-byte accesses, a 16-bit one a single one
-        width = {"f": 2}
-        expected_loads = width.get(param_t, 1) + width.get(grad_t, 1) + 2 * int(momentum)
-        expected_stores = width.get(param_t, 1) + 2 * int(momentum)
+        width = {"float": 2}
+        buffer = width.get(buffer_t, 1) if momentum == "true" else 0
+        expected_loads = width.get(param_t, 1) + width.get(grad_t, 1) + buffer
+        expected_stores = width.get(param_t, 1) + buffer
         assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
                        snapshot, ulp, within_two_ulps)
+from test_adam_moments import run as run_with_bf16_moments
 
 import fused_optim
 from fused_optim.ops.sgd import sgd_step
@@ -450,7 +451,7 @@ def test_op_refuses_bad_state_and_changes_nothing(backend, device):
     good_buffer, good_step = torch.randn(8, device=device), torch.ones((), device=device)
     cases = {
         "step-float64": ([good_buffer], [torch.ones((), dtype=torch.float64, device=device)], 0.9),
-        "buffer-bf16": ([good_buffer.bfloat16()], [good_step], 0.9),
+        "buffer-fp16": ([good_buffer.half()], [good_step], 0.9),  # fp32 or bf16 (moments="bf16") only
         "buffer-shape": ([torch.randn(9, device=device)], [good_step], 0.9),
         "missing-state": ([], [], 0.9),
         "state-without-momentum": ([good_buffer], [good_step], 0.0),
@@ -509,7 +510,8 @@ def test_state_dict_has_torchs_keys():
     opt.step()
     torch_opt.step()
     ours_sd, torch_sd = opt.state_dict(), torch_opt.state_dict()
-    assert ours_sd["param_groups"] == torch_sd["param_groups"]
+    assert [{k: v for k, v in g.items() if k != "moments"} for g in ours_sd["param_groups"]] == torch_sd["param_groups"]
+    assert ours_sd["param_groups"][0]["moments"] == "fp32"  # ours only: the buffer's storage
     for i in range(2):
         assert set(ours_sd["state"][i]) == set(torch_sd["state"][i]) | {"step"}
 
@@ -573,13 +575,14 @@ def _op_sample(kind: str):
     params = [torch.randn(s).to(dtype) for s in shapes]
     grads = [torch.randn(s).to(dtype) for s in shapes]
     momentum = 0.0 if kind == "no-momentum" else 0.9
-    buffers = [torch.randn(s) for s in shapes] if momentum else []
+    buffer_dtype = torch.bfloat16 if kind == "bf16-buffers" else torch.float32  # moments="bf16"
+    buffers = [torch.randn(s).to(buffer_dtype) for s in shapes] if momentum else []
     steps = [torch.tensor(0.0), torch.tensor(3.0)] if momentum else []  # a first step and a later one
     lr_tensor = torch.tensor(1e-2) if kind == "lr-tensor" else None
     grad_scale = torch.tensor(4.0) if kind in ("grad-scale", "found-inf") else None
     found_inf = torch.tensor(1.0 if kind == "found-inf" else 0.0) if grad_scale is not None else None
     return (params, grads, buffers, steps, 1e-2, lr_tensor, momentum, 0.0, 0.01, kind == "lr-tensor",
-            kind == "grad-scale", grad_scale, found_inf)
+            kind == "grad-scale", 7, grad_scale, found_inf)
 
 
 OPS = [
@@ -590,7 +593,8 @@ OPS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "no-momentum", "lr-tensor", "grad-scale", "found-inf"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "bf16-buffers", "no-momentum", "lr-tensor", "grad-scale",
+                                  "found-inf"])
 @pytest.mark.parametrize("op_name", OPS)
 def test_opcheck(op_name, kind):
     torch.library.opcheck(getattr(torch.ops.fused_optim, op_name).default, _op_sample(kind))
@@ -713,3 +717,31 @@ def test_many_tensors_of_mixed_dtypes_in_one_group_match_the_cpu_kernel(backend)
     for ours, cpu, dtype in zip(results[backend], results["cpu"], dtypes):
         tolerance = 1e-5 if dtype == torch.float32 else 2**-7
         torch.testing.assert_close(ours, cpu, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_a_bf16_momentum_buffer_follows_its_emulation(backend, device, dtype, nesterov):
+    """moments="bf16": the fp32 step on the dequantized buffer, rounded back stochastically (test_adam_moments.py);
+    the first step's buffer is the grad itself, rounded."""
+    options = dict(cls="SGD", momentum=0.9, nesterov=nesterov, weight_decay=0.01, maximize=not nesterov)
+    params, buffers, emulated_params, emulated = run_with_bf16_moments(backend, options, dtype)
+    assert buffers["momentum_buffer"][0].dtype == torch.bfloat16
+    assert_identical(buffers, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
+
+def test_a_bf16_momentum_buffer_trades_state_with_torch_sgd():
+    p = torch.nn.Parameter(torch.randn(100))
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, moments="bf16")
+    p.grad = torch.randn(100)
+    opt.step()
+    assert opt.state[p]["momentum_buffer"].dtype == torch.bfloat16
+    theirs = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    theirs.load_state_dict(opt.torch_state_dict())  # fp32: torch's SGD steps on from our bf16 values exactly
+    assert torch.equal(theirs.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"].float())
+    theirs.step()
+    opt.load_state_dict(theirs.state_dict())  # torch's fp32 buffer, rounded to nearest
+    assert torch.equal(opt.state[p]["momentum_buffer"], theirs.state[p]["momentum_buffer"].bfloat16())
+

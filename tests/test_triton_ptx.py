@@ -70,10 +70,12 @@ def accesses(ptx):
 # The SGD kernel with momentum (param, grad and buffer streams), aligned and not.
 SGD_SIGNATURE = {"table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
                  "found_inf_ptr": "*fp32", "momentum": "fp32", "one_minus_dampening": "fp32", "weight_decay": "fp32",
-                 "num_tensors": "i32"}
-for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+                 "seed": "i32", "first_tensor_index": "i32", "num_tensors": "i32"}
+for name, dtype, buffer_dtype in (("fp32", tl.float32, tl.float32), ("bf16", tl.bfloat16, tl.float32),
+                                  ("fp32-bf16-moments", tl.float32, tl.bfloat16),
+                                  ("bf16-bf16-moments", tl.bfloat16, tl.bfloat16)):
     for aligned in (True, False):
-        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
+        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, BUFFER_DTYPE=buffer_dtype, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
                           HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
                           SEARCH_STEPS=1, COLUMNS=5, BLOCK=1024)
         source = ASTSource(fn=_sgd_kernel, signature={**SGD_SIGNATURE, **{k: "constexpr" for k in constexprs}},
@@ -159,7 +161,7 @@ def ptx_accesses() -> dict:
 OPTIMIZER_KERNELS = [(kernel, dtype) for kernel in ("", "sgd-", "lion-")
                      for dtype in ("fp32", "bf16", "bf16-remainder", "bf16-remainder24", "fp32-bf16-moments",
                                    "bf16-bf16-moments")
-                     if kernel != "sgd-" or dtype in ("fp32", "bf16")]  # SGD: no master weights, fp32 momentum
+                     if kernel != "sgd-" or "remainder" not in dtype]  # SGD keeps no master weights
 OPTIMIZER_KERNEL_IDS = [f"{dtype}-{kernel.rstrip('-') or 'adam'}" for kernel, dtype in OPTIMIZER_KERNELS]
 
 

@@ -1,6 +1,7 @@
 // CPU SGD: every tensor of a group cut into fixed-size chunks (chunks.h), OpenMP over the chunks, and
 // a branch-free inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/sgd.h,
 // the same header the CUDA kernel includes.
+#include <type_traits>
 #include <vector>
 
 #include "ops/torch_api.h"
@@ -9,6 +10,7 @@
 #include "float_io.h"
 #include "ops/dispatch.h"
 #include "ops/sgd.h"
+#include "fused_optim/rounding.h"
 
 namespace fused_optim {
 namespace {
@@ -16,35 +18,49 @@ namespace {
 struct TensorPointers {
   void* param;
   const void* grad;
-  float* momentum_buffer;
+  void* momentum_buffer;  // buffer_t: float, or bf16 (moments="bf16")
+  uint32_t moment_draw;   // a bf16 buffer's rounding bits (rounding.h)
   SgdScalars scalars;
 };
 
-template <typename param_t, typename grad_t, bool kMomentum, bool kNesterov>
+template <typename param_t, typename grad_t, typename buffer_t, bool kMomentum, bool kNesterov>
 void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
-  float* __restrict__ momentum_buffer = t.momentum_buffer;
+  auto* __restrict__ momentum_buffer = static_cast<buffer_t*>(t.momentum_buffer);
   const SgdScalars s = t.scalars;
-  float unused_buffer = 0.0f;
+  // a bf16 buffer's rounding bits, hashed in 32-bit lanes as in adam.cpp
+  constexpr bool kBf16Buffer = std::is_same_v<buffer_t, c10::BFloat16>;
+  const uint32_t index_high = static_cast<uint32_t>(begin >> 32), index_low_begin = static_cast<uint32_t>(begin);
+  const int32_t length = static_cast<int32_t>(end - begin);  // at most kCpuChunk
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    float& buffer = kMomentum ? momentum_buffer[i] : unused_buffer;
+  for (int32_t j = 0; j < length; ++j) {
+    const int64_t i = begin + j;
+    float buffer = kMomentum ? load_float(momentum_buffer, i) : 0.0f;
     store_float(param, i, sgd_update<kMomentum, kNesterov>(load_float(param, i), load_float(grad, i), buffer, s));
+    if (kMomentum) {
+      store_moment(momentum_buffer, i, buffer,
+                   kBf16Buffer ? moment_bits(t.moment_draw, index_low_begin + static_cast<uint32_t>(j), index_high)
+                               : 0u);
+    }
   }
 }
 
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
 
-template <typename param_t, typename grad_t>
+template <typename param_t, typename grad_t, typename buffer_t>
 ChunkFn pick_chunk_fn(bool momentum, bool nesterov) {
-  if (!momentum) return sgd_chunk<param_t, grad_t, false, false>;
-  return nesterov ? sgd_chunk<param_t, grad_t, true, true> : sgd_chunk<param_t, grad_t, true, false>;
+  if (!momentum) return sgd_chunk<param_t, grad_t, float, false, false>;
+  return nesterov ? sgd_chunk<param_t, grad_t, buffer_t, true, true>
+                  : sgd_chunk<param_t, grad_t, buffer_t, true, false>;
 }
 
-ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, bool momentum, bool nesterov) {
+ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, ScalarType buffer_dtype, bool momentum,
+                      bool nesterov) {
   return dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
-    return pick_chunk_fn<decltype(param), decltype(grad)>(momentum, nesterov);
+    return dispatch_moment_type(buffer_dtype, [&](auto buffer) {
+      return pick_chunk_fn<decltype(param), decltype(grad), decltype(buffer)>(momentum, nesterov);
+    });
   });
 }
 
@@ -63,10 +79,14 @@ void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS) {
   for (size_t i = 0; i < params.size(); ++i) {
     // read in place: item() costs a dispatch per tensor, which dominates a step over many small tensors
     const float step = has_momentum ? *data_as<float>(steps[i]) : 1.0f;
+    const uint32_t stream = stream_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(i),
+                                       static_cast<uint32_t>(step + 1.0f));
     tensors[i] = TensorPointers{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
-                                has_momentum ? data_as<float>(momentum_buffers[i]) : nullptr,
+                                has_momentum ? momentum_buffers[i].mutable_data_ptr() : nullptr,
+                                moment_stream(stream, 0),
                                 sgd_scalars(momentum, dampening, weight_decay, maximize, lr_value, scale, step)};
-    chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(), has_momentum, nesterov);
+    chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(),
+                                 has_momentum ? momentum_buffers[i].scalar_type() : kFloat, has_momentum, nesterov);
     numels.push_back(params[i].numel());
   }
   parallel_for_chunks(split_into_chunks(numels), [&](const Chunk& chunk, int64_t) {

@@ -26,8 +26,9 @@ constexpr int64_t kChunk = 16 * 1024;  // elements per block: 4 iterations of 51
 struct TensorArgs {
   void* param;
   const void* grad;
-  float* momentum_buffer;  // null without momentum
-  const float* step;       // null without momentum
+  void* momentum_buffer;  // null without momentum; buffer_t: float, or bf16 (moments="bf16")
+  const float* step;      // null without momentum
+  int32_t index;          // in the caller's list: keys a bf16 buffer's rounding stream, as on the CPU
   int64_t numel;
 };
 using Table = multi_tensor::LaunchTable<TensorArgs>;
@@ -36,13 +37,14 @@ using Table = multi_tensor::LaunchTable<TensorArgs>;
 struct LaunchArgs {
   double momentum, dampening, weight_decay;
   bool maximize;
+  uint32_t seed;
   float lr;
   const float* lr_tensor;
   const float* grad_scale;
   const float* found_inf;
 };
 
-template <typename param_t, typename grad_t, bool kMomentum, bool kNesterov>
+template <typename param_t, typename grad_t, typename buffer_t, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ Table table, const LaunchArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // a skipped step: touch nothing
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
@@ -51,10 +53,15 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
   const SgdScalars s = sgd_scalars(a.momentum, a.dampening, a.weight_decay, a.maximize,
                                    a.lr_tensor != nullptr ? *a.lr_tensor : a.lr,
                                    a.grad_scale != nullptr ? *a.grad_scale : 1.0f, kMomentum ? *t.step : 1.0f);
+  constexpr bool kBf16Buffer = std::is_same_v<buffer_t, c10::BFloat16>;
+  // a bf16 buffer's rounding bits (rounding.h)
+  const uint32_t stream = kBf16Buffer ? stream_key(a.seed, static_cast<uint32_t>(t.index),
+                                                  static_cast<uint32_t>(*t.step + 1.0f))
+                                       : 0u;
+  const uint32_t moment_draw = moment_stream(stream, 0);
   auto* param = static_cast<param_t*>(t.param);
   const auto* grad = static_cast<const grad_t*>(t.grad);
-  float* buffer = t.momentum_buffer;
-  float unused_buffer = 0.0f;
+  auto* buffer = static_cast<buffer_t*>(t.momentum_buffer);
   const bool vectorizable = multi_tensor::aligned16(param) && multi_tensor::aligned16(grad) &&
                             (!kMomentum || multi_tensor::aligned16(buffer));
   multi_tensor::for_each_element<kThreads>(
@@ -66,29 +73,32 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
         multi_tensor::load_vec(grad + i, g);
         if (kMomentum) multi_tensor::load_vec(buffer + i, b);
         param_t out[kVec];
+        uint32_t bits[kVec];
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           out[k] = round_to<param_t>(sgd_update<kMomentum, kNesterov>(p[k], g[k], b[k], s));
+          bits[k] = kBf16Buffer ? moment_bits(moment_draw, i + k) : 0u;
         }
-        if (kMomentum) multi_tensor::store_vec(buffer + i, b);
+        if (kMomentum) multi_tensor::store_moment_vec(buffer, i, b, bits, 0);
         multi_tensor::store_vec(param + i, out);
       },
       [&](int64_t i) {
-        float& b = kMomentum ? buffer[i] : unused_buffer;
+        float b = kMomentum ? static_cast<float>(buffer[i]) : 0.0f;
         param[i] = round_to<param_t>(
             sgd_update<kMomentum, kNesterov>(static_cast<float>(param[i]), static_cast<float>(grad[i]), b, s));
+        if (kMomentum) buffer[i] = to_moment<buffer_t>(b, kBf16Buffer ? moment_bits(moment_draw, i) : 0u);
       });
 }
 
-template <typename param_t, typename grad_t>
+template <typename param_t, typename grad_t, typename buffer_t>
 void launch_variant(const Table& table, const LaunchArgs& a, bool momentum, bool nesterov, cudaStream_t stream) {
   const int blocks = table.num_blocks();
   if (!momentum) {
-    sgd_kernel<param_t, grad_t, false, false><<<blocks, kThreads, 0, stream>>>(table, a);
+    sgd_kernel<param_t, grad_t, float, false, false><<<blocks, kThreads, 0, stream>>>(table, a);
   } else if (nesterov) {
-    sgd_kernel<param_t, grad_t, true, true><<<blocks, kThreads, 0, stream>>>(table, a);
+    sgd_kernel<param_t, grad_t, buffer_t, true, true><<<blocks, kThreads, 0, stream>>>(table, a);
   } else {
-    sgd_kernel<param_t, grad_t, true, false><<<blocks, kThreads, 0, stream>>>(table, a);
+    sgd_kernel<param_t, grad_t, buffer_t, true, false><<<blocks, kThreads, 0, stream>>>(table, a);
   }
   check_launch();
 }
@@ -101,19 +111,23 @@ void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS) {
   const torch::stable::accelerator::DeviceGuard device_guard(params[0].get_device_index());
   const cudaStream_t stream = current_stream();
   const bool has_momentum = momentum != 0.0;
-  const LaunchArgs args{momentum, dampening, weight_decay, maximize, static_cast<float>(lr),
-                        optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf)};
+  const LaunchArgs args{momentum, dampening, weight_decay, maximize, static_cast<uint32_t>(seed),
+                        static_cast<float>(lr), optional_ptr(lr_tensor), optional_ptr(grad_scale),
+                        optional_ptr(found_inf)};
+  const ScalarType buffer_dtype = has_momentum ? momentum_buffers[0].scalar_type() : kFloat;
 
   auto launch = [&](const Table& table, int key) {
     multi_tensor::dispatch_dtype_pair(key, [&](auto param, auto grad) {
-      launch_variant<decltype(param), decltype(grad)>(table, args, has_momentum, nesterov, stream);
+      dispatch_moment_type(buffer_dtype, [&](auto buffer) {
+        launch_variant<decltype(param), decltype(grad), decltype(buffer)>(table, args, has_momentum, nesterov, stream);
+      });
     });
   };
   multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
   for (size_t i = 0; i < params.size(); ++i) {
     filler.add(TensorArgs{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
-                          has_momentum ? data_as<float>(momentum_buffers[i]) : nullptr,
-                          has_momentum ? data_as<float>(steps[i]) : nullptr, 0},
+                          has_momentum ? momentum_buffers[i].mutable_data_ptr() : nullptr,
+                          has_momentum ? data_as<float>(steps[i]) : nullptr, static_cast<int32_t>(i), 0},
                params[i].numel(), multi_tensor::dtype_pair(params[i].scalar_type(), matched_grads[i].scalar_type()));
   }
   filler.flush();

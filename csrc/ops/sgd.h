@@ -12,17 +12,18 @@
 
 namespace fused_optim {
 
-// momentum_buffers and steps are empty when momentum is 0 (torch keeps no state then), else one per param.
+// momentum_buffers and steps are empty when momentum is 0 (torch keeps no state then), else one per param. The
+// buffers are fp32, or bf16 (moments="bf16": rounded stochastically, keyed by `seed`, rounding.h).
 #define FUSED_OPTIM_SGD_ARGS                                                                                  \
   TensorList params, TensorList grads, TensorList momentum_buffers, TensorList steps,                         \
       double lr, const std::optional<Tensor>& lr_tensor, double momentum, double dampening,                    \
-      double weight_decay, bool nesterov, bool maximize, const std::optional<Tensor>& grad_scale,              \
-      const std::optional<Tensor>& found_inf
+      double weight_decay, bool nesterov, bool maximize, int64_t seed,                                          \
+      const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf
 
 // The same arguments, forwarded (to check_sgd_args).
 #define FUSED_OPTIM_SGD_ARG_NAMES                                                                             \
   params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, \
-      grad_scale, found_inf
+      seed, grad_scale, found_inf
 
 void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS);
 void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS);
@@ -47,8 +48,10 @@ inline std::vector<Tensor> check_sgd_args(FUSED_OPTIM_SGD_ARGS) {
     const TensorInfo grad = check_grad("sgd_step_", grads[i], p, "sgd_step_: sparse gradients are not supported");
     if (has_momentum) {
       const TensorInfo buffer(momentum_buffers[i]);
-      FO_CHECK(buffer.same_layout(p) && buffer.dtype == kFloat,
-               "sgd_step_: a momentum buffer must be float32 with its param's shape, strides and device");
+      FO_CHECK(buffer.same_layout(p) && buffer.dtype == momentum_buffers[0].scalar_type() &&
+                   (buffer.dtype == kFloat || buffer.dtype == kBFloat16),
+               "sgd_step_: momentum buffers must be all float32 or all bfloat16, each with its param's shape, "
+               "strides and device");
       check_step("sgd_step_", steps[i], p);
     }
     if (grad.strides != p.strides) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);

@@ -2,7 +2,8 @@
 (fused_optim/ops/sgd.py picks the kernel).
 
 Differences from torch:
-- With momentum, `momentum_buffer` is fp32 whatever the param dtype, in the param's memory layout, and a `step`
+- With momentum, `momentum_buffer` is fp32 whatever the param dtype (bf16 with `moments="bf16"`: rounded
+  stochastically after each update, as AdamW's moments), in the param's memory layout, and a `step`
   count (a float32 tensor on the param's device) says on the device whether the buffer is set yet: the first step
   (count 0) takes the gradient as the buffer, as torch does when it finds no buffer, without a host sync. Without
   momentum there is no state, as in torch.
@@ -34,7 +35,8 @@ from torch.optim.sgd import sgd as torch_sgd
 
 from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
-from fused_optim.optim._base import PARAM_DTYPES, FusedOptimizer, check_saved_state, check_torch_flags, state_dtype
+from fused_optim.optim._base import (PARAM_DTYPES, FusedOptimizer, check_moments, check_saved_state, check_torch_flags,
+                                     moment_dtype)
 from fused_optim.optim._plan import Plan
 
 
@@ -61,6 +63,7 @@ class SGD(FusedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        moments: str = "fp32",
         max_grad_norm: float | None = None,
         gradient_release: bool = False,
         backend: str | None = None,
@@ -76,6 +79,7 @@ class SGD(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_moments(moments)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -86,6 +90,7 @@ class SGD(FusedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
             "fused": fused,
+            "moments": moments,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
                          gradient_release=gradient_release)
@@ -102,6 +107,7 @@ class SGD(FusedOptimizer):
             weight_decay=float(weight_decay) if isinstance(weight_decay, Tensor) else weight_decay,
             nesterov=group["nesterov"],
             maximize=group["maximize"],
+            seed=group.get("seed", 0),
             grad_scale=grad_scale,
             found_inf=found_inf,
             backend=self.backend,
@@ -145,9 +151,9 @@ class SGD(FusedOptimizer):
             return [None, None]
         state = self.state[p]
         if "momentum_buffer" not in state:
-            # unset until the first step writes the gradient into it (count 0); fp32 for fp32/bf16/fp16 params, in
-            # the param's layout
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p, group),
+            # unset until the first step writes the gradient into it (count 0); fp32 (or bf16: moments="bf16") for
+            # fp32/bf16/fp16 params, in the param's layout
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=moment_dtype(p, group),
                                                         memory_format=torch.preserve_format)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         elif "step" not in state:  # a buffer torch's update made (a sparse grad earlier): set
@@ -187,7 +193,7 @@ class SGD(FusedOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking that every saved buffer fits its param (else ValueError and
-        nothing changes); buffers come back in fp32 on the param's device, in its layout, whatever dtype they were
+        nothing changes); buffers come back in fp32 (bf16: moments="bf16") on the param's device, in its layout, whatever dtype they were
         saved in, and a buffer saved without a count (torch's) counts as set. Everything it will use is checked
         first (check_saved_state: else ValueError or TypeError, and nothing changes)."""
         check_saved_state(self, state_dict, ("momentum_buffer",))
@@ -205,6 +211,6 @@ class SGD(FusedOptimizer):
                     state.pop("step", None)
                     continue
                 # re-taken from the saved value: torch's loader has cast it to the param dtype
-                state["momentum_buffer"] = torch.empty_like(p, dtype=state_dtype(p, group)).copy_(buffer)
+                state["momentum_buffer"] = torch.empty_like(p, dtype=moment_dtype(p, group)).copy_(buffer)
                 count = torch.ones(()) if step is None else torch.as_tensor(step).clamp_min(1)
                 state["step"] = count.to(device=p.device, dtype=torch.float32, copy=True)

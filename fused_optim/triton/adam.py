@@ -36,6 +36,12 @@ def _mix32(h):
 
 
 @triton.jit
+def _stream_key(seed, tensor_index, step):
+    """The random stream of one tensor at one step (the count after it): rounding.h's stream_key."""
+    return _mix32(_mix32(tl.cast(seed, tl.uint32) + 0x9E3779B9 * tensor_index.to(tl.uint32)) ^ step.to(tl.uint32))
+
+
+@triton.jit
 def _random_bits(stream, index):
     """32 random bits for element `index` of `stream` (rounding.h's random_bits)."""
     index = index.to(tl.uint64)
@@ -210,8 +216,8 @@ def _adam_kernel(
     lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
     log_beta1_bits, log_beta2_bits,  # lr and log(beta) as the bits of fp64s: Triton passes Python floats as fp32
     one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, WRITE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WRITE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -249,8 +255,7 @@ def _adam_kernel(
         bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
         stream = 0
         if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16:
-            stream = _mix32(_mix32(tl.cast(seed, tl.uint32) + 0x9E3779B9 * (first_tensor_index + lo).to(tl.uint32))
-                            ^ step.to(tl.uint32))
+            stream = _stream_key(seed, first_tensor_index + lo, step)
 
         offsets = start + tl.arange(0, BLOCK)
         if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
                                       pack, search_steps)
-from fused_optim.triton.adam import (STOCHASTIC, _fp64_bits, _mix32, _moment_bits, _store_moment, load_param,
+from fused_optim.triton.adam import (STOCHASTIC, _fp64_bits, _moment_bits, _store_moment, _stream_key, load_param,
                                      param_pointers, store_param, write_back)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
@@ -79,8 +79,7 @@ def _lion_kernel(
         stream = 0
         if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16:
             step = tl.load(load_pointer(row, 4, tl.float32, False)) + 1.0
-            stream = _mix32(_mix32(tl.cast(seed, tl.uint32) + 0x9E3779B9 * (first_tensor_index + lo).to(tl.uint32))
-                            ^ step.to(tl.uint32))
+            stream = _stream_key(seed, first_tensor_index + lo, step)
 
         offsets = start + tl.arange(0, BLOCK)
         if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide

@@ -10,12 +10,13 @@ by their contents (triton/_table.py), so a step usually copies nothing to the de
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
                                       pack, search_steps)
-from fused_optim.triton.adam import _bf16_nearest
+from fused_optim.triton.adam import _bf16_nearest, _moment_bits, _store_moment, _stream_key
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 COLUMNS = 5  # param, grad, momentum_buffer, step, numel
@@ -24,8 +25,8 @@ STEP_COLUMN = 3
 
 @triton.jit
 def _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, mask, grad_multiplier, weight_decay, momentum,
-                  one_minus_dampening, lr, first_step, PARAM_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr,
-                  NESTEROV: tl.constexpr):
+                  one_minus_dampening, lr, first_step, stream, PARAM_DTYPE: tl.constexpr,
+                  BUFFER_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
     p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
@@ -35,8 +36,11 @@ def _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, mask, grad_multiplie
         if first_step:  # the buffer is unset: it becomes the gradient itself
             buffer = g
         else:
-            buffer = tl.load(buffer_ptr + offsets, mask=mask) * momentum + one_minus_dampening * g
-        tl.store(buffer_ptr + offsets, buffer, mask=mask)
+            buffer = tl.load(buffer_ptr + offsets, mask=mask).to(tl.float32) * momentum + one_minus_dampening * g
+        bits = 0
+        if BUFFER_DTYPE == tl.bfloat16:  # moments="bf16": rounded stochastically (rounding.h's to_moment)
+            bits = _moment_bits(stream, offsets, 0)
+        _store_moment(buffer_ptr, offsets, mask, buffer, bits, BUFFER_DTYPE)
         if NESTEROV:
             g = g + momentum * buffer
         else:
@@ -52,9 +56,9 @@ def _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, mask, grad_multiplie
 def _sgd_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
-    momentum, one_minus_dampening, weight_decay, num_tensors,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    momentum, one_minus_dampening, weight_decay, seed, first_tensor_index, num_tensors,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BUFFER_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     skip = False
@@ -65,13 +69,17 @@ def _sgd_kernel(
         row = table_ptr + tensor * COLUMNS
         param_ptr = load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
-        buffer_ptr = load_pointer(row, 2, tl.float32, ALIGNED)
+        buffer_ptr = load_pointer(row, 2, BUFFER_DTYPE, ALIGNED)
         numel = tl.load(row + 4)
 
         # The tensor's scalars (sgd.h, sgd_scalars)
         first_step = False
+        stream = 0
         if MOMENTUM:
-            first_step = tl.load(load_pointer(row, 3, tl.float32, False)) == 0.0
+            step = tl.load(load_pointer(row, 3, tl.float32, False))
+            first_step = step == 0.0
+            if BUFFER_DTYPE == tl.bfloat16:  # the stream of the count after this step
+                stream = _stream_key(seed, first_tensor_index + tensor, step + 1.0)
         if HAS_LR_TENSOR:
             lr = tl.load(lr_ptr)
         grad_multiplier = 1.0
@@ -83,26 +91,27 @@ def _sgd_kernel(
         offsets = start + tl.arange(0, BLOCK)
         if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
             _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, None, grad_multiplier, weight_decay, momentum,
-                          one_minus_dampening, lr, first_step, PARAM_DTYPE, MOMENTUM, NESTEROV)
+                          one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE, MOMENTUM, NESTEROV)
         else:
             _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < numel, grad_multiplier, weight_decay,
-                          momentum, one_minus_dampening, lr, first_step, PARAM_DTYPE, MOMENTUM, NESTEROV)
+                          momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE, MOMENTUM,
+                          NESTEROV)
 
 
 def sgd_step_triton(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay,
-                    nesterov, maximize, grad_scale, found_inf) -> None:
+                    nesterov, maximize, seed, grad_scale, found_inf) -> None:
     """The fused_optim::sgd_step_triton_ op (schema and argument checks in fused_optim/ops/sgd.py)."""
     # Consecutive tensors of one (param dtype, grad dtype) pair share a launch.
     start = 0
     for end in range(1, len(params) + 1):
         if end == len(params) or (params[end].dtype, grads[end].dtype) != (params[start].dtype, grads[start].dtype):
-            _launch(params[start:end], grads[start:end], momentum_buffers[start:end], steps[start:end], lr,
-                    lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf)
+            _launch(params[start:end], grads[start:end], momentum_buffers[start:end], steps[start:end], start, lr,
+                    lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, seed, grad_scale, found_inf)
             start = end
 
 
-def _launch(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
-            maximize, grad_scale, found_inf) -> None:
+def _launch(params, grads, momentum_buffers, steps, first_tensor_index, lr, lr_tensor, momentum, dampening,
+            weight_decay, nesterov, maximize, seed, grad_scale, found_inf) -> None:
     has_momentum = momentum != 0
     rows = [[p.data_ptr(), grads[i].data_ptr(), momentum_buffers[i].data_ptr() if has_momentum else 0,
              steps[i].data_ptr() if has_momentum else 0, p.numel()] for i, p in enumerate(params)]
@@ -115,8 +124,10 @@ def _launch(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dam
     if num_blocks > 0:
         _sgd_kernel[(num_blocks,)](
             table, lr, unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
-            unused if found_inf is None else found_inf, momentum, 1.0 - dampening, weight_decay, num_tensors,
-            PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype], MOMENTUM=has_momentum,
+            unused if found_inf is None else found_inf, momentum, 1.0 - dampening, weight_decay, seed,
+            first_tensor_index, num_tensors, PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
+            BUFFER_DTYPE=DTYPES[momentum_buffers[0].dtype] if has_momentum else DTYPES[torch.float32],
+            MOMENTUM=has_momentum,
             NESTEROV=nesterov, MAXIMIZE=maximize, HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
