@@ -123,8 +123,9 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
     """What the Python twins of the optimizer ops check alike (csrc/ops/optimizer_checks.h), for non-empty lists of
     equal length: params of `dtypes`, dense, on one device; grads of their param's shape, dense (else
     `sparse_message`), of its dtype or fp32; each of `state_lists` in its param's shape and strides, fp32 (fp64 for
-    fp64 params) or, for the first `bf16_moment_lists` of them, all bf16 (Adam's moments="bf16"); `master_params`
-    (if any) the same, or all int16 (int8) remainders of bf16 params (rounding.h); one-element fp32 step counts and `scalars`. Returns the grads in their params' memory layout.
+    fp64 params) or, for the first `bf16_moment_lists` of them, all bf16 (moments="bf16"); `master_params` (if
+    any) the same, or all int16 (int8) remainders of bf16 params (rounding.h); one-element fp32 step counts and
+    `scalars`. Returns the grads in their params' memory layout.
     Whole-list comparisons rather than a loop over tensors: a step of a thousand tensors pays this every time."""
     if not params:
         return []

@@ -6,7 +6,7 @@ seed of each group, and pickling of our extra settings."""
 from __future__ import annotations
 
 from collections import ChainMap
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -417,10 +417,9 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
                                 f"tensor, not {step!r}")
 
 
-def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: tuple[str, ...],
-                        moment_dtype: Callable[[Tensor, dict[str, Any]], torch.dtype] = state_dtype) -> None:
+def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: tuple[str, ...]) -> None:
     """After torch's load_state_dict: torch's loader casts every floating state tensor to its param's dtype and
-    leaves `step` on the CPU; ours is fp32 (state_dtype; `moment_dtype` for the moments) on the param's device.
+    leaves `step` on the CPU; ours is fp32 (moment_dtype: or bf16) on the param's device.
     Re-take the saved values of `moment_keys` so a bf16 param's fp32 state survives a round trip (and a saved
     moment of another dtype is converted to ours, rounded to nearest), restore each master weight
     (_restore_master), and give every param a float32 `step` on its device (0 where the saved state has none)."""

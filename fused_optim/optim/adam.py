@@ -207,7 +207,7 @@ class Adam(FusedOptimizer):
         check_saved_state(self, state_dict, _MOMENTS)
         self._plans.clear()
         super().load_state_dict(state_dict)
-        restore_saved_state(self, state_dict, _MOMENTS, moment_dtype)
+        restore_saved_state(self, state_dict, _MOMENTS)
 
 
 class AdamW(Adam):

@@ -120,4 +120,4 @@ class Lion(FusedOptimizer):
         check_saved_state(self, state_dict, ("exp_avg",))
         self._plans.clear()
         super().load_state_dict(state_dict)
-        restore_saved_state(self, state_dict, ("exp_avg",), moment_dtype)
+        restore_saved_state(self, state_dict, ("exp_avg",))
