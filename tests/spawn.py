@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 import torch
@@ -31,6 +32,12 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, work: Callab
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Leave without the interpreter's finalization: gloo's worker threads can still hold work objects whose
+    # destruction then takes the GIL of a dying interpreter and aborts the rank (SIGABRT, "terminate called without
+    # an active exception"; seen in CI after every result was saved).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_workers(work: Callable[[int, int], dict], world_size: int, out_dir: str, backend: str = "gloo") -> list[dict]:
