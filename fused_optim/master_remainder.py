@@ -21,6 +21,11 @@ _LOW32 = 0xFFFFFFFF
 REMAINDER_DTYPES = (torch.int16, torch.int8)
 
 
+def are_remainders(master_params) -> bool:
+    """Whether an op call's master list holds remainders (all of one kind: the ops check) rather than fp32 copies."""
+    return bool(master_params) and master_params[0].dtype in REMAINDER_DTYPES
+
+
 def _signed(bits: Tensor, width: int) -> Tensor:
     """Unsigned `width`-bit values (in int64) as the two's-complement signed values with the same bits."""
     return bits - (bits >= 1 << (width - 1)).to(torch.int64) * (1 << width)

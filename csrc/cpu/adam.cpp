@@ -36,27 +36,21 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   auto* __restrict__ max_exp_avg_sq = static_cast<moment_t*>(t.max_exp_avg_sq);
   auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
   const AdamScalars s = t.scalars;
-  // bf16 moments' random bits (rounding.h): a chunk never crosses 2^32 elements, so the index's high half is fixed
-  // and its low half a 32-bit count from the chunk's start (a 64-bit one would take 64-bit vector lanes)
+  // bf16 moments' random bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Moments = std::is_same_v<moment_t, c10::BFloat16>;
   const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
-  const uint32_t index_high = static_cast<uint32_t>(begin >> 32), index_low_begin = static_cast<uint32_t>(begin);
   const int32_t length = static_cast<int32_t>(end - begin);  // at most kCpuChunk
 #pragma omp simd
   for (int32_t j = 0; j < length; ++j) {
     const int64_t i = begin + j;
-    const uint32_t index_low = index_low_begin + static_cast<uint32_t>(j);
     const float p = load_param<kWrite>(param, master, i);
     float m = load_float(exp_avg, i), v = load_float(exp_avg_sq, i);
     float max_v = kAmsgrad ? load_float(max_exp_avg_sq, i) : 0.0f;
     const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s);
-    const uint32_t bits = kBf16Moments ? moment_bits(stream0, index_low, index_high) : 0u;
+    const uint32_t bits = kBf16Moments ? chunk_moment_bits(stream0, begin, j) : 0u;
     store_moment(exp_avg, i, m, bits);
     store_moment(exp_avg_sq, i, v, bits >> 16);
-    if (kAmsgrad) {
-      store_moment(max_exp_avg_sq, i, max_v,
-                   kBf16Moments ? moment_bits(stream1, index_low, index_high) : 0u);
-    }
+    if (kAmsgrad) store_moment(max_exp_avg_sq, i, max_v, kBf16Moments ? chunk_moment_bits(stream1, begin, j) : 0u);
     write_param<kWrite>(param, master, i, updated, t.random_stream);
   }
 }

@@ -8,11 +8,24 @@
 
 #include "ops/torch_api.h"
 
+#include "fused_optim/rounding.h"
+
 namespace fused_optim {
 
 // 16K elements: small enough to balance 2..64 threads over a few large tensors, large enough that the per-chunk
 // setup is noise.
 constexpr int64_t kCpuChunk = 16384;
+
+// A chunk never crosses a multiple of 2^32 elements, so its elements' indices share their high half.
+static_assert((int64_t{1} << 32) % kCpuChunk == 0, "chunks must not cross a multiple of 2^32 elements");
+
+// The random bits of a bf16 moment's element begin + j of a chunk (rounding.h's moment_bits): the index's high half
+// is the chunk's and its low half a 32-bit count, which a vectorised loop hashes in 32-bit lanes (a 64-bit index
+// would take 64-bit ones).
+inline uint32_t chunk_moment_bits(uint32_t draw, int64_t begin, int32_t j) {
+  return moment_bits(draw, static_cast<uint32_t>(begin) + static_cast<uint32_t>(j),
+                     static_cast<uint32_t>(begin >> 32));
+}
 
 // Elements [begin, end) of tensor `tensor` of the list.
 struct Chunk {

@@ -1,6 +1,7 @@
 // CPU Lion: every tensor of a group cut into fixed-size chunks (chunks.h), OpenMP over the chunks, and a branch-free
 // inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/lion.h, the same
-// header the CUDA kernel includes; the param write-back (master copy or remainder, stochastic rounding) is float_io.h's.
+// header the CUDA kernel includes; the param write-back (master copy or remainder, stochastic rounding) is
+// float_io.h's.
 #include <type_traits>
 #include <vector>
 
@@ -31,10 +32,9 @@ void lion_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   auto* __restrict__ exp_avg = static_cast<moment_t*>(t.exp_avg);
   auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
   const LionScalars s = t.scalars;
-  // a bf16 moment's rounding bits (rounding.h), hashed in 32-bit lanes as in adam.cpp
+  // a bf16 moment's rounding bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Moment = std::is_same_v<moment_t, c10::BFloat16>;
   const uint32_t moment_draw = moment_stream(t.random_stream, 0);
-  const uint32_t index_high = static_cast<uint32_t>(begin >> 32), index_low_begin = static_cast<uint32_t>(begin);
   const int32_t length = static_cast<int32_t>(end - begin);  // at most kCpuChunk
 #pragma omp simd
   for (int32_t j = 0; j < length; ++j) {
@@ -42,8 +42,7 @@ void lion_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
     const float p = load_param<kWrite>(param, master, i);
     float m = load_float(exp_avg, i);
     const float updated = lion_update(p, load_float(grad, i), m, s);
-    store_moment(exp_avg, i, m,
-                 kBf16Moment ? moment_bits(moment_draw, index_low_begin + static_cast<uint32_t>(j), index_high) : 0u);
+    store_moment(exp_avg, i, m, kBf16Moment ? chunk_moment_bits(moment_draw, begin, j) : 0u);
     write_param<kWrite>(param, master, i, updated, t.random_stream);
   }
 }

@@ -29,9 +29,8 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
   auto* __restrict__ momentum_buffer = static_cast<buffer_t*>(t.momentum_buffer);
   const SgdScalars s = t.scalars;
-  // a bf16 buffer's rounding bits, hashed in 32-bit lanes as in adam.cpp
+  // a bf16 buffer's rounding bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Buffer = std::is_same_v<buffer_t, c10::BFloat16>;
-  const uint32_t index_high = static_cast<uint32_t>(begin >> 32), index_low_begin = static_cast<uint32_t>(begin);
   const int32_t length = static_cast<int32_t>(end - begin);  // at most kCpuChunk
 #pragma omp simd
   for (int32_t j = 0; j < length; ++j) {
@@ -39,9 +38,7 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
     float buffer = kMomentum ? load_float(momentum_buffer, i) : 0.0f;
     store_float(param, i, sgd_update<kMomentum, kNesterov>(load_float(param, i), load_float(grad, i), buffer, s));
     if (kMomentum) {
-      store_moment(momentum_buffer, i, buffer,
-                   kBf16Buffer ? moment_bits(t.moment_draw, index_low_begin + static_cast<uint32_t>(j), index_high)
-                               : 0u);
+      store_moment(momentum_buffer, i, buffer, kBf16Buffer ? chunk_moment_bits(t.moment_draw, begin, j) : 0u);
     }
   }
 }

@@ -27,23 +27,25 @@ inline TensorInfo check_grad(const char* op, const Tensor& grad, const TensorInf
   return g;
 }
 
-// A state tensor the kernels walk beside the param: float32, the param's shape, strides and device.
-inline void check_fp32_state(const char* op, const Tensor& t, const TensorInfo& p, const char* what) {
+// A state tensor the kernels walk beside the param: the param's shape, strides and device.
+inline TensorInfo check_state_layout(const char* op, const Tensor& t, const TensorInfo& p, const char* what) {
   const TensorInfo state(t);
   FO_CHECK(state.device == p.device, op, ": ", what, " must be on the param's device");
   FO_CHECK(state.same_layout(p), op, ": ", what, " must have the param's shape and strides");
-  FO_CHECK(state.dtype == kFloat, op, ": ", what, " must be float32");
+  return state;
 }
 
-// Adam's moments: as check_fp32_state, but float32 or bfloat16 (moments="bf16"), every moment of a call the first
+inline void check_fp32_state(const char* op, const Tensor& t, const TensorInfo& p, const char* what) {
+  FO_CHECK(check_state_layout(op, t, p, what).dtype == kFloat, op, ": ", what, " must be float32");
+}
+
+// An optimizer moment (or momentum buffer): float32 or bfloat16 (moments="bf16"), every one of a call the first
 // one's dtype (the kernels take one moment type per launch).
 inline void check_moment(const char* op, const Tensor& t, const TensorInfo& p, const char* what,
                          ScalarType first_dtype) {
-  const TensorInfo state(t);
-  FO_CHECK(state.device == p.device, op, ": ", what, " must be on the param's device");
-  FO_CHECK(state.same_layout(p), op, ": ", what, " must have the param's shape and strides");
-  FO_CHECK(state.dtype == first_dtype && (state.dtype == kFloat || state.dtype == kBFloat16), op,
-           ": moments must be all float32 or all bfloat16");
+  const ScalarType dtype = check_state_layout(op, t, p, what).dtype;
+  FO_CHECK(dtype == first_dtype && (dtype == kFloat || dtype == kBFloat16), op, ": ", what,
+           " must be float32 or bfloat16, the dtype of every moment of the call");
 }
 
 // A master param: an fp32 copy (check_fp32_state), or the int16 (int8) low bits of a bfloat16 param's fp32 (24-bit)
@@ -56,7 +58,7 @@ inline void check_master(const char* op, const Tensor& t, const TensorInfo& p, S
     return;
   }
   FO_CHECK(p.dtype == kBFloat16, op, ": a master remainder is for a bfloat16 param, got ", p.dtype);
-  FO_CHECK(TensorInfo(t).same_layout(p), op, ": a master remainder must have the param's shape, strides and device");
+  check_state_layout(op, t, p, "a master remainder");
 }
 
 // A step count: one float32 value on the param's device (the kernels read it through a raw pointer).

@@ -47,11 +47,7 @@ inline std::vector<Tensor> check_sgd_args(FUSED_OPTIM_SGD_ARGS) {
     check_param("sgd_step_", p, device);
     const TensorInfo grad = check_grad("sgd_step_", grads[i], p, "sgd_step_: sparse gradients are not supported");
     if (has_momentum) {
-      const TensorInfo buffer(momentum_buffers[i]);
-      FO_CHECK(buffer.same_layout(p) && buffer.dtype == momentum_buffers[0].scalar_type() &&
-                   (buffer.dtype == kFloat || buffer.dtype == kBFloat16),
-               "sgd_step_: momentum buffers must be all float32 or all bfloat16, each with its param's shape, "
-               "strides and device");
+      check_moment("sgd_step_", momentum_buffers[i], p, "a momentum buffer", momentum_buffers[0].scalar_type());
       check_step("sgd_step_", steps[i], p);
     }
     if (grad.strides != p.strides) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);

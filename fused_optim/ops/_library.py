@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from fused_optim import _backend
-from fused_optim.master_remainder import REMAINDER_DTYPES
+from fused_optim.master_remainder import are_remainders
 
 lib = torch.library.Library("fused_optim", "DEF")
 
@@ -139,7 +139,7 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
         raise RuntimeError(f"{op}: stochastic rounding is for bfloat16 params")
     if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
         raise RuntimeError(f"{op}: a grad must have its param's dtype or float32")
-    remainders = bool(master_params) and master_params[0].dtype in REMAINDER_DTYPES
+    remainders = are_remainders(master_params)
     if any(m.dtype != master_params[0].dtype for m in master_params):
         raise RuntimeError(f"{op}: master params must be all float32 copies, all int16 remainders or all int8 "
                            "remainders, not a mix")

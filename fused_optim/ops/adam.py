@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, store_split
+from fused_optim.master_remainder import are_remainders, join_master, store_split
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, real_views, resolve_op, split_wide,
                                       step_scalars)
@@ -82,7 +82,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
 
         group_params, group_steps = pick(params), pick(steps)
         low_precision = group_params[0].dtype in (torch.bfloat16, torch.float16)
-        remainders = pick(master_params) if master_params and master_params[0].dtype in REMAINDER_DTYPES else []
+        remainders = pick(master_params) if are_remainders(master_params) else []
         if remainders:  # bf16 params with their masters' remainders: the fp32 masters, joined
             fp32_params = [join_master(p, r) for p, r in zip(group_params, remainders)]
         elif master_params:
@@ -98,9 +98,9 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         moments = [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]
         bf16_moments = moments[0][0].dtype == torch.bfloat16
         fp32_moments = [[m.float() for m in tensors] for tensors in moments] if bf16_moments else moments
-        fused(fp32_params, fp32_grads, *fp32_moments, group_steps, lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2,
-              weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
-              found_inf=found_inf)
+        fused(fp32_params, fp32_grads, *fp32_moments, group_steps, lr=lr_tensor if lr_tensor is not None else lr,
+              beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+              grad_scale=grad_scale, found_inf=found_inf)
         if bf16_moments:  # rounding.h's to_moment, each moment its own random stream (a skipped step's untouched
             # copies round back to themselves: they are bf16 values)
             for moment, (tensors, fp32_tensors) in enumerate(zip(moments, fp32_moments)):
@@ -140,8 +140,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
               grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused Adam/AdamW step over lists of tensors on one device (see the schema above).
 
-    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 (or bf16) state,
-    or fp64 with fp64 state (stepped by torch's own fused Adam whatever the backend: the kernels are fp32), and
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 (or bf16)
+    state, or fp64 with fp64 state (stepped by torch's own fused Adam whatever the backend: the kernels are fp32), and
     complex ones are stepped as their real views; grads have the param's dtype or fp32. `backend` is resolved by
     fused_optim._backend. DTensors (params, grads and state alike) are stepped through their local shards
     (ops/_dtensor.py).

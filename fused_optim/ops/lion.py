@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, store_split
+from fused_optim.master_remainder import are_remainders, join_master, store_split
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip, real_views,
                                       resolve_op, split_wide, step_scalars)
@@ -70,7 +70,7 @@ def _lion_step_torch(params, grads, exp_avgs, master_params, steps, lr, lr_tenso
     lr_value = lr_tensor.double() if lr_tensor is not None else lr
     param_decay = 1 - lr_value * weight_decay
     torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
-    remainders = master_params if master_params and master_params[0].dtype in REMAINDER_DTYPES else []
+    remainders = master_params if are_remainders(master_params) else []
     for i, param in enumerate(params):
         if remainders:  # a bf16 param with its master's remainder: the fp32 master, joined
             p = join_master(param, remainders[i])
@@ -107,10 +107,10 @@ def lion_step(params, grads, exp_avgs, master_params, steps, *, lr, beta1, beta2
               stochastic_rounding=False, seed=0, grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused Lion step over lists of tensors on one device (see the schema above).
 
-    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 (or bf16) state,
-    or fp64 with fp64 state (stepped in plain torch ops whatever the backend: the kernels are fp32); grads have the
-    param's dtype or fp32. `backend` is resolved by fused_optim._backend. DTensors (params, grads and state alike)
-    are stepped through their local shards (ops/_dtensor.py).
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 (or bf16)
+    state, or fp64 with fp64 state (stepped in plain torch ops whatever the backend: the kernels are fp32); grads
+    have the param's dtype or fp32. `backend` is resolved by fused_optim._backend. DTensors (params, grads and state
+    alike) are stepped through their local shards (ops/_dtensor.py).
     """
     if not params:
         return

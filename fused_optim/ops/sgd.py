@@ -130,9 +130,9 @@ def sgd_step(params, grads, momentum_buffers, steps, *, lr, momentum, dampening,
     """One fused SGD step over lists of tensors on one device (see the schema above).
 
     `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 momentum
-    buffers (or bf16 ones, rounded stochastically from `seed`'s streams), or fp64 with fp64 buffers (stepped in plain torch ops whatever the backend: the kernels are fp32), and
-    complex ones are stepped as their real views; grads have the param's dtype or fp32. `backend` is resolved by
-    fused_optim._backend.
+    buffers (or bf16 ones, rounded stochastically from `seed`'s streams), or fp64 with fp64 buffers (stepped in
+    plain torch ops whatever the backend: the kernels are fp32), and complex ones are stepped as their real views;
+    grads have the param's dtype or fp32. `backend` is resolved by fused_optim._backend.
     DTensors (params, grads and buffers alike) are stepped through their local shards (ops/_dtensor.py).
     """
     if not params:

@@ -193,8 +193,8 @@ class SGD(FusedOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking that every saved buffer fits its param (else ValueError and
-        nothing changes); buffers come back in fp32 (bf16: moments="bf16") on the param's device, in its layout, whatever dtype they were
-        saved in, and a buffer saved without a count (torch's) counts as set. Everything it will use is checked
+        nothing changes); buffers come back in fp32 (bf16: moments="bf16") on the param's device, in its layout,
+        whatever dtype they were saved in, and a buffer saved without a count (torch's) counts as set. Everything it will use is checked
         first (check_saved_state: else ValueError or TypeError, and nothing changes)."""
         check_saved_state(self, state_dict, ("momentum_buffer",))
         self._plans.clear()
