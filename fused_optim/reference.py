@@ -160,17 +160,23 @@ def moment_bits(stream: torch.Tensor, numel: int) -> torch.Tensor:
     return _mix32(((stream ^ (index & _MASK32)) + _mul32(index >> 32, 0x9E3779B9)) & _MASK32)
 
 
+def moment_bits16(seed: int, tensor_index: int, step: torch.Tensor, moment: int, numel: int) -> torch.Tensor:
+    """The 16 random bits (int64) that round each element of Adam's moment 0 (exp_avg), 1 (exp_avg_sq) or 2
+    (max_exp_avg_sq) at a step (the count after it), bf16 or int8: draw moment // 2, its low or high half."""
+    stream = moment_stream(stream_key(seed, tensor_index, step), moment // 2)
+    return (moment_bits(stream, numel) >> (16 * (moment % 2))) & 0xFFFF
+
+
 def bf16_stochastic_round(x: torch.Tensor, seed: int, tensor_index: int, step: torch.Tensor,
                           moment: int | None = None) -> torch.Tensor:
     """Round fp32 `x` to bf16, up with probability equal to the discarded fraction (inf/NaN unchanged), with the
     random bits of a param (moment=None) or of its Adam moment 0 (exp_avg), 1 (exp_avg_sq) or 2 (max_exp_avg_sq):
     moment_stream."""
     bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    stream = stream_key(seed, tensor_index, step)
     if moment is None:
-        noise = random_bits(stream, x.numel()) & 0xFFFF
+        noise = random_bits(stream_key(seed, tensor_index, step), x.numel()) & 0xFFFF
     else:
-        noise = (moment_bits(moment_stream(stream, moment // 2), x.numel()) >> (16 * (moment % 2))) & 0xFFFF
+        noise = moment_bits16(seed, tensor_index, step, moment, x.numel())
     noise = noise.view(x.shape)
     finite = (bits & 0x7F800000) != 0x7F800000
     bits = torch.where(finite, (bits + noise) & _MASK32, bits)

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 import fused_optim
 from fused_optim.master_remainder import join_master, round_like_master, split_master
+from fused_optim.int8_moments import quantize
 from fused_optim.ops.adam import adam_step
 from fused_optim.reference import ReferenceAdam, bf16_stochastic_round
 
@@ -1165,7 +1166,7 @@ def test_signature_is_a_superset_of_torchs(name):
 def _op_sample(kind: str):
     """Arguments of one op call over two small tensors, in the schema's order."""
     dtype = torch.bfloat16 if kind.startswith("bf16") else torch.float32
-    amsgrad = kind in ("fp32-amsgrad", "grad-scale")
+    amsgrad = kind in ("fp32-amsgrad", "grad-scale", "int8-moments")
     shapes = [(3,), (2, 17)]
     params = [torch.randn(s).to(dtype) for s in shapes]
     grads = [torch.randn(s).to(dtype) for s in shapes]
@@ -1174,12 +1175,19 @@ def _op_sample(kind: str):
     max_sqs = [torch.rand(s) + 1 for s in shapes] if amsgrad else []
     masters = [p.float() + 1e-3 for p in params] if kind == "bf16-master" else []
     steps = [torch.tensor(4.0) for _ in shapes]
+    moment_scales = []
+    if kind == "int8-moments":  # exp_avg int8 codes, the others uint8, with their block scales
+        quantized = [[quantize(t, signed) for t in tensors]
+                     for tensors, signed in ((exp_avgs, True), (exp_avg_sqs, False), (max_sqs, False))]
+        exp_avgs, exp_avg_sqs, max_sqs = ([codes for codes, _ in q] for q in quantized)
+        moment_scales = [torch.stack([q[i][1] for q in quantized if q]) for i in range(len(shapes))]
     lr_tensor = torch.tensor(1e-3) if kind == "lr-tensor" else None
     grad_scale = torch.tensor(4.0) if kind in ("grad-scale", "found-inf") else None
     found_inf = torch.tensor(1.0 if kind == "found-inf" else 0.0) if grad_scale is not None else None
     maximize = kind == "lr-tensor"  # one sample with maximize on
     decoupled = kind != "fp32-amsgrad"  # and one with Adam's coupled decay
-    return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps, 1e-3, lr_tensor, 0.9, 0.999, 1e-8,
+    return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps, moment_scales, 1e-3, lr_tensor, 0.9,
+            0.999, 1e-8,
             0.01, decoupled, amsgrad, maximize, kind == "bf16-stochastic", 123, grad_scale, found_inf)
 
 
@@ -1192,7 +1200,7 @@ OPS = [
 
 
 @pytest.mark.parametrize("kind", ["fp32-amsgrad", "bf16-master", "bf16-stochastic", "lr-tensor", "grad-scale",
-                                  "found-inf"])
+                                  "found-inf", "int8-moments"])
 @pytest.mark.parametrize("op_name", OPS)
 def test_opcheck(op_name, kind):
     # All of opcheck's utils apply: the ops mutate only what their schema marks (Tensor(a!)[]), have a fake

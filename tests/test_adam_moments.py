@@ -168,8 +168,16 @@ def test_bf16_moments_halve_the_moments_bytes():  # README's table of state per 
 
 @pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.Adam, fused_optim.Lion, fused_optim.SGD],
                          ids=lambda c: c.__name__)
-@pytest.mark.parametrize("moments", ["int8", "fp16", "BF16", None, 16])
+@pytest.mark.parametrize("moments", ["int4", "fp16", "BF16", None, 16])
 def test_an_unknown_moments_storage_is_refused_in_one_sentence(moments, cls):
     p = torch.nn.Parameter(torch.randn(3))
-    with pytest.raises(ValueError, match=r"^moments must be 'fp32' or 'bf16', not .* \(8-bit moments are not built"):
+    allowed = "'fp32' or 'bf16' or 'int8'" if issubclass(cls, fused_optim.Adam) else "'fp32' or 'bf16'"
+    with pytest.raises(ValueError, match=rf"^moments must be {allowed}, not "):
         cls([p], moments=moments)
+
+
+@pytest.mark.parametrize("cls", [fused_optim.Lion, fused_optim.SGD], ids=lambda c: c.__name__)
+def test_8_bit_moments_are_refused_where_not_built(cls):
+    with pytest.raises(ValueError, match=r"^moments must be 'fp32' or 'bf16', not 'int8' \(8-bit moments are built "
+                                         r"for Adam and AdamW only\)$"):
+        cls([torch.nn.Parameter(torch.randn(3))], moments="int8")

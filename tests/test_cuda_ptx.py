@@ -88,6 +88,24 @@ def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
+def test_every_int8_moment_adam_kernel_moves_codes_in_8_byte_accesses(tmp_path):
+    """moments="int8" (adam_int8.cu): the codes of 8 elements in one 8-byte access per moment, params and grads as
+    in adam.cu, the block's scale found by warp shuffles, nothing in local memory."""
+    kernels = {name: body for name, body in kernels_ptx("adam_int8.cu", tmp_path).items() if "adam_int8_kernel" in name}
+    assert len(kernels) == 32  # param dtype x grad dtype x amsgrad x (nearest, master), and 3 bf16-only write-backs
+    for name, (param_t, grad_t, amsgrad, write) in template_arguments(list(kernels)).items():
+        body, write = kernels[name], write[-1]
+        codes = 2 + (amsgrad == "true")
+        assert len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body)) >= codes, name
+        assert len(re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body)) >= codes, name
+        # the param (or its master) and the grad in 16-byte loads, the param in 16-byte stores
+        assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.[bfu]32", body)) >= 2, name
+        stored = "st.global.v4.f32" if param_t == "float" else r"st\.global(?:\.\w+)*\.v4\.[bu]32"
+        assert re.findall(stored, body), name
+        assert body.count("shfl.sync.bfly") >= 3 * (2 + (amsgrad == "true")), name
+        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+
+
 def test_cross_entropy_kernels_stream_rows_with_16_byte_accesses(cross_entropy_kernels_ptx):
     # fp32, bf16, fp16 logits: the row is read (twice) and its gradient written in 16-byte vectors
     forward = {name: body for name, body in cross_entropy_kernels_ptx.items() if "cross_entropy_forward_kernel" in name}

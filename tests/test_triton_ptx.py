@@ -47,12 +47,14 @@ WRITES = (("fp32", tl.float32, NEAREST.value, tl.float32), ("bf16", tl.bfloat16,
           ("bf16-remainder", tl.bfloat16, REMAINDER.value, tl.float32),
           ("bf16-remainder24", tl.bfloat16, REMAINDER8.value, tl.float32),
           ("fp32-bf16-moments", tl.float32, NEAREST.value, tl.bfloat16),
-          ("bf16-bf16-moments", tl.bfloat16, NEAREST.value, tl.bfloat16))
+          ("bf16-bf16-moments", tl.bfloat16, NEAREST.value, tl.bfloat16),
+          ("fp32-int8-moments", tl.float32, NEAREST.value, tl.int8),
+          ("bf16-remainder24-int8-moments", tl.bfloat16, REMAINDER8.value, tl.int8))
 for name, dtype, write, moment_dtype in WRITES:
     for aligned in (True, False):
         constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False,
                           WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False,
-                          HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=8, BLOCK=1024)
+                          HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=9, BLOCK=1024)
         source = ASTSource(fn=_adam_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
@@ -179,6 +181,13 @@ def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype, ker
     assert not [a for a in accesses["loads"] + accesses["stores"] if ".v2" in a or ".v4" in a], accesses
     narrow = "ld.global.b16" if dtype.startswith("bf16") else "ld.global.b32"
     assert narrow in accesses["loads"], accesses
+
+
+@pytest.mark.parametrize("dtype", ["fp32-int8-moments", "bf16-remainder24-int8-moments"])
+def test_int8_moment_kernel_moves_16_bytes_per_access(ptx_accesses, dtype):
+    """moments="int8": whole blocks keep 16-byte accesses (the tensor's last, partial block moves single bytes)."""
+    accesses = ptx_accesses[f"{dtype}-aligned"]
+    assert "ld.global.v4.b32" in accesses["loads"] and "st.global.v4.b32" in accesses["stores"], accesses
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -11,6 +11,7 @@
 #include "float_io.h"
 #include "ops/adam.h"
 #include "ops/dispatch.h"
+#include "fused_optim/moment_int8.h"
 #include "fused_optim/rounding.h"
 
 namespace fused_optim {
@@ -19,10 +20,12 @@ namespace {
 struct TensorPointers {
   void* param;
   const void* grad;
-  void* exp_avg;  // moment_t: float, or bf16 (moments="bf16")
+  void* exp_avg;  // moment_t: float, or bf16 (moments="bf16"); int8 codes (moments="int8", exp_avg_sq uint8)
   void* exp_avg_sq;
   void* max_exp_avg_sq;
   void* master;  // master_t: a float copy or an int16/int8 remainder (WriteBack)
+  uint16_t* scales;  // moments="int8": the bf16 block scales, a row of `blocks` per moment
+  int64_t blocks;
   uint32_t random_stream;
   AdamScalars scalars;
 };
@@ -55,6 +58,65 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   }
 }
 
+// moments="int8" (moment_int8.h), one block of kInt8Block elements after another (a chunk starts at a multiple of
+// it): the update with dequantized moments, its fp32 moments kept in L1 and their largest magnitudes taken; then
+// each moment's new block scale, and its codes.
+template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite>
+void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
+  static_assert(kCpuChunk % kInt8Block == 0, "a chunk must start at a block");
+  auto* __restrict__ param = static_cast<param_t*>(t.param);
+  const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
+  auto* __restrict__ exp_avg = static_cast<int8_t*>(t.exp_avg);
+  auto* __restrict__ exp_avg_sq = static_cast<uint8_t*>(t.exp_avg_sq);
+  auto* __restrict__ max_exp_avg_sq = static_cast<uint8_t*>(t.max_exp_avg_sq);
+  auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
+  uint16_t* const m_scales = t.scales;
+  uint16_t* const v_scales = t.scales + t.blocks;
+  uint16_t* const max_scales = t.scales + 2 * t.blocks;
+  const AdamScalars s = t.scalars;
+  const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
+  alignas(64) float m_new[kInt8Block], v_new[kInt8Block], max_new[kInt8Block];
+  for (int64_t start = begin; start < end; start += kInt8Block) {
+    const int64_t block = start / kInt8Block;
+    const int32_t length = static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - start));
+    const float m_step = signed_step(bf16_bits_to_float(m_scales[block]));
+    const float v_step = unsigned_step(bf16_bits_to_float(v_scales[block]));
+    const float max_step = kAmsgrad ? unsigned_step(bf16_bits_to_float(max_scales[block])) : 0.0f;
+    uint32_t m_largest = 0, v_largest = 0, max_largest = 0;
+#pragma omp simd reduction(max : m_largest, v_largest, max_largest)
+    for (int32_t j = 0; j < length; ++j) {
+      const int64_t i = start + j;
+      const float p = load_param<kWrite>(param, master, i);
+      float m = dequantize_signed(exp_avg[i], m_step), v = dequantize_unsigned(exp_avg_sq[i], v_step);
+      float max_v = kAmsgrad ? dequantize_unsigned(max_exp_avg_sq[i], max_step) : 0.0f;
+      write_param<kWrite>(param, master, i, adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s),
+                          t.random_stream);
+      m_new[j] = m;
+      v_new[j] = v;
+      max_new[j] = max_v;
+      m_largest = std::max(m_largest, magnitude_bits(m));
+      v_largest = std::max(v_largest, magnitude_bits(v));
+      max_largest = std::max(max_largest, magnitude_bits(max_v));
+    }
+    m_scales[block] = int8_scale_bits(m_largest);
+    v_scales[block] = int8_scale_bits(v_largest);
+    if (kAmsgrad) max_scales[block] = int8_scale_bits(max_largest);
+    const float m_scale = bf16_bits_to_float(m_scales[block]), v_scale = bf16_bits_to_float(v_scales[block]);
+    const float max_scale = kAmsgrad ? bf16_bits_to_float(max_scales[block]) : 0.0f;
+    const int32_t offset = static_cast<int32_t>(start - begin);
+#pragma omp simd
+    for (int32_t j = 0; j < length; ++j) {
+      const uint32_t bits = chunk_moment_bits(stream0, begin, offset + j);  // exp_avg: low 16, exp_avg_sq: high 16
+      exp_avg[start + j] = quantize_signed(m_new[j], m_scale, bits & 0xFFFFu);
+      exp_avg_sq[start + j] = quantize_unsigned(v_new[j], v_scale, bits >> 16);
+      if (kAmsgrad) {
+        max_exp_avg_sq[start + j] =
+            quantize_unsigned(max_new[j], max_scale, chunk_moment_bits(stream1, begin, offset + j) & 0xFFFFu);
+      }
+    }
+  }
+}
+
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
 
 ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, ScalarType moment_dtype, bool amsgrad,
@@ -62,6 +124,12 @@ ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, ScalarType 
   return dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
     using param_t = decltype(param);
     using grad_t = decltype(grad);
+    if (moment_dtype == kChar) {
+      return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
+        constexpr WriteBack kWrite = decltype(kind)::value;
+        return amsgrad ? adam_int8_chunk<param_t, grad_t, true, kWrite> : adam_int8_chunk<param_t, grad_t, false, kWrite>;
+      });
+    }
     return dispatch_moment_type(moment_dtype, [&](auto moment) {
       using moment_t = decltype(moment);
       return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
@@ -95,6 +163,8 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
                                 exp_avg_sqs[i].mutable_data_ptr(),
                                 amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr() : nullptr,
                                 master ? master_params[i].mutable_data_ptr() : nullptr,
+                                moment_scales.empty() ? nullptr : data_as<uint16_t>(moment_scales[i]),
+                                moment_scales.empty() ? 0 : moment_scales[i].size(1),
                                 stream_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(i),
                                            static_cast<uint32_t>(step)),
                                 adam_scalars(hyper, lr_value, step, scale)};

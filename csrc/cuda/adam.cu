@@ -180,6 +180,10 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
   const std::vector<Tensor> matched_grads = check_adam_args(FUSED_OPTIM_ADAM_ARG_NAMES);
   if (params.empty()) return;
   const torch::stable::accelerator::DeviceGuard device_guard(params[0].get_device_index());
+  if (!moment_scales.empty()) {
+    adam_int8_step_cuda(FUSED_OPTIM_ADAM_ARG_NAMES, matched_grads);
+    return;
+  }
   const bool master = !master_params.empty();
   const WriteBack write = write_back_of(stochastic_rounding, master_params);
   const LaunchArgs args{AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},

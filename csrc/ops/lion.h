@@ -43,7 +43,7 @@ inline std::vector<Tensor> check_lion_args(FUSED_OPTIM_LION_ARGS) {
     check_param("lion_step_", p, device);
     FO_CHECK(!stochastic_rounding || p.dtype == kBFloat16, "lion_step_: stochastic rounding is for bfloat16 params");
     const TensorInfo grad = check_grad("lion_step_", grads[i], p, "Lion does not support sparse gradients");
-    check_moment("lion_step_", exp_avgs[i], p, "exp_avg", exp_avgs[0].scalar_type());
+    check_moment("lion_step_", exp_avgs[i], p, "exp_avg", exp_avgs[0].scalar_type() == kBFloat16 ? kBFloat16 : kFloat);
     if (!master_params.empty()) check_master("lion_step_", master_params[i], p, master_params[0].scalar_type());
     check_step("lion_step_", steps[i], p);
     if (grad.strides != p.strides) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);

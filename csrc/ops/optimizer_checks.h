@@ -6,6 +6,8 @@
 
 #include "ops/torch_api.h"
 
+#include "fused_optim/moment_int8.h"
+
 namespace fused_optim {
 
 // A param: on the group's device, dense, of a kernel dtype (checked before any launch: a CUDA call of several
@@ -39,13 +41,23 @@ inline void check_fp32_state(const char* op, const Tensor& t, const TensorInfo& 
   FO_CHECK(check_state_layout(op, t, p, what).dtype == kFloat, op, ": ", what, " must be float32");
 }
 
-// An optimizer moment (or momentum buffer): float32 or bfloat16 (moments="bf16"), every one of a call the first
-// one's dtype (the kernels take one moment type per launch).
-inline void check_moment(const char* op, const Tensor& t, const TensorInfo& p, const char* what,
-                         ScalarType first_dtype) {
+// An optimizer moment (or momentum buffer): float32, bfloat16 (moments="bf16") or int8 codes (moments="int8": int8
+// for a signed moment, uint8 for a non-negative one), of the dtype `expected` for its kind in the call (the kernels
+// take one moment type per launch).
+inline void check_moment(const char* op, const Tensor& t, const TensorInfo& p, const char* what, ScalarType expected) {
   const ScalarType dtype = check_state_layout(op, t, p, what).dtype;
-  FO_CHECK(dtype == first_dtype && (dtype == kFloat || dtype == kBFloat16), op, ": ", what,
-           " must be float32 or bfloat16, the dtype of every moment of the call");
+  FO_CHECK(dtype == expected && (dtype == kFloat || dtype == kBFloat16 || dtype == kChar || dtype == kByte), op, ": ",
+           what, " must be float32, bfloat16 or int8 codes, the dtype of every moment of its kind in the call");
+}
+
+// int8 moments' block scales (moment_int8.h): a contiguous bfloat16 (moments, ceil(numel / 64)) tensor on the
+// param's device.
+inline void check_moment_scales(const char* op, const Tensor& scales, const Tensor& param, int64_t moments) {
+  const int64_t blocks = (param.numel() + kInt8Block - 1) / kInt8Block;
+  FO_CHECK(scales.scalar_type() == kBFloat16 && scales.device() == param.device() && scales.dim() == 2 &&
+               scales.size(0) == moments && scales.size(1) == blocks && scales.is_contiguous(),
+           op, ": moment_scales must be contiguous bfloat16 tensors of shape (moments, ceil(numel / ", kInt8Block,
+           ")) on the params' device, one per param");
 }
 
 // A master param: an fp32 copy (check_fp32_state), or the int16 (int8) low bits of a bfloat16 param's fp32 (24-bit)

@@ -47,7 +47,8 @@ inline std::vector<Tensor> check_sgd_args(FUSED_OPTIM_SGD_ARGS) {
     check_param("sgd_step_", p, device);
     const TensorInfo grad = check_grad("sgd_step_", grads[i], p, "sgd_step_: sparse gradients are not supported");
     if (has_momentum) {
-      check_moment("sgd_step_", momentum_buffers[i], p, "a momentum buffer", momentum_buffers[0].scalar_type());
+      check_moment("sgd_step_", momentum_buffers[i], p, "a momentum buffer",
+                   momentum_buffers[0].scalar_type() == kBFloat16 ? kBFloat16 : kFloat);
       check_step("sgd_step_", steps[i], p);
     }
     if (grad.strides != p.strides) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);

@@ -29,6 +29,8 @@ constexpr ScalarType kBFloat16 = ScalarType::BFloat16;
 constexpr ScalarType kHalf = ScalarType::Half;
 constexpr ScalarType kDouble = ScalarType::Double;
 constexpr ScalarType kLong = ScalarType::Long;
+constexpr ScalarType kChar = ScalarType::Char;  // int8
+constexpr ScalarType kByte = ScalarType::Byte;  // uint8
 
 template <typename... Args>
 std::string concat(const Args&... args) {

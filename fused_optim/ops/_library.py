@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from fused_optim import _backend
+from fused_optim.int8_moments import BLOCK, scale_count
 from fused_optim.master_remainder import are_remainders
 
 lib = torch.library.Library("fused_optim", "DEF")
@@ -119,13 +120,16 @@ def step_scalars(device: torch.device, lr, grad_scale, found_inf):
 
 
 def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_rounding: bool, scalars, dtypes,
-                     sparse_message: str, master_params=(), bf16_moment_lists: int = 0) -> list[torch.Tensor]:
+                     sparse_message: str, master_params=(), bf16_moment_lists: int = 0,
+                     int8_moments=((), ())) -> list[torch.Tensor]:
     """What the Python twins of the optimizer ops check alike (csrc/ops/optimizer_checks.h), for non-empty lists of
     equal length: params of `dtypes`, dense, on one device; grads of their param's shape, dense (else
     `sparse_message`), of its dtype or fp32; each of `state_lists` in its param's shape and strides, fp32 (fp64 for
     fp64 params) or, for the first `bf16_moment_lists` of them, all bf16 (moments="bf16"); `master_params` (if
     any) the same, or all int16 (int8) remainders of bf16 params (rounding.h); one-element fp32 step counts and
-    `scalars`. Returns the grads in their params' memory layout.
+    `scalars`. `int8_moments`: (moment_scales, signed) where the first len(signed) state lists may be int8 moments
+    (int8 where signed, else uint8): then every param has its bf16 scales, one contiguous row per moment
+    (int8_moments.py). Returns the grads in their params' memory layout.
     Whole-list comparisons rather than a loop over tensors: a step of a thousand tensors pays this every time."""
     if not params:
         return []
@@ -161,11 +165,16 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
                            "params' device")
     state_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
     bf16_moments = bf16_moment_lists > 0 and state_lists[0][0].dtype == torch.bfloat16
-    if bf16_moments and torch.float64 in param_dtypes:
-        raise RuntimeError(f"{op}: bfloat16 moments are for float32, bfloat16 and float16 params")
+    moment_scales, signed = int8_moments
+    if (bf16_moments or moment_scales) and torch.float64 in param_dtypes:
+        raise RuntimeError(f"{op}: bfloat16 and int8 moments are for float32, bfloat16 and float16 params")
+    if moment_scales:
+        _check_scales(op, params, moment_scales, len(signed), devices)
     for index, tensors in enumerate(state_lists):
         if remainders and tensors is master_params:
             expected_dtypes = [master_params[0].dtype] * len(params)
+        elif moment_scales and index < len(signed):
+            expected_dtypes = [torch.int8 if signed[index] else torch.uint8] * len(params)
         elif bf16_moments and index < bf16_moment_lists:
             expected_dtypes = [torch.bfloat16] * len(params)
         else:
@@ -174,9 +183,20 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
             t.dtype for t in tensors
         ] != expected_dtypes:
             raise RuntimeError(f"{op}: state tensors must have their param's shape and strides, float32 (float64 "
-                               "for float64 params; moments all float32 or all bfloat16)")
+                               "for float64 params; moments all float32, all bfloat16, or int8 codes with scales)")
     matched_grads = list(grads)
     for i, grad in enumerate(grads):
         if grad.stride() != strides[i]:
             matched_grads[i] = torch.empty_like(params[i], dtype=grad.dtype).copy_(grad)
     return matched_grads
+
+
+def _check_scales(op: str, params, moment_scales, moments: int, devices) -> None:
+    """int8 moments' scales: per param a contiguous bf16 (moments, ceil(numel / 64)) tensor on the params' device."""
+    if len(moment_scales) != len(params):
+        raise RuntimeError(f"{op}: int8 moments need one moment_scales tensor per param")
+    expected = [(moments, scale_count(p.numel())) for p in params]
+    if ([tuple(s.shape) for s in moment_scales] != expected or any(s.dtype != torch.bfloat16 for s in moment_scales)
+            or not all(s.is_contiguous() for s in moment_scales) or {s.device for s in moment_scales} - devices):
+        raise RuntimeError(f"{op}: moment_scales must be contiguous bfloat16 tensors of shape (moments, "
+                           f"ceil(numel / {BLOCK})) on the params' device, one per param")

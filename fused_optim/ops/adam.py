@@ -18,20 +18,21 @@ from fused_optim.master_remainder import are_remainders, join_master, store_spli
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, real_views, resolve_op, split_wide,
                                       step_scalars)
-from fused_optim.reference import bf16_stochastic_round
+from fused_optim.int8_moments import dequantize, quantize
+from fused_optim.reference import bf16_stochastic_round, moment_bits16
 
 ADAM_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor(g!)[] moment_scales, "
+    "float lr, Tensor? lr_tensor, "
     "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
     "bool maximize, bool stochastic_rounding, int seed, Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 
 
 
-
-def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                    stochastic_rounding, scalars=(), dtypes=FLOAT_DTYPES) -> list[torch.Tensor]:
+def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales,
+                    amsgrad, stochastic_rounding, scalars=(), dtypes=FLOAT_DTYPES) -> list[torch.Tensor]:
     """The Python twin of csrc/ops/adam.h's check_adam_args, for the Triton and torch ops
     (`dtypes`: the param dtypes the op takes): every argument checked before anything is written, and the grads
     returned in their params' memory layout."""
@@ -45,29 +46,31 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
     state_lists = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     return check_step_lists("adam_step", params, grads, steps, state_lists, stochastic_rounding, scalars, dtypes,
                             "Adam does not support sparse gradients, please consider SparseAdam instead",
-                            master_params, bf16_moment_lists=len(state_lists))
+                            master_params, bf16_moment_lists=len(state_lists),
+                            int8_moments=(moment_scales, [True, False, False][:len(state_lists)]))
 
 
-def _adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
-                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
+def _adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales, lr,
+                      lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
                       seed, grad_scale, found_inf):
     from fused_optim.triton.adam import adam_step_triton
 
-    grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                            stochastic_rounding, (lr_tensor, grad_scale, found_inf))
+    grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
+                            moment_scales, amsgrad, stochastic_rounding, (lr_tensor, grad_scale, found_inf))
     if params:
-        adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
+        adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales,
+                         lr, lr_tensor,
                          beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
                          stochastic_rounding, seed, grad_scale, found_inf)
 
 
-def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
-                     beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
+def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales, lr,
+                     lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
                      seed, grad_scale, found_inf):
     """torch's fused kernel, on fp32 copies where our state is fp32 but the params are not (fp64 params run on
-    themselves, with their fp64 state), and on fp32 copies of bf16 moments, rounded back stochastically."""
-    grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, amsgrad,
-                            stochastic_rounding, (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
+    themselves, with their fp64 state), and on fp32 copies of bf16 and int8 moments, rounded back stochastically."""
+    grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
+                            moment_scales, amsgrad, stochastic_rounding, (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
     if not params:
         return
     if found_inf is not None:
@@ -97,7 +100,14 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
             fp32_grads = [g.to(torch.float32, copy=True) for g in fp32_grads]
         moments = [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]
         bf16_moments = moments[0][0].dtype == torch.bfloat16
-        fp32_moments = [[m.float() for m in tensors] for tensors in moments] if bf16_moments else moments
+        scales = pick(moment_scales) if moment_scales else []
+        if scales:
+            fp32_moments = [[dequantize(m, s[row]) for m, s in zip(tensors, scales)]
+                            for row, tensors in enumerate(moments)]
+        elif bf16_moments:
+            fp32_moments = [[m.float() for m in tensors] for tensors in moments]
+        else:
+            fp32_moments = moments
         fused(fp32_params, fp32_grads, *fp32_moments, group_steps, lr=lr_tensor if lr_tensor is not None else lr,
               beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
               grad_scale=grad_scale, found_inf=found_inf)
@@ -106,6 +116,15 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
             for moment, (tensors, fp32_tensors) in enumerate(zip(moments, fp32_moments)):
                 for i, m, m32 in zip(indices, tensors, fp32_tensors):
                     m.copy_(bf16_stochastic_round(m32, seed, i, steps[i], moment))
+        if scales:  # int8_moments.quantize with rounding.h's moment bits; a skipped step keeps the old codes
+            for row, (tensors, fp32_tensors) in enumerate(zip(moments, fp32_moments)):
+                for i, codes, m32, s in zip(indices, tensors, fp32_tensors, scales):
+                    new_codes, new_scales = quantize(m32, row == 0, moment_bits16(seed, i, steps[i], row, m32.numel()))
+                    if found_inf is not None:
+                        new_codes = torch.where(found_inf != 0, codes, new_codes)
+                        new_scales = torch.where(found_inf != 0, s[row], new_scales)
+                    codes.copy_(new_codes)
+                    s[row].copy_(new_scales)
         if remainders:
             store_split(group_params, remainders, fp32_params, None if found_inf is None else found_inf != 0)
         elif low_precision:
@@ -135,13 +154,13 @@ define_op("adam_step_", ADAM_SCHEMA, fake=lambda *args, **kwargs: None, torch_im
           sparse_message="Adam does not support sparse gradients, please consider SparseAdam instead")
 
 
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1, beta2,
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales=(), *, lr,
+              beta1, beta2,
               eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding=False, seed=0,
               grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused Adam/AdamW step over lists of tensors on one device (see the schema above).
 
-    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 (or bf16)
-    state, or fp64 with fp64 state (stepped by torch's own fused Adam whatever the backend: the kernels are fp32), and
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32, or fp64 with fp64 state (stepped by torch's own fused Adam whatever the backend: the kernels are fp32), and
     complex ones are stepped as their real views; grads have the param's dtype or fp32. `backend` is resolved by
     fused_optim._backend. DTensors (params, grads and state alike) are stepped through their local shards
     (ops/_dtensor.py).
@@ -150,13 +169,14 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
         return
     seed = _dtensor.rank_seed(seed, params)
     lists = _dtensor.to_local("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
-    wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps])
+    # (scales are plain tensors, a DTensor's its local shard's)
+    wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
     device = params[0].device
-    for op, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps) in (
+    for op, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales) in (
             (resolve_op("adam_step_", "torch", device.type), wide),
             (resolve_op("adam_step_", backend, device.type), narrow)):
         if params:
             lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
-            op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr_value, lr_tensor, beta1,
-               beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding, seed, scale,
-               inf)
+            op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales, lr_value,
+               lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+               stochastic_rounding, seed, scale, inf)

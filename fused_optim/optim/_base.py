@@ -6,7 +6,7 @@ seed of each group, and pickling of our extra settings."""
 from __future__ import annotations
 
 from collections import ChainMap
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _device_dtype_check_for_fu
 
 from fused_optim import _backend
 from fused_optim.accumulate import accumulator_of
+from fused_optim.int8_moments import code_dtype, dequantize, quantize, scale_count
 from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, split_master
 from fused_optim.ops._dtensor import is_dtensor, layout, on_local_shards
 from fused_optim.optim._guard import StepGuard, grad_of
@@ -32,20 +33,36 @@ def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float32, *LOW_PRECISION) and not group.get("differentiable") else p.dtype
 
 
-MOMENTS = ("fp32", "bf16")  # the storage of an optimizer's moments: `moments=`
+MOMENTS = ("fp32", "bf16", "int8")  # the storage of an optimizer's moments: `moments=`
 
 
-def check_moments(moments: str) -> None:
-    """The constructors' check of `moments`."""
-    if moments not in MOMENTS:
-        raise ValueError(f"moments must be {' or '.join(map(repr, MOMENTS))}, not {moments!r} (8-bit moments are not "
-                         "built yet)")
+def check_moments(moments: str, int8: bool = True) -> None:
+    """The constructors' check of `moments` (`int8`: whether the optimizer has 8-bit moments)."""
+    allowed = MOMENTS if int8 else MOMENTS[:2]
+    if moments not in allowed:
+        built = "" if int8 else " (8-bit moments are built for Adam and AdamW only)"
+        raise ValueError(f"moments must be {' or '.join(map(repr, allowed))}, not {moments!r}{built}")
 
 
-def moment_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
-    """The dtype of a param's moments: bf16 with moments="bf16" where our state would be fp32, else state_dtype."""
+def int8_moments(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether a param's moments are 8-bit (moments="int8", where our state would be fp32: fp32, bf16, fp16 params)."""
+    return group.get("moments", "fp32") == "int8" and state_dtype(p, group) == torch.float32
+
+
+def moment_dtype(p: Tensor, group: dict[str, Any], signed: bool = True) -> torch.dtype:
+    """The dtype of a param's moment where our state would be fp32: bf16 with moments="bf16", int8 (`signed`) or
+    uint8 with moments="int8"; else state_dtype."""
     dtype = state_dtype(p, group)
-    return torch.bfloat16 if dtype == torch.float32 and group.get("moments", "fp32") == "bf16" else dtype
+    if dtype != torch.float32:
+        return dtype
+    return {"bf16": torch.bfloat16, "int8": code_dtype(signed)}.get(group.get("moments", "fp32"), dtype)
+
+
+def init_int8_scales(p: Tensor, state: dict[str, Tensor], count: int) -> None:
+    """`moment_scales`: the bf16 block scales of a param's `count` int8 moments (fused_optim/int8_moments.py), one row
+    each in the order of the optimizer's moment keys; a DTensor's are its local shard's, a plain tensor."""
+    local = p.to_local() if is_dtensor(p) else p
+    state["moment_scales"] = torch.zeros(count, scale_count(local.numel()), dtype=torch.bfloat16, device=p.device)
 
 
 def check_master_weights(master_weights: bool | int) -> None:
@@ -91,6 +108,8 @@ class FusedOptimizer(Optimizer):
 
     # fused_optim.GradScaler leaves the inf/NaN check of the grads to our step (optim/_guard.py).
     _checks_grads_in_step = True
+    # The optimizer's moment state keys, in the order of the rows of an int8 `moment_scales`.
+    _moment_keys: tuple[str, ...] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, max_grad_norm: float | None,
                  backend: str | None, gradient_release: bool = False) -> None:
@@ -104,6 +123,9 @@ class FusedOptimizer(Optimizer):
         if max_grad_norm is not None and defaults.get("differentiable"):
             raise ValueError("max_grad_norm does not take differentiable=True: a differentiable step runs torch's own "
                              "update, which has no clipping")
+        if defaults.get("moments") == "int8" and defaults.get("differentiable"):
+            raise ValueError("moments='int8' does not take differentiable=True: a differentiable step runs torch's own "
+                             "update, which keeps its moments in floating point")
         if gradient_release and max_grad_norm is not None:
             raise ValueError("gradient_release=True updates each param inside backward, before the other grads exist, "
                              "so it cannot clip by their global norm: pass max_grad_norm or gradient_release, not both")
@@ -141,7 +163,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}: {problem}.")
         # Each group's own seed for stochastic rounding (of bf16 params or moments), saved with the state_dict so a
         # resumed run draws the same.
-        if self.param_groups[-1].get("stochastic_rounding") or self.param_groups[-1].get("moments") == "bf16":
+        if self.param_groups[-1].get("stochastic_rounding") or self.param_groups[-1].get("moments") in ("bf16", "int8"):
             self.param_groups[-1].setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
         if self.gradient_release:
             self._hook_group(self.param_groups[-1])
@@ -304,8 +326,8 @@ class FusedOptimizer(Optimizer):
 
     def torch_state_dict(self) -> dict[str, Any]:
         """The state_dict in the form torch's own optimizer (and an fp32-master trainer) reads: each bf16 param's
-        master remainder joined with the param into its fp32 master, `master_param`; bf16 moments (moments="bf16")
-        as fp32; the rest as `state_dict()` gives it (step counts). `state_dict()` itself saves remainders and
+        master remainder joined with the param into its fp32 master, `master_param`; bf16 and int8 moments
+        (moments="bf16", "int8") as fp32, without their scales; the rest as `state_dict()` gives it (step counts). `state_dict()` itself saves remainders and
         moments as they are; `load_state_dict` takes either form back."""
         state_dict = self.state_dict()
         # torch numbers the params in this order
@@ -315,7 +337,11 @@ class FusedOptimizer(Optimizer):
             state = dict(state)  # the state_dict's entries are the optimizer's own dicts' tensors: copy the dict
             if "master_remainder" in state:
                 state["master_param"] = on_local_shards(join_master, param.detach(), state.pop("master_remainder"))
-            if group.get("moments", "fp32") != "fp32":
+            if "moment_scales" in state:
+                scales = state.pop("moment_scales")
+                state.update({key: on_local_shards(lambda codes, row=row: dequantize(codes, scales[row]), state[key])
+                              for row, key in enumerate(self._moment_keys) if key in state})
+            elif group.get("moments", "fp32") != "fp32":
                 state.update({key: value.float() for key, value in state.items()
                               if key != "step" and isinstance(value, Tensor) and value.dtype == torch.bfloat16})
             state_dict["state"][index] = state
@@ -406,6 +432,7 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
                 if value.shape != p.shape:
                     raise ValueError(f"loaded state dict's {key!r} of param {param_id} has shape "
                                      f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
+            _check_saved_codes(saved, param_id, p, tensor_keys)
             remainder = saved.get("master_remainder")
             if remainder is not None and (remainder.dtype not in REMAINDER_DTYPES or p.dtype != torch.bfloat16):
                 raise TypeError(f"loaded state dict's 'master_remainder' of param {param_id} is {remainder.dtype} for "
@@ -417,25 +444,72 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
                                 f"tensor, not {step!r}")
 
 
-def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: tuple[str, ...]) -> None:
+def _check_saved_codes(saved: dict[str, Any], param_id: Any, p: Tensor, moment_keys: Sequence[str]) -> None:
+    """A param's saved int8 moments (moments="int8") come with their bf16 `moment_scales`, one row per moment."""
+    coded = [key for key in moment_keys if key in saved and saved[key].dtype in (torch.int8, torch.uint8)]
+    scales = saved.get("moment_scales")
+    if not coded and scales is None:
+        return
+    local = p.to_local() if is_dtensor(p) else p
+    expected = (len([key for key in moment_keys if key in saved]), scale_count(local.numel()))
+    if not isinstance(scales, Tensor) or scales.dtype != torch.bfloat16 or tuple(scales.shape) != expected:
+        raise TypeError(f"loaded state dict's int8 moments of param {param_id} need their 'moment_scales': a bfloat16 "
+                        f"tensor of shape {expected}, got {scales if scales is None else (scales.dtype, tuple(scales.shape))}")
+
+
+def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: dict[str, bool]) -> None:
     """After torch's load_state_dict: torch's loader casts every floating state tensor to its param's dtype and
-    leaves `step` on the CPU; ours is fp32 (moment_dtype: or bf16) on the param's device.
-    Re-take the saved values of `moment_keys` so a bf16 param's fp32 state survives a round trip (and a saved
-    moment of another dtype is converted to ours, rounded to nearest), restore each master weight
-    (_restore_master), and give every param a float32 `step` on its device (0 where the saved state has none)."""
+    leaves `step` on the CPU; ours is fp32 (moment_dtype: or bf16, int8) on the param's device.
+    Re-take the saved moments (_restore_moments), restore each master weight (_restore_master), and give every
+    param a float32 `step` on its device (0 where the saved state has none)."""
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         for p, param_id in zip(group["params"], saved_group["params"]):
             state = optimizer.state.get(p)
             if not state:
                 continue
             saved_state = saved["state"].get(param_id, {})
-            for key in moment_keys:
-                if key in saved_state:  # in the param's memory layout, which the kernels walk state in
-                    state[key] = torch.empty_like(p, dtype=moment_dtype(p, group)).copy_(saved_state[key])
+            _restore_moments(p, state, saved_state, group, moment_keys)
             _restore_master(p, state, saved_state, group)
             state["step"] = torch.as_tensor(saved_state.get("step", state.get("step", 0.0))).to(
                 device=p.device, dtype=torch.float32, copy=True
             )
+
+
+def _restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, Any], group: dict[str, Any],
+                     moment_keys: dict[str, bool]) -> None:
+    """A param's moments after a load, from the saved values (`moment_keys`: key -> signed), in the param's memory
+    layout (which the kernels walk state in) and in this group's storage: saved int8 codes with their scales as they
+    are into an int8 group, else dequantized; any other saved moment converted to ours, rounded to nearest (to int8
+    codes with new scales)."""
+    state.pop("moment_scales", None)  # torch's loader cast a saved one to the param's dtype: re-taken below
+    saved_scales = saved_state.get("moment_scales")
+    keys = [key for key in moment_keys if key in saved_state]
+    codes_saved = saved_scales is not None and all(saved_state[key].dtype in (torch.int8, torch.uint8) for key in keys)
+    if int8_moments(p, group) and codes_saved:
+        for key in keys:
+            state[key] = torch.empty_like(p, dtype=saved_state[key].dtype).copy_(saved_state[key])
+        state["moment_scales"] = saved_scales.to(device=p.device, copy=True)
+        return
+    values = {}
+    for row, key in enumerate(moment_keys):
+        if key not in saved_state:
+            continue
+        value = saved_state[key]
+        if value.dtype in (torch.int8, torch.uint8):
+            value = on_local_shards(lambda codes, row=row: dequantize(codes, saved_scales[row].to(codes.device)),
+                                    value.to(p.device))
+        values[key] = torch.empty_like(p, dtype=torch.float32 if int8_moments(p, group) else moment_dtype(p, group))
+        values[key].copy_(value)
+    if int8_moments(p, group) and values:
+        local_scales = []
+        for key, signed in moment_keys.items():
+            if key in values:
+                local = values[key].to_local() if is_dtensor(p) else values[key]
+                codes, scales = quantize(local, signed)
+                values[key] = on_local_shards(lambda _, codes=codes: codes, values[key])
+                local_scales.append(scales)
+        state["moment_scales"] = torch.stack(local_scales)
+    state.update(values)
 
 
 @torch.no_grad()

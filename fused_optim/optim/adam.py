@@ -10,7 +10,12 @@ Differences from torch, all additive:
 - `moments="bf16"` stores the moments as bf16 (4 bytes of state a param instead of 8), updated in fp32 in the same
   pass and rounded back stochastically, each element from a counter-based hash (rounding.h): rounding to nearest
   would stall exp_avg_sq, whose 0.1 % steps are under half a bf16 ulp. `state_dict()` saves them as bf16,
-  `torch_state_dict()` as fp32; a saved fp32 state loads rounded to nearest. ("int8" moments are not built yet.)
+  `torch_state_dict()` as fp32; a saved fp32 state loads rounded to nearest.
+- `moments="int8"` stores each moment as one byte an element (exp_avg int8, exp_avg_sq and max_exp_avg_sq uint8),
+  companded, in blocks of 64 sharing a bf16 scale (`state["moment_scales"]`, one row per moment): 2.06 bytes of
+  state a param instead of 8. Each step dequantizes, updates in fp32 and requantizes stochastically in the same
+  pass (fused_optim/int8_moments.py). `state_dict()` saves the codes and scales, `torch_state_dict()` fp32 moments;
+  a saved fp32 or bf16 state loads quantized to nearest.
 - `master_weights=True` keeps each bf16/fp16 param's exact fp32 master weight: for a bf16 param as a 2-byte int16
   remainder beside it (`state["master_remainder"]`: param and remainder together are the fp32 value, the param its
   rounding to nearest with ties away from zero; fused_optim/master_remainder.py), for an fp16 param as an fp32 copy
@@ -48,10 +53,9 @@ from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.adam import adam_step
 from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_master_weights,
-                                     check_moments, check_saved_state, check_torch_flags, init_master, master_of,
-                                     moment_dtype, restore_saved_state)
+                                     check_moments, check_saved_state, check_torch_flags, init_int8_scales,
+                                     init_master, int8_moments, master_of, moment_dtype, restore_saved_state)
 
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def _beta(value: float | Tensor, index: int) -> float:
@@ -72,6 +76,8 @@ class Adam(FusedOptimizer):
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> opt.step(); opt.zero_grad()
     """
+
+    _moment_keys = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}  # key -> signed
 
     def __init__(
         self,
@@ -175,22 +181,24 @@ class Adam(FusedOptimizer):
         # step on the param's device, as torch's fused and capturable Adam keep it: the kernels read it there
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
-        def zeros() -> Tensor:  # in the param's memory layout; fp32 (or bf16) whatever a low-precision param's dtype
-            return torch.zeros_like(p, dtype=moment_dtype(p, group), memory_format=torch.preserve_format)
+        def zeros(signed: bool) -> Tensor:  # in the param's memory layout; fp32 (or bf16, int8) for low-precision params
+            return torch.zeros_like(p, dtype=moment_dtype(p, group, signed), memory_format=torch.preserve_format)
 
-        state["exp_avg"] = zeros()
-        state["exp_avg_sq"] = zeros()
+        state["exp_avg"] = zeros(signed=True)
+        state["exp_avg_sq"] = zeros(signed=False)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = zeros()
+            state["max_exp_avg_sq"] = zeros(signed=False)
+        if int8_moments(p, group):
+            init_int8_scales(p, state, 3 if group["amsgrad"] else 2)
         if group["master_weights"] and p.dtype in LOW_PRECISION:
             init_master(p, state, group["master_weights"])
 
     def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
         return [state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if group["amsgrad"] else None,
-                master_of(state, kind), state["step"]]
+                master_of(state, kind), state["step"], state.get("moment_scales")]
 
     def _update_with_torch(self, group: dict[str, Any], lists: list[list[Tensor]]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _, steps = lists
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _, steps, _ = lists
         beta1, beta2 = group["betas"]
         torch_adam(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, foreach=False, capturable=False,
@@ -204,10 +212,10 @@ class Adam(FusedOptimizer):
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
         TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device whatever
         dtype it was saved in."""
-        check_saved_state(self, state_dict, _MOMENTS)
+        check_saved_state(self, state_dict, self._moment_keys)
         self._plans.clear()
         super().load_state_dict(state_dict)
-        restore_saved_state(self, state_dict, _MOMENTS)
+        restore_saved_state(self, state_dict, self._moment_keys)
 
 
 class AdamW(Adam):

@@ -44,6 +44,8 @@ class Lion(FusedOptimizer):
         >>> opt.step(); opt.zero_grad()
     """
 
+    _moment_keys = {"exp_avg": True}  # key -> signed
+
     def __init__(
         self,
         params: ParamsT,
@@ -70,7 +72,7 @@ class Lion(FusedOptimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         check_master_weights(master_weights)
-        check_moments(moments)
+        check_moments(moments, int8=False)
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {
@@ -117,7 +119,7 @@ class Lion(FusedOptimizer):
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
         TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device
         whatever dtype it was saved in. A state saved without `step` (lion-pytorch's) starts the count at 0."""
-        check_saved_state(self, state_dict, ("exp_avg",))
+        check_saved_state(self, state_dict, self._moment_keys)
         self._plans.clear()
         super().load_state_dict(state_dict)
-        restore_saved_state(self, state_dict, ("exp_avg",))
+        restore_saved_state(self, state_dict, self._moment_keys)

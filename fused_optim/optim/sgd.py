@@ -50,6 +50,8 @@ class SGD(FusedOptimizer):
         >>> opt.step(); opt.zero_grad()
     """
 
+    _moment_keys = {"momentum_buffer": True}  # key -> signed
+
     def __init__(
         self,
         params: ParamsT,
@@ -79,7 +81,7 @@ class SGD(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        check_moments(moments)
+        check_moments(moments, int8=False)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -196,7 +198,7 @@ class SGD(FusedOptimizer):
         nothing changes); buffers come back in fp32 (bf16: moments="bf16") on the param's device, in its layout,
         whatever dtype they were saved in, and a buffer saved without a count (torch's) counts as set. Everything it will use is checked
         first (check_saved_state: else ValueError or TypeError, and nothing changes)."""
-        check_saved_state(self, state_dict, ("momentum_buffer",))
+        check_saved_state(self, state_dict, self._moment_keys)
         self._plans.clear()
         super().load_state_dict(state_dict)
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):

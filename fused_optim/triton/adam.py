@@ -22,7 +22,7 @@ from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increm
                                       pack, search_steps)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
-COLUMNS = 8  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, numel
+COLUMNS = 9  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, moment_scales, numel
 STEP_COLUMN = 6
 
 
@@ -171,15 +171,10 @@ def store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE: tl
 
 
 @triton.jit
-def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, mask,
-                  grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                  bias_correction2_sqrt, eps, stream, PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
-                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, WRITE: tl.constexpr):
-    p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
-    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    m = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-
+def _adam_math(p, g, m, v, max_v, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
+               one_minus_beta2, step_size, bias_correction2_sqrt, eps, DECOUPLED: tl.constexpr,
+               AMSGRAD: tl.constexpr):
+    """adam.h's adam_update on fp32 values: (new param, exp_avg, exp_avg_sq, max_exp_avg_sq)."""
     g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
     if DECOUPLED:  # AdamW's decoupled decay
         p = p * param_decay
@@ -193,20 +188,118 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, 
     v = v * beta2 + one_minus_beta2 * g * g
     second_moment = v
     if AMSGRAD:
-        second_moment = tl.maximum(tl.load(max_sq_ptr + offsets, mask=mask).to(tl.float32), v)
-        max_bits = 0
-        if MOMENT_DTYPE == tl.bfloat16:
-            max_bits = _moment_bits(stream, offsets, 1)
-        _store_moment(max_sq_ptr, offsets, mask, second_moment, max_bits, MOMENT_DTYPE)
+        second_moment = tl.maximum(max_v, v)
     # IEEE division and square root (Triton's defaults are approximate), as the CUDA and CPU kernels use
     denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)  # (step_size * m) / denom, in torch's order (adam.h)
+    return p, m, v, second_moment
 
+
+@triton.jit
+def _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, mask,
+                  grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                  bias_correction2_sqrt, eps, stream, PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
+                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, WRITE: tl.constexpr):
+    p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+    max_v = 0.0
+    if AMSGRAD:
+        max_v = tl.load(max_sq_ptr + offsets, mask=mask).to(tl.float32)
+    p, m, v, max_v = _adam_math(p, g, m, v, max_v, grad_multiplier, weight_decay, param_decay, one_minus_beta1,
+                                beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, DECOUPLED, AMSGRAD)
+    if AMSGRAD:
+        max_bits = 0
+        if MOMENT_DTYPE == tl.bfloat16:
+            max_bits = _moment_bits(stream, offsets, 1)
+        _store_moment(max_sq_ptr, offsets, mask, max_v, max_bits, MOMENT_DTYPE)
     bits = 0
     if MOMENT_DTYPE == tl.bfloat16:
         bits = _moment_bits(stream, offsets, 0)
     _store_moment(exp_avg_ptr, offsets, mask, m, bits, MOMENT_DTYPE)
     _store_moment(exp_avg_sq_ptr, offsets, mask, v, bits >> 16, MOMENT_DTYPE)
+    store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, WRITE)
+
+
+# moments="int8": moment_int8.h's formulas, operation for operation (int8_moments.py is the torch twin).
+INT8_BLOCK: tl.constexpr = tl.constexpr(64)
+
+
+@triton.jit
+def _dequantize(codes, scales, SIGNED: tl.constexpr):
+    """(groups, INT8_BLOCK) codes with their (groups,) bf16 scales, as fp32."""
+    c = codes.to(tl.float32)
+    if SIGNED:
+        return (c * tl.abs(c)) * (scales.to(tl.float32) * (1.0 / 16129.0))[:, None]
+    c2 = c * c
+    return (c2 * c2) * (scales.to(tl.float32) * (1.0 / 4228250625.0))[:, None]
+
+
+@triton.jit
+def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits16, SIGNED: tl.constexpr):
+    """Stores x's codes (rounded up with probability frac, by the 16 random bits `bits16`) and its blocks' scales:
+    each block's largest magnitude (on the fp32 bits, so NaN wins), rounded up to bf16."""
+    magnitude = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    if mask is not None:  # a partial block: the elements past the end count for nothing
+        magnitude = tl.where(mask, magnitude, 0)
+    largest = tl.max(magnitude, axis=1)
+    scale_bits = (largest + 0xFFFF) >> 16
+    tl.store(scales_ptr + scale_offsets, scale_bits.to(tl.uint16), mask=scale_mask)
+    scale = (scale_bits << 16).to(tl.float32, bitcast=True)[:, None]
+    quotient = tl.where(scale > 0.0, tl.div_rn(tl.abs(x), scale), 0.0)
+    quotient = tl.where(quotient <= 1.0, quotient, 0.0)
+    if SIGNED:
+        t = 127.0 * tl.sqrt_rn(quotient)
+    else:
+        t = 255.0 * tl.sqrt_rn(tl.sqrt_rn(quotient))
+    whole = tl.floor(t)
+    code = whole + tl.where((t - whole) * 65536.0 > bits16.to(tl.float32), 1.0, 0.0)
+    if SIGNED:
+        tl.store(ptr + offsets, tl.where(x < 0.0, -code, code).to(tl.int8), mask=mask)
+    else:
+        code = tl.where((code == 0.0) & (x > 0.0), 1.0, code)
+        tl.store(ptr + offsets, code.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, scales_ptr,
+                       start, numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
+                       one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE: tl.constexpr,
+                       DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr,
+                       FULL: tl.constexpr):
+    """The update of BLOCK elements with int8 moments, as (BLOCK / 64, 64) tiles: one row per scale. The scale rows
+    of a tensor of `numel` elements are ceil(numel / 64) long (exp_avg's, exp_avg_sq's, max_exp_avg_sq's). FULL: the
+    block lies inside the tensor, so nothing is masked (and loads can be 16 bytes wide)."""
+    groups: tl.constexpr = BLOCK // INT8_BLOCK
+    scale_offsets = start // INT8_BLOCK + tl.arange(0, groups)
+    offsets = scale_offsets[:, None] * INT8_BLOCK + tl.arange(0, INT8_BLOCK)[None, :]
+    row_length = (numel + INT8_BLOCK - 1) // INT8_BLOCK
+    mask = None
+    scale_mask = None
+    if not FULL:
+        mask = offsets < numel
+        scale_mask = scale_offsets < row_length
+    scales_ptr = scales_ptr.to(tl.pointer_type(tl.uint16))
+
+    p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    m = _dequantize(tl.load(exp_avg_ptr + offsets, mask=mask),
+                    tl.load(scales_ptr + scale_offsets, mask=scale_mask).to(tl.bfloat16, bitcast=True), True)
+    v = _dequantize(tl.load(exp_avg_sq_ptr + offsets, mask=mask),
+                    tl.load(scales_ptr + row_length + scale_offsets, mask=scale_mask).to(tl.bfloat16, bitcast=True), False)
+    max_v = 0.0
+    if AMSGRAD:
+        max_v = _dequantize(tl.load(max_sq_ptr + offsets, mask=mask),
+                            tl.load(scales_ptr + 2 * row_length + scale_offsets, mask=scale_mask).to(tl.bfloat16, bitcast=True), False)
+    p, m, v, max_v = _adam_math(p, g, m, v, max_v, grad_multiplier, weight_decay, param_decay, one_minus_beta1,
+                                beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, DECOUPLED, AMSGRAD)
+    bits = _moment_bits(stream, offsets, 0)  # exp_avg: low 16, exp_avg_sq: high 16
+    _quantize(exp_avg_ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, m, bits & 0xFFFF, True)
+    _quantize(exp_avg_sq_ptr, scales_ptr + row_length, offsets, mask, scale_offsets, scale_mask, v, bits >> 16, False)
+    if AMSGRAD:
+        _quantize(max_sq_ptr, scales_ptr + 2 * row_length, offsets, mask, scale_offsets, scale_mask, max_v,
+                  _moment_bits(stream, offsets, 1) & 0xFFFF, False)
     store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, WRITE)
 
 
@@ -229,11 +322,17 @@ def _adam_kernel(
         row = table_ptr + lo * COLUMNS
         param_ptr, master_ptr = param_pointers(row, 0, 5, PARAM_DTYPE, WRITE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
-        exp_avg_ptr = load_pointer(row, 2, MOMENT_DTYPE, ALIGNED)
-        exp_avg_sq_ptr = load_pointer(row, 3, MOMENT_DTYPE, ALIGNED)
-        max_sq_ptr = load_pointer(row, 4, MOMENT_DTYPE, ALIGNED)
+        if MOMENT_DTYPE == tl.int8:  # moments="int8": exp_avg int8, the others uint8 codes
+            exp_avg_ptr = load_pointer(row, 2, tl.int8, ALIGNED)
+            exp_avg_sq_ptr = load_pointer(row, 3, tl.uint8, ALIGNED)
+            max_sq_ptr = load_pointer(row, 4, tl.uint8, ALIGNED)
+        else:
+            exp_avg_ptr = load_pointer(row, 2, MOMENT_DTYPE, ALIGNED)
+            exp_avg_sq_ptr = load_pointer(row, 3, MOMENT_DTYPE, ALIGNED)
+            max_sq_ptr = load_pointer(row, 4, MOMENT_DTYPE, ALIGNED)
         step_ptr = load_pointer(row, 6, tl.float32, False)
-        numel = tl.load(row + 7)
+        scales_ptr = load_pointer(row, 7, tl.uint16, False)
+        numel = tl.load(row + 8)
 
         # The tensor's scalars (adam.h, adam_scalars): bias corrections in fp64 from the step count on the device.
         step = tl.load(step_ptr) + 1.0
@@ -254,11 +353,22 @@ def _adam_kernel(
         step_size = (lr64 / bias_correction1).to(tl.float32)
         bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
         stream = 0
-        if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16:
+        if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16 or MOMENT_DTYPE == tl.int8:
             stream = _stream_key(seed, first_tensor_index + lo, step)
 
         offsets = start + tl.arange(0, BLOCK)
-        if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+        if MOMENT_DTYPE == tl.int8:
+            if start + BLOCK <= numel:
+                _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr,
+                                   scales_ptr, start, numel, grad_multiplier, weight_decay, param_decay,
+                                   one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+                                   stream, PARAM_DTYPE, DECOUPLED, AMSGRAD, WRITE, BLOCK, True)
+            else:
+                _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr,
+                                   scales_ptr, start, numel, grad_multiplier, weight_decay, param_decay,
+                                   one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+                                   stream, PARAM_DTYPE, DECOUPLED, AMSGRAD, WRITE, BLOCK, False)
+        elif start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, None,
                           grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2,
                           step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, MOMENT_DTYPE, DECOUPLED,
@@ -274,8 +384,8 @@ def _fp64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
-def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, lr_tensor,
-                     beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
+def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales, lr,
+                     lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
                      seed, grad_scale, found_inf) -> None:
     """The fused_optim::adam_step_triton_ op (schema and argument checks in fused_optim/ops/adam.py)."""
     # Consecutive tensors of one (param dtype, grad dtype) pair share a launch.
@@ -284,17 +394,18 @@ def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         if end == len(params) or (params[end].dtype, grads[end].dtype) != (params[start].dtype, grads[start].dtype):
             _launch(params[start:end], grads[start:end], exp_avgs[start:end], exp_avg_sqs[start:end],
                     max_exp_avg_sqs[start:end] if amsgrad else [], master_params[start:end], steps[start:end],
-                    start, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                    moment_scales[start:end], start, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
                     stochastic_rounding, seed, grad_scale, found_inf)
             start = end
 
 
-def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, first_tensor_index, lr,
-            lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales,
+            first_tensor_index, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
             stochastic_rounding, seed, grad_scale, found_inf) -> None:
     rows = [[p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
              max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, master_params[i].data_ptr() if master_params else 0,
-             steps[i].data_ptr(), p.numel()] for i, p in enumerate(params)]
+             steps[i].data_ptr(), moment_scales[i].data_ptr() if moment_scales else 0, p.numel()]
+            for i, p in enumerate(params)]
     # 16-byte loads need every array address (the first six columns; steps are read alone) 16-byte aligned.
     aligned = all_aligned(row[c] for row in rows for c in range(6))
     entries, num_blocks = pack(rows, BLOCK)
@@ -311,7 +422,7 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
             _fp64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
             1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
             PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
-            MOMENT_DTYPE=DTYPES[exp_avgs[0].dtype],
+            MOMENT_DTYPE=tl.int8 if moment_scales else DTYPES[exp_avgs[0].dtype],
             DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), ALIGNED=aligned,
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK,

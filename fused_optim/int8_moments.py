@@ -1,0 +1,80 @@
+"""moments="int8": an optimizer moment as one byte an element, blocks of BLOCK elements sharing a bf16 scale, the
+codes companded (a signed moment as sqrt(|x| / scale) in 127 steps, a non-negative one as (x / scale)^(1/4) in
+255) and rounded stochastically. csrc/include/fused_optim/moment_int8.h explains the choices; these are its
+formulas in torch ops, the same fp32 operations in the same order, for the torch backend, state conversions and the
+tests (every backend's codes agree with these bit for bit).
+
+Blocks run along a tensor's memory order (the kernels walk param, grad and state as flat arrays), from its first
+element: a tensor of n elements has ceil(n / BLOCK) scales. A DTensor's blocks are its local shard's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BLOCK = 64
+_MAGNITUDE = 0x7FFFFFFF
+_SIGNED_STEP = 1.0 / 16129.0  # 1 / 127^2, rounded to fp32 where it multiplies
+_UNSIGNED_STEP = 1.0 / 4228250625.0  # 1 / 255^4
+
+
+def scale_count(numel: int) -> int:
+    """The scales of a tensor of `numel` elements."""
+    return -(-numel // BLOCK)
+
+
+def code_dtype(signed: bool) -> torch.dtype:
+    return torch.int8 if signed else torch.uint8
+
+
+def memory_order(t: Tensor) -> Tensor:
+    """A dense tensor's elements as a flat view in memory order (how the kernels walk it)."""
+    return t.reshape(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
+
+
+def _blocks(flat: Tensor, fill: float | int = 0) -> Tensor:
+    """A flat tensor as (blocks, BLOCK) rows, the last padded with `fill`."""
+    padding = scale_count(flat.numel()) * BLOCK - flat.numel()
+    return torch.nn.functional.pad(flat, (0, padding), value=fill).view(-1, BLOCK)
+
+
+def _steps(scales: Tensor, signed: bool) -> Tensor:
+    """What each block's codes are multiplied by: scale / 127^2 or scale / 255^4 (fp32)."""
+    step = torch.tensor(_SIGNED_STEP if signed else _UNSIGNED_STEP, dtype=torch.float32, device=scales.device)
+    return scales.float() * step
+
+
+def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
+    """The fp32 values of `codes` (int8: a signed moment, uint8: a non-negative one) with their block `scales`
+    (bf16, scale_count(numel)), in the codes' shape and memory layout."""
+    signed = codes.dtype == torch.int8
+    c = _blocks(memory_order(codes).float())
+    magnitude = c * c.abs() if signed else (c * c) * (c * c)
+    values = (magnitude * _steps(scales, signed)[:, None]).reshape(-1)[: codes.numel()]
+    out = torch.empty_like(codes, dtype=torch.float32)
+    memory_order(out).copy_(values)
+    return out
+
+
+def quantize(values: Tensor, signed: bool, bits16: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(codes, scales) of fp32 `values`, codes in their shape and memory layout. `bits16`: 16 random bits per element
+    (memory order) for stochastic rounding; None rounds to nearest (a state loaded from fp32)."""
+    flat = memory_order(values.float())
+    largest = (_blocks(flat).view(torch.int32) & _MAGNITUDE).amax(dim=1).to(torch.int64)
+    scale_bits = (largest + 0xFFFF) >> 16
+    scales = torch.where(scale_bits >= 0x8000, scale_bits - 0x10000, scale_bits).to(torch.int16).view(torch.bfloat16)
+    scale = scales.float().repeat_interleave(BLOCK)[: flat.numel()]
+    quotient = torch.where(scale > 0, flat.abs() / scale, torch.zeros_like(flat))
+    quotient = torch.where(quotient <= 1.0, quotient, torch.zeros_like(flat))  # NaN (a NaN block's) -> 0
+    t = torch.sqrt(quotient) * 127.0 if signed else torch.sqrt(torch.sqrt(quotient)) * 255.0
+    whole = torch.floor(t)
+    threshold = torch.full_like(t, 32768.0) if bits16 is None else bits16.to(torch.float32)
+    code = whole + ((t - whole) * 65536.0 > threshold).float()
+    if signed:
+        code = torch.where(flat < 0, -code, code)
+    else:
+        code = torch.where((code == 0) & (flat > 0), torch.ones_like(code), code)
+    codes = torch.empty_like(values, dtype=code_dtype(signed))
+    memory_order(codes).copy_(code.to(torch.int16).to(code_dtype(signed)))
+    return codes, scales

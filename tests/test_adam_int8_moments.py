@@ -1,0 +1,323 @@
+"""Adam/AdamW with `moments="int8"`: each moment one companded byte an element, blocks of 64 sharing a bf16 scale,
+dequantized, updated in fp32 and requantized stochastically in the same pass.
+
+Every backend's codes and scales are checked bit for bit against its own fp32-moment optimizer whose moments are
+set, before each step, to the dequantized values, and quantized after it by fused_optim/int8_moments.py with
+reference.py's random bits: what moments="int8" adds to the fp32 update (itself checked against float64 and torch
+in test_adam.py) and nothing else. The codec itself is checked against float64 here.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+from test_adam import assert_identical, make_params, random_grads, set_grads, snapshot
+from test_adam_moments import state_bytes_per_param
+
+import fused_optim
+from fused_optim.int8_moments import BLOCK, dequantize, quantize, scale_count
+from fused_optim.reference import ReferenceAdam, moment_bits16
+
+SHAPES = [(1,), (3,), (0,), (1023,), (33, 17), (130,)]
+OPTIONS = [
+    pytest.param(dict(cls="AdamW", weight_decay=0.01), id="adamw"),
+    pytest.param(dict(cls="Adam", weight_decay=0.01, amsgrad=True, maximize=True), id="adam-l2-amsgrad-maximize"),
+]
+KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+# The codec (int8_moments.py; moment_int8.h is the same arithmetic)
+
+
+def heavy_tailed(n: int, generator=None) -> torch.Tensor:
+    """Values spread over orders of magnitude, as moments are: normal times log-normal."""
+    return torch.randn(n, generator=generator) * torch.exp(2 * torch.randn(n, generator=generator))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_codes_dequantize_within_one_step_of_the_float64_value(signed):
+    generator = torch.Generator().manual_seed(0)
+    x = heavy_tailed(64 * 50 + 7, generator)
+    x = x if signed else x.square()
+    codes, scales = quantize(x, signed, torch.randint(0, 1 << 16, x.shape, generator=generator))
+    assert codes.dtype == (torch.int8 if signed else torch.uint8) and scales.shape == (scale_count(x.numel()),)
+    # in float64: the companded value t = 127 sqrt(|x| / scale) (255 (x / scale)^(1/4)) lies within one code of ours
+    scale = scales.double().repeat_interleave(BLOCK)[: x.numel()]
+    t = (x.double().abs() / scale).sqrt() * 127 if signed else (x.double() / scale).sqrt().sqrt() * 255
+    assert ((codes.double().abs() - t).abs() < 1 + 1e-4).all()
+    padded = torch.nn.functional.pad(x.abs(), (0, scales.numel() * BLOCK - x.numel()))
+    assert (scales.float() >= padded.view(-1, BLOCK).amax(1)).all()
+    # the largest element of a block keeps 1/127 (1/255) of its value's resolution: 2 % (1.6 %) after companding
+    assert ((dequantize(codes, scales).double() - x.double()).abs() <= 0.021 * scale + 1e-30).all()
+
+
+def test_stochastic_codes_are_unbiased_in_the_companded_value():
+    generator = torch.Generator().manual_seed(1)
+    x = heavy_tailed(4096, generator)
+    draws = torch.stack([quantize(x, True, torch.randint(0, 1 << 16, x.shape, generator=generator))[0].double()
+                         for _ in range(400)])
+    _, scales = quantize(x, True)
+    t = (x.double().abs() / scales.double().repeat_interleave(BLOCK)).sqrt() * 127 * x.sign().double()
+    # 400 draws of a Bernoulli offset: standard error <= 0.025 a code
+    assert (draws.mean(0) - t).abs().max() < 0.15
+
+
+def test_a_non_zero_second_moment_never_dequantizes_to_zero():
+    x = torch.tensor([1.0, 1e-30, 0.0, 3e-38] + [1e-20] * 60)
+    codes, scales = quantize(x, False, torch.full(x.shape, 65535))  # every draw rounds down
+    values = dequantize(codes, scales)
+    assert (values[x > 0] > 0).all() and values[2] == 0
+
+
+def test_a_zero_block_and_a_nan_block():
+    x = torch.cat([torch.zeros(64), torch.randn(64)])
+    x[100] = float("nan")
+    codes, scales = quantize(x, True)
+    values = dequantize(codes, scales)
+    assert (values[:64] == 0).all() and scales[0] == 0
+    assert values[64:].isnan().all()  # an fp32 moment with a NaN stays NaN too: the block says so
+
+
+def test_blocks_follow_memory_order():
+    x = torch.randn(70, 3).t()  # not contiguous: blocks run down the 70 of memory order
+    codes, scales = quantize(x, True)
+    assert codes.stride() == x.stride()
+    assert torch.equal(scales, quantize(x.t().contiguous().view(-1), True)[1])
+    assert torch.equal(dequantize(codes, scales).t().contiguous(), dequantize(codes.t().contiguous(), scales))
+
+
+# The optimizers
+
+
+def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES):
+    """(params, our state) of a moments="int8" run, and (params, codes and scales) of its emulation: the same
+    params, grads and rounding seed in every run."""
+    torch.manual_seed(0)
+    init = [torch.randn(s) for s in shapes]
+    kwargs = dict(options)
+    cls = getattr(fused_optim, kwargs.pop("cls"))
+    if master_weights:
+        kwargs["master_weights"] = master_weights
+    params, emulated_params = make_params(init, dtype, "cpu"), make_params(init, dtype, "cpu")
+    opt = cls(params, lr=1e-2, moments="int8", backend=backend, **kwargs)
+    fp32_opt = cls(emulated_params, lr=1e-2, backend=backend, **kwargs)
+    seed = opt.param_groups[0]["seed"]
+    keys = KEYS if kwargs.get("amsgrad") else KEYS[:2]
+    emulated = [{key: quantize(torch.zeros(s), row == 0) for row, key in enumerate(keys)} for s in shapes]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        grads = [g * torch.exp(torch.randn(g.shape, generator=generator)).to(dtype)  # moments of many magnitudes
+                 for g in random_grads(shapes, dtype, generator=generator)]
+        set_grads(grads, params, emulated_params)
+        opt.step()
+        for i, p in enumerate(emulated_params):
+            for key in keys if fp32_opt.state[p] else ():
+                fp32_opt.state[p][key].copy_(dequantize(*emulated[i][key]))
+        fp32_opt.step()
+        for i, p in enumerate(emulated_params):
+            state = fp32_opt.state[p]
+            for row, key in enumerate(keys):
+                bits = moment_bits16(seed, i, state["step"], row, p.numel())
+                emulated[i][key] = quantize(state[key], row == 0, bits)
+    ours = [{key: (opt.state[p][key], opt.state[p]["moment_scales"][row]) for row, key in enumerate(keys)}
+            for p in params]
+    return params, ours, emulated_params, emulated
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_int8_moments_follow_their_emulation(backend, device, dtype, options):
+    params, moments, emulated_params, emulated = run(backend, options, dtype)
+    assert_identical(moments, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
+
+@pytest.mark.parametrize("master_weights", [True, 24])
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_int8_moments_with_master_weights_follow_their_emulation(backend, device, master_weights):
+    params, moments, emulated_params, emulated = run(backend, OPTIONS[0].values[0], torch.bfloat16,
+                                                     master_weights=master_weights)
+    assert_identical(moments, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
+
+def test_backends_agree_on_the_codes(cpu_backend):
+    """The same codes and scales from every backend (bf16 params: the fp32 update is the same on each)."""
+    params, ours, *_ = run(cpu_backend, OPTIONS[1].values[0], torch.bfloat16, shapes=[(1023,), (5, 70)])
+    reference_params, reference, *_ = run("torch", OPTIONS[1].values[0], torch.bfloat16, shapes=[(1023,), (5, 70)])
+    assert_identical(ours, reference)
+
+
+def test_int8_moments_keep_the_second_moment_decaying():
+    """After one large grad, small grads make exp_avg_sq decay 0.1 % a step, a small fraction of a code: rounded to
+    nearest the codes would stay; rounded stochastically they follow the float64 reference in the mean."""
+    shape = (4096,)
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = fused_optim.AdamW([p], lr=1e-4, moments="int8", backend="cpu")
+    reference = ReferenceAdam([p], lr=1e-4, decoupled_weight_decay=True, weight_decay=0.01)
+    for step in range(300):
+        grad = torch.randn(shape) * (1.0 if step == 0 else 0.01)
+        p.grad = grad.clone()
+        opt.step()
+        reference.step([grad])
+    state = opt.state[p]
+    ours, exact = dequantize(state["exp_avg_sq"], state["moment_scales"][1]).double(), reference.exp_avg_sqs[0]
+    assert abs(ours.mean() / exact.mean() - 1) < 0.02
+
+
+def test_int8_adamw_trains_as_fp32_adamw():
+    """A noisy least-squares problem: the int8 run's loss ends within 1 % of the fp32 run's."""
+    generator = torch.Generator().manual_seed(0)
+    a, target = torch.randn(256, 64, generator=generator), torch.randn(256, generator=generator)
+    losses = {}
+    for moments in ("fp32", "int8"):
+        w = torch.nn.Parameter(torch.zeros(64))
+        opt = fused_optim.AdamW([w], lr=1e-2, moments=moments)
+        for _ in range(300):
+            rows = torch.randint(0, 256, (32,), generator=generator)
+            loss = (a[rows] @ w - target[rows]).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses[moments] = (a @ w.detach() - target).square().mean().item()
+    assert abs(losses["int8"] / losses["fp32"] - 1) < 0.01
+
+
+def test_int8_moments_resume_bit_for_bit_and_save_as_codes():
+    shapes = [(5,), (300,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [random_grads(shapes, torch.bfloat16) for _ in range(6)]
+    runs = []
+    for resume in (False, True):
+        params = make_params(init, torch.bfloat16, "cpu")
+        torch.manual_seed(0)
+        opt = fused_optim.AdamW(params, lr=1e-2, moments="int8", master_weights=24)
+        for step, g in enumerate(grads):
+            if resume and step == 3:
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                saved = torch.load(io.BytesIO(buffer.getvalue()))
+                assert [saved["state"][0][k].dtype for k in ("exp_avg", "exp_avg_sq", "moment_scales")] == [
+                    torch.int8, torch.uint8, torch.bfloat16]
+                params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+                opt = fused_optim.AdamW(params, lr=1e-2, moments="int8", master_weights=24)
+                opt.load_state_dict(saved)
+            set_grads(g, params)
+            opt.step()
+        runs.append(snapshot(opt)["state"].values())
+    assert_identical(list(runs[0]), list(runs[1]))
+
+
+def test_int8_moments_trade_state_with_torch_adamw():
+    shapes = [(7,), (3, 40)]
+    params = make_params([torch.randn(s) for s in shapes], torch.float32, "cpu")
+    ours = fused_optim.AdamW(params, lr=1e-2, moments="int8", amsgrad=True)
+    set_grads(random_grads(shapes), params)
+    ours.step()
+    # ours -> torch: fp32 moments, the dequantized values exactly, no scales
+    theirs = torch.optim.AdamW(params, lr=1e-2, amsgrad=True)
+    theirs.load_state_dict(ours.torch_state_dict())
+    for p in params:
+        assert "moment_scales" not in theirs.state[p]
+        for row, key in enumerate(KEYS):
+            assert torch.equal(theirs.state[p][key], dequantize(ours.state[p][key], ours.state[p]["moment_scales"][row]))
+    # torch -> ours: its fp32 moments, quantized to nearest
+    theirs.step()
+    ours.load_state_dict(theirs.state_dict())
+    for p in params:
+        for row, key in enumerate(KEYS):
+            codes, scales = quantize(theirs.state[p][key], row == 0)
+            assert torch.equal(ours.state[p][key], codes)
+            assert torch.equal(ours.state[p]["moment_scales"][row], scales)
+    set_grads(random_grads(shapes), params)
+    ours.step()  # and steps on
+
+
+@pytest.mark.parametrize("target", ["fp32", "bf16"])
+def test_an_int8_state_loads_into_another_storage_dequantized(target):
+    params = make_params([torch.randn(100)], torch.float32, "cpu")
+    ours = fused_optim.AdamW(params, moments="int8")
+    set_grads(random_grads([(100,)]), params)
+    ours.step()
+    other = fused_optim.AdamW(params, moments=target)
+    saved = ours.state_dict()
+    saved["param_groups"][0]["moments"] = target  # a loaded group takes its saved settings, as torch's do
+    other.load_state_dict(saved)
+    state = other.state[params[0]]
+    assert "moment_scales" not in state
+    expected = dequantize(ours.state[params[0]]["exp_avg"], ours.state[params[0]]["moment_scales"][0])
+    assert torch.equal(state["exp_avg"], expected.to(state["exp_avg"].dtype))
+
+
+def test_int8_moments_and_24_bit_masters_hold_3_bytes_a_param():  # README's table of state per param
+    def state_of(dtype, **options):
+        p = torch.nn.Parameter(torch.randn(1 << 16).to(dtype))
+        opt = fused_optim.AdamW([p], **options)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        return state_bytes_per_param(opt)
+
+    step_bytes, scale_bytes = 4 / (1 << 16), 2 * 2 / BLOCK
+    assert state_of(torch.float32, moments="int8") == 2 + scale_bytes + step_bytes
+    assert state_of(torch.bfloat16, moments="int8", master_weights=24) == 3 + scale_bytes + step_bytes  # 3.06
+    assert state_of(torch.bfloat16, moments="int8", master_weights=True) == 4 + scale_bytes + step_bytes
+
+
+def test_the_int8_checkpoint_is_under_45_percent_of_torch_adamw_with_fp32_masters():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 256)).to(torch.bfloat16)
+
+    def checkpoint_bytes(model, opt) -> int:
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        return buffer.getbuffer().nbytes
+
+    ours = checkpoint_bytes(model, fused_optim.AdamW(model.parameters(), moments="int8", master_weights=24))
+    masters = copy.deepcopy(model).float()  # torch's recipe: AdamW on fp32 master copies, saved with them
+    theirs = checkpoint_bytes(masters, torch.optim.AdamW(masters.parameters())) + sum(
+        p.numel() * 4 for p in masters.parameters())
+    assert ours / theirs < 0.45
+
+
+def test_a_bad_int8_state_is_refused_and_changes_nothing():
+    params = make_params([torch.randn(100)], torch.float32, "cpu")
+    opt = fused_optim.AdamW(params, moments="int8")
+    set_grads(random_grads([(100,)]), params)
+    opt.step()
+    saved = opt.state_dict()
+    before = snapshot(opt)
+    broken = {**saved, "state": {0: {k: v for k, v in saved["state"][0].items() if k != "moment_scales"}}}
+    with pytest.raises(TypeError, match=r"^loaded state dict's int8 moments of param 0 need their 'moment_scales'"):
+        opt.load_state_dict(broken)
+    broken["state"][0]["moment_scales"] = torch.zeros(2, 1, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"shape \(2, 2\)"):
+        opt.load_state_dict(broken)
+    assert_identical(snapshot(opt), before)
+
+
+def test_the_op_refuses_bad_scales_and_changes_nothing(cpu_backend):
+    p = torch.randn(100)
+    codes = [torch.zeros(100, dtype=torch.int8), torch.zeros(100, dtype=torch.uint8)]
+    step = torch.zeros(1)
+    good = torch.zeros(2, 2, dtype=torch.bfloat16)
+    from fused_optim.ops.adam import adam_step
+    for scales, message in [([torch.zeros(2, 3, dtype=torch.bfloat16)], "moment_scales must be"),
+                            ([good.float()], "moment_scales must be"), ([], "state tensors|must be float32")]:
+        before = [t.clone() for t in (p, *codes, step, good)]
+        with pytest.raises(RuntimeError, match=message):
+            adam_step([p], [torch.randn(100)], [codes[0]], [codes[1]], [], [], [step], scales, lr=1e-2, beta1=0.9,
+                      beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False,
+                      maximize=False, backend=cpu_backend)
+        assert_identical([p, *codes, step, good], before)
+
+
+def test_int8_moments_refuse_a_differentiable_group_in_one_sentence():
+    with pytest.raises(ValueError, match=r"^moments='int8' does not take differentiable=True"):
+        fused_optim.AdamW([torch.nn.Parameter(torch.randn(3))], moments="int8", differentiable=True)
