@@ -14,7 +14,7 @@ import io
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import BACKEND_DEVICES
 from test_adam import assert_identical, make_params, random_grads, set_grads, snapshot
 from test_adam_moments import state_bytes_per_param
 
@@ -93,7 +93,7 @@ def test_blocks_follow_memory_order():
 # The optimizers
 
 
-def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES):
+def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES, device="cpu"):
     """(params, our state) of a moments="int8" run, and (params, codes and scales) of its emulation: the same
     params, grads and rounding seed in every run."""
     torch.manual_seed(0)
@@ -102,15 +102,16 @@ def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES):
     cls = getattr(fused_optim, kwargs.pop("cls"))
     if master_weights:
         kwargs["master_weights"] = master_weights
-    params, emulated_params = make_params(init, dtype, "cpu"), make_params(init, dtype, "cpu")
+    params, emulated_params = make_params(init, dtype, device), make_params(init, dtype, device)
     opt = cls(params, lr=1e-2, moments="int8", backend=backend, **kwargs)
     fp32_opt = cls(emulated_params, lr=1e-2, backend=backend, **kwargs)
     seed = opt.param_groups[0]["seed"]
     keys = KEYS if kwargs.get("amsgrad") else KEYS[:2]
-    emulated = [{key: quantize(torch.zeros(s), row == 0) for row, key in enumerate(keys)} for s in shapes]
+    emulated = [{key: quantize(torch.zeros(s, device=device), row == 0) for row, key in enumerate(keys)}
+                for s in shapes]
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        grads = [g * torch.exp(torch.randn(g.shape, generator=generator)).to(dtype)  # moments of many magnitudes
+        grads = [(g * torch.exp(torch.randn(g.shape, generator=generator)).to(dtype)).to(device)  # many magnitudes
                  for g in random_grads(shapes, dtype, generator=generator)]
         set_grads(grads, params, emulated_params)
         opt.step()
@@ -130,18 +131,18 @@ def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES):
 
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_int8_moments_follow_their_emulation(backend, device, dtype, options):
-    params, moments, emulated_params, emulated = run(backend, options, dtype)
+    params, moments, emulated_params, emulated = run(backend, options, dtype, device=device)
     assert_identical(moments, emulated)
     assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
 
 
 @pytest.mark.parametrize("master_weights", [True, 24])
-@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_int8_moments_with_master_weights_follow_their_emulation(backend, device, master_weights):
     params, moments, emulated_params, emulated = run(backend, OPTIONS[0].values[0], torch.bfloat16,
-                                                     master_weights=master_weights)
+                                                     master_weights=master_weights, device=device)
     assert_identical(moments, emulated)
     assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
 

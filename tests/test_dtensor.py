@@ -120,11 +120,12 @@ def full_params(model) -> list[torch.Tensor]:
 
 
 def state_like_params(opt) -> bool:
-    """Whether every state tensor but the step count is a DTensor with its param's mesh and placements."""
+    """Whether every state tensor but the step count (and int8 moments' scales: the local shard's blocks) is a
+    DTensor with its param's mesh and placements."""
     for group in opt.param_groups:
         for p in group["params"]:
             for key, value in opt.state[p].items():
-                if key != "step" and not (isinstance(value, DTensor) and value.device_mesh == p.device_mesh
+                if key not in ("step", "moment_scales") and not (isinstance(value, DTensor) and value.device_mesh == p.device_mesh
                                           and value.placements == p.placements):
                     return False
     return True
@@ -155,12 +156,17 @@ def fsdp_low_precision(rank: int, world: int) -> dict:
     moments (each rank rounds its shards with its own random streams)."""
     results = {}
     modes = {"master_weights": dict(master_weights=True), "stochastic_rounding": dict(stochastic_rounding=True),
-             "bf16_moments": dict(master_weights=True, moments="bf16")}
+             "bf16_moments": dict(master_weights=True, moments="bf16"),
+             "int8_moments": dict(master_weights=24, moments="int8")}
     for mode, options in modes.items():
         model = fsdp(make_model(torch.bfloat16))
         opt = fused_optim.AdamW(model.parameters(), lr=1e-2, **options)
         train(model, opt, dp_rank=rank, dp_size=world)
         results[mode] = {"params": full_params(model), "state_like_params": state_like_params(opt)}
+        if mode == "int8_moments":  # each shard's scales: one per 64 of its own elements
+            results[mode]["scales_of_shards"] = all(
+                tuple(opt.state[p]["moment_scales"].shape) == (2, -(-p.to_local().numel() // 64))
+                for p in model.parameters())
         if mode == "master_weights":
             # each bf16 param's master: torch_state_dict() joins each shard with its int16 remainder shard (gloo
             # and NCCL gather no int16)
@@ -520,10 +526,12 @@ def test_master_weights_and_stochastic_rounding_on_bf16_shards(two):
     masters = [master_weight(opt, p) for p in model.parameters()]
     for result in two:
         run = result["low_precision"]
-        assert all(run[mode]["state_like_params"] for mode in ("master_weights", "stochastic_rounding", "bf16_moments"))
+        assert all(run[mode]["state_like_params"]
+                   for mode in ("master_weights", "stochastic_rounding", "bf16_moments", "int8_moments"))
+        assert run["int8_moments"]["scales_of_shards"]
         # the ranks' bf16 gradients are averaged in another order than the single process sums them: a few ulps
         assert_close(run["master_weights"]["masters"], masters, atol=2e-3)
-        for mode in ("stochastic_rounding", "bf16_moments"):
+        for mode in ("stochastic_rounding", "bf16_moments", "int8_moments"):
             for got, want in zip(run[mode]["params"], masters):
                 assert float((got.float() - want).abs().max()) <= 2e-2, mode  # a few bf16 ulps of the fp32 path
 

@@ -76,9 +76,10 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const AdamScalars s = t.scalars;
   const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
   alignas(64) float m_new[kInt8Block], v_new[kInt8Block], max_new[kInt8Block];
-  for (int64_t start = begin; start < end; start += kInt8Block) {
+  // `length`: kInt8Block as a compile-time constant for whole blocks (no loop remainder: the per-block overhead of a
+  // run-time count cost as much as the arithmetic), the count itself for a tensor's last block
+  const auto step_block = [&](int64_t start, auto length) {
     const int64_t block = start / kInt8Block;
-    const int32_t length = static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - start));
     const float m_step = signed_step(bf16_bits_to_float(m_scales[block]));
     const float v_step = unsigned_step(bf16_bits_to_float(v_scales[block]));
     const float max_step = kAmsgrad ? unsigned_step(bf16_bits_to_float(max_scales[block])) : 0.0f;
@@ -101,20 +102,24 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
     m_scales[block] = int8_scale_bits(m_largest);
     v_scales[block] = int8_scale_bits(v_largest);
     if (kAmsgrad) max_scales[block] = int8_scale_bits(max_largest);
-    const float m_scale = bf16_bits_to_float(m_scales[block]), v_scale = bf16_bits_to_float(v_scales[block]);
-    const float max_scale = kAmsgrad ? bf16_bits_to_float(max_scales[block]) : 0.0f;
+    const float m_inverse = 1.0f / bf16_bits_to_float(m_scales[block]);
+    const float v_inverse = 1.0f / bf16_bits_to_float(v_scales[block]);
+    const float max_inverse = kAmsgrad ? 1.0f / bf16_bits_to_float(max_scales[block]) : 0.0f;
     const int32_t offset = static_cast<int32_t>(start - begin);
 #pragma omp simd
     for (int32_t j = 0; j < length; ++j) {
       const uint32_t bits = chunk_moment_bits(stream0, begin, offset + j);  // exp_avg: low 16, exp_avg_sq: high 16
-      exp_avg[start + j] = quantize_signed(m_new[j], m_scale, bits & 0xFFFFu);
-      exp_avg_sq[start + j] = quantize_unsigned(v_new[j], v_scale, bits >> 16);
+      exp_avg[start + j] = quantize_signed(m_new[j], m_inverse, bits & 0xFFFFu);
+      exp_avg_sq[start + j] = quantize_unsigned(v_new[j], v_inverse, bits >> 16);
       if (kAmsgrad) {
         max_exp_avg_sq[start + j] =
-            quantize_unsigned(max_new[j], max_scale, chunk_moment_bits(stream1, begin, offset + j) & 0xFFFFu);
+            quantize_unsigned(max_new[j], max_inverse, chunk_moment_bits(stream1, begin, offset + j) & 0xFFFFu);
       }
     }
-  }
+  };
+  int64_t start = begin;
+  for (; start + kInt8Block <= end; start += kInt8Block) step_block(start, std::integral_constant<int32_t, kInt8Block>{});
+  if (start < end) step_block(start, static_cast<int32_t>(end - start));
 }
 
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);

@@ -154,14 +154,15 @@ __global__ void __launch_bounds__(kThreads)
       v_scales[block] = v_scale_bits;
       if (kAmsgrad) max_scales[block] = max_scale_bits;
     }
-    const float m_scale = bf16_bits_to_float(m_scale_bits), v_scale = bf16_bits_to_float(v_scale_bits);
-    const float max_scale = bf16_bits_to_float(max_scale_bits);
+    const float m_inverse = 1.0f / bf16_bits_to_float(m_scale_bits);
+    const float v_inverse = 1.0f / bf16_bits_to_float(v_scale_bits);
+    const float max_inverse = kAmsgrad ? 1.0f / bf16_bits_to_float(max_scale_bits) : 0.0f;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const uint32_t bits = moment_bits(stream0, i + k);  // exp_avg: low 16, exp_avg_sq: high 16
-      m_codes[k] = quantize_signed(m[k], m_scale, bits & 0xFFFFu);
-      v_codes[k] = quantize_unsigned(v[k], v_scale, bits >> 16);
-      if (kAmsgrad) max_codes[k] = quantize_unsigned(vmax[k], max_scale, moment_bits(stream1, i + k) & 0xFFFFu);
+      m_codes[k] = quantize_signed(m[k], m_inverse, bits & 0xFFFFu);
+      v_codes[k] = quantize_unsigned(v[k], v_inverse, bits >> 16);
+      if (kAmsgrad) max_codes[k] = quantize_unsigned(vmax[k], max_inverse, moment_bits(stream1, i + k) & 0xFFFFu);
     }
     store_codes(t.exp_avg + i, vector, valid, m_codes);
     store_codes(t.exp_avg_sq + i, vector, valid, v_codes);

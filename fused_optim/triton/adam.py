@@ -246,9 +246,9 @@ def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits
     largest = tl.max(magnitude, axis=1)
     scale_bits = (largest + 0xFFFF) >> 16
     tl.store(scales_ptr + scale_offsets, scale_bits.to(tl.uint16), mask=scale_mask)
-    scale = (scale_bits << 16).to(tl.float32, bitcast=True)[:, None]
-    quotient = tl.where(scale > 0.0, tl.div_rn(tl.abs(x), scale), 0.0)
-    quotient = tl.where(quotient <= 1.0, quotient, 0.0)
+    inverse_scale = tl.div_rn(1.0, (scale_bits << 16).to(tl.float32, bitcast=True))[:, None]
+    quotient = tl.abs(x) * inverse_scale
+    quotient = tl.where(quotient <= 1.0, quotient, tl.where(quotient > 1.0, 1.0, 0.0))  # 0 * inf, NaN -> 0
     if SIGNED:
         t = 127.0 * tl.sqrt_rn(quotient)
     else:
@@ -258,7 +258,7 @@ def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits
     if SIGNED:
         tl.store(ptr + offsets, tl.where(x < 0.0, -code, code).to(tl.int8), mask=mask)
     else:
-        code = tl.where((code == 0.0) & (x > 0.0), 1.0, code)
+        code = tl.maximum(code, tl.where(x > 0.0, 1.0, 0.0))
         tl.store(ptr + offsets, code.to(tl.uint8), mask=mask)
 
 

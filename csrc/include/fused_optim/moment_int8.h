@@ -38,20 +38,24 @@ FO_HOST_DEVICE float stochastic_floor(float t, uint32_t bits16) {
   return whole + ((t - whole) * 65536.0f > static_cast<float>(bits16) ? 1.0f : 0.0f);
 }
 
-// |x| / scale in [0, 1]; 0 for an all-zero block, and for a non-finite quotient (a NaN block: its scale is NaN).
-FO_HOST_DEVICE float scaled(float x, float scale) {
-  const float q = scale > 0.0f ? fabsf(x) / scale : 0.0f;
-  return q <= 1.0f ? q : 0.0f;
+// |x| / scale in [0, 1], as |x| times the block's inverse_scale (1 / scale, one division a block: the divisions
+// and square roots bound the CPU loop). A product just over 1 (|x| is the block's largest) is 1; an all-zero
+// block (0 * inf) and a NaN block (NaN scale) give 0. Selects only, so CPU loops vectorise.
+FO_HOST_DEVICE float scaled(float x, float inverse_scale) {
+  const float q = fabsf(x) * inverse_scale;
+  return q <= 1.0f ? q : (q > 1.0f ? 1.0f : 0.0f);
 }
 
-FO_HOST_DEVICE int8_t quantize_signed(float x, float scale, uint32_t bits16) {
-  const float code = stochastic_floor(127.0f * sqrtf(scaled(x, scale)), bits16);
-  return static_cast<int8_t>(x < 0.0f ? -code : code);
+FO_HOST_DEVICE int8_t quantize_signed(float x, float inverse_scale, uint32_t bits16) {
+  const float code = stochastic_floor(127.0f * sqrtf(scaled(x, inverse_scale)), bits16);
+  // through int32: gcc vectorises float -> int32 -> int8, not float -> int8
+  return static_cast<int8_t>(static_cast<int32_t>(x < 0.0f ? -code : code));
 }
 
-FO_HOST_DEVICE uint8_t quantize_unsigned(float x, float scale, uint32_t bits16) {
-  const float code = stochastic_floor(255.0f * sqrtf(sqrtf(scaled(x, scale))), bits16);
-  return static_cast<uint8_t>(code == 0.0f && x > 0.0f ? 1.0f : code);
+FO_HOST_DEVICE uint8_t quantize_unsigned(float x, float inverse_scale, uint32_t bits16) {
+  const float code = stochastic_floor(255.0f * sqrtf(sqrtf(scaled(x, inverse_scale))), bits16);
+  const float least = x > 0.0f ? 1.0f : 0.0f;  // a select and a compare: gcc vectorises neither && nor fmaxf here
+  return static_cast<uint8_t>(static_cast<int32_t>(code > least ? code : least));
 }
 
 // What a code is multiplied by (per block, once): scale / 127^2, scale / 255^4.
