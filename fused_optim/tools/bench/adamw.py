@@ -12,8 +12,10 @@ Cases (each on a GPT-like list of tensors, `model_shapes`):
                 Peer, "the torch way": fp32 masters stepped by torch's fused AdamW, grads up-cast before
                 (`torch._foreach_copy_` into persistent fp32 grads, or `.float()` each step) and the params copied
                 back after (`torch._foreach_copy_(bf16_params, fp32_masters)`).
-  (fp32 and bf16 also run ours with `moments="bf16"`: half the state's bytes, checked coarsely against the fp32
-  reference, `TOLERANCES["bf16_moments"]`; tests/test_adam_moments.py checks it bit for bit.)
+  (fp32 and bf16 also run ours with `moments="bf16"` and `moments="int8"`: half and a quarter of the state's
+  bytes, checked coarsely against the fp32 reference, `TOLERANCES["bf16_moments"]` and `["int8_moments"]`;
+  tests/test_adam_moments.py and test_adam_int8_moments.py check them bit for bit. The op "adamw" also runs
+  torchao's and bitsandbytes' AdamW8bit there, where installed.)
   host          1000 fp32 tensors of 4096 elements: what matters when a model has many small params. On a GPU
                 the host time per step (Python, dispatch, launches; no sync) beside the device time; on the
                 CPU the step time is all there is.
@@ -60,6 +62,11 @@ HPARAMS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
 # bf16 moments (moments="bf16"): each moment is off by up to 2^-9 relative after its stochastic rounding, so each
 # update by up to ~2^-8 of lr (1e-3): a coarse check of the update's size and sign, beside the bit-exact tests.
 TOLERANCES = {"fp32": (1e-5, 1e-7), "bf16": (1.6e-2, 1e-4), "bf16_rounded": (8e-3, 1e-8), "bf16_moments": (1e-5, 2e-5)}
+# int8 moments (ours moments="int8", torchao's and bitsandbytes' AdamW8bit): a moment is off by ~1.5 % at the top of
+# its block and by much more for its block's small elements, whose second update (after the check's grad flip) can
+# even change sign; so these are held to the whole update instead: |result - reference| over |reference - start|,
+# in the 2-norm over every param, under INT8_UPDATE_ERROR (a wrong scale or sign is off by ~1 or more).
+INT8_UPDATE_ERROR = 0.1
 # Adam (coupled decay) folds wd·p into the grad before the moments: on some elements g + wd·p cancels to ~eps, where
 # one rounding of that sum (up to ~1e-9 for |wd·p| ~ 1e-2) moves the update g/(|g| + eps) by up to lr·1e-9/eps =
 # lr/10; two correct fp32 implementations differ there by that much (seen: 5e-6 in the 1000-tensor case). The
@@ -113,10 +120,12 @@ def adam_step_bytes(numel: int, param_dtype: torch.dtype, grad_dtype: torch.dtyp
     """
     param = torch.empty((), dtype=param_dtype).element_size()
     grad = torch.empty((), dtype=grad_dtype or param_dtype).element_size()
-    state = torch.empty((), dtype=state_dtype).element_size() * (3 if amsgrad else 2)
+    # int8 moments carry a bf16 scale per 64 codes (ours; torchao and bitsandbytes: an fp32 one per 256, as much)
+    moment = torch.empty((), dtype=state_dtype).element_size() + (2 / 64 if state_dtype == torch.int8 else 0)
+    state = moment * (3 if amsgrad else 2)
     read = grad + state + (master_bytes if master_bytes == 4 else param + master_bytes)
     write = param + state + master_bytes
-    return numel * (read + write)
+    return round(numel * (read + write))
 
 
 def model_shapes(n_params: int) -> list[tuple[int, ...]]:
@@ -208,8 +217,29 @@ def _ours(backend: str, variant: Variant = ADAMW, moments: str = "fp32") -> Call
             def result():
                 return params
         return Runner(opt.step, result, lambda: opt.state[params[0]]["exp_avg"].dtype, params, master_bytes=2,
-                      tolerance="bf16_moments" if moments == "bf16" else None)
+                      tolerance={"bf16": "bf16_moments", "int8": "int8_moments"}.get(moments))
     return build
+
+
+def _eight_bit(make: Callable[[list[Tensor]], Any]) -> Callable[[Workload], Runner]:
+    """A peer's 8-bit AdamW (torchao's, bitsandbytes'), `make(params)`: moments in int8 codes with block scales."""
+    def build(w: Workload) -> Runner:
+        params = _clone_params(w)
+        opt = make(params)
+        return Runner(opt.step, lambda: params, lambda: torch.int8, params, tolerance="int8_moments")
+    return build
+
+
+def _torchao_adamw8bit(params: list[Tensor]):
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(params, **HPARAMS)
+
+
+def _bnb_adamw8bit(params: list[Tensor]):
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(params, **HPARAMS, min_8bit_size=0)  # every tensor 8-bit, as ours
 
 
 def _torch(variant: Variant = ADAMW, **options) -> Callable[[Workload], Runner]:
@@ -283,9 +313,16 @@ def _apex(fused_adam: type, variant: Variant) -> Callable[[Workload], Runner]:
 def implementations(case: str, device: torch.device, variant: Variant = ADAMW) -> list[Impl]:
     """The implementations compared in `case` on `device`, usable or not (with the reason)."""
     impls = our_implementations(device, lambda backend: _ours(backend, variant))
-    if case in ("fp32", "bf16"):  # and with half the state: moments="bf16"
-        impls += [replace(impl, name=f"{impl.name} moments=bf16", auto=False) for impl in
-                  our_implementations(device, lambda backend: _ours(backend, variant, moments="bf16"))]
+    if case in ("fp32", "bf16"):  # and with half the state (moments="bf16"), a quarter (moments="int8")
+        for moments in ("bf16", "int8"):
+            impls += [replace(impl, name=f"{impl.name} moments={moments}", auto=False) for impl in
+                      our_implementations(device, lambda backend, m=moments: _ours(backend, variant, moments=m))]
+        if variant is ADAMW:  # the 8-bit peers, where installed
+            for name, module, package, make in (("torchao AdamW8bit", "torchao", "torchao", _torchao_adamw8bit),
+                                                ("bitsandbytes AdamW8bit", "bitsandbytes", "bitsandbytes",
+                                                 _bnb_adamw8bit)):
+                missing = not_installed(module, package)
+                impls.append(Impl(name, None if missing else _eight_bit(make), unavailable=missing))
     if case == "bf16+master":
         impls.append(Impl("torch way: fused + _foreach_copy_", _torch_way("foreach_copy", variant), baseline=True))
         impls.append(Impl("torch way: fused + .float()", _torch_way(".float()", variant)))
@@ -406,7 +443,7 @@ def _run_case(config: AdamWConfig, case: str, n_params: int, roof_gbps: float | 
             else:
                 runner = impl.build(w)
                 step_s = _check_steps(runner, config.check_steps, device)
-                _check(case, runner, reference, row, config.variant)
+                _check(case, runner, reference, row, config.variant, w.p0)
                 if not row["correct"]:
                     continue
             _measure(config, case, runner, step_s, row)
@@ -451,8 +488,19 @@ def _row(op: str, case: str, impl: Impl, w: Workload) -> dict[str, Any]:
     }
 
 
-def _check(case: str, runner: Runner, reference: list[Tensor], row: dict[str, Any], variant: Variant = ADAMW) -> None:
-    if case == "bf16+master":
+def update_error(result: list[Tensor], reference: list[Tensor], start: list[Tensor]) -> float:
+    """||result - reference|| / ||reference - start|| over all params (2-norms, in float64)."""
+    error = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(result, reference))
+    update = sum(float((b.double() - p.double()).square().sum()) for b, p in zip(reference, start))
+    return math.sqrt(error / update)
+
+
+def _check(case: str, runner: Runner, reference: list[Tensor], row: dict[str, Any], variant: Variant = ADAMW,
+           start: list[Tensor] = ()) -> None:
+    if runner.tolerance == "int8_moments":
+        err = update_error(runner.result(), reference, start)
+        ok = err < INT8_UPDATE_ERROR
+    elif case == "bf16+master":
         ok, err = compare(runner.result(), reference, *tolerance("fp32", variant))
         rounded_ok, _ = compare(runner.params, [r.to(torch.bfloat16) for r in reference],
                                 *tolerance("bf16_rounded", variant))
@@ -460,9 +508,13 @@ def _check(case: str, runner: Runner, reference: list[Tensor], row: dict[str, An
     else:
         kind = (runner.tolerance or "fp32") if case in ("fp32", "host") else "bf16"
         ok, err = compare(runner.result(), reference, *tolerance(kind, variant))
-    row.update(correct=ok, max_abs_err=err)
+    if runner.tolerance == "int8_moments":
+        row.update(correct=ok, update_error=err, note=f"update off by {err:.1%} (2-norm)")
+    else:
+        row.update(correct=ok, max_abs_err=err)
     if not ok:
-        row["note"] = f"wrong result (max |error| {err:.3g} vs torch for-loop): not timed"
+        what = "update error" if runner.tolerance == "int8_moments" else "max |error|"
+        row["note"] = f"wrong result ({what} {err:.3g} vs torch for-loop): not timed"
 
 
 def _measure(config: AdamWConfig, case: str, runner: Runner, step_s: float, row: dict[str, Any]) -> None:
