@@ -83,8 +83,7 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
     const float m_step = signed_step(bf16_bits_to_float(m_scales[block]));
     const float v_step = unsigned_step(bf16_bits_to_float(v_scales[block]));
     const float max_step = kAmsgrad ? unsigned_step(bf16_bits_to_float(max_scales[block])) : 0.0f;
-    uint32_t m_largest = 0, v_largest = 0, max_largest = 0;
-#pragma omp simd reduction(max : m_largest, v_largest, max_largest)
+#pragma omp simd
     for (int32_t j = 0; j < length; ++j) {
       const int64_t i = start + j;
       const float p = load_param<kWrite>(param, master, i);
@@ -95,9 +94,14 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
       m_new[j] = m;
       v_new[j] = v;
       max_new[j] = max_v;
-      m_largest = std::max(m_largest, magnitude_bits(m));
-      v_largest = std::max(v_largest, magnitude_bits(v));
-      max_largest = std::max(max_largest, magnitude_bits(max_v));
+    }
+    // the largest magnitudes in a loop of their own, over L1: in the update loop they cost it its registers
+    uint32_t m_largest = 0, v_largest = 0, max_largest = 0;
+#pragma omp simd reduction(max : m_largest, v_largest, max_largest)
+    for (int32_t j = 0; j < length; ++j) {
+      m_largest = std::max(m_largest, magnitude_bits(m_new[j]));
+      v_largest = std::max(v_largest, magnitude_bits(v_new[j]));
+      max_largest = std::max(max_largest, magnitude_bits(max_new[j]));
     }
     m_scales[block] = int8_scale_bits(m_largest);
     v_scales[block] = int8_scale_bits(v_largest);

@@ -65,9 +65,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     optim.add_argument("--max-grad-norm", type=float,
                        help="clip the global gradient norm to this; 0 turns clipping off "
                        f"(default {d.max_grad_norm})")
-    optim.add_argument("--moments", choices=("fp32", "bf16"),
-                       help="the fused AdamW's moment storage: bf16 halves it, stochastically rounded (default "
-                       f"{d.moments}; --compare's torch AdamW keeps fp32)")
+    optim.add_argument("--moments", choices=("fp32", "bf16", "int8"),
+                       help="the fused AdamW's moment storage: bf16 halves it, int8 quarters it, both rounded "
+                       f"stochastically (default {d.moments}; --compare's torch AdamW keeps fp32)")
     model = train.add_argument_group("model")
     model.add_argument("--n-layer", type=int, help=f"transformer blocks (default {d.n_layer})")
     model.add_argument("--n-head", type=int, help=f"attention heads (default {d.n_head})")
