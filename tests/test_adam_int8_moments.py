@@ -322,3 +322,40 @@ def test_the_op_refuses_bad_scales_and_changes_nothing(cpu_backend):
 def test_int8_moments_refuse_a_differentiable_group_in_one_sentence():
     with pytest.raises(ValueError, match=r"^moments='int8' does not take differentiable=True"):
         fused_optim.AdamW([torch.nn.Parameter(torch.randn(3))], moments="int8", differentiable=True)
+
+
+def test_a_skipped_step_leaves_codes_and_scales_as_they_were(cpu_backend):
+    """found_inf (GradScaler's inf/NaN check): nothing moves, though requantizing the dequantized moments would
+    not give their codes back."""
+    params = make_params([torch.randn(200), torch.randn(3, 70)], torch.bfloat16, "cpu")
+    opt = fused_optim.AdamW(params, lr=1e-2, moments="int8", amsgrad=True, master_weights=24, backend=cpu_backend)
+    set_grads(random_grads([(200,), (3, 70)], torch.bfloat16), params)
+    opt.step()
+    before = snapshot(opt)
+    with torch.no_grad():
+        lists = opt._gather(opt.param_groups[0], [p.grad for p in params])["remainder24"]
+        opt._update(opt.param_groups[0], "remainder24", lists, None, torch.tensor(1.0))
+    assert_identical(snapshot(opt), before)
+
+
+def test_gradient_release_steps_int8_moments_as_a_step_does():
+    init = [torch.randn(100), torch.randn(7, 9)]
+    models = []
+    for release in (False, True):
+        torch.manual_seed(0)
+        params = make_params(init, torch.float32, "cpu")
+        opt = fused_optim.AdamW(params, lr=1e-2, moments="int8", gradient_release=release)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            loss = sum((p * torch.randn(p.shape, generator=generator)).sum() for p in params)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        models.append((params, opt))
+    (plain, plain_opt), (released, released_opt) = models
+    for p, q in zip(plain, released):
+        assert q.grad is None
+        # the same updates, rounded with other random bits (each released param draws from its own stream): three
+        # steps of lr 1e-2 each, apart by a small part of one
+        assert torch.allclose(p, q, atol=3e-3)
+        assert released_opt.state[q]["exp_avg"].dtype == torch.int8
