@@ -1,6 +1,6 @@
 """moments="int8": an optimizer moment as one byte an element, blocks of BLOCK elements sharing a bf16 scale, the
-codes companded (a signed moment as sqrt(|x| / scale) in 127 steps, a non-negative one as (x / scale)^(1/4) in
-255) and rounded stochastically. csrc/include/fused_optim/moment_int8.h explains the choices; these are its
+codes companded (a signed moment as sqrt(|x| / scale) in 127 steps, a non-negative one by its root r = sqrt(x), as
+sqrt(r / scale) in 255 with the scale of the roots) and rounded stochastically. csrc/include/fused_optim/moment_int8.h explains the choices; these are its
 formulas in torch ops, the same fp32 operations in the same order, for the torch backend, state conversions and the
 tests (every backend's codes agree with these bit for bit).
 
@@ -16,7 +16,7 @@ from torch import Tensor
 BLOCK = 64
 _MAGNITUDE = 0x7FFFFFFF
 _SIGNED_STEP = 1.0 / 16129.0  # 1 / 127^2, rounded to fp32 where it multiplies
-_UNSIGNED_STEP = 1.0 / 4228250625.0  # 1 / 255^4
+_UNSIGNED_STEP = 1.0 / 65025.0  # 1 / 255^2, of the root
 
 
 def scale_count(numel: int) -> int:
@@ -40,7 +40,7 @@ def _blocks(flat: Tensor, fill: float | int = 0) -> Tensor:
 
 
 def _steps(scales: Tensor, signed: bool) -> Tensor:
-    """What each block's codes are multiplied by: scale / 127^2 or scale / 255^4 (fp32)."""
+    """What each block's codes are multiplied by: scale / 127^2 (the value) or scale / 255^2 (the root), fp32."""
     step = torch.tensor(_SIGNED_STEP if signed else _UNSIGNED_STEP, dtype=torch.float32, device=scales.device)
     return scales.float() * step
 
@@ -50,8 +50,8 @@ def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
     (bf16, scale_count(numel)), in the codes' shape and memory layout."""
     signed = codes.dtype == torch.int8
     c = _blocks(memory_order(codes).float())
-    magnitude = c * c.abs() if signed else (c * c) * (c * c)
-    values = (magnitude * _steps(scales, signed)[:, None]).reshape(-1)[: codes.numel()]
+    values = (c * c.abs() if signed else c * c) * _steps(scales, signed)[:, None]
+    values = (values if signed else values * values).reshape(-1)[: codes.numel()]  # a root, squared
     out = torch.empty_like(codes, dtype=torch.float32)
     memory_order(out).copy_(values)
     return out
@@ -61,13 +61,15 @@ def quantize(values: Tensor, signed: bool, bits16: Tensor | None = None) -> tupl
     """(codes, scales) of fp32 `values`, codes in their shape and memory layout. `bits16`: 16 random bits per element
     (memory order) for stochastic rounding; None rounds to nearest (a state loaded from fp32)."""
     flat = memory_order(values.float())
+    if not signed:  # kept by its root
+        flat = torch.sqrt(flat)
     largest = (_blocks(flat).view(torch.int32) & _MAGNITUDE).amax(dim=1).to(torch.int64)
     scale_bits = (largest + 0xFFFF) >> 16
     scales = torch.where(scale_bits >= 0x8000, scale_bits - 0x10000, scale_bits).to(torch.int16).view(torch.bfloat16)
     inverse_scale = (1.0 / scales.float()).repeat_interleave(BLOCK)[: flat.numel()]
     quotient = flat.abs() * inverse_scale  # just over 1 -> 1; 0 * inf (a zero block) and NaN blocks -> 0
     quotient = torch.where(quotient <= 1.0, quotient, (quotient > 1.0).float())
-    t = torch.sqrt(quotient) * 127.0 if signed else torch.sqrt(torch.sqrt(quotient)) * 255.0
+    t = torch.sqrt(quotient) * (127.0 if signed else 255.0)
     whole = torch.floor(t)
     threshold = torch.full_like(t, 32768.0) if bits16 is None else bits16.to(torch.float32)
     code = whole + ((t - whole) * 65536.0 > threshold).float()

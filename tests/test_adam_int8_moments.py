@@ -45,14 +45,17 @@ def test_codes_dequantize_within_one_step_of_the_float64_value(signed):
     x = x if signed else x.square()
     codes, scales = quantize(x, signed, torch.randint(0, 1 << 16, x.shape, generator=generator))
     assert codes.dtype == (torch.int8 if signed else torch.uint8) and scales.shape == (scale_count(x.numel()),)
-    # in float64: the companded value t = 127 sqrt(|x| / scale) (255 (x / scale)^(1/4)) lies within one code of ours
+    # in float64: the companded value t = 127 sqrt(|x| / scale) (255 sqrt(sqrt(x) / scale), the scale of the roots)
+    # lies within one code of ours
     scale = scales.double().repeat_interleave(BLOCK)[: x.numel()]
-    t = (x.double().abs() / scale).sqrt() * 127 if signed else (x.double() / scale).sqrt().sqrt() * 255
+    kept = x.double().abs() if signed else x.double().sqrt()
+    t = (kept / scale).sqrt() * (127 if signed else 255)
     assert ((codes.double().abs() - t).abs() < 1 + 1e-4).all()
-    padded = torch.nn.functional.pad(x.abs(), (0, scales.numel() * BLOCK - x.numel()))
-    assert (scales.float() >= padded.view(-1, BLOCK).amax(1)).all()
-    # the largest element of a block keeps 1/127 (1/255) of its value's resolution: 2 % (1.6 %) after companding
-    assert ((dequantize(codes, scales).double() - x.double()).abs() <= 0.021 * scale + 1e-30).all()
+    padded = torch.nn.functional.pad(kept, (0, scales.numel() * BLOCK - x.numel()))
+    assert (scales.double() >= padded.view(-1, BLOCK).amax(1)).all()
+    # a block's largest element keeps 1/127 (1/255) of its companded value's resolution: 2 % (1.6 %) of its value
+    error = (dequantize(codes, scales).double() - x.double()).abs()
+    assert (error <= 0.021 * (scale if signed else scale.square()) + 1e-30).all()
 
 
 def test_stochastic_codes_are_unbiased_in_the_companded_value():

@@ -59,8 +59,8 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
 }
 
 // moments="int8" (moment_int8.h), one block of kInt8Block elements after another (a chunk starts at a multiple of
-// it): the update with dequantized moments, its fp32 moments kept in L1 and their largest magnitudes taken; then
-// each moment's new block scale, and its codes.
+// it): the update with dequantized moments, its fp32 moments (the second ones by their roots) kept in L1 and their
+// largest magnitudes taken; then each moment's new block scale, and its codes.
 template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite>
 void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   static_assert(kCpuChunk % kInt8Block == 0, "a chunk must start at a block");
@@ -92,8 +92,8 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
       write_param<kWrite>(param, master, i, adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s),
                           t.random_stream);
       m_new[j] = m;
-      v_new[j] = v;
-      max_new[j] = max_v;
+      v_new[j] = sqrtf(v);  // the second moments by their roots (moment_int8.h): the update took the same root
+      max_new[j] = sqrtf(max_v);
     }
     // the largest magnitudes in a loop of their own, over L1: in the update loop they cost it its registers
     uint32_t m_largest = 0, v_largest = 0, max_largest = 0;

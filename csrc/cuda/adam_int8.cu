@@ -145,6 +145,8 @@ __global__ void __launch_bounds__(kThreads)
       v[k] = dequantize_unsigned(v_codes[k], v_step);
       vmax[k] = kAmsgrad ? dequantize_unsigned(max_codes[k], max_step) : 0.0f;
       p[k] = adam_update<kAmsgrad>(p[k], g[k], m[k], v[k], vmax[k], s);
+      v[k] = sqrtf(v[k]);  // the second moments by their roots (moment_int8.h): the update took the same root
+      vmax[k] = sqrtf(vmax[k]);
     }
     const uint16_t m_scale_bits = int8_scale_bits(block_largest(m, valid));
     const uint16_t v_scale_bits = int8_scale_bits(block_largest(v, valid));

@@ -232,14 +232,15 @@ def _dequantize(codes, scales, SIGNED: tl.constexpr):
     c = codes.to(tl.float32)
     if SIGNED:
         return (c * tl.abs(c)) * (scales.to(tl.float32) * (1.0 / 16129.0))[:, None]
-    c2 = c * c
-    return (c2 * c2) * (scales.to(tl.float32) * (1.0 / 4228250625.0))[:, None]
+    root = (c * c) * (scales.to(tl.float32) * (1.0 / 65025.0))[:, None]
+    return root * root
 
 
 @triton.jit
 def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits16, SIGNED: tl.constexpr):
     """Stores x's codes (rounded up with probability frac, by the 16 random bits `bits16`) and its blocks' scales:
-    each block's largest magnitude (on the fp32 bits, so NaN wins), rounded up to bf16."""
+    each block's largest magnitude (on the fp32 bits, so NaN wins), rounded up to bf16. A non-negative moment is
+    given by its square roots."""
     magnitude = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
     if mask is not None:  # a partial block: the elements past the end count for nothing
         magnitude = tl.where(mask, magnitude, 0)
@@ -249,10 +250,7 @@ def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits
     inverse_scale = tl.div_rn(1.0, (scale_bits << 16).to(tl.float32, bitcast=True))[:, None]
     quotient = tl.abs(x) * inverse_scale
     quotient = tl.where(quotient <= 1.0, quotient, tl.where(quotient > 1.0, 1.0, 0.0))  # 0 * inf, NaN -> 0
-    if SIGNED:
-        t = 127.0 * tl.sqrt_rn(quotient)
-    else:
-        t = 255.0 * tl.sqrt_rn(tl.sqrt_rn(quotient))
+    t = (127.0 if SIGNED else 255.0) * tl.sqrt_rn(quotient)
     whole = tl.floor(t)
     code = whole + tl.where((t - whole) * 65536.0 > bits16.to(tl.float32), 1.0, 0.0)
     if SIGNED:
@@ -296,10 +294,12 @@ def _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_
                                 beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, DECOUPLED, AMSGRAD)
     bits = _moment_bits(stream, offsets, 0)  # exp_avg: low 16, exp_avg_sq: high 16
     _quantize(exp_avg_ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, m, bits & 0xFFFF, True)
-    _quantize(exp_avg_sq_ptr, scales_ptr + row_length, offsets, mask, scale_offsets, scale_mask, v, bits >> 16, False)
+    # the second moments by their roots (moment_int8.h)
+    _quantize(exp_avg_sq_ptr, scales_ptr + row_length, offsets, mask, scale_offsets, scale_mask, tl.sqrt_rn(v),
+              bits >> 16, False)
     if AMSGRAD:
-        _quantize(max_sq_ptr, scales_ptr + 2 * row_length, offsets, mask, scale_offsets, scale_mask, max_v,
-                  _moment_bits(stream, offsets, 1) & 0xFFFF, False)
+        _quantize(max_sq_ptr, scales_ptr + 2 * row_length, offsets, mask, scale_offsets, scale_mask,
+                  tl.sqrt_rn(max_v), _moment_bits(stream, offsets, 1) & 0xFFFF, False)
     store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, WRITE)
 
 

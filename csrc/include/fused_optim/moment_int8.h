@@ -6,9 +6,10 @@
 // Companding spends the 8 bits where the values are: a block's scale is set by its largest element, and linear codes
 // would round most of the others to zero. A signed moment (Adam's exp_avg, SGD's momentum, Lion's exp_avg) stores
 // sqrt(|x| / scale) in 127 steps with its sign: the smallest non-zero code is 1/127^2 = 6e-5 of the scale. A
-// non-negative one (exp_avg_sq, max_exp_avg_sq) stores (x / scale)^(1/4) in 255 steps, 2e-10 of the scale: the
-// update divides by sqrt(exp_avg_sq), so its small values matter most, and a non-zero one never becomes code 0
-// (the update would then divide by eps alone).
+// non-negative one (exp_avg_sq, max_exp_avg_sq) is kept by its square root r = sqrt(x), which the update computes
+// anyway: the block's scale is its largest r, and the code sqrt(r / scale) in 255 steps, so x's smallest non-zero
+// value is 1/255^4 = 2e-10 of the largest. The update divides by sqrt(exp_avg_sq), so its small values matter most,
+// and a non-zero one never becomes code 0 (the update would then divide by eps alone).
 //
 // The codes round stochastically (16 random bits an element, rounding.h's moment_bits), as bf16 moments do: a code
 // is 1/127 of the block's range, and exp_avg_sq's 0.1 % steps would never move it when rounded to nearest.
@@ -52,15 +53,16 @@ FO_HOST_DEVICE int8_t quantize_signed(float x, float inverse_scale, uint32_t bit
   return static_cast<int8_t>(static_cast<int32_t>(x < 0.0f ? -code : code));
 }
 
-FO_HOST_DEVICE uint8_t quantize_unsigned(float x, float inverse_scale, uint32_t bits16) {
-  const float code = stochastic_floor(255.0f * sqrtf(sqrtf(scaled(x, inverse_scale))), bits16);
-  const float least = x > 0.0f ? 1.0f : 0.0f;  // a select and a compare: gcc vectorises neither && nor fmaxf here
+// A non-negative moment's code from its square root `root` (the inverse scale is of the block's roots).
+FO_HOST_DEVICE uint8_t quantize_unsigned(float root, float inverse_scale, uint32_t bits16) {
+  const float code = stochastic_floor(255.0f * sqrtf(scaled(root, inverse_scale)), bits16);
+  const float least = root > 0.0f ? 1.0f : 0.0f;  // a select and a compare: gcc vectorises neither && nor fmaxf here
   return static_cast<uint8_t>(static_cast<int32_t>(code > least ? code : least));
 }
 
-// What a code is multiplied by (per block, once): scale / 127^2, scale / 255^4.
+// What a code is multiplied by (per block, once): scale / 127^2 (the value), scale / 255^2 (the root).
 FO_HOST_DEVICE float signed_step(float scale) { return scale * (1.0f / 16129.0f); }
-FO_HOST_DEVICE float unsigned_step(float scale) { return scale * (1.0f / 4228250625.0f); }
+FO_HOST_DEVICE float unsigned_step(float scale) { return scale * (1.0f / 65025.0f); }
 
 FO_HOST_DEVICE float dequantize_signed(int8_t code, float step) {
   const float c = static_cast<float>(code);
@@ -69,8 +71,8 @@ FO_HOST_DEVICE float dequantize_signed(int8_t code, float step) {
 
 FO_HOST_DEVICE float dequantize_unsigned(uint8_t code, float step) {
   const float c = static_cast<float>(code);
-  const float c2 = c * c;
-  return (c2 * c2) * step;
+  const float root = (c * c) * step;
+  return root * root;
 }
 
 }  // namespace fused_optim
