@@ -362,3 +362,81 @@ def test_gradient_release_steps_int8_moments_as_a_step_does():
         # steps of lr 1e-2 each, apart by a small part of one
         assert torch.allclose(p, q, atol=3e-3)
         assert released_opt.state[q]["exp_avg"].dtype == torch.int8
+
+
+
+# SGD's momentum buffer (moments="int8": the same codec, one signed moment)
+
+
+@pytest.mark.parametrize("options", [dict(momentum=0.9, weight_decay=0.01), dict(momentum=0.9, nesterov=True),
+                                     dict(momentum=0.8, dampening=0.1, maximize=True)], ids=["plain", "nesterov",
+                                                                                             "dampening-maximize"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_int8_sgd_buffers_follow_their_emulation(backend, device, dtype, options):
+    """Against the same backend's fp32-buffer SGD whose buffers are set to the dequantized codes before each step
+    and quantized after it with reference.py's bits (the count after the step: the first step takes the grad)."""
+    torch.manual_seed(0)
+    init = [torch.randn(s) for s in SHAPES]
+    params, emulated_params = make_params(init, dtype, device), make_params(init, dtype, device)
+    opt = fused_optim.SGD(params, lr=1e-2, moments="int8", backend=backend, **options)
+    fp32_opt = fused_optim.SGD(emulated_params, lr=1e-2, backend=backend, **options)
+    seed = opt.param_groups[0]["seed"]
+    emulated = [quantize(torch.zeros(s, device=device), True) for s in SHAPES]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [(g * torch.exp(torch.randn(g.shape, generator=generator)).to(dtype)).to(device)
+                 for g in random_grads(SHAPES, dtype, generator=generator)]
+        set_grads(grads, params, emulated_params)
+        opt.step()
+        for i, p in enumerate(emulated_params):
+            if fp32_opt.state[p]:
+                fp32_opt.state[p]["momentum_buffer"].copy_(dequantize(*emulated[i]))
+        fp32_opt.step()
+        for i, p in enumerate(emulated_params):
+            state = fp32_opt.state[p]
+            emulated[i] = quantize(state["momentum_buffer"], True, moment_bits16(seed, i, state["step"], 0, p.numel()))
+    ours = [(opt.state[p]["momentum_buffer"], opt.state[p]["moment_scales"][0]) for p in params]
+    assert_identical(ours, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
+
+def test_int8_sgd_state_trades_with_torch_sgd_and_resumes():
+    shapes = [(7,), (3, 40)]
+    params = make_params([torch.randn(s) for s in shapes], torch.float32, "cpu")
+    ours = fused_optim.SGD(params, lr=1e-2, momentum=0.9, moments="int8")
+    set_grads(random_grads(shapes), params)
+    ours.step()
+    saved = ours.state_dict()
+    assert [saved["state"][0][k].dtype for k in ("momentum_buffer", "moment_scales")] == [torch.int8, torch.bfloat16]
+    theirs = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    theirs.load_state_dict(ours.torch_state_dict())
+    for p in params:
+        state = ours.state[p]
+        assert torch.equal(theirs.state[p]["momentum_buffer"], dequantize(state["momentum_buffer"],
+                                                                          state["moment_scales"][0]))
+    theirs.step()
+    ours.load_state_dict(theirs.state_dict())  # torch's fp32 buffers, quantized to nearest
+    for p in params:
+        codes, scales = quantize(theirs.state[p]["momentum_buffer"], True)
+        assert torch.equal(ours.state[p]["momentum_buffer"], codes)
+        assert torch.equal(ours.state[p]["moment_scales"][0], scales)
+    again = fused_optim.SGD(params, lr=1e-2, momentum=0.9, moments="int8")
+    again.load_state_dict(ours.state_dict())  # ours, as saved: codes and scales as they are
+    assert_identical(snapshot(again)["state"], snapshot(ours)["state"])
+
+
+def test_int8_sgd_buffers_hold_1_byte_a_param():
+    p = torch.nn.Parameter(torch.randn(1 << 16))
+    opt = fused_optim.SGD([p], lr=1e-2, momentum=0.9, moments="int8")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert state_bytes_per_param(opt) == 1 + 2 / BLOCK + 4 / (1 << 16)
+
+
+def test_int8_sgd_refuses_sparse_grads_in_one_sentence():
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    opt = fused_optim.SGD(embedding.parameters(), lr=1e-2, momentum=0.9, moments="int8")
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"^fused_optim.SGD\(moments='int8'\) does not take sparse gradients"):
+        opt.step()

@@ -106,6 +106,19 @@ def test_every_int8_moment_adam_kernel_moves_codes_in_8_byte_accesses(tmp_path):
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
+def test_every_int8_sgd_kernel_moves_codes_in_8_byte_accesses(tmp_path):
+    """SGD with moments="int8" (sgd_int8.cu): the buffer's 8 codes in one 8-byte access, param and grad in 16-byte
+    ones, the block's scale by warp shuffles, nothing in local memory."""
+    kernels = {name: body for name, body in kernels_ptx("sgd_int8.cu", tmp_path).items() if "sgd_int8_kernel" in name}
+    assert len(kernels) == 10  # param dtype x grad dtype x nesterov
+    for name, body in kernels.items():
+        assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
+        assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name
+        assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.[bfu]32", body)) >= 2, name
+        assert body.count("shfl.sync.bfly") >= 3, name
+        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+
+
 def test_cross_entropy_kernels_stream_rows_with_16_byte_accesses(cross_entropy_kernels_ptx):
     # fp32, bf16, fp16 logits: the row is read (twice) and its gradient written in 16-byte vectors
     forward = {name: body for name, body in cross_entropy_kernels_ptx.items() if "cross_entropy_forward_kernel" in name}

@@ -28,6 +28,7 @@ from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, ma
 from test_adam_moments import run as run_with_bf16_moments
 
 import fused_optim
+from fused_optim.int8_moments import quantize
 from fused_optim.ops.sgd import sgd_step
 from fused_optim.reference import ReferenceSGD
 
@@ -578,10 +579,14 @@ def _op_sample(kind: str):
     buffer_dtype = torch.bfloat16 if kind == "bf16-buffers" else torch.float32  # moments="bf16"
     buffers = [torch.randn(s).to(buffer_dtype) for s in shapes] if momentum else []
     steps = [torch.tensor(0.0), torch.tensor(3.0)] if momentum else []  # a first step and a later one
+    moment_scales = []
+    if kind == "int8-buffers":  # moments="int8": codes and their block scales
+        quantized = [quantize(b, True) for b in buffers]
+        buffers, moment_scales = [codes for codes, _ in quantized], [scales[None] for _, scales in quantized]
     lr_tensor = torch.tensor(1e-2) if kind == "lr-tensor" else None
     grad_scale = torch.tensor(4.0) if kind in ("grad-scale", "found-inf") else None
     found_inf = torch.tensor(1.0 if kind == "found-inf" else 0.0) if grad_scale is not None else None
-    return (params, grads, buffers, steps, 1e-2, lr_tensor, momentum, 0.0, 0.01, kind == "lr-tensor",
+    return (params, grads, buffers, steps, moment_scales, 1e-2, lr_tensor, momentum, 0.0, 0.01, kind == "lr-tensor",
             kind == "grad-scale", 7, grad_scale, found_inf)
 
 
@@ -593,8 +598,8 @@ OPS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "bf16-buffers", "no-momentum", "lr-tensor", "grad-scale",
-                                  "found-inf"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "bf16-buffers", "int8-buffers", "no-momentum", "lr-tensor",
+                                  "grad-scale", "found-inf"])
 @pytest.mark.parametrize("op_name", OPS)
 def test_opcheck(op_name, kind):
     torch.library.opcheck(getattr(torch.ops.fused_optim, op_name).default, _op_sample(kind))

@@ -79,7 +79,7 @@ for name, dtype, buffer_dtype in (("fp32", tl.float32, tl.float32), ("bf16", tl.
     for aligned in (True, False):
         constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, BUFFER_DTYPE=buffer_dtype, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
                           HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
-                          SEARCH_STEPS=1, COLUMNS=5, BLOCK=1024)
+                          SEARCH_STEPS=1, COLUMNS=6, BLOCK=1024)
         source = ASTSource(fn=_sgd_kernel, signature={**SGD_SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]

@@ -1,6 +1,7 @@
 // CPU SGD: every tensor of a group cut into fixed-size chunks (chunks.h), OpenMP over the chunks, and
 // a branch-free inner loop over one chunk that the compiler vectorises. The per-element math is fused_optim/sgd.h,
 // the same header the CUDA kernel includes.
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -10,6 +11,7 @@
 #include "float_io.h"
 #include "ops/dispatch.h"
 #include "ops/sgd.h"
+#include "fused_optim/moment_int8.h"
 #include "fused_optim/rounding.h"
 
 namespace fused_optim {
@@ -18,8 +20,9 @@ namespace {
 struct TensorPointers {
   void* param;
   const void* grad;
-  void* momentum_buffer;  // buffer_t: float, or bf16 (moments="bf16")
-  uint32_t moment_draw;   // a bf16 buffer's rounding bits (rounding.h)
+  void* momentum_buffer;  // buffer_t: float, or bf16 (moments="bf16"); int8 codes (moments="int8")
+  uint16_t* scales;       // moments="int8": the buffer's bf16 block scales
+  uint32_t moment_draw;   // a bf16 or int8 buffer's rounding bits (rounding.h)
   SgdScalars scalars;
 };
 
@@ -43,6 +46,41 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   }
 }
 
+// moments="int8" (moment_int8.h), block by block as adam.cpp's adam_int8_chunk: the update with the dequantized
+// buffer, the new buffer kept in L1; its largest magnitude; then the block's scale and codes.
+template <typename param_t, typename grad_t, bool kNesterov>
+void sgd_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
+  auto* __restrict__ param = static_cast<param_t*>(t.param);
+  const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
+  auto* __restrict__ codes = static_cast<int8_t*>(t.momentum_buffer);
+  const SgdScalars s = t.scalars;
+  alignas(64) float buffer_new[kInt8Block];
+  const auto step_block = [&](int64_t start, auto length) {  // `length`: constant for whole blocks (adam.cpp)
+    const int64_t block = start / kInt8Block;
+    const float step = signed_step(bf16_bits_to_float(t.scales[block]));
+#pragma omp simd
+    for (int32_t j = 0; j < length; ++j) {
+      const int64_t i = start + j;
+      float buffer = dequantize_signed(codes[i], step);
+      store_float(param, i, sgd_update<true, kNesterov>(load_float(param, i), load_float(grad, i), buffer, s));
+      buffer_new[j] = buffer;
+    }
+    uint32_t largest = 0;
+#pragma omp simd reduction(max : largest)
+    for (int32_t j = 0; j < length; ++j) largest = std::max(largest, magnitude_bits(buffer_new[j]));
+    t.scales[block] = int8_scale_bits(largest);
+    const float inverse = 1.0f / bf16_bits_to_float(t.scales[block]);
+    const int32_t offset = static_cast<int32_t>(start - begin);
+#pragma omp simd
+    for (int32_t j = 0; j < length; ++j) {
+      codes[start + j] = quantize_signed(buffer_new[j], inverse, chunk_moment_bits(t.moment_draw, begin, offset + j) & 0xFFFFu);
+    }
+  };
+  int64_t start = begin;
+  for (; start + kInt8Block <= end; start += kInt8Block) step_block(start, std::integral_constant<int32_t, kInt8Block>{});
+  if (start < end) step_block(start, static_cast<int32_t>(end - start));
+}
+
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
 
 template <typename param_t, typename grad_t, typename buffer_t>
@@ -55,6 +93,9 @@ ChunkFn pick_chunk_fn(bool momentum, bool nesterov) {
 ChunkFn pick_chunk_fn(ScalarType param_dtype, ScalarType grad_dtype, ScalarType buffer_dtype, bool momentum,
                       bool nesterov) {
   return dispatch_param_grad_types(param_dtype, grad_dtype, [&](auto param, auto grad) {
+    using param_t = decltype(param);
+    using grad_t = decltype(grad);
+    if (buffer_dtype == kChar) return nesterov ? sgd_int8_chunk<param_t, grad_t, true> : sgd_int8_chunk<param_t, grad_t, false>;
     return dispatch_moment_type(buffer_dtype, [&](auto buffer) {
       return pick_chunk_fn<decltype(param), decltype(grad), decltype(buffer)>(momentum, nesterov);
     });
@@ -80,6 +121,7 @@ void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS) {
                                        static_cast<uint32_t>(step + 1.0f));
     tensors[i] = TensorPointers{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
                                 has_momentum ? momentum_buffers[i].mutable_data_ptr() : nullptr,
+                                moment_scales.empty() ? nullptr : data_as<uint16_t>(moment_scales[i]),
                                 moment_stream(stream, 0),
                                 sgd_scalars(momentum, dampening, weight_decay, maximize, lr_value, scale, step)};
     chunk_fns[i] = pick_chunk_fn(params[i].scalar_type(), matched_grads[i].scalar_type(),

@@ -109,6 +109,10 @@ void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS) {
   const std::vector<Tensor> matched_grads = check_sgd_args(FUSED_OPTIM_SGD_ARG_NAMES);
   if (params.empty()) return;
   const torch::stable::accelerator::DeviceGuard device_guard(params[0].get_device_index());
+  if (!moment_scales.empty()) {
+    sgd_int8_step_cuda(FUSED_OPTIM_SGD_ARG_NAMES, matched_grads);
+    return;
+  }
   const cudaStream_t stream = current_stream();
   const bool has_momentum = momentum != 0.0;
   const LaunchArgs args{momentum, dampening, weight_decay, maximize, static_cast<uint32_t>(seed),

@@ -13,20 +13,23 @@
 namespace fused_optim {
 
 // momentum_buffers and steps are empty when momentum is 0 (torch keeps no state then), else one per param. The
-// buffers are fp32, or bf16 (moments="bf16": rounded stochastically, keyed by `seed`, rounding.h).
+// buffers are fp32, or bf16 (moments="bf16": rounded stochastically, keyed by `seed`, rounding.h), or int8 codes
+// with their block scales in moment_scales (moments="int8", moment_int8.h; else moment_scales is empty).
 #define FUSED_OPTIM_SGD_ARGS                                                                                  \
-  TensorList params, TensorList grads, TensorList momentum_buffers, TensorList steps,                         \
+  TensorList params, TensorList grads, TensorList momentum_buffers, TensorList steps, TensorList moment_scales, \
       double lr, const std::optional<Tensor>& lr_tensor, double momentum, double dampening,                    \
       double weight_decay, bool nesterov, bool maximize, int64_t seed,                                          \
       const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf
 
 // The same arguments, forwarded (to check_sgd_args).
 #define FUSED_OPTIM_SGD_ARG_NAMES                                                                             \
-  params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, \
-      seed, grad_scale, found_inf
+  params, grads, momentum_buffers, steps, moment_scales, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, \
+      maximize, seed, grad_scale, found_inf
 
 void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS);
 void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS);
+// moments="int8" on CUDA (csrc/cuda/sgd_int8.cu), after sgd_step_cuda's checks.
+void sgd_int8_step_cuda(FUSED_OPTIM_SGD_ARGS, const std::vector<Tensor>& matched_grads);
 
 // Checks every argument before any memory is touched (a bad call changes nothing), and returns the grads in their
 // params' memory layout (the kernels walk param, grad and buffer as one flat array each).
@@ -39,6 +42,9 @@ inline std::vector<Tensor> check_sgd_args(FUSED_OPTIM_SGD_ARGS) {
            "sgd_step_: with momentum, one momentum buffer and one step per param; without, none");
   FO_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0),
            "sgd_step_: Nesterov momentum requires a momentum and zero dampening");
+  const bool int8 = !moment_scales.empty();
+  FO_CHECK(!int8 || (has_momentum && moment_scales.size() == n),
+           "sgd_step_: int8 momentum buffers need momentum and one moment_scales tensor per param");
   if (n == 0) return {};
   const torch::stable::Device device = params[0].device();
   std::vector<Tensor> matched_grads(grads.begin(), grads.end());
@@ -48,7 +54,8 @@ inline std::vector<Tensor> check_sgd_args(FUSED_OPTIM_SGD_ARGS) {
     const TensorInfo grad = check_grad("sgd_step_", grads[i], p, "sgd_step_: sparse gradients are not supported");
     if (has_momentum) {
       check_moment("sgd_step_", momentum_buffers[i], p, "a momentum buffer",
-                   momentum_buffers[0].scalar_type() == kBFloat16 ? kBFloat16 : kFloat);
+                   int8 ? kChar : momentum_buffers[0].scalar_type() == kBFloat16 ? kBFloat16 : kFloat);
+      if (int8) check_moment_scales("sgd_step_", moment_scales[i], params[i], 1);
       check_step("sgd_step_", steps[i], p);
     }
     if (grad.strides != p.strides) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);

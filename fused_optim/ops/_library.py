@@ -169,7 +169,7 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
     if (bf16_moments or moment_scales) and torch.float64 in param_dtypes:
         raise RuntimeError(f"{op}: bfloat16 and int8 moments are for float32, bfloat16 and float16 params")
     if moment_scales:
-        _check_scales(op, params, moment_scales, len(signed), devices)
+        check_scales(op, params, moment_scales, len(signed), devices)
     for index, tensors in enumerate(state_lists):
         if remainders and tensors is master_params:
             expected_dtypes = [master_params[0].dtype] * len(params)
@@ -191,7 +191,7 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
     return matched_grads
 
 
-def _check_scales(op: str, params, moment_scales, moments: int, devices) -> None:
+def check_scales(op: str, params, moment_scales, moments: int, devices) -> None:
     """int8 moments' scales: per param a contiguous bf16 (moments, ceil(numel / 64)) tensor on the params' device."""
     if len(moment_scales) != len(params):
         raise RuntimeError(f"{op}: int8 moments need one moment_scales tensor per param")

@@ -40,7 +40,7 @@ def check_moments(moments: str, int8: bool = True) -> None:
     """The constructors' check of `moments` (`int8`: whether the optimizer has 8-bit moments)."""
     allowed = MOMENTS if int8 else MOMENTS[:2]
     if moments not in allowed:
-        built = "" if int8 else " (8-bit moments are built for Adam and AdamW only)"
+        built = "" if int8 else " (8-bit moments are built for Adam, AdamW and SGD only)"
         raise ValueError(f"moments must be {' or '.join(map(repr, allowed))}, not {moments!r}{built}")
 
 
@@ -460,7 +460,7 @@ def _check_saved_codes(saved: dict[str, Any], param_id: Any, p: Tensor, moment_k
 def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: dict[str, bool]) -> None:
     """After torch's load_state_dict: torch's loader casts every floating state tensor to its param's dtype and
     leaves `step` on the CPU; ours is fp32 (moment_dtype: or bf16, int8) on the param's device.
-    Re-take the saved moments (_restore_moments), restore each master weight (_restore_master), and give every
+    Re-take the saved moments (restore_moments), restore each master weight (_restore_master), and give every
     param a float32 `step` on its device (0 where the saved state has none)."""
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         for p, param_id in zip(group["params"], saved_group["params"]):
@@ -468,14 +468,14 @@ def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys
             if not state:
                 continue
             saved_state = saved["state"].get(param_id, {})
-            _restore_moments(p, state, saved_state, group, moment_keys)
+            restore_moments(p, state, saved_state, group, moment_keys)
             _restore_master(p, state, saved_state, group)
             state["step"] = torch.as_tensor(saved_state.get("step", state.get("step", 0.0))).to(
                 device=p.device, dtype=torch.float32, copy=True
             )
 
 
-def _restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, Any], group: dict[str, Any],
+def restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, Any], group: dict[str, Any],
                      moment_keys: dict[str, bool]) -> None:
     """A param's moments after a load, from the saved values (`moment_keys`: key -> signed), in the param's memory
     layout (which the kernels walk state in) and in this group's storage: saved int8 codes with their scales as they

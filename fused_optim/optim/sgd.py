@@ -2,8 +2,9 @@
 (fused_optim/ops/sgd.py picks the kernel).
 
 Differences from torch:
-- With momentum, `momentum_buffer` is fp32 whatever the param dtype (bf16 with `moments="bf16"`: rounded
-  stochastically after each update, as AdamW's moments), in the param's memory layout, and a `step`
+- With momentum, `momentum_buffer` is fp32 whatever the param dtype (bf16 with `moments="bf16"`, int8 codes with
+  their `moment_scales` with `moments="int8"`: rounded stochastically after each update, as AdamW's moments), in
+  the param's memory layout, and a `step`
   count (a float32 tensor on the param's device) says on the device whether the buffer is set yet: the first step
   (count 0) takes the gradient as the buffer, as torch does when it finds no buffer, without a host sync. Without
   momentum there is no state, as in torch.
@@ -36,7 +37,7 @@ from torch.optim.sgd import sgd as torch_sgd
 from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
 from fused_optim.optim._base import (PARAM_DTYPES, FusedOptimizer, check_moments, check_saved_state, check_torch_flags,
-                                     moment_dtype)
+                                     init_int8_scales, int8_moments, moment_dtype, restore_moments)
 from fused_optim.optim._plan import Plan
 
 
@@ -81,7 +82,7 @@ class SGD(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        check_moments(moments, int8=False)
+        check_moments(moments)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -130,9 +131,12 @@ class SGD(FusedOptimizer):
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
                       if grad is not None]
         check_torch_flags([p for _, p, _ in with_grads], group)
-        for _, p, _ in with_grads:
+        for _, p, grad in with_grads:
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"fused_optim.SGD steps floating-point and complex params, not {p.dtype}")
+            if grad.is_sparse and int8_moments(p, group) and group["momentum"] != 0:
+                raise RuntimeError("fused_optim.SGD(moments='int8') does not take sparse gradients: torch's own "
+                                   "update, which steps them, keeps its momentum buffers in floating point")
             _backend.resolve(self.backend, p.device.type)
         plan = Plan(group, self.state, has_grad, options)
         for index, p, grad in with_grads:
@@ -150,17 +154,19 @@ class SGD(FusedOptimizer):
     def _momentum_state(self, p: Tensor, group: dict[str, Any]) -> list[Tensor | None]:
         """[momentum buffer, step count] of a param the kernels step, creating them ([None, None] without momentum)."""
         if group["momentum"] == 0:
-            return [None, None]
+            return [None, None, None]
         state = self.state[p]
         if "momentum_buffer" not in state:
-            # unset until the first step writes the gradient into it (count 0); fp32 (or bf16: moments="bf16") for
+            # unset until the first step writes the gradient into it (count 0); fp32 (or bf16, int8: `moments`) for
             # fp32/bf16/fp16 params, in the param's layout
             state["momentum_buffer"] = torch.zeros_like(p, dtype=moment_dtype(p, group),
                                                         memory_format=torch.preserve_format)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            if int8_moments(p, group):
+                init_int8_scales(p, state, 1)
         elif "step" not in state:  # a buffer torch's update made (a sparse grad earlier): set
             state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
-        return [state["momentum_buffer"], state["step"]]
+        return [state["momentum_buffer"], state["step"], state.get("moment_scales")]
 
     def _buffer_if_set(self, p: Tensor) -> Tensor | None:
         """The param's momentum buffer for torch's update, None while unset (its count 0: a host read, on this rare
@@ -213,6 +219,6 @@ class SGD(FusedOptimizer):
                     state.pop("step", None)
                     continue
                 # re-taken from the saved value: torch's loader has cast it to the param dtype
-                state["momentum_buffer"] = torch.empty_like(p, dtype=moment_dtype(p, group)).copy_(buffer)
+                restore_moments(p, state, saved_state, group, self._moment_keys)
                 count = torch.ones(()) if step is None else torch.as_tensor(step).clamp_min(1)
                 state["step"] = count.to(device=p.device, dtype=torch.float32, copy=True)

@@ -16,10 +16,11 @@ import triton.language as tl
 
 from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
                                       pack, search_steps)
-from fused_optim.triton.adam import _bf16_nearest, _moment_bits, _store_moment, _stream_key
+from fused_optim.triton.adam import (INT8_BLOCK, _bf16_nearest, _dequantize, _moment_bits, _quantize, _store_moment,
+                                    _stream_key)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
-COLUMNS = 5  # param, grad, momentum_buffer, step, numel
+COLUMNS = 6  # param, grad, momentum_buffer, step, moment_scales, numel
 STEP_COLUMN = 3
 
 
@@ -53,6 +54,43 @@ def _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, mask, grad_multiplie
 
 
 @triton.jit
+def _update_block_int8(param_ptr, grad_ptr, codes_ptr, scales_ptr, start, numel, grad_multiplier, weight_decay,
+                       momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE: tl.constexpr,
+                       NESTEROV: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """moments="int8": BLOCK elements as (BLOCK / 64, 64) tiles, one row per scale (triton/adam.py's
+    _update_block_int8); FULL: the block lies inside the tensor, nothing masked."""
+    groups: tl.constexpr = BLOCK // INT8_BLOCK
+    scale_offsets = start // INT8_BLOCK + tl.arange(0, groups)
+    offsets = scale_offsets[:, None] * INT8_BLOCK + tl.arange(0, INT8_BLOCK)[None, :]
+    mask = None
+    scale_mask = None
+    if not FULL:
+        mask = offsets < numel
+        scale_mask = scale_offsets < (numel + INT8_BLOCK - 1) // INT8_BLOCK
+    scales_ptr = scales_ptr.to(tl.pointer_type(tl.uint16))
+    p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_multiplier
+    if weight_decay != 0.0:
+        g = tl.fma(weight_decay, p, g)
+    if first_step:  # the buffer is unset: it becomes the gradient itself
+        buffer = g
+    else:
+        scales = tl.load(scales_ptr + scale_offsets, mask=scale_mask).to(tl.bfloat16, bitcast=True)
+        buffer = _dequantize(tl.load(codes_ptr + offsets, mask=mask), scales, True) * momentum + one_minus_dampening * g
+    _quantize(codes_ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, buffer,
+              _moment_bits(stream, offsets, 0) & 0xFFFF, True)
+    if NESTEROV:
+        g = g + momentum * buffer
+    else:
+        g = buffer
+    p = p - lr * g
+    if PARAM_DTYPE == tl.bfloat16:
+        tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
+    else:
+        tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
 def _sgd_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
@@ -70,7 +108,7 @@ def _sgd_kernel(
         param_ptr = load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
         buffer_ptr = load_pointer(row, 2, BUFFER_DTYPE, ALIGNED)
-        numel = tl.load(row + 4)
+        numel = tl.load(row + 5)
 
         # The tensor's scalars (sgd.h, sgd_scalars)
         first_step = False
@@ -78,7 +116,7 @@ def _sgd_kernel(
         if MOMENTUM:
             step = tl.load(load_pointer(row, 3, tl.float32, False))
             first_step = step == 0.0
-            if BUFFER_DTYPE == tl.bfloat16:  # the stream of the count after this step
+            if BUFFER_DTYPE == tl.bfloat16 or BUFFER_DTYPE == tl.int8:  # the stream of the count after this step
                 stream = _stream_key(seed, first_tensor_index + tensor, step + 1.0)
         if HAS_LR_TENSOR:
             lr = tl.load(lr_ptr)
@@ -89,7 +127,17 @@ def _sgd_kernel(
             grad_multiplier = -grad_multiplier
 
         offsets = start + tl.arange(0, BLOCK)
-        if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+        if BUFFER_DTYPE == tl.int8:  # moments="int8" (always with momentum)
+            scales_ptr = load_pointer(row, 4, tl.uint16, False)
+            if start + BLOCK <= numel:
+                _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, start, numel, grad_multiplier,
+                                   weight_decay, momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE,
+                                   NESTEROV, BLOCK, True)
+            else:
+                _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, start, numel, grad_multiplier,
+                                   weight_decay, momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE,
+                                   NESTEROV, BLOCK, False)
+        elif start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
             _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, None, grad_multiplier, weight_decay, momentum,
                           one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE, MOMENTUM, NESTEROV)
         else:
@@ -98,23 +146,25 @@ def _sgd_kernel(
                           NESTEROV)
 
 
-def sgd_step_triton(params, grads, momentum_buffers, steps, lr, lr_tensor, momentum, dampening, weight_decay,
-                    nesterov, maximize, seed, grad_scale, found_inf) -> None:
+def sgd_step_triton(params, grads, momentum_buffers, steps, moment_scales, lr, lr_tensor, momentum, dampening,
+                    weight_decay, nesterov, maximize, seed, grad_scale, found_inf) -> None:
     """The fused_optim::sgd_step_triton_ op (schema and argument checks in fused_optim/ops/sgd.py)."""
     # Consecutive tensors of one (param dtype, grad dtype) pair share a launch.
     start = 0
     for end in range(1, len(params) + 1):
         if end == len(params) or (params[end].dtype, grads[end].dtype) != (params[start].dtype, grads[start].dtype):
-            _launch(params[start:end], grads[start:end], momentum_buffers[start:end], steps[start:end], start, lr,
-                    lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, seed, grad_scale, found_inf)
+            _launch(params[start:end], grads[start:end], momentum_buffers[start:end], steps[start:end],
+                    moment_scales[start:end], start, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
+                    maximize, seed, grad_scale, found_inf)
             start = end
 
 
-def _launch(params, grads, momentum_buffers, steps, first_tensor_index, lr, lr_tensor, momentum, dampening,
-            weight_decay, nesterov, maximize, seed, grad_scale, found_inf) -> None:
+def _launch(params, grads, momentum_buffers, steps, moment_scales, first_tensor_index, lr, lr_tensor, momentum,
+            dampening, weight_decay, nesterov, maximize, seed, grad_scale, found_inf) -> None:
     has_momentum = momentum != 0
     rows = [[p.data_ptr(), grads[i].data_ptr(), momentum_buffers[i].data_ptr() if has_momentum else 0,
-             steps[i].data_ptr() if has_momentum else 0, p.numel()] for i, p in enumerate(params)]
+             steps[i].data_ptr() if has_momentum else 0, moment_scales[i].data_ptr() if moment_scales else 0,
+             p.numel()] for i, p in enumerate(params)]
     entries, num_blocks = pack(rows, BLOCK)
     # 16-byte loads need every array address (the first three columns; steps are read alone) 16-byte aligned.
     aligned = all_aligned(address for row in rows for address in row[:3])
@@ -126,7 +176,8 @@ def _launch(params, grads, momentum_buffers, steps, first_tensor_index, lr, lr_t
             table, lr, unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
             unused if found_inf is None else found_inf, momentum, 1.0 - dampening, weight_decay, seed,
             first_tensor_index, num_tensors, PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
-            BUFFER_DTYPE=DTYPES[momentum_buffers[0].dtype] if has_momentum else DTYPES[torch.float32],
+            BUFFER_DTYPE=tl.int8 if moment_scales else DTYPES[momentum_buffers[0].dtype if has_momentum
+                                                              else torch.float32],
             MOMENTUM=has_momentum,
             NESTEROV=nesterov, MAXIMIZE=maximize, HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
