@@ -1,5 +1,5 @@
-"""Adam/AdamW with `moments="int8"`: each moment one companded byte an element, blocks of 64 sharing a bf16 scale,
-dequantized, updated in fp32 and requantized stochastically in the same pass.
+"""Adam/AdamW, Lion and SGD with `moments="int8"`: each moment one companded byte an element, blocks of 64 sharing a
+bf16 scale, dequantized, updated in fp32 and requantized stochastically in the same pass.
 
 Every backend's codes and scales are checked bit for bit against its own fp32-moment optimizer whose moments are
 set, before each step, to the dequantized values, and quantized after it by fused_optim/int8_moments.py with
@@ -26,6 +26,8 @@ SHAPES = [(1,), (3,), (0,), (1023,), (33, 17), (130,)]
 OPTIONS = [
     pytest.param(dict(cls="AdamW", weight_decay=0.01), id="adamw"),
     pytest.param(dict(cls="Adam", weight_decay=0.01, amsgrad=True, maximize=True), id="adam-l2-amsgrad-maximize"),
+    pytest.param(dict(cls="Lion", weight_decay=0.1), id="lion"),
+    pytest.param(dict(cls="Lion", betas=(0.8, 0.95), maximize=True), id="lion-betas-maximize"),
 ]
 KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -109,9 +111,9 @@ def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES, d
     opt = cls(params, lr=1e-2, moments="int8", backend=backend, **kwargs)
     fp32_opt = cls(emulated_params, lr=1e-2, backend=backend, **kwargs)
     seed = opt.param_groups[0]["seed"]
-    keys = KEYS if kwargs.get("amsgrad") else KEYS[:2]
-    emulated = [{key: quantize(torch.zeros(s, device=device), row == 0) for row, key in enumerate(keys)}
-                for s in shapes]
+    signed = {key: signed for key, signed in cls._moment_keys.items() if key != "max_exp_avg_sq" or kwargs.get("amsgrad")}
+    keys = list(signed)
+    emulated = [{key: quantize(torch.zeros(s, device=device), signed[key]) for key in keys} for s in shapes]
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         grads = [(g * torch.exp(torch.randn(g.shape, generator=generator)).to(dtype)).to(device)  # many magnitudes
@@ -126,7 +128,7 @@ def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES, d
             state = fp32_opt.state[p]
             for row, key in enumerate(keys):
                 bits = moment_bits16(seed, i, state["step"], row, p.numel())
-                emulated[i][key] = quantize(state[key], row == 0, bits)
+                emulated[i][key] = quantize(state[key], signed[key], bits)
     ours = [{key: (opt.state[p][key], opt.state[p]["moment_scales"][row]) for row, key in enumerate(keys)}
             for p in params]
     return params, ours, emulated_params, emulated
@@ -141,19 +143,21 @@ def test_int8_moments_follow_their_emulation(backend, device, dtype, options):
     assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
 
 
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[2]])
 @pytest.mark.parametrize("master_weights", [True, 24])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_int8_moments_with_master_weights_follow_their_emulation(backend, device, master_weights):
-    params, moments, emulated_params, emulated = run(backend, OPTIONS[0].values[0], torch.bfloat16,
-                                                     master_weights=master_weights, device=device)
+def test_int8_moments_with_master_weights_follow_their_emulation(backend, device, master_weights, options):
+    params, moments, emulated_params, emulated = run(backend, options, torch.bfloat16, master_weights=master_weights,
+                                                     device=device)
     assert_identical(moments, emulated)
     assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
 
 
-def test_backends_agree_on_the_codes(cpu_backend):
+@pytest.mark.parametrize("options", [OPTIONS[1], OPTIONS[2]])
+def test_backends_agree_on_the_codes(cpu_backend, options):
     """The same codes and scales from every backend (bf16 params: the fp32 update is the same on each)."""
-    params, ours, *_ = run(cpu_backend, OPTIONS[1].values[0], torch.bfloat16, shapes=[(1023,), (5, 70)])
-    reference_params, reference, *_ = run("torch", OPTIONS[1].values[0], torch.bfloat16, shapes=[(1023,), (5, 70)])
+    params, ours, *_ = run(cpu_backend, options, torch.bfloat16, shapes=[(1023,), (5, 70)])
+    reference_params, reference, *_ = run("torch", options, torch.bfloat16, shapes=[(1023,), (5, 70)])
     assert_identical(ours, reference)
 
 
@@ -192,7 +196,8 @@ def test_int8_adamw_trains_as_fp32_adamw():
     assert abs(losses["int8"] / losses["fp32"] - 1) < 0.01
 
 
-def test_int8_moments_resume_bit_for_bit_and_save_as_codes():
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.Lion], ids=lambda c: c.__name__)
+def test_int8_moments_resume_bit_for_bit_and_save_as_codes(cls):
     shapes = [(5,), (300,)]
     init = [torch.randn(s) for s in shapes]
     grads = [random_grads(shapes, torch.bfloat16) for _ in range(6)]
@@ -200,16 +205,18 @@ def test_int8_moments_resume_bit_for_bit_and_save_as_codes():
     for resume in (False, True):
         params = make_params(init, torch.bfloat16, "cpu")
         torch.manual_seed(0)
-        opt = fused_optim.AdamW(params, lr=1e-2, moments="int8", master_weights=24)
+        opt = cls(params, lr=1e-2, moments="int8", master_weights=24)
         for step, g in enumerate(grads):
             if resume and step == 3:
                 buffer = io.BytesIO()
                 torch.save(opt.state_dict(), buffer)
                 saved = torch.load(io.BytesIO(buffer.getvalue()))
-                assert [saved["state"][0][k].dtype for k in ("exp_avg", "exp_avg_sq", "moment_scales")] == [
-                    torch.int8, torch.uint8, torch.bfloat16]
+                expected = {key: torch.int8 if signed else torch.uint8 for key, signed in cls._moment_keys.items()
+                            if key != "max_exp_avg_sq"}
+                assert {key: saved["state"][0][key].dtype for key in expected} == expected
+                assert saved["state"][0]["moment_scales"].dtype == torch.bfloat16
                 params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-                opt = fused_optim.AdamW(params, lr=1e-2, moments="int8", master_weights=24)
+                opt = cls(params, lr=1e-2, moments="int8", master_weights=24)
                 opt.load_state_dict(saved)
             set_grads(g, params)
             opt.step()
@@ -259,9 +266,9 @@ def test_an_int8_state_loads_into_another_storage_dequantized(target):
 
 
 def test_int8_moments_and_24_bit_masters_hold_3_bytes_a_param():  # README's table of state per param
-    def state_of(dtype, **options):
+    def state_of(dtype, cls=fused_optim.AdamW, **options):
         p = torch.nn.Parameter(torch.randn(1 << 16).to(dtype))
-        opt = fused_optim.AdamW([p], **options)
+        opt = cls([p], **options)
         p.grad = torch.randn_like(p)
         opt.step()
         return state_bytes_per_param(opt)
@@ -270,6 +277,8 @@ def test_int8_moments_and_24_bit_masters_hold_3_bytes_a_param():  # README's tab
     assert state_of(torch.float32, moments="int8") == 2 + scale_bytes + step_bytes
     assert state_of(torch.bfloat16, moments="int8", master_weights=24) == 3 + scale_bytes + step_bytes  # 3.06
     assert state_of(torch.bfloat16, moments="int8", master_weights=True) == 4 + scale_bytes + step_bytes
+    # Lion: one moment
+    assert state_of(torch.bfloat16, fused_optim.Lion, moments="int8", master_weights=24) == 2 + scale_bytes / 2 + step_bytes
 
 
 def test_the_int8_checkpoint_is_under_45_percent_of_torch_adamw_with_fp32_masters():

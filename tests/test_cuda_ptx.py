@@ -106,11 +106,16 @@ def test_every_int8_moment_adam_kernel_moves_codes_in_8_byte_accesses(tmp_path):
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
-def test_every_int8_sgd_kernel_moves_codes_in_8_byte_accesses(tmp_path):
-    """SGD with moments="int8" (sgd_int8.cu): the buffer's 8 codes in one 8-byte access, param and grad in 16-byte
-    ones, the block's scale by warp shuffles, nothing in local memory."""
-    kernels = {name: body for name, body in kernels_ptx("sgd_int8.cu", tmp_path).items() if "sgd_int8_kernel" in name}
-    assert len(kernels) == 10  # param dtype x grad dtype x nesterov
+@pytest.mark.parametrize("source, kernel, count", [
+    ("sgd.cu", "sgd_int8_kernel", 10),  # param dtype x grad dtype x nesterov
+    ("lion.cu", "lion_int8_kernel", 16),  # param dtype x grad dtype x (nearest, master), and 3 bf16-only write-backs
+])
+def test_every_single_moment_int8_kernel_moves_codes_in_8_byte_accesses(tmp_path, source, kernel, count):
+    """SGD's momentum buffer and Lion's exp_avg with moments="int8" (int8_codes.cuh's step_signed_codes): the 8
+    codes in one 8-byte access, param and grad in 16-byte ones, the block's scale by warp shuffles, nothing in local
+    memory."""
+    kernels = {name: body for name, body in kernels_ptx(source, tmp_path).items() if kernel in name}
+    assert len(kernels) == count
     for name, body in kernels.items():
         assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
         assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name

@@ -157,15 +157,18 @@ def fsdp_low_precision(rank: int, world: int) -> dict:
     results = {}
     modes = {"master_weights": dict(master_weights=True), "stochastic_rounding": dict(stochastic_rounding=True),
              "bf16_moments": dict(master_weights=True, moments="bf16"),
-             "int8_moments": dict(master_weights=24, moments="int8")}
+             "int8_moments": dict(master_weights=24, moments="int8"),
+             "lion_int8_moments": dict(master_weights=24, moments="int8")}
     for mode, options in modes.items():
         model = fsdp(make_model(torch.bfloat16))
-        opt = fused_optim.AdamW(model.parameters(), lr=1e-2, **options)
+        cls = fused_optim.Lion if mode.startswith("lion") else fused_optim.AdamW
+        opt = cls(model.parameters(), lr=1e-2, **options)
         train(model, opt, dp_rank=rank, dp_size=world)
         results[mode] = {"params": full_params(model), "state_like_params": state_like_params(opt)}
-        if mode == "int8_moments":  # each shard's scales: one per 64 of its own elements
+        if mode.endswith("int8_moments"):  # each shard's scales: one per 64 of its own elements, a row per moment
+            rows = 1 if cls is fused_optim.Lion else 2  # Lion's exp_avg; AdamW's exp_avg and exp_avg_sq
             results[mode]["scales_of_shards"] = all(
-                tuple(opt.state[p]["moment_scales"].shape) == (2, -(-p.to_local().numel() // 64))
+                tuple(opt.state[p]["moment_scales"].shape) == (rows, -(-p.to_local().numel() // 64))
                 for p in model.parameters())
         if mode == "master_weights":
             # each bf16 param's master: torch_state_dict() joins each shard with its int16 remainder shard (gloo
@@ -524,16 +527,25 @@ def test_master_weights_and_stochastic_rounding_on_bf16_shards(two):
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, master_weights=True)
     train(model, opt)
     masters = [master_weight(opt, p) for p in model.parameters()]
+    lion_model = make_model(torch.bfloat16)
+    lion = fused_optim.Lion(lion_model.parameters(), lr=1e-2, master_weights=True)
+    train(lion_model, lion)
+    lion_masters = torch.cat([master_weight(lion, p).flatten() for p in lion_model.parameters()])
     for result in two:
         run = result["low_precision"]
-        assert all(run[mode]["state_like_params"]
-                   for mode in ("master_weights", "stochastic_rounding", "bf16_moments", "int8_moments"))
-        assert run["int8_moments"]["scales_of_shards"]
+        assert all(run[mode]["state_like_params"] for mode in ("master_weights", "stochastic_rounding", "bf16_moments",
+                                                               "int8_moments", "lion_int8_moments"))
+        assert run["int8_moments"]["scales_of_shards"] and run["lion_int8_moments"]["scales_of_shards"]
         # the ranks' bf16 gradients are averaged in another order than the single process sums them: a few ulps
         assert_close(run["master_weights"]["masters"], masters, atol=2e-3)
         for mode in ("stochastic_rounding", "bf16_moments", "int8_moments"):
             for got, want in zip(run[mode]["params"], masters):
                 assert float((got.float() - want).abs().max()) <= 2e-2, mode  # a few bf16 ulps of the fp32 path
+        # Lion with int8 moments on shards against one process's Lion with fp32 ones: each element moves by the lr
+        # (1e-2) a step, the same way but where the direction is within the codes' rounding of 0 (a step the other
+        # way is 2e-2 off); the bf16 params are within half an ulp of the masters
+        got = torch.cat([p.float().flatten() for p in run["lion_int8_moments"]["params"]])
+        assert ((got - lion_masters).abs() <= 5e-3).float().mean() > 0.99
 
 
 def test_distributed_checkpoint_resharded_from_four_ranks_to_two_and_to_one(four, two, checkpoint_dir):

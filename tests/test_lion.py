@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICES, CPU_BACKENDS, master_weight
+from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, master_weight
 from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
                        snapshot, ulp, within_two_ulps)
 from test_adam_moments import run as run_with_bf16_moments
@@ -24,6 +24,7 @@ from test_sgd import split_options
 import lion_pytorch
 
 import fused_optim
+from fused_optim.int8_moments import dequantize, quantize
 from fused_optim.master_remainder import round_like_master
 from fused_optim.ops.lion import lion_step
 from fused_optim.reference import ReferenceLion
@@ -370,3 +371,56 @@ def test_a_bf16_moment_takes_two_bytes_and_round_trips():
     opt.load_state_dict(theirs.state_dict())
     assert torch.equal(opt.state[p]["exp_avg"], theirs.state[p]["exp_avg"].bfloat16())
 
+
+
+def test_an_int8_moment_goes_out_as_fp32_and_comes_back_quantized():
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = fused_optim.Lion([p], lr=1e-3, moments="int8")
+    p.grad = torch.randn(1000)
+    opt.step()
+    codes, scales = opt.state[p]["exp_avg"], opt.state[p]["moment_scales"][0]
+    assert codes.dtype == torch.int8
+    theirs = lion_pytorch.Lion([p], lr=1e-3)
+    theirs.load_state_dict(opt.torch_state_dict())
+    assert torch.equal(theirs.state[p]["exp_avg"], dequantize(codes, scales))
+    theirs.state[p]["exp_avg"].mul_(1.5)
+    opt.load_state_dict(theirs.state_dict())  # lion-pytorch's fp32 moment, quantized to nearest
+    expected_codes, expected_scales = quantize(theirs.state[p]["exp_avg"], True)
+    assert torch.equal(opt.state[p]["exp_avg"], expected_codes)
+    assert torch.equal(opt.state[p]["moment_scales"][0], expected_scales)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the ops: opcheck
+
+
+def _op_sample(kind: str):
+    """Arguments of one lion_step_ call over two small tensors, in the schema's order."""
+    dtype = torch.bfloat16 if kind in ("bf16", "remainder", "stochastic") else torch.float32
+    shapes = [(3,), (2, 70)]
+    params = [torch.randn(s).to(dtype) for s in shapes]
+    grads = [torch.randn(s).to(dtype) for s in shapes]
+    exp_avgs = [torch.randn(s).to(torch.bfloat16 if kind == "bf16-moment" else torch.float32) for s in shapes]
+    moment_scales = []
+    if kind == "int8":  # moments="int8": codes and their block scales
+        quantized = [quantize(m, True) for m in exp_avgs]
+        exp_avgs, moment_scales = [codes for codes, _ in quantized], [scales[None] for _, scales in quantized]
+    masters = [torch.zeros(s, dtype=torch.int16) for s in shapes] if kind == "remainder" else []
+    steps = [torch.tensor(0.0), torch.tensor(3.0)]
+    lr_tensor = torch.tensor(1e-2) if kind == "lr-tensor" else None
+    grad_scale = torch.tensor(4.0) if kind in ("grad-scale", "found-inf") else None
+    found_inf = torch.tensor(1.0 if kind == "found-inf" else 0.0) if grad_scale is not None else None
+    return (params, grads, exp_avgs, masters, steps, moment_scales, 1e-2, lr_tensor, 0.9, 0.99, 0.1,
+            kind == "lr-tensor", kind == "stochastic", 7, grad_scale, found_inf)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "bf16-moment", "int8", "remainder", "stochastic", "lr-tensor",
+                                  "grad-scale", "found-inf"])
+@pytest.mark.parametrize("op_name", [
+    pytest.param("lion_step_", id="cpu"),
+    pytest.param("lion_step_torch_", id="torch"),
+    pytest.param("lion_step_triton_", id="triton-interpreted",
+                 marks=pytest.mark.skipif(not TRITON_INTERPRETED, reason="Triton runs CPU tensors only interpreted")),
+])
+def test_opcheck(op_name, kind):
+    torch.library.opcheck(getattr(torch.ops.fused_optim, op_name).default, _op_sample(kind))

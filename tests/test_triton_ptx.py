@@ -75,7 +75,8 @@ SGD_SIGNATURE = {"table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_sca
                  "seed": "i32", "first_tensor_index": "i32", "num_tensors": "i32"}
 for name, dtype, buffer_dtype in (("fp32", tl.float32, tl.float32), ("bf16", tl.bfloat16, tl.float32),
                                   ("fp32-bf16-moments", tl.float32, tl.bfloat16),
-                                  ("bf16-bf16-moments", tl.bfloat16, tl.bfloat16)):
+                                  ("bf16-bf16-moments", tl.bfloat16, tl.bfloat16),
+                                  ("fp32-int8-moments", tl.float32, tl.int8)):
     for aligned in (True, False):
         constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, BUFFER_DTYPE=buffer_dtype, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
                           HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
@@ -93,7 +94,7 @@ LION_SIGNATURE = {"table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "gra
 for name, dtype, write, moment_dtype in WRITES:
     for aligned in (True, False):
         constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False,
-                          HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=6,
+                          HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=7,
                           BLOCK=1024)
         source = ASTSource(fn=_lion_kernel, signature={**LION_SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
@@ -183,10 +184,12 @@ def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype, ker
     assert narrow in accesses["loads"], accesses
 
 
-@pytest.mark.parametrize("dtype", ["fp32-int8-moments", "bf16-remainder24-int8-moments"])
-def test_int8_moment_kernel_moves_16_bytes_per_access(ptx_accesses, dtype):
+@pytest.mark.parametrize("kernel, dtype", [("", "fp32-int8-moments"), ("", "bf16-remainder24-int8-moments"),
+                                           ("lion-", "fp32-int8-moments"), ("lion-", "bf16-remainder24-int8-moments"),
+                                           ("sgd-", "fp32-int8-moments")])
+def test_int8_moment_kernel_moves_16_bytes_per_access(ptx_accesses, kernel, dtype):
     """moments="int8": whole blocks keep 16-byte accesses (the tensor's last, partial block moves single bytes)."""
-    accesses = ptx_accesses[f"{dtype}-aligned"]
+    accesses = ptx_accesses[f"{kernel}{dtype}-aligned"]
     assert "ld.global.v4.b32" in accesses["loads"] and "st.global.v4.b32" in accesses["stores"], accesses
 
 

@@ -9,6 +9,7 @@
 
 #include "chunks.h"
 #include "float_io.h"
+#include "int8_blocks.h"
 #include "fused_optim/rounding.h"
 #include "ops/dispatch.h"
 #include "ops/lion.h"
@@ -19,8 +20,9 @@ namespace {
 struct TensorPointers {
   void* param;
   const void* grad;
-  void* exp_avg;  // moment_t: float, or bf16 (moments="bf16")
-  void* master;   // master_t: a float copy or an int16/int8 remainder (WriteBack)
+  void* exp_avg;      // moment_t: float, or bf16 (moments="bf16"); int8 codes (moments="int8")
+  void* master;       // master_t: a float copy or an int16/int8 remainder (WriteBack)
+  uint16_t* scales;   // moments="int8": exp_avg's bf16 block scales
   uint32_t random_stream;
   LionScalars scalars;
 };
@@ -47,6 +49,21 @@ void lion_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   }
 }
 
+// moments="int8" (int8_blocks.h)
+template <typename param_t, typename grad_t, WriteBack kWrite>
+void lion_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
+  auto* __restrict__ param = static_cast<param_t*>(t.param);
+  const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
+  auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
+  const LionScalars s = t.scalars;
+  step_signed_int8_blocks(static_cast<int8_t*>(t.exp_avg), t.scales, moment_stream(t.random_stream, 0), begin, end,
+                          [&](int64_t i, float& m) {
+                            const float updated = lion_update(load_param<kWrite>(param, master, i),
+                                                              load_float(grad, i), m, s);
+                            write_param<kWrite>(param, master, i, updated, t.random_stream);
+                          });
+}
+
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
 
 }  // namespace
@@ -67,12 +84,18 @@ void lion_step_cpu(FUSED_OPTIM_LION_ARGS) {
     const float step = cpu_scalar(steps[i]) + 1.0f;
     tensors[i] = TensorPointers{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
                                 exp_avgs[i].mutable_data_ptr(), master ? master_params[i].mutable_data_ptr() : nullptr,
+                                moment_scales.empty() ? nullptr : data_as<uint16_t>(moment_scales[i]),
                                 stream_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(i),
                                            static_cast<uint32_t>(step)),
                                 scalars};
     chunk_fns[i] = dispatch_param_grad_types(params[i].scalar_type(), matched_grads[i].scalar_type(), [&](auto param,
                                                                                                          auto grad) {
       using param_t = decltype(param);
+      if (!moment_scales.empty()) {
+        return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
+          return lion_int8_chunk<param_t, decltype(grad), decltype(kind)::value>;
+        });
+      }
       return dispatch_moment_type(exp_avgs[i].scalar_type(), [&](auto moment) {
         return dispatch_write_back<param_t>(write, [&](auto kind) -> ChunkFn {
           return lion_chunk<param_t, decltype(grad), decltype(moment), decltype(kind)::value>;

@@ -9,9 +9,9 @@
 
 #include "chunks.h"
 #include "float_io.h"
+#include "int8_blocks.h"
 #include "ops/dispatch.h"
 #include "ops/sgd.h"
-#include "fused_optim/moment_int8.h"
 #include "fused_optim/rounding.h"
 
 namespace fused_optim {
@@ -46,39 +46,17 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   }
 }
 
-// moments="int8" (moment_int8.h), block by block as adam.cpp's adam_int8_chunk: the update with the dequantized
-// buffer, the new buffer kept in L1; its largest magnitude; then the block's scale and codes.
+// moments="int8" (int8_blocks.h)
 template <typename param_t, typename grad_t, bool kNesterov>
 void sgd_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
-  auto* __restrict__ codes = static_cast<int8_t*>(t.momentum_buffer);
   const SgdScalars s = t.scalars;
-  alignas(64) float buffer_new[kInt8Block];
-  const auto step_block = [&](int64_t start, auto length) {  // `length`: constant for whole blocks (adam.cpp)
-    const int64_t block = start / kInt8Block;
-    const float step = signed_step(bf16_bits_to_float(t.scales[block]));
-#pragma omp simd
-    for (int32_t j = 0; j < length; ++j) {
-      const int64_t i = start + j;
-      float buffer = dequantize_signed(codes[i], step);
-      store_float(param, i, sgd_update<true, kNesterov>(load_float(param, i), load_float(grad, i), buffer, s));
-      buffer_new[j] = buffer;
-    }
-    uint32_t largest = 0;
-#pragma omp simd reduction(max : largest)
-    for (int32_t j = 0; j < length; ++j) largest = std::max(largest, magnitude_bits(buffer_new[j]));
-    t.scales[block] = int8_scale_bits(largest);
-    const float inverse = 1.0f / bf16_bits_to_float(t.scales[block]);
-    const int32_t offset = static_cast<int32_t>(start - begin);
-#pragma omp simd
-    for (int32_t j = 0; j < length; ++j) {
-      codes[start + j] = quantize_signed(buffer_new[j], inverse, chunk_moment_bits(t.moment_draw, begin, offset + j) & 0xFFFFu);
-    }
-  };
-  int64_t start = begin;
-  for (; start + kInt8Block <= end; start += kInt8Block) step_block(start, std::integral_constant<int32_t, kInt8Block>{});
-  if (start < end) step_block(start, static_cast<int32_t>(end - start));
+  step_signed_int8_blocks(static_cast<int8_t*>(t.momentum_buffer), t.scales, t.moment_draw, begin, end,
+                          [&](int64_t i, float& buffer) {
+                            store_float(param, i, sgd_update<true, kNesterov>(load_float(param, i),
+                                                                              load_float(grad, i), buffer, s));
+                          });
 }
 
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);

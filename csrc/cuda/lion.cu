@@ -4,7 +4,8 @@
 // stochastic rounding from the step count on the device) and every thread then moves 8 elements per iteration with
 // 16-byte loads and stores when all of the tensor's arrays are 16-byte aligned. The element math is
 // fused_optim/lion.h, shared with the CPU. A second, tiny launch increments the step counts after every update
-// launch of the call has read them.
+// launch of the call has read them. With moments="int8" the moment is int8 codes (int8_codes.cuh's
+// step_signed_codes).
 #include <cstdint>
 
 #include "ops/torch_api.h"
@@ -12,6 +13,7 @@
 
 #include "fused_optim/rounding.h"
 #include "ops/lion.h"
+#include "int8_codes.cuh"
 #include "multi_tensor.cuh"
 
 namespace fused_optim {
@@ -21,12 +23,14 @@ using multi_tensor::kVec;
 
 constexpr int kThreads = 512;          // as adam.cu, measured there on an H100
 constexpr int64_t kChunk = 16 * 1024;  // elements per block: 4 iterations of 512 threads x 8
+static_assert(kChunk % kInt8Block == 0, "a chunk starts at a block of codes");
 
 struct TensorArgs {
   void* param;
   const void* grad;
-  void* exp_avg;  // moment_t: float, or bf16 (moments="bf16")
-  void* master;   // null without master weights; master_t: a float copy or an int16/int8 remainder (WriteBack)
+  void* exp_avg;     // moment_t: float, or bf16 (moments="bf16"); int8 codes (moments="int8")
+  void* master;      // null without master weights; master_t: a float copy or an int16/int8 remainder (WriteBack)
+  uint16_t* scales;  // moments="int8": exp_avg's bf16 block scales, ceil(numel / 64)
   const float* step;
   int32_t index;  // in the caller's list: keys the stochastic-rounding stream, as on the CPU
   int64_t numel;
@@ -89,6 +93,22 @@ __global__ void __launch_bounds__(kThreads) lion_kernel(const __grid_constant__ 
       });
 }
 
+// moments="int8": exp_avg as codes (moment_int8.h), dequantized, updated and requantized in one pass.
+template <typename param_t, typename grad_t, WriteBack kWrite>
+__global__ void __launch_bounds__(kThreads) lion_int8_kernel(const __grid_constant__ Table table, const LaunchArgs a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/NaN: touch nothing
+  const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
+  const TensorArgs& t = table.tensors[work.tensor];
+  const LionScalars s = lion_scalars(a.beta1, a.beta2, a.weight_decay, a.maximize,
+                                     a.lr_tensor != nullptr ? static_cast<double>(*a.lr_tensor) : a.lr,
+                                     a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
+  const uint32_t stream = stream_key(a.seed, static_cast<uint32_t>(t.index), static_cast<uint32_t>(*t.step + 1.0f));
+  int8_codes::step_signed_codes<kThreads, kWrite>(
+      work, static_cast<param_t*>(t.param), static_cast<master_t<kWrite>*>(t.master),
+      static_cast<const grad_t*>(t.grad), static_cast<int8_t*>(t.exp_avg), t.scales, moment_stream(stream, 0), stream,
+      [&](float& p, float g, float& m) { p = lion_update(p, g, m, s); });
+}
+
 }  // namespace
 
 void lion_step_cuda(FUSED_OPTIM_LION_ARGS) {
@@ -100,10 +120,19 @@ void lion_step_cuda(FUSED_OPTIM_LION_ARGS) {
   const WriteBack write = write_back_of(stochastic_rounding, master_params);
   const LaunchArgs args{beta1, beta2, weight_decay, lr, maximize, static_cast<uint32_t>(seed),
                         optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf)};
+  const bool int8 = !moment_scales.empty();
 
   auto launch = [&](const Table& table, int key) {
     multi_tensor::dispatch_dtype_pair(key, [&](auto param, auto grad) {
       using param_t = decltype(param);
+      if (int8) {
+        dispatch_write_back<param_t>(write, [&](auto kind) {
+          lion_int8_kernel<param_t, decltype(grad), decltype(kind)::value>
+              <<<table.num_blocks(), kThreads, 0, stream>>>(table, args);
+          check_launch();
+        });
+        return;
+      }
       dispatch_moment_type(exp_avgs[0].scalar_type(), [&](auto moment) {
         dispatch_write_back<param_t>(write, [&](auto kind) {
           lion_kernel<param_t, decltype(grad), decltype(moment), decltype(kind)::value>
@@ -116,7 +145,8 @@ void lion_step_cuda(FUSED_OPTIM_LION_ARGS) {
   multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
   for (size_t i = 0; i < params.size(); ++i) {
     filler.add(TensorArgs{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(), exp_avgs[i].mutable_data_ptr(),
-                          master ? master_params[i].mutable_data_ptr() : nullptr, data_as<float>(steps[i]),
+                          master ? master_params[i].mutable_data_ptr() : nullptr,
+                          int8 ? data_as<uint16_t>(moment_scales[i]) : nullptr, data_as<float>(steps[i]),
                           static_cast<int32_t>(i), 0},
                params[i].numel(), multi_tensor::dtype_pair(params[i].scalar_type(), matched_grads[i].scalar_type()));
   }

@@ -4,7 +4,7 @@
 // first step, from the step count on the device) and every thread then moves 8 elements per iteration with 16-byte
 // loads and stores when all of the tensor's arrays are 16-byte aligned. The element math is fused_optim/sgd.h,
 // shared with the CPU. A second, tiny launch increments the step counts after every update launch of the call
-// has read them.
+// has read them. With moments="int8" the buffer is int8 codes (int8_codes.cuh's step_signed_codes).
 #include <cstdint>
 
 #include "ops/torch_api.h"
@@ -13,6 +13,7 @@
 #include "fused_optim/rounding.h"
 #include "ops/dispatch.h"
 #include "ops/sgd.h"
+#include "int8_codes.cuh"
 #include "multi_tensor.cuh"
 
 namespace fused_optim {
@@ -22,11 +23,13 @@ using multi_tensor::kVec;
 
 constexpr int kThreads = 512;          // as adam.cu, measured there on an H100
 constexpr int64_t kChunk = 16 * 1024;  // elements per block: 4 iterations of 512 threads x 8
+static_assert(kChunk % kInt8Block == 0, "a chunk starts at a block of codes");
 
 struct TensorArgs {
   void* param;
   const void* grad;
-  void* momentum_buffer;  // null without momentum; buffer_t: float, or bf16 (moments="bf16")
+  void* momentum_buffer;  // null without momentum; buffer_t: float, or bf16 (moments="bf16"); int8 codes
+  uint16_t* scales;       // moments="int8": the buffer's bf16 block scales, ceil(numel / 64)
   const float* step;      // null without momentum
   int32_t index;          // in the caller's list: keys a bf16 buffer's rounding stream, as on the CPU
   int64_t numel;
@@ -90,6 +93,23 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
       });
 }
 
+// moments="int8": the buffer as codes (moment_int8.h), dequantized, updated and requantized in one pass.
+template <typename param_t, typename grad_t, bool kNesterov>
+__global__ void __launch_bounds__(kThreads) sgd_int8_kernel(const __grid_constant__ Table table, const LaunchArgs a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // a skipped step: touch nothing
+  const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
+  const TensorArgs& t = table.tensors[work.tensor];
+  const SgdScalars s = sgd_scalars(a.momentum, a.dampening, a.weight_decay, a.maximize,
+                                   a.lr_tensor != nullptr ? *a.lr_tensor : a.lr,
+                                   a.grad_scale != nullptr ? *a.grad_scale : 1.0f, *t.step);
+  const uint32_t draw = moment_stream(stream_key(a.seed, static_cast<uint32_t>(t.index),
+                                                 static_cast<uint32_t>(*t.step + 1.0f)), 0);
+  int8_codes::step_signed_codes<kThreads, WriteBack::kNearest>(
+      work, static_cast<param_t*>(t.param), static_cast<float*>(nullptr), static_cast<const grad_t*>(t.grad),
+      static_cast<int8_t*>(t.momentum_buffer), t.scales, draw, 0u,
+      [&](float& p, float g, float& buffer) { p = sgd_update<true, kNesterov>(p, g, buffer, s); });
+}
+
 template <typename param_t, typename grad_t, typename buffer_t>
 void launch_variant(const Table& table, const LaunchArgs& a, bool momentum, bool nesterov, cudaStream_t stream) {
   const int blocks = table.num_blocks();
@@ -109,19 +129,23 @@ void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS) {
   const std::vector<Tensor> matched_grads = check_sgd_args(FUSED_OPTIM_SGD_ARG_NAMES);
   if (params.empty()) return;
   const torch::stable::accelerator::DeviceGuard device_guard(params[0].get_device_index());
-  if (!moment_scales.empty()) {
-    sgd_int8_step_cuda(FUSED_OPTIM_SGD_ARG_NAMES, matched_grads);
-    return;
-  }
   const cudaStream_t stream = current_stream();
   const bool has_momentum = momentum != 0.0;
   const LaunchArgs args{momentum, dampening, weight_decay, maximize, static_cast<uint32_t>(seed),
                         static_cast<float>(lr), optional_ptr(lr_tensor), optional_ptr(grad_scale),
                         optional_ptr(found_inf)};
   const ScalarType buffer_dtype = has_momentum ? momentum_buffers[0].scalar_type() : kFloat;
+  const bool int8 = !moment_scales.empty();
 
   auto launch = [&](const Table& table, int key) {
     multi_tensor::dispatch_dtype_pair(key, [&](auto param, auto grad) {
+      if (int8) {
+        const auto kernel = nesterov ? sgd_int8_kernel<decltype(param), decltype(grad), true>
+                                     : sgd_int8_kernel<decltype(param), decltype(grad), false>;
+        kernel<<<table.num_blocks(), kThreads, 0, stream>>>(table, args);
+        check_launch();
+        return;
+      }
       dispatch_moment_type(buffer_dtype, [&](auto buffer) {
         launch_variant<decltype(param), decltype(grad), decltype(buffer)>(table, args, has_momentum, nesterov, stream);
       });
@@ -131,6 +155,7 @@ void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS) {
   for (size_t i = 0; i < params.size(); ++i) {
     filler.add(TensorArgs{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
                           has_momentum ? momentum_buffers[i].mutable_data_ptr() : nullptr,
+                          int8 ? data_as<uint16_t>(moment_scales[i]) : nullptr,
                           has_momentum ? data_as<float>(steps[i]) : nullptr, static_cast<int32_t>(i), 0},
                params[i].numel(), multi_tensor::dtype_pair(params[i].scalar_type(), matched_grads[i].scalar_type()));
   }

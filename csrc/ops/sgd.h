@@ -28,8 +28,6 @@ namespace fused_optim {
 
 void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS);
 void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS);
-// moments="int8" on CUDA (csrc/cuda/sgd_int8.cu), after sgd_step_cuda's checks.
-void sgd_int8_step_cuda(FUSED_OPTIM_SGD_ARGS, const std::vector<Tensor>& matched_grads);
 
 // Checks every argument before any memory is touched (a bad call changes nothing), and returns the grads in their
 // params' memory layout (the kernels walk param, grad and buffer as one flat array each).

@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import torch
 
+from fused_optim.int8_moments import dequantize, quantize
 from fused_optim.master_remainder import are_remainders, join_master, store_split
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip, real_views,
                                       resolve_op, split_wide, step_scalars)
-from fused_optim.reference import bf16_stochastic_round
+from fused_optim.reference import bf16_stochastic_round, moment_bits16
 
 LION_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] master_params, Tensor(d!)[] steps, "
-    "float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, bool maximize, "
+    "Tensor(e!)[] moment_scales, float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, bool maximize, "
     "bool stochastic_rounding, int seed, Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 SPARSE_MESSAGE = "Lion does not support sparse gradients"
 
 
-def check_lion_args(params, grads, exp_avgs, master_params, steps, stochastic_rounding, scalars=(),
+def check_lion_args(params, grads, exp_avgs, master_params, steps, moment_scales, stochastic_rounding, scalars=(),
                     dtypes=FLOAT_DTYPES) -> list[torch.Tensor]:
     """The Python twin of csrc/ops/lion.h's check_lion_args, for the Triton and torch ops (`dtypes`: the param
     dtypes the op takes): every argument checked before anything is written, and the grads returned in their
@@ -42,25 +43,26 @@ def check_lion_args(params, grads, exp_avgs, master_params, steps, stochastic_ro
     if stochastic_rounding and master_params:
         raise RuntimeError("lion_step: stochastic_rounding and master params are alternatives; pass one")
     return check_step_lists("lion_step", params, grads, steps, [exp_avgs], stochastic_rounding, scalars, dtypes,
-                            SPARSE_MESSAGE, master_params, bf16_moment_lists=1)
+                            SPARSE_MESSAGE, master_params, bf16_moment_lists=1,
+                            int8_moments=(moment_scales, [True]))
 
 
-def _lion_step_triton(params, grads, exp_avgs, master_params, steps, lr, lr_tensor, beta1, beta2, weight_decay,
+def _lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2, weight_decay,
                       maximize, stochastic_rounding, seed, grad_scale, found_inf):
     from fused_optim.triton.lion import lion_step_triton
 
-    grads = check_lion_args(params, grads, exp_avgs, master_params, steps, stochastic_rounding,
+    grads = check_lion_args(params, grads, exp_avgs, master_params, steps, moment_scales, stochastic_rounding,
                             (lr_tensor, grad_scale, found_inf))
     if params:
-        lion_step_triton(params, grads, exp_avgs, master_params, steps, lr, lr_tensor, beta1, beta2, weight_decay,
+        lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2, weight_decay,
                          maximize, stochastic_rounding, seed, grad_scale, found_inf)
 
 
-def _lion_step_torch(params, grads, exp_avgs, master_params, steps, lr, lr_tensor, beta1, beta2, weight_decay,
+def _lion_step_torch(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2, weight_decay,
                      maximize, stochastic_rounding, seed, grad_scale, found_inf):
     """lion.h's formulas in plain torch ops, one tensor at a time in fp32 (fp64 for fp64 params); a skipped step is
     selected with torch.where, so nothing is read on the host."""
-    grads = check_lion_args(params, grads, exp_avgs, master_params, steps, stochastic_rounding,
+    grads = check_lion_args(params, grads, exp_avgs, master_params, steps, moment_scales, stochastic_rounding,
                             (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
     if not params:
         return
@@ -79,10 +81,15 @@ def _lion_step_torch(params, grads, exp_avgs, master_params, steps, lr, lr_tenso
         else:
             p = param.to(torch.promote_types(param.dtype, torch.float32))
         g = grads[i].to(p.dtype) * grad_multiplier
-        m = exp_avgs[i].to(p.dtype)  # a bf16 moment (moments="bf16"), dequantized
+        # a bf16 moment (moments="bf16") or int8 codes (moments="int8"), dequantized
+        m = dequantize(exp_avgs[i], moment_scales[i][0]) if moment_scales else exp_avgs[i].to(p.dtype)
         updated = p * param_decay - lr_value * torch.sign(beta1 * m + (1 - beta1) * g)
         updated_m = beta2 * m + (1 - beta2) * g
-        if exp_avgs[i].dtype == torch.bfloat16:  # rounding.h's to_moment
+        if moment_scales:  # int8_moments.quantize with rounding.h's bits (the count after this step)
+            updated_m, scales = quantize(updated_m, True, moment_bits16(seed, i, steps[i], 0, updated_m.numel()))
+            scale_row = moment_scales[i][0]
+            scale_row.copy_(scales if skip is None else torch.where(skip, scale_row, scales))
+        elif exp_avgs[i].dtype == torch.bfloat16:  # rounding.h's to_moment
             updated_m = bf16_stochastic_round(updated_m, seed, i, steps[i], 0)
         exp_avgs[i].copy_(updated_m if skip is None else torch.where(skip, exp_avgs[i], updated_m))
         if remainders:
@@ -103,12 +110,12 @@ define_op("lion_step_", LION_SCHEMA, fake=lambda *args, **kwargs: None, torch_im
           triton_impl=_lion_step_triton, sparse_message=SPARSE_MESSAGE)
 
 
-def lion_step(params, grads, exp_avgs, master_params, steps, *, lr, beta1, beta2, weight_decay, maximize,
+def lion_step(params, grads, exp_avgs, master_params, steps, moment_scales=(), *, lr, beta1, beta2, weight_decay, maximize,
               stochastic_rounding=False, seed=0, grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused Lion step over lists of tensors on one device (see the schema above).
 
-    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 (or bf16)
-    state, or fp64 with fp64 state (stepped in plain torch ops whatever the backend: the kernels are fp32); grads
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 state (or
+    bf16, or int8 codes with their `moment_scales`: rounded stochastically from `seed`'s streams), or fp64 with fp64 state (stepped in plain torch ops whatever the backend: the kernels are fp32); grads
     have the param's dtype or fp32. `backend` is resolved by fused_optim._backend. DTensors (params, grads and state
     alike) are stepped through their local shards (ops/_dtensor.py).
     """
@@ -116,12 +123,12 @@ def lion_step(params, grads, exp_avgs, master_params, steps, *, lr, beta1, beta2
         return
     seed = _dtensor.rank_seed(seed, params)
     lists = _dtensor.to_local("lion_step", params, grads, exp_avgs, master_params)
-    wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps])
+    wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
     device = params[0].device
-    for op, (params, grads, exp_avgs, master_params, steps) in (
+    for op, (params, grads, exp_avgs, master_params, steps, moment_scales) in (
             (resolve_op("lion_step_", "torch", device.type), wide),
             (resolve_op("lion_step_", backend, device.type), narrow)):
         if params:
             lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
-            op(params, grads, exp_avgs, master_params, steps, lr_value, lr_tensor, beta1, beta2, weight_decay,
+            op(params, grads, exp_avgs, master_params, steps, moment_scales, lr_value, lr_tensor, beta1, beta2, weight_decay,
                maximize, stochastic_rounding, seed, scale, inf)

@@ -36,12 +36,10 @@ def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
 MOMENTS = ("fp32", "bf16", "int8")  # the storage of an optimizer's moments: `moments=`
 
 
-def check_moments(moments: str, int8: bool = True) -> None:
-    """The constructors' check of `moments` (`int8`: whether the optimizer has 8-bit moments)."""
-    allowed = MOMENTS if int8 else MOMENTS[:2]
-    if moments not in allowed:
-        built = "" if int8 else " (8-bit moments are built for Adam, AdamW and SGD only)"
-        raise ValueError(f"moments must be {' or '.join(map(repr, allowed))}, not {moments!r}{built}")
+def check_moments(moments: str) -> None:
+    """The constructors' check of `moments`."""
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be {' or '.join(map(repr, MOMENTS))}, not {moments!r}")
 
 
 def int8_moments(p: Tensor, group: dict[str, Any]) -> bool:

@@ -6,9 +6,10 @@ optax): `Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)`, one state 
 decoupled weight decay (p *= 1 - lr * weight_decay). The update is lr * sign(beta1 * m + (1 - beta1) * g), so a
 Lion lr is typically 3-10x smaller than an AdamW lr and its weight decay 3-10x larger. The rest is as
 fused_optim.AdamW:
-- `exp_avg` is fp32 for fp32, bf16 and fp16 params (fp64 for fp64 params, stepped in plain torch ops), or bf16
-  with `moments="bf16"` (2 bytes a param, rounded stochastically after each update: as AdamW's), and a
-  `step` count (a float32 tensor on the param's device) keys the stochastic rounding's random stream on the device.
+- `exp_avg` is fp32 for fp32, bf16 and fp16 params (fp64 for fp64 params, stepped in plain torch ops), bf16
+  with `moments="bf16"` (2 bytes a param, rounded stochastically after each update: as AdamW's), or int8 codes
+  with their bf16 block scales `moment_scales` with `moments="int8"` (1.03 bytes a param: AdamW's exp_avg codec,
+  fused_optim/int8_moments.py), and a `step` count (a float32 tensor on the param's device) keys the stochastic rounding's random stream on the device.
 - `master_weights=True` keeps each bf16/fp16 param's fp32 master (a bf16 param's as an int16 remainder,
   `master_remainder`; an fp16 param's as an fp32 copy, `master_param`: as fused_optim.AdamW), `master_weights=24` a
   bf16 param's 24-bit master (an int8 remainder); `stochastic_rounding=True` rounds bf16 params stochastically
@@ -29,7 +30,8 @@ from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.lion import SPARSE_MESSAGE, lion_step
 from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, check_master_weights, check_moments,
-                                     check_saved_state, init_master, master_of, moment_dtype, restore_saved_state)
+                                     check_saved_state, init_int8_scales, init_master, int8_moments, master_of,
+                                     moment_dtype, restore_saved_state)
 
 LION_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64)
 
@@ -72,7 +74,7 @@ class Lion(FusedOptimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         check_master_weights(master_weights)
-        check_moments(moments, int8=False)
+        check_moments(moments)
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {
@@ -109,11 +111,13 @@ class Lion(FusedOptimizer):
     def _init_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype(p, group), memory_format=torch.preserve_format)
+        if int8_moments(p, group):
+            init_int8_scales(p, state, 1)
         if group["master_weights"] and p.dtype in LOW_PRECISION:
             init_master(p, state, group["master_weights"])
 
     def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
-        return [state["exp_avg"], master_of(state, kind), state["step"]]
+        return [state["exp_avg"], master_of(state, kind), state["step"], state.get("moment_scales")]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or

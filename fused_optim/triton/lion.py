@@ -4,7 +4,8 @@ The table holds, for each tensor, the addresses of its param, grad, moment, mast
 and where its blocks start in the grid. Each program finds its tensor by binary search over those starts and
 updates BLOCK elements: unmasked (and, when the host saw every address 16-byte aligned, with 16-byte loads) for
 whole blocks, masked for the last one. The element math mirrors csrc/include/fused_optim/lion.h line for line; the
-step count keys the stochastic rounding's random stream, as in triton/adam.py.
+step count keys the stochastic rounding's random stream, as in triton/adam.py. With moments="int8" the moment is
+int8 codes with a scale per 64 elements, stepped as (BLOCK / 64, 64) tiles (triton/adam.py's _update_block_int8).
 """
 
 from __future__ import annotations
@@ -14,12 +15,24 @@ import triton.language as tl
 
 from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
                                       pack, search_steps)
-from fused_optim.triton.adam import (STOCHASTIC, _fp64_bits, _moment_bits, _store_moment, _stream_key, load_param,
-                                     param_pointers, store_param, write_back)
+from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _fp64_bits, _moment_bits, _quantize,
+                                     _store_moment, _stream_key, load_param, param_pointers, store_param, write_back)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
-COLUMNS = 6  # param, grad, exp_avg, master, step, numel
+COLUMNS = 7  # param, grad, exp_avg, master, step, moment_scales, numel
 STEP_COLUMN = 4
+
+
+@triton.jit
+def _lion_math(p, g, m, grad_multiplier, param_decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """lion.h's lion_update: the new param and moment."""
+    g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
+    p = p * param_decay  # decoupled weight decay
+    direction = beta1 * m + one_minus_beta1 * g
+    sign = (direction > 0.0).to(tl.float32) - (direction < 0.0).to(tl.float32)  # torch.sign: 0 for 0 and NaN
+    m = beta2 * m + one_minus_beta2 * g
+    p = p - lr * sign
+    return p, m
 
 
 @triton.jit
@@ -29,18 +42,36 @@ def _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, mask, g
     p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     m = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-
-    g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
-    p = p * param_decay  # decoupled weight decay
-    direction = beta1 * m + one_minus_beta1 * g
-    sign = (direction > 0.0).to(tl.float32) - (direction < 0.0).to(tl.float32)  # torch.sign: 0 for 0 and NaN
-    m = beta2 * m + one_minus_beta2 * g
-    p = p - lr * sign
-
+    p, m = _lion_math(p, g, m, grad_multiplier, param_decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2)
     bits = 0
     if MOMENT_DTYPE == tl.bfloat16:  # moments="bf16": rounded stochastically (rounding.h's to_moment)
         bits = _moment_bits(stream, offsets, 0)
     _store_moment(exp_avg_ptr, offsets, mask, m, bits, MOMENT_DTYPE)
+    store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, WRITE)
+
+
+@triton.jit
+def _update_block_int8(param_ptr, grad_ptr, codes_ptr, master_ptr, scales_ptr, start, numel, grad_multiplier,
+                       param_decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, stream,
+                       PARAM_DTYPE: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """moments="int8": BLOCK elements as (BLOCK / 64, 64) tiles, one row per scale; FULL: the block lies inside the
+    tensor, nothing masked."""
+    groups: tl.constexpr = BLOCK // INT8_BLOCK
+    scale_offsets = start // INT8_BLOCK + tl.arange(0, groups)
+    offsets = scale_offsets[:, None] * INT8_BLOCK + tl.arange(0, INT8_BLOCK)[None, :]
+    mask = None
+    scale_mask = None
+    if not FULL:
+        mask = offsets < numel
+        scale_mask = scale_offsets < (numel + INT8_BLOCK - 1) // INT8_BLOCK
+    scales_ptr = scales_ptr.to(tl.pointer_type(tl.uint16))
+    p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    scales = tl.load(scales_ptr + scale_offsets, mask=scale_mask).to(tl.bfloat16, bitcast=True)
+    m = _dequantize(tl.load(codes_ptr + offsets, mask=mask), scales, True)
+    p, m = _lion_math(p, g, m, grad_multiplier, param_decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2)
+    _quantize(codes_ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, m,
+              _moment_bits(stream, offsets, 0) & 0xFFFF, True)
     store_param(param_ptr, master_ptr, offsets, mask, p, stream, PARAM_DTYPE, WRITE)
 
 
@@ -63,7 +94,7 @@ def _lion_kernel(
         param_ptr, master_ptr = param_pointers(row, 0, 3, PARAM_DTYPE, WRITE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
         exp_avg_ptr = load_pointer(row, 2, MOMENT_DTYPE, ALIGNED)
-        numel = tl.load(row + 5)
+        numel = tl.load(row + 6)
 
         # The tensor's scalars (lion.h, lion_scalars): the lr in fp64 until 1 - lr * weight_decay is rounded.
         if HAS_LR_TENSOR:
@@ -77,12 +108,22 @@ def _lion_kernel(
             grad_multiplier = -grad_multiplier
         param_decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
         stream = 0
-        if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16:
+        if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16 or MOMENT_DTYPE == tl.int8:
             step = tl.load(load_pointer(row, 4, tl.float32, False)) + 1.0
             stream = _stream_key(seed, first_tensor_index + lo, step)
 
         offsets = start + tl.arange(0, BLOCK)
-        if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+        if MOMENT_DTYPE == tl.int8:  # moments="int8"
+            scales_ptr = load_pointer(row, 5, tl.uint16, False)
+            if start + BLOCK <= numel:
+                _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, start, numel,
+                                   grad_multiplier, param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2,
+                                   one_minus_beta2, stream, PARAM_DTYPE, WRITE, BLOCK, True)
+            else:
+                _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, start, numel,
+                                   grad_multiplier, param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2,
+                                   one_minus_beta2, stream, PARAM_DTYPE, WRITE, BLOCK, False)
+        elif start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
             _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, None, grad_multiplier, param_decay,
                           lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE,
                           MOMENT_DTYPE, WRITE)
@@ -92,7 +133,7 @@ def _lion_kernel(
                           PARAM_DTYPE, MOMENT_DTYPE, WRITE)
 
 
-def lion_step_triton(params, grads, exp_avgs, master_params, steps, lr, lr_tensor, beta1, beta2, weight_decay,
+def lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2, weight_decay,
                      maximize, stochastic_rounding, seed, grad_scale, found_inf) -> None:
     """The fused_optim::lion_step_triton_ op (schema and argument checks in fused_optim/ops/lion.py)."""
     # Consecutive tensors of one (param dtype, grad dtype) pair share a launch.
@@ -100,15 +141,16 @@ def lion_step_triton(params, grads, exp_avgs, master_params, steps, lr, lr_tenso
     for end in range(1, len(params) + 1):
         if end == len(params) or (params[end].dtype, grads[end].dtype) != (params[start].dtype, grads[start].dtype):
             _launch(params[start:end], grads[start:end], exp_avgs[start:end], master_params[start:end],
-                    steps[start:end], start, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+                    steps[start:end], moment_scales[start:end], start, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
                     stochastic_rounding, seed, grad_scale, found_inf)
             start = end
 
 
-def _launch(params, grads, exp_avgs, master_params, steps, first_tensor_index, lr, lr_tensor, beta1, beta2,
+def _launch(params, grads, exp_avgs, master_params, steps, moment_scales, first_tensor_index, lr, lr_tensor, beta1, beta2,
             weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf) -> None:
     rows = [[p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-             master_params[i].data_ptr() if master_params else 0, steps[i].data_ptr(), p.numel()]
+             master_params[i].data_ptr() if master_params else 0, steps[i].data_ptr(),
+             moment_scales[i].data_ptr() if moment_scales else 0, p.numel()]
             for i, p in enumerate(params)]
     # 16-byte loads need every array address (the first four columns; steps are read alone) 16-byte aligned.
     aligned = all_aligned(row[c] for row in rows for c in range(4))
@@ -122,7 +164,7 @@ def _launch(params, grads, exp_avgs, master_params, steps, first_tensor_index, l
             unused if grad_scale is None else grad_scale, unused if found_inf is None else found_inf,
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, weight_decay, seed, first_tensor_index, num_tensors,
             PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
-            MOMENT_DTYPE=DTYPES[exp_avgs[0].dtype], MAXIMIZE=maximize,
+            MOMENT_DTYPE=tl.int8 if moment_scales else DTYPES[exp_avgs[0].dtype], MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,

@@ -1,0 +1,53 @@
+// moments="int8" (fused_optim/moment_int8.h) on the CPU for an optimizer with one signed moment: SGD's momentum
+// buffer, Lion's exp_avg. A chunk is stepped one block of kInt8Block elements after another, as adam.cpp's
+// adam_int8_chunk steps Adam's moments: the update with the dequantized moment, its new values kept in L1; their
+// largest magnitude; then the block's scale and codes.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "chunks.h"
+#include "fused_optim/moment_int8.h"
+
+namespace fused_optim {
+
+// Elements [begin, end) of a tensor (begin at a block: a chunk's start). `update(i, m)` steps element i given its
+// dequantized moment m and leaves the moment's new value in m; it is inlined into a vectorised loop, so it must be
+// branch-free. The codes round with the low 16 of `draw`'s moment bits (rounding.h), as a bf16 moment would.
+template <typename UpdateFn>
+void step_signed_int8_blocks(int8_t* __restrict__ codes, uint16_t* __restrict__ scales, uint32_t draw, int64_t begin,
+                             int64_t end, UpdateFn update) {
+  static_assert(kCpuChunk % kInt8Block == 0, "a chunk must start at a block");
+  alignas(64) float updated[kInt8Block];
+  // `length`: kInt8Block as a compile-time constant for whole blocks (no loop remainder), the count itself for a
+  // tensor's last block
+  const auto step_block = [&](int64_t start, auto length) {
+    const int64_t block = start / kInt8Block;
+    const float step = signed_step(bf16_bits_to_float(scales[block]));
+#pragma omp simd
+    for (int32_t j = 0; j < length; ++j) {
+      float m = dequantize_signed(codes[start + j], step);
+      update(start + j, m);
+      updated[j] = m;
+    }
+    uint32_t largest = 0;
+#pragma omp simd reduction(max : largest)
+    for (int32_t j = 0; j < length; ++j) largest = std::max(largest, magnitude_bits(updated[j]));
+    scales[block] = int8_scale_bits(largest);
+    const float inverse = 1.0f / bf16_bits_to_float(scales[block]);
+    const int32_t offset = static_cast<int32_t>(start - begin);
+#pragma omp simd
+    for (int32_t j = 0; j < length; ++j) {
+      codes[start + j] = quantize_signed(updated[j], inverse, chunk_moment_bits(draw, begin, offset + j) & 0xFFFFu);
+    }
+  };
+  int64_t start = begin;
+  for (; start + kInt8Block <= end; start += kInt8Block) {
+    step_block(start, std::integral_constant<int32_t, kInt8Block>{});
+  }
+  if (start < end) step_block(start, static_cast<int32_t>(end - start));
+}
+
+}  // namespace fused_optim
