@@ -25,14 +25,37 @@ STEP_COLUMN = 3
 
 
 @triton.jit
+def _param_and_grad(param_ptr, grad_ptr, offsets, mask, grad_multiplier, weight_decay):
+    """The param and its grad in fp32, the grad unscaled (1 / grad_scale, negated when maximizing) and with the L2
+    weight decay."""
+    p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_multiplier
+    if weight_decay != 0.0:
+        g = tl.fma(weight_decay, p, g)  # one rounding, as torch's grad.add(param, alpha=weight_decay)
+    return p, g
+
+
+@triton.jit
+def _step_param(param_ptr, offsets, mask, p, g, buffer, momentum, lr, PARAM_DTYPE: tl.constexpr,
+                NESTEROV: tl.constexpr):
+    """The param moved along the buffer (Nesterov: along g + momentum * buffer), stored rounded to nearest."""
+    if NESTEROV:
+        g = g + momentum * buffer
+    else:
+        g = buffer
+    p = p - lr * g
+    if PARAM_DTYPE == tl.bfloat16:
+        tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
+    else:
+        tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
 def _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, mask, grad_multiplier, weight_decay, momentum,
                   one_minus_dampening, lr, first_step, stream, PARAM_DTYPE: tl.constexpr,
                   BUFFER_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
-    p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    g = g * grad_multiplier  # 1 / grad_scale, negated when maximizing
-    if weight_decay != 0.0:
-        g = tl.fma(weight_decay, p, g)  # one rounding, as torch's grad.add(param, alpha=weight_decay)
+    p, g = _param_and_grad(param_ptr, grad_ptr, offsets, mask, grad_multiplier, weight_decay)
+    buffer = g  # without momentum the step is along the grad
     if MOMENTUM:
         if first_step:  # the buffer is unset: it becomes the gradient itself
             buffer = g
@@ -42,15 +65,7 @@ def _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, mask, grad_multiplie
         if BUFFER_DTYPE == tl.bfloat16:  # moments="bf16": rounded stochastically (rounding.h's to_moment)
             bits = _moment_bits(stream, offsets, 0)
         _store_moment(buffer_ptr, offsets, mask, buffer, bits, BUFFER_DTYPE)
-        if NESTEROV:
-            g = g + momentum * buffer
-        else:
-            g = buffer
-    p = p - lr * g
-    if PARAM_DTYPE == tl.bfloat16:
-        tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
-    else:
-        tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
+    _step_param(param_ptr, offsets, mask, p, g, buffer, momentum, lr, PARAM_DTYPE, NESTEROV)
 
 
 @triton.jit
@@ -68,10 +83,7 @@ def _update_block_int8(param_ptr, grad_ptr, codes_ptr, scales_ptr, start, numel,
         mask = offsets < numel
         scale_mask = scale_offsets < (numel + INT8_BLOCK - 1) // INT8_BLOCK
     scales_ptr = scales_ptr.to(tl.pointer_type(tl.uint16))
-    p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_multiplier
-    if weight_decay != 0.0:
-        g = tl.fma(weight_decay, p, g)
+    p, g = _param_and_grad(param_ptr, grad_ptr, offsets, mask, grad_multiplier, weight_decay)
     if first_step:  # the buffer is unset: it becomes the gradient itself
         buffer = g
     else:
@@ -79,15 +91,7 @@ def _update_block_int8(param_ptr, grad_ptr, codes_ptr, scales_ptr, start, numel,
         buffer = _dequantize(tl.load(codes_ptr + offsets, mask=mask), scales, True) * momentum + one_minus_dampening * g
     _quantize(codes_ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, buffer,
               _moment_bits(stream, offsets, 0) & 0xFFFF, True)
-    if NESTEROV:
-        g = g + momentum * buffer
-    else:
-        g = buffer
-    p = p - lr * g
-    if PARAM_DTYPE == tl.bfloat16:
-        tl.store(param_ptr + offsets, _bf16_nearest(p), mask=mask)
-    else:
-        tl.store(param_ptr + offsets, p.to(PARAM_DTYPE), mask=mask)
+    _step_param(param_ptr, offsets, mask, p, g, buffer, momentum, lr, PARAM_DTYPE, NESTEROV)
 
 
 @triton.jit

@@ -15,6 +15,7 @@ from fused_optim.tools.training.config import QUICK, TrainConfig
 
 DEFAULTS = TrainConfig()
 CONFIG_FIELDS = set(DEFAULTS.as_dict())
+MASTER_WEIGHTS = {"off": False, "exact": True, "24": 24}  # --master-weights -> fused_optim.AdamW's master_weights
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -68,6 +69,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
     optim.add_argument("--moments", choices=("fp32", "bf16", "int8"),
                        help="the fused AdamW's moment storage: bf16 halves it, int8 quarters it, both rounded "
                        f"stochastically (default {d.moments}; --compare's torch AdamW keeps fp32)")
+    optim.add_argument("--params", choices=("fp32", "bf16"),
+                       help=f"the fused side's param dtype: bf16 stores the model in bf16 (default {d.params}; "
+                       "--compare's torch side keeps fp32)")
+    optim.add_argument("--master-weights", choices=tuple(MASTER_WEIGHTS),
+                       help="the fused AdamW's master weights of bf16 params: exact (fp32, kept as a 16-bit "
+                       "remainder beside the param) or 24 (24-bit, an 8-bit remainder); default off: the update "
+                       "rounds to the bf16 param")
     model = train.add_argument_group("model")
     model.add_argument("--n-layer", type=int, help=f"transformer blocks (default {d.n_layer})")
     model.add_argument("--n-head", type=int, help=f"attention heads (default {d.n_head})")
@@ -104,6 +112,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {key: value for key, value in vars(args).items() if key in CONFIG_FIELDS}
     if given.get("max_grad_norm") == 0:
         given["max_grad_norm"] = None
+    if "master_weights" in given:
+        given["master_weights"] = MASTER_WEIGHTS[given["master_weights"]]
     values = (dict(QUICK) if getattr(args, "quick", False) else {}) | given
     return TrainConfig(**values)
 

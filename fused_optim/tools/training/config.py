@@ -8,7 +8,7 @@ from dataclasses import dataclass
 # What defines the trained weights: a resumed run must have the checkpoint's values (checkpoint.py checks).
 # The backend is the resolved one (loop.train records it): other kernels round differently.
 RUN_DEFINING = ("steps", "batch_size", "micro_batches", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay",
-                "max_grad_norm", "betas", "moments", "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16",
+                "max_grad_norm", "betas", "moments", "params", "master_weights", "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16",
                 "backend")
 
 # --quick: a model and run small enough for seconds on a laptop CPU
@@ -29,6 +29,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # clip the global grad norm (None: no clipping)
     betas: tuple[float, float] = (0.9, 0.95)
     moments: str = "fp32"  # the fused AdamW's moment storage (fused_optim.AdamW's `moments`)
+    params: str = "fp32"  # the fused side's param dtype: "bf16" stores its model in bf16 (the torch side keeps fp32)
+    master_weights: bool | int = False  # the fused AdamW's `master_weights` for bf16 params: True (exact fp32), 24
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 256
@@ -67,6 +69,11 @@ class TrainConfig:
             raise ValueError(f"spike_factor must be > 1, got {self.spike_factor}")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             raise ValueError(f"stop_after must be in [1, steps={self.steps}], got {self.stop_after}")
+        if self.params not in ("fp32", "bf16"):
+            raise ValueError(f"params must be 'fp32' or 'bf16', got {self.params!r}")
+        if self.master_weights not in (False, True, 24) or (self.master_weights and self.params != "bf16"):
+            raise ValueError(f"master_weights must be False, True or 24, and only with bf16 params; got "
+                             f"{self.master_weights!r} with {self.params} params")
         self.betas = tuple(self.betas)
 
     def autocast_dtype(self, device_type: str):

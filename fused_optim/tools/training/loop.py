@@ -146,6 +146,8 @@ class SideRun:
         torch.manual_seed(config.seed)  # the same initial weights on both sides
         self.model = GPT(GPTConfig(vocab_size=VOCAB_SIZE, seq_len=config.seq_len, n_layer=config.n_layer,
                                    n_head=config.n_head, d_model=config.d_model)).to(device)
+        if side == "fused" and config.params == "bf16":
+            self.model.to(torch.bfloat16)
         self.recipe = make_recipe(side, self.model, config, device)
         self.sampler = BatchSampler(corpus.train, config.batch_size, config.seq_len, seed=config.seed)
         self.monitor = LossMonitor(config.spike_factor)

@@ -102,15 +102,15 @@ class FusedRecipe(Recipe):
         # optimizer's skipped-step count never syncs the host (a float lr would read it every step). The same on
         # the CPU, so that the CPU tests run the GPU's path (its only cost: the lr is rounded to fp32).
         return fused_optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
-                                 max_grad_norm=config.max_grad_norm, moments=config.moments, capturable=True,
-                                 backend=config.backend)
+                                 max_grad_norm=config.max_grad_norm, moments=config.moments,
+                                 master_weights=config.master_weights, capturable=True, backend=config.backend)
 
     def loss_sum(self, x: Tensor, y: Tensor) -> Tensor:
         with self.autocast():
             hidden = self.model(x)
         with torch.autocast(self.device.type, enabled=False):  # head and loss in fp32 (module docstring)
             return fused_optim.functional.linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]).float(), self.model.lm_head_weight, y.reshape(-1),
+                hidden.reshape(-1, hidden.shape[-1]).float(), self.model.lm_head_weight.float(), y.reshape(-1),
                 reduction="sum", backend=self.config.backend)
 
     def after_backward(self) -> None:

@@ -47,7 +47,8 @@ def summarise(run: dict) -> dict:
                      "python": platform.python_version()},
         "device": {"type": device.type, "name": _device_name(device), "peak_bf16_flops": peak},
         "backend": config.backend,  # the fused side's kernels, as resolved by loop.train
-        "precision": "bf16 autocast" if config.autocast_dtype(device.type) is not None else "fp32",
+        "precision": ("bf16 autocast" if config.autocast_dtype(device.type) is not None else "fp32")
+                     + (" · bf16 params" if config.params == "bf16" else ""),
         "corpus": {"name": corpus.name, "files": corpus.num_files, "train_tokens": corpus.train.numel(),
                    "val_tokens": corpus.val.numel()},
         "model": {"params": num_params, "flop_params": flop_params, "n_layer": config.n_layer, "n_head": config.n_head,
