@@ -99,7 +99,18 @@ def test_bf16_moments_keep_the_second_moment_decaying():
     assert ((ours - exact).abs() / exact).median() < 0.06
 
 
-def test_bf16_moments_resume_bit_for_bit_and_save_as_bf16():
+@pytest.mark.parametrize("cls, moments", [(fused_optim.AdamW, "bf16"), (fused_optim.AdamW, "int8"),
+                                           (fused_optim.Lion, "bf16"), (fused_optim.Lion, "int8")],
+                         ids=["adamw-bf16", "adamw-int8", "lion-bf16", "lion-int8"])
+def test_compressed_moments_resume_bit_for_bit_and_save_as_they_are(cls, moments):
+    """bf16 moments save as bf16, int8 ones as their codes and scales; a run resumed from the save goes on bit
+    for bit (the rounding seed comes back with the group)."""
+    keys = {key: signed for key, signed in cls._moment_keys.items() if key != "max_exp_avg_sq"}
+    if moments == "bf16":
+        saved_dtypes = dict.fromkeys(keys, torch.bfloat16)
+    else:
+        saved_dtypes = {**{key: torch.int8 if signed else torch.uint8 for key, signed in keys.items()},
+                        "moment_scales": torch.bfloat16}
     shapes = [(5,), (300,)]
     init = [torch.randn(s) for s in shapes]
     grads = [random_grads(shapes, torch.bfloat16) for _ in range(6)]
@@ -107,15 +118,15 @@ def test_bf16_moments_resume_bit_for_bit_and_save_as_bf16():
     for resume in (False, True):
         params = make_params(init, torch.bfloat16, "cpu")
         torch.manual_seed(0)  # the group's seed: the same in both runs, and the resumed run takes it from the save
-        opt = fused_optim.AdamW(params, lr=1e-2, moments="bf16", master_weights=24)
+        opt = cls(params, lr=1e-2, moments=moments, master_weights=24)
         for step, g in enumerate(grads):
             if resume and step == 3:
                 buffer = io.BytesIO()
                 torch.save(opt.state_dict(), buffer)
                 saved = torch.load(io.BytesIO(buffer.getvalue()))
-                assert {saved["state"][0][k].dtype for k in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
+                assert {key: saved["state"][0][key].dtype for key in saved_dtypes} == saved_dtypes
                 params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-                opt = fused_optim.AdamW(params, lr=1e-2, moments="bf16", master_weights=24)
+                opt = cls(params, lr=1e-2, moments=moments, master_weights=24)
                 opt.load_state_dict(saved)
             set_grads(g, params)
             opt.step()
