@@ -33,9 +33,7 @@
 // Each block owns one chunk (`chunk_size` elements) of one tensor, found by binary search over the chunk prefix
 // sums; every thread then moves kVec = 8 elements per iteration: one 16-byte access of bf16/fp16, two of fp32.
 // Offsets are int64 (a tensor may hold more than 2^31 elements); the grid holds fewer than 2^31 blocks.
-//
-// csrc/cuda/adam.cu predates the table and block search here and keeps its own (validated on an H100); it shares
-// the vector loads and stores and the param write-back.
+
 #pragma once
 
 #include <cstdint>
