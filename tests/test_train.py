@@ -423,3 +423,29 @@ def test_cli_lets_unexpected_errors_raise(text_file, monkeypatch):
 def test_device_cuda_without_a_gpu_says_so(text_file, capsys):
     assert run_cli(*TINY, "--data", str(text_file), "--device", "cuda") == 2
     assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("master_weights", ["off", "exact", "24"])
+def test_bf16_params_train_with_each_master_weight_mode(text_file, master_weights):
+    """--params bf16: the fused side's model in bf16, stepped by AdamW with the chosen master weights (and int8
+    moments with 24-bit masters: the 3-byte recipe); it learns as the fp32 model does, to bf16's resolution."""
+    from fused_optim.tools.cli import _parser
+
+    config = config_from_args(_parser().parse_args(
+        ["train", *TINY, "--data", str(text_file), "--params", "bf16", "--master-weights", master_weights,
+         "--moments", "int8" if master_weights == "24" else "fp32"]))
+    assert config.master_weights == {"off": False, "exact": True, "24": 24}[master_weights]
+    run = train(config)
+    losses = run["results"]["fused"].train_loss
+    fp32 = train(config.replace(params="fp32", master_weights=False, moments="fp32"))["results"]["fused"].train_loss
+    assert summarise(run)["precision"] == "fp32 · bf16 params"
+    assert losses != fp32  # the bf16 model really ran
+    assert losses[-1] < losses[0] - 0.05  # it learns
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(fp32), rtol=3e-2, atol=3e-2)
+
+
+def test_master_weights_need_bf16_params():
+    with pytest.raises(ValueError, match=r"^master_weights must be False, True or 24, and only with bf16 params"):
+        TrainConfig(master_weights=24)
+    with pytest.raises(ValueError, match=r"^params must be 'fp32' or 'bf16'"):
+        TrainConfig(params="fp16")
