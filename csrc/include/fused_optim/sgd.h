@@ -26,7 +26,9 @@ struct SgdScalars {
   float momentum;
   float one_minus_dampening;  // rounded to fp32 after the subtraction, as torch's `alpha=1 - dampening`
   float lr;
-  bool first_step;            // the momentum buffer is unset: it becomes the gradient itself
+  // the momentum buffer is unset: it becomes the gradient itself (1, else 0). 32 bits, not a bool: a byte in the
+  // loop makes gcc try only byte-lane vector modes, and the CPU loops over 16-bit params ran scalar
+  uint32_t first_step;
 };
 
 FO_HOST_DEVICE SgdScalars sgd_scalars(double momentum, double dampening, double weight_decay, bool maximize, float lr,
@@ -38,7 +40,7 @@ FO_HOST_DEVICE SgdScalars sgd_scalars(double momentum, double dampening, double 
   s.momentum = static_cast<float>(momentum);
   s.one_minus_dampening = static_cast<float>(1.0 - dampening);
   s.lr = lr;
-  s.first_step = step == 0.0f;
+  s.first_step = step == 0.0f ? 1u : 0u;
   return s;
 }
 
@@ -51,7 +53,7 @@ FO_HOST_DEVICE float sgd_update(float param, float grad, float& momentum_buffer,
   // one rounding, as torch's grad.add(param, alpha=weight_decay) (an FMA): see adam.h
   if (s.weight_decay != 0.0f) grad = fmaf(s.weight_decay, param, grad);
   if (kMomentum) {
-    momentum_buffer = s.first_step ? grad : momentum_buffer * s.momentum + s.one_minus_dampening * grad;
+    momentum_buffer = s.first_step != 0u ? grad : momentum_buffer * s.momentum + s.one_minus_dampening * grad;
     grad = kNesterov ? grad + s.momentum * momentum_buffer : momentum_buffer;
   }
   return param - s.lr * grad;
