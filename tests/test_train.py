@@ -449,3 +449,17 @@ def test_master_weights_need_bf16_params():
         TrainConfig(master_weights=24)
     with pytest.raises(ValueError, match=r"^params must be 'fp32' or 'bf16'"):
         TrainConfig(params="fp16")
+
+
+def test_plot_runs_draws_each_reports_validation_curve(text_file, tmp_path):
+    from fused_optim.tools.training.plot import plot_runs, run_label
+
+    reports = []
+    for options in (["--moments", "int8"], ["--params", "bf16", "--master-weights", "24"]):
+        reports.append(tmp_path / f"run{len(reports)}.json")
+        assert run_cli(*TINY, "--data", str(text_file), *options, "--json", str(reports[-1])) == 0
+    labels = [run_label(json.loads(path.read_text())["config"]) for path in reports]
+    assert labels == ["fp32 params, int8 moments", "bf16 params, 24-bit masters, fp32 moments"]
+    out = tmp_path / "runs.png"
+    plot_runs([str(path) for path in reports], str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

@@ -1,9 +1,12 @@
 """`--plot PATH`: the loss curves of a `fused-optim train` run as a PNG: train loss per step and validation loss
-at each evaluation, per side (fused vs torch with --compare). matplotlib is imported only here, only when asked.
+at each evaluation, per side (fused vs torch with --compare). `plot_runs` draws the validation curves of several
+runs' `--json` reports in one PNG (the optimizer modes side by side, docs/results.md). matplotlib is imported only
+here, only when asked.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fused_optim.tools._pyplot import pyplot
@@ -33,6 +36,32 @@ def plot_losses(summary: dict, path: str) -> None:
     axes.set_ylabel("loss (nats per byte)")
     axes.grid(alpha=0.3)
     axes.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def run_label(config: dict) -> str:
+    """What sets a run's optimizer apart, from its report's config: the params' dtype, master weights, moments."""
+    params = config.get("params", "fp32")
+    masters = {False: "", True: ", exact masters", 24: ", 24-bit masters"}[config.get("master_weights", False)]
+    return f"{params} params{masters}, {config['moments']} moments"
+
+
+def plot_runs(report_paths: list[str], path: str) -> None:
+    """Writes the validation loss of each `--json` report in `report_paths` (its fused side), one curve per run
+    labelled by its optimizer settings, to the PNG `path`."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for report_path in report_paths:
+        report = json.loads(Path(report_path).read_text())
+        val_steps, val_losses = zip(*report["runs"]["fused"]["history"]["val"])
+        axes.plot(val_steps, val_losses, marker=".", label=f"{run_label(report['config'])}: {val_losses[-1]:.4f}")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("validation loss (nats per byte)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
