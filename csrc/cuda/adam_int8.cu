@@ -88,16 +88,7 @@ __global__ void __launch_bounds__(kThreads)
     load_codes(t.exp_avg + i, vector, valid, m_codes);
     load_codes(t.exp_avg_sq + i, vector, valid, v_codes);
     if (kAmsgrad) load_codes(t.max_exp_avg_sq + i, vector, valid, max_codes);
-    if (vector) {
-      multi_tensor::load_param_vec<kWrite>(param, master, i, p);
-      multi_tensor::load_vec(grad + i, g);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        p[k] = k < valid ? multi_tensor::load_param_at<kWrite>(param, master, i + k) : 0.0f;
-        g[k] = k < valid ? static_cast<float>(grad[i + k]) : 0.0f;
-      }
-    }
+    int8_codes::load_params_and_grads<kWrite>(param, master, grad, i, vector, valid, p, g);
     const bool any = valid > 0;
     const float m_step = any ? signed_step(bf16_bits_to_float(m_scales[block])) : 0.0f;
     const float v_step = any ? unsigned_step(bf16_bits_to_float(v_scales[block])) : 0.0f;
@@ -132,14 +123,7 @@ __global__ void __launch_bounds__(kThreads)
     store_codes(t.exp_avg + i, vector, valid, m_codes);
     store_codes(t.exp_avg_sq + i, vector, valid, v_codes);
     if (kAmsgrad) store_codes(t.max_exp_avg_sq + i, vector, valid, max_codes);
-    if (vector) {
-      multi_tensor::store_param_vec<kWrite>(param, master, i, p, stream);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        if (k < valid) multi_tensor::store_param_at<kWrite>(param, master, i + k, p[k], stream);
-      }
-    }
+    int8_codes::store_params<kWrite>(param, master, i, vector, valid, p, stream);
   }
 }
 

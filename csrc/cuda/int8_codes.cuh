@@ -58,6 +58,38 @@ __device__ __forceinline__ uint32_t block_largest(const float (&x)[kVec], int va
   return largest;
 }
 
+// A thread's kVec params (by write-back kWrite) and grads from element i as fp32: 16-byte vectors where `vector`,
+// else the `valid` elements one by one (0 past them).
+template <WriteBack kWrite, typename param_t, typename grad_t>
+__device__ __forceinline__ void load_params_and_grads(const param_t* param, const master_t<kWrite>* master,
+                                                      const grad_t* grad, int64_t i, bool vector, int valid,
+                                                      float (&p)[kVec], float (&g)[kVec]) {
+  if (vector) {
+    multi_tensor::load_param_vec<kWrite>(param, master, i, p);
+    multi_tensor::load_vec(grad + i, g);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      p[k] = k < valid ? multi_tensor::load_param_at<kWrite>(param, master, i + k) : 0.0f;
+      g[k] = k < valid ? static_cast<float>(grad[i + k]) : 0.0f;
+    }
+  }
+}
+
+// The updated params back, as load_params_and_grads read them (stochastic rounding from `stream`).
+template <WriteBack kWrite, typename param_t>
+__device__ __forceinline__ void store_params(param_t* param, master_t<kWrite>* master, int64_t i, bool vector,
+                                             int valid, const float (&p)[kVec], uint32_t stream) {
+  if (vector) {
+    multi_tensor::store_param_vec<kWrite>(param, master, i, p, stream);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      if (k < valid) multi_tensor::store_param_at<kWrite>(param, master, i + k, p[k], stream);
+    }
+  }
+}
+
 // A block's work (multi_tensor.cuh) for an optimizer with one signed int8 moment (SGD's momentum buffer, Lion's
 // exp_avg), kVec elements a thread an iteration: param (by write-back kWrite), grad and codes loaded, `update(p, g,
 // m)` steps one element (p the param's fp32 value, m its dequantized moment: both in/out), the block of codes' new
@@ -80,16 +112,7 @@ __device__ __forceinline__ void step_signed_codes(const multi_tensor::BlockWork&
     float p[kVec], g[kVec], m[kVec];
     int8_t c[kVec];
     load_codes(codes + i, vector, valid, c);
-    if (vector) {
-      multi_tensor::load_param_vec<kWrite>(param, master, i, p);
-      multi_tensor::load_vec(grad + i, g);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        p[k] = k < valid ? multi_tensor::load_param_at<kWrite>(param, master, i + k) : 0.0f;
-        g[k] = k < valid ? static_cast<float>(grad[i + k]) : 0.0f;
-      }
-    }
+    load_params_and_grads<kWrite>(param, master, grad, i, vector, valid, p, g);
     const float step = valid > 0 ? signed_step(bf16_bits_to_float(scales[block])) : 0.0f;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -102,14 +125,7 @@ __device__ __forceinline__ void step_signed_codes(const multi_tensor::BlockWork&
 #pragma unroll
     for (int k = 0; k < kVec; ++k) c[k] = quantize_signed(m[k], inverse, moment_bits(draw, i + k) & 0xFFFFu);
     store_codes(codes + i, vector, valid, c);
-    if (vector) {
-      multi_tensor::store_param_vec<kWrite>(param, master, i, p, stream);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        if (k < valid) multi_tensor::store_param_at<kWrite>(param, master, i + k, p[k], stream);
-      }
-    }
+    store_params<kWrite>(param, master, i, vector, valid, p, stream);
   }
 }
 
