@@ -45,7 +45,8 @@ def plot_losses(summary: dict, path: str) -> None:
 def run_label(config: dict) -> str:
     """What sets a run's optimizer apart, from its report's config: the params' dtype, master weights, moments."""
     params = config.get("params", "fp32")
-    masters = {False: "", True: ", exact masters", 24: ", 24-bit masters"}[config.get("master_weights", False)]
+    masters = {False: ", no masters" if params == "bf16" else "", True: ", exact masters",
+               24: ", 24-bit masters"}[config.get("master_weights", False)]
     return f"{params} params{masters}, {config['moments']} moments"
 
 
