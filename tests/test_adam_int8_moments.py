@@ -111,7 +111,8 @@ def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES, d
     opt = cls(params, lr=1e-2, moments="int8", backend=backend, **kwargs)
     fp32_opt = cls(emulated_params, lr=1e-2, backend=backend, **kwargs)
     seed = opt.param_groups[0]["seed"]
-    signed = {key: signed for key, signed in cls._moment_keys.items() if key != "max_exp_avg_sq" or kwargs.get("amsgrad")}
+    signed = {key: signed for key, signed in cls._moment_keys.items()
+              if key != "max_exp_avg_sq" or kwargs.get("amsgrad")}
     keys = list(signed)
     emulated = [{key: quantize(torch.zeros(s, device=device), signed[key]) for key in keys} for s in shapes]
     generator = torch.Generator().manual_seed(0)

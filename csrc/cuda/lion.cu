@@ -144,8 +144,8 @@ void lion_step_cuda(FUSED_OPTIM_LION_ARGS) {
   };
   multi_tensor::TableFiller<Table, decltype(launch)> filler(kChunk, launch);
   for (size_t i = 0; i < params.size(); ++i) {
-    filler.add(TensorArgs{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(), exp_avgs[i].mutable_data_ptr(),
-                          master ? master_params[i].mutable_data_ptr() : nullptr,
+    filler.add(TensorArgs{params[i].mutable_data_ptr(), matched_grads[i].const_data_ptr(),
+                          exp_avgs[i].mutable_data_ptr(), master ? master_params[i].mutable_data_ptr() : nullptr,
                           int8 ? data_as<uint16_t>(moment_scales[i]) : nullptr, data_as<float>(steps[i]),
                           static_cast<int32_t>(i), 0},
                params[i].numel(), multi_tensor::dtype_pair(params[i].scalar_type(), matched_grads[i].scalar_type()));

@@ -24,8 +24,8 @@ from fused_optim.reference import bf16_stochastic_round, moment_bits16
 
 LION_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] master_params, Tensor(d!)[] steps, "
-    "Tensor(e!)[] moment_scales, float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, bool maximize, "
-    "bool stochastic_rounding, int seed, Tensor? grad_scale, Tensor? found_inf) -> ()"
+    "Tensor(e!)[] moment_scales, float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, "
+    "bool maximize, bool stochastic_rounding, int seed, Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 SPARSE_MESSAGE = "Lion does not support sparse gradients"
 
@@ -47,19 +47,19 @@ def check_lion_args(params, grads, exp_avgs, master_params, steps, moment_scales
                             int8_moments=(moment_scales, [True]))
 
 
-def _lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2, weight_decay,
-                      maximize, stochastic_rounding, seed, grad_scale, found_inf):
+def _lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2,
+                      weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf):
     from fused_optim.triton.lion import lion_step_triton
 
     grads = check_lion_args(params, grads, exp_avgs, master_params, steps, moment_scales, stochastic_rounding,
                             (lr_tensor, grad_scale, found_inf))
     if params:
-        lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2, weight_decay,
-                         maximize, stochastic_rounding, seed, grad_scale, found_inf)
+        lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2,
+                         weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf)
 
 
-def _lion_step_torch(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2, weight_decay,
-                     maximize, stochastic_rounding, seed, grad_scale, found_inf):
+def _lion_step_torch(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2,
+                     weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf):
     """lion.h's formulas in plain torch ops, one tensor at a time in fp32 (fp64 for fp64 params); a skipped step is
     selected with torch.where, so nothing is read on the host."""
     grads = check_lion_args(params, grads, exp_avgs, master_params, steps, moment_scales, stochastic_rounding,
@@ -110,13 +110,14 @@ define_op("lion_step_", LION_SCHEMA, fake=lambda *args, **kwargs: None, torch_im
           triton_impl=_lion_step_triton, sparse_message=SPARSE_MESSAGE)
 
 
-def lion_step(params, grads, exp_avgs, master_params, steps, moment_scales=(), *, lr, beta1, beta2, weight_decay, maximize,
-              stochastic_rounding=False, seed=0, grad_scale=None, found_inf=None, backend="auto") -> None:
+def lion_step(params, grads, exp_avgs, master_params, steps, moment_scales=(), *, lr, beta1, beta2, weight_decay,
+              maximize, stochastic_rounding=False, seed=0, grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused Lion step over lists of tensors on one device (see the schema above).
 
     `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 state (or
-    bf16, or int8 codes with their `moment_scales`: rounded stochastically from `seed`'s streams), or fp64 with fp64 state (stepped in plain torch ops whatever the backend: the kernels are fp32); grads
-    have the param's dtype or fp32. `backend` is resolved by fused_optim._backend. DTensors (params, grads and state
+    bf16, or int8 codes with their `moment_scales`: rounded stochastically from `seed`'s streams), or fp64 with fp64
+    state (stepped in plain torch ops whatever the backend: the kernels are fp32); grads have the param's dtype or
+    fp32. `backend` is resolved by fused_optim._backend. DTensors (params, grads and state
     alike) are stepped through their local shards (ops/_dtensor.py).
     """
     if not params:
@@ -130,5 +131,5 @@ def lion_step(params, grads, exp_avgs, master_params, steps, moment_scales=(), *
             (resolve_op("lion_step_", backend, device.type), narrow)):
         if params:
             lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
-            op(params, grads, exp_avgs, master_params, steps, moment_scales, lr_value, lr_tensor, beta1, beta2, weight_decay,
-               maximize, stochastic_rounding, seed, scale, inf)
+            op(params, grads, exp_avgs, master_params, steps, moment_scales, lr_value, lr_tensor, beta1, beta2,
+               weight_decay, maximize, stochastic_rounding, seed, scale, inf)

@@ -133,21 +133,21 @@ def _lion_kernel(
                           PARAM_DTYPE, MOMENT_DTYPE, WRITE)
 
 
-def lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2, weight_decay,
-                     maximize, stochastic_rounding, seed, grad_scale, found_inf) -> None:
+def lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2,
+                     weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf) -> None:
     """The fused_optim::lion_step_triton_ op (schema and argument checks in fused_optim/ops/lion.py)."""
     # Consecutive tensors of one (param dtype, grad dtype) pair share a launch.
     start = 0
     for end in range(1, len(params) + 1):
         if end == len(params) or (params[end].dtype, grads[end].dtype) != (params[start].dtype, grads[start].dtype):
             _launch(params[start:end], grads[start:end], exp_avgs[start:end], master_params[start:end],
-                    steps[start:end], moment_scales[start:end], start, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
-                    stochastic_rounding, seed, grad_scale, found_inf)
+                    steps[start:end], moment_scales[start:end], start, lr, lr_tensor, beta1, beta2, weight_decay,
+                    maximize, stochastic_rounding, seed, grad_scale, found_inf)
             start = end
 
 
-def _launch(params, grads, exp_avgs, master_params, steps, moment_scales, first_tensor_index, lr, lr_tensor, beta1, beta2,
-            weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf) -> None:
+def _launch(params, grads, exp_avgs, master_params, steps, moment_scales, first_tensor_index, lr, lr_tensor, beta1,
+            beta2, weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf) -> None:
     rows = [[p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
              master_params[i].data_ptr() if master_params else 0, steps[i].data_ptr(),
              moment_scales[i].data_ptr() if moment_scales else 0, p.numel()]

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 # What defines the trained weights: a resumed run must have the checkpoint's values (checkpoint.py checks).
 # The backend is the resolved one (loop.train records it): other kernels round differently.
 RUN_DEFINING = ("steps", "batch_size", "micro_batches", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay",
-                "max_grad_norm", "betas", "moments", "params", "master_weights", "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16",
-                "backend")
+                "max_grad_norm", "betas", "moments", "params", "master_weights", "n_layer", "n_head", "d_model", "seed",
+                "data", "max_data_bytes", "bf16", "backend")
 
 # --quick: a model and run small enough for seconds on a laptop CPU
 QUICK = {"steps": 30, "batch_size": 8, "micro_batches": 2, "seq_len": 64, "n_layer": 2, "n_head": 2, "d_model": 64,
