@@ -67,14 +67,23 @@ def test_report_schema(report):
     assert {(peer["op"], peer["impl"]) for peer in report["absent_peers"]} == absent
 
 
+# Our optimizers with bf16 moments (2 bytes read and written) and int8 ones (1, and a bf16 scale per 64), at 4099
+COMPRESSED = {"fused_optim[cpu] moments=bf16": 16 * 4099, "fused_optim[cpu] moments=int8": round(4099 * (14 + 4 / 64))}
+
+
 def test_sgd_rows(report):
     rows = _rows(report, "sgd")
-    assert {r["n_params"] for r in rows} == {4099} and all(r["bytes"] == 20 * 4099 for r in rows)
+    assert {r["n_params"] for r in rows} == {4099}
+    for r in rows:
+        assert r["bytes"] == COMPRESSED.get(r["impl"], 20 * 4099), r
     timed = [r for r in rows if r["time_ms_median"]]
     for r in timed:
         _check_timed_row(r)
-        assert r["max_abs_err"] < 1e-7
-    assert {"torch foreach", "torch for-loop"} <= {r["impl"] for r in timed}
+        if r["impl"] in COMPRESSED:  # rounded buffers move the params: the whole update, in the 2-norm
+            assert r["update_error"] < 0.1 and r["note"].startswith("update off by"), r
+        else:
+            assert r["max_abs_err"] < 1e-7
+    assert {"torch foreach", "torch for-loop", *COMPRESSED} <= {r["impl"] for r in timed}
     assert any(r["impl"].startswith("fused_optim") for r in timed)
     fused = next(r for r in rows if r["impl"] == "torch fused")
     baseline = "torch fused" if fused["time_ms_median"] else "torch foreach"
@@ -86,17 +95,14 @@ def test_sgd_rows(report):
 def test_lion_rows(report):
     rows = _rows(report, "lion")
     assert {r["n_params"] for r in rows} == {4099}
-    # bf16 moments: 2 bytes read and written; int8: 1, and a bf16 scale per 64
-    compressed = {"fused_optim[cpu] moments=bf16": 16 * 4099,
-                  "fused_optim[cpu] moments=int8": round(4099 * (14 + 4 / 64))}
     for r in rows:
-        assert r["bytes"] == compressed.get(r["impl"], 20 * 4099), r
+        assert r["bytes"] == COMPRESSED.get(r["impl"], 20 * 4099), r
     timed = [r for r in rows if r["time_ms_median"]]
     for r in timed:
         _check_timed_row(r)
-        assert r["max_abs_err"] < 1e-7
-        assert r["note"].startswith("moments off by") == (r["impl"] in compressed), r
-    assert {"torch foreach Lion", "lion-pytorch", "fused_optim[cpu]", *compressed} <= {r["impl"] for r in timed}
+        assert r["max_abs_err"] < 1e-7  # a rounded moment does not flip the check's directions (bench/lion.py)
+        assert r["note"].startswith("moments off by") == (r["impl"] in COMPRESSED), r
+    assert {"torch foreach Lion", "lion-pytorch", "fused_optim[cpu]", *COMPRESSED} <= {r["impl"] for r in timed}
     assert [r["impl"] for r in rows if r["baseline"]] == ["torch foreach Lion"]
 
 

@@ -12,7 +12,7 @@ direction 0.9·0.01·g - 0.1·g/2 has the opposite sign of the first's, so a mis
 its params and moments are compared with `fused_optim.reference.ReferenceLion` in float64 within
 `CHECK_TOLERANCES`; a wrong one is not timed. With bf16 or int8 moments (rounded stochastically) the params are
 held to the same tolerances (the check's second direction, 0.009·g - 0.05·g, is far from 0: a rounded moment
-does not flip it), and the moments, dequantized, to `COMPRESSED_MOMENT_ERROR` in the 2-norm;
+does not flip it), and the moments, dequantized, to `adamw.COMPRESSED_MOMENT_ERROR` in the 2-norm;
 tests/test_adam_int8_moments.py checks those moments bit for bit.
 
 Bytes model (`lion_step_bytes`), the fewest bytes one step moves per param: read grad + param + exp_avg, write
@@ -23,7 +23,6 @@ per 64 codes).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -32,8 +31,8 @@ from torch import Tensor
 
 from fused_optim.reference import ReferenceLion
 from fused_optim.int8_moments import dequantize
-from fused_optim.tools.bench.adamw import (Runner, Workload, _check_steps, _clone_params, _human, compare,
-                                           make_workload)
+from fused_optim.tools.bench.adamw import (COMPRESSED_MOMENT_ERROR, Runner, Workload, _check_steps, _clone_params,
+                                           _human, compare, make_workload, relative_error)
 from fused_optim.tools.bench.peers import (Case, Impl, Kernel, SizesConfig, new_row, not_installed,
                                            our_implementations, run_cases)
 from fused_optim.tools.bench.registry import Benchmark
@@ -44,9 +43,6 @@ CHECK_STEPS = 2
 # (rtol, atol) against float64 after two steps: the params move by lr·sign, exact but for the decay's and the
 # subtraction's roundings (a few fp32 ulps of |p| ~ 0.02); the moment rounds twice a step.
 CHECK_TOLERANCES = {"params": (1e-6, 1e-10), "exp_avgs": (1e-6, 1e-12)}
-# ||moment - reference|| / ||reference|| of bf16 and int8 moments: bf16 rounds by up to 2^-8 relative, an int8 code
-# by ~1 % of its block's largest element; a moment that missed an update is off by ~100 %.
-COMPRESSED_MOMENT_ERROR = 0.05
 KERNELS = (Kernel("lion_step_", "lion"),)
 
 
@@ -160,8 +156,7 @@ def checked_step(impl: Impl, w: Workload, expected: list[Tensor], row: dict[str,
     row["bytes"] = lion_step_bytes(w.numel, runner.state_dtype())
     params_ok, params_err = compare(result[:n], expected[:n], *CHECK_TOLERANCES["params"])
     if runner.tolerance == "compressed_moments":
-        error = sum(float((m.double() - e.double()).square().sum()) for m, e in zip(result[n:], expected[n:]))
-        moments_err = math.sqrt(error / sum(float(e.double().square().sum()) for e in expected[n:]))
+        moments_err = relative_error(result[n:], expected[n:])
         row.update(correct=params_ok and moments_err < COMPRESSED_MOMENT_ERROR, max_abs_err=params_err,
                    note=f"moments off by {moments_err:.1%} (2-norm)")
     else:

@@ -5,27 +5,34 @@ measured memory roof.
 
 Workload: fp32 params and grads on the GPT-like list of tensors of the AdamW benchmark (`adamw.model_shapes`,
 `adamw.make_workload`). Ours: `fused_optim.SGD(..., backend=...)` on each backend that runs here (one whose
-sgd_step_ kernel is not registered is shown as absent, and then ours on the torch backend is measured). torch's
+sgd_step_ kernel is not registered is shown as absent, and then ours on the torch backend is measured), and again
+with `moments="bf16"` and `moments="int8"` momentum buffers. torch's
 fused SGD is the baseline of the × column where torch has it on the device, else its foreach SGD.
 
 Correctness, before timing: each implementation takes two steps (grads g, then g × -1/2: the second step's buffer
 0.9·g - g/2 differs from the grad, so a missing momentum shows) and its params and momentum buffers are compared
-with `fused_optim.reference.ReferenceSGD` in float64 within `CHECK_TOLERANCES`; a wrong one is not timed.
+with `fused_optim.reference.ReferenceSGD` in float64 within `CHECK_TOLERANCES`; a wrong one is not timed. bf16
+and int8 buffers (rounded stochastically) move the params by their rounding: the params are held to the whole
+update (`adamw.update_error` under `adamw.INT8_UPDATE_ERROR`, as the AdamW benchmark's 8-bit rows) and the
+buffers, dequantized, to `adamw.COMPRESSED_MOMENT_ERROR` in the 2-norm; tests/test_adam_int8_moments.py checks
+them bit for bit.
 
 Bytes model (`sgd_step_bytes`), the fewest bytes one step moves per param: read grad + param + momentum buffer,
-write param + momentum buffer: fp32 20 B/param.
+write param + momentum buffer: fp32 20 B/param, bf16 buffers 16, int8 14.06 (a bf16 scale per 64 codes).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from fused_optim.tools.bench.adamw import Runner, Workload, _check_steps, _clone_params, _human, compare, make_workload
+from fused_optim.int8_moments import dequantize
+from fused_optim.tools.bench.adamw import (COMPRESSED_MOMENT_ERROR, INT8_UPDATE_ERROR, Runner, Workload, _check_steps,
+                                           _clone_params, _human, compare, make_workload, relative_error, update_error)
 from fused_optim.tools.bench.peers import (Case, Impl, Kernel, SizesConfig, apex_peer, compile_step, new_row,
                                      our_implementations, run_cases, torch_fused_supported)
 from fused_optim.reference import ReferenceSGD
@@ -43,15 +50,18 @@ CHECK_TOLERANCES = {"params": (1e-6, 1e-11), "momentum_buffers": (1e-6, 1e-12)}
 KERNELS = (Kernel("sgd_step_", "sgd"),)
 
 
-def sgd_step_bytes(numel: int) -> int:
-    """The fewest bytes one SGD-with-momentum step moves over `numel` fp32 params (module docstring).
+def sgd_step_bytes(numel: int, buffer_dtype: torch.dtype = torch.float32) -> int:
+    """The fewest bytes one SGD-with-momentum step moves over `numel` fp32 params with `buffer_dtype` momentum
+    buffers (module docstring).
 
-    >>> sgd_step_bytes(1)
-    20
+    >>> sgd_step_bytes(1), sgd_step_bytes(1, torch.bfloat16), sgd_step_bytes(64, torch.int8)
+    (20, 16, 900)
     """
-    read = 4 + 4 + 4  # grad, param, momentum buffer
-    write = 4 + 4  # param, momentum buffer
-    return numel * (read + write)
+    # int8 buffers carry a bf16 scale per 64 codes, read and written
+    buffer = torch.empty((), dtype=buffer_dtype).element_size() + (2 / 64 if buffer_dtype == torch.int8 else 0)
+    read = 4 + 4 + buffer  # grad, param, momentum buffer
+    write = 4 + buffer  # param, momentum buffer
+    return round(numel * (read + write))
 
 
 def _runner(params: list[Tensor], opt: torch.optim.Optimizer) -> Runner:
@@ -61,12 +71,21 @@ def _runner(params: list[Tensor], opt: torch.optim.Optimizer) -> Runner:
     return Runner(opt.step, result, lambda: torch.float32, params)
 
 
-def _ours(backend: str) -> Callable[[Workload], Runner]:
+def _ours(backend: str, moments: str = "fp32") -> Callable[[Workload], Runner]:
     def build(w: Workload) -> Runner:
         import fused_optim
 
         params = _clone_params(w)
-        return _runner(params, fused_optim.SGD(params, **HPARAMS, backend=backend))
+        opt = fused_optim.SGD(params, **HPARAMS, moments=moments, backend=backend)
+        if moments == "fp32":
+            return _runner(params, opt)
+
+        def result() -> list[Tensor]:  # the params, then the buffers as fp32 (int8 codes dequantized)
+            states = [opt.state[p] for p in params]
+            return params + [dequantize(s["momentum_buffer"], s["moment_scales"][0]) if "moment_scales" in s
+                             else s["momentum_buffer"].float() for s in states]
+        return Runner(opt.step, result, lambda: opt.state[params[0]]["momentum_buffer"].dtype, params,
+                      tolerance="compressed_moments")
     return build
 
 
@@ -97,6 +116,9 @@ def _apex(fused_sgd: type) -> Callable[[Workload], Runner]:
 def implementations(device: torch.device) -> list[Impl]:
     """The implementations compared on `device`, usable or not (with the reason)."""
     impls = our_implementations(device, _ours, KERNELS, torch_fallback=True)
+    for moments in ("bf16", "int8"):  # half and a quarter of the buffers' bytes
+        impls += [replace(impl, name=f"{impl.name} moments={moments}", auto=False) for impl in
+                  our_implementations(device, lambda backend, m=moments: _ours(backend, m), KERNELS)]
     fused = torch_fused_supported(torch.optim.SGD, device)
     if fused:
         impls.append(Impl("torch fused", _torch(fused=True), baseline=True))
@@ -133,6 +155,17 @@ def checked_step(impl: Impl, w: Workload, expected: list[Tensor], row: dict[str,
     runner = impl.build(w)
     _check_steps(runner, CHECK_STEPS, w.device)
     result, n = runner.result(), len(w.p0)
+    row["bytes"] = sgd_step_bytes(w.numel, runner.state_dtype())
+    if runner.tolerance == "compressed_moments":
+        update_err = update_error(result[:n], expected[:n], w.p0)
+        buffers_err = relative_error(result[n:], expected[n:])
+        row.update(correct=update_err < INT8_UPDATE_ERROR and buffers_err < COMPRESSED_MOMENT_ERROR,
+                   update_error=update_err,
+                   note=f"update off by {update_err:.1%}, buffers by {buffers_err:.1%} (2-norm)")
+        if not row["correct"]:
+            row["note"] = f"wrong result ({row['note']} vs float64): not timed"
+            return None
+        return runner.step
     params_ok, params_err = compare(result[:n], expected[:n], *CHECK_TOLERANCES["params"])
     buffers_ok, buffers_err = compare(result[n:], expected[n:], *CHECK_TOLERANCES["momentum_buffers"])
     row.update(correct=params_ok and buffers_ok, max_abs_err=max(params_err, buffers_err))
@@ -173,13 +206,15 @@ def _case(config: SGDConfig, n_params: int) -> Case:
 
 
 def _row(impl: Impl, w: Workload) -> dict[str, Any]:
+    # bytes: the fp32 buffers' model until checked_step knows the implementation's buffer dtype
     return new_row("sgd", "fp32", impl, w.device, dtype="float32", n_params=w.numel, n_tensors=len(w.p0),
                    bytes=sgd_step_bytes(w.numel))
 
 
 CAPTIONS = {
     "sgd": "ms: median time of one SGD step (momentum 0.9, fp32); GB/s by the bytes model (read grad, param, "
-           "momentum buffer; write param, momentum buffer: 20 B/param); % of the roof; × = torch fused's time "
+           "momentum buffer; write param, momentum buffer: 20 B/param, 16 with bf16 buffers, 14.06 with int8); "
+           "% of the roof; × = torch fused's time "
            "(foreach where torch has no fused SGD here) / this one's; vs peers: ours' speed-up over each; peak mem "
            "(GPU): what a step allocates beyond its state.",
 }
