@@ -10,9 +10,11 @@ Workload: fp32 params and grads on the GPT-like list of tensors of the AdamW ben
 Correctness, before timing: each implementation takes two steps (grads g, then g × -1/2: the second step's
 direction 0.9·0.01·g - 0.1·g/2 has the opposite sign of the first's, so a missing or mis-weighted moment shows) and
 its params and moments are compared with `fused_optim.reference.ReferenceLion` in float64 within
-`CHECK_TOLERANCES`; a wrong one is not timed. With bf16 or int8 moments (rounded stochastically) the params are
-held to the same tolerances (the check's second direction, 0.009·g - 0.05·g, is far from 0: a rounded moment
-does not flip it), and the moments, dequantized, to `adamw.COMPRESSED_MOMENT_ERROR` in the 2-norm;
+`CHECK_TOLERANCES`; a wrong one is not timed. With bf16 or int8 moments (rounded stochastically) the moments,
+dequantized, are held to `adamw.COMPRESSED_MOMENT_ERROR` in the 2-norm, and the params to the same tolerances but
+on up to `FLIPPED_SHARE` of them: the check's second direction 0.009·g - 0.05·g stays far from 0 unless an element's
+moment is tiny beside its block's largest, where an int8 code rounds it to 0 or to a whole code step, which can
+flip that element's direction (a 2·lr miss; at 33.6 M params about 200 elements, 6e-6 of them).
 tests/test_adam_int8_moments.py checks those moments bit for bit.
 
 Bytes model (`lion_step_bytes`), the fewest bytes one step moves per param: read grad + param + exp_avg, write
@@ -43,6 +45,7 @@ CHECK_STEPS = 2
 # (rtol, atol) against float64 after two steps: the params move by lr·sign, exact but for the decay's and the
 # subtraction's roundings (a few fp32 ulps of |p| ~ 0.02); the moment rounds twice a step.
 CHECK_TOLERANCES = {"params": (1e-6, 1e-10), "exp_avgs": (1e-6, 1e-12)}
+FLIPPED_SHARE = 1e-4  # of the params, outside CHECK_TOLERANCES, with bf16 or int8 moments (module docstring)
 KERNELS = (Kernel("lion_step_", "lion"),)
 
 
@@ -157,8 +160,11 @@ def checked_step(impl: Impl, w: Workload, expected: list[Tensor], row: dict[str,
     params_ok, params_err = compare(result[:n], expected[:n], *CHECK_TOLERANCES["params"])
     if runner.tolerance == "compressed_moments":
         moments_err = relative_error(result[n:], expected[n:])
-        row.update(correct=params_ok and moments_err < COMPRESSED_MOMENT_ERROR, max_abs_err=params_err,
-                   note=f"moments off by {moments_err:.1%} (2-norm)")
+        rtol, atol = CHECK_TOLERANCES["params"]
+        flipped = sum(int(((p.double() - e.double()).abs() > atol + rtol * e.double().abs()).sum())
+                      for p, e in zip(result[:n], expected[:n]))
+        row.update(correct=flipped <= FLIPPED_SHARE * w.numel and moments_err < COMPRESSED_MOMENT_ERROR,
+                   max_abs_err=params_err, note=f"moments off by {moments_err:.1%} (2-norm); {flipped} params flipped")
     else:
         moments_ok, moments_err = compare(result[n:], expected[n:], *CHECK_TOLERANCES["exp_avgs"])
         row.update(correct=params_ok and moments_ok, max_abs_err=max(params_err, moments_err))
