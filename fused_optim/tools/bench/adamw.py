@@ -45,6 +45,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from fused_optim.int8_moments import dequantize
 from fused_optim.master_remainder import join_master
 from fused_optim.tools.bench.peers import Impl, apex_peer, compile_step, not_installed, our_implementations
 from fused_optim.tools.bench.registry import Benchmark, Request
@@ -197,6 +198,16 @@ class Runner:
         self.master_bytes = master_bytes  # per param, with master weights: an fp32 copy's 4, a remainder's 2
         self.tolerance = tolerance  # a TOLERANCES key for fp32 params in place of "fp32" (bf16 moments)
         self.grads = [p.grad for p in params]  # what its step reads (the check varies them between steps)
+
+
+def compressed_moment_runner(opt: torch.optim.Optimizer, params: list[Tensor], key: str) -> Runner:
+    """A runner of an optimizer with one bf16 or int8 moment per param (state `key`: Lion's and SGD's
+    moments="bf16" / "int8"), whose result is the params, then the moments as fp32 (int8 codes dequantized)."""
+    def result() -> list[Tensor]:
+        states = [opt.state[p] for p in params]
+        return params + [dequantize(s[key], s["moment_scales"][0]) if "moment_scales" in s else s[key].float()
+                         for s in states]
+    return Runner(opt.step, result, lambda: opt.state[params[0]][key].dtype, params, tolerance="compressed_moments")
 
 
 def _clone_params(w: Workload, dtype: torch.dtype | None = None) -> list[Tensor]:

@@ -32,9 +32,8 @@ import torch
 from torch import Tensor
 
 from fused_optim.reference import ReferenceLion
-from fused_optim.int8_moments import dequantize
 from fused_optim.tools.bench.adamw import (COMPRESSED_MOMENT_ERROR, Runner, Workload, _check_steps, _clone_params,
-                                           _human, compare, make_workload, relative_error)
+                                           _human, compare, compressed_moment_runner, make_workload, relative_error)
 from fused_optim.tools.bench.peers import (Case, Impl, Kernel, SizesConfig, new_row, not_installed,
                                            our_implementations, run_cases)
 from fused_optim.tools.bench.registry import Benchmark
@@ -75,15 +74,7 @@ def _ours(backend: str, moments: str = "fp32") -> Callable[[Workload], Runner]:
 
         params = _clone_params(w)
         opt = fused_optim.Lion(params, **HPARAMS, moments=moments, backend=backend)
-        if moments == "fp32":
-            return _runner(params, opt)
-
-        def result() -> list[Tensor]:  # the params, then the moments as fp32 (int8 codes dequantized)
-            states = [opt.state[p] for p in params]
-            return params + [dequantize(s["exp_avg"], s["moment_scales"][0]) if "moment_scales" in s
-                             else s["exp_avg"].float() for s in states]
-        return Runner(opt.step, result, lambda: opt.state[params[0]]["exp_avg"].dtype, params,
-                      tolerance="compressed_moments")
+        return _runner(params, opt) if moments == "fp32" else compressed_moment_runner(opt, params, "exp_avg")
     return build
 
 

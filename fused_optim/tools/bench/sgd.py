@@ -30,9 +30,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fused_optim.int8_moments import dequantize
 from fused_optim.tools.bench.adamw import (COMPRESSED_MOMENT_ERROR, INT8_UPDATE_ERROR, Runner, Workload, _check_steps,
-                                           _clone_params, _human, compare, make_workload, relative_error, update_error)
+                                           _clone_params, _human, compare, compressed_moment_runner, make_workload,
+                                           relative_error, update_error)
 from fused_optim.tools.bench.peers import (Case, Impl, Kernel, SizesConfig, apex_peer, compile_step, new_row,
                                      our_implementations, run_cases, torch_fused_supported)
 from fused_optim.reference import ReferenceSGD
@@ -79,13 +79,7 @@ def _ours(backend: str, moments: str = "fp32") -> Callable[[Workload], Runner]:
         opt = fused_optim.SGD(params, **HPARAMS, moments=moments, backend=backend)
         if moments == "fp32":
             return _runner(params, opt)
-
-        def result() -> list[Tensor]:  # the params, then the buffers as fp32 (int8 codes dequantized)
-            states = [opt.state[p] for p in params]
-            return params + [dequantize(s["momentum_buffer"], s["moment_scales"][0]) if "moment_scales" in s
-                             else s["momentum_buffer"].float() for s in states]
-        return Runner(opt.step, result, lambda: opt.state[params[0]]["momentum_buffer"].dtype, params,
-                      tolerance="compressed_moments")
+        return compressed_moment_runner(opt, params, "momentum_buffer")
     return build
 
 
