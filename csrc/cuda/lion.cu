@@ -47,19 +47,26 @@ struct LaunchArgs {
   const float* found_inf;
 };
 
+// A tensor's scalars (every thread reads the same few: one broadcast load each, cheaper than a trip through shared
+// memory) and its random stream (rounding.h), keyed by the count after this step, as on the CPU.
+__device__ __forceinline__ LionScalars tensor_scalars(const LaunchArgs& a) {
+  return lion_scalars(a.beta1, a.beta2, a.weight_decay, a.maximize,
+                      a.lr_tensor != nullptr ? static_cast<double>(*a.lr_tensor) : a.lr,
+                      a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
+}
+
+__device__ __forceinline__ uint32_t tensor_stream(const LaunchArgs& a, const TensorArgs& t) {
+  return stream_key(a.seed, static_cast<uint32_t>(t.index), static_cast<uint32_t>(*t.step + 1.0f));
+}
+
 template <typename param_t, typename grad_t, typename moment_t, WriteBack kWrite>
 __global__ void __launch_bounds__(kThreads) lion_kernel(const __grid_constant__ Table table, const LaunchArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/NaN: touch nothing
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
   const TensorArgs& t = table.tensors[work.tensor];
-  // Every thread reads the same few scalars: one broadcast load each, cheaper than a trip through shared memory.
-  const LionScalars s = lion_scalars(a.beta1, a.beta2, a.weight_decay, a.maximize,
-                                     a.lr_tensor != nullptr ? static_cast<double>(*a.lr_tensor) : a.lr,
-                                     a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
+  const LionScalars s = tensor_scalars(a);
   constexpr bool kBf16Moment = std::is_same_v<moment_t, c10::BFloat16>;
-  const uint32_t stream = kWrite == WriteBack::kStochastic || kBf16Moment
-                              ? stream_key(a.seed, static_cast<uint32_t>(t.index), static_cast<uint32_t>(*t.step + 1.0f))
-                              : 0;
+  const uint32_t stream = kWrite == WriteBack::kStochastic || kBf16Moment ? tensor_stream(a, t) : 0;
   const uint32_t moment_draw = moment_stream(stream, 0);  // a bf16 moment's rounding bits (rounding.h)
   auto* param = static_cast<param_t*>(t.param);
   const auto* grad = static_cast<const grad_t*>(t.grad);
@@ -99,10 +106,8 @@ __global__ void __launch_bounds__(kThreads) lion_int8_kernel(const __grid_consta
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/NaN: touch nothing
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
   const TensorArgs& t = table.tensors[work.tensor];
-  const LionScalars s = lion_scalars(a.beta1, a.beta2, a.weight_decay, a.maximize,
-                                     a.lr_tensor != nullptr ? static_cast<double>(*a.lr_tensor) : a.lr,
-                                     a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
-  const uint32_t stream = stream_key(a.seed, static_cast<uint32_t>(t.index), static_cast<uint32_t>(*t.step + 1.0f));
+  const LionScalars s = tensor_scalars(a);
+  const uint32_t stream = tensor_stream(a, t);
   int8_codes::step_signed_codes<kThreads, kWrite>(
       work, static_cast<param_t*>(t.param), static_cast<master_t<kWrite>*>(t.master),
       static_cast<const grad_t*>(t.grad), static_cast<int8_t*>(t.exp_avg), t.scales, moment_stream(stream, 0), stream,

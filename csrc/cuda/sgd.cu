@@ -47,21 +47,26 @@ struct LaunchArgs {
   const float* found_inf;
 };
 
+// A tensor's scalars at step count `step` (every thread reads the same few: one broadcast load each, cheaper than a
+// trip through shared memory), and a bf16 or int8 buffer's rounding bits (rounding.h), keyed by the count after this
+// step, as on the CPU.
+__device__ __forceinline__ SgdScalars tensor_scalars(const LaunchArgs& a, float step) {
+  return sgd_scalars(a.momentum, a.dampening, a.weight_decay, a.maximize, a.lr_tensor != nullptr ? *a.lr_tensor : a.lr,
+                     a.grad_scale != nullptr ? *a.grad_scale : 1.0f, step);
+}
+
+__device__ __forceinline__ uint32_t buffer_draw(const LaunchArgs& a, const TensorArgs& t) {
+  return moment_stream(stream_key(a.seed, static_cast<uint32_t>(t.index), static_cast<uint32_t>(*t.step + 1.0f)), 0);
+}
+
 template <typename param_t, typename grad_t, typename buffer_t, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ Table table, const LaunchArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // a skipped step: touch nothing
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
   const TensorArgs& t = table.tensors[work.tensor];
-  // Every thread reads the same few scalars: one broadcast load each, cheaper than a trip through shared memory.
-  const SgdScalars s = sgd_scalars(a.momentum, a.dampening, a.weight_decay, a.maximize,
-                                   a.lr_tensor != nullptr ? *a.lr_tensor : a.lr,
-                                   a.grad_scale != nullptr ? *a.grad_scale : 1.0f, kMomentum ? *t.step : 1.0f);
+  const SgdScalars s = tensor_scalars(a, kMomentum ? *t.step : 1.0f);
   constexpr bool kBf16Buffer = std::is_same_v<buffer_t, c10::BFloat16>;
-  // a bf16 buffer's rounding bits (rounding.h)
-  const uint32_t stream = kBf16Buffer ? stream_key(a.seed, static_cast<uint32_t>(t.index),
-                                                  static_cast<uint32_t>(*t.step + 1.0f))
-                                       : 0u;
-  const uint32_t moment_draw = moment_stream(stream, 0);
+  const uint32_t moment_draw = kBf16Buffer ? buffer_draw(a, t) : 0u;  // unused unless bf16
   auto* param = static_cast<param_t*>(t.param);
   const auto* grad = static_cast<const grad_t*>(t.grad);
   auto* buffer = static_cast<buffer_t*>(t.momentum_buffer);
@@ -99,14 +104,10 @@ __global__ void __launch_bounds__(kThreads) sgd_int8_kernel(const __grid_constan
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // a skipped step: touch nothing
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
   const TensorArgs& t = table.tensors[work.tensor];
-  const SgdScalars s = sgd_scalars(a.momentum, a.dampening, a.weight_decay, a.maximize,
-                                   a.lr_tensor != nullptr ? *a.lr_tensor : a.lr,
-                                   a.grad_scale != nullptr ? *a.grad_scale : 1.0f, *t.step);
-  const uint32_t draw = moment_stream(stream_key(a.seed, static_cast<uint32_t>(t.index),
-                                                 static_cast<uint32_t>(*t.step + 1.0f)), 0);
+  const SgdScalars s = tensor_scalars(a, *t.step);
   int8_codes::step_signed_codes<kThreads, WriteBack::kNearest>(
       work, static_cast<param_t*>(t.param), static_cast<float*>(nullptr), static_cast<const grad_t*>(t.grad),
-      static_cast<int8_t*>(t.momentum_buffer), t.scales, draw, 0u,
+      static_cast<int8_t*>(t.momentum_buffer), t.scales, buffer_draw(a, t), 0u,
       [&](float& p, float g, float& buffer) { p = sgd_update<true, kNesterov>(p, g, buffer, s); });
 }
 

@@ -9,7 +9,8 @@ fused_optim.AdamW:
 - `exp_avg` is fp32 for fp32, bf16 and fp16 params (fp64 for fp64 params, stepped in plain torch ops), bf16
   with `moments="bf16"` (2 bytes a param, rounded stochastically after each update: as AdamW's), or int8 codes
   with their bf16 block scales `moment_scales` with `moments="int8"` (1.03 bytes a param: AdamW's exp_avg codec,
-  fused_optim/int8_moments.py), and a `step` count (a float32 tensor on the param's device) keys the stochastic rounding's random stream on the device.
+  fused_optim/int8_moments.py), and a `step` count (a float32 tensor on the param's device) keys the stochastic
+  rounding's random stream on the device.
 - `master_weights=True` keeps each bf16/fp16 param's fp32 master (a bf16 param's as an int16 remainder,
   `master_remainder`; an fp16 param's as an fp32 copy, `master_param`: as fused_optim.AdamW), `master_weights=24` a
   bf16 param's 24-bit master (an int8 remainder); `stochastic_rounding=True` rounds bf16 params stochastically

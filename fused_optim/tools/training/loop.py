@@ -144,10 +144,10 @@ class SideRun:
                  reporter: Reporter) -> None:
         self.side, self.config, self.device, self.corpus, self.reporter = side, config, device, corpus, reporter
         torch.manual_seed(config.seed)  # the same initial weights on both sides
+        # --params bf16: the fused side's model in bf16 (the torch side keeps fp32)
+        dtype = torch.bfloat16 if side == "fused" and config.params == "bf16" else torch.float32
         self.model = GPT(GPTConfig(vocab_size=VOCAB_SIZE, seq_len=config.seq_len, n_layer=config.n_layer,
-                                   n_head=config.n_head, d_model=config.d_model)).to(device)
-        if side == "fused" and config.params == "bf16":
-            self.model.to(torch.bfloat16)
+                                   n_head=config.n_head, d_model=config.d_model)).to(device=device, dtype=dtype)
         self.recipe = make_recipe(side, self.model, config, device)
         self.sampler = BatchSampler(corpus.train, config.batch_size, config.seq_len, seed=config.seed)
         self.monitor = LossMonitor(config.spike_factor)
