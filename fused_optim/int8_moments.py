@@ -66,17 +66,16 @@ def quantize(values: Tensor, signed: bool, bits16: Tensor | None = None) -> tupl
     largest = (_blocks(flat).view(torch.int32) & _MAGNITUDE).amax(dim=1).to(torch.int64)
     scale_bits = (largest + 0xFFFF) >> 16
     scales = torch.where(scale_bits >= 0x8000, scale_bits - 0x10000, scale_bits).to(torch.int16).view(torch.bfloat16)
-    inverse_scale = (1.0 / scales.float()).repeat_interleave(BLOCK)[: flat.numel()]
-    quotient = flat.abs() * inverse_scale  # just over 1 -> 1; 0 * inf (a zero block) and NaN blocks -> 0
-    quotient = torch.where(quotient <= 1.0, quotient, (quotient > 1.0).float())
-    t = torch.sqrt(quotient) * (127.0 if signed else 255.0)
-    whole = torch.floor(t)
-    threshold = torch.full_like(t, 32768.0) if bits16 is None else bits16.to(torch.float32)
-    code = whole + ((t - whole) * 65536.0 > threshold).float()
+    scale = scales.float()
+    inverse = torch.where(scale > 0, 1.0 / scale, 0.0).repeat_interleave(BLOCK)[: flat.numel()]  # zero, NaN blocks: 0
+    quotient = flat.abs() * inverse  # just over 1 (and NaN) -> 1
+    fixed = torch.sqrt(torch.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if signed else 255.0) * 65536.0)
+    added = 32768 if bits16 is None else bits16.to(torch.int32)
+    code = (fixed.to(torch.int32) + added) >> 16
     if signed:
         code = torch.where(flat < 0, -code, code)
     else:
-        code = torch.maximum(code, (flat > 0).float())
+        code = torch.maximum(code, (flat > 0).to(torch.int32))
     codes = torch.empty_like(values, dtype=code_dtype(signed))
     memory_order(codes).copy_(code.to(torch.int16).to(code_dtype(signed)))
     return codes, scales

@@ -73,7 +73,7 @@ def test_stochastic_codes_are_unbiased_in_the_companded_value():
 
 def test_a_non_zero_second_moment_never_dequantizes_to_zero():
     x = torch.tensor([1.0, 1e-30, 0.0, 3e-38] + [1e-20] * 60)
-    codes, scales = quantize(x, False, torch.full(x.shape, 65535))  # every draw rounds down
+    codes, scales = quantize(x, False, torch.zeros(x.shape, dtype=torch.int32))  # every draw rounds down
     values = dequantize(codes, scales)
     assert (values[x > 0] > 0).all() and values[2] == 0
 

@@ -106,9 +106,9 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
     m_scales[block] = int8_scale_bits(m_largest);
     v_scales[block] = int8_scale_bits(v_largest);
     if (kAmsgrad) max_scales[block] = int8_scale_bits(max_largest);
-    const float m_inverse = 1.0f / bf16_bits_to_float(m_scales[block]);
-    const float v_inverse = 1.0f / bf16_bits_to_float(v_scales[block]);
-    const float max_inverse = kAmsgrad ? 1.0f / bf16_bits_to_float(max_scales[block]) : 0.0f;
+    const float m_inverse = inverse_scale(m_scales[block]);
+    const float v_inverse = inverse_scale(v_scales[block]);
+    const float max_inverse = kAmsgrad ? inverse_scale(max_scales[block]) : 0.0f;
     const int32_t offset = static_cast<int32_t>(start - begin);
 #pragma omp simd
     for (int32_t j = 0; j < length; ++j) {

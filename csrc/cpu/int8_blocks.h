@@ -36,7 +36,7 @@ void step_signed_int8_blocks(int8_t* __restrict__ codes, uint16_t* __restrict__ 
 #pragma omp simd reduction(max : largest)
     for (int32_t j = 0; j < length; ++j) largest = std::max(largest, magnitude_bits(updated[j]));
     scales[block] = int8_scale_bits(largest);
-    const float inverse = 1.0f / bf16_bits_to_float(scales[block]);
+    const float inverse = inverse_scale(scales[block]);
     const int32_t offset = static_cast<int32_t>(start - begin);
 #pragma omp simd
     for (int32_t j = 0; j < length; ++j) {

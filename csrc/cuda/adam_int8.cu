@@ -110,9 +110,9 @@ __global__ void __launch_bounds__(kThreads)
       v_scales[block] = v_scale_bits;
       if (kAmsgrad) max_scales[block] = max_scale_bits;
     }
-    const float m_inverse = 1.0f / bf16_bits_to_float(m_scale_bits);
-    const float v_inverse = 1.0f / bf16_bits_to_float(v_scale_bits);
-    const float max_inverse = kAmsgrad ? 1.0f / bf16_bits_to_float(max_scale_bits) : 0.0f;
+    const float m_inverse = inverse_scale(m_scale_bits);
+    const float v_inverse = inverse_scale(v_scale_bits);
+    const float max_inverse = kAmsgrad ? inverse_scale(max_scale_bits) : 0.0f;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const uint32_t bits = moment_bits(stream0, i + k);  // exp_avg: low 16, exp_avg_sq: high 16

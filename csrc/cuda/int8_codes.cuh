@@ -121,7 +121,7 @@ __device__ __forceinline__ void step_signed_codes(const multi_tensor::BlockWork&
     }
     const uint16_t scale_bits = int8_scale_bits(block_largest(m, valid));
     if (valid > 0 && threadIdx.x % kLanesPerBlock == 0) scales[block] = scale_bits;
-    const float inverse = 1.0f / bf16_bits_to_float(scale_bits);
+    const float inverse = inverse_scale(scale_bits);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) c[k] = quantize_signed(m[k], inverse, moment_bits(draw, i + k) & 0xFFFFu);
     store_codes(codes + i, vector, valid, c);

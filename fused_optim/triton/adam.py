@@ -238,25 +238,25 @@ def _dequantize(codes, scales, SIGNED: tl.constexpr):
 
 @triton.jit
 def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits16, SIGNED: tl.constexpr):
-    """Stores x's codes (rounded up with probability frac, by the 16 random bits `bits16`) and its blocks' scales:
-    each block's largest magnitude (on the fp32 bits, so NaN wins), rounded up to bf16. A non-negative moment is
-    given by its square roots."""
+    """Stores x's codes and its blocks' scales: each block's largest magnitude (on the fp32 bits, so NaN wins),
+    rounded up to bf16. A code is sqrt(|x| / scale) in 127 (255) steps with 16 fraction bits, rounded up with
+    probability equal to its fraction by adding the 16 random bits `bits16` and dropping the fraction. A non-negative
+    moment is given by its square roots."""
     magnitude = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
     if mask is not None:  # a partial block: the elements past the end count for nothing
         magnitude = tl.where(mask, magnitude, 0)
     largest = tl.max(magnitude, axis=1)
     scale_bits = (largest + 0xFFFF) >> 16
     tl.store(scales_ptr + scale_offsets, scale_bits.to(tl.uint16), mask=scale_mask)
-    inverse_scale = tl.div_rn(1.0, (scale_bits << 16).to(tl.float32, bitcast=True))[:, None]
-    quotient = tl.abs(x) * inverse_scale
-    quotient = tl.where(quotient <= 1.0, quotient, tl.where(quotient > 1.0, 1.0, 0.0))  # 0 * inf, NaN -> 0
-    t = (127.0 if SIGNED else 255.0) * tl.sqrt_rn(quotient)
-    whole = tl.floor(t)
-    code = whole + tl.where((t - whole) * 65536.0 > bits16.to(tl.float32), 1.0, 0.0)
+    scale = (scale_bits << 16).to(tl.float32, bitcast=True)
+    inverse = tl.where(scale > 0.0, tl.div_rn(1.0, scale), 0.0)[:, None]  # a zero or NaN block: 0
+    quotient = tl.abs(x) * inverse
+    fixed = tl.sqrt_rn(tl.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if SIGNED else 255.0) * 65536.0)
+    code = (fixed.to(tl.int32) + bits16.to(tl.int32)) >> 16
     if SIGNED:
         tl.store(ptr + offsets, tl.where(x < 0.0, -code, code).to(tl.int8), mask=mask)
     else:
-        code = tl.maximum(code, tl.where(x > 0.0, 1.0, 0.0))
+        code = tl.maximum(code, tl.where(x > 0.0, 1, 0))
         tl.store(ptr + offsets, code.to(tl.uint8), mask=mask)
 
 

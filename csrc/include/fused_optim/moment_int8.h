@@ -33,31 +33,35 @@ FO_HOST_DEVICE uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7FFFF
 // The bf16 scale of a block whose largest magnitude_bits is `largest`: rounded up, so every |x| / scale <= 1.
 FO_HOST_DEVICE uint16_t int8_scale_bits(uint32_t largest) { return static_cast<uint16_t>((largest + 0xFFFFu) >> 16); }
 
-// floor(t) + 1 with probability frac(t) (t >= 0): frac(t) and frac(t) * 2^16 are exact in fp32.
-FO_HOST_DEVICE float stochastic_floor(float t, uint32_t bits16) {
-  const float whole = floorf(t);
-  return whole + ((t - whole) * 65536.0f > static_cast<float>(bits16) ? 1.0f : 0.0f);
+// What a block's |x| are multiplied by: 1 / scale (one division a block, not one an element: the divisions and square
+// roots bound the CPU loop). 0 for a block of zeros (scale 0) or one holding a NaN (scale NaN): its codes are then 0,
+// but for a NaN's own, and a NaN block dequantizes to NaN whatever its codes, as an fp32 moment would stay NaN.
+FO_HOST_DEVICE float inverse_scale(uint16_t scale_bits) {
+  const float scale = bf16_bits_to_float(scale_bits);
+  return scale > 0.0f ? 1.0f / scale : 0.0f;
 }
 
-// |x| / scale in [0, 1], as |x| times the block's inverse_scale (1 / scale, one division a block: the divisions
-// and square roots bound the CPU loop). A product just over 1 (|x| is the block's largest) is 1; an all-zero
-// block (0 * inf) and a NaN block (NaN scale) give 0. Selects only, so CPU loops vectorise.
-FO_HOST_DEVICE float scaled(float x, float inverse_scale) {
-  const float q = fabsf(x) * inverse_scale;
-  return q <= 1.0f ? q : (q > 1.0f ? 1.0f : 0.0f);
+// The code of |x| in `steps` steps, sqrt(|x| / scale) * steps, as a fixed-point number with 16 fraction bits, rounded
+// stochastically as a bf16 is (rounding.h): 16 random bits added below the integer part, then dropped, round it up
+// with probability equal to its fraction. Integer ops, and no floor or compare: each costs the CPU loop as much as
+// the square root. A product |x| / scale just over 1 (|x| is the block's largest) and a NaN count as 1.
+template <int kSteps>
+FO_HOST_DEVICE int32_t magnitude_code(float x, float inverse, uint32_t bits16) {
+  const float q = fabsf(x) * inverse;
+  const float fixed = sqrtf(q < 1.0f ? q : 1.0f) * static_cast<float>(kSteps * 65536);  // < 2^24: exact in int32
+  return (static_cast<int32_t>(fixed) + static_cast<int32_t>(bits16)) >> 16;
 }
 
-FO_HOST_DEVICE int8_t quantize_signed(float x, float inverse_scale, uint32_t bits16) {
-  const float code = stochastic_floor(127.0f * sqrtf(scaled(x, inverse_scale)), bits16);
-  // through int32: gcc vectorises float -> int32 -> int8, not float -> int8
-  return static_cast<int8_t>(static_cast<int32_t>(x < 0.0f ? -code : code));
+FO_HOST_DEVICE int8_t quantize_signed(float x, float inverse, uint32_t bits16) {
+  const int32_t code = magnitude_code<127>(x, inverse, bits16);
+  return static_cast<int8_t>(x < 0.0f ? -code : code);
 }
 
 // A non-negative moment's code from its square root `root` (the inverse scale is of the block's roots).
-FO_HOST_DEVICE uint8_t quantize_unsigned(float root, float inverse_scale, uint32_t bits16) {
-  const float code = stochastic_floor(255.0f * sqrtf(scaled(root, inverse_scale)), bits16);
-  const float least = root > 0.0f ? 1.0f : 0.0f;  // a select and a compare: gcc vectorises neither && nor fmaxf here
-  return static_cast<uint8_t>(static_cast<int32_t>(code > least ? code : least));
+FO_HOST_DEVICE uint8_t quantize_unsigned(float root, float inverse, uint32_t bits16) {
+  const int32_t code = magnitude_code<255>(root, inverse, bits16);
+  const int32_t least = root > 0.0f ? 1 : 0;  // a select and a compare: gcc vectorises neither && nor max here
+  return static_cast<uint8_t>(code > least ? code : least);
 }
 
 // What a code is multiplied by (per block, once): scale / 127^2 (the value), scale / 255^2 (the root).
