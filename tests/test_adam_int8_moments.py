@@ -71,6 +71,23 @@ def test_stochastic_codes_are_unbiased_in_the_companded_value():
     assert (draws.mean(0) - t).abs().max() < 0.15
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_random_bits_0_round_every_code_down_and_65535_up(signed):
+    # moment_int8.h: the code has 16 fraction bits, the random bits are added below its integer part and dropped
+    x = heavy_tailed(64 * 20, torch.Generator().manual_seed(2))
+    x = x if signed else x.square()
+    down, scales = quantize(x, signed, torch.zeros(x.shape, dtype=torch.int32))
+    up, _ = quantize(x, signed, torch.full(x.shape, 65535, dtype=torch.int32))
+    kept = x.double().abs() if signed else x.double().sqrt()
+    t = (kept / scales.double().repeat_interleave(BLOCK)).sqrt() * (127 if signed else 255)
+    inside = (t - t.floor() > 1e-3) & (t - t.floor() < 1 - 1e-3)  # clear of fp32's rounding of t
+    floor = t.floor() if signed else t.floor().clamp(min=1)  # a non-zero second moment keeps code 1
+    assert inside.sum() > 0.9 * x.numel()
+    assert torch.equal(down.double().abs()[inside], floor[inside])
+    assert torch.equal(up.double().abs()[inside], t.floor()[inside] + 1)
+    assert torch.equal(up.double().sign()[inside], x.sign().double()[inside])
+
+
 def test_a_non_zero_second_moment_never_dequantizes_to_zero():
     x = torch.tensor([1.0, 1e-30, 0.0, 3e-38] + [1e-20] * 60)
     codes, scales = quantize(x, False, torch.zeros(x.shape, dtype=torch.int32))  # every draw rounds down
