@@ -451,15 +451,43 @@ def test_master_weights_need_bf16_params():
         TrainConfig(params="fp16")
 
 
+@pytest.mark.parametrize("moments", ["fp32", "int8"])
+def test_lion_trains_with_its_own_defaults(text_file, moments):
+    """--optimizer lion: the fused side steps fused_optim.Lion (tensor lr, in-step clipping) with Lion's lr, decay
+    and betas where none are given, and learns."""
+    from fused_optim.tools.cli import _parser
+    from fused_optim.tools.training.recipes import FusedRecipe
+
+    config = config_from_args(_parser().parse_args(
+        ["train", *TINY, "--data", str(text_file), "--optimizer", "lion", "--moments", moments, "--lr", "3e-4"]))
+    assert (config.lr, config.weight_decay, config.betas) == (3e-4, 1.0, (0.9, 0.99))
+    recipe = FusedRecipe(GPT(GPTConfig(vocab_size=256, seq_len=16, n_layer=1, n_head=2, d_model=32)), config,
+                         torch.device("cpu"))
+    assert isinstance(recipe.optimizer, fused_optim.Lion)
+    assert recipe.optimizer.defaults["moments"] == moments
+    assert isinstance(recipe.optimizer.param_groups[0]["lr"], torch.Tensor)
+    losses = train(config)["results"]["fused"].train_loss
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0] - 0.05
+
+
+def test_optimizer_defaults_and_refusals():
+    assert (TrainConfig().lr, TrainConfig().weight_decay, TrainConfig().betas) == (1e-3, 0.1, (0.9, 0.95))
+    with pytest.raises(ValueError, match=r"^optimizer must be one of adamw, lion, got 'sgd'$"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"^compare trains torch's AdamW beside the fused AdamW; it has no lion twin$"):
+        TrainConfig(optimizer="lion", compare=True)
+
+
 def test_plot_runs_draws_each_reports_validation_curve(text_file, tmp_path):
     from fused_optim.tools.training.plot import plot_runs, run_label
 
     reports = []
-    for options in (["--moments", "int8"], ["--params", "bf16", "--master-weights", "24"]):
+    for options in (["--moments", "int8"], ["--params", "bf16", "--master-weights", "24"], ["--optimizer", "lion"]):
         reports.append(tmp_path / f"run{len(reports)}.json")
         assert run_cli(*TINY, "--data", str(text_file), *options, "--json", str(reports[-1])) == 0
     labels = [run_label(json.loads(path.read_text())["config"]) for path in reports]
-    assert labels == ["fp32 params, int8 moments", "bf16 params, 24-bit masters, fp32 moments"]
+    assert labels == ["fp32 params, int8 moments", "bf16 params, 24-bit masters, fp32 moments",
+                      "Lion, fp32 params, fp32 moments"]
     out = tmp_path / "runs.png"
     plot_runs([str(path) for path in reports], str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

@@ -11,7 +11,7 @@ import argparse
 import importlib.util
 import sys
 
-from fused_optim.tools.training.config import QUICK, TrainConfig
+from fused_optim.tools.training.config import OPTIMIZER_DEFAULTS, QUICK, TrainConfig
 
 DEFAULTS = TrainConfig()
 CONFIG_FIELDS = set(DEFAULTS.as_dict())
@@ -25,9 +25,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "train",
         help="train a small GPT with fused_optim (optionally beside torch's optimizer and loss)",
         description="Trains a small GPT (fused_optim/tools/examples/gpt.py) on byte-level text with the whole package: "
-        "fused AdamW with decoupled weight decay and in-step grad-norm clipping, warmup + cosine lr, gradient "
-        "accumulation over micro-batches normalised by the token count, fused linear cross-entropy over the LM "
-        "head, bf16 autocast of the transformer body on a GPU (head and loss in fp32). Reports train/val loss and "
+        "fused AdamW (or Lion) with decoupled weight decay and in-step grad-norm clipping, warmup + cosine lr, "
+        "gradient accumulation over micro-batches normalised by the token count, fused linear cross-entropy over the "
+        "LM head, bf16 autocast of the transformer body on a GPU (head and loss in fp32). Reports train/val loss and "
         "perplexity, tokens/s, the step time split into forward/backward/optimizer, params N, tokens D, compute "
         "~6*N*D, MFU on a GPU, and the Chinchilla-optimal token budget (~20*N) beside D; warns on loss spikes and "
         "stops on divergence.",
@@ -56,24 +56,29 @@ def add_parser(commands) -> argparse.ArgumentParser:
                                                                         for k, v in QUICK.items())
                      + " (flags given explicitly win)")
     optim = train.add_argument_group("optimizer")
-    optim.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    optim.add_argument("--optimizer", choices=tuple(OPTIMIZER_DEFAULTS),
+                       help="the fused side's optimizer: fused_optim.AdamW or fused_optim.Lion "
+                       f"(default {d.optimizer}; --compare needs adamw)")
+    optim.add_argument("--lr", type=float, help="peak learning rate (default "
+                       + ", ".join(f"{values['lr']} for {name}" for name, values in OPTIMIZER_DEFAULTS.items()) + ")")
     optim.add_argument("--warmup", type=int,
                        help=f"linear warmup steps, then cosine decay to {d.min_lr_ratio} x lr at --steps "
                        f"(default {d.warmup})")
     optim.add_argument("--weight-decay", type=float,
-                       help="AdamW's decoupled weight decay, on matrices and embeddings, not on biases and "
-                       f"LayerNorm (default {d.weight_decay})")
+                       help="decoupled weight decay, on matrices and embeddings, not on biases and LayerNorm "
+                       "(default " + ", ".join(f"{values['weight_decay']} for {name}"
+                                               for name, values in OPTIMIZER_DEFAULTS.items()) + ")")
     optim.add_argument("--max-grad-norm", type=float,
                        help="clip the global gradient norm to this; 0 turns clipping off "
                        f"(default {d.max_grad_norm})")
     optim.add_argument("--moments", choices=("fp32", "bf16", "int8"),
-                       help="the fused AdamW's moment storage: bf16 halves it, int8 quarters it, both rounded "
+                       help="the fused optimizer's moment storage: bf16 halves it, int8 quarters it, both rounded "
                        f"stochastically (default {d.moments}; --compare's torch AdamW keeps fp32)")
     optim.add_argument("--params", choices=("fp32", "bf16"),
                        help=f"the fused side's param dtype: bf16 stores the model in bf16 (default {d.params}; "
                        "--compare's torch side keeps fp32)")
     optim.add_argument("--master-weights", choices=tuple(MASTER_WEIGHTS),
-                       help="the fused AdamW's master weights of bf16 params: exact (fp32, kept as a 16-bit "
+                       help="the fused optimizer's master weights of bf16 params: exact (fp32, kept as a 16-bit "
                        "remainder beside the param) or 24 (24-bit, an 8-bit remainder); default off: the update "
                        "rounds to the bf16 param")
     model = train.add_argument_group("model")

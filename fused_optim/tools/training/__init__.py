@@ -1,4 +1,4 @@
-"""`fused-optim train`: a small GPT trained with the whole package (fused AdamW with in-step clipping, warmup +
+"""`fused-optim train`: a small GPT trained with the whole package (fused AdamW or Lion with in-step clipping, warmup +
 cosine, token-count-normalised gradient accumulation, fused linear cross-entropy), or, with `compare`, the same
 seed beside torch's AdamW, clip_grad_norm_ and cross-entropy.
 

@@ -8,8 +8,13 @@ from dataclasses import dataclass
 # What defines the trained weights: a resumed run must have the checkpoint's values (checkpoint.py checks).
 # The backend is the resolved one (loop.train records it): other kernels round differently.
 RUN_DEFINING = ("steps", "batch_size", "micro_batches", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay",
-                "max_grad_norm", "betas", "moments", "params", "master_weights", "n_layer", "n_head", "d_model", "seed",
-                "data", "max_data_bytes", "bf16", "backend")
+                "max_grad_norm", "betas", "optimizer", "moments", "params", "master_weights", "n_layer", "n_head",
+                "d_model", "seed", "data", "max_data_bytes", "bf16", "backend")
+
+# Each optimizer's lr, decoupled weight decay and betas where the run does not set them. Lion's update is a sign,
+# larger than AdamW's, so it takes a 10x smaller lr and a 10x larger decay (the same lr x decay), and its own betas.
+OPTIMIZER_DEFAULTS = {"adamw": {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)},
+                      "lion": {"lr": 1e-4, "weight_decay": 1.0, "betas": (0.9, 0.99)}}
 
 # --quick: a model and run small enough for seconds on a laptop CPU
 QUICK = {"steps": 30, "batch_size": 8, "micro_batches": 2, "seq_len": 64, "n_layer": 2, "n_head": 2, "d_model": 64,
@@ -22,22 +27,23 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch
     micro_batches: int = 2  # micro-batches accumulated per optimizer step
     seq_len: int = 128
-    lr: float = 1e-3  # peak lr, reached after the warmup
+    optimizer: str = "adamw"  # the fused side's: fused_optim.AdamW or fused_optim.Lion
+    lr: float | None = None  # peak lr, reached after the warmup (None: OPTIMIZER_DEFAULTS')
     warmup: int = 20  # linear-warmup steps; cosine decay to min_lr_ratio·lr at `steps` after it
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1  # decoupled (AdamW), on the matrices and embeddings only
+    weight_decay: float | None = None  # decoupled, on the matrices and embeddings only (None: OPTIMIZER_DEFAULTS')
     max_grad_norm: float | None = 1.0  # clip the global grad norm (None: no clipping)
-    betas: tuple[float, float] = (0.9, 0.95)
-    moments: str = "fp32"  # the fused AdamW's moment storage (fused_optim.AdamW's `moments`)
+    betas: tuple[float, float] | None = None  # None: OPTIMIZER_DEFAULTS'
+    moments: str = "fp32"  # the fused optimizer's moment storage (its `moments`)
     params: str = "fp32"  # the fused side's param dtype: "bf16" stores its model in bf16 (the torch side keeps fp32)
-    master_weights: bool | int = False  # the fused AdamW's `master_weights` for bf16 params: True (exact fp32), 24
+    master_weights: bool | int = False  # the fused optimizer's `master_weights` for bf16 params: True (exact fp32), 24
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 256
     device: str = "auto"  # auto: the GPU when there is one
     bf16: bool | None = None  # bf16 autocast of the model; None: on a GPU only (True on the CPU: tests of that path)
     seed: int = 0
-    compare: bool = False  # also train the torch.optim.AdamW + F.cross_entropy baseline, same seed
+    compare: bool = False  # also train the torch.optim.AdamW + F.cross_entropy baseline, same seed (AdamW only)
     data: str | None = None  # a text file or directory; None: the Python stdlib's source
     max_data_bytes: int = 8 << 20
     eval_interval: int = 50  # validation loss every this many steps (and at the end)
@@ -50,6 +56,13 @@ class TrainConfig:
     backend: str | None = None  # fused_optim kernels (None: $FUSED_OPTIM_BACKEND or auto; train() resolves it)
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZER_DEFAULTS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_DEFAULTS)}, got {self.optimizer!r}")
+        if self.compare and self.optimizer != "adamw":
+            raise ValueError(f"compare trains torch's AdamW beside the fused AdamW; it has no {self.optimizer} twin")
+        for name, value in OPTIMIZER_DEFAULTS[self.optimizer].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         positive = ("steps", "batch_size", "micro_batches", "seq_len", "n_layer", "n_head", "d_model",
                     "eval_interval", "eval_batches", "log_interval", "max_data_bytes")
         for name in positive:

@@ -43,11 +43,13 @@ def plot_losses(summary: dict, path: str) -> None:
 
 
 def run_label(config: dict) -> str:
-    """What sets a run's optimizer apart, from its report's config: the params' dtype, master weights, moments."""
+    """What sets a run's optimizer apart, from its report's config: the optimizer (when Lion), the params' dtype,
+    master weights, moments."""
     params = config.get("params", "fp32")
     masters = {False: ", no masters" if params == "bf16" else "", True: ", exact masters",
                24: ", 24-bit masters"}[config.get("master_weights", False)]
-    return f"{params} params{masters}, {config['moments']} moments"
+    optimizer = "Lion, " if config.get("optimizer") == "lion" else ""
+    return f"{optimizer}{params} params{masters}, {config['moments']} moments"
 
 
 def plot_runs(report_paths: list[str], path: str) -> None:

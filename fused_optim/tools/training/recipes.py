@@ -7,7 +7,7 @@ total token count, which is the full batch's mean however the tokens fall into m
 
 - FusedRecipe, the package: fused linear + cross-entropy over the final hidden states and the tied LM head weight
   (no (B·T, V) logits), micro-batch grads added into fp32 main grads by GradAccumulator, divided by
-  `count_tokens` in `finalize`, then fused AdamW, which clips the global norm inside its step (max_grad_norm).
+  `count_tokens` in `finalize`, then fused AdamW (or Lion), which clips the global norm inside its step.
 - TorchRecipe, the baseline: materialised logits and F.cross_entropy, grads accumulated by autograd in `.grad`,
   divided by the token count, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW (its default foreach kernels).
 
@@ -100,10 +100,14 @@ class FusedRecipe(Recipe):
         config = self.config
         # capturable: the lr becomes a device tensor that WarmupCosine updates on the device, so reading the
         # optimizer's skipped-step count never syncs the host (a float lr would read it every step). The same on
-        # the CPU, so that the CPU tests run the GPU's path (its only cost: the lr is rounded to fp32).
-        return fused_optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
-                                 max_grad_norm=config.max_grad_norm, moments=config.moments,
-                                 master_weights=config.master_weights, capturable=True, backend=config.backend)
+        # the CPU, so that the CPU tests run the GPU's path (its only cost: the lr is rounded to fp32). Lion takes
+        # the tensor lr itself.
+        common = dict(betas=config.betas, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                      moments=config.moments, master_weights=config.master_weights, backend=config.backend)
+        if config.optimizer == "lion":
+            lr = torch.tensor(config.lr, dtype=torch.float32, device=self.device)
+            return fused_optim.Lion(groups, lr=lr, **common)
+        return fused_optim.AdamW(groups, lr=config.lr, capturable=True, **common)
 
     def loss_sum(self, x: Tensor, y: Tensor) -> Tensor:
         with self.autocast():
