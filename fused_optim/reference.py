@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
-
-
 class ReferenceAdam:
     """Adam/AdamW (Kingma & Ba, 2015; Loshchilov & Hutter, 2019) in float64, with AMSGrad and maximize.
 
@@ -117,72 +114,6 @@ class ReferenceLion:
             self.ambiguous[i] |= direction.abs() <= self.AMBIGUOUS * size
             p.sub_(self.lr * torch.sign(direction))
             m.mul_(self.beta2).add_((1 - self.beta2) * g)
-
-
-# Stochastic rounding: the same counter-based hash as csrc/include/fused_optim/rounding.h, in int64 tensor ops
-# (every value kept in [0, 2^32) so nothing overflows), so every backend can be checked bit for bit.
-
-
-def _mul32(a: torch.Tensor, b: int) -> torch.Tensor:
-    """(a * b) mod 2^32 without int64 overflow: multiply by b's two 16-bit halves."""
-    low = a * (b & 0xFFFF)
-    high = ((a * (b >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
-
-
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def stream_key(seed: int, tensor_index: int, step: torch.Tensor) -> torch.Tensor:
-    """The random stream of one tensor at one step (step: the count after the step, as a tensor)."""
-    start = torch.full_like(step, (seed + 0x9E3779B9 * tensor_index) & _MASK32, dtype=torch.int64)
-    return _mix32(_mix32(start) ^ (step.to(torch.int64) & _MASK32))
-
-
-def random_bits(stream: torch.Tensor, numel: int) -> torch.Tensor:
-    index = torch.arange(numel, dtype=torch.int64, device=stream.device)
-    return _mix32((_mix32(stream ^ (index & _MASK32)) + (index >> 32)) & _MASK32)
-
-
-def moment_stream(stream: torch.Tensor, draw: int) -> torch.Tensor:
-    """The stream of bf16 moments' draw 0 (exp_avg: low 16 bits, exp_avg_sq: high 16) or 1 (max_exp_avg_sq)."""
-    return _mix32((stream + 0x9E3779B9 * (draw + 1)) & _MASK32)
-
-
-def moment_bits(stream: torch.Tensor, numel: int) -> torch.Tensor:
-    """rounding.h's moment_bits: one mix32 of stream and index."""
-    index = torch.arange(numel, dtype=torch.int64, device=stream.device)
-    return _mix32(((stream ^ (index & _MASK32)) + _mul32(index >> 32, 0x9E3779B9)) & _MASK32)
-
-
-def moment_bits16(seed: int, tensor_index: int, step: torch.Tensor, moment: int, numel: int) -> torch.Tensor:
-    """The 16 random bits (int64) that round each element of Adam's moment 0 (exp_avg), 1 (exp_avg_sq) or 2
-    (max_exp_avg_sq) at a step (the count after it), bf16 or int8: draw moment // 2, its low or high half."""
-    stream = moment_stream(stream_key(seed, tensor_index, step), moment // 2)
-    return (moment_bits(stream, numel) >> (16 * (moment % 2))) & 0xFFFF
-
-
-def bf16_stochastic_round(x: torch.Tensor, seed: int, tensor_index: int, step: torch.Tensor,
-                          moment: int | None = None) -> torch.Tensor:
-    """Round fp32 `x` to bf16, up with probability equal to the discarded fraction (inf/NaN unchanged), with the
-    random bits of a param (moment=None) or of its Adam moment 0 (exp_avg), 1 (exp_avg_sq) or 2 (max_exp_avg_sq):
-    moment_stream."""
-    bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    if moment is None:
-        noise = random_bits(stream_key(seed, tensor_index, step), x.numel()) & 0xFFFF
-    else:
-        noise = moment_bits16(seed, tensor_index, step, moment, x.numel())
-    noise = noise.view(x.shape)
-    finite = (bits & 0x7F800000) != 0x7F800000
-    bits = torch.where(finite, (bits + noise) & _MASK32, bits)
-    upper = bits >> 16
-    upper = torch.where(upper >= 0x8000, upper - 0x10000, upper)  # as a signed 16-bit value
-    return upper.to(torch.int16).view(torch.bfloat16)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,

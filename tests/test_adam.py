@@ -34,7 +34,8 @@ import fused_optim
 from fused_optim.master_remainder import join_master, round_like_master, split_master
 from fused_optim.int8_moments import quantize
 from fused_optim.ops.adam import adam_step
-from fused_optim.reference import ReferenceAdam, bf16_stochastic_round
+from fused_optim.reference import ReferenceAdam
+from fused_optim.rounding import bf16_stochastic_round
 
 SHAPES = [(1,), (3,), (0,), (1023,), (4097,), (7, 13)]
 DTYPES = [

@@ -3,7 +3,7 @@ bf16 scale, dequantized, updated in fp32 and requantized stochastically in the s
 
 Every backend's codes and scales are checked bit for bit against its own fp32-moment optimizer whose moments are
 set, before each step, to the dequantized values, and quantized after it by fused_optim/int8_moments.py with
-reference.py's random bits: what moments="int8" adds to the fp32 update (itself checked against float64 and torch
+rounding.py's random bits: what moments="int8" adds to the fp32 update (itself checked against float64 and torch
 in test_adam.py) and nothing else. The codec itself is checked against float64 here.
 """
 
@@ -20,7 +20,8 @@ from test_adam_moments import state_bytes_per_param
 
 import fused_optim
 from fused_optim.int8_moments import BLOCK, dequantize, quantize, scale_count
-from fused_optim.reference import ReferenceAdam, moment_bits16
+from fused_optim.reference import ReferenceAdam
+from fused_optim.rounding import moment_bits16
 
 SHAPES = [(1,), (3,), (0,), (1023,), (33, 17), (130,)]
 OPTIONS = [

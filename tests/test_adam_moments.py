@@ -2,7 +2,7 @@
 
 The rounding draws its bits from a hash of (seed, tensor, step, moment, element) that every backend computes alike,
 so each backend is checked bit for bit against its own fp32-moment optimizer whose moments are set, before each
-step, to the dequantized bf16 values and rounded after it with fused_optim/reference.py's stochastic rounding: what
+step, to the dequantized bf16 values and rounded after it with fused_optim/rounding.py's stochastic rounding: what
 moments="bf16" adds to the fp32 update (itself checked against float64 and torch in test_adam.py) and nothing else.
 """
 
@@ -16,7 +16,8 @@ from conftest import CPU_BACKENDS
 from test_adam import assert_identical, make_params, random_grads, set_grads, snapshot
 
 import fused_optim
-from fused_optim.reference import ReferenceAdam, bf16_stochastic_round
+from fused_optim.reference import ReferenceAdam
+from fused_optim.rounding import bf16_stochastic_round
 
 SHAPES = [(1,), (3,), (0,), (1023,), (33, 17)]
 OPTIONS = [

@@ -19,7 +19,7 @@ from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, real_views, resolve_op, split_wide,
                                       step_scalars)
 from fused_optim.int8_moments import dequantize, quantize
-from fused_optim.reference import bf16_stochastic_round, moment_bits16
+from fused_optim.rounding import bf16_stochastic_round, moment_bits16
 
 ADAM_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

@@ -20,7 +20,7 @@ from fused_optim.master_remainder import are_remainders, join_master, store_spli
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip, real_views,
                                       resolve_op, split_wide, step_scalars)
-from fused_optim.reference import bf16_stochastic_round, moment_bits16
+from fused_optim.rounding import bf16_stochastic_round, moment_bits16
 
 LION_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] master_params, Tensor(d!)[] steps, "
