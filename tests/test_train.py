@@ -238,6 +238,31 @@ def test_resume_refuses_a_different_run(text_file, tmp_path):
         train(config.replace(save=None, stop_after=None, resume=str(path), betas=(0.9, 0.999)))
 
 
+def test_resume_takes_a_checkpoint_from_before_a_setting_existed(text_file, tmp_path):
+    # a checkpoint written before --optimizer / --params / --master-weights existed was of their defaults' run
+    path = tmp_path / "ckpt.pt"
+    config = TrainConfig(**(TINY_CONFIG | {"steps": 4}), data=str(text_file))
+    whole = train(config)
+    train(config.replace(save=str(path), stop_after=2))
+    checkpoint = torch.load(path, weights_only=True)
+    for name in ("optimizer", "params", "master_weights"):
+        del checkpoint["config"][name]
+    torch.save(checkpoint, path)
+    resumed = train(config.replace(resume=str(path)))
+    assert resumed["results"]["fused"].train_loss == whole["results"]["fused"].train_loss
+    with pytest.raises(ValueError, match=r"different run: optimizer \(checkpoint 'adamw', now 'lion'\)"):
+        train(config.replace(resume=str(path), optimizer="lion"))
+
+
+def test_lion_resumes_bit_exactly(text_file, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    config = TrainConfig(**(TINY_CONFIG | {"steps": 5}), data=str(text_file), optimizer="lion", moments="int8")
+    whole = train(config)
+    train(config.replace(save=str(path), stop_after=3))
+    resumed = train(config.replace(resume=str(path)))
+    assert resumed["results"]["fused"].train_loss == whole["results"]["fused"].train_loss
+
+
 def test_resume_refuses_other_kernels(text_file, tmp_path, monkeypatch):
     # another FUSED_OPTIM_BACKEND rounds differently: the resume would not be bit-exact, so it is refused
     path = tmp_path / "ckpt.pt"

@@ -11,6 +11,7 @@ checkpoint whole. It holds only tensors and plain Python values: `torch.load(wei
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def load(path: str | os.PathLike, config: TrainConfig) -> dict:
         raise FileNotFoundError(f"--resume {path}: no such checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"--resume {path}: not a fused-optim train checkpoint")
-    saved = checkpoint["config"]
+    # a setting the checkpoint lacks came after it was written, and its run had that setting's default
+    saved = {field.name: field.default for field in dataclasses.fields(TrainConfig)} | checkpoint["config"]
     differing = [f"{name} (checkpoint {saved.get(name)!r}, now {getattr(config, name)!r})" for name in RUN_DEFINING
                  if _normalised(saved.get(name)) != _normalised(getattr(config, name))]
     if differing:
