@@ -503,6 +503,33 @@ def test_optimizer_defaults_and_refusals():
         TrainConfig(optimizer="lion", compare=True)
 
 
+@pytest.mark.parametrize("compare_optimizer, package", [("torchao-adamw8bit", "torchao"),
+                                                       ("bnb-adamw8bit", "bitsandbytes")])
+def test_compare_with_an_8_bit_adamw_peer(text_file, compare_optimizer, package):
+    """--compare-optimizer: the --compare side steps another package's 8-bit AdamW (the issue's quality peers)."""
+    pytest.importorskip(package)
+    from fused_optim.tools.cli import _parser
+    from fused_optim.tools.training.recipes import TorchRecipe
+
+    config = config_from_args(_parser().parse_args(
+        ["train", *TINY, "--data", str(text_file), "--compare", "--compare-optimizer", compare_optimizer,
+         "--moments", "int8"]))
+    recipe = TorchRecipe(GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32)), config, torch.device("cpu"))
+    assert type(recipe.optimizer).__name__ == "AdamW8bit" and package in type(recipe.optimizer).__module__
+    losses = train(config)["results"]["torch"].train_loss
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+
+
+def test_compare_optimizer_refusals(monkeypatch):
+    with pytest.raises(ValueError, match=r"^compare_optimizer must be one of adamw, torchao-adamw8bit, bnb-adamw8bit"):
+        TrainConfig(compare=True, compare_optimizer="adam8bit")
+    with pytest.raises(ValueError, match=r"^compare_optimizer bnb-adamw8bit is the --compare side's: it needs compare$"):
+        TrainConfig(compare_optimizer="bnb-adamw8bit")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(ValueError, match=r"^compare_optimizer torchao-adamw8bit needs torchao, which is not installed$"):
+        TrainConfig(compare=True, compare_optimizer="torchao-adamw8bit")
+
+
 def test_plot_runs_draws_each_reports_validation_curve(text_file, tmp_path):
     from fused_optim.tools.training.plot import plot_runs, run_label
 

@@ -11,7 +11,7 @@ import argparse
 import importlib.util
 import sys
 
-from fused_optim.tools.training.config import OPTIMIZER_DEFAULTS, QUICK, TrainConfig
+from fused_optim.tools.training.config import COMPARE_OPTIMIZERS, OPTIMIZER_DEFAULTS, QUICK, TrainConfig
 
 DEFAULTS = TrainConfig()
 CONFIG_FIELDS = set(DEFAULTS.as_dict())
@@ -91,6 +91,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="also train, with the same seed and data, torch.optim.AdamW + "
                         "torch.nn.utils.clip_grad_norm_ + F.cross_entropy over materialised logits, and report "
                         "both side by side with their per-step loss difference")
+    report.add_argument("--compare-optimizer", choices=tuple(COMPARE_OPTIMIZERS),
+                        help="the --compare side's optimizer: torch's AdamW (default), torchao's AdamW8bit or "
+                        "bitsandbytes' AdamW8bit (each where installed), with the same lr, betas and decay")
     report.add_argument("--eval-interval", type=int,
                         help="validation loss every this many steps and at the end; checkpoints are written then "
                         f"too (default {d.eval_interval})")

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 # What defines the trained weights: a resumed run must have the checkpoint's values (checkpoint.py checks).
 # The backend is the resolved one (loop.train records it): other kernels round differently.
 RUN_DEFINING = ("steps", "batch_size", "micro_batches", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay",
-                "max_grad_norm", "betas", "optimizer", "moments", "params", "master_weights", "n_layer", "n_head",
-                "d_model", "seed", "data", "max_data_bytes", "bf16", "backend")
+                "max_grad_norm", "betas", "optimizer", "moments", "params", "master_weights", "compare_optimizer",
+                "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16", "backend")
 
 # Each optimizer's lr, decoupled weight decay and betas where the run does not set them. Lion's update is a sign,
 # larger than AdamW's, so it takes a 10x smaller lr and a 10x larger decay (the same lr x decay), and its own betas.
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)},
                       "lion": {"lr": 1e-4, "weight_decay": 1.0, "betas": (0.9, 0.99)}}
+
+# The --compare side's optimizer: torch's AdamW, or an 8-bit AdamW of another package: (the module it needs, its name).
+COMPARE_OPTIMIZERS = {"adamw": ("torch", "torch"), "torchao-adamw8bit": ("torchao", "torchao AdamW8bit"),
+                      "bnb-adamw8bit": ("bitsandbytes", "bitsandbytes AdamW8bit")}
 
 # --quick: a model and run small enough for seconds on a laptop CPU
 QUICK = {"steps": 30, "batch_size": 8, "micro_batches": 2, "seq_len": 64, "n_layer": 2, "n_head": 2, "d_model": 64,
@@ -44,6 +49,7 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast of the model; None: on a GPU only (True on the CPU: tests of that path)
     seed: int = 0
     compare: bool = False  # also train the torch.optim.AdamW + F.cross_entropy baseline, same seed (AdamW only)
+    compare_optimizer: str = "adamw"  # the baseline's optimizer (COMPARE_OPTIMIZERS)
     data: str | None = None  # a text file or directory; None: the Python stdlib's source
     max_data_bytes: int = 8 << 20
     eval_interval: int = 50  # validation loss every this many steps (and at the end)
@@ -60,6 +66,16 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_DEFAULTS)}, got {self.optimizer!r}")
         if self.compare and self.optimizer != "adamw":
             raise ValueError(f"compare trains torch's AdamW beside the fused AdamW; it has no {self.optimizer} twin")
+        if self.compare_optimizer not in COMPARE_OPTIMIZERS:
+            raise ValueError(f"compare_optimizer must be one of {', '.join(COMPARE_OPTIMIZERS)}, "
+                             f"got {self.compare_optimizer!r}")
+        if self.compare_optimizer != "adamw":
+            if not self.compare:
+                raise ValueError(f"compare_optimizer {self.compare_optimizer} is the --compare side's: "
+                                 "it needs compare")
+            package = COMPARE_OPTIMIZERS[self.compare_optimizer][0]
+            if importlib.util.find_spec(package) is None:
+                raise ValueError(f"compare_optimizer {self.compare_optimizer} needs {package}, which is not installed")
         for name, value in OPTIMIZER_DEFAULTS[self.optimizer].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)

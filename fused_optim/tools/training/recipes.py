@@ -134,7 +134,16 @@ class TorchRecipe(Recipe):
 
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         config = self.config
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        hyper = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        if config.compare_optimizer == "torchao-adamw8bit":
+            from torchao.optim import AdamW8bit
+
+            return AdamW8bit(groups, **hyper)
+        if config.compare_optimizer == "bnb-adamw8bit":
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit(groups, **hyper)
+        return torch.optim.AdamW(groups, **hyper)
 
     def loss_sum(self, x: Tensor, y: Tensor) -> Tensor:
         with self.autocast():

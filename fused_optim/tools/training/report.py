@@ -27,6 +27,7 @@ import fused_optim
 from fused_optim import _backend
 from fused_optim.tools.examples.data import VOCAB_SIZE
 from fused_optim.tools.training import metrics
+from fused_optim.tools.training.config import COMPARE_OPTIMIZERS
 from fused_optim.tools.training.loop import SideResult
 from fused_optim.tools.training.timing import PHASES
 
@@ -145,7 +146,8 @@ def table(summary: dict):
 
     runs = summary["runs"]
     sides = list(runs)
-    labels = {"fused": "fused_optim", "torch": "torch (baseline)"}
+    _, baseline = COMPARE_OPTIMIZERS[summary["config"].get("compare_optimizer", "adamw")]
+    labels = {"fused": "fused_optim", "torch": f"{baseline} (baseline)"}
     model = summary["model"]
     title = (f"fused-optim train · GPT {model['n_layer']}L {model['n_head']}H {model['d_model']}d · "
              f"{summary['device']['name']} · {summary['precision']} · {summary['backend']} kernels")
