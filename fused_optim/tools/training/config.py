@@ -76,9 +76,10 @@ class TrainConfig:
             package = COMPARE_OPTIMIZERS[self.compare_optimizer][0]
             if importlib.util.find_spec(package) is None:
                 raise ValueError(f"compare_optimizer {self.compare_optimizer} needs {package}, which is not installed")
-        for name, value in OPTIMIZER_DEFAULTS[self.optimizer].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        # not a field: replace() passes these as None again, so a changed optimizer brings its own defaults
+        self._defaulted = [name for name in OPTIMIZER_DEFAULTS[self.optimizer] if getattr(self, name) is None]
+        for name in self._defaulted:
+            setattr(self, name, OPTIMIZER_DEFAULTS[self.optimizer][name])
         positive = ("steps", "batch_size", "micro_batches", "seq_len", "n_layer", "n_head", "d_model",
                     "eval_interval", "eval_batches", "log_interval", "max_data_bytes")
         for name in positive:
@@ -116,7 +117,7 @@ class TrainConfig:
         return self.batch_size * self.micro_batches * self.seq_len
 
     def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **({name: None for name in self._defaulted} | changes))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
