@@ -1,0 +1,85 @@
+// moments="int8" codes eight at a time with AVX2 intrinsics, for the AVX2 build of the CPU kernels only. gcc's
+// vectorisation of the generic loop (moment_int8.h's functions) narrows the 32-bit codes to bytes with a mask per
+// vector, two saturating packs and a permute; here one byte shuffle and one permute do it. That took a quarter off
+// the AVX2 quantizing loop; with AVX-512 the generic loop was as fast, so that build keeps it (docs/results.md).
+// Each operation is the scalar formula's, in its order, so the codes are bit for bit moment_int8.h's:
+// tests/test_cpu_isa.py runs tests/test_adam_int8_moments.py on the AVX2 kernels wherever the CPU has AVX2.
+#pragma once
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define FUSED_OPTIM_INT8_CODES_AVX2 1
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "fused_optim/moment_int8.h"
+
+namespace fused_optim {
+namespace int8_codes_avx2 {
+
+constexpr int kLanes = 8;
+
+inline __m256i splat(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+
+// rounding.h's moment_bits of elements index_low .. index_low + 7 (32-bit wrap, the same high half)
+inline __m256i moment_bits(uint32_t stream, uint32_t index_low, uint32_t index_high) {
+  const __m256i index = _mm256_add_epi32(splat(index_low), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i h = _mm256_add_epi32(_mm256_xor_si256(splat(stream), index), splat(0x9E3779B9u * index_high));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));  // mix32
+  h = _mm256_mullo_epi32(h, splat(0x85EBCA6Bu));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, splat(0xC2B2AE35u));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// fn(j, bits) for each 8 elements j.. of the whole block at chunk offset `offset`, with their moment_bits (chunks.h's
+// chunk_moment_bits, 8 at a time)
+template <typename Fn>
+inline void for_block_draws(uint32_t stream, int64_t begin, int32_t offset, Fn fn) {
+  for (int32_t j = 0; j < kInt8Block; j += kLanes) {
+    fn(j, moment_bits(stream, static_cast<uint32_t>(begin) + static_cast<uint32_t>(offset + j),
+                      static_cast<uint32_t>(begin >> 32)));
+  }
+}
+
+inline __m256i low16(__m256i bits) { return _mm256_and_si256(bits, splat(0xFFFFu)); }
+inline __m256i high16(__m256i bits) { return _mm256_srli_epi32(bits, 16); }
+
+// magnitude_code<kSteps>: min_ps(q, 1) is `q < 1 ? q : 1` (it returns its second operand for a NaN q)
+template <int kSteps>
+inline __m256i magnitude_codes(__m256 x, __m256 inverse, __m256i bits16) {
+  const __m256 magnitude = _mm256_and_ps(x, _mm256_castsi256_ps(splat(0x7FFFFFFFu)));
+  const __m256 q = _mm256_min_ps(_mm256_mul_ps(magnitude, inverse), _mm256_set1_ps(1.0f));
+  const __m256 fixed = _mm256_mul_ps(_mm256_sqrt_ps(q), _mm256_set1_ps(static_cast<float>(kSteps * 65536)));
+  return _mm256_srai_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fixed), bits16), 16);
+}
+
+// quantize_signed of values[0..7] (32-byte aligned): the code negated where x < 0 (code ^ -1 - -1 = -code)
+inline __m256i signed_codes(const float* values, float inverse, __m256i bits16) {
+  const __m256 x = _mm256_load_ps(values);
+  const __m256i negative = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+  const __m256i code = magnitude_codes<127>(x, _mm256_set1_ps(inverse), bits16);
+  return _mm256_sub_epi32(_mm256_xor_si256(code, negative), negative);
+}
+
+// quantize_unsigned of roots[0..7]: at least 1 where root > 0
+inline __m256i unsigned_codes(const float* roots, float inverse, __m256i bits16) {
+  const __m256 root = _mm256_load_ps(roots);
+  const __m256i positive = _mm256_castps_si256(_mm256_cmp_ps(root, _mm256_setzero_ps(), _CMP_GT_OQ));
+  return _mm256_max_epi32(magnitude_codes<255>(root, _mm256_set1_ps(inverse), bits16), _mm256_srli_epi32(positive, 31));
+}
+
+// The low byte of each code, to 8 consecutive bytes (static_cast<int8_t/uint8_t>)
+inline void store_codes(void* codes, __m256i code) {
+  const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,  //
+                                             0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(code, low_bytes),
+                                                     _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+  _mm_storel_epi64(static_cast<__m128i*>(codes), _mm256_castsi256_si128(packed));
+}
+
+}  // namespace int8_codes_avx2
+}  // namespace fused_optim
+
+#endif
