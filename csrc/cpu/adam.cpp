@@ -84,12 +84,20 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
     const float m_step = signed_step(bf16_bits_to_float(m_scales[block]));
     const float v_step = unsigned_step(bf16_bits_to_float(v_scales[block]));
     const float max_step = kAmsgrad ? unsigned_step(bf16_bits_to_float(max_scales[block])) : 0.0f;
+    // the old moments dequantized into L1 in a loop of their own: with the codes' byte loads in it, gcc vectorised the
+    // update loop over 32 (AVX2) or 64 (AVX-512) elements a step and ran short of registers (3-5 % faster apart)
+#pragma omp simd
+    for (int32_t j = 0; j < length; ++j) {
+      m_new[j] = dequantize_signed(exp_avg[start + j], m_step);
+      v_new[j] = dequantize_unsigned(exp_avg_sq[start + j], v_step);
+      max_new[j] = kAmsgrad ? dequantize_unsigned(max_exp_avg_sq[start + j], max_step) : 0.0f;
+    }
 #pragma omp simd
     for (int32_t j = 0; j < length; ++j) {
       const int64_t i = start + j;
       const float p = load_param<kWrite>(param, master, i);
-      float m = dequantize_signed(exp_avg[i], m_step), v = dequantize_unsigned(exp_avg_sq[i], v_step);
-      float max_v = kAmsgrad ? dequantize_unsigned(max_exp_avg_sq[i], max_step) : 0.0f;
+      float m = m_new[j], v = v_new[j];
+      float max_v = kAmsgrad ? max_new[j] : 0.0f;
       write_param<kWrite>(param, master, i, adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s),
                           t.random_stream);
       m_new[j] = m;

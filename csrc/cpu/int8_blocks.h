@@ -27,12 +27,12 @@ void step_signed_int8_blocks(int8_t* __restrict__ codes, uint16_t* __restrict__ 
   const auto step_block = [&](int64_t start, auto length) {
     const int64_t block = start / kInt8Block;
     const float step = signed_step(bf16_bits_to_float(scales[block]));
+    // the old moments dequantized into L1 in a loop of their own: with the codes' byte loads in it, gcc vectorised the
+    // update loop over 32 (AVX2) or 64 (AVX-512) elements a step and ran short of registers (3-5 % faster apart)
 #pragma omp simd
-    for (int32_t j = 0; j < length; ++j) {
-      float m = dequantize_signed(codes[start + j], step);
-      update(start + j, m);
-      updated[j] = m;
-    }
+    for (int32_t j = 0; j < length; ++j) updated[j] = dequantize_signed(codes[start + j], step);
+#pragma omp simd
+    for (int32_t j = 0; j < length; ++j) update(start + j, updated[j]);
     uint32_t largest = 0;
 #pragma omp simd reduction(max : largest)
     for (int32_t j = 0; j < length; ++j) largest = std::max(largest, magnitude_bits(updated[j]));
