@@ -23,7 +23,8 @@ CONTRACT_TESTS = [
     "tests/test_cross_entropy.py::test_fp32_gradient_at_a_real_vocabulary_is_not_worse_than_torch",
     "tests/test_adam.py::test_matches_reference_at_least_as_well_as_torch",
     "tests/test_adam.py::test_fp32_matches_torch_adamw_after_100_steps",
-    "tests/test_sgd.py", "tests/test_adam_int8_moments.py", "tests/test_total_norm.py", "tests/test_accumulate_grads.py",
+    "tests/test_sgd.py", "tests/test_adam_int8_moments.py", "tests/test_total_norm.py",
+    "tests/test_accumulate_grads.py",
     "tests/test_loss_parallel.py::test_shards_combine_into_the_whole_rows", "tests/test_conversions.py",
     "tests/test_fuzz.py", "tests/test_optim_db.py",
 ]
