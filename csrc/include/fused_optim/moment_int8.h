@@ -33,9 +33,9 @@ FO_HOST_DEVICE uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7FFFF
 // The bf16 scale of a block whose largest magnitude_bits is `largest`: rounded up, so every |x| / scale <= 1.
 FO_HOST_DEVICE uint16_t int8_scale_bits(uint32_t largest) { return static_cast<uint16_t>((largest + 0xFFFFu) >> 16); }
 
-// What a block's |x| are multiplied by: 1 / scale (one division a block, not one an element: the divisions and square
-// roots bound the CPU loop). 0 for a block of zeros (scale 0) or one holding a NaN (scale NaN): its codes are then 0,
-// but for a NaN's own, and a NaN block dequantizes to NaN whatever its codes, as an fp32 moment would stay NaN.
+// What a block's |x| are multiplied by: 1 / scale (one division a block, not one an element). 0 for a block of zeros
+// (scale 0) or one holding a NaN (scale NaN): its codes are then 0, but for a NaN's own, and a NaN block dequantizes
+// to NaN whatever its codes, as an fp32 moment would stay NaN.
 FO_HOST_DEVICE float inverse_scale(uint16_t scale_bits) {
   const float scale = bf16_bits_to_float(scale_bits);
   return scale > 0.0f ? 1.0f / scale : 0.0f;
