@@ -17,9 +17,11 @@ RUN_DEFINING = ("steps", "batch_size", "micro_batches", "seq_len", "lr", "warmup
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)},
                       "lion": {"lr": 1e-4, "weight_decay": 1.0, "betas": (0.9, 0.99)}}
 
-# The --compare side's optimizer: torch's AdamW, or an 8-bit AdamW of another package: (the module it needs, its name).
-COMPARE_OPTIMIZERS = {"adamw": ("torch", "torch"), "torchao-adamw8bit": ("torchao", "torchao AdamW8bit"),
-                      "bnb-adamw8bit": ("bitsandbytes", "bitsandbytes AdamW8bit")}
+# The --compare side's optimizer: torch's AdamW, or an 8-bit AdamW of another package: (the module holding its class,
+# the class, its name in reports).
+COMPARE_OPTIMIZERS = {"adamw": ("torch.optim", "AdamW", "torch"),
+                      "torchao-adamw8bit": ("torchao.optim", "AdamW8bit", "torchao AdamW8bit"),
+                      "bnb-adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes AdamW8bit")}
 
 # --quick: a model and run small enough for seconds on a laptop CPU
 QUICK = {"steps": 30, "batch_size": 8, "micro_batches": 2, "seq_len": 64, "n_layer": 2, "n_head": 2, "d_model": 64,
@@ -73,7 +75,7 @@ class TrainConfig:
             if not self.compare:
                 raise ValueError(f"compare_optimizer {self.compare_optimizer} is the --compare side's: "
                                  "it needs compare")
-            package = COMPARE_OPTIMIZERS[self.compare_optimizer][0]
+            package = COMPARE_OPTIMIZERS[self.compare_optimizer][0].split(".")[0]
             if importlib.util.find_spec(package) is None:
                 raise ValueError(f"compare_optimizer {self.compare_optimizer} needs {package}, which is not installed")
         # not a field: replace() passes these as None again, so a changed optimizer brings its own defaults

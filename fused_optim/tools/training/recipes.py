@@ -20,13 +20,15 @@ these losses, too coarse to log or compare sides by.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fused_optim
 from fused_optim.tools.examples.gpt import GPT
-from fused_optim.tools.training.config import TrainConfig
+from fused_optim.tools.training.config import COMPARE_OPTIMIZERS, TrainConfig
 
 SIDES = ("fused", "torch")
 
@@ -134,16 +136,9 @@ class TorchRecipe(Recipe):
 
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         config = self.config
-        hyper = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        if config.compare_optimizer == "torchao-adamw8bit":
-            from torchao.optim import AdamW8bit
-
-            return AdamW8bit(groups, **hyper)
-        if config.compare_optimizer == "bnb-adamw8bit":
-            import bitsandbytes
-
-            return bitsandbytes.optim.AdamW8bit(groups, **hyper)
-        return torch.optim.AdamW(groups, **hyper)
+        module, name, _ = COMPARE_OPTIMIZERS[config.compare_optimizer]
+        optimizer_class = getattr(importlib.import_module(module), name)
+        return optimizer_class(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
     def loss_sum(self, x: Tensor, y: Tensor) -> Tensor:
         with self.autocast():

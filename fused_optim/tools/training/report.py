@@ -146,7 +146,7 @@ def table(summary: dict):
 
     runs = summary["runs"]
     sides = list(runs)
-    _, baseline = COMPARE_OPTIMIZERS[summary["config"].get("compare_optimizer", "adamw")]
+    baseline = COMPARE_OPTIMIZERS[summary["config"].get("compare_optimizer", "adamw")][2]
     labels = {"fused": "fused_optim", "torch": f"{baseline} (baseline)"}
     model = summary["model"]
     title = (f"fused-optim train · GPT {model['n_layer']}L {model['n_head']}H {model['d_model']}d · "
