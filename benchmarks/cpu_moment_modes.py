@@ -44,8 +44,9 @@ def one_pass(rounds: int, kept: int) -> dict[str, float]:
         param.grad = torch.randn(SHAPE, generator=generator).to(param.dtype)
         options = {"momentum": 0.9, "lr": 1e-3} if name == "SGD" else {"lr": 1e-4 if name == "Lion" else 1e-3}
         optimizer = getattr(fused_optim, name)([param], moments=moments, backend="cpu", **options)
-        steps.append((label(name, dtype, moments), optimizer.step))
-        times[label(name, dtype, moments)] = []
+        row = label(name, dtype, moments)
+        steps.append((row, optimizer.step))
+        times[row] = []
     for _ in range(rounds):
         for row, step in steps:
             start = time.perf_counter()
