@@ -1,11 +1,17 @@
 """Step times of each optimizer x moment storage on the CPU, every CPU kernel level this machine runs.
 
-All eleven optimizers (AdamW on fp32 and bf16 params, SGD with momentum, Lion; fp32, bf16 and int8 moments) are set
-up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls on every row alike; each row
-is the median of its last steps. One process per kernel level (FUSED_OPTIM_CPU_ISA) and pass; the table keeps the
-lower of each row's medians over the passes.
+The optimizers (AdamW on fp32 and bf16 params, SGD with momentum, Lion; fp32, bf16 and int8 moments; --match picks
+some by their labels) are set up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls on every
+row alike; each row is the median of its last steps. One process per kernel level (FUSED_OPTIM_CPU_ISA), thread
+count (--threads) and pass; the table keeps the lower of each row's medians over the passes. Each row's GB/s is its
+bytes model (tools/bench: adam_step_bytes, sgd_step_bytes, lion_step_bytes) over that median, beside the STREAM
+triad the same process measured on as many threads (tools/bench/timing.py, memory_roof).
 
-    python benchmarks/cpu_moment_modes.py --out benchmarks/results/<cpu>/optimizer_moment_modes_by_isa.json
+Whether the int8 step beats the fp32 one depends on the threads a memory system feeds: the fp32 step is bound by
+its bytes once a few threads run it, the int8 step by its arithmetic until many do.
+
+    python benchmarks/cpu_moment_modes.py --threads 1,2 \\
+        --out benchmarks/results/<cpu>/optimizer_moment_modes_by_isa.json
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -23,6 +30,7 @@ OPTIMIZERS = [("AdamW", "float32", "fp32"), ("AdamW", "float32", "bf16"), ("Adam
               ("AdamW", "bfloat16", "fp32"), ("AdamW", "bfloat16", "bf16"), ("AdamW", "bfloat16", "int8"),
               ("SGD", "float32", "fp32"), ("SGD", "float32", "int8"),
               ("Lion", "float32", "fp32"), ("Lion", "float32", "bf16"), ("Lion", "float32", "int8")]
+MOMENT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 
 
 def label(name: str, dtype: str, moments: str) -> str:
@@ -31,15 +39,31 @@ def label(name: str, dtype: str, moments: str) -> str:
     return f"{name}, {dtype} params, moments={moments}" if name == "AdamW" else f"{name}, moments={moments}"
 
 
-def one_pass(rounds: int, kept: int) -> dict[str, float]:
-    """This process's kernel level: {row: median ms of its last `kept` of `rounds` steps}."""
+def step_bytes(name: str, dtype: str, moments: str, numel: int) -> int:
+    """The fewest bytes one step of this row moves (the bytes models of `fused-optim bench`)."""
+    import torch
+
+    from fused_optim.tools.bench.adamw import adam_step_bytes
+    from fused_optim.tools.bench.lion import lion_step_bytes
+    from fused_optim.tools.bench.sgd import sgd_step_bytes
+
+    moment_dtype = getattr(torch, MOMENT_DTYPES[moments])
+    if name == "AdamW":
+        return adam_step_bytes(numel, getattr(torch, dtype), state_dtype=moment_dtype)
+    return (sgd_step_bytes if name == "SGD" else lion_step_bytes)(numel, moment_dtype)
+
+
+def one_pass(rows: list[tuple[str, str, str]], rounds: int, kept: int) -> dict:
+    """This process's kernel level and thread count: {"rows": {row: median ms of its last `kept` of `rounds`
+    steps}, "triad_gbps": the STREAM triad measured after them}."""
     import torch
 
     import fused_optim
+    from fused_optim.tools.bench.timing import memory_roof
 
     generator = torch.Generator().manual_seed(0)
     steps, times = [], {}
-    for name, dtype, moments in OPTIMIZERS:
+    for name, dtype, moments in rows:
         param = torch.nn.Parameter(torch.randn(SHAPE, generator=generator).to(getattr(torch, dtype)))
         param.grad = torch.randn(SHAPE, generator=generator).to(param.dtype)
         options = {"momentum": 0.9, "lr": 1e-3} if name == "SGD" else {"lr": 1e-4 if name == "Lion" else 1e-3}
@@ -52,7 +76,9 @@ def one_pass(rounds: int, kept: int) -> dict[str, float]:
             start = time.perf_counter()
             step()
             times[row].append((time.perf_counter() - start) * 1e3)
-    return {row: round(statistics.median(ms[-kept:]), 2) for row, ms in times.items()}
+    del steps  # the optimizers' state, before the triad's arrays
+    return {"rows": {row: round(statistics.median(ms[-kept:]), 2) for row, ms in times.items()},
+            "triad_gbps": round(memory_roof("cpu", budget_s=0.5)["gbps"], 1)}
 
 
 def main() -> None:
@@ -61,10 +87,17 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=18)
     parser.add_argument("--kept", type=int, default=15, help="steps per row the median is taken over (the last ones)")
-    parser.add_argument("--one-pass", action="store_true", help=argparse.SUPPRESS)  # a child process: print its row
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated intra-op thread counts, one set of passes each (default: torch's)")
+    parser.add_argument("--match", default="", help="a regular expression: only the rows whose labels it finds "
+                        "(e.g. 'AdamW, float32 params, moments=(fp32|int8)')")
+    parser.add_argument("--one-pass", action="store_true", help=argparse.SUPPRESS)  # a child process: print its rows
     args = parser.parse_args()
+    rows = [row for row in OPTIMIZERS if re.search(args.match, label(*row))]
+    if not rows:
+        parser.error(f"--match {args.match!r} finds no row; the rows are: {'; '.join(label(*r) for r in OPTIMIZERS)}.")
     if args.one_pass:
-        print(json.dumps(one_pass(args.rounds, args.kept)))
+        print(json.dumps(one_pass(rows, args.rounds, args.kept)))
         return
 
     import torch
@@ -72,21 +105,39 @@ def main() -> None:
     from fused_optim import _backend
     from fused_optim.tools.bench import device_name
 
-    passes: dict[str, list[dict[str, float]]] = {}
+    thread_counts = [int(n) for n in (args.threads or str(torch.get_num_threads())).split(",")]
+    numel = 1
+    for size in SHAPE:
+        numel *= size
+    passes: dict[str, dict[int, list[dict]]] = {}
     for isa in _backend.cpu_isas_supported():
         if isa not in _backend.cpu_isas_built() or isa == "baseline":
             continue
-        for _ in range(args.passes):
-            child = subprocess.run([sys.executable, __file__, "--out", args.out, "--one-pass", "--rounds",
-                                    str(args.rounds), "--kept", str(args.kept)], env={**os.environ,
-                                   "FUSED_OPTIM_CPU_ISA": isa}, check=True, capture_output=True, text=True)
-            passes.setdefault(isa, []).append(json.loads(child.stdout))
-            print(isa, passes[isa][-1], flush=True)
-    lower = {isa: {row: min(p[row] for p in runs) for row in runs[0]} for isa, runs in passes.items()}
+        for threads in thread_counts:
+            for _ in range(args.passes):
+                child = subprocess.run([sys.executable, __file__, "--out", args.out, "--one-pass", "--rounds",
+                                        str(args.rounds), "--kept", str(args.kept), "--match", args.match],
+                                       env={**os.environ, "FUSED_OPTIM_CPU_ISA": isa, "OMP_NUM_THREADS": str(threads)},
+                                       check=True, capture_output=True, text=True)
+                passes.setdefault(isa, {}).setdefault(threads, []).append(json.loads(child.stdout))
+                print(isa, f"{threads} threads", passes[isa][threads][-1], flush=True)
+    lower, gbps, triad = {}, {}, {}
+    for isa, by_threads in passes.items():
+        for threads, runs in by_threads.items():
+            lowest = {label(*row): min(run["rows"][label(*row)] for run in runs) for row in rows}
+            lower.setdefault(isa, {})[threads] = lowest
+            gbps.setdefault(isa, {})[threads] = {
+                label(*row): round(step_bytes(*row, numel) / (lowest[label(*row)] * 1e6), 1) for row in rows}
+            triad.setdefault(isa, {})[threads] = max(run["triad_gbps"] for run in runs)
+    for isa in lower:
+        for threads in thread_counts:
+            print(f"\n{isa}, {threads} threads (STREAM triad {triad[isa][threads]} GB/s): ms a step, GB/s")
+            for row, ms in lower[isa][threads].items():
+                print(f"  {row:45s} {ms:8.2f} ms {gbps[isa][threads][row]:7.1f} GB/s")
     with open(args.out, "w") as out:
         json.dump({"what": __doc__.split("\n\n")[1].replace("\n", " "), "shape": SHAPE,
-                   "cpu": device_name(torch.device("cpu")), "torch": torch.__version__, "passes": passes,
-                   "lower": lower}, out, indent=1)
+                   "cpu": device_name(torch.device("cpu")), "torch": torch.__version__, "threads": thread_counts,
+                   "passes": passes, "lower": lower, "gbps": gbps, "triad_gbps": triad}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@
 #   7. runs the SGD and Lion benchmarks (`python -m fused_optim bench --ops sgd,lion --json`): 256M params,
 #   8. trains the example GPT (`python -m fused_optim train --quick --compare --json`): 30 steps, fused_optim
 #      beside torch, bf16 autocast,
+#   9. times the CPU AdamW step with fp32 and with int8 moments on 1, 4 and all of the machine's cores
+#      (benchmarks/cpu_moment_modes.py): whether int8 moments overtake fp32 ones once the memory system is shared
+#      by more cores than the 2 of the development machines,
 # in under 10 minutes. Each benchmark also draws its GB/s as a PNG (--plot), and the training run its loss curves,
 # when matplotlib is installed. The benchmarks run even when the tests fail; the exit status is non-zero if any
 # step did.
@@ -20,24 +23,25 @@
 # OUT_DIR: the first argument, else $OUT (the device runner's output folder), else benchmarks/results/<device>,
 # <device> being torch.cuda.get_device_name() lowercased, non-alphanumerics → '-' (nvidia-h100-80gb-hbm3).
 # Writes OUT_DIR/gpu_check.log (everything printed), info.json, adamw.json, cross_entropy.json,
-# accumulate_clip_adamw.json, sgd.json, train.json (and adamw.png, cross_entropy.png, accumulate_clip_adamw.png,
+# accumulate_clip_adamw.json, sgd.json, train.json, cpu_moment_modes.json (and adamw.png, cross_entropy.png, accumulate_clip_adamw.png,
 # sgd.png, train.png); commit them under benchmarks/results/<device>/. Environment: PYTHON (default python),
 # BENCH_ARGS (extra arguments of every `bench` run, e.g. "--quick"), and the phase limits BUILD_TIMEOUT,
 # TEST_TIMEOUT (each of its two runs), BENCH_TIMEOUT, CE_BENCH_TIMEOUT, STEP_BENCH_TIMEOUT, SGD_BENCH_TIMEOUT,
-# TRAIN_TIMEOUT (seconds; 100, 90, 80, 90, 60, 50, 30: at most 590 s in all, so the script fits one 10-minute
-# device call; before the losses existed the first three phases took 55, 61 and 57 s on an H100). A phase that
+# TRAIN_TIMEOUT, CPU_TIMEOUT (seconds; 100, 80, 80, 85, 60, 45, 30, 40: at most 600 s in all, so the script fits one
+# 10-minute device call; before the losses existed the first three phases took 55, 61 and 57 s on an H100). A phase that
 # runs out is reported and the next one still runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-100}"  # the stable-ABI headers compile faster than ATen's did
-TEST_TIMEOUT="${TEST_TIMEOUT:-90}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-80}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-80}"
-CE_BENCH_TIMEOUT="${CE_BENCH_TIMEOUT:-90}"
+CE_BENCH_TIMEOUT="${CE_BENCH_TIMEOUT:-85}"
 STEP_BENCH_TIMEOUT="${STEP_BENCH_TIMEOUT:-60}"
-SGD_BENCH_TIMEOUT="${SGD_BENCH_TIMEOUT:-50}"
+SGD_BENCH_TIMEOUT="${SGD_BENCH_TIMEOUT:-45}"
 TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-30}"
+CPU_TIMEOUT="${CPU_TIMEOUT:-40}"
 
 slug="$("$PYTHON" - <<'PY'
 import re, torch
@@ -158,6 +162,15 @@ timeout "$TRAIN_TIMEOUT" "$PYTHON" -m fused_optim train --quick --compare --json
 elapsed train $train_rc $t0
 (( train_rc == 0 )) || status=1
 
-phase "done: tests exit $test_rc, bench exit $bench_rc, ce bench exit $ce_bench_rc, step bench exit $step_bench_rc, sgd bench exit $sgd_bench_rc, train exit $train_rc, status $status"
+phase "cpu: benchmarks/cpu_moment_modes.py, AdamW fp32 and int8 moments on 1, 4 and $(nproc) threads"
+t0=$(date +%s)
+cpu_rc=0
+timeout "$CPU_TIMEOUT" "$PYTHON" benchmarks/cpu_moment_modes.py --threads "1,4,$(nproc)" \
+    --match 'AdamW, float32 params, moments=(fp32|int8)' --passes 1 --rounds 10 --kept 8 \
+    --out "$OUT_DIR/cpu_moment_modes.json" || cpu_rc=$?
+elapsed cpu $cpu_rc $t0
+(( cpu_rc == 0 )) || status=1
+
+phase "done: tests exit $test_rc, bench exit $bench_rc, ce bench exit $ce_bench_rc, step bench exit $step_bench_rc, sgd bench exit $sgd_bench_rc, train exit $train_rc, cpu exit $cpu_rc, status $status"
 ls -l "$OUT_DIR"
 exit $status
