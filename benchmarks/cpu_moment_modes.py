@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--kept", type=int, default=15, help="steps per row the median is taken over (the last ones)")
     parser.add_argument("--threads", default=None,
                         help="comma-separated intra-op thread counts, one set of passes each (default: torch's)")
+    parser.add_argument("--isas", default=None, help="comma-separated kernel levels (default: every one this CPU runs "
+                        "and the package built, but baseline)")
     parser.add_argument("--match", default="", help="a regular expression: only the rows whose labels it finds "
                         "(e.g. 'AdamW, float32 params, moments=(fp32|int8)')")
     parser.add_argument("--one-pass", action="store_true", help=argparse.SUPPRESS)  # a child process: print its rows
@@ -109,10 +111,12 @@ def main() -> None:
     numel = 1
     for size in SHAPE:
         numel *= size
+    runnable = [isa for isa in _backend.cpu_isas_supported() if isa in _backend.cpu_isas_built()]
+    isas = args.isas.split(",") if args.isas else [isa for isa in runnable if isa != "baseline"]
+    if not set(isas) <= set(runnable):
+        parser.error(f"--isas {args.isas}: this machine runs {', '.join(runnable)}.")
     passes: dict[str, dict[int, list[dict]]] = {}
-    for isa in _backend.cpu_isas_supported():
-        if isa not in _backend.cpu_isas_built() or isa == "baseline":
-            continue
+    for isa in isas:
         for threads in thread_counts:
             for _ in range(args.passes):
                 child = subprocess.run([sys.executable, __file__, "--out", args.out, "--one-pass", "--rounds",
