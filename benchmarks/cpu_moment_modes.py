@@ -1,11 +1,11 @@
-"""Step times of each optimizer x moment storage on the CPU, every CPU kernel level this machine runs.
+"""Step times of each optimizer x moment storage on the CPU, by kernel level (each this machine runs) and thread count.
 
 The optimizers (AdamW on fp32 and bf16 params, SGD with momentum, Lion; fp32, bf16 and int8 moments; --match picks
-some by their labels) are set up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls on every
-row alike; each row is the median of its last steps. One process per kernel level (FUSED_OPTIM_CPU_ISA), thread
-count (--threads) and pass; the table keeps the lower of each row's medians over the passes. Each row's GB/s is its
-bytes model (tools/bench: adam_step_bytes, sgd_step_bytes, lion_step_bytes) over that median, beside the STREAM
-triad the same process measured on as many threads (tools/bench/timing.py, memory_roof).
+some by their labels) are set up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls
+on every row alike; each row is the median of its last steps. One process per kernel level (FUSED_OPTIM_CPU_ISA),
+thread count (--threads) and pass; the table keeps the lower of each row's medians over the passes. Each row's GB/s
+is its bytes model (tools/bench: adam_step_bytes, sgd_step_bytes, lion_step_bytes) over that median, beside the
+STREAM triad the same process measured on as many threads (tools/bench/timing.py, memory_roof).
 
 Whether the int8 step beats the fp32 one depends on the threads a memory system feeds: the fp32 step is bound by
 its bytes once a few threads run it, the int8 step by its arithmetic until many do.
@@ -97,7 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = [row for row in OPTIMIZERS if re.search(args.match, label(*row))]
     if not rows:
-        parser.error(f"--match {args.match!r} finds no row; the rows are: {'; '.join(label(*r) for r in OPTIMIZERS)}.")
+        every_row = "; ".join(label(*row) for row in OPTIMIZERS)
+        parser.error(f"--match {args.match!r} finds no row; the rows are: {every_row}.")
     if args.one_pass:
         print(json.dumps(one_pass(rows, args.rounds, args.kept)))
         return

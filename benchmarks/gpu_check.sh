@@ -11,9 +11,9 @@
 #   7. runs the SGD and Lion benchmarks (`python -m fused_optim bench --ops sgd,lion --json`): 256M params,
 #   8. trains the example GPT (`python -m fused_optim train --quick --compare --json`): 30 steps, fused_optim
 #      beside torch, bf16 autocast,
-#   9. times the CPU AdamW step with fp32 and with int8 moments on 1, 4 and all of the machine's cores, with the
-#      kernel level the package loads there (benchmarks/cpu_moment_modes.py): whether int8 moments overtake fp32 ones once the memory system is shared
-#      by more cores than the 2 of the development machines,
+#   9. times the CPU AdamW step with fp32 and with int8 moments on 1, 4 and all of the machine's cores, with
+#      the kernel level the package loads there (benchmarks/cpu_moment_modes.py): whether int8 moments overtake
+#      fp32 ones once the memory system is shared by more cores than the 2 of the development machines,
 # in under 10 minutes. Each benchmark also draws its GB/s as a PNG (--plot), and the training run its loss curves,
 # when matplotlib is installed. The benchmarks run even when the tests fail; the exit status is non-zero if any
 # step did.
@@ -23,13 +23,13 @@
 # OUT_DIR: the first argument, else $OUT (the device runner's output folder), else benchmarks/results/<device>,
 # <device> being torch.cuda.get_device_name() lowercased, non-alphanumerics → '-' (nvidia-h100-80gb-hbm3).
 # Writes OUT_DIR/gpu_check.log (everything printed), info.json, adamw.json, cross_entropy.json,
-# accumulate_clip_adamw.json, sgd.json, train.json, cpu_moment_modes.json (and adamw.png, cross_entropy.png, accumulate_clip_adamw.png,
-# sgd.png, train.png); commit them under benchmarks/results/<device>/. Environment: PYTHON (default python),
-# BENCH_ARGS (extra arguments of every `bench` run, e.g. "--quick"), and the phase limits BUILD_TIMEOUT,
-# TEST_TIMEOUT (each of its two runs), BENCH_TIMEOUT, CE_BENCH_TIMEOUT, STEP_BENCH_TIMEOUT, SGD_BENCH_TIMEOUT,
-# TRAIN_TIMEOUT, CPU_TIMEOUT (seconds; 100, 80, 80, 85, 60, 45, 30, 40: at most 600 s in all, so the script fits one
-# 10-minute device call; before the losses existed the first three phases took 55, 61 and 57 s on an H100). A phase that
-# runs out is reported and the next one still runs.
+# accumulate_clip_adamw.json, sgd.json, train.json, cpu_moment_modes.json (and adamw.png, cross_entropy.png,
+# accumulate_clip_adamw.png, sgd.png, train.png); commit them under benchmarks/results/<device>/. Environment:
+# PYTHON (default python), BENCH_ARGS (extra arguments of every `bench` run, e.g. "--quick"), and the phase limits
+# BUILD_TIMEOUT, TEST_TIMEOUT (each of its two runs), BENCH_TIMEOUT, CE_BENCH_TIMEOUT, STEP_BENCH_TIMEOUT,
+# SGD_BENCH_TIMEOUT, TRAIN_TIMEOUT, CPU_TIMEOUT (seconds; 100, 80, 80, 85, 60, 45, 30, 40: at most 600 s in all, so
+# the script fits one 10-minute device call; before the losses existed the first three phases took 55, 61 and 57 s
+# on an H100). A phase that runs out is reported and the next one still runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
