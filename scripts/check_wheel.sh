@@ -3,8 +3,10 @@
 # through a path entry) but no source tree on its path and no build of its own, it must report its kernels in
 # `fused-optim info`, load the widest CPU level this machine runs, run every op once on the CPU, and pass the CPU
 # contract tests against the installed package. Then the same wheel, unchanged, in a second venv with another torch
-# release (OTHER_TORCH, default 2.13.0: the kernels use the LibTorch stable ABI, so a wheel built under one torch
-# runs under every torch from 2.10 on): it must load its CPU kernels there too and pass the CPU op tests.
+# release (OTHER_TORCH, default 2.11.0, the lent GPU machines' torch: the kernels use the LibTorch stable ABI, so a
+# wheel built under one torch runs under every torch from 2.10 on): it must load its CPU kernels there too and pass
+# the CPU op tests. And the sources must build against that torch's headers, as `pip install -e .` builds them on
+# such a machine: the CPU kernels' baseline level, and the CUDA kernels (sm_90) where nvcc is found.
 #
 # Usage: scripts/check_wheel.sh [PYTHON]   (default: scripts/env.sh's). FUSED_OPTIM_BUILD_CUDA is honoured; CI
 # builds the CPU kernels only (every x86-64 level), the CUDA wheel build is the same code with WHEEL_CUDA_ARCHS.
@@ -14,7 +16,7 @@ set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${1:-$("$root/scripts/env.sh")}"
-other_torch="${OTHER_TORCH:-2.13.0}"
+other_torch="${OTHER_TORCH:-2.11.0}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -96,5 +98,14 @@ if [[ "$other_torch" != none ]]; then
         "$root/tests/test_adam.py::test_matches_reference_at_least_as_well_as_torch" \
         "$root/tests/test_cross_entropy.py::test_matches_reference_at_least_as_well_as_torch" \
         "$root/tests/test_sgd.py" "$root/tests/test_total_norm.py" "$root/tests/test_accumulate_grads.py"
+
+    # Out of the checkout, so that neither its extensions nor its build/temp objects are touched.
+    echo "check_wheel: the sources built against torch $other_torch"
+    mkdir "$work/src"
+    tar -C "$root" --exclude='*.so' --exclude=__pycache__ -cf - setup.py pyproject.toml README.md csrc fused_optim \
+        | tar -C "$work/src" -xf -
+    (cd "$work/src" && PATH="$(dirname "$python"):$PATH" FUSED_OPTIM_BUILD_CUDA=auto FUSED_OPTIM_CPU_ISAS=baseline \
+        TORCH_CUDA_ARCH_LIST=9.0 "$work/other/bin/python" setup.py -q build_ext --inplace)
+    echo "check_wheel: built $(cd "$work/src/fused_optim" && ls -- *.so | tr '\n' ' ')"
 fi
 echo "check_wheel: passed"

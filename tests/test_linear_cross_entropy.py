@@ -14,18 +14,25 @@ from __future__ import annotations
 
 import math
 import re
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKEND_DEVICES, TRITON_INTERPRETED, assert_signature_extends
-from torch.nn import LinearCrossEntropyOptions
 
 import fused_optim
 import fused_optim.autograd.linear_cross_entropy as lce_autograd
 import fused_optim.functional as FF
 from fused_optim import reference
 
+# torch 2.14 added F.linear_cross_entropy, its options and its module, the peers here. Under an older torch (the lent
+# GPU machines run 2.11) the peer is torch's ops spelling the same loss, the options a stand-in holding the one field
+# ours reads, and the tests that call torch's function or module themselves are skipped.
+TORCH_HAS_LINEAR_CE = hasattr(F, "linear_cross_entropy")
+LinearCrossEntropyOptions = getattr(torch.nn, "LinearCrossEntropyOptions", types.SimpleNamespace)
+needs_torch_linear_ce = pytest.mark.skipif(not TORCH_HAS_LINEAR_CE,
+                                           reason="compares with torch's linear_cross_entropy (torch 2.14+)")
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 REDUCTIONS = ["none", "sum", "mean"]
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -82,9 +89,9 @@ def reference_loss(x, linear_weight, linear_bias, target, reduction, weight=None
 
 def torch_peer(x, linear_weight, linear_bias, target, reduction, weight=None, ignore_index=None,
                label_smoothing=0.0, z_loss=0.0, softcap=None):
-    """torch at the input's dtype: F.linear_cross_entropy itself when the options are torch's; with a soft-cap or a
-    z-loss, torch's ops spelling the reference's formula, every op at that dtype."""
-    if not z_loss and softcap is None:
+    """torch at the input's dtype: F.linear_cross_entropy itself when the options are torch's (and torch has it);
+    else torch's ops spelling the reference's formula, every op at that dtype."""
+    if not z_loss and softcap is None and TORCH_HAS_LINEAR_CE:
         return F.linear_cross_entropy(x, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                       reduction=reduction, ignore_index=ignore_index,
                                       label_smoothing=label_smoothing)
@@ -94,6 +101,8 @@ def torch_peer(x, linear_weight, linear_bias, target, reduction, weight=None, ig
         logits = softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
+    if not z_loss:
+        return loss
     kept = target != ignore_index
     z_rows = torch.where(kept, z_loss * torch.logsumexp(logits, dim=1) ** 2, 0)
     z = {"none": z_rows, "sum": z_rows.sum(), "mean": z_rows.sum() / kept.sum()}[reduction]
@@ -203,6 +212,7 @@ def test_default_chunking_splits_rows_unevenly(backend, device, monkeypatch):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
 def test_unbatched_input_matches_torch(backend, device):
     """(H,) input with a () target: a () loss whatever the reduction, as torch's."""
     x, linear_weight, linear_bias, _, kwargs = make_case(1, 16, 37, torch.float32, device, bias=True,
@@ -236,6 +246,7 @@ REQUIRES_GRAD = {  # which of (input, linear_weight, linear_bias) require grad
 @pytest.mark.parametrize("which", list(REQUIRES_GRAD))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
 def test_only_some_inputs_require_grad(backend, device, reduction, which):
     x, linear_weight, linear_bias, target, kwargs = make_case(13, 16, 37, torch.float32, device, bias=True,
                                                               ignored=True)
@@ -291,6 +302,7 @@ def test_none_reduction_recomputes_so_a_second_backward_works(backend, device):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
 def test_empty_batch(backend, device, reduction):
     x = torch.randn(0, 16, device=device, requires_grad=True)
     linear_weight = torch.randn(37, 16, device=device, requires_grad=True)
@@ -304,6 +316,7 @@ def test_empty_batch(backend, device, reduction):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
 def test_every_target_ignored(backend, device):
     x, linear_weight, linear_bias, _, _ = make_case(5, 16, 37, torch.float32, device, bias=True)
     target = torch.full((5,), -100, device=device)
@@ -319,6 +332,7 @@ def test_every_target_ignored(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
 def test_non_contiguous_input_and_weight(backend, device):
     """A transposed projection (an lm_head stored (H, V), used as .t()) and a row-strided input."""
     base_weight = torch.randn(16, 37, device=device, requires_grad=True)
@@ -339,6 +353,7 @@ def test_non_contiguous_input_and_weight(backend, device):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@needs_torch_linear_ce
 def test_probability_targets_and_float64_match_torch(reduction):
     """Probability targets and float64 inputs run F.linear + torch's cross-entropy: torch's numbers."""
     x = torch.randn(5, 16, requires_grad=True)
@@ -395,6 +410,7 @@ def _bad_inputs(device):
 
 @pytest.mark.parametrize("case", list(_bad_inputs("cpu")))
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
 def test_bad_input_raises_torchs_error(backend, device, case):
     x, linear_weight, target, kwargs, same_message = _bad_inputs(device)[case]
     if backend == "triton" and case == "target-out-of-range":
@@ -430,6 +446,7 @@ def test_bad_extras_raise_value_error(kwargs):
 # the module
 
 
+@needs_torch_linear_ce
 def test_module_signature_extends_torchs():
     assert_signature_extends(fused_optim.LinearCrossEntropyLoss, torch.nn.LinearCrossEntropyLoss)
 
@@ -437,6 +454,7 @@ def test_module_signature_extends_torchs():
 @pytest.mark.parametrize("bias, class_weight", [(False, False), (True, False), (True, True)],
                          ids=["no-bias", "bias", "bias+class-weight"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
 def test_module_loads_torchs_state_and_matches_its_forward(backend, device, bias, class_weight):
     weight = torch.rand(37, device=device) + 0.5 if class_weight else None
     kwargs = dict(bias=bias, weight=weight, label_smoothing=0.1, reduction="sum", device=device)
@@ -461,6 +479,7 @@ def test_module_loads_torchs_state_and_matches_its_forward(backend, device, bias
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
 def test_module_k_dimensional_out_features_like_torch(backend, device):
     """out_features=(3,): a (C, 3, H) projection and (N, 3) targets, which torch's module takes."""
     theirs = torch.nn.LinearCrossEntropyLoss(16, 37, out_features=(3,), bias=True, device=device)
@@ -475,6 +494,7 @@ def test_module_k_dimensional_out_features_like_torch(backend, device):
     (dict(weight=torch.rand(36)), "expected weight shape to be (37,), got (36,)"),
     (dict(label_smoothing=1.5), "expected label_smoothing to be in range [0, 1], got 1.5"),
 ], ids=["weight-wrong-length", "label_smoothing-1.5"])
+@needs_torch_linear_ce
 def test_module_constructor_errors_like_torch(kwargs, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
         torch.nn.LinearCrossEntropyLoss(16, 37, **kwargs)

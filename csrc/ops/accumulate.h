@@ -27,11 +27,11 @@ inline std::vector<Tensor> check_accumulate_args(TensorList main_grads, TensorLi
     const TensorInfo main_grad(main_grads[i]), grad(grads[i]);
     FO_CHECK(main_grad.dtype == kFloat, "accumulate_grads_: main grads must be float32");
     FO_CHECK(is_grad_dtype(grad.dtype), "accumulate_grads_: grads must be float32, bfloat16 or float16");
-    FO_CHECK(main_grad.sizes == grad.sizes, "accumulate_grads_: a grad must have its main grad's shape");
+    FO_CHECK(main_grad.sizes.equals(grad.sizes), "accumulate_grads_: a grad must have its main grad's shape");
     FO_CHECK(main_grad.device == device && grad.device == device,
              "accumulate_grads_: all tensors must be on one device");
     FO_CHECK(is_non_overlapping_and_dense(main_grad), "accumulate_grads_: main grads must be dense");
-    if (grad.strides != main_grad.strides) matched[i] = copy_in_layout_of(main_grads[i], grads[i]);
+    if (!grad.strides.equals(main_grad.strides)) matched[i] = copy_in_layout_of(main_grads[i], grads[i]);
   }
   return matched;
 }

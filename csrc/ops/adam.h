@@ -61,7 +61,7 @@ inline std::vector<Tensor> check_adam_args(FUSED_OPTIM_ADAM_ARGS) {
     if (int8) check_moment_scales("adam_step_", moment_scales[i], params[i], amsgrad ? 3 : 2);
     if (!master_params.empty()) check_master("adam_step_", master_params[i], p, master_params[0].scalar_type());
     check_step("adam_step_", steps[i], p);
-    if (grad.strides != p.strides) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);
+    if (!grad.strides.equals(p.strides)) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);
   }
   check_step_scalars("adam_step_", device, {&lr_tensor, &grad_scale, &found_inf});
   return matched_grads;

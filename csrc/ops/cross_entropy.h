@@ -55,7 +55,7 @@ inline void check_cross_entropy_args(FUSED_OPTIM_CROSS_ENTROPY_ARGS) {
              "cross_entropy_forward: weight must be a contiguous float32 tensor of V values on the logits' device");
   }
   if (grad.has_value()) {
-    FO_CHECK(grad->sizes() == logits.sizes() && grad->strides() == logits.strides() &&
+    FO_CHECK(grad->sizes().equals(logits.sizes()) && grad->strides().equals(logits.strides()) &&
                  grad->scalar_type() == logits.scalar_type() && grad->device() == logits.device(),
              "cross_entropy_forward: grad must have the logits' shape, strides, dtype and device");
   }
@@ -95,7 +95,7 @@ inline void check_shard_grad_args(FUSED_OPTIM_SHARD_GRAD_ARGS) {
   FO_CHECK(row_coefs.scalar_type() == kFloat && row_coefs.dim() == 2 && row_coefs.size(0) == logits.size(0) &&
                row_coefs.size(1) == 5 && row_coefs.is_contiguous() && row_coefs.device() == logits.device(),
            "cross_entropy_shard_grad_: row_coefs must be a contiguous float32 (N, 5) tensor on the logits' device");
-  FO_CHECK(grad.sizes() == logits.sizes() && grad.strides() == logits.strides() &&
+  FO_CHECK(grad.sizes().equals(logits.sizes()) && grad.strides().equals(logits.strides()) &&
                grad.scalar_type() == logits.scalar_type() && grad.device() == logits.device(),
            "cross_entropy_shard_grad_: grad must have the logits' shape, strides, dtype and device");
 }

@@ -24,7 +24,7 @@ inline void check_param(const char* op, const TensorInfo& p, const torch::stable
 inline TensorInfo check_grad(const char* op, const Tensor& grad, const TensorInfo& p, const char* sparse_message) {
   FO_CHECK(grad.layout() == torch::headeronly::kStrided, sparse_message);
   const TensorInfo g(grad);
-  FO_CHECK(g.device == p.device && g.sizes == p.sizes, op, ": a grad must have its param's shape and device");
+  FO_CHECK(g.device == p.device && g.sizes.equals(p.sizes), op, ": a grad must have its param's shape and device");
   FO_CHECK(g.dtype == p.dtype || g.dtype == kFloat, op, ": a grad must have its param's dtype or float32");
   return g;
 }

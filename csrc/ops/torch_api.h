@@ -1,7 +1,8 @@
 // The one header through which the C++ kernels see torch: LibTorch's stable ABI (torch/csrc/stable,
 // torch/headeronly). setup.py compiles with TORCH_TARGET_VERSION set to torch 2.10, which limits the stable headers
 // to what 2.10 has and makes torch's other C++ headers refuse to be included, so one build loads under every torch
-// from 2.10 on (docs/design.md, Build).
+// from 2.10 on (docs/design.md, Build). A build from source must also compile against an older torch's headers (the
+// lent GPU machines have torch 2.11), whose HeaderOnlyArrayRef has equals() but no operator==.
 #pragma once
 
 #include <cstdint>
@@ -72,7 +73,7 @@ struct __attribute__((visibility("hidden"))) TensorInfo {  // hidden like the st
   torch::headeronly::IntHeaderOnlyArrayRef sizes, strides;  // borrowed from the tensor, which outlives the call
 
   bool same_layout(const TensorInfo& other) const {
-    return device == other.device && sizes == other.sizes && strides == other.strides;
+    return device == other.device && sizes.equals(other.sizes) && strides.equals(other.strides);
   }
 };
 
