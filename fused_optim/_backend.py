@@ -211,6 +211,9 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
 
 
+# A constant to torch.compile: it calls resolve while tracing and keeps the answer. Traced, the first call's insertion
+# into the memo's dict made torch 2.11's dynamo fail its own guard ("Guard failed on the same frame it was created").
+@torch.compiler.assume_constant_result
 @memoized
 def resolve(backend: str, device_type: str) -> str:
     """The concrete backend ("cuda", "triton", "cpu" or "torch") that runs tensors of `device_type`."""

@@ -130,7 +130,9 @@ class FusedOptimizer(Optimizer):
         self.max_grad_norm = max_grad_norm
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
-        self._plans: dict[int, Any] = {}  # per group: the lists a step hands the kernels, kept between steps
+        # the lists a step hands the kernels, kept between steps: per group by its index (torch 2.11's torch.compile
+        # cannot trace id() of a dict), per param when gradient release steps it alone
+        self._plans: dict[int | Tensor, Any] = {}
         # gradient release: each param's own one-param view of its group, and its hook's handle (add_param_group)
         self.gradient_release = gradient_release
         self._release_views: dict[Tensor, ChainMap] = {}
@@ -192,7 +194,7 @@ class FusedOptimizer(Optimizer):
             if grad is None:
                 return
         view = self._release_views[p]
-        for kind, lists in self._gather(view, [grad]).items():
+        for kind, lists in self._gather(view, [grad], p).items():
             if kind == "torch":
                 with torch.set_grad_enabled(view["differentiable"]):
                     self._update_with_torch(view, lists)
@@ -222,7 +224,8 @@ class FusedOptimizer(Optimizer):
         group_grads = [[grad_of(p) for p in group["params"]] for group in self.param_groups]
         self._check_grads([(p, grad) for group, grads in zip(self.param_groups, group_grads)
                            for p, grad in zip(group["params"], grads) if grad is not None])
-        gathered = [(group, self._gather(group, grads)) for group, grads in zip(self.param_groups, group_grads)]
+        gathered = [(group, self._gather(group, grads, index))
+                    for index, (group, grads) in enumerate(zip(self.param_groups, group_grads))]
         grads = [grad for _, kinds in gathered for lists in kinds.values() for grad in lists[1]]
         grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
         for group, kinds in gathered:
@@ -237,7 +240,8 @@ class FusedOptimizer(Optimizer):
                     self._update_with_torch(group, lists)
         return loss
 
-    def _gather(self, group: dict[str, Any], grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
+    def _gather(self, group: dict[str, Any], grads: list[Tensor | None],
+                key: int | Tensor) -> dict[str, list[list[Tensor]]]:
         """The group's params that have a grad (`grads`: each param's, or None), their grads and state, as the lists
         the update op takes ([params, grads, *state lists]), by kind of update (one op call each): "torch" (a
         differentiable group), "remainder" / "remainder24" (a bf16 param's int16 / int8 master remainder), "master"
@@ -248,7 +252,7 @@ class FusedOptimizer(Optimizer):
         is created, as torch does; the op checks the grads themselves (shape, dtype, layout) before writing."""
         has_grad = [grad is not None for grad in grads]
         options = self._plan_options(group)
-        plan = self._plans.get(id(group))
+        plan = self._plans.get(key)
         if plan is not None and plan.fits(group, self.state, has_grad, options):
             return plan.with_grads(grads)
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
@@ -272,12 +276,14 @@ class FusedOptimizer(Optimizer):
             else:
                 kind = "plain"
             plan.add(kind, index, p, self._state_tensors(group, state, kind))
-        self._keep_plan(plan)
+        self._keep_plan(key, plan)
         return plan.with_grads(grads)
 
-    def _keep_plan(self, plan: Plan) -> None:
+    def _keep_plan(self, key: int | Tensor, plan: Plan) -> None:
+        """Keeps `plan` for the group `key` names (its index, or its param under gradient release); `Plan.fits`
+        tells whether the group there now is still the one it was made for."""
         plan.state_size = len(self.state)  # the state the plan created counts as known
-        self._plans[id(plan.group)] = plan
+        self._plans[key] = plan
 
     def _plan_options(self, group: dict[str, Any]) -> tuple:
         """The group's options that decide its op calls: a plan made under others is made again."""

@@ -116,7 +116,8 @@ class SGD(FusedOptimizer):
             backend=self.backend,
         )
 
-    def _gather(self, group: dict[str, Any], grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
+    def _gather(self, group: dict[str, Any], grads: list[Tensor | None],
+                key: int | Tensor) -> dict[str, list[list[Tensor]]]:
         """{"plain": [params, grads, momentum buffers, steps]} of the group's params that have a grad (the last two
         empty without momentum), and {"torch": [params, grads, momentum buffers or None]} of those torch's own update
         steps (sparse grads, and every param of a differentiable group). Everything that can be wrong is checked
@@ -125,7 +126,7 @@ class SGD(FusedOptimizer):
         has_grad = [grad is not None for grad in grads]
         by_torch = group["differentiable"] or any(grad is not None and grad.is_sparse for grad in grads)
         options = (group["momentum"] != 0,)
-        plan = self._plans.get(id(group))
+        plan = self._plans.get(key)
         if plan is not None and not by_torch and plan.fits(group, self.state, has_grad, options):
             return plan.with_grads(grads)
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
@@ -148,7 +149,7 @@ class SGD(FusedOptimizer):
         if by_torch:  # torch's update takes None for a buffer not set yet, and sets it: nothing kept
             kinds["torch"].append([self._buffer_if_set(p) for p in kinds["torch"][0]])
         else:
-            self._keep_plan(plan)
+            self._keep_plan(key, plan)
         return kinds
 
     def _momentum_state(self, p: Tensor, group: dict[str, Any]) -> list[Tensor | None]:
