@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -109,9 +110,7 @@ def main() -> None:
     from fused_optim.tools.bench import device_name
 
     thread_counts = [int(n) for n in (args.threads or str(torch.get_num_threads())).split(",")]
-    numel = 1
-    for size in SHAPE:
-        numel *= size
+    bytes_of = {label(*row): step_bytes(*row, math.prod(SHAPE)) for row in rows}  # per step, by row label
     runnable = [isa for isa in _backend.cpu_isas_supported() if isa in _backend.cpu_isas_built()]
     isas = args.isas.split(",") if args.isas else [isa for isa in runnable if isa != "baseline"]
     if not set(isas) <= set(runnable):
@@ -129,10 +128,10 @@ def main() -> None:
     lower, gbps, triad = {}, {}, {}
     for isa, by_threads in passes.items():
         for threads, runs in by_threads.items():
-            lowest = {label(*row): min(run["rows"][label(*row)] for run in runs) for row in rows}
+            lowest = {row: min(run["rows"][row] for run in runs) for row in bytes_of}
             lower.setdefault(isa, {})[threads] = lowest
-            gbps.setdefault(isa, {})[threads] = {
-                label(*row): round(step_bytes(*row, numel) / (lowest[label(*row)] * 1e6), 1) for row in rows}
+            gbps.setdefault(isa, {})[threads] = {row: round(bytes_of[row] / (ms * 1e6), 1)
+                                                 for row, ms in lowest.items()}
             triad.setdefault(isa, {})[threads] = max(run["triad_gbps"] for run in runs)
     for isa in lower:
         for threads in thread_counts:

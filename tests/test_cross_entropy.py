@@ -33,6 +33,9 @@ import fused_optim
 import fused_optim.functional as FF
 from fused_optim import _backend, reference
 
+# torch 2.12 and later: torch.compile gives the losses right gradients (before, zero ones, and fused_optim.functional
+# refuses them), and torch's int32-target message is the one ours repeats
+TORCH_2_12 = _backend._release(torch.__version__) >= (2, 12)
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
     pytest.param(torch.bfloat16, id="bf16"),
@@ -689,7 +692,7 @@ def _bad_inputs(device):
         "float-target-wrong-shape": (torch.rand(5, 6, device=device), {}, {}, False),
         "class-target-2d": (torch.randint(0, 7, (5, 2), device=device), {}, {}, False),
         # torch 2.11's message was another ("expected scalar type Long but found Int"); ours is 2.12's and later's
-        "int32-target": (t.int(), {}, {}, _backend._release(torch.__version__) >= (2, 12)),
+        "int32-target": (t.int(), {}, {}, TORCH_2_12),
         "reduction-avg": (t, dict(reduction="avg"), {}, True),
         "label_smoothing-1.5": (t, dict(label_smoothing=1.5), {}, True),
     }, x
@@ -913,11 +916,7 @@ def test_scale_grad_kernels_do_not_touch_rows_scaled_by_one(suffix):
 # 8. torch.compile
 
 
-# torch.compile before 2.12 gives the losses zero gradients; fused_optim.functional refuses it there
-COMPILED_GRADIENTS_WORK = _backend._release(torch.__version__) >= (2, 12)
-
-
-@pytest.mark.skipif(not COMPILED_GRADIENTS_WORK, reason="torch.compile before torch 2.12 gives these zero gradients")
+@pytest.mark.skipif(not TORCH_2_12, reason="torch.compile before torch 2.12 gives these zero gradients")
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_torch_compile_fullgraph_matches_eager(backend):
     """Linear -> our CrossEntropyLoss compiles into one graph (no host sync, no data-dependent branch) and gives
@@ -948,7 +947,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.skipif(COMPILED_GRADIENTS_WORK, reason="torch 2.12 and later compile the losses' gradients right")
+@pytest.mark.skipif(TORCH_2_12, reason="torch 2.12 and later compile the losses' gradients right")
 @pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
 def test_torch_compile_before_2_12_refuses_gradients_and_falls_back_to_eager(loss):
     """Under torch < 2.12 the compiled backward got the gradient buffers unwritten: fullgraph=True must fail with our
