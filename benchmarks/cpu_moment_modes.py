@@ -1,7 +1,7 @@
 """Step times of each optimizer x moment storage on the CPU, by kernel level (each this machine runs) and thread count.
 
-The optimizers (AdamW on fp32 and bf16 params, SGD with momentum, Lion; fp32, bf16 and int8 moments; --match picks
-some by their labels) are set up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls
+The optimizers (AdamW on fp32 and bf16 params, the latter also with master weights and stochastic rounding; SGD with
+momentum; Lion; fp32, bf16 and int8 moments; --match picks some by their labels) are set up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls
 on every row alike; each row is the median of its last steps. One process per kernel level (FUSED_OPTIM_CPU_ISA),
 thread count (--threads) and pass; the table keeps the lower of each row's medians over the passes. Each row's GB/s
 is its bytes model (tools/bench: adam_step_bytes, sgd_step_bytes, lion_step_bytes) over that median, beside the
@@ -27,20 +27,29 @@ import sys
 import time
 
 SHAPE = (4, 8192, 1024)
-OPTIMIZERS = [("AdamW", "float32", "fp32"), ("AdamW", "float32", "bf16"), ("AdamW", "float32", "int8"),
-              ("AdamW", "bfloat16", "fp32"), ("AdamW", "bfloat16", "bf16"), ("AdamW", "bfloat16", "int8"),
-              ("SGD", "float32", "fp32"), ("SGD", "float32", "int8"),
-              ("Lion", "float32", "fp32"), ("Lion", "float32", "bf16"), ("Lion", "float32", "int8")]
+# (optimizer, param dtype, moments, further constructor options as (name, value) pairs)
+OPTIMIZERS = [("AdamW", "float32", "fp32", ()), ("AdamW", "float32", "bf16", ()), ("AdamW", "float32", "int8", ()),
+              ("AdamW", "bfloat16", "fp32", ()), ("AdamW", "bfloat16", "bf16", ()), ("AdamW", "bfloat16", "int8", ()),
+              ("AdamW", "bfloat16", "fp32", (("master_weights", True),)),
+              ("AdamW", "bfloat16", "fp32", (("master_weights", 24),)),
+              ("AdamW", "bfloat16", "bf16", (("master_weights", 24),)),
+              ("AdamW", "bfloat16", "bf16", (("stochastic_rounding", True),)),
+              ("AdamW", "bfloat16", "int8", (("master_weights", 24),)),
+              ("SGD", "float32", "fp32", ()), ("SGD", "float32", "int8", ()),
+              ("Lion", "float32", "fp32", ()), ("Lion", "float32", "bf16", ()), ("Lion", "float32", "int8", ())]
 MOMENT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
+MASTER_BYTES = {True: 2, 24: 1}  # the remainder kept beside each bf16 param: int16 (exact fp32), int8 (24-bit)
 
 
-def label(name: str, dtype: str, moments: str) -> str:
+def label(name: str, dtype: str, moments: str, options: tuple) -> str:
     if name == "SGD":
         return f"SGD momentum 0.9, moments={moments}"
-    return f"{name}, {dtype} params, moments={moments}" if name == "AdamW" else f"{name}, moments={moments}"
+    if name == "Lion":
+        return f"Lion, moments={moments}"
+    return f"AdamW, {dtype} params, moments={moments}" + "".join(f", {key}={value}" for key, value in options)
 
 
-def step_bytes(name: str, dtype: str, moments: str, numel: int) -> int:
+def step_bytes(name: str, dtype: str, moments: str, options: tuple, numel: int) -> int:
     """The fewest bytes one step of this row moves (the bytes models of `fused-optim bench`)."""
     import torch
 
@@ -50,11 +59,12 @@ def step_bytes(name: str, dtype: str, moments: str, numel: int) -> int:
 
     moment_dtype = getattr(torch, MOMENT_DTYPES[moments])
     if name == "AdamW":
-        return adam_step_bytes(numel, getattr(torch, dtype), state_dtype=moment_dtype)
+        master_bytes = MASTER_BYTES.get(dict(options).get("master_weights"), 0)
+        return adam_step_bytes(numel, getattr(torch, dtype), state_dtype=moment_dtype, master_bytes=master_bytes)
     return (sgd_step_bytes if name == "SGD" else lion_step_bytes)(numel, moment_dtype)
 
 
-def one_pass(rows: list[tuple[str, str, str]], rounds: int, kept: int) -> dict:
+def one_pass(rows: list[tuple[str, str, str, tuple]], rounds: int, kept: int) -> dict:
     """This process's kernel level and thread count: {"rows": {row: median ms of its last `kept` of `rounds`
     steps}, "triad_gbps": the STREAM triad measured after them}."""
     import torch
@@ -64,12 +74,12 @@ def one_pass(rows: list[tuple[str, str, str]], rounds: int, kept: int) -> dict:
 
     generator = torch.Generator().manual_seed(0)
     steps, times = [], {}
-    for name, dtype, moments in rows:
+    for name, dtype, moments, options in rows:
         param = torch.nn.Parameter(torch.randn(SHAPE, generator=generator).to(getattr(torch, dtype)))
         param.grad = torch.randn(SHAPE, generator=generator).to(param.dtype)
-        options = {"momentum": 0.9, "lr": 1e-3} if name == "SGD" else {"lr": 1e-4 if name == "Lion" else 1e-3}
-        optimizer = getattr(fused_optim, name)([param], moments=moments, backend="cpu", **options)
-        row = label(name, dtype, moments)
+        hyper = {"momentum": 0.9, "lr": 1e-3} if name == "SGD" else {"lr": 1e-4 if name == "Lion" else 1e-3}
+        optimizer = getattr(fused_optim, name)([param], moments=moments, backend="cpu", **hyper, **dict(options))
+        row = label(name, dtype, moments, options)
         steps.append((row, optimizer.step))
         times[row] = []
     for _ in range(rounds):
@@ -133,11 +143,12 @@ def main() -> None:
             gbps.setdefault(isa, {})[threads] = {row: round(bytes_of[row] / (ms * 1e6), 1)
                                                  for row, ms in lowest.items()}
             triad.setdefault(isa, {})[threads] = max(run["triad_gbps"] for run in runs)
+    width = max(map(len, bytes_of))
     for isa in lower:
         for threads in thread_counts:
             print(f"\n{isa}, {threads} threads (STREAM triad {triad[isa][threads]} GB/s): ms a step, GB/s")
             for row, ms in lower[isa][threads].items():
-                print(f"  {row:45s} {ms:8.2f} ms {gbps[isa][threads][row]:7.1f} GB/s")
+                print(f"  {row:{width}s} {ms:8.2f} ms {gbps[isa][threads][row]:7.1f} GB/s")
     with open(args.out, "w") as out:
         json.dump({"what": __doc__.split("\n\n")[1].replace("\n", " "), "shape": SHAPE,
                    "cpu": device_name(torch.device("cpu")), "torch": torch.__version__, "threads": thread_counts,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -162,9 +162,13 @@ class GradAccumulator:
         self._received = [False] * len(self.params)  # which params got a gradient since zero_()
         self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._accumulate_one, i))
                        for i, p in enumerate(self.params)] if use_hooks else []
-        # Gradient release (`release()`): the scale of the armed step, and the params it has yet to step.
+        # Gradient release (`release()`): the scale of the armed step, the params it has yet to step, each param's
+        # stepping function (its optimizer's hook, as it last called), and whether the armed backward's end has
+        # been asked to step the params it left.
         self._release_scale: Tensor | None = None
         self._armed: set[int] = set()
+        self._steppers: dict[int, Callable[[Tensor], None]] = {}
+        self._end_queued = False
         for i, p in enumerate(self.params):
             _accumulators[p] = (weakref.ref(self), i)  # a gradient_release optimizer's hook accumulates through us
 
@@ -213,19 +217,36 @@ class GradAccumulator:
             scale = torch.where(count > 0, 1.0 / count, math.nan).to(torch.float32)
         self._release_scale = scale
         self._armed = set(range(len(self.params)))
+        self._end_queued = False
 
     @torch.no_grad()
-    def released_grad(self, i: int, p: Tensor) -> Tensor | None:
-        """For a gradient_release optimizer's hook on param i: accumulates its new grad, and returns the main grad
-        to step it with when `release()` armed this backward (divided by the token count), else None."""
+    def released_grad(self, i: int, p: Tensor, stepper: Callable[[Tensor], None]) -> Tensor | None:
+        """For a gradient_release optimizer's hook `stepper` on param i: accumulates its new grad, and returns the
+        main grad to step it with when `release()` armed this backward (divided by the token count), else None.
+        The armed backward's end steps, through their hooks, the params that got a grad in an earlier micro-batch
+        but none in it, as `finalize()` + `step()` would."""
         self._accumulate_one(i, p)
+        self._steppers[i] = stepper
         if i not in self._armed:
             return None
+        if not self._end_queued and torch._C._current_graph_task_id() != -1:  # inside a backward
+            torch.autograd.Variable._execution_engine.queue_callback(self._release_the_rest)
+            self._end_queued = True
         self._armed.discard(i)
         main_grad = self.main_grads[i]
         if self._release_scale is not None:
             main_grad.mul_(self._release_scale.to(main_grad.device))
         return main_grad
+
+    def _release_the_rest(self) -> None:
+        """The end of the armed backward: the params it gave no grad but an earlier micro-batch did are stepped
+        now (their hooks step from the main grad, as armed); the others are not stepped, as `step()` skips a
+        param without a grad."""
+        for i in sorted(self._armed):
+            if self._received[i] and i in self._steppers:
+                self._steppers[i](self.params[i])
+        self._armed = set()
+        self._end_queued = False
 
     def released(self, i: int) -> None:
         """After the optimizer stepped param i from its main grad: zero it for the next step."""

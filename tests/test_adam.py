@@ -762,14 +762,26 @@ def test_stochastic_rounding_is_deterministic_per_seed(backend, device):
     assert not torch.equal(runs[0], runs[2])
 
 
-def test_stochastic_rounding_seed_is_drawn_from_torch_rng():
+@pytest.mark.parametrize("options", [{"stochastic_rounding": True}, {"moments": "bf16"}, {"moments": "int8"}])
+def test_stochastic_rounding_seed_follows_the_manual_seed_and_draws_nothing(options):
     params = [torch.nn.Parameter(torch.randn(3).bfloat16())]
+    other_params = [torch.nn.Parameter(torch.randn(4).bfloat16())]
+
+    def seed(params: list) -> int:
+        return fused_optim.AdamW(params, **options).param_groups[0]["seed"]
+
     torch.manual_seed(5)
-    first = fused_optim.AdamW(params, stochastic_rounding=True).param_groups[0]["seed"]
+    first = seed(params)
+    drawn_after = torch.rand(3)  # the script's next random numbers are what they are without our optimizer
     torch.manual_seed(5)
-    second = fused_optim.AdamW(params, stochastic_rounding=True).param_groups[0]["seed"]
-    third = fused_optim.AdamW(params, stochastic_rounding=True).param_groups[0]["seed"]
-    assert first == second != third
+    assert torch.equal(drawn_after, torch.rand(3))
+    torch.manual_seed(5)
+    assert seed(params) == first  # a seeded run draws the same bits
+    assert seed(other_params) != first  # an optimizer over other params draws others
+    torch.manual_seed(6)
+    assert seed(params) != first
+    two_groups = fused_optim.AdamW([{"params": params}, {"params": params[0].detach().clone()[None]}], **options)
+    assert two_groups.param_groups[0]["seed"] != two_groups.param_groups[1]["seed"]
 
 
 def test_bf16_stochastic_round_is_unbiased():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import pytest
 import torch
@@ -313,6 +314,22 @@ def checkpoint_load(rank: int, world: int, path: str) -> dict:
     return {"resumed": resume(model, opt, path, rank, world), "state_like_params": state_like_params(opt)}
 
 
+def int8_checkpoint(rank: int, world: int, path: str) -> dict:
+    """AdamW with int8 moments: a DCP checkpoint after two steps, loaded on the same two ranks into a fresh model and
+    optimizer. Each rank's block scales are its own shard's: the checkpoint must keep every rank's."""
+    def fresh():
+        model = fsdp(make_model())
+        return model, fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, moments="int8")
+
+    model, opt = fresh()
+    train(model, opt, steps=2, dp_rank=rank, dp_size=world)
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    train(model, opt, steps=2, dp_rank=rank, dp_size=world, first_step=2)
+    resumed_model, resumed_opt = fresh()
+    return {"uninterrupted": full_params(model), "resumed": resume(resumed_model, resumed_opt, path, rank, world)}
+
+
 def zero_redundancy(rank: int, world: int) -> dict:
     """ZeroRedundancyOptimizer over fused_optim.AdamW on a DDP model; its consolidated state_dict on rank 0."""
     model = torch.nn.parallel.DistributedDataParallel(make_model())
@@ -386,6 +403,7 @@ def on_two_ranks(rank: int, world: int, path: str) -> dict:
     return {"fsdp": fsdp_optimizers(rank, world, OPTIMIZERS), "low_precision": fsdp_low_precision(rank, world),
             "scaler": fsdp_grad_scaler(rank, world), "skip": fsdp_skip_on_inf(rank, world),
             "norms": fsdp_norms(rank, world), "checkpoint": checkpoint_load(rank, world, path),
+            "int8_checkpoint": int8_checkpoint(rank, world, os.path.join(path, "int8")),
             "zero": zero_redundancy(rank, world), "accumulator": accumulator(rank, world),
             "bad": bad_inputs(rank, world)}
 
@@ -556,6 +574,19 @@ def test_distributed_checkpoint_resharded_from_four_ranks_to_two_and_to_one(four
     model = make_model()
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
     assert_close(resume(model, opt, checkpoint_dir, 0, 1), uninterrupted)  # into one process, no process group
+
+
+def test_distributed_checkpoint_of_int8_moments_keeps_each_ranks_scales(two, checkpoint_dir):
+    for result in two:
+        run = result["int8_checkpoint"]
+        assert all(torch.equal(a, b) for a, b in zip(run["resumed"], run["uninterrupted"]))
+    # on another sharding the saved scales cannot serve (their blocks are the old shards'): refused, not misread
+    model = make_model()
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, moments="int8")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException, match="(?s)Size mismatch .*moment_scales"):
+        resume(model, opt, os.path.join(checkpoint_dir, "int8"), 0, 1)
 
 
 def test_zero_redundancy_optimizer(two):

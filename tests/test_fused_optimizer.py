@@ -45,3 +45,69 @@ def test_fused_and_foreach_together_is_torchs_error(cls):
     with pytest.raises(RuntimeError) as ours:
         cls([param], lr=0.1, foreach=True, fused=True)
     assert str(ours.value) == str(torchs.value)
+
+
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.Lion], ids=lambda cls: cls.__name__)
+def test_a_sparse_grad_in_a_later_group_changes_nothing(cls):
+    """Refused before any group is stepped, on a later step too (when the groups' lists are already made), and on a
+    first step without the earlier group's state left behind."""
+    for steps_before in (0, 2):
+        good = torch.nn.Parameter(torch.randn(5))
+        sparse = torch.nn.Parameter(torch.randn(4, 3))
+        opt = cls([{"params": [good]}, {"params": [sparse]}], lr=0.1)
+        for _ in range(steps_before):
+            good.grad, sparse.grad = torch.randn(5), torch.randn(4, 3)
+            opt.step()
+        state_before = {key: value.clone() for key, value in opt.state.get(good, {}).items()}
+        before = good.detach().clone()
+        good.grad = torch.randn(5)
+        sparse.grad = torch.randn(4, 3).to_sparse()
+        with pytest.raises(RuntimeError, match="sparse"):
+            opt.step()
+        assert torch.equal(good, before)
+        assert {key: value.tolist() for key, value in opt.state.get(good, {}).items()} == \
+            {key: value.tolist() for key, value in state_before.items()}
+        assert (good in opt.state) == (steps_before > 0)
+
+
+@pytest.mark.parametrize("edit", ["state reset", "step count set", "moment set"])
+def test_state_replaced_after_a_step_is_what_the_next_step_uses(edit):
+    """torch's optimizers read the state every step; ours keep their op arguments between steps, and must see a
+    param's state dict replaced, or one of its tensors, as torch does."""
+    results = []
+    for cls in (torch.optim.AdamW, fused_optim.AdamW):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = cls(model.parameters(), lr=0.1)
+        x = torch.randn(2, 4)
+        for step in range(4):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 1:
+                state = opt.state[model.weight]
+                if edit == "state reset":
+                    opt.state[model.weight] = {}
+                elif edit == "step count set":
+                    state["step"] = torch.tensor(0.0)
+                else:
+                    state["exp_avg"] = torch.zeros_like(state["exp_avg"])
+        results.append((model.weight.detach(), opt.state_dict()["state"][0]))
+    (theirs, their_state), (ours, our_state) = results
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert float(our_state["step"]) == float(their_state["step"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"moments": "int 8"}, "moments must be"),
+    ({"master_weights": 16}, "master_weights must be"),
+    ({"master_weights": True, "stochastic_rounding": True}, "alternatives"),
+])
+def test_a_groups_own_options_are_checked_as_the_constructors(options, message):
+    first, second = torch.nn.Parameter(torch.randn(3).bfloat16()), torch.nn.Parameter(torch.randn(3).bfloat16())
+    with pytest.raises(ValueError, match=message):
+        fused_optim.AdamW([{"params": [first]}, {"params": [second], **options}])
+    opt = fused_optim.AdamW([first])
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [second], **options})
+    assert len(opt.param_groups) == 1

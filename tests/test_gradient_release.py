@@ -158,3 +158,106 @@ def test_with_a_grad_accumulator_the_last_micro_batch_steps(name):
         assert all(float(g.abs().max()) == 0 for g in released_acc.main_grads)
     assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
+
+
+STOCHASTIC = {
+    "bf16 moments": dict(moments="bf16"),
+    "int8 moments": dict(moments="int8"),
+    "stochastic rounding": dict(stochastic_rounding=True),
+    "int8 moments, masters": dict(moments="int8", master_weights=True),
+}
+
+
+@pytest.mark.parametrize("options", STOCHASTIC.values(), ids=STOCHASTIC)
+def test_released_steps_draw_the_ordinary_steps_random_bits(options):
+    """With stochastic rounding each param draws the bits the ordinary step would: its group's seed (here one whose
+    streams pass 2**31), a frozen param ahead of it and params of two kinds (bf16 and fp32 in one group)."""
+    results = []
+    for release in (True, False):
+        model = make_model(torch.bfloat16)
+        frozen = torch.nn.Parameter(torch.randn(3).bfloat16(), requires_grad=False)
+        extra = torch.nn.Parameter(torch.randn(5))  # fp32: another op call of the group than the bf16 params
+        params = [frozen, *model.parameters(), extra]
+        group = {"params": params, "seed": 2**31 - 3}
+        cls = fused_optim.AdamW if "moments" in options else fused_optim.Lion
+        opt = cls([group], lr=1e-2, gradient_release=release, **options)
+        for step in range(3):
+            backward(model, step)
+            if not release:
+                extra.grad = None
+            opt.step()
+            opt.zero_grad()
+        results.append(([p.detach().clone() for p in params], opt.state_dict()["state"]))
+    (released, released_state), (ordinary, ordinary_state) = results
+    assert_identical(released, ordinary)
+    assert_identical(released_state, ordinary_state)
+
+
+def test_a_param_unfrozen_after_the_constructor_is_trained():
+    model, ordinary = make_model(), make_model()
+    models_opts = []
+    for m, release in ((model, True), (ordinary, False)):
+        m[0].weight.requires_grad_(False)
+        models_opts.append((m, fused_optim.AdamW(m.parameters(), lr=1e-2, gradient_release=release)))
+    for step in range(3):
+        if step == 1:
+            model[0].weight.requires_grad_(True)
+            ordinary[0].weight.requires_grad_(True)
+        for m, opt in models_opts:
+            backward(m, step)
+            opt.step()  # the released one steps the param backward could not: unfrozen since the constructor
+            opt.zero_grad()
+    assert_identical([p.detach() for p in model.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert model[0].weight in models_opts[0][1]._release_hooks
+
+
+def test_a_refused_constructor_leaves_no_hooks():
+    model = make_model()
+    bf16 = torch.nn.Parameter(torch.randn(3))  # fp32: refused by master_weights=24 in the second group
+    with pytest.raises(ValueError, match="every param of its group must be bfloat16"):
+        fused_optim.AdamW([{"params": model.parameters()}, {"params": [bf16], "master_weights": 24}],
+                          gradient_release=True)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    backward(model, 0)
+    assert all(p.grad is not None for p in model.parameters())  # an ordinary backward: nothing stepped them
+
+
+def test_a_new_optimizer_over_the_same_params_takes_them_over():
+    model, ordinary = make_model(), make_model()
+    fused_optim.SGD(model.parameters(), lr=0.1, gradient_release=True)  # replaced before any step
+    replacement = fused_optim.SGD(model.parameters(), lr=0.5, momentum=0.9, gradient_release=True)
+    ordinary_opt = fused_optim.SGD(ordinary.parameters(), lr=0.5, momentum=0.9)
+    for step in range(2):
+        backward(model, step)
+        backward(ordinary, step)
+        ordinary_opt.step()
+        ordinary_opt.zero_grad()
+    assert_identical([p.detach() for p in model.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
+    assert len(replacement.state) == len(list(model.parameters()))
+
+
+def test_a_param_without_a_grad_in_the_last_micro_batch_is_stepped_at_its_end():
+    """A param (an expert, a branch) that got a grad in an earlier micro-batch but none in the armed one is stepped
+    when that backward ends, from its main grad, as finalize() + step() steps it; its main grad is zero after."""
+    results = []
+    for release in (True, False):
+        torch.manual_seed(0)
+        used, unused = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        params = [*used.parameters(), *unused.parameters()]
+        opt = fused_optim.AdamW(params, lr=0.1, gradient_release=release)
+        acc = fused_optim.GradAccumulator(params)
+        x = torch.randn(2, 4)
+        (used(x).sum() + unused(x).sum()).backward()  # micro-batch 1: both
+        acc.accumulate()
+        if release:
+            acc.release(num_tokens=4)
+        used(x).sum().backward()  # micro-batch 2, the last: one of them
+        if not release:
+            acc.accumulate()
+            acc.finalize(num_tokens=4)
+            opt.step()
+            acc.zero_()
+        assert all(float(g.abs().max()) == 0 for g in acc.main_grads)
+        results.append([p.detach().clone() for p in params])
+    assert_identical(*results)

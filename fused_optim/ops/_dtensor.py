@@ -71,6 +71,36 @@ def on_local_shards(fn: Callable[..., Tensor], like: Tensor, *others: Tensor) ->
                               stride=like.stride())
 
 
+def largest_shard_numel(p: Tensor) -> int:
+    """The element count of a DTensor's largest local shard (the first ranks' along each sharded dim, as
+    torch.chunk splits)."""
+    shape = list(p.shape)
+    for mesh_dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            shape[placement.dim] = -(-shape[placement.dim] // p.device_mesh.size(mesh_dim))
+    return math.prod(shape)
+
+
+def rank_rows(local: Tensor, like: Tensor, width: int) -> Tensor:
+    """This rank's plain `local` (2-D: rows of per-rank values, such as int8 block scales of the local shard of the
+    DTensor `like`) as row r of a DTensor over `like`'s mesh that every rank shares, r the rank's place in the
+    mesh, its last dim padded with zeros to `width` (the same on every rank). A distributed checkpoint keeps a plain
+    tensor once, as if each rank held the same; this way it keeps each rank's own (`local_rows` takes it back)."""
+    mesh = like.device_mesh
+    padded = local.new_zeros(1, local.shape[0], width)
+    padded[0, :, :local.shape[1]] = local
+    return DTensor.from_local(padded, mesh, [Shard(0)] * mesh.ndim, run_check=False,
+                              shape=(mesh.size(), local.shape[0], width), stride=(local.shape[0] * width, width, 1))
+
+
+def local_rows(rows: Tensor, width: int) -> Tensor:
+    """This rank's row of a `rank_rows` DTensor, its first `width` columns (a plain tensor passes unchanged)."""
+    if not is_dtensor(rows):
+        return rows
+    local = rows.to_local()
+    return local[0, :, :width].contiguous() if local.dim() == 3 and local.shape[0] == 1 else local
+
+
 def rank_seed(seed: int, tensors: Sequence[Tensor]) -> int:
     """A stochastic-rounding seed of this rank's own for DTensor shards: the kernels draw by position in the local
     tensor, so without it every rank would round its shard with the same random numbers."""

@@ -5,18 +5,21 @@ seed of each group, and pickling of our extra settings."""
 
 from __future__ import annotations
 
-from collections import ChainMap
+import weakref
+import zlib
+from collections import ChainMap, Counter
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _device_dtype_check_for_fused
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fused_optim import _backend
 from fused_optim.accumulate import accumulator_of
 from fused_optim.int8_moments import code_dtype, dequantize, quantize, scale_count
 from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, split_master
-from fused_optim.ops._dtensor import is_dtensor, layout, on_local_shards
+from fused_optim.ops._dtensor import is_dtensor, largest_shard_numel, layout, local_rows, on_local_shards, rank_rows
 from fused_optim.optim._guard import StepGuard, grad_of
 from fused_optim.optim._plan import Plan
 
@@ -64,10 +67,30 @@ def init_int8_scales(p: Tensor, state: dict[str, Tensor], count: int) -> None:
 
 
 def check_master_weights(master_weights: bool | int) -> None:
-    """The constructors' check of `master_weights`: False, True (exact fp32 masters) or 24 (24-bit masters)."""
-    if master_weights not in (False, True, 24):
+    """The check of `master_weights`: False, True (exact fp32 masters) or 24 (24-bit masters)."""
+    if master_weights is not False and master_weights is not True and master_weights != 24:  # not 1 or 1.0 either
         raise ValueError(f"master_weights must be True (exact fp32 masters), 24 (24-bit masters: a bfloat16 param and "
                          f"an 8-bit remainder) or False, not {master_weights!r}")
+
+
+def check_group_options(group: dict[str, Any]) -> None:
+    """Our options of a param group (the constructor's defaults, or a group's own: a dict among the params or
+    add_param_group), each checked as the constructor checks it."""
+    if "moments" in group:
+        check_moments(group["moments"])
+    if "master_weights" in group:
+        check_master_weights(group["master_weights"])
+        if group["master_weights"] and group.get("stochastic_rounding"):
+            raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
+
+
+def group_seed(index: int, params: list[Tensor]) -> int:
+    """The stochastic-rounding seed of an optimizer's param group `index` over `params`: a hash of torch's initial
+    seed (what torch.manual_seed set: a seeded run draws the same bits), the group's index and its params' shapes
+    (two optimizers over different params draw differently). Nothing is drawn from torch's generator, so the
+    training script's own random numbers (dropout, data order) stay what they are with torch's optimizer."""
+    shapes = ",".join(str(tuple(p.shape)) for p in params)
+    return zlib.crc32(f"{torch.initial_seed()} {index} {shapes}".encode()) % (2**31 - 1)
 
 
 def init_master(p: Tensor, state: dict[str, Tensor], master_weights: bool | int) -> None:
@@ -97,6 +120,11 @@ def check_torch_flags(params: list[Tensor], group: dict[str, Any]) -> None:
             _device_dtype_check_for_fused(p)
 
 
+# Gradient release: the optimizer whose hook steps each param inside backward (optim/_base.py), weakly: a newer
+# gradient_release optimizer over the same param takes it over.
+_release_owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 class FusedOptimizer(Optimizer):
     """A torch Optimizer stepped by fused_optim kernels; subclasses run torch's own argument checks first.
 
@@ -111,6 +139,7 @@ class FusedOptimizer(Optimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, max_grad_norm: float | None,
                  backend: str | None, gradient_release: bool = False) -> None:
+        check_group_options(defaults)
         if defaults.get("fused"):  # torch's checks (we take both flags, and run our kernels either way)
             if defaults.get("differentiable"):
                 raise RuntimeError("`fused` does not support `differentiable`")
@@ -137,7 +166,11 @@ class FusedOptimizer(Optimizer):
         self.gradient_release = gradient_release
         self._release_views: dict[Tensor, ChainMap] = {}
         self._release_hooks: dict[Tensor, Any] = {}
-        super().__init__(params, defaults)
+        try:
+            super().__init__(params, defaults)
+        except BaseException:  # a later group refused: the earlier groups' hooks go too (nothing is left behind)
+            self._unhook(list(self._release_hooks))
+            raise
         self._step_supports_amp_scaling = _supports_amp_scaling(defaults)
         self._guard = StepGuard(self)
 
@@ -158,29 +191,71 @@ class FusedOptimizer(Optimizer):
         elif self.gradient_release and any(is_dtensor(p) for p in params):
             problem = ("gradient_release=True does not take DTensor params: FSDP2 hands out their grads after its own "
                        "reduce-scatter, past autograd's hook")
+        if problem is None:
+            try:
+                check_group_options(self.param_groups[-1])
+            except ValueError as error:
+                problem = str(error)
         if problem is not None:
             self.param_groups.pop()
             raise ValueError(f"{type(self).__name__}: {problem}.")
         # Each group's own seed for stochastic rounding (of bf16 params or moments), saved with the state_dict so a
         # resumed run draws the same.
         if self.param_groups[-1].get("stochastic_rounding") or self.param_groups[-1].get("moments") in ("bf16", "int8"):
-            self.param_groups[-1].setdefault("seed", int(torch.randint(0, 2**31 - 1, ()).item()))
+            self.param_groups[-1].setdefault("seed", group_seed(len(self.param_groups) - 1, params))
         if self.gradient_release:
             self._hook_group(self.param_groups[-1])
+
+    def _kind(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> str:
+        """Which op call of its group steps `p` (`_gather`'s kinds): decided by its state, or before its first step
+        by its dtype and the group's options, as `_init_state` will make its state."""
+        if group["differentiable"]:
+            return "torch"
+        if "master_remainder" in state:  # int16 and int8 remainders: one op call each
+            return "remainder" if state["master_remainder"].dtype == torch.int16 else "remainder24"
+        if "master_param" in state:
+            return "master"
+        if not state and group.get("master_weights") and p.dtype in LOW_PRECISION:
+            if p.dtype != torch.bfloat16:
+                return "master"
+            return "remainder24" if group["master_weights"] == 24 else "remainder"
+        if group.get("stochastic_rounding") and p.dtype == torch.bfloat16:
+            return "stochastic"
+        return "plain"
 
     def _hook_group(self, group: dict[str, Any]) -> None:
         """Gradient release: every param of `group` that takes grads is stepped by `_release` as soon as autograd
         has accumulated its grad. Its view is a one-param group that reads every other setting from `group` live
-        (an lr scheduler's changes included), so `_gather` and `_update` serve it as they serve whole groups."""
-        for index, p in enumerate(group["params"]):
+        (an lr scheduler's changes included), so `_gather` and `_update` serve it as they serve whole groups.
+
+        Each view's seed makes it draw the random bits the ordinary step would: that step's op call numbers its
+        tensors by their place among the group's params of the same kind that have a grad, here taken as those that
+        require one (the same whenever every trainable param gets a grad)."""
+        places: Counter = Counter()  # per kind, the params of the group so far that take grads
+        for p in group["params"]:
             if not p.requires_grad:
                 continue
+            kind = self._kind(p, self.state.get(p, {}), group)
             own: dict[str, Any] = {"params": [p]}
-            if "seed" in group:  # each param its own stochastic-rounding stream (each is tensor 0 of its view)
-                own["seed"] = (group["seed"] + 0x9E3779B9 * index) % 2**31
+            if "seed" in group:  # rounding.h's stream_key(seed, place, step) as stream_key(own seed, 0, step)
+                own["seed"] = (group["seed"] + 0x9E3779B9 * places[kind]) % 2**32
+            places[kind] += 1
             self._release_views[p] = ChainMap(own, group)  # (re)pointed at the live group
             if p not in self._release_hooks:
+                owner = _release_owners.get(p)
+                if owner is not None and owner() is not None and owner() is not self:
+                    owner()._unhook([p])  # a newer optimizer over the same param: the older one lets it go
+                _release_owners[p] = weakref.ref(self)
                 self._release_hooks[p] = p.register_post_accumulate_grad_hook(self._release)
+
+    def _unhook(self, params: list[Tensor]) -> None:
+        """Gradient release stops for `params`: their hooks are removed, so backward leaves their grads."""
+        for p in params:
+            self._release_hooks.pop(p).remove()
+            self._release_views.pop(p, None)
+            owner = _release_owners.get(p)
+            if owner is not None and owner() is self:
+                del _release_owners[p]
 
     @torch.no_grad()
     def _release(self, p: Tensor) -> None:
@@ -190,9 +265,10 @@ class FusedOptimizer(Optimizer):
         grad = p.grad
         if entry is not None:  # a GradAccumulator's param: step only in the backward its release() armed
             accumulator, index = entry
-            grad = accumulator.released_grad(index, p)
+            grad = accumulator.released_grad(index, p, self._release)
             if grad is None:
                 return
+        self._check_grads([(p, grad)])
         view = self._release_views[p]
         for kind, lists in self._gather(view, [grad], p).items():
             if kind == "torch":
@@ -215,6 +291,7 @@ class FusedOptimizer(Optimizer):
             if closure is not None:
                 raise ValueError(f"{type(self).__name__}: gradient_release=True updates each param inside backward, "
                                  "so a closure, which runs backward again for the same step, is not supported")
+            self._release_unhooked()
             return None  # every param with a grad was stepped in backward, and its grad is gone
         loss = None
         if closure is not None:
@@ -224,8 +301,15 @@ class FusedOptimizer(Optimizer):
         group_grads = [[grad_of(p) for p in group["params"]] for group in self.param_groups]
         self._check_grads([(p, grad) for group, grads in zip(self.param_groups, group_grads)
                            for p, grad in zip(group["params"], grads) if grad is not None])
-        gathered = [(group, self._gather(group, grads, index))
-                    for index, (group, grads) in enumerate(zip(self.param_groups, group_grads))]
+        known = len(self.state)
+        try:
+            gathered = [(group, self._gather(group, grads, index))
+                        for index, (group, grads) in enumerate(zip(self.param_groups, group_grads))]
+        except BaseException:  # a later group refused its first step: the state earlier ones made goes too
+            for p in list(self.state)[known:]:
+                del self.state[p]
+            self._plans.clear()
+            raise
         grads = [grad for _, kinds in gathered for lists in kinds.values() for grad in lists[1]]
         grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
         for group, kinds in gathered:
@@ -239,6 +323,17 @@ class FusedOptimizer(Optimizer):
                 with torch.set_grad_enabled(group["differentiable"]):  # as torch's _use_grad_for_differentiable
                     self._update_with_torch(group, lists)
         return loss
+
+    def _release_unhooked(self) -> None:
+        """Gradient release's step(): a param that began to take grads after its group was hooked (unfrozen since)
+        is hooked from now on, and the grad this backward gave it is stepped here."""
+        for group in self.param_groups:
+            unhooked = [p for p in group["params"] if p.requires_grad and p not in self._release_hooks]
+            if unhooked:
+                self._hook_group(group)
+                for p in unhooked:
+                    if p.grad is not None:
+                        self._release(p)
 
     def _gather(self, group: dict[str, Any], grads: list[Tensor | None],
                 key: int | Tensor) -> dict[str, list[list[Tensor]]]:
@@ -265,16 +360,7 @@ class FusedOptimizer(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(p, state, group)
-            if group["differentiable"]:
-                kind = "torch"
-            elif "master_remainder" in state:  # int16 and int8 remainders: one op call each
-                kind = "remainder" if state["master_remainder"].dtype == torch.int16 else "remainder24"
-            elif "master_param" in state:
-                kind = "master"
-            elif group["stochastic_rounding"] and p.dtype == torch.bfloat16:
-                kind = "stochastic"
-            else:
-                kind = "plain"
+            kind = self._kind(p, state, group)
             plan.add(kind, index, p, self._state_tensors(group, state, kind))
         self._keep_plan(key, plan)
         return plan.with_grads(grads)
@@ -282,7 +368,7 @@ class FusedOptimizer(Optimizer):
     def _keep_plan(self, key: int | Tensor, plan: Plan) -> None:
         """Keeps `plan` for the group `key` names (its index, or its param under gradient release); `Plan.fits`
         tells whether the group there now is still the one it was made for."""
-        plan.state_size = len(self.state)  # the state the plan created counts as known
+        plan.remember_state()  # the state the plan created counts as known
         self._plans[key] = plan
 
     def _plan_options(self, group: dict[str, Any]) -> tuple:
@@ -310,11 +396,16 @@ class FusedOptimizer(Optimizer):
         """torch's own single-tensor update of `lists` (`_gather`'s "torch" kind) with the group's hyper-parameters."""
         raise NotImplementedError
 
+    # torch's error for a sparse grad, where the kernels take dense ones only (None: the optimizer steps them)
+    _sparse_grad_message: str | None = None
+
     def _check_grads(self, params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
         """The kernels' own check of each grad against its param, run over every group before any group gathers
         its state or is stepped (and before the guard counts anything), so that a bad grad anywhere changes
         nothing."""
         for p, grad in params_and_grads:
+            if grad.is_sparse and self._sparse_grad_message is not None:
+                raise RuntimeError(self._sparse_grad_message)
             if grad.shape != p.shape or grad.device != p.device or grad.dtype not in (p.dtype, torch.float32):
                 raise RuntimeError(
                     f"{type(self).__name__}: a grad must have its param's shape and device, and its param's dtype or "
@@ -327,6 +418,48 @@ class FusedOptimizer(Optimizer):
                     f"(and a plain param's grad a plain tensor); got {_describe_layout(grad)} for a param with "
                     f"{_describe_layout(p)}"
                 )
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, but for a DTensor param's int8 moment scales: those of its local shard's blocks,
+        saved as a DTensor whose row r is rank r's (ops/_dtensor.py's rank_rows), so that a distributed checkpoint
+        (DCP) keeps every rank's own; `load_state_dict` takes them back. Such a checkpoint loads on the sharding it
+        was saved from; `torch_state_dict()` (fp32 moments) reshards."""
+        state_dict = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]  # torch numbers the params so
+        for index, state in state_dict["state"].items():
+            if "moment_scales" in state and is_dtensor(params[index]):
+                width = scale_count(largest_shard_numel(params[index]))
+                state_dict["state"][index] = {**state, "moment_scales": rank_rows(state["moment_scales"],
+                                                                                  params[index], width)}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
+        TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device whatever
+        dtype it was saved in, and a DTensor param's int8 scales as its rank's own (`state_dict`)."""
+        state_dict = self._with_local_scales(state_dict)
+        check_saved_state(self, state_dict, self._moment_keys)
+        self._plans.clear()
+        super().load_state_dict(state_dict)
+        self._restore_saved_state(state_dict)
+
+    def _with_local_scales(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """`state_dict` with each DTensor param's saved int8 scales (a rank_rows DTensor) as this rank's plain rows."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+            return state_dict  # check_saved_state says what is wrong
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+        state = dict(state_dict["state"])
+        for param_id, p in zip(saved_ids, params):
+            saved = state.get(param_id)
+            if isinstance(saved, dict) and is_dtensor(saved.get("moment_scales")) and is_dtensor(p):
+                width = scale_count(p.to_local().numel())
+                state[param_id] = {**saved, "moment_scales": local_rows(saved["moment_scales"], width)}
+        return {**state_dict, "state": state}
+
+    def _restore_saved_state(self, state_dict: dict[str, Any]) -> None:
+        """After torch's load_state_dict: our state's own dtypes, devices and forms (restore_saved_state)."""
+        restore_saved_state(self, state_dict, self._moment_keys)
 
     def torch_state_dict(self) -> dict[str, Any]:
         """The state_dict in the form torch's own optimizer (and an fp32-master trainer) reads: each bf16 param's
@@ -342,7 +475,8 @@ class FusedOptimizer(Optimizer):
             if "master_remainder" in state:
                 state["master_param"] = on_local_shards(join_master, param.detach(), state.pop("master_remainder"))
             if "moment_scales" in state:
-                scales = state.pop("moment_scales")
+                local = param.to_local() if is_dtensor(param) else param
+                scales = local_rows(state.pop("moment_scales"), scale_count(local.numel()))
                 state.update({key: on_local_shards(lambda codes, row=row: dequantize(codes, scales[row]), state[key])
                               for row, key in enumerate(self._moment_keys) if key in state})
             elif group.get("moments", "fp32") != "fp32":

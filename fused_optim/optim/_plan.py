@@ -1,9 +1,13 @@
 """A param group's op arguments kept between steps, less the grads: host time matters at a thousand tensors a step,
 so an optimizer builds its lists once and, on later steps, only puts the new grads in; it builds them again when
-which params have grads, the params, the state or the options that decide the op calls changed."""
+which params have grads, the params, the state or the options that decide the op calls changed. A param's state
+changed means: its state dict replaced (`opt.state[p] = {}`), or an entry of it added, removed or set to another
+tensor (`opt.state[p]["step"] = torch.tensor(0.)`), as torch's optimizers, which read the state every step, see."""
 
 from __future__ import annotations
 
+import operator
+from itertools import chain
 from typing import Any, Hashable
 
 from torch import Tensor
@@ -21,6 +25,11 @@ class Plan:
         self.state = state
         self.state_size = len(state)
         self.has_grad = has_grad  # which params the lists hold: frozen ones have no grad
+        # the stepped params that have state (SGD without momentum keeps none), their state dicts and every value in
+        # them, all by identity
+        self.with_state: list[Tensor] = []
+        self.param_states: list[dict] = []
+        self.state_values: list[Any] = []
         self.kinds: dict[str, tuple[list[int], list[list[Tensor]]]] = {}
 
     def add(self, kind: str, index: int, p: Tensor, state_tensors: list[Tensor | None]) -> None:
@@ -33,7 +42,15 @@ class Plan:
             if tensor is not None:
                 tensors.append(tensor)
 
+    def remember_state(self) -> None:
+        """Takes the state as it is now (the lists' tensors, made or found) as the state the lists were made from."""
+        self.state_size = len(self.state)
+        self.with_state = [p for p, has in zip(self.params, self.has_grad) if has and p in self.state]
+        self.param_states = [self.state[p] for p in self.with_state]
+        self.state_values = list(chain.from_iterable(map(dict.values, self.param_states)))
+
     def fits(self, group: dict[str, Any], state: dict, has_grad: list[bool], options: Hashable) -> bool:
+        # identity, not equality, throughout (a tensor's == is elementwise), in C-level loops: ~0.1 us a param
         return (
             group["params"] is self.params
             and len(self.params) == self.size
@@ -41,6 +58,9 @@ class Plan:
             and len(state) == self.state_size
             and options == self.options
             and has_grad == self.has_grad
+            and all(map(operator.is_, map(state.get, self.with_state), self.param_states))
+            and sum(map(len, self.param_states)) == len(self.state_values)
+            and all(map(operator.is_, chain.from_iterable(map(dict.values, self.param_states)), self.state_values))
         )
 
     def with_grads(self, grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:

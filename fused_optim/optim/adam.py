@@ -52,9 +52,8 @@ from torch.optim.adam import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.adam import adam_step
-from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_master_weights,
-                                     check_moments, check_saved_state, check_torch_flags, init_int8_scales,
-                                     init_master, int8_moments, master_of, moment_dtype, restore_saved_state)
+from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_torch_flags, init_int8_scales,
+                                     init_master, int8_moments, master_of, moment_dtype)
 
 
 
@@ -78,6 +77,7 @@ class Adam(FusedOptimizer):
     """
 
     _moment_keys = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}  # key -> signed
+    _sparse_grad_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
         self,
@@ -122,10 +122,6 @@ class Adam(FusedOptimizer):
         for index, beta in enumerate(betas):
             if isinstance(beta, Tensor) and foreach and not capturable:
                 raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
-        check_master_weights(master_weights)
-        check_moments(moments)
-        if master_weights and stochastic_rounding:
-            raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {
             "lr": lr,
             "betas": (_beta(betas[0], 0), _beta(betas[1], 1)),
@@ -170,9 +166,7 @@ class Adam(FusedOptimizer):
 
     def _check_first_step(self, group: dict[str, Any], params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
         check_torch_flags([p for p, _ in params_and_grads], group)
-        for p, grad in params_and_grads:
-            if grad.is_sparse:
-                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        for p, _ in params_and_grads:
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"fused_optim.{type(self).__name__} steps floating-point and complex params, not "
                                 f"{p.dtype}")
@@ -207,15 +201,6 @@ class Adam(FusedOptimizer):
             beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=group["maximize"],
         )
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
-        TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device whatever
-        dtype it was saved in."""
-        check_saved_state(self, state_dict, self._moment_keys)
-        self._plans.clear()
-        super().load_state_dict(state_dict)
-        restore_saved_state(self, state_dict, self._moment_keys)
 
 
 class AdamW(Adam):

@@ -30,9 +30,8 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.lion import SPARSE_MESSAGE, lion_step
-from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, check_master_weights, check_moments,
-                                     check_saved_state, init_int8_scales, init_master, int8_moments, master_of,
-                                     moment_dtype, restore_saved_state)
+from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, init_int8_scales, init_master, int8_moments,
+                                     master_of, moment_dtype)
 
 LION_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64)
 
@@ -48,6 +47,7 @@ class Lion(FusedOptimizer):
     """
 
     _moment_keys = {"exp_avg": True}  # key -> signed
+    _sparse_grad_message = SPARSE_MESSAGE
 
     def __init__(
         self,
@@ -74,10 +74,6 @@ class Lion(FusedOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        check_master_weights(master_weights)
-        check_moments(moments)
-        if master_weights and stochastic_rounding:
-            raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         defaults = {
             "lr": lr,
             "betas": tuple(float(beta) for beta in betas),
@@ -103,9 +99,7 @@ class Lion(FusedOptimizer):
     def _check_first_step(self, group: dict[str, Any], params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
         if group["differentiable"]:
             raise RuntimeError("fused_optim.Lion: differentiable=True is not supported (the step is in place)")
-        for p, grad in params_and_grads:
-            if grad.is_sparse:
-                raise RuntimeError(SPARSE_MESSAGE)
+        for p, _ in params_and_grads:
             if p.dtype not in LION_DTYPES:
                 raise TypeError(f"fused_optim.Lion steps float32, bfloat16, float16 and float64 params, not {p.dtype}")
 
@@ -119,12 +113,3 @@ class Lion(FusedOptimizer):
 
     def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
         return [state["exp_avg"], master_of(state, kind), state["step"], state.get("moment_scales")]
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
-        TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device
-        whatever dtype it was saved in. A state saved without `step` (lion-pytorch's) starts the count at 0."""
-        check_saved_state(self, state_dict, self._moment_keys)
-        self._plans.clear()
-        super().load_state_dict(state_dict)
-        restore_saved_state(self, state_dict, self._moment_keys)

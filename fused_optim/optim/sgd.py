@@ -36,7 +36,7 @@ from torch.optim.sgd import sgd as torch_sgd
 
 from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
-from fused_optim.optim._base import (PARAM_DTYPES, FusedOptimizer, check_moments, check_saved_state, check_torch_flags,
+from fused_optim.optim._base import (PARAM_DTYPES, FusedOptimizer, check_torch_flags,
                                      init_int8_scales, int8_moments, moment_dtype, restore_moments)
 from fused_optim.optim._plan import Plan
 
@@ -82,7 +82,6 @@ class SGD(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        check_moments(moments)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -200,14 +199,9 @@ class SGD(FusedOptimizer):
             del state_dict["state"][index]
         return state_dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict, after checking that every saved buffer fits its param (else ValueError and
-        nothing changes); buffers come back in fp32 (bf16: moments="bf16") on the param's device, in its layout,
-        whatever dtype they were saved in, and a buffer saved without a count (torch's) counts as set. Everything it will use is checked
-        first (check_saved_state: else ValueError or TypeError, and nothing changes)."""
-        check_saved_state(self, state_dict, self._moment_keys)
-        self._plans.clear()
-        super().load_state_dict(state_dict)
+    def _restore_saved_state(self, state_dict: dict[str, Any]) -> None:
+        """Buffers come back in fp32 (bf16: moments="bf16", int8 codes: "int8") on the param's device, in its
+        layout, whatever dtype they were saved in, and a buffer saved without a count (torch's) counts as set."""
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for p, param_id in zip(group["params"], saved_group["params"]):
                 state = self.state.get(p)
