@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from fused_optim.autograd.cross_entropy import loss_dtype
+
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -26,32 +28,61 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
         # torch's own words: its NLL loss has no derivative for the class weights either
         raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
                            "This input cannot have requires_grad True.")
+    if target.is_floating_point():
+        if label_smoothing > 1.0:
+            raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")
+        return  # probability targets run torch's own cross-entropy, which checks them itself
+    # Class indices: torch's checks in torch's order (cross_entropy_loss, nll_loss_nd, then nll_loss or nll_loss2d),
+    # so that input with several faults raises what torch raises for it.
+    if target.shape == input.shape:  # torch takes a target shaped like the logits for probabilities
+        raise RuntimeError(f"Expected floating point type for target with class probabilities, got "
+                           f"{_type_name(target.dtype)}")
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")  # as C++ prints
-    if target.is_floating_point():
-        return  # probability targets run torch's own cross-entropy, which checks them itself
+    _check_target_dims(input, target)
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+    if input.dim() == 1 and target.dim() == 1 and target.shape[0] != 1:
+        raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+    if input.dim() == 2 and target.dim() == 0:  # (0, C) logits (the batch sizes matched): torch reads its dim 0
+        raise IndexError("Dimension specified as 0 but tensor has no dimensions")
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     if weight is not None:
-        if weight.dim() != 1 or weight.numel() != num_classes:
+        if input.dim() <= 2 and (weight.dim() != 1 or weight.numel() != num_classes):
             raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes or no classes "
                                f"but got weight tensor of shape: {list(weight.shape)}")
-        if weight.dtype != input.dtype:
-            raise RuntimeError(f"expected scalar type {_type_name(input.dtype)} but found {_type_name(weight.dtype)}")
+        if input.dim() > 2 and weight.numel() != num_classes:  # nll_loss2d's words: it takes any shape of C values
+            raise RuntimeError("weight tensor should be defined either for all or no classes")
+    if input.dim() == 4 and list(target.shape[1:]) != list(input.shape[2:]):
+        # nll_loss2d's message, its unbalanced parenthesis included
+        raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
+    if weight is not None and loss_dtype(weight.dtype, input.device) != loss_dtype(input.dtype, input.device):
+        # compared in the dtype the loss is computed in: under autocast fp32 for both (float64 excepted), as torch's
+        raise RuntimeError(f"expected scalar type {_type_name(loss_dtype(input.dtype, input.device))} but found "
+                           f"{_type_name(loss_dtype(weight.dtype, input.device))}")
+    # torch's spatial loss (3 or more input dims) reads its targets as int64 only; its empty "mean" and "sum" read none
+    if input.dim() > 2 and target.dtype == torch.uint8 and (target.numel() > 0 or reduction == "none"):
+        raise RuntimeError("expected scalar type Long but found Byte")
+
+
+def _check_target_dims(input: torch.Tensor, target: torch.Tensor) -> None:
+    """The target's shape as nll_loss_nd, then nll_loss or nll_loss2d, check it before its dtype."""
     if input.dim() == 1:
-        if target.dim() > 1 or target.numel() != 1:
-            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
-    elif input.dim() == 2:
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-        if target.shape[0] != input.shape[0]:
-            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-                             f"({target.shape[0]}).")
-    else:
-        expected = [input.shape[0], *input.shape[2:]]
-        if list(target.shape) != expected:
-            raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+        return
+    target_batch = target.shape[0] if target.dim() > 0 else 0  # torch reads a 0-d target's batch size as 0
+    if input.shape[0] != target_batch:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target_batch}).")
+    if input.dim() == 2:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    elif input.dim() == 4:  # nll_loss2d's check; it compares the sizes after the dtype and the class weights
+        if target.dim() != 3:
+            raise RuntimeError(f"only batches of spatial targets supported (3D tensors) but got targets of "
+                               f"dimension: {target.dim()}")
+    elif target.dim() == 0 or list(target.shape[1:]) != list(input.shape[2:]):
+        raise RuntimeError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
 
 
 def check_linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor,

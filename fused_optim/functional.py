@@ -13,6 +13,12 @@ Bad input raises what torch raises for it (fused_optim/_loss_checks.py), before 
 out of range raises IndexError on the CPU and a device-side assert on CUDA, as torch's; the Triton kernels, which
 cannot raise, give that row a NaN loss.
 
+Under torch.autocast the loss is float32, as torch's: the kernels compute it in fp32 from the logits as they come,
+and it is not rounded to their dtype; their gradient keeps their dtype. `linear_cross_entropy` multiplies in
+autocast's dtype there, as torch.nn.functional.linear would. The fused losses are differentiable once: a second
+derivative through them (create_graph=True: Hessian-vector products, gradient penalties) raises
+(fused_optim/autograd/differentiable_once.py).
+
 Vocabulary-parallel (tensor-parallel) losses: logits that are a DTensor sharded on the class dim (`Shard(1)`, as
 under torch's `loss_parallel()`), or a `linear_weight` sharded on its rows (`Shard(0)` of (V, H)), are taken shard by
 shard: each rank reads only its shard and one small all-gather per call (per chunk of rows for the linear loss)
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 
 from fused_optim import _backend, _loss_checks
 from fused_optim.autograd import vocab_parallel
-from fused_optim.autograd.cross_entropy import CrossEntropyFunction
+from fused_optim.autograd.cross_entropy import CrossEntropyFunction, autocast_enabled
 from fused_optim.autograd.linear_cross_entropy import LinearCrossEntropyFunction, chunk_rows
 from fused_optim.autograd.vocab_parallel import VocabShard
 from fused_optim.ops._dtensor import is_dtensor
@@ -85,7 +91,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     inplace = inplace_backward and needs_grad and not logits.is_leaf and not (
         logits._base is not None and logits._base.is_leaf)
     _refuse_compiled_gradients("cross_entropy", needs_grad)
-    loss, z = CrossEntropyFunction.apply(logits, _index_target(target).reshape(-1), _class_weight(weight),
+    loss, z = CrossEntropyFunction.apply(logits, _index_target(target), _class_weight(weight),
                                          reduction, ignore_index, label_smoothing, float(z_loss), softcap,
                                          needs_grad, inplace, backend)
     if reduction == "none":
@@ -130,14 +136,15 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         loss, z = _cross_entropy_composite(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                            softcap)
         return (loss, z.detach()) if return_z_loss else loss
-    rows_shape = target.shape
+    rows_shape = target.shape if input.dim() > 1 else ()  # unbatched: a () loss for a () or (1,) target, as torch's
+    input, linear_weight, linear_bias = _autocast_linear(input, linear_weight, linear_bias)
     x = input.unsqueeze(0) if input.dim() == 1 else input
     num_classes = linear_weight.shape[0]
     batch_chunk_size = getattr(options, "batch_chunk_size", None)
     rows = chunk_rows(x.shape[0], num_classes, x.dtype, x.device, batch_chunk_size)
     _refuse_compiled_gradients("linear_cross_entropy", _any_grad(x, linear_weight, linear_bias))
     loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), linear_weight.contiguous(), linear_bias,
-                                               _index_target(target).reshape(-1), _class_weight(weight), reduction,
+                                               _index_target(target), _class_weight(weight), reduction,
                                                ignore_index, label_smoothing, float(z_loss), softcap, rows,
                                                torch.is_grad_enabled(), backend)
     if reduction == "none":
@@ -160,7 +167,7 @@ def _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction
         logits = logits.contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     _refuse_compiled_gradients("cross_entropy", needs_grad)
-    loss, z = CrossEntropyFunction.apply(logits, target.reshape(-1).contiguous(), _class_weight(weight), reduction,
+    loss, z = CrossEntropyFunction.apply(logits, target, _class_weight(weight), reduction,
                                          ignore_index, label_smoothing, float(z_loss), softcap, needs_grad,
                                          inplace_backward and needs_grad and not input.is_leaf, backend, shard)
     loss, z = shard.replicated(loss), shard.replicated(z)
@@ -179,8 +186,9 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
     if linear_bias is not None and not (is_dtensor(linear_bias) and linear_bias.placements == linear_weight.placements):
         raise ValueError("linear_bias of a vocabulary-parallel linear_cross_entropy must be a DTensor sharded as "
                          "linear_weight is.")
+    input, linear_weight, linear_bias = _autocast_linear(input, linear_weight, linear_bias)
     x = vocab_parallel.input_for_sharded_weight(input, shard)
-    target = _index_target(vocab_parallel.replicated_local(target, "target")).reshape(-1).contiguous()
+    target = _index_target(vocab_parallel.replicated_local(target, "target"))
     weight = vocab_parallel.replicated_local(weight, "weight")
     local_weight = linear_weight.to_local()
     local_bias = linear_bias.to_local() if linear_bias is not None else None
@@ -208,7 +216,21 @@ def _check_extras(z_loss, softcap) -> float:
 
 
 def _index_target(target: torch.Tensor) -> torch.Tensor:
-    return target if target.dtype == torch.int64 else target.long()  # torch also takes uint8 class indices
+    """Class indices as the kernels read them: one contiguous int64 row (N,) (torch also takes uint8 ones, and any
+    strides, e.g. a column of a (N, 2) tensor)."""
+    return target.reshape(-1).to(torch.int64).contiguous()
+
+
+def _autocast_linear(input, linear_weight, linear_bias):
+    """Under torch.autocast, the lm head's operands in autocast's dtype, as torch.nn.functional.linear takes them there
+    (the loss from those logits is then fp32, as torch's cross-entropy is under autocast); otherwise as they are. The
+    casts are differentiable: each gradient comes back in its own tensor's dtype."""
+    device_type = input.device.type
+    if not autocast_enabled(device_type):
+        return input, linear_weight, linear_bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.dtype in FLOAT_DTYPES else t
+                 for t in (input, linear_weight, linear_bias))
 
 
 # torch.compile before torch 2.12 hands these losses' backward their gradient buffers as they were before the forward
@@ -228,7 +250,8 @@ def _any_grad(*tensors: torch.Tensor | None) -> bool:
 
 
 def _class_weight(weight: torch.Tensor | None) -> torch.Tensor | None:
-    return None if weight is None else weight.detach().to(torch.float32).contiguous()
+    # (C,), or any shape of C values that torch takes for K-dimensional logits (e.g. (C, 1))
+    return None if weight is None else weight.detach().reshape(-1).to(torch.float32).contiguous()
 
 
 def _cross_entropy_composite(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):

@@ -565,6 +565,64 @@ def test_negative_label_smoothing_like_torch(backend, device):
     torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, torch_x)[0])
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_strided_targets_like_torch(backend, device):
+    """A target that is a view with strides (a column of (N, 2) pairs; a transposed (d, N) map of K-dimensional
+    logits) is taken as torch takes it: it used to be refused as not contiguous."""
+    pairs = torch.randint(0, 7, (6, 2), device=device)
+    pairs[2, 0] = -100
+    spatial = torch.randint(0, 7, (3, 4), device=device).t()  # (4, 3), stride (1, 4)
+    cases = [(torch.randn(6, 7, device=device), pairs[:, 0]), (torch.randn(4, 7, 3, device=device), spatial),
+             (torch.randn(6, 7, device=device), pairs.to(torch.uint8)[:, 1])]
+    for logits, target in cases:
+        assert not target.is_contiguous()
+        for reduction in REDUCTIONS:
+            x, torch_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+            ours = FF.cross_entropy(x, target, reduction=reduction, backend=backend, label_smoothing=0.1)
+            theirs = F.cross_entropy(torch_x, target, reduction=reduction, label_smoothing=0.1)
+            assert ours.shape == theirs.shape
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+            grad_output = torch.randn(ours.shape, device=device)
+            torch.testing.assert_close(torch.autograd.grad(ours, x, grad_output)[0],
+                                       torch.autograd.grad(theirs, torch_x, grad_output)[0], rtol=1e-5, atol=1e-6)
+
+
+def _autocast_logits(device, dtype):
+    """Logits an autocast Linear gives (in its dtype), large enough that their summed loss (~3e5) overflows fp16 and
+    is rounded by whole units in bf16; and targets with some ignored."""
+    layer = torch.nn.Linear(8, 37, device=device)
+    with torch.autocast(device, dtype=dtype):
+        logits = layer(200 * torch.randn(64, 8, device=device))
+    target = torch.randint(0, 37, (64,), device=device)
+    target[::5] = -100
+    return logits.detach(), target
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_autocast_loss_is_float32_like_torch(backend, device, dtype):
+    """Under torch.autocast torch's cross-entropy runs in fp32 and returns an fp32 loss; ours computes it in fp32 too
+    and does not round it to the logits' dtype (that overflowed fp16), while their gradient keeps their dtype."""
+    logits, target = _autocast_logits(device, dtype)
+    assert logits.dtype == dtype
+    weight = torch.rand(37, device=device) + 0.5  # fp32 class weights: autocast makes them the loss's dtype too
+    for reduction in REDUCTIONS:
+        x, torch_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        with torch.autocast(device, dtype=dtype):
+            ours, z = FF.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.1, backend=backend,
+                                       return_z_loss=True)
+            theirs = F.cross_entropy(torch_x, target, weight, reduction=reduction, label_smoothing=0.1)
+        assert ours.dtype == z.dtype == theirs.dtype == torch.float32
+        assert torch.isfinite(ours).all()
+        # both are the fp32 loss of the same logits: far closer than one rounding to bf16 or fp16
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-3)
+        grad_output = torch.rand(ours.shape, device=device) + 0.5
+        (grad,), (torch_grad,) = (torch.autograd.grad(ours, x, grad_output),
+                                  torch.autograd.grad(theirs, torch_x, grad_output))
+        assert grad.dtype == torch_grad.dtype == dtype
+        torch.testing.assert_close(grad.float(), torch_grad.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. inplace_backward
 
@@ -722,6 +780,56 @@ def test_bad_input_raises_torchs_error(backend, device, case):
     assert torch.equal(x.detach(), before)
 
 
+# (input shape, target shape, target dtype, extra kwargs for both): class-index targets torch refuses, each raising
+# what torch raises, in the order torch checks (the shape before the dtype, the dtype before the class weights)
+BAD_TARGETS = {
+    "0-d-target-of-a-batch": ((4, 5), (), torch.int64, {}),
+    "2x2-target-of-4-rows": ((4, 5), (2, 2), torch.int64, {}),
+    "4x1-target": ((4, 5), (4, 1), torch.int64, {}),
+    "1x1-target-of-1d-logits": ((5,), (1, 1), torch.int64, {}),
+    "2-targets-of-1d-logits": ((5,), (2,), torch.int64, {}),
+    "int32-2-targets-of-1d-logits": ((5,), (2,), torch.int32, {}),
+    "0-d-target-of-an-empty-batch": ((0, 5), (), torch.int64, {}),
+    "uint8-spatial-target": ((2, 5, 3), (2, 3), torch.uint8, {}),
+    "uint8-4d-target": ((2, 5, 3, 2), (2, 3, 2), torch.uint8, dict(reduction="none")),
+    "uint8-empty-spatial-none": ((0, 5, 3), (0, 3), torch.uint8, dict(reduction="none")),
+    "spatial-target-wrong-size": ((2, 5, 3), (2, 4), torch.int64, {}),
+    "4d-target-wrong-dims": ((2, 5, 3, 2), (2, 6), torch.int64, {}),
+    "4d-target-wrong-size": ((2, 5, 3, 2), (2, 2, 3), torch.int64, {}),
+    "4d-int32-target-wrong-size": ((2, 5, 3, 2), (2, 2, 3), torch.int32, {}),
+    "int-target-shaped-like-logits": ((4, 5), (4, 5), torch.int64, dict(label_smoothing=1.5)),
+    "int32-target-wrong-batch": ((4, 5), (3,), torch.int32, {}),
+    "int32-target-wrong-weight": ((4, 5), (4,), torch.int32, dict(weight=torch.rand(6))),
+    "spatial-weight-wrong-length": ((2, 5, 3), (2, 3), torch.uint8, dict(weight=torch.rand(6))),
+    "uint8-spatial-float64-weight": ((2, 5, 3), (2, 3), torch.uint8, dict(weight=torch.rand(5, dtype=torch.float64))),
+}
+
+
+@pytest.mark.parametrize("backend", [p.values[0] for p in CPU_BACKENDS])
+def test_bad_target_shapes_raise_torchs_error(backend):
+    for name, (input_shape, target_shape, target_dtype, kwargs) in BAD_TARGETS.items():
+        logits = torch.randn(input_shape)
+        target = torch.randint(0, 2, target_shape, dtype=target_dtype)
+        with pytest.raises(Exception) as torch_error:
+            F.cross_entropy(logits, target, **kwargs)
+        with pytest.raises(Exception) as our_error:
+            FF.cross_entropy(logits, target, backend=backend, **kwargs)
+        assert type(our_error.value) is type(torch_error.value), (name, our_error.value, torch_error.value)
+        assert str(our_error.value) == str(torch_error.value), name
+
+
+def test_targets_torch_takes_are_taken():
+    """The other side of the checks above: shapes torch computes a loss for (a (1,) target of (C,) logits, a
+    (C, 1) class weight of K-dimensional logits, uint8 targets of an empty K-dimensional batch) give torch's loss."""
+    cases = [(torch.randn(5), torch.tensor([3]), {}), (torch.randn(2, 5, 3), torch.randint(0, 5, (2, 3)),
+                                                        dict(weight=torch.rand(5, 1) + 0.5)),
+             (torch.randn(0, 5, 3), torch.zeros(0, 3, dtype=torch.uint8), dict(reduction="sum"))]
+    for logits, target, kwargs in cases:
+        ours, theirs = FF.cross_entropy(logits, target, **kwargs), F.cross_entropy(logits, target, **kwargs)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(z_loss=-1e-4), "z_loss must be a non-negative float, got -0.0001."),
     (dict(z_loss=math.nan), "z_loss must be a non-negative float, got nan."),
@@ -770,6 +878,28 @@ def test_second_backward_raises(backend, device, reduction):
     with pytest.raises(RuntimeError, match="second time"):
         loss.sum().backward()
     assert torch.equal(logits.grad, first)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_double_backward_raises(backend, device):
+    """The gradient is computed outside autograd, so it has no gradient itself: a Hessian-vector product or a gradient
+    penalty through the loss must raise, never leave the loss's second-order term out. Gradients taken with
+    create_graph=True are still the right first-order ones."""
+    w1, w2 = torch.randn(3, 4, device=device), torch.randn(4, 5, device=device)
+    h, target = torch.randn(6, 3, device=device), torch.randint(0, 5, (6,), device=device)
+    for reduction in REDUCTIONS:
+        ours_w1, torch_w1 = w1.clone().requires_grad_(), w1.clone().requires_grad_()
+        ours = FF.cross_entropy(torch.tanh(h @ ours_w1) @ w2, target, reduction=reduction, backend=backend).sum()
+        theirs = F.cross_entropy(torch.tanh(h @ torch_w1) @ w2, target, reduction=reduction).sum()
+        (grad,), (torch_grad,) = (torch.autograd.grad(ours, ours_w1, create_graph=True),
+                                  torch.autograd.grad(theirs, torch_w1, create_graph=True))
+        torch.testing.assert_close(grad, torch_grad, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match="cross_entropy is differentiable once"):
+            torch.autograd.grad((grad * torch.randn_like(grad)).sum(), ours_w1)  # a Hessian-vector product
+    logits = torch.randn(6, 5, device=device, requires_grad=True)
+    (grad,) = torch.autograd.grad(FF.cross_entropy(logits, target, backend=backend), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        grad.pow(2).sum().backward()  # a gradient penalty
 
 
 def test_module_is_a_drop_in_for_torchs():
@@ -945,6 +1075,27 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=2 * FP32_EPS, atol=0)
         for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not TORCH_2_12, reason="torch.compile before torch 2.12 gives these zero gradients")
+def test_torch_compile_fullgraph_under_autocast():
+    """Under autocast the compiled loss is eager's: fp32, in one graph (the autocast state is read while tracing)."""
+    torch._dynamo.reset()
+    model = torch.nn.Linear(16, 37)
+    loss_fn = fused_optim.CrossEntropyLoss(label_smoothing=0.1, backend="cpu")
+
+    def forward(x, target):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_fn(model(x), target)
+
+    x, target = torch.randn(9, 16), torch.randint(0, 37, (9,))
+    compiled_loss = torch.compile(forward, fullgraph=True)(x, target)
+    (compiled_grad,) = torch.autograd.grad(compiled_loss, model.weight)
+    eager_loss = forward(x, target)
+    (eager_grad,) = torch.autograd.grad(eager_loss, model.weight)
+    assert compiled_loss.dtype == eager_loss.dtype == torch.float32
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=2 * FP32_EPS, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.skipif(TORCH_2_12, reason="torch 2.12 and later compile the losses' gradients right")

@@ -235,6 +235,81 @@ def test_unbatched_input_matches_torch(backend, device):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
+def test_unbatched_input_with_a_one_element_target_matches_torch(backend, device):
+    """(H,) input with a (1,) target: a () loss for "none" too (it used to be (1,)), with torch's value; the gradients
+    are those of the same () target (torch's own backward refuses the (1,) one: "size mismatch")."""
+    x, linear_weight, _, _, _ = make_case(1, 16, 37, torch.float32, device)
+    x, target = x[0], torch.tensor([5], device=device)
+    for reduction in REDUCTIONS:
+        ours_inputs = [t.clone().requires_grad_() for t in (x, linear_weight)]
+        torch_inputs = [t.clone().requires_grad_() for t in (x, linear_weight)]
+        ours, z = FF.linear_cross_entropy(*ours_inputs, target, reduction=reduction, backend=backend,
+                                          return_z_loss=True)
+        theirs = F.linear_cross_entropy(*torch_inputs, target, reduction=reduction)
+        assert ours.shape == z.shape == theirs.shape == ()
+        torch.testing.assert_close(ours, theirs)
+        theirs = F.linear_cross_entropy(*torch_inputs, target[0], reduction=reduction)
+        for a, b in zip(torch.autograd.grad(ours, ours_inputs), torch.autograd.grad(theirs, torch_inputs)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
+def test_strided_target_matches_torch(backend, device):
+    """A target that is a strided view (a column of (N, 2) pairs) is taken as torch takes it: it used to be refused
+    as not contiguous."""
+    x, linear_weight, _, _, _ = make_case(13, 16, 37, torch.float32, device)
+    pairs = torch.randint(0, 37, (13, 2), device=device)
+    pairs[3, 1] = -100
+    target = pairs[:, 1]
+    assert not target.is_contiguous()
+    for reduction in REDUCTIONS:
+        ours_inputs = [t.clone().requires_grad_() for t in (x, linear_weight)]
+        torch_inputs = [t.clone().requires_grad_() for t in (x, linear_weight)]
+        ours = FF.linear_cross_entropy(*ours_inputs, target, reduction=reduction, options=options_for(7),
+                                       backend=backend)
+        theirs = F.linear_cross_entropy(*torch_inputs, target, reduction=reduction)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+        grad_output = torch.randn(ours.shape, device=device)
+        for a, b in zip(torch.autograd.grad(ours, ours_inputs, grad_output),
+                        torch.autograd.grad(theirs, torch_inputs, grad_output)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["fp32-input", "bf16-input"])
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@needs_torch_linear_ce
+def test_autocast_like_torch(backend, device, dtype, input_dtype):
+    """Under torch.autocast torch multiplies in autocast's dtype and computes the loss from those logits in fp32: an
+    fp32 loss (ours was rounded to the input's dtype), each gradient in its own tensor's dtype, and hidden states of
+    another dtype than the (fp32) lm head taken too (ours refused to multiply them)."""
+    x, linear_weight, linear_bias, target, _ = make_case(13, 16, 37, torch.float32, device, bias=True, ignored=True)
+    x = x.to(input_dtype)
+    for reduction in REDUCTIONS:
+        ours_inputs = [t.clone().requires_grad_() for t in (x, linear_weight, linear_bias)]
+        torch_inputs = [t.clone().requires_grad_() for t in (x, linear_weight, linear_bias)]
+        with torch.autocast(device, dtype=dtype):
+            ours = FF.linear_cross_entropy(ours_inputs[0], ours_inputs[1], target, linear_bias=ours_inputs[2],
+                                           reduction=reduction, label_smoothing=0.1, backend=backend)
+            theirs = F.linear_cross_entropy(torch_inputs[0], torch_inputs[1], target, linear_bias=torch_inputs[2],
+                                            reduction=reduction, label_smoothing=0.1)
+        assert ours.dtype == theirs.dtype == torch.float32
+        # the fp32 loss of the same low-precision logits: far closer than one rounding to bf16 or fp16
+        torch.testing.assert_close(ours, theirs, rtol=2**-12, atol=1e-5)
+        grad_output = torch.rand(ours.shape, device=device) + 0.5
+        for a, b in zip(torch.autograd.grad(ours, ours_inputs, grad_output),
+                        torch.autograd.grad(theirs, torch_inputs, grad_output)):
+            assert a.dtype == b.dtype
+            # both through GEMMs in autocast's dtype: a few of its roundings
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=4 * torch.finfo(dtype).eps * magnitude(b))
+
+
 REQUIRES_GRAD = {  # which of (input, linear_weight, linear_bias) require grad
     "frozen-weight": (True, False, True),
     "weight-only": (False, True, False),
@@ -298,6 +373,23 @@ def test_none_reduction_recomputes_so_a_second_backward_works(backend, device):
     once = x.grad.clone()
     loss.backward(grad_output)
     torch.testing.assert_close(x.grad, 2 * once)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_double_backward_raises(backend, device):
+    """The gradients are computed outside autograd (in the forward for "mean"/"sum", recomputed for "none"), so they
+    have no gradient themselves: a Hessian-vector product through the loss must raise, not leave its term out."""
+    x, linear_weight, _, target, _ = make_case(13, 16, 37, torch.float32, device)
+    for reduction in REDUCTIONS:
+        hidden, torch_hidden = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss = FF.linear_cross_entropy(torch.tanh(hidden), linear_weight, target, reduction=reduction,
+                                       backend=backend).sum()
+        torch_loss = F.cross_entropy(torch.tanh(torch_hidden) @ linear_weight.t(), target, reduction=reduction).sum()
+        (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+        (torch_grad,) = torch.autograd.grad(torch_loss, torch_hidden, create_graph=True)
+        torch.testing.assert_close(grad, torch_grad, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match="linear_cross_entropy is differentiable once"):
+            torch.autograd.grad((grad * torch.randn_like(grad)).sum(), hidden)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

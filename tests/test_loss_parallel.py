@@ -213,6 +213,20 @@ def work(rank: int, world: int) -> dict:
                 "loss": loss.full_tensor(), "grad_input": hidden.grad, "grad_weight": head.grad.full_tensor(),
                 "grad_bias": bias.grad.full_tensor(), "grad_weight_placements": head.grad.placements,
                 "collectives": (forward_collectives, backward_collectives), "chunked": options is not None}
+    for backend in BACKENDS:  # an empty batch (N = 0), which used to fail to reshape the gathered statistics
+        for reduction in REDUCTIONS:
+            logits = distribute_tensor(torch.randn(0, CLASSES), mesh, [Shard(1)]).requires_grad_()
+            target = torch.zeros(0, dtype=torch.long)
+            loss = FF.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+                                    backend=backend)
+            loss.sum().backward()
+            hidden = torch.randn(0, HIDDEN, requires_grad=True)
+            head = distribute_tensor(torch.randn(CLASSES, HIDDEN), mesh, [Shard(0)]).requires_grad_()
+            linear_loss = FF.linear_cross_entropy(hidden, head, target, reduction=reduction, backend=backend)
+            linear_loss.sum().backward()
+            results[backend, "empty", reduction] = {
+                "loss": loss.full_tensor(), "grad": logits.grad.full_tensor(), "linear_loss": linear_loss.full_tensor(),
+                "grad_input": hidden.grad, "grad_weight": head.grad.full_tensor()}
     # the module, and the bad inputs
     logits, target, _, _ = sharded_case(mesh, CLASSES, torch.float32, {})
     results["module"] = fused_optim.CrossEntropyLoss(label_smoothing=0.1)(logits, target).full_tensor()
@@ -302,6 +316,24 @@ def test_sharded_lm_head_gives_the_unsharded_linear_loss(ranks, backend, reducti
         forward, backward = got["collectives"]
         assert forward == chunks
         assert backward == (1 if reduction != "none" else chunks + 1)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_gives_the_unsharded_loss(ranks, backend, reduction):
+    """N = 0: NaN for "mean", 0 for "sum", an empty loss for "none", as the unsharded loss (and torch's); zero-size
+    gradients of the logits and the hidden states, a zero one of the lm head."""
+    target = torch.zeros(0, dtype=torch.long)
+    want = FF.cross_entropy(torch.randn(0, CLASSES), target, reduction=reduction, backend=backend)
+    want_linear = FF.linear_cross_entropy(torch.randn(0, HIDDEN), torch.randn(CLASSES, HIDDEN), target,
+                                          reduction=reduction, backend=backend)
+    for result in ranks:
+        got = result[backend, "empty", reduction]
+        for key, expected in (("loss", want), ("linear_loss", want_linear)):
+            assert got[key].shape == expected.shape
+            torch.testing.assert_close(got[key], expected, equal_nan=True, rtol=0, atol=0)
+        assert got["grad"].shape == (0, CLASSES) and got["grad_input"].shape == (0, HIDDEN)
+        assert torch.equal(got["grad_weight"], torch.zeros(CLASSES, HIDDEN))
 
 
 def test_the_module_and_the_bad_inputs(ranks):

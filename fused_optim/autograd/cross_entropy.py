@@ -10,7 +10,25 @@ from __future__ import annotations
 
 import torch
 
+from fused_optim.autograd.differentiable_once import differentiable_once
 from fused_optim.ops import cross_entropy as ops
+
+# The dtypes torch.autocast casts to float32 for torch's cross-entropy (float64 it leaves alone).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def loss_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype torch's cross-entropy computes and returns for logits of `dtype` on `device`: their own, or float32
+    under torch.autocast, whose policy runs it in fp32 (on the CPU cross_entropy_loss itself, on CUDA log_softmax
+    and nll_loss). The kernels compute in fp32 either way; this is only the dtype the loss is rounded to."""
+    if dtype in _AUTOCAST_ELIGIBLE and autocast_enabled(device.type):
+        return torch.float32
+    return dtype
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for `device_type` (a device type autocast has no state for, "meta", is never)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def reduction_scales(target: torch.Tensor, weight: torch.Tensor | None, num_classes: int, reduction: str,
@@ -77,11 +95,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             # backward raises "modified by an inplace operation" instead of using the gradient as logits.
             torch.autograd.graph.increment_version(logits)
         ctx.grad, ctx.backend = grad, backend
-        loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, logits.dtype)
+        loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, loss_dtype(logits.dtype, logits.device))
+        ctx.save_for_backward(loss)  # for differentiable_once, which reads it only under create_graph=True
         ctx.mark_non_differentiable(z)
         return loss, z
 
     @staticmethod
+    @differentiable_once("cross_entropy")
     def backward(ctx, grad_loss, grad_z):
         grad = ctx.grad
         if grad is None:

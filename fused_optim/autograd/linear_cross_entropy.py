@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim.autograd.cross_entropy import reduce_rows, reduction_scales, rows_op
+from fused_optim.autograd.cross_entropy import loss_dtype, reduce_rows, reduction_scales, rows_op
+from fused_optim.autograd.differentiable_once import differentiable_once
 from fused_optim.ops import cross_entropy as ops
 
 # Logits bytes per chunk: a constant, so the loss's memory does not grow with the vocabulary. On a GPU larger
@@ -101,19 +102,22 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         in_forward = reduction != "none"  # the per-row incoming gradient of "none" is known only in the backward
         loss_rows, lse, grads = chunks.run(needs if in_forward else (False, False, False))
         ctx.reduction, ctx.grads = reduction, (grads if in_forward else None)
-        if not in_forward:  # what the backward recomputes from; nothing else is kept
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, scales)
+        loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, loss_dtype(input.dtype, input.device))
+        # "none": what the backward recomputes from, nothing else; and the loss last, for differentiable_once
+        recompute_from = (input, linear_weight, linear_bias, target, weight, scales) if not in_forward else ()
+        ctx.save_for_backward(*recompute_from, loss)
+        if not in_forward:
             ctx.settings = ((ignore_index, label_smoothing, z_loss, softcap), rows, backend, vocab)
-        loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, input.dtype)
         ctx.mark_non_differentiable(z)
         return loss, z
 
     @staticmethod
+    @differentiable_once("linear_cross_entropy")
     def backward(ctx, grad_loss, grad_z):
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
             options, rows, backend, vocab = ctx.settings
-            chunks = _Chunks(*ctx.saved_tensors, options, rows, backend, vocab)
+            chunks = _Chunks(*ctx.saved_tensors[:-1], options, rows, backend, vocab)
             _, _, grads = chunks.run(needs, row_scale=grad_loss.to(torch.float32).contiguous())
         else:
             if ctx.grads is None:

@@ -28,7 +28,8 @@ class VocabShard:
     def __init__(self, mesh, mesh_dim: int, num_classes: int, shard_classes: int, what: str) -> None:
         self.mesh, self.mesh_dim, self.num_classes = mesh, mesh_dim, num_classes
         self.group = mesh.get_group(mesh_dim)
-        ranks, rank = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+        self.ranks = ranks = mesh.size(mesh_dim)
+        rank = mesh.get_local_rank(mesh_dim)
         # DTensor's Shard splits as torch.chunk does: ceil(V / ranks) classes a rank, the last ones fewer or none
         chunk = -(-num_classes // ranks)
         self.class_start = min(rank * chunk, num_classes)
@@ -80,7 +81,8 @@ class ShardedRows:
         shard = self.shard
         stats = ops.shard_stats_op(self.backend, logits.device)(
             logits, target, shard_weight, shard.class_start, shard.num_classes, ignore_index, softcap)
-        gathered = funcol.all_gather_tensor(stats, 0, shard.group).view(-1, *stats.shape)  # (ranks, N, 4)
+        # (ranks, N, 4); the ranks counted, not inferred: an empty batch has no rows to infer them from
+        gathered = funcol.all_gather_tensor(stats, 0, shard.group).view(shard.ranks, *stats.shape)
         loss, lse, coefs = combine(gathered, target, self.weight, scales, shard.num_classes, ignore_index,
                                    label_smoothing, z_loss, grad is not None)
         if grad is not None:
