@@ -50,7 +50,7 @@ class Plan:
         self.state_values = list(chain.from_iterable(map(dict.values, self.param_states)))
 
     def fits(self, group: dict[str, Any], state: dict, has_grad: list[bool], options: Hashable) -> bool:
-        # identity, not equality, throughout (a tensor's == is elementwise), in C-level loops: ~0.1 us a param
+        # identity, not equality, throughout (a tensor's == is elementwise), in C-level loops: ~0.25 us a param here
         return (
             group["params"] is self.params
             and len(self.params) == self.size
