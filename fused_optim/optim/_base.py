@@ -8,7 +8,6 @@ from __future__ import annotations
 import weakref
 import zlib
 from collections import ChainMap, Counter
-from operator import attrgetter
 from typing import Any, Sequence
 
 import torch
@@ -404,8 +403,6 @@ class FusedOptimizer(Optimizer):
         """The kernels' own check of each grad against its param, run over every group before any group gathers
         its state or is stepped (and before the guard counts anything), so that a bad grad anywhere changes
         nothing."""
-        if _all_plain_and_alike(params_and_grads):
-            return  # the common case, in C-level passes (a thousand tensors a step): the loop names what is wrong
         for p, grad in params_and_grads:
             if grad.is_sparse and self._sparse_grad_message is not None:
                 raise RuntimeError(self._sparse_grad_message)
@@ -531,22 +528,6 @@ class FusedOptimizer(Optimizer):
         if self.gradient_release:  # load_state_dict made new group dicts: the views follow them
             for group in self.param_groups:
                 self._hook_group(group)
-
-
-_PLAIN = {Tensor, torch.nn.Parameter}
-_shape, _dtype, _device, _layout = (attrgetter(name) for name in ("shape", "dtype", "device", "layout"))
-
-
-def _all_plain_and_alike(params_and_grads: list[tuple[Tensor, Tensor]]) -> bool:
-    """Whether every grad is a dense plain tensor of its plain param's shape, dtype and device: no grad could then
-    fail `_check_grads`."""
-    if not params_and_grads:
-        return True
-    params, grads = zip(*params_and_grads)
-    return (set(map(type, params)) | set(map(type, grads))) <= _PLAIN and set(map(_layout, grads)) == {torch.strided} \
-        and list(map(_shape, grads)) == list(map(_shape, params)) \
-        and list(map(_dtype, grads)) == list(map(_dtype, params)) \
-        and list(map(_device, grads)) == list(map(_device, params))
 
 
 def _describe_layout(t: Tensor) -> str:
