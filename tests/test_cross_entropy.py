@@ -808,6 +808,8 @@ BAD_TARGETS = {
 @pytest.mark.parametrize("backend", [p.values[0] for p in CPU_BACKENDS])
 def test_bad_target_shapes_raise_torchs_error(backend):
     for name, (input_shape, target_shape, target_dtype, kwargs) in BAD_TARGETS.items():
+        if target_dtype == torch.int32 and not TORCH_2_12:
+            continue  # torch 2.11 reads int32 class indices past its other checks; 2.12 on refuses them first, as ours
         logits = torch.randn(input_shape)
         target = torch.randint(0, 2, target_shape, dtype=target_dtype)
         with pytest.raises(Exception) as torch_error:
