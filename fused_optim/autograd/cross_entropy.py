@@ -27,8 +27,9 @@ def loss_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def autocast_enabled(device_type: str) -> bool:
-    """Whether torch.autocast is on for `device_type` (a device type autocast has no state for, "meta", is never)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether torch.autocast is on for `device_type` (a device type autocast has no state for, "meta", is never;
+    a fixed tuple, not torch.amp.is_autocast_available, which torch 2.11's dynamo cannot trace)."""
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
 
 
 def reduction_scales(target: torch.Tensor, weight: torch.Tensor | None, num_classes: int, reduction: str,
