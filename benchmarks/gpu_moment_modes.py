@@ -1,0 +1,78 @@
+"""Step times of each optimizer x moment storage x master-weight mode on a CUDA GPU, for both GPU backends.
+
+The rows are cpu_moment_modes.py's (AdamW on fp32 and bf16 params, the latter also with master weights and stochastic
+rounding; SGD with momentum; Lion; fp32, bf16 and int8 moments), each on one tensor of 64 M params (256 MB in fp32,
+four times an H200's L2), stepped by our CUDA C++ and Triton kernels. Each time is the median of CUDA-event timed
+steps (tools/bench/timing.py, time_cuda); GB/s is the row's bytes model (tools/bench: adam_step_bytes, sgd_step_bytes,
+lion_step_bytes) over it, beside the copy bandwidth the same process measured (memory_roof): issue 15's target is
+each mode at >= 90 % of it.
+
+    python benchmarks/gpu_moment_modes.py --out benchmarks/results/<gpu>/optimizer_moment_modes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import torch
+
+from cpu_moment_modes import OPTIMIZERS, label, step_bytes
+
+NUMEL = 64 * 2**20
+BACKENDS = ("cuda", "triton")
+
+
+def time_row(name: str, dtype: str, moments: str, options: tuple, backend: str, rep_ms: float) -> float:
+    """Median milliseconds of one step of this row's optimizer on one NUMEL-param tensor."""
+    import fused_optim
+    from fused_optim.tools.bench.timing import release_memory, time_cuda
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(NUMEL, device="cuda", generator=generator).to(getattr(torch, dtype)))
+    param.grad = torch.randn(NUMEL, device="cuda", generator=generator).mul_(1e-3).to(param.dtype)
+    hyper = {"momentum": 0.9, "lr": 1e-3} if name == "SGD" else {"lr": 1e-4 if name == "Lion" else 1e-3}
+    optimizer = getattr(fused_optim, name)([param], moments=moments, backend=backend, **hyper, **dict(options))
+    optimizer.step()  # creates the state and compiles the kernel, outside the timing
+    timing = time_cuda(optimizer.step, rep_ms=rep_ms)
+    del optimizer, param
+    release_memory(torch.device("cuda"))
+    return timing.median_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--match", default="", help="a regular expression: only the rows whose labels it finds")
+    parser.add_argument("--rep-ms", type=float, default=50.0, help="milliseconds of timed steps per row")
+    args = parser.parse_args()
+
+    from fused_optim.tools.bench import device_name
+    from fused_optim.tools.bench.timing import memory_roof
+
+    rows = [row for row in OPTIMIZERS if re.search(args.match, label(*row))]
+    roof = memory_roof("cuda", budget_s=1.0)
+    results = []
+    for row in rows:
+        for backend in BACKENDS:
+            try:
+                ms = time_row(*row, backend, args.rep_ms)
+            except Exception as error:  # a failing row is reported and the others still run
+                results.append({"row": label(*row), "backend": backend, "error": f"{type(error).__name__}: {error}"})
+                print(f"{label(*row):60s} {backend:7s} failed: {results[-1]['error']}", flush=True)
+                continue
+            gbps = step_bytes(*row, NUMEL) / (ms * 1e6)
+            results.append({"row": label(*row), "backend": backend, "ms": round(ms, 4), "gbps": round(gbps, 1),
+                            "pct_of_roof": round(100 * gbps / roof["gbps"], 1),
+                            "bytes_per_step": step_bytes(*row, NUMEL)})
+            print(f"{label(*row):60s} {backend:7s} {ms:8.3f} ms {gbps:7.1f} GB/s {results[-1]['pct_of_roof']:5.1f} %",
+                  flush=True)
+    with open(args.out, "w") as out:
+        json.dump({"what": __doc__.split("\n\n")[1].replace("\n", " "), "numel": NUMEL,
+                   "device": device_name(torch.device("cuda")), "torch": torch.__version__, "roof": roof,
+                   "rows": results}, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()
