@@ -120,7 +120,10 @@ def extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = WHEEL_CUDA_ARCHS
             elif not torch.cuda.is_available():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: build for Hopper
-        nvcc_flags = ["-O3", "-lineinfo"]
+        # --fmad=false: no a * b + c contracted into one FMA, as the CPU kernels are built (-ffp-contract=off), so
+        # every backend rounds the same operations the same way and the optimizers step the same bits everywhere
+        # (nvcc's division and square root are correctly rounded by default, as the CPU's)
+        nvcc_flags = ["-O3", "-lineinfo", "--fmad=false"]
         if os.environ.get("FUSED_OPTIM_PTXAS_VERBOSE") == "1":
             nvcc_flags.append("-Xptxas=-v")
         exts.append(

@@ -43,7 +43,7 @@ def random_grads(shapes, dtypes, device) -> list[torch.Tensor]:
 def assert_equal_to_reference(main_grads, expected) -> None:
     for m, e in zip(main_grads, expected):
         assert m.dtype == torch.float32
-        torch.testing.assert_close(m.cpu(), e.float(), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(m.cpu(), e.float().cpu(), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -143,7 +143,8 @@ def gradient_unit(target, weight, reduction, grad_output, ignore_index=-100, z_l
         ce_scale = z_scale = 1.0
     else:
         safe = torch.where(kept, target, 0)
-        w_t = weight.double()[safe] if weight is not None else torch.ones(len(target), dtype=torch.float64)
+        w_t = (weight.double()[safe] if weight is not None
+               else torch.ones(len(target), dtype=torch.float64, device=target.device))
         ce_scale = 1.0 / (w_t * kept).sum().item()
         z_scale = 1.0 / kept.sum().item()
     return ce_scale * w_max + 2 * z_loss * lse * z_scale
@@ -322,7 +323,11 @@ def test_z_loss_and_softcap_match_reference(backend, device, dtype, reduction, o
         loss_mag, z_mag = magnitude(ref), magnitude(ref_z)
         unit = gradient_unit(target, weight, reduction, grad_output, lse=lse, **kwargs)
         # In fp32 a few roundings of values of the size of lse^2 (z) and of the loss; in bf16/fp16 one rounding
-        # of an fp32 value. The fp32 tanh of the soft-cap is within a few ulps too.
+        # of an fp32 value. The fp32 tanh of the soft-cap is within a few ulps too. Triton compiled for a GPU takes
+        # exp and log from the hardware's approximations (ex2.approx, lg2.approx): a loss of 6e-6 came out 1.3x
+        # past 8 ulps on an H200, hence 32 there.
+        if dtype not in LOW_PRECISION and backend == "triton" and device == "cuda":
+            eps *= 4
         if dtype in LOW_PRECISION:
             assert_within_ulps(loss, ref, dtype, 1, 8 * FP32_EPS * (loss_mag + lse * lse), f"loss {shape}")
             assert_within_ulps(z, ref_z, dtype, 1, 8 * FP32_EPS * z_mag, f"z {shape}")
@@ -601,26 +606,33 @@ def _autocast_logits(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_autocast_loss_is_float32_like_torch(backend, device, dtype):
-    """Under torch.autocast torch's cross-entropy runs in fp32 and returns an fp32 loss; ours computes it in fp32 too
-    and does not round it to the logits' dtype (that overflowed fp16), while their gradient keeps their dtype."""
+    """Under torch.autocast torch's cross-entropy returns an fp32 loss; ours computes it in fp32 too and does not
+    round it to the logits' dtype (that overflowed fp16), while their gradient keeps their dtype. Both are held to
+    the float64 reference, ours to fp32's precision: on an H200 (torch 2.11) torch's loss of bf16 logits was off by up
+    to 0.36 % there, as if rounded to bf16 on the way, so it is no yardstick for ours."""
     logits, target = _autocast_logits(device, dtype)
     assert logits.dtype == dtype
-    weight = torch.rand(37, device=device) + 0.5  # fp32 class weights: autocast makes them the loss's dtype too
+    weight = torch.rand(37, device=device) + 0.5  # fp32 class weights
     for reduction in REDUCTIONS:
         x, torch_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        ref_x = logits.double().requires_grad_()
         with torch.autocast(device, dtype=dtype):
             ours, z = FF.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.1, backend=backend,
                                        return_z_loss=True)
             theirs = F.cross_entropy(torch_x, target, weight, reduction=reduction, label_smoothing=0.1)
+        want, _ = reference.cross_entropy(ref_x, target, weight, reduction=reduction, label_smoothing=0.1)
         assert ours.dtype == z.dtype == theirs.dtype == torch.float32
         assert torch.isfinite(ours).all()
-        # both are the fp32 loss of the same logits: far closer than one rounding to bf16 or fp16
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-3)
+        # the fp32 loss of these logits: far closer than one rounding to bf16 or fp16
+        torch.testing.assert_close(ours.double(), want.detach(), rtol=1e-5, atol=1e-3)
         grad_output = torch.rand(ours.shape, device=device) + 0.5
-        (grad,), (torch_grad,) = (torch.autograd.grad(ours, x, grad_output),
-                                  torch.autograd.grad(theirs, torch_x, grad_output))
+        (grad,), (torch_grad,), (want_grad,) = (torch.autograd.grad(ours, x, grad_output),
+                                                torch.autograd.grad(theirs, torch_x, grad_output),
+                                                torch.autograd.grad(want, ref_x, grad_output.double()))
         assert grad.dtype == torch_grad.dtype == dtype
-        torch.testing.assert_close(grad.float(), torch_grad.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+        # one rounding to the logits' dtype, and no further from the reference than torch's
+        our_error, torch_error = ((g.double() - want_grad).abs().max().item() for g in (grad, torch_grad))
+        assert our_error <= max(torch_error, torch.finfo(dtype).eps * want_grad.abs().max().item() + 1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -764,8 +776,14 @@ BAD_INPUTS = list(_bad_inputs("cpu")[0])
 def test_bad_input_raises_torchs_error(backend, device, case):
     cases, logits = _bad_inputs(device)
     target, kwargs, extra, same_message = cases[case]
+    if case.startswith("target-") and device == "cuda":
+        pytest.skip("on a GPU torch checks the class range with a device-side assert, which ends the process's CUDA "
+                    "context; so do our CUDA kernels, and the Triton ones give the row a NaN loss")
     if backend == "triton" and case.startswith("target-"):
         pytest.skip("the Triton kernel cannot raise: it gives the row a NaN loss (test_triton_out_of_range...)")
+    if case == "int32-target" and device == "cuda" and not TORCH_2_12:
+        pytest.skip("torch 2.11's CUDA nll_loss raises NotImplementedError for int32 targets; ours is torch 2.12's "
+                    "check, made before any kernel")
     with pytest.raises(Exception) as torch_error:
         F.cross_entropy(logits, target, **kwargs)
     # non-leaf logits with inplace_backward: the case where a half-done call would leave them changed

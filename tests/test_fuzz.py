@@ -63,6 +63,7 @@ def test_sgd(backend, dtype, shapes, momentum, dampening, nesterov, weight_decay
     sgd_tests.check_against_reference_and_torch(backend, "cpu", dtype, options, shapes, steps=3)
 
 
+@lion_tests.needs_lion_pytorch
 @FUZZ
 @given(backend=BACKENDS, dtype=DTYPES, shapes=SHAPES, weight_decay=st.sampled_from([0.0, 0.1, 1.0]),
        betas=st.sampled_from([(0.9, 0.99), (0.95, 0.98), (0.0, 0.5)]), maximize=st.booleans(),

@@ -193,8 +193,10 @@ def test_torch_compile_fullgraph_matches_eager(backend, device):
 
     torch._dynamo.reset()
     compiled = torch.compile(clip_coefficient, fullgraph=True)
-    for ours, eager in zip(compiled(tensors, 1.0), clip_coefficient(tensors, 1.0)):
-        assert torch.equal(ours, eager)
+    (norm, coefficient), (eager_norm, eager_coefficient) = compiled(tensors, 1.0), clip_coefficient(tensors, 1.0)
+    assert torch.equal(norm, eager_norm)
+    # the compiled division is inductor's own kernel, which on a GPU need not round as eager torch's does
+    torch.testing.assert_close(coefficient, eager_coefficient, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from fused_optim.triton._table import EXACT_ARITHMETIC
 from fused_optim.triton.adam import NEAREST, REMAINDER, REMAINDER8, _adam_kernel
 from fused_optim.triton.accumulate import _accumulate_kernel
 from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel, _shard_grad_kernel, _shard_stats_kernel
@@ -41,6 +42,13 @@ SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
     "num_tensors": "i32",
 }
 results = {}
+
+def accesses(ptx):
+    return {"target": re.search(r"\.target\s+(\w+)", ptx).group(1),
+            "loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
+            "stores": sorted(set(re.findall(r"st\.global(?:\.\w+)*", ptx))),
+            "fmas": len(re.findall(r"\bfma\.rn\.f32", ptx))}
+
 # rounded to nearest, and (bf16) through a master remainder: its int16 stream beside the param's
 # and (fp32 and bf16 params) with bf16 moments
 WRITES = (("fp32", tl.float32, NEAREST.value, tl.float32), ("bf16", tl.bfloat16, NEAREST.value, tl.float32),
@@ -57,17 +65,8 @@ for name, dtype, write, moment_dtype in WRITES:
                           HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=9, BLOCK=1024)
         source = ASTSource(fn=_adam_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-        results[f"{name}-{'aligned' if aligned else 'unaligned'}"] = {
-            "target": re.search(r"\.target\s+(\w+)", ptx).group(1),
-            "loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
-            "stores": sorted(set(re.findall(r"st\.global(?:\.\w+)*", ptx))),
-        }
-
-def accesses(ptx):
-    return {"target": re.search(r"\.target\s+(\w+)", ptx).group(1),
-            "loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
-            "stores": sorted(set(re.findall(r"st\.global(?:\.\w+)*", ptx)))}
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=EXACT_ARITHMETIC).asm["ptx"]
+        results[f"{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
 
 # The SGD kernel with momentum (param, grad and buffer streams), aligned and not.
 SGD_SIGNATURE = {"table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
@@ -83,7 +82,7 @@ for name, dtype, buffer_dtype in (("fp32", tl.float32, tl.float32), ("bf16", tl.
                           SEARCH_STEPS=1, COLUMNS=6, BLOCK=1024)
         source = ASTSource(fn=_sgd_kernel, signature={**SGD_SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=EXACT_ARITHMETIC).asm["ptx"]
         results[f"sgd-{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
 
 # The Lion kernel (param, grad and moment streams), aligned and not.
@@ -98,7 +97,7 @@ for name, dtype, write, moment_dtype in WRITES:
                           BLOCK=1024)
         source = ASTSource(fn=_lion_kernel, signature={**LION_SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=EXACT_ARITHMETIC).asm["ptx"]
         results[f"lion-{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
 
 # The cross-entropy kernel as Triton's launcher specialises it for a vocabulary and row stride that are multiples
@@ -182,6 +181,18 @@ def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype, ker
     assert not [a for a in accesses["loads"] + accesses["stores"] if ".v2" in a or ".v4" in a], accesses
     narrow = "ld.global.b16" if dtype.startswith("bf16") else "ld.global.b32"
     assert narrow in accesses["loads"], accesses
+
+
+@pytest.mark.parametrize("kernel, dtype", OPTIMIZER_KERNELS + [(k, "fp32-int8-moments") for k in ("", "sgd-", "lion-")],
+                         ids=OPTIMIZER_KERNEL_IDS + ["int8-adam", "int8-sgd", "int8-lion"])
+def test_optimizer_kernel_contracts_nothing_into_an_fma(ptx_accesses, kernel, dtype):
+    """Launched with EXACT_ARITHMETIC, each multiply and add is rounded on its own, as on the CPU and in the CUDA C++
+    kernels (nvcc --fmad=false): the same bits on every backend. Triton's default fused 48 of them in AdamW. (The fp64
+    bias corrections keep the FMAs of libdevice's exp, which are its algorithm, not a contraction.) SGD's weight decay
+    is one explicit tl.fma, torch's grad.add(param, alpha=weight_decay) rounded once as the CPU's fmaf does: 16 of
+    them in this build (BLOCK 1024), and nothing else."""
+    explicit = 16 if kernel == "sgd-" else 0
+    assert ptx_accesses[f"{kernel}{dtype}-aligned"]["fmas"] == explicit
 
 
 @pytest.mark.parametrize("kernel, dtype", [("", "fp32-int8-moments"), ("", "bf16-remainder24-int8-moments"),

@@ -5,6 +5,7 @@
 // lent GPU machines have torch 2.11), whose HeaderOnlyArrayRef has equals() but no operator==.
 #pragma once
 
+#include <charconv>
 #include <cstdint>
 #include <optional>
 #include <sstream>
@@ -33,10 +34,27 @@ constexpr ScalarType kLong = ScalarType::Long;
 constexpr ScalarType kChar = ScalarType::Char;  // int8
 constexpr ScalarType kByte = ScalarType::Byte;  // uint8
 
+// A number in a message as Python prints a float ("-2.0", "nan", "-inf"), through std::to_chars: no stream, no
+// locale. (A norm_type check that streamed its double segfaulted the process in the CUDA extension on an H200 with
+// torch 2.11; the same check in the CPU extension raised as it should.)
+inline std::string python_float(double value) {
+  char digits[32];
+  const std::to_chars_result written = std::to_chars(digits, digits + sizeof(digits), value);
+  std::string text(digits, written.ptr);
+  if (text.find_first_of(".eni") == std::string::npos) text += ".0";
+  return text;
+}
+
+inline const std::string& message_part(const std::string& text) { return text; }
+inline const char* message_part(const char* text) { return text; }
+inline std::string message_part(double value) { return python_float(value); }
+template <typename T>
+const T& message_part(const T& value) { return value; }
+
 template <typename... Args>
 std::string concat(const Args&... args) {
   std::ostringstream text;
-  (text << ... << args);
+  (text << ... << message_part(args));
   return text.str();
 }
 

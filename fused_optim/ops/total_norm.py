@@ -71,7 +71,7 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: 
 
     DTensors on one mesh give the norm of their global elements, a 0-dim DTensor replicated on the mesh, with one
     collective over the mesh (ops/_dtensor.py: shards summed, replicas counted once)."""
-    if not tensors:  # no device to pick a backend for: the ops' own check says what is wrong
+    if not tensors or not norm_type > 0:  # no device to pick a backend for, or no norm: one sentence, here
         check_total_norm_args(tensors, norm_type)
     if _dtensor.is_dtensor(tensors[0]):
         _dtensor.to_local("total_norm", tensors)  # all DTensors, or one sentence saying otherwise

@@ -21,6 +21,11 @@ import triton.language as tl
 
 DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
+# The launch options of the optimizer kernels: no a * b + c contracted into one FMA (Triton's default contracts),
+# as the CPU and CUDA C++ kernels are built, so that every backend steps the same bits (their divisions and roots
+# are the correctly rounded tl.div_rn and tl.sqrt_rn already).
+EXACT_ARITHMETIC = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def locate_block(table_ptr, num_tensors, COLUMNS: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):

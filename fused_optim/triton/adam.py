@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
-                                      pack, search_steps)
+from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, device_table, increment_steps,
+                                      load_pointer, locate_block, pack, search_steps)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 COLUMNS = 9  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, moment_scales, numel
@@ -426,6 +426,6 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
             DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), ALIGNED=aligned,
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK,
-            num_warps=4, **flags,
+            num_warps=4, **EXACT_ARITHMETIC, **flags,
         )
     increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)

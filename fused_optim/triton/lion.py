@@ -13,8 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
-                                      pack, search_steps)
+from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, device_table, increment_steps,
+                                      load_pointer, locate_block, pack, search_steps)
 from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _fp64_bits, _moment_bits, _quantize,
                                      _store_moment, _stream_key, load_param, param_pointers, store_param, write_back)
 
@@ -167,6 +167,6 @@ def _launch(params, grads, exp_avgs, master_params, steps, moment_scales, first_
             MOMENT_DTYPE=tl.int8 if moment_scales else DTYPES[exp_avgs[0].dtype], MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
-            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4, **EXACT_ARITHMETIC,
         )
     increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_optim.triton._table import (DTYPES, all_aligned, device_table, increment_steps, load_pointer, locate_block,
-                                      pack, search_steps)
+from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, device_table, increment_steps,
+                                      load_pointer, locate_block, pack, search_steps)
 from fused_optim.triton.adam import (INT8_BLOCK, _bf16_nearest, _dequantize, _moment_bits, _quantize, _store_moment,
                                     _stream_key)
 
@@ -185,7 +185,7 @@ def _launch(params, grads, momentum_buffers, steps, moment_scales, first_tensor_
             MOMENTUM=has_momentum,
             NESTEROV=nesterov, MAXIMIZE=maximize, HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
-            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4, **EXACT_ARITHMETIC,
         )
     if has_momentum:
         increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)
