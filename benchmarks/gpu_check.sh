@@ -29,9 +29,16 @@
 # (nvidia-h100-80gb-hbm3). Writes OUT_DIR/gpu_check.log (appended to), info.json, adamw.json, cross_entropy.json,
 # accumulate_clip_adamw.json, sgd.json, train.json, moment_modes.json, cpu_moment_modes.json (and PNGs); commit them
 # under benchmarks/results/<device>/. Environment: PYTHON (default python), BENCH_ARGS (extra arguments of every
-# `bench` run, e.g. "--quick") and each phase's limit in seconds, <PHASE>_TIMEOUT: BUILD 100, TESTS 150 (each of its
-# two runs), MODES 75, ADAMW 110, CE 110, STEPS 60, SGD 45, TRAIN 30, CPU 40. A phase that runs out is reported
-# and the next one still runs.
+# `bench` run, e.g. "--quick") and each phase's limit in seconds, <PHASE>_TIMEOUT: BUILD 200, TESTS 150 (each of its
+# two runs), MODES 75, ADAMW 200, CE 120, STEPS 90, SGD 80, TRAIN 30, CPU 90. A phase that runs out is reported and
+# the next one still runs. Wheels in .whl/ (carried to the machine, which has no network) are installed first: the
+# test peers its image lacks, e.g. lion-pytorch (`pip download --no-deps -d .whl lion-pytorch`).
+#
+# All phases take longer than one device call may (600 s), so a lent machine gets two calls, the second at once
+# while the machine is warm. On an H200 (2026-12-04) the phases took: build 93 s (16 cores), tests 98 s on 12
+# processes + test_backend 43 s, modes 30 s, ce 86 s; adamw, steps, sgd and cpu ran past the limits they had then
+# (110, 50, 45 and 40 s). Hence:
+#   PHASES=build,tests,modes,adamw   then   PHASES=ce,steps,sgd,train,cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,11 +94,21 @@ if [[ "$slug" == no-gpu ]]; then
     exit 1
 fi
 
+if compgen -G ".whl/*.whl" > /dev/null; then
+    phase "wheels: $(ls .whl)"
+    PIP_BREAK_SYSTEM_PACKAGES=1 "$PYTHON" -m pip install -q --no-index --no-deps .whl/*.whl || status=1
+fi
+
 if selected build; then
-    phase "build: pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$(nproc))"
+    # the CPU kernels at the level this machine loads (and baseline): the phases here run no other
+    cpu_isas="$("$PYTHON" -c 'from fused_optim._backend import cpu_isas_supported; print(cpu_isas_supported()[0])')"
+    [[ "$cpu_isas" == baseline ]] || cpu_isas="baseline,$cpu_isas"
+    phase "build: pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$(nproc), \
+FUSED_OPTIM_CPU_ISAS=$cpu_isas)"
     # PIP_BREAK_SYSTEM_PACKAGES: a system Python (PEP 668) would otherwise refuse; older pips ignore it.
-    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) FUSED_OPTIM_BUILD_CUDA=1 PIP_BREAK_SYSTEM_PACKAGES=1 \
-        run build "${BUILD_TIMEOUT:-100}" "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) FUSED_OPTIM_BUILD_CUDA=1 FUSED_OPTIM_CPU_ISAS="$cpu_isas" \
+        PIP_BREAK_SYSTEM_PACKAGES=1 \
+        run build "${BUILD_TIMEOUT:-200}" "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
     if (( status != 0 )); then
         echo "gpu_check: the build failed; nothing else can run." >&2
         exit 1
@@ -120,10 +137,10 @@ if selected modes; then
     phase "modes: benchmarks/gpu_moment_modes.py --out $OUT_DIR/moment_modes.json"
     run modes "${MODES_TIMEOUT:-75}" "$PYTHON" benchmarks/gpu_moment_modes.py --out "$OUT_DIR/moment_modes.json"
 fi
-if selected adamw; then bench adamw adamw "${ADAMW_TIMEOUT:-110}"; fi
-if selected ce; then bench cross_entropy ce,linear_ce "${CE_TIMEOUT:-110}"; fi
-if selected steps; then bench accumulate_clip_adamw accumulate,clip_adamw "${STEPS_TIMEOUT:-60}"; fi
-if selected sgd; then bench sgd sgd,lion "${SGD_TIMEOUT:-45}"; fi
+if selected adamw; then bench adamw adamw "${ADAMW_TIMEOUT:-200}"; fi
+if selected ce; then bench cross_entropy ce,linear_ce "${CE_TIMEOUT:-120}"; fi
+if selected steps; then bench accumulate_clip_adamw accumulate,clip_adamw "${STEPS_TIMEOUT:-90}"; fi
+if selected sgd; then bench sgd sgd,lion "${SGD_TIMEOUT:-80}"; fi
 
 if selected train; then
     phase "train: python -m fused_optim train --quick --compare --json $OUT_DIR/train.json"
@@ -137,7 +154,7 @@ if selected cpu; then
     # only the kernel level the package loads here: each level and thread count is a process of ~10 s (1 GB of
     # tensors)
     cpu_isa="$("$PYTHON" -c 'import fused_optim; print(fused_optim.backends()["cpu_isa"]["loaded"])')" || cpu_isa=""
-    run cpu "${CPU_TIMEOUT:-40}" "$PYTHON" benchmarks/cpu_moment_modes.py --isas "$cpu_isa" \
+    run cpu "${CPU_TIMEOUT:-90}" "$PYTHON" benchmarks/cpu_moment_modes.py --isas "$cpu_isa" \
         --threads "1,4,$(nproc)" --match 'AdamW, float32 params, moments=(fp32|int8)' --passes 1 --rounds 10 \
         --kept 8 --out "$OUT_DIR/cpu_moment_modes.json"
 fi
