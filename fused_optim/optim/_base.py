@@ -425,13 +425,18 @@ class FusedOptimizer(Optimizer):
         (DCP) keeps every rank's own; `load_state_dict` takes them back. Such a checkpoint loads on the sharding it
         was saved from; `torch_state_dict()` (fp32 moments) reshards."""
         state_dict = super().state_dict()
-        params = [p for group in self.param_groups for p in group["params"]]  # torch numbers the params so
+        numbered = self._numbered_params()
         for index, state in state_dict["state"].items():
-            if "moment_scales" in state and is_dtensor(params[index]):
-                width = scale_count(largest_shard_numel(params[index]))
-                state_dict["state"][index] = {**state, "moment_scales": rank_rows(state["moment_scales"],
-                                                                                  params[index], width)}
+            param = numbered[index][0]
+            if "moment_scales" in state and is_dtensor(param):
+                width = scale_count(largest_shard_numel(param))
+                state_dict["state"][index] = {**state, "moment_scales": rank_rows(state["moment_scales"], param,
+                                                                                  width)}
         return state_dict
+
+    def _numbered_params(self) -> list[tuple[Tensor, dict[str, Any]]]:
+        """(param, its group) for every param, in the order torch's state_dict numbers them."""
+        return [(p, group) for group in self.param_groups for p in group["params"]]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
@@ -447,10 +452,9 @@ class FusedOptimizer(Optimizer):
         """`state_dict` with each DTensor param's saved int8 scales (a rank_rows DTensor) as this rank's plain rows."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
             return state_dict  # check_saved_state says what is wrong
-        params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
         state = dict(state_dict["state"])
-        for param_id, p in zip(saved_ids, params):
+        for param_id, (p, _) in zip(saved_ids, self._numbered_params()):
             saved = state.get(param_id)
             if isinstance(saved, dict) and is_dtensor(saved.get("moment_scales")) and is_dtensor(p):
                 width = scale_count(p.to_local().numel())
@@ -464,13 +468,12 @@ class FusedOptimizer(Optimizer):
     def torch_state_dict(self) -> dict[str, Any]:
         """The state_dict in the form torch's own optimizer (and an fp32-master trainer) reads: each bf16 param's
         master remainder joined with the param into its fp32 master, `master_param`; bf16 and int8 moments
-        (moments="bf16", "int8") as fp32, without their scales; the rest as `state_dict()` gives it (step counts). `state_dict()` itself saves remainders and
-        moments as they are; `load_state_dict` takes either form back."""
+        (moments="bf16", "int8") as fp32, without their scales; the rest as `state_dict()` gives it (step counts).
+        `state_dict()` itself saves remainders and moments as they are; `load_state_dict` takes either form back."""
         state_dict = self.state_dict()
-        # torch numbers the params in this order
-        params_and_groups = [(p, group) for group in self.param_groups for p in group["params"]]
+        numbered = self._numbered_params()
         for index, state in state_dict["state"].items():
-            param, group = params_and_groups[index]
+            param, group = numbered[index]
             state = dict(state)  # the state_dict's entries are the optimizer's own dicts' tensors: copy the dict
             if "master_remainder" in state:
                 state["master_param"] = on_local_shards(join_master, param.detach(), state.pop("master_remainder"))
