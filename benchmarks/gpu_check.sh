@@ -101,8 +101,9 @@ fi
 
 if selected build; then
     # the CPU kernels at the level this machine loads (and baseline): the phases here run no other
-    cpu_isas="$("$PYTHON" -c 'from fused_optim._backend import cpu_isas_supported; print(cpu_isas_supported()[0])')"
-    [[ "$cpu_isas" == baseline ]] || cpu_isas="baseline,$cpu_isas"
+    cpu_isas="$("$PYTHON" -c 'from fused_optim._backend import cpu_isas_supported; print(cpu_isas_supported()[0])' \
+                2> /dev/null)" || cpu_isas=""
+    if [[ -z "$cpu_isas" ]]; then cpu_isas=all; elif [[ "$cpu_isas" != baseline ]]; then cpu_isas="baseline,$cpu_isas"; fi
     phase "build: pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$(nproc), \
 FUSED_OPTIM_CPU_ISAS=$cpu_isas)"
     # PIP_BREAK_SYSTEM_PACKAGES: a system Python (PEP 668) would otherwise refuse; older pips ignore it.
