@@ -45,11 +45,10 @@ inline std::string python_float(double value) {
   return text;
 }
 
-inline const std::string& message_part(const std::string& text) { return text; }
-inline const char* message_part(const char* text) { return text; }
-inline std::string message_part(double value) { return python_float(value); }
+// What concat streams for each argument: doubles through python_float, the rest as they are.
 template <typename T>
 const T& message_part(const T& value) { return value; }
+inline std::string message_part(double value) { return python_float(value); }
 
 template <typename... Args>
 std::string concat(const Args&... args) {
