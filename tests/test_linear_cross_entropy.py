@@ -505,6 +505,9 @@ def _bad_inputs(device):
 @needs_torch_linear_ce
 def test_bad_input_raises_torchs_error(backend, device, case):
     x, linear_weight, target, kwargs, same_message = _bad_inputs(device)[case]
+    if device == "cuda" and case == "target-out-of-range":
+        pytest.skip("on a GPU torch checks the class range with a device-side assert, which ends the process's CUDA "
+                    "context (test_cross_entropy.py's bad-input test says more)")
     if backend == "triton" and case == "target-out-of-range":
         pytest.skip("the Triton kernel cannot raise: it gives the row a NaN loss (tested below)")
     with pytest.raises(Exception) as torch_error:
