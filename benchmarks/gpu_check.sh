@@ -110,7 +110,7 @@ FUSED_OPTIM_CPU_ISAS=$cpu_isas)"
     TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) FUSED_OPTIM_BUILD_CUDA=1 FUSED_OPTIM_CPU_ISAS="$cpu_isas" \
         PIP_BREAK_SYSTEM_PACKAGES=1 \
         run build "${BUILD_TIMEOUT:-200}" "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
-    if (( status != 0 )); then
+    if [[ "${summary[-1]}" != "build 0" ]]; then
         echo "gpu_check: the build failed; nothing else can run." >&2
         exit 1
     fi
