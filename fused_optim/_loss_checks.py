@@ -28,17 +28,16 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
         # torch's own words: its NLL loss has no derivative for the class weights either
         raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
                            "This input cannot have requires_grad True.")
-    if target.is_floating_point():
-        if label_smoothing > 1.0:
-            raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")
-        return  # probability targets run torch's own cross-entropy, which checks them itself
-    # Class indices: torch's checks in torch's order (cross_entropy_loss, nll_loss_nd, then nll_loss or nll_loss2d),
-    # so that input with several faults raises what torch raises for it.
-    if target.shape == input.shape:  # torch takes a target shaped like the logits for probabilities
+    # torch's checks in torch's order (cross_entropy_loss, nll_loss_nd, then nll_loss or nll_loss2d), so that input
+    # with several faults raises what torch raises for it.
+    probabilities = target.is_floating_point()
+    if not probabilities and target.shape == input.shape:  # torch takes a target shaped like the logits as those
         raise RuntimeError(f"Expected floating point type for target with class probabilities, got "
                            f"{_type_name(target.dtype)}")
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")  # as C++ prints
+    if probabilities:
+        return  # probability targets run torch's own cross-entropy, which checks them itself
     _check_target_dims(input, target)
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
