@@ -169,12 +169,12 @@ def _bench(args: argparse.Namespace) -> int:
     def on_plan(total: int) -> None:
         state["task"] = progress.add_task("measuring the memory roof", total=total)
 
+    started = time.monotonic()
+
     def on_task(description: str) -> None:
         progress.update(state["task"], advance=1, description=f"done: {description}")
         if not progress.console.is_terminal:  # a log: one line per task, so a run stopped at a limit shows where
             print(f"[{time.monotonic() - started:7.1f} s] {description}", file=sys.stderr, flush=True)
-
-    started = time.monotonic()
 
     with progress:
         report = bench.run_benchmarks(ops, device=device, sizes=sizes, cases=DTYPE_CASES[args.dtype or "all"],
