@@ -24,34 +24,54 @@ NUMEL = 64 * 2**20
 BACKENDS = ("cuda", "triton")
 
 
-def time_row(name: str, dtype: str, moments: str, options: tuple, backend: str, rep_ms: float) -> float:
-    """Median milliseconds of one step of this row's optimizer on one NUMEL-param tensor."""
+def make_optimizer(name: str, dtype: str, moments: str, options: tuple, backend: str):
+    """This row's optimizer, stepped by `backend`, on one NUMEL-param tensor with the same values every call."""
     import fused_optim
-    from fused_optim.tools.bench.timing import release_memory, time_cuda
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     param = torch.nn.Parameter(torch.randn(NUMEL, device="cuda", generator=generator).to(getattr(torch, dtype)))
     param.grad = torch.randn(NUMEL, device="cuda", generator=generator).mul_(1e-3).to(param.dtype)
     hyper = {"momentum": 0.9, "lr": 1e-3} if name == "SGD" else {"lr": 1e-4 if name == "Lion" else 1e-3}
-    optimizer = getattr(fused_optim, name)([param], moments=moments, backend=backend, **hyper, **dict(options))
+    return getattr(fused_optim, name)([param], moments=moments, backend=backend, **hyper, **dict(options))
+
+
+def time_row(name: str, dtype: str, moments: str, options: tuple, backend: str, rep_ms: float) -> float:
+    """Median milliseconds of one step of this row's optimizer."""
+    from fused_optim.tools.bench.timing import release_memory, time_cuda
+
+    optimizer = make_optimizer(name, dtype, moments, options, backend)
     optimizer.step()  # creates the state and compiles the kernel, outside the timing
     timing = time_cuda(optimizer.step, rep_ms=rep_ms)
-    del optimizer, param
+    del optimizer
     release_memory(torch.device("cuda"))
     return timing.median_ms
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--out", help="the JSON to write")
     parser.add_argument("--match", default="", help="a regular expression: only the rows whose labels it finds")
     parser.add_argument("--rep-ms", type=float, default=50.0, help="milliseconds of timed steps per row")
+    parser.add_argument("--profile", action="store_true",
+                        help="for a profiler: two steps of each row and backend, nothing timed or written")
     args = parser.parse_args()
+    if not args.profile and not args.out:
+        parser.error("--out is required (but with --profile)")
 
     from fused_optim.tools.bench import device_name
-    from fused_optim.tools.bench.timing import memory_roof
+    from fused_optim.tools.bench.timing import memory_roof, release_memory
 
     rows = [row for row in OPTIMIZERS if re.search(args.match, label(*row))]
+    if args.profile:
+        for row in rows:
+            for backend in BACKENDS:
+                optimizer = make_optimizer(*row, backend)
+                optimizer.step()
+                optimizer.step()
+                torch.cuda.synchronize()
+                del optimizer
+                release_memory(torch.device("cuda"))
+        return
     roof = memory_roof("cuda", budget_s=1.0)
     results = []
     for row in rows:

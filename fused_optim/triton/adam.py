@@ -22,6 +22,7 @@ from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, de
                                       load_pointer, locate_block, pack, search_steps)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
+NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK and NUM_WARPS on a GPU
 COLUMNS = 9  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, moment_scales, numel
 STEP_COLUMN = 6
 
@@ -426,6 +427,6 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
             DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), ALIGNED=aligned,
             SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK,
-            num_warps=4, **EXACT_ARITHMETIC, **flags,
+            num_warps=NUM_WARPS, **EXACT_ARITHMETIC, **flags,
         )
     increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)

@@ -19,6 +19,7 @@ from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _fp64_
                                      _store_moment, _stream_key, load_param, param_pointers, store_param, write_back)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
+NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK and NUM_WARPS on a GPU
 COLUMNS = 7  # param, grad, exp_avg, master, step, moment_scales, numel
 STEP_COLUMN = 4
 
@@ -167,6 +168,6 @@ def _launch(params, grads, exp_avgs, master_params, steps, moment_scales, first_
             MOMENT_DTYPE=tl.int8 if moment_scales else DTYPES[exp_avgs[0].dtype], MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
-            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4, **EXACT_ARITHMETIC,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=NUM_WARPS, **EXACT_ARITHMETIC,
         )
     increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)

@@ -20,6 +20,7 @@ from fused_optim.triton.adam import (INT8_BLOCK, _bf16_nearest, _dequantize, _mo
                                     _stream_key)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
+NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK and NUM_WARPS on a GPU
 COLUMNS = 6  # param, grad, momentum_buffer, step, moment_scales, numel
 STEP_COLUMN = 3
 
@@ -185,7 +186,7 @@ def _launch(params, grads, momentum_buffers, steps, moment_scales, first_tensor_
             MOMENTUM=has_momentum,
             NESTEROV=nesterov, MAXIMIZE=maximize, HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
-            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4, **EXACT_ARITHMETIC,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=NUM_WARPS, **EXACT_ARITHMETIC,
         )
     if has_momentum:
         increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)

@@ -1,0 +1,97 @@
+"""Step times of the Triton optimizer kernels at other launch shapes on a CUDA GPU: BLOCK elements a program and
+NUM_WARPS warps (today 1024 and 4: 8 elements a thread), for the moment modes that miss issue 15's 90 % target.
+
+On the H200 the int8 and stochastic-rounding rows took about the sum of their arithmetic's time (their SASS
+instructions an element at the SMs' issue rate) and their bytes' time, as if the two did not overlap: at 94-96
+registers a thread, five programs of four warps fit an SM. Fewer elements a thread (fewer registers, more warps)
+or larger programs may overlap them better; this measures which, if any, does.
+
+Each shape is set on the kernel's module (fused_optim.triton.adam, lion, sgd: BLOCK, NUM_WARPS) for one row at a
+time. Its params and state after two steps must equal today's shape's bit for bit (the random bits hang on the
+element's index, not on the program that steps it) before the shape is timed. The rows are gpu_moment_modes.py's,
+on its 64 M-param tensor; GB/s is the same bytes model over the median step, beside the copy roof measured in the
+same process.
+
+    python benchmarks/gpu_triton_launch.py --out benchmarks/results/<gpu>/triton_launch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+
+import torch
+
+from cpu_moment_modes import OPTIMIZERS, label, step_bytes
+from gpu_moment_modes import NUMEL, make_optimizer
+
+# (BLOCK, NUM_WARPS), today's first. Compiled for sm_90 here (no GPU), the AdamW kernel with int8 moments takes 96
+# registers at (1024, 4) and 64 at (1024, 8), (512, 4) and (2048, 16), 4 elements a thread; (2048, 8) keeps 8 a
+# thread in programs twice the size (108); 16 a thread took 167.
+SHAPES = [(1024, 4), (1024, 8), (512, 4), (2048, 16), (2048, 8)]
+KERNEL_MODULES = {"AdamW": "fused_optim.triton.adam", "SGD": "fused_optim.triton.sgd", "Lion": "fused_optim.triton.lion"}
+
+
+def stepped_bits(optimizer) -> list[torch.Tensor]:
+    """The param and every state tensor after two steps, as raw bytes (NaN-safe equality)."""
+    optimizer.step()
+    optimizer.step()
+    param = optimizer.param_groups[0]["params"][0]
+    tensors = [param.detach()] + [t for t in optimizer.state[param].values() if isinstance(t, torch.Tensor)]
+    return [t.contiguous().reshape(-1).view(torch.uint8).clone() for t in tensors]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--match", default=r"moments=int8|stochastic_rounding",
+                        help="a regular expression: the rows whose labels it finds (default: int8 moments and "
+                             "stochastic rounding, the rows furthest from the target)")
+    parser.add_argument("--rep-ms", type=float, default=30.0, help="milliseconds of timed steps per row and shape")
+    args = parser.parse_args()
+
+    from fused_optim.tools.bench import device_name
+    from fused_optim.tools.bench.timing import memory_roof, release_memory, time_cuda
+
+    roof = memory_roof("cuda", budget_s=1.0)
+    results = []
+    for row in [row for row in OPTIMIZERS if re.search(args.match, label(*row))]:
+        module = importlib.import_module(KERNEL_MODULES[row[0]])
+        today = (module.BLOCK, module.NUM_WARPS)
+        expected = None
+        for block, warps in SHAPES:
+            module.BLOCK, module.NUM_WARPS = block, warps
+            entry = {"row": label(*row), "block": block, "num_warps": warps}
+            try:
+                bits = stepped_bits(make_optimizer(*row, "triton"))
+                if expected is None:
+                    expected = bits
+                elif not all(torch.equal(a, b) for a, b in zip(bits, expected)):
+                    raise AssertionError(f"BLOCK {block}, {warps} warps stepped other bits than {SHAPES[0]}")
+                del bits
+                optimizer = make_optimizer(*row, "triton")
+                optimizer.step()  # the state and the kernel's compile, outside the timing
+                ms = time_cuda(optimizer.step, rep_ms=args.rep_ms).median_ms
+                del optimizer
+                gbps = step_bytes(*row, NUMEL) / (ms * 1e6)
+                entry.update(ms=round(ms, 4), gbps=round(gbps, 1), pct_of_roof=round(100 * gbps / roof["gbps"], 1))
+                print(f"{label(*row):60s} BLOCK {block:5d} warps {warps:2d} {ms:8.3f} ms {gbps:7.1f} GB/s "
+                      f"{entry['pct_of_roof']:5.1f} %", flush=True)
+            except Exception as error:  # a failing shape is reported and the others still run
+                entry["error"] = f"{type(error).__name__}: {error}"
+                print(f"{label(*row):60s} BLOCK {block:5d} warps {warps:2d} failed: {entry['error']}", flush=True)
+            finally:
+                module.BLOCK, module.NUM_WARPS = today
+                release_memory(torch.device("cuda"))
+            results.append(entry)
+        del expected
+    with open(args.out, "w") as out:
+        json.dump({"what": __doc__.split("\n\n")[0].replace("\n", " "), "numel": NUMEL,
+                   "device": device_name(torch.device("cuda")), "torch": torch.__version__, "roof": roof,
+                   "rows": results}, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()

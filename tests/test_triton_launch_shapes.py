@@ -1,0 +1,52 @@
+"""The Triton optimizer kernels step the same bits at every launch shape (BLOCK elements a program): the random bits
+of stochastic rounding and of the int8 codes hang on an element's index, not on the program that steps it, and a
+block of int8 codes never straddles two programs. benchmarks/gpu_triton_launch.py times other shapes on a GPU on
+that premise (its own run checks it there too)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import fused_optim
+from conftest import TRITON_INTERPRETED
+
+pytestmark = pytest.mark.skipif(not TRITON_INTERPRETED, reason="runs the Triton kernels on CPU tensors, interpreted")
+
+# (optimizer, param dtype, constructor options): the modes with random bits or int8 codes
+ROWS = [
+    ("AdamW", torch.float32, {"moments": "int8"}),
+    ("AdamW", torch.bfloat16, {"moments": "int8", "master_weights": 24, "amsgrad": True}),
+    ("AdamW", torch.bfloat16, {"moments": "bf16", "stochastic_rounding": True}),
+    ("SGD", torch.float32, {"moments": "int8", "momentum": 0.9}),
+    ("Lion", torch.bfloat16, {"moments": "int8", "stochastic_rounding": True}),
+]
+MODULES = {"AdamW": "fused_optim.triton.adam", "SGD": "fused_optim.triton.sgd", "Lion": "fused_optim.triton.lion"}
+
+
+def stepped(name: str, dtype: torch.dtype, options: dict) -> list[torch.Tensor]:
+    """Params and state of two steps over three tensors, one of them empty and one with a partial last block."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(numel, generator=generator).to(dtype)) for numel in (3000 + 7, 0, 130)]
+    optimizer = getattr(fused_optim, name)(params, lr=1e-3, backend="triton", **options)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).mul_(1e-2).to(dtype)
+        optimizer.step()
+    tensors = [p.detach() for p in params]
+    tensors += [t for p in params for t in optimizer.state[p].values() if isinstance(t, torch.Tensor)]
+    return [t.contiguous().reshape(-1).view(torch.uint8).clone() for t in tensors]
+
+
+@pytest.mark.parametrize("block", [512, 2048])
+@pytest.mark.parametrize("name, dtype, options", ROWS, ids=lambda value: str(value).replace(" ", ""))
+def test_every_launch_shape_steps_the_same_bits(monkeypatch, name, dtype, options, block):
+    module = importlib.import_module(MODULES[name])
+    expected = stepped(name, dtype, options)
+    monkeypatch.setattr(module, "BLOCK", block)
+    ours = stepped(name, dtype, options)
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected):
+        assert torch.equal(a, b)
