@@ -1,16 +1,19 @@
-"""Step times of the Triton optimizer kernels at other launch shapes on a CUDA GPU: BLOCK elements a program and
-NUM_WARPS warps (today 1024 and 4: 8 elements a thread), for the moment modes that miss issue 15's 90 % target.
+"""Step times of the Triton optimizer kernels at other launch shapes on a CUDA GPU, for the moment modes that miss
+issue 15's 90 % target: BLOCK elements a block, NUM_WARPS warps a program (today 1024 and 4: 8 elements a
+thread), and for AdamW BLOCKS blocks a program and MAX_REGISTERS a thread (today 4 and 96).
 
 On the H200 the int8 and stochastic-rounding rows took about the sum of their arithmetic's time (their SASS
-instructions an element at the SMs' issue rate) and their bytes' time, as if the two did not overlap: at 94-96
-registers a thread, five programs of four warps fit an SM. Fewer elements a thread (fewer registers, more warps)
-or larger programs may overlap them better; this measures which, if any, does.
+instructions an element at the SMs' issue rate) and their bytes' time, as if the two did not overlap. They then ran
+at one block a program and 91-96 registers a thread: five programs of four warps an SM. AdamW now steps four blocks
+a program under a 96-register cap, which its SASS says runs 11-13 % fewer instructions an element on those rows
+(benchmarks/sass_per_element.py); the first two shapes below compare that with the old launch. The others try fewer
+elements a thread (fewer registers, more warps) and larger programs.
 
-Each shape is set on the kernel's module (fused_optim.triton.adam, lion, sgd: BLOCK, NUM_WARPS) for one row at a
-time. Its params and state after two steps must equal today's shape's bit for bit (the random bits hang on the
-element's index, not on the program that steps it) before the shape is timed. The rows are gpu_moment_modes.py's,
-on its 64 M-param tensor; GB/s is the same bytes model over the median step, beside the copy roof measured in the
-same process.
+Each shape is set on the kernel's module (fused_optim.triton.adam, lion, sgd) for one row at a time; a shape naming
+a setting the module lacks is left out for it. Its params and state after two steps must equal today's shape's bit
+for bit (the random bits hang on the element's index, not on the program that steps it) before the shape is timed.
+The rows are gpu_moment_modes.py's, on its 64 M-param tensor; GB/s is the same bytes model over the median step,
+beside the copy roof measured in the same process.
 
     python benchmarks/gpu_triton_launch.py --out benchmarks/results/<gpu>/triton_launch.json
 """
@@ -27,10 +30,12 @@ import torch
 from cpu_moment_modes import OPTIMIZERS, label, step_bytes
 from gpu_moment_modes import NUMEL, make_optimizer
 
-# (BLOCK, NUM_WARPS), today's first. Compiled for sm_90 here (no GPU), the AdamW kernel with int8 moments takes 96
-# registers at (1024, 4) and 64 at (1024, 8), (512, 4) and (2048, 16), 4 elements a thread; (2048, 8) keeps 8 a
-# thread in programs twice the size (108); 16 a thread took 167.
-SHAPES = [(1024, 4), (1024, 8), (512, 4), (2048, 16), (2048, 8)]
+# Settings changed from today's (the first: none). Compiled for sm_90 here (no GPU), AdamW with int8 moments takes 96
+# registers today, 64 with 8 warps of 4 elements a thread ((1024, 8), (512, 4), (2048, 16)), 126 at one block a
+# program without the cap.
+SHAPES = [{}, {"BLOCKS": 1, "MAX_REGISTERS": None}, {"NUM_WARPS": 8}, {"BLOCK": 512}, {"BLOCK": 2048, "NUM_WARPS": 16},
+          {"BLOCKS": 8}]
+SETTINGS = ("BLOCK", "NUM_WARPS", "BLOCKS", "MAX_REGISTERS")
 KERNEL_MODULES = {"AdamW": "fused_optim.triton.adam", "SGD": "fused_optim.triton.sgd", "Lion": "fused_optim.triton.lion"}
 
 
@@ -59,17 +64,20 @@ def main() -> None:
     results = []
     for row in [row for row in OPTIMIZERS if re.search(args.match, label(*row))]:
         module = importlib.import_module(KERNEL_MODULES[row[0]])
-        today = (module.BLOCK, module.NUM_WARPS)
+        today = {name: getattr(module, name) for name in SETTINGS if hasattr(module, name)}
         expected = None
-        for block, warps in SHAPES:
-            module.BLOCK, module.NUM_WARPS = block, warps
-            entry = {"row": label(*row), "block": block, "num_warps": warps}
+        for shape in [shape for shape in SHAPES if set(shape) <= set(today)]:
+            settings = {**today, **shape}
+            for name, value in settings.items():
+                setattr(module, name, value)
+            entry = {"row": label(*row), **settings}
+            shown = " ".join(f"{name} {value}" for name, value in settings.items())
             try:
                 bits = stepped_bits(make_optimizer(*row, "triton"))
                 if expected is None:
                     expected = bits
                 elif not all(torch.equal(a, b) for a, b in zip(bits, expected)):
-                    raise AssertionError(f"BLOCK {block}, {warps} warps stepped other bits than {SHAPES[0]}")
+                    raise AssertionError(f"{shown} stepped other bits than today's shape")
                 del bits
                 optimizer = make_optimizer(*row, "triton")
                 optimizer.step()  # the state and the kernel's compile, outside the timing
@@ -77,13 +85,14 @@ def main() -> None:
                 del optimizer
                 gbps = step_bytes(*row, NUMEL) / (ms * 1e6)
                 entry.update(ms=round(ms, 4), gbps=round(gbps, 1), pct_of_roof=round(100 * gbps / roof["gbps"], 1))
-                print(f"{label(*row):60s} BLOCK {block:5d} warps {warps:2d} {ms:8.3f} ms {gbps:7.1f} GB/s "
-                      f"{entry['pct_of_roof']:5.1f} %", flush=True)
+                print(f"{label(*row):64s} {shown:55s} {ms:8.3f} ms {gbps:7.1f} GB/s {entry['pct_of_roof']:5.1f} %",
+                      flush=True)
             except Exception as error:  # a failing shape is reported and the others still run
                 entry["error"] = f"{type(error).__name__}: {error}"
-                print(f"{label(*row):60s} BLOCK {block:5d} warps {warps:2d} failed: {entry['error']}", flush=True)
+                print(f"{label(*row):64s} {shown:55s} failed: {entry['error']}", flush=True)
             finally:
-                module.BLOCK, module.NUM_WARPS = today
+                for name, value in today.items():
+                    setattr(module, name, value)
                 release_memory(torch.device("cuda"))
             results.append(entry)
         del expected

@@ -1,6 +1,6 @@
-"""The Triton optimizer kernels step the same bits at every launch shape (BLOCK elements a program): the random bits
-of stochastic rounding and of the int8 codes hang on an element's index, not on the program that steps it, and a
-block of int8 codes never straddles two programs. benchmarks/gpu_triton_launch.py times other shapes on a GPU on
+"""The Triton optimizer kernels step the same bits at every launch shape (BLOCK elements a block, and for AdamW
+BLOCKS blocks a program): the random bits of stochastic rounding and of the int8 codes hang on an element's index,
+not on the program that steps it, and a block of int8 codes never straddles two programs. benchmarks/gpu_triton_launch.py times other shapes on a GPU on
 that premise (its own run checks it there too)."""
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ MODULES = {"AdamW": "fused_optim.triton.adam", "SGD": "fused_optim.triton.sgd", 
 
 
 def stepped(name: str, dtype: torch.dtype, options: dict) -> list[torch.Tensor]:
-    """Params and state of two steps over three tensors, one of them empty and one with a partial last block."""
+    """Params and state of two steps over three tensors: one of three programs (the last with a partial block and
+    a block past the end) at today's 4 blocks of 1024 a program, one empty, one of 130 elements."""
     generator = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(numel, generator=generator).to(dtype)) for numel in (3000 + 7, 0, 130)]
+    params = [torch.nn.Parameter(torch.randn(numel, generator=generator).to(dtype)) for numel in (10000 + 7, 0, 130)]
     optimizer = getattr(fused_optim, name)(params, lr=1e-3, backend="triton", **options)
     for _ in range(2):
         for p in params:
@@ -40,12 +41,18 @@ def stepped(name: str, dtype: torch.dtype, options: dict) -> list[torch.Tensor]:
     return [t.contiguous().reshape(-1).view(torch.uint8).clone() for t in tensors]
 
 
-@pytest.mark.parametrize("block", [512, 2048])
+SHAPES = [{"BLOCK": 512}, {"BLOCK": 2048}, {"BLOCKS": 1}, {"BLOCKS": 3}]  # BLOCKS: AdamW's blocks a program
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: ",".join(f"{k}={v}" for k, v in shape.items()))
 @pytest.mark.parametrize("name, dtype, options", ROWS, ids=lambda value: str(value).replace(" ", ""))
-def test_every_launch_shape_steps_the_same_bits(monkeypatch, name, dtype, options, block):
+def test_every_launch_shape_steps_the_same_bits(monkeypatch, name, dtype, options, shape):
     module = importlib.import_module(MODULES[name])
+    if not all(hasattr(module, setting) for setting in shape):
+        pytest.skip(f"{name}'s kernel has no {', '.join(shape)}")
     expected = stepped(name, dtype, options)
-    monkeypatch.setattr(module, "BLOCK", block)
+    for setting, value in shape.items():
+        monkeypatch.setattr(module, setting, value)
     ours = stepped(name, dtype, options)
     assert len(ours) == len(expected)
     for a, b in zip(ours, expected):

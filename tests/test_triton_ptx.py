@@ -29,6 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fused_optim.triton._table import EXACT_ARITHMETIC
 from fused_optim.triton.adam import NEAREST, REMAINDER, REMAINDER8, _adam_kernel
+from fused_optim.triton.adam import BLOCKS as ADAM_BLOCKS, MAX_REGISTERS as ADAM_MAX_REGISTERS
 from fused_optim.triton.accumulate import _accumulate_kernel
 from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel, _shard_grad_kernel, _shard_stats_kernel
 from fused_optim.triton.lion import _lion_kernel
@@ -62,10 +63,12 @@ for name, dtype, write, moment_dtype in WRITES:
     for aligned in (True, False):
         constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False,
                           WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False,
-                          HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=9, BLOCK=1024)
+                          HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=9, BLOCK=1024,
+                          BLOCKS=ADAM_BLOCKS)
         source = ASTSource(fn=_adam_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=EXACT_ARITHMETIC).asm["ptx"]
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                             options={**EXACT_ARITHMETIC, "maxnreg": ADAM_MAX_REGISTERS}).asm["ptx"]
         results[f"{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
 
 # The SGD kernel with momentum (param, grad and buffer streams), aligned and not.
@@ -235,3 +238,18 @@ def test_total_norm_kernel_reads_16_bytes_per_load_when_aligned(ptx_accesses, dt
     assert not [a for a in unaligned["loads"] if ".v2" in a or ".v4" in a], unaligned
     # one fp64 partial per program, nothing else written
     assert aligned["stores"] == ["st.global.b64"], aligned
+
+
+def test_sass_per_element_counts_each_adamw_row():
+    """benchmarks/sass_per_element.py (docs/results.md, "What the instructions allow"): a count for every AdamW row,
+    int8 moments dearer than fp32 ones, and no fewer instructions an element than the fp32 update needs."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", "sass_per_element.py")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    per_element = {line[:64].strip(): float(line[64:].split()[1]) for line in done.stdout.splitlines()[1:]}
+    assert len(per_element) == 11, done.stdout
+    fp32 = per_element["AdamW, float32 params, moments=fp32"]
+    assert 20 < fp32 < per_element["AdamW, float32 params, moments=int8"], done.stdout

@@ -1,9 +1,10 @@
 """Triton Adam/AdamW over a packed pointer table: one launch per group (per param/grad dtype pair).
 
 The table holds, for each tensor, the addresses of its param, grad, moments, master copy and step count, its size,
-and where its blocks start in the grid. Each program finds its tensor by binary search over those starts, derives
-the tensor's scalars from the step count on the device, and updates BLOCK elements: unmasked (and, when the host
-saw every address 16-byte aligned, with 16-byte loads) for whole blocks, masked for the last one. The element math
+and where its programs start in the grid. Each program finds its tensor by binary search over those starts, derives
+the tensor's scalars from the step count on the device, and updates BLOCKS consecutive blocks of BLOCK elements:
+unmasked (and, when the host saw every address 16-byte aligned, with 16-byte loads) for whole blocks, masked for the
+last one. The element math
 mirrors csrc/include/fused_optim/adam.h line for line; the stochastic-rounding hash mirrors rounding.h.
 
 The table and its search are fused_optim/triton/_table.py's, shared with the other multi-tensor kernels.
@@ -22,7 +23,14 @@ from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, de
                                       load_pointer, locate_block, pack, search_steps)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
-NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK and NUM_WARPS on a GPU
+NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
+# Consecutive blocks of one tensor a program steps: every thread computes the tensor's search and scalars (fp64 bias
+# corrections) once a program, about 21 instructions an element at one block; at four, the whole block's path is
+# 11-13 % shorter for int8 moments and stochastic rounding (sm_90 SASS, benchmarks/sass_per_element.py). Capped at
+# 96 registers a thread, five programs still fit an SM, as many as or more than at one block without a cap, and
+# nothing spills.
+BLOCKS = 4
+MAX_REGISTERS = 96
 COLUMNS = 9  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, moment_scales, numel
 STEP_COLUMN = 6
 
@@ -313,13 +321,13 @@ def _adam_kernel(
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WRITE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
+    COLUMNS: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
 ):
     skip = False
     if HAS_FOUND_INF:
         skip = tl.load(found_inf_ptr) != 0.0  # GradScaler found inf/NaN: touch nothing
     if not skip:
-        lo, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCK)
+        lo, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCKS * BLOCK)
         row = table_ptr + lo * COLUMNS
         param_ptr, master_ptr = param_pointers(row, 0, 5, PARAM_DTYPE, WRITE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
@@ -357,28 +365,34 @@ def _adam_kernel(
         if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16 or MOMENT_DTYPE == tl.int8:
             stream = _stream_key(seed, first_tensor_index + lo, step)
 
-        offsets = start + tl.arange(0, BLOCK)
-        if MOMENT_DTYPE == tl.int8:
-            if start + BLOCK <= numel:
-                _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr,
-                                   scales_ptr, start, numel, grad_multiplier, weight_decay, param_decay,
-                                   one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-                                   stream, PARAM_DTYPE, DECOUPLED, AMSGRAD, WRITE, BLOCK, True)
-            else:
-                _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr,
-                                   scales_ptr, start, numel, grad_multiplier, weight_decay, param_decay,
-                                   one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-                                   stream, PARAM_DTYPE, DECOUPLED, AMSGRAD, WRITE, BLOCK, False)
-        elif start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
-            _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, None,
-                          grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2,
-                          step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, MOMENT_DTYPE, DECOUPLED,
-                          AMSGRAD, WRITE)
-        else:
-            _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets,
-                          offsets < numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
-                          one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE,
-                          MOMENT_DTYPE, DECOUPLED, AMSGRAD, WRITE)
+        # BLOCKS blocks of the tensor, one after another: the search and scalars above are paid once for all
+        for k in range(BLOCKS):
+            block_start = start + k * BLOCK
+            offsets = block_start + tl.arange(0, BLOCK)
+            if block_start < numel:  # (else the tensor ended in an earlier block of this program)
+                if MOMENT_DTYPE == tl.int8:
+                    if block_start + BLOCK <= numel:
+                        _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr,
+                                           scales_ptr, block_start, numel, grad_multiplier, weight_decay,
+                                           param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                                           bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED, AMSGRAD,
+                                           WRITE, BLOCK, True)
+                    else:
+                        _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr,
+                                           scales_ptr, block_start, numel, grad_multiplier, weight_decay,
+                                           param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                                           bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED, AMSGRAD,
+                                           WRITE, BLOCK, False)
+                elif block_start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+                    _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets,
+                                  None, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
+                                  one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE,
+                                  MOMENT_DTYPE, DECOUPLED, AMSGRAD, WRITE)
+                else:
+                    _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets,
+                                  offsets < numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1,
+                                  beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream,
+                                  PARAM_DTYPE, MOMENT_DTYPE, DECOUPLED, AMSGRAD, WRITE)
 
 
 def _fp64_bits(value: float) -> int:
@@ -409,14 +423,14 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
             for i, p in enumerate(params)]
     # 16-byte loads need every array address (the first six columns; steps are read alone) 16-byte aligned.
     aligned = all_aligned(row[c] for row in rows for c in range(6))
-    entries, num_blocks = pack(rows, BLOCK)
+    entries, num_programs = pack(rows, BLOCKS * BLOCK)
     table = device_table(entries, params[0].device)
     num_tensors = len(params)
     unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off
     flags = dict(HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
                  HAS_FOUND_INF=found_inf is not None)
-    if num_blocks > 0:
-        _adam_kernel[(num_blocks,)](
+    if num_programs > 0:
+        _adam_kernel[(num_programs,)](
             table, _fp64_bits(lr), unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
             unused if found_inf is None else found_inf,
             _fp64_bits(math.log(beta1) if beta1 > 0 else -math.inf),
@@ -426,7 +440,7 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
             MOMENT_DTYPE=tl.int8 if moment_scales else DTYPES[exp_avgs[0].dtype],
             DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), ALIGNED=aligned,
-            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK,
-            num_warps=NUM_WARPS, **EXACT_ARITHMETIC, **flags,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, BLOCKS=BLOCKS,
+            num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **EXACT_ARITHMETIC, **flags,
         )
     increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)
