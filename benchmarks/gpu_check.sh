@@ -37,7 +37,7 @@
 # cpu_moment_modes.json (and PNGs); commit them
 # under benchmarks/results/<device>/. Environment: PYTHON (default python), BENCH_ARGS (extra arguments of every
 # `bench` run, e.g. "--quick") and each phase's limit in seconds, <PHASE>_TIMEOUT: BUILD 200, TESTS 150 (each of its
-# two runs), MODES 75, ADAMW 200, CE 120, STEPS 90, SGD 80, TRAIN 30, CPU 90. A phase that runs out is reported and
+# two runs), MODES 75, LAUNCH 180, PROFILE 90, ADAMW 200, CE 120, STEPS 90, SGD 80, TRAIN 30, CPU 90. A phase that runs out is reported and
 # the next one still runs. Wheels in .whl/ (carried to the machine, which has no network) are installed first: the
 # test peers its image lacks, e.g. lion-pytorch (`pip download --no-deps -d .whl lion-pytorch`).
 #
