@@ -37,9 +37,10 @@
 # cpu_moment_modes.json (and PNGs); commit them
 # under benchmarks/results/<device>/. Environment: PYTHON (default python), BENCH_ARGS (extra arguments of every
 # `bench` run, e.g. "--quick") and each phase's limit in seconds, <PHASE>_TIMEOUT: BUILD 200, TESTS 150 (each of its
-# two runs), MODES 75, LAUNCH 180, PROFILE 90, ADAMW 200, CE 120, STEPS 90, SGD 80, TRAIN 30, CPU 90. A phase that runs out is reported and
-# the next one still runs. Wheels in .whl/ (carried to the machine, which has no network) are installed first: the
-# test peers its image lacks, e.g. lion-pytorch (`pip download --no-deps -d .whl lion-pytorch`).
+# two runs), MODES 75, LAUNCH 180, PROFILE 90, ADAMW 200, CE 120, STEPS 90, SGD 80, TRAIN 30, CPU 90. A phase that
+# runs out is reported and the next one still runs. Wheels in .whl/ (carried to the machine, which has no network)
+# are installed first: the test peers its image lacks, e.g. lion-pytorch (`pip download --no-deps -d .whl
+# lion-pytorch`).
 #
 # All phases take longer than one device call may (600 s), so a lent machine gets two calls, the second at once
 # while the machine is warm. On an H200 (2026-12-04) the phases took: build 93 s (16 cores), tests 98 s on 12
