@@ -27,7 +27,8 @@
 # also draws its GB/s as a PNG (--plot), and the training run its loss curves, when matplotlib is installed.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]
-#   PHASES=build,tests,modes,launch,profile benchmarks/gpu_check.sh; PHASES=ce,sgd,adamw,steps,train,cpu benchmarks/gpu_check.sh
+#   PHASES=build,tests,modes,launch,profile benchmarks/gpu_check.sh
+#   PHASES=ce,sgd,adamw,steps,train,cpu benchmarks/gpu_check.sh
 #
 # The phases after build need the build's extension in place (a second call on a machine still warm from the first
 # can leave build out). OUT_DIR: the first argument, else $OUT (the device runner's output folder), else
@@ -152,7 +153,8 @@ if selected launch; then
     run launch "${LAUNCH_TIMEOUT:-180}" "$PYTHON" benchmarks/gpu_triton_launch.py --out "$OUT_DIR/triton_launch.json"
 fi
 if selected profile; then
-    ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)" || ncu=""
+    ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)" \
+        || ncu=""
     phase "profile: ${ncu:-ncu} on AdamW steps of gpu_moment_modes.py's int8 and stochastic-rounding rows"
     if [[ -z "$ncu" ]]; then
         echo "gpu_check: no ncu on this machine; nothing profiled."

@@ -36,7 +36,8 @@ from gpu_moment_modes import NUMEL, make_optimizer
 SHAPES = [{}, {"BLOCKS": 1, "MAX_REGISTERS": None}, {"NUM_WARPS": 8}, {"BLOCK": 512}, {"BLOCK": 2048, "NUM_WARPS": 16},
           {"BLOCKS": 8}]
 SETTINGS = ("BLOCK", "NUM_WARPS", "BLOCKS", "MAX_REGISTERS")
-KERNEL_MODULES = {"AdamW": "fused_optim.triton.adam", "SGD": "fused_optim.triton.sgd", "Lion": "fused_optim.triton.lion"}
+KERNEL_MODULES = {"AdamW": "fused_optim.triton.adam", "SGD": "fused_optim.triton.sgd",
+                  "Lion": "fused_optim.triton.lion"}
 
 
 def stepped_bits(optimizer) -> list[torch.Tensor]:

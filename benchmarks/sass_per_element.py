@@ -85,7 +85,7 @@ FAR = 64  # instructions: a branch past more than this chooses between paths, no
 
 
 def wide_load_distance(texts: list[str], i: int) -> float:
-    """Instructions from i, read straight on, to the next 16-byte load (inf when none comes first: an EXIT or the end)."""
+    """Instructions from i, read straight on, to the next 16-byte load (inf if an EXIT or the end comes first)."""
     for j in range(i, len(texts)):
         if texts[j].startswith("LDG.E.128"):
             return j - i
