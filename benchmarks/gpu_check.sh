@@ -10,7 +10,7 @@
 #   launch  the Triton optimizer kernels at other launch shapes (BLOCK, NUM_WARPS; AdamW's BLOCKS a program and
 #           register cap, its launch before them included) for the int8 and stochastic-rounding rows, each checked
 #           bit for bit against today's shape (benchmarks/gpu_triton_launch.py),
-#   profile Nsight Compute (`ncu`, where the image has it) on two AdamW steps of three rows (fp32 params with
+#   profile Nsight Compute (`ncu`, where the image has it) on an AdamW step of three rows (fp32 params with
 #           int8 moments; bf16 params with int8 moments and 24-bit masters; bf16 moments with stochastic
 #           rounding), CUDA C++ and Triton: speed of light, occupancy, warp stalls, instruction mix,
 #   adamw   the AdamW benchmark (`python -m fused_optim bench --json`),
@@ -159,8 +159,8 @@ if selected profile; then
     if [[ -z "$ncu" ]]; then
         echo "gpu_check: no ncu on this machine; nothing profiled."
     else
-        # two steps of each of the three rows on each backend: 12 kernels named *adam* (the Triton ones with their
-        # compile before them)
+        # one step of each of the three rows on each backend: 6 kernels named *adam* (the Triton ones with their
+        # compile before them), each replayed once a section
         run profile "${PROFILE_TIMEOUT:-90}" "$ncu" --kernel-name regex:adam \
             --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
             --section SchedulerStats --section InstructionStats --log-file "$OUT_DIR/ncu_profile.txt" \
