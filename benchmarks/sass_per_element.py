@@ -1,16 +1,16 @@
-"""What the Triton AdamW kernel's instructions allow on a GPU, read without one: each AdamW row of
-gpu_moment_modes.py compiled ahead of time for sm_90 (as tests/test_triton_ptx.py compiles it), its SASS
-disassembled (cuobjdump, shipped with Triton), and the instructions a thread runs for one element on the path of a
-whole block counted.
+"""What the AdamW kernels' instructions allow on a GPU, read without one: for each AdamW row of gpu_moment_modes.py,
+the Triton kernel compiled ahead of time for sm_90 (as tests/test_triton_ptx.py compiles it) and the CUDA C++ kernel
+of the built extension (fused_optim/_C_cuda*.so, sm_90), their SASS disassembled (cuobjdump, shipped with Triton),
+and the instructions a thread runs for one element of a whole block counted.
 
 The count follows the code a thread runs for a whole block when no division or root takes its slow path
-(whole_block_path): the prologue (the tensor's search and scalars, which every thread computes once a program, so
-shared among the BLOCKS blocks a program steps), then one trip through the loop over those blocks; it is divided by
-the elements a thread steps in a block (BLOCK / (32 x NUM_WARPS)). An SM issues one instruction a cycle for each of
+(whole_block_path): the prologue (the tensor's search and scalars, once a program: Triton's BLOCKS blocks, CUDA's
+four iterations of 8 elements a thread), then one trip through the loop over the blocks, divided by the elements a
+thread steps in one (Triton: BLOCK / (32 x NUM_WARPS)). An SM issues one instruction a cycle for each of
 its four warp schedulers, so a step of N elements takes at least N x count / (SMs x 128 x clock): the issue floor.
 Beside it, the time the row's bytes take at the copy roof, and the highest % of that roof the floor leaves (100 when
 the bytes take longer). Defaults: an H200 (132 SMs, 1.98 GHz, the 4,236 GB/s copy roof it measured), 64 M params;
---measured adds the Triton times of a gpu_moment_modes.py JSON.
+--measured adds the times of a gpu_moment_modes.py JSON.
 
     python benchmarks/sass_per_element.py [--measured benchmarks/results/nvidia-h200/moment_modes.json]
     python benchmarks/sass_per_element.py --blocks 1 --max-registers 0   # the launch before BLOCKS and the cap
@@ -19,6 +19,7 @@ the bytes take longer). Defaults: an H200 (132 SMs, 1.98 GHz, the 4,236 GB/s cop
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import tempfile
 from cpu_moment_modes import OPTIMIZERS, label, step_bytes
 
 NUMEL = 64 * 2**20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGNATURE = {  # _adam_kernel's runtime arguments, in order
     "table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
     "log_beta1_bits": "i64", "log_beta2_bits": "i64", "one_minus_beta1": "fp32", "beta2": "fp32",
@@ -80,40 +82,79 @@ def disassemble(cubin: bytes) -> tuple[list[tuple[int, str]], int]:
     return instructions, int(re.search(r"REG:(\d+)", usage).group(1))
 
 
+# csrc/cuda/adam.cu and adam_int8.cu: a block of 512 threads steps a chunk of 16 K elements, 8 a thread an iteration
+CUDA_ELEMENTS_PER_THREAD, CUDA_ITERATIONS = 8, 4
+CUDA_TYPES = {"float32": "float", "bfloat16": "c10::BFloat16"}
+CUDA_WRITE_BACK = {None: 0, True: 2, 24: 4, "stochastic": 3}  # rounding.h's WriteBack: nearest, remainders, stochastic
+
+
+def cuda_kernel_name(dtype: str, moments: str, options: tuple) -> str:
+    """The demangled name's start of the CUDA C++ kernel one row launches (AdamW, no amsgrad)."""
+    options = dict(options)
+    write = CUDA_WRITE_BACK["stochastic" if options.get("stochastic_rounding") else options.get("master_weights")]
+    param = CUDA_TYPES[dtype]
+    if moments == "int8":
+        return f"adam_int8_kernel<{param}, {param}, false, (fused_optim::WriteBack){write}>"
+    moment = {"fp32": "float", "bf16": "c10::BFloat16"}[moments]
+    return f"adam_kernel<{param}, {param}, {moment}, false, (fused_optim::WriteBack){write}>"
+
+
+def cuda_functions(library: str) -> dict[str, tuple[list[tuple[int, str]], int]]:
+    """Every sm_90 kernel of the built CUDA extension: demangled name -> (its SASS instructions, its registers);
+    none when it holds no sm_90 code."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    sass = subprocess.run([tool, "-arch", "sm_90", "-sass", library], capture_output=True, text=True).stdout
+    usage = subprocess.run([tool, "-arch", "sm_90", "-res-usage", library], capture_output=True, text=True).stdout
+    names = re.findall(r"Function : (\S+)", sass)
+    demangled = dict(zip(names, subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                                               check=True).stdout.splitlines()))
+    registers = dict(re.findall(r"Function (\S+):\s*REG:(\d+)", usage))
+    functions = {}
+    for name, body in zip(names, re.split(r"\n\s*Function : \S+", sass)[1:]):
+        instructions = [(int(match.group(1), 16), match.group(2)) for line in body.splitlines()
+                        if (match := INSTRUCTION.match(line))]
+        functions[demangled[name]] = (instructions, int(registers.get(name, 0)))
+    return functions
+
+
 BRANCH = re.compile(r"^(@!?U?P\w+ )?BRA (?:!?U?P\w+, )?(0x[0-9a-f]+)$")
-FAR = 64  # instructions: a branch past more than this chooses between paths, not around a special case
+MEMORY = re.compile(r"^(?:LDG|STG)\S*")
 
 
-def wide_load_distance(texts: list[str], i: int) -> float:
-    """Instructions from i, read straight on, to the next 16-byte load (inf if an EXIT or the end comes first)."""
-    for j in range(i, len(texts)):
-        if texts[j].startswith("LDG.E.128"):
-            return j - i
-        if texts[j] == "EXIT":
-            break
-    return float("inf")
+def memory_widths(texts: list[str]) -> tuple[bool, bool]:
+    """(whether these instructions hold a global load or store of 8 or 16 bytes, whether one of fewer)."""
+    accesses = [match.group(0) for text in texts if (match := MEMORY.match(text))]
+    wide = [access.endswith((".64", ".128")) for access in accesses]
+    return any(wide), not all(wide)
 
 
 def whole_block_path(instructions: list[tuple[int, str]]) -> tuple[int, int]:
     """(instructions before the loop over a program's blocks, instructions of one trip through it), on the path a
-    whole block takes when no division or root takes its slow path. Walks the code from its start: a branch whose
+    whole block takes when no division or root takes its slow path. The loop is the one around the block's 16-byte
+    loads (8-byte ones where there are none; no loop: the walk ends at the EXIT, all of it one trip). Walks the code from its start: a branch whose
     fall-through calls a slow path within a few instructions is taken (and one whose target does is not); a branch
-    past more than FAR instructions goes the way that reaches a 16-byte load sooner (the whole block's path rather
-    than the partial block's, or than skipping the block); any other branch, and a predicated EXIT, falls through.
-    The trip ends at the jump back to the loop's start."""
+    past global accesses narrower than 8 bytes and none wider is taken (it chooses the aligned, whole block's path
+    over the partial or misaligned one, and skips thread 0's scalars); any other branch, a jump back of another loop
+    (a search: one trip counted) and a predicated EXIT fall through. The trip ends at the loop's jump back."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
     texts = [text for _, text in instructions]
-    back_jumps = [(i, index[int(match.group(2), 16)]) for i, text in enumerate(texts)
-                  if (match := BRANCH.match(text)) and match.group(1) is None and index[int(match.group(2), 16)] < i]
-    # the loop's start (the code ends in a jump to itself, past the last EXIT: not it); with one block a program
-    # there is no loop, and the walk ends at the EXIT
-    header = back_jumps[0][1] if back_jumps else None
+    # the block's loads: 16 bytes wide, or 8 (4 bf16 a thread); the table's addresses are 8-byte loads too
+    wide_loads = ([i for i, text in enumerate(texts) if text.startswith("LDG.E.128")]
+                  or [i for i, text in enumerate(texts) if text.startswith("LDG.E.64")])
+    back_jumps = [(i, index[int(match.group(2), 16)]) for i, text in enumerate(texts) if (match := BRANCH.match(text))
+                  and index[int(match.group(2), 16)] < i]
+    back, header = next(((i, target) for i, target in back_jumps if any(target <= load < i for load in wide_loads)),
+                        (None, None))
     i, count, prologue = 0, 0, 0
     for _ in range(100 * len(texts)):
         text = texts[i]
         if i == header and not prologue:
             prologue = count
         count += 1
+        if i == back:
+            return prologue, count - prologue
         if text == "EXIT" and header is None:
             return 0, count
         branch = BRANCH.match(text)
@@ -122,20 +163,17 @@ def whole_block_path(instructions: list[tuple[int, str]]) -> tuple[int, int]:
             continue
         target = index[int(branch.group(2), 16)]
         if branch.group(1) is None:  # unconditional
-            if target < i:  # the loop's jump back: one trip done
-                return prologue, count - prologue
             i = target
             continue
-        if any(t.startswith("CALL") for t in texts[i + 1:i + 6]):
+        if target < i:
+            taken = False
+        elif any(t.startswith("CALL") for t in texts[i + 1:i + 6]):
             taken = True
         elif any(t.startswith("CALL") for t in texts[target:target + 5]):
             taken = False
-        elif abs(target - i) > FAR:
-            taken = wide_load_distance(texts, target) < wide_load_distance(texts, i + 1)
-        else:
-            taken = False
-        if taken and target <= i:
-            raise ValueError(f"a conditional jump back at {instructions[i][0]:#x}: not a loop this walk knows")
+        else:  # past narrow accesses (a partial block, a misaligned tensor, thread 0's scalars), not past wide ones
+            skipped_wide, skipped_narrow = memory_widths(texts[i + 1:target])
+            taken = skipped_narrow and not skipped_wide
         i = target if taken else i + 1
     raise ValueError("the walk did not come back to the loop's start")
 
@@ -145,10 +183,12 @@ def main() -> None:
     parser.add_argument("--sms", type=int, default=132)
     parser.add_argument("--clock-ghz", type=float, default=1.98)
     parser.add_argument("--roof-gbps", type=float, default=4236.0)
-    parser.add_argument("--measured", help="a gpu_moment_modes.py JSON: its Triton times beside the floor")
+    parser.add_argument("--measured", help="a gpu_moment_modes.py JSON: its times beside the floors")
     parser.add_argument("--blocks", type=int, help="blocks a program (default: the launcher's BLOCKS)")
     parser.add_argument("--max-registers", type=int, help="registers a thread at most, 0 for no cap (default: the "
                                                             "launcher's MAX_REGISTERS)")
+    parser.add_argument("--cuda", default=next(iter(glob.glob(os.path.join(ROOT, "fused_optim", "_C_cuda*.so"))), None),
+                        help="the built CUDA extension (default: the package's, when built)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("sass_per_element.py compiles for a GPU: run it without TRITON_INTERPRET=1.")
@@ -161,22 +201,29 @@ def main() -> None:
     measured = {}
     if args.measured:
         with open(args.measured) as file:
-            measured = {row["row"]: row["ms"] for row in json.load(file)["rows"]
-                        if row.get("backend") == "triton" and "ms" in row}
+            measured = {(row["row"], row["backend"]): row["ms"] for row in json.load(file)["rows"] if "ms" in row}
+    cuda = cuda_functions(args.cuda) if args.cuda else {}
 
     issue_rate = args.sms * 4 * 32 * args.clock_ghz * 1e9  # thread instructions a second
-    print(f"{'row':64s} regs  SASS/elem  issue floor  bytes at roof  ceiling  measured (Triton)")
+    print(f"{'row':64s} backend regs  SASS/elem  issue floor  bytes at roof  ceiling  measured")
     for row in [row for row in OPTIMIZERS if row[0] == "AdamW"]:
         kernel, per_thread, blocks = compile_adamw(*row[1:])
         instructions, registers = disassemble(kernel.asm["cubin"])
-        prologue, trip = whole_block_path(instructions)
-        per_element = (prologue / blocks + trip) / per_thread
-        floor_ms = NUMEL * per_element / issue_rate * 1e3
+        counts = {"triton": (registers, whole_block_path(instructions), blocks, per_thread)}
+        name = cuda_kernel_name(*row[1:])
+        matches = [function for function in cuda if function.startswith(f"void fused_optim::(anonymous namespace)::"
+                                                                           f"{name}")]
+        if matches:
+            instructions, registers = cuda[matches[0]]
+            counts["cuda"] = (registers, whole_block_path(instructions), CUDA_ITERATIONS, CUDA_ELEMENTS_PER_THREAD)
         bytes_ms = step_bytes(*row, NUMEL) / (args.roof_gbps * 1e9) * 1e3
-        ceiling = min(100.0, 100 * bytes_ms / floor_ms)
-        ms = measured.get(label(*row))
-        print(f"{label(*row):64s} {registers:4d} {per_element:10.1f} {floor_ms:9.3f} ms {bytes_ms:10.3f} ms "
-              f"{ceiling:6.0f} %  " + (f"{ms:.3f} ms (floor + bytes {floor_ms + bytes_ms:.3f})" if ms else ""))
+        for backend, (registers, (prologue, trip), trips, per_thread) in counts.items():
+            per_element = (prologue / trips + trip) / per_thread
+            floor_ms = NUMEL * per_element / issue_rate * 1e3
+            ceiling = min(100.0, 100 * bytes_ms / floor_ms)
+            ms = measured.get((label(*row), backend))
+            print(f"{label(*row):64s} {backend:7s} {registers:4d} {per_element:10.1f} {floor_ms:9.3f} ms "
+                  f"{bytes_ms:10.3f} ms {ceiling:6.0f} %  " + (f"{ms:.3f} ms" if ms else ""))
 
 
 if __name__ == "__main__":
