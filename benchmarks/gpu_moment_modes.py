@@ -47,6 +47,15 @@ def time_row(name: str, dtype: str, moments: str, options: tuple, backend: str, 
     return timing.median_ms
 
 
+def write_results(path: str, what: str, roof: dict, rows: list[dict]) -> None:
+    """The JSON of a GPU run: what it measured, on which device and torch, against which copy roof."""
+    from fused_optim.tools.bench import device_name
+
+    with open(path, "w") as out:
+        json.dump({"what": what.replace("\n", " "), "numel": NUMEL, "device": device_name(torch.device("cuda")),
+                   "torch": torch.__version__, "roof": roof, "rows": rows}, out, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="the JSON to write")
@@ -58,7 +67,6 @@ def main() -> None:
     if not args.profile and not args.out:
         parser.error("--out is required (but with --profile)")
 
-    from fused_optim.tools.bench import device_name
     from fused_optim.tools.bench.timing import memory_roof, release_memory
 
     rows = [row for row in OPTIMIZERS if re.search(args.match, label(*row))]
@@ -87,10 +95,7 @@ def main() -> None:
                             "bytes_per_step": step_bytes(*row, NUMEL)})
             print(f"{label(*row):60s} {backend:7s} {ms:8.3f} ms {gbps:7.1f} GB/s {results[-1]['pct_of_roof']:5.1f} %",
                   flush=True)
-    with open(args.out, "w") as out:
-        json.dump({"what": __doc__.split("\n\n")[1].replace("\n", " "), "numel": NUMEL,
-                   "device": device_name(torch.device("cuda")), "torch": torch.__version__, "roof": roof,
-                   "rows": results}, out, indent=1)
+    write_results(args.out, __doc__.split("\n\n")[1], roof, results)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import re
 
 import torch
 
 from cpu_moment_modes import OPTIMIZERS, label, step_bytes
-from gpu_moment_modes import NUMEL, make_optimizer
+from gpu_moment_modes import NUMEL, make_optimizer, write_results
 
 # Settings changed from today's (the first: none). Compiled for sm_90 here (no GPU), AdamW with int8 moments takes 96
 # registers today, 64 with 8 warps of 4 elements a thread ((1024, 8), (512, 4), (2048, 16)), 126 at one block a
@@ -58,7 +57,6 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=float, default=30.0, help="milliseconds of timed steps per row and shape")
     args = parser.parse_args()
 
-    from fused_optim.tools.bench import device_name
     from fused_optim.tools.bench.timing import memory_roof, release_memory, time_cuda
 
     roof = memory_roof("cuda", budget_s=1.0)
@@ -97,10 +95,7 @@ def main() -> None:
                 release_memory(torch.device("cuda"))
             results.append(entry)
         del expected
-    with open(args.out, "w") as out:
-        json.dump({"what": __doc__.split("\n\n")[0].replace("\n", " "), "numel": NUMEL,
-                   "device": device_name(torch.device("cuda")), "torch": torch.__version__, "roof": roof,
-                   "rows": results}, out, indent=1)
+    write_results(args.out, __doc__.split("\n\n")[0], roof, results)
 
 
 if __name__ == "__main__":
