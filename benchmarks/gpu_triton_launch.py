@@ -1,19 +1,18 @@
 """Step times of the Triton optimizer kernels at other launch shapes on a CUDA GPU, for the moment modes that miss
-issue 15's 90 % target: BLOCK elements a block, NUM_WARPS warps a program (today 1024 and 4: 8 elements a
-thread), and for AdamW BLOCKS blocks a program and MAX_REGISTERS a thread (today 4 and 96).
+issue 15's 90 % target: BLOCK elements a block, NUM_WARPS warps and BLOCKS blocks a program, MAX_REGISTERS a thread
+(today 1024, 4, 4 and no cap: 8 elements a thread).
 
-On the H200 the int8 and stochastic-rounding rows took about the sum of their arithmetic's time (their SASS
-instructions an element at the SMs' issue rate) and their bytes' time, as if the two did not overlap. They then ran
-at one block a program and 91-96 registers a thread: five programs of four warps an SM. AdamW now steps four blocks
-a program under a 96-register cap, which its SASS says runs 11-13 % fewer instructions an element on those rows
-(benchmarks/sass_per_element.py); the first two shapes below compare that with the old launch. The others try fewer
-elements a thread (fewer registers, more warps) and larger programs.
+On the H200, with one block a program, five Triton rows of very different instructions and bytes took the same
+0.41-0.43 ms (AdamW with int8 moments or stochastic rounding, Lion with bf16 or int8 moments), as if each program's
+chain of dependent loads (the table, the tensor's addresses, its step count, then its data) bounded them. The
+kernels now step four blocks a program, for a quarter as many such chains; the second shape below is the old
+launch, the third caps the registers (more programs an SM), the others try fewer elements a thread (fewer
+registers, more warps) and larger programs.
 
-Each shape is set on the kernel's module (fused_optim.triton.adam, lion, sgd) for one row at a time; a shape naming
-a setting the module lacks is left out for it. Its params and state after two steps must equal today's shape's bit
-for bit (the random bits hang on the element's index, not on the program that steps it) before the shape is timed.
-The rows are gpu_moment_modes.py's, on its 64 M-param tensor; GB/s is the same bytes model over the median step,
-beside the copy roof measured in the same process.
+Each shape is set on the kernel's module (fused_optim.triton.adam, lion, sgd) for one row at a time. Its params and
+state after two steps must equal today's shape's bit for bit (the random bits hang on the element's index, not on
+the program that steps it) before the shape is timed. The rows are gpu_moment_modes.py's, on its 64 M-param tensor;
+GB/s is the same bytes model over the median step, beside the copy roof measured in the same process.
 
     python benchmarks/gpu_triton_launch.py --out benchmarks/results/<gpu>/triton_launch.json
 """
@@ -29,11 +28,10 @@ import torch
 from cpu_moment_modes import OPTIMIZERS, label, step_bytes
 from gpu_moment_modes import NUMEL, make_optimizer, write_results
 
-# Settings changed from today's (the first: none). Compiled for sm_90 here (no GPU), AdamW with int8 moments takes 96
-# registers today, 64 with 8 warps of 4 elements a thread ((1024, 8), (512, 4), (2048, 16)), 126 at one block a
-# program without the cap.
-SHAPES = [{}, {"BLOCKS": 1, "MAX_REGISTERS": None}, {"NUM_WARPS": 8}, {"BLOCK": 512}, {"BLOCK": 2048, "NUM_WARPS": 16},
-          {"BLOCKS": 8}]
+# Settings changed from today's (the first: none). Compiled for sm_90 here (no GPU): AdamW with int8 moments takes
+# 126 registers today (4 programs an SM), 96 under the cap (5; amsgrad's kernels spill there) and at one block a
+# program, 96 too with 8 warps of 4 elements a thread; Lion and SGD with int8 moments take 80-96 today.
+SHAPES = [{}, {"BLOCKS": 1}, {"MAX_REGISTERS": 96}, {"NUM_WARPS": 8}, {"BLOCK": 2048, "NUM_WARPS": 16}, {"BLOCKS": 8}]
 SETTINGS = ("BLOCK", "NUM_WARPS", "BLOCKS", "MAX_REGISTERS")
 KERNEL_MODULES = {"AdamW": "fused_optim.triton.adam", "SGD": "fused_optim.triton.sgd",
                   "Lion": "fused_optim.triton.lion"}
@@ -63,9 +61,9 @@ def main() -> None:
     results = []
     for row in [row for row in OPTIMIZERS if re.search(args.match, label(*row))]:
         module = importlib.import_module(KERNEL_MODULES[row[0]])
-        today = {name: getattr(module, name) for name in SETTINGS if hasattr(module, name)}
+        today = {name: getattr(module, name) for name in SETTINGS}
         expected = None
-        for shape in [shape for shape in SHAPES if set(shape) <= set(today)]:
+        for shape in SHAPES:
             settings = {**today, **shape}
             for name, value in settings.items():
                 setattr(module, name, value)

@@ -32,6 +32,7 @@ from fused_optim.triton.adam import NEAREST, REMAINDER, REMAINDER8, _adam_kernel
 from fused_optim.triton.adam import BLOCKS as ADAM_BLOCKS, MAX_REGISTERS as ADAM_MAX_REGISTERS
 from fused_optim.triton.accumulate import _accumulate_kernel
 from fused_optim.triton.cross_entropy import _cross_entropy_forward_kernel, _shard_grad_kernel, _shard_stats_kernel
+from fused_optim.triton import lion, sgd
 from fused_optim.triton.lion import _lion_kernel
 from fused_optim.triton.sgd import _sgd_kernel
 from fused_optim.triton.total_norm import NORM_2, _norm_partials_kernel
@@ -82,10 +83,11 @@ for name, dtype, buffer_dtype in (("fp32", tl.float32, tl.float32), ("bf16", tl.
     for aligned in (True, False):
         constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, BUFFER_DTYPE=buffer_dtype, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
                           HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
-                          SEARCH_STEPS=1, COLUMNS=6, BLOCK=1024)
+                          SEARCH_STEPS=1, COLUMNS=6, BLOCK=1024, BLOCKS=sgd.BLOCKS)
         source = ASTSource(fn=_sgd_kernel, signature={**SGD_SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=EXACT_ARITHMETIC).asm["ptx"]
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                             options={**EXACT_ARITHMETIC, "maxnreg": sgd.MAX_REGISTERS}).asm["ptx"]
         results[f"sgd-{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
 
 # The Lion kernel (param, grad and moment streams), aligned and not.
@@ -97,10 +99,11 @@ for name, dtype, write, moment_dtype in WRITES:
     for aligned in (True, False):
         constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False,
                           HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=7,
-                          BLOCK=1024)
+                          BLOCK=1024, BLOCKS=lion.BLOCKS)
         source = ASTSource(fn=_lion_kernel, signature={**LION_SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=EXACT_ARITHMETIC).asm["ptx"]
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                             options={**EXACT_ARITHMETIC, "maxnreg": lion.MAX_REGISTERS}).asm["ptx"]
         results[f"lion-{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
 
 # The cross-entropy kernel as Triton's launcher specialises it for a vocabulary and row stride that are multiples

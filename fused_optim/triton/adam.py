@@ -24,12 +24,14 @@ from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, de
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
-# Consecutive blocks of one tensor a program steps: every thread computes the tensor's search and scalars (fp64 bias
-# corrections, 180-200 instructions) once a program; at four blocks, the whole block's path is 11-13 % shorter for
-# int8 moments and stochastic rounding (sm_90 SASS, benchmarks/sass_per_element.py). Capped at 96 registers a
-# thread, five programs still fit an SM, as many as or more than at one block without a cap, and nothing spills.
+# Consecutive blocks of one tensor a program steps. Every thread computes the tensor's search and scalars (a chain of
+# dependent loads, then fp64 bias corrections: 180-200 instructions) once a program; at four blocks the whole
+# block's path is 11-14 % shorter for int8 moments and stochastic rounding (sm_90 SASS,
+# benchmarks/sass_per_element.py), and there are a quarter as many such chains to wait for.
 BLOCKS = 4
-MAX_REGISTERS = 96
+# Registers a thread at most (None: as many as the compiler takes). A cap of 96 keeps five programs an SM on the
+# int8 and stochastic-rounding rows, but spills with amsgrad; benchmarks/gpu_triton_launch.py times it.
+MAX_REGISTERS = None
 COLUMNS = 9  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, moment_scales, numel
 STEP_COLUMN = 6
 

@@ -1,9 +1,9 @@
 """Triton Lion over a packed pointer table: one launch per group (per param/grad dtype pair), as triton/adam.py.
 
 The table holds, for each tensor, the addresses of its param, grad, moment, master copy and step count, its size,
-and where its blocks start in the grid. Each program finds its tensor by binary search over those starts and
-updates BLOCK elements: unmasked (and, when the host saw every address 16-byte aligned, with 16-byte loads) for
-whole blocks, masked for the last one. The element math mirrors csrc/include/fused_optim/lion.h line for line; the
+and where its programs start in the grid. Each program finds its tensor by binary search over those starts and
+updates BLOCKS consecutive blocks of BLOCK elements: unmasked (and, when the host saw every address 16-byte aligned,
+with 16-byte loads) for whole blocks, masked for the last one. The element math mirrors csrc/include/fused_optim/lion.h line for line; the
 step count keys the stochastic rounding's random stream, as in triton/adam.py. With moments="int8" the moment is
 int8 codes with a scale per 64 elements, stepped as (BLOCK / 64, 64) tiles (triton/adam.py's _update_block_int8).
 """
@@ -19,7 +19,10 @@ from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _fp64_
                                      _store_moment, _stream_key, load_param, param_pointers, store_param, write_back)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
-NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK and NUM_WARPS on a GPU
+NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
+# Blocks of one tensor a program and registers a thread at most (as triton/adam.py). Four: with one, Lion's bf16 and
+# int8 rows took the same 0.41 ms on the H200 as AdamW's int8 ones, far from their instructions' and bytes' times.
+BLOCKS, MAX_REGISTERS = 4, None
 COLUMNS = 7  # param, grad, exp_avg, master, step, moment_scales, numel
 STEP_COLUMN = 4
 
@@ -85,12 +88,13 @@ def _lion_kernel(
     WRITE: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCKS: tl.constexpr,
 ):
     skip = False
     if HAS_FOUND_INF:
         skip = tl.load(found_inf_ptr) != 0.0  # GradScaler found inf/NaN: touch nothing
     if not skip:
-        lo, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCK)
+        lo, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCKS * BLOCK)
         row = table_ptr + lo * COLUMNS
         param_ptr, master_ptr = param_pointers(row, 0, 3, PARAM_DTYPE, WRITE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
@@ -113,25 +117,32 @@ def _lion_kernel(
             step = tl.load(load_pointer(row, 4, tl.float32, False)) + 1.0
             stream = _stream_key(seed, first_tensor_index + lo, step)
 
-        offsets = start + tl.arange(0, BLOCK)
         if MOMENT_DTYPE == tl.int8:  # moments="int8"
             scales_ptr = load_pointer(row, 5, tl.uint16, False)
-            if start + BLOCK <= numel:
-                _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, start, numel,
-                                   grad_multiplier, param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2,
-                                   one_minus_beta2, stream, PARAM_DTYPE, WRITE, BLOCK, True)
-            else:
-                _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, start, numel,
-                                   grad_multiplier, param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2,
-                                   one_minus_beta2, stream, PARAM_DTYPE, WRITE, BLOCK, False)
-        elif start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
-            _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, None, grad_multiplier, param_decay,
-                          lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE,
-                          MOMENT_DTYPE, WRITE)
-        else:
-            _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, offsets < numel, grad_multiplier,
-                          param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream,
-                          PARAM_DTYPE, MOMENT_DTYPE, WRITE)
+        # BLOCKS blocks of the tensor, one after another: the search and scalars above are paid once for all
+        for k in range(BLOCKS):
+            block_start = start + k * BLOCK
+            offsets = block_start + tl.arange(0, BLOCK)
+            if block_start < numel:  # (else the tensor ended in an earlier block of this program)
+                if MOMENT_DTYPE == tl.int8:
+                    if block_start + BLOCK <= numel:
+                        _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, block_start,
+                                           numel, grad_multiplier, param_decay, lr64.to(tl.float32), beta1,
+                                           one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE, WRITE, BLOCK,
+                                           True)
+                    else:
+                        _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, block_start,
+                                           numel, grad_multiplier, param_decay, lr64.to(tl.float32), beta1,
+                                           one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE, WRITE, BLOCK,
+                                           False)
+                elif block_start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+                    _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, None, grad_multiplier,
+                                  param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2,
+                                  stream, PARAM_DTYPE, MOMENT_DTYPE, WRITE)
+                else:
+                    _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, offsets < numel,
+                                  grad_multiplier, param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2,
+                                  one_minus_beta2, stream, PARAM_DTYPE, MOMENT_DTYPE, WRITE)
 
 
 def lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2,
@@ -155,12 +166,12 @@ def _launch(params, grads, exp_avgs, master_params, steps, moment_scales, first_
             for i, p in enumerate(params)]
     # 16-byte loads need every array address (the first four columns; steps are read alone) 16-byte aligned.
     aligned = all_aligned(row[c] for row in rows for c in range(4))
-    entries, num_blocks = pack(rows, BLOCK)
+    entries, num_programs = pack(rows, BLOCKS * BLOCK)
     table = device_table(entries, params[0].device)
     num_tensors = len(params)
     unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off
-    if num_blocks > 0:
-        _lion_kernel[(num_blocks,)](
+    if num_programs > 0:
+        _lion_kernel[(num_programs,)](
             table, _fp64_bits(lr), unused if lr_tensor is None else lr_tensor,
             unused if grad_scale is None else grad_scale, unused if found_inf is None else found_inf,
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, weight_decay, seed, first_tensor_index, num_tensors,
@@ -168,6 +179,7 @@ def _launch(params, grads, exp_avgs, master_params, steps, moment_scales, first_
             MOMENT_DTYPE=tl.int8 if moment_scales else DTYPES[exp_avgs[0].dtype], MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
-            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=NUM_WARPS, **EXACT_ARITHMETIC,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, BLOCKS=BLOCKS, num_warps=NUM_WARPS,
+            maxnreg=MAX_REGISTERS, **EXACT_ARITHMETIC,
         )
     increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)

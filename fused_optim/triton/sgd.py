@@ -1,10 +1,10 @@
 """Triton SGD over a packed pointer table: one launch per group (per param/grad dtype pair), as triton/adam.py.
 
 The table holds, for each tensor, the addresses of its param, grad, momentum buffer and step count, and its size,
-then where each tensor's blocks start in the grid. Each program finds its tensor by binary search over those
-starts, reads whether this is the tensor's first step from its step count on the device, and updates BLOCK
-elements: unmasked (and, when the host saw every address 16-byte aligned, with 16-byte loads) for whole blocks,
-masked for the last one. The element math mirrors csrc/include/fused_optim/sgd.h line for line. Tables are cached
+then where each tensor's programs start in the grid. Each program finds its tensor by binary search over those
+starts, reads whether this is the tensor's first step from its step count on the device, and updates BLOCKS
+consecutive blocks of BLOCK elements: unmasked (and, when the host saw every address 16-byte aligned, with 16-byte
+loads) for whole blocks, masked for the last one. The element math mirrors csrc/include/fused_optim/sgd.h line for line. Tables are cached
 by their contents (triton/_table.py), so a step usually copies nothing to the device.
 """
 
@@ -20,7 +20,11 @@ from fused_optim.triton.adam import (INT8_BLOCK, _bf16_nearest, _dequantize, _mo
                                     _stream_key)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
-NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK and NUM_WARPS on a GPU
+NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
+# Blocks of one tensor a program and registers a thread at most (as triton/adam.py). One block: SGD's Triton rows
+# reached 85-88 % of the H200's copy roof so (docs/results.md), and at four its int8 kernel takes 90 registers in
+# place of 61 (five programs an SM in place of eight); benchmarks/gpu_triton_launch.py times four.
+BLOCKS, MAX_REGISTERS = 1, None
 COLUMNS = 6  # param, grad, momentum_buffer, step, moment_scales, numel
 STEP_COLUMN = 3
 
@@ -103,12 +107,13 @@ def _sgd_kernel(
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BUFFER_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCKS: tl.constexpr,
 ):
     skip = False
     if HAS_FOUND_INF:
         skip = tl.load(found_inf_ptr) != 0.0  # a skipped step: touch nothing
     if not skip:
-        tensor, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCK)
+        tensor, start = locate_block(table_ptr, num_tensors, COLUMNS, SEARCH_STEPS, BLOCKS * BLOCK)
         row = table_ptr + tensor * COLUMNS
         param_ptr = load_pointer(row, 0, PARAM_DTYPE, ALIGNED)
         grad_ptr = load_pointer(row, 1, GRAD_DTYPE, ALIGNED)
@@ -131,24 +136,30 @@ def _sgd_kernel(
         if MAXIMIZE:
             grad_multiplier = -grad_multiplier
 
-        offsets = start + tl.arange(0, BLOCK)
         if BUFFER_DTYPE == tl.int8:  # moments="int8" (always with momentum)
             scales_ptr = load_pointer(row, 4, tl.uint16, False)
-            if start + BLOCK <= numel:
-                _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, start, numel, grad_multiplier,
-                                   weight_decay, momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE,
-                                   NESTEROV, BLOCK, True)
-            else:
-                _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, start, numel, grad_multiplier,
-                                   weight_decay, momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE,
-                                   NESTEROV, BLOCK, False)
-        elif start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
-            _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, None, grad_multiplier, weight_decay, momentum,
-                          one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE, MOMENTUM, NESTEROV)
-        else:
-            _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < numel, grad_multiplier, weight_decay,
-                          momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE, MOMENTUM,
-                          NESTEROV)
+        # BLOCKS blocks of the tensor, one after another: the search and scalars above are paid once for all
+        for k in range(BLOCKS):
+            block_start = start + k * BLOCK
+            offsets = block_start + tl.arange(0, BLOCK)
+            if block_start < numel:  # (else the tensor ended in an earlier block of this program)
+                if BUFFER_DTYPE == tl.int8:
+                    if block_start + BLOCK <= numel:
+                        _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, block_start, numel,
+                                           grad_multiplier, weight_decay, momentum, one_minus_dampening, lr,
+                                           first_step, stream, PARAM_DTYPE, NESTEROV, BLOCK, True)
+                    else:
+                        _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, block_start, numel,
+                                           grad_multiplier, weight_decay, momentum, one_minus_dampening, lr,
+                                           first_step, stream, PARAM_DTYPE, NESTEROV, BLOCK, False)
+                elif block_start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+                    _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, None, grad_multiplier, weight_decay,
+                                  momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE,
+                                  MOMENTUM, NESTEROV)
+                else:
+                    _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < numel, grad_multiplier,
+                                  weight_decay, momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE,
+                                  BUFFER_DTYPE, MOMENTUM, NESTEROV)
 
 
 def sgd_step_triton(params, grads, momentum_buffers, steps, moment_scales, lr, lr_tensor, momentum, dampening,
@@ -170,14 +181,14 @@ def _launch(params, grads, momentum_buffers, steps, moment_scales, first_tensor_
     rows = [[p.data_ptr(), grads[i].data_ptr(), momentum_buffers[i].data_ptr() if has_momentum else 0,
              steps[i].data_ptr() if has_momentum else 0, moment_scales[i].data_ptr() if moment_scales else 0,
              p.numel()] for i, p in enumerate(params)]
-    entries, num_blocks = pack(rows, BLOCK)
+    entries, num_programs = pack(rows, BLOCKS * BLOCK)
     # 16-byte loads need every array address (the first three columns; steps are read alone) 16-byte aligned.
     aligned = all_aligned(address for row in rows for address in row[:3])
     table = device_table(entries, params[0].device)
     num_tensors = len(params)
     unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off
-    if num_blocks > 0:
-        _sgd_kernel[(num_blocks,)](
+    if num_programs > 0:
+        _sgd_kernel[(num_programs,)](
             table, lr, unused if lr_tensor is None else lr_tensor, unused if grad_scale is None else grad_scale,
             unused if found_inf is None else found_inf, momentum, 1.0 - dampening, weight_decay, seed,
             first_tensor_index, num_tensors, PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
@@ -186,7 +197,8 @@ def _launch(params, grads, momentum_buffers, steps, moment_scales, first_tensor_
             MOMENTUM=has_momentum,
             NESTEROV=nesterov, MAXIMIZE=maximize, HAS_LR_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
-            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=NUM_WARPS, **EXACT_ARITHMETIC,
+            SEARCH_STEPS=search_steps(num_tensors), COLUMNS=COLUMNS, BLOCK=BLOCK, BLOCKS=BLOCKS, num_warps=NUM_WARPS,
+            maxnreg=MAX_REGISTERS, **EXACT_ARITHMETIC,
         )
     if has_momentum:
         increment_steps(table, num_tensors, COLUMNS, STEP_COLUMN, found_inf)
