@@ -7,9 +7,9 @@
 #           tests/test_backend.py,
 #   modes   every optimizer x moment storage x master-weight mode, CUDA C++ and Triton, GB/s by its bytes model
 #           against the copy roof (benchmarks/gpu_moment_modes.py),
-#   launch  the Triton optimizer kernels at other launch shapes (BLOCK, NUM_WARPS; AdamW's BLOCKS a program and
-#           register cap, its launch before them included) for the int8 and stochastic-rounding rows, each checked
-#           bit for bit against today's shape (benchmarks/gpu_triton_launch.py),
+#   launch  the Triton optimizer kernels at other launch shapes (BLOCK, NUM_WARPS, BLOCKS a program, a register
+#           cap) for the int8 and stochastic-rounding rows, each checked bit for bit against today's shape
+#           (benchmarks/gpu_triton_launch.py),
 #   profile Nsight Compute (`ncu`, where the image has it) on an AdamW step of three rows (fp32 params with
 #           int8 moments; bf16 params with int8 moments and 24-bit masters; bf16 moments with stochastic
 #           rounding), CUDA C++ and Triton: speed of light, occupancy, warp stalls, instruction mix,

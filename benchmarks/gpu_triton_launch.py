@@ -1,13 +1,13 @@
 """Step times of the Triton optimizer kernels at other launch shapes on a CUDA GPU, for the moment modes that miss
 issue 15's 90 % target: BLOCK elements a block, NUM_WARPS warps and BLOCKS blocks a program, MAX_REGISTERS a thread
-(today 1024, 4, 4 and no cap: 8 elements a thread).
+(today 1024, 4, 1 and no cap: 8 elements a thread).
 
 On the H200, with one block a program, five Triton rows of very different instructions and bytes took the same
 0.41-0.43 ms (AdamW with int8 moments or stochastic rounding, Lion with bf16 or int8 moments), as if each program's
-chain of dependent loads (the table, the tensor's addresses, its step count, then its data) bounded them. The
-kernels now step four blocks a program, for a quarter as many such chains; the second shape below is the old
-launch, the third caps the registers (more programs an SM), the others try fewer elements a thread (fewer
-registers, more warps) and larger programs.
+chain of dependent loads (the table, the tensor's addresses, its step count, then its data) bounded them. Four
+blocks a program (the second shape below) make a quarter as many such chains and 11-13 % fewer instructions an
+element on those rows, but more registers a thread; the third caps them (as many programs an SM as today), the
+others try fewer elements a thread (fewer registers, more warps) and larger programs.
 
 Each shape is set on the kernel's module (fused_optim.triton.adam, lion, sgd) for one row at a time. Its params and
 state after two steps must equal today's shape's bit for bit (the random bits hang on the element's index, not on
@@ -28,10 +28,11 @@ import torch
 from cpu_moment_modes import OPTIMIZERS, label, step_bytes
 from gpu_moment_modes import NUMEL, make_optimizer, write_results
 
-# Settings changed from today's (the first: none). Compiled for sm_90 here (no GPU): AdamW with int8 moments takes
-# 126 registers today (4 programs an SM), 96 under the cap (5; amsgrad's kernels spill there) and at one block a
-# program, 96 too with 8 warps of 4 elements a thread; Lion and SGD with int8 moments take 80-96 today.
-SHAPES = [{}, {"BLOCKS": 1}, {"MAX_REGISTERS": 96}, {"NUM_WARPS": 8}, {"BLOCK": 2048, "NUM_WARPS": 16}, {"BLOCKS": 8}]
+# Settings changed from today's (the first: none). Compiled for sm_90 here (no GPU), AdamW with int8 moments: 96
+# registers today, 120-126 at four blocks a program (Triton 3.6, 3.8), 96 again under the cap (amsgrad's kernels
+# spill there).
+SHAPES = [{}, {"BLOCKS": 4}, {"BLOCKS": 4, "MAX_REGISTERS": 96}, {"NUM_WARPS": 8}, {"NUM_WARPS": 8, "BLOCKS": 4},
+          {"BLOCK": 2048, "NUM_WARPS": 16}]
 SETTINGS = ("BLOCK", "NUM_WARPS", "BLOCKS", "MAX_REGISTERS")
 KERNEL_MODULES = {"AdamW": "fused_optim.triton.adam", "SGD": "fused_optim.triton.sgd",
                   "Lion": "fused_optim.triton.lion"}

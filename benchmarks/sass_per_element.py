@@ -13,7 +13,7 @@ the bytes take longer). Defaults: an H200 (132 SMs, 1.98 GHz, the 4,236 GB/s cop
 --measured adds the times of a gpu_moment_modes.py JSON.
 
     python benchmarks/sass_per_element.py [--measured benchmarks/results/nvidia-h200/moment_modes.json]
-    python benchmarks/sass_per_element.py --blocks 1 --max-registers 0   # the launch before BLOCKS and the cap
+    python benchmarks/sass_per_element.py --blocks 4   # four blocks a Triton program
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ MODULES = {"AdamW": "fused_optim.triton.adam", "SGD": "fused_optim.triton.sgd", 
 
 
 def stepped(name: str, dtype: torch.dtype, options: dict) -> list[torch.Tensor]:
-    """Params and state of two steps over three tensors: one of three programs (the last with a partial block and
-    a block past the end) at today's 4 blocks of 1024 a program, one empty, one of 130 elements."""
+    """Params and state of two steps over three tensors: one of 10,007 elements (at 4 blocks of 1024 a program,
+    three programs, the last with a partial block and a block past the end), one empty, one of 130."""
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(numel, generator=generator).to(dtype)) for numel in (10000 + 7, 0, 130)]
     optimizer = getattr(fused_optim, name)(params, lr=1e-3, backend="triton", **options)
@@ -41,7 +41,7 @@ def stepped(name: str, dtype: torch.dtype, options: dict) -> list[torch.Tensor]:
     return [t.contiguous().reshape(-1).view(torch.uint8).clone() for t in tensors]
 
 
-SHAPES = [{"BLOCK": 512}, {"BLOCK": 2048}, {"BLOCKS": 1}, {"BLOCKS": 3}]
+SHAPES = [{"BLOCK": 512}, {"BLOCK": 2048}, {"BLOCKS": 3}, {"BLOCKS": 4}]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: ",".join(f"{k}={v}" for k, v in shape.items()))

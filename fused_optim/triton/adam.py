@@ -26,11 +26,11 @@ BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two
 NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
 # Consecutive blocks of one tensor a program steps. Every thread computes the tensor's search and scalars (a chain of
 # dependent loads, then fp64 bias corrections: 180-200 instructions) once a program; at four blocks the whole
-# block's path is 11-14 % shorter for int8 moments and stochastic rounding (sm_90 SASS,
-# benchmarks/sass_per_element.py), and there are a quarter as many such chains to wait for.
-BLOCKS = 4
-# Registers a thread at most (None: as many as the compiler takes). A cap of 96 keeps five programs an SM on the
-# int8 and stochastic-rounding rows, but spills with amsgrad; benchmarks/gpu_triton_launch.py times it.
+# block's path is 11-13 % shorter for int8 moments and stochastic rounding (sm_90 SASS,
+# benchmarks/sass_per_element.py), but Triton 3.6 then takes more registers (fewer programs an SM) on six rows.
+# One until a GPU has timed four (benchmarks/gpu_triton_launch.py).
+BLOCKS = 1
+# Registers a thread at most (None: as many as the compiler takes; a cap spills with amsgrad).
 MAX_REGISTERS = None
 COLUMNS = 9  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, moment_scales, numel
 STEP_COLUMN = 6
@@ -314,6 +314,35 @@ def _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_
 
 
 @triton.jit
+def _step_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, scales_ptr, block_start,
+                numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                bias_correction2_sqrt, eps, stream, PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
+                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+    """The block of BLOCK elements from block_start (inside the tensor): whole, or the tensor's partial last one."""
+    offsets = block_start + tl.arange(0, BLOCK)
+    if MOMENT_DTYPE == tl.int8:
+        if block_start + BLOCK <= numel:
+            _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, scales_ptr,
+                               block_start, numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
+                               one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED,
+                               AMSGRAD, WRITE, BLOCK, True)
+        else:
+            _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, scales_ptr,
+                               block_start, numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
+                               one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED,
+                               AMSGRAD, WRITE, BLOCK, False)
+    elif block_start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+        _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets, None,
+                      grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                      bias_correction2_sqrt, eps, stream, PARAM_DTYPE, MOMENT_DTYPE, DECOUPLED, AMSGRAD, WRITE)
+    else:
+        _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets,
+                      offsets < numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
+                      one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, MOMENT_DTYPE,
+                      DECOUPLED, AMSGRAD, WRITE)
+
+
+@triton.jit
 def _adam_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
@@ -366,34 +395,18 @@ def _adam_kernel(
         if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16 or MOMENT_DTYPE == tl.int8:
             stream = _stream_key(seed, first_tensor_index + lo, step)
 
-        # BLOCKS blocks of the tensor, one after another: the search and scalars above are paid once for all
-        for k in range(BLOCKS):
-            block_start = start + k * BLOCK
-            offsets = block_start + tl.arange(0, BLOCK)
-            if block_start < numel:  # (else the tensor ended in an earlier block of this program)
-                if MOMENT_DTYPE == tl.int8:
-                    if block_start + BLOCK <= numel:
-                        _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr,
-                                           scales_ptr, block_start, numel, grad_multiplier, weight_decay,
-                                           param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                                           bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED, AMSGRAD,
-                                           WRITE, BLOCK, True)
-                    else:
-                        _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr,
-                                           scales_ptr, block_start, numel, grad_multiplier, weight_decay,
-                                           param_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                                           bias_correction2_sqrt, eps, stream, PARAM_DTYPE, DECOUPLED, AMSGRAD,
-                                           WRITE, BLOCK, False)
-                elif block_start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
-                    _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets,
-                                  None, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2,
-                                  one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE,
-                                  MOMENT_DTYPE, DECOUPLED, AMSGRAD, WRITE)
-                else:
-                    _update_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offsets,
-                                  offsets < numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1,
-                                  beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, stream,
-                                  PARAM_DTYPE, MOMENT_DTYPE, DECOUPLED, AMSGRAD, WRITE)
+        if BLOCKS == 1:  # (no loop: the code as it was before BLOCKS, which the H200 timed)
+            _step_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, scales_ptr, start,
+                        numel, grad_multiplier, weight_decay, param_decay, one_minus_beta1, beta2, one_minus_beta2,
+                        step_size, bias_correction2_sqrt, eps, stream, PARAM_DTYPE, MOMENT_DTYPE, DECOUPLED, AMSGRAD,
+                        WRITE, BLOCK)
+        else:  # BLOCKS blocks of the tensor, one after another: the search and scalars above paid once for all
+            for k in range(BLOCKS):
+                if start + k * BLOCK < numel:  # (else the tensor ended in an earlier block of this program)
+                    _step_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, scales_ptr,
+                                start + k * BLOCK, numel, grad_multiplier, weight_decay, param_decay,
+                                one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+                                stream, PARAM_DTYPE, MOMENT_DTYPE, DECOUPLED, AMSGRAD, WRITE, BLOCK)
 
 
 def _fp64_bits(value: float) -> int:

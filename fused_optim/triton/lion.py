@@ -20,9 +20,8 @@ from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _fp64_
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
-# Blocks of one tensor a program and registers a thread at most (as triton/adam.py). Four: with one, Lion's bf16 and
-# int8 rows took the same 0.41 ms on the H200 as AdamW's int8 ones, far from their instructions' and bytes' times.
-BLOCKS, MAX_REGISTERS = 4, None
+# Blocks of one tensor a program and registers a thread at most, as triton/adam.py's: one until a GPU has timed four
+BLOCKS, MAX_REGISTERS = 1, None
 COLUMNS = 7  # param, grad, exp_avg, master, step, moment_scales, numel
 STEP_COLUMN = 4
 
@@ -80,6 +79,30 @@ def _update_block_int8(param_ptr, grad_ptr, codes_ptr, master_ptr, scales_ptr, s
 
 
 @triton.jit
+def _step_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, block_start, numel, grad_multiplier,
+                param_decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE: tl.constexpr,
+                MOMENT_DTYPE: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+    """The block of BLOCK elements from block_start (inside the tensor): whole, or the tensor's partial last one."""
+    offsets = block_start + tl.arange(0, BLOCK)
+    if MOMENT_DTYPE == tl.int8:  # moments="int8"
+        if block_start + BLOCK <= numel:
+            _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, block_start, numel,
+                               grad_multiplier, param_decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                               stream, PARAM_DTYPE, WRITE, BLOCK, True)
+        else:
+            _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, block_start, numel,
+                               grad_multiplier, param_decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                               stream, PARAM_DTYPE, WRITE, BLOCK, False)
+    elif block_start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+        _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, None, grad_multiplier, param_decay, lr,
+                      beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE, MOMENT_DTYPE, WRITE)
+    else:
+        _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, offsets < numel, grad_multiplier,
+                      param_decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE,
+                      MOMENT_DTYPE, WRITE)
+
+
+@triton.jit
 def _lion_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
@@ -117,32 +140,19 @@ def _lion_kernel(
             step = tl.load(load_pointer(row, 4, tl.float32, False)) + 1.0
             stream = _stream_key(seed, first_tensor_index + lo, step)
 
-        if MOMENT_DTYPE == tl.int8:  # moments="int8"
+        scales_ptr = row  # unused but for moments="int8", whose scales' address is in column 5
+        if MOMENT_DTYPE == tl.int8:
             scales_ptr = load_pointer(row, 5, tl.uint16, False)
-        # BLOCKS blocks of the tensor, one after another: the search and scalars above are paid once for all
-        for k in range(BLOCKS):
-            block_start = start + k * BLOCK
-            offsets = block_start + tl.arange(0, BLOCK)
-            if block_start < numel:  # (else the tensor ended in an earlier block of this program)
-                if MOMENT_DTYPE == tl.int8:
-                    if block_start + BLOCK <= numel:
-                        _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, block_start,
-                                           numel, grad_multiplier, param_decay, lr64.to(tl.float32), beta1,
-                                           one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE, WRITE, BLOCK,
-                                           True)
-                    else:
-                        _update_block_int8(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, block_start,
-                                           numel, grad_multiplier, param_decay, lr64.to(tl.float32), beta1,
-                                           one_minus_beta1, beta2, one_minus_beta2, stream, PARAM_DTYPE, WRITE, BLOCK,
-                                           False)
-                elif block_start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
-                    _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, None, grad_multiplier,
-                                  param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2,
-                                  stream, PARAM_DTYPE, MOMENT_DTYPE, WRITE)
-                else:
-                    _update_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, offsets, offsets < numel,
-                                  grad_multiplier, param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2,
-                                  one_minus_beta2, stream, PARAM_DTYPE, MOMENT_DTYPE, WRITE)
+        if BLOCKS == 1:  # (no loop: the code as it was before BLOCKS, which the H200 timed)
+            _step_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, start, numel, grad_multiplier,
+                        param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2, one_minus_beta2, stream,
+                        PARAM_DTYPE, MOMENT_DTYPE, WRITE, BLOCK)
+        else:  # BLOCKS blocks of the tensor, one after another: the search and scalars above paid once for all
+            for k in range(BLOCKS):
+                if start + k * BLOCK < numel:  # (else the tensor ended in an earlier block of this program)
+                    _step_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, start + k * BLOCK, numel,
+                                grad_multiplier, param_decay, lr64.to(tl.float32), beta1, one_minus_beta1, beta2,
+                                one_minus_beta2, stream, PARAM_DTYPE, MOMENT_DTYPE, WRITE, BLOCK)
 
 
 def lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2,

@@ -21,9 +21,7 @@ from fused_optim.triton.adam import (INT8_BLOCK, _bf16_nearest, _dequantize, _mo
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
-# Blocks of one tensor a program and registers a thread at most (as triton/adam.py). One block: SGD's Triton rows
-# reached 85-88 % of the H200's copy roof so (docs/results.md), and at four its int8 kernel takes 90 registers in
-# place of 61 (five programs an SM in place of eight); benchmarks/gpu_triton_launch.py times four.
+# Blocks of one tensor a program and registers a thread at most, as triton/adam.py's (one until a GPU has timed four)
 BLOCKS, MAX_REGISTERS = 1, None
 COLUMNS = 6  # param, grad, momentum_buffer, step, moment_scales, numel
 STEP_COLUMN = 3
@@ -100,6 +98,30 @@ def _update_block_int8(param_ptr, grad_ptr, codes_ptr, scales_ptr, start, numel,
 
 
 @triton.jit
+def _step_block(param_ptr, grad_ptr, buffer_ptr, scales_ptr, block_start, numel, grad_multiplier, weight_decay,
+                momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE: tl.constexpr,
+                BUFFER_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+    """The block of BLOCK elements from block_start (inside the tensor): whole, or the tensor's partial last one."""
+    offsets = block_start + tl.arange(0, BLOCK)
+    if BUFFER_DTYPE == tl.int8:  # moments="int8" (always with momentum)
+        if block_start + BLOCK <= numel:
+            _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, block_start, numel, grad_multiplier,
+                               weight_decay, momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE,
+                               NESTEROV, BLOCK, True)
+        else:
+            _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, block_start, numel, grad_multiplier,
+                               weight_decay, momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE,
+                               NESTEROV, BLOCK, False)
+    elif block_start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
+        _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, None, grad_multiplier, weight_decay, momentum,
+                      one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE, MOMENTUM, NESTEROV)
+    else:
+        _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < numel, grad_multiplier, weight_decay,
+                      momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE, MOMENTUM,
+                      NESTEROV)
+
+
+@triton.jit
 def _sgd_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
@@ -136,30 +158,19 @@ def _sgd_kernel(
         if MAXIMIZE:
             grad_multiplier = -grad_multiplier
 
-        if BUFFER_DTYPE == tl.int8:  # moments="int8" (always with momentum)
+        scales_ptr = row  # unused but for moments="int8", whose scales' address is in column 4
+        if BUFFER_DTYPE == tl.int8:
             scales_ptr = load_pointer(row, 4, tl.uint16, False)
-        # BLOCKS blocks of the tensor, one after another: the search and scalars above are paid once for all
-        for k in range(BLOCKS):
-            block_start = start + k * BLOCK
-            offsets = block_start + tl.arange(0, BLOCK)
-            if block_start < numel:  # (else the tensor ended in an earlier block of this program)
-                if BUFFER_DTYPE == tl.int8:
-                    if block_start + BLOCK <= numel:
-                        _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, block_start, numel,
-                                           grad_multiplier, weight_decay, momentum, one_minus_dampening, lr,
-                                           first_step, stream, PARAM_DTYPE, NESTEROV, BLOCK, True)
-                    else:
-                        _update_block_int8(param_ptr, grad_ptr, buffer_ptr, scales_ptr, block_start, numel,
-                                           grad_multiplier, weight_decay, momentum, one_minus_dampening, lr,
-                                           first_step, stream, PARAM_DTYPE, NESTEROV, BLOCK, False)
-                elif block_start + BLOCK <= numel:  # a whole block: no mask, so the loads can be 16 bytes wide
-                    _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, None, grad_multiplier, weight_decay,
-                                  momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE,
-                                  MOMENTUM, NESTEROV)
-                else:
-                    _update_block(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < numel, grad_multiplier,
-                                  weight_decay, momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE,
-                                  BUFFER_DTYPE, MOMENTUM, NESTEROV)
+        if BLOCKS == 1:  # (no loop: the code as it was before BLOCKS, which the H200 timed)
+            _step_block(param_ptr, grad_ptr, buffer_ptr, scales_ptr, start, numel, grad_multiplier, weight_decay,
+                        momentum, one_minus_dampening, lr, first_step, stream, PARAM_DTYPE, BUFFER_DTYPE, MOMENTUM,
+                        NESTEROV, BLOCK)
+        else:  # BLOCKS blocks of the tensor, one after another: the search and scalars above paid once for all
+            for k in range(BLOCKS):
+                if start + k * BLOCK < numel:  # (else the tensor ended in an earlier block of this program)
+                    _step_block(param_ptr, grad_ptr, buffer_ptr, scales_ptr, start + k * BLOCK, numel,
+                                grad_multiplier, weight_decay, momentum, one_minus_dampening, lr, first_step, stream,
+                                PARAM_DTYPE, BUFFER_DTYPE, MOMENTUM, NESTEROV, BLOCK)
 
 
 def sgd_step_triton(params, grads, momentum_buffers, steps, moment_scales, lr, lr_tensor, momentum, dampening,
