@@ -133,11 +133,12 @@ def memory_widths(texts: list[str]) -> tuple[bool, bool]:
 def whole_block_path(instructions: list[tuple[int, str]]) -> tuple[int, int]:
     """(instructions before the loop over a program's blocks, instructions of one trip through it), on the path a
     whole block takes when no division or root takes its slow path. The loop is the one around the block's 16-byte
-    loads (8-byte ones where there are none; no loop: the walk ends at the EXIT, all of it one trip). Walks the code from its start: a branch whose
-    fall-through calls a slow path within a few instructions is taken (and one whose target does is not); a branch
-    past global accesses narrower than 8 bytes and none wider is taken (it chooses the aligned, whole block's path
-    over the partial or misaligned one, and skips thread 0's scalars); any other branch, a jump back of another loop
-    (a search: one trip counted) and a predicated EXIT fall through. The trip ends at the loop's jump back."""
+    loads (8-byte ones where there are none; no loop: the walk ends at the EXIT, all of it one trip). Walks the code
+    from its start: a branch whose fall-through calls a slow path within a few instructions is taken (and one whose
+    target does is not); a branch past global accesses narrower than 8 bytes and none wider is taken (it chooses the
+    aligned, whole block's path over the partial or misaligned one, and skips thread 0's scalars); any other branch,
+    a jump back of another loop (a search: one trip counted) and a predicated EXIT fall through. The trip ends at
+    the loop's jump back."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
     texts = [text for _, text in instructions]
     # the block's loads: 16 bytes wide, or 8 (4 bf16 a thread); the table's addresses are 8-byte loads too

@@ -1,7 +1,8 @@
 """The Triton optimizer kernels step the same bits at every launch shape (BLOCK elements a block, BLOCKS blocks a
-program): the random bits of stochastic rounding and of the int8 codes hang on an element's index,
-not on the program that steps it, and a block of int8 codes never straddles two programs. benchmarks/gpu_triton_launch.py times other shapes on a GPU on
-that premise (its own run checks it there too)."""
+program): the random bits of stochastic rounding and of the int8 codes hang on an element's index, not on the
+program that steps it, and a block of int8 codes never straddles two programs. benchmarks/gpu_triton_launch.py times
+other shapes on a GPU on that premise (its own run checks it there too)."""
+
 
 from __future__ import annotations
 

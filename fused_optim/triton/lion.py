@@ -3,9 +3,10 @@
 The table holds, for each tensor, the addresses of its param, grad, moment, master copy and step count, its size,
 and where its programs start in the grid. Each program finds its tensor by binary search over those starts and
 updates BLOCKS consecutive blocks of BLOCK elements: unmasked (and, when the host saw every address 16-byte aligned,
-with 16-byte loads) for whole blocks, masked for the last one. The element math mirrors csrc/include/fused_optim/lion.h line for line; the
-step count keys the stochastic rounding's random stream, as in triton/adam.py. With moments="int8" the moment is
-int8 codes with a scale per 64 elements, stepped as (BLOCK / 64, 64) tiles (triton/adam.py's _update_block_int8).
+with 16-byte loads) for whole blocks, masked for the last one. The element math mirrors
+csrc/include/fused_optim/lion.h line for line; the step count keys the stochastic rounding's random stream, as in
+triton/adam.py. With moments="int8" the moment is int8 codes with a scale per 64 elements, stepped as (BLOCK / 64,
+64) tiles (triton/adam.py's _update_block_int8).
 """
 
 from __future__ import annotations

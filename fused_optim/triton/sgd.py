@@ -4,8 +4,8 @@ The table holds, for each tensor, the addresses of its param, grad, momentum buf
 then where each tensor's programs start in the grid. Each program finds its tensor by binary search over those
 starts, reads whether this is the tensor's first step from its step count on the device, and updates BLOCKS
 consecutive blocks of BLOCK elements: unmasked (and, when the host saw every address 16-byte aligned, with 16-byte
-loads) for whole blocks, masked for the last one. The element math mirrors csrc/include/fused_optim/sgd.h line for line. Tables are cached
-by their contents (triton/_table.py), so a step usually copies nothing to the device.
+loads) for whole blocks, masked for the last one. The element math mirrors csrc/include/fused_optim/sgd.h line for
+line. Tables are cached by their contents (triton/_table.py), so a step usually copies nothing to the device.
 """
 
 from __future__ import annotations
