@@ -3,7 +3,6 @@ program): the random bits of stochastic rounding and of the int8 codes hang on a
 program that steps it, and a block of int8 codes never straddles two programs. benchmarks/gpu_triton_launch.py times
 other shapes on a GPU on that premise (its own run checks it there too)."""
 
-
 from __future__ import annotations
 
 import importlib

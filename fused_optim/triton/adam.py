@@ -4,8 +4,8 @@ The table holds, for each tensor, the addresses of its param, grad, moments, mas
 and where its programs start in the grid. Each program finds its tensor by binary search over those starts, derives
 the tensor's scalars from the step count on the device, and updates BLOCKS consecutive blocks of BLOCK elements:
 unmasked (and, when the host saw every address 16-byte aligned, with 16-byte loads) for whole blocks, masked for the
-last one. The element math
-mirrors csrc/include/fused_optim/adam.h line for line; the stochastic-rounding hash mirrors rounding.h.
+last one. The element math mirrors csrc/include/fused_optim/adam.h line for line; the stochastic-rounding hash
+mirrors rounding.h.
 
 The table and its search are fused_optim/triton/_table.py's, shared with the other multi-tensor kernels.
 """
