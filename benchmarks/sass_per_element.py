@@ -40,6 +40,30 @@ SIGNATURE = {  # _adam_kernel's runtime arguments, in order
 INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")  # /*address*/ text ;
 
 
+def write_back(options: tuple) -> int:
+    """How a row's update reaches its param: rounding.h's WriteBack, which triton/adam.py's constants number alike."""
+    from fused_optim.triton import adam
+
+    options = dict(options)
+    if options.get("stochastic_rounding"):
+        return adam.STOCHASTIC.value
+    return {None: adam.NEAREST, True: adam.REMAINDER, 24: adam.REMAINDER8}[options.get("master_weights")].value
+
+
+def cuobjdump(*args: str, check: bool = True) -> str:
+    """What Triton's cuobjdump prints for these arguments (check: raise if it fails)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=check).stdout
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """cuobjdump's SASS as (address, text) in order."""
+    return [(int(match.group(1), 16), match.group(2)) for line in sass.splitlines()
+            if (match := INSTRUCTION.match(line))]
+
+
 def compile_adamw(dtype: str, moments: str, options: tuple):
     """(the Triton AdamW kernel of one row for sm_90: aligned, one tensor, AdamW's decoupled decay; the elements a
     thread steps in a block; the blocks a program steps)."""
@@ -51,13 +75,10 @@ def compile_adamw(dtype: str, moments: str, options: tuple):
     from fused_optim.triton import adam
     from fused_optim.triton._table import EXACT_ARITHMETIC
 
-    master = dict(options).get("master_weights")
-    write = adam.STOCHASTIC if dict(options).get("stochastic_rounding") else {
-        None: adam.NEAREST, True: adam.REMAINDER, 24: adam.REMAINDER8}[master]
     param_dtype = {"float32": tl.float32, "bfloat16": tl.bfloat16}[dtype]
     constexprs = dict(PARAM_DTYPE=param_dtype, GRAD_DTYPE=param_dtype,
                       MOMENT_DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "int8": tl.int8}[moments],
-                      DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False, WRITE=write.value, HAS_LR_TENSOR=False,
+                      DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False, WRITE=write_back(options), HAS_LR_TENSOR=False,
                       HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=True, SEARCH_STEPS=1,
                       COLUMNS=adam.COLUMNS, BLOCK=adam.BLOCK, BLOCKS=adam.BLOCKS)
     source = ASTSource(fn=adam._adam_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in constexprs}},
@@ -69,29 +90,21 @@ def compile_adamw(dtype: str, moments: str, options: tuple):
 
 def disassemble(cubin: bytes) -> tuple[list[tuple[int, str]], int]:
     """(the SASS instructions in order as (address, text), the registers a thread takes)."""
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        sass = subprocess.run([tool, "-sass", file.name], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([tool, "-res-usage", file.name], capture_output=True, text=True, check=True).stdout
-    instructions = [(int(match.group(1), 16), match.group(2)) for line in sass.splitlines()
-                    if (match := INSTRUCTION.match(line))]
-    return instructions, int(re.search(r"REG:(\d+)", usage).group(1))
+        sass, usage = cuobjdump("-sass", file.name), cuobjdump("-res-usage", file.name)
+    return sass_instructions(sass), int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 # csrc/cuda/adam.cu and adam_int8.cu: a block of 512 threads steps a chunk of 16 K elements, 8 a thread an iteration
 CUDA_ELEMENTS_PER_THREAD, CUDA_ITERATIONS = 8, 4
 CUDA_TYPES = {"float32": "float", "bfloat16": "c10::BFloat16"}
-CUDA_WRITE_BACK = {None: 0, True: 2, 24: 4, "stochastic": 3}  # rounding.h's WriteBack: nearest, remainders, stochastic
 
 
 def cuda_kernel_name(dtype: str, moments: str, options: tuple) -> str:
     """The demangled name's start of the CUDA C++ kernel one row launches (AdamW, no amsgrad)."""
-    options = dict(options)
-    write = CUDA_WRITE_BACK["stochastic" if options.get("stochastic_rounding") else options.get("master_weights")]
+    write = write_back(options)
     param = CUDA_TYPES[dtype]
     if moments == "int8":
         return f"adam_int8_kernel<{param}, {param}, false, (fused_optim::WriteBack){write}>"
@@ -102,20 +115,15 @@ def cuda_kernel_name(dtype: str, moments: str, options: tuple) -> str:
 def cuda_functions(library: str) -> dict[str, tuple[list[tuple[int, str]], int]]:
     """Every sm_90 kernel of the built CUDA extension: demangled name -> (its SASS instructions, its registers);
     none when it holds no sm_90 code."""
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    sass = subprocess.run([tool, "-arch", "sm_90", "-sass", library], capture_output=True, text=True).stdout
-    usage = subprocess.run([tool, "-arch", "sm_90", "-res-usage", library], capture_output=True, text=True).stdout
+    sass = cuobjdump("-arch", "sm_90", "-sass", library, check=False)  # nothing when it holds no sm_90 code
+    usage = cuobjdump("-arch", "sm_90", "-res-usage", library, check=False)
     names = re.findall(r"Function : (\S+)", sass)
     demangled = dict(zip(names, subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
                                                check=True).stdout.splitlines()))
     registers = dict(re.findall(r"Function (\S+):\s*REG:(\d+)", usage))
     functions = {}
     for name, body in zip(names, re.split(r"\n\s*Function : \S+", sass)[1:]):
-        instructions = [(int(match.group(1), 16), match.group(2)) for line in body.splitlines()
-                        if (match := INSTRUCTION.match(line))]
-        functions[demangled[name]] = (instructions, int(registers.get(name, 0)))
+        functions[demangled[name]] = (sass_instructions(body), int(registers.get(name, 0)))
     return functions
 
 
