@@ -9,11 +9,16 @@ four iterations of 8 elements a thread), then one trip through the loop over the
 thread steps in one (Triton: BLOCK / (32 x NUM_WARPS)). An SM issues one instruction a cycle for each of
 its four warp schedulers, so a step of N elements takes at least N x count / (SMs x 128 x clock): the issue floor.
 Beside it, the time the row's bytes take at the copy roof, and the highest % of that roof the floor leaves (100 when
-the bytes take longer). Defaults: an H200 (132 SMs, 1.98 GHz, the 4,236 GB/s copy roof it measured), 64 M params;
---measured adds the times of a gpu_moment_modes.py JSON.
+the bytes take longer). Then what hides the memory's latency: the warps an SM holds at once (its 64 K registers
+over the kernel's registers, at most 64; the more warps, the more loads in flight while others compute), and the
+barriers a thread waits at an element (BAR.SYNC: Triton puts one wherever it passes a tensor through shared memory
+to give it another layout, e.g. an fp32 store beside 16-bit arrays; every warp of the program then waits for the
+slowest). Defaults: an H200 (132 SMs, 1.98 GHz, the 4,236 GB/s copy roof it measured), 64 M params; --measured
+adds the times of a gpu_moment_modes.py JSON.
 
     python benchmarks/sass_per_element.py [--measured benchmarks/results/nvidia-h200/moment_modes.json]
     python benchmarks/sass_per_element.py --blocks 4   # four blocks a Triton program
+    python benchmarks/sass_per_element.py --num-warps 8 --blocks 4
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def compile_adamw(dtype: str, moments: str, options: tuple):
                        constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options={**EXACT_ARITHMETIC, "num_warps": adam.NUM_WARPS, "maxnreg": adam.MAX_REGISTERS})
-    return kernel, adam.BLOCK // (32 * adam.NUM_WARPS), adam.BLOCKS
+    return kernel, adam.BLOCK // (32 * adam.NUM_WARPS), adam.BLOCKS, adam.NUM_WARPS
 
 
 def disassemble(cubin: bytes) -> tuple[list[tuple[int, str]], int]:
@@ -98,7 +103,7 @@ def disassemble(cubin: bytes) -> tuple[list[tuple[int, str]], int]:
 
 
 # csrc/cuda/adam.cu and adam_int8.cu: a block of 512 threads steps a chunk of 16 K elements, 8 a thread an iteration
-CUDA_ELEMENTS_PER_THREAD, CUDA_ITERATIONS = 8, 4
+CUDA_ELEMENTS_PER_THREAD, CUDA_ITERATIONS, CUDA_WARPS = 8, 4, 16
 CUDA_TYPES = {"float32": "float", "bfloat16": "c10::BFloat16"}
 
 
@@ -138,8 +143,8 @@ def memory_widths(texts: list[str]) -> tuple[bool, bool]:
     return any(wide), not all(wide)
 
 
-def whole_block_path(instructions: list[tuple[int, str]]) -> tuple[int, int]:
-    """(instructions before the loop over a program's blocks, instructions of one trip through it), on the path a
+def whole_block_path(instructions: list[tuple[int, str]]) -> tuple[list[str], list[str]]:
+    """(the instructions before the loop over a program's blocks, those of one trip through it), on the path a
     whole block takes when no division or root takes its slow path. The loop is the one around the block's 16-byte
     loads (8-byte ones where there are none; no loop: the walk ends at the EXIT, all of it one trip). Walks the code
     from its start: a branch whose fall-through calls a slow path within a few instructions is taken (and one whose
@@ -156,16 +161,16 @@ def whole_block_path(instructions: list[tuple[int, str]]) -> tuple[int, int]:
                   and index[int(match.group(2), 16)] < i]
     back, header = next(((i, target) for i, target in back_jumps if any(target <= load < i for load in wide_loads)),
                         (None, None))
-    i, count, prologue = 0, 0, 0
+    i, path, prologue = 0, [], None
     for _ in range(100 * len(texts)):
         text = texts[i]
-        if i == header and not prologue:
-            prologue = count
-        count += 1
+        if i == header and prologue is None:
+            prologue = len(path)
+        path.append(text)
         if i == back:
-            return prologue, count - prologue
+            return path[:prologue], path[prologue:]
         if text == "EXIT" and header is None:
-            return 0, count
+            return [], path
         branch = BRANCH.match(text)
         if branch is None:
             i += 1
@@ -187,6 +192,13 @@ def whole_block_path(instructions: list[tuple[int, str]]) -> tuple[int, int]:
     raise ValueError("the walk did not come back to the loop's start")
 
 
+def warps_per_sm(registers: int, warps: int) -> int:
+    """The warps an SM holds of a kernel whose programs (blocks) have `warps` warps of `registers` registers a
+    thread: sm_90 has 64 K registers an SM, allocated 8 a thread at a time, and at most 64 warps and 32 blocks."""
+    registers_a_program = -(-registers // 8) * 8 * 32 * warps
+    return min(65536 // registers_a_program, 64 // warps, 32) * warps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sms", type=int, default=132)
@@ -194,6 +206,8 @@ def main() -> None:
     parser.add_argument("--roof-gbps", type=float, default=4236.0)
     parser.add_argument("--measured", help="a gpu_moment_modes.py JSON: its times beside the floors")
     parser.add_argument("--blocks", type=int, help="blocks a program (default: the launcher's BLOCKS)")
+    parser.add_argument("--block", type=int, help="elements a block (default: the launcher's BLOCK)")
+    parser.add_argument("--num-warps", type=int, help="warps a program (default: the launcher's NUM_WARPS)")
     parser.add_argument("--max-registers", type=int, help="registers a thread at most, 0 for no cap (default: the "
                                                             "launcher's MAX_REGISTERS)")
     parser.add_argument("--cuda", default=next(iter(glob.glob(os.path.join(ROOT, "fused_optim", "_C_cuda*.so"))), None),
@@ -203,8 +217,9 @@ def main() -> None:
         sys.exit("sass_per_element.py compiles for a GPU: run it without TRITON_INTERPRET=1.")
     from fused_optim.triton import adam
 
-    if args.blocks is not None:
-        adam.BLOCKS = args.blocks
+    for name, value in (("BLOCKS", args.blocks), ("BLOCK", args.block), ("NUM_WARPS", args.num_warps)):
+        if value is not None:
+            setattr(adam, name, value)
     if args.max_registers is not None:
         adam.MAX_REGISTERS = args.max_registers or None
     measured = {}
@@ -214,25 +229,31 @@ def main() -> None:
     cuda = cuda_functions(args.cuda) if args.cuda else {}
 
     issue_rate = args.sms * 4 * 32 * args.clock_ghz * 1e9  # thread instructions a second
-    print(f"{'row':64s} backend regs  SASS/elem  issue floor  bytes at roof  ceiling  measured")
+    print(f"{'row':64s} backend regs  SASS/elem  issue floor  bytes at roof  ceiling  warps/SM  BAR/elem  measured")
     for row in [row for row in OPTIMIZERS if row[0] == "AdamW"]:
-        kernel, per_thread, blocks = compile_adamw(*row[1:])
+        kernel, per_thread, blocks, warps = compile_adamw(*row[1:])
         instructions, registers = disassemble(kernel.asm["cubin"])
-        counts = {"triton": (registers, whole_block_path(instructions), blocks, per_thread)}
+        paths = {"triton": (registers, warps, whole_block_path(instructions), blocks, per_thread)}
         name = cuda_kernel_name(*row[1:])
         matches = [function for function in cuda if function.startswith(f"void fused_optim::(anonymous namespace)::"
                                                                            f"{name}")]
         if matches:
             instructions, registers = cuda[matches[0]]
-            counts["cuda"] = (registers, whole_block_path(instructions), CUDA_ITERATIONS, CUDA_ELEMENTS_PER_THREAD)
+            paths["cuda"] = (registers, CUDA_WARPS, whole_block_path(instructions), CUDA_ITERATIONS,
+                             CUDA_ELEMENTS_PER_THREAD)
         bytes_ms = step_bytes(*row, NUMEL) / (args.roof_gbps * 1e9) * 1e3
-        for backend, (registers, (prologue, trip), trips, per_thread) in counts.items():
-            per_element = (prologue / trips + trip) / per_thread
-            floor_ms = NUMEL * per_element / issue_rate * 1e3
+        for backend, (registers, warps, (prologue, trip), trips, per_thread) in paths.items():
+            def per_element(count):  # of instructions a thread runs, over the elements it steps
+                return (count(prologue) / trips + count(trip)) / per_thread
+
+            instructions_each = per_element(len)
+            barriers_each = per_element(lambda path: sum(text.startswith("BAR.SYNC") for text in path))
+            floor_ms = NUMEL * instructions_each / issue_rate * 1e3
             ceiling = min(100.0, 100 * bytes_ms / floor_ms)
             ms = measured.get((label(*row), backend))
-            print(f"{label(*row):64s} {backend:7s} {registers:4d} {per_element:10.1f} {floor_ms:9.3f} ms "
-                  f"{bytes_ms:10.3f} ms {ceiling:6.0f} %  " + (f"{ms:.3f} ms" if ms else ""))
+            print(f"{label(*row):64s} {backend:7s} {registers:4d} {instructions_each:10.1f} {floor_ms:9.3f} ms "
+                  f"{bytes_ms:10.3f} ms {ceiling:6.0f} %  {warps_per_sm(registers, warps):8d}  {barriers_each:8.2f}  "
+                  + (f"{ms:.3f} ms" if ms else ""))
 
 
 if __name__ == "__main__":
