@@ -264,3 +264,181 @@ def test_cuda_graph_capture_replays_like_eager_steps(spec, backend):
         assert torch.equal(p, q)
         assert graphed_opt.state[p]["step"].item() == warmup + replays
         assert_identical(graphed_opt.state[p], eager_opt.state[q])
+
+
+# What users change around an optimizer once it has state: torch's optimizers read params, state and hooks afresh
+# every step, so ours, which keep their op lists between steps (optim/_plan.py), must notice each change.
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_a_param_put_in_anothers_place_is_stepped_as_torchs(spec, backend, device):
+    """Model surgery after a step: `group["params"][0] = new_param` (same list, same length). The next steps
+    update the new param (with state of its own) and leave the old one, as torch's do."""
+    spec = SPECS[spec]
+    ours = make_params([torch.randn(s) for s in SHAPES], torch.float32, device)
+    theirs = make_params([p.detach() for p in ours], torch.float32, device)
+    opt = spec.ours(ours, lr=1e-2, backend=backend, **spec.options)
+    torch_opt = spec.theirs(theirs, lr=1e-2, foreach=False, **spec.options)
+    set_grads(random_grads(SHAPES, device=device), ours, theirs)
+    opt.step()
+    torch_opt.step()
+    old_ours, old_theirs = ours[0], theirs[0]
+    old_value = old_ours.detach().clone()
+    old_ours.grad = old_theirs.grad = None
+    replacement = torch.randn(SHAPES[0])
+    opt.param_groups[0]["params"][0] = ours[0] = make_params([replacement], torch.float32, device)[0]
+    torch_opt.param_groups[0]["params"][0] = theirs[0] = make_params([replacement], torch.float32, device)[0]
+    step_both_and_compare(opt, torch_opt, ours, theirs, SHAPES, device)
+    assert torch.equal(old_ours, old_value)
+    torch.testing.assert_close(old_ours, old_theirs, rtol=1e-6, atol=1e-6)
+    assert ours[0] in opt.state
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_a_param_whose_layout_changes_takes_its_state_along(spec, backend, device):
+    """`model.to(memory_format=torch.channels_last)` after a step (a resume, say) gives a param new strides under
+    the same Parameter. Its state follows (the kernels walk both as flat arrays) and the steps go on as torch's."""
+    spec = SPECS[spec]
+    shapes = [(4, 3, 3, 3), (5,)]
+    ours = make_params([torch.randn(s) for s in shapes], torch.float32, device)
+    theirs = make_params([p.detach() for p in ours], torch.float32, device)
+    opt = spec.ours(ours, lr=1e-2, backend=backend, **spec.options)
+    torch_opt = spec.theirs(theirs, lr=1e-2, foreach=False, **spec.options)
+    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device, steps=2)
+    for p in (ours[0], theirs[0]):
+        p.data = p.data.to(memory_format=torch.channels_last)
+    step_both_and_compare(opt, torch_opt, ours, theirs, shapes, device)
+    assert all(value.stride() == ours[0].stride() for value in opt.state[ours[0]].values() if value.dim() == 4)
+
+
+@pytest.mark.parametrize("moments", ["int8", "bf16"])
+def test_int8_and_bf16_moments_follow_a_layout_change(moments, cpu_backend):
+    """Moments stored in 8 or 16 bits keep their values through a layout change: beside a twin whose param kept its
+    layout, on the same grads, they differ by their rounding only (int8 codes, whose blocks run along memory, are
+    coded again; both round with random bits drawn by memory position)."""
+    init = torch.randn(4, 3, 5, 5)
+    params = make_params([init, init], torch.float32, "cpu")
+    kept, moved = (fused_optim.AdamW([p], lr=1e-2, moments=moments, backend=cpu_backend) for p in params)
+    for step in range(3):
+        if step == 2:
+            params[1].data = params[1].data.to(memory_format=torch.channels_last)
+        set_grads([torch.randn_like(init)] * 2, params)
+        kept.step()
+        moved.step()
+    assert all(value.stride() == params[1].stride() for value in moved.state[params[1]].values() if value.dim() == 4)
+    kept_state, moved_state = kept.torch_state_dict()["state"][0], moved.torch_state_dict()["state"][0]
+    for key in ("exp_avg", "exp_avg_sq"):
+        scale = kept_state[key].abs().max().item()
+        torch.testing.assert_close(moved_state[key], kept_state[key], rtol=0, atol=0.05 * scale)
+    torch.testing.assert_close(params[1], params[0], rtol=0, atol=2e-3)
+
+
+def test_int8_codes_load_into_a_param_of_another_layout():
+    """An int8 checkpoint saved beside a contiguous param loads into the same param in channels_last: the codes'
+    blocks run along memory, so they are coded again for the new layout rather than copied element by element."""
+    saved_param = torch.nn.Parameter(torch.randn(4, 3, 5, 5))
+    saved_opt = fused_optim.AdamW([saved_param], lr=1e-2, moments="int8", backend="cpu")
+    saved_param.grad = torch.randn_like(saved_param)
+    saved_opt.step()
+    expected = saved_opt.torch_state_dict()["state"][0]
+    p = torch.nn.Parameter(saved_param.detach().to(memory_format=torch.channels_last))
+    opt = fused_optim.AdamW([p], lr=1e-2, moments="int8", backend="cpu")
+    opt.load_state_dict(saved_opt.state_dict())
+    assert opt.state[p]["exp_avg"].stride() == p.stride()
+    loaded = opt.torch_state_dict()["state"][0]
+    for key in ("exp_avg", "exp_avg_sq"):  # coded again to nearest: within a code's step of the block's scale
+        torch.testing.assert_close(loaded[key], expected[key], rtol=0.05, atol=0.02 * expected[key].abs().max().item())
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_a_strided_param_is_refused_before_anything_changes(spec):
+    """The kernels step dense params (any order of dimensions); a strided view in a later group is refused at the
+    first step, before the earlier group is stepped or any state is made."""
+    spec = SPECS[spec]
+    dense = torch.nn.Parameter(torch.randn(3))
+    strided = torch.randn(8, 6)[:, ::2].detach().requires_grad_()
+    opt = spec.ours([{"params": [dense]}, {"params": [strided]}], lr=1e-2, backend="cpu", **spec.options)
+    dense.grad, strided.grad = torch.randn(3), torch.randn(8, 3)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"dense params .* strides \(6, 2\)"):
+        opt.step()
+    assert_identical(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_load_state_dict_hooks_work_as_torchs(spec):
+    """A pre hook's returned dict is what loads, and what a post hook sets stays, as with torch's optimizers."""
+    spec = SPECS[spec]
+    ours, opt = trained(spec, "cpu", "cpu")
+    state_key = spec.fp32_state[0]
+
+    def reset(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        for state in state_dict["state"].values():
+            state[state_key] = torch.zeros_like(state[state_key])
+        return state_dict
+
+    def halve(optimizer):
+        for state in optimizer.state.values():
+            state[state_key] = state[state_key] / 2
+
+    results = []
+    for cls, options in ((spec.ours, dict(backend="cpu")), (spec.theirs, dict(foreach=False))):
+        for hook in ("pre", "post"):
+            params = make_params([p.detach() for p in ours], torch.float32, "cpu")
+            loader = cls(params, lr=1e-2, **spec.options, **options)
+            if hook == "pre":
+                loader.register_load_state_dict_pre_hook(reset)
+            else:
+                loader.register_load_state_dict_post_hook(halve)
+            loader.load_state_dict(copy.deepcopy(opt.state_dict()))
+            results.append([loader.state[p][state_key].float() for p in params])
+    for ours_loaded, theirs_loaded in zip(results[:2], results[2:]):
+        for value, expected in zip(ours_loaded, theirs_loaded):
+            assert torch.equal(value, expected)
+    assert all(not value.any() for value in results[0])
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_a_state_dict_post_hook_may_key_the_state_by_name(spec):
+    """A post hook that keys params by name (for checkpoints that outlive a model's param order) gets the whole
+    state dict, and a pre hook that keys them back loads it, as with torch's optimizers; torch_state_dict() too."""
+    spec = SPECS[spec]
+    ours, opt = trained(spec, "cpu", "cpu")
+    names = [f"layer{i}.weight" for i in range(len(ours))]
+
+    def by_name(optimizer, state_dict):
+        state_dict["state"] = {names[index]: state for index, state in state_dict["state"].items()}
+        state_dict["param_groups"] = [{**group, "params": [names[i] for i in group["params"]]}
+                                      for group in state_dict["param_groups"]]
+
+    opt.register_state_dict_post_hook(by_name)
+    for state_dict in (opt.state_dict(), opt.torch_state_dict()):
+        assert set(state_dict["state"]) == set(names)
+        assert state_dict["param_groups"][0]["params"] == names
+    theirs = make_params([p.detach() for p in ours], torch.float32, "cpu")
+    torch_opt = spec.theirs(theirs, lr=1e-2, foreach=False, **spec.options)
+
+    def by_index(optimizer, state_dict):
+        index = {name: i for i, name in enumerate(names)}
+        return {"state": {index[name]: state for name, state in state_dict["state"].items()},
+                "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                                 for group in state_dict["param_groups"]]}
+
+    torch_opt.register_load_state_dict_pre_hook(by_index)
+    torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    step_both_and_compare(opt, torch_opt, ours, theirs, SHAPES, "cpu")
+
+
+def test_tensor_betas_of_an_added_group_are_read_as_the_constructors():
+    """Betas given as tensors are read once, by the constructor and by add_param_group alike (README)."""
+    opt = fused_optim.AdamW([torch.nn.Parameter(torch.randn(3))], betas=(torch.tensor(0.8), torch.tensor(0.9)))
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))],
+                         "betas": (torch.tensor(0.7), torch.tensor(0.95))})
+    assert opt.param_groups[0]["betas"] == (float(torch.tensor(0.8)), float(torch.tensor(0.9)))
+    assert opt.param_groups[1]["betas"] == (float(torch.tensor(0.7)), float(torch.tensor(0.95)))
+    with pytest.raises(ValueError, match=r"Tensor betas\[0\] must be 1-element"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "betas": (torch.ones(2), 0.9)})
+    assert len(opt.param_groups) == 2

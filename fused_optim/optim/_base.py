@@ -5,10 +5,11 @@ seed of each group, and pickling of our extra settings."""
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 import zlib
-from collections import ChainMap, Counter
-from typing import Any, Sequence
+from collections import ChainMap, Counter, OrderedDict
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +35,32 @@ def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     """The dtype of a param's optimizer state: fp32 for fp32, bf16 and fp16 params (ours), the param's own for
     float64 and complex params and for every param of a differentiable group (torch's)."""
     return torch.float32 if p.dtype in (torch.float32, *LOW_PRECISION) and not group.get("differentiable") else p.dtype
+
+
+def beta_value(value: float | Tensor, index: int) -> float:
+    """A beta given as a tensor, read once (a host read, never again in a step): the kernels take numbers."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.numel() != 1:
+        raise ValueError(f"Tensor betas[{index}] must be 1-element")
+    return float(value.item())
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether a tensor (a DTensor's local shard) fills one block of memory, its dimensions in any order: what the
+    kernels, which walk a param and its state as flat arrays, can step."""
+    local = t.to_local() if is_dtensor(t) else t
+    expected = 1
+    for size, stride in sorted(zip(local.shape, local.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape (or two DTensors' local shards) lay their elements out in the same order."""
+    return (a.to_local() if is_dtensor(a) else a).stride() == (b.to_local() if is_dtensor(b) else b).stride()
 
 
 MOMENTS = ("fp32", "bf16", "int8")  # the storage of an optimizer's moments: `moments=`
@@ -194,6 +221,9 @@ class FusedOptimizer(Optimizer):
         if problem is None:
             try:
                 check_group_options(self.param_groups[-1])
+                betas = self.param_groups[-1].get("betas")
+                if betas is not None:  # a group's own tensors read as the constructor reads them
+                    self.param_groups[-1]["betas"] = tuple(beta_value(beta, i) for i, beta in enumerate(betas))
             except ValueError as error:
                 problem = str(error)
         if problem is not None:
@@ -352,6 +382,7 @@ class FusedOptimizer(Optimizer):
             return plan.with_grads(grads)
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
                       if grad is not None]
+        self._check_dense([p for _, p, _ in with_grads])
         self._check_first_step(group, [(p, grad) for _, p, grad in with_grads])
         for _, p, _ in with_grads:
             _backend.resolve(self.backend, p.device.type)
@@ -360,10 +391,32 @@ class FusedOptimizer(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(p, state, group)
+            else:
+                self._follow_layout(p, state, group)
             kind = self._kind(p, state, group)
             plan.add(kind, index, p, self._state_tensors(group, state, kind))
         self._keep_plan(key, plan)
         return plan.with_grads(grads)
+
+    def _check_dense(self, params: list[Tensor]) -> None:
+        """The kernels walk a param and its state as flat arrays: a param must fill one block of memory (checked as
+        a plan is made, before any state is created or any group stepped)."""
+        for p in params:
+            if not is_dense(p):
+                raise RuntimeError(f"{type(self).__name__} steps dense params (one block of memory, in any order of "
+                                   f"dimensions), not a view of shape {tuple(p.shape)} with strides {p.stride()}: "
+                                   "make the param from a .contiguous() tensor")
+
+    def _follow_layout(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        """A param whose memory layout changed since its state was made (`model.to(memory_format=...)` after a step or
+        a load): its state takes the new layout, which the kernels walk it in. Values stay; int8 moments are coded
+        again (their blocks run along memory), rounded to nearest as on a load."""
+        if all(same_layout(value, p) for value in state.values() if isinstance(value, Tensor) and value.shape == p.shape):
+            return
+        held = dict(state)
+        restore_moments(p, state, held, group, self._moment_keys)
+        if "master_weights" in group:  # (SGD keeps no master weights)
+            _restore_master(p, state, held, group)
 
     def _keep_plan(self, key: int | Tensor, plan: Plan) -> None:
         """Keeps `plan` for the group `key` names (its index, or its param under gradient release); `Plan.fits`
@@ -423,8 +476,22 @@ class FusedOptimizer(Optimizer):
         """torch's state_dict, but for a DTensor param's int8 moment scales: those of its local shard's blocks,
         saved as a DTensor whose row r is rank r's (ops/_dtensor.py's rank_rows), so that a distributed checkpoint
         (DCP) keeps every rank's own; `load_state_dict` takes them back. Such a checkpoint loads on the sharding it
-        was saved from; `torch_state_dict()` (fp32 moments) reshards."""
-        state_dict = super().state_dict()
+        was saved from; `torch_state_dict()` (fp32 moments) reshards. The post hooks
+        (`register_state_dict_post_hook`) see it last, as torch's do."""
+        return self._with_state_dict_post_hooks(self._own_state_dict())
+
+    def _with_state_dict_post_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """`state_dict` after the post hooks, each given the last one's result (torch's state_dict's ending)."""
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _own_state_dict(self) -> dict[str, Any]:
+        """`state_dict` before its post hooks, which may renumber its params (by name, say)."""
+        with _held_back(self, "_optimizer_state_dict_post_hooks"):
+            state_dict = super().state_dict()
         numbered = self._numbered_params()
         for index, state in state_dict["state"].items():
             param = numbered[index][0]
@@ -441,12 +508,24 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
         TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device whatever
-        dtype it was saved in, and a DTensor param's int8 scales as its rank's own (`state_dict`)."""
+        dtype it was saved in, and a DTensor param's int8 scales as its rank's own (`state_dict`). The hooks run as
+        torch runs them: the pre hooks first (the dict one returns is the one loaded), the post hooks last (what they
+        set stays)."""
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()  # the pre hooks may change the dict they get: torch gives them a copy
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         state_dict = self._with_local_scales(state_dict)
         check_saved_state(self, state_dict, self._moment_keys)
         self._plans.clear()
-        super().load_state_dict(state_dict)
+        with _held_back(self, "_optimizer_load_state_dict_pre_hooks"), \
+                _held_back(self, "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict(state_dict)
         self._restore_saved_state(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def _with_local_scales(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """`state_dict` with each DTensor param's saved int8 scales (a rank_rows DTensor) as this rank's plain rows."""
@@ -469,8 +548,9 @@ class FusedOptimizer(Optimizer):
         """The state_dict in the form torch's own optimizer (and an fp32-master trainer) reads: each bf16 param's
         master remainder joined with the param into its fp32 master, `master_param`; bf16 and int8 moments
         (moments="bf16", "int8") as fp32, without their scales; the rest as `state_dict()` gives it (step counts).
-        `state_dict()` itself saves remainders and moments as they are; `load_state_dict` takes either form back."""
-        state_dict = self.state_dict()
+        `state_dict()` itself saves remainders and moments as they are; `load_state_dict` takes either form back.
+        The state_dict post hooks see it last, as `state_dict()`'s."""
+        state_dict = self._own_state_dict()
         numbered = self._numbered_params()
         for index, state in state_dict["state"].items():
             param, group = numbered[index]
@@ -486,7 +566,7 @@ class FusedOptimizer(Optimizer):
                 state.update({key: value.float() for key, value in state.items()
                               if key != "step" and isinstance(value, Tensor) and value.dtype == torch.bfloat16})
             state_dict["state"][index] = state
-        return state_dict
+        return self._with_state_dict_post_hooks(state_dict)
 
     @property
     def skipped_steps(self) -> Tensor:
@@ -531,6 +611,18 @@ class FusedOptimizer(Optimizer):
         if self.gradient_release:  # load_state_dict made new group dicts: the views follow them
             for group in self.param_groups:
                 self._hook_group(group)
+
+
+@contextlib.contextmanager
+def _held_back(optimizer: Optimizer, hooks: str) -> Iterator[None]:
+    """Within the block, torch's methods find none of the optimizer's `hooks` (the name of one of its hook dicts):
+    ours run them themselves, where torch would, around work of their own."""
+    held = getattr(optimizer, hooks)
+    setattr(optimizer, hooks, OrderedDict())
+    try:
+        yield
+    finally:
+        setattr(optimizer, hooks, held)
 
 
 def _describe_layout(t: Tensor) -> str:
@@ -620,13 +712,13 @@ def restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
                      moment_keys: dict[str, bool]) -> None:
     """A param's moments after a load, from the saved values (`moment_keys`: key -> signed), in the param's memory
     layout (which the kernels walk state in) and in this group's storage: saved int8 codes with their scales as they
-    are into an int8 group, else dequantized; any other saved moment converted to ours, rounded to nearest (to int8
-    codes with new scales)."""
+    are into an int8 group where they have the param's layout, else dequantized; any other saved moment converted to
+    ours, rounded to nearest (to int8 codes with new scales)."""
     state.pop("moment_scales", None)  # torch's loader cast a saved one to the param's dtype: re-taken below
     saved_scales = saved_state.get("moment_scales")
     keys = [key for key in moment_keys if key in saved_state]
     codes_saved = saved_scales is not None and all(saved_state[key].dtype in (torch.int8, torch.uint8) for key in keys)
-    if int8_moments(p, group) and codes_saved:
+    if int8_moments(p, group) and codes_saved and all(same_layout(saved_state[key], p) for key in keys):
         for key in keys:
             state[key] = torch.empty_like(p, dtype=saved_state[key].dtype).copy_(saved_state[key])
         state["moment_scales"] = saved_scales.to(device=p.device, copy=True)

@@ -1,8 +1,9 @@
 """A param group's op arguments kept between steps, less the grads: host time matters at a thousand tensors a step,
 so an optimizer builds its lists once and, on later steps, only puts the new grads in; it builds them again when
-which params have grads, the params, the state or the options that decide the op calls changed. A param's state
-changed means: its state dict replaced (`opt.state[p] = {}`), or an entry of it added, removed or set to another
-tensor (`opt.state[p]["step"] = torch.tensor(0.)`), as torch's optimizers, which read the state every step, see."""
+which params have grads, the params (one put in another's place in the group's list, or its memory layout changed:
+`model.to(memory_format=...)`), the state or the options that decide the op calls changed. A param's state changed
+means: its state dict replaced (`opt.state[p] = {}`), or an entry of it added, removed or set to another tensor
+(`opt.state[p]["step"] = torch.tensor(0.)`), as torch's optimizers, which read the state every step, see."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ class Plan:
     def __init__(self, group: dict[str, Any], state: dict, has_grad: list[bool], options: Hashable) -> None:
         self.group = group
         self.params = group["params"]
-        self.size = len(self.params)
+        self.members = list(self.params)  # the list may be changed in place: `params[0] = new_param`
+        self.strides = list(map(Tensor.stride, self.members))
         self.options = options
         self.state = state
         self.state_size = len(state)
@@ -53,7 +55,9 @@ class Plan:
         # identity, not equality, throughout (a tensor's == is elementwise), in C-level loops: ~0.25 us a param here
         return (
             group["params"] is self.params
-            and len(self.params) == self.size
+            and len(self.params) == len(self.members)
+            and all(map(operator.is_, self.params, self.members))
+            and list(map(Tensor.stride, self.params)) == self.strides
             and state is self.state
             and len(state) == self.state_size
             and options == self.options

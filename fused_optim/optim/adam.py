@@ -52,18 +52,8 @@ from torch.optim.adam import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.adam import adam_step
-from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, check_torch_flags, init_int8_scales,
-                                     init_master, int8_moments, master_of, moment_dtype)
-
-
-
-def _beta(value: float | Tensor, index: int) -> float:
-    """A beta given as a tensor, read once at construction (a host read, never again in a step)."""
-    if not isinstance(value, Tensor):
-        return value
-    if value.numel() != 1:
-        raise ValueError(f"Tensor betas[{index}] must be 1-element")
-    return float(value.item())
+from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, beta_value, check_torch_flags,
+                                     init_int8_scales, init_master, int8_moments, master_of, moment_dtype)
 
 
 class Adam(FusedOptimizer):
@@ -124,7 +114,7 @@ class Adam(FusedOptimizer):
                 raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
         defaults = {
             "lr": lr,
-            "betas": (_beta(betas[0], 0), _beta(betas[1], 1)),
+            "betas": (beta_value(betas[0], 0), beta_value(betas[1], 1)),
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,

@@ -131,6 +131,7 @@ class SGD(FusedOptimizer):
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
                       if grad is not None]
         check_torch_flags([p for _, p, _ in with_grads], group)
+        self._check_dense([p for _, p, grad in with_grads if not grad.is_sparse])
         for _, p, grad in with_grads:
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"fused_optim.SGD steps floating-point and complex params, not {p.dtype}")
@@ -166,6 +167,7 @@ class SGD(FusedOptimizer):
                 init_int8_scales(p, state, 1)
         elif "step" not in state:  # a buffer torch's update made (a sparse grad earlier): set
             state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
+        self._follow_layout(p, state, group)
         return [state["momentum_buffer"], state["step"], state.get("moment_scales")]
 
     def _buffer_if_set(self, p: Tensor) -> Tensor | None:
@@ -189,10 +191,10 @@ class SGD(FusedOptimizer):
                 if "step" in state:
                     state["step"].fill_(1.0)
 
-    def state_dict(self) -> dict[str, Any]:
+    def _own_state_dict(self) -> dict[str, Any]:
         """torch's state_dict, less the buffers no step has set yet (count 0: every step so far was skipped), so
         that it reads as torch.optim.SGD's would. Reads the counts on the host, once per call."""
-        state_dict = super().state_dict()
+        state_dict = super()._own_state_dict()
         unset = [index for index, state in state_dict["state"].items() if isinstance(state, dict)
                  and "step" in state and "momentum_buffer" in state and not bool(state["step"] != 0)]
         for index in unset:
