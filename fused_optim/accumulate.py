@@ -51,15 +51,26 @@ def accumulator_of(p: Tensor) -> tuple[GradAccumulator, int] | None:
     return None if accumulator is None else (accumulator, entry[1])
 
 
-def count_tokens(target: Tensor, ignore_index: int = -100) -> Tensor:
-    """The number of targets a loss counts (those != ignore_index): an int64 0-dim tensor, computed on the target's
-    device (no host sync). Sum it over micro-batches and pass it to `GradAccumulator.finalize(num_tokens=...)`.
+def count_tokens(target: Tensor, ignore_index: int = -100, *, weight: Tensor | None = None) -> Tensor:
+    """What torch's reduction="mean" divides a cross-entropy's summed loss by, as a 0-dim tensor on the target's
+    device (no host sync). Sum it over micro-batches and pass it to `GradAccumulator.finalize(num_tokens=...)`:
+    the losses summed with reduction="sum" over it are the full batch's mean loss.
+
+    Class-index targets count those != ignore_index (int64); with the loss's class `weight`, the sum of those
+    targets' weights (float: torch's weighted mean divides by it). Probability targets (floating point, (N, C) or
+    (N, C, d1, ...)) count their N x d1 x ... rows.
 
     Example:
         >>> fused_optim.count_tokens(torch.tensor([3, -100, 7]))
         tensor(2)
     """
-    return (target != ignore_index).sum()
+    if target.is_floating_point():  # probability targets: every row counts, the class dim does not
+        return torch.full((), target.numel() // target.shape[1] if target.dim() > 1 else 1, dtype=torch.int64,
+                          device=target.device)
+    kept = target != ignore_index
+    if weight is None:
+        return kept.sum()
+    return torch.where(kept, weight[torch.where(kept, target, 0)], 0).sum()
 
 
 def _local(p: Tensor) -> Tensor:

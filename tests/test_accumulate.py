@@ -116,6 +116,24 @@ def test_count_tokens():
     assert int(fused_optim.count_tokens(target, ignore_index=0)) == 5
 
 
+def test_count_tokens_is_what_torchs_mean_divides_by():
+    """A loss summed with reduction="sum", over count_tokens, is torch's reduction="mean" loss: class-index targets
+    with and without class weights (the weighted mean divides by the kept targets' weights), probability targets
+    (their rows), and (N, C, d) shapes."""
+    logits = torch.randn(4, 5, 3)
+    index_target = torch.randint(0, 5, (4, 3))
+    index_target[0, 1] = IGNORE
+    weight = torch.rand(5) + 0.5
+    probability_target = torch.randn(4, 5, 3).softmax(dim=1)
+    for target, kwargs in ((index_target, {}), (index_target, {"weight": weight}), (probability_target, {}),
+                           (probability_target[..., 0], {})):
+        x = logits[..., 0] if target.dim() == 2 and target.is_floating_point() else logits
+        ignore = {} if target.is_floating_point() else {"ignore_index": IGNORE}
+        summed = torch.nn.functional.cross_entropy(x, target, reduction="sum", **ignore, **kwargs)
+        mean = torch.nn.functional.cross_entropy(x, target, **ignore, **kwargs)
+        torch.testing.assert_close(summed / fused_optim.count_tokens(target, IGNORE, **kwargs), mean)
+
+
 def test_finalize_with_a_device_count_reads_nothing_on_the_host(cpu_backend):
     model, batches = make_model(), make_micro_batches()
     acc = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)

@@ -24,6 +24,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, assert_signature_extends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -558,6 +559,59 @@ def test_masked_and_huge_logits(backend, device):
     assert ours[0].isnan()
 
 
+@pytest.mark.parametrize("offset", [1e3, 3e4])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_label_smoothing_keeps_its_precision_when_the_logits_share_an_offset(backend, device, offset):
+    """Logits around 1e3 or 3e4 (an unnormalised head, no softcap) with label smoothing and class weights: the
+    smoothing term sum_j w_j (lse - z_j) summed as W * lse - sum_j w_j z_j would cancel, losing ulps of W * lse
+    (1e-4 of the loss at 1e4); summed as W * log(sum) + sum_j w_j (max - z_j), all terms >= 0, it is as
+    precise as torch's."""
+    logits = 3 * torch.randn(13, 1000, device=device) + offset
+    target = torch.randint(0, 1000, (13,), device=device)
+    weight = torch.rand(1000, device=device) + 0.5
+    x, torch_x, ref_x = logits.clone().requires_grad_(), logits.clone().requires_grad_(), \
+        logits.double().requires_grad_()
+    kwargs = dict(weight=weight, label_smoothing=0.1, reduction="none")
+    ours = FF.cross_entropy(x, target, backend=backend, **kwargs)
+    theirs = F.cross_entropy(torch_x, target, **kwargs)
+    ref, _ = reference_loss(ref_x, target, weight.double(), "none", label_smoothing=0.1)
+    loss_err, torch_loss_err = max_error(ours, ref), max_error(theirs, ref)
+    assert loss_err <= 2 * torch_loss_err + 2 * FP32_EPS * magnitude(ref), (loss_err, torch_loss_err)
+    grad_output = torch.rand(13, device=device)
+    (grad,) = torch.autograd.grad(ours, x, grad_output)
+    (torch_grad,) = torch.autograd.grad(theirs, torch_x, grad_output)
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, grad_output.double())
+    assert max_error(grad, ref_grad) <= 2 * max_error(torch_grad, ref_grad) + 0.5 * FP32_EPS
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_an_infinite_weight_on_a_class_no_target_takes_gives_torchs_finite_loss(backend, device):
+    """Inverse-frequency class weights give a class absent from the data the weight 1 / 0 = inf. Without label
+    smoothing no term of the loss or gradient holds it: torch's loss and gradient are finite, and so are ours (the
+    smoothing terms are left out, not multiplied by 0 to a NaN), for cross_entropy and linear_cross_entropy."""
+    counts = torch.tensor([30.0, 10.0, 5.0, 0.0], device=device)
+    weight = 1 / counts
+    target = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
+    logits = torch.randn(6, 4, device=device)
+    x, torch_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = FF.cross_entropy(x, target, weight, backend=backend)
+    theirs = F.cross_entropy(torch_x, target, weight)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(x.grad, torch_x.grad)
+    hidden, head = torch.randn(6, 3, device=device), torch.randn(4, 3, device=device)
+    h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    loss = FF.linear_cross_entropy(h, w, target, weight=weight, backend=backend)
+    loss.backward()
+    torch_h, torch_w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    torch_loss = F.cross_entropy(torch_h @ torch_w.T, target, weight)
+    torch_loss.backward()
+    torch.testing.assert_close(loss, torch_loss)
+    torch.testing.assert_close(h.grad, torch_h.grad)
+    torch.testing.assert_close(w.grad, torch_w.grad)
+
+
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_negative_label_smoothing_like_torch(backend, device):
     """torch accepts a label_smoothing below 0 (it checks only <= 1) and then smooths nothing: its loss and gradient
@@ -920,6 +974,30 @@ def test_double_backward_raises(backend, device):
     (grad,) = torch.autograd.grad(FF.cross_entropy(logits, target, backend=backend), logits, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
         grad.pow(2).sum().backward()  # a gradient penalty
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+def test_the_gradient_the_forward_makes_is_saved_as_activations_are(loss):
+    """The gradient computed in the forward is held as a saved tensor, as torch's loss holds its log-probabilities:
+    saved-tensor hooks (activation offloading: save_on_cpu) get it, and under activation checkpointing it is
+    dropped after the forward and made again in the backward, with the same gradients."""
+    hidden, head = torch.randn(8, 5), torch.randn(11, 5)
+    target = torch.randint(0, 11, (8,))
+
+    def run(h, w):
+        if loss == "cross_entropy":
+            return FF.cross_entropy(h @ w.T, target, label_smoothing=0.1)
+        return FF.linear_cross_entropy(h, w, target, label_smoothing=0.1)
+
+    h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        run(h, w).backward()
+    made = {(8, 11)} if loss == "cross_entropy" else {(8, 5), (11, 5)}  # d logits; d hidden and d head
+    assert made <= set(packed)
+    checkpointed_h, checkpointed_w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    torch.utils.checkpoint.checkpoint(run, checkpointed_h, checkpointed_w, use_reentrant=False).backward()
+    assert torch.equal(checkpointed_h.grad, h.grad) and torch.equal(checkpointed_w.grad, w.grad)
 
 
 def test_module_is_a_drop_in_for_torchs():

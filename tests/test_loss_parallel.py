@@ -40,6 +40,8 @@ OPTIONS = {
     "z_loss": dict(z_loss=1e-2),
     "softcap": dict(softcap=5.0),
     "everything": dict(ignored=True, label_smoothing=0.1, weight=True, z_loss=1e-3, softcap=30.0),
+    # logits around 1e4: each shard's smoothing term, against its own max, must combine without cancelling
+    "offset": dict(label_smoothing=0.1, weight=True, offset=1e4),
 }
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ["cpu", "torch"] + (["triton"] if TRITON_INTERPRETED else [])
@@ -50,7 +52,7 @@ SHARDED_GRADIENTS = _backend._release(torch.__version__) >= (2, 12)
 def make_case(num_classes: int, dtype: torch.dtype, options: dict, seed: int = 0):
     """(logits, target, class weights or None, loss kwargs), the same in every process."""
     generator = torch.Generator().manual_seed(seed)
-    logits = (4 * torch.randn(ROWS, num_classes, generator=generator)).to(dtype)
+    logits = (4 * torch.randn(ROWS, num_classes, generator=generator) + options.get("offset", 0.0)).to(dtype)
     target = torch.randint(0, num_classes, (ROWS,), generator=generator)
     if options.get("ignored"):
         target[1::3] = IGNORE

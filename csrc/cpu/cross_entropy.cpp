@@ -83,53 +83,54 @@ inline float row_max(const float* __restrict__ z, int64_t n) {
   return max;
 }
 
-// e[j] = exp(z[j] - max) and the row's sums of e and of w_j z_j. An `omp simd reduction` leaves the order of the
+// e[j] = exp(z[j] - max) and the row's sums of e and of w_j (max - z_j) (cross_entropy.h: the weighted gap, whose
+// terms are all >= 0). An `omp simd reduction` leaves the order of the
 // additions to the compiler: where it does not vectorise the loop (AVX2 builds) one fp32 running sum drops every
 // term below half an ulp of the max's own 1.0. So the order is ours and the same on every ISA: 16 explicit lanes
 // over blocks of 1024 logits (64 terms a lane), each block's lanes folded into fp64 totals.
 template <bool kWeighted>
 void exp_and_sums(const float* __restrict__ z, float* __restrict__ e, const float* class_weight, int64_t n,
-                  float max, float& sum_out, float& weighted_sum_out) {
+                  float max, float& sum_out, float& weighted_gap_out) {
   constexpr int64_t kLanes = 16, kBlock = 1024;
-  double sum = 0.0, weighted_sum = 0.0;
+  double sum = 0.0, weighted_gap = 0.0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
-    float sums[kLanes] = {}, weighted_sums[kLanes] = {};
+    float sums[kLanes] = {}, weighted_gaps[kLanes] = {};
     int64_t j = start;
     for (; j + kLanes <= end; j += kLanes) {
 #pragma omp simd
       for (int64_t k = 0; k < kLanes; ++k) {
         e[j + k] = vector_exp(z[j + k] - max);
         sums[k] += e[j + k];
-        weighted_sums[k] += (kWeighted ? class_weight[j + k] : 1.0f) * z[j + k];
+        weighted_gaps[k] += (kWeighted ? class_weight[j + k] : 1.0f) * (max - z[j + k]);
       }
     }
     for (int64_t k = 0; j < end; ++j, ++k) {  // the block's tail, into the first lanes
       e[j] = vector_exp(z[j] - max);
       sums[k] += e[j];
-      weighted_sums[k] += (kWeighted ? class_weight[j] : 1.0f) * z[j];
+      weighted_gaps[k] += (kWeighted ? class_weight[j] : 1.0f) * (max - z[j]);
     }
     for (int64_t k = 0; k < kLanes; ++k) {
       sum += sums[k];
-      weighted_sum += weighted_sums[k];
+      weighted_gap += weighted_gaps[k];
     }
   }
   sum_out = static_cast<float>(sum);
-  weighted_sum_out = static_cast<float>(weighted_sum);
+  weighted_gap_out = static_cast<float>(weighted_gap);
 }
 
 // Pass 1 over a row (or a rank's shard of one): its capped logits into z and their max, exp(z - max) into e, and
-// the sums of e and of w_j z_j.
+// the sums of e and of w_j (max - z_j).
 template <typename T, bool kSoftcap, bool kWeighted>
 void reduce_row(const T* x, const float* class_weight, int64_t num_classes, float softcap, float* __restrict__ z,
-                float* __restrict__ e, float& max, float& sum, float& weighted_sum) {
+                float* __restrict__ e, float& max, float& sum, float& weighted_gap) {
 #pragma omp simd
   for (int64_t j = 0; j < num_classes; ++j) {
     const float xj = load_float(x, j);
     z[j] = kSoftcap ? softcap * vector_tanh(xj / softcap) : xj;
   }
   max = row_max(z, num_classes);
-  exp_and_sums<kWeighted>(z, e, class_weight, num_classes, max, sum, weighted_sum);
+  exp_and_sums<kWeighted>(z, e, class_weight, num_classes, max, sum, weighted_gap);
 }
 
 // One kept row: capped logits into z (and their max), exp(z - max) into e (and their sums), then the gradient.
@@ -139,12 +140,12 @@ template <typename T, bool kSoftcap, bool kWeighted>
 void cross_entropy_row(const T* x, T* g, int64_t t, const float* class_weight, float* __restrict__ z,
                        float* __restrict__ e, float& loss, float& lse_out, const CrossEntropyOptions& options) {
   const int64_t num_classes = options.num_classes;
-  float max, sum, weighted_sum;
-  reduce_row<T, kSoftcap, kWeighted>(x, class_weight, num_classes, options.softcap, z, e, max, sum, weighted_sum);
+  float max, sum, weighted_gap;
+  reduce_row<T, kSoftcap, kWeighted>(x, class_weight, num_classes, options.softcap, z, e, max, sum, weighted_gap);
   const float log_sum = std::log(sum), lse = max + log_sum;
   const float target_weight = kWeighted ? class_weight[t] : 1.0f;
   lse_out = lse;
-  loss = cross_entropy_row_loss(max, log_sum, z[t], target_weight, weighted_sum, options);
+  loss = cross_entropy_row_loss(max, log_sum, z[t], target_weight, weighted_gap, options);
   if (g == nullptr) return;
   const CrossEntropyRowGrad row_grad = cross_entropy_row_grad(lse, target_weight, options);
   const float inv_sum = 1.0f / sum;  // p_j = exp(z_j - max) / sum
@@ -196,12 +197,12 @@ void shard_stats_rows(const Tensor& logits, const int64_t* target, const float* 
         stats[row] = ShardRowStats{0.0f, 0.0f, 0.0f, 0.0f};
         continue;
       }
-      float max, sum, weighted_sum;
+      float max, sum, weighted_gap;
       reduce_row<T, kSoftcap, kWeighted>(x_base + row * row_stride, class_weight, shard_classes, softcap, z,
-                                         z + shard_classes, max, sum, weighted_sum);
+                                         z + shard_classes, max, sum, weighted_gap);
       const int64_t local_t = t - class_start;
       const float target_logit = local_t >= 0 && local_t < shard_classes ? z[local_t] : 0.0f;
-      stats[row] = ShardRowStats{max, sum, target_logit, weighted_sum};
+      stats[row] = ShardRowStats{max, sum, target_logit, weighted_gap};
     }
   });
 }

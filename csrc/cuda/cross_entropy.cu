@@ -1,5 +1,5 @@
 // CUDA cross-entropy forward (+ the gradient in the same launch): one block per row. Pass 1 streams the row once
-// with 16-byte loads, each thread keeping an online (max, sum of exp) and the weighted logit sum, merged across
+// with 16-byte loads, each thread keeping an online (max, sum of exp) and weighted gap below the max, merged across
 // the block by warp shuffles; pass 2 streams the row again (from L2: at most a few hundred rows are in flight)
 // and writes the gradient, possibly over the logits themselves. The row math is fused_optim/cross_entropy.h,
 // which the CPU kernel and tests share.
@@ -27,36 +27,42 @@ __device__ __forceinline__ float class_weight_at(const float* class_weight, int6
 }
 
 // Merges every thread's running values; returns them to every thread of the block.
-__device__ void block_reduce(OnlineLogSumExp& acc, float& weighted_sum) {
-  __shared__ float shared_max[32], shared_sum[32], shared_weighted[32];
+__device__ void block_reduce(OnlineLogSumExp& acc, OnlineWeightedGap& gap) {
+  __shared__ float shared_max[32], shared_sum[32], shared_gap[32], shared_weight[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
     OnlineLogSumExp other;
     other.max = __shfl_xor_sync(0xffffffffu, acc.max, offset);
     other.sum = __shfl_xor_sync(0xffffffffu, acc.sum, offset);
+    OnlineWeightedGap other_gap;
+    other_gap.gap = __shfl_xor_sync(0xffffffffu, gap.gap, offset);
+    other_gap.weight = __shfl_xor_sync(0xffffffffu, gap.weight, offset);
+    const float max = acc.max;
     acc.merge(other);
-    weighted_sum += __shfl_xor_sync(0xffffffffu, weighted_sum, offset);
+    gap.merge(other_gap, max, other.max, acc.max);
   }
   if (lane == 0) {
-    shared_max[warp] = acc.max, shared_sum[warp] = acc.sum, shared_weighted[warp] = weighted_sum;
+    shared_max[warp] = acc.max, shared_sum[warp] = acc.sum, shared_gap[warp] = gap.gap, shared_weight[warp] = gap.weight;
   }
   __syncthreads();
   acc = OnlineLogSumExp{};
-  weighted_sum = 0.0f;
+  gap = OnlineWeightedGap{};
   for (int w = 0; w < num_warps; ++w) {  // every thread merges the few warp results itself: no second broadcast
     OnlineLogSumExp other;
     other.max = shared_max[w], other.sum = shared_sum[w];
+    const float max = acc.max;
     acc.merge(other);
-    weighted_sum += shared_weighted[w];
+    gap.merge(OnlineWeightedGap{shared_gap[w], shared_weight[w]}, max, other.max, acc.max);
   }
 }
 
-// Pass 1 over a row (or a rank's shard of one): the capped logits' (max, sum of exp(z - max)) and weighted sum,
-// each thread's merged across the block and returned to every thread. Whole vectors up to vector_end, then the tail.
+// Pass 1 over a row (or a rank's shard of one): the capped logits' (max, sum of exp(z - max)) and weighted gap below
+// the max, each thread's merged across the block and returned to every thread. Whole vectors up to vector_end, then
+// the tail.
 template <typename T>
 __device__ void reduce_row(const T* x, const float* class_weight, int64_t num_classes, int64_t vector_end,
-                           float softcap, OnlineLogSumExp& acc, float& weighted_sum) {
+                           float softcap, OnlineLogSumExp& acc, OnlineWeightedGap& gap) {
   using V = Vec<T>;
   for (int64_t j = threadIdx.x * V::kSize; j < vector_end; j += blockDim.x * V::kSize) {
     const V v = *reinterpret_cast<const V*>(x + j);
@@ -66,8 +72,11 @@ __device__ void reduce_row(const T* x, const float* class_weight, int64_t num_cl
     for (int k = 0; k < V::kSize; ++k) {
       z[k] = capped_logit(static_cast<float>(v.values[k]), softcap);
       chunk_max = fmaxf(chunk_max, z[k]);
-      weighted_sum += class_weight_at(class_weight, j + k) * z[k];
     }
+    const float new_max = fmaxf(acc.max, chunk_max);
+    gap.rise(acc.max, new_max);
+#pragma unroll
+    for (int k = 0; k < V::kSize; ++k) gap.add(z[k], class_weight_at(class_weight, j + k), new_max);
     if (chunk_max == -INFINITY) continue;  // all masked: nothing to add (and -inf - -inf would be NaN)
     OnlineLogSumExp chunk{chunk_max, 0.0f};  // one rescale per vector, not per element
 #pragma unroll
@@ -76,10 +85,12 @@ __device__ void reduce_row(const T* x, const float* class_weight, int64_t num_cl
   }
   for (int64_t j = vector_end + threadIdx.x; j < num_classes; j += blockDim.x) {
     const float z = capped_logit(static_cast<float>(x[j]), softcap);
+    const float max = acc.max;
     acc.add(z);
-    weighted_sum += class_weight_at(class_weight, j) * z;
+    gap.rise(max, acc.max);
+    gap.add(z, class_weight_at(class_weight, j), acc.max);
   }
-  block_reduce(acc, weighted_sum);
+  block_reduce(acc, gap);
 }
 
 template <typename T>
@@ -112,8 +123,8 @@ __global__ void cross_entropy_forward_kernel(const T* logits,  // (N, V), rows r
   CUDA_KERNEL_ASSERT(t >= 0 && t < num_classes && "Target is out of bounds");
 
   OnlineLogSumExp acc;
-  float weighted_sum = 0.0f;
-  reduce_row(x, class_weight, num_classes, vector_end, softcap, acc, weighted_sum);
+  OnlineWeightedGap gap;
+  reduce_row(x, class_weight, num_classes, vector_end, softcap, acc, gap);
 
   const float log_sum = logf(acc.sum), lse = acc.max + log_sum, inv_sum = 1.0f / acc.sum;
   const float target_weight = class_weight_at(class_weight, t);
@@ -121,7 +132,7 @@ __global__ void cross_entropy_forward_kernel(const T* logits,  // (N, V), rows r
   if (threadIdx.x == 0) {
     lse_out[row] = lse;
     loss[row] = cross_entropy_row_loss(acc.max, log_sum, capped_logit(static_cast<float>(x[t]), softcap),
-                                       target_weight, weighted_sum, options);
+                                       target_weight, gap.gap, options);
   }
   if (g == nullptr) return;
   // Every thread has read x[t] (thread 0) and its own elements before writing over them: the only element read
@@ -165,13 +176,13 @@ __global__ void shard_stats_kernel(const T* __restrict__ logits,  // (N, V_shard
   CUDA_KERNEL_ASSERT(t >= 0 && t < num_classes && "Target is out of bounds");
   const int64_t vector_end = vectorized ? shard_classes / V::kSize * V::kSize : 0;
   OnlineLogSumExp acc;
-  float weighted_sum = 0.0f;
-  reduce_row(x, class_weight, shard_classes, vector_end, softcap, acc, weighted_sum);
+  OnlineWeightedGap gap;
+  reduce_row(x, class_weight, shard_classes, vector_end, softcap, acc, gap);
   if (threadIdx.x == 0) {
     const int64_t local_t = t - class_start;
     const bool here = local_t >= 0 && local_t < shard_classes;
     stats[row] = ShardRowStats{acc.max, acc.sum,
-                               here ? capped_logit(static_cast<float>(x[local_t]), softcap) : 0.0f, weighted_sum};
+                               here ? capped_logit(static_cast<float>(x[local_t]), softcap) : 0.0f, gap.gap};
   }
 }
 

@@ -95,20 +95,22 @@ class CrossEntropyFunction(torch.autograd.Function):
             # Autograd must know the logits now hold the gradient: a graph that saved them for another
             # backward raises "modified by an inplace operation" instead of using the gradient as logits.
             torch.autograd.graph.increment_version(logits)
-        ctx.grad, ctx.backend = grad, backend
+        ctx.backend, ctx.scaled = backend, grad is None
         loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, loss_dtype(logits.dtype, logits.device))
-        ctx.save_for_backward(loss)  # for differentiable_once, which reads it only under create_graph=True
+        # The gradient saved as autograd saves activations: hooks that offload them (save_on_cpu) move it too, and
+        # activation checkpointing drops it and runs the forward again. The loss last, for differentiable_once.
+        ctx.save_for_backward(*([] if grad is None else [grad]), loss)
         ctx.mark_non_differentiable(z)
         return loss, z
 
     @staticmethod
     @differentiable_once("cross_entropy")
     def backward(ctx, grad_loss, grad_z):
-        grad = ctx.grad
-        if grad is None:
+        if ctx.scaled:
             raise RuntimeError("Trying to backward through the fused cross-entropy a second time; its gradient "
                                "buffer is used in place (backward once per forward).")
-        ctx.grad = None
+        ctx.scaled = True
+        grad = ctx.saved_tensors[0]
         row_scale = grad_loss.to(torch.float32).contiguous()
         ops.scale_grad_op(ctx.backend, grad.device)(grad, row_scale.view(-1))
         return grad, None, None, None, None, None, None, None, None, None, None, None

@@ -29,11 +29,13 @@ def differentiable_once(name: str):
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
+            # the loss's grad_fn is this Function's node: the way back to the inputs. Read before the backward,
+            # which may scale saved gradients in place (autograd then refuses to hand out its saved tensors).
+            loss = ctx.saved_tensors[-1] if torch.is_grad_enabled() else None
             with torch.no_grad():
                 grads = backward(ctx, *grad_outputs)
-            if not torch.is_grad_enabled():
+            if loss is None:
                 return grads
-            loss = ctx.saved_tensors[-1]  # its grad_fn is this Function's node: the way back to the inputs
             present = [i for i, g in enumerate(grads) if g is not None]
             marked = _functions.DelayedError(message, len(present) + 1)(*(grads[i] for i in present), loss)
             grads = list(grads)

@@ -101,11 +101,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         in_forward = reduction != "none"  # the per-row incoming gradient of "none" is known only in the backward
         loss_rows, lse, grads = chunks.run(needs if in_forward else (False, False, False))
-        ctx.reduction, ctx.grads = reduction, (grads if in_forward else None)
         loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, loss_dtype(input.dtype, input.device))
-        # "none": what the backward recomputes from, nothing else; and the loss last, for differentiable_once
+        # "none": what the backward recomputes from; else the gradients the forward made, saved as autograd saves
+        # activations (offloading hooks move them, activation checkpointing drops them and runs the forward again);
+        # and the loss last, for differentiable_once
         recompute_from = (input, linear_weight, linear_bias, target, weight, scales) if not in_forward else ()
-        ctx.save_for_backward(*recompute_from, loss)
+        made = [g for g in grads if g is not None] if in_forward else []
+        ctx.reduction, ctx.made, ctx.scaled = reduction, [g is not None for g in grads], False
+        ctx.save_for_backward(*recompute_from, *made, loss)
         if not in_forward:
             ctx.settings = ((ignore_index, label_smoothing, z_loss, softcap), rows, backend, vocab)
         ctx.mark_non_differentiable(z)
@@ -120,11 +123,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             chunks = _Chunks(*ctx.saved_tensors[:-1], options, rows, backend, vocab)
             _, _, grads = chunks.run(needs, row_scale=grad_loss.to(torch.float32).contiguous())
         else:
-            if ctx.grads is None:
+            if ctx.scaled:
                 raise RuntimeError("Trying to backward through the fused linear cross-entropy a second time; its "
                                    "gradients are computed in the forward and scaled in place (backward once per "
                                    "forward).")
-            grads, ctx.grads = ctx.grads, None
-            scale = grad_loss.to(torch.float32)
-            grads = tuple(g.mul_(scale) if g is not None else None for g in grads)
+            ctx.scaled = True
+            made, scale = iter(ctx.saved_tensors[:-1]), grad_loss.to(torch.float32)
+            grads = tuple(next(made).mul_(scale) if was_made else None for was_made in ctx.made)
         return (*grads, None, None, None, None, None, None, None, None, None, None, None)

@@ -4,7 +4,7 @@
 
 Each rank reads only its shard. Pass 1 (fused_optim::cross_entropy_shard_stats) reduces each row's shard to four
 numbers: its max, its sum of exp(z - max), the target's logit when the target is in the shard (else 0) and the
-weighted sum of its logits. One all-gather of those N x 4 floats per call (per chunk of rows for the linear loss)
+weighted gap of its logits below its max (sum_j w_j * (max - z_j): cross_entropy.h). One all-gather of those N x 4 floats per call (per chunk of rows for the linear loss)
 gives every rank every shard's numbers; each rank combines them (`combine`, below: the row max M, the sum
 S = sum_r sum_r exp(max_r - M), the loss from cross_entropy.h's formula, and the gradient's coefficients) and pass 2
 (fused_optim::cross_entropy_shard_grad_) writes its shard's gradient from p_j = exp(z_j - M) / S. The loss and the
@@ -95,7 +95,7 @@ def combine(gathered: Tensor, target: Tensor, weight: Tensor | None, scales: Ten
             ignore_index: int, label_smoothing: float, z_loss: float, needs_grad: bool):
     """Every rank's ShardRowStats of a row (gathered: (ranks, N, 4)) into the row's loss and lse (N,) and pass 2's
     coefficients (N, 5), with cross_entropy.h's formulas in fp32; ignored rows give zeros."""
-    maxes, sums, target_logits, weighted_sums = gathered.unbind(-1)
+    maxes, sums, target_logits, weighted_gaps = gathered.unbind(-1)
     row_max = maxes.amax(0)
     total = (sums * torch.exp(maxes - row_max)).sum(0)  # an empty shard adds 0 * exp(-inf) = 0
     log_sum = torch.log(total)
@@ -105,17 +105,29 @@ def combine(gathered: Tensor, target: Tensor, weight: Tensor | None, scales: Ten
     # (max - z_t) + log(sum), not lse - z_t: a confident row keeps its loss's precision (cross_entropy.h)
     loss = (1 - label_smoothing) * target_weight * ((row_max - target_logits.sum(0)) + log_sum)
     ce_scale, z_scale, weight_sum = scales.unbind()
-    if label_smoothing > 0:
-        loss = loss + label_smoothing / num_classes * (weight_sum * lse - weighted_sums.sum(0))
+    if label_smoothing > 0:  # each shard's gap below its own max, raised to the row's (an empty shard adds 0)
+        shard_weights = shard_weight_sums(weight, num_classes, gathered.shape[0], gathered.device)[:, None]
+        rise = torch.where((maxes < row_max) & (shard_weights != 0), shard_weights * (row_max - maxes), 0.0)
+        gap = (weighted_gaps + rise).sum(0)
+        loss = loss + label_smoothing / num_classes * (weight_sum * log_sum + gap)
     zero = torch.zeros_like(lse)
     coefs = None
     if needs_grad:
         target_coef = ce_scale * (1 - label_smoothing) * target_weight
         weight_coef = (ce_scale * label_smoothing / num_classes).expand_as(target_coef)
-        p_coef = target_coef + weight_coef * weight_sum + 2 * z_loss * z_scale * lse
+        smoothing = torch.where(weight_coef != 0, weight_coef * weight_sum, 0.0)  # no 0 * inf (cross_entropy.h)
+        p_coef = target_coef + smoothing + 2 * z_loss * z_scale * lse
         coefs = torch.stack([row_max, 1 / total, p_coef, weight_coef, target_coef], dim=1)
         coefs = torch.where(kept[:, None], coefs, 0.0).contiguous()
     return torch.where(kept, loss, zero), torch.where(kept, lse, zero), coefs
+
+
+def shard_weight_sums(weight: Tensor | None, num_classes: int, ranks: int, device: torch.device) -> Tensor:
+    """Each rank's sum of its classes' weights (its class count without weights), (ranks,) fp32, the classes split
+    as VocabShard splits them: ceil(V / ranks) a rank, the last ones fewer or none. Device ops only."""
+    chunk = -(-num_classes // ranks)
+    weights = weight.float() if weight is not None else torch.ones(num_classes, device=device)
+    return torch.nn.functional.pad(weights, (0, ranks * chunk - num_classes)).view(ranks, chunk).sum(1)
 
 
 def replicated_local(tensor: Tensor | None, what: str) -> Tensor | None:

@@ -128,8 +128,8 @@ def _shard_stats_torch(logits, target, weight, class_start, num_classes, ignore_
     here = kept & (local_target >= 0) & (local_target < shard_classes)
     target_logit = z.gather(1, torch.where(here, local_target, 0)[:, None])[:, 0] if shard_classes \
         else torch.zeros_like(row_max)
-    weighted_sum = (z * weight).sum(1) if weight is not None else z.sum(1)
-    stats = torch.stack([row_max, sums, torch.where(here, target_logit, 0.0), weighted_sum], dim=1)
+    stats = torch.stack([row_max, sums, torch.where(here, target_logit, 0.0), _weighted_gap(z, row_max, weight)],
+                        dim=1)
     return torch.where(kept[:, None], stats, 0.0)
 
 
@@ -138,7 +138,7 @@ def _shard_grad_torch(grad, logits, target, weight, row_coefs, class_start, igno
     kept = target != ignore_index
     z = _capped_fp32(logits, softcap)
     row_max, inv_sum, p_coef, weight_coef, target_coef = (c[:, None] for c in row_coefs.unbind(1))
-    g = torch.exp(z - row_max) * inv_sum * p_coef - weight_coef * (weight if weight is not None else 1.0)
+    g = torch.exp(z - row_max) * inv_sum * p_coef - _smoothing_grad(weight_coef, weight)
     local_target = target - class_start
     here = kept & (local_target >= 0) & (local_target < z.shape[1])
     if z.shape[1]:
@@ -177,6 +177,18 @@ def _scale_grad_triton(grad, row_scale):
     cross_entropy_scale_grad_triton(grad, row_scale)
 
 
+def _weighted_gap(z: torch.Tensor, row_max: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """sum_j w_j * (max - z_j) of each row (cross_entropy.h: the smoothing term without cancellation)."""
+    gap = torch.where(z < row_max[:, None], row_max[:, None] - z, 0.0)
+    return (gap * weight).sum(1) if weight is not None else gap.sum(1)
+
+
+def _smoothing_grad(weight_coef: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The smoothing term of the gradient, weight_coef * w: 0 where weight_coef is (no 0 * inf, cross_entropy.h)."""
+    term = weight_coef * (weight if weight is not None else 1.0)
+    return torch.where(weight_coef != 0, term, 0.0)
+
+
 def _forward_torch(logits, target, weight, scales, grad, ignore_index, label_smoothing, z_loss, softcap):
     """The same contract in plain torch ops, fp32 (it materialises a few (N, V) fp32 temporaries)."""
     check_forward_args(logits, target, weight, scales, grad)
@@ -195,14 +207,13 @@ def _forward_torch(logits, target, weight, scales, grad, ignore_index, label_smo
     ce_scale, z_scale, weight_sum = scales.unbind()
     loss = (1 - label_smoothing) * target_weight * ((row_max - target_logit) + log_sum)  # see cross_entropy.h
     if label_smoothing > 0:
-        weighted_sum = (z * weight).sum(1) if weight is not None else z.sum(1)
-        loss = loss + label_smoothing / num_classes * (weight_sum * lse - weighted_sum)
+        loss = loss + label_smoothing / num_classes * (weight_sum * log_sum + _weighted_gap(z, row_max, weight))
     if grad is not None:
         target_coef = ce_scale * (1 - label_smoothing) * target_weight
         weight_coef = ce_scale * label_smoothing / num_classes
-        p_coef = target_coef + weight_coef * weight_sum + 2 * z_loss * z_scale * lse
+        p_coef = target_coef + _smoothing_grad(weight_coef, weight_sum) + 2 * z_loss * z_scale * lse
         g = exp_shifted / sum_exp[:, None] * p_coef[:, None]
-        g -= weight_coef * (weight if weight is not None else 1.0)
+        g -= _smoothing_grad(weight_coef, weight)
         g.scatter_add_(1, safe_target[:, None], -target_coef[:, None])
         if softcap > 0:
             g *= 1 - (z / softcap) ** 2

@@ -41,12 +41,13 @@ def _capped(x, softcap, SOFTCAP: tl.constexpr):
 @triton.jit
 def _online_row_stats(x_row, weight_ptr, row_length, num_classes, softcap, HAS_WEIGHT: tl.constexpr,
                       SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 1 over one row's first row_length of num_classes logits: the max, the sum of exp(z - max) (rescaled
-    online) and the lanes of the class-weighted logit sum."""
+    """Pass 1 over one row's first row_length of num_classes logits: the max, the sum of exp(z - max) and the
+    weighted gap sum_j w_j * (max - z_j) (cross_entropy.h's OnlineWeightedGap), both rescaled online."""
     cols = tl.arange(0, BLOCK)
     running_max = -float("inf")
     running_sum = 0.0
-    weighted_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    gap = tl.zeros([BLOCK], dtype=tl.float32)  # lanes of the gap against the running max, and of their weights
+    gap_weight = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, row_length, BLOCK):
         offsets = start + cols
         mask = offsets < num_classes
@@ -56,13 +57,16 @@ def _online_row_stats(x_row, weight_ptr, row_length, num_classes, softcap, HAS_W
         # -inf - -inf would be NaN, exp(-inf - 0) is the 0 they add.
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
         running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.where(mask, tl.exp(z - shift), 0.0), axis=0)
-        running_max = new_max
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
         else:
             w = tl.where(mask, 1.0, 0.0)
-        weighted_sum += w * tl.where(mask, z, 0.0)
-    return running_max, running_sum, weighted_sum
+        rise = tl.where(new_max > running_max, gap_weight * (new_max - running_max), 0.0)
+        gap += tl.where(gap_weight != 0.0, rise, 0.0)  # (no 0 * inf while every logit so far is masked)
+        gap += tl.where(mask & (z < new_max), w * (new_max - z), 0.0)
+        gap_weight += w
+        running_max = new_max
+    return running_max, running_sum, tl.sum(gap, axis=0)
 
 
 @triton.jit
@@ -96,7 +100,7 @@ def _cross_entropy_forward_kernel(
     in_range = (target >= 0) & (target < num_classes)
     row_length = tl.where(kept, num_classes, 0)  # an ignored row reads nothing
 
-    running_max, running_sum, weighted_sum = _online_row_stats(x_row, weight_ptr, row_length, num_classes, softcap,
+    running_max, running_sum, weighted_gap = _online_row_stats(x_row, weight_ptr, row_length, num_classes, softcap,
                                                                 HAS_WEIGHT, SOFTCAP, BLOCK)
     log_sum = tl.log(running_sum)
     lse = running_max + log_sum
@@ -113,7 +117,7 @@ def _cross_entropy_forward_kernel(
     weight_sum = tl.load(scales_ptr + 2)
     # (max - z_t) + log(sum), not lse - z_t: a confident row keeps its loss's precision (cross_entropy.h)
     loss = (1.0 - label_smoothing) * target_weight * ((running_max - target_logit) + log_sum)
-    smoothing = label_smoothing / num_classes * (weight_sum * lse - tl.sum(weighted_sum, axis=0))
+    smoothing = label_smoothing / num_classes * (weight_sum * log_sum + weighted_gap)
     loss += tl.where(label_smoothing > 0, smoothing, 0.0)  # masked (-inf) logits make the unused term NaN
     loss = tl.where(in_range, loss, float("nan"))  # an out-of-range target shows as a NaN loss
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
@@ -122,7 +126,9 @@ def _cross_entropy_forward_kernel(
     if HAS_GRAD:
         target_coef = ce_scale * (1.0 - label_smoothing) * target_weight
         weight_coef = ce_scale * label_smoothing / num_classes
-        p_coef = target_coef + weight_coef * weight_sum + 2.0 * tl.cast(z_loss, tl.float32) * z_scale * lse
+        # the smoothing terms left out where they are 0, not multiplied by an inf class weight (cross_entropy.h)
+        p_coef = target_coef + tl.where(weight_coef != 0.0, weight_coef * weight_sum, 0.0) \
+            + 2.0 * tl.cast(z_loss, tl.float32) * z_scale * lse
         g_row = grad_ptr + row * row_stride
         for start in range(0, num_classes, BLOCK):
             offsets = start + cols
@@ -132,7 +138,8 @@ def _cross_entropy_forward_kernel(
                 w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
             else:
                 w = 1.0
-            g = tl.exp(z - running_max) * inv_sum * p_coef - weight_coef * w - tl.where(offsets == target, target_coef, 0.0)
+            g = (tl.exp(z - running_max) * inv_sum * p_coef - tl.where(weight_coef != 0.0, weight_coef * w, 0.0)
+                 - tl.where(offsets == target, target_coef, 0.0))
             if SOFTCAP:
                 t = z / softcap
                 g *= 1.0 - t * t
@@ -148,7 +155,7 @@ def _shard_stats_kernel(
     logits_ptr,  # (N, V_shard), rows row_stride elements apart
     target_ptr,  # (N,) int64, indices into the whole vocabulary
     weight_ptr,  # (V_shard,) fp32 class weights of the shard (unused without HAS_WEIGHT)
-    stats_ptr,  # (N, 4) fp32: max, sum of exp(z - max), target logit or 0, weighted logit sum (ShardRowStats)
+    stats_ptr,  # (N, 4) fp32: max, sum of exp(z - max), target logit or 0, weighted gap below max (ShardRowStats)
     shard_classes,
     row_stride,
     class_start,
@@ -167,7 +174,7 @@ def _shard_stats_kernel(
     target = tl.load(target_ptr + row)
     kept = target != ignore_index
     row_length = tl.where(kept, shard_classes, 0)  # an ignored row reads nothing and combines into nothing
-    running_max, running_sum, weighted_sum = _online_row_stats(x_row, weight_ptr, row_length, shard_classes, softcap,
+    running_max, running_sum, weighted_gap = _online_row_stats(x_row, weight_ptr, row_length, shard_classes, softcap,
                                                                 HAS_WEIGHT, SOFTCAP, BLOCK)
     local_target = target - class_start
     here = kept & (local_target >= 0) & (local_target < shard_classes)
@@ -178,7 +185,7 @@ def _shard_stats_kernel(
     tl.store(out, tl.where(kept, running_max, 0.0))
     tl.store(out + 1, running_sum)
     tl.store(out + 2, tl.where(here, target_logit, tl.where(in_range | ~kept, 0.0, float("nan"))))
-    tl.store(out + 3, tl.sum(weighted_sum, axis=0))
+    tl.store(out + 3, weighted_gap)
 
 
 @triton.jit
@@ -218,8 +225,8 @@ def _shard_grad_kernel(
         w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
     else:
         w = 1.0
-    g = tl.exp(z - row_max) * inv_sum * p_coef - weight_coef * w - tl.where(offsets == target - class_start,
-                                                                             target_coef, 0.0)
+    g = (tl.exp(z - row_max) * inv_sum * p_coef - tl.where(weight_coef != 0.0, weight_coef * w, 0.0)
+         - tl.where(offsets == target - class_start, target_coef, 0.0))
     if SOFTCAP:
         t = z / softcap
         g *= 1.0 - t * t

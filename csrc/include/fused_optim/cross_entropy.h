@@ -18,6 +18,10 @@
 // so one row costs one exp and one multiply-add per logit once lse is known. The loss is summed as
 // (max - z_t) + log(sum of exp(z - max)), not lse - z_t: for a confident row (z_t the max) that keeps the loss's
 // own relative precision instead of an ulp of lse, as torch's log_softmax does. Likewise p_j = exp(z_j - max) / sum.
+// The smoothing term sum_j w_j * (lse - z_j) is W * log(sum) + sum_j w_j * (max - z_j) (the weighted gap below the
+// max), whose terms are all >= 0: the sum of w_j z_j against W * lse would cancel, losing ulps of W * max when the
+// logits share a large offset. Where eps is 0 the smoothing terms are left out, not multiplied by 0: a class weight
+// of inf (1 / count of an absent class) then gives torch's finite loss and gradient, not 0 * inf = NaN.
 #pragma once
 
 #include <cmath>
@@ -28,6 +32,31 @@ namespace fused_optim {
 
 // The logit the softmax sees: x itself, or x soft-capped into (-softcap, softcap).
 FO_HOST_DEVICE float capped_logit(float x, float softcap) { return softcap > 0.0f ? softcap * tanhf(x / softcap) : x; }
+
+// Running weighted gap sum_j w_j * (max - z_j) of a stream of logits against its running max (the caller keeps the
+// max: an OnlineLogSumExp's): when the max rises, the terms so far grow by their weight times the rise. A logit at
+// the max adds 0, so a masked (-inf) one adds 0 while every logit so far is masked, and w * inf once the max rises
+// past it (the smoothing loss of a masked class is infinite, as torch's).
+struct OnlineWeightedGap {
+  float gap = 0.0f;
+  float weight = 0.0f;  // sum of the weights so far
+
+  FO_HOST_DEVICE void rise(float max, float new_max) {
+    if (new_max > max && weight != 0.0f) gap += weight * (new_max - max);
+  }
+  // logit z of weight w, the running max (already risen to z) being `max`
+  FO_HOST_DEVICE void add(float z, float w, float max) {
+    gap += z < max ? w * (max - z) : 0.0f;
+    weight += w;
+  }
+  // another stream's gap against its max `other_max`; this one's is against `max`, and the two together have `new_max`
+  FO_HOST_DEVICE void merge(OnlineWeightedGap other, float max, float other_max, float new_max) {
+    rise(max, new_max);
+    other.rise(other_max, new_max);
+    gap += other.gap;
+    weight += other.weight;
+  }
+};
 
 // Running (max, sum of exp(z - max)) of a stream of logits: one pass, no overflow (Milakov & Gimelshein 2018).
 struct OnlineLogSumExp {
@@ -63,7 +92,8 @@ struct CrossEntropyRowGrad {
   // dL/dx_j from p_j = exp(z_j - max) / sum (each platform brings its own exp), the capped logit z_j, its class
   // weight w_j and whether j is the target.
   FO_HOST_DEVICE float grad(float p, float z, float class_weight, bool is_target) const {
-    float g = p * p_coef - weight_coef * class_weight - (is_target ? target_coef : 0.0f);
+    const float smoothing = weight_coef != 0.0f ? weight_coef * class_weight : 0.0f;  // no 0 * inf
+    float g = p * p_coef - smoothing - (is_target ? target_coef : 0.0f);
     if (softcap > 0.0f) {
       const float t = z / softcap;
       g *= 1.0f - t * t;
@@ -83,14 +113,14 @@ struct CrossEntropyOptions {
 };
 
 // The loss of one kept row (without the z-loss, which the caller adds from lse) from its max capped logit, the
-// log of its sum of exp(z - max), its target's capped logit and weight, and the weighted sum of its capped logits
-// (sum_j w_j z_j).
+// log of its sum of exp(z - max), its target's capped logit and weight, and the weighted gap of its capped logits
+// below the max (sum_j w_j * (max - z_j)).
 FO_HOST_DEVICE float cross_entropy_row_loss(float max, float log_sum, float target_logit, float target_weight,
-                                            float weighted_logit_sum, const CrossEntropyOptions& o) {
+                                            float weighted_gap, const CrossEntropyOptions& o) {
   const float eps = o.label_smoothing;
   float loss = (1.0f - eps) * target_weight * ((max - target_logit) + log_sum);
   if (eps > 0.0f) {
-    loss += eps / static_cast<float>(o.num_classes) * (o.weight_sum * (max + log_sum) - weighted_logit_sum);
+    loss += eps / static_cast<float>(o.num_classes) * (o.weight_sum * log_sum + weighted_gap);
   }
   return loss;
 }
@@ -99,7 +129,8 @@ FO_HOST_DEVICE CrossEntropyRowGrad cross_entropy_row_grad(float lse, float targe
                                                           const CrossEntropyOptions& o) {
   const float target_coef = o.ce_scale * (1.0f - o.label_smoothing) * target_weight;
   const float weight_coef = o.ce_scale * o.label_smoothing / static_cast<float>(o.num_classes);
-  const float p_coef = target_coef + weight_coef * o.weight_sum + 2.0f * o.z_loss_coef * o.z_scale * lse;
+  const float smoothing = weight_coef != 0.0f ? weight_coef * o.weight_sum : 0.0f;
+  const float p_coef = target_coef + smoothing + 2.0f * o.z_loss_coef * o.z_scale * lse;
   return CrossEntropyRowGrad{lse, p_coef, weight_coef, target_coef, o.softcap};
 }
 
@@ -112,7 +143,7 @@ struct ShardRowStats {
   float max;           // of the shard's capped logits (-inf for an empty shard)
   float sum;           // of exp(z_j - max) over the shard
   float target_logit;  // z_t when the target is in this shard, else 0 (the ranks' values add up to z_t)
-  float weighted_sum;  // sum_j w_j z_j over the shard
+  float weighted_gap;  // sum_j w_j * (max - z_j) over the shard (against the shard's max)
 };
 
 // What pass 2 needs of a row (combined on every rank from all ranks' ShardRowStats), in the order kept on the device.
