@@ -84,14 +84,23 @@ def _check_target_dims(input: torch.Tensor, target: torch.Tensor) -> None:
         raise RuntimeError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
 
 
-def check_linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor,
-                               linear_bias: torch.Tensor | None) -> None:
+def check_linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None,
+                               target: torch.Tensor, ignore_index: int | None) -> None:
+    """torch 2.14's checks of linear_cross_entropy's own arguments, in its order and words (the logits' checks
+    follow: check_cross_entropy)."""
     if input.dim() not in (1, 2):
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
-    if linear_weight.shape[-1] != input.shape[-1]:
-        rows = input.shape[0] if input.dim() == 2 else 1
-        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{input.shape[-1]} and "
-                           f"{linear_weight.shape[-1]}x{linear_weight.shape[:-1].numel()})")
-    if linear_bias is not None and linear_bias.shape != linear_weight.shape[:-1]:
-        raise RuntimeError(f"expected linear_bias of shape {tuple(linear_weight.shape[:-1])}, got "
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    in_features = input.shape[-1]
+    if in_features != linear_weight.shape[-1]:
+        raise RuntimeError("expected equal input and linear_weight last dimensions (in_features), "
+                           f"got {in_features} and {linear_weight.shape[-1]}, respectively")
+    if linear_bias is not None and tuple(linear_bias.shape) != tuple(linear_weight.shape[:-1]):
+        raise RuntimeError(f"expected linear_bias shape {tuple(linear_weight.shape[:-1])}, got "
                            f"{tuple(linear_bias.shape)}")
+    if linear_weight.dim() > 2 and input.dim() == 1:
+        raise RuntimeError(f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires "
+                           f"batched input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}")
+    if ignore_index is not None and target.shape == (*input.shape[:-1], *linear_weight.shape[:-1]):
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")

@@ -115,10 +115,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         >>> loss = FF.linear_cross_entropy(hidden, lm_head, torch.randint(0, 1000, (64,)))
         >>> loss.backward()
     """
+    _loss_checks.check_linear_cross_entropy(input, linear_weight, linear_bias, target, ignore_index)
     ignore_index = -100 if ignore_index is None else ignore_index
     softcap = _check_extras(z_loss, softcap)
     backend = backend if backend is not None else _backend.default_backend()
-    _loss_checks.check_linear_cross_entropy(input, linear_weight, linear_bias)
     logits_shape = (*input.shape[:-1], *linear_weight.shape[:-1])
     # the checks of the logits this would give, on an expanded scalar: their shape, dtype and device, no memory
     _loss_checks.check_cross_entropy(input.new_empty(()).expand(logits_shape), target, weight, reduction,

@@ -487,13 +487,17 @@ def _bad_inputs(device):
     x, w, t = torch.randn(5, 16, device=device), torch.randn(37, 16, device=device), \
         torch.randint(0, 37, (5,), device=device)
     return {  # name: (input, linear_weight, target, kwargs for both, compare the messages)
-        "in-features-mismatch": (x, torch.randn(37, 17, device=device), t, {}, False),
+        "in-features-mismatch": (x, torch.randn(37, 17, device=device), t, {}, True),
+        "1d-linear-weight": (x[0], torch.randn(16, device=device), t[0], {}, True),
+        "k-dim-linear-weight-unbatched-input": (x[0], torch.randn(37, 3, 16, device=device), t[:3], {}, True),
+        "probability-target-with-ignore-index": (x, w, torch.rand(5, 37, device=device).softmax(1),
+                                                 dict(ignore_index=-100), True),
         "batch-size-mismatch": (x, w, t[:4], {}, True),
-        "bias-wrong-length": (x, w, t, dict(linear_bias=torch.randn(38, device=device)), False),
+        "bias-wrong-length": (x, w, t, dict(linear_bias=torch.randn(38, device=device)), True),
         "class-weight-wrong-length": (x, w, t, dict(weight=torch.rand(36, device=device)), False),
         "class-weight-float64": (x, w, t, dict(weight=torch.rand(37, dtype=torch.float64, device=device)), True),
         "int32-target": (x, w, t.int(), {}, True),
-        "3d-input": (torch.randn(2, 5, 16, device=device), w, t, {}, False),
+        "3d-input": (torch.randn(2, 5, 16, device=device), w, t, {}, True),
         "reduction-avg": (x, w, t, dict(reduction="avg"), True),
         "label_smoothing-2": (x, w, t, dict(label_smoothing=2.0), True),
         "target-out-of-range": (x, w, torch.tensor([1, 2, 37, 0, -100], device=device), {}, True),
