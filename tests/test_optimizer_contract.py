@@ -368,6 +368,21 @@ def test_a_strided_param_is_refused_before_anything_changes(spec):
 
 
 @pytest.mark.parametrize("spec", list(SPECS))
+def test_dense_params_in_any_layout_are_stepped_as_torchs(spec):
+    """Dense is any order of dimensions: transposed and channels_last params are stepped (their state in their
+    layout), and so is an empty one whatever its strides."""
+    spec = SPECS[spec]
+    init = [torch.randn(4, 3).t(), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+            torch.empty(3, 0)]
+    ours = [torch.nn.Parameter(t.clone(memory_format=torch.preserve_format)) for t in init]
+    theirs = [torch.nn.Parameter(t.clone(memory_format=torch.preserve_format)) for t in init]
+    assert [p.stride() for p in ours] == [t.stride() for t in init]
+    opt = spec.ours(ours, lr=1e-2, backend="cpu", **spec.options)
+    torch_opt = spec.theirs(theirs, lr=1e-2, foreach=False, **spec.options)
+    step_both_and_compare(opt, torch_opt, ours, theirs, [tuple(t.shape) for t in init], "cpu")
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
 def test_load_state_dict_hooks_work_as_torchs(spec):
     """A pre hook's returned dict is what loads, and what a post hook sets stays, as with torch's optimizers."""
     spec = SPECS[spec]

@@ -50,6 +50,8 @@ def is_dense(t: Tensor) -> bool:
     """Whether a tensor (a DTensor's local shard) fills one block of memory, its dimensions in any order: what the
     kernels, which walk a param and its state as flat arrays, can step."""
     local = t.to_local() if is_dtensor(t) else t
+    if local.numel() == 0:  # nothing to walk, whatever the strides
+        return True
     expected = 1
     for size, stride in sorted(zip(local.shape, local.stride()), key=lambda pair: pair[1]):
         if size != 1 and stride != expected:
