@@ -43,7 +43,8 @@ __device__ void block_reduce(OnlineLogSumExp& acc, OnlineWeightedGap& gap) {
     gap.merge(other_gap, max, other.max, acc.max);
   }
   if (lane == 0) {
-    shared_max[warp] = acc.max, shared_sum[warp] = acc.sum, shared_gap[warp] = gap.gap, shared_weight[warp] = gap.weight;
+    shared_max[warp] = acc.max, shared_sum[warp] = acc.sum;
+    shared_gap[warp] = gap.gap, shared_weight[warp] = gap.weight;
   }
   __syncthreads();
   acc = OnlineLogSumExp{};

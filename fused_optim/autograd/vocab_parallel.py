@@ -4,8 +4,8 @@
 
 Each rank reads only its shard. Pass 1 (fused_optim::cross_entropy_shard_stats) reduces each row's shard to four
 numbers: its max, its sum of exp(z - max), the target's logit when the target is in the shard (else 0) and the
-weighted gap of its logits below its max (sum_j w_j * (max - z_j): cross_entropy.h). One all-gather of those N x 4 floats per call (per chunk of rows for the linear loss)
-gives every rank every shard's numbers; each rank combines them (`combine`, below: the row max M, the sum
+weighted gap of its logits below its max (sum_j w_j * (max - z_j): cross_entropy.h). One all-gather of those N x 4
+floats per call (per chunk of rows for the linear loss) gives every rank every shard's numbers; each rank combines them (`combine`, below: the row max M, the sum
 S = sum_r sum_r exp(max_r - M), the loss from cross_entropy.h's formula, and the gradient's coefficients) and pass 2
 (fused_optim::cross_entropy_shard_grad_) writes its shard's gradient from p_j = exp(z_j - M) / S. The loss and the
 log-sum-exp come out as the unsharded kernel computes them, ((M - z_t) + log S and M + log S, in fp32), so every
@@ -115,8 +115,7 @@ def combine(gathered: Tensor, target: Tensor, weight: Tensor | None, scales: Ten
     if needs_grad:
         target_coef = ce_scale * (1 - label_smoothing) * target_weight
         weight_coef = (ce_scale * label_smoothing / num_classes).expand_as(target_coef)
-        smoothing = torch.where(weight_coef != 0, weight_coef * weight_sum, 0.0)  # no 0 * inf (cross_entropy.h)
-        p_coef = target_coef + smoothing + 2 * z_loss * z_scale * lse
+        p_coef = target_coef + ops.smoothing_term(weight_coef, weight_sum) + 2 * z_loss * z_scale * lse
         coefs = torch.stack([row_max, 1 / total, p_coef, weight_coef, target_coef], dim=1)
         coefs = torch.where(kept[:, None], coefs, 0.0).contiguous()
     return torch.where(kept, loss, zero), torch.where(kept, lse, zero), coefs

@@ -138,7 +138,7 @@ def _shard_grad_torch(grad, logits, target, weight, row_coefs, class_start, igno
     kept = target != ignore_index
     z = _capped_fp32(logits, softcap)
     row_max, inv_sum, p_coef, weight_coef, target_coef = (c[:, None] for c in row_coefs.unbind(1))
-    g = torch.exp(z - row_max) * inv_sum * p_coef - _smoothing_grad(weight_coef, weight)
+    g = torch.exp(z - row_max) * inv_sum * p_coef - smoothing_term(weight_coef, weight)
     local_target = target - class_start
     here = kept & (local_target >= 0) & (local_target < z.shape[1])
     if z.shape[1]:
@@ -183,8 +183,9 @@ def _weighted_gap(z: torch.Tensor, row_max: torch.Tensor, weight: torch.Tensor |
     return (gap * weight).sum(1) if weight is not None else gap.sum(1)
 
 
-def _smoothing_grad(weight_coef: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """The smoothing term of the gradient, weight_coef * w: 0 where weight_coef is (no 0 * inf, cross_entropy.h)."""
+def smoothing_term(weight_coef: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """A smoothing term of the gradient, weight_coef * w (w a class weight, or their sum): 0 where weight_coef is 0,
+    not 0 * inf (cross_entropy.h)."""
     term = weight_coef * (weight if weight is not None else 1.0)
     return torch.where(weight_coef != 0, term, 0.0)
 
@@ -211,9 +212,9 @@ def _forward_torch(logits, target, weight, scales, grad, ignore_index, label_smo
     if grad is not None:
         target_coef = ce_scale * (1 - label_smoothing) * target_weight
         weight_coef = ce_scale * label_smoothing / num_classes
-        p_coef = target_coef + _smoothing_grad(weight_coef, weight_sum) + 2 * z_loss * z_scale * lse
+        p_coef = target_coef + smoothing_term(weight_coef, weight_sum) + 2 * z_loss * z_scale * lse
         g = exp_shifted / sum_exp[:, None] * p_coef[:, None]
-        g -= _smoothing_grad(weight_coef, weight)
+        g -= smoothing_term(weight_coef, weight)
         g.scatter_add_(1, safe_target[:, None], -target_coef[:, None])
         if softcap > 0:
             g *= 1 - (z / softcap) ** 2

@@ -413,7 +413,8 @@ class FusedOptimizer(Optimizer):
         """A param whose memory layout changed since its state was made (`model.to(memory_format=...)` after a step or
         a load): its state takes the new layout, which the kernels walk it in. Values stay; int8 moments are coded
         again (their blocks run along memory), rounded to nearest as on a load."""
-        if all(same_layout(value, p) for value in state.values() if isinstance(value, Tensor) and value.shape == p.shape):
+        if all(same_layout(value, p) for value in state.values()
+               if isinstance(value, Tensor) and value.shape == p.shape):
             return
         held = dict(state)
         restore_moments(p, state, held, group, self._moment_keys)
