@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.lion import SPARSE_MESSAGE, lion_step
-from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, init_int8_scales, init_master, int8_moments,
-                                     master_of, moment_dtype)
+from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, beta_value, init_int8_scales, init_master,
+                                     int8_moments, master_of, moment_dtype)
 
 LION_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64)
 
@@ -76,7 +76,7 @@ class Lion(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = {
             "lr": lr,
-            "betas": tuple(float(beta) for beta in betas),
+            "betas": tuple(beta_value(beta, index) for index, beta in enumerate(betas)),
             "weight_decay": weight_decay,
             "maximize": maximize,
             "master_weights": master_weights,

@@ -39,6 +39,12 @@ def _capped(x, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _smoothing_term(weight_coef, weight):
+    """cross_entropy.h's smoothing_term: weight_coef * weight, 0 where weight_coef is 0 (not 0 * an inf weight)."""
+    return tl.where(weight_coef != 0.0, weight_coef * weight, 0.0)
+
+
+@triton.jit
 def _online_row_stats(x_row, weight_ptr, row_length, num_classes, softcap, HAS_WEIGHT: tl.constexpr,
                       SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1 over one row's first row_length of num_classes logits: the max, the sum of exp(z - max) and the
@@ -126,9 +132,8 @@ def _cross_entropy_forward_kernel(
     if HAS_GRAD:
         target_coef = ce_scale * (1.0 - label_smoothing) * target_weight
         weight_coef = ce_scale * label_smoothing / num_classes
-        # the smoothing terms left out where they are 0, not multiplied by an inf class weight (cross_entropy.h)
-        p_coef = target_coef + tl.where(weight_coef != 0.0, weight_coef * weight_sum, 0.0) \
-            + 2.0 * tl.cast(z_loss, tl.float32) * z_scale * lse
+        p_coef = (target_coef + _smoothing_term(weight_coef, weight_sum)
+                  + 2.0 * tl.cast(z_loss, tl.float32) * z_scale * lse)
         g_row = grad_ptr + row * row_stride
         for start in range(0, num_classes, BLOCK):
             offsets = start + cols
@@ -138,7 +143,7 @@ def _cross_entropy_forward_kernel(
                 w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
             else:
                 w = 1.0
-            g = (tl.exp(z - running_max) * inv_sum * p_coef - tl.where(weight_coef != 0.0, weight_coef * w, 0.0)
+            g = (tl.exp(z - running_max) * inv_sum * p_coef - _smoothing_term(weight_coef, w)
                  - tl.where(offsets == target, target_coef, 0.0))
             if SOFTCAP:
                 t = z / softcap
@@ -225,7 +230,7 @@ def _shard_grad_kernel(
         w = tl.load(weight_ptr + offsets, mask=mask, other=0.0)
     else:
         w = 1.0
-    g = (tl.exp(z - row_max) * inv_sum * p_coef - tl.where(weight_coef != 0.0, weight_coef * w, 0.0)
+    g = (tl.exp(z - row_max) * inv_sum * p_coef - _smoothing_term(weight_coef, w)
          - tl.where(offsets == target - class_start, target_coef, 0.0))
     if SOFTCAP:
         t = z / softcap

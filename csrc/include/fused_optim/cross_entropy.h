@@ -81,6 +81,11 @@ struct OnlineLogSumExp {
   }
 };
 
+// A smoothing term of the gradient, B * w (w a class weight, or their sum W): 0 where B is 0, not 0 * inf.
+FO_HOST_DEVICE float smoothing_term(float weight_coef, float weight) {
+  return weight_coef != 0.0f ? weight_coef * weight : 0.0f;
+}
+
 // What the gradient of one row needs once its log-sum-exp is known (see the formula above).
 struct CrossEntropyRowGrad {
   float lse;
@@ -92,8 +97,7 @@ struct CrossEntropyRowGrad {
   // dL/dx_j from p_j = exp(z_j - max) / sum (each platform brings its own exp), the capped logit z_j, its class
   // weight w_j and whether j is the target.
   FO_HOST_DEVICE float grad(float p, float z, float class_weight, bool is_target) const {
-    const float smoothing = weight_coef != 0.0f ? weight_coef * class_weight : 0.0f;  // no 0 * inf
-    float g = p * p_coef - smoothing - (is_target ? target_coef : 0.0f);
+    float g = p * p_coef - smoothing_term(weight_coef, class_weight) - (is_target ? target_coef : 0.0f);
     if (softcap > 0.0f) {
       const float t = z / softcap;
       g *= 1.0f - t * t;
@@ -129,8 +133,7 @@ FO_HOST_DEVICE CrossEntropyRowGrad cross_entropy_row_grad(float lse, float targe
                                                           const CrossEntropyOptions& o) {
   const float target_coef = o.ce_scale * (1.0f - o.label_smoothing) * target_weight;
   const float weight_coef = o.ce_scale * o.label_smoothing / static_cast<float>(o.num_classes);
-  const float smoothing = weight_coef != 0.0f ? weight_coef * o.weight_sum : 0.0f;
-  const float p_coef = target_coef + smoothing + 2.0f * o.z_loss_coef * o.z_scale * lse;
+  const float p_coef = target_coef + smoothing_term(weight_coef, o.weight_sum) + 2.0f * o.z_loss_coef * o.z_scale * lse;
   return CrossEntropyRowGrad{lse, p_coef, weight_coef, target_coef, o.softcap};
 }
 
