@@ -20,10 +20,9 @@ buffer, plus, when distributed, one all-reduce of it.
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fused_optim import _backend
+from fused_optim._weak_hooks import register_weak_hook, remove_when_collected
 from fused_optim.clip_grad import clip_coefficient, global_norm
 from fused_optim.ops._dtensor import DTensor, is_dtensor
 from fused_optim.ops._library import FLOAT_DTYPES, dense
@@ -171,14 +171,16 @@ class GradAccumulator:
                                                    shape=param.shape, stride=param.stride())
                 self.main_grads[i] = main_grad
         self._received = [False] * len(self.params)  # which params got a gradient since zero_()
-        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._accumulate_one, i))
+        # held weakly: a GradAccumulator let go stops taking the grads (a later one, or a release optimizer, has them)
+        self._hooks = [register_weak_hook(self, p, GradAccumulator._accumulate_one, i)
                        for i, p in enumerate(self.params)] if use_hooks else []
+        remove_when_collected(self, self._hooks)
         # Gradient release (`release()`): the scale of the armed step, the params it has yet to step, each param's
-        # stepping function (its optimizer's hook, as it last called), and whether the armed backward's end has
-        # been asked to step the params it left.
+        # stepping function (its optimizer's hook, as it last called, weakly), and whether the armed backward's end
+        # has been asked to step the params it left.
         self._release_scale: Tensor | None = None
         self._armed: set[int] = set()
-        self._steppers: dict[int, Callable[[Tensor], None]] = {}
+        self._steppers: dict[int, weakref.WeakMethod] = {}
         self._end_queued = False
         for i, p in enumerate(self.params):
             _accumulators[p] = (weakref.ref(self), i)  # a gradient_release optimizer's hook accumulates through us
@@ -231,8 +233,8 @@ class GradAccumulator:
         self._end_queued = False
 
     @torch.no_grad()
-    def released_grad(self, i: int, p: Tensor, stepper: Callable[[Tensor], None]) -> Tensor | None:
-        """For a gradient_release optimizer's hook `stepper` on param i: accumulates its new grad, and returns the
+    def released_grad(self, i: int, p: Tensor, stepper: weakref.WeakMethod) -> Tensor | None:
+        """For a gradient_release optimizer's hook `stepper` (held weakly) on param i: accumulates its new grad, and returns the
         main grad to step it with when `release()` armed this backward (divided by the token count), else None.
         The armed backward's end steps, through their hooks, the params that got a grad in an earlier micro-batch
         but none in it, as `finalize()` + `step()` would."""
@@ -254,8 +256,9 @@ class GradAccumulator:
         now (their hooks step from the main grad, as armed); the others are not stepped, as `step()` skips a
         param without a grad."""
         for i in sorted(self._armed):
-            if self._received[i] and i in self._steppers:
-                self._steppers[i](self.params[i])
+            stepper = self._steppers[i]() if i in self._steppers else None
+            if self._received[i] and stepper is not None:
+                stepper(self.params[i])
         self._armed = set()
         self._end_queued = False
 
@@ -360,4 +363,4 @@ class GradAccumulator:
         """Stops accumulating from autograd hooks (`use_hooks=True`)."""
         for handle in self._hooks:
             handle.remove()
-        self._hooks = []
+        self._hooks.clear()  # the list remove_when_collected holds

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
+from fused_optim.optim._guard import grad_of
+
 
 class GradScaler(torch.amp.GradScaler):
     __doc__ = __doc__
@@ -36,8 +38,10 @@ class GradScaler(torch.amp.GradScaler):
                                "param was already updated inside backward with its scaled grad, before any inf/NaN "
                                "check; use bf16 (no scaler) or drop gradient_release")
         state = self._per_optimizer_states[id(optimizer)]
+        # torch's path also where no param has a grad: it refuses that step ("No inf checks were recorded")
         if (not self._enabled or not getattr(optimizer, "_checks_grads_in_step", False)
-                or state["stage"] is not OptState.READY or "closure" in kwargs):
+                or state["stage"] is not OptState.READY or "closure" in kwargs
+                or all(grad_of(p) is None for group in optimizer.param_groups for p in group["params"])):
             return super().step(optimizer, *args, **kwargs)
         self._check_scale_growth_tracker("step")
         scale = self._get_scale_async()

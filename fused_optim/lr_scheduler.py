@@ -73,7 +73,8 @@ def _int_arg(name: str, value: Any) -> int:
 
 class WarmupCosine(LRScheduler):
     """Linear warmup over `warmup_steps` optimizer steps, then cosine decay to `min_lr_ratio * base_lr` at
-    `total_steps`; skipped optimizer steps (fused_optim's `optimizer.skipped_steps`) do not advance it, and a tensor
+    `total_steps`; optimizer steps skipped for an inf/NaN grad (fused_optim's `optimizer.skipped_steps`; torch's
+    GradScaler skips without calling step(), unseen) do not advance it, and a tensor
     lr is updated on the device (see the module docstring for the formula and the two modes).
 
     Args:

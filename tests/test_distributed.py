@@ -72,8 +72,22 @@ def run_pattern(rank: int, pattern: str, backend: str) -> dict:
             "local_tokens": int(tokens), "reduced_counts": reduced_counts}
 
 
+def refused_release() -> str:
+    """What constructing a gradient_release optimizer over a DDP model's params says: its hooks would step each
+    param with its local grad, before DDP's all-reduce."""
+    model = torch.nn.parallel.DistributedDataParallel(classifier())
+    try:
+        fused_optim.SGD(model.parameters(), lr=0.1, gradient_release=True)
+    except RuntimeError as error:
+        hooks = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+        return f"{error} (hooks left: {hooks})"
+    return "accepted"
+
+
 def work(rank: int, world: int, backends: tuple[str, ...]) -> dict:
-    return {(backend, pattern): run_pattern(rank, pattern, backend) for backend in backends for pattern in PATTERNS}
+    results = {(backend, pattern): run_pattern(rank, pattern, backend) for backend in backends for pattern in PATTERNS}
+    results["release"] = refused_release()
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +134,10 @@ def test_the_ranks_token_counts_do_differ():
     # what makes a per-rank mean (DDP's ÷ world size) wrong here
     local = [sum(counted for counted, _ in batches) for batches in RANK_BATCHES]
     assert local[0] != local[1]
+
+
+def test_gradient_release_is_refused_across_processes(results):
+    for rank_results in results:
+        assert rank_results["release"] == (
+            "SGD: gradient_release=True is single-process only: it steps each param with its local grad inside "
+            "backward, before DDP (or any all-reduce) could average it over the ranks (hooks left: 0)")

@@ -312,6 +312,17 @@ def test_fused_scaler_matches_torch_scaler(cpu_backend, clip):
     assert UNSCALE_OP in their_ops  # the recorder does see it when it runs
 
 
+@pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, fused_optim.amp.GradScaler])
+def test_a_scaler_refuses_a_step_without_grads_as_torchs_does(scaler_cls):
+    model = torch.nn.Linear(5, 3)
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01)
+    scaler = make_scaler(scaler_cls)
+    scaler.scale(model(torch.randn(2, 5)).sum())  # no backward: no grads
+    with pytest.raises(AssertionError, match="No inf checks were recorded for this optimizer"):
+        scaler.step(opt)
+    assert float(scaler.get_scale()) == 2.0**12 and not opt.state
+
+
 def test_fused_scaler_with_user_unscale_runs_torchs_path(cpu_backend):
     ours, theirs = twin_models()
     opt = fused_optim.AdamW(ours.parameters(), lr=0.01, fused=True, backend=cpu_backend)

@@ -73,7 +73,7 @@ def test_bf16_params_with_master_weights(backend, device):
 
 def test_no_two_grads_are_alive_at_once():
     model = make_model()
-    fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
     alive = []
 
     def spy(p):  # runs after the optimizer's hook, registered before it
@@ -222,13 +222,84 @@ def test_a_refused_constructor_leaves_no_hooks():
     assert all(p.grad is not None for p in model.parameters())  # an ordinary backward: nothing stepped them
 
 
+def test_a_refused_constructor_leaves_the_older_optimizer_its_params():
+    model, ordinary = make_model(), make_model()
+    older = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    with pytest.raises(ValueError, match="every param of its group must be bfloat16"):
+        fused_optim.AdamW([{"params": model.parameters()}, {"params": [torch.nn.Parameter(torch.randn(3))],
+                                                            "master_weights": 24}], gradient_release=True)
+    ordinary_opt = fused_optim.AdamW(ordinary.parameters(), lr=1e-2)
+    for step in range(2):
+        backward(model, step)
+        backward(ordinary, step)
+        ordinary_opt.step()
+        ordinary_opt.zero_grad()
+    assert_identical([p.detach() for p in model.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
+    assert len(older._release_hooks) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("let_go", ["del", "replaced by an ordinary optimizer"])
+def test_an_optimizer_let_go_stops_stepping_in_backward(let_go):
+    """As with any torch optimizer, backward leaves the grads once the user drops the optimizer (no gc needed)."""
+    model = make_model()
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    backward(model, 0)
+    if let_go == "del":
+        del opt
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # noqa: F841 (the release optimizer is dropped)
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model, 1)
+    assert all(p.grad is not None and not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert_identical([p.detach() for p in model.parameters()], before)
+
+
+def test_an_accumulator_let_go_stops_taking_the_grads():
+    model = make_model()
+    accumulator = fused_optim.GradAccumulator(model.parameters(), use_hooks=True)
+    backward(model, 0)
+    assert all(p.grad is None for p in model.parameters())  # taken into the main grads
+    del accumulator
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model, 1)
+    assert len(opt.state) == len(before)  # the release optimizer's hooks stepped every param
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_resume_while_a_param_is_frozen_follows_the_new_groups():
+    """Progressive unfreezing with a resume in the frozen phase: the frozen param's hook reads the loaded groups
+    (the scheduler's lr), as the ordinary step does, once it is unfrozen."""
+    results = []
+    for release in (True, False):
+        model = make_model()
+        model[0].weight.requires_grad_(False)
+        opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=release)
+        backward(model, 0)
+        opt.step()
+        opt.zero_grad()
+        saved = opt.state_dict()
+        saved["param_groups"][0]["lr"] = 1e-4
+        opt.load_state_dict(saved)
+        model[0].weight.requires_grad_(True)
+        for step in (1, 2):
+            backward(model, step)
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert_identical(*results)
+
+
 def test_a_new_optimizer_over_the_same_params_takes_them_over():
     model, ordinary = make_model(), make_model()
-    fused_optim.SGD(model.parameters(), lr=0.1, gradient_release=True)  # replaced before any step
+    older = fused_optim.SGD(model.parameters(), lr=0.1, gradient_release=True)  # replaced before any step
     replacement = fused_optim.SGD(model.parameters(), lr=0.5, momentum=0.9, gradient_release=True)
     ordinary_opt = fused_optim.SGD(ordinary.parameters(), lr=0.5, momentum=0.9)
     for step in range(2):
         backward(model, step)
+        older.step()  # neither takes the params back
+        older.load_state_dict(older.state_dict())
         backward(ordinary, step)
         ordinary_opt.step()
         ordinary_opt.zero_grad()

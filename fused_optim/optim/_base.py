@@ -12,11 +12,13 @@ from collections import ChainMap, Counter, OrderedDict
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _device_dtype_check_for_fused
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fused_optim import _backend
+from fused_optim._weak_hooks import register_weak_hook, remove_when_collected
 from fused_optim.accumulate import accumulator_of
 from fused_optim.int8_moments import code_dtype, dequantize, quantize, scale_count
 from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, split_master
@@ -154,6 +156,20 @@ def check_torch_flags(params: list[Tensor], group: dict[str, Any]) -> None:
 _release_owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def _release_owner(p: Tensor) -> FusedOptimizer | None:
+    """The live gradient_release optimizer that steps `p` in backward, or None."""
+    owner = _release_owners.get(p)
+    return owner() if owner is not None else None
+
+
+def _check_single_process(name: str) -> None:
+    """Gradient release steps each param with its local grad the moment autograd has it: under DDP that is before
+    the all-reduce, so every rank would train on its own grads, silently."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(f"{name}: gradient_release=True is single-process only: it steps each param with its local "
+                           "grad inside backward, before DDP (or any all-reduce) could average it over the ranks")
+
+
 class FusedOptimizer(Optimizer):
     """A torch Optimizer stepped by fused_optim kernels; subclasses run torch's own argument checks first.
 
@@ -193,13 +209,15 @@ class FusedOptimizer(Optimizer):
         self._plans: dict[int | Tensor, Any] = {}
         # gradient release: each param's own one-param view of its group, and its hook's handle (add_param_group)
         self.gradient_release = gradient_release
-        self._release_views: dict[Tensor, ChainMap] = {}
-        self._release_hooks: dict[Tensor, Any] = {}
+        if gradient_release:
+            _check_single_process(type(self).__name__)
+        self._new_release_hooks()
         try:
             super().__init__(params, defaults)
         except BaseException:  # a later group refused: the earlier groups' hooks go too (nothing is left behind)
             self._unhook(list(self._release_hooks))
             raise
+        self._take_over(list(self._release_hooks))  # only now: a refused constructor takes nothing from the older one
         self._step_supports_amp_scaling = _supports_amp_scaling(defaults)
         self._guard = StepGuard(self)
 
@@ -236,7 +254,9 @@ class FusedOptimizer(Optimizer):
         if self.param_groups[-1].get("stochastic_rounding") or self.param_groups[-1].get("moments") in ("bf16", "int8"):
             self.param_groups[-1].setdefault("seed", group_seed(len(self.param_groups) - 1, params))
         if self.gradient_release:
-            self._hook_group(self.param_groups[-1])
+            hooked = self._hook_group(self.param_groups[-1], take_over=True)
+            if hasattr(self, "_guard"):  # after the constructor (which takes its params over once it has them all)
+                self._take_over(hooked)
 
     def _kind(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> str:
         """Which op call of its group steps `p` (`_gather`'s kinds): decided by its state, or before its first step
@@ -255,49 +275,71 @@ class FusedOptimizer(Optimizer):
             return "stochastic"
         return "plain"
 
-    def _hook_group(self, group: dict[str, Any]) -> None:
+    def _new_release_hooks(self) -> None:
+        """Gradient release's per-param views and hook handles, empty; the hooks go when the optimizer does."""
+        self._release_views: dict[Tensor, ChainMap] = {}
+        self._release_hooks: dict[Tensor, Any] = {}
+        remove_when_collected(self, self._release_hooks.values())
+
+    def _hook_group(self, group: dict[str, Any], take_over: bool = False) -> list[Tensor]:
         """Gradient release: every param of `group` that takes grads is stepped by `_release` as soon as autograd
-        has accumulated its grad. Its view is a one-param group that reads every other setting from `group` live
-        (an lr scheduler's changes included), so `_gather` and `_update` serve it as they serve whole groups.
+        has accumulated its grad; returns the params hooked here for the first time. Its view is a one-param group
+        that reads every other setting from `group` live (an lr scheduler's changes included), so `_gather` and
+        `_update` serve it as they serve whole groups. A param frozen since it was hooked keeps a live view too
+        (a resume while it is frozen makes new group dicts). A param that another live optimizer steps is hooked
+        here too only with `take_over` (add_param_group; `_take_over` then lets the other one go); otherwise
+        (step(), load_state_dict) it stays the newer optimizer's.
 
         Each view's seed makes it draw the random bits the ordinary step would: that step's op call numbers its
         tensors by their place among the group's params of the same kind that have a grad, here taken as those that
         require one (the same whenever every trainable param gets a grad)."""
         places: Counter = Counter()  # per kind, the params of the group so far that take grads
+        hooked = []
         for p in group["params"]:
-            if not p.requires_grad:
+            known = p in self._release_hooks
+            if not (known or p.requires_grad):
+                continue
+            owner = _release_owner(p)
+            if not (known or take_over or owner is None or owner is self):
                 continue
             kind = self._kind(p, self.state.get(p, {}), group)
             own: dict[str, Any] = {"params": [p]}
             if "seed" in group:  # rounding.h's stream_key(seed, place, step) as stream_key(own seed, 0, step)
                 own["seed"] = (group["seed"] + 0x9E3779B9 * places[kind]) % 2**32
-            places[kind] += 1
+            if p.requires_grad:
+                places[kind] += 1
             self._release_views[p] = ChainMap(own, group)  # (re)pointed at the live group
-            if p not in self._release_hooks:
-                owner = _release_owners.get(p)
-                if owner is not None and owner() is not None and owner() is not self:
-                    owner()._unhook([p])  # a newer optimizer over the same param: the older one lets it go
-                _release_owners[p] = weakref.ref(self)
-                self._release_hooks[p] = p.register_post_accumulate_grad_hook(self._release)
+            if not known:
+                self._release_hooks[p] = register_weak_hook(self, p, type(self)._release)
+                hooked.append(p)
+        return hooked
+
+    def _take_over(self, params: list[Tensor]) -> None:
+        """`params`, just hooked, are ours: an older optimizer that stepped them in backward lets them go."""
+        for p in params:
+            owner = _release_owner(p)
+            if owner is not None and owner is not self:
+                owner._unhook([p])
+            _release_owners[p] = weakref.ref(self)
 
     def _unhook(self, params: list[Tensor]) -> None:
         """Gradient release stops for `params`: their hooks are removed, so backward leaves their grads."""
         for p in params:
             self._release_hooks.pop(p).remove()
             self._release_views.pop(p, None)
-            owner = _release_owners.get(p)
-            if owner is not None and owner() is self:
+            if _release_owner(p) is self:
                 del _release_owners[p]
 
     @torch.no_grad()
     def _release(self, p: Tensor) -> None:
         """Steps `p` alone with the grad autograd has just accumulated, then frees that grad: the full set of grads
         is never alive at once (gradient release). No global norm, no GradScaler: both need every grad first."""
+        _check_single_process(type(self).__name__)  # torch.distributed may have started after the constructor
         entry = accumulator_of(p)
         grad = p.grad
         if entry is not None:  # a GradAccumulator's param: step only in the backward its release() armed
             accumulator, index = entry
-            grad = accumulator.released_grad(index, p, self._release)
+            grad = accumulator.released_grad(index, p, weakref.WeakMethod(self._release))
             if grad is None:
                 return
         self._check_grads([(p, grad)])
@@ -360,10 +402,10 @@ class FusedOptimizer(Optimizer):
         """Gradient release's step(): a param that began to take grads after its group was hooked (unfrozen since)
         is hooked from now on, and the grad this backward gave it is stepped here."""
         for group in self.param_groups:
-            unhooked = [p for p in group["params"] if p.requires_grad and p not in self._release_hooks]
-            if unhooked:
-                self._hook_group(group)
-                for p in unhooked:
+            if any(p.requires_grad and p not in self._release_hooks for p in group["params"]):
+                hooked = self._hook_group(group)
+                self._take_over(hooked)  # none of them another optimizer's: _hook_group left those
+                for p in hooked:
                     if p.grad is not None:
                         self._release(p)
 
@@ -610,10 +652,10 @@ class FusedOptimizer(Optimizer):
                     group.setdefault(key, value)
         if "gradient_release" in state or not hasattr(self, "gradient_release"):  # a copy or an unpickling
             self.gradient_release = state.get("gradient_release", False)
-            self._release_views, self._release_hooks = {}, {}
+            self._new_release_hooks()
         if self.gradient_release:  # load_state_dict made new group dicts: the views follow them
             for group in self.param_groups:
-                self._hook_group(group)
+                self._take_over(self._hook_group(group))  # none of them another optimizer's: _hook_group left those
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ a non-finite norm is folded into found_inf. The norm pass is the only extra read
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +32,7 @@ class StepGuard:
     """One optimizer's skip count, last grad norm, and the fold of clipping into its kernels' scale and flag."""
 
     def __init__(self, optimizer: Optimizer) -> None:
-        self.optimizer = optimizer
+        self._optimizer = weakref.ref(optimizer)  # the optimizer holds its guard: no cycle, so `del opt` frees both
         # (a group may be empty: torch allows that, e.g. a "no weight decay" group with nothing in it)
         first_param = next((p for group in optimizer.param_groups for p in group["params"]), None)
         device = first_param.device if first_param is not None else torch.device("cpu")
@@ -49,7 +50,7 @@ class StepGuard:
         GradScaler sets `grad_scale`/`found_inf` on the optimizer; fused_optim.GradScaler also sets
         `_grads_unchecked`, leaving the inf/NaN check to this step. found_inf is updated in place, so the
         scaler's `update()` sees what the step found."""
-        optimizer = self.optimizer
+        optimizer = self._optimizer()
         grad_scale = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and not isinstance(found_inf, Tensor):
@@ -83,4 +84,4 @@ class StepGuard:
         for inf/NaN, so then the step checks the grads itself: it is skipped on an inf/NaN main grad (though torch's
         `update()` does not see it and keeps the scale; fused_optim.GradScaler does back off)."""
         return any(getattr(p, "main_grad", None) is not None
-                   for group in self.optimizer.param_groups for p in group["params"])
+                   for group in self._optimizer().param_groups for p in group["params"])
