@@ -261,8 +261,9 @@ def _cross_entropy_composite(input, target, weight, ignore_index, reduction, lab
                            label_smoothing=label_smoothing)
     class_dim = 1 if logits.dim() > 1 else 0
     # no z-loss: zeros, not 0 * lse^2 (a row whose lse is infinite would give 0 * inf = NaN)
-    z_rows = z_loss * torch.logsumexp(logits, dim=class_dim) ** 2 if z_loss else torch.zeros_like(
-        logits.select(class_dim, 0), dtype=loss.dtype)
+    rows_shape = logits.shape[:class_dim] + logits.shape[class_dim + 1:]  # (no select: there may be no class)
+    z_rows = z_loss * torch.logsumexp(logits, dim=class_dim) ** 2 if z_loss else logits.new_zeros(
+        rows_shape, dtype=loss.dtype)
     if not target.is_floating_point():
         kept = target != ignore_index
         z_rows = torch.where(kept, z_rows, 0.0)
@@ -273,4 +274,4 @@ def _cross_entropy_composite(input, target, weight, ignore_index, reduction, lab
         z = z_rows
     else:
         z = z_rows.sum() / count if reduction == "mean" else z_rows.sum()
-    return loss + z, z
+    return (loss + z if z_loss else loss), z  # without a z-loss torch's loss as it is (a -0 stays -0)

@@ -24,7 +24,7 @@ from conftest import BACKEND_DEVICES, TRITON_INTERPRETED, assert_signature_exten
 import fused_optim
 import fused_optim.autograd.linear_cross_entropy as lce_autograd
 import fused_optim.functional as FF
-from fused_optim import reference
+from fused_optim import _backend, reference
 
 # torch 2.14 added F.linear_cross_entropy, its options and its module, the peers here. Under an older torch (the lent
 # GPU machines run 2.11) the peer is torch's ops spelling the same loss, the options a stand-in holding the one field
@@ -611,3 +611,29 @@ def test_module_extras_pass_through():
                                        reduction="none", z_loss=1e-2, softcap=5.0, return_z_loss=True,
                                        backend="cpu")
     assert torch.equal(loss, expected[0]) and torch.equal(z, expected[1])
+
+
+@pytest.mark.skipif(_backend._release(torch.__version__) < (2, 12),
+                    reason="torch.compile before torch 2.12 gives these zero gradients")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_with_dynamic_batch_sizes_compiles_once(reduction):
+    """The chunk loop is one op (chunks_op): a compiled loss serves every batch size with one graph, where a Python
+    loop over the rows would compile anew for each size and, past dynamo's limit of 8, fail under fullgraph."""
+    torch._dynamo.reset()
+    weight = torch.randn(37, 16, requires_grad=True)
+
+    def loss(x, target):
+        return fused_optim.functional.linear_cross_entropy(x, weight, target, reduction=reduction,
+                                                           label_smoothing=0.1).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    for num_rows in (3, *range(4, 14)):
+        x, target = torch.randn(num_rows, 16, requires_grad=True), torch.randint(0, 37, (num_rows,))
+        with torch._dynamo.config.patch(error_on_recompile=num_rows > 3):
+            compiled_loss = compiled(x, target)
+        compiled_grads = torch.autograd.grad(compiled_loss, (x, weight))
+        eager_loss = loss(x, target)
+        eager_grads = torch.autograd.grad(eager_loss, (x, weight))
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=4 * FP32_EPS, atol=0)
+        for got, want in zip(compiled_grads, eager_grads):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

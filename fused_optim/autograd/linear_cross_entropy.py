@@ -9,7 +9,10 @@ per row, so the forward keeps only the inputs and the backward recomputes each c
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from fused_optim.autograd.cross_entropy import loss_dtype, reduce_rows, reduction_scales, rows_op
 from fused_optim.autograd.differentiable_once import differentiable_once
@@ -87,6 +90,41 @@ class _Chunks:
         return loss_rows, lse, (grad_input, grad_weight, grad_bias)
 
 
+# The chunk loop as one op: torch.compile sees a single node, not a Python loop over the rows that would make it
+# compile anew for every batch size (dynamic shapes included). Vocabulary shards (their VocabShard is no op argument)
+# run the loop directly.
+@torch.library.custom_op("fused_optim::linear_cross_entropy_chunks", mutates_args=())
+def chunks_op(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+              weight: Optional[Tensor], scales: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+              softcap: float, rows: int, needs: list[bool], backend: str,
+              row_scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """_Chunks.run: (loss_rows, lse, grad_input, grad_weight, grad_bias), a gradient not asked for as an empty
+    tensor (an op returns tensors, never None)."""
+    chunks = _Chunks(input, linear_weight, linear_bias, target, weight, scales,
+                     (ignore_index, label_smoothing, z_loss, softcap), rows, backend, None)
+    loss_rows, lse, grads = chunks.run(tuple(needs), row_scale)
+    return loss_rows, lse, *(input.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@chunks_op.register_fake
+def _(input, linear_weight, linear_bias, target, weight, scales, ignore_index, label_smoothing, z_loss, softcap,
+      rows, needs, backend, row_scale):
+    loss_rows = input.new_empty(input.shape[0], dtype=torch.float32)
+    made = (input, linear_weight, linear_bias)
+    return loss_rows, torch.empty_like(loss_rows), *(torch.empty_like(t) if need else input.new_empty(0)
+                                                     for t, need in zip(made, needs))
+
+
+def run_chunks(args: tuple, vocab, needs: tuple[bool, bool, bool], row_scale: Tensor | None = None):
+    """(loss_rows, lse, (grad_input, grad_weight, grad_bias)) for `args` = (input, linear_weight, linear_bias,
+    target, weight, scales, options, rows, backend): through chunks_op for whole rows, directly for a shard."""
+    if vocab is not None:
+        return _Chunks(*args, vocab).run(needs, row_scale)
+    *tensors, options, rows, backend = args
+    loss_rows, lse, *grads = chunks_op(*tensors, *options, rows, list(needs), backend, row_scale)
+    return loss_rows, lse, tuple(grad if need else None for grad, need in zip(grads, needs))
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
@@ -96,11 +134,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # vocab: the VocabShard that linear_weight's rows are (weight then covers the whole vocabulary), or None
         num_classes = vocab.num_classes if vocab is not None else linear_weight.shape[0]
         scales = reduction_scales(target, weight, num_classes, reduction, ignore_index)
-        chunks = _Chunks(input, linear_weight, linear_bias, target, weight, scales,
-                         (ignore_index, label_smoothing, z_loss, softcap), rows, backend, vocab)
+        args = (input, linear_weight, linear_bias, target, weight, scales,
+                (ignore_index, label_smoothing, z_loss, softcap), rows, backend)
         needs = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         in_forward = reduction != "none"  # the per-row incoming gradient of "none" is known only in the backward
-        loss_rows, lse, grads = chunks.run(needs if in_forward else (False, False, False))
+        loss_rows, lse, grads = run_chunks(args, vocab, needs if in_forward else (False, False, False))
         loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, loss_dtype(input.dtype, input.device))
         # "none": what the backward recomputes from; else the gradients the forward made, saved as autograd saves
         # activations (offloading hooks move them, activation checkpointing drops them and runs the forward again);
@@ -120,8 +158,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
             options, rows, backend, vocab = ctx.settings
-            chunks = _Chunks(*ctx.saved_tensors[:-1], options, rows, backend, vocab)
-            _, _, grads = chunks.run(needs, row_scale=grad_loss.to(torch.float32).contiguous())
+            _, _, grads = run_chunks((*ctx.saved_tensors[:-1], options, rows, backend), vocab, needs,
+                                     row_scale=grad_loss.to(torch.float32).contiguous())
         else:
             if ctx.scaled:
                 raise RuntimeError("Trying to backward through the fused linear cross-entropy a second time; its "

@@ -42,12 +42,23 @@ def define_op(name: str, schema: str, *, fake: Callable, torch_impl: Callable, t
     for op_name in (name, names["triton"], names["torch"]):
         lib.define(op_name + schema)
         torch.library.register_fake(f"fused_optim::{op_name}", fake, lib=lib)
-    lib.impl(names["torch"], torch_impl, "CompositeExplicitAutograd")
+    lib.impl(names["torch"], _without_autograd(torch_impl), "CompositeExplicitAutograd")
     for dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
         lib.impl(names["triton"], triton_impl, dispatch_key)
     if sparse_message is not None:
         refuse_sparse_grads((name, names["triton"]), sparse_message)
     _OP_NAMES[name] = names
+
+
+def _without_autograd(torch_impl: Callable) -> Callable:
+    """A torch twin runs its torch ops without recording them: its outputs are not differentiable, as the kernels'
+    are not (no op has an autograd formula), whether or not its inputs require grad, eager or compiled."""
+
+    def run(*args, **kwargs):
+        with torch.no_grad():
+            return torch_impl(*args, **kwargs)
+
+    return run
 
 
 @torch.compiler.assume_constant_result  # torch.compile: run while tracing, not traced through the backend lookup
