@@ -23,6 +23,7 @@ from conftest import TRITON_INTERPRETED
 from spawn import GLOO_AVAILABLE, run_workers
 
 import fused_optim
+import fused_optim.autograd.linear_cross_entropy as lce_autograd
 import fused_optim.functional as FF
 from fused_optim import _backend
 from fused_optim.autograd.cross_entropy import reduction_scales
@@ -42,6 +43,8 @@ OPTIONS = {
     "everything": dict(ignored=True, label_smoothing=0.1, weight=True, z_loss=1e-3, softcap=30.0),
     # logits around 1e4: each shard's smoothing term, against its own max, must combine without cancelling
     "offset": dict(label_smoothing=0.1, weight=True, offset=1e4),
+    # a padded vocabulary: the last shard's classes (of 3 ranks) -inf, so that shard's stats are of -inf alone
+    "masked": dict(masked=True, weight=True, z_loss=1e-3),
 }
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ["cpu", "torch"] + (["triton"] if TRITON_INTERPRETED else [])
@@ -54,6 +57,10 @@ def make_case(num_classes: int, dtype: torch.dtype, options: dict, seed: int = 0
     generator = torch.Generator().manual_seed(seed)
     logits = (4 * torch.randn(ROWS, num_classes, generator=generator) + options.get("offset", 0.0)).to(dtype)
     target = torch.randint(0, num_classes, (ROWS,), generator=generator)
+    if options.get("masked"):
+        start = [start for start, count in shard_bounds(num_classes, 3) if count][-1]
+        logits[:, start:] = -math.inf
+        target %= start
     if options.get("ignored"):
         target[1::3] = IGNORE
     weight = (torch.rand(num_classes, generator=generator) + 0.5).to(dtype) if options.get("weight") else None
@@ -215,6 +222,20 @@ def work(rank: int, world: int) -> dict:
                 "loss": loss.full_tensor(), "grad_input": hidden.grad, "grad_weight": head.grad.full_tensor(),
                 "grad_bias": bias.grad.full_tensor(), "grad_weight_placements": head.grad.placements,
                 "collectives": (forward_collectives, backward_collectives), "chunked": options is not None}
+    # the default chunking (a byte budget, here a tiny one) sized by this rank's shard would run 2 chunks of the 9
+    # rows on ranks of 5 classes and 3 on the rank of 3: as many all-gathers on every rank, or a collective mismatch
+    chunk_bytes = lce_autograd.DEFAULT_CHUNK_BYTES
+    lce_autograd.DEFAULT_CHUNK_BYTES = 5 * 4 * 5  # 5 rows of 5 fp32 classes
+    try:
+        hidden, head, bias, target = linear_case()
+        head = distribute_tensor(head, mesh, [Shard(0)]).requires_grad_()
+        loss, forward_collectives = count_collectives(lambda: FF.linear_cross_entropy(
+            hidden, head, target, ignore_index=IGNORE))
+        loss.backward()
+        results["linear-default-chunks"] = {"loss": loss.full_tensor(), "grad_input": hidden.grad,
+                                            "grad_weight": head.grad.full_tensor(), "collectives": forward_collectives}
+    finally:
+        lce_autograd.DEFAULT_CHUNK_BYTES = chunk_bytes
     for backend in BACKENDS:  # an empty batch (N = 0), which used to fail to reshape the gathered statistics
         for reduction in REDUCTIONS:
             logits = distribute_tensor(torch.randn(0, CLASSES), mesh, [Shard(1)]).requires_grad_()
@@ -336,6 +357,19 @@ def test_an_empty_batch_gives_the_unsharded_loss(ranks, backend, reduction):
             torch.testing.assert_close(got[key], expected, equal_nan=True, rtol=0, atol=0)
         assert got["grad"].shape == (0, CLASSES) and got["grad_input"].shape == (0, HIDDEN)
         assert torch.equal(got["grad_weight"], torch.zeros(CLASSES, HIDDEN))
+
+
+def test_default_chunks_are_as_many_on_every_rank(ranks):
+    hidden, head, bias, target = linear_case()
+    head.requires_grad_()
+    loss = FF.linear_cross_entropy(hidden, head, target, ignore_index=IGNORE)
+    loss.backward()
+    for result in ranks:
+        got = result["linear-default-chunks"]
+        assert got["collectives"] == 2  # ceil(9 / 5) chunks, each one all-gather
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=2e-6, atol=2e-6)
+        for key, want in (("grad_input", hidden.grad), ("grad_weight", head.grad)):
+            torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_module_and_the_bad_inputs(ranks):

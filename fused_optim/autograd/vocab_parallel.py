@@ -15,6 +15,8 @@ the gradient stays sharded like the logits.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -96,6 +98,10 @@ def combine(gathered: Tensor, target: Tensor, weight: Tensor | None, scales: Ten
     """Every rank's ShardRowStats of a row (gathered: (ranks, N, 4)) into the row's loss and lse (N,) and pass 2's
     coefficients (N, 5), with cross_entropy.h's formulas in fp32; ignored rows give zeros."""
     maxes, sums, target_logits, weighted_gaps = gathered.unbind(-1)
+    # a shard whose logits of the row are all -inf (a masked or padded vocabulary) adds nothing, as an empty one:
+    # its own stats are exp(-inf - -inf) = NaN
+    masked = maxes == -math.inf
+    sums, weighted_gaps = torch.where(masked, 0.0, sums), torch.where(masked, 0.0, weighted_gaps)
     row_max = maxes.amax(0)
     total = (sums * torch.exp(maxes - row_max)).sum(0)  # an empty shard adds 0 * exp(-inf) = 0
     log_sum = torch.log(total)
