@@ -84,9 +84,26 @@ def refused_release() -> str:
     return "accepted"
 
 
+def ddp_replicas(rank: int) -> dict:
+    """DDP with each rank's torch seeded differently (as scripts do for dropout and data): the modes that round
+    stochastically must still round alike on every rank, so that the replicas stay equal."""
+    results = {}
+    for mode, options in {"int8 moments": dict(moments="int8"), "bf16 moments": dict(moments="bf16")}.items():
+        model = torch.nn.parallel.DistributedDataParallel(classifier())
+        torch.manual_seed(1234 + rank)
+        opt = fused_optim.AdamW(model.parameters(), lr=1e-2, **options)
+        for x, y in rank_micro_batches(RANK_BATCHES)[rank][:2]:  # as many steps on each rank
+            F.cross_entropy(model(x), y, ignore_index=IGNORE).backward()
+            opt.step()
+            opt.zero_grad()
+        results[mode] = [p.detach().clone() for p in model.parameters()]
+    return results
+
+
 def work(rank: int, world: int, backends: tuple[str, ...]) -> dict:
     results = {(backend, pattern): run_pattern(rank, pattern, backend) for backend in backends for pattern in PATTERNS}
     results["release"] = refused_release()
+    results["replicas"] = ddp_replicas(rank)
     return results
 
 
@@ -141,3 +158,8 @@ def test_gradient_release_is_refused_across_processes(results):
         assert rank_results["release"] == (
             "SGD: gradient_release=True is single-process only: it steps each param with its local grad inside "
             "backward, before DDP (or any all-reduce) could average it over the ranks (hooks left: 0)")
+
+
+def test_ddp_replicas_round_alike_whatever_each_ranks_torch_seed(results):
+    for mode, params in results[0]["replicas"].items():
+        assert all(torch.equal(a, b) for a, b in zip(params, results[1]["replicas"][mode])), mode

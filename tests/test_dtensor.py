@@ -287,6 +287,34 @@ def two_d_mesh(rank: int, world: int) -> dict:
     return results
 
 
+REPLICA_MODES = {"int8 moments": (torch.float32, dict(moments="int8")), "bf16 moments": (torch.float32, dict(
+    moments="bf16")), "bf16 stochastic rounding": (torch.bfloat16, dict(stochastic_rounding=True))}
+
+
+def replicas(rank: int, world: int) -> dict:
+    """The modes that round stochastically, on a 2 x 2 mesh whose params have replicas: HSDP (Replicate, Shard(0))
+    and the tensor-parallel model's row-parallel bias (replicated over tp). Each rank seeds torch differently (as
+    scripts do for dropout); replicas of a shard must still round alike, and stay equal. Returns, per mode, each
+    param's local shard and its coordinates along the mesh dims that shard it."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    results = {}
+    for mode, (dtype, options) in REPLICA_MODES.items():
+        for layout in ("hsdp", "tp"):
+            model = make_model(dtype, hidden=TP_HIDDEN)
+            if layout == "tp":
+                parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+                model, dp_rank, dp_size = fsdp(model, mesh["dp"]), mesh.get_local_rank("dp"), 2
+            else:
+                model, dp_rank, dp_size = fsdp(model, mesh), rank, world
+            torch.manual_seed(1000 + rank)
+            train(model, fused_optim.AdamW(model.parameters(), lr=1e-2, **options), dp_rank=dp_rank, dp_size=dp_size)
+            results[mode, layout] = [
+                (p.to_local().detach().clone(), tuple(c for c, placement in zip(p.device_mesh.get_coordinate(),
+                                                                                  p.placements) if not placement.is_replicate()))
+                for p in model.parameters()]
+    return results
+
+
 def checkpoint_save(rank: int, world: int, path: str) -> dict:
     """Two steps, a DCP checkpoint of model and optimizer, then two more steps: the uninterrupted run."""
     model = fsdp(make_model())
@@ -327,6 +355,22 @@ def int8_checkpoint(rank: int, world: int, path: str) -> dict:
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     train(model, opt, steps=2, dp_rank=rank, dp_size=world, first_step=2)
     resumed_model, resumed_opt = fresh()
+    return {"uninterrupted": full_params(model), "resumed": resume(resumed_model, resumed_opt, path, rank, world)}
+
+
+def torch_checkpoint(rank: int, world: int, path: str) -> dict:
+    """A DCP checkpoint of torch's AdamW loaded into ours with the README's recipe (get_state_dict, dcp.load,
+    set_state_dict): DCP asks for every key of our dict, so our groups must hold no key torch's lack."""
+    def fresh(cls):
+        model = fsdp(make_model())
+        return model, cls(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    model, opt = fresh(torch.optim.AdamW)
+    train(model, opt, steps=2, dp_rank=rank, dp_size=world)
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    train(model, opt, steps=2, dp_rank=rank, dp_size=world, first_step=2)
+    resumed_model, resumed_opt = fresh(fused_optim.AdamW)
     return {"uninterrupted": full_params(model), "resumed": resume(resumed_model, resumed_opt, path, rank, world)}
 
 
@@ -396,7 +440,7 @@ def bad_inputs(rank: int, world: int) -> dict:
 
 def on_four_ranks(rank: int, world: int, path: str) -> dict:
     return {"fsdp": fsdp_optimizers(rank, world, ON_FOUR_RANKS), "two_d": two_d_mesh(rank, world),
-            "checkpoint": checkpoint_save(rank, world, path)}
+            "checkpoint": checkpoint_save(rank, world, path), "replicas": replicas(rank, world)}
 
 
 def on_two_ranks(rank: int, world: int, path: str) -> dict:
@@ -404,6 +448,7 @@ def on_two_ranks(rank: int, world: int, path: str) -> dict:
             "scaler": fsdp_grad_scaler(rank, world), "skip": fsdp_skip_on_inf(rank, world),
             "norms": fsdp_norms(rank, world), "checkpoint": checkpoint_load(rank, world, path),
             "int8_checkpoint": int8_checkpoint(rank, world, os.path.join(path, "int8")),
+            "torch_checkpoint": torch_checkpoint(rank, world, os.path.join(path, "torch")),
             "zero": zero_redundancy(rank, world), "accumulator": accumulator(rank, world),
             "bad": bad_inputs(rank, world)}
 
@@ -448,6 +493,23 @@ def assert_same_on_every_rank(results: list, pick) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # tests
+
+
+@pytest.mark.parametrize("layout", ["hsdp", "tp"])
+@pytest.mark.parametrize("mode", REPLICA_MODES)
+def test_replicas_round_alike_and_stay_equal(four, mode, layout):
+    params = len(four[0]["replicas"][mode, layout])
+    replicated = 0
+    for index in range(params):
+        by_shard: dict[tuple, list[torch.Tensor]] = {}
+        for result in four:
+            local, shard = result["replicas"][mode, layout][index]
+            by_shard.setdefault(shard, []).append(local)
+        for locals_of_a_shard in by_shard.values():
+            replicated += len(locals_of_a_shard) > 1
+            assert all(torch.equal(locals_of_a_shard[0], local) for local in locals_of_a_shard[1:])
+        assert len(by_shard) > 1  # sharded over some dim: the shards themselves drew differently
+    assert replicated > 0
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -574,6 +636,12 @@ def test_distributed_checkpoint_resharded_from_four_ranks_to_two_and_to_one(four
     model = make_model()
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
     assert_close(resume(model, opt, checkpoint_dir, 0, 1), uninterrupted)  # into one process, no process group
+
+
+def test_a_distributed_checkpoint_of_torchs_adamw_resumes_in_ours(two):
+    for result in two:
+        run = result["torch_checkpoint"]
+        assert_close(run["resumed"], run["uninterrupted"])
 
 
 def test_distributed_checkpoint_of_int8_moments_keeps_each_ranks_scales(two, checkpoint_dir):

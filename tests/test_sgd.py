@@ -511,8 +511,14 @@ def test_state_dict_has_torchs_keys():
     opt.step()
     torch_opt.step()
     ours_sd, torch_sd = opt.state_dict(), torch_opt.state_dict()
-    assert [{k: v for k, v in g.items() if k != "moments"} for g in ours_sd["param_groups"]] == torch_sd["param_groups"]
-    assert ours_sd["param_groups"][0]["moments"] == "fp32"  # ours only: the buffer's storage
+    # torch's groups key for key: our moments="fp32" (torch's storage) is left out, and a group without it loads
+    # with the optimizer's own
+    assert ours_sd["param_groups"] == torch_sd["param_groups"]
+    bf16 = fused_optim.SGD(make_params(init, torch.float32, "cpu"), lr=1e-2, momentum=0.9, moments="bf16")
+    assert bf16.state_dict()["param_groups"][0]["moments"] == "bf16"
+    bf16.load_state_dict(ours_sd)
+    assert bf16.param_groups[0]["moments"] == "bf16"
+    assert bf16.state_dict()["state"][0]["momentum_buffer"].dtype == torch.bfloat16
     for i in range(2):
         assert set(ours_sd["state"][i]) == set(torch_sd["state"][i]) | {"step"}
 

@@ -76,7 +76,7 @@ def largest_shard_numel(p: Tensor) -> int:
     torch.chunk splits)."""
     shape = list(p.shape)
     for mesh_dim, placement in enumerate(p.placements):
-        if placement.is_shard():
+        if not placement.is_replicate():  # Shard, or FSDP2's _StridedShard under tensor parallelism
             shape[placement.dim] = -(-shape[placement.dim] // p.device_mesh.size(mesh_dim))
     return math.prod(shape)
 
@@ -102,11 +102,36 @@ def local_rows(rows: Tensor, width: int) -> Tensor:
 
 
 def rank_seed(seed: int, tensors: Sequence[Tensor]) -> int:
-    """A stochastic-rounding seed of this rank's own for DTensor shards: the kernels draw by position in the local
-    tensor, so without it every rank would round its shard with the same random numbers."""
-    if tensors and is_dtensor(tensors[0]):
-        return (seed + 1_000_003 * tensors[0].device_mesh.get_rank()) % (2**31 - 1)
-    return seed
+    """A stochastic-rounding seed for this rank's shards of DTensors of one layout (plain tensors: `seed`). The
+    kernels draw by position in the local tensor, so each shard needs a seed of its own, taken from its coordinates
+    along the mesh dims that shard it: the replicas of a shard (its ranks along Replicate dims: HSDP, a tensor-
+    parallel model's replicated params) draw the same numbers, as they must to stay equal."""
+    if not tensors or not is_dtensor(tensors[0]):
+        return seed
+    mesh, placements = tensors[0].device_mesh, tensors[0].placements
+    coordinate = mesh.get_coordinate()
+    shard = 0  # the shard's index among the tensor's shards
+    for mesh_dim, placement in enumerate(placements):
+        if not placement.is_replicate():  # Shard, or FSDP2's _StridedShard (whose is_shard() is False)
+            shard = shard * mesh.size(mesh_dim) + coordinate[mesh_dim]
+    return (seed + 1_000_003 * shard) % (2**31 - 1)
+
+
+def by_layout(seed: int, lists: list[list]) -> list[tuple[int, list[list]]]:
+    """`lists` (params first, each list empty or one entry per param) as one op call per DTensor layout of the
+    params (mesh and placements), each with its seed for this rank (rank_seed; the calls' seeds differ, so that
+    shard 0 of two layouts does not draw alike); plain tensors, or DTensors of one layout, as one call."""
+    params = lists[0]
+    if not params or not is_dtensor(params[0]):
+        return [(seed, lists)]
+    layouts: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        layouts.setdefault((p.device_mesh, tuple(p.placements)), []).append(i)
+    calls = []
+    for call, indices in enumerate(layouts.values()):
+        picked = [[tensors[i] for i in indices] if tensors else [] for tensors in lists]
+        calls.append((rank_seed(seed + 0x9E3779B1 * call, picked[0]), picked))
+    return calls
 
 
 def mesh_group(mesh) -> dist.ProcessGroup:

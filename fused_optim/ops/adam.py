@@ -167,16 +167,19 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     """
     if not params:
         return
-    seed = _dtensor.rank_seed(seed, params)
-    lists = _dtensor.to_local("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
-    # (scales are plain tensors, a DTensor's its local shard's)
-    wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
-    device = params[0].device
-    for op, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales) in (
-            (resolve_op("adam_step_", "torch", device.type), wide),
-            (resolve_op("adam_step_", backend, device.type), narrow)):
-        if params:
-            lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
-            op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales, lr_value,
-               lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-               stochastic_rounding, seed, scale, inf)
+    # one call per DTensor layout, each with its shards' seed
+    calls = _dtensor.by_layout(seed, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
+                                      list(moment_scales)])
+    for seed, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales) in calls:
+        lists = _dtensor.to_local("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
+        # (scales are plain tensors, a DTensor's its local shard's)
+        wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
+        device = params[0].device
+        for op, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales) in (
+                (resolve_op("adam_step_", "torch", device.type), wide),
+                (resolve_op("adam_step_", backend, device.type), narrow)):
+            if params:
+                lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
+                op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales,
+                   lr_value, lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                   stochastic_rounding, seed, scale, inf)

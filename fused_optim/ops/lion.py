@@ -122,14 +122,16 @@ def lion_step(params, grads, exp_avgs, master_params, steps, moment_scales=(), *
     """
     if not params:
         return
-    seed = _dtensor.rank_seed(seed, params)
-    lists = _dtensor.to_local("lion_step", params, grads, exp_avgs, master_params)
-    wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
-    device = params[0].device
-    for op, (params, grads, exp_avgs, master_params, steps, moment_scales) in (
-            (resolve_op("lion_step_", "torch", device.type), wide),
-            (resolve_op("lion_step_", backend, device.type), narrow)):
-        if params:
-            lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
-            op(params, grads, exp_avgs, master_params, steps, moment_scales, lr_value, lr_tensor, beta1, beta2,
-               weight_decay, maximize, stochastic_rounding, seed, scale, inf)
+    # one call per DTensor layout, each with its shards' seed
+    calls = _dtensor.by_layout(seed, [params, grads, exp_avgs, master_params, steps, list(moment_scales)])
+    for seed, (params, grads, exp_avgs, master_params, steps, moment_scales) in calls:
+        lists = _dtensor.to_local("lion_step", params, grads, exp_avgs, master_params)
+        wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
+        device = params[0].device
+        for op, (params, grads, exp_avgs, master_params, steps, moment_scales) in (
+                (resolve_op("lion_step_", "torch", device.type), wide),
+                (resolve_op("lion_step_", backend, device.type), narrow)):
+            if params:
+                lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
+                op(params, grads, exp_avgs, master_params, steps, moment_scales, lr_value, lr_tensor, beta1, beta2,
+                   weight_decay, maximize, stochastic_rounding, seed, scale, inf)

@@ -151,14 +151,16 @@ def sgd_step(params, grads, momentum_buffers, steps, moment_scales=(), *, lr, mo
     """
     if not params:
         return
-    seed = _dtensor.rank_seed(seed, params)
-    lists = _dtensor.to_local("sgd_step", params, grads, momentum_buffers)
-    wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
-    device = params[0].device
-    for op, (params, grads, momentum_buffers, steps, moment_scales) in (
-            (resolve_op("sgd_step_", "torch", device.type), wide),
-            (resolve_op("sgd_step_", backend, device.type), narrow)):
-        if params:
-            lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
-            op(params, grads, momentum_buffers, steps, moment_scales, lr_value, lr_tensor, momentum, dampening,
-               weight_decay, nesterov, maximize, seed, scale, inf)
+    # one call per DTensor layout, each with its shards' seed
+    calls = _dtensor.by_layout(seed, [params, grads, momentum_buffers, steps, list(moment_scales)])
+    for seed, (params, grads, momentum_buffers, steps, moment_scales) in calls:
+        lists = _dtensor.to_local("sgd_step", params, grads, momentum_buffers)
+        wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
+        device = params[0].device
+        for op, (params, grads, momentum_buffers, steps, moment_scales) in (
+                (resolve_op("sgd_step_", "torch", device.type), wide),
+                (resolve_op("sgd_step_", backend, device.type), narrow)):
+            if params:
+                lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
+                op(params, grads, momentum_buffers, steps, moment_scales, lr_value, lr_tensor, momentum, dampening,
+                   weight_decay, nesterov, maximize, seed, scale, inf)

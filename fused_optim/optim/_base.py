@@ -119,9 +119,14 @@ def group_seed(index: int, params: list[Tensor]) -> int:
     """The stochastic-rounding seed of an optimizer's param group `index` over `params`: a hash of torch's initial
     seed (what torch.manual_seed set: a seeded run draws the same bits), the group's index and its params' shapes
     (two optimizers over different params draw differently). Nothing is drawn from torch's generator, so the
-    training script's own random numbers (dropout, data order) stay what they are with torch's optimizer."""
+    training script's own random numbers (dropout, data order) stay what they are with torch's optimizer.
+
+    Under torch.distributed torch's seed is left out: scripts often seed each rank differently (dropout, data), and
+    replicas (DDP, HSDP) must round alike to stay equal; each shard's own seed is ops/_dtensor.py's rank_seed."""
     shapes = ",".join(str(tuple(p.shape)) for p in params)
-    return zlib.crc32(f"{torch.initial_seed()} {index} {shapes}".encode()) % (2**31 - 1)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    torch_seed = "distributed" if distributed else torch.initial_seed()
+    return zlib.crc32(f"{torch_seed} {index} {shapes}".encode()) % (2**31 - 1)
 
 
 def init_master(p: Tensor, state: dict[str, Tensor], master_weights: bool | int) -> None:
@@ -150,6 +155,9 @@ def check_torch_flags(params: list[Tensor], group: dict[str, Any]) -> None:
         for p in params:
             _device_dtype_check_for_fused(p)
 
+
+# Our group options at the values that step as torch's optimizers do; state_dict() leaves them out.
+NEUTRAL_OPTIONS = {"master_weights": False, "moments": "fp32", "stochastic_rounding": False}
 
 # Gradient release: the optimizer whose hook steps each param inside backward (optim/_base.py), weakly: a newer
 # gradient_release optimizer over the same param takes it over.
@@ -534,9 +542,16 @@ class FusedOptimizer(Optimizer):
         return state_dict
 
     def _own_state_dict(self) -> dict[str, Any]:
-        """`state_dict` before its post hooks, which may renumber its params (by name, say)."""
+        """`state_dict` before its post hooks, which may renumber its params (by name, say). Our options at their
+        neutral values (torch's behaviour) are left out of its groups: the dict is then torch's key for key, so that
+        a distributed checkpoint of torch's optimizer loads into ours (DCP asks for every key of the dict it loads
+        into); `load_state_dict` gives a group without one the optimizer's own setting."""
         with _held_back(self, "_optimizer_state_dict_post_hooks"):
             state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:  # (torch's own copies of the group dicts)
+            for key, neutral in NEUTRAL_OPTIONS.items():
+                if key in group and group[key] == neutral:
+                    del group[key]
         numbered = self._numbered_params()
         for index, state in state_dict["state"].items():
             param = numbered[index][0]
