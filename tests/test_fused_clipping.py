@@ -434,6 +434,41 @@ def test_torch_scaler_with_mixed_grads_still_skips_an_inf_main_grad(cpu_backend)
     assert float(opt.skipped_steps) == 1
 
 
+def mixed_accumulated_params(cpu_backend, scaler, opt_kwargs):
+    """An fp32 param (its main grad is its .grad) and a bf16 one (a main grad only), one scaled backward,
+    accumulated and finalized; returns the params and the optimizer, not yet stepped."""
+    torch.manual_seed(0)
+    fp32_param = torch.nn.Parameter(torch.randn(10))
+    bf16_param = torch.nn.Parameter(torch.randn(10).bfloat16())
+    accumulator = fused_optim.GradAccumulator([fp32_param, bf16_param], backend=cpu_backend)
+    opt = fused_optim.SGD([fp32_param, bf16_param], lr=0.1, backend=cpu_backend, **opt_kwargs)
+    scaler.scale(fp32_param.square().sum() + bf16_param.float().square().sum()).backward()
+    accumulator.accumulate()
+    accumulator.finalize(num_tokens=5)
+    return [fp32_param, bf16_param], opt
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["not-fused", "fused"])
+def test_torch_scaler_with_mixed_grads_unscales_the_main_grads_too(cpu_backend, fused):
+    # torch's scaler divides only .grad; the bf16 param's main grad is unscaled by the step, as without a scaler
+    results = []
+    for scaler in (make_scaler(), torch.amp.GradScaler("cpu", enabled=False)):
+        params, opt = mixed_accumulated_params(cpu_backend, scaler, dict(fused=fused))
+        scaler.step(opt)
+        results.append([p.detach().clone() for p in params])
+    assert_bit_identical(*results)
+
+
+def test_torch_scalers_unscale_leaving_main_grads_scaled_is_refused(cpu_backend):
+    scaler = make_scaler()
+    params, opt = mixed_accumulated_params(cpu_backend, scaler, {})
+    scaler.unscale_(opt)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="unscaled only the .grad of SGD's params, not their GradAccumulator main"):
+        scaler.step(opt)
+    assert_bit_identical(before, [p.detach() for p in params])
+
+
 def test_warmup_cosine_waits_for_the_skipped_steps(cpu_backend):
     model = torch.nn.Linear(5, 3)
     opt = fused_optim.AdamW(model.parameters(), lr=0.1, max_grad_norm=1.0, backend=cpu_backend)

@@ -226,7 +226,6 @@ class FusedOptimizer(Optimizer):
             self._unhook(list(self._release_hooks))
             raise
         self._take_over(list(self._release_hooks))  # only now: a refused constructor takes nothing from the older one
-        self._step_supports_amp_scaling = _supports_amp_scaling(defaults)
         self._guard = StepGuard(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -629,6 +628,17 @@ class FusedOptimizer(Optimizer):
         return self._with_state_dict_post_hooks(state_dict)
 
     @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether torch's GradScaler hands our step grad_scale and found_inf rather than unscaling and checking the
+        grads itself: with `fused=True`, as torch's fused optimizers (the step takes both on the device, no extra
+        pass), and whenever a param is stepped from a GradAccumulator main grad, which torch's own unscale (of
+        `.grad` alone) would leave scaled. Not otherwise: frameworks read the flag as "the optimizer unscales, so
+        nothing may clip before it" (Lightning refuses `gradient_clip_val` then, even under bf16 with no scaler at
+        all). fused_optim.GradScaler folds the unscale and the inf check into the step either way (it asks for
+        `_checks_grads_in_step`)."""
+        return bool(self.defaults.get("fused")) or self._guard.reads_main_grads()
+
+    @property
     def skipped_steps(self) -> Tensor:
         """How many steps were skipped for inf/NaN grads: a 0-dim float32 tensor on the params' device."""
         return self._guard.skipped_steps
@@ -656,7 +666,6 @@ class FusedOptimizer(Optimizer):
         self.backend = state.pop("backend", None) or getattr(self, "backend", None) or _backend.default_backend()
         if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
             self.max_grad_norm = state.pop("max_grad_norm", None)
-        self._step_supports_amp_scaling = _supports_amp_scaling(state.get("defaults", getattr(self, "defaults", {})))
         super().__setstate__(state)
         if not hasattr(self, "_guard"):
             self._guard = StepGuard(self)
@@ -687,15 +696,6 @@ def _held_back(optimizer: Optimizer, hooks: str) -> Iterator[None]:
 
 def _describe_layout(t: Tensor) -> str:
     return f"placements {tuple(t.placements)} on {t.device_mesh}" if is_dtensor(t) else "a plain tensor"
-
-
-def _supports_amp_scaling(defaults: dict[str, Any]) -> bool:
-    """Whether torch's GradScaler hands our step grad_scale and found_inf rather than unscaling and checking the
-    grads itself: with `fused=True`, as torch's fused optimizers (the step takes both on the device, no extra pass).
-    Not by default: frameworks read the flag as "the optimizer unscales, so nothing may clip before it" (Lightning
-    refuses `gradient_clip_val` then, even under bf16 with no scaler at all). fused_optim.GradScaler folds the
-    unscale and the inf check into the step either way (it asks for `_checks_grads_in_step`)."""
-    return bool(defaults.get("fused"))
 
 
 def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_keys: tuple[str, ...]) -> None:

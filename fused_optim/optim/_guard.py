@@ -60,8 +60,17 @@ class StepGuard:
                 f"torch.amp.GradScaler found no .grad to check on {type(optimizer).__name__}'s params (their "
                 "gradients are GradAccumulator main grads); use fused_optim.GradScaler, which checks main grads"
             )
-        if grads and (max_grad_norm is not None or getattr(optimizer, "_grads_unchecked", False)
-                      or (found_inf is not None and self._reads_main_grads())):
+        reads_main_grads = found_inf is not None and self.reads_main_grads()
+        if reads_main_grads and grad_scale is None and any(
+                p.main_grad is not p.grad for group in optimizer.param_groups for p in group["params"]
+                if getattr(p, "main_grad", None) is not None):
+            # torch's GradScaler after the user's unscale_: it divided the params' .grad, and a bf16/fp16 param's
+            # main grad is no .grad (an fp32 param's is: finalize() hands it over as both)
+            raise RuntimeError(
+                f"GradScaler.unscale_ unscaled only the .grad of {type(optimizer).__name__}'s params, not their "
+                "GradAccumulator main grads, which would be stepped still scaled: do not call unscale_ (clip with "
+                "the optimizer's max_grad_norm=, which clips the unscaled grads)")
+        if grads and (max_grad_norm is not None or getattr(optimizer, "_grads_unchecked", False) or reads_main_grads):
             norm = global_norm(grads, 2.0, backend)
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device)  # the norm of the unscaled grads
@@ -79,7 +88,7 @@ class StepGuard:
             self.skipped_steps.add_((found_inf != 0).to(device=self.skipped_steps.device, dtype=torch.float32))
         return grad_scale, found_inf
 
-    def _reads_main_grads(self) -> bool:
+    def reads_main_grads(self) -> bool:
         """Whether some param is stepped from a GradAccumulator main grad. torch's GradScaler checks only `.grad`
         for inf/NaN, so then the step checks the grads itself: it is skipped on an inf/NaN main grad (though torch's
         `update()` does not see it and keeps the scale; fused_optim.GradScaler does back off)."""
