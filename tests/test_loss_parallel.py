@@ -169,7 +169,8 @@ def count_collectives(fn):
     import torch.distributed._functional_collectives as funcol
 
     count = 0
-    originals = {name: getattr(funcol, name) for name in ("all_gather_tensor", "all_reduce")}
+    originals = {name: getattr(funcol, name) for name in ("all_gather_single", "all_gather_tensor", "all_reduce")
+                 if hasattr(funcol, name)}
 
     def counting(original):
         def counted(*args, **kwargs):

@@ -84,7 +84,9 @@ class ShardedRows:
         stats = ops.shard_stats_op(self.backend, logits.device)(
             logits, target, shard_weight, shard.class_start, shard.num_classes, ignore_index, softcap)
         # (ranks, N, 4); the ranks counted, not inferred: an empty batch has no rows to infer them from
-        gathered = funcol.all_gather_tensor(stats, 0, shard.group).view(shard.ranks, *stats.shape)
+        # all_gather_single where torch has it (2.14 deprecates all_gather_tensor, which 2.11 has alone)
+        all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        gathered = all_gather(stats, 0, shard.group).view(shard.ranks, *stats.shape)
         loss, lse, coefs = combine(gathered, target, self.weight, scales, shard.num_classes, ignore_index,
                                    label_smoothing, z_loss, grad is not None)
         if grad is not None:

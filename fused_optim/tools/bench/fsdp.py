@@ -123,7 +123,8 @@ def implementations(op: str) -> list[tuple[str, Callable, bool]]:
 class CountCollectives:
     """Counts the collectives (functional and c10d all-reduce / all-gather / reduce-scatter) issued while active."""
 
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_tensor", "reduce_scatter_tensor")
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_tensor", "all_gather_single",
+             "reduce_scatter_tensor")
 
     def __enter__(self) -> CountCollectives:
         import torch.distributed._functional_collectives as funcol
