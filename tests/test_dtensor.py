@@ -291,6 +291,12 @@ REPLICA_MODES = {"int8 moments": (torch.float32, dict(moments="int8")), "bf16 mo
     moments="bf16")), "bf16 stochastic rounding": (torch.bfloat16, dict(stochastic_rounding=True))}
 
 
+def shard_coordinates(p: DTensor) -> tuple[int, ...]:
+    """The rank's coordinates along the mesh dims that shard `p` (its replicas share them)."""
+    return tuple(c for c, placement in zip(p.device_mesh.get_coordinate(), p.placements)
+                 if not placement.is_replicate())
+
+
 def replicas(rank: int, world: int) -> dict:
     """The modes that round stochastically, on a 2 x 2 mesh whose params have replicas: HSDP (Replicate, Shard(0))
     and the tensor-parallel model's row-parallel bias (replicated over tp). Each rank seeds torch differently (as
@@ -308,10 +314,7 @@ def replicas(rank: int, world: int) -> dict:
                 model, dp_rank, dp_size = fsdp(model, mesh), rank, world
             torch.manual_seed(1000 + rank)
             train(model, fused_optim.AdamW(model.parameters(), lr=1e-2, **options), dp_rank=dp_rank, dp_size=dp_size)
-            results[mode, layout] = [
-                (p.to_local().detach().clone(), tuple(c for c, placement in zip(p.device_mesh.get_coordinate(),
-                                                                                  p.placements) if not placement.is_replicate()))
-                for p in model.parameters()]
+            results[mode, layout] = [(p.to_local().detach().clone(), shard_coordinates(p)) for p in model.parameters()]
     return results
 
 
