@@ -33,6 +33,7 @@ from fused_optim.ops.total_norm import total_norm
 pytestmark = pytest.mark.skipif(not GLOO_AVAILABLE, reason="torch.distributed with gloo is not available")
 
 if GLOO_AVAILABLE:
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -383,7 +384,14 @@ def zero_redundancy(rank: int, world: int) -> dict:
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fused_optim.AdamW, lr=1e-2, weight_decay=0.1)
     train(model, opt, dp_rank=rank, dp_size=world)
     opt.consolidate_state_dict(to=0)
-    return {"params": full_params(model.module), "state_dict": opt.state_dict() if rank == 0 else None}
+    # clipping by the global norm: each rank's AdamW holds its partition, and sums the squares over the group
+    clipped = torch.nn.parallel.DistributedDataParallel(make_model())
+    clipped_opt = ZeroRedundancyOptimizer(clipped.parameters(), optimizer_class=fused_optim.AdamW, lr=1e-2,
+                                          weight_decay=0.1, max_grad_norm=MAX_NORM, grad_norm_group=dist.group.WORLD)
+    train(clipped, clipped_opt, dp_rank=rank, dp_size=world)
+    return {"params": full_params(model.module), "state_dict": opt.state_dict() if rank == 0 else None,
+            "clipped": full_params(clipped.module),
+            "partition_sizes": len(clipped_opt.optim.param_groups[0]["params"])}
 
 
 # GradAccumulator: (counted, ignored) target tokens of each micro-batch, per rank; the same number of micro-batches
@@ -664,6 +672,13 @@ def test_zero_redundancy_optimizer(two):
     name = "adamw"
     for result in two:
         assert_close(result["zero"]["params"], single_process(name))
+    # the clipped run is a single process's clipped by the global norm (torch's clip_grad_norm_ then AdamW)
+    reference = make_model()
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    train(reference, reference_opt, clip=MAX_NORM)
+    for result in two:
+        assert 0 < result["zero"]["partition_sizes"] < len(list(reference.parameters()))  # each holds a part
+        assert_close(result["zero"]["clipped"], full_params(reference))
     state_dict = two[0]["zero"]["state_dict"]
     model = make_model()
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)

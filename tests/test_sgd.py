@@ -484,8 +484,8 @@ def test_bad_state_dict_raises_and_changes_nothing():
 
 def test_signature_extends_torchs():
     assert_signature_extends(fused_optim.SGD, torch.optim.SGD)
-    extras = list(__import__("inspect").signature(fused_optim.SGD).parameters)[-3:]
-    assert extras == ["max_grad_norm", "gradient_release", "backend"]
+    extras = list(__import__("inspect").signature(fused_optim.SGD).parameters)[-4:]
+    assert extras == ["max_grad_norm", "grad_norm_group", "gradient_release", "backend"]
 
 
 @pytest.mark.parametrize("flag", ["foreach", "fused"])

@@ -191,7 +191,8 @@ class FusedOptimizer(Optimizer):
     _moment_keys: tuple[str, ...] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, max_grad_norm: float | None,
-                 backend: str | None, gradient_release: bool = False) -> None:
+                 backend: str | None, gradient_release: bool = False,
+                 grad_norm_group: dist.ProcessGroup | None = None) -> None:
         check_group_options(defaults)
         if defaults.get("fused"):  # torch's checks (we take both flags, and run our kernels either way)
             if defaults.get("differentiable"):
@@ -210,6 +211,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError("gradient_release=True updates each param inside backward, before the other grads exist, "
                              "so it cannot clip by their global norm: pass max_grad_norm or gradient_release, not both")
         self.max_grad_norm = max_grad_norm
+        self.grad_norm_group = grad_norm_group  # (ZeRO: the ranks whose optimizers hold the other params)
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
         # the lists a step hands the kernels, kept between steps: per group by its index (torch 2.11's torch.compile
@@ -392,7 +394,7 @@ class FusedOptimizer(Optimizer):
             self._plans.clear()
             raise
         grads = [grad for _, kinds in gathered for lists in kinds.values() for grad in lists[1]]
-        grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend)
+        grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend, self.grad_norm_group)
         for group, kinds in gathered:
             for kind, lists in kinds.items():
                 if kind != "torch":
@@ -666,6 +668,7 @@ class FusedOptimizer(Optimizer):
         self.backend = state.pop("backend", None) or getattr(self, "backend", None) or _backend.default_backend()
         if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
             self.max_grad_norm = state.pop("max_grad_norm", None)
+        self.grad_norm_group = getattr(self, "grad_norm_group", None)  # a process group is not pickled: none
         super().__setstate__(state)
         if not hasattr(self, "_guard"):
             self._guard = StepGuard(self)

@@ -13,6 +13,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from fused_optim.clip_grad import clip_coefficient, global_norm
@@ -43,8 +44,8 @@ class StepGuard:
         # 0 and a reader (WarmupCosine's float mode) need not read it from the device.
         self.may_have_skipped = False
 
-    def prepare(self, grads: list[Tensor], max_grad_norm: float | None, backend: str) -> tuple[Tensor | None,
-                                                                                               Tensor | None]:
+    def prepare(self, grads: list[Tensor], max_grad_norm: float | None, backend: str,
+                norm_group: dist.ProcessGroup | None = None) -> tuple[Tensor | None, Tensor | None]:
         """The (grad_scale, found_inf) to hand the update kernels for a step over `grads`.
 
         GradScaler sets `grad_scale`/`found_inf` on the optimizer; fused_optim.GradScaler also sets
@@ -70,8 +71,14 @@ class StepGuard:
                 f"GradScaler.unscale_ unscaled only the .grad of {type(optimizer).__name__}'s params, not their "
                 "GradAccumulator main grads, which would be stepped still scaled: do not call unscale_ (clip with "
                 "the optimizer's max_grad_norm=, which clips the unscaled grads)")
-        if grads and (max_grad_norm is not None or getattr(optimizer, "_grads_unchecked", False) or reads_main_grads):
-            norm = global_norm(grads, 2.0, backend)
+        # with norm_group every rank joins the all-reduce, its part of the params with grads or not
+        if (grads or norm_group is not None) and (
+                max_grad_norm is not None or getattr(optimizer, "_grads_unchecked", False) or reads_main_grads):
+            norm = global_norm(grads, 2.0, backend) if grads else torch.zeros_like(self.skipped_steps)
+            if norm_group is not None:  # this rank's part of the params (ZeRO): the parts' squares summed
+                squares = norm.double().square()
+                dist.all_reduce(squares, group=norm_group)
+                norm = squares.sqrt().float()
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device)  # the norm of the unscaled grads
             self.last_grad_norm = norm

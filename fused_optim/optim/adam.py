@@ -33,7 +33,9 @@ Differences from torch, all additive:
 - `max_grad_norm=` clips the global grad norm (over every group, as `clip_grad_norm_` over all params) inside the
   step: one pass reads the grads for the norm and the update pass applies unscale and clip as one factor, so the
   grads are read twice and never written. A non-finite norm skips the step on the device (params, state and step
-  counts untouched). `last_grad_norm` holds the norm of the unscaled grads before clipping.
+  counts untouched). `last_grad_norm` holds the norm of the unscaled grads before clipping. `grad_norm_group=`:
+  where each rank's optimizer holds only its part of the model's params (ZeroRedundancyOptimizer passes it on), the
+  process group over which the parts' squared norms are summed into the global one (one all-reduce a step).
 - `skipped_steps` counts, on the device, the steps skipped for inf/NaN grads; fused_optim.lr_scheduler reads it so
   a skipped step does not advance the schedule.
 - `gradient_release=True` steps each param inside backward as soon as its grad is accumulated and frees the grad
@@ -47,6 +49,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.adam import adam as torch_adam
 from torch.optim.optimizer import ParamsT
@@ -88,6 +91,7 @@ class Adam(FusedOptimizer):
         moments: str = "fp32",
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
+        grad_norm_group: dist.ProcessGroup | None = None,
         gradient_release: bool = False,
         backend: str | None = None,
     ) -> None:
@@ -128,7 +132,8 @@ class Adam(FusedOptimizer):
             "moments": moments,
             "stochastic_rounding": stochastic_rounding,
         }
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, grad_norm_group=grad_norm_group,
+                         backend=backend,
                          gradient_release=gradient_release)
 
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
@@ -221,6 +226,7 @@ class AdamW(Adam):
         moments: str = "fp32",
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
+        grad_norm_group: dist.ProcessGroup | None = None,
         gradient_release: bool = False,
         backend: str | None = None,
     ) -> None:
@@ -228,7 +234,7 @@ class AdamW(Adam):
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             master_weights=master_weights, moments=moments, stochastic_rounding=stochastic_rounding,
-            max_grad_norm=max_grad_norm,
+            max_grad_norm=max_grad_norm, grad_norm_group=grad_norm_group,
             gradient_release=gradient_release, backend=backend,
         )
 

@@ -14,7 +14,7 @@ fused_optim.AdamW:
 - `master_weights=True` keeps each bf16/fp16 param's fp32 master (a bf16 param's as an int16 remainder,
   `master_remainder`; an fp16 param's as an fp32 copy, `master_param`: as fused_optim.AdamW), `master_weights=24` a
   bf16 param's 24-bit master (an int8 remainder); `stochastic_rounding=True` rounds bf16 params stochastically
-  instead. `maximize`, `max_grad_norm=`, `gradient_release=`, GradScaler
+  instead. `maximize`, `max_grad_norm=` (and `grad_norm_group=`), `gradient_release=`, GradScaler
   (grad_scale and found_inf read on the device), a tensor lr, `backend=`, DTensor params, `main_grad`
   (GradAccumulator): as AdamW.
 - Complex params, sparse grads and differentiable groups are refused (RuntimeError/TypeError at the step, nothing
@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
@@ -61,6 +62,7 @@ class Lion(FusedOptimizer):
         moments: str = "fp32",
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
+        grad_norm_group: dist.ProcessGroup | None = None,
         gradient_release: bool = False,
         backend: str | None = None,
     ) -> None:
@@ -86,7 +88,8 @@ class Lion(FusedOptimizer):
             # step is never differentiable, and a group asking for one is refused at the step
             "differentiable": False,
         }
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, grad_norm_group=grad_norm_group,
+                         backend=backend,
                          gradient_release=gradient_release)
 
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,

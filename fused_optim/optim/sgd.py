@@ -15,7 +15,7 @@ Differences from torch:
 - A skipped step (GradScaler's found_inf, or a non-finite grad norm with max_grad_norm) leaves params, buffers and
   counts untouched on the device; a skipped first step therefore leaves the buffer unset, as if it never happened.
   `skipped_steps` counts them; `gradient_release=True` steps each param inside backward (as AdamW);
-  `max_grad_norm=` clips the global grad norm inside the step, and
+  `max_grad_norm=` clips the global grad norm inside the step (with `grad_norm_group=` under ZeRO, as AdamW), and
   `last_grad_norm` holds that norm (fused_optim/optim/_guard.py, as fused_optim.AdamW).
 - `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
   `foreach` and `fused` are accepted and ignored (torch's errors for them kept).
@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd as torch_sgd
@@ -68,6 +69,7 @@ class SGD(FusedOptimizer):
         fused: bool | None = None,
         moments: str = "fp32",
         max_grad_norm: float | None = None,
+        grad_norm_group: dist.ProcessGroup | None = None,
         gradient_release: bool = False,
         backend: str | None = None,
     ) -> None:
@@ -94,7 +96,8 @@ class SGD(FusedOptimizer):
             "fused": fused,
             "moments": moments,
         }
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend,
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, grad_norm_group=grad_norm_group,
+                         backend=backend,
                          gradient_release=gradient_release)
 
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
