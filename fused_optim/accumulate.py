@@ -235,9 +235,8 @@ class GradAccumulator:
     @torch.no_grad()
     def released_grad(self, i: int, p: Tensor, stepper: weakref.WeakMethod) -> Tensor | None:
         """For a gradient_release optimizer's hook `stepper` (held weakly) on param i: accumulates its new grad, and
-        returns the main grad to step it with when `release()` armed this backward (divided by the token count), else
-        None.
-        The armed backward's end steps, through their hooks, the params that got a grad in an earlier micro-batch
+        returns the main grad to step it with when `release()` armed this backward (divided by the token count),
+        else None. The armed backward's end steps, through their hooks, the params that got a grad in an earlier micro-batch
         but none in it, as `finalize()` + `step()` would."""
         self._accumulate_one(i, p)
         self._steppers[i] = stepper

@@ -193,7 +193,7 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
     local_weight = linear_weight.to_local()
     local_bias = linear_bias.to_local() if linear_bias is not None else None
     # chunks sized by the largest shard's width, not this rank's: every rank must run as many chunks (each gathers)
-    rows = chunk_rows(x.shape[0], -(-shard.num_classes // shard.ranks), x.dtype, x.device, batch_chunk_size)
+    rows = chunk_rows(x.shape[0], shard.widest_shard, x.dtype, x.device, batch_chunk_size)
     _refuse_compiled_gradients("linear_cross_entropy", _any_grad(x, local_weight, local_bias))
     loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), local_weight.contiguous(), local_bias, target,
                                                _class_weight(weight), reduction, ignore_index, label_smoothing,

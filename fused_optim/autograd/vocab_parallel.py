@@ -5,8 +5,8 @@
 Each rank reads only its shard. Pass 1 (fused_optim::cross_entropy_shard_stats) reduces each row's shard to four
 numbers: its max, its sum of exp(z - max), the target's logit when the target is in the shard (else 0) and the
 weighted gap of its logits below its max (sum_j w_j * (max - z_j): cross_entropy.h). One all-gather of those N x 4
-floats per call (per chunk of rows for the linear loss) gives every rank every shard's numbers; each rank combines them (`combine`, below: the row max M, the sum
-S = sum_r sum_r exp(max_r - M), the loss from cross_entropy.h's formula, and the gradient's coefficients) and pass 2
+floats per call (per chunk of rows for the linear loss) gives every rank every shard's numbers; each rank combines
+them (`combine`, below: the row max M, the sum S = sum_r sum_r exp(max_r - M), the loss from cross_entropy.h's formula, and the gradient's coefficients) and pass 2
 (fused_optim::cross_entropy_shard_grad_) writes its shard's gradient from p_j = exp(z_j - M) / S. The loss and the
 log-sum-exp come out as the unsharded kernel computes them, ((M - z_t) + log S and M + log S, in fp32), so every
 option (ignore_index, label_smoothing, class weights, reductions, z_loss, softcap) gives the unsharded result, and
@@ -33,7 +33,7 @@ class VocabShard:
         self.ranks = ranks = mesh.size(mesh_dim)
         rank = mesh.get_local_rank(mesh_dim)
         # DTensor's Shard splits as torch.chunk does: ceil(V / ranks) classes a rank, the last ones fewer or none
-        chunk = -(-num_classes // ranks)
+        self.widest_shard = chunk = -(-num_classes // ranks)  # (the first ranks' count)
         self.class_start = min(rank * chunk, num_classes)
         self.shard_classes = min(chunk, num_classes - self.class_start)
         if shard_classes != self.shard_classes:

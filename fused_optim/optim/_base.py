@@ -124,8 +124,7 @@ def group_seed(index: int, params: list[Tensor]) -> int:
     Under torch.distributed torch's seed is left out: scripts often seed each rank differently (dropout, data), and
     replicas (DDP, HSDP) must round alike to stay equal; each shard's own seed is ops/_dtensor.py's rank_seed."""
     shapes = ",".join(str(tuple(p.shape)) for p in params)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    torch_seed = "distributed" if distributed else torch.initial_seed()
+    torch_seed = "distributed" if _multi_process() else torch.initial_seed()
     return zlib.crc32(f"{torch_seed} {index} {shapes}".encode()) % (2**31 - 1)
 
 
@@ -170,10 +169,15 @@ def _release_owner(p: Tensor) -> FusedOptimizer | None:
     return owner() if owner is not None else None
 
 
+def _multi_process() -> bool:
+    """Whether torch.distributed runs more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _check_single_process(name: str) -> None:
     """Gradient release steps each param with its local grad the moment autograd has it: under DDP that is before
     the all-reduce, so every rank would train on its own grads, silently."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi_process():
         raise RuntimeError(f"{name}: gradient_release=True is single-process only: it steps each param with its local "
                            "grad inside backward, before DDP (or any all-reduce) could average it over the ranks")
 

@@ -89,8 +89,7 @@ class Lion(FusedOptimizer):
             "differentiable": False,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, grad_norm_group=grad_norm_group,
-                         backend=backend,
-                         gradient_release=gradient_release)
+                         backend=backend, gradient_release=gradient_release)
 
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:
