@@ -42,7 +42,10 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# The headers whose change rebuilds an extension (setuptools compares only these and the sources with the library)
 HEADERS = sources("csrc/include/fused_optim/*.h") + sources("csrc/ops/*.h")
+CPU_HEADERS = HEADERS + sources("csrc/cpu/*.h")
+CUDA_HEADERS = HEADERS + sources("csrc/cuda/*.cuh")
 WHEEL_CUDA_ARCHS = "8.0;9.0;10.0+PTX"
 
 
@@ -106,7 +109,7 @@ def extensions():
             f"fused_optim._C_cpu_{isa}",
             sources("csrc/registration.cpp") + sources("csrc/cpu/*.cpp"),
             include_dirs=INCLUDE,
-            depends=HEADERS,
+            depends=CPU_HEADERS,
             extra_compile_args={"cxx": cxx_flags + isa_flags + STABLE_ABI_FLAGS},
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
@@ -131,7 +134,7 @@ def extensions():
                 "fused_optim._C_cuda",
                 sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp"),
                 include_dirs=INCLUDE,
-                depends=HEADERS,
+                depends=CUDA_HEADERS,
                 extra_compile_args={"cxx": ["-O3"] + STABLE_ABI_FLAGS, "nvcc": nvcc_flags + STABLE_ABI_FLAGS},
                 py_limited_api=True,
             )

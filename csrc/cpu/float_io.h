@@ -81,6 +81,11 @@ inline void store_moment(moment_t* __restrict__ data, int64_t i, float value, ui
   }
 }
 
+// Whether a write-back keeps an array beside the params: an fp32 master copy or a remainder.
+constexpr bool keeps_master(WriteBack kind) {
+  return kind == WriteBack::kMaster || kind == WriteBack::kRemainder || kind == WriteBack::kRemainder8;
+}
+
 // The fp32 value the update starts from: the param's, or its master's.
 template <WriteBack kWrite, typename param_t>
 inline float load_param(const param_t* __restrict__ param, const master_t<kWrite>* __restrict__ master, int64_t i) {

@@ -61,6 +61,12 @@ void lion_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
                             const float updated = lion_update(load_param<kWrite>(param, master, i),
                                                               load_float(grad, i), m, s);
                             write_param<kWrite>(param, master, i, updated, t.random_stream);
+                          },
+                          [&](int64_t i) {
+                            prefetch_block(i, param, grad);
+                            if constexpr (keeps_master(kWrite)) {
+                              prefetch_block(i, master);
+                            }
                           });
 }
 

@@ -56,7 +56,8 @@ void sgd_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
                           [&](int64_t i, float& buffer) {
                             store_float(param, i, sgd_update<true, kNesterov>(load_float(param, i),
                                                                               load_float(grad, i), buffer, s));
-                          });
+                          },
+                          [&](int64_t i) { prefetch_block(i, param, grad); });
 }
 
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);

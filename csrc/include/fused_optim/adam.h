@@ -43,6 +43,7 @@ struct AdamScalars {
   float one_minus_beta2;
   float step_size;              // lr / (1 - beta1^t)
   float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  float inverse_bias_correction2_sqrt;  // its reciprocal, correctly rounded
   float eps;
 };
 
@@ -62,6 +63,7 @@ FO_HOST_DEVICE AdamScalars adam_scalars(const AdamHyper& h, double lr, float ste
   const double bias_correction2 = 1.0 - pow(h.beta2, static_cast<double>(step));
   s.step_size = static_cast<float>(lr / bias_correction1);
   s.bias_correction2_sqrt = static_cast<float>(sqrt(bias_correction2));
+  s.inverse_bias_correction2_sqrt = 1.0f / s.bias_correction2_sqrt;
   s.eps = static_cast<float>(h.eps);
   return s;
 }
@@ -69,6 +71,24 @@ FO_HOST_DEVICE AdamScalars adam_scalars(const AdamHyper& h, double lr, float ste
 // torch's lerp: the two forms keep the result exact at either end of the weight range.
 FO_HOST_DEVICE float lerp(float start, float end, float weight) {
   return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+}
+
+// x / divisor correctly rounded, for x >= +0 (the root of a second moment), given `inverse`, 1 / divisor correctly
+// rounded. The AVX-512 CPU kernels take Markstein's sequence, x * inverse corrected by its remainder, which an FMA
+// computes exactly: correctly rounded as well (his theorem; the same bits as vdivps on all 2^23 mantissas of x, for
+// 24000 divisors once and for 55 in tests/test_quotient_by_constant.py), and free of the vector divider, which the
+// int8-moment step waits on: 4-7 % off that step with 512-bit vectors (docs/results.md). With 256-bit vectors,
+// whose division costs less, it was slower.
+// An infinite or NaN x has a NaN remainder: x * inverse is then x / divisor.
+FO_HOST_DEVICE float quotient_by_constant(float x, float divisor, float inverse) {
+#if defined(__AVX512F__) && !defined(__CUDACC__)
+  const float estimate = x * inverse;
+  const float quotient = fmaf(fmaf(-estimate, divisor, x), inverse, estimate);
+  return estimate < INFINITY ? quotient : estimate;
+#else
+  (void)inverse;
+  return x / divisor;
+#endif
 }
 
 // One element. Returns the new parameter value (fp32, before any rounding to the parameter dtype) and updates
@@ -89,7 +109,8 @@ FO_HOST_DEVICE float adam_update(float param, float grad, float& exp_avg, float&
     max_exp_avg_sq = fmaxf(max_exp_avg_sq, exp_avg_sq);
     second_moment = max_exp_avg_sq;
   }
-  const float denom = sqrtf(second_moment) / s.bias_correction2_sqrt + s.eps;
+  const float denom =
+      quotient_by_constant(sqrtf(second_moment), s.bias_correction2_sqrt, s.inverse_bias_correction2_sqrt) + s.eps;
   // (step_size * m) / denom, in torch's order (its addcdiv and its fused kernels alike)
   return param - s.step_size * exp_avg / denom;
 }
