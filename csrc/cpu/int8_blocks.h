@@ -22,13 +22,20 @@ constexpr int64_t kPrefetchAhead = 4 * kInt8Block;
 
 // Asks for the cache lines of elements [index, index + kInt8Block) of each array. A prefetch never faults: an index
 // past an array's end costs only the request. (Addresses as integers: past the end, pointer arithmetic would be
-// undefined, and a null check here made gcc drop the prefetches altogether.)
+// undefined.)
 template <typename... Element>
 inline void prefetch_block(int64_t index, const Element*... arrays) {
   const auto lines = [index](auto* array) {
     constexpr int64_t kBytes = kInt8Block * static_cast<int64_t>(sizeof(*array));
     const uintptr_t first = reinterpret_cast<uintptr_t>(array) + static_cast<uintptr_t>(index * (kBytes / kInt8Block));
-    for (int64_t byte = 0; byte < kBytes; byte += 64) __builtin_prefetch(reinterpret_cast<const void*>(first + byte));
+    for (int64_t byte = 0; byte < kBytes; byte += 64) {
+#if defined(__x86_64__)
+      // as an asm statement: gcc dropped some __builtin_prefetch calls outright (Lion's with a master array)
+      asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(first + byte)));
+#else
+      __builtin_prefetch(reinterpret_cast<const void*>(first + byte));
+#endif
+    }
   };
   (lines(arrays), ...);
 }
