@@ -11,6 +11,7 @@
 #include "float_io.h"
 #include "int8_blocks.h"
 #include "int8_codes_avx2.h"
+#include "prefetch.h"
 #include "ops/adam.h"
 #include "ops/dispatch.h"
 #include "fused_optim/moment_int8.h"
@@ -44,20 +45,27 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   // bf16 moments' random bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Moments = std::is_same_v<moment_t, c10::BFloat16>;
   const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
-  const int32_t length = static_cast<int32_t>(end - begin);  // at most kCpuChunk
-#pragma omp simd
-  for (int32_t j = 0; j < length; ++j) {
-    const int64_t i = begin + j;
-    const float p = load_param<kWrite>(param, master, i);
-    float m = load_float(exp_avg, i), v = load_float(exp_avg_sq, i);
-    float max_v = kAmsgrad ? load_float(max_exp_avg_sq, i) : 0.0f;
-    const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s);
-    const uint32_t bits = kBf16Moments ? chunk_moment_bits(stream0, begin, j) : 0u;
-    store_moment(exp_avg, i, m, bits);
-    store_moment(exp_avg_sq, i, v, bits >> 16);
-    if (kAmsgrad) store_moment(max_exp_avg_sq, i, max_v, kBf16Moments ? chunk_moment_bits(stream1, begin, j) : 0u);
-    write_param<kWrite>(param, master, i, updated, t.random_stream);
-  }
+  for_each_prefetching(
+      begin, end,
+      [&](int32_t j) {
+        const int64_t i = begin + j;
+        const float p = load_param<kWrite>(param, master, i);
+        float m = load_float(exp_avg, i), v = load_float(exp_avg_sq, i);
+        float max_v = kAmsgrad ? load_float(max_exp_avg_sq, i) : 0.0f;
+        const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s);
+        const uint32_t bits = kBf16Moments ? chunk_moment_bits(stream0, begin, j) : 0u;
+        store_moment(exp_avg, i, m, bits);
+        store_moment(exp_avg_sq, i, v, bits >> 16);
+        if (kAmsgrad) store_moment(max_exp_avg_sq, i, max_v, kBf16Moments ? chunk_moment_bits(stream1, begin, j) : 0u);
+        write_param<kWrite>(param, master, i, updated, t.random_stream);
+      },
+      [&](int64_t i) {
+        prefetch_block(i, param, grad, exp_avg, exp_avg_sq);
+        if constexpr (kAmsgrad) prefetch_block(i, max_exp_avg_sq);
+        if constexpr (keeps_master(kWrite)) {
+          prefetch_block(i, master);
+        }
+      });
 }
 
 // moments="int8" (moment_int8.h), one block of kInt8Block elements after another (a chunk starts at a multiple of

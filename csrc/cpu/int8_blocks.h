@@ -10,35 +10,10 @@
 
 #include "chunks.h"
 #include "int8_codes_avx2.h"
+#include "prefetch.h"
 #include "fused_optim/moment_int8.h"
 
 namespace fused_optim {
-
-// An int8 loop (this file's, adam.cpp's) asks for its arrays' cache lines this far ahead of the block it steps. Its
-// arithmetic spreads a block's loads over a few hundred cycles, and the hardware prefetchers, which follow the loads,
-// fell behind: AdamW moved 11.6 GB/s where one thread streams 23. Asking 4 blocks ahead took 8-18 % off the int8
-// AdamW, SGD and Lion steps on 33.6 M params (docs/results.md); 16 or 32 blocks ahead gained less.
-constexpr int64_t kPrefetchAhead = 4 * kInt8Block;
-
-// Asks for the cache lines of elements [index, index + kInt8Block) of each array. A prefetch never faults: an index
-// past an array's end costs only the request. (Addresses as integers: past the end, pointer arithmetic would be
-// undefined.)
-template <typename... Element>
-inline void prefetch_block(int64_t index, const Element*... arrays) {
-  const auto lines = [index](auto* array) {
-    constexpr int64_t kBytes = kInt8Block * static_cast<int64_t>(sizeof(*array));
-    const uintptr_t first = reinterpret_cast<uintptr_t>(array) + static_cast<uintptr_t>(index * (kBytes / kInt8Block));
-    for (int64_t byte = 0; byte < kBytes; byte += 64) {
-#if defined(__x86_64__)
-      // as an asm statement: gcc dropped some __builtin_prefetch calls outright (Lion's with a master array)
-      asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(first + byte)));
-#else
-      __builtin_prefetch(reinterpret_cast<const void*>(first + byte));
-#endif
-    }
-  };
-  (lines(arrays), ...);
-}
 
 // Elements [begin, end) of a tensor (begin at a block: a chunk's start). `update(i, m)` steps element i given its
 // dequantized moment m and leaves the moment's new value in m; it is inlined into a vectorised loop, so it must be

@@ -10,6 +10,7 @@
 #include "chunks.h"
 #include "float_io.h"
 #include "int8_blocks.h"
+#include "prefetch.h"
 #include "fused_optim/rounding.h"
 #include "ops/dispatch.h"
 #include "ops/lion.h"
@@ -37,16 +38,22 @@ void lion_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   // a bf16 moment's rounding bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Moment = std::is_same_v<moment_t, c10::BFloat16>;
   const uint32_t moment_draw = moment_stream(t.random_stream, 0);
-  const int32_t length = static_cast<int32_t>(end - begin);  // at most kCpuChunk
-#pragma omp simd
-  for (int32_t j = 0; j < length; ++j) {
-    const int64_t i = begin + j;
-    const float p = load_param<kWrite>(param, master, i);
-    float m = load_float(exp_avg, i);
-    const float updated = lion_update(p, load_float(grad, i), m, s);
-    store_moment(exp_avg, i, m, kBf16Moment ? chunk_moment_bits(moment_draw, begin, j) : 0u);
-    write_param<kWrite>(param, master, i, updated, t.random_stream);
-  }
+  for_each_prefetching(
+      begin, end,
+      [&](int32_t j) {
+        const int64_t i = begin + j;
+        const float p = load_param<kWrite>(param, master, i);
+        float m = load_float(exp_avg, i);
+        const float updated = lion_update(p, load_float(grad, i), m, s);
+        store_moment(exp_avg, i, m, kBf16Moment ? chunk_moment_bits(moment_draw, begin, j) : 0u);
+        write_param<kWrite>(param, master, i, updated, t.random_stream);
+      },
+      [&](int64_t i) {
+        prefetch_block(i, param, grad, exp_avg);
+        if constexpr (keeps_master(kWrite)) {
+          prefetch_block(i, master);
+        }
+      });
 }
 
 // moments="int8" (int8_blocks.h)

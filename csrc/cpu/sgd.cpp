@@ -10,6 +10,7 @@
 #include "chunks.h"
 #include "float_io.h"
 #include "int8_blocks.h"
+#include "prefetch.h"
 #include "ops/dispatch.h"
 #include "ops/sgd.h"
 #include "fused_optim/rounding.h"
@@ -34,16 +35,20 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const SgdScalars s = t.scalars;
   // a bf16 buffer's rounding bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Buffer = std::is_same_v<buffer_t, c10::BFloat16>;
-  const int32_t length = static_cast<int32_t>(end - begin);  // at most kCpuChunk
-#pragma omp simd
-  for (int32_t j = 0; j < length; ++j) {
-    const int64_t i = begin + j;
-    float buffer = kMomentum ? load_float(momentum_buffer, i) : 0.0f;
-    store_float(param, i, sgd_update<kMomentum, kNesterov>(load_float(param, i), load_float(grad, i), buffer, s));
-    if (kMomentum) {
-      store_moment(momentum_buffer, i, buffer, kBf16Buffer ? chunk_moment_bits(t.moment_draw, begin, j) : 0u);
-    }
-  }
+  for_each_prefetching(
+      begin, end,
+      [&](int32_t j) {
+        const int64_t i = begin + j;
+        float buffer = kMomentum ? load_float(momentum_buffer, i) : 0.0f;
+        store_float(param, i, sgd_update<kMomentum, kNesterov>(load_float(param, i), load_float(grad, i), buffer, s));
+        if (kMomentum) {
+          store_moment(momentum_buffer, i, buffer, kBf16Buffer ? chunk_moment_bits(t.moment_draw, begin, j) : 0u);
+        }
+      },
+      [&](int64_t i) {
+        prefetch_block(i, param, grad);
+        if constexpr (kMomentum) prefetch_block(i, momentum_buffer);
+      });
 }
 
 // moments="int8" (int8_blocks.h)
