@@ -1,11 +1,12 @@
 """Step times of each optimizer x moment storage on the CPU, by kernel level (each this machine runs) and thread count.
 
-The optimizers (AdamW on fp32 and bf16 params, the latter also with master weights and stochastic rounding; SGD with
-momentum; Lion; fp32, bf16 and int8 moments; --match picks some by their labels) are set up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls
-on every row alike; each row is the median of its last steps. One process per kernel level (FUSED_OPTIM_CPU_ISA),
-thread count (--threads) and pass; the table keeps the lower of each row's medians over the passes. Each row's GB/s
-is its bytes model (tools/bench: adam_step_bytes, sgd_step_bytes, lion_step_bytes) over that median, beside the
-STREAM triad the same process measured on as many threads (tools/bench/timing.py, memory_roof).
+The optimizers (AdamW on fp32 and bf16 params, the former also with amsgrad, the latter with master weights and
+stochastic rounding; SGD with momentum; Lion; fp32, bf16 and int8 moments; --match picks some by their labels) are
+set up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls on every row alike; each
+row is the median of its last steps. One process per kernel level (FUSED_OPTIM_CPU_ISA), thread count (--threads)
+and pass; the table keeps the lower of each row's medians over the passes. Each row's GB/s is its bytes model
+(tools/bench: adam_step_bytes, sgd_step_bytes, lion_step_bytes) over that median, beside the STREAM triad the same
+process measured on as many threads (tools/bench/timing.py, memory_roof).
 
 Whether the int8 step beats the fp32 one depends on the threads a memory system feeds: the fp32 step is bound by
 its bytes once a few threads run it, the int8 step by its arithmetic until many do.
@@ -29,6 +30,7 @@ import time
 SHAPE = (4, 8192, 1024)
 # (optimizer, param dtype, moments, further constructor options as (name, value) pairs)
 OPTIMIZERS = [("AdamW", "float32", "fp32", ()), ("AdamW", "float32", "bf16", ()), ("AdamW", "float32", "int8", ()),
+              ("AdamW", "float32", "fp32", (("amsgrad", True),)), ("AdamW", "float32", "int8", (("amsgrad", True),)),
               ("AdamW", "bfloat16", "fp32", ()), ("AdamW", "bfloat16", "bf16", ()), ("AdamW", "bfloat16", "int8", ()),
               ("AdamW", "bfloat16", "fp32", (("master_weights", True),)),
               ("AdamW", "bfloat16", "fp32", (("master_weights", 24),)),
@@ -60,7 +62,8 @@ def step_bytes(name: str, dtype: str, moments: str, options: tuple, numel: int) 
     moment_dtype = getattr(torch, MOMENT_DTYPES[moments])
     if name == "AdamW":
         master_bytes = MASTER_BYTES.get(dict(options).get("master_weights"), 0)
-        return adam_step_bytes(numel, getattr(torch, dtype), state_dtype=moment_dtype, master_bytes=master_bytes)
+        return adam_step_bytes(numel, getattr(torch, dtype), state_dtype=moment_dtype, master_bytes=master_bytes,
+                               amsgrad=dict(options).get("amsgrad", False))
     return (sgd_step_bytes if name == "SGD" else lion_step_bytes)(numel, moment_dtype)
 
 

@@ -37,18 +37,22 @@ inline void prefetch_block(int64_t index, const Element*... arrays) {
   (lines(arrays), ...);
 }
 
-// step(j) for j in [0, end - begin), elements begin + j of a chunk, in a vectorised loop a block; before each whole
-// block, prefetch(index) asks for the block kPrefetchAhead elements on (prefetch_block of the arrays step touches).
-// Whole blocks have a constant trip count: a run-time one (a remainder loop a block) cost the loops bound by their
-// arithmetic 5-10 %. `step` is inlined into the loops, so it must be branch-free.
-template <typename StepFn, typename PrefetchFn>
-inline void for_each_prefetching(int64_t begin, int64_t end, StepFn step, PrefetchFn prefetch) {
+// step(j) for j in [0, end - begin), elements begin + j of a chunk. With kPrefetch, in a vectorised loop a block, and
+// before each whole block prefetch(index) asks for the block kPrefetchAhead elements on (prefetch_block of the
+// arrays step touches); whole blocks have a constant trip count (a run-time one, a remainder loop a block, cost the
+// loops bound by their arithmetic 5-10 %). Without, in one vectorised loop: a loop with arithmetic enough to hide its
+// loads then saves the blocks' setup (gcc sets up its constants and index vectors again for each block).
+// `step` is inlined into the loops, so it must be branch-free.
+template <bool kPrefetch, typename StepFn, typename PrefetchFn>
+inline void for_each_element(int64_t begin, int64_t end, StepFn step, PrefetchFn prefetch) {
   const int32_t length = static_cast<int32_t>(end - begin);  // at most a chunk
   int32_t first = 0;
-  for (; first + kInt8Block <= length; first += kInt8Block) {
-    prefetch(begin + first + kPrefetchAhead);
+  if constexpr (kPrefetch) {
+    for (; first + kInt8Block <= length; first += kInt8Block) {
+      prefetch(begin + first + kPrefetchAhead);
 #pragma omp simd
-    for (int32_t j = first; j < first + kInt8Block; ++j) step(j);
+      for (int32_t j = first; j < first + kInt8Block; ++j) step(j);
+    }
   }
 #pragma omp simd
   for (int32_t j = first; j < length; ++j) step(j);

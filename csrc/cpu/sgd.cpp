@@ -35,7 +35,7 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const SgdScalars s = t.scalars;
   // a bf16 buffer's rounding bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Buffer = std::is_same_v<buffer_t, c10::BFloat16>;
-  for_each_prefetching(
+  for_each_element</*kPrefetch=*/true>(
       begin, end,
       [&](int32_t j) {
         const int64_t i = begin + j;
