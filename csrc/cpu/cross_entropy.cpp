@@ -151,7 +151,7 @@ void cross_entropy_row(const T* x, T* g, int64_t t, const float* class_weight, f
   const float inv_sum = 1.0f / sum;  // p_j = exp(z_j - max) / sum
 #pragma omp simd
   for (int64_t j = 0; j < num_classes; ++j) {
-    store_float(g, j, row_grad.grad(e[j] * inv_sum, z[j], kWeighted ? class_weight[j] : 1.0f, j == t));
+    store_float(g, j, row_grad.grad<kSoftcap>(e[j] * inv_sum, z[j], kWeighted ? class_weight[j] : 1.0f, j == t));
   }
 }
 
@@ -226,12 +226,15 @@ void shard_grad_rows(T* grad, const Tensor& logits, const int64_t* target, const
       const ShardRowCoefs c = coefs[row];
       const CrossEntropyRowGrad row_grad = c.row_grad(softcap);
       const int64_t local_t = t - class_start;
+      // a local copy: read through the lambda's reference, an fp32 gradient store might change it, and gcc reloaded
+      // it in every iteration and left the soft-capped fp32 loop scalar
+      const float cap = softcap;
 #pragma omp simd
       for (int64_t j = 0; j < shard_classes; ++j) {
         const float xj = load_float(x, j);
-        const float zj = kSoftcap ? softcap * vector_tanh(xj / softcap) : xj;
-        store_float(g, j, row_grad.grad(vector_exp(zj - c.max) * c.inv_sum, zj,
-                                        kWeighted ? class_weight[j] : 1.0f, j == local_t));
+        const float zj = kSoftcap ? cap * vector_tanh(xj / cap) : xj;
+        store_float(g, j, row_grad.grad<kSoftcap>(vector_exp(zj - c.max) * c.inv_sum, zj,
+                                                  kWeighted ? class_weight[j] : 1.0f, j == local_t));
       }
     }
   });

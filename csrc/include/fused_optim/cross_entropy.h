@@ -95,14 +95,20 @@ struct CrossEntropyRowGrad {
   float softcap;
 
   // dL/dx_j from p_j = exp(z_j - max) / sum (each platform brings its own exp), the capped logit z_j, its class
-  // weight w_j and whether j is the target.
+  // weight w_j and whether j is the target; kSoftcap: softcap > 0, for a caller that knows it at compile time (gcc
+  // kept the CPU's fp32 loops scalar around the run-time test).
+  template <bool kSoftcap>
   FO_HOST_DEVICE float grad(float p, float z, float class_weight, bool is_target) const {
     float g = p * p_coef - smoothing_term(weight_coef, class_weight) - (is_target ? target_coef : 0.0f);
-    if (softcap > 0.0f) {
+    if constexpr (kSoftcap) {
       const float t = z / softcap;
       g *= 1.0f - t * t;
     }
     return g;
+  }
+
+  FO_HOST_DEVICE float grad(float p, float z, float class_weight, bool is_target) const {
+    return softcap > 0.0f ? grad<true>(p, z, class_weight, is_target) : grad<false>(p, z, class_weight, is_target);
   }
 };
 
