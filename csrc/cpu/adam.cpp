@@ -62,11 +62,8 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
         write_param<kWrite>(param, master, i, updated, t.random_stream);
       },
       [&](int64_t i) {
-        prefetch_block(i, param, grad, exp_avg, exp_avg_sq);
+        prefetch_param_block<kWrite>(i, param, grad, master, exp_avg, exp_avg_sq);
         if constexpr (kAmsgrad) prefetch_block(i, max_exp_avg_sq);
-        if constexpr (keeps_master(kWrite)) {
-          prefetch_block(i, master);
-        }
       });
 }
 
@@ -92,11 +89,8 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   // run-time count cost as much as the arithmetic), the count itself for a tensor's last block
   const auto step_block = [&](int64_t start, auto length) {
     const int64_t block = start / kInt8Block;
-    prefetch_block(start + kPrefetchAhead, param, grad, exp_avg, exp_avg_sq);
+    prefetch_param_block<kWrite>(start + kPrefetchAhead, param, grad, master, exp_avg, exp_avg_sq);
     if constexpr (kAmsgrad) prefetch_block(start + kPrefetchAhead, max_exp_avg_sq);
-    if constexpr (keeps_master(kWrite)) {
-      prefetch_block(start + kPrefetchAhead, master);
-    }
     const float m_step = signed_step(bf16_bits_to_float(m_scales[block]));
     const float v_step = unsigned_step(bf16_bits_to_float(v_scales[block]));
     const float max_step = kAmsgrad ? unsigned_step(bf16_bits_to_float(max_scales[block])) : 0.0f;

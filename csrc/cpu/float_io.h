@@ -12,6 +12,7 @@
 
 
 #include "fused_optim/rounding.h"
+#include "prefetch.h"
 
 namespace fused_optim {
 
@@ -84,6 +85,14 @@ inline void store_moment(moment_t* __restrict__ data, int64_t i, float value, ui
 // Whether a write-back keeps an array beside the params: an fp32 master copy or a remainder.
 constexpr bool keeps_master(WriteBack kind) {
   return kind == WriteBack::kMaster || kind == WriteBack::kRemainder || kind == WriteBack::kRemainder8;
+}
+
+// prefetch_block of the param, its grad, its master array (where the write-back keeps one) and `others`.
+template <WriteBack kWrite, typename param_t, typename grad_t, typename... Other>
+inline void prefetch_param_block(int64_t index, const param_t* param, const grad_t* grad,
+                                 const master_t<kWrite>* master, const Other*... others) {
+  prefetch_block(index, param, grad, others...);
+  if constexpr (keeps_master(kWrite)) prefetch_block(index, master);
 }
 
 // The fp32 value the update starts from: the param's, or its master's.

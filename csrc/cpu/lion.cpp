@@ -48,12 +48,7 @@ void lion_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
         store_moment(exp_avg, i, m, kBf16Moment ? chunk_moment_bits(moment_draw, begin, j) : 0u);
         write_param<kWrite>(param, master, i, updated, t.random_stream);
       },
-      [&](int64_t i) {
-        prefetch_block(i, param, grad, exp_avg);
-        if constexpr (keeps_master(kWrite)) {
-          prefetch_block(i, master);
-        }
-      });
+      [&](int64_t i) { prefetch_param_block<kWrite>(i, param, grad, master, exp_avg); });
 }
 
 // moments="int8" (int8_blocks.h)
@@ -69,12 +64,7 @@ void lion_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
                                                               load_float(grad, i), m, s);
                             write_param<kWrite>(param, master, i, updated, t.random_stream);
                           },
-                          [&](int64_t i) {
-                            prefetch_block(i, param, grad);
-                            if constexpr (keeps_master(kWrite)) {
-                              prefetch_block(i, master);
-                            }
-                          });
+                          [&](int64_t i) { prefetch_param_block<kWrite>(i, param, grad, master); });
 }
 
 using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
