@@ -1,7 +1,8 @@
-"""adam.h's quotient_by_constant, sqrt(v) / sqrt(1 - beta2^t) in every Adam step: the AVX-512 CPU kernels compute
-it as x * (1 / divisor) corrected by an FMA (tests/native/quotient_by_constant.cpp), which must give the division's
-bits. The optimizer tests cannot tell a one-ulp slip from the fp64 bias corrections' own (they allow ~1e-6), so
-this checks the sequence itself, against vdivps, on every mantissa of x."""
+"""adam.h's quotient_by_constant, sqrt(v) / sqrt(1 - beta2^t) in every Adam step: the AVX-512 CPU kernels and the
+CUDA ones compute it as x * (1 / divisor) corrected by an FMA (tests/native/quotient_by_constant.cpp), which must
+give the division's bits. A GPU rounds its FMUL and FFMA as the CPU rounds vmulps and vfmadd (IEEE, to nearest), so
+the sequence checked here is the CUDA kernels' too. The optimizer tests cannot tell a one-ulp slip from the fp64 bias
+corrections' own (they allow ~1e-6), so this checks the sequence itself, against vdivps, on every mantissa of x."""
 
 from __future__ import annotations
 

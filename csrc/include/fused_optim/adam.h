@@ -74,14 +74,16 @@ FO_HOST_DEVICE float lerp(float start, float end, float weight) {
 }
 
 // x / divisor correctly rounded, for x >= +0 (the root of a second moment), given `inverse`, 1 / divisor correctly
-// rounded. The AVX-512 CPU kernels take Markstein's sequence, x * inverse corrected by its remainder, which an FMA
-// computes exactly: correctly rounded as well (his theorem; the same bits as vdivps on all 2^23 mantissas of x, for
-// 24000 divisors once and for 55 in tests/test_quotient_by_constant.py), and free of the vector divider, which the
-// int8-moment step waits on: 4-7 % off that step with 512-bit vectors (docs/results.md). With 256-bit vectors,
-// whose division costs less, it was slower.
+// rounded. The AVX-512 CPU kernels and the CUDA ones take Markstein's sequence, x * inverse corrected by its
+// remainder, which an FMA computes exactly: correctly rounded as well (his theorem; the same bits as vdivps on all
+// 2^23 mantissas of x, for 24000 divisors once and for 55 in tests/test_quotient_by_constant.py). On the CPU it is
+// free of the vector divider, which the int8-moment step waits on: 4-7 % off that step with 512-bit vectors
+// (docs/results.md); with 256-bit vectors, whose division costs less, it was slower. On a GPU it is 3 instructions
+// where the IEEE division takes 9 and a branch to its slow path: 6-7 fewer SASS instructions an element in every
+// AdamW kernel (benchmarks/sass_per_element.py).
 // An infinite or NaN x has a NaN remainder: x * inverse is then x / divisor.
 FO_HOST_DEVICE float quotient_by_constant(float x, float divisor, float inverse) {
-#if defined(__AVX512F__) && !defined(__CUDACC__)
+#if defined(__AVX512F__) || defined(__CUDACC__)
   const float estimate = x * inverse;
   const float quotient = fmaf(fmaf(-estimate, divisor, x), inverse, estimate);
   return estimate < INFINITY ? quotient : estimate;
