@@ -79,7 +79,7 @@ FO_HOST_DEVICE float lerp(float start, float end, float weight) {
 // 2^23 mantissas of x, for 24000 divisors once and for 55 in tests/test_quotient_by_constant.py). On the CPU it is
 // free of the vector divider, which the int8-moment step waits on: 4-7 % off that step with 512-bit vectors
 // (docs/results.md); with 256-bit vectors, whose division costs less, it was slower. On a GPU it is 3 instructions
-// where the IEEE division takes 9 and a branch to its slow path: 6-7 fewer SASS instructions an element in every
+// where the IEEE division takes 9 and a branch to its slow path: 5.6-7.1 fewer SASS instructions an element in every
 // AdamW kernel (benchmarks/sass_per_element.py).
 // An infinite or NaN x has a NaN remainder: x * inverse is then x / divisor.
 FO_HOST_DEVICE float quotient_by_constant(float x, float divisor, float inverse) {
