@@ -194,11 +194,14 @@ def test_unaligned_kernel_falls_back_to_narrow_accesses(ptx_accesses, dtype, ker
 def test_optimizer_kernel_contracts_nothing_into_an_fma(ptx_accesses, kernel, dtype):
     """Launched with EXACT_ARITHMETIC, each multiply and add is rounded on its own, as on the CPU and in the CUDA C++
     kernels (nvcc --fmad=false): the same bits on every backend. Triton's default fused 48 of them in AdamW. (The fp64
-    bias corrections keep the FMAs of libdevice's exp, which are its algorithm, not a contraction.) SGD's weight decay
-    is one explicit tl.fma, torch's grad.add(param, alpha=weight_decay) rounded once as the CPU's fmaf does: 16 of
-    them in this build (BLOCK 1024), and nothing else."""
-    explicit = 16 if kernel == "sgd-" else 0
-    assert ptx_accesses[f"{kernel}{dtype}-aligned"]["fmas"] == explicit
+    bias corrections keep the FMAs of libdevice's exp, which are its algorithm, not a contraction.) The explicit
+    tl.fma, 8 elements a thread on each of the two paths (whole and partial blocks, BLOCK 1024), and nothing else:
+    SGD's weight decay, torch's grad.add(param, alpha=weight_decay) rounded once as the CPU's fmaf does (one an
+    element); Adam's division by sqrt(1 - beta2^t) (two) and each int8 code's root (two a moment), _exact_math.py's
+    sequences, which need the FMA's single rounding."""
+    per_element = {"": 2 + (4 if "int8" in dtype else 0), "sgd-": 1 + (2 if "int8" in dtype else 0),
+                   "lion-": 2 if "int8" in dtype else 0}[kernel]
+    assert ptx_accesses[f"{kernel}{dtype}-aligned"]["fmas"] == 8 * 2 * per_element
 
 
 @pytest.mark.parametrize("kernel, dtype", [("", "fp32-int8-moments"), ("", "bf16-remainder24-int8-moments"),

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_optim.triton._exact_math import code_root, quotient_by_constant
 from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, device_table, increment_steps,
                                       load_pointer, locate_block, pack, search_steps)
 
@@ -200,7 +201,8 @@ def _adam_math(p, g, m, v, max_v, grad_multiplier, weight_decay, param_decay, on
     if AMSGRAD:
         second_moment = tl.maximum(max_v, v)
     # IEEE division and square root (Triton's defaults are approximate), as the CUDA and CPU kernels use
-    denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
+    inverse_bias_correction2_sqrt = tl.div_rn(1.0, bias_correction2_sqrt)
+    denom = quotient_by_constant(tl.sqrt_rn(second_moment), bias_correction2_sqrt, inverse_bias_correction2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)  # (step_size * m) / denom, in torch's order (adam.h)
     return p, m, v, second_moment
 
@@ -261,7 +263,7 @@ def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits
     scale = (scale_bits << 16).to(tl.float32, bitcast=True)
     inverse = tl.where(scale > 0.0, tl.div_rn(1.0, scale), 0.0)[:, None]  # a zero or NaN block: 0
     quotient = tl.abs(x) * inverse
-    fixed = tl.sqrt_rn(tl.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if SIGNED else 255.0) * 65536.0)
+    fixed = code_root(tl.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if SIGNED else 255.0) * 65536.0)
     code = (fixed.to(tl.int32) + bits16.to(tl.int32)) >> 16
     if SIGNED:
         tl.store(ptr + offsets, tl.where(x < 0.0, -code, code).to(tl.int8), mask=mask)

@@ -45,7 +45,7 @@ FO_HOST_DEVICE float inverse_scale(uint16_t scale_bits) {
 // (sqrt(2^-60) * 255 * 65536 = 2^-6: magnitude_code truncates it away). On CUDA that keeps q in the range where
 // sqrtf takes its fast path, MUFU.RSQ and two FMAs, which is all nvcc emits for it there: the same correctly rounded
 // root, without the range check and the branch to the slow path that sqrtf wraps around it: 4 SASS instructions a
-// root net of the clamp, two roots an element (tests/test_cuda_code_root.py holds the two sequences side by side).
+// root net of the clamp, two roots an element (tests/test_code_root_sass.py holds the two sequences side by side).
 FO_HOST_DEVICE float code_root(float q) {
 #if defined(__CUDA_ARCH__)
   q = fmaxf(q, 0x1p-60f);
