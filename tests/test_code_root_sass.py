@@ -119,8 +119,10 @@ def kernel(kernels: dict[str, dict[int, str]], name: str) -> dict[int, str]:
 
 def dataflow(instructions: list[str]) -> list[tuple[str, tuple[str, ...]]]:
     """The instructions as (opcode without .FTZ, operands), each register operand named by the instruction that
-    wrote it ("in" for one written before): register allocation aside, equal lists compute the same values. FTZ
-    changes nothing here: every operand and result of the sequence is a normal number for a q in [2^-60, 1]."""
+    wrote it ("in" for one written before): register allocation aside, equal lists compute the same values.
+    - FTZ changes nothing here: every operand and result of the sequence is a normal number for a q in [2^-60, 1].
+    - `FADD d, RZ, -x` (Triton 3.6's negation; 3.8 folds it into the FMA's operand) is -x, exactly for the x != 0
+      here: it is no value of its own, and a product's sign may sit on either factor, in either order."""
     written, flow = {}, []
     for index, text in enumerate(instructions):
         opcode, _, rest = text.partition(" ")
@@ -128,11 +130,22 @@ def dataflow(instructions: list[str]) -> list[tuple[str, tuple[str, ...]]]:
 
         def name(operand: str) -> str:
             register = re.search(r"R\d+", operand)
-            return operand if register is None else operand.replace(register.group(0),
-                                                                    written.get(register.group(0), "in"))
+            if register is None:
+                return operand
+            value = operand.replace(register.group(0), written.get(register.group(0), "in"))
+            return value[2:] if value.startswith("--") else value
 
-        flow.append((opcode.replace(".FTZ", ""), tuple(name(operand) for operand in operands)))
-        written[destination] = f"v{index}"
+        operands = [name(operand) for operand in operands]
+        if opcode.startswith("FADD") and operands[0] == "RZ" and operands[1].startswith("-"):
+            written[destination] = operands[1]
+            continue
+        if opcode.startswith(("FMUL", "FFMA")):  # the product's factors: sorted, their signs on the first
+            factors = [factor.lstrip("-") for factor in operands[:2]]
+            negative = sum(factor.startswith("-") for factor in operands[:2]) % 2
+            factors.sort()
+            operands[:2] = ["-" + factors[0] if negative else factors[0], factors[1]]
+        flow.append((opcode.replace(".FTZ", ""), tuple(operands)))
+        written[destination] = f"v{len(flow) - 1}"
     return flow
 
 
