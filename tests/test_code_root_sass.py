@@ -25,7 +25,7 @@ from torch.utils import cpp_extension
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or (os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None)
 
-SOURCE = """
+CUDA_SOURCE = """
 #include "fused_optim/moment_int8.h"
 __global__ void root_by_sqrtf(float* out, const float* in) { out[threadIdx.x] = sqrtf(in[threadIdx.x]); }
 __global__ void root_by_code_root(float* out, const float* in) {
@@ -106,7 +106,7 @@ def kernels(request, tmp_path_factory) -> dict[str, dict[int, str]]:
         return {**sass(folder / "root_by_sqrt_rn.cubin"), **sass(folder / "root_by_code_root.cubin")}
     if NVCC is None or not os.path.exists(NVCC):
         pytest.skip("nvcc not found")
-    (folder / "roots.cu").write_text(SOURCE)
+    (folder / "roots.cu").write_text(CUDA_SOURCE)
     includes = [f"-I{p}" for p in cpp_extension.include_paths("cuda")] + [f"-I{ROOT / 'csrc' / 'include'}"]
     subprocess.run([NVCC, "-O3", f"-arch={arch}", "-std=c++20", "--fmad=false", "-cubin", *includes,
                     str(folder / "roots.cu"), "-o", str(folder / "roots.cubin")], check=True, capture_output=True)

@@ -23,7 +23,7 @@ DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16:
 
 # The launch options of the optimizer kernels: no a * b + c contracted into one FMA (Triton's default contracts),
 # as the CPU and CUDA C++ kernels are built, so that every backend steps the same bits (their divisions and roots
-# are the correctly rounded tl.div_rn and tl.sqrt_rn already).
+# are correctly rounded already: tl.div_rn and tl.sqrt_rn, or _exact_math.py's sequences with their bits).
 EXACT_ARITHMETIC = {"enable_fp_fusion": False}
 
 

@@ -200,7 +200,8 @@ def _adam_math(p, g, m, v, max_v, grad_multiplier, weight_decay, param_decay, on
     second_moment = v
     if AMSGRAD:
         second_moment = tl.maximum(max_v, v)
-    # IEEE division and square root (Triton's defaults are approximate), as the CUDA and CPU kernels use
+    # correctly rounded division and square root (Triton's defaults are approximate), as the CUDA and CPU kernels
+    # compute them: the division by the tensor's constant sqrt(1 - beta2^t) by _exact_math.py's sequence
     inverse_bias_correction2_sqrt = tl.div_rn(1.0, bias_correction2_sqrt)
     denom = quotient_by_constant(tl.sqrt_rn(second_moment), bias_correction2_sqrt, inverse_bias_correction2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)  # (step_size * m) / denom, in torch's order (adam.h)
