@@ -50,7 +50,7 @@ __device__ __forceinline__ void store_codes(code_t* ptr, bool vector, int valid,
 __device__ __forceinline__ uint32_t block_largest(const float (&x)[kVec], int valid) {
   uint32_t largest = 0;
   // the element's magnitude_bits, 0 past the valid ones, in one LOP3 before the max (a compare and a select took
-  // one instruction more an element)
+  // one instruction more an element; magnitude_bits(x) & mask, its mask apart from the validity's, took one more too)
 #pragma unroll
   for (int k = 0; k < kVec; ++k) largest = max(largest, float_bits(x[k]) & (k < valid ? 0x7FFFFFFFu : 0u));
 #pragma unroll
