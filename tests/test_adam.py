@@ -295,6 +295,27 @@ def test_mixed_dtypes_in_one_group(backend, device):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("beta1", [0.9, 0.6, 0.5, 0.3, 0.0])
+@pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[0] != "torch"])
+def test_first_moment_is_torchs_lerp_bit_for_bit(backend, device, beta1):
+    """exp_avg = torch's lerp(exp_avg, grad, 1 - beta1) in fp32, each of its two forms (weight below 0.5, and from
+    0.5 on) rounded operation by operation: the kernels write both as base + coefficient * (grad - exp_avg).
+    (The torch backend is torch's fused kernel: its bits differ at 3 of these 5 weights.)"""
+    shapes = [(1,), (1023,)]
+    params = make_params([torch.randn(s) for s in shapes], torch.float32, device)
+    opt = fused_optim.AdamW(params, lr=1e-3, betas=(beta1, 0.999), backend=backend)
+    for step in range(3):
+        grads = random_grads(shapes, device=device)
+        set_grads(grads, params)
+        before = [opt.state[p]["exp_avg"].clone() if opt.state[p] else torch.zeros_like(p) for p in params]
+        opt.step()
+        weight = torch.tensor(1.0 - beta1, dtype=torch.float32)
+        for p, m, g in zip(params, before, grads):
+            d = g.to(device) - m
+            expected = m + weight * d if weight < 0.5 else g.to(device) - d * (1.0 - weight)
+            assert torch.equal(opt.state[p]["exp_avg"].view(torch.int32), expected.view(torch.int32)), (step, beta1)
+
+
 @pytest.mark.parametrize("betas", [(0.0, 0.999), (0.9, 0.0), (0.0, 0.0)], ids=["beta1=0", "beta2=0", "both=0"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_zero_betas(backend, device, betas):
