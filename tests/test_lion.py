@@ -261,6 +261,53 @@ def test_resuming_from_a_state_dict_is_bit_identical(backend, device):
 
 
 @needs_lion_pytorch
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_decoupled_weight_decay_divides_by_the_initial_lr_as_lion_pytorch(backend, device):
+    """lion-pytorch's decoupled_weight_decay=True: each group's weight decay divided by the constructor's lr, so the
+    decay follows the lr schedule's shape, not its scale (checked with the lr changed between steps)."""
+    shapes = [(3,), (1023,)]
+    init = [torch.randn(s) for s in shapes]
+    ours, theirs = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
+    opt = fused_optim.Lion(ours, 1e-2, (0.9, 0.99), 0.1, False, True, backend=backend)  # lion-pytorch's positions
+    peer = lion_pytorch.Lion(theirs, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    reference = ReferenceLion(ours, lr=1e-2, weight_decay=0.1 / 1e-2)
+    for lr in (1e-2, 1e-2, 3e-3, 1e-3):
+        for group in (*opt.param_groups, *peer.param_groups):
+            group["lr"] = lr
+        reference.lr = lr
+        grads = random_grads(shapes, device=device)
+        set_grads(grads, ours, theirs)
+        opt.step()
+        peer.step()
+        reference.step(grads)
+    assert opt.param_groups[0]["weight_decay"] == 0.1  # the group keeps the decay it was given, as lion-pytorch's
+    our_max, _ = errors(ours, reference)
+    peer_max, _ = errors(theirs, reference)
+    magnitude = flat(reference.params).abs().max().item()
+    assert our_max <= peer_max + 0.5 * ulp(torch.float32, magnitude) and our_max <= 4 * 4 * ulp(torch.float32, magnitude)
+
+
+def test_use_triton_picks_the_triton_backend():
+    """lion-pytorch's use_triton=True: our Triton kernels; against another backend asked for, one sentence."""
+    param = torch.nn.Parameter(torch.randn(3))
+    assert fused_optim.Lion([param], use_triton=True).backend == "triton"
+    assert fused_optim.Lion([param], use_triton=True, backend="triton").backend == "triton"
+    with pytest.raises(ValueError, match="use_triton=True asks for backend 'triton', not 'cpu'"):
+        fused_optim.Lion([param], use_triton=True, backend="cpu")
+
+
+@needs_lion_pytorch
+def test_the_signature_takes_lion_pytorchs_arguments_with_its_defaults():
+    import inspect
+
+    theirs = inspect.signature(lion_pytorch.Lion.__init__).parameters
+    ours = inspect.signature(fused_optim.Lion.__init__).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)  # the same positions
+    for name, parameter in theirs.items():
+        assert ours[name].default == parameter.default, name
+
+
+@needs_lion_pytorch
 def test_a_lion_pytorch_state_loads_with_its_moment_in_fp32():
     """lion-pytorch keeps `exp_avg` in the param's dtype and no `step`: its state loads into ours in fp32 with a
     count of 0, and ours loads back into it."""
@@ -295,6 +342,8 @@ def test_a_lion_pytorch_state_loads_with_its_moment_in_fp32():
     (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
     (dict(master_weights=True, stochastic_rounding=True), "master_weights and stochastic_rounding are alternatives"),
     (dict(max_grad_norm=0.0), "Invalid max_grad_norm value: 0.0"),
+    (dict(lr=0.0, decoupled_weight_decay=True), "decoupled_weight_decay=True divides weight_decay by the lr, which "
+                                                "must be > 0: 0.0"),
 ])
 def test_bad_hyperparameters_raise_value_error(kwargs, message):
     param = torch.nn.Parameter(torch.randn(3))

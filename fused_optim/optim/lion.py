@@ -2,10 +2,12 @@
 fused kernel launch per parameter group (fused_optim/ops/lion.py picks the kernel).
 
 torch has no Lion; the signature and the state follow the reference implementations (lucidrains' lion-pytorch,
-optax): `Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)`, one state tensor `exp_avg` per param, and
-decoupled weight decay (p *= 1 - lr * weight_decay). The update is lr * sign(beta1 * m + (1 - beta1) * g), so a
-Lion lr is typically 3-10x smaller than an AdamW lr and its weight decay 3-10x larger. The rest is as
-fused_optim.AdamW:
+optax): `Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False,
+decoupled_weight_decay=False)`, one state tensor `exp_avg` per param, and decoupled weight decay
+(p *= 1 - lr * weight_decay; with `decoupled_weight_decay=True`, lion-pytorch's, weight_decay is divided by the lr
+given to the constructor, for every group). `use_triton=True` picks our Triton backend (`backend="triton"`). The
+update is lr * sign(beta1 * m + (1 - beta1) * g), so a Lion lr is typically 3-10x smaller than an AdamW lr and its
+weight decay 3-10x larger. The rest is as fused_optim.AdamW:
 - `exp_avg` is fp32 for fp32, bf16 and fp16 params (fp64 for fp64 params, stepped in plain torch ops), bf16
   with `moments="bf16"` (2 bytes a param, rounded stochastically after each update: as AdamW's), or int8 codes
   with their bf16 block scales `moment_scales` with `moments="int8"` (1.03 bytes a param: AdamW's exp_avg codec,
@@ -56,6 +58,8 @@ class Lion(FusedOptimizer):
         lr: float | Tensor = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        use_triton: bool = False,
+        decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
         master_weights: bool | int = False,
@@ -76,6 +80,17 @@ class Lion(FusedOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        # lion-pytorch's two flags. use_triton picks its Triton kernel: ours, then.
+        if use_triton:
+            if backend not in (None, "triton"):
+                raise ValueError(f"use_triton=True asks for backend 'triton', not {backend!r}.")
+            backend = "triton"
+        # decoupled_weight_decay divides every group's weight decay by the lr given here (lion-pytorch's _init_lr; a
+        # tensor lr is read once, here), so a param decays by weight_decay * lr / initial lr a step.
+        self.decoupled_weight_decay = decoupled_weight_decay
+        self._initial_lr = float(lr) if decoupled_weight_decay else None
+        if decoupled_weight_decay and not self._initial_lr > 0.0:
+            raise ValueError(f"decoupled_weight_decay=True divides weight_decay by the lr, which must be > 0: {lr}.")
         defaults = {
             "lr": lr,
             "betas": tuple(beta_value(beta, index) for index, beta in enumerate(betas)),
@@ -94,7 +109,10 @@ class Lion(FusedOptimizer):
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:
         beta1, beta2 = group["betas"]
-        lion_step(*lists, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+        weight_decay = group["weight_decay"]
+        if self.decoupled_weight_decay:
+            weight_decay = weight_decay / self._initial_lr
+        lion_step(*lists, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                   maximize=group["maximize"], stochastic_rounding=kind == "stochastic", seed=group.get("seed", 0),
                   grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
 
