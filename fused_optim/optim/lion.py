@@ -106,6 +106,17 @@ class Lion(FusedOptimizer):
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, grad_norm_group=grad_norm_group,
                          backend=backend, gradient_release=gradient_release)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "decoupled_weight_decay": self.decoupled_weight_decay,
+                "initial_lr": self._initial_lr}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy or an unpickling brings both; torch's load_state_dict calls this with neither: they stay
+        self.decoupled_weight_decay = state.pop("decoupled_weight_decay",
+                                                getattr(self, "decoupled_weight_decay", False))
+        self._initial_lr = state.pop("initial_lr", getattr(self, "_initial_lr", None))
+        super().__setstate__(state)
+
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:
         beta1, beta2 = group["betas"]
