@@ -378,6 +378,67 @@ def torch_checkpoint(rank: int, world: int, path: str) -> dict:
     return {"uninterrupted": full_params(model), "resumed": resume(resumed_model, resumed_opt, path, rank, world)}
 
 
+def int8_moments_in_torch_layout(opt) -> list[torch.Tensor]:
+    """Every param's moments in fp32 (torch_state_dict), whole (a collective: every rank calls it)."""
+    state = opt.torch_state_dict()["state"]
+    return [full(state[i][key]) for i in sorted(state) for key in ("exp_avg", "exp_avg_sq")]
+
+
+def fresh_int8_adamw(**options):
+    model = fsdp(make_model())
+    return model, fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **options)
+
+
+def int8_checkpoint_in_torch_layout(rank: int, world: int, path: str) -> dict:
+    """AdamW with int8 moments saved in torch's form (torch_layout()), which any sharding loads: the checkpoint
+    after two steps, then two more steps."""
+    model, opt = fresh_int8_adamw(moments="int8")
+    train(model, opt, steps=2, dp_rank=rank, dp_size=world)
+    with opt.torch_layout():
+        model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    saved = int8_moments_in_torch_layout(opt)
+    train(model, opt, steps=2, dp_rank=rank, dp_size=world, first_step=2)
+    return {"uninterrupted": full_params(model), "saved": saved}
+
+
+def load_in_torch_layout(model, opt, path: str) -> None:
+    """The README's one-step load of a checkpoint in torch's form into our compressed state."""
+    with opt.torch_layout():
+        model_state, optim_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def int8_checkpoint_resharded(rank: int, world: int, path: str) -> dict:
+    """int8_checkpoint_in_torch_layout's checkpoint (four ranks) loaded on two, then the last two steps."""
+    model, opt = fresh_int8_adamw(moments="int8")
+    load_in_torch_layout(model, opt, path)
+    loaded = int8_moments_in_torch_layout(opt)
+    train(model, opt, steps=2, dp_rank=rank, dp_size=world, first_step=2)
+    return {"resumed": full_params(model), "loaded": loaded}
+
+
+def torch_checkpoint_into_int8(rank: int, world: int, path: str) -> dict:
+    """torch_checkpoint's checkpoint (of torch's AdamW) into int8 moments in one step (load_in_torch_layout), and in
+    the two the README gave before: into fp32 moments, then load_state_dict. Each rank's state tensors."""
+    model, opt = fresh_int8_adamw(moments="int8")
+    load_in_torch_layout(model, opt, path)
+    fp32_model, fp32_opt = fresh_int8_adamw()
+    resume_model, resume_opt = fresh_int8_adamw(moments="int8")
+    state = dict(zip(("model", "optim"), get_state_dict(fp32_model, fp32_opt)))
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(fp32_model, fp32_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    resume_opt.load_state_dict(fp32_opt.state_dict())
+
+    def local_state(optimizer):
+        return [value.to_local() if isinstance(value, DTensor) else value
+                for p in optimizer.param_groups[0]["params"] for value in optimizer.state[p].values()]
+
+    return {"one_step": local_state(opt), "two_steps": local_state(resume_opt)}
+
+
 def zero_redundancy(rank: int, world: int) -> dict:
     """ZeroRedundancyOptimizer over fused_optim.AdamW on a DDP model; its consolidated state_dict on rank 0."""
     model = torch.nn.parallel.DistributedDataParallel(make_model())
@@ -451,7 +512,8 @@ def bad_inputs(rank: int, world: int) -> dict:
 
 def on_four_ranks(rank: int, world: int, path: str) -> dict:
     return {"fsdp": fsdp_optimizers(rank, world, ON_FOUR_RANKS), "two_d": two_d_mesh(rank, world),
-            "checkpoint": checkpoint_save(rank, world, path), "replicas": replicas(rank, world)}
+            "checkpoint": checkpoint_save(rank, world, path), "replicas": replicas(rank, world),
+            "int8_torch_layout": int8_checkpoint_in_torch_layout(rank, world, os.path.join(path, "int8-torch"))}
 
 
 def on_two_ranks(rank: int, world: int, path: str) -> dict:
@@ -460,6 +522,8 @@ def on_two_ranks(rank: int, world: int, path: str) -> dict:
             "norms": fsdp_norms(rank, world), "checkpoint": checkpoint_load(rank, world, path),
             "int8_checkpoint": int8_checkpoint(rank, world, os.path.join(path, "int8")),
             "torch_checkpoint": torch_checkpoint(rank, world, os.path.join(path, "torch")),
+            "torch_checkpoint_into_int8": torch_checkpoint_into_int8(rank, world, os.path.join(path, "torch")),
+            "int8_resharded": int8_checkpoint_resharded(rank, world, os.path.join(path, "int8-torch")),
             "zero": zero_redundancy(rank, world), "accumulator": accumulator(rank, world),
             "bad": bad_inputs(rank, world)}
 
@@ -666,6 +730,32 @@ def test_distributed_checkpoint_of_int8_moments_keeps_each_ranks_scales(two, che
 
     with pytest.raises(CheckpointException, match="(?s)Size mismatch .*moment_scales"):
         resume(model, opt, os.path.join(checkpoint_dir, "int8"), 0, 1)
+
+
+def test_a_checkpoint_of_torchs_adamw_loads_into_int8_moments_in_one_step(two):
+    """With the dict DCP fills got inside torch_layout(), the state is the two-step recipe's, bit for bit."""
+    for result in two:
+        run = result["torch_checkpoint_into_int8"]
+        assert len(run["one_step"]) == len(run["two_steps"]) > 0
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(run["one_step"], run["two_steps"]))
+        assert any(a.dtype == torch.uint8 for a in run["one_step"])  # exp_avg_sq's codes: int8 moments indeed
+
+
+def test_an_int8_checkpoint_in_torch_layout_reshards_from_four_ranks_to_two(four, two):
+    """Saved in torch's form on four ranks and loaded on two, int8 moments keep their values up to requantizing
+    them in the new shards' blocks (measured: 0.7 % of a moment's largest), and the run goes on as the
+    uninterrupted one, but for those codes: 4e-4 apart after two steps of lr 1e-2 (moments loaded as zeros, say,
+    would be 1.5e-2 off)."""
+    saved = four[0]["int8_torch_layout"]["saved"]
+    uninterrupted = four[0]["int8_torch_layout"]["uninterrupted"]
+    for result in two:
+        run = result["int8_resharded"]
+        for got, want in zip(run["loaded"], saved):
+            # a code step (stochastic rounding moves up to one): at most 2/127 of the block's scale for exp_avg, 4/255
+            # for exp_avg_sq, and a block's scale is at most the moment's largest
+            assert (got - want).abs().max() <= 2 / 127 * want.abs().max()
+        for got, want in zip(run["resumed"], uninterrupted):
+            assert torch.isfinite(got).all() and (got - want).abs().max() <= 2e-3
 
 
 def test_zero_redundancy_optimizer(two):

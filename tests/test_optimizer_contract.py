@@ -148,6 +148,32 @@ def test_our_state_dict_loads_into_torch_and_back(spec, backend, device):
 
 
 @pytest.mark.parametrize("spec", list(SPECS))
+def test_torch_layout_gives_torchs_form_within_and_ours_after(spec):
+    """Inside `torch_layout()`, state_dict() is torch_state_dict(): fp32 moments, groups with torch's keys alone
+    (what DCP's get_state_dict reads, and then asks a checkpoint for); ours again after the block, an error in it
+    too."""
+    spec = SPECS[spec]
+    masters = "master_weights" in signature(spec.ours).parameters
+    extra = {"master_weights": 24} if masters else {}
+    ours, opt = trained(spec, "cpu", "cpu", torch.bfloat16, moments="int8", **extra)
+    torch_keys = set(spec.theirs([torch.nn.Parameter(torch.randn(3))], **spec.options).state_dict()["param_groups"][0])
+    own = opt.state_dict()
+    with opt.torch_layout():
+        inside = opt.state_dict()
+        assert_identical(inside, opt.torch_state_dict())
+    assert set(inside["param_groups"][0]) <= torch_keys < set(own["param_groups"][0])
+    for state in inside["state"].values():
+        assert "moment_scales" not in state and "master_remainder" not in state and ("master_param" in state) == masters
+        assert all(value.dtype == torch.float32 for value in state.values())
+    with pytest.raises(KeyError):
+        with opt.torch_layout():
+            raise KeyError("a failing save")
+    assert_identical(opt.state_dict(), own)
+    opt.load_state_dict(inside)  # and back: quantized, the masters split again
+    assert opt.state_dict().keys() == own.keys() and "moment_scales" in opt.state_dict()["state"][0]
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_deepcopy_and_pickle_keep_a_working_optimizer(spec, backend, device):
     """torch pickles only defaults, state and param_groups: the backend, the clipping setting, the GradScaler

@@ -216,6 +216,7 @@ class FusedOptimizer(Optimizer):
                              "so it cannot clip by their global norm: pass max_grad_norm or gradient_release, not both")
         self.max_grad_norm = max_grad_norm
         self.grad_norm_group = grad_norm_group  # (ZeRO: the ranks whose optimizers hold the other params)
+        self._state_dict_as_torch = False  # inside torch_layout()
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
         # the lists a step hands the kernels, kept between steps: per group by its index (torch 2.11's torch.compile
@@ -534,9 +535,25 @@ class FusedOptimizer(Optimizer):
         """torch's state_dict, but for a DTensor param's int8 moment scales: those of its local shard's blocks,
         saved as a DTensor whose row r is rank r's (ops/_dtensor.py's rank_rows), so that a distributed checkpoint
         (DCP) keeps every rank's own; `load_state_dict` takes them back. Such a checkpoint loads on the sharding it
-        was saved from; `torch_state_dict()` (fp32 moments) reshards. The post hooks
-        (`register_state_dict_post_hook`) see it last, as torch's do."""
+        was saved from; `torch_state_dict()` (fp32 moments) reshards, and is what this returns inside
+        `torch_layout()`. The post hooks (`register_state_dict_post_hook`) see it last, as torch's do."""
+        if self._state_dict_as_torch:
+            return self.torch_state_dict()
         return self._with_state_dict_post_hooks(self._own_state_dict())
+
+    @contextlib.contextmanager
+    def torch_layout(self) -> Iterator[None]:
+        """Inside, `state_dict()` returns `torch_state_dict()`: the form of torch's own optimizer, which DCP's
+        `get_state_dict` then reads. A distributed checkpoint saved so reshards (fp32 moments, DTensors sharded as
+        the params); one of torch's optimizer (or saved so) loads into bf16 or int8 moments in one step, with the
+        dict got inside as the one `dcp.load` fills, since `set_state_dict`'s `load_state_dict` takes torch's form
+        and converts it. Master weights are `master_param` in that form, which a checkpoint of torch's lacks."""
+        before = self._state_dict_as_torch
+        self._state_dict_as_torch = True
+        try:
+            yield
+        finally:
+            self._state_dict_as_torch = before
 
     def _with_state_dict_post_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """`state_dict` after the post hooks, each given the last one's result (torch's state_dict's ending)."""
@@ -613,9 +630,14 @@ class FusedOptimizer(Optimizer):
         """The state_dict in the form torch's own optimizer (and an fp32-master trainer) reads: each bf16 param's
         master remainder joined with the param into its fp32 master, `master_param`; bf16 and int8 moments
         (moments="bf16", "int8") as fp32, without their scales; the rest as `state_dict()` gives it (step counts).
-        `state_dict()` itself saves remainders and moments as they are; `load_state_dict` takes either form back.
-        The state_dict post hooks see it last, as `state_dict()`'s."""
+        Its groups hold torch's keys alone: without our options and rounding seed, which `load_state_dict` then
+        takes from the optimizer it loads into (so DCP, which asks for every key of the dict it fills, loads a
+        checkpoint of torch's optimizer into it). `state_dict()` itself saves remainders and moments as they are;
+        `load_state_dict` takes either form back. The state_dict post hooks see it last, as `state_dict()`'s."""
         state_dict = self._own_state_dict()
+        for group in state_dict["param_groups"]:
+            for key in (*NEUTRAL_OPTIONS, "seed"):
+                group.pop(key, None)
         numbered = self._numbered_params()
         for index, state in state_dict["state"].items():
             param, group = numbered[index]
@@ -673,6 +695,7 @@ class FusedOptimizer(Optimizer):
         if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
             self.max_grad_norm = state.pop("max_grad_norm", None)
         self.grad_norm_group = getattr(self, "grad_norm_group", None)  # a process group is not pickled: none
+        self._state_dict_as_torch = getattr(self, "_state_dict_as_torch", False)
         super().__setstate__(state)
         if not hasattr(self, "_guard"):
             self._guard = StepGuard(self)
