@@ -637,8 +637,10 @@ def test_plain_bf16_params_lose_tiny_updates(backend, device):
 
 
 @pytest.mark.parametrize("options", [dict(cls="AdamW", weight_decay=0.1), dict(cls="Adam", weight_decay=0.1,
-                                                                                  amsgrad=True, maximize=True)],
-                         ids=["adamw", "adam-l2-amsgrad-maximize"])
+                                                                                  amsgrad=True, maximize=True),
+                                     dict(cls="SGD", momentum=0.9, nesterov=True, weight_decay=0.1),
+                                     dict(cls="SGD", momentum=0.9, dampening=0.1, moments="int8")],
+                         ids=["adamw", "adam-l2-amsgrad-maximize", "sgd-nesterov", "sgd-int8"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_master_remainders_step_the_fp32_trajectory_bit_for_bit(backend, device, options):
     """bf16 params with master_weights=True keep a 2-byte remainder, not a 4-byte fp32 copy, and lose nothing: over
@@ -669,7 +671,7 @@ def test_master_remainders_step_the_fp32_trajectory_bit_for_bit(backend, device,
         assert (p.detach()[ties].float() - nearest_even[ties].float()).abs().le(one_ulp).all()
 
 
-@pytest.mark.parametrize("cls", ["AdamW", "Lion"])
+@pytest.mark.parametrize("cls", ["AdamW", "Lion", "SGD"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_24_bit_masters_are_the_fp32_step_rounded_to_24_bits(backend, device, cls):
     """master_weights=24: each bf16 param keeps an int8 remainder (1 byte), and after every step its master is the
@@ -702,13 +704,15 @@ def test_24_bit_masters_are_the_fp32_step_rounded_to_24_bits(backend, device, cl
     (dict(master_weights=16, dtype=torch.bfloat16), "master_weights must be True .* or False, not 16"),
     (dict(master_weights=24, stochastic_rounding=True, dtype=torch.bfloat16), "alternatives"),
 ])
-def test_bad_master_weights_are_refused_with_nothing_allocated(options, match):
+@pytest.mark.parametrize("cls", ["AdamW", "Lion", "SGD"])
+def test_bad_master_weights_are_refused_with_nothing_allocated(options, match, cls):
     options = dict(options)
     dtype = options.pop("dtype")
+    cls = getattr(fused_optim, cls)
     params = [torch.nn.Parameter(torch.randn(3).to(dtype))]
     with pytest.raises(ValueError, match=match):
-        fused_optim.AdamW(params, **options)
-    opt = fused_optim.AdamW([torch.nn.Parameter(torch.randn(3).bfloat16())], master_weights=24)
+        cls(params, **options)
+    opt = cls([torch.nn.Parameter(torch.randn(3).bfloat16())], master_weights=24)
     if dtype != torch.bfloat16:  # a group added later is checked too, and nothing of it stays
         with pytest.raises(ValueError, match=match):
             opt.add_param_group({"params": params})

@@ -432,6 +432,12 @@ def test_int8_sgd_buffers_hold_1_byte_a_param():
     p.grad = torch.randn_like(p)
     opt.step()
     assert state_bytes_per_param(opt) == 1 + 2 / BLOCK + 4 / (1 << 16)
+    # README's table: with bf16 params and 24-bit masters, one byte more
+    q = torch.nn.Parameter(torch.randn(1 << 16).bfloat16())
+    opt = fused_optim.SGD([q], lr=1e-2, momentum=0.9, moments="int8", master_weights=24)
+    q.grad = torch.randn_like(q)
+    opt.step()
+    assert state_bytes_per_param(opt) == 2 + 2 / BLOCK + 4 / (1 << 16)
 
 
 def test_int8_sgd_refuses_sparse_grads_in_one_sentence():

@@ -244,7 +244,7 @@ def test_every_sgd_op_is_defined_with_one_schema(op):
     assert [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments] == \
         [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in reference.arguments]
     written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert written == {"params", "momentum_buffers", "steps", "moment_scales"}
+    assert written == {"params", "momentum_buffers", "master_params", "steps", "moment_scales"}
     assert len(schema.returns) == 0
 
 

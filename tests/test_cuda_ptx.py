@@ -107,7 +107,7 @@ def test_every_int8_moment_adam_kernel_moves_codes_in_8_byte_accesses(tmp_path):
 
 
 @pytest.mark.parametrize("source, kernel, count", [
-    ("sgd.cu", "sgd_int8_kernel", 10),  # param dtype x grad dtype x nesterov
+    ("sgd.cu", "sgd_int8_kernel", 32),  # Lion's 16 write-backs of param and grad dtypes x nesterov
     ("lion.cu", "lion_int8_kernel", 16),  # param dtype x grad dtype x (nearest, master), and 3 bf16-only write-backs
 ])
 def test_every_single_moment_int8_kernel_moves_codes_in_8_byte_accesses(tmp_path, source, kernel, count):
@@ -147,17 +147,24 @@ def test_vocab_parallel_kernels_stream_their_shard_with_16_byte_accesses(cross_e
 
 
 def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses(sgd_kernels_ptx):
-    # (param, grad) dtype pairs x (no momentum, and momentum and nesterov with an fp32 or a bf16 buffer)
-    assert len(sgd_kernels_ptx) == 25
-    for name, (param_t, grad_t, buffer_t, momentum, _) in template_arguments(list(sgd_kernels_ptx)).items():
-        body = sgd_kernels_ptx[name]
+    # 16 (param, grad, write-back) triples as Lion's x (no momentum, and momentum and nesterov with an fp32 or a bf16
+    # buffer)
+    assert len(sgd_kernels_ptx) == 80
+    for name, (param_t, grad_t, buffer_t, momentum, _, write) in template_arguments(list(sgd_kernels_ptx)).items():
+        body, write = sgd_kernels_ptx[name], write[-1]  # "(fused_optim::WriteBack)2"
         loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
         stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
-        # per 8 elements: an fp32 array takes two 16-byte accesses, a 16-bit one a single one
+        # per 8 elements: an fp32 array (a buffer, a master copy) takes two 16-byte accesses, a 16-bit one (a bf16
+        # param or buffer, a remainder) a single one
         width = {"float": 2}
         buffer = width.get(buffer_t, 1) if momentum == "true" else 0
-        expected_loads = width.get(param_t, 1) + width.get(grad_t, 1) + buffer
-        expected_stores = width.get(param_t, 1) + buffer
+        master = {MASTER: 2, REMAINDER: 1}.get(write, 0)
+        param_loads = 2 if write == MASTER else width.get(param_t, 1)  # the master copy is read instead of the param
+        expected_loads = param_loads + width.get(grad_t, 1) + buffer + int(write == REMAINDER)
+        if write == REMAINDER8:  # eight int8 remainders: one 8-byte load and store
+            assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
+            assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name
+        expected_stores = width.get(param_t, 1) + buffer + master
         assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 

@@ -160,19 +160,21 @@ def fsdp_low_precision(rank: int, world: int) -> dict:
     modes = {"master_weights": dict(master_weights=True), "stochastic_rounding": dict(stochastic_rounding=True),
              "bf16_moments": dict(master_weights=True, moments="bf16"),
              "int8_moments": dict(master_weights=24, moments="int8"),
-             "lion_int8_moments": dict(master_weights=24, moments="int8")}
+             "lion_int8_moments": dict(master_weights=24, moments="int8"),
+             "sgd_master_weights": dict(momentum=0.9, master_weights=True),
+             "sgd_int8_moments": dict(momentum=0.9, master_weights=24, moments="int8")}
     for mode, options in modes.items():
         model = fsdp(make_model(torch.bfloat16))
-        cls = fused_optim.Lion if mode.startswith("lion") else fused_optim.AdamW
+        cls = {"lion": fused_optim.Lion, "sgd": fused_optim.SGD}.get(mode.split("_")[0], fused_optim.AdamW)
         opt = cls(model.parameters(), lr=1e-2, **options)
         train(model, opt, dp_rank=rank, dp_size=world)
         results[mode] = {"params": full_params(model), "state_like_params": state_like_params(opt)}
         if mode.endswith("int8_moments"):  # each shard's scales: one per 64 of its own elements, a row per moment
-            rows = 1 if cls is fused_optim.Lion else 2  # Lion's exp_avg; AdamW's exp_avg and exp_avg_sq
+            rows = 2 if cls is fused_optim.AdamW else 1  # AdamW's exp_avg and exp_avg_sq; Lion's or SGD's one
             results[mode]["scales_of_shards"] = all(
                 tuple(opt.state[p]["moment_scales"].shape) == (rows, -(-p.to_local().numel() // 64))
                 for p in model.parameters())
-        if mode == "master_weights":
+        if mode.endswith("master_weights"):
             # each bf16 param's master: torch_state_dict() joins each shard with its int16 remainder shard (gloo
             # and NCCL gather no int16)
             masters = opt.torch_state_dict()["state"]
@@ -686,13 +688,19 @@ def test_master_weights_and_stochastic_rounding_on_bf16_shards(two):
     lion = fused_optim.Lion(lion_model.parameters(), lr=1e-2, master_weights=True)
     train(lion_model, lion)
     lion_masters = torch.cat([master_weight(lion, p).flatten() for p in lion_model.parameters()])
+    sgd_model = make_model(torch.bfloat16)
+    sgd = fused_optim.SGD(sgd_model.parameters(), lr=1e-2, momentum=0.9, master_weights=True)
+    train(sgd_model, sgd)
+    sgd_masters = [master_weight(sgd, p) for p in sgd_model.parameters()]
     for result in two:
         run = result["low_precision"]
-        assert all(run[mode]["state_like_params"] for mode in ("master_weights", "stochastic_rounding", "bf16_moments",
-                                                               "int8_moments", "lion_int8_moments"))
-        assert run["int8_moments"]["scales_of_shards"] and run["lion_int8_moments"]["scales_of_shards"]
+        assert all(run[mode]["state_like_params"] for mode in run)
+        assert all(run[mode]["scales_of_shards"] for mode in ("int8_moments", "lion_int8_moments", "sgd_int8_moments"))
         # the ranks' bf16 gradients are averaged in another order than the single process sums them: a few ulps
         assert_close(run["master_weights"]["masters"], masters, atol=2e-3)
+        assert_close(run["sgd_master_weights"]["masters"], sgd_masters, atol=2e-3)
+        for got, want in zip(run["sgd_int8_moments"]["params"], sgd_masters):
+            assert float((got.float() - want).abs().max()) <= 2e-2  # a few bf16 ulps of the fp32 path
         for mode in ("stochastic_rounding", "bf16_moments", "int8_moments"):
             for got, want in zip(run[mode]["params"], masters):
                 assert float((got.float() - want).abs().max()) <= 2e-2, mode  # a few bf16 ulps of the fp32 path

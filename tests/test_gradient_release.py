@@ -56,12 +56,13 @@ def test_released_steps_equal_ordinary_steps(name, backend, device):
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
 
 
+@pytest.mark.parametrize("name", ["AdamW", "SGD-nesterov"])
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS)
-def test_bf16_params_with_master_weights(backend, device):
+def test_bf16_params_with_master_weights(backend, device, name):
+    cls, kwargs = OPTIMIZERS[name]
     released, ordinary = make_model(torch.bfloat16), make_model(torch.bfloat16)
-    released_opt = fused_optim.AdamW(released.parameters(), lr=1e-2, master_weights=True, backend=backend,
-                                     gradient_release=True)
-    ordinary_opt = fused_optim.AdamW(ordinary.parameters(), lr=1e-2, master_weights=True, backend=backend)
+    released_opt = cls(released.parameters(), master_weights=True, backend=backend, gradient_release=True, **kwargs)
+    ordinary_opt = cls(ordinary.parameters(), master_weights=True, backend=backend, **kwargs)
     for step in range(3):
         backward(released, step)
         backward(ordinary, step)

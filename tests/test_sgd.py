@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, assert_signature_extends
+from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, assert_signature_extends, master_weight
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
@@ -29,6 +29,7 @@ from test_adam_moments import run as run_with_bf16_moments
 
 import fused_optim
 from fused_optim.int8_moments import quantize
+from fused_optim.master_remainder import split_master
 from fused_optim.ops.sgd import sgd_step
 from fused_optim.reference import ReferenceSGD
 
@@ -577,14 +578,21 @@ def test_param_groups_frozen_params_and_momentum_switched_on(backend, device):
 
 def _op_sample(kind: str):
     """Arguments of one op call over two small tensors, in the schema's order."""
-    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "bf16-master": torch.bfloat16, "bf16-master24": torch.bfloat16,
+             "bf16-stochastic": torch.bfloat16, "fp16-master": torch.float16}.get(kind, torch.float32)
     shapes = [(3,), (2, 17)]
     params = [torch.randn(s).to(dtype) for s in shapes]
     grads = [torch.randn(s).to(dtype) for s in shapes]
-    momentum = 0.0 if kind == "no-momentum" else 0.9
+    momentum = 0.0 if kind in ("no-momentum", "bf16-stochastic") else 0.9
+    stochastic_rounding = kind == "bf16-stochastic"
     buffer_dtype = torch.bfloat16 if kind == "bf16-buffers" else torch.float32  # moments="bf16"
     buffers = [torch.randn(s).to(buffer_dtype) for s in shapes] if momentum else []
-    steps = [torch.tensor(0.0), torch.tensor(3.0)] if momentum else []  # a first step and a later one
+    # a first step and a later one (stochastic rounding keys its stream by the count, with momentum or without)
+    steps = [torch.tensor(0.0), torch.tensor(3.0)] if momentum or stochastic_rounding else []
+    masters = []
+    if kind.endswith("master") or kind.endswith("master24"):  # remainders of bf16 params, fp32 copies of fp16 ones
+        masters = [split_master(p.float() + 1e-3 * torch.randn(p.shape), 24 if kind.endswith("24") else 32)[1]
+                   if dtype == torch.bfloat16 else p.float() for p in params]
     moment_scales = []
     if kind == "int8-buffers":  # moments="int8": codes and their block scales
         quantized = [quantize(b, True) for b in buffers]
@@ -592,8 +600,8 @@ def _op_sample(kind: str):
     lr_tensor = torch.tensor(1e-2) if kind == "lr-tensor" else None
     grad_scale = torch.tensor(4.0) if kind in ("grad-scale", "found-inf") else None
     found_inf = torch.tensor(1.0 if kind == "found-inf" else 0.0) if grad_scale is not None else None
-    return (params, grads, buffers, steps, moment_scales, 1e-2, lr_tensor, momentum, 0.0, 0.01, kind == "lr-tensor",
-            kind == "grad-scale", 7, grad_scale, found_inf)
+    return (params, grads, buffers, masters, steps, moment_scales, 1e-2, lr_tensor, momentum, 0.0, 0.01,
+            kind == "lr-tensor", kind == "grad-scale", stochastic_rounding, 7, grad_scale, found_inf)
 
 
 OPS = [
@@ -605,7 +613,8 @@ OPS = [
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "bf16-buffers", "int8-buffers", "no-momentum", "lr-tensor",
-                                  "grad-scale", "found-inf"])
+                                  "grad-scale", "found-inf", "bf16-master", "bf16-master24", "fp16-master",
+                                  "bf16-stochastic"])
 @pytest.mark.parametrize("op_name", OPS)
 def test_opcheck(op_name, kind):
     torch.library.opcheck(getattr(torch.ops.fused_optim, op_name).default, _op_sample(kind))
@@ -615,8 +624,8 @@ def test_opcheck(op_name, kind):
 def test_ops_agree_on_one_call(op_name):
     """The first-step rule and the skip, op by op: the same call on the same inputs gives the reference's result."""
     args = _op_sample("fp32")
-    params, grads, buffers, steps = [[t.clone() for t in a] for a in args[:4]]
-    getattr(torch.ops.fused_optim, op_name).default(params, grads, buffers, steps, *args[4:])
+    params, grads, buffers, masters, steps = [[t.clone() for t in a] for a in args[:5]]
+    getattr(torch.ops.fused_optim, op_name).default(params, grads, buffers, masters, steps, *args[5:])
     for i, (p, g, b) in enumerate(zip(args[0], args[1], args[2])):
         d = g.double() + 0.01 * p.double()
         buffer = d if i == 0 else 0.9 * b.double() + d  # tensor 0 is at its first step: the buffer is the grad
@@ -756,3 +765,111 @@ def test_a_bf16_momentum_buffer_trades_state_with_torch_sgd():
     opt.load_state_dict(theirs.state_dict())  # torch's fp32 buffer, rounded to nearest
     assert torch.equal(opt.state[p]["momentum_buffer"], theirs.state[p]["momentum_buffer"].bfloat16())
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16 params: master weights and stochastic rounding, as AdamW's and Lion's
+
+BF16_MODES = {
+    "masters": dict(momentum=0.9, master_weights=True),
+    "masters24-int8": dict(momentum=0.9, nesterov=True, master_weights=24, moments="int8"),
+    "stochastic": dict(stochastic_rounding=True),
+    "stochastic-bf16-buffer": dict(momentum=0.9, dampening=0.1, stochastic_rounding=True, moments="bf16"),
+}
+
+
+def run_bf16(backend, device, init, grads, steps=None, weight_decay=0.01,
+             **options) -> tuple[list[torch.Tensor], fused_optim.SGD]:
+    params = make_params(init, torch.bfloat16, device)
+    opt = fused_optim.SGD(params, lr=1e-2, weight_decay=weight_decay, backend=backend, **options)
+    for step_grads in grads[:steps]:
+        set_grads(step_grads, params)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("mode", BF16_MODES)
+def test_bf16_modes_agree_bit_for_bit_on_every_backend(mode):
+    """The C++ kernel, the Triton kernel (interpreted) and the torch ops: the same params and state, bit for bit.
+    (Without weight decay: the kernels add it to the grad in one FMA, which the torch ops and Triton's interpreter
+    round twice.)"""
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [random_grads(SHAPES, torch.bfloat16) for _ in range(4)]
+    results = {backend: run_bf16(backend, device, init, grads, weight_decay=0.0, **BF16_MODES[mode])
+               for backend, device in (p.values for p in CPU_BACKENDS)}
+    (_, (first_params, first_opt)), *others = results.items()
+    for backend, (params, opt) in others:
+        assert_identical([p.detach() for p in params], [p.detach() for p in first_params], backend)
+        assert_identical(opt.state_dict()["state"], first_opt.state_dict()["state"], backend)
+
+
+@pytest.mark.parametrize("mode", BF16_MODES)
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_bf16_modes_resume_from_a_state_dict_bit_identically(backend, device, mode):
+    """Saved after 3 steps (masters as remainders, the count that keys stochastic rounding without momentum too)
+    and loaded into a fresh optimizer: the last 3 steps as the uninterrupted run's."""
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [random_grads(SHAPES, torch.bfloat16) for _ in range(6)]
+    straight, straight_opt = run_bf16(backend, device, init, grads, **BF16_MODES[mode])
+    halfway, halfway_opt = run_bf16(backend, device, init, grads, steps=3, **BF16_MODES[mode])
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in halfway], "opt": halfway_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
+    resumed_opt = fused_optim.SGD(resumed, lr=1e-2, weight_decay=0.01, backend=backend, **BF16_MODES[mode])
+    resumed_opt.load_state_dict(saved["opt"])
+    for step_grads in grads[3:]:
+        set_grads(step_grads, resumed)
+        resumed_opt.step()
+    assert_identical([p.detach() for p in resumed], [p.detach() for p in straight])
+    assert_identical(resumed_opt.state_dict(), straight_opt.state_dict())
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_stochastic_rounding_keeps_tiny_updates_on_average(backend, device):
+    """Plain SGD (no momentum, so torch would keep no state; we keep the count that keys the random stream) on bf16
+    params with updates of 1/8 of an ulp: rounded stochastically they average to the fp32 result, the same seed
+    gives the same bits; rounded to nearest, most of each update would vanish."""
+    lr, shapes = 1e-3, [(65536,)]
+    init = [(1.0 + torch.rand(s)).bfloat16().float() for s in shapes]  # in [1, 2): a bf16 ulp is 2^-7
+    grads = [torch.randn(s).bfloat16().to(device) for s in shapes]
+    fp32 = make_params(init, torch.float32, device)
+    fp32_opt = fused_optim.SGD(fp32, lr=lr, backend=backend)
+    set_grads([g.float() for g in grads], fp32)
+    fp32_opt.step()
+    results = []
+    for _ in range(2):
+        params = make_params(init, torch.bfloat16, device)
+        opt = fused_optim.SGD(params, lr=lr, stochastic_rounding=True, backend=backend)
+        set_grads(grads, params)
+        opt.step()
+        results.append(params[0].detach())
+        assert set(opt.state[params[0]]) == {"step"} and opt.state[params[0]]["step"].item() == 1
+    assert_identical(results[0], results[1])
+    target = fp32[0].detach().double()
+    direction = torch.sign(target - init[0].to(target))
+    error = (results[0].double() - target) * direction
+    assert abs(error.mean().item()) < 5 * error.std().item() / math.sqrt(error.numel())
+    nearest = (target.bfloat16().double() - target) * direction
+    assert nearest.mean().item() < -0.25 * (lr * grads[0].double().abs().mean().item())
+
+
+def test_a_torch_sgd_state_loads_into_master_weights():
+    """torch's SGD keeps no master: loaded into ours with master_weights=True, each master starts from its param,
+    and our state (its remainders) loads back into torch's SGD, which ignores them."""
+    shapes = [(5,), (3, 4)]
+    init = [torch.randn(s) for s in shapes]
+    theirs = make_params(init, torch.bfloat16, "cpu")
+    torch_opt = torch.optim.SGD(theirs, lr=1e-2, momentum=0.9)
+    set_grads(random_grads(shapes, torch.bfloat16), theirs)
+    torch_opt.step()
+    ours = make_params([p.detach().float() for p in theirs], torch.bfloat16, "cpu")
+    opt = fused_optim.SGD(ours, lr=1e-2, momentum=0.9, master_weights=True)
+    opt.load_state_dict(torch_opt.state_dict())
+    for p in ours:
+        assert opt.state[p]["master_remainder"].dtype == torch.int16
+        assert_identical(master_weight(opt, p), p.detach().float())
+    set_grads(random_grads(shapes, torch.bfloat16), ours)
+    opt.step()
+    torch_opt.load_state_dict(opt.state_dict())

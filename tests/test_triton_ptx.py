@@ -72,18 +72,16 @@ for name, dtype, write, moment_dtype in WRITES:
                              options={**EXACT_ARITHMETIC, "maxnreg": ADAM_MAX_REGISTERS}).asm["ptx"]
         results[f"{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
 
-# The SGD kernel with momentum (param, grad and buffer streams), aligned and not.
+# The SGD kernel with momentum (param, grad and buffer streams, and a master's), aligned and not.
 SGD_SIGNATURE = {"table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
                  "found_inf_ptr": "*fp32", "momentum": "fp32", "one_minus_dampening": "fp32", "weight_decay": "fp32",
                  "seed": "i32", "first_tensor_index": "i32", "num_tensors": "i32"}
-for name, dtype, buffer_dtype in (("fp32", tl.float32, tl.float32), ("bf16", tl.bfloat16, tl.float32),
-                                  ("fp32-bf16-moments", tl.float32, tl.bfloat16),
-                                  ("bf16-bf16-moments", tl.bfloat16, tl.bfloat16),
-                                  ("fp32-int8-moments", tl.float32, tl.int8)):
+for name, dtype, write, buffer_dtype in WRITES:
     for aligned in (True, False):
-        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, BUFFER_DTYPE=buffer_dtype, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
-                          HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned,
-                          SEARCH_STEPS=1, COLUMNS=6, BLOCK=1024, BLOCKS=sgd.BLOCKS)
+        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, BUFFER_DTYPE=buffer_dtype, MOMENTUM=True,
+                          NESTEROV=False, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False,
+                          HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=7, BLOCK=1024,
+                          BLOCKS=sgd.BLOCKS)
         source = ASTSource(fn=_sgd_kernel, signature={**SGD_SIGNATURE, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -168,8 +166,7 @@ def ptx_accesses() -> dict:
 
 OPTIMIZER_KERNELS = [(kernel, dtype) for kernel in ("", "sgd-", "lion-")
                      for dtype in ("fp32", "bf16", "bf16-remainder", "bf16-remainder24", "fp32-bf16-moments",
-                                   "bf16-bf16-moments")
-                     if kernel != "sgd-" or "remainder" not in dtype]  # SGD keeps no master weights
+                                   "bf16-bf16-moments")]
 OPTIMIZER_KERNEL_IDS = [f"{dtype}-{kernel.rstrip('-') or 'adam'}" for kernel, dtype in OPTIMIZER_KERNELS]
 
 
@@ -206,7 +203,7 @@ def test_optimizer_kernel_contracts_nothing_into_an_fma(ptx_accesses, kernel, dt
 
 @pytest.mark.parametrize("kernel, dtype", [("", "fp32-int8-moments"), ("", "bf16-remainder24-int8-moments"),
                                            ("lion-", "fp32-int8-moments"), ("lion-", "bf16-remainder24-int8-moments"),
-                                           ("sgd-", "fp32-int8-moments")])
+                                           ("sgd-", "fp32-int8-moments"), ("sgd-", "bf16-remainder24-int8-moments")])
 def test_int8_moment_kernel_moves_16_bytes_per_access(ptx_accesses, kernel, dtype):
     """moments="int8": whole blocks keep 16-byte accesses (the tensor's last, partial block moves single bytes)."""
     accesses = ptx_accesses[f"{kernel}{dtype}-aligned"]

@@ -474,8 +474,7 @@ class FusedOptimizer(Optimizer):
             return
         held = dict(state)
         restore_moments(p, state, held, group, self._moment_keys)
-        if "master_weights" in group:  # (SGD keeps no master weights)
-            _restore_master(p, state, held, group)
+        _restore_master(p, state, held, group)
 
     def _keep_plan(self, key: int | Tensor, plan: Plan) -> None:
         """Keeps `plan` for the group `key` names (its index, or its param under gradient release); `Plan.fits`

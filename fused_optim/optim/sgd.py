@@ -7,7 +7,11 @@ Differences from torch:
   the param's memory layout, and a `step`
   count (a float32 tensor on the param's device) says on the device whether the buffer is set yet: the first step
   (count 0) takes the gradient as the buffer, as torch does when it finds no buffer, without a host sync. Without
-  momentum there is no state, as in torch.
+  momentum there is no state, as in torch, unless an option below keeps some.
+- bf16 and fp16 params take `master_weights=True` (a bf16 param's exact fp32 master as an int16 remainder beside it,
+  an fp16 param's as an fp32 copy), `master_weights=24` (a bf16 param's 24-bit master: an int8 remainder) or
+  `stochastic_rounding=True` (bf16 params rounded stochastically, keyed by a `step` count kept without momentum
+  too), as fused_optim.AdamW's (optim/_base.py: init_master, _restore_master).
 - state_dict interchange with torch.optim.SGD both ways: torch's loader hands us its buffers (in the param dtype,
   no `step`): they come back as fp32 with a count of 1 (set); ours load into torch as they are (torch casts the
   buffer to the param dtype and carries `step` along unread). A buffer whose count is still 0 (every step so far
@@ -37,8 +41,9 @@ from torch.optim.sgd import sgd as torch_sgd
 
 from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
-from fused_optim.optim._base import (PARAM_DTYPES, FusedOptimizer, check_torch_flags,
-                                     init_int8_scales, int8_moments, moment_dtype, restore_moments)
+from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, _restore_master, check_torch_flags,
+                                     init_int8_scales, init_master, int8_moments, master_of, moment_dtype,
+                                     restore_moments)
 from fused_optim.optim._plan import Plan
 
 
@@ -68,6 +73,8 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         moments: str = "fp32",
+        master_weights: bool | int = False,
+        stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         grad_norm_group: dist.ProcessGroup | None = None,
         gradient_release: bool = False,
@@ -95,6 +102,8 @@ class SGD(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "moments": moments,
+            "master_weights": master_weights,
+            "stochastic_rounding": stochastic_rounding,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, grad_norm_group=grad_norm_group,
                          backend=backend, gradient_release=gradient_release)
@@ -102,8 +111,11 @@ class SGD(FusedOptimizer):
     def _update(self, group: dict[str, Any], kind: str, lists: list[list[Tensor]], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:
         weight_decay = group["weight_decay"]
+        params, grads, buffers, masters, steps, scales = lists
         sgd_step(
-            *lists,
+            params, grads, buffers, steps, scales,
+            master_params=masters,
+            stochastic_rounding=kind == "stochastic",
             lr=group["lr"],
             momentum=group["momentum"],
             dampening=group["dampening"],
@@ -126,7 +138,7 @@ class SGD(FusedOptimizer):
         writing anything. The lists are kept between steps (optim/_plan.py) unless torch's update steps some."""
         has_grad = [grad is not None for grad in grads]
         by_torch = group["differentiable"] or any(grad is not None and grad.is_sparse for grad in grads)
-        options = (group["momentum"] != 0,)
+        options = (group["momentum"] != 0, group["master_weights"], group["stochastic_rounding"])
         plan = self._plans.get(key)
         if plan is not None and not by_torch and plan.fits(group, self.state, has_grad, options):
             return plan.with_grads(grads)
@@ -146,7 +158,8 @@ class SGD(FusedOptimizer):
             if group["differentiable"] or grad.is_sparse:
                 plan.add("torch", index, p, [])
             else:
-                plan.add("plain", index, p, self._momentum_state(p, group))
+                kind, state = self._own_state(p, group)
+                plan.add(kind, index, p, state)
         kinds = plan.with_grads(grads)
         if by_torch:  # torch's update takes None for a buffer not set yet, and sets it: nothing kept
             kinds["torch"].append([self._buffer_if_set(p) for p in kinds["torch"][0]])
@@ -154,10 +167,29 @@ class SGD(FusedOptimizer):
             self._keep_plan(key, plan)
         return kinds
 
-    def _momentum_state(self, p: Tensor, group: dict[str, Any]) -> list[Tensor | None]:
-        """[momentum buffer, step count] of a param the kernels step, creating them ([None, None] without momentum)."""
-        if group["momentum"] == 0:
-            return [None, None, None]
+    def _own_state(self, p: Tensor, group: dict[str, Any]) -> tuple[str, list[Tensor | None]]:
+        """A param the kernels step: its kind of update (`_kind`) and its entries in the op's state lists, [momentum
+        buffer, master, step count, int8 scales], creating what its group's options ask for (None where nothing; and
+        no state at all without any, as torch keeps none without momentum)."""
+        momentum = group["momentum"] != 0
+        if momentum:
+            self._init_momentum(p, group)
+        if group["master_weights"] and p.dtype in LOW_PRECISION and not self.state.get(p, {}).keys() & {
+                "master_param", "master_remainder"}:
+            init_master(p, self.state[p], group["master_weights"])
+        kind = self._kind(p, self.state.get(p, {}), group)
+        if kind == "stochastic":  # the count keys the rounding's random stream, with momentum or without
+            self.state[p].setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
+        if p not in self.state:
+            return kind, [None, None, None, None]
+        state = self.state[p]
+        self._follow_layout(p, state, group)
+        return kind, [state["momentum_buffer"] if momentum else None, master_of(state, kind),
+                      state["step"] if momentum or kind == "stochastic" else None,
+                      state.get("moment_scales") if momentum else None]
+
+    def _init_momentum(self, p: Tensor, group: dict[str, Any]) -> None:
+        """A momentum buffer and its step count, where the param has none yet."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             # unset until the first step writes the gradient into it (count 0); fp32 (or bf16, int8: `moments`) for
@@ -169,8 +201,6 @@ class SGD(FusedOptimizer):
                 init_int8_scales(p, state, 1)
         elif "step" not in state:  # a buffer torch's update made (a sparse grad earlier): set
             state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
-        self._follow_layout(p, state, group)
-        return [state["momentum_buffer"], state["step"], state.get("moment_scales")]
 
     def _buffer_if_set(self, p: Tensor) -> Tensor | None:
         """The param's momentum buffer for torch's update, None while unset (its count 0: a host read, on this rare
@@ -195,27 +225,39 @@ class SGD(FusedOptimizer):
 
     def _own_state_dict(self) -> dict[str, Any]:
         """torch's state_dict, less the buffers no step has set yet (count 0: every step so far was skipped), so
-        that it reads as torch.optim.SGD's would. Reads the counts on the host, once per call."""
+        that it reads as torch.optim.SGD's would (a master weight stays). Reads the counts on the host, once per
+        call."""
         state_dict = super()._own_state_dict()
         unset = [index for index, state in state_dict["state"].items() if isinstance(state, dict)
                  and "step" in state and "momentum_buffer" in state and not bool(state["step"] != 0)]
         for index in unset:
-            del state_dict["state"][index]
+            kept = {key: value for key, value in state_dict["state"][index].items()
+                    if key not in ("momentum_buffer", "step", "moment_scales")}
+            if kept:
+                state_dict["state"][index] = kept
+            else:
+                del state_dict["state"][index]
         return state_dict
 
     def _restore_saved_state(self, state_dict: dict[str, Any]) -> None:
         """Buffers come back in fp32 (bf16: moments="bf16", int8 codes: "int8") on the param's device, in its
-        layout, whatever dtype they were saved in, and a buffer saved without a count (torch's) counts as set."""
+        layout, whatever dtype they were saved in, and a buffer saved without a count (torch's) counts as set.
+        Master weights come back in their own form (_restore_master); without momentum, a stochastically rounded
+        param's count as saved."""
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for p, param_id in zip(group["params"], saved_group["params"]):
                 state = self.state.get(p)
                 if not state:
                     continue
                 saved_state = state_dict["state"].get(param_id, {})
+                _restore_master(p, state, saved_state, group)
                 buffer, step = saved_state.get("momentum_buffer"), saved_state.get("step")
                 if buffer is None:  # nothing set yet: the next step with momentum creates both
                     state.pop("momentum_buffer", None)
+                    state.pop("moment_scales", None)
                     state.pop("step", None)
+                    if step is not None and group["momentum"] == 0:
+                        state["step"] = torch.as_tensor(step).to(device=p.device, dtype=torch.float32, copy=True)
                     continue
                 # re-taken from the saved value: torch's loader has cast it to the param dtype
                 restore_moments(p, state, saved_state, group, self._moment_keys)
