@@ -7,7 +7,8 @@ import torch
 
 from fused_optim import _backend
 from fused_optim.int8_moments import BLOCK, scale_count
-from fused_optim.master_remainder import are_remainders
+from fused_optim.master_remainder import are_remainders, join_master, store_split
+from fused_optim.rounding import bf16_stochastic_round
 
 lib = torch.library.Library("fused_optim", "DEF")
 
@@ -128,6 +129,40 @@ def step_scalars(device: torch.device, lr, grad_scale, found_inf):
     if found_inf is not None and found_inf.device != device:
         found_inf = found_inf.to(device, non_blocking=True)
     return lr, lr_tensor, grad_scale, found_inf
+
+
+def param_masters(params, master_params) -> tuple[list, list]:
+    """Per param, its master copy and its master remainder (None each where there is none): an op's master list is
+    one or the other (float_io.h's WriteBack)."""
+    remainders = are_remainders(master_params)
+    none = [None] * len(params)
+    if not master_params:
+        return none, none
+    return (none, list(master_params)) if remainders else (list(master_params), none)
+
+
+def update_start(param: torch.Tensor, master, remainder) -> torch.Tensor:
+    """The value an update in torch ops starts from (float_io.h's load_param): a bf16 param joined with its
+    remainder, its fp32 master copy, or the param itself in fp32 (fp64 for fp64 params)."""
+    if remainder is not None:
+        return join_master(param, remainder)
+    if master is not None:
+        return master
+    return param.to(torch.promote_types(param.dtype, torch.float32))
+
+
+def store_update(param: torch.Tensor, master, remainder, updated: torch.Tensor, skip, stochastic=None) -> None:
+    """An update's result written back in torch ops (float_io.h's write_param): split into the bf16 param and its
+    remainder, or into the master copy and the param rounded to nearest, or (`stochastic`: the (seed, index, step)
+    of the param's random stream) the param rounded stochastically. Where `skip` (a found_inf) is true, nothing
+    changes."""
+    if remainder is not None:
+        store_split([param], [remainder], [updated], skip)
+        return
+    if master is not None:
+        master.copy_(updated if skip is None else torch.where(skip, master, updated))
+    rounded = bf16_stochastic_round(updated.float(), *stochastic) if stochastic else updated.to(param.dtype)
+    param.copy_(rounded if skip is None else torch.where(skip, param, rounded))
 
 
 def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_rounding: bool, scalars, dtypes,

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from fused_optim.int8_moments import dequantize, quantize
-from fused_optim.master_remainder import are_remainders, join_master, store_split
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip, real_views,
-                                      resolve_op, split_wide, step_scalars)
+from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip,
+                                      param_masters, real_views, resolve_op, split_wide, step_scalars, store_update,
+                                      update_start)
 from fused_optim.rounding import bf16_stochastic_round, moment_bits16
 
 LION_SCHEMA = (
@@ -72,14 +72,9 @@ def _lion_step_torch(params, grads, exp_avgs, master_params, steps, moment_scale
     lr_value = lr_tensor.double() if lr_tensor is not None else lr
     param_decay = 1 - lr_value * weight_decay
     torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
-    remainders = master_params if are_remainders(master_params) else []
+    masters, remainders = param_masters(params, master_params)
     for i, param in enumerate(params):
-        if remainders:  # a bf16 param with its master's remainder: the fp32 master, joined
-            p = join_master(param, remainders[i])
-        elif master_params:
-            p = master_params[i]
-        else:
-            p = param.to(torch.promote_types(param.dtype, torch.float32))
+        p = update_start(param, masters[i], remainders[i])
         g = grads[i].to(p.dtype) * grad_multiplier
         # a bf16 moment (moments="bf16") or int8 codes (moments="int8"), dequantized
         m = dequantize(exp_avgs[i], moment_scales[i][0]) if moment_scales else exp_avgs[i].to(p.dtype)
@@ -92,16 +87,8 @@ def _lion_step_torch(params, grads, exp_avgs, master_params, steps, moment_scale
         elif exp_avgs[i].dtype == torch.bfloat16:  # rounding.h's to_moment
             updated_m = bf16_stochastic_round(updated_m, seed, i, steps[i], 0)
         exp_avgs[i].copy_(updated_m if skip is None else torch.where(skip, exp_avgs[i], updated_m))
-        if remainders:
-            store_split([param], [remainders[i]], [updated], skip)
-            continue
-        if master_params:
-            p.copy_(updated if skip is None else torch.where(skip, p, updated))
-        if stochastic_rounding:
-            rounded = bf16_stochastic_round(updated.float(), seed, i, steps[i])
-        else:
-            rounded = updated.to(param.dtype)
-        param.copy_(rounded if skip is None else torch.where(skip, param, rounded))
+        store_update(param, masters[i], remainders[i], updated, skip,
+                     (seed, i, steps[i]) if stochastic_rounding else None)
 
 
 # CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (checked in _backend); triton is imported on

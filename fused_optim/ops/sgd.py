@@ -18,9 +18,9 @@ import torch
 
 from fused_optim.int8_moments import dequantize, quantize
 from fused_optim.ops import _dtensor
-from fused_optim.master_remainder import are_remainders, join_master, store_split
-from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip, real_views,
-                                      resolve_op, split_wide, step_scalars)
+from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip,
+                                      param_masters, real_views, resolve_op, split_wide, step_scalars, store_update,
+                                      update_start)
 from fused_optim.rounding import bf16_stochastic_round, moment_bits16
 
 SGD_SCHEMA = (
@@ -81,14 +81,9 @@ def _sgd_step_torch(params, grads, momentum_buffers, master_params, steps, momen
     grad_multiplier, skip = grad_multiplier_and_skip(maximize, grad_scale, found_inf)
     # Python floats meet fp32 tensors as fp32 values, as the kernels' fp32 scalars (1 - dampening in double first)
     lr_value = lr_tensor if lr_tensor is not None else lr
-    remainders = master_params if are_remainders(master_params) else []
+    masters, remainders = param_masters(params, master_params)
     for i, param in enumerate(params):
-        if remainders:  # a bf16 param with its master's remainder: the fp32 master, joined
-            p = join_master(param, remainders[i])
-        elif master_params:
-            p = master_params[i]
-        else:
-            p = param.to(torch.promote_types(param.dtype, torch.float32))
+        p = update_start(param, masters[i], remainders[i])
         g = grads[i].to(p.dtype) * grad_multiplier
         if weight_decay != 0:
             g = g + weight_decay * p
@@ -105,17 +100,9 @@ def _sgd_step_torch(params, grads, momentum_buffers, master_params, steps, momen
             elif buffer.dtype == torch.bfloat16:  # moments="bf16": rounding.h's to_moment, with the count after
                 updated_buffer = bf16_stochastic_round(updated_buffer, seed, i, steps[i] + 1, 0)
             buffer.copy_(updated_buffer if skip is None else torch.where(skip, buffer, updated_buffer))
-        updated = p - lr_value * g
-        if remainders:
-            store_split([param], [remainders[i]], [updated], skip)
-            continue
-        if master_params:
-            p.copy_(updated if skip is None else torch.where(skip, p, updated))
-        if stochastic_rounding:  # rounding.h's stream of the count after this step, as the kernels'
-            rounded = bf16_stochastic_round(updated.float(), seed, i, steps[i] + 1)
-        else:
-            rounded = updated.to(param.dtype)
-        param.copy_(rounded if skip is None else torch.where(skip, param, rounded))
+        # stochastic rounding: rounding.h's stream of the count after this step, as the kernels'
+        store_update(param, masters[i], remainders[i], p - lr_value * g, skip,
+                     (seed, i, steps[i] + 1) if stochastic_rounding else None)
     if steps:
         torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
 
