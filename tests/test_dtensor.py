@@ -766,6 +766,40 @@ def test_an_int8_checkpoint_in_torch_layout_reshards_from_four_ranks_to_two(four
             assert torch.isfinite(got).all() and (got - want).abs().max() <= 2e-3
 
 
+def test_a_checkpoint_of_torchs_adamw_loads_into_master_weights_in_one_step(tmp_path):
+    """bf16 params: torch's AdamW keeps no master weights, so the dict DCP fills is got inside
+    torch_layout(master_weights=False); each master then starts from its param as loaded. The state is the two-step
+    recipe's (into fp32 moments without masters, then load_state_dict), bit for bit. One process, no process
+    group."""
+    def fresh(cls=fused_optim.AdamW, **options):
+        model = make_model(torch.bfloat16)
+        return model, cls(model.parameters(), lr=1e-2, weight_decay=0.1, **options)
+
+    model, torch_opt = fresh(torch.optim.AdamW)
+    train(model, torch_opt, steps=2)
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, torch_opt))), checkpoint_id=str(tmp_path))
+
+    def load(model, opt):
+        state = dict(zip(("model", "optim"), get_state_dict(model, opt)))
+        dcp.load(state, checkpoint_id=str(tmp_path))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    one, one_opt = fresh(master_weights=True, moments="int8")
+    with one_opt.torch_layout(master_weights=False):
+        load(one, one_opt)
+    plain, plain_opt = fresh()
+    load(plain, plain_opt)
+    two, two_opt = fresh(master_weights=True, moments="int8")
+    two.load_state_dict(plain.state_dict())
+    two_opt.load_state_dict(plain_opt.state_dict())
+    assert all(torch.equal(p, q) for p, q in zip(one.parameters(), model.parameters()))
+    for p, q in zip(one.parameters(), two.parameters()):
+        assert torch.equal(p, q) and torch.equal(master_weight(one_opt, p), p.float())
+        for key, value in one_opt.state[p].items():
+            assert value.dtype == two_opt.state[q][key].dtype and torch.equal(value, two_opt.state[q][key]), key
+    assert "moment_scales" in one_opt.state[next(one.parameters())]
+
+
 def test_zero_redundancy_optimizer(two):
     name = "adamw"
     for result in two:

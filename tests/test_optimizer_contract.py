@@ -165,6 +165,9 @@ def test_torch_layout_gives_torchs_form_within_and_ours_after(spec):
     for state in inside["state"].values():
         assert "moment_scales" not in state and "master_remainder" not in state and ("master_param" in state) == masters
         assert all(value.dtype == torch.float32 for value in state.values())
+    with opt.torch_layout(master_weights=False):  # the form of torch's own state: no masters
+        without = opt.state_dict()["state"].values()
+        assert all(not {"master_param", "master_remainder"} & set(state) for state in without)
     with pytest.raises(KeyError):
         with opt.torch_layout():
             raise KeyError("a failing save")

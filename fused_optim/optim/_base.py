@@ -216,7 +216,7 @@ class FusedOptimizer(Optimizer):
                              "so it cannot clip by their global norm: pass max_grad_norm or gradient_release, not both")
         self.max_grad_norm = max_grad_norm
         self.grad_norm_group = grad_norm_group  # (ZeRO: the ranks whose optimizers hold the other params)
-        self._state_dict_as_torch = False  # inside torch_layout()
+        self._torch_layout: dict[str, bool] | None = None  # inside torch_layout(): torch_state_dict's arguments
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
         # the lists a step hands the kernels, kept between steps: per group by its index (torch 2.11's torch.compile
@@ -536,23 +536,24 @@ class FusedOptimizer(Optimizer):
         (DCP) keeps every rank's own; `load_state_dict` takes them back. Such a checkpoint loads on the sharding it
         was saved from; `torch_state_dict()` (fp32 moments) reshards, and is what this returns inside
         `torch_layout()`. The post hooks (`register_state_dict_post_hook`) see it last, as torch's do."""
-        if self._state_dict_as_torch:
-            return self.torch_state_dict()
+        if self._torch_layout is not None:
+            return self.torch_state_dict(**self._torch_layout)
         return self._with_state_dict_post_hooks(self._own_state_dict())
 
     @contextlib.contextmanager
-    def torch_layout(self) -> Iterator[None]:
-        """Inside, `state_dict()` returns `torch_state_dict()`: the form of torch's own optimizer, which DCP's
-        `get_state_dict` then reads. A distributed checkpoint saved so reshards (fp32 moments, DTensors sharded as
-        the params); one of torch's optimizer (or saved so) loads into bf16 or int8 moments in one step, with the
-        dict got inside as the one `dcp.load` fills, since `set_state_dict`'s `load_state_dict` takes torch's form
-        and converts it. Master weights are `master_param` in that form, which a checkpoint of torch's lacks."""
-        before = self._state_dict_as_torch
-        self._state_dict_as_torch = True
+    def torch_layout(self, master_weights: bool = True) -> Iterator[None]:
+        """Inside, `state_dict()` returns `torch_state_dict(master_weights)`: the form of torch's own optimizer, which
+        DCP's `get_state_dict` then reads. A distributed checkpoint saved so reshards (fp32 moments, DTensors
+        sharded as the params); one of torch's optimizer (or saved so) loads into bf16 or int8 moments in one step,
+        with the dict got inside as the one `dcp.load` fills, since `set_state_dict`'s `load_state_dict` takes
+        torch's form and converts it. A checkpoint of torch's optimizer has no master weights: load it with
+        `master_weights=False`, and each master starts from its param as loaded."""
+        before = self._torch_layout
+        self._torch_layout = {"master_weights": master_weights}
         try:
             yield
         finally:
-            self._state_dict_as_torch = before
+            self._torch_layout = before
 
     def _with_state_dict_post_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """`state_dict` after the post hooks, each given the last one's result (torch's state_dict's ending)."""
@@ -625,9 +626,10 @@ class FusedOptimizer(Optimizer):
         """After torch's load_state_dict: our state's own dtypes, devices and forms (restore_saved_state)."""
         restore_saved_state(self, state_dict, self._moment_keys)
 
-    def torch_state_dict(self) -> dict[str, Any]:
+    def torch_state_dict(self, master_weights: bool = True) -> dict[str, Any]:
         """The state_dict in the form torch's own optimizer (and an fp32-master trainer) reads: each bf16 param's
-        master remainder joined with the param into its fp32 master, `master_param`; bf16 and int8 moments
+        master remainder joined with the param into its fp32 master, `master_param` (with `master_weights=False`,
+        no masters, as torch's own optimizer keeps); bf16 and int8 moments
         (moments="bf16", "int8") as fp32, without their scales; the rest as `state_dict()` gives it (step counts).
         Its groups hold torch's keys alone: without our options and rounding seed, which `load_state_dict` then
         takes from the optimizer it loads into (so DCP, which asks for every key of the dict it fills, loads a
@@ -641,6 +643,9 @@ class FusedOptimizer(Optimizer):
         for index, state in state_dict["state"].items():
             param, group = numbered[index]
             state = dict(state)  # the state_dict's entries are the optimizer's own dicts' tensors: copy the dict
+            if not master_weights:
+                state.pop("master_remainder", None)
+                state.pop("master_param", None)
             if "master_remainder" in state:
                 state["master_param"] = on_local_shards(join_master, param.detach(), state.pop("master_remainder"))
             if "moment_scales" in state:
@@ -694,7 +699,7 @@ class FusedOptimizer(Optimizer):
         if "max_grad_norm" in state or not hasattr(self, "max_grad_norm"):
             self.max_grad_norm = state.pop("max_grad_norm", None)
         self.grad_norm_group = getattr(self, "grad_norm_group", None)  # a process group is not pickled: none
-        self._state_dict_as_torch = getattr(self, "_state_dict_as_torch", False)
+        self._torch_layout = getattr(self, "_torch_layout", None)
         super().__setstate__(state)
         if not hasattr(self, "_guard"):
             self._guard = StepGuard(self)
