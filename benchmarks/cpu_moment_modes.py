@@ -1,7 +1,8 @@
 """Step times of each optimizer x moment storage on the CPU, by kernel level (each this machine runs) and thread count.
 
 The optimizers (AdamW on fp32 and bf16 params, the former also with amsgrad, the latter with master weights and
-stochastic rounding; SGD with momentum; Lion; fp32, bf16 and int8 moments; --match picks some by their labels) are
+stochastic rounding; SGD with momentum, also on bf16 params with 24-bit masters; Lion; fp32, bf16 and int8
+moments; --match picks some by their labels) are
 set up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls on every row alike; each
 row is the median of its last steps. One process per kernel level (FUSED_OPTIM_CPU_ISA), thread count (--threads)
 and pass; the table keeps the lower of each row's medians over the passes. Each row's GB/s is its bytes model
@@ -37,6 +38,7 @@ OPTIMIZERS = [("AdamW", "float32", "fp32", ()), ("AdamW", "float32", "bf16", ())
               ("AdamW", "bfloat16", "bf16", (("stochastic_rounding", True),)),
               ("AdamW", "bfloat16", "int8", (("master_weights", 24),)),
               ("SGD", "float32", "fp32", ()), ("SGD", "float32", "int8", ()),
+              ("SGD", "bfloat16", "int8", (("master_weights", 24),)),
               ("Lion", "float32", "fp32", ()), ("Lion", "float32", "bf16", ()), ("Lion", "float32", "int8", ())]
 # this script's alone: the GPU scripts share OPTIMIZERS, and their time on a lent machine is spoken for
 AMSGRAD_ROWS = [("AdamW", "float32", "fp32", (("amsgrad", True),)), ("AdamW", "float32", "int8", (("amsgrad", True),))]
@@ -46,7 +48,8 @@ MASTER_BYTES = {True: 2, 24: 1}  # the remainder kept beside each bf16 param: in
 
 def label(name: str, dtype: str, moments: str, options: tuple) -> str:
     if name == "SGD":
-        return f"SGD momentum 0.9, moments={moments}"
+        params = "" if dtype == "float32" else f", {dtype} params"
+        return f"SGD momentum 0.9{params}, moments={moments}" + "".join(f", {key}={value}" for key, value in options)
     if name == "Lion":
         return f"Lion, moments={moments}"
     return f"AdamW, {dtype} params, moments={moments}" + "".join(f", {key}={value}" for key, value in options)
@@ -61,11 +64,13 @@ def step_bytes(name: str, dtype: str, moments: str, options: tuple, numel: int) 
     from fused_optim.tools.bench.sgd import sgd_step_bytes
 
     moment_dtype = getattr(torch, MOMENT_DTYPES[moments])
+    master_bytes = MASTER_BYTES.get(dict(options).get("master_weights"), 0)
     if name == "AdamW":
-        master_bytes = MASTER_BYTES.get(dict(options).get("master_weights"), 0)
         return adam_step_bytes(numel, getattr(torch, dtype), state_dtype=moment_dtype, master_bytes=master_bytes,
                                amsgrad=dict(options).get("amsgrad", False))
-    return (sgd_step_bytes if name == "SGD" else lion_step_bytes)(numel, moment_dtype)
+    if name == "SGD":
+        return sgd_step_bytes(numel, moment_dtype, getattr(torch, dtype), master_bytes)
+    return lion_step_bytes(numel, moment_dtype)
 
 
 def one_pass(rows: list[tuple[str, str, str, tuple]], rounds: int, kept: int) -> dict:

@@ -1,11 +1,11 @@
 """Step times of each optimizer x moment storage x master-weight mode on a CUDA GPU, for both GPU backends.
 
 The rows are cpu_moment_modes.py's (AdamW on fp32 and bf16 params, the latter also with master weights and stochastic
-rounding; SGD with momentum; Lion; fp32, bf16 and int8 moments), each on one tensor of 64 M params (256 MB in fp32,
-four times an H200's L2), stepped by our CUDA C++ and Triton kernels. Each time is the median of CUDA-event timed
-steps (tools/bench/timing.py, time_cuda); GB/s is the row's bytes model (tools/bench: adam_step_bytes, sgd_step_bytes,
-lion_step_bytes) over it, beside the copy bandwidth the same process measured (memory_roof): issue 15's target is
-each mode at >= 90 % of it.
+rounding; SGD with momentum, also on bf16 params with 24-bit masters; Lion; fp32, bf16 and int8 moments), each on
+one tensor of 64 M params (256 MB in fp32, four times an H200's L2), stepped by our CUDA C++ and Triton kernels.
+Each time is the median of CUDA-event timed steps (tools/bench/timing.py, time_cuda); GB/s is the row's bytes model
+(tools/bench: adam_step_bytes, sgd_step_bytes, lion_step_bytes) over it, beside the copy bandwidth the same process
+measured (memory_roof): issue 15's target is each mode at >= 90 % of it.
 
     python benchmarks/gpu_moment_modes.py --out benchmarks/results/<gpu>/optimizer_moment_modes.json
 """

@@ -18,7 +18,8 @@ buffers, dequantized, to `adamw.COMPRESSED_MOMENT_ERROR` in the 2-norm; tests/te
 them bit for bit.
 
 Bytes model (`sgd_step_bytes`), the fewest bytes one step moves per param: read grad + param + momentum buffer,
-write param + momentum buffer: fp32 20 B/param, bf16 buffers 16, int8 14.06 (a bf16 scale per 64 codes).
+write param + momentum buffer: fp32 20 B/param, bf16 buffers 16, int8 14.06 (a bf16 scale per 64 codes); bf16
+params with an int8 buffer and 24-bit masters (a 1-byte remainder read and written beside each) 10.06.
 """
 
 from __future__ import annotations
@@ -50,17 +51,22 @@ CHECK_TOLERANCES = {"params": (1e-6, 1e-11), "momentum_buffers": (1e-6, 1e-12)}
 KERNELS = (Kernel("sgd_step_", "sgd"),)
 
 
-def sgd_step_bytes(numel: int, buffer_dtype: torch.dtype = torch.float32) -> int:
-    """The fewest bytes one SGD-with-momentum step moves over `numel` fp32 params with `buffer_dtype` momentum
-    buffers (module docstring).
+def sgd_step_bytes(numel: int, buffer_dtype: torch.dtype = torch.float32, param_dtype: torch.dtype = torch.float32,
+                   master_bytes: int = 0) -> int:
+    """The fewest bytes one SGD-with-momentum step moves over `numel` params of `param_dtype` (and grads of it) with
+    `buffer_dtype` momentum buffers (module docstring); `master_bytes` as adam_step_bytes's (4: an fp32 master copy
+    read instead of the param, 2 or 1: a remainder read beside it).
 
     >>> sgd_step_bytes(1), sgd_step_bytes(1, torch.bfloat16), sgd_step_bytes(64, torch.int8)
     (20, 16, 900)
+    >>> sgd_step_bytes(64, torch.int8, torch.bfloat16, master_bytes=1)
+    644
     """
+    param = torch.empty((), dtype=param_dtype).element_size()
     # int8 buffers carry a bf16 scale per 64 codes, read and written
     buffer = torch.empty((), dtype=buffer_dtype).element_size() + (2 / 64 if buffer_dtype == torch.int8 else 0)
-    read = 4 + 4 + buffer  # grad, param, momentum buffer
-    write = 4 + buffer  # param, momentum buffer
+    read = param + buffer + (master_bytes if master_bytes == 4 else param + master_bytes)  # grad, buffer, param
+    write = param + buffer + master_bytes  # param, momentum buffer, master
     return round(numel * (read + write))
 
 
