@@ -139,6 +139,23 @@ def snapshot(opt: torch.optim.Optimizer):
     return {"params": params, "state": state, "groups": groups}
 
 
+def resume_through_torch_save(params, opt, make_optimizer,
+                              grads) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    """`params` and `opt`'s state_dict through torch.save and torch.load, into fresh params and the optimizer
+    `make_optimizer` makes of them, which then steps over `grads` (a list of each step's grads)."""
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
+    resumed_opt = make_optimizer(resumed)
+    resumed_opt.load_state_dict(saved["opt"])
+    for step_grads in grads:
+        set_grads(step_grads, resumed)
+        resumed_opt.step()
+    return resumed, resumed_opt
+
+
 def assert_identical(a, b, path="") -> None:
     """Equal structure, and tensors equal bit for bit with the same dtype, shape and device."""
     if torch.is_tensor(a):

@@ -10,14 +10,13 @@ rounding included (one hash of seed, tensor index and step count).
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
 import torch
 from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, master_weight
-from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
-                       snapshot, ulp, within_two_ulps)
+from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads,
+                       resume_through_torch_save, set_grads, snapshot, ulp, within_two_ulps)
 from test_adam_moments import run as run_with_bf16_moments
 from test_sgd import split_options
 
@@ -244,16 +243,8 @@ def test_resuming_from_a_state_dict_is_bit_identical(backend, device):
     options = dict(weight_decay=0.1, master_weights=True)
     straight, straight_opt = run(backend, device, torch.bfloat16, init, grads, **options)
     halfway, halfway_opt = run(backend, device, torch.bfloat16, init, grads, steps=3, **options)
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in halfway], "opt": halfway_opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer)
-    resumed = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
-    resumed_opt = fused_optim.Lion(resumed, lr=1e-2, backend=backend, **options)
-    resumed_opt.load_state_dict(saved["opt"])
-    for step_grads in grads[3:]:
-        set_grads(step_grads, resumed)
-        resumed_opt.step()
+    resumed, resumed_opt = resume_through_torch_save(
+        halfway, halfway_opt, lambda params: fused_optim.Lion(params, lr=1e-2, backend=backend, **options), grads[3:])
     assert_identical([p.detach() for p in resumed], [p.detach() for p in straight])
     assert_identical(resumed_opt.state_dict(), straight_opt.state_dict())
     copied = copy.deepcopy(resumed_opt)

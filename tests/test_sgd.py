@@ -23,8 +23,8 @@ import torch
 from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, assert_signature_extends, master_weight
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads, set_grads,
-                       snapshot, ulp, within_two_ulps)
+from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads,
+                       resume_through_torch_save, set_grads, snapshot, ulp, within_two_ulps)
 from test_adam_moments import run as run_with_bf16_moments
 
 import fused_optim
@@ -812,16 +812,10 @@ def test_bf16_modes_resume_from_a_state_dict_bit_identically(backend, device, mo
     grads = [random_grads(SHAPES, torch.bfloat16) for _ in range(6)]
     straight, straight_opt = run_bf16(backend, device, init, grads, **BF16_MODES[mode])
     halfway, halfway_opt = run_bf16(backend, device, init, grads, steps=3, **BF16_MODES[mode])
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in halfway], "opt": halfway_opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer)
-    resumed = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
-    resumed_opt = fused_optim.SGD(resumed, lr=1e-2, weight_decay=0.01, backend=backend, **BF16_MODES[mode])
-    resumed_opt.load_state_dict(saved["opt"])
-    for step_grads in grads[3:]:
-        set_grads(step_grads, resumed)
-        resumed_opt.step()
+    resumed, resumed_opt = resume_through_torch_save(
+        halfway, halfway_opt,
+        lambda params: fused_optim.SGD(params, lr=1e-2, weight_decay=0.01, backend=backend, **BF16_MODES[mode]),
+        grads[3:])
     assert_identical([p.detach() for p in resumed], [p.detach() for p in straight])
     assert_identical(resumed_opt.state_dict(), straight_opt.state_dict())
 
