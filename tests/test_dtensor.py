@@ -332,12 +332,17 @@ def checkpoint_save(rank: int, world: int, path: str) -> dict:
     return {"uninterrupted": full_params(model)}
 
 
-def resume(model, opt, path: str, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
-    """Loads the checkpoint into model and optimizer (whatever their sharding) and runs the last two steps."""
-    model_state, optim_state = get_state_dict(model, opt)
-    state = {"model": model_state, "optim": optim_state}
+def load_checkpoint(model, opt, path: str) -> None:
+    """The README's load of a DCP checkpoint into model and optimizer, whatever their sharding: get_state_dict,
+    dcp.load, set_state_dict (inside the optimizer's torch_layout(), the one-step load of torch's form)."""
+    state = dict(zip(("model", "optim"), get_state_dict(model, opt)))
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def resume(model, opt, path: str, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
+    """Loads the checkpoint into model and optimizer (whatever their sharding) and runs the last two steps."""
+    load_checkpoint(model, opt, path)
     train(model, opt, steps=2, dp_rank=dp_rank, dp_size=dp_size, first_step=2)
     return full_params(model)
 
@@ -404,34 +409,25 @@ def int8_checkpoint_in_torch_layout(rank: int, world: int, path: str) -> dict:
     return {"uninterrupted": full_params(model), "saved": saved}
 
 
-def load_in_torch_layout(model, opt, path: str) -> None:
-    """The README's one-step load of a checkpoint in torch's form into our compressed state."""
-    with opt.torch_layout():
-        model_state, optim_state = get_state_dict(model, opt)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
 def int8_checkpoint_resharded(rank: int, world: int, path: str) -> dict:
     """int8_checkpoint_in_torch_layout's checkpoint (four ranks) loaded on two, then the last two steps."""
     model, opt = fresh_int8_adamw(moments="int8")
-    load_in_torch_layout(model, opt, path)
+    with opt.torch_layout():
+        load_checkpoint(model, opt, path)
     loaded = int8_moments_in_torch_layout(opt)
     train(model, opt, steps=2, dp_rank=rank, dp_size=world, first_step=2)
     return {"resumed": full_params(model), "loaded": loaded}
 
 
 def torch_checkpoint_into_int8(rank: int, world: int, path: str) -> dict:
-    """torch_checkpoint's checkpoint (of torch's AdamW) into int8 moments in one step (load_in_torch_layout), and in
+    """torch_checkpoint's checkpoint (of torch's AdamW) into int8 moments in one step (inside torch_layout()), and in
     the two the README gave before: into fp32 moments, then load_state_dict. Each rank's state tensors."""
     model, opt = fresh_int8_adamw(moments="int8")
-    load_in_torch_layout(model, opt, path)
+    with opt.torch_layout():
+        load_checkpoint(model, opt, path)
     fp32_model, fp32_opt = fresh_int8_adamw()
     resume_model, resume_opt = fresh_int8_adamw(moments="int8")
-    state = dict(zip(("model", "optim"), get_state_dict(fp32_model, fp32_opt)))
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(fp32_model, fp32_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    load_checkpoint(fp32_model, fp32_opt, path)
     resume_opt.load_state_dict(fp32_opt.state_dict())
 
     def local_state(optimizer):
@@ -779,16 +775,11 @@ def test_a_checkpoint_of_torchs_adamw_loads_into_master_weights_in_one_step(tmp_
     train(model, torch_opt, steps=2)
     dcp.save(dict(zip(("model", "optim"), get_state_dict(model, torch_opt))), checkpoint_id=str(tmp_path))
 
-    def load(model, opt):
-        state = dict(zip(("model", "optim"), get_state_dict(model, opt)))
-        dcp.load(state, checkpoint_id=str(tmp_path))
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
     one, one_opt = fresh(master_weights=True, moments="int8")
     with one_opt.torch_layout(master_weights=False):
-        load(one, one_opt)
+        load_checkpoint(one, one_opt, str(tmp_path))
     plain, plain_opt = fresh()
-    load(plain, plain_opt)
+    load_checkpoint(plain, plain_opt, str(tmp_path))
     two, two_opt = fresh(master_weights=True, moments="int8")
     two.load_state_dict(plain.state_dict())
     two_opt.load_state_dict(plain_opt.state_dict())
