@@ -158,8 +158,8 @@ class SGD(FusedOptimizer):
             if group["differentiable"] or grad.is_sparse:
                 plan.add("torch", index, p, [])
             else:
-                kind, state = self._own_state(p, group)
-                plan.add(kind, index, p, state)
+                kind, state_tensors = self._kind_and_state_tensors(p, group)
+                plan.add(kind, index, p, state_tensors)
         kinds = plan.with_grads(grads)
         if by_torch:  # torch's update takes None for a buffer not set yet, and sets it: nothing kept
             kinds["torch"].append([self._buffer_if_set(p) for p in kinds["torch"][0]])
@@ -167,7 +167,7 @@ class SGD(FusedOptimizer):
             self._keep_plan(key, plan)
         return kinds
 
-    def _own_state(self, p: Tensor, group: dict[str, Any]) -> tuple[str, list[Tensor | None]]:
+    def _kind_and_state_tensors(self, p: Tensor, group: dict[str, Any]) -> tuple[str, list[Tensor | None]]:
         """A param the kernels step: its kind of update (`_kind`) and its entries in the op's state lists, [momentum
         buffer, master, step count, int8 scales], creating what its group's options ask for (None where nothing; and
         no state at all without any, as torch keeps none without momentum)."""
