@@ -146,27 +146,33 @@ def test_vocab_parallel_kernels_stream_their_shard_with_16_byte_accesses(cross_e
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
+def assert_single_moment_kernel_accesses(name: str, body: str, param_t: str, grad_t: str, state_width: int,
+                                         write: str) -> None:
+    """An SGD or Lion kernel's 16-byte accesses per 8 elements: an fp32 array (its moment or buffer, a master copy)
+    takes two, a 16-bit one (a bf16 param or moment, a remainder) one; `state_width`: its moment's (0: none); `write`:
+    the WriteBack's digit. Nothing in local memory."""
+    loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
+    stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
+    width = {"float": 2}
+    master = {MASTER: 2, REMAINDER: 1}.get(write, 0)
+    param_loads = 2 if write == MASTER else width.get(param_t, 1)  # the master copy is read instead of the param
+    expected_loads = param_loads + width.get(grad_t, 1) + state_width + int(write == REMAINDER)
+    if write == REMAINDER8:  # eight int8 remainders: one 8-byte load and store
+        assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
+        assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name
+    expected_stores = width.get(param_t, 1) + state_width + master
+    assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
+    assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+
+
 def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses(sgd_kernels_ptx):
     # 16 (param, grad, write-back) triples as Lion's x (no momentum, and momentum and nesterov with an fp32 or a bf16
     # buffer)
     assert len(sgd_kernels_ptx) == 80
     for name, (param_t, grad_t, buffer_t, momentum, _, write) in template_arguments(list(sgd_kernels_ptx)).items():
-        body, write = sgd_kernels_ptx[name], write[-1]  # "(fused_optim::WriteBack)2"
-        loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
-        stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
-        # per 8 elements: an fp32 array (a buffer, a master copy) takes two 16-byte accesses, a 16-bit one (a bf16
-        # param or buffer, a remainder) a single one
-        width = {"float": 2}
-        buffer = width.get(buffer_t, 1) if momentum == "true" else 0
-        master = {MASTER: 2, REMAINDER: 1}.get(write, 0)
-        param_loads = 2 if write == MASTER else width.get(param_t, 1)  # the master copy is read instead of the param
-        expected_loads = param_loads + width.get(grad_t, 1) + buffer + int(write == REMAINDER)
-        if write == REMAINDER8:  # eight int8 remainders: one 8-byte load and store
-            assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
-            assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name
-        expected_stores = width.get(param_t, 1) + buffer + master
-        assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
-        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+        buffer = (2 if buffer_t == "float" else 1) if momentum == "true" else 0
+        assert_single_moment_kernel_accesses(name, sgd_kernels_ptx[name], param_t, grad_t, buffer,
+                                             write[-1])  # "(fused_optim::WriteBack)2"
 
 
 def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses(tmp_path):
@@ -175,22 +181,8 @@ def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses(tmp_path):
     # for the 2 bf16 pairs
     assert len(kernels) == 32
     for name, (param_t, grad_t, moment_t, write) in template_arguments(list(kernels)).items():
-        body, write = kernels[name], write[-1]  # "(fused_optim::WriteBack)2"
-        loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
-        stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.\w+", body)
-        # per 8 elements: an fp32 array (the moment, the master copy) takes two 16-byte accesses, a 16-bit one (a
-        # bf16 param or moment, a remainder) one
-        width = {"float": 2}
-        master = {MASTER: 2, REMAINDER: 1}.get(write, 0)
-        param_loads = 2 if write == MASTER else width.get(param_t, 1)  # the master copy is read instead of the param
-        moment = width.get(moment_t, 1)
-        expected_loads = param_loads + width.get(grad_t, 1) + moment + int(write == REMAINDER)
-        if write == REMAINDER8:  # eight int8 remainders: one 8-byte load and store
-            assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
-            assert re.findall(r"st\.global(?:\.\w+)*\.v2\.[bu]32", body), name
-        expected_stores = width.get(param_t, 1) + moment + master
-        assert len(loads) >= expected_loads and len(stores) >= expected_stores, (name, loads, stores)
-        assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
+        assert_single_moment_kernel_accesses(name, kernels[name], param_t, grad_t, 2 if moment_t == "float" else 1,
+                                             write[-1])
 
 
 def test_accumulate_kernels_move_grads_with_16_byte_accesses(tmp_path):
