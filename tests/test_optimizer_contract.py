@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICES
+from conftest import BACKEND_DEVICES, CPU_BACKENDS
 from test_adam import assert_identical, make_params, random_grads, set_grads, snapshot, step_both_and_compare
 
 import fused_optim
@@ -246,20 +246,57 @@ def test_torch_compile_fullgraph_step_matches_eager(spec):
         assert_identical(compiled_opt.state[p], eager_opt.state[q])
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("spec", list(SPECS))
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_cuda_graph_capture_replays_like_eager_steps(spec, backend):
+# One optimizer of each kind in each of its compact storage modes, on bf16 params: the state is kept as codes with
+# block scales, master remainders or none at all (stochastic rounding), and step() picks its op variant and state
+# lists from the mode, all of which dynamo must trace as it traces the fp32 step above.
+STORAGE_MODES = {
+    "AdamW-int8-amsgrad-master24": (fused_optim.AdamW, dict(moments="int8", master_weights=24, amsgrad=True,
+                                                            weight_decay=0.1)),
+    "Adam-bf16-master": (fused_optim.Adam, dict(moments="bf16", master_weights=True, weight_decay=0.1)),
+    "AdamW-bf16-stochastic": (fused_optim.AdamW, dict(moments="bf16", stochastic_rounding=True)),
+    "SGD-int8-master24": (fused_optim.SGD, dict(momentum=0.9, moments="int8", master_weights=24)),
+    "SGD-stochastic": (fused_optim.SGD, dict(stochastic_rounding=True)),
+    "Lion-int8-master": (fused_optim.Lion, dict(moments="int8", master_weights=True, weight_decay=0.1)),
+}
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", list(STORAGE_MODES))
+def test_torch_compile_fullgraph_step_matches_eager_in_every_storage_mode(mode, backend, device):
+    """As the test above, for the compact modes: one graph from the third step on, and the params and every state
+    tensor (codes, scales, remainders) bit for bit those of eager steps."""
+    cls, options = STORAGE_MODES[mode]
+    torch._dynamo.reset()
+    shapes = [(3,), (70,), (130,)]  # a block of 64 codes, a whole one and a partial one
+    init = [torch.randn(s) for s in shapes]
+    compiled, eager = make_params(init, torch.bfloat16, device), make_params(init, torch.bfloat16, device)
+    compiled_opt = cls(compiled, lr=torch.tensor(1e-2), backend=backend, **options)
+    eager_opt = cls(eager, lr=torch.tensor(1e-2), backend=backend, **options)
+
+    @torch.compile(fullgraph=True)
+    def step():
+        compiled_opt.step()
+
+    for i in range(4):
+        set_grads(random_grads(shapes, torch.bfloat16, device), compiled, eager)
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            step()
+        eager_opt.step()
+    for p, q in zip(compiled, eager):
+        assert torch.equal(p, q)
+        assert_identical(compiled_opt.state[p], eager_opt.state[q])
+
+
+def assert_graph_replays_like_eager_steps(cls, options: dict, dtype: torch.dtype, backend: str) -> None:
     """A capturable step with a tensor lr, captured after warm-up steps on a side stream, replayed with new grads
     and a new lr each time, equals eager steps (the first step's rule read from the step count on the device)."""
-    spec = SPECS[spec]
     shapes = [(3,), (1023,), (4097,)]
     init = [torch.randn(s) for s in shapes]
-    graphed, eager = make_params(init, torch.float32, "cuda"), make_params(init, torch.float32, "cuda")
+    graphed, eager = make_params(init, dtype, "cuda"), make_params(init, dtype, "cuda")
     graphed_lr, eager_lr = torch.tensor(1e-2, device="cuda"), torch.tensor(1e-2, device="cuda")
-    options = dict(spec.options, **({"capturable": True} if "capturable" in signature(spec.ours).parameters else {}))
-    graphed_opt = spec.ours(graphed, lr=graphed_lr, backend=backend, **options)
-    eager_opt = spec.ours(eager, lr=eager_lr, backend=backend, **options)
+    options = dict(options, **({"capturable": True} if "capturable" in signature(cls).parameters else {}))
+    graphed_opt = cls(graphed, lr=graphed_lr, backend=backend, **options)
+    eager_opt = cls(eager, lr=eager_lr, backend=backend, **options)
     for p in graphed:
         p.grad = torch.zeros_like(p)  # static grads: the graph reads these addresses
     warmup, replays = 3, 5
@@ -267,7 +304,7 @@ def test_cuda_graph_capture_replays_like_eager_steps(spec, backend):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
-            grads = random_grads(shapes, device="cuda")
+            grads = random_grads(shapes, dtype, "cuda")
             for p, g in zip(graphed, grads):
                 p.grad.copy_(g)
             set_grads(grads, eager)
@@ -278,7 +315,7 @@ def test_cuda_graph_capture_replays_like_eager_steps(spec, backend):
     with torch.cuda.graph(graph):
         graphed_opt.step()
     for i in range(replays):
-        grads = random_grads(shapes, device="cuda")
+        grads = random_grads(shapes, dtype, "cuda")
         for p, g in zip(graphed, grads):
             p.grad.copy_(g)
         set_grads(grads, eager)
@@ -291,6 +328,22 @@ def test_cuda_graph_capture_replays_like_eager_steps(spec, backend):
         assert torch.equal(p, q)
         assert graphed_opt.state[p]["step"].item() == warmup + replays
         assert_identical(graphed_opt.state[p], eager_opt.state[q])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_replays_like_eager_steps(spec, backend):
+    assert_graph_replays_like_eager_steps(SPECS[spec].ours, SPECS[spec].options, torch.float32, backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", list(STORAGE_MODES))
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_replays_like_eager_steps_in_every_storage_mode(mode, backend):
+    """The compact modes' steps replay too: their random streams are keyed by the step count on the device."""
+    cls, options = STORAGE_MODES[mode]
+    assert_graph_replays_like_eager_steps(cls, options, torch.bfloat16, backend)
 
 
 # What users change around an optimizer once it has state: torch's optimizers read params, state and hooks afresh
