@@ -72,6 +72,27 @@ def test_bf16_params_with_master_weights(backend, device, name):
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_compiled_model_releases_its_grads_as_an_eager_one_does(name):
+    """torch.compile'd forward and backward (AOTAutograd's graph): autograd still accumulates each param's grad
+    and runs its hook, so the compact modes step in backward as in eager mode, bit for bit the ordinary steps."""
+    cls, kwargs = OPTIMIZERS[name]
+    options = dict(kwargs, moments="int8", master_weights=24)
+    torch._dynamo.reset()
+    released, ordinary = make_model(torch.bfloat16), make_model(torch.bfloat16)
+    released_opt = cls(released.parameters(), backend="cpu", gradient_release=True, **options)
+    ordinary_opt = cls(ordinary.parameters(), backend="cpu", **options)
+    compiled = torch.compile(released)
+    for step in range(3):
+        backward(compiled, step)
+        assert all(p.grad is None for p in released.parameters())
+        backward(ordinary, step)
+        ordinary_opt.step()
+        ordinary_opt.zero_grad()
+    assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
+
+
 def test_no_two_grads_are_alive_at_once():
     model = make_model()
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
