@@ -23,8 +23,8 @@ import torch
 from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, assert_signature_extends, master_weight
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_adam import (DTYPES, LOW_PRECISION, SHAPES, assert_identical, flat, make_params, random_grads,
-                       resume_through_torch_save, set_grads, snapshot, ulp, within_two_ulps)
+from test_adam import (DTYPES, SHAPES, assert_at_least_as_accurate_as_peer, assert_identical, flat, make_params,
+                       random_grads, resume_through_torch_save, set_grads, snapshot, ulp, within_two_ulps)
 from test_adam_moments import run as run_with_bf16_moments
 
 import fused_optim
@@ -53,12 +53,6 @@ def split_options(options: dict, lr: float):
     lr_tensor = kwargs.pop("lr_tensor", False)
     make_lr = (lambda: torch.tensor(lr)) if lr_tensor else (lambda: lr)
     return kwargs, make_lr, float(torch.tensor(lr)) if lr_tensor else lr  # a tensor lr is read in fp32
-
-
-def errors(params, reference: ReferenceSGD) -> tuple[float, float]:
-    """(max, mean) of |param - reference| over all elements; NaN counts as infinitely wrong."""
-    diff = (flat(params) - flat(reference.params)).abs().nan_to_num(nan=math.inf)
-    return diff.max().item(), diff.mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,24 +92,7 @@ def check_against_reference_and_torch(backend, device, dtype, options, shapes, s
 
     assert all(p.dtype == dtype and p.device.type == device for p in ours)
     assert torch.isfinite(flat(ours)).all()
-    if flat(ours).numel() == 0:  # only empty params: nothing to compare, and nothing may have gone wrong
-        return
-    our_max, our_mean = errors(ours, reference)
-    torch_max, torch_mean = errors(theirs, reference)
-    magnitude = flat(reference.params).abs().max().item()
-    # Never worse than torch at the same dtype: in fp32 the same operations in the same order (half an ulp of
-    # slack for an FMA either side may contract); in bf16/fp16 torch keeps its buffer in the param dtype, we in fp32.
-    assert our_max <= torch_max + 0.5 * ulp(dtype, magnitude), (our_max, torch_max)
-    if dtype == torch.float32 and flat(ours).numel() >= 1000:
-        # over a few elements a mean is noise (the fuzz test's small draws); in bf16/fp16 so is it where storing the
-        # param dominates both errors: the rounded-reference check below is the sharp one there
-        assert our_mean <= 1.05 * torch_mean + 1e-12, (our_mean, torch_mean)
-    if dtype in LOW_PRECISION:
-        ours_flat, rounded_flat = flat(ours), flat(rounded.params)
-        assert (ours_flat == rounded_flat).double().mean() >= 0.99
-        assert within_two_ulps(ours_flat, rounded_flat, dtype, flat(init)).all()
-    else:
-        assert our_max <= steps * 4 * ulp(dtype, magnitude)
+    assert_at_least_as_accurate_as_peer(ours, theirs, reference, rounded, init, dtype, steps)
     if "momentum" in kwargs:
         for p in ours:
             state = opt.state[p]
