@@ -435,8 +435,8 @@ class FusedOptimizer(Optimizer):
         is created, as torch does; the op checks the grads themselves (shape, dtype, layout) before writing."""
         has_grad = [grad is not None for grad in grads]
         options = self._plan_options(group)
-        plan = self._plans.get(key)
-        if plan is not None and plan.fits(group, self.state, has_grad, options):
+        plan = self._kept_plan(key, group, has_grad, options)
+        if plan is not None:
             return plan.with_grads(grads)
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
                       if grad is not None]
@@ -476,9 +476,21 @@ class FusedOptimizer(Optimizer):
         restore_moments(p, state, held, group, self._moment_keys)
         _restore_master(p, state, held, group)
 
+    def _kept_plan(self, key: int | Tensor, group: dict[str, Any], has_grad: list[bool], options: tuple
+                   ) -> Plan | None:
+        """The plan kept for the group `key` names, if `Plan.fits` says it is still the one it was made for. None
+        while dynamo traces the step: the compiled graph's guards on the params, state and options do what `fits`
+        does, and torch 2.11's dynamo cannot trace fits' identity tests of dicts."""
+        if torch.compiler.is_compiling():
+            return None
+        plan = self._plans.get(key)
+        return plan if plan is not None and plan.fits(group, self.state, has_grad, options) else None
+
     def _keep_plan(self, key: int | Tensor, plan: Plan) -> None:
-        """Keeps `plan` for the group `key` names (its index, or its param under gradient release); `Plan.fits`
-        tells whether the group there now is still the one it was made for."""
+        """Keeps `plan` for the group `key` names (its index, or its param under gradient release), but not one made
+        while dynamo traces (`_kept_plan` reads none there)."""
+        if torch.compiler.is_compiling():
+            return
         plan.remember_state()  # the state the plan created counts as known
         self._plans[key] = plan
 

@@ -139,8 +139,8 @@ class SGD(FusedOptimizer):
         has_grad = [grad is not None for grad in grads]
         by_torch = group["differentiable"] or any(grad is not None and grad.is_sparse for grad in grads)
         options = (group["momentum"] != 0, group["master_weights"], group["stochastic_rounding"])
-        plan = self._plans.get(key)
-        if plan is not None and not by_torch and plan.fits(group, self.state, has_grad, options):
+        plan = None if by_torch else self._kept_plan(key, group, has_grad, options)
+        if plan is not None:
             return plan.with_grads(grads)
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
                       if grad is not None]
