@@ -14,6 +14,7 @@
 #include "ops/adam.h"
 #include "ops/dispatch.h"
 #include "fused_optim/rounding.h"
+#include "adam_block.cuh"
 #include "multi_tensor.cuh"
 
 namespace fused_optim {
@@ -50,17 +51,9 @@ __global__ void __launch_bounds__(kThreads)
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
   const TensorArgs& t = table.tensors[work.tensor];
 
-  __shared__ AdamScalars shared_scalars;
-  __shared__ uint32_t shared_stream;
-  if (threadIdx.x == 0) {
-    const float step = *t.step + 1.0f;
-    shared_scalars = adam_scalars(hyper, lr_tensor != nullptr ? static_cast<double>(*lr_tensor) : lr, step,
-                                  grad_scale != nullptr ? *grad_scale : 1.0f);
-    shared_stream = stream_key(seed, t.index, static_cast<uint32_t>(step));
-  }
-  __syncthreads();
-  const AdamScalars s = shared_scalars;
-  const uint32_t stream = shared_stream;
+  const AdamBlockScalars block = adam_block_scalars(hyper, lr, lr_tensor, grad_scale, seed, t.step, t.index);
+  const AdamScalars s = block.scalars;
+  const uint32_t stream = block.stream;
 
   auto* param = static_cast<param_t*>(t.param);
   const auto* grad = static_cast<const grad_t*>(t.grad);
