@@ -1,7 +1,7 @@
 """`gradient_release=True`: each param is stepped inside backward as soon as autograd has accumulated its grad, and
 the grad is freed at once. The result must be the ordinary step's, bit for bit, for every optimizer and backend
 that runs here; step() and zero_grad() stay callable and change nothing; what needs every grad first (a global
-norm, a GradScaler, a closure) is refused in one sentence; with a GradAccumulator the step waits for the backward
+norm, a GradScaler, a closure) is refused in one sentence, and so is a reentrant checkpoint's nested backward; with a GradAccumulator the step waits for the backward
 its `release()` arms."""
 
 from __future__ import annotations
@@ -150,6 +150,52 @@ def test_what_needs_every_grad_first_is_refused():
     accumulator = fused_optim.GradAccumulator(model.parameters())
     with pytest.raises(ValueError, match="num_tokens must be a positive number of tokens"):
         accumulator.release(num_tokens=0)
+
+
+class TiedCheckpointed(torch.nn.Module):
+    """An embedding matrix used twice, as a tied one is: outside a checkpointed segment and inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tied = torch.nn.Parameter(torch.randn(8, 8))
+        self.inner = torch.nn.Parameter(torch.randn(8, 8))
+        self.head = torch.nn.Parameter(torch.randn(8, 3))
+
+    def segment(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h @ self.inner) @ self.tied
+
+    def forward(self, x: torch.Tensor, use_reentrant: bool) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.segment, x @ self.tied.t(), use_reentrant=use_reentrant)
+        return (h @ self.head).square().mean()
+
+
+def test_a_reentrant_checkpoint_is_refused_in_one_sentence():
+    """A reentrant backward accumulates its segment's grads by itself, so the tied param would be stepped twice in
+    one backward (once with the segment's part of its grad): refused before the segment's params are stepped."""
+    model = TiedCheckpointed()
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)  # kept: its hooks go with it
+    inside = [model.tied.detach().clone(), model.inner.detach().clone()]
+    with pytest.raises(RuntimeError, match="cannot step a param inside a reentrant backward .* pass use_reentrant=False"):
+        model(torch.randn(4, 8), use_reentrant=True).backward()
+    assert_identical([model.tied.detach(), model.inner.detach()], inside)
+    assert model.tied not in opt.state
+
+
+def test_a_non_reentrant_checkpoint_steps_a_tied_param_once():
+    """use_reentrant=False recomputes the segment inside the one backward: autograd sums the tied param's two grads
+    before its hook runs, and the released steps equal the ordinary ones."""
+    released, ordinary = TiedCheckpointed(), TiedCheckpointed()
+    released_opt = fused_optim.AdamW(released.parameters(), lr=1e-2, gradient_release=True)
+    ordinary_opt = fused_optim.AdamW(ordinary.parameters(), lr=1e-2)
+    for step in range(3):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        released(x, use_reentrant=False).backward()
+        ordinary(x, use_reentrant=False).backward()
+        ordinary_opt.step()
+        ordinary_opt.zero_grad()
+    assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
 
 
 @pytest.mark.parametrize("name", ["AdamW", "Lion"])

@@ -6,6 +6,7 @@ seed of each group, and pickling of our extra settings."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 import zlib
 from collections import ChainMap, Counter, OrderedDict
@@ -182,6 +183,28 @@ def _check_single_process(name: str) -> None:
                            "grad inside backward, before DDP (or any all-reduce) could average it over the ranks")
 
 
+# The frame in which autograd runs a custom Function's backward (torch/autograd/function.py). A hook with it below
+# on the stack runs inside a backward that such a backward started: a reentrant one.
+_FUNCTION_BACKWARD = getattr(getattr(torch.autograd.function, "BackwardCFunction", None), "apply", None)
+
+
+def _check_not_reentrant(name: str) -> None:
+    """Gradient release steps a param each time autograd accumulates its grad. A reentrant backward (started inside a
+    Function's backward: torch.utils.checkpoint(use_reentrant=True), and the checkpoint wrappers built like it)
+    accumulates its segment's grads by itself, so a param used both in it and outside it (or in two segments, a
+    tied embedding, a shared layer) would be stepped twice in one backward, each time with part of its grad."""
+    if _FUNCTION_BACKWARD is None:
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _FUNCTION_BACKWARD.__code__:
+            raise RuntimeError(f"{name}: gradient_release=True cannot step a param inside a reentrant backward "
+                               "(torch.utils.checkpoint with use_reentrant=True): it accumulates a param's grad once "
+                               "per segment, so a param used in two places would be stepped twice; pass "
+                               "use_reentrant=False")
+        frame = frame.f_back
+
+
 class FusedOptimizer(Optimizer):
     """A torch Optimizer stepped by fused_optim kernels; subclasses run torch's own argument checks first.
 
@@ -349,6 +372,7 @@ class FusedOptimizer(Optimizer):
         """Steps `p` alone with the grad autograd has just accumulated, then frees that grad: the full set of grads
         is never alive at once (gradient release). No global norm, no GradScaler: both need every grad first."""
         _check_single_process(type(self).__name__)  # torch.distributed may have started after the constructor
+        _check_not_reentrant(type(self).__name__)
         entry = accumulator_of(p)
         grad = p.grad
         if entry is not None:  # a GradAccumulator's param: step only in the backward its release() armed
