@@ -443,14 +443,17 @@ def zero_redundancy(rank: int, world: int) -> dict:
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fused_optim.AdamW, lr=1e-2, weight_decay=0.1)
     train(model, opt, dp_rank=rank, dp_size=world)
     opt.consolidate_state_dict(to=0)
-    # clipping by the global norm: each rank's AdamW holds its partition, and sums the squares over the group
+    # clipping by the global norm: each rank's AdamW holds its partition, and sums the squares over ZeRO's group,
+    # which it finds without being told
     clipped = torch.nn.parallel.DistributedDataParallel(make_model())
     clipped_opt = ZeroRedundancyOptimizer(clipped.parameters(), optimizer_class=fused_optim.AdamW, lr=1e-2,
-                                          weight_decay=0.1, max_grad_norm=MAX_NORM, grad_norm_group=dist.group.WORLD)
+                                          weight_decay=0.1, max_grad_norm=MAX_NORM)
     train(clipped, clipped_opt, dp_rank=rank, dp_size=world)
     return {"params": full_params(model.module), "state_dict": opt.state_dict() if rank == 0 else None,
             "clipped": full_params(clipped.module),
-            "partition_sizes": len(clipped_opt.optim.param_groups[0]["params"])}
+            "partition_sizes": len(clipped_opt.optim.param_groups[0]["params"]),
+            "grad_norm_group_is_zeros": clipped_opt.optim.grad_norm_group is clipped_opt.process_group,
+            "unclipped_group": opt.optim.grad_norm_group}
 
 
 # GradAccumulator: (counted, ignored) target tokens of each micro-batch, per rank; the same number of micro-batches
@@ -801,6 +804,7 @@ def test_zero_redundancy_optimizer(two):
     train(reference, reference_opt, clip=MAX_NORM)
     for result in two:
         assert 0 < result["zero"]["partition_sizes"] < len(list(reference.parameters()))  # each holds a part
+        assert result["zero"]["grad_norm_group_is_zeros"] and result["zero"]["unclipped_group"] is None
         assert_close(result["zero"]["clipped"], full_params(reference))
     state_dict = two[0]["zero"]["state_dict"]
     model = make_model()

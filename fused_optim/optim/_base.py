@@ -183,6 +183,22 @@ def _check_single_process(name: str) -> None:
                            "grad inside backward, before DDP (or any all-reduce) could average it over the ranks")
 
 
+def _constructing_zero_group() -> dist.ProcessGroup | None:
+    """The process group of the torch.distributed.optim.ZeroRedundancyOptimizer that is constructing this optimizer,
+    if one is (it hands each rank's optimizer one partition of the params, so a global grad norm must sum the
+    partitions' squares over its group; without that group each partition would be clipped by its own norm)."""
+    if not _multi_process():
+        return None
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
+            return frame.f_locals["self"].process_group
+        frame = frame.f_back
+    return None
+
+
 # The frame in which autograd runs a custom Function's backward (torch/autograd/function.py). A hook with it below
 # on the stack runs inside a backward that such a backward started: a reentrant one.
 _FUNCTION_BACKWARD = getattr(getattr(torch.autograd.function, "BackwardCFunction", None), "apply", None)
@@ -238,7 +254,11 @@ class FusedOptimizer(Optimizer):
             raise ValueError("gradient_release=True updates each param inside backward, before the other grads exist, "
                              "so it cannot clip by their global norm: pass max_grad_norm or gradient_release, not both")
         self.max_grad_norm = max_grad_norm
-        self.grad_norm_group = grad_norm_group  # (ZeRO: the ranks whose optimizers hold the other params)
+        # ZeRO: the ranks whose optimizers hold the other params (ZeroRedundancyOptimizer's own group when it is the
+        # one constructing us and none was given)
+        if grad_norm_group is None and max_grad_norm is not None:
+            grad_norm_group = _constructing_zero_group()
+        self.grad_norm_group = grad_norm_group
         self._torch_layout: dict[str, bool] | None = None  # inside torch_layout(): torch_state_dict's arguments
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)

@@ -34,8 +34,9 @@ Differences from torch, all additive:
   step: one pass reads the grads for the norm and the update pass applies unscale and clip as one factor, so the
   grads are read twice and never written. A non-finite norm skips the step on the device (params, state and step
   counts untouched). `last_grad_norm` holds the norm of the unscaled grads before clipping. `grad_norm_group=`:
-  where each rank's optimizer holds only its part of the model's params (ZeroRedundancyOptimizer passes it on), the
-  process group over which the parts' squared norms are summed into the global one (one all-reduce a step).
+  where each rank's optimizer holds only its part of the model's params, the process group over which the parts'
+  squared norms are summed into the global one (one all-reduce a step); a ZeroRedundancyOptimizer that constructs
+  ours gives its own group when none is passed.
 - `skipped_steps` counts, on the device, the steps skipped for inf/NaN grads; fused_optim.lr_scheduler reads it so
   a skipped step does not advance the schedule.
 - `gradient_release=True` steps each param inside backward as soon as its grad is accumulated and frees the grad
