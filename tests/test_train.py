@@ -474,6 +474,27 @@ def test_bf16_params_train_with_each_master_weight_mode(text_file, master_weight
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(fp32), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+def test_gradient_release_trains_bit_for_bit_as_the_step_after_backward(text_file, optimizer, capsys):
+    """--gradient-release: the fused optimizer steps each param inside the last micro-batch's backward, from the
+    accumulator's main grad divided by the step's token count; the losses (train and validation) are bit for bit
+    those of finalize() + step() after it, both unclipped, here with int8 moments and 24-bit masters on bf16
+    params. With clipping on, the CLI refuses in one sentence before training."""
+    from fused_optim.tools.cli import _parser
+
+    flags = ["train", *TINY, "--data", str(text_file), "--optimizer", optimizer, "--params", "bf16",
+             "--master-weights", "24", "--moments", "int8", "--max-grad-norm", "0"]
+    config = config_from_args(_parser().parse_args([*flags, "--gradient-release"]))
+    assert config.gradient_release and not config_from_args(_parser().parse_args(flags)).gradient_release
+    released = train(config)["results"]["fused"]
+    stepped = train(config.replace(gradient_release=False))["results"]["fused"]
+    assert released.train_loss == stepped.train_loss and released.val == stepped.val
+    assert released.train_loss != train(config.replace(gradient_release=False, max_grad_norm=1.0))[
+        "results"]["fused"].train_loss  # the comparison can tell runs apart: clipping moves these losses
+    assert run_cli(*TINY, "--data", str(text_file), "--gradient-release") == 2
+    assert "it cannot clip by their global norm: turn max_grad_norm off (--max-grad-norm 0)" in capsys.readouterr().err
+
+
 def test_master_weights_need_bf16_params():
     with pytest.raises(ValueError, match=r"^master_weights must be False, True or 24, and only with bf16 params"):
         TrainConfig(master_weights=24)

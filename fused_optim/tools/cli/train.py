@@ -81,6 +81,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
                        help="the fused optimizer's master weights of bf16 params: exact (fp32, kept as a 16-bit "
                        "remainder beside the param) or 24 (24-bit, an 8-bit remainder); default off: the update "
                        "rounds to the bf16 param")
+    optim.add_argument("--gradient-release", action="store_true",
+                       help="the fused optimizer steps each param inside the last micro-batch's backward as soon as "
+                       "its grad is in, and frees it (the full set of grads is never alive; the same result as "
+                       "stepping after it); needs --max-grad-norm 0")
     model = train.add_argument_group("model")
     model.add_argument("--n-layer", type=int, help=f"transformer blocks (default {d.n_layer})")
     model.add_argument("--n-head", type=int, help=f"attention heads (default {d.n_head})")

@@ -44,6 +44,7 @@ class TrainConfig:
     moments: str = "fp32"  # the fused optimizer's moment storage (its `moments`)
     params: str = "fp32"  # the fused side's param dtype: "bf16" stores its model in bf16 (the torch side keeps fp32)
     master_weights: bool | int = False  # the fused optimizer's `master_weights` for bf16 params: True (exact fp32), 24
+    gradient_release: bool = False  # the fused optimizer steps each param inside the last micro-batch's backward
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 256
@@ -106,6 +107,9 @@ class TrainConfig:
         if self.master_weights not in (False, True, 24) or (self.master_weights and self.params != "bf16"):
             raise ValueError(f"master_weights must be False, True or 24, and only with bf16 params; got "
                              f"{self.master_weights!r} with {self.params} params")
+        if self.gradient_release and self.max_grad_norm is not None:
+            raise ValueError("gradient_release steps each param inside backward, before the other grads exist, so "
+                             "it cannot clip by their global norm: turn max_grad_norm off (--max-grad-norm 0)")
         self.betas = tuple(self.betas)
 
     def autocast_dtype(self, device_type: str):

@@ -169,17 +169,19 @@ class SideRun:
         step_start = timer.mark()
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         num_tokens = torch.zeros((), dtype=torch.int64, device=device)
-        for _ in range(config.micro_batches):
+        for micro_batch in range(config.micro_batches):
             x, y = batch_on(device, self.sampler.next_windows())
+            num_tokens += fused_optim.count_tokens(y)
             start = timer.mark()
             loss = recipe.loss_sum(x, y)
             forward_end = timer.mark()
+            if micro_batch == config.micro_batches - 1:
+                recipe.before_last_backward(num_tokens)
             loss.backward()
             recipe.after_backward()
             timer.record("forward", start, forward_end)
             timer.record("backward", forward_end, timer.mark())
             loss_sum += loss.detach()
-            num_tokens += fused_optim.count_tokens(y)
         start = timer.mark()
         grad_norm = recipe.optimizer_step(num_tokens)
         end = timer.mark()

@@ -7,7 +7,9 @@ total token count, which is the full batch's mean however the tokens fall into m
 
 - FusedRecipe, the package: fused linear + cross-entropy over the final hidden states and the tied LM head weight
   (no (B·T, V) logits), micro-batch grads added into fp32 main grads by GradAccumulator, divided by
-  `count_tokens` in `finalize`, then fused AdamW (or Lion), which clips the global norm inside its step.
+  `count_tokens` in `finalize`, then fused AdamW (or Lion), which clips the global norm inside its step. With
+  gradient release the accumulator's `release` arms the last micro-batch's backward instead, in which each param is
+  divided, stepped and zeroed as its grad arrives (no clipping: a global norm needs every grad first).
 - TorchRecipe, the baseline: materialised logits and F.cross_entropy, grads accumulated by autograd in `.grad`,
   divided by the token count, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW (its default foreach kernels).
 
@@ -64,6 +66,9 @@ class Recipe:
         """The summed cross-entropy of the micro-batch (x, y): (B, T) token ids; a 0-dim fp32 tensor."""
         raise NotImplementedError
 
+    def before_last_backward(self, num_tokens: Tensor) -> None:
+        """Before the step's last micro-batch's backward, with the step's token count (a device tensor)."""
+
     def after_backward(self) -> None:
         """After each micro-batch's backward."""
 
@@ -105,7 +110,8 @@ class FusedRecipe(Recipe):
         # the CPU, so that the CPU tests run the GPU's path (its only cost: the lr is rounded to fp32). Lion takes
         # the tensor lr itself.
         common = dict(betas=config.betas, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-                      moments=config.moments, master_weights=config.master_weights, backend=config.backend)
+                      moments=config.moments, master_weights=config.master_weights, backend=config.backend,
+                      gradient_release=config.gradient_release)
         if config.optimizer == "lion":
             lr = torch.tensor(config.lr, dtype=torch.float32, device=self.device)
             return fused_optim.Lion(groups, lr=lr, **common)
@@ -119,14 +125,20 @@ class FusedRecipe(Recipe):
                 hidden.reshape(-1, hidden.shape[-1]).float(), self.model.lm_head_weight.float(), y.reshape(-1),
                 reduction="sum", backend=self.config.backend)
 
+    def before_last_backward(self, num_tokens: Tensor) -> None:
+        if self.config.gradient_release:
+            self.accumulator.release(num_tokens=num_tokens)
+
     def after_backward(self) -> None:
-        self.accumulator.accumulate()
+        if not self.config.gradient_release:  # released: the optimizer's hooks took each grad in backward
+            self.accumulator.accumulate()
 
     def optimizer_step(self, num_tokens: Tensor) -> Tensor | None:
-        self.accumulator.finalize(num_tokens=num_tokens)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accumulator.zero_()
+        if not self.config.gradient_release:  # released: every param was stepped in the last backward
+            self.accumulator.finalize(num_tokens=num_tokens)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accumulator.zero_()
         self.scheduler.step()
         return self.optimizer.last_grad_norm
 
