@@ -18,6 +18,7 @@ from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, master_w
 from test_adam import (DTYPES, SHAPES, assert_at_least_as_accurate_as_peer, assert_identical, errors, flat,
                        make_params, random_grads, resume_through_torch_save, set_grads, snapshot, ulp)
 from test_adam_moments import run as run_with_bf16_moments
+from test_optimizer_contract import assert_compiled_steps_match_eager
 from test_sgd import split_options
 
 try:
@@ -355,27 +356,9 @@ def test_params_and_grads_lion_cannot_step_change_nothing(backend, device):
 
 
 def test_torch_compile_fullgraph_step_matches_eager():
-    """Dynamo traces the step into one graph (the op is opaque, its mutations come from the schema, nothing syncs
-    with the host), and from the third step on one graph serves every step."""
-    torch._dynamo.reset()
-    shapes = [(3,), (100,)]
-    init = [torch.randn(s) for s in shapes]
-    compiled, eager = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
-    compiled_opt = fused_optim.Lion(compiled, lr=torch.tensor(1e-2), weight_decay=0.1, backend="cpu")
-    eager_opt = fused_optim.Lion(eager, lr=torch.tensor(1e-2), weight_decay=0.1, backend="cpu")
-
-    @torch.compile(fullgraph=True)
-    def step():
-        compiled_opt.step()
-
-    for i in range(4):
-        set_grads(random_grads(shapes), compiled, eager)
-        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
-            step()
-        eager_opt.step()
-    for p, q in zip(compiled, eager):
-        assert torch.equal(p, q)
-        assert_identical(compiled_opt.state[p], eager_opt.state[q])
+    assert_compiled_steps_match_eager(
+        lambda params: fused_optim.Lion(params, lr=torch.tensor(1e-2), weight_decay=0.1, backend="cpu"),
+        torch.float32, "cpu")
 
 
 @pytest.mark.parametrize("master_weights", [False, 24])

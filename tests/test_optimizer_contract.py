@@ -217,33 +217,38 @@ def test_params_on_two_devices_in_one_group_raise(spec):
     assert len(opt.param_groups) == 2
 
 
-@pytest.mark.parametrize("spec", list(SPECS))
-def test_torch_compile_fullgraph_step_matches_eager(spec):
-    """Dynamo traces the optimizer's step into one graph: the op is opaque, its mutations come from the schema,
-    and nothing in step() syncs with the host or branches on data."""
-    spec = SPECS[spec]
+def assert_compiled_steps_match_eager(make_optimizer, dtype: torch.dtype, device: str,
+                                      shapes=((3,), (70,), (130,))) -> torch.optim.Optimizer:
+    """Dynamo traces step() of `make_optimizer(params)` into one graph (the op is opaque, its mutations come from
+    the schema, and nothing in step() syncs with the host or branches on data): the first step creates the state,
+    so the second compiles again (as torch's own optimizers do), and from then on one graph serves every step. The
+    params and every state tensor equal those of eager steps bit for bit. Returns the compiled side's optimizer."""
     torch._dynamo.reset()
-    shapes = [(3,), (100,)]
     init = [torch.randn(s) for s in shapes]
-    compiled, eager = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
-    compiled_opt = spec.ours(compiled, lr=torch.tensor(1e-2), backend="cpu", **spec.options)
-    eager_opt = spec.ours(eager, lr=torch.tensor(1e-2), backend="cpu", **spec.options)
+    compiled, eager = make_params(init, dtype, device), make_params(init, dtype, device)
+    compiled_opt, eager_opt = make_optimizer(compiled), make_optimizer(eager)
 
     @torch.compile(fullgraph=True)
     def step():
         compiled_opt.step()
 
     for i in range(4):
-        set_grads(random_grads(shapes), compiled, eager)
-        # The first step creates the state, so the second compiles again (as torch's own optimizers do); from
-        # then on one graph serves every step.
+        set_grads(random_grads(shapes, dtype, device), compiled, eager)
         with torch._dynamo.config.patch(error_on_recompile=i >= 2):
             step()
         eager_opt.step()
     for p, q in zip(compiled, eager):
         assert torch.equal(p, q)
-        assert compiled_opt.state[p]["step"].item() == 4.0
         assert_identical(compiled_opt.state[p], eager_opt.state[q])
+    return compiled_opt
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_torch_compile_fullgraph_step_matches_eager(spec):
+    spec = SPECS[spec]
+    opt = assert_compiled_steps_match_eager(
+        lambda params: spec.ours(params, lr=torch.tensor(1e-2), backend="cpu", **spec.options), torch.float32, "cpu")
+    assert all(state["step"].item() == 4.0 for state in opt.state.values())
 
 
 # One optimizer of each kind in each of its compact storage modes, on bf16 params: the state is kept as codes with
@@ -263,28 +268,11 @@ STORAGE_MODES = {
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", list(STORAGE_MODES))
 def test_torch_compile_fullgraph_step_matches_eager_in_every_storage_mode(mode, backend, device):
-    """As the test above, for the compact modes: one graph from the third step on, and the params and every state
-    tensor (codes, scales, remainders) bit for bit those of eager steps."""
+    """The compact modes on bf16 params (a block of 64 codes, a whole one and a partial one): codes, scales and
+    remainders included in the state compared."""
     cls, options = STORAGE_MODES[mode]
-    torch._dynamo.reset()
-    shapes = [(3,), (70,), (130,)]  # a block of 64 codes, a whole one and a partial one
-    init = [torch.randn(s) for s in shapes]
-    compiled, eager = make_params(init, torch.bfloat16, device), make_params(init, torch.bfloat16, device)
-    compiled_opt = cls(compiled, lr=torch.tensor(1e-2), backend=backend, **options)
-    eager_opt = cls(eager, lr=torch.tensor(1e-2), backend=backend, **options)
-
-    @torch.compile(fullgraph=True)
-    def step():
-        compiled_opt.step()
-
-    for i in range(4):
-        set_grads(random_grads(shapes, torch.bfloat16, device), compiled, eager)
-        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
-            step()
-        eager_opt.step()
-    for p, q in zip(compiled, eager):
-        assert torch.equal(p, q)
-        assert_identical(compiled_opt.state[p], eager_opt.state[q])
+    assert_compiled_steps_match_eager(lambda params: cls(params, lr=torch.tensor(1e-2), backend=backend, **options),
+                                      torch.bfloat16, device)
 
 
 def assert_graph_replays_like_eager_steps(cls, options: dict, dtype: torch.dtype, backend: str) -> None:
