@@ -11,7 +11,7 @@ export MAX_JOBS ?= $(shell nproc)
 # written, and every process the tests spawn would compile torch again: 9 minutes of `make test` became 16.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install build test check-wheel fuzz bench bench-full train info clean
+.PHONY: install build test test-full check-wheel fuzz bench bench-full train info clean
 
 # One build for every command: setup.py compiles each extension in build/temp/<extension>/ with ninja, so
 # `make build`, `make install` and a hand-run `pip install --no-build-isolation -e .` share their objects and a
@@ -28,8 +28,16 @@ $(BUILD_STAMP): setup.py $(shell find csrc -type f)
 install: build
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
+# pytest-xdist processes for `make test`: one a core, at most 8 (each imports torch; 0 runs the tests in this one).
+export TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n : 8 )))
+
 test: build
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q -n $(TEST_WORKERS)
+
+# Every case under the Triton interpreter too: `make test` runs it on a covering subset of the largest option
+# matrices (tests marked `interpreted_cover`, tests/conftest.py), the other backends on all of them.
+test-full: build
+	FUSED_OPTIM_INTERPRETED_CASES=all $(PYTHON) -m pytest tests -q -n $(TEST_WORKERS)
 
 # A wheel (every CPU level; CUDA too when it builds), installed into a fresh venv and tested there.
 check-wheel:

@@ -18,6 +18,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${1:-$("$root/scripts/env.sh")}"
 other_torch="${OTHER_TORCH:-2.11.0}"
 work="$(mktemp -d)"
+# pytest-xdist processes for the test runs, as `make test` has them (0: in one process)
+workers="${TEST_WORKERS:-$(n=$(nproc); echo $(( n < 8 ? n : 8 )))}"
 trap 'rm -rf "$work"' EXIT
 
 echo "check_wheel: building the wheel"
@@ -77,7 +79,7 @@ cd "$work"  # not the checkout: `import fused_optim` must find the installed pac
 smoke_test "$work/venv"
 "$work/venv/bin/fused-optim" info
 
-"$work/venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$root" \
+"$work/venv/bin/python" -m pytest -q -p no:cacheprovider -n "$workers" --rootdir "$root" \
     "$root/tests/test_adam.py::test_matches_reference_at_least_as_well_as_torch" \
     "$root/tests/test_cross_entropy.py::test_matches_reference_at_least_as_well_as_torch" \
     "$root/tests/test_sgd.py" "$root/tests/test_total_norm.py" "$root/tests/test_accumulate_grads.py" \
@@ -97,7 +99,7 @@ if [[ "$other_torch" != none ]]; then
     [[ "$running" == "$other_torch"* ]] || { echo "check_wheel: the second venv runs torch $running" >&2; exit 1; }
     smoke_test "$work/other"
     # and the optimizers' compiled steps: torch 2.11's dynamo traces less Python than ours (it stopped at the plan cache)
-    "$work/other/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$root" \
+    "$work/other/bin/python" -m pytest -q -p no:cacheprovider -n "$workers" --rootdir "$root" \
         "$root/tests/test_adam.py::test_matches_reference_at_least_as_well_as_torch" \
         "$root/tests/test_cross_entropy.py::test_matches_reference_at_least_as_well_as_torch" \
         "$root/tests/test_sgd.py" "$root/tests/test_total_norm.py" "$root/tests/test_accumulate_grads.py" \

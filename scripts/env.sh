@@ -13,8 +13,8 @@ if [[ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]]; then
     python="$(command -v python)"
     "$python" -c "import torch" 2>/dev/null || { echo "env.sh: install torch in the active environment first" >&2; exit 1; }
     dev="$("$python" "$root/scripts/dev_requirements.py")"
-    imports="$(echo $dev | tr ' -' ',_')"  # the import names: pytest-timeout -> pytest_timeout
-    if ! "$python" -c "import $imports" 2>/dev/null; then
+    # installed already? asked by distribution name (pytest-xdist's import name is xdist)
+    if ! "$python" -c 'import importlib.metadata as m, sys; [m.version(d) for d in sys.argv[1:]]' $dev 2>/dev/null; then
         echo "$dev" | "$python" -m pip install -q -r /dev/stdin >&2
     fi
 else

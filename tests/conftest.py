@@ -8,6 +8,7 @@ anything imports fused_optim or triton.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import zlib
 
@@ -76,11 +77,67 @@ def assert_signature_extends(ours, torchs) -> None:
         assert ours_params[name].default == param.default and ours_params[name].kind == param.kind, name
 
 
+# FUSED_OPTIM_INTERPRETED_CASES=all (`make test-full`): every parametrization of an `interpreted_cover` test runs
+# under the Triton interpreter too, not only the covering subset.
+INTERPRETED_CASES = os.environ.get("FUSED_OPTIM_INTERPRETED_CASES", "cover")
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line(
+        "markers", "interpreted_cover(strength): under the Triton interpreter, run only a subset of the test's "
+                   "parametrizations in which every value (strength 1) or every pair of values of two parameters "
+                   "(strength 2) appears; FUSED_OPTIM_INTERPRETED_CASES=all runs them all")
+
+
+def covering_subset(cases: list[dict], strength: int) -> set[int]:
+    """Indices of a few of `cases` (each {parameter: value}) such that every combination of `strength` parameters'
+    values found in some case is found in a chosen one. Greedy, in a fixed order: the same on every run and in
+    every pytest-xdist worker."""
+    def combinations(case):
+        names = sorted(case)
+        return {tuple((name, repr(case[name])) for name in chosen)
+                for k in range(1, strength + 1) for chosen in itertools.combinations(names, k)}
+
+    covers = [combinations(case) for case in cases]
+    uncovered = set().union(*covers)
+    chosen: set[int] = set()
+    while uncovered:
+        best = max(range(len(cases)), key=lambda i: len(covers[i] & uncovered))
+        chosen.add(best)
+        uncovered -= covers[best]
+    return chosen
+
+
+def runs_interpreted(item) -> bool:
+    params = getattr(item, "callspec", None) and item.callspec.params
+    return bool(params) and TRITON_INTERPRETED and params.get("backend") == "triton" \
+        and params.get("device", "cpu") == "cpu"
+
+
+def skip_uncovered_interpreted_cases(items) -> None:
+    """The Triton interpreter runs a kernel ~1000x slower than the GPU (a second a case, where the CPU kernels take
+    milliseconds), so a test marked `interpreted_cover` runs there on a covering subset of its option matrix: each
+    option still reaches the kernel, next to each dtype when the strength is 2. The other backends, and Triton on
+    a GPU, run every case."""
+    by_test: dict[str, list] = {}
+    for item in items:
+        if item.get_closest_marker("interpreted_cover") is not None and runs_interpreted(item):
+            by_test.setdefault(item.nodeid.split("[")[0], []).append(item)
+    skip = pytest.mark.skip(reason="not in the interpreter's covering subset (FUSED_OPTIM_INTERPRETED_CASES=all "
+                                   "runs it)")
+    for group in by_test.values():
+        strength = group[0].get_closest_marker("interpreted_cover").args[0]
+        cases = [{k: v for k, v in item.callspec.params.items() if k not in ("backend", "device")} for item in group]
+        chosen = covering_subset(cases, strength)
+        for i, item in enumerate(group):
+            if i not in chosen:
+                item.add_marker(skip)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    if INTERPRETED_CASES != "all":
+        skip_uncovered_interpreted_cases(items)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

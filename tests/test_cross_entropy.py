@@ -165,6 +165,7 @@ def assert_within_ulps(ours, ref, dtype, ulps, slack, what):
 # 1. correctness: the float64 reference, and torch at the same dtype
 
 
+@pytest.mark.interpreted_cover(2)
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -303,6 +304,7 @@ def test_scalar_grad_output_scales_the_gradient(backend, device, dtype):
 # 2. z-loss and soft-capping: the reference only (torch has neither)
 
 
+@pytest.mark.interpreted_cover(2)
 @pytest.mark.parametrize("options", list(EXTRA_OPTIONS.values()), ids=list(EXTRA_OPTIONS))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)

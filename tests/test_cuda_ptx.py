@@ -5,10 +5,12 @@ bandwidth (nvcc once split the bf16 kernels' fp32 stores exactly so), so the wid
 that has nvcc.
 """
 
+import functools
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,16 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or (os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None)
 
 
-def kernels_ptx(source: str, out_dir: Path) -> dict[str, str]:
-    """The PTX body of every kernel in csrc/cuda/<source>, by mangled name (the flags torch's build uses)."""
+@functools.cache
+def kernels_ptx(source: str) -> dict[str, str]:
+    """The PTX body of every kernel in csrc/cuda/<source>, by mangled name (the flags torch's build uses). Cached:
+    nvcc takes up to 20 s a file here, and several tests read the same file's kernels."""
     if NVCC is None or not os.path.exists(NVCC):
         pytest.skip("nvcc not found")
-    out = out_dir / (Path(source).stem + ".ptx")
     includes = [f"-I{p}" for p in cpp_extension.include_paths("cuda")]
     includes += [f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}"]
-    subprocess.run([NVCC, "-O3", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-ptx", *STABLE_ABI_FLAGS, *includes,
-                    str(ROOT / "csrc/cuda" / source), "-o", str(out)], check=True, capture_output=True)
-    ptx = out.read_text()
+    with tempfile.TemporaryDirectory() as out_dir:
+        out = Path(out_dir) / (Path(source).stem + ".ptx")
+        subprocess.run([NVCC, "-O3", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-ptx",
+                        *STABLE_ABI_FLAGS, *includes, str(ROOT / "csrc/cuda" / source), "-o", str(out)],
+                       check=True, capture_output=True)
+        ptx = out.read_text()
     kernels = {}
     for match in re.finditer(r"\.entry (\S+)\(", ptx):
         end = ptx.find(".entry", match.end())
@@ -37,21 +43,9 @@ def kernels_ptx(source: str, out_dir: Path) -> dict[str, str]:
     return kernels
 
 
-@pytest.fixture(scope="module")
-def adam_kernels_ptx(tmp_path_factory) -> dict[str, str]:
-    kernels = kernels_ptx("adam.cu", tmp_path_factory.mktemp("ptx"))
-    return {name: body for name, body in kernels.items() if "adam_kernel" in name}
-
-
-@pytest.fixture(scope="module")
-def sgd_kernels_ptx(tmp_path_factory) -> dict[str, str]:
-    kernels = kernels_ptx("sgd.cu", tmp_path_factory.mktemp("ptx"))
-    return {name: body for name, body in kernels.items() if "sgd_kernel" in name}
-
-
-@pytest.fixture(scope="module")
-def cross_entropy_kernels_ptx(tmp_path_factory) -> dict[str, str]:
-    return kernels_ptx("cross_entropy.cu", tmp_path_factory.mktemp("ptx"))
+def kernels_of(source: str, kernel: str) -> dict[str, str]:
+    """The kernels of csrc/cuda/<source> whose mangled names hold `kernel`."""
+    return {name: body for name, body in kernels_ptx(source).items() if kernel in name}
 
 
 # rounding.h's WriteBack, as nvcc mangles it (the template argument's value)
@@ -66,12 +60,13 @@ def template_arguments(names) -> dict[str, list[str]]:
     return {name: re.search(r"<(.*?)>\(", line).group(1).split(", ") for name, line in zip(names, demangled)}
 
 
-def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
+def test_every_adam_kernel_moves_state_with_16_byte_accesses():
+    kernels = kernels_of("adam.cu", "adam_kernel")
     # param dtype x grad dtype x moment dtype x amsgrad x (nearest, master), and (stochastic, remainders of 16 and 8
     # bits) for the 2 bf16 pairs
-    assert len(adam_kernels_ptx) == 64
-    for name, (param_t, grad_t, moment_t, amsgrad, write) in template_arguments(list(adam_kernels_ptx)).items():
-        body, write = adam_kernels_ptx[name], write[-1]  # "(fused_optim::WriteBack)2"
+    assert len(kernels) == 64
+    for name, (param_t, grad_t, moment_t, amsgrad, write) in template_arguments(list(kernels)).items():
+        body, write = kernels[name], write[-1]  # "(fused_optim::WriteBack)2"
         moments = 2 + (amsgrad == "true")  # exp_avg, exp_avg_sq, [max_exp_avg_sq]
         fp32_arrays = (moments if moment_t == "float" else 0) + int(write == MASTER)
         # each fp32 array: two 16-byte loads and two 16-byte stores per 8 elements
@@ -88,10 +83,10 @@ def test_every_adam_kernel_moves_state_with_16_byte_accesses(adam_kernels_ptx):
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
-def test_every_int8_moment_adam_kernel_moves_codes_in_8_byte_accesses(tmp_path):
+def test_every_int8_moment_adam_kernel_moves_codes_in_8_byte_accesses():
     """moments="int8" (adam_int8.cu): the codes of 8 elements in one 8-byte access per moment, params and grads as
     in adam.cu, the block's scale found by warp shuffles, nothing in local memory."""
-    kernels = {name: body for name, body in kernels_ptx("adam_int8.cu", tmp_path).items() if "adam_int8_kernel" in name}
+    kernels = kernels_of("adam_int8.cu", "adam_int8_kernel")
     assert len(kernels) == 32  # param dtype x grad dtype x amsgrad x (nearest, master), and 3 bf16-only write-backs
     for name, (param_t, grad_t, amsgrad, write) in template_arguments(list(kernels)).items():
         body, write = kernels[name], write[-1]
@@ -110,11 +105,11 @@ def test_every_int8_moment_adam_kernel_moves_codes_in_8_byte_accesses(tmp_path):
     ("sgd.cu", "sgd_int8_kernel", 32),  # Lion's 16 write-backs of param and grad dtypes x nesterov
     ("lion.cu", "lion_int8_kernel", 16),  # param dtype x grad dtype x (nearest, master), and 3 bf16-only write-backs
 ])
-def test_every_single_moment_int8_kernel_moves_codes_in_8_byte_accesses(tmp_path, source, kernel, count):
+def test_every_single_moment_int8_kernel_moves_codes_in_8_byte_accesses(source, kernel, count):
     """SGD's momentum buffer and Lion's exp_avg with moments="int8" (int8_codes.cuh's step_signed_codes): the 8
     codes in one 8-byte access, param and grad in 16-byte ones, the block's scale by warp shuffles, nothing in local
     memory."""
-    kernels = {name: body for name, body in kernels_ptx(source, tmp_path).items() if kernel in name}
+    kernels = kernels_of(source, kernel)
     assert len(kernels) == count
     for name, body in kernels.items():
         assert re.findall(r"ld\.global(?:\.\w+)*\.v2\.[bu]32", body), name
@@ -124,9 +119,9 @@ def test_every_single_moment_int8_kernel_moves_codes_in_8_byte_accesses(tmp_path
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
-def test_cross_entropy_kernels_stream_rows_with_16_byte_accesses(cross_entropy_kernels_ptx):
+def test_cross_entropy_kernels_stream_rows_with_16_byte_accesses():
     # fp32, bf16, fp16 logits: the row is read (twice) and its gradient written in 16-byte vectors
-    forward = {name: body for name, body in cross_entropy_kernels_ptx.items() if "cross_entropy_forward_kernel" in name}
+    forward = kernels_of("cross_entropy.cu", "cross_entropy_forward_kernel")
     assert len(forward) == 3
     for name, body in forward.items():
         loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body)
@@ -136,9 +131,9 @@ def test_cross_entropy_kernels_stream_rows_with_16_byte_accesses(cross_entropy_k
 
 
 @pytest.mark.parametrize("kernel, stores", [("shard_stats_kernel", 0), ("shard_grad_kernel", 1)])
-def test_vocab_parallel_kernels_stream_their_shard_with_16_byte_accesses(cross_entropy_kernels_ptx, kernel, stores):
+def test_vocab_parallel_kernels_stream_their_shard_with_16_byte_accesses(kernel, stores):
     # pass 1 reads the shard (its stats are one 16-byte store a row); pass 2 reads it and writes the gradient
-    bodies = {name: body for name, body in cross_entropy_kernels_ptx.items() if kernel in name}
+    bodies = kernels_of("cross_entropy.cu", kernel)
     assert len(bodies) == 3  # fp32, bf16, fp16
     for name, body in bodies.items():
         assert re.findall(r"ld\.global(?:\.\w+)*\.v4\.\w+", body), name
@@ -165,18 +160,19 @@ def assert_single_moment_kernel_accesses(name: str, body: str, param_t: str, gra
     assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
-def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses(sgd_kernels_ptx):
+def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses():
+    kernels = kernels_of("sgd.cu", "sgd_kernel")
     # 16 (param, grad, write-back) triples as Lion's x (no momentum, and momentum and nesterov with an fp32 or a bf16
     # buffer)
-    assert len(sgd_kernels_ptx) == 80
-    for name, (param_t, grad_t, buffer_t, momentum, _, write) in template_arguments(list(sgd_kernels_ptx)).items():
+    assert len(kernels) == 80
+    for name, (param_t, grad_t, buffer_t, momentum, _, write) in template_arguments(list(kernels)).items():
         buffer = (2 if buffer_t == "float" else 1) if momentum == "true" else 0
-        assert_single_moment_kernel_accesses(name, sgd_kernels_ptx[name], param_t, grad_t, buffer,
+        assert_single_moment_kernel_accesses(name, kernels[name], param_t, grad_t, buffer,
                                              write[-1])  # "(fused_optim::WriteBack)2"
 
 
-def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses(tmp_path):
-    kernels = {name: body for name, body in kernels_ptx("lion.cu", tmp_path).items() if "lion_kernel" in name}
+def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses():
+    kernels = kernels_of("lion.cu", "lion_kernel")
     # 5 (param, grad) dtype pairs x 2 moment dtypes x (nearest, master), and (stochastic, remainders of 16 and 8 bits)
     # for the 2 bf16 pairs
     assert len(kernels) == 32
@@ -185,9 +181,8 @@ def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses(tmp_path):
                                              write[-1])
 
 
-def test_accumulate_kernels_move_grads_with_16_byte_accesses(tmp_path):
-    kernels = {name: body for name, body in kernels_ptx("accumulate.cu", tmp_path).items()
-               if "accumulate_kernel" in name}
+def test_accumulate_kernels_move_grads_with_16_byte_accesses():
+    kernels = kernels_of("accumulate.cu", "accumulate_kernel")
     assert len(kernels) == 3  # fp32, bf16, fp16 grads
     for name, body in kernels.items():
         # the fp32 main grad: two 16-byte loads and stores per 8 elements; the grad: one (16-bit) or two (fp32)
@@ -196,9 +191,8 @@ def test_accumulate_kernels_move_grads_with_16_byte_accesses(tmp_path):
         assert "ld.local" not in body and "st.local" not in body, f"{name} uses local memory"
 
 
-def test_total_norm_kernels_read_with_16_byte_loads(tmp_path):
-    kernels = {name: body for name, body in kernels_ptx("total_norm.cu", tmp_path).items()
-               if "block_partials_kernel" in name}
+def test_total_norm_kernels_read_with_16_byte_loads():
+    kernels = kernels_of("total_norm.cu", "block_partials_kernel")
     assert len(kernels) == 12  # 4 norm kinds x 3 dtypes
     for name, body in kernels.items():
         assert re.search(r"ld\.global(?:\.\w+)*\.v4\.\w+", body), name

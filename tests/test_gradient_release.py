@@ -1,8 +1,8 @@
 """`gradient_release=True`: each param is stepped inside backward as soon as autograd has accumulated its grad, and
 the grad is freed at once. The result must be the ordinary step's, bit for bit, for every optimizer and backend
 that runs here; step() and zero_grad() stay callable and change nothing; what needs every grad first (a global
-norm, a GradScaler, a closure) is refused in one sentence, and so is a reentrant checkpoint's nested backward; with a GradAccumulator the step waits for the backward
-its `release()` arms."""
+norm, a GradScaler, a closure) is refused in one sentence, and so is a reentrant checkpoint's nested backward;
+with a GradAccumulator the step waits for the backward its `release()` arms."""
 
 from __future__ import annotations
 
@@ -176,7 +176,8 @@ def test_a_reentrant_checkpoint_is_refused_in_one_sentence():
     model = TiedCheckpointed()
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)  # kept: its hooks go with it
     inside = [model.tied.detach().clone(), model.inner.detach().clone()]
-    with pytest.raises(RuntimeError, match="cannot step a param inside a reentrant backward .* pass use_reentrant=False"):
+    with pytest.raises(RuntimeError,
+                       match="cannot step a param inside a reentrant backward .* pass use_reentrant=False"):
         model(torch.randn(4, 8), use_reentrant=True).backward()
     assert_identical([model.tied.detach(), model.inner.detach()], inside)
     assert model.tied not in opt.state

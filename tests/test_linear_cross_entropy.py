@@ -132,6 +132,7 @@ def random_grad_output(loss, dtype):
 # correctness
 
 
+@pytest.mark.interpreted_cover(2)
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -58,6 +58,7 @@ def run(backend, device, dtype, init, grads, steps=None, **kwargs) -> tuple[list
 # correctness: the float64 reference and lion-pytorch at the same dtype
 
 
+@pytest.mark.interpreted_cover(1)
 @needs_lion_pytorch
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -78,6 +78,7 @@ def shard_bounds(num_classes: int, ranks: int) -> list[tuple[int, int]]:
 # the ops, on shards of one process's logits
 
 
+@pytest.mark.interpreted_cover(2)
 @pytest.mark.parametrize("ranks", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", OPTIONS)

@@ -59,6 +59,7 @@ def split_options(options: dict, lr: float):
 # correctness: the float64 reference and torch at the same dtype
 
 
+@pytest.mark.interpreted_cover(1)
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)

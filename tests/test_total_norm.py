@@ -123,6 +123,7 @@ NON_FINITE = {  # where to put the non-finite values: (tensor index, element ind
 }
 
 
+@pytest.mark.interpreted_cover(2)
 @pytest.mark.parametrize("where", list(NON_FINITE))
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
