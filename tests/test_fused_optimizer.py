@@ -111,3 +111,24 @@ def test_a_groups_own_options_are_checked_as_the_constructors(options, message):
     with pytest.raises(ValueError, match=message):
         opt.add_param_group({"params": [second], **options})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("misfit", ["shape", "dtype", "device"])
+def test_one_misfit_grad_among_many_is_refused_and_nothing_steps(misfit):
+    """The grads are checked together (optim/_base.py's _grads_fit) and, only when one does not fit, one at a time
+    for the words: a misfit among a hundred bf16 params' grads (bf16 and fp32 ones, both allowed) is refused in the
+    optimizer's sentence and no param moves; with it mended, every param steps."""
+    params = [torch.nn.Parameter(torch.randn(5).bfloat16()) for _ in range(100)]
+    for i, p in enumerate(params):  # main_grad: torch's .grad setter itself refuses another shape, dtype or device
+        p.main_grad = torch.randn(5).to(torch.float32 if i % 2 else torch.bfloat16)
+    good = params[73].main_grad
+    params[73].main_grad = {"shape": torch.randn(4), "dtype": torch.randn(5).half(),
+                            "device": torch.empty(5, device="meta")}[misfit]
+    opt = fused_optim.AdamW(params, lr=0.1)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="a grad must have its param's shape and device, and its param's dtype"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+    params[73].main_grad = good
+    opt.step()
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))
