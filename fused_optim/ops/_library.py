@@ -85,11 +85,16 @@ def refuse_sparse_grads(op_names: tuple[str, ...], message: str) -> None:
             lib.impl(name, refuse, dispatch_key)
 
 
-def real_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Complex tensors as real ones with a trailing (re, im) dim (torch.view_as_real: no copy), others unchanged.
-    An elementwise update treats a complex number as its two parts, as torch's Adam does and torch's SGD's
-    arithmetic amounts to, so complex64 params run the fp32 kernels."""
-    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+def real_views(lists: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """`lists` (params first, then their grads and state) with complex tensors as real ones with a trailing (re, im)
+    dim (torch.view_as_real: no copy), others unchanged. An elementwise update treats a complex number as its two
+    parts, as torch's Adam does and torch's SGD's arithmetic amounts to, so complex64 params run the fp32 kernels.
+    Without a complex param the lists are returned as they are, each tensor not looked at again (a thousand tensors
+    a list): a real param's grad and state are real, or the op refuses their dtypes."""
+    for p in lists[0]:
+        if p.is_complex():
+            return [[torch.view_as_real(t) if t.is_complex() else t for t in tensors] for tensors in lists]
+    return lists
 
 
 def split_wide(lists: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:

@@ -173,7 +173,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     for seed, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales) in calls:
         lists = _dtensor.to_local("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
         # (scales are plain tensors, a DTensor's its local shard's)
-        wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
+        wide, narrow = split_wide(real_views(lists) + [steps, list(moment_scales)])
         device = params[0].device
         for op, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales) in (
                 (resolve_op("adam_step_", "torch", device.type), wide),

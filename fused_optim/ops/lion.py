@@ -113,7 +113,7 @@ def lion_step(params, grads, exp_avgs, master_params, steps, moment_scales=(), *
     calls = _dtensor.by_layout(seed, [params, grads, exp_avgs, master_params, steps, list(moment_scales)])
     for seed, (params, grads, exp_avgs, master_params, steps, moment_scales) in calls:
         lists = _dtensor.to_local("lion_step", params, grads, exp_avgs, master_params)
-        wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
+        wide, narrow = split_wide(real_views(lists) + [steps, list(moment_scales)])
         device = params[0].device
         for op, (params, grads, exp_avgs, master_params, steps, moment_scales) in (
                 (resolve_op("lion_step_", "torch", device.type), wide),

@@ -137,7 +137,7 @@ def sgd_step(params, grads, momentum_buffers, steps, moment_scales=(), *, lr, mo
                                       list(moment_scales)])
     for seed, (params, grads, momentum_buffers, master_params, steps, moment_scales) in calls:
         lists = _dtensor.to_local("sgd_step", params, grads, momentum_buffers, master_params)
-        wide, narrow = split_wide([real_views(tensors) for tensors in lists] + [steps, list(moment_scales)])
+        wide, narrow = split_wide(real_views(lists) + [steps, list(moment_scales)])
         device = params[0].device
         for op, (params, grads, momentum_buffers, master_params, steps, moment_scales) in (
                 (resolve_op("sgd_step_", "torch", device.type), wide),
