@@ -30,11 +30,11 @@ def make_model(dtype=torch.float32) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def backward(model: torch.nn.Module, step: int) -> None:
+def backward(model: torch.nn.Module, step: int, create_graph: bool = False) -> None:
     generator = torch.Generator().manual_seed(step)
     p = next(model.parameters())
     x = torch.randn(6, 8, generator=generator).to(p.dtype)
-    model(x).float().square().mean().backward()
+    model(x).float().square().mean().backward(create_graph=create_graph)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -52,6 +52,27 @@ def test_released_steps_equal_ordinary_steps(name, backend, device):
         backward(ordinary, step)
         ordinary_opt.step()
         ordinary_opt.zero_grad()
+    assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # torch's, about .grad cycles
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_backward_that_creates_a_graph_steps_outside_autograd(name):
+    """backward(create_graph=True) runs the hooks with grad mode on; the release steps as the ordinary step, which
+    runs under no_grad, and records nothing: the params stay leaves, and no state tensor requires grad."""
+    cls, kwargs = OPTIMIZERS[name]
+    released, ordinary = make_model(), make_model()
+    released_opt = cls(released.parameters(), backend="cpu", gradient_release=True, **kwargs)
+    ordinary_opt = cls(ordinary.parameters(), backend="cpu", **kwargs)
+    for step in range(3):
+        backward(released, step, create_graph=True)
+        backward(ordinary, step, create_graph=True)
+        ordinary_opt.step()
+        ordinary_opt.zero_grad()
+    assert all(p.is_leaf and p.grad is None for p in released.parameters())
+    assert not any(value.requires_grad for state in released_opt.state.values() for value in state.values()
+                   if isinstance(value, torch.Tensor))
     assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
 

@@ -19,7 +19,6 @@ class Plan:
     and its lists [params, *state lists]; `with_grads` gives the op's [params, grads, *state lists]."""
 
     def __init__(self, group: dict[str, Any], state: dict, has_grad: list[bool], options: Hashable) -> None:
-        self.group = group
         self.params = group["params"]
         self.members = list(self.params)  # the list may be changed in place: `params[0] = new_param`
         self.strides = list(map(Tensor.stride, self.members))
