@@ -362,10 +362,10 @@ class FusedOptimizer(Optimizer):
         """Gradient release: every param of `group` that takes grads is stepped by `_release` as soon as autograd
         has accumulated its grad; returns the params hooked here for the first time. Its view is a one-param group
         made at each release from its own entries and `group`'s live settings (an lr scheduler's changes included),
-        so `_gather` and `_update` serve it as they serve whole groups. A param frozen since it was hooked keeps a live view too
-        (a resume while it is frozen makes new group dicts). A param that another live optimizer steps is hooked
-        here too only with `take_over` (add_param_group; `_take_over` then lets the other one go); otherwise
-        (step(), load_state_dict) it stays the newer optimizer's.
+        so `_gather` and `_update` serve it as they serve whole groups. A param frozen since it was hooked keeps a
+        live view too (a resume while it is frozen makes new group dicts). A param that another live optimizer
+        steps is hooked here too only with `take_over` (add_param_group; `_take_over` then lets the other one go);
+        otherwise (step(), load_state_dict) it stays the newer optimizer's.
 
         Each view's seed makes it draw the random bits the ordinary step would: that step's op call numbers its
         tensors by their place among the group's params of the same kind that have a grad, here taken as those that
