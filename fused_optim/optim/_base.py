@@ -353,7 +353,8 @@ class FusedOptimizer(Optimizer):
         return "plain"
 
     def _new_release_hooks(self) -> None:
-        """Gradient release's per-param views and hook handles, empty; the hooks go when the optimizer does."""
+        """Gradient release's per-param (own entries, live group) pairs, which each release makes its one-param view
+        of, and hook handles, empty; the hooks go when the optimizer does."""
         self._release_views: dict[Tensor, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._release_hooks: dict[Tensor, Any] = {}
         remove_when_collected(self, self._release_hooks.values())
