@@ -48,7 +48,7 @@ inline __m256i high16(__m256i bits) { return _mm256_srli_epi32(bits, 16); }
 
 // The codes below stay fixed-point, 16 fraction bits, until store_codes takes each one's byte 2: that byte of a
 // number is the low byte of its floor division by 2^16, which saves magnitude_code's shift. Zen 1 runs vector shifts
-// on one of its four FP pipes, and the AVX2 int8 AdamW step took 3 % less time without them (docs/results.md).
+// on one of its four FP pipes, and the AVX2 int8 steps took 1-3 % less time without them (docs/results.md).
 
 // magnitude_code<kSteps> before its shift: sqrt(q) * kSteps * 2^16 + bits16. min_ps(q, 1) is `q < 1 ? q : 1` (it
 // returns its second operand for a NaN q).
@@ -77,7 +77,7 @@ inline __m256i unsigned_codes(const float* roots, float inverse, __m256i bits16)
   return _mm256_max_epi32(fixed_codes<255>(root, _mm256_set1_ps(inverse), bits16), least);
 }
 
-// The codes of 8 fixed-point codes (their byte 2, see above), to 8 consecutive bytes
+// 8 fixed-point codes stored as their 8 codes, byte 2 of each (see above), in consecutive bytes
 inline void store_codes(void* codes, __m256i fixed) {
   const __m256i code_bytes = _mm256_setr_epi8(2, 6, 10, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,  //
                                               2, 6, 10, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
