@@ -14,6 +14,7 @@ their results.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -792,6 +793,30 @@ def test_a_checkpoint_of_torchs_adamw_loads_into_master_weights_in_one_step(tmp_
         for key, value in one_opt.state[p].items():
             assert value.dtype == two_opt.state[q][key].dtype and torch.equal(value, two_opt.state[q][key]), key
     assert "moment_scales" in one_opt.state[next(one.parameters())]
+
+
+@pytest.mark.parametrize("moments", ["fp32", "int8"])
+def test_a_checkpoint_of_torchs_sgd_resumes_in_ours(tmp_path, moments):
+    """torch's SGD keeps no step counts, and neither does the dict DCP fills: our state_dict() with fp32 momentum
+    (its counts say only "set"), torch_layout() with int8. The run then goes on as torch's (int8: but for its
+    codes' rounding). One process, no process group."""
+    def fresh(cls, **options):
+        model = make_model()
+        return model, cls(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1, **options)
+
+    model, torch_opt = fresh(torch.optim.SGD)
+    train(model, torch_opt, steps=2)
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, torch_opt))), checkpoint_id=str(tmp_path))
+    train(model, torch_opt, steps=2, first_step=2)
+    ours, opt = fresh(fused_optim.SGD, moments=moments)
+    with opt.torch_layout() if moments == "int8" else contextlib.nullcontext():
+        load_checkpoint(ours, opt, str(tmp_path))
+    train(ours, opt, steps=2, first_step=2)
+    if moments == "fp32":
+        assert_close(full_params(ours), full_params(model))
+    else:
+        for got, want in zip(full_params(ours), full_params(model)):
+            assert (got - want).abs().max() <= 1e-3
 
 
 def test_zero_redundancy_optimizer(two):

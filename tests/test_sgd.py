@@ -203,7 +203,8 @@ def test_low_precision_state_dict_interchange(backend, device, dtype):
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_save_and_load_mid_run_continues_bit_exactly(backend, device, dtype):
     """torch.save of our state_dict mid-run, read back with map_location="cpu", loaded into a fresh optimizer over
-    fresh params, continues exactly as the uninterrupted run (a bf16 param's buffer stays fp32)."""
+    fresh params, continues exactly as the uninterrupted run (a bf16 param's buffer stays fp32). The fp32 buffers'
+    counts, which say only that a buffer is set, are not saved (torch's SGD keeps none): they count on from 1."""
     shapes = [(3,), (1500,)]
     init = [torch.randn(s) for s in shapes]
     grads = [random_grads(shapes, dtype, device) for _ in range(6)]
@@ -221,6 +222,7 @@ def test_save_and_load_mid_run_continues_bit_exactly(backend, device, dtype):
     torch.save(first_opt.state_dict(), buffer)
     buffer.seek(0)
     saved = torch.load(buffer, map_location="cpu")
+    assert all(set(state) == {"momentum_buffer"} for state in saved["state"].values())
     resumed = make_params([p.detach() for p in first], dtype, device)
     resumed_opt = fused_optim.SGD(resumed, lr=1.0, backend=backend)
     resumed_opt.load_state_dict(saved)
@@ -229,6 +231,7 @@ def test_save_and_load_mid_run_continues_bit_exactly(backend, device, dtype):
         resumed_opt.step()
     for p, q in zip(resumed, straight):
         assert torch.equal(p, q)
+        assert float(resumed_opt.state[p].pop("step")) == 4 and float(straight_opt.state[q].pop("step")) == 6
         assert_identical(resumed_opt.state[p], straight_opt.state[q])
 
 
@@ -498,8 +501,35 @@ def test_state_dict_has_torchs_keys():
     bf16.load_state_dict(ours_sd)
     assert bf16.param_groups[0]["moments"] == "bf16"
     assert bf16.state_dict()["state"][0]["momentum_buffer"].dtype == torch.bfloat16
-    for i in range(2):
-        assert set(ours_sd["state"][i]) == set(torch_sd["state"][i]) | {"step"}
+    for i in range(2):  # the counts of fp32 buffers say only "set", and torch's SGD keeps none
+        assert set(ours_sd["state"][i]) == set(torch_sd["state"][i]) == {"momentum_buffer"}
+
+
+@pytest.mark.parametrize("options", [{"moments": "bf16"}, {"moments": "int8"}, {"master_weights": 24},
+                                     {"stochastic_rounding": True}])
+def test_a_count_that_keys_random_bits_is_saved_and_resumes_bit_for_bit(options):
+    """Where the buffer or the param rounds with random bits, the step count keys them: state_dict keeps it, and a
+    resumed run steps as the uninterrupted one, bit for bit. torch_state_dict, torch's form, keeps no count."""
+    shapes = [(5,), (3, 70)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [random_grads(shapes) for _ in range(4)]
+    ours, resumed = make_params(init, torch.bfloat16, "cpu"), make_params(init, torch.bfloat16, "cpu")
+    opt = fused_optim.SGD(ours, lr=1e-1, momentum=0.9, **options)
+    for step_grads in grads[:2]:
+        set_grads(step_grads, ours)
+        opt.step()
+    saved = opt.state_dict()
+    assert all(float(state["step"]) == 2 for state in saved["state"].values())
+    assert all("step" not in state for state in opt.torch_state_dict()["state"].values())
+    for p, q in zip(resumed, ours):
+        p.data.copy_(q.data)
+    resumed_opt = fused_optim.SGD(resumed, lr=1e-1, momentum=0.9, **options)
+    resumed_opt.load_state_dict(saved)
+    for step_grads in grads[2:]:
+        set_grads(step_grads, ours, resumed)
+        opt.step()
+        resumed_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, resumed))
 
 
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS)

@@ -252,6 +252,8 @@ class FusedOptimizer(Optimizer):
     _checks_grads_in_step = True
     # The optimizer's moment state keys, in the order of the rows of an int8 `moment_scales`.
     _moment_keys: tuple[str, ...] = ()
+    # Whether torch's own optimizer keeps a step count per param (its SGD keeps none): torch_state_dict's form.
+    _torch_keeps_counts = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, max_grad_norm: float | None,
                  backend: str | None, gradient_release: bool = False,
@@ -712,7 +714,8 @@ class FusedOptimizer(Optimizer):
         """The state_dict in the form torch's own optimizer (and an fp32-master trainer) reads: each bf16 param's
         master remainder joined with the param into its fp32 master, `master_param` (with `master_weights=False`,
         no masters, as torch's own optimizer keeps); bf16 and int8 moments
-        (moments="bf16", "int8") as fp32, without their scales; the rest as `state_dict()` gives it (step counts).
+        (moments="bf16", "int8") as fp32, without their scales; the rest as `state_dict()` gives it (step counts, but
+        where torch's optimizer keeps none: `_torch_keeps_counts`).
         Its groups hold torch's keys alone: without our options and rounding seed, which `load_state_dict` then
         takes from the optimizer it loads into (so DCP, which asks for every key of the dict it fills, loads a
         checkpoint of torch's optimizer into it). `state_dict()` itself saves remainders and moments as they are;
@@ -738,7 +741,11 @@ class FusedOptimizer(Optimizer):
             elif group.get("moments", "fp32") != "fp32":
                 state.update({key: value.float() for key, value in state.items()
                               if key != "step" and isinstance(value, Tensor) and value.dtype == torch.bfloat16})
+            if not self._torch_keeps_counts:
+                state.pop("step", None)
             state_dict["state"][index] = state
+        # as torch's optimizer keeps no entry for a param without state
+        state_dict["state"] = {index: state for index, state in state_dict["state"].items() if state}
         return self._with_state_dict_post_hooks(state_dict)
 
     @property

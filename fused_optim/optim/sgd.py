@@ -58,6 +58,7 @@ class SGD(FusedOptimizer):
     """
 
     _moment_keys = {"momentum_buffer": True}  # key -> signed
+    _torch_keeps_counts = False
 
     def __init__(
         self,
@@ -225,8 +226,9 @@ class SGD(FusedOptimizer):
 
     def _own_state_dict(self) -> dict[str, Any]:
         """torch's state_dict, less the buffers no step has set yet (count 0: every step so far was skipped), so
-        that it reads as torch.optim.SGD's would (a master weight stays). Reads the counts on the host, once per
-        call."""
+        that it reads as torch.optim.SGD's would (a master weight stays), and less the counts that only say a buffer
+        is set (`_count_is_only_set`): torch's SGD keeps none, and DCP asks for every key of the dict it loads into,
+        so a checkpoint of torch's SGD loads into ours. Reads the counts on the host, once per call."""
         state_dict = super()._own_state_dict()
         unset = [index for index, state in state_dict["state"].items() if isinstance(state, dict)
                  and "step" in state and "momentum_buffer" in state and not bool(state["step"] != 0)]
@@ -237,7 +239,20 @@ class SGD(FusedOptimizer):
                 state_dict["state"][index] = kept
             else:
                 del state_dict["state"][index]
+        numbered = self._numbered_params()
+        for index, state in state_dict["state"].items():
+            if "step" in state and self._count_is_only_set(*numbered[index]):
+                # a new dict: the state_dict's entries are the optimizer's own
+                state_dict["state"][index] = {key: value for key, value in state.items() if key != "step"}
         return state_dict
+
+    def _count_is_only_set(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether `p`'s step count tells nothing but that its momentum buffer is set: an fp32 (fp64) buffer of a
+        param rounded to nearest. A bf16 or int8 buffer, a master remainder and a stochastically rounded param round
+        with random bits that the count keys. A buffer loaded without a count counts as set."""
+        state = self.state[p]
+        return ("momentum_buffer" in state and state["momentum_buffer"].dtype in (torch.float32, torch.float64)
+                and self._kind(p, state, group) in ("plain", "master", "torch"))
 
     def _restore_saved_state(self, state_dict: dict[str, Any]) -> None:
         """Buffers come back in fp32 (bf16: moments="bf16", int8 codes: "int8") on the param's device, in its
