@@ -503,13 +503,19 @@ def test_state_dict_has_torchs_keys():
     assert bf16.state_dict()["state"][0]["momentum_buffer"].dtype == torch.bfloat16
     for i in range(2):  # the counts of fp32 buffers say only "set", and torch's SGD keeps none
         assert set(ours_sd["state"][i]) == set(torch_sd["state"][i]) == {"momentum_buffer"}
+    masters = fused_optim.SGD(make_params(init, torch.bfloat16, "cpu"), lr=1e-2, momentum=0.9, master_weights=True)
+    set_grads(random_grads([(4,), (6,)]), masters.param_groups[0]["params"])
+    masters.step()
+    saved = masters.state_dict()["state"]  # beside master remainders as well
+    assert all(set(state) == {"momentum_buffer", "master_remainder"} for state in saved.values())
 
 
-@pytest.mark.parametrize("options", [{"moments": "bf16"}, {"moments": "int8"}, {"master_weights": 24},
-                                     {"stochastic_rounding": True}])
+@pytest.mark.parametrize("options", [{"moments": "bf16"}, {"moments": "int8"},
+                                     {"moments": "int8", "master_weights": 24}, {"stochastic_rounding": True}])
 def test_a_count_that_keys_random_bits_is_saved_and_resumes_bit_for_bit(options):
     """Where the buffer or the param rounds with random bits, the step count keys them: state_dict keeps it, and a
-    resumed run steps as the uninterrupted one, bit for bit. torch_state_dict, torch's form, keeps no count."""
+    resumed run steps as the uninterrupted one, bit for bit. torch_state_dict, torch's form, keeps no count. (An fp32
+    buffer's count, beside master remainders too, says only "set": test_save_and_load_mid_run_continues_bit_exactly.)"""
     shapes = [(5,), (3, 70)]
     init = [torch.randn(s) for s in shapes]
     grads = [random_grads(shapes) for _ in range(4)]

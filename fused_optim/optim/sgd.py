@@ -248,11 +248,11 @@ class SGD(FusedOptimizer):
 
     def _count_is_only_set(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether `p`'s step count tells nothing but that its momentum buffer is set: an fp32 (fp64) buffer of a
-        param rounded to nearest. A bf16 or int8 buffer, a master remainder and a stochastically rounded param round
-        with random bits that the count keys. A buffer loaded without a count counts as set."""
+        param not rounded stochastically. A bf16 or int8 buffer and a stochastically rounded param round with random
+        bits that the count keys. A buffer loaded without a count counts as set."""
         state = self.state[p]
         return ("momentum_buffer" in state and state["momentum_buffer"].dtype in (torch.float32, torch.float64)
-                and self._kind(p, state, group) in ("plain", "master", "torch"))
+                and self._kind(p, state, group) != "stochastic")
 
     def _restore_saved_state(self, state_dict: dict[str, Any]) -> None:
         """Buffers come back in fp32 (bf16: moments="bf16", int8 codes: "int8") on the param's device, in its
