@@ -24,11 +24,31 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
+from fused_optim.optim._base import note_scaled_backward
 from fused_optim.optim._guard import grad_of
+
+
+def _note_backwards_of(scaled: Any) -> None:
+    """A hook on each scaled tensor (in lists and tuples too) that backward will start from: it tells a
+    gradient_release optimizer's hooks that the grads of that backward are scaled, before the first of them runs."""
+    if isinstance(scaled, torch.Tensor):
+        if scaled.requires_grad:
+            scaled.register_hook(note_scaled_backward)
+    elif isinstance(scaled, (list, tuple)):
+        for item in scaled:
+            _note_backwards_of(item)
 
 
 class GradScaler(torch.amp.GradScaler):
     __doc__ = __doc__
+
+    def scale(self, outputs: Any) -> Any:
+        """torch's `GradScaler.scale`; a gradient_release optimizer then refuses, in the backward from the result and
+        before it steps any param, to step with the scaled grads."""
+        scaled = super().scale(outputs)
+        if self._enabled:
+            _note_backwards_of(scaled)
+        return scaled
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """torch's `GradScaler.step`; for a fused_optim optimizer whose grads were not unscaled by the user, the

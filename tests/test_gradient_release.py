@@ -168,6 +168,17 @@ def test_what_needs_every_grad_first_is_refused():
     with pytest.raises(RuntimeError, match="GradScaler cannot step a SGD with gradient_release=True"):
         fused_optim.GradScaler("cpu").step(opt)
 
+    # refused already in the backward of the scaled loss, at its first param: nothing stepped with a scaled grad
+    scaler = fused_optim.GradScaler("cpu")
+    loss = model(torch.randn(6, 8)).square().mean()
+    with pytest.raises(RuntimeError, match="cannot step a param in the backward of a loss that GradScaler scaled"):
+        scaler.scale([loss])[0].backward()
+    assert_identical([p.detach() for p in model.parameters()], before)
+    assert len(opt.state) == 0
+    model.zero_grad()
+    backward(model, 0)  # a backward of a loss not scaled still steps
+    assert len(opt.state) == len(list(model.parameters()))
+
     accumulator = fused_optim.GradAccumulator(model.parameters())
     with pytest.raises(ValueError, match="num_tokens must be a positive number of tokens"):
         accumulator.release(num_tokens=0)

@@ -222,6 +222,26 @@ def _check_not_reentrant(name: str) -> None:
         frame = frame.f_back
 
 
+# The autograd graph task of the latest backward from a loss that fused_optim.GradScaler scaled, or None: amp.py's
+# hook on the scaled loss sets it, and autograd runs that hook before it accumulates any param's grad.
+_scaled_graph_task: int | None = None
+
+
+def note_scaled_backward(grad: Tensor) -> None:
+    """A tensor hook on a scaled loss (fused_optim.GradScaler.scale): the backward now running is of a scaled loss."""
+    global _scaled_graph_task
+    _scaled_graph_task = torch._C._current_graph_task_id()
+
+
+def _check_not_scaled(name: str) -> None:
+    """Gradient release would step a param with its grad still scaled, before any inf/NaN check: refused in the
+    backward itself, at its first param, so that no param changes (GradScaler.step refuses too, but only after)."""
+    if _scaled_graph_task is not None and torch._C._current_graph_task_id() == _scaled_graph_task:
+        raise RuntimeError(f"{name}: gradient_release=True cannot step a param in the backward of a loss that "
+                           "GradScaler scaled: its grad is still scaled and unchecked for inf/NaN; use bf16 (no "
+                           "scaler) or drop gradient_release")
+
+
 _PLAIN_TENSORS = frozenset({Tensor, torch.nn.Parameter})
 _DTYPE, _DEVICE, _IS_SPARSE = (operator.attrgetter(name) for name in ("dtype", "device", "is_sparse"))
 
@@ -418,6 +438,7 @@ class FusedOptimizer(Optimizer):
                 return self._release(p)
         _check_single_process(type(self).__name__)  # torch.distributed may have started after the constructor
         _check_not_reentrant(type(self).__name__)
+        _check_not_scaled(type(self).__name__)
         entry = accumulator_of(p)
         grad = p.grad
         if entry is not None:  # a GradAccumulator's param: step only in the backward its release() armed
