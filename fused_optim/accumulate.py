@@ -294,6 +294,12 @@ class GradAccumulator:
         """
         if isinstance(num_tokens, (int, float)) and not (math.isfinite(num_tokens) and num_tokens > 0):
             raise ValueError(f"num_tokens must be a positive number of tokens, got {num_tokens}")
+        releasing = next((stepper() for stepper in self._steppers.values() if stepper() is not None), None)
+        if releasing is not None:  # its step() would change nothing: the run would not train, silently
+            raise RuntimeError(f"GradAccumulator.finalize(): these params are stepped in backward by an optimizer "
+                               f"with gradient_release=True ({type(releasing.__self__).__name__}), whose step() takes "
+                               "no finalized grads; call release(num_tokens=...) before the last micro-batch's "
+                               "backward instead of finalize() and step()")
         flats = list(self.flat_grads.values())
         if not flats:
             return None if max_norm is None else torch.tensor(0.0)

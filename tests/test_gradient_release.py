@@ -261,6 +261,30 @@ def test_with_a_grad_accumulator_the_last_micro_batch_steps(name):
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
 
 
+@pytest.mark.parametrize("use_hooks", [False, True])
+def test_finalize_refuses_the_grads_a_release_optimizer_would_not_step(use_hooks):
+    """finalize() + step(), the accumulation loop without gradient release, would not train with a release
+    optimizer (its step() takes no finalized grads): finalize() says so in one sentence and changes nothing."""
+    model = make_model(torch.bfloat16)
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    acc = fused_optim.GradAccumulator(model.parameters(), use_hooks=use_hooks)
+    for micro in range(2):
+        backward(model, micro)
+        acc.accumulate()
+    main_grads = [g.clone() for g in acc.main_grads]
+    before = [p.detach().clone() for p in model.parameters()]
+    refusal = r"optimizer with gradient_release=True \(AdamW\), whose step\(\) takes no finalized grads"
+    with pytest.raises(RuntimeError, match=refusal):
+        acc.finalize(num_tokens=9)
+    assert all(torch.equal(g, h) for g, h in zip(acc.main_grads, main_grads))
+    assert all(getattr(p, "main_grad", None) is None for p in model.parameters())
+    assert_identical([p.detach() for p in model.parameters()], before)
+    assert len(opt.state) == 0
+    del opt  # an optimizer the program dropped steps nothing, and finalize() goes on
+    acc.finalize(num_tokens=9)
+    assert all(p.main_grad is not None for p in model.parameters())
+
+
 STOCHASTIC = {
     "bf16 moments": dict(moments="bf16"),
     "int8 moments": dict(moments="int8"),
