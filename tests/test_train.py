@@ -373,6 +373,10 @@ def test_quick_defaults_yield_to_explicit_flags():
     assert (config.steps, config.d_model, config.n_layer, config.max_grad_norm) == (12, 64, 2, None)
     assert config_from_args(_parser().parse_args(["train"])) == TrainConfig()
     assert run_cli("--steps", "0") == 2
+    # fewer steps than the default warmup: it warms up throughout; a warmup given longer than the run is refused
+    for flags in (["--quick"], []):
+        assert config_from_args(_parser().parse_args(["train", *flags, "--steps", "2"])).warmup == 2
+    assert run_cli("--steps", "2", "--warmup", "3") == 2
 
 
 def test_help_explains_every_flag(capsys):

@@ -63,7 +63,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                        + ", ".join(f"{values['lr']} for {name}" for name, values in OPTIMIZER_DEFAULTS.items()) + ")")
     optim.add_argument("--warmup", type=int,
                        help=f"linear warmup steps, then cosine decay to {d.min_lr_ratio} x lr at --steps "
-                       f"(default {d.warmup})")
+                       f"(default {d.warmup}, or --steps where fewer)")
     optim.add_argument("--weight-decay", type=float,
                        help="decoupled weight decay, on matrices and embeddings, not on biases and LayerNorm "
                        "(default " + ", ".join(f"{values['weight_decay']} for {name}"
@@ -127,6 +127,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "master_weights" in given:
         given["master_weights"] = MASTER_WEIGHTS[given["master_weights"]]
     values = (dict(QUICK) if getattr(args, "quick", False) else {}) | given
+    if "steps" in given and "warmup" not in given:  # a run shorter than the default warmup warms up throughout
+        values["warmup"] = min(values.get("warmup", TrainConfig.warmup), given["steps"])
     return TrainConfig(**values)
 
 
