@@ -256,6 +256,23 @@ def test_an_int8_state_loads_into_another_storage_dequantized(target):
     assert torch.equal(state["exp_avg"], expected.to(state["exp_avg"].dtype))
 
 
+def test_a_loaded_groups_moments_win_and_fp32_ones_are_left_out():
+    """README: as torch's options, a saved group's moments win (an int8 dict makes an fp32-built optimizer int8);
+    a dict of fp32 moments leaves them out, so it loads into the moments the optimizer was built with."""
+    params = make_params([torch.randn(100)], torch.float32, "cpu")
+    int8 = fused_optim.AdamW(params, moments="int8")
+    set_grads(random_grads([(100,)]), params)
+    int8.step()
+    built_fp32 = fused_optim.AdamW(params)
+    built_fp32.load_state_dict(int8.state_dict())
+    assert built_fp32.param_groups[0]["moments"] == "int8"
+    assert built_fp32.state[params[0]]["exp_avg"].dtype == torch.int8
+    fp32_dict = fused_optim.AdamW(params).state_dict()
+    assert "moments" not in fp32_dict["param_groups"][0]
+    int8.load_state_dict(fp32_dict)
+    assert int8.param_groups[0]["moments"] == "int8"
+
+
 def test_int8_moments_and_24_bit_masters_hold_3_bytes_a_param():  # README's table of state per param
     def state_of(dtype, cls=fused_optim.AdamW, **options):
         p = torch.nn.Parameter(torch.randn(1 << 16).to(dtype))
