@@ -273,6 +273,36 @@ def test_a_loaded_groups_moments_win_and_fp32_ones_are_left_out():
     assert int8.param_groups[0]["moments"] == "int8"
 
 
+def test_a_group_built_with_the_neutral_options_keeps_them_on_load():
+    """state_dict() leaves a group's fp32 moments and master_weights=False out (torch's keys); loaded into an
+    optimizer built alike, that group takes them from its own group, not from the optimizer's defaults (int8
+    moments, masters), and the run resumes bit for bit."""
+    def build():
+        params = make_params([torch.randn(70), torch.randn(70), torch.randn(70), torch.randn(70)], torch.bfloat16,
+                             "cpu")
+        return params, fused_optim.AdamW([{"params": params[:2]}, {"params": params[2:], "moments": "fp32",
+                                                                    "master_weights": False}],
+                                         lr=1e-2, moments="int8", master_weights=True)
+
+    torch.manual_seed(0)
+    params, opt = build()
+    grads = [random_grads([(70,)] * 4) for _ in range(3)]
+    set_grads(grads[0], params)
+    opt.step()
+    resumed, resumed_opt = build()
+    for p, q in zip(resumed, params):
+        p.data.copy_(q.data)
+    resumed_opt.load_state_dict(opt.state_dict())
+    assert {key: resumed_opt.param_groups[1][key] for key in ("moments", "master_weights")} == {
+        "moments": "fp32", "master_weights": False}
+    for step_grads in grads[1:]:
+        set_grads(step_grads, params, resumed)
+        opt.step()
+        resumed_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, resumed))
+    assert_identical(resumed_opt.state_dict()["state"], opt.state_dict()["state"])
+
+
 def test_int8_moments_and_24_bit_masters_hold_3_bytes_a_param():  # README's table of state per param
     def state_of(dtype, cls=fused_optim.AdamW, **options):
         p = torch.nn.Parameter(torch.randn(1 << 16).to(dtype))

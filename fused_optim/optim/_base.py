@@ -672,7 +672,8 @@ class FusedOptimizer(Optimizer):
         """`state_dict` before its post hooks, which may renumber its params (by name, say). Our options at their
         neutral values (torch's behaviour) are left out of its groups: the dict is then torch's key for key, so that
         a distributed checkpoint of torch's optimizer loads into ours (DCP asks for every key of the dict it loads
-        into); `load_state_dict` gives a group without one the optimizer's own setting."""
+        into); `load_state_dict` gives a group without one the setting of the loading optimizer's group in its place
+        (`_with_own_options`)."""
         with _held_back(self, "_optimizer_state_dict_post_hooks"):
             state_dict = super().state_dict()
         for group in state_dict["param_groups"]:  # (torch's own copies of the group dicts)
@@ -704,7 +705,7 @@ class FusedOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state_dict = self._with_local_scales(state_dict)
+        state_dict = self._with_local_scales(self._with_own_options(state_dict))
         check_saved_state(self, state_dict, self._moment_keys)
         self._plans.clear()
         with _held_back(self, "_optimizer_load_state_dict_pre_hooks"), \
@@ -713,6 +714,17 @@ class FusedOptimizer(Optimizer):
         self._restore_saved_state(state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _with_own_options(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """`state_dict` with each saved group given the options it left out (our neutral ones, which `state_dict()`
+        leaves out, and the rounding seed, which torch's form does) from this optimizer's group of its place: a group
+        built with fp32 moments in an optimizer of int8 ones loads back as fp32, not as the optimizer's default."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups) or not all(
+                isinstance(group, dict) for group in groups):
+            return state_dict  # check_saved_state (or torch) says what is wrong
+        own = [{key: group[key] for key in (*NEUTRAL_OPTIONS, "seed") if key in group} for group in self.param_groups]
+        return {**state_dict, "param_groups": [{**options, **saved} for options, saved in zip(own, groups)]}
 
     def _with_local_scales(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """`state_dict` with each DTensor param's saved int8 scales (a rank_rows DTensor) as this rank's plain rows."""
