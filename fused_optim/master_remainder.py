@@ -48,14 +48,16 @@ def split_master(master: Tensor, bits: int = 32) -> tuple[Tensor, Tensor]:
 
 def join_master(param: Tensor, remainder: Tensor) -> Tensor:
     """The fp32 master that a bf16 `param` and its remainder (int16: exact; int8: a 24-bit master) hold, in
-    `param`'s shape, contiguous."""
+    `param`'s shape and layout (torch's fused AdamW, which the torch backend runs on it, pairs its tensors' elements
+    by memory order: a contiguous master beside channels_last moments would be updated with other elements' grads)."""
     param_bits = param.contiguous().view(torch.int16).to(torch.int64) & _LOW16
     rest = remainder.contiguous().to(torch.int64)
     if remainder.dtype == torch.int8:
         u = (((param_bits << 8) + rest) << 8) & _LOW32
     else:
         u = ((param_bits << 16) + rest) & _LOW32
-    return _signed(u, 32).to(torch.int32).view(torch.float32).reshape(param.shape)
+    master = torch.empty_like(param, dtype=torch.float32)
+    return master.copy_(_signed(u, 32).to(torch.int32).view(torch.float32).reshape(param.shape))
 
 
 def round_like_master(x: Tensor, bits: int = 32) -> Tensor:

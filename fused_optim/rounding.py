@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from fused_optim.int8_moments import memory_order
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -58,15 +60,17 @@ def bf16_stochastic_round(x: torch.Tensor, seed: int, tensor_index: int, step: t
                           moment: int | None = None) -> torch.Tensor:
     """Round fp32 `x` to bf16, up with probability equal to the discarded fraction (inf/NaN unchanged), with the
     random bits of a param (moment=None) or of its Adam moment 0 (exp_avg), 1 (exp_avg_sq) or 2 (max_exp_avg_sq):
-    moment_stream."""
-    bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    moment_stream. The bits go to x's elements in memory order, as the kernels walk a tensor (channels_last too);
+    the result has x's layout."""
+    bits = memory_order(x).view(torch.int32).to(torch.int64) & _MASK32
     if moment is None:
         noise = random_bits(stream_key(seed, tensor_index, step), x.numel()) & 0xFFFF
     else:
         noise = moment_bits16(seed, tensor_index, step, moment, x.numel())
-    noise = noise.view(x.shape)
     finite = (bits & 0x7F800000) != 0x7F800000
     bits = torch.where(finite, (bits + noise) & _MASK32, bits)
     upper = bits >> 16
     upper = torch.where(upper >= 0x8000, upper - 0x10000, upper)  # as a signed 16-bit value
-    return upper.to(torch.int16).view(torch.bfloat16)
+    rounded = torch.empty_like(x, dtype=torch.bfloat16)
+    memory_order(rounded).copy_(upper.to(torch.int16).view(torch.bfloat16))
+    return rounded
