@@ -320,6 +320,8 @@ def test_a_lion_pytorch_state_loads_with_its_moment_in_fp32():
     (dict(lr=-1e-3), "Invalid learning rate: -0.001"),
     (dict(betas=(1.5, 0.99)), "Invalid beta parameter at index 0: 1.5"),
     (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+    (dict(betas=(0.9,)), "betas must be a pair"),
+    (dict(betas=(0.9, 0.99, 0.5)), "betas must be a pair"),
     (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
     (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
     (dict(master_weights=True, stochastic_rounding=True), "master_weights and stochastic_rounding are alternatives"),

@@ -147,3 +147,18 @@ def test_sparse_grads_step_as_torch_steps_them(momentum):
         results.append([p.detach() for p in (embedding.weight, head.weight, head.bias)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_sparse_grads_with_max_grad_norm_are_refused_and_change_nothing():
+    """torch's own update, which steps sparse grads, has no clipping: refused in one sentence, before any change to
+    the dense params beside them."""
+    embedding = torch.nn.Embedding(20, 4, sparse=True)
+    head = torch.nn.Linear(4, 1)
+    opt = fused_optim.SGD([{"params": head.parameters()}, {"params": embedding.parameters()}], lr=0.1, momentum=0.9,
+                          max_grad_norm=1.0)
+    head(embedding(torch.tensor([1, 3, 7]))).square().sum().backward()
+    before = [p.detach().clone() for p in (embedding.weight, head.weight, head.bias)]
+    with pytest.raises(RuntimeError, match=r"^fused_optim.SGD\(max_grad_norm=...\) does not take sparse gradients"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip((embedding.weight, head.weight, head.bias), before))
+    assert len(opt.state) == 0

@@ -75,6 +75,8 @@ class Lion(FusedOptimizer):
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {tuple(betas)}")
         for index, beta in enumerate(betas):
             if not 0.0 <= beta <= 1.0:
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")

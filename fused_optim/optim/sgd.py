@@ -153,6 +153,10 @@ class SGD(FusedOptimizer):
             if grad.is_sparse and int8_moments(p, group) and group["momentum"] != 0:
                 raise RuntimeError("fused_optim.SGD(moments='int8') does not take sparse gradients: torch's own "
                                    "update, which steps them, keeps its momentum buffers in floating point")
+            if grad.is_sparse and self.max_grad_norm is not None:
+                raise RuntimeError("fused_optim.SGD(max_grad_norm=...) does not take sparse gradients: torch's own "
+                                   "update, which steps them, has no clipping; clip with clip_grad_norm_ before "
+                                   "step() instead")
             _backend.resolve(self.backend, p.device.type)
         plan = Plan(group, self.state, has_grad, options)
         for index, p, grad in with_grads:
