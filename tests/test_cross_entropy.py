@@ -378,6 +378,35 @@ def test_every_target_ignored(backend, device, reduction, options):
     assert torch.equal(x.grad, torch.zeros_like(logits))
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_a_nan_coming_back_to_ignored_rows_gives_them_a_zero_gradient(backend, device, label_smoothing):
+    """reduction="none" with a per-sequence mean, one sequence all padding: its rows get 0 / 0 = NaN from above.
+    torch gives ignored rows a zero gradient whatever comes in, so no NaN reaches the model; nor does ours (cross
+    entropy, and linear + cross-entropy, whose "none" backward scales the same rows)."""
+    torch.manual_seed(0)
+    hidden, linear = torch.randn(6, 8, device=device), torch.randn(50, 8, device=device)
+    target = torch.tensor([3, 7, 11, -100, -100, -100], device=device)
+
+    def per_sequence_mean(losses):
+        tokens = (target != -100).view(2, 3).sum(1)
+        return (losses.view(2, 3).sum(1) / tokens)[0]  # the padding sequence's mean is NaN: not used
+
+    grads = []
+    for loss in (lambda h, w: FF.cross_entropy(h @ w.t(), target, reduction="none", label_smoothing=label_smoothing,
+                                               backend=backend),
+                 lambda h, w: FF.linear_cross_entropy(h, w, target, reduction="none",
+                                                      label_smoothing=label_smoothing, backend=backend),
+                 lambda h, w: F.cross_entropy(h @ w.t(), target, reduction="none", label_smoothing=label_smoothing)):
+        h, w = hidden.clone().requires_grad_(), linear.clone().requires_grad_()
+        per_sequence_mean(loss(h, w)).backward()
+        assert not h.grad.isnan().any() and not w.grad.isnan().any()
+        grads.append((h.grad, w.grad))
+    for ours in grads[:2]:
+        torch.testing.assert_close(ours, grads[2])
+    assert torch.equal(grads[0][0][3:], torch.zeros(3, 8, device=device))
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_empty_batch(backend, device, reduction):

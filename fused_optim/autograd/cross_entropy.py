@@ -68,6 +68,13 @@ def reduce_rows(loss_rows: torch.Tensor, lse: torch.Tensor, scales: torch.Tensor
     return (ce + z).to(out_dtype), z.to(out_dtype)
 
 
+def incoming_row_scale(grad_loss: torch.Tensor, ignored_rows: torch.Tensor) -> torch.Tensor:
+    """reduction="none"'s incoming gradient, per row, in fp32, 0 on ignored rows: torch's loss gives those a zero
+    gradient whatever comes in, and a NaN there (a per-sequence mean over a sequence of padding alone, 0 / 0) must
+    not reach the weights through 0 * NaN."""
+    return torch.where(ignored_rows, 0.0, grad_loss.to(torch.float32)).contiguous()
+
+
 def rows_op(backend: str, device: torch.device, weight: torch.Tensor | None, vocab):
     """(the per-row forward: fused_optim::cross_entropy_forward or, for a vocabulary shard, the same contract in two
     passes and an all-gather (autograd/vocab_parallel.py), the class weights it takes, the number of classes)."""
@@ -96,6 +103,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             # backward raises "modified by an inplace operation" instead of using the gradient as logits.
             torch.autograd.graph.increment_version(logits)
         ctx.backend, ctx.scaled = backend, grad is None
+        ctx.ignored_rows = target == ignore_index if reduction == "none" else None
         loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, loss_dtype(logits.dtype, logits.device))
         # The gradient saved as autograd saves activations: hooks that offload them (save_on_cpu) move it too, and
         # activation checkpointing drops it and runs the forward again. The loss last, for differentiable_once.
@@ -111,6 +119,9 @@ class CrossEntropyFunction(torch.autograd.Function):
                                "buffer is used in place (backward once per forward).")
         ctx.scaled = True
         grad = ctx.saved_tensors[0]
-        row_scale = grad_loss.to(torch.float32).contiguous()
+        if ctx.ignored_rows is None:  # one number: a NaN there is NaN in torch's gradient too
+            row_scale = grad_loss.to(torch.float32).contiguous()
+        else:
+            row_scale = incoming_row_scale(grad_loss, ctx.ignored_rows)
         ops.scale_grad_op(ctx.backend, grad.device)(grad, row_scale.view(-1))
         return grad, None, None, None, None, None, None, None, None, None, None, None

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_optim.autograd.cross_entropy import loss_dtype, reduce_rows, reduction_scales, rows_op
+from fused_optim.autograd.cross_entropy import (incoming_row_scale, loss_dtype, reduce_rows, reduction_scales,
+                                                rows_op)
 from fused_optim.autograd.differentiable_once import differentiable_once
 from fused_optim.ops import cross_entropy as ops
 
@@ -158,8 +159,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
             options, rows, backend, vocab = ctx.settings
-            _, _, grads = run_chunks((*ctx.saved_tensors[:-1], options, rows, backend), vocab, needs,
-                                     row_scale=grad_loss.to(torch.float32).contiguous())
+            saved = ctx.saved_tensors[:-1]  # input, linear weight and bias, target, ...
+            _, _, grads = run_chunks((*saved, options, rows, backend), vocab, needs,
+                                     row_scale=incoming_row_scale(grad_loss, saved[3] == options[0]))
         else:
             if ctx.scaled:
                 raise RuntimeError("Trying to backward through the fused linear cross-entropy a second time; its "
