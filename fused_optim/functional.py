@@ -52,7 +52,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     `inplace_backward=True` writes that gradient over the logits (no second (N, V) buffer); the logits' version
     counter is bumped, so a graph that saved them elsewhere raises instead of computing a wrong gradient, but
     reading the logits yourself after the loss gives the gradient. It applies only to logits that are neither a
-    leaf nor a view of one.
+    leaf nor a view of one, nor one of several views an op returned (`chunk`, `split`) or a custom Function did (a
+    module's full backward hook): autograd forbids writing those in place. Other logits get a buffer of their own.
 
     Example:
         >>> import torch, fused_optim.functional as FF
@@ -89,7 +90,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     # never over a leaf's memory: neither a leaf nor a view of one (a view of a parameter is not itself a leaf)
     inplace = inplace_backward and needs_grad and not logits.is_leaf and not (
-        logits._base is not None and logits._base.is_leaf)
+        logits._base is not None and (logits._base.is_leaf or not _writable_view(logits)))
     _refuse_compiled_gradients("cross_entropy", needs_grad)
     loss, z = CrossEntropyFunction.apply(logits, _index_target(target), _class_weight(weight),
                                          reduction, ignore_index, label_smoothing, float(z_loss), softcap,
@@ -237,6 +238,14 @@ def _autocast_linear(input, linear_weight, linear_bias):
 # torch.compile before torch 2.12 hands these losses' backward their gradient buffers as they were before the forward
 # filled them in place: zero gradients (measured under 2.11; 2.12, 2.13 and 2.14 give eager's).
 _COMPILED_GRADIENTS_ARE_ZERO = _backend._release(torch.__version__) < (2, 12)
+
+
+def _writable_view(view: torch.Tensor) -> bool:
+    """Whether autograd lets a view be written in place: not one of several views an op returned (chunk, split,
+    unbind) nor one a custom Function returned (a module's full backward hook), whose backward would then fail. Read
+    from autograd's own record of how the view was made; without it (another torch), no view is."""
+    creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
+    return creation_meta is not None and creation_meta(view) == torch._C._autograd.CreationMeta.DEFAULT
 
 
 def _refuse_compiled_gradients(name: str, needs_grad: bool) -> None:

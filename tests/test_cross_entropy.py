@@ -829,6 +829,30 @@ def test_inplace_backward_through_a_padded_vocab_view(backend, device):
     torch.testing.assert_close(head.grad, torch_head.grad)
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_inplace_backward_on_views_autograd_forbids_writing_gets_its_own_buffer(backend, device):
+    """One of several views an op returned (chunk) and a view a custom Function returned (a module's full backward
+    hook): autograd forbids writing them in place, so the gradient takes a buffer of its own; torch's gradient."""
+    hidden = torch.randn(6, 4, device=device)
+    head = torch.randn(4, 9, device=device, requires_grad=True)
+    torch_head = head.detach().clone().requires_grad_()
+    target = torch.randint(0, 9, (3,), device=device)
+    first, _ = (hidden @ head).chunk(2)
+    FF.cross_entropy(first, target, inplace_backward=True, backend=backend).backward()
+    F.cross_entropy((hidden @ torch_head).chunk(2)[0], target).backward()
+    torch.testing.assert_close(head.grad, torch_head.grad)
+
+    loss = fused_optim.CrossEntropyLoss(inplace_backward=True, backend=backend)
+    seen = []
+    loss.register_full_backward_hook(lambda module, grad_input, grad_output: seen.append(grad_input[0].shape))
+    head.grad = None
+    loss(hidden[:3] @ head, target).backward()
+    torch_head.grad = None
+    F.cross_entropy(hidden[:3] @ torch_head, target).backward()
+    torch.testing.assert_close(head.grad, torch_head.grad)
+    assert seen == [(3, 9)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. bad input: torch's exception (and words where torch's are stable), and the logits untouched
 
