@@ -270,6 +270,9 @@ class WarmupCosine(LRScheduler):
         saved_position = state_dict.get("_device_position")
         self.__dict__.update(state)
         if self._has_float_group():
+            if saved_position is not None:  # saved with tensor lrs, whose position only the device counter kept
+                self._position = int(saved_position)  # (read on the host: a load, not a step)
+                self._last_factor = self._factor(self._position)
             self._skipped_seen = self._read_skipped(self.optimizer)
         if self._device_position is not None:
             if saved_position is not None:

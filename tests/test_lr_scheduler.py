@@ -114,16 +114,18 @@ def test_end_points():
     assert seen[14:] == [0.2, 0.2]
 
 
-@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
-def test_state_dict_resume_continues_identically(tensor_lr):
+@pytest.mark.parametrize("saved_tensor_lr, tensor_lr", [(False, False), (True, True), (False, True), (True, False)],
+                         ids=["float-lr", "tensor-lr", "float-lr-resumed-with-tensor", "tensor-lr-resumed-with-float"])
+def test_state_dict_resume_continues_identically(saved_tensor_lr, tensor_lr):
     # skips before and after the checkpoint; the resumed optimizer counts its skips from 0 again, as a resumed
-    # fused_optim optimizer does (skipped_steps is not part of its state_dict)
+    # fused_optim optimizer does (skipped_steps is not part of its state_dict). A run saved with tensor lrs keeps
+    # its position on the device alone; one resumed with float lrs takes it from there.
     warmup, total, min_ratio, split = 5, 20, 0.1, 8
     opt = make_optimizer(tensor_lr=tensor_lr, skipped_steps=True)
     scheduler = WarmupCosine(opt, warmup, total, min_ratio)
     straight = run(opt, scheduler, 25, skip_at={2, 11})
 
-    opt = make_optimizer(tensor_lr=tensor_lr, skipped_steps=True)
+    opt = make_optimizer(tensor_lr=saved_tensor_lr, skipped_steps=True)
     scheduler = WarmupCosine(opt, warmup, total, min_ratio)
     first = run(opt, scheduler, split, skip_at={2})
     buffer = io.BytesIO()
@@ -134,12 +136,17 @@ def test_state_dict_resume_continues_identically(tensor_lr):
     resumed_opt = make_optimizer(tensor_lr=tensor_lr, skipped_steps=True)
     resumed = WarmupCosine(resumed_opt, warmup, total, min_ratio)
     resumed_opt.load_state_dict(saved["opt"])
+    for group in resumed_opt.param_groups:  # the resumed run's kind of lr, at the saved value
+        group["lr"] = torch.tensor(float(group["lr"])) if tensor_lr else float(group["lr"])
     position = resumed._device_position
     resumed.load_state_dict(saved["sched"])
-    if tensor_lr:  # copied into, not replaced: a captured scheduler.step() keeps its tensors
+    if tensor_lr and saved_tensor_lr:  # copied into, not replaced: a captured scheduler.step() keeps its tensors
         assert resumed._device_position is position
     rest = run(resumed_opt, resumed, 25 - split, skip_at={11 - split})
-    assert first + rest == straight
+    if saved_tensor_lr == tensor_lr:
+        assert first + rest == straight
+    else:  # the first steps ran with the other kind of lr: fp32 tensors against float64 numbers
+        assert_lrs(first + rest, straight, rel=1e-6)
 
 
 def test_state_dict_holds_no_optimizer():
