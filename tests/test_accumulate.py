@@ -437,3 +437,13 @@ def test_params_of_other_dtypes_are_refused():
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend"):
         fused_optim.GradAccumulator(make_model().parameters(), backend="gpu")
+
+
+@pytest.mark.parametrize("use_hooks", [False, True])
+def test_a_sparse_grad_is_refused_in_one_sentence_before_any_sum(use_hooks):
+    embedding = torch.nn.Embedding(5, 3, sparse=True)
+    acc = fused_optim.GradAccumulator(embedding.parameters(), use_hooks=use_hooks)
+    with pytest.raises(RuntimeError, match=r"sparse grads \(nn.Embedding\(sparse=True\)\) are not supported"):
+        embedding(torch.tensor([1, 3])).sum().backward()
+        acc.accumulate()
+    assert float(acc.main_grads[0].abs().max()) == 0
