@@ -159,9 +159,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
             options, rows, backend, vocab = ctx.settings
-            saved = ctx.saved_tensors[:-1]  # input, linear weight and bias, target, ...
+            saved = ctx.saved_tensors[:-1]  # recompute_from: input, linear weight and bias, target, ...
+            target, ignore_index = saved[3], options[0]
             _, _, grads = run_chunks((*saved, options, rows, backend), vocab, needs,
-                                     row_scale=incoming_row_scale(grad_loss, saved[3] == options[0]))
+                                     row_scale=incoming_row_scale(grad_loss, target == ignore_index))
         else:
             if ctx.scaled:
                 raise RuntimeError("Trying to backward through the fused linear cross-entropy a second time; its "

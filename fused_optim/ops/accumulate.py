@@ -67,8 +67,11 @@ def accumulate_grads(main_grads: list[torch.Tensor], grads: list[torch.Tensor], 
     """
     if not main_grads:
         return
-    if any(grad.is_sparse for grad in grads):  # refused before dispatch, which knows no sparse kernel to name
-        raise RuntimeError("accumulate_grads_: sparse grads (nn.Embedding(sparse=True)) are not supported: the main "
-                           "grads are dense fp32 buffers; use a dense embedding")
     main_grads, grads = _dtensor.to_local("accumulate_grads_", main_grads, grads)
-    resolve_op("accumulate_grads_", backend, main_grads[0].device.type)(main_grads, grads)
+    try:
+        resolve_op("accumulate_grads_", backend, main_grads[0].device.type)(main_grads, grads)
+    except NotImplementedError:  # dispatch found no kernel: said in one sentence for a sparse grad (checked only now,
+        if any(grad.is_sparse for grad in grads):  # not on every call)
+            raise RuntimeError("accumulate_grads_: sparse grads (nn.Embedding(sparse=True)) are not supported: the "
+                               "main grads are dense fp32 buffers; use a dense embedding") from None
+        raise
