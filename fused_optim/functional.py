@@ -88,9 +88,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     elif logits.stride(-1) != 1 or logits.stride(0) < num_classes:
         logits = logits.contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    # never over a leaf's memory: neither a leaf nor a view of one (a view of a parameter is not itself a leaf)
-    inplace = inplace_backward and needs_grad and not logits.is_leaf and not (
-        logits._base is not None and (logits._base.is_leaf or not _writable_view(logits)))
+    inplace = inplace_backward and needs_grad and _may_write_gradient_over(logits)
     _refuse_compiled_gradients("cross_entropy", needs_grad)
     loss, z = CrossEntropyFunction.apply(logits, _index_target(target), _class_weight(weight),
                                          reduction, ignore_index, label_smoothing, float(z_loss), softcap,
@@ -170,7 +168,8 @@ def _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction
     _refuse_compiled_gradients("cross_entropy", needs_grad)
     loss, z = CrossEntropyFunction.apply(logits, target, _class_weight(weight), reduction,
                                          ignore_index, label_smoothing, float(z_loss), softcap, needs_grad,
-                                         inplace_backward and needs_grad and not input.is_leaf, backend, shard)
+                                         inplace_backward and needs_grad and _may_write_gradient_over(logits),
+                                         backend, shard)
     loss, z = shard.replicated(loss), shard.replicated(z)
     return (loss, z) if return_z_loss else loss
 
@@ -238,6 +237,13 @@ def _autocast_linear(input, linear_weight, linear_bias):
 # torch.compile before torch 2.12 hands these losses' backward their gradient buffers as they were before the forward
 # filled them in place: zero gradients (measured under 2.11; 2.12, 2.13 and 2.14 give eager's).
 _COMPILED_GRADIENTS_ARE_ZERO = _backend._release(torch.__version__) < (2, 12)
+
+
+def _may_write_gradient_over(logits: torch.Tensor) -> bool:
+    """Whether the logits' gradient may be written over their memory: never a leaf's (nor a view of one: a view of
+    a parameter is not itself a leaf), nor a view autograd forbids writing in place."""
+    return not logits.is_leaf and not (
+        logits._base is not None and (logits._base.is_leaf or not _writable_view(logits)))
 
 
 def _writable_view(view: torch.Tensor) -> bool:

@@ -234,20 +234,22 @@ class SGD(FusedOptimizer):
         is set (`_count_is_only_set`): torch's SGD keeps none, and DCP asks for every key of the dict it loads into,
         so a checkpoint of torch's SGD loads into ours. Reads the counts on the host, once per call."""
         state_dict = super()._own_state_dict()
-        unset = [index for index, state in state_dict["state"].items() if isinstance(state, dict)
-                 and "step" in state and "momentum_buffer" in state and not bool(state["step"] != 0)]
-        for index in unset:
-            kept = {key: value for key, value in state_dict["state"][index].items()
-                    if key not in ("momentum_buffer", "step", "moment_scales")}
+        numbered = self._numbered_params()
+        for index, state in list(state_dict["state"].items()):
+            if not isinstance(state, dict) or "step" not in state:
+                continue
+            if "momentum_buffer" in state and not bool(state["step"] != 0):
+                dropped = ("momentum_buffer", "step", "moment_scales")
+            elif self._count_is_only_set(*numbered[index]):
+                dropped = ("step",)
+            else:
+                continue
+            # a new dict: the state_dict's entries are the optimizer's own
+            kept = {key: value for key, value in state.items() if key not in dropped}
             if kept:
                 state_dict["state"][index] = kept
             else:
                 del state_dict["state"][index]
-        numbered = self._numbered_params()
-        for index, state in state_dict["state"].items():
-            if "step" in state and self._count_is_only_set(*numbered[index]):
-                # a new dict: the state_dict's entries are the optimizer's own
-                state_dict["state"][index] = {key: value for key, value in state.items() if key != "step"}
         return state_dict
 
     def _count_is_only_set(self, p: Tensor, group: dict[str, Any]) -> bool:
