@@ -132,3 +132,62 @@ def test_one_misfit_grad_among_many_is_refused_and_nothing_steps(misfit):
     params[73].main_grad = good
     opt.step()
     assert not any(torch.equal(p, b) for p, b in zip(params, before))
+
+
+GRAD_DTYPE = hasattr(torch.nn.Parameter(torch.zeros(1)), "grad_dtype")  # torch 2.14: a grad of another dtype
+
+
+def low_precision_grads(params, dtype, seed=0):
+    """bf16/fp16 grads for fp32 params, as autograd accumulates them with `grad_dtype`."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad_dtype = None
+        p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+
+
+@pytest.mark.skipif(not GRAD_DTYPE, reason="needs torch's Parameter.grad_dtype (2.14)")
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cls, options", [(fused_optim.AdamW, {}), (fused_optim.Adam, {"moments": "int8"}),
+                                          (fused_optim.SGD, {"momentum": 0.9}), (fused_optim.Lion, {})],
+                         ids=["AdamW", "Adam-int8", "SGD", "Lion"])
+def test_a_low_precision_grad_of_an_fp32_param_steps_as_its_fp32_value(cls, options, grad_dtype, cpu_backend):
+    """torch's SGD steps an fp32 param with a bf16/fp16 grad (torch 2.14's grad_dtype); ours do too, every
+    optimizer, reading the grad in fp32 (a widened copy: bit for bit the step with the fp32 grad), in step() and in
+    gradient release. SGD as torch's with the fp32 grads: torch's own momentum buffer would take the grad's dtype
+    and round every step."""
+    shapes = [(3,), (1023,), (4, 5)]
+    low = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1))) for shape in shapes]
+    wide = [torch.nn.Parameter(p.detach().clone()) for p in low]
+    opt_low = cls(low, lr=0.1, backend=cpu_backend, **options)
+    opt_wide = cls(wide, lr=0.1, backend=cpu_backend, **options)
+    for step in range(3):
+        low_precision_grads(low, grad_dtype, seed=step)
+        for p, q in zip(low, wide):
+            q.grad = p.grad.float()
+        opt_low.step()
+        opt_wide.step()
+    for p, q in zip(low, wide):
+        assert torch.equal(p, q)
+    if cls is fused_optim.SGD:
+        reference = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+                     for shape in shapes]
+        torch_opt = torch.optim.SGD(reference, lr=0.1, **options)
+        for step in range(3):
+            low_precision_grads(reference, grad_dtype, seed=step)
+            for p in reference:
+                p.grad = p.grad.float()
+            torch_opt.step()
+        for p, q in zip(low, reference):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    released = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1))) for shape in shapes]
+    opt_released = cls(released, lr=0.1, backend=cpu_backend, gradient_release=True, **options)
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        for p in released:
+            p.grad_dtype = grad_dtype  # autograd accumulates in grad_dtype; the hook then steps
+        loss = sum((p * torch.randn(p.shape, generator=generator).to(grad_dtype).float()).sum() for p in released)
+        loss.backward()
+        opt_released.step()
+        assert all(p.grad is None for p in released)
+    for p, q in zip(released, low):
+        assert torch.equal(p, q)

@@ -261,6 +261,17 @@ def _grads_fit(params_and_grads: list[tuple[Tensor, Tensor]]) -> bool:
                  or all(dtype in (param_dtype, torch.float32) for dtype, param_dtype in zip(grad_dtypes, dtypes))))
 
 
+def _must_widen(p: Tensor, grad: Tensor) -> bool:
+    """A bf16/fp16 grad of an fp32/fp64 param (torch's `grad_dtype`): torch's update reads it in the param's
+    precision, and so do ours, from a widened copy (the kernels read grads of the param's dtype or fp32)."""
+    return (grad.dtype in (torch.bfloat16, torch.float16) and p.dtype in (torch.float32, torch.float64)
+            and not grad.is_sparse and grad.shape == p.shape and grad.device == p.device)
+
+
+def _widened(p: Tensor, grad: Tensor | None) -> Tensor | None:
+    return grad.to(p.dtype) if grad is not None and _must_widen(p, grad) else grad
+
+
 class FusedOptimizer(Optimizer):
     """A torch Optimizer stepped by fused_optim kernels; subclasses run torch's own argument checks first.
 
@@ -446,7 +457,8 @@ class FusedOptimizer(Optimizer):
             grad = accumulator.released_grad(index, p, weakref.WeakMethod(self._release))
             if grad is None:
                 return
-        self._check_grads([(p, grad)])
+        if self._check_grads([(p, grad)]):
+            grad = _widened(p, grad)
         own, group = self._release_views[p]
         view = {**group, **own}  # a dict, not a ChainMap: its dozen lookups cost a tenth
         for kind, lists in self._gather(view, [grad], p).items():
@@ -478,8 +490,10 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         # every grad checked before any group gathers (and creates state): a bad grad anywhere changes nothing
         group_grads = [[grad_of(p) for p in group["params"]] for group in self.param_groups]
-        self._check_grads([(p, grad) for group, grads in zip(self.param_groups, group_grads)
-                           for p, grad in zip(group["params"], grads) if grad is not None])
+        if self._check_grads([(p, grad) for group, grads in zip(self.param_groups, group_grads)
+                              for p, grad in zip(group["params"], grads) if grad is not None]):
+            group_grads = [[_widened(p, grad) for p, grad in zip(group["params"], grads)]
+                           for group, grads in zip(self.param_groups, group_grads)]
         known = len(self.state)
         try:
             gathered = [(group, self._gather(group, grads, index))
@@ -613,16 +627,19 @@ class FusedOptimizer(Optimizer):
     # torch's error for a sparse grad, where the kernels take dense ones only (None: the optimizer steps them)
     _sparse_grad_message: str | None = None
 
-    def _check_grads(self, params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
+    def _check_grads(self, params_and_grads: list[tuple[Tensor, Tensor]]) -> bool:
         """The kernels' own check of each grad against its param, run over every group before any group gathers
         its state or is stepped (and before the guard counts anything), so that a bad grad anywhere changes
-        nothing."""
+        nothing. True when some grad must first be widened (`_widened`)."""
         if not params_and_grads or (not torch.compiler.is_compiling() and _grads_fit(params_and_grads)):
-            return
+            return False
+        widen = False
         for p, grad in params_and_grads:  # which grad does not fit, and how, in words
             if grad.is_sparse and self._sparse_grad_message is not None:
                 raise RuntimeError(self._sparse_grad_message)
-            if grad.shape != p.shape or grad.device != p.device or grad.dtype not in (p.dtype, torch.float32):
+            if _must_widen(p, grad):
+                widen = True
+            elif grad.shape != p.shape or grad.device != p.device or grad.dtype not in (p.dtype, torch.float32):
                 raise RuntimeError(
                     f"{type(self).__name__}: a grad must have its param's shape and device, and its param's dtype or "
                     f"float32; got {tuple(grad.shape)} {grad.dtype} on {grad.device} for a param of "
@@ -634,6 +651,7 @@ class FusedOptimizer(Optimizer):
                     f"(and a plain param's grad a plain tensor); got {_describe_layout(grad)} for a param with "
                     f"{_describe_layout(p)}"
                 )
+        return widen
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict, but for a DTensor param's int8 moment scales: those of its local shard's blocks,
