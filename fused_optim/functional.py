@@ -53,7 +53,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     counter is bumped, so a graph that saved them elsewhere raises instead of computing a wrong gradient, but
     reading the logits yourself after the loss gives the gradient. It applies only to logits that are neither a
     leaf nor a view of one, nor one of several views an op returned (`chunk`, `split`) or a custom Function did (a
-    module's full backward hook): autograd forbids writing those in place. Other logits get a buffer of their own.
+    module's full backward hook, and a DTensor's `to_local()`, whose shard a vocabulary-parallel loss reads): autograd
+    forbids writing those in place. Other logits get a buffer of their own.
 
     Example:
         >>> import torch, fused_optim.functional as FF
