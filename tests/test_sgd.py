@@ -508,6 +508,46 @@ def test_state_dict_has_torchs_keys():
     masters.step()
     saved = masters.state_dict()["state"]  # beside master remainders as well
     assert all(set(state) == {"momentum_buffer", "master_remainder"} for state in saved.values())
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))  # stepped as its real view
+    complex_opt = fused_optim.SGD([complex_param], lr=1e-2, momentum=0.9)
+    complex_param.grad = torch.randn(3, dtype=torch.complex64)
+    complex_opt.step()
+    assert set(complex_opt.state_dict()["state"][0]) == {"momentum_buffer"}
+
+
+def test_a_buffer_torch_saved_as_none_loads_as_unset():
+    """torch's SGD may save a param's buffer as None (it loads and steps such a dict): ours loads it as no state,
+    and steps as torch does."""
+    init = [torch.randn(3)]
+    for momentum in (0.0, 0.9):
+        ours, theirs = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+        opt = fused_optim.SGD(ours, lr=0.1, momentum=momentum)
+        torch_opt = torch.optim.SGD(theirs, lr=0.1, momentum=momentum)
+        saved = {"state": {0: {"momentum_buffer": None}}, "param_groups": torch_opt.state_dict()["param_groups"]}
+        opt.load_state_dict(saved)
+        torch_opt.load_state_dict(saved)
+        assert not opt.state
+        for _ in range(2):
+            set_grads(random_grads([(3,)]), ours, theirs)
+            opt.step()
+            torch_opt.step()
+        torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-7)
+        assert set(opt.state_dict()["state"].get(0, {})) == ({"momentum_buffer"} if momentum else set())
+
+
+def test_nesterov_with_momentum_scheduled_to_zero_steps_as_torch():
+    """torch checks nesterov's momentum at construction only: with the momentum a scheduler (OneCycleLR's
+    cycle_momentum) has taken to 0, its step is plain SGD, and ours too."""
+    init = [torch.randn(5)]
+    ours, theirs = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+    opts = [fused_optim.SGD(ours, lr=0.1, momentum=0.9, nesterov=True),
+            torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=True)]
+    for momentum in (0.9, 0.0, 0.0, 0.5):
+        set_grads(random_grads([(5,)]), ours, theirs)
+        for opt in opts:
+            opt.param_groups[0]["momentum"] = momentum
+            opt.step()
+        torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("options", [{"moments": "bf16"}, {"moments": "int8"},

@@ -913,12 +913,13 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
 
 def _check_saved_codes(saved: dict[str, Any], param_id: Any, p: Tensor, moment_keys: Sequence[str]) -> None:
     """A param's saved int8 moments (moments="int8") come with their bf16 `moment_scales`, one row per moment."""
-    coded = [key for key in moment_keys if key in saved and saved[key].dtype in (torch.int8, torch.uint8)]
+    held = [key for key in moment_keys if saved.get(key) is not None]  # torch's SGD may save a buffer as None
+    coded = [key for key in held if saved[key].dtype in (torch.int8, torch.uint8)]
     scales = saved.get("moment_scales")
     if not coded and scales is None:
         return
     local = p.to_local() if is_dtensor(p) else p
-    expected = (len([key for key in moment_keys if key in saved]), scale_count(local.numel()))
+    expected = (len(held), scale_count(local.numel()))
     if not isinstance(scales, Tensor) or scales.dtype != torch.bfloat16 or tuple(scales.shape) != expected:
         raise TypeError(f"loaded state dict's int8 moments of param {param_id} need their 'moment_scales': a bfloat16 "
                         f"tensor of shape {expected}, got {scales if scales is None else (scales.dtype, tuple(scales.shape))}")

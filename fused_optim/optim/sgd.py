@@ -46,6 +46,9 @@ from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer
                                      restore_moments)
 from fused_optim.optim._plan import Plan
 
+# momentum buffers that round to nearest (fp32 and fp64, and complex params' buffers, stepped as their real views)
+_WIDE_BUFFER_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
 
 class SGD(FusedOptimizer):
     """Stochastic gradient descent with torch.optim.SGD's signature, state layout and results, fused.
@@ -122,7 +125,8 @@ class SGD(FusedOptimizer):
             dampening=group["dampening"],
             # torch allows a tensor weight decay; our kernels take it as a number (a host read, only then)
             weight_decay=float(weight_decay) if isinstance(weight_decay, Tensor) else weight_decay,
-            nesterov=group["nesterov"],
+            # torch checks nesterov's momentum at construction only: a scheduler may take momentum to 0 since
+            nesterov=group["nesterov"] and group["momentum"] != 0,
             maximize=group["maximize"],
             seed=group.get("seed", 0),
             grad_scale=grad_scale,
@@ -253,11 +257,11 @@ class SGD(FusedOptimizer):
         return state_dict
 
     def _count_is_only_set(self, p: Tensor, group: dict[str, Any]) -> bool:
-        """Whether `p`'s step count tells nothing but that its momentum buffer is set: an fp32 (fp64) buffer of a
-        param not rounded stochastically. A bf16 or int8 buffer and a stochastically rounded param round with random
+        """Whether `p`'s step count tells nothing but that its momentum buffer is set: an fp32, fp64 or complex buffer
+        of a param not rounded stochastically. A bf16 or int8 buffer and a stochastically rounded param round with random
         bits that the count keys. A buffer loaded without a count counts as set."""
         state = self.state[p]
-        return ("momentum_buffer" in state and state["momentum_buffer"].dtype in (torch.float32, torch.float64)
+        return ("momentum_buffer" in state and state["momentum_buffer"].dtype in _WIDE_BUFFER_DTYPES
                 and self._kind(p, state, group) != "stochastic")
 
     def _restore_saved_state(self, state_dict: dict[str, Any]) -> None:
@@ -279,6 +283,8 @@ class SGD(FusedOptimizer):
                     state.pop("step", None)
                     if step is not None and group["momentum"] == 0:
                         state["step"] = torch.as_tensor(step).to(device=p.device, dtype=torch.float32, copy=True)
+                    if not state:  # torch's SGD saved the buffer as None: no state, as a param never stepped
+                        del self.state[p]
                     continue
                 # re-taken from the saved value: torch's loader has cast it to the param dtype
                 restore_moments(p, state, saved_state, group, self._moment_keys)
