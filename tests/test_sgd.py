@@ -535,19 +535,24 @@ def test_a_buffer_torch_saved_as_none_loads_as_unset():
         assert set(opt.state_dict()["state"].get(0, {})) == ({"momentum_buffer"} if momentum else set())
 
 
-def test_nesterov_with_momentum_scheduled_to_zero_steps_as_torch():
-    """torch checks nesterov's momentum at construction only: with the momentum a scheduler (OneCycleLR's
-    cycle_momentum) has taken to 0, its step is plain SGD, and ours too."""
-    init = [torch.randn(5)]
-    ours, theirs = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
-    opts = [fused_optim.SGD(ours, lr=0.1, momentum=0.9, nesterov=True),
-            torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=True)]
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_nesterov_groups_torch_steps_step_as_torchs(backend, device):
+    """torch checks Nesterov's momentum and dampening against the constructor's defaults only: a group of its own
+    with dampening, or a momentum a scheduler (OneCycleLR's cycle_momentum) has taken to 0 (a plain SGD step), steps
+    there, and ours too."""
+    init = [torch.randn(5), torch.randn(1023)]
+    ours, theirs = make_params(init, torch.float32, device), make_params(init, torch.float32, device)
+    opts = [cls([{"params": ours_or_theirs[:1]}, {"params": ours_or_theirs[1:], "dampening": 0.3}], lr=0.1,
+                momentum=0.9, nesterov=True, **extra)
+            for cls, ours_or_theirs, extra in ((fused_optim.SGD, ours, {"backend": backend}),
+                                               (torch.optim.SGD, theirs, {}))]
     for momentum in (0.9, 0.0, 0.0, 0.5):
-        set_grads(random_grads([(5,)]), ours, theirs)
+        set_grads(random_grads([(5,), (1023,)], device=device), ours, theirs)
         for opt in opts:
             opt.param_groups[0]["momentum"] = momentum
             opt.step()
-        torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-7)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("options", [{"moments": "bf16"}, {"moments": "int8"},

@@ -44,8 +44,8 @@ inline std::vector<Tensor> check_sgd_args(FUSED_OPTIM_SGD_ARGS) {
   FO_CHECK(master_params.empty() || master_params.size() == n, "sgd_step_: one master param per param, or none");
   FO_CHECK(!(stochastic_rounding && !master_params.empty()),
            "sgd_step_: stochastic_rounding and master params are alternatives; pass one");
-  FO_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0),
-           "sgd_step_: Nesterov momentum requires a momentum and zero dampening");
+  // dampening is allowed: torch checks it with Nesterov at construction only, and a group may set it
+  FO_CHECK(!nesterov || momentum > 0.0, "sgd_step_: Nesterov momentum requires a momentum");
   const bool int8 = !moment_scales.empty();
   FO_CHECK(!int8 || (has_momentum && moment_scales.size() == n),
            "sgd_step_: int8 momentum buffers need momentum and one moment_scales tensor per param");

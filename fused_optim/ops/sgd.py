@@ -32,7 +32,7 @@ SGD_SCHEMA = (
 SPARSE_MESSAGE = "sgd_step: sparse gradients are not supported"
 
 
-def check_sgd_args(params, grads, momentum_buffers, master_params, steps, moment_scales, momentum, dampening,
+def check_sgd_args(params, grads, momentum_buffers, master_params, steps, moment_scales, momentum,
                    nesterov, stochastic_rounding, scalars=(), dtypes=FLOAT_DTYPES) -> list[torch.Tensor]:
     """The Python twin of csrc/ops/sgd.h's check_sgd_args, for the Triton and torch ops
     (`dtypes`: the param dtypes the op takes): every argument checked before anything is written, and the grads
@@ -48,8 +48,8 @@ def check_sgd_args(params, grads, momentum_buffers, master_params, steps, moment
         raise RuntimeError("sgd_step: one master param per param, or none")
     if stochastic_rounding and master_params:
         raise RuntimeError("sgd_step: stochastic_rounding and master params are alternatives; pass one")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise RuntimeError("sgd_step: Nesterov momentum requires a momentum and zero dampening")
+    if nesterov and momentum <= 0:  # dampening is allowed: torch checks it with Nesterov at construction only
+        raise RuntimeError("sgd_step: Nesterov momentum requires a momentum")
     if moment_scales and not momentum_buffers:
         raise RuntimeError("sgd_step: int8 momentum buffers need momentum")
     buffers = [momentum_buffers] if momentum_buffers else []
@@ -62,7 +62,7 @@ def _sgd_step_triton(params, grads, momentum_buffers, master_params, steps, mome
                      dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed, grad_scale, found_inf):
     from fused_optim.triton.sgd import sgd_step_triton
 
-    grads = check_sgd_args(params, grads, momentum_buffers, master_params, steps, moment_scales, momentum, dampening,
+    grads = check_sgd_args(params, grads, momentum_buffers, master_params, steps, moment_scales, momentum,
                            nesterov, stochastic_rounding, (lr_tensor, grad_scale, found_inf))
     if params:
         sgd_step_triton(params, grads, momentum_buffers, master_params, steps, moment_scales, lr, lr_tensor, momentum,
@@ -73,7 +73,7 @@ def _sgd_step_torch(params, grads, momentum_buffers, master_params, steps, momen
                     dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed, grad_scale, found_inf):
     """sgd.h's formulas in plain torch ops, one tensor at a time in fp32 (fp64 for fp64 params); the first step and
     a skipped step are selected with torch.where, so nothing is read on the host."""
-    grads = check_sgd_args(params, grads, momentum_buffers, master_params, steps, moment_scales, momentum, dampening,
+    grads = check_sgd_args(params, grads, momentum_buffers, master_params, steps, moment_scales, momentum,
                            nesterov, stochastic_rounding, (lr_tensor, grad_scale, found_inf),
                            (*FLOAT_DTYPES, torch.float64))
     if not params:
