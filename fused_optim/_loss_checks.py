@@ -4,11 +4,22 @@ here reads tensor data, so nothing syncs with a GPU."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from fused_optim.autograd.cross_entropy import loss_dtype
 
 REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_ignore_index(ignore_index) -> None:
+    """An integer, as torch's argument parser takes it (a float one would reach our op's schema, a RuntimeError)."""
+    try:
+        operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
+                        f"{type(ignore_index).__name__}") from None
 
 
 def _type_name(dtype: torch.dtype) -> str:

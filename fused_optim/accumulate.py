@@ -70,7 +70,8 @@ def count_tokens(target: Tensor, ignore_index: int = -100, *, weight: Tensor | N
     kept = target != ignore_index
     if weight is None:
         return kept.sum()
-    return torch.where(kept, weight[torch.where(kept, target, 0)], 0).sum()
+    # int64 indices: a uint8 target (torch's losses take those too) would index as a boolean mask
+    return torch.where(kept, weight[torch.where(kept, target, 0).long()], 0).sum()
 
 
 def _local(p: Tensor) -> Tensor:

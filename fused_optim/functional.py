@@ -28,6 +28,8 @@ mesh, as torch's; the gradient stays sharded.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +70,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     softcap = _check_extras(z_loss, softcap)
     backend = backend if backend is not None else _backend.default_backend()
     _loss_checks.check_cross_entropy(input, target, weight, reduction, label_smoothing)
+    _loss_checks.check_ignore_index(ignore_index)
     label_smoothing = _smoothing(label_smoothing)
     if is_dtensor(input):
         return _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -214,7 +217,8 @@ def _check_extras(z_loss, softcap) -> float:
         raise ValueError(f"z_loss must be a non-negative float, got {z_loss}.")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or a positive float, got {softcap}.")
-    return float(softcap) if softcap is not None else 0.0
+    # 0.0: no capping, which an infinite cap is (softcap * tanh(x / softcap) tends to x)
+    return float(softcap) if softcap is not None and softcap != math.inf else 0.0
 
 
 def _index_target(target: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,10 @@ def test_count_tokens():
     count = fused_optim.count_tokens(target)
     assert count.dtype == torch.int64 and count.shape == () and int(count) == 3
     assert int(fused_optim.count_tokens(target, ignore_index=0)) == 5
+    # uint8 targets, which torch's losses take: with class weights, as indices (a uint8 index is a boolean mask)
+    weight = torch.tensor([0.5, 2.0, 3.0])
+    for uint8_target, weight_sum in ((torch.tensor([1, 1, 1]), 6.0), (torch.tensor([2, 1]), 5.0)):
+        assert float(fused_optim.count_tokens(uint8_target.to(torch.uint8), weight=weight)) == weight_sum
 
 
 def test_count_tokens_is_what_torchs_mean_divides_by():

@@ -873,6 +873,7 @@ def _bad_inputs(device):
         "int32-target": (t.int(), {}, {}, TORCH_2_12),
         "reduction-avg": (t, dict(reduction="avg"), {}, True),
         "label_smoothing-1.5": (t, dict(label_smoothing=1.5), {}, True),
+        "float-ignore_index": (t, dict(ignore_index=1.0), {}, True),
     }, x
 
 
@@ -971,6 +972,33 @@ def test_bad_extras_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         FF.cross_entropy(x, torch.randint(0, 7, (5,)), inplace_backward=True, **kwargs)
     assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_an_infinite_softcap_caps_nothing(backend, device):
+    """softcap * tanh(x / softcap) tends to x: an infinite cap is no cap (it gave inf * tanh(0), a NaN loss)."""
+    logits = 4 * torch.randn(5, 7, device=device)
+    target = torch.randint(0, 7, (5,), device=device)
+    capped = FF.cross_entropy(logits, target, softcap=math.inf, backend=backend)
+    assert torch.equal(capped, FF.cross_entropy(logits, target, backend=backend))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_kept_targets_all_weighted_zero_give_torchs_nan(backend, device, label_smoothing):
+    """The mean over kept targets whose class weights are all 0 is torch's 0 / 0: a NaN loss and NaN gradients.
+    With label smoothing ours gave inf (the smoothing term, which is not 0, over 0)."""
+    logits = torch.randn(2, 5, device=device, requires_grad=True)
+    target, weight = torch.tensor([1, 3], device=device), torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], device=device)
+    losses, grads = [], []
+    for fn, extra in ((FF.cross_entropy, {"backend": backend}), (F.cross_entropy, {})):
+        logits.grad = None
+        loss = fn(logits, target, weight, label_smoothing=label_smoothing, **extra)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(logits.grad)
+    torch.testing.assert_close(losses[0], losses[1], equal_nan=True)
+    torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
 
 
 def test_triton_out_of_range_target_gives_that_row_a_nan_loss():

@@ -8,6 +8,8 @@ The backward then only multiplies it by the incoming gradient, a no-op that read
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fused_optim.autograd.differentiable_once import differentiable_once
@@ -37,10 +39,9 @@ def reduction_scales(target: torch.Tensor, weight: torch.Tensor | None, num_clas
     """(ce_scale, z_scale, sum of the class weights) as one fp32 device tensor, without a host sync.
 
     "mean" divides the cross-entropy by the summed weights of the kept targets (torch's rule: a plain count without
-    weights) and the z-loss by the number of kept targets; "sum" and "none" leave both unscaled. Every target
-    ignored gives 1/0 = inf: the loss comes out NaN, as torch's does, and the gradient stays zero (ignored rows
-    never use the scale).
-    """
+    weights) and the z-loss by the number of kept targets; "sum" and "none" leave both unscaled. No kept weight
+    (every target ignored, or every kept one weighted 0) gives a NaN scale: the loss comes out NaN, as torch's 0 / 0
+    does, and ignored rows' gradient stays zero (they never use the scale)."""
     kept = target != ignore_index
     kept_count = kept.sum(dtype=torch.float32)
     if weight is None:
@@ -50,7 +51,9 @@ def reduction_scales(target: torch.Tensor, weight: torch.Tensor | None, num_clas
         kept_weight = (weight[target.clamp(0, num_classes - 1)] * kept).sum(dtype=torch.float32)
         weight_sum = weight.sum(dtype=torch.float32)
     if reduction == "mean":
-        return torch.stack([1 / kept_weight, 1 / kept_count, weight_sum])
+        # kept targets whose weights sum to 0: NaN as torch's 0 / 0, not inf from a label-smoothing term over 0
+        ce_scale = torch.where(kept_weight != 0, 1 / kept_weight, math.nan)
+        return torch.stack([ce_scale, 1 / kept_count, weight_sum])
     one = torch.ones_like(kept_count)
     return torch.stack([one, one, weight_sum])
 
