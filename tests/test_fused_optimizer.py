@@ -191,3 +191,34 @@ def test_a_low_precision_grad_of_an_fp32_param_steps_as_its_fp32_value(cls, opti
         assert all(p.grad is None for p in released)
     for p, q in zip(released, low):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("options", [{"stochastic_rounding": True}, {"moments": "bf16"}, {"moments": "int8"}],
+                         ids=["stochastic_rounding", "bf16-moments", "int8-moments"])
+def test_seeds_drawn_before_torch_distributed_started_become_the_replicas_own(options, monkeypatch):
+    """An optimizer built before init_process_group, on ranks seeded differently (dropout, data order), hashed each
+    rank's torch seed into its groups' seeds, and DDP replicas rounded apart: once torch.distributed runs, the first
+    step takes the seed every replica draws alike. A seed a group was given stays. (Two optimizers in one process
+    stand for two ranks; `_multi_process` for init_process_group.)"""
+    from fused_optim.optim import _base
+
+    init = torch.randn(2, 300, generator=torch.Generator().manual_seed(0))
+    replicas = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        params = [torch.nn.Parameter(init[0].clone().bfloat16())]
+        opt = fused_optim.AdamW(params, lr=1e-2, **options)
+        opt.add_param_group({"params": [torch.nn.Parameter(init[1].clone().bfloat16())], "seed": 7})
+        replicas.append(opt)
+    assert replicas[0].param_groups[0]["seed"] != replicas[1].param_groups[0]["seed"]
+    monkeypatch.setattr(_base, "_multi_process", lambda: True)
+    for step in range(3):
+        grads = torch.randn(2, 300, generator=torch.Generator().manual_seed(step)).bfloat16()
+        for opt in replicas:
+            for group, grad in zip(opt.param_groups, grads):
+                group["params"][0].grad = grad.clone()
+            opt.step()
+    first, second = ([group["params"][0] for group in opt.param_groups] for opt in replicas)
+    assert all(torch.equal(p, q) for p, q in zip(first, second))
+    assert [group["seed"] for group in replicas[0].param_groups] == [group["seed"] for group in replicas[1].param_groups]
+    assert replicas[0].param_groups[1]["seed"] == 7

@@ -117,7 +117,7 @@ def check_group_options(group: dict[str, Any]) -> None:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
 
 
-def group_seed(index: int, params: list[Tensor]) -> int:
+def group_seed(index: int, params: list[Tensor], distributed: bool) -> int:
     """The stochastic-rounding seed of an optimizer's param group `index` over `params`: a hash of torch's initial
     seed (what torch.manual_seed set: a seeded run draws the same bits), the group's index and its params' shapes
     (two optimizers over different params draw differently). Nothing is drawn from torch's generator, so the
@@ -126,7 +126,7 @@ def group_seed(index: int, params: list[Tensor]) -> int:
     Under torch.distributed torch's seed is left out: scripts often seed each rank differently (dropout, data), and
     replicas (DDP, HSDP) must round alike to stay equal; each shard's own seed is ops/_dtensor.py's rank_seed."""
     shapes = ",".join(str(tuple(p.shape)) for p in params)
-    torch_seed = "distributed" if _multi_process() else torch.initial_seed()
+    torch_seed = "distributed" if distributed else torch.initial_seed()
     return zlib.crc32(f"{torch_seed} {index} {shapes}".encode()) % (2**31 - 1)
 
 
@@ -318,6 +318,8 @@ class FusedOptimizer(Optimizer):
         # the lists a step hands the kernels, kept between steps: per group by its index (torch 2.11's torch.compile
         # cannot trace id() of a dict), per param when gradient release steps it alone
         self._plans: dict[int | Tensor, Any] = {}
+        # the seeds of groups drawn from this process's torch seed before torch.distributed ran (_settle_seeds)
+        self._local_seeds: dict[int, int] = {}
         # gradient release: each param's own one-param view of its group, and its hook's handle (add_param_group)
         self.gradient_release = gradient_release
         if gradient_release:
@@ -361,8 +363,12 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}: {problem}.")
         # Each group's own seed for stochastic rounding (of bf16 params or moments), saved with the state_dict so a
         # resumed run draws the same.
-        if self.param_groups[-1].get("stochastic_rounding") or self.param_groups[-1].get("moments") in ("bf16", "int8"):
-            self.param_groups[-1].setdefault("seed", group_seed(len(self.param_groups) - 1, params))
+        group, index = self.param_groups[-1], len(self.param_groups) - 1
+        if (group.get("stochastic_rounding") or group.get("moments") in ("bf16", "int8")) and "seed" not in group:
+            distributed = _multi_process()
+            group["seed"] = group_seed(index, params, distributed)
+            if not distributed:
+                self._local_seeds[index] = group["seed"]
         if self.gradient_release:
             hooked = self._hook_group(self.param_groups[-1], take_over=True)
             if hasattr(self, "_guard"):  # after the constructor (which takes its params over once it has them all)
@@ -484,6 +490,8 @@ class FusedOptimizer(Optimizer):
                                  "so a closure, which runs backward again for the same step, is not supported")
             self._release_unhooked()
             return None  # every param with a grad was stepped in backward, and its grad is gone
+        if self._local_seeds and not torch.compiler.is_compiling():
+            self._settle_seeds()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -516,6 +524,19 @@ class FusedOptimizer(Optimizer):
                 with torch.set_grad_enabled(group["differentiable"]):  # as torch's _use_grad_for_differentiable
                     self._update_with_torch(group, lists)
         return loss
+
+    def _settle_seeds(self) -> None:
+        """An optimizer built before torch.distributed started hashed each rank's own torch seed into its groups'
+        seeds (group_seed), and DDP replicas would round apart: once it runs, those seeds become the distributed
+        ones (a seed loaded since stays)."""
+        if not _multi_process():
+            return
+        for index, seed in self._local_seeds.items():
+            group = self.param_groups[index]
+            if group.get("seed") == seed:
+                group["seed"] = group_seed(index, group["params"], distributed=True)
+        self._local_seeds.clear()
+        self._plans.clear()
 
     def _release_unhooked(self) -> None:
         """Gradient release's step(): a param that began to take grads after its group was hooked (unfrozen since)
@@ -830,7 +851,7 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # the release hooks are the live params' own: a copy or an unpickled optimizer registers its own
         return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm,
-                "gradient_release": self.gradient_release}
+                "gradient_release": self.gradient_release, "local_seeds": self._local_seeds}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch pickles only defaults, state and param_groups; the rest is ours to restore (deepcopy, pickle).
@@ -840,6 +861,8 @@ class FusedOptimizer(Optimizer):
             self.max_grad_norm = state.pop("max_grad_norm", None)
         self.grad_norm_group = getattr(self, "grad_norm_group", None)  # a process group is not pickled: none
         self._torch_layout = getattr(self, "_torch_layout", None)
+        if "local_seeds" in state or not hasattr(self, "_local_seeds"):
+            self._local_seeds = dict(state.pop("local_seeds", {}))
         super().__setstate__(state)
         if not hasattr(self, "_guard"):
             self._guard = StepGuard(self)
