@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 
 import torch
@@ -97,8 +98,10 @@ def main() -> None:
     dcp.load(state, checkpoint_id=checkpoint[0])
     set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     go_on, from_checkpoint = train(model, opt, mesh, 2, args.steps), train(resumed, resumed_opt, mesh, 2, args.steps)
+    dist.barrier()  # every rank has read the checkpoint: rank 0 removes it
     if rank == 0:
         print(f"2 more steps: loss {go_on:.6f} going on, {from_checkpoint:.6f} from the checkpoint")
+        shutil.rmtree(checkpoint[0])
     dist.destroy_process_group()
 
 

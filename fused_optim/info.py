@@ -21,8 +21,15 @@ def _triton_version() -> str | None:
 def _choice(device_type: str) -> str:
     try:
         return _backend.resolve(_backend.default_backend(), device_type)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # ValueError: FUSED_OPTIM_BACKEND names no backend
         return f"none ({error})"
+
+
+def _default_backend() -> str:
+    try:
+        return _backend.default_backend()
+    except ValueError as error:  # reported, not raised: `fused-optim info` is where a user looks for what is wrong
+        return f"invalid: {error}"
 
 
 def backends() -> dict[str, Any]:
@@ -52,7 +59,7 @@ def backends() -> dict[str, Any]:
             "cpu": _backend.extension_error("cpu"),
             "torch": None,
         },
-        "default_backend": _backend.default_backend(),
+        "default_backend": _default_backend(),
         "auto": {"cpu": _choice("cpu"), "cuda": _choice("cuda") if cuda_available else "none (no CUDA GPU)"},
         "cpu_threads": torch.get_num_threads(),
         "cpu_isa": {"loaded": _backend.cpu_isa(), "built": list(_backend.cpu_isas_built()),

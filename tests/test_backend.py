@@ -98,6 +98,17 @@ def test_environment_variable_sets_the_default(fresh_caches, name, op):
     assert _ops_of_one_step(backend="torch") == ["fused_optim::adam_step_torch_"]
 
 
+def test_info_reports_a_bad_environment_variable(fresh_caches, capsys):
+    """`fused-optim info` is where a user looks for what is wrong: it says so (it raised with a traceback)."""
+    from fused_optim.tools.cli import main
+
+    fresh_caches.setenv("FUSED_OPTIM_BACKEND", "bogus")
+    info = fused_optim.backends()
+    assert info["default_backend"].startswith("invalid: backend must be one of") and "'bogus'" in info["default_backend"]
+    assert info["auto"]["cpu"].startswith("none (backend must be one of")
+    assert main(["info"]) == 0 and "bogus" in capsys.readouterr().out
+
+
 def test_environment_variable_with_an_unknown_name(fresh_caches):
     fresh_caches.setenv("FUSED_OPTIM_BACKEND", "gpu")
     with pytest.raises(ValueError, match="FUSED_OPTIM_BACKEND|backend must be one of"):

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,9 @@ def test_plot_file(text_file, tmp_path):
     assert run_cli(*TINY, "--steps", "3", "--eval-interval", "3", "--data", str(text_file), "--compare",
                    "--plot", str(out)) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert run_cli(*TINY, "--steps", "3", "--eval-interval", "3", "--data", str(text_file),
+                   "--plot", str(tmp_path / "curves")) == 0  # matplotlib adds the suffix: the name said is the file's
+    assert (tmp_path / "curves.png").is_file() and not (tmp_path / "curves").exists()
 
 
 def test_plot_without_matplotlib_says_so_before_training(text_file, monkeypatch, capsys):
@@ -434,6 +438,26 @@ def test_checkpoint_rejects_other_files(tmp_path):
     torch.save({"weights": torch.ones(2)}, path)
     with pytest.raises(ValueError, match="not a fused-optim train checkpoint"):
         checkpoint.load(path, TrainConfig())
+    path.write_text('{"not": "a torch.save file"}')  # nor one torch.load can read at all
+    with pytest.raises(ValueError, match="not a fused-optim train checkpoint"):
+        checkpoint.load(path, TrainConfig())
+
+
+def test_bad_outputs_devices_and_data_are_refused_before_training(text_file, tmp_path, capsys):
+    """One line and status 2, before any step (a --json to a directory failed after the whole run, losing it)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for flags, message in (
+            (("--json", str(tmp_path)), "is a directory; give a file name"),
+            (("--save", str(tmp_path)), "is a directory; give a file name"),
+            (("--device", "meta"), "--device meta: the training runs on cpu or cuda"),
+            (("--device", "tpu"), "--device tpu: not a device"),
+    ):
+        assert run_cli(*TINY, "--data", str(text_file), *flags) == 2
+        assert message in capsys.readouterr().err
+    assert run_cli(*TINY, "--data", str(empty)) == 2
+    assert f"--data {empty}: no text to train on" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_summary_of_a_run_without_compare_has_no_agreement(text_file):
@@ -493,6 +517,9 @@ def test_gradient_release_trains_bit_for_bit_as_the_step_after_backward(text_fil
     released = train(config)["results"]["fused"]
     stepped = train(config.replace(gradient_release=False))["results"]["fused"]
     assert released.train_loss == stepped.train_loss and released.val == stepped.val
+    with warnings.catch_warnings():  # step() is called (it steps nothing): the scheduler warned of a skipped lr
+        warnings.simplefilter("error")
+        train(config)
     assert released.train_loss != train(config.replace(gradient_release=False, max_grad_norm=1.0))[
         "results"]["fused"].train_loss  # the comparison can tell runs apart: clipping moves these losses
     assert run_cli(*TINY, "--data", str(text_file), "--gradient-release") == 2

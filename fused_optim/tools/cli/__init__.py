@@ -134,6 +134,9 @@ def _bench(args: argparse.Namespace) -> int:
     from fused_optim.tools import bench
 
     ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
+    if not ops:
+        print(f"fused-optim bench: --ops names no op; known: {', '.join(bench.OPS)}", file=sys.stderr)
+        return 2
     if "all" in ops:
         ops = bench.OPS
     unknown = [op for op in ops if op not in bench.OPS]
@@ -161,6 +164,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of measuring
         print("fused-optim bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = train_cli.output_problem(path)
+        if problem:
+            print(f"fused-optim bench: {flag} {path}: {problem}", file=sys.stderr)
+            return 2
 
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=Console(stderr=True), transient=True)

@@ -50,6 +50,8 @@ class Corpus:
     def from_bytes(cls, data: bytes, name: str, num_files: int = 1, val_fraction: float = 0.1) -> Corpus:
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if not data:
+            raise ValueError(f"{name}: no text to train on (empty)")
         tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         num_val = int(len(tokens) * val_fraction)
         return cls(name=name, train=tokens[: len(tokens) - num_val], val=tokens[len(tokens) - num_val:],
@@ -106,7 +108,7 @@ def load_corpus(path: str | os.PathLike | None, max_bytes: int | None = DEFAULT_
         files = [path]
     else:
         raise FileNotFoundError(f"--data {path}: no such file or directory")
-    corpus = Corpus.from_files(files, name=str(path), max_bytes=max_bytes)
+    corpus = Corpus.from_files(files, name=f"--data {path}", max_bytes=max_bytes)
     corpus.name = f"{path} ({corpus.num_files} file{'s' if corpus.num_files != 1 else ''})"
     return corpus
 

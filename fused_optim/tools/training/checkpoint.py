@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -52,6 +53,8 @@ def load(path: str | os.PathLike, config: TrainConfig) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"--resume {path}: no such checkpoint") from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):  # not a torch.save file, or cut short
+        raise ValueError(f"--resume {path}: not a fused-optim train checkpoint (torch.load cannot read it)") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"--resume {path}: not a fused-optim train checkpoint")
     # a setting the checkpoint lacks came after it was written, and its run had that setting's default

@@ -136,7 +136,9 @@ class FusedRecipe(Recipe):
     def optimizer_step(self, num_tokens: Tensor) -> Tensor | None:
         if not self.config.gradient_release:  # released: every param was stepped in the last backward
             self.accumulator.finalize(num_tokens=num_tokens)
-            self.optimizer.step()
+        # released, step() steps nothing, but the scheduler sees it called (else torch warns of a skipped first lr)
+        self.optimizer.step()
+        if not self.config.gradient_release:
             self.optimizer.zero_grad(set_to_none=True)
             self.accumulator.zero_()
         self.scheduler.step()
