@@ -13,24 +13,20 @@ from fused_optim.autograd.cross_entropy import loss_dtype
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def check_ignore_index(ignore_index) -> None:
-    """An integer, as torch's argument parser takes it (a float one would reach our op's schema, a RuntimeError)."""
-    try:
-        operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
-                        f"{type(ignore_index).__name__}") from None
-
-
 def _type_name(dtype: torch.dtype) -> str:
     """torch's C++ name of a dtype ("Float", "Long", ...), as its error messages print it."""
     return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
 def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str,
-                        label_smoothing: float) -> None:
+                        label_smoothing: float, ignore_index: int) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
+    try:  # an integer, as torch's argument parser takes it (a float one would reach our ops' schemas)
+        operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
+                        f"{type(ignore_index).__name__}") from None
     if input.dim() == 0:
         raise ValueError("Expected input to have at least one dimension, got a 0-dimensional tensor.")
     if target.device != input.device:

@@ -69,8 +69,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     softcap = _check_extras(z_loss, softcap)
     backend = backend if backend is not None else _backend.default_backend()
-    _loss_checks.check_cross_entropy(input, target, weight, reduction, label_smoothing)
-    _loss_checks.check_ignore_index(ignore_index)
+    _loss_checks.check_cross_entropy(input, target, weight, reduction, label_smoothing, ignore_index)
     label_smoothing = _smoothing(label_smoothing)
     if is_dtensor(input):
         return _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -125,7 +124,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     logits_shape = (*input.shape[:-1], *linear_weight.shape[:-1])
     # the checks of the logits this would give, on an expanded scalar: their shape, dtype and device, no memory
     _loss_checks.check_cross_entropy(input.new_empty(()).expand(logits_shape), target, weight, reduction,
-                                     label_smoothing)
+                                     label_smoothing, ignore_index)
     label_smoothing = _smoothing(label_smoothing)
     if is_dtensor(linear_weight):
         return _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,

@@ -501,6 +501,7 @@ def _bad_inputs(device):
         "3d-input": (torch.randn(2, 5, 16, device=device), w, t, {}, True),
         "reduction-avg": (x, w, t, dict(reduction="avg"), True),
         "label_smoothing-2": (x, w, t, dict(label_smoothing=2.0), True),
+        "float-ignore_index": (x, w, t, dict(ignore_index=1.0), True),
         "target-out-of-range": (x, w, torch.tensor([1, 2, 37, 0, -100], device=device), {}, True),
     }
 
