@@ -295,7 +295,7 @@ class GradAccumulator:
         """
         if isinstance(num_tokens, (int, float)) and not (math.isfinite(num_tokens) and num_tokens > 0):
             raise ValueError(f"num_tokens must be a positive number of tokens, got {num_tokens}")
-        releasing = next((stepper() for stepper in self._steppers.values() if stepper() is not None), None)
+        releasing = next(filter(None, (stepper() for stepper in self._steppers.values())), None)
         if releasing is not None:  # its step() would change nothing: the run would not train, silently
             raise RuntimeError(f"GradAccumulator.finalize(): these params are stepped in backward by an optimizer "
                                f"with gradient_release=True ({type(releasing.__self__).__name__}), whose step() takes "

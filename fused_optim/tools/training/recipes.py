@@ -134,11 +134,13 @@ class FusedRecipe(Recipe):
             self.accumulator.accumulate()
 
     def optimizer_step(self, num_tokens: Tensor) -> Tensor | None:
-        if not self.config.gradient_release:  # released: every param was stepped in the last backward
+        if self.config.gradient_release:
+            # every param was stepped in the last backward: step() steps nothing, but the scheduler sees it called
+            # (else torch warns of a skipped first lr)
+            self.optimizer.step()
+        else:
             self.accumulator.finalize(num_tokens=num_tokens)
-        # released, step() steps nothing, but the scheduler sees it called (else torch warns of a skipped first lr)
-        self.optimizer.step()
-        if not self.config.gradient_release:
+            self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.accumulator.zero_()
         self.scheduler.step()
