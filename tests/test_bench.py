@@ -122,6 +122,14 @@ def test_plot_without_matplotlib_says_so_before_measuring(monkeypatch, capsys):
     assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
+def test_plot_without_a_suffix_is_checked_and_said_as_the_png_written(tmp_path, capsys):
+    from fused_optim.tools.cli import main
+
+    (tmp_path / "plot.png").mkdir()  # matplotlib would write plot.png for "plot": that name is refused up front
+    assert main(["bench", "--ops", "sgd", "--device", "cpu", "--plot", str(tmp_path / "plot")]) == 2
+    assert f"--plot {tmp_path / 'plot.png'}: is a directory" in capsys.readouterr().err
+
+
 def test_plot_draws_only_rows_with_bandwidth():
     def row(op, impl, gbps, correct=True, **fields):
         return {"op": op, "case": "fp32", "impl": impl, "gbps": gbps, "correct": correct, **fields}

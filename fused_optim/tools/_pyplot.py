@@ -3,6 +3,13 @@ plot is asked for (matplotlib is not a dependency), with the Agg backend (files 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+
+def png_name(path: str) -> str:
+    """The file matplotlib's savefig writes for `path`: with no suffix it adds ".png"."""
+    return path if Path(path).suffix else f"{path}.png"
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend; RuntimeError with what to install when matplotlib is missing."""

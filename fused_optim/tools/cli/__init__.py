@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any
 
+from fused_optim.tools._pyplot import png_name
 from fused_optim.tools.cli import train as train_cli
 
 # `--dtype` → the AdamW cases it runs (fused_optim/tools/bench/adamw.py) and the dtypes of the cross-entropy ops.
@@ -161,10 +162,11 @@ def _bench(args: argparse.Namespace) -> int:
         print("fused-optim bench: --device cuda, but no CUDA GPU is visible.", file=sys.stderr)
         return 2
     device = None if args.device == "auto" else args.device
-    if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of measuring
+    plot = png_name(args.plot) if args.plot else None  # the name written, said and checked
+    if plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of measuring
         print("fused-optim bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    for flag, path in (("--json", args.json), ("--plot", plot)):
         problem = train_cli.output_problem(path)
         if problem:
             print(f"fused-optim bench: {flag} {path}: {problem}", file=sys.stderr)
@@ -192,12 +194,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         bench.write_json(report, args.json)
         print(f"wrote {args.json}")
-    if args.plot:
+    if plot:
         from fused_optim.tools.bench.plot import write_plot
 
         try:
-            write_plot(report, args.plot)
-            print(f"wrote {args.plot}")
+            write_plot(report, plot)
+            print(f"wrote {plot}")
         except RuntimeError as error:  # nothing to draw (e.g. linear_ce alone): the table and the JSON still stand
             print(f"fused-optim bench: {error}; no plot written.", file=sys.stderr)
     wrong = [f"{r.get('op', 'adamw')} {r['case']} {r['impl']}" for r in report["rows"] if r["correct"] is False]

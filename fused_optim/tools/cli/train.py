@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from fused_optim.tools._pyplot import png_name
 from fused_optim.tools.training.config import COMPARE_OPTIMIZERS, OPTIMIZER_DEFAULTS, QUICK, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -143,8 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if plot and importlib.util.find_spec("matplotlib") is None:
         print("fused-optim train: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
-    if plot and not Path(plot).suffix:  # matplotlib would add it: say the name it writes
-        plot = f"{plot}.png"
+    plot = png_name(plot) if plot else None  # the name written, said and checked
     for flag, path in (("--save", config.save), ("--json", json_path), ("--plot", plot)):
         problem = output_problem(path)
         if problem:  # before the run, not after it
