@@ -7,6 +7,7 @@ with a GradAccumulator the step waits for the backward its `release()` arms."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -160,7 +161,7 @@ def test_what_needs_every_grad_first_is_refused():
 
     opt = fused_optim.SGD(model.parameters(), lr=0.1, momentum=0.9, gradient_release=True)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match="a closure, which runs backward again"):
+    with pytest.raises(ValueError, match="step\\(\\) does nothing more, so it takes no closure"):
         opt.step(lambda: 0.0)
     assert_identical([p.detach() for p in model.parameters()], before)
     assert len(opt.state) == 0
@@ -259,6 +260,28 @@ def test_with_a_grad_accumulator_the_last_micro_batch_steps(name):
         assert all(float(g.abs().max()) == 0 for g in released_acc.main_grads)
     assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
+
+
+def test_step_warns_when_backward_stepped_a_param_twice_since_the_last_one():
+    """A framework's own gradient accumulation (HF Trainer's gradient_accumulation_steps, accelerate's accumulate())
+    runs several backwards before one step(): under gradient release each of them stepped the params, and step()
+    says so. One backward a step(), or a GradAccumulator's armed last micro-batch, is quiet."""
+    model = make_model()
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    backward(model, 0)
+    backward(model, 1)
+    with pytest.warns(UserWarning, match="stepped params 10 times in backward since the last step\\(\\), for 5 "):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(2):
+            backward(model, step)
+            opt.step()
+        accumulator = fused_optim.GradAccumulator(model.parameters(), use_hooks=True)
+        backward(model, 2)
+        accumulator.release(num_tokens=torch.tensor(4))
+        backward(model, 3)
+        opt.step()
 
 
 @pytest.mark.parametrize("use_hooks", [False, True])

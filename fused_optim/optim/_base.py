@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import sys
+import warnings
 import weakref
 import zlib
 from collections import Counter, OrderedDict
@@ -396,6 +397,9 @@ class FusedOptimizer(Optimizer):
         of, and hook handles, empty; the hooks go when the optimizer does."""
         self._release_views: dict[Tensor, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._release_hooks: dict[Tensor, Any] = {}
+        # params stepped in backward since the last step(): more than are hooked means a param stepped twice, which
+        # step() warns of (a framework's own gradient accumulation, which knows nothing of gradient release)
+        self._releases = 0
         remove_when_collected(self, self._release_hooks.values())
 
     def _hook_group(self, group: dict[str, Any], take_over: bool = False) -> list[Tensor]:
@@ -474,6 +478,7 @@ class FusedOptimizer(Optimizer):
             else:
                 self._update(view, kind, lists, None, None)
         p.grad = None
+        self._releases += 1
         if entry is not None:
             accumulator.released(index)
 
@@ -486,9 +491,11 @@ class FusedOptimizer(Optimizer):
         """
         if self.gradient_release:
             if closure is not None:
-                raise ValueError(f"{type(self).__name__}: gradient_release=True updates each param inside backward, "
-                                 "so a closure, which runs backward again for the same step, is not supported")
+                raise ValueError(f"{type(self).__name__}: gradient_release=True steps each param inside the backward "
+                                 "you run, and step() does nothing more, so it takes no closure (a framework that "
+                                 "always passes one, such as Lightning, needs gradient_release=False)")
             self._release_unhooked()
+            self._warn_of_repeated_releases()
             return None  # every param with a grad was stepped in backward, and its grad is gone
         if self._local_seeds and not torch.compiler.is_compiling():
             self._settle_seeds()
@@ -537,6 +544,18 @@ class FusedOptimizer(Optimizer):
                 group["seed"] = group_seed(index, group["params"], distributed=True)
         self._local_seeds.clear()
         self._plans.clear()
+
+    def _warn_of_repeated_releases(self) -> None:
+        """Gradient release's step() ends a step: if backward stepped a param twice since the last one, the caller
+        meant its grads to add up (micro-batches, several losses) and each backward was an optimizer step instead."""
+        if self._releases > len(self._release_hooks):
+            warnings.warn(f"{type(self).__name__}: gradient_release=True stepped params {self._releases} times in "
+                          f"backward since the last step(), for {len(self._release_hooks)} params: each backward is "
+                          "an optimizer step of its own. To accumulate micro-batches use fused_optim.GradAccumulator "
+                          "(its release() arms the last backward), not a framework's own gradient accumulation, "
+                          "which steps every micro-batch here",
+                          stacklevel=5)  # the caller of step(): past it, torch's no_grad and its step-hook wrappers
+        self._releases = 0
 
     def _release_unhooked(self) -> None:
         """Gradient release's step(): a param that began to take grads after its group was hooked (unfrozen since)
