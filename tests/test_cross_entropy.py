@@ -618,24 +618,26 @@ def test_label_smoothing_keeps_its_precision_when_the_logits_share_an_offset(bac
 def test_an_infinite_weight_on_a_class_no_target_takes_gives_torchs_finite_loss(backend, device):
     """Inverse-frequency class weights give a class absent from the data the weight 1 / 0 = inf. Without label
     smoothing no term of the loss or gradient holds it: torch's loss and gradient are finite, and so are ours (the
-    smoothing terms are left out, not multiplied by 0 to a NaN), for cross_entropy and linear_cross_entropy."""
+    smoothing terms are left out, not multiplied by 0 to a NaN), for cross_entropy and linear_cross_entropy. An
+    ignored row adds nothing either, though its ignore_index (4 here) clamps to that class in the gather of the kept
+    targets' weights."""
     counts = torch.tensor([30.0, 10.0, 5.0, 0.0], device=device)
     weight = 1 / counts
-    target = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
-    logits = torch.randn(6, 4, device=device)
+    target = torch.tensor([0, 1, 2, 4, 0, 1, 2], device=device)
+    logits = torch.randn(7, 4, device=device)
     x, torch_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    ours = FF.cross_entropy(x, target, weight, backend=backend)
-    theirs = F.cross_entropy(torch_x, target, weight)
+    ours = FF.cross_entropy(x, target, weight, ignore_index=4, backend=backend)
+    theirs = F.cross_entropy(torch_x, target, weight, ignore_index=4)
     ours.backward()
     theirs.backward()
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(x.grad, torch_x.grad)
-    hidden, head = torch.randn(6, 3, device=device), torch.randn(4, 3, device=device)
+    hidden, head = torch.randn(7, 3, device=device), torch.randn(4, 3, device=device)
     h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
-    loss = FF.linear_cross_entropy(h, w, target, weight=weight, backend=backend)
+    loss = FF.linear_cross_entropy(h, w, target, weight=weight, ignore_index=4, backend=backend)
     loss.backward()
     torch_h, torch_w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
-    torch_loss = F.cross_entropy(torch_h @ torch_w.T, target, weight)
+    torch_loss = F.cross_entropy(torch_h @ torch_w.T, target, weight, ignore_index=4)
     torch_loss.backward()
     torch.testing.assert_close(loss, torch_loss)
     torch.testing.assert_close(h.grad, torch_h.grad)
