@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 from fused_optim.tools._pyplot import png_name
 from fused_optim.tools.cli import train as train_cli
+from fused_optim.tools.cli.outputs import output_problem
 
 # `--dtype` → the AdamW cases it runs (fused_optim/tools/bench/adamw.py) and the dtypes of the cross-entropy ops.
 DTYPE_CASES = {
@@ -163,14 +163,10 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     device = None if args.device == "auto" else args.device
     plot = png_name(args.plot) if args.plot else None  # the name written, said and checked
-    if plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of measuring
-        print("fused-optim bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+    problem = output_problem({"--json": args.json, "--plot": plot})
+    if problem:  # say so before minutes of measuring
+        print(f"fused-optim bench: {problem}", file=sys.stderr)
         return 2
-    for flag, path in (("--json", args.json), ("--plot", plot)):
-        problem = train_cli.output_problem(path)
-        if problem:
-            print(f"fused-optim bench: {flag} {path}: {problem}", file=sys.stderr)
-            return 2
 
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=Console(stderr=True), transient=True)

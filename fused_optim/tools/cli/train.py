@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 
 from fused_optim.tools._pyplot import png_name
+from fused_optim.tools.cli.outputs import output_problem
 from fused_optim.tools.training.config import COMPARE_OPTIMIZERS, OPTIMIZER_DEFAULTS, QUICK, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -141,15 +140,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"fused-optim train: {error}", file=sys.stderr)
         return 2
     plot, json_path = getattr(args, "plot", None), getattr(args, "json", None)
-    if plot and importlib.util.find_spec("matplotlib") is None:
-        print("fused-optim train: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-        return 2
     plot = png_name(plot) if plot else None  # the name written, said and checked
-    for flag, path in (("--save", config.save), ("--json", json_path), ("--plot", plot)):
-        problem = output_problem(path)
-        if problem:  # before the run, not after it
-            print(f"fused-optim train: {flag} {path}: {problem}", file=sys.stderr)
-            return 2
+    problem = output_problem({"--save": config.save, "--json": json_path, "--plot": plot})
+    if problem:
+        print(f"fused-optim train: {problem}", file=sys.stderr)
+        return 2
 
     from rich.console import Console
 
@@ -175,11 +170,6 @@ def run(args: argparse.Namespace) -> int:
     if config.save:
         console.print(f"checkpoint: {config.save}")
     return 1 if any(r["diverged"] for r in summary["runs"].values()) else 0
-
-
-def output_problem(path: str | None) -> str | None:
-    """Why a file cannot be written at `path` (a directory is there; a missing folder is made), else None."""
-    return "is a directory; give a file name" if path is not None and Path(path).is_dir() else None
 
 
 class RichReporter:
