@@ -49,8 +49,7 @@ def reduction_scales(target: torch.Tensor, weight: torch.Tensor | None, num_clas
     else:
         # clamped: an out-of-range target must reach the kernel's own check, not fail in this gather; selected, not
         # multiplied by `kept`: an ignored row's clamped class may weigh inf or NaN, which torch never reads
-        gathered = weight[target.clamp(0, num_classes - 1)]
-        kept_weight = torch.where(kept, gathered, torch.zeros_like(gathered)).sum(dtype=torch.float32)
+        kept_weight = torch.where(kept, weight[target.clamp(0, num_classes - 1)], 0.0).sum(dtype=torch.float32)
         weight_sum = weight.sum(dtype=torch.float32)
     if reduction == "mean":
         # kept targets whose weights sum to 0: NaN as torch's 0 / 0, not inf from a label-smoothing term over 0
