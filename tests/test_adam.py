@@ -674,10 +674,14 @@ def test_master_remainders_step_the_fp32_trajectory_bit_for_bit(backend, device,
     the same grads their masters are an fp32 run's params bit for bit (the trajectory an fp32 master copy follows);
     each param is its master rounded to nearest, ties away from zero: it differs from an fp32 copy's
     round-to-nearest-even param only on exact ties, by one ulp."""
+    check_master_remainders(backend, device, options, SHAPES, steps=8)
+
+
+def check_master_remainders(backend, device, options, shapes, steps) -> None:
     options = dict(options)
     cls = getattr(fused_optim, options.pop("cls"))
-    init = [torch.randn(s).bfloat16() for s in SHAPES]
-    grads = [random_grads(SHAPES, torch.bfloat16, device) for _ in range(8)]
+    init = [torch.randn(s).bfloat16() for s in shapes]
+    grads = [random_grads(shapes, torch.bfloat16, device) for _ in range(steps)]
     fp32_params = make_params([x.float() for x in init], torch.float32, device)
     fp32_opt = cls(fp32_params, lr=1e-2, backend=backend, **options)
     params = make_params(init, torch.bfloat16, device)
@@ -704,13 +708,18 @@ def test_24_bit_masters_are_the_fp32_step_rounded_to_24_bits(backend, device, cl
     """master_weights=24: each bf16 param keeps an int8 remainder (1 byte), and after every step its master is the
     fp32 update of the previous master rounded to 24 bits (to nearest, ties away from zero), bit for bit: an fp32
     run whose params are so rounded after each step gives the same masters, on every backend."""
-    optimizer = getattr(fused_optim, cls)
-    init = [torch.randn(s).bfloat16() for s in SHAPES]
-    grads = [random_grads(SHAPES, torch.bfloat16, device) for _ in range(6)]
+    check_24_bit_masters(backend, device, dict(cls=cls, weight_decay=0.1), SHAPES, steps=6)
+
+
+def check_24_bit_masters(backend, device, options, shapes, steps) -> None:
+    options = dict(options)
+    optimizer = getattr(fused_optim, options.pop("cls"))
+    init = [torch.randn(s).bfloat16() for s in shapes]
+    grads = [random_grads(shapes, torch.bfloat16, device) for _ in range(steps)]
     emulated = make_params([x.float() for x in init], torch.float32, device)
-    emulated_opt = optimizer(emulated, lr=1e-2, weight_decay=0.1, backend=backend)
+    emulated_opt = optimizer(emulated, lr=1e-2, backend=backend, **options)
     params = make_params(init, torch.bfloat16, device)
-    opt = optimizer(params, lr=1e-2, weight_decay=0.1, master_weights=24, backend=backend)
+    opt = optimizer(params, lr=1e-2, master_weights=24, backend=backend, **options)
     for step_grads in grads:
         set_grads([g.float() for g in step_grads], emulated)
         set_grads(step_grads, params)

@@ -27,10 +27,10 @@ OPTIONS = [
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def run(backend, options, dtype, steps=3, master_weights=False):
+def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES):
     """(params, bf16 moments per key) of a moments="bf16" run, and (params, moments) of its emulation. `options`
     names the class ("AdamW", "Adam", "Lion": one moment, or "SGD": its momentum buffer) and its arguments."""
-    init = [torch.randn(s) for s in SHAPES]
+    init = [torch.randn(s) for s in shapes]
     kwargs = dict(options)
     name = kwargs.pop("cls")
     cls = getattr(fused_optim, name)
@@ -45,7 +45,7 @@ def run(backend, options, dtype, steps=3, master_weights=False):
     emulated = {key: [torch.zeros_like(p, dtype=torch.bfloat16) for p in params] for key in keys}
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        grads = random_grads(SHAPES, dtype, generator=generator)
+        grads = random_grads(shapes, dtype, generator=generator)
         set_grads(grads, params, emulated_params)
         opt.step()
         for i, p in enumerate(emulated_params):

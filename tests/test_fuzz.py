@@ -6,6 +6,9 @@ The normal suite draws FUSED_OPTIM_FUZZ_EXAMPLES configurations per op (default 
 `make fuzz` draws thousands. Draws are derandomized (seeded by the test), so a run is repeatable, and a failure
 prints the configuration that failed. Backends: the C++ CPU kernels and torch's (the Triton interpreter is too slow
 for thousands of draws; the fixed tests run it).
+
+The compressed modes (int8 and bf16 moments, master remainders) are held to their emulations: the same backend's
+fp32 optimizer with its state rounded as the mode stores it, bit for bit (tests/test_adam_int8_moments.py).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import test_adam as adam_tests
+import test_adam_int8_moments as int8_tests
+import test_adam_moments as bf16_tests
 import test_cross_entropy as cross_entropy_tests
 import test_lion as lion_tests
 import test_sgd as sgd_tests
+from test_adam import assert_identical
 from fused_optim.ops.accumulate import accumulate_grads
 from fused_optim.ops.total_norm import total_norm
 
@@ -85,6 +91,77 @@ def test_cross_entropy(backend, dtype, rows, classes, reduction, weight, ignored
     torch.manual_seed(seed)
     options = dict(weight=weight, ignored=ignored, label_smoothing=label_smoothing, ignore_index=ignore_index)
     cross_entropy_tests.check_against_reference_and_torch(backend, "cpu", dtype, reduction, options, (rows, classes))
+
+
+# the optimizers that store moments ("SGD": its momentum buffer), with the options that change their update
+OPTIMIZER_OPTIONS = st.one_of(
+    st.fixed_dictionaries(dict(cls=st.sampled_from(["Adam", "AdamW"]), weight_decay=st.sampled_from([0.0, 0.1]),
+                               amsgrad=st.booleans(), maximize=st.booleans(),
+                               betas=st.sampled_from([(0.9, 0.999), (0.8, 0.95), (0.0, 0.99)]))),
+    st.fixed_dictionaries(dict(cls=st.just("Lion"), weight_decay=st.sampled_from([0.0, 0.1]), maximize=st.booleans(),
+                               betas=st.sampled_from([(0.9, 0.99), (0.0, 0.5)]))),
+    st.fixed_dictionaries(dict(cls=st.just("SGD"), momentum=st.sampled_from([0.5, 0.9]),
+                               weight_decay=st.sampled_from([0.0, 0.1]), maximize=st.booleans()),
+                          optional=dict(nesterov=st.just(True), dampening=st.just(0.3))),
+).filter(lambda options: not (options.get("nesterov") and options.get("dampening")))  # torch's rule for SGD
+
+
+def master_weights_for(dtype: torch.dtype) -> st.SearchStrategy:
+    """master_weights a param dtype takes: 24 keeps a bf16 param's master only."""
+    if dtype == torch.float32:
+        return st.just(False)
+    return st.sampled_from([False, True, 24] if dtype == torch.bfloat16 else [False, True])
+
+
+@FUZZ
+@given(data=st.data(), backend=BACKENDS, dtype=DTYPES, shapes=SHAPES, options=OPTIMIZER_OPTIONS,
+       steps=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_int8_moments(data, backend, dtype, shapes, options, steps, seed):
+    master_weights = data.draw(master_weights_for(dtype), label="master_weights")
+    torch.manual_seed(seed)
+    params, moments, emulated_params, emulated = int8_tests.run(backend, options, dtype, steps, master_weights,
+                                                                shapes)
+    assert_identical(moments, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
+
+@FUZZ
+@given(data=st.data(), backend=BACKENDS, dtype=DTYPES, shapes=SHAPES,
+       options=OPTIMIZER_OPTIONS.filter(lambda options: options["cls"] != "SGD"),  # SGD keeps no bf16 buffer
+       steps=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_bf16_moments(data, backend, dtype, shapes, options, steps, seed):
+    master_weights = data.draw(master_weights_for(dtype), label="master_weights")
+    torch.manual_seed(seed)
+    params, moments, emulated_params, emulated = bf16_tests.run(backend, options, dtype, steps, master_weights,
+                                                                shapes)
+    assert_identical(moments, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
+
+@FUZZ
+@given(backend=BACKENDS, shapes=SHAPES, options=OPTIMIZER_OPTIONS, moments=st.sampled_from(["fp32", "int8"]),
+       bits=st.sampled_from([16, 24]), steps=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_master_remainders(backend, shapes, options, moments, bits, steps, seed):
+    """bf16 params: a 16-bit remainder steps the fp32 trajectory, a 24-bit one the fp32 step rounded to 24 bits."""
+    torch.manual_seed(seed)
+    options = dict(options, moments=moments)
+    check = adam_tests.check_master_remainders if bits == 16 else adam_tests.check_24_bit_masters
+    check(backend, "cpu", options, shapes, steps)
+
+
+@FUZZ
+@given(backend=BACKENDS, dtype=DTYPES, rows=st.sampled_from([1, 2, 3, 17, 64]),
+       classes=st.one_of(st.sampled_from([1, 2, 3, 1000, 4097]), st.integers(1, 3000)),
+       reduction=st.sampled_from(["none", "sum", "mean"]), z_loss=st.sampled_from([0.0, 1e-4, 1e-2]),
+       softcap=st.sampled_from([None, 2.0, 5.0, 30.0]), weight=st.booleans(), ignored=st.booleans(),
+       label_smoothing=st.sampled_from([0.0, 0.1]), ignore_index=st.sampled_from([-100, -1, 0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_cross_entropy_z_loss_and_softcap(backend, dtype, rows, classes, reduction, z_loss, softcap, weight, ignored,
+                                          label_smoothing, ignore_index, seed):
+    torch.manual_seed(seed)
+    options = dict(weight=weight, ignored=ignored, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                   z_loss=z_loss, softcap=softcap)
+    cross_entropy_tests.check_extras_against_reference(backend, "cpu", dtype, reduction, options, (rows, classes))
 
 
 @FUZZ
