@@ -6,13 +6,14 @@ seed of each group, and pickling of our extra settings."""
 from __future__ import annotations
 
 import contextlib
+import numbers
 import operator
 import sys
 import warnings
 import weakref
 import zlib
 from collections import Counter, OrderedDict
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -118,6 +119,19 @@ def check_group_options(group: dict[str, Any]) -> None:
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
 
 
+def differentiable_problem(group: dict[str, Any], max_grad_norm: float | None) -> str | None:
+    """What a differentiable group cannot take (torch's own update steps it), in one sentence; None if nothing."""
+    if not group.get("differentiable"):
+        return None
+    if max_grad_norm is not None:
+        return ("max_grad_norm does not take differentiable=True: a differentiable step runs torch's own update, "
+                "which has no clipping")
+    if group.get("moments") == "int8":
+        return ("moments='int8' does not take differentiable=True: a differentiable step runs torch's own update, "
+                "which keeps its moments in floating point")
+    return None
+
+
 def group_seed(index: int, params: list[Tensor], distributed: bool) -> int:
     """The stochastic-rounding seed of an optimizer's param group `index` over `params`: a hash of torch's initial
     seed (what torch.manual_seed set: a seeded run draws the same bits), the group's index and its params' shapes
@@ -158,8 +172,12 @@ def check_torch_flags(params: list[Tensor], group: dict[str, Any]) -> None:
             _device_dtype_check_for_fused(p)
 
 
+# What a param's state may hold besides its optimizer's moments.
+_STATE_KEYS = ("step", "moment_scales", "master_param", "master_remainder")
+
 # Our group options at the values that step as torch's optimizers do; state_dict() leaves them out.
 NEUTRAL_OPTIONS = {"master_weights": False, "moments": "fp32", "stochastic_rounding": False}
+_ALTERNATIVES = (("master_weights", "stochastic_rounding"), ("stochastic_rounding", "master_weights"))
 
 # Gradient release: the optimizer whose hook steps each param inside backward (optim/_base.py), weakly: a newer
 # gradient_release optimizer over the same param takes it over.
@@ -298,12 +316,9 @@ class FusedOptimizer(Optimizer):
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
-        if max_grad_norm is not None and defaults.get("differentiable"):
-            raise ValueError("max_grad_norm does not take differentiable=True: a differentiable step runs torch's own "
-                             "update, which has no clipping")
-        if defaults.get("moments") == "int8" and defaults.get("differentiable"):
-            raise ValueError("moments='int8' does not take differentiable=True: a differentiable step runs torch's own "
-                             "update, which keeps its moments in floating point")
+        problem = differentiable_problem(defaults, max_grad_norm)
+        if problem is not None:
+            raise ValueError(problem)
         if gradient_release and max_grad_norm is not None:
             raise ValueError("gradient_release=True updates each param inside backward, before the other grads exist, "
                              "so it cannot clip by their global norm: pass max_grad_norm or gradient_release, not both")
@@ -339,21 +354,9 @@ class FusedOptimizer(Optimizer):
             self._plans.clear()
         super().add_param_group(param_group)
         params = self.param_groups[-1]["params"]
-        problem = None
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            problem = f"all params of a group must be on one device, got {', '.join(sorted(map(str, devices)))}"
-        elif len({is_dtensor(p) for p in params}) > 1:
-            problem = "a group's params must be all DTensors or all plain tensors, not a mix"
-        elif self.param_groups[-1].get("master_weights") == 24 and any(p.dtype != torch.bfloat16 for p in params):
-            problem = ("master_weights=24 keeps a bfloat16 param's master as an 8-bit remainder beside it: every param "
-                       "of its group must be bfloat16 (master_weights=True keeps an exact fp32 master for any dtype)")
-        elif self.gradient_release and any(is_dtensor(p) for p in params):
-            problem = ("gradient_release=True does not take DTensor params: FSDP2 hands out their grads after its own "
-                       "reduce-scatter, past autograd's hook")
+        problem = self._group_problem(self.param_groups[-1])
         if problem is None:
             try:
-                check_group_options(self.param_groups[-1])
                 betas = self.param_groups[-1].get("betas")
                 if betas is not None:  # a group's own tensors read as the constructor reads them
                     self.param_groups[-1]["betas"] = tuple(beta_value(beta, i) for i, beta in enumerate(betas))
@@ -374,6 +377,27 @@ class FusedOptimizer(Optimizer):
             hooked = self._hook_group(self.param_groups[-1], take_over=True)
             if hasattr(self, "_guard"):  # after the constructor (which takes its params over once it has them all)
                 self._take_over(hooked)
+
+    def _group_problem(self, group: dict[str, Any]) -> str | None:
+        """Why this optimizer cannot step `group` (its params and options, added or loaded), in one sentence; None if
+        it can."""
+        params = group["params"]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            return f"all params of a group must be on one device, got {', '.join(sorted(map(str, devices)))}"
+        if len({is_dtensor(p) for p in params}) > 1:
+            return "a group's params must be all DTensors or all plain tensors, not a mix"
+        if group.get("master_weights") == 24 and any(p.dtype != torch.bfloat16 for p in params):
+            return ("master_weights=24 keeps a bfloat16 param's master as an 8-bit remainder beside it: every param "
+                    "of its group must be bfloat16 (master_weights=True keeps an exact fp32 master for any dtype)")
+        if self.gradient_release and any(is_dtensor(p) for p in params):
+            return ("gradient_release=True does not take DTensor params: FSDP2 hands out their grads after its own "
+                    "reduce-scatter, past autograd's hook")
+        try:
+            check_group_options(group)
+        except ValueError as error:
+            return str(error)
+        return differentiable_problem(group, self.max_grad_norm)
 
     def _kind(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> str:
         """Which op call of its group steps `p` (`_gather`'s kinds): decided by its state, or before its first step
@@ -763,8 +787,9 @@ class FusedOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state_dict = self._with_local_scales(self._with_own_options(state_dict))
+        state_dict = self._with_local_scales(self._with_own_options(_without_absent_state(state_dict)))
         check_saved_state(self, state_dict, self._moment_keys)
+        state_dict = self._without_unused_moments(state_dict)
         self._plans.clear()
         with _held_back(self, "_optimizer_load_state_dict_pre_hooks"), \
                 _held_back(self, "_optimizer_load_state_dict_post_hooks"):
@@ -776,13 +801,47 @@ class FusedOptimizer(Optimizer):
     def _with_own_options(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """`state_dict` with each saved group given the options it left out (our neutral ones, which `state_dict()`
         leaves out, and the rounding seed, which torch's form does) from this optimizer's group of its place: a group
-        built with fp32 moments in an optimizer of int8 ones loads back as fp32, not as the optimizer's default."""
+        built with fp32 moments in an optimizer of int8 ones loads back as fp32, not as the optimizer's default. But
+        master weights and stochastic rounding are alternatives: a group saved with one left the other out at its
+        neutral value, and keeps it so."""
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not isinstance(groups, list) or len(groups) != len(self.param_groups) or not all(
                 isinstance(group, dict) for group in groups):
             return state_dict  # check_saved_state (or torch) says what is wrong
-        own = [{key: group[key] for key in (*NEUTRAL_OPTIONS, "seed") if key in group} for group in self.param_groups]
-        return {**state_dict, "param_groups": [{**options, **saved} for options, saved in zip(own, groups)]}
+        merged = []
+        for group, saved in zip(self.param_groups, groups):
+            options = {key: group[key] for key in (*NEUTRAL_OPTIONS, "seed") if key in group}
+            for chosen, alternative in _ALTERNATIVES:
+                if saved.get(chosen):
+                    options[alternative] = NEUTRAL_OPTIONS[alternative]
+            merged.append({**options, **saved})
+        return {**state_dict, "param_groups": merged}
+
+    def _used_moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The moments this group's update reads (Adam's max_exp_avg_sq with amsgrad only)."""
+        return tuple(self._moment_keys)
+
+    def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """What a param's saved state must hold, where it holds anything, for this group's update to step it."""
+        return ()
+
+    def _without_unused_moments(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A checked `state_dict` without the saved moments its groups' updates do not read (an amsgrad state loaded
+        with amsgrad=False, as torch's update ignores it), and their rows of int8 scales."""
+        state = dict(state_dict["state"])
+        for saved_group in state_dict["param_groups"]:
+            used = self._used_moment_keys(saved_group)
+            for param_id in saved_group["params"]:
+                saved = state.get(param_id, {})
+                held = [key for key in self._moment_keys if key in saved]
+                kept = [key for key in held if key in used]
+                if kept == held:
+                    continue
+                saved = {key: value for key, value in saved.items() if key not in held or key in kept}
+                if "moment_scales" in saved:
+                    saved["moment_scales"] = saved["moment_scales"][[held.index(key) for key in kept]]
+                state[param_id] = saved
+        return {**state_dict, "state": state}
 
     def _with_local_scales(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """`state_dict` with each DTensor param's saved int8 scales (a rank_rows DTensor) as this rank's plain rows."""
@@ -910,15 +969,38 @@ def _held_back(optimizer: Optimizer, hooks: str) -> Iterator[None]:
         setattr(optimizer, hooks, held)
 
 
+def _without_absent_state(state_dict: Any) -> Any:
+    """`state_dict` without what it holds of nothing: None state values (torch's SGD saves a momentum buffer not yet
+    made as None), as if never saved, a param's state left empty so, and the state of ids that no saved group lists
+    (torch's loader would keep it under its bare id, where no param steps it and our state_dict could not number
+    it)."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) or not isinstance(
+            state_dict.get("param_groups"), list):
+        return state_dict  # check_saved_state says what is wrong
+    listed = {param_id for group in state_dict["param_groups"] if isinstance(group, dict)
+              for param_id in group.get("params", ())}
+    state = {}
+    for param_id, saved in state_dict["state"].items():
+        if isinstance(saved, dict):
+            saved = {key: value for key, value in saved.items() if value is not None}
+            if not saved:
+                continue
+        if param_id in listed:
+            state[param_id] = saved
+    return {**state_dict, "state": state}
+
+
 def _describe_layout(t: Tensor) -> str:
     return f"placements {tuple(t.placements)} on {t.device_mesh}" if is_dtensor(t) else "a plain tensor"
 
 
-def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_keys: tuple[str, ...]) -> None:
+def check_saved_state(optimizer: FusedOptimizer, state_dict: dict[str, Any], moment_keys: dict[str, bool]) -> None:
     """Everything load_state_dict will use from `state_dict`, checked before anything is loaded (ValueError or
-    TypeError, and nothing changes): torch's own group checks, in its words, then each param's saved state: a dict
-    whose `tensor_keys` entries (and master weights) are tensors of the param's shape, whose master remainder is
-    int16 or int8 beside a bf16 param, and whose `step` is a number or a 1-element tensor."""
+    TypeError, and nothing changes): torch's own group checks, in its words; each saved group's options with this
+    optimizer's params, as add_param_group checks them; then each param's saved state: a dict of this optimizer's
+    keys only, holding every one its group's update reads, whose moments (`moment_keys`, key -> signed) and master
+    weights are tensors of the param's shape, int8 moments codes of their kind beside their scales, whose master
+    remainder is int16 or int8 beside a bf16 param, and whose `step` is a number or a 1-element tensor."""
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("loaded state dict must be a dict with 'state' and 'param_groups'")
     groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
@@ -926,12 +1008,25 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
         raise ValueError("loaded state dict has a different number of parameter groups")
     if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
         raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
-    for saved_group, group in zip(saved_groups, groups):
+    name = type(optimizer).__name__
+    for index, (saved_group, group) in enumerate(zip(saved_groups, groups)):
+        problem = optimizer._group_problem({**saved_group, "params": group["params"]})
+        if problem is not None:
+            raise ValueError(f"{name}: loaded state dict's param group {index}: {problem}.")
+        required = optimizer._required_state_keys(saved_group)
         for param_id, p in zip(saved_group["params"], group["params"]):
             saved = state_dict["state"].get(param_id, {})
             if not isinstance(saved, dict):
                 raise TypeError(f"loaded state dict's state of param {param_id} is a {type(saved).__name__}, not a dict")
-            for key in (*tensor_keys, "master_param", "master_remainder"):
+            foreign = [key for key in saved if key not in (*moment_keys, *_STATE_KEYS)]
+            if foreign:
+                raise ValueError(f"loaded state dict's state of param {param_id} holds {foreign[0]!r}, which {name} "
+                                 "does not keep: is it another optimizer's state?")
+            missing = [key for key in required if key not in saved]
+            if saved and missing:
+                raise ValueError(f"loaded state dict's state of param {param_id} has no {missing[0]!r}, which "
+                                 f"{name}'s update reads")
+            for key in (*moment_keys, "master_param", "master_remainder"):
                 value = saved.get(key)
                 if value is None:
                     continue
@@ -941,25 +1036,34 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any], tensor_k
                 if value.shape != p.shape:
                     raise ValueError(f"loaded state dict's {key!r} of param {param_id} has shape "
                                      f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
-            _check_saved_codes(saved, param_id, p, tensor_keys)
+            _check_saved_codes(saved, param_id, p, moment_keys)
             remainder = saved.get("master_remainder")
             if remainder is not None and (remainder.dtype not in REMAINDER_DTYPES or p.dtype != torch.bfloat16):
                 raise TypeError(f"loaded state dict's 'master_remainder' of param {param_id} is {remainder.dtype} for "
                                 f"a {p.dtype} param; a master remainder is int16 or int8, beside a bfloat16 param")
             step = saved.get("step")
-            if step is not None and not (isinstance(step, (int, float)) or (isinstance(step, Tensor)
-                                                                           and step.numel() == 1)):
+            if step is not None and not (isinstance(step, numbers.Real) or (isinstance(step, Tensor)
+                                                                            and step.numel() == 1)):
                 raise TypeError(f"loaded state dict's 'step' of param {param_id} must be a number or a one-element "
                                 f"tensor, not {step!r}")
 
 
-def _check_saved_codes(saved: dict[str, Any], param_id: Any, p: Tensor, moment_keys: Sequence[str]) -> None:
-    """A param's saved int8 moments (moments="int8") come with their bf16 `moment_scales`, one row per moment."""
-    held = [key for key in moment_keys if saved.get(key) is not None]  # torch's SGD may save a buffer as None
+def _check_saved_codes(saved: dict[str, Any], param_id: Any, p: Tensor, moment_keys: dict[str, bool]) -> None:
+    """A param's saved int8 moments (moments="int8") are codes of their kind (int8 signed, uint8 not), all of them,
+    beside their bf16 `moment_scales`, one row per moment."""
+    held = [key for key in moment_keys if key in saved]
     coded = [key for key in held if saved[key].dtype in (torch.int8, torch.uint8)]
     scales = saved.get("moment_scales")
     if not coded and scales is None:
         return
+    for key in held:
+        dtype, codes = saved[key].dtype, code_dtype(moment_keys[key])
+        if key in coded and dtype != codes:
+            raise TypeError(f"loaded state dict's {key!r} of param {param_id} holds {dtype} codes, where {key}'s "
+                            f"codes are {codes}")
+        if key not in coded:
+            raise TypeError(f"loaded state dict's {key!r} of param {param_id} is {dtype} beside int8 'moment_scales': "
+                            f"an int8 moment loads as its codes ({codes} for {key}), and a cast makes values of them")
     local = p.to_local() if is_dtensor(p) else p
     expected = (len(held), scale_count(local.numel()))
     if not isinstance(scales, Tensor) or scales.dtype != torch.bfloat16 or tuple(scales.shape) != expected:
@@ -1026,13 +1130,16 @@ def restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
 def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, Any], group: dict[str, Any]) -> None:
     """A param's master weight after a load, in its own form (init_master): an fp32 copy for an fp16 param, a
     remainder for a bf16 one. A saved fp32 master of a bf16 param (torch_state_dict's, or an fp32 copy) is split:
-    the param takes its rounding and the remainder the rest, so the master comes back exactly. A state saved without
-    a master (torch's, say) starts it from the param where the group keeps master weights."""
+    the param takes its rounding and the remainder the rest, so the master comes back exactly; an fp32 (or wider)
+    param takes it whole and keeps none. A state saved without a master (torch's, say) starts it from the param where
+    the group keeps master weights."""
     state.pop("master_param", None)  # torch's loader cast a saved one to the param's dtype: re-taken below
     state.pop("master_remainder", None)
     if "master_remainder" in saved_state:
         saved_remainder = saved_state["master_remainder"]
         state["master_remainder"] = torch.empty_like(p, dtype=saved_remainder.dtype).copy_(saved_remainder)
+    elif "master_param" in saved_state and p.dtype not in LOW_PRECISION:  # a param as wide as its master: the master
+        p.copy_(saved_state["master_param"])
     elif "master_param" in saved_state and p.dtype == torch.bfloat16:
         bits = 24 if group["master_weights"] == 24 else 32
         master = saved_state["master_param"].to(device=p.device, dtype=torch.float32)

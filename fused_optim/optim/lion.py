@@ -146,3 +146,6 @@ class Lion(FusedOptimizer):
 
     def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
         return [state["exp_avg"], master_of(state, kind), state["step"], state.get("moment_scales")]
+
+    def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg",)  # lion-pytorch's state is this alone: a missing step counts from 0

@@ -1,0 +1,205 @@
+"""What `load_state_dict` refuses, and what it repairs, beyond torch's own checks: a saved state that would step
+wrong numbers, fail inside a kernel, or leave an optimizer that cannot save again is refused with one sentence and
+changes nothing (the optimizer then steps as a twin that never saw it); a state the update does not read is left out.
+Round trips and the interchange with torch are tests/test_optimizer_contract.py's and each optimizer's own file's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_adam import assert_identical, snapshot
+
+import fused_optim
+
+SHAPES = [(3,), (70,)]
+
+
+def trained(cls=fused_optim.AdamW, dtype=torch.float32, steps=2, **options):
+    """Params and an optimizer (cpu backend) after `steps` steps."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator).to(dtype)) for s in SHAPES]
+    opt = cls(params, lr=1e-2, backend="cpu", **options)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def twin_of(params, opt):
+    """A copy of `params` and `opt` that has seen nothing."""
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = type(opt)(twin_params, backend="cpu", max_grad_norm=opt.max_grad_norm)  # (the rest: the groups' options)
+    twin.load_state_dict(opt.state_dict())
+    return twin_params, twin
+
+
+def assert_refused_and_unchanged(params, opt, state_dict, error, match):
+    twin_params, twin = twin_of(params, opt)
+    before = snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(state_dict)
+    assert_identical(snapshot(opt), before)
+    for p, q in zip(params, twin_params):  # and it steps on as the twin
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    opt.step()
+    twin.step()
+    assert_identical([p.detach() for p in params], [q.detach() for q in twin_params])
+
+
+@pytest.mark.parametrize("cls, key, dtype", [(fused_optim.AdamW, "exp_avg", torch.float64),
+                                             (fused_optim.AdamW, "exp_avg_sq", torch.float32),
+                                             (fused_optim.SGD, "momentum_buffer", torch.float64),
+                                             (fused_optim.Lion, "exp_avg", torch.float32)])
+def test_int8_codes_cast_to_floats_are_refused(cls, key, dtype):
+    """A cast turns codes (-127..127, 0..255) into values thousands to 10^8 times the moments they stand for."""
+    options = dict(momentum=0.9) if cls is fused_optim.SGD else {}
+    params, opt = trained(cls, moments="int8", **options)
+    state_dict = opt.state_dict()
+    state_dict["state"][1] = {**state_dict["state"][1], key: state_dict["state"][1][key].to(dtype)}
+    assert_refused_and_unchanged(params, opt, state_dict, TypeError,
+                                 f"'{key}' of param 1 is {dtype} beside int8 'moment_scales'")
+
+
+@pytest.mark.parametrize("cls, key, dtype", [(fused_optim.AdamW, "exp_avg", torch.uint8),
+                                             (fused_optim.AdamW, "exp_avg_sq", torch.int8),
+                                             (fused_optim.Lion, "exp_avg", torch.uint8)])
+def test_codes_of_the_wrong_kind_are_refused(cls, key, dtype):
+    params, opt = trained(cls, moments="int8")
+    state_dict = opt.state_dict()
+    state_dict["state"][0] = {**state_dict["state"][0], key: state_dict["state"][0][key].view(dtype)}
+    assert_refused_and_unchanged(params, opt, state_dict, TypeError, f"'{key}' of param 0 holds {dtype} codes")
+
+
+@pytest.mark.parametrize("moments", ["fp32", "int8"])
+def test_an_adam_state_without_its_step_is_refused(moments):
+    """Counted from 0 again, its bias corrections would double the next update (torch's loader refuses it too)."""
+    params, opt = trained(moments=moments)
+    state_dict = opt.state_dict()
+    state_dict["state"][0] = {key: value for key, value in state_dict["state"][0].items() if key != "step"}
+    assert_refused_and_unchanged(params, opt, state_dict, ValueError, "param 0 has no 'step', which AdamW's update")
+
+
+def test_a_none_moment_is_refused_and_a_none_master_starts_from_the_param():
+    params, opt = trained()
+    state_dict = opt.state_dict()
+    state_dict["state"][1] = {**state_dict["state"][1], "exp_avg": None}  # (the state's own dict: not in place)
+    assert_refused_and_unchanged(params, opt, state_dict, ValueError, "param 1 has no 'exp_avg'")
+
+    params, opt = trained(dtype=torch.bfloat16, master_weights=True)
+    state_dict = opt.state_dict()
+    state_dict["state"][0] = {**state_dict["state"][0], "master_remainder": None}  # as if saved without a master:
+    opt.load_state_dict(state_dict)  # it starts from the param
+    assert not opt.state[params[0]]["master_remainder"].any() and opt.state[params[1]]["master_remainder"].any()
+
+
+@pytest.mark.parametrize("source, target", [
+    (dict(cls=fused_optim.AdamW), dict(cls=fused_optim.SGD, momentum=0.9)),
+    (dict(cls=fused_optim.AdamW, moments="int8"), dict(cls=fused_optim.Lion, moments="int8")),
+    (dict(cls=fused_optim.Lion), dict(cls=fused_optim.AdamW)),
+], ids=["adamw-into-sgd", "int8-adamw-into-lion", "lion-into-adamw"])
+def test_another_optimizers_state_is_refused(source, target):
+    _, source_opt = trained(**source)
+    params, opt = trained(**target)
+    assert_refused_and_unchanged(params, opt, source_opt.state_dict(), ValueError,
+                                 "param 0 (holds 'exp_avg', which SGD does not keep|holds 'exp_avg_sq', which Lion "
+                                 "does not keep|has no 'exp_avg_sq', which AdamW's update reads)")
+
+
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.SGD])
+def test_the_state_of_an_id_no_group_lists_is_left_out(cls):
+    """torch's loader would keep it under its bare id, where no param steps it; our state_dict could not number it."""
+    params, opt = trained(cls, **(dict(momentum=0.9) if cls is fused_optim.SGD else {}))
+    state_dict = opt.state_dict()
+    state_dict["state"][7] = state_dict["state"][0]
+    opt.load_state_dict(state_dict)
+    assert set(opt.state) == set(params)
+    assert set(opt.state_dict()["state"]) == set(opt.torch_state_dict()["state"]) == {0, 1}
+
+
+@pytest.mark.parametrize("cls, saved, built, match", [
+    (torch.optim.AdamW, {}, dict(moments="int8"), "moments='int8' does not take differentiable"),
+    (torch.optim.AdamW, {}, dict(max_grad_norm=1.0), "max_grad_norm does not take differentiable"),
+    (torch.optim.SGD, dict(momentum=0.9), dict(momentum=0.9, moments="int8"),
+     "moments='int8' does not take differentiable"),
+])
+def test_a_loaded_group_takes_only_what_the_constructor_takes(cls, saved, built, match):
+    """A loaded group's options win, as in torch, and are checked as the constructor checks them (torch's
+    optimizer saved with differentiable=True: its group says so)."""
+    torch_params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    torch_opt = cls(torch_params, lr=1e-2, **saved)
+    for p in torch_params:
+        p.grad = torch.randn(p.shape)
+    torch_opt.step()
+    state_dict = torch_opt.state_dict()
+    state_dict["param_groups"][0]["differentiable"] = True
+    ours = fused_optim.SGD if cls is torch.optim.SGD else fused_optim.AdamW
+    params, opt = trained(ours, **built)
+    assert_refused_and_unchanged(params, opt, state_dict, ValueError, f"loaded state dict's param group 0: {match}")
+
+
+def test_24_bit_masters_are_refused_for_fp16_params():
+    _, source = trained(dtype=torch.bfloat16, steps=0, master_weights=24)
+    params, opt = trained(dtype=torch.float16)
+    assert_refused_and_unchanged(params, opt, source.state_dict(), ValueError,
+                                 "param group 0: master_weights=24 keeps a bfloat16 param's master")
+
+
+def test_a_group_saved_with_stochastic_rounding_keeps_master_weights_off():
+    """The two are alternatives: the saved group left master_weights out at False, and it stays False."""
+    _, source = trained(dtype=torch.bfloat16, stochastic_rounding=True)
+    params, opt = trained(dtype=torch.bfloat16, master_weights=True)
+    opt.load_state_dict(source.state_dict())
+    group = opt.param_groups[0]
+    assert group["stochastic_rounding"] and not group["master_weights"]
+    assert "master_remainder" not in opt.state[params[0]]
+
+
+@pytest.mark.parametrize("moments", ["fp32", "int8"])
+def test_amsgrad_turned_off_leaves_its_moment_as_torch_does(moments):
+    """Loaded into amsgrad=False (or turned off between steps), an amsgrad state steps on without max_exp_avg_sq:
+    as one saved without amsgrad."""
+    params, opt = trained(amsgrad=True, moments=moments)
+    state_dict = opt.state_dict()
+    for group in state_dict["param_groups"]:
+        group["amsgrad"] = False
+    plain_dict = {**state_dict, "state": {index: {key: value for key, value in state.items()
+                                                  if key != "max_exp_avg_sq"} for index, state in
+                                          state_dict["state"].items()}}
+    if moments == "int8":
+        for state in plain_dict["state"].values():
+            state["moment_scales"] = state["moment_scales"][:2]
+    loaded_params, loaded = twin_of(params, opt)
+    loaded.load_state_dict(state_dict)
+    plain_params, plain = twin_of(params, opt)
+    plain.load_state_dict(plain_dict)
+    opt.param_groups[0]["amsgrad"] = False  # in place, between steps
+    assert "max_exp_avg_sq" not in loaded.state[loaded_params[0]]
+    for run in (params, loaded_params, plain_params):
+        for p in run:
+            p.grad = torch.ones_like(p)
+    for optimizer in (opt, loaded, plain):
+        optimizer.step()
+    assert_identical([p.detach() for p in loaded_params], [p.detach() for p in plain_params])
+    assert_identical([p.detach() for p in params], [p.detach() for p in plain_params])
+
+
+def test_a_step_saved_as_a_numpy_number_loads():
+    params, opt = trained()
+    state_dict = opt.state_dict()
+    state_dict["state"][0] = {**state_dict["state"][0], "step": np.float32(2.0)}
+    opt.load_state_dict(state_dict)
+    assert opt.state[params[0]]["step"].item() == 2.0
+
+
+def test_an_fp32_master_loaded_beside_an_fp32_param_becomes_the_param():
+    """The master of an fp16 run is exact where its param is rounded: an fp32 param takes it, and keeps no copy."""
+    fp16_params, fp16 = trained(dtype=torch.float16, master_weights=True)
+    params, opt = trained()
+    opt.load_state_dict(fp16.state_dict())
+    for p, q in zip(params, fp16_params):
+        assert "master_param" not in opt.state[p]
+        assert torch.equal(p.detach(), fp16.state[q]["master_param"])
