@@ -114,27 +114,18 @@ def master_weights_for(dtype: torch.dtype) -> st.SearchStrategy:
 
 
 @FUZZ
-@given(data=st.data(), backend=BACKENDS, dtype=DTYPES, shapes=SHAPES, options=OPTIMIZER_OPTIONS,
+@given(data=st.data(), backend=BACKENDS, dtype=DTYPES, shapes=SHAPES, moments=st.sampled_from(["int8", "bf16"]),
        steps=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
-def test_int8_moments(data, backend, dtype, shapes, options, steps, seed):
+def test_compressed_moments(data, backend, dtype, shapes, moments, steps, seed):
+    """int8 moments (AdamW, Adam, Lion, SGD's buffer) and bf16 ones (SGD keeps none) against their emulations."""
+    int8 = moments == "int8"
+    options = data.draw(OPTIMIZER_OPTIONS if int8 else OPTIMIZER_OPTIONS.filter(lambda o: o["cls"] != "SGD"),
+                        label="options")
     master_weights = data.draw(master_weights_for(dtype), label="master_weights")
     torch.manual_seed(seed)
-    params, moments, emulated_params, emulated = int8_tests.run(backend, options, dtype, steps, master_weights,
-                                                                shapes)
-    assert_identical(moments, emulated)
-    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
-
-
-@FUZZ
-@given(data=st.data(), backend=BACKENDS, dtype=DTYPES, shapes=SHAPES,
-       options=OPTIMIZER_OPTIONS.filter(lambda options: options["cls"] != "SGD"),  # SGD keeps no bf16 buffer
-       steps=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
-def test_bf16_moments(data, backend, dtype, shapes, options, steps, seed):
-    master_weights = data.draw(master_weights_for(dtype), label="master_weights")
-    torch.manual_seed(seed)
-    params, moments, emulated_params, emulated = bf16_tests.run(backend, options, dtype, steps, master_weights,
-                                                                shapes)
-    assert_identical(moments, emulated)
+    run = int8_tests.run if int8 else bf16_tests.run
+    params, stored, emulated_params, emulated = run(backend, options, dtype, steps, master_weights, shapes)
+    assert_identical(stored, emulated)
     assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
 
 
