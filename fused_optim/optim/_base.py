@@ -72,6 +72,7 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 MOMENTS = ("fp32", "bf16", "int8")  # the storage of an optimizer's moments: `moments=`
+ALTERNATIVES = ("master_weights", "stochastic_rounding")  # a group takes one of them at most
 
 
 def check_moments(moments: str) -> None:
@@ -115,7 +116,7 @@ def check_group_options(group: dict[str, Any]) -> None:
         check_moments(group["moments"])
     if "master_weights" in group:
         check_master_weights(group["master_weights"])
-        if group["master_weights"] and group.get("stochastic_rounding"):
+        if all(group.get(key) for key in ALTERNATIVES):
             raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
 
 
@@ -177,7 +178,6 @@ _STATE_KEYS = ("step", "moment_scales", "master_param", "master_remainder")
 
 # Our group options at the values that step as torch's optimizers do; state_dict() leaves them out.
 NEUTRAL_OPTIONS = {"master_weights": False, "moments": "fp32", "stochastic_rounding": False}
-_ALTERNATIVES = (("master_weights", "stochastic_rounding"), ("stochastic_rounding", "master_weights"))
 
 # Gradient release: the optimizer whose hook steps each param inside backward (optim/_base.py), weakly: a newer
 # gradient_release optimizer over the same param takes it over.
@@ -811,9 +811,8 @@ class FusedOptimizer(Optimizer):
         merged = []
         for group, saved in zip(self.param_groups, groups):
             options = {key: group[key] for key in (*NEUTRAL_OPTIONS, "seed") if key in group}
-            for chosen, alternative in _ALTERNATIVES:
-                if saved.get(chosen):
-                    options[alternative] = NEUTRAL_OPTIONS[alternative]
+            if any(saved.get(key) for key in ALTERNATIVES):  # the other one was saved off, and left out
+                options.update({key: NEUTRAL_OPTIONS[key] for key in ALTERNATIVES})
             merged.append({**options, **saved})
         return {**state_dict, "param_groups": merged}
 
