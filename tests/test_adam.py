@@ -1031,7 +1031,7 @@ def test_bad_state_dict_raises_and_changes_nothing(kind):
     params, opt = _trained([(3,), (4,)])
     twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     twin = fused_optim.AdamW(twin_params, lr=1e-2, amsgrad=True)
-    twin.load_state_dict(opt.state_dict())
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own tensors: a live state_dict() shares them
     before = snapshot(opt)
     with pytest.raises(ValueError) as our_error:
         opt.load_state_dict(source.state_dict())

@@ -318,7 +318,7 @@ def test_a_group_built_with_the_neutral_options_keeps_them_on_load():
     resumed, resumed_opt = build()
     for p, q in zip(resumed, params):
         p.data.copy_(q.data)
-    resumed_opt.load_state_dict(opt.state_dict())
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own tensors, as from a checkpoint
     assert {key: resumed_opt.param_groups[1][key] for key in ("moments", "master_weights")} == {
         "moments": "fp32", "master_weights": False}
     for step_grads in grads[1:]:

@@ -6,6 +6,8 @@ Round trips and the interchange with torch are tests/test_optimizer_contract.py'
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,7 @@ def twin_of(params, opt):
     """A copy of `params` and `opt` that has seen nothing."""
     twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     twin = type(opt)(twin_params, backend="cpu", max_grad_norm=opt.max_grad_norm)  # (the rest: the groups' options)
-    twin.load_state_dict(opt.state_dict())
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own tensors: a live state_dict() shares the optimizer's
     return twin_params, twin
 
 
@@ -160,10 +162,10 @@ def test_a_group_saved_with_stochastic_rounding_keeps_master_weights_off():
 
 @pytest.mark.parametrize("moments", ["fp32", "int8"])
 def test_amsgrad_turned_off_leaves_its_moment_as_torch_does(moments):
-    """Loaded into amsgrad=False (or turned off between steps), an amsgrad state steps on without max_exp_avg_sq:
-    as one saved without amsgrad."""
+    """Loaded into amsgrad=False (or turned off between steps), an amsgrad state steps on as one saved without
+    amsgrad, and keeps its max_exp_avg_sq, unread, as torch's does."""
     params, opt = trained(amsgrad=True, moments=moments)
-    state_dict = opt.state_dict()
+    state_dict = copy.deepcopy(opt.state_dict())
     for group in state_dict["param_groups"]:
         group["amsgrad"] = False
     plain_dict = {**state_dict, "state": {index: {key: value for key, value in state.items()
@@ -173,11 +175,12 @@ def test_amsgrad_turned_off_leaves_its_moment_as_torch_does(moments):
         for state in plain_dict["state"].values():
             state["moment_scales"] = state["moment_scales"][:2]
     loaded_params, loaded = twin_of(params, opt)
-    loaded.load_state_dict(state_dict)
+    loaded.load_state_dict(copy.deepcopy(state_dict))
     plain_params, plain = twin_of(params, opt)
-    plain.load_state_dict(plain_dict)
+    plain.load_state_dict(copy.deepcopy(plain_dict))
     opt.param_groups[0]["amsgrad"] = False  # in place, between steps
-    assert "max_exp_avg_sq" not in loaded.state[loaded_params[0]]
+    kept = loaded.state[loaded_params[0]]["max_exp_avg_sq"]
+    assert torch.equal(kept, state_dict["state"][0]["max_exp_avg_sq"])
     for run in (params, loaded_params, plain_params):
         for p in run:
             p.grad = torch.ones_like(p)
@@ -203,3 +206,51 @@ def test_an_fp32_master_loaded_beside_an_fp32_param_becomes_the_param():
     for p, q in zip(params, fp16_params):
         assert "master_param" not in opt.state[p]
         assert torch.equal(p.detach(), fp16.state[q]["master_param"])
+
+
+@pytest.mark.parametrize("cls, dtype, options", [(fused_optim.AdamW, torch.float32, {}),
+                                                 (fused_optim.AdamW, torch.float32, {"moments": "int8"}),
+                                                 (fused_optim.AdamW, torch.bfloat16, {"moments": "bf16",
+                                                                                      "master_weights": True}),
+                                                 (fused_optim.AdamW, torch.bfloat16, {"moments": "int8",
+                                                                                      "master_weights": 24}),
+                                                 (fused_optim.Adam, torch.float16, {"master_weights": True}),
+                                                 (fused_optim.SGD, torch.float32, {"momentum": 0.9}),
+                                                 (fused_optim.Lion, torch.bfloat16, {"moments": "int8",
+                                                                                     "stochastic_rounding": True})])
+def test_a_resume_keeps_the_saved_tensors_as_torch_does(cls, dtype, options):
+    """A checkpoint's tensors already in our form become the state as they are, not copies (torch's loader keeps
+    them so too): a resume holds the state once, not twice. It then steps on as a twin loaded from a copy."""
+    params, opt = trained(cls, dtype, **options)
+    saved = copy.deepcopy(opt.state_dict())
+    twin_params, twin = twin_of(params, opt)
+    opt.load_state_dict(saved)
+    for index, p in enumerate(params):
+        kept = {key for key, value in opt.state[p].items() if value is saved["state"][index].get(key)}
+        assert kept == set(opt.state[p]) - {"step"}  # the count becomes a float32 tensor on the param's device
+    for p, q in zip(params, twin_params):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    opt.step()
+    twin.step()
+    assert_identical([p.detach() for p in params], [q.detach() for q in twin_params])
+    assert_identical([opt.state[p] for p in params], [twin.state[q] for q in twin_params])
+
+
+def test_a_saved_tensor_in_another_form_is_converted_and_left_as_it_was():
+    """fp64 moments saved for fp32 ones, and a moment in another memory layout, are copies in ours: the checkpoint
+    stays as it was through the steps."""
+    params = [torch.nn.Parameter(torch.randn(4, 6))]
+    opt = fused_optim.AdamW(params, lr=1e-2, backend="cpu")
+    params[0].grad = torch.randn(4, 6)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].double()
+    saved["state"][0]["exp_avg_sq"] = saved["state"][0]["exp_avg_sq"].t().contiguous().t()
+    before = copy.deepcopy(saved)
+    opt.load_state_dict(saved)
+    state = opt.state[params[0]]
+    assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].is_contiguous()
+    params[0].grad = torch.randn(4, 6)
+    opt.step()
+    assert_identical(saved, before)

@@ -778,7 +778,7 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
         TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device whatever
-        dtype it was saved in, and a DTensor param's int8 scales as its rank's own (`state_dict`). The hooks run as
+        dtype it was saved in (the saved tensor itself where it is that already, as torch's loader keeps it), and a DTensor param's int8 scales as its rank's own (`state_dict`). The hooks run as
         torch runs them: the pre hooks first (the dict one returns is the one loaded), the post hooks last (what they
         set stays)."""
         if isinstance(state_dict, dict):
@@ -789,11 +789,12 @@ class FusedOptimizer(Optimizer):
                 state_dict = result
         state_dict = self._with_local_scales(self._with_own_options(_without_absent_state(state_dict)))
         check_saved_state(self, state_dict, self._moment_keys)
-        state_dict = self._without_unused_moments(state_dict)
         self._plans.clear()
         with _held_back(self, "_optimizer_load_state_dict_pre_hooks"), \
                 _held_back(self, "_optimizer_load_state_dict_post_hooks"):
-            super().load_state_dict(state_dict)
+            # the groups alone: torch's loader would cast every saved tensor to its param's dtype (int8 codes to
+            # floats), copies that _restore_saved_state would throw away
+            super().load_state_dict({**state_dict, "state": {}})
         self._restore_saved_state(state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -816,31 +817,9 @@ class FusedOptimizer(Optimizer):
             merged.append({**options, **saved})
         return {**state_dict, "param_groups": merged}
 
-    def _used_moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        """The moments this group's update reads (Adam's max_exp_avg_sq with amsgrad only)."""
-        return tuple(self._moment_keys)
-
     def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """What a param's saved state must hold, where it holds anything, for this group's update to step it."""
         return ()
-
-    def _without_unused_moments(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """A checked `state_dict` without the saved moments its groups' updates do not read (an amsgrad state loaded
-        with amsgrad=False, as torch's update ignores it), and their rows of int8 scales."""
-        state = dict(state_dict["state"])
-        for saved_group in state_dict["param_groups"]:
-            used = self._used_moment_keys(saved_group)
-            for param_id in saved_group["params"]:
-                saved = state.get(param_id, {})
-                held = [key for key in self._moment_keys if key in saved]
-                kept = [key for key in held if key in used]
-                if kept == held:
-                    continue
-                saved = {key: value for key, value in saved.items() if key not in held or key in kept}
-                if "moment_scales" in saved:
-                    saved["moment_scales"] = saved["moment_scales"][[held.index(key) for key in kept]]
-                state[param_id] = saved
-        return {**state_dict, "state": state}
 
     def _with_local_scales(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """`state_dict` with each DTensor param's saved int8 scales (a rank_rows DTensor) as this rank's plain rows."""
@@ -1070,22 +1049,37 @@ def _check_saved_codes(saved: dict[str, Any], param_id: Any, p: Tensor, moment_k
                         f"tensor of shape {expected}, got {scales if scales is None else (scales.dtype, tuple(scales.shape))}")
 
 
-def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: dict[str, bool]) -> None:
-    """After torch's load_state_dict: torch's loader casts every floating state tensor to its param's dtype and
-    leaves `step` on the CPU; ours is fp32 (moment_dtype: or bf16, int8) on the param's device.
-    Re-take the saved moments (restore_moments), restore each master weight (_restore_master), and give every
-    param a float32 `step` on its device (0 where the saved state has none)."""
+def saved_states(optimizer: Optimizer, saved: dict[str, Any]) -> Iterator[tuple[Tensor, dict[str, Any], dict[str, Any]]]:
+    """(param, its group, its saved state) for each param that `saved` holds a state of."""
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         for p, param_id in zip(group["params"], saved_group["params"]):
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            saved_state = saved["state"].get(param_id, {})
-            restore_moments(p, state, saved_state, group, moment_keys)
-            _restore_master(p, state, saved_state, group)
-            state["step"] = torch.as_tensor(saved_state.get("step", state.get("step", 0.0))).to(
-                device=p.device, dtype=torch.float32, copy=True
-            )
+            saved_state = saved["state"].get(param_id)
+            if saved_state:
+                yield p, group, saved_state
+
+
+def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys: dict[str, bool]) -> None:
+    """Each param's state from its saved one, after torch's loader has loaded the groups: its moments
+    (restore_moments), its master weight (_restore_master), and a float32 `step` on its device (0 where the saved
+    state has none)."""
+    for p, group, saved_state in saved_states(optimizer, saved):
+        state = optimizer.state[p]
+        restore_moments(p, state, saved_state, group, moment_keys)
+        _restore_master(p, state, saved_state, group)
+        state["step"] = torch.as_tensor(saved_state.get("step", 0.0)).to(device=p.device, dtype=torch.float32,
+                                                                         copy=True)
+
+
+def _taken(value: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
+    """`value` as state of `p` in `dtype`: the saved tensor itself where it is that already (on the param's device,
+    in its layout, a DTensor of its placements), as torch's loader keeps it, so a resume holds no copy of the state
+    beside the checkpoint's; else a copy in that form. Like torch's, a state loaded from a live optimizer's
+    `state_dict()` then shares its tensors."""
+    if (value.dtype == dtype and value.device == p.device and same_layout(value, p)
+            and is_dtensor(value) == is_dtensor(p)
+            and (not is_dtensor(p) or (value.device_mesh, value.placements) == (p.device_mesh, p.placements))):
+        return value
+    return torch.empty_like(p, dtype=dtype).copy_(value)
 
 
 def restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, Any], group: dict[str, Any],
@@ -1094,35 +1088,31 @@ def restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     layout (which the kernels walk state in) and in this group's storage: saved int8 codes with their scales as they
     are into an int8 group where they have the param's layout, else dequantized; any other saved moment converted to
     ours, rounded to nearest (to int8 codes with new scales)."""
-    state.pop("moment_scales", None)  # torch's loader cast a saved one to the param's dtype: re-taken below
     saved_scales = saved_state.get("moment_scales")
     keys = [key for key in moment_keys if key in saved_state]
     codes_saved = saved_scales is not None and all(saved_state[key].dtype in (torch.int8, torch.uint8) for key in keys)
     if int8_moments(p, group) and codes_saved and all(same_layout(saved_state[key], p) for key in keys):
         for key in keys:
-            state[key] = torch.empty_like(p, dtype=saved_state[key].dtype).copy_(saved_state[key])
-        state["moment_scales"] = saved_scales.to(device=p.device, copy=True)
+            state[key] = _taken(saved_state[key], p, saved_state[key].dtype)
+        state["moment_scales"] = saved_scales.to(p.device)
         return
-    values = {}
-    for row, key in enumerate(moment_keys):
+    int8 = int8_moments(p, group)
+    local_scales = []
+    for row, (key, signed) in enumerate(moment_keys.items()):
         if key not in saved_state:
             continue
         value = saved_state[key]
         if value.dtype in (torch.int8, torch.uint8):
             value = on_local_shards(lambda codes, row=row: dequantize(codes, saved_scales[row].to(codes.device)),
                                     value.to(p.device))
-        values[key] = torch.empty_like(p, dtype=torch.float32 if int8_moments(p, group) else moment_dtype(p, group))
-        values[key].copy_(value)
-    if int8_moments(p, group) and values:
-        local_scales = []
-        for key, signed in moment_keys.items():
-            if key in values:
-                local = values[key].to_local() if is_dtensor(p) else values[key]
-                codes, scales = quantize(local, signed)
-                values[key] = on_local_shards(lambda _, codes=codes: codes, values[key])
-                local_scales.append(scales)
+        value = _taken(value, p, torch.float32 if int8 else moment_dtype(p, group))
+        if int8:  # coded one moment at a time: a load holds one fp32 moment at most
+            codes, scales = quantize(value.to_local() if is_dtensor(p) else value, signed)
+            value = on_local_shards(lambda _, codes=codes: codes, value)
+            local_scales.append(scales)
+        state[key] = value
+    if local_scales:
         state["moment_scales"] = torch.stack(local_scales)
-    state.update(values)
 
 
 @torch.no_grad()
@@ -1132,11 +1122,11 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     the param takes its rounding and the remainder the rest, so the master comes back exactly; an fp32 (or wider)
     param takes it whole and keeps none. A state saved without a master (torch's, say) starts it from the param where
     the group keeps master weights."""
-    state.pop("master_param", None)  # torch's loader cast a saved one to the param's dtype: re-taken below
+    state.pop("master_param", None)  # the master of the state replaced (_follow_layout): re-taken below
     state.pop("master_remainder", None)
     if "master_remainder" in saved_state:
         saved_remainder = saved_state["master_remainder"]
-        state["master_remainder"] = torch.empty_like(p, dtype=saved_remainder.dtype).copy_(saved_remainder)
+        state["master_remainder"] = _taken(saved_remainder, p, saved_remainder.dtype)
     elif "master_param" in saved_state and p.dtype not in LOW_PRECISION:  # a param as wide as its master: the master
         p.copy_(saved_state["master_param"])
     elif "master_param" in saved_state and p.dtype == torch.bfloat16:
@@ -1145,8 +1135,8 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
         param = on_local_shards(lambda shard: split_master(shard, bits)[0], master)
         remainder = on_local_shards(lambda shard: split_master(shard, bits)[1], master)
         p.copy_(param)
-        state["master_remainder"] = torch.empty_like(p, dtype=remainder.dtype).copy_(remainder)
+        state["master_remainder"] = _taken(remainder, p, remainder.dtype)
     elif "master_param" in saved_state:
-        state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(saved_state["master_param"])
+        state["master_param"] = _taken(saved_state["master_param"], p, torch.float32)
     elif group["master_weights"] and p.dtype in LOW_PRECISION:
         init_master(p, state, group["master_weights"])

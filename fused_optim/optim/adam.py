@@ -184,16 +184,15 @@ class Adam(FusedOptimizer):
 
     def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
         scales = state.get("moment_scales")
-        if scales is not None and not group["amsgrad"]:  # amsgrad turned off since: as torch, max_exp_avg_sq is left
-            scales = scales[:2]
+        if scales is not None and not group["amsgrad"]:  # amsgrad turned off since (or loaded so): as torch's, the
+            scales = scales[:2]                           # update leaves max_exp_avg_sq and its scales alone
         return [state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if group["amsgrad"] else None,
                 master_of(state, kind), state["step"], scales]
 
-    def _used_moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group.get("amsgrad") else ("exp_avg", "exp_avg_sq")
-
     def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("step", *self._used_moment_keys(group))  # torch's loader refuses a state without a step too
+        # torch's loader refuses a state without a step too; an amsgrad state loaded into amsgrad=False keeps its
+        # max_exp_avg_sq, which the update leaves alone (_state_tensors), as torch's does
+        return ("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group.get("amsgrad") else ()))
 
     def _update_with_torch(self, group: dict[str, Any], lists: list[list[Tensor]]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _, steps, _ = lists

@@ -43,7 +43,7 @@ from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
 from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, _restore_master, check_torch_flags,
                                      init_int8_scales, init_master, int8_moments, master_of, moment_dtype,
-                                     restore_moments)
+                                     restore_moments, saved_states)
 from fused_optim.optim._plan import Plan
 
 # momentum buffers that round to nearest (fp32 and fp64, and complex params' buffers, stepped as their real views)
@@ -269,24 +269,16 @@ class SGD(FusedOptimizer):
         layout, whatever dtype they were saved in, and a buffer saved without a count (torch's) counts as set.
         Master weights come back in their own form (_restore_master); without momentum, a stochastically rounded
         param's count as saved."""
-        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
-            for p, param_id in zip(group["params"], saved_group["params"]):
-                state = self.state.get(p)
-                if not state:
-                    continue
-                saved_state = state_dict["state"].get(param_id, {})
-                _restore_master(p, state, saved_state, group)
-                buffer, step = saved_state.get("momentum_buffer"), saved_state.get("step")
-                if buffer is None:  # nothing set yet: the next step with momentum creates both
-                    state.pop("momentum_buffer", None)
-                    state.pop("moment_scales", None)
-                    state.pop("step", None)
-                    if step is not None and group["momentum"] == 0:
-                        state["step"] = torch.as_tensor(step).to(device=p.device, dtype=torch.float32, copy=True)
-                    if not state:  # torch's SGD saved the buffer as None: no state, as a param never stepped
-                        del self.state[p]
-                    continue
-                # re-taken from the saved value: torch's loader has cast it to the param dtype
-                restore_moments(p, state, saved_state, group, self._moment_keys)
-                count = torch.ones(()) if step is None else torch.as_tensor(step).clamp_min(1)
-                state["step"] = count.to(device=p.device, dtype=torch.float32, copy=True)
+        for p, group, saved_state in saved_states(self, state_dict):
+            state = self.state[p]
+            _restore_master(p, state, saved_state, group)
+            buffer, step = saved_state.get("momentum_buffer"), saved_state.get("step")
+            if buffer is None:  # nothing set yet: the next step with momentum creates both
+                if step is not None and group["momentum"] == 0:
+                    state["step"] = torch.as_tensor(step).to(device=p.device, dtype=torch.float32, copy=True)
+                if not state:  # a count alone, for a group with momentum: no state, as a param never stepped
+                    del self.state[p]
+                continue
+            restore_moments(p, state, saved_state, group, self._moment_keys)
+            count = torch.ones(()) if step is None else torch.as_tensor(step).clamp_min(1)
+            state["step"] = count.to(device=p.device, dtype=torch.float32, copy=True)
