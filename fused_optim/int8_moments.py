@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fused_optim._chunks import chunks
+
 BLOCK = 64
 _MAGNITUDE = 0x7FFFFFFF
 _SIGNED_STEP = 1.0 / 16129.0  # 1 / 127^2, rounded to fp32 where it multiplies
@@ -48,13 +50,24 @@ def _steps(scales: Tensor, signed: bool) -> Tensor:
 def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
     """The fp32 values of `codes` (int8: a signed moment, uint8: a non-negative one) with their block `scales`
     (bf16, scale_count(numel)), in the codes' shape and memory layout."""
-    signed = codes.dtype == torch.int8
-    c = _blocks(memory_order(codes).float())
-    values = (c * c.abs() if signed else c * c) * _steps(scales, signed)[:, None]
-    values = (values if signed else values * values).reshape(-1)[: codes.numel()]  # a root, squared
     out = torch.empty_like(codes, dtype=torch.float32)
-    memory_order(out).copy_(values)
+    flat_codes, flat_out = memory_order(codes), memory_order(out)
+    for part in chunks(codes.numel()):
+        flat_out[part] = _dequantized(flat_codes[part], scales[_blocks_of(part)])
     return out
+
+
+def _dequantized(codes: Tensor, scales: Tensor) -> Tensor:
+    """dequantize of flat `codes`."""
+    signed = codes.dtype == torch.int8
+    c = _blocks(codes.float())
+    values = (c * c.abs() if signed else c * c) * _steps(scales, signed)[:, None]
+    return (values if signed else values * values).reshape(-1)[: codes.numel()]  # a root, squared
+
+
+def _blocks_of(part: slice) -> slice:
+    """The scales of the elements `part` (a chunks() slice: whole blocks from its start) covers."""
+    return slice(part.start // BLOCK, part.stop // BLOCK)
 
 
 def _root(x: Tensor) -> Tensor:
@@ -69,7 +82,17 @@ def _root(x: Tensor) -> Tensor:
 def quantize(values: Tensor, signed: bool, bits16: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(codes, scales) of fp32 `values`, codes in their shape and memory layout. `bits16`: 16 random bits per element
     (memory order) for stochastic rounding; None rounds to nearest (a state loaded from fp32)."""
-    flat = memory_order(values.float())
+    codes = torch.empty_like(values, dtype=code_dtype(signed))
+    scales = torch.empty(scale_count(values.numel()), dtype=torch.bfloat16, device=values.device)
+    flat_values, flat_codes = memory_order(values), memory_order(codes)
+    for part in chunks(values.numel()):
+        flat_codes[part], scales[_blocks_of(part)] = _quantized(flat_values[part].float(), signed,
+                                                                None if bits16 is None else bits16[part])
+    return codes, scales
+
+
+def _quantized(flat: Tensor, signed: bool, bits16: Tensor | None) -> tuple[Tensor, Tensor]:
+    """quantize of `flat` fp32 values."""
     if not signed:  # kept by its root
         flat = _root(flat)
     largest = (_blocks(flat).view(torch.int32) & _MAGNITUDE).amax(dim=1).to(torch.int64)
@@ -85,6 +108,4 @@ def quantize(values: Tensor, signed: bool, bits16: Tensor | None = None) -> tupl
         code = torch.where(flat < 0, -code, code)
     else:
         code = torch.maximum(code, (flat > 0).to(torch.int32))
-    codes = torch.empty_like(values, dtype=code_dtype(signed))
-    memory_order(codes).copy_(code.to(torch.int16).to(code_dtype(signed)))
-    return codes, scales
+    return code.to(torch.int16).to(code_dtype(signed)), scales

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fused_optim._chunks import chunks
+
 _LOW16 = 0xFFFF
 _LOW32 = 0xFFFFFFFF
 # A master remainder's dtype: int16 (the exact fp32 master), int8 (a 24-bit master).
@@ -34,7 +36,17 @@ def _signed(bits: Tensor, width: int) -> Tensor:
 def split_master(master: Tensor, bits: int = 32) -> tuple[Tensor, Tensor]:
     """(bf16 param, remainder) of the fp32 `master`: an int16 remainder holding it exactly (bits=32), or an int8 one
     holding it rounded to 24 bits (bits=24: to nearest, ties away from zero); a NaN gives a quiet NaN param."""
-    u = master.contiguous().view(torch.int32).to(torch.int64) & _LOW32
+    flat = master.contiguous().view(-1)
+    param = torch.empty(flat.shape, dtype=torch.bfloat16, device=flat.device)
+    remainder = torch.empty(flat.shape, dtype=torch.int16 if bits == 32 else torch.int8, device=flat.device)
+    for part in chunks(flat.numel()):
+        param[part], remainder[part] = _split(flat[part], bits)
+    return param.view(master.shape), remainder.view(master.shape)
+
+
+def _split(master: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """split_master of a flat `master`."""
+    u = master.view(torch.int32).to(torch.int64) & _LOW32
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     rest_bits = bits - 16
     top = u if bits == 32 else (u + 0x80) >> 8  # the master's top `bits` bits
@@ -42,22 +54,31 @@ def split_master(master: Tensor, bits: int = 32) -> tuple[Tensor, Tensor]:
     rest = (top - (param_bits << rest_bits)) & ((1 << rest_bits) - 1)
     if bits == 24:
         rest = torch.where(nan, 0, rest)
-    param = _signed(param_bits, 16).to(torch.int16).view(torch.bfloat16).reshape(master.shape)
-    return param, _signed(rest, rest_bits).to(torch.int16 if bits == 32 else torch.int8).reshape(master.shape)
+    return _signed(param_bits, 16).to(torch.int16).view(torch.bfloat16), _signed(rest, rest_bits)
 
 
 def join_master(param: Tensor, remainder: Tensor) -> Tensor:
     """The fp32 master that a bf16 `param` and its remainder (int16: exact; int8: a 24-bit master) hold, in
     `param`'s shape and layout (torch's fused AdamW, which the torch backend runs on it, pairs its tensors' elements
     by memory order: a contiguous master beside channels_last moments would be updated with other elements' grads)."""
-    param_bits = param.contiguous().view(torch.int16).to(torch.int64) & _LOW16
-    rest = remainder.contiguous().to(torch.int64)
+    flat_param, flat_remainder = param.contiguous().view(-1), remainder.contiguous().view(-1)
+    master = torch.empty_like(param, dtype=torch.float32)
+    in_place = master.is_contiguous()
+    flat = master.view(-1) if in_place else torch.empty(flat_param.shape, dtype=torch.float32, device=param.device)
+    for part in chunks(flat.numel()):
+        flat[part] = _join(flat_param[part], flat_remainder[part])
+    return master if in_place else master.copy_(flat.view(param.shape))
+
+
+def _join(param: Tensor, remainder: Tensor) -> Tensor:
+    """join_master of a flat `param` and `remainder`."""
+    param_bits = param.view(torch.int16).to(torch.int64) & _LOW16
+    rest = remainder.to(torch.int64)
     if remainder.dtype == torch.int8:
         u = (((param_bits << 8) + rest) << 8) & _LOW32
     else:
         u = ((param_bits << 16) + rest) & _LOW32
-    master = torch.empty_like(param, dtype=torch.float32)
-    return master.copy_(_signed(u, 32).to(torch.int32).view(torch.float32).reshape(param.shape))
+    return _signed(u, 32).to(torch.int32).view(torch.float32)
 
 
 def round_like_master(x: Tensor, bits: int = 32) -> Tensor:

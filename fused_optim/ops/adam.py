@@ -68,7 +68,8 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
                      lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, stochastic_rounding,
                      seed, grad_scale, found_inf):
     """torch's fused kernel, on fp32 copies where our state is fp32 but the params are not (fp64 params run on
-    themselves, with their fp64 state), and on fp32 copies of bf16 and int8 moments, rounded back stochastically."""
+    themselves, with their fp64 state), and on fp32 copies of bf16 and int8 moments, rounded back stochastically;
+    a batch of params at a time (_batches)."""
     grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
                             moment_scales, amsgrad, stochastic_rounding, (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
     if not params:
@@ -79,7 +80,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         found_inf = (found_inf != 0).to(torch.float32)
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     torch._foreach_add_(steps, 1)  # torch's kernel reads the count after this step
-    for indices in _same_dtypes(params):
+    for indices in _batches(params):
         def pick(tensors, indices=indices):
             return [tensors[i] for i in indices]
 
@@ -139,12 +140,24 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
-def _same_dtypes(params) -> list[list[int]]:
-    """Indices of the params, grouped by dtype: torch's fused kernel takes one dtype per call."""
-    groups: dict[torch.dtype, list[int]] = {}
+# Elements a call of torch's kernel takes (a larger param alone): the fp32 copies of bf16 params, master remainders
+# and compact moments are made a batch at a time, at most 20 bytes an element of it (16M elements: 320 MB).
+BATCH_ELEMENTS = 1 << 24
+
+
+def _batches(params) -> list[list[int]]:
+    """Indices of the params in batches of one dtype (torch's fused kernel takes one per call) and BATCH_ELEMENTS
+    elements at most."""
+    batches: list[list[int]] = []
+    open_batches: dict[torch.dtype, tuple[list[int], int]] = {}  # dtype -> (its last batch, its elements)
     for i, p in enumerate(params):
-        groups.setdefault(p.dtype, []).append(i)
-    return list(groups.values())
+        batch, count = open_batches.get(p.dtype, (None, 0))
+        if batch is None or count + p.numel() > BATCH_ELEMENTS:
+            batch, count = [], 0
+            batches.append(batch)
+        batch.append(i)
+        open_batches[p.dtype] = (batch, count + p.numel())
+    return batches
 
 
 # CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (checked in _backend); triton is imported on
