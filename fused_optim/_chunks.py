@@ -12,4 +12,4 @@ CHUNK = 1 << 20  # elements converted at a time (a multiple of int8_moments.BLOC
 
 def chunks(numel: int) -> Iterator[slice]:
     """Slices that cover `numel` elements, CHUNK at a time."""
-    return (slice(start, start + CHUNK) for start in range(0, numel, CHUNK))
+    return (slice(start, min(start + CHUNK, numel)) for start in range(0, numel, CHUNK))

@@ -53,7 +53,7 @@ def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
     out = torch.empty_like(codes, dtype=torch.float32)
     flat_codes, flat_out = memory_order(codes), memory_order(out)
     for part in chunks(codes.numel()):
-        flat_out[part] = _dequantized(flat_codes[part], scales[_blocks_of(part)])
+        flat_out[part] = _dequantized(flat_codes[part], scales[blocks_of(part)])
     return out
 
 
@@ -65,9 +65,9 @@ def _dequantized(codes: Tensor, scales: Tensor) -> Tensor:
     return (values if signed else values * values).reshape(-1)[: codes.numel()]  # a root, squared
 
 
-def _blocks_of(part: slice) -> slice:
-    """The scales of the elements `part` (a chunks() slice: whole blocks from its start) covers."""
-    return slice(part.start // BLOCK, part.stop // BLOCK)
+def blocks_of(part: slice) -> slice:
+    """The scales of the elements `part` (a _chunks.chunks() slice, which starts a block) covers."""
+    return slice(part.start // BLOCK, scale_count(part.stop))
 
 
 def _root(x: Tensor) -> Tensor:
@@ -86,7 +86,7 @@ def quantize(values: Tensor, signed: bool, bits16: Tensor | None = None) -> tupl
     scales = torch.empty(scale_count(values.numel()), dtype=torch.bfloat16, device=values.device)
     flat_values, flat_codes = memory_order(values), memory_order(codes)
     for part in chunks(values.numel()):
-        flat_codes[part], scales[_blocks_of(part)] = _quantized(flat_values[part].float(), signed,
+        flat_codes[part], scales[blocks_of(part)] = _quantized(flat_values[part].float(), signed,
                                                                 None if bits16 is None else bits16[part])
     return codes, scales
 

@@ -1,12 +1,13 @@
 """The `fused_optim` torch.library namespace (every op schema of the package is defined in it) and the helpers the
 ops share."""
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from fused_optim import _backend
-from fused_optim.int8_moments import BLOCK, scale_count
+from fused_optim._chunks import chunks
+from fused_optim.int8_moments import BLOCK, blocks_of, memory_order, scale_count
 from fused_optim.master_remainder import are_remainders, join_master, store_split
 from fused_optim.rounding import bf16_stochastic_round
 
@@ -146,6 +147,26 @@ def param_masters(params, master_params) -> tuple[list, list]:
     return (none, list(master_params)) if remainders else (list(master_params), none)
 
 
+def pieces(params) -> Iterator[tuple[int, slice]]:
+    """(index, part) of each piece of the params: a param's elements in memory order, CHUNK at a time
+    (fused_optim/_chunks.py). The torch twins of the optimizer ops update a piece at a time, so that their fp32 copies
+    and int64 random bits stay near a hundred MB however large a param; a piece rounds with its elements' own random
+    bits (rounding.py's `start`)."""
+    for i, p in enumerate(params):
+        for part in chunks(p.numel()):
+            yield i, part
+
+
+def piece(t: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+    """The elements `part` of t in memory order: a flat view, which writes through (None for None)."""
+    return None if t is None else memory_order(t)[part]
+
+
+def piece_scales(scales: torch.Tensor, part: slice) -> torch.Tensor:
+    """A param's int8 scale rows (moments, blocks) for the blocks of `part`: a view."""
+    return scales[:, blocks_of(part)]
+
+
 def update_start(param: torch.Tensor, master, remainder) -> torch.Tensor:
     """The value an update in torch ops starts from (float_io.h's load_param): a bf16 param joined with its
     remainder, its fp32 master copy, or the param itself in fp32 (fp64 for fp64 params)."""
@@ -156,17 +177,18 @@ def update_start(param: torch.Tensor, master, remainder) -> torch.Tensor:
     return param.to(torch.promote_types(param.dtype, torch.float32))
 
 
-def store_update(param: torch.Tensor, master, remainder, updated: torch.Tensor, skip, stochastic=None) -> None:
+def store_update(param: torch.Tensor, master, remainder, updated: torch.Tensor, skip, stochastic=None,
+                 start: int = 0) -> None:
     """An update's result written back in torch ops (float_io.h's write_param): split into the bf16 param and its
     remainder, or into the master copy and the param rounded to nearest, or (`stochastic`: the (seed, index, step)
-    of the param's random stream) the param rounded stochastically. Where `skip` (a found_inf) is true, nothing
-    changes."""
+    of the param's random stream; `start`: the first element's place in it) the param rounded stochastically. Where
+    `skip` (a found_inf) is true, nothing changes."""
     if remainder is not None:
         store_split([param], [remainder], [updated], skip)
         return
     if master is not None:
         master.copy_(updated if skip is None else torch.where(skip, master, updated))
-    rounded = bf16_stochastic_round(updated.float(), *stochastic) if stochastic else updated.to(param.dtype)
+    rounded = bf16_stochastic_round(updated.float(), *stochastic, start=start) if stochastic else updated.to(param.dtype)
     param.copy_(rounded if skip is None else torch.where(skip, param, rounded))
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from fused_optim import _chunks
 from fused_optim.master_remainder import are_remainders, join_master, store_split
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, real_views, resolve_op, split_wide,
-                                      step_scalars)
+from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, piece, piece_scales, pieces,
+                                      real_views, resolve_op, split_wide, step_scalars)
 from fused_optim.int8_moments import dequantize, quantize
 from fused_optim.rounding import bf16_stochastic_round, moment_bits16
 
@@ -69,7 +70,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
                      seed, grad_scale, found_inf):
     """torch's fused kernel, on fp32 copies where our state is fp32 but the params are not (fp64 params run on
     themselves, with their fp64 state), and on fp32 copies of bf16 and int8 moments, rounded back stochastically;
-    a batch of params at a time (_batches)."""
+    a batch of pieces of params at a time (_batches)."""
     grads = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
                             moment_scales, amsgrad, stochastic_rounding, (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
     if not params:
@@ -80,11 +81,11 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         found_inf = (found_inf != 0).to(torch.float32)
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     torch._foreach_add_(steps, 1)  # torch's kernel reads the count after this step
-    for indices in _batches(params):
-        def pick(tensors, indices=indices):
-            return [tensors[i] for i in indices]
+    for batch in _batches(params):
+        def pick(tensors, batch=batch):
+            return [piece(tensors[i], part) for i, part in batch]
 
-        group_params, group_steps = pick(params), pick(steps)
+        group_params, group_steps = pick(params), [steps[i] for i, _ in batch]
         low_precision = group_params[0].dtype in (torch.bfloat16, torch.float16)
         remainders = pick(master_params) if are_remainders(master_params) else []
         if remainders:  # bf16 params with their masters' remainders: the fp32 masters, joined
@@ -101,7 +102,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
             fp32_grads = [g.to(torch.float32, copy=True) for g in fp32_grads]
         moments = [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]
         bf16_moments = moments[0][0].dtype == torch.bfloat16
-        scales = pick(moment_scales) if moment_scales else []
+        scales = [piece_scales(moment_scales[i], part) for i, part in batch] if moment_scales else []
         if scales:
             fp32_moments = [[dequantize(m, s[row]) for m, s in zip(tensors, scales)]
                             for row, tensors in enumerate(moments)]
@@ -115,12 +116,13 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         if bf16_moments:  # rounding.h's to_moment, each moment its own random stream (a skipped step's untouched
             # copies round back to themselves: they are bf16 values)
             for moment, (tensors, fp32_tensors) in enumerate(zip(moments, fp32_moments)):
-                for i, m, m32 in zip(indices, tensors, fp32_tensors):
-                    m.copy_(bf16_stochastic_round(m32, seed, i, steps[i], moment))
+                for (i, part), m, m32 in zip(batch, tensors, fp32_tensors):
+                    m.copy_(bf16_stochastic_round(m32, seed, i, steps[i], moment, part.start))
         if scales:  # int8_moments.quantize with rounding.h's moment bits; a skipped step keeps the old codes
             for row, (tensors, fp32_tensors) in enumerate(zip(moments, fp32_moments)):
-                for i, codes, m32, s in zip(indices, tensors, fp32_tensors, scales):
-                    new_codes, new_scales = quantize(m32, row == 0, moment_bits16(seed, i, steps[i], row, m32.numel()))
+                for (i, part), codes, m32, s in zip(batch, tensors, fp32_tensors, scales):
+                    bits = moment_bits16(seed, i, steps[i], row, m32.numel(), part.start)
+                    new_codes, new_scales = quantize(m32, row == 0, bits)
                     if found_inf is not None:
                         new_codes = torch.where(found_inf != 0, codes, new_codes)
                         new_scales = torch.where(found_inf != 0, s[row], new_scales)
@@ -130,7 +132,8 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
             store_split(group_params, remainders, fp32_params, None if found_inf is None else found_inf != 0)
         elif low_precision:
             if stochastic_rounding:
-                rounded = [bf16_stochastic_round(p32, seed, i, steps[i]) for i, p32 in zip(indices, fp32_params)]
+                rounded = [bf16_stochastic_round(p32, seed, i, steps[i], start=part.start)
+                           for (i, part), p32 in zip(batch, fp32_params)]
             else:
                 rounded = [p32.to(p.dtype) for p32, p in zip(fp32_params, group_params)]
             if found_inf is not None:  # a skipped step leaves the params exactly as they were
@@ -140,23 +143,20 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
-# Elements a call of torch's kernel takes (a larger param alone): the fp32 copies of bf16 params, master remainders
-# and compact moments are made a batch at a time, at most 20 bytes an element of it (16M elements: 320 MB).
-BATCH_ELEMENTS = 1 << 24
-
-
-def _batches(params) -> list[list[int]]:
-    """Indices of the params in batches of one dtype (torch's fused kernel takes one per call) and BATCH_ELEMENTS
-    elements at most."""
-    batches: list[list[int]] = []
-    open_batches: dict[torch.dtype, tuple[list[int], int]] = {}  # dtype -> (its last batch, its elements)
-    for i, p in enumerate(params):
-        batch, count = open_batches.get(p.dtype, (None, 0))
-        if batch is None or count + p.numel() > BATCH_ELEMENTS:
+def _batches(params) -> list[list[tuple[int, slice]]]:
+    """The params' pieces (_library.pieces: (index, part)) in batches of one dtype (torch's fused kernel takes one per
+    call) and CHUNK elements at most: the fp32 copies of bf16 params, master remainders and compact moments, and
+    their random bits, are made a batch at a time."""
+    batches: list[list[tuple[int, slice]]] = []
+    open_batches: dict[torch.dtype, tuple[list[tuple[int, slice]], int]] = {}  # dtype -> (its last batch, elements)
+    for i, part in pieces(params):
+        numel = part.stop - part.start
+        batch, count = open_batches.get(params[i].dtype, (None, 0))
+        if batch is None or count + numel > _chunks.CHUNK:
             batch, count = [], 0
             batches.append(batch)
-        batch.append(i)
-        open_batches[p.dtype] = (batch, count + p.numel())
+        batch.append((i, part))
+        open_batches[params[i].dtype] = (batch, count + numel)
     return batches
 
 

@@ -18,8 +18,8 @@ import torch
 from fused_optim.int8_moments import dequantize, quantize
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip,
-                                      param_masters, real_views, resolve_op, split_wide, step_scalars, store_update,
-                                      update_start)
+                                      param_masters, piece, piece_scales, pieces, real_views, resolve_op, split_wide,
+                                      step_scalars, store_update, update_start)
 from fused_optim.rounding import bf16_stochastic_round, moment_bits16
 
 LION_SCHEMA = (
@@ -60,8 +60,8 @@ def _lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scal
 
 def _lion_step_torch(params, grads, exp_avgs, master_params, steps, moment_scales, lr, lr_tensor, beta1, beta2,
                      weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf):
-    """lion.h's formulas in plain torch ops, one tensor at a time in fp32 (fp64 for fp64 params); a skipped step is
-    selected with torch.where, so nothing is read on the host."""
+    """lion.h's formulas in plain torch ops, a piece of a tensor at a time (_library.pieces) in fp32 (fp64 for fp64
+    params); a skipped step is selected with torch.where, so nothing is read on the host."""
     grads = check_lion_args(params, grads, exp_avgs, master_params, steps, moment_scales, stochastic_rounding,
                             (lr_tensor, grad_scale, found_inf), (*FLOAT_DTYPES, torch.float64))
     if not params:
@@ -73,22 +73,25 @@ def _lion_step_torch(params, grads, exp_avgs, master_params, steps, moment_scale
     param_decay = 1 - lr_value * weight_decay
     torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
     masters, remainders = param_masters(params, master_params)
-    for i, param in enumerate(params):
-        p = update_start(param, masters[i], remainders[i])
-        g = grads[i].to(p.dtype) * grad_multiplier
+    for i, part in pieces(params):
+        param, master, remainder = (piece(t, part) for t in (params[i], masters[i], remainders[i]))
+        p = update_start(param, master, remainder)
+        g = piece(grads[i], part).to(p.dtype) * grad_multiplier
         # a bf16 moment (moments="bf16") or int8 codes (moments="int8"), dequantized
-        m = dequantize(exp_avgs[i], moment_scales[i][0]) if moment_scales else exp_avgs[i].to(p.dtype)
+        exp_avg = piece(exp_avgs[i], part)
+        scale_row = piece_scales(moment_scales[i], part)[0] if moment_scales else None
+        m = dequantize(exp_avg, scale_row) if moment_scales else exp_avg.to(p.dtype)
         updated = p * param_decay - lr_value * torch.sign(beta1 * m + (1 - beta1) * g)
         updated_m = beta2 * m + (1 - beta2) * g
         if moment_scales:  # int8_moments.quantize with rounding.h's bits (the count after this step)
-            updated_m, scales = quantize(updated_m, True, moment_bits16(seed, i, steps[i], 0, updated_m.numel()))
-            scale_row = moment_scales[i][0]
+            updated_m, scales = quantize(updated_m, True,
+                                         moment_bits16(seed, i, steps[i], 0, updated_m.numel(), part.start))
             scale_row.copy_(scales if skip is None else torch.where(skip, scale_row, scales))
-        elif exp_avgs[i].dtype == torch.bfloat16:  # rounding.h's to_moment
-            updated_m = bf16_stochastic_round(updated_m, seed, i, steps[i], 0)
-        exp_avgs[i].copy_(updated_m if skip is None else torch.where(skip, exp_avgs[i], updated_m))
-        store_update(param, masters[i], remainders[i], updated, skip,
-                     (seed, i, steps[i]) if stochastic_rounding else None)
+        elif exp_avg.dtype == torch.bfloat16:  # rounding.h's to_moment
+            updated_m = bf16_stochastic_round(updated_m, seed, i, steps[i], 0, part.start)
+        exp_avg.copy_(updated_m if skip is None else torch.where(skip, exp_avg, updated_m))
+        store_update(param, master, remainder, updated, skip, (seed, i, steps[i]) if stochastic_rounding else None,
+                     part.start)
 
 
 # CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (checked in _backend); triton is imported on

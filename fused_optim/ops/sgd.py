@@ -19,8 +19,8 @@ import torch
 from fused_optim.int8_moments import dequantize, quantize
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip,
-                                      param_masters, real_views, resolve_op, split_wide, step_scalars, store_update,
-                                      update_start)
+                                      param_masters, piece, piece_scales, pieces, real_views, resolve_op, split_wide,
+                                      step_scalars, store_update, update_start)
 from fused_optim.rounding import bf16_stochastic_round, moment_bits16
 
 SGD_SCHEMA = (
@@ -71,8 +71,8 @@ def _sgd_step_triton(params, grads, momentum_buffers, master_params, steps, mome
 
 def _sgd_step_torch(params, grads, momentum_buffers, master_params, steps, moment_scales, lr, lr_tensor, momentum,
                     dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed, grad_scale, found_inf):
-    """sgd.h's formulas in plain torch ops, one tensor at a time in fp32 (fp64 for fp64 params); the first step and
-    a skipped step are selected with torch.where, so nothing is read on the host."""
+    """sgd.h's formulas in plain torch ops, a piece of a tensor at a time (_library.pieces) in fp32 (fp64 for fp64
+    params); the first step and a skipped step are selected with torch.where, so nothing is read on the host."""
     grads = check_sgd_args(params, grads, momentum_buffers, master_params, steps, moment_scales, momentum,
                            nesterov, stochastic_rounding, (lr_tensor, grad_scale, found_inf),
                            (*FLOAT_DTYPES, torch.float64))
@@ -82,29 +82,31 @@ def _sgd_step_torch(params, grads, momentum_buffers, master_params, steps, momen
     # Python floats meet fp32 tensors as fp32 values, as the kernels' fp32 scalars (1 - dampening in double first)
     lr_value = lr_tensor if lr_tensor is not None else lr
     masters, remainders = param_masters(params, master_params)
-    for i, param in enumerate(params):
-        p = update_start(param, masters[i], remainders[i])
-        g = grads[i].to(p.dtype) * grad_multiplier
+    for i, part in pieces(params):
+        param, master, remainder = (piece(t, part) for t in (params[i], masters[i], remainders[i]))
+        p = update_start(param, master, remainder)
+        g = piece(grads[i], part).to(p.dtype) * grad_multiplier
         if weight_decay != 0:
             # sgd.h's fmaf: torch's add(alpha=) is one FMA wherever its kernels are vectorised (AVX2, AVX-512, CUDA);
             # under ATEN_CPU_CAPABILITY=default it rounds twice, and the last bit may differ from our kernels'
             g = g.add(p, alpha=weight_decay)
         if momentum != 0:
-            buffer = momentum_buffers[i]
-            old_buffer = dequantize(buffer, moment_scales[i][0]) if moment_scales else buffer.to(p.dtype)
+            buffer = piece(momentum_buffers[i], part)
+            scale_row = piece_scales(moment_scales[i], part)[0] if moment_scales else None
+            old_buffer = dequantize(buffer, scale_row) if moment_scales else buffer.to(p.dtype)
             updated_buffer = torch.where(steps[i] == 0, g, old_buffer * momentum + (1.0 - dampening) * g)
             g = g + momentum * updated_buffer if nesterov else updated_buffer
             if moment_scales:  # moments="int8": int8_moments.quantize with rounding.h's bits, the count after
-                codes, scales = quantize(updated_buffer, True, moment_bits16(seed, i, steps[i] + 1, 0, buffer.numel()))
-                scale_row = moment_scales[i][0]
+                codes, scales = quantize(updated_buffer, True,
+                                         moment_bits16(seed, i, steps[i] + 1, 0, buffer.numel(), part.start))
                 scale_row.copy_(scales if skip is None else torch.where(skip, scale_row, scales))
                 updated_buffer = codes
             elif buffer.dtype == torch.bfloat16:  # moments="bf16": rounding.h's to_moment, with the count after
-                updated_buffer = bf16_stochastic_round(updated_buffer, seed, i, steps[i] + 1, 0)
+                updated_buffer = bf16_stochastic_round(updated_buffer, seed, i, steps[i] + 1, 0, part.start)
             buffer.copy_(updated_buffer if skip is None else torch.where(skip, buffer, updated_buffer))
         # stochastic rounding: rounding.h's stream of the count after this step, as the kernels'
-        store_update(param, masters[i], remainders[i], p - lr_value * g, skip,
-                     (seed, i, steps[i] + 1) if stochastic_rounding else None)
+        store_update(param, master, remainder, p - lr_value * g, skip,
+                     (seed, i, steps[i] + 1) if stochastic_rounding else None, part.start)
     if steps:
         torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
 
