@@ -2,8 +2,9 @@
 
 Each optimizer steps once over 4 params of --numel elements and saves `state_dict()` and `torch_state_dict()`; then,
 each in a fresh process: resuming (`opt.load_state_dict(torch.load(path))` into a new optimizer),
-`opt.torch_state_dict()`, and loading the saved torch form (`torch.load` and `load_state_dict` again). A row gives each operation's peak resident memory beyond what the process held before it (VmHWM, reset
-through /proc/self/clear_refs; glibc returns every block of 128 KiB or more at once, MALLOC_MMAP_THRESHOLD_, so a
+`opt.torch_state_dict()`, and loading the saved torch form (`torch.load` and `load_state_dict` again). A row gives
+each operation's peak resident memory beyond what the process held before it (VmHWM, reset through
+/proc/self/clear_refs; glibc returns every block of 128 KiB or more at once, MALLOC_MMAP_THRESHOLD_, so a
 freed temporary leaves the count) in bytes a param, beside the checkpoint's size. A resume peaks at the checkpoint
 itself where the loaded tensors become the state, as torch's fused AdamW's do; torch_state_dict() at what it
 returns (fp32 moments and masters) where its conversions take little beside.

@@ -69,8 +69,8 @@ def test_torch_backend_in_pieces_steps_as_in_one(monkeypatch, cls, options):
     same, the random bits of stochastic rounding included."""
     def run():
         generator = torch.Generator().manual_seed(0)
-        shapes = [((5,), torch.float32), ((300,), torch.bfloat16), ((3,), torch.bfloat16), ((2, 3, 5, 7), torch.bfloat16),
-                  ((130,), torch.float32)]
+        shapes = [((5,), torch.float32), ((300,), torch.bfloat16), ((3,), torch.bfloat16),
+                  ((2, 3, 5, 7), torch.bfloat16), ((130,), torch.float32)]
         if options.get("master_weights") == 24:  # 24-bit masters are bf16 params' alone
             shapes = [(shape, torch.bfloat16) for shape, _ in shapes]
         params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape, dtype in shapes]

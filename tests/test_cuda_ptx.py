@@ -62,9 +62,9 @@ def template_arguments(names) -> dict[str, list[str]]:
 
 def test_every_adam_kernel_moves_state_with_16_byte_accesses():
     kernels = kernels_of("adam.cu", "adam_kernel")
-    # param dtype x grad dtype x moment dtype x amsgrad x (nearest, master), and (stochastic, remainders of 16 and 8
-    # bits) for the 2 bf16 pairs
-    assert len(kernels) == 64
+    # 7 (param, grad) dtype pairs x moment dtype x amsgrad x (nearest, master), and (stochastic, remainders of 16 and
+    # 8 bits) for the 2 bf16 pairs
+    assert len(kernels) == 80
     for name, (param_t, grad_t, moment_t, amsgrad, write) in template_arguments(list(kernels)).items():
         body, write = kernels[name], write[-1]  # "(fused_optim::WriteBack)2"
         moments = 2 + (amsgrad == "true")  # exp_avg, exp_avg_sq, [max_exp_avg_sq]
@@ -87,7 +87,7 @@ def test_every_int8_moment_adam_kernel_moves_codes_in_8_byte_accesses():
     """moments="int8" (adam_int8.cu): the codes of 8 elements in one 8-byte access per moment, params and grads as
     in adam.cu, the block's scale found by warp shuffles, nothing in local memory."""
     kernels = kernels_of("adam_int8.cu", "adam_int8_kernel")
-    assert len(kernels) == 32  # param dtype x grad dtype x amsgrad x (nearest, master), and 3 bf16-only write-backs
+    assert len(kernels) == 40  # 7 (param, grad) pairs x amsgrad x (nearest, master), and 3 bf16-only write-backs
     for name, (param_t, grad_t, amsgrad, write) in template_arguments(list(kernels)).items():
         body, write = kernels[name], write[-1]
         codes = 2 + (amsgrad == "true")
@@ -102,8 +102,8 @@ def test_every_int8_moment_adam_kernel_moves_codes_in_8_byte_accesses():
 
 
 @pytest.mark.parametrize("source, kernel, count", [
-    ("sgd.cu", "sgd_int8_kernel", 32),  # Lion's 16 write-backs of param and grad dtypes x nesterov
-    ("lion.cu", "lion_int8_kernel", 16),  # param dtype x grad dtype x (nearest, master), and 3 bf16-only write-backs
+    ("sgd.cu", "sgd_int8_kernel", 40),  # Lion's 20 write-backs of param and grad dtypes x nesterov
+    ("lion.cu", "lion_int8_kernel", 20),  # 7 (param, grad) pairs x (nearest, master), and 3 bf16-only write-backs
 ])
 def test_every_single_moment_int8_kernel_moves_codes_in_8_byte_accesses(source, kernel, count):
     """SGD's momentum buffer and Lion's exp_avg with moments="int8" (int8_codes.cuh's step_signed_codes): the 8
@@ -162,9 +162,9 @@ def assert_single_moment_kernel_accesses(name: str, body: str, param_t: str, gra
 
 def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses():
     kernels = kernels_of("sgd.cu", "sgd_kernel")
-    # 16 (param, grad, write-back) triples as Lion's x (no momentum, and momentum and nesterov with an fp32 or a bf16
+    # 20 (param, grad, write-back) triples as Lion's x (no momentum, and momentum and nesterov with an fp32 or a bf16
     # buffer)
-    assert len(kernels) == 80
+    assert len(kernels) == 100
     for name, (param_t, grad_t, buffer_t, momentum, _, write) in template_arguments(list(kernels)).items():
         buffer = (2 if buffer_t == "float" else 1) if momentum == "true" else 0
         assert_single_moment_kernel_accesses(name, kernels[name], param_t, grad_t, buffer,
@@ -173,9 +173,9 @@ def test_every_sgd_kernel_moves_its_arrays_with_16_byte_accesses():
 
 def test_every_lion_kernel_moves_its_arrays_with_16_byte_accesses():
     kernels = kernels_of("lion.cu", "lion_kernel")
-    # 5 (param, grad) dtype pairs x 2 moment dtypes x (nearest, master), and (stochastic, remainders of 16 and 8 bits)
-    # for the 2 bf16 pairs
-    assert len(kernels) == 32
+    # 7 (param, grad) dtype pairs (fp32 params take fp32, bf16 and fp16 grads; 16-bit params their own dtype's and
+    # fp32) x 2 moment dtypes x (nearest, master), and (stochastic, remainders of 16 and 8 bits) for the 2 bf16 pairs
+    assert len(kernels) == 40
     for name, (param_t, grad_t, moment_t, write) in template_arguments(list(kernels)).items():
         assert_single_moment_kernel_accesses(name, kernels[name], param_t, grad_t, 2 if moment_t == "float" else 1,
                                              write[-1])

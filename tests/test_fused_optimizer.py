@@ -193,6 +193,43 @@ def test_a_low_precision_grad_of_an_fp32_param_steps_as_its_fp32_value(cls, opti
         assert torch.equal(p, q)
 
 
+def _adam(params, grads, state, backend):
+    fused_optim.ops.adam.adam_step(params, grads, state[0], state[1], [], [], state[2], lr=0.1, beta1=0.9,
+                                   beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False,
+                                   maximize=False, backend=backend)
+
+
+def _sgd(params, grads, state, backend):
+    fused_optim.ops.sgd.sgd_step(params, grads, state[0], state[2], lr=0.1, momentum=0.9, dampening=0.0,
+                                 weight_decay=0.1, nesterov=True, maximize=False, backend=backend)
+
+
+def _lion(params, grads, state, backend):
+    fused_optim.ops.lion.lion_step(params, grads, state[0], [], state[2], lr=0.1, beta1=0.9, beta2=0.99,
+                                   weight_decay=0.1, maximize=False, backend=backend)
+
+
+@pytest.mark.parametrize("step", [_adam, _sgd, _lion], ids=["adam", "sgd", "lion"])
+def test_the_ops_read_low_precision_grads_of_fp32_params_as_they_are(step, cpu_backend):
+    """Every backend's op takes bf16 and fp16 grads of fp32 params (in one list with fp32 ones) and reads them in fp32:
+    the update of the grads widened first, bit for bit. So the optimizers make no widened copy of them."""
+    generator = torch.Generator().manual_seed(0)
+    shapes, grad_dtypes = [(3,), (1023,), (4, 5)], [torch.bfloat16, torch.float32, torch.float16]
+    init = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [torch.randn(shape, generator=generator).to(dtype) for shape, dtype in zip(shapes, grad_dtypes)]
+    runs = []
+    for given in (grads, [g.float() for g in grads]):
+        params = [p.clone() for p in init]
+        state = [[torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                 [torch.zeros((), dtype=torch.float32) for _ in params]]
+        for _ in range(2):
+            step(params, given, state, cpu_backend)
+        runs.append((params, state))
+    (params, state), (wide_params, wide_state) = runs
+    assert all(torch.equal(p, q) for p, q in zip(params, wide_params))
+    assert all(torch.equal(a, b) for tensors, wide in zip(state, wide_state) for a, b in zip(tensors, wide))
+
+
 @pytest.mark.parametrize("options", [{"stochastic_rounding": True}, {"moments": "bf16"}, {"moments": "int8"}],
                          ids=["stochastic_rounding", "bf16-moments", "int8-moments"])
 def test_seeds_drawn_before_torch_distributed_started_become_the_replicas_own(options, monkeypatch):

@@ -21,12 +21,17 @@ decltype(auto) dispatch_float_types(ScalarType dtype, Fn&& fn) {
 }
 
 // Calls fn(param_t{}, grad_t{}) for a param of a kernel dtype and its grad: the grad has the param's dtype, or is
-// float32 (the fp32 main grads of low-precision params).
+// float32 (the fp32 main grads of low-precision params), or is bfloat16 / float16 beside a float32 param (torch's
+// `grad_dtype`: read as it is, where a widened copy would cost 4 bytes a param).
 template <typename Fn>
 decltype(auto) dispatch_param_grad_types(ScalarType param_dtype, ScalarType grad_dtype, Fn&& fn) {
   return dispatch_float_types(param_dtype, [&](auto param) {
     using param_t = decltype(param);
     if (grad_dtype == kFloat) return fn(param, float{});
+    if constexpr (std::is_same_v<param_t, float>) {
+      if (grad_dtype == kBFloat16) return fn(param, c10::BFloat16{});
+      if (grad_dtype == kHalf) return fn(param, c10::Half{});
+    }
     return fn(param, param_t{});
   });
 }

@@ -20,12 +20,14 @@ inline void check_param(const char* op, const TensorInfo& p, const torch::stable
            ": params must be float32, bfloat16 or float16, got ", p.dtype);
 }
 
-// A grad: dense (else `sparse_message`), its param's shape and device, its param's dtype or float32.
+// A grad: dense (else `sparse_message`), its param's shape and device, its param's dtype or float32 (or, beside a
+// float32 param, bfloat16 or float16: dispatch_param_grad_types).
 inline TensorInfo check_grad(const char* op, const Tensor& grad, const TensorInfo& p, const char* sparse_message) {
   FO_CHECK(grad.layout() == torch::headeronly::kStrided, sparse_message);
   const TensorInfo g(grad);
   FO_CHECK(g.device == p.device && g.sizes.equals(p.sizes), op, ": a grad must have its param's shape and device");
-  FO_CHECK(g.dtype == p.dtype || g.dtype == kFloat, op, ": a grad must have its param's dtype or float32");
+  FO_CHECK(g.dtype == p.dtype || g.dtype == kFloat || (p.dtype == kFloat && (g.dtype == kBFloat16 || g.dtype == kHalf)),
+           op, ": a grad must have its param's dtype or float32 (or bfloat16 or float16 for a float32 param)");
   return g;
 }
 

@@ -188,21 +188,31 @@ def store_update(param: torch.Tensor, master, remainder, updated: torch.Tensor, 
         return
     if master is not None:
         master.copy_(updated if skip is None else torch.where(skip, master, updated))
-    rounded = bf16_stochastic_round(updated.float(), *stochastic, start=start) if stochastic else updated.to(param.dtype)
+    if stochastic:
+        rounded = bf16_stochastic_round(updated.float(), *stochastic, start=start)
+    else:
+        rounded = updated.to(param.dtype)
     param.copy_(rounded if skip is None else torch.where(skip, param, rounded))
+
+
+def grad_dtype_fits(grad_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
+    """Whether the kernels read a grad of `grad_dtype` for a param of `param_dtype` as it is: the param's dtype or
+    fp32, or bf16/fp16 beside an fp32 param (torch's `grad_dtype`; csrc/ops/dispatch.h)."""
+    return grad_dtype in (param_dtype, torch.float32) or (
+        param_dtype == torch.float32 and grad_dtype in (torch.bfloat16, torch.float16))
 
 
 def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_rounding: bool, scalars, dtypes,
                      sparse_message: str, master_params=(), bf16_moment_lists: int = 0,
                      int8_moments=((), ())) -> list[torch.Tensor]:
     """What the Python twins of the optimizer ops check alike (csrc/ops/optimizer_checks.h), for non-empty lists of
-    equal length: params of `dtypes`, dense, on one device; grads of their param's shape, dense (else
-    `sparse_message`), of its dtype or fp32; each of `state_lists` in its param's shape and strides, fp32 (fp64 for
-    fp64 params) or, for the first `bf16_moment_lists` of them, all bf16 (moments="bf16"); `master_params` (if
-    any) the same, or all int16 (int8) remainders of bf16 params (rounding.h); one-element fp32 step counts and
-    `scalars`. `int8_moments`: (moment_scales, signed) where the first len(signed) state lists may be int8 moments
-    (int8 where signed, else uint8): then every param has its bf16 scales, one contiguous row per moment
-    (int8_moments.py). Returns the grads in their params' memory layout.
+    equal length: params of `dtypes`, dense, on one device; grads of their param's shape, dense (else `sparse_message`),
+    of a dtype the kernels read (grad_dtype_fits); each of `state_lists` in its param's shape and strides, fp32 (fp64
+    for fp64 params) or, for the first `bf16_moment_lists` of them, all bf16 (moments="bf16"); `master_params` (if any)
+    the same, or all int16 (int8) remainders of bf16 params (rounding.h); one-element fp32 step counts and `scalars`.
+    `int8_moments`: (moment_scales, signed) where the first len(signed) state lists may be int8 moments (int8 where
+    signed, else uint8): then every param has its bf16 scales, one contiguous row per moment (int8_moments.py). Returns
+    the grads in their params' memory layout.
     Whole-list comparisons rather than a loop over tensors: a step of a thousand tensors pays this every time."""
     if not params:
         return []
@@ -214,8 +224,9 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
         raise RuntimeError(f"{op}: params must be {', '.join(map(str, dtypes))}, got {set(param_dtypes)}")
     if stochastic_rounding and set(param_dtypes) != {torch.bfloat16}:
         raise RuntimeError(f"{op}: stochastic rounding is for bfloat16 params")
-    if any(g.dtype not in (dtype, torch.float32) for g, dtype in zip(grads, param_dtypes)):
-        raise RuntimeError(f"{op}: a grad must have its param's dtype or float32")
+    if not all(map(grad_dtype_fits, [g.dtype for g in grads], param_dtypes)):
+        raise RuntimeError(f"{op}: a grad must have its param's dtype or float32 (or bfloat16 or float16 for a "
+                           "float32 param)")
     remainders = are_remainders(master_params)
     if any(m.dtype != master_params[0].dtype for m in master_params):
         raise RuntimeError(f"{op}: master params must be all float32 copies, all int16 remainders or all int8 "

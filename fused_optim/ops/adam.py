@@ -100,6 +100,8 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         if low_precision or grad_scale is not None:
             # fp32 copies: torch's kernel unscales its grads in place, and our schema says grads are read-only
             fp32_grads = [g.to(torch.float32, copy=True) for g in fp32_grads]
+        elif group_params[0].dtype == torch.float32:  # bf16/fp16 grads (grad_dtype_fits): torch's kernel reads fp32
+            fp32_grads = [g.float() for g in fp32_grads]
         moments = [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]
         bf16_moments = moments[0][0].dtype == torch.bfloat16
         scales = [piece_scales(moment_scales[i], part) for i, part in batch] if moment_scales else []
@@ -173,10 +175,11 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
               grad_scale=None, found_inf=None, backend="auto") -> None:
     """One fused Adam/AdamW step over lists of tensors on one device (see the schema above).
 
-    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32, or fp64 with fp64 state (stepped by torch's own fused Adam whatever the backend: the kernels are fp32), and
-    complex ones are stepped as their real views; grads have the param's dtype or fp32. `backend` is resolved by
-    fused_optim._backend. DTensors (params, grads and state alike) are stepped through their local shards
-    (ops/_dtensor.py).
+    `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32, or fp64
+    with fp64 state (stepped by torch's own fused Adam whatever the backend: the kernels are fp32), and complex ones
+    are stepped as their real views; grads have the param's dtype or fp32 (fp32 params' bf16 or fp16 too).
+    `backend` is resolved by fused_optim._backend. DTensors (params, grads and state alike) are stepped through their
+    local shards (ops/_dtensor.py).
     """
     if not params:
         return

@@ -27,6 +27,7 @@ from fused_optim.accumulate import accumulator_of
 from fused_optim.int8_moments import code_dtype, dequantize, quantize, scale_count
 from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, split_master
 from fused_optim.ops._dtensor import is_dtensor, largest_shard_numel, layout, local_rows, on_local_shards, rank_rows
+from fused_optim.ops._library import grad_dtype_fits
 from fused_optim.optim._guard import StepGuard, grad_of
 from fused_optim.optim._plan import Plan
 
@@ -267,23 +268,22 @@ _DTYPE, _DEVICE, _IS_SPARSE = (operator.attrgetter(name) for name in ("dtype", "
 
 def _grads_fit(params_and_grads: list[tuple[Tensor, Tensor]]) -> bool:
     """Whether every grad passes `_check_grads`: dense, a plain tensor as its param is, of its param's shape and
-    device, and of its dtype or fp32. Decided in C-level loops over the lists (a thousand grads took 1.7-1.9 ms on
-    a Zen 1 core, against 2.9-3.1 for the checks one grad at a time), so only a grad that does not fit is looked
-    for one at a time. Not under torch.compile, which traces the loop."""
+    device, and of a dtype the kernels read (grad_dtype_fits). Decided in C-level loops over the lists (a thousand
+    grads took 1.7-1.9 ms on a Zen 1 core, against 2.9-3.1 for the checks one grad at a time), so only a grad that
+    does not fit is looked for one at a time. Not under torch.compile, which traces the loop."""
     params, grads = zip(*params_and_grads)
     dtypes, grad_dtypes = list(map(_DTYPE, params)), list(map(_DTYPE, grads))
     return (_PLAIN_TENSORS.issuperset(map(type, params)) and _PLAIN_TENSORS.issuperset(map(type, grads))
             and not any(map(_IS_SPARSE, grads))
             and list(map(Tensor.size, grads)) == list(map(Tensor.size, params))
             and list(map(_DEVICE, grads)) == list(map(_DEVICE, params))
-            and (grad_dtypes == dtypes
-                 or all(dtype in (param_dtype, torch.float32) for dtype, param_dtype in zip(grad_dtypes, dtypes))))
+            and (grad_dtypes == dtypes or all(map(grad_dtype_fits, grad_dtypes, dtypes))))
 
 
 def _must_widen(p: Tensor, grad: Tensor) -> bool:
-    """A bf16/fp16 grad of an fp32/fp64 param (torch's `grad_dtype`): torch's update reads it in the param's
-    precision, and so do ours, from a widened copy (the kernels read grads of the param's dtype or fp32)."""
-    return (grad.dtype in (torch.bfloat16, torch.float16) and p.dtype in (torch.float32, torch.float64)
+    """A bf16/fp16 grad of an fp64 param (torch's `grad_dtype`): torch's update, which steps fp64 params, reads it in
+    fp64, from a widened copy. (The kernels read one of an fp32 param as it is: grad_dtype_fits.)"""
+    return (grad.dtype in (torch.bfloat16, torch.float16) and p.dtype == torch.float64
             and not grad.is_sparse and grad.shape == p.shape and grad.device == p.device)
 
 
@@ -703,11 +703,11 @@ class FusedOptimizer(Optimizer):
                 raise RuntimeError(self._sparse_grad_message)
             if _must_widen(p, grad):
                 widen = True
-            elif grad.shape != p.shape or grad.device != p.device or grad.dtype not in (p.dtype, torch.float32):
+            elif grad.shape != p.shape or grad.device != p.device or not grad_dtype_fits(grad.dtype, p.dtype):
                 raise RuntimeError(
                     f"{type(self).__name__}: a grad must have its param's shape and device, and its param's dtype or "
-                    f"float32; got {tuple(grad.shape)} {grad.dtype} on {grad.device} for a param of "
-                    f"{tuple(p.shape)} {p.dtype} on {p.device}"
+                    f"float32 (or bfloat16 or float16 for a float32 param); got {tuple(grad.shape)} {grad.dtype} on "
+                    f"{grad.device} for a param of {tuple(p.shape)} {p.dtype} on {p.device}"
                 )
             if layout(grad) != layout(p):
                 raise RuntimeError(
@@ -778,9 +778,9 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after checking everything it will use (check_saved_state: else ValueError or
         TypeError, and nothing changes); state comes back in its dtype (moment_dtype) on the param's device whatever
-        dtype it was saved in (the saved tensor itself where it is that already, as torch's loader keeps it), and a DTensor param's int8 scales as its rank's own (`state_dict`). The hooks run as
-        torch runs them: the pre hooks first (the dict one returns is the one loaded), the post hooks last (what they
-        set stays)."""
+        dtype it was saved in (the saved tensor itself where it is that already, as torch's loader keeps it), and a
+        DTensor param's int8 scales as its rank's own (`state_dict`). The hooks run as torch runs them: the pre hooks
+        first (the dict one returns is the one loaded), the post hooks last (what they set stays)."""
         if isinstance(state_dict, dict):
             state_dict = state_dict.copy()  # the pre hooks may change the dict they get: torch gives them a copy
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
