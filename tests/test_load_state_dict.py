@@ -1,7 +1,8 @@
 """What `load_state_dict` refuses, and what it repairs, beyond torch's own checks: a saved state that would step
 wrong numbers, fail inside a kernel, or leave an optimizer that cannot save again is refused with one sentence and
-changes nothing (the optimizer then steps as a twin that never saw it); a state the update does not read is left out.
-Round trips and the interchange with torch are tests/test_optimizer_contract.py's and each optimizer's own file's.
+changes nothing (the optimizer then steps as a twin that never saw it); a state no param owns is left out; and the
+saved tensors already in our form become the state, as torch's loader keeps them. Round trips and the interchange with
+torch are tests/test_optimizer_contract.py's and each optimizer's own file's.
 """
 
 from __future__ import annotations
