@@ -193,6 +193,28 @@ def test_a_low_precision_grad_of_an_fp32_param_steps_as_its_fp32_value(cls, opti
         assert torch.equal(p, q)
 
 
+@pytest.mark.skipif(not GRAD_DTYPE, reason="needs torch's Parameter.grad_dtype (2.14)")
+@pytest.mark.parametrize("cls, options", [(fused_optim.AdamW, {}), (fused_optim.SGD, {"momentum": 0.9})],
+                         ids=["AdamW", "SGD"])
+def test_a_differentiable_group_steps_low_precision_grads_of_fp32_params_as_their_fp32_values(cls, options):
+    """A differentiable group runs torch's own update, which reads a grad in its param's dtype: a bf16 grad of an
+    fp32 param is widened for it (the kernels read it as it is), and an SGD buffer stays fp32."""
+    shapes = [(3,), (4, 5)]
+    # tensors that do not require grad: torch's differentiable update runs with grad mode on, in place
+    low = [torch.randn(shape, generator=torch.Generator().manual_seed(1)) for shape in shapes]
+    wide = [p.clone() for p in low]
+    opt_low = cls(low, lr=0.1, differentiable=True, **options)
+    opt_wide = cls(wide, lr=0.1, differentiable=True, **options)
+    for step in range(3):
+        low_precision_grads(low, torch.bfloat16, seed=step)
+        for p, q in zip(low, wide):
+            q.grad = p.grad.float()
+        opt_low.step()
+        opt_wide.step()
+    assert all(torch.equal(p, q) for p, q in zip(low, wide))
+    assert all(value.dtype == torch.float32 for p in low for value in opt_low.state[p].values())
+
+
 def _adam(params, grads, state, backend):
     fused_optim.ops.adam.adam_step(params, grads, state[0], state[1], [], [], state[2], lr=0.1, beta1=0.9,
                                    beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False,

@@ -255,3 +255,64 @@ def test_a_saved_tensor_in_another_form_is_converted_and_left_as_it_was():
     params[0].grad = torch.randn(4, 6)
     opt.step()
     assert_identical(saved, before)
+
+
+def test_one_saved_tensor_under_two_params_becomes_two_states():
+    """torch.load keeps a tensor saved under two params (or two keys) as one: each param's state is then a copy of
+    its own, and steps as if it had been saved twice."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, generator=generator)) for _ in range(2)]
+    opt = fused_optim.AdamW(params, lr=1e-2, backend="cpu")
+    for p in params:
+        p.grad = torch.randn(5, generator=generator)
+    opt.step()
+    shared, apart = copy.deepcopy(opt.state_dict()), copy.deepcopy(opt.state_dict())
+    shared["state"][1]["exp_avg"] = shared["state"][0]["exp_avg"]
+    shared["state"][0]["exp_avg_sq"] = shared["state"][0]["exp_avg"]
+    apart["state"][1]["exp_avg"] = apart["state"][0]["exp_avg"].clone()
+    apart["state"][0]["exp_avg_sq"] = apart["state"][0]["exp_avg"].clone()
+    twin_params, twin = twin_of(params, opt)
+    twin.load_state_dict(apart)
+    opt.load_state_dict(shared)
+    addresses = [opt.state[p][key].data_ptr() for p in params for key in ("exp_avg", "exp_avg_sq")]
+    assert len(set(addresses)) == 4
+    for p, q in zip(params, twin_params):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    opt.step()
+    twin.step()
+    assert_identical([opt.state[p] for p in params], [twin.state[q] for q in twin_params])
+
+
+def test_a_saved_tensor_that_requires_grad_is_copied():
+    """An fp32 master saved as another model's weight (a Parameter) is copied: the steps leave that weight alone."""
+    params, opt = trained(dtype=torch.float16, master_weights=True)
+    saved = copy.deepcopy(opt.state_dict())
+    weight = torch.nn.Parameter(saved["state"][0]["master_param"].clone())
+    saved["state"][0]["master_param"] = weight
+    before = weight.detach().clone()
+    opt.load_state_dict(saved)
+    master = opt.state[params[0]]["master_param"]
+    assert master is not weight and not master.requires_grad and torch.equal(master, before)
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert torch.equal(weight.detach(), before)
+
+
+def test_int8_scales_saved_as_a_strided_view_load():
+    """Saved scales that are a view with gaps (columns of a wider tensor) load as the contiguous rows the kernels
+    read."""
+    params, opt = trained(moments="int8")
+    saved = copy.deepcopy(opt.state_dict())
+    twin_params, twin = twin_of(params, opt)
+    for state in saved["state"].values():
+        wide = torch.zeros(state["moment_scales"].shape[0], 2 * state["moment_scales"].shape[1], dtype=torch.bfloat16)
+        wide[:, ::2] = state["moment_scales"]
+        state["moment_scales"] = wide[:, ::2]
+    opt.load_state_dict(saved)
+    for p, q in zip(params, twin_params):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    opt.step()
+    twin.step()
+    assert_identical([p.detach() for p in params], [q.detach() for q in twin_params])

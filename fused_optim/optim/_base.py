@@ -291,6 +291,15 @@ def _widened(p: Tensor, grad: Tensor | None) -> Tensor | None:
     return grad.to(p.dtype) if grad is not None and _must_widen(p, grad) else grad
 
 
+def _with_grads_for_torch(lists: list[list[Tensor]]) -> list[list[Tensor]]:
+    """`_gather`'s "torch" lists (params, grads, ...) for torch's own update, which reads a dense grad in its param's
+    dtype: a bf16/fp16 grad of an fp32 param, which the kernels read as it is (grad_dtype_fits), widened."""
+    params, grads = lists[0], lists[1]
+    widened = [g.to(p.dtype) if p.dtype == torch.float32 and g.dtype != p.dtype and not g.is_sparse else g
+               for p, g in zip(params, grads)]
+    return [params, widened, *lists[2:]]
+
+
 class FusedOptimizer(Optimizer):
     """A torch Optimizer stepped by fused_optim kernels; subclasses run torch's own argument checks first.
 
@@ -498,7 +507,7 @@ class FusedOptimizer(Optimizer):
         for kind, lists in self._gather(view, [grad], p).items():
             if kind == "torch":
                 with torch.set_grad_enabled(view["differentiable"]):
-                    self._update_with_torch(view, lists)
+                    self._update_with_torch(view, _with_grads_for_torch(lists))
             else:
                 self._update(view, kind, lists, None, None)
         p.grad = None
@@ -553,7 +562,7 @@ class FusedOptimizer(Optimizer):
                     raise RuntimeError(f"{type(self).__name__}: a GradScaler does not step differentiable groups (or "
                                        "SGD's sparse grads): torch's own update, which runs them, takes none")
                 with torch.set_grad_enabled(group["differentiable"]):  # as torch's _use_grad_for_differentiable
-                    self._update_with_torch(group, lists)
+                    self._update_with_torch(group, _with_grads_for_torch(lists))
         return loss
 
     def _settle_seeds(self) -> None:
@@ -1068,15 +1077,30 @@ def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys
         _restore_master(p, state, saved_state, group)
         state["step"] = torch.as_tensor(saved_state.get("step", 0.0)).to(device=p.device, dtype=torch.float32,
                                                                          copy=True)
+    unshare_state(optimizer)
+
+
+def unshare_state(optimizer: Optimizer) -> None:
+    """After a load: a state tensor whose memory another one already holds (one saved tensor under two params or two
+    keys, which torch.load keeps as one) becomes a copy, so that each param steps its own state. (torch's loader
+    shares it where it need not cast it, and casts it apart where it must: neither would step right for both.)"""
+    held = set()
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.numel():
+                address = (value.to_local() if is_dtensor(value) else value).data_ptr()
+                if address in held:
+                    state[key] = value.clone(memory_format=torch.preserve_format)
+                held.add(address)
 
 
 def _taken(value: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
     """`value` as state of `p` in `dtype`: the saved tensor itself where it is that already (on the param's device,
     in its layout, a DTensor of its placements), as torch's loader keeps it, so a resume holds no copy of the state
     beside the checkpoint's; else a copy in that form. Like torch's, a state loaded from a live optimizer's
-    `state_dict()` then shares its tensors."""
-    if (value.dtype == dtype and value.device == p.device and same_layout(value, p)
-            and is_dtensor(value) == is_dtensor(p)
+    `state_dict()` then shares its tensors. A tensor that requires grad (another model's weight, say) is copied."""
+    if (value.dtype == dtype and value.device == p.device and same_layout(value, p) and not value.requires_grad
+            and not isinstance(value, torch.nn.Parameter) and is_dtensor(value) == is_dtensor(p)
             and (not is_dtensor(p) or (value.device_mesh, value.placements) == (p.device_mesh, p.placements))):
         return value
     return torch.empty_like(p, dtype=dtype).copy_(value)
@@ -1094,7 +1118,7 @@ def restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     if int8_moments(p, group) and codes_saved and all(same_layout(saved_state[key], p) for key in keys):
         for key in keys:
             state[key] = _taken(saved_state[key], p, saved_state[key].dtype)
-        state["moment_scales"] = saved_scales.to(p.device)
+        state["moment_scales"] = saved_scales.to(p.device).contiguous()  # the kernels read each row as one array
         return
     int8 = int8_moments(p, group)
     local_scales = []
