@@ -215,6 +215,35 @@ def test_a_differentiable_group_steps_low_precision_grads_of_fp32_params_as_thei
     assert all(value.dtype == torch.float32 for p in low for value in opt_low.state[p].values())
 
 
+@pytest.mark.parametrize("cls, options, others", [
+    (fused_optim.AdamW, {}, [torch.float64, torch.complex64]),
+    (fused_optim.SGD, {"momentum": 0.9}, [torch.float64, torch.complex64]),
+    (fused_optim.Lion, {}, [torch.float64]),  # Lion steps no complex params
+], ids=["AdamW", "SGD", "Lion"])
+def test_an_int8_group_steps_its_fp64_and_complex_params_with_whole_moments(cls, options, others, cpu_backend):
+    """moments="int8" compacts fp32, bf16 and fp16 params' state only: an fp64 or complex param in the same group
+    keeps its moments whole and steps as in a group of its own, beside an fp32 param whose moments are int8 codes."""
+    def params_of(dtypes):
+        generator = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(7, generator=generator, dtype=dtype)) for dtype in dtypes]
+
+    dtypes = [torch.float32, *others]
+    mixed, apart = params_of(dtypes), params_of(dtypes)[1:]
+    opt = cls(mixed, lr=0.1, moments="int8", backend=cpu_backend, **options)
+    alone = [cls([p], lr=0.1, backend=cpu_backend, **options) for p in apart]
+    for step in range(2):
+        generator = torch.Generator().manual_seed(10 + step)
+        grads = [torch.randn(7, generator=generator, dtype=dtype) for dtype in dtypes]
+        for p, grad in zip(mixed + apart, grads + grads[1:]):
+            p.grad = grad.clone()
+        opt.step()
+        for single in alone:
+            single.step()
+    assert all(torch.equal(p, q) for p, q in zip(mixed[1:], apart))
+    assert "moment_scales" in opt.state[mixed[0]]
+    assert all(value.dtype in (torch.float32, p.dtype) for p in mixed[1:] for value in opt.state[p].values())
+
+
 def _adam(params, grads, state, backend):
     fused_optim.ops.adam.adam_step(params, grads, state[0], state[1], [], [], state[2], lr=0.1, beta1=0.9,
                                    beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False,
