@@ -808,6 +808,7 @@ class FusedOptimizer(Optimizer):
             # floats), copies that _restore_saved_state would throw away
             super().load_state_dict({**state_dict, "state": {}})
         self._restore_saved_state(state_dict)
+        _unshare_state(self)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -1080,10 +1081,9 @@ def restore_saved_state(optimizer: Optimizer, saved: dict[str, Any], moment_keys
         _restore_master(p, state, saved_state, group)
         state["step"] = torch.as_tensor(saved_state.get("step", 0.0)).to(device=p.device, dtype=torch.float32,
                                                                          copy=True)
-    unshare_state(optimizer)
 
 
-def unshare_state(optimizer: Optimizer) -> None:
+def _unshare_state(optimizer: Optimizer) -> None:
     """After a load: a state tensor whose memory another one already holds (one saved tensor under two params or two
     keys, which torch.load keeps as one) becomes a copy, so that each param steps its own state. (torch's loader
     shares it where it need not cast it, and casts it apart where it must: neither would step right for both.)"""

@@ -43,7 +43,7 @@ from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
 from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, _restore_master, check_torch_flags,
                                      init_int8_scales, init_master, int8_moments, master_of, moment_dtype,
-                                     restore_moments, saved_states, unshare_state)
+                                     restore_moments, saved_states)
 from fused_optim.optim._plan import Plan
 
 # momentum buffers that round to nearest (fp32 and fp64, and complex params' buffers, stepped as their real views)
@@ -282,4 +282,3 @@ class SGD(FusedOptimizer):
             restore_moments(p, state, saved_state, group, self._moment_keys)
             count = torch.ones(()) if step is None else torch.as_tensor(step).clamp_min(1)
             state["step"] = count.to(device=p.device, dtype=torch.float32, copy=True)
-        unshare_state(self)
