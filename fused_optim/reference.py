@@ -161,14 +161,15 @@ def reference_accumulate(main_grads: list[torch.Tensor], grads: list[torch.Tenso
 
 def reference_total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """The `norm_type`-norm of all elements of `tensors` as one vector, in float64: (sum |x|^p)^(1/p), max |x| for
-    p = inf, 0 for no elements; NaN anywhere gives NaN.
+    p = inf, 0 for no elements; NaN anywhere gives NaN. |x| of a complex element is its modulus.
 
     >>> reference_total_norm([torch.tensor([3.0]), torch.tensor([[4.0]])]).item()
     5.0
     """
-    flat = torch.cat([t.detach().double().flatten().cpu() for t in tensors])
+    flat = torch.cat([t.detach().cpu().flatten().to(torch.complex128 if t.is_complex() else torch.float64).abs()
+                      for t in tensors])
     if flat.numel() == 0:
         return torch.zeros((), dtype=torch.float64)
     if norm_type == float("inf"):
-        return flat.abs().max()  # torch's max propagates NaN
-    return flat.abs().pow(norm_type).sum().pow(1.0 / norm_type)
+        return flat.max()  # torch's max propagates NaN
+    return flat.pow(norm_type).sum().pow(1.0 / norm_type)

@@ -485,3 +485,64 @@ def test_warmup_cosine_waits_for_the_skipped_steps(cpu_backend):
             plain_scheduler.step()
     assert lrs == pytest.approx(expected, rel=1e-12)
     assert lrs[1] == lrs[2] and lrs[4] == lrs[5] == lrs[6]  # stood still over each skip
+
+
+# fp64 and complex params: torch's own update steps them (fp64), or the kernels their real views (complex64); the
+# global norm counts their grads in their own precision, a complex element by its modulus
+
+
+def wide_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """An fp32 param beside one of `dtype` (the norm spans both), or that one alone."""
+    return [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3, 4, dtype=dtype))]
+
+
+def wide_loss(params, step: int) -> torch.Tensor:
+    """A loss whose grads are fresh random numbers of a size that changes a lot from step to step (some steps
+    clip), with an inf in the last param's grad at step 2."""
+    scale = [0.3, 5.0, float("inf"), 8.0, 0.5, 3.0][step]
+    return sum((torch.view_as_real(p) if p.is_complex() else p).mul(torch.randn(p.shape + (2,) * p.is_complex())
+                                                                     .to(p.real.dtype) * scale).sum()
+               for p in params)
+
+
+@pytest.mark.parametrize("scaler_cls", [None, torch.amp.GradScaler, fused_optim.amp.GradScaler],
+                         ids=["no-scaler", "torch-scaler", "our-scaler"])
+@pytest.mark.parametrize("alone", [False, True], ids=["beside-fp32", "alone"])
+@pytest.mark.parametrize("name, dtype", [(name, dtype) for name in ("AdamW", "SGD", "Lion")
+                                         for dtype in (torch.float64, torch.complex64)
+                                         if not (name == "Lion" and dtype.is_complex)])  # Lion's params are real
+def test_wide_params_with_clipping_are_clip_then_step(cpu_backend, name, dtype, alone, scaler_cls):
+    # ours: max_grad_norm (under a scaler, or not); the twin: clip_grad_norm_ and a step where the norm is finite
+    if scaler_cls is torch.amp.GradScaler and dtype.is_complex:
+        pytest.skip("torch's GradScaler does not unscale complex grads (_amp_foreach_non_finite_check_and_unscale_)")
+    cls = {"AdamW": fused_optim.AdamW, "SGD": fused_optim.SGD, "Lion": fused_optim.Lion}[name]
+    kwargs = {"AdamW": dict(lr=0.01), "SGD": dict(lr=0.1, momentum=0.9), "Lion": dict(lr=0.01)}[name]
+    ours = wide_params(dtype)[1 if alone else 0:]
+    theirs = clone_params(ours)
+    opt = cls(ours, max_grad_norm=1.0, backend=cpu_backend, **kwargs)
+    twin = cls(theirs, backend=cpu_backend, **kwargs)
+    scaler = make_scaler(scaler_cls) if scaler_cls is not None else None
+    scales = []
+    for step in range(6):
+        torch.manual_seed(step)
+        if scaler is None:
+            wide_loss(ours, step).backward()
+            opt.step()
+        else:
+            scaler.scale(wide_loss(ours, step)).backward()
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        torch.manual_seed(step)
+        wide_loss(theirs, step).backward()
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(theirs, 1.0)):
+            twin.step()
+        for optimizer in (opt, twin):
+            optimizer.zero_grad()
+        # the clip factor reaches our grads as an fp32 number (folded into the grad scale), torch's fp64 one
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, **CLOSE)
+    assert scales in ([], [2.0**12, 2.0**13, 2.0**12, 2.0**12, 2.0**13, 2.0**13])  # backed off at the inf step
+    # our step found the inf itself, but for torch's scaler, which finds it first and does not call our step
+    assert float(opt.skipped_steps) == (scaler_cls is not torch.amp.GradScaler)
+    assert opt.last_grad_norm.dtype == torch.float32

@@ -96,6 +96,25 @@ def test_mixed_dtypes_in_one_list(backend, device, norm_type):
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("wide_dtype", [torch.float64, torch.complex64, torch.complex128],
+                         ids=["fp64", "complex64", "complex128"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_fp64_and_complex_tensors_count_in_their_own_precision(backend, device, wide_dtype, norm_type):
+    """The grads of fp64 and complex params, which the optimizers step: torch's norms of them in their own precision
+    (a complex element counting with its modulus), combined in fp64 with the op's norm of the others, beside them
+    and alone. The result is fp32, so within a few fp32 roundings of the float64 norm (the "torch" op, the peer
+    itself, within 1e-5)."""
+    dtypes = [torch.float32, wide_dtype, torch.bfloat16, wide_dtype, torch.float16, wide_dtype]
+    tensors = [torch.randn(shape, dtype=dtype).to(device) for shape, dtype in zip(SHAPES, dtypes)]
+    for chosen in (tensors, [t for t in tensors if t.dtype == wide_dtype]):
+        ours = total_norm(chosen, norm_type, backend=backend)
+        check_norm(ours, device)
+        reference = reference_total_norm(chosen, norm_type)
+        tolerance = 1e-5 if backend == "torch" else 4 * torch.finfo(torch.float32).eps
+        assert error(ours, reference) <= tolerance * reference.item(), (ours, reference)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_many_small_tensors(backend, device, norm_type):
     """Enough tensors (40, some empty) for a six-step block search, most of them a single tail block."""
@@ -166,9 +185,10 @@ BAD_INPUTS = {  # (tensors, norm_type, what the error says)
     "negative norm": (lambda d: [torch.randn(3, device=d)], -2.0, "positive"),
     "-inf norm": (lambda d: [torch.randn(3, device=d)], -math.inf, "positive"),
     "nan norm": (lambda d: [torch.randn(3, device=d)], math.nan, "positive"),
-    "fp64 tensor": (lambda d: [torch.randn(3, device=d), torch.randn(2, device=d, dtype=torch.float64)], 2.0,
-                    "float32, bfloat16 or float16"),
     "int tensor": (lambda d: [torch.ones(3, device=d, dtype=torch.int32)], 2.0, "float32, bfloat16 or float16"),
+    "int tensor beside fp64": (lambda d: [torch.randn(2, device=d, dtype=torch.float64),
+                                          torch.ones(3, device=d, dtype=torch.int32)], 2.0,
+                               "float32, bfloat16, float16, float64, complex64 or complex128"),
 }
 
 

@@ -98,8 +98,9 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
             fp32_params = group_params
         fp32_grads = pick(grads)
         if low_precision or grad_scale is not None:
-            # fp32 copies: torch's kernel unscales its grads in place, and our schema says grads are read-only
-            fp32_grads = [g.to(torch.float32, copy=True) for g in fp32_grads]
+            # copies (fp64 for fp64 params): torch's kernel unscales its grads in place, and our schema says grads
+            # are read-only
+            fp32_grads = [g.to(fp32_params[0].dtype, copy=True) for g in fp32_grads]
         elif group_params[0].dtype == torch.float32:  # bf16/fp16 grads (grad_dtype_fits): torch's kernel reads fp32
             fp32_grads = [g.float() for g in fp32_grads]
         moments = [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]

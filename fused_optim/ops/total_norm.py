@@ -22,16 +22,20 @@ from fused_optim.ops._library import define_op, dense, resolve_op
 from fused_optim.ops.accumulate import GRAD_DTYPES
 
 SCHEMA = "(Tensor[] tensors, float norm_type) -> Tensor"
+# what `total_norm` also takes, read by torch rather than the kernels: the grads of fp64 and complex params
+WIDE_DTYPES = (torch.float64, torch.complex64, torch.complex128)
 
 
-def check_total_norm_args(tensors, norm_type) -> None:
-    """The Python twin of csrc/ops/total_norm.h's checks, for the Triton and torch ops."""
+def check_total_norm_args(tensors, norm_type, dtypes=GRAD_DTYPES) -> None:
+    """The Python twin of csrc/ops/total_norm.h's checks, for the Triton and torch ops (and, with `dtypes`
+    WIDE_DTYPES too, for `total_norm`)."""
     if not tensors:
         raise RuntimeError("total_norm: needs at least one tensor")
     if not (norm_type > 0):  # also refuses NaN
         raise RuntimeError(f"total_norm: norm_type must be positive or inf, got {norm_type}")
-    if any(t.dtype not in GRAD_DTYPES for t in tensors):
-        raise RuntimeError("total_norm: tensors must be float32, bfloat16 or float16")
+    if any(t.dtype not in dtypes for t in tensors):
+        names = [str(dtype).removeprefix("torch.") for dtype in dtypes]
+        raise RuntimeError(f"total_norm: tensors must be {', '.join(names[:-1])} or {names[-1]}")
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise RuntimeError(f"total_norm: all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -65,9 +69,22 @@ def kernel_supports(norm_type: float) -> bool:
     return norm_type > 0 and not math.isnan(norm_type)
 
 
+def _wide_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The norm of fp64 and complex tensors (the grads of the params the optimizers step in fp64 or as real views),
+    by torch in fp64, complex64 ones too (torch's own clip_grad_norm_ sums those in fp32: 2e-6 off for a 0.5-norm
+    of 5,000 elements), a complex element counting with its modulus; a 0-dim fp64 tensor."""
+    norms = [torch.linalg.vector_norm(t, norm_type, dtype=torch.complex128 if t.is_complex() else torch.float64)
+             for t in tensors if t.numel() > 0]  # an empty tensor has no max, and adds nothing to any norm
+    if not norms:
+        return tensors[0].new_zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
 def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: str = "auto") -> torch.Tensor:
-    """The `norm_type`-norm of all elements of `tensors` (fp32/bf16/fp16, dense, one device) as one vector:
-    a 0-dim fp32 tensor on their device. Non-dense tensors are copied first.
+    """The `norm_type`-norm of all elements of `tensors` (dense or not, on one device) as one vector: a 0-dim fp32
+    tensor on their device. fp32/bf16/fp16 tensors are read by the `backend` op; fp64 and complex ones (a complex
+    element counting with its modulus) by torch in fp64 (`_wide_norm`), and the two norms combined in fp64.
+    Non-dense tensors are copied first.
 
     DTensors on one mesh give the norm of their global elements, a 0-dim DTensor replicated on the mesh, with one
     collective over the mesh (ops/_dtensor.py: shards summed, replicas counted once)."""
@@ -77,4 +94,12 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: 
         _dtensor.to_local("total_norm", tensors)  # all DTensors, or one sentence saying otherwise
         return _dtensor.mesh_norm(tensors, norm_type, lambda local: total_norm(local, norm_type, backend=backend))
     tensors = [t if t.is_contiguous() or dense(t) else t.contiguous() for t in tensors]
-    return resolve_op("total_norm", backend, tensors[0].device.type)(tensors, float(norm_type))
+    wide = [t for t in tensors if t.dtype in WIDE_DTYPES]
+    if not wide:
+        return resolve_op("total_norm", backend, tensors[0].device.type)(tensors, float(norm_type))
+    check_total_norm_args(tensors, norm_type, (*GRAD_DTYPES, *WIDE_DTYPES))
+    narrow = [t for t in tensors if t.dtype not in WIDE_DTYPES]
+    norms = [_wide_norm(wide, norm_type)]
+    if narrow:
+        norms.append(resolve_op("total_norm", backend, tensors[0].device.type)(narrow, float(norm_type)).double())
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type).float()
