@@ -178,8 +178,18 @@ def fsdp_low_precision(rank: int, world: int) -> dict:
         if mode.endswith("master_weights"):
             # each bf16 param's master: torch_state_dict() joins each shard with its int16 remainder shard (gloo
             # and NCCL gather no int16)
-            masters = opt.torch_state_dict()["state"]
-            results[mode]["masters"] = [full(masters[i]["master_param"]) for i in range(len(masters))]
+            saved = opt.torch_state_dict()
+            masters = [full(saved["state"][i]["master_param"]) for i in range(len(saved["state"]))]
+            results[mode]["masters"] = masters
+            # loaded back: each fp32 master shard is split into its bf16 param shard and remainder shard
+            reloaded = fsdp(make_model(torch.bfloat16))
+            reloaded_opt = cls(reloaded.parameters(), lr=1e-2, **options)
+            reloaded_opt.load_state_dict(saved)
+            state = reloaded_opt.torch_state_dict()["state"]
+            results[mode]["reloaded"] = (
+                all(torch.equal(full(state[i]["master_param"]), master) for i, master in enumerate(masters))
+                and all(torch.equal(p, q) for p, q in zip(full_params(reloaded), results[mode]["params"]))
+                and all(isinstance(reloaded_opt.state[p]["master_remainder"], DTensor) for p in reloaded.parameters()))
     return results
 
 
@@ -698,6 +708,7 @@ def test_master_weights_and_stochastic_rounding_on_bf16_shards(two):
         assert all(run[mode]["scales_of_shards"] for mode in ("int8_moments", "lion_int8_moments", "sgd_int8_moments"))
         # the ranks' bf16 gradients are averaged in another order than the single process sums them: a few ulps
         assert_close(run["master_weights"]["masters"], masters, atol=2e-3)
+        assert run["master_weights"]["reloaded"] and run["sgd_master_weights"]["reloaded"]
         assert_close(run["sgd_master_weights"]["masters"], sgd_masters, atol=2e-3)
         for got, want in zip(run["sgd_int8_moments"]["params"], sgd_masters):
             assert float((got.float() - want).abs().max()) <= 2e-2  # a few bf16 ulps of the fp32 path

@@ -61,14 +61,19 @@ def to_local(op: str, *lists: Sequence[Tensor]) -> list[list[Tensor]]:
     return [[t._local_tensor for t in tensors] for tensors in lists]
 
 
-def on_local_shards(fn: Callable[..., Tensor], like: Tensor, *others: Tensor) -> Tensor:
+def on_local_shards(fn: Callable[..., Tensor | tuple[Tensor, ...]], like: Tensor, *others: Tensor
+                    ) -> Tensor | tuple[Tensor, ...]:
     """fn(like, *others) elementwise over plain tensors; over DTensors of one layout, fn of their local shards,
-    returned as a DTensor laid out as `like` (no communication)."""
+    returned as a DTensor laid out as `like` (no communication), or a tuple of them where fn returns a tuple."""
     if not is_dtensor(like):
         return fn(like, *others)
     local = fn(like.to_local(), *(t.to_local() for t in others))
-    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                              stride=like.stride())
+
+    def laid_out_as_like(shard: Tensor) -> Tensor:
+        return DTensor.from_local(shard, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                  stride=like.stride())
+
+    return tuple(map(laid_out_as_like, local)) if isinstance(local, tuple) else laid_out_as_like(local)
 
 
 def largest_shard_numel(p: Tensor) -> int:

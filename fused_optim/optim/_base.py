@@ -1159,8 +1159,7 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     elif "master_param" in saved_state and p.dtype == torch.bfloat16:
         bits = 24 if group["master_weights"] == 24 else 32
         master = saved_state["master_param"].to(device=p.device, dtype=torch.float32)
-        param = on_local_shards(lambda shard: split_master(shard, bits)[0], master)
-        remainder = on_local_shards(lambda shard: split_master(shard, bits)[1], master)
+        param, remainder = on_local_shards(lambda shard: split_master(shard, bits), master)
         p.copy_(param)
         state["master_remainder"] = _taken(remainder, p, remainder.dtype)
     elif "master_param" in saved_state:
