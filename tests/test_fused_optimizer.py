@@ -138,54 +138,62 @@ GRAD_DTYPE = hasattr(torch.nn.Parameter(torch.zeros(1)), "grad_dtype")  # torch 
 
 
 def low_precision_grads(params, dtype, seed=0):
-    """bf16/fp16 grads for fp32 params, as autograd accumulates them with `grad_dtype`."""
+    """bf16/fp16 grads for fp32 or fp64 params, as autograd accumulates them with `grad_dtype`."""
     generator = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad_dtype = None
         p.grad = torch.randn(p.shape, generator=generator).to(dtype)
 
 
+def starting_params(shapes, dtype) -> list[torch.nn.Parameter]:
+    """The params every run of the test below starts from."""
+    return [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype))
+            for shape in shapes]
+
+
 @pytest.mark.skipif(not GRAD_DTYPE, reason="needs torch's Parameter.grad_dtype (2.14)")
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("cls, options", [(fused_optim.AdamW, {}), (fused_optim.Adam, {"moments": "int8"}),
                                           (fused_optim.SGD, {"momentum": 0.9}), (fused_optim.Lion, {})],
                          ids=["AdamW", "Adam-int8", "SGD", "Lion"])
-def test_a_low_precision_grad_of_an_fp32_param_steps_as_its_fp32_value(cls, options, grad_dtype, cpu_backend):
-    """torch's SGD steps an fp32 param with a bf16/fp16 grad (torch 2.14's grad_dtype); ours do too, every
-    optimizer, reading the grad in fp32 (a widened copy: bit for bit the step with the fp32 grad), in step() and in
-    gradient release. SGD as torch's with the fp32 grads: torch's own momentum buffer would take the grad's dtype
-    and round every step."""
+def test_a_low_precision_grad_of_a_wide_param_steps_as_its_wide_value(cls, options, grad_dtype, param_dtype,
+                                                                       cpu_backend):
+    """torch's SGD steps an fp32 or fp64 param with a bf16/fp16 grad (torch 2.14's grad_dtype); ours do too, every
+    optimizer, reading the grad in the param's dtype (the kernels as it is, the torch ops that step fp64 params a
+    widened piece at a time: bit for bit the step with the widened grad), in step() and in gradient release. SGD as
+    torch's with the widened grads: torch's own momentum buffer would take the grad's dtype and round every step."""
     shapes = [(3,), (1023,), (4, 5)]
-    low = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1))) for shape in shapes]
-    wide = [torch.nn.Parameter(p.detach().clone()) for p in low]
+    low = starting_params(shapes, param_dtype)
+    wide = starting_params(shapes, param_dtype)
     opt_low = cls(low, lr=0.1, backend=cpu_backend, **options)
     opt_wide = cls(wide, lr=0.1, backend=cpu_backend, **options)
     for step in range(3):
         low_precision_grads(low, grad_dtype, seed=step)
         for p, q in zip(low, wide):
-            q.grad = p.grad.float()
+            q.grad = p.grad.to(param_dtype)
         opt_low.step()
         opt_wide.step()
     for p, q in zip(low, wide):
         assert torch.equal(p, q)
     if cls is fused_optim.SGD:
-        reference = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1)))
-                     for shape in shapes]
+        reference = starting_params(shapes, param_dtype)
         torch_opt = torch.optim.SGD(reference, lr=0.1, **options)
         for step in range(3):
             low_precision_grads(reference, grad_dtype, seed=step)
             for p in reference:
-                p.grad = p.grad.float()
+                p.grad = p.grad.to(param_dtype)
             torch_opt.step()
         for p, q in zip(low, reference):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
-    released = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1))) for shape in shapes]
+    released = starting_params(shapes, param_dtype)
     opt_released = cls(released, lr=0.1, backend=cpu_backend, gradient_release=True, **options)
     for step in range(3):
         generator = torch.Generator().manual_seed(step)
         for p in released:
             p.grad_dtype = grad_dtype  # autograd accumulates in grad_dtype; the hook then steps
-        loss = sum((p * torch.randn(p.shape, generator=generator).to(grad_dtype).float()).sum() for p in released)
+        loss = sum((p * torch.randn(p.shape, generator=generator).to(grad_dtype).to(param_dtype)).sum()
+                   for p in released)
         loss.backward()
         opt_released.step()
         assert all(p.grad is None for p in released)
@@ -194,25 +202,27 @@ def test_a_low_precision_grad_of_an_fp32_param_steps_as_its_fp32_value(cls, opti
 
 
 @pytest.mark.skipif(not GRAD_DTYPE, reason="needs torch's Parameter.grad_dtype (2.14)")
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("cls, options", [(fused_optim.AdamW, {}), (fused_optim.SGD, {"momentum": 0.9})],
                          ids=["AdamW", "SGD"])
-def test_a_differentiable_group_steps_low_precision_grads_of_fp32_params_as_their_fp32_values(cls, options):
+def test_a_differentiable_group_steps_low_precision_grads_of_wide_params_as_their_wide_values(cls, options,
+                                                                                            param_dtype):
     """A differentiable group runs torch's own update, which reads a grad in its param's dtype: a bf16 grad of an
-    fp32 param is widened for it (the kernels read it as it is), and an SGD buffer stays fp32."""
+    fp32 or fp64 param is widened for it (the ops read it as it is), and the state keeps the param's dtype."""
     shapes = [(3,), (4, 5)]
     # tensors that do not require grad: torch's differentiable update runs with grad mode on, in place
-    low = [torch.randn(shape, generator=torch.Generator().manual_seed(1)) for shape in shapes]
+    low = [torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=param_dtype) for shape in shapes]
     wide = [p.clone() for p in low]
     opt_low = cls(low, lr=0.1, differentiable=True, **options)
     opt_wide = cls(wide, lr=0.1, differentiable=True, **options)
     for step in range(3):
         low_precision_grads(low, torch.bfloat16, seed=step)
         for p, q in zip(low, wide):
-            q.grad = p.grad.float()
+            q.grad = p.grad.to(param_dtype)
         opt_low.step()
         opt_wide.step()
     assert all(torch.equal(p, q) for p, q in zip(low, wide))
-    assert all(value.dtype == torch.float32 for p in low for value in opt_low.state[p].values())
+    assert all(value.dtype == param_dtype for p in low for key, value in opt_low.state[p].items() if key != "step")
 
 
 @pytest.mark.parametrize("cls, options, others", [

@@ -196,10 +196,11 @@ def store_update(param: torch.Tensor, master, remainder, updated: torch.Tensor, 
 
 
 def grad_dtype_fits(grad_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
-    """Whether the kernels read a grad of `grad_dtype` for a param of `param_dtype` as it is: the param's dtype or
-    fp32, or bf16/fp16 beside an fp32 param (torch's `grad_dtype`; csrc/ops/dispatch.h)."""
+    """Whether the ops read a grad of `grad_dtype` for a param of `param_dtype` as it is: the param's dtype or fp32,
+    or bf16/fp16 beside an fp32 param (torch's `grad_dtype`; csrc/ops/dispatch.h) or an fp64 one (the torch twins,
+    which step fp64 params, widen it a piece at a time)."""
     return grad_dtype in (param_dtype, torch.float32) or (
-        param_dtype == torch.float32 and grad_dtype in (torch.bfloat16, torch.float16))
+        param_dtype in (torch.float32, torch.float64) and grad_dtype in (torch.bfloat16, torch.float16))
 
 
 def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_rounding: bool, scalars, dtypes,
@@ -226,7 +227,7 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
         raise RuntimeError(f"{op}: stochastic rounding is for bfloat16 params")
     if not all(map(grad_dtype_fits, [g.dtype for g in grads], param_dtypes)):
         raise RuntimeError(f"{op}: a grad must have its param's dtype or float32 (or bfloat16 or float16 for a "
-                           "float32 param)")
+                           "float32 or float64 param)")
     remainders = are_remainders(master_params)
     if any(m.dtype != master_params[0].dtype for m in master_params):
         raise RuntimeError(f"{op}: master params must be all float32 copies, all int16 remainders or all int8 "

@@ -96,13 +96,9 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
             fp32_params = [p.float() for p in group_params]
         else:
             fp32_params = group_params
-        fp32_grads = pick(grads)
-        if low_precision or grad_scale is not None:
-            # copies (fp64 for fp64 params): torch's kernel unscales its grads in place, and our schema says grads
-            # are read-only
-            fp32_grads = [g.to(fp32_params[0].dtype, copy=True) for g in fp32_grads]
-        elif group_params[0].dtype == torch.float32:  # bf16/fp16 grads (grad_dtype_fits): torch's kernel reads fp32
-            fp32_grads = [g.float() for g in fp32_grads]
+        # torch's kernel reads grads of its params' dtype (fp32, or fp64 for fp64 params; grad_dtype_fits lets them
+        # be bf16/fp16), and unscales them in place, where our schema says grads are read-only: copies then
+        fp32_grads = [g.to(fp32_params[0].dtype, copy=grad_scale is not None) for g in pick(grads)]
         moments = [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]
         bf16_moments = moments[0][0].dtype == torch.bfloat16
         scales = [piece_scales(moment_scales[i], part) for i, part in batch] if moment_scales else []

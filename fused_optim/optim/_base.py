@@ -280,23 +280,12 @@ def _grads_fit(params_and_grads: list[tuple[Tensor, Tensor]]) -> bool:
             and (grad_dtypes == dtypes or all(map(grad_dtype_fits, grad_dtypes, dtypes))))
 
 
-def _must_widen(p: Tensor, grad: Tensor) -> bool:
-    """A bf16/fp16 grad of an fp64 param (torch's `grad_dtype`): torch's update, which steps fp64 params, reads it in
-    fp64, from a widened copy. (The kernels read one of an fp32 param as it is: grad_dtype_fits.)"""
-    return (grad.dtype in (torch.bfloat16, torch.float16) and p.dtype == torch.float64
-            and not grad.is_sparse and grad.shape == p.shape and grad.device == p.device)
-
-
-def _widened(p: Tensor, grad: Tensor | None) -> Tensor | None:
-    return grad.to(p.dtype) if grad is not None and _must_widen(p, grad) else grad
-
-
 def _with_grads_for_torch(lists: list[list[Tensor]]) -> list[list[Tensor]]:
     """`_gather`'s "torch" lists (params, grads, ...) for torch's own update, which reads a dense grad in its param's
-    dtype: a bf16/fp16 grad of an fp32 param, which the kernels read as it is (grad_dtype_fits), widened."""
+    dtype: a bf16/fp16 grad of an fp32 or fp64 param, which the ops read as it is (grad_dtype_fits), widened."""
     params, grads = lists[0], lists[1]
-    widened = [g.to(p.dtype) if p.dtype == torch.float32 and g.dtype != p.dtype and not g.is_sparse else g
-               for p, g in zip(params, grads)]
+    widened = [g.to(p.dtype) if g.dtype in LOW_PRECISION and p.dtype in (torch.float32, torch.float64)
+               and not g.is_sparse else g for p, g in zip(params, grads)]
     return [params, widened, *lists[2:]]
 
 
@@ -502,8 +491,7 @@ class FusedOptimizer(Optimizer):
             grad = accumulator.released_grad(index, p, weakref.WeakMethod(self._release))
             if grad is None:
                 return
-        if self._check_grads([(p, grad)]):
-            grad = _widened(p, grad)
+        self._check_grads([(p, grad)])
         own, group = self._release_views[p]
         view = {**group, **own}  # a dict, not a ChainMap: its dozen lookups cost a tenth
         for kind, lists in self._gather(view, [grad], p).items():
@@ -540,10 +528,8 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         # every grad checked before any group gathers (and creates state): a bad grad anywhere changes nothing
         group_grads = [[grad_of(p) for p in group["params"]] for group in self.param_groups]
-        if self._check_grads([(p, grad) for group, grads in zip(self.param_groups, group_grads)
-                              for p, grad in zip(group["params"], grads) if grad is not None]):
-            group_grads = [[_widened(p, grad) for p, grad in zip(group["params"], grads)]
-                           for group, grads in zip(self.param_groups, group_grads)]
+        self._check_grads([(p, grad) for group, grads in zip(self.param_groups, group_grads)
+                           for p, grad in zip(group["params"], grads) if grad is not None])
         known = len(self.state)
         try:
             gathered = [(group, self._gather(group, grads, index))
@@ -703,23 +689,20 @@ class FusedOptimizer(Optimizer):
     # torch's error for a sparse grad, where the kernels take dense ones only (None: the optimizer steps them)
     _sparse_grad_message: str | None = None
 
-    def _check_grads(self, params_and_grads: list[tuple[Tensor, Tensor]]) -> bool:
+    def _check_grads(self, params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
         """The kernels' own check of each grad against its param, run over every group before any group gathers
         its state or is stepped (and before the guard counts anything), so that a bad grad anywhere changes
-        nothing. True when some grad must first be widened (`_widened`)."""
+        nothing."""
         if not params_and_grads or (not torch.compiler.is_compiling() and _grads_fit(params_and_grads)):
-            return False
-        widen = False
+            return
         for p, grad in params_and_grads:  # which grad does not fit, and how, in words
             if grad.is_sparse and self._sparse_grad_message is not None:
                 raise RuntimeError(self._sparse_grad_message)
-            if _must_widen(p, grad):
-                widen = True
-            elif grad.shape != p.shape or grad.device != p.device or not grad_dtype_fits(grad.dtype, p.dtype):
+            if grad.shape != p.shape or grad.device != p.device or not grad_dtype_fits(grad.dtype, p.dtype):
                 raise RuntimeError(
                     f"{type(self).__name__}: a grad must have its param's shape and device, and its param's dtype or "
-                    f"float32 (or bfloat16 or float16 for a float32 param); got {tuple(grad.shape)} {grad.dtype} on "
-                    f"{grad.device} for a param of {tuple(p.shape)} {p.dtype} on {p.device}"
+                    f"float32 (or bfloat16 or float16 for a float32 or float64 param); got {tuple(grad.shape)} "
+                    f"{grad.dtype} on {grad.device} for a param of {tuple(p.shape)} {p.dtype} on {p.device}"
                 )
             if layout(grad) != layout(p):
                 raise RuntimeError(
@@ -727,7 +710,6 @@ class FusedOptimizer(Optimizer):
                     f"(and a plain param's grad a plain tensor); got {_describe_layout(grad)} for a param with "
                     f"{_describe_layout(p)}"
                 )
-        return widen
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict, but for a DTensor param's int8 moment scales: those of its local shard's blocks,
