@@ -230,16 +230,19 @@ def test_a_differentiable_group_steps_low_precision_grads_of_wide_params_as_thei
     (fused_optim.SGD, {"momentum": 0.9}, [torch.float64, torch.complex64]),
     (fused_optim.Lion, {}, [torch.float64]),  # Lion steps no complex params
 ], ids=["AdamW", "SGD", "Lion"])
-def test_an_int8_group_steps_its_fp64_and_complex_params_with_whole_moments(cls, options, others, cpu_backend):
-    """moments="int8" compacts fp32, bf16 and fp16 params' state only: an fp64 or complex param in the same group
-    keeps its moments whole and steps as in a group of its own, beside an fp32 param whose moments are int8 codes."""
+@pytest.mark.parametrize("moments", ["bf16", "int8"])
+def test_a_compact_group_steps_its_fp64_and_complex_params_with_whole_moments(cls, options, others, moments,
+                                                                               cpu_backend):
+    """`moments` compacts fp32, bf16 and fp16 params' state only: an fp64 or complex param in the same group keeps
+    its moments whole and steps as in a group of its own (an op call of its own), beside an fp32 param whose
+    moments are bf16 or int8 codes."""
     def params_of(dtypes):
         generator = torch.Generator().manual_seed(0)
         return [torch.nn.Parameter(torch.randn(7, generator=generator, dtype=dtype)) for dtype in dtypes]
 
     dtypes = [torch.float32, *others]
     mixed, apart = params_of(dtypes), params_of(dtypes)[1:]
-    opt = cls(mixed, lr=0.1, moments="int8", backend=cpu_backend, **options)
+    opt = cls(mixed, lr=0.1, moments=moments, backend=cpu_backend, **options)
     alone = [cls([p], lr=0.1, backend=cpu_backend, **options) for p in apart]
     for step in range(2):
         generator = torch.Generator().manual_seed(10 + step)
@@ -250,7 +253,8 @@ def test_an_int8_group_steps_its_fp64_and_complex_params_with_whole_moments(cls,
         for single in alone:
             single.step()
     assert all(torch.equal(p, q) for p, q in zip(mixed[1:], apart))
-    assert "moment_scales" in opt.state[mixed[0]]
+    compact = {"bf16": torch.bfloat16, "int8": torch.int8}[moments]
+    assert next(value for key, value in opt.state[mixed[0]].items() if key != "step").dtype == compact
     assert all(value.dtype in (torch.float32, p.dtype) for p in mixed[1:] for value in opt.state[p].values())
 
 

@@ -412,8 +412,8 @@ class FusedOptimizer(Optimizer):
             return "remainder24" if group["master_weights"] == 24 else "remainder"
         if group.get("stochastic_rounding") and p.dtype == torch.bfloat16:
             return "stochastic"
-        if group.get("moments") == "int8" and not int8_moments(p, group):
-            return "wide"  # an fp64 or complex param keeps its moments whole: an op call without scales
+        if group.get("moments", "fp32") != "fp32" and state_dtype(p, group) != torch.float32:
+            return "wide"  # an fp64 or complex param keeps its moments whole: an op call without compact moments
         return "plain"
 
     def _new_release_hooks(self) -> None:
@@ -595,7 +595,7 @@ class FusedOptimizer(Optimizer):
         the update op takes ([params, grads, *state lists]), by kind of update (one op call each): "torch" (a
         differentiable group), "remainder" / "remainder24" (a bf16 param's int16 / int8 master remainder), "master"
         (an fp32 master copy), "stochastic" (bf16 stochastic rounding), "wide" (an fp64 or complex param in a group of
-        int8 moments, whose own are whole) or "plain".
+        bf16 or int8 moments, whose own are whole) or "plain".
 
         Host time matters at a thousand tensors a step, so the lists are kept between steps (optim/_plan.py) and
         only the grads are read again. Everything that can be wrong with a first step is checked before any state
