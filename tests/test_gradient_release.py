@@ -1,6 +1,7 @@
 """`gradient_release=True`: each param is stepped inside backward as soon as autograd has accumulated its grad, and
 the grad is freed at once. The result must be the ordinary step's, bit for bit, for every optimizer and backend
-that runs here; step() and zero_grad() stay callable and change nothing; what needs every grad first (a global
+that runs here; step() and zero_grad() stay callable and change nothing (but step() steps a grad that no hook
+took); what needs every grad first (a global
 norm, a GradScaler, a closure) is refused in one sentence, and so is a reentrant checkpoint's nested backward;
 with a GradAccumulator the step waits for the backward its `release()` arms."""
 
@@ -480,3 +481,26 @@ def test_a_param_without_a_grad_in_the_last_micro_batch_is_stepped_at_its_end():
         assert all(float(g.abs().max()) == 0 for g in acc.main_grads)
         results.append([p.detach().clone() for p in params])
     assert_identical(*results)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_step_steps_the_grads_no_hook_took(name):
+    # grads set by hand (from torch.autograd.grad) reach no backward hook: step() steps them, as without release
+    cls, kwargs = OPTIMIZERS[name]
+    released, ordinary = make_model(), make_model()
+    released_opt = cls(released.parameters(), gradient_release=True, **kwargs)
+    ordinary_opt = cls(ordinary.parameters(), **kwargs)
+    for step in range(3):
+        for model in (released, ordinary):
+            generator = torch.Generator().manual_seed(step)
+            loss = model(torch.randn(6, 8, generator=generator)).square().mean()
+            for p, grad in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+                p.grad = grad
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one step per param: nothing to warn of
+            released_opt.step()
+        assert all(p.grad is None for p in released.parameters())
+        ordinary_opt.step()
+        ordinary_opt.zero_grad()
+    assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
+    assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])

@@ -518,8 +518,9 @@ class FusedOptimizer(Optimizer):
                                  "you run, and step() does nothing more, so it takes no closure (a framework that "
                                  "always passes one, such as Lightning, needs gradient_release=False)")
             self._release_unhooked()
+            self._release_left_grads()
             self._warn_of_repeated_releases()
-            return None  # every param with a grad was stepped in backward, and its grad is gone
+            return None  # every param with a grad was stepped in backward (or just now), and its grad is gone
         if self._local_seeds and not torch.compiler.is_compiling():
             self._settle_seeds()
         loss = None
@@ -588,6 +589,14 @@ class FusedOptimizer(Optimizer):
                 for p in hooked:
                     if p.grad is not None:
                         self._release(p)
+
+    def _release_left_grads(self) -> None:
+        """Gradient release's step(): a hooked param holding a grad that no backward hook took (one set by hand, say
+        from torch.autograd.grad, or left from before the optimizer was made) is stepped with it here, as step()
+        would without gradient release. A GradAccumulator's param is left to the accumulator."""
+        for p in list(self._release_hooks):
+            if p.grad is not None and accumulator_of(p) is None:
+                self._release(p)
 
     def _gather(self, group: dict[str, Any], grads: list[Tensor | None],
                 key: int | Tensor) -> dict[str, list[list[Tensor]]]:
