@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(not GLOO_AVAILABLE, reason="torch.distributed wi
 if GLOO_AVAILABLE:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -804,6 +804,60 @@ def test_a_checkpoint_of_torchs_adamw_loads_into_master_weights_in_one_step(tmp_
         for key, value in one_opt.state[p].items():
             assert value.dtype == two_opt.state[q][key].dtype and torch.equal(value, two_opt.state[q][key]), key
     assert "moment_scales" in one_opt.state[next(one.parameters())]
+
+
+FLATTENED_MODES = {  # the optimizer and its options, each mode's state (bf16 params) saved flattened
+    "adamw": (fused_optim.AdamW, {}),
+    "adamw-int8-24-bit": (fused_optim.AdamW, dict(moments="int8", master_weights=24)),
+    "adam-bf16-stochastic": (fused_optim.Adam, dict(moments="bf16", stochastic_rounding=True)),
+    "sgd-int8-masters": (fused_optim.SGD, dict(momentum=0.9, moments="int8", master_weights=True)),
+    "lion-int8": (fused_optim.Lion, dict(moments="int8")),
+}
+
+
+@pytest.mark.parametrize("mode", FLATTENED_MODES)
+def test_a_flattened_checkpoint_resumes_bit_for_bit(tmp_path, mode):
+    """DCP's flatten_optimizer_state_dict (torchtitan's) asks the saved groups for every key of the groups it loads
+    into: a group holds our options only where not neutral, and saves what it holds. One process."""
+    cls, options = FLATTENED_MODES[mode]
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def fresh():
+        model = make_model(torch.bfloat16)
+        return model, cls(model.parameters(), lr=1e-2, weight_decay=0.1, **options)
+
+    model, opt = fresh()
+    train(model, opt, steps=2)
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, opt, options=flat))), checkpoint_id=str(tmp_path))
+    train(model, opt, steps=2, first_step=2)
+    resumed, resumed_opt = fresh()
+    state = dict(zip(("model", "optim"), get_state_dict(resumed, resumed_opt, options=flat)))
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=flat)
+    train(resumed, resumed_opt, steps=2, first_step=2)
+    assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), model.parameters()))
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        assert resumed_opt.state[p].keys() == opt.state[q].keys()
+        assert all(torch.equal(resumed_opt.state[p][key], value) for key, value in opt.state[q].items())
+
+
+def test_a_flattened_checkpoint_of_torchs_adamw_resumes_in_ours(tmp_path):
+    """A group of torch's settings is torch's key for key: torch's AdamW, saved flattened, loads into ours."""
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    model = make_model()
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(model, torch_opt, steps=2)
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, torch_opt, options=flat))), checkpoint_id=str(tmp_path))
+    train(model, torch_opt, steps=2, first_step=2)
+    ours = make_model()
+    opt = fused_optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.1)
+    state = dict(zip(("model", "optim"), get_state_dict(ours, opt, options=flat)))
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(ours, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=flat)
+    assert opt.param_groups[0].keys() == torch_opt.param_groups[0].keys()
+    train(ours, opt, steps=2, first_step=2)
+    for p, q in zip(ours.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("moments", ["fp32", "int8"])

@@ -165,7 +165,7 @@ def test_a_group_saved_with_stochastic_rounding_keeps_master_weights_off():
     params, opt = trained(dtype=torch.bfloat16, master_weights=True)
     opt.load_state_dict(source.state_dict())
     group = opt.param_groups[0]
-    assert group["stochastic_rounding"] and not group["master_weights"]
+    assert group["stochastic_rounding"] and "master_weights" not in group  # (a group holds no neutral option)
     assert "master_remainder" not in opt.state[params[0]]
 
 
@@ -309,3 +309,24 @@ def test_int8_scales_saved_as_a_strided_view_load():
         state["moment_scales"] = wide[:, ::2]
     opt.load_state_dict(saved)
     steps_as_its_twin(params, opt, twin_params, twin)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.SGD, fused_optim.Lion], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("options", [{}, {"stochastic_rounding": True}], ids=["plain", "stochastic"])
+def test_a_saved_master_is_dropped_by_a_group_that_keeps_none(cls, dtype, options):
+    """torch_state_dict()'s fp32 master (`master_param`) loaded into a group without master weights: the group's
+    choice holds (no master kept, stochastic rounding where asked for) and the params stay as loaded."""
+    if options and dtype == torch.float16:
+        pytest.skip("stochastic rounding is for bf16 params")
+    kwargs = {"momentum": 0.9} if cls is fused_optim.SGD else {}
+    params, source = trained(cls, dtype=dtype, master_weights=True, **kwargs)
+    saved = copy.deepcopy(source.torch_state_dict())
+    assert all("master_param" in state for state in saved["state"].values())
+    loaded = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = cls(loaded, lr=1e-2, backend="cpu", **kwargs, **options)
+    opt.load_state_dict(saved)
+    assert all(torch.equal(p, q) for p, q in zip(loaded, params))
+    for p in loaded:
+        assert not opt.state[p].keys() & {"master_param", "master_remainder"}
+        assert opt._kind(p, opt.state[p], opt.param_groups[0]) == ("stochastic" if options else "plain")

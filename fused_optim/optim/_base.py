@@ -84,7 +84,7 @@ def check_moments(moments: str) -> None:
 
 def int8_moments(p: Tensor, group: dict[str, Any]) -> bool:
     """Whether a param's moments are 8-bit (moments="int8", where our state would be fp32: fp32, bf16, fp16 params)."""
-    return group.get("moments", "fp32") == "int8" and state_dtype(p, group) == torch.float32
+    return option(group, "moments") == "int8" and state_dtype(p, group) == torch.float32
 
 
 def moment_dtype(p: Tensor, group: dict[str, Any], signed: bool = True) -> torch.dtype:
@@ -93,7 +93,7 @@ def moment_dtype(p: Tensor, group: dict[str, Any], signed: bool = True) -> torch
     dtype = state_dtype(p, group)
     if dtype != torch.float32:
         return dtype
-    return {"bf16": torch.bfloat16, "int8": code_dtype(signed)}.get(group.get("moments", "fp32"), dtype)
+    return {"bf16": torch.bfloat16, "int8": code_dtype(signed)}.get(option(group, "moments"), dtype)
 
 
 def init_int8_scales(p: Tensor, state: dict[str, Tensor], count: int) -> None:
@@ -177,8 +177,24 @@ def check_torch_flags(params: list[Tensor], group: dict[str, Any]) -> None:
 # What a param's state may hold besides its optimizer's moments.
 _STATE_KEYS = ("step", "moment_scales", "master_param", "master_remainder")
 
-# Our group options at the values that step as torch's optimizers do; state_dict() leaves them out.
+# Our group options at the values that step as torch's optimizers do. A group holds none of them at its neutral value
+# (`drop_neutral_options`; read them with `option`): a group of such settings is torch's key for key, and so is its
+# state_dict(), which a distributed checkpoint (DCP) of torch's optimizer then loads into, and ours into torch's;
+# DCP's flattened form (flatten_optimizer_state_dict, torchtitan's) asks a saved group for every key of the group it
+# loads into.
 NEUTRAL_OPTIONS = {"master_weights": False, "moments": "fp32", "stochastic_rounding": False}
+
+
+def option(group: dict[str, Any], key: str) -> Any:
+    """The group's setting of our option `key` (NEUTRAL_OPTIONS), which it holds only where not neutral."""
+    return group.get(key, NEUTRAL_OPTIONS[key])
+
+
+def drop_neutral_options(group: dict[str, Any]) -> None:
+    """Takes our options at their neutral values out of `group` (NEUTRAL_OPTIONS)."""
+    for key, neutral in NEUTRAL_OPTIONS.items():
+        if key in group and group[key] == neutral:
+            del group[key]
 
 # Gradient release: the optimizer whose hook steps each param inside backward (optim/_base.py), weakly: a newer
 # gradient_release optimizer over the same param takes it over.
@@ -363,9 +379,10 @@ class FusedOptimizer(Optimizer):
         if problem is not None:
             self.param_groups.pop()
             raise ValueError(f"{type(self).__name__}: {problem}.")
+        group, index = self.param_groups[-1], len(self.param_groups) - 1
+        drop_neutral_options(group)
         # Each group's own seed for stochastic rounding (of bf16 params or moments), saved with the state_dict so a
         # resumed run draws the same.
-        group, index = self.param_groups[-1], len(self.param_groups) - 1
         if (group.get("stochastic_rounding") or group.get("moments") in ("bf16", "int8")) and "seed" not in group:
             distributed = _multi_process()
             group["seed"] = group_seed(index, params, distributed)
@@ -409,10 +426,10 @@ class FusedOptimizer(Optimizer):
         if not state and group.get("master_weights") and p.dtype in LOW_PRECISION:
             if p.dtype != torch.bfloat16:
                 return "master"
-            return "remainder24" if group["master_weights"] == 24 else "remainder"
+            return "remainder24" if option(group, "master_weights") == 24 else "remainder"
         if group.get("stochastic_rounding") and p.dtype == torch.bfloat16:
             return "stochastic"
-        if group.get("moments", "fp32") != "fp32" and state_dtype(p, group) != torch.float32:
+        if option(group, "moments") != "fp32" and state_dtype(p, group) != torch.float32:
             return "wide"  # an fp64 or complex param keeps its moments whole: an op call without compact moments
         return "plain"
 
@@ -672,7 +689,7 @@ class FusedOptimizer(Optimizer):
 
     def _plan_options(self, group: dict[str, Any]) -> tuple:
         """The group's options that decide its op calls: a plan made under others is made again."""
-        return group["master_weights"], group["stochastic_rounding"], group["differentiable"]
+        return option(group, "master_weights"), option(group, "stochastic_rounding"), group["differentiable"]
 
     def _check_first_step(self, group: dict[str, Any], params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
         """What `_gather` refuses before creating any state (sparse grads, param dtypes), in the optimizer's words."""
@@ -754,17 +771,12 @@ class FusedOptimizer(Optimizer):
         return state_dict
 
     def _own_state_dict(self) -> dict[str, Any]:
-        """`state_dict` before its post hooks, which may renumber its params (by name, say). Our options at their
-        neutral values (torch's behaviour) are left out of its groups: the dict is then torch's key for key, so that
-        a distributed checkpoint of torch's optimizer loads into ours (DCP asks for every key of the dict it loads
-        into); `load_state_dict` gives a group without one the setting of the loading optimizer's group in its place
-        (`_with_own_options`)."""
+        """`state_dict` before its post hooks, which may renumber its params (by name, say). Its groups hold what
+        ours do: our options only where not neutral (NEUTRAL_OPTIONS), so a group of torch's settings saves torch's
+        keys alone; `load_state_dict` gives a saved group without one of them the setting of the loading optimizer's
+        group in its place (`_with_own_options`)."""
         with _held_back(self, "_optimizer_state_dict_post_hooks"):
             state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:  # (torch's own copies of the group dicts)
-            for key, neutral in NEUTRAL_OPTIONS.items():
-                if key in group and group[key] == neutral:
-                    del group[key]
         numbered = self._numbered_params()
         for index, state in state_dict["state"].items():
             param = numbered[index][0]
@@ -798,6 +810,8 @@ class FusedOptimizer(Optimizer):
             # the groups alone: torch's loader would cast every saved tensor to its param's dtype (int8 codes to
             # floats), copies that _restore_saved_state would throw away
             super().load_state_dict({**state_dict, "state": {}})
+        for group in self.param_groups:  # a checkpoint may hold them (one saved before they were left out)
+            drop_neutral_options(group)
         self._restore_saved_state(state_dict)
         _unshare_state(self)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -870,7 +884,7 @@ class FusedOptimizer(Optimizer):
                 scales = local_rows(state.pop("moment_scales"), scale_count(local.numel()))
                 state.update({key: on_local_shards(lambda codes, row=row: dequantize(codes, scales[row]), state[key])
                               for row, key in enumerate(self._moment_keys) if key in state})
-            elif group.get("moments", "fp32") != "fp32":
+            elif option(group, "moments") != "fp32":
                 state.update({key: value.float() for key, value in state.items()
                               if key != "step" and isinstance(value, Tensor) and value.dtype == torch.bfloat16})
             if not self._torch_keeps_counts:
@@ -929,7 +943,7 @@ class FusedOptimizer(Optimizer):
         self._plans = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                if key != "params":
+                if key != "params" and key not in NEUTRAL_OPTIONS:  # a group without one of ours holds it neutral
                     group.setdefault(key, value)
         if "gradient_release" in state or not hasattr(self, "gradient_release"):  # a copy or an unpickling
             self.gradient_release = state.get("gradient_release", False)
@@ -1138,8 +1152,9 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     """A param's master weight after a load, in its own form (init_master): an fp32 copy for an fp16 param, a
     remainder for a bf16 one. A saved fp32 master of a bf16 param (torch_state_dict's, or an fp32 copy) is split:
     the param takes its rounding and the remainder the rest, so the master comes back exactly; an fp32 (or wider)
-    param takes it whole and keeps none. A state saved without a master (torch's, say) starts it from the param where
-    the group keeps master weights."""
+    param takes it whole and keeps none. A bf16 or fp16 param in a group without master weights keeps none either,
+    and stays as loaded (the group's choice, stochastic rounding say, holds). A state saved without a master
+    (torch's, say) starts it from the param where the group keeps master weights."""
     state.pop("master_param", None)  # the master of the state replaced (_follow_layout): re-taken below
     state.pop("master_remainder", None)
     if "master_remainder" in saved_state:
@@ -1147,13 +1162,15 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
         state["master_remainder"] = _taken(saved_remainder, p, saved_remainder.dtype)
     elif "master_param" in saved_state and p.dtype not in LOW_PRECISION:  # a param as wide as its master: the master
         p.copy_(saved_state["master_param"])
+    elif not option(group, "master_weights"):
+        return
     elif "master_param" in saved_state and p.dtype == torch.bfloat16:
-        bits = 24 if group["master_weights"] == 24 else 32
+        bits = 24 if option(group, "master_weights") == 24 else 32
         master = saved_state["master_param"].to(device=p.device, dtype=torch.float32)
         param, remainder = on_local_shards(lambda shard: split_master(shard, bits), master)
         p.copy_(param)
         state["master_remainder"] = _taken(remainder, p, remainder.dtype)
     elif "master_param" in saved_state:
         state["master_param"] = _taken(saved_state["master_param"], p, torch.float32)
-    elif group["master_weights"] and p.dtype in LOW_PRECISION:
-        init_master(p, state, group["master_weights"])
+    elif p.dtype in LOW_PRECISION:
+        init_master(p, state, option(group, "master_weights"))

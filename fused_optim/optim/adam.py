@@ -57,7 +57,7 @@ from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.adam import adam_step
 from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, beta_value, check_torch_flags,
-                                     init_int8_scales, init_master, int8_moments, master_of, moment_dtype)
+                                     init_int8_scales, init_master, int8_moments, master_of, moment_dtype, option)
 
 
 class Adam(FusedOptimizer):
@@ -179,8 +179,8 @@ class Adam(FusedOptimizer):
             state["max_exp_avg_sq"] = zeros(signed=False)
         if int8_moments(p, group):
             init_int8_scales(p, state, 3 if group["amsgrad"] else 2)
-        if group["master_weights"] and p.dtype in LOW_PRECISION:
-            init_master(p, state, group["master_weights"])
+        if option(group, "master_weights") and p.dtype in LOW_PRECISION:
+            init_master(p, state, option(group, "master_weights"))
 
     def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
         scales = state.get("moment_scales")

@@ -34,7 +34,7 @@ from torch.optim.optimizer import ParamsT
 
 from fused_optim.ops.lion import SPARSE_MESSAGE, lion_step
 from fused_optim.optim._base import (LOW_PRECISION, FusedOptimizer, beta_value, init_int8_scales, init_master,
-                                     int8_moments, master_of, moment_dtype)
+                                     int8_moments, master_of, moment_dtype, option)
 
 LION_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64)
 
@@ -141,8 +141,8 @@ class Lion(FusedOptimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype(p, group), memory_format=torch.preserve_format)
         if int8_moments(p, group):
             init_int8_scales(p, state, 1)
-        if group["master_weights"] and p.dtype in LOW_PRECISION:
-            init_master(p, state, group["master_weights"])
+        if option(group, "master_weights") and p.dtype in LOW_PRECISION:
+            init_master(p, state, option(group, "master_weights"))
 
     def _state_tensors(self, group: dict[str, Any], state: dict[str, Tensor], kind: str) -> list[Tensor | None]:
         return [state["exp_avg"], master_of(state, kind), state["step"], state.get("moment_scales")]

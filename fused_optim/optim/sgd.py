@@ -43,7 +43,7 @@ from fused_optim import _backend
 from fused_optim.ops.sgd import sgd_step
 from fused_optim.optim._base import (LOW_PRECISION, PARAM_DTYPES, FusedOptimizer, _restore_master, check_torch_flags,
                                      init_int8_scales, init_master, int8_moments, master_of, moment_dtype,
-                                     restore_moments, saved_states)
+                                     option, restore_moments, saved_states)
 from fused_optim.optim._plan import Plan
 
 # momentum buffers that round to nearest (fp32 and fp64, and complex params' buffers, stepped as their real views)
@@ -143,7 +143,7 @@ class SGD(FusedOptimizer):
         writing anything. The lists are kept between steps (optim/_plan.py) unless torch's update steps some."""
         has_grad = [grad is not None for grad in grads]
         by_torch = group["differentiable"] or any(grad is not None and grad.is_sparse for grad in grads)
-        options = (group["momentum"] != 0, group["master_weights"], group["stochastic_rounding"])
+        options = (group["momentum"] != 0, option(group, "master_weights"), option(group, "stochastic_rounding"))
         plan = None if by_torch else self._kept_plan(key, group, has_grad, options)
         if plan is not None:
             return plan.with_grads(grads)
@@ -183,9 +183,9 @@ class SGD(FusedOptimizer):
         momentum = group["momentum"] != 0
         if momentum:
             self._init_momentum(p, group)
-        if group["master_weights"] and p.dtype in LOW_PRECISION and not self.state.get(p, {}).keys() & {
+        if option(group, "master_weights") and p.dtype in LOW_PRECISION and not self.state.get(p, {}).keys() & {
                 "master_param", "master_remainder"}:
-            init_master(p, self.state[p], group["master_weights"])
+            init_master(p, self.state[p], option(group, "master_weights"))
         kind = self._kind(p, self.state.get(p, {}), group)
         if kind == "stochastic":  # the count keys the rounding's random stream, with momentum or without
             self.state[p].setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
