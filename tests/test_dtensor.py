@@ -377,7 +377,24 @@ def int8_checkpoint(rank: int, world: int, path: str) -> dict:
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     train(model, opt, steps=2, dp_rank=rank, dp_size=world, first_step=2)
     resumed_model, resumed_opt = fresh()
-    return {"uninterrupted": full_params(model), "resumed": resume(resumed_model, resumed_opt, path, rank, world)}
+    # the same ranks, a weight sharded along its other dim: as many blocks a shard, of other elements
+    def square(placement):
+        torch.manual_seed(0)
+        layer = fully_shard(torch.nn.Linear(8, 8, bias=False), shard_placement_fn=lambda p: placement)
+        return layer, fused_optim.AdamW(layer.parameters(), lr=1e-2, moments="int8")
+
+    rows, rows_opt = square(Shard(0))
+    rows(torch.randn(2, 8)).square().sum().backward()
+    rows_opt.step()
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(rows, rows_opt))), checkpoint_id=path + "-rows")
+    columns, columns_opt = square(Shard(1))
+    try:
+        load_checkpoint(columns, columns_opt, path + "-rows")
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    return {"uninterrupted": full_params(model), "resumed": resume(resumed_model, resumed_opt, path, rank, world),
+            "other_placements": refusal}
 
 
 def torch_checkpoint(rank: int, world: int, path: str) -> dict:
@@ -742,6 +759,9 @@ def test_distributed_checkpoint_of_int8_moments_keeps_each_ranks_scales(two, che
     for result in two:
         run = result["int8_checkpoint"]
         assert all(torch.equal(a, b) for a, b in zip(run["resumed"], run["uninterrupted"]))
+        # as many blocks a shard on another sharding (the same ranks, the weights sharded by columns): refused in one
+        # sentence, not misread
+        assert "saved from another sharding" in run["other_placements"] and "torch_layout()" in run["other_placements"]
     # on another sharding the saved scales cannot serve (their blocks are the old shards'): refused, not misread
     model = make_model()
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, moments="int8")

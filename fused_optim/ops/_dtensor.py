@@ -23,6 +23,7 @@ tensors are on this rank's device all the same, and the op runs once over all of
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -89,21 +90,48 @@ def largest_shard_numel(p: Tensor) -> int:
 def rank_rows(local: Tensor, like: Tensor, width: int) -> Tensor:
     """This rank's plain `local` (2-D: rows of per-rank values, such as int8 block scales of the local shard of the
     DTensor `like`) as row r of a DTensor over `like`'s mesh that every rank shares, r the rank's place in the
-    mesh, its last dim padded with zeros to `width` (the same on every rank). A distributed checkpoint keeps a plain
-    tensor once, as if each rank held the same; this way it keeps each rank's own (`local_rows` takes it back)."""
+    mesh, its last dim padded with zeros to `width` (the same on every rank), and one row more: the fingerprint of
+    the shard (`shard_fingerprint`). A distributed checkpoint keeps a plain tensor once, as if each rank held the
+    same; this way it keeps each rank's own (`local_rows` takes it back, on the sharding it was saved from)."""
     mesh = like.device_mesh
-    padded = local.new_zeros(1, local.shape[0], width)
-    padded[0, :, :local.shape[1]] = local
+    padded = local.new_zeros(1, local.shape[0] + 1, width)
+    padded[0, :-1, :local.shape[1]] = local
+    fingerprint = shard_fingerprint(like, width)
+    padded[0, -1, :fingerprint.numel()] = fingerprint.view(local.dtype)
+    rows = local.shape[0] + 1
     return DTensor.from_local(padded, mesh, [Shard(0)] * mesh.ndim, run_check=False,
-                              shape=(mesh.size(), local.shape[0], width), stride=(local.shape[0] * width, width, 1))
+                              shape=(mesh.size(), rows, width), stride=(rows * width, width, 1))
 
 
-def local_rows(rows: Tensor, width: int) -> Tensor:
-    """This rank's row of a `rank_rows` DTensor, its first `width` columns (a plain tensor passes unchanged)."""
+def local_rows(rows: Tensor, like: Tensor, width: int) -> Tensor:
+    """This rank's rows of a `rank_rows` DTensor, their first `width` columns, where they were saved from this
+    rank's shard of `like` (else ValueError: the blocks they scale are another sharding's); a plain tensor passes
+    unchanged."""
     if not is_dtensor(rows):
         return rows
     local = rows.to_local()
-    return local[0, :, :width].contiguous() if local.dim() == 3 and local.shape[0] == 1 else local
+    if local.dim() != 3 or local.shape[0] != 1:
+        return local  # check_saved_state says what is wrong
+    fingerprint = shard_fingerprint(like, local.shape[2])
+    if not torch.equal(local[0, -1, :fingerprint.numel()].view(torch.int16), fingerprint.to(local.device)):
+        raise ValueError(f"int8 moment scales saved from another sharding than this rank's shard of a param "
+                         f"({tuple(like.to_local().shape)} of {tuple(like.shape)}, placements "
+                         f"{tuple(like.placements)}): a checkpoint of int8 moments in our own form loads on the "
+                         "sharding it was saved from; save it inside opt.torch_layout() to reshard it")
+    return local[0, :-1, :width].contiguous()
+
+
+def shard_fingerprint(like: Tensor, width: int) -> Tensor:
+    """Up to `width` int16 numbers (two where there is room) that tell this rank's shard of the DTensor `like`
+    from the shard of another sharding: a CRC of the global and local shapes, the mesh's shape, this rank's place
+    in it and the placements. The blocks of 64 elements that int8 scales serve run along the local shard's memory,
+    so scales saved from another sharding with as many blocks would scale other elements."""
+    mesh = like.device_mesh
+    key = repr((tuple(like.shape), tuple(like.to_local().shape), tuple(mesh.shape), mesh.get_coordinate(),
+                tuple(like.placements)))
+    crc = zlib.crc32(key.encode())
+    halves = [crc & 0xFFFF, crc >> 16][:max(1, min(width, 2))]
+    return torch.tensor([half - 0x10000 if half >= 0x8000 else half for half in halves], dtype=torch.int16)
 
 
 def rank_seed(seed: int, tensors: Sequence[Tensor]) -> int:

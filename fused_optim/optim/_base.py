@@ -849,7 +849,7 @@ class FusedOptimizer(Optimizer):
             saved = state.get(param_id)
             if isinstance(saved, dict) and is_dtensor(saved.get("moment_scales")) and is_dtensor(p):
                 width = scale_count(p.to_local().numel())
-                state[param_id] = {**saved, "moment_scales": local_rows(saved["moment_scales"], width)}
+                state[param_id] = {**saved, "moment_scales": local_rows(saved["moment_scales"], p, width)}
         return {**state_dict, "state": state}
 
     def _restore_saved_state(self, state_dict: dict[str, Any]) -> None:
@@ -881,7 +881,7 @@ class FusedOptimizer(Optimizer):
                 state["master_param"] = on_local_shards(join_master, param.detach(), state.pop("master_remainder"))
             if "moment_scales" in state:
                 local = param.to_local() if is_dtensor(param) else param
-                scales = local_rows(state.pop("moment_scales"), scale_count(local.numel()))
+                scales = local_rows(state.pop("moment_scales"), param, scale_count(local.numel()))
                 state.update({key: on_local_shards(lambda codes, row=row: dequantize(codes, scales[row]), state[key])
                               for row, key in enumerate(self._moment_keys) if key in state})
             elif option(group, "moments") != "fp32":
