@@ -49,7 +49,8 @@ def by_device_or_dtensor(tensors: list[Tensor]) -> list[list[Tensor]]:
 
 
 def global_norm(tensors: list[Tensor], norm_type: float = 2.0, backend: str = "auto") -> Tensor:
-    """The norm of all `tensors` as one vector: a 0-dim fp32 tensor (plain) on the first tensor's (local) device.
+    """The norm of all `tensors` as one vector: a 0-dim tensor (plain) on the first tensor's (local) device, fp32
+    (fp64 where some tensor is fp64 or complex).
 
     One launch per device; DTensors count with their global elements, with one collective per (root) device mesh
     (fused_optim/ops/_dtensor.py), so every rank of a mesh gets the same norm. Plain tensors beside DTensors

@@ -122,16 +122,18 @@ def grad_multiplier_and_skip(maximize: bool, grad_scale, found_inf):
     return grad_multiplier, (found_inf != 0 if found_inf is not None else None)
 
 
-def step_scalars(device: torch.device, lr, grad_scale, found_inf):
+def step_scalars(device: torch.device, lr, grad_scale, found_inf, wide: bool = False):
     """An optimizer op's (lr, lr_tensor, grad_scale, found_inf) for a group on `device`: a tensor lr becomes
     lr_tensor (read on the device; lr is then 0.0), and GradScaler's tensors, kept on its own device, are copied to
-    this one where they differ. No host sync either way."""
+    this one where they differ. grad_scale is fp32 for the kernels and fp64 for the torch ops' fp64 params (`wide`):
+    a step's guard makes it fp64, clip factor and all, where the clipping norm counts fp64 or complex grads. No host
+    sync either way."""
     lr_tensor = None
     if isinstance(lr, torch.Tensor):
         lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)
         lr = 0.0
-    if grad_scale is not None and grad_scale.device != device:
-        grad_scale = grad_scale.to(device, non_blocking=True)
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device, torch.float64 if wide else torch.float32, non_blocking=True)
     if found_inf is not None and found_inf.device != device:
         found_inf = found_inf.to(device, non_blocking=True)
     return lr, lr_tensor, grad_scale, found_inf
@@ -245,9 +247,14 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
     # The kernels read these through raw pointers as one fp32 value each.
     if any(step.numel() != 1 or step.dtype != torch.float32 for step in steps):
         raise RuntimeError(f"{op}: each step must be a one-element float32 tensor on the param's device")
-    if any(t is not None and (t.numel() != 1 or t.dtype != torch.float32 or t.device not in devices) for t in scalars):
+    # (lr_tensor, grad_scale, found_inf): grad_scale may be fp64 beside fp64 params alone (step_scalars), which the
+    # torch ops unscale in fp64
+    fp64_scale = set(param_dtypes) == {torch.float64}
+    if any(t is not None and (t.numel() != 1 or t.device not in devices or not (
+            t.dtype == torch.float32 or (index == 1 and fp64_scale and t.dtype == torch.float64)))
+           for index, t in enumerate(scalars)):
         raise RuntimeError(f"{op}: lr_tensor, grad_scale and found_inf must be one-element float32 tensors on the "
-                           "params' device")
+                           "params' device (grad_scale may be float64 beside float64 params)")
     state_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
     bf16_moments = bf16_moment_lists > 0 and state_lists[0][0].dtype == torch.bfloat16
     moment_scales, signed = int8_moments

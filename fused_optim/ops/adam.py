@@ -97,8 +97,13 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         else:
             fp32_params = group_params
         # torch's kernel reads grads of its params' dtype (fp32, or fp64 for fp64 params; grad_dtype_fits lets them
-        # be bf16/fp16), and unscales them in place, where our schema says grads are read-only: copies then
+        # be bf16/fp16), and unscales them in place, where our schema says grads are read-only: copies then. It takes
+        # an fp32 grad_scale alone: fp64 params' copies are unscaled here, in fp64 (step_scalars)
         fp32_grads = [g.to(fp32_params[0].dtype, copy=grad_scale is not None) for g in pick(grads)]
+        batch_scale = grad_scale
+        if grad_scale is not None and fp32_params[0].dtype == torch.float64:
+            torch._foreach_div_(fp32_grads, grad_scale.double())
+            batch_scale = None
         moments = [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]
         bf16_moments = moments[0][0].dtype == torch.bfloat16
         scales = [piece_scales(moment_scales[i], part) for i, part in batch] if moment_scales else []
@@ -111,7 +116,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
             fp32_moments = moments
         fused(fp32_params, fp32_grads, *fp32_moments, group_steps, lr=lr_tensor if lr_tensor is not None else lr,
               beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
-              grad_scale=grad_scale, found_inf=found_inf)
+              grad_scale=batch_scale, found_inf=found_inf)
         if bf16_moments:  # rounding.h's to_moment, each moment its own random stream (a skipped step's untouched
             # copies round back to themselves: they are bf16 values)
             for moment, (tensors, fp32_tensors) in enumerate(zip(moments, fp32_moments)):
@@ -188,11 +193,11 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
         # (scales are plain tensors, a DTensor's its local shard's)
         wide, narrow = split_wide(real_views(lists) + [steps, list(moment_scales)])
         device = params[0].device
-        for op, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales) in (
-                (resolve_op("adam_step_", "torch", device.type), wide),
-                (resolve_op("adam_step_", backend, device.type), narrow)):
+        for op, fp64_params, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales) in (
+                (resolve_op("adam_step_", "torch", device.type), True, wide),
+                (resolve_op("adam_step_", backend, device.type), False, narrow)):
             if params:
-                lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
+                lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf, wide=fp64_params)
                 op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales,
                    lr_value, lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
                    stochastic_rounding, seed, scale, inf)

@@ -118,10 +118,10 @@ def lion_step(params, grads, exp_avgs, master_params, steps, moment_scales=(), *
         lists = _dtensor.to_local("lion_step", params, grads, exp_avgs, master_params)
         wide, narrow = split_wide(real_views(lists) + [steps, list(moment_scales)])
         device = params[0].device
-        for op, (params, grads, exp_avgs, master_params, steps, moment_scales) in (
-                (resolve_op("lion_step_", "torch", device.type), wide),
-                (resolve_op("lion_step_", backend, device.type), narrow)):
+        for op, fp64_params, (params, grads, exp_avgs, master_params, steps, moment_scales) in (
+                (resolve_op("lion_step_", "torch", device.type), True, wide),
+                (resolve_op("lion_step_", backend, device.type), False, narrow)):
             if params:
-                lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
+                lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf, wide=fp64_params)
                 op(params, grads, exp_avgs, master_params, steps, moment_scales, lr_value, lr_tensor, beta1, beta2,
                    weight_decay, maximize, stochastic_rounding, seed, scale, inf)

@@ -141,10 +141,10 @@ def sgd_step(params, grads, momentum_buffers, steps, moment_scales=(), *, lr, mo
         lists = _dtensor.to_local("sgd_step", params, grads, momentum_buffers, master_params)
         wide, narrow = split_wide(real_views(lists) + [steps, list(moment_scales)])
         device = params[0].device
-        for op, (params, grads, momentum_buffers, master_params, steps, moment_scales) in (
-                (resolve_op("sgd_step_", "torch", device.type), wide),
-                (resolve_op("sgd_step_", backend, device.type), narrow)):
+        for op, fp64_params, (params, grads, momentum_buffers, master_params, steps, moment_scales) in (
+                (resolve_op("sgd_step_", "torch", device.type), True, wide),
+                (resolve_op("sgd_step_", backend, device.type), False, narrow)):
             if params:
-                lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf)
+                lr_value, lr_tensor, scale, inf = step_scalars(device, lr, grad_scale, found_inf, wide=fp64_params)
                 op(params, grads, momentum_buffers, master_params, steps, moment_scales, lr_value, lr_tensor,
                    momentum, dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed, scale, inf)

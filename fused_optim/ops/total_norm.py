@@ -4,8 +4,8 @@
 - `fused_optim::total_norm_triton`  fused_optim/triton/total_norm.py
 - `fused_optim::total_norm_torch`   torch's `_foreach_norm` in fp32, then the norm of those norms
 
-`total_norm(tensors, norm_type)` returns a 0-dim fp32 tensor on the tensors' device: (Σ|x|^p)^(1/p) over every
-element of every tensor, max|x| for p = inf. Sums are taken in fp32 per block of elements and the block partial
+`total_norm(tensors, norm_type)` returns a 0-dim fp32 tensor on the tensors' device (fp64 where some tensor is
+fp64 or complex: those are torch's to read): (Σ|x|^p)^(1/p) over every element of every tensor, max|x| for p = inf. Sums are taken in fp32 per block of elements and the block partial
 sums added in a fixed order (fp64 on the CPU), so the result does not depend on the thread count. Any NaN gives
 NaN and any inf gives inf, which is what the callers' inf/NaN check reads. It reads each element once and writes
 one number: no host sync, so clipping and the optimizer step that uses it stay capturable.
@@ -81,10 +81,10 @@ def _wide_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
 
 
 def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: str = "auto") -> torch.Tensor:
-    """The `norm_type`-norm of all elements of `tensors` (dense or not, on one device) as one vector: a 0-dim fp32
-    tensor on their device. fp32/bf16/fp16 tensors are read by the `backend` op; fp64 and complex ones (a complex
-    element counting with its modulus) by torch in fp64 (`_wide_norm`), and the two norms combined in fp64.
-    Non-dense tensors are copied first.
+    """The `norm_type`-norm of all elements of `tensors` (dense or not, on one device) as one vector: a 0-dim tensor
+    on their device, fp32, or fp64 where some tensor is fp64 or complex. fp32/bf16/fp16 tensors are read by the
+    `backend` op; fp64 and complex ones (a complex element counting with its modulus) by torch in fp64
+    (`_wide_norm`), and the two norms combined in fp64. Non-dense tensors are copied first.
 
     DTensors on one mesh give the norm of their global elements, a 0-dim DTensor replicated on the mesh, with one
     collective over the mesh (ops/_dtensor.py: shards summed, replicas counted once)."""
@@ -102,4 +102,4 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: 
     norms = [_wide_norm(wide, norm_type)]
     if narrow:
         norms.append(resolve_op("total_norm", backend, tensors[0].device.type)(narrow, float(norm_type)).double())
-    return torch.linalg.vector_norm(torch.stack(norms), norm_type).float()
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)

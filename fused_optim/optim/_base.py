@@ -919,7 +919,8 @@ class FusedOptimizer(Optimizer):
     @property
     def last_grad_norm(self) -> Tensor | None:
         """With max_grad_norm (or fused_optim.GradScaler), the global norm of the unscaled grads of the last step,
-        before clipping: a 0-dim float32 tensor on the device. None before the first such step."""
+        before clipping: a 0-dim tensor on the device, float32 (float64 where some grad is float64 or complex). None
+        before the first such step."""
         return self._guard.last_grad_norm
 
     def __getstate__(self) -> dict[str, Any]:
