@@ -196,7 +196,8 @@ def reduction_mesh(mesh) -> tuple[object, tuple[int, ...]]:
 
 def mesh_norm(tensors: Sequence[Tensor], norm_type: float, local_norm: Callable[[list[Tensor]], Tensor]) -> Tensor:
     """The `norm_type`-norm of DTensors, taken over their global elements: a 0-dim DTensor of `local_norm`'s dtype
-    (fp64 where some tensor is fp64 or complex, else fp32), replicated on the (root) mesh. `local_norm` is the norm kernel over a list of local tensors.
+    (fp64 where some tensor is fp64 or complex, else fp32), replicated on the (root) mesh. `local_norm` is the norm
+    kernel over a list of local tensors.
 
     Shards are summed and a replica is counted once: each tensor's local norm is taken, in one kernel call per kind
     of placement, and kept only by the ranks at coordinate 0 of every mesh dim the tensor is replicated over (a

@@ -193,7 +193,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
         # (scales are plain tensors, a DTensor's its local shard's)
         wide, narrow = split_wide(real_views(lists) + [steps, list(moment_scales)])
         device = params[0].device
-        for op, fp64_params, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales) in (
+        for op, fp64_params, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
+                              moment_scales) in (
                 (resolve_op("adam_step_", "torch", device.type), True, wide),
                 (resolve_op("adam_step_", backend, device.type), False, narrow)):
             if params:
