@@ -290,8 +290,7 @@ class GradAccumulator:
                 > 0 or inf). With a GradScaler the grads are still scaled here: clip in the optimizer instead
                 (`AdamW(max_grad_norm=...)`), which clips the unscaled grads.
 
-        Returns the global norm of the normalised grads before clipping (0-dim fp32 tensor on the first device; fp64
-        where some grad is fp64),
+        Returns the global norm of the normalised grads before clipping (0-dim fp32 tensor on the first device),
         or None without `max_norm`.
         """
         if isinstance(num_tokens, (int, float)) and not (math.isfinite(num_tokens) and num_tokens > 0):

@@ -245,7 +245,18 @@ def fsdp_norms(rank: int, world: int) -> dict:
     with CountCollectives() as collectives:
         ours = fused_optim.clip_grad_norm_(ours_model.parameters(), MAX_NORM)
     theirs = torch.nn.utils.clip_grad_norm_(torch_model.parameters(), MAX_NORM)
+    # fp64 params: max_grad_norm against torch's clip_grad_norm_ and AdamW on the same mesh (the norm, the clip factor
+    # and the unscale in fp64); a norm over two root meshes is fp64 where either holds fp64 grads, in either order
+    wide_ours, wide_torch = fsdp(make_model(torch.float64)), fsdp(make_model(torch.float64))
+    wide_opt = fused_optim.AdamW(wide_ours.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=MAX_NORM)
+    train(wide_ours, wide_opt, dp_rank=rank, dp_size=world)
+    train(wide_torch, torch.optim.AdamW(wide_torch.parameters(), lr=1e-2, weight_decay=0.1), dp_rank=rank,
+          dp_size=world, clip=MAX_NORM)
+    other_root = init_device_mesh("cpu", (world,), mesh_dim_names=("other",))
+    fp64 = distribute_tensor(torch.randn(6, dtype=torch.float64), other_root, [Shard(0)])
     return {"norms": norms, "clip_ours": (type(ours).__name__, ours.placements, float(ours.full_tensor())),
+            "fp64_clipped": (full_params(wide_ours), full_params(wide_torch), wide_opt.last_grad_norm.dtype),
+            "two_roots_dtypes": [total_norm(pair, 2.0).dtype for pair in ([grads[0], fp64], [fp64, grads[0]])],
             "clip_torch": (type(theirs).__name__, theirs.placements, float(theirs.full_tensor())),
             "clip_collectives": collectives.count,
             "clipped_ours": [full(p.grad) for p in ours_model.parameters()],
@@ -683,6 +694,10 @@ def test_total_norm_and_clip_grad_norm_on_fsdp2_grads(two):
         assert value == pytest.approx(want[2.0], rel=1e-6)
         assert_close(run["clipped_ours"], run["clipped_torch"], atol=1e-8)
         assert run["clip_collectives"] == 1
+        ours, theirs, norm_dtype = run["fp64_clipped"]
+        assert norm_dtype == torch.float64
+        assert_close(ours, theirs, atol=1e-13)
+        assert run["two_roots_dtypes"] == [torch.float64, torch.float64]
 
 
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(two):

@@ -540,9 +540,11 @@ def test_wide_params_with_clipping_are_clip_then_step(cpu_backend, name, dtype, 
         for optimizer in (opt, twin):
             optimizer.zero_grad()
         # the clip factor, folded into the grad scale, reaches fp64 params in fp64 (a rounding or two from torch's
-        # fp64 multiply) and the kernels' params in fp32
+        # fp64 multiply) and the kernels' params in fp32; beside fp32 grads the norm holds their fp32 part (ours an
+        # ulp from torch's at times: SGD's fp64 steps follow it)
         for p, q in zip(ours, theirs):
-            torch.testing.assert_close(p, q, **(dict(rtol=1e-13, atol=1e-13) if p.dtype == torch.float64 else CLOSE))
+            torch.testing.assert_close(p, q, **(dict(rtol=1e-13, atol=1e-13) if alone and p.dtype == torch.float64
+                                                else CLOSE))
     assert scales in ([], [2.0**12, 2.0**13, 2.0**12, 2.0**12, 2.0**13, 2.0**13])  # backed off at the inf step
     # our step found the inf itself, but for torch's scaler, which finds it first and does not call our step
     assert float(opt.skipped_steps) == (scaler_cls is not torch.amp.GradScaler)

@@ -202,13 +202,15 @@ def test_a_low_precision_grad_of_a_wide_param_steps_as_its_wide_value(cls, optio
 
 
 @pytest.mark.skipif(not GRAD_DTYPE, reason="needs torch's Parameter.grad_dtype (2.14)")
-@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("param_dtype, grad_dtype", [(torch.float32, torch.bfloat16), (torch.float64, torch.bfloat16),
+                                                     (torch.float64, torch.float32)], ids=str)
 @pytest.mark.parametrize("cls, options", [(fused_optim.AdamW, {}), (fused_optim.SGD, {"momentum": 0.9})],
                          ids=["AdamW", "SGD"])
-def test_a_differentiable_group_steps_low_precision_grads_of_wide_params_as_their_wide_values(cls, options,
-                                                                                            param_dtype):
+def test_a_differentiable_group_steps_narrower_grads_of_wide_params_as_their_wide_values(cls, options, param_dtype,
+                                                                                        grad_dtype):
     """A differentiable group runs torch's own update, which reads a grad in its param's dtype: a bf16 grad of an
-    fp32 or fp64 param is widened for it (the ops read it as it is), and the state keeps the param's dtype."""
+    fp32 or fp64 param, or an fp32 grad of an fp64 one, is widened for it (the ops read it as it is), and the state
+    keeps the param's dtype."""
     shapes = [(3,), (4, 5)]
     # tensors that do not require grad: torch's differentiable update runs with grad mode on, in place
     low = [torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=param_dtype) for shape in shapes]
@@ -216,7 +218,7 @@ def test_a_differentiable_group_steps_low_precision_grads_of_wide_params_as_thei
     opt_low = cls(low, lr=0.1, differentiable=True, **options)
     opt_wide = cls(wide, lr=0.1, differentiable=True, **options)
     for step in range(3):
-        low_precision_grads(low, torch.bfloat16, seed=step)
+        low_precision_grads(low, grad_dtype, seed=step)
         for p, q in zip(low, wide):
             q.grad = p.grad.to(param_dtype)
         opt_low.step()

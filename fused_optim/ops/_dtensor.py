@@ -124,11 +124,14 @@ def local_rows(rows: Tensor, like: Tensor, width: int) -> Tensor:
 def shard_fingerprint(like: Tensor, width: int) -> Tensor:
     """Up to `width` int16 numbers (two where there is room) that tell this rank's shard of the DTensor `like`
     from the shard of another sharding: a CRC of the global and local shapes, the mesh's shape, this rank's place
-    in it and the placements. The blocks of 64 elements that int8 scales serve run along the local shard's memory,
-    so scales saved from another sharding with as many blocks would scale other elements."""
+    in it and the placements (kind, dim, split factor: plain numbers, the same on every torch version). The blocks
+    of 64 elements that int8 scales serve run along the local shard's memory, so scales saved from another sharding
+    with as many blocks would scale other elements."""
     mesh = like.device_mesh
-    key = repr((tuple(like.shape), tuple(like.to_local().shape), tuple(mesh.shape), mesh.get_coordinate(),
-                tuple(like.placements)))
+    placements = [(type(placement).__name__, getattr(placement, "dim", None), getattr(placement, "split_factor", None))
+                  for placement in like.placements]
+    key = repr((tuple(like.shape), tuple(like.to_local().shape), tuple(mesh.shape), tuple(mesh.get_coordinate()),
+                placements))
     crc = zlib.crc32(key.encode())
     halves = [crc & 0xFFFF, crc >> 16][:max(1, min(width, 2))]
     return torch.tensor([half - 0x10000 if half >= 0x8000 else half for half in halves], dtype=torch.int16)
@@ -217,7 +220,7 @@ def mesh_norm(tensors: Sequence[Tensor], norm_type: float, local_norm: Callable[
         replicated = {dims[d] for d, placement in enumerate(t.placements) if placement.is_replicate()}
         replicated |= set(range(root.ndim)) - set(dims)
         by_root.setdefault(root, {}).setdefault(tuple(sorted(replicated)), []).append(t._local_tensor)
-    totals = []
+    totals, dtype = [], torch.float32
     for root, by_replicated_dims in by_root.items():
         coordinate = root.get_coordinate()
         local_norms = []
@@ -226,6 +229,7 @@ def mesh_norm(tensors: Sequence[Tensor], norm_type: float, local_norm: Callable[
             counted_here = all(coordinate[dim] == 0 for dim in replicated)
             local_norms.append(norm if counted_here else torch.zeros_like(norm))
         local = torch.stack(local_norms)
+        dtype = torch.promote_types(dtype, local.dtype)
         if math.isinf(norm_type):
             largest = local.amax()  # keeps NaN
             is_nan = torch.isnan(largest)
@@ -239,4 +243,4 @@ def mesh_norm(tensors: Sequence[Tensor], norm_type: float, local_norm: Callable[
     else:
         total = torch.stack(totals).sum() ** (1.0 / norm_type)
     mesh = next(iter(by_root))
-    return DTensor.from_local(total.to(local.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return DTensor.from_local(total.to(dtype), mesh, [Replicate()] * mesh.ndim, run_check=False)

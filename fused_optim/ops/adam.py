@@ -102,7 +102,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         fp32_grads = [g.to(fp32_params[0].dtype, copy=grad_scale is not None) for g in pick(grads)]
         batch_scale = grad_scale
         if grad_scale is not None and fp32_params[0].dtype == torch.float64:
-            torch._foreach_div_(fp32_grads, grad_scale.double())
+            torch._foreach_div_(fp32_grads, grad_scale)
             batch_scale = None
         moments = [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]
         bf16_moments = moments[0][0].dtype == torch.bfloat16
@@ -179,7 +179,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
 
     `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32, or fp64
     with fp64 state (stepped by torch's own fused Adam whatever the backend: the kernels are fp32), and complex ones
-    are stepped as their real views; grads have the param's dtype or fp32 (fp32 params' bf16 or fp16 too).
+    are stepped as their real views; grads have the param's dtype or fp32 (fp32 and fp64 params' bf16 or fp16 too).
     `backend` is resolved by fused_optim._backend. DTensors (params, grads and state alike) are stepped through their
     local shards (ops/_dtensor.py).
     """

@@ -107,8 +107,8 @@ def lion_step(params, grads, exp_avgs, master_params, steps, moment_scales=(), *
     `lr` is a float or a one-element tensor (read on the device). Params are fp32, bf16 or fp16 with fp32 state (or
     bf16, or int8 codes with their `moment_scales`: rounded stochastically from `seed`'s streams), or fp64 with fp64
     state (stepped in plain torch ops whatever the backend: the kernels are fp32); grads have the param's dtype or fp32
-    (fp32 params' bf16 or fp16 too). `backend` is resolved by fused_optim._backend. DTensors (params, grads and state
-    alike) are stepped through their local shards (ops/_dtensor.py).
+    (fp32 and fp64 params' bf16 or fp16 too). `backend` is resolved by fused_optim._backend. DTensors (params, grads
+    and state alike) are stepped through their local shards (ops/_dtensor.py).
     """
     if not params:
         return

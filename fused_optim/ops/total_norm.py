@@ -95,10 +95,10 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, *, backend: 
         _dtensor.to_local("total_norm", tensors)  # all DTensors, or one sentence saying otherwise
         return _dtensor.mesh_norm(tensors, norm_type, lambda local: total_norm(local, norm_type, backend=backend))
     tensors = [t if t.is_contiguous() or dense(t) else t.contiguous() for t in tensors]
-    wide = [t for t in tensors if t.dtype in WIDE_DTYPES]
-    if not wide:
+    if all(t.dtype in GRAD_DTYPES for t in tensors):
         return resolve_op("total_norm", backend, tensors[0].device.type)(tensors, float(norm_type))
     check_total_norm_args(tensors, norm_type, (*GRAD_DTYPES, *WIDE_DTYPES))
+    wide = [t for t in tensors if t.dtype in WIDE_DTYPES]
     narrow = [t for t in tensors if t.dtype not in WIDE_DTYPES]
     norms = [_wide_norm(wide, norm_type)]
     if narrow:

@@ -298,10 +298,11 @@ def _grads_fit(params_and_grads: list[tuple[Tensor, Tensor]]) -> bool:
 
 def _with_grads_for_torch(lists: list[list[Tensor]]) -> list[list[Tensor]]:
     """`_gather`'s "torch" lists (params, grads, ...) for torch's own update, which reads a dense grad in its param's
-    dtype: a bf16/fp16 grad of an fp32 or fp64 param, which the ops read as it is (grad_dtype_fits), widened."""
+    dtype: a narrower grad of an fp32 or fp64 param (bf16/fp16, or fp32 beside fp64), which the ops read as it is
+    (grad_dtype_fits), widened."""
     params, grads = lists[0], lists[1]
-    widened = [g.to(p.dtype) if g.dtype in LOW_PRECISION and p.dtype in (torch.float32, torch.float64)
-               and not g.is_sparse else g for p, g in zip(params, grads)]
+    widened = [g.to(p.dtype) if g.dtype != p.dtype and p.dtype in (torch.float32, torch.float64) and not g.is_sparse
+               else g for p, g in zip(params, grads)]
     return [params, widened, *lists[2:]]
 
 
@@ -423,11 +424,11 @@ class FusedOptimizer(Optimizer):
             return "remainder" if state["master_remainder"].dtype == torch.int16 else "remainder24"
         if "master_param" in state:
             return "master"
-        if not state and group.get("master_weights") and p.dtype in LOW_PRECISION:
+        if not state and option(group, "master_weights") and p.dtype in LOW_PRECISION:
             if p.dtype != torch.bfloat16:
                 return "master"
             return "remainder24" if option(group, "master_weights") == 24 else "remainder"
-        if group.get("stochastic_rounding") and p.dtype == torch.bfloat16:
+        if option(group, "stochastic_rounding") and p.dtype == torch.bfloat16:
             return "stochastic"
         if option(group, "moments") != "fp32" and state_dtype(p, group) != torch.float32:
             return "wide"  # an fp64 or complex param keeps its moments whole: an op call without compact moments
@@ -771,12 +772,14 @@ class FusedOptimizer(Optimizer):
         return state_dict
 
     def _own_state_dict(self) -> dict[str, Any]:
-        """`state_dict` before its post hooks, which may renumber its params (by name, say). Its groups hold what
-        ours do: our options only where not neutral (NEUTRAL_OPTIONS), so a group of torch's settings saves torch's
+        """`state_dict` before its post hooks, which may renumber its params (by name, say). Its groups hold our
+        options only where not neutral (NEUTRAL_OPTIONS), as ours do, so a group of torch's settings saves torch's
         keys alone; `load_state_dict` gives a saved group without one of them the setting of the loading optimizer's
         group in its place (`_with_own_options`)."""
         with _held_back(self, "_optimizer_state_dict_post_hooks"):
             state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:  # (torch's copies of the groups) a neutral one set by hand, say
+            drop_neutral_options(group)
         numbered = self._numbered_params()
         for index, state in state_dict["state"].items():
             param = numbered[index][0]
@@ -919,8 +922,8 @@ class FusedOptimizer(Optimizer):
     @property
     def last_grad_norm(self) -> Tensor | None:
         """With max_grad_norm (or fused_optim.GradScaler), the global norm of the unscaled grads of the last step,
-        before clipping: a 0-dim tensor on the device, float32 (float64 where some grad is float64 or complex). None
-        before the first such step."""
+        before clipping: a 0-dim tensor on the device, float32 (float64 where some grad is float64 or complex, or the
+        ranks' parts are summed: grad_norm_group). None before the first such step."""
         return self._guard.last_grad_norm
 
     def __getstate__(self) -> dict[str, Any]:

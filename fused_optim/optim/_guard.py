@@ -78,7 +78,7 @@ class StepGuard:
             if norm_group is not None:  # this rank's part of the params (ZeRO): the parts' squares summed
                 squares = norm.double().square()
                 dist.all_reduce(squares, group=norm_group)
-                norm = squares.sqrt().to(norm.dtype)
+                norm = squares.sqrt()  # fp64 on every rank, whichever holds fp64 grads
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device)  # the norm of the unscaled grads
             self.last_grad_norm = norm
