@@ -196,6 +196,7 @@ def drop_neutral_options(group: dict[str, Any]) -> None:
         if key in group and group[key] == neutral:
             del group[key]
 
+
 # Gradient release: the optimizer whose hook steps each param inside backward (optim/_base.py), weakly: a newer
 # gradient_release optimizer over the same param takes it over.
 _release_owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
