@@ -145,6 +145,17 @@ def low_precision_grads(params, dtype, seed=0):
         p.grad = torch.randn(p.shape, generator=generator).to(dtype)
 
 
+def step_with_narrow_and_widened_grads(low, opt_low, wide, opt_wide, grad_dtype, steps=3):
+    """`steps` steps of twin optimizers: `low`'s params with `grad_dtype` grads, `wide`'s with the same grads in
+    their params' dtype."""
+    for step in range(steps):
+        low_precision_grads(low, grad_dtype, seed=step)
+        for p, q in zip(low, wide):
+            q.grad = p.grad.to(q.dtype)
+        opt_low.step()
+        opt_wide.step()
+
+
 def starting_params(shapes, dtype) -> list[torch.nn.Parameter]:
     """The params every run of the test below starts from."""
     return [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype))
@@ -168,12 +179,7 @@ def test_a_low_precision_grad_of_a_wide_param_steps_as_its_wide_value(cls, optio
     wide = starting_params(shapes, param_dtype)
     opt_low = cls(low, lr=0.1, backend=cpu_backend, **options)
     opt_wide = cls(wide, lr=0.1, backend=cpu_backend, **options)
-    for step in range(3):
-        low_precision_grads(low, grad_dtype, seed=step)
-        for p, q in zip(low, wide):
-            q.grad = p.grad.to(param_dtype)
-        opt_low.step()
-        opt_wide.step()
+    step_with_narrow_and_widened_grads(low, opt_low, wide, opt_wide, grad_dtype)
     for p, q in zip(low, wide):
         assert torch.equal(p, q)
     if cls is fused_optim.SGD:
@@ -217,12 +223,7 @@ def test_a_differentiable_group_steps_narrower_grads_of_wide_params_as_their_wid
     wide = [p.clone() for p in low]
     opt_low = cls(low, lr=0.1, differentiable=True, **options)
     opt_wide = cls(wide, lr=0.1, differentiable=True, **options)
-    for step in range(3):
-        low_precision_grads(low, grad_dtype, seed=step)
-        for p, q in zip(low, wide):
-            q.grad = p.grad.to(param_dtype)
-        opt_low.step()
-        opt_wide.step()
+    step_with_narrow_and_widened_grads(low, opt_low, wide, opt_wide, grad_dtype)
     assert all(torch.equal(p, q) for p, q in zip(low, wide))
     assert all(value.dtype == param_dtype for p in low for key, value in opt_low.state[p].items() if key != "step")
 

@@ -115,7 +115,8 @@ def split_wide(lists: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tensor]
 
 def grad_multiplier_and_skip(maximize: bool, grad_scale, found_inf):
     """For the torch twins of the optimizer ops: what each grad is multiplied by (1 / grad_scale in its dtype: fp32
-    as the kernels form it, fp64 for fp64 params; negated when maximizing) and the device-side "skip this step" flag (None without found_inf)."""
+    as the kernels form it, fp64 for fp64 params; negated when maximizing) and the device-side "skip this step" flag
+    (None without found_inf)."""
     grad_multiplier = -1.0 if maximize else 1.0
     if grad_scale is not None:
         grad_multiplier = grad_multiplier * grad_scale.reciprocal()

@@ -126,11 +126,10 @@ def sgd_step(params, grads, momentum_buffers, steps, moment_scales=(), *, lr, mo
     buffers (or bf16 ones, or int8 codes with their `moment_scales`, rounded stochastically from `seed`'s
     streams), or fp64 with fp64 buffers (stepped in plain torch ops whatever the backend: the kernels are fp32), and
     complex ones are stepped as their real views; grads have the param's dtype or fp32 (fp32 and fp64 params' bf16
-    or fp16 too). `master_params`: each low-precision param's fp32 master copy or bf16 remainder (the update starts from the
-    master and writes both), or none; `stochastic_rounding` rounds bf16
-    params stochastically instead (`steps` then given without momentum too). `backend` is resolved by
-    fused_optim._backend. DTensors (params, grads and state alike) are stepped through their local shards
-    (ops/_dtensor.py).
+    or fp16 too). `master_params`: each low-precision param's fp32 master copy or bf16 remainder (the update starts
+    from the master and writes both), or none; `stochastic_rounding` rounds bf16 params stochastically instead
+    (`steps` then given without momentum too). `backend` is resolved by fused_optim._backend. DTensors (params, grads
+    and state alike) are stepped through their local shards (ops/_dtensor.py).
     """
     if not params:
         return
