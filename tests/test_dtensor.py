@@ -547,6 +547,13 @@ def bad_inputs(rank: int, world: int) -> dict:
     record("op with a mixed list", lambda: adam_step(
         [sharded], [plain], [plain], [plain], [], [], [torch.zeros(())], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
         weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False, maximize=False))
+    like = [distribute_tensor(torch.zeros(6, 3), mesh, [Shard(0)]) for _ in range(3)]
+    replicated = distribute_tensor(torch.zeros(6, 3), mesh, [Replicate()])
+    for index, name in enumerate(("grads", "exp_avgs", "exp_avg_sqs")):  # one list of another layout at a time
+        lists = [replicated if i == index else t for i, t in enumerate(like)]
+        record(f"op with {name} of another layout", lambda lists=lists: adam_step(
+            [sharded], [lists[0]], [lists[1]], [lists[2]], [], [], [torch.zeros(())], lr=0.1, beta1=0.9, beta2=0.99,
+            eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False, maximize=False))
     return {"errors": errors, "unchanged": unchanged}
 
 
@@ -968,6 +975,9 @@ def test_bad_inputs_get_one_sentence_and_change_nothing(two):
         assert errors["grad placements"][0] == "RuntimeError" and "mesh and placements" in errors["grad placements"][1]
         assert errors["op with a mixed list"] == ("RuntimeError", "adam_step: the tensors must be all DTensors or "
                                                                   "all plain tensors, not a mix.")
+        for name in ("grads", "exp_avgs", "exp_avg_sqs"):
+            assert errors[f"op with {name} of another layout"] == (
+                "RuntimeError", "adam_step: every DTensor must have the mesh and placements of its param.")
         assert result["bad"]["unchanged"]
 
 

@@ -23,8 +23,10 @@ tensors are on this rank's device all the same, and the op runs once over all of
 from __future__ import annotations
 
 import math
+import operator
 import zlib
 from collections.abc import Callable, Sequence
+from itertools import chain, repeat
 
 import torch
 import torch.distributed as dist
@@ -45,21 +47,31 @@ def layout(t: Tensor) -> tuple | None:
     return (t.device_mesh, t.placements) if is_dtensor(t) else None
 
 
+_LAYOUT = operator.attrgetter("device_mesh", "placements")  # layout() of a DTensor, by a C-level getter
+_LOCAL_TENSOR = operator.attrgetter("_local_tensor")
+
+
+def same_layouts(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> bool:
+    """Whether DTensors tensors[i] and like[i] have equal layouts for every i (of the shorter list). In C-level loops
+    and a pair at a time: two lists of a thousand layout tuples would set off Python's garbage collector."""
+    return all(map(operator.eq, map(_LAYOUT, tensors), map(_LAYOUT, like)))
+
+
 def to_local(op: str, *lists: Sequence[Tensor]) -> list[list[Tensor]]:
     """The local shards of `lists` (each all DTensors, each tensor laid out as the first list's tensor at its index)
     or the lists unchanged when they hold plain tensors. `op` names the caller in the error."""
-    kinds = {type(t) for tensors in lists for t in tensors}
+    kinds = set(map(type, chain.from_iterable(lists)))
     if DTensor is None or DTensor not in kinds:
         return [list(tensors) for tensors in lists]
     if kinds != {DTensor}:
         raise RuntimeError(f"{op}: the tensors must be all DTensors or all plain tensors, not a mix.")
     reference = next(tensors for tensors in lists if tensors)
     for tensors in lists:
-        if tensors and [layout(t) for t in tensors] != [layout(t) for t in reference[:len(tensors)]]:
+        if tensors is not reference and not same_layouts(tensors, reference):
             raise RuntimeError(f"{op}: every DTensor must have the mesh and placements of its param.")
     # _local_tensor rather than to_local(): the ops run under no_grad and the autograd wrapper costs microseconds
     # a tensor, which a step over a thousand tensors would pay every time.
-    return [[t._local_tensor for t in tensors] for tensors in lists]
+    return [list(map(_LOCAL_TENSOR, tensors)) for tensors in lists]
 
 
 def on_local_shards(fn: Callable[..., Tensor | tuple[Tensor, ...]], like: Tensor, *others: Tensor
@@ -160,9 +172,8 @@ def by_layout(seed: int, lists: list[list]) -> list[tuple[int, list[list]]]:
     params = lists[0]
     if not params or not is_dtensor(params[0]):
         return [(seed, lists)]
-    mesh, placements = params[0].device_mesh, params[0].placements
-    if all(p.device_mesh is mesh and p.placements == placements for p in params):  # FSDP2: the common case, and
-        return [(rank_seed(seed, params), lists)]  # a third of the host time of the split below (1000 params)
+    if same_layouts(params, repeat(params[0])):  # FSDP2: the common case, and a third of the host time of the
+        return [(rank_seed(seed, params), lists)]  # split below (1000 params)
     layouts: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         layouts.setdefault((p.device_mesh, tuple(p.placements)), []).append(i)
@@ -210,16 +221,24 @@ def mesh_norm(tensors: Sequence[Tensor], norm_type: float, local_norm: Callable[
     global too. Nothing is read on the host."""
     import torch.distributed._functional_collectives as funcol
 
-    # root mesh -> the root dims a tensor is replicated over -> local tensors
-    by_root: dict[object, dict[tuple[int, ...], list[Tensor]]] = {}
-    for t in tensors:
+    def place(t: Tensor) -> tuple[object, tuple[int, ...]]:
+        """(t's root mesh, the root dims t is replicated over)"""
         if any(placement.is_partial() for placement in t.placements):
             raise RuntimeError("total_norm: a DTensor with a Partial placement has no norm yet; redistribute it to "
                                "Shard or Replicate first.")
         root, dims = reduction_mesh(t.device_mesh)
         replicated = {dims[d] for d, placement in enumerate(t.placements) if placement.is_replicate()}
-        replicated |= set(range(root.ndim)) - set(dims)
-        by_root.setdefault(root, {}).setdefault(tuple(sorted(replicated)), []).append(t._local_tensor)
+        return root, tuple(sorted(replicated | (set(range(root.ndim)) - set(dims))))
+
+    # root mesh -> the root dims a tensor is replicated over -> local tensors
+    by_root: dict[object, dict[tuple[int, ...], list[Tensor]]] = {}
+    if same_layouts(tensors, repeat(tensors[0])):  # one layout (FSDP2's), placed once: 4 us a tensor less
+        root, replicated = place(tensors[0])
+        by_root[root] = {replicated: list(map(_LOCAL_TENSOR, tensors))}
+    else:
+        for t in tensors:
+            root, replicated = place(t)
+            by_root.setdefault(root, {}).setdefault(replicated, []).append(t._local_tensor)
     totals, dtype = [], torch.float32
     for root, by_replicated_dims in by_root.items():
         coordinate = root.get_coordinate()

@@ -26,7 +26,8 @@ from fused_optim._weak_hooks import register_weak_hook, remove_when_collected
 from fused_optim.accumulate import accumulator_of
 from fused_optim.int8_moments import code_dtype, dequantize, quantize, scale_count
 from fused_optim.master_remainder import REMAINDER_DTYPES, join_master, split_master
-from fused_optim.ops._dtensor import is_dtensor, largest_shard_numel, layout, local_rows, on_local_shards, rank_rows
+from fused_optim.ops._dtensor import (DTensor, is_dtensor, largest_shard_numel, layout, local_rows, on_local_shards,
+                                      rank_rows, same_layouts)
 from fused_optim.ops._library import grad_dtype_fits
 from fused_optim.optim._guard import StepGuard, grad_of
 from fused_optim.optim._plan import Plan
@@ -283,16 +284,19 @@ _PLAIN_TENSORS = frozenset({Tensor, torch.nn.Parameter})
 _DTYPE, _DEVICE, _IS_SPARSE = (operator.attrgetter(name) for name in ("dtype", "device", "is_sparse"))
 
 
-def _grads_fit(params_and_grads: list[tuple[Tensor, Tensor]]) -> bool:
-    """Whether every grad passes `_check_grads`: dense, a plain tensor as its param is, of its param's shape and
-    device, and of a dtype the kernels read (grad_dtype_fits). Decided in C-level loops over the lists (a thousand
-    grads took 1.7-1.9 ms on a Zen 1 core, against 2.9-3.1 for the checks one grad at a time), so only a grad that
-    does not fit is looked for one at a time. Not under torch.compile, which traces the loop."""
-    params, grads = zip(*params_and_grads)
+def _grads_fit(params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether every grad passes `_check_grads`: dense, of its param's shape, device and layout (all plain tensors, or
+    all DTensors with their params' meshes and placements), and of a dtype the kernels read (grad_dtype_fits).
+    Decided in C-level loops over the lists (a thousand grads took 1.7-1.9 ms on a Zen 1 core, against 2.9-3.1 for
+    the checks one grad at a time), so only a grad that does not fit is looked for one at a time. The shapes are
+    compared a pair at a time, not as two lists: a torch.Size is an object Python's garbage collector tracks, and two
+    thousand alive at once set off its collections, about three a step. Not under torch.compile, which traces the
+    loop."""
+    types = set(map(type, params)) | set(map(type, grads))
     dtypes, grad_dtypes = list(map(_DTYPE, params)), list(map(_DTYPE, grads))
-    return (_PLAIN_TENSORS.issuperset(map(type, params)) and _PLAIN_TENSORS.issuperset(map(type, grads))
+    return ((_PLAIN_TENSORS.issuperset(types) or (types == {DTensor} and same_layouts(grads, params)))
             and not any(map(_IS_SPARSE, grads))
-            and list(map(Tensor.size, grads)) == list(map(Tensor.size, params))
+            and all(map(operator.eq, map(Tensor.size, grads), map(Tensor.size, params)))
             and list(map(_DEVICE, grads)) == list(map(_DEVICE, params))
             and (grad_dtypes == dtypes or all(map(grad_dtype_fits, grad_dtypes, dtypes))))
 
@@ -510,7 +514,7 @@ class FusedOptimizer(Optimizer):
             grad = accumulator.released_grad(index, p, weakref.WeakMethod(self._release))
             if grad is None:
                 return
-        self._check_grads([(p, grad)])
+        self._check_grads([p], [grad])
         own, group = self._release_views[p]
         view = {**group, **own}  # a dict, not a ChainMap: its dozen lookups cost a tenth
         for kind, lists in self._gather(view, [grad], p).items():
@@ -548,8 +552,9 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         # every grad checked before any group gathers (and creates state): a bad grad anywhere changes nothing
         group_grads = [[grad_of(p) for p in group["params"]] for group in self.param_groups]
-        self._check_grads([(p, grad) for group, grads in zip(self.param_groups, group_grads)
-                           for p, grad in zip(group["params"], grads) if grad is not None])
+        self._check_grads([p for group, grads in zip(self.param_groups, group_grads)
+                           for p, grad in zip(group["params"], grads) if grad is not None],
+                          [grad for grads in group_grads for grad in grads if grad is not None])
         known = len(self.state)
         try:
             gathered = [(group, self._gather(group, grads, index))
@@ -717,13 +722,14 @@ class FusedOptimizer(Optimizer):
     # torch's error for a sparse grad, where the kernels take dense ones only (None: the optimizer steps them)
     _sparse_grad_message: str | None = None
 
-    def _check_grads(self, params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
+    def _check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """The kernels' own check of each grad against its param, run over every group before any group gathers
         its state or is stepped (and before the guard counts anything), so that a bad grad anywhere changes
-        nothing."""
-        if not params_and_grads or (not torch.compiler.is_compiling() and _grads_fit(params_and_grads)):
+        nothing. `grads[i]` is `params[i]`'s: two lists, not a list of pairs, whose thousand tuples a step would
+        set off the garbage collector (as `_grads_fit` says)."""
+        if not params or (not torch.compiler.is_compiling() and _grads_fit(params, grads)):
             return
-        for p, grad in params_and_grads:  # which grad does not fit, and how, in words
+        for p, grad in zip(params, grads):  # which grad does not fit, and how, in words
             if grad.is_sparse and self._sparse_grad_message is not None:
                 raise RuntimeError(self._sparse_grad_message)
             if grad.shape != p.shape or grad.device != p.device or not grad_dtype_fits(grad.dtype, p.dtype):
