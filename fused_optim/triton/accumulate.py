@@ -8,10 +8,12 @@ the last one. A bf16 grad thus costs 2 bytes read + 4 read + 4 written per eleme
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from fused_optim.triton._table import DTYPES, all_aligned, device_table, load_pointer, locate_block, pack, search_steps
+from fused_optim.triton._table import (DTYPES, addresses, all_aligned, device_table, load_pointer, locate_block, numels,
+                                      pack, search_steps)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 COLUMNS = 3  # main grad, grad, numel
@@ -50,12 +52,13 @@ def accumulate_grads_triton(main_grads, grads) -> None:
     for i, grad in enumerate(grads):
         by_dtype.setdefault(grad.dtype, []).append(i)
     for dtype, indices in by_dtype.items():
-        rows = [[main_grads[i].data_ptr(), grads[i].data_ptr(), grads[i].numel()] for i in indices]
-        entries, num_blocks = pack(rows, BLOCK)
+        picked = [grads[i] for i in indices]
+        columns = [addresses([main_grads[i] for i in indices]), addresses(picked), numels(picked)]
+        entries, num_blocks = pack(columns, BLOCK)
         if num_blocks == 0:  # only empty tensors
             continue
         table = device_table(entries, main_grads[0].device)
         _accumulate_kernel[(num_blocks,)](
-            table, len(rows), GRAD_DTYPE=DTYPES[dtype], ALIGNED=all_aligned(row[c] for row in rows for c in range(2)),
-            SEARCH_STEPS=search_steps(len(rows)), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
+            table, len(indices), GRAD_DTYPE=DTYPES[dtype], ALIGNED=all_aligned(*columns[:2]),
+            SEARCH_STEPS=search_steps(len(indices)), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
         )

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from fused_optim.triton._exact_math import code_root, quotient_by_constant
-from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, device_table, increment_steps,
-                                      load_pointer, locate_block, pack, search_steps)
+from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, addresses, all_aligned, device_table,
+                                      increment_steps, load_pointer, locate_block, numels, pack, search_steps)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
@@ -434,13 +434,13 @@ def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
 def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, moment_scales,
             first_tensor_index, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
             stochastic_rounding, seed, grad_scale, found_inf) -> None:
-    rows = [[p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-             max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, master_params[i].data_ptr() if master_params else 0,
-             steps[i].data_ptr(), moment_scales[i].data_ptr() if moment_scales else 0, p.numel()]
-            for i, p in enumerate(params)]
+    absent = [0] * len(params)  # the column of an array the call has not
+    columns = [addresses(params), addresses(grads), addresses(exp_avgs), addresses(exp_avg_sqs),
+               addresses(max_exp_avg_sqs) if amsgrad else absent, addresses(master_params) if master_params else absent,
+               addresses(steps), addresses(moment_scales) if moment_scales else absent, numels(params)]
     # 16-byte loads need every array address (the first six columns; steps are read alone) 16-byte aligned.
-    aligned = all_aligned(row[c] for row in rows for c in range(6))
-    entries, num_programs = pack(rows, BLOCKS * BLOCK)
+    aligned = all_aligned(*columns[:6])
+    entries, num_programs = pack(columns, BLOCKS * BLOCK)
     table = device_table(entries, params[0].device)
     num_tensors = len(params)
     unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off

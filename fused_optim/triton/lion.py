@@ -11,11 +11,12 @@ triton/adam.py. With moments="int8" the moment is int8 codes with a scale per 64
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, device_table, increment_steps,
-                                      load_pointer, locate_block, pack, search_steps)
+from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, addresses, all_aligned, device_table,
+                                      increment_steps, load_pointer, locate_block, numels, pack, search_steps)
 from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _fp64_bits, _moment_bits, _quantize,
                                      _store_moment, _stream_key, load_param, param_pointers, store_param, write_back)
 
@@ -171,13 +172,13 @@ def lion_step_triton(params, grads, exp_avgs, master_params, steps, moment_scale
 
 def _launch(params, grads, exp_avgs, master_params, steps, moment_scales, first_tensor_index, lr, lr_tensor, beta1,
             beta2, weight_decay, maximize, stochastic_rounding, seed, grad_scale, found_inf) -> None:
-    rows = [[p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-             master_params[i].data_ptr() if master_params else 0, steps[i].data_ptr(),
-             moment_scales[i].data_ptr() if moment_scales else 0, p.numel()]
-            for i, p in enumerate(params)]
+    absent = [0] * len(params)  # the column of an array the call has not
+    columns = [addresses(params), addresses(grads), addresses(exp_avgs),
+               addresses(master_params) if master_params else absent, addresses(steps),
+               addresses(moment_scales) if moment_scales else absent, numels(params)]
     # 16-byte loads need every array address (the first four columns; steps are read alone) 16-byte aligned.
-    aligned = all_aligned(row[c] for row in rows for c in range(4))
-    entries, num_programs = pack(rows, BLOCKS * BLOCK)
+    aligned = all_aligned(*columns[:4])
+    entries, num_programs = pack(columns, BLOCKS * BLOCK)
     table = device_table(entries, params[0].device)
     num_tensors = len(params)
     unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, all_aligned, device_table, increment_steps,
-                                      load_pointer, locate_block, pack, search_steps)
+from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, addresses, all_aligned, device_table,
+                                      increment_steps, load_pointer, locate_block, numels, pack, search_steps)
 from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _moment_bits, _quantize, _store_moment,
                                     _stream_key, load_param, param_pointers, store_param, write_back)
 
@@ -195,12 +195,13 @@ def _launch(params, grads, momentum_buffers, master_params, steps, moment_scales
             momentum, dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed, grad_scale,
             found_inf) -> None:
     has_momentum = momentum != 0
-    rows = [[p.data_ptr(), grads[i].data_ptr(), momentum_buffers[i].data_ptr() if has_momentum else 0,
-             master_params[i].data_ptr() if master_params else 0, steps[i].data_ptr() if steps else 0,
-             moment_scales[i].data_ptr() if moment_scales else 0, p.numel()] for i, p in enumerate(params)]
-    entries, num_programs = pack(rows, BLOCKS * BLOCK)
+    absent = [0] * len(params)  # the column of an array the call has not
+    columns = [addresses(params), addresses(grads), addresses(momentum_buffers) if has_momentum else absent,
+               addresses(master_params) if master_params else absent, addresses(steps) if steps else absent,
+               addresses(moment_scales) if moment_scales else absent, numels(params)]
+    entries, num_programs = pack(columns, BLOCKS * BLOCK)
     # 16-byte loads need every array address (the first four columns; steps are read alone) 16-byte aligned.
-    aligned = all_aligned(address for row in rows for address in row[:4])
+    aligned = all_aligned(*columns[:4])
     table = device_table(entries, params[0].device)
     num_tensors = len(params)
     unused = table  # a valid pointer for the *_ptr arguments whose HAS_ flag is off

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_optim.triton._table import DTYPES, all_aligned, device_table, load_pointer, locate_block, pack, search_steps
+from fused_optim.triton._table import (DTYPES, addresses, all_aligned, device_table, load_pointer, locate_block, numels,
+                                      pack, search_steps)
 from fused_optim.triton.adam import _fp64_bits
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per thread
@@ -113,23 +114,24 @@ def total_norm_triton(tensors, norm_type: float) -> torch.Tensor:
     a 0-dim fp32 tensor on the tensors' device."""
     device = tensors[0].device
     norm = norm_kind(norm_type)
-    by_dtype: dict = {}  # tensor dtype -> its rows: the partials kernel is specialised for one dtype
+    by_dtype: dict = {}  # tensor dtype -> its tensors: the partials kernel is specialised for one dtype
     for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append([t.data_ptr(), t.numel()])
-    launches = [(dtype, *pack(rows, BLOCK), rows) for dtype, rows in by_dtype.items()]
+        by_dtype.setdefault(t.dtype, []).append(t)
+    launches = [(dtype, *pack([addresses(group), numels(group)], BLOCK), group)
+                for dtype, group in by_dtype.items()]
     num_partials = sum(num_blocks for _, _, num_blocks, _ in launches)
     result = torch.empty((), dtype=torch.float32, device=device)
     if num_partials == 0:  # only empty tensors: the norm of an empty vector
         return result.zero_()
     partials = torch.empty(num_partials, dtype=torch.float64, device=device)
     first = 0
-    for dtype, entries, num_blocks, rows in launches:
+    for dtype, entries, num_blocks, group in launches:
         if num_blocks == 0:
             continue
         _norm_partials_kernel[(num_blocks,)](
-            device_table(entries, device), partials[first:], len(rows), _fp64_bits(float(norm_type)),
-            DTYPE=DTYPES[dtype], NORM=norm, ALIGNED=all_aligned(row[0] for row in rows),
-            SEARCH_STEPS=search_steps(len(rows)), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
+            device_table(entries, device), partials[first:], len(group), _fp64_bits(float(norm_type)),
+            DTYPE=DTYPES[dtype], NORM=norm, ALIGNED=all_aligned(addresses(group)),
+            SEARCH_STEPS=search_steps(len(group)), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
         )
         first += num_blocks
     _combine_partials_kernel[(1,)](
