@@ -8,7 +8,6 @@ the last one. A bf16 grad thus costs 2 bytes read + 4 read + 4 written per eleme
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

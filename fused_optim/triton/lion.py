@@ -11,7 +11,6 @@ triton/adam.py. With moments="int8" the moment is int8 codes with a scale per 64
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
