@@ -176,7 +176,7 @@ def by_layout(seed: int, lists: list[list]) -> list[tuple[int, list[list]]]:
         return [(rank_seed(seed, params), lists)]  # split below (1000 params)
     layouts: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
-        layouts.setdefault((p.device_mesh, tuple(p.placements)), []).append(i)
+        layouts.setdefault(_LAYOUT(p), []).append(i)
     calls = []
     for call, indices in enumerate(layouts.values()):
         picked = [[tensors[i] for i in indices] if tensors else [] for tensors in lists]
