@@ -47,7 +47,7 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
   // with bf16 params and moments the loop is bound by its arithmetic, and the prefetch's blocks cost it 3-8 %
   constexpr bool kPrefetch = !(sizeof(param_t) == 2 && kBf16Moments);
-  for_each_element<kPrefetch, eight_lanes<param_t, grad_t, kWrite>()>(
+  for_each_element<kPrefetch>(
       begin, end,
       [&](int32_t j) {
         const int64_t i = begin + j;

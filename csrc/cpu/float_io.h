@@ -87,17 +87,6 @@ constexpr bool keeps_master(WriteBack kind) {
   return kind == WriteBack::kMaster || kind == WriteBack::kRemainder || kind == WriteBack::kRemainder8;
 }
 
-// Whether an optimizer loop steps 8 elements at a time in the AVX2 build (prefetch.h's for_each_element): gcc takes
-// 16 a step in a loop over 16-bit arrays, two ymm per fp32 value, and the AdamW loop with bf16 params reloaded 8
-// spilled vectors a step. Timed on an AVX2-only AMD EPYC, the loops whose narrow arrays are all bf16 (params, grads,
-// moments) ran up to 20 % faster with 8. Those with fp16 arrays or a master array keep gcc's choice: with fp16 params,
-// or an int16 or int8 remainder, 8 a step ran 10 % to 2x slower (docs/results.md).
-template <typename param_t, typename grad_t, WriteBack kWrite>
-constexpr bool eight_lanes() {
-  return !std::is_same_v<param_t, c10::Half> && !std::is_same_v<grad_t, c10::Half> &&
-         (kWrite == WriteBack::kNearest || kWrite == WriteBack::kStochastic);
-}
-
 // prefetch_block of the param, its grad, its master array (where the write-back keeps one) and `others`.
 template <WriteBack kWrite, typename param_t, typename grad_t, typename... Other>
 inline void prefetch_param_block(int64_t index, const param_t* param, const grad_t* grad,

@@ -38,7 +38,7 @@ void lion_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   // a bf16 moment's rounding bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Moment = std::is_same_v<moment_t, c10::BFloat16>;
   const uint32_t moment_draw = moment_stream(t.random_stream, 0);
-  for_each_element</*kPrefetch=*/true, eight_lanes<param_t, grad_t, kWrite>()>(
+  for_each_element</*kPrefetch=*/true>(
       begin, end,
       [&](int32_t j) {
         const int64_t i = begin + j;

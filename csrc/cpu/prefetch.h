@@ -38,32 +38,18 @@ inline void prefetch_block(int64_t index, const Element*... arrays) {
   (lines(arrays), ...);
 }
 
-// The build for AVX2 without AVX-512 (16 vector registers of 8 floats).
-#if defined(__AVX2__) && !defined(__AVX512F__)
-constexpr bool kAvx2Build = true;
-#else
-constexpr bool kAvx2Build = false;
-#endif
-
 // step(j) for j in [0, end - begin), elements begin + j of a chunk. With kPrefetch, in a vectorised loop a block, and
 // before each whole block prefetch(index) asks for the block kPrefetchAhead elements on (prefetch_block of the
 // arrays step touches); whole blocks have a constant trip count (a run-time one, a remainder loop a block, cost the
 // loops bound by their arithmetic 5-10 %). Without, in one vectorised loop: a loop with arithmetic enough to hide its
 // loads then saves the blocks' setup (gcc sets up its constants and index vectors again for each block).
-// `step` is inlined into the loops, so it must be branch-free. kEightLanes: in the AVX2 build, 8 elements a vector step
-// (one register per fp32 value), where gcc takes 16 for a loop over 16-bit arrays and spills (float_io.h's
-// eight_lanes says which loops gain).
-template <bool kPrefetch, bool kEightLanes, typename StepFn, typename PrefetchFn>
+// `step` is inlined into the loops, so it must be branch-free.
+template <bool kPrefetch, typename StepFn, typename PrefetchFn>
 inline void for_each_element(int64_t begin, int64_t end, StepFn step, PrefetchFn prefetch) {
   // `count`: kInt8Block as a compile-time constant for whole blocks, the rest's count otherwise
   const auto steps = [&](int32_t first, auto count) {
-    if constexpr (kEightLanes && kAvx2Build) {
-#pragma omp simd simdlen(8)
-      for (int32_t j = first; j < first + count; ++j) step(j);
-    } else {
 #pragma omp simd
-      for (int32_t j = first; j < first + count; ++j) step(j);
-    }
+    for (int32_t j = first; j < first + count; ++j) step(j);
   };
   const int32_t length = static_cast<int32_t>(end - begin);  // at most a chunk
   int32_t first = 0;

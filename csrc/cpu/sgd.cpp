@@ -39,7 +39,7 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   // a bf16 buffer's rounding bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Buffer = std::is_same_v<buffer_t, c10::BFloat16>;
   const uint32_t buffer_draw = moment_stream(t.random_stream, 0);
-  for_each_element</*kPrefetch=*/true, eight_lanes<param_t, grad_t, kWrite>()>(
+  for_each_element</*kPrefetch=*/true>(
       begin, end,
       [&](int32_t j) {
         const int64_t i = begin + j;
