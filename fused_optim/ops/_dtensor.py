@@ -42,13 +42,13 @@ def is_dtensor(t: object) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def layout(t: Tensor) -> tuple | None:
-    """(mesh, placements) of a DTensor, None for a plain tensor: two tensors with equal layouts are sharded alike."""
-    return (t.device_mesh, t.placements) if is_dtensor(t) else None
-
-
 _LAYOUT = operator.attrgetter("device_mesh", "placements")  # layout() of a DTensor, by a C-level getter
 _LOCAL_TENSOR = operator.attrgetter("_local_tensor")
+
+
+def layout(t: Tensor) -> tuple | None:
+    """(mesh, placements) of a DTensor, None for a plain tensor: two tensors with equal layouts are sharded alike."""
+    return _LAYOUT(t) if is_dtensor(t) else None
 
 
 def same_layouts(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> bool:

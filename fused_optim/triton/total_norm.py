@@ -117,21 +117,23 @@ def total_norm_triton(tensors, norm_type: float) -> torch.Tensor:
     by_dtype: dict = {}  # tensor dtype -> its tensors: the partials kernel is specialised for one dtype
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
-    launches = [(dtype, *pack([addresses(group), numels(group)], BLOCK), group)
-                for dtype, group in by_dtype.items()]
+    launches = []  # (dtype, the table's entries, its blocks, its tensors' addresses)
+    for dtype, group in by_dtype.items():
+        group_addresses = addresses(group)
+        launches.append((dtype, *pack([group_addresses, numels(group)], BLOCK), group_addresses))
     num_partials = sum(num_blocks for _, _, num_blocks, _ in launches)
     result = torch.empty((), dtype=torch.float32, device=device)
     if num_partials == 0:  # only empty tensors: the norm of an empty vector
         return result.zero_()
     partials = torch.empty(num_partials, dtype=torch.float64, device=device)
     first = 0
-    for dtype, entries, num_blocks, group in launches:
+    for dtype, entries, num_blocks, group_addresses in launches:
         if num_blocks == 0:
             continue
         _norm_partials_kernel[(num_blocks,)](
-            device_table(entries, device), partials[first:], len(group), _fp64_bits(float(norm_type)),
-            DTYPE=DTYPES[dtype], NORM=norm, ALIGNED=all_aligned(addresses(group)),
-            SEARCH_STEPS=search_steps(len(group)), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
+            device_table(entries, device), partials[first:], len(group_addresses), _fp64_bits(float(norm_type)),
+            DTYPE=DTYPES[dtype], NORM=norm, ALIGNED=all_aligned(group_addresses),
+            SEARCH_STEPS=search_steps(len(group_addresses)), COLUMNS=COLUMNS, BLOCK=BLOCK, num_warps=4,
         )
         first += num_blocks
     _combine_partials_kernel[(1,)](
