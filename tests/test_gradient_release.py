@@ -1,7 +1,7 @@
 """`gradient_release=True`: each param is stepped inside backward as soon as autograd has accumulated its grad, and
 the grad is freed at once. The result must be the ordinary step's, bit for bit, for every optimizer and backend
 that runs here; step() and zero_grad() stay callable and change nothing (but step() steps a grad that no hook
-took); what needs every grad first (a global
+took, a frozen param's included); what needs every grad first (a global
 norm, a GradScaler, a closure) is refused in one sentence, and so is a reentrant checkpoint's nested backward;
 with a GradAccumulator the step waits for the backward its `release()` arms."""
 
@@ -358,6 +358,52 @@ def test_a_param_unfrozen_after_the_constructor_is_trained():
             opt.zero_grad()
     assert_identical([p.detach() for p in model.parameters()], [p.detach() for p in ordinary.parameters()])
     assert model[0].weight in models_opts[0][1]._release_hooks
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_frozen_param_with_a_grad_set_by_hand_is_stepped_by_step(name):
+    """torch's step() steps every param holding a grad, frozen or not; backward cannot release a frozen one (it has
+    no hook), so step() does, and leaves it frozen and unhooked."""
+    cls, kwargs = OPTIMIZERS[name]
+    results = []
+    for release in (True, False):
+        model = make_model()
+        model[0].weight.requires_grad_(False)
+        opt = cls(model.parameters(), backend="cpu", gradient_release=release, **kwargs)
+        for step in range(3):
+            backward(model, step)
+            model[0].weight.grad = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+            opt.step()
+            opt.zero_grad()
+        assert model[0].weight.grad is None and not model[0].weight.requires_grad
+        assert model[0].weight not in getattr(opt, "_release_hooks", {})
+        results.append(([p.detach().clone() for p in model.parameters()], opt.state_dict()["state"]))
+    (released, released_state), (ordinary, ordinary_state) = results
+    assert_identical(released, ordinary)
+    assert_identical(released_state, ordinary_state)
+
+
+@pytest.mark.parametrize("options", STOCHASTIC.values(), ids=STOCHASTIC)
+def test_a_frozen_params_random_bits_come_after_its_groups_places(options):
+    """A frozen param stepped by step() draws the stream of place len(params) + its index in the group, which no
+    hooked param of the group takes: as an ordinary step of it alone under the seed of that place."""
+    cls = fused_optim.AdamW if "moments" in options else fused_optim.Lion
+    seed = 2**31 - 3
+    model = make_model(torch.bfloat16)
+    frozen = torch.nn.Parameter(torch.randn(7).bfloat16(), requires_grad=False)
+    alone = torch.nn.Parameter(frozen.detach().clone(), requires_grad=False)
+    params = [*model.parameters(), frozen]
+    place = len(params) + len(params) - 1
+    released_opt = cls([{"params": params, "seed": seed}], lr=1e-2, gradient_release=True, **options)
+    alone_opt = cls([{"params": [alone], "seed": (seed + 0x9E3779B9 * place) % 2**32}], lr=1e-2, **options)
+    for step in range(3):
+        backward(model, step)
+        frozen.grad = torch.randn(7, generator=torch.Generator().manual_seed(step)).bfloat16()
+        alone.grad = frozen.grad.clone()
+        released_opt.step()
+        alone_opt.step()
+    assert_identical(frozen.detach(), alone.detach())
+    assert_identical(released_opt.state[frozen], alone_opt.state[alone])
 
 
 def test_a_refused_constructor_leaves_no_hooks():

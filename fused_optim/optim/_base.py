@@ -280,6 +280,16 @@ def _check_not_scaled(name: str) -> None:
                            "scaler) or drop gradient_release")
 
 
+def _own_entries(p: Tensor, group: dict[str, Any], place: int) -> dict[str, Any]:
+    """Gradient release's entries of `p` that its one-param view of `group` overrides: the param itself and, for
+    stochastic rounding, the seed that makes its stream (rounding.h's stream_key(seed, place, step)) that of the
+    `place`-th tensor of the group's op call, as stream_key(own seed, 0, step)."""
+    own: dict[str, Any] = {"params": [p]}
+    if "seed" in group:
+        own["seed"] = (group["seed"] + 0x9E3779B9 * place) % 2**32
+    return own
+
+
 _PLAIN_TENSORS = frozenset({Tensor, torch.nn.Parameter})
 _DTYPE, _DEVICE, _IS_SPARSE = (operator.attrgetter(name) for name in ("dtype", "device", "is_sparse"))
 
@@ -471,12 +481,9 @@ class FusedOptimizer(Optimizer):
             if not (known or take_over or owner is None or owner is self):
                 continue
             kind = self._kind(p, self.state.get(p, {}), group)
-            own: dict[str, Any] = {"params": [p]}
-            if "seed" in group:  # rounding.h's stream_key(seed, place, step) as stream_key(own seed, 0, step)
-                own["seed"] = (group["seed"] + 0x9E3779B9 * places[kind]) % 2**32
+            self._release_views[p] = (_own_entries(p, group, places[kind]), group)  # (re)pointed at the live group
             if p.requires_grad:
                 places[kind] += 1
-            self._release_views[p] = (own, group)  # (re)pointed at the live group
             if not known:
                 self._release_hooks[p] = register_weak_hook(self, p, type(self)._release)
                 hooked.append(p)
@@ -514,15 +521,8 @@ class FusedOptimizer(Optimizer):
             grad = accumulator.released_grad(index, p, weakref.WeakMethod(self._release))
             if grad is None:
                 return
-        self._check_grads([p], [grad])
         own, group = self._release_views[p]
-        view = {**group, **own}  # a dict, not a ChainMap: its dozen lookups cost a tenth
-        for kind, lists in self._gather(view, [grad], p).items():
-            if kind == "torch":
-                with torch.set_grad_enabled(view["differentiable"]):
-                    self._update_with_torch(view, _with_grads_for_torch(lists))
-            else:
-                self._update(view, kind, lists, None, None)
+        self._step_alone(p, grad, own, group)
         p.grad = None
         self._releases += 1
         if entry is not None:
@@ -615,12 +615,34 @@ class FusedOptimizer(Optimizer):
                         self._release(p)
 
     def _release_left_grads(self) -> None:
-        """Gradient release's step(): a hooked param holding a grad that no backward hook took (one set by hand, say
-        from torch.autograd.grad, or left from before the optimizer was made) is stepped with it here, as step()
-        would without gradient release. A GradAccumulator's param is left to the accumulator."""
-        for p in list(self._release_hooks):
-            if p.grad is not None and accumulator_of(p) is None:
-                self._release(p)
+        """Gradient release's step(): a param holding a grad that no backward hook took is stepped with it here, as
+        step() would without gradient release: a hooked one's grad set by hand (say from torch.autograd.grad, or
+        left from before the optimizer was made), or a frozen one's (frozen when its group was hooked, so it has no
+        hook). A GradAccumulator's param is left to the accumulator. An ordinary step would number a frozen param's
+        random bits by its place among the params holding grads, which backward has freed by now: they are
+        numbered after every place the group's hooked params take, so no two tensors of the group share them."""
+        for group in self.param_groups:
+            first_free_place = len(group["params"])
+            for index, p in enumerate(group["params"]):
+                if p.grad is None or accumulator_of(p) is not None:
+                    continue
+                if p in self._release_hooks:
+                    self._release(p)
+                elif not p.requires_grad:
+                    _check_single_process(type(self).__name__)
+                    self._step_alone(p, p.grad, _own_entries(p, group, first_free_place + index), group)
+                    p.grad = None
+
+    def _step_alone(self, p: Tensor, grad: Tensor, own: dict[str, Any], group: dict[str, Any]) -> None:
+        """Steps `p` alone with `grad`: a one-param group of its own entries `own` over its live `group`."""
+        self._check_grads([p], [grad])
+        view = {**group, **own}  # a dict, not a ChainMap: its dozen lookups cost a tenth
+        for kind, lists in self._gather(view, [grad], p).items():
+            if kind == "torch":
+                with torch.set_grad_enabled(view["differentiable"]):
+                    self._update_with_torch(view, _with_grads_for_torch(lists))
+            else:
+                self._update(view, kind, lists, None, None)
 
     def _gather(self, group: dict[str, Any], grads: list[Tensor | None],
                 key: int | Tensor) -> dict[str, list[list[Tensor]]]:
