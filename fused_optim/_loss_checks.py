@@ -22,7 +22,14 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
                         label_smoothing: float, ignore_index: int) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
+    # torch's argument parser's checks, in the order of cross_entropy_loss's arguments
+    for position, name, value in ((1, "input", input), (2, "target", target), (3, "weight", weight)):
+        if not isinstance(value, torch.Tensor) and not (name == "weight" and value is None):
+            raise TypeError(f"cross_entropy_loss(): argument '{name}' (position {position}) must be Tensor, not "
+                            f"{type(value).__name__}")
     try:  # an integer, as torch's argument parser takes it (a float one would reach our ops' schemas)
+        if isinstance(ignore_index, bool):
+            raise TypeError
         operator.index(ignore_index)
     except TypeError:
         raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
@@ -31,8 +38,9 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
         raise ValueError("Expected input to have at least one dimension, got a 0-dimensional tensor.")
     if target.device != input.device:
         raise RuntimeError(f"Expected the target on the input's device ({input.device}), got it on {target.device}.")
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        # torch's own words: its NLL loss has no derivative for the class weights either
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled() and not target.is_floating_point():
+        # torch's own words: its NLL loss has no derivative for the class weights either (its loss of probability
+        # targets, which ours runs too, has one)
         raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
                            "This input cannot have requires_grad True.")
     # torch's checks in torch's order (cross_entropy_loss, nll_loss_nd, then nll_loss or nll_loss2d), so that input

@@ -503,6 +503,21 @@ def test_uint8_targets_like_torch(backend, device):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_targets_differentiate_the_class_weights_as_torch(reduction):
+    """torch's loss of probability targets is made of differentiable ops, so a class weight that requires grad gets
+    one (its class-index loss refuses such a weight); ours runs that loss, module and function alike."""
+    logits, target = torch.randn(5, 7, requires_grad=True), torch.softmax(torch.randn(5, 7), 1)
+    weight = torch.nn.Parameter(torch.rand(7) + 0.5)
+    grads = []
+    for loss in (F.cross_entropy(logits, target, weight=weight, reduction=reduction, label_smoothing=0.1),
+                 FF.cross_entropy(logits, target, weight=weight, reduction=reduction, label_smoothing=0.1),
+                 fused_optim.CrossEntropyLoss(weight=weight, reduction=reduction, label_smoothing=0.1)(logits, target)):
+        grads.append(torch.autograd.grad(loss.sum(), (logits, weight)))
+    for ours in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(ours, grads[0]))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_probability_targets_and_float64_logits_match_torch(reduction):
     """Both run torch's cross-entropy plus our extras in torch ops: torch's values and gradients exactly."""
     weight = torch.rand(7) + 0.5
@@ -883,6 +898,9 @@ def _bad_inputs(device):
         "reduction-avg": (t, dict(reduction="avg"), {}, True),
         "label_smoothing-1.5": (t, dict(label_smoothing=1.5), {}, True),
         "float-ignore_index": (t, dict(ignore_index=1.0), {}, True),
+        "bool-ignore_index": (t, dict(ignore_index=True), {}, True),
+        "list-target": ([1, 2, 3, 4, 5], {}, {}, True),
+        "list-weight": (t, dict(weight=[1.0] * 7), {}, True),
     }, x
 
 
