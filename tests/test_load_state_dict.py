@@ -330,3 +330,36 @@ def test_a_saved_master_is_dropped_by_a_group_that_keeps_none(cls, dtype, option
     for p in loaded:
         assert not opt.state[p].keys() & {"master_param", "master_remainder"}
         assert opt._kind(p, opt.state[p], opt.param_groups[0]) == ("stochastic" if options else "plain")
+
+
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.SGD, fused_optim.Lion], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("saved_options, loaded_options", [
+    ({"master_weights": True}, {"master_weights": 24}),
+    ({"master_weights": 24}, {"master_weights": True}),
+    ({"master_weights": True}, {"master_weights": False}),
+    ({"master_weights": 24}, {"master_weights": False, "stochastic_rounding": True}),
+], ids=["16-to-24", "24-to-16", "16-to-none", "24-to-stochastic"])
+def test_a_saved_remainder_loads_into_another_master_mode_as_its_fp32_master(cls, saved_options, loaded_options):
+    """A state saved with remainders whose groups are edited to another master mode before loading: the group's mode
+    holds (a remainder of its kind, or none), as if the fp32 masters of torch_state_dict() had been loaded."""
+    kwargs = {"momentum": 0.9} if cls is fused_optim.SGD else {}
+    params, source = trained(cls, dtype=torch.bfloat16, **saved_options, **kwargs)
+    ours = copy.deepcopy(source.state_dict())
+    for group in ours["param_groups"]:
+        group.update(loaded_options)
+    results = []
+    for saved in (ours, copy.deepcopy(source.torch_state_dict())):
+        loaded = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = cls(loaded, lr=1e-2, backend="cpu", **kwargs, **loaded_options)
+        opt.load_state_dict(saved)
+        results.append((loaded, opt))
+    (ours_params, ours_opt), (torch_params, torch_opt) = results
+    if "seed" in ours_opt.param_groups[0]:  # the torch form saves none: it keeps the loading optimizer's
+        torch_opt.param_groups[0]["seed"] = ours_opt.param_groups[0]["seed"]
+    for p in ours_params:
+        remainder = ours_opt.state[p].get("master_remainder")
+        assert (None if remainder is None else remainder.dtype) == {True: torch.int16, 24: torch.int8}.get(
+            loaded_options["master_weights"])
+    assert_identical([p.detach() for p in ours_params], [p.detach() for p in torch_params])
+    assert_identical([ours_opt.state[p] for p in ours_params], [torch_opt.state[p] for p in torch_params])
+    steps_as_its_twin(ours_params, ours_opt, torch_params, torch_opt)

@@ -1187,13 +1187,21 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     the param takes its rounding and the remainder the rest, so the master comes back exactly; an fp32 (or wider)
     param takes it whole and keeps none. A bf16 or fp16 param in a group without master weights keeps none either,
     and stays as loaded (the group's choice, stochastic rounding say, holds). A state saved without a master
-    (torch's, say) starts it from the param where the group keeps master weights."""
+    (torch's, say) starts it from the param where the group keeps master weights. A saved remainder is kept as it
+    is where the group keeps that kind (int16 for `master_weights=True`, int8 for 24) beside a bf16 param; else the
+    fp32 master it holds with the param (as loaded: a bf16 value in any float dtype) is taken as a saved fp32 one."""
     state.pop("master_param", None)  # the master of the state replaced (_follow_layout): re-taken below
     state.pop("master_remainder", None)
     if "master_remainder" in saved_state:
-        saved_remainder = saved_state["master_remainder"]
-        state["master_remainder"] = _taken(saved_remainder, p, saved_remainder.dtype)
-    elif "master_param" in saved_state and p.dtype not in LOW_PRECISION:  # a param as wide as its master: the master
+        remainder = saved_state["master_remainder"]
+        kept = torch.int8 if option(group, "master_weights") == 24 else torch.int16
+        if option(group, "master_weights") and p.dtype == torch.bfloat16 and remainder.dtype == kept:
+            state["master_remainder"] = _taken(remainder, p, kept)
+            return
+        param = p.detach().to(torch.bfloat16)
+        master = on_local_shards(join_master, param, _taken(remainder, param, remainder.dtype))
+        saved_state = {**saved_state, "master_param": master}
+    if "master_param" in saved_state and p.dtype not in LOW_PRECISION:  # a param as wide as its master: the master
         p.copy_(saved_state["master_param"])
     elif not option(group, "master_weights"):
         return
