@@ -327,3 +327,23 @@ def test_seeds_drawn_before_torch_distributed_started_become_the_replicas_own(op
     assert all(torch.equal(p, q) for p, q in zip(first, second))
     assert [group["seed"] for group in replicas[0].param_groups] == [group["seed"] for group in replicas[1].param_groups]
     assert replicas[0].param_groups[1]["seed"] == 7
+
+
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.SGD], ids=lambda c: c.__name__)  # Lion has none
+@pytest.mark.parametrize("option, match", [
+    (dict(moments="bf16"), r"^moments='bf16' does not take differentiable=True"),
+    (dict(master_weights=True), r"^master_weights does not take differentiable=True"),
+    (dict(master_weights=24), r"^master_weights does not take differentiable=True"),
+    (dict(stochastic_rounding=True), r"^stochastic_rounding does not take differentiable=True"),
+], ids=["bf16-moments", "masters", "24-bit-masters", "stochastic-rounding"])
+def test_a_differentiable_group_refuses_the_storage_options_in_one_sentence(cls, option, match):
+    """A differentiable group runs torch's own update, which knows none of them: refused as the group is made (it
+    failed inside torch's update, or kept a master it never updated, or rounded to nearest), the constructor's or
+    add_param_group's, with nothing added."""
+    params = [torch.nn.Parameter(torch.randn(3).bfloat16())]
+    with pytest.raises(ValueError, match=match):
+        cls(params, lr=0.1, differentiable=True, **option)
+    opt = cls([torch.nn.Parameter(torch.randn(3).bfloat16())], lr=0.1)
+    with pytest.raises(ValueError, match=match[1:]):
+        opt.add_param_group({"params": params, "differentiable": True, **option})
+    assert len(opt.param_groups) == 1 and not opt.state

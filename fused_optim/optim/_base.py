@@ -129,9 +129,15 @@ def differentiable_problem(group: dict[str, Any], max_grad_norm: float | None) -
     if max_grad_norm is not None:
         return ("max_grad_norm does not take differentiable=True: a differentiable step runs torch's own update, "
                 "which has no clipping")
-    if group.get("moments") == "int8":
-        return ("moments='int8' does not take differentiable=True: a differentiable step runs torch's own update, "
-                "which keeps its moments in floating point")
+    if group.get("moments") in ("bf16", "int8"):
+        return (f"moments={group['moments']!r} does not take differentiable=True: a differentiable step runs torch's "
+                "own update, which keeps its moments in its params' dtype")
+    if group.get("master_weights"):
+        return ("master_weights does not take differentiable=True: a differentiable step runs torch's own update, "
+                "which updates the params themselves, not a master weight")
+    if group.get("stochastic_rounding"):
+        return ("stochastic_rounding does not take differentiable=True: a differentiable step runs torch's own "
+                "update, which rounds to nearest")
     return None
 
 
@@ -559,7 +565,12 @@ class FusedOptimizer(Optimizer):
         try:
             gathered = [(group, self._gather(group, grads, index))
                         for index, (group, grads) in enumerate(zip(self.param_groups, group_grads))]
-        except BaseException:  # a later group refused its first step: the state earlier ones made goes too
+            # torch's GradScaler sets both on the optimizer for its step (grad_scale None once unscale_ ran)
+            if ((getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None)
+                    and any("torch" in kinds for _, kinds in gathered)):
+                raise RuntimeError(f"{type(self).__name__}: a GradScaler does not step differentiable groups (or "
+                                   "SGD's sparse grads): torch's own update, which runs them, takes none")
+        except BaseException:  # a group refused its first step, or the step: the state earlier ones made goes too
             for p in list(self.state)[known:]:
                 del self.state[p]
             self._plans.clear()
@@ -571,9 +582,6 @@ class FusedOptimizer(Optimizer):
                 if kind != "torch":
                     self._update(group, kind, lists, grad_scale, found_inf)
                     continue
-                if grad_scale is not None or found_inf is not None:
-                    raise RuntimeError(f"{type(self).__name__}: a GradScaler does not step differentiable groups (or "
-                                       "SGD's sparse grads): torch's own update, which runs them, takes none")
                 with torch.set_grad_enabled(group["differentiable"]):  # as torch's _use_grad_for_differentiable
                     self._update_with_torch(group, _with_grads_for_torch(lists))
         return loss
