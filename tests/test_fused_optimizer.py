@@ -3,8 +3,11 @@ group changing nothing in the earlier ones."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from test_adam import assert_identical
 
 import fused_optim
 
@@ -347,3 +350,72 @@ def test_a_differentiable_group_refuses_the_storage_options_in_one_sentence(cls,
     with pytest.raises(ValueError, match=match[1:]):
         opt.add_param_group({"params": params, "differentiable": True, **option})
     assert len(opt.param_groups) == 1 and not opt.state
+
+
+CHANGES = {  # (optimizer options, param dtype before, after)
+    "fp32-to-bf16-masters": ({"master_weights": True}, torch.float32, torch.bfloat16),
+    "fp32-to-bf16-stochastic": ({"stochastic_rounding": True}, torch.float32, torch.bfloat16),
+    "bf16-masters-to-fp32": ({"master_weights": True}, torch.bfloat16, torch.float32),
+    "fp16-masters-to-fp32": ({"master_weights": True}, torch.float16, torch.float32),
+    "bf16-int8-moments-to-fp64": ({"moments": "int8"}, torch.bfloat16, torch.float64),
+    "fp64-to-fp32-bf16-moments": ({"moments": "bf16"}, torch.float64, torch.float32),
+}
+
+
+@pytest.mark.parametrize("cls, kwargs", [(fused_optim.AdamW, {}), (fused_optim.SGD, {"momentum": 0.9}),
+                                         (fused_optim.Lion, {})], ids=["AdamW", "SGD", "Lion"])
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_param_whose_dtype_changed_after_steps_steps_as_a_resume_into_it(cls, kwargs, change):
+    """`model.to(dtype)` after steps (torch's optimizers fail on it): the state is made again in the form the new
+    dtype asks for (a master started, joined into a wide param, or dropped; moments whole or compact), as loading
+    the state_dict into an optimizer over the converted params makes it; both then step alike, bit for bit."""
+    options, before, after = CHANGES[change]
+    runs = []
+    for resume in (False, True):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(before)) for shape in [(3,), (70,)]]
+        opt = cls(params, lr=1e-2, backend="cpu", **kwargs, **options)
+        for step in range(4):
+            if step == 2:
+                saved = copy.deepcopy(opt.state_dict())
+                for index, p in enumerate(params):  # SGD saves no count that says only "set": the new dtype may
+                    saved["state"][index].setdefault("step", opt.state[p]["step"].clone())  # need it (its random bits)
+                for p in params:
+                    p.data = p.data.to(after)
+                if resume:
+                    opt = cls(params, lr=1e-2, backend="cpu", **kwargs, **options)
+                    opt.load_state_dict(saved)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+            opt.step()
+        runs.append(([p.detach() for p in params], [opt.state[p] for p in params]))
+    (params, states), (resumed_params, resumed_states) = runs
+    assert all(p.dtype == after for p in params)
+    assert_identical(params, resumed_params)
+    assert_identical(states, resumed_states)
+
+
+@pytest.mark.parametrize("edit", [{"moments": "bf16"}, {"moments": "int8"}, {"master_weights": True}])
+def test_a_groups_storage_option_set_by_hand_after_steps_steps_as_a_resume_into_it(edit):
+    """An option of a live group changed by hand (not through the constructor, add_param_group or a load): the next
+    step makes the state again in the form it asks for, as a resume with the edited group would."""
+    runs = []
+    for resume in (False, True):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator).bfloat16()) for shape in [(3,), (70,)]]
+        opt = fused_optim.AdamW(params, lr=1e-2, backend="cpu")
+        for step in range(4):
+            if step == 2:
+                if resume:
+                    saved = copy.deepcopy(opt.state_dict())
+                    saved["param_groups"][0].update(edit)
+                    opt = fused_optim.AdamW(params, lr=1e-2, backend="cpu")
+                    opt.load_state_dict(saved)
+                else:
+                    opt.param_groups[0].update(edit)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).bfloat16()
+            opt.step()
+        runs.append(([p.detach() for p in params], [opt.state[p] for p in params]))
+    assert_identical(runs[0][0], runs[1][0])
+    assert_identical(runs[0][1], runs[1][1])

@@ -37,6 +37,9 @@ from fused_optim.optim._plan import Plan
 # (float64 runs torch's own update; complex params run the kernels on their real views).
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 PARAM_DTYPES = (torch.float32, *LOW_PRECISION, torch.float64, torch.complex64, torch.complex128)
+# params whose value and a master remainder make the fp32 master: a bf16 param, or a wider one that holds its value
+# (`model.float()` after steps, or a bf16 checkpoint loaded into an fp32 model)
+JOINS_REMAINDERS = (torch.bfloat16, torch.float32, torch.float64)
 
 
 def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
@@ -680,7 +683,7 @@ class FusedOptimizer(Optimizer):
             if len(state) == 0:
                 self._init_state(p, state, group)
             else:
-                self._follow_layout(p, state, group)
+                self._follow_param(p, state, group)
             kind = self._kind(p, state, group)
             plan.add(kind, index, p, self._state_tensors(group, state, kind))
         self._keep_plan(key, plan)
@@ -695,14 +698,18 @@ class FusedOptimizer(Optimizer):
                                    f"dimensions), not a view of shape {tuple(p.shape)} with strides {p.stride()}: "
                                    "make the param from a .contiguous() tensor")
 
-    def _follow_layout(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
-        """A param whose memory layout changed since its state was made (`model.to(memory_format=...)` after a step or
-        a load): its state takes the new layout, which the kernels walk it in. Values stay; int8 moments are coded
-        again (their blocks run along memory), rounded to nearest as on a load."""
-        if all(same_layout(value, p) for value in state.values()
-               if isinstance(value, Tensor) and value.shape == p.shape):
+    def _follow_param(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        """A param whose memory layout or dtype changed since its state was made (`model.to(memory_format=...)`,
+        `model.to(torch.bfloat16)` or `model.float()` after a step or a load), or whose group's storage options did:
+        its state is made again in the form they now ask for (the kernels walk state in the param's layout), as a
+        load of it would make it. Values stay; int8 moments are coded again (their blocks run along memory), rounded
+        to nearest; a master is kept, joined or started as `_restore_master` says. torch's optimizers fail on a
+        param whose dtype changed under their state."""
+        if _state_fits(p, state, group, self._moment_keys):
             return
         held = dict(state)
+        for key in (*self._moment_keys, "moment_scales"):
+            state.pop(key, None)
         restore_moments(p, state, held, group, self._moment_keys)
         _restore_master(p, state, held, group)
 
@@ -726,7 +733,8 @@ class FusedOptimizer(Optimizer):
 
     def _plan_options(self, group: dict[str, Any]) -> tuple:
         """The group's options that decide its op calls: a plan made under others is made again."""
-        return option(group, "master_weights"), option(group, "stochastic_rounding"), group["differentiable"]
+        return (option(group, "moments"), option(group, "master_weights"), option(group, "stochastic_rounding"),
+                group["differentiable"])
 
     def _check_first_step(self, group: dict[str, Any], params_and_grads: list[tuple[Tensor, Tensor]]) -> None:
         """What `_gather` refuses before creating any state (sparse grads, param dtypes), in the optimizer's words."""
@@ -1075,9 +1083,10 @@ def check_saved_state(optimizer: FusedOptimizer, state_dict: dict[str, Any], mom
                                      f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
             _check_saved_codes(saved, param_id, p, moment_keys)
             remainder = saved.get("master_remainder")
-            if remainder is not None and (remainder.dtype not in REMAINDER_DTYPES or p.dtype != torch.bfloat16):
+            if remainder is not None and (remainder.dtype not in REMAINDER_DTYPES or p.dtype not in JOINS_REMAINDERS):
                 raise TypeError(f"loaded state dict's 'master_remainder' of param {param_id} is {remainder.dtype} for "
-                                f"a {p.dtype} param; a master remainder is int16 or int8, beside a bfloat16 param")
+                                f"a {p.dtype} param; a master remainder is int16 or int8, beside a bfloat16 param (or "
+                                "an fp32 or fp64 one holding its value, which takes the master they make)")
             step = saved.get("step")
             if step is not None and not (isinstance(step, numbers.Real) or (isinstance(step, Tensor)
                                                                             and step.numel() == 1)):
@@ -1155,6 +1164,25 @@ def _taken(value: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty_like(p, dtype=dtype).copy_(value)
 
 
+def _state_fits(p: Tensor, state: dict[str, Any], group: dict[str, Any], moment_keys: dict[str, bool]) -> bool:
+    """Whether a param's state is in the form its memory layout, its dtype and its group's options ask for: what
+    `_init_state` would make (`moment_keys`: key -> signed)."""
+    if not all(same_layout(value, p) for value in state.values()
+               if isinstance(value, Tensor) and value.shape == p.shape):
+        return False
+    if any(isinstance(state.get(key), Tensor) and state[key].dtype != moment_dtype(p, group, signed)
+           for key, signed in moment_keys.items()):
+        return False
+    master_weights = option(group, "master_weights") if p.dtype in LOW_PRECISION else False
+    if p.dtype == torch.bfloat16 and master_weights:
+        remainder = state.get("master_remainder")
+        return ("master_param" not in state and remainder is not None
+                and remainder.dtype == (torch.int8 if master_weights == 24 else torch.int16))
+    if master_weights:  # an fp16 param's fp32 copy
+        return "master_remainder" not in state and "master_param" in state
+    return not state.keys() & {"master_param", "master_remainder"}
+
+
 def restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, Any], group: dict[str, Any],
                      moment_keys: dict[str, bool]) -> None:
     """A param's moments after a load, from the saved values (`moment_keys`: key -> signed), in the param's memory
@@ -1197,8 +1225,9 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     and stays as loaded (the group's choice, stochastic rounding say, holds). A state saved without a master
     (torch's, say) starts it from the param where the group keeps master weights. A saved remainder is kept as it
     is where the group keeps that kind (int16 for `master_weights=True`, int8 for 24) beside a bf16 param; else the
-    fp32 master it holds with the param (as loaded: a bf16 value in any float dtype) is taken as a saved fp32 one."""
-    state.pop("master_param", None)  # the master of the state replaced (_follow_layout): re-taken below
+    fp32 master it makes with the param (as loaded: a bf16 value, in a wider dtype too) is taken as a saved fp32 one
+    (an fp16 param starts a master of its own, if its group keeps one)."""
+    state.pop("master_param", None)  # the master of the state made again (_follow_param): re-taken below
     state.pop("master_remainder", None)
     if "master_remainder" in saved_state:
         remainder = saved_state["master_remainder"]
@@ -1206,9 +1235,10 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
         if option(group, "master_weights") and p.dtype == torch.bfloat16 and remainder.dtype == kept:
             state["master_remainder"] = _taken(remainder, p, kept)
             return
-        param = p.detach().to(torch.bfloat16)
-        master = on_local_shards(join_master, param, _taken(remainder, param, remainder.dtype))
-        saved_state = {**saved_state, "master_param": master}
+        saved_state = {key: value for key, value in saved_state.items() if key != "master_remainder"}
+        if p.dtype in JOINS_REMAINDERS:  # (an fp16 one's rounding lost the bf16 param the remainder was split from)
+            param = p.detach().to(torch.bfloat16)
+            saved_state["master_param"] = on_local_shards(join_master, param, _taken(remainder, param, remainder.dtype))
     if "master_param" in saved_state and p.dtype not in LOW_PRECISION:  # a param as wide as its master: the master
         p.copy_(saved_state["master_param"])
     elif not option(group, "master_weights"):

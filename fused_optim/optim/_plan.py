@@ -1,9 +1,10 @@
 """A param group's op arguments kept between steps, less the grads: host time matters at a thousand tensors a step,
 so an optimizer builds its lists once and, on later steps, only puts the new grads in; it builds them again when
-which params have grads, the params (one put in another's place in the group's list, or its memory layout changed:
-`model.to(memory_format=...)`), the state or the options that decide the op calls changed. A param's state changed
-means: its state dict replaced (`opt.state[p] = {}`), or an entry of it added, removed or set to another tensor
-(`opt.state[p]["step"] = torch.tensor(0.)`), as torch's optimizers, which read the state every step, see."""
+which params have grads, the params (one put in another's place in the group's list, or its memory layout or dtype
+changed: `model.to(memory_format=...)`, `model.to(torch.bfloat16)`), the state or the options that decide the op
+calls changed. A param's state changed means: its state dict replaced (`opt.state[p] = {}`), or an entry of it
+added, removed or set to another tensor (`opt.state[p]["step"] = torch.tensor(0.)`), as torch's optimizers, which
+read the state every step, see."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from itertools import chain
 from typing import Any, Hashable
 
 from torch import Tensor
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 class Plan:
@@ -22,6 +25,7 @@ class Plan:
         self.params = group["params"]
         self.members = list(self.params)  # the list may be changed in place: `params[0] = new_param`
         self.strides = list(map(Tensor.stride, self.members))
+        self.dtypes = [p.dtype for p in self.members]  # (dynamo traces this, but not an attrgetter)
         self.options = options
         self.state = state
         self.state_size = len(state)
@@ -58,6 +62,7 @@ class Plan:
             and len(self.params) == len(self.members)
             and all(map(operator.is_, self.params, self.members))
             and all(map(operator.eq, map(Tensor.stride, self.params), self.strides))
+            and all(map(operator.is_, map(_DTYPE, self.params), self.dtypes))  # model.to(dtype) keeps the params
             and state is self.state
             and len(state) == self.state_size
             and options == self.options

@@ -143,7 +143,8 @@ class SGD(FusedOptimizer):
         writing anything. The lists are kept between steps (optim/_plan.py) unless torch's update steps some."""
         has_grad = [grad is not None for grad in grads]
         by_torch = group["differentiable"] or any(grad is not None and grad.is_sparse for grad in grads)
-        options = (group["momentum"] != 0, option(group, "master_weights"), option(group, "stochastic_rounding"))
+        options = (group["momentum"] != 0, option(group, "moments"), option(group, "master_weights"),
+                   option(group, "stochastic_rounding"))
         plan = None if by_torch else self._kept_plan(key, group, has_grad, options)
         if plan is not None:
             return plan.with_grads(grads)
@@ -186,13 +187,14 @@ class SGD(FusedOptimizer):
         if option(group, "master_weights") and p.dtype in LOW_PRECISION and not self.state.get(p, {}).keys() & {
                 "master_param", "master_remainder"}:
             init_master(p, self.state[p], option(group, "master_weights"))
+        if p in self.state:
+            self._follow_param(p, self.state[p], group)
         kind = self._kind(p, self.state.get(p, {}), group)
         if kind == "stochastic":  # the count keys the rounding's random stream, with momentum or without
             self.state[p].setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
         if p not in self.state:
             return kind, [None, None, None, None]
         state = self.state[p]
-        self._follow_layout(p, state, group)
         return kind, [state["momentum_buffer"] if momentum else None, master_of(state, kind),
                       state["step"] if momentum or kind == "stochastic" else None,
                       state.get("moment_scales") if momentum else None]
