@@ -147,7 +147,8 @@ def differentiable_problem(group: dict[str, Any], max_grad_norm: float | None) -
 def group_seed(index: int, params: list[Tensor], distributed: bool) -> int:
     """The stochastic-rounding seed of an optimizer's param group `index` over `params`: a hash of torch's initial
     seed (what torch.manual_seed set: a seeded run draws the same bits), the group's index and its params' shapes
-    (two optimizers over different params draw differently). Nothing is drawn from torch's generator, so the
+    (optimizers over params of other shapes draw differently; over params of the same shapes, alike, unless their
+    groups give seeds of their own). Nothing is drawn from torch's generator, so the
     training script's own random numbers (dropout, data order) stay what they are with torch's optimizer.
 
     Under torch.distributed torch's seed is left out: scripts often seed each rank differently (dropout, data), and
