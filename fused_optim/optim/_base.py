@@ -158,14 +158,19 @@ def group_seed(index: int, params: list[Tensor], distributed: bool) -> int:
     return zlib.crc32(f"{torch_seed} {index} {shapes}".encode()) % (2**31 - 1)
 
 
+def remainder_dtype(master_weights: bool | int) -> torch.dtype:
+    """The dtype of a bf16 param's master remainder: int16 (the exact fp32 master) or, with master_weights=24, int8."""
+    return torch.int8 if master_weights == 24 else torch.int16
+
+
 def init_master(p: Tensor, state: dict[str, Tensor], master_weights: bool | int) -> None:
     """A low-precision param's master weight, equal to the param at first: a bf16 param's as a remainder beside it
     (`master_remainder`: int16, 2 bytes, the exact fp32 master; int8, 1 byte, with master_weights=24 a 24-bit one:
     fused_optim/master_remainder.py), an fp16 param's as an fp32 copy (`master_param`: an fp16 param and 16 more
     bits cannot hold every fp32 value)."""
     if p.dtype == torch.bfloat16:
-        dtype = torch.int8 if master_weights == 24 else torch.int16
-        state["master_remainder"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["master_remainder"] = torch.zeros_like(p, dtype=remainder_dtype(master_weights),
+                                                     memory_format=torch.preserve_format)
     else:
         state["master_param"] = p.detach().float()
 
@@ -1178,7 +1183,7 @@ def _state_fits(p: Tensor, state: dict[str, Any], group: dict[str, Any], moment_
     if p.dtype == torch.bfloat16 and master_weights:
         remainder = state.get("master_remainder")
         return ("master_param" not in state and remainder is not None
-                and remainder.dtype == (torch.int8 if master_weights == 24 else torch.int16))
+                and remainder.dtype == remainder_dtype(master_weights))
     if master_weights:  # an fp16 param's fp32 copy
         return "master_remainder" not in state and "master_param" in state
     return not state.keys() & {"master_param", "master_remainder"}
@@ -1232,9 +1237,9 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     state.pop("master_remainder", None)
     if "master_remainder" in saved_state:
         remainder = saved_state["master_remainder"]
-        kept = torch.int8 if option(group, "master_weights") == 24 else torch.int16
-        if option(group, "master_weights") and p.dtype == torch.bfloat16 and remainder.dtype == kept:
-            state["master_remainder"] = _taken(remainder, p, kept)
+        master_weights = option(group, "master_weights")
+        if master_weights and p.dtype == torch.bfloat16 and remainder.dtype == remainder_dtype(master_weights):
+            state["master_remainder"] = _taken(remainder, p, remainder.dtype)
             return
         saved_state = {key: value for key, value in saved_state.items() if key != "master_remainder"}
         if p.dtype in JOINS_REMAINDERS:  # (an fp16 one's rounding lost the bf16 param the remainder was split from)

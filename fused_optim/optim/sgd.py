@@ -143,8 +143,7 @@ class SGD(FusedOptimizer):
         writing anything. The lists are kept between steps (optim/_plan.py) unless torch's update steps some."""
         has_grad = [grad is not None for grad in grads]
         by_torch = group["differentiable"] or any(grad is not None and grad.is_sparse for grad in grads)
-        options = (group["momentum"] != 0, option(group, "moments"), option(group, "master_weights"),
-                   option(group, "stochastic_rounding"))
+        options = self._plan_options(group)
         plan = None if by_torch else self._kept_plan(key, group, has_grad, options)
         if plan is not None:
             return plan.with_grads(grads)
@@ -176,6 +175,9 @@ class SGD(FusedOptimizer):
         else:
             self._keep_plan(key, plan)
         return kinds
+
+    def _plan_options(self, group: dict[str, Any]) -> tuple:
+        return group["momentum"] != 0, *super()._plan_options(group)  # momentum on or off: buffers in the lists
 
     def _kind_and_state_tensors(self, p: Tensor, group: dict[str, Any]) -> tuple[str, list[Tensor | None]]:
         """A param the kernels step: its kind of update (`_kind`) and its entries in the op's state lists, [momentum
