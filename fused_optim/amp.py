@@ -7,7 +7,11 @@ grads for the clipping norm (AdamW(max_grad_norm=...)) or in a norm pass of its 
 of a read and a write, and no pass at all beyond the norm when clipping. The step writes what it found into the
 `found_inf` tensor this scaler gives it, so `update()` backs the scale off exactly as torch's does.
 
-Everything else is torch's: other optimizers, `unscale_` called by the user (then torch's path runs), `update`,
+The grads are left as backward made them, scaled: torch's unscale writes them back unscaled, and so do torch's
+fused optimizers; call `unscale_` before the step to read them after it.
+
+Everything else is torch's: other optimizers, `unscale_` called by the user (then torch's path runs), a closure,
+sparse grads and differentiable groups (which torch's own update steps), a disabled scaler, `update`,
 `state_dict`. With torch's own GradScaler our optimizers work too (they read `grad_scale`/`found_inf` on the
 device), with torch's extra pass.
 
@@ -53,15 +57,17 @@ class GradScaler(torch.amp.GradScaler):
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """torch's `GradScaler.step`; for a fused_optim optimizer whose grads were not unscaled by the user, the
         inf/NaN check runs inside the optimizer's step (see the module docstring)."""
-        if self._enabled and getattr(optimizer, "gradient_release", False):
+        if not self._enabled:
+            return super().step(optimizer, *args, **kwargs)
+        if getattr(optimizer, "gradient_release", False):
             raise RuntimeError(f"GradScaler cannot step a {type(optimizer).__name__} with gradient_release=True: each "
                                "param was already updated inside backward with its scaled grad, before any inf/NaN "
                                "check; use bf16 (no scaler) or drop gradient_release")
         state = self._per_optimizer_states[id(optimizer)]
-        # torch's path also where no param has a grad: it refuses that step ("No inf checks were recorded")
-        if (not self._enabled or not getattr(optimizer, "_checks_grads_in_step", False)
-                or state["stage"] is not OptState.READY or "closure" in kwargs
-                or all(grad_of(p) is None for group in optimizer.param_groups for p in group["params"])):
+        # torch's path for a closure (it is called only on a step that is not skipped, after the unscale) and for
+        # grads the step cannot check
+        if (args or kwargs or not getattr(optimizer, "_checks_grads_in_step", False)
+                or state["stage"] is not OptState.READY or not _step_can_check(optimizer)):
             return super().step(optimizer, *args, **kwargs)
         self._check_scale_growth_tracker("step")
         scale = self._get_scale_async()
@@ -71,8 +77,17 @@ class GradScaler(torch.amp.GradScaler):
         optimizer.found_inf = found_inf
         optimizer._grads_unchecked = True
         try:
-            result = optimizer.step(*args, **kwargs)
+            result = optimizer.step()
         finally:
             del optimizer.grad_scale, optimizer.found_inf, optimizer._grads_unchecked
         state["stage"] = OptState.STEPPED
         return result
+
+
+def _step_can_check(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step can take the unscale and the inf/NaN check of its grads: some param has a grad
+    (torch's path refuses a step with none: "No inf checks were recorded"), and no group is stepped by torch's own
+    update, which takes no scale (a differentiable group, SGD's sparse grads)."""
+    grads = [grad_of(p) for group in optimizer.param_groups for p in group["params"]]
+    return (any(grad is not None for grad in grads) and not any(grad is not None and grad.is_sparse for grad in grads)
+            and not any(group.get("differentiable", False) for group in optimizer.param_groups))

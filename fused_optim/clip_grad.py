@@ -13,6 +13,7 @@ replicated on the mesh.
 from __future__ import annotations
 
 import functools
+import math
 import types
 import warnings
 from collections.abc import Iterable
@@ -76,8 +77,12 @@ def clip_grad_norm_(
     """Clips the gradient norm of `parameters`, as `torch.nn.utils.clip_grad_norm_` (same arguments, same result):
     the grads are scaled in place by min(1, max_norm / (total_norm + 1e-6)) and the total norm is returned.
 
-    The norm is summed in fp32 over every element and rounded once to the grads' dtype (torch rounds each
-    per-tensor norm first). `foreach` is accepted and ignored; `backend` picks the kernels (fused_optim._backend).
+    The norm is summed in fp32 over every element (in fp64 by the CPU kernels) and rounded once to the grads'
+    dtype (torch rounds each per-tensor norm first); the clip factor is taken from the fp32 norm, and is 0 where
+    the rounded one is inf (fp16 grads past 65504), as torch's. Where torch's fp32 sums overflow (grads near 1e19)
+    or underflow (near 1e-19), the CPU kernels' norm is finite, or non-zero. Empty grads count for nothing, also
+    for norm_type=inf, which torch refuses beside them.
+    `foreach` is accepted and ignored; `backend` picks the kernels (fused_optim._backend).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -101,19 +106,21 @@ def clip_grad_norm_(
                                              or g.is_sparse for g in grads):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     norm = global_norm(grads, norm_type, backend)
-    if error_if_nonfinite and torch.logical_or(norm.isnan(), norm.isinf()):
+    # torch's norm is in the grads' (promoted) dtype, and its check and clip factor read that: fp16 grads whose norm
+    # passes 65504 raise, or are zeroed (factor max_norm / inf), as torch's are
+    returned = norm.to(functools.reduce(torch.promote_types, {g.dtype for g in grads}))
+    if error_if_nonfinite and torch.logical_or(returned.isnan(), returned.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`"
         )
-    coef = clip_coefficient(max_norm, norm)
+    coef = clip_coefficient(max_norm, torch.where(returned.isinf(), math.inf, norm))  # else fp32's, finer
     local_grads = [g._local_tensor if is_dtensor(g) else g for g in grads]  # each shard scaled by the global factor
     for device, device_grads in by_device(local_grads).items():
         torch._foreach_mul_(device_grads, coef.to(device))
-    # torch returns the norm in the grads' (promoted) dtype, a DTensor replicated on their mesh for DTensor grads
-    norm = norm.to(functools.reduce(torch.promote_types, {g.dtype for g in grads}))
+    # torch returns a DTensor replicated on their mesh for DTensor grads
     if all(is_dtensor(g) for g in grads):
         mesh = reduction_mesh(grads[0].device_mesh)[0]
-        return DTensor.from_local(norm, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return norm
+        return DTensor.from_local(returned, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return returned

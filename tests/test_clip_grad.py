@@ -1,8 +1,8 @@
 """fused_optim.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_: the same signature, the same returned norm
 (value and dtype) and the same clipped grads, over norm types (the kernels' 1, 2, 3.5, inf; torch's fallback for
 0 and -inf), grad dtypes (fp32, bf16, fp16, mixed), clipping or not, and the ways of passing params (one tensor,
-a generator, params without grads, none at all); non-finite grads with and without error_if_nonfinite; and no host
-read during a clip (a TorchDispatchMode records every dispatched op).
+a generator, params without grads, none at all); non-finite grads (and fp16 grads whose norm is inf in fp16) with
+and without error_if_nonfinite; and no host read during a clip (a TorchDispatchMode records every dispatched op).
 
 Tolerances: our norm is summed in fp32 over all elements and rounded once to the grads' dtype; torch rounds each
 tensor's norm to that dtype first, then the norm of the norms. So fp32 agrees to a few ulp, bf16/fp16 to about
@@ -224,3 +224,25 @@ def test_no_host_read(cpu_backend, norm_type):
     with DispatchedOps() as ops:
         fused_optim.clip_grad_norm_(params, 0.1, norm_type, error_if_nonfinite=True, backend=cpu_backend)
     assert "aten::_local_scalar_dense" in ops.names
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0], ids=lambda n: f"norm{n}")
+def test_fp16_grads_whose_norm_passes_fp16s_range_as_torch(cpu_backend, norm_type):
+    """Each grad below 65504 and the fp32 norm finite, but the norm in fp16 (what both return) inf: torch raises
+    under error_if_nonfinite, and otherwise scales the grads by max_norm / inf, to zeros."""
+    ours = make_params([torch.float16] * 2, [(3,), (2,)])
+    for p in ours:
+        p.grad.fill_(60000.0)
+    theirs, original = twin(ours), twin(ours)
+    with pytest.raises(RuntimeError) as their_error:
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as our_error:
+        fused_optim.clip_grad_norm_(ours, 1.0, norm_type, error_if_nonfinite=True, backend=cpu_backend)
+    assert str(our_error.value) == str(their_error.value)
+    for p, before in zip(ours, original):
+        assert torch.equal(p.grad, before.grad)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    norm = fused_optim.clip_grad_norm_(ours, 1.0, norm_type, backend=cpu_backend)
+    assert torch.equal(norm, expected) and float(norm) == math.inf
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p.grad, q.grad) and not p.grad.any()

@@ -6,7 +6,8 @@ What is checked: several fp32 steps, clipping and not, equal torch's within a fe
 reaches the grads as 1 / (grad_scale / clip_coef) instead of one multiply, the only difference); a step with an
 inf/NaN grad leaves params and state bit-identical and counts itself in `skipped_steps`; max_grad_norm survives
 pickling and state_dict loading; the fused scaler backs off and grows its scale exactly as torch's over a run with
-inf steps and never dispatches torch's unscale-and-check op; torch's own GradScaler still drives our optimizers;
+inf steps and never dispatches torch's unscale-and-check op, and steps as torch's does where it is disabled, given
+a closure or given grads torch's own update steps; torch's own GradScaler still drives our optimizers;
 WarmupCosine waits for the skipped steps.
 """
 
@@ -349,6 +350,81 @@ def test_fused_scaler_with_a_torch_optimizer_is_torchs_scaler():
     for p, q in zip(ours.parameters(), theirs.parameters()):
         assert torch.equal(p, q)
 
+
+@pytest.mark.parametrize("make_opt", [lambda ps: fused_optim.AdamW(ps, lr=0.01), lambda ps: torch.optim.AdamW(ps, lr=0.01)],
+                         ids=["ours", "torch's"])
+def test_a_disabled_fused_scaler_steps_as_torchs(make_opt):
+    """enabled=False (as `enabled=use_amp` gives): step() is the optimizer's plain step, as with torch's scaler."""
+    ours, theirs = twin_models()
+    our_opt, their_opt = make_opt(list(ours.parameters())), make_opt(list(theirs.parameters()))
+    our_scaler = fused_optim.GradScaler("cpu", enabled=False)
+    their_scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for model, opt, scaler in ((ours, our_opt, our_scaler), (theirs, their_opt, their_scaler)):
+        torch.manual_seed(5)
+        for _ in range(3):
+            scaler.scale(model(torch.randn(6, 5)).square().mean()).backward()
+            assert scaler.step(opt) is None
+            scaler.update()
+            opt.zero_grad()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("inf", [False, True], ids=["finite", "inf"])
+def test_a_closure_passed_to_step_takes_torchs_path(inf):
+    """torch's scaler unscales the grads, then calls step(closure) only where they are finite: ours does the same,
+    whether the closure comes by position or (refused, as torch refuses it) by name."""
+    models = twin_models()
+    runs = []
+    for model, scaler in zip(models, (fused_optim.GradScaler("cpu"), torch.amp.GradScaler("cpu"))):
+        opt = fused_optim.AdamW(model.parameters(), lr=0.01)
+        calls = []
+        torch.manual_seed(6)
+        scaler.scale(model(torch.randn(6, 5)).square().mean()).backward()
+        if inf:
+            model.weight.grad[0, 0] = float("inf")
+        result = scaler.step(opt, lambda: calls.append(1) or torch.tensor(5.0))
+        with pytest.raises(RuntimeError, match="Closure use is not currently supported"):
+            scaler.step(opt, closure=lambda: None)
+        scaler.update()
+        runs.append((result, calls, float(scaler.get_scale()), [p.detach().clone() for p in model.parameters()]))
+    (our_result, our_calls, our_scale, our_params), (their_result, their_calls, their_scale, their_params) = runs
+    assert our_calls == their_calls == ([] if inf else [1])
+    assert (our_result is None) == (their_result is None) == inf
+    assert our_scale == their_scale
+    assert all(torch.equal(p, q) for p, q in zip(our_params, their_params))
+
+
+@pytest.mark.parametrize("case", ["sparse", "differentiable"])
+def test_grads_that_torchs_update_steps_take_torchs_path(case):
+    """SGD's sparse grads and a differentiable group are stepped by torch's own update, which takes no scale: our
+    scaler unscales and checks them first, as torch's does (it had refused the step)."""
+    runs = []
+    for scaler in (fused_optim.GradScaler("cpu", init_scale=2.0**12), torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        torch.manual_seed(7)
+        if case == "sparse":
+            model = torch.nn.Embedding(10, 3, sparse=True)
+            opt = fused_optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        else:  # torch's differentiable update writes the params in place with grad mode on: they take no grad
+            model = torch.nn.Linear(5, 3).requires_grad_(False)
+            opt = fused_optim.AdamW(model.parameters(), lr=0.01, differentiable=True)
+        scales = []
+        for step in range(4):
+            if case == "sparse":
+                scaler.scale(model(torch.randint(0, 10, (4,))).square().sum()).backward()
+            else:
+                for p in model.parameters():
+                    p.grad = scaler.scale(torch.randn_like(p))
+            if step == 1:
+                model.weight.grad.mul_(float("inf"))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            scales.append(float(scaler.get_scale()))
+        runs.append((scales, model.weight.detach().clone()))
+    (our_scales, our_weight), (their_scales, their_weight) = runs
+    assert our_scales == their_scales == [2.0**12, 2.0**11, 2.0**11, 2.0**11]
+    assert torch.equal(our_weight, their_weight)
 
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["no-clip", "clip"])
 def test_torch_scaler_drives_fused_adamw(cpu_backend, clip):
