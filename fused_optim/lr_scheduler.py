@@ -12,11 +12,14 @@ warmup_steps=0 starts the cosine at 1. total_steps == warmup_steps is allowed: t
 rises to base_lr on the last step (t = T - 1) and is m * base_lr on any step past the schedule.
 
 Skipped steps. fused_optim optimizers count the steps they skipped on the device (GradScaler found an inf/NaN, or the
-grad norm was not finite) in `optimizer.skipped_steps`, a 0-dim float32 tensor; the schedule's position is
-t = (scheduler steps taken) - (steps skipped since the scheduler started), so a skipped step does not use up the
-warmup. Optimizers without the attribute (torch's) count as never skipping. The state_dict holds the position
-itself: after load_state_dict, skips are counted from the optimizer's skipped_steps as it is then (a resumed
-fused_optim optimizer starts it again from 0), so a resumed run continues identically.
+grad norm was not finite) in `optimizer.skipped_steps`, a 0-dim float32 tensor. Each scheduler step moves the
+schedule's position t by 1 less the steps skipped since the last one, but never back: a skipped step does not use up
+the warmup, and a scheduler stepped less often than the optimizer (or not after the steps it saw skipped) never
+takes t below 0, where the warmup's lr would be 0 or negative. Optimizers without the attribute (torch's) count as
+never skipping. The state_dict holds the position itself: after load_state_dict, skips are counted from the
+optimizer's skipped_steps as it is then (a resumed fused_optim optimizer starts it again from 0), so a resumed run
+continues identically. A param group added to the optimizer later (add_param_group) joins the schedule at the next
+step, its lr then as its base lr.
 
 Two modes, chosen per param group:
 - float lr (the usual case): torch's chainable form, lr_t = lr_{t-1} * f(t) / f(t-1) (the closed form where
@@ -60,6 +63,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = ["WarmupCosine"]
+
+_DEVICE_COUNTERS = ("_device_position", "_device_skipped_seen")  # tensor mode's position and skips seen
 
 
 def _int_arg(name: str, value: Any) -> int:
@@ -118,23 +123,31 @@ class WarmupCosine(LRScheduler):
         self.total_steps = total_steps
         self.min_lr_ratio = float(min_lr_ratio)
 
-        for group in optimizer.param_groups:
+        float_lrs = {}  # of capturable groups, made tensors: given back if torch's checks below refuse
+        for index, group in enumerate(optimizer.param_groups):
             if group.get("capturable", False) and not isinstance(group["lr"], Tensor):
                 device = group["params"][0].device if group["params"] else torch.device("cpu")
+                float_lrs[index] = group["lr"]
                 group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
         # The schedule's position t and the optimizer's skip count as of the last step: a step moves t by 1 less
         # the skips since then. Float mode keeps them on the host, with the factor last applied (the chainable
         # form divides by it; 1 before the first step, which multiplies the initial lr by f(0)).
         self._position = last_epoch
-        self._skipped_seen = self._read_skipped(optimizer) if self._has_float_group(optimizer) else 0
+        self._skipped_seen = self._read_skipped(optimizer) if self._has_float_group(optimizer.param_groups) else 0
         self._last_factor = 1.0
+        self._chained_groups = len(optimizer.param_groups)
         # Tensor mode keeps them as float64 tensors on the device of the first tensor lr, changed only by device
         # ops whose arguments are the same every step, so scheduler.step() can be captured in a CUDA graph.
         self._device_position: Tensor | None = None
         self._device_skipped_seen: Tensor | None = None
         self._make_device_counters(optimizer, last_epoch)
-        super().__init__(optimizer, last_epoch)
+        try:
+            super().__init__(optimizer, last_epoch)
+        except BaseException:
+            for index, lr in float_lrs.items():
+                optimizer.param_groups[index]["lr"] = lr
+            raise
 
     # ---- the schedule -----------------------------------------------------------------------------------------
 
@@ -172,8 +185,8 @@ class WarmupCosine(LRScheduler):
             return closed
         ratio = self._factor(self._position) / self._last_factor
         return [
-            value if isinstance(group["lr"], Tensor) else group["lr"] * ratio
-            for group, value in zip(self.optimizer.param_groups, closed)
+            value if isinstance(group["lr"], Tensor) or index >= self._chained_groups else group["lr"] * ratio
+            for index, (group, value) in enumerate(zip(self.optimizer.param_groups, closed))
         ]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
@@ -223,6 +236,7 @@ class WarmupCosine(LRScheduler):
     def _update_lr(self, epoch: int | None = None) -> None:
         # torch's SequentialLR calls this with epoch=0 at a milestone (older torch calls step(0)).
         optimizer = self.optimizer
+        self._take_added_groups()
         self._make_device_counters(optimizer, self._position)  # for a tensor lr set after construction
         has_float = self._has_float_group()
         if epoch is None:
@@ -231,12 +245,12 @@ class WarmupCosine(LRScheduler):
                 skipped = _skipped_on(optimizer, self._device_position.device)
                 if skipped is None:
                     self._device_position.add_(1)
-                else:  # t += 1 - (skips since the last step)
-                    self._device_position.add_(self._device_skipped_seen - skipped + 1)
+                else:  # t += 1 - (skips since the last step), never back
+                    self._device_position.add_((self._device_skipped_seen - skipped + 1).clamp_min(0))
                     self._device_skipped_seen.copy_(skipped)
             if has_float:
                 skipped = self._read_skipped(optimizer)
-                self._position += 1 - (skipped - self._skipped_seen)
+                self._position += max(0, 1 - (skipped - self._skipped_seen))
                 self._skipped_seen = skipped
         else:
             # a jump: the position is `epoch`, whatever was skipped before
@@ -261,12 +275,20 @@ class WarmupCosine(LRScheduler):
 
     # ---- state ------------------------------------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, with copies of the device counters: the live ones change in place at every step, and
+        a dict kept in memory (a rollback) holds the position it was taken at, as torch's schedulers' dicts do."""
+        state = super().state_dict()
+        for key in _DEVICE_COUNTERS:
+            if state[key] is not None:
+                state[key] = state[key].clone()
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, except that skips are counted from the optimizer's skipped_steps as it is now
         (a resumed optimizer starts it again from 0), and the device position is copied into the existing tensor,
         so a CUDA graph that captured scheduler.step() keeps working after a resume."""
-        state = {key: value for key, value in state_dict.items() if key not in ("_device_position",
-                                                                                 "_device_skipped_seen")}
+        state = {key: value for key, value in state_dict.items() if key not in _DEVICE_COUNTERS}
         saved_position = state_dict.get("_device_position")
         self.__dict__.update(state)
         if self._has_float_group():
@@ -283,9 +305,27 @@ class WarmupCosine(LRScheduler):
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 
-    def _has_float_group(self, optimizer: Optimizer | None = None) -> bool:
-        optimizer = optimizer if optimizer is not None else self.optimizer
-        return any(not isinstance(group["lr"], Tensor) for group in optimizer.param_groups)
+    def _take_added_groups(self) -> None:
+        """Groups the optimizer took since the last step (add_param_group: layers unfrozen as training goes) join
+        the schedule: each one's lr when added is its base lr, as a group's initial lr is, and it takes the closed
+        form this step (get_lr chains the first `_chained_groups` only), as it has no factor of its own to chain
+        from."""
+        groups = self.optimizer.param_groups
+        self._chained_groups = len(self.base_lrs)
+        if len(groups) == self._chained_groups:
+            return
+        if self._has_float_group(groups[self._chained_groups:]) and not self._has_float_group(
+                groups[:self._chained_groups]):
+            # a float lr joins tensor ones, whose position only the device counter kept: read once on the host
+            self._position = int(self._device_position)
+            self._skipped_seen = self._read_skipped(self.optimizer)
+        for group in groups[self._chained_groups:]:
+            lr = group["lr"]
+            self.base_lrs.append(group.setdefault("initial_lr", lr.clone() if isinstance(lr, Tensor) else lr))
+
+    def _has_float_group(self, groups: list[dict[str, Any]] | None = None) -> bool:
+        groups = groups if groups is not None else self.optimizer.param_groups
+        return any(not isinstance(group["lr"], Tensor) for group in groups)
 
     @staticmethod
     def _read_skipped(optimizer: Optimizer) -> int:

@@ -8,7 +8,8 @@ odd lengths, min_lr_ratio 0 (the chainable form must fall back to the closed for
 Skipped steps: most tests move an optimizer's skip counter themselves, to put skips exactly where they test them;
 one runs fused_optim.AdamW under torch's GradScaler with an inf in a grad, the real path. The tensor-lr mode is
 checked on the CPU for what a CUDA graph needs (no host read, the same device ops every step); the CUDA test
-captures scheduler.step() in a graph.
+captures scheduler.step() in a graph. A scheduler stepped less often than the optimizer never moves back; a dict
+kept in memory holds its position; a refused construction changes nothing; a group added later joins the schedule.
 """
 
 from __future__ import annotations
@@ -459,6 +460,77 @@ def test_skips_before_the_scheduler_do_not_count():
     opt.skipped_steps.add_(5)
     seen = run(opt, WarmupCosine(opt, 2, 6), 3)
     assert_lrs(seen, [[base * factor(t, 2, 6, 0.0) for base in BASE_LRS] for t in range(3)])
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_a_scheduler_stepped_less_often_than_the_optimizer_never_goes_back(tensor_lr):
+    """A scheduler not stepped after the steps its caller saw skipped (the scale fell), or stepped once for several
+    optimizer steps, sees more skips than one: its position stays, never below 0 (the warmup's lr there is 0, and
+    negative below)."""
+    warmup, total = 4, 12
+    opt = make_optimizer(tensor_lr=tensor_lr, skipped_steps=True)
+    scheduler = WarmupCosine(opt, warmup, total)
+    seen, positions, t = [], [], 0
+    # (optimizer steps, of which skipped) between two scheduler steps
+    for steps, skipped in [(5, 4), (1, 0), (3, 2), (1, 0), (1, 1), (2, 0)]:
+        for _ in range(steps):
+            opt.step()
+        opt.skipped_steps.add_(skipped)
+        scheduler.step()
+        t += max(0, 1 - skipped)
+        seen.append(lrs_of(opt))
+        positions.append(t)
+    assert positions == [0, 1, 1, 2, 2, 3]
+    expected = [[base * factor(t, warmup, total, 0.0) for base in BASE_LRS] for t in positions]
+    assert_lrs(seen, expected, rel=2**-23 if tensor_lr else 1e-12)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_a_state_dict_kept_in_memory_holds_its_position(tensor_lr):
+    """A rollback: the dict taken at step 3 and loaded back after more steps puts the schedule back at step 3
+    (the tensor mode's device counters were the live tensors, which the later steps moved)."""
+    opt = make_optimizer(tensor_lr=tensor_lr, skipped_steps=True)
+    scheduler = WarmupCosine(opt, 4, 12)
+    run(opt, scheduler, 3, skip_at={1})
+    saved = scheduler.state_dict()
+    lrs_then = lrs_of(opt)
+    after = run(opt, scheduler, 4, skip_at={2})
+    scheduler.load_state_dict(saved)
+    for group, lr in zip(opt.param_groups, lrs_then):  # the optimizer rolled back too
+        group["lr"] = torch.tensor(lr) if tensor_lr else lr
+    assert run(opt, scheduler, 4, skip_at={2}) == after
+
+
+def test_a_refused_construction_leaves_capturable_lrs_as_they_were():
+    """torch's own check (a scheduler built at last_epoch >= 0 needs each group's initial_lr) runs after the float
+    lrs of capturable groups were made tensors: they are given back."""
+    opt = make_optimizer(capturable=True)
+    with pytest.raises(KeyError, match="initial_lr"):
+        WarmupCosine(opt, 2, 10, last_epoch=3)
+    lrs = [group["lr"] for group in opt.param_groups]
+    assert all(type(lr) is float for lr in lrs) and lrs == list(BASE_LRS)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+@pytest.mark.parametrize("added_tensor_lr", [False, True], ids=["added-float", "added-tensor"])
+def test_a_group_added_later_joins_the_schedule(tensor_lr, added_tensor_lr):
+    """add_param_group mid-run (layers unfrozen as training goes): from the next scheduler step the new group's lr
+    is its lr when added times the schedule's factor, as if it had been there from the start (it was left at its
+    lr); the first groups go on as before."""
+    warmup, total, added_at, added_lr = 3, 10, 5, 0.5
+    opt = make_optimizer(tensor_lr=tensor_lr, skipped_steps=True)
+    scheduler = WarmupCosine(opt, warmup, total)
+    seen = run(opt, scheduler, added_at, skip_at={1})
+    opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)],
+                         "lr": torch.tensor(added_lr) if added_tensor_lr else added_lr})
+    seen += [lrs[:2] for lrs in run(opt, scheduler, 8, skip_at={2})]
+    added = [lrs[2] for lrs in run(opt, scheduler, 1)]
+    positions = [0, 1, 1, 2, 3, 4, 5, 6, 6, 7, 8, 9, 10]
+    expected = [[base * factor(t, warmup, total, 0.0) for base in BASE_LRS] for t in positions]
+    rel = 2**-23 if tensor_lr or added_tensor_lr else 1e-12
+    assert_lrs(seen, expected, rel=rel)
+    assert added[0] == pytest.approx(added_lr * factor(11, warmup, total, 0.0), rel=rel, abs=0)
+    assert scheduler.base_lrs[2] == added_lr
 
 
 # ----------------------------------------------------------------------------------------------------------------
