@@ -21,6 +21,8 @@ buffer, plus, when distributed, one all-reduce of it.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -64,6 +66,14 @@ def count_tokens(target: Tensor, ignore_index: int = -100, *, weight: Tensor | N
         >>> fused_optim.count_tokens(torch.tensor([3, -100, 7]))
         tensor(2)
     """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"count_tokens: target must be a Tensor, not {type(target).__name__}")
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"count_tokens: ignore_index must be an int, not {type(ignore_index).__name__}") from None
     if target.is_floating_point():  # probability targets: every row counts, the class dim does not
         return torch.full((), target.numel() // target.shape[1] if target.dim() > 1 else 1, dtype=torch.int64,
                           device=target.device)
@@ -79,14 +89,42 @@ def _local(p: Tensor) -> Tensor:
 
 
 def _flatten_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[Tensor]:
-    """The params that take grads, in order, once each (tied weights appear once); param groups are flattened."""
+    """The params that take grads, in order, once each (tied weights appear once); param groups are flattened, and
+    named params ((name, param) pairs, as named_parameters() gives them) taken by their param, as torch's
+    optimizers take them."""
+    if isinstance(params, Tensor):  # iterating it would take its rows, views that never get a grad
+        raise TypeError("GradAccumulator: params should be an iterable of Tensors or dicts, but got "
+                        f"{torch.typename(params)}")
     seen, result = set(), []
     for item in params:
-        for p in item["params"] if isinstance(item, dict) else [item]:
+        group = item["params"] if isinstance(item, dict) else [item]
+        for p in [group] if isinstance(group, Tensor) else group:
+            if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+                p = p[1]
+            if not isinstance(p, Tensor):
+                raise TypeError(f"GradAccumulator: params must be Tensors, not {type(p).__name__}")
+            if not p.is_leaf:
+                raise ValueError("GradAccumulator: can't accumulate the grads of a non-leaf Tensor (autograd gives "
+                                 "it none)")
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 result.append(p)
     return result
+
+
+def _check_num_tokens(num_tokens: Any) -> None:
+    """finalize's and release's token count: a positive, finite number, a one-element tensor (a device count, not
+    read: 0 there makes the grads NaN), or None."""
+    if num_tokens is None:
+        return
+    if isinstance(num_tokens, Tensor):
+        if num_tokens.numel() != 1:
+            raise ValueError(f"num_tokens must be one count, got a tensor of shape {tuple(num_tokens.shape)}")
+        return
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Real):
+        raise TypeError(f"num_tokens must be a number or a tensor, not {type(num_tokens).__name__}")
+    if not (math.isfinite(num_tokens) and num_tokens > 0):
+        raise ValueError(f"num_tokens must be a positive number of tokens, got {num_tokens}")
 
 
 class GradAccumulator:
@@ -94,11 +132,13 @@ class GradAccumulator:
     optimizer step, `zero_()` after it.
 
     Args:
-        params: the params (or param groups) whose grads to accumulate; those without requires_grad are left out.
+        params: the params (or param groups, or named params) whose grads to accumulate; those without
+            requires_grad are left out.
         dtype: the main grads' dtype; float32 (the kernels' and the optimizers' main-grad dtype) is the one taken.
         backend: which kernels add the grads ("auto", "cuda", "triton", "cpu", "torch"; fused_optim._backend).
         use_hooks: accumulate each grad as soon as autograd has it (`register_post_accumulate_grad_hook`) and free
-            it at once, so at most one param's micro-batch grad is alive; `accumulate()` then has nothing to do.
+            it at once, so at most one param's micro-batch grad is alive; `accumulate()` then has nothing to do. A
+            later GradAccumulator over the same params takes their grads from then on.
         process_group: the group whose ranks' gradients and token counts `finalize()` sums (default: the whole
             world when torch.distributed is initialised with more than one rank).
 
@@ -173,7 +213,7 @@ class GradAccumulator:
                 self.main_grads[i] = main_grad
         self._received = [False] * len(self.params)  # which params got a gradient since zero_()
         # held weakly: a GradAccumulator let go stops taking the grads (a later one, or a release optimizer, has them)
-        self._hooks = [register_weak_hook(self, p, GradAccumulator._accumulate_one, i)
+        self._hooks = [register_weak_hook(self, p, GradAccumulator._take_hooked_grad, i)
                        for i, p in enumerate(self.params)] if use_hooks else []
         remove_when_collected(self, self._hooks)
         # Gradient release (`release()`): the scale of the armed step, the params it has yet to step, each param's
@@ -205,6 +245,12 @@ class GradAccumulator:
         grad = self.params[i].grad
         return grad is not None and grad is not self.main_grads[i]
 
+    def _take_hooked_grad(self, i: int, p: Tensor) -> None:
+        """use_hooks' hook on param i: a newer GradAccumulator over the same param takes its grads instead (as a
+        newer gradient_release optimizer's hooks do), though this one is still alive."""
+        if accumulator_of(p) == (self, i):
+            self._accumulate_one(i, p)
+
     @torch.no_grad()
     def _accumulate_one(self, i: int, p: Tensor) -> None:
         if self._pending(i):
@@ -220,8 +266,7 @@ class GradAccumulator:
         no `optimizer.step()`. In the earlier micro-batches' backwards the hook only accumulates. Single process
         only (the main grads would have to be all-reduced one param at a time); no clipping (a global norm needs
         every grad first)."""
-        if isinstance(num_tokens, (int, float)) and not (math.isfinite(num_tokens) and num_tokens > 0):
-            raise ValueError(f"num_tokens must be a positive number of tokens, got {num_tokens}")
+        _check_num_tokens(num_tokens)
         if self._group() is not None:
             raise RuntimeError("GradAccumulator.release() is single-process only: distributed main grads are summed "
                                "over the ranks in finalize(), after every gradient is in")
@@ -279,7 +324,8 @@ class GradAccumulator:
     def finalize(self, num_tokens: int | Tensor | None = None, max_norm: float | None = None,
                  norm_type: float = 2.0) -> Tensor | None:
         """Sums over ranks (when distributed), divides by the token count, clips, and hands the grads to the
-        optimizer. No host sync: `num_tokens` may be a device tensor (`count_tokens`).
+        optimizer; a grad that the last backward left without an `accumulate()` is added first. No host sync:
+        `num_tokens` may be a device tensor (`count_tokens`).
 
         Args:
             num_tokens: this rank's count of the tokens the summed losses were over; summed over the ranks when
@@ -293,14 +339,17 @@ class GradAccumulator:
         Returns the global norm of the normalised grads before clipping (0-dim fp32 tensor on the first device),
         or None without `max_norm`.
         """
-        if isinstance(num_tokens, (int, float)) and not (math.isfinite(num_tokens) and num_tokens > 0):
-            raise ValueError(f"num_tokens must be a positive number of tokens, got {num_tokens}")
+        _check_num_tokens(num_tokens)
+        for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"GradAccumulator.finalize(): {name} must be a number, not {type(value).__name__}")
         releasing = next(filter(None, (stepper() for stepper in self._steppers.values())), None)
         if releasing is not None:  # its step() would change nothing: the run would not train, silently
             raise RuntimeError(f"GradAccumulator.finalize(): these params are stepped in backward by an optimizer "
                                f"with gradient_release=True ({type(releasing.__self__).__name__}), whose step() takes "
                                "no finalized grads; call release(num_tokens=...) before the last micro-batch's "
                                "backward instead of finalize() and step()")
+        self.accumulate()  # a grad the last backward left without an accumulate() counts too
         flats = list(self.flat_grads.values())
         if not flats:
             return None if max_norm is None else torch.tensor(0.0)

@@ -8,7 +8,8 @@ float64 on micro-batches of 1, 9 and 30 counted tokens with ignore_index targets
 Then the mechanics: fp32 main grads for bf16/fp16 params (`p.main_grad`; `p.grad` only for fp32 params), hook
 mode (each grad freed as soon as autograd made it), `accumulate()` freeing `.grad`, `zero_()`, clipping in
 `finalize()` against torch's clip_grad_norm_, params that get no grad in some micro-batches, non-contiguous params,
-bad arguments. Every test runs on each backend of the gradient ops (conftest.cpu_backend).
+a grad left without `accumulate()`, a newer hooked accumulator over the same params, params passed as torch's
+optimizers take them, bad arguments. Every test runs on each backend of the gradient ops (conftest.cpu_backend).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -451,3 +453,85 @@ def test_a_sparse_grad_is_refused_in_one_sentence_before_any_sum(use_hooks):
         embedding(torch.tensor([1, 3])).sum().backward()
         acc.accumulate()
     assert float(acc.main_grads[0].abs().max()) == 0
+
+
+def test_params_as_torchs_optimizers_take_them():
+    """A bare tensor is refused as torch's optimizers refuse it (iterated, it gave rows that never get a grad); a
+    group's params may be one tensor, and named params count by their param; a non-leaf tensor is refused."""
+    model = make_model()
+    with pytest.raises(TypeError, match="params should be an iterable of Tensors or dicts, but got torch.FloatTensor"):
+        fused_optim.GradAccumulator(model[0].weight)
+    with pytest.raises(ValueError, match="non-leaf"):
+        fused_optim.GradAccumulator([model[0].weight * 2])
+    with pytest.raises(TypeError, match="params must be Tensors, not str"):
+        fused_optim.GradAccumulator(["weight"])
+    params = list(model.parameters())
+    for given in (model.named_parameters(), [{"params": p} for p in params],
+                  [{"params": list(model.named_parameters())}]):
+        assert fused_optim.GradAccumulator(given).params == params
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(num_tokens=np.int64(0)), ValueError, "positive number of tokens, got 0"),
+    (dict(num_tokens=True), TypeError, "num_tokens must be a number or a tensor, not bool"),
+    (dict(num_tokens="5"), TypeError, "num_tokens must be a number or a tensor, not str"),
+    (dict(num_tokens=torch.tensor([3, 4])), ValueError, r"one count, got a tensor of shape \(2,\)"),
+    (dict(num_tokens=4, max_norm="1"), TypeError, "max_norm must be a number, not str"),
+    (dict(num_tokens=4, max_norm=1.0, norm_type="2"), TypeError, "norm_type must be a number, not str"),
+], ids=["numpy-zero", "bool", "str", "two-counts", "str-max-norm", "str-norm-type"])
+def test_finalize_refuses_bad_arguments_in_one_sentence_changing_nothing(kwargs, error, message):
+    param = torch.nn.Parameter(torch.randn(3))
+    acc = fused_optim.GradAccumulator([param])
+    param.grad = torch.ones(3)
+    acc.accumulate()
+    param.grad = torch.full((3,), 2.0)  # left for finalize to take: still left after the refusal
+    with pytest.raises(error, match=message):
+        acc.finalize(**kwargs)
+    assert torch.equal(acc.main_grads[0], torch.ones(3)) and torch.equal(param.grad, torch.full((3,), 2.0))
+    if "num_tokens" in kwargs and "max_norm" not in kwargs:
+        with pytest.raises(error, match=message):
+            acc.release(kwargs["num_tokens"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finalize_takes_a_grad_the_last_backward_left(cpu_backend, dtype):
+    """The last micro-batch's accumulate() forgotten: finalize adds its grad (it was dropped, or, for an fp32
+    param, written over by the main grad)."""
+    model = make_model(dtype)
+    batches = make_micro_batches(dtype=dtype)
+    results = []
+    for forget_last in (False, True):
+        twin_model = copy.deepcopy(model)
+        acc = fused_optim.GradAccumulator(twin_model.parameters(), backend=cpu_backend)
+        tokens = 0
+        for index, (x, y) in enumerate(batches):
+            F.cross_entropy(twin_model(x), y, ignore_index=IGNORE, reduction="sum").backward()
+            if not (forget_last and index == len(batches) - 1):
+                acc.accumulate()
+            tokens = tokens + fused_optim.count_tokens(y, IGNORE)
+        acc.finalize(num_tokens=tokens)
+        results.append([p.main_grad.clone() for p in twin_model.parameters()])
+    for remembered, forgotten in zip(*results):
+        assert torch.equal(remembered, forgotten)
+
+
+def test_count_tokens_refuses_what_is_no_target():
+    with pytest.raises(TypeError, match="target must be a Tensor, not list"):
+        fused_optim.count_tokens([1, 2])
+    with pytest.raises(TypeError, match="ignore_index must be an int, not NoneType"):
+        fused_optim.count_tokens(torch.tensor([1, 2]), ignore_index=None)
+    with pytest.raises(TypeError, match="ignore_index must be an int, not bool"):
+        fused_optim.count_tokens(torch.tensor([1, 2]), ignore_index=True)
+
+
+def test_a_newer_hooked_accumulator_takes_the_grads():
+    """Two live accumulators with hooks over the same params: the newer takes each grad (the older one's hook ran
+    first, took the grad and freed it, and the newer got zeros)."""
+    model = make_model()
+    older = fused_optim.GradAccumulator(model.parameters(), use_hooks=True)
+    newer = fused_optim.GradAccumulator(model.parameters(), use_hooks=True)
+    x, y = make_micro_batches()[1]
+    F.cross_entropy(model(x), y, ignore_index=IGNORE, reduction="sum").backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(g.abs().sum() > 0 for g in newer.main_grads)
+    assert all(not g.any() for g in older.main_grads)
