@@ -7,6 +7,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 
 from fused_optim.autograd.cross_entropy import loss_dtype
 
@@ -34,6 +35,8 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
     except TypeError:
         raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
                         f"{type(ignore_index).__name__}") from None
+    if not -2**63 <= ignore_index < 2**63:  # torch's argument parser's words for an int past int64
+        raise ValueError("Overflow when unpacking long long")
     if input.dim() == 0:
         raise ValueError("Expected input to have at least one dimension, got a 0-dimensional tensor.")
     if target.device != input.device:
@@ -119,3 +122,8 @@ def check_linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor,
                            f"batched input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}")
     if ignore_index is not None and target.shape == (*input.shape[:-1], *linear_weight.shape[:-1]):
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    # torch's F.linear runs before its loss: its dtype and device checks (under autocast, of the dtypes it casts
+    # to), made on empty stand-ins, so a batch of no rows is checked too
+    F.linear(torch.empty((0, in_features), dtype=input.dtype, device=input.device),
+             torch.empty((0, in_features), dtype=linear_weight.dtype, device=linear_weight.device),
+             None if linear_bias is None else torch.empty(0, dtype=linear_bias.dtype, device=linear_bias.device))

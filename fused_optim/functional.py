@@ -107,8 +107,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     """torch.nn.functional.linear_cross_entropy (torch 2.14), fused and chunked: the (N, C) logits are never
     held in full, only one chunk of rows at a time (fused_optim/autograd/linear_cross_entropy.py).
 
-    `options` (a torch.nn.LinearCrossEntropyOptions) is honoured for its `batch_chunk_size`; the chunked path
-    is always taken. A (C, d1, ..., in_features) `linear_weight` runs torch's reference path.
+    `options` (a torch.nn.LinearCrossEntropyOptions) is honoured for its `batch_chunk_size` and
+    `allow_retain_graph`; the chunked path is always taken, accumulating in fp32. A (C, d1, ..., in_features)
+    `linear_weight` runs torch's reference path.
 
     Example:
         >>> import torch, fused_optim.functional as FF
@@ -118,6 +119,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         >>> loss.backward()
     """
     _loss_checks.check_linear_cross_entropy(input, linear_weight, linear_bias, target, ignore_index)
+    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # torch 2.14 on
+    if options is not None and options_type is not None and not isinstance(options, options_type):
+        raise TypeError(f"options must be a torch.nn.LinearCrossEntropyOptions or None, not {type(options).__name__}")
+    batch_chunk_size = getattr(options, "batch_chunk_size", None)
+    allow_retain_graph = getattr(options, "allow_retain_graph", False)
     ignore_index = -100 if ignore_index is None else ignore_index
     softcap = _check_extras(z_loss, softcap)
     backend = backend if backend is not None else _backend.default_backend()
@@ -129,8 +135,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if is_dtensor(linear_weight):
         return _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                                     ignore_index, label_smoothing, z_loss, softcap, return_z_loss,
-                                                    batch_chunk_size=getattr(options, "batch_chunk_size", None),
-                                                    backend=backend)
+                                                    batch_chunk_size, allow_retain_graph, backend)
     if target.is_floating_point() or input.dtype not in FLOAT_DTYPES or linear_weight.dim() != 2:
         # (C, d1, ..., in_features) weights give (N, C, d1, ...) logits: torch's reference path
         flat_bias = linear_bias.reshape(-1) if linear_bias is not None else None
@@ -142,13 +147,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     input, linear_weight, linear_bias = _autocast_linear(input, linear_weight, linear_bias)
     x = input.unsqueeze(0) if input.dim() == 1 else input
     num_classes = linear_weight.shape[0]
-    batch_chunk_size = getattr(options, "batch_chunk_size", None)
     rows = chunk_rows(x.shape[0], num_classes, x.dtype, x.device, batch_chunk_size)
     _refuse_compiled_gradients("linear_cross_entropy", _any_grad(x, linear_weight, linear_bias))
     loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), linear_weight.contiguous(), linear_bias,
                                                _index_target(target), _class_weight(weight), reduction,
                                                ignore_index, label_smoothing, float(z_loss), softcap, rows,
-                                               torch.is_grad_enabled(), backend)
+                                               torch.is_grad_enabled(), backend, None, allow_retain_graph)
     if reduction == "none":
         loss, z = loss.view(rows_shape), z.view(rows_shape)
     return (loss, z) if return_z_loss else loss
@@ -178,7 +182,8 @@ def _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction
 
 
 def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                                         label_smoothing, z_loss, softcap, return_z_loss, batch_chunk_size, backend):
+                                         label_smoothing, z_loss, softcap, return_z_loss, batch_chunk_size,
+                                         allow_retain_graph, backend):
     """An lm-head weight sharded on its rows (Shard(0) of (V, H)): each rank multiplies by its rows only; the
     input's gradient is summed over the ranks (one all-reduce in the backward)."""
     if input.dim() != 2 or linear_weight.dim() != 2 or target.is_floating_point() \
@@ -200,7 +205,8 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
     _refuse_compiled_gradients("linear_cross_entropy", _any_grad(x, local_weight, local_bias))
     loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), local_weight.contiguous(), local_bias, target,
                                                _class_weight(weight), reduction, ignore_index, label_smoothing,
-                                               float(z_loss), softcap, rows, torch.is_grad_enabled(), backend, shard)
+                                               float(z_loss), softcap, rows, torch.is_grad_enabled(), backend, shard,
+                                               allow_retain_graph)
     loss, z = shard.replicated(loss), shard.replicated(z)
     return (loss, z) if return_z_loss else loss
 

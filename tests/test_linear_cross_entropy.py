@@ -7,7 +7,8 @@ chunks of 50 (more than N) one chunk; the default chunking (a byte budget) is fo
 own. H = 16 in features, V = 37 classes (a partial Triton block, and not a multiple of any vector width); a second
 shape (37, 32, 1000) for the CPU kernels gives the GEMMs and the fp32 accumulation of the weight gradient some
 length. The projection is scaled so that the logits are ~4 * N(0, 1) as in test_cross_entropy.py; class weights
-U(0.5, 1.5).
+U(0.5, 1.5). Then torch's edges: its errors (F.linear's first, also for no rows), options (allow_retain_graph),
+inference tensors, an lm head of no classes.
 """
 
 from __future__ import annotations
@@ -503,6 +504,12 @@ def _bad_inputs(device):
         "label_smoothing-2": (x, w, t, dict(label_smoothing=2.0), True),
         "float-ignore_index": (x, w, t, dict(ignore_index=1.0), True),
         "target-out-of-range": (x, w, torch.tensor([1, 2, 37, 0, -100], device=device), {}, True),
+        # F.linear's checks come first, also for a batch of no rows (which has no chunk to run them)
+        "bf16-input-fp32-weight-no-rows": (x[:0].bfloat16(), w, t[:0], {}, True),
+        "fp64-bias-no-rows": (x[:0], w, t[:0], dict(linear_bias=torch.randn(37, dtype=torch.float64,
+                                                                            device=device)), True),
+        "bf16-input-and-int32-target": (x.bfloat16(), w, t.int(), {}, True),
+        "ignore_index-past-int64": (x, w, t, dict(ignore_index=2**63), True),
     }
 
 
@@ -534,6 +541,70 @@ def test_triton_out_of_range_target_gives_a_nan_loss():
     target = torch.tensor([1, 2, 37, 0, -100])
     loss = FF.linear_cross_entropy(x, linear_weight, target, reduction="none", backend="triton")
     assert loss[2].isnan() and torch.isfinite(loss[[0, 1, 3, 4]]).all()
+
+
+def test_options_of_another_type_are_refused():
+    x, linear_weight, _, target, _ = make_case(5, 16, 37, torch.float32)
+    with pytest.raises(TypeError, match="options must be a torch.nn.LinearCrossEntropyOptions or None, not int"):
+        FF.linear_cross_entropy(x, linear_weight, target, options=4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@needs_torch_linear_ce
+def test_allow_retain_graph_backs_through_twice_as_torchs(cpu_backend, reduction):
+    """LinearCrossEntropyOptions(allow_retain_graph=True): the gradients made in the forward are scaled into new
+    tensors, so a second backward adds the same again, as torch's does (without it, the second one raises)."""
+    x, linear_weight, linear_bias, target, _ = make_case(13, 16, 37, torch.float32, bias=True)
+    options = LinearCrossEntropyOptions(allow_retain_graph=True)
+    grads = []
+    for loss_fn in (F.linear_cross_entropy, lambda *args, **kwargs: FF.linear_cross_entropy(*args, **kwargs,
+                                                                                             backend=cpu_backend)):
+        inputs = [t.clone().requires_grad_() for t in (x, linear_weight, linear_bias)]
+        loss = loss_fn(inputs[0], inputs[1], target, linear_bias=inputs[2], reduction=reduction, options=options)
+        loss.backward(torch.tensor(0.5), retain_graph=True)
+        loss.backward(torch.tensor(2.0))
+        grads.append([t.grad for t in inputs])
+    for ours, theirs in zip(*reversed(grads)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    inputs = [t.clone().requires_grad_() for t in (x, linear_weight)]
+    loss = FF.linear_cross_entropy(*inputs, target, reduction=reduction, backend=cpu_backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second time"):
+        loss.backward()
+
+
+@needs_torch_linear_ce
+def test_inference_tensors_with_a_trainable_bias_as_torchs(cpu_backend):
+    """A frozen lm head made under inference_mode and a bias that trains, reduction='none': torch's loss takes
+    them (ours refused to save the inference tensors for the backward)."""
+    x, linear_weight, _, target, _ = make_case(13, 16, 37, torch.float32)
+    with torch.inference_mode():
+        x, linear_weight = x.clone(), linear_weight.clone()
+    grad_output = torch.rand(13)
+    bias = torch.randn(37)
+    biases = [bias.clone().requires_grad_() for _ in range(2)]
+    F.linear_cross_entropy(x, linear_weight, target, linear_bias=biases[0], reduction="none").backward(grad_output)
+    FF.linear_cross_entropy(x, linear_weight, target, linear_bias=biases[1], reduction="none",
+                            backend=cpu_backend).backward(grad_output)
+    torch.testing.assert_close(biases[1].grad, biases[0].grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@needs_torch_linear_ce
+def test_no_classes_as_torch(cpu_backend, reduction):
+    """A (0, H) lm head, every row ignored: torch's loss (NaN mean, 0 sum, zero rows) and zero gradients (the
+    Triton kernel read a target logit past the empty row; the torch backend's max had no element)."""
+    x = torch.randn(5, 4, requires_grad=True)
+    linear_weight = torch.randn(0, 4, requires_grad=True)
+    target = torch.full((5,), -100)
+    expected = F.linear_cross_entropy(x, linear_weight, target, reduction=reduction)
+    loss = FF.linear_cross_entropy(x, linear_weight, target, reduction=reduction, backend=cpu_backend)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    loss.sum().backward()
+    assert not x.grad.any() and linear_weight.grad.shape == (0, 4)
+    logits_loss = FF.cross_entropy(torch.randn(5, 0), target, reduction=reduction, backend=cpu_backend)
+    torch.testing.assert_close(logits_loss, F.cross_entropy(torch.randn(5, 0), target, reduction=reduction),
+                               equal_nan=True)
 
 
 @pytest.mark.parametrize("kwargs", [dict(z_loss=-1.0), dict(softcap=0.0)], ids=["z_loss<0", "softcap=0"])

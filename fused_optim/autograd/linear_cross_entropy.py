@@ -126,13 +126,25 @@ def run_chunks(args: tuple, vocab, needs: tuple[bool, bool, bool], row_scale: Te
     return loss_rows, lse, tuple(grad if need else None for grad, need in zip(grads, needs))
 
 
+def _savable(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    """A tensor autograd can save: an inference tensor (made under inference_mode, a frozen lm head's) copied
+    outside inference mode, where saving it is refused (torch's loss takes it where only the bias needs a grad).
+    Not under torch.compile, which cannot trace the question (and takes no inference tensors)."""
+    if (tensor is not None and not torch.compiler.is_compiling() and tensor.is_inference()
+            and not torch.is_inference_mode_enabled()):
+        return tensor.clone()
+    return tensor
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                z_loss, softcap, rows, grad_enabled, backend, vocab=None):
+                z_loss, softcap, rows, grad_enabled, backend, vocab=None, allow_retain_graph=False):
         # input (N, H); linear_weight (V, H); linear_bias (V,) or None; target (N,) int64; weight (V,) fp32 or None;
         # grad_enabled: grad mode outside (under no_grad, ctx.needs_input_grad still reports requires_grad);
-        # vocab: the VocabShard that linear_weight's rows are (weight then covers the whole vocabulary), or None
+        # vocab: the VocabShard that linear_weight's rows are (weight then covers the whole vocabulary), or None;
+        # allow_retain_graph (LinearCrossEntropyOptions'): the backward scales the gradients the forward made into
+        # new tensors, not in place, so it can run again
         num_classes = vocab.num_classes if vocab is not None else linear_weight.shape[0]
         scales = reduction_scales(target, weight, num_classes, reduction, ignore_index)
         args = (input, linear_weight, linear_bias, target, weight, scales,
@@ -144,9 +156,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # "none": what the backward recomputes from; else the gradients the forward made, saved as autograd saves
         # activations (offloading hooks move them, activation checkpointing drops them and runs the forward again);
         # and the loss last, for differentiable_once
-        recompute_from = (input, linear_weight, linear_bias, target, weight, scales) if not in_forward else ()
+        recompute_from = (_savable(input), _savable(linear_weight), _savable(linear_bias), target, weight,
+                          scales) if not in_forward else ()
         made = [g for g in grads if g is not None] if in_forward else []
         ctx.reduction, ctx.made, ctx.scaled = reduction, [g is not None for g in grads], False
+        ctx.allow_retain_graph = allow_retain_graph
         ctx.save_for_backward(*recompute_from, *made, loss)
         if not in_forward:
             ctx.settings = ((ignore_index, label_smoothing, z_loss, softcap), rows, backend, vocab)
@@ -167,8 +181,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if ctx.scaled:
                 raise RuntimeError("Trying to backward through the fused linear cross-entropy a second time; its "
                                    "gradients are computed in the forward and scaled in place (backward once per "
-                                   "forward).")
-            ctx.scaled = True
+                                   "forward, unless LinearCrossEntropyOptions(allow_retain_graph=True)).")
+            ctx.scaled = not ctx.allow_retain_graph
             made, scale = iter(ctx.saved_tensors[:-1]), grad_loss.to(torch.float32)
-            grads = tuple(next(made).mul_(scale) if was_made else None for was_made in ctx.made)
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+            scale_made = torch.mul if ctx.allow_retain_graph else torch.Tensor.mul_
+            grads = tuple(scale_made(next(made), scale) if was_made else None for was_made in ctx.made)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None)

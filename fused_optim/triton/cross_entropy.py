@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_optim.ops.cross_entropy import no_class_rows
 from fused_optim.triton.adam import _bf16_nearest
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -279,6 +280,8 @@ def cross_entropy_forward_triton(logits, target, weight, scales, grad, ignore_in
     lse = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     if num_rows == 0:
         return loss, lse
+    if num_classes == 0:  # no logit to read (the kernel reads a row's target logit at index 0 at least)
+        return no_class_rows(target, ignore_index), no_class_rows(target, ignore_index)
     block = _block(num_classes)
     _cross_entropy_forward_kernel[(num_rows,)](
         logits, target, weight if weight is not None else scales, scales, grad if grad is not None else logits,
