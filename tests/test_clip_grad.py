@@ -161,26 +161,43 @@ def test_nothing_to_clip_returns_zero(cpu_backend, params):
     assert torch.equal(norm, expected) and torch.equal(norm, torch.tensor(0.0))
 
 
+def clip_non_finite_as_torch(ours, norm_type: float, backend: str) -> torch.Tensor:
+    """Clips `ours`, whose norm is non-finite, and twins of them with torch's: the same error under
+    error_if_nonfinite (no grad changed by it), then torch's norm and grads. Returns our norm."""
+    theirs, original = twin(ours), twin(ours)
+    with pytest.raises(RuntimeError) as their_error:
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as our_error:
+        fused_optim.clip_grad_norm_(ours, 1.0, norm_type, error_if_nonfinite=True, backend=backend)
+    assert str(our_error.value) == str(their_error.value)
+    for p, before in zip(ours, original):  # nothing clipped before the error
+        torch.testing.assert_close(p.grad, before.grad, rtol=0, atol=0, equal_nan=True)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    norm = fused_optim.clip_grad_norm_(ours, 1.0, norm_type, backend=backend)
+    torch.testing.assert_close(norm, expected, rtol=0, atol=0, equal_nan=True)
+    for p, q in zip(ours, theirs):  # scaled by the non-finite norm, as torch: zeros, and NaN where it was
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
+    return norm
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")], ids=lambda n: f"norm{n}")
 def test_non_finite_grads(cpu_backend, bad, norm_type):
     ours = make_params(DTYPE_SETS["fp32"])
     ours[2].grad[4, 1] = bad
-    theirs, original = twin(ours), twin(ours)
-    with pytest.raises(RuntimeError) as their_error:
-        torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type, error_if_nonfinite=True)
-    with pytest.raises(RuntimeError) as our_error:
-        fused_optim.clip_grad_norm_(ours, 1.0, norm_type, error_if_nonfinite=True, backend=cpu_backend)
-    assert str(our_error.value) == str(their_error.value)
-    for p, before in zip(ours, original):  # nothing clipped before the error
-        torch.testing.assert_close(p.grad, before.grad, rtol=0, atol=0, equal_nan=True)
-
-    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
-    norm = fused_optim.clip_grad_norm_(ours, 1.0, norm_type, backend=cpu_backend)
+    norm = clip_non_finite_as_torch(ours, norm_type, cpu_backend)
     assert math.isnan(float(norm)) if math.isnan(bad) else float(norm) == math.inf
-    torch.testing.assert_close(norm, expected, rtol=0, atol=0, equal_nan=True)
-    for p, q in zip(ours, theirs):  # scaled by the non-finite norm, as torch: zeros, and NaN where it was
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0], ids=lambda n: f"norm{n}")
+def test_fp16_grads_whose_norm_passes_fp16s_range_as_torch(cpu_backend, norm_type):
+    """Each grad below 65504 and the fp32 norm finite, but the norm in fp16 (what both return) inf: torch raises
+    under error_if_nonfinite, and otherwise scales the grads by max_norm / inf, to zeros."""
+    ours = make_params([torch.float16] * 2, [(3,), (2,)])
+    for p in ours:
+        p.grad.fill_(60000.0)
+    assert float(clip_non_finite_as_torch(ours, norm_type, cpu_backend)) == math.inf
+    assert not any(p.grad.any() for p in ours)
 
 
 def test_error_message_names_the_norm_type_as_torch():
@@ -225,24 +242,3 @@ def test_no_host_read(cpu_backend, norm_type):
         fused_optim.clip_grad_norm_(params, 0.1, norm_type, error_if_nonfinite=True, backend=cpu_backend)
     assert "aten::_local_scalar_dense" in ops.names
 
-
-@pytest.mark.parametrize("norm_type", [2.0, 1.0], ids=lambda n: f"norm{n}")
-def test_fp16_grads_whose_norm_passes_fp16s_range_as_torch(cpu_backend, norm_type):
-    """Each grad below 65504 and the fp32 norm finite, but the norm in fp16 (what both return) inf: torch raises
-    under error_if_nonfinite, and otherwise scales the grads by max_norm / inf, to zeros."""
-    ours = make_params([torch.float16] * 2, [(3,), (2,)])
-    for p in ours:
-        p.grad.fill_(60000.0)
-    theirs, original = twin(ours), twin(ours)
-    with pytest.raises(RuntimeError) as their_error:
-        torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type, error_if_nonfinite=True)
-    with pytest.raises(RuntimeError) as our_error:
-        fused_optim.clip_grad_norm_(ours, 1.0, norm_type, error_if_nonfinite=True, backend=cpu_backend)
-    assert str(our_error.value) == str(their_error.value)
-    for p, before in zip(ours, original):
-        assert torch.equal(p.grad, before.grad)
-    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
-    norm = fused_optim.clip_grad_norm_(ours, 1.0, norm_type, backend=cpu_backend)
-    assert torch.equal(norm, expected) and float(norm) == math.inf
-    for p, q in zip(ours, theirs):
-        assert torch.equal(p.grad, q.grad) and not p.grad.any()
