@@ -123,7 +123,9 @@ def check_linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor,
     if ignore_index is not None and target.shape == (*input.shape[:-1], *linear_weight.shape[:-1]):
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     # torch's F.linear runs before its loss: its dtype and device checks (under autocast, of the dtypes it casts
-    # to), made on empty stand-ins, so a batch of no rows is checked too
-    F.linear(torch.empty((0, in_features), dtype=input.dtype, device=input.device),
-             torch.empty((0, in_features), dtype=linear_weight.dtype, device=linear_weight.device),
-             None if linear_bias is None else torch.empty(0, dtype=linear_bias.dtype, device=linear_bias.device))
+    # to), made on empty stand-ins where the operands differ, so a batch of no rows is checked too
+    operands = [t for t in (input, linear_weight, linear_bias) if t is not None]
+    if len({(t.dtype, t.device) for t in operands}) > 1:
+        F.linear(torch.empty((0, in_features), dtype=input.dtype, device=input.device),
+                 torch.empty((0, in_features), dtype=linear_weight.dtype, device=linear_weight.device),
+                 None if linear_bias is None else torch.empty(0, dtype=linear_bias.dtype, device=linear_bias.device))

@@ -115,7 +115,9 @@ def clip_grad_norm_(
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`"
         )
-    coef = clip_coefficient(max_norm, torch.where(returned.isinf(), math.inf, norm))  # else fp32's, finer
+    if returned.dtype != norm.dtype:  # the factor from the finer fp32 norm, but 0 where the rounded one is inf
+        norm = torch.where(returned.isinf(), math.inf, norm)
+    coef = clip_coefficient(max_norm, norm)
     local_grads = [g._local_tensor if is_dtensor(g) else g for g in grads]  # each shard scaled by the global factor
     for device, device_grads in by_device(local_grads).items():
         torch._foreach_mul_(device_grads, coef.to(device))
