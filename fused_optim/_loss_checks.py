@@ -19,6 +19,17 @@ def _type_name(dtype: torch.dtype) -> str:
     return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
+def is_int(value) -> bool:
+    """Whether `value` is an integer as torch's argument parser takes one: any `__index__`, but not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str,
                         label_smoothing: float, ignore_index: int) -> None:
     if reduction not in REDUCTIONS:
@@ -28,13 +39,9 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
         if not isinstance(value, torch.Tensor) and not (name == "weight" and value is None):
             raise TypeError(f"cross_entropy_loss(): argument '{name}' (position {position}) must be Tensor, not "
                             f"{type(value).__name__}")
-    try:  # an integer, as torch's argument parser takes it (a float one would reach our ops' schemas)
-        if isinstance(ignore_index, bool):
-            raise TypeError
-        operator.index(ignore_index)
-    except TypeError:
+    if not is_int(ignore_index):  # a float one would reach our ops' schemas
         raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
-                        f"{type(ignore_index).__name__}") from None
+                        f"{type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:  # torch's argument parser's words for an int past int64
         raise ValueError("Overflow when unpacking long long")
     if input.dim() == 0:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -33,6 +32,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fused_optim import _backend
+from fused_optim._loss_checks import is_int
 from fused_optim._weak_hooks import register_weak_hook, remove_when_collected
 from fused_optim.clip_grad import clip_coefficient, global_norm
 from fused_optim.ops._dtensor import DTensor, is_dtensor
@@ -68,12 +68,8 @@ def count_tokens(target: Tensor, ignore_index: int = -100, *, weight: Tensor | N
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"count_tokens: target must be a Tensor, not {type(target).__name__}")
-    try:
-        if isinstance(ignore_index, bool):
-            raise TypeError
-        operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"count_tokens: ignore_index must be an int, not {type(ignore_index).__name__}") from None
+    if not is_int(ignore_index):
+        raise TypeError(f"count_tokens: ignore_index must be an int, not {type(ignore_index).__name__}")
     if target.is_floating_point():  # probability targets: every row counts, the class dim does not
         return torch.full((), target.numel() // target.shape[1] if target.dim() > 1 else 1, dtype=torch.int64,
                           device=target.device)
