@@ -363,3 +363,28 @@ def test_a_saved_remainder_loads_into_another_master_mode_as_its_fp32_master(cls
     assert_identical([p.detach() for p in ours_params], [p.detach() for p in torch_params])
     assert_identical([ours_opt.state[p] for p in ours_params], [torch_opt.state[p] for p in torch_params])
     steps_as_its_twin(ours_params, ours_opt, torch_params, torch_opt)
+
+
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.SGD])
+def test_a_load_that_fails_part_way_changes_nothing(cls, monkeypatch):
+    """A load that fails after torch's loader took the groups (a failure past what check_saved_state knows to check,
+    stood in for by a failing restore) leaves the groups and the state as they were, and the optimizer steps on as
+    its twin."""
+    options = {"momentum": 0.9} if cls is fused_optim.SGD else {}
+    params, opt = trained(cls, **options)
+    _, other = trained(cls, steps=3, **options)
+    state_dict = other.state_dict()
+    state_dict["param_groups"][0]["lr"] = 0.5
+    twin_params, twin = twin_of(params, opt)
+    before = snapshot(opt)
+
+    def failing_restore(self, state_dict):
+        raise RuntimeError("a restore that fails")
+
+    monkeypatch.setattr(cls, "_restore_saved_state", failing_restore)
+    with pytest.raises(RuntimeError, match="a restore that fails"):
+        opt.load_state_dict(state_dict)
+    monkeypatch.undo()
+    assert opt.param_groups[0]["lr"] == 1e-2
+    assert_identical(snapshot(opt), before)
+    steps_as_its_twin(params, opt, twin_params, twin, state=False)

@@ -953,3 +953,54 @@ def test_a_grad_scaler_with_a_group_torchs_update_steps_is_refused_before_any_gr
         scaler.step(opt)
     assert all(torch.equal(p, q) for p, q in zip((*linear.parameters(), embedding.weight), before))
     assert not opt.state
+
+
+def sparse_embedding_run(cls, steps, nesterov=False, state_dict=None, **options):
+    """An SGD with momentum over a sparse embedding and a dense linear layer after `steps` steps (same seed: the same
+    grads for every class), having first loaded a copy of `state_dict` if one is given (the loaders keep its tensors,
+    which the updates then change)."""
+    torch.manual_seed(0)
+    embedding, linear = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 1)
+    params = [*embedding.parameters(), *linear.parameters()]
+    opt = cls(params, lr=0.1, momentum=0.9, nesterov=nesterov, **options)
+    if state_dict is not None:
+        opt.load_state_dict(copy.deepcopy(state_dict))
+    for step in range(steps):
+        opt.zero_grad()
+        linear(embedding(torch.tensor([step % 10, 3, 7]))).sum().backward()
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("saved_by, loaded_by", [(fused_optim.SGD, fused_optim.SGD),
+                                                 (torch.optim.SGD, fused_optim.SGD),
+                                                 (fused_optim.SGD, torch.optim.SGD)])
+def test_a_sparse_momentum_buffer_saves_loads_and_steps_on_as_torchs(saved_by, loaded_by, nesterov):
+    """torch's own update, which steps sparse grads, keeps their momentum buffer sparse; the buffer is saved so and
+    loads back sparse (as torch's loader keeps it), into ours from torch's and ours and into torch's from ours, and
+    the run goes on as torch's would (nesterov reads the sparse buffer beside the sparse grad)."""
+    _, saved = sparse_embedding_run(saved_by, 2, nesterov)
+    state_dict = saved.state_dict()
+    assert state_dict["state"][0]["momentum_buffer"].is_sparse
+    resumed, _ = sparse_embedding_run(loaded_by, 4, nesterov, state_dict=state_dict)
+    expected, _ = sparse_embedding_run(torch.optim.SGD, 4, nesterov, state_dict=state_dict)
+    # (the linear layer's kernel update is within an ulp of torch's, and its weight feeds the embedding's grads)
+    torch.testing.assert_close([p.detach() for p in resumed], [p.detach() for p in expected])
+
+
+def test_a_sparse_momentum_buffer_followed_by_a_dense_grad_is_made_dense_and_kept():
+    """A sparse grad then a dense one on the same param: torch's update refuses the second (a sparse buffer beside a
+    dense grad); ours makes the buffer dense for the kernels and steps on with the momentum it holds."""
+    embedding = torch.nn.Embedding(4, 3, sparse=True)
+    opt = fused_optim.SGD(embedding.parameters(), lr=0.1, momentum=0.9, backend="cpu")
+    embedding(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    buffer = opt.state[embedding.weight]["momentum_buffer"]
+    assert buffer.is_sparse
+    expected_buffer = 0.9 * buffer.to_dense() + 1.0
+    before = embedding.weight.detach().clone()
+    embedding.weight.grad = torch.ones(4, 3)
+    opt.step()
+    assert_identical(opt.state[embedding.weight]["momentum_buffer"], expected_buffer)
+    assert_identical(embedding.weight.detach(), before - 0.1 * expected_buffer)

@@ -713,7 +713,9 @@ class FusedOptimizer(Optimizer):
         param whose dtype changed under their state."""
         if _state_fits(p, state, group, self._moment_keys):
             return
-        held = dict(state)
+        # a sparse momentum buffer (SGD's, from torch's update of a sparse grad) made dense for the kernels
+        held = {key: value.to_dense() if isinstance(value, Tensor) and value.is_sparse else value
+                for key, value in state.items()}
         for key in (*self._moment_keys, "moment_scales"):
             state.pop(key, None)
         restore_moments(p, state, held, group, self._moment_keys)
@@ -859,15 +861,20 @@ class FusedOptimizer(Optimizer):
         state_dict = self._with_local_scales(self._with_own_options(_without_absent_state(state_dict)))
         check_saved_state(self, state_dict, self._moment_keys)
         self._plans.clear()
-        with _held_back(self, "_optimizer_load_state_dict_pre_hooks"), \
-                _held_back(self, "_optimizer_load_state_dict_post_hooks"):
-            # the groups alone: torch's loader would cast every saved tensor to its param's dtype (int8 codes to
-            # floats), copies that _restore_saved_state would throw away
-            super().load_state_dict({**state_dict, "state": {}})
-        for group in self.param_groups:  # a checkpoint may hold them (one saved before they were left out)
-            drop_neutral_options(group)
-        self._restore_saved_state(state_dict)
-        _unshare_state(self)
+        before = {"state": self.state, "param_groups": self.param_groups}  # torch's loader makes both anew
+        try:
+            with _held_back(self, "_optimizer_load_state_dict_pre_hooks"), \
+                    _held_back(self, "_optimizer_load_state_dict_post_hooks"):
+                # the groups alone: torch's loader would cast every saved tensor to its param's dtype (int8 codes to
+                # floats), copies that _restore_saved_state would throw away
+                super().load_state_dict({**state_dict, "state": {}})
+            for group in self.param_groups:  # a checkpoint may hold them (one saved before they were left out)
+                drop_neutral_options(group)
+            self._restore_saved_state(state_dict)
+            _unshare_state(self)
+        except BaseException:  # a load that fails part way, past what check_saved_state knew to check: no change
+            self.__setstate__(before)
+            raise
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -1151,7 +1158,7 @@ def _unshare_state(optimizer: Optimizer) -> None:
     held = set()
     for state in optimizer.state.values():
         for key, value in state.items():
-            if isinstance(value, Tensor) and value.numel():
+            if isinstance(value, Tensor) and value.numel() and not value.is_sparse:  # (no data pointer)
                 address = (value.to_local() if is_dtensor(value) else value).data_ptr()
                 if address in held:
                     state[key] = value.clone(memory_format=torch.preserve_format)
@@ -1163,6 +1170,8 @@ def _taken(value: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
     in its layout, a DTensor of its placements), as torch's loader keeps it, so a resume holds no copy of the state
     beside the checkpoint's; else a copy in that form. Like torch's, a state loaded from a live optimizer's
     `state_dict()` then shares its tensors. A tensor that requires grad (another model's weight, say) is copied."""
+    if value.is_sparse:  # an SGD buffer torch's own update made for sparse grads, and reads: kept sparse, as torch does
+        return value.to(device=p.device, dtype=dtype)
     if (value.dtype == dtype and value.device == p.device and same_layout(value, p) and not value.requires_grad
             and not isinstance(value, torch.nn.Parameter) and is_dtensor(value) == is_dtensor(p)
             and (not is_dtensor(p) or (value.device_mesh, value.placements) == (p.device_mesh, p.placements))):
@@ -1214,6 +1223,7 @@ def restore_moments(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
                                     value.to(p.device))
         value = _taken(value, p, torch.float32 if int8 else moment_dtype(p, group))
         if int8:  # coded one moment at a time: a load holds one fp32 moment at most
+            value = value.to_dense() if value.is_sparse else value
             codes, scales = quantize(value.to_local() if is_dtensor(p) else value, signed)
             value = on_local_shards(lambda _, codes=codes: codes, value)
             local_scales.append(scales)
