@@ -30,6 +30,16 @@ def is_int(value) -> bool:
     return True
 
 
+def is_float(value) -> bool:
+    """Whether `value` is a float as torch's argument parser takes one: a Python float or int (a bool too), a numpy
+    scalar (numpy itself not imported: a user who passes one has it), or a 0-d tensor that requires no grad."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.requires_grad
+    if type(value).__module__ == "numpy":
+        return type(value).__name__ != "ndarray" and not isinstance(value, complex) and hasattr(value, "__float__")
+    return isinstance(value, (float, int))
+
+
 def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str,
                         label_smoothing: float, ignore_index: int) -> None:
     if reduction not in REDUCTIONS:
@@ -42,10 +52,11 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
     if not is_int(ignore_index):  # a float one would reach our ops' schemas
         raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
                         f"{type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:  # torch's argument parser's words for an int past int64
+    if not -2**63 <= operator.index(ignore_index) < 2**63:  # torch's argument parser's words for one past int64
         raise ValueError("Overflow when unpacking long long")
-    if input.dim() == 0:
-        raise ValueError("Expected input to have at least one dimension, got a 0-dimensional tensor.")
+    if not is_float(label_smoothing):
+        raise TypeError(f"cross_entropy_loss(): argument 'label_smoothing' (position 6) must be float, not "
+                        f"{type(label_smoothing).__name__}")
     if target.device != input.device:
         raise RuntimeError(f"Expected the target on the input's device ({input.device}), got it on {target.device}.")
     if weight is not None and weight.requires_grad and torch.is_grad_enabled() and not target.is_floating_point():
@@ -63,6 +74,8 @@ def check_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")  # as C++ prints
     if probabilities:
         return  # probability targets run torch's own cross-entropy, which checks them itself
+    if input.dim() == 0:  # torch's words: it reads the class dimension, 1
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     _check_target_dims(input, target)
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")

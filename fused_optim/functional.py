@@ -29,6 +29,7 @@ mesh, as torch's; the gradient stays sharded.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     softcap = _check_extras(z_loss, softcap)
     backend = backend if backend is not None else _backend.default_backend()
     _loss_checks.check_cross_entropy(input, target, weight, reduction, label_smoothing, ignore_index)
-    label_smoothing = _smoothing(label_smoothing)
+    ignore_index, label_smoothing = operator.index(ignore_index), _smoothing(label_smoothing)  # (an int tensor, say)
     if is_dtensor(input):
         return _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                              softcap, return_z_loss, inplace_backward, backend)
@@ -131,7 +132,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     # the checks of the logits this would give, on an expanded scalar: their shape, dtype and device, no memory
     _loss_checks.check_cross_entropy(input.new_empty(()).expand(logits_shape), target, weight, reduction,
                                      label_smoothing, ignore_index)
-    label_smoothing = _smoothing(label_smoothing)
+    ignore_index, label_smoothing = operator.index(ignore_index), _smoothing(label_smoothing)
     if is_dtensor(linear_weight):
         return _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                                     ignore_index, label_smoothing, z_loss, softcap, return_z_loss,

@@ -97,8 +97,13 @@ def test_cross_entropy_refuses_with_one_sentence():
         FF.cross_entropy(logits, target.to("meta"))
     with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):  # silently none
         FF.cross_entropy(logits, target, weight=torch.rand(5, requires_grad=True))
-    with pytest.raises(ValueError, match="at least one dimension"):  # an IndexError
-        FF.cross_entropy(torch.tensor(1.0), torch.tensor(0))
+    # 0-d logits: torch's errors in torch's order (the target's shape first), not one from our ops
+    for target, error, match in ((torch.tensor(0), RuntimeError, "^Expected floating point type for target"),
+                                 (torch.tensor(0.5), IndexError, "^Dimension specified as 1 but tensor has no"),
+                                 (torch.tensor([0, 1]), IndexError, r"^Dimension out of range \(expected to be in")):
+        for cross_entropy in (F.cross_entropy, FF.cross_entropy):
+            with pytest.raises(error, match=match):
+                cross_entropy(torch.tensor(1.0), target)
 
 
 def test_probability_targets_without_z_loss_have_no_nan_from_it():
@@ -151,3 +156,32 @@ def test_compiled_step_raises_no_dynamo_warning():
         step()
         step()
     assert not [w for w in caught if "lru_cache" in str(w.message)]
+
+
+def outcome(function):
+    """("ok", result) or (the exception's type, its message)."""
+    try:
+        return "ok", function()
+    except Exception as error:  # noqa: BLE001 (any error: compared with torch's)
+        return type(error), str(error)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("kwargs", [
+    dict(ignore_index=torch.tensor(2)), dict(ignore_index=torch.tensor([2])), dict(ignore_index=torch.tensor(2.0)),
+    dict(ignore_index=2.0), dict(ignore_index=True), dict(ignore_index=2**63),
+    dict(label_smoothing=torch.tensor(0.1)), dict(label_smoothing=torch.tensor([0.1])),
+    dict(label_smoothing=torch.tensor(0.1, requires_grad=True)), dict(label_smoothing=None),
+    dict(label_smoothing="0.1"), dict(label_smoothing=1), dict(label_smoothing=True), dict(label_smoothing=1j),
+], ids=lambda kwargs: f"{next(iter(kwargs))}={next(iter(kwargs.values()))!r}")
+def test_cross_entropy_takes_the_argument_types_torchs_parser_takes(kwargs, backend):
+    """ignore_index an int (any __index__: an int tensor of one element too), label_smoothing a float (an int, a
+    0-d tensor that requires no grad): what torch takes gives torch's loss, what it refuses its error and words."""
+    logits, target = torch.randn(4, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2, 1, 2])
+    ours = outcome(lambda: FF.cross_entropy(logits, target, backend=backend, **kwargs))
+    theirs = outcome(lambda: F.cross_entropy(logits, target, **kwargs))
+    assert ours[0] == theirs[0]
+    if ours[0] == "ok":
+        torch.testing.assert_close(ours[1], theirs[1])
+    else:
+        assert ours[1] == theirs[1]

@@ -300,6 +300,23 @@ def test_scalar_grad_output_scales_the_gradient(backend, device, dtype):
         assert torch.equal(grads[0.37, reduction], expected), reduction
 
 
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_the_mean_divides_the_sum_once_as_torch(backend, device, weight):
+    """reduction="mean" is the fp32 sum divided by the kept weight (a quotient rounds once, as torch's mean does,
+    where a product with the rounded reciprocal rounds twice): bit for bit our sum over it, for counts that are not
+    powers of two."""
+    for seed in range(8):
+        torch.manual_seed(seed)
+        logits, target, class_weight, kwargs = make_case(37, 100, torch.float32, device, weight=weight, ignored=True)
+        loss = {reduction: FF.cross_entropy(logits, target, class_weight, reduction=reduction, backend=backend,
+                                            **kwargs) for reduction in ("sum", "mean")}
+        kept = target != kwargs.get("ignore_index", -100)
+        # (summed as the loss sums it: over every row, an ignored one's weight 0)
+        divisor = torch.where(kept, class_weight[target.clamp(0)], 0.0).sum() if weight else kept.sum().float()
+        assert torch.equal(loss["mean"], loss["sum"] / divisor), seed
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. z-loss and soft-capping: the reference only (torch has neither)
 

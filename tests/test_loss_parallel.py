@@ -88,7 +88,7 @@ def test_shards_combine_into_the_whole_rows(backend, name, dtype, ranks):
     weight32 = weight.float() if weight is not None else None
     softcap = kwargs["softcap"] or 0.0
     options = (IGNORE, kwargs["label_smoothing"], kwargs["z_loss"], softcap)
-    scales = reduction_scales(target, weight32, CLASSES, "mean", IGNORE)
+    scales, _ = reduction_scales(target, weight32, CLASSES, "mean", IGNORE)
     whole_grad = torch.full_like(logits, math.nan)  # poisoned: every element must be written
     whole_loss, whole_lse = ops.forward_op(backend, logits.device)(logits, target, weight32, scales, whole_grad,
                                                                    *options)
@@ -116,7 +116,7 @@ def test_shards_combine_into_the_whole_rows(backend, name, dtype, ranks):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shard_grad_may_write_over_the_logits(backend):
     logits, target, _, _ = make_case(CLASSES, torch.float32, {})
-    scales = reduction_scales(target, None, CLASSES, "sum", IGNORE)
+    scales, _ = reduction_scales(target, None, CLASSES, "sum", IGNORE)
     stats = ops.shard_stats_op(backend, logits.device)(logits, target, None, 0, CLASSES, IGNORE, 0.0)
     _, _, coefs = combine(stats[None], target, None, scales, CLASSES, IGNORE, 0.0, 0.0, True)
     expected = torch.empty_like(logits)

@@ -35,8 +35,10 @@ def autocast_enabled(device_type: str) -> bool:
 
 
 def reduction_scales(target: torch.Tensor, weight: torch.Tensor | None, num_classes: int, reduction: str,
-                     ignore_index: int) -> torch.Tensor:
-    """(ce_scale, z_scale, sum of the class weights) as one fp32 device tensor, without a host sync.
+                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce_scale, z_scale, sum of the class weights) as one fp32 device tensor, for the kernels' gradient, and the
+    (ce, z) divisors of the reduced losses (reduce_rows: a quotient rounds once, as torch's mean does, where a
+    product with the rounded reciprocal rounds twice); without a host sync.
 
     "mean" divides the cross-entropy by the summed weights of the kept targets (torch's rule: a plain count without
     weights) and the z-loss by the number of kept targets; "sum" and "none" leave both unscaled. No kept weight
@@ -53,22 +55,22 @@ def reduction_scales(target: torch.Tensor, weight: torch.Tensor | None, num_clas
         weight_sum = weight.sum(dtype=torch.float32)
     if reduction == "mean":
         # kept targets whose weights sum to 0: NaN as torch's 0 / 0, not inf from a label-smoothing term over 0
-        ce_scale = torch.where(kept_weight != 0, 1 / kept_weight, math.nan)
-        return torch.stack([ce_scale, 1 / kept_count, weight_sum])
+        ce_divisor = torch.where(kept_weight != 0, kept_weight, math.nan)
+        return torch.stack([1 / ce_divisor, 1 / kept_count, weight_sum]), torch.stack([ce_divisor, kept_count])
     one = torch.ones_like(kept_count)
-    return torch.stack([one, one, weight_sum])
+    return torch.stack([one, one, weight_sum]), torch.stack([one, one])
 
 
-def reduce_rows(loss_rows: torch.Tensor, lse: torch.Tensor, scales: torch.Tensor, z_loss: float, reduction: str,
+def reduce_rows(loss_rows: torch.Tensor, lse: torch.Tensor, divisors: torch.Tensor, z_loss: float, reduction: str,
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-row cross-entropy and log-sum-exp (fp32) reduced to (loss including the z-loss, z-loss), rounded
-    once to out_dtype."""
+    once to out_dtype (`divisors`: reduction_scales')."""
     z_rows = z_loss * lse * lse  # lse is 0 on ignored rows
     if reduction == "none":
         return (loss_rows + z_rows).to(out_dtype), z_rows.to(out_dtype)
     ce, z = loss_rows.sum(), z_rows.sum()
     if reduction == "mean":
-        ce, z = ce * scales[0], z * scales[1]
+        ce, z = ce / divisors[0], z / divisors[1]
     return (ce + z).to(out_dtype), z.to(out_dtype)
 
 
@@ -95,7 +97,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         # was on and the logits require a gradient (under no_grad, ctx.needs_input_grad still says they do);
         # vocab: the VocabShard these logits are, or None for whole rows
         rows, kernel_weight, num_classes = rows_op(backend, logits.device, weight, vocab)
-        scales = reduction_scales(target, weight, num_classes or logits.shape[1], reduction, ignore_index)
+        scales, divisors = reduction_scales(target, weight, num_classes or logits.shape[1], reduction, ignore_index)
         grad = None
         if needs_grad:  # the kernels take one row stride for both: a row-strided view gets a gradient like it
             grad = logits if inplace else torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype,
@@ -108,7 +110,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(logits)
         ctx.backend, ctx.scaled = backend, grad is None
         ctx.ignored_rows = target == ignore_index if reduction == "none" else None
-        loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, loss_dtype(logits.dtype, logits.device))
+        loss, z = reduce_rows(loss_rows, lse, divisors, z_loss, reduction, loss_dtype(logits.dtype, logits.device))
         # The gradient saved as autograd saves activations: hooks that offload them (save_on_cpu) move it too, and
         # activation checkpointing drops it and runs the forward again. The loss last, for differentiable_once.
         ctx.save_for_backward(*([] if grad is None else [grad]), loss)

@@ -146,13 +146,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # allow_retain_graph (LinearCrossEntropyOptions'): the backward scales the gradients the forward made into
         # new tensors, not in place, so it can run again
         num_classes = vocab.num_classes if vocab is not None else linear_weight.shape[0]
-        scales = reduction_scales(target, weight, num_classes, reduction, ignore_index)
+        scales, divisors = reduction_scales(target, weight, num_classes, reduction, ignore_index)
         args = (input, linear_weight, linear_bias, target, weight, scales,
                 (ignore_index, label_smoothing, z_loss, softcap), rows, backend)
         needs = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         in_forward = reduction != "none"  # the per-row incoming gradient of "none" is known only in the backward
         loss_rows, lse, grads = run_chunks(args, vocab, needs if in_forward else (False, False, False))
-        loss, z = reduce_rows(loss_rows, lse, scales, z_loss, reduction, loss_dtype(input.dtype, input.device))
+        loss, z = reduce_rows(loss_rows, lse, divisors, z_loss, reduction, loss_dtype(input.dtype, input.device))
         # "none": what the backward recomputes from; else the gradients the forward made, saved as autograd saves
         # activations (offloading hooks move them, activation checkpointing drops them and runs the forward again);
         # and the loss last, for differentiable_once
