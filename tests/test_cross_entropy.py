@@ -1187,6 +1187,8 @@ def test_opcheck_forward(suffix, kind):
     # dispatch traces it; logits that require grad give outputs that do not, on every twin (no op has a formula)
     op = getattr(torch.ops.fused_optim, f"cross_entropy_forward{suffix}").default
     torch.library.opcheck(op, _forward_sample(kind))
+    sample = _forward_sample(kind)
+    assert not any(output.requires_grad for output in op(*sample)), sample[0].requires_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

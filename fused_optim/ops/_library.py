@@ -44,6 +44,9 @@ def define_op(name: str, schema: str, *, fake: Callable, torch_impl: Callable, t
     for op_name in (name, names["triton"], names["torch"]):
         lib.define(op_name + schema)
         torch.library.register_fake(f"fused_optim::{op_name}", fake, lib=lib)
+        # no op has a derivative: its outputs do not require grad whatever its inputs do (autograd's fallback for an
+        # op with no autograd kernel would mark them, and a backward through them would give None with a warning)
+        lib.impl(op_name, torch.library.fallthrough_kernel, "Autograd")
     lib.impl(names["torch"], _without_autograd(torch_impl), "CompositeExplicitAutograd")
     for dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
         lib.impl(names["triton"], triton_impl, dispatch_key)
