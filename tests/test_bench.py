@@ -130,6 +130,14 @@ def test_plot_without_a_suffix_is_checked_and_said_as_the_png_written(tmp_path, 
     assert f"--plot {tmp_path / 'plot.png'}: is a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", ["inf", "1e400", "nan", "-5", "0.5", "abc"])
+def test_a_size_that_is_not_a_count_of_params_is_one_line(size, capsys):
+    from fused_optim.tools.cli import main
+
+    assert main(["bench", "--ops", "sgd", "--device", "cpu", "--sizes", size]) == 2
+    assert capsys.readouterr().err.startswith("fused-optim bench: --sizes: ")
+
+
 def test_plot_draws_only_rows_with_bandwidth():
     def row(op, impl, gbps, correct=True, **fields):
         return {"op": op, "case": "fp32", "impl": impl, "gbps": gbps, "correct": correct, **fields}

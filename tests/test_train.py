@@ -450,6 +450,9 @@ def test_bad_outputs_devices_and_data_are_refused_before_training(text_file, tmp
     for flags, message in (
             (("--json", str(tmp_path)), "is a directory; give a file name"),
             (("--save", str(tmp_path)), "is a directory; give a file name"),
+            (("--json", str(empty / "run.json")), f"{empty} is a file, not a folder"),
+            (("--save", str(empty / "deeper" / "run.pt")), f"{empty} is a file, not a folder"),
+            (("--plot", str(tmp_path / "loss.v2")), "matplotlib does not save '.v2' files; end the name with one of"),
             (("--device", "meta"), "--device meta: the training runs on cpu or cuda"),
             (("--device", "tpu"), "--device tpu: not a device"),
     ):

@@ -69,7 +69,7 @@ def parse_size(text: str) -> int:
     scale = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}.get(text[-1:], 1)
     number = text[:-1] if scale != 1 else text
     value = float(number) * scale
-    if value < 1 or value != int(value):
+    if not math.isfinite(value) or value < 1 or value != int(value):
         raise ValueError(f"not a size in params: {text!r}")
     return int(value)
 
