@@ -108,6 +108,11 @@ def _flatten_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list
     return result
 
 
+def _is_number(value: Any) -> bool:
+    """A real number (int, float, numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_num_tokens(num_tokens: Any) -> None:
     """finalize's and release's token count: a positive, finite number, a one-element tensor (a device count, not
     read: 0 there makes the grads NaN), or None."""
@@ -117,7 +122,7 @@ def _check_num_tokens(num_tokens: Any) -> None:
         if num_tokens.numel() != 1:
             raise ValueError(f"num_tokens must be one count, got a tensor of shape {tuple(num_tokens.shape)}")
         return
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Real):
+    if not _is_number(num_tokens):
         raise TypeError(f"num_tokens must be a number or a tensor, not {type(num_tokens).__name__}")
     if not (math.isfinite(num_tokens) and num_tokens > 0):
         raise ValueError(f"num_tokens must be a positive number of tokens, got {num_tokens}")
@@ -337,7 +342,7 @@ class GradAccumulator:
         """
         _check_num_tokens(num_tokens)
         for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            if value is not None and not _is_number(value):
                 raise TypeError(f"GradAccumulator.finalize(): {name} must be a number, not {type(value).__name__}")
         releasing = next(filter(None, (stepper() for stepper in self._steppers.values())), None)
         if releasing is not None:  # its step() would change nothing: the run would not train, silently

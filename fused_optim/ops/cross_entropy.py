@@ -113,10 +113,11 @@ def _check_targets_on_cpu(target, kept, num_classes) -> None:
             raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
 
 
-def no_class_rows(target, ignore_index) -> torch.Tensor:
-    """The forward's loss (and lse) rows of logits with no class: 0 for an ignored row, NaN for any other (its target
+def no_class_rows(target, ignore_index) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's (loss, lse) rows of logits with no class: 0 for an ignored row, NaN for any other (its target
     is out of range, which the Triton kernels show as NaN and the CPU check refuses first)."""
-    return torch.where(target == ignore_index, 0.0, math.nan).to(torch.float32)
+    rows = torch.where(target == ignore_index, 0.0, math.nan).to(torch.float32)
+    return rows, rows.clone()  # (an op's two outputs may not share memory)
 
 
 def _capped_fp32(logits, softcap) -> torch.Tensor:
@@ -205,7 +206,7 @@ def _forward_torch(logits, target, weight, scales, grad, ignore_index, label_smo
     kept = target != ignore_index
     _check_targets_on_cpu(target, kept, num_classes)
     if num_classes == 0:  # no logit to take a max or a target's of
-        return no_class_rows(target, ignore_index), no_class_rows(target, ignore_index)
+        return no_class_rows(target, ignore_index)
     safe_target = torch.where(kept, target, 0)
     z = _capped_fp32(logits, softcap)
     row_max = z.amax(dim=1)

@@ -7,8 +7,8 @@
 `total_norm(tensors, norm_type)` returns a 0-dim fp32 tensor on the tensors' device (fp64 where some tensor is
 fp64 or complex: those are torch's to read): (Σ|x|^p)^(1/p) over every element of every tensor, max|x| for
 p = inf. Sums are taken in fp32 per block of elements (in fp64 throughout on the CPU) and the block partial sums
-added in a fixed order, so the result does not depend on the thread count. Any NaN gives NaN and any inf gives inf, which is
-what the callers' inf/NaN check reads. It reads each element once and writes one number: no host sync, so
+added in a fixed order, so the result does not depend on the thread count. Any NaN gives NaN and any inf gives inf,
+which is what the callers' inf/NaN check reads. It reads each element once and writes one number: no host sync, so
 clipping and the optimizer step that uses it stay capturable.
 """
 

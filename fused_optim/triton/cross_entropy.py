@@ -281,7 +281,7 @@ def cross_entropy_forward_triton(logits, target, weight, scales, grad, ignore_in
     if num_rows == 0:
         return loss, lse
     if num_classes == 0:  # no logit to read (the kernel reads a row's target logit at index 0 at least)
-        return no_class_rows(target, ignore_index), no_class_rows(target, ignore_index)
+        return no_class_rows(target, ignore_index)
     block = _block(num_classes)
     _cross_entropy_forward_kernel[(num_rows,)](
         logits, target, weight if weight is not None else scales, scales, grad if grad is not None else logits,
