@@ -125,6 +125,12 @@ def cpu_info() -> tuple[str | None, frozenset[str] | None]:
     return model, flags
 
 
+def cpu_name() -> str:
+    """The CPU's model name where the OS gives one ("AMD EPYC 9R14 96-Core Processor"), else what `platform` knows
+    (its processor(), often empty, or the architecture)."""
+    return cpu_info()[0] or platform.processor() or platform.machine() or "unknown CPU"
+
+
 @memoized
 def cpu_isas_supported() -> tuple[str, ...]:
     """The levels of CPU_ISA_FLAGS this CPU (and its OS) runs, widest first: from /proc/cpuinfo's flags on Linux,

@@ -162,6 +162,9 @@ class GradAccumulator:
     micro-batch's backward instead of `finalize()` and `step()`: each param is stepped inside that backward.
 
     Example:
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = fused_optim.AdamW(model.parameters())
+        >>> micro_batches = [(torch.randn(8, 4), torch.randint(3, (8,))) for _ in range(2)]
         >>> acc = fused_optim.GradAccumulator(model.parameters())
         >>> tokens = 0
         >>> for x, y in micro_batches:

@@ -16,8 +16,10 @@ sparse grads and differentiable groups (which torch's own update steps), a disab
 device), with torch's extra pass.
 
 Example:
+    >>> model = torch.nn.Linear(4, 2)
     >>> scaler = fused_optim.GradScaler("cpu")
     >>> opt = fused_optim.AdamW(model.parameters(), max_grad_norm=1.0)
+    >>> loss = model(torch.randn(8, 4)).square().mean()
     >>> scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
 """
 

@@ -51,7 +51,7 @@ def backends() -> dict[str, Any]:
             "torch_cuda": torch.version.cuda,
             "triton": _triton_version(),
         },
-        "device": torch.cuda.get_device_name() if cuda_available else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if cuda_available else _backend.cpu_name(),
         "extensions": {"cpu": _backend.extension_error("cpu"), "cuda": _backend.extension_error("cuda")},
         "backends": {
             "cuda": cuda_error,

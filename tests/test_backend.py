@@ -69,6 +69,8 @@ def test_backends_report():
     assert info["default_backend"] in _backend.BACKENDS
     assert set(info["auto"]) == {"cpu", "cuda"}
     assert isinstance(info["cpu_threads"], int) and info["cpu_threads"] >= 1
+    if not HAS_CUDA:  # the CPU's model name where Linux gives one, not just its architecture
+        assert info["device"] == (_backend.cpu_info()[0] or info["device"]) and info["device"]
     if CPU_EXTENSION_BUILT:
         assert info["extensions"]["cpu"] is None and info["backends"]["cpu"] is None
         assert info["auto"]["cpu"] == "cpu"

@@ -103,8 +103,7 @@ def cpu_isa() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = _backend.cpu_info()[0] or platform.processor() or platform.machine()
-    return f"{model} ({cpu_isa()}, {torch.get_num_threads()} threads)"
+    return f"{_backend.cpu_name()} ({cpu_isa()}, {torch.get_num_threads()} threads)"
 
 
 def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None = None,

@@ -64,8 +64,7 @@ def summarise(run: dict) -> dict:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = _backend.cpu_info()[0]  # Linux names the CPU model; platform.processor() is often empty
-    return f"{model or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"{_backend.cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def _side_summary(result: SideResult, tokens_per_step: int, peak: float | None) -> dict:
