@@ -1257,7 +1257,8 @@ def _op_sample(kind: str):
                      for tensors, signed in ((exp_avgs, True), (exp_avg_sqs, False), (max_sqs, False))]
         exp_avgs, exp_avg_sqs, max_sqs = ([codes for codes, _ in q] for q in quantized)
         moment_scales = [torch.stack([q[i][1] for q in quantized if q]) for i in range(len(shapes))]
-    lr_tensor = torch.tensor(1e-3) if kind == "lr-tensor" else None
+    lr_tensor = {"lr-tensor": torch.tensor(1e-3),
+                 "lr-tensor-fp64": torch.tensor(1e-3 / 3, dtype=torch.float64)}.get(kind)
     grad_scale = torch.tensor(4.0) if kind in ("grad-scale", "found-inf") else None
     found_inf = torch.tensor(1.0 if kind == "found-inf" else 0.0) if grad_scale is not None else None
     maximize = kind == "lr-tensor"  # one sample with maximize on
@@ -1275,14 +1276,35 @@ OPS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["fp32-amsgrad", "bf16-master", "bf16-stochastic", "lr-tensor", "grad-scale",
-                                  "found-inf", "int8-moments"])
+@pytest.mark.parametrize("kind", ["fp32-amsgrad", "bf16-master", "bf16-stochastic", "lr-tensor", "lr-tensor-fp64",
+                                  "grad-scale", "found-inf", "int8-moments"])
 @pytest.mark.parametrize("op_name", OPS)
 def test_opcheck(op_name, kind):
     # All of opcheck's utils apply: the ops mutate only what their schema marks (Tensor(a!)[]), have a fake
     # impl (they return nothing), and AOT dispatch traces them as opaque mutating calls.
     op = getattr(torch.ops.fused_optim, op_name).default
     torch.library.opcheck(op, _op_sample(kind))
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_op_reads_a_float64_lr_tensor_exactly_and_refuses_other_float64_scalars(op_name):
+    """An fp64 lr_tensor (a compiled step's float lr) steps as the float lr does, bit for bit; grad_scale and
+    found_inf stay fp32 beside fp32 params, refused in one sentence before anything is written."""
+    op = getattr(torch.ops.fused_optim, op_name).default
+    results = []
+    for lr, lr_tensor in ((1e-3 / 3, None), (0.0, torch.tensor(1e-3 / 3, dtype=torch.float64))):
+        torch.manual_seed(0)
+        args = list(_op_sample("fp32-amsgrad"))
+        args[8], args[9] = lr, lr_tensor
+        op(*args)
+        results.append(args[:7])
+    assert_identical(*results)
+    args = list(_op_sample("grad-scale"))
+    args[19] = args[19].double()
+    before = [[t.clone() for t in tensors] for tensors in args[:7]]
+    with pytest.raises(RuntimeError, match="lr_tensor, grad_scale and found_inf must be one-element float32"):
+        op(*args)
+    assert_identical(args[:7], before)
 
 
 def test_op_is_fake_tensor_traceable_on_meta():

@@ -245,11 +245,12 @@ def test_params_on_two_devices_in_one_group_raise(spec):
 
 
 def assert_compiled_steps_match_eager(make_optimizer, dtype: torch.dtype, device: str,
-                                      shapes=((3,), (70,), (130,))) -> torch.optim.Optimizer:
+                                      shapes=((3,), (70,), (130,)), float_lrs=None) -> torch.optim.Optimizer:
     """Dynamo traces step() of `make_optimizer(params)` into one graph (the op is opaque, its mutations come from
     the schema, and nothing in step() syncs with the host or branches on data): the first step creates the state,
     so the second compiles again (as torch's own optimizers do), and from then on one graph serves every step. The
-    params and every state tensor equal those of eager steps bit for bit. Returns the compiled side's optimizer."""
+    params and every state tensor equal those of eager steps bit for bit. `float_lrs`: a float lr set before each
+    step, as a scheduler would. Returns the compiled side's optimizer."""
     torch._dynamo.reset()
     init = [torch.randn(s) for s in shapes]
     compiled, eager = make_params(init, dtype, device), make_params(init, dtype, device)
@@ -260,6 +261,9 @@ def assert_compiled_steps_match_eager(make_optimizer, dtype: torch.dtype, device
         compiled_opt.step()
 
     for i in range(4):
+        if float_lrs is not None:
+            for group in compiled_opt.param_groups + eager_opt.param_groups:
+                group["lr"] = float_lrs[i]
         set_grads(random_grads(shapes, dtype, device), compiled, eager)
         with torch._dynamo.config.patch(error_on_recompile=i >= 2):
             step()
@@ -276,6 +280,36 @@ def test_torch_compile_fullgraph_step_matches_eager(spec):
     opt = assert_compiled_steps_match_eager(
         lambda params: spec.ours(params, lr=torch.tensor(1e-2), backend="cpu", **spec.options), torch.float32, "cpu")
     assert all(state["step"].item() == 4.0 for state in opt.state.values())
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_torch_compile_float_lr_that_changes_is_an_input_of_the_graph(spec, backend, device):
+    """A float lr changed before every step (a scheduler's): the ops take it as an fp64 tensor under torch.compile
+    (ops/_library.py's step_scalars), so it is an input of the one graph, not a constant that recompiles per value,
+    and the steps stay bit for bit the eager ones, which read the float (fp64 lrs that fp32 cannot hold exactly)."""
+    spec = SPECS[spec]
+    assert_compiled_steps_match_eager(lambda params: spec.ours(params, lr=0.1, backend=backend, **spec.options),
+                                      torch.float32, device, float_lrs=[1e-2 / 3, 1e-3 / 7, 3e-3 / 11, 1e-4 / 13])
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_float64_lr_tensor_steps_as_the_float_lr(spec, backend, device):
+    """An fp64 lr tensor is read exactly, as torch's fused CPU Adam reads it: the steps equal the float lr's bit for
+    bit (an fp32 tensor holds a rounded lr)."""
+    spec = SPECS[spec]
+    init = [torch.randn(s) for s in ((3,), (70,))]
+    grads = [random_grads([t.shape for t in init], torch.float32, device) for _ in range(3)]
+    results = []
+    for lr in (1e-2 / 3, torch.tensor(1e-2 / 3, dtype=torch.float64)):
+        params = make_params(init, torch.float32, device)
+        opt = spec.ours(params, lr=lr, backend=backend, **spec.options)
+        for step_grads in grads:
+            set_grads(step_grads, params)
+            opt.step()
+        results.append(([p.detach() for p in params], [opt.state[p] for p in params]))
+    assert_identical(*results)
 
 
 # One optimizer of each kind in each of its compact storage modes, on bf16 params: the state is kept as codes with

@@ -190,7 +190,7 @@ void adam_step_cpu(FUSED_OPTIM_ADAM_ARGS) {
   const std::vector<Tensor> matched_grads = check_adam_args(FUSED_OPTIM_ADAM_ARG_NAMES);
   if (found_inf.has_value() && cpu_scalar(*found_inf) != 0.0f) return;  // GradScaler: skip, touch nothing
   const AdamHyper hyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
-  const double lr_value = lr_tensor.has_value() ? cpu_scalar(*lr_tensor) : lr;
+  const double lr_value = lr_tensor.has_value() ? cpu_lr(*lr_tensor) : lr;
   const float scale = grad_scale.has_value() ? cpu_scalar(*grad_scale) : 1.0f;
   const bool master = !master_params.empty();
   const WriteBack write = write_back_of(stochastic_rounding, master_params);

@@ -74,7 +74,7 @@ using ChunkFn = void (*)(const TensorPointers&, int64_t, int64_t);
 void lion_step_cpu(FUSED_OPTIM_LION_ARGS) {
   const std::vector<Tensor> matched_grads = check_lion_args(FUSED_OPTIM_LION_ARG_NAMES);
   if (found_inf.has_value() && cpu_scalar(*found_inf) != 0.0f) return;  // GradScaler: skip, touch nothing
-  const double lr_value = lr_tensor.has_value() ? cpu_scalar(*lr_tensor) : lr;
+  const double lr_value = lr_tensor.has_value() ? cpu_lr(*lr_tensor) : lr;
   const float scale = grad_scale.has_value() ? cpu_scalar(*grad_scale) : 1.0f;
   const LionScalars scalars = lion_scalars(beta1, beta2, weight_decay, maximize, lr_value, scale);
   const bool master = !master_params.empty();

@@ -107,7 +107,7 @@ void sgd_step_cpu(FUSED_OPTIM_SGD_ARGS) {
   const std::vector<Tensor> matched_grads = check_sgd_args(FUSED_OPTIM_SGD_ARG_NAMES);
   if (found_inf.has_value() && cpu_scalar(*found_inf) != 0.0f) return;  // a skipped step: touch nothing
   const bool has_momentum = momentum != 0.0;
-  const float lr_value = lr_tensor.has_value() ? cpu_scalar(*lr_tensor) : static_cast<float>(lr);
+  const float lr_value = static_cast<float>(lr_tensor.has_value() ? cpu_lr(*lr_tensor) : lr);
   const float scale = grad_scale.has_value() ? cpu_scalar(*grad_scale) : 1.0f;
 
   const bool master = !master_params.empty();

@@ -44,14 +44,14 @@ using multi_tensor::load_vec;
 
 template <typename param_t, typename grad_t, typename moment_t, bool kAmsgrad, WriteBack kWrite>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(const __grid_constant__ Table table, const AdamHyper hyper, const double lr,
-                const float* __restrict__ lr_tensor, const float* __restrict__ grad_scale,
+    adam_kernel(const __grid_constant__ Table table, const AdamHyper hyper, const DeviceLr lr,
+                const float* __restrict__ grad_scale,
                 const float* __restrict__ found_inf, const uint32_t seed) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip, touch nothing
   const multi_tensor::BlockWork work = multi_tensor::block_work(table, kChunk);
   const TensorArgs& t = table.tensors[work.tensor];
 
-  const AdamBlockScalars block = adam_block_scalars(hyper, lr, lr_tensor, grad_scale, seed, t.step, t.index);
+  const AdamBlockScalars block = adam_block_scalars(hyper, lr, grad_scale, seed, t.step, t.index);
   const AdamScalars s = block.scalars;
   const uint32_t stream = block.stream;
 
@@ -117,7 +117,7 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
   const WriteBack write = write_back_of(stochastic_rounding, master_params);
   const AdamHyper hyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
   const cudaStream_t stream = current_stream();
-  const float* lr_ptr = optional_ptr(lr_tensor);
+  const DeviceLr lr_source = device_lr(lr, lr_tensor);
   const float* scale_ptr = optional_ptr(grad_scale);
   const float* found_inf_ptr = optional_ptr(found_inf);
   const auto launch = [&](const Table& table, int key) {
@@ -130,7 +130,7 @@ void adam_step_cuda(FUSED_OPTIM_ADAM_ARGS) {
           constexpr WriteBack kWrite = decltype(kind)::value;
           const auto kernel = amsgrad ? adam_kernel<param_t, grad_t, moment_t, true, kWrite>
                                       : adam_kernel<param_t, grad_t, moment_t, false, kWrite>;
-          kernel<<<table.num_blocks(), kThreads, 0, stream>>>(table, hyper, lr, lr_ptr, scale_ptr, found_inf_ptr,
+          kernel<<<table.num_blocks(), kThreads, 0, stream>>>(table, hyper, lr_source, scale_ptr, found_inf_ptr,
                                                               static_cast<uint32_t>(seed));
           check_launch();
         });

@@ -8,6 +8,7 @@
 
 #include "fused_optim/adam.h"
 #include "fused_optim/rounding.h"
+#include "launch.cuh"
 
 namespace fused_optim {
 
@@ -17,14 +18,14 @@ struct AdamBlockScalars {
 };
 
 // `step`: the tensor's count before this step; `index`: the tensor's place in the caller's list
-__device__ __forceinline__ AdamBlockScalars adam_block_scalars(const AdamHyper& hyper, double lr,
-                                                               const float* lr_tensor, const float* grad_scale,
-                                                               uint32_t seed, const float* step, uint32_t index) {
+__device__ __forceinline__ AdamBlockScalars adam_block_scalars(const AdamHyper& hyper, const DeviceLr& lr,
+                                                               const float* grad_scale, uint32_t seed,
+                                                               const float* step, uint32_t index) {
   __shared__ AdamScalars shared_scalars;
   __shared__ uint32_t shared_stream;
   if (threadIdx.x == 0) {
     const float next = *step + 1.0f;
-    shared_scalars = adam_scalars(hyper, lr_tensor != nullptr ? static_cast<double>(*lr_tensor) : lr, next,
+    shared_scalars = adam_scalars(hyper, lr.read(), next,
                                   grad_scale != nullptr ? *grad_scale : 1.0f);
     shared_stream = stream_key(seed, index, static_cast<uint32_t>(next));
   }

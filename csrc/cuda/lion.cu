@@ -39,10 +39,10 @@ using Table = multi_tensor::LaunchTable<TensorArgs>;
 
 // Everything a launch needs besides the table and the template arguments.
 struct LaunchArgs {
-  double beta1, beta2, weight_decay, lr;
+  double beta1, beta2, weight_decay;
+  DeviceLr lr;
   bool maximize;
   uint32_t seed;
-  const float* lr_tensor;
   const float* grad_scale;
   const float* found_inf;
 };
@@ -50,8 +50,7 @@ struct LaunchArgs {
 // A tensor's scalars (every thread reads the same few: one broadcast load each, cheaper than a trip through shared
 // memory) and its random stream (rounding.h), keyed by the count after this step, as on the CPU.
 __device__ __forceinline__ LionScalars tensor_scalars(const LaunchArgs& a) {
-  return lion_scalars(a.beta1, a.beta2, a.weight_decay, a.maximize,
-                      a.lr_tensor != nullptr ? static_cast<double>(*a.lr_tensor) : a.lr,
+  return lion_scalars(a.beta1, a.beta2, a.weight_decay, a.maximize, a.lr.read(),
                       a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
 }
 
@@ -123,8 +122,8 @@ void lion_step_cuda(FUSED_OPTIM_LION_ARGS) {
   const cudaStream_t stream = current_stream();
   const bool master = !master_params.empty();
   const WriteBack write = write_back_of(stochastic_rounding, master_params);
-  const LaunchArgs args{beta1, beta2, weight_decay, lr, maximize, static_cast<uint32_t>(seed),
-                        optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf)};
+  const LaunchArgs args{beta1, beta2, weight_decay, device_lr(lr, lr_tensor), maximize, static_cast<uint32_t>(seed),
+                        optional_ptr(grad_scale), optional_ptr(found_inf)};
   const bool int8 = !moment_scales.empty();
 
   auto launch = [&](const Table& table, int key) {

@@ -43,8 +43,7 @@ struct LaunchArgs {
   double momentum, dampening, weight_decay;
   bool maximize;
   uint32_t seed;
-  float lr;
-  const float* lr_tensor;
+  DeviceLr lr;
   const float* grad_scale;
   const float* found_inf;
 };
@@ -53,7 +52,7 @@ struct LaunchArgs {
 // trip through shared memory), and its random stream (rounding.h: the param's stochastic rounding; the buffer's
 // bits are moment_stream(stream, 0)), keyed by the count after this step, as on the CPU.
 __device__ __forceinline__ SgdScalars tensor_scalars(const LaunchArgs& a, float step) {
-  return sgd_scalars(a.momentum, a.dampening, a.weight_decay, a.maximize, a.lr_tensor != nullptr ? *a.lr_tensor : a.lr,
+  return sgd_scalars(a.momentum, a.dampening, a.weight_decay, a.maximize, static_cast<float>(a.lr.read()),
                      a.grad_scale != nullptr ? *a.grad_scale : 1.0f, step);
 }
 
@@ -141,8 +140,7 @@ void sgd_step_cuda(FUSED_OPTIM_SGD_ARGS) {
   const bool master = !master_params.empty();
   const WriteBack write = write_back_of(stochastic_rounding, master_params);
   const LaunchArgs args{momentum, dampening, weight_decay, maximize, static_cast<uint32_t>(seed),
-                        static_cast<float>(lr), optional_ptr(lr_tensor), optional_ptr(grad_scale),
-                        optional_ptr(found_inf)};
+                        device_lr(lr, lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf)};
   const ScalarType buffer_dtype = has_momentum ? momentum_buffers[0].scalar_type() : kFloat;
   const bool int8 = !moment_scales.empty();
 

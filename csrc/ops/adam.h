@@ -63,7 +63,7 @@ inline std::vector<Tensor> check_adam_args(FUSED_OPTIM_ADAM_ARGS) {
     check_step("adam_step_", steps[i], p);
     if (!grad.strides.equals(p.strides)) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);
   }
-  check_step_scalars("adam_step_", device, {&lr_tensor, &grad_scale, &found_inf});
+  check_step_scalars("adam_step_", device, lr_tensor, grad_scale, found_inf);
   return matched_grads;
 }
 

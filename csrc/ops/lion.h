@@ -54,7 +54,7 @@ inline std::vector<Tensor> check_lion_args(FUSED_OPTIM_LION_ARGS) {
     check_step("lion_step_", steps[i], p);
     if (!grad.strides.equals(p.strides)) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);
   }
-  check_step_scalars("lion_step_", device, {&lr_tensor, &grad_scale, &found_inf});
+  check_step_scalars("lion_step_", device, lr_tensor, grad_scale, found_inf);
   return matched_grads;
 }
 

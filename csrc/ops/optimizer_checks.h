@@ -81,15 +81,18 @@ inline void check_step(const char* op, const Tensor& step, const TensorInfo& p) 
            ": each step must be a one-element float32 tensor on the param's device");
 }
 
-// lr_tensor, grad_scale and found_inf, where given: one float32 value each on the params' device.
+// lr_tensor, grad_scale and found_inf, where given: one value each on the params' device, float32, or float64 for
+// lr_tensor (a compiled step's float lr, ops/_library.py's step_scalars, which the kernels read exactly).
 inline void check_step_scalars(const char* op, const torch::stable::Device& device,
-                               std::initializer_list<const std::optional<Tensor>*> scalars) {
-  for (const auto* scalar : scalars) {
-    if (scalar->has_value()) {
-      FO_CHECK((*scalar)->numel() == 1 && (*scalar)->scalar_type() == kFloat && (*scalar)->device() == device, op,
-               ": lr_tensor, grad_scale and found_inf must be one-element float32 tensors on the params' device");
-    }
-  }
+                               const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                               const std::optional<Tensor>& found_inf) {
+  const auto fits = [&](const std::optional<Tensor>& t, bool may_be_double) {
+    return !t.has_value() || (t->numel() == 1 && t->device() == device &&
+                              (t->scalar_type() == kFloat || (may_be_double && t->scalar_type() == kDouble)));
+  };
+  FO_CHECK(fits(lr_tensor, true) && fits(grad_scale, false) && fits(found_inf, false), op,
+           ": lr_tensor, grad_scale and found_inf must be one-element float32 tensors on the params' device "
+           "(lr_tensor may be float64)");
 }
 
 }  // namespace fused_optim

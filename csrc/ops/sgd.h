@@ -66,7 +66,7 @@ inline std::vector<Tensor> check_sgd_args(FUSED_OPTIM_SGD_ARGS) {
     if (!steps.empty()) check_step("sgd_step_", steps[i], p);
     if (!grad.strides.equals(p.strides)) matched_grads[i] = copy_in_layout_of(params[i], grads[i]);
   }
-  check_step_scalars("sgd_step_", device, {&lr_tensor, &grad_scale, &found_inf});
+  check_step_scalars("sgd_step_", device, lr_tensor, grad_scale, found_inf);
   return matched_grads;
 }
 

@@ -139,6 +139,9 @@ T* data_as(const Tensor& t) {
 // A one-element float32 tensor's value, read on the CPU (the CPU kernels' lr, grad scale, found_inf and step).
 inline float cpu_scalar(const Tensor& t) { return *data_as<const float>(t); }
 
+// An lr given as a tensor, read on the CPU: float32, or float64 (optimizer_checks.h's check_step_scalars).
+inline double cpu_lr(const Tensor& t) { return t.scalar_type() == kDouble ? *data_as<const double>(t) : cpu_scalar(t); }
+
 // A new float32 tensor of `sizes` on `like`'s device.
 inline Tensor empty_float(torch::headeronly::IntHeaderOnlyArrayRef sizes, const Tensor& like) {
   return torch::stable::empty(sizes, kFloat, std::nullopt, like.device());

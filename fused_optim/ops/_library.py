@@ -131,10 +131,20 @@ def step_scalars(device: torch.device, lr, grad_scale, found_inf, wide: bool = F
     lr_tensor (read on the device; lr is then 0.0), and GradScaler's tensors, kept on its own device, are copied to
     this one where they differ. grad_scale is fp32 for the kernels and fp64 for the torch ops' fp64 params (`wide`):
     a step's guard makes it fp64, clip factor and all, where the clipping norm counts fp64 or complex grads. No host
-    sync either way."""
+    sync either way.
+
+    lr_tensor is fp32, or fp64 where the lr is (the kernels read it exactly, as torch's fused CPU Adam does). Under
+    torch.compile a float lr becomes an fp64 lr_tensor: an op's float argument is a constant of the graph, so a
+    scheduler's changing lr would compile the step again per value, and as a tensor computed from it dynamo makes
+    it an input of the graph after its first change, as it does for torch's optimizers (`0 + lr`: torch.tensor(lr)
+    would still make it a constant). The kernels read both the same, so compiled and eager steps stay bit-identical."""
     lr_tensor = None
     if isinstance(lr, torch.Tensor):
-        lr_tensor = lr.to(device=device, dtype=torch.float32, non_blocking=True)
+        lr_tensor = lr.to(device=device, dtype=torch.float64 if lr.dtype == torch.float64 else torch.float32,
+                          non_blocking=True)
+        lr = 0.0
+    elif torch.compiler.is_compiling():
+        lr_tensor = torch.zeros((), dtype=torch.float64, device=device).add(lr)
         lr = 0.0
     if grad_scale is not None:
         grad_scale = grad_scale.to(device, torch.float64 if wide else torch.float32, non_blocking=True)
@@ -251,14 +261,14 @@ def check_step_lists(op: str, params, grads, steps, state_lists, stochastic_roun
     # The kernels read these through raw pointers as one fp32 value each.
     if any(step.numel() != 1 or step.dtype != torch.float32 for step in steps):
         raise RuntimeError(f"{op}: each step must be a one-element float32 tensor on the param's device")
-    # (lr_tensor, grad_scale, found_inf): grad_scale may be fp64 beside fp64 params alone (step_scalars), which the
-    # torch ops unscale in fp64
+    # (lr_tensor, grad_scale, found_inf): lr_tensor may be fp64 (a compiled step's float lr, read exactly), and
+    # grad_scale beside fp64 params alone (step_scalars), which the torch ops unscale in fp64
     fp64_scale = set(param_dtypes) == {torch.float64}
     if any(t is not None and (t.numel() != 1 or t.device not in devices or not (
-            t.dtype == torch.float32 or (index == 1 and fp64_scale and t.dtype == torch.float64)))
+            t.dtype == torch.float32 or (t.dtype == torch.float64 and (index == 0 or (index == 1 and fp64_scale)))))
            for index, t in enumerate(scalars)):
         raise RuntimeError(f"{op}: lr_tensor, grad_scale and found_inf must be one-element float32 tensors on the "
-                           "params' device (grad_scale may be float64 beside float64 params)")
+                           "params' device (lr_tensor may be float64; grad_scale too beside float64 params)")
     state_dtypes = [torch.float64 if dtype == torch.float64 else torch.float32 for dtype in param_dtypes]
     bf16_moments = bf16_moment_lists > 0 and state_lists[0][0].dtype == torch.bfloat16
     moment_scales, signed = int8_moments

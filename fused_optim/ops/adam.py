@@ -80,6 +80,8 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         # torch's skips only on exactly 1.0, and the step count below is taken back by found_inf itself
         found_inf = (found_inf != 0).to(torch.float32)
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+    # torch's CUDA kernel reads a tensor lr as fp32 alone (its CPU one reads an fp64 one exactly)
+    torch_lr = lr_tensor.float() if lr_tensor is not None and lr_tensor.is_cuda else lr_tensor
     torch._foreach_add_(steps, 1)  # torch's kernel reads the count after this step
     for batch in _batches(params):
         def pick(tensors, batch=batch):
@@ -114,7 +116,7 @@ def _adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
             fp32_moments = [[m.float() for m in tensors] for tensors in moments]
         else:
             fp32_moments = moments
-        fused(fp32_params, fp32_grads, *fp32_moments, group_steps, lr=lr_tensor if lr_tensor is not None else lr,
+        fused(fp32_params, fp32_grads, *fp32_moments, group_steps, lr=lr if lr_tensor is None else torch_lr,
               beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
               grad_scale=batch_scale, found_inf=found_inf)
         if bf16_moments:  # rounding.h's to_moment, each moment its own random stream (a skipped step's untouched

@@ -155,7 +155,7 @@ def _sgd_kernel(
             if WRITE == STOCHASTIC or BUFFER_DTYPE == tl.bfloat16 or BUFFER_DTYPE == tl.int8:
                 stream = _stream_key(seed, first_tensor_index + tensor, step + 1.0)  # of the count after this step
         if HAS_LR_TENSOR:
-            lr = tl.load(lr_ptr)
+            lr = tl.load(lr_ptr).to(tl.float32)  # an fp64 lr_tensor rounds once, as the float lr does
         grad_multiplier = 1.0
         if HAS_GRAD_SCALE:
             grad_multiplier = 1.0 / tl.load(grad_scale_ptr)
