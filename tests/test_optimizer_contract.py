@@ -244,6 +244,24 @@ def test_params_on_two_devices_in_one_group_raise(spec):
     assert len(opt.param_groups) == 2
 
 
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_a_step_counts_as_an_inplace_write_for_autograd(spec, backend, device):
+    """A step bumps its params' version counters, as torch's does: a retained graph's second backward, which would
+    read the stepped weights as if they were those of its forward, is refused as torch refuses it."""
+    spec = SPECS[spec]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    opt = spec.ours(model.parameters(), backend=backend, **spec.options)
+    versions = [p._version for p in model.parameters()]
+    loss = model(torch.randn(3, 4)).square().sum()
+    loss.backward(retain_graph=True)
+    opt.step()
+    assert all(p._version > v for p, v in zip(model.parameters(), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def assert_compiled_steps_match_eager(make_optimizer, dtype: torch.dtype, device: str,
                                       shapes=((3,), (70,), (130,)), float_lrs=None) -> torch.optim.Optimizer:
     """Dynamo traces step() of `make_optimizer(params)` into one graph (the op is opaque, its mutations come from
