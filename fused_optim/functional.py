@@ -75,7 +75,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if is_dtensor(input):
         return _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                              softcap, return_z_loss, inplace_backward, backend)
-    if target.is_floating_point() or input.dtype not in FLOAT_DTYPES:
+    if target.is_floating_point() or input.dtype not in FLOAT_DTYPES or torch.compiler.is_exporting():
+        # (torch.export keeps a graph's forward ops alone: the fused op's gradient would be lost, torch's ops keep it)
         loss, z = _cross_entropy_composite(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                            softcap)
         return (loss, z.detach()) if return_z_loss else loss
@@ -137,8 +138,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         return _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                                     ignore_index, label_smoothing, z_loss, softcap, return_z_loss,
                                                     batch_chunk_size, allow_retain_graph, backend)
-    if target.is_floating_point() or input.dtype not in FLOAT_DTYPES or linear_weight.dim() != 2:
-        # (C, d1, ..., in_features) weights give (N, C, d1, ...) logits: torch's reference path
+    if (target.is_floating_point() or input.dtype not in FLOAT_DTYPES or linear_weight.dim() != 2
+            or torch.compiler.is_exporting()):
+        # (C, d1, ..., in_features) weights give (N, C, d1, ...) logits, and torch.export keeps the forward ops
+        # alone: torch's reference path
         flat_bias = linear_bias.reshape(-1) if linear_bias is not None else None
         logits = F.linear(input, linear_weight.reshape(-1, linear_weight.shape[-1]), flat_bias).view(logits_shape)
         loss, z = _cross_entropy_composite(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -260,9 +263,11 @@ def _may_write_gradient_over(logits: torch.Tensor) -> bool:
 def _writable_view(view: torch.Tensor) -> bool:
     """Whether autograd lets a view be written in place: not one of several views an op returned (chunk, split,
     unbind) nor one a custom Function returned (a module's full backward hook), whose backward would then fail. Read
-    from autograd's own record of how the view was made; without it (another torch), no view is."""
+    from autograd's own record of how the view was made; without it (another torch), or under torch.compile, which
+    cannot trace that record (the graph then takes a gradient buffer of its own), no view is."""
     creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
-    return creation_meta is not None and creation_meta(view) == torch._C._autograd.CreationMeta.DEFAULT
+    return (creation_meta is not None and not torch.compiler.is_compiling()
+            and creation_meta(view) == torch._C._autograd.CreationMeta.DEFAULT)
 
 
 def _refuse_compiled_gradients(name: str, needs_grad: bool) -> None:

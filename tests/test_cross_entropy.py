@@ -1274,23 +1274,26 @@ def test_scale_grad_kernels_do_not_touch_rows_scaled_by_one(suffix):
 
 
 @pytest.mark.skipif(not TORCH_2_12, reason="torch.compile before torch 2.12 gives these zero gradients")
+@pytest.mark.parametrize("inplace_backward", [False, True])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_torch_compile_fullgraph_matches_eager(backend):
+def test_torch_compile_fullgraph_matches_eager(backend, inplace_backward):
     """Linear -> our CrossEntropyLoss compiles into one graph (no host sync, no data-dependent branch) and gives
     eager's loss and gradients. Dynamo cannot trace `loss.backward()` itself, so the backward runs outside, through
-    the compiled forward's autograd graph."""
+    the compiled forward's autograd graph. The logits are the README's `logits.view(-1, vocab)`: a view, which
+    eager writes the gradient over where autograd allows it, and the graph gives a buffer of its own."""
     torch._dynamo.reset()
     compiled_model, eager_model = torch.nn.Linear(16, 37), torch.nn.Linear(16, 37)
     eager_model.load_state_dict(compiled_model.state_dict())
-    loss_fn = fused_optim.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, backend=backend)
+    loss_fn = fused_optim.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, inplace_backward=inplace_backward,
+                                           backend=backend)
 
     def forward(model, x, target):
-        return loss_fn(model(x), target)
+        return loss_fn(model(x).view(-1, 37), target.view(-1))
 
     compiled = torch.compile(forward, fullgraph=True)
     for step in range(2):
-        x, target = torch.randn(9, 16), torch.randint(0, 37, (9,))
-        target[2] = -100
+        x, target = torch.randn(3, 3, 16), torch.randint(0, 37, (3, 3))
+        target[0, 2] = -100
         compiled_model.zero_grad()
         eager_model.zero_grad()
         with torch._dynamo.config.patch(error_on_recompile=step >= 1):  # one graph serves every step
@@ -1387,3 +1390,32 @@ def test_random_configs_match_reference(num_rows, num_classes, reduction, label_
     assert max_error(loss, ref) <= 16 * FP32_EPS * max(magnitude(ref), lse + z_loss * lse * lse)
     unit = gradient_unit(target, weight, reduction, grad_output, lse=lse, **kwargs)
     assert max_error(grad, ref_grad) <= 8 * FP32_EPS * (1 + lse) * unit
+
+
+@pytest.mark.parametrize("loss", ["CrossEntropyLoss", "LinearCrossEntropyLoss"])
+def test_torch_export_keeps_the_loss_differentiable(loss):
+    """torch.export keeps a graph's forward ops alone, so an exported loss is torch's own ops (the fused op's gradient
+    would be lost, silently where another term carries a gradient): the exported module's loss and gradients are
+    eager's."""
+    torch.manual_seed(0)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(16, 37)
+            self.ce = fused_optim.CrossEntropyLoss(label_smoothing=0.1, backend="cpu")
+            self.linear_ce = fused_optim.LinearCrossEntropyLoss(16, 37, backend="cpu")
+
+        def forward(self, x, target):
+            if loss == "CrossEntropyLoss":
+                return self.ce(self.head(x), target) + 1e-3 * x.square().mean()
+            return self.linear_ce(x, target)
+
+    model, x, target = Model(), torch.randn(8, 16, requires_grad=True), torch.randint(0, 37, (8,))
+    exported = torch.export.export(model, (x, target)).module()
+    results = []
+    for module in (model, exported):
+        loss_value = module(x, target)
+        results.append((loss_value, *torch.autograd.grad(loss_value, [x, *module.parameters()], allow_unused=True)))
+    for ours, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, eager)
