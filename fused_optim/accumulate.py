@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -113,6 +114,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _in_compiled_autograd() -> bool:
+    """Whether compiled autograd runs this backward: dynamo traces its hooks, or runs the graph it compiled."""
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")  # imported by whoever turned it on
+    return torch.compiler.is_compiling() or bool(getattr(compiled_autograd, "in_compiled_autograd_region", False))
+
+
 def _check_num_tokens(num_tokens: Any) -> None:
     """finalize's and release's token count: a positive, finite number, a one-element tensor (a device count, not
     read: 0 there makes the grads NaN), or None."""
@@ -156,7 +163,10 @@ class GradAccumulator:
     are already reduced, so `finalize()` all-reduces only the token count, and clipping takes the norm over the
     whole mesh. FSDP2 averages the ranks' gradients (its default divide factor, which `finalize()` assumes and
     undoes in the same multiply): the global token count is what divides. With a 2-D (FSDP x TP) mesh, pass the
-    data-parallel group as `process_group`: tensor-parallel ranks share their tokens.
+    data-parallel group as `process_group`: tensor-parallel ranks share their tokens. FSDP2 sums the unsynced
+    micro-batches in its reduce dtype: with bf16 or fp16 params give it
+    `mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32)`, or it adds them in bf16 before `accumulate()` sees
+    them (about 3x the error of fp32 sums over 32 micro-batches on 2 ranks), or keep gradient sync on for every one.
 
     With an optimizer built with `gradient_release=True`, call `release(num_tokens=...)` before the last
     micro-batch's backward instead of `finalize()` and `step()`: each param is stepped inside that backward.
@@ -286,8 +296,13 @@ class GradAccumulator:
     def released_grad(self, i: int, p: Tensor, stepper: weakref.WeakMethod) -> Tensor | None:
         """For a gradient_release optimizer's hook `stepper` (held weakly) on param i: accumulates its new grad, and
         returns the main grad to step it with when `release()` armed this backward (divided by the token count),
-        else None. The armed backward's end steps, through their hooks, the params that got a grad in an earlier micro-batch
-        but none in it, as `finalize()` + `step()` would."""
+        else None. The armed backward's end steps, through their hooks, the params that got a grad in an earlier
+        micro-batch but none in it, as `finalize()` + `step()` would."""
+        if i in self._armed and not self._end_queued and _in_compiled_autograd():  # before anything is taken
+            raise RuntimeError("GradAccumulator.release() cannot step params in a backward that compiled autograd "
+                               "runs: the end of that backward, where the params that got a grad in an earlier "
+                               "micro-batch alone are stepped, is not called there. Run the last micro-batch's "
+                               "backward without compiled autograd, or use finalize() and step()")
         self._accumulate_one(i, p)
         self._steppers[i] = stepper
         if i not in self._armed:

@@ -536,6 +536,8 @@ def bad_inputs(rank: int, world: int) -> dict:
             errors[name] = (type(error).__name__, str(error))
 
     record("mixed group", lambda: fused_optim.AdamW([sharded, torch.nn.Parameter(torch.randn(3))]))
+    record("gradient release", lambda: fused_optim.AdamW([sharded], gradient_release=True))
+    release_hooks = len(sharded._post_accumulate_grad_hooks or {})
     opt = fused_optim.AdamW([sharded], lr=0.1)
     sharded.grad = distribute_tensor(torch.ones(6, 3), mesh, [Shard(0)])
     opt.step()
@@ -543,6 +545,13 @@ def bad_inputs(rank: int, world: int) -> dict:
     sharded.grad = distribute_tensor(torch.ones(6, 3), mesh, [Replicate()])
     record("grad placements", opt.step)
     unchanged = torch.equal(before, full(sharded)) and float(opt.state[sharded]["step"]) == step_before
+    other_mesh = init_device_mesh("cpu", (1, world))
+    for name, exp_avg in (("plain", torch.zeros(6, 3)),
+                          ("another mesh", distribute_tensor(torch.zeros(6, 3), other_mesh, [Replicate(), Shard(0)]))):
+        saved = opt.state_dict()
+        saved["state"][0]["exp_avg"] = exp_avg
+        record(f"load {name} state", lambda saved=saved: opt.load_state_dict(saved))
+    unchanged = unchanged and torch.equal(before, full(sharded)) and float(opt.state[sharded]["step"]) == step_before
     plain = torch.zeros(6, 3)
     record("op with a mixed list", lambda: adam_step(
         [sharded], [plain], [plain], [plain], [], [], [torch.zeros(())], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
@@ -554,7 +563,7 @@ def bad_inputs(rank: int, world: int) -> dict:
         record(f"op with {name} of another layout", lambda lists=lists: adam_step(
             [sharded], [lists[0]], [lists[1]], [lists[2]], [], [], [torch.zeros(())], lr=0.1, beta1=0.9, beta2=0.99,
             eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False, maximize=False))
-    return {"errors": errors, "unchanged": unchanged}
+    return {"errors": errors, "unchanged": unchanged, "release_hooks": release_hooks}
 
 
 def on_four_ranks(rank: int, world: int, path: str) -> dict:
@@ -978,6 +987,17 @@ def test_bad_inputs_get_one_sentence_and_change_nothing(two):
         for name in ("grads", "exp_avgs", "exp_avg_sqs"):
             assert errors[f"op with {name} of another layout"] == (
                 "RuntimeError", "adam_step: every DTensor must have the mesh and placements of its param.")
+        # on any number of ranks, FSDP2's DTensor params are refused as such (not as a multi-process run), and
+        # nothing is left hooked
+        assert errors["gradient release"][0] == "ValueError" and "does not take DTensor params" in (
+            errors["gradient release"][1])
+        assert result["bad"]["release_hooks"] == 0
+        assert errors["load plain state"] == ("ValueError", "loaded state dict's 'exp_avg' of param 0 is a plain "
+                                              "tensor, but the param is a DTensor on the mesh of ranks [0, 1]: load "
+                                              "a state saved on the param's mesh (any placements; "
+                                              "torch.distributed.checkpoint reshards one saved on another)")
+        assert errors["load another mesh state"][0] == "ValueError" and (
+            "is a DTensor on the mesh of ranks [[0, 1]]" in errors["load another mesh state"][1])
         assert result["bad"]["unchanged"]
 
 

@@ -116,6 +116,23 @@ def test_a_compiled_model_releases_its_grads_as_an_eager_one_does(name):
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_a_node_that_still_reads_a_stepped_param_is_refused_as_torch_refuses_it(name, backend, device):
+    """A param whose own grad is complete while a later node of the same backward still reads it (here through
+    `w.detach()`): the release steps it in place, and autograd refuses the node that would compute with the new
+    values ("modified by an inplace operation"), as it refuses torch's own per-param hook recipe."""
+    cls, kwargs = OPTIMIZERS[name]
+    torch.manual_seed(0)
+    layer, w = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.randn(3, 4))
+    opt = cls([*layer.parameters(), w], backend=backend, gradient_release=True, **kwargs)
+    h = layer(torch.randn(2, 4))
+    loss = (h @ w.detach().t()).square().sum() + w.square().sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    del opt
+
+
 def test_no_two_grads_are_alive_at_once():
     model = make_model()
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
@@ -177,7 +194,8 @@ def test_what_needs_every_grad_first_is_refused():
         scaler.scale([loss])[0].backward()
     assert_identical([p.detach() for p in model.parameters()], before)
     assert len(opt.state) == 0
-    model.zero_grad()
+    # the refusing param's scaled grad is gone too: a later step() or backward would step with it
+    assert all(p.grad is None for p in model.parameters())
     backward(model, 0)  # a backward of a loss not scaled still steps
     assert len(opt.state) == len(list(model.parameters()))
 
@@ -215,6 +233,7 @@ def test_a_reentrant_checkpoint_is_refused_in_one_sentence():
         model(torch.randn(4, 8), use_reentrant=True).backward()
     assert_identical([model.tied.detach(), model.inner.detach()], inside)
     assert model.tied not in opt.state
+    assert model.inner.grad is None  # not the segment's part of it, which step() would then step with
 
 
 def test_a_non_reentrant_checkpoint_steps_a_tied_param_once():
@@ -271,7 +290,8 @@ def test_step_warns_when_backward_stepped_a_param_twice_since_the_last_one():
     opt = fused_optim.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
     backward(model, 0)
     backward(model, 1)
-    with pytest.warns(UserWarning, match="stepped params 10 times in backward since the last step\\(\\), for 5 "):
+    with pytest.warns(UserWarning, match="stepped 5 params more than once in backward since the last step\\(\\) "
+                                         "\\(up to 2 times\\)"):
         opt.step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -282,6 +302,18 @@ def test_step_warns_when_backward_stepped_a_param_twice_since_the_last_one():
         backward(model, 2)
         accumulator.release(num_tokens=torch.tensor(4))
         backward(model, 3)
+        opt.step()
+
+
+def test_step_warns_when_backwards_that_reach_a_part_each_stepped_a_shared_param_twice():
+    """Each backward reaches the shared layer and one expert of several (a mixture of experts): fewer releases than
+    there are params, yet the shared layer was stepped twice, and step() says so."""
+    torch.manual_seed(0)
+    shared, experts = torch.nn.Linear(4, 4), torch.nn.ModuleList(torch.nn.Linear(4, 2) for _ in range(4))
+    opt = fused_optim.SGD([*shared.parameters(), *experts.parameters()], lr=0.1, gradient_release=True)
+    for expert in experts[:2]:
+        expert(shared(torch.randn(3, 4))).square().sum().backward()
+    with pytest.warns(UserWarning, match="stepped 2 params more than once"):
         opt.step()
 
 
@@ -340,6 +372,28 @@ def test_released_steps_draw_the_ordinary_steps_random_bits(options):
     (released, released_state), (ordinary, ordinary_state) = results
     assert_identical(released, ordinary)
     assert_identical(released_state, ordinary_state)
+
+
+@pytest.mark.parametrize("options", STOCHASTIC.values(), ids=STOCHASTIC)
+def test_params_cast_after_they_were_hooked_draw_the_ordinary_steps_random_bits(options):
+    """Some layers of an fp32 model cast to bf16 after the optimizer hooked them (norms kept fp32): their kind of
+    op call changes, and the release numbers the group again to draw the ordinary step's bits (autocast runs the
+    mixed model)."""
+    results = []
+    for release in (True, False):
+        model = make_model()
+        cls = fused_optim.AdamW if "moments" in options else fused_optim.Lion
+        opt = cls(model.parameters(), lr=1e-2, gradient_release=release, **options)
+        for step in range(4):
+            if step == 2:
+                model[0].bfloat16()
+                model[4].bfloat16()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                backward(model, step)
+            opt.step()
+            opt.zero_grad()
+        results.append(([p.detach().clone() for p in model.parameters()], opt.state_dict()["state"]))
+    assert_identical(*results)
 
 
 def test_a_param_unfrozen_after_the_constructor_is_trained():
@@ -550,3 +604,27 @@ def test_step_steps_the_grads_no_hook_took(name):
         ordinary_opt.zero_grad()
     assert_identical([p.detach() for p in released.parameters()], [p.detach() for p in ordinary.parameters()])
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
+
+
+def test_an_accumulators_release_under_compiled_autograd_is_refused_before_anything_steps():
+    """Compiled autograd does not call the end of its backward, where release() steps the params that got a grad in
+    an earlier micro-batch alone: the armed backward is refused at its first param, nothing taken or stepped."""
+    torch._dynamo.reset()
+    model, extra = make_model(), torch.nn.Linear(8, 3)
+    params = [*model.parameters(), *extra.parameters()]
+    opt = fused_optim.AdamW(params, lr=1e-2, gradient_release=True)
+    accumulator = fused_optim.GradAccumulator(params, use_hooks=True)
+    x = torch.randn(6, 8)
+    (model(x).square().mean() + extra(x).square().mean()).backward()  # extra gets a grad in this micro-batch alone
+    main_grads = [g.clone() for g in accumulator.main_grads]
+    accumulator.release(num_tokens=12)
+
+    def last_backward(x):
+        model(x).square().mean().backward()
+
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        with pytest.raises(RuntimeError, match="cannot step params in a backward that compiled autograd runs"):
+            torch.compile(last_backward, backend="aot_eager")(x)
+    assert len(opt.state) == 0 and all(p.grad is None for p in params)
+    assert_identical(list(accumulator.main_grads), main_grads)
+    torch._dynamo.reset()

@@ -383,11 +383,11 @@ class FusedOptimizer(Optimizer):
         self._local_seeds: dict[int, int] = {}
         # gradient release: each param's own one-param view of its group, and its hook's handle (add_param_group)
         self.gradient_release = gradient_release
-        if gradient_release:
-            _check_single_process(type(self).__name__)
         self._new_release_hooks()
         try:
             super().__init__(params, defaults)
+            if gradient_release:  # after the groups' own checks: FSDP2's DTensor params are refused as such
+                _check_single_process(type(self).__name__)
         except BaseException:  # a later group refused: the earlier groups' hooks go too (nothing is left behind)
             self._unhook(list(self._release_hooks))
             raise
@@ -467,11 +467,11 @@ class FusedOptimizer(Optimizer):
     def _new_release_hooks(self) -> None:
         """Gradient release's per-param (own entries, live group) pairs, which each release makes its one-param view
         of, and hook handles, empty; the hooks go when the optimizer does."""
-        self._release_views: dict[Tensor, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._release_views: dict[Tensor, tuple[dict[str, Any], dict[str, Any], torch.dtype]] = {}
         self._release_hooks: dict[Tensor, Any] = {}
-        # params stepped in backward since the last step(): more than are hooked means a param stepped twice, which
-        # step() warns of (a framework's own gradient accumulation, which knows nothing of gradient release)
-        self._releases = 0
+        # how often each param was stepped in backward since the last step(): twice is a framework's own gradient
+        # accumulation, which knows nothing of gradient release, and step() warns of it
+        self._release_counts: Counter = Counter()
         remove_when_collected(self, self._release_hooks.values())
 
     def _hook_group(self, group: dict[str, Any], take_over: bool = False) -> list[Tensor]:
@@ -495,8 +495,12 @@ class FusedOptimizer(Optimizer):
             owner = _release_owner(p)
             if not (known or take_over or owner is None or owner is self):
                 continue
-            kind = self._kind(p, self.state.get(p, {}), group)
-            self._release_views[p] = (_own_entries(p, group, places[kind]), group)  # (re)pointed at the live group
+            state = self.state.get(p, {})
+            if state:  # made for a dtype or layout p has left (cast since): made again first, as the ordinary step
+                self._follow_param(p, state, group)  # does before it sorts the params by kind
+            kind = self._kind(p, state, group)
+            # (re)pointed at the live group; the dtype its place was counted for (a param cast since moves kind)
+            self._release_views[p] = (_own_entries(p, group, places[kind]), group, p.dtype)
             if p.requires_grad:
                 places[kind] += 1
             if not known:
@@ -526,20 +530,27 @@ class FusedOptimizer(Optimizer):
         if torch.is_grad_enabled():  # backward(create_graph=True); else backward has grad mode off already, and
             with torch.no_grad():  # @torch.no_grad() would cost 13-18 us a param here, a tenth of the release
                 return self._release(p)
-        _check_single_process(type(self).__name__)  # torch.distributed may have started after the constructor
-        _check_not_reentrant(type(self).__name__)
-        _check_not_scaled(type(self).__name__)
         entry = accumulator_of(p)
         grad = p.grad
-        if entry is not None:  # a GradAccumulator's param: step only in the backward its release() armed
-            accumulator, index = entry
-            grad = accumulator.released_grad(index, p, weakref.WeakMethod(self._release))
-            if grad is None:
-                return
-        own, group = self._release_views[p]
+        try:
+            _check_single_process(type(self).__name__)  # torch.distributed may have started since the constructor
+            _check_not_reentrant(type(self).__name__)
+            _check_not_scaled(type(self).__name__)
+            if entry is not None:  # a GradAccumulator's param: step only in the backward its release() armed
+                accumulator, index = entry
+                grad = accumulator.released_grad(index, p, weakref.WeakMethod(self._release))
+        except RuntimeError:
+            p.grad = None  # the refused backward's (scaled, or a segment's part): a later step() would step with it
+            raise
+        if grad is None:
+            return
+        own, group, dtype = self._release_views[p]
+        if p.dtype != dtype:  # cast since it was hooked (a model's layers to bf16): its group is numbered again
+            self._hook_group(group)
+            own, group, _ = self._release_views[p]
         self._step_alone(p, grad, own, group)
         p.grad = None
-        self._releases += 1
+        self._release_counts[p] += 1
         if entry is not None:
             accumulator.released(index)
 
@@ -611,14 +622,15 @@ class FusedOptimizer(Optimizer):
     def _warn_of_repeated_releases(self) -> None:
         """Gradient release's step() ends a step: if backward stepped a param twice since the last one, the caller
         meant its grads to add up (micro-batches, several losses) and each backward was an optimizer step instead."""
-        if self._releases > len(self._release_hooks):
-            warnings.warn(f"{type(self).__name__}: gradient_release=True stepped params {self._releases} times in "
-                          f"backward since the last step(), for {len(self._release_hooks)} params: each backward is "
+        repeated = [count for count in self._release_counts.values() if count > 1]
+        if repeated:
+            warnings.warn(f"{type(self).__name__}: gradient_release=True stepped {len(repeated)} params more than "
+                          f"once in backward since the last step() (up to {max(repeated)} times): each backward is "
                           "an optimizer step of its own. To accumulate micro-batches use fused_optim.GradAccumulator "
                           "(its release() arms the last backward), not a framework's own gradient accumulation, "
                           "which steps every micro-batch here",
                           stacklevel=5)  # the caller of step(): past it, torch's no_grad and its step-hook wrappers
-        self._releases = 0
+        self._release_counts.clear()
 
     def _release_unhooked(self) -> None:
         """Gradient release's step(): a param that began to take grads after its group was hooked (unfrozen since)
@@ -1094,6 +1106,10 @@ def check_saved_state(optimizer: FusedOptimizer, state_dict: dict[str, Any], mom
                 if value.shape != p.shape:
                     raise ValueError(f"loaded state dict's {key!r} of param {param_id} has shape "
                                      f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
+                if is_dtensor(value) != is_dtensor(p) or (is_dtensor(p) and value.device_mesh != p.device_mesh):
+                    raise ValueError(f"loaded state dict's {key!r} of param {param_id} is {_sharding(value)}, but the "
+                                     f"param is {_sharding(p)}: load a state saved on the param's mesh (any "
+                                     "placements; torch.distributed.checkpoint reshards one saved on another)")
             _check_saved_codes(saved, param_id, p, moment_keys)
             remainder = saved.get("master_remainder")
             if remainder is not None and (remainder.dtype not in REMAINDER_DTYPES or p.dtype not in JOINS_REMAINDERS):
@@ -1105,6 +1121,11 @@ def check_saved_state(optimizer: FusedOptimizer, state_dict: dict[str, Any], mom
                                                                             and step.numel() == 1)):
                 raise TypeError(f"loaded state dict's 'step' of param {param_id} must be a number or a one-element "
                                 f"tensor, not {step!r}")
+
+
+def _sharding(t: Tensor) -> str:
+    """How t is laid out over the ranks, in words: its mesh's ranks (a 2-D mesh as rows), or none."""
+    return f"a DTensor on the mesh of ranks {t.device_mesh.mesh.tolist()}" if is_dtensor(t) else "a plain tensor"
 
 
 def _check_saved_codes(saved: dict[str, Any], param_id: Any, p: Tensor, moment_keys: dict[str, bool]) -> None:
