@@ -102,11 +102,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         if needs_grad:  # the kernels take one row stride for both: a row-strided view gets a gradient like it
             grad = logits if inplace else torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype,
                                                               device=logits.device)
-        # The ops count their write to `grad` (ops/_library.py's _count_writes): where it is the logits, a graph
-        # that saved them for another backward raises "modified by an inplace operation" instead of using the
-        # gradient as logits.
         loss_rows, lse = rows(logits, target, kernel_weight, scales, grad, ignore_index, label_smoothing, z_loss,
                               softcap)
+        if grad is logits:
+            # Autograd must know the logits now hold the gradient: a graph that saved them for another
+            # backward raises "modified by an inplace operation" instead of using the gradient as logits.
+            torch.autograd.graph.increment_version(logits)
         ctx.backend, ctx.scaled = backend, grad is None
         ctx.ignored_rows = target == ignore_index if reduction == "none" else None
         loss, z = reduce_rows(loss_rows, lse, divisors, z_loss, reduction, loss_dtype(logits.dtype, logits.device))

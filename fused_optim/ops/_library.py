@@ -47,7 +47,6 @@ def define_op(name: str, schema: str, *, fake: Callable, torch_impl: Callable, t
         # no op has a derivative: its outputs do not require grad whatever its inputs do (autograd's fallback for an
         # op with no autograd kernel would mark them, and a backward through them would give None with a warning)
         lib.impl(op_name, torch.library.fallthrough_kernel, "Autograd")
-        _count_writes(op_name)
     lib.impl(names["torch"], _without_autograd(torch_impl), "CompositeExplicitAutograd")
     for dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
         lib.impl(names["triton"], triton_impl, dispatch_key)
@@ -56,27 +55,13 @@ def define_op(name: str, schema: str, *, fake: Callable, torch_impl: Callable, t
     _OP_NAMES[name] = names
 
 
-def _count_writes(op_name: str) -> None:
-    """Registers op `op_name`'s ADInplaceOrView kernel: it bumps the version counter of every tensor the schema says
-    the op writes, as torch's own in-place ops do, then runs the op. Autograd then refuses a backward that would
-    read a saved tensor an op has written since (a param stepped by gradient release while a later node of the same
-    backward still needs it, or between two backwards of a retained graph), where it would silently compute with
-    the new values. Under torch.compile it is traced as the ops' mutations are, through the schema."""
-    op = getattr(torch.ops.fused_optim, op_name).default
-    written = [(index, arg.name) for index, arg in enumerate(op._schema.arguments)
-               if arg.alias_info is not None and arg.alias_info.is_write]
-    if not written:
-        return
-
-    def count_then_run(keyset, *args, **kwargs):
-        for index, name in written:
-            tensors = args[index] if index < len(args) else kwargs.get(name)
-            if tensors is not None:  # an optional tensor not given
-                torch.autograd.graph.increment_version(tensors)
-        with torch._C._AutoDispatchBelowADInplaceOrView():
-            return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
-
-    lib.impl(op_name, count_then_run, "ADInplaceOrView", with_keyset=True)
+def count_writes(params) -> None:
+    """A step writes its params in place: their version counters are bumped, as torch's optimizers' in-place ops
+    bump them, so autograd refuses a backward that would read a param stepped since it was saved (gradient release
+    stepping it while a later node of the same backward still needs it, or a step between two backwards of a
+    retained graph), where it would silently compute with the new values. Done here, once per step, not by an
+    ADInplaceOrView kernel of the ops, which would pass all of their tensor lists through Python on every call."""
+    torch.autograd.graph.increment_version(params)
 
 
 def _without_autograd(torch_impl: Callable) -> Callable:

@@ -17,8 +17,8 @@ import torch
 from fused_optim import _chunks
 from fused_optim.master_remainder import are_remainders, join_master, store_split
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, piece, piece_scales, pieces,
-                                      real_views, resolve_op, split_wide, step_scalars)
+from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, count_writes, define_op, piece, piece_scales,
+                                      pieces, real_views, resolve_op, split_wide, step_scalars)
 from fused_optim.int8_moments import dequantize, quantize
 from fused_optim.rounding import bf16_stochastic_round, moment_bits16
 
@@ -187,6 +187,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     """
     if not params:
         return
+    count_writes(params)
     # one call per DTensor layout, each with its shards' seed
     calls = _dtensor.by_layout(seed, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
                                       list(moment_scales)])

@@ -17,7 +17,7 @@ import torch
 
 from fused_optim.int8_moments import dequantize, quantize
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip,
+from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, count_writes, define_op, grad_multiplier_and_skip,
                                       param_masters, piece, piece_scales, pieces, real_views, resolve_op, split_wide,
                                       step_scalars, store_update, update_start)
 from fused_optim.rounding import bf16_stochastic_round, moment_bits16
@@ -112,6 +112,7 @@ def lion_step(params, grads, exp_avgs, master_params, steps, moment_scales=(), *
     """
     if not params:
         return
+    count_writes(params)
     # one call per DTensor layout, each with its shards' seed
     calls = _dtensor.by_layout(seed, [params, grads, exp_avgs, master_params, steps, list(moment_scales)])
     for seed, (params, grads, exp_avgs, master_params, steps, moment_scales) in calls:

@@ -18,7 +18,7 @@ import torch
 
 from fused_optim.int8_moments import dequantize, quantize
 from fused_optim.ops import _dtensor
-from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, define_op, grad_multiplier_and_skip,
+from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, count_writes, define_op, grad_multiplier_and_skip,
                                       param_masters, piece, piece_scales, pieces, real_views, resolve_op, split_wide,
                                       step_scalars, store_update, update_start)
 from fused_optim.rounding import bf16_stochastic_round, moment_bits16
@@ -133,6 +133,7 @@ def sgd_step(params, grads, momentum_buffers, steps, moment_scales=(), *, lr, mo
     """
     if not params:
         return
+    count_writes(params)
     # one call per DTensor layout, each with its shards' seed
     calls = _dtensor.by_layout(seed, [params, grads, momentum_buffers, list(master_params), steps,
                                       list(moment_scales)])
