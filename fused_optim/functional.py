@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from fused_optim import _backend, _loss_checks
 from fused_optim.autograd import vocab_parallel
 from fused_optim.autograd.cross_entropy import CrossEntropyFunction, autocast_enabled
-from fused_optim.autograd.linear_cross_entropy import LinearCrossEntropyFunction, chunk_rows
+from fused_optim.autograd.linear_cross_entropy import LinearCrossEntropyFunction, chunk_dtype, chunk_rows
 from fused_optim.autograd.vocab_parallel import VocabShard
 from fused_optim.ops._dtensor import is_dtensor
 from fused_optim.ops._library import FLOAT_DTYPES
@@ -109,7 +109,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     """torch.nn.functional.linear_cross_entropy (torch 2.14), fused and chunked: the (N, C) logits are never
     held in full, only one chunk of rows at a time (fused_optim/autograd/linear_cross_entropy.py).
 
-    `options` (a torch.nn.LinearCrossEntropyOptions) is honoured for its `batch_chunk_size` and
+    `options` (a torch.nn.LinearCrossEntropyOptions) is honoured for its `batch_chunk_size`, `chunking_method` and
     `allow_retain_graph`; the chunked path is always taken, accumulating in fp32. A (C, d1, ..., in_features)
     `linear_weight` runs torch's reference path.
 
@@ -124,7 +124,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # torch 2.14 on
     if options is not None and options_type is not None and not isinstance(options, options_type):
         raise TypeError(f"options must be a torch.nn.LinearCrossEntropyOptions or None, not {type(options).__name__}")
-    batch_chunk_size = getattr(options, "batch_chunk_size", None)
+    batch_chunk_size = _options_chunk_size(options, input.shape[0] if input.dim() > 1 else 1, input.shape[-1],
+                                           linear_weight.shape[0] if linear_weight.dim() > 0 else 1)
     allow_retain_graph = getattr(options, "allow_retain_graph", False)
     ignore_index = -100 if ignore_index is None else ignore_index
     softcap = _check_extras(z_loss, softcap)
@@ -151,11 +152,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     input, linear_weight, linear_bias = _autocast_linear(input, linear_weight, linear_bias)
     x = input.unsqueeze(0) if input.dim() == 1 else input
     num_classes = linear_weight.shape[0]
-    rows = chunk_rows(x.shape[0], num_classes, x.dtype, x.device, batch_chunk_size)
+    chunking = chunk_rows(x.shape[0], num_classes, x.dtype, x.device, batch_chunk_size), chunk_dtype(x.dtype, x.device)
     _refuse_compiled_gradients("linear_cross_entropy", _any_grad(x, linear_weight, linear_bias))
     loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), linear_weight.contiguous(), linear_bias,
                                                _index_target(target), _class_weight(weight), reduction,
-                                               ignore_index, label_smoothing, float(z_loss), softcap, rows,
+                                               ignore_index, label_smoothing, float(z_loss), softcap, chunking,
                                                torch.is_grad_enabled(), backend, None, allow_retain_graph)
     if reduction == "none":
         loss, z = loss.view(rows_shape), z.view(rows_shape)
@@ -205,12 +206,13 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
     local_weight = linear_weight.to_local()
     local_bias = linear_bias.to_local() if linear_bias is not None else None
     # chunks sized by the largest shard's width, not this rank's: every rank must run as many chunks (each gathers)
-    rows = chunk_rows(x.shape[0], shard.widest_shard, x.dtype, x.device, batch_chunk_size)
+    chunking = (chunk_rows(x.shape[0], shard.widest_shard, x.dtype, x.device, batch_chunk_size),
+                chunk_dtype(x.dtype, x.device))
     _refuse_compiled_gradients("linear_cross_entropy", _any_grad(x, local_weight, local_bias))
     loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), local_weight.contiguous(), local_bias, target,
                                                _class_weight(weight), reduction, ignore_index, label_smoothing,
-                                               float(z_loss), softcap, rows, torch.is_grad_enabled(), backend, shard,
-                                               allow_retain_graph)
+                                               float(z_loss), softcap, chunking, torch.is_grad_enabled(), backend,
+                                               shard, allow_retain_graph)
     loss, z = shard.replicated(loss), shard.replicated(z)
     return (loss, z) if return_z_loss else loss
 
@@ -268,6 +270,23 @@ def _writable_view(view: torch.Tensor) -> bool:
     creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
     return (creation_meta is not None and not torch.compiler.is_compiling()
             and creation_meta(view) == torch._C._autograd.CreationMeta.DEFAULT)
+
+
+def _options_chunk_size(options, num_rows: int, in_features: int, num_classes: int) -> int | None:
+    """The rows per chunk LinearCrossEntropyOptions asks for: its batch_chunk_size, or what its chunking_method
+    gives ("aspect_ratio[:k]": the power of two at or above N / ceil(V / d), over k: torch's rule), with torch's
+    ValueError where both are given and differ; None for ours (a budget of bytes per chunk)."""
+    size = getattr(options, "batch_chunk_size", None)
+    method = getattr(options, "chunking_method", None)
+    if method in (None, "auto"):
+        return size
+    factor = int(method.split(":", 1)[1]) if ":" in method else 1
+    target = -(-num_rows // -(-num_classes // max(1, in_features)))
+    from_method = max(1, min((1 << (target - 1).bit_length()) // factor, num_rows))
+    if size is not None and size != from_method:
+        raise ValueError(f"batch_chunk_size (={size}) and chunking_method ('{method}') give different chunk sizes "
+                         f"({size} vs {from_method}); pass only one.")
+    return from_method
 
 
 def _refuse_compiled_gradients(name: str, needs_grad: bool) -> None:

@@ -209,6 +209,48 @@ def test_default_chunking_splits_rows_unevenly(backend, device, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not TORCH_HAS_LINEAR_CE, reason="torch.nn.functional.linear_cross_entropy is torch 2.14's")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_on_the_cpu_is_as_accurate_as_torchs_chunked_path(cpu_backend, dtype):
+    """On the CPU a bf16/fp16 chunk's logits and their gradient are fp32 (torch's "accurate" policy there): the
+    gradient is not rounded before the input gradient's GEMM (which doubled that error). Mean errors against
+    float64 over seeds, beside torch's chunked path (given options, as ours)."""
+    errors = {"ours": [0.0] * 3, "torch": [0.0] * 3}
+    for seed in range(4):
+        torch.manual_seed(seed)
+        x, linear_weight, linear_bias, target, _ = make_case(64, 32, 256, dtype, bias=True)
+        inputs = (x, linear_weight, linear_bias)
+        ref_inputs = [t.double().requires_grad_() for t in inputs]
+        ref, _ = reference_loss(*ref_inputs, target, "sum")
+        ref_grads = torch.autograd.grad(ref, ref_inputs)
+        for name, loss_fn in (("ours", lambda *a, **k: FF.linear_cross_entropy(*a, **k, backend=cpu_backend)),
+                              ("torch", F.linear_cross_entropy)):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            loss = loss_fn(leaves[0], leaves[1], target, linear_bias=leaves[2], reduction="sum",
+                           options=LinearCrossEntropyOptions())
+            for i, (grad, ref_grad) in enumerate(zip(torch.autograd.grad(loss, leaves), ref_grads)):
+                errors[name][i] += (grad.double() - ref_grad).abs().mean().item()
+    for ours, theirs, name in zip(errors["ours"], errors["torch"], ("input", "linear_weight", "linear_bias")):
+        assert ours <= 1.01 * theirs, (name, ours, theirs)
+
+
+@pytest.mark.skipif(not TORCH_HAS_LINEAR_CE, reason="torch.nn.functional.linear_cross_entropy is torch 2.14's")
+def test_options_chunking_method_is_honoured_and_a_conflict_refused_as_torchs(monkeypatch):
+    """"aspect_ratio:k" chunks as torch's rule says (here 6 rows, d = 8, V = 10: 4 rows), and given with a
+    batch_chunk_size that differs, it is refused in torch's words."""
+    x, linear_weight, _, target, _ = make_case(6, 8, 10, torch.float32)
+    rows_seen = []
+    chunk_rows = lce_autograd.chunk_rows
+    monkeypatch.setattr(FF, "chunk_rows", lambda *args: rows_seen.append(chunk_rows(*args)) or rows_seen[-1])
+    FF.linear_cross_entropy(x, linear_weight, target, options=LinearCrossEntropyOptions(chunking_method="aspect_ratio"))
+    assert rows_seen == [4]
+    conflict = LinearCrossEntropyOptions(batch_chunk_size=5, chunking_method="aspect_ratio")
+    with pytest.raises(ValueError) as theirs:
+        F.linear_cross_entropy(x, linear_weight, target, options=conflict)
+    with pytest.raises(ValueError, match=re.escape(str(theirs.value))):
+        FF.linear_cross_entropy(x, linear_weight, target, options=conflict)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # shapes, partial gradients, autograd contract
 

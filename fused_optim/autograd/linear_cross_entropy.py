@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_optim.autograd.cross_entropy import (incoming_row_scale, loss_dtype, reduce_rows, reduction_scales,
-                                                rows_op)
+from fused_optim.autograd.cross_entropy import (autocast_enabled, incoming_row_scale, loss_dtype, reduce_rows,
+                                                reduction_scales, rows_op)
 from fused_optim.autograd.differentiable_once import differentiable_once
 from fused_optim.ops import cross_entropy as ops
 
@@ -25,28 +25,41 @@ CHUNK_BYTES = {"cuda": 256 << 20}
 DEFAULT_CHUNK_BYTES = 32 << 20
 
 
+def chunk_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of a chunk's logits and their gradient, for inputs of `dtype`: fp32 for bf16/fp16 on the CPU,
+    whose low-precision GEMMs are emulated in fp32 anyway (torch's "accurate" policy there: a gradient rounded to
+    bf16 before the input gradient's GEMM doubles its error), but under autocast autocast's, as F.linear's there;
+    else the input's (on a GPU each GEMM accumulates in fp32)."""
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if device.type == "cpu" and low_precision and not autocast_enabled("cpu") else dtype
+
+
 def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torch.device,
                batch_chunk_size: int | None = None) -> int:
     if batch_chunk_size is not None:
         return batch_chunk_size
     budget = CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
-    return max(1, min(num_rows, budget // max(1, num_classes * dtype.itemsize)))
+    return max(1, min(num_rows, budget // max(1, num_classes * chunk_dtype(dtype, device).itemsize)))
 
 
 class _Chunks:
     """The per-chunk work shared by the forward ("mean"/"sum") and the recomputing backward ("none")."""
 
-    def __init__(self, input, linear_weight, linear_bias, target, weight, scales, options, rows, backend, vocab):
+    def __init__(self, input, linear_weight, linear_bias, target, weight, scales, options, chunking, backend, vocab):
+        # chunking: (rows per chunk, the chunks' dtype), as chunk_rows and chunk_dtype chose them in the forward
         self.input, self.linear_weight, self.linear_bias, self.target = input, linear_weight, linear_bias, target
-        self.scales, self.options, self.rows, self.backend = scales, options, rows, backend
+        self.scales, self.options, (self.rows, self.dtype), self.backend = scales, options, chunking, backend
         self.forward_op, self.weight, _ = rows_op(backend, input.device, weight, vocab)
+        # the lm head in the chunks' dtype (an fp32 copy of a bf16 one on the CPU, made once)
+        self.head_weight = linear_weight.to(self.dtype)
+        self.head_bias = None if linear_bias is None else linear_bias.to(self.dtype)
 
     def logits(self, start, end, buffer):
         """The chunk's logits, written into `buffer` (one allocation for every chunk: two chunks are never alive)."""
-        x, out = self.input[start:end], buffer[: end - start]
-        if self.linear_bias is None:
-            return torch.mm(x, self.linear_weight.t(), out=out)
-        return torch.addmm(self.linear_bias, x, self.linear_weight.t(), out=out)
+        x, out = self.input[start:end].to(self.dtype), buffer[: end - start]
+        if self.head_bias is None:
+            return torch.mm(x, self.head_weight.t(), out=out)
+        return torch.addmm(self.head_bias, x, self.head_weight.t(), out=out)
 
     def run(self, needs, row_scale=None):
         """Loss and lse per row (fp32), and the gradients `needs` = (input, weight, bias) asks for."""
@@ -55,14 +68,12 @@ class _Chunks:
         loss_rows = torch.empty(num_rows, dtype=torch.float32, device=device)
         lse = torch.empty_like(loss_rows)
         grad_input = torch.empty_like(self.input) if needs[0] else None
-        # Low-precision weights accumulate their gradient in fp32 on the CPU (its bf16 GEMM is emulated and slow
-        # anyway); on a GPU in the weight's dtype, each chunk's GEMM accumulating in fp32 (torch's "compact").
-        low_precision_on_cpu = self.linear_weight.dtype != torch.float32 and device.type == "cpu"
-        acc_dtype = torch.float32 if low_precision_on_cpu else self.linear_weight.dtype
-        grad_weight = torch.zeros(self.linear_weight.shape, dtype=acc_dtype, device=device) if needs[1] else None
+        # the weight's gradient accumulates in the chunks' dtype: fp32 for a low-precision one on the CPU; on a GPU
+        # in the weight's, each chunk's GEMM accumulating in fp32 (torch's "compact")
+        grad_weight = torch.zeros(self.linear_weight.shape, dtype=self.dtype, device=device) if needs[1] else None
         grad_bias = torch.zeros(num_classes, dtype=torch.float32, device=device) if needs[2] else None
         any_grad = any(needs)
-        buffer = torch.empty(min(self.rows, num_rows), num_classes, dtype=self.input.dtype, device=device)
+        buffer = torch.empty(min(self.rows, num_rows), num_classes, dtype=self.dtype, device=device)
         for start in range(0, num_rows, self.rows):
             end = min(start + self.rows, num_rows)
             logits = self.logits(start, end, buffer)
@@ -75,13 +86,12 @@ class _Chunks:
             if row_scale is not None:
                 ops.scale_grad_op(self.backend, device)(grad_logits, row_scale[start:end])
             if grad_input is not None:
-                torch.mm(grad_logits, self.linear_weight, out=grad_input[start:end])
+                if self.dtype == self.input.dtype:
+                    torch.mm(grad_logits, self.head_weight, out=grad_input[start:end])
+                else:  # rounded once, from the fp32 product
+                    grad_input[start:end] = torch.mm(grad_logits, self.head_weight)
             if grad_weight is not None:
-                x = self.input[start:end]
-                if low_precision_on_cpu:
-                    grad_weight.addmm_(grad_logits.t().float(), x.float())
-                else:
-                    grad_weight.addmm_(grad_logits.t(), x)
+                grad_weight.addmm_(grad_logits.t(), self.input[start:end].to(self.dtype))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=torch.float32)
         if grad_weight is not None:
@@ -97,19 +107,19 @@ class _Chunks:
 @torch.library.custom_op("fused_optim::linear_cross_entropy_chunks", mutates_args=())
 def chunks_op(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
               weight: Optional[Tensor], scales: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-              softcap: float, rows: int, needs: list[bool], backend: str,
+              softcap: float, rows: int, dtype: torch.dtype, needs: list[bool], backend: str,
               row_scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """_Chunks.run: (loss_rows, lse, grad_input, grad_weight, grad_bias), a gradient not asked for as an empty
     tensor (an op returns tensors, never None)."""
     chunks = _Chunks(input, linear_weight, linear_bias, target, weight, scales,
-                     (ignore_index, label_smoothing, z_loss, softcap), rows, backend, None)
+                     (ignore_index, label_smoothing, z_loss, softcap), (rows, dtype), backend, None)
     loss_rows, lse, grads = chunks.run(tuple(needs), row_scale)
     return loss_rows, lse, *(input.new_empty(0) if grad is None else grad for grad in grads)
 
 
 @chunks_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, scales, ignore_index, label_smoothing, z_loss, softcap,
-      rows, needs, backend, row_scale):
+      rows, dtype, needs, backend, row_scale):
     loss_rows = input.new_empty(input.shape[0], dtype=torch.float32)
     made = (input, linear_weight, linear_bias)
     return loss_rows, torch.empty_like(loss_rows), *(torch.empty_like(t) if need else input.new_empty(0)
@@ -118,11 +128,11 @@ def _(input, linear_weight, linear_bias, target, weight, scales, ignore_index, l
 
 def run_chunks(args: tuple, vocab, needs: tuple[bool, bool, bool], row_scale: Tensor | None = None):
     """(loss_rows, lse, (grad_input, grad_weight, grad_bias)) for `args` = (input, linear_weight, linear_bias,
-    target, weight, scales, options, rows, backend): through chunks_op for whole rows, directly for a shard."""
+    target, weight, scales, options, chunking, backend): through chunks_op for whole rows, directly for a shard."""
     if vocab is not None:
         return _Chunks(*args, vocab).run(needs, row_scale)
-    *tensors, options, rows, backend = args
-    loss_rows, lse, *grads = chunks_op(*tensors, *options, rows, list(needs), backend, row_scale)
+    *tensors, options, chunking, backend = args
+    loss_rows, lse, *grads = chunks_op(*tensors, *options, *chunking, list(needs), backend, row_scale)
     return loss_rows, lse, tuple(grad if need else None for grad, need in zip(grads, needs))
 
 
@@ -139,7 +149,7 @@ def _savable(tensor: Optional[Tensor]) -> Optional[Tensor]:
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                z_loss, softcap, rows, grad_enabled, backend, vocab=None, allow_retain_graph=False):
+                z_loss, softcap, chunking, grad_enabled, backend, vocab=None, allow_retain_graph=False):
         # input (N, H); linear_weight (V, H); linear_bias (V,) or None; target (N,) int64; weight (V,) fp32 or None;
         # grad_enabled: grad mode outside (under no_grad, ctx.needs_input_grad still reports requires_grad);
         # vocab: the VocabShard that linear_weight's rows are (weight then covers the whole vocabulary), or None;
@@ -148,7 +158,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         num_classes = vocab.num_classes if vocab is not None else linear_weight.shape[0]
         scales, divisors = reduction_scales(target, weight, num_classes, reduction, ignore_index)
         args = (input, linear_weight, linear_bias, target, weight, scales,
-                (ignore_index, label_smoothing, z_loss, softcap), rows, backend)
+                (ignore_index, label_smoothing, z_loss, softcap), chunking, backend)
         needs = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         in_forward = reduction != "none"  # the per-row incoming gradient of "none" is known only in the backward
         loss_rows, lse, grads = run_chunks(args, vocab, needs if in_forward else (False, False, False))
@@ -163,7 +173,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.allow_retain_graph = allow_retain_graph
         ctx.save_for_backward(*recompute_from, *made, loss)
         if not in_forward:
-            ctx.settings = ((ignore_index, label_smoothing, z_loss, softcap), rows, backend, vocab)
+            ctx.settings = ((ignore_index, label_smoothing, z_loss, softcap), chunking, backend, vocab)
         ctx.mark_non_differentiable(z)
         return loss, z
 
@@ -172,10 +182,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_z):
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
-            options, rows, backend, vocab = ctx.settings
+            options, chunking, backend, vocab = ctx.settings
             saved = ctx.saved_tensors[:-1]  # recompute_from: input, linear weight and bias, target, ...
             target, ignore_index = saved[3], options[0]
-            _, _, grads = run_chunks((*saved, options, rows, backend), vocab, needs,
+            _, _, grads = run_chunks((*saved, options, chunking, backend), vocab, needs,
                                      row_scale=incoming_row_scale(grad_loss, target == ignore_index))
         else:
             if ctx.scaled:
