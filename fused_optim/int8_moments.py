@@ -99,7 +99,8 @@ def _quantized(flat: Tensor, signed: bool, bits16: Tensor | None) -> tuple[Tenso
     scale_bits = (largest + 0xFFFF) >> 16
     scales = torch.where(scale_bits >= 0x8000, scale_bits - 0x10000, scale_bits).to(torch.int16).view(torch.bfloat16)
     scale = scales.float()
-    inverse = torch.where(scale > 0, 1.0 / scale, 0.0).repeat_interleave(BLOCK)[: flat.numel()]  # zero, NaN blocks: 0
+    # zero, NaN and subnormal blocks: 0 (moment_int8.h's inverse_scale)
+    inverse = torch.where(scale >= 2.0**-126, 1.0 / scale, 0.0).repeat_interleave(BLOCK)[: flat.numel()]
     quotient = flat.abs() * inverse  # just over 1 (and NaN) -> 1
     fixed = _root(torch.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if signed else 255.0) * 65536.0)
     added = 32768 if bits16 is None else bits16.to(torch.int32)

@@ -738,7 +738,10 @@ def check_24_bit_masters(backend, device, options, shapes, steps) -> None:
     (dict(master_weights=24, dtype=torch.float32), "master_weights=24 keeps a bfloat16 param's master"),
     (dict(master_weights=24, dtype=torch.float16), "every param of its group must be bfloat16"),
     (dict(master_weights=16, dtype=torch.bfloat16), "master_weights must be True .* or False, not 16"),
+    (dict(master_weights=24.0, dtype=torch.bfloat16), "master_weights must be True .* or False, not 24.0"),
     (dict(master_weights=24, stochastic_rounding=True, dtype=torch.bfloat16), "alternatives"),
+    (dict(stochastic_rounding="no", dtype=torch.bfloat16), "stochastic_rounding must be True or False, not 'no'"),
+    (dict(stochastic_rounding=True, dtype=torch.float16), "stochastic_rounding=True rounds bfloat16 params"),
 ])
 @pytest.mark.parametrize("cls", ["AdamW", "Lion", "SGD"])
 def test_bad_master_weights_are_refused_with_nothing_allocated(options, match, cls):
@@ -748,11 +751,30 @@ def test_bad_master_weights_are_refused_with_nothing_allocated(options, match, c
     params = [torch.nn.Parameter(torch.randn(3).to(dtype))]
     with pytest.raises(ValueError, match=match):
         cls(params, **options)
-    opt = cls([torch.nn.Parameter(torch.randn(3).bfloat16())], master_weights=24)
     if dtype != torch.bfloat16:  # a group added later is checked too, and nothing of it stays
+        opt = cls([torch.nn.Parameter(torch.randn(3).bfloat16())], **options)
         with pytest.raises(ValueError, match=match):
             opt.add_param_group({"params": params})
         assert len(opt.param_groups) == 1 and not opt.state
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("moments", "INT8", "moments must be 'fp32' or 'bf16' or 'int8', not 'INT8'"),
+    ("master_weights", "yes", "master_weights must be True"),
+    ("stochastic_rounding", 1, "stochastic_rounding must be True or False, not 1"),
+])
+def test_a_group_option_set_by_hand_to_a_bad_value_is_refused_at_the_step(option, value, match):
+    """The README lets a group's storage options be set by hand between steps: a bad value is refused at the next
+    step in the constructor's words (it stepped silently, "INT8" as fp32 moments), and nothing changes."""
+    param = torch.nn.Parameter(torch.randn(70).bfloat16())
+    opt = fused_optim.AdamW([param], lr=1e-2)
+    param.grad = torch.randn(70).bfloat16()
+    opt.step()
+    before = (param.detach().clone(), copy.deepcopy(opt.state_dict()["state"]))
+    opt.param_groups[0][option] = value
+    with pytest.raises(ValueError, match=re.escape("AdamW: ") + match):
+        opt.step()
+    assert_identical((param.detach(), opt.state_dict()["state"]), before)
 
 
 def test_24_bit_masters_save_compact_and_load_from_fp32_masters():

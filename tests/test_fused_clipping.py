@@ -120,6 +120,19 @@ def test_without_max_grad_norm_no_norm_is_taken():
     assert opt.last_grad_norm is None
 
 
+def test_a_step_without_grads_records_a_norm_of_zero():
+    """last_grad_norm is this step's: 0 where no param has a grad (clip_grad_norm_'s norm of no grads), not the
+    previous step's."""
+    params = make_params()
+    opt = fused_optim.AdamW(params, max_grad_norm=1.0)
+    set_grads(params, random_grads(0))
+    opt.step()
+    assert float(opt.last_grad_norm) > 0
+    opt.zero_grad()
+    opt.step()
+    assert float(opt.last_grad_norm) == 0.0
+
+
 def test_clipping_step_reads_nothing_on_the_host(cpu_backend):
     params = make_params()
     opt = fused_optim.AdamW(params, max_grad_norm=1.0, backend=cpu_backend)

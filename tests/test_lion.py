@@ -269,6 +269,22 @@ def test_decoupled_weight_decay_divides_by_the_initial_lr_as_lion_pytorch(backen
     assert_identical([p.detach() for p in copied_params], [p.detach() for p in ours])
 
 
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_int8_moments_decayed_to_subnormals_do_not_move_params_that_never_had_a_grad(backend, device):
+    """A block of int8 moments whose largest is subnormal (a moment decaying without grads) codes as zeros: 1 / its
+    scale overflowed, its zeros became whole codes, and Lion's sign stepped params no grad ever reached by a full
+    lr at every step (moment_int8.h's inverse_scale)."""
+    param = torch.nn.Parameter(torch.zeros(65, device=device))
+    opt = fused_optim.Lion([param], lr=0.1, moments="int8", backend=backend)
+    for step in range(4):
+        param.grad = torch.zeros(65, device=device)
+        param.grad[0] = 1e-39 if step < 2 else 0.0
+        opt.step()
+    assert torch.equal(param[1:].detach(), torch.zeros(64, device=device))
+    codes = opt.state[param]["exp_avg"]
+    assert torch.equal(codes[1:], torch.zeros_like(codes[1:]))
+
+
 def test_use_triton_picks_the_triton_backend():
     """lion-pytorch's use_triton=True: our Triton kernels; against another backend asked for, one sentence."""
     param = torch.nn.Parameter(torch.randn(3))

@@ -109,7 +109,8 @@ def init_int8_scales(p: Tensor, state: dict[str, Tensor], count: int) -> None:
 
 def check_master_weights(master_weights: bool | int) -> None:
     """The check of `master_weights`: False, True (exact fp32 masters) or 24 (24-bit masters)."""
-    if master_weights is not False and master_weights is not True and master_weights != 24:  # not 1 or 1.0 either
+    # not 1, 1.0 or 24.0 either
+    if not (isinstance(master_weights, bool) or (type(master_weights) is int and master_weights == 24)):
         raise ValueError(f"master_weights must be True (exact fp32 masters), 24 (24-bit masters: a bfloat16 param and "
                          f"an 8-bit remainder) or False, not {master_weights!r}")
 
@@ -119,6 +120,8 @@ def check_group_options(group: dict[str, Any]) -> None:
     add_param_group), each checked as the constructor checks it."""
     if "moments" in group:
         check_moments(group["moments"])
+    if "stochastic_rounding" in group and not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(f"stochastic_rounding must be True or False, not {group['stochastic_rounding']!r}")
     if "master_weights" in group:
         check_master_weights(group["master_weights"])
         if all(group.get(key) for key in ALTERNATIVES):
@@ -436,6 +439,9 @@ class FusedOptimizer(Optimizer):
         if group.get("master_weights") == 24 and any(p.dtype != torch.bfloat16 for p in params):
             return ("master_weights=24 keeps a bfloat16 param's master as an 8-bit remainder beside it: every param "
                     "of its group must be bfloat16 (master_weights=True keeps an exact fp32 master for any dtype)")
+        if group.get("stochastic_rounding") and any(p.dtype == torch.float16 for p in params):
+            return ("stochastic_rounding=True rounds bfloat16 params: an fp16 param would be rounded to nearest, its "
+                    "small updates lost (master_weights=True keeps an exact fp32 master for it)")
         if self.gradient_release and any(is_dtensor(p) for p in params):
             return ("gradient_release=True does not take DTensor params: FSDP2 hands out their grads after its own "
                     "reduce-scatter, past autograd's hook")
@@ -689,6 +695,10 @@ class FusedOptimizer(Optimizer):
         plan = self._kept_plan(key, group, has_grad, options)
         if plan is not None:
             return plan.with_grads(grads)
+        try:  # a group's option set by hand since it was checked ("INT8", "yes"): refused as the constructor would
+            check_group_options(group)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from None
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
                       if grad is not None]
         self._check_dense([p for _, p, _ in with_grads])

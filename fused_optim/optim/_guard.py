@@ -71,6 +71,8 @@ class StepGuard:
                 f"GradScaler.unscale_ unscaled only the .grad of {type(optimizer).__name__}'s params, not their "
                 "GradAccumulator main grads, which would be stepped still scaled: do not call unscale_ (clip with "
                 "the optimizer's max_grad_norm=, which clips the unscaled grads)")
+        if not grads and norm_group is None and max_grad_norm is not None:
+            self.last_grad_norm = torch.zeros_like(self.skipped_steps)  # no grads: 0, as clip_grad_norm_ gives
         # with norm_group every rank joins the all-reduce, its part of the params with grads or not
         if (grads or norm_group is not None) and (
                 max_grad_norm is not None or getattr(optimizer, "_grads_unchecked", False) or reads_main_grads):

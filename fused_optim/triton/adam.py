@@ -262,7 +262,8 @@ def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits
     scale_bits = (largest + 0xFFFF) >> 16
     tl.store(scales_ptr + scale_offsets, scale_bits.to(tl.uint16), mask=scale_mask)
     scale = (scale_bits << 16).to(tl.float32, bitcast=True)
-    inverse = tl.where(scale > 0.0, tl.div_rn(1.0, scale), 0.0)[:, None]  # a zero or NaN block: 0
+    # a zero, NaN or subnormal block: 0 (moment_int8.h's inverse_scale)
+    inverse = tl.where(scale >= 1.1754943508222875e-38, tl.div_rn(1.0, scale), 0.0)[:, None]
     quotient = tl.abs(x) * inverse
     fixed = code_root(tl.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if SIGNED else 255.0) * 65536.0)
     code = (fixed.to(tl.int32) + bits16.to(tl.int32)) >> 16

@@ -35,10 +35,13 @@ FO_HOST_DEVICE uint16_t int8_scale_bits(uint32_t largest) { return static_cast<u
 
 // What a block's |x| are multiplied by: 1 / scale (one division a block, not one an element). 0 for a block of zeros
 // (scale 0) or one holding a NaN (scale NaN): its codes are then 0, but for a NaN's own, and a NaN block dequantizes
-// to NaN whatever its codes, as an fp32 moment would stay NaN.
+// to NaN whatever its codes, as an fp32 moment would stay NaN. 0 too for a block of subnormals alone (a moment
+// decayed for thousands of steps without a grad), flushed to zeros as a flush-to-zero unit would: 1 / scale would
+// overflow below 2^-128, and a NaN from 0 * inf would make every zero of the block a whole code, which Lion's sign
+// then steps with (and from 2^-126 on, the GPUs' flushing of subnormals agrees).
 FO_HOST_DEVICE float inverse_scale(uint16_t scale_bits) {
   const float scale = bf16_bits_to_float(scale_bits);
-  return scale > 0.0f ? 1.0f / scale : 0.0f;
+  return scale >= 0x1p-126f ? 1.0f / scale : 0.0f;
 }
 
 // sqrt(q) for q in [0, 1], where it sets a code: below 2^-60 q counts as 2^-60, whose code is 0 as q's own is
