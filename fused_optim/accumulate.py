@@ -120,9 +120,10 @@ def _in_compiled_autograd() -> bool:
     return torch.compiler.is_compiling() or bool(getattr(compiled_autograd, "in_compiled_autograd_region", False))
 
 
-def _check_num_tokens(num_tokens: Any) -> None:
-    """finalize's and release's token count: a positive, finite number, a one-element tensor (a device count, not
-    read: 0 there makes the grads NaN), or None."""
+def _check_num_tokens(num_tokens: Any, zero_allowed: bool = False) -> None:
+    """finalize's and release's token count: a positive, finite number (or 0, `zero_allowed`: one rank's count,
+    which the ranks' sum divides by), a one-element tensor (a device count, not read: 0 there makes the grads NaN),
+    or None."""
     if num_tokens is None:
         return
     if isinstance(num_tokens, Tensor):
@@ -131,8 +132,18 @@ def _check_num_tokens(num_tokens: Any) -> None:
         return
     if not _is_number(num_tokens):
         raise TypeError(f"num_tokens must be a number or a tensor, not {type(num_tokens).__name__}")
-    if not (math.isfinite(num_tokens) and num_tokens > 0):
+    try:
+        value = float(num_tokens)
+    except OverflowError:  # an int past float's range
+        value = math.inf
+    if not (math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))):
         raise ValueError(f"num_tokens must be a positive number of tokens, got {num_tokens}")
+
+
+def _count_tensor(num_tokens: int | float | Tensor, device: torch.device) -> Tensor:
+    """A checked token count as a 0-dim fp64 tensor on `device` (a Python int past int64, a Fraction: as floats)."""
+    value = num_tokens if isinstance(num_tokens, Tensor) else float(num_tokens)
+    return torch.as_tensor(value, device=device).to(torch.float64).reshape(())
 
 
 class GradAccumulator:
@@ -155,7 +166,10 @@ class GradAccumulator:
     stepped from their fp32 gradient. (torch's optimizers read only `p.grad`, which bf16/fp16 params lack here.)
 
     With DDP, run the micro-batches under `model.no_sync()` (the last one may be synced too; the result is the
-    same): `finalize()` all-reduces the fp32 sum once, instead of DDP reducing each micro-batch in bf16.
+    same): `finalize()` all-reduces the fp32 sum once, instead of DDP reducing each micro-batch in bf16. Every
+    param then gets a main grad, zero where no rank's backward reached it (telling would take a host read): its
+    optimizer's momentum and weight decay still move it, where DDP leaves such a param's grad None; freeze it
+    (`requires_grad=False`) instead. A rank's Python token count may be 0 there (the ranks' sum divides).
 
     With FSDP2 (`fully_shard`) the params are DTensors and so are the main grads: each rank keeps fp32 main grads
     of its own shards only. Run the micro-batches but the last with `model.set_requires_gradient_sync(False)`
@@ -261,9 +275,14 @@ class GradAccumulator:
 
     def _take_hooked_grad(self, i: int, p: Tensor) -> None:
         """use_hooks' hook on param i: a newer GradAccumulator over the same param takes its grads instead (as a
-        newer gradient_release optimizer's hooks do), though this one is still alive."""
-        if accumulator_of(p) == (self, i):
-            self._accumulate_one(i, p)
+        newer gradient_release optimizer's hooks do), though this one is still alive; once that one is gone, the
+        param is this one's again."""
+        owner = accumulator_of(p)
+        if owner is None:
+            _accumulators[p] = (weakref.ref(self), i)
+        elif owner != (self, i):
+            return
+        self._accumulate_one(i, p)
 
     @torch.no_grad()
     def _accumulate_one(self, i: int, p: Tensor) -> None:
@@ -286,7 +305,7 @@ class GradAccumulator:
                                "over the ranks in finalize(), after every gradient is in")
         scale = None
         if num_tokens is not None and self.params:
-            count = torch.as_tensor(num_tokens, device=self.params[0].device).to(torch.float64).reshape(())
+            count = _count_tensor(num_tokens, self.params[0].device)
             scale = torch.where(count > 0, 1.0 / count, math.nan).to(torch.float32)
         self._release_scale = scale
         self._armed = set(range(len(self.params)))
@@ -358,10 +377,13 @@ class GradAccumulator:
         Returns the global norm of the normalised grads before clipping (0-dim fp32 tensor on the first device),
         or None without `max_norm`.
         """
-        _check_num_tokens(num_tokens)
+        group = self._group()
+        _check_num_tokens(num_tokens, zero_allowed=group is not None)
         for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
             if value is not None and not _is_number(value):
                 raise TypeError(f"GradAccumulator.finalize(): {name} must be a number, not {type(value).__name__}")
+        if max_norm is not None and not norm_type > 0:  # refused before the grads are summed over the ranks
+            raise ValueError(f"GradAccumulator.finalize(): norm_type must be positive or inf, got {norm_type}")
         releasing = next(filter(None, (stepper() for stepper in self._steppers.values())), None)
         if releasing is not None:  # its step() would change nothing: the run would not train, silently
             raise RuntimeError(f"GradAccumulator.finalize(): these params are stepped in backward by an optimizer "
@@ -372,7 +394,7 @@ class GradAccumulator:
         flats = list(self.flat_grads.values())
         if not flats:
             return None if max_norm is None else torch.tensor(0.0)
-        group = self._group()
+        count = None if num_tokens is None else _count_tensor(num_tokens, flats[0].device)
         if group is not None:
             # DTensor grads are reduced already (FSDP2's reduce-scatter): only plain ones are summed here
             for (_, mesh), flat in self.flat_grads.items():
@@ -391,8 +413,7 @@ class GradAccumulator:
                         flat.mul_(sums_factor)
                 sums_factor = 1.0
         scale = None
-        if num_tokens is not None:
-            count = torch.as_tensor(num_tokens, device=flats[0].device).to(torch.float64).reshape(())
+        if count is not None:
             if group is not None:
                 dist.all_reduce(count, group=group)
             # a count of 0 (on the device, where it cannot be refused without a sync) makes every grad NaN: the

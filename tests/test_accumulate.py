@@ -15,6 +15,7 @@ optimizers take them, bad arguments. Every test runs on each backend of the grad
 from __future__ import annotations
 
 import copy
+import gc
 import math
 
 import numpy as np
@@ -478,7 +479,11 @@ def test_params_as_torchs_optimizers_take_them():
     (dict(num_tokens=torch.tensor([3, 4])), ValueError, r"one count, got a tensor of shape \(2,\)"),
     (dict(num_tokens=4, max_norm="1"), TypeError, "max_norm must be a number, not str"),
     (dict(num_tokens=4, max_norm=1.0, norm_type="2"), TypeError, "norm_type must be a number, not str"),
-], ids=["numpy-zero", "bool", "str", "two-counts", "str-max-norm", "str-norm-type"])
+    (dict(num_tokens=4, max_norm=1.0, norm_type=0.0), ValueError, "norm_type must be positive or inf, got 0.0"),
+    (dict(num_tokens=4, max_norm=1.0, norm_type=float("nan")), ValueError, "norm_type must be positive or inf"),
+    (dict(num_tokens=10**400), ValueError, "positive number of tokens, got 1000"),
+], ids=["numpy-zero", "bool", "str", "two-counts", "str-max-norm", "str-norm-type", "zero-norm-type",
+        "nan-norm-type", "int-past-float"])
 def test_finalize_refuses_bad_arguments_in_one_sentence_changing_nothing(kwargs, error, message):
     param = torch.nn.Parameter(torch.randn(3))
     acc = fused_optim.GradAccumulator([param])
@@ -535,3 +540,24 @@ def test_a_newer_hooked_accumulator_takes_the_grads():
     assert all(p.grad is None for p in model.parameters())
     assert all(g.abs().sum() > 0 for g in newer.main_grads)
     assert all(not g.any() for g in older.main_grads)
+
+
+def test_a_hooked_accumulator_takes_the_grads_again_once_a_newer_one_is_gone():
+    """A short-lived second accumulator over the same params (a helper's, say): once it is collected, the first
+    one's hooks take the grads again (they were left in .grad, summed in the params' dtype)."""
+    model = make_model()
+    older = fused_optim.GradAccumulator(model.parameters(), use_hooks=True)
+    fused_optim.GradAccumulator(model.parameters(), use_hooks=True)  # collected at once
+    gc.collect()
+    x, y = make_micro_batches()[1]
+    F.cross_entropy(model(x), y, ignore_index=IGNORE, reduction="sum").backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(g.abs().sum() > 0 for g in older.main_grads)
+
+
+def test_a_python_count_over_an_int64_finalizes_as_a_float():
+    param = torch.nn.Parameter(torch.randn(3))
+    acc = fused_optim.GradAccumulator([param])
+    param.grad = torch.full((3,), 2.0**64)
+    acc.finalize(num_tokens=2**64)
+    assert torch.equal(param.grad, torch.ones(3))

@@ -100,8 +100,19 @@ def ddp_replicas(rank: int) -> dict:
     return results
 
 
+def a_rank_without_tokens(rank: int) -> list[float]:
+    """Rank 1's Python token count is 0 (all its targets ignored): a count, which the ranks' sum divides, and rank
+    0's 4 tokens alone make the mean (was: rank 1 raised and rank 0 hung in the all-reduce)."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    acc = fused_optim.GradAccumulator([param])
+    param.grad = torch.full((2,), 8.0 if rank == 0 else 0.0)
+    acc.finalize(num_tokens=4 if rank == 0 else 0)
+    return param.grad.tolist()
+
+
 def work(rank: int, world: int, backends: tuple[str, ...]) -> dict:
     results = {(backend, pattern): run_pattern(rank, pattern, backend) for backend in backends for pattern in PATTERNS}
+    results["no tokens"] = a_rank_without_tokens(rank)
     results["release"] = refused_release()
     results["replicas"] = ddp_replicas(rank)
     return results
@@ -151,6 +162,10 @@ def test_the_ranks_token_counts_do_differ():
     # what makes a per-rank mean (DDP's ÷ world size) wrong here
     local = [sum(counted for counted, _ in batches) for batches in RANK_BATCHES]
     assert local[0] != local[1]
+
+
+def test_a_rank_may_count_no_tokens(results):
+    assert [rank_results["no tokens"] for rank_results in results] == [[2.0, 2.0]] * WORLD
 
 
 def test_gradient_release_is_refused_across_processes(results):
