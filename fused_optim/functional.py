@@ -152,7 +152,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     input, linear_weight, linear_bias = _autocast_linear(input, linear_weight, linear_bias)
     x = input.unsqueeze(0) if input.dim() == 1 else input
     num_classes = linear_weight.shape[0]
-    chunking = chunk_rows(x.shape[0], num_classes, x.dtype, x.device, batch_chunk_size), chunk_dtype(x.dtype, x.device)
+    dtype = chunk_dtype(x.dtype, x.device)
+    chunking = chunk_rows(x.shape[0], num_classes, dtype, x.device, batch_chunk_size), dtype
     _refuse_compiled_gradients("linear_cross_entropy", _any_grad(x, linear_weight, linear_bias))
     loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), linear_weight.contiguous(), linear_bias,
                                                _index_target(target), _class_weight(weight), reduction,
@@ -206,8 +207,8 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
     local_weight = linear_weight.to_local()
     local_bias = linear_bias.to_local() if linear_bias is not None else None
     # chunks sized by the largest shard's width, not this rank's: every rank must run as many chunks (each gathers)
-    chunking = (chunk_rows(x.shape[0], shard.widest_shard, x.dtype, x.device, batch_chunk_size),
-                chunk_dtype(x.dtype, x.device))
+    dtype = chunk_dtype(x.dtype, x.device)
+    chunking = chunk_rows(x.shape[0], shard.widest_shard, dtype, x.device, batch_chunk_size), dtype
     _refuse_compiled_gradients("linear_cross_entropy", _any_grad(x, local_weight, local_bias))
     loss, z = LinearCrossEntropyFunction.apply(x.contiguous(), local_weight.contiguous(), local_bias, target,
                                                _class_weight(weight), reduction, ignore_index, label_smoothing,

@@ -36,10 +36,11 @@ def chunk_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torch.device,
                batch_chunk_size: int | None = None) -> int:
+    """Rows per chunk of logits of `dtype` (chunk_dtype's): a budget of bytes, or `batch_chunk_size`."""
     if batch_chunk_size is not None:
         return batch_chunk_size
     budget = CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
-    return max(1, min(num_rows, budget // max(1, num_classes * chunk_dtype(dtype, device).itemsize)))
+    return max(1, min(num_rows, budget // max(1, num_classes * dtype.itemsize)))
 
 
 class _Chunks:
