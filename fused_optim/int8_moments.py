@@ -1,8 +1,9 @@
 """moments="int8": an optimizer moment as one byte an element, blocks of BLOCK elements sharing a bf16 scale, the
 codes companded (a signed moment as sqrt(|x| / scale) in 127 steps, a non-negative one by its root r = sqrt(x), as
-sqrt(r / scale) in 255 with the scale of the roots) and rounded stochastically. csrc/include/fused_optim/moment_int8.h explains the choices; these are its
-formulas in torch ops, the same fp32 operations in the same order, for the torch backend, state conversions and the
-tests (every backend's codes agree with these bit for bit).
+sqrt(r / scale) in 255 with the scale of the roots) and rounded stochastically: a signed one unbiased in the value
+it stands for, a non-negative one in its code. csrc/include/fused_optim/moment_int8.h explains the choices; these are
+its formulas in torch ops, the same fp32 operations in the same order, for the torch backend, state conversions and
+the tests (every backend's codes agree with these bit for bit).
 
 Blocks run along a tensor's memory order (the kernels walk param, grad and state as flat arrays), from its first
 element: a tensor of n elements has ceil(n / BLOCK) scales. A DTensor's blocks are its local shard's.
@@ -81,7 +82,7 @@ def _root(x: Tensor) -> Tensor:
 
 def quantize(values: Tensor, signed: bool, bits16: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(codes, scales) of fp32 `values`, codes in their shape and memory layout. `bits16`: 16 random bits per element
-    (memory order) for stochastic rounding; None rounds to nearest (a state loaded from fp32)."""
+    (memory order) for stochastic rounding; None rounds to the nearest value (a state loaded from fp32)."""
     codes = torch.empty_like(values, dtype=code_dtype(signed))
     scales = torch.empty(scale_count(values.numel()), dtype=torch.bfloat16, device=values.device)
     flat_values, flat_codes = memory_order(values), memory_order(codes)
@@ -102,11 +103,13 @@ def _quantized(flat: Tensor, signed: bool, bits16: Tensor | None) -> tuple[Tenso
     # zero, NaN and subnormal blocks: 0 (moment_int8.h's inverse_scale)
     inverse = torch.where(scale >= 2.0**-126, 1.0 / scale, 0.0).repeat_interleave(BLOCK)[: flat.numel()]
     quotient = flat.abs() * inverse  # just over 1 (and NaN) -> 1
-    fixed = _root(torch.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if signed else 255.0) * 65536.0)
-    added = 32768 if bits16 is None else bits16.to(torch.int32)
-    code = (fixed.to(torch.int32) + added) >> 16
-    if signed:
+    fixed = (_root(torch.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if signed else 255.0) * 65536.0)).int()
+    bits = 32768 if bits16 is None else bits16.to(torch.int32)  # None: to the nearest
+    if signed:  # up with probability f (s + c) / (2c + 1): the value c^2 is unbiased (moment_int8.h)
+        s, c = fixed.float(), (fixed & ~0xFFFF).float()  # s 2^16, c 2^16
+        below = (65536 - bits) * ((c + c) + 65536.0)  # u (2c + 1) 2^32
+        code = (fixed >> 16) + (below < (s - c) * (s + c)).int()
         code = torch.where(flat < 0, -code, code)
-    else:
-        code = torch.maximum(code, (flat > 0).to(torch.int32))
+    else:  # up with probability f: the code is unbiased; a non-zero moment keeps code 1
+        code = torch.maximum((fixed + bits) >> 16, (flat > 0).to(torch.int32))
     return code.to(torch.int16).to(code_dtype(signed)), scales

@@ -46,42 +46,45 @@ inline void for_block_draws(uint32_t stream, int64_t begin, int32_t offset, Fn f
 inline __m256i low16(__m256i bits) { return _mm256_and_si256(bits, splat(0xFFFFu)); }
 inline __m256i high16(__m256i bits) { return _mm256_srli_epi32(bits, 16); }
 
-// The codes below stay fixed-point, 16 fraction bits, until store_codes takes each one's byte 2: that byte of a
-// number is the low byte of its floor division by 2^16, which saves magnitude_code's shift. Zen 1 runs vector shifts
-// on one of its four FP pipes, and the AVX2 int8 steps took 1-3 % less time without them (docs/results.md).
+inline __m256 splat_ps(float x) { return _mm256_set1_ps(x); }
 
-// magnitude_code<kSteps> before its shift: sqrt(q) * kSteps * 2^16 + bits16. min_ps(q, 1) is `q < 1 ? q : 1` (it
-// returns its second operand for a NaN q).
+// fixed_code<kSteps> of 8 elements. min_ps(q, 1) is `q < 1 ? q : 1` (it returns its second operand for a NaN q).
 template <int kSteps>
-inline __m256i fixed_codes(__m256 x, __m256 inverse, __m256i bits16) {
+inline __m256i fixed_codes(__m256 x, __m256 inverse) {
   const __m256 magnitude = _mm256_and_ps(x, _mm256_castsi256_ps(splat(0x7FFFFFFFu)));
-  const __m256 q = _mm256_min_ps(_mm256_mul_ps(magnitude, inverse), _mm256_set1_ps(1.0f));
-  const __m256 fixed = _mm256_mul_ps(_mm256_sqrt_ps(q), _mm256_set1_ps(static_cast<float>(kSteps * 65536)));
-  return _mm256_add_epi32(_mm256_cvttps_epi32(fixed), bits16);
+  const __m256 q = _mm256_min_ps(_mm256_mul_ps(magnitude, inverse), splat_ps(1.0f));
+  return _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_sqrt_ps(q), splat_ps(kSteps * 65536.0f)));
 }
 
-// quantize_signed of values[0..7] (32-byte aligned), fixed-point. Where x < 0 the code is -floor(a / 2^16) of the
-// fixed magnitude a, which is floor((2^16 - 1 - a) / 2^16): a ^ -1 is -1 - a, and 2^16 is added to it.
+// quantize_signed of values[0..7] (32-byte aligned), as 32-bit integers; -code is (code ^ -1) + 1 where x < 0
 inline __m256i signed_codes(const float* values, float inverse, __m256i bits16) {
   const __m256 x = _mm256_load_ps(values);
+  const __m256i fixed = fixed_codes<127>(x, splat_ps(inverse));
+  const __m256 s = _mm256_cvtepi32_ps(fixed);
+  const __m256 c = _mm256_cvtepi32_ps(_mm256_and_si256(fixed, splat(0xFFFF0000u)));
+  const __m256 draw = _mm256_cvtepi32_ps(_mm256_sub_epi32(splat(65536u), bits16));
+  const __m256 odd = _mm256_add_ps(_mm256_add_ps(c, c), splat_ps(65536.0f));
+  const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(_mm256_mul_ps(draw, odd),
+                                                       _mm256_mul_ps(_mm256_sub_ps(s, c), _mm256_add_ps(s, c)),
+                                                       _CMP_LT_OQ));
+  const __m256i code = _mm256_sub_epi32(_mm256_srli_epi32(fixed, 16), up);  // up is -1 where set
   const __m256i negative = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
-  const __m256i fixed = fixed_codes<127>(x, _mm256_set1_ps(inverse), bits16);
-  return _mm256_add_epi32(_mm256_xor_si256(fixed, negative), _mm256_and_si256(negative, splat(1u << 16)));
+  return _mm256_sub_epi32(_mm256_xor_si256(code, negative), negative);
 }
 
-// quantize_unsigned of roots[0..7], fixed-point: at least 1 (2^16) where root > 0
+// quantize_unsigned of roots[0..7], as 32-bit integers: at least 1 where root > 0
 inline __m256i unsigned_codes(const float* roots, float inverse, __m256i bits16) {
   const __m256 root = _mm256_load_ps(roots);
+  const __m256i code = _mm256_srli_epi32(_mm256_add_epi32(fixed_codes<255>(root, splat_ps(inverse)), bits16), 16);
   const __m256i positive = _mm256_castps_si256(_mm256_cmp_ps(root, _mm256_setzero_ps(), _CMP_GT_OQ));
-  const __m256i least = _mm256_and_si256(positive, splat(1u << 16));
-  return _mm256_max_epi32(fixed_codes<255>(root, _mm256_set1_ps(inverse), bits16), least);
+  return _mm256_max_epi32(code, _mm256_and_si256(positive, splat(1u)));
 }
 
-// 8 fixed-point codes stored as their 8 codes, byte 2 of each (see above), in consecutive bytes
-inline void store_codes(void* codes, __m256i fixed) {
-  const __m256i code_bytes = _mm256_setr_epi8(2, 6, 10, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,  //
-                                              2, 6, 10, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(fixed, code_bytes),
+// 8 codes, the low byte of each 32-bit integer, stored in consecutive bytes
+inline void store_codes(void* codes, __m256i code) {
+  const __m256i code_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,  //
+                                              0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(code, code_bytes),
                                                      _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
   _mm_storel_epi64(static_cast<__m128i*>(codes), _mm256_castsi256_si128(packed));
 }

@@ -252,9 +252,9 @@ def _dequantize(codes, scales, SIGNED: tl.constexpr):
 @triton.jit
 def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits16, SIGNED: tl.constexpr):
     """Stores x's codes and its blocks' scales: each block's largest magnitude (on the fp32 bits, so NaN wins),
-    rounded up to bf16. A code is sqrt(|x| / scale) in 127 (255) steps with 16 fraction bits, rounded up with
-    probability equal to its fraction by adding the 16 random bits `bits16` and dropping the fraction. A non-negative
-    moment is given by its square roots."""
+    rounded up to bf16. A code is s = sqrt(|x| / scale) in 127 (255) steps with 16 fraction bits, rounded from
+    c = floor(s) by the 16 random bits `bits16` (moment_int8.h's quantize_signed and quantize_unsigned). A
+    non-negative moment is given by its square roots."""
     magnitude = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
     if mask is not None:  # a partial block: the elements past the end count for nothing
         magnitude = tl.where(mask, magnitude, 0)
@@ -265,12 +265,16 @@ def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits
     # a zero, NaN or subnormal block: 0 (moment_int8.h's inverse_scale)
     inverse = tl.where(scale >= 1.1754943508222875e-38, tl.div_rn(1.0, scale), 0.0)[:, None]
     quotient = tl.abs(x) * inverse
-    fixed = code_root(tl.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if SIGNED else 255.0) * 65536.0)
-    code = (fixed.to(tl.int32) + bits16.to(tl.int32)) >> 16
-    if SIGNED:
+    fixed = (code_root(tl.where(quotient < 1.0, quotient, 1.0)) * ((127.0 if SIGNED else 255.0) * 65536.0)).to(tl.int32)
+    if SIGNED:  # up with probability f (s + c) / (2c + 1): the value c^2 is unbiased (moment_int8.h)
+        s = fixed.to(tl.float32)  # s 2^16, exactly (< 2^23)
+        c = (fixed & ~0xFFFF).to(tl.float32)  # c 2^16
+        draw = (65536 - bits16.to(tl.int32)).to(tl.float32)  # u 2^16
+        up = draw * ((c + c) + 65536.0) < (s - c) * (s + c)
+        code = (fixed >> 16) + tl.where(up, 1, 0)
         tl.store(ptr + offsets, tl.where(x < 0.0, -code, code).to(tl.int8), mask=mask)
-    else:
-        code = tl.maximum(code, tl.where(x > 0.0, 1, 0))
+    else:  # up with probability f: the code is unbiased; a non-zero moment keeps code 1
+        code = tl.maximum((fixed + bits16.to(tl.int32)) >> 16, tl.where(x > 0.0, 1, 0))
         tl.store(ptr + offsets, code.to(tl.uint8), mask=mask)
 
 
