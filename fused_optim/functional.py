@@ -167,15 +167,21 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 def _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                                   return_z_loss, inplace_backward, backend):
     """Logits sharded on the class dim (autograd/vocab_parallel.py): each rank reads its shard; the loss is a DTensor
-    replicated on the mesh, the logits' gradient a DTensor sharded like them."""
-    if input.dim() != 2 or target.is_floating_point() or input.dtype not in FLOAT_DTYPES:
-        raise ValueError("a vocabulary-parallel cross_entropy takes (N, V) float32/bfloat16/float16 logits and class "
-                         "index targets; flatten the batch dims first.")
+    replicated on the mesh, the logits' gradient a DTensor sharded like them. float64 logits, and logits every rank
+    holds whole (replicated), run torch's own ops on the DTensor, as torch's dispatch does."""
+    if input.dtype not in FLOAT_DTYPES or all(p.is_replicate() for p in input.placements):
+        target, weight = vocab_parallel.replicated_like(target, input), vocab_parallel.replicated_like(weight, input)
+        loss, z = _cross_entropy_composite(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                           softcap)
+        return (loss, z.detach()) if return_z_loss else loss
+    if input.dim() != 2 or target.is_floating_point():
+        raise ValueError("a vocabulary-parallel cross_entropy takes (N, V) logits and class index targets; flatten "
+                         "the batch dims first.")
     shard = VocabShard.of(input, 1, "cross_entropy's input")
     target = _index_target(vocab_parallel.replicated_local(target, "target"))
     weight = vocab_parallel.replicated_local(weight, "weight")
     logits = input.to_local()  # differentiable: its gradient becomes a DTensor with the input's placements
-    if logits.stride(-1) != 1:
+    if logits.stride(-1) != 1 or logits.stride(0) < logits.shape[1]:  # (rows that overlap: an expanded (1, V))
         logits = logits.contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     _refuse_compiled_gradients("cross_entropy", needs_grad)

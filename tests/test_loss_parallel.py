@@ -258,6 +258,19 @@ def work(rank: int, world: int) -> dict:
         logits, target, _, _ = sharded_case(mesh, CLASSES, torch.float32, {})
         FF.cross_entropy(logits * 2, target, inplace_backward=inplace).backward()
         results["inplace", inplace] = logits.grad.full_tensor()
+    # float64 logits, and logits every rank holds whole: torch's own ops on the DTensor (they were refused); rows
+    # that overlap (an expanded (1, V)): a gradient buffer of their own (every row's gradient was written over one)
+    whole, target, _, _ = make_case(CLASSES, torch.float32, {})
+    for label, logits in {"float64": distribute_tensor(whole.double(), mesh, [Shard(1)]),
+                          "replicated": distribute_tensor(whole, mesh, [Replicate()])}.items():
+        logits.requires_grad_()
+        loss = FF.cross_entropy(logits, target, label_smoothing=0.1)
+        loss.backward()
+        results[label] = {"loss": loss.full_tensor(), "grad": logits.grad.full_tensor(),
+                          "loss_placements": loss.placements}
+    row = distribute_tensor(whole[:1], mesh, [Shard(1)]).requires_grad_()
+    FF.cross_entropy(row.expand(ROWS, CLASSES), target).backward()
+    results["expanded"] = row.grad.full_tensor()
     # the module, and the bad inputs
     logits, target, _, _ = sharded_case(mesh, CLASSES, torch.float32, {})
     results["module"] = fused_optim.CrossEntropyLoss(label_smoothing=0.1)(logits, target).full_tensor()
@@ -394,3 +407,26 @@ def test_the_module_and_the_bad_inputs(ranks):
 def test_inplace_backward_on_computed_logits_gives_the_same_gradient(ranks):
     for result in ranks:
         torch.testing.assert_close(result["inplace", True], result["inplace", False], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("label", ["float64", "replicated"])
+def test_float64_and_replicated_logits_give_torchs_loss(ranks, label):
+    from torch.distributed.tensor import Replicate
+
+    whole, target, _, _ = make_case(CLASSES, torch.float32, {})
+    logits = (whole.double() if label == "float64" else whole).requires_grad_()
+    want = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+    want.backward()
+    for result in ranks:
+        got = result[label]
+        torch.testing.assert_close(got["loss"], want.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(got["grad"], logits.grad, rtol=0, atol=0)
+        assert got["loss_placements"] == (Replicate(),)  # the gradient's are what torch's ops propagate
+
+
+def test_overlapping_rows_get_a_gradient_each(ranks):
+    whole, target, _, _ = make_case(CLASSES, torch.float32, {})
+    row = whole[:1].clone().requires_grad_()
+    torch.nn.functional.cross_entropy(row.expand(ROWS, CLASSES), target).backward()
+    for result in ranks:
+        torch.testing.assert_close(result["expanded"], row.grad, rtol=2e-6, atol=2e-7)

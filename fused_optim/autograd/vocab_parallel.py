@@ -147,6 +147,14 @@ def replicated_local(tensor: Tensor | None, what: str) -> Tensor | None:
     return tensor.to_local()
 
 
+def replicated_like(tensor: Tensor | None, like: Tensor) -> Tensor | None:
+    """A plain tensor as a DTensor replicated on `like`'s mesh (a DTensor, or None, as it is): a target or class
+    weights beside DTensor logits in torch's own ops."""
+    if tensor is None or isinstance(tensor, DTensor):
+        return tensor
+    return DTensor.from_local(tensor, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
+
+
 def input_for_sharded_weight(input: Tensor, shard: VocabShard) -> Tensor:
     """The hidden states a Shard(0) lm-head multiplies, as a local tensor whose gradient autograd sums over the
     vocabulary's ranks (each rank's grad_input covers its classes only): one all-reduce in the backward, through
