@@ -197,11 +197,17 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
                                          label_smoothing, z_loss, softcap, return_z_loss, batch_chunk_size,
                                          allow_retain_graph, backend):
     """An lm-head weight sharded on its rows (Shard(0) of (V, H)): each rank multiplies by its rows only; the
-    input's gradient is summed over the ranks (one all-reduce in the backward)."""
-    if input.dim() != 2 or linear_weight.dim() != 2 or target.is_floating_point() \
-            or input.dtype not in FLOAT_DTYPES:
-        raise ValueError("a vocabulary-parallel linear_cross_entropy takes (N, H) float32/bfloat16/float16 inputs, a "
-                         "(V, H) weight and class index targets.")
+    input's gradient is summed over the ranks (one all-reduce in the backward). float64, and an lm head every rank
+    holds whole (replicated): torch's own ops on DTensors, as torch's dispatch runs them."""
+    if input.dtype not in FLOAT_DTYPES or linear_weight.dtype not in FLOAT_DTYPES \
+            or all(p.is_replicate() for p in linear_weight.placements):
+        x, bias = (vocab_parallel.replicated_like(t, linear_weight) for t in (input, linear_bias))
+        return _vocab_parallel_cross_entropy(F.linear(x, linear_weight, bias), target, weight, ignore_index,
+                                             reduction, label_smoothing, z_loss, softcap, return_z_loss, False,
+                                             backend)
+    if input.dim() != 2 or linear_weight.dim() != 2 or target.is_floating_point():
+        raise ValueError("a vocabulary-parallel linear_cross_entropy takes (N, H) inputs, a (V, H) weight and class "
+                         "index targets.")
     shard = VocabShard.of(linear_weight, 0, "linear_cross_entropy's linear_weight")
     if linear_bias is not None and not (is_dtensor(linear_bias) and linear_bias.placements == linear_weight.placements):
         raise ValueError("linear_bias of a vocabulary-parallel linear_cross_entropy must be a DTensor sharded as "

@@ -268,6 +268,17 @@ def work(rank: int, world: int) -> dict:
         loss.backward()
         results[label] = {"loss": loss.full_tensor(), "grad": logits.grad.full_tensor(),
                           "loss_placements": loss.placements}
+    for label, dtype, placement in (("linear float64", torch.float64, Shard(0)),
+                                    ("linear replicated", torch.float32, Replicate())):
+        hidden, head, bias, linear_target = linear_case()
+        hidden = hidden.detach().to(dtype).requires_grad_()
+        head = distribute_tensor(head.to(dtype), mesh, [placement]).requires_grad_()
+        bias = distribute_tensor(bias.to(dtype), mesh, [placement]).requires_grad_()
+        loss = FF.linear_cross_entropy(hidden, head, linear_target, linear_bias=bias, ignore_index=IGNORE,
+                                       label_smoothing=0.1)
+        loss.backward()
+        results[label] = {"loss": loss.full_tensor(), "grad_input": hidden.grad, "grad_weight": head.grad.full_tensor(),
+                          "grad_bias": bias.grad.full_tensor()}
     row = distribute_tensor(whole[:1], mesh, [Shard(1)]).requires_grad_()
     FF.cross_entropy(row.expand(ROWS, CLASSES), target).backward()
     results["expanded"] = row.grad.full_tensor()
@@ -430,3 +441,18 @@ def test_overlapping_rows_get_a_gradient_each(ranks):
     torch.nn.functional.cross_entropy(row.expand(ROWS, CLASSES), target).backward()
     for result in ranks:
         torch.testing.assert_close(result["expanded"], row.grad, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("label", ["linear float64", "linear replicated"])
+def test_float64_and_replicated_lm_heads_give_torchs_loss(ranks, label):
+    hidden, head, bias, target = linear_case()
+    dtype = torch.float64 if "float64" in label else torch.float32
+    hidden, head, bias = (t.detach().to(dtype).requires_grad_() for t in (hidden, head, bias))
+    want = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, head, bias), target,
+                                             ignore_index=IGNORE, label_smoothing=0.1)
+    want.backward()
+    for result in ranks:
+        got = result[label]
+        torch.testing.assert_close(got["loss"], want.detach(), rtol=0, atol=0)
+        for key, tensor in (("grad_input", hidden), ("grad_weight", head), ("grad_bias", bias)):
+            torch.testing.assert_close(got[key], tensor.grad, rtol=1e-6, atol=1e-7 if dtype == torch.float32 else 1e-15)
