@@ -88,10 +88,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         logits, rows_shape = input, target.shape
     else:  # (N, C, d1, ...): classes last, one row per position (a copy, which the gradient may then reuse)
         logits, rows_shape = input.movedim(1, -1).reshape(-1, num_classes), target.shape
-    if num_classes == 1 and logits.stride(-1) != 1:  # one class: any column stride is unit stride
-        logits = logits.as_strided(logits.shape, (logits.stride(0), 1))
-    elif logits.stride(-1) != 1 or logits.stride(0) < num_classes:
-        logits = logits.contiguous()
+    logits = _kernel_layout(logits)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     inplace = inplace_backward and needs_grad and _may_write_gradient_over(logits)
     _refuse_compiled_gradients("cross_entropy", needs_grad)
@@ -164,6 +161,17 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     return (loss, z) if return_z_loss else loss
 
 
+def _kernel_layout(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits as the kernels read them: unit column stride, and rows that do not overlap (an expanded (1, V)
+    would have every row's gradient written over one row); a copy where they are not so already."""
+    rows_overlap = logits.stride(0) < logits.shape[1]
+    if logits.shape[1] == 1 and logits.stride(-1) != 1 and not rows_overlap:  # any column stride is unit stride
+        return logits.as_strided(logits.shape, (logits.stride(0), 1))
+    if logits.stride(-1) != 1 or rows_overlap:
+        return logits.contiguous()
+    return logits
+
+
 def _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                                   return_z_loss, inplace_backward, backend):
     """Logits sharded on the class dim (autograd/vocab_parallel.py): each rank reads its shard; the loss is a DTensor
@@ -180,9 +188,7 @@ def _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction
     shard = VocabShard.of(input, 1, "cross_entropy's input")
     target = _index_target(vocab_parallel.replicated_local(target, "target"))
     weight = vocab_parallel.replicated_local(weight, "weight")
-    logits = input.to_local()  # differentiable: its gradient becomes a DTensor with the input's placements
-    if logits.stride(-1) != 1 or logits.stride(0) < logits.shape[1]:  # (rows that overlap: an expanded (1, V))
-        logits = logits.contiguous()
+    logits = _kernel_layout(input.to_local())  # differentiable: its gradient becomes a DTensor like the input
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     _refuse_compiled_gradients("cross_entropy", needs_grad)
     loss, z = CrossEntropyFunction.apply(logits, target, _class_weight(weight), reduction,

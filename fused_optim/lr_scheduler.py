@@ -20,8 +20,8 @@ never skipping. The state_dict holds the position itself: after load_state_dict,
 optimizer's skipped_steps as it is then (a resumed fused_optim optimizer starts it again from 0), so a resumed run
 continues identically. Resume in torch's order: build the scheduler, then load the optimizer's state and the
 scheduler's. A float-lr scheduler built after the optimizer's load multiplies the loaded lr by f(0) (chainable, as
-torch's LinearLR in SequentialLR does), and the run goes on at that fraction of its lr. A param group added to the optimizer later (add_param_group) joins the schedule at the next
-step, its lr then as its base lr.
+torch's LinearLR in SequentialLR does), and the run goes on at that fraction of its lr. A param group added to the
+optimizer later (add_param_group) joins the schedule at the next step, its lr then as its base lr.
 
 Two modes, chosen per param group:
 - float lr (the usual case): torch's chainable form, lr_t = lr_{t-1} * f(t) / f(t-1) (the closed form where
