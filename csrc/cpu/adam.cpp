@@ -10,7 +10,7 @@
 #include "chunks.h"
 #include "float_io.h"
 #include "int8_blocks.h"
-#include "int8_codes_avx2.h"
+#include "int8_codes_simd.h"
 #include "prefetch.h"
 #include "ops/adam.h"
 #include "ops/dispatch.h"
@@ -129,15 +129,15 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
     const float v_inverse = inverse_scale(v_scales[block]);
     const float max_inverse = kAmsgrad ? inverse_scale(max_scales[block]) : 0.0f;
     const int32_t offset = static_cast<int32_t>(start - begin);
-#if FUSED_OPTIM_INT8_CODES_AVX2
+#if FUSED_OPTIM_INT8_CODES_SIMD
     if constexpr (!std::is_same_v<decltype(length), int32_t>) {  // a whole block
-      using namespace int8_codes_avx2;
-      for_block_draws(stream0, begin, offset, [&](int32_t j, __m256i bits) {
+      using namespace int8_codes_simd;
+      for_block_draws(stream0, begin, offset, [&](int32_t j, ints bits) {
         store_codes(exp_avg + start + j, signed_codes(m_new + j, m_inverse, low16(bits)));
         store_codes(exp_avg_sq + start + j, unsigned_codes(v_new + j, v_inverse, high16(bits)));
       });
       if (kAmsgrad) {
-        for_block_draws(stream1, begin, offset, [&](int32_t j, __m256i bits) {
+        for_block_draws(stream1, begin, offset, [&](int32_t j, ints bits) {
           store_codes(max_exp_avg_sq + start + j, unsigned_codes(max_new + j, max_inverse, low16(bits)));
         });
       }

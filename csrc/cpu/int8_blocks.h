@@ -9,7 +9,7 @@
 #include <type_traits>
 
 #include "chunks.h"
-#include "int8_codes_avx2.h"
+#include "int8_codes_simd.h"
 #include "prefetch.h"
 #include "fused_optim/moment_int8.h"
 
@@ -43,10 +43,10 @@ void step_signed_int8_blocks(int8_t* __restrict__ codes, uint16_t* __restrict__ 
     scales[block] = int8_scale_bits(largest);
     const float inverse = inverse_scale(scales[block]);
     const int32_t offset = static_cast<int32_t>(start - begin);
-#if FUSED_OPTIM_INT8_CODES_AVX2
+#if FUSED_OPTIM_INT8_CODES_SIMD
     if constexpr (!std::is_same_v<decltype(length), int32_t>) {  // a whole block
-      using namespace int8_codes_avx2;
-      for_block_draws(draw, begin, offset, [&](int32_t j, __m256i bits) {
+      using namespace int8_codes_simd;
+      for_block_draws(draw, begin, offset, [&](int32_t j, ints bits) {
         store_codes(codes + start + j, signed_codes(updated + j, inverse, low16(bits)));
       });
       return;
