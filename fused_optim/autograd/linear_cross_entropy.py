@@ -43,6 +43,15 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torc
     return max(1, min(num_rows, budget // max(1, num_classes * dtype.itemsize)))
 
 
+def add_rows(out: Tensor, rows: Tensor, values: Tensor) -> None:
+    """out[rows[i]] += values[i], in the same order on every run: index_add_ on the CPU (a loop over i); on a GPU,
+    where index_add_ adds with atomics in a varying order, index_put_ with accumulate (sorted by row first)."""
+    if out.device.type == "cpu":
+        out.index_add_(0, rows, values)
+    else:
+        out.index_put_((rows,), values, accumulate=True)
+
+
 class _Chunks:
     """The per-chunk work shared by the forward ("mean"/"sum") and the recomputing backward ("none")."""
 
@@ -54,6 +63,20 @@ class _Chunks:
         # the lm head in the chunks' dtype (an fp32 copy of a bf16 one on the CPU, made once)
         self.head_weight = linear_weight.to(self.dtype)
         self.head_bias = None if linear_bias is None else linear_bias.to(self.dtype)
+        ignore_index, label_smoothing, z_loss, softcap = options
+        # fp32 chunks of the plain loss (whole rows; no smoothing, z-loss or softcap) fold the target's term of the
+        # gradient in apart, as torch's chunked loss does: its logit's gradient is p_t s - s, and rounded there,
+        # next to 1, a small p_t loses its precision before the GEMMs (their input gradient's error was 1.7x torch
+        # chunked's against float64). So that entry holds p_t s, and s times the target's row of W, of x and 1 is
+        # taken from the input, weight and bias gradients after them.
+        self.target_apart = (vocab is None and self.dtype == torch.float32 and linear_weight.shape[0] > 0
+                             and label_smoothing == 0.0 and z_loss == 0.0 and softcap == 0.0)
+        if self.target_apart:
+            kept = target != ignore_index
+            self.target_class = torch.where(kept, target, 0)
+            # s per row: the kernel's C = ce_scale * w_t (cross_entropy.h), 0 on ignored rows
+            class_weight = 1.0 if weight is None else weight[self.target_class]
+            self.target_scale = torch.where(kept, scales[0] * class_weight, 0.0)
 
     def logits(self, start, end, buffer):
         """The chunk's logits, written into `buffer` (one allocation for every chunk: two chunks are never alive)."""
@@ -75,26 +98,42 @@ class _Chunks:
         grad_bias = torch.zeros(num_classes, dtype=torch.float32, device=device) if needs[2] else None
         any_grad = any(needs)
         buffer = torch.empty(min(self.rows, num_rows), num_classes, dtype=self.dtype, device=device)
+        target_apart = self.target_apart and any_grad
         for start in range(0, num_rows, self.rows):
             end = min(start + self.rows, num_rows)
             logits = self.logits(start, end, buffer)
+            if target_apart:  # read before the kernel writes the gradient over them
+                target_class = self.target_class[start:end, None]
+                target_logit = logits.gather(1, target_class)
             loss_rows[start:end], lse[start:end] = self.forward_op(
                 logits, self.target[start:end], self.weight, self.scales, logits if any_grad else None,
                 *self.options)
             if not any_grad:
                 continue
             grad_logits = logits  # now holds d loss / d logits
+            if target_apart:
+                target_scale = self.target_scale[start:end, None]
+                grad_logits.scatter_(1, target_class, torch.exp(target_logit - lse[start:end, None]) * target_scale)
             if row_scale is not None:
                 ops.scale_grad_op(self.backend, device)(grad_logits, row_scale[start:end])
+                if target_apart:
+                    target_scale = target_scale * row_scale[start:end, None]
+            x = self.input[start:end].to(self.dtype)
             if grad_input is not None:
-                if self.dtype == self.input.dtype:
-                    torch.mm(grad_logits, self.head_weight, out=grad_input[start:end])
-                else:  # rounded once, from the fp32 product
-                    grad_input[start:end] = torch.mm(grad_logits, self.head_weight)
+                in_place = self.dtype == self.input.dtype
+                grad_x = torch.mm(grad_logits, self.head_weight, out=grad_input[start:end] if in_place else None)
+                if target_apart:
+                    grad_x -= target_scale * self.head_weight[target_class[:, 0]]
+                if not in_place:  # rounded once, from the fp32 product
+                    grad_input[start:end] = grad_x
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), self.input[start:end].to(self.dtype))
+                grad_weight.addmm_(grad_logits.t(), x)
+                if target_apart:
+                    add_rows(grad_weight, target_class[:, 0], x * -target_scale)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=torch.float32)
+                if target_apart:
+                    add_rows(grad_bias, target_class[:, 0], -target_scale[:, 0])
         if grad_weight is not None:
             grad_weight = grad_weight.to(self.linear_weight.dtype)
         if grad_bias is not None:
