@@ -551,6 +551,9 @@ def _bad_inputs(device):
         "label_smoothing-2": (x, w, t, dict(label_smoothing=2.0), True),
         "float-ignore_index": (x, w, t, dict(ignore_index=1.0), True),
         "target-out-of-range": (x, w, torch.tensor([1, 2, 37, 0, -100], device=device), {}, True),
+        # with gradients the fp32 chunks read the target logits before the kernel checks the classes
+        "negative-target-with-grads": (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                                       torch.tensor([1, 2, -5, 0, -100], device=device), {}, True),
         # F.linear's checks come first, also for a batch of no rows (which has no chunk to run them)
         "bf16-input-fp32-weight-no-rows": (x[:0].bfloat16(), w, t[:0], {}, True),
         "fp64-bias-no-rows": (x[:0], w, t[:0], dict(linear_bias=torch.randn(37, dtype=torch.float64,
@@ -565,10 +568,10 @@ def _bad_inputs(device):
 @needs_torch_linear_ce
 def test_bad_input_raises_torchs_error(backend, device, case):
     x, linear_weight, target, kwargs, same_message = _bad_inputs(device)[case]
-    if device == "cuda" and case == "target-out-of-range":
+    if device == "cuda" and case in ("target-out-of-range", "negative-target-with-grads"):
         pytest.skip("on a GPU torch checks the class range with a device-side assert, which ends the process's CUDA "
                     "context (test_cross_entropy.py's bad-input test says more)")
-    if backend == "triton" and case == "target-out-of-range":
+    if backend == "triton" and case in ("target-out-of-range", "negative-target-with-grads"):
         pytest.skip("the Triton kernel cannot raise: it gives the row a NaN loss (tested below)")
     with pytest.raises(Exception) as torch_error:
         F.linear_cross_entropy(x, linear_weight, target, **kwargs)

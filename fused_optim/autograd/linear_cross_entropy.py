@@ -73,7 +73,8 @@ class _Chunks:
                              and label_smoothing == 0.0 and z_loss == 0.0 and softcap == 0.0)
         if self.target_apart:
             kept = target != ignore_index
-            self.target_class = torch.where(kept, target, 0)
+            # clamped: an out-of-range target must reach the kernel's own check (torch's IndexError), not fail here
+            self.target_class = torch.where(kept, target, 0).clamp(0, linear_weight.shape[0] - 1)
             # s per row: the kernel's C = ce_scale * w_t (cross_entropy.h), 0 on ignored rows
             class_weight = 1.0 if weight is None else weight[self.target_class]
             self.target_scale = torch.where(kept, scales[0] * class_weight, 0.0)
