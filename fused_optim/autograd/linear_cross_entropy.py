@@ -114,7 +114,9 @@ class _Chunks:
             grad_logits = logits  # now holds d loss / d logits
             if target_apart:
                 target_scale = self.target_scale[start:end, None]
-                grad_logits.scatter_(1, target_class, torch.exp(target_logit - lse[start:end, None]) * target_scale)
+                target_grad = torch.exp(target_logit - lse[start:end, None]) * target_scale
+                # an ignored row's gradient stays 0, as the kernel left it, also where its logits hold a NaN
+                grad_logits.scatter_(1, target_class, torch.where(target_scale == 0, 0.0, target_grad))
             if row_scale is not None:
                 ops.scale_grad_op(self.backend, device)(grad_logits, row_scale[start:end])
                 if target_apart:
