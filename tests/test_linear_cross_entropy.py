@@ -473,6 +473,17 @@ def test_every_target_ignored(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_an_ignored_row_of_nan_input_gets_a_zero_gradient(backend, device):
+    """The kernels leave an ignored row's gradient 0 whatever its logits; the fp32 chunks' target term (read apart
+    from the kernel) must too, not 0 * NaN."""
+    x, linear_weight, _, target, _ = make_case(5, 16, 37, torch.float32, device)
+    x[2, 0], target[2] = math.nan, -100
+    x.requires_grad_()
+    FF.linear_cross_entropy(x, linear_weight, target, backend=backend).backward()
+    assert torch.equal(x.grad[2], torch.zeros_like(x.grad[2])) and x.grad[[0, 1, 3, 4]].isfinite().all()
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @needs_torch_linear_ce
 def test_non_contiguous_input_and_weight(backend, device):
     """A transposed projection (an lm_head stored (H, V), used as .t()) and a row-strided input."""
