@@ -1,7 +1,7 @@
 // moments="int8" codes a vector at a time with intrinsics, for the AVX2 and AVX-512 builds of the CPU kernels
 // (the baseline build keeps the generic loop of moment_int8.h's functions). gcc's vectorisation of that loop narrows
-// the 32-bit codes to bytes with masks, packs and permutes, and with AVX-512 spilled a third of its vectors to the
-// stack; here one byte shuffle and one permute (AVX2), or one vpmovdb (AVX-512) do it, and the rounding's selects
+// the 32-bit codes to bytes with masks, packs and permutes, and with AVX-512 kept its hashed bits and fixed-point
+// codes on the stack between steps; here one byte shuffle and one permute (AVX2), or one vpmovdb (AVX-512) do it, and the rounding's selects
 // are masks. Each operation is the scalar formula's, in its order, so the codes are bit for bit moment_int8.h's:
 // tests/test_cpu_isa.py runs tests/test_adam_int8_moments.py on each kernel level the CPU has.
 #pragma once
