@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -93,6 +94,20 @@ def test_data_from_a_file_and_a_directory(tmp_path):
     assert single.num_bytes == 100 and single.num_files == 1
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_corpus(tmp_path / "missing.txt")
+
+
+def test_data_that_is_no_regular_file_is_skipped_or_refused(tmp_path):
+    """A directory's sockets, named pipes and dangling links are not read (a pipe would block the read for ever);
+    a --data path that is one, or a file that cannot be read, gets one sentence."""
+    (tmp_path / "a.txt").write_bytes(b"some text " * 20)
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.txt")
+    assert [p.name for p in text_files(tmp_path)] == ["a.txt"]
+    assert load_corpus(tmp_path).num_bytes == 200
+    with pytest.raises(ValueError, match="not a regular file or a directory"):
+        load_corpus(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=r"--data x: cannot read .*: Is a directory"):
+        Corpus.from_files([tmp_path / "a.txt", tmp_path], name="--data x")  # IsADirectoryError: an OSError
 
 
 def test_batch_sampler_windows_and_state():
@@ -242,6 +257,24 @@ def test_resume_refuses_a_different_run(text_file, tmp_path):
     assert run_cli(*TINY, "--data", str(text_file), "--resume", str(tmp_path / "none.pt")) == 2
     with pytest.raises(ValueError, match=r"different run: betas"):
         train(config.replace(save=None, stop_after=None, resume=str(path), betas=(0.9, 0.999)))
+
+
+def test_resume_refuses_other_text_nothing_left_and_another_validation_set(text_file, tmp_path):
+    """The checkpoint keeps its corpus's digest: a --data file whose bytes changed (or the default corpus of another
+    Python) would go on with other batches. A checkpoint already at --stop-after (or --steps) has nothing to run, and
+    --eval-batches picks the validation set of the whole history: each gets one sentence, not a silent run."""
+    data, path = tmp_path / "data.txt", tmp_path / "ckpt.pt"
+    data.write_bytes(text_file.read_bytes())
+    config = TrainConfig(**(TINY_CONFIG | {"eval_interval": 2, "eval_batches": 2}), data=str(data))
+    train(config.replace(save=str(path), stop_after=4))
+    with pytest.raises(ValueError, match=r"the checkpoint is at step 4, nothing is left to train up to step 3"):
+        train(config.replace(resume=str(path), stop_after=3))
+    with pytest.raises(ValueError, match=r"different run: eval_batches \(checkpoint 2, now 1\)"):
+        train(config.replace(resume=str(path), eval_batches=1))
+    assert train(config.replace(resume=str(path)))["results"]["fused"].first_step == 4
+    data.write_bytes(text_file.read_bytes()[::-1])
+    with pytest.raises(ValueError, match="the training text differs from the checkpoint's run's"):
+        train(config.replace(resume=str(path)))
 
 
 def test_resume_takes_a_checkpoint_from_before_a_setting_existed(text_file, tmp_path):
@@ -424,6 +457,16 @@ def test_token_count_normalisation_ignores_the_micro_batch_split(text_file, side
     assert firsts[0][1] > 0
 
 
+def test_a_data_name_with_brackets_is_printed_as_it_is(text_file, tmp_path, capsys):
+    """rich reads brackets as markup: the table's caption escapes the --data name (it showed "corpus[v2].txt" as
+    "corpus.txt", and a closing tag such as "[/]" raised after the whole run)."""
+    data = tmp_path / "corpus[v2]" / "[bold]notes.txt"
+    data.parent.mkdir()
+    data.write_bytes(text_file.read_bytes())
+    assert run_cli(*TINY, "--steps", "2", "--data", str(data)) == 0
+    assert "corpus[v2]/[bold]notes.txt" in capsys.readouterr().out.replace("\n", "")
+
+
 def test_python_dash_m_runs_train(text_file, tmp_path):
     out = tmp_path / "run.json"
     done = subprocess.run([sys.executable, "-m", "fused_optim", "train", *TINY, "--steps", "2", "--eval-interval",
@@ -437,10 +480,10 @@ def test_checkpoint_rejects_other_files(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.ones(2)}, path)
     with pytest.raises(ValueError, match="not a fused-optim train checkpoint"):
-        checkpoint.load(path, TrainConfig())
+        checkpoint.load(path, TrainConfig(), "digest")
     path.write_text('{"not": "a torch.save file"}')  # nor one torch.load can read at all
     with pytest.raises(ValueError, match="not a fused-optim train checkpoint"):
-        checkpoint.load(path, TrainConfig())
+        checkpoint.load(path, TrainConfig(), "digest")
 
 
 def test_bad_outputs_devices_and_data_are_refused_before_training(text_file, tmp_path, capsys):

@@ -111,8 +111,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "written at every evaluation and at the end")
     report.add_argument("--resume", metavar="PATH",
                         help="continue from a --save checkpoint, bit-exactly; the run-defining flags (sizes, "
-                        "optimizer, --steps, --seed, --data) and the kernels ($FUSED_OPTIM_BACKEND) must be the "
-                        "checkpoint's")
+                        "optimizer, --steps, --seed, --data, --eval-batches), the kernels ($FUSED_OPTIM_BACKEND) and "
+                        "the training text itself (checked by its SHA-256) must be the checkpoint's")
     report.add_argument("--stop-after", type=int, metavar="STEP",
                         help="stop after this step (saving with --save), to --resume later")
     report.add_argument("--plot", metavar="PATH", help="write the loss curves as a PNG (needs matplotlib)")
@@ -160,15 +160,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"fused-optim train: {error}", file=sys.stderr)
         return 2
     summary = report.summarise(result)
+    if json_path:  # first: whatever the table meets, the run's record is kept
+        report.write_json(summary, json_path)
     console.print(report.table(summary))  # the warnings were printed as they came (RichReporter.warn)
     if json_path:
-        report.write_json(summary, json_path)
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", markup=False)
     if plot:
         plot_losses(summary, plot)
-        console.print(f"wrote {plot}")
+        console.print(f"wrote {plot}", markup=False)
     if config.save:
-        console.print(f"checkpoint: {config.save}")
+        console.print(f"checkpoint: {config.save}", markup=False)
     return 1 if any(r["diverged"] for r in summary["runs"].values()) else 0
 
 

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import sysconfig
@@ -46,6 +47,10 @@ class Corpus:
     def num_bytes(self) -> int:
         return self.train.numel() + self.val.numel()
 
+    def digest(self) -> str:
+        """SHA-256 of the tokens, train then validation: what a checkpoint's resume must find again."""
+        return hashlib.sha256(self.train.numpy().tobytes() + self.val.numpy().tobytes()).hexdigest()
+
     @classmethod
     def from_bytes(cls, data: bytes, name: str, num_files: int = 1, val_fraction: float = 0.1) -> Corpus:
         if not 0.0 < val_fraction < 1.0:
@@ -65,9 +70,11 @@ class Corpus:
         for path in files:
             if max_bytes is not None and total >= max_bytes:
                 break
-            data = path.read_bytes()
-            if max_bytes is not None:
-                data = data[: max_bytes - total]
+            try:
+                with open(path, "rb") as file:  # only the bytes kept: a corpus of gigabytes is not read whole
+                    data = file.read(-1 if max_bytes is None else max_bytes - total)
+            except OSError as error:
+                raise ValueError(f"{name or 'the corpus'}: cannot read {path}: {error.strerror}") from None
             chunks.append(data)
             total += len(data)
             used += 1
@@ -79,7 +86,9 @@ def text_files(root: Path, suffix: str | None = None) -> list[Path]:
     found = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if d not in _SKIPPED_DIRS and not d.startswith("."))
-        found.extend(Path(directory, n) for n in sorted(names) if suffix is None or n.endswith(suffix))
+        # regular files (or links to them) only: a socket, a named pipe or a dangling link is no text to read
+        paths = (Path(directory, n) for n in sorted(names) if suffix is None or n.endswith(suffix))
+        found.extend(path for path in paths if path.is_file())
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
@@ -106,6 +115,8 @@ def load_corpus(path: str | os.PathLike | None, max_bytes: int | None = DEFAULT_
             raise FileNotFoundError(f"--data {path}: the directory holds no files")
     elif path.is_file():
         files = [path]
+    elif path.exists():
+        raise ValueError(f"--data {path}: not a regular file or a directory")
     else:
         raise FileNotFoundError(f"--data {path}: no such file or directory")
     corpus = Corpus.from_files(files, name=f"--data {path}", max_bytes=max_bytes)

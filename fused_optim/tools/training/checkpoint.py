@@ -36,19 +36,22 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save(path: str | os.PathLike, config: TrainConfig, sides: dict[str, dict]) -> None:
-    """Writes the run's config, torch's RNG states and each side's state (`sides`: side name -> state) to `path`,
-    atomically."""
+def save(path: str | os.PathLike, config: TrainConfig, corpus_digest: str, sides: dict[str, dict]) -> None:
+    """Writes the run's config, its corpus's digest (Corpus.digest), torch's RNG states and each side's state
+    (`sides`: side name -> state) to `path`, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "config": config.as_dict(), "rng": rng_states(), "sides": sides}, partial)
+    torch.save({"format": FORMAT, "config": config.as_dict(), "corpus_digest": corpus_digest, "rng": rng_states(),
+                "sides": sides}, partial)
     os.replace(partial, path)
 
 
-def load(path: str | os.PathLike, config: TrainConfig) -> dict:
+def load(path: str | os.PathLike, config: TrainConfig, corpus_digest: str) -> dict:
     """The checkpoint at `path` ({"config", "rng", "sides": {side: state}}), after checking that `config` defines
-    the same run. A side the checkpoint lacks (the run had no --compare) starts from step 0."""
+    the same run, on the same text: a --data path whose files changed, or the default corpus of another Python,
+    would go on silently with other batches. A side the checkpoint lacks (the run had no --compare) starts from
+    step 0."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -63,6 +66,9 @@ def load(path: str | os.PathLike, config: TrainConfig) -> dict:
                  if _normalised(saved.get(name)) != _normalised(getattr(config, name))]
     if differing:
         raise ValueError(f"--resume {path}: the checkpoint is of a different run: {'; '.join(differing)}")
+    if checkpoint.get("corpus_digest", corpus_digest) != corpus_digest:  # checkpoints before the digest: unchecked
+        raise ValueError(f"--resume {path}: the training text differs from the checkpoint's run's (its bytes "
+                         "changed, or the default corpus is another Python's standard library)")
     return checkpoint
 
 

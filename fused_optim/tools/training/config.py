@@ -6,11 +6,12 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
-# What defines the trained weights: a resumed run must have the checkpoint's values (checkpoint.py checks).
-# The backend is the resolved one (loop.train records it): other kernels round differently.
+# What defines the trained weights and the validation losses recorded: a resumed run must have the checkpoint's
+# values (checkpoint.py checks). The backend is the resolved one (loop.train records it): other kernels round
+# differently. eval_batches picks the validation set, so a history is measured on one set throughout.
 RUN_DEFINING = ("steps", "batch_size", "micro_batches", "seq_len", "lr", "warmup", "min_lr_ratio", "weight_decay",
                 "max_grad_norm", "betas", "optimizer", "moments", "params", "master_weights", "compare_optimizer",
-                "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16", "backend")
+                "n_layer", "n_head", "d_model", "seed", "data", "max_data_bytes", "bf16", "backend", "eval_batches")
 
 # Each optimizer's lr, decoupled weight decay and betas where the run does not set them. Lion's update is a sign,
 # larger than AdamW's, so it takes a 10x smaller lr and a 10x larger decay (the same lr x decay), and its own betas.

@@ -123,19 +123,24 @@ def _train(config: TrainConfig, reporter: Reporter, corpus: Corpus | None, devic
     config = config.replace(backend=resolve_backend(config.backend, device))  # checkpoints and reports name it
     corpus = corpus if corpus is not None else load_corpus(config.data, config.max_data_bytes)
     check_corpus_fits(corpus, config.seq_len)
-    saved = checkpoint.load(config.resume, config) if config.resume else {"sides": {}}
+    corpus_digest = corpus.digest()
+    saved = checkpoint.load(config.resume, config, corpus_digest) if config.resume else {"sides": {}}
     sides = SIDES if config.compare else SIDES[:1]
     runs = [SideRun(side, config, device, corpus, saved["sides"].get(side), reporter) for side in sides]
     if "rng" in saved:
         checkpoint.set_rng_states(saved["rng"])  # after the models' initialisation drew from them
     last_step = config.stop_after if config.stop_after is not None else config.steps
-    for step in range(min(run.steps_taken for run in runs) + 1, last_step + 1):
+    resumed_at = min(run.steps_taken for run in runs)
+    if resumed_at >= last_step:
+        raise ValueError(f"--resume {config.resume}: the checkpoint is at step {resumed_at}, nothing is left to train "
+                         f"up to step {last_step} (--stop-after, or --steps)")
+    for step in range(resumed_at + 1, last_step + 1):
         save_now = False
         for run in runs:
             if not run.stopped and run.steps_taken == step - 1:  # a side resumed further on waits for the other
                 save_now |= run.step(step, last_step)
         if save_now and config.save:
-            checkpoint.save(config.save, config, {run.side: run.state_dict() for run in runs})
+            checkpoint.save(config.save, config, corpus_digest, {run.side: run.state_dict() for run in runs})
         if all(run.stopped for run in runs):
             break
     return {"config": config, "device": device, "corpus": corpus,

@@ -140,7 +140,9 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 
 def table(summary: dict):
-    """A rich Table of the summary: one column per side."""
+    """A rich Table of the summary: one column per side. Names from outside (the data's path, the device's) are
+    escaped: rich reads brackets in a title or caption as markup."""
+    from rich.markup import escape
     from rich.table import Table
 
     runs = summary["runs"]
@@ -149,7 +151,7 @@ def table(summary: dict):
     labels = {"fused": "fused_optim", "torch": f"{baseline} (baseline)"}
     model = summary["model"]
     title = (f"fused-optim train · GPT {model['n_layer']}L {model['n_head']}H {model['d_model']}d · "
-             f"{summary['device']['name']} · {summary['precision']} · {summary['backend']} kernels")
+             f"{escape(summary['device']['name'])} · {summary['precision']} · {summary['backend']} kernels")
     grid = Table(title=title, title_justify="left", caption_justify="left")
     grid.add_column("metric")
     for side in sides:
@@ -176,7 +178,7 @@ def table(summary: dict):
     row("MFU (6·N·D)" + (f" of {_si(peak, 'FLOP/s')} bf16" if peak else ""),
         lambda r: "unknown" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %")
     row("warnings", lambda r: "diverged" if r["diverged"] else str(len(r["warnings"])))
-    caption = [f"data: {summary['corpus']['name']}, {_si(summary['corpus']['train_tokens'])} train / "
+    caption = [f"data: {escape(summary['corpus']['name'])}, {_si(summary['corpus']['train_tokens'])} train / "
                f"{_si(summary['corpus']['val_tokens'])} val tokens",
                f"6·N·D and MFU: N = {_si(model['flop_params'])}, the params less the position embedding (a lookup); "
                "attention's own FLOPs left out"]
