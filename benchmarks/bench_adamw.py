@@ -62,10 +62,11 @@ def test_adam_step(benchmark, variant, case, impl, workload_of, roof_gbps):
     runner = impl.build(w)
     adamw._check_steps(runner, 2, CPU)  # also allocates the state: not in the timed rounds
     row = adamw._row(variant.op, case, impl, w)
-    adamw._check(case, runner, reference, row, variant)
+    adamw._check(case, runner, reference, row, variant, w.p0)
     assert row["correct"], row["note"]
 
-    n_bytes = adamw.adam_step_bytes(w.numel, w.dtype, state_dtype=runner.state_dtype(), master=w.master)
+    n_bytes = adamw.adam_step_bytes(w.numel, w.dtype, state_dtype=runner.state_dtype(),
+                                     master_bytes=runner.master_bytes if w.master else 0)
     benchmark.group = f"{variant.op} {case} {w.numel / 1e6:g}M params"
     benchmark.extra_info.update(n_params=w.numel, n_tensors=len(w.p0), dtype=row["dtype"], bytes=n_bytes,
                                 bytes_per_param=n_bytes / w.numel, roof="triad", roof_gbps=roof_gbps)

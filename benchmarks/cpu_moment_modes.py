@@ -5,9 +5,12 @@ stochastic rounding; SGD with momentum, also on bf16 params with 24-bit masters;
 moments; --match picks some by their labels) are
 set up at once on 33.6 M params and stepped round-robin, so a shared machine's load falls on every row alike; each
 row is the median of its last steps. One process per kernel level (FUSED_OPTIM_CPU_ISA), thread count (--threads)
-and pass; the table keeps the lower of each row's medians over the passes. Each row's GB/s is its bytes model
-(tools/bench: adam_step_bytes, sgd_step_bytes, lion_step_bytes) over that median, beside the STREAM triad the same
-process measured on as many threads (tools/bench/timing.py, memory_roof).
+and pass; the table keeps one pass per level and thread count, the one whose rows took the least time in all, so
+that its ratios and its STREAM triad come from one process (a row's best pass taken on its own paired one pass's
+fp32 step with another's int8 one). Each row's GB/s is its bytes model (tools/bench: adam_step_bytes,
+sgd_step_bytes, lion_step_bytes) over its median, beside the triad that process measured on as many threads
+(tools/bench/timing.py, memory_roof). Every pass is kept in the JSON, and its rows' times relative to the first
+row are printed, so the spread of a ratio between passes shows.
 
 Whether the int8 step beats the fp32 one depends on the threads a memory system feeds: the fp32 step is bound by
 its bytes once a few threads run it, the int8 step by its arithmetic until many do.
@@ -127,7 +130,7 @@ def main() -> None:
     import torch
 
     from fused_optim import _backend
-    from fused_optim.tools.bench import device_name
+    from fused_optim.tools.bench import cpu_description
 
     thread_counts = [int(n) for n in (args.threads or str(torch.get_num_threads())).split(",")]
     bytes_of = {label(*row): step_bytes(*row, math.prod(SHAPE)) for row in rows}  # per step, by row label
@@ -145,24 +148,27 @@ def main() -> None:
                                        check=True, capture_output=True, text=True)
                 passes.setdefault(isa, {}).setdefault(threads, []).append(json.loads(child.stdout))
                 print(isa, f"{threads} threads", passes[isa][threads][-1], flush=True)
-    lower, gbps, triad = {}, {}, {}
+    kept_pass, gbps, triad = {}, {}, {}
     for isa, by_threads in passes.items():
         for threads, runs in by_threads.items():
-            lowest = {row: min(run["rows"][row] for run in runs) for row in bytes_of}
-            lower.setdefault(isa, {})[threads] = lowest
+            run = min(runs, key=lambda run: sum(run["rows"].values()))
+            kept_pass.setdefault(isa, {})[threads] = run["rows"]
             gbps.setdefault(isa, {})[threads] = {row: round(bytes_of[row] / (ms * 1e6), 1)
-                                                 for row, ms in lowest.items()}
-            triad.setdefault(isa, {})[threads] = max(run["triad_gbps"] for run in runs)
+                                                 for row, ms in run["rows"].items()}
+            triad.setdefault(isa, {})[threads] = run["triad_gbps"]
     width = max(map(len, bytes_of))
-    for isa in lower:
+    for isa in kept_pass:
         for threads in thread_counts:
-            print(f"\n{isa}, {threads} threads (STREAM triad {triad[isa][threads]} GB/s): ms a step, GB/s")
-            for row, ms in lower[isa][threads].items():
-                print(f"  {row:{width}s} {ms:8.2f} ms {gbps[isa][threads][row]:7.1f} GB/s")
+            print(f"\n{isa}, {threads} threads (STREAM triad {triad[isa][threads]} GB/s): ms a step, GB/s, "
+                  "and each pass's time relative to the first row's")
+            runs = passes[isa][threads]
+            for row, ms in kept_pass[isa][threads].items():
+                relative = " ".join(f"{run['rows'][row] / next(iter(run['rows'].values())):.3f}" for run in runs)
+                print(f"  {row:{width}s} {ms:8.2f} ms {gbps[isa][threads][row]:7.1f} GB/s   x {relative}")
     with open(args.out, "w") as out:
         json.dump({"what": __doc__.split("\n\n")[1].replace("\n", " "), "shape": SHAPE,
-                   "cpu": device_name(torch.device("cpu")), "torch": torch.__version__, "threads": thread_counts,
-                   "passes": passes, "lower": lower, "gbps": gbps, "triad_gbps": triad}, out, indent=1)
+                   "cpu": cpu_description(), "torch": torch.__version__, "threads": thread_counts,
+                   "passes": passes, "kept_pass": kept_pass, "gbps": gbps, "triad_gbps": triad}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -100,10 +100,29 @@ def cpu_isa() -> str:
     return platform.machine() or "unknown"
 
 
+def cpu_description() -> str:
+    """The CPU: its model name, its CPUID family/model/stepping where /proc/cpuinfo has them (a VM may name a Zen 1
+    and a Zen 4 both "AMD EPYC") and its widest ISA: "AMD EPYC (family 25 model 17 stepping 0; avx512_bf16)"."""
+    ids = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key in ("cpu family", "model", "stepping") and key not in ids:
+                    ids[key] = value
+    except OSError:
+        pass
+    cpuid = f"family {ids['cpu family']} model {ids['model']} stepping {ids['stepping']}; " if len(ids) == 3 else ""
+    return f"{_backend.cpu_name()} ({cpuid}{cpu_isa()})"
+
+
 def device_name(device: torch.device) -> str:
+    """The GPU's name; or the CPU (cpu_description), the level of the CPU kernels loaded (FUSED_OPTIM_CPU_ISA may
+    pick one narrower than the CPU's) and the thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_backend.cpu_name()} ({cpu_isa()}, {torch.get_num_threads()} threads)"
+    kernels = f"{_backend.cpu_isa()} kernels" if _backend.cpu_isa() else "no CPU kernels loaded"
+    return f"{cpu_description()}, {kernels}, {torch.get_num_threads()} threads"
 
 
 def run_benchmarks(ops: tuple[str, ...] = OPS, device: torch.device | str | None = None,
