@@ -9,6 +9,7 @@ per row, so the forward keeps only the inputs and the backward recomputes each c
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -72,12 +73,16 @@ class _Chunks:
         self.target_apart = (vocab is None and self.dtype == torch.float32 and linear_weight.shape[0] > 0
                              and label_smoothing == 0.0 and z_loss == 0.0 and softcap == 0.0)
         if self.target_apart:
+            num_classes = linear_weight.shape[0]
             kept = target != ignore_index
             # clamped: an out-of-range target must reach the kernel's own check (torch's IndexError), not fail here
-            self.target_class = torch.where(kept, target, 0).clamp(0, linear_weight.shape[0] - 1)
-            # s per row: the kernel's C = ce_scale * w_t (cross_entropy.h), 0 on ignored rows
+            self.target_class = torch.where(kept, target, 0).clamp(0, num_classes - 1)
+            # s per row: the kernel's C = ce_scale * w_t (cross_entropy.h), 0 on ignored rows; NaN on a row whose
+            # target is out of range, which only the Triton kernel lets through (its loss NaN): its gradients too,
+            # not those of the clamped class
             class_weight = 1.0 if weight is None else weight[self.target_class]
-            self.target_scale = torch.where(kept, scales[0] * class_weight, 0.0)
+            in_range = (target >= 0) & (target < num_classes)
+            self.target_scale = torch.where(kept, torch.where(in_range, scales[0] * class_weight, math.nan), 0.0)
 
     def logits(self, start, end, buffer):
         """The chunk's logits, written into `buffer` (one allocation for every chunk: two chunks are never alive)."""
@@ -121,7 +126,6 @@ class _Chunks:
                 ops.scale_grad_op(self.backend, device)(grad_logits, row_scale[start:end])
                 if target_apart:
                     target_scale = target_scale * row_scale[start:end, None]
-            x = self.input[start:end].to(self.dtype)
             if grad_input is not None:
                 in_place = self.dtype == self.input.dtype
                 grad_x = torch.mm(grad_logits, self.head_weight, out=grad_input[start:end] if in_place else None)
@@ -130,6 +134,7 @@ class _Chunks:
                 if not in_place:  # rounded once, from the fp32 product
                     grad_input[start:end] = grad_x
             if grad_weight is not None:
+                x = self.input[start:end].to(self.dtype)
                 grad_weight.addmm_(grad_logits.t(), x)
                 if target_apart:
                     add_rows(grad_weight, target_class[:, 0], x * -target_scale)
