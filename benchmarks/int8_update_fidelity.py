@@ -41,7 +41,8 @@ def run(moments: str, fraction: float, mean: float, args: argparse.Namespace) ->
             updates.append(param.detach() - before)
     small = size != 1.0
     state = optimizer.torch_state_dict()["state"][0]
-    return torch.stack(updates)[:, small].double(), {key: state[key][small].double() for key in ("exp_avg", "exp_avg_sq")}
+    final = {key: state[key][small].double() for key in ("exp_avg", "exp_avg_sq")}
+    return torch.stack(updates)[:, small].double(), final
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 // moments="int8" codes a vector at a time with intrinsics, for the AVX2 and AVX-512 builds of the CPU kernels
 // (the baseline build keeps the generic loop of moment_int8.h's functions). gcc's vectorisation of that loop narrows
 // the 32-bit codes to bytes with masks, packs and permutes, and with AVX-512 kept its hashed bits and fixed-point
-// codes on the stack between steps; here one byte shuffle and one permute (AVX2), or one vpmovdb (AVX-512) do it, and the rounding's selects
-// are masks. Each operation is the scalar formula's, in its order, so the codes are bit for bit moment_int8.h's:
+// codes on the stack between steps; here one byte shuffle and one permute (AVX2), or one vpmovdb (AVX-512) do it,
+// and the rounding's selects are masks. The random bits come from rounding.h's own hash, in a loop of their own.
+// Each operation is the scalar formula's, in its order, so the codes are bit for bit moment_int8.h's:
 // tests/test_cpu_isa.py runs tests/test_adam_int8_moments.py on each kernel level the CPU has.
 #pragma once
 
@@ -13,6 +14,7 @@
 
 #include <cstdint>
 
+#include "chunks.h"
 #include "fused_optim/moment_int8.h"
 
 namespace fused_optim {
@@ -26,18 +28,7 @@ using ints = __m512i;  // kLanes 32-bit integers
 inline ints splat(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
 inline __m512 splat_ps(float x) { return _mm512_set1_ps(x); }
 
-// rounding.h's moment_bits of elements index_low .. index_low + 15 (32-bit wrap, the same high half)
-inline ints moment_bits(uint32_t stream, uint32_t index_low, uint32_t index_high) {
-  const ints index = _mm512_add_epi32(splat(index_low), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                                           13, 14, 15));
-  ints h = _mm512_add_epi32(_mm512_xor_si512(splat(stream), index), splat(0x9E3779B9u * index_high));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));  // mix32
-  h = _mm512_mullo_epi32(h, splat(0x85EBCA6Bu));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-  h = _mm512_mullo_epi32(h, splat(0xC2B2AE35u));
-  return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-}
-
+inline ints load(const uint32_t* aligned) { return _mm512_load_si512(aligned); }
 inline ints low16(ints bits) { return _mm512_and_si512(bits, splat(0xFFFFu)); }
 inline ints high16(ints bits) { return _mm512_srli_epi32(bits, 16); }
 
@@ -85,17 +76,7 @@ using ints = __m256i;  // kLanes 32-bit integers
 inline ints splat(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
 inline __m256 splat_ps(float x) { return _mm256_set1_ps(x); }
 
-// rounding.h's moment_bits of elements index_low .. index_low + 7 (32-bit wrap, the same high half)
-inline ints moment_bits(uint32_t stream, uint32_t index_low, uint32_t index_high) {
-  const ints index = _mm256_add_epi32(splat(index_low), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  ints h = _mm256_add_epi32(_mm256_xor_si256(splat(stream), index), splat(0x9E3779B9u * index_high));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));  // mix32
-  h = _mm256_mullo_epi32(h, splat(0x85EBCA6Bu));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-  h = _mm256_mullo_epi32(h, splat(0xC2B2AE35u));
-  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-}
-
+inline ints load(const uint32_t* aligned) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(aligned)); }
 inline ints low16(ints bits) { return _mm256_and_si256(bits, splat(0xFFFFu)); }
 inline ints high16(ints bits) { return _mm256_srli_epi32(bits, 16); }
 
@@ -143,13 +124,13 @@ inline void store_codes(void* codes, ints code) {
 #endif
 
 // fn(j, bits) for each kLanes elements j.. of the whole block at chunk offset `offset`, with their moment_bits
-// (chunks.h's chunk_moment_bits, kLanes at a time)
+// (chunks.h's chunk_moment_bits), hashed for the whole block first in a loop gcc vectorises
 template <typename Fn>
 inline void for_block_draws(uint32_t stream, int64_t begin, int32_t offset, Fn fn) {
-  for (int32_t j = 0; j < kInt8Block; j += kLanes) {
-    fn(j, moment_bits(stream, static_cast<uint32_t>(begin) + static_cast<uint32_t>(offset + j),
-                      static_cast<uint32_t>(begin >> 32)));
-  }
+  alignas(64) uint32_t bits[kInt8Block];
+#pragma omp simd
+  for (int32_t j = 0; j < kInt8Block; ++j) bits[j] = chunk_moment_bits(stream, begin, offset + j);
+  for (int32_t j = 0; j < kInt8Block; j += kLanes) fn(j, load(bits + j));
 }
 
 }  // namespace int8_codes_simd
