@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGNATURE = {  # _adam_kernel's runtime arguments, in order
     "table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
     "log_beta1_bits": "i64", "log_beta2_bits": "i64", "one_minus_beta1": "fp32", "beta2": "fp32",
-    "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32", "first_tensor_index": "i32",
+    "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay_bits": "i64", "seed": "i32", "first_tensor_index": "i32",
     "num_tensors": "i32",
 }
 INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")  # /*address*/ text ;

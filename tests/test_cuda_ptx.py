@@ -24,7 +24,7 @@ NVCC = shutil.which("nvcc") or (os.path.join(cpp_extension.CUDA_HOME, "bin", "nv
 
 @functools.cache
 def kernels_ptx(source: str) -> dict[str, str]:
-    """The PTX body of every kernel in csrc/cuda/<source>, by mangled name (the flags torch's build uses). Cached:
+    """The PTX body of every kernel in csrc/cuda/<source>, by mangled name (setup.py's flags: --fmad=false). Cached:
     nvcc takes up to 20 s a file here, and several tests read the same file's kernels."""
     if NVCC is None or not os.path.exists(NVCC):
         pytest.skip("nvcc not found")
@@ -32,7 +32,7 @@ def kernels_ptx(source: str) -> dict[str, str]:
     includes += [f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}"]
     with tempfile.TemporaryDirectory() as out_dir:
         out = Path(out_dir) / (Path(source).stem + ".ptx")
-        subprocess.run([NVCC, "-O3", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-ptx",
+        subprocess.run([NVCC, "-O3", "--fmad=false", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-ptx",
                         *STABLE_ABI_FLAGS, *includes, str(ROOT / "csrc/cuda" / source), "-o", str(out)],
                        check=True, capture_output=True)
         ptx = out.read_text()

@@ -8,6 +8,7 @@ The numerics of each update (against the float64 reference and torch) stay in th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import io
@@ -21,6 +22,7 @@ from conftest import BACKEND_DEVICES, CPU_BACKENDS
 from test_adam import assert_identical, make_params, random_grads, set_grads, snapshot, step_both_and_compare
 
 import fused_optim
+from fused_optim.ops import _library
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,47 @@ def test_params_on_two_devices_in_one_group_raise(spec):
     assert len(opt.param_groups) == 2
 
 
+def test_a_triton_launch_makes_its_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: the ops' Triton kernels run with their tensors' device made
+    current (as the C++ launchers' DeviceGuard does), whichever argument holds the first tensor."""
+    entered = []
+
+    @contextlib.contextmanager
+    def device(where):
+        entered.append(where)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    calls = []
+    launch = _library._on_the_tensors_device(lambda *args, **kwargs: calls.append((args, kwargs)))
+    second = torch.empty(2, device="meta")
+    launch([], [second, torch.empty(1)], 0.1, found_inf=None)
+    launch(second, step=torch.empty(1))
+    launch([], 0.1)  # no tensor: nothing to launch on
+    assert entered == [second.device, second.device] and len(calls) == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_params_on_the_second_gpu_step_as_on_the_first(spec):
+    """Params on cuda:1 while cuda:0 is current: each backend steps them where they are, as on cuda:0."""
+    spec = SPECS[spec]
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [random_grads(SHAPES) for _ in range(2)]
+    for backend in ("cuda", "triton"):
+        results = []
+        for device in ("cuda:0", "cuda:1"):
+            params = make_params(init, torch.float32, device)
+            opt = spec.ours(params, lr=1e-2, backend=backend, **spec.options)
+            for step_grads in grads:
+                set_grads([g.to(device) for g in step_grads], params)
+                opt.step()
+            results.append([p.detach().cpu() for p in params])
+        assert torch.cuda.current_device() == 0
+        assert_identical(*results)
+
+
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS)
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_a_step_counts_as_an_inplace_write_for_autograd(spec, backend, device):
@@ -373,6 +416,31 @@ def test_a_backend_steps_non_contiguous_params_as_the_cpu_kernels_do(mode, backe
         params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in init]
         assert [p.stride() for p in params] == [t.stride() for t in init]
         opt = cls(params, lr=1e-2, backend=each, **options)
+        for step_grads in grads:
+            set_grads(step_grads, params)
+            opt.step()
+        results.append(([p.detach() for p in params], [opt.state[p] for p in params]))
+    assert_identical(*results)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in CPU_BACKENDS if p.values[0] != "cpu"])
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.Lion], ids=lambda cls: cls.__name__)
+def test_a_backend_forms_the_decoupled_decay_as_the_cpu_kernels_do(cls, backend, device):
+    """1 - lr * weight_decay from the two doubles, rounded once to fp32 (adam.h, lion.h), on every backend. At this
+    lr, with the weight decay rounded to fp32 first (as the Triton kernels took it), the factor falls an ulp apart
+    and every param decays by the other one."""
+    if backend == "torch" and cls is fused_optim.AdamW:
+        pytest.skip("the torch backend steps AdamW with torch's fused kernel, which decays the param its own way "
+                    "(README, Numerics)")
+    lr, weight_decay = float.fromhex("0x1.7691ffd6ee179p-9"), 0.1
+    fp32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731
+    assert fp32(1.0 - lr * weight_decay) != fp32(1.0 - lr * fp32(weight_decay))  # the case this lr stands for
+    init = [torch.randn(s) + 1.0 for s in SHAPES]
+    grads = [random_grads(SHAPES, torch.float32, device) for _ in range(2)]
+    results = []
+    for each in ("cpu", backend):
+        params = make_params(init, torch.float32, device)
+        opt = cls(params, lr=lr, weight_decay=weight_decay, backend=each)
         for step_grads in grads:
             set_grads(step_grads, params)
             opt.step()

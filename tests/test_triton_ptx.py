@@ -40,7 +40,7 @@ from fused_optim.triton.total_norm import NORM_2, _norm_partials_kernel
 SIGNATURE = {  # the runtime arguments of _adam_kernel, in order
     "table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
     "log_beta1_bits": "i64", "log_beta2_bits": "i64", "one_minus_beta1": "fp32", "beta2": "fp32",
-    "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32", "first_tensor_index": "i32",
+    "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay_bits": "i64", "seed": "i32", "first_tensor_index": "i32",
     "num_tensors": "i32",
 }
 results = {}
@@ -49,7 +49,9 @@ def accesses(ptx):
     return {"target": re.search(r"\.target\s+(\w+)", ptx).group(1),
             "loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
             "stores": sorted(set(re.findall(r"st\.global(?:\.\w+)*", ptx))),
-            "fmas": len(re.findall(r"\bfma\.rn\.f32", ptx))}
+            "fmas": len(re.findall(r"\bfma\.rn\.f32", ptx)),
+            "divisions": len(re.findall(r"\bdiv\.rn\.f32", ptx)),
+            "approximate_divisions": len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32", ptx))}
 
 # rounded to nearest, and (bf16) through a master remainder: its int16 stream beside the param's
 # and (fp32 and bf16 params) with bf16 moments
@@ -60,49 +62,43 @@ WRITES = (("fp32", tl.float32, NEAREST.value, tl.float32), ("bf16", tl.bfloat16,
           ("bf16-bf16-moments", tl.bfloat16, NEAREST.value, tl.bfloat16),
           ("fp32-int8-moments", tl.float32, NEAREST.value, tl.int8),
           ("bf16-remainder24-int8-moments", tl.bfloat16, REMAINDER8.value, tl.int8))
-for name, dtype, write, moment_dtype in WRITES:
-    for aligned in (True, False):
-        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False,
-                          WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False,
-                          HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=9, BLOCK=1024,
-                          BLOCKS=ADAM_BLOCKS)
-        source = ASTSource(fn=_adam_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in constexprs}},
-                           constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                             options={**EXACT_ARITHMETIC, "maxnreg": ADAM_MAX_REGISTERS}).asm["ptx"]
-        results[f"{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
+# Each write aligned and not, and fp32 params with a grad scale (aligned): the kernels' 1 / grad_scale.
+VARIANTS = [(f"{name}-{'aligned' if aligned else 'unaligned'}", dtype, write, moment_dtype, aligned, False)
+            for name, dtype, write, moment_dtype in WRITES for aligned in (True, False)]
+VARIANTS.append(("fp32-grad-scale", tl.float32, NEAREST.value, tl.float32, True, True))
 
-# The SGD kernel with momentum (param, grad and buffer streams, and a master's), aligned and not.
+def compile_ptx(kernel, signature, constexprs, max_registers):
+    source = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                       constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={**EXACT_ARITHMETIC, "maxnreg": max_registers}).asm["ptx"]
+
+for name, dtype, write, moment_dtype, aligned, grad_scale in VARIANTS:
+    constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, DECOUPLED=True, AMSGRAD=False,
+                      MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=grad_scale,
+                      HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=9, BLOCK=1024, BLOCKS=ADAM_BLOCKS)
+    results[name] = accesses(compile_ptx(_adam_kernel, SIGNATURE, constexprs, ADAM_MAX_REGISTERS))
+
+# The SGD kernel with momentum (param, grad and buffer streams, and a master's).
 SGD_SIGNATURE = {"table_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
                  "found_inf_ptr": "*fp32", "momentum": "fp32", "one_minus_dampening": "fp32", "weight_decay": "fp32",
                  "seed": "i32", "first_tensor_index": "i32", "num_tensors": "i32"}
-for name, dtype, write, buffer_dtype in WRITES:
-    for aligned in (True, False):
-        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, BUFFER_DTYPE=buffer_dtype, MOMENTUM=True,
-                          NESTEROV=False, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False,
-                          HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=7, BLOCK=1024,
-                          BLOCKS=sgd.BLOCKS)
-        source = ASTSource(fn=_sgd_kernel, signature={**SGD_SIGNATURE, **{k: "constexpr" for k in constexprs}},
-                           constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                             options={**EXACT_ARITHMETIC, "maxnreg": sgd.MAX_REGISTERS}).asm["ptx"]
-        results[f"sgd-{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
+for name, dtype, write, buffer_dtype, aligned, grad_scale in VARIANTS:
+    constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, BUFFER_DTYPE=buffer_dtype, MOMENTUM=True, NESTEROV=False,
+                      MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=grad_scale,
+                      HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=7, BLOCK=1024, BLOCKS=sgd.BLOCKS)
+    results[f"sgd-{name}"] = accesses(compile_ptx(_sgd_kernel, SGD_SIGNATURE, constexprs, sgd.MAX_REGISTERS))
 
-# The Lion kernel (param, grad and moment streams), aligned and not.
+# The Lion kernel (param, grad and moment streams).
 LION_SIGNATURE = {"table_ptr": "*i64", "lr_bits": "i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
                   "found_inf_ptr": "*fp32", "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
-                  "one_minus_beta2": "fp32", "weight_decay": "fp32", "seed": "i32", "first_tensor_index": "i32",
+                  "one_minus_beta2": "fp32", "weight_decay_bits": "i64", "seed": "i32", "first_tensor_index": "i32",
                   "num_tensors": "i32"}
-for name, dtype, write, moment_dtype in WRITES:
-    for aligned in (True, False):
-        constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, MAXIMIZE=False, WRITE=write, HAS_LR_TENSOR=False,
-                          HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=aligned, SEARCH_STEPS=1, COLUMNS=7,
-                          BLOCK=1024, BLOCKS=lion.BLOCKS)
-        source = ASTSource(fn=_lion_kernel, signature={**LION_SIGNATURE, **{k: "constexpr" for k in constexprs}},
-                           constexprs=constexprs, attrs={(0,): [["tt.divisibility", 16]]})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                             options={**EXACT_ARITHMETIC, "maxnreg": lion.MAX_REGISTERS}).asm["ptx"]
-        results[f"lion-{name}-{'aligned' if aligned else 'unaligned'}"] = accesses(ptx)
+for name, dtype, write, moment_dtype, aligned, grad_scale in VARIANTS:
+    constexprs = dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, MOMENT_DTYPE=moment_dtype, MAXIMIZE=False, WRITE=write,
+                      HAS_LR_TENSOR=False, HAS_GRAD_SCALE=grad_scale, HAS_FOUND_INF=False, ALIGNED=aligned,
+                      SEARCH_STEPS=1, COLUMNS=7, BLOCK=1024, BLOCKS=lion.BLOCKS)
+    results[f"lion-{name}"] = accesses(compile_ptx(_lion_kernel, LION_SIGNATURE, constexprs, lion.MAX_REGISTERS))
 
 # The cross-entropy kernel as Triton's launcher specialises it for a vocabulary and row stride that are multiples
 # of 16 and 16-byte aligned tensors (what the divisibility attributes say).
@@ -201,6 +197,17 @@ def test_optimizer_kernel_contracts_nothing_into_an_fma(ptx_accesses, kernel, dt
     assert ptx_accesses[f"{kernel}{dtype}-aligned"]["fmas"] == 8 * 2 * per_element
 
 
+@pytest.mark.parametrize("kernel", ["", "sgd-", "lion-"], ids=["adam", "sgd", "lion"])
+def test_optimizer_kernel_divides_correctly_rounded(ptx_accesses, kernel):
+    """Every fp32 division of an optimizer kernel is correctly rounded (div.rn), as in adam.h, sgd.h and lion.h:
+    Triton's `/` is the GPU's approximate division (div.full.f32, within 2 ulps), which the interpreter does not
+    show. 1 / grad_scale was one, and max_grad_norm folds its clip coefficient, no power of two, into that scale."""
+    scaled = ptx_accesses[f"{kernel}fp32-grad-scale"]
+    assert scaled["divisions"] > ptx_accesses[f"{kernel}fp32-aligned"]["divisions"], scaled  # 1 / grad_scale
+    variants = [name for name in ptx_accesses if name.startswith(kernel or ("fp32", "bf16"))]
+    assert variants and not [name for name in variants if ptx_accesses[name]["approximate_divisions"]]
+
+
 @pytest.mark.parametrize("kernel, dtype", [("", "fp32-int8-moments"), ("", "bf16-remainder24-int8-moments"),
                                            ("lion-", "fp32-int8-moments"), ("lion-", "bf16-remainder24-int8-moments"),
                                            ("sgd-", "fp32-int8-moments"), ("sgd-", "bf16-remainder24-int8-moments")])
@@ -215,6 +222,14 @@ def test_cross_entropy_kernel_streams_rows_with_16_byte_accesses(ptx_accesses, d
     accesses = ptx_accesses[f"cross_entropy-{dtype}"]
     assert "ld.global.v4.b32" in accesses["loads"], accesses
     assert "st.global.v4.b32" in accesses["stores"], accesses
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cross_entropy_kernel_divides_its_row_scalars_correctly_rounded(ptx_accesses, dtype):
+    """A row's 1 / sum, which scales every probability of the row, and label smoothing's share per class, are
+    correctly rounded (div.rn), not the GPU's approximate division that Triton's `/` gives."""
+    accesses = ptx_accesses[f"cross_entropy-{dtype}"]
+    assert accesses["divisions"] >= 3 and accesses["approximate_divisions"] == 0, accesses
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

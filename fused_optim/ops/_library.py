@@ -48,11 +48,33 @@ def define_op(name: str, schema: str, *, fake: Callable, torch_impl: Callable, t
         # op with no autograd kernel would mark them, and a backward through them would give None with a warning)
         lib.impl(op_name, torch.library.fallthrough_kernel, "Autograd")
     lib.impl(names["torch"], _without_autograd(torch_impl), "CompositeExplicitAutograd")
-    for dispatch_key in ("CUDA", "CPU"):  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
-        lib.impl(names["triton"], triton_impl, dispatch_key)
+    lib.impl(names["triton"], _on_the_tensors_device(triton_impl), "CUDA")
+    lib.impl(names["triton"], triton_impl, "CPU")  # CPU tensors only under TRITON_INTERPRET=1 (checked in _backend)
     if sparse_message is not None:
         refuse_sparse_grads((name, names["triton"]), sparse_message)
     _OP_NAMES[name] = names
+
+
+def _first_tensor(args) -> torch.Tensor | None:
+    """The first tensor among an op's arguments, or in its first non-empty tensor list."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return arg[0]
+    return None
+
+
+def _on_the_tensors_device(triton_impl: Callable) -> Callable:
+    """Triton launches on the current CUDA device, with its current stream: a call on tensors of another device
+    (cuda:1 while the current device is 0) runs with theirs made current, as the C++ launchers' DeviceGuard does."""
+    def launch(*args, **kwargs):
+        tensor = _first_tensor((*args, *kwargs.values()))
+        if tensor is None:  # (nothing to step: the op only checks its arguments)
+            return triton_impl(*args, **kwargs)
+        with torch.cuda.device(tensor.device):
+            return triton_impl(*args, **kwargs)
+    return launch
 
 
 def count_writes(params) -> None:

@@ -355,7 +355,7 @@ def _adam_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
     log_beta1_bits, log_beta2_bits,  # lr and log(beta) as the bits of fp64s: Triton passes Python floats as fp32
-    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay_bits, seed, first_tensor_index, num_tensors,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WRITE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -388,11 +388,14 @@ def _adam_kernel(
         else:
             lr64 = tl.full([], lr_bits, tl.int64).to(tl.float64, bitcast=True)
         grad_multiplier = 1.0
-        if HAS_GRAD_SCALE:
-            grad_multiplier = 1.0 / tl.load(grad_scale_ptr)
+        if HAS_GRAD_SCALE:  # correctly rounded, as adam.h's; `/` would be the GPU's approximate division
+            grad_multiplier = tl.div_rn(1.0, tl.load(grad_scale_ptr))
         if MAXIMIZE:
             grad_multiplier = -grad_multiplier
-        param_decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
+        # 1 - lr * weight_decay from the two doubles, rounded once (an fp32 weight decay moved it by an ulp at some lrs)
+        weight_decay64 = tl.full([], weight_decay_bits, tl.int64).to(tl.float64, bitcast=True)
+        weight_decay = weight_decay64.to(tl.float32)  # Adam's coupled decay, fp32 as in adam.h
+        param_decay = (1.0 - lr64 * weight_decay64).to(tl.float32)
         log_beta1 = tl.full([], log_beta1_bits, tl.int64).to(tl.float64, bitcast=True)
         log_beta2 = tl.full([], log_beta2_bits, tl.int64).to(tl.float64, bitcast=True)
         bias_correction1 = 1.0 - tl.exp(step.to(tl.float64) * log_beta1)
@@ -457,7 +460,7 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params
             unused if found_inf is None else found_inf,
             _fp64_bits(math.log(beta1) if beta1 > 0 else -math.inf),
             _fp64_bits(math.log(beta2) if beta2 > 0 else -math.inf),
-            1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, seed, first_tensor_index, num_tensors,
+            1.0 - beta1, beta2, 1.0 - beta2, eps, _fp64_bits(weight_decay), seed, first_tensor_index, num_tensors,
             PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
             MOMENT_DTYPE=tl.int8 if moment_scales else DTYPES[exp_avgs[0].dtype],
             DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,

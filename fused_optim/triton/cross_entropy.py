@@ -111,7 +111,7 @@ def _cross_entropy_forward_kernel(
                                                                 HAS_WEIGHT, SOFTCAP, BLOCK)
     log_sum = tl.log(running_sum)
     lse = running_max + log_sum
-    inv_sum = 1.0 / running_sum
+    inv_sum = tl.div_rn(1.0, running_sum)  # correctly rounded: `/` is the GPU's approximate division
 
     safe_target = tl.where(kept & in_range, target, 0)
     target_logit = _capped(tl.load(x_row + safe_target).to(tl.float32), softcap, SOFTCAP)
@@ -124,7 +124,8 @@ def _cross_entropy_forward_kernel(
     weight_sum = tl.load(scales_ptr + 2)
     # (max - z_t) + log(sum), not lse - z_t: a confident row keeps its loss's precision (cross_entropy.h)
     loss = (1.0 - label_smoothing) * target_weight * ((running_max - target_logit) + log_sum)
-    smoothing = label_smoothing / num_classes * (weight_sum * log_sum + weighted_gap)
+    smoothing_per_class = tl.div_rn(label_smoothing, tl.cast(num_classes, tl.float32))
+    smoothing = smoothing_per_class * (weight_sum * log_sum + weighted_gap)
     loss += tl.where(label_smoothing > 0, smoothing, 0.0)  # masked (-inf) logits make the unused term NaN
     loss = tl.where(in_range, loss, float("nan"))  # an out-of-range target shows as a NaN loss
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
@@ -132,7 +133,7 @@ def _cross_entropy_forward_kernel(
 
     if HAS_GRAD:
         target_coef = ce_scale * (1.0 - label_smoothing) * target_weight
-        weight_coef = ce_scale * label_smoothing / num_classes
+        weight_coef = tl.div_rn(ce_scale * label_smoothing, tl.cast(num_classes, tl.float32))
         p_coef = (target_coef + _smoothing_term(weight_coef, weight_sum)
                   + 2.0 * tl.cast(z_loss, tl.float32) * z_scale * lse)
         g_row = grad_ptr + row * row_stride

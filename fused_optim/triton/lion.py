@@ -107,7 +107,7 @@ def _step_block(param_ptr, grad_ptr, exp_avg_ptr, master_ptr, scales_ptr, block_
 def _lion_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
-    beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, seed, first_tensor_index, num_tensors,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay_bits, seed, first_tensor_index, num_tensors,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
     WRITE: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -131,11 +131,12 @@ def _lion_kernel(
         else:
             lr64 = tl.full([], lr_bits, tl.int64).to(tl.float64, bitcast=True)
         grad_multiplier = 1.0
-        if HAS_GRAD_SCALE:
-            grad_multiplier = 1.0 / tl.load(grad_scale_ptr)
+        if HAS_GRAD_SCALE:  # correctly rounded, as lion.h's; `/` would be the GPU's approximate division
+            grad_multiplier = tl.div_rn(1.0, tl.load(grad_scale_ptr))
         if MAXIMIZE:
             grad_multiplier = -grad_multiplier
-        param_decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
+        weight_decay = tl.full([], weight_decay_bits, tl.int64).to(tl.float64, bitcast=True)
+        param_decay = (1.0 - lr64 * weight_decay).to(tl.float32)  # from the two doubles, as lion.h
         stream = 0
         if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16 or MOMENT_DTYPE == tl.int8:
             step = tl.load(load_pointer(row, 4, tl.float32, False)) + 1.0
@@ -185,7 +186,7 @@ def _launch(params, grads, exp_avgs, master_params, steps, moment_scales, first_
         _lion_kernel[(num_programs,)](
             table, _fp64_bits(lr), unused if lr_tensor is None else lr_tensor,
             unused if grad_scale is None else grad_scale, unused if found_inf is None else found_inf,
-            beta1, 1.0 - beta1, beta2, 1.0 - beta2, weight_decay, seed, first_tensor_index, num_tensors,
+            beta1, 1.0 - beta1, beta2, 1.0 - beta2, _fp64_bits(weight_decay), seed, first_tensor_index, num_tensors,
             PARAM_DTYPE=DTYPES[params[0].dtype], GRAD_DTYPE=DTYPES[grads[0].dtype],
             MOMENT_DTYPE=tl.int8 if moment_scales else DTYPES[exp_avgs[0].dtype], MAXIMIZE=maximize,
             WRITE=write_back(stochastic_rounding, master_params), HAS_LR_TENSOR=lr_tensor is not None,

@@ -157,8 +157,8 @@ def _sgd_kernel(
         if HAS_LR_TENSOR:
             lr = tl.load(lr_ptr).to(tl.float32)  # an fp64 lr_tensor rounds once, as the float lr does
         grad_multiplier = 1.0
-        if HAS_GRAD_SCALE:
-            grad_multiplier = 1.0 / tl.load(grad_scale_ptr)
+        if HAS_GRAD_SCALE:  # correctly rounded, as sgd.h's; `/` would be the GPU's approximate division
+            grad_multiplier = tl.div_rn(1.0, tl.load(grad_scale_ptr))
         if MAXIMIZE:
             grad_multiplier = -grad_multiplier
 
