@@ -209,12 +209,24 @@ def check_against_reference_and_torch(backend, device, dtype, options, shapes, s
         torch_opt.step()
         reference.step(grads)
         rounded.step(grads)
-        for r in rounded.params:
-            r.copy_(r.to(dtype).double())
+        store_rounded(rounded, dtype)
 
     assert all(p.dtype == dtype and p.device.type == device for p in ours)
     assert torch.isfinite(flat(ours)).all()
     assert_at_least_as_accurate_as_peer(ours, theirs, reference, rounded, init, dtype, steps)
+
+
+def store_rounded(reference, dtype: torch.dtype) -> None:
+    """Rounds the reference's params to `dtype` in place after a step, as an optimizer storing them in that dtype
+    does, and marks in reference.near_ties (per param, over all steps) the bf16/fp16 elements that were then within
+    fp32's rounding of a tie between two `dtype` values: decimal hyperparameters put some exactly on one (a bf16
+    param of 260/1024 times 1 - 0.01 * 0.1, minus 0.01, is 249.5/1024), and an fp32 update may round it either way."""
+    if not hasattr(reference, "near_ties"):
+        reference.near_ties = [torch.zeros_like(r, dtype=torch.bool) for r in reference.params]
+    for r, near_tie in zip(reference.params, reference.near_ties):
+        if dtype in LOW_PRECISION:
+            near_tie |= (r * (1 + 2**-20)).to(dtype) != (r * (1 - 2**-20)).to(dtype)
+        r.copy_(r.to(dtype).double())
 
 
 def assert_at_least_as_accurate_as_peer(ours, peer, reference, rounded, init, dtype, steps,
@@ -236,14 +248,18 @@ def assert_at_least_as_accurate_as_peer(ours, peer, reference, rounded, init, dt
     our_max, our_mean = errors(ours, reference, keep)
     peer_max, peer_mean = errors(peer, reference, keep)
     magnitude = flat(reference.params).abs().max().item()
-    assert our_max <= peer_max + 0.5 * ulp(dtype, magnitude), (our_max, peer_max)
+    # (in bf16/fp16 the peer's roundings may by chance land nearer the float64 values than storing the param to
+    # nearest does: no worse than the rounded reference is as accurate as such an optimizer can be)
+    floor = errors(rounded.params, reference, keep)[0] if dtype in LOW_PRECISION else 0.0
+    assert our_max <= max(peer_max + 0.5 * ulp(dtype, magnitude), floor), (our_max, peer_max, floor)
     if dtype == torch.float32 and flat(ours).numel() >= 1000:
         # over a few elements a mean is noise (the fuzz test's small draws)
         assert our_mean <= 1.05 * peer_mean + 1e-12, (our_mean, peer_mean)
     if dtype in LOW_PRECISION:
         keep = slice(None) if keep is None else keep
         ours_flat, rounded_flat = flat(ours)[keep], flat(rounded.params)[keep]
-        assert (ours_flat == rounded_flat).double().mean() >= 0.99
+        matched = (ours_flat == rounded_flat)[flat(rounded.near_ties)[keep] == 0]
+        assert matched.numel() == 0 or matched.double().mean() >= 0.99
         assert within_two_ulps(ours_flat, rounded_flat, dtype, flat(init)[keep]).all()
     else:  # fp32: a few roundings per step, accumulated over the steps
         assert our_max <= steps * 4 * ulp(dtype, magnitude)
@@ -1397,8 +1413,7 @@ def test_random_configs_match_reference(sizes, dtype, decoupled, weight_decay, a
         opt.step()
         reference.step(grads)
         rounded.step(grads)
-        for r in rounded.params:
-            r.copy_(r.to(dtype).double())
+        store_rounded(rounded, dtype)
     if not any(sizes):
         return
     ours = flat(params)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, master_weight
 from test_adam import (DTYPES, SHAPES, assert_at_least_as_accurate_as_peer, assert_identical, errors, flat,
-                       make_params, random_grads, resume_through_torch_save, set_grads, snapshot, ulp)
+                       make_params, random_grads, resume_through_torch_save, set_grads, snapshot, store_rounded, ulp)
 from test_adam_moments import run as run_with_bf16_moments
 from test_optimizer_contract import assert_compiled_steps_match_eager
 from test_sgd import split_options
@@ -89,8 +89,7 @@ def check_against_reference_and_lion_pytorch(backend, device, dtype, options, sh
         peer.step()
         reference.step(grads)
         rounded.step(grads)
-        for r in rounded.params:
-            r.copy_(r.to(dtype).double())
+        store_rounded(rounded, dtype)
 
     assert all(p.dtype == dtype and p.device.type == device for p in ours)
     assert torch.isfinite(flat(ours)).all()

@@ -24,7 +24,8 @@ from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, assert_s
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_adam import (DTYPES, SHAPES, assert_at_least_as_accurate_as_peer, assert_identical, flat, make_params,
-                       random_grads, resume_through_torch_save, set_grads, snapshot, ulp, within_two_ulps)
+                       random_grads, resume_through_torch_save, set_grads, snapshot, store_rounded, ulp,
+                       within_two_ulps)
 from test_adam_moments import run as run_with_bf16_moments
 
 import fused_optim
@@ -88,8 +89,7 @@ def check_against_reference_and_torch(backend, device, dtype, options, shapes, s
         torch_opt.step()
         reference.step(grads)
         rounded.step(grads)
-        for r in rounded.params:
-            r.copy_(r.to(dtype).double())
+        store_rounded(rounded, dtype)
 
     assert all(p.dtype == dtype and p.device.type == device for p in ours)
     assert torch.isfinite(flat(ours)).all()
@@ -757,8 +757,7 @@ def test_random_configs_match_reference(sizes, dtype, momentum, dampening, neste
         opt.step()
         reference.step(grads)
         rounded.step(grads)
-        for r in rounded.params:
-            r.copy_(r.to(dtype).double())
+        store_rounded(rounded, dtype)
     if not any(sizes):
         return
     ours = flat(params)
