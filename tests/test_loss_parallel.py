@@ -133,6 +133,23 @@ def test_a_target_outside_the_whole_vocabulary_is_refused(backend):
         ops.shard_stats_op(backend, logits.device)(logits[:, :5].contiguous(), target, None, 0, CLASSES, IGNORE, 0.0)
 
 
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="TRITON_INTERPRET is not 1 here")
+def test_the_triton_kernels_give_a_target_outside_the_vocabulary_a_nan_loss():
+    """The Triton kernels cannot raise: a kept target in no shard gives its row a NaN target logit, hence a NaN
+    loss, as the unsharded Triton loss does. The combine's gather of its class weight is clamped, as the unsharded
+    loss's: unclamped it failed there (an IndexError here; on a GPU a device-side assert, the process's CUDA context
+    lost)."""
+    logits, target, weight, _ = make_case(CLASSES, torch.float32, {"weight": True})
+    target[2] = CLASSES
+    scales, _ = reduction_scales(target, weight, CLASSES, "none", IGNORE)
+    stats = [ops.shard_stats_op("triton", logits.device)(logits[:, start:start + size].contiguous(), target,
+                                                          weight[start:start + size].contiguous(), start, CLASSES,
+                                                          IGNORE, 0.0)
+             for start, size in shard_bounds(CLASSES, 3)]
+    loss, _, _ = combine(torch.stack(stats), target, weight, scales, CLASSES, IGNORE, 0.0, 0.0, True)
+    assert loss[2].isnan() and loss[torch.arange(ROWS) != 2].isfinite().all()
+
+
 @pytest.mark.parametrize("op_name", ["cross_entropy_shard_stats", "cross_entropy_shard_grad_"])
 def test_opcheck(op_name):
     logits, target, weight, _ = make_case(CLASSES, torch.float32, {"weight": True})

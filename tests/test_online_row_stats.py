@@ -60,3 +60,21 @@ def test_masked_logits_make_the_gap_infinite(replay):
         logits[masked] = -math.inf
         (max_, _, gap), (direct_max, _, direct_gap) = replay(64, logits, torch.ones(256))
         assert max_ == direct_max and gap == direct_gap == math.inf
+
+
+@pytest.mark.parametrize("numel", [7, 13, 256])
+@pytest.mark.parametrize("where", ["first", "middle", "last", "a-whole-vector", "beside-masked", "plus-inf"])
+def test_a_nan_or_inf_logit_makes_the_sum_nan(replay, numel, where):
+    """A NaN logit anywhere in the row makes its sum of exp, hence its loss, NaN, as torch's, the CPU kernel's and
+    Triton's: in the scalar tail (a row shorter than a vector, or 13 = a vector and 5), inside a vector, filling a
+    vector (whose max, taken with fmaxf, is then -inf), beside masked logits; and so does a +inf logit (inf - inf)."""
+    logits = torch.randn(numel)
+    position = {"first": 0, "middle": numel // 2, "last": numel - 1}.get(where, 0)
+    if where in ("a-whole-vector", "beside-masked"):
+        logits[:8] = math.nan
+        logits[4:8] = -math.inf if where == "beside-masked" else math.nan
+    else:
+        logits[position] = math.inf if where == "plus-inf" else math.nan
+    for threads in (32, 64):
+        (_, sum_, _), (_, direct_sum, _) = replay(threads, logits, torch.ones(numel))
+        assert math.isnan(direct_sum) and math.isnan(sum_), (threads, sum_)

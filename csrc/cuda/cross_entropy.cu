@@ -67,22 +67,13 @@ __device__ void reduce_row(const T* x, const float* class_weight, int64_t num_cl
   using V = Vec<T>;
   for (int64_t j = threadIdx.x * V::kSize; j < vector_end; j += blockDim.x * V::kSize) {
     const V v = *reinterpret_cast<const V*>(x + j);
-    float z[V::kSize];
-    float chunk_max = -INFINITY;
+    float z[V::kSize], w[V::kSize];
 #pragma unroll
     for (int k = 0; k < V::kSize; ++k) {
       z[k] = capped_logit(static_cast<float>(v.values[k]), softcap);
-      chunk_max = fmaxf(chunk_max, z[k]);
+      w[k] = class_weight_at(class_weight, j + k);
     }
-    const float new_max = fmaxf(acc.max, chunk_max);
-    gap.rise(acc.max, new_max);
-#pragma unroll
-    for (int k = 0; k < V::kSize; ++k) gap.add(z[k], class_weight_at(class_weight, j + k), new_max);
-    if (chunk_max == -INFINITY) continue;  // all masked: nothing to add (and -inf - -inf would be NaN)
-    OnlineLogSumExp chunk{chunk_max, 0.0f};  // one rescale per vector, not per element
-#pragma unroll
-    for (int k = 0; k < V::kSize; ++k) chunk.sum += expf(z[k] - chunk_max);
-    acc.merge(chunk);
+    add_logits(z, w, acc, gap);
   }
   for (int64_t j = vector_end + threadIdx.x; j < num_classes; j += blockDim.x) {
     const float z = capped_logit(static_cast<float>(x[j]), softcap);

@@ -109,7 +109,10 @@ def combine(gathered: Tensor, target: Tensor, weight: Tensor | None, scales: Ten
     log_sum = torch.log(total)
     lse = row_max + log_sum
     kept = target != ignore_index
-    target_weight = weight[torch.where(kept, target, 0)] if weight is not None else torch.ones_like(lse)
+    # clamped: a target in no shard (which only the Triton kernels let through) has a NaN target logit already,
+    # and an index out of range here would fail (on a GPU, a device-side assert)
+    safe_target = torch.where(kept, target, 0).clamp(0, num_classes - 1)
+    target_weight = weight[safe_target] if weight is not None else torch.ones_like(lse)
     # (max - z_t) + log(sum), not lse - z_t: a confident row keeps its loss's precision (cross_entropy.h)
     loss = (1 - label_smoothing) * target_weight * ((row_max - target_logits.sum(0)) + log_sum)
     ce_scale, z_scale, weight_sum = scales.unbind()

@@ -26,15 +26,9 @@ int main() {
   std::vector<OnlineWeightedGap> gap(threads);
   for (int t = 0; t < threads; ++t) {
     for (long j = t * kVec; j < vector_end; j += static_cast<long>(threads) * kVec) {
-      float chunk_max = -INFINITY;
-      for (int k = 0; k < kVec; ++k) chunk_max = std::fmax(chunk_max, z[j + k]);
-      const float new_max = std::fmax(acc[t].max, chunk_max);
-      gap[t].rise(acc[t].max, new_max);
-      for (int k = 0; k < kVec; ++k) gap[t].add(z[j + k], w[j + k], new_max);
-      if (chunk_max == -INFINITY) continue;
-      OnlineLogSumExp chunk{chunk_max, 0.0f};
-      for (int k = 0; k < kVec; ++k) chunk.sum += std::exp(z[j + k] - chunk_max);
-      acc[t].merge(chunk);
+      float vector_z[kVec], vector_w[kVec];
+      for (int k = 0; k < kVec; ++k) vector_z[k] = z[j + k], vector_w[k] = w[j + k];
+      fused_optim::add_logits(vector_z, vector_w, acc[t], gap[t]);
     }
     for (long j = vector_end + t; j < n; j += threads) {
       const float max = acc[t].max;

@@ -63,23 +63,49 @@ struct OnlineLogSumExp {
   float max = -INFINITY;
   float sum = 0.0f;
 
+  // A masked (-inf) logit adds nothing, even while max is still -inf; a NaN, which no comparison passes, makes the
+  // sum NaN, and so does +inf (its exp(z - max) is 1 + (z - z), NaN), as either makes torch's loss NaN.
   FO_HOST_DEVICE void add(float z) {
     if (z > max) {
-      sum = sum * expf(max - z) + 1.0f;
+      sum = sum * expf(max - z) + ((z - z) + 1.0f);
       max = z;
-    } else if (z > -INFINITY) {  // a masked (-inf) logit adds nothing, even while max is still -inf
+    } else if (!(z <= -INFINITY)) {
       sum += expf(z - max);
     }
   }
+  // `other` of max -inf holds masked logits alone (sum 0) or a NaN (sum NaN), which stays
   FO_HOST_DEVICE void merge(const OnlineLogSumExp& other) {
     if (other.max > max) {
       sum = sum * expf(max - other.max) + other.sum;
       max = other.max;
     } else if (other.max > -INFINITY) {
       sum += other.sum * expf(other.max - max);
+    } else {
+      sum += other.sum;
     }
   }
 };
+
+// A vector of kSize capped logits z, of class weights w, into a thread's running stats: the gap risen to the
+// vector's max, and one rescale of the sum for the vector rather than one an element. fmaxf leaves a NaN out of the
+// max, and exp(NaN - max) makes the sum NaN; so does a NaN in a vector of masked (-inf) logits and NaNs alone, whose
+// max is -inf (and whose exp(-inf - -inf) would make masked logits NaN too).
+template <int kSize>
+FO_HOST_DEVICE void add_logits(const float (&z)[kSize], const float (&w)[kSize], OnlineLogSumExp& acc,
+                               OnlineWeightedGap& gap) {
+  float vector_max = -INFINITY;
+  for (int k = 0; k < kSize; ++k) vector_max = fmaxf(vector_max, z[k]);
+  const float new_max = fmaxf(acc.max, vector_max);
+  gap.rise(acc.max, new_max);
+  for (int k = 0; k < kSize; ++k) gap.add(z[k], w[k], new_max);
+  if (vector_max == -INFINITY) {
+    for (int k = 0; k < kSize; ++k) acc.sum += z[k] != z[k] ? z[k] : 0.0f;
+    return;
+  }
+  OnlineLogSumExp vector{vector_max, 0.0f};
+  for (int k = 0; k < kSize; ++k) vector.sum += expf(z[k] - vector_max);
+  acc.merge(vector);
+}
 
 // A smoothing term of the gradient, B * w (w a class weight, or their sum W): 0 where B is 0, not 0 * inf.
 FO_HOST_DEVICE float smoothing_term(float weight_coef, float weight) {
