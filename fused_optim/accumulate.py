@@ -142,8 +142,11 @@ def _check_num_tokens(num_tokens: Any, zero_allowed: bool = False) -> None:
 
 def _count_tensor(num_tokens: int | float | Tensor, device: torch.device) -> Tensor:
     """A checked token count as a 0-dim fp64 tensor on `device` (a Python int past int64, a Fraction: as floats)."""
-    value = num_tokens if isinstance(num_tokens, Tensor) else float(num_tokens)
-    return torch.as_tensor(value, device=device).to(torch.float64).reshape(())
+    if isinstance(num_tokens, Tensor):
+        return num_tokens.to(device=device, dtype=torch.float64).reshape(())
+    # a fill on the device, exact in fp64: torch.as_tensor(count, device=...) copied an fp32 count from the host and
+    # waited for the copy
+    return torch.full((), float(num_tokens), dtype=torch.float64, device=device)
 
 
 class GradAccumulator:
@@ -420,7 +423,7 @@ class GradAccumulator:
             # step then skips as for any non-finite grad (max_grad_norm=, fused_optim.GradScaler)
             scale = torch.where(count > 0, sums_factor / count, math.nan).to(torch.float32)
         elif sums_factor != 1.0:
-            scale = torch.tensor(sums_factor, device=flats[0].device)
+            scale = torch.full((), sums_factor, dtype=torch.float32, device=flats[0].device)  # (no host copy)
         norm = None
         factor = scale
         if max_norm is not None:

@@ -561,3 +561,36 @@ def test_a_python_count_over_an_int64_finalizes_as_a_float():
     param.grad = torch.full((3,), 2.0**64)
     acc.finalize(num_tokens=2**64)
     assert torch.equal(param.grad, torch.ones(3))
+
+
+def test_a_python_count_past_fp32s_integers_divides_exactly():
+    """A Python count is made an fp64 tensor on the device (a fill, no copy from the host, which on a GPU waited for
+    the copy): 2^24 + 1 stays itself, where an fp32 tensor rounded it to 2^24."""
+    param = torch.nn.Parameter(torch.randn(3))
+    acc = fused_optim.GradAccumulator([param])
+    param.grad = torch.full((3,), 3.0)
+    acc.finalize(num_tokens=2**24 + 1)
+    expected = 3.0 * torch.tensor(1 / (2**24 + 1), dtype=torch.float64).float()
+    assert torch.equal(param.grad, expected.expand(3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_finalize_with_a_python_count_makes_no_host_sync(backend):
+    model = make_model().cuda()
+    acc = fused_optim.GradAccumulator(model.parameters(), backend=backend)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    acc.accumulate()
+    acc.finalize(num_tokens=4096, max_norm=1.0)  # warm-up: kernels load
+    acc.zero_()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    acc.accumulate()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        acc.finalize(num_tokens=4096, max_norm=1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

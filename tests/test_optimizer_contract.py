@@ -507,6 +507,79 @@ def test_cuda_graph_capture_replays_like_eager_steps_in_every_storage_mode(mode,
     assert_graph_replays_like_eager_steps(cls, options, torch.bfloat16, backend)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", list(STORAGE_MODES))
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_a_step_makes_no_host_sync(mode, backend):
+    """After a first step (kernels load, launch tables are sent), a step reads nothing on the host, in every storage
+    mode and on every GPU backend: the torch backend's int8 dequantizing made its constant on the device, a copy the
+    host waited for, once a moment a tensor a step."""
+    cls, options = STORAGE_MODES[mode]
+    params = make_params([torch.randn(s) for s in SHAPES], torch.bfloat16, "cuda")
+    opt = cls(params, lr=1e-2, backend=backend, **options)
+    set_grads(random_grads(SHAPES, torch.bfloat16, "cuda"), params)
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_torchs_whole_network_capture_recipe(backend):
+    """torch's whole-network recipe: zero_grad(set_to_none=True) before the capture, so backward makes the grads
+    inside it at new addresses. The CUDA C++ step passes its pointers as kernel arguments and replays as eager
+    steps; the Triton one, whose launch table would be copied from the host during the capture, refuses in one
+    sentence (README) rather than failing in the capture."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).cuda()
+    opt = fused_optim.AdamW(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), backend=backend)
+    static_x = torch.randn(8, 16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            model(static_x).square().mean().backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="warm-up step over the same tensors"):
+            with torch.cuda.graph(graph):
+                model(static_x).square().mean().backward()
+                opt.step()
+        return
+    with torch.cuda.graph(graph):
+        model(static_x).square().mean().backward()
+        opt.step()
+    eager = copy.deepcopy(model)
+    eager_opt = fused_optim.AdamW(eager.parameters(), lr=torch.tensor(1e-2, device="cuda"), backend=backend)
+    eager_opt.load_state_dict(opt.state_dict())
+    for _ in range(3):
+        static_x.copy_(torch.randn(8, 16, device="cuda"))
+        graph.replay()
+        eager_opt.zero_grad(set_to_none=True)
+        eager(static_x).square().mean().backward()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_triton_table_missed_during_a_capture_is_refused(monkeypatch):
+    """A launch table not sent before (new tensors) would be copied from the host inside a capture, which a CUDA
+    graph cannot record: one sentence instead."""
+    from fused_optim.triton import _table
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="warm-up step over the same tensors"):
+        _table.device_table([0x7F0000001000, 0x7F0000002000, 1023, 0, 1], torch.device("cuda"))
+
+
 # What users change around an optimizer once it has state: torch's optimizers read params, state and hooks afresh
 # every step, so ours, which keep their op lists between steps (optim/_plan.py), must notice each change.
 

@@ -123,7 +123,13 @@ def device_table(entries: list[int], device: torch.device) -> torch.Tensor:
         table = _table_cache.get(key)
         if table is not None:
             _table_cache.move_to_end(key)
-    if table is None:  # a copy to the device: not allowed while capturing, so a captured step needs one warm-up first
+    if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # a copy from the host, which a capture cannot record: the tensors must have been stepped before
+            raise RuntimeError(
+                "fused_optim: the Triton backend captures a step in a CUDA graph only over tensors it has launched on "
+                "before (its launch table is copied from the host); run a warm-up step over the same tensors, keep "
+                "the grads across the capture (zero_grad(set_to_none=False)), or use backend='cuda'.")
         table = torch.tensor(entries, dtype=torch.int64).to(device, non_blocking=True)
         _table_cache[key] = table
         if len(_table_cache) > _TABLE_CACHE_SIZE:
