@@ -43,8 +43,9 @@ def _blocks(flat: Tensor, fill: float | int = 0) -> Tensor:
 
 
 def _steps(scales: Tensor, signed: bool) -> Tensor:
-    """What each block's codes are multiplied by: scale / 127^2 (the value) or scale / 255^2 (the root), fp32. (The
-    factor a 0-dim CPU tensor, which a CUDA op reads as a scalar: made on the GPU it was a copy the host waited for.)"""
+    """What each block's codes are multiplied by: scale / 127^2 (the value) or scale / 255^2 (the root), fp32. The
+    factor is a 0-dim CPU tensor, which a CUDA op reads as a scalar; one made on the GPU was a copy the host waited
+    for."""
     return scales.float() * torch.tensor(_SIGNED_STEP if signed else _UNSIGNED_STEP, dtype=torch.float32)
 
 

@@ -64,7 +64,8 @@ struct OnlineLogSumExp {
   float sum = 0.0f;
 
   // A masked (-inf) logit adds nothing, even while max is still -inf; a NaN, which no comparison passes, makes the
-  // sum NaN, and so does +inf (its exp(z - max) is 1 + (z - z), NaN), as either makes torch's loss NaN.
+  // sum NaN, and so does +inf: a new max adds its own term as (z - z) + 1, which is 1, or NaN for an infinite z, as
+  // torch's exp(z - max) is.
   FO_HOST_DEVICE void add(float z) {
     if (z > max) {
       sum = sum * expf(max - z) + ((z - z) + 1.0f);
