@@ -774,17 +774,20 @@ def test_bad_master_weights_are_refused_with_nothing_allocated(options, match, c
         assert len(opt.param_groups) == 1 and not opt.state
 
 
-@pytest.mark.parametrize("option, value, match", [
-    ("moments", "INT8", "moments must be 'fp32' or 'bf16' or 'int8', not 'INT8'"),
-    ("master_weights", "yes", "master_weights must be True"),
-    ("stochastic_rounding", 1, "stochastic_rounding must be True or False, not 1"),
+@pytest.mark.parametrize("option, value, dtype, match", [
+    ("moments", "INT8", torch.bfloat16, "moments must be 'fp32' or 'bf16' or 'int8', not 'INT8'"),
+    ("master_weights", "yes", torch.bfloat16, "master_weights must be True"),
+    ("stochastic_rounding", 1, torch.bfloat16, "stochastic_rounding must be True or False, not 1"),
+    ("stochastic_rounding", True, torch.float16, "stochastic_rounding=True rounds bfloat16 params"),
+    ("master_weights", 24, torch.float16, "master_weights=24 keeps a bfloat16 param's master"),
 ])
-def test_a_group_option_set_by_hand_to_a_bad_value_is_refused_at_the_step(option, value, match):
-    """The README lets a group's storage options be set by hand between steps: a bad value is refused at the next
-    step in the constructor's words (it stepped silently, "INT8" as fp32 moments), and nothing changes."""
-    param = torch.nn.Parameter(torch.randn(70).bfloat16())
+def test_a_group_option_set_by_hand_to_a_bad_value_is_refused_at_the_step(option, value, dtype, match):
+    """The README lets a group's storage options be set by hand between steps: a bad value, or one the params'
+    dtype does not take, is refused at the next step in the constructor's words (they stepped silently: "INT8" as
+    fp32 moments, fp16 params rounded to nearest under stochastic rounding), and nothing changes."""
+    param = torch.nn.Parameter(torch.randn(70).to(dtype))
     opt = fused_optim.AdamW([param], lr=1e-2)
-    param.grad = torch.randn(70).bfloat16()
+    param.grad = torch.randn(70).to(dtype)
     opt.step()
     before = (param.detach().clone(), copy.deepcopy(opt.state_dict()["state"]))
     opt.param_groups[0][option] = value

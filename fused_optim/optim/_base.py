@@ -695,10 +695,11 @@ class FusedOptimizer(Optimizer):
         plan = self._kept_plan(key, group, has_grad, options)
         if plan is not None:
             return plan.with_grads(grads)
-        try:  # a group's option set by hand since it was checked ("INT8", "yes"): refused as the constructor would
-            check_group_options(group)
-        except ValueError as error:
-            raise ValueError(f"{type(self).__name__}: {error}") from None
+        # a group's option set by hand since it was checked ("INT8", "yes", stochastic rounding of fp16 params):
+        # refused as the constructor would
+        problem = self._group_problem(group)
+        if problem is not None:
+            raise ValueError(f"{type(self).__name__}: {problem}.")
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
                       if grad is not None]
         self._check_dense([p for _, p, _ in with_grads])
