@@ -189,7 +189,7 @@ def test_amsgrad_turned_off_leaves_its_moment_as_torch_does(moments):
     plain.load_state_dict(copy.deepcopy(plain_dict))
     opt.param_groups[0]["amsgrad"] = False  # in place, between steps
     kept = loaded.state[loaded_params[0]]["max_exp_avg_sq"]
-    assert torch.equal(kept, state_dict["state"][0]["max_exp_avg_sq"])
+    assert torch.equal(kept, state_dict["state"][0]["max_exp_avg_sq"].view(kept.shape))  # (int8: a unit dim saved)
     for run in (params, loaded_params, plain_params):
         for p in run:
             p.grad = torch.ones_like(p)
@@ -217,6 +217,11 @@ def test_an_fp32_master_loaded_beside_an_fp32_param_becomes_the_param():
         assert torch.equal(p.detach(), fp16.state[q]["master_param"])
 
 
+def same_memory(a, b) -> bool:
+    """Whether b is a, or a view of all of a's elements."""
+    return isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr() and a.numel() == b.numel()
+
+
 @pytest.mark.parametrize("cls, dtype, options", [(fused_optim.AdamW, torch.float32, {}),
                                                  (fused_optim.AdamW, torch.float32, {"moments": "int8"}),
                                                  (fused_optim.AdamW, torch.bfloat16, {"moments": "bf16",
@@ -229,13 +234,14 @@ def test_an_fp32_master_loaded_beside_an_fp32_param_becomes_the_param():
                                                                                      "stochastic_rounding": True})])
 def test_a_resume_keeps_the_saved_tensors_as_torch_does(cls, dtype, options):
     """A checkpoint's tensors already in our form become the state as they are, not copies (torch's loader keeps
-    them so too): a resume holds the state once, not twice. It then steps on as a twin loaded from a copy."""
+    them so too; int8 codes, saved with a unit dim, as views of them): a resume holds the state once, not twice. It
+    then steps on as a twin loaded from a copy."""
     params, opt = trained(cls, dtype, **options)
     saved = copy.deepcopy(opt.state_dict())
     twin_params, twin = twin_of(params, opt)
     opt.load_state_dict(saved)
     for index, p in enumerate(params):
-        kept = {key for key, value in opt.state[p].items() if value is saved["state"][index].get(key)}
+        kept = {key for key, value in opt.state[p].items() if same_memory(value, saved["state"][index].get(key))}
         assert kept == set(opt.state[p]) - {"step"}  # the count becomes a float32 tensor on the param's device
     steps_as_its_twin(params, opt, twin_params, twin)
     assert_identical([opt.state[p] for p in params], [twin.state[q] for q in twin_params])
@@ -388,3 +394,37 @@ def test_a_load_that_fails_part_way_changes_nothing(cls, monkeypatch):
     assert opt.param_groups[0]["lr"] == 1e-2
     assert_identical(snapshot(opt), before)
     steps_as_its_twin(params, opt, twin_params, twin, state=False)
+
+
+@pytest.mark.parametrize("into", [{}, {"moments": "bf16"}, {"moments": "int8"}], ids=["fp32", "bf16", "int8"])
+def test_a_dcp_checkpoint_of_int8_moments_loads_only_into_int8_moments(tmp_path, into):
+    """DCP loads a checkpoint into the tensors of the dict the loading optimizer gives, and ignores saved keys it
+    does not ask for (`moment_scales`, a group's `moments`): int8 codes of the param's shape were cast into an fp32
+    or bf16 optimizer's moments without a word (10^5 times the moments). Saved with a unit dim, DCP's size check
+    refuses them; an int8 optimizer loads them back bit for bit."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def model_and_optimizer(**options):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        return model, fused_optim.AdamW(model.parameters(), lr=1e-2, **options)
+
+    model, opt = model_and_optimizer(moments="int8")
+    for _ in range(2):
+        model(torch.randn(5, 8)).square().mean().backward()
+        opt.step()
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path))
+    loaded_model, loaded = model_and_optimizer(**into)
+    model_state, optim_state = get_state_dict(loaded_model, loaded)
+    state = {"model": model_state, "optim": optim_state}
+    if into.get("moments") != "int8":
+        with pytest.raises(CheckpointException, match=r"Size mismatch between saved torch.Size\(\[16, 8, 1\]\)"):
+            dcp.load(state, checkpoint_id=str(tmp_path))
+        return
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(loaded_model, loaded, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for p, q in zip(model.parameters(), loaded_model.parameters()):
+        assert_identical(loaded.state[q], opt.state[p])

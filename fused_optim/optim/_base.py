@@ -822,7 +822,18 @@ class FusedOptimizer(Optimizer):
         `torch_layout()`. The post hooks (`register_state_dict_post_hook`) see it last, as torch's do."""
         if self._torch_layout is not None:
             return self.torch_state_dict(**self._torch_layout)
-        return self._with_state_dict_post_hooks(self._own_state_dict())
+        return self._with_state_dict_post_hooks(self._codes_with_a_unit_dim(self._own_state_dict()))
+
+    def _codes_with_a_unit_dim(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """`state_dict` with its int8 moments' codes as views of one more dim, of size 1: DCP loads a checkpoint into
+        the tensors of the dict the loading optimizer gives, and would cast codes into an fp32 or bf16 optimizer's
+        moments of the param's shape without a word (its groups and state have no `moments` or `moment_scales` to
+        take); of another shape, its size check refuses them. `load_state_dict` takes either shape."""
+        for index, state in state_dict["state"].items():
+            if "moment_scales" in state:
+                state_dict["state"][index] = {**state, **{key: state[key].unsqueeze(-1) for key in self._moment_keys
+                                                          if key in state}}
+        return state_dict
 
     @contextlib.contextmanager
     def torch_layout(self, master_weights: bool = True) -> Iterator[None]:
@@ -924,16 +935,23 @@ class FusedOptimizer(Optimizer):
         return ()
 
     def _with_local_scales(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """`state_dict` with each DTensor param's saved int8 scales (a rank_rows DTensor) as this rank's plain rows."""
+        """`state_dict` with each param's saved int8 codes in its shape (`_codes_with_a_unit_dim`; a dict saved
+        before that holds them so already), and each DTensor param's saved int8 scales (a rank_rows DTensor) as this
+        rank's plain rows."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
             return state_dict  # check_saved_state says what is wrong
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
         state = dict(state_dict["state"])
         for param_id, (p, _) in zip(saved_ids, self._numbered_params()):
             saved = state.get(param_id)
-            if isinstance(saved, dict) and is_dtensor(saved.get("moment_scales")) and is_dtensor(p):
+            if not isinstance(saved, dict):
+                continue
+            saved = {**saved, **{key: saved[key].squeeze(-1) for key in self._moment_keys
+                                 if _is_codes_with_a_unit_dim(saved.get(key), p, "moment_scales" in saved)}}
+            if is_dtensor(saved.get("moment_scales")) and is_dtensor(p):
                 width = scale_count(p.to_local().numel())
-                state[param_id] = {**saved, "moment_scales": local_rows(saved["moment_scales"], p, width)}
+                saved["moment_scales"] = local_rows(saved["moment_scales"], p, width)
+            state[param_id] = saved
         return {**state_dict, "state": state}
 
     def _restore_saved_state(self, state_dict: dict[str, Any]) -> None:
@@ -1137,6 +1155,13 @@ def check_saved_state(optimizer: FusedOptimizer, state_dict: dict[str, Any], mom
 def _sharding(t: Tensor) -> str:
     """How t is laid out over the ranks, in words: its mesh's ranks (a 2-D mesh as rows), or none."""
     return f"a DTensor on the mesh of ranks {t.device_mesh.mesh.tolist()}" if is_dtensor(t) else "a plain tensor"
+
+
+def _is_codes_with_a_unit_dim(saved: Any, p: Tensor, beside_scales: bool) -> bool:
+    """Whether `saved` is int8 codes of p's shape and one more dim of size 1 (FusedOptimizer._codes_with_a_unit_dim):
+    int8 or uint8, or any dtype beside int8 scales (codes cast, which check_saved_state then refuses as such)."""
+    return (isinstance(saved, Tensor) and (beside_scales or saved.dtype in (torch.int8, torch.uint8))
+            and saved.dim() == p.dim() + 1 and saved.shape[-1] == 1)
 
 
 def _check_saved_codes(saved: dict[str, Any], param_id: Any, p: Tensor, moment_keys: dict[str, bool]) -> None:
