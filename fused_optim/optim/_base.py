@@ -892,7 +892,7 @@ class FusedOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state_dict = self._with_local_scales(self._with_own_options(_without_absent_state(state_dict)))
+        state_dict = self._with_codes_and_local_scales(self._with_own_options(_without_absent_state(state_dict)))
         check_saved_state(self, state_dict, self._moment_keys)
         self._plans.clear()
         before = {"state": self.state, "param_groups": self.param_groups}  # torch's loader makes both anew
@@ -934,7 +934,7 @@ class FusedOptimizer(Optimizer):
         """What a param's saved state must hold, where it holds anything, for this group's update to step it."""
         return ()
 
-    def _with_local_scales(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def _with_codes_and_local_scales(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """`state_dict` with each param's saved int8 codes in its shape (`_codes_with_a_unit_dim`; a dict saved
         before that holds them so already), and each DTensor param's saved int8 scales (a rank_rows DTensor) as this
         rank's plain rows."""

@@ -351,6 +351,24 @@ def _step_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, ma
 
 
 @triton.jit
+def _from_fp64_bits(bits):
+    """The double a launcher passed as its bits (_fp64_bits)."""
+    return tl.full([], bits, tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _grad_multiplier(grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """1 / grad_scale, correctly rounded as the C++ headers' (`/` would be the GPU's approximate division), negated
+    when maximizing: what the optimizer kernels multiply each grad by."""
+    multiplier = 1.0
+    if HAS_GRAD_SCALE:
+        multiplier = tl.div_rn(1.0, tl.load(grad_scale_ptr))
+    if MAXIMIZE:
+        multiplier = -multiplier
+    return multiplier
+
+
+@triton.jit
 def _adam_kernel(
     table_ptr,  # (num_tensors * COLUMNS + num_tensors + 1,) int64: the rows, then the block starts
     lr_bits, lr_ptr, grad_scale_ptr, found_inf_ptr,  # the *_ptr read only when the matching HAS_ flag is set
@@ -386,18 +404,14 @@ def _adam_kernel(
         if HAS_LR_TENSOR:
             lr64 = tl.cast(tl.load(lr_ptr), tl.float64)
         else:
-            lr64 = tl.full([], lr_bits, tl.int64).to(tl.float64, bitcast=True)
-        grad_multiplier = 1.0
-        if HAS_GRAD_SCALE:  # correctly rounded, as adam.h's; `/` would be the GPU's approximate division
-            grad_multiplier = tl.div_rn(1.0, tl.load(grad_scale_ptr))
-        if MAXIMIZE:
-            grad_multiplier = -grad_multiplier
+            lr64 = _from_fp64_bits(lr_bits)
+        grad_multiplier = _grad_multiplier(grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
         # 1 - lr * weight_decay from the two doubles, rounded once (an fp32 weight decay moved it by an ulp at some lrs)
-        weight_decay64 = tl.full([], weight_decay_bits, tl.int64).to(tl.float64, bitcast=True)
+        weight_decay64 = _from_fp64_bits(weight_decay_bits)
         weight_decay = weight_decay64.to(tl.float32)  # Adam's coupled decay, fp32 as in adam.h
         param_decay = (1.0 - lr64 * weight_decay64).to(tl.float32)
-        log_beta1 = tl.full([], log_beta1_bits, tl.int64).to(tl.float64, bitcast=True)
-        log_beta2 = tl.full([], log_beta2_bits, tl.int64).to(tl.float64, bitcast=True)
+        log_beta1 = _from_fp64_bits(log_beta1_bits)
+        log_beta2 = _from_fp64_bits(log_beta2_bits)
         bias_correction1 = 1.0 - tl.exp(step.to(tl.float64) * log_beta1)
         bias_correction2 = 1.0 - tl.exp(step.to(tl.float64) * log_beta2)
         step_size = (lr64 / bias_correction1).to(tl.float32)
@@ -421,6 +435,7 @@ def _adam_kernel(
 
 
 def _fp64_bits(value: float) -> int:
+    """A double as the int64 of its bits: Triton passes a Python float to a kernel as fp32 (_from_fp64_bits)."""
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
 

@@ -16,8 +16,9 @@ import triton.language as tl
 
 from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, addresses, all_aligned, device_table,
                                       increment_steps, load_pointer, locate_block, numels, pack, search_steps)
-from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _fp64_bits, _moment_bits, _quantize,
-                                     _store_moment, _stream_key, load_param, param_pointers, store_param, write_back)
+from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _fp64_bits, _from_fp64_bits, _grad_multiplier,
+                                     _moment_bits, _quantize, _store_moment, _stream_key, load_param, param_pointers,
+                                     store_param, write_back)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
@@ -129,14 +130,9 @@ def _lion_kernel(
         if HAS_LR_TENSOR:
             lr64 = tl.cast(tl.load(lr_ptr), tl.float64)
         else:
-            lr64 = tl.full([], lr_bits, tl.int64).to(tl.float64, bitcast=True)
-        grad_multiplier = 1.0
-        if HAS_GRAD_SCALE:  # correctly rounded, as lion.h's; `/` would be the GPU's approximate division
-            grad_multiplier = tl.div_rn(1.0, tl.load(grad_scale_ptr))
-        if MAXIMIZE:
-            grad_multiplier = -grad_multiplier
-        weight_decay = tl.full([], weight_decay_bits, tl.int64).to(tl.float64, bitcast=True)
-        param_decay = (1.0 - lr64 * weight_decay).to(tl.float32)  # from the two doubles, as lion.h
+            lr64 = _from_fp64_bits(lr_bits)
+        grad_multiplier = _grad_multiplier(grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
+        param_decay = (1.0 - lr64 * _from_fp64_bits(weight_decay_bits)).to(tl.float32)  # from the doubles, as lion.h
         stream = 0
         if WRITE == STOCHASTIC or MOMENT_DTYPE == tl.bfloat16 or MOMENT_DTYPE == tl.int8:
             step = tl.load(load_pointer(row, 4, tl.float32, False)) + 1.0

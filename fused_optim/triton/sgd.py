@@ -17,8 +17,8 @@ import triton.language as tl
 
 from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, addresses, all_aligned, device_table,
                                       increment_steps, load_pointer, locate_block, numels, pack, search_steps)
-from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _moment_bits, _quantize, _store_moment,
-                                    _stream_key, load_param, param_pointers, store_param, write_back)
+from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _grad_multiplier, _moment_bits, _quantize,
+                                    _store_moment, _stream_key, load_param, param_pointers, store_param, write_back)
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per array and thread
 NUM_WARPS = 4  # benchmarks/gpu_triton_launch.py times other BLOCK, NUM_WARPS and BLOCKS on a GPU
@@ -156,11 +156,7 @@ def _sgd_kernel(
                 stream = _stream_key(seed, first_tensor_index + tensor, step + 1.0)  # of the count after this step
         if HAS_LR_TENSOR:
             lr = tl.load(lr_ptr).to(tl.float32)  # an fp64 lr_tensor rounds once, as the float lr does
-        grad_multiplier = 1.0
-        if HAS_GRAD_SCALE:  # correctly rounded, as sgd.h's; `/` would be the GPU's approximate division
-            grad_multiplier = tl.div_rn(1.0, tl.load(grad_scale_ptr))
-        if MAXIMIZE:
-            grad_multiplier = -grad_multiplier
+        grad_multiplier = _grad_multiplier(grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
 
         scales_ptr = row  # unused but for moments="int8", whose scales' address is in column 5
         if BUFFER_DTYPE == tl.int8:

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from fused_optim.triton._table import (DTYPES, addresses, all_aligned, device_table, load_pointer, locate_block, numels,
                                       pack, search_steps)
-from fused_optim.triton.adam import _fp64_bits
+from fused_optim.triton.adam import _fp64_bits, _from_fp64_bits
 
 BLOCK = 1024  # 4 warps x 32 threads x 8 elements: one 16-byte load of bf16, two of fp32, per thread
 COLUMNS = 2  # tensor, numel
@@ -67,7 +67,7 @@ def _norm_partials_kernel(
     elif NORM == NORM_2:
         partial = tl.sum(magnitude * magnitude, 0).to(tl.float64)
     else:  # |x|^p; 0 -> exp2(-inf) = 0 for every p > 0
-        p = tl.full([], p_bits, tl.int64).to(tl.float64, bitcast=True)
+        p = _from_fp64_bits(p_bits)
         partial = tl.sum(tl.exp2(p * tl.log2(magnitude.to(tl.float64))), 0)
     tl.store(partials_ptr + tl.program_id(0), partial)
 
@@ -97,7 +97,7 @@ def _combine_partials_kernel(
         if NORM == NORM_2:
             norm = tl.sqrt(norm)  # fp64: the IEEE square root (only fp32 has an approximate one)
         elif NORM == NORM_P:
-            inverse_p = tl.full([], inverse_p_bits, tl.int64).to(tl.float64, bitcast=True)
+            inverse_p = _from_fp64_bits(inverse_p_bits)
             norm = tl.exp2(tl.log2(norm) * inverse_p)
     tl.store(norm_ptr, norm.to(tl.float32))
 
