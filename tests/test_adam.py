@@ -359,6 +359,22 @@ def test_first_moment_is_torchs_lerp_bit_for_bit(backend, device, beta1):
             assert torch.equal(opt.state[p]["exp_avg"].view(torch.int32), expected.view(torch.int32)), (step, beta1)
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_a_grad_whose_square_overflows_steps_as_torchs(backend, device, name, amsgrad):
+    """|grad| above ~5.9e20 makes exp_avg_sq inf in fp32: torch's update m / (sqrt(inf) / c + eps) is then 0 and the
+    param stays finite (the division by c = sqrt(1 - beta2^t) must keep inf / c = inf)."""
+    init, grad = torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.tensor([1e21, -3e30, 1.0, 0.0])
+    ours, theirs = make_params([init], torch.float32, device), make_params([init], torch.float32, "cpu")
+    opt = getattr(fused_optim, name)(ours, lr=1e-2, amsgrad=amsgrad, backend=backend)
+    torch_opt = getattr(torch.optim, name)(theirs, lr=1e-2, amsgrad=amsgrad, foreach=False)
+    set_grads([grad], ours, theirs)
+    opt.step()
+    torch_opt.step()
+    assert torch.isfinite(ours[0]).all()
+    torch.testing.assert_close(ours[0].cpu(), theirs[0], rtol=1e-6, atol=1e-7)
+
 @pytest.mark.parametrize("betas", [(0.0, 0.999), (0.9, 0.0), (0.0, 0.0)], ids=["beta1=0", "beta2=0", "both=0"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_zero_betas(backend, device, betas):
@@ -549,17 +565,21 @@ GRADSCALER_KINDS = {
     "fp32": (torch.float32, {}),
     "bf16": (torch.bfloat16, {}),
     "bf16-master": (torch.bfloat16, {"master_weights": True}),
+    "bf16-24-bit-master": (torch.bfloat16, {"master_weights": 24}),
+    "fp16-master": (torch.float16, {"master_weights": True}),  # an fp32 copy
     "bf16-stochastic": (torch.bfloat16, {"stochastic_rounding": True}),
 }
 
 
 @pytest.mark.parametrize("kind", list(GRADSCALER_KINDS))
+@pytest.mark.parametrize("cls, options", [(fused_optim.AdamW, {"amsgrad": True}), (fused_optim.SGD, {"momentum": 0.9}),
+                                          (fused_optim.Lion, {})], ids=["AdamW", "SGD", "Lion"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_found_inf_skips_the_step(backend, device, kind):
+def test_found_inf_skips_the_step(backend, device, cls, options, kind):
     dtype, extra = GRADSCALER_KINDS[kind]
     shapes = [(3,), (1500,)]
     params = make_params([torch.randn(s) for s in shapes], dtype, device)
-    opt = fused_optim.AdamW(params, lr=1e-2, amsgrad=True, backend=backend, **extra)
+    opt = cls(params, lr=1e-2, backend=backend, **options, **extra)
     set_grads(random_grads(shapes, dtype, device), params)
     opt.step()
     set_grads(random_grads(shapes, dtype, device), params)
@@ -884,7 +904,9 @@ def test_stochastic_rounding_seed_follows_the_manual_seed_and_draws_nothing(opti
     assert seed(other_params) != first  # an optimizer over other params draws others
     torch.manual_seed(6)
     assert seed(params) != first
-    two_groups = fused_optim.AdamW([{"params": params}, {"params": params[0].detach().clone()[None]}], **options)
+    # groups of params of the same shapes draw apart too: the group's index is in the hash
+    two_groups = fused_optim.AdamW([{"params": params}, {"params": [torch.nn.Parameter(params[0].detach().clone())]}],
+                                   **options)
     assert two_groups.param_groups[0]["seed"] != two_groups.param_groups[1]["seed"]
 
 
@@ -970,6 +992,16 @@ def test_a_master_remainder_holds_its_fp32_value_exactly(backend, device):
     assert torch.equal(param[finite].view(torch.int16), round_like_master(values)[finite].view(torch.int16))
     assert (param != values.bfloat16())[finite].sum() == 2  # the two bf16 ties, 1 + 2^-8 and its negative
 
+
+
+@pytest.mark.parametrize("bits", [32, 24])
+def test_a_nan_master_with_its_payload_in_the_low_bits_splits_into_a_nan_param(bits):
+    """The param takes the master's top 16 bits, which for a NaN whose payload lies in its low bits alone
+    (0x7F800001, 0xFF800001) are an inf's: the split sets the quiet bit, so the param stays NaN."""
+    master = torch.tensor([0x7F800001, -0x7FFFFF, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    assert master.isnan().all()
+    param, remainder = split_master(master, bits)
+    assert param.isnan().all() and join_master(param, remainder).isnan().all()
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_master_weights_leave_fp32_params_alone(backend, device):

@@ -25,6 +25,7 @@ from fused_optim.reference import ReferenceAdam
 from fused_optim.rounding import moment_bits16
 
 SHAPES = [(1,), (3,), (0,), (1023,), (33, 17), (130,)]
+CHUNKED_SHAPES = [(16385,), (3, 13339)]  # past the CPU kernel's 16384-element chunks
 OPTIONS = [
     pytest.param(dict(cls="AdamW", weight_decay=0.01), id="adamw"),
     pytest.param(dict(cls="Adam", weight_decay=0.01, amsgrad=True, maximize=True), id="adam-l2-amsgrad-maximize"),
@@ -162,6 +163,32 @@ def test_a_non_zero_second_moment_never_dequantizes_to_zero():
     assert (values[x > 0] > 0).all() and values[2] == 0
 
 
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_a_second_moment_far_below_its_blocks_largest_keeps_a_code(backend, device):
+    """One element of each block had a huge grad once and the others a small one later, then none: their
+    exp_avg_sq sits far below the block's scale, yet never at code 0 (the update would divide by eps alone and
+    move them by thousands of lrs), in a whole block (coded 16 lanes at a time) and in a tensor's last, partial
+    block alike. Their last step is then within a few times fp32 AdamW's (~0.7 lr)."""
+    n, lr = 100, 1e-3
+    big, small = torch.zeros(n), torch.full((n,), 3e-4)
+    big[0] = big[64] = 1000.0
+    small[0] = small[64] = 0.0
+    schedule = [big] + [torch.zeros(n)] * 59 + [small, torch.zeros(n)]
+    last_steps = {}
+    for moments in ("fp32", "int8"):
+        param = torch.nn.Parameter(torch.zeros(n, device=device))
+        opt = fused_optim.AdamW([param], lr=lr, weight_decay=0.0, moments=moments, backend=backend)
+        for grad in schedule:
+            before = param.detach().clone()
+            param.grad = grad.to(device)
+            opt.step()
+        last_steps[moments] = (param.detach() - before).abs().cpu()
+    codes = opt.state[param]["exp_avg_sq"].cpu()
+    for block in (slice(1, 64), slice(65, 100)):
+        assert (codes[block] > 0).all()
+        assert last_steps["int8"][block].max() <= 10 * last_steps["fp32"][block].max()
+
 def test_a_zero_block_and_a_nan_block():
     x = torch.cat([torch.zeros(64), torch.randn(64)])
     x[100] = float("nan")
@@ -170,6 +197,22 @@ def test_a_zero_block_and_a_nan_block():
     assert (values[:64] == 0).all() and scales[0] == 0
     assert values[64:].isnan().all()  # an fp32 moment with a NaN stays NaN too: the block says so
 
+
+
+def test_a_block_of_subnormals_alone_becomes_zeros():
+    """1 / scale would overflow below 2^-128: a block of subnormals alone (a moment decayed for thousands of steps
+    without a grad) is flushed to zeros, as a flush-to-zero unit would, by the codec and the kernels alike."""
+    for value in (3e-39, 1e-42):
+        codes, scales = quantize(torch.full((64,), value), True)
+        assert (codes == 0).all() and (dequantize(codes, scales) == 0).all()
+    moments = []
+    for backend in ("cpu", "torch"):
+        param = torch.nn.Parameter(torch.zeros(64))
+        opt = fused_optim.Lion([param], lr=1e-3, moments="int8", backend=backend)
+        param.grad = torch.full((64,), 3e-37)  # exp_avg = (1 - 0.99) * grad: subnormal
+        opt.step()
+        moments.append(opt.state[param]["exp_avg"])
+    assert (moments[0] == 0).all() and torch.equal(*moments)
 
 def test_blocks_follow_memory_order():
     x = torch.randn(70, 3).t()  # not contiguous: blocks run down the 70 of memory order
@@ -234,6 +277,29 @@ def test_int8_moments_follow_their_emulation(backend, device, dtype, options):
 def test_int8_moments_with_master_weights_follow_their_emulation(backend, device, master_weights, options):
     params, moments, emulated_params, emulated = run(backend, options, torch.bfloat16, master_weights=master_weights,
                                                      device=device)
+    assert_identical(moments, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
+
+@pytest.mark.parametrize("options", [dict(cls="AdamW", weight_decay=0.01), dict(cls="Lion"),
+                                     dict(cls="SGD", momentum=0.9)], ids=["adamw", "lion", "sgd"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_int8_moments_of_clipped_grads_follow_their_emulation(backend, device, options):
+    """max_grad_norm folds the clip coefficient into the grads' multiplier, the path a GradScaler's scale takes
+    too: every step here clips (the grads' norm is in the tens)."""
+    params, moments, emulated_params, emulated = run(backend, dict(options, max_grad_norm=0.5), torch.float32,
+                                                     device=device)
+    assert_identical(moments, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
+
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[2], dict(cls="SGD", momentum=0.9)],
+                         ids=["adamw", "lion", "sgd"])
+def test_cpu_chunks_round_with_their_own_elements_bits(options):
+    """The CPU kernel steps 16384-element chunks (on several threads), each drawing the random bits of its own
+    elements: tensors of a few chunks, not a multiple of one, follow the emulation bit for bit."""
+    params, moments, emulated_params, emulated = run("cpu", options, torch.float32, steps=2,
+                                                     shapes=CHUNKED_SHAPES)
     assert_identical(moments, emulated)
     assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
 

@@ -78,6 +78,16 @@ def test_bf16_moments_with_master_weights_follow_their_emulation(backend, device
     assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
 
 
+@pytest.mark.parametrize("options", [*(p.values[0] for p in OPTIONS), dict(cls="Lion"), dict(cls="SGD", momentum=0.9)],
+                         ids=["adamw", "adam-l2-amsgrad-maximize", "lion", "sgd"])
+def test_cpu_chunks_round_with_their_own_elements_bits(options):
+    """The CPU kernel steps 16384-element chunks (on several threads), each drawing the random bits of its own
+    elements: tensors of a few chunks, not a multiple of one, follow the emulation bit for bit."""
+    params, moments, emulated_params, emulated = run("cpu", options, torch.float32,
+                                                     steps=2, shapes=[(16385,), (3, 13339)])
+    assert_identical(moments, emulated)
+    assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
+
 def test_bf16_moments_keep_the_second_moment_decaying():
     """The reason for stochastic rounding: after one large grad, small grads make exp_avg_sq decay by 0.1 % a step,
     under half a bf16 ulp. Rounded to nearest it would stay where it was; rounded stochastically it follows the

@@ -423,6 +423,26 @@ def test_a_nan_or_inf_logit_makes_its_rows_loss_nan_as_torchs(backend, device, d
         assert ours.isnan().tolist() == theirs.isnan().tolist() == [True, True, True, True, False, False], classes
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_a_logit_far_above_the_rest_anywhere_in_a_row_is_its_max(backend, device):
+    """A row's largest logit in each place a kernel gathers it from (lane 15 of a 16-lane vector, the second vector,
+    the scalar tail), 30 and 100 above the rest: only the true max keeps exp from overflowing (exp(100) is inf in
+    fp32) and a confident row's loss from cancelling; the loss is as precise as torch's, the gradient finite."""
+    classes = 1000
+    for position in (15, 31, classes - 1):
+        for gap in (30.0, 100.0):
+            logits = torch.randn(2, classes)
+            logits[:, position] = logits.max() + gap
+            target = torch.full((2,), position)
+            x = logits.to(device).requires_grad_()
+            ours = FF.cross_entropy(x, target.to(device), reduction="none", backend=backend)
+            ours.sum().backward()
+            theirs = F.cross_entropy(logits, target, reduction="none")
+            exact = reference.cross_entropy(logits.double(), target, reduction="none")[0]
+            error, torch_error = (ours.cpu().double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+            assert error <= 2 * torch_error + 2 * 2**-23 * exact.abs().max(), (position, gap)
+            assert torch.isfinite(x.grad).all(), (position, gap)
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_a_nan_coming_back_to_ignored_rows_gives_them_a_zero_gradient(backend, device, label_smoothing):
@@ -491,18 +511,20 @@ def test_unbatched_and_k_dimensional_inputs_match_torch(backend, device, reducti
 
 
 def _views(device):
-    """Non-contiguous (N=6, V=7) views of a (12, 14) tensor, as models hand logits over: the first two are copied
-    before the kernel (classes not adjacent), the last two go to it as they are (rows 14 and 28 apart, not 7)."""
+    """Non-contiguous (N=6, V=7) views of a (12, 14) tensor, as models hand logits over: the first three are copied
+    before the kernel (classes not adjacent, or rows that overlap), the last two go to it as they are (rows 14 and
+    28 apart, not 7)."""
     base = torch.randn(12, 14, device=device)
     return {
         "transposed": base[:7, :6].t(),  # stride (1, 14)
         "every-other-class": base[:6, ::2],  # stride (14, 2)
+        "expanded-row": base[:1, :7].expand(6, 7),  # stride (0, 1): one row read six times
         "padded-vocab": base[:6, :7],  # a vocabulary padded to 14 and sliced back: stride (14, 1)
         "every-other-row": base[::2, 3:10],  # stride (28, 1)
     }
 
 
-@pytest.mark.parametrize("view", ["transposed", "every-other-class", "padded-vocab", "every-other-row"])
+@pytest.mark.parametrize("view", ["transposed", "every-other-class", "expanded-row", "padded-vocab", "every-other-row"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_non_contiguous_logits(backend, device, view):
     logits = _views(device)[view]
@@ -890,6 +912,19 @@ def test_inplace_backward_through_a_padded_vocab_view(backend, device):
     F.cross_entropy((hidden @ torch_head)[:, :7], target).backward()
     torch.testing.assert_close(head.grad, torch_head.grad)
 
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_inplace_backward_never_writes_over_a_view_of_a_leaf(backend, device):
+    """Logits sliced from a parameter (a view of a leaf is no leaf itself): the gradient gets a buffer of its own,
+    and the parameter keeps its values."""
+    table = torch.randn(6, 14, device=device, requires_grad=True)
+    values = table.detach().clone()
+    torch_table = table.detach().clone().requires_grad_()
+    target = torch.randint(0, 7, (6,), device=device)
+    FF.cross_entropy(table[:, :7], target, inplace_backward=True, backend=backend).backward()
+    F.cross_entropy(torch_table[:, :7], target).backward()
+    assert torch.equal(table.detach(), values)
+    torch.testing.assert_close(table.grad, torch_table.grad)
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_inplace_backward_on_views_autograd_forbids_writing_gets_its_own_buffer(backend, device):

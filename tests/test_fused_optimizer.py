@@ -395,21 +395,28 @@ def test_a_param_whose_dtype_changed_after_steps_steps_as_a_resume_into_it(cls, 
     assert_identical(states, resumed_states)
 
 
-@pytest.mark.parametrize("edit", [{"moments": "bf16"}, {"moments": "int8"}, {"master_weights": True}])
-def test_a_groups_storage_option_set_by_hand_after_steps_steps_as_a_resume_into_it(edit):
+@pytest.mark.parametrize("start, edit", [({}, {"moments": "bf16"}), ({}, {"moments": "int8"}),
+                                         ({}, {"master_weights": True}),
+                                         ({"master_weights": True}, {"master_weights": 24}),
+                                         ({"master_weights": 24}, {"master_weights": True}),
+                                         ({"amsgrad": True}, {"amsgrad": False}),
+                                         ({"amsgrad": True, "moments": "int8"}, {"amsgrad": False})],
+                         ids=["bf16-moments", "int8-moments", "masters", "exact-to-24-bit-masters",
+                              "24-bit-to-exact-masters", "amsgrad-off", "int8-amsgrad-off"])
+def test_a_groups_option_set_by_hand_after_steps_steps_as_a_resume_into_it(start, edit):
     """An option of a live group changed by hand (not through the constructor, add_param_group or a load): the next
     step makes the state again in the form it asks for, as a resume with the edited group would."""
     runs = []
     for resume in (False, True):
         generator = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(shape, generator=generator).bfloat16()) for shape in [(3,), (70,)]]
-        opt = fused_optim.AdamW(params, lr=1e-2, backend="cpu")
+        opt = fused_optim.AdamW(params, lr=1e-2, backend="cpu", **start)
         for step in range(4):
             if step == 2:
                 if resume:
                     saved = copy.deepcopy(opt.state_dict())
                     saved["param_groups"][0].update(edit)
-                    opt = fused_optim.AdamW(params, lr=1e-2, backend="cpu")
+                    opt = fused_optim.AdamW(params, lr=1e-2, backend="cpu", **start)
                     opt.load_state_dict(saved)
                 else:
                     opt.param_groups[0].update(edit)

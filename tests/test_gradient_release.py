@@ -282,6 +282,42 @@ def test_with_a_grad_accumulator_the_last_micro_batch_steps(name):
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
 
 
+
+def test_with_a_grad_accumulator_a_param_without_a_grad_this_step_is_left_alone():
+    """At the end of the armed backward the params that got a grad in an earlier micro-batch of this step are
+    stepped; one that got none this step (but did in the last) is left alone, as finalize() + step() leave it."""
+    used, unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    params = [*used.parameters(), *unused.parameters()]
+    opt = fused_optim.AdamW(params, lr=0.1, weight_decay=0.1, gradient_release=True)
+    acc = fused_optim.GradAccumulator(params, use_hooks=True)
+    x = torch.randn(8, 4)
+    acc.release()
+    (used(x) + unused(x)).sum().backward()
+    opt.step()
+    before = [p.detach().clone() for p in unused.parameters()]
+    acc.release()
+    used(x).sum().backward()
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(unused.parameters(), before))
+
+
+def test_a_param_frozen_after_the_optimizer_was_made_moves_no_random_streams_on_resume():
+    """A released param rounds with the ordinary step's bits: its stream is its place among its group's params that
+    take grads. One frozen after the optimizer was made, then a resume (load_state_dict hooks the params again):
+    the param after it still rounds as the ordinary step's does."""
+    results = []
+    for release in (False, True):
+        torch.manual_seed(0)
+        first, frozen, last = (torch.nn.Parameter(torch.randn(256).bfloat16()) for _ in range(3))
+        opt = fused_optim.AdamW([first, frozen, last], lr=1e-3, stochastic_rounding=True, gradient_release=release)
+        frozen.requires_grad_(False)
+        opt.load_state_dict(opt.state_dict())
+        x = torch.randn(256).bfloat16()
+        ((first * x).sum() + (last * x * 2).sum()).backward()
+        opt.step()
+        results.append(last.detach())
+    assert torch.equal(*results)
+
 def test_step_warns_when_backward_stepped_a_param_twice_since_the_last_one():
     """A framework's own gradient accumulation (HF Trainer's gradient_accumulation_steps, accelerate's accumulate())
     runs several backwards before one step(): under gradient release each of them stepped the params, and step()

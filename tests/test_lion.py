@@ -350,6 +350,12 @@ def test_bad_hyperparameters_raise_value_error(kwargs, message):
         fused_optim.Lion([param], **kwargs)
 
 
+def test_betas_of_1_are_taken_as_lion_pytorchs_are():
+    """lion-pytorch takes betas in [0, 1]: beta2 = 1 keeps the moment as it is, beta1 = 1 steps with its sign."""
+    for betas in [(0.9, 1.0), (1.0, 0.99)]:
+        assert fused_optim.Lion([torch.nn.Parameter(torch.randn(3))], betas=betas).param_groups[0]["betas"] == betas
+
+
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS)
 def test_params_and_grads_lion_cannot_step_change_nothing(backend, device):
     params = make_params([torch.randn(3), torch.randn(4)], torch.float32, device)

@@ -94,6 +94,34 @@ def test_an_adam_state_without_its_step_is_refused(moments):
     assert_refused_and_unchanged(params, opt, state_dict, ValueError, "param 0 has no 'step', which AdamW's update")
 
 
+
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.Lion, fused_optim.SGD], ids=lambda c: c.__name__)
+def test_a_step_of_several_numbers_is_refused(cls):
+    """A 'step' must be one number (a mis-merged checkpoint may hold more): refused at the load, not at the next
+    step after the state was replaced."""
+    params, opt = trained(cls, **({"momentum": 0.9} if cls is fused_optim.SGD else {}))
+    state_dict = opt.state_dict()
+    state_dict["state"][0] = {**state_dict["state"][0], "step": torch.tensor([1.0, 2.0])}
+    assert_refused_and_unchanged(params, opt, state_dict, TypeError,
+                                 "'step' of param 0 must be a number or a one-element tensor")
+
+
+def test_an_adam_state_loaded_into_adamw_leaves_it_decoupled():
+    """torch.optim.AdamW keeps decoupled_weight_decay=True whatever a loaded group says (an Adam checkpoint says
+    False), and so does ours: the next step is AdamW's."""
+    init = torch.randn(8)
+    adam = torch.optim.Adam([torch.nn.Parameter(init.clone())], lr=0.1, weight_decay=0.5)
+    ours, theirs = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    opt = fused_optim.AdamW([ours], lr=0.1, weight_decay=0.5)
+    torch_opt = torch.optim.AdamW([theirs], lr=0.1, weight_decay=0.5)
+    for optimizer in (opt, torch_opt):
+        optimizer.load_state_dict(adam.state_dict())
+    assert opt.param_groups[0]["decoupled_weight_decay"] is torch_opt.param_groups[0]["decoupled_weight_decay"] is True
+    ours.grad, theirs.grad = torch.full((8,), 1e-3), torch.full((8,), 1e-3)  # the decay moves params 10x the grad
+    opt.step()
+    torch_opt.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
 def test_a_none_moment_is_refused_and_a_none_master_starts_from_the_param():
     params, opt = trained()
     state_dict = opt.state_dict()

@@ -401,6 +401,18 @@ def test_differentiable_with_clipping_and_bad_max_grad_norm_are_rejected():
         fused_optim.SGD([torch.nn.Parameter(torch.randn(3))], max_grad_norm=0.0)
 
 
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_max_grad_norm_with_sparse_grads_is_refused_and_changes_nothing(backend):
+    """torch's own update, which steps sparse grads, has no clipping: refused in one sentence, nothing moved."""
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    before = embedding.weight.detach().clone()
+    opt = fused_optim.SGD(embedding.parameters(), lr=1.0, momentum=0.9, max_grad_norm=1e-3, backend=backend)
+    (embedding(torch.tensor([1, 2])).sum() * 100).backward()
+    with pytest.raises(RuntimeError, match=r"max_grad_norm=...\) does not take sparse gradients"):
+        opt.step()
+    assert torch.equal(embedding.weight.detach(), before) and not opt.state
+
 FIRST_STEP_FAILURES = {  # backend, param dtype, grad maker
     "cuda-backend-on-cpu": ("cuda", torch.float32, lambda: torch.randn(3)),
     "grad-of-wrong-shape": ("auto", torch.float32, lambda: torch.randn(4)),
@@ -446,6 +458,17 @@ def test_op_refuses_bad_state_and_changes_nothing(backend, device):
                      nesterov=False, maximize=False, backend=backend)
         assert all(torch.equal(a, b) for a, b in zip([p, *buffers, *steps], before)), name
 
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_op_refuses_stochastic_rounding_of_other_than_bf16_params(backend, device):
+    """Stochastic rounding rounds an fp32 result to bf16: an fp32 param would be rounded to a bf16 value, silently."""
+    p = torch.full((4,), 1.0 + 2**-20, device=device)  # no bf16 value
+    with pytest.raises(RuntimeError, match="stochastic rounding is for bfloat16 params"):
+        sgd_step([p], [torch.ones(4, device=device)], [], [torch.zeros((), device=device)], lr=1e-3, momentum=0.0,
+                 dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, stochastic_rounding=True, seed=1,
+                 backend=backend)
+    assert torch.equal(p, torch.full((4,), 1.0 + 2**-20, device=device))
 
 def test_bad_state_dict_raises_and_changes_nothing():
     params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))]
@@ -534,6 +557,40 @@ def test_a_buffer_torch_saved_as_none_loads_as_unset():
         torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-7)
         assert set(opt.state_dict()["state"].get(0, {})) == ({"momentum_buffer"} if momentum else set())
 
+
+
+def test_a_buffer_saved_beside_a_count_of_0_is_set():
+    """A saved momentum buffer is set whatever count beside it says (0 here: a hand-made or foreign dict), as
+    torch's SGD takes any saved buffer: the next step is momentum * buffer + grad."""
+    ours, theirs = (make_params([torch.zeros(4)], torch.float32, "cpu") for _ in range(2))
+    opt = fused_optim.SGD(ours, lr=1.0, momentum=0.9)
+    torch_opt = torch.optim.SGD(theirs, lr=1.0, momentum=0.9)
+    groups = torch_opt.state_dict()["param_groups"]
+    opt.load_state_dict({"state": {0: {"momentum_buffer": torch.full((4,), 10.0), "step": torch.tensor(0.0)}},
+                         "param_groups": groups})
+    torch_opt.load_state_dict({"state": {0: {"momentum_buffer": torch.full((4,), 10.0)}}, "param_groups": groups})
+    set_grads([torch.ones(4)], ours, theirs)
+    opt.step()
+    torch_opt.step()
+    assert torch.equal(opt.state[ours[0]]["momentum_buffer"], torch_opt.state[theirs[0]]["momentum_buffer"])
+    assert torch.equal(ours[0], theirs[0])
+
+
+def test_a_buffer_torchs_update_made_after_a_skipped_step_is_kept():
+    """A skipped first step (an inf found) leaves no buffer; torch's own update (a sparse grad) then makes one,
+    which is saved and which the next dense step keeps (0.9 * 1 + 1 = 1.9 on the sparse grad's row)."""
+    param = torch.nn.Parameter(torch.zeros(3, 2))
+    opt = fused_optim.SGD([param], lr=0.1, momentum=0.9)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)  # as torch.amp.GradScaler sets them
+    param.grad = torch.ones(3, 2)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    param.grad = torch.sparse_coo_tensor([[0]], torch.ones(1, 2), (3, 2))
+    opt.step()
+    assert "momentum_buffer" in opt.state_dict()["state"][0]
+    param.grad = torch.ones(3, 2)
+    opt.step()
+    torch.testing.assert_close(opt.state[param]["momentum_buffer"][0], torch.full((2,), 1.9))
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_nesterov_groups_torch_steps_step_as_torchs(backend, device):
