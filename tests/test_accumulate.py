@@ -279,7 +279,6 @@ def test_zero_starts_the_next_step_afresh(cpu_backend):
         assert torch.equal(p.grad, expected)
 
 
-
 def test_a_param_without_a_grad_in_a_later_step_is_left_alone(cpu_backend):
     """zero_() starts a new step: a param that had a grad in the last step and none in this one (an unused branch,
     an expert no token reached) gets no main grad from finalize(), so the optimizer leaves it where it is, as
@@ -302,6 +301,7 @@ def test_a_param_without_a_grad_in_a_later_step_is_left_alone(cpu_backend):
     assert all(getattr(p, "main_grad", None) is None for p in unused.parameters())
     opt.step()
     assert all(torch.equal(p, q) for p, q in zip(unused.parameters(), before))
+
 
 def test_zero_after_the_optimizer_zeroed_its_grads(cpu_backend):
     model, batches = make_model(), make_micro_batches()

@@ -375,6 +375,7 @@ def test_a_grad_whose_square_overflows_steps_as_torchs(backend, device, name, am
     assert torch.isfinite(ours[0]).all()
     torch.testing.assert_close(ours[0].cpu(), theirs[0], rtol=1e-6, atol=1e-7)
 
+
 @pytest.mark.parametrize("betas", [(0.0, 0.999), (0.9, 0.0), (0.0, 0.0)], ids=["beta1=0", "beta2=0", "both=0"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_zero_betas(backend, device, betas):
@@ -993,7 +994,6 @@ def test_a_master_remainder_holds_its_fp32_value_exactly(backend, device):
     assert (param != values.bfloat16())[finite].sum() == 2  # the two bf16 ties, 1 + 2^-8 and its negative
 
 
-
 @pytest.mark.parametrize("bits", [32, 24])
 def test_a_nan_master_with_its_payload_in_the_low_bits_splits_into_a_nan_param(bits):
     """The param takes the master's top 16 bits, which for a NaN whose payload lies in its low bits alone
@@ -1002,6 +1002,7 @@ def test_a_nan_master_with_its_payload_in_the_low_bits_splits_into_a_nan_param(b
     assert master.isnan().all()
     param, remainder = split_master(master, bits)
     assert param.isnan().all() and join_master(param, remainder).isnan().all()
+
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_master_weights_leave_fp32_params_alone(backend, device):

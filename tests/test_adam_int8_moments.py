@@ -163,7 +163,6 @@ def test_a_non_zero_second_moment_never_dequantizes_to_zero():
     assert (values[x > 0] > 0).all() and values[2] == 0
 
 
-
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_a_second_moment_far_below_its_blocks_largest_keeps_a_code(backend, device):
     """One element of each block had a huge grad once and the others a small one later, then none: their
@@ -189,6 +188,7 @@ def test_a_second_moment_far_below_its_blocks_largest_keeps_a_code(backend, devi
         assert (codes[block] > 0).all()
         assert last_steps["int8"][block].max() <= 10 * last_steps["fp32"][block].max()
 
+
 def test_a_zero_block_and_a_nan_block():
     x = torch.cat([torch.zeros(64), torch.randn(64)])
     x[100] = float("nan")
@@ -196,7 +196,6 @@ def test_a_zero_block_and_a_nan_block():
     values = dequantize(codes, scales)
     assert (values[:64] == 0).all() and scales[0] == 0
     assert values[64:].isnan().all()  # an fp32 moment with a NaN stays NaN too: the block says so
-
 
 
 def test_a_block_of_subnormals_alone_becomes_zeros():
@@ -213,6 +212,7 @@ def test_a_block_of_subnormals_alone_becomes_zeros():
         opt.step()
         moments.append(opt.state[param]["exp_avg"])
     assert (moments[0] == 0).all() and torch.equal(*moments)
+
 
 def test_blocks_follow_memory_order():
     x = torch.randn(70, 3).t()  # not contiguous: blocks run down the 70 of memory order

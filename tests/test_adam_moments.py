@@ -88,6 +88,7 @@ def test_cpu_chunks_round_with_their_own_elements_bits(options):
     assert_identical(moments, emulated)
     assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
 
+
 def test_bf16_moments_keep_the_second_moment_decaying():
     """The reason for stochastic rounding: after one large grad, small grads make exp_avg_sq decay by 0.1 % a step,
     under half a bf16 ulp. Rounded to nearest it would stay where it was; rounded stochastically it follows the

@@ -443,6 +443,7 @@ def test_a_logit_far_above_the_rest_anywhere_in_a_row_is_its_max(backend, device
             assert error <= 2 * torch_error + 2 * 2**-23 * exact.abs().max(), (position, gap)
             assert torch.isfinite(x.grad).all(), (position, gap)
 
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_a_nan_coming_back_to_ignored_rows_gives_them_a_zero_gradient(backend, device, label_smoothing):
@@ -925,6 +926,7 @@ def test_inplace_backward_never_writes_over_a_view_of_a_leaf(backend, device):
     F.cross_entropy(torch_table[:, :7], target).backward()
     assert torch.equal(table.detach(), values)
     torch.testing.assert_close(table.grad, torch_table.grad)
+
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_inplace_backward_on_views_autograd_forbids_writing_gets_its_own_buffer(backend, device):

@@ -282,7 +282,6 @@ def test_with_a_grad_accumulator_the_last_micro_batch_steps(name):
     assert_identical(released_opt.state_dict()["state"], ordinary_opt.state_dict()["state"])
 
 
-
 def test_with_a_grad_accumulator_a_param_without_a_grad_this_step_is_left_alone():
     """At the end of the armed backward the params that got a grad in an earlier micro-batch of this step are
     stepped; one that got none this step (but did in the last) is left alone, as finalize() + step() leave it."""
@@ -317,6 +316,7 @@ def test_a_param_frozen_after_the_optimizer_was_made_moves_no_random_streams_on_
         opt.step()
         results.append(last.detach())
     assert torch.equal(*results)
+
 
 def test_step_warns_when_backward_stepped_a_param_twice_since_the_last_one():
     """A framework's own gradient accumulation (HF Trainer's gradient_accumulation_steps, accelerate's accumulate())

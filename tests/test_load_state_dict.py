@@ -94,7 +94,6 @@ def test_an_adam_state_without_its_step_is_refused(moments):
     assert_refused_and_unchanged(params, opt, state_dict, ValueError, "param 0 has no 'step', which AdamW's update")
 
 
-
 @pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.Lion, fused_optim.SGD], ids=lambda c: c.__name__)
 def test_a_step_of_several_numbers_is_refused(cls):
     """A 'step' must be one number (a mis-merged checkpoint may hold more): refused at the load, not at the next
@@ -121,6 +120,7 @@ def test_an_adam_state_loaded_into_adamw_leaves_it_decoupled():
     opt.step()
     torch_opt.step()
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
 
 def test_a_none_moment_is_refused_and_a_none_master_starts_from_the_param():
     params, opt = trained()

@@ -500,7 +500,6 @@ def test_a_state_dict_kept_in_memory_holds_its_position(tensor_lr):
     assert run(opt, scheduler, 4, skip_at={2}) == after
 
 
-
 def test_a_scheduler_built_at_a_last_epoch_goes_on_from_there():
     """torch's older way to resume (a scheduler built with last_epoch=k over groups that hold their initial_lr):
     its first lr is the uninterrupted run's at k + 1, from the closed form, not the group's lr times a factor."""
@@ -516,6 +515,7 @@ def test_a_scheduler_built_at_a_last_epoch_goes_on_from_there():
     resumed.param_groups[0]["initial_lr"] = 1.0
     WarmupCosine(resumed, warmup_steps=2, total_steps=10, last_epoch=5)
     assert resumed.param_groups[0]["lr"] == pytest.approx(lrs[5], rel=1e-12)
+
 
 def test_a_refused_construction_leaves_capturable_lrs_as_they_were():
     """torch's own check (a scheduler built at last_epoch >= 0 needs each group's initial_lr) runs after the float

@@ -401,7 +401,6 @@ def test_differentiable_with_clipping_and_bad_max_grad_norm_are_rejected():
         fused_optim.SGD([torch.nn.Parameter(torch.randn(3))], max_grad_norm=0.0)
 
 
-
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_max_grad_norm_with_sparse_grads_is_refused_and_changes_nothing(backend):
     """torch's own update, which steps sparse grads, has no clipping: refused in one sentence, nothing moved."""
@@ -459,7 +458,6 @@ def test_op_refuses_bad_state_and_changes_nothing(backend, device):
         assert all(torch.equal(a, b) for a, b in zip([p, *buffers, *steps], before)), name
 
 
-
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_op_refuses_stochastic_rounding_of_other_than_bf16_params(backend, device):
     """Stochastic rounding rounds an fp32 result to bf16: an fp32 param would be rounded to a bf16 value, silently."""
@@ -469,6 +467,7 @@ def test_op_refuses_stochastic_rounding_of_other_than_bf16_params(backend, devic
                  dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, stochastic_rounding=True, seed=1,
                  backend=backend)
     assert torch.equal(p, torch.full((4,), 1.0 + 2**-20, device=device))
+
 
 def test_bad_state_dict_raises_and_changes_nothing():
     params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))]
@@ -558,7 +557,6 @@ def test_a_buffer_torch_saved_as_none_loads_as_unset():
         assert set(opt.state_dict()["state"].get(0, {})) == ({"momentum_buffer"} if momentum else set())
 
 
-
 def test_a_buffer_saved_beside_a_count_of_0_is_set():
     """A saved momentum buffer is set whatever count beside it says (0 here: a hand-made or foreign dict), as
     torch's SGD takes any saved buffer: the next step is momentum * buffer + grad."""
@@ -591,6 +589,7 @@ def test_a_buffer_torchs_update_made_after_a_skipped_step_is_kept():
     param.grad = torch.ones(3, 2)
     opt.step()
     torch.testing.assert_close(opt.state[param]["momentum_buffer"][0], torch.full((2,), 1.9))
+
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_nesterov_groups_torch_steps_step_as_torchs(backend, device):
