@@ -24,6 +24,7 @@ import io
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, master_weight
@@ -279,9 +280,9 @@ def test_fp32_matches_torch_adamw_after_100_steps(backend, device):
         opt.step()
         torch_opt.step()
         reference.step(grads)
-    # ~1e-6 relative to the params' scale (docs/design.md's numerics contract): the kernels round each operation as
-    # torch does (no FMA contraction in the CPU build), so only one-ulp differences (the fp64 bias corrections,
-    # the fp32 lr) random-walk apart, about sqrt(100) ulps after 100 steps. A wrong formula is off by ~lr = 1e-3.
+    # ~1e-6 relative to the params' scale (docs/design.md's numerics contract): the kernels follow torch's formulas,
+    # so only one-ulp differences (torch's fused multiply-adds in lerp and addcmul, the fp64 bias corrections, the
+    # fp32 lr) random-walk apart, about sqrt(100) ulps after 100 steps. A wrong formula is off by ~lr = 1e-3.
     diff = (flat(ours) - flat(theirs)).abs().max().item()
     assert diff <= 1e-6 * flat(theirs).abs().max().item(), diff
     our_max, our_mean = errors(ours, reference)
@@ -340,10 +341,11 @@ def test_mixed_dtypes_in_one_group(backend, device):
 
 @pytest.mark.parametrize("beta1", [0.9, 0.6, 0.5, 0.3, 0.0])
 @pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[0] != "torch"])
-def test_first_moment_is_torchs_lerp_bit_for_bit(backend, device, beta1):
-    """exp_avg = torch's lerp(exp_avg, grad, 1 - beta1) in fp32, each of its two forms (weight below 0.5, and from
-    0.5 on) rounded operation by operation: the kernels write both as base + coefficient * (grad - exp_avg).
-    (The torch backend is torch's fused kernel: its bits differ at 3 of these 5 weights.)"""
+def test_first_moment_is_lerps_formula_rounded_operation_by_operation(backend, device, beta1):
+    """exp_avg = lerp(exp_avg, grad, 1 - beta1) in fp32 by the formula of torch's lerp, each of its two forms (weight
+    below 0.5, and from 0.5 on) rounded operation by operation: the kernels write both as base + coefficient *
+    (grad - exp_avg). (torch's own lerp fuses the multiply-add: the torch backend's bits differ at 3 of these 5
+    weights.)"""
     shapes = [(1,), (1023,)]
     params = make_params([torch.randn(s) for s in shapes], torch.float32, device)
     opt = fused_optim.AdamW(params, lr=1e-3, betas=(beta1, 0.999), backend=backend)
@@ -357,6 +359,66 @@ def test_first_moment_is_torchs_lerp_bit_for_bit(backend, device, beta1):
             d = g.to(device) - m
             expected = m + weight * d if weight < 0.5 else g.to(device) - d * (1.0 - weight)
             assert torch.equal(opt.state[p]["exp_avg"].view(torch.int32), expected.view(torch.int32)), (step, beta1)
+
+
+def adam_h_update(param, grad, state, step, lr, decoupled, options, l2_fma=True):
+    """The new fp32 param of one csrc/include/fused_optim/adam.h step with `options` (Adam's keyword arguments),
+    rounded operation by operation as the kernels round it (no FMA but the L2 term's, unless not `l2_fma`), the
+    moments updated in `state` (fp32 tensors) in place. The scalars are adam_scalars': fp32 roundings of doubles.
+    In numpy, whose fp32 operations round one by one: torch's CPU division by a single number multiplies by its
+    reciprocal."""
+    f32 = np.float32
+    beta1, beta2 = options.get("betas", (0.9, 0.999))
+    weight_decay = options.get("weight_decay", 0.0)
+    weight = f32(1.0 - beta1)
+    coefficient = weight if weight < 0.5 else -(f32(1.0) - weight)
+    step_size, param_decay = f32(lr / (1.0 - beta1**step)), f32(1.0 - lr * weight_decay if decoupled else 1.0)
+    bias_correction2_sqrt = f32(math.sqrt(1.0 - beta2**step))
+    p, g = param.numpy(), grad.float().numpy() * f32(-1.0 if options.get("maximize") else 1.0)
+    m, v, max_v = (state[key].numpy() for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))  # views of `state`
+    if weight_decay and not decoupled and l2_fma:  # exact in double but for a 2^-29 chance of a double rounding
+        g = (np.float64(f32(weight_decay)) * p.astype(np.float64) + g.astype(np.float64)).astype(f32)
+    elif weight_decay and not decoupled:
+        g = f32(weight_decay) * p + g
+    p = p * param_decay
+    m[...] = (g if weight >= 0.5 else m) + coefficient * (g - m)
+    v[...] = v * f32(beta2) + f32(1.0 - beta2) * g * g
+    if options.get("amsgrad"):
+        max_v[...] = np.maximum(max_v, v)
+        v = max_v
+    return torch.from_numpy(p - step_size * m / (np.sqrt(v) / bias_correction2_sqrt + f32(options.get("eps", 1e-8))))
+
+
+@pytest.mark.parametrize("options", [OPTIONS["adamw"], OPTIONS["adam-everything"] | dict(lr_tensor=False),
+                                     OPTIONS["adam-decoupled"] | dict(betas=(0.3, 0.99), eps=1e-3)],
+                         ids=["adamw", "adam-l2-amsgrad-maximize", "adam-decoupled-beta1=0.3"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[0] != "torch"])
+def test_steps_are_adam_h_rounded_operation_by_operation(backend, device, dtype, options):
+    """Every step of the C++ and Triton kernels is adam_h_update's, bit for bit: the formula of adam.h with each
+    operation rounded to fp32 in its order, the bias corrections taken in double. torch.optim.AdamW(foreach=False)
+    on the CPU differs by an ulp in ~1 % of the params (its lerp and addcmul fuse a multiply-add), so the comparison
+    with torch (test_fp32_matches_torch_adamw_after_100_steps) has a tolerance. Triton's interpreter computes tl.fma
+    as a product and a sum, each rounded."""
+    shapes = [(1,), (3,), (1023,), (4097,)]
+    cls, _, kwargs, make_lr, lr, decoupled = split_options(options, 1e-2)
+    params = make_params([torch.randn(s) for s in shapes], dtype, device)
+    opt = cls(params, lr=make_lr(), backend=backend, **kwargs)
+    l2_fma = not (backend == "triton" and TRITON_INTERPRETED)
+    models = [p.detach().float().cpu().clone() for p in params]
+    states = [{key: torch.zeros_like(m) for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")} for m in models]
+    for step in range(1, 11):
+        grads = random_grads(shapes, dtype, device)
+        set_grads(grads, params)
+        opt.step()
+        for i, (grad, state) in enumerate(zip(grads, states)):
+            models[i] = adam_h_update(models[i], grad.cpu(), state, step, lr, decoupled, kwargs, l2_fma).to(dtype)
+            models[i] = models[i].float()
+    for p, model, state in zip(params, models, states):
+        assert torch.equal(p.detach().cpu().float(), model)
+        for key in opt.state[p]:
+            if key != "step":
+                assert torch.equal(opt.state[p][key].cpu(), state[key]), key
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import BACKEND_DEVICES
 from test_adam import assert_identical, make_params, random_grads, set_grads, snapshot
-from test_adam_moments import state_bytes_per_param
+from test_adam_moments import CHUNKED_SHAPES, state_bytes_per_param
 
 import fused_optim
 from fused_optim.int8_moments import BLOCK, dequantize, quantize, scale_count
@@ -25,7 +25,6 @@ from fused_optim.reference import ReferenceAdam
 from fused_optim.rounding import moment_bits16
 
 SHAPES = [(1,), (3,), (0,), (1023,), (33, 17), (130,)]
-CHUNKED_SHAPES = [(16385,), (3, 13339)]  # past the CPU kernel's 16384-element chunks
 OPTIONS = [
     pytest.param(dict(cls="AdamW", weight_decay=0.01), id="adamw"),
     pytest.param(dict(cls="Adam", weight_decay=0.01, amsgrad=True, maximize=True), id="adam-l2-amsgrad-maximize"),

@@ -25,6 +25,7 @@ OPTIONS = [
     pytest.param(dict(cls="Adam", weight_decay=0.01, amsgrad=True, maximize=True), id="adam-l2-amsgrad-maximize"),
 ]
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+CHUNKED_SHAPES = [(16385,), (3, 13339)]  # past the CPU kernel's 16384-element chunks
 
 
 def run(backend, options, dtype, steps=3, master_weights=False, shapes=SHAPES):
@@ -83,8 +84,7 @@ def test_bf16_moments_with_master_weights_follow_their_emulation(backend, device
 def test_cpu_chunks_round_with_their_own_elements_bits(options):
     """The CPU kernel steps 16384-element chunks (on several threads), each drawing the random bits of its own
     elements: tensors of a few chunks, not a multiple of one, follow the emulation bit for bit."""
-    params, moments, emulated_params, emulated = run("cpu", options, torch.float32,
-                                                     steps=2, shapes=[(16385,), (3, 13339)])
+    params, moments, emulated_params, emulated = run("cpu", options, torch.float32, steps=2, shapes=CHUNKED_SHAPES)
     assert_identical(moments, emulated)
     assert_identical([p.detach() for p in params], [p.detach() for p in emulated_params])
 

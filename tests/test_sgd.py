@@ -412,6 +412,7 @@ def test_max_grad_norm_with_sparse_grads_is_refused_and_changes_nothing(backend)
         opt.step()
     assert torch.equal(embedding.weight.detach(), before) and not opt.state
 
+
 FIRST_STEP_FAILURES = {  # backend, param dtype, grad maker
     "cuda-backend-on-cpu": ("cuda", torch.float32, lambda: torch.randn(3)),
     "grad-of-wrong-shape": ("auto", torch.float32, lambda: torch.randn(4)),
