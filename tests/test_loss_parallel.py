@@ -114,6 +114,36 @@ def test_shards_combine_into_the_whole_rows(backend, name, dtype, ranks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shard_of_nans_makes_its_row_nan(backend):
+    """A row whose logits in one shard are all NaN (or NaN among -inf) has a NaN loss, lse and gradient, as the whole
+    row has: that shard's max is -inf, like a masked shard's, but its sum is NaN, which the combine must keep."""
+    logits, target, _, _ = make_case(CLASSES, torch.float32, {})
+    (start1, size1), (start2, size2) = shard_bounds(CLASSES, 3)[1:]
+    logits[2, start1:start1 + size1] = math.nan
+    logits[5, start2:start2 + size2] = -math.inf
+    logits[5, start2] = math.nan
+    scales, _ = reduction_scales(target, None, CLASSES, "sum", IGNORE)
+    whole_grad = torch.full_like(logits, math.nan)
+    whole_loss, whole_lse = ops.forward_op(backend, logits.device)(logits, target, None, scales, whole_grad,
+                                                                   IGNORE, 0.0, 0.0, 0.0)
+    stats = torch.stack([ops.shard_stats_op(backend, logits.device)(logits[:, start:start + size].contiguous(), target,
+                                                                    None, start, CLASSES, IGNORE, 0.0)
+                         for start, size in shard_bounds(CLASSES, 3)])
+    loss, lse, coefs = combine(stats, target, None, scales, CLASSES, IGNORE, 0.0, 0.0, True)
+    grads = []
+    for start, size in shard_bounds(CLASSES, 3):
+        grads.append(torch.full_like(logits[:, start:start + size], math.nan))
+        ops.shard_grad_op(backend, logits.device)(grads[-1], logits[:, start:start + size].contiguous(), target,
+                                                  None, coefs, start, IGNORE, 0.0)
+    nan_rows = torch.zeros(ROWS, dtype=torch.bool)
+    nan_rows[[2, 5]] = True
+    assert torch.equal(whole_loss.isnan(), nan_rows) and torch.equal(loss.isnan(), nan_rows)
+    assert lse[nan_rows].isnan().all() and torch.cat(grads, dim=1)[nan_rows].isnan().all()
+    torch.testing.assert_close(loss, whole_loss, rtol=2e-6, atol=2e-6, equal_nan=True)
+    torch.testing.assert_close(torch.cat(grads, dim=1), whole_grad, rtol=1e-6, atol=2e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_shard_grad_may_write_over_the_logits(backend):
     logits, target, _, _ = make_case(CLASSES, torch.float32, {})
     scales, _ = reduction_scales(target, None, CLASSES, "sum", IGNORE)

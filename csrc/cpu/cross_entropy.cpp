@@ -131,6 +131,13 @@ void reduce_row(const T* x, const float* class_weight, int64_t num_classes, floa
   }
   max = row_max(z, num_classes);
   exp_and_sums<kWeighted>(z, e, class_weight, num_classes, max, sum, weighted_gap);
+  if (max == -INFINITY) {
+    // masked (-inf) logits and NaNs alone (a shard of a padded vocabulary): exp(-inf - -inf) made every term NaN;
+    // as cross_entropy.h's online sums, the masked ones add 0 and a NaN makes the sum NaN (the combine keeps it)
+    sum = 0.0f;
+    weighted_gap = 0.0f;
+    for (int64_t j = 0; j < num_classes; ++j) sum += z[j] != z[j] ? z[j] : 0.0f;
+  }
 }
 
 // One kept row: capped logits into z (and their max), exp(z - max) into e (and their sums), then the gradient.

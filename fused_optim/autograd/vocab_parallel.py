@@ -100,12 +100,11 @@ def combine(gathered: Tensor, target: Tensor, weight: Tensor | None, scales: Ten
     """Every rank's ShardRowStats of a row (gathered: (ranks, N, 4)) into the row's loss and lse (N,) and pass 2's
     coefficients (N, 5), with cross_entropy.h's formulas in fp32; ignored rows give zeros."""
     maxes, sums, target_logits, weighted_gaps = gathered.unbind(-1)
-    # a shard whose logits of the row are all -inf (a masked or padded vocabulary) adds nothing, as an empty one:
-    # its own stats are exp(-inf - -inf) = NaN
-    masked = maxes == -math.inf
-    sums, weighted_gaps = torch.where(masked, 0.0, sums), torch.where(masked, 0.0, weighted_gaps)
+    # a shard whose logits of the row are all -inf (a masked or padded vocabulary, or an empty shard) has max -inf
+    # and sum 0 (gap 0), and adds its sum as it is, as OnlineLogSumExp.merge does: 0, or NaN where NaNs were among
+    # them (a NaN leaves the max, not the sum), not sum * exp(-inf - row_max), which is NaN when every max is -inf
     row_max = maxes.amax(0)
-    total = (sums * torch.exp(maxes - row_max)).sum(0)  # an empty shard adds 0 * exp(-inf) = 0
+    total = torch.where(maxes == -math.inf, sums, sums * torch.exp(maxes - row_max)).sum(0)
     log_sum = torch.log(total)
     lse = row_max + log_sum
     kept = target != ignore_index

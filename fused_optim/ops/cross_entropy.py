@@ -132,7 +132,8 @@ def _shard_stats_torch(logits, target, weight, class_start, num_classes, ignore_
     z = _capped_fp32(logits, softcap)
     shard_classes = z.shape[1]
     row_max = z.amax(dim=1) if shard_classes else z.new_full(z.shape[:1], -torch.inf)
-    sums = torch.exp(z - row_max[:, None]).sum(1)
+    # a shard of masked (-inf) logits sums to 0 (cross_entropy.h): against 0, not its max (-inf - -inf is NaN)
+    sums = torch.exp(z - torch.where(row_max == -torch.inf, 0.0, row_max)[:, None]).sum(1)
     local_target = target - class_start
     here = kept & (local_target >= 0) & (local_target < shard_classes)
     target_logit = z.gather(1, torch.where(here, local_target, 0)[:, None])[:, 0] if shard_classes \
