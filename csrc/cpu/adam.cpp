@@ -47,11 +47,12 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
   // with bf16 params and moments the loop is bound by its arithmetic, and the prefetch's blocks cost it 3-8 %
   constexpr bool kPrefetch = !(sizeof(param_t) == 2 && kBf16Moments);
+  ParamIO<kWrite, param_t, /*kMayStage=*/kPrefetch> params{param, master, t.random_stream};
   for_each_element<kPrefetch>(
-      begin, end,
+      begin, end, params,
       [&](int32_t j) {
         const int64_t i = begin + j;
-        const float p = load_param<kWrite>(param, master, i);
+        const float p = params.load(i);
         float m = load_float(exp_avg, i), v = load_float(exp_avg_sq, i);
         float max_v = kAmsgrad ? load_float(max_exp_avg_sq, i) : 0.0f;
         const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s);
@@ -59,7 +60,7 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
         store_moment(exp_avg, i, m, bits);
         store_moment(exp_avg_sq, i, v, bits >> 16);
         if (kAmsgrad) store_moment(max_exp_avg_sq, i, max_v, kBf16Moments ? chunk_moment_bits(stream1, begin, j) : 0u);
-        write_param<kWrite>(param, master, i, updated, t.random_stream);
+        params.store(i, updated);
       },
       [&](int64_t i) {
         prefetch_param_block<kWrite>(i, param, grad, master, exp_avg, exp_avg_sq);
@@ -85,6 +86,7 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const AdamScalars s = t.scalars;
   const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
   alignas(64) float m_new[kInt8Block], v_new[kInt8Block], max_new[kInt8Block];
+  ParamIO<kWrite, param_t> params{param, master, t.random_stream};
   // `length`: kInt8Block as a compile-time constant for whole blocks (no loop remainder: the per-block overhead of a
   // run-time count cost as much as the arithmetic), the count itself for a tensor's last block
   const auto step_block = [&](int64_t start, auto length) {
@@ -102,18 +104,18 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
       v_new[j] = dequantize_unsigned(exp_avg_sq[start + j], v_step);
       max_new[j] = kAmsgrad ? dequantize_unsigned(max_exp_avg_sq[start + j], max_step) : 0.0f;
     }
+    params.stage_in(start, length);
 #pragma omp simd
     for (int32_t j = 0; j < length; ++j) {
       const int64_t i = start + j;
-      const float p = load_param<kWrite>(param, master, i);
       float m = m_new[j], v = v_new[j];
       float max_v = kAmsgrad ? max_new[j] : 0.0f;
-      write_param<kWrite>(param, master, i, adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s),
-                          t.random_stream);
+      params.store(i, adam_update<kAmsgrad>(params.load(i), load_float(grad, i), m, v, max_v, s));
       m_new[j] = m;
       v_new[j] = sqrtf(v);  // the second moments by their roots (moment_int8.h): the update took the same root
       max_new[j] = sqrtf(max_v);
     }
+    params.stage_out(start, length);
     // the largest magnitudes in a loop of their own, over L1: in the update loop they cost it its registers
     uint32_t m_largest = 0, v_largest = 0, max_largest = 0;
 #pragma omp simd reduction(max : m_largest, v_largest, max_largest)

@@ -130,4 +130,59 @@ inline void write_param(param_t* __restrict__ param, master_t<kWrite>* __restric
   }
 }
 
+// The x86-64 builds without AVX-512 (baseline, AVX2) have 16 vector registers; AVX-512 has 32.
+#if defined(__x86_64__) && !defined(__AVX512F__)
+inline constexpr bool kSixteenVectorRegisters = true;
+#else
+inline constexpr bool kSixteenVectorRegisters = false;
+#endif
+
+// A tensor's params as an optimizer loop reads and writes them, as fp32 (load_param, write_param; element i of the
+// tensor). With 24-bit masters in a build of 16 vector registers, through a block of fp32 masters in L1, joined
+// before the block's update loop and split after it, in loops of their own (stage_in, stage_out): with the int8
+// remainders' loads and stores in it, gcc sized the update loop's vectors by them, 32 elements a step with AVX2
+// (four registers a float value), and spilled; staged, AdamW's step with fp32 moments takes a fifth less time
+// (docs/results.md). The int8 moments' codes are kept out of that loop the same way (int8_blocks.h). kMayStage:
+// false for a loop that steps whole chunks rather than blocks, whose blocks would cost what staging saves.
+template <WriteBack kWrite, typename param_t, bool kMayStage = true>
+struct ParamIO {
+  static constexpr bool kStaged = kMayStage && kWrite == WriteBack::kRemainder8 && kSixteenVectorRegisters;
+  param_t* __restrict__ param;
+  master_t<kWrite>* __restrict__ master;
+  uint32_t random_stream;
+  int64_t block_start = 0;  // staged: the element block[0] holds
+  alignas(64) float block[kStaged ? kInt8Block : 1] = {};
+
+  float load(int64_t i) const {
+    if constexpr (kStaged) {
+      return block[i - block_start];
+    } else {
+      return load_param<kWrite>(param, master, i);
+    }
+  }
+  void store(int64_t i, float value) {
+    if constexpr (kStaged) {
+      block[i - block_start] = value;
+    } else {
+      write_param<kWrite>(param, master, i, value, random_stream);
+    }
+  }
+  // elements [start, start + count), count at most kInt8Block
+  template <typename Count>
+  void stage_in(int64_t start, Count count) {
+    if constexpr (kStaged) {
+      block_start = start;
+#pragma omp simd
+      for (int32_t j = 0; j < count; ++j) block[j] = load_param<kWrite>(param, master, start + j);
+    }
+  }
+  template <typename Count>
+  void stage_out(int64_t start, Count count) {
+    if constexpr (kStaged) {
+#pragma omp simd
+      for (int32_t j = 0; j < count; ++j) write_param<kWrite>(param, master, start + j, block[j], random_stream);
+    }
+  }
+};
+
 }  // namespace fused_optim

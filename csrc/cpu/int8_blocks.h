@@ -16,12 +16,13 @@
 namespace fused_optim {
 
 // Elements [begin, end) of a tensor (begin at a block: a chunk's start). `update(i, m)` steps element i given its
-// dequantized moment m and leaves the moment's new value in m; it is inlined into a vectorised loop, so it must be
-// branch-free. The codes round with the low 16 of `draw`'s moment bits (rounding.h), as a bf16 moment would.
-// `prefetch(i)` asks for the block at i of the arrays `update` reads and writes (prefetch_block).
-template <typename UpdateFn, typename PrefetchFn>
+// dequantized moment m and leaves the moment's new value in m, reading and writing the params through `params`
+// (float_io.h's ParamIO); it is inlined into a vectorised loop, so it must be branch-free. The codes round with the
+// low 16 of `draw`'s moment bits (rounding.h), as a bf16 moment would. `prefetch(i)` asks for the block at i of the
+// arrays `update` reads and writes (prefetch_block).
+template <typename Params, typename UpdateFn, typename PrefetchFn>
 void step_signed_int8_blocks(int8_t* __restrict__ codes, uint16_t* __restrict__ scales, uint32_t draw, int64_t begin,
-                             int64_t end, UpdateFn update, PrefetchFn prefetch) {
+                             int64_t end, Params& params, UpdateFn update, PrefetchFn prefetch) {
   static_assert(kCpuChunk % kInt8Block == 0, "a chunk must start at a block");
   alignas(64) float updated[kInt8Block];
   // `length`: kInt8Block as a compile-time constant for whole blocks (no loop remainder), the count itself for a
@@ -35,8 +36,10 @@ void step_signed_int8_blocks(int8_t* __restrict__ codes, uint16_t* __restrict__ 
     // update loop over 32 (AVX2) or 64 (AVX-512) elements a step and ran short of registers (3-5 % faster apart)
 #pragma omp simd
     for (int32_t j = 0; j < length; ++j) updated[j] = dequantize_signed(codes[start + j], step);
+    params.stage_in(start, length);
 #pragma omp simd
     for (int32_t j = 0; j < length; ++j) update(start + j, updated[j]);
+    params.stage_out(start, length);
     uint32_t largest = 0;
 #pragma omp simd reduction(max : largest)
     for (int32_t j = 0; j < length; ++j) largest = std::max(largest, magnitude_bits(updated[j]));

@@ -38,24 +38,27 @@ inline void prefetch_block(int64_t index, const Element*... arrays) {
   (lines(arrays), ...);
 }
 
-// step(j) for j in [0, end - begin), elements begin + j of a chunk. With kPrefetch, in a vectorised loop a block, and
-// before each whole block prefetch(index) asks for the block kPrefetchAhead elements on (prefetch_block of the
-// arrays step touches); whole blocks have a constant trip count (a run-time one, a remainder loop a block, cost the
-// loops bound by their arithmetic 5-10 %). Without, in one vectorised loop: a loop with arithmetic enough to hide its
-// loads then saves the blocks' setup (gcc sets up its constants and index vectors again for each block).
-// `step` is inlined into the loops, so it must be branch-free.
-template <bool kPrefetch, typename StepFn, typename PrefetchFn>
-inline void for_each_element(int64_t begin, int64_t end, StepFn step, PrefetchFn prefetch) {
+// step(j) for j in [0, end - begin), elements begin + j of a chunk, whose params `step` reads and writes through
+// `params` (float_io.h's ParamIO). With kPrefetch, in a vectorised loop a block, and before each whole block
+// prefetch(index) asks for the block kPrefetchAhead elements on (prefetch_block of the arrays step touches); whole
+// blocks have a constant trip count (a run-time one, a remainder loop a block, cost the loops bound by their
+// arithmetic 5-10 %). Without, in one vectorised loop, unless the params are staged a block at a time: a loop with
+// arithmetic enough to hide its loads then saves the blocks' setup (gcc sets up its constants and index vectors
+// again for each block). `step` is inlined into the loops, so it must be branch-free.
+template <bool kPrefetch, typename Params, typename StepFn, typename PrefetchFn>
+inline void for_each_element(int64_t begin, int64_t end, Params& params, StepFn step, PrefetchFn prefetch) {
   // `count`: kInt8Block as a compile-time constant for whole blocks, the rest's count otherwise
   const auto steps = [&](int32_t first, auto count) {
+    params.stage_in(begin + first, count);
 #pragma omp simd
     for (int32_t j = first; j < first + count; ++j) step(j);
+    params.stage_out(begin + first, count);
   };
   const int32_t length = static_cast<int32_t>(end - begin);  // at most a chunk
   int32_t first = 0;
-  if constexpr (kPrefetch) {
+  if constexpr (kPrefetch || Params::kStaged) {
     for (; first + kInt8Block <= length; first += kInt8Block) {
-      prefetch(begin + first + kPrefetchAhead);
+      if constexpr (kPrefetch) prefetch(begin + first + kPrefetchAhead);
       steps(first, std::integral_constant<int32_t, kInt8Block>{});
     }
   }
