@@ -42,11 +42,12 @@ inline void prefetch_block(int64_t index, const Element*... arrays) {
 // `params` (float_io.h's ParamIO). With kPrefetch, in a vectorised loop a block, and before each whole block
 // prefetch(index) asks for the block kPrefetchAhead elements on (prefetch_block of the arrays step touches); whole
 // blocks have a constant trip count (a run-time one, a remainder loop a block, cost the loops bound by their
-// arithmetic 5-10 %). Without, in one vectorised loop, unless the params are staged a block at a time: a loop with
-// arithmetic enough to hide its loads then saves the blocks' setup (gcc sets up its constants and index vectors
-// again for each block). `step` is inlined into the loops, so it must be branch-free.
+// arithmetic 5-10 %). Without, in one vectorised loop: a loop with arithmetic enough to hide its loads then saves
+// the blocks' setup (gcc sets up its constants and index vectors again for each block). `step` is inlined into the
+// loops, so it must be branch-free.
 template <bool kPrefetch, typename Params, typename StepFn, typename PrefetchFn>
 inline void for_each_element(int64_t begin, int64_t end, Params& params, StepFn step, PrefetchFn prefetch) {
+  static_assert(kPrefetch || !Params::kStaged, "staged params are stepped a block at a time");
   // `count`: kInt8Block as a compile-time constant for whole blocks, the rest's count otherwise
   const auto steps = [&](int32_t first, auto count) {
     params.stage_in(begin + first, count);
@@ -56,9 +57,9 @@ inline void for_each_element(int64_t begin, int64_t end, Params& params, StepFn 
   };
   const int32_t length = static_cast<int32_t>(end - begin);  // at most a chunk
   int32_t first = 0;
-  if constexpr (kPrefetch || Params::kStaged) {
+  if constexpr (kPrefetch) {
     for (; first + kInt8Block <= length; first += kInt8Block) {
-      if constexpr (kPrefetch) prefetch(begin + first + kPrefetchAhead);
+      prefetch(begin + first + kPrefetchAhead);
       steps(first, std::integral_constant<int32_t, kInt8Block>{});
     }
   }
