@@ -78,6 +78,31 @@ def shard_bounds(num_classes: int, ranks: int) -> list[tuple[int, int]]:
 # the ops, on shards of one process's logits
 
 
+def whole_and_sharded(backend, logits, target, weight32, scales, ranks, label_smoothing=0.0, z_loss=0.0,
+                      softcap=0.0):
+    """((loss, lse, grad) of the unsharded forward op, (loss, lse, grad) of the two shard ops over `ranks` shards
+    combined as the ranks combine them), every gradient poisoned before the kernels write it."""
+    options = (IGNORE, label_smoothing, z_loss, softcap)
+    whole_grad = torch.full_like(logits, math.nan)
+    whole_loss, whole_lse = ops.forward_op(backend, logits.device)(logits, target, weight32, scales, whole_grad,
+                                                                   *options)
+    bounds = shard_bounds(logits.shape[1], ranks)
+    shard_weights = [weight32[start:start + size].contiguous() if weight32 is not None else None
+                     for start, size in bounds]
+    shards = [logits[:, start:start + size].contiguous() for start, size in bounds]
+    stats = [ops.shard_stats_op(backend, logits.device)(shard, target, shard_weight, start, logits.shape[1], IGNORE,
+                                                        softcap)
+             for shard, shard_weight, (start, _) in zip(shards, shard_weights, bounds)]
+    loss, lse, coefs = combine(torch.stack(stats), target, weight32, scales, logits.shape[1], IGNORE, label_smoothing,
+                               z_loss, True)
+    grads = []
+    for shard, shard_weight, (start, _) in zip(shards, shard_weights, bounds):
+        grads.append(torch.full_like(shard, math.nan))
+        ops.shard_grad_op(backend, logits.device)(grads[-1], shard, target, shard_weight, coefs, start, IGNORE,
+                                                  softcap)
+    return (whole_loss, whole_lse, whole_grad), (loss, lse, torch.cat(grads, dim=1))
+
+
 @pytest.mark.interpreted_cover(2)
 @pytest.mark.parametrize("ranks", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -86,31 +111,15 @@ def shard_bounds(num_classes: int, ranks: int) -> list[tuple[int, int]]:
 def test_shards_combine_into_the_whole_rows(backend, name, dtype, ranks):
     logits, target, weight, kwargs = make_case(CLASSES, dtype, OPTIONS[name])
     weight32 = weight.float() if weight is not None else None
-    softcap = kwargs["softcap"] or 0.0
-    options = (IGNORE, kwargs["label_smoothing"], kwargs["z_loss"], softcap)
     scales, _ = reduction_scales(target, weight32, CLASSES, "mean", IGNORE)
-    whole_grad = torch.full_like(logits, math.nan)  # poisoned: every element must be written
-    whole_loss, whole_lse = ops.forward_op(backend, logits.device)(logits, target, weight32, scales, whole_grad,
-                                                                   *options)
-    stats, shard_weights = [], []
-    for start, size in shard_bounds(CLASSES, ranks):
-        shard_weight = weight32[start:start + size].contiguous() if weight is not None else None
-        shard_weights.append(shard_weight)
-        stats.append(ops.shard_stats_op(backend, logits.device)(
-            logits[:, start:start + size].contiguous(), target, shard_weight, start, CLASSES, IGNORE, softcap))
-    loss, lse, coefs = combine(torch.stack(stats), target, weight32, scales, CLASSES, IGNORE,
-                               kwargs["label_smoothing"], kwargs["z_loss"], True)
-    grads = []
-    for (start, size), shard_weight in zip(shard_bounds(CLASSES, ranks), shard_weights):
-        shard = logits[:, start:start + size].contiguous()
-        grad = torch.full_like(shard, math.nan)
-        ops.shard_grad_op(backend, logits.device)(grad, shard, target, shard_weight, coefs, start, IGNORE, softcap)
-        grads.append(grad)
+    (whole_loss, whole_lse, whole_grad), (loss, lse, grad) = whole_and_sharded(
+        backend, logits, target, weight32, scales, ranks, kwargs["label_smoothing"], kwargs["z_loss"],
+        kwargs["softcap"] or 0.0)
     torch.testing.assert_close(loss, whole_loss, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(lse, whole_lse, rtol=2e-6, atol=2e-6)
     # fp32: a few ulps of the probabilities; bf16: the same rounding but where the sums' order moved it by one ulp
     tolerance = dict(rtol=1e-6, atol=2e-7) if dtype == torch.float32 else dict(rtol=2**-8, atol=1e-6)
-    torch.testing.assert_close(torch.cat(grads, dim=1).float(), whole_grad.float(), **tolerance)
+    torch.testing.assert_close(grad.float(), whole_grad.float(), **tolerance)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -123,24 +132,13 @@ def test_a_shard_of_nans_makes_its_row_nan(backend):
     logits[5, start2:start2 + size2] = -math.inf
     logits[5, start2] = math.nan
     scales, _ = reduction_scales(target, None, CLASSES, "sum", IGNORE)
-    whole_grad = torch.full_like(logits, math.nan)
-    whole_loss, whole_lse = ops.forward_op(backend, logits.device)(logits, target, None, scales, whole_grad,
-                                                                   IGNORE, 0.0, 0.0, 0.0)
-    stats = torch.stack([ops.shard_stats_op(backend, logits.device)(logits[:, start:start + size].contiguous(), target,
-                                                                    None, start, CLASSES, IGNORE, 0.0)
-                         for start, size in shard_bounds(CLASSES, 3)])
-    loss, lse, coefs = combine(stats, target, None, scales, CLASSES, IGNORE, 0.0, 0.0, True)
-    grads = []
-    for start, size in shard_bounds(CLASSES, 3):
-        grads.append(torch.full_like(logits[:, start:start + size], math.nan))
-        ops.shard_grad_op(backend, logits.device)(grads[-1], logits[:, start:start + size].contiguous(), target,
-                                                  None, coefs, start, IGNORE, 0.0)
+    (whole_loss, _, whole_grad), (loss, lse, grad) = whole_and_sharded(backend, logits, target, None, scales, 3)
     nan_rows = torch.zeros(ROWS, dtype=torch.bool)
     nan_rows[[2, 5]] = True
     assert torch.equal(whole_loss.isnan(), nan_rows) and torch.equal(loss.isnan(), nan_rows)
-    assert lse[nan_rows].isnan().all() and torch.cat(grads, dim=1)[nan_rows].isnan().all()
+    assert lse[nan_rows].isnan().all() and grad[nan_rows].isnan().all()
     torch.testing.assert_close(loss, whole_loss, rtol=2e-6, atol=2e-6, equal_nan=True)
-    torch.testing.assert_close(torch.cat(grads, dim=1), whole_grad, rtol=1e-6, atol=2e-7, equal_nan=True)
+    torch.testing.assert_close(grad, whole_grad, rtol=1e-6, atol=2e-7, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
