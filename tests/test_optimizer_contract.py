@@ -48,6 +48,7 @@ ADAM_BAD_HYPERPARAMETERS = {
     "beta2=1": dict(betas=(0.9, 1.0)),
     "beta2<0": dict(betas=(0.9, -0.5)),
     "betas-float-and-tensor": dict(betas=(0.9, torch.tensor(0.999))),
+    "betas-int": dict(betas=(0, 0.999)),
     "lr-tensor-2-elements": dict(lr=torch.tensor([1e-3, 1e-3])),
 }
 SGD_BAD_HYPERPARAMETERS = {
@@ -371,6 +372,44 @@ def test_float64_lr_tensor_steps_as_the_float_lr(spec, backend, device):
             opt.step()
         results.append(([p.detach() for p in params], [opt.state[p] for p in params]))
     assert_identical(*results)
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(1,), (1, 1)], ids=str)
+@pytest.mark.parametrize("cls, options", [(fused_optim.AdamW, {}), (fused_optim.SGD, dict(momentum=0.9)),
+                                          (fused_optim.Lion, {})], ids=["AdamW", "SGD", "Lion"])
+def test_a_one_element_lr_tensor_of_any_shape_steps_as_a_0_dim_one(cls, options, shape, backend, device):
+    """torch takes any one-element lr tensor; the torch backend once broadcast a (1, 1) lr into the params."""
+    init = [torch.randn(s) for s in SHAPES]
+    grads = random_grads(SHAPES, torch.float32, device)
+    results = []
+    for lr in (torch.tensor(1e-2), torch.full(shape, 1e-2)):
+        params = make_params(init, torch.float32, device)
+        opt = cls(params, lr=lr, backend=backend, **options)
+        set_grads(grads, params)
+        opt.step()
+        results.append(([p.detach() for p in params], [opt.state[p] for p in params]))
+    assert_identical(*results)
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_a_group_marked_differentiable_steps_as_torchs_does(spec, backend, device):
+    """torch reads `differentiable` from the optimizer's defaults, not the group's: a group marked differentiable in
+    an optimizer that is not steps its leaf params without grad, as the other groups do."""
+    spec = SPECS[spec]
+    init = [torch.randn(s) for s in SHAPES]
+    grads = random_grads(SHAPES, torch.float32, device)
+    results = []
+    for cls, extra in ((spec.theirs, {}), (spec.ours, dict(backend=backend))):
+        params = make_params(init, torch.float32, device)
+        groups = [dict(params=params[:1]), dict(params=params[1:], differentiable=True)]
+        opt = cls(groups, lr=1e-2, **spec.options, **extra)
+        set_grads(grads, params)
+        opt.step()
+        results.append([p.detach() for p in params])
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs)
 
 
 # One optimizer of each kind in each of its compact storage modes, on bf16 params: the state is kept as codes with

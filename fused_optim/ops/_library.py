@@ -171,8 +171,9 @@ def step_scalars(device: torch.device, lr, grad_scale, found_inf, wide: bool = F
     would still make it a constant). The kernels read both the same, so compiled and eager steps stay bit-identical."""
     lr_tensor = None
     if isinstance(lr, torch.Tensor):
+        # 0-dim, as torch reads a one-element lr of any shape: the torch backend broadcasts it against the params
         lr_tensor = lr.to(device=device, dtype=torch.float64 if lr.dtype == torch.float64 else torch.float32,
-                          non_blocking=True)
+                          non_blocking=True).reshape(())
         lr = 0.0
     elif torch.compiler.is_compiling():
         lr_tensor = torch.zeros((), dtype=torch.float64, device=device).add(lr)

@@ -608,7 +608,8 @@ class FusedOptimizer(Optimizer):
                 if kind != "torch":
                     self._update(group, kind, lists, grad_scale, found_inf)
                     continue
-                with torch.set_grad_enabled(group["differentiable"]):  # as torch's _use_grad_for_differentiable
+                # the optimizer's flag, not the group's, as torch's _use_grad_for_differentiable reads it
+                with torch.set_grad_enabled(self.defaults["differentiable"]):
                     self._update_with_torch(group, _with_grads_for_torch(lists))
         return loss
 
@@ -674,7 +675,7 @@ class FusedOptimizer(Optimizer):
         view = {**group, **own}  # a dict, not a ChainMap: its dozen lookups cost a tenth
         for kind, lists in self._gather(view, [grad], p).items():
             if kind == "torch":
-                with torch.set_grad_enabled(view["differentiable"]):
+                with torch.set_grad_enabled(self.defaults["differentiable"]):
                     self._update_with_torch(view, _with_grads_for_torch(lists))
             else:
                 self._update(view, kind, lists, None, None)
