@@ -74,11 +74,14 @@ def count_tokens(target: Tensor, ignore_index: int = -100, *, weight: Tensor | N
     if target.is_floating_point():  # probability targets: every row counts, the class dim does not
         return torch.full((), target.numel() // target.shape[1] if target.dim() > 1 else 1, dtype=torch.int64,
                           device=target.device)
+    # int64: a uint8 target (torch's losses take those too) would compare with -100 as 156, and index as a mask
+    target = target.long()
     kept = target != ignore_index
     if weight is None:
         return kept.sum()
-    # int64 indices: a uint8 target (torch's losses take those too) would index as a boolean mask
-    return torch.where(kept, weight[torch.where(kept, target, 0).long()], 0).sum()
+    # summed in fp32 at least: 70,000 fp16 weights of 1 overflow fp16, 1001 round to 1000 in bf16
+    return torch.where(kept, weight[torch.where(kept, target, 0)], 0).sum(dtype=torch.promote_types(weight.dtype,
+                                                                                                 torch.float32))
 
 
 def _local(p: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fused_optim import _backend, _loss_checks
 from fused_optim.autograd import vocab_parallel
@@ -66,6 +67,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         >>> loss = FF.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4)
         >>> loss.backward()
     """
+    if has_torch_function_variadic(input, target, weight):  # torch.fx's proxies, tensor subclasses: as torch's
+        return handle_torch_function(
+            cross_entropy, (input, target, weight), input, target, weight=weight, size_average=size_average,
+            ignore_index=ignore_index, reduce=reduce, reduction=reduction, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss, inplace_backward=inplace_backward,
+            backend=backend)
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     softcap = _check_extras(z_loss, softcap)
@@ -87,7 +94,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     elif input.dim() == 2:
         logits, rows_shape = input, target.shape
     else:  # (N, C, d1, ...): classes last, one row per position (a copy, which the gradient may then reuse)
-        logits, rows_shape = input.movedim(1, -1).reshape(-1, num_classes), target.shape
+        logits, rows_shape = input.movedim(1, -1).reshape(target.numel(), num_classes), target.shape
     logits = _kernel_layout(logits)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     inplace = inplace_backward and needs_grad and _may_write_gradient_over(logits)
@@ -117,6 +124,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         >>> loss = FF.linear_cross_entropy(hidden, lm_head, torch.randint(0, 1000, (64,)))
         >>> loss.backward()
     """
+    tensors = (input, linear_weight, target, linear_bias, weight)
+    if has_torch_function_variadic(*tensors):  # torch.fx's proxies, tensor subclasses: as torch's
+        return handle_torch_function(
+            linear_cross_entropy, tensors, input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
+            z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss, backend=backend)
     _loss_checks.check_linear_cross_entropy(input, linear_weight, linear_bias, target, ignore_index)
     options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # torch 2.14 on
     if options is not None and options_type is not None and not isinstance(options, options_type):

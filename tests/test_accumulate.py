@@ -123,6 +123,17 @@ def test_count_tokens():
         assert float(fused_optim.count_tokens(uint8_target.to(torch.uint8), weight=weight)) == weight_sum
 
 
+def test_count_tokens_counts_uint8_class_156_and_sums_16_bit_weights_in_fp32():
+    """-100 is 156 as a uint8, and the tokens' 16-bit weights add up past what fp16 holds (70,000 ones: inf, and a
+    finalize that zeroed every grad) or bf16 counts exactly (1001 ones: 1000)."""
+    uint8_target = torch.tensor([156, 3, 200], dtype=torch.uint8)
+    assert int(fused_optim.count_tokens(uint8_target)) == 3
+    assert float(fused_optim.count_tokens(uint8_target, weight=torch.ones(256))) == 3.0
+    for dtype, tokens in ((torch.float16, 70000), (torch.bfloat16, 1001)):
+        count = fused_optim.count_tokens(torch.zeros(tokens, dtype=torch.int64), weight=torch.ones(4, dtype=dtype))
+        assert count.dtype == torch.float32 and float(count) == tokens
+
+
 def test_count_tokens_is_what_torchs_mean_divides_by():
     """A loss summed with reduction="sum", over count_tokens, is torch's reduction="mean" loss: class-index targets
     with and without class weights (the weighted mean divides by the kept targets' weights), probability targets

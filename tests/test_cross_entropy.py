@@ -488,6 +488,18 @@ def test_empty_batch(backend, device, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_no_classes_at_positions_give_torchs_loss(backend, device, reduction):
+    """(N, 0, d1, d2) logits with every target ignored: torch's nan, 0 or zeros (reshape(-1, 0) raised)."""
+    x = torch.randn(2, 0, 3, 2, device=device)
+    target = torch.full((2, 3, 2), -100, device=device)
+    ours = FF.cross_entropy(x, target, reduction=reduction, backend=backend)
+    theirs = F.cross_entropy(x, target, reduction=reduction)
+    assert (ours.dtype, ours.shape) == (theirs.dtype, theirs.shape)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_unbatched_and_k_dimensional_inputs_match_torch(backend, device, reduction):
     """(C,) logits with a () target, and (N, C, d1, d2) with (N, d1, d2) targets (one row per position, some
     ignored): torch's shapes, values and gradients."""
@@ -1477,3 +1489,29 @@ def test_torch_export_keeps_the_loss_differentiable(loss):
         results.append((loss_value, *torch.autograd.grad(loss_value, [x, *module.parameters()], allow_unused=True)))
     for ours, eager in zip(results[1], results[0]):
         torch.testing.assert_close(ours, eager)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy"])
+def test_torch_fx_traces_the_loss_as_one_call(loss):
+    """torch.fx.symbolic_trace of a model that calls the loss, as it traces torch's: the loss dispatches
+    __torch_function__ for the tracer's proxies (it raised TypeError on them), and the traced module computes eager's
+    loss."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(16, 37)
+            self.ce = fused_optim.CrossEntropyLoss(label_smoothing=0.1, backend="cpu")
+
+        def forward(self, x, target):
+            if loss == "cross_entropy":
+                return FF.cross_entropy(self.head(x), target, label_smoothing=0.1, backend="cpu")
+            if loss == "CrossEntropyLoss":
+                return self.ce(self.head(x), target)
+            return FF.linear_cross_entropy(x, self.head.weight, target, linear_bias=self.head.bias, backend="cpu")
+
+    model = Model()
+    traced = torch.fx.symbolic_trace(model)
+    called = {node.target for node in traced.graph.nodes if node.op == "call_function"}
+    assert called & {FF.cross_entropy, FF.linear_cross_entropy}
+    x, target = torch.randn(8, 16), torch.randint(0, 37, (8,))
+    torch.testing.assert_close(traced(x, target), model(x, target), rtol=0, atol=0)
