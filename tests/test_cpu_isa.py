@@ -5,8 +5,11 @@ sums included) run again, in a subprocess, on each other level this machine runs
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -79,3 +82,30 @@ def test_the_numerics_contract_holds_on_every_level(isa):
                            "(cpu or fuzz or optim_db) and not triton", *CONTRACT_TESTS], cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
+
+
+# The optimizer loops that may call fmaf: those whose last template flag, kMayDecay, is set (csrc/cpu/hardware_fma.h).
+DECAYING_LOOP = re.compile(r"\b(adam|adam_int8|sgd|sgd_int8)_chunk<.*, true>\(")
+
+
+@pytest.mark.parametrize("isa", _backend.cpu_isas_built())
+def test_only_the_decaying_optimizer_loops_call_fmaf(isa):
+    """Where a CPU has no FMA instruction (the x86-64 baseline) fmaf is a libm call, and a loop that calls it stays
+    scalar (the baseline's cross-entropy took 10x the AVX2 kernel's time): no function of any level's extension calls
+    it but an optimizer loop for a group with weight decay, and with FMA instructions none does."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump not found")
+    library = importlib.util.find_spec(f"fused_optim._C_cpu_{isa}").origin
+    listing = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", library], check=True, capture_output=True,
+                             text=True).stdout
+    function, callers = None, set()
+    for line in listing.splitlines():
+        header = re.match(r"[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+        elif re.search(r"\bcall\s.*<fmaf@plt>", line):
+            callers.add(function)
+    assert all(DECAYING_LOOP.search(caller) for caller in callers), sorted(callers)[:3]
+    if isa in ("avx2", "avx512"):
+        assert not callers

@@ -18,6 +18,7 @@
 #endif
 #include "float_io.h"
 #include "ops/cross_entropy.h"
+#include "hardware_fma.h"
 #include "huge_pages.h"
 
 namespace fused_optim {
@@ -40,14 +41,14 @@ inline float vector_exp(float x) {
   // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in any vector unit (|x| < 2^22 here).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 in two parts: n * hi is exact
-  float p = 1.0f / 5040.0f;  // Horner in fused multiply-adds (the build otherwise keeps a * b + c unfused)
-  p = std::fma(p, r, 1.0f / 720.0f);
-  p = std::fma(p, r, 1.0f / 120.0f);
-  p = std::fma(p, r, 1.0f / 24.0f);
-  p = std::fma(p, r, 1.0f / 6.0f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.0f);
-  p = std::fma(p, r, 1.0f);
+  float p = 1.0f / 5040.0f;  // Horner, fused where the CPU has FMA (the build otherwise keeps a * b + c unfused)
+  p = horner_step(p, r, 1.0f / 720.0f);
+  p = horner_step(p, r, 1.0f / 120.0f);
+  p = horner_step(p, r, 1.0f / 24.0f);
+  p = horner_step(p, r, 1.0f / 6.0f);
+  p = horner_step(p, r, 0.5f);
+  p = horner_step(p, r, 1.0f);
+  p = horner_step(p, r, 1.0f);
   const int32_t exponent = (static_cast<int32_t>(std::min(n, 128.0f)) + 127) << 23;
   float scale;
   std::memcpy(&scale, &exponent, sizeof(scale));

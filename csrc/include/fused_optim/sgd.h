@@ -47,11 +47,12 @@ FO_HOST_DEVICE SgdScalars sgd_scalars(double momentum, double dampening, double 
 // One element. Returns the new parameter value (fp32, before any rounding to the parameter dtype) and updates the
 // momentum buffer in place (read only after the first step: it may hold anything before). The branches test
 // per-tensor constants, so they are uniform across a warp or a vector loop.
-template <bool kMomentum, bool kNesterov>
+// kMayDecay false: the group has no weight decay, and the loop no fmaf (csrc/cpu/hardware_fma.h).
+template <bool kMomentum, bool kNesterov, bool kMayDecay = true>
 FO_HOST_DEVICE float sgd_update(float param, float grad, float& momentum_buffer, const SgdScalars& s) {
   grad *= s.grad_multiplier;
   // one rounding, as torch's grad.add(param, alpha=weight_decay) (an FMA): see adam.h
-  if (s.weight_decay != 0.0f) grad = fmaf(s.weight_decay, param, grad);
+  if (kMayDecay && s.weight_decay != 0.0f) grad = fmaf(s.weight_decay, param, grad);
   if (kMomentum) {
     momentum_buffer = s.first_step != 0u ? grad : momentum_buffer * s.momentum + s.one_minus_dampening * grad;
     grad = kNesterov ? grad + s.momentum * momentum_buffer : momentum_buffer;
