@@ -504,6 +504,22 @@ def test_torch_scaler_with_only_main_grads_says_so(cpu_backend):
     assert float(opt.skipped_steps) == 0
 
 
+def test_our_scaler_after_unscale_with_only_main_grads_says_so(cpu_backend):
+    # the user's unscale_ takes torch's path, which finds no .grad either: the refusal names what to do instead
+    model = torch.nn.Linear(4, 3).bfloat16()
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01, backend=cpu_backend)
+    accumulator = fused_optim.GradAccumulator(model.parameters(), backend=cpu_backend)
+    scaler = make_scaler(fused_optim.amp.GradScaler)
+    scaler.scale(model(torch.randn(2, 4).bfloat16()).float().sum()).backward()
+    accumulator.accumulate()
+    accumulator.finalize(num_tokens=2)
+    scaler.unscale_(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="use fused_optim.GradScaler without unscale_"):
+        scaler.step(opt)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_torch_scaler_with_mixed_grads_still_skips_an_inf_main_grad(cpu_backend):
     # torch's scaler checks the fp32 param's .grad (finite) but not the bf16 param's main grad (inf): the step
     # checks that one itself and skips, rather than writing inf into the bf16 param

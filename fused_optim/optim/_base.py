@@ -1071,9 +1071,10 @@ def _held_back(optimizer: Optimizer, hooks: str) -> Iterator[None]:
 
 def _without_absent_state(state_dict: Any) -> Any:
     """`state_dict` without what it holds of nothing: None state values (torch's SGD saves a momentum buffer not yet
-    made as None), as if never saved, a param's state left empty so, and the state of ids that no saved group lists
-    (torch's loader would keep it under its bare id, where no param steps it and our state_dict could not number
-    it)."""
+    made as None) and empty dicts (torch.distributed.checkpoint's flattened form unflattens a key of the live state
+    that the checkpoint lacks as {}: our SGD's count, which its state_dict leaves out), as if never saved, a param's
+    state left empty so, and the state of ids that no saved group lists (torch's loader would keep it under its bare
+    id, where no param steps it and our state_dict could not number it)."""
     if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) or not isinstance(
             state_dict.get("param_groups"), list):
         return state_dict  # check_saved_state says what is wrong
@@ -1082,12 +1083,16 @@ def _without_absent_state(state_dict: Any) -> Any:
     state = {}
     for param_id, saved in state_dict["state"].items():
         if isinstance(saved, dict):
-            saved = {key: value for key, value in saved.items() if value is not None}
+            saved = {key: value for key, value in saved.items() if value is not None and not _empty_dict(value)}
             if not saved:
                 continue
         if param_id in listed:
             state[param_id] = saved
     return {**state_dict, "state": state}
+
+
+def _empty_dict(value: Any) -> bool:
+    return isinstance(value, dict) and not value
 
 
 def _describe_layout(t: Tensor) -> str:

@@ -55,11 +55,13 @@ class StepGuard:
         grad_scale = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and not isinstance(found_inf, Tensor):
-            # torch's GradScaler sums its checks of the params' .grad; with none to check (every grad a main_grad of
-            # GradAccumulator's, which it does not know) the sum is the int 0, and its update() would fail next
+            # torch's GradScaler sums its checks of the params' .grad (so does ours after a user's unscale_, torch's
+            # path); with none to check (every grad a main_grad of GradAccumulator's, which it does not know) the
+            # sum is the int 0, and its update() would fail next
             raise RuntimeError(
-                f"torch.amp.GradScaler found no .grad to check on {type(optimizer).__name__}'s params (their "
-                "gradients are GradAccumulator main grads); use fused_optim.GradScaler, which checks main grads"
+                f"GradScaler's unscale found no .grad to check on {type(optimizer).__name__}'s params (their "
+                "gradients are GradAccumulator main grads): use fused_optim.GradScaler without unscale_, whose step "
+                "checks main grads (clip with the optimizer's max_grad_norm=)"
             )
         reads_main_grads = found_inf is not None and self.reads_main_grads()
         if reads_main_grads and grad_scale is None and any(
