@@ -52,7 +52,8 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
       [&](int32_t j) {
         const int64_t i = begin + j;
         float buffer = kMomentum ? load_float(momentum_buffer, i) : 0.0f;
-        const float updated = sgd_update<kMomentum, kNesterov, kMayDecay>(params.load(i), load_float(grad, i), buffer, s);
+        const float updated =
+            sgd_update<kMomentum, kNesterov, kMayDecay>(params.load(i), load_float(grad, i), buffer, s);
         if (kMomentum) {
           store_moment(momentum_buffer, i, buffer, kBf16Buffer ? chunk_moment_bits(buffer_draw, begin, j) : 0u);
         }
