@@ -9,9 +9,10 @@
 
 Class-index targets of fp32/bf16/fp16 logits run the fused kernels. Probability (float) targets and float64
 logits run the same math in plain torch ops (torch's own cross-entropy plus the extras), with torch's autograd.
-Bad input raises what torch raises for it (fused_optim/_loss_checks.py), before anything is computed. A class index
-out of range raises IndexError on the CPU and a device-side assert on CUDA, as torch's; the Triton kernels, which
-cannot raise, give that row a NaN loss.
+Like torch's, both dispatch `__torch_function__`, so torch.fx.symbolic_trace records a call to them and tensor
+subclasses that override it see them. Bad input raises what torch raises for it (fused_optim/_loss_checks.py),
+before anything is computed. A class index out of range raises IndexError on the CPU and a device-side assert on
+CUDA, as torch's; the Triton kernels, which cannot raise, give that row a NaN loss.
 
 Under torch.autocast the loss is float32, as torch's: the kernels compute it in fp32 from the logits as they come,
 and it is not rounded to their dtype; their gradient keeps their dtype. `linear_cross_entropy` multiplies in
