@@ -27,8 +27,9 @@ Differences from torch, all additive:
   unaffected by any of these.
 - `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
 - Every step is capturable: the step count, a tensor lr and GradScaler's grad_scale/found_inf are read on the
-  device, never on the host, so `capturable` is accepted and changes nothing. `foreach` and `fused` are accepted
-  and ignored (torch's errors for them kept). `differentiable=True` groups are stepped by torch's own
+  device, never on the host, so `capturable` is accepted and changes nothing. `foreach` is accepted and ignored;
+  `fused=True`, as with torch's fused optimizers, has torch's GradScaler hand the step its scale (README,
+  GradScaler). torch's errors for both are kept. `differentiable=True` groups are stepped by torch's own
   single-tensor Adam, with torch's state dtypes: what they ask for is autograd through the update.
 - `max_grad_norm=` clips the global grad norm (over every group, as `clip_grad_norm_` over all params) inside the
   step: one pass reads the grads for the norm and the update pass applies unscale and clip as one factor, so the

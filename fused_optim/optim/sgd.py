@@ -22,7 +22,8 @@ Differences from torch:
   `max_grad_norm=` clips the global grad norm inside the step (with `grad_norm_group=` under ZeRO, as AdamW), and
   `last_grad_norm` holds that norm (fused_optim/optim/_guard.py, as fused_optim.AdamW).
 - `backend=` ("auto", "cuda", "triton", "cpu", "torch"; default from FUSED_OPTIM_BACKEND) picks the kernels.
-  `foreach` and `fused` are accepted and ignored (torch's errors for them kept).
+  `foreach` is accepted and ignored; `fused=True`, as with torch's fused optimizers, has torch's GradScaler hand
+  the step its scale (README, GradScaler). torch's errors for both are kept.
 - float64 and complex params keep buffers of their own dtype, as in torch (complex ones run the kernels on their
   real views, float64 ones plain torch ops: the kernels are fp32). Params with sparse grads, and every param of a
   `differentiable=True` group, are stepped by torch's own single-tensor SGD.
