@@ -97,7 +97,8 @@ def _quantized(flat: Tensor, signed: bool, bits16: Tensor | None) -> tuple[Tenso
     """quantize of `flat` fp32 values."""
     if not signed:  # kept by its root
         flat = _root(flat)
-    largest = (_blocks(flat).view(torch.int32) & _MAGNITUDE).amax(dim=1).to(torch.int64)
+    # a NaN as 0x7FC00000 (moment_int8.h's int8_scale_bits)
+    largest = (_blocks(flat).view(torch.int32) & _MAGNITUDE).amax(dim=1).to(torch.int64).clamp(max=0x7FC00000)
     scale_bits = (largest + 0xFFFF) >> 16
     scales = torch.where(scale_bits >= 0x8000, scale_bits - 0x10000, scale_bits).to(torch.int16).view(torch.bfloat16)
     scale = scales.float()

@@ -15,7 +15,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import BACKEND_DEVICES
+from conftest import BACKEND_DEVICES, CPU_BACKENDS
 from test_adam import assert_identical, make_params, random_grads, set_grads, snapshot
 from test_adam_moments import CHUNKED_SHAPES, state_bytes_per_param
 
@@ -195,6 +195,35 @@ def test_a_zero_block_and_a_nan_block():
     values = dequantize(codes, scales)
     assert (values[:64] == 0).all() and scales[0] == 0
     assert values[64:].isnan().all()  # an fp32 moment with a NaN stays NaN too: the block says so
+
+
+NAN_PAYLOADS = [0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001]  # torch's, CUDA's, negative, signalling
+
+
+def test_any_nan_makes_its_block_nan():
+    """Every NaN bit pattern scales its block NaN: one above 0x7FFF0000 (CUDA's canonical NaN, an fp16 NaN widened)
+    carried into the sign bit of (largest + 0xFFFF) >> 16 and gave the scale -0, a block of zeros."""
+    for bits in NAN_PAYLOADS:
+        x = torch.randn(128)
+        x.view(torch.int32)[70] = torch.tensor(bits, dtype=torch.int64).to(torch.int32)
+        for signed in (True, False):
+            codes, scales = quantize(x if signed else x.abs(), signed)
+            assert scales[1].isnan() and dequantize(codes, scales)[64:].isnan().all(), hex(bits)
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("cls, options", [(fused_optim.AdamW, {}), (fused_optim.SGD, dict(momentum=0.9)),
+                                          (fused_optim.Lion, {})], ids=["AdamW", "SGD", "Lion"])
+def test_a_nan_grad_of_any_bits_makes_its_moment_blocks_nan(cls, options, backend, device):
+    for bits in NAN_PAYLOADS:
+        param = torch.nn.Parameter(torch.randn(128, device=device))
+        opt = cls([param], lr=1e-3, moments="int8", backend=backend, **options)
+        grad = torch.randn(128, device=device)
+        grad.view(torch.int32)[70] = torch.tensor(bits, dtype=torch.int64).to(torch.int32)
+        param.grad = grad
+        opt.step()
+        scales = opt.state[param]["moment_scales"].float()
+        assert scales[..., 1].isnan().all() and not scales[..., 0].isnan().any(), (hex(bits), scales)
 
 
 def test_a_block_of_subnormals_alone_becomes_zeros():

@@ -258,7 +258,7 @@ def _quantize(ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, x, bits
     magnitude = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
     if mask is not None:  # a partial block: the elements past the end count for nothing
         magnitude = tl.where(mask, magnitude, 0)
-    largest = tl.max(magnitude, axis=1)
+    largest = tl.minimum(tl.max(magnitude, axis=1), 0x7FC00000)  # a NaN as 0x7FC00000 (moment_int8.h)
     scale_bits = (largest + 0xFFFF) >> 16
     tl.store(scales_ptr + scale_offsets, scale_bits.to(tl.uint16), mask=scale_mask)
     scale = (scale_bits << 16).to(tl.float32, bitcast=True)

@@ -30,8 +30,13 @@ constexpr int kInt8Block = 64;  // elements per scale: 2 bytes of scale per 64 o
 // A block's magnitude key of x: its fp32 bits without the sign (ordered as |x| is, NaN above inf).
 FO_HOST_DEVICE uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
 
-// The bf16 scale of a block whose largest magnitude_bits is `largest`: rounded up, so every |x| / scale <= 1.
-FO_HOST_DEVICE uint16_t int8_scale_bits(uint32_t largest) { return static_cast<uint16_t>((largest + 0xFFFFu) >> 16); }
+// The bf16 scale of a block whose largest magnitude_bits is `largest`: rounded up, so every |x| / scale <= 1. A NaN
+// counts as the quiet NaN 0x7FC00000: one whose bits exceed 0x7FFF0000 (CUDA's 0x7FFFFFFF, an fp16 NaN widened)
+// would carry into the sign bit and make the scale -0, a block of zeros.
+FO_HOST_DEVICE uint16_t int8_scale_bits(uint32_t largest) {
+  const uint32_t capped = largest < 0x7FC00000u ? largest : 0x7FC00000u;
+  return static_cast<uint16_t>((capped + 0xFFFFu) >> 16);
+}
 
 // What a block's |x| are multiplied by: 1 / scale (one division a block, not one an element). 0 for a block of zeros
 // (scale 0) or one holding a NaN (scale NaN): its codes are then 0, but for a NaN's own, and a NaN block dequantizes
