@@ -438,6 +438,27 @@ def test_a_grad_whose_square_overflows_steps_as_torchs(backend, device, name, am
     torch.testing.assert_close(ours[0].cpu(), theirs[0], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_amsgrad_keeps_a_nan_second_moment_as_torchs(backend, device):
+    """torch's amsgrad (torch.maximum, fused or not) keeps a NaN in max_exp_avg_sq; fmaxf dropped it, so the CPU and
+    Triton kernels kept the old max. Also a NaN max already held stays, whatever the new second moment."""
+    init = torch.randn(70)
+    ours, theirs = make_params([init], torch.float32, device), make_params([init], torch.float32, "cpu")
+    opt = fused_optim.Adam(ours, lr=1e-2, amsgrad=True, backend=backend)
+    torch_opt = torch.optim.Adam(theirs, lr=1e-2, amsgrad=True, foreach=False)
+    for nan_at in (3, None):  # a NaN grad at element 3, then finite grads: its max stays NaN
+        grad = torch.randn(70)
+        if nan_at is not None:
+            grad[nan_at] = float("nan")
+        set_grads([grad.to(device)], ours)
+        set_grads([grad], theirs)
+        opt.step()
+        torch_opt.step()
+    ours_max, theirs_max = opt.state[ours[0]]["max_exp_avg_sq"].cpu(), torch_opt.state[theirs[0]]["max_exp_avg_sq"]
+    assert torch.equal(ours_max.isnan(), theirs_max.isnan()) and ours_max[3].isnan()
+    torch.testing.assert_close(ours_max, theirs_max, equal_nan=True, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("betas", [(0.0, 0.999), (0.9, 0.0), (0.0, 0.0)], ids=["beta1=0", "beta2=0", "both=0"])
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_zero_betas(backend, device, betas):

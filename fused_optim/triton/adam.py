@@ -199,7 +199,7 @@ def _adam_math(p, g, m, v, max_v, grad_multiplier, weight_decay, param_decay, on
     v = v * beta2 + one_minus_beta2 * g * g
     second_moment = v
     if AMSGRAD:
-        second_moment = tl.maximum(max_v, v)
+        second_moment = tl.where((v > max_v) | (v != v), v, max_v)  # a NaN in either kept (adam.h)
     # correctly rounded division and square root (Triton's defaults are approximate), as the CUDA and CPU kernels
     # compute them: the division by the tensor's constant sqrt(1 - beta2^t) by _exact_math.py's sequence
     inverse_bias_correction2_sqrt = tl.div_rn(1.0, bias_correction2_sqrt)

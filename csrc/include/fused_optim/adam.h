@@ -113,15 +113,10 @@ FO_HOST_DEVICE float quotient_by_constant(float x, float divisor, float inverse)
 #endif
 }
 
-// fmaxf(a, b): the larger, a NaN losing to a number. On the CPU as two compares and a select, which gcc vectorises:
-// it keeps fmaxf itself scalar, and so every amsgrad loop was (2.2-2.5x slower than with a vectorised max).
-FO_HOST_DEVICE float larger_ignoring_nan(float a, float b) {
-#if defined(__CUDACC__)
-  return fmaxf(a, b);
-#else
-  return (b > a) | (a != a) ? b : a;
-#endif
-}
+// The larger of a and b, a NaN in either kept, as torch.maximum keeps it (torch's amsgrad, fused or not, holds a NaN
+// second moment). Two compares and a select on every backend: fmaxf would drop the NaN, and gcc keeps fmaxf scalar,
+// and so every amsgrad loop was (2.2-2.5x slower than with a vectorised max).
+FO_HOST_DEVICE float larger_keeping_nan(float a, float b) { return (b > a) | (b != b) ? b : a; }
 
 // One element. Returns the new parameter value (fp32, before any rounding to the parameter dtype) and updates
 // the moments in place. Branches test per-group constants, so they are uniform across a warp or a vector loop.
@@ -139,7 +134,7 @@ FO_HOST_DEVICE float adam_update(float param, float grad, float& exp_avg, float&
   exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * grad * grad;
   float second_moment = exp_avg_sq;
   if (kAmsgrad) {
-    max_exp_avg_sq = larger_ignoring_nan(max_exp_avg_sq, exp_avg_sq);
+    max_exp_avg_sq = larger_keeping_nan(max_exp_avg_sq, exp_avg_sq);
     second_moment = max_exp_avg_sq;
   }
   const float denom =
