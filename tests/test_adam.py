@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 import fused_optim
 from fused_optim.master_remainder import join_master, round_like_master, split_master
+from fused_optim.multiply_add import multiply_add
 from fused_optim.int8_moments import quantize
 from fused_optim.ops.adam import adam_step
 from fused_optim.reference import ReferenceAdam
@@ -361,9 +362,9 @@ def test_first_moment_is_lerps_formula_rounded_operation_by_operation(backend, d
             assert torch.equal(opt.state[p]["exp_avg"].view(torch.int32), expected.view(torch.int32)), (step, beta1)
 
 
-def adam_h_update(param, grad, state, step, lr, decoupled, options, l2_fma=True):
+def adam_h_update(param, grad, state, step, lr, decoupled, options):
     """The new fp32 param of one csrc/include/fused_optim/adam.h step with `options` (Adam's keyword arguments),
-    rounded operation by operation as the kernels round it (no FMA but the L2 term's, unless not `l2_fma`), the
+    rounded operation by operation as the kernels round it (no FMA but the L2 term's, multiply_add.h's), the
     moments updated in `state` (fp32 tensors) in place. The scalars are adam_scalars': fp32 roundings of doubles.
     In numpy, whose fp32 operations round one by one: torch's CPU division by a single number multiplies by its
     reciprocal."""
@@ -376,10 +377,8 @@ def adam_h_update(param, grad, state, step, lr, decoupled, options, l2_fma=True)
     bias_correction2_sqrt = f32(math.sqrt(1.0 - beta2**step))
     p, g = param.numpy(), grad.float().numpy() * f32(-1.0 if options.get("maximize") else 1.0)
     m, v, max_v = (state[key].numpy() for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))  # views of `state`
-    if weight_decay and not decoupled and l2_fma:  # exact in double but for a 2^-29 chance of a double rounding
-        g = (np.float64(f32(weight_decay)) * p.astype(np.float64) + g.astype(np.float64)).astype(f32)
-    elif weight_decay and not decoupled:
-        g = f32(weight_decay) * p + g
+    if weight_decay and not decoupled:
+        g = multiply_add(weight_decay, torch.from_numpy(p), torch.from_numpy(g)).numpy()
     p = p * param_decay
     m[...] = (g if weight >= 0.5 else m) + coefficient * (g - m)
     v[...] = v * f32(beta2) + f32(1.0 - beta2) * g * g
@@ -398,13 +397,11 @@ def test_steps_are_adam_h_rounded_operation_by_operation(backend, device, dtype,
     """Every step of the C++ and Triton kernels is adam_h_update's, bit for bit: the formula of adam.h with each
     operation rounded to fp32 in its order, the bias corrections taken in double. torch.optim.AdamW(foreach=False)
     on the CPU differs by an ulp in ~1 % of the params (its lerp and addcmul fuse a multiply-add), so the comparison
-    with torch (test_fp32_matches_torch_adamw_after_100_steps) has a tolerance. Triton's interpreter computes tl.fma
-    as a product and a sum, each rounded."""
+    with torch (test_fp32_matches_torch_adamw_after_100_steps) has a tolerance."""
     shapes = [(1,), (3,), (1023,), (4097,)]
     cls, _, kwargs, make_lr, lr, decoupled = split_options(options, 1e-2)
     params = make_params([torch.randn(s) for s in shapes], dtype, device)
     opt = cls(params, lr=make_lr(), backend=backend, **kwargs)
-    l2_fma = not (backend == "triton" and TRITON_INTERPRETED)
     models = [p.detach().float().cpu().clone() for p in params]
     states = [{key: torch.zeros_like(m) for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")} for m in models]
     for step in range(1, 11):
@@ -412,7 +409,7 @@ def test_steps_are_adam_h_rounded_operation_by_operation(backend, device, dtype,
         set_grads(grads, params)
         opt.step()
         for i, (grad, state) in enumerate(zip(grads, states)):
-            models[i] = adam_h_update(models[i], grad.cpu(), state, step, lr, decoupled, kwargs, l2_fma).to(dtype)
+            models[i] = adam_h_update(models[i], grad.cpu(), state, step, lr, decoupled, kwargs).to(dtype)
             models[i] = models[i].float()
     for p, model, state in zip(params, models, states):
         assert torch.equal(p.detach().cpu().float(), model)

@@ -189,10 +189,10 @@ def test_optimizer_kernel_contracts_nothing_into_an_fma(ptx_accesses, kernel, dt
     kernels (nvcc --fmad=false): the same bits on every backend. Triton's default fused 48 of them in AdamW. (The fp64
     bias corrections keep the FMAs of libdevice's exp, which are its algorithm, not a contraction.) The explicit
     tl.fma, 8 elements a thread on each of the two paths (whole and partial blocks, BLOCK 1024), and nothing else:
-    SGD's weight decay, torch's grad.add(param, alpha=weight_decay) rounded once as the CPU's fmaf does (one an
-    element); Adam's division by sqrt(1 - beta2^t) (two) and each int8 code's root (two a moment), _exact_math.py's
-    sequences, which need the FMA's single rounding."""
-    per_element = {"": 2 + (4 if "int8" in dtype else 0), "sgd-": 1 + (2 if "int8" in dtype else 0),
+    SGD's weight decay, momentum and param update, torch's add(alpha=)s rounded once as the CPU's fmaf does (three
+    an element, with momentum and without Nesterov); Adam's division by sqrt(1 - beta2^t) (two) and each int8 code's
+    root (two a moment), _exact_math.py's sequences, which need the FMA's single rounding."""
+    per_element = {"": 2 + (4 if "int8" in dtype else 0), "sgd-": 3 + (2 if "int8" in dtype else 0),
                    "lion-": 2 if "int8" in dtype else 0}[kernel]
     assert ptx_accesses[f"{kernel}{dtype}-aligned"]["fmas"] == 8 * 2 * per_element
 

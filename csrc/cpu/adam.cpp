@@ -9,7 +9,6 @@
 
 #include "chunks.h"
 #include "float_io.h"
-#include "hardware_fma.h"
 #include "int8_blocks.h"
 #include "int8_codes_simd.h"
 #include "prefetch.h"
@@ -34,14 +33,8 @@ struct TensorPointers {
   AdamScalars scalars;
 };
 
-template <typename param_t, typename grad_t, typename moment_t, bool kAmsgrad, WriteBack kWrite,
-          bool kMayDecay = true>
+template <typename param_t, typename grad_t, typename moment_t, bool kAmsgrad, WriteBack kWrite>
 void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
-  if constexpr (kMayDecay && !kHardwareFma) {  // hardware_fma.h
-    if (t.scalars.l2_weight_decay == 0.0f) {
-      return adam_chunk<param_t, grad_t, moment_t, kAmsgrad, kWrite, false>(t, begin, end);
-    }
-  }
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
   auto* __restrict__ exp_avg = static_cast<moment_t*>(t.exp_avg);
@@ -62,7 +55,7 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
         const float p = params.load(i);
         float m = load_float(exp_avg, i), v = load_float(exp_avg_sq, i);
         float max_v = kAmsgrad ? load_float(max_exp_avg_sq, i) : 0.0f;
-        const float updated = adam_update<kAmsgrad, kMayDecay>(p, load_float(grad, i), m, v, max_v, s);
+        const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s);
         const uint32_t bits = kBf16Moments ? chunk_moment_bits(stream0, begin, j) : 0u;
         store_moment(exp_avg, i, m, bits);
         store_moment(exp_avg_sq, i, v, bits >> 16);
@@ -78,14 +71,9 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
 // moments="int8" (moment_int8.h), one block of kInt8Block elements after another (a chunk starts at a multiple of
 // it): the update with dequantized moments, its fp32 moments (the second ones by their roots) kept in L1 and their
 // largest magnitudes taken; then each moment's new block scale, and its codes.
-template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite, bool kMayDecay = true>
+template <typename param_t, typename grad_t, bool kAmsgrad, WriteBack kWrite>
 void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   static_assert(kCpuChunk % kInt8Block == 0, "a chunk must start at a block");
-  if constexpr (kMayDecay && !kHardwareFma) {  // hardware_fma.h
-    if (t.scalars.l2_weight_decay == 0.0f) {
-      return adam_int8_chunk<param_t, grad_t, kAmsgrad, kWrite, false>(t, begin, end);
-    }
-  }
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
   auto* __restrict__ exp_avg = static_cast<int8_t*>(t.exp_avg);
@@ -122,7 +110,7 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
       const int64_t i = start + j;
       float m = m_new[j], v = v_new[j];
       float max_v = kAmsgrad ? max_new[j] : 0.0f;
-      params.store(i, adam_update<kAmsgrad, kMayDecay>(params.load(i), load_float(grad, i), m, v, max_v, s));
+      params.store(i, adam_update<kAmsgrad>(params.load(i), load_float(grad, i), m, v, max_v, s));
       m_new[j] = m;
       v_new[j] = sqrtf(v);  // the second moments by their roots (moment_int8.h): the update took the same root
       max_new[j] = sqrtf(max_v);

@@ -18,7 +18,6 @@
 #endif
 #include "float_io.h"
 #include "ops/cross_entropy.h"
-#include "hardware_fma.h"
 #include "huge_pages.h"
 
 namespace fused_optim {
@@ -33,6 +32,17 @@ void dispatch_row_flags(bool softcap, bool weighted, Fn&& fn) {
   } else {
     weighted ? fn(std::false_type{}, std::true_type{}) : fn(std::false_type{}, std::false_type{});
   }
+}
+
+// p * r + c for vector_exp's Horner steps: fused where the CPU has the instruction (gcc then defines __FP_FAST_FMAF),
+// and rounded twice elsewhere, where fmaf is a libm call that keeps the loop scalar (the x86-64 baseline build's
+// cross-entropy took 4-6x as long with it). A polynomial's error, not a contract on its bits.
+inline float horner_step(float p, float r, float c) {
+#ifdef __FP_FAST_FMAF
+  return std::fma(p, r, c);
+#else
+  return p * r + c;
+#endif
 }
 
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^7 (relative

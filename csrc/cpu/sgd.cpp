@@ -10,7 +10,6 @@
 
 #include "chunks.h"
 #include "float_io.h"
-#include "hardware_fma.h"
 #include "int8_blocks.h"
 #include "prefetch.h"
 #include "ops/dispatch.h"
@@ -30,14 +29,8 @@ struct TensorPointers {
   SgdScalars scalars;
 };
 
-template <typename param_t, typename grad_t, typename buffer_t, bool kMomentum, bool kNesterov, WriteBack kWrite,
-          bool kMayDecay = true>
+template <typename param_t, typename grad_t, typename buffer_t, bool kMomentum, bool kNesterov, WriteBack kWrite>
 void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
-  if constexpr (kMayDecay && !kHardwareFma) {  // hardware_fma.h
-    if (t.scalars.weight_decay == 0.0f) {
-      return sgd_chunk<param_t, grad_t, buffer_t, kMomentum, kNesterov, kWrite, false>(t, begin, end);
-    }
-  }
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
   auto* __restrict__ momentum_buffer = static_cast<buffer_t*>(t.momentum_buffer);
@@ -53,7 +46,7 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
         const int64_t i = begin + j;
         float buffer = kMomentum ? load_float(momentum_buffer, i) : 0.0f;
         const float updated =
-            sgd_update<kMomentum, kNesterov, kMayDecay>(params.load(i), load_float(grad, i), buffer, s);
+            sgd_update<kMomentum, kNesterov>(params.load(i), load_float(grad, i), buffer, s);
         if (kMomentum) {
           store_moment(momentum_buffer, i, buffer, kBf16Buffer ? chunk_moment_bits(buffer_draw, begin, j) : 0u);
         }
@@ -66,13 +59,8 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
 }
 
 // moments="int8" (int8_blocks.h)
-template <typename param_t, typename grad_t, bool kNesterov, WriteBack kWrite, bool kMayDecay = true>
+template <typename param_t, typename grad_t, bool kNesterov, WriteBack kWrite>
 void sgd_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
-  if constexpr (kMayDecay && !kHardwareFma) {  // hardware_fma.h
-    if (t.scalars.weight_decay == 0.0f) {
-      return sgd_int8_chunk<param_t, grad_t, kNesterov, kWrite, false>(t, begin, end);
-    }
-  }
   auto* __restrict__ param = static_cast<param_t*>(t.param);
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
   auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
@@ -82,7 +70,7 @@ void sgd_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
                           end, params,
                           [&](int64_t i, float& buffer) {
                             const float p = params.load(i);
-                            params.store(i, sgd_update<true, kNesterov, kMayDecay>(p, load_float(grad, i), buffer, s));
+                            params.store(i, sgd_update<true, kNesterov>(p, load_float(grad, i), buffer, s));
                           },
                           [&](int64_t i) { prefetch_param_block<kWrite>(i, param, grad, master); });
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fused_optim.int8_moments import dequantize, quantize
+from fused_optim.multiply_add import multiply_add
 from fused_optim.ops import _dtensor
 from fused_optim.ops._library import (FLOAT_DTYPES, check_step_lists, count_writes, define_op, grad_multiplier_and_skip,
                                       param_masters, piece, piece_scales, pieces, real_views, resolve_op, split_wide,
@@ -87,15 +88,13 @@ def _sgd_step_torch(params, grads, momentum_buffers, master_params, steps, momen
         p = update_start(param, master, remainder)
         g = piece(grads[i], part).to(p.dtype) * grad_multiplier
         if weight_decay != 0:
-            # sgd.h's fmaf: torch's add(alpha=) is one FMA wherever its kernels are vectorised (AVX2, AVX-512, CUDA);
-            # under ATEN_CPU_CAPABILITY=default it rounds twice, and the last bit may differ from our kernels'
-            g = g.add(p, alpha=weight_decay)
+            g = multiply_add(weight_decay, p, g)
         if momentum != 0:
             buffer = piece(momentum_buffers[i], part)
             scale_row = piece_scales(moment_scales[i], part)[0] if moment_scales else None
             old_buffer = dequantize(buffer, scale_row) if moment_scales else buffer.to(p.dtype)
-            updated_buffer = torch.where(steps[i] == 0, g, old_buffer * momentum + (1.0 - dampening) * g)
-            g = g + momentum * updated_buffer if nesterov else updated_buffer
+            updated_buffer = torch.where(steps[i] == 0, g, multiply_add(1.0 - dampening, g, old_buffer * momentum))
+            g = multiply_add(momentum, updated_buffer, g) if nesterov else updated_buffer
             if moment_scales:  # moments="int8": int8_moments.quantize with rounding.h's bits, the count after
                 codes, scales = quantize(updated_buffer, True,
                                          moment_bits16(seed, i, steps[i] + 1, 0, buffer.numel(), part.start))
@@ -105,7 +104,7 @@ def _sgd_step_torch(params, grads, momentum_buffers, master_params, steps, momen
                 updated_buffer = bf16_stochastic_round(updated_buffer, seed, i, steps[i] + 1, 0, part.start)
             buffer.copy_(updated_buffer if skip is None else torch.where(skip, buffer, updated_buffer))
         # stochastic rounding: rounding.h's stream of the count after this step, as the kernels'
-        store_update(param, master, remainder, p - lr_value * g, skip,
+        store_update(param, master, remainder, multiply_add(-lr_value, g, p), skip,
                      (seed, i, steps[i] + 1) if stochastic_rounding else None, part.start)
     if steps:
         torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))

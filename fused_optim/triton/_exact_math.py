@@ -1,10 +1,14 @@
-"""Two correctly rounded operations of the optimizer kernels in fewer GPU instructions, with tl.div_rn's and
-tl.sqrt_rn's bits: the Triton twins of adam.h's quotient_by_constant and moment_int8.h's code_root (the reasons and
-the proofs are there, and in tests/test_quotient_by_constant.py and tests/test_code_root_sass.py).
+"""Correctly rounded operations of the optimizer kernels whose bits the interpreter would not give.
 
-Under Triton's interpreter, which runs the kernels in the tests on machines without a GPU, they are tl.div_rn and
-tl.sqrt_rn themselves: the interpreter rounds tl.fma's product before the sum, which would break the sequence, and
-cannot run inline PTX. Compiled for a GPU (`COMPILED`), they are the sequences.
+quotient_by_constant and code_root take fewer GPU instructions than tl.div_rn and tl.sqrt_rn, with their bits: the
+Triton twins of adam.h's quotient_by_constant and moment_int8.h's code_root (the reasons and the proofs are there,
+and in tests/test_quotient_by_constant.py and tests/test_code_root_sass.py). multiply_add is tl.fma, one rounding,
+as multiply_add.h's.
+
+Under Triton's interpreter, which runs the kernels in the tests on machines without a GPU, the first two are
+tl.div_rn and tl.sqrt_rn themselves: the interpreter rounds tl.fma's product before the sum (in NumPy), which would
+break the sequences, and cannot run inline PTX; and multiply_add is computed in float64, rounded to odd, as the
+x86-64 baseline CPU build computes it (multiply_add.h). Compiled for a GPU (`COMPILED`), they are the sequences.
 """
 
 from __future__ import annotations
@@ -16,6 +20,28 @@ import triton.language as tl
 
 COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 CODE_ROOT_FLOOR = tl.constexpr(2.0**-60)  # below it a code's q counts as this: its code is 0 either way
+MAGNITUDE_BITS = tl.constexpr(2**63 - 1)
+
+
+@triton.jit
+def multiply_add(a, b, c):
+    """a * b + c in fp32, rounded once (IEEE fma), as torch's add(other, alpha=) on its vectorised kernels."""
+    if COMPILED:
+        result = tl.fma(a, b, c)
+    else:  # multiply_add.h's emulation, step for step
+        # (a scalar argument may reach the interpreter as a Python float: cast, as the compiled kernel reads fp32)
+        product = tl.cast(a, tl.float32).to(tl.float64) * tl.cast(b, tl.float32).to(tl.float64)
+        addend = tl.cast(c, tl.float32).to(tl.float64)
+        total = product + addend
+        addend_part = total - product
+        error = (product - (total - addend_part)) + (addend - addend_part)
+        error = tl.where(total - total == 0.0, error, 0.0)
+        total_bits = total.to(tl.uint64, bitcast=True)
+        error_bits = error.to(tl.uint64, bitcast=True)
+        inexact = ((error_bits & MAGNITUDE_BITS) + MAGNITUDE_BITS) >> 63
+        beyond = ((error_bits ^ total_bits) >> 63) & inexact
+        result = ((total_bits - beyond) | inexact).to(tl.float64, bitcast=True).to(tl.float32)
+    return result
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_optim.triton._exact_math import code_root, quotient_by_constant
+from fused_optim.triton._exact_math import code_root, multiply_add, quotient_by_constant
 from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, addresses, all_aligned, device_table,
                                       increment_steps, load_pointer, locate_block, numels, pack, search_steps)
 
@@ -190,7 +190,7 @@ def _adam_math(p, g, m, v, max_v, grad_multiplier, weight_decay, param_decay, on
     if DECOUPLED:  # AdamW's decoupled decay
         p = p * param_decay
     elif weight_decay != 0.0:  # Adam's coupled (L2) decay
-        g = tl.fma(weight_decay, p, g)  # one rounding, as torch's grad.add(param, alpha=weight_decay)
+        g = multiply_add(weight_decay, p, g)  # one rounding, as torch's grad.add(param, alpha=weight_decay)
     # torch's lerp(m, g, w): exact at either end of the weight range
     if one_minus_beta1 < 0.5:
         m = m + one_minus_beta1 * (g - m)

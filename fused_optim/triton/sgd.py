@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_optim.triton._exact_math import multiply_add
 from fused_optim.triton._table import (DTYPES, EXACT_ARITHMETIC, addresses, all_aligned, device_table,
                                       increment_steps, load_pointer, locate_block, numels, pack, search_steps)
 from fused_optim.triton.adam import (INT8_BLOCK, STOCHASTIC, _dequantize, _grad_multiplier, _moment_bits, _quantize,
@@ -36,7 +37,7 @@ def _param_and_grad(param_ptr, master_ptr, grad_ptr, offsets, mask, grad_multipl
     p = load_param(param_ptr, master_ptr, offsets, mask, WRITE)
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_multiplier
     if weight_decay != 0.0:
-        g = tl.fma(weight_decay, p, g)  # one rounding, as torch's grad.add(param, alpha=weight_decay)
+        g = multiply_add(weight_decay, p, g)  # one rounding, as torch's grad.add(param, alpha=weight_decay)
     return p, g
 
 
@@ -45,10 +46,10 @@ def _step_param(param_ptr, master_ptr, offsets, mask, p, g, buffer, momentum, lr
                 NESTEROV: tl.constexpr, WRITE: tl.constexpr):
     """The param moved along the buffer (Nesterov: along g + momentum * buffer), stored by WRITE (store_param)."""
     if NESTEROV:
-        g = g + momentum * buffer
+        g = multiply_add(momentum, buffer, g)
     else:
         g = buffer
-    store_param(param_ptr, master_ptr, offsets, mask, p - lr * g, stream, PARAM_DTYPE, WRITE)
+    store_param(param_ptr, master_ptr, offsets, mask, multiply_add(-lr, g, p), stream, PARAM_DTYPE, WRITE)
 
 
 @triton.jit
@@ -61,7 +62,8 @@ def _update_block(param_ptr, grad_ptr, buffer_ptr, master_ptr, offsets, mask, gr
         if first_step:  # the buffer is unset: it becomes the gradient itself
             buffer = g
         else:
-            buffer = tl.load(buffer_ptr + offsets, mask=mask).to(tl.float32) * momentum + one_minus_dampening * g
+            old_buffer = tl.load(buffer_ptr + offsets, mask=mask).to(tl.float32)
+            buffer = multiply_add(one_minus_dampening, g, old_buffer * momentum)
         bits = 0
         if BUFFER_DTYPE == tl.bfloat16:  # moments="bf16": rounded stochastically (rounding.h's to_moment)
             bits = _moment_bits(stream, offsets, 0)
@@ -90,7 +92,8 @@ def _update_block_int8(param_ptr, grad_ptr, codes_ptr, master_ptr, scales_ptr, s
         buffer = g
     else:
         scales = tl.load(scales_ptr + scale_offsets, mask=scale_mask).to(tl.bfloat16, bitcast=True)
-        buffer = _dequantize(tl.load(codes_ptr + offsets, mask=mask), scales, True) * momentum + one_minus_dampening * g
+        old_buffer = _dequantize(tl.load(codes_ptr + offsets, mask=mask), scales, True)
+        buffer = multiply_add(one_minus_dampening, g, old_buffer * momentum)
     _quantize(codes_ptr, scales_ptr, offsets, mask, scale_offsets, scale_mask, buffer,
               _moment_bits(stream, offsets, 0) & 0xFFFF, True)
     _step_param(param_ptr, master_ptr, offsets, mask, p, g, buffer, momentum, lr, stream, PARAM_DTYPE, NESTEROV,

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "fused_optim/macros.h"
+#include "fused_optim/multiply_add.h"
 
 namespace fused_optim {
 
@@ -120,15 +121,14 @@ FO_HOST_DEVICE float larger_keeping_nan(float a, float b) { return (b > a) | (b 
 
 // One element. Returns the new parameter value (fp32, before any rounding to the parameter dtype) and updates
 // the moments in place. Branches test per-group constants, so they are uniform across a warp or a vector loop.
-// kMayDecay false: the group has no L2 decay, and the loop no fmaf (csrc/cpu/hardware_fma.h).
-template <bool kAmsgrad, bool kMayDecay = true>
+template <bool kAmsgrad>
 FO_HOST_DEVICE float adam_update(float param, float grad, float& exp_avg, float& exp_avg_sq, float& max_exp_avg_sq,
                                  const AdamScalars& s) {
   grad *= s.grad_multiplier;
-  // one rounding, as torch's grad.add(param, alpha=weight_decay) (an FMA on CPU and GPU): where grad and the decay
-  // nearly cancel, a second rounding would be most of the result's error. A select, not a branch: gcc vectorises
-  // the CPU loop around a select of a group constant, and gave up on the branch in the bf16/fp16 loops.
-  grad = kMayDecay && s.l2_weight_decay != 0.0f ? fmaf(s.l2_weight_decay, param, grad) : grad;
+  // one rounding, as torch's grad.add(param, alpha=weight_decay) (multiply_add.h): where grad and the decay nearly
+  // cancel, a second rounding would be most of the result's error. A select, not a branch: gcc vectorises the CPU
+  // loop around a select of a group constant, and gave up on the branch in the bf16/fp16 loops.
+  grad = choose(s.l2_weight_decay != 0.0f, multiply_add(s.l2_weight_decay, param, grad), grad);
   param *= s.param_decay;
   exp_avg = lerp(exp_avg, grad, s.first_moment_weight);
   exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * grad * grad;

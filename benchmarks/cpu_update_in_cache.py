@@ -1,0 +1,75 @@
+"""The CPU kernels' arithmetic: ns a param of one optimizer step over params that stay in cache, on one thread.
+
+A step over 33.6 M params (cpu_moment_modes.py) is bound by memory, and hides what an element's arithmetic costs;
+262 K fp32 params, with their grads and state, fit in L2/L3, so here the update loop's own cost shows: what a
+change to the element math (csrc/include/fused_optim) or to how gcc vectorises it does. Each configuration is
+stepped `--steps` times, `--repeats` times, and the best repeat kept. The kernel level is the loaded one
+(FUSED_OPTIM_CPU_ISA picks another); run it under two checkouts alternately to compare builds (PYTHONPATH).
+
+    OMP_NUM_THREADS=1 FUSED_OPTIM_CPU_ISA=baseline python benchmarks/cpu_update_in_cache.py --out baseline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import fused_optim
+from fused_optim.tools.bench import device_name
+
+NUMEL = 1 << 18
+# (label, optimizer, param dtype, constructor options)
+CONFIGURATIONS = [
+    ("SGD momentum, fp32", "SGD", torch.float32, dict(momentum=0.9)),
+    ("SGD momentum + weight decay, fp32", "SGD", torch.float32, dict(momentum=0.9, weight_decay=1e-4)),
+    ("SGD momentum, dampening 0.1, fp32", "SGD", torch.float32, dict(momentum=0.9, dampening=0.1)),
+    ("SGD Nesterov + weight decay, bf16 params, master_weights=True", "SGD", torch.bfloat16,
+     dict(momentum=0.9, nesterov=True, weight_decay=1e-4, master_weights=True)),
+    ("SGD momentum, bf16 params, int8 buffer", "SGD", torch.bfloat16, dict(momentum=0.9, moments="int8")),
+    ("Adam + L2 decay, fp32", "Adam", torch.float32, dict(weight_decay=1e-2)),
+    ("Adam + L2 decay, bf16 params", "Adam", torch.bfloat16, dict(weight_decay=1e-2)),
+    ("AdamW, fp32", "AdamW", torch.float32, dict()),
+    ("AdamW, bf16 params", "AdamW", torch.bfloat16, dict()),
+]
+
+
+def time_step(optimizer: str, dtype: torch.dtype, options: dict, steps: int, repeats: int) -> float:
+    """The best of `repeats` runs of `steps` steps, in ns a param."""
+    generator = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(NUMEL, generator=generator).to(dtype))
+    param.grad = (torch.randn(NUMEL, generator=generator) * 1e-2).to(dtype)
+    opt = getattr(fused_optim, optimizer)([param], lr=1e-3, backend="cpu", **options)
+    opt.step()  # the state made, and the first step's branch taken
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best / NUMEL * 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--match", default="", help="only the configurations whose label contains this")
+    parser.add_argument("--out", help="write the results here as JSON")
+    args = parser.parse_args()
+    results = {"device": device_name(torch.device("cpu")), "cpu_isa": fused_optim.backends()["cpu_isa"]["loaded"],
+               "numel": NUMEL, "steps": args.steps, "repeats": args.repeats, "ns_per_param": {}}
+    for label, optimizer, dtype, options in CONFIGURATIONS:
+        if args.match in label:
+            ns = time_step(optimizer, dtype, options, args.steps, args.repeats)
+            results["ns_per_param"][label] = round(ns, 3)
+            print(f"{results['cpu_isa']:>8}  {ns:6.2f} ns/param  {label}", flush=True)
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump(results, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()

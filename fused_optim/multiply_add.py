@@ -1,0 +1,30 @@
+"""a * b + c rounded once (IEEE fma) in torch ops: csrc/include/fused_optim/multiply_add.h's emulation, for the
+torch backend and the tests' emulations of the kernels.
+
+torch has no fma op, and its add(other, alpha=) is one only where its kernels are vectorised (not under
+ATEN_CPU_CAPABILITY=default), and takes no tensor alpha. So fp32 operands go through float64, where their product
+is exact, and the sum is rounded to odd, which makes the rounding to fp32 that follows correctly rounded: the same
+bits as the kernels' fmaf on every device with float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def multiply_add(a: float | torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c for fp32 `b` and `c`, `a` a number or a tensor read as fp32 (as the kernels read their scalars),
+    rounded once to fp32. Other dtypes (the torch backend's fp64 params) round the product and the sum each."""
+    if c.dtype != torch.float32:
+        return c + a * b
+    a = a.to(torch.float32).double() if isinstance(a, torch.Tensor) else float(torch.tensor(a, dtype=torch.float32))
+    product = b.double() * a  # exact: 48 bits of 53
+    addend = c.double()
+    total = product + addend
+    addend_part = total - product  # two's sum: the error of `total`, exact
+    error = (product - (total - addend_part)) + (addend - addend_part)
+    inexact = (error != 0) & total.isfinite()  # an infinite or NaN total (only from such operands) is the answer
+    total_bits = total.view(torch.int64)
+    # the exact sum lies nearer zero than `total` (the signs differ): the odd neighbour below in magnitude, else above
+    beyond = inexact & ((error.view(torch.int64) ^ total_bits) < 0)
+    return ((total_bits - beyond.long()) | inexact.long()).view(torch.float64).float()
