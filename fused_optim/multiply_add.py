@@ -1,10 +1,11 @@
-"""a * b + c rounded once (IEEE fma) in torch ops: csrc/include/fused_optim/multiply_add.h's emulation, for the
-torch backend and the tests' emulations of the kernels.
+"""a * b + c rounded once (IEEE fma) in torch ops, as the GPU and the AVX2/AVX-512 CPU kernels compute it
+(csrc/include/fused_optim/multiply_add.h): for the torch backend, and the tests' emulations of the kernels.
 
 torch has no fma op, and its add(other, alpha=) is one only where its kernels are vectorised (not under
 ATEN_CPU_CAPABILITY=default), and takes no tensor alpha. So fp32 operands go through float64, where their product
-is exact, and the sum is rounded to odd, which makes the rounding to fp32 that follows correctly rounded: the same
-bits as the kernels' fmaf on every device with float64.
+is exact, and the sum is rounded to odd (Boldo and Melquiond, 2008: to the neighbour whose last bit is 1 when
+inexact), which makes the rounding to fp32 that follows, 29 bits coarser, correctly rounded: an fma's bits on every
+device with float64. Two's sum (Knuth) gives the sum's rounding error exactly.
 """
 
 from __future__ import annotations

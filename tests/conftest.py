@@ -21,11 +21,22 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fused_optim  # noqa: E402  (after TRITON_INTERPRET is set)
+from fused_optim import _backend  # noqa: E402
 
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Backends that can run here: the three that run CPU tensors, plus the CUDA C++ one when a GPU is visible.
 BACKENDS = ["cpu", "triton", "torch"] + (["cuda"] if HAS_CUDA else [])
+
+
+def fuses_multiply_add(backend: str) -> bool:
+    """Whether `backend` rounds the optimizers' a * b + c once (csrc/include/fused_optim/multiply_add.h): all but the
+    x86-64 baseline CPU kernels, which round as torch's kernels do on a CPU without FMA (TORCH_FUSES_MULTIPLY_ADD)."""
+    return not (backend == "cpu" and _backend.cpu_isa() == "baseline")
+
+
+# Whether torch's CPU kernels round add(other, alpha=) once here: all but ATEN_CPU_CAPABILITY=default's.
+TORCH_FUSES_MULTIPLY_ADD = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
 
 def device_of(backend: str) -> str:

@@ -27,7 +27,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, master_weight
+from conftest import BACKEND_DEVICES, CPU_BACKENDS, TRITON_INTERPRETED, fuses_multiply_add, master_weight
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -362,9 +362,9 @@ def test_first_moment_is_lerps_formula_rounded_operation_by_operation(backend, d
             assert torch.equal(opt.state[p]["exp_avg"].view(torch.int32), expected.view(torch.int32)), (step, beta1)
 
 
-def adam_h_update(param, grad, state, step, lr, decoupled, options):
+def adam_h_update(param, grad, state, step, lr, decoupled, options, fused=True):
     """The new fp32 param of one csrc/include/fused_optim/adam.h step with `options` (Adam's keyword arguments),
-    rounded operation by operation as the kernels round it (no FMA but the L2 term's, multiply_add.h's), the
+    rounded operation by operation as the kernels round it (no FMA but the L2 term's, unless not `fused`), the
     moments updated in `state` (fp32 tensors) in place. The scalars are adam_scalars': fp32 roundings of doubles.
     In numpy, whose fp32 operations round one by one: torch's CPU division by a single number multiplies by its
     reciprocal."""
@@ -377,8 +377,10 @@ def adam_h_update(param, grad, state, step, lr, decoupled, options):
     bias_correction2_sqrt = f32(math.sqrt(1.0 - beta2**step))
     p, g = param.numpy(), grad.float().numpy() * f32(-1.0 if options.get("maximize") else 1.0)
     m, v, max_v = (state[key].numpy() for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))  # views of `state`
-    if weight_decay and not decoupled:
+    if weight_decay and not decoupled and fused:
         g = multiply_add(weight_decay, torch.from_numpy(p), torch.from_numpy(g)).numpy()
+    elif weight_decay and not decoupled:
+        g = f32(weight_decay) * p + g
     p = p * param_decay
     m[...] = (g if weight >= 0.5 else m) + coefficient * (g - m)
     v[...] = v * f32(beta2) + f32(1.0 - beta2) * g * g
@@ -402,6 +404,7 @@ def test_steps_are_adam_h_rounded_operation_by_operation(backend, device, dtype,
     cls, _, kwargs, make_lr, lr, decoupled = split_options(options, 1e-2)
     params = make_params([torch.randn(s) for s in shapes], dtype, device)
     opt = cls(params, lr=make_lr(), backend=backend, **kwargs)
+    fused = fuses_multiply_add(backend)
     models = [p.detach().float().cpu().clone() for p in params]
     states = [{key: torch.zeros_like(m) for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")} for m in models]
     for step in range(1, 11):
@@ -409,7 +412,7 @@ def test_steps_are_adam_h_rounded_operation_by_operation(backend, device, dtype,
         set_grads(grads, params)
         opt.step()
         for i, (grad, state) in enumerate(zip(grads, states)):
-            models[i] = adam_h_update(models[i], grad.cpu(), state, step, lr, decoupled, kwargs).to(dtype)
+            models[i] = adam_h_update(models[i], grad.cpu(), state, step, lr, decoupled, kwargs, fused).to(dtype)
             models[i] = models[i].float()
     for p, model, state in zip(params, models, states):
         assert torch.equal(p.detach().cpu().float(), model)

@@ -7,8 +7,8 @@ as multiply_add.h's.
 
 Under Triton's interpreter, which runs the kernels in the tests on machines without a GPU, the first two are
 tl.div_rn and tl.sqrt_rn themselves: the interpreter rounds tl.fma's product before the sum (in NumPy), which would
-break the sequences, and cannot run inline PTX; and multiply_add is computed in float64, rounded to odd, as the
-x86-64 baseline CPU build computes it (multiply_add.h). Compiled for a GPU (`COMPILED`), they are the sequences.
+break the sequences, and cannot run inline PTX; and multiply_add is computed in float64, rounded to odd, as
+fused_optim/multiply_add.py computes it. Compiled for a GPU (`COMPILED`), they are the sequences and tl.fma.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import triton.language as tl
 
 COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 CODE_ROOT_FLOOR = tl.constexpr(2.0**-60)  # below it a code's q counts as this: its code is 0 either way
-MAGNITUDE_BITS = tl.constexpr(2**63 - 1)
 
 
 @triton.jit
@@ -28,19 +27,18 @@ def multiply_add(a, b, c):
     """a * b + c in fp32, rounded once (IEEE fma), as torch's add(other, alpha=) on its vectorised kernels."""
     if COMPILED:
         result = tl.fma(a, b, c)
-    else:  # multiply_add.h's emulation, step for step
+    else:  # fused_optim/multiply_add.py's emulation, step for step
         # (a scalar argument may reach the interpreter as a Python float: cast, as the compiled kernel reads fp32)
         product = tl.cast(a, tl.float32).to(tl.float64) * tl.cast(b, tl.float32).to(tl.float64)
         addend = tl.cast(c, tl.float32).to(tl.float64)
         total = product + addend
         addend_part = total - product
         error = (product - (total - addend_part)) + (addend - addend_part)
-        error = tl.where(total - total == 0.0, error, 0.0)
-        total_bits = total.to(tl.uint64, bitcast=True)
-        error_bits = error.to(tl.uint64, bitcast=True)
-        inexact = ((error_bits & MAGNITUDE_BITS) + MAGNITUDE_BITS) >> 63
-        beyond = ((error_bits ^ total_bits) >> 63) & inexact
-        result = ((total_bits - beyond) | inexact).to(tl.float64, bitcast=True).to(tl.float32)
+        inexact = (error != 0.0) & (total - total == 0.0)  # an infinite or NaN total is the answer as it is
+        total_bits = total.to(tl.int64, bitcast=True)
+        beyond = inexact & ((error.to(tl.int64, bitcast=True) ^ total_bits) < 0)
+        result = ((total_bits - beyond.to(tl.int64)) | inexact.to(tl.int64)).to(tl.float64, bitcast=True)
+        result = result.to(tl.float32)
     return result
 
 

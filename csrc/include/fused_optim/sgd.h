@@ -3,7 +3,7 @@
 //
 // Everything is fp32 whatever the parameter dtype, the momentum buffer included (docs/design.md, the numerics contract).
 // The order of operations and the roundings follow torch.optim.SGD's single-tensor path (foreach=False), whose
-// add(other, alpha=) is one FMA (multiply_add.h); so an fp32 step has torch's bits:
+// add(other, alpha=) is one FMA where the machine has one (multiply_add.h); so an fp32 step has torch's bits:
 //   g   = grad / grad_scale, negated when maximizing
 //   g   = g + weight_decay * p                       L2 decay, coupled into the gradient
 //   buf = g on the first step, else momentum * buf + (1 - dampening) * g      heavy-ball momentum (Polyak, 1964)
@@ -53,10 +53,11 @@ FO_HOST_DEVICE SgdScalars sgd_scalars(double momentum, double dampening, double 
 template <bool kMomentum, bool kNesterov>
 FO_HOST_DEVICE float sgd_update(float param, float grad, float& momentum_buffer, const SgdScalars& s) {
   grad *= s.grad_multiplier;
-  grad = choose(s.weight_decay != 0.0f, multiply_add(s.weight_decay, param, grad), grad);
+  if (s.weight_decay != 0.0f) grad = multiply_add(s.weight_decay, param, grad);
   if (kMomentum) {
-    momentum_buffer = choose(s.first_step != 0u, grad,
-                            multiply_add(s.one_minus_dampening, grad, momentum_buffer * s.momentum));
+    momentum_buffer = s.first_step != 0u
+                          ? grad
+                          : multiply_add(s.one_minus_dampening, grad, momentum_buffer * s.momentum);
     grad = kNesterov ? multiply_add(s.momentum, momentum_buffer, grad) : momentum_buffer;
   }
   return multiply_add(-s.lr, grad, param);
