@@ -106,7 +106,7 @@ def one_pass(rows: list[tuple[str, str, str, tuple]], rounds: int, kept: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--out", help="the JSON to write (default: only the table, printed)")
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=18)
     parser.add_argument("--kept", type=int, default=15, help="steps per row the median is taken over (the last ones)")
@@ -142,7 +142,7 @@ def main() -> None:
     for isa in isas:
         for threads in thread_counts:
             for _ in range(args.passes):
-                child = subprocess.run([sys.executable, __file__, "--out", args.out, "--one-pass", "--rounds",
+                child = subprocess.run([sys.executable, __file__, "--one-pass", "--rounds",
                                         str(args.rounds), "--kept", str(args.kept), "--match", args.match],
                                        env={**os.environ, "FUSED_OPTIM_CPU_ISA": isa, "OMP_NUM_THREADS": str(threads)},
                                        check=True, capture_output=True, text=True)
@@ -165,6 +165,8 @@ def main() -> None:
             for row, ms in kept_pass[isa][threads].items():
                 relative = " ".join(f"{run['rows'][row] / next(iter(run['rows'].values())):.3f}" for run in runs)
                 print(f"  {row:{width}s} {ms:8.2f} ms {gbps[isa][threads][row]:7.1f} GB/s   x {relative}")
+    if not args.out:
+        return
     with open(args.out, "w") as out:
         json.dump({"what": __doc__.split("\n\n")[1].replace("\n", " "), "shape": SHAPE,
                    "cpu": cpu_description(), "torch": torch.__version__, "threads": thread_counts,
