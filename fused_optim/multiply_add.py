@@ -15,9 +15,10 @@ import torch
 
 def multiply_add(a: float | torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """a * b + c for fp32 `b` and `c`, `a` a number or a tensor read as fp32 (as the kernels read their scalars),
-    rounded once to fp32. Other dtypes (the torch backend's fp64 params) round the product and the sum each."""
-    if c.dtype != torch.float32:
-        return c + a * b
+    rounded once to fp32. Other dtypes (the torch backend's fp64 params), and MPS tensors (no float64 there), take
+    torch's own add(alpha=) (a tensor `a`: the product and the sum rounded each)."""
+    if c.dtype != torch.float32 or c.device.type == "mps":
+        return c + a * b if isinstance(a, torch.Tensor) else c.add(b, alpha=a)
     a = a.to(torch.float32).double() if isinstance(a, torch.Tensor) else float(torch.tensor(a, dtype=torch.float32))
     product = b.double() * a  # exact: 48 bits of 53
     addend = c.double()

@@ -85,3 +85,9 @@ def test_the_triton_interpreters_emulation_is_the_torch_emulations(scalar_a):
     _multiply_add_kernel[(triton.cdiv(a.numel(), 1024),)](a, b, c, out, -0.1, a.numel(), BLOCK=1024,
                                                            SCALAR_A=scalar_a)
     assert torch.equal(out, multiply_add(-0.1 if scalar_a else a, b, c))
+
+
+def test_float64_takes_torchs_own_add():
+    """The torch backend's fp64 params: torch's add(alpha=), as torch's SGD steps them."""
+    b, c = torch.randn(1000, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
+    assert torch.equal(multiply_add(0.1, b, c), c.add(b, alpha=0.1))
