@@ -33,6 +33,10 @@ CONFIGURATIONS = [
     ("Adam + L2 decay, bf16 params", "Adam", torch.bfloat16, dict(weight_decay=1e-2)),
     ("AdamW, fp32", "AdamW", torch.float32, dict()),
     ("AdamW, bf16 params", "AdamW", torch.bfloat16, dict()),
+    ("AdamW, fp16 params", "AdamW", torch.float16, dict()),
+    ("AdamW, fp16 params, master_weights=True", "AdamW", torch.float16, dict(master_weights=True)),
+    ("SGD momentum, fp16 params", "SGD", torch.float16, dict(momentum=0.9)),
+    ("Lion, fp16 params", "Lion", torch.float16, dict()),
 ]
 
 

@@ -10,6 +10,9 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "fused_optim/rounding.h"
 #include "prefetch.h"
@@ -137,16 +140,54 @@ inline constexpr bool kSixteenVectorRegisters = true;
 inline constexpr bool kSixteenVectorRegisters = false;
 #endif
 
+// fp16 params converted by the instruction (F16C, in every x86-64-v3 and v4 CPU), 8 at a time, in a block's stage
+// loops (ParamIO): gcc 12 vectorises neither c10::Half's conversions nor _Float16's, and the integer forms above, in
+// the update loop, cost it so many registers that it spilled. Staged, the fp16 steps take 0.40-0.45x the time with
+// AVX2 kernels and 0.6-0.8x with AVX-512 ones, in cache (docs/results.md). The same bits: round-to-nearest-even,
+// subnormals and infinities as c10's; a NaN stays a quiet NaN (its payload may differ from c10's one NaN, which
+// tests/test_conversions.py allows, as torch's conversions do).
+#if defined(__F16C__)
+inline constexpr bool kHalfInstructions = true;
+
+template <typename Count>
+inline void widen_halves(const c10::Half* __restrict__ halves, float* __restrict__ floats, Count count) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(halves);
+  int32_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    _mm256_storeu_ps(floats + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + j))));
+  }
+  for (; j < count; ++j) floats[j] = _cvtsh_ss(bits[j]);
+}
+
+template <typename Count>
+inline void narrow_floats(const float* __restrict__ floats, c10::Half* __restrict__ halves, Count count) {
+  auto* bits = reinterpret_cast<uint16_t*>(halves);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int32_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(bits + j), _mm256_cvtps_ph(_mm256_loadu_ps(floats + j), kNearest));
+  }
+  for (; j < count; ++j) bits[j] = _cvtss_sh(floats[j], kNearest);
+}
+#else
+inline constexpr bool kHalfInstructions = false;
+#endif
+
 // A tensor's params as an optimizer loop reads and writes them, as fp32 (load_param, write_param; element i of the
-// tensor). With 24-bit masters in a build of 16 vector registers, through a block of fp32 masters in L1, joined
-// before the block's update loop and split after it, in loops of their own (stage_in, stage_out): with the int8
-// remainders' loads and stores in it, gcc sized the update loop's vectors by them, 32 elements a step with AVX2
-// (four registers a float value), and spilled; staged, AdamW's step with fp32 moments takes a fifth less time
-// (docs/results.md). The int8 moments' codes are kept out of that loop the same way (int8_blocks.h). kMayStage:
-// false for a loop that steps whole chunks rather than blocks, whose blocks would cost what staging saves.
+// tensor), through a block of fp32 values in L1 where that helps: loaded before the block's update loop and stored
+// after it, in loops of their own (stage_in, stage_out).
+// - 24-bit masters in a build of 16 vector registers: with the int8 remainders' loads and stores in the update loop,
+//   gcc sized its vectors by them, 32 elements a step with AVX2 (four registers a float value), and spilled; staged,
+//   AdamW's step with fp32 moments takes a fifth less time (docs/results.md). The int8 moments' codes are kept out of
+//   that loop the same way (int8_blocks.h).
+// - fp16 params (or their fp32 master copies) where F16C converts them (above).
+// kMayStage: false for a loop that steps whole chunks rather than blocks, whose blocks would cost what staging saves.
 template <WriteBack kWrite, typename param_t, bool kMayStage = true>
 struct ParamIO {
-  static constexpr bool kStaged = kMayStage && kWrite == WriteBack::kRemainder8 && kSixteenVectorRegisters;
+  static constexpr bool kHalves = kHalfInstructions && std::is_same_v<param_t, c10::Half> &&
+                                  (kWrite == WriteBack::kNearest || kWrite == WriteBack::kMaster);
+  static constexpr bool kStaged =
+      kMayStage && ((kWrite == WriteBack::kRemainder8 && kSixteenVectorRegisters) || kHalves);
   param_t* __restrict__ param;
   master_t<kWrite>* __restrict__ master;
   uint32_t random_stream;
@@ -170,15 +211,20 @@ struct ParamIO {
   // elements [start, start + count), count at most kInt8Block
   template <typename Count>
   void stage_in(int64_t start, Count count) {
-    if constexpr (kStaged) {
-      block_start = start;
+    if constexpr (kStaged) block_start = start;
+    if constexpr (kStaged && kHalves && kWrite == WriteBack::kNearest) {
+      widen_halves(param + start, block, count);
+    } else if constexpr (kStaged) {
 #pragma omp simd
       for (int32_t j = 0; j < count; ++j) block[j] = load_param<kWrite>(param, master, start + j);
     }
   }
   template <typename Count>
   void stage_out(int64_t start, Count count) {
-    if constexpr (kStaged) {
+    if constexpr (kStaged && kHalves) {
+      if constexpr (kWrite == WriteBack::kMaster) std::memcpy(master + start, block, count * sizeof(float));
+      narrow_floats(block, param + start, count);
+    } else if constexpr (kStaged) {
 #pragma omp simd
       for (int32_t j = 0; j < count; ++j) write_param<kWrite>(param, master, start + j, block[j], random_stream);
     }
