@@ -30,14 +30,17 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["cpu", "triton", "torch"] + (["cuda"] if HAS_CUDA else [])
 
 
-def fuses_multiply_add(backend: str) -> bool:
-    """Whether `backend` rounds the optimizers' a * b + c once (csrc/include/fused_optim/multiply_add.h): all but the
-    x86-64 baseline CPU kernels, which round as torch's kernels do on a CPU without FMA (TORCH_FUSES_MULTIPLY_ADD)."""
-    return not (backend == "cpu" and _backend.cpu_isa() == "baseline" and platform.machine() in ("x86_64", "AMD64"))
-
-
 # Whether torch's CPU kernels round add(other, alpha=) once here: all but ATEN_CPU_CAPABILITY=default's.
 TORCH_FUSES_MULTIPLY_ADD = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+
+
+def fuses_multiply_add(backend: str) -> bool:
+    """Whether `backend` rounds the optimizers' a * b + c once on CPU tensors (csrc/include/fused_optim/
+    multiply_add.h): the Triton kernels always; the x86-64 baseline CPU kernels never, and the torch backend where
+    torch's own kernels do not (TORCH_FUSES_MULTIPLY_ADD), as torch rounds on a CPU without FMA."""
+    if backend == "torch":
+        return TORCH_FUSES_MULTIPLY_ADD
+    return not (backend == "cpu" and _backend.cpu_isa() == "baseline" and platform.machine() in ("x86_64", "AMD64"))
 
 
 def device_of(backend: str) -> str:

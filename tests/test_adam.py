@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 import fused_optim
 from fused_optim.master_remainder import join_master, round_like_master, split_master
-from fused_optim.multiply_add import multiply_add
+from fused_optim.multiply_add import fma
 from fused_optim.int8_moments import quantize
 from fused_optim.ops.adam import adam_step
 from fused_optim.reference import ReferenceAdam
@@ -378,7 +378,7 @@ def adam_h_update(param, grad, state, step, lr, decoupled, options, fused=True):
     p, g = param.numpy(), grad.float().numpy() * f32(-1.0 if options.get("maximize") else 1.0)
     m, v, max_v = (state[key].numpy() for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))  # views of `state`
     if weight_decay and not decoupled and fused:
-        g = multiply_add(weight_decay, torch.from_numpy(p), torch.from_numpy(g)).numpy()
+        g = fma(weight_decay, torch.from_numpy(p), torch.from_numpy(g)).numpy()
     elif weight_decay and not decoupled:
         g = f32(weight_decay) * p + g
     p = p * param_decay

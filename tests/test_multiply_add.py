@@ -1,7 +1,8 @@
 """a * b + c rounded once, the optimizers' fma (SGD's decay, momentum and update, Adam's L2 term), as the GPU and
-the AVX2/AVX-512 CPU kernels compute it with the instruction, in its two emulations: fused_optim/multiply_add.py (the
-torch backend, and the tests' emulations of the kernels) and _exact_math.py's multiply_add under Triton's
-interpreter, each checked against a correctly rounded fma in exact rational arithmetic."""
+the AVX2/AVX-512 CPU kernels compute it with the instruction, in its two emulations: fused_optim/multiply_add.py's
+`fma` (the torch backend's for a tensor lr, and the tests' emulations of the kernels) and _exact_math.py's
+multiply_add under Triton's interpreter, each checked against a correctly rounded fma in exact rational arithmetic;
+and the torch backend's `multiply_add`, which rounds as torch's add(alpha=) does here."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 from conftest import TRITON_INTERPRETED
 
-from fused_optim.multiply_add import multiply_add
+from fused_optim.multiply_add import fma, multiply_add
 from fused_optim.triton._exact_math import multiply_add as triton_multiply_add
 
 
@@ -43,7 +44,7 @@ def triples(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def test_the_torch_emulation_is_correctly_rounded():
     a, b, c = triples(4000)
-    ours = multiply_add(a, b, c)
+    ours = fma(a, b, c)
     expected = [correctly_rounded(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
                 for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
     assert torch.equal(ours, torch.from_numpy(np.array(expected, dtype=np.float32)))
@@ -52,7 +53,7 @@ def test_the_torch_emulation_is_correctly_rounded():
 def test_the_torch_emulation_keeps_infinities_nans_and_signed_zeros():
     specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0])
     a, b, c = (t.flatten() for t in torch.meshgrid(specials, specials, specials, indexing="ij"))
-    ours = multiply_add(a, b, c)
+    ours = fma(a, b, c)
     # no triple of these lies near a midpoint of two floats, so their sum rounded to float64 first rounds alike
     expected = (a.double() * b.double() + c.double()).float()
     assert torch.equal(ours.isnan(), expected.isnan())
@@ -63,8 +64,8 @@ def test_the_torch_emulation_keeps_infinities_nans_and_signed_zeros():
 def test_a_tensor_or_a_python_scalar_is_read_as_fp32():
     b, c = torch.randn(100), torch.randn(100)
     as_fp32 = torch.tensor(0.1, dtype=torch.float32)
-    assert torch.equal(multiply_add(0.1, b, c), multiply_add(as_fp32, b, c))
-    assert torch.equal(multiply_add(torch.tensor(0.1, dtype=torch.float64), b, c), multiply_add(as_fp32, b, c))
+    assert torch.equal(fma(0.1, b, c), fma(as_fp32, b, c))
+    assert torch.equal(fma(torch.tensor(0.1, dtype=torch.float64), b, c), fma(as_fp32, b, c))
 
 
 @triton.jit
@@ -84,10 +85,17 @@ def test_the_triton_interpreters_emulation_is_the_torch_emulations(scalar_a):
     out = torch.full_like(a, math.nan)
     _multiply_add_kernel[(triton.cdiv(a.numel(), 1024),)](a, b, c, out, -0.1, a.numel(), BLOCK=1024,
                                                            SCALAR_A=scalar_a)
-    assert torch.equal(out, multiply_add(-0.1 if scalar_a else a, b, c))
+    assert torch.equal(out, fma(-0.1 if scalar_a else a, b, c))
 
 
-def test_float64_takes_torchs_own_add():
-    """The torch backend's fp64 params: torch's add(alpha=), as torch's SGD steps them."""
-    b, c = torch.randn(1000, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_torch_backend_rounds_as_torchs_add_here(dtype):
+    """A number `a`: torch's add(alpha=) itself. A tensor (an lr tensor, which add() does not take): fma where
+    torch's kernels fuse here (fp32), else the product and the sum rounded each."""
+    b, c = torch.randn(1000, dtype=dtype), torch.randn(1000, dtype=dtype)
     assert torch.equal(multiply_add(0.1, b, c), c.add(b, alpha=0.1))
+    fused = torch.backends.cpu.get_cpu_capability() != "DEFAULT" and dtype == torch.float32
+    lr = torch.tensor(0.1, dtype=dtype)
+    assert torch.equal(multiply_add(lr, b, c), fma(lr, b, c) if fused else c + lr * b)
+    if fused:  # what torch's add(alpha=) gives with the lr read on the host
+        assert torch.equal(multiply_add(lr, b, c), c.add(b, alpha=lr.item()))

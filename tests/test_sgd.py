@@ -32,7 +32,7 @@ from test_adam_moments import run as run_with_bf16_moments
 import fused_optim
 from fused_optim.int8_moments import quantize
 from fused_optim.master_remainder import split_master
-from fused_optim.multiply_add import multiply_add
+from fused_optim.multiply_add import fma
 from fused_optim.ops.sgd import sgd_step
 from fused_optim.reference import ReferenceSGD
 
@@ -930,8 +930,9 @@ def run_bf16(backend, device, init, grads, steps=None, weight_decay=0.01,
 @pytest.mark.parametrize("mode", BF16_MODES)
 def test_bf16_modes_agree_bit_for_bit_on_every_backend(mode, weight_decay):
     """The C++ kernel, the Triton kernel (interpreted) and the torch ops: the same params and state, bit for bit.
-    The decay, the momentum and the param update are each one FMA (multiply_add.h), in every backend (the x86-64
-    baseline CPU kernels, which round as torch's kernels on a CPU without FMA, sit out)."""
+    The decay, the momentum and the param update are each one FMA (multiply_add.h), in every backend (one that
+    rounds as torch's kernels do on a CPU without FMA sits out: the x86-64 baseline CPU kernels, and the torch ops
+    under ATEN_CPU_CAPABILITY=default)."""
     init = [torch.randn(s) for s in SHAPES]
     grads = [random_grads(SHAPES, torch.bfloat16) for _ in range(4)]
     results = {backend: run_bf16(backend, device, init, grads, weight_decay=weight_decay, **BF16_MODES[mode])
@@ -1079,6 +1080,6 @@ def test_a_sparse_momentum_buffer_followed_by_a_dense_grad_is_made_dense_and_kep
     embedding.weight.grad = torch.ones(4, 3)
     opt.step()
     assert_identical(opt.state[embedding.weight]["momentum_buffer"], expected_buffer)
-    expected_param = multiply_add(-0.1, expected_buffer, before) if fuses_multiply_add("cpu") else (
+    expected_param = fma(-0.1, expected_buffer, before) if fuses_multiply_add("cpu") else (
         before - 0.1 * expected_buffer)
     assert_identical(embedding.weight.detach(), expected_param)
