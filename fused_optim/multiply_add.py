@@ -21,7 +21,8 @@ def multiply_add(a: float | torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> t
     """a * b + c as torch's c.add(b, alpha=a) rounds it on c's device (`a` a number or a 0-dim tensor)."""
     if not isinstance(a, torch.Tensor):
         return c.add(b, alpha=a)
-    fused = c.device.type == "cuda" or (c.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() != "DEFAULT")
+    fused = c.device.type == "cuda" or (
+        c.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() != "DEFAULT")
     return fma(a, b, c) if fused and c.dtype == torch.float32 else c + a * b
 
 

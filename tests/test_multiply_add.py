@@ -14,7 +14,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import TRITON_INTERPRETED
+from conftest import TORCH_FUSES_MULTIPLY_ADD, TRITON_INTERPRETED
 
 from fused_optim.multiply_add import fma, multiply_add
 from fused_optim.triton._exact_math import multiply_add as triton_multiply_add
@@ -94,7 +94,7 @@ def test_the_torch_backend_rounds_as_torchs_add_here(dtype):
     torch's kernels fuse here (fp32), else the product and the sum rounded each."""
     b, c = torch.randn(1000, dtype=dtype), torch.randn(1000, dtype=dtype)
     assert torch.equal(multiply_add(0.1, b, c), c.add(b, alpha=0.1))
-    fused = torch.backends.cpu.get_cpu_capability() != "DEFAULT" and dtype == torch.float32
+    fused = TORCH_FUSES_MULTIPLY_ADD and dtype == torch.float32
     lr = torch.tensor(0.1, dtype=dtype)
     assert torch.equal(multiply_add(lr, b, c), fma(lr, b, c) if fused else c + lr * b)
     if fused:  # what torch's add(alpha=) gives with the lr read on the host

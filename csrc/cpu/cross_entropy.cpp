@@ -18,6 +18,7 @@
 #endif
 #include "float_io.h"
 #include "ops/cross_entropy.h"
+#include "fused_optim/multiply_add.h"
 #include "huge_pages.h"
 
 namespace fused_optim {
@@ -34,31 +35,22 @@ void dispatch_row_flags(bool softcap, bool weighted, Fn&& fn) {
   }
 }
 
-// p * r + c for vector_exp's Horner steps: fused where the CPU has the instruction (gcc then defines __FP_FAST_FMAF),
-// and rounded twice elsewhere, where fmaf is a libm call that keeps the loop scalar (the x86-64 baseline build's
-// cross-entropy took 4-6x as long with it). A polynomial's error, not a contract on its bits.
-inline float horner_step(float p, float r, float c) {
-#ifdef __FP_FAST_FMAF
-  return std::fma(p, r, c);
-#else
-  return p * r + c;
-#endif
-}
-
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^7 (relative
 // error < 1e-8 on that interval). Below -87.3 the result would be subnormal: return 0, as a softmax wants.
 inline float vector_exp(float x) {
   // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in any vector unit (|x| < 2^22 here).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 in two parts: n * hi is exact
-  float p = 1.0f / 5040.0f;  // Horner, fused where the CPU has FMA (the build otherwise keeps a * b + c unfused)
-  p = horner_step(p, r, 1.0f / 720.0f);
-  p = horner_step(p, r, 1.0f / 120.0f);
-  p = horner_step(p, r, 1.0f / 24.0f);
-  p = horner_step(p, r, 1.0f / 6.0f);
-  p = horner_step(p, r, 0.5f);
-  p = horner_step(p, r, 1.0f);
-  p = horner_step(p, r, 1.0f);
+  // Horner, fused where the CPU has FMA (multiply_add.h: where it has none, fmaf would be a libm call that keeps the
+  // loop scalar; a polynomial's error, not a contract on its bits)
+  float p = 1.0f / 5040.0f;
+  p = multiply_add(p, r, 1.0f / 720.0f);
+  p = multiply_add(p, r, 1.0f / 120.0f);
+  p = multiply_add(p, r, 1.0f / 24.0f);
+  p = multiply_add(p, r, 1.0f / 6.0f);
+  p = multiply_add(p, r, 0.5f);
+  p = multiply_add(p, r, 1.0f);
+  p = multiply_add(p, r, 1.0f);
   const int32_t exponent = (static_cast<int32_t>(std::min(n, 128.0f)) + 127) << 23;
   float scale;
   std::memcpy(&scale, &exponent, sizeof(scale));

@@ -126,8 +126,8 @@ FO_HOST_DEVICE float adam_update(float param, float grad, float& exp_avg, float&
                                  const AdamScalars& s) {
   grad *= s.grad_multiplier;
   // rounded as torch's grad.add(param, alpha=weight_decay), once where an FMA is (multiply_add.h): where grad and
-  // the decay nearly cancel, a second rounding would be most of the result's error. A select, not a branch: gcc vectorises the CPU
-  // loop around a select of a group constant, and gave up on the branch in the bf16/fp16 loops.
+  // the decay nearly cancel, a second rounding would be most of the result's error. A select, not a branch: gcc
+  // vectorises the CPU loop around a select of a group constant, and gave up on the branch in the bf16/fp16 loops.
   grad = s.l2_weight_decay != 0.0f ? multiply_add(s.l2_weight_decay, param, grad) : grad;
   param *= s.param_decay;
   exp_avg = lerp(exp_avg, grad, s.first_moment_weight);
