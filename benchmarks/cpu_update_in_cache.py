@@ -21,7 +21,8 @@ import fused_optim
 from fused_optim.tools.bench import device_name
 
 NUMEL = 1 << 18
-# (label, optimizer, param dtype, constructor options)
+# (label, optimizer, param dtype, constructor options; `grad_dtype`: grads of another dtype, as torch 2.14's
+# Parameter.grad_dtype lets autograd leave them)
 CONFIGURATIONS = [
     ("SGD momentum, fp32", "SGD", torch.float32, dict(momentum=0.9)),
     ("SGD momentum + weight decay, fp32", "SGD", torch.float32, dict(momentum=0.9, weight_decay=1e-4)),
@@ -37,14 +38,19 @@ CONFIGURATIONS = [
     ("AdamW, fp16 params, master_weights=True", "AdamW", torch.float16, dict(master_weights=True)),
     ("SGD momentum, fp16 params", "SGD", torch.float16, dict(momentum=0.9)),
     ("Lion, fp16 params", "Lion", torch.float16, dict()),
+    ("AdamW, fp32 params, fp16 grads", "AdamW", torch.float32, dict(grad_dtype=torch.float16)),
 ]
 
 
 def time_step(optimizer: str, dtype: torch.dtype, options: dict, steps: int, repeats: int) -> float:
     """The best of `repeats` runs of `steps` steps, in ns a param."""
+    options = dict(options)
+    grad_dtype = options.pop("grad_dtype", dtype)
     generator = torch.Generator().manual_seed(0)
     param = torch.nn.Parameter(torch.randn(NUMEL, generator=generator).to(dtype))
-    param.grad = (torch.randn(NUMEL, generator=generator) * 1e-2).to(dtype)
+    if grad_dtype != dtype:
+        param.grad_dtype = None  # any dtype
+    param.grad = (torch.randn(NUMEL, generator=generator) * 1e-2).to(grad_dtype)
     opt = getattr(fused_optim, optimizer)([param], lr=1e-3, backend="cpu", **options)
     opt.step()  # the state made, and the first step's branch taken
     best = float("inf")

@@ -1,7 +1,10 @@
 """The kernels' bf16/fp16 <-> fp32 conversions equal torch's bit for bit (csrc/cpu/float_io.h converts through the
 raw bits so that its loops vectorise; the Triton and CUDA kernels have their own).
 
-- widening: every one of the 65,536 bit patterns of each 16-bit type, through accumulate_grads_ (-0 + grad);
+- widening: every one of the 65,536 bit patterns of each 16-bit type, through accumulate_grads_ (-0 + grad), and
+  through an optimizer step, which widens a 16-bit array its own way (the CPU kernels stage a block of fp16 params
+  and grads, by F16C where the CPU has it): as grads of fp32 params (-0 + grad, sgd_step maximizing with lr 1),
+  and as params (p - 1 * +0 is p, narrowed back to its own bits);
 - narrowing: fp32 values that exercise every rounding case (ties to even at every exponent, values that round to
   16-bit subnormals and to zero, the largest finite values and just past them, inf, NaN, signed zeros), through
   sgd_step_ with lr 1 from params of -0 (-0 - (-x) = x exactly in fp32, then rounded to the param dtype).
@@ -64,3 +67,30 @@ def test_narrowing_rounds_as_torch_does(backend, device, dtype):
     sgd_step([params], [-values], [], [], lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
              maximize=False, backend=backend)
     assert same_bits(params.float().cpu(), values.to(dtype).float().cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_widening_every_16_bit_grad_in_an_optimizer_step(backend, device, dtype, request):
+    if (backend, device, dtype) == ("triton", "cpu", torch.bfloat16):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton's interpreter flushes bf16 subnormals"))
+    grads = every_pattern(dtype).to(device)
+    params = torch.full(grads.shape, -0.0, device=device)  # -0 + 1 * x is x for every x, -0 included
+    sgd_step([params], [grads], [], [], lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+             maximize=True, backend=backend)
+    assert same_bits(params.cpu(), grads.float().cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_every_16_bit_param_widened_and_narrowed_back_in_an_optimizer_step(backend, device, dtype, request):
+    if (backend, device, dtype) == ("triton", "cpu", torch.bfloat16):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton's interpreter flushes bf16 subnormals"))
+    params = every_pattern(dtype).to(device)
+    expected = params.clone()
+    # p - 1 * +0 is p: -1 * +0 is -0, and p + -0 is p for every p, -0 and NaN included (with lr 0 Triton's
+    # interpreter would make the -0 of -lr a +0, as it does every float constant equal to 0)
+    grads = torch.zeros_like(params)
+    sgd_step([params], [grads], [], [], lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+             maximize=False, backend=backend)
+    assert same_bits(params.float().cpu(), expected.float().cpu())

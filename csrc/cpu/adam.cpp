@@ -47,7 +47,7 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
   // with bf16 params and moments the loop is bound by its arithmetic, and the prefetch's blocks cost it 3-8 %
   constexpr bool kPrefetch = !(sizeof(param_t) == 2 && kBf16Moments);
-  ParamIO<kWrite, param_t, /*kMayStage=*/kPrefetch> params{param, master, t.random_stream};
+  ParamIO<kWrite, param_t, grad_t, /*kMayStage=*/kPrefetch> params{param, grad, master, t.random_stream};
   for_each_element<kPrefetch>(
       begin, end, params,
       [&](int32_t j) {
@@ -55,7 +55,7 @@ void adam_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
         const float p = params.load(i);
         float m = load_float(exp_avg, i), v = load_float(exp_avg_sq, i);
         float max_v = kAmsgrad ? load_float(max_exp_avg_sq, i) : 0.0f;
-        const float updated = adam_update<kAmsgrad>(p, load_float(grad, i), m, v, max_v, s);
+        const float updated = adam_update<kAmsgrad>(p, params.grad(i), m, v, max_v, s);
         const uint32_t bits = kBf16Moments ? chunk_moment_bits(stream0, begin, j) : 0u;
         store_moment(exp_avg, i, m, bits);
         store_moment(exp_avg_sq, i, v, bits >> 16);
@@ -86,7 +86,7 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const AdamScalars s = t.scalars;
   const uint32_t stream0 = moment_stream(t.random_stream, 0), stream1 = moment_stream(t.random_stream, 1);
   alignas(64) float m_new[kInt8Block], v_new[kInt8Block], max_new[kInt8Block];
-  ParamIO<kWrite, param_t> params{param, master, t.random_stream};
+  ParamIO<kWrite, param_t, grad_t> params{param, grad, master, t.random_stream};
   // `length`: kInt8Block as a compile-time constant for whole blocks (no loop remainder: the per-block overhead of a
   // run-time count cost as much as the arithmetic), the count itself for a tensor's last block
   const auto step_block = [&](int64_t start, auto length) {
@@ -110,7 +110,7 @@ void adam_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
       const int64_t i = start + j;
       float m = m_new[j], v = v_new[j];
       float max_v = kAmsgrad ? max_new[j] : 0.0f;
-      params.store(i, adam_update<kAmsgrad>(params.load(i), load_float(grad, i), m, v, max_v, s));
+      params.store(i, adam_update<kAmsgrad>(params.load(i), params.grad(i), m, v, max_v, s));
       m_new[j] = m;
       v_new[j] = sqrtf(v);  // the second moments by their roots (moment_int8.h): the update took the same root
       max_new[j] = sqrtf(max_v);

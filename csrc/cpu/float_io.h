@@ -140,15 +140,13 @@ inline constexpr bool kSixteenVectorRegisters = true;
 inline constexpr bool kSixteenVectorRegisters = false;
 #endif
 
-// fp16 params converted by the instruction (F16C, in every x86-64-v3 and v4 CPU), 8 at a time, in a block's stage
-// loops (ParamIO): gcc 12 vectorises neither c10::Half's conversions nor _Float16's, and the integer forms above, in
-// the update loop, cost it so many registers that it spilled. Staged, the fp16 steps take 0.40-0.45x the time with
-// AVX2 kernels and 0.6-0.8x with AVX-512 ones, in cache (docs/results.md). The same bits: round-to-nearest-even,
+// fp16 arrays widened into a block of floats in L1 and narrowed from it, in a block's stage loops (ParamIO): gcc 12
+// vectorises neither c10::Half's conversions nor _Float16's, and the integer forms above, in the update loop, cost it
+// so many registers that it spilled. With F16C (every x86-64-v3 and v4 CPU) 8 an instruction; in the baseline build
+// by the integer forms, in a loop of their own, which gcc vectorises with SSE2. The same bits: round-to-nearest-even,
 // subnormals and infinities as c10's; a NaN stays a quiet NaN (its payload may differ from c10's one NaN, which
 // tests/test_conversions.py allows, as torch's conversions do).
 #if defined(__F16C__)
-inline constexpr bool kHalfInstructions = true;
-
 template <typename Count>
 inline void widen_halves(const c10::Half* __restrict__ halves, float* __restrict__ floats, Count count) {
   const auto* bits = reinterpret_cast<const uint16_t*>(halves);
@@ -170,61 +168,98 @@ inline void narrow_floats(const float* __restrict__ floats, c10::Half* __restric
   for (; j < count; ++j) bits[j] = _cvtss_sh(floats[j], kNearest);
 }
 #else
-inline constexpr bool kHalfInstructions = false;
+template <typename Count>
+inline void widen_halves(const c10::Half* __restrict__ halves, float* __restrict__ floats, Count count) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(halves);
+#pragma omp simd
+  for (int32_t j = 0; j < count; ++j) floats[j] = half_bits_to_float(bits[j]);
+}
+
+template <typename Count>
+inline void narrow_floats(const float* __restrict__ floats, c10::Half* __restrict__ halves, Count count) {
+  auto* bits = reinterpret_cast<uint16_t*>(halves);
+#pragma omp simd
+  for (int32_t j = 0; j < count; ++j) bits[j] = float_to_half_bits(floats[j]);
+}
 #endif
 
+// Where staging fp16 arrays was measured to pay (docs/results.md; AdamW over fp16 params, one thread, in cache, ns a
+// param): fp16 params on every x86-64 level (2.7 -> 1.2 with AVX2 kernels, 1.4 -> 1.1 with AVX-512 ones), and fp16
+// grads in the builds of 16 vector registers (AVX2 1.2 -> 0.95; baseline, params and grads at once, 5.2 -> 3.6). With
+// AVX-512 kernels staged grads gained nothing, and cost AdamW with fp32 master copies a quarter more. aarch64's builds
+// were not measured, and keep the integer forms in the update loop.
+#if defined(__x86_64__)
+inline constexpr bool kStageHalfParams = true;
+#else
+inline constexpr bool kStageHalfParams = false;
+#endif
+inline constexpr bool kStageHalfGrads = kSixteenVectorRegisters;
+
 // A tensor's params as an optimizer loop reads and writes them, as fp32 (load_param, write_param; element i of the
-// tensor), through a block of fp32 values in L1 where that helps: loaded before the block's update loop and stored
-// after it, in loops of their own (stage_in, stage_out).
+// tensor), and their grads (grad), through blocks of fp32 values in L1 where that helps: loaded before the block's
+// update loop and stored after it, in loops of their own (stage_in, stage_out).
 // - 24-bit masters in a build of 16 vector registers: with the int8 remainders' loads and stores in the update loop,
 //   gcc sized its vectors by them, 32 elements a step with AVX2 (four registers a float value), and spilled; staged,
 //   AdamW's step with fp32 moments takes a fifth less time (docs/results.md). The int8 moments' codes are kept out of
 //   that loop the same way (int8_blocks.h).
-// - fp16 params (or their fp32 master copies) where F16C converts them (above).
+// - fp16 params (or their fp32 master copies beside them) and fp16 grads, where that pays (kStageHalfParams,
+//   kStageHalfGrads above).
 // kMayStage: false for a loop that steps whole chunks rather than blocks, whose blocks would cost what staging saves.
-template <WriteBack kWrite, typename param_t, bool kMayStage = true>
+template <WriteBack kWrite, typename param_t, typename grad_t, bool kMayStage = true>
 struct ParamIO {
-  static constexpr bool kHalves = kHalfInstructions && std::is_same_v<param_t, c10::Half> &&
+  static constexpr bool kHalves = kStageHalfParams && std::is_same_v<param_t, c10::Half> &&
                                   (kWrite == WriteBack::kNearest || kWrite == WriteBack::kMaster);
-  static constexpr bool kStaged =
+  static constexpr bool kStagedParams =
       kMayStage && ((kWrite == WriteBack::kRemainder8 && kSixteenVectorRegisters) || kHalves);
+  static constexpr bool kStagedGrads = kMayStage && kStageHalfGrads && std::is_same_v<grad_t, c10::Half>;
+  static constexpr bool kStaged = kStagedParams || kStagedGrads;
   param_t* __restrict__ param;
+  const grad_t* __restrict__ grads;
   master_t<kWrite>* __restrict__ master;
   uint32_t random_stream;
-  int64_t block_start = 0;  // staged: the element block[0] holds
-  alignas(64) float block[kStaged ? kInt8Block : 1] = {};
+  int64_t block_start = 0;  // staged: the element block[0] and grad_block[0] hold
+  alignas(64) float block[kStagedParams ? kInt8Block : 1] = {};
+  alignas(64) float grad_block[kStagedGrads ? kInt8Block : 1] = {};
 
   float load(int64_t i) const {
-    if constexpr (kStaged) {
+    if constexpr (kStagedParams) {
       return block[i - block_start];
     } else {
       return load_param<kWrite>(param, master, i);
     }
   }
   void store(int64_t i, float value) {
-    if constexpr (kStaged) {
+    if constexpr (kStagedParams) {
       block[i - block_start] = value;
     } else {
       write_param<kWrite>(param, master, i, value, random_stream);
+    }
+  }
+  float grad(int64_t i) const {
+    if constexpr (kStagedGrads) {
+      return grad_block[i - block_start];
+    } else {
+      return load_float(grads, i);
     }
   }
   // elements [start, start + count), count at most kInt8Block
   template <typename Count>
   void stage_in(int64_t start, Count count) {
     if constexpr (kStaged) block_start = start;
-    if constexpr (kStaged && kHalves && kWrite == WriteBack::kNearest) {
+    if constexpr (kStagedGrads) widen_halves(grads + start, grad_block, count);
+    if constexpr (kStagedParams && kHalves && kWrite == WriteBack::kNearest) {
       widen_halves(param + start, block, count);
-    } else if constexpr (kStaged) {
+    } else if constexpr (kStagedParams) {
 #pragma omp simd
       for (int32_t j = 0; j < count; ++j) block[j] = load_param<kWrite>(param, master, start + j);
     }
   }
   template <typename Count>
   void stage_out(int64_t start, Count count) {
-    if constexpr (kStaged && kHalves) {
+    if constexpr (kStagedParams && kHalves) {
       if constexpr (kWrite == WriteBack::kMaster) std::memcpy(master + start, block, count * sizeof(float));
       narrow_floats(block, param + start, count);
-    } else if constexpr (kStaged) {
+    } else if constexpr (kStagedParams) {
 #pragma omp simd
       for (int32_t j = 0; j < count; ++j) write_param<kWrite>(param, master, start + j, block[j], random_stream);
     }

@@ -38,13 +38,13 @@ void lion_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   // a bf16 moment's rounding bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Moment = std::is_same_v<moment_t, c10::BFloat16>;
   const uint32_t moment_draw = moment_stream(t.random_stream, 0);
-  ParamIO<kWrite, param_t> params{param, master, t.random_stream};
+  ParamIO<kWrite, param_t, grad_t> params{param, grad, master, t.random_stream};
   for_each_element</*kPrefetch=*/true>(
       begin, end, params,
       [&](int32_t j) {
         const int64_t i = begin + j;
         float m = load_float(exp_avg, i);
-        const float updated = lion_update(params.load(i), load_float(grad, i), m, s);
+        const float updated = lion_update(params.load(i), params.grad(i), m, s);
         store_moment(exp_avg, i, m, kBf16Moment ? chunk_moment_bits(moment_draw, begin, j) : 0u);
         params.store(i, updated);
       },
@@ -58,11 +58,11 @@ void lion_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
   auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
   const LionScalars s = t.scalars;
-  ParamIO<kWrite, param_t> params{param, master, t.random_stream};
+  ParamIO<kWrite, param_t, grad_t> params{param, grad, master, t.random_stream};
   step_signed_int8_blocks(static_cast<int8_t*>(t.exp_avg), t.scales, moment_stream(t.random_stream, 0), begin, end,
                           params,
                           [&](int64_t i, float& m) {
-                            params.store(i, lion_update(params.load(i), load_float(grad, i), m, s));
+                            params.store(i, lion_update(params.load(i), params.grad(i), m, s));
                           },
                           [&](int64_t i) { prefetch_param_block<kWrite>(i, param, grad, master); });
 }

@@ -39,14 +39,14 @@ void sgd_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   // a bf16 buffer's rounding bits (rounding.h), counted from the chunk's start (chunks.h)
   constexpr bool kBf16Buffer = std::is_same_v<buffer_t, c10::BFloat16>;
   const uint32_t buffer_draw = moment_stream(t.random_stream, 0);
-  ParamIO<kWrite, param_t> params{param, master, t.random_stream};
+  ParamIO<kWrite, param_t, grad_t> params{param, grad, master, t.random_stream};
   for_each_element</*kPrefetch=*/true>(
       begin, end, params,
       [&](int32_t j) {
         const int64_t i = begin + j;
         float buffer = kMomentum ? load_float(momentum_buffer, i) : 0.0f;
         const float updated =
-            sgd_update<kMomentum, kNesterov>(params.load(i), load_float(grad, i), buffer, s);
+            sgd_update<kMomentum, kNesterov>(params.load(i), params.grad(i), buffer, s);
         if (kMomentum) {
           store_moment(momentum_buffer, i, buffer, kBf16Buffer ? chunk_moment_bits(buffer_draw, begin, j) : 0u);
         }
@@ -65,12 +65,12 @@ void sgd_int8_chunk(const TensorPointers& t, int64_t begin, int64_t end) {
   const auto* __restrict__ grad = static_cast<const grad_t*>(t.grad);
   auto* __restrict__ master = static_cast<master_t<kWrite>*>(t.master);
   const SgdScalars s = t.scalars;
-  ParamIO<kWrite, param_t> params{param, master, t.random_stream};
+  ParamIO<kWrite, param_t, grad_t> params{param, grad, master, t.random_stream};
   step_signed_int8_blocks(static_cast<int8_t*>(t.momentum_buffer), t.scales, moment_stream(t.random_stream, 0), begin,
                           end, params,
                           [&](int64_t i, float& buffer) {
                             const float p = params.load(i);
-                            params.store(i, sgd_update<true, kNesterov>(p, load_float(grad, i), buffer, s));
+                            params.store(i, sgd_update<true, kNesterov>(p, params.grad(i), buffer, s));
                           },
                           [&](int64_t i) { prefetch_param_block<kWrite>(i, param, grad, master); });
 }
