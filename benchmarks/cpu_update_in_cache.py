@@ -39,6 +39,8 @@ CONFIGURATIONS = [
     ("SGD momentum, fp16 params", "SGD", torch.float16, dict(momentum=0.9)),
     ("Lion, fp16 params", "Lion", torch.float16, dict()),
     ("AdamW, fp32 params, fp16 grads", "AdamW", torch.float32, dict(grad_dtype=torch.float16)),
+    ("AdamW, bf16 params, bf16 moments", "AdamW", torch.bfloat16, dict(moments="bf16")),
+    ("AdamW, fp16 params, bf16 moments", "AdamW", torch.float16, dict(moments="bf16")),
 ]
 
 

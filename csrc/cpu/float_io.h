@@ -142,15 +142,23 @@ inline constexpr bool kSixteenVectorRegisters = false;
 
 // fp16 arrays widened into a block of floats in L1 and narrowed from it, in a block's stage loops (ParamIO): gcc 12
 // vectorises neither c10::Half's conversions nor _Float16's, and the integer forms above, in the update loop, cost it
-// so many registers that it spilled. With F16C (every x86-64-v3 and v4 CPU) 8 an instruction; in the baseline build
-// by the integer forms, in a loop of their own, which gcc vectorises with SSE2. The same bits: round-to-nearest-even,
-// subnormals and infinities as c10's; a NaN stays a quiet NaN (its payload may differ from c10's one NaN, which
-// tests/test_conversions.py allows, as torch's conversions do).
+// so many registers that it spilled. With F16C (every x86-64-v3 and v4 CPU) 8 an instruction, 16 with AVX-512, whose
+// update loop reads the block 64 bytes at a time: a load that spans two earlier 32-byte stores cannot take its data
+// from the store buffer, and such a store-forwarding stall, 4 a block, cost the AVX-512 steps over fp16 params a
+// third of their time (docs/results.md). In the baseline build by the integer forms, in a loop of their own, which
+// gcc vectorises with SSE2. The same bits: round-to-nearest-even, subnormals and infinities as c10's; a NaN stays a
+// quiet NaN (its payload may differ from c10's one NaN, which tests/test_conversions.py allows, as torch's
+// conversions do).
 #if defined(__F16C__)
 template <typename Count>
 inline void widen_halves(const c10::Half* __restrict__ halves, float* __restrict__ floats, Count count) {
   const auto* bits = reinterpret_cast<const uint16_t*>(halves);
   int32_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= count; j += 16) {
+    _mm512_storeu_ps(floats + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + j))));
+  }
+#endif
   for (; j + 8 <= count; j += 8) {
     _mm256_storeu_ps(floats + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + j))));
   }
@@ -162,6 +170,11 @@ inline void narrow_floats(const float* __restrict__ floats, c10::Half* __restric
   auto* bits = reinterpret_cast<uint16_t*>(halves);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   int32_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= count; j += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits + j), _mm512_cvtps_ph(_mm512_loadu_ps(floats + j), kNearest));
+  }
+#endif
   for (; j + 8 <= count; j += 8) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(bits + j), _mm256_cvtps_ph(_mm256_loadu_ps(floats + j), kNearest));
   }
@@ -184,16 +197,13 @@ inline void narrow_floats(const float* __restrict__ floats, c10::Half* __restric
 #endif
 
 // Where staging fp16 arrays was measured to pay (docs/results.md; AdamW over fp16 params, one thread, in cache, ns a
-// param): fp16 params on every x86-64 level (2.7 -> 1.2 with AVX2 kernels, 1.4 -> 1.1 with AVX-512 ones), and fp16
-// grads in the builds of 16 vector registers (AVX2 1.2 -> 0.95; baseline, params and grads at once, 5.2 -> 3.6). With
-// AVX-512 kernels staged grads gained nothing, and cost AdamW with fp32 master copies a quarter more. aarch64's builds
-// were not measured, and keep the integer forms in the update loop.
+// param): on every x86-64 level, params and grads (2.7 -> 0.95 with AVX2 kernels, 1.4 -> 0.77 with AVX-512 ones,
+// 5.1 -> 3.4 baseline). aarch64's builds were not measured, and keep the integer forms in the update loop.
 #if defined(__x86_64__)
-inline constexpr bool kStageHalfParams = true;
+inline constexpr bool kStageHalves = true;
 #else
-inline constexpr bool kStageHalfParams = false;
+inline constexpr bool kStageHalves = false;
 #endif
-inline constexpr bool kStageHalfGrads = kSixteenVectorRegisters;
 
 // A tensor's params as an optimizer loop reads and writes them, as fp32 (load_param, write_param; element i of the
 // tensor), and their grads (grad), through blocks of fp32 values in L1 where that helps: loaded before the block's
@@ -202,16 +212,15 @@ inline constexpr bool kStageHalfGrads = kSixteenVectorRegisters;
 //   gcc sized its vectors by them, 32 elements a step with AVX2 (four registers a float value), and spilled; staged,
 //   AdamW's step with fp32 moments takes a fifth less time (docs/results.md). The int8 moments' codes are kept out of
 //   that loop the same way (int8_blocks.h).
-// - fp16 params (or their fp32 master copies beside them) and fp16 grads, where that pays (kStageHalfParams,
-//   kStageHalfGrads above).
+// - fp16 params (or their fp32 master copies beside them) and fp16 grads, where that pays (kStageHalves above).
 // kMayStage: false for a loop that steps whole chunks rather than blocks, whose blocks would cost what staging saves.
 template <WriteBack kWrite, typename param_t, typename grad_t, bool kMayStage = true>
 struct ParamIO {
-  static constexpr bool kHalves = kStageHalfParams && std::is_same_v<param_t, c10::Half> &&
+  static constexpr bool kHalves = kStageHalves && std::is_same_v<param_t, c10::Half> &&
                                   (kWrite == WriteBack::kNearest || kWrite == WriteBack::kMaster);
   static constexpr bool kStagedParams =
       kMayStage && ((kWrite == WriteBack::kRemainder8 && kSixteenVectorRegisters) || kHalves);
-  static constexpr bool kStagedGrads = kMayStage && kStageHalfGrads && std::is_same_v<grad_t, c10::Half>;
+  static constexpr bool kStagedGrads = kMayStage && kStageHalves && std::is_same_v<grad_t, c10::Half>;
   static constexpr bool kStaged = kStagedParams || kStagedGrads;
   param_t* __restrict__ param;
   const grad_t* __restrict__ grads;

@@ -47,7 +47,7 @@ inline void prefetch_block(int64_t index, const Element*... arrays) {
 // loops, so it must be branch-free.
 template <bool kPrefetch, typename Params, typename StepFn, typename PrefetchFn>
 inline void for_each_element(int64_t begin, int64_t end, Params& params, StepFn step, PrefetchFn prefetch) {
-  static_assert(kPrefetch || !Params::kStaged, "staged params are stepped a block at a time");
+  static_assert(kPrefetch || !Params::kStaged, "staged params and grads are stepped a block at a time");
   // `count`: kInt8Block as a compile-time constant for whole blocks, the rest's count otherwise
   const auto steps = [&](int32_t first, auto count) {
     params.stage_in(begin + first, count);
