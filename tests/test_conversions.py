@@ -47,12 +47,16 @@ def rounding_cases(dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([values, neighbours, ties, off, random, special])
 
 
+def xfail_where_the_interpreter_widens_bf16(backend, device, dtype, request):
+    """numpy's bf16 emulation in Triton's interpreter flushes subnormals; compiled Triton widens by a shift."""
+    if (backend, device, dtype) == ("triton", "cpu", torch.bfloat16):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton's interpreter flushes bf16 subnormals"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_widening_every_16_bit_pattern(backend, device, dtype, request):
-    if (backend, device, dtype) == ("triton", "cpu", torch.bfloat16):
-        # numpy's bf16 emulation in the interpreter flushes subnormals; compiled Triton widens by a shift
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton's interpreter flushes bf16 subnormals"))
+    xfail_where_the_interpreter_widens_bf16(backend, device, dtype, request)
     grads = every_pattern(dtype).to(device)
     main = torch.full(grads.shape, -0.0, device=device)  # -0 + x is x for every x, -0 included
     accumulate_grads([main], [grads], backend=backend)
@@ -72,8 +76,7 @@ def test_narrowing_rounds_as_torch_does(backend, device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_widening_every_16_bit_grad_in_an_optimizer_step(backend, device, dtype, request):
-    if (backend, device, dtype) == ("triton", "cpu", torch.bfloat16):
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton's interpreter flushes bf16 subnormals"))
+    xfail_where_the_interpreter_widens_bf16(backend, device, dtype, request)
     grads = every_pattern(dtype).to(device)
     params = torch.full(grads.shape, -0.0, device=device)  # -0 + 1 * x is x for every x, -0 included
     sgd_step([params], [grads], [], [], lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
@@ -84,8 +87,7 @@ def test_widening_every_16_bit_grad_in_an_optimizer_step(backend, device, dtype,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_every_16_bit_param_widened_and_narrowed_back_in_an_optimizer_step(backend, device, dtype, request):
-    if (backend, device, dtype) == ("triton", "cpu", torch.bfloat16):
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton's interpreter flushes bf16 subnormals"))
+    xfail_where_the_interpreter_widens_bf16(backend, device, dtype, request)
     params = every_pattern(dtype).to(device)
     expected = params.clone()
     # p - 1 * +0 is p: -1 * +0 is -0, and p + -0 is p for every p, -0 and NaN included (with lr 0 Triton's
