@@ -78,13 +78,14 @@ def compare(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]) 
     for key in a:
         if len(a[key]) != len(b[key]):
             raise SystemExit(f"{key}: {len(a[key])} tensors against {len(b[key])}")
+        count = 0
         for x, y in zip(a[key], b[key]):
             x_bytes, y_bytes = as_bytes(x), as_bytes(y)
-            count = x_bytes.numel() if x_bytes.shape != y_bytes.shape else int((x_bytes != y_bytes).sum())
+            count += x_bytes.numel() if x_bytes.shape != y_bytes.shape else int((x_bytes != y_bytes).sum())
             total += x_bytes.numel()
-            differing += count
-            if count:
-                print(f"{key}: {count} bytes differ")
+        differing += count
+        if count:
+            print(f"{key}: {count} bytes differ")
     print(f"{len(a)} configurations, {total} bytes: {differing} differ")
     return differing
 
