@@ -1,5 +1,7 @@
 // CPU gradient accumulation: main_grads[i] += grads[i] (fp32 += fp32/bf16/fp16) over a whole list, chunked over
-// threads (chunks.h); the inner loop widens and adds in place, and the compiler vectorises it.
+// threads (chunks.h); the inner loop widens and adds in place, and the compiler vectorises it (fp16 is widened in a
+// loop of its own: float_io.h, kConvertsApart).
+#include <algorithm>
 #include <vector>
 
 #include "ops/torch_api.h"
@@ -15,8 +17,19 @@ namespace {
 template <typename grad_t>
 void accumulate_chunk(float* __restrict__ main_grad, const void* grad_data, int64_t begin, int64_t end) {
   const auto* __restrict__ grad = static_cast<const grad_t*>(grad_data);
+  if constexpr (kConvertsApart<grad_t>) {  // fp16: widened a block at a time, in L1
+    constexpr int64_t kBlock = 1024;
+    alignas(64) float widened[kBlock];
+    for (int64_t start = begin; start < end; start += kBlock) {
+      const int64_t count = std::min(kBlock, end - start);
+      widen_halves(grad + start, widened, count);
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) main_grad[i] += load_float(grad, i);
+      for (int64_t j = 0; j < count; ++j) main_grad[start + j] += widened[j];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) main_grad[i] += load_float(grad, i);
+  }
 }
 
 using ChunkFn = void (*)(float*, const void*, int64_t, int64_t);

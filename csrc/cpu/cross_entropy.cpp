@@ -127,10 +127,18 @@ void exp_and_sums(const float* __restrict__ z, float* __restrict__ e, const floa
 template <typename T, bool kSoftcap, bool kWeighted>
 void reduce_row(const T* x, const float* class_weight, int64_t num_classes, float softcap, float* __restrict__ z,
                 float* __restrict__ e, float& max, float& sum, float& weighted_gap) {
+  if constexpr (kConvertsApart<T>) {  // fp16: widened in a loop of its own (float_io.h)
+    widen_halves(x, z, num_classes);
+    if constexpr (kSoftcap) {
 #pragma omp simd
-  for (int64_t j = 0; j < num_classes; ++j) {
-    const float xj = load_float(x, j);
-    z[j] = kSoftcap ? softcap * vector_tanh(xj / softcap) : xj;
+      for (int64_t j = 0; j < num_classes; ++j) z[j] = softcap * vector_tanh(z[j] / softcap);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < num_classes; ++j) {
+      const float xj = load_float(x, j);
+      z[j] = kSoftcap ? softcap * vector_tanh(xj / softcap) : xj;
+    }
   }
   max = row_max(z, num_classes);
   exp_and_sums<kWeighted>(z, e, class_weight, num_classes, max, sum, weighted_gap);
@@ -159,9 +167,16 @@ void cross_entropy_row(const T* x, T* g, int64_t t, const float* class_weight, f
   if (g == nullptr) return;
   const CrossEntropyRowGrad row_grad = cross_entropy_row_grad(lse, target_weight, options);
   const float inv_sum = 1.0f / sum;  // p_j = exp(z_j - max) / sum
+  const auto grad_of = [=](int64_t j) {  // by value: an fp32 store through g could alias a reference
+    return row_grad.grad<kSoftcap>(e[j] * inv_sum, z[j], kWeighted ? class_weight[j] : 1.0f, j == t);
+  };
+  if constexpr (kConvertsApart<T>) {  // fp16: the gradient over e in fp32, then narrowed in a loop of its own
 #pragma omp simd
-  for (int64_t j = 0; j < num_classes; ++j) {
-    store_float(g, j, row_grad.grad<kSoftcap>(e[j] * inv_sum, z[j], kWeighted ? class_weight[j] : 1.0f, j == t));
+    for (int64_t j = 0; j < num_classes; ++j) e[j] = grad_of(j);
+    narrow_floats(e, g, num_classes);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < num_classes; ++j) store_float(g, j, grad_of(j));
   }
 }
 
@@ -225,6 +240,7 @@ void shard_grad_rows(T* grad, const Tensor& logits, const int64_t* target, const
   const T* x_base = logits.const_data_ptr<T>();
   torch::stable::parallel_for(0, num_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(shard_classes, 1)),
                    [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(kConvertsApart<T> ? shard_classes : 0);  // fp16: the row widened, then its gradient
     for (int64_t row = begin; row < end; ++row) {
       const T* x = x_base + row * row_stride;  // not restrict: the gradient may go over the logits
       T* g = grad + row * row_stride;
@@ -239,12 +255,20 @@ void shard_grad_rows(T* grad, const Tensor& logits, const int64_t* target, const
       // a local copy: read through the lambda's reference, an fp32 gradient store might change it, and gcc reloaded
       // it in every iteration and left the soft-capped fp32 loop scalar
       const float cap = softcap;
-#pragma omp simd
-      for (int64_t j = 0; j < shard_classes; ++j) {
-        const float xj = load_float(x, j);
+      const auto grad_of = [=](int64_t j, float xj) {
         const float zj = kSoftcap ? cap * vector_tanh(xj / cap) : xj;
-        store_float(g, j, row_grad.grad<kSoftcap>(vector_exp(zj - c.max) * c.inv_sum, zj,
-                                                  kWeighted ? class_weight[j] : 1.0f, j == local_t));
+        return row_grad.grad<kSoftcap>(vector_exp(zj - c.max) * c.inv_sum, zj, kWeighted ? class_weight[j] : 1.0f,
+                                       j == local_t);
+      };
+      if constexpr (kConvertsApart<T>) {
+        float* __restrict__ row_floats = scratch.data();
+        widen_halves(x, row_floats, shard_classes);
+#pragma omp simd
+        for (int64_t j = 0; j < shard_classes; ++j) row_floats[j] = grad_of(j, row_floats[j]);
+        narrow_floats(row_floats, g, shard_classes);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < shard_classes; ++j) store_float(g, j, grad_of(j, load_float(x, j)));
       }
     }
   });
@@ -258,12 +282,21 @@ void scale_rows(const Tensor& grad, const Tensor& row_scale) {
   T* base = grad.mutable_data_ptr<T>();
   torch::stable::parallel_for(0, grad.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(num_classes, 1)),
                    [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(kConvertsApart<T> ? num_classes : 0);  // fp16: the row widened, scaled, narrowed
     for (int64_t row = begin; row < end; ++row) {
       const float s = scale[per_row ? row : 0];
       if (s == 1.0f) continue;
       T* __restrict__ g = base + row * row_stride;
+      if constexpr (kConvertsApart<T>) {
+        float* __restrict__ row_floats = scratch.data();
+        widen_halves(g, row_floats, num_classes);
 #pragma omp simd
-      for (int64_t j = 0; j < num_classes; ++j) store_float(g, j, load_float(g, j) * s);
+        for (int64_t j = 0; j < num_classes; ++j) row_floats[j] *= s;
+        narrow_floats(row_floats, g, num_classes);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < num_classes; ++j) store_float(g, j, load_float(g, j) * s);
+      }
     }
   });
 }

@@ -205,6 +205,17 @@ inline constexpr bool kStageHalves = true;
 inline constexpr bool kStageHalves = false;
 #endif
 
+// Whether the loss, accumulation and norm kernels convert T elements apart, a row or a block at a time in a loop of
+// their own (widen_halves, narrow_floats), rather than one by one where they use them: fp16 with F16C. There the
+// loops over fp16 took 1.3-2.4x the time of those over bf16 (AVX2 kernels, in cache; docs/results.md) and now about
+// the same. The baseline build's integer forms took 10-20 % longer apart: its loops were not short of registers.
+template <typename T>
+#if defined(__F16C__)
+inline constexpr bool kConvertsApart = std::is_same_v<T, c10::Half>;
+#else
+inline constexpr bool kConvertsApart = false;
+#endif
+
 // A tensor's params as an optimizer loop reads and writes them, as fp32 (load_param, write_param; element i of the
 // tensor), and their grads (grad), through blocks of fp32 values in L1 where that helps: loaded before the block's
 // update loop and stored after it, in loops of their own (stage_in, stage_out).

@@ -22,6 +22,12 @@ using Partial = std::conditional_t<kKind == NormKind::kInf, float, double>;
 template <NormKind kKind, typename T>
 double chunk_partial(const void* data_ptr, int64_t begin, int64_t end, double p) {
   const auto* __restrict__ data = static_cast<const T*>(data_ptr);
+  if constexpr (kConvertsApart<T>) {
+    // fp16: the whole chunk widened first (64 KB, in L2), then reduced by the fp32 loop, in its order of additions
+    alignas(64) float widened[kCpuChunk];
+    widen_halves(data + begin, widened, end - begin);
+    return chunk_partial<kKind, float>(widened, 0, end - begin, p);
+  }
   Partial<kKind> partial = 0;
   if constexpr (kKind == NormKind::kInf) {
     // 16 explicit lanes: gcc does not vectorise a max reduction that keeps NaN, but it does this elementwise select
