@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             backend=backend)
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    reduction = _current_reduction(reduction)
     softcap = _check_extras(z_loss, softcap)
     backend = backend if backend is not None else _backend.default_backend()
     _loss_checks.check_cross_entropy(input, target, weight, reduction, label_smoothing, ignore_index)
@@ -135,6 +137,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # torch 2.14 on
     if options is not None and options_type is not None and not isinstance(options, options_type):
         raise TypeError(f"options must be a torch.nn.LinearCrossEntropyOptions or None, not {type(options).__name__}")
+    _check_acc_dtype(options, input, linear_weight, target, reduction, label_smoothing)
+    reduction = _current_reduction(reduction)
     batch_chunk_size = _options_chunk_size(options, input.shape[0] if input.dim() > 1 else 1, input.shape[-1],
                                            linear_weight.shape[0] if linear_weight.dim() > 0 else 1)
     allow_retain_graph = getattr(options, "allow_retain_graph", False)
@@ -250,6 +254,33 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
     return (loss, z) if return_z_loss else loss
 
 
+def _current_reduction(reduction):
+    """"elementwise_mean" is "mean", as torch still takes it, with its warning."""
+    if reduction == "elementwise_mean":
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+                      stacklevel=3)
+        return "mean"
+    return reduction
+
+
+def _check_acc_dtype(options, input, linear_weight, target, reduction, label_smoothing) -> None:
+    """torch's RuntimeError for an `acc_dtype` its chunked path cannot accumulate in (fp32 for fp16/bf16 inputs,
+    else the inputs' own dtype), where its options would take that path. Ours accumulates in fp32 whatever the
+    options ask, which is at least as exact as any dtype torch takes."""
+    acc_dtype = getattr(options, "acc_dtype", None)
+    if acc_dtype is None or acc_dtype == input.dtype:
+        return
+    if (input.dtype in (torch.float16, torch.bfloat16) and acc_dtype == torch.float32) or linear_weight.dim() != 2:
+        return
+    probabilities = (target.dtype == input.dtype and reduction != "none"
+                     and not (target.requires_grad and torch.is_grad_enabled()))
+    chunked = (reduction in ("mean", "sum", "none") and _smoothing(label_smoothing) == 0.0
+               and (target.dtype == torch.int64 or probabilities))
+    if chunked:
+        raise RuntimeError(f"linear_cross_entropy supports float32 acc_dtype with float16/bfloat16 inputs, but got "
+                           f"{acc_dtype} acc_dtype and {input.dtype} inputs.")
+
+
 def _smoothing(label_smoothing) -> float:
     """torch applies label smoothing only when it is > 0: a negative or NaN one is none."""
     label_smoothing = float(label_smoothing)
@@ -290,19 +321,20 @@ _COMPILED_GRADIENTS_ARE_ZERO = _backend._release(torch.__version__) < (2, 12)
 
 def _may_write_gradient_over(logits: torch.Tensor) -> bool:
     """Whether the logits' gradient may be written over their memory: never a leaf's (nor a view of one: a view of
-    a parameter is not itself a leaf), nor a view autograd forbids writing in place."""
-    return not logits.is_leaf and not (
+    a parameter is not itself a leaf), nor a view autograd forbids writing in place, nor under torch.compile. A
+    compiled graph keeps no version counter to catch a second reader of the overwritten logits (another loss on
+    them), which eager then refuses at the backward and a graph would compute from the gradient; it takes a buffer
+    of its own, whose memory the compiler may reuse once the logits are dead."""
+    return not logits.is_leaf and not torch.compiler.is_compiling() and not (
         logits._base is not None and (logits._base.is_leaf or not _writable_view(logits)))
 
 
 def _writable_view(view: torch.Tensor) -> bool:
     """Whether autograd lets a view be written in place: not one of several views an op returned (chunk, split,
     unbind) nor one a custom Function returned (a module's full backward hook), whose backward would then fail. Read
-    from autograd's own record of how the view was made; without it (another torch), or under torch.compile, which
-    cannot trace that record (the graph then takes a gradient buffer of its own), no view is."""
+    from autograd's own record of how the view was made; without it (another torch), no view is."""
     creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
-    return (creation_meta is not None and not torch.compiler.is_compiling()
-            and creation_meta(view) == torch._C._autograd.CreationMeta.DEFAULT)
+    return creation_meta is not None and creation_meta(view) == torch._C._autograd.CreationMeta.DEFAULT
 
 
 def _options_chunk_size(options, num_rows: int, in_features: int, num_classes: int) -> int | None:

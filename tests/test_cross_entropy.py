@@ -668,6 +668,22 @@ def test_legacy_size_average_and_reduce(size_average, reduce):
     assert len(torch_warnings) == 1  # the deprecation warning
 
 
+def test_elementwise_mean_is_mean_with_torchs_warning():
+    """torch still takes reduction="elementwise_mean" for "mean", with a deprecation warning: so do we, in the
+    function and the module."""
+    logits, target, _, _ = make_case(5, 7, torch.float32)
+    losses, messages = [], []
+    for loss_fn in (lambda: F.cross_entropy(logits, target, reduction="elementwise_mean"),
+                    lambda: FF.cross_entropy(logits, target, reduction="elementwise_mean"),
+                    lambda: fused_optim.CrossEntropyLoss(reduction="elementwise_mean")(logits, target)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses.append(loss_fn())
+        messages.append([str(w.message) for w in caught])
+    assert losses[1] == losses[0] == losses[2]
+    assert messages[1] == messages[2] == messages[0] and len(messages[0]) == 1
+
+
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_masked_and_huge_logits(backend, device):
     """-inf logits (a masked, padded vocabulary) add nothing and get a zero gradient; logits of 1e4 in fp32 (exp
@@ -1375,6 +1391,27 @@ def test_torch_compile_fullgraph_matches_eager(backend, inplace_backward):
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=2 * FP32_EPS, atol=0)
         for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not TORCH_2_12, reason="torch.compile before torch 2.12 gives these zero gradients")
+def test_torch_compile_with_inplace_backward_and_two_losses_on_the_same_logits_matches_torch():
+    """Eager refuses a second loss over logits the first overwrote (at the backward: the version counter); a compiled
+    graph keeps no counter, so there the gradient gets a buffer of its own and both losses read the logits."""
+    torch._dynamo.reset()
+    x, target = torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 4])
+
+    def two_losses(loss_fn, x, **kwargs):
+        logits = 2 * x
+        return loss_fn(logits, target, **kwargs) + loss_fn(logits, target.flip(0), **kwargs)
+
+    theirs = x.clone().requires_grad_()
+    expected = two_losses(F.cross_entropy, theirs)
+    expected.backward()
+    ours = x.clone().requires_grad_()
+    loss = torch.compile(two_losses, fullgraph=True)(FF.cross_entropy, ours, inplace_backward=True)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(ours.grad, theirs.grad)
 
 
 @pytest.mark.skipif(not TORCH_2_12, reason="torch.compile before torch 2.12 gives these zero gradients")

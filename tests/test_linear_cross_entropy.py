@@ -638,6 +638,34 @@ def test_triton_out_of_range_target_gives_a_nan_loss():
     assert x.grad[2].isnan().all() and x.grad[[0, 1, 3, 4]].isfinite().all()
 
 
+@needs_torch_linear_ce
+def test_an_acc_dtype_torch_cannot_accumulate_in_is_refused_as_torchs():
+    """acc_dtype: fp32 for fp16/bf16 inputs, or the inputs' own dtype (ours accumulates in fp32 either way); any other
+    is torch's RuntimeError where its options would chunk, and ignored where they would not (label smoothing)."""
+    for dtype, acc_dtype in ((torch.float32, torch.float64), (torch.bfloat16, torch.float16),
+                             (torch.float32, torch.bfloat16)):
+        x, linear_weight, _, target, _ = make_case(5, 16, 37, dtype)
+        options = LinearCrossEntropyOptions(acc_dtype=acc_dtype)
+        with pytest.raises(RuntimeError) as theirs:
+            F.linear_cross_entropy(x, linear_weight, target, options=options)
+        with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+            FF.linear_cross_entropy(x, linear_weight, target, options=options)
+        with pytest.warns(UserWarning, match="options"):  # torch's reference path: options ignored
+            theirs = F.linear_cross_entropy(x, linear_weight, target, options=options, label_smoothing=0.1)
+        ours = FF.linear_cross_entropy(x, linear_weight, target, options=options, label_smoothing=0.1)
+        torch.testing.assert_close(ours, theirs)
+    for dtype, acc_dtype in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        x, linear_weight, _, target, _ = make_case(5, 16, 37, dtype)
+        FF.linear_cross_entropy(x, linear_weight, target, options=LinearCrossEntropyOptions(acc_dtype=acc_dtype))
+
+
+def test_elementwise_mean_is_mean():
+    x, linear_weight, _, target, _ = make_case(5, 16, 37, torch.float32)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        loss = FF.linear_cross_entropy(x, linear_weight, target, reduction="elementwise_mean")
+    assert loss == FF.linear_cross_entropy(x, linear_weight, target, reduction="mean")
+
+
 def test_options_of_another_type_are_refused():
     x, linear_weight, _, target, _ = make_case(5, 16, 37, torch.float32)
     with pytest.raises(TypeError, match="options must be a torch.nn.LinearCrossEntropyOptions or None, not int"):

@@ -581,6 +581,33 @@ def test_a_buffer_torch_saved_as_none_loads_as_unset():
         assert set(opt.state_dict()["state"].get(0, {})) == ({"momentum_buffer"} if momentum else set())
 
 
+@pytest.mark.parametrize("moments", ["fp32", "bf16", "int8"])
+def test_a_buffer_reset_to_none_by_hand_starts_again_from_the_grad(moments):
+    """`opt.state[p]["momentum_buffer"] = None` (a hand-made momentum reset) is torch's unset buffer: the next step
+    starts the buffer again from the grad, the state_dict between says None as torch's does, and it loads both ways."""
+    init = [torch.randn(5), torch.randn(2, 3)]
+    ours, theirs = make_params(init, torch.float32, "cpu"), make_params(init, torch.float32, "cpu")
+    opt = fused_optim.SGD(ours, lr=0.1, momentum=0.9, nesterov=True, moments=moments)
+    torch_opt = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=True)
+    set_grads(random_grads([p.shape for p in init]), ours, theirs)
+    opt.step()
+    torch_opt.step()
+    for state in (*opt.state.values(), *torch_opt.state.values()):
+        state["momentum_buffer"] = None
+    saved = opt.state_dict()
+    assert [state for state in saved["state"].values()] == [{"momentum_buffer": None}] * 2
+    assert opt.torch_state_dict()["state"] == saved["state"]
+    torch.optim.SGD(make_params(init, torch.float32, "cpu"), lr=0.1, momentum=0.9).load_state_dict(saved)
+    for _ in range(2):
+        set_grads(random_grads([p.shape for p in init]), ours, theirs)
+        opt.step()
+        torch_opt.step()
+    for p, q in zip(ours, theirs):  # bf16 and int8 buffers round, within their resolution
+        torch.testing.assert_close(p, q, **({} if moments == "fp32" else dict(rtol=1e-2, atol=1e-2)))
+        if moments == "fp32":
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch_opt.state[q]["momentum_buffer"])
+
+
 def test_a_buffer_saved_beside_a_count_of_0_is_set():
     """A saved momentum buffer is set whatever count beside it says (0 here: a hand-made or foreign dict), as
     torch's SGD takes any saved buffer: the next step is momentum * buffer + grad."""

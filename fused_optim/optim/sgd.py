@@ -205,7 +205,7 @@ class SGD(FusedOptimizer):
     def _init_momentum(self, p: Tensor, group: dict[str, Any]) -> None:
         """A momentum buffer and its step count, where the param has none yet."""
         state = self.state[p]
-        if "momentum_buffer" not in state:
+        if state.get("momentum_buffer") is None:  # None: unset, as in torch (a buffer reset by hand)
             # unset until the first step writes the gradient into it (count 0); fp32 (or bf16, int8: `moments`) for
             # fp32/bf16/fp16 params, in the param's layout
             state["momentum_buffer"] = torch.zeros_like(p, dtype=moment_dtype(p, group),
@@ -247,7 +247,9 @@ class SGD(FusedOptimizer):
         for index, state in list(state_dict["state"].items()):
             if not isinstance(state, dict) or "step" not in state:
                 continue
-            if "momentum_buffer" in state and not bool(state["step"] != 0):
+            if "momentum_buffer" in state and state["momentum_buffer"] is None:  # reset by hand: torch's form
+                dropped = ("step", "moment_scales")
+            elif "momentum_buffer" in state and not bool(state["step"] != 0):
                 dropped = ("momentum_buffer", "step", "moment_scales")
             elif self._count_is_only_set(*numbered[index]):
                 dropped = ("step",)
@@ -266,7 +268,7 @@ class SGD(FusedOptimizer):
         of a param not rounded stochastically. A bf16 or int8 buffer and a stochastically rounded param round with random
         bits that the count keys. A buffer loaded without a count counts as set."""
         state = self.state[p]
-        return ("momentum_buffer" in state and state["momentum_buffer"].dtype in _WIDE_BUFFER_DTYPES
+        return (state.get("momentum_buffer") is not None and state["momentum_buffer"].dtype in _WIDE_BUFFER_DTYPES
                 and self._kind(p, state, group) != "stochastic")
 
     def _restore_saved_state(self, state_dict: dict[str, Any]) -> None:
