@@ -34,6 +34,7 @@ import operator
 import warnings
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -85,7 +86,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if is_dtensor(input):
         return _vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                              softcap, return_z_loss, inplace_backward, backend)
-    if target.is_floating_point() or input.dtype not in FLOAT_DTYPES or torch.compiler.is_exporting():
+    if (target.is_floating_point() or input.dtype not in FLOAT_DTYPES or torch.compiler.is_exporting()
+            or _transformed(input)):
         # (torch.export keeps a graph's forward ops alone: the fused op's gradient would be lost, torch's ops keep it)
         loss, z = _cross_entropy_composite(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                            softcap)
@@ -155,9 +157,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                                     ignore_index, label_smoothing, z_loss, softcap, return_z_loss,
                                                     batch_chunk_size, allow_retain_graph, backend)
     if (target.is_floating_point() or input.dtype not in FLOAT_DTYPES or linear_weight.dim() != 2
-            or torch.compiler.is_exporting()):
-        # (C, d1, ..., in_features) weights give (N, C, d1, ...) logits, and torch.export keeps the forward ops
-        # alone: torch's reference path
+            or torch.compiler.is_exporting() or _transformed(input, linear_weight, linear_bias)):
+        # (C, d1, ..., in_features) weights give (N, C, d1, ...) logits, torch.export keeps the forward ops alone,
+        # and torch.func's transforms need torch's: torch's reference path
         flat_bias = linear_bias.reshape(-1) if linear_bias is not None else None
         logits = F.linear(input, linear_weight.reshape(-1, linear_weight.shape[-1]), flat_bias).view(logits_shape)
         loss, z = _cross_entropy_composite(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -252,6 +254,14 @@ def _vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bi
                                                shard, allow_retain_graph)
     loss, z = shard.replicated(loss), shard.replicated(z)
     return (loss, z) if return_z_loss else loss
+
+
+def _transformed(*tensors: torch.Tensor | None) -> bool:
+    """Whether a loss runs under torch.func's transforms (vmap, grad, jvp) or forward-mode AD (a dual tensor among
+    its inputs): there it takes torch's own ops, which these transforms know, as torch's loss would. The fused op
+    makes its gradient in the forward, for one reverse-mode backward."""
+    return torch._C._are_functorch_transforms_active() or any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _current_reduction(reduction):

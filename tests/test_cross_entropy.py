@@ -668,6 +668,33 @@ def test_legacy_size_average_and_reduce(size_average, reduce):
     assert len(torch_warnings) == 1  # the deprecation warning
 
 
+def test_torch_func_transforms_and_forward_mode_ad_run_torchs_ops():
+    """Under vmap, grad, jvp, hessian and a dual tensor the loss takes torch's own ops, as torch's loss does: per-sample
+    gradients (Opacus' vmap(grad)), a forward under vmap, Jacobian-vector products and Hessians are torch's."""
+    logits, target, weight, _ = make_case(6, 11, torch.float32, weight=True)
+    target[2] = -100  # its own "mean" under vmap: 0 / 0, NaN, as torch's
+    options = dict(weight=weight, label_smoothing=0.1)
+    per_sample = [torch.func.vmap(torch.func.grad(lambda x, t: loss_fn(x[None], t[None], **options)))(logits, target)
+                  for loss_fn in (FF.cross_entropy, F.cross_entropy)]
+    assert torch.equal(*per_sample)
+    with torch.no_grad():
+        # (with class weights and smoothing torch's own loss cannot be vmapped: masked_select)
+        losses = [torch.func.vmap(lambda x, t: loss_fn(x, t, label_smoothing=0.1))(logits, target)
+                  for loss_fn in (FF.cross_entropy, F.cross_entropy)]
+    torch.testing.assert_close(*losses, rtol=0, atol=0, equal_nan=True)
+    tangent = torch.randn_like(logits)
+    ours, theirs = (torch.func.jvp(lambda x: loss_fn(x, target, **options), (logits,), (tangent,))
+                    for loss_fn in (FF.cross_entropy, F.cross_entropy))
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(logits, tangent)
+        assert torch.equal(torch.autograd.forward_ad.unpack_dual(FF.cross_entropy(dual, target, **options)).tangent,
+                           theirs[1])
+    hessians = [torch.func.hessian(lambda x: loss_fn(x, target, **options))(logits)
+                for loss_fn in (FF.cross_entropy, F.cross_entropy)]
+    assert torch.equal(*hessians)
+
+
 def test_elementwise_mean_is_mean_with_torchs_warning():
     """torch still takes reduction="elementwise_mean" for "mean", with a deprecation warning: so do we, in the
     function and the module."""

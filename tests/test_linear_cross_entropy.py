@@ -659,6 +659,19 @@ def test_an_acc_dtype_torch_cannot_accumulate_in_is_refused_as_torchs():
         FF.linear_cross_entropy(x, linear_weight, target, options=LinearCrossEntropyOptions(acc_dtype=acc_dtype))
 
 
+def test_torch_func_transforms_run_torchs_ops():
+    """Per-sample gradients of the input and the lm head under vmap(grad): torch's own ops, torch's values."""
+    x, linear_weight, linear_bias, target, _ = make_case(6, 5, 11, torch.float32, bias=True)
+
+    def per_sample(loss_fn):
+        def loss(x_row, weight, t):
+            return loss_fn(x_row[None], weight, t[None], linear_bias=linear_bias, label_smoothing=0.1)
+        return torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, None, 0))(x, linear_weight, target)
+
+    ours, theirs = per_sample(FF.linear_cross_entropy), per_sample(F.linear_cross_entropy)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
 def test_elementwise_mean_is_mean():
     x, linear_weight, _, target, _ = make_case(5, 16, 37, torch.float32)
     with pytest.warns(UserWarning, match="elementwise_mean"):
