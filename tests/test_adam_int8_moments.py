@@ -543,7 +543,7 @@ def test_a_skipped_step_leaves_codes_and_scales_as_they_were(cpu_backend):
     opt.step()
     before = snapshot(opt)
     with torch.no_grad():
-        lists = opt._gather(opt.param_groups[0], [p.grad for p in params], 0)["remainder24"]
+        lists = opt._gather(opt.param_groups[0], [p.grad for p in params], 0)["remainder24", 0]
         opt._update(opt.param_groups[0], "remainder24", lists, None, torch.tensor(1.0))
     assert_identical(snapshot(opt), before)
 

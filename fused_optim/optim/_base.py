@@ -593,7 +593,7 @@ class FusedOptimizer(Optimizer):
                         for index, (group, grads) in enumerate(zip(self.param_groups, group_grads))]
             # torch's GradScaler sets both on the optimizer for its step (grad_scale None once unscale_ ran)
             if ((getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None)
-                    and any("torch" in kinds for _, kinds in gathered)):
+                    and any(kind == "torch" for _, calls in gathered for kind, _ in calls)):
                 raise RuntimeError(f"{type(self).__name__}: a GradScaler does not step differentiable groups (or "
                                    "SGD's sparse grads): torch's own update, which runs them, takes none")
         except BaseException:  # a group refused its first step, or the step: the state earlier ones made goes too
@@ -601,10 +601,11 @@ class FusedOptimizer(Optimizer):
                 del self.state[p]
             self._plans.clear()
             raise
-        grads = [grad for _, kinds in gathered for lists in kinds.values() for grad in lists[1]]
+        # (a param held twice in a group: its grad counted once)
+        grads = [grad for _, calls in gathered for (_, call), lists in calls.items() if call == 0 for grad in lists[1]]
         grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend, self.grad_norm_group)
-        for group, kinds in gathered:
-            for kind, lists in kinds.items():
+        for group, calls in gathered:
+            for (kind, _), lists in calls.items():
                 if kind != "torch":
                     self._update(group, kind, lists, grad_scale, found_inf)
                     continue
@@ -673,7 +674,7 @@ class FusedOptimizer(Optimizer):
         """Steps `p` alone with `grad`: a one-param group of its own entries `own` over its live `group`."""
         self._check_grads([p], [grad])
         view = {**group, **own}  # a dict, not a ChainMap: its dozen lookups cost a tenth
-        for kind, lists in self._gather(view, [grad], p).items():
+        for (kind, _), lists in self._gather(view, [grad], p).items():
             if kind == "torch":
                 with torch.set_grad_enabled(self.defaults["differentiable"]):
                     self._update_with_torch(view, _with_grads_for_torch(lists))
@@ -681,12 +682,13 @@ class FusedOptimizer(Optimizer):
                 self._update(view, kind, lists, None, None)
 
     def _gather(self, group: dict[str, Any], grads: list[Tensor | None],
-                key: int | Tensor) -> dict[str, list[list[Tensor]]]:
+                key: int | Tensor) -> dict[tuple[str, int], list[list[Tensor]]]:
         """The group's params that have a grad (`grads`: each param's, or None), their grads and state, as the lists
-        the update op takes ([params, grads, *state lists]), by kind of update (one op call each): "torch" (a
-        differentiable group), "remainder" / "remainder24" (a bf16 param's int16 / int8 master remainder), "master"
-        (an fp32 master copy), "stochastic" (bf16 stochastic rounding), "wide" (an fp64 or complex param in a group of
-        bf16 or int8 moments, whose own are whole) or "plain".
+        the update op takes ([params, grads, *state lists]), by kind of update and call (one op call each; the call
+        is 0 but for a param the group holds twice: optim/_plan.py). The kinds: "torch" (a differentiable group),
+        "remainder" / "remainder24" (a bf16 param's int16 / int8 master remainder), "master" (an fp32 master copy),
+        "stochastic" (bf16 stochastic rounding), "wide" (an fp64 or complex param in a group of bf16 or int8 moments,
+        whose own are whole) or "plain".
 
         Host time matters at a thousand tensors a step, so the lists are kept between steps (optim/_plan.py) and
         only the grads are read again. Everything that can be wrong with a first step is checked before any state

@@ -19,7 +19,11 @@ _DTYPE = operator.attrgetter("dtype")
 
 class Plan:
     """For each kind of write-back ("plain", "master", ...: one op call each), the indices of the params it steps
-    and its lists [params, *state lists]; `with_grads` gives the op's [params, grads, *state lists]."""
+    and its lists [params, *state lists]; `with_grads` gives the op's [params, grads, *state lists], by (kind, call).
+    The call is 0 but for a param the group holds more than once (torch warns of that), which goes into call 1 of its
+    kind the second time, and so on: in one op call the kernels would update it from two threads at once, and so,
+    call after call, it is stepped once each time, as torch's for-loop steps it. torch's own update ("torch") takes
+    it twice in one call: it steps its list one param after the other."""
 
     def __init__(self, group: dict[str, Any], state: dict, has_grad: list[bool], options: Hashable) -> None:
         self.params = group["params"]
@@ -35,12 +39,17 @@ class Plan:
         self.with_state: list[Tensor] = []
         self.param_states: list[dict] = []
         self.state_values: list[Any] = []
-        self.kinds: dict[str, tuple[list[int], list[list[Tensor]]]] = {}
+        self.calls: dict[tuple[str, int], tuple[list[int], list[list[Tensor]]]] = {}
+        self.ids_in_call: dict[tuple[str, int], set[int]] = {}
 
     def add(self, kind: str, index: int, p: Tensor, state_tensors: list[Tensor | None]) -> None:
         """Param `index` of the group, stepped by op call `kind` with `state_tensors` (one per state list; None
         where the list stays empty, e.g. no master copy)."""
-        indices, lists = self.kinds.setdefault(kind, ([], [[] for _ in range(1 + len(state_tensors))]))
+        call = 0
+        while kind != "torch" and id(p) in self.ids_in_call.get((kind, call), ()):
+            call += 1
+        self.ids_in_call.setdefault((kind, call), set()).add(id(p))
+        indices, lists = self.calls.setdefault((kind, call), ([], [[] for _ in range(1 + len(state_tensors))]))
         indices.append(index)
         lists[0].append(p)
         for tensors, tensor in zip(lists[1:], state_tensors):
@@ -72,9 +81,9 @@ class Plan:
             and all(map(operator.is_, chain.from_iterable(map(dict.values, self.param_states)), self.state_values))
         )
 
-    def with_grads(self, grads: list[Tensor | None]) -> dict[str, list[list[Tensor]]]:
+    def with_grads(self, grads: list[Tensor | None]) -> dict[tuple[str, int], list[list[Tensor]]]:
         lists = {}
-        for kind, (indices, (params, *state_lists)) in self.kinds.items():
+        for kind_call, (indices, (params, *state_lists)) in self.calls.items():
             kind_grads = grads if len(indices) == len(grads) else [grads[i] for i in indices]
-            lists[kind] = [params, kind_grads, *state_lists]
+            lists[kind_call] = [params, kind_grads, *state_lists]
         return lists

@@ -170,12 +170,12 @@ class SGD(FusedOptimizer):
             else:
                 kind, state_tensors = self._kind_and_state_tensors(p, group)
                 plan.add(kind, index, p, state_tensors)
-        kinds = plan.with_grads(grads)
+        calls = plan.with_grads(grads)
         if by_torch:  # torch's update takes None for a buffer not set yet, and sets it: nothing kept
-            kinds["torch"].append([self._buffer_if_set(p) for p in kinds["torch"][0]])
+            calls["torch", 0].append([self._buffer_if_set(p) for p in calls["torch", 0][0]])
         else:
             self._keep_plan(key, plan)
-        return kinds
+        return calls
 
     def _plan_options(self, group: dict[str, Any]) -> tuple:
         return group["momentum"] != 0, *super()._plan_options(group)  # momentum on or off: buffers in the lists
