@@ -77,8 +77,8 @@ def best_time(call: Callable[[], None], numel: int, calls: int, repeats: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=30, help="calls timed together")
+    parser.add_argument("--repeats", type=int, default=7, help="timings of --calls calls; the least is kept")
     parser.add_argument("--match", default="", help="only the kernels whose label contains this")
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()

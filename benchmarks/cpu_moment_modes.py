@@ -107,8 +107,9 @@ def one_pass(rows: list[tuple[str, str, str, tuple]], rounds: int, kept: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="the JSON to write (default: only the table, printed)")
-    parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=18)
+    parser.add_argument("--passes", type=int, default=2, help="processes per kernel level and thread count, one "
+                        "after the other (the pass of least time in all is kept; every pass's ratios are printed)")
+    parser.add_argument("--rounds", type=int, default=18, help="steps of each row in a pass, round-robin over the rows")
     parser.add_argument("--kept", type=int, default=15, help="steps per row the median is taken over (the last ones)")
     parser.add_argument("--threads", default=None,
                         help="comma-separated intra-op thread counts, one set of passes each (default: torch's)")

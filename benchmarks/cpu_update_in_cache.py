@@ -66,8 +66,8 @@ def time_step(optimizer: str, dtype: torch.dtype, options: dict, steps: int, rep
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=30, help="steps timed together")
+    parser.add_argument("--repeats", type=int, default=7, help="timings of --steps steps; the least is kept")
     parser.add_argument("--match", default="", help="only the configurations whose label contains this")
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()

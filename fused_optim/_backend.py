@@ -208,7 +208,8 @@ def triton_error() -> str | None:
 
 def default_backend() -> str:
     backend = os.environ.get("FUSED_OPTIM_BACKEND", "auto")
-    check_backend_name(backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"FUSED_OPTIM_BACKEND must be one of {', '.join(BACKENDS)}; got {backend!r}.")
     return backend
 
 

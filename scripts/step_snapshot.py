@@ -91,13 +91,13 @@ def compare(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     save = commands.add_parser("save", help="step every configuration and save its params and state")
-    save.add_argument("out")
+    save.add_argument("out", help="the file to write (torch.save)")
     both = commands.add_parser("compare", help="compare two saved snapshots byte for byte (exit 1 if any differ)")
-    both.add_argument("a")
-    both.add_argument("b")
+    both.add_argument("a", help="one build's snapshot")
+    both.add_argument("b", help="the other build's")
     args = parser.parse_args()
     if args.command == "save":
         tensors = snapshot()

@@ -135,7 +135,17 @@ def test_a_size_that_is_not_a_count_of_params_is_one_line(size, capsys):
     from fused_optim.tools.cli import main
 
     assert main(["bench", "--ops", "sgd", "--device", "cpu", "--sizes", size]) == 2
-    assert capsys.readouterr().err.startswith("fused-optim bench: --sizes: ")
+    assert capsys.readouterr().err.startswith(f"fused-optim bench: --sizes: not a size: {size.upper()!r} (a count ")
+
+
+def test_sizes_no_op_asked_takes_are_said_ignored(tmp_path, capsys):
+    from fused_optim.tools.cli import main
+
+    (tmp_path / "plot.png").mkdir()  # refused up front, after the sizes are read: nothing is measured
+    flags = ["--ops", "ce", "--device", "cpu", "--sizes", "1M,8x16", "--plot", str(tmp_path / "plot")]
+    assert main(["bench", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "no op asked (ce) takes --sizes of the form N: 1000000 ignored" in err and "NxV" not in err
 
 
 def test_plot_draws_only_rows_with_bandwidth():

@@ -97,9 +97,10 @@ def test_data_from_a_file_and_a_directory(tmp_path):
 
 
 def test_data_that_is_no_regular_file_is_skipped_or_refused(tmp_path):
-    """A directory's sockets, named pipes and dangling links are not read (a pipe would block the read for ever);
-    a --data path that is one, or a file that cannot be read, gets one sentence."""
+    """A directory's binary files, sockets, named pipes and dangling links are not read (a pipe would block the read
+    for ever); a --data path that is one, or a file that cannot be read, gets one sentence."""
     (tmp_path / "a.txt").write_bytes(b"some text " * 20)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # binary: git's rule, a zero byte
     os.mkfifo(tmp_path / "pipe")
     (tmp_path / "dangling").symlink_to(tmp_path / "gone.txt")
     assert [p.name for p in text_files(tmp_path)] == ["a.txt"]
@@ -383,6 +384,7 @@ def test_loss_monitor():
     assert "spike" in monitor.check(4, 3.1)
     assert not monitor.diverged
     assert "diverged" in monitor.check(5, math.inf) and monitor.diverged
+    assert monitor.check(6, math.nan) is None and monitor.diverged  # said once
     assert monitor.lowest == 2.0
     restored = LossMonitor(spike_factor=1.5)
     restored.load_state_dict(monitor.state_dict())
@@ -396,6 +398,9 @@ def test_metrics():
     assert metrics.peak_flops_of("NVIDIA H200 NVL") == 835e12
     assert metrics.peak_flops_of("NVIDIA H200") == 989e12
     assert metrics.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert metrics.peak_flops_of("NVIDIA L40") == 181e12  # not the L4's 121
+    assert metrics.peak_flops_of("NVIDIA L40S") == 362e12
+    assert metrics.peak_flops_of("NVIDIA L4") == 121e12
     assert metrics.peak_flops_of("Tesla T4") is None
     assert metrics.peak_flops(torch.device("cpu")) is None
     assert metrics.mfu(1_000_000, 1e6, 1e13) == pytest.approx(0.6)  # 6·1e6·1e6 FLOP/s of 1e13
@@ -498,6 +503,7 @@ def test_bad_outputs_devices_and_data_are_refused_before_training(text_file, tmp
             (("--plot", str(tmp_path / "loss.v2")), "matplotlib does not save '.v2' files; end the name with one of"),
             (("--device", "meta"), "--device meta: the training runs on cpu or cuda"),
             (("--device", "tpu"), "--device tpu: not a device"),
+            (("--master-weights", "24"), "--master-weights 24 keeps the masters of bf16 params: it needs --params"),
     ):
         assert run_cli(*TINY, "--data", str(text_file), *flags) == 2
         assert message in capsys.readouterr().err

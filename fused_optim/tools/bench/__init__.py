@@ -68,9 +68,12 @@ def parse_size(text: str) -> int:
     text = text.strip().upper().replace("_", "")
     scale = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}.get(text[-1:], 1)
     number = text[:-1] if scale != 1 else text
-    value = float(number) * scale
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value) or value < 1 or value != int(value):
-        raise ValueError(f"not a size in params: {text!r}")
+        raise ValueError(f"not a size: {text!r} (a count such as 84M, 1.5G or 4096, or shapes such as 4096x32000)")
     return int(value)
 
 

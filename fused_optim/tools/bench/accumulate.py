@@ -2,8 +2,8 @@
 CPU or a CUDA GPU, reported as time, GB/s and % of the device's measured memory roof.
 
 Cases: the grads' dtype (bf16 or fp32; the main grads are always fp32) × two layouts:
-  one tensor      N elements in one tensor (`sizes`; default 84M on the CPU, 256M on a GPU; --quick 4M, 16M): the
-                  bandwidth case, far past the last-level cache (L2 on a GPU).
+  one tensor      N elements in one tensor (`sizes`; default 84M on the CPU, 256M on a GPU; --quick 4M on the CPU,
+                  16M on a GPU): the bandwidth case, far past the last-level cache (L2 on a GPU).
   2000×4096       2,000 tensors of 4,096 elements: what a per-tensor loop or launch costs when a model has many
                   small params.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -71,12 +72,13 @@ def _parser() -> argparse.ArgumentParser:
                        "linear_ce: the logits' dtype (default: fp32 on the CPU, bf16 and fp32 on a GPU). "
                        "accumulate: the grads' dtype (default: both). clip_adamw, sgd, lion: always fp32")
     bench.add_argument("--sizes", metavar="SIZE[,SIZE...]",
-                       help="adamw, adam, clip_adamw, sgd, lion: total params of the model-like cases, e.g. 8M,84M (default: "
-                       "84M on the CPU, 256M on a GPU; --quick: 4M, 16M); accumulate: the elements of its one-tensor "
-                       "case (same defaults). ce: NxV, e.g. 4096x32000 (default: 4096x32000 on the CPU, "
-                       "8192x128256 on a GPU). linear_ce: NxHxV, e.g. 8192x512x32000 (default: that on the CPU, "
-                       "8192x4096x128256 on a GPU). fsdp_adamw, fsdp_clip_adamw: total params (default 50M on the "
-                       "CPU, 256M on a GPU). Each op takes the sizes of its form, else its defaults")
+                       help="adamw, adam, clip_adamw, sgd, lion: total params of the model-like cases, e.g. "
+                       "8M,84M (default: 84M on the CPU, 256M on a GPU; --quick: 4M on the CPU, 16M on a GPU); "
+                       "accumulate: the elements of its one-tensor case (same defaults). ce: NxV, e.g. 4096x32000 "
+                       "(default: 4096x32000 on the CPU, 8192x128256 on a GPU). linear_ce: NxHxV, e.g. "
+                       "8192x512x32000 (default: that on the CPU, 8192x4096x128256 on a GPU). fsdp_adamw, "
+                       "fsdp_clip_adamw: total params (default 50M on the CPU, 256M on a GPU). Each op takes the sizes "
+                       "of its form, else its defaults")
     bench.add_argument("--ops", default="adamw", metavar="OP[,OP...]",
                        help="ops to benchmark: adamw, adam, ce, linear_ce, accumulate, clip_adamw, sgd, lion, fsdp_adamw, "
                        "fsdp_clip_adamw, or all (default: adamw)")
@@ -110,7 +112,8 @@ def _info(args: argparse.Namespace) -> int:
     tree = Tree(f"[bold]fused_optim {fused_optim.__version__}[/]")
     cuda = f" (CUDA {v['torch_cuda']})" if v["torch_cuda"] else " (CPU build)"
     tree.add(f"python {v['python']} · torch {v['torch']}{cuda} · triton {v['triton'] or 'not installed'}")
-    tree.add(f"device: {info['device']} · {info['cpu_threads']} CPU threads")
+    threads = info["cpu_threads"]
+    tree.add(f"device: {info['device']} · {threads} CPU thread{'s' if threads != 1 else ''}")
     extensions = tree.add("C++ extensions")
     isa = info["cpu_isa"]
     for name, error in info["extensions"].items():
@@ -120,7 +123,8 @@ def _info(args: argparse.Namespace) -> int:
     backends = tree.add("backends")
     for name, error in info["backends"].items():
         backends.add(f"[green]✓[/] {name}" if error is None else f"[red]✗[/] {name}: {error}")
-    picks = tree.add(f"default backend {info['default_backend']!r} (FUSED_OPTIM_BACKEND) runs")
+    source = "FUSED_OPTIM_BACKEND" if "FUSED_OPTIM_BACKEND" in os.environ else "FUSED_OPTIM_BACKEND unset"
+    picks = tree.add(f"default backend {info['default_backend']!r} ({source}) runs")
     for device_type, choice in info["auto"].items():
         picks.add(f"{device_type} tensors → {choice}")
     Console().print(tree)
@@ -158,6 +162,13 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     sizes = [shape[0] for shape in by_rank[1]] or None
     shapes = {"ce": by_rank[2], "linear_ce": by_rank[3]}
+    takers = {1: [op for op in ops if op not in shapes], 2: [op for op in ops if op == "ce"],
+              3: [op for op in ops if op == "linear_ce"]}
+    for rank, form in ((1, "N"), (2, "NxV"), (3, "NxHxV")):
+        if by_rank[rank] and not takers[rank]:  # said, not dropped in silence: the ops run their defaults
+            given = ", ".join("x".join(map(str, shape)) for shape in by_rank[rank])
+            print(f"fused-optim bench: no op asked ({', '.join(ops)}) takes --sizes of the form {form}: {given} "
+                  "ignored", file=sys.stderr)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fused-optim bench: --device cuda, but no CUDA GPU is visible.", file=sys.stderr)
         return 2

@@ -50,8 +50,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int,
                      help=f"seeds the weights and the batches; both sides use the same (default {d.seed})")
     run.add_argument("--data", metavar="PATH",
-                     help="a text file or a directory of text files (read in sorted order; first 8 MiB) instead of "
-                     "the Python standard library's source")
+                     help="a text file or a directory (its text files, read in sorted order, binary ones skipped; "
+                     "first 8 MiB) instead of the Python standard library's source")
     run.add_argument("--quick", action="store_true",
                      help="a tiny run for a smoke test: " + ", ".join(f"--{k.replace('_', '-')} {v}"
                                                                         for k, v in QUICK.items())
@@ -128,6 +128,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "master_weights" in given:
         given["master_weights"] = MASTER_WEIGHTS[given["master_weights"]]
     values = (dict(QUICK) if getattr(args, "quick", False) else {}) | given
+    if values.get("master_weights") and values.get("params", TrainConfig.params) != "bf16":
+        raise ValueError(f"--master-weights {args.master_weights} keeps the masters of bf16 params: it needs "
+                         "--params bf16")
     if "steps" in given and "warmup" not in given:  # a run shorter than the default warmup warms up throughout
         values["warmup"] = min(values.get("warmup", TrainConfig.warmup), given["steps"])
     return TrainConfig(**values)

@@ -82,14 +82,25 @@ class Corpus:
 
 
 def text_files(root: Path, suffix: str | None = None) -> list[Path]:
-    """Files under `root` (with `suffix`, when given) in sorted path order, skipping _SKIPPED_DIRS and dot-dirs."""
+    """Text files under `root` (with `suffix`, when given) in sorted path order, skipping _SKIPPED_DIRS and
+    dot-dirs."""
     found = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if d not in _SKIPPED_DIRS and not d.startswith("."))
         # regular files (or links to them) only: a socket, a named pipe or a dangling link is no text to read
         paths = (Path(directory, n) for n in sorted(names) if suffix is None or n.endswith(suffix))
-        found.extend(path for path in paths if path.is_file())
+        found.extend(path for path in paths if path.is_file() and not _is_binary(path))
     return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def _is_binary(path: Path) -> bool:
+    """Whether a file is binary (an image, an archive) by git's rule: a zero byte in its first 8000. A file that
+    cannot be opened counts as text, so that reading it says why."""
+    try:
+        with open(path, "rb") as file:
+            return b"\0" in file.read(8000)
+    except OSError:
+        return False
 
 
 def stdlib_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
@@ -105,7 +116,7 @@ def stdlib_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
 
 
 def load_corpus(path: str | os.PathLike | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Corpus:
-    """`path`: a text file, or a directory whose files are all read; None: the stdlib corpus."""
+    """`path`: a text file, or a directory whose text files are all read; None: the stdlib corpus."""
     if path is None:
         return stdlib_corpus(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     path = Path(path)

@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 # Dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets. Matched against the device
-# name: the longest key in the name wins, so "H100 NVL" and "H100 PCIe" are not taken for the SXM "H100".
+# name as whole words, the longest key in the name winning: "H100 NVL" and "H100 PCIe" are not taken for the SXM
+# "H100", nor an "L40" for an "L4".
 PEAK_BF16_FLOPS = (
     ("H200 NVL", 835e12),
     ("H200", 989e12),  # SXM
@@ -26,6 +28,7 @@ PEAK_BF16_FLOPS = (
     ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
 )
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -38,7 +41,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 def peak_flops_of(gpu_name: str) -> float | None:
     """PEAK_BF16_FLOPS of a GPU by its name (torch.cuda.get_device_name), or None when not in the table."""
-    matches = [(len(key), peak) for key, peak in PEAK_BF16_FLOPS if key in gpu_name]
+    matches = [(len(key), peak) for key, peak in PEAK_BF16_FLOPS if re.search(rf"\b{re.escape(key)}\b", gpu_name)]
     return max(matches)[1] if matches else None
 
 

@@ -31,8 +31,9 @@ class LossMonitor:
         """The warning for this step's loss, or None; kept in `warnings` too."""
         message = None
         if not math.isfinite(loss):
+            if not self.diverged:  # said once: a diverged run's later losses stay NaN
+                message = f"step {step}: loss is {loss}: the run diverged"
             self.diverged = True
-            message = f"step {step}: loss is {loss}: the run diverged"
         elif loss > self.spike_factor * self.lowest:
             message = (f"step {step}: loss {loss:.3f} is {loss / self.lowest:.2f}x the lowest so far "
                        f"({self.lowest:.3f}): a loss spike")

@@ -64,7 +64,8 @@ def summarise(run: dict) -> dict:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_backend.cpu_name()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{_backend.cpu_name()} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def _side_summary(result: SideResult, tokens_per_step: int, peak: float | None) -> dict:
