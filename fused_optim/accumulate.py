@@ -88,14 +88,15 @@ def _local(p: Tensor) -> Tensor:
     return p._local_tensor if is_dtensor(p) else p
 
 
-def _flatten_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[Tensor]:
-    """The params that take grads, in order, once each (tied weights appear once); param groups are flattened, and
-    named params ((name, param) pairs, as named_parameters() gives them) taken by their param, as torch's
-    optimizers take them."""
+def _flatten_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]
+                    ) -> tuple[list[Tensor], list[Tensor]]:
+    """The params that take grads, in order, once each (tied weights appear once), and those that do not (frozen);
+    param groups are flattened, and named params ((name, param) pairs, as named_parameters() gives them) taken by
+    their param, as torch's optimizers take them."""
     if isinstance(params, Tensor):  # iterating it would take its rows, views that never get a grad
         raise TypeError("GradAccumulator: params should be an iterable of Tensors or dicts, but got "
                         f"{torch.typename(params)}")
-    seen, result = set(), []
+    seen, result, frozen = set(), [], []
     for item in params:
         group = item["params"] if isinstance(item, dict) else [item]
         for p in [group] if isinstance(group, Tensor) else group:
@@ -106,10 +107,10 @@ def _flatten_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list
             if not p.is_leaf:
                 raise ValueError("GradAccumulator: can't accumulate the grads of a non-leaf Tensor (autograd gives "
                                  "it none)")
-            if p.requires_grad and id(p) not in seen:
+            if id(p) not in seen:
                 seen.add(id(p))
-                result.append(p)
-    return result
+                (result if p.requires_grad else frozen).append(p)
+    return result, frozen
 
 
 def _is_number(value: Any) -> bool:
@@ -218,7 +219,7 @@ class GradAccumulator:
             raise TypeError(f"GradAccumulator keeps float32 main grads (dtype=torch.float32), not {dtype}")
         self.backend = backend if backend is not None else _backend.default_backend()
         _backend.check_backend_name(self.backend)
-        self.params = _flatten_params(params)
+        self.params, self._frozen = _flatten_params(params)
         self.process_group = process_group
         self.main_grads: list[Tensor] = [None] * len(self.params)  # type: ignore[list-item]
         # one flat buffer per device for plain params, and one per device mesh for DTensor params (their shards)
@@ -263,6 +264,7 @@ class GradAccumulator:
     @torch.no_grad()
     def accumulate(self) -> None:
         """Adds every param's `.grad` into its main grad (one launch per device) and frees the `.grad`."""
+        self._check_unfrozen("accumulate")
         for indices in self._indices_by_buffer.values():
             picked = [i for i in indices if self._pending(i)]
             if not picked:
@@ -297,6 +299,16 @@ class GradAccumulator:
             p.grad = None
             self._received[i] = True
 
+    def _check_unfrozen(self, method: str) -> None:
+        """A param left out as frozen that has a grad now (unfrozen since, gradual unfreezing say) would keep the
+        summed grad of the micro-batches, never divided by the token count: refused, not stepped from it."""
+        for p in self._frozen:
+            if p.grad is not None:
+                raise RuntimeError(f"GradAccumulator.{method}(): a param that did not require grad when the "
+                                   "accumulator was made has a grad now (unfrozen since?), which it would leave "
+                                   "summed, not divided by the token count: make a new GradAccumulator after "
+                                   "unfreezing params")
+
     def release(self, num_tokens: int | Tensor | None = None) -> None:
         """Arms gradient release for the step's last micro-batch: call it before that micro-batch's backward, with
         the step's total token count (the sum of `count_tokens` over all its micro-batches, known before the last
@@ -306,6 +318,7 @@ class GradAccumulator:
         only (the main grads would have to be all-reduced one param at a time); no clipping (a global norm needs
         every grad first)."""
         _check_num_tokens(num_tokens)
+        self._check_unfrozen("release")
         if self._group() is not None:
             raise RuntimeError("GradAccumulator.release() is single-process only: distributed main grads are summed "
                                "over the ranks in finalize(), after every gradient is in")
@@ -385,6 +398,7 @@ class GradAccumulator:
         """
         group = self._group()
         _check_num_tokens(num_tokens, zero_allowed=group is not None)
+        self._check_unfrozen("finalize")
         for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
             if value is not None and not _is_number(value):
                 raise TypeError(f"GradAccumulator.finalize(): {name} must be a number, not {type(value).__name__}")

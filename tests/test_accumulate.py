@@ -376,6 +376,28 @@ def test_finalize_of_no_params():
 # which params, which layouts
 
 
+@pytest.mark.parametrize("method", ["accumulate", "finalize", "release"])
+def test_a_param_unfrozen_after_the_accumulator_was_made_is_refused(method):
+    """A param left out as frozen would keep the micro-batches' summed grad, never divided by the token count, and
+    be stepped from it: once it has a grad, the accumulator says so in one sentence (make a new one)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    acc = fused_optim.GradAccumulator(model.parameters(), backend="cpu")
+    model(torch.randn(5, 4)).sum().backward()
+    acc.accumulate()  # still frozen: fine
+    model[0].requires_grad_(True)  # gradual unfreezing
+    model(torch.randn(5, 4)).sum().backward()
+    call = {"accumulate": lambda: acc.accumulate(), "finalize": lambda: acc.finalize(num_tokens=10),
+            "release": lambda: acc.release(num_tokens=10)}[method]
+    with pytest.raises(RuntimeError, match=rf"^GradAccumulator.{method}\(\): a param that did not require grad .* "
+                                           "make a new GradAccumulator after unfreezing params"):
+        call()
+    fresh = fused_optim.GradAccumulator(model.parameters(), backend="cpu")
+    fresh.accumulate()
+    fresh.finalize(num_tokens=10)
+    assert all(p.main_grad is not None for p in model.parameters())
+
+
 def test_params_without_a_grad_in_some_micro_batches(cpu_backend):
     head_a, head_b, frozen = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     unused = torch.nn.Parameter(torch.randn(5))

@@ -135,6 +135,43 @@ def test_a_none_moment_is_refused_and_a_none_master_starts_from_the_param():
     assert not opt.state[params[0]]["master_remainder"].any() and opt.state[params[1]]["master_remainder"].any()
 
 
+@pytest.mark.parametrize("cls, torch_cls, options", [
+    (fused_optim.AdamW, torch.optim.AdamW, {}),
+    (fused_optim.SGD, torch.optim.SGD, dict(momentum=0.9)),
+])
+def test_a_torch_checkpoint_resumes_fp16_masters_whichever_is_loaded_first(cls, torch_cls, options):
+    """A torch checkpoint has no master: an fp16 param's fp32 master starts from the param at its next step, so a
+    model loaded after the optimizer's state is what training goes on from (a copy taken at the load undid it: the
+    first step jumped back to the fresh model's weights). A bf16 param's remainder starts at 0, the param itself."""
+    generator = torch.Generator().manual_seed(0)
+    trained_weights = [torch.randn(s, generator=generator) for s in SHAPES]
+    torch_params = [torch.nn.Parameter(w.clone()) for w in trained_weights]
+    torch_opt = torch_cls(torch_params, lr=1e-2, **options)
+    for p in torch_params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    torch_opt.step()
+    checkpoint = {"model": [p.detach().half() for p in torch_params], "opt": torch_opt.state_dict()}
+    grads = [torch.randn(s, generator=generator).half() for s in SHAPES]
+    results = []
+    for model_first in (True, False):
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float16)) for s in SHAPES]  # a fresh model
+        opt = cls(params, lr=1e-2, backend="cpu", master_weights=True, **options)
+        if model_first:
+            for p, w in zip(params, checkpoint["model"]):
+                p.data.copy_(w)
+        opt.load_state_dict(copy.deepcopy(checkpoint["opt"]))  # (its tensors become the state, as in torch)
+        if not model_first:
+            for p, w in zip(params, checkpoint["model"]):
+                p.data.copy_(w)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        results.append([p.detach().clone() for p in params])
+    for ours_model_first, ours_opt_first, before in zip(*results, checkpoint["model"]):
+        assert torch.equal(ours_model_first, ours_opt_first)
+        assert (ours_opt_first.float() - before.float()).abs().max() < 0.05  # one step of lr 1e-2 away
+
+
 @pytest.mark.parametrize("source, target", [
     (dict(cls=fused_optim.AdamW), dict(cls=fused_optim.SGD, momentum=0.9)),
     (dict(cls=fused_optim.AdamW, moments="int8"), dict(cls=fused_optim.Lion, moments="int8")),

@@ -1304,10 +1304,10 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     the param takes its rounding and the remainder the rest, so the master comes back exactly; an fp32 (or wider)
     param takes it whole and keeps none. A bf16 or fp16 param in a group without master weights keeps none either,
     and stays as loaded (the group's choice, stochastic rounding say, holds). A state saved without a master
-    (torch's, say) starts it from the param where the group keeps master weights. A saved remainder is kept as it
+    (torch's, say) starts it from the param where the group keeps master weights, at the param's next step. A saved remainder is kept as it
     is where the group keeps that kind (int16 for `master_weights=True`, int8 for 24) beside a bf16 param; else the
     fp32 master it makes with the param (as loaded: a bf16 value, in a wider dtype too) is taken as a saved fp32 one
-    (an fp16 param starts a master of its own, if its group keeps one)."""
+    (an fp16 param starts a master of its own, if its group keeps one, at its next step)."""
     state.pop("master_param", None)  # the master of the state made again (_follow_param): re-taken below
     state.pop("master_remainder", None)
     if "master_remainder" in saved_state:
@@ -1332,5 +1332,7 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
         state["master_remainder"] = _taken(remainder, p, remainder.dtype)
     elif "master_param" in saved_state:
         state["master_param"] = _taken(saved_state["master_param"], p, torch.float32)
-    elif p.dtype in LOW_PRECISION:
+    elif p.dtype == torch.bfloat16:  # a zero remainder: the master is the param, whatever it holds at the step
         init_master(p, state, option(group, "master_weights"))
+    # (an fp16 param's fp32 copy is started at its next step, `_follow_param`, from the param as it is then: a copy
+    # taken now would undo the model's weights loaded after the optimizer's state, a torch checkpoint's say)
