@@ -602,7 +602,8 @@ class FusedOptimizer(Optimizer):
             self._plans.clear()
             raise
         # (a param held twice in a group: its grad counted once)
-        grads = [grad for _, calls in gathered for (_, call), lists in calls.items() if call == 0 for grad in lists[1]]
+        grads = [grad for _, calls in gathered for (_, call), lists in calls.items() if call == 0
+                 for grad in lists[1]]
         grad_scale, found_inf = self._guard.prepare(grads, self.max_grad_norm, self.backend, self.grad_norm_group)
         for group, calls in gathered:
             for (kind, _), lists in calls.items():
@@ -1304,10 +1305,10 @@ def _restore_master(p: Tensor, state: dict[str, Tensor], saved_state: dict[str, 
     the param takes its rounding and the remainder the rest, so the master comes back exactly; an fp32 (or wider)
     param takes it whole and keeps none. A bf16 or fp16 param in a group without master weights keeps none either,
     and stays as loaded (the group's choice, stochastic rounding say, holds). A state saved without a master
-    (torch's, say) starts it from the param where the group keeps master weights, at the param's next step. A saved remainder is kept as it
-    is where the group keeps that kind (int16 for `master_weights=True`, int8 for 24) beside a bf16 param; else the
-    fp32 master it makes with the param (as loaded: a bf16 value, in a wider dtype too) is taken as a saved fp32 one
-    (an fp16 param starts a master of its own, if its group keeps one, at its next step)."""
+    (torch's, say) starts it from the param where the group keeps master weights, at the param's next step. A saved
+    remainder is kept as it is where the group keeps that kind (int16 for `master_weights=True`, int8 for 24) beside a
+    bf16 param; else the fp32 master it makes with the param (as loaded: a bf16 value, in a wider dtype too) is taken
+    as a saved fp32 one (an fp16 param starts a master of its own, if its group keeps one, at its next step)."""
     state.pop("master_param", None)  # the master of the state made again (_follow_param): re-taken below
     state.pop("master_remainder", None)
     if "master_remainder" in saved_state:
