@@ -970,6 +970,26 @@ def test_stochastic_rounding_is_deterministic_per_seed(backend, device):
     assert not torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("cls", [fused_optim.AdamW, fused_optim.SGD])
+@pytest.mark.parametrize("options", [{"stochastic_rounding": True}, {"moments": "bf16"}, {"moments": "int8"}])
+def test_a_group_set_to_round_stochastically_by_hand_gets_the_seed_the_constructor_gives(cls, options):
+    """A group whose options are set by hand to round with random bits (after steps without) gets its own seed at
+    the next step, the one the constructor gives such a group: it drew with seed 0, as every other such group did."""
+    shapes = [(5,), (5,)]
+    extra = {"momentum": 0.9} if cls is fused_optim.SGD else {}
+    made = [[torch.nn.Parameter(torch.randn(s).bfloat16())] for s in shapes]
+    by_hand = cls([{"params": ps} for ps in made], **extra)
+    for ps in made:
+        ps[0].grad = torch.randn(5).bfloat16()
+    by_hand.step()
+    for group in by_hand.param_groups:
+        group.update(options)
+    by_hand.step()
+    built = cls([{"params": ps} for ps in made], **options, **extra)
+    seeds = [group["seed"] for group in by_hand.param_groups]
+    assert seeds == [group["seed"] for group in built.param_groups] and seeds[0] != seeds[1]
+
+
 @pytest.mark.parametrize("options", [{"stochastic_rounding": True}, {"moments": "bf16"}, {"moments": "int8"}])
 def test_stochastic_rounding_seed_follows_the_manual_seed_and_draws_nothing(options):
     params = [torch.nn.Parameter(torch.randn(3).bfloat16())]

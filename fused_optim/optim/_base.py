@@ -401,7 +401,6 @@ class FusedOptimizer(Optimizer):
         if hasattr(self, "_plans"):  # not yet during Optimizer.__init__
             self._plans.clear()
         super().add_param_group(param_group)
-        params = self.param_groups[-1]["params"]
         problem = self._group_problem(self.param_groups[-1])
         if problem is None:
             try:
@@ -415,17 +414,21 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}: {problem}.")
         group, index = self.param_groups[-1], len(self.param_groups) - 1
         drop_neutral_options(group)
-        # Each group's own seed for stochastic rounding (of bf16 params or moments), saved with the state_dict so a
-        # resumed run draws the same.
-        if (group.get("stochastic_rounding") or group.get("moments") in ("bf16", "int8")) and "seed" not in group:
-            distributed = _multi_process()
-            group["seed"] = group_seed(index, params, distributed)
-            if not distributed:
-                self._local_seeds[index] = group["seed"]
+        self._seed_group(group, index)
         if self.gradient_release:
             hooked = self._hook_group(self.param_groups[-1], take_over=True)
             if hasattr(self, "_guard"):  # after the constructor (which takes its params over once it has them all)
                 self._take_over(hooked)
+
+    def _seed_group(self, group: dict[str, Any], index: int) -> None:
+        """Each group's own seed for stochastic rounding (of bf16 params or moments), saved with the state_dict so a
+        resumed run draws the same; given where the group rounds so and has none (added, or its options set by
+        hand since)."""
+        if (group.get("stochastic_rounding") or group.get("moments") in ("bf16", "int8")) and "seed" not in group:
+            distributed = _multi_process()
+            group["seed"] = group_seed(index, group["params"], distributed)
+            if not distributed:
+                self._local_seeds[index] = group["seed"]
 
     def _group_problem(self, group: dict[str, Any]) -> str | None:
         """Why this optimizer cannot step `group` (its params and options, added or loaded), in one sentence; None if
@@ -704,6 +707,8 @@ class FusedOptimizer(Optimizer):
         problem = self._group_problem(group)
         if problem is not None:
             raise ValueError(f"{type(self).__name__}: {problem}.")
+        if isinstance(key, int) and not torch.compiler.is_compiling():  # (not a param's view under release)
+            self._seed_group(group, key)
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
                       if grad is not None]
         self._check_dense([p for _, p, _ in with_grads])

@@ -148,6 +148,8 @@ class SGD(FusedOptimizer):
         plan = None if by_torch else self._kept_plan(key, group, has_grad, options)
         if plan is not None:
             return plan.with_grads(grads)
+        if isinstance(key, int) and not torch.compiler.is_compiling():
+            self._seed_group(group, key)
         with_grads = [(index, p, grad) for index, (p, grad) in enumerate(zip(group["params"], grads))
                       if grad is not None]
         check_torch_flags([p for _, p, _ in with_grads], group)
