@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Callable
 
 import torch
@@ -25,6 +24,7 @@ import fused_optim.functional as FF
 from fused_optim.ops.accumulate import accumulate_grads
 from fused_optim.ops.total_norm import total_norm
 from fused_optim.tools.bench import device_name
+from fused_optim.tools.bench.timing import best_time_cpu
 
 NUMEL = 1 << 18
 ROWS, CLASSES = 64, 1 << 15
@@ -63,18 +63,6 @@ KERNELS = {
 }
 
 
-def best_time(call: Callable[[], None], numel: int, calls: int, repeats: int) -> float:
-    """The best of `repeats` runs of `calls` calls, in ns an element."""
-    call()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best / numel * 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=30, help="calls timed together")
@@ -88,7 +76,7 @@ def main() -> None:
         if args.match not in label:
             continue
         for dtype_name, dtype in DTYPES.items():
-            ns = best_time(make_call(dtype), numel, args.calls, args.repeats)
+            ns = best_time_cpu(make_call(dtype), args.calls, args.repeats) / numel * 1e9
             results["ns_per_element"][f"{label}, {dtype_name}"] = round(ns, 3)
             print(f"{results['cpu_isa']:>8}  {ns:6.3f} ns/element  {label}, {dtype_name}", flush=True)
     if args.out:

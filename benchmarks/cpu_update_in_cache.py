@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 import fused_optim
 from fused_optim.tools.bench import device_name
+from fused_optim.tools.bench.timing import best_time_cpu
 
 NUMEL = 1 << 18
 # (label, optimizer, param dtype, constructor options; `grad_dtype`: grads of another dtype, as torch 2.14's
@@ -54,14 +54,8 @@ def time_step(optimizer: str, dtype: torch.dtype, options: dict, steps: int, rep
         param.grad_dtype = None  # any dtype
     param.grad = (torch.randn(NUMEL, generator=generator) * 1e-2).to(grad_dtype)
     opt = getattr(fused_optim, optimizer)([param], lr=1e-3, backend="cpu", **options)
-    opt.step()  # the state made, and the first step's branch taken
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            opt.step()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best / NUMEL * 1e9
+    # (its untimed first step makes the state and takes the first step's branch)
+    return best_time_cpu(opt.step, steps, repeats) / NUMEL * 1e9
 
 
 def main() -> None:

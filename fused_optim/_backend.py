@@ -208,14 +208,14 @@ def triton_error() -> str | None:
 
 def default_backend() -> str:
     backend = os.environ.get("FUSED_OPTIM_BACKEND", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"FUSED_OPTIM_BACKEND must be one of {', '.join(BACKENDS)}; got {backend!r}.")
+    check_backend_name(backend, "FUSED_OPTIM_BACKEND")
     return backend
 
 
-def check_backend_name(backend: str) -> None:
+def check_backend_name(backend: str, name: str = "backend") -> None:
+    """`name`: what gave it, said in the error (an argument, or the environment variable)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
+        raise ValueError(f"{name} must be one of {', '.join(BACKENDS)}; got {backend!r}.")
 
 
 # A constant to torch.compile: it calls resolve while tracing and keeps the answer. Traced, the first call's insertion

@@ -138,6 +138,14 @@ def test_a_size_that_is_not_a_count_of_params_is_one_line(size, capsys):
     assert capsys.readouterr().err.startswith(f"fused-optim bench: --sizes: not a size: {size.upper()!r} (a count ")
 
 
+def test_best_time_cpu_times_calls_after_one_untimed_call():
+    from fused_optim.tools.bench.timing import best_time_cpu
+
+    calls = []
+    seconds = best_time_cpu(lambda: calls.append(1), calls=4, repeats=3)
+    assert len(calls) == 1 + 4 * 3 and 0 < seconds < 0.1
+
+
 def test_sizes_no_op_asked_takes_are_said_ignored(tmp_path, capsys):
     from fused_optim.tools.cli import main
 

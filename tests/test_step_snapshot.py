@@ -1,5 +1,6 @@
-"""scripts/step_snapshot.py, the byte-for-byte A/B of two builds: a snapshot is reproducible in one build, whatever the
-state of torch's generator (each configuration seeds it, and the optimizers draw their rounding seeds from it), and `compare` counts every differing byte, a flipped sign bit too."""
+"""scripts/step_snapshot.py, the byte-for-byte A/B of two builds: a snapshot is reproducible in one build, whatever
+the state of torch's generator (each configuration seeds it, and the optimizers draw their rounding seeds from it),
+and `compare` counts every differing byte, a flipped sign bit too."""
 
 from __future__ import annotations
 

@@ -97,14 +97,16 @@ def test_data_from_a_file_and_a_directory(tmp_path):
 
 
 def test_data_that_is_no_regular_file_is_skipped_or_refused(tmp_path):
-    """A directory's binary files, sockets, named pipes and dangling links are not read (a pipe would block the read
-    for ever); a --data path that is one, or a file that cannot be read, gets one sentence."""
+    """A directory's sockets, named pipes and dangling links are not read (a pipe would block the read for ever),
+    and its binary files are left out; a --data path that is one, or a file that cannot be read, gets one
+    sentence."""
     (tmp_path / "a.txt").write_bytes(b"some text " * 20)
     (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # binary: git's rule, a zero byte
     os.mkfifo(tmp_path / "pipe")
     (tmp_path / "dangling").symlink_to(tmp_path / "gone.txt")
-    assert [p.name for p in text_files(tmp_path)] == ["a.txt"]
-    assert load_corpus(tmp_path).num_bytes == 200
+    assert [p.name for p in text_files(tmp_path)] == ["a.txt", "b.png"]
+    corpus = load_corpus(tmp_path)  # the binary file left out as it is read
+    assert corpus.num_bytes == 200 and corpus.num_files == 1
     with pytest.raises(ValueError, match="not a regular file or a directory"):
         load_corpus(tmp_path / "pipe")
     with pytest.raises(ValueError, match=r"--data x: cannot read .*: Is a directory"):

@@ -65,7 +65,8 @@ class Corpus:
     @classmethod
     def from_files(cls, files: list[Path], name: str, max_bytes: int | None = None,
                    val_fraction: float = 0.1) -> Corpus:
-        """The files' bytes concatenated in the given order, cut at `max_bytes` (None: all)."""
+        """The files' bytes concatenated in the given order, cut at `max_bytes` (None: all). A binary file (an
+        image, an archive: by git's rule, a zero byte in its first 8000) is left out."""
         chunks, total, used = [], 0, 0
         for path in files:
             if max_bytes is not None and total >= max_bytes:
@@ -75,6 +76,8 @@ class Corpus:
                     data = file.read(-1 if max_bytes is None else max_bytes - total)
             except OSError as error:
                 raise ValueError(f"{name or 'the corpus'}: cannot read {path}: {error.strerror}") from None
+            if b"\0" in data[:8000]:
+                continue
             chunks.append(data)
             total += len(data)
             used += 1
@@ -82,25 +85,14 @@ class Corpus:
 
 
 def text_files(root: Path, suffix: str | None = None) -> list[Path]:
-    """Text files under `root` (with `suffix`, when given) in sorted path order, skipping _SKIPPED_DIRS and
-    dot-dirs."""
+    """Files under `root` (with `suffix`, when given) in sorted path order, skipping _SKIPPED_DIRS and dot-dirs."""
     found = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if d not in _SKIPPED_DIRS and not d.startswith("."))
         # regular files (or links to them) only: a socket, a named pipe or a dangling link is no text to read
         paths = (Path(directory, n) for n in sorted(names) if suffix is None or n.endswith(suffix))
-        found.extend(path for path in paths if path.is_file() and not _is_binary(path))
+        found.extend(path for path in paths if path.is_file())
     return sorted(found, key=lambda p: p.relative_to(root).parts)
-
-
-def _is_binary(path: Path) -> bool:
-    """Whether a file is binary (an image, an archive) by git's rule: a zero byte in its first 8000. A file that
-    cannot be opened counts as text, so that reading it says why."""
-    try:
-        with open(path, "rb") as file:
-            return b"\0" in file.read(8000)
-    except OSError:
-        return False
 
 
 def stdlib_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
